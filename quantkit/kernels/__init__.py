@@ -1,0 +1,1 @@
+"""Triton kernels, one file per family, each with a plain-torch `*_ref` beside it."""
