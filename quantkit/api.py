@@ -1,0 +1,154 @@
+"""The public Python API: load, quantize, evaluate.
+
+Everything here is silent; callers pass callbacks for progress. The CLI in
+`quantkit.cli` is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.calib.data import CalibrationSet, calibration_set, heldout_windows
+from quantkit.models.loading import LoadedModel, load_model, resolve_device
+from quantkit.quant.model import QuantizedModel
+from quantkit.recipe import Recipe, RecipeError
+
+__all__ = ["CalibConfig", "EvalConfig", "load", "quantize", "evaluate", "export", "check_recipe_fits"]
+
+EXPORT_FORMATS = ("compressed-tensors",)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    data: str | None = None  # None = built-in corpus
+    field: str = "text"
+    samples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str | None = None  # None = held-out half of the built-in corpus
+    field: str = "text"
+    seqlen: int = 512
+    windows: int | None = 40
+    batch_size: int = 4
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def track(self, name: str):
+        timings = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings.seconds[name] = timings.seconds.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _T()
+
+
+def load(model: str | None = None, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False):
+    """Load model + tokenizer (see `quantkit.models.loading.load_model`)."""
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def quantizable_linears(model, recipe: Recipe) -> dict[str, Any]:
+    """Full name -> nn.Linear of every linear the recipe will quantize."""
+    from quantkit.calib.pipeline import is_ignored
+    from quantkit.models.adapter import ModelAdapter
+
+    return {k: v for k, v in ModelAdapter.for_model(model).all_linears().items() if not is_ignored(k, recipe.ignore)}
+
+
+def check_recipe_fits(model, recipe: Recipe) -> None:
+    """Refuse, before any work, settings that cannot apply to this model (group sizes, methods)."""
+    from quantkit.methods.base import get_method
+    from quantkit.quant.core import check_group_size
+
+    for stage in recipe.stages:
+        get_method(stage.method)(recipe.scheme, **stage.options)
+    layers = {k: v.in_features for k, v in quantizable_linears(model, recipe).items()}
+    check_group_size(layers, recipe.scheme.weights)
+
+
+def quantize(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    calib: CalibConfig = CalibConfig(),
+    *,
+    device: str = "cpu",
+    on_block: Callable[[int, int, str, str], None] | None = None,
+    calib_set: CalibrationSet | None = None,
+) -> QuantizedModel:
+    """Run the recipe's stages layer by layer over the calibration set; weights change in place."""
+    from quantkit.calib.pipeline import run_layerwise
+    from quantkit.methods.base import get_method
+
+    check_recipe_fits(loaded.model, recipe)
+    methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
+    needs_data = any(m.stats for m in methods)
+    if calib_set is None and needs_data:
+        calib_set = calibration_set(
+            loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
+        )
+    result = run_layerwise(
+        loaded.model,
+        calib_set.input_ids if calib_set is not None else None,
+        methods,
+        device=resolve_device(device),
+        batch_size=calib.batch_size,
+        ignore=recipe.ignore,
+        on_block=on_block,
+    )
+    return QuantizedModel(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        recipe=recipe,
+        modules=result.results,
+        source=loaded.source,
+        calibration=calib_set.settings if calib_set is not None else {"source": "none (data-free methods)"},
+        warnings=result.warnings,
+    )
+
+
+def export(qmodel: QuantizedModel, out: str | Path, *, format: str = "compressed-tensors", overwrite: bool = False):
+    """Write a checkpoint dir atomically. Returns its path."""
+    if format not in EXPORT_FORMATS:
+        raise RecipeError(f"--format {format!r} is not supported yet; use one of {', '.join(EXPORT_FORMATS)}")
+    from quantkit.export.compressed_tensors import export_compressed_tensors
+
+    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    cfg: EvalConfig = EvalConfig(),
+    *,
+    device: str = "cpu",
+    windows=None,
+    on_batch: Callable[[int, int], None] | None = None,
+):
+    """Perplexity of a loaded model on held-out windows. Returns (Perplexity, windows)."""
+    from quantkit.eval.perplexity import perplexity
+
+    if windows is None:
+        windows = heldout_windows(tokenizer, cfg.seqlen, cfg.windows, spec=cfg.data, field=cfg.field)
+    home = next(model.parameters()).device
+    dev = resolve_device(device)
+    try:
+        res = perplexity(model, windows, batch_size=cfg.batch_size, device=dev, on_batch=on_batch)
+    finally:
+        model.to(home)
+    return res, windows

@@ -1,0 +1,199 @@
+"""Layer-by-layer calibration: one decoder block on the device at a time.
+
+1. Catch what every block receives: each block's forward is swapped for a
+   recorder that keeps its keyword arguments (masks, rotary embeddings: one
+   forward of the embeddings, no block math) and block 0's hidden states.
+2. For each block: move it to the device; run a capture pass with hooks that
+   accumulate the statistics the methods asked for; let each method apply;
+   run the block again so the next block sees the quantized outputs; move the
+   block back.
+
+With no method applied, the final hidden states equal the full model's forward
+(tested), so any difference after quantization is the methods' doing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.calib.capture import capture_inputs
+from quantkit.methods.base import BlockContext, Method
+from quantkit.models.adapter import ModelAdapter
+from quantkit.quant.core import QuantizedTensor
+
+# on_block(index, total, block_name, phase) -> None; phase is a short label for progress.
+ProgressFn = Callable[[int, int, str, str], None]
+
+
+class _Caught(Exception):
+    pass
+
+
+@dataclass
+class _BlockInputs:
+    """Everything a block is called with, per calibration batch."""
+
+    hidden: list[torch.Tensor]  # one (batch, seq, hidden) tensor per batch
+    kwargs: list[dict[str, Any]]  # one dict per batch, per block (masks can differ by layer type)
+
+
+@dataclass
+class PipelineResult:
+    results: dict[str, QuantizedTensor] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    hidden: list[torch.Tensor] | None = None  # final normed hidden states, when asked for
+
+
+def is_ignored(name: str, ignore: Sequence[str]) -> bool:
+    """True when a module name matches the ignore list (exact names or `re:` patterns)."""
+    for pat in ignore:
+        if pat.startswith("re:"):
+            if re.fullmatch(pat[3:], name) or re.search(pat[3:] + "$", name):
+                return True
+        elif name == pat or name.endswith("." + pat):
+            return True
+    return False
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def _catch_block_inputs(
+    model: nn.Module, adapter: ModelAdapter, batches: list[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    """Run the model with every block stubbed out; record block inputs.
+
+    Returns block-0 hidden states per batch and kwargs[block][batch].
+    """
+    blocks = adapter.blocks()
+    n_blocks = len(blocks)
+    kwargs_per_block: list[list[dict[str, Any]]] = [[] for _ in range(n_blocks)]
+    hidden0: list[torch.Tensor] = []
+    # Only the small pre-block modules go to the device; the stubs skip block math.
+    pre = [adapter.embed(), adapter.rotary(), adapter.final_norm()]
+    pre = [m for m in pre if m is not None]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in pre]
+    originals = {}
+
+    def make_stub(i: int):
+        def stub(hidden_states, *args, **kwargs):
+            if args:
+                raise RuntimeError("decoder block called with positional extras; adapter needs updating")
+            kwargs = dict(kwargs)
+            kwargs["use_cache"] = False
+            kwargs["past_key_values"] = None
+            kwargs_per_block[i].append(kwargs)
+            if i == 0:
+                hidden0.append(hidden_states)
+            return hidden_states
+
+        return stub
+
+    try:
+        for m in pre:
+            m.to(device)
+        for i, block in enumerate(blocks):
+            originals[i] = block.forward
+            block.forward = make_stub(i)
+        base = model.get_submodule(adapter.spec.blocks.rsplit(".", 1)[0])  # e.g. model.model
+        for ids in batches:
+            base(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for i, block in enumerate(blocks):
+            if i in originals:
+                del block.forward  # drop the instance attribute; the class method shows again
+        for m, home in zip(pre, homes):
+            m.to(home)
+    return hidden0, kwargs_per_block
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    # transformers 5 returns a tensor; older versions a tuple whose first item is it.
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    methods: Sequence[Method],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    ignore: Sequence[str] = (),
+    on_block: ProgressFn | None = None,
+    return_hidden: bool = False,
+) -> PipelineResult:
+    """Calibrate `model` block by block on `input_ids` (samples, seqlen) with `methods` in order.
+
+    input_ids None = data-free: only methods that need no statistics (RTN) may
+    run, and no block is ever executed. The model stays where it is (CPU); each
+    block visits `device` in turn.
+    Methods change the block's weights in place. Returns the quantized tensors,
+    warnings and, if asked, the final (normed) hidden states per batch.
+    """
+    device = torch.device(device)
+    adapter = ModelAdapter.for_model(model)
+    blocks = adapter.blocks()
+    n = len(blocks)
+    kinds = frozenset().union(*(m.stats for m in methods)) if methods else frozenset()
+    data_free = input_ids is None
+    if data_free:
+        if kinds or return_hidden:
+            raise ValueError(f"methods {[m.name for m in methods]} need calibration data")
+        hidden, kwargs_per_block = [], [[] for _ in range(n)]
+    else:
+        batches = list(input_ids.split(batch_size))
+        hidden, kwargs_per_block = _catch_block_inputs(model, adapter, batches, device)
+    label = " + ".join(m.name for m in methods) or "pass"
+    result = PipelineResult()
+
+    for i, block in enumerate(blocks):
+        name = adapter.block_name(i)
+        if on_block is not None:
+            on_block(i, n, name, label)
+        home = next(block.parameters()).device
+        block.to(device)
+        kwargs = [_to(kw, device) for kw in kwargs_per_block[i]]
+
+        def forward(_block=block, _kwargs=kwargs) -> list[torch.Tensor]:
+            return [_block_output(_block(h, **kw)) for h, kw in zip(hidden, _kwargs)]
+
+        linears = {k: v for k, v in adapter.block_linears(i).items() if not is_ignored(k, ignore)}
+        with capture_inputs(linears, kinds) as stats:
+            outputs = [] if data_free else forward()
+        if methods:
+            ctx = BlockContext(i, name, block, linears, stats, forward, device)
+            for method in methods:
+                method.apply_block(ctx)
+            result.results.update(ctx.results)
+            result.warnings.extend(ctx.warnings)
+            if not data_free:
+                outputs = forward()  # propagate the quantized block's outputs
+        hidden = outputs
+        block.to(home)
+        del stats, kwargs
+
+    if return_hidden:
+        norm = adapter.final_norm()
+        home = next(norm.parameters()).device
+        norm.to(device)
+        result.hidden = [norm(h) for h in hidden]
+        norm.to(home)
+    return result

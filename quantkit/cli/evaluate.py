@@ -1,0 +1,79 @@
+"""`quantkit eval`: held-out perplexity of a model or checkpoint, optionally against a baseline."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quantkit.cli.options import DeviceOpt, DtypeOpt, TrustOpt
+from quantkit.cli.ui import console, handle_errors, peak_rss_mib, status
+
+
+@handle_errors
+def eval_cmd(
+    models: Annotated[
+        Optional[list[str]],
+        typer.Option("--model", "-m", help="Model or checkpoint dir to score; repeat to score several. Omitted: default."),
+    ] = None,
+    baseline: Annotated[
+        Optional[str], typer.Option("--baseline", help="Also score this model (or 'default') on the same windows.")
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option("--data", help="Held-out text: builtin (default), .txt/.jsonl, hf:NAME[:CONFIG[:SPLIT]].")
+    ] = None,
+    field: Annotated[str, typer.Option("--data-field", help="Text field for .jsonl and hf: data.")] = "text",
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window.")] = 512,
+    windows: Annotated[int, typer.Option("--windows", help="Windows to score (0 = all).")] = 40,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward.")] = 4,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Perplexity on held-out text (default: second half of the built-in corpus)."""
+    import torch
+
+    from quantkit import api
+    from quantkit.api import EvalConfig
+
+    cfg = EvalConfig(data=data, field=field, seqlen=seqlen, windows=windows or None, batch_size=batch_size)
+    rows = []
+    ref_windows = None
+    jobs = ([("baseline", baseline)] if baseline else []) + [("model", m) for m in (models or [None])]
+    for role, spec in jobs:
+        t0 = time.perf_counter()
+        status(f"loading {spec or 'the embedded default model'} ...")
+        loaded = api.load(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        status(f"scoring {role} ...")
+        res, win = api.evaluate(loaded.model, loaded.tokenizer, cfg, device=device)
+        if ref_windows is not None and not torch.equal(ref_windows, win):
+            from quantkit.errors import UsageError
+
+            raise UsageError("the two models tokenize the held-out text differently; compare models that share a tokenizer")
+        ref_windows = win
+        rows.append({"role": role, "model": spec or "default", **res.to_dict(), "seconds": time.perf_counter() - t0})
+        del loaded
+    result = {"seqlen": seqlen, "data": data or "builtin", "rows": rows, "peak_rss_mib": peak_rss_mib()}
+    if baseline:
+        for r in rows[1:]:
+            r["ratio_to_baseline"] = r["ppl"] / rows[0]["ppl"]
+
+    from rich.table import Table
+
+    t = Table(title=f"held-out perplexity ({rows[0]['windows']} windows x {seqlen} tokens)")
+    for col in ("role", "model", "perplexity", "vs baseline", "seconds"):
+        t.add_column(col)
+    for r in rows:
+        rel = f"{(r['ppl'] / rows[0]['ppl'] - 1) * 100:+.2f}%" if baseline else ""
+        t.add_row(r["role"], r["model"], f"{r['ppl']:.4f}", rel, f"{r['seconds']:.1f}")
+    console.print(t)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)

@@ -1,0 +1,38 @@
+"""Options shared by every method command, as Annotated aliases (one definition each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Hub id, local dir (safetensors), or .gguf file. Omitted: embedded SmolLM2-135M."),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory (written atomically).")]
+BitsOpt = Annotated[int, typer.Option("--bits", help="Weight bits: 2, 3, 4 or 8.")]
+GroupSizeOpt = Annotated[
+    Optional[int], typer.Option("--group-size", "-g", help="Columns per scale group. Omitted: per-channel.")
+]
+SymOpt = Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero point) or asymmetric weights.")]
+CalibOpt = Annotated[
+    Optional[str],
+    typer.Option("--calib", help="Calibration text: builtin (default), a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]]."),
+]
+CalibFieldOpt = Annotated[str, typer.Option("--calib-field", help="Text field for .jsonl and hf: data.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows.")]
+SeqlenOpt = Annotated[int, typer.Option("--seqlen", help="Tokens per window.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for window selection (results are reproducible).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="Checkpoint layout: compressed-tensors.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (only once the new one is complete).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code from the hub (off by default).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward.")]
+EvalFlagOpt = Annotated[
+    bool, typer.Option("--eval", help="Also measure held-out perplexity before and after quantizing (same windows).")
+]
+WindowsOpt = Annotated[int, typer.Option("--windows", help="Held-out windows to score (0 = all).")]
+EvalSeqlenOpt = Annotated[int, typer.Option("--eval-seqlen", help="Tokens per held-out window.")]

@@ -1,0 +1,91 @@
+"""Console, progress bars and error reporting shared by the commands."""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEBUG_ENV = "QUANTKIT_DEBUG"
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Usage errors become one line and exit 2; other failures exit 1; --debug shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from quantkit.errors import UsageError
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (UsageError, FileNotFoundError, PermissionError) as e:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=2)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]; nothing was written")
+            raise typer.Exit(130)
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            fail(f"{type(e).__name__}: {first} (run with --debug for the traceback)", code=1)
+
+    return wrapper
+
+
+@contextmanager
+def progress_bar(total_label: str = "calibrating"):
+    """A rich progress bar on stderr; yields an on_block(i, n, name, phase) callback."""
+    interactive = sys.stderr.isatty() or bool(os.environ.get("QUANTKIT_PROGRESS"))
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+        disable=not interactive,
+    )
+    state: dict[str, Any] = {}
+
+    def on_block(i: int, n: int, name: str, phase: str) -> None:
+        if not interactive:  # logs get one plain line per block
+            err_console.print(f"({i + 1}/{n}) {name} · {phase}", highlight=False)
+            return
+        if "task" not in state:
+            state["task"] = progress.add_task(total_label, total=n)
+        progress.update(state["task"], completed=i, description=f"({i + 1}/{n}) {name} · {phase}")
+
+    with progress:
+        yield on_block
+        if "task" in state:
+            progress.update(state["task"], completed=progress.tasks[0].total, description=f"{total_label} done")
+
+
+def status(message: str) -> None:
+    err_console.print(message, highlight=False)

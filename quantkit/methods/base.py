@@ -1,0 +1,98 @@
+"""The method interface and registry.
+
+A method is a class registered with `@register_method("name")`. The pipeline
+builds one instance per recipe stage and calls `apply_block` once per decoder
+block, after the capture pass has collected the statistics the method asked
+for (`stats`). A method changes weights in place (so the propagation pass sees
+the quantized block) and records each quantized linear in `ctx.results`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from quantkit.calib.capture import InputStats
+from quantkit.quant.core import QuantizedTensor
+from quantkit.recipe import RecipeError, Scheme
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of one decoder block.
+
+    linears: full name -> nn.Linear for the linears of this block that the recipe
+        quantizes (ignored ones are left out), in execution order.
+    stats: full name -> statistics of that linear's inputs from the capture pass.
+    forward: runs the block (as it is now) on every calibration batch and returns
+        the outputs, a list of tensors (batch, seq, hidden); for search methods.
+    results: methods write full name -> QuantizedTensor here (on CPU).
+    warnings: user-facing warnings; they end up in the manifest.
+    """
+
+    index: int
+    name: str
+    block: nn.Module
+    linears: dict[str, nn.Linear]
+    stats: dict[str, InputStats]
+    forward: Callable[[], list[torch.Tensor]]
+    device: torch.device
+    results: dict[str, QuantizedTensor] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Method:
+    """Base class: subclasses set `name`, `stats` and implement `apply_block`."""
+
+    name: ClassVar[str] = ""
+    stats: ClassVar[frozenset[str]] = frozenset()
+    # Option names this method accepts in a recipe stage (validated before any work).
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, scheme: Scheme, **options: Any):
+        unknown = set(options) - set(self.options)
+        if unknown:
+            allowed = ", ".join(self.options) or "none"
+            raise RecipeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; allowed: {allowed}")
+        self.scheme = scheme
+        self.opts = options
+
+    def apply_block(self, ctx: BlockContext) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    """Class decorator: make a Method available to recipes under `name`."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtin_methods() -> None:
+    # Importing the modules runs their @register_method decorators.
+    from quantkit.methods import rtn  # noqa: F401
+
+
+def get_method(name: str) -> type[Method]:
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise RecipeError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)

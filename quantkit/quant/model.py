@@ -1,0 +1,35 @@
+"""The result of a quantization run, handed from the pipeline to export and eval."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from quantkit.quant.core import QuantizedTensor
+from quantkit.recipe import Recipe
+
+
+@dataclass
+class QuantizedModel:
+    """A model whose quantized linears hold their dequantized weights in place.
+
+    model: the transformers model; each name in `modules` is an nn.Linear whose
+        `.weight` equals modules[name].dequantize() (so evaluating `model` measures
+        the quantized model, and propagation during calibration sees it too).
+    modules: full module name (e.g. "model.layers.0.self_attn.q_proj") -> its
+        canonical quantized tensor.
+    source: JSON-ready facts about the source model (kind, path/id, fingerprint).
+    calibration: JSON-ready calibration settings (data source, samples, seqlen, seed).
+    warnings: things the user must know (fallbacks taken, clamped scales), also
+        written to the manifest.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    recipe: Recipe
+    modules: dict[str, QuantizedTensor]
+    source: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
