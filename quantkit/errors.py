@@ -8,3 +8,7 @@ exits with code 2. Anything else is a bug or an environment failure.
 
 class UsageError(ValueError):
     """The input is wrong; the message names the fix."""
+
+
+class OperationError(RuntimeError):
+    """The environment failed us (disk full, permission denied): one clear line, exit 1."""

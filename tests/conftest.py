@@ -24,8 +24,8 @@ _TINY = dict(
 )
 
 
-def make_tiny_model(arch: str = "llama", seed: int = 0, **overrides):
-    """A small random causal LM of a supported family, float32, eval mode."""
+def make_tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """A small random causal LM of a supported family, eval mode (float32 unless asked)."""
     import transformers
 
     cfg_cls = {
@@ -39,7 +39,7 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, **overrides):
         kw["head_dim"] = 16
     kw.update(overrides)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg_cls(**kw), dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg_cls(**kw), dtype=dtype)
     return model.eval()
 
 

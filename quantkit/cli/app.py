@@ -51,6 +51,12 @@ _register()
 
 
 def main() -> None:
+    # --debug is accepted anywhere on the line, not only before the command.
+    if "--debug" in sys.argv[1:]:
+        from quantkit.cli.ui import DEBUG_ENV
+
+        sys.argv = [a for a in sys.argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
     app(prog_name="quantkit")
 
 

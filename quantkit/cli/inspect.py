@@ -10,16 +10,44 @@ import typer
 from quantkit.cli.ui import console, fail, handle_errors
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int) and v > 10_000:
-        return f"{v:,}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(map(str, v)) if len(v) < 8 else f"{len(v)} items"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
-    return str(v)
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def _describe_weights(w: dict | None) -> str:
+    if not w:
+        return "unquantized"
+    g = "per-channel" if w.get("group_size") in (None, -1) else f"group {w['group_size']}"
+    return f"W{w['num_bits']} {g} {'sym' if w.get('symmetric') else 'asym'}"
+
+
+def _rows(s: dict) -> list[tuple[str, str]]:
+    """The summary as (label, value) rows a person reads top to bottom."""
+    rows = [("format", f"{s['quant_method']} · {s['format']} (format version {s['version']})")]
+    for g in s["groups"]:
+        acts = " + A8 activations" if g.get("input_activations") else ""
+        rows.append((g["name"], f"{_describe_weights(g['weights'])}{acts} · {g['n_targets']} linears"))
+    ignore = s["ignore"]
+    rows.append(("left unquantized", ", ".join(ignore) if len(ignore) <= 4 else f"{len(ignore)} linears"))
+    if s.get("kv_cache_scheme"):
+        rows.append(("kv cache", str(s["kv_cache_scheme"])))
+    rows.append(("quantized tensors", f"{_mib(s['quantized_bytes'])} ({s['n_quantized_linears']} linears)"))
+    rows.append(("other tensors", _mib(s["unquantized_bytes"])))
+    rows.append(("on disk", _mib(s["total_bytes"])))
+    m = s.get("manifest")
+    if m:
+        rows.append(("written by", f"quantkit {m['quantkit_version']} at {m['created']} (manifest v{m['format_version']})"))
+    src = s.get("source") or {}
+    if src:
+        where = src.get("id") or src.get("name") or src.get("path", "?")
+        rows.append(("source model", f"{where} [{src.get('kind')}, {src.get('dtype', '?')}]"))
+        rows.append(("source fingerprint", str(src.get("fingerprint", "?"))[:16]))
+    rec = s.get("recipe")
+    if rec:
+        rows.append(("recipe", " → ".join(st["method"] for st in rec["stages"])))
+    for w in s.get("warnings") or []:
+        rows.append(("[yellow]warning[/]", w))
+    return rows
 
 
 @handle_errors
@@ -28,6 +56,7 @@ def inspect_cmd(
     verify: Annotated[bool, typer.Option("--verify", help="Check every file's sha256 against the manifest.")] = False,
 ) -> None:
     """Summarize a checkpoint (format, scheme, sizes, source) and optionally verify its hashes."""
+    from rich.markup import escape
     from rich.table import Table
 
     from quantkit.export.compressed_tensors import read_checkpoint_summary
@@ -37,8 +66,8 @@ def inspect_cmd(
         fail(f"{path} is not a directory; pass a checkpoint directory written by quantkit")
     summary = read_checkpoint_summary(path)
     t = Table(title=str(path), show_header=False)
-    for k, v in summary.items():
-        t.add_row(k, _fmt(v))
+    for k, v in _rows(summary):
+        t.add_row(k, escape(v))
     console.print(t)
     if verify:
         problems = verify_checkpoint(path)

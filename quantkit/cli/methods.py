@@ -18,6 +18,7 @@ from quantkit.cli.options import (
     EvalSeqlenOpt,
     FormatOpt,
     GroupSizeOpt,
+    JsonOpt,
     ModelOpt,
     OutOpt,
     OverwriteOpt,
@@ -43,6 +44,7 @@ def run_recipe(
     overwrite: bool,
     trust_remote_code: bool,
     eval_cfg=None,
+    json_out: Path | None = None,
 ) -> dict:
     """Load → check → (baseline eval) → quantize layer by layer → (eval) → export. Returns a summary."""
     from quantkit import api
@@ -80,6 +82,10 @@ def run_recipe(
         peak_rss_mib=peak_rss_mib(),
     )
     _print_summary(summary)
+    if json_out is not None:
+        import json
+
+        json_out.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -124,6 +130,7 @@ def rtn(
     eval: EvalFlagOpt = False,
     windows: WindowsOpt = 40,
     eval_seqlen: EvalSeqlenOpt = 512,
+    json_out: JsonOpt = None,
 ) -> None:
     """Round-to-nearest weight quantization (no calibration data needed)."""
     from quantkit.api import CalibConfig, EvalConfig
@@ -141,6 +148,7 @@ def rtn(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
+        json_out=json_out,
     )
 
 

@@ -36,3 +36,4 @@ EvalFlagOpt = Annotated[
 ]
 WindowsOpt = Annotated[int, typer.Option("--windows", help="Held-out windows to score (0 = all).")]
 EvalSeqlenOpt = Annotated[int, typer.Option("--eval-seqlen", help="Tokens per held-out window.")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the run summary (times, memory, perplexities) here.")]

@@ -35,7 +35,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from quantkit.errors import UsageError
+        from quantkit.errors import OperationError, UsageError
 
         try:
             return fn(*args, **kwargs)
@@ -45,6 +45,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get(DEBUG_ENV):
                 raise
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=2)
+        except OperationError as e:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=1)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; nothing was written")
             raise typer.Exit(130)

@@ -213,6 +213,13 @@ def load_model(
             tok, lm = _load_gguf(path, source["fingerprint"], torch_dtype, common)
             if kind == "default":
                 source["name"] = DEFAULT_MODEL_NAME
+        elif kind == "dir" and (Path(model) / "quantkit.json").is_file():
+            from quantkit.export.reader import load_quantkit_checkpoint
+
+            path = Path(model)
+            lm, tok, manifest = load_quantkit_checkpoint(path, dtype=None if dtype == "auto" else torch_dtype)
+            source = {"kind": "quantkit-checkpoint", "path": str(path.resolve()), "source": manifest.get("source")}
+            source["fingerprint"] = _dir_fingerprint(path)
         elif kind == "dir":
             path = Path(model)
             _check_local_dir(path)

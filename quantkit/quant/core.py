@@ -52,25 +52,42 @@ def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(out_f, in_f // g, g)
 
 
+def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales as the checkpoint will store them: rounded to `dtype`, kept >0, returned as float32.
+
+    Checkpoints store scales in the model dtype; rounding here keeps the
+    in-memory model and the exported one bit-identical.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        scale = scale.to(dtype).clamp_min(torch.finfo(dtype).tiny)
+    return scale.float().clamp_min(_MIN_SCALE)
+
+
 def compute_qparams(
-    w: torch.Tensor, args: QuantArgs, *, shrink: torch.Tensor | float = 1.0
+    w: torch.Tensor,
+    args: QuantArgs,
+    *,
+    shrink: torch.Tensor | float = 1.0,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min/max scales for w (out, in). Returns scale (out, n_groups) float32 and zero or None.
 
     shrink scales the range before the scale is computed (clipping search); a
-    tensor must broadcast against (out, n_groups).
+    tensor must broadcast against (out, n_groups). scale_dtype (default: w's
+    dtype) is the dtype the scale will be stored in; scales are rounded to it.
     """
     g = group_size_for(args, w.shape[1])
     wg = _grouped(w.float(), g)
+    sdt = scale_dtype or w.dtype
     if args.symmetric:
         amax = wg.abs().amax(dim=-1) * shrink
         # Full signed range: [-2^(b-1), 2^(b-1)-1] spans 2^b - 1 steps around 0.
-        scale = (amax / ((args.qmax - args.qmin) / 2)).clamp_min(_MIN_SCALE)
+        scale = round_scale(amax / ((args.qmax - args.qmin) / 2), sdt)
         return scale, None
     # The range always includes 0 so that 0 is exactly representable.
     wmin = wg.amin(dim=-1).clamp_max(0) * shrink
     wmax = wg.amax(dim=-1).clamp_min(0) * shrink
-    scale = ((wmax - wmin) / (args.qmax - args.qmin)).clamp_min(_MIN_SCALE)
+    scale = round_scale((wmax - wmin) / (args.qmax - args.qmin), sdt)
     zero = torch.round(args.qmin - wmin / scale).clamp(args.qmin, args.qmax)
     return scale, zero.to(torch.int8)
 
