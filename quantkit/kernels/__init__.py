@@ -1,1 +1,45 @@
-"""Triton kernels, one file per family, each with a plain-torch `*_ref` beside it."""
+"""Triton kernels, one file per family, each with a plain-torch `*_ref` beside it.
+
+Families (import the submodule, or use the lazy names below):
+
+* ``act_quant`` -- per-token INT8 activation quantization (``per_token_quant``);
+* ``w8a8``      -- INT8 x INT8 GEMM with per-token x per-channel scales (``prepack_w8a8``,
+  ``w8a8_linear``);
+* ``wna16``     -- W4A16 / W8A16 group-wise GEMM (``prepack_wna16``, ``wna16_linear``);
+* ``mixed``     -- per-row INT8/FP16 bitmask GEMM (``mixed_linear``, ``row_precision_bits``).
+
+Every public entry point is a ``torch.library.custom_op`` (``quantkit::...``) with a fake
+implementation (torch.compile).  On CPU tensors the torch reference runs, unless
+``TRITON_INTERPRET=1`` is set, in which case the Triton kernel runs in Triton's interpreter.
+This package imports nothing heavy until a name is used.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "per_token_quant": "act_quant",
+    "per_token_quant_ref": "act_quant",
+    "W8A8Weight": "w8a8",
+    "prepack_w8a8": "w8a8",
+    "w8a8_linear": "w8a8",
+    "w8a8_gemm_q": "w8a8",
+    "w8a8_gemm_ref": "w8a8",
+    "WNA16Weight": "wna16",
+    "prepack_wna16": "wna16",
+    "wna16_linear": "wna16",
+    "wna16_gemm_ref": "wna16",
+    "mixed_linear": "mixed",
+    "mixed_gemm_ref": "mixed",
+    "row_precision_bits": "mixed",
+    "CTRL_FORCE_FP16": "mixed",
+    "CTRL_ROW_BITS": "mixed",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)

@@ -1,0 +1,190 @@
+"""Shared helpers for the Triton kernels: lazy Triton import, dispatch, kernel cache.
+
+Dispatch rule (every public kernel entry point follows it):
+
+* CUDA tensors                   -> the Triton kernel, compiled;
+* CPU tensors, ``TRITON_INTERPRET=1`` -> the Triton kernel, run by Triton's interpreter;
+* CPU tensors otherwise          -> the plain-torch ``*_ref`` (so the runtime works on CPU).
+
+Triton decides "interpreted or compiled" when a function is *decorated* with ``triton.jit``
+(it reads ``TRITON_INTERPRET`` at that moment).  To be independent of import order (another
+module may import this package before a test sets the variable) the kernels are written as
+plain Python functions and decorated lazily, at first launch, once per mode, by
+:class:`LazyKernel`.  Kernels call no other ``@triton.jit`` helpers, so nothing else needs
+decorating.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+
+try:  # guarded: `import quantkit.kernels.*` must work without triton (torch references only)
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the install
+
+    class tl:  # type: ignore[no-redef]
+        """Stand-in so kernel signatures (``X: tl.constexpr``) still parse without triton."""
+
+        constexpr = None
+
+
+def interpret_mode() -> bool:
+    """True when ``TRITON_INTERPRET`` is set to a true value."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def interpreter_usable() -> bool:
+    """Whether Triton's interpreter can run kernels in this process.
+
+    Triton decorates its own standard library (``tl.max``, ``tl.sum``, ...) when it is first
+    imported; if that happened before ``TRITON_INTERPRET=1`` was set, those helpers are compiled
+    ``JITFunction``s and interpreted kernels that call them fail.  (Tests then re-run the
+    interpreter checks in a subprocess; the dispatcher falls back to the torch reference.)
+    """
+    if not (interpret_mode() and triton_available()):
+        return False
+    import triton.language as tl_
+
+    return type(tl_.max).__name__ != "JITFunction"
+
+
+_warned = False
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether to run the Triton kernel for these inputs (see module docstring)."""
+    global _warned
+    if not triton_available():
+        return False
+    if all(t.is_cuda for t in tensors if t is not None):
+        return True
+    if not interpret_mode():
+        return False
+    if interpreter_usable():
+        return True
+    if not _warned:
+        import warnings
+
+        warnings.warn("TRITON_INTERPRET=1 was set after triton was imported; using the torch references")
+        _warned = True
+    return False
+
+
+class LazyKernel:
+    """``triton.jit`` applied on first launch (per interpret/compiled mode).
+
+    ``LazyKernel(fn)[grid](*args, **constexprs)`` behaves like ``triton.jit(fn)[grid](...)``.
+    """
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self._jitted: dict[bool, Any] = {}
+        functools.update_wrapper(self, fn)
+
+    def jitted(self):
+        mode = interpret_mode()
+        k = self._jitted.get(mode)
+        if k is None:
+            import triton
+
+            k = self._jitted[mode] = triton.jit(self.fn)
+        return k
+
+    def __getitem__(self, grid):
+        return self.jitted()[grid]
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def m_bucket(m: int) -> int:
+    """Bucket for the autotune cache: 1, 2, 4, 8, 16, 32, 64, 128, 256, ... (next power of 2)."""
+    return next_pow2(max(int(m), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(index: int | None = None) -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name(index)
+
+
+def gpu_key(t: torch.Tensor) -> str:
+    """Short GPU family name used in the autotune cache ('H100', 'H200', ... or 'cpu')."""
+    if not t.is_cuda:
+        return "cpu"
+    name = device_name(t.device.index)
+    for fam in ("H200", "H100", "H800", "H20", "A100", "L40S", "L4"):
+        if fam in name:
+            return fam
+    return name
+
+
+class ConfigCache:
+    """Kernel-config cache keyed by (M bucket, N, K, GPU).
+
+    ``defaults`` is a heuristic ``fn(M, N, K) -> dict``; ``table`` holds measured overrides
+    (from ``benchmarks/gemm.py --tune``) keyed ``(gpu, m_bucket, N, K)``; an entry whose
+    ``gpu`` is ``"*"`` applies to every GPU.
+    """
+
+    def __init__(self, defaults: Callable[[int, int, int], dict], table: dict | None = None):
+        self.defaults = defaults
+        self.table: dict[tuple, dict] = dict(table or {})
+
+    def get(self, M: int, N: int, K: int, gpu: str) -> dict:
+        mb = m_bucket(M)
+        for key in ((gpu, mb, N, K), ("*", mb, N, K)):
+            cfg = self.table.get(key)
+            if cfg is not None:
+                return dict(cfg)
+        return dict(self.defaults(M, N, K))
+
+    def set(self, M: int, N: int, K: int, gpu: str, cfg: dict) -> None:
+        self.table[(gpu, m_bucket(M), N, K)] = dict(cfg)
+
+
+def round_half_away_ref(y: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero (what the kernels do; torch.round ties to even)."""
+    return torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5))
+
+
+_LOCKS: dict = {}
+
+
+def splitk_buffers(device, tiles: int, split_k: int, tile_elems: int, elem_bytes: int):
+    """(workspace, counters) for the in-kernel split-K reduction.
+
+    The counters are a cached zero-initialised int32 buffer per device; each kernel resets the
+    counters it used back to 0, so no memset launch is needed per call.  (Not safe for two
+    split-K GEMMs running concurrently on different streams of one device.)"""
+    dt = torch.float32 if elem_bytes == 4 else torch.int32
+    if split_k <= 1:
+        dummy = torch.empty(1, dtype=dt, device=device)
+        return dummy, torch.empty(1, dtype=torch.int32, device=device)
+    key = (device.type, device.index)
+    lock = _LOCKS.get(key)
+    if lock is None or lock.numel() < tiles:
+        lock = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _LOCKS[key] = lock
+    ws = torch.empty(tiles * split_k * tile_elems, dtype=dt, device=device)
+    return ws, lock

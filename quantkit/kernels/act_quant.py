@@ -1,0 +1,117 @@
+"""Per-token (per-row) symmetric INT8 activation quantization.
+
+Spec (``per_token_quant_ref``), for x: (M, K) fp16/bf16/fp32:
+
+    amax[m]  = max(max_k |x[m, k]|, EPS)            (computed in fp32, EPS = 1e-12)
+    scale[m] = amax[m] / 127                         (fp32, shape (M, 1))
+    q[m, k]  = clamp(round_half_away(x[m, k] / scale[m]), -127, 127)   (int8)
+
+The range is the symmetric [-127, 127] (never -128).  Rounding is to nearest with ties away
+from zero (``floor(y + 0.5)`` / ``ceil(y - 0.5)``), the division is IEEE round-to-nearest
+(``tl.math.div_rn``), so the kernel reproduces the reference bit-for-bit except where a
+compiled fp32 ``max`` or conversion differs in the last place (never seen in the tests).
+
+The same quantization is fused into the W8A8 GEMM prologue (``quantkit.kernels.w8a8``) for
+small M; this module is the separate fast kernel used for large M.
+"""
+
+import torch
+
+from ._common import LazyKernel, next_pow2, round_half_away_ref, tl, use_triton
+
+EPS = 1e-12
+
+__all__ = ["per_token_quant", "per_token_quant_ref", "EPS"]
+
+
+def per_token_quant_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference. x: (M, K) float -> (q: (M, K) int8, scale: (M, 1) fp32)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
+    scale = amax / 127.0
+    q = round_half_away_ref(xf / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr,  # x: (M, K) float, q: (M, K) int8, s: (M,) fp32
+    K, stride_xm, stride_qm,
+    EPS_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    if ONE_PASS:
+        # the whole row fits in one block: load once, keep in registers
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS_C)
+        scale = amax / 127.0
+        y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+        y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        tl.store(q_row + offs, y.to(tl.int8), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = (k0 + offs) < K
+            x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(x))
+        amax = tl.maximum(tl.max(acc, axis=0), EPS_C)
+        scale = amax / 127.0
+        for k0 in range(0, K, BLOCK_K):
+            mask = (k0 + offs) < K
+            x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+            y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+            tl.store(q_row + k0 + offs, y.to(tl.int8), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+act_quant_kernel = LazyKernel(_act_quant_kernel)
+
+MAX_ONE_PASS = 16384
+
+
+def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launch. x: (M, K) -> (q (M, K) int8, scale (M, 1) fp32) (into out_q/out_s if given)."""
+    assert x.dim() == 2
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    M, K = x.shape
+    q = out_q if out_q is not None else torch.empty((M, K), dtype=torch.int8, device=x.device)
+    s = out_s if out_s is not None else torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return q, s
+    one_pass = K <= MAX_ONE_PASS
+    block = next_pow2(K) if one_pass else 4096
+    num_warps = max(1, min(16, block // 1024)) if x.is_cuda else 1
+    act_quant_kernel[(M,)](
+        x, q, s, K, x.stride(0), q.stride(0),
+        EPS_C=EPS, BLOCK_K=block, ONE_PASS=one_pass, num_warps=num_warps,
+    )
+    return q, s
+
+
+@torch.library.custom_op("quantkit::per_token_quant", mutates_args=())
+def _per_token_quant_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return per_token_quant_triton(x)
+    return per_token_quant_ref(x)
+
+
+@_per_token_quant_op.register_fake
+def _(x):
+    M, K = x.shape
+    return x.new_empty((M, K), dtype=torch.int8), x.new_empty((M, 1), dtype=torch.float32)
+
+
+def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token INT8 quantization. x: (..., K) -> (q (..., K) int8, scale (..., 1) fp32)."""
+    lead = x.shape[:-1]
+    q, s = _per_token_quant_op(x.reshape(-1, x.shape[-1]))
+    return q.reshape(*lead, x.shape[-1]), s.reshape(*lead, 1)

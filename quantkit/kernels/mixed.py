@@ -1,0 +1,473 @@
+"""Mixed-precision bitmask GEMM: per-row choice between INT8 (W8A8) and FP16, in one launch.
+
+API
+---
+``mixed_linear(x, weight, w_fp16, control, row_bits, bias)``
+
+* ``x``: (M, K) fp16/bf16 activations; row m is one token of the batch.
+* ``weight``: :class:`~quantkit.kernels.w8a8.W8A8Weight` (per-channel symmetric int8, (N, K)).
+* ``w_fp16``: (N, K) fp16/bf16 copy of the layer's weight, or None.  FP16 rows run on it when
+  present, else on the dequantized int8 weight ``q * w_scale`` with FP16 activations.
+* ``control``: 64-bit control word (a Python int, one per call):
+
+  ======  =================  =========================================================
+  bit     name               meaning
+  ======  =================  =========================================================
+  0       ``CTRL_FORCE_FP16``  layer forced to FP16 (sensitive layer): every row FP16,
+                             ``row_bits`` ignored.  With ``w_fp16`` this is cuBLAS
+                             (``F.linear``); without it, one launch of the kernel in
+                             all-FP16 mode.
+  1       ``CTRL_ROW_BITS``    ``row_bits`` is meaningful (some row may be FP16).  When
+                             clear, every row is INT8 and the call is exactly the plain
+                             W8A8 kernel (fast path; ``row_bits`` may be None).
+  2..63   reserved           must be 0 (ValueError otherwise).
+  ======  =================  =========================================================
+
+* ``row_bits``: (M,) uint8; bit 0 set = that row runs in FP16, other bits reserved.  The caller
+  derives it from per-sample bits and per-64-token-group bits with :func:`row_precision_bits`.
+
+Grouping (how each tile stays uniform)
+--------------------------------------
+No permutation is materialised.  Each program owns a (BLOCK_M, BLOCK_N) tile; it loads its
+BLOCK_M row bits, counts FP16 rows, and branches *inside the one launch*: all-INT8 tiles run
+only the int8 tensor-core loop, all-FP16 tiles only the fp16 loop, and only a tile that
+straddles a boundary runs both and selects per row.  The runtime lays a batch out
+sample-contiguous with precision decided per 64-token group, and BLOCK_M (16..128) is chosen
+so tiles align with those groups, so mixed tiles are the exception (at most one per sample
+boundary per N-tile).  This costs no extra launch (no argsort / gather / scatter) and, when
+no row is FP16, only the row-bit load and two reductions per tile (the "mask overhead"
+measured in ``benchmarks/gemm.py``).  Activation quantization is fused into the prologue
+for small M (one launch total) and is a separate ``per_token_quant`` launch for large M,
+exactly as in the plain W8A8 path.
+"""
+
+from typing import Optional
+
+import torch
+
+from ._common import ConfigCache, LazyKernel, cdiv, gpu_key, tl, use_triton
+from .act_quant import EPS, per_token_quant
+from .w8a8 import W8A8Weight, _INTERP_CFG, w8a8_gemm_ref, w8a8_linear_triton
+
+__all__ = [
+    "CTRL_FORCE_FP16",
+    "CTRL_ROW_BITS",
+    "ROW_FP16",
+    "mixed_linear",
+    "mixed_gemm_ref",
+    "row_precision_bits",
+    "TOKEN_GROUP",
+    "MIXED_CONFIGS",
+]
+
+CTRL_FORCE_FP16 = 1 << 0
+CTRL_ROW_BITS = 1 << 1
+_CTRL_KNOWN = CTRL_FORCE_FP16 | CTRL_ROW_BITS
+ROW_FP16 = 1
+TOKEN_GROUP = 64
+
+
+def row_precision_bits(
+    sample_ids: torch.Tensor,
+    token_positions: torch.Tensor,
+    sample_bits: Optional[torch.Tensor],
+    group_bits: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Per-row precision bits from per-sample and per-64-token-group bits (pure torch, on device).
+
+    sample_ids: (M,) int, the sample each row belongs to; token_positions: (M,) int, the row's
+    position inside its sample; sample_bits: (S,) bool/uint8 (1 = whole sample FP16) or None;
+    group_bits: (S, G) bool/uint8 (1 = 64-token group g of sample s FP16) or None; positions
+    past the last group use the last group.  Returns (M,) uint8 with bit 0 = FP16.
+    """
+    sid = sample_ids.long()
+    bits = torch.zeros(sid.shape, dtype=torch.uint8, device=sid.device)
+    if sample_bits is not None:
+        bits |= (sample_bits.to(torch.uint8)[sid] & 1)
+    if group_bits is not None:
+        G = group_bits.shape[1]
+        g = torch.clamp(token_positions.long() // TOKEN_GROUP, 0, G - 1)
+        bits |= (group_bits.to(torch.uint8)[sid, g] & 1)
+    return bits
+
+
+def _check_control(control: int) -> None:
+    if control < 0 or control >= 1 << 64:
+        raise ValueError("control must be a 64-bit unsigned word")
+    if control & ~_CTRL_KNOWN:
+        raise ValueError(f"reserved control bits set: {control:#x}")
+
+
+def _fp16_rows(control: int, row_bits: Optional[torch.Tensor], M: int, device) -> torch.Tensor:
+    if control & CTRL_FORCE_FP16:
+        return torch.ones(M, dtype=torch.bool, device=device)
+    if control & CTRL_ROW_BITS:
+        return (row_bits.to(torch.int32) & ROW_FP16) != 0
+    return torch.zeros(M, dtype=torch.bool, device=device)
+
+
+def mixed_gemm_ref(x, w, w_scale, w_fp16, control: int, row_bits, bias=None):
+    """Reference. x: (M, K); w: (N, K) int8; w_scale: (N,); w_fp16: (N, K) | None;
+    row_bits: (M,) uint8 | None -> (M, N) x.dtype."""
+    _check_control(control)
+    fp = _fp16_rows(control, row_bits, x.shape[0], x.device)
+    out_i = w8a8_gemm_ref(x, w, w_scale, bias)
+    ct = torch.float64 if x.device.type == "cpu" else torch.float32
+    wf = w_fp16.to(ct) if w_fp16 is not None else w.to(ct) * w_scale.reshape(-1, 1).to(ct)
+    out_f = x.to(ct) @ wf.t()
+    if bias is not None:
+        out_f = out_f + bias.to(ct)
+    return torch.where(fp[:, None], out_f.to(x.dtype), out_i)
+
+
+def _mixed_kernel(
+    x_ptr, aq_ptr, as_ptr, w_ptr, ws_ptr, wf_ptr, rb_ptr, bias_ptr, c_ptr,
+    # x: (M, K) fp16/bf16; aq: (M, K) int8 + as: (M,) fp32 (unused when FUSE_QUANT);
+    # w: (N, K) int8; ws: (N,) fp32; wf: (N, K) fp16 copy (HAS_FP16_W); rb: (M,) uint8; c: (M, N)
+    M, N, K,
+    stride_xm, stride_aqm, stride_wn, stride_wfn, stride_cm,
+    HAS_FP16_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FORCE_FP16: tl.constexpr,
+    FUSE_QUANT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EPS_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M
+    rn = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    valid = offs_m < M
+    if FORCE_FP16:
+        is_fp = valid
+    else:
+        rb = tl.load(rb_ptr + rm)
+        is_fp = ((rb.to(tl.int32) & 1) != 0) & valid
+    n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    w_scale = tl.load(ws_ptr + rn)
+
+    out_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    out_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+
+    if not FORCE_FP16:
+        if n_fp < n_valid:  # ---- INT8 path (some row of the tile is INT8)
+            if FUSE_QUANT:
+                amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    if EVEN_K:
+                        xa = tl.load(x_ptrs + k0)
+                    else:
+                        xa = tl.load(x_ptrs + k0, mask=(offs_k[None, :] + k0) < K, other=0.0)
+                    amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
+                a_scale = tl.maximum(amax, EPS_C) / 127.0
+                a_scale_b = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + a_scale[:, None]
+                a_ptrs = x_ptrs
+            else:
+                a_scale = tl.load(as_ptr + rm)
+                a_ptrs = aq_ptr + rm[:, None].to(tl.int64) * stride_aqm + offs_k[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            wi_ptrs = w_ptrs
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                    wq = tl.load(wi_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=(offs_k[None, :] + k0) < K, other=0)
+                    wq = tl.load(wi_ptrs, mask=(offs_k[:, None] + k0) < K, other=0)
+                if FUSE_QUANT:
+                    y = tl.math.div_rn(a.to(tl.float32), a_scale_b)
+                    y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+                    a = tl.minimum(tl.maximum(y, -127.0), 127.0).to(tl.int8)
+                acc = tl.dot(a, wq, acc, out_dtype=tl.int32)
+                a_ptrs += BLOCK_K
+                wi_ptrs += BLOCK_K
+            out_i = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+
+    if n_fp > 0:  # ---- FP16 path (some row of the tile is FP16)
+        accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xf_ptrs = x_ptrs
+        if HAS_FP16_W:
+            wf_ptrs = wf_ptr + rn[None, :].to(tl.int64) * stride_wfn + offs_k[:, None]
+        else:
+            wf_ptrs = w_ptrs
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                xf = tl.load(xf_ptrs)
+                wt = tl.load(wf_ptrs)
+            else:
+                xf = tl.load(xf_ptrs, mask=(offs_k[None, :] + k0) < K, other=0.0)
+                wt = tl.load(wf_ptrs, mask=(offs_k[:, None] + k0) < K, other=0)
+            accf = tl.dot(xf, wt.to(x_ptr.dtype.element_ty), accf)
+            xf_ptrs += BLOCK_K
+            wf_ptrs += BLOCK_K
+        if HAS_FP16_W:
+            out_f = accf
+        else:
+            out_f = accf * w_scale[None, :]
+
+    out = tl.where(is_fp[:, None], out_f, out_i)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+mixed_kernel = LazyKernel(_mixed_kernel)
+
+
+def _default_config(M: int, N: int, K: int) -> dict:
+    # both paths live in one binary: the shared memory must fit the fp16 tiles too
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4, FUSE_QUANT=True)
+    if M <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3, FUSE_QUANT=False)
+    if M <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, FUSE_QUANT=False)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_QUANT=False)
+
+
+# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22); keys (gpu, M bucket, N, K)
+TUNED: dict = {('H200', 1, 4096, 4096): {'BLOCK_K': 256,
+                           'BLOCK_M': 16,
+                           'BLOCK_N': 32,
+                           'FUSE_QUANT': True,
+                           'GROUP_M': 1,
+                           'num_stages': 4,
+                           'num_warps': 4},
+ ('H200', 1, 4096, 14336): {'BLOCK_K': 256,
+                            'BLOCK_M': 16,
+                            'BLOCK_N': 32,
+                            'FUSE_QUANT': True,
+                            'GROUP_M': 1,
+                            'num_stages': 4,
+                            'num_warps': 4},
+ ('H200', 1, 6144, 4096): {'BLOCK_K': 128,
+                           'BLOCK_M': 16,
+                           'BLOCK_N': 64,
+                           'FUSE_QUANT': True,
+                           'GROUP_M': 1,
+                           'num_stages': 4,
+                           'num_warps': 4},
+ ('H200', 1, 28672, 4096): {'BLOCK_K': 128,
+                            'BLOCK_M': 16,
+                            'BLOCK_N': 64,
+                            'FUSE_QUANT': True,
+                            'GROUP_M': 1,
+                            'num_stages': 4,
+                            'num_warps': 4},
+ ('H200', 16, 4096, 4096): {'BLOCK_K': 256,
+                            'BLOCK_M': 16,
+                            'BLOCK_N': 32,
+                            'FUSE_QUANT': True,
+                            'GROUP_M': 1,
+                            'num_stages': 4,
+                            'num_warps': 4},
+ ('H200', 16, 4096, 14336): {'BLOCK_K': 256,
+                             'BLOCK_M': 16,
+                             'BLOCK_N': 32,
+                             'FUSE_QUANT': True,
+                             'GROUP_M': 1,
+                             'num_stages': 4,
+                             'num_warps': 4},
+ ('H200', 16, 6144, 4096): {'BLOCK_K': 128,
+                            'BLOCK_M': 16,
+                            'BLOCK_N': 64,
+                            'FUSE_QUANT': True,
+                            'GROUP_M': 1,
+                            'num_stages': 4,
+                            'num_warps': 4},
+ ('H200', 16, 28672, 4096): {'BLOCK_K': 128,
+                             'BLOCK_M': 16,
+                             'BLOCK_N': 64,
+                             'FUSE_QUANT': True,
+                             'GROUP_M': 1,
+                             'num_stages': 4,
+                             'num_warps': 4},
+ ('H200', 64, 4096, 4096): {'BLOCK_K': 128,
+                            'BLOCK_M': 64,
+                            'BLOCK_N': 64,
+                            'GROUP_M': 1,
+                            'num_stages': 3,
+                            'num_warps': 4},
+ ('H200', 64, 4096, 14336): {'BLOCK_K': 128,
+                             'BLOCK_M': 32,
+                             'BLOCK_N': 64,
+                             'GROUP_M': 1,
+                             'num_stages': 4,
+                             'num_warps': 4},
+ ('H200', 64, 6144, 4096): {'BLOCK_K': 128,
+                            'BLOCK_M': 64,
+                            'BLOCK_N': 64,
+                            'GROUP_M': 1,
+                            'num_stages': 3,
+                            'num_warps': 4},
+ ('H200', 64, 28672, 4096): {'BLOCK_K': 128,
+                             'BLOCK_M': 64,
+                             'BLOCK_N': 64,
+                             'GROUP_M': 1,
+                             'num_stages': 3,
+                             'num_warps': 4},
+ ('H200', 256, 4096, 4096): {'BLOCK_K': 64,
+                             'BLOCK_M': 64,
+                             'BLOCK_N': 128,
+                             'GROUP_M': 8,
+                             'num_stages': 4,
+                             'num_warps': 4},
+ ('H200', 256, 4096, 14336): {'BLOCK_K': 64,
+                              'BLOCK_M': 64,
+                              'BLOCK_N': 128,
+                              'GROUP_M': 8,
+                              'num_stages': 4,
+                              'num_warps': 4},
+ ('H200', 256, 6144, 4096): {'BLOCK_K': 64,
+                             'BLOCK_M': 64,
+                             'BLOCK_N': 128,
+                             'GROUP_M': 8,
+                             'num_stages': 4,
+                             'num_warps': 4},
+ ('H200', 256, 28672, 4096): {'BLOCK_K': 64,
+                              'BLOCK_M': 64,
+                              'BLOCK_N': 128,
+                              'GROUP_M': 8,
+                              'num_stages': 4,
+                              'num_warps': 4},
+ ('H200', 2048, 4096, 4096): {'BLOCK_K': 64,
+                              'BLOCK_M': 128,
+                              'BLOCK_N': 128,
+                              'GROUP_M': 8,
+                              'num_stages': 4,
+                              'num_warps': 8},
+ ('H200', 2048, 4096, 14336): {'BLOCK_K': 64,
+                               'BLOCK_M': 128,
+                               'BLOCK_N': 256,
+                               'GROUP_M': 8,
+                               'num_stages': 3,
+                               'num_warps': 8},
+ ('H200', 2048, 6144, 4096): {'BLOCK_K': 64,
+                              'BLOCK_M': 128,
+                              'BLOCK_N': 256,
+                              'GROUP_M': 8,
+                              'num_stages': 3,
+                              'num_warps': 8},
+ ('H200', 2048, 28672, 4096): {'BLOCK_K': 128,
+                               'BLOCK_M': 128,
+                               'BLOCK_N': 128,
+                               'GROUP_M': 8,
+                               'num_stages': 3,
+                               'num_warps': 8},
+ ('H200', 8192, 4096, 4096): {'BLOCK_K': 128,
+                              'BLOCK_M': 128,
+                              'BLOCK_N': 128,
+                              'GROUP_M': 8,
+                              'num_stages': 3,
+                              'num_warps': 8},
+ ('H200', 8192, 4096, 14336): {'BLOCK_K': 128,
+                               'BLOCK_M': 128,
+                               'BLOCK_N': 128,
+                               'GROUP_M': 8,
+                               'num_stages': 3,
+                               'num_warps': 8},
+ ('H200', 8192, 6144, 4096): {'BLOCK_K': 64,
+                              'BLOCK_M': 128,
+                              'BLOCK_N': 256,
+                              'GROUP_M': 8,
+                              'num_stages': 3,
+                              'num_warps': 8},
+ ('H200', 8192, 28672, 4096): {'BLOCK_K': 64,
+                               'BLOCK_M': 128,
+                               'BLOCK_N': 256,
+                               'GROUP_M': 8,
+                               'num_stages': 3,
+                               'num_warps': 8}}
+MIXED_CONFIGS = ConfigCache(_default_config, TUNED)
+
+
+def mixed_linear_triton(x, w, w_scale, w_fp16, control: int, row_bits, bias=None, config: Optional[dict] = None,
+                        out=None):
+    """Triton path. x: (M, K) -> (M, N) x.dtype.  One kernel launch (plus the per-token quant
+    launch for large-M configs, as in the plain W8A8 path)."""
+    _check_control(control)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    M, K = x.shape
+    N = w.shape[0]
+    force = bool(control & CTRL_FORCE_FP16)
+    if not force and not (control & CTRL_ROW_BITS):
+        return w8a8_linear_triton(x, w, w_scale, bias, config=config, out=out)  # all INT8: plain W8A8
+    if force and w_fp16 is not None:
+        y = torch.nn.functional.linear(x, w_fp16.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    if config is not None:
+        cfg = dict(config)
+    elif not x.is_cuda:
+        cfg = dict(_INTERP_CFG, FUSE_QUANT=M <= 16)
+    else:
+        cfg = MIXED_CONFIGS.get(M, N, K, gpu_key(x))
+    fuse = bool(cfg.get("FUSE_QUANT", False)) or force
+    if fuse:
+        a_q, a_s = x, w_scale  # unused
+    else:
+        a_q, a_s = per_token_quant(x)
+        a_s = a_s.reshape(-1)
+    rb = row_bits if row_bits is not None else w_scale  # unused when forced
+    if rb is not None and rb.dtype not in (torch.uint8, torch.int8):
+        rb = rb.to(torch.uint8)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    mixed_kernel[grid](
+        x, a_q, a_s, w, w_scale, w_fp16 if w_fp16 is not None else w, rb,
+        bias if bias is not None else w_scale, out,
+        M, N, K, x.stride(0), a_q.stride(0), w.stride(0),
+        w_fp16.stride(0) if w_fp16 is not None else 0, out.stride(0),
+        HAS_FP16_W=w_fp16 is not None, HAS_BIAS=bias is not None, FORCE_FP16=force,
+        FUSE_QUANT=fuse, EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+@torch.library.custom_op("quantkit::mixed_linear", mutates_args=())
+def _mixed_linear_op(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_fp16: Optional[torch.Tensor],
+    control: int, row_bits: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    if use_triton(x, w):
+        return mixed_linear_triton(x, w, w_scale, w_fp16, control, row_bits, bias)
+    return mixed_gemm_ref(x, w, w_scale, w_fp16, control, row_bits, bias)
+
+
+@_mixed_linear_op.register_fake
+def _(x, w, w_scale, w_fp16, control, row_bits, bias):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def mixed_linear(
+    x: torch.Tensor, weight: W8A8Weight, w_fp16: Optional[torch.Tensor], control: int,
+    row_bits: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mixed INT8/FP16 linear (see module docstring). x: (M, K) -> (M, N) x.dtype."""
+    _check_control(control)
+    if (control & CTRL_ROW_BITS) and not (control & CTRL_FORCE_FP16) and row_bits is None:
+        raise ValueError("CTRL_ROW_BITS set but row_bits is None")
+    return _mixed_linear_op(x, weight.w, weight.scale, w_fp16, int(control), row_bits, bias)

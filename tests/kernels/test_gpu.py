@@ -1,0 +1,66 @@
+"""GPU tests (H100/H200): the issue's shape grid through the public ops with shipped configs."""
+
+import pytest
+import torch
+
+from _kernel_util import poison, randw, rel_err
+from quantkit.kernels import act_quant, mixed, w8a8, wna16
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+MS = [1, 3, 17, 100]
+SHAPES = [(1000, 1152), (4000, 1408), (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+@pytest.fixture(scope="module", params=SHAPES, ids=lambda s: f"N{s[0]}_K{s[1]}")
+def layer(request):
+    N, K = request.param
+    g = torch.Generator().manual_seed(N + K)
+    q8 = randw(g, (N, K), -127, 127, "cuda")
+    s8 = (torch.rand(N, 1, generator=g) * 2e-3 + 5e-4).cuda()
+    q4 = randw(g, (N, K), -8, 7, "cuda")
+    s4 = (torch.rand(N, K // 128, generator=g) * 2e-2 + 5e-3).cuda()
+    z4 = randw(g, (N, K // 128), -8, 7, "cuda")
+    w16 = (torch.randn(N, K, generator=g) * 0.02).half().cuda()
+    return dict(N=N, K=K, q8=q8, s8=s8, q4=q4, s4=s4, z4=z4, w16=w16,
+                W8=w8a8.prepack_w8a8(q8, s8), Wi8=wna16.prepack_wna16(q8, s8, None, 8),
+                Wi4=wna16.prepack_wna16(q4, s4, None, 4), Wi4z=wna16.prepack_wna16(q4, s4, z4, 4))
+
+
+@pytest.mark.parametrize("M", MS)
+def test_grid(layer, M):
+    N, K = layer["N"], layer["K"]
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    # per-token quant: exact up to rare tie flips
+    q, s = act_quant.per_token_quant_triton(x, out_q=poison((M, K), torch.int8, "cuda"),
+                                            out_s=poison((M, 1), torch.float32, "cuda"))
+    qr, sr = act_quant.per_token_quant_ref(x)
+    assert torch.equal(s, sr) and (q.int() - qr.int()).abs().max() <= 1
+    # int32 accumulation exact
+    acc = w8a8.w8a8_int32_accumulate(qr, layer["W8"].w, out=poison((M, N), torch.int32, "cuda"))
+    ref_acc = (qr.double() @ layer["q8"].double().t()).long()
+    assert torch.equal(acc.long(), ref_acc)
+    for name, W, q_, s_, z_ in [("w4", layer["Wi4"], layer["q4"], layer["s4"], None),
+                                ("w4z", layer["Wi4z"], layer["q4"], layer["s4"], layer["z4"]),
+                                ("w8", layer["Wi8"], layer["q8"], layer["s8"], None)]:
+        y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, W.bits, W.group_size, N, K,
+                                      out=poison((M, N), torch.float16, "cuda"))
+        assert rel_err(y, wna16.wna16_gemm_ref(x, q_, s_, z_)) <= 1e-2, name
+    y = w8a8.w8a8_linear_triton(x, layer["W8"].w, layer["W8"].scale, out=poison((M, N), torch.float16, "cuda"))
+    assert rel_err(y, w8a8.w8a8_gemm_ref(x, layer["W8"].w, layer["W8"].scale)) <= 1e-2
+    rb = (torch.rand(M, device="cuda") < 0.5).to(torch.uint8)
+    for wf in (layer["w16"], None):
+        y = mixed.mixed_linear_triton(x, layer["W8"].w, layer["W8"].scale, wf, mixed.CTRL_ROW_BITS, rb,
+                                      out=poison((M, N), torch.float16, "cuda"))
+        ref = mixed.mixed_gemm_ref(x, layer["W8"].w, layer["W8"].scale, wf, mixed.CTRL_ROW_BITS, rb)
+        assert rel_err(y, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("M", [1, 256, 2048])
+def test_public_ops_bf16(layer, M):
+    if layer["N"] * layer["K"] > 6144 * 4096:
+        pytest.skip("keep the GPU test short")
+    x = torch.randn(M, layer["K"], device="cuda", dtype=torch.bfloat16)
+    W = layer["Wi4z"]
+    assert rel_err(wna16.wna16_linear(x, W), wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], layer["z4"])) <= 1e-2
+    assert rel_err(w8a8.w8a8_linear(x, layer["W8"]), w8a8.w8a8_gemm_ref(x, layer["W8"].w, layer["W8"].scale)) <= 1e-2

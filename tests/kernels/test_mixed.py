@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from _kernel_util import poison, randw, rel_err
+from quantkit.kernels import mixed, w8a8
+
+CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+def _layer(dev, seed, M, N, K):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).half().to(dev)
+    q = randw(g, (N, K), -127, 127, dev)
+    s = (torch.rand(N, 1, generator=g) * 0.01 + 1e-3).to(dev)
+    W = w8a8.prepack_w8a8(q, s)
+    w16 = (torch.randn(N, K, generator=g) * 0.3).half().to(dev)  # independent: wrong path => large error
+    bias = torch.randn(N, generator=g).to(dev)
+    return x, W, w16, bias
+
+
+def _rows_err(y, ref, rows):
+    return rel_err(y[rows], ref[rows]) if rows.any() else 0.0
+
+
+@pytest.mark.parametrize("M,N,K", [(3, 40, 96), (37, 50, 64)])
+@pytest.mark.parametrize("fp16_copy", [True, False])
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("pattern", ["random", "none", "all", "blocks"])
+def test_mixed_rows(dev, M, N, K, fp16_copy, fuse, pattern):
+    x, W, w16, bias = _layer(dev, M + N + K, M, N, K)
+    g = torch.Generator().manual_seed(M)
+    if pattern == "random":
+        rb = (torch.rand(M, generator=g) < 0.5).to(torch.uint8)
+    elif pattern == "none":
+        rb = torch.zeros(M, dtype=torch.uint8)
+    elif pattern == "all":
+        rb = torch.ones(M, dtype=torch.uint8)
+    else:  # uniform 16-row tiles + one straddling tile
+        rb = ((torch.arange(M) // 16) % 2 == 0).to(torch.uint8)
+        rb[min(M - 1, 20)] ^= 1
+    rb = rb.to(dev)
+    wf = w16 if fp16_copy else None
+    out = poison((M, N), torch.float16, dev)
+    y = mixed.mixed_linear_triton(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias,
+                                  config=dict(CFG, FUSE_QUANT=fuse), out=out)
+    ref = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)
+    fp = rb.bool()
+    # FP16 rows: fp16-accurate; INT8 rows: bit-exact math of the W8A8 reference
+    assert _rows_err(y, ref, fp) <= 2e-3
+    assert _rows_err(y, ref, ~fp) <= 1e-2
+    # the other path would fail the check on each row set
+    ref_i8 = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
+    if fp.any():
+        assert _rows_err(y, ref_i8, fp) > 2e-3
+
+
+@pytest.mark.parametrize("fp16_copy", [True, False])
+def test_control_word(dev, fp16_copy):
+    M, N, K = 5, 40, 64
+    x, W, w16, bias = _layer(dev, 11, M, N, K)
+    wf = w16 if fp16_copy else None
+    rb = torch.tensor([1, 0, 1, 0, 0], dtype=torch.uint8, device=dev)
+    for ctrl in (0, mixed.CTRL_FORCE_FP16, mixed.CTRL_ROW_BITS, mixed.CTRL_FORCE_FP16 | mixed.CTRL_ROW_BITS):
+        out = poison((M, N), torch.float16, dev)
+        y = mixed.mixed_linear_triton(x, W.w, W.scale, wf, ctrl, rb, bias, config=dict(CFG, FUSE_QUANT=True), out=out)
+        ref = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, ctrl, rb, bias)
+        assert rel_err(y, ref) <= 2e-3, ctrl
+    y = mixed.mixed_linear(x, W, wf, mixed.CTRL_ROW_BITS, rb, bias)  # public custom op
+    assert rel_err(y, mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)) <= 2e-3
+    with pytest.raises(ValueError):
+        mixed.mixed_linear(x, W, wf, 1 << 5, rb)
+    with pytest.raises(ValueError):
+        mixed.mixed_linear(x, W, wf, mixed.CTRL_ROW_BITS, None)
+
+
+def test_row_precision_bits():
+    sample_ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    pos = torch.tensor([0, 63, 64, 0, 130, 5, 200])
+    sample_bits = torch.tensor([0, 0, 1], dtype=torch.uint8)
+    group_bits = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.uint8)
+    rb = mixed.row_precision_bits(sample_ids, pos, sample_bits, group_bits)
+    assert rb.dtype == torch.uint8
+    assert rb.tolist() == [0, 0, 1, 1, 0, 1, 1]
+    assert mixed.row_precision_bits(sample_ids, pos, None, None).sum() == 0

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from _kernel_util import poison, randw, rel_err
+from quantkit.kernels import w8a8
+
+CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 40, 96), (17, 70, 160), (33, 50, 100)])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_int32_accumulation_exact(dev, M, N, K, split_k):
+    g = torch.Generator().manual_seed(M + N + K + split_k)
+    a = randw(g, (M, K), -127, 127, dev)
+    w = randw(g, (N, K), -127, 127, dev)
+    out = poison((M, N), torch.int32, dev)
+    acc = w8a8.w8a8_int32_accumulate(a, w, config=dict(CFG, SPLIT_K=split_k), out=out)
+    ref = a.long() @ w.long().t()
+    assert torch.equal(acc.long(), ref)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 40, 96), (3, 70, 160), (17, 50, 100)])
+@pytest.mark.parametrize("fuse,split_k", [(True, 1), (False, 1), (False, 2), (True, 3)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w8a8_linear(dev, M, N, K, fuse, split_k, dtype):
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g).to(dtype).to(dev)
+    q = randw(g, (N, K), -127, 127, dev)
+    s = (torch.rand(N, 1, generator=g) * 0.01 + 1e-3).to(dev)
+    bias = torch.randn(N, generator=g).to(dev)
+    W = w8a8.prepack_w8a8(q, s)
+    out = poison((M, N), dtype, dev)
+    y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=dict(CFG, FUSE_QUANT=fuse, SPLIT_K=split_k), out=out)
+    ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
+    assert rel_err(y, ref) <= 1e-2
+    # sanity: the tolerance can fail (a wrong scale is far outside it)
+    assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.05, bias)) > 1e-2
+
+
+def test_w8a8_public_ops(dev):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 64, generator=g).half().to(dev)
+    W = w8a8.prepack_w8a8(randw(g, (48, 64), -127, 127, dev), torch.rand(48, 1, generator=g).to(dev) * 0.01 + 1e-3)
+    y = w8a8.w8a8_linear(x, W)
+    assert y.shape == (2, 3, 48)
+    assert rel_err(y.reshape(6, 48), w8a8.w8a8_gemm_ref(x.reshape(6, 64), W.w, W.scale)) <= 1e-2
+    from quantkit.kernels.act_quant import per_token_quant
+
+    aq, asc = per_token_quant(x.reshape(6, 64))
+    y2 = w8a8.w8a8_gemm_q(aq, asc, W, None, torch.float16)
+    assert rel_err(y2, y.reshape(6, 48)) <= 1e-3
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        f = torch.ops.quantkit.w8a8_linear(torch.empty(5, 64, dtype=torch.float16),
+                                           torch.empty(48, 64, dtype=torch.int8), torch.empty(48), None)
+    assert f.shape == (5, 48) and f.dtype == torch.float16
+
+
+def test_prepack_rejects_bad_input():
+    with pytest.raises(ValueError):
+        w8a8.prepack_w8a8(torch.ones(4, 8, dtype=torch.int8), torch.ones(4, 2))  # grouped scales
+    with pytest.raises(ValueError):
+        w8a8.prepack_w8a8(torch.ones(4, 8, dtype=torch.int8), torch.ones(4, 1), torch.ones(4, 1, dtype=torch.int8))
