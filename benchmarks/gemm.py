@@ -59,6 +59,14 @@ def bench(fn, warmup=10, rep=40):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3  # us
 
 
+def bench_graph(fn, rep=20):
+    """Median of triton.testing.do_bench_cudagraph: fn replayed from a CUDA graph, no launch
+    overhead, and NO L2 flush between replays (weights <= ~50 MB stay L2-resident)."""
+    if SMOKE:
+        return bench(fn)
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+
+
 def rel(a, b):
     a = a.float()
     b = b.float()
@@ -77,37 +85,41 @@ def c(BM, BN, BK, w, s, G=8, **kw):
 
 
 def w8a8_candidates(M):
+    if M <= 4:
+        g = [dict(BACKEND="gemv", BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=sk, num_warps=8, num_stages=2)
+             for BN, BK, sk in [(64, 128, 4), (64, 128, 8), (64, 128, 16), (128, 128, 4), (128, 128, 8), (64, 256, 4),
+                                (32, 128, 8)]]
+        return g + [c(16, 64, 256, 4, 4, G=1, FUSE_QUANT=True, SPLIT_K=4)]
     if M <= 16:
         out = [c(16, BN, BK, 4, 4, G=1, FUSE_QUANT=False, SPLIT_K=sk)
-               for BN, BK, sk in [(32, 256, 1), (64, 256, 1), (32, 256, 4), (64, 256, 4), (64, 128, 8),
-                                  (32, 128, 8), (128, 256, 4), (16, 256, 4)]]
-        out += [c(16, BN, BK, 4, 4, G=1, FUSE_QUANT=True, SPLIT_K=sk)
-                for BN, BK, sk in [(32, 128, 1), (32, 256, 4), (64, 256, 4)]]
+               for BN, BK, sk in [(64, 256, 4), (64, 128, 8), (32, 256, 4), (128, 256, 4), (64, 256, 8)]]
+        out += [c(16, BN, BK, 4, 4, G=1, FUSE_QUANT=True, SPLIT_K=sk) for BN, BK, sk in [(64, 256, 2), (128, 256, 2)]]
         return out
     if M <= 64:
-        return [c(64, 64, 128, 4, 4, G=1), c(32, 64, 128, 4, 4, G=1), c(64, 128, 128, 4, 4, G=1, SPLIT_K=2),
-                c(64, 64, 128, 4, 4, G=1, SPLIT_K=4), c(32, 128, 256, 4, 4, G=1, SPLIT_K=4),
+        return [c(64, 64, 128, 4, 4, G=1), c(64, 128, 128, 4, 4, G=1, SPLIT_K=2), c(64, 64, 128, 4, 4, G=1, SPLIT_K=4),
                 c(64, 128, 256, 4, 3, G=1, SPLIT_K=4)]
     if M <= 256:
-        return [c(64, 128, 128, 4, 4), c(128, 128, 128, 8, 3), c(64, 256, 128, 8, 3), c(128, 64, 128, 4, 4),
-                c(64, 128, 128, 4, 4, SPLIT_K=2), c(128, 128, 128, 8, 3, SPLIT_K=2), c(64, 256, 128, 8, 3, SPLIT_K=2)]
+        return [c(64, 128, 128, 4, 4), c(128, 128, 128, 8, 3), c(64, 256, 128, 8, 3), c(128, 128, 128, 8, 3, SPLIT_K=2),
+                c(64, 128, 128, 4, 4, SPLIT_K=2)]
     return [c(128, 256, 128, 8, 3), c(128, 128, 128, 8, 4), c(256, 128, 128, 8, 3), c(128, 256, 64, 8, 4)]
 
 
 def wna16_candidates(M):
-    T = dict(BACKEND="triton")
+    G, MM = wna16._gemv, wna16._mma
+    if M <= 4:
+        return [G(128, 4), G(128, 8), G(128, 16), G(64, 8), G(64, 16), G(256, 4), G(256, 8), G(128, 8, w=4),
+                MM(16, 64, 8, swap=True, G=1)]
     if M <= 16:
-        return [c(16, BN, BK, 4, 4, G=1, SPLIT_K=sk, **T)
-                for BN, BK, sk in [(32, 128, 1), (64, 256, 1), (32, 128, 4), (64, 128, 4), (32, 256, 4),
-                                   (64, 128, 8), (16, 256, 4)]]
+        return [MM(16, 64, 4, swap=True, G=1), MM(16, 64, 8, swap=True, G=1), MM(16, 128, 4, swap=True, G=1),
+                MM(16, 128, 2, swap=True, G=1), MM(16, 64, 4, G=1), MM(16, 32, 8, swap=True, G=1),
+                G(64, 8), G(32, 16)]
     if M <= 64:
-        return [c(64, 64, 128, 4, 4, G=1, **T), c(32, 64, 128, 4, 4, G=1, **T), c(64, 64, 128, 4, 4, G=1, SPLIT_K=4, **T),
-                c(32, 128, 128, 4, 3, G=1, SPLIT_K=4, **T), c(64, 128, 128, 4, 3, G=1, SPLIT_K=2, **T),
-                c(32, 64, 128, 4, 4, G=1, SPLIT_K=8, **T), dict(BACKEND="dequant")]
+        return [MM(64, 128, 2, swap=True, G=1), MM(64, 64, 4, swap=True, G=1), MM(64, 128, 1, G=1, w=8),
+                MM(64, 128, 2, G=1, w=8), MM(64, 64, 4, G=1, w=4), MM(32, 64, 4, G=1, w=4), dict(BACKEND="dequant")]
     if M <= 256:
-        return [c(64, 128, 128, 4, 4, **T), c(128, 128, 128, 8, 3, **T), c(64, 128, 128, 4, 4, SPLIT_K=2, **T),
-                c(64, 128, 128, 4, 4, SPLIT_K=4, **T), c(128, 128, 128, 8, 3, SPLIT_K=2, **T), dict(BACKEND="dequant")]
-    return [c(128, 256, 128, 8, 3, **T), c(128, 128, 128, 8, 3, **T), dict(BACKEND="dequant")]
+        return [MM(64, 128, 1, w=8), MM(64, 128, 2, w=8), MM(128, 128, 1, w=8), MM(64, 64, 2, w=4),
+                dict(BACKEND="dequant")]
+    return [dict(BACKEND="dequant"), MM(128, 128, 1, w=8), MM(64, 128, 1, w=8)]
 
 
 def mixed_candidates(M):
@@ -235,6 +247,8 @@ def main():
     log(f"ceilings: copy {bw / 1e12:.2f} TB/s (read+write), fp16 mm {r16 / 1e12:.0f} TFLOP/s, "
         f"int8 _int_mm {ri8 / 1e12:.0f} TOP/s (8192^3)")
 
+    if not SMOKE:
+        overhead_study(dev, gen)
     fails = []
     # ---- correctness on the check grid (default configs) + the odd shapes
     t0 = time.time()
@@ -312,10 +326,16 @@ def main():
             res = best("w8a8", ca, lambda cfg, o: run_w8a8(L, x, cfg, o), r["w8a8"], key)
             row["w8a8"] = res[0][0] if res else float("nan")
             row["w8a8_cfg"] = res[0][1] if res else None
+            # the same calls replayed from a CUDA graph (no launch overhead, L2 not flushed)
+            o16 = torch.empty(M, N, device=dev, dtype=torch.float16)
+            row["g_fp16"] = bench_graph(lambda: torch.matmul(x, L.w16.t(), out=o16))
+            for k_, fn_ in (("w4", run_w4), ("w8", run_w8), ("w8a8", run_w8a8)):
+                cfg_ = row[k_ + "_cfg"]
+                row["g_" + k_] = bench_graph(lambda: fn_(L, x, cfg_, o16)) if cfg_ is not None else float("nan")
             # mixed: all-INT8 rows with the mask in use, and all-FP16 rows (FP16 copy, not forced)
             rb0 = torch.zeros(M, dtype=torch.uint8, device=dev)
             rb1 = torch.ones(M, dtype=torch.uint8, device=dev)
-            cm = mixed_candidates(M) if args.tune else [mixed.MIXED_CONFIGS.get(M, N, K, gpu)]
+            cm = [mixed.MIXED_CONFIGS.get(M, N, K, gpu)]  # not re-tuned in this pass
             resm = []
             for cfg in cm:
                 try:
@@ -361,6 +381,43 @@ def main():
     return 1 if fails else 0
 
 
+def overhead_study(dev, gen):
+    """M=1, 4096x4096: raw launch vs public entry point vs cuBLAS, do_bench vs CUDA graph, and
+    the host time per call (no synchronisation inside the loop)."""
+    N = K = 4096
+    L = Layer(N, K, dev, gen)
+    x = torch.randn(1, K, device=dev, dtype=torch.float16, generator=gen)
+    o = torch.empty(1, N, device=dev, dtype=torch.float16)
+    cfg4 = wna16.CONFIGS.get(1, N, K, gpu_key(x))
+    cfg8a8 = w8a8.CONFIGS.get(1, N, K, gpu_key(x))
+    W4 = L.wi4
+    cases = [
+        ("cuBLAS F.linear fp16", lambda: F.linear(x, L.w16)),
+        ("W4A16 raw launch (config given, out given)", lambda: run_w4(L, x, cfg4, o)),
+        ("W4A16 wna16_linear_triton (cached plan)", lambda: wna16.wna16_linear_triton(
+            x, W4.qw, W4.scales, W4.zeros, None, 4, W4.group_size, N, K)),
+        ("W4A16 public wna16_linear (custom op)", lambda: wna16.wna16_linear(x, W4)),
+        ("W8A8 raw launch", lambda: run_w8a8(L, x, cfg8a8, o)),
+        ("W8A8 public w8a8_linear (custom op)", lambda: w8a8.w8a8_linear(x, L.w8)),
+        ("1-element torch add_", lambda: o.add_(1)),
+    ]
+    log("overhead study (M=1, N=K=4096): do_bench us | do_bench_cudagraph us | host us/call")
+    for name, fn in cases:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fn()
+        host = (time.perf_counter() - t0) / 200 * 1e6
+        torch.cuda.synchronize()
+        OVERHEAD.append((name, bench(fn), bench_graph(fn), host))
+        log(f"  {name}: {OVERHEAD[-1][1]:.1f} | {OVERHEAD[-1][2]:.1f} | {host:.1f}")
+    del L
+
+
+OVERHEAD = []
+
+
 def geo(v):
     v = [x for x in v if x == x and x > 0]
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
@@ -383,15 +440,16 @@ def report(rows, name, bw, r16, ri8, fails, args):
              "mixed-f16: all rows FP16 on the FP16 copy (ratio vs cuBLAS FP16); forced: control bit 0 (cuBLAS).")
     L.append("")
     L.append("| N | K | M | FP16 us | W4A16 us (x) | W8A16 us (x) | W8A8 us (x) | int_mm+q us | W8A8 / int_mm | "
-             "mixed-i8 us (d us) | mixed-f16 us (x cuBLAS) | forced us |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+             "mixed-i8 us (d us) | mixed-f16 us (x cuBLAS) | forced us | graph: FP16 / W4 / W8 / W8A8 us |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r["fp16"]
         L.append(
             f"| {r['N']} | {r['K']} | {r['M']} | {f:.1f} | {r['w4']:.1f} ({f / r['w4']:.2f}) | "
             f"{r['w8']:.1f} ({f / r['w8']:.2f}) | {r['w8a8']:.1f} ({f / r['w8a8']:.2f}) | {r['int_mm']:.1f} | "
             f"{r['int_mm'] / r['w8a8']:.2f} | {r['mix_i8']:.1f} ({r['mix_i8'] - r['w8a8']:+.1f}) | "
-            f"{r['mix_f16']:.1f} ({f / r['mix_f16']:.2f}) | {r['mix_force']:.1f} |")
+            f"{r['mix_f16']:.1f} ({f / r['mix_f16']:.2f}) | {r['mix_force']:.1f} | "
+            f"{r['g_fp16']:.1f} / {r['g_w4']:.1f} / {r['g_w8']:.1f} / {r['g_w8a8']:.1f} |")
     L.append("")
     # roofline
     L.append("Roofline: floor = max(bytes / copy BW, FLOPs / matmul rate) with the ceilings above "
@@ -447,6 +505,15 @@ def report(rows, name, bw, r16, ri8, fails, args):
     tg.append(("mixed, all FP16 rows, within 10% of cuBLAS (max)", f"max {100 * (g - 1):+.1f}%", g <= 1.10))
     g = max(r["mix_i8"] - r["w8a8"] for r in rows)
     tg.append(("mask adds <= 2 us per call (max)", f"max {g:+.2f} us", g <= 2.0))
+    if OVERHEAD:
+        L.append("Launch-overhead study, M=1, N=K=4096 (do_bench: L2 flushed, events around one call; graph: "
+                 "do_bench_cudagraph, L2 warm; host: wall time per call of 200 back-to-back calls).")
+        L.append("")
+        L.append("| call | do_bench us | cudagraph us | host us/call |")
+        L.append("|---|---|---|---|")
+        for n_, a_, b_, h_ in OVERHEAD:
+            L.append(f"| {n_} | {a_:.1f} | {b_:.1f} | {h_:.1f} |")
+        L.append("")
     L.append("| target | measured | met |")
     L.append("|---|---|---|")
     for t, m, ok in tg:

@@ -29,7 +29,9 @@ except Exception:  # pragma: no cover - depends on the install
     class tl:  # type: ignore[no-redef]
         """Stand-in so kernel signatures (``X: tl.constexpr``) still parse without triton."""
 
-        constexpr = None
+        @staticmethod
+        def constexpr(v=None):  # annotation, or a module-level constant ``tl.constexpr(42)``
+            return v
 
 
 def interpret_mode() -> bool:
@@ -168,23 +170,40 @@ def round_half_away_ref(y: torch.Tensor) -> torch.Tensor:
     return torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5))
 
 
-_LOCKS: dict = {}
+_BUFS: dict = {}
+
+
+def cached_buffer(device, dtype, numel: int, zero: bool = False) -> torch.Tensor:
+    """A grow-only buffer per (device, dtype, zero): no allocation per call once warm.
+
+    ``zero=True`` buffers are zero-initialised when (re)allocated; kernels that use them as
+    counters reset what they used back to 0.  Not safe for two kernels that use the same
+    buffer concurrently on different streams of one device."""
+    key = (device.type, device.index, dtype, zero)
+    buf = _BUFS.get(key)
+    if buf is None or buf.numel() < numel:
+        n = max(int(numel), 4096)
+        buf = torch.zeros(n, dtype=dtype, device=device) if zero else torch.empty(n, dtype=dtype, device=device)
+        _BUFS[key] = buf
+    return buf
 
 
 def splitk_buffers(device, tiles: int, split_k: int, tile_elems: int, elem_bytes: int):
-    """(workspace, counters) for the in-kernel split-K reduction.
+    """(workspace, counters) for the in-kernel split-K reduction ("the last split to arrive sums").
 
-    The counters are a cached zero-initialised int32 buffer per device; each kernel resets the
-    counters it used back to 0, so no memset launch is needed per call.  (Not safe for two
-    split-K GEMMs running concurrently on different streams of one device.)"""
+    Both are cached per device (:func:`cached_buffer`): no allocation and no memset launch per
+    call; each kernel resets the counters it used back to 0."""
     dt = torch.float32 if elem_bytes == 4 else torch.int32
     if split_k <= 1:
-        dummy = torch.empty(1, dtype=dt, device=device)
-        return dummy, torch.empty(1, dtype=torch.int32, device=device)
-    key = (device.type, device.index)
-    lock = _LOCKS.get(key)
-    if lock is None or lock.numel() < tiles:
-        lock = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _LOCKS[key] = lock
-    ws = torch.empty(tiles * split_k * tile_elems, dtype=dt, device=device)
-    return ws, lock
+        return cached_buffer(device, dt, 1), cached_buffer(device, torch.int32, 1, zero=True)
+    ws = cached_buffer(device, dt, tiles * split_k * tile_elems)
+    return ws, cached_buffer(device, torch.int32, tiles, zero=True)
+
+
+def splitk_for(programs: int, n_iters: int, target: int = 528, max_split: int = 16) -> int:
+    """Split-K factor (power of 2) so that ``programs * split`` reaches ~``target`` programs
+    (4 waves of 132 SMs) while every split keeps at least one K iteration."""
+    s = 1
+    while s < max_split and programs * s < target and s * 2 <= n_iters:
+        s *= 2
+    return s

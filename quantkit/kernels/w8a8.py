@@ -30,8 +30,11 @@ from typing import Optional
 
 import torch
 
-from ._common import ConfigCache, LazyKernel, cdiv, gpu_key, splitk_buffers, tl, use_triton
+from ._common import ConfigCache, LazyKernel, cdiv, gpu_key, splitk_buffers, splitk_for, tl, use_triton
 from .act_quant import EPS, per_token_quant, per_token_quant_ref
+
+MAGIC = tl.constexpr(0x4B000000)  # bits of 2**23 (see wna16: int -> float without a cvt)
+TWO23 = tl.constexpr(8388608.0)
 
 __all__ = [
     "W8A8Weight",
@@ -208,9 +211,133 @@ def _w8a8_kernel(
 w8a8_kernel = LazyKernel(_w8a8_kernel)
 
 
+def _w8a8_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr,
+    # x: (M, K) fp16/bf16, M <= BLOCK_M; w: the (N, K) int8 weight viewed as int32 words (N, K // 4);
+    # ws: (N,) fp32; c: (M, N); part: fp32 split-K workspace; lock: int32 (tiles,), zero
+    M, N, K,
+    stride_xm, stride_wn, stride_cm,  # stride_wn in words
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
+    EPS_C: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """GEMV-style W8A8 for M <= BLOCK_M <= 8 with the per-token quantization fused.
+
+    Each program re-reads its BLOCK_M activation rows for the row max (BLOCK_M * K * 2 bytes,
+    from L2), quantizes its K slice exactly like ``act_quant`` and accumulates a_q * w in fp32:
+    every product is an exact integer and each register partial stays < 2**24 for K <= 32768,
+    so only the final cross-thread sum rounds (relative 6e-8)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tile = pid % num_pid_n
+    pid_k = pid // num_pid_n
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    offs_m = tl.arange(0, BLOCK_M)
+    rm = offs_m % M
+    BC: tl.constexpr = BLOCK_K // 4
+    offs_c = tl.arange(0, BC)
+    offs_kk = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xa = tl.load(x_row + k0 + offs_kk[None, :])
+        else:
+            xa = tl.load(x_row + k0 + offs_kk[None, :], mask=(k0 + offs_kk[None, :]) < K, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
+    a_scale = tl.maximum(amax, EPS_C) / 127.0
+    a_scale_b = tl.zeros([BLOCK_M, BC], dtype=tl.float32) + a_scale[:, None]
+
+    n_it = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_it, SPLIT_K)
+    i_lo = pid_k * per_split
+    i_hi = tl.minimum(n_it, i_lo + per_split)
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_c[None, :]  # (BLOCK_N, BC) words
+    if BLOCK_M == 1:  # decode: 2-D tensors only (one layout, no conversions)
+        acc3 = tl.zeros((BLOCK_N, BC), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BC), dtype=tl.float32)
+    for it in range(i_lo, i_hi):
+        k0 = it * BLOCK_K
+        if EVEN_K:
+            wd = tl.load(w_ptrs + it * BC)
+        else:
+            wd = tl.load(w_ptrs + it * BC, mask=(it * BC + offs_c[None, :]) < (K // 4), other=0)
+        wd = wd ^ -2139062144  # 0x80808080: each byte -> offset binary w + 128
+        wh = wd >> 16
+        for j in tl.static_range(4):
+            FIELD = 0xFF << (8 * (j % 2))
+            POW = 1 << (8 * (j % 2))
+            if j < 2:
+                b = ((wd & FIELD) | MAGIC).to(tl.float32, bitcast=True)
+            else:
+                b = ((wh & FIELD) | MAGIC).to(tl.float32, bitcast=True)
+            b = b - (TWO23 + 128.0 * POW)  # = w * POW, exact
+            if BLOCK_M == 1:
+                if EVEN_K:
+                    xj = tl.load(x_row + k0 + 4 * offs_c[None, :] + j)
+                else:
+                    xj = tl.load(x_row + k0 + 4 * offs_c[None, :] + j, mask=(k0 + 4 * offs_c[None, :] + j) < K,
+                                 other=0.0)
+            else:
+                if EVEN_K:
+                    xj = tl.load(x_row + k0 + 4 * offs_c[None, :] + j)
+                else:
+                    xj = tl.load(x_row + k0 + 4 * offs_c[None, :] + j, mask=(k0 + 4 * offs_c[None, :] + j) < K,
+                                 other=0.0)
+            y = tl.math.div_rn(xj.to(tl.float32), a_scale_b)
+            y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+            y = tl.minimum(tl.maximum(y, -127.0), 127.0) * (1.0 / POW)
+            if BLOCK_M == 1:
+                acc3 += tl.sum(y, axis=0)[None, :] * b  # (1, BC) row -> broadcast over BLOCK_N
+            else:
+                acc3 += y[:, None, :] * b[None, :, :]
+    if BLOCK_M == 1:
+        acc = tl.sum(acc3, axis=1)[None, :]  # (1, BLOCK_N)
+    else:
+        acc = tl.sum(acc3, axis=2)  # (BLOCK_M, BLOCK_N)
+
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:
+        offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        p_tile = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(p_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc)
+        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            acc = tl.zeros_like(acc)
+            for sk in tl.static_range(SPLIT_K):
+                acc += tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+        else:
+            c_mask = c_mask & False  # not the last split: store nothing
+    out = acc * a_scale[:, None] * tl.load(ws_ptr + rn)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+w8a8_gemv_kernel = LazyKernel(_w8a8_gemv_kernel)
+
+
+GEMV_MAX_M = 8
+
+
 def _default_config(M: int, N: int, K: int) -> dict:
+    """Heuristics; ``TUNED`` overrides.  BACKEND "gemv" (M <= 8, fused quant) or "mma"."""
+    if M <= 4 and K % 4 == 0:
+        bn = 64
+        return dict(BACKEND="gemv", BLOCK_N=bn, BLOCK_K=128, SPLIT_K=splitk_for(cdiv(N, bn), cdiv(K, 128)),
+                    num_warps=8, num_stages=2)
     if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4, FUSE_QUANT=True)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4, FUSE_QUANT=False,
+                    SPLIT_K=splitk_for(cdiv(N, 64), cdiv(K, 256)))
     if M <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4, FUSE_QUANT=False)
     if M <= 256:
@@ -218,51 +345,43 @@ def _default_config(M: int, N: int, K: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, FUSE_QUANT=False)
 
 
-# measured overrides: {(gpu, m_bucket, N, K): config}; filled from benchmarks/gemm.py --tune
-# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22); keys (gpu, M bucket, N, K)
-TUNED: dict = {('H200', 1, 4096, 4096): {'BLOCK_K': 256,
-                           'BLOCK_M': 16,
+
+# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22, second pass); keys (gpu, M bucket, N, K)
+TUNED: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv',
+                           'BLOCK_K': 256,
                            'BLOCK_N': 64,
-                           'FUSE_QUANT': True,
-                           'GROUP_M': 1,
                            'SPLIT_K': 4,
-                           'num_stages': 4,
-                           'num_warps': 4},
- ('H200', 1, 4096, 14336): {'BLOCK_K': 256,
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 16,
-                            'FUSE_QUANT': False,
-                            'GROUP_M': 1,
+                           'num_stages': 2,
+                           'num_warps': 8},
+ ('H200', 1, 4096, 14336): {'BACKEND': 'gemv',
+                            'BLOCK_K': 256,
+                            'BLOCK_N': 64,
                             'SPLIT_K': 4,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 1, 6144, 4096): {'BLOCK_K': 256,
-                           'BLOCK_M': 16,
+                            'num_stages': 2,
+                            'num_warps': 8},
+ ('H200', 1, 6144, 4096): {'BACKEND': 'gemv',
+                           'BLOCK_K': 256,
                            'BLOCK_N': 64,
-                           'FUSE_QUANT': True,
-                           'GROUP_M': 1,
                            'SPLIT_K': 4,
-                           'num_stages': 4,
-                           'num_warps': 4},
- ('H200', 1, 28672, 4096): {'BLOCK_K': 256,
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 128,
-                            'FUSE_QUANT': False,
-                            'GROUP_M': 1,
+                           'num_stages': 2,
+                           'num_warps': 8},
+ ('H200', 1, 28672, 4096): {'BACKEND': 'gemv',
+                            'BLOCK_K': 256,
+                            'BLOCK_N': 64,
                             'SPLIT_K': 4,
-                            'num_stages': 4,
-                            'num_warps': 4},
+                            'num_stages': 2,
+                            'num_warps': 8},
  ('H200', 16, 4096, 4096): {'BLOCK_K': 256,
                             'BLOCK_M': 16,
                             'BLOCK_N': 64,
                             'FUSE_QUANT': True,
                             'GROUP_M': 1,
-                            'SPLIT_K': 4,
+                            'SPLIT_K': 2,
                             'num_stages': 4,
                             'num_warps': 4},
  ('H200', 16, 4096, 14336): {'BLOCK_K': 256,
                              'BLOCK_M': 16,
-                             'BLOCK_N': 32,
+                             'BLOCK_N': 64,
                              'FUSE_QUANT': False,
                              'GROUP_M': 1,
                              'SPLIT_K': 4,
@@ -270,33 +389,31 @@ TUNED: dict = {('H200', 1, 4096, 4096): {'BLOCK_K': 256,
                              'num_warps': 4},
  ('H200', 16, 6144, 4096): {'BLOCK_K': 256,
                             'BLOCK_M': 16,
-                            'BLOCK_N': 64,
+                            'BLOCK_N': 128,
                             'FUSE_QUANT': True,
                             'GROUP_M': 1,
-                            'SPLIT_K': 4,
+                            'SPLIT_K': 2,
                             'num_stages': 4,
                             'num_warps': 4},
  ('H200', 16, 28672, 4096): {'BLOCK_K': 128,
                              'BLOCK_M': 16,
-                             'BLOCK_N': 32,
+                             'BLOCK_N': 64,
                              'FUSE_QUANT': False,
                              'GROUP_M': 1,
                              'SPLIT_K': 8,
                              'num_stages': 4,
                              'num_warps': 4},
- ('H200', 64, 4096, 4096): {'BLOCK_K': 256,
+ ('H200', 64, 4096, 4096): {'BLOCK_K': 128,
                             'BLOCK_M': 64,
-                            'BLOCK_N': 128,
+                            'BLOCK_N': 64,
                             'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'num_stages': 3,
+                            'num_stages': 4,
                             'num_warps': 4},
- ('H200', 64, 4096, 14336): {'BLOCK_K': 256,
+ ('H200', 64, 4096, 14336): {'BLOCK_K': 128,
                              'BLOCK_M': 64,
-                             'BLOCK_N': 128,
+                             'BLOCK_N': 64,
                              'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'num_stages': 3,
+                             'num_stages': 4,
                              'num_warps': 4},
  ('H200', 64, 6144, 4096): {'BLOCK_K': 128,
                             'BLOCK_M': 64,
@@ -308,28 +425,30 @@ TUNED: dict = {('H200', 1, 4096, 4096): {'BLOCK_K': 256,
                              'BLOCK_M': 64,
                              'BLOCK_N': 64,
                              'GROUP_M': 1,
+                             'SPLIT_K': 4,
                              'num_stages': 4,
                              'num_warps': 4},
  ('H200', 256, 4096, 4096): {'BLOCK_K': 128,
                              'BLOCK_M': 64,
-                             'BLOCK_N': 256,
+                             'BLOCK_N': 128,
+                             'GROUP_M': 8,
+                             'SPLIT_K': 2,
+                             'num_stages': 4,
+                             'num_warps': 4},
+ ('H200', 256, 4096, 14336): {'BLOCK_K': 128,
+                              'BLOCK_M': 128,
+                              'BLOCK_N': 128,
+                              'GROUP_M': 8,
+                              'SPLIT_K': 2,
+                              'num_stages': 3,
+                              'num_warps': 8},
+ ('H200', 256, 6144, 4096): {'BLOCK_K': 128,
+                             'BLOCK_M': 128,
+                             'BLOCK_N': 128,
                              'GROUP_M': 8,
                              'SPLIT_K': 2,
                              'num_stages': 3,
                              'num_warps': 8},
- ('H200', 256, 4096, 14336): {'BLOCK_K': 128,
-                              'BLOCK_M': 64,
-                              'BLOCK_N': 128,
-                              'GROUP_M': 8,
-                              'SPLIT_K': 2,
-                              'num_stages': 4,
-                              'num_warps': 4},
- ('H200', 256, 6144, 4096): {'BLOCK_K': 128,
-                             'BLOCK_M': 64,
-                             'BLOCK_N': 128,
-                             'GROUP_M': 8,
-                             'num_stages': 4,
-                             'num_warps': 4},
  ('H200', 256, 28672, 4096): {'BLOCK_K': 128,
                               'BLOCK_M': 128,
                               'BLOCK_N': 128,
@@ -337,10 +456,10 @@ TUNED: dict = {('H200', 1, 4096, 4096): {'BLOCK_K': 256,
                               'num_stages': 3,
                               'num_warps': 8},
  ('H200', 2048, 4096, 4096): {'BLOCK_K': 128,
-                              'BLOCK_M': 128,
+                              'BLOCK_M': 256,
                               'BLOCK_N': 128,
                               'GROUP_M': 8,
-                              'num_stages': 4,
+                              'num_stages': 3,
                               'num_warps': 8},
  ('H200', 2048, 4096, 14336): {'BLOCK_K': 128,
                                'BLOCK_M': 256,
@@ -407,12 +526,46 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg):
     return out
 
 
+def _mma_only(cfg, x, M, N, K):
+    """The tensor-core config to use where the GEMV path does not apply."""
+    if cfg.get("BACKEND") != "gemv":
+        return cfg
+    return dict(_INTERP_CFG if not x.is_cuda else _default_config(max(M, 5), N, K), FUSE_QUANT=M <= 16)
+
+
+def _launch_gemv(x, w, w_scale, bias, out, cfg):
+    M, K = x.shape
+    N = w.shape[0]
+    bm = max(1, 1 << (M - 1).bit_length())
+    tiles = cdiv(N, cfg["BLOCK_N"])
+    split_k = int(cfg.get("SPLIT_K", 1))
+    part, lock = splitk_buffers(x.device, tiles, split_k, bm * cfg["BLOCK_N"], 4)
+    wv = w.view(torch.int32)  # (N, K // 4): 4 int8 per word
+    w8a8_gemv_kernel[(tiles * split_k,)](
+        x, wv, w_scale, bias if bias is not None else w_scale, out, part, lock,
+        M, N, K, x.stride(0), wv.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
+        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
 def _pick(x, M, N, K, config):
     if config is not None:
         return dict(config)
     if not x.is_cuda:
+        if M <= 4 and K % 4 == 0 and x.is_floating_point():
+            return dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, num_warps=4, num_stages=1)
         return dict(_INTERP_CFG, FUSE_QUANT=M <= 16)
-    return CONFIGS.get(M, N, K, gpu_key(x))
+    key = (x.device.index, M, N, K)
+    cfg = _CFG_CACHE.get(key)
+    if cfg is None:
+        cfg = _CFG_CACHE[key] = CONFIGS.get(M, N, K, gpu_key(x))
+    return cfg
+
+
+_CFG_CACHE: dict = {}
 
 
 def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, out=None):
@@ -426,6 +579,9 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
     if M == 0:
         return out
     cfg = _pick(x, M, N, K, config)
+    if cfg.get("BACKEND") == "gemv" and M <= GEMV_MAX_M and K % 4 == 0:
+        return _launch_gemv(x, w, w_scale, bias, out, cfg)
+    cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg)
     a_q, a_s = per_token_quant(x)
@@ -441,7 +597,7 @@ def w8a8_gemm_q_triton(a_q, a_scale, w, w_scale, bias=None, out_dtype=torch.floa
         out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
     if M == 0:
         return out
-    cfg = dict(_pick(a_q, M, N, K, config))
+    cfg = _mma_only(_pick(a_q, M, N, K, config), a_q, M, N, K)
     return _launch(a_q, a_scale.reshape(-1).float().contiguous(), w, w_scale, bias, out, False, False, cfg)
 
 
@@ -454,7 +610,7 @@ def w8a8_int32_accumulate(a_q, w, config: Optional[dict] = None, out=None):
     if out is None:
         out = torch.empty((M, N), dtype=torch.int32, device=a_q.device)
     dummy = torch.empty(1, dtype=torch.float32, device=a_q.device)
-    cfg = dict(_pick(a_q, M, N, K, config))
+    cfg = _mma_only(_pick(a_q, M, N, K, config), a_q, M, N, K)
     return _launch(a_q, dummy, w, dummy, None, out, False, True, cfg)
 
 

@@ -8,24 +8,29 @@ bits-bit signed ints, scale: (N, G) and zero: (N, G) int8 or None, G = K // grou
 
 Packed layout (``prepack_wna16``, done once at load; the checkpoint keeps the canonical form):
 
-* K is padded to a multiple of 128 (``K_pad``); the kernel walks K in 128-row blocks, each
-  split into 8 chunks of 16 rows (one ``tl.dot`` of K=16 per chunk).
-* 4-bit: ``qw`` is int32 (K_pad // 8, N), N contiguous (coalesced along N).  Word
-  ``[b*16 + i, n]`` holds, in nibble j (bits 4j..4j+3), ``q[n, b*128 + j*16 + i] + 8``
-  (offset binary 0..15).  So unpacking nibble j of one (16, BLOCK_N) word tile gives exactly
-  chunk j -- no interleave/reshape in the kernel.
-* 8-bit: ``qw`` is int8 (K_pad, N), i.e. the transposed weight.
-* ``scales``: (G, N) in ``scale_dtype`` (fp16 by default).  ``zeros`` (G, N) int8 holds
-  ``zero + 8`` for 4-bit (so ``q = nibble - zeros``) and ``zero`` for 8-bit; None when symmetric.
+* K is padded to a multiple of 128 (``K_pad``); kernels walk K in 128-row blocks.
+* ``qw`` is int32 (K_pad // PER, N), N contiguous (coalesced 16-byte loads along N), with
+  PER = 32 // bits values per word and R = 128 // PER word rows per block (16 for 4-bit, 32
+  for 8-bit).  Field j (bits ``bits*j ..``) of word ``[b*R + i, n]`` holds
+  ``q[n, b*128 + j*R + i] + 2**(bits-1)`` (offset binary).  Unpacking field j of one (R, N)
+  word tile gives K rows j*R .. j*R+R-1 of the block, in order, so the (PER, R, N) unpack
+  reshapes to a (128, N) tile with no permutation.
+* ``scales``: (G, N) in ``scale_dtype`` (fp16 by default); ``zeros``: (G, N) int8 raw zero
+  points, or None when symmetric.
 
-Scale application: the dequantized integers ``q - zero`` are exact in fp16/bf16, the chunks of
-one group are accumulated by the tensor cores, and the group's scale is applied to the
-(BLOCK_M, BLOCK_N) partial sum ("scale on accumulator"), i.e. once per group per output
-instead of once per weight element.  Supported group sizes: multiples of 16 that divide 128
-(16, 32, 64, 128), multiples of 128, or per-channel (G == 1, any K).
+Dequantization uses no int->float conversion instruction (16/clk/SM on Hopper): a field
+masked in place, OR-ed into the mantissa of 2**23, is the float ``2**23 + u * 2**(bits*jj)``;
+one FADD of ``2**23 + (offset + zero) * 2**(bits*jj)`` gives ``(q - zero) * 2**(bits*jj)``
+exactly, and the power of two is folded into the activation.
 
-Dispatch: Triton fused kernel for small/medium M; for large M the config cache may pick
-``BACKEND="dequant"``: one Triton dequantization kernel to fp16 + cuBLAS (``torch.mm``).
+Paths (``BACKEND`` in the config; configs come from a ConfigCache keyed by (M bucket, N, K, GPU)):
+
+* ``gemv`` (M <= 8): one program per (BLOCK_N outputs, K split); elementwise FMA in fp32,
+  one cross-thread reduction at the end; split-K partials reduced in-kernel by the last split.
+* ``mma``: ``tl.dot`` with whole 128-K blocks per dot; ``SWAP_AB`` computes C^T = W x^T so
+  the weight tile is the MMA's large operand (M = 16..64).  Group scales are applied to the
+  (per 128-K block) partial sum when group_size >= 128, else to the dequantized weights.
+* ``dequant``: one Triton dequantization to x.dtype + cuBLAS (``torch.mm``), for large M.
 """
 
 from dataclasses import dataclass
@@ -33,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from ._common import ConfigCache, LazyKernel, cdiv, gpu_key, splitk_buffers, tl, use_triton
+from ._common import ConfigCache, LazyKernel, cdiv, gpu_key, splitk_buffers, splitk_for, tl, use_triton
 
 __all__ = [
     "WNA16Weight",
@@ -45,14 +50,23 @@ __all__ = [
 ]
 
 PACK_K = 128
+MAGIC = tl.constexpr(0x4B000000)  # bits of 2**23
+TWO23 = tl.constexpr(8388608.0)
+
+
+def _per(bits: int) -> int:
+    return 32 // bits
+
+
+def _rows(bits: int) -> int:
+    return PACK_K // _per(bits)
 
 
 @dataclass
 class WNA16Weight:
-    """Packed weight for the W4A16 / W8A16 kernel (see module docstring for the layout).
+    """Packed weight for the W4A16 / W8A16 kernels (see module docstring for the layout).
 
-    qw: (K_pad // 8, N) int32 (bits=4) or (K_pad, N) int8 (bits=8); scales: (G, N);
-    zeros: (G, N) int8 or None.
+    qw: (K_pad // (32 // bits), N) int32; scales: (G, N); zeros: (G, N) int8 or None.
     """
 
     qw: torch.Tensor
@@ -97,22 +111,16 @@ def prepack_wna16(
         raise ValueError(f"unsupported group size {gs} (need 16|32|64|128|multiple of 128|per-channel)")
     K_pad = cdiv(K, PACK_K) * PACK_K
     dev = q.device
-    qi = torch.zeros((N, K_pad), dtype=torch.int32, device=dev)
-    qi[:, :K] = q.to(torch.int32)
-    if bits == 4:
-        u = (qi + 8).to(torch.int64)  # 0..15
-        u = u.reshape(N, K_pad // PACK_K, 8, 16)  # [n, b, j, i] = k = b*128 + j*16 + i
-        shifts = (torch.arange(8, device=dev, dtype=torch.int64) * 4).reshape(1, 1, 8, 1)
-        words = (u << shifts).sum(dim=2)  # (N, nb, 16), < 2^32
-        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-        qw = words.reshape(N, K_pad // 8).t().contiguous()  # (K_pad // 8, N)
-    else:
-        qw = qi.to(torch.int8).t().contiguous()  # (K_pad, N)
+    per, R = _per(bits), _rows(bits)
+    u = torch.full((N, K_pad), 1 << (bits - 1), dtype=torch.int64, device=dev)
+    u[:, :K] = q.to(torch.int64) + (1 << (bits - 1))
+    u = u.reshape(N, K_pad // PACK_K, per, R)  # [n, b, j, i]: k = b*128 + j*R + i
+    shifts = (torch.arange(per, device=dev, dtype=torch.int64) * bits).reshape(1, 1, per, 1)
+    words = (u << shifts).sum(dim=2)  # (N, nb, R), < 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    qw = words.reshape(N, K_pad // per).t().contiguous()  # (K_pad // per, N)
     scales = scale.t().to(scale_dtype).contiguous()  # (G, N)
-    zeros = None
-    if zero is not None:
-        z = zero.reshape(N, G).to(torch.int32) + (8 if bits == 4 else 0)
-        zeros = z.t().to(torch.int8).contiguous()
+    zeros = None if zero is None else zero.reshape(N, G).to(torch.int8).t().contiguous()
     return WNA16Weight(qw=qw, scales=scales, zeros=zeros, bits=bits, group_size=gs, N=N, K=K)
 
 
@@ -143,21 +151,150 @@ def wna16_gemm_ref(x, q, scale, zero=None, bias=None):
 # ----------------------------------------------------------------------------- kernels
 
 
-def _wna16_kernel(
+def _wna16_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
-    # x: (M, K) fp16/bf16; w: packed (see docstring); s: (G, N); z: (G, N) int8; c: (M, N)
+    # x: (M, K) fp16/bf16, M <= BLOCK_M; w: packed (K_pad // PER, N) int32; s, z: (G, N); c: (M, N)
     # ws: fp32 split-K workspace (tiles * SPLIT_K * BLOCK_M * BLOCK_N); lock: int32 (tiles,), zero
     M, N, K, n_groups, group_size,
     stride_xm, stride_cm,
     BITS: tl.constexpr,
+    PER: tl.constexpr,  # fields per word (32 // BITS)
+    R: tl.constexpr,  # word rows per 128-K block (128 // PER)
     HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    GROUP_CHUNKS: tl.constexpr,  # 16-row chunks per scale application: min(group, 128) // 16
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
+    GS_SMALL: tl.constexpr,  # group_size < 128: scales/zeros gathered per element
+    EVEN_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # multiple of 128
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tile = pid % num_pid_n
+    pid_k = pid // num_pid_n
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    rm = offs_m % M
+    offs_r = tl.arange(0, R)
+    HALF: tl.constexpr = PER // 2
+    MASK: tl.constexpr = (1 << BITS) - 1
+    OFFSET: tl.constexpr = 1 << (BITS - 1)
+
+    n_blocks = tl.cdiv(K, 128)
+    per_split = tl.cdiv(n_blocks, SPLIT_K)
+    b_lo = pid_k * per_split
+    b_hi = tl.minimum(n_blocks, b_lo + per_split)
+    w_ptrs = w_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_r[None, :]
+
+    # BLOCK_M == 1 (decode) keeps every tensor 2-D (R, BLOCK_N): one layout, no conversions
+    if BLOCK_M == 1:
+        acc3 = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+        x_ptrs = x_ptr + offs_r
+    else:
+        acc3 = tl.zeros((BLOCK_M, R, BLOCK_N), dtype=tl.float32)
+    for blk in range(b_lo, b_hi):
+        k0 = blk * 128
+        wp = tl.load(w_ptrs + blk * R * N, mask=nmask[None, :], other=0)
+        wh = wp >> 16
+        if not GS_SMALL:
+            g = tl.minimum(k0 // group_size, n_groups - 1)
+            s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
+            if HAS_ZERO:
+                zc = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32) + OFFSET
+            if BLOCK_M == 1:
+                part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+            else:
+                part = tl.zeros((BLOCK_M, R, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            FIELD = MASK << (BITS * (j % HALF))
+            POW = 1 << (BITS * (j % HALF))
+            if j < HALF:
+                bits_ = (wp & FIELD) | MAGIC
+            else:
+                bits_ = (wh & FIELD) | MAGIC
+            b = bits_.to(tl.float32, bitcast=True)
+            if GS_SMALL:
+                grow = tl.minimum((k0 + j * R + offs_r) // group_size, n_groups - 1)
+                sj = tl.load(s_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0).to(tl.float32)
+                if HAS_ZERO:
+                    zj = tl.load(z_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
+                    b = b - ((zj.to(tl.float32) + OFFSET) * POW + TWO23)
+                else:
+                    b = b - (TWO23 + OFFSET * POW)
+                b = b * sj
+            elif HAS_ZERO:
+                b = b - (zc * POW + TWO23)[None, :]
+            else:
+                b = b - (TWO23 + OFFSET * POW)
+            if BLOCK_M == 1:
+                if EVEN_K:
+                    xj = tl.load(x_ptrs + (k0 + j * R))
+                else:
+                    xj = tl.load(x_ptrs + (k0 + j * R), mask=(k0 + j * R + offs_r) < K, other=0.0)
+                prod = (xj.to(tl.float32) * (1.0 / POW))[:, None] * b  # exact scaling: power of two
+            else:
+                if EVEN_K:
+                    xj = tl.load(x_ptrs + (k0 + j * R))
+                else:
+                    xj = tl.load(x_ptrs + (k0 + j * R), mask=(k0 + j * R + offs_r[None, :]) < K, other=0.0)
+                prod = (xj.to(tl.float32) * (1.0 / POW))[:, :, None] * b[None, :, :]
+            if GS_SMALL:
+                acc3 += prod
+            else:
+                part += prod
+        if not GS_SMALL:
+            if BLOCK_M == 1:
+                acc3 += part * s[None, :]
+            else:
+                acc3 += part * s[None, None, :]
+    if BLOCK_M == 1:
+        acc = tl.sum(acc3, axis=0)[None, :]  # (1, BLOCK_N)
+    else:
+        acc = tl.sum(acc3, axis=1)  # (BLOCK_M, BLOCK_N)
+
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c_mask = (offs_m[:, None] < M) & nmask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        # the split that arrives last sums the partials, writes C and resets the counter to 0
+        offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(ws_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc)
+        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sk in tl.static_range(SPLIT_K):
+                tot += tl.load(ws_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
+            tl.store(c_ptrs, tot.to(c_ptr.dtype.element_ty), mask=c_mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+wna16_gemv_kernel = LazyKernel(_wna16_gemv_kernel)
+
+
+def _wna16_mma_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+    # as the GEMV kernel; any M
+    M, N, K, n_groups, group_size,
+    stride_xm, stride_cm,
+    BITS: tl.constexpr,
+    PER: tl.constexpr,
+    R: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GS_SMALL: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # acc is C^T (BLOCK_N, BLOCK_M) = W_tile x^T
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -176,238 +313,227 @@ def _wna16_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = offs_m % M
-    nmask = offs_n < N  # masks (not modulo) keep the N-contiguous loads vectorizable
-    nmask2 = nmask[None, :]
-    offs_i = tl.arange(0, 16)
-    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_i[None, :]
+    nmask = offs_n < N
+    offs_r = tl.arange(0, R)
+    offs_k = tl.arange(0, 128)
+    OFFSET: tl.constexpr = 1 << (BITS - 1)
+    MASK: tl.constexpr = (1 << BITS) - 1
     dt = x_ptr.dtype.element_ty
-
-    n_blocks = tl.cdiv(K, BLOCK_K)
-    blocks_per_split = tl.cdiv(n_blocks, SPLIT_K)
-    k_lo = pid_k * blocks_per_split * BLOCK_K
-    k_hi = tl.minimum(K, k_lo + blocks_per_split * BLOCK_K)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(k_lo, k_hi, BLOCK_K):
-        for sb in tl.static_range(BLOCK_K // 128):
-            k0 = kb + sb * 128
-            if BITS == 4:
-                wp_ptrs = w_ptr + ((k0 // 8) + offs_i)[:, None].to(tl.int64) * N + offs_n[None, :]
-                if EVEN_K:
-                    wp = tl.load(wp_ptrs, mask=nmask2, other=0)
-                else:
-                    wp = tl.load(wp_ptrs, mask=nmask2 & ((k0 + offs_i[:, None] * 0) < K), other=0)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(8):
-                kk = k0 + j * 16
-                if j % GROUP_CHUNKS == 0:
-                    g = tl.minimum(kk // group_size, n_groups - 1)
-                    if HAS_ZERO:
-                        zp = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
-                if EVEN_K:
-                    xt = tl.load(x_ptrs + kk)
-                else:
-                    xt = tl.load(x_ptrs + kk, mask=(kk + offs_i[None, :]) < K, other=0.0)
-                if BITS == 4:
-                    v = (wp >> (4 * j)) & 0xF
-                    if HAS_ZERO:
-                        v = v - zp[None, :]
-                    else:
-                        v = v - 8
-                else:
-                    v_ptrs = w_ptr + (kk + offs_i)[:, None].to(tl.int64) * N + offs_n[None, :]
-                    if EVEN_K:
-                        v = tl.load(v_ptrs, mask=nmask2, other=0)
-                    else:
-                        v = tl.load(v_ptrs, mask=nmask2 & ((kk + offs_i[:, None]) < K), other=0)
-                    if HAS_ZERO:
-                        v = v.to(tl.int32) - zp[None, :]
-                part = tl.dot(xt, v.to(tl.float32).to(dt), part)
-                if (j + 1) % GROUP_CHUNKS == 0:
-                    s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
-                    acc += part * s[None, :]
-                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    c_mask = (offs_m[:, None] < M) & nmask2
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    shifts = (tl.arange(0, PER) * BITS)[:, None, None]  # (PER, 1, 1)
+    w_ptrs = w_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
+    if SWAP_AB:
+        x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + offs_k[:, None]  # x^T tile (128, BLOCK_M)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        # split-K in one launch: every split writes its partial tile, bumps the tile's counter;
-        # the split that arrives last sums the partials, writes C and resets the counter to 0.
+        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # (BLOCK_M, 128)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    n_blocks = tl.cdiv(K, 128)
+    per_split = tl.cdiv(n_blocks, SPLIT_K)
+    b_lo = pid_k * per_split
+    b_hi = tl.minimum(n_blocks, b_lo + per_split)
+    for blk in range(b_lo, b_hi):
+        k0 = blk * 128
+        wp = tl.load(w_ptrs + blk * R * N, mask=nmask[None, :], other=0)  # (R, BLOCK_N)
+        u = tl.reshape((wp[None, :, :] >> shifts) & MASK, (128, BLOCK_N))  # row j*R + i = k - k0
+        wf = (u | MAGIC).to(tl.float32, bitcast=True)
+        if GS_SMALL:
+            grow = tl.minimum((k0 + offs_k) // group_size, n_groups - 1)
+            st = tl.load(s_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0).to(tl.float32)
+            if HAS_ZERO:
+                zt = tl.load(z_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
+                wf = (wf - (TWO23 + OFFSET) - zt.to(tl.float32)) * st
+            else:
+                wf = (wf - (TWO23 + OFFSET)) * st
+        else:
+            g = tl.minimum(k0 // group_size, n_groups - 1)
+            s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
+            if HAS_ZERO:
+                zc = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32) + (TWO23 + OFFSET)
+                wf = wf - zc[None, :]
+            else:
+                wf = wf - (TWO23 + OFFSET)
+        wq = wf.to(dt)  # (128, BLOCK_N): exact integers unless GS_SMALL (then scaled weights)
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0)
+        elif SWAP_AB:
+            xt = tl.load(x_ptrs + k0, mask=(k0 + offs_k[:, None]) < K, other=0.0)
+        else:
+            xt = tl.load(x_ptrs + k0, mask=(k0 + offs_k[None, :]) < K, other=0.0)
+        if SWAP_AB:
+            if GS_SMALL:
+                acc = tl.dot(tl.trans(wq), xt, acc)
+            else:
+                acc += tl.dot(tl.trans(wq), xt) * s[:, None]
+        else:
+            if GS_SMALL:
+                acc = tl.dot(xt, wq, acc)
+            else:
+                acc += tl.dot(xt, wq) * s[None, :]
+
+    if SWAP_AB:
+        c_ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+        c_mask = (offs_m[None, :] < M) & nmask[:, None]
+        offs_t = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    else:
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        c_mask = (offs_m[:, None] < M) & nmask[None, :]
         offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    if SPLIT_K > 1:
         ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
         tl.store(ws_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc)
         count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
         if count == SPLIT_K - 1:
-            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros_like(acc)
             for sk in tl.static_range(SPLIT_K):
-                tot += tl.load(ws_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
-            if HAS_BIAS:
-                tot += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
-            tl.store(c_ptrs, tot.to(c_ptr.dtype.element_ty), mask=c_mask)
+                acc += tl.load(ws_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
             tl.atomic_xchg(lock_ptr + tile, 0)
+        else:
+            c_mask = c_mask & False  # not the last split: store nothing
+    if HAS_BIAS:
+        bv = tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
+        if SWAP_AB:
+            acc += bv[:, None]
+        else:
+            acc += bv[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-wna16_kernel = LazyKernel(_wna16_kernel)
+wna16_mma_kernel = LazyKernel(_wna16_mma_kernel)
 
 
 def _wna16_dequant_kernel(
     w_ptr, s_ptr, z_ptr, o_ptr,  # o: (K_pad, N) out dtype (W transposed, dequantized)
     N, K, n_groups, group_size,
     BITS: tl.constexpr,
+    PER: tl.constexpr,
+    R: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)  # one 128-row block
+    blk = tl.program_id(0)  # one 128-row block
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    offs_i = tl.arange(0, 16)
-    k0 = pid_k * 128
-    if BITS == 4:
-        wp = tl.load(w_ptr + ((k0 // 8) + offs_i)[:, None].to(tl.int64) * N + offs_n[None, :],
-                     mask=nmask[None, :], other=0)
-    for j in tl.static_range(8):
-        kk = k0 + j * 16
-        g = tl.minimum(kk // group_size, n_groups - 1)
-        if BITS == 4:
-            v = (wp >> (4 * j)) & 0xF
-            if HAS_ZERO:
-                v = v - tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)[None, :]
-            else:
-                v = v - 8
-        else:
-            v = tl.load(w_ptr + (kk + offs_i)[:, None].to(tl.int64) * N + offs_n[None, :],
-                        mask=nmask[None, :], other=0).to(tl.int32)
-            if HAS_ZERO:
-                v = v - tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)[None, :]
-        s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
-        o = v.to(tl.float32) * s[None, :]
-        tl.store(o_ptr + (kk + offs_i)[:, None].to(tl.int64) * N + offs_n[None, :],
-                 o.to(o_ptr.dtype.element_ty), mask=nmask[None, :])
+    offs_r = tl.arange(0, R)
+    OFFSET: tl.constexpr = 1 << (BITS - 1)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    k0 = blk * 128
+    wp = tl.load(w_ptr + (blk * R + offs_r)[:, None].to(tl.int64) * N + offs_n[None, :], mask=nmask[None, :], other=0)
+    for j in tl.static_range(PER):
+        rows = k0 + j * R + offs_r
+        grow = tl.minimum(rows // group_size, n_groups - 1)
+        u = ((wp >> (BITS * j)) & MASK) | MAGIC
+        v = u.to(tl.float32, bitcast=True) - (TWO23 + OFFSET)
+        if HAS_ZERO:
+            v -= tl.load(z_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0).to(tl.float32)
+        s = tl.load(s_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0).to(tl.float32)
+        tl.store(o_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :], (v * s).to(o_ptr.dtype.element_ty),
+                 mask=nmask[None, :])
 
 
 wna16_dequant_kernel = LazyKernel(_wna16_dequant_kernel)
 
 
+# ----------------------------------------------------------------------------- configs
+
+
+def _gemv(BN, SK, w=8, s=2):
+    return dict(BACKEND="gemv", BLOCK_N=BN, SPLIT_K=SK, num_warps=w, num_stages=s)
+
+
+def _mma(BM, BN, SK=1, swap=False, G=8, w=4, s=3):
+    return dict(BACKEND="mma", BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=SK, SWAP_AB=swap, GROUP_M=G, num_warps=w,
+                num_stages=s)
+
+
+GEMV_MAX_M = 8  # the GEMV kernel keeps BLOCK_M x 128 x BLOCK_N fp32 partials in registers
+
+
 def _default_config(M: int, N: int, K: int) -> dict:
+    """Heuristic configs (ptxas: no spills for these on sm_90); TUNED_* override them."""
+    nb = cdiv(K, PACK_K)
+    if M <= 4:
+        bn = 128 if M <= 2 else 64
+        return _gemv(bn, splitk_for(cdiv(N, bn), nb))
     if M <= 16:
-        return dict(BACKEND="triton", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
-    if M <= 64:
-        return dict(BACKEND="triton", BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        return _mma(16, 64, splitk_for(cdiv(N, 64), nb), swap=True, G=1)
     if M <= 256:
-        return dict(BACKEND="triton", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+        return _mma(64, 128, splitk_for(cdiv(M, 64) * cdiv(N, 128), nb, target=264, max_split=8), G=8, w=8)
     return dict(BACKEND="dequant")
 
 
-# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22); keys (gpu, M bucket, N, K)
-TUNED_W4: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'triton',
-                           'BLOCK_K': 128,
-                           'BLOCK_M': 16,
-                           'BLOCK_N': 64,
-                           'GROUP_M': 1,
-                           'SPLIT_K': 8,
-                           'num_stages': 4,
-                           'num_warps': 4},
- ('H200', 1, 4096, 14336): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
+
+# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22, second pass); keys (gpu, M bucket, N, K)
+TUNED_W4: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 8},
+ ('H200', 1, 4096, 14336): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 16, 'num_stages': 2, 'num_warps': 8},
+ ('H200', 1, 6144, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
+ ('H200', 1, 28672, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
+ ('H200', 16, 4096, 4096): {'BACKEND': 'mma',
                             'BLOCK_M': 16,
                             'BLOCK_N': 64,
                             'GROUP_M': 1,
                             'SPLIT_K': 8,
-                            'num_stages': 4,
+                            'SWAP_AB': True,
+                            'num_stages': 3,
                             'num_warps': 4},
- ('H200', 1, 6144, 4096): {'BACKEND': 'triton',
-                           'BLOCK_K': 128,
-                           'BLOCK_M': 16,
-                           'BLOCK_N': 64,
-                           'GROUP_M': 1,
-                           'SPLIT_K': 4,
-                           'num_stages': 4,
-                           'num_warps': 4},
- ('H200', 1, 28672, 4096): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 8,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 16, 4096, 4096): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 8,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 16, 4096, 14336): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
+ ('H200', 16, 4096, 14336): {'BACKEND': 'mma',
                              'BLOCK_M': 16,
                              'BLOCK_N': 64,
                              'GROUP_M': 1,
                              'SPLIT_K': 8,
-                             'num_stages': 4,
+                             'SWAP_AB': True,
+                             'num_stages': 3,
                              'num_warps': 4},
- ('H200', 16, 6144, 4096): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
+ ('H200', 16, 6144, 4096): {'BACKEND': 'mma',
                             'BLOCK_M': 16,
                             'BLOCK_N': 64,
                             'GROUP_M': 1,
-                            'SPLIT_K': 8,
-                            'num_stages': 4,
+                            'SPLIT_K': 4,
+                            'SWAP_AB': True,
+                            'num_stages': 3,
                             'num_warps': 4},
- ('H200', 16, 28672, 4096): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
+ ('H200', 16, 28672, 4096): {'BACKEND': 'mma',
                              'BLOCK_M': 16,
                              'BLOCK_N': 64,
                              'GROUP_M': 1,
                              'SPLIT_K': 4,
-                             'num_stages': 4,
+                             'SWAP_AB': True,
+                             'num_stages': 3,
                              'num_warps': 4},
- ('H200', 64, 4096, 4096): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
-                            'BLOCK_M': 32,
-                            'BLOCK_N': 128,
+ ('H200', 64, 4096, 4096): {'BACKEND': 'mma',
+                            'BLOCK_M': 64,
+                            'BLOCK_N': 64,
                             'GROUP_M': 1,
                             'SPLIT_K': 4,
+                            'SWAP_AB': False,
                             'num_stages': 3,
                             'num_warps': 4},
- ('H200', 64, 4096, 14336): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
-                             'BLOCK_M': 32,
+ ('H200', 64, 4096, 14336): {'BACKEND': 'mma',
+                             'BLOCK_M': 64,
                              'BLOCK_N': 64,
                              'GROUP_M': 1,
-                             'SPLIT_K': 8,
-                             'num_stages': 4,
+                             'SPLIT_K': 4,
+                             'SWAP_AB': False,
+                             'num_stages': 3,
                              'num_warps': 4},
- ('H200', 64, 6144, 4096): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
-                            'BLOCK_M': 32,
-                            'BLOCK_N': 128,
+ ('H200', 64, 6144, 4096): {'BACKEND': 'mma',
+                            'BLOCK_M': 64,
+                            'BLOCK_N': 64,
                             'GROUP_M': 1,
                             'SPLIT_K': 4,
+                            'SWAP_AB': True,
                             'num_stages': 3,
                             'num_warps': 4},
- ('H200', 64, 28672, 4096): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
+ ('H200', 64, 28672, 4096): {'BACKEND': 'mma',
                              'BLOCK_M': 64,
                              'BLOCK_N': 128,
                              'GROUP_M': 1,
-                             'SPLIT_K': 2,
-                             'num_stages': 3,
-                             'num_warps': 4},
- ('H200', 256, 4096, 4096): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
-                             'BLOCK_M': 128,
-                             'BLOCK_N': 128,
-                             'GROUP_M': 8,
-                             'SPLIT_K': 2,
+                             'SPLIT_K': 1,
+                             'SWAP_AB': False,
                              'num_stages': 3,
                              'num_warps': 8},
+ ('H200', 256, 4096, 4096): {'BACKEND': 'dequant'},
  ('H200', 256, 4096, 14336): {'BACKEND': 'dequant'},
  ('H200', 256, 6144, 4096): {'BACKEND': 'dequant'},
  ('H200', 256, 28672, 4096): {'BACKEND': 'dequant'},
@@ -419,103 +545,75 @@ TUNED_W4: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'triton',
  ('H200', 8192, 4096, 14336): {'BACKEND': 'dequant'},
  ('H200', 8192, 6144, 4096): {'BACKEND': 'dequant'},
  ('H200', 8192, 28672, 4096): {'BACKEND': 'dequant'}}
-TUNED_W8: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'triton',
-                           'BLOCK_K': 128,
-                           'BLOCK_M': 16,
-                           'BLOCK_N': 64,
-                           'GROUP_M': 1,
-                           'SPLIT_K': 4,
-                           'num_stages': 4,
-                           'num_warps': 4},
- ('H200', 1, 4096, 14336): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 8,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 1, 6144, 4096): {'BACKEND': 'triton',
-                           'BLOCK_K': 256,
-                           'BLOCK_M': 16,
-                           'BLOCK_N': 64,
-                           'GROUP_M': 1,
-                           'SPLIT_K': 1,
-                           'num_stages': 4,
-                           'num_warps': 4},
- ('H200', 1, 28672, 4096): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
+TUNED_W8: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 8},
+ ('H200', 1, 4096, 14336): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 8},
+ ('H200', 1, 6144, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
+ ('H200', 1, 28672, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
+ ('H200', 16, 4096, 4096): {'BACKEND': 'mma',
                             'BLOCK_M': 16,
                             'BLOCK_N': 64,
                             'GROUP_M': 1,
                             'SPLIT_K': 4,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 16, 4096, 4096): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 16, 4096, 14336): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
-                             'BLOCK_M': 16,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'num_stages': 4,
-                             'num_warps': 4},
- ('H200', 16, 6144, 4096): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 8,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 16, 28672, 4096): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
-                             'BLOCK_M': 16,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'num_stages': 4,
-                             'num_warps': 4},
- ('H200', 64, 4096, 4096): {'BACKEND': 'triton',
-                            'BLOCK_K': 128,
-                            'BLOCK_M': 32,
-                            'BLOCK_N': 128,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
+                            'SWAP_AB': True,
                             'num_stages': 3,
                             'num_warps': 4},
- ('H200', 64, 4096, 14336): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
-                             'BLOCK_M': 32,
-                             'BLOCK_N': 128,
+ ('H200', 16, 4096, 14336): {'BACKEND': 'mma',
+                             'BLOCK_M': 16,
+                             'BLOCK_N': 64,
                              'GROUP_M': 1,
-                             'SPLIT_K': 4,
+                             'SPLIT_K': 8,
+                             'SWAP_AB': True,
                              'num_stages': 3,
                              'num_warps': 4},
- ('H200', 64, 6144, 4096): {'BACKEND': 'dequant'},
- ('H200', 64, 28672, 4096): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
+ ('H200', 16, 6144, 4096): {'BACKEND': 'mma',
+                            'BLOCK_M': 16,
+                            'BLOCK_N': 64,
+                            'GROUP_M': 1,
+                            'SPLIT_K': 4,
+                            'SWAP_AB': True,
+                            'num_stages': 3,
+                            'num_warps': 4},
+ ('H200', 16, 28672, 4096): {'BACKEND': 'mma',
+                             'BLOCK_M': 16,
+                             'BLOCK_N': 64,
+                             'GROUP_M': 1,
+                             'SPLIT_K': 4,
+                             'SWAP_AB': True,
+                             'num_stages': 3,
+                             'num_warps': 4},
+ ('H200', 64, 4096, 4096): {'BACKEND': 'mma',
+                            'BLOCK_M': 64,
+                            'BLOCK_N': 64,
+                            'GROUP_M': 1,
+                            'SPLIT_K': 4,
+                            'SWAP_AB': True,
+                            'num_stages': 3,
+                            'num_warps': 4},
+ ('H200', 64, 4096, 14336): {'BACKEND': 'mma',
+                             'BLOCK_M': 64,
+                             'BLOCK_N': 64,
+                             'GROUP_M': 1,
+                             'SPLIT_K': 4,
+                             'SWAP_AB': True,
+                             'num_stages': 3,
+                             'num_warps': 4},
+ ('H200', 64, 6144, 4096): {'BACKEND': 'mma',
+                            'BLOCK_M': 64,
+                            'BLOCK_N': 64,
+                            'GROUP_M': 1,
+                            'SPLIT_K': 4,
+                            'SWAP_AB': True,
+                            'num_stages': 3,
+                            'num_warps': 4},
+ ('H200', 64, 28672, 4096): {'BACKEND': 'mma',
                              'BLOCK_M': 64,
                              'BLOCK_N': 128,
                              'GROUP_M': 1,
-                             'SPLIT_K': 2,
-                             'num_stages': 3,
-                             'num_warps': 4},
- ('H200', 256, 4096, 4096): {'BACKEND': 'triton',
-                             'BLOCK_K': 128,
-                             'BLOCK_M': 128,
-                             'BLOCK_N': 128,
-                             'GROUP_M': 8,
-                             'SPLIT_K': 2,
+                             'SPLIT_K': 1,
+                             'SWAP_AB': False,
                              'num_stages': 3,
                              'num_warps': 8},
+ ('H200', 256, 4096, 4096): {'BACKEND': 'dequant'},
  ('H200', 256, 4096, 14336): {'BACKEND': 'dequant'},
  ('H200', 256, 6144, 4096): {'BACKEND': 'dequant'},
  ('H200', 256, 28672, 4096): {'BACKEND': 'dequant'},
@@ -529,7 +627,15 @@ TUNED_W8: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'triton',
  ('H200', 8192, 28672, 4096): {'BACKEND': 'dequant'}}
 CONFIGS = ConfigCache(_default_config, TUNED_W4)  # 4-bit
 CONFIGS_W8 = ConfigCache(_default_config, TUNED_W8)  # 8-bit
-_INTERP_CFG = dict(BACKEND="triton", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+def _interp_config(M: int, N: int, K: int) -> dict:
+    """Small tiles for the CPU interpreter (same dispatch thresholds as on the GPU)."""
+    if M <= 4:
+        return _gemv(32, 2 if K > PACK_K else 1, s=1)
+    if M <= 16:
+        return _mma(16, 32, 1, swap=True, G=1, s=1)
+    return _mma(16, 32, 1, G=2, s=1)
 
 
 def wna16_dequant(qw, scales, zeros, bits, group_size, N, K, out_dtype=torch.float16) -> torch.Tensor:
@@ -539,9 +645,53 @@ def wna16_dequant(qw, scales, zeros, bits, group_size, N, K, out_dtype=torch.flo
     BN = 128
     wna16_dequant_kernel[(K_pad // PACK_K, cdiv(N, BN))](
         qw, scales, zeros if zeros is not None else scales, o, N, K, scales.shape[0], group_size,
-        BITS=bits, HAS_ZERO=zeros is not None, BLOCK_N=BN, num_warps=4,
+        BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=zeros is not None, BLOCK_N=BN,
+        num_warps=4 if bits == 4 else 8,
     )
     return o[:K]
+
+
+_PLANS: dict = {}
+
+
+def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
+    """Launch plan (kernel, grid, constexprs, split-K sizes), cached per shape/dtype/device."""
+    key = None
+    if config is None:
+        key = (x.device.type, x.device.index, x.dtype, M, N, K, bits, group_size, n_groups, has_zero, has_bias)
+        p = _PLANS.get(key)
+        if p is not None:
+            return p
+        if x.is_cuda:
+            cfg = (CONFIGS if bits == 4 else CONFIGS_W8).get(M, N, K, gpu_key(x))
+        else:
+            cfg = _interp_config(M, N, K)
+    else:
+        cfg = dict(config)
+    backend = cfg.get("BACKEND", "mma")
+    if backend == "gemv" and M > GEMV_MAX_M:
+        backend, cfg = "mma", dict(_mma(16, 64, cfg.get("SPLIT_K", 1), swap=True, G=1))
+    if backend == "dequant":
+        p = ("dequant", None, None, None, 1, 0)
+    else:
+        gs_small = n_groups > 1 and group_size < PACK_K
+        const = dict(BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=has_zero, HAS_BIAS=has_bias,
+                     GS_SMALL=gs_small, EVEN_K=(K % PACK_K == 0), SPLIT_K=int(cfg.get("SPLIT_K", 1)),
+                     BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if backend == "gemv":
+            bm = max(1, 1 << (M - 1).bit_length())
+            tiles = cdiv(N, cfg["BLOCK_N"])
+            kern = wna16_gemv_kernel
+        else:
+            bm = cfg["BLOCK_M"]
+            tiles = cdiv(M, bm) * cdiv(N, cfg["BLOCK_N"])
+            kern = wna16_mma_kernel
+            const.update(SWAP_AB=bool(cfg.get("SWAP_AB", False)), GROUP_M=cfg.get("GROUP_M", 1))
+        const["BLOCK_M"] = bm
+        p = (backend, kern, (tiles * const["SPLIT_K"],), const, tiles, bm * cfg["BLOCK_N"])
+    if key is not None:
+        _PLANS[key] = p
+    return p
 
 
 def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, config: Optional[dict] = None, out=None):
@@ -552,30 +702,18 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    if config is not None:
-        cfg = dict(config)
-    elif not x.is_cuda:
-        cfg = dict(_INTERP_CFG)
-    else:
-        cfg = (CONFIGS if bits == 4 else CONFIGS_W8).get(M, N, K, gpu_key(x))
-    if cfg.get("BACKEND", "triton") == "dequant":
+    n_groups = scales.shape[0]
+    backend, kern, grid, const, tiles, tile_elems = _plan(
+        x, M, N, K, bits, group_size, n_groups, zeros is not None, bias is not None, config)
+    if backend == "dequant":
         wt = wna16_dequant(qw, scales, zeros, bits, group_size, N, K, x.dtype)
         if bias is not None:
             return torch.addmm(bias.to(x.dtype), x, wt, out=out)
         return torch.mm(x, wt, out=out)
-    n_groups = scales.shape[0]
-    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-    split_k = int(cfg.get("SPLIT_K", 1))
-    ws, lock = splitk_buffers(x.device, tiles, split_k, cfg["BLOCK_M"] * cfg["BLOCK_N"], 4)
-    wna16_kernel[(tiles * split_k,)](
+    ws, lock = splitk_buffers(x.device, tiles, const["SPLIT_K"], tile_elems, 4)
+    kern[grid](
         x, qw, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-        ws, lock,
-        M, N, K, n_groups, group_size, x.stride(0), out.stride(0),
-        BITS=bits, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None,
-        GROUP_CHUNKS=min(group_size if n_groups > 1 else PACK_K, PACK_K) // 16,
-        EVEN_K=(K % cfg["BLOCK_K"] == 0), SPLIT_K=split_k,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ws, lock, M, N, K, n_groups, group_size, x.stride(0), out.stride(0), **const,
     )
     return out
 
@@ -583,16 +721,13 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
 def _unpack_ref(qw, scales, zeros, bits, group_size, N, K):
     """Packed -> canonical (q, scale, zero) in torch (used by the CPU fallback)."""
     K_pad = cdiv(K, PACK_K) * PACK_K
-    if bits == 4:
-        words = qw.t().to(torch.int64) & 0xFFFFFFFF  # (N, K_pad // 8)
-        words = words.reshape(N, K_pad // PACK_K, 1, 16)
-        shifts = (torch.arange(8, device=qw.device, dtype=torch.int64) * 4).reshape(1, 1, 8, 1)
-        u = (words >> shifts) & 0xF  # (N, nb, 8, 16)
-        q = (u.reshape(N, K_pad) - 8)[:, :K].to(torch.int8)
-        zero = None if zeros is None else (zeros.t().to(torch.int32) - 8).to(torch.int8)
-    else:
-        q = qw.t()[:, :K].contiguous()
-        zero = None if zeros is None else zeros.t().contiguous()
+    per, R = _per(bits), _rows(bits)
+    words = qw.t().to(torch.int64) & 0xFFFFFFFF  # (N, K_pad // per)
+    words = words.reshape(N, K_pad // PACK_K, 1, R)
+    shifts = (torch.arange(per, device=qw.device, dtype=torch.int64) * bits).reshape(1, 1, per, 1)
+    u = (words >> shifts) & ((1 << bits) - 1)  # (N, nb, per, R)
+    q = (u.reshape(N, K_pad) - (1 << (bits - 1)))[:, :K].to(torch.int8)
+    zero = None if zeros is None else zeros.t().contiguous()
     return q, scales.t().float(), zero
 
 

@@ -8,7 +8,7 @@ from quantkit.kernels import act_quant, mixed, w8a8, wna16
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-MS = [1, 3, 17, 100]
+MS = [1, 3, 8, 16, 17, 100]
 SHAPES = [(1000, 1152), (4000, 1408), (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 
 

@@ -73,3 +73,35 @@ def test_public_op_and_fake(dev, dtype):
 def test_unsupported_group_size():
     with pytest.raises(ValueError):
         wna16.prepack_wna16(torch.ones(4, 96, dtype=torch.int8), torch.ones(4, 2), None, 4)  # group 48
+
+
+GEMV = dict(BACKEND="gemv", BLOCK_N=32, num_warps=4, num_stages=1)
+MMA_SWAP = dict(BACKEND="mma", BLOCK_M=16, BLOCK_N=32, SWAP_AB=True, GROUP_M=1, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M,N,K,gs,asym,cfg,split_k", [
+    (1, 40, 384, 128, False, GEMV, 3),   # GEMV, decode, uneven split-K reduction (3 blocks / 3 splits)
+    (3, 70, 160, 32, True, GEMV, 2),     # GEMV, BLOCK_M=4 > M, small groups, K tail
+    (2, 48, 256, 256, True, GEMV, 1),    # GEMV, per-channel asym
+    (16, 40, 384, 64, True, MMA_SWAP, 2),  # swapped-operand tensor-core path, split-K
+    (5, 50, 256, 128, False, MMA_SWAP, 1),
+])
+def test_wna16_paths(dev, bits, M, N, K, gs, asym, cfg, split_k):
+    q, s, z = _make(dev, 100 + M + N + K + bits, N, K, bits, gs, asym)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M + K)).half().to(dev)
+    W = wna16.prepack_wna16(q, s, z, bits)
+    y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, bits, W.group_size, N, K,
+                                  config=dict(cfg, SPLIT_K=split_k), out=poison((M, N), torch.float16, dev))
+    ref = wna16.wna16_gemm_ref(x, q, s, z)
+    assert rel_err(y, ref) <= 1e-2
+    assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z)) > 1e-2  # the tolerance can fail
+
+
+@pytest.mark.parametrize("M,backend", [(1, "gemv"), (4, "gemv"), (5, "mma"), (16, "mma"), (300, "dequant")])
+def test_dispatch_thresholds(M, backend):
+    """Heuristic dispatch on the GPU: GEMV for M <= 4, tensor cores to 256, dequant + cuBLAS above."""
+    assert wna16._default_config(M, 4096, 4096)["BACKEND"] == backend
+    cfg = wna16._default_config(M, 4096, 4096)
+    if backend == "gemv":  # split-K fills ~4 waves of 132 SMs
+        assert 4096 // cfg["BLOCK_N"] * cfg["SPLIT_K"] >= 264
