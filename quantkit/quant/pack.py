@@ -41,6 +41,16 @@ def packed_length(n: int, bits: int) -> int:
     return math.ceil(n * bits / 32)
 
 
+def _check_call(fn: str, t: torch.Tensor, dtype: torch.dtype, bits: int, dim: int) -> None:
+    _check_bits(bits)
+    if t.dtype != dtype:
+        raise ValueError(f"{fn} expects {dtype} input, got {t.dtype}")
+    if t.ndim != 2:
+        raise ValueError(f"{fn} expects a 2-D tensor, got shape {tuple(t.shape)}")
+    if dim not in (0, 1):
+        raise ValueError(f"dim must be 0 or 1, got {dim}")
+
+
 def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Pack signed integers into int32 words along `dim` (0 or 1).
 
@@ -48,13 +58,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     Returns int32 (rows, packed_length(cols, bits)) for dim=1, or
     (packed_length(rows, bits), cols) for dim=0; contiguous, on values.device.
     """
-    _check_bits(bits)
-    if values.dtype != torch.int8:
-        raise ValueError(f"pack_int32 expects int8 values, got {values.dtype}")
-    if values.ndim != 2:
-        raise ValueError(f"pack_int32 expects a 2-D tensor, got shape {tuple(values.shape)}")
-    if dim not in (0, 1):
-        raise ValueError(f"dim must be 0 or 1, got {dim}")
+    _check_call("pack_int32", values, torch.int8, bits, dim)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if values.numel() and (int(values.min()) < lo or int(values.max()) > hi):
         raise ValueError(
@@ -75,13 +79,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int] | torch
     packed: int32 words as pack_int32 returned them; shape: the (rows, cols) of the
     original values (it says how much padding to drop). Returns int8 `shape`.
     """
-    _check_bits(bits)
-    if packed.dtype != torch.int32:
-        raise ValueError(f"unpack_int32 expects int32 words, got {packed.dtype}")
-    if packed.ndim != 2:
-        raise ValueError(f"unpack_int32 expects a 2-D tensor, got shape {tuple(packed.shape)}")
-    if dim not in (0, 1):
-        raise ValueError(f"dim must be 0 or 1, got {dim}")
+    _check_call("unpack_int32", packed, torch.int32, bits, dim)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 2:
         raise ValueError(f"shape must have 2 dims, got {shape}")
