@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model
+from tiny_models import make_tiny_model
 from quantkit.cli.app import app
 
 runner = CliRunner()

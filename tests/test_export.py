@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_model
+from tiny_models import make_tiny_model
 from quantkit.export.atomic import ExportError, OutputExistsError, atomic_output_dir, check_output_dir
 from quantkit.export.compressed_tensors import (
     SAFE_WEIGHTS_INDEX_NAME,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from tiny_models import make_tiny_model
 from quantkit.calib.pipeline import run_layerwise
 from quantkit.methods.base import get_method
 from quantkit.recipe import QuantArgs, Scheme

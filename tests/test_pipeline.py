@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from tiny_models import make_tiny_model
 from quantkit.calib.capture import InputStats, capture_inputs
 from quantkit.calib.pipeline import is_ignored, run_layerwise
 from quantkit.methods.base import BlockContext, Method, get_method

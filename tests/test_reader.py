@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from tiny_models import make_tiny_model
 from quantkit import api
 from quantkit.export.reader import CheckpointError, load_quantkit_checkpoint
 from quantkit.models.loading import LoadedModel
