@@ -84,16 +84,18 @@ def c(BM, BN, BK, w, s, G=8, **kw):
     return d
 
 
+def _g8(BN, BK, sk, w=8, s=2):
+    return dict(BACKEND="gemv", BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=sk, num_warps=w, num_stages=s)
+
+
 def w8a8_candidates(M):
-    if M <= 4:
-        g = [dict(BACKEND="gemv", BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=sk, num_warps=8, num_stages=2)
-             for BN, BK, sk in [(64, 128, 4), (64, 128, 8), (64, 128, 16), (128, 128, 4), (128, 128, 8), (64, 256, 4),
-                                (32, 128, 8)]]
-        return g + [c(16, 64, 256, 4, 4, G=1, FUSE_QUANT=True, SPLIT_K=4)]
+    if M <= 4:  # dp4a GEMV on activations quantized once per call
+        return [_g8(64, 256, 4), _g8(64, 256, 8), _g8(32, 256, 8, 4), _g8(128, 256, 4), _g8(64, 512, 4),
+                _g8(32, 512, 4, 4), _g8(16, 512, 8, 4, 3), _g8(128, 128, 8, 8, 3)]
     if M <= 16:
-        out = [c(16, BN, BK, 4, 4, G=1, FUSE_QUANT=False, SPLIT_K=sk)
-               for BN, BK, sk in [(64, 256, 4), (64, 128, 8), (32, 256, 4), (128, 256, 4), (64, 256, 8)]]
-        out += [c(16, BN, BK, 4, 4, G=1, FUSE_QUANT=True, SPLIT_K=sk) for BN, BK, sk in [(64, 256, 2), (128, 256, 2)]]
+        out = [_g8(16, 64, 4, 4), _g8(16, 64, 8, 4), _g8(32, 64, 4, 8), _g8(16, 128, 4, 8), _g8(32, 32, 8, 4, 3)]
+        out += [c(16, BN, BK, 4, 4, G=1, FUSE_QUANT=False, SPLIT_K=sk)
+                for BN, BK, sk in [(64, 256, 4), (64, 128, 8), (128, 256, 4)]]
         return out
     if M <= 64:
         return [c(64, 64, 128, 4, 4, G=1), c(64, 128, 128, 4, 4, G=1, SPLIT_K=2), c(64, 64, 128, 4, 4, G=1, SPLIT_K=4),
@@ -115,9 +117,11 @@ def wna16_candidates(M):
                 G(64, 8), G(32, 16)]
     if M <= 64:
         return [MM(64, 128, 2, swap=True, G=1), MM(64, 64, 4, swap=True, G=1), MM(64, 128, 1, G=1, w=8),
-                MM(64, 128, 2, G=1, w=8), MM(64, 64, 4, G=1, w=4), MM(32, 64, 4, G=1, w=4), dict(BACKEND="dequant")]
+                MM(64, 128, 2, G=1, w=8), MM(64, 64, 4, G=1, w=4), MM(64, 256, 1, G=1, w=8), MM(64, 128, 2, G=1, w=4, s=4),
+                dict(BACKEND="dequant")]
     if M <= 256:
         return [MM(64, 128, 1, w=8), MM(64, 128, 2, w=8), MM(128, 128, 1, w=8), MM(64, 64, 2, w=4),
+                MM(128, 256, 1, w=8), MM(64, 256, 1, w=8), MM(128, 128, 1, w=8, s=4), MM(128, 128, 2, w=8),
                 dict(BACKEND="dequant")]
     return [dict(BACKEND="dequant"), MM(128, 128, 1, w=8), MM(64, 128, 1, w=8)]
 
@@ -220,11 +224,16 @@ def ceilings(dev):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-spec", default=None,
+                    help="with --tune: only these (kernel, M) points, e.g. 'w8a8:1,16;w4a16:64,256' "
+                         "(others use the shipped configs)")
     ap.add_argument("--md", default=None, help="write the markdown tables here")
     ap.add_argument("--json", default=None, help="write the tuned configs here")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,6144x4096 (N x K)")
     ap.add_argument("--ms", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under TRITON_INTERPRET=1 (tiny shapes)")
+    ap.add_argument("--mixed-study", action="store_true",
+                    help="only: FP16-loop variants (BLOCK_KF, STAGES_F) of mixed mode vs plain W8A8 / cuBLAS")
     args = ap.parse_args()
     global SMOKE, ODD_SHAPES, CHECK_MS
     SMOKE = args.smoke
@@ -247,6 +256,9 @@ def main():
     log(f"ceilings: copy {bw / 1e12:.2f} TB/s (read+write), fp16 mm {r16 / 1e12:.0f} TFLOP/s, "
         f"int8 _int_mm {ri8 / 1e12:.0f} TOP/s (8192^3)")
 
+    if args.mixed_study:
+        return mixed_study(dev, gen, shapes if args.shapes else [(28672, 4096), (4096, 4096)], ms if args.ms else
+                           [64, 256, 2048])
     if not SMOKE:
         overhead_study(dev, gen)
     fails = []
@@ -309,14 +321,13 @@ def main():
                 return res
 
             key = f"{gpu}|{m_bucket(M)}|{N}|{K}"
-            if args.tune:
-                c4 = wna16_candidates(M)
-                c8 = wna16_candidates(M)
-                ca = w8a8_candidates(M)
-            else:
-                c4 = [wna16.CONFIGS.get(M, N, K, gpu)]
-                c8 = [wna16.CONFIGS_W8.get(M, N, K, gpu)]
-                ca = [w8a8.CONFIGS.get(M, N, K, gpu)]
+            kinds = {"w4a16", "w8a16", "w8a8"} if args.tune else set()
+            if args.tune and args.tune_spec:
+                kinds = {k_ for k_, ms_ in (t_.split(":") for t_ in args.tune_spec.split(";"))
+                         if M in [int(v) for v in ms_.split(",")]}
+            c4 = wna16_candidates(M) if "w4a16" in kinds else [wna16.CONFIGS.get(M, N, K, gpu)]
+            c8 = wna16_candidates(M) if "w8a16" in kinds else [wna16.CONFIGS_W8.get(M, N, K, gpu)]
+            ca = w8a8_candidates(M) if "w8a8" in kinds else [w8a8.CONFIGS.get(M, N, K, gpu)]
             res = best("w4a16", c4, lambda cfg, o: run_w4(L, x, cfg, o), r["w4"], key)
             row["w4"] = res[0][0] if res else float("nan")
             row["w4_cfg"] = res[0][1] if res else None
@@ -335,7 +346,7 @@ def main():
             # mixed: all-INT8 rows with the mask in use, and all-FP16 rows (FP16 copy, not forced)
             rb0 = torch.zeros(M, dtype=torch.uint8, device=dev)
             rb1 = torch.ones(M, dtype=torch.uint8, device=dev)
-            cm = [mixed.MIXED_CONFIGS.get(M, N, K, gpu)]  # not re-tuned in this pass
+            cm = [row["w8a8_cfg"]]  # mixed mode runs in the W8A8 kernels with W8A8's config
             resm = []
             for cfg in cm:
                 try:
@@ -348,15 +359,18 @@ def main():
                     out = torch.empty(M, N, device=dev, dtype=torch.float16)
                     t0_ = bench(lambda: run_mixed(L, x, cfg, rb0, mixed.CTRL_ROW_BITS, True, out))
                     t1_ = bench(lambda: run_mixed(L, x, cfg, rb1, mixed.CTRL_ROW_BITS, True, out))
-                    resm.append((t0_ / row["w8a8"] + t1_ / row["fp16"], t0_, t1_, cfg))
+                    # W8A8 re-timed back to back with mixed-i8 (the mask overhead is a small difference)
+                    tw_ = bench(lambda: run_w8a8(L, x, cfg, out))
+                    resm.append((t0_ / row["w8a8"] + t1_ / row["fp16"], t0_, t1_, cfg, tw_))
                 except Exception as ex:
                     log(f"skip mixed {cfg}: {type(ex).__name__}: {str(ex)[:200]}")
             resm.sort(key=lambda t: t[0])
             if resm:
                 tuned["mixed"][key] = resm[0][3]
                 row["mix_i8"], row["mix_f16"], row["mix_cfg"] = resm[0][1], resm[0][2], resm[0][3]
+                row["w8a8_again"] = resm[0][4]
             else:
-                row["mix_i8"] = row["mix_f16"] = float("nan")
+                row["mix_i8"] = row["mix_f16"] = row["w8a8_again"] = float("nan")
                 row["mix_cfg"] = None
             # forced-FP16 layer with a copy: one cuBLAS call
             row["mix_force"] = bench(lambda: run_mixed(L, x, None, None, mixed.CTRL_FORCE_FP16, True))
@@ -382,40 +396,97 @@ def main():
 
 
 def overhead_study(dev, gen):
-    """M=1, 4096x4096: raw launch vs public entry point vs cuBLAS, do_bench vs CUDA graph, and
-    the host time per call (no synchronisation inside the loop)."""
+    """M=1, 4096x4096: public entry points (eager fast path) vs the custom ops they bypass vs
+    cuBLAS; do_bench vs CUDA graph; host time per call = wall time of 1000 back-to-back calls
+    before the final synchronize ("issue") and including it ("+sync")."""
     N = K = 4096
     L = Layer(N, K, dev, gen)
     x = torch.randn(1, K, device=dev, dtype=torch.float16, generator=gen)
     o = torch.empty(1, N, device=dev, dtype=torch.float16)
     cfg4 = wna16.CONFIGS.get(1, N, K, gpu_key(x))
     cfg8a8 = w8a8.CONFIGS.get(1, N, K, gpu_key(x))
-    W4 = L.wi4
+    W4, W8 = L.wi4, L.wi8
+    rb = torch.zeros(1, dtype=torch.uint8, device=dev)
+    ops = torch.ops.quantkit
     cases = [
         ("cuBLAS F.linear fp16", lambda: F.linear(x, L.w16)),
-        ("W4A16 raw launch (config given, out given)", lambda: run_w4(L, x, cfg4, o)),
-        ("W4A16 wna16_linear_triton (cached plan)", lambda: wna16.wna16_linear_triton(
+        ("W4A16 launch, config + out given", lambda: run_w4(L, x, cfg4, o)),
+        ("W4A16 public wna16_linear", lambda: wna16.wna16_linear(x, W4)),
+        ("W4A16 custom op torch.ops.quantkit.wna16_linear", lambda: ops.wna16_linear(
             x, W4.qw, W4.scales, W4.zeros, None, 4, W4.group_size, N, K)),
-        ("W4A16 public wna16_linear (custom op)", lambda: wna16.wna16_linear(x, W4)),
-        ("W8A8 raw launch", lambda: run_w8a8(L, x, cfg8a8, o)),
-        ("W8A8 public w8a8_linear (custom op)", lambda: w8a8.w8a8_linear(x, L.w8)),
+        ("W8A16 public wna16_linear", lambda: wna16.wna16_linear(x, W8)),
+        ("W8A8 launch, config + out given (quant + GEMV: 2 launches)", lambda: run_w8a8(L, x, cfg8a8, o)),
+        ("W8A8 public w8a8_linear", lambda: w8a8.w8a8_linear(x, L.w8)),
+        ("W8A8 custom op torch.ops.quantkit.w8a8_linear", lambda: ops.w8a8_linear(x, L.w8.w, L.w8.scale, None)),
+        ("mixed public mixed_linear (row bits, no FP16 row)", lambda: mixed.mixed_linear(
+            x, L.w8, L.w16, mixed.CTRL_ROW_BITS, rb)),
+        ("per_token_quant public", lambda: act_quant.per_token_quant(x)),
         ("1-element torch add_", lambda: o.add_(1)),
     ]
-    log("overhead study (M=1, N=K=4096): do_bench us | do_bench_cudagraph us | host us/call")
+    log("overhead study (M=1, N=K=4096): do_bench us | do_bench_cudagraph us | host us/call issue | +sync")
     for name, fn in cases:
         fn()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(200):
+        for _ in range(1000):
             fn()
-        host = (time.perf_counter() - t0) / 200 * 1e6
+        host = (time.perf_counter() - t0) / 1000 * 1e6
         torch.cuda.synchronize()
-        OVERHEAD.append((name, bench(fn), bench_graph(fn), host))
-        log(f"  {name}: {OVERHEAD[-1][1]:.1f} | {OVERHEAD[-1][2]:.1f} | {host:.1f}")
+        host_sync = (time.perf_counter() - t0) / 1000 * 1e6
+        OVERHEAD.append((name, bench(fn), bench_graph(fn), host, host_sync))
+        log(f"  {name}: {OVERHEAD[-1][1]:.1f} | {OVERHEAD[-1][2]:.1f} | {host:.1f} | {host_sync:.1f}")
+    from quantkit.kernels import _common
+
+    log(f"fast launches: {_common.FAST_STATS[0]} cached, {_common.FAST_STATS[1]} ordinary")
     del L
 
 
 OVERHEAD = []
+
+
+def mixed_study(dev, gen, shapes, ms):
+    """Mixed mode inside the W8A8 tensor-core kernel: the FP16 loop's K step and pipeline depth
+    (its shared memory comes on top of the INT8 loop's) vs the mask overhead and all-FP16 speed."""
+    gpu = gpu_key(torch.empty(1, device=dev))
+    fails = []
+    lines = ["| N | K | M | W8A8 cfg | FP16 us | W8A8 us | variant | mixed-i8 us (d us) | mixed-f16 us (x cuBLAS) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (N, K) in shapes:
+        L = Layer(N, K, dev, gen)
+        for M in ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.float16, generator=gen)
+            r = refs(L, x)
+            base = w8a8.CONFIGS.get(M, N, K, gpu)
+            if base.get("BACKEND") == "gemv":
+                continue
+            out = torch.empty(M, N, device=dev, dtype=torch.float16)
+            rb0 = torch.zeros(M, dtype=torch.uint8, device=dev)
+            rb1 = torch.ones(M, dtype=torch.uint8, device=dev)
+            t16 = bench(lambda: F.linear(x, L.w16), rep=100)
+            bk, ns = base["BLOCK_K"], base["num_stages"]
+            for name, kf, sf in [("KF=BK/2,S=ns", bk // 2, ns), ("KF=BK/2,S=2", bk // 2, 2), ("KF=BK/4,S=2", bk // 4, 2),
+                                 ("KF=BK/4,S=1", bk // 4, 1), ("KF=BK/2,S=1", bk // 2, 1)]:
+                cfg = dict(base, BLOCK_KF=max(16, kf), STAGES_F=sf)
+                try:
+                    e0 = checked(lambda o: run_mixed(L, x, cfg, rb0, mixed.CTRL_ROW_BITS, True, o), r["w8a8"],
+                                 f"mixed-int8 {M} {N} {K} {name}", fails)
+                    e1 = checked(lambda o: run_mixed(L, x, cfg, rb1, mixed.CTRL_ROW_BITS, True, o), r["fp16"],
+                                 f"mixed-fp16 {M} {N} {K} {name}", fails)
+                    tw = bench(lambda: run_w8a8(L, x, base, out), rep=100)
+                    t0 = bench(lambda: run_mixed(L, x, cfg, rb0, mixed.CTRL_ROW_BITS, True, out), rep=100)
+                    t1 = bench(lambda: run_mixed(L, x, cfg, rb1, mixed.CTRL_ROW_BITS, True, out), rep=100)
+                except Exception as ex:
+                    log(f"skip {name}: {type(ex).__name__}: {str(ex)[:160]}")
+                    continue
+                cs = f"{base['BLOCK_M']}x{base['BLOCK_N']}x{bk} w{base['num_warps']} s{ns} sk{base.get('SPLIT_K', 1)}"
+                lines.append(f"| {N} | {K} | {M} | {cs} | {t16:.1f} | {tw:.1f} | {name} | {t0:.1f} ({t0 - tw:+.1f}) | "
+                             f"{t1:.1f} ({t16 / t1:.2f}) |")
+                log(lines[-1] + f" err {e0:.2g}/{e1:.2g}")
+        del L
+    log("")
+    log("\n".join(lines))
+    log(f"failures: {len(fails)}")
+    return 1 if fails else 0
 
 
 def geo(v):
@@ -505,14 +576,17 @@ def report(rows, name, bw, r16, ri8, fails, args):
     tg.append(("mixed, all FP16 rows, within 10% of cuBLAS (max)", f"max {100 * (g - 1):+.1f}%", g <= 1.10))
     g = max(r["mix_i8"] - r["w8a8"] for r in rows)
     tg.append(("mask adds <= 2 us per call (max)", f"max {g:+.2f} us", g <= 2.0))
+    g = max(r["mix_i8"] - r["w8a8_again"] for r in rows)
+    tg.append(("(same, vs W8A8 re-timed next to mixed-i8)", f"max {g:+.2f} us", g <= 2.0))
     if OVERHEAD:
         L.append("Launch-overhead study, M=1, N=K=4096 (do_bench: L2 flushed, events around one call; graph: "
-                 "do_bench_cudagraph, L2 warm; host: wall time per call of 200 back-to-back calls).")
+                 "do_bench_cudagraph, L2 warm; host: wall time per call of 1000 back-to-back calls, before the "
+                 "final `torch.cuda.synchronize()` (issue) and including it (+sync)).")
         L.append("")
-        L.append("| call | do_bench us | cudagraph us | host us/call |")
-        L.append("|---|---|---|---|")
-        for n_, a_, b_, h_ in OVERHEAD:
-            L.append(f"| {n_} | {a_:.1f} | {b_:.1f} | {h_:.1f} |")
+        L.append("| call | do_bench us | cudagraph us | host us/call (issue) | host us/call (+sync) |")
+        L.append("|---|---|---|---|---|")
+        for n_, a_, b_, h_, hs_ in OVERHEAD:
+            L.append(f"| {n_} | {a_:.1f} | {b_:.1f} | {h_:.1f} | {hs_:.1f} |")
         L.append("")
     L.append("| target | measured | met |")
     L.append("|---|---|---|")

@@ -109,6 +109,14 @@ class LazyKernel:
     def __getitem__(self, grid):
         return self.jitted()[grid]
 
+    def param_names(self) -> list:
+        names = getattr(self, "_names", None)
+        if names is None:
+            import inspect
+
+            names = self._names = list(inspect.signature(self.fn).parameters)
+        return names
+
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
@@ -173,13 +181,13 @@ def round_half_away_ref(y: torch.Tensor) -> torch.Tensor:
 _BUFS: dict = {}
 
 
-def cached_buffer(device, dtype, numel: int, zero: bool = False) -> torch.Tensor:
+def cached_buffer(device, dtype, numel: int, zero: bool = False, tag: str = "") -> torch.Tensor:
     """A grow-only buffer per (device, dtype, zero): no allocation per call once warm.
 
     ``zero=True`` buffers are zero-initialised when (re)allocated; kernels that use them as
     counters reset what they used back to 0.  Not safe for two kernels that use the same
     buffer concurrently on different streams of one device."""
-    key = (device.type, device.index, dtype, zero)
+    key = (device.type, device.index, dtype, zero, tag)
     buf = _BUFS.get(key)
     if buf is None or buf.numel() < numel:
         n = max(int(numel), 4096)
@@ -207,3 +215,110 @@ def splitk_for(programs: int, n_iters: int, target: int = 528, max_split: int = 
     while s < max_split and programs * s < target and s * 2 <= n_iters:
         s *= 2
     return s
+
+
+# ----------------------------------------------------------------------------- fast launch
+#
+# ``JITFunction.run`` (triton >= 3.3) binds the arguments, computes the specialization key,
+# looks the compiled kernel up and then calls
+#     kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, launch_metadata,
+#                enter_hook, exit_hook, *bound_args.values())
+# which costs ~15-30 us of host time per call.  ``fast_launch`` keeps the compiled kernel per
+# (kernel, constexprs/options, argument specialization class) and calls the launcher directly.
+# The specialization class of an argument is what triton specializes on: a tensor's dtype and
+# 16-byte alignment, an int's (== 1, % 16 == 0, fits int32) -- so a cached kernel is only reused
+# for arguments the same compile would have accepted.  Any launch hook (profilers), the
+# interpreter, or QUANTKIT_FAST_LAUNCH=0 takes the ordinary path.
+
+_FAST: dict = {}
+_FAST_ON = os.environ.get("QUANTKIT_FAST_LAUNCH", "1").lower() not in ("0", "false", "off", "no")
+_OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_driver = None
+_knobs = None
+
+
+FAST_STATS = [0, 0]  # [cached launches, ordinary launches] (diagnostics)
+
+
+def _no_hooks() -> bool:
+    """No launch hook installed (triton >= 3.5 keeps an empty ``HookChain`` there, not None)."""
+    r = _knobs.runtime
+    for h in (r.launch_enter_hook, r.launch_exit_hook):
+        if h is not None and getattr(h, "calls", True):
+            return False
+    return True
+
+
+def _arg_class(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, int):
+        return (a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
+    if isinstance(a, float):
+        return float
+    return type(a)
+
+
+def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey) -> None:
+    """``lk[grid](*args, **consts)`` with the compiled-kernel lookup cached.
+
+    ``args``: the runtime (non-constexpr) arguments, positionally, in the kernel's order (they
+    must come before every constexpr parameter); ``consts``: constexprs + launch options;
+    ``ckey``: a hashable that identifies ``consts`` (the caller's plan key)."""
+    global _driver, _knobs
+    if not _FAST_ON or interpret_mode():
+        lk[grid](*args, **consts)
+        return
+    dev = _driver.get_current_device() if _driver is not None else None
+    key = (id(lk), dev, ckey, tuple(map(_arg_class, args)))
+    ent = _FAST.get(key)
+    if ent is not None and _no_hooks():
+        FAST_STATS[0] += 1
+        k, tail = ent
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        k.run(grid[0], g1, g2, _driver.get_current_stream(dev), k.function, k.packed_metadata, None,
+              None, None, *args, *tail)
+        return
+    FAST_STATS[1] += 1
+    k = lk[grid](*args, **consts)
+    if k is None:
+        return
+    if hasattr(k, "result"):  # async compile mode
+        k = k.result()
+    try:
+        import triton
+        from triton import knobs
+
+        _knobs = knobs
+        if _driver is None:
+            _driver = triton.runtime.driver.active
+            key = (key[0], _driver.get_current_device()) + key[2:]
+        names = lk.param_names()
+        tail = tuple(consts[n] for n in names[len(args):])  # constexprs, in parameter order
+        if not hasattr(k, "packed_metadata") or not hasattr(k, "function"):
+            return
+    except Exception:  # unknown triton internals: keep the ordinary path for this kernel
+        return
+    _FAST[key] = (k, tail)
+
+
+def const_key(const: dict) -> tuple:
+    """Hashable identity of a constexpr/options dict (for :func:`fast_launch`)."""
+    return tuple(sorted(const.items()))
+
+
+def eager_cuda(x: torch.Tensor) -> bool:
+    """True when a public entry point may skip its ``torch.library.custom_op`` and launch
+    directly: a plain CUDA tensor, eager mode (no torch.compile / export tracing, no
+    dispatch or function mode active), and no autograd graph to record."""
+    return (
+        type(x) is torch.Tensor
+        and x.is_cuda
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )

@@ -17,7 +17,7 @@ small M; this module is the separate fast kernel used for large M.
 
 import torch
 
-from ._common import LazyKernel, next_pow2, round_half_away_ref, tl, use_triton
+from ._common import LazyKernel, eager_cuda, fast_launch, next_pow2, round_half_away_ref, tl, use_triton
 
 EPS = 1e-12
 
@@ -90,10 +90,8 @@ def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None) -> tuple[tor
     one_pass = K <= MAX_ONE_PASS
     block = next_pow2(K) if one_pass else 4096
     num_warps = max(1, min(16, block // 1024)) if x.is_cuda else 1
-    act_quant_kernel[(M,)](
-        x, q, s, K, x.stride(0), q.stride(0),
-        EPS_C=EPS, BLOCK_K=block, ONE_PASS=one_pass, num_warps=num_warps,
-    )
+    fast_launch(act_quant_kernel, (M,), (x, q, s, K, x.stride(0), q.stride(0)),
+                dict(EPS_C=EPS, BLOCK_K=block, ONE_PASS=one_pass, num_warps=num_warps), (block, one_pass, num_warps))
     return q, s
 
 
@@ -112,6 +110,8 @@ def _(x):
 
 def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token INT8 quantization. x: (..., K) -> (q (..., K) int8, scale (..., 1) fp32)."""
+    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch
+        return per_token_quant_triton(x)
     lead = x.shape[:-1]
     q, s = _per_token_quant_op(x.reshape(-1, x.shape[-1]))
     return q.reshape(*lead, x.shape[-1]), s.reshape(*lead, 1)

@@ -28,24 +28,25 @@ API
 
 Grouping (how each tile stays uniform)
 --------------------------------------
-No permutation is materialised.  Each program owns a (BLOCK_M, BLOCK_N) tile; it loads its
-BLOCK_M row bits, counts FP16 rows, and branches *inside the one launch*: all-INT8 tiles run
-only the int8 tensor-core loop, all-FP16 tiles only the fp16 loop, and only a tile that
-straddles a boundary runs both and selects per row.  The runtime lays a batch out
-sample-contiguous with precision decided per 64-token group, and BLOCK_M (16..128) is chosen
-so tiles align with those groups, so mixed tiles are the exception (at most one per sample
-boundary per N-tile).  This costs no extra launch (no argsort / gather / scatter) and, when
-no row is FP16, only the row-bit load and two reductions per tile (the "mask overhead"
-measured in ``benchmarks/gemm.py``).  Activation quantization is fused into the prologue
-for small M (one launch total) and is a separate ``per_token_quant`` launch for large M,
-exactly as in the plain W8A8 path.
+No permutation is materialised.  With ``CTRL_ROW_BITS`` the call runs the plain W8A8 kernels
+(``quantkit.kernels.w8a8``: the dp4a GEMV for small M, split-K or tensor-core tiles above) with
+W8A8's config for the shape and their ``ROW_BITS`` constexpr: each program loads its BLOCK_M row
+bits once, counts FP16 rows, and sets the INT8 K loop's bound to zero when every row of the tile
+is FP16 and the FP16 loop's bound to zero when none is (branches hoisted per tile; nothing is added
+inside the INT8 K loop).  Only a tile that straddles a boundary runs both loops; one fp32
+accumulator serves both (INT8 rows start from their scaled result; the FP16 dot sees zeroed
+activations for INT8 rows).  FP16 rows use ``w_fp16`` when given, else ``w * w_scale``.  The
+runtime lays a batch out sample-contiguous with precision decided per 64-token group, so mixed
+tiles are the exception.  No extra launch (no argsort / gather / scatter); the mask overhead is
+measured in ``benchmarks/gemm.py``.  ``CTRL_FORCE_FP16`` without an FP16 copy still runs
+``_mixed_kernel`` below (all-FP16 mode, ``MIXED_CONFIGS``); with a copy it is cuBLAS.
 """
 
 from typing import Optional
 
 import torch
 
-from ._common import ConfigCache, LazyKernel, cdiv, gpu_key, tl, use_triton
+from ._common import ConfigCache, LazyKernel, cdiv, eager_cuda, gpu_key, tl, use_triton
 from .act_quant import EPS, per_token_quant
 from .w8a8 import W8A8Weight, _INTERP_CFG, w8a8_gemm_ref, w8a8_linear_triton
 
@@ -414,6 +415,12 @@ def mixed_linear_triton(x, w, w_scale, w_fp16, control: int, row_bits, bias=None
     if force and w_fp16 is not None:
         y = torch.nn.functional.linear(x, w_fp16.to(x.dtype), None if bias is None else bias.to(x.dtype))
         return y if out is None else out.copy_(y)
+    if not force:
+        # row bits: the plain W8A8 kernels and configs (GEMV / split-K / tensor-core, whichever
+        # W8A8 uses for this shape) in mixed mode -- per tile, the row bits are loaded once and the
+        # INT8 and FP16 K loops are each skipped unless a row of the tile needs them.
+        rb = row_bits if row_bits.dtype in (torch.uint8, torch.int8) else row_bits.to(torch.uint8)
+        return w8a8_linear_triton(x, w, w_scale, bias, config=config, out=out, row_bits=rb, w_fp16=w_fp16)
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
@@ -470,4 +477,6 @@ def mixed_linear(
     _check_control(control)
     if (control & CTRL_ROW_BITS) and not (control & CTRL_FORCE_FP16) and row_bits is None:
         raise ValueError("CTRL_ROW_BITS set but row_bits is None")
+    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch
+        return mixed_linear_triton(x, weight.w, weight.scale, w_fp16, int(control), row_bits, bias)
     return _mixed_linear_op(x, weight.w, weight.scale, w_fp16, int(control), row_bits, bias)

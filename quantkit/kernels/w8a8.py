@@ -11,14 +11,16 @@ Layout: ``prepack_w8a8`` keeps the weight as (N, K) row-major int8 -- i.e. K-maj
 what the int8 tensor-core instructions want for the B operand -- and turns the per-channel
 scale into a contiguous fp32 (N,) vector.  Only symmetric weights are accepted.
 
-Paths (one kernel, chosen by constexprs):
+Paths:
 
-* small M (M <= 16): GEMV-style tiles (BLOCK_M=16, narrow BLOCK_N, long BLOCK_K, deep
-  pipeline) with the activation quantization **fused into the prologue** (each program
-  computes the row max of its 16 rows, then quantizes the fp16 tiles on the fly), so the whole
-  linear is one launch;
-* large M: wide tiles, a separate ``per_token_quant`` launch first (re-computing the row max
-  in every N-tile would re-read x N/BLOCK_N times).
+* GEMV (``BACKEND="gemv"``, M <= 16): ``per_token_quant`` once per call into cached buffers, then
+  a dp4a GEMV on int32 words of both operands (exact int32, in-kernel split-K);
+* tensor cores (``_w8a8_kernel``): small M with the quantization fused into the prologue
+  (``FUSE_QUANT``) or a separate ``per_token_quant`` launch; large M with the separate launch
+  (re-computing the row max in every N-tile would re-read x N/BLOCK_N times).
+
+Both kernels take a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
+``quantkit.kernels.mixed`` (pruned away when False).
 
 Configs come from a :class:`~quantkit.kernels._common.ConfigCache` keyed by
 (M bucket, N, K, GPU): heuristics by default, overridden by ``TUNED`` (measured by
@@ -30,11 +32,10 @@ from typing import Optional
 
 import torch
 
-from ._common import ConfigCache, LazyKernel, cdiv, gpu_key, splitk_buffers, splitk_for, tl, use_triton
-from .act_quant import EPS, per_token_quant, per_token_quant_ref
+from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gpu_key,
+                      splitk_buffers, splitk_for, tl, use_triton)
+from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
-MAGIC = tl.constexpr(0x4B000000)  # bits of 2**23 (see wna16: int -> float without a cvt)
-TWO23 = tl.constexpr(8388608.0)
 
 __all__ = [
     "W8A8Weight",
@@ -101,13 +102,18 @@ def w8a8_gemm_ref(x, w, w_scale, bias=None):
 
 
 def _w8a8_kernel(
-    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr,
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr,
     # a: (M, K) int8, or fp16/bf16 when FUSE_QUANT; w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32
     # bias: (N,); c: (M, N) out dtype (int32 when OUT_INT32)
     # part: int32 split-K workspace (tiles * SPLIT_K * BLOCK_M * BLOCK_N); lock: int32 (tiles,), zero
+    # ROW_BITS only: x: (M, K) fp16/bf16; wf: (N, K) fp16 copy or the int8 weight; rb: (M,) uint8
     M, N, K,
-    stride_am, stride_wn, stride_cm,
+    stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
     HAS_BIAS: tl.constexpr,
+    ROW_BITS: tl.constexpr,  # mixed mode: per-row INT8 / FP16, branches hoisted per tile
+    HAS_FP16_W: tl.constexpr,
+    BLOCK_KF: tl.constexpr,  # K step of the FP16 loop
+    STAGES_F: tl.constexpr,  # pipeline depth of the FP16 loop (its shared memory adds to the INT8 loop's)
     FUSE_QUANT: tl.constexpr,
     OUT_INT32: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -139,10 +145,18 @@ def _w8a8_kernel(
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
 
+    if ROW_BITS:
+        valid = offs_m < M
+        is_fp = ((tl.load(rb_ptr + rm).to(tl.int32) & 1) != 0) & valid
+        n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
+        n_valid = tl.sum(valid.to(tl.int32), axis=0)
+        k_end = tl.where(n_fp < n_valid, K, 0)  # hoisted: an all-FP16 tile runs no INT8 iteration
+    else:
+        k_end = K
     if FUSE_QUANT:
         # prologue: per-row amax of this tile's rows (fp16/bf16 x), same math as act_quant
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, k_end, BLOCK_K):
             if EVEN_K:
                 xa = tl.load(a_ptrs + k0)
             else:
@@ -160,7 +174,7 @@ def _w8a8_kernel(
     a_ptrs += k_lo
     w_ptrs += k_lo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_hi, k_end), BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
@@ -175,9 +189,58 @@ def _w8a8_kernel(
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    if ROW_BITS:
+        # FP16 rows: fp16 tensor-core loop over the same K split (skipped unless the tile has one)
+        offs_kf = tl.arange(0, BLOCK_KF)
+        xf_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_kf[None, :] + k_lo
+        wf_ptrs = wf_ptr + rn[None, :].to(tl.int64) * stride_wfn + offs_kf[:, None] + k_lo
+        w_sc = tl.load(ws_ptr + rn)
+        if FUSE_QUANT:
+            a_sc = a_scale
+        else:
+            a_sc = tl.load(as_ptr + rm)
+        # one fp32 accumulator (registers): INT8 rows start from their scaled result, FP16 rows from 0,
+        # and the FP16 dot adds nothing to INT8 rows (their activations are zeroed)
+        if HAS_FP16_W:
+            accm = tl.where(is_fp[:, None], 0.0, acc.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
+        else:
+            accm = tl.where(is_fp[:, None], 0.0, acc.to(tl.float32) * a_sc[:, None])
+        for k0 in tl.range(k_lo, tl.where(n_fp > 0, k_hi, k_lo), BLOCK_KF, num_stages=STAGES_F):
+            if EVEN_K:
+                xf = tl.load(xf_ptrs)
+                wt = tl.load(wf_ptrs)
+            else:
+                xf = tl.load(xf_ptrs, mask=(offs_kf[None, :] + k0) < k_hi, other=0.0)
+                wt = tl.load(wf_ptrs, mask=(offs_kf[:, None] + k0) < k_hi, other=0)
+            xf = tl.where(is_fp[:, None], xf, tl.zeros_like(xf))
+            accm = tl.dot(xf, wt.to(x_ptr.dtype.element_ty), accm)
+            xf_ptrs += BLOCK_KF
+            wf_ptrs += BLOCK_KF
+        if not HAS_FP16_W:
+            accm = accm * w_sc[None, :]
+
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
+    if ROW_BITS:
+        if SPLIT_K == 1:
+            out = accm
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+        else:
+            offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            p_tile = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+            tl.store(p_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, accm.to(tl.int32, bitcast=True))
+            count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+            if count == SPLIT_K - 1:
+                out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for sk in tl.static_range(SPLIT_K):
+                    out += tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t).to(tl.float32, bitcast=True)
+                tl.atomic_xchg(lock_ptr + tile, 0)
+                if HAS_BIAS:
+                    out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+                tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+    elif SPLIT_K == 1:
         if OUT_INT32:
             tl.store(c_ptrs, acc, mask=c_mask)
         else:
@@ -212,25 +275,30 @@ w8a8_kernel = LazyKernel(_w8a8_kernel)
 
 
 def _w8a8_gemv_kernel(
-    x_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr,
-    # x: (M, K) fp16/bf16, M <= BLOCK_M; w: the (N, K) int8 weight viewed as int32 words (N, K // 4);
-    # ws: (N,) fp32; c: (M, N); part: fp32 split-K workspace; lock: int32 (tiles,), zero
-    M, N, K,
-    stride_xm, stride_wn, stride_cm,  # stride_wn in words
+    a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr,
+    # a: the (M, K) int8 quantized activations viewed as int32 words (M, K // 4); as: (M,) fp32
+    # w: the (N, K) int8 weight viewed as int32 words (N, K // 4); ws: (N,) fp32; c: (M, N)
+    # part: int32 split-K workspace; lock: int32 (tiles,), zero
+    # ROW_BITS only (mixed INT8/FP16 rows): x: (M, K) fp16/bf16; wf: (N, K) fp16 copy or the int8 weight;
+    # rb: (M,) uint8, bit 0 = FP16 row
+    M, N, KW,  # KW = K // 4 (words)
+    stride_am, stride_wn, stride_cm,  # a, w strides in words
+    stride_xm, stride_wfn,
     HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
-    EPS_C: tl.constexpr,
+    ROW_BITS: tl.constexpr,  # mixed mode: per-row INT8 / FP16 (hoisted per-tile branches)
+    HAS_FP16_W: tl.constexpr,  # wf is an fp16/bf16 copy (else the int8 weight, scaled by ws)
+    EVEN_K: tl.constexpr,  # KW % BC == 0
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BC: tl.constexpr,  # words of K per iteration (BLOCK_K // 4)
+    USE_DP4A: tl.constexpr,  # dp4a.s32.s32 (compiled); shifts + multiplies (interpreter)
 ):
-    """GEMV-style W8A8 for M <= BLOCK_M <= 8 with the per-token quantization fused.
+    """GEMV-style W8A8 for M <= BLOCK_M <= 16 on activations quantized once per call.
 
-    Each program re-reads its BLOCK_M activation rows for the row max (BLOCK_M * K * 2 bytes,
-    from L2), quantizes its K slice exactly like ``act_quant`` and accumulates a_q * w in fp32:
-    every product is an exact integer and each register partial stays < 2**24 for K <= 32768,
-    so only the final cross-thread sum rounds (relative 6e-8)."""
+    Both operands are read as int32 words of 4 int8 values along K; one ``dp4a`` per word pair
+    accumulates the 4 products exactly in int32 (elementwise, one cross-thread reduction at the
+    end).  Split-K partials are int32 (exact) and reduced in-kernel by the last split."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tile = pid % num_pid_n
@@ -239,85 +307,105 @@ def _w8a8_gemv_kernel(
     rn = offs_n % N
     offs_m = tl.arange(0, BLOCK_M)
     rm = offs_m % M
-    BC: tl.constexpr = BLOCK_K // 4
     offs_c = tl.arange(0, BC)
-    offs_kk = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm
 
-    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            xa = tl.load(x_row + k0 + offs_kk[None, :])
-        else:
-            xa = tl.load(x_row + k0 + offs_kk[None, :], mask=(k0 + offs_kk[None, :]) < K, other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
-    a_scale = tl.maximum(amax, EPS_C) / 127.0
-    a_scale_b = tl.zeros([BLOCK_M, BC], dtype=tl.float32) + a_scale[:, None]
-
-    n_it = tl.cdiv(K, BLOCK_K)
+    n_it = tl.cdiv(KW, BC)
     per_split = tl.cdiv(n_it, SPLIT_K)
     i_lo = pid_k * per_split
     i_hi = tl.minimum(n_it, i_lo + per_split)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_c[None, :]  # (BLOCK_N, BC) words
-    if BLOCK_M == 1:  # decode: 2-D tensors only (one layout, no conversions)
-        acc3 = tl.zeros((BLOCK_N, BC), dtype=tl.float32)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_c[None, :]  # (BLOCK_M, BC) words
+    if ROW_BITS:
+        valid = offs_m < M
+        is_fp = ((tl.load(rb_ptr + rm).to(tl.int32) & 1) != 0) & valid
+        n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
+        n_valid = tl.sum(valid.to(tl.int32), axis=0)
+        run_i8 = n_fp < n_valid
+        i_hi_i8 = tl.where(run_i8, i_hi, i_lo)  # hoisted: an all-FP16 tile runs no INT8 iteration
     else:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BC), dtype=tl.float32)
-    for it in range(i_lo, i_hi):
-        k0 = it * BLOCK_K
+        i_hi_i8 = i_hi
+    if BLOCK_M == 1:  # decode: 2-D tensors only
+        acc = tl.zeros((BLOCK_N, BC), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BC), dtype=tl.int32)
+    for it in range(i_lo, i_hi_i8):
         if EVEN_K:
             wd = tl.load(w_ptrs + it * BC)
+            ad = tl.load(a_ptrs + it * BC)
         else:
-            wd = tl.load(w_ptrs + it * BC, mask=(it * BC + offs_c[None, :]) < (K // 4), other=0)
-        wd = wd ^ -2139062144  # 0x80808080: each byte -> offset binary w + 128
-        wh = wd >> 16
-        for j in tl.static_range(4):
-            FIELD = 0xFF << (8 * (j % 2))
-            POW = 1 << (8 * (j % 2))
-            if j < 2:
-                b = ((wd & FIELD) | MAGIC).to(tl.float32, bitcast=True)
-            else:
-                b = ((wh & FIELD) | MAGIC).to(tl.float32, bitcast=True)
-            b = b - (TWO23 + 128.0 * POW)  # = w * POW, exact
-            if BLOCK_M == 1:
-                if EVEN_K:
-                    xj = tl.load(x_row + k0 + 4 * offs_c[None, :] + j)
-                else:
-                    xj = tl.load(x_row + k0 + 4 * offs_c[None, :] + j, mask=(k0 + 4 * offs_c[None, :] + j) < K,
-                                 other=0.0)
-            else:
-                if EVEN_K:
-                    xj = tl.load(x_row + k0 + 4 * offs_c[None, :] + j)
-                else:
-                    xj = tl.load(x_row + k0 + 4 * offs_c[None, :] + j, mask=(k0 + 4 * offs_c[None, :] + j) < K,
-                                 other=0.0)
-            y = tl.math.div_rn(xj.to(tl.float32), a_scale_b)
-            y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-            y = tl.minimum(tl.maximum(y, -127.0), 127.0) * (1.0 / POW)
-            if BLOCK_M == 1:
-                acc3 += tl.sum(y, axis=0)[None, :] * b  # (1, BC) row -> broadcast over BLOCK_N
-            else:
-                acc3 += y[:, None, :] * b[None, :, :]
+            kmask = (it * BC + offs_c[None, :]) < KW
+            wd = tl.load(w_ptrs + it * BC, mask=kmask, other=0)
+            ad = tl.load(a_ptrs + it * BC, mask=kmask, other=0)
+        if BLOCK_M == 1:
+            wb = wd
+            ab = ad
+        else:
+            wb = wd[None, :, :]
+            ab = ad[:, None, :]
+        if USE_DP4A:
+            acc = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [wb, ab, acc],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            for j in tl.static_range(4):
+                acc += ((wb << (24 - 8 * j)) >> 24) * ((ab << (24 - 8 * j)) >> 24)
     if BLOCK_M == 1:
-        acc = tl.sum(acc3, axis=1)[None, :]  # (1, BLOCK_N)
+        tot = tl.sum(acc, axis=1)[None, :]  # (1, BLOCK_N)
     else:
-        acc = tl.sum(acc3, axis=2)  # (BLOCK_M, BLOCK_N)
+        tot = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
+    a_sc = tl.load(as_ptr + rm)
+    w_sc = tl.load(ws_ptr + rn)
+
+    if ROW_BITS:
+        # FP16 rows: elementwise fp32 FMA over the same K split, in BC-element steps
+        i_hi_f = tl.where(n_fp > 0, i_hi, i_lo)
+        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_c[None, :]  # (BLOCK_M, BC)
+        wf_ptrs = wf_ptr + rn[:, None].to(tl.int64) * stride_wfn + offs_c[None, :]  # (BLOCK_N, BC)
+        if BLOCK_M == 1:
+            accf = tl.zeros((BLOCK_N, BC), dtype=tl.float32)
+        else:
+            accf = tl.zeros((BLOCK_M, BLOCK_N, BC), dtype=tl.float32)
+        for it in range(i_lo * 4, i_hi_f * 4):
+            kmask = (it * BC + offs_c[None, :]) < KW * 4
+            wt = tl.load(wf_ptrs + it * BC, mask=kmask, other=0).to(tl.float32)
+            xt = tl.load(x_ptrs + it * BC, mask=kmask, other=0).to(tl.float32)
+            if BLOCK_M == 1:
+                accf += xt * wt
+            else:
+                accf += xt[:, None, :] * wt[None, :, :]
+        if BLOCK_M == 1:
+            totf = tl.sum(accf, axis=1)[None, :]
+        else:
+            totf = tl.sum(accf, axis=2)
+        if not HAS_FP16_W:
+            totf = totf * w_sc[None, :]
+        # one fp32 partial per row (scaled: split-K partials of both kinds add linearly)
+        totm = tl.where(is_fp[:, None], totf, tot.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
+        tot = totm.to(tl.int32, bitcast=True)
 
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K > 1:
         offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         p_tile = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-        tl.store(p_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc)
+        tl.store(p_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, tot)
         count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
         if count == SPLIT_K - 1:
-            acc = tl.zeros_like(acc)
-            for sk in tl.static_range(SPLIT_K):
-                acc += tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
+            if ROW_BITS:
+                tf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for sk in tl.static_range(SPLIT_K):
+                    tf += tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t).to(tl.float32, bitcast=True)
+                tot = tf.to(tl.int32, bitcast=True)
+            else:
+                tot = tl.zeros_like(tot)
+                for sk in tl.static_range(SPLIT_K):
+                    tot += tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
             tl.atomic_xchg(lock_ptr + tile, 0)
         else:
             c_mask = c_mask & False  # not the last split: store nothing
-    out = acc * a_scale[:, None] * tl.load(ws_ptr + rn)[None, :]
+    if ROW_BITS:
+        out = tot.to(tl.float32, bitcast=True)
+    else:
+        out = tot.to(tl.float32) * a_sc[:, None] * w_sc[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -326,14 +414,15 @@ def _w8a8_gemv_kernel(
 w8a8_gemv_kernel = LazyKernel(_w8a8_gemv_kernel)
 
 
-GEMV_MAX_M = 8
+GEMV_MAX_M = 16  # the dp4a GEMV keeps BLOCK_M x BLOCK_N x BC int32 partials in registers:
+# keep BLOCK_M * BLOCK_N * BLOCK_K / 4 <= 32 * (32 * num_warps) (e.g. M=16: BLOCK_N=32, BLOCK_K=64, 8 warps)
 
 
 def _default_config(M: int, N: int, K: int) -> dict:
     """Heuristics; ``TUNED`` overrides.  BACKEND "gemv" (M <= 8, fused quant) or "mma"."""
     if M <= 4 and K % 4 == 0:
         bn = 64
-        return dict(BACKEND="gemv", BLOCK_N=bn, BLOCK_K=128, SPLIT_K=splitk_for(cdiv(N, bn), cdiv(K, 128)),
+        return dict(BACKEND="gemv", BLOCK_N=bn, BLOCK_K=256, SPLIT_K=splitk_for(cdiv(N, bn), cdiv(K, 256)),
                     num_warps=8, num_stages=2)
     if M <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4, FUSE_QUANT=False,
@@ -346,7 +435,8 @@ def _default_config(M: int, N: int, K: int) -> dict:
 
 
 
-# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22, second pass); keys (gpu, M bucket, N, K)
+# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22, second pass; third pass re-tuned W8A8 M=1,16
+# and W4A16/W8A16 M=1,64,256 with `--tune-spec`); keys (gpu, M bucket, N, K)
 TUNED: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv',
                            'BLOCK_K': 256,
                            'BLOCK_N': 64,
@@ -360,23 +450,23 @@ TUNED: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv',
                             'num_stages': 2,
                             'num_warps': 8},
  ('H200', 1, 6144, 4096): {'BACKEND': 'gemv',
-                           'BLOCK_K': 256,
-                           'BLOCK_N': 64,
-                           'SPLIT_K': 4,
-                           'num_stages': 2,
+                           'BLOCK_K': 128,
+                           'BLOCK_N': 128,
+                           'SPLIT_K': 8,
+                           'num_stages': 3,
                            'num_warps': 8},
  ('H200', 1, 28672, 4096): {'BACKEND': 'gemv',
-                            'BLOCK_K': 256,
-                            'BLOCK_N': 64,
-                            'SPLIT_K': 4,
-                            'num_stages': 2,
+                            'BLOCK_K': 128,
+                            'BLOCK_N': 128,
+                            'SPLIT_K': 8,
+                            'num_stages': 3,
                             'num_warps': 8},
  ('H200', 16, 4096, 4096): {'BLOCK_K': 256,
                             'BLOCK_M': 16,
                             'BLOCK_N': 64,
-                            'FUSE_QUANT': True,
+                            'FUSE_QUANT': False,
                             'GROUP_M': 1,
-                            'SPLIT_K': 2,
+                            'SPLIT_K': 4,
                             'num_stages': 4,
                             'num_warps': 4},
  ('H200', 16, 4096, 14336): {'BLOCK_K': 256,
@@ -389,18 +479,18 @@ TUNED: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv',
                              'num_warps': 4},
  ('H200', 16, 6144, 4096): {'BLOCK_K': 256,
                             'BLOCK_M': 16,
-                            'BLOCK_N': 128,
-                            'FUSE_QUANT': True,
+                            'BLOCK_N': 64,
+                            'FUSE_QUANT': False,
                             'GROUP_M': 1,
-                            'SPLIT_K': 2,
+                            'SPLIT_K': 4,
                             'num_stages': 4,
                             'num_warps': 4},
- ('H200', 16, 28672, 4096): {'BLOCK_K': 128,
+ ('H200', 16, 28672, 4096): {'BLOCK_K': 256,
                              'BLOCK_M': 16,
-                             'BLOCK_N': 64,
+                             'BLOCK_N': 128,
                              'FUSE_QUANT': False,
                              'GROUP_M': 1,
-                             'SPLIT_K': 8,
+                             'SPLIT_K': 4,
                              'num_stages': 4,
                              'num_warps': 4},
  ('H200', 64, 4096, 4096): {'BLOCK_K': 128,
@@ -508,21 +598,38 @@ CONFIGS = ConfigCache(_default_config, TUNED)
 _INTERP_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
 
 
-def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg):
+_CONSTS: dict = {}
+
+
+def _consts(**kw):
+    """(constexpr/options dict, its hashable key), memoised (no per-call dict building/sorting)."""
+    k = tuple(kw.items())
+    r = _CONSTS.get(k)
+    if r is None:
+        r = _CONSTS[k] = (kw, const_key(kw))
+    return r
+
+
+def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None):
     M, K = a.shape
     N = w.shape[0]
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     split_k = int(cfg.get("SPLIT_K", 1))
     part, lock = splitk_buffers(a.device, tiles, split_k, cfg["BLOCK_M"] * cfg["BLOCK_N"], 0)
-    w8a8_kernel[(tiles * split_k,)](
-        a, w, a_scale if a_scale is not None else w_scale, w_scale,
-        bias if bias is not None else w_scale, out, part, lock,
-        M, N, K, a.stride(0), w.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, FUSE_QUANT=fuse_quant, OUT_INT32=out_int32,
-        EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    rbits = row_bits is not None
+    xx = x if x is not None else a
+    wf = w_fp16 if w_fp16 is not None else w
+    const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
+                          BLOCK_KF=cfg.get("BLOCK_KF", max(16, cfg["BLOCK_K"] // 2)) if rbits else 16,
+                          STAGES_F=cfg.get("STAGES_F", cfg["num_stages"]) if rbits else 1,
+                          FUSE_QUANT=fuse_quant, OUT_INT32=out_int32,
+                          EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
+                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                          GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    fast_launch(w8a8_kernel, (tiles * split_k,),
+                (a, w, a_scale if a_scale is not None else w_scale, w_scale,
+                 bias if bias is not None else w_scale, out, part, lock, xx, wf, row_bits if rbits else w_scale,
+                 M, N, K, a.stride(0), w.stride(0), out.stride(0), xx.stride(0), wf.stride(0)), const, ckey)
     return out
 
 
@@ -533,21 +640,35 @@ def _mma_only(cfg, x, M, N, K):
     return dict(_INTERP_CFG if not x.is_cuda else _default_config(max(M, 5), N, K), FUSE_QUANT=M <= 16)
 
 
-def _launch_gemv(x, w, w_scale, bias, out, cfg):
+def gemv_bm(M: int) -> int:
+    return max(1, 1 << (M - 1).bit_length())
+
+
+def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
+    """Per-token quantization into cached buffers (one small launch), then the dp4a GEMV
+    (``row_bits`` given: mixed INT8/FP16 rows, see ``quantkit.kernels.mixed``)."""
     M, K = x.shape
     N = w.shape[0]
-    bm = max(1, 1 << (M - 1).bit_length())
+    dev = x.device
+    a_q = cached_buffer(dev, torch.int8, M * K, tag="gemv_aq")[: M * K].view(M, K)
+    a_s = cached_buffer(dev, torch.float32, M, tag="gemv_as")[:M]
+    per_token_quant_triton(x, out_q=a_q, out_s=a_s)
+    bm = gemv_bm(M)
     tiles = cdiv(N, cfg["BLOCK_N"])
     split_k = int(cfg.get("SPLIT_K", 1))
-    part, lock = splitk_buffers(x.device, tiles, split_k, bm * cfg["BLOCK_N"], 4)
-    wv = w.view(torch.int32)  # (N, K // 4): 4 int8 per word
-    w8a8_gemv_kernel[(tiles * split_k,)](
-        x, wv, w_scale, bias if bias is not None else w_scale, out, part, lock,
-        M, N, K, x.stride(0), wv.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
-        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    part, lock = splitk_buffers(dev, tiles, split_k, bm * cfg["BLOCK_N"], 0)
+    bc = cfg["BLOCK_K"] // 4
+    KW = K // 4
+    rbits = row_bits is not None
+    wf = w_fp16 if w_fp16 is not None else w
+    const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
+                          EVEN_K=(KW % bc == 0), SPLIT_K=split_k, BLOCK_M=bm,
+                          BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=x.is_cuda,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    fast_launch(w8a8_gemv_kernel, (tiles * split_k,),
+                (a_q.view(torch.int32), a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale,
+                 out, part, lock, x, wf, row_bits if rbits else w_scale,
+                 M, N, KW, KW, K // 4, out.stride(0), x.stride(0), wf.stride(0)), const, ckey)
     return out
 
 
@@ -558,7 +679,7 @@ def _pick(x, M, N, K, config):
         if M <= 4 and K % 4 == 0 and x.is_floating_point():
             return dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, num_warps=4, num_stages=1)
         return dict(_INTERP_CFG, FUSE_QUANT=M <= 16)
-    key = (x.device.index, M, N, K)
+    key = (x.get_device(), M, N, K)
     cfg = _CFG_CACHE.get(key)
     if cfg is None:
         cfg = _CFG_CACHE[key] = CONFIGS.get(M, N, K, gpu_key(x))
@@ -568,9 +689,12 @@ def _pick(x, M, N, K, config):
 _CFG_CACHE: dict = {}
 
 
-def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, out=None):
+def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, out=None, row_bits=None,
+                       w_fp16=None):
     """Triton W8A8 linear incl. activation quantization. x: (M, K) -> (M, N) x.dtype
-    (written into ``out`` when given)."""
+    (written into ``out`` when given).  ``row_bits`` ((M,) uint8, bit 0 = FP16 row): mixed mode
+    of ``quantkit.kernels.mixed`` -- the same kernels and configs, FP16 rows on ``w_fp16`` (or
+    on ``w * w_scale``), the choice hoisted per tile."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     M, K = x.shape
     N = w.shape[0]
@@ -580,12 +704,12 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
         return out
     cfg = _pick(x, M, N, K, config)
     if cfg.get("BACKEND") == "gemv" and M <= GEMV_MAX_M and K % 4 == 0:
-        return _launch_gemv(x, w, w_scale, bias, out, cfg)
+        return _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits, w_fp16)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("FUSE_QUANT", False):
-        return _launch(x, None, w, w_scale, bias, out, True, False, cfg)
-    a_q, a_s = per_token_quant(x)
-    return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg)
+        return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
+    a_q, a_s = per_token_quant_triton(x)
+    return _launch(a_q, a_s.reshape(-1), w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16)
 
 
 def w8a8_gemm_q_triton(a_q, a_scale, w, w_scale, bias=None, out_dtype=torch.float16, config=None, out=None):
@@ -646,6 +770,8 @@ def _(a_q, a_scale, w, w_scale, bias, out_dtype):
 
 def w8a8_linear(x: torch.Tensor, weight: W8A8Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W8A8 linear (quantizes x per token). x: (..., K) fp16/bf16 -> (..., N) x.dtype."""
+    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch
+        return w8a8_linear_triton(x, weight.w, weight.scale, bias)
     lead = x.shape[:-1]
     out = _w8a8_linear_op(x.reshape(-1, x.shape[-1]), weight.w, weight.scale, bias)
     return out.reshape(*lead, weight.N)

@@ -38,7 +38,8 @@ from typing import Optional
 
 import torch
 
-from ._common import ConfigCache, LazyKernel, cdiv, gpu_key, splitk_buffers, splitk_for, tl, use_triton
+from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gpu_key, splitk_buffers,
+                      splitk_for, tl, use_triton)
 
 __all__ = [
     "WNA16Weight",
@@ -293,6 +294,8 @@ def _wna16_mma_kernel(
     EVEN_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr,  # acc is C^T (BLOCK_N, BLOCK_M) = W_tile x^T
+    MAGIC16: tl.constexpr,  # 0: fp32 dequant; else the 16-bit magic (0x6400 fp16, 0x4300 bf16), not GS_SMALL
+    M16: tl.constexpr,  # the value of MAGIC16 as a float (1024.0 / 128.0)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -336,24 +339,37 @@ def _wna16_mma_kernel(
         k0 = blk * 128
         wp = tl.load(w_ptrs + blk * R * N, mask=nmask[None, :], other=0)  # (R, BLOCK_N)
         u = tl.reshape((wp[None, :, :] >> shifts) & MASK, (128, BLOCK_N))  # row j*R + i = k - k0
-        wf = (u | MAGIC).to(tl.float32, bitcast=True)
-        if GS_SMALL:
-            grow = tl.minimum((k0 + offs_k) // group_size, n_groups - 1)
-            st = tl.load(s_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0).to(tl.float32)
-            if HAS_ZERO:
-                zt = tl.load(z_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
-                wf = (wf - (TWO23 + OFFSET) - zt.to(tl.float32)) * st
-            else:
-                wf = (wf - (TWO23 + OFFSET)) * st
-        else:
+        if MAGIC16 != 0:
+            # 16-bit magic: (u | MAGIC16) read as x.dtype is M16 + u exactly (fp16: 1024 + u, u < 1024;
+            # bf16: 128 + u, u < 128); one 16-bit subtraction gives q - zero exactly.  No fp32
+            # intermediate and no fp32 -> fp16 conversion (quarter rate on Hopper) per weight.
+            wh = (u | MAGIC16).to(tl.int16).to(dt, bitcast=True)
             g = tl.minimum(k0 // group_size, n_groups - 1)
             s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
             if HAS_ZERO:
-                zc = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32) + (TWO23 + OFFSET)
-                wf = wf - zc[None, :]
+                zc = (tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32) + (M16 + OFFSET)).to(dt)
+                wq = wh - zc[None, :]
             else:
-                wf = wf - (TWO23 + OFFSET)
-        wq = wf.to(dt)  # (128, BLOCK_N): exact integers unless GS_SMALL (then scaled weights)
+                wq = wh - tl.full((1, BLOCK_N), M16 + OFFSET, dtype=dt)  # a dt operand: 16-bit subtraction
+        else:
+            wf = (u | MAGIC).to(tl.float32, bitcast=True)
+            if GS_SMALL:
+                grow = tl.minimum((k0 + offs_k) // group_size, n_groups - 1)
+                st = tl.load(s_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0).to(tl.float32)
+                if HAS_ZERO:
+                    zt = tl.load(z_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
+                    wf = (wf - (TWO23 + OFFSET) - zt.to(tl.float32)) * st
+                else:
+                    wf = (wf - (TWO23 + OFFSET)) * st
+            else:
+                g = tl.minimum(k0 // group_size, n_groups - 1)
+                s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
+                if HAS_ZERO:
+                    zc = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32) + (TWO23 + OFFSET)
+                    wf = wf - zc[None, :]
+                else:
+                    wf = wf - (TWO23 + OFFSET)
+            wq = wf.to(dt)  # (128, BLOCK_N): exact integers unless GS_SMALL (then scaled weights)
         if EVEN_K:
             xt = tl.load(x_ptrs + k0)
         elif SWAP_AB:
@@ -464,7 +480,8 @@ def _default_config(M: int, N: int, K: int) -> dict:
 
 
 
-# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22, second pass); keys (gpu, M bucket, N, K)
+# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22, second pass; third pass re-tuned W8A8 M=1,16
+# and W4A16/W8A16 M=1,64,256 with `--tune-spec`); keys (gpu, M bucket, N, K)
 TUNED_W4: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 8},
  ('H200', 1, 4096, 14336): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 16, 'num_stages': 2, 'num_warps': 8},
  ('H200', 1, 6144, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
@@ -506,7 +523,7 @@ TUNED_W4: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'S
                             'BLOCK_N': 64,
                             'GROUP_M': 1,
                             'SPLIT_K': 4,
-                            'SWAP_AB': False,
+                            'SWAP_AB': True,
                             'num_stages': 3,
                             'num_warps': 4},
  ('H200', 64, 4096, 14336): {'BACKEND': 'mma',
@@ -514,7 +531,7 @@ TUNED_W4: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'S
                              'BLOCK_N': 64,
                              'GROUP_M': 1,
                              'SPLIT_K': 4,
-                             'SWAP_AB': False,
+                             'SWAP_AB': True,
                              'num_stages': 3,
                              'num_warps': 4},
  ('H200', 64, 6144, 4096): {'BACKEND': 'mma',
@@ -546,7 +563,11 @@ TUNED_W4: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'S
  ('H200', 8192, 6144, 4096): {'BACKEND': 'dequant'},
  ('H200', 8192, 28672, 4096): {'BACKEND': 'dequant'}}
 TUNED_W8: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 8},
- ('H200', 1, 4096, 14336): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 8},
+ ('H200', 1, 4096, 14336): {'BACKEND': 'gemv',
+                            'BLOCK_N': 128,
+                            'SPLIT_K': 16,
+                            'num_stages': 2,
+                            'num_warps': 8},
  ('H200', 1, 6144, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
  ('H200', 1, 28672, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
  ('H200', 16, 4096, 4096): {'BACKEND': 'mma',
@@ -643,11 +664,11 @@ def wna16_dequant(qw, scales, zeros, bits, group_size, N, K, out_dtype=torch.flo
     K_pad = cdiv(K, PACK_K) * PACK_K
     o = torch.empty((K_pad, N), dtype=out_dtype, device=qw.device)
     BN = 128
-    wna16_dequant_kernel[(K_pad // PACK_K, cdiv(N, BN))](
-        qw, scales, zeros if zeros is not None else scales, o, N, K, scales.shape[0], group_size,
-        BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=zeros is not None, BLOCK_N=BN,
-        num_warps=4 if bits == 4 else 8,
-    )
+    const = dict(BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=zeros is not None, BLOCK_N=BN,
+                 num_warps=4 if bits == 4 else 8)
+    fast_launch(wna16_dequant_kernel, (K_pad // PACK_K, cdiv(N, BN)),
+                (qw, scales, zeros if zeros is not None else scales, o, N, K, scales.shape[0], group_size),
+                const, (bits, zeros is not None))
     return o[:K]
 
 
@@ -658,7 +679,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     """Launch plan (kernel, grid, constexprs, split-K sizes), cached per shape/dtype/device."""
     key = None
     if config is None:
-        key = (x.device.type, x.device.index, x.dtype, M, N, K, bits, group_size, n_groups, has_zero, has_bias)
+        key = (x.get_device(), x.dtype, M, N, K, bits, group_size, n_groups, has_zero, has_bias)
         p = _PLANS.get(key)
         if p is not None:
             return p
@@ -672,7 +693,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     if backend == "gemv" and M > GEMV_MAX_M:
         backend, cfg = "mma", dict(_mma(16, 64, cfg.get("SPLIT_K", 1), swap=True, G=1))
     if backend == "dequant":
-        p = ("dequant", None, None, None, 1, 0)
+        p = ("dequant", None, None, None, 1, 0, None)
     else:
         gs_small = n_groups > 1 and group_size < PACK_K
         const = dict(BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=has_zero, HAS_BIAS=has_bias,
@@ -686,9 +707,16 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
             bm = cfg["BLOCK_M"]
             tiles = cdiv(M, bm) * cdiv(N, cfg["BLOCK_N"])
             kern = wna16_mma_kernel
-            const.update(SWAP_AB=bool(cfg.get("SWAP_AB", False)), GROUP_M=cfg.get("GROUP_M", 1))
+            magic, m16 = 0, 0.0
+            if not gs_small and cfg.get("MAGIC16", True):
+                if x.dtype == torch.float16:
+                    magic, m16 = 0x6400, 1024.0
+                elif x.dtype == torch.bfloat16 and bits == 4 and x.is_cuda:  # interpreter: no bf16 bitcast
+                    magic, m16 = 0x4300, 128.0
+            const.update(SWAP_AB=bool(cfg.get("SWAP_AB", False)), GROUP_M=cfg.get("GROUP_M", 1), MAGIC16=magic,
+                         M16=m16)
         const["BLOCK_M"] = bm
-        p = (backend, kern, (tiles * const["SPLIT_K"],), const, tiles, bm * cfg["BLOCK_N"])
+        p = (backend, kern, (tiles * const["SPLIT_K"],), const, tiles, bm * cfg["BLOCK_N"], const_key(const))
     if key is not None:
         _PLANS[key] = p
     return p
@@ -703,7 +731,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     if M == 0:
         return out
     n_groups = scales.shape[0]
-    backend, kern, grid, const, tiles, tile_elems = _plan(
+    backend, kern, grid, const, tiles, tile_elems, ckey = _plan(
         x, M, N, K, bits, group_size, n_groups, zeros is not None, bias is not None, config)
     if backend == "dequant":
         wt = wna16_dequant(qw, scales, zeros, bits, group_size, N, K, x.dtype)
@@ -711,10 +739,9 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
             return torch.addmm(bias.to(x.dtype), x, wt, out=out)
         return torch.mm(x, wt, out=out)
     ws, lock = splitk_buffers(x.device, tiles, const["SPLIT_K"], tile_elems, 4)
-    kern[grid](
-        x, qw, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-        ws, lock, M, N, K, n_groups, group_size, x.stride(0), out.stride(0), **const,
-    )
+    fast_launch(kern, grid, (x, qw, scales, zeros if zeros is not None else scales,
+                             bias if bias is not None else scales, out, ws, lock, M, N, K, n_groups, group_size,
+                             x.stride(0), out.stride(0)), const, ckey)
     return out
 
 
@@ -752,6 +779,9 @@ def _(x, qw, scales, zeros, bias, bits, group_size, N, K):
 
 def wna16_linear(x: torch.Tensor, weight: WNA16Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W4A16/W8A16 linear. x: (..., K) fp16/bf16 -> (..., N) x.dtype."""
+    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch (~30 us of host time)
+        return wna16_linear_triton(x, weight.qw, weight.scales, weight.zeros, bias, weight.bits, weight.group_size,
+                                   weight.N, weight.K)
     lead = x.shape[:-1]
     out = _wna16_linear_op(
         x.reshape(-1, x.shape[-1]), weight.qw, weight.scales, weight.zeros, bias,

@@ -64,3 +64,43 @@ def test_public_ops_bf16(layer, M):
     W = layer["Wi4z"]
     assert rel_err(wna16.wna16_linear(x, W), wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], layer["z4"])) <= 1e-2
     assert rel_err(w8a8.w8a8_linear(x, layer["W8"]), w8a8.w8a8_gemm_ref(x, layer["W8"].w, layer["W8"].scale)) <= 1e-2
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_w8a8_dp4a_gemv_and_mixed(layer, M):
+    """dp4a GEMV (activations quantized once per call) for M <= 16, and mixed mode inside it."""
+    N, K = layer["N"], layer["K"]
+    W = layer["W8"]
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale)
+    cfgs = [dict(BACKEND="gemv", BLOCK_N=16, BLOCK_K=64, SPLIT_K=8, num_warps=4, num_stages=2)]
+    if M <= 4:  # BLOCK_M x BLOCK_N x BLOCK_K/4 int32 partials must fit in registers
+        cfgs.append(dict(BACKEND="gemv", BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, num_warps=8, num_stages=2))
+    for cfg in cfgs:
+        y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=poison((M, N), torch.float16, "cuda"))
+        assert rel_err(y, ref) <= 2e-3, cfg
+        rb = (torch.arange(M, device="cuda") % 2 == 0).to(torch.uint8)
+        for wf in (layer["w16"], None):
+            y = mixed.mixed_linear_triton(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, config=cfg,
+                                          out=poison((M, N), torch.float16, "cuda"))
+            refm = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb)
+            assert rel_err(y, refm) <= 1e-2, (cfg, wf is None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_public_fast_path_matches_custom_op(layer, dtype):
+    """The eager fast path (no custom-op dispatch, cached launches) == the custom op, bitwise."""
+    N, K = layer["N"], layer["K"]
+    ops = torch.ops.quantkit
+    for M in (1, 16, 100):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        for W in (layer["Wi4"], layer["Wi4z"], layer["Wi8"]):
+            a = wna16.wna16_linear(x, W)
+            a2 = wna16.wna16_linear(x, W)  # second call: cached launch
+            b = ops.wna16_linear(x, W.qw, W.scales, W.zeros, None, W.bits, W.group_size, N, K)
+            assert torch.equal(a, b) and torch.equal(a2, b)
+        W8 = layer["W8"]
+        assert torch.equal(w8a8.w8a8_linear(x, W8), ops.w8a8_linear(x, W8.w, W8.scale, None))
+        rb = (torch.rand(M, device="cuda") < 0.5).to(torch.uint8)
+        assert torch.equal(mixed.mixed_linear(x, W8, layer["w16"].to(dtype), mixed.CTRL_ROW_BITS, rb),
+                           ops.mixed_linear(x, W8.w, W8.scale, layer["w16"].to(dtype), mixed.CTRL_ROW_BITS, rb, None))

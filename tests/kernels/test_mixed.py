@@ -82,3 +82,36 @@ def test_row_precision_bits():
     assert rb.dtype == torch.uint8
     assert rb.tolist() == [0, 0, 1, 1, 0, 1, 1]
     assert mixed.row_precision_bits(sample_ids, pos, None, None).sum() == 0
+
+
+GEMV = dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 40, 96), (3, 40, 100), (16, 36, 64)])
+@pytest.mark.parametrize("cfg", [dict(GEMV, SPLIT_K=1), dict(GEMV, SPLIT_K=3), dict(CFG, FUSE_QUANT=False, SPLIT_K=2),
+                                 dict(CFG, FUSE_QUANT=True, SPLIT_K=3)],
+                         ids=["gemv", "gemv-sk3", "mma-sk2", "mma-fuse-sk3"])
+@pytest.mark.parametrize("fp16_copy", [True, False])
+@pytest.mark.parametrize("pattern", ["random", "none", "all"])
+def test_mixed_rows_w8a8_paths(dev, M, N, K, cfg, fp16_copy, pattern):
+    """Mixed mode runs inside the plain W8A8 kernels (GEMV and split-K tensor-core paths)."""
+    x, W, w16, bias = _layer(dev, 3 * M + N + K, M, N, K)
+    g = torch.Generator().manual_seed(M + 1)
+    rb = {"random": (torch.rand(M, generator=g) < 0.5), "none": torch.zeros(M, dtype=torch.bool),
+          "all": torch.ones(M, dtype=torch.bool)}[pattern]
+    if pattern == "random" and M > 1:
+        rb[0], rb[1] = True, False
+    rb = rb.to(torch.uint8).to(dev)
+    wf = w16 if fp16_copy else None
+    y = mixed.mixed_linear_triton(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias, config=cfg,
+                                  out=poison((M, N), torch.float16, dev))
+    ref = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)
+    fp = rb.bool()
+    assert _rows_err(y, ref, fp) <= 2e-3
+    assert _rows_err(y, ref, ~fp) <= 1e-2
+    ref_i8 = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
+    if fp.any():
+        assert _rows_err(y, ref_i8, fp) > 2e-3
+    if (~fp).any() and fp16_copy:
+        ref_f = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_FORCE_FP16, rb, bias)
+        assert _rows_err(y, ref_f, ~fp) > 1e-2

@@ -105,3 +105,31 @@ def test_dispatch_thresholds(M, backend):
     cfg = wna16._default_config(M, 4096, 4096)
     if backend == "gemv":  # split-K fills ~4 waves of 132 SMs
         assert 4096 // cfg["BLOCK_N"] * cfg["SPLIT_K"] >= 264
+
+
+MMA = dict(BACKEND="mma", BLOCK_M=16, BLOCK_N=32, SWAP_AB=False, GROUP_M=1, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("cfg", [MMA, MMA_SWAP], ids=["mma", "swap"])
+def test_wna16_mma_magic16(dev, bits, dtype, asym, cfg):
+    """Tensor-core path with the 16-bit magic dequant (fp16 any bits, bf16 4-bit) vs the fp32 one."""
+    if dtype == torch.bfloat16 and dev.type != "cuda":
+        pytest.skip("triton's interpreter computes bf16 tl.dot wrongly (checked: 16x16 bf16 dot off by 1e10)")
+    M, N, K, gs = 19, 40, 384, 128
+    q, s, z = _make(dev, 7 + bits + asym, N, K, bits, gs, asym)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(bits)).to(dtype).to(dev)
+    W = wna16.prepack_wna16(q, s, z, bits)
+    ref = wna16.wna16_gemm_ref(x, q, s, z)
+    ys = []
+    for magic in (True, False):
+        y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, bits, gs, N, K,
+                                      config=dict(cfg, SPLIT_K=2, MAGIC16=magic), out=poison((M, N), dtype, dev))
+        assert rel_err(y, ref) <= 1e-2
+        ys.append(y)
+    assert rel_err(ys[0], ys[1]) <= 1e-2
+    assert rel_err(ys[0], wna16.wna16_gemm_ref(x, q, s * 1.05, z)) > 1e-2
+    if z is not None:
+        assert rel_err(ys[0], wna16.wna16_gemm_ref(x, q, s, None)) > 1e-2
