@@ -219,7 +219,9 @@ def load_model(
             path = Path(model)
             lm, tok, manifest = load_quantkit_checkpoint(path, dtype=None if dtype == "auto" else torch_dtype)
             source = {"kind": "quantkit-checkpoint", "path": str(path.resolve()), "source": manifest.get("source")}
-            source["fingerprint"] = _dir_fingerprint(path)
+            # The reader just verified every file against the manifest's hashes: fingerprint those, no re-read.
+            files = json.dumps(manifest.get("files", {}), sort_keys=True).encode()
+            source["fingerprint"] = hashlib.sha256(files).hexdigest()
         elif kind == "dir":
             path = Path(model)
             _check_local_dir(path)
