@@ -6,9 +6,8 @@ Everything here is silent; callers pass callbacks for progress. The CLI in
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +38,6 @@ class EvalConfig:
     seqlen: int = 512
     windows: int | None = 40
     batch_size: int = 4
-
-
-@dataclass
-class Timings:
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def track(self, name: str):
-        timings = self
-
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timings.seconds[name] = timings.seconds.get(name, 0.0) + time.perf_counter() - self.t
-
-        return _T()
 
 
 def load(model: str | None = None, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False):

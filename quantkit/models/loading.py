@@ -144,6 +144,12 @@ def _strip_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
+def _is_quantkit_checkpoint(path: Path) -> bool:
+    from quantkit.export.reader import is_quantkit_checkpoint  # lazy: pulls in safetensors/torch
+
+    return is_quantkit_checkpoint(path)
+
+
 def _check_local_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; pass a transformers model directory, a .gguf file or a hub id")
@@ -213,7 +219,7 @@ def load_model(
             tok, lm = _load_gguf(path, source["fingerprint"], torch_dtype, common)
             if kind == "default":
                 source["name"] = DEFAULT_MODEL_NAME
-        elif kind == "dir" and (Path(model) / "quantkit.json").is_file():
+        elif kind == "dir" and _is_quantkit_checkpoint(Path(model)):
             from quantkit.export.reader import load_quantkit_checkpoint
 
             path = Path(model)
