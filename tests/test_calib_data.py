@@ -41,9 +41,26 @@ def test_too_little_text_names_the_numbers(tmp_path, tiny_tokenizer):
     f.write_text("def f(x):\n    return x + 1\n" * 3)
     n_tokens = len(tiny_tokenizer(f.read_text(), add_special_tokens=False)["input_ids"])
     with pytest.raises(CalibDataError) as e:
-        calibration_set(tiny_tokenizer, str(f), samples=8, seqlen=16)
+        calibration_set(tiny_tokenizer, str(f), samples=8, seqlen=n_tokens)
     msg = str(e.value)
-    assert f"{n_tokens} tokens" in msg and "8 x 16" in msg and "--samples" in msg
+    assert f"{n_tokens} tokens" in msg and f"8 distinct windows of {n_tokens}" in msg and "--samples 1" in msg
+
+
+def test_more_windows_than_the_text_holds_overlap_but_stay_distinct(tmp_path, tiny_tokenizer):
+    f = tmp_path / "short.txt"
+    f.write_text("def f(x):\n    return x + 1\n" * 20)
+    n_tokens = len(tiny_tokenizer(f.read_text(), add_special_tokens=False)["input_ids"])
+    seqlen = 16
+    samples = n_tokens // seqlen + 5  # more than fit side by side
+    cs = calibration_set(tiny_tokenizer, str(f), samples=samples, seqlen=seqlen, seed=3)
+    assert cs.input_ids.shape == (samples, seqlen)
+    assert cs.settings["overlapping_windows"] is True
+    again = calibration_set(tiny_tokenizer, str(f), samples=samples, seqlen=seqlen, seed=3)
+    assert torch.equal(cs.input_ids, again.input_ids)
+    ids = tiny_tokenizer(f.read_text(), add_special_tokens=False)["input_ids"]
+    text = " ".join(map(str, ids))
+    for row in cs.input_ids.tolist():  # every window is a real slice of the text
+        assert " ".join(map(str, row)) in text
 
 
 def test_jsonl_and_field(tmp_path, tiny_tokenizer):

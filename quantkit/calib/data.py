@@ -122,22 +122,35 @@ class CalibrationSet:
 def calibration_set(
     tokenizer, spec: str | None = None, *, samples: int = 64, seqlen: int = 512, seed: int = 0, field: str = "text"
 ) -> CalibrationSet:
-    """`samples` distinct windows of `seqlen` tokens, chosen at random with `seed`."""
+    """`samples` distinct windows of `seqlen` tokens, chosen at random with `seed`.
+
+    Non-overlapping when the text holds that many windows; otherwise distinct,
+    overlapping start offsets (the built-in calibration half holds ~110 windows of
+    512 tokens, and the common 128 x 512 setting must still work).
+    """
     import torch
 
     if samples <= 0 or seqlen <= 1:
         raise CalibDataError(f"--samples ({samples}) must be >= 1 and --seqlen ({seqlen}) >= 2")
     tokens = tokenize(tokenizer, load_text(spec, part="calib", field=field))
     available = tokens.numel() // seqlen
-    if available < samples:
+    starts = tokens.numel() - seqlen + 1  # distinct window positions when windows may overlap
+    if starts < samples:
         raise CalibDataError(
-            f"calibration text has {tokens.numel()} tokens = {available} windows of {seqlen}, "
-            f"but {samples} x {seqlen} = {samples * seqlen} were asked for; "
-            f"use --samples {max(available, 1)} or a shorter --seqlen, or more text with --calib"
+            f"calibration text has {tokens.numel()} tokens, too few for {samples} distinct windows of {seqlen}; "
+            f"use --samples {max(starts, 1) if starts > 0 else 1} or a shorter --seqlen, or more text with --calib"
         )
     g = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(available, generator=g)[:samples].sort().values
-    windows = tokens[: available * seqlen].view(available, seqlen)[picks]
+    overlapping = available < samples
+    if not overlapping:
+        # Enough text: non-overlapping windows on a fixed grid, a seeded subset of them.
+        picks = torch.randperm(available, generator=g)[:samples].sort().values
+        windows = tokens[: available * seqlen].view(available, seqlen)[picks]
+    else:
+        # More windows than the text holds side by side: distinct random start offsets
+        # (windows share some tokens; recorded in the settings).
+        offsets = torch.randperm(starts, generator=g)[:samples].sort().values
+        windows = torch.stack([tokens[o : o + seqlen] for o in offsets.tolist()])
     settings = {
         "source": spec or BUILTIN,
         "field": field,
@@ -145,6 +158,7 @@ def calibration_set(
         "seqlen": seqlen,
         "seed": seed,
         "tokens_available": int(tokens.numel()),
+        "overlapping_windows": overlapping,
     }
     return CalibrationSet(windows.contiguous(), settings)
 

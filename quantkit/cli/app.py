@@ -39,12 +39,15 @@ def _root(
         os.environ[DEBUG_ENV] = "1"
 
 
-def _register() -> None:
-    from quantkit.cli import evaluate, inspect, methods
+# Command modules, each with a `register(app)`; a new command is a new module plus its name here.
+_COMMAND_MODULES = ("methods", "evaluate", "inspect")
 
-    methods.register(app)
-    evaluate.register(app)
-    inspect.register(app)
+
+def _register() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"quantkit.cli.{name}").register(app)
 
 
 _register()

@@ -59,7 +59,7 @@ def run_recipe(
     status(f"loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...")
     loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     api.check_recipe_fits(loaded.model, recipe)
-    summary: dict = {"scheme": recipe.scheme.weights.describe(), "stages": [s.method for s in recipe.stages]}
+    summary: dict = {"scheme": recipe.scheme.describe(), "stages": [s.method for s in recipe.stages]}
     windows = None
     if eval_cfg is not None:
         status("scoring the baseline on held-out text ...")

@@ -82,8 +82,16 @@ def register_method(name: str):
 
 
 def _load_builtin_methods() -> None:
-    # Importing the modules runs their @register_method decorators.
-    from quantkit.methods import rtn  # noqa: F401
+    # Importing every module of this package runs their @register_method decorators;
+    # a new method is a new file here, nothing else to edit.
+    import importlib
+    import pkgutil
+
+    import quantkit.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"quantkit.methods.{info.name}")
 
 
 def get_method(name: str) -> type[Method]:
