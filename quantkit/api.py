@@ -79,6 +79,8 @@ def quantize(
 
     check_recipe_fits(loaded.model, recipe)
     methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
+    for m in methods[:-1]:
+        m.final = False  # only the last stage quantizes; earlier ones transform
     needs_data = any(m.stats for m in methods)
     if calib_set is None and needs_data:
         calib_set = calibration_set(

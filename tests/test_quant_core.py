@@ -98,3 +98,20 @@ def test_quantargs_validation():
         QuantArgs(bits=5)
     with pytest.raises(RecipeError, match="group_size"):
         QuantArgs(bits=4, group_size=0)
+
+
+def test_fake_quantize_activations_per_token_and_static_tensor():
+    from quantkit.quant.core import fake_quantize_activations
+    from quantkit.recipe import ActQuantArgs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 64, generator=g)
+    x[0, 0] *= 100  # one loud token must not coarsen the others' grid under per-token scales
+    y = fake_quantize_activations(x, ActQuantArgs(8, "token"))
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert torch.all((y - x).abs() <= step / 2 + 1e-6)
+    assert (y[1] - x[1]).abs().max() < (x[0, 0].abs().max() / 127) / 10
+    s = torch.tensor(0.01)
+    z = fake_quantize_activations(x, ActQuantArgs(8, "tensor", dynamic=False), scale=s)
+    assert z.abs().max() <= 128 * 0.01 + 1e-6  # clamped to the static range
+    assert torch.allclose(z, torch.clamp(torch.round(x / s), -128, 127) * s)

@@ -179,7 +179,7 @@ def run_layerwise(
         with capture_inputs(linears, kinds) as stats:
             outputs = [] if data_free else forward()
         if methods:
-            ctx = BlockContext(i, name, block, linears, stats, forward, device)
+            ctx = BlockContext(i, name, block, linears, stats, forward, device, spec=adapter.spec)
             for method in methods:
                 method.apply_block(ctx)
             result.results.update(ctx.results)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from quantkit.calib.capture import InputStats
+from quantkit.models.adapter import ArchSpec
 from quantkit.quant.core import QuantizedTensor
 from quantkit.recipe import RecipeError, Scheme
 
@@ -32,6 +33,7 @@ class BlockContext:
         the outputs, a list of tensors (batch, seq, hidden); for search methods.
     results: methods write full name -> QuantizedTensor here (on CPU).
     warnings: user-facing warnings; they end up in the manifest.
+    spec: relative names of this block's parts (scale groups, true-sequential steps).
     """
 
     index: int
@@ -41,8 +43,20 @@ class BlockContext:
     stats: dict[str, InputStats]
     forward: Callable[[], list[torch.Tensor]]
     device: torch.device
+    spec: ArchSpec | None = None  # the model family's table (scale groups, sequential steps)
     results: dict[str, QuantizedTensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    def full_name(self, rel: str) -> str:
+        return f"{self.name}.{rel}"
+
+    def steps(self) -> list[list[str]]:
+        """Full names of the quantized linears, grouped into true-sequential steps
+        (linears of one step see the same input); empty steps are dropped."""
+        if self.spec is None:
+            return [[n] for n in self.linears]
+        out = [[self.full_name(r) for r in step if self.full_name(r) in self.linears] for step in self.spec.sequential]
+        return [s for s in out if s]
 
 
 class Method:
@@ -52,6 +66,10 @@ class Method:
     stats: ClassVar[frozenset[str]] = frozenset()
     # Option names this method accepts in a recipe stage (validated before any work).
     options: ClassVar[tuple[str, ...]] = ()
+    # True for the recipe's last stage: it quantizes and records ctx.results. Earlier
+    # stages are transforms (AWQ scales, SmoothQuant smoothing, clipping) that
+    # change float weights only, so the final stage quantizes what they left.
+    final: bool = True
 
     def __init__(self, scheme: Scheme, **options: Any):
         unknown = set(options) - set(self.options)

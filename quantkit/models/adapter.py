@@ -24,11 +24,14 @@ class ScaleGroup:
 
     Names are relative to a decoder block. `requires_equal_shapes` marks groups
     (v_proj -> o_proj) that only fold when head counts line up (not under GQA).
+    `output_module` is the sub-block whose output a scale search scores (AWQ's
+    loss): the attention or MLP module that contains the consumers.
     """
 
     producer: str
     consumers: tuple[str, ...]
     requires_equal_shapes: bool = False
+    output_module: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,12 @@ _LLAMA_LIKE = ArchSpec(
         ("mlp.down_proj",),
     ),
     scale_groups=(
-        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), requires_equal_shapes=True),
-        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+        ScaleGroup(
+            "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), output_module="self_attn"
+        ),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), requires_equal_shapes=True, output_module="self_attn"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), output_module="mlp"),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), output_module="mlp"),
     ),
     ops=(
         ("self_attn.q_proj", "qkv_proj"),

@@ -147,3 +147,22 @@ def check_group_size(layers: dict[str, int], args: QuantArgs) -> None:
     raise RecipeError(
         f"group size {args.group_size} does not divide in_features {'/'.join(map(str, sizes))} of {shown}; {fix}"
     )
+
+
+def fake_quantize_activations(x: torch.Tensor, args, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize activations as a W8A8 kernel would see them (symmetric).
+
+    x: (..., features). args: `ActQuantArgs`. Per-token dynamic scales are
+    max|row| / qmax; per-tensor uses `scale` (static, calibrated) when given,
+    else max|x| / qmax (dynamic). Returns a tensor of x's dtype and shape.
+    """
+    qmax = args.qmax
+    xf = x.float()
+    if scale is None:
+        if args.strategy == "token":
+            amax = xf.abs().amax(dim=-1, keepdim=True)
+        else:
+            amax = xf.abs().amax()
+        scale = amax.clamp(min=1e-8) / qmax
+    q = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax)
+    return (q * scale).to(x.dtype)
