@@ -251,7 +251,29 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-_QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+_QUANT_SUFFIXES = (
+    "weight_packed",
+    "weight_scale",
+    "weight_zero_point",
+    "weight_shape",
+    "weight_g_idx",
+    # awq / gptq layouts
+    "qweight",
+    "qzeros",
+    "scales",
+    "g_idx",
+)
+
+
+def _legacy_groups(qc: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
+    """(format, groups) for an awq or gptq quantization_config: one implicit group of every quantized linear."""
+    method = qc.get("quant_method")
+    if method == "awq":
+        sym, fmt = False, f"{qc.get('version', 'gemm')}"
+    else:
+        sym, fmt = bool(qc.get("sym")), f"{qc.get('checkpoint_format', 'gptq')} v1"
+    weights = {"num_bits": qc.get("bits"), "group_size": qc.get("group_size"), "symmetric": sym}
+    return fmt, [{"name": "all", "format": fmt, "weights": weights, "input_activations": None, "n_targets": 0, "targets": []}]
 
 
 def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
@@ -307,6 +329,12 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
                 quantized_bytes += nbytes
                 unquantized_bytes -= nbytes
 
+    fmt = qc.get("format", "dense" if not qc else None)
+    ignore = qc.get("ignore", [])
+    if qc.get("quant_method") in ("awq", "gptq"):
+        fmt, groups = _legacy_groups(qc)
+        groups[0]["n_targets"] = len(quantized_modules)
+        ignore = qc.get("modules_to_not_convert") or []
     manifest = None
     try:
         manifest = read_manifest(ckpt_dir)
@@ -316,11 +344,11 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
     total = sum(p.stat().st_size for p in ckpt_dir.rglob("*") if p.is_file())
     return {
         "path": str(ckpt_dir),
-        "format": qc.get("format", "dense" if not qc else None),
+        "format": fmt,
         "quant_method": qc.get("quant_method"),
         "version": qc.get("version"),
         "groups": groups,
-        "ignore": qc.get("ignore", []),
+        "ignore": ignore,
         "kv_cache_scheme": qc.get("kv_cache_scheme"),
         "n_quantized_linears": len(quantized_modules),
         "quantized_bytes": quantized_bytes,
