@@ -81,10 +81,12 @@ def run_recipe(
         q, _ = api.evaluate(qmodel.model, loaded.tokenizer, eval_cfg, device=device, windows=windows)
         summary["quantized"] = q.to_dict()
     path = api.export(qmodel, out, format=format, overwrite=overwrite)
+    from quantkit.export.manifest import read_manifest
+
     summary.update(
         out=str(path),
         quantized_linears=len(qmodel.modules),
-        warnings=qmodel.warnings,
+        warnings=read_manifest(path).get("warnings", qmodel.warnings),  # the run's and the export's
         wall_seconds=time.perf_counter() - t0,
         peak_rss_mib=peak_rss_mib(),
     )
