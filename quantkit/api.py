@@ -16,9 +16,19 @@ from quantkit.models.loading import LoadedModel, load_model, resolve_device
 from quantkit.quant.model import QuantizedModel
 from quantkit.recipe import Recipe, RecipeError
 
-__all__ = ["CalibConfig", "EvalConfig", "load", "quantize", "evaluate", "export", "check_recipe_fits"]
+__all__ = [
+    "CalibConfig",
+    "EvalConfig",
+    "load",
+    "quantize",
+    "evaluate",
+    "export",
+    "check_recipe_fits",
+    "check_export_format",
+    "EXPORT_FORMATS",
+]
 
-EXPORT_FORMATS = ("compressed-tensors",)
+EXPORT_FORMATS = ("compressed-tensors", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -106,10 +116,48 @@ def quantize(
     )
 
 
-def export(qmodel: QuantizedModel, out: str | Path, *, format: str = "compressed-tensors", overwrite: bool = False):
-    """Write a checkpoint dir atomically. Returns its path."""
+def check_export_format(recipe: Recipe, format: str, model=None) -> None:
+    """Refuse, before any work, a recipe the checkpoint layout cannot hold.
+
+    Without `model` only the scheme is checked (bits, groups, activation/KV
+    quantization); with it, also the shapes of the linears the recipe quantizes.
+    """
     if format not in EXPORT_FORMATS:
-        raise RecipeError(f"--format {format!r} is not supported yet; use one of {', '.join(EXPORT_FORMATS)}")
+        raise RecipeError(f"--format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
+    if format == "compressed-tensors":
+        return
+    s = recipe.scheme
+    if s.input_activations is not None or s.kv_cache is not None:
+        raise RecipeError(f"--format {format} holds weight-only schemes, not {s.name}; use --format compressed-tensors")
+    shapes = None
+    if model is not None:
+        shapes = {k: (v.out_features, v.in_features) for k, v in quantizable_linears(model, recipe).items()}
+    if format == "awq":
+        from quantkit.export.awq import check_awq_args, check_awq_shapes
+
+        check_awq_args(s.weights)
+        if shapes is not None:
+            check_awq_shapes(shapes)
+    else:
+        from quantkit.export.gptq import check_gptq_args, check_gptq_shapes
+
+        check_gptq_args(s.weights)
+        if shapes is not None:
+            check_gptq_shapes(shapes, s.weights.bits)
+
+
+def export(qmodel: QuantizedModel, out: str | Path, *, format: str = "compressed-tensors", overwrite: bool = False):
+    """Write a checkpoint dir atomically in `format` (one of EXPORT_FORMATS). Returns its path."""
+    if format not in EXPORT_FORMATS:
+        raise RecipeError(f"--format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
+    if format == "awq":
+        from quantkit.export.awq import export_awq
+
+        return export_awq(qmodel, Path(out), overwrite=overwrite)
+    if format == "gptq":
+        from quantkit.export.gptq import export_gptq
+
+        return export_gptq(qmodel, Path(out), overwrite=overwrite)
     from quantkit.export.compressed_tensors import export_compressed_tensors
 
     return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError
@@ -238,15 +239,238 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
-        stages = tuple(Stage(s["method"], {k: v for k, v in s.items() if k != "method"}) for s in d["stages"])
-        return cls(
-            scheme=Scheme.from_dict(d["scheme"]),
-            stages=stages,
-            ignore=tuple(d.get("ignore", ("lm_head",))),
-            version=d.get("version", RECIPE_VERSION),
-        )
+        """The inverse of to_dict (also takes a preset name as scheme); validated, see recipe_from_dict."""
+        return recipe_from_dict(d)
 
     def with_weights(self, **changes: Any) -> "Recipe":
         """The same recipe with some weight args overridden (CLI options beat recipe values)."""
         w = dataclasses.replace(self.scheme.weights, **changes)
         return dataclasses.replace(self, scheme=dataclasses.replace(self.scheme, weights=w))
+
+
+# ----------------------------------------------------------------------------- recipe files
+#
+# A recipe file (YAML, or JSON) is the dict Recipe.to_dict() writes, except that
+# `scheme` may be a preset name and derived keys (scheme.name, weights.strategy)
+# may be left out. Everything is checked before a model is loaded; every error
+# is a RecipeError naming the key and what is allowed.
+
+_TOP_KEYS = ("version", "scheme", "ignore", "stages")
+_SCHEME_KEYS = ("weights", "input_activations", "kv_cache", "name")  # name: derived, written by to_dict
+_WEIGHT_STRATEGIES = ("channel", "group")
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _check_type(where: str, v: Any, kind: str, optional: bool = False) -> None:
+    """Refuse a value of the wrong YAML type (bool is not an int; an int is a valid float)."""
+    if v is None and optional:
+        return
+    ok = {
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str),
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+    }[kind]
+    if not ok:
+        want = {"int": "an integer", "bool": "true or false", "str": "a string", "float": "a number"}[kind]
+        raise RecipeError(f"{where} must be {want}{' (or omitted)' if optional else ''}, got {v!r}")
+
+
+def _check_keys(where: str, d: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(d, dict):
+        raise RecipeError(f"{where} must be a mapping, got {_type_name(d)} {d!r}")
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise RecipeError(f"{where} has unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+
+
+def _args_from(where: str, cls: type, d: Any, types: dict[str, tuple[str, bool]]):
+    """Build an args dataclass from a mapping, checking keys and value types first."""
+    _check_keys(where, d, tuple(types))
+    for k, v in d.items():
+        kind, optional = types[k]
+        _check_type(f"{where}.{k}", v, kind, optional)
+    try:
+        return cls(**d)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def _weights_from(d: Any) -> QuantArgs:
+    where = "scheme.weights"
+    types = {"bits": ("int", False), "group_size": ("int", True), "symmetric": ("bool", False), "strategy": ("str", False)}
+    _check_keys(where, d, tuple(types))
+    d = dict(d)
+    strategy = d.pop("strategy", None)
+    args = _args_from(where, QuantArgs, d, types)
+    if strategy is not None:
+        if strategy not in _WEIGHT_STRATEGIES:
+            raise RecipeError(f"{where}.strategy {strategy!r} is unknown; allowed: {', '.join(_WEIGHT_STRATEGIES)}")
+        if strategy != args.strategy:
+            fix = "set group_size" if strategy == "group" else "remove group_size"
+            raise RecipeError(f"{where}.strategy {strategy!r} contradicts group_size={args.group_size}; {fix}")
+    return args
+
+
+def _scheme_from(v: Any) -> Scheme:
+    if isinstance(v, str):
+        if v not in PRESETS:
+            raise RecipeError(f"scheme {v!r} is not a preset; presets: {', '.join(PRESETS)} (or give a mapping)")
+        return PRESETS[v]
+    _check_keys("scheme", v, _SCHEME_KEYS)
+    if "weights" not in v:
+        raise RecipeError("scheme needs a 'weights' mapping (e.g. {bits: 4, group_size: 64, symmetric: false})")
+    if v.get("name") is not None and not isinstance(v["name"], str):
+        _check_type("scheme.name", v["name"], "str")
+    acts, kv = v.get("input_activations"), v.get("kv_cache")
+    act_types = {"bits": ("int", False), "strategy": ("str", False), "dynamic": ("bool", False), "symmetric": ("bool", False)}
+    kv_types = {
+        **act_types,
+        "residual_bits": ("int", True),
+        "residual_tau": ("float", False),
+    }
+    return Scheme(
+        weights=_weights_from(v["weights"]),
+        input_activations=None if acts is None else _args_from("scheme.input_activations", ActQuantArgs, acts, act_types),
+        kv_cache=None if kv is None else _args_from("scheme.kv_cache", KVCacheArgs, kv, kv_types),
+    )
+
+
+def _stages_from(v: Any) -> tuple[Stage, ...]:
+    if not isinstance(v, list):
+        raise RecipeError(f"stages must be a list of {{method: NAME, ...options}}, got {_type_name(v)}")
+    if not v:
+        raise RecipeError("stages is empty; add at least one stage, e.g. '- method: rtn'")
+    out = []
+    for i, s in enumerate(v):
+        if isinstance(s, str):  # `- rtn` is shorthand for `- method: rtn`
+            s = {"method": s}
+        if not isinstance(s, dict):
+            raise RecipeError(f"stages[{i}] must be a mapping like {{method: gptq, damp: 0.01}}, got {s!r}")
+        if "method" not in s:
+            raise RecipeError(f"stages[{i}] has no 'method' key; e.g. '- method: rtn'")
+        _check_type(f"stages[{i}].method", s["method"], "str")
+        for k in s:
+            _check_type(f"stages[{i}] option name", k, "str")
+        out.append(Stage(s["method"], {k: x for k, x in s.items() if k != "method"}))
+    return tuple(out)
+
+
+def recipe_from_dict(d: Any) -> Recipe:
+    """A validated Recipe from its dict form (scheme may be a preset name).
+
+    Checks structure, keys, types and values; not the methods (see check_methods).
+    """
+    _check_keys("recipe", d, _TOP_KEYS)
+    version = d.get("version", RECIPE_VERSION)
+    _check_type("version", version, "int")
+    if version != RECIPE_VERSION:
+        raise RecipeError(
+            f"recipe version {version} is not supported; this quantkit reads version {RECIPE_VERSION}"
+            + (" (upgrade quantkit)" if version > RECIPE_VERSION else "")
+        )
+    if "scheme" not in d:
+        raise RecipeError(f"recipe has no 'scheme'; use a preset ({', '.join(PRESETS)}) or a mapping")
+    if "stages" not in d:
+        raise RecipeError("recipe has no 'stages'; add e.g. 'stages: [{method: rtn}]'")
+    ignore = d.get("ignore", ["lm_head"])
+    if ignore is None:
+        ignore = []
+    if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+        raise RecipeError(f"ignore must be a list of module names or 're:' patterns, got {ignore!r}")
+    return Recipe(scheme=_scheme_from(d["scheme"]), stages=_stages_from(d["stages"]), ignore=tuple(ignore), version=version)
+
+
+def check_methods(recipe: Recipe) -> None:
+    """Every stage names a registered method and passes only options it accepts (imports torch)."""
+    from quantkit.methods.base import available_methods, get_method
+
+    names = available_methods()
+    for i, st in enumerate(recipe.stages):
+        if st.method not in names:
+            raise RecipeError(f"stages[{i}].method {st.method!r} is unknown; available: {', '.join(names)}")
+        try:
+            get_method(st.method)(recipe.scheme, **st.options)
+        except RecipeError as e:
+            raise RecipeError(f"stages[{i}] ({st.method}): {e}") from None
+        except (TypeError, ValueError) as e:  # a method's own option check
+            raise RecipeError(f"stages[{i}] ({st.method}): bad option value: {e}") from None
+
+
+def _read_mapping(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        import json
+
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{path}: JSON syntax error at line {e.lineno}: {e.msg}") from None
+    import yaml  # lazy: only recipe files need it
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: YAML syntax error{line}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: YAML error: {str(e).splitlines()[0]}") from None
+
+
+def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
+    """Read a recipe from a .yaml/.yml/.json file, a quantkit checkpoint dir, or its quantkit.json.
+
+    A checkpoint's manifest stores the recipe that made it, so the same run can
+    be repeated. check: also verify the methods and their options (imports torch).
+    Raises RecipeError (a UsageError) for anything wrong, naming the key.
+    """
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "quantkit.json").is_file():
+            raise RecipeError(f"{p} is a directory without quantkit.json; pass a recipe .yaml or a quantkit checkpoint dir")
+        p = p / "quantkit.json"
+    if not p.is_file():
+        raise RecipeError(f"recipe {p} not found; pass a recipe .yaml file or a quantkit checkpoint dir")
+    d = _read_mapping(p)
+    if p.name == "quantkit.json" or (isinstance(d, dict) and "format_version" in d and "recipe" in d):
+        if not isinstance(d, dict) or not isinstance(d.get("recipe"), dict):
+            raise RecipeError(f"{p} holds no recipe; it was not written by a quantkit export")
+        d = d["recipe"]
+    if d is None:
+        raise RecipeError(f"{p} is empty; a recipe needs 'scheme' and 'stages'")
+    try:
+        recipe = recipe_from_dict(d)
+    except RecipeError as e:
+        raise RecipeError(f"{p}: {e}") from None
+    if check:
+        try:
+            check_methods(recipe)
+        except RecipeError as e:
+            raise RecipeError(f"{p}: {e}") from None
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML that load_recipe reads back to an equal Recipe.
+
+    The scheme is written as its preset name when it is one, else as a mapping
+    without derived keys.
+    """
+    import yaml
+
+    preset = next((n for n, s in PRESETS.items() if s == recipe.scheme), None)
+    if preset is not None:
+        scheme: Any = preset
+    else:
+        scheme = {"weights": {k: v for k, v in recipe.scheme.weights.to_dict().items() if k != "strategy"}}
+        if recipe.scheme.input_activations is not None:
+            scheme["input_activations"] = recipe.scheme.input_activations.to_dict()
+        if recipe.scheme.kv_cache is not None:
+            scheme["kv_cache"] = recipe.scheme.kv_cache.to_dict()
+    d = {"version": recipe.version, "scheme": scheme, "ignore": list(recipe.ignore), "stages": [s.to_dict() for s in recipe.stages]}
+    return yaml.safe_dump(d, sort_keys=False, default_flow_style=False)

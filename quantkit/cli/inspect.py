@@ -23,7 +23,8 @@ def _describe_weights(w: dict | None) -> str:
 
 def _rows(s: dict) -> list[tuple[str, str]]:
     """The summary as (label, value) rows a person reads top to bottom."""
-    rows = [("format", f"{s['quant_method']} · {s['format']} (format version {s['version']})")]
+    version = f" (format version {s['version']})" if s.get("version") and s["version"] != s["format"] else ""
+    rows = [("format", f"{s['quant_method']} · {s['format']}{version}")]
     for g in s["groups"]:
         acts = " + A8 activations" if g.get("input_activations") else ""
         rows.append((g["name"], f"{_describe_weights(g['weights'])}{acts} · {g['n_targets']} linears"))

@@ -50,16 +50,23 @@ def run_recipe(
     from quantkit import api
     from quantkit.export.atomic import check_output_dir
 
-    t0 = time.perf_counter()
-    if format not in api.EXPORT_FORMATS:
-        from quantkit.recipe import RecipeError
+    from quantkit.recipe import check_methods
 
-        raise RecipeError(f"--format {format!r} is not supported yet; use one of {', '.join(api.EXPORT_FORMATS)}")
-    check_output_dir(out, overwrite)  # refuse before minutes of work, not after
+    t0 = time.perf_counter()
+    # Refuse before loading the model (minutes of work), not after.
+    check_methods(recipe)
+    api.check_export_format(recipe, format)
+    check_output_dir(out, overwrite)
     status(f"loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...")
     loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     api.check_recipe_fits(loaded.model, recipe)
-    summary: dict = {"scheme": recipe.scheme.describe(), "stages": [s.method for s in recipe.stages]}
+    api.check_export_format(recipe, format, loaded.model)
+    summary: dict = {
+        "scheme": recipe.scheme.describe(),
+        "stages": [s.method for s in recipe.stages],
+        "recipe": recipe.to_dict(),
+        "format": format,
+    }
     windows = None
     if eval_cfg is not None:
         status("scoring the baseline on held-out text ...")
@@ -74,10 +81,12 @@ def run_recipe(
         q, _ = api.evaluate(qmodel.model, loaded.tokenizer, eval_cfg, device=device, windows=windows)
         summary["quantized"] = q.to_dict()
     path = api.export(qmodel, out, format=format, overwrite=overwrite)
+    from quantkit.export.manifest import read_manifest
+
     summary.update(
         out=str(path),
         quantized_linears=len(qmodel.modules),
-        warnings=qmodel.warnings,
+        warnings=read_manifest(path).get("warnings", qmodel.warnings),  # the run's and the export's
         wall_seconds=time.perf_counter() - t0,
         peak_rss_mib=peak_rss_mib(),
     )
@@ -95,7 +104,10 @@ def _print_summary(s: dict) -> None:
     t = Table(title="quantkit", show_header=False)
     t.add_row("scheme", f"{s['scheme']} · {' + '.join(s['stages'])}")
     t.add_row("quantized linears", str(s["quantized_linears"]))
-    t.add_row("checkpoint", s["out"])
+    t.add_row("checkpoint", f"{s['out']} ({s.get('format', 'compressed-tensors')})")
+    for i, st in enumerate(s.get("recipe", {}).get("stages", [])):
+        opts = ", ".join(f"{k}={v}" for k, v in st.items() if k != "method")
+        t.add_row(f"stage {i + 1}", f"{st['method']}" + (f" ({opts})" if opts else ""))
     if "baseline" in s:
         b, q = s["baseline"]["ppl"], s["quantized"]["ppl"]
         t.add_row("perplexity (baseline)", f"{b:.4f}")

@@ -27,7 +27,14 @@ SeqlenOpt = Annotated[int, typer.Option("--seqlen", help="Tokens per window.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for window selection (results are reproducible).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, float16, bfloat16.")]
-FormatOpt = Annotated[str, typer.Option("--format", help="Checkpoint layout: compressed-tensors.")]
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="Checkpoint layout: compressed-tensors (vLLM, transformers), awq (AutoAWQ GEMM; 4-bit, grouped) "
+        "or gptq (GPTQ v1 / GPTQModel; 2, 3, 4, 8 bits).",
+    ),
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (only once the new one is complete).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code from the hub (off by default).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward.")]
@@ -37,3 +44,14 @@ EvalFlagOpt = Annotated[
 WindowsOpt = Annotated[int, typer.Option("--windows", help="Held-out windows to score (0 = all).")]
 EvalSeqlenOpt = Annotated[int, typer.Option("--eval-seqlen", help="Tokens per held-out window.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the run summary (times, memory, perplexities) here.")]
+
+# Overrides for commands whose scheme comes from elsewhere (a recipe, a method's
+# default): None means "not given on the command line", so the other source wins.
+BitsOverrideOpt = Annotated[Optional[int], typer.Option("--bits", help="Weight bits: 2, 3, 4 or 8 (overrides the scheme).")]
+GroupSizeOverrideOpt = Annotated[
+    Optional[int],
+    typer.Option("--group-size", "-g", help="Columns per scale group; 0 = per-channel (overrides the scheme)."),
+]
+SymOverrideOpt = Annotated[
+    Optional[bool], typer.Option("--sym/--asym", help="Symmetric or asymmetric weights (overrides the scheme).", show_default=False)
+]

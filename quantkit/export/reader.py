@@ -23,6 +23,9 @@ from quantkit.quant.pack import unpack_int32
 from quantkit.recipe import QuantArgs
 
 
+READABLE_FORMATS = ("compressed-tensors", "awq", "gptq")
+
+
 class CheckpointError(UsageError):
     """The checkpoint dir is damaged or not one of ours."""
 
@@ -46,25 +49,44 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def dense_state_dict(path: Path, modules: dict[str, dict[str, Any]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """State dict with every pack-quantized linear replaced by its dequantized `weight` (out, in)."""
+def dense_state_dict(
+    path: Path, modules: dict[str, dict[str, Any]], dtype: torch.dtype, format: str = "compressed-tensors"
+) -> dict[str, torch.Tensor]:
+    """State dict with every quantized linear replaced by its dequantized `weight` (out, in).
+
+    format: the manifest's format (compressed-tensors, awq or gptq) saying how the linears are stored.
+    """
     tensors = _load_tensors(path)
     out: dict[str, torch.Tensor] = {}
     for name, args_d in modules.items():
         args = QuantArgs.from_dict(args_d)
         try:
-            shape = tuple(int(x) for x in tensors.pop(f"{name}.weight_shape").tolist())
-            packed = tensors.pop(f"{name}.weight_packed")
-            scale = tensors.pop(f"{name}.weight_scale")
-            zp = tensors.pop(f"{name}.weight_zero_point", None)
+            if format == "awq":
+                from quantkit.export.awq import dense_from_awq
+
+                w = dense_from_awq(tensors, name, args)
+            elif format == "gptq":
+                from quantkit.export.gptq import dense_from_gptq
+
+                w = dense_from_gptq(tensors, name, args)
+            else:
+                w = _dense_from_ct(tensors, name, args)
         except KeyError as e:
             raise CheckpointError(f"{path}: tensor {e.args[0]} is missing; the checkpoint is incomplete") from e
-        q = unpack_int32(packed, args.bits, shape, dim=1)
-        zero = None if zp is None else unpack_int32(zp, args.bits, (shape[0], scale.shape[1]), dim=0)
-        # Multiply in float32 from the stored (model-dtype) scale, then round once: same as the exporter's model.
-        out[f"{name}.weight"] = dequantize(q, scale.float(), zero, args).to(dtype)
+        # Multiply in float32 from the stored scale, then round once: same as the exporter's model.
+        out[f"{name}.weight"] = w.to(dtype)
     out.update(tensors)
     return out
+
+
+def _dense_from_ct(tensors: dict[str, torch.Tensor], name: str, args: QuantArgs) -> torch.Tensor:
+    shape = tuple(int(x) for x in tensors.pop(f"{name}.weight_shape").tolist())
+    packed = tensors.pop(f"{name}.weight_packed")
+    scale = tensors.pop(f"{name}.weight_scale")
+    zp = tensors.pop(f"{name}.weight_zero_point", None)
+    q = unpack_int32(packed, args.bits, shape, dim=1)
+    zero = None if zp is None else unpack_int32(zp, args.bits, (shape[0], scale.shape[1]), dim=0)
+    return dequantize(q, scale.float(), zero, args)
 
 
 def _empty_model(config, dtype: torch.dtype):
@@ -93,14 +115,14 @@ def load_quantkit_checkpoint(path: str | Path, *, dtype: torch.dtype | None = No
         if problems:
             raise CheckpointError(f"{path} failed verification: {problems[0]}; do not use this checkpoint")
     fmt = manifest.get("format")
-    if fmt != "compressed-tensors":
-        raise CheckpointError(f"{path} has format {fmt!r}; this reader loads compressed-tensors checkpoints")
+    if fmt not in READABLE_FORMATS:
+        raise CheckpointError(f"{path} has format {fmt!r}; this reader loads {', '.join(READABLE_FORMATS)} checkpoints")
     cfg_dict = json.loads((path / "config.json").read_text())
     cfg_dict.pop("quantization_config", None)
     config = AutoConfig.for_model(**cfg_dict)
     if dtype is None:
         dtype = getattr(torch, str(cfg_dict.get("dtype") or cfg_dict.get("torch_dtype") or "float32"))
-    sd = dense_state_dict(path, manifest["modules"], dtype)
+    sd = dense_state_dict(path, manifest["modules"], dtype, fmt)
     model = _empty_model(config, dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected:

@@ -1,0 +1,224 @@
+"""`quantkit quantize --recipe FILE` and the one-stage shorthands `quantkit awq` / `quantkit gptq`.
+
+All of them build a Recipe and hand it to `run_recipe` (cli/methods.py), the
+same load → quantize → eval → export flow `quantkit rtn` uses.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from quantkit.cli.methods import run_recipe
+from quantkit.cli.options import (
+    BatchOpt,
+    BitsOverrideOpt,
+    CalibFieldOpt,
+    CalibOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EvalFlagOpt,
+    EvalSeqlenOpt,
+    FormatOpt,
+    GroupSizeOverrideOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    SamplesOpt,
+    SeedOpt,
+    SeqlenOpt,
+    SymOverrideOpt,
+    TrustOpt,
+    WindowsOpt,
+)
+from quantkit.cli.ui import handle_errors
+
+# Default scheme of `quantkit awq` / `quantkit gptq`: 4-bit, group 64, asymmetric.
+# 64 divides the default model's in_features (576 and 1536; 128 does not divide
+# 576), and a zero point helps 4-bit noticeably on small models.
+DEFAULT_BITS, DEFAULT_GROUP, DEFAULT_SYM = 4, 64, False
+
+RecipeOpt = Annotated[
+    str,
+    typer.Option(
+        "--recipe",
+        "-r",
+        help="Recipe .yaml (see recipes/), or a quantkit checkpoint dir / its quantkit.json to re-run the recipe that made it.",
+    ),
+]
+
+
+def override_weights(recipe, bits: int | None, group_size: int | None, sym: bool | None):
+    """The recipe with the weight options that were given on the command line (None = keep the recipe's).
+
+    group_size 0 means per-channel.
+    """
+    changes: dict[str, Any] = {}
+    if bits is not None:
+        changes["bits"] = bits
+    if group_size is not None:
+        if group_size < 0:
+            from quantkit.recipe import RecipeError
+
+            raise RecipeError(f"--group-size {group_size} must be positive, or 0 for per-channel")
+        changes["group_size"] = group_size or None
+    if sym is not None:
+        changes["symmetric"] = sym
+    return recipe.with_weights(**changes) if changes else recipe
+
+
+def one_stage_recipe(method: str, options: dict[str, Any], bits, group_size, sym):
+    """A one-stage recipe with the awq/gptq default scheme (W4 g64 asym) and the given overrides."""
+    from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
+
+    base = Recipe(Scheme(QuantArgs(DEFAULT_BITS, DEFAULT_GROUP, DEFAULT_SYM)), (Stage(method, options),))
+    return override_weights(base, bits, group_size, sym)
+
+
+def _run(recipe, *, model, out, calib, calib_field, samples, seqlen, seed, batch_size, device, dtype, format,
+         overwrite, trust_remote_code, eval, windows, eval_seqlen, json_out) -> None:
+    from quantkit.api import CalibConfig, EvalConfig
+
+    run_recipe(
+        recipe,
+        model=model,
+        out=out,
+        calib=CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
+        device=device,
+        dtype=dtype,
+        format=format,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
+        json_out=json_out,
+    )
+
+
+@handle_errors
+def quantize(
+    recipe: RecipeOpt,
+    out: OutOpt,
+    model: ModelOpt = None,
+    bits: BitsOverrideOpt = None,
+    group_size: GroupSizeOverrideOpt = None,
+    sym: SymOverrideOpt = None,
+    calib: CalibOpt = None,
+    calib_field: CalibFieldOpt = "text",
+    samples: SamplesOpt = 64,
+    seqlen: SeqlenOpt = 512,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    format: FormatOpt = "compressed-tensors",
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustOpt = False,
+    batch_size: BatchOpt = 8,
+    eval: EvalFlagOpt = False,
+    windows: WindowsOpt = 40,
+    eval_seqlen: EvalSeqlenOpt = 512,
+    json_out: JsonOpt = None,
+) -> None:
+    """Run a recipe (ordered method stages + scheme + ignore list) and export the checkpoint.
+
+    --bits/--group-size/--sym/--asym override the recipe's weight scheme only when given.
+    """
+    from quantkit.recipe import load_recipe
+
+    r = override_weights(load_recipe(recipe), bits, group_size, sym)
+    _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
+         batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
+         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out)
+
+
+@handle_errors
+def awq(
+    out: OutOpt,
+    model: ModelOpt = None,
+    bits: BitsOverrideOpt = None,
+    group_size: GroupSizeOverrideOpt = None,
+    sym: SymOverrideOpt = None,
+    awq_grid: Annotated[int, typer.Option("--awq-grid", help="Scale exponents tried per group (alpha in [0, 1)).")] = 20,
+    awq_duo: Annotated[bool, typer.Option("--awq-duo", help="Search activation and weight exponents separately.")] = False,
+    clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Search a per-group weight clipping range after scaling.")] = True,
+    clip_grid: Annotated[int, typer.Option("--clip-grid", help="Clipping ratios tried.")] = 20,
+    max_shrink: Annotated[float, typer.Option("--max-shrink", help="Smallest clip ratio tried is 1 - this.")] = 0.5,
+    search_samples: Annotated[
+        Optional[int], typer.Option("--search-samples", help="Calibration windows used by the searches (default: all).")
+    ] = None,
+    calib: CalibOpt = None,
+    calib_field: CalibFieldOpt = "text",
+    samples: SamplesOpt = 64,
+    seqlen: SeqlenOpt = 512,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    format: FormatOpt = "compressed-tensors",
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustOpt = False,
+    batch_size: BatchOpt = 8,
+    eval: EvalFlagOpt = False,
+    windows: WindowsOpt = 40,
+    eval_seqlen: EvalSeqlenOpt = 512,
+    json_out: JsonOpt = None,
+) -> None:
+    """AWQ: activation-aware scales (and clipping) searched per block, then quantize.
+
+    Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
+    default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
+    """
+    opts = dict(grid=awq_grid, duo=awq_duo, clip=clip, clip_grid=clip_grid, max_shrink=max_shrink,
+                search_samples=search_samples)
+    r = one_stage_recipe("awq", opts, bits, group_size, sym)
+    _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
+         batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
+         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out)
+
+
+@handle_errors
+def gptq(
+    out: OutOpt,
+    model: ModelOpt = None,
+    bits: BitsOverrideOpt = None,
+    group_size: GroupSizeOverrideOpt = None,
+    sym: SymOverrideOpt = None,
+    damp: Annotated[float, typer.Option("--damp", help="Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
+    block_size: Annotated[int, typer.Option("--block-size", help="Columns solved per lazy-update block.")] = 128,
+    act_order: Annotated[bool, typer.Option("--act-order", help="Quantize columns in order of decreasing Hessian diagonal.")] = False,
+    true_sequential: Annotated[
+        bool,
+        typer.Option("--true-sequential/--no-true-sequential", help="Re-capture inputs after each sub-layer step of a block."),
+    ] = True,
+    calib: CalibOpt = None,
+    calib_field: CalibFieldOpt = "text",
+    samples: SamplesOpt = 64,
+    seqlen: SeqlenOpt = 512,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    format: FormatOpt = "compressed-tensors",
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustOpt = False,
+    batch_size: BatchOpt = 8,
+    eval: EvalFlagOpt = False,
+    windows: WindowsOpt = 40,
+    eval_seqlen: EvalSeqlenOpt = 512,
+    json_out: JsonOpt = None,
+) -> None:
+    """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
+
+    Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
+    default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
+    """
+    opts = dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential)
+    r = one_stage_recipe("gptq", opts, bits, group_size, sym)
+    _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
+         batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
+         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize)
+    app.command("awq")(awq)
+    app.command("gptq")(gptq)
