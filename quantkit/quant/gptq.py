@@ -172,6 +172,9 @@ def gptq_quantize(
     else:
         col_group = None
     Q = torch.empty_like(W)  # integers (as floats), solve order
+    # Compute-dtype copies of scale/zero, so the column loop does no conversions.
+    scale_c = scale.to(cdt)
+    zero_c = None if zero is None else zero.to(cdt)
     qmin, qmax = float(args.qmin), float(args.qmax)
 
     for b0 in range(0, in_f, block_size):
@@ -195,15 +198,17 @@ def gptq_quantize(
                         grp = torch.cat([grp, W[:, b1:end] - E1[:, :i] @ U[b0:col, b1:end]], dim=1)
                     s_g, z_g = compute_qparams(grp, args, scale_dtype=sdt)
                     scale[:, gi] = s_g[:, 0]
+                    scale_c[:, gi] = s_g[:, 0]
                     if zero is not None:
                         zero[:, gi] = z_g[:, 0]
-            s = scale[:, gi].to(cdt)
+                        zero_c[:, gi] = z_g[:, 0]
+            s = scale_c[:, gi]
             w_col = W1[:, i]
             # Same ops as quant.core.quantize/dequantize, so a column with no
             # incoming error quantizes exactly as RTN would.
             q = torch.round(w_col / s)
             if zero is not None:
-                z = zero[:, gi].to(cdt)
+                z = zero_c[:, gi]
                 q = (q + z).clamp_(qmin, qmax)
                 dq = (q - z) * s
             else:
