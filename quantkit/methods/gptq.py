@@ -1,0 +1,200 @@
+"""GPTQ as a recipe stage: Hessians per true-sequential step, one solve per step.
+
+Per block, in the spec's true-sequential order (q/k/v, then o, then gate/up,
+then down): run the block on the calibration batches with a hook on the step's
+input to accumulate H = 2 X^T X / n, solve, write the dequantized weights back,
+then go on, so each step sees the quantized outputs of the steps before it.
+The pipeline then propagates the quantized block's outputs to the next block.
+
+Why Hessians are re-captured here, also for the first step, instead of taken
+from the pipeline's capture pass: that pass runs before every stage, so after a
+transform stage (AWQ/SmoothQuant scales folded into norms and weights) its
+statistics describe inputs the block no longer sees. Re-capturing the first step
+is cheap (the forward stops right after the input norm). Linears of one step
+share their input, so one Hessian serves them all, and their weights are solved
+stacked as one matrix (rows are independent in GPTQ: same result, fewer column
+iterations). With true_sequential=False one forward captures every step's
+Hessian from the block as it was when the stage began.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.calib.capture import InputStats, capture_inputs
+from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.quant.core import QuantizedTensor, quantize_weight
+from quantkit.quant.gptq import CholeskyError, gptq_quantize
+from quantkit.recipe import RecipeError, Scheme
+
+DEFAULTS = {"damp": 0.01, "block_size": 128, "act_order": False, "true_sequential": True}
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the linears we need have seen their input."""
+
+
+@contextmanager
+def _stop_at(block: nn.Module, module: nn.Module) -> Iterator[None]:
+    """Cut each block forward short when `module` is about to run.
+
+    The hook must be registered after the capture hooks (pre-hooks run in
+    registration order), so the inputs are recorded before the stop. The
+    block's forward is wrapped so the stop ends only the current batch: it
+    returns the block input unchanged, which the caller discards.
+    """
+
+    def hook(_mod, _args):
+        raise _StopForward
+
+    had_own = "forward" in block.__dict__  # e.g. an accelerate hook already wraps it
+    own = block.__dict__.get("forward")
+    inner = block.forward
+
+    def forward(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except _StopForward:
+            return args[0] if args else kwargs["hidden_states"]
+
+    handle = module.register_forward_pre_hook(hook)
+    block.forward = forward
+    try:
+        yield
+    finally:
+        handle.remove()
+        if had_own:
+            block.forward = own
+        else:
+            del block.forward
+
+
+def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
+    out = {**DEFAULTS, **opts}
+    damp = out["damp"]
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
+        raise RecipeError(f"gptq option damp={damp!r} must be a number in (0, 1]; e.g. damp: 0.01")
+    bs = out["block_size"]
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
+        raise RecipeError(f"gptq option block_size={bs!r} must be a positive integer; e.g. block_size: 128")
+    for key in ("act_order", "true_sequential"):
+        if not isinstance(out[key], bool):
+            raise RecipeError(f"gptq option {key}={out[key]!r} must be true or false")
+    out["damp"] = float(damp)
+    return out
+
+
+@register_method("gptq")
+class GPTQ(Method):
+    """Options: damp (0, 1] = 0.01, block_size = 128, act_order = false, true_sequential = true."""
+
+    stats = frozenset({"hessian"})
+    options = ("damp", "block_size", "act_order", "true_sequential")
+
+    def __init__(self, scheme: Scheme, **options: Any):
+        super().__init__(scheme, **options)
+        cfg = _check_options(options)
+        self.damp: float = cfg["damp"]
+        self.block_size: int = cfg["block_size"]
+        self.act_order: bool = cfg["act_order"]
+        self.true_sequential: bool = cfg["true_sequential"]
+
+    @torch.no_grad()
+    def apply_block(self, ctx: BlockContext) -> None:
+        if not self.final:
+            raise RecipeError("gptq quantizes the weights, so it must be the last stage of a recipe; move it to the end")
+        # The capture pass's Hessians are not used (see module docstring): free them now.
+        for s in ctx.stats.values():
+            s.xtx = None
+        steps = _steps(ctx)
+        if self.true_sequential:
+            for step in steps:
+                hess = _capture(ctx, [step])
+                self._solve_step(ctx, step, hess.pop(step[0]))
+        else:
+            hess = _capture(ctx, steps)
+            for step in steps:
+                self._solve_step(ctx, step, hess.pop(step[0]))
+
+    def _solve_step(self, ctx: BlockContext, names: list[str], stats: InputStats) -> None:
+        """Quantize the linears `names` (sharing one input) with their Hessian; frees it."""
+        args = self.scheme.weights
+        if stats.xtx is None or stats.count == 0:
+            for n in names:
+                self._rtn(ctx, n)
+            ctx.warnings.append(f"{', '.join(names)}: saw no calibration tokens; quantized with RTN instead of GPTQ")
+            return
+        h = stats.hessian
+        stats.xtx = None
+        lins = [ctx.linears[n] for n in names]
+        dtypes = {lin.weight.dtype for lin in lins}
+        groups = [names] if len(dtypes) == 1 else [[n] for n in names]  # stack only like with like
+        for group in groups:
+            ws = [ctx.linears[n].weight.data for n in group]
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)  # w: (sum of out, in)
+            try:
+                res = gptq_quantize(
+                    w, h, args, damp=self.damp, block_size=self.block_size, act_order=self.act_order,
+                    scale_dtype=ws[0].dtype,
+                )
+            except CholeskyError as e:
+                for n in group:
+                    self._rtn(ctx, n)
+                ctx.warnings.append(f"{', '.join(group)}: GPTQ failed ({e}); quantized with RTN instead")
+                continue
+            del w
+            if res.damp != self.damp:
+                ctx.warnings.append(
+                    f"{', '.join(group)}: Hessian not positive definite at damp {self.damp:g}; solved with damp {res.damp:g}"
+                )
+            qt, row = res.qt, 0
+            for n, wn in zip(group, ws):
+                rows = slice(row, row + wn.shape[0])
+                row += wn.shape[0]
+                # clone: each result owns its storage (safetensors refuses shared tensors)
+                part = QuantizedTensor(
+                    qt.q[rows].clone(),
+                    qt.scale[rows].clone(),
+                    None if qt.zero is None else qt.zero[rows].clone(),
+                    args,
+                )
+                wn.copy_(part.dequantize(wn.dtype))
+                ctx.results[n] = part.to("cpu")
+            del res, qt
+        del h
+
+    def _rtn(self, ctx: BlockContext, name: str) -> None:
+        lin = ctx.linears[name]
+        qt = quantize_weight(lin.weight.data, self.scheme.weights)
+        lin.weight.data.copy_(qt.dequantize(lin.weight.dtype))
+        ctx.results[name] = qt.to("cpu")
+
+
+def _steps(ctx: BlockContext) -> list[list[str]]:
+    """True-sequential steps, plus any quantized linear the spec does not list (one step each, last)."""
+    steps = ctx.steps()
+    listed = {n for s in steps for n in s}
+    return steps + [[n] for n in ctx.linears if n not in listed]
+
+
+@torch.no_grad()
+def _capture(ctx: BlockContext, steps: list[list[str]]) -> dict[str, InputStats]:
+    """Run the block on all calibration batches; Hessian stats of each step's (shared) input.
+
+    Keyed by the step's first linear. For one step the forward stops as soon as
+    that step's input is recorded (most of the block is skipped); several steps
+    run the whole block (a linear the spec does not list has no known position).
+    """
+    firsts = {s[0]: ctx.linears[s[0]] for s in steps}
+    with capture_inputs(firsts, {"hessian"}) as stats:
+        if len(steps) == 1:
+            with _stop_at(ctx.block, firsts[steps[0][0]]):
+                ctx.forward()
+        else:
+            ctx.forward()
+    return stats
