@@ -91,7 +91,7 @@ def quantize(
     methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
     for m in methods[:-1]:
         m.final = False  # only the last stage quantizes; earlier ones transform
-    needs_data = any(m.stats for m in methods)
+    needs_data = any(m.uses_data for m in methods)
     if calib_set is None and needs_data:
         calib_set = calibration_set(
             loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field

@@ -155,7 +155,7 @@ def run_layerwise(
     kinds = frozenset().union(*(m.stats for m in methods)) if methods else frozenset()
     data_free = input_ids is None
     if data_free:
-        if kinds or return_hidden:
+        if any(m.uses_data for m in methods) or return_hidden:
             raise ValueError(f"methods {[m.name for m in methods]} need calibration data")
         hidden, kwargs_per_block = [], [[] for _ in range(n)]
     else:

@@ -64,6 +64,10 @@ class Method:
 
     name: ClassVar[str] = ""
     stats: ClassVar[frozenset[str]] = frozenset()
+    # Whether the method needs calibration data at all. Methods that collect their own
+    # statistics inside apply_block (GPTQ re-captures Hessians per step) set this and
+    # leave `stats` empty, so the shared capture pass computes nothing for them.
+    needs_data: ClassVar[bool] = False
     # Option names this method accepts in a recipe stage (validated before any work).
     options: ClassVar[tuple[str, ...]] = ()
     # True for the recipe's last stage: it quantizes and records ctx.results. Earlier
@@ -78,6 +82,10 @@ class Method:
             raise RecipeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; allowed: {allowed}")
         self.scheme = scheme
         self.opts = options
+
+    @property
+    def uses_data(self) -> bool:
+        return self.needs_data or bool(self.stats)
 
     def apply_block(self, ctx: BlockContext) -> None:  # pragma: no cover - interface
         raise NotImplementedError

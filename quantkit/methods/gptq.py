@@ -93,7 +93,10 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
 class GPTQ(Method):
     """Options: damp (0, 1] = 0.01, block_size = 128, act_order = false, true_sequential = true."""
 
-    stats = frozenset({"hessian"})
+    # Hessians are captured per true-sequential step inside apply_block (the shared
+    # capture pass runs before earlier stages change the block, so its Hessians would be stale).
+    stats = frozenset()
+    needs_data = True
     options = ("damp", "block_size", "act_order", "true_sequential")
 
     def __init__(self, scheme: Scheme, **options: Any):
@@ -108,9 +111,6 @@ class GPTQ(Method):
     def apply_block(self, ctx: BlockContext) -> None:
         if not self.final:
             raise RecipeError("gptq quantizes the weights, so it must be the last stage of a recipe; move it to the end")
-        # The capture pass's Hessians are not used (see module docstring): free them now.
-        for s in ctx.stats.values():
-            s.xtx = None
         steps = _steps(ctx)
         if self.true_sequential:
             for step in steps:
