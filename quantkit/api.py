@@ -81,7 +81,16 @@ def quantize(
     methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
     for m in methods[:-1]:
         m.final = False  # only the last stage quantizes; earlier ones transform
-    needs_data = any(m.stats for m in methods)
+    from quantkit.quant.simulate import needs_static_scales, static_scale_collector
+
+    scheme = recipe.scheme
+    # Static activation / KV scales are calibrated in the same pass, on each block as quantized.
+    collector = (
+        static_scale_collector(scheme.input_activations, scheme.kv_cache)
+        if needs_static_scales(scheme.input_activations, scheme.kv_cache)
+        else None
+    )
+    needs_data = any(m.stats for m in methods) or collector is not None
     if calib_set is None and needs_data:
         calib_set = calibration_set(
             loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
@@ -89,7 +98,7 @@ def quantize(
     result = run_layerwise(
         loaded.model,
         calib_set.input_ids if calib_set is not None else None,
-        methods,
+        methods + ([collector] if collector is not None else []),
         device=resolve_device(device),
         batch_size=calib.batch_size,
         ignore=recipe.ignore,
@@ -103,6 +112,7 @@ def quantize(
         source=loaded.source,
         calibration=calib_set.settings if calib_set is not None else {"source": "none (data-free methods)"},
         warnings=result.warnings,
+        static_scales=collector.scales if collector is not None else None,
     )
 
 
