@@ -53,18 +53,53 @@ def dense_state_dict(path: Path, modules: dict[str, dict[str, Any]], dtype: torc
     for name, args_d in modules.items():
         args = QuantArgs.from_dict(args_d)
         try:
-            shape = tuple(int(x) for x in tensors.pop(f"{name}.weight_shape").tolist())
-            packed = tensors.pop(f"{name}.weight_packed")
             scale = tensors.pop(f"{name}.weight_scale")
             zp = tensors.pop(f"{name}.weight_zero_point", None)
+            if f"{name}.weight_packed" in tensors:  # pack-quantized
+                shape = tuple(int(x) for x in tensors.pop(f"{name}.weight_shape").tolist())
+                q = unpack_int32(tensors.pop(f"{name}.weight_packed"), args.bits, shape, dim=1)
+                zero = None if zp is None else unpack_int32(zp, args.bits, (shape[0], scale.shape[1]), dim=0)
+            else:  # int-quantized (W8A8): plain int8 weight
+                q = tensors.pop(f"{name}.weight")
+                if q.dtype != torch.int8:
+                    raise CheckpointError(f"{path}: {name}.weight is {q.dtype}, expected int8 (int-quantized)")
+                zero = zp
         except KeyError as e:
             raise CheckpointError(f"{path}: tensor {e.args[0]} is missing; the checkpoint is incomplete") from e
-        q = unpack_int32(packed, args.bits, shape, dim=1)
-        zero = None if zp is None else unpack_int32(zp, args.bits, (shape[0], scale.shape[1]), dim=0)
         # Multiply in float32 from the stored (model-dtype) scale, then round once: same as the exporter's model.
         out[f"{name}.weight"] = dequantize(q, scale.float(), zero, args).to(dtype)
-    out.update(tensors)
+    # Static activation / KV scales are not model parameters: read_static_scales returns them.
+    out.update({k: v for k, v in tensors.items() if k.rpartition(".")[2] not in _STATIC_SUFFIXES})
     return out
+
+
+_STATIC_SUFFIXES = ("input_scale", "k_scale", "v_scale")
+
+
+def read_static_scales(path: str | Path, manifest: dict[str, Any] | None = None):
+    """StaticScales (quantkit.quant.simulate) stored in a checkpoint, or None when it has none.
+
+    act: from `<linear>.input_scale`; kv: our per-channel INT8 scales and residual
+    statistics from the KV side file (the config's per-tensor k_scale/v_scale are for other loaders).
+    """
+    from safetensors.torch import load
+
+    from quantkit.quant.simulate import StaticScales
+
+    path = Path(path)
+    manifest = read_manifest(path) if manifest is None else manifest
+    st = StaticScales()
+    for key, t in _load_tensors(path).items():
+        mod, _, local = key.rpartition(".")
+        if local == "input_scale":
+            st.act[mod] = t.float().reshape(1)
+    kv_file = manifest.get("kv_scales_file")
+    if kv_file:
+        for key, t in load((path / kv_file).read_bytes()).items():
+            mod, _, local = key.rpartition(".")
+            e = st.kv.setdefault(mod, {})
+            e[local] = float(t.item()) if local.endswith("_mean_eps") else t.float()
+    return st if (st.act or st.kv) else None
 
 
 def _empty_model(config, dtype: torch.dtype):
