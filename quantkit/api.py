@@ -16,7 +16,7 @@ from quantkit.models.loading import LoadedModel, load_model, resolve_device
 from quantkit.quant.model import QuantizedModel
 from quantkit.recipe import Recipe, RecipeError
 
-__all__ = ["CalibConfig", "EvalConfig", "load", "quantize", "evaluate", "export", "check_recipe_fits"]
+__all__ = ["CalibConfig", "EvalConfig", "load", "quantize", "evaluate", "export", "simulation", "check_recipe_fits"]
 
 EXPORT_FORMATS = ("compressed-tensors",)
 
@@ -116,13 +116,44 @@ def quantize(
     )
 
 
-def export(qmodel: QuantizedModel, out: str | Path, *, format: str = "compressed-tensors", overwrite: bool = False):
-    """Write a checkpoint dir atomically. Returns its path."""
+def export(
+    qmodel: QuantizedModel,
+    out: str | Path,
+    *,
+    format: str = "compressed-tensors",
+    overwrite: bool = False,
+    kv_format: str = "int8",
+):
+    """Write a checkpoint dir atomically. Returns its path.
+
+    kv_format: "int8" (our runtime's cache) or "fp8" (an FP8 kv_cache_scheme for vLLM;
+    the INT8 per-channel scales are kept beside it), for schemes with a KV cache.
+    """
     if format not in EXPORT_FORMATS:
         raise RecipeError(f"--format {format!r} is not supported yet; use one of {', '.join(EXPORT_FORMATS)}")
+    if kv_format not in ("int8", "fp8"):
+        raise RecipeError(f"--kv-format {kv_format!r} is not supported; use int8 or fp8")
     from quantkit.export.compressed_tensors import export_compressed_tensors
 
-    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite)
+    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format)
+
+
+def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):
+    """Context manager: while inside, `qmodel.model` also fake-quantizes what its scheme quantizes
+    at run time (input activations of the quantized linears, the KV cache), so `evaluate`
+    measures W8A8 / W8A8C8 in plain torch. Yields SimStats (KV tokens patched)."""
+    from quantkit.quant.simulate import simulate
+
+    scheme = qmodel.recipe.scheme
+    linears = {n: qmodel.model.get_submodule(n) for n in qmodel.modules}
+    return simulate(
+        qmodel.model,
+        act=scheme.input_activations,
+        kv=scheme.kv_cache,
+        static=qmodel.static_scales,
+        linears=linears,
+        kv_residual=kv_residual,
+    )
 
 
 def evaluate(

@@ -142,3 +142,15 @@ def test_fp8_kv_format(tmp_path, tiny_tokenizer):
     amax = qm.static_scales.kv[a]["v_scale"].max() * 127
     torch.testing.assert_close(t[f"{a}.v_scale"], (amax / 448).reshape(1))
     assert (out / KV_SCALES_NAME).is_file()  # our INT8 per-channel scales stay beside
+    # transformers + compressed-tensors load it and pick up the static scales where the format puts them
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(loaded.model.layers[2].self_attn.v_scale.data, t[f"{a}.v_scale"])
+    ids = _ids(2, 16, seed=5)
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
