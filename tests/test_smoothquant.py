@@ -142,6 +142,26 @@ def test_alpha_auto_picks_from_grid_and_is_no_worse_than_its_members():
     assert len(qm.modules) == 21
 
 
+def test_alpha_auto_restores_weights_between_trials():
+    """After the search, block 0 is exactly what a fixed run with the chosen alpha produces
+    (block 0 sees the same inputs in both runs), and a one-point grid equals the fixed alpha."""
+    from quantkit.calib.pipeline import run_layerwise
+    from quantkit.methods.smoothquant import SmoothQuant
+
+    ids = _ids(2, 32)
+    auto = SmoothQuant(PRESETS["W8A8"], alpha="auto", alpha_grid=[0.0, 0.5, 0.9])
+    m_auto = _outlier_model()
+    run_layerwise(m_auto, ids, [auto], batch_size=2)
+    assert set(auto.chosen.values()) <= {0.0, 0.5, 0.9} and len(auto.chosen) == 3
+    a0 = auto.chosen["model.layers.0"]
+    m_fixed = _outlier_model()
+    run_layerwise(m_fixed, ids, [SmoothQuant(PRESETS["W8A8"], alpha=a0)], batch_size=2)
+    for (n, p), (_, q) in zip(m_auto.model.layers[0].named_parameters(), m_fixed.model.layers[0].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    # the outlier norms make alpha 0 (no smoothing) the worst choice
+    assert a0 > 0.0
+
+
 def test_simulate_hooks_come_off_and_kv_restores_attention_table():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

@@ -126,6 +126,8 @@ class SmoothQuant(Method):
         params = {n: m.weight.detach().clone() for n, m in ctx.linears.items()}
         norms = {id(nm): (nm, nm.weight.detach().clone()) for nm, _ in groups}
         act = self.scheme.input_activations or ActQuantArgs(8, "token", dynamic=True)
+        if not act.dynamic:  # static scales do not exist yet: a per-tensor scale of each batch stands in
+            act = ActQuantArgs(act.bits, "tensor", dynamic=True)
         best, best_err = self.grid[0], float("inf")
         for alpha in self.grid:
             for nm, _ in groups:
