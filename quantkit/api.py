@@ -25,6 +25,7 @@ __all__ = [
     "export",
     "check_recipe_fits",
     "check_export_format",
+    "simulation",
     "EXPORT_FORMATS",
 ]
 
@@ -91,7 +92,16 @@ def quantize(
     methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
     for m in methods[:-1]:
         m.final = False  # only the last stage quantizes; earlier ones transform
-    needs_data = any(m.uses_data for m in methods)
+    from quantkit.quant.simulate import needs_static_scales, static_scale_collector
+
+    scheme = recipe.scheme
+    # Static activation / KV scales are calibrated in the same pass, on each block as quantized.
+    collector = (
+        static_scale_collector(scheme.input_activations, scheme.kv_cache)
+        if needs_static_scales(scheme.input_activations, scheme.kv_cache)
+        else None
+    )
+    needs_data = any(m.uses_data for m in methods) or collector is not None
     if calib_set is None and needs_data:
         calib_set = calibration_set(
             loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
@@ -99,7 +109,7 @@ def quantize(
     result = run_layerwise(
         loaded.model,
         calib_set.input_ids if calib_set is not None else None,
-        methods,
+        methods + ([collector] if collector is not None else []),
         device=resolve_device(device),
         batch_size=calib.batch_size,
         ignore=recipe.ignore,
@@ -113,6 +123,7 @@ def quantize(
         source=loaded.source,
         calibration=calib_set.settings if calib_set is not None else {"source": "none (data-free methods)"},
         warnings=result.warnings,
+        static_scales=collector.scales if collector is not None else None,
     )
 
 
@@ -146,10 +157,23 @@ def check_export_format(recipe: Recipe, format: str, model=None) -> None:
             check_gptq_shapes(shapes, s.weights.bits)
 
 
-def export(qmodel: QuantizedModel, out: str | Path, *, format: str = "compressed-tensors", overwrite: bool = False):
-    """Write a checkpoint dir atomically in `format` (one of EXPORT_FORMATS). Returns its path."""
+def export(
+    qmodel: QuantizedModel,
+    out: str | Path,
+    *,
+    format: str = "compressed-tensors",
+    overwrite: bool = False,
+    kv_format: str = "int8",
+):
+    """Write a checkpoint dir atomically in `format` (one of EXPORT_FORMATS). Returns its path.
+
+    kv_format: "int8" (our runtime's cache) or "fp8" (an FP8 kv_cache_scheme for vLLM;
+    the INT8 per-channel scales are kept beside it), for schemes with a KV cache.
+    """
     if format not in EXPORT_FORMATS:
         raise RecipeError(f"--format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
+    if kv_format not in ("int8", "fp8"):
+        raise RecipeError(f"--kv-format {kv_format!r} is not supported; use int8 or fp8")
     if format == "awq":
         from quantkit.export.awq import export_awq
 
@@ -160,7 +184,25 @@ def export(qmodel: QuantizedModel, out: str | Path, *, format: str = "compressed
         return export_gptq(qmodel, Path(out), overwrite=overwrite)
     from quantkit.export.compressed_tensors import export_compressed_tensors
 
-    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite)
+    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format)
+
+
+def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):
+    """Context manager: while inside, `qmodel.model` also fake-quantizes what its scheme quantizes
+    at run time (input activations of the quantized linears, the KV cache), so `evaluate`
+    measures W8A8 / W8A8C8 in plain torch. Yields SimStats (KV tokens patched)."""
+    from quantkit.quant.simulate import simulate
+
+    scheme = qmodel.recipe.scheme
+    linears = {n: qmodel.model.get_submodule(n) for n in qmodel.modules}
+    return simulate(
+        qmodel.model,
+        act=scheme.input_activations,
+        kv=scheme.kv_cache,
+        static=qmodel.static_scales,
+        linears=linears,
+        kv_residual=kv_residual,
+    )
 
 
 def evaluate(

@@ -30,11 +30,32 @@ def eval_cmd(
     windows: Annotated[int, typer.Option("--windows", help="Windows to score (0 = all).")] = 40,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward.")] = 4,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here as JSON.")] = None,
+    simulate_act: Annotated[
+        str,
+        typer.Option(
+            "--simulate-act",
+            help="Simulate A8 input activations: auto (a quantkit checkpoint's scheme), none, token, static.",
+        ),
+    ] = "auto",
+    simulate_kv: Annotated[
+        str,
+        typer.Option(
+            "--simulate-kv",
+            help="Simulate an INT8 KV cache: auto, none, int8-dynamic, int8-static, int8-static-residual.",
+        ),
+    ] = "auto",
+    kv_tau: Annotated[float, typer.Option("--kv-tau", help="Outlier threshold for KV residuals (x mean error).")] = 3.0,
+    calib_samples: Annotated[
+        int, typer.Option("--calib-samples", help="Calibration windows for static scales a model does not carry.")
+    ] = 16,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Perplexity on held-out text (default: second half of the built-in corpus)."""
+    """Perplexity on held-out text (default: second half of the built-in corpus).
+
+    W8A8 / INT8-KV checkpoints written by quantkit are scored with their activation
+    and KV quantization simulated in torch (--simulate-act/--simulate-kv auto)."""
     import torch
 
     from quantkit import api
@@ -48,14 +69,28 @@ def eval_cmd(
         t0 = time.perf_counter()
         status(f"loading {spec or 'the embedded default model'} ...")
         loaded = api.load(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        from quantkit.eval.simulated import SimulationPlan, plan_simulation
+
+        plan = SimulationPlan(None, None)
+        if role == "model":  # the baseline is the float reference, never simulated
+            plan = plan_simulation(
+                loaded, act=simulate_act, kv=simulate_kv, kv_tau=kv_tau, calib_samples=calib_samples,
+                calib_seqlen=seqlen, device=device,
+            )
         status(f"scoring {role} ...")
-        res, win = api.evaluate(loaded.model, loaded.tokenizer, cfg, device=device)
+        with plan.context(loaded.model) as sim:
+            res, win = api.evaluate(loaded.model, loaded.tokenizer, cfg, device=device)
+        extra = {"simulated": plan.describe()}
+        if sim is not None and plan.kv is not None:
+            extra.update(sim.to_dict())
         if ref_windows is not None and not torch.equal(ref_windows, win):
             from quantkit.errors import UsageError
 
             raise UsageError("the two models tokenize the held-out text differently; compare models that share a tokenizer")
         ref_windows = win
-        rows.append({"role": role, "model": spec or "default", **res.to_dict(), "seconds": time.perf_counter() - t0})
+        rows.append(
+            {"role": role, "model": spec or "default", **res.to_dict(), **extra, "seconds": time.perf_counter() - t0}
+        )
         del loaded
     result = {"seqlen": seqlen, "data": data or "builtin", "rows": rows, "peak_rss_mib": peak_rss_mib()}
     if baseline:
@@ -65,11 +100,14 @@ def eval_cmd(
     from rich.table import Table
 
     t = Table(title=f"held-out perplexity ({rows[0]['windows']} windows x {seqlen} tokens)")
-    for col in ("role", "model", "perplexity", "vs baseline", "seconds"):
+    for col in ("role", "model", "simulated", "perplexity", "vs baseline", "seconds"):
         t.add_column(col)
     for r in rows:
         rel = f"{(r['ppl'] / rows[0]['ppl'] - 1) * 100:+.2f}%" if baseline else ""
-        t.add_row(r["role"], r["model"], f"{r['ppl']:.4f}", rel, f"{r['seconds']:.1f}")
+        simd = r["simulated"]
+        if "patched_fraction" in r and r["patched_fraction"]:
+            simd += f" · {r['patched_fraction'] * 100:.2f}% tokens patched (+{r['residual_memory_overhead'] * 100:.2f}% KV)"
+        t.add_row(r["role"], r["model"], simd, f"{r['ppl']:.4f}", rel, f"{r['seconds']:.1f}")
     console.print(t)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")

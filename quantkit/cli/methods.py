@@ -45,6 +45,7 @@ def run_recipe(
     trust_remote_code: bool,
     eval_cfg=None,
     json_out: Path | None = None,
+    kv_format: str = "int8",
 ) -> dict:
     """Load → check → (baseline eval) → quantize layer by layer → (eval) → export. Returns a summary."""
     from quantkit import api
@@ -78,9 +79,13 @@ def run_recipe(
     summary["quantize_seconds"] = time.perf_counter() - t_q
     if eval_cfg is not None:
         status("scoring the quantized model on the same windows ...")
-        q, _ = api.evaluate(qmodel.model, loaded.tokenizer, eval_cfg, device=device, windows=windows)
+        # Activation / KV quantization is simulated in torch so the score covers the whole scheme.
+        with api.simulation(qmodel) as sim:
+            q, _ = api.evaluate(qmodel.model, loaded.tokenizer, eval_cfg, device=device, windows=windows)
         summary["quantized"] = q.to_dict()
-    path = api.export(qmodel, out, format=format, overwrite=overwrite)
+        if recipe.scheme.kv_cache is not None:
+            summary["kv_cache"] = sim.to_dict()
+    path = api.export(qmodel, out, format=format, overwrite=overwrite, kv_format=kv_format)
     from quantkit.export.manifest import read_manifest
 
     summary.update(
@@ -113,6 +118,12 @@ def _print_summary(s: dict) -> None:
         t.add_row("perplexity (baseline)", f"{b:.4f}")
         t.add_row("perplexity (quantized)", f"{q:.4f}  ({(q / b - 1) * 100:+.2f}%)")
         t.add_row("held-out tokens scored", str(s["baseline"]["tokens"]))
+    if "kv_cache" in s:
+        kv = s["kv_cache"]
+        t.add_row(
+            "KV tokens patched",
+            f"{kv['patched_fraction'] * 100:.3f}%  (extra KV memory {kv['residual_memory_overhead'] * 100:.3f}%)",
+        )
     t.add_row("quantize time", f"{s['quantize_seconds']:.1f} s")
     t.add_row("wall time", f"{s['wall_seconds']:.1f} s")
     t.add_row("peak RSS", f"{s['peak_rss_mib']:.0f} MiB")

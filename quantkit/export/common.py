@@ -112,12 +112,17 @@ def weight_matches(weight: torch.Tensor, qt: QuantizedTensor) -> bool:
     return bool(((weight.detach().float().to(deq.device) - deq).abs() <= half_step).all())
 
 def plan_units(
-    qmodel: QuantizedModel, quantized: dict[str, nn.Linear], layout: Layout, mismatched: list[str] | None = None
+    qmodel: QuantizedModel,
+    quantized: dict[str, nn.Linear],
+    layout: Layout,
+    mismatched: list[str] | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> list[_Unit]:
     """Every tensor to write, in state-dict order, grouped per module, without materializing packs.
 
     mismatched: when given, collects (while the units are made) the quantized
     linears whose model weight does not round to their quantized tensor.
+    extra: more tensors to write (static input / KV scales), appended at the end.
     """
     model = qmodel.model
     sd = model.state_dict()
@@ -144,6 +149,8 @@ def plan_units(
                 "disk offload or onload it before export"
             )
         units.append(_Unit(t.numel() * t.element_size(), [key], lambda k=key, v=t: {k: v.detach().to("cpu")}))
+    for key, t in (extra or {}).items():
+        units.append(_Unit(t.numel() * t.element_size(), [key], lambda k=key, v=t: {k: v}))
     return units
 
 def _shard(units: list[_Unit], max_bytes: int) -> list[list[_Unit]]:
@@ -224,21 +231,28 @@ def write_checkpoint(
     export_warnings: list[str],
     max_shard_bytes: int = 2 * 1024**3,
     extra_json: dict[str, dict[str, Any]] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    side_files: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Write the checkpoint dir atomically: weights, config.json (+ extra_json files,
     e.g. quantize_config.json), generation_config.json, tokenizer, then quantkit.json.
 
     A failure leaves nothing at `out` (an existing `out` untouched). The model is not modified.
+
+    extra_tensors: written with the weights (e.g. static input / KV scales).
+    side_files(tmp) -> manifest fields: writes format-specific extra files into the
+    temporary dir and returns what the manifest should say about them.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     model = qmodel.model
     mismatched: list[str] = []
-    units = plan_units(qmodel, quantized, layout, mismatched)  # refuses offloaded (meta) tensors before any write
+    units = plan_units(qmodel, quantized, layout, mismatched, extra_tensors)  # refuses offloaded (meta) tensors before any write
     export_warnings = list(export_warnings)
     with atomic_output_dir(out, overwrite) as tmp:
         with torch.no_grad():
             write_weights(units, tmp, max_shard_bytes)
+            manifest_extra = side_files(tmp) if side_files is not None else None
         if mismatched:
             export_warnings.append(
                 f"the model weights of {len(mismatched)} quantized linear(s) (e.g. {mismatched[0]}) do not round "
@@ -264,6 +278,7 @@ def write_checkpoint(
             source=qmodel.source,
             calibration=qmodel.calibration,
             warnings=[*qmodel.warnings, *export_warnings],
+            extra=manifest_extra,
         )
         write_manifest(tmp, manifest)
     return out

@@ -9,6 +9,19 @@ n_groups = in // group_size, or 1 per-channel), format `pack-quantized`:
     <name>.weight_zero_point  int32  (ceil(out * b / 32), n_groups)  asymmetric only; signed zero
                                                                   points packed along out (dim 0)
 
+Schemes with input activations (W8A8) use format `int-quantized` instead:
+
+    <name>.weight             int8   (out, in)                    signed integers, unpacked
+    <name>.weight_scale       model dtype (out, n_groups)
+    <name>.input_scale        model dtype (1,)                    static per-tensor activations only
+
+A KV-cache scheme adds `kv_cache_scheme` to the config and, when static,
+`<attn>.k_scale` / `<attn>.v_scale` (1,) per attention module: the per-tensor
+scales the format defines (INT8: max|x| / 127; `kv_format="fp8"`: max|x| / 448,
+the FP8 cache vLLM loads). Our runtime's per-channel INT8 KV scales and the
+outlier-residual statistics go to `quantkit_kv_scales.st` (safetensors bytes
+under a name no loader globs).
+
 Dequantized weight = (q - zero) * scale, the same convention as quantkit.quant.core.
 Everything else in the model's state dict (embeddings, norms, biases, ignored
 linears, persistent buffers) is written unchanged, in its own dtype.
@@ -69,6 +82,46 @@ def ct_quant_args(args: QuantArgs) -> dict[str, Any]:
     }
 
 
+KV_SCALES_NAME = "quantkit_kv_scales.st"
+KV_FORMATS = ("int8", "fp8")
+_FP8_MAX = 448.0  # float8_e4m3fn
+
+
+def ct_act_args(acts) -> dict[str, Any]:
+    """compressed-tensors QuantizationArgs (dict) for input activations (`ActQuantArgs`)."""
+    return {
+        "num_bits": acts.bits,
+        "type": "int",
+        "symmetric": acts.symmetric,
+        "group_size": None,
+        "strategy": acts.strategy,
+        "dynamic": acts.dynamic,
+    }
+
+
+def ct_kv_args(kv, kv_format: str = "int8") -> dict[str, Any]:
+    """`kv_cache_scheme` for a `KVCacheArgs`: what the format defines (per-tensor static or per-token dynamic).
+
+    compressed-tensors has no per-channel KV strategy: a static per-channel cache is
+    described as per-tensor (its scale is the max of the channel scales); the
+    per-channel scales travel in KV_SCALES_NAME. kv_format "fp8": an FP8 per-tensor
+    static cache, the only KV cache vLLM loads.
+    """
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(KV_FORMATS)}")
+    if kv_format == "fp8":
+        return {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor", "dynamic": False}
+    dynamic = kv.dynamic
+    return {
+        "num_bits": kv.bits,
+        "type": "int",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": "token" if dynamic else "tensor",
+        "dynamic": dynamic,
+    }
+
+
 def ct_format(scheme: Scheme) -> str:
     """The compressed-tensors format for a scheme's tensors on disk.
 
@@ -90,7 +143,7 @@ def ct_scheme(scheme: Scheme, targets: list[str]) -> dict[str, Any]:
     """
     acts = getattr(scheme, "input_activations", None)
     if acts is not None and not isinstance(acts, dict):
-        acts = acts.to_ct()
+        acts = ct_act_args(acts)
     return {
         "targets": list(targets),
         "weights": ct_quant_args(scheme.weights),
@@ -133,39 +186,59 @@ def build_quantization_config(
 # ----------------------------------------------------------------------------- tensors
 
 
-def compress_module(qt: QuantizedTensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """pack-quantized tensors of one linear, keyed by local name (weight_packed, ...).
+def compress_module(
+    qt: QuantizedTensor, scale_dtype: torch.dtype, fmt: str = "pack-quantized"
+) -> dict[str, torch.Tensor]:
+    """Tensors of one linear, keyed by local name (pack-quantized: weight_packed, ...; int-quantized: weight, ...).
 
     qt.q: int8 (out, in); qt.scale: (out, n_groups); qt.zero: int8 (out, n_groups) or None.
     """
     out_f, in_f = qt.q.shape
     q = qt.q.detach().to("cpu")
+    scale = qt.scale.detach().to("cpu", scale_dtype).contiguous()
+    asym = qt.zero is not None and not qt.args.symmetric
+    if fmt == "int-quantized":
+        t = {"weight": q.to(torch.int8).contiguous(), "weight_scale": scale}
+        if asym:
+            t["weight_zero_point"] = qt.zero.detach().to("cpu", torch.int8).contiguous()
+        return t
     t = {
         "weight_packed": pack_int32(q, qt.args.bits, dim=1),
-        "weight_scale": qt.scale.detach().to("cpu", scale_dtype).contiguous(),
+        "weight_scale": scale,
         "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
     }
-    if qt.zero is not None and not qt.args.symmetric:
+    if asym:
         t["weight_zero_point"] = pack_int32(qt.zero.detach().to("cpu", torch.int8), qt.args.bits, dim=0)
     return t
 
 
-def _compressed_nbytes(qt: QuantizedTensor, scale_dtype: torch.dtype) -> int:
+def _compressed_nbytes(qt: QuantizedTensor, scale_dtype: torch.dtype, fmt: str = "pack-quantized") -> int:
     out_f, in_f = qt.q.shape
     n_groups = qt.scale.shape[1]
     b = qt.args.bits
+    if fmt == "int-quantized":
+        return out_f * in_f + out_f * n_groups * (scale_dtype.itemsize + 1)
     n = 4 * out_f * packed_length(in_f, b) + out_f * n_groups * scale_dtype.itemsize + 16
     if qt.zero is not None and not qt.args.symmetric:
         n += 4 * packed_length(out_f, b) * n_groups
     return n
 
 
-def _ct_pieces(qt: QuantizedTensor) -> list[str]:
-    pieces = ["weight_packed", "weight_scale", "weight_shape"]
+def _ct_pieces(qt: QuantizedTensor, fmt: str = "pack-quantized") -> list[str]:
+    pieces = ["weight", "weight_scale"] if fmt == "int-quantized" else ["weight_packed", "weight_scale", "weight_shape"]
     return pieces + (["weight_zero_point"] if not qt.args.symmetric else [])
 
 
-CT_LAYOUT = Layout(pieces=_ct_pieces, nbytes=_compressed_nbytes, compress=compress_module)
+def ct_layout(fmt: str = "pack-quantized") -> Layout:
+    """The tensor layout of one linear for a compressed-tensors format."""
+    return Layout(
+        pieces=lambda qt: _ct_pieces(qt, fmt),
+        nbytes=lambda qt, d: _compressed_nbytes(qt, d, fmt),
+        compress=lambda qt, d: compress_module(qt, d, fmt),
+    )
+
+
+CT_LAYOUT = ct_layout("pack-quantized")
 
 
 def vllm_fusion_warnings(modules: dict[str, QuantArgs], linears: list[str]) -> list[str]:
@@ -188,13 +261,56 @@ def vllm_fusion_warnings(modules: dict[str, QuantArgs], linears: list[str]) -> l
     return out
 
 
-def _module_groups(modules: dict[str, QuantizedTensor]) -> list[tuple[Scheme, list[str]]]:
-    """One group per distinct QuantArgs, targets = the exact module names, largest group first."""
+def _module_groups(modules: dict[str, QuantizedTensor], input_activations=None) -> list[tuple[Scheme, list[str]]]:
+    """One group per distinct QuantArgs, targets = the exact module names, largest group first.
+
+    input_activations: the recipe's `ActQuantArgs` (W8A8), shared by every group, or None.
+    """
     by_args: dict[QuantArgs, list[str]] = {}
     for name, qt in modules.items():
         by_args.setdefault(qt.args, []).append(name)
     ordered = sorted(by_args.items(), key=lambda kv: (-len(kv[1]), kv[0].bits, kv[0].group_size or 0))
-    return [(Scheme(weights=a), sorted(names)) for a, names in ordered]
+    return [(Scheme(weights=a, input_activations=input_activations), sorted(names)) for a, names in ordered]
+
+
+def _static_tensors(qmodel: QuantizedModel, kv_format: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """input_scale per linear (static activations) and k_scale / v_scale per attention (static KV), (1,) each."""
+    st = qmodel.static_scales
+    scheme = qmodel.recipe.scheme
+    out: dict[str, torch.Tensor] = {}
+    if st is None:
+        return out
+    acts = scheme.input_activations
+    if acts is not None and not acts.dynamic:
+        for name in qmodel.modules:
+            out[f"{name}.input_scale"] = st.act[name].reshape(1).to("cpu", dtype)
+    kv = scheme.kv_cache
+    if kv is not None and (not kv.dynamic or kv_format == "fp8"):
+        for attn, e in st.kv.items():
+            for which in ("k", "v"):
+                if f"{which}_scale" not in e:
+                    raise ValueError(f"{attn}: no static {which.upper()} scale was calibrated")
+                amax = e[f"{which}_scale"].float().max() * ((1 << (kv.bits - 1)) - 1)
+                s = amax / (_FP8_MAX if kv_format == "fp8" else 127.0)
+                out[f"{attn}.{which}_scale"] = s.reshape(1).to("cpu", dtype)
+    return out
+
+
+def _write_kv_side_file(qmodel: QuantizedModel, tmp: Path) -> bool:
+    """Per-channel INT8 KV scales (+ residual mean errors) for our runtime, in KV_SCALES_NAME. True if written."""
+    st = qmodel.static_scales
+    if st is None or not st.kv:
+        return False
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for attn, e in st.kv.items():
+        for k, v in e.items():
+            tensors[f"{attn}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor([float(v)])).float().contiguous()
+    kv = qmodel.recipe.scheme.kv_cache
+    meta = {"format": "quantkit-kv-scales", "version": "1", "kv_cache": json.dumps(kv.to_dict() if kv else None)}
+    (tmp / KV_SCALES_NAME).write_bytes(save(tensors, metadata=meta))
+    return True
 
 
 def export_compressed_tensors(
@@ -203,14 +319,17 @@ def export_compressed_tensors(
     *,
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
+    kv_format: str = "int8",
 ) -> Path:
-    """Write qmodel as a compressed-tensors `pack-quantized` checkpoint dir at `out`.
+    """Write qmodel as a compressed-tensors checkpoint dir at `out` (`pack-quantized`,
+    or `int-quantized` for schemes with input activations).
 
     Files: model.safetensors (or model-0000k-of-0000n.safetensors + index when the
     tensors exceed max_shard_bytes), config.json with quantization_config,
-    generation_config.json (if the model has one), tokenizer files, then
-    quantkit.json (hashes of all the others). Written atomically: a failure leaves
-    nothing at `out` (and an existing `out` untouched). The model is not modified.
+    generation_config.json (if the model has one), tokenizer files, the KV scales
+    side file for static KV caches, then quantkit.json (hashes of all the others).
+    Written atomically: a failure leaves nothing at `out` (and an existing `out`
+    untouched). The model is not modified.
 
     Raises OutputExistsError for a non-empty `out` without overwrite, ValueError
     for modules that cannot be exported, ExportError for I/O failures.
@@ -218,13 +337,29 @@ def export_compressed_tensors(
     out = Path(out)
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(KV_FORMATS)}")
     check_output_dir(out, overwrite)
     quantized, ignore = validate_modules(qmodel)
-    groups = _module_groups(qmodel.modules)
-    qconfig = build_quantization_config(groups, ignore)
+    scheme = qmodel.recipe.scheme
+    acts, kv = scheme.input_activations, scheme.kv_cache
+    if acts is not None and any(qt.args.bits != 8 or qt.args.group_size is not None for qt in qmodel.modules.values()):
+        raise ValueError("int-quantized export with input activations supports W8 per-channel weights only")
+    fmt = "int-quantized" if acts is not None else "pack-quantized"
+    groups = _module_groups(qmodel.modules, acts)
+    qconfig = build_quantization_config(groups, ignore, ct_kv_args(kv, kv_format) if kv is not None else None)
+    model_dtype = next(iter(quantized.values())).weight.dtype
     export_warnings = vllm_fusion_warnings({n: qt.args for n, qt in qmodel.modules.items()}, [*quantized, *ignore])
     for w in export_warnings:
         logger.warning(w)
+
+    def side_files(tmp: Path) -> dict[str, Any]:
+        kv_file = _write_kv_side_file(qmodel, tmp)
+        return {
+            "format_detail": fmt,
+            "kv_format": kv_format if kv is not None else None,
+            "kv_scales_file": KV_SCALES_NAME if kv_file else None,
+        }
 
     return write_checkpoint(
         qmodel,
@@ -232,10 +367,12 @@ def export_compressed_tensors(
         overwrite=overwrite,
         format_name=FORMAT_NAME,
         quantized=quantized,
-        layout=CT_LAYOUT,
+        layout=ct_layout(fmt),
         quantization_config=qconfig,
         export_warnings=export_warnings,
         max_shard_bytes=max_shard_bytes,
+        extra_tensors=_static_tensors(qmodel, kv_format, model_dtype),
+        side_files=side_files,
     )
 
 

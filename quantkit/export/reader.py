@@ -70,23 +70,58 @@ def dense_state_dict(
 
                 w = dense_from_gptq(tensors, name, args)
             else:
-                w = _dense_from_ct(tensors, name, args)
+                w = _dense_from_ct(tensors, name, args, path)
         except KeyError as e:
             raise CheckpointError(f"{path}: tensor {e.args[0]} is missing; the checkpoint is incomplete") from e
         # Multiply in float32 from the stored scale, then round once: same as the exporter's model.
         out[f"{name}.weight"] = w.to(dtype)
-    out.update(tensors)
+    # Static activation / KV scales are not model parameters: read_static_scales returns them.
+    out.update({k: v for k, v in tensors.items() if k.rpartition(".")[2] not in _STATIC_SUFFIXES})
     return out
 
 
-def _dense_from_ct(tensors: dict[str, torch.Tensor], name: str, args: QuantArgs) -> torch.Tensor:
-    shape = tuple(int(x) for x in tensors.pop(f"{name}.weight_shape").tolist())
-    packed = tensors.pop(f"{name}.weight_packed")
+def _dense_from_ct(tensors: dict[str, torch.Tensor], name: str, args: QuantArgs, path) -> torch.Tensor:
     scale = tensors.pop(f"{name}.weight_scale")
     zp = tensors.pop(f"{name}.weight_zero_point", None)
-    q = unpack_int32(packed, args.bits, shape, dim=1)
-    zero = None if zp is None else unpack_int32(zp, args.bits, (shape[0], scale.shape[1]), dim=0)
+    if f"{name}.weight_packed" in tensors:  # pack-quantized
+        shape = tuple(int(x) for x in tensors.pop(f"{name}.weight_shape").tolist())
+        q = unpack_int32(tensors.pop(f"{name}.weight_packed"), args.bits, shape, dim=1)
+        zero = None if zp is None else unpack_int32(zp, args.bits, (shape[0], scale.shape[1]), dim=0)
+    else:  # int-quantized (W8A8): plain int8 weight
+        q = tensors.pop(f"{name}.weight")
+        if q.dtype != torch.int8:
+            raise CheckpointError(f"{path}: {name}.weight is {q.dtype}, expected int8 (int-quantized)")
+        zero = zp
     return dequantize(q, scale.float(), zero, args)
+
+
+_STATIC_SUFFIXES = ("input_scale", "k_scale", "v_scale")
+
+
+def read_static_scales(path: str | Path, manifest: dict[str, Any] | None = None):
+    """StaticScales (quantkit.quant.simulate) stored in a checkpoint, or None when it has none.
+
+    act: from `<linear>.input_scale`; kv: our per-channel INT8 scales and residual
+    statistics from the KV side file (the config's per-tensor k_scale/v_scale are for other loaders).
+    """
+    from safetensors.torch import load
+
+    from quantkit.quant.simulate import StaticScales
+
+    path = Path(path)
+    manifest = read_manifest(path) if manifest is None else manifest
+    st = StaticScales()
+    for key, t in _load_tensors(path).items():
+        mod, _, local = key.rpartition(".")
+        if local == "input_scale":
+            st.act[mod] = t.float().reshape(1)
+    kv_file = manifest.get("kv_scales_file")
+    if kv_file:
+        for key, t in load((path / kv_file).read_bytes()).items():
+            mod, _, local = key.rpartition(".")
+            e = st.kv.setdefault(mod, {})
+            e[local] = float(t.item()) if local.endswith("_mean_eps") else t.float()
+    return st if (st.act or st.kv) else None
 
 
 def _empty_model(config, dtype: torch.dtype):

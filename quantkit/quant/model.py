@@ -22,6 +22,8 @@ class QuantizedModel:
         canonical quantized tensor.
     source: JSON-ready facts about the source model (kind, path/id, fingerprint).
     calibration: JSON-ready calibration settings (data source, samples, seqlen, seed).
+    static_scales: per-tensor input scales and per-channel KV scales when the
+        scheme has static activations or a static KV cache (else None).
     warnings: things the user must know (fallbacks taken, clamped scales), also
         written to the manifest.
     """
@@ -33,3 +35,5 @@ class QuantizedModel:
     source: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Calibrated static activation / KV-cache scales (quantkit.quant.simulate.StaticScales), or None.
+    static_scales: Any = None

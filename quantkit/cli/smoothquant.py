@@ -1,0 +1,121 @@
+"""`quantkit smoothquant`: SmoothQuant W8A8 (optionally with an INT8 KV cache, W8A8C8)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from quantkit.cli.methods import run_recipe
+from quantkit.cli.options import (
+    BatchOpt,
+    CalibFieldOpt,
+    CalibOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EvalFlagOpt,
+    EvalSeqlenOpt,
+    FormatOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    SamplesOpt,
+    SeedOpt,
+    SeqlenOpt,
+    TrustOpt,
+    WindowsOpt,
+)
+from quantkit.cli.ui import handle_errors
+
+_ACT = ("dynamic", "static")
+_KV = ("none", "static", "dynamic")
+_KV_FORMATS = ("int8", "fp8")
+
+
+def build_recipe(alpha: str, act: str, kv: str, kv_residual: bool, kv_tau: float, ignore=("lm_head",)):
+    """The Recipe `quantkit smoothquant` runs (also used by benchmarks): smoothquant, final, W8 per-channel."""
+    from quantkit.recipe import PRESETS, ActQuantArgs, KVCacheArgs, Recipe, RecipeError, Scheme, Stage
+
+    if act not in _ACT:
+        raise RecipeError(f"--act {act!r} is not one of {', '.join(_ACT)}")
+    if kv not in _KV:
+        raise RecipeError(f"--kv {kv!r} is not one of {', '.join(_KV)}")
+    if alpha != "auto":
+        try:
+            a = float(alpha)
+        except ValueError:
+            raise RecipeError(f"--alpha {alpha!r} must be a number in [0, 1] or 'auto'") from None
+    else:
+        a = "auto"
+    acts = ActQuantArgs(8, "token", dynamic=True) if act == "dynamic" else ActQuantArgs(8, "tensor", dynamic=False)
+    kv_args = None
+    if kv != "none":
+        kv_args = KVCacheArgs(
+            8,
+            "channel" if kv == "static" else "token",
+            dynamic=kv == "dynamic",
+            residual_bits=4 if kv_residual else None,
+            residual_tau=kv_tau,
+        )
+    scheme = Scheme(PRESETS["W8A8"].weights, acts, kv_args)
+    return Recipe(scheme, (Stage("smoothquant", {"alpha": a}),), ignore=tuple(ignore))
+
+
+@handle_errors
+def smoothquant(
+    out: OutOpt,
+    model: ModelOpt = None,
+    alpha: Annotated[str, typer.Option("--alpha", help="Migration strength in [0, 1], or 'auto' (grid search per block).")] = "0.5",
+    act: Annotated[str, typer.Option("--act", help="Activations: dynamic (per-token) or static (per-tensor, calibrated).")] = "dynamic",
+    kv: Annotated[str, typer.Option("--kv", help="INT8 KV cache: none, static (per-channel, calibrated) or dynamic (per-token).")] = "none",
+    kv_residual: Annotated[
+        bool, typer.Option("--kv-residual/--no-kv-residual", help="4-bit residuals for outlier KV tokens.")
+    ] = False,
+    kv_tau: Annotated[float, typer.Option("--kv-tau", help="Outlier threshold: tau x the mean relative KV error.")] = 3.0,
+    kv_format: Annotated[
+        str, typer.Option("--kv-format", help="kv_cache_scheme written: int8 (ours) or fp8 (vLLM); INT8 scales kept beside.")
+    ] = "int8",
+    calib: CalibOpt = None,
+    calib_field: CalibFieldOpt = "text",
+    samples: SamplesOpt = 64,
+    seqlen: SeqlenOpt = 512,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    format: FormatOpt = "compressed-tensors",
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustOpt = False,
+    batch_size: BatchOpt = 8,
+    eval: EvalFlagOpt = False,
+    windows: WindowsOpt = 40,
+    eval_seqlen: EvalSeqlenOpt = 512,
+    json_out: JsonOpt = None,
+) -> None:
+    """SmoothQuant W8A8: smooth activation outliers into the weights, W8 per-channel, A8 per-token (or static)."""
+    from quantkit.api import CalibConfig, EvalConfig
+    from quantkit.recipe import RecipeError
+
+    if kv_format not in _KV_FORMATS:
+        raise RecipeError(f"--kv-format {kv_format!r} is not one of {', '.join(_KV_FORMATS)}")
+    if kv == "none" and (kv_residual or kv_format != "int8"):
+        raise RecipeError("--kv-residual and --kv-format need a KV cache: add --kv static or --kv dynamic")
+    recipe = build_recipe(alpha, act, kv, kv_residual, kv_tau)
+    run_recipe(
+        recipe,
+        model=model,
+        out=out,
+        calib=CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
+        device=device,
+        dtype=dtype,
+        format=format,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
+        json_out=json_out,
+        kv_format=kv_format,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("smoothquant")(smoothquant)

@@ -1,0 +1,169 @@
+"""SmoothQuant: move activation outliers into the weights, then W8 per-channel weights.
+
+For a norm followed by linears (input_layernorm -> q/k/v, post_attention_layernorm
+-> gate/up), with per-input-channel max|X_j| from calibration and max|W_j| over
+the consumers' columns:
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+The norm's weight (and bias) is divided by s and every consumer's columns are
+multiplied by s: exact in floating point (X diag(1/s) . diag(s) W^T = X W^T).
+Only the two norm groups are smoothed (the classic SmoothQuant); linear->linear
+groups (v->o, up->down) are left alone: v->o does not fold under GQA and up->down
+would put the scale through the SiLU-gated product's other factor.
+
+alpha "auto": per block, try each alpha of `alpha_grid` and keep the one whose
+block output under W8 (RTN) + A8 (per-token dynamic) fake quantization is closest
+(MSE) to the float block output.
+
+As the final stage it quantizes W8 per output channel, symmetric (RTN); as an
+earlier stage (before gptq) it only smooths, and rescales the captured statistics
+so the next stage sees the smoothed inputs (H' = diag(1/s) H diag(1/s)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.quant.core import fake_quantize, quantize_weight
+from quantkit.recipe import ActQuantArgs, RecipeError
+
+DEFAULT_ALPHA = 0.5
+DEFAULT_GRID = tuple(round(0.1 * i, 2) for i in range(11))  # 0.0, 0.1, ..., 1.0
+_MIN = 1e-5
+
+
+def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = max|X|^alpha / max|W|^(1-alpha) per input channel, (in,) float32, kept >= 1e-5.
+
+    x_absmax: (in,) max |activation| per channel; w_absmax: (in,) max |weight| per
+    input column over all consumers. Zeros are floored so no channel divides by 0.
+    """
+    x = x_absmax.float().clamp_min(_MIN)
+    w = w_absmax.float().clamp_min(_MIN)
+    return (x.pow(alpha) / w.pow(1.0 - alpha)).clamp_min(_MIN)
+
+
+@torch.no_grad()
+def fold_smoothing(norm: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
+    """Divide the norm's output by s (weight, bias) and multiply each consumer's input columns by s.
+
+    norm.weight: (in,); consumer.weight: (out, in); s: (in,).
+    """
+    s = s.to(norm.weight.device)
+    norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    for lin in consumers:
+        lin.weight.mul_(s.to(lin.weight.device, lin.weight.dtype).view(1, -1))
+
+
+def _rescale_stats(stat, s: torch.Tensor) -> None:
+    """Statistics of x become those of x / s (the consumers' new input)."""
+    s = s.to(torch.float32)
+    if stat.abs_max is not None:
+        stat.abs_max = stat.abs_max / s.to(stat.abs_max.device)
+    if stat.abs_sum is not None:
+        stat.abs_sum = stat.abs_sum / s.to(stat.abs_sum.device)
+    if stat.xtx is not None:
+        inv = (1.0 / s).to(stat.xtx.device)
+        stat.xtx = stat.xtx * inv.view(-1, 1) * inv.view(1, -1)
+
+
+@register_method("smoothquant")
+class SmoothQuant(Method):
+    stats = frozenset({"abs_max"})
+    options = ("alpha", "alpha_grid")
+
+    def __init__(self, scheme, **options: Any):
+        super().__init__(scheme, **options)
+        alpha = options.get("alpha", DEFAULT_ALPHA)
+        if isinstance(alpha, str) and alpha != "auto":
+            try:
+                alpha = float(alpha)
+            except ValueError:
+                raise RecipeError(f"smoothquant alpha={alpha!r} must be a number in [0, 1] or 'auto'") from None
+        if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise RecipeError(f"smoothquant alpha={alpha!r} must be a number in [0, 1] or 'auto'")
+        self.alpha = alpha
+        grid = options.get("alpha_grid", DEFAULT_GRID)
+        if not grid or not all(isinstance(a, (int, float)) and 0.0 <= a <= 1.0 for a in grid):
+            raise RecipeError(f"smoothquant alpha_grid={grid!r} must be a non-empty list of numbers in [0, 1]")
+        self.grid = tuple(float(a) for a in grid)
+        self.chosen: dict[str, float] = {}  # block name -> alpha used (the artifact of an auto search)
+
+    def _groups(self, ctx: BlockContext) -> list[tuple[nn.Module, list[str]]]:
+        """(norm module, consumer full names) for each norm-producer group whose consumers are all quantized."""
+        out = []
+        linear_rels = set(ctx.spec.linears)
+        for g in ctx.spec.scale_groups:
+            if g.producer in linear_rels:
+                continue  # linear -> linear groups: not smoothed (see module docstring)
+            names = [ctx.full_name(c) for c in g.consumers]
+            if not all(n in ctx.linears for n in names):
+                continue  # an ignored consumer would need the unsmoothed input
+            out.append((ctx.block.get_submodule(g.producer), names))
+        return out
+
+    def _scales(self, ctx: BlockContext, groups, alpha: float) -> list[torch.Tensor]:
+        scales = []
+        for _norm, names in groups:
+            x_max = ctx.stats[names[0]].abs_max  # every consumer sees the same input
+            w_max = torch.cat([ctx.linears[n].weight.detach().float() for n in names], dim=0).abs().amax(dim=0)
+            scales.append(smooth_scales(x_max.to(w_max.device), w_max, alpha))
+        return scales
+
+    @torch.no_grad()
+    def _search_alpha(self, ctx: BlockContext, groups) -> float:
+        """The alpha of the grid whose W8A8-fake-quantized block output is closest to the float one."""
+        from quantkit.quant.simulate import simulate
+
+        ref = ctx.forward()
+        params = {n: m.weight.detach().clone() for n, m in ctx.linears.items()}
+        norms = {id(nm): (nm, nm.weight.detach().clone()) for nm, _ in groups}
+        act = self.scheme.input_activations or ActQuantArgs(8, "token", dynamic=True)
+        if not act.dynamic:  # static scales do not exist yet: a per-tensor scale of each batch stands in
+            act = ActQuantArgs(act.bits, "tensor", dynamic=True)
+        best, best_err = self.grid[0], float("inf")
+        for alpha in self.grid:
+            for nm, _ in groups:
+                nm.weight.copy_(norms[id(nm)][1])
+            for n, m in ctx.linears.items():
+                m.weight.copy_(params[n])
+            for (nm, names), s in zip(groups, self._scales(ctx, groups, alpha)):
+                fold_smoothing(nm, [ctx.linears[n] for n in names], s)
+            for m in ctx.linears.values():
+                m.weight.copy_(fake_quantize(m.weight.data, self.scheme.weights))
+            with simulate(ctx.block, act=act, linears=dict(ctx.linears)):
+                outs = ctx.forward()
+            err = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outs, ref))
+            if err < best_err:
+                best, best_err = alpha, err
+        for nm, _ in groups:
+            nm.weight.copy_(norms[id(nm)][1])
+        for n, m in ctx.linears.items():
+            m.weight.copy_(params[n])
+        return best
+
+    @torch.no_grad()
+    def apply_block(self, ctx: BlockContext) -> None:
+        if ctx.spec is None:
+            raise RecipeError("smoothquant needs the model's scale groups (an ArchSpec)")
+        groups = self._groups(ctx)
+        alpha = self._search_alpha(ctx, groups) if self.alpha == "auto" and groups else self.alpha
+        if groups:
+            self.chosen[ctx.name] = float(alpha)
+            for (norm, names), s in zip(groups, self._scales(ctx, groups, float(alpha))):
+                fold_smoothing(norm, [ctx.linears[n] for n in names], s)
+                for n in names:
+                    _rescale_stats(ctx.stats[n], s)
+        if not self.final:
+            return
+        for name, linear in ctx.linears.items():
+            qt = quantize_weight(linear.weight.data, self.scheme.weights)
+            linear.weight.data.copy_(qt.dequantize(linear.weight.dtype))
+            ctx.results[name] = qt.to("cpu")
