@@ -22,6 +22,7 @@ from quantkit.cli.options import (
     ModelOpt,
     OutOpt,
     OverwriteOpt,
+    ResumeOpt,
     SamplesOpt,
     SeedOpt,
     SeqlenOpt,
@@ -45,9 +46,11 @@ def run_recipe(
     trust_remote_code: bool,
     eval_cfg=None,
     json_out: Path | None = None,
+    resume: bool = False,
 ) -> dict:
     """Load → check → (baseline eval) → quantize layer by layer → (eval) → export. Returns a summary."""
     from quantkit import api
+    from quantkit.calib.resume import discard_partial, partial_dir_for
     from quantkit.export.atomic import check_output_dir
 
     t0 = time.perf_counter()
@@ -66,14 +69,23 @@ def run_recipe(
         base, windows = api.evaluate(loaded.model, loaded.tokenizer, eval_cfg, device=device)
         summary["baseline"] = base.to_dict()
     t_q = time.perf_counter()
-    with progress_bar("calibrating") as on_block:
-        qmodel = api.quantize(loaded, recipe, calib, device=device, on_block=on_block)
+    partial = partial_dir_for(out)  # finished blocks go here, so a crash costs at most one block
+    try:
+        with progress_bar("calibrating") as on_block:
+            qmodel = api.quantize(
+                loaded, recipe, calib, device=device, on_block=on_block,
+                partial_dir=partial, resume=resume, overwrite_partial=overwrite,
+            )
+    except KeyboardInterrupt:
+        status(f"finished blocks are saved in {partial}; rerun the same command with --resume to continue")
+        raise
     summary["quantize_seconds"] = time.perf_counter() - t_q
     if eval_cfg is not None:
         status("scoring the quantized model on the same windows ...")
         q, _ = api.evaluate(qmodel.model, loaded.tokenizer, eval_cfg, device=device, windows=windows)
         summary["quantized"] = q.to_dict()
     path = api.export(qmodel, out, format=format, overwrite=overwrite)
+    discard_partial(partial)  # only now: the checkpoint is complete on disk
     summary.update(
         out=str(path),
         quantized_linears=len(qmodel.modules),
@@ -131,6 +143,7 @@ def rtn(
     windows: WindowsOpt = 40,
     eval_seqlen: EvalSeqlenOpt = 512,
     json_out: JsonOpt = None,
+    resume: ResumeOpt = False,
 ) -> None:
     """Round-to-nearest weight quantization (no calibration data needed)."""
     from quantkit.api import CalibConfig, EvalConfig
@@ -149,6 +162,7 @@ def rtn(
         trust_remote_code=trust_remote_code,
         eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
         json_out=json_out,
+        resume=resume,
     )
 
 

@@ -37,3 +37,7 @@ EvalFlagOpt = Annotated[
 WindowsOpt = Annotated[int, typer.Option("--windows", help="Held-out windows to score (0 = all).")]
 EvalSeqlenOpt = Annotated[int, typer.Option("--eval-seqlen", help="Tokens per held-out window.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the run summary (times, memory, perplexities) here.")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue an interrupted run from the blocks saved in OUT.partial (same settings)."),
+]

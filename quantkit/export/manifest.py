@@ -54,6 +54,14 @@ def hash_files(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def _created() -> str:
+    """UTC time of writing; SOURCE_DATE_EPOCH (the reproducible-builds convention) pins it,
+    so two runs with the same inputs write byte-identical checkpoints."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch.isdigit() else datetime.now(timezone.utc)
+    return when.isoformat(timespec="seconds")
+
+
 def build_manifest(
     ckpt_dir: Path,
     *,
@@ -75,7 +83,7 @@ def build_manifest(
     m: dict[str, Any] = {
         "format_version": MANIFEST_FORMAT_VERSION,
         "quantkit_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": _created(),
         "format": format,
         "recipe": recipe,
         "modules": dict(sorted(modules.items())),
