@@ -23,6 +23,7 @@ from quantkit.cli.options import (
     OutOpt,
     OverwriteOpt,
     ResumeOpt,
+    SkipMemOpt,
     SamplesOpt,
     SeedOpt,
     SeqlenOpt,
@@ -47,6 +48,7 @@ def run_recipe(
     eval_cfg=None,
     json_out: Path | None = None,
     resume: bool = False,
+    skip_memory_check: bool = False,
 ) -> dict:
     """Load → check → (baseline eval) → quantize layer by layer → (eval) → export. Returns a summary."""
     from quantkit import api
@@ -59,6 +61,7 @@ def run_recipe(
 
         raise RecipeError(f"--format {format!r} is not supported yet; use one of {', '.join(api.EXPORT_FORMATS)}")
     check_output_dir(out, overwrite)  # refuse before minutes of work, not after
+    _memory_plan(recipe, model, calib, device, dtype, skip_memory_check)  # from the config: before loading
     status(f"loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...")
     loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     api.check_recipe_fits(loaded.model, recipe)
@@ -99,6 +102,17 @@ def run_recipe(
 
         json_out.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _memory_plan(recipe, model, calib, device, dtype, skip: bool) -> None:
+    """One status line with the estimated peak memory; refuse a run that will not fit (unless skip)."""
+    from quantkit.models.loading import resolve_device
+    from quantkit.plan import check_memory, estimate_memory, model_config
+
+    plan = estimate_memory(model_config(model), recipe, calib, resolve_device(device), dtype=dtype)
+    status(plan.summary())
+    if not skip:
+        check_memory(plan)
 
 
 def _print_summary(s: dict) -> None:
@@ -144,6 +158,7 @@ def rtn(
     eval_seqlen: EvalSeqlenOpt = 512,
     json_out: JsonOpt = None,
     resume: ResumeOpt = False,
+    skip_memory_check: SkipMemOpt = False,
 ) -> None:
     """Round-to-nearest weight quantization (no calibration data needed)."""
     from quantkit.api import CalibConfig, EvalConfig
@@ -163,6 +178,7 @@ def rtn(
         eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
         json_out=json_out,
         resume=resume,
+        skip_memory_check=skip_memory_check,
     )
 
 

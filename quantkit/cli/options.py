@@ -41,3 +41,7 @@ ResumeOpt = Annotated[
     bool,
     typer.Option("--resume", help="Continue an interrupted run from the blocks saved in OUT.partial (same settings)."),
 ]
+SkipMemOpt = Annotated[
+    bool,
+    typer.Option("--skip-memory-check", help="Run even when the memory plan says it will not fit."),
+]
