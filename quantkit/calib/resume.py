@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,11 @@ class Checkpointer:
             and isinstance(state.get("fingerprint"), dict)
             and isinstance(state.get("blocks"), list)
             and isinstance(state.get("n_blocks"), int)
-            and all(isinstance(b, dict) and {"index", "file", "sha256"} <= set(b) for b in state["blocks"])
+            and all(
+                isinstance(b, dict) and isinstance(b.get("file"), str) and isinstance(b.get("sha256"), str)
+                and re.fullmatch(r"block_\d{5}\.safetensors", b["file"]) is not None  # no paths outside the dir
+                for b in state["blocks"]
+            )
         )
         if not ok or state.get("version") != STATE_VERSION:
             raise ResumeError(f"{f} is not a quantkit {STATE_VERSION} resume state; delete {self.path} to start over")
@@ -240,8 +245,6 @@ class Checkpointer:
 
         Refuses (ResumeError naming the file) a file whose sha256 differs from state.json.
         """
-        from safetensors.torch import load
-
         entry = self.blocks[index]
         f = self.path / entry["file"]
         mf = f.with_suffix(".json")
@@ -251,8 +254,22 @@ class Checkpointer:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ResumeError(f"{f.name if isinstance(e, OSError) else mf.name} in {self.path} is missing or "
                               f"unreadable; delete {self.path} to start over") from e
-        if _sha256_bytes(data) != entry["sha256"] or meta.get("sha256") != entry["sha256"]:
+        if not isinstance(meta, dict) or _sha256_bytes(data) != entry["sha256"] or meta.get("sha256") != entry["sha256"]:
             raise ResumeError(f"{f.name} in {self.path} is corrupted (sha256 mismatch); delete {self.path} to start over")
+        try:
+            results, state, warnings = self._decode(data, meta, block)
+        except ResumeError:
+            raise
+        except Exception as e:  # safetensors/KeyError/TypeError/shape errors: the file is not ours or not this model's
+            raise ResumeError(f"{f.name} in {self.path} does not match this model's block {index} "
+                              f"({type(e).__name__}); delete {self.path} to start over") from e
+        block.load_state_dict(state, strict=True)
+        return results, warnings
+
+    @staticmethod
+    def _decode(data: bytes, meta: dict[str, Any], block: nn.Module):
+        from safetensors.torch import load
+
         tensors = load(data)
         results: dict[str, QuantizedTensor] = {}
         for name, args in meta["results"].items():
@@ -266,8 +283,9 @@ class Checkpointer:
         for key in meta["recomputed"]:
             state[key] = results[f"{prefix}.{key[: -len('.weight')]}"].dequantize(current[key].dtype)
         if set(state) != set(current):
-            raise ResumeError(f"{f.name} in {self.path} does not match this model's block {index}; "
-                              f"delete {self.path} to start over")
-        block.load_state_dict(state, strict=True)
-        return results, list(meta["warnings"])
+            raise ValueError("parameter names differ")
+        for k, v in state.items():
+            if v.shape != current[k].shape:
+                raise ValueError(f"{k} has shape {tuple(v.shape)}, the model {tuple(current[k].shape)}")
+        return results, state, [str(w) for w in meta["warnings"]]
 
