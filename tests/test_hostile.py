@@ -214,3 +214,51 @@ def test_read_safetensors_header_accepts_real_files(ckpt):
         read_safetensors_header(ckpt / "config.json")
     with pytest.raises(ManifestError):  # SafetensorsHeaderError is a ManifestError is a UsageError
         read_safetensors_header(ckpt / "tokenizer.json")
+
+
+# ----------------------------------------------------------------------------- disk full / permissions
+
+
+def test_disk_full_during_export_keeps_blocks_for_resume(model_dir, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    code, text = _run("rtn", "--model", model_dir, "--out", out, "-g", "32")
+    line = _last_line(text)
+    assert code == 1 and "no space left on device" in line and "--resume" in line, text
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))  # no half-written output dir
+    assert (tmp_path / "out.partial" / "state.json").is_file()
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real)  # space freed
+    code, text = _run("rtn", "--model", model_dir, "--out", out, "-g", "32", "--resume")
+    assert code == 0, text
+    assert text.count("restored") == 3 and verify_checkpoint(out) == []
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_read_only_parent_is_refused_before_work(model_dir, tmp_path, monkeypatch):
+    import os
+
+    import quantkit.export.atomic as atomic
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores mode bits: make the check see what a user would
+            real = os.access
+            monkeypatch.setattr(atomic.os, "access", lambda p, m: False if str(p) == str(ro) else real(p, m))
+        code, text = _run("rtn", "--model", model_dir, "--out", ro / "out", "-g", "32")
+        line = _last_line(text)
+        assert code == 1 and "permission denied" in line, text
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)

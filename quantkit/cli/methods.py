@@ -53,6 +53,7 @@ def run_recipe(
     """Load → check → (baseline eval) → quantize layer by layer → (eval) → export. Returns a summary."""
     from quantkit import api
     from quantkit.calib.resume import discard_partial, partial_dir_for
+    from quantkit.errors import OperationError
     from quantkit.export.atomic import check_output_dir
 
     t0 = time.perf_counter()
@@ -87,7 +88,10 @@ def run_recipe(
         status("scoring the quantized model on the same windows ...")
         q, _ = api.evaluate(qmodel.model, loaded.tokenizer, eval_cfg, device=device, windows=windows)
         summary["quantized"] = q.to_dict()
-    path = api.export(qmodel, out, format=format, overwrite=overwrite)
+    try:
+        path = api.export(qmodel, out, format=format, overwrite=overwrite)
+    except OperationError as e:  # disk full, permissions: the calibrated blocks survive for --resume
+        raise type(e)(f"{e}; the calibrated blocks are kept in {partial}: fix that and rerun with --resume") from e
     discard_partial(partial)  # only now: the checkpoint is complete on disk
     summary.update(
         out=str(path),
