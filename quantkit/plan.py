@@ -287,48 +287,125 @@ def estimate_memory(
 # ----------------------------------------------------------------------------- configs
 
 
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _GGUFHeader:
+    """A bounds-checked reader of a GGUF file's metadata and tensor names (no tensor data read).
+
+    Written here rather than using gguf.GGUFReader, which also decodes every
+    metadata array (49k tokenizer strings: seconds) and fails with assorted
+    exception types on damaged files.
+    """
+
+    def __init__(self, path: Path):
+        import struct
+
+        self._struct = struct
+        self.path = path
+        self.data = path.read_bytes() if path.stat().st_size < 64 * MiB else None
+        self._f = None if self.data is not None else open(path, "rb")
+        self.size = path.stat().st_size
+        self.pos = 0
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+    def _read(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            raise ValueError("runs past the end of the file")
+        if self.data is not None:
+            b = self.data[self.pos : self.pos + n]
+        else:
+            self._f.seek(self.pos)
+            b = self._f.read(n)
+        self.pos += n
+        return b
+
+    def _unpack(self, fmt: str):
+        return self._struct.unpack(fmt, self._read(self._struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        return self._read(self._unpack("<Q")).decode("utf-8", errors="replace")
+
+    def _value(self, vtype: int, depth: int = 0):
+        if vtype in _GGUF_SCALAR:
+            return self._unpack(_GGUF_SCALAR[vtype])
+        if vtype == 8:
+            return self._string()
+        if vtype == 9 and depth == 0:
+            etype, count = self._unpack("<I"), self._unpack("<Q")
+            if etype in _GGUF_SCALAR:  # skip numeric arrays without decoding them
+                self._read(count * self._struct.calcsize(_GGUF_SCALAR[etype]))
+                return _ArrayLen(count)
+            if count > self.size:
+                raise ValueError("array longer than the file")
+            for _ in range(count):
+                self._value(etype, depth + 1)
+            return _ArrayLen(count)
+        raise ValueError(f"unknown value type {vtype}")
+
+    def parse(self) -> tuple[dict[str, Any], list[str]]:
+        if self._read(4) != b"GGUF":
+            raise ModelLoadError(f"{self.path} is not a GGUF file (wrong magic bytes)")
+        version = self._unpack("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = self._unpack("<Q"), self._unpack("<Q")
+        if n_tensors > self.size or n_kv > self.size:
+            raise ValueError("counts larger than the file")
+        kv: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            kv[key] = self._value(self._unpack("<I"))
+        names = []
+        for _ in range(n_tensors):
+            names.append(self._string())
+            n_dims = self._unpack("<I")
+            if n_dims > 8:
+                raise ValueError("a tensor with more than 8 dimensions")
+            self._read(8 * n_dims + 4 + 8)  # dims, type, offset
+        return kv, names
+
+
+class _ArrayLen(int):
+    """An array's length, standing in for its (undecoded) contents."""
+
+
 def _gguf_config(path: Path) -> dict[str, Any]:
-    try:
-        import gguf
-    except ImportError as e:
-        raise ModelLoadError("reading a .gguf needs the `gguf` package: pip install gguf") from e
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelLoadError(f"{path} is not a GGUF file (wrong magic bytes)")
-    try:
-        r = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct errors on damaged files
-        raise ModelLoadError(f"{path} is a damaged GGUF file ({type(e).__name__}); download it again") from e
+    import struct
 
-    def get(key, default=None):
-        f = r.fields.get(key)
-        if f is None:
-            return default
-        try:
-            return f.contents()
-        except Exception:
-            return default
+    reader = _GGUFHeader(path)
+    try:
+        kv, names = reader.parse()
+    except ModelLoadError:
+        raise
+    except (ValueError, struct.error, OSError) as e:
+        raise ModelLoadError(f"{path} is a damaged GGUF file ({e}); download it again") from e
+    finally:
+        reader.close()
 
-    arch = get("general.architecture")
+    arch = kv.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelLoadError(f"{path} has no general.architecture; not a model GGUF")
-    tokens = r.fields.get("tokenizer.ggml.tokens")
-    heads = get(f"{arch}.attention.head_count")
-    hidden = get(f"{arch}.embedding_length")
+    heads = kv.get(f"{arch}.attention.head_count")
+    tokens = kv.get("tokenizer.ggml.tokens")
     cfg = {
         "model_type": arch,
-        "hidden_size": hidden,
-        "num_hidden_layers": get(f"{arch}.block_count"),
-        "intermediate_size": get(f"{arch}.feed_forward_length"),
+        "hidden_size": kv.get(f"{arch}.embedding_length"),
+        "num_hidden_layers": kv.get(f"{arch}.block_count"),
+        "intermediate_size": kv.get(f"{arch}.feed_forward_length"),
         "num_attention_heads": heads,
-        "num_key_value_heads": get(f"{arch}.attention.head_count_kv", heads),
-        "vocab_size": get(f"{arch}.vocab_size", len(tokens.data) if tokens is not None else None),
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in r.tensors),
+        "num_key_value_heads": kv.get(f"{arch}.attention.head_count_kv", heads),
+        "vocab_size": kv.get(f"{arch}.vocab_size", int(tokens) if isinstance(tokens, int) else None),
+        "tie_word_embeddings": "output.weight" not in names,
         "dtype": "float32",  # quantkit dequantizes GGUF weights to a float32 cache
     }
-    kd = get(f"{arch}.attention.key_length")
+    kd = kv.get(f"{arch}.attention.key_length")
     if isinstance(kd, int):
         cfg["head_dim"] = kd
+    cfg = {k: (int(v) if isinstance(v, _ArrayLen) else v) for k, v in cfg.items()}
     return cfg
 
 
