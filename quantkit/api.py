@@ -83,8 +83,18 @@ def quantize(
     device: str = "cpu",
     on_block: Callable[[int, int, str, str], None] | None = None,
     calib_set: CalibrationSet | None = None,
+    partial_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite_partial: bool = False,
 ) -> QuantizedModel:
-    """Run the recipe's stages layer by layer over the calibration set; weights change in place."""
+    """Run the recipe's stages layer by layer over the calibration set; weights change in place.
+
+    partial_dir: save every finished block there (see quantkit.calib.resume; the CLI
+    uses `OUT.partial`); resume=True continues from the blocks it holds, after
+    checking that model, calibration data and recipe are unchanged. Without resume an
+    existing partial run is refused unless overwrite_partial=True. The caller removes
+    it after a successful export (`quantkit.calib.resume.discard_partial`).
+    """
     from quantkit.calib.pipeline import run_layerwise
     from quantkit.methods.base import get_method
 
@@ -106,6 +116,16 @@ def quantize(
         calib_set = calibration_set(
             loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
         )
+    calib_settings = calib_set.settings if calib_set is not None else {"source": "none (data-free methods)"}
+    checkpointer = None
+    if partial_dir is not None:
+        from quantkit.calib.resume import Checkpointer, run_fingerprint
+
+        numerics = {**calib_settings, "batch_size": calib.batch_size, "device": str(resolve_device(device))}
+        fp = run_fingerprint(
+            loaded.source, calib_set.input_ids if calib_set is not None else None, numerics, recipe.to_dict()
+        )
+        checkpointer = Checkpointer(partial_dir, fp, resume=resume, overwrite=overwrite_partial)
     result = run_layerwise(
         loaded.model,
         calib_set.input_ids if calib_set is not None else None,
@@ -114,6 +134,7 @@ def quantize(
         batch_size=calib.batch_size,
         ignore=recipe.ignore,
         on_block=on_block,
+        checkpointer=checkpointer,
     )
     return QuantizedModel(
         model=loaded.model,
@@ -121,7 +142,7 @@ def quantize(
         recipe=recipe,
         modules=result.results,
         source=loaded.source,
-        calibration=calib_set.settings if calib_set is not None else {"source": "none (data-free methods)"},
+        calibration=calib_settings,
         warnings=result.warnings,
         static_scales=collector.scales if collector is not None else None,
     )

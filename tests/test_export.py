@@ -304,7 +304,7 @@ def test_manifest_contents_and_tamper(tmp_path, tiny_tokenizer):
     assert len(m["modules"]) == N_LINEARS
     assert m["source"]["arch"] == "llama" and m["calibration"] == {"samples": 0}
     assert MANIFEST_NAME not in m["files"]
-    on_disk = {p.name for p in out.iterdir()} - {MANIFEST_NAME}
+    on_disk = {p.name for p in out.iterdir()} - {MANIFEST_NAME, "quantkit.json.sha256"}
     assert set(m["files"]) == on_disk and {"config.json", SAFE_WEIGHTS_NAME, "tokenizer.json"} <= on_disk
     assert m["files"][SAFE_WEIGHTS_NAME]["bytes"] == (out / SAFE_WEIGHTS_NAME).stat().st_size
     assert verify_checkpoint(out) == []

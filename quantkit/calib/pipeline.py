@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from quantkit.calib.capture import capture_inputs
+from quantkit.calib.resume import Checkpointer
 from quantkit.methods.base import BlockContext, Method
 from quantkit.models.adapter import ModelAdapter
 from quantkit.quant.core import QuantizedTensor
@@ -139,6 +140,7 @@ def run_layerwise(
     ignore: Sequence[str] = (),
     on_block: ProgressFn | None = None,
     return_hidden: bool = False,
+    checkpointer: Checkpointer | None = None,
 ) -> PipelineResult:
     """Calibrate `model` block by block on `input_ids` (samples, seqlen) with `methods` in order.
 
@@ -147,6 +149,9 @@ def run_layerwise(
     block visits `device` in turn.
     Methods change the block's weights in place. Returns the quantized tensors,
     warnings and, if asked, the final (normed) hidden states per batch.
+    checkpointer (quantkit.calib.resume.Checkpointer): blocks it already holds are
+    restored from disk and only run forward (to rebuild the next block's inputs);
+    every newly finished block is saved to it. None: nothing is saved.
     """
     device = torch.device(device)
     adapter = ModelAdapter.for_model(model)
@@ -163,17 +168,30 @@ def run_layerwise(
         hidden, kwargs_per_block = _catch_block_inputs(model, adapter, batches, device)
     label = " + ".join(m.name for m in methods) or "pass"
     result = PipelineResult()
+    start = checkpointer.start_block(n) if checkpointer is not None else 0
 
     for i, block in enumerate(blocks):
         name = adapter.block_name(i)
         if on_block is not None:
-            on_block(i, n, name, label)
+            on_block(i, n, name, "restored" if i < start else label)
         home = next(block.parameters()).device
+        if i < start:
+            # Finished in an earlier run: load it, and rerun it only to rebuild the
+            # next block's inputs (the same ops on the same data: identical bits on CPU).
+            restored, warns = checkpointer.restore_block(i, block)
+            result.results.update(restored)
+            result.warnings.extend(warns)
         block.to(device)
         kwargs = [_to(kw, device) for kw in kwargs_per_block[i]]
 
         def forward(_block=block, _kwargs=kwargs) -> list[torch.Tensor]:
             return [_block_output(_block(h, **kw)) for h, kw in zip(hidden, _kwargs)]
+
+        if i < start:
+            hidden = [] if data_free else forward()
+            block.to(home)
+            del kwargs
+            continue
 
         linears = {k: v for k, v in adapter.block_linears(i).items() if not is_ignored(k, ignore)}
         with capture_inputs(linears, kinds) as stats:
@@ -186,6 +204,8 @@ def run_layerwise(
             result.warnings.extend(ctx.warnings)
             if not data_free:
                 outputs = forward()  # propagate the quantized block's outputs
+            if checkpointer is not None:
+                checkpointer.save_block(i, block, ctx.results, ctx.warnings, n, name)
         hidden = outputs
         block.to(home)
         del stats, kwargs

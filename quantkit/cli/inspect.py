@@ -65,17 +65,18 @@ def inspect_cmd(
 
     if not path.is_dir():
         fail(f"{path} is not a directory; pass a checkpoint directory written by quantkit")
+    # Verify first: a damaged file is named as an integrity problem, not tripped over while summarizing.
+    problems = verify_checkpoint(path) if verify else []
+    if problems:
+        for p in problems:
+            console.print(f"[red]✗[/] {p}", highlight=False)
+        fail(f"{len(problems)} integrity problem(s) in {path}, e.g. {problems[0]}; do not serve this checkpoint", code=1)
     summary = read_checkpoint_summary(path)
     t = Table(title=str(path), show_header=False)
     for k, v in _rows(summary):
         t.add_row(k, escape(v))
     console.print(t)
     if verify:
-        problems = verify_checkpoint(path)
-        if problems:
-            for p in problems:
-                console.print(f"[red]✗[/] {p}", highlight=False)
-            fail(f"{len(problems)} integrity problem(s) in {path}; do not serve this checkpoint", code=1)
         console.print("[green]✓[/] every file matches the manifest's sha256")
 
 

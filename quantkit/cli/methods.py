@@ -22,6 +22,8 @@ from quantkit.cli.options import (
     ModelOpt,
     OutOpt,
     OverwriteOpt,
+    ResumeOpt,
+    SkipMemOpt,
     SamplesOpt,
     SeedOpt,
     SeqlenOpt,
@@ -46,9 +48,13 @@ def run_recipe(
     eval_cfg=None,
     json_out: Path | None = None,
     kv_format: str = "int8",
+    resume: bool = False,
+    skip_memory_check: bool = False,
 ) -> dict:
     """Load → check → (baseline eval) → quantize layer by layer → (eval) → export. Returns a summary."""
     from quantkit import api
+    from quantkit.calib.resume import discard_partial, partial_dir_for
+    from quantkit.errors import OperationError
     from quantkit.export.atomic import check_output_dir
 
     from quantkit.recipe import check_methods
@@ -58,6 +64,7 @@ def run_recipe(
     check_methods(recipe)
     api.check_export_format(recipe, format)
     check_output_dir(out, overwrite)
+    _memory_plan(recipe, model, calib, device, dtype, skip_memory_check)  # from the config: before loading
     status(f"loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...")
     loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     api.check_recipe_fits(loaded.model, recipe)
@@ -74,8 +81,16 @@ def run_recipe(
         base, windows = api.evaluate(loaded.model, loaded.tokenizer, eval_cfg, device=device)
         summary["baseline"] = base.to_dict()
     t_q = time.perf_counter()
-    with progress_bar("calibrating") as on_block:
-        qmodel = api.quantize(loaded, recipe, calib, device=device, on_block=on_block)
+    partial = partial_dir_for(out)  # finished blocks go here, so a crash costs at most one block
+    try:
+        with progress_bar("calibrating") as on_block:
+            qmodel = api.quantize(
+                loaded, recipe, calib, device=device, on_block=on_block,
+                partial_dir=partial, resume=resume, overwrite_partial=overwrite,
+            )
+    except KeyboardInterrupt:
+        status(f"finished blocks are saved in {partial}; rerun the same command with --resume to continue")
+        raise
     summary["quantize_seconds"] = time.perf_counter() - t_q
     if eval_cfg is not None:
         status("scoring the quantized model on the same windows ...")
@@ -85,7 +100,11 @@ def run_recipe(
         summary["quantized"] = q.to_dict()
         if recipe.scheme.kv_cache is not None:
             summary["kv_cache"] = sim.to_dict()
-    path = api.export(qmodel, out, format=format, overwrite=overwrite, kv_format=kv_format)
+    try:
+        path = api.export(qmodel, out, format=format, overwrite=overwrite, kv_format=kv_format)
+    except OperationError as e:  # disk full, permissions: the calibrated blocks survive for --resume
+        raise type(e)(f"{e}; the calibrated blocks are kept in {partial}: fix that and rerun with --resume") from e
+    discard_partial(partial)  # only now: the checkpoint is complete on disk
     from quantkit.export.manifest import read_manifest
 
     summary.update(
@@ -101,6 +120,17 @@ def run_recipe(
 
         json_out.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _memory_plan(recipe, model, calib, device, dtype, skip: bool) -> None:
+    """One status line with the estimated peak memory; refuse a run that will not fit (unless skip)."""
+    from quantkit.models.loading import resolve_device
+    from quantkit.plan import check_memory, estimate_memory, model_config
+
+    plan = estimate_memory(model_config(model), recipe, calib, resolve_device(device), dtype=dtype)
+    status(plan.summary())
+    if not skip:
+        check_memory(plan)
 
 
 def _print_summary(s: dict) -> None:
@@ -154,6 +184,8 @@ def rtn(
     windows: WindowsOpt = 40,
     eval_seqlen: EvalSeqlenOpt = 512,
     json_out: JsonOpt = None,
+    resume: ResumeOpt = False,
+    skip_memory_check: SkipMemOpt = False,
 ) -> None:
     """Round-to-nearest weight quantization (no calibration data needed)."""
     from quantkit.api import CalibConfig, EvalConfig
@@ -172,6 +204,8 @@ def rtn(
         trust_remote_code=trust_remote_code,
         eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
         json_out=json_out,
+        resume=resume,
+        skip_memory_check=skip_memory_check,
     )
 
 

@@ -55,3 +55,11 @@ GroupSizeOverrideOpt = Annotated[
 SymOverrideOpt = Annotated[
     Optional[bool], typer.Option("--sym/--asym", help="Symmetric or asymmetric weights (overrides the scheme).", show_default=False)
 ]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue an interrupted run from the blocks saved in OUT.partial (same settings)."),
+]
+SkipMemOpt = Annotated[
+    bool,
+    typer.Option("--skip-memory-check", help="Run even when the memory plan says it will not fit."),
+]

@@ -12,6 +12,8 @@ import typer
 
 from quantkit.cli.methods import run_recipe
 from quantkit.cli.options import (
+    ResumeOpt,
+    SkipMemOpt,
     BatchOpt,
     BitsOverrideOpt,
     CalibFieldOpt,
@@ -78,7 +80,8 @@ def one_stage_recipe(method: str, options: dict[str, Any], bits, group_size, sym
 
 
 def _run(recipe, *, model, out, calib, calib_field, samples, seqlen, seed, batch_size, device, dtype, format,
-         overwrite, trust_remote_code, eval, windows, eval_seqlen, json_out) -> None:
+         overwrite, trust_remote_code, eval, windows, eval_seqlen, json_out, resume=False,
+         skip_memory_check=False) -> None:
     from quantkit.api import CalibConfig, EvalConfig
 
     run_recipe(
@@ -93,6 +96,8 @@ def _run(recipe, *, model, out, calib, calib_field, samples, seqlen, seed, batch
         trust_remote_code=trust_remote_code,
         eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
         json_out=json_out,
+        resume=resume,
+        skip_memory_check=skip_memory_check,
     )
 
 
@@ -119,6 +124,8 @@ def quantize(
     windows: WindowsOpt = 40,
     eval_seqlen: EvalSeqlenOpt = 512,
     json_out: JsonOpt = None,
+    resume: ResumeOpt = False,
+    skip_memory_check: SkipMemOpt = False,
 ) -> None:
     """Run a recipe (ordered method stages + scheme + ignore list) and export the checkpoint.
 
@@ -129,7 +136,8 @@ def quantize(
     r = override_weights(load_recipe(recipe), bits, group_size, sym)
     _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
          batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
-         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out)
+         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out,
+         resume=resume, skip_memory_check=skip_memory_check)
 
 
 @handle_errors
@@ -162,6 +170,8 @@ def awq(
     windows: WindowsOpt = 40,
     eval_seqlen: EvalSeqlenOpt = 512,
     json_out: JsonOpt = None,
+    resume: ResumeOpt = False,
+    skip_memory_check: SkipMemOpt = False,
 ) -> None:
     """AWQ: activation-aware scales (and clipping) searched per block, then quantize.
 
@@ -173,7 +183,8 @@ def awq(
     r = one_stage_recipe("awq", opts, bits, group_size, sym)
     _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
          batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
-         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out)
+         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out,
+         resume=resume, skip_memory_check=skip_memory_check)
 
 
 @handle_errors
@@ -205,6 +216,8 @@ def gptq(
     windows: WindowsOpt = 40,
     eval_seqlen: EvalSeqlenOpt = 512,
     json_out: JsonOpt = None,
+    resume: ResumeOpt = False,
+    skip_memory_check: SkipMemOpt = False,
 ) -> None:
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
@@ -215,7 +228,8 @@ def gptq(
     r = one_stage_recipe("gptq", opts, bits, group_size, sym)
     _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
          batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
-         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out)
+         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out,
+         resume=resume, skip_memory_check=skip_memory_check)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,8 @@ import typer
 
 from quantkit.cli.methods import run_recipe
 from quantkit.cli.options import (
+    ResumeOpt,
+    SkipMemOpt,
     BatchOpt,
     CalibFieldOpt,
     CalibOpt,
@@ -91,6 +93,8 @@ def smoothquant(
     windows: WindowsOpt = 40,
     eval_seqlen: EvalSeqlenOpt = 512,
     json_out: JsonOpt = None,
+    resume: ResumeOpt = False,
+    skip_memory_check: SkipMemOpt = False,
 ) -> None:
     """SmoothQuant W8A8: smooth activation outliers into the weights, W8 per-channel, A8 per-token (or static)."""
     from quantkit.api import CalibConfig, EvalConfig
@@ -114,6 +118,8 @@ def smoothquant(
         eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
         json_out=json_out,
         kv_format=kv_format,
+        resume=resume,
+        skip_memory_check=skip_memory_check,
     )
 
 

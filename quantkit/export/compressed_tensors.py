@@ -379,13 +379,64 @@ def export_compressed_tensors(
 # ----------------------------------------------------------------------------- reading
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (tensor name -> dtype/shape/data_offsets), no data read."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+class SafetensorsHeaderError(ManifestError):
+    """A .safetensors file's header is truncated or corrupted (a usage error: the file is bad)."""
+
+
+_MAX_HEADER = 100 * 1024**2  # safetensors itself refuses headers above 100 MB
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file (tensor name -> dtype/shape/data_offsets), no data read.
+
+    Checks what a reader would trip on: the 8-byte length, that the header fits in
+    the file, is a JSON object of {dtype: str, shape: [int], data_offsets: [begin, end]}
+    and that every tensor's bytes lie inside the file. Raises SafetensorsHeaderError
+    naming the file.
+    """
+    path = Path(path)
+
+    def bad(why: str) -> SafetensorsHeaderError:
+        return SafetensorsHeaderError(f"{path.name} in {path.parent} is not a valid safetensors file ({why}); "
+                                      "re-export or re-download it")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise bad("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, _MAX_HEADER):
+                raise bad(f"header length {n} exceeds the file")
+            text = f.read(n)
+    except OSError as e:
+        raise bad(f"unreadable: {e.strerror or e}") from e
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad("header is not JSON") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
     header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    for key, info in header.items():
+        ok = (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in info["data_offsets"])
+            and 0 <= info["data_offsets"][0] <= info["data_offsets"][1] <= data_len
+        )
+        if not ok:
+            raise bad(f"entry {str(key)[:80]!r} is malformed or points outside the file")
     return header
+
+
+_safetensors_header = read_safetensors_header
 
 
 _QUANT_SUFFIXES = (

@@ -16,6 +16,9 @@ from typing import Any
 from quantkit.errors import UsageError
 
 MANIFEST_NAME = "quantkit.json"
+# sha256 of quantkit.json itself, written beside it: a changed byte anywhere in the
+# manifest (not only in the files it lists) fails verification.
+MANIFEST_HASH_NAME = "quantkit.json.sha256"
 # Bump when a reader of the previous version would misread the new content.
 MANIFEST_FORMAT_VERSION = 1
 _CHUNK = 1 << 20  # hash in 1 MiB reads: constant memory on multi-GB shards
@@ -40,7 +43,7 @@ def _list_files(ckpt_dir: Path) -> list[str]:
     for root, _dirs, names in os.walk(ckpt_dir):
         for n in names:
             rel = (Path(root) / n).relative_to(ckpt_dir).as_posix()
-            if rel != MANIFEST_NAME:
+            if rel not in (MANIFEST_NAME, MANIFEST_HASH_NAME):
                 files.append(rel)
     return sorted(files)
 
@@ -52,6 +55,14 @@ def hash_files(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
         rel: {"sha256": sha256_file(ckpt_dir / rel), "bytes": (ckpt_dir / rel).stat().st_size}
         for rel in _list_files(ckpt_dir)
     }
+
+
+def _created() -> str:
+    """UTC time of writing; SOURCE_DATE_EPOCH (the reproducible-builds convention) pins it,
+    so two runs with the same inputs write byte-identical checkpoints."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch.isdigit() else datetime.now(timezone.utc)
+    return when.isoformat(timespec="seconds")
 
 
 def build_manifest(
@@ -75,7 +86,7 @@ def build_manifest(
     m: dict[str, Any] = {
         "format_version": MANIFEST_FORMAT_VERSION,
         "quantkit_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": _created(),
         "format": format,
         "recipe": recipe,
         "modules": dict(sorted(modules.items())),
@@ -84,16 +95,18 @@ def build_manifest(
         "warnings": list(warnings or []),
     }
     m.update(extra or {})
+    m["manifest_hash"] = MANIFEST_HASH_NAME
     m["files"] = hash_files(ckpt_dir)
     return m
 
 
 def write_manifest(ckpt_dir: Path, manifest: dict[str, Any]) -> Path:
-    """Write quantkit.json into ckpt_dir; returns its path."""
+    """Write quantkit.json (and quantkit.json.sha256 beside it) into ckpt_dir; returns its path."""
     path = Path(ckpt_dir) / MANIFEST_NAME
     with open(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=False)
         f.write("\n")
+    (Path(ckpt_dir) / MANIFEST_HASH_NAME).write_text(f"{sha256_file(path)}  {MANIFEST_NAME}\n", encoding="utf-8")
     return path
 
 
@@ -130,9 +143,24 @@ def verify_checkpoint(ckpt_dir: Path) -> list[str]:
     sha256 mismatch. A missing/unreadable manifest raises ManifestError.
     """
     ckpt_dir = Path(ckpt_dir)
-    expected: dict[str, dict[str, Any]] = read_manifest(ckpt_dir).get("files", {})
+    side = ckpt_dir / MANIFEST_HASH_NAME
+    if side.is_file() and (ckpt_dir / MANIFEST_NAME).is_file():
+        try:
+            want = side.read_text(encoding="utf-8").split()[0]
+        except (OSError, UnicodeDecodeError, IndexError):
+            want = ""
+        if want != sha256_file(ckpt_dir / MANIFEST_NAME):
+            return [f"{MANIFEST_NAME}: sha256 mismatch with {MANIFEST_HASH_NAME} (manifest changed since export)"]
+    manifest = read_manifest(ckpt_dir)
+    expected = manifest.get("files", {})
+    if not isinstance(expected, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in expected.values()
+    ):
+        raise ManifestError(f"{ckpt_dir / MANIFEST_NAME} has a malformed files table; do not use this checkpoint")
     present = set(_list_files(ckpt_dir))
     problems = []
+    if manifest.get("manifest_hash") == MANIFEST_HASH_NAME and not side.is_file():
+        problems.append(f"{MANIFEST_HASH_NAME}: missing")
     for rel, meta in sorted(expected.items()):
         if rel not in present:
             problems.append(f"{rel}: missing")

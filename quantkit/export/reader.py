@@ -41,7 +41,10 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not files:
         raise CheckpointError(f"{path} has no .safetensors files")
     tensors: dict[str, torch.Tensor] = {}
+    from quantkit.export.compressed_tensors import read_safetensors_header
+
     for f in files:
+        read_safetensors_header(f)  # a clear error for a damaged header, before safetensors parses it
         try:
             tensors.update(load_file(str(f)))
         except Exception as e:  # safetensors raises its own error type for bad headers

@@ -97,6 +97,7 @@ class GPTQ(Method):
     # capture pass runs before earlier stages change the block, so its Hessians would be stale).
     stats = frozenset()
     needs_data = True
+    plan_stats = frozenset({"hessian_step"})  # what the memory planner should count
     options = ("damp", "block_size", "act_order", "true_sequential")
 
     def __init__(self, scheme: Scheme, **options: Any):

@@ -155,6 +155,14 @@ def _check_local_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} has no config.json; pass a transformers model directory, a .gguf file or a hub id")
     names = [p.name for p in path.iterdir()]
     if any(n.endswith(".safetensors") for n in names):
+        from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
+
+        for n in sorted(names):  # a clear one-line error for a truncated/corrupted file, before transformers
+            if n.endswith(".safetensors"):
+                try:
+                    read_safetensors_header(path / n)
+                except SafetensorsHeaderError as e:
+                    raise ModelLoadError(str(e)) from e
         return
     pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
     if pickles:

@@ -1,0 +1,176 @@
+"""Estimate vs measured peak memory of a calibration run (checks quantkit.plan).
+
+Builds a random-weight model from a named shape (or loads one), runs a recipe's
+layer-by-layer calibration on N samples x seqlen random tokens on the chosen
+device (optionally exports it), and prints the estimate next to the measured
+peaks: host = ru_maxrss of this process, device = torch.cuda.max_memory_allocated.
+
+    python benchmarks/memory_plan.py --shape llama3-8b --device cuda --samples 128 --seqlen 2048
+    python benchmarks/memory_plan.py --model default --samples 8 --seqlen 256
+    python benchmarks/memory_plan.py --model default --data-free   # what `quantkit rtn` does
+
+Run one configuration per process: ru_maxrss never goes down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    # name: transformers LlamaConfig fields
+    "llama3-8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192),
+    "llama3-1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=8192),
+    "tiny": dict(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False, max_position_embeddings=2048),
+}
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _random_model(shape: dict, dtype):
+    """A Llama of `shape` with N(0, 0.02) weights, built without transformers' slow init."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from contextlib import nullcontext as no_init_weights
+    cfg = LlamaConfig(**shape)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)  # in place: no float32 temporary inflating the host peak
+    model.eval()
+    model.config.use_cache = False
+    return model, cfg.to_dict()
+
+
+def _recipe(args):
+    from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
+
+    if args.recipe:
+        from quantkit import recipe as recipe_mod
+
+        if not hasattr(recipe_mod, "load_recipe"):
+            sys.exit("--recipe needs quantkit.recipe.load_recipe (the recipes branch); use --method for now")
+        return recipe_mod.load_recipe(args.recipe)
+    return Recipe(Scheme(QuantArgs(bits=args.bits, group_size=args.group_size, symmetric=True)), (Stage(args.method),))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shape", choices=sorted(SHAPES))
+    src.add_argument("--model", help="a model quantkit loads: default, a dir, a .gguf or a hub id")
+    ap.add_argument("--recipe", help="recipe YAML (needs the recipes branch)")
+    ap.add_argument("--method", default="rtn")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--data-free", action="store_true", help="no block forwards (what RTN does through the API)")
+    ap.add_argument("--export", help="export the checkpoint here (default: a temp dir, removed after); the "
+                    "estimate covers the export phase, so it is always measured")
+    ap.add_argument("--json", help="write the result here too")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from quantkit.api import CalibConfig
+    from quantkit.calib.pipeline import run_layerwise
+    from quantkit.methods.base import get_method
+    from quantkit.models.loading import resolve_device, resolve_dtype
+    from quantkit.plan import HOST_BASELINE_BYTES, estimate_memory, model_config
+
+    device = resolve_device(args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    recipe = _recipe(args)
+    calib = CalibConfig(samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size)
+    baseline = _rss_bytes()
+    t0 = time.perf_counter()
+    if args.shape:
+        model, cfg = _random_model(SHAPES[args.shape], resolve_dtype(dtype_name, device))
+        tokenizer, source = None, {"kind": "random", "shape": args.shape}
+        cfg["dtype"] = None  # built in memory, not mapped from a file
+    else:
+        from quantkit import api
+
+        cfg = model_config(None if args.model == "default" else args.model)
+        loaded = api.load(None if args.model == "default" else args.model, dtype=args.dtype, device=device)
+        model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.source
+    plan = estimate_memory(cfg, recipe, calib, device, dtype=dtype_name, with_data=not args.data_free)
+    load_s = time.perf_counter() - t0
+
+    methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
+    for m in methods[:-1]:
+        m.final = False
+    ids = None
+    if not args.data_free:
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (args.samples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    t1 = time.perf_counter()
+    res = run_layerwise(model, ids, methods, device=device, batch_size=args.batch_size, ignore=recipe.ignore)
+    calib_s = time.perf_counter() - t1
+    dev_peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
+    host_after_calib = _rss_bytes()
+    from quantkit.export.compressed_tensors import export_compressed_tensors
+    from quantkit.quant.model import QuantizedModel
+
+    tmp = None
+    if args.export:
+        out = Path(args.export)
+    else:
+        tmp = tempfile.mkdtemp(prefix="memory-plan-")
+        out = Path(tmp) / "ckpt"
+    export_compressed_tensors(QuantizedModel(model, tokenizer, recipe, res.results, source), out, overwrite=True)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    host_peak = _rss_bytes()
+
+    def gib(n):
+        return round(n / 2**30, 3)
+
+    result = {
+        "source": source.get("shape") or source.get("name") or source.get("path"),
+        "device": device, "dtype": dtype_name, "samples": args.samples, "seqlen": args.seqlen,
+        "batch_size": args.batch_size, "data_free": args.data_free,
+        "import_rss_gib": gib(baseline), "assumed_baseline_gib": gib(HOST_BASELINE_BYTES),
+        "host_estimate_gib": gib(plan.host_peak), "host_measured_gib": gib(host_peak),
+        "host_measured_after_calibration_gib": gib(host_after_calib),
+        "host_error_pct": round((plan.host_peak / host_peak - 1) * 100, 1),
+        "device_estimate_gib": gib(plan.device_peak), "device_measured_gib": gib(dev_peak),
+        "device_error_pct": round((plan.device_peak / dev_peak - 1) * 100, 1) if dev_peak else None,
+        "host_parts_gib": {k: gib(v) for k, v in plan.host_parts.items()},
+        "device_parts_gib": {k: gib(v) for k, v in plan.device_parts.items()},
+        "load_seconds": round(load_s, 1), "calibration_seconds": round(calib_s, 1),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""`quantkit plan`: peak host and device memory of a run, estimated from the model's config alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quantkit.cli.options import BatchOpt, BitsOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, JsonOpt, ModelOpt, SamplesOpt, SeqlenOpt, SymOpt
+from quantkit.cli.ui import console, handle_errors
+
+RecipeFileOpt = Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML file (scheme, stages, ignore).")]
+MethodOpt = Annotated[str, typer.Option("--method", help="Single-stage recipe with this method (without --recipe).")]
+
+
+def _load_recipe_file(path: Path):
+    from quantkit import recipe as recipe_mod
+    from quantkit.recipe import RecipeError
+
+    if not hasattr(recipe_mod, "load_recipe"):
+        raise RecipeError("--recipe files are not supported by this build yet; use --method, --bits and --group-size")
+    return recipe_mod.load_recipe(path)
+
+
+@handle_errors
+def plan_cmd(
+    model: ModelOpt = None,
+    recipe: RecipeFileOpt = None,
+    method: MethodOpt = "rtn",
+    bits: BitsOpt = 4,
+    group_size: GroupSizeOpt = None,
+    sym: SymOpt = True,
+    samples: SamplesOpt = 64,
+    seqlen: SeqlenOpt = 512,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = None,
+    device_memory: Annotated[
+        Optional[float], typer.Option("--device-memory", help="GiB free on the device (plan a GPU run from any machine).")
+    ] = None,
+) -> None:
+    """Estimate peak host/device memory of quantizing MODEL (reads only its config) and whether it fits."""
+    from rich.table import Table
+
+    from quantkit.api import CalibConfig
+    from quantkit.models.loading import resolve_device, resolve_dtype
+    from quantkit.plan import estimate_memory, model_config
+    from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
+
+    if device_memory is not None and device.startswith("cuda"):
+        dev = device  # planning for a GPU this machine may not have
+    else:
+        dev = resolve_device(device)
+    resolve_dtype(dtype, dev)  # validates the name
+    if recipe is not None:
+        rec = _load_recipe_file(recipe)
+    else:
+        rec = Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)), (Stage(method),))
+    calib = CalibConfig(samples=samples, seqlen=seqlen, batch_size=batch_size)
+    if samples <= 0 or seqlen <= 1 or batch_size <= 0:
+        from quantkit.calib.data import CalibDataError
+
+        raise CalibDataError(f"--samples ({samples}) and --batch-size ({batch_size}) must be >= 1, --seqlen >= 2")
+    avail = None if device_memory is None else int(device_memory * 2**30)
+    p = estimate_memory(model_config(model), rec, calib, dev, dtype=dtype, device_available=avail)
+    t = Table(title="memory plan (estimate from config)", show_header=False)
+    for k, v in p.host_parts.items():
+        t.add_row(f"host · {k}", f"{v / 2**30:.2f} GiB")
+    t.add_row("[bold]host peak[/]", f"{p.host_peak / 2**30:.2f} GiB"
+              + (f" of {p.host_available / 2**30:.2f} GiB available" if p.host_available else ""))
+    for k, v in p.device_parts.items():
+        t.add_row(f"{dev} · {k}", f"{v / 2**30:.2f} GiB")
+    if dev != "cpu":
+        t.add_row(f"[bold]{dev} peak[/]", f"{p.device_peak / 2**30:.2f} GiB"
+                  + (f" of {p.device_available / 2**30:.2f} GiB free" if p.device_available else ""))
+    t.add_row("fits", "[green]yes[/]" if p.fits else "[red]no[/]")
+    for a in p.advice:
+        t.add_row("[yellow]try[/]", a)
+    console.print(t)
+    if json_out is not None:
+        import json
+
+        json_out.write_text(json.dumps(p.to_dict(), indent=2) + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_cmd)

@@ -1,0 +1,456 @@
+"""Memory plan: peak host and device memory of a run, from the model's config alone.
+
+No weights are loaded. The estimate adds up what the pipeline keeps alive at
+its worst moment (see `estimate_memory`); `quantkit plan` prints it and every
+method run checks it before loading, so a run that cannot fit stops at once
+with the flags that would make it fit.
+
+Host peak = runtime baseline + the model's weights + quantized tensors
+            + max(calibration working set when calibrating on the CPU, export working set)
+Device peak (cuda) = max(catch phase: embeddings + block-0 inputs,
+                         block phase: one block + inputs/outputs + kwargs + forward
+                         transients + statistics)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import UsageError
+from quantkit.models.loading import ModelLoadError
+
+GiB = 1024**3
+MiB = 1024**2
+# RSS of python + torch + transformers + quantkit with a model class instantiated, before
+# any weights: measured 239 MiB after the imports and 450-460 MiB once a Llama is built
+# (torch 2.13 CPU, transformers 5.23; the modeling code and its kernels load then).
+HOST_BASELINE_BYTES = 460 * MiB
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_EXPORT_SHARD_BYTES = 2 * GiB  # export_compressed_tensors' default max_shard_bytes
+_LIMIT = 10_000_000  # no real model has a dimension or layer count near this
+
+
+class MemoryPlanError(UsageError):
+    """The run will not fit in memory; the message gives the estimate and the flags that would fit."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The config fields the estimate needs (validated: positive, sensible ints)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    dtype: str | None = None  # the weights' dtype on disk, when the config says
+    qk_norm: bool = False  # Qwen3: RMSNorm over q and k heads
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], where: str = "config.json") -> "ModelShape":
+        """Validate a transformers config dict; ModelLoadError naming the field otherwise."""
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"{where} is not a JSON object; pass a transformers model directory")
+        vals: dict[str, int] = {}
+        for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size"):
+            v = cfg.get(key)
+            if v is None:
+                raise ModelLoadError(f"{where} has no {key}; it is not a decoder-only transformers config")
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > _LIMIT:
+                raise ModelLoadError(f"{where} field {key}={v!r} is not a sensible positive size")
+            vals[key] = v
+        for key, default in (("num_key_value_heads", vals["num_attention_heads"]),
+                             ("head_dim", vals["hidden_size"] // vals["num_attention_heads"])):
+            v = cfg.get(key)
+            v = default if v is None else v
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > _LIMIT:
+                raise ModelLoadError(f"{where} field {key}={v!r} is not a sensible positive size")
+            vals[key] = v
+        dt = cfg.get("dtype") or cfg.get("torch_dtype")
+        return cls(**vals, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                   attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+                   dtype=dt if isinstance(dt, str) else None, qk_norm=cfg.get("model_type") == "qwen3")
+
+    def block_linears(self) -> dict[str, tuple[int, int]]:
+        """Relative name -> (out_features, in_features) of one block's linears."""
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        i = self.intermediate_size
+        return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+
+    def block_params(self) -> int:
+        n = sum(o * i for o, i in self.block_linears().values()) + 2 * self.hidden_size
+        if self.attention_bias:
+            n += (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+        if self.qk_norm:
+            n += 2 * self.head_dim
+        return n
+
+    def params(self) -> int:
+        emb = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else emb
+        return emb + head + self.num_hidden_layers * self.block_params() + self.hidden_size
+
+
+@dataclass
+class MemoryPlan:
+    host_peak: int  # bytes
+    device_peak: int  # bytes on the accelerator; 0 when calibrating on the CPU
+    host_parts: dict[str, int] = field(default_factory=dict)
+    device_parts: dict[str, int] = field(default_factory=dict)
+    host_available: int | None = None
+    device_available: int | None = None
+    device: str = "cpu"
+    fits: bool = True
+    advice: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the start of a run."""
+        def gib(n):
+            return f"{n / GiB:.2f} GiB"
+
+        s = f"memory plan: host peak ~{gib(self.host_peak)}"
+        if self.host_available is not None:
+            s += f" of {gib(self.host_available)} available"
+        if self.device != "cpu":
+            s += f"; {self.device} peak ~{gib(self.device_peak)}"
+            if self.device_available is not None:
+                s += f" of {gib(self.device_available)} free"
+        return s + ("" if self.fits else " — does not fit")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("device", "host_peak", "device_peak", "host_parts", "device_parts",
+                                              "host_available", "device_available", "fits", "advice")}
+
+
+def _stat_kinds(recipe) -> frozenset[str]:
+    from quantkit.methods.base import get_method
+
+    kinds: frozenset[str] = frozenset()
+    for st in recipe.stages:
+        cls = get_method(st.method)
+        # Methods that capture their own statistics inside a block say so in `plan_stats`.
+        kinds |= cls.stats | getattr(cls, "plan_stats", frozenset())
+    return kinds
+
+
+def _host_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _device_available(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def estimate_memory(
+    config: dict[str, Any] | ModelShape,
+    recipe,
+    calib,
+    device: str = "cpu",
+    *,
+    dtype: str = "auto",
+    with_data: bool | None = None,
+    host_available: int | None = None,
+    device_available: int | None = None,
+    detect: bool = True,
+) -> MemoryPlan:
+    """Estimate peak memory of quantizing a model of `config` with `recipe` (no weights loaded).
+
+    config: a transformers config dict (or a ModelShape); recipe: quantkit.recipe.Recipe;
+    calib: CalibConfig (samples, seqlen, batch_size); device: where blocks calibrate.
+    with_data: whether blocks run forward on calibration data (default: the recipe's
+    methods ask for statistics; RTN is data-free). host/device_available: bytes to
+    compare with (default: detected when detect=True). Returns a MemoryPlan whose
+    `advice` lists flags that would make a non-fitting run fit.
+    """
+    from quantkit.calib.pipeline import is_ignored
+    from quantkit.quant.core import group_size_for
+
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    on_gpu = device.startswith("cuda")
+    if dtype == "auto":
+        dtype = "bfloat16" if on_gpu else "float32"
+    wb = _DTYPE_BYTES[dtype]
+    kinds = _stat_kinds(recipe)
+    data = bool(kinds) if with_data is None else with_data
+    args = recipe.scheme.weights
+    h, L = shape.hidden_size, shape.num_hidden_layers
+
+    # Quantized tensors kept for export: q int8 (out, in) + float32 scales (+ int8 zeros).
+    results = 0
+    quantized_params = 0
+    packed = 0
+    lin = dict(shape.block_linears())
+    names = {f"model.layers.{b}.{n}": oi for b in range(L) for n, oi in lin.items()}
+    if not shape.tie_word_embeddings:
+        names["lm_head"] = (shape.vocab_size, h)
+    for name, (o, i) in names.items():
+        if is_ignored(name, recipe.ignore):
+            continue
+        groups = i // group_size_for(args, i) if i % group_size_for(args, i) == 0 else 1
+        results += o * i + o * groups * (4 + (0 if args.symmetric else 1))
+        quantized_params += o * i
+        packed += o * i * args.bits // 8 + o * groups * wb + (0 if args.symmetric else o * groups * args.bits // 8)
+    weights = shape.params() * wb
+    file_bytes = weights - quantized_params * wb + packed  # the checkpoint's tensors
+    # save_file copies each tensor of a shard to bytes; the packed tensors are new too.
+    export = min(file_bytes, _EXPORT_SHARD_BYTES) + min(packed, _EXPORT_SHARD_BYTES)
+
+    # Calibration working set (where the blocks run).
+    tokens = calib.samples * calib.seqlen
+    batch_tokens = min(calib.batch_size, calib.samples) * calib.seqlen
+    act = tokens * h * wb * 2 if data else 0  # block inputs + outputs, all samples
+    rope = tokens * shape.head_dim * 2 * wb if data else 0  # cos/sin per batch, shared by blocks
+    transient = batch_tokens * (3 * shape.intermediate_size + 6 * h) * wb if data else 0  # one batch's forward
+    stats = 0
+    if "hessian" in kinds:
+        ins = [i for _o, i in lin.values()]
+        stats = sum(i * i * 4 for i in ins) + 2 * max(ins) ** 2 * 4  # all X^T X + one solve's copies
+    elif "hessian_step" in kinds:
+        # GPTQ: one shared X^T X per true-sequential step is alive, plus the solve's copies of it.
+        stats = 3 * max(i for _o, i in lin.values()) ** 2 * 4
+    elif kinds:
+        stats = sum(i * 4 * 2 for _o, i in lin.values())
+    block = shape.block_params() * wb
+    calib_set = tokens * 8 * 2 if data else 0  # int64 token ids (+ the batches' copy)
+
+    host_parts = {"runtime": HOST_BASELINE_BYTES, "weights": weights, "quantized tensors": results}
+    device_parts: dict[str, int] = {}
+    if on_gpu:
+        host_parts["export"] = export
+        host_peak = sum(host_parts.values()) + calib_set
+        catch = shape.vocab_size * h * wb + act // 2 + rope
+        device_parts = {"block weights": block, "block inputs + outputs": act, "rotary kwargs": rope,
+                        "forward transients": transient, "statistics": stats}
+        device_peak = max(catch, sum(device_parts.values()))
+    else:
+        calib_work = act + rope + transient + stats + calib_set
+        host_parts["calibration (activations, stats)" if calib_work >= export else "export"] = max(calib_work, export)
+        host_peak = sum(host_parts.values())
+        device_peak = 0
+
+    if detect:
+        host_available = _host_available() if host_available is None else host_available
+        device_available = _device_available(device) if device_available is None else device_available
+    plan = MemoryPlan(host_peak, device_peak, host_parts, device_parts, host_available, device_available, device)
+    over_host = host_available is not None and host_peak > host_available
+    over_dev = on_gpu and device_available is not None and device_peak > device_available
+    plan.fits = not (over_host or over_dev)
+    if not plan.fits:
+        budget, peak = (device_available, device_peak) if over_dev else (host_available, host_peak)
+        per_sample = (act + rope) / max(calib.samples, 1)
+        fixed = peak - act - rope
+        if data and per_sample and budget > fixed:
+            n = int((budget - fixed) // per_sample)
+            if 0 < n < calib.samples:
+                plan.advice.append(f"--samples {n} (calibration activations scale with samples)")
+                s = int(calib.seqlen * n / calib.samples)
+                if s >= 2:
+                    plan.advice.append(f"--seqlen {s}")
+        if data and calib.batch_size > 1:
+            plan.advice.append("--batch-size 1 (smaller forward transients)")
+        if over_host:
+            plan.advice.append(
+                f"the weights alone need {weights / GiB:.1f} GiB of host memory: use a machine with more RAM or "
+                "disk offload through accelerate (device_map with offload_folder; not wired into quantkit yet)")
+        if over_dev and not over_host:
+            plan.advice.append("--device cpu (calibrate in host memory, slower)")
+    return plan
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _GGUFHeader:
+    """A bounds-checked reader of a GGUF file's metadata and tensor names (no tensor data read).
+
+    Written here rather than using gguf.GGUFReader, which also decodes every
+    metadata array (49k tokenizer strings: seconds) and fails with assorted
+    exception types on damaged files.
+    """
+
+    def __init__(self, path: Path):
+        import struct
+
+        self._struct = struct
+        self.path = path
+        self.data = path.read_bytes() if path.stat().st_size < 64 * MiB else None
+        self._f = None if self.data is not None else open(path, "rb")
+        self.size = path.stat().st_size
+        self.pos = 0
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+    def _read(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            raise ValueError("runs past the end of the file")
+        if self.data is not None:
+            b = self.data[self.pos : self.pos + n]
+        else:
+            self._f.seek(self.pos)
+            b = self._f.read(n)
+        self.pos += n
+        return b
+
+    def _unpack(self, fmt: str):
+        return self._struct.unpack(fmt, self._read(self._struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        return self._read(self._unpack("<Q")).decode("utf-8", errors="replace")
+
+    def _value(self, vtype: int, depth: int = 0):
+        if vtype in _GGUF_SCALAR:
+            return self._unpack(_GGUF_SCALAR[vtype])
+        if vtype == 8:
+            return self._string()
+        if vtype == 9 and depth == 0:
+            etype, count = self._unpack("<I"), self._unpack("<Q")
+            if etype in _GGUF_SCALAR:  # skip numeric arrays without decoding them
+                self._read(count * self._struct.calcsize(_GGUF_SCALAR[etype]))
+                return _ArrayLen(count)
+            if count > self.size:
+                raise ValueError("array longer than the file")
+            for _ in range(count):
+                self._value(etype, depth + 1)
+            return _ArrayLen(count)
+        raise ValueError(f"unknown value type {vtype}")
+
+    def parse(self) -> tuple[dict[str, Any], list[str]]:
+        if self._read(4) != b"GGUF":
+            raise ModelLoadError(f"{self.path} is not a GGUF file (wrong magic bytes)")
+        version = self._unpack("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = self._unpack("<Q"), self._unpack("<Q")
+        if n_tensors > self.size or n_kv > self.size:
+            raise ValueError("counts larger than the file")
+        kv: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            kv[key] = self._value(self._unpack("<I"))
+        names = []
+        for _ in range(n_tensors):
+            names.append(self._string())
+            n_dims = self._unpack("<I")
+            if n_dims > 8:
+                raise ValueError("a tensor with more than 8 dimensions")
+            self._read(8 * n_dims + 4 + 8)  # dims, type, offset
+        return kv, names
+
+
+class _ArrayLen(int):
+    """An array's length, standing in for its (undecoded) contents."""
+
+
+def _gguf_config(path: Path) -> dict[str, Any]:
+    import struct
+
+    reader = _GGUFHeader(path)
+    try:
+        kv, names = reader.parse()
+    except ModelLoadError:
+        raise
+    except (ValueError, struct.error, OSError) as e:
+        raise ModelLoadError(f"{path} is a damaged GGUF file ({e}); download it again") from e
+    finally:
+        reader.close()
+
+    arch = kv.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelLoadError(f"{path} has no general.architecture; not a model GGUF")
+    heads = kv.get(f"{arch}.attention.head_count")
+    tokens = kv.get("tokenizer.ggml.tokens")
+    cfg = {
+        "model_type": arch,
+        "hidden_size": kv.get(f"{arch}.embedding_length"),
+        "num_hidden_layers": kv.get(f"{arch}.block_count"),
+        "intermediate_size": kv.get(f"{arch}.feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv.get(f"{arch}.attention.head_count_kv", heads),
+        "vocab_size": kv.get(f"{arch}.vocab_size", int(tokens) if isinstance(tokens, int) else None),
+        "tie_word_embeddings": "output.weight" not in names,
+        "dtype": "float32",  # quantkit dequantizes GGUF weights to a float32 cache
+    }
+    kd = kv.get(f"{arch}.attention.key_length")
+    if isinstance(kd, int):
+        cfg["head_dim"] = kd
+    cfg = {k: (int(v) if isinstance(v, _ArrayLen) else v) for k, v in cfg.items()}
+    return cfg
+
+
+def model_config(model: str | None) -> dict[str, Any]:
+    """The config dict of a model source (None = embedded default) without loading weights.
+
+    Dirs and quantkit checkpoints: config.json; .gguf: its metadata; hub ids: only
+    config.json is fetched.
+    """
+    from quantkit.models.loading import default_model_path
+
+    if model is None or model == "default":
+        return _gguf_config(default_model_path())
+    if model.endswith(".gguf"):
+        p = Path(model).expanduser()
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file {p} does not exist")
+        return _gguf_config(p)
+    if os.path.isdir(model):
+        path = Path(model) / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{model} has no config.json; pass a transformers model directory, a .gguf or a hub id")
+    elif os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model path {model} does not exist or is not a directory / .gguf file")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, "config.json"))
+        except Exception as e:  # the hub client raises many types; all mean "not reachable here"
+            raise ModelLoadError(f"could not fetch config.json of {model!r} from the hub ({type(e).__name__})") from e
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({type(e).__name__}); fix or re-download it") from e
+    if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
+        cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path} is not a JSON object; fix or re-download it")
+    ModelShape.from_config(cfg, where=str(path))  # refuse absurd fields here, before any loading
+    return cfg
+
+
+def check_memory(plan: MemoryPlan) -> None:
+    """Raise MemoryPlanError (one line: estimate + advice) when the plan does not fit."""
+    if plan.fits:
+        return
+    fix = "; try " + ", ".join(plan.advice) if plan.advice else ""
+    raise MemoryPlanError(f"{plan.summary()}{fix} (estimate from config; --skip-memory-check runs anyway)")

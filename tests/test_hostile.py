@@ -1,0 +1,264 @@
+"""Hostile inputs: damaged checkpoints and model files, absurd configs, bad calibration text.
+
+Each one must give a one-line error, exit code 2 (1 for an integrity failure of a
+checkpoint), no traceback, and leave nothing at the output path.
+"""
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tiny_models import make_tiny_model
+from quantkit.cli.app import app
+from quantkit.errors import UsageError
+from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
+from quantkit.export.manifest import ManifestError, verify_checkpoint
+from quantkit.export.reader import load_quantkit_checkpoint
+
+runner = CliRunner()
+
+
+def _run(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+def _last_line(out: str) -> str:
+    lines = [l for l in out.strip().splitlines() if l.strip()]
+    assert lines and "Traceback" not in out, out
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny_model("llama", seed=3).save_pretrained(d, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpt(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "q"
+    code, output = _run("rtn", "--model", model_dir, "--out", out, "-g", "32")
+    assert code == 0, output
+    return out
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _cases(ckpt):
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert {"model.safetensors", "config.json", "quantkit.json", "quantkit.json.sha256", "tokenizer.json"} <= set(names)
+    cases = [(n, len((ckpt / n).read_bytes()) // 2) for n in names]
+    cases.append(("model.safetensors", 20))  # inside the safetensors JSON header
+    cases.append(("model.safetensors", -3))  # last byte of tensor data
+    return cases
+
+
+def test_flipped_byte_in_every_file_is_refused(ckpt, tmp_path):
+    for name, offset in _cases(ckpt):
+        d = tmp_path / f"{name}-{offset}"
+        shutil.copytree(ckpt, d)
+        _flip(d / name, offset)
+        problems = verify_checkpoint(d)
+        assert problems and name in problems[0], (name, offset, problems)
+        with pytest.raises(UsageError, match=name.replace(".", r"\.")):
+            load_quantkit_checkpoint(d)
+        code, out = _run("inspect", d, "--verify")
+        assert code == 1, (name, out)
+        assert name in _last_line(out) and "do not serve" in _last_line(out)
+
+
+def test_truncated_files_are_refused(ckpt, tmp_path):
+    for name in ("model.safetensors", "config.json", "quantkit.json"):
+        d = tmp_path / name
+        shutil.copytree(ckpt, d)
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[: len(data) // 3])
+        code, out = _run("inspect", d, "--verify")
+        assert code in (1, 2) and name in _last_line(out), (name, out)
+
+
+def test_intact_checkpoint_verifies(ckpt):
+    assert verify_checkpoint(ckpt) == []
+    code, out = _run("inspect", ckpt, "--verify")
+    assert code == 0 and "every file matches" in out
+
+
+# ----------------------------------------------------------------------------- model sources
+
+
+def _expect_refusal(tmp_path, model, match):
+    out = tmp_path / "out"
+    code, text = _run("rtn", "--model", model, "--out", out, "-g", "32")
+    line = _last_line(text)
+    assert code == 2 and line.startswith("error:") and match in line, text
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def _copy_model(model_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    return d
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header_length", "header_json", "offsets"])
+def test_damaged_model_safetensors(model_dir, tmp_path, damage):
+    d = _copy_model(model_dir, tmp_path)
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    if damage == "truncated":
+        data = data[: n // 2]
+    elif damage == "header_length":
+        data[:8] = struct.pack("<Q", 2**62)
+    elif damage == "header_json":
+        data[8] = ord("]")
+    else:  # a tensor's offsets run past the end of the file
+        header = json.loads(bytes(data[8 : 8 + n]))
+        key = next(k for k in header if k != "__metadata__")
+        header[key]["data_offsets"][1] += 10**9
+        raw = json.dumps(header).encode()
+        data = bytearray(struct.pack("<Q", len(raw)) + raw + bytes(data[8 + n :]))
+    f.write_bytes(bytes(data))
+    _expect_refusal(tmp_path, d, "model.safetensors")
+
+
+def test_gguf_with_wrong_magic(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUX" + bytes(range(256)) * 4)
+    _expect_refusal(tmp_path, f, "wrong magic")
+
+
+def test_gguf_with_right_magic_and_garbage(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + struct.pack("<I", 3) + bytes(range(7, 250)) * 3)
+    _expect_refusal(tmp_path, f, "GGUF")
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"hidden_size": -96}, "hidden_size=-96"),
+    ({"num_hidden_layers": 10**12}, "num_hidden_layers=1000000000000"),
+    ({"intermediate_size": 0}, "intermediate_size=0"),
+    ({"vocab_size": 1.5}, "vocab_size=1.5"),
+    ({"hidden_size": None}, "no hidden_size"),
+])
+def test_absurd_config(model_dir, tmp_path, edit, match):
+    d = _copy_model(model_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in edit.items():
+        if v is None:
+            del cfg[k]
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+    _expect_refusal(tmp_path, d, match)
+
+
+def test_config_not_json(model_dir, tmp_path):
+    d = _copy_model(model_dir, tmp_path)
+    (d / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n")
+    _expect_refusal(tmp_path, d, "config.json")
+
+
+# ----------------------------------------------------------------------------- calibration / eval text
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "holds no text"),
+    (b"   \n\n  ", "holds no text"),
+    (b"\x00\x01\x02binary\xff" * 50, "looks binary"),
+    (b"caf\xe9 au lait " * 20, "not valid UTF-8"),
+    (b"too short", "fewer than one window"),
+])
+def test_bad_eval_text(model_dir, tmp_path, content, match):
+    f = tmp_path / "text.txt"
+    f.write_bytes(content)
+    code, text = _run("eval", "--model", model_dir, "--data", f, "--seqlen", "64", "--windows", "1")
+    line = _last_line(text)
+    assert code == 2 and match in line, text
+
+
+def test_bad_calibration_text(tmp_path, tiny_tokenizer):
+    from quantkit.calib.data import CalibDataError, calibration_set
+
+    for content, match in [(b"", "holds no text"), (b"\x00" * 10, "looks binary"), (b"short text", "too few")]:
+        f = tmp_path / "c.txt"
+        f.write_bytes(content)
+        with pytest.raises(CalibDataError, match=match):
+            calibration_set(tiny_tokenizer, str(f), samples=4, seqlen=64)
+
+
+def test_read_safetensors_header_accepts_real_files(ckpt):
+    from safetensors import safe_open
+
+    header = read_safetensors_header(ckpt / "model.safetensors")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(header)
+        k = sorted(header)[0]
+        assert list(f.get_tensor(k).shape) == header[k]["shape"]
+    with pytest.raises(SafetensorsHeaderError):
+        read_safetensors_header(ckpt / "config.json")
+    with pytest.raises(ManifestError):  # SafetensorsHeaderError is a ManifestError is a UsageError
+        read_safetensors_header(ckpt / "tokenizer.json")
+
+
+# ----------------------------------------------------------------------------- disk full / permissions
+
+
+def test_disk_full_during_export_keeps_blocks_for_resume(model_dir, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    code, text = _run("rtn", "--model", model_dir, "--out", out, "-g", "32")
+    line = _last_line(text)
+    assert code == 1 and "no space left on device" in line and "--resume" in line, text
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))  # no half-written output dir
+    assert (tmp_path / "out.partial" / "state.json").is_file()
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real)  # space freed
+    code, text = _run("rtn", "--model", model_dir, "--out", out, "-g", "32", "--resume")
+    assert code == 0, text
+    assert text.count("restored") == 3 and verify_checkpoint(out) == []
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_read_only_parent_is_refused_before_work(model_dir, tmp_path, monkeypatch):
+    import os
+
+    import quantkit.export.atomic as atomic
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores mode bits: make the check see what a user would
+            real = os.access
+            monkeypatch.setattr(atomic.os, "access", lambda p, m: False if str(p) == str(ro) else real(p, m))
+        code, text = _run("rtn", "--model", model_dir, "--out", ro / "out", "-g", "32")
+        line = _last_line(text)
+        assert code == 1 and "permission denied" in line, text
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)

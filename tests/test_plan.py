@@ -1,0 +1,135 @@
+"""Memory plan: parts computed from the config, fit/advice logic, `quantkit plan`, refusal before loading."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tiny_models import make_tiny_model
+from quantkit.api import CalibConfig
+from quantkit.cli.app import app
+from quantkit.models.loading import ModelLoadError
+from quantkit.plan import HOST_BASELINE_BYTES, MemoryPlanError, ModelShape, check_memory, estimate_memory, model_config
+from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
+
+runner = CliRunner()
+CFG = dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
+           num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
+
+
+def _recipe(method="rtn", g=32):
+    return Recipe(Scheme(QuantArgs(bits=4, group_size=g, symmetric=True)), (Stage(method),))
+
+
+def test_param_count_matches_transformers():
+    for arch in ("llama", "qwen2", "qwen3"):
+        model = make_tiny_model(arch)
+        cfg = model.config.to_dict()
+        n = sum(p.numel() for p in model.parameters())
+        assert ModelShape.from_config(cfg).params() == n, arch
+
+
+def test_parts_from_config_by_hand():
+    calib = CalibConfig(samples=10, seqlen=64, batch_size=4)
+    p = estimate_memory(CFG, _recipe(), calib, "cpu", dtype="float32", with_data=True, host_available=10**12)
+    shape = ModelShape.from_config(CFG)
+    assert p.host_parts["weights"] == shape.params() * 4
+    lin = 3 * (96 * 96 + 2 * 32 * 96 + 96 * 96 + 3 * 96 * 160)  # q, k, v, o, gate/up/down per block; lm_head ignored
+    groups = 3 * (96 * 3 + 2 * 32 * 3 + 96 * 3 + 2 * 160 * 3 + 96 * 5)  # (out * in / 32) scales
+    assert p.host_parts["quantized tensors"] == lin + groups * 4
+    act = 10 * 64 * 96 * 4 * 2
+    rope = 10 * 64 * 16 * 2 * 4
+    transient = 4 * 64 * (3 * 160 + 6 * 96) * 4
+    ids = 10 * 64 * 8 * 2
+    calib_part = act + rope + transient + ids
+    export = p.host_parts.get("export", calib_part)
+    assert max(calib_part, export) == p.host_peak - HOST_BASELINE_BYTES - p.host_parts["weights"] - (lin + groups * 4)
+    assert p.fits and p.device_peak == 0
+
+
+def test_hessian_methods_count_statistics():
+    from quantkit.methods.base import Method, _REGISTRY
+
+    class _H(Method):  # test-only, put in the registry for this test and removed after
+        name = "_test_hessian"
+        stats = frozenset({"hessian"})
+
+    _REGISTRY["_test_hessian"] = _H
+    try:
+        calib = CalibConfig(samples=4, seqlen=32, batch_size=4)
+        p = estimate_memory(CFG, _recipe("_test_hessian"), calib, "cuda", dtype="bfloat16",
+                            host_available=10**12, device_available=10**12)
+        ins = [96, 96, 96, 96, 96, 96, 160]
+        assert p.device_parts["statistics"] == sum(i * i * 4 for i in ins) + 2 * 160 * 160 * 4
+        assert p.device_parts["block inputs + outputs"] == 4 * 32 * 96 * 2 * 2
+        assert p.device_peak == sum(p.device_parts.values())
+    finally:
+        del _REGISTRY["_test_hessian"]
+
+
+def test_does_not_fit_gives_advice_that_fits():
+    calib = CalibConfig(samples=512, seqlen=512, batch_size=8)
+    big = dict(CFG, hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=8)
+    full = estimate_memory(big, _recipe(), calib, "cpu", dtype="float32", with_data=True, host_available=10**13)
+    budget = full.host_peak - full.host_parts["calibration (activations, stats)"] // 2
+    p = estimate_memory(big, _recipe(), calib, "cpu", dtype="float32", with_data=True, host_available=budget)
+    assert not p.fits
+    samples = int(p.advice[0].split()[1])
+    assert p.advice[0].startswith("--samples") and 0 < samples < 512
+    fixed = estimate_memory(big, _recipe(), CalibConfig(samples=samples, seqlen=512, batch_size=8), "cpu",
+                            dtype="float32", with_data=True, host_available=budget)
+    assert fixed.fits
+    with pytest.raises(MemoryPlanError, match="does not fit; try --samples"):
+        check_memory(p)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"hidden_size": -4}, "hidden_size=-4"),
+    ({"num_hidden_layers": 10**12}, "num_hidden_layers=1000000000000"),
+    ({"vocab_size": "many"}, "vocab_size='many'"),
+    ({"num_attention_heads": None}, "no num_attention_heads"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads=0"),
+])
+def test_absurd_config_fields(tmp_path, bad, match):
+    cfg = {**CFG, **bad}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=match):
+        model_config(str(tmp_path))
+    res = runner.invoke(app, ["plan", "--model", str(tmp_path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1].startswith("error:")
+
+
+def test_plan_command_and_run_refusal_before_loading(tmp_path, monkeypatch, tiny_tokenizer):
+    d = tmp_path / "m"
+    make_tiny_model("llama", seed=1).save_pretrained(d, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(d)
+    res = runner.invoke(app, ["plan", "--model", str(d), "-g", "32", "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert "host peak" in res.output and "yes" in res.output
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["fits"] and p["host_peak"] > HOST_BASELINE_BYTES
+
+    import quantkit.api
+    import quantkit.plan
+
+    monkeypatch.setattr(quantkit.plan, "_host_available", lambda: 64 * 2**20)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded although the plan said it will not fit")
+
+    monkeypatch.setattr(quantkit.api, "load", no_load)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["rtn", "--model", str(d), "--out", str(out), "-g", "32"])
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: memory plan: host peak") and "does not fit" in last and "Traceback" not in res.output
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_default_model_config_from_gguf():
+    cfg = model_config(None)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]) == (576, 30, 1536)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]) == (9, 3, 49152)
+    assert cfg["tie_word_embeddings"] is True
