@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     p.add_argument("--search-samples", type=int, default=None, help="AWQ search_samples (default: the method's)")
     p.add_argument("--no-fp", action="store_true", help="skip the unquantized baseline")
     a = p.parse_args()
@@ -34,7 +35,7 @@ def main() -> None:
     scheme = Scheme(QuantArgs(bits=a.bits, group_size=a.group_size, symmetric=a.symmetric))
     awq_opts = {} if a.search_samples is None else {"search_samples": a.search_samples}
     out: dict = {"model": a.model or "default", "scheme": scheme.describe(), "samples": a.samples,
-                 "seqlen": a.seqlen, "windows": a.windows, "device": a.device, "awq_options": awq_opts}
+                 "seqlen": a.seqlen, "windows": a.windows, "batch_size": a.batch_size, "device": a.device, "awq_options": awq_opts}
     cfg = api.EvalConfig(seqlen=a.seqlen, windows=a.windows)
     windows = None
     loaded = api.load(a.model, device="cpu")
@@ -46,7 +47,7 @@ def main() -> None:
         loaded = api.load(a.model, device="cpu")
         recipe = Recipe(scheme=scheme, stages=(Stage(method, opts),))
         t = time.time()
-        q = api.quantize(loaded, recipe, device=a.device, calib_set=calib)
+        q = api.quantize(loaded, recipe, api.CalibConfig(batch_size=a.batch_size), device=a.device, calib_set=calib)
         secs = time.time() - t
         ppl, windows = api.evaluate(q.model, loaded.tokenizer, cfg, device=a.device, windows=windows)
         out[method] = {"ppl": ppl.ppl, "quantize_s": round(secs, 1),
