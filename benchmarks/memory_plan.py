@@ -18,48 +18,14 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {
-    # name: transformers LlamaConfig fields
-    "llama3-8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192),
-    "llama3-1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=8192),
-    "tiny": dict(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False, max_position_embeddings=2048),
-}
-
+from quantkit.models.random import SHAPES
 
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _random_model(shape: dict, dtype):
-    """A Llama of `shape` with N(0, 0.02) weights, built without transformers' slow init."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from contextlib import nullcontext as no_init_weights
-    cfg = LlamaConfig(**shape)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)  # in place: no float32 temporary inflating the host peak
-    model.eval()
-    model.config.use_cache = False
-    return model, cfg.to_dict()
 
 
 def _recipe(args):
@@ -68,10 +34,9 @@ def _recipe(args):
     if args.recipe:
         from quantkit import recipe as recipe_mod
 
-        if not hasattr(recipe_mod, "load_recipe"):
-            sys.exit("--recipe needs quantkit.recipe.load_recipe (the recipes branch); use --method for now")
         return recipe_mod.load_recipe(args.recipe)
-    return Recipe(Scheme(QuantArgs(bits=args.bits, group_size=args.group_size, symmetric=True)), (Stage(args.method),))
+    stages = tuple(Stage(m) for m in args.method.split("+"))  # e.g. awq+gptq
+    return Recipe(Scheme(QuantArgs(bits=args.bits, group_size=args.group_size, symmetric=True)), stages)
 
 
 def main(argv=None) -> dict:
@@ -79,7 +44,7 @@ def main(argv=None) -> dict:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--shape", choices=sorted(SHAPES))
     src.add_argument("--model", help="a model quantkit loads: default, a dir, a .gguf or a hub id")
-    ap.add_argument("--recipe", help="recipe YAML (needs the recipes branch)")
+    ap.add_argument("--recipe", help="recipe YAML")
     ap.add_argument("--method", default="rtn")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
@@ -100,6 +65,7 @@ def main(argv=None) -> dict:
     from quantkit.calib.pipeline import run_layerwise
     from quantkit.methods.base import get_method
     from quantkit.models.loading import resolve_device, resolve_dtype
+    from quantkit.models.random import random_model
     from quantkit.plan import HOST_BASELINE_BYTES, estimate_memory, model_config
 
     device = resolve_device(args.device)
@@ -109,7 +75,9 @@ def main(argv=None) -> dict:
     baseline = _rss_bytes()
     t0 = time.perf_counter()
     if args.shape:
-        model, cfg = _random_model(SHAPES[args.shape], resolve_dtype(dtype_name, device))
+        model = random_model(args.shape, dtype=resolve_dtype(dtype_name, device), device="cpu")
+        model.config.use_cache = False
+        cfg = model.config.to_dict()
         tokenizer, source = None, {"kind": "random", "shape": args.shape}
         cfg["dtype"] = None  # built in memory, not mapped from a file
     else:

@@ -153,8 +153,12 @@ def awq(
     clip_grid: Annotated[int, typer.Option("--clip-grid", help="Clipping ratios tried.")] = 20,
     max_shrink: Annotated[float, typer.Option("--max-shrink", help="Smallest clip ratio tried is 1 - this.")] = 0.5,
     search_samples: Annotated[
-        Optional[int], typer.Option("--search-samples", help="Calibration windows used by the searches (default: all).")
-    ] = None,
+        int,
+        typer.Option(
+            "--search-samples",
+            help="Calibration windows the scale/clip searches score (0 = all; statistics always use all).",
+        ),
+    ] = 8,
     calib: CalibOpt = None,
     calib_field: CalibFieldOpt = "text",
     samples: SamplesOpt = 64,
@@ -179,7 +183,7 @@ def awq(
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
     opts = dict(grid=awq_grid, duo=awq_duo, clip=clip, clip_grid=clip_grid, max_shrink=max_shrink,
-                search_samples=search_samples)
+                search_samples=search_samples or None)
     r = one_stage_recipe("awq", opts, bits, group_size, sym)
     _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
          batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,

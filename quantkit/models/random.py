@@ -39,6 +39,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
     ),
+    # A small Llama for quick checks of the benchmarks themselves.
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
 }
 
 
