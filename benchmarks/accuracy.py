@@ -25,13 +25,13 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "rtn-w4": ("RTN", 4, (("rtn", {}),)),
     "awq-w4": ("AWQ (search on 8 windows, the default)", 4, (("awq", {}),)),
     "awq-all-w4": ("AWQ (search on all windows)", 4, (("awq", {"search_samples": None}),)),
-    "gptq-w4": ("GPTQ", 4, (("gptq", {}),)),
-    "gptq-actorder-w4": ("GPTQ act-order (static groups)", 4, (("gptq", {"act_order": True}),)),
+    "gptq-w4": ("GPTQ (act-order, static groups: the default)", 4, (("gptq", {}),)),
+    "gptq-noact-w4": ("GPTQ without act-order", 4, (("gptq", {"act_order": False}),)),
     "awq-gptq-w4": ("AWQ + GPTQ", 4, (("awq", {}), ("gptq", {}))),
-    "awq-gptq-actorder-w4": ("AWQ + GPTQ act-order", 4, (("awq", {}), ("gptq", {"act_order": True}))),
+    "awq-gptq-noact-w4": ("AWQ + GPTQ without act-order", 4, (("awq", {}), ("gptq", {"act_order": False}))),
     "rtn-w3": ("RTN", 3, (("rtn", {}),)),
     "awq-gptq-w3": ("AWQ + GPTQ", 3, (("awq", {}), ("gptq", {}))),
-    "awq-gptq-actorder-w3": ("AWQ + GPTQ act-order", 3, (("awq", {}), ("gptq", {"act_order": True}))),
+    "awq-gptq-noact-w3": ("AWQ + GPTQ without act-order", 3, (("awq", {}), ("gptq", {"act_order": False}))),
 }
 
 

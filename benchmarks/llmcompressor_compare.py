@@ -52,7 +52,7 @@ def main() -> None:
     import torch as _t
 
     device = _t.device(resolve_device(args.device))
-    loaded = api.load(None, dtype=args.dtype)
+    loaded = api.load(None, dtype=args.dtype, device=args.device)  # auto: bf16 on a GPU, as quantkit runs
     model, tok = loaded.model, loaded.tokenizer
     ecfg = api.EvalConfig(windows=args.windows or None)
     rows = []

@@ -200,7 +200,10 @@ def gptq(
     sym: SymOverrideOpt = None,
     damp: Annotated[float, typer.Option("--damp", help="Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     block_size: Annotated[int, typer.Option("--block-size", help="Columns solved per lazy-update block.")] = 128,
-    act_order: Annotated[bool, typer.Option("--act-order", help="Quantize columns in order of decreasing Hessian diagonal.")] = False,
+    act_order: Annotated[
+        bool,
+        typer.Option("--act-order/--no-act-order", help="Solve columns by decreasing Hessian diagonal (static groups)."),
+    ] = True,
     true_sequential: Annotated[
         bool,
         typer.Option("--true-sequential/--no-true-sequential", help="Re-capture inputs after each sub-layer step of a block."),
