@@ -16,7 +16,7 @@ from quantkit.models.loading import LoadedModel, load_model, resolve_device
 from quantkit.quant.model import QuantizedModel
 from quantkit.recipe import Recipe, RecipeError
 
-__all__ = ["CalibConfig", "EvalConfig", "load", "quantize", "evaluate", "export", "check_recipe_fits"]
+__all__ = ["CalibConfig", "EvalConfig", "load", "quantize", "evaluate", "export", "check_recipe_fits", "scan"]
 
 EXPORT_FORMATS = ("compressed-tensors",)
 
@@ -136,3 +136,53 @@ def evaluate(
     finally:
         model.to(home)
     return res, windows
+
+
+def scan(
+    loaded: LoadedModel,
+    scheme,
+    calib: CalibConfig = CalibConfig(),
+    *,
+    device: str = "cpu",
+    thresholds=None,
+    target_fraction: float | None = None,
+    measure_ppl: bool = False,
+    eval_cfg: EvalConfig = EvalConfig(windows=8),
+    ignore=("lm_head",),
+    bins: int = 512,
+    on_block: Callable[[int, int, str, str], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
+):
+    """Sensitivity scan of every linear for `scheme` (model unchanged). Returns a ScanReport;
+    save it with `quantkit.sensitivity.io.save_sensitive_layers`."""
+    from quantkit.quant.core import check_group_size
+    from quantkit.sensitivity.run import run_scan
+    from quantkit.sensitivity.scan import Thresholds
+
+    layers = {k: v.in_features for k, v in quantizable_linears(loaded.model, Recipe(scheme, (), tuple(ignore))).items()}
+    check_group_size(layers, scheme.weights)
+    cs = calibration_set(
+        loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
+    )
+    windows = None
+    if target_fraction is not None or measure_ppl:
+        windows = heldout_windows(loaded.tokenizer, eval_cfg.seqlen, eval_cfg.windows, spec=eval_cfg.data, field=eval_cfg.field)
+    return run_scan(
+        loaded.model,
+        cs.input_ids,
+        scheme,
+        thresholds=thresholds or Thresholds(),
+        target_fraction=target_fraction,
+        measure_ppl=measure_ppl,
+        eval_windows=windows,
+        device=resolve_device(device),
+        batch_size=calib.batch_size,
+        eval_batch_size=eval_cfg.batch_size,
+        ignore=ignore,
+        bins=bins,
+        seed=calib.seed,
+        source=loaded.source,
+        calibration=cs.settings,
+        on_block=on_block,
+        on_step=on_step,
+    )
