@@ -72,11 +72,20 @@ def quantize(
     device: str = "cpu",
     on_block: Callable[[int, int, str, str], None] | None = None,
     calib_set: CalibrationSet | None = None,
+    sensitive: str | Path | None = None,
 ) -> QuantizedModel:
-    """Run the recipe's stages layer by layer over the calibration set; weights change in place."""
+    """Run the recipe's stages layer by layer over the calibration set; weights change in place.
+
+    sensitive: a sensitive_layers.json; its FP16-flagged linears (plus their
+    vLLM-fused siblings) join the ignore list and stay float, and their RTN
+    quantized versions are kept as `shadow` copies for the runtime.
+    """
     from quantkit.calib.pipeline import run_layerwise
     from quantkit.methods.base import get_method
 
+    mixed = _sensitive_plan(loaded.model, recipe, sensitive) if sensitive is not None else None
+    if mixed is not None:
+        recipe = mixed["recipe"]
     check_recipe_fits(loaded.model, recipe)
     methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
     for m in methods[:-1]:
@@ -95,7 +104,7 @@ def quantize(
         ignore=recipe.ignore,
         on_block=on_block,
     )
-    return QuantizedModel(
+    qm = QuantizedModel(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         recipe=recipe,
@@ -104,6 +113,42 @@ def quantize(
         calibration=calib_set.settings if calib_set is not None else {"source": "none (data-free methods)"},
         warnings=result.warnings,
     )
+    if mixed is not None:
+        from quantkit.quant.core import quantize_weight
+
+        for name in mixed["fp16"]:  # RTN with the scheme's weight args: the runtime's switchable copy
+            qm.shadow[name] = quantize_weight(loaded.model.get_submodule(name).weight.data, recipe.scheme.weights).to("cpu")
+        qm.sensitivity = mixed["mask"]
+        qm.warnings.extend(mixed["warnings"])
+    return qm
+
+
+def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
+    """Read sensitive_layers.json against `model`; the recipe with the FP16 layers ignored, and the mask."""
+    import dataclasses
+
+    from quantkit.calib.pipeline import is_ignored
+    from quantkit.models.adapter import ModelAdapter
+    from quantkit.sensitivity.io import expand_fused, load_sensitive_layers
+
+    sl = load_sensitive_layers(sensitive, model)
+    linears = [n for n in ModelAdapter.for_model(model).all_linears() if not is_ignored(n, recipe.ignore)]
+    flagged = [n for n in sl.flagged if n in set(linears)]
+    fp16 = expand_fused(flagged, linears)
+    warnings = []
+    if len(fp16) > len(flagged):
+        warnings.append(
+            f"{len(fp16) - len(flagged)} linear(s) kept in FP16 beside flagged ones because vLLM fuses q/k/v and "
+            "gate/up into one layer that must share a precision"
+        )
+    if sl.scheme.weights != recipe.scheme.weights or sl.scheme.input_activations != recipe.scheme.input_activations:
+        warnings.append(
+            f"{sl.path.name} was scanned for {sl.scheme.describe()} but the recipe quantizes {recipe.scheme.describe()}; "
+            "re-run `quantkit scan` with the recipe's scheme for a matching mask"
+        )
+    mask = {**sl.mask(), "fp16_exported": fp16}
+    new = dataclasses.replace(recipe, ignore=tuple(recipe.ignore) + tuple(fp16))
+    return {"recipe": new, "fp16": fp16, "mask": mask, "warnings": warnings}
 
 
 def export(qmodel: QuantizedModel, out: str | Path, *, format: str = "compressed-tensors", overwrite: bool = False):

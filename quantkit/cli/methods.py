@@ -24,6 +24,7 @@ from quantkit.cli.options import (
     OverwriteOpt,
     SamplesOpt,
     SeedOpt,
+    SensitiveOpt,
     SeqlenOpt,
     SymOpt,
     TrustOpt,
@@ -45,6 +46,7 @@ def run_recipe(
     trust_remote_code: bool,
     eval_cfg=None,
     json_out: Path | None = None,
+    sensitive: Path | None = None,
 ) -> dict:
     """Load → check → (baseline eval) → quantize layer by layer → (eval) → export. Returns a summary."""
     from quantkit import api
@@ -67,7 +69,7 @@ def run_recipe(
         summary["baseline"] = base.to_dict()
     t_q = time.perf_counter()
     with progress_bar("calibrating") as on_block:
-        qmodel = api.quantize(loaded, recipe, calib, device=device, on_block=on_block)
+        qmodel = api.quantize(loaded, recipe, calib, device=device, on_block=on_block, sensitive=sensitive)
     summary["quantize_seconds"] = time.perf_counter() - t_q
     if eval_cfg is not None:
         status("scoring the quantized model on the same windows ...")
@@ -77,6 +79,7 @@ def run_recipe(
     summary.update(
         out=str(path),
         quantized_linears=len(qmodel.modules),
+        fp16_linears=len(qmodel.shadow),
         warnings=qmodel.warnings,
         wall_seconds=time.perf_counter() - t0,
         peak_rss_mib=peak_rss_mib(),
@@ -95,6 +98,8 @@ def _print_summary(s: dict) -> None:
     t = Table(title="quantkit", show_header=False)
     t.add_row("scheme", f"{s['scheme']} · {' + '.join(s['stages'])}")
     t.add_row("quantized linears", str(s["quantized_linears"]))
+    if s.get("fp16_linears"):
+        t.add_row("kept FP16 (--sensitive)", f"{s['fp16_linears']} linears, quantized copies in the shadow sidecar")
     t.add_row("checkpoint", s["out"])
     if "baseline" in s:
         b, q = s["baseline"]["ppl"], s["quantized"]["ppl"]
@@ -131,6 +136,7 @@ def rtn(
     windows: WindowsOpt = 40,
     eval_seqlen: EvalSeqlenOpt = 512,
     json_out: JsonOpt = None,
+    sensitive: SensitiveOpt = None,
 ) -> None:
     """Round-to-nearest weight quantization (no calibration data needed)."""
     from quantkit.api import CalibConfig, EvalConfig
@@ -149,6 +155,7 @@ def rtn(
         trust_remote_code=trust_remote_code,
         eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
         json_out=json_out,
+        sensitive=sensitive,
     )
 
 

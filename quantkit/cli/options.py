@@ -37,3 +37,10 @@ EvalFlagOpt = Annotated[
 WindowsOpt = Annotated[int, typer.Option("--windows", help="Held-out windows to score (0 = all).")]
 EvalSeqlenOpt = Annotated[int, typer.Option("--eval-seqlen", help="Tokens per held-out window.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the run summary (times, memory, perplexities) here.")]
+SensitiveOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--sensitive",
+        help="sensitive_layers.json from `quantkit scan`: its flagged linears stay FP16 (mixed precision).",
+    ),
+]

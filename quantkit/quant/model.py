@@ -24,6 +24,8 @@ class QuantizedModel:
     calibration: JSON-ready calibration settings (data source, samples, seqlen, seed).
     warnings: things the user must know (fallbacks taken, clamped scales), also
         written to the manifest.
+    shadow: full name -> quantized tensor of a linear left in float (FP16 kept by
+        sensitivity); the runtime can switch it to this version.
     """
 
     model: nn.Module
@@ -33,3 +35,8 @@ class QuantizedModel:
     source: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Mixed precision (`--sensitive`): linears kept in float in `model` (listed in the
+    # checkpoint's ignore) whose quantized versions ship in a sidecar for the runtime,
+    # and the mask from sensitive_layers.json that chose them (recorded in the manifest).
+    shadow: dict[str, QuantizedTensor] = field(default_factory=dict)
+    sensitivity: dict[str, Any] | None = None

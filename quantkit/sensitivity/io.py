@@ -80,6 +80,26 @@ class SensitiveLayers:
         }
 
 
+# Linears that vLLM fuses into one layer: all members must share a precision.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def expand_fused(names: list[str], linears: set[str] | list[str]) -> list[str]:
+    """`names` plus their fused siblings (q/k/v, gate/up) that exist in `linears`, in model order.
+
+    vLLM refuses a checkpoint whose q_proj is FP16 while k_proj is quantized, so
+    keeping one member in FP16 keeps the whole fused group.
+    """
+    chosen = set(names)
+    present = set(linears)
+    for n in names:
+        prefix, _, leaf = n.rpartition(".")
+        for group in FUSED_GROUPS:
+            if leaf in group:
+                chosen.update(f"{prefix}.{m}" for m in group if f"{prefix}.{m}" in present)
+    return [n for n in linears if n in chosen]
+
+
 def hist_path_for(json_path: Path) -> Path:
     p = Path(json_path)
     return p.with_name(p.stem + ".hist.safetensors")
