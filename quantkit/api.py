@@ -135,6 +135,11 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
     linears = [n for n in ModelAdapter.for_model(model).all_linears() if not is_ignored(n, recipe.ignore)]
     flagged = [n for n in sl.flagged if n in set(linears)]
     fp16 = expand_fused(flagged, linears)
+    if len(fp16) == len(linears):
+        raise RecipeError(
+            f"{sl.path.name} keeps all {len(linears)} linears in FP16, so nothing would be quantized; "
+            "re-run `quantkit scan` with higher thresholds or --target-fraction"
+        )
     warnings = []
     if len(fp16) > len(flagged):
         warnings.append(
