@@ -129,7 +129,7 @@ def report_to_dict(report, hist_file: str | None) -> dict[str, Any]:
         "metrics": {
             "kl": f"mean over output channels of KL(P||Q), nats; {report.bins}-bin histograms over one range per layer",
             "R": f"(max - min) / (Q3 - Q1) of the inputs; quartiles of a {R_SAMPLE}-value seeded subsample",
-            "energy": "sigma_1^2 / ||W||_F^2 (torch.linalg.svdvals)",
+            "energy": "sigma_1^2 / ||W||_F^2 (power iteration on the Gram matrix, float64)",
             "skew": "Pearson's third standardized moment of the float outputs",
             "range": f"first batch's min/max of float and quantized outputs, +{RANGE_MARGIN:.0%} of the span each side",
             "bins": report.bins,
