@@ -26,6 +26,7 @@ __all__ = [
     "check_recipe_fits",
     "check_export_format",
     "simulation",
+    "scan",
     "EXPORT_FORMATS",
 ]
 
@@ -86,6 +87,7 @@ def quantize(
     partial_dir: str | Path | None = None,
     resume: bool = False,
     overwrite_partial: bool = False,
+    sensitive: str | Path | None = None,
 ) -> QuantizedModel:
     """Run the recipe's stages layer by layer over the calibration set; weights change in place.
 
@@ -94,10 +96,16 @@ def quantize(
     checking that model, calibration data and recipe are unchanged. Without resume an
     existing partial run is refused unless overwrite_partial=True. The caller removes
     it after a successful export (`quantkit.calib.resume.discard_partial`).
+    sensitive: a sensitive_layers.json; its FP16-flagged linears (plus their
+    vLLM-fused siblings) join the ignore list and stay float, and their RTN
+    quantized versions are kept as `shadow` copies for the runtime.
     """
     from quantkit.calib.pipeline import run_layerwise
     from quantkit.methods.base import get_method
 
+    mixed = _sensitive_plan(loaded.model, recipe, sensitive) if sensitive is not None else None
+    if mixed is not None:
+        recipe = mixed["recipe"]
     check_recipe_fits(loaded.model, recipe)
     methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
     for m in methods[:-1]:
@@ -136,7 +144,7 @@ def quantize(
         on_block=on_block,
         checkpointer=checkpointer,
     )
-    return QuantizedModel(
+    qm = QuantizedModel(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         recipe=recipe,
@@ -146,6 +154,47 @@ def quantize(
         warnings=result.warnings,
         static_scales=collector.scales if collector is not None else None,
     )
+    if mixed is not None:
+        from quantkit.quant.core import quantize_weight
+
+        for name in mixed["fp16"]:  # RTN with the scheme's weight args: the runtime's switchable copy
+            qm.shadow[name] = quantize_weight(loaded.model.get_submodule(name).weight.data, recipe.scheme.weights).to("cpu")
+        qm.sensitivity = mixed["mask"]
+        qm.warnings.extend(mixed["warnings"])
+    return qm
+
+
+def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
+    """Read sensitive_layers.json against `model`; the recipe with the FP16 layers ignored, and the mask."""
+    import dataclasses
+
+    from quantkit.calib.pipeline import is_ignored
+    from quantkit.models.adapter import ModelAdapter
+    from quantkit.sensitivity.io import expand_fused, load_sensitive_layers
+
+    sl = load_sensitive_layers(sensitive, model)
+    linears = [n for n in ModelAdapter.for_model(model).all_linears() if not is_ignored(n, recipe.ignore)]
+    flagged = [n for n in sl.flagged if n in set(linears)]
+    fp16 = expand_fused(flagged, linears)
+    if len(fp16) == len(linears):
+        raise RecipeError(
+            f"{sl.path.name} keeps all {len(linears)} linears in FP16, so nothing would be quantized; "
+            "re-run `quantkit scan` with higher thresholds or --target-fraction"
+        )
+    warnings = []
+    if len(fp16) > len(flagged):
+        warnings.append(
+            f"{len(fp16) - len(flagged)} linear(s) kept in FP16 beside flagged ones because vLLM fuses q/k/v and "
+            "gate/up into one layer that must share a precision"
+        )
+    if sl.scheme.weights != recipe.scheme.weights or sl.scheme.input_activations != recipe.scheme.input_activations:
+        warnings.append(
+            f"{sl.path.name} was scanned for {sl.scheme.describe()} but the recipe quantizes {recipe.scheme.describe()}; "
+            "re-run `quantkit scan` with the recipe's scheme for a matching mask"
+        )
+    mask = {**sl.mask(), "fp16_exported": fp16}
+    new = dataclasses.replace(recipe, ignore=tuple(recipe.ignore) + tuple(fp16))
+    return {"recipe": new, "fp16": fp16, "mask": mask, "warnings": warnings}
 
 
 def check_export_format(recipe: Recipe, format: str, model=None) -> None:
@@ -247,3 +296,53 @@ def evaluate(
     finally:
         model.to(home)
     return res, windows
+
+
+def scan(
+    loaded: LoadedModel,
+    scheme,
+    calib: CalibConfig = CalibConfig(),
+    *,
+    device: str = "cpu",
+    thresholds=None,
+    target_fraction: float | None = None,
+    measure_ppl: bool = False,
+    eval_cfg: EvalConfig = EvalConfig(windows=8),
+    ignore=("lm_head",),
+    bins: int = 512,
+    on_block: Callable[[int, int, str, str], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
+):
+    """Sensitivity scan of every linear for `scheme` (model unchanged). Returns a ScanReport;
+    save it with `quantkit.sensitivity.io.save_sensitive_layers`."""
+    from quantkit.quant.core import check_group_size
+    from quantkit.sensitivity.run import run_scan
+    from quantkit.sensitivity.scan import Thresholds
+
+    layers = {k: v.in_features for k, v in quantizable_linears(loaded.model, Recipe(scheme, (), tuple(ignore))).items()}
+    check_group_size(layers, scheme.weights)
+    cs = calibration_set(
+        loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
+    )
+    windows = None
+    if target_fraction is not None or measure_ppl:
+        windows = heldout_windows(loaded.tokenizer, eval_cfg.seqlen, eval_cfg.windows, spec=eval_cfg.data, field=eval_cfg.field)
+    return run_scan(
+        loaded.model,
+        cs.input_ids,
+        scheme,
+        thresholds=thresholds or Thresholds(),
+        target_fraction=target_fraction,
+        measure_ppl=measure_ppl,
+        eval_windows=windows,
+        device=resolve_device(device),
+        batch_size=calib.batch_size,
+        eval_batch_size=eval_cfg.batch_size,
+        ignore=ignore,
+        bins=bins,
+        seed=calib.seed,
+        source=loaded.source,
+        calibration=cs.settings,
+        on_block=on_block,
+        on_step=on_step,
+    )

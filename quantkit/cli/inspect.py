@@ -34,6 +34,20 @@ def _rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("kv cache", str(s["kv_cache_scheme"])))
     rows.append(("quantized tensors", f"{_mib(s['quantized_bytes'])} ({s['n_quantized_linears']} linears)"))
     rows.append(("other tensors", _mib(s["unquantized_bytes"])))
+    lb = s.get("linear_bytes")
+    if lb and lb.get("all_fp16"):
+        rows.append(
+            ("linear memory",
+             f"quantized {_mib(lb['quantized'])} + kept in float {_mib(lb['float'])} vs all-FP16 "
+             f"{_mib(lb['all_fp16'])} (saving {lb['saving']:.1%})")
+        )
+    sens = s.get("sensitivity")
+    if sens:
+        rows.append(("kept FP16 by scan", f"{len(sens.get('fp16', []))} of {sens.get('n_linears', '?')} linears "
+                     f"({sens.get('source_file', '?')})"))
+    sh = s.get("shadow")
+    if sh:
+        rows.append(("shadow copies", f"{len(sh.get('modules', {}))} quantized linears in {sh.get('file')}"))
     rows.append(("on disk", _mib(s["total_bytes"])))
     m = s.get("manifest")
     if m:

@@ -26,6 +26,7 @@ from quantkit.cli.options import (
     SkipMemOpt,
     SamplesOpt,
     SeedOpt,
+    SensitiveOpt,
     SeqlenOpt,
     SymOpt,
     TrustOpt,
@@ -50,6 +51,7 @@ def run_recipe(
     kv_format: str = "int8",
     resume: bool = False,
     skip_memory_check: bool = False,
+    sensitive: Path | None = None,
 ) -> dict:
     """Load → check → (baseline eval) → quantize layer by layer → (eval) → export. Returns a summary."""
     from quantkit import api
@@ -86,7 +88,7 @@ def run_recipe(
         with progress_bar("calibrating") as on_block:
             qmodel = api.quantize(
                 loaded, recipe, calib, device=device, on_block=on_block,
-                partial_dir=partial, resume=resume, overwrite_partial=overwrite,
+                partial_dir=partial, resume=resume, overwrite_partial=overwrite, sensitive=sensitive,
             )
     except KeyboardInterrupt:
         status(f"finished blocks are saved in {partial}; rerun the same command with --resume to continue")
@@ -110,6 +112,7 @@ def run_recipe(
     summary.update(
         out=str(path),
         quantized_linears=len(qmodel.modules),
+        fp16_linears=len(qmodel.shadow),
         warnings=read_manifest(path).get("warnings", qmodel.warnings),  # the run's and the export's
         wall_seconds=time.perf_counter() - t0,
         peak_rss_mib=peak_rss_mib(),
@@ -139,6 +142,8 @@ def _print_summary(s: dict) -> None:
     t = Table(title="quantkit", show_header=False)
     t.add_row("scheme", f"{s['scheme']} · {' + '.join(s['stages'])}")
     t.add_row("quantized linears", str(s["quantized_linears"]))
+    if s.get("fp16_linears"):
+        t.add_row("kept FP16 (--sensitive)", f"{s['fp16_linears']} linears, quantized copies in the shadow sidecar")
     t.add_row("checkpoint", f"{s['out']} ({s.get('format', 'compressed-tensors')})")
     for i, st in enumerate(s.get("recipe", {}).get("stages", [])):
         opts = ", ".join(f"{k}={v}" for k, v in st.items() if k != "method")
@@ -186,6 +191,7 @@ def rtn(
     json_out: JsonOpt = None,
     resume: ResumeOpt = False,
     skip_memory_check: SkipMemOpt = False,
+    sensitive: SensitiveOpt = None,
 ) -> None:
     """Round-to-nearest weight quantization (no calibration data needed)."""
     from quantkit.api import CalibConfig, EvalConfig
@@ -206,6 +212,7 @@ def rtn(
         json_out=json_out,
         resume=resume,
         skip_memory_check=skip_memory_check,
+        sensitive=sensitive,
     )
 
 

@@ -63,3 +63,10 @@ SkipMemOpt = Annotated[
     bool,
     typer.Option("--skip-memory-check", help="Run even when the memory plan says it will not fit."),
 ]
+SensitiveOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--sensitive",
+        help="sensitive_layers.json from `quantkit scan`: its flagged linears stay FP16 (mixed precision).",
+    ),
+]

@@ -12,6 +12,7 @@ import typer
 
 from quantkit.cli.methods import run_recipe
 from quantkit.cli.options import (
+    SensitiveOpt,
     ResumeOpt,
     SkipMemOpt,
     BatchOpt,
@@ -81,7 +82,7 @@ def one_stage_recipe(method: str, options: dict[str, Any], bits, group_size, sym
 
 def _run(recipe, *, model, out, calib, calib_field, samples, seqlen, seed, batch_size, device, dtype, format,
          overwrite, trust_remote_code, eval, windows, eval_seqlen, json_out, resume=False,
-         skip_memory_check=False) -> None:
+         skip_memory_check=False, sensitive=None) -> None:
     from quantkit.api import CalibConfig, EvalConfig
 
     run_recipe(
@@ -98,6 +99,7 @@ def _run(recipe, *, model, out, calib, calib_field, samples, seqlen, seed, batch
         json_out=json_out,
         resume=resume,
         skip_memory_check=skip_memory_check,
+        sensitive=sensitive,
     )
 
 
@@ -126,6 +128,7 @@ def quantize(
     json_out: JsonOpt = None,
     resume: ResumeOpt = False,
     skip_memory_check: SkipMemOpt = False,
+    sensitive: SensitiveOpt = None,
 ) -> None:
     """Run a recipe (ordered method stages + scheme + ignore list) and export the checkpoint.
 
@@ -137,7 +140,7 @@ def quantize(
     _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
          batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
          trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out,
-         resume=resume, skip_memory_check=skip_memory_check)
+         resume=resume, skip_memory_check=skip_memory_check, sensitive=sensitive)
 
 
 @handle_errors
@@ -176,6 +179,7 @@ def awq(
     json_out: JsonOpt = None,
     resume: ResumeOpt = False,
     skip_memory_check: SkipMemOpt = False,
+    sensitive: SensitiveOpt = None,
 ) -> None:
     """AWQ: activation-aware scales (and clipping) searched per block, then quantize.
 
@@ -188,7 +192,7 @@ def awq(
     _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
          batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
          trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out,
-         resume=resume, skip_memory_check=skip_memory_check)
+         resume=resume, skip_memory_check=skip_memory_check, sensitive=sensitive)
 
 
 @handle_errors
@@ -225,6 +229,7 @@ def gptq(
     json_out: JsonOpt = None,
     resume: ResumeOpt = False,
     skip_memory_check: SkipMemOpt = False,
+    sensitive: SensitiveOpt = None,
 ) -> None:
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
@@ -236,7 +241,7 @@ def gptq(
     _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
          batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
          trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out,
-         resume=resume, skip_memory_check=skip_memory_check)
+         resume=resume, skip_memory_check=skip_memory_check, sensitive=sensitive)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ import typer
 
 from quantkit.cli.methods import run_recipe
 from quantkit.cli.options import (
+    SensitiveOpt,
     ResumeOpt,
     SkipMemOpt,
     BatchOpt,
@@ -95,6 +96,7 @@ def smoothquant(
     json_out: JsonOpt = None,
     resume: ResumeOpt = False,
     skip_memory_check: SkipMemOpt = False,
+    sensitive: SensitiveOpt = None,
 ) -> None:
     """SmoothQuant W8A8: smooth activation outliers into the weights, W8 per-channel, A8 per-token (or static)."""
     from quantkit.api import CalibConfig, EvalConfig
@@ -120,6 +122,7 @@ def smoothquant(
         kv_format=kv_format,
         resume=resume,
         skip_memory_check=skip_memory_check,
+        sensitive=sensitive,
     )
 
 

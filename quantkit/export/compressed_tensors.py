@@ -57,6 +57,10 @@ FORMAT_NAME = "compressed-tensors"
 # The compressed-tensors release whose on-disk layout this writer was checked
 # against (tests compare our packed bytes with its packer); stamped as "version".
 CT_FORMAT_VERSION = "0.20.0"
+# Quantized copies of the linears kept in FP16 (mixed precision). In a subdirectory:
+# vLLM globs *.safetensors at the top level when there is no index, and would trip
+# over tensors of modules it loads unquantized.
+SHADOW_FILE = "shadow/quantkit_shadow.safetensors"
 
 # Linears that vLLM fuses into one layer; the members must share one scheme
 # (and be all quantized or all ignored) or vLLM refuses the checkpoint.
@@ -356,6 +360,7 @@ def export_compressed_tensors(
     def side_files(tmp: Path) -> dict[str, Any]:
         kv_file = _write_kv_side_file(qmodel, tmp)
         return {
+            **_write_shadow(qmodel, tmp),
             "format_detail": fmt,
             "kv_format": kv_format if kv is not None else None,
             "kv_scales_file": KV_SCALES_NAME if kv_file else None,
@@ -374,6 +379,37 @@ def export_compressed_tensors(
         extra_tensors=_static_tensors(qmodel, kv_format, model_dtype),
         side_files=side_files,
     )
+
+
+def _write_shadow(qmodel: QuantizedModel, tmp: Path) -> dict[str, Any]:
+    """Write the quantized copies of the FP16-kept linears (if any); returns the manifest keys for them."""
+    shadow = getattr(qmodel, "shadow", None) or {}
+    sensitivity = getattr(qmodel, "sensitivity", None)
+    extra: dict[str, Any] = {}
+    if sensitivity is not None:
+        extra["sensitivity"] = sensitivity
+    if not shadow:
+        return extra
+    from safetensors.torch import save_file
+
+    linears = {n: m for n, m in qmodel.model.named_modules() if isinstance(m, nn.Linear)}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, qt in sorted(shadow.items()):
+        mod = linears.get(name)
+        if mod is None or tuple(qt.q.shape) != tuple(mod.weight.shape):
+            raise ValueError(f"shadow module {name} does not match a linear of the model")
+        if name in qmodel.modules:
+            raise ValueError(f"{name} is both quantized and kept in FP16 with a shadow copy")
+        for k, v in compress_module(qt, mod.weight.dtype).items():
+            tensors[f"{name}.{k}"] = v
+    (tmp / SHADOW_FILE).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / SHADOW_FILE), metadata={"format": "pack-quantized"})
+    extra["shadow"] = {
+        "file": SHADOW_FILE,
+        "format": "pack-quantized",
+        "modules": {n: qt.args.to_dict() for n, qt in sorted(shadow.items())},
+    }
+    return extra
 
 
 # ----------------------------------------------------------------------------- reading
@@ -523,6 +559,8 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
         fmt, groups = _legacy_groups(qc)
         groups[0]["n_targets"] = len(quantized_modules)
         ignore = qc.get("modules_to_not_convert") or []
+    linear_bytes = _linear_memory_split(ckpt_dir, quantized_modules, ignore)
+
     manifest = None
     try:
         manifest = read_manifest(ckpt_dir)
@@ -549,4 +587,45 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
         "source": None if manifest is None else manifest.get("source"),
         "recipe": None if manifest is None else manifest.get("recipe"),
         "warnings": None if manifest is None else manifest.get("warnings"),
+        "linear_bytes": linear_bytes,
+        "sensitivity": None if manifest is None else manifest.get("sensitivity"),
+        "shadow": None if manifest is None else manifest.get("shadow"),
+    }
+
+
+def _linear_memory_split(ckpt_dir: Path, quantized_modules: set[str], ignore: list[str]) -> dict[str, Any]:
+    """Bytes of linear weights: quantized (packed + scales), kept in float (the ignore list, as
+    stored), and what all of them would take in FP16; saving = 1 - (quantized + float) / all-FP16."""
+    from safetensors import safe_open
+
+    quantized = fp = fp16_equiv = 0
+    ignored = set(ignore)
+    for st in sorted(ckpt_dir.glob("*.safetensors")):
+        header = _safetensors_header(st)
+        with safe_open(str(st), framework="pt") as f:
+            for key, info in header.items():
+                mod, _, local = key.rpartition(".")
+                nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+                if mod in quantized_modules and local in (*_QUANT_SUFFIXES, "weight"):
+                    quantized += nbytes if local != "weight_shape" else 0
+                    if local == "weight_shape":
+                        out_f, in_f = f.get_tensor(key).tolist()
+                        fp16_equiv += 2 * out_f * in_f
+                    elif local == "weight" and f"{mod}.weight_shape" not in header:
+                        n = 1
+                        for d in info["shape"]:
+                            n *= d
+                        fp16_equiv += 2 * n  # int-quantized: the int8 weight keeps its shape
+                elif local == "weight" and mod in ignored:
+                    fp += nbytes
+                    n = 1
+                    for d in info["shape"]:
+                        n *= d
+                    fp16_equiv += 2 * n
+    total = quantized + fp
+    return {
+        "quantized": quantized,
+        "float": fp,
+        "all_fp16": fp16_equiv,
+        "saving": 1 - total / fp16_equiv if fp16_equiv else 0.0,
     }

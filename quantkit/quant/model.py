@@ -26,6 +26,8 @@ class QuantizedModel:
         scheme has static activations or a static KV cache (else None).
     warnings: things the user must know (fallbacks taken, clamped scales), also
         written to the manifest.
+    shadow: full name -> quantized tensor of a linear left in float (FP16 kept by
+        sensitivity); the runtime can switch it to this version.
     """
 
     model: nn.Module
@@ -37,3 +39,8 @@ class QuantizedModel:
     warnings: list[str] = field(default_factory=list)
     # Calibrated static activation / KV-cache scales (quantkit.quant.simulate.StaticScales), or None.
     static_scales: Any = None
+    # Mixed precision (`--sensitive`): linears kept in float in `model` (listed in the
+    # checkpoint's ignore) whose quantized versions ship in a sidecar for the runtime,
+    # and the mask from sensitive_layers.json that chose them (recorded in the manifest).
+    shadow: dict[str, QuantizedTensor] = field(default_factory=dict)
+    sensitivity: dict[str, Any] | None = None

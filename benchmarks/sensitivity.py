@@ -1,0 +1,146 @@
+"""Sensitivity scan benchmark: does keeping the scan's top layers in FP16 recover perplexity?
+
+For each scheme (W8A8 naive per-token, W4A16 group 64 RTN):
+  1. scan the model (time it), thresholds calibrated with --target-fraction on
+     held-out windows A (selection);
+  2. on disjoint held-out windows B (scoring): baseline ppl, all-quantized ppl,
+     ppl with the scan's flagged layers in FP16, and with the same number of
+     randomly chosen layers in FP16 (mean of 5 seeded draws);
+  3. recovered gap = (ppl_allq - ppl_mixed) / (ppl_allq - ppl_base); targets:
+     scan >= 40% and >= 2x the random mean;
+  4. optionally (--measure-layers N) the per-layer ground truth on N evenly spaced
+     linears and the Spearman correlation of each metric with it.
+The table is printed last. Quantization is fake (quantized_subset), as the scan assumes.
+
+    python benchmarks/sensitivity.py --device cuda --samples 128 --seqlen 512 --windows 40
+    nice python benchmarks/sensitivity.py --samples 8 --seqlen 256 --windows 4 --eval-seqlen 256   # CPU, small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=20, help="held-out windows per half (selection, scoring)")
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--fraction", type=float, default=0.10)
+    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--schemes", default="W8A8,W4A16g64")
+    ap.add_argument("--measure-layers", type=int, default=0, help="per-layer ground truth on N linears (0 = off, -1 = all)")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+
+    import dataclasses
+
+    import torch
+
+    from quantkit import api
+    from quantkit.calib.data import calibration_set, heldout_windows
+    from quantkit.models.loading import resolve_device
+    from quantkit.recipe import PRESETS
+    from quantkit.sensitivity.calibrate import correlations, measure_layer_ppl
+    from quantkit.sensitivity.partial import recovered_fraction, subset_perplexity
+    from quantkit.sensitivity.run import run_scan
+    from quantkit.sensitivity.scan import Thresholds, apply_thresholds
+
+    schemes = {
+        "W8A8": PRESETS["W8A8"],
+        "W4A16g64": dataclasses.replace(
+            PRESETS["W4A16"], weights=dataclasses.replace(PRESETS["W4A16"].weights, group_size=64)
+        ),
+    }
+    dev = resolve_device(a.device)
+    t_load = time.perf_counter()
+    loaded = api.load(a.model, dtype=a.dtype, device=a.device)
+    print(f"  loaded in {time.perf_counter() - t_load:.1f} s", file=sys.stderr)
+    model, tok = loaded.model, loaded.tokenizer
+    cs = calibration_set(tok, None, samples=a.samples, seqlen=a.seqlen, seed=0)
+    held = heldout_windows(tok, a.eval_seqlen, 2 * a.windows)
+    sel, score = held[: a.windows], held[a.windows :]
+
+    def ppl(names, scheme):
+        return subset_perplexity(model, score, names, scheme, device=dev)
+
+    rows, out = [], {"settings": vars(a) | {"json": str(a.json)}, "schemes": {}}
+    base = None
+    for key in a.schemes.split(","):
+        scheme = schemes[key]
+        t0 = time.perf_counter()
+        rep = run_scan(model, cs.input_ids, scheme, target_fraction=a.fraction, eval_windows=sel, device=dev,
+                       batch_size=a.batch_size, on_step=lambda m: print(f"  [{key}] {m}", file=sys.stderr),
+                       on_block=lambda i, n, nm, ph: print(f"  [{key}] scan {i + 1}/{n}", file=sys.stderr) if i % 10 == 0 else None)
+        print(f"  [{key}] scan took {rep.seconds:.1f} s", file=sys.stderr)
+        scan_s, total_s = rep.seconds, time.perf_counter() - t0
+        names = [e.name for e in rep.layers]
+        flagged = rep.flagged
+        if base is None:
+            base = ppl([], scheme)
+        allq = ppl(names, scheme)
+        mixed = ppl([n for n in names if n not in set(flagged)], scheme)
+        rand = []
+        for seed in range(a.draws):
+            pick = set(random.Random(seed).sample(names, len(flagged)))
+            rand.append(ppl([n for n in names if n not in pick], scheme))
+        rec = recovered_fraction(base, allq, mixed)
+        rec_rand = [recovered_fraction(base, allq, r) for r in rand]
+        rec_rand_mean = sum(rec_rand) / len(rec_rand) if rec_rand else float("nan")
+        # the fixed default thresholds, for reference
+        d_flag = apply_thresholds(rep.layers, Thresholds(), scheme)
+        d_mixed = ppl([n for n in names if n not in set(d_flag)], scheme)
+        apply_thresholds(rep.layers, rep.thresholds, scheme)
+        corr = None
+        if a.measure_layers:
+            sub = rep.layers if a.measure_layers < 0 else rep.layers[:: max(1, len(rep.layers) // a.measure_layers)]
+            measure_layer_ppl(model, sub, scheme, score, device=dev, baseline=base,
+                              on_step=lambda i, n, nm: print(f"  [{key}] ({i + 1}/{n}) {nm}", file=sys.stderr))
+            corr = correlations(sub) | {"n_layers": len(sub)}
+        model.to("cpu")
+        res = {
+            "scan_seconds": scan_s, "scan_plus_search_seconds": total_s, "n_linears": len(names),
+            "thresholds": rep.thresholds.to_dict(), "search": rep.search, "flagged": flagged,
+            "ppl_base": base, "ppl_allq": allq, "ppl_scan": mixed, "ppl_random": rand,
+            "recovered_scan": rec, "recovered_random": rec_rand, "recovered_random_mean": rec_rand_mean,
+            "default_thresholds_flagged": len(d_flag), "ppl_default_thresholds": d_mixed,
+            "recovered_default_thresholds": recovered_fraction(base, allq, d_mixed), "correlations": corr,
+        }
+        out["schemes"][key] = res
+        ratio = rec / rec_rand_mean if rec_rand_mean > 0 else float("inf")
+        rows.append((key, len(flagged), len(names), base, allq, mixed, rec, rec_rand_mean, ratio, scan_s,
+                     len(d_flag), res["recovered_default_thresholds"], corr))
+        print(f"  [{key}] done: {json.dumps({k: v for k, v in res.items() if k not in ('search', 'flagged')}, default=float)}",
+              file=sys.stderr)
+        if a.json:  # after every scheme, so a cut-short run keeps what it measured
+            a.json.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    print(f"\nsensitivity benchmark · calib {a.samples}x{a.seqlen} · score {a.windows}x{a.eval_seqlen} held-out "
+          f"(selection on another {a.windows}) · device {dev}")
+    print(f"{'scheme':10} {'FP16':>7} {'ppl base':>9} {'ppl allq':>9} {'ppl scan':>9} {'rec scan':>9} "
+          f"{'rec rand':>9} {'ratio':>6} {'scan s':>7} {'default: FP16/rec':>18}")
+    for r in rows:
+        k, nf, nl, b, q, m, rs, rr, ratio, s, nd, rd, corr = r
+        print(f"{k:10} {nf:>3}/{nl:<3} {b:9.3f} {q:9.3f} {m:9.3f} {rs:9.1%} {rr:9.1%} {ratio:6.2f} {s:7.1f} "
+              f"{nd:>8}/{nl} {rd:7.1%}")
+        ok = rs >= 0.40 and (rr <= 0 or rs >= 2 * rr)
+        print(f"{'':10} target (>=40% and >=2x random): {'met' if ok else 'NOT met'}")
+        if corr:
+            print(f"{'':10} Spearman vs per-layer dppl (n={corr['n_layers']}): "
+                  + ", ".join(f"{m} {v:+.2f}" for m, v in corr.items() if m != "n_layers"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""`quantkit scan`: which linears a scheme hurts, written to sensitive_layers.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quantkit.cli.options import (
+    BatchOpt,
+    CalibFieldOpt,
+    CalibOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EvalSeqlenOpt,
+    GroupSizeOpt,
+    ModelOpt,
+    SamplesOpt,
+    SeedOpt,
+    SeqlenOpt,
+    TrustOpt,
+)
+from quantkit.cli.ui import console, handle_errors, progress_bar, status
+
+
+@handle_errors
+def scan(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write sensitive_layers.json (+ .hist.safetensors).")],
+    model: ModelOpt = None,
+    scheme: Annotated[str, typer.Option("--scheme", help="Preset: W8A8, W4A16, W8A16, W8A8C8, W4A4KV4.")] = "W8A8",
+    group_size: GroupSizeOpt = None,
+    calib: CalibOpt = None,
+    calib_field: CalibFieldOpt = "text",
+    samples: SamplesOpt = 128,
+    seqlen: SeqlenOpt = 512,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    batch_size: BatchOpt = 8,
+    trust_remote_code: TrustOpt = False,
+    kl: Annotated[float, typer.Option("--kl", help="Keep a layer in FP16 when its KL exceeds this.")] = 0.02,
+    r: Annotated[float, typer.Option("--r", help="... or its input range/IQR ratio R exceeds this.")] = 15.0,
+    energy: Annotated[float, typer.Option("--energy", help="... or its top singular direction's energy share exceeds this.")] = 0.42,
+    target_fraction: Annotated[
+        Optional[float],
+        typer.Option("--target-fraction", help="Calibrate thresholds instead: keep at most this share of linears in FP16."),
+    ] = None,
+    measure_ppl: Annotated[
+        bool, typer.Option("--measure-ppl", help="Also measure each layer's held-out ppl change alone (slow: one eval per linear).")
+    ] = False,
+    windows: Annotated[int, typer.Option("--windows", help="Held-out windows for --target-fraction / --measure-ppl.")] = 8,
+    eval_seqlen: EvalSeqlenOpt = 512,
+    bins: Annotated[int, typer.Option("--bins", help="Histogram bins per output channel.")] = 512,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write a PNG chart + the JSON into this dir.")] = None,
+) -> None:
+    """Measure every linear's sensitivity to a scheme (KL, R, energy, skew) and flag the ones to keep in FP16."""
+    import shutil
+
+    from quantkit import api
+    from quantkit.recipe import PRESETS, RecipeError
+    from quantkit.sensitivity.io import hist_path_for, save_sensitive_layers
+    from quantkit.sensitivity.report import plot_report, scan_table, summary_rows
+    from quantkit.sensitivity.scan import Thresholds
+
+    if scheme not in PRESETS:
+        raise RecipeError(f"unknown --scheme {scheme!r}; use one of {', '.join(PRESETS)}")
+    sch = PRESETS[scheme]
+    if group_size is not None:
+        import dataclasses
+
+        sch = dataclasses.replace(sch, weights=dataclasses.replace(sch.weights, group_size=group_size))
+    if bins < 2:
+        raise RecipeError(f"--bins {bins} must be at least 2")
+    if report is not None:  # fail before the scan, not after, when the chart cannot be drawn
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise RecipeError("--report needs matplotlib: pip install 'quantkit[report]'") from None
+    status(f"loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...")
+    loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    with progress_bar("scanning") as on_block:
+        rep = api.scan(
+            loaded,
+            sch,
+            api.CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
+            device=device,
+            thresholds=Thresholds(kl, r, energy),
+            target_fraction=target_fraction,
+            measure_ppl=measure_ppl,
+            eval_cfg=api.EvalConfig(seqlen=eval_seqlen, windows=windows or None),
+            bins=bins,
+            on_block=on_block,
+            on_step=status,
+        )
+    path = save_sensitive_layers(rep, out)
+    console.print(scan_table(rep))
+    from rich.table import Table
+
+    t = Table(show_header=False)
+    for k, v in summary_rows(rep):
+        t.add_row(k, v)
+    t.add_row("written", f"{path} (+ {hist_path_for(path).name})")
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        png = plot_report(rep, report / "sensitivity.png")
+        for p in (path, hist_path_for(path)):
+            if p.resolve() != (report / p.name).resolve():
+                shutil.copy2(p, report / p.name)
+        t.add_row("report", f"{png} + {path.name}")
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("scan")(scan)

@@ -1,0 +1,123 @@
+"""Human-readable views of a scan: a rich table (flagged layers first) and a PNG chart."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import UsageError
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return format(v, spec)
+
+
+def scan_table(report, *, max_rows: int | None = 40):
+    """A rich Table: flagged layers first (by KL), then the rest by KL; metrics over their threshold in red."""
+    from rich.table import Table
+
+    th = report.thresholds
+    flagged = [e for e in report.layers if e.flag == "fp16"]
+    title = (
+        f"sensitivity · {report.scheme.describe()} · {len(flagged)}/{len(report.layers)} linears kept in FP16 "
+        f"(KL>{_fmt(th.kl, '.3g')} or R>{_fmt(th.R, '.3g')} or energy>{_fmt(th.energy, '.3g')})"
+    )
+    has_ppl = any(e.ppl_delta is not None for e in report.layers)
+    t = Table(title=title)
+    for col in ("name", "op", "flag", "KL", "R", "energy", "skew"):
+        t.add_column(col, justify="left" if col in ("name", "op", "flag") else "right")
+    if has_ppl:
+        t.add_column("Δppl alone", justify="right")
+    order = sorted(report.layers, key=lambda e: (e.flag != "fp16", -e.kl))
+    shown = order if max_rows is None else order[: max(max_rows, len(flagged))]
+
+    def cell(v, t_, spec):
+        s = _fmt(v, spec)
+        return f"[red]{s}[/]" if t_ is not None and v is not None and v > t_ else s
+
+    for e in shown:
+        row = [
+            e.name,
+            e.op,
+            "[bold yellow]fp16[/]" if e.flag == "fp16" else e.flag,
+            cell(e.kl, th.kl, ".4f"),
+            cell(e.R, th.R, ".1f"),
+            cell(e.energy, th.energy, ".3f"),
+            _fmt(e.skew, "+.2f"),
+        ]
+        if has_ppl:
+            row.append(_fmt(e.ppl_delta, "+.4f"))
+        t.add_row(*row)
+    if len(shown) < len(order):
+        t.caption = f"{len(order) - len(shown)} more unflagged linears in the JSON"
+    return t
+
+
+def summary_rows(report) -> list[tuple[str, str]]:
+    rows = [("scan time", f"{report.seconds:.1f} s"), ("calibration", _calib(report.calibration))]
+    p = report.ppl or {}
+    if "all_quantized" in p:
+        rows.append(
+            ("held-out ppl", f"baseline {p['baseline']:.4f} · all quantized {p['all_quantized']:.4f} · "
+             f"flagged in FP16 {p['mixed']:.4f} (recovers {p['recovered']:.1%} of the gap)")
+        )
+    elif "baseline" in p:
+        rows.append(("held-out ppl (baseline)", f"{p['baseline']:.4f}"))
+    for m, r in (report.correlations or {}).items():
+        rows.append((f"Spearman({m}, Δppl)", f"{r:+.3f}"))
+    for w in report.warnings:
+        rows.append(("[yellow]warning[/]", w))
+    return rows
+
+
+def _calib(c: dict[str, Any]) -> str:
+    return f"{c.get('samples', '?')} x {c.get('seqlen', '?')} tokens from {c.get('source', '?')} (seed {c.get('seed', '?')})"
+
+
+def plot_report(report, path: str | Path) -> Path:
+    """PNG: KL, R and energy per linear (log scale where useful) with threshold lines, FP16 layers marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise UsageError("the --report chart needs matplotlib: pip install 'quantkit[report]'") from e
+
+    layers = report.layers
+    x = list(range(len(layers)))
+    flagged = [i for i, e in enumerate(layers) if e.flag == "fp16"]
+    th = report.thresholds
+    fig, axes = plt.subplots(3, 1, figsize=(max(8, len(layers) * 0.06), 9), sharex=True)
+    for ax, (key, label, t, log) in zip(
+        axes, (("kl", "KL(P‖Q)", th.kl, True), ("R", "R = range / IQR", th.R, True), ("energy", "σ₁² / ‖W‖²_F", th.energy, False))
+    ):
+        vals = [getattr(e, key) if getattr(e, key) is not None and math.isfinite(getattr(e, key)) else float("nan")
+                for e in layers]
+        ax.plot(x, vals, ".", ms=3, color="tab:blue")
+        if flagged:
+            ax.plot(flagged, [vals[i] for i in flagged], "o", mfc="none", ms=6, color="tab:red", label="kept FP16")
+        if t is not None:
+            ax.axhline(t, color="tab:red", ls="--", lw=1, label=f"threshold {t:.3g}")
+        if log and any(v > 0 for v in vals if v == v):
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(loc="upper right", fontsize=7)
+    # Block boundaries as light ticks: the x axis is linears in model order.
+    blocks = sorted({e.layer for e in layers})
+    starts = [next(i for i, e in enumerate(layers) if e.layer == b) for b in blocks]
+    step = max(1, len(blocks) // 15)
+    axes[-1].set_xticks(starts[::step], [str(b) for b in blocks[::step]])
+    axes[-1].set_xlabel("decoder block (linears in model order)")
+    fig.suptitle(f"sensitivity scan · {report.scheme.describe()} · {len(flagged)}/{len(layers)} in FP16")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

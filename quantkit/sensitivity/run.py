@@ -1,0 +1,95 @@
+"""The whole scan: layer-wise measurement, thresholds (fixed or calibrated), optional ground truth."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from quantkit.recipe import Scheme
+from quantkit.sensitivity.metrics import DEFAULT_BINS
+from quantkit.sensitivity.scan import ScanReport, Thresholds, apply_thresholds, scan_layers
+
+
+def run_scan(
+    model,
+    input_ids: torch.Tensor,
+    scheme: Scheme,
+    *,
+    thresholds: Thresholds = Thresholds(),
+    target_fraction: float | None = None,
+    measure_ppl: bool = False,
+    eval_windows: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    eval_batch_size: int = 4,
+    ignore: Sequence[str] = ("lm_head",),
+    bins: int = DEFAULT_BINS,
+    seed: int = 0,
+    source: dict | None = None,
+    calibration: dict | None = None,
+    on_block: Callable[[int, int, str, str], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> ScanReport:
+    """Scan `model` on `input_ids` (samples, seqlen) for `scheme`; the model is left unchanged.
+
+    target_fraction: calibrate thresholds instead of using `thresholds` (needs eval_windows).
+    measure_ppl: also measure each layer's held-out perplexity change alone (needs eval_windows).
+    """
+    from quantkit.errors import UsageError
+
+    if (target_fraction is not None or measure_ppl) and eval_windows is None:
+        raise UsageError("--target-fraction and --measure-ppl need held-out windows (eval_windows)")
+    t0 = time.perf_counter()
+    layers = scan_layers(
+        model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
+        on_block=on_block,
+    )
+    report = ScanReport(
+        layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
+        calibration=dict(calibration or {}), bins=bins,
+    )
+    report.calibration.setdefault("batch_size", batch_size)
+    report.seconds = time.perf_counter() - t0  # the scan proper, without perplexity work
+    dev = torch.device(device)
+    home = next(model.parameters()).device
+    try:
+        _score(report, model, layers, scheme, thresholds, target_fraction, measure_ppl, eval_windows, dev,
+               eval_batch_size, on_step)
+    finally:
+        model.to(home)  # perplexity runs move the whole model to the device; leave it where it was
+    return report
+
+
+def _score(report, model, layers, scheme, thresholds, target_fraction, measure_ppl, eval_windows, dev,
+           eval_batch_size, on_step) -> None:
+    from quantkit.sensitivity.calibrate import calibrate_thresholds, correlations, measure_layer_ppl
+
+    if target_fraction is not None:
+        th, search, ppl = calibrate_thresholds(
+            model, layers, scheme, eval_windows, target_fraction, device=dev, batch_size=eval_batch_size, on_step=on_step
+        )
+        report.thresholds, report.search, report.ppl = th, search, ppl
+        report.mode, report.target_fraction = "target-fraction", target_fraction
+        if not search:
+            report.warnings.append(
+                f"--target-fraction {target_fraction} allows no layer of {len(layers)} in FP16; nothing flagged"
+            )
+    else:
+        apply_thresholds(layers, thresholds, scheme)
+    if measure_ppl:
+        base = report.ppl["baseline"] if report.ppl else None
+
+        def step(i, n, name):
+            if on_step is not None:
+                on_step(f"({i + 1}/{n}) perplexity with only {name} quantized")
+
+        base = measure_layer_ppl(
+            model, layers, scheme, eval_windows, device=dev, batch_size=eval_batch_size, baseline=base, on_step=step
+        )
+        report.correlations = correlations(layers)
+        report.ppl = {**(report.ppl or {}), "baseline": base, "windows": int(eval_windows.shape[0]),
+                      "seqlen": int(eval_windows.shape[1])}
+    elif report.ppl is not None:
+        report.ppl.update(windows=int(eval_windows.shape[0]), seqlen=int(eval_windows.shape[1]))

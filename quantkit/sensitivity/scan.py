@@ -1,0 +1,242 @@
+"""The sensitivity scan: one layer-wise pass that measures every linear, changing nothing.
+
+Built on the calibration pipeline's pieces (`_catch_block_inputs`, the adapter)
+rather than on `run_layerwise`: a scan is not a quantization method, it must not
+touch weights, and it needs each linear's *outputs*, which the capture pass does
+not see. Per block: move it to the device, run it once on every calibration batch
+with a forward hook on each linear, move it back. The hook sees the linear's
+float input x and float output y = x W^T + b, and computes on the same x the
+scheme's fake-quantized output yq = fq_a(x) fq_w(W)^T + b (fq_a only for schemes
+that quantize activations, per-token dynamic as the W8A8 kernels do). The block's
+float outputs feed the next block, so every layer is measured on the inputs it
+gets in the float model.
+
+Histogram range: fixed per linear from the first batch (min/max of y and yq,
+widened by 25% of the span on each side); later values outside it are clipped
+into the edge bins. One pass, constant memory; the clip fraction is recorded.
+R's quartiles come from a seeded random subsample of the inputs (at most
+`r_sample` values per linear, spread evenly over batches); min and max are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.quant.core import fake_quantize, fake_quantize_activations
+from quantkit.recipe import Scheme
+from quantkit.sensitivity.metrics import DEFAULT_BINS, Moments, channel_histograms, energy_ratio, kl_divergence, range_ratio
+
+RANGE_MARGIN = 0.25  # share of the first batch's span added on each side of the histogram range
+R_SAMPLE = 1 << 16  # input values per linear kept for R's quartiles
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A linear stays in FP16 when any enabled metric exceeds its threshold (None = that metric is off)."""
+
+    kl: float | None = 0.02
+    R: float | None = 15.0
+    energy: float | None = 0.42
+
+    def flags(self, kl: float, R: float, energy: float) -> bool:
+        return any(
+            t is not None and v is not None and v > t for v, t in ((kl, self.kl), (R, self.R), (energy, self.energy))
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kl": self.kl, "R": self.R, "energy": self.energy}
+
+
+@dataclass
+class LayerScan:
+    """What the scan measured for one linear. hist: (bins,) float64 pooled float-output counts over [lo, hi]."""
+
+    name: str
+    layer: int
+    op: str
+    kl: float
+    R: float
+    energy: float
+    skew: float
+    hist: torch.Tensor
+    lo: float
+    hi: float
+    clipped: float  # share of output values (float and quantized) outside [lo, hi]
+    flag: str = ""
+    ppl_delta: float | None = None  # held-out ppl change with only this layer quantized (--measure-ppl)
+
+    def metrics(self) -> dict[str, float]:
+        return {"kl": self.kl, "R": self.R, "energy": self.energy, "skew": self.skew}
+
+
+def precision_label(scheme: Scheme) -> str:
+    return f"int{scheme.weights.bits}"
+
+
+def apply_thresholds(layers: Sequence[LayerScan], thresholds: Thresholds, scheme: Scheme) -> list[str]:
+    """Set each layer's flag ("fp16" or the scheme's int label); returns the flagged names in order."""
+    q = precision_label(scheme)
+    out = []
+    for e in layers:
+        e.flag = "fp16" if thresholds.flags(e.kl, e.R, e.energy) else q
+        if e.flag == "fp16":
+            out.append(e.name)
+    return out
+
+
+class _Observer:
+    """Accumulates one linear's statistics over calibration batches (everything on the linear's device)."""
+
+    def __init__(self, linear: nn.Linear, scheme: Scheme, bins: int, r_per_batch: int, gen: torch.Generator):
+        self.linear = linear
+        self.scheme = scheme
+        self.bins = bins
+        self.r_per_batch = r_per_batch
+        self.gen = gen
+        self.wq = fake_quantize(linear.weight.data.float(), scheme.weights)  # (out, in) float32
+        self.p = self.q = None
+        self.lo = self.hi = 0.0
+        self.clipped = 0
+        self.total = 0
+        self.xmin, self.xmax = math.inf, -math.inf
+        self.samples: list[torch.Tensor] = []
+        self.moments = Moments()
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # x: (..., in_features) float input; y: (..., out_features) float output
+        x = x.reshape(-1, x.shape[-1]).float()
+        y = y.reshape(-1, y.shape[-1]).float()
+        acts = self.scheme.input_activations
+        xq = fake_quantize_activations(x, acts) if acts is not None else x
+        bias = None if self.linear.bias is None else self.linear.bias.float()
+        yq = F.linear(xq, self.wq, bias)
+        if self.p is None:
+            lo = min(float(y.min()), float(yq.min()))
+            hi = max(float(y.max()), float(yq.max()))
+            span = max(hi - lo, 1e-6)
+            self.lo, self.hi = lo - RANGE_MARGIN * span, hi + RANGE_MARGIN * span
+        self.clipped += int(((y < self.lo) | (y > self.hi)).sum()) + int(((yq < self.lo) | (yq > self.hi)).sum())
+        self.total += 2 * y.numel()
+        p = channel_histograms(y, self.lo, self.hi, self.bins)
+        q = channel_histograms(yq, self.lo, self.hi, self.bins)
+        self.p = p if self.p is None else self.p + p
+        self.q = q if self.q is None else self.q + q
+        self.xmin = min(self.xmin, float(x.min()))
+        self.xmax = max(self.xmax, float(x.max()))
+        flat = x.reshape(-1)
+        k = min(self.r_per_batch, flat.numel())
+        idx = torch.randperm(flat.numel(), generator=self.gen)[:k].to(flat.device)
+        self.samples.append(flat[idx].cpu())
+        self.moments.add(y)
+
+    def result(self, name: str, layer: int, op: str) -> LayerScan:
+        if self.p is None:
+            raise RuntimeError(f"{name} never ran during the scan; is it used by the block's forward?")
+        return LayerScan(
+            name=name,
+            layer=layer,
+            op=op,
+            kl=kl_divergence(self.p, self.q),
+            R=range_ratio(torch.cat(self.samples), self.xmin, self.xmax),
+            energy=energy_ratio(self.linear.weight.data),
+            skew=self.moments.skewness,
+            hist=self.p.sum(dim=0).cpu(),
+            lo=self.lo,
+            hi=self.hi,
+            clipped=self.clipped / max(self.total, 1),
+        )
+
+
+@torch.no_grad()
+def scan_layers(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    scheme: Scheme,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    ignore: Sequence[str] = (),
+    bins: int = DEFAULT_BINS,
+    r_sample: int = R_SAMPLE,
+    seed: int = 0,
+    on_block: Callable[[int, int, str, str], None] | None = None,
+) -> list[LayerScan]:
+    """Measure every non-ignored linear of the decoder blocks on `input_ids` (samples, seqlen).
+
+    One block on `device` at a time; weights are never changed (tested). Returns
+    one LayerScan per linear, in model order, flags unset (see `apply_thresholds`).
+    """
+    from quantkit.calib.pipeline import _block_output, _catch_block_inputs, _to, is_ignored
+    from quantkit.models.adapter import ModelAdapter
+
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    device = torch.device(device)
+    adapter = ModelAdapter.for_model(model)
+    blocks = adapter.blocks()
+    n = len(blocks)
+    batches = list(input_ids.split(batch_size))
+    hidden, kwargs_per_block = _catch_block_inputs(model, adapter, batches, device)
+    r_per_batch = max(1, math.ceil(r_sample / len(batches)))
+    gen = torch.Generator().manual_seed(seed)
+    out: list[LayerScan] = []
+    for i, block in enumerate(blocks):
+        name = adapter.block_name(i)
+        if on_block is not None:
+            on_block(i, n, name, "scan")
+        home = next(block.parameters()).device
+        block.to(device)
+        try:
+            kwargs = [_to(kw, device) for kw in kwargs_per_block[i]]
+            linears = {k: v for k, v in adapter.block_linears(i).items() if not is_ignored(k, ignore)}
+            observers = {k: _Observer(v, scheme, bins, r_per_batch, gen) for k, v in linears.items()}
+            handles = []
+            try:
+                for k, lin in linears.items():
+
+                    def hook(_mod, args, output, _k=k):
+                        observers[_k].add(args[0], output)
+
+                    handles.append(lin.register_forward_hook(hook))
+                hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            finally:
+                for h in handles:
+                    h.remove()
+            for k, obs in observers.items():
+                rel = k[len(name) + 1 :]
+                out.append(obs.result(k, i, adapter.op_of(rel)))
+            del observers
+        finally:
+            block.to(home)
+    return out
+
+
+@dataclass
+class ScanReport:
+    """A finished scan: what `sensitive_layers.json` holds (see `quantkit.sensitivity.io`)."""
+
+    layers: list[LayerScan]
+    scheme: Scheme
+    thresholds: Thresholds
+    source: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    bins: int = DEFAULT_BINS
+    mode: str = "fixed"  # or "target-fraction"
+    target_fraction: float | None = None
+    search: list[dict[str, Any]] | None = None  # the target-fraction candidates and their scores
+    ppl: dict[str, Any] | None = None  # baseline / all-quantized / flagged-FP16 perplexities
+    correlations: dict[str, float] | None = None  # Spearman of each metric with ppl_delta
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> list[str]:
+        return [e.name for e in self.layers if e.flag == "fp16"]
