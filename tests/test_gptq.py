@@ -342,7 +342,12 @@ def test_single_step_matches_direct_solve():
         with torch.no_grad():
             model(input_ids=ids)
     h = st["q"].hessian
-    expect = {n: gptq_quantize(getattr(attn, n).weight.data, h, args).qt for n in ("q_proj", "k_proj", "v_proj")}
+    from quantkit.methods.gptq import DEFAULTS
+
+    expect = {
+        n: gptq_quantize(getattr(attn, n).weight.data, h, args, act_order=DEFAULTS["act_order"]).qt
+        for n in ("q_proj", "k_proj", "v_proj")
+    }
     res = run_layerwise(model, ids, [get_method("gptq")(Scheme(args))], batch_size=2)
     for n, qt in expect.items():
         got = res.results[f"model.layers.0.self_attn.{n}"]

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from quantkit.export.atomic import check_output_dir
 from quantkit.export.common import (  # noqa: F401  (SAFE_* re-exported for callers)
