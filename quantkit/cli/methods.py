@@ -125,6 +125,33 @@ def run_recipe(
     return summary
 
 
+# Option names every method command shares, passed through run_command unchanged.
+COMMON_OPTIONS = (
+    "model", "out", "calib", "calib_field", "samples", "seqlen", "seed", "batch_size", "device", "dtype",
+    "format", "overwrite", "trust_remote_code", "eval", "windows", "eval_seqlen", "json_out", "resume",
+    "skip_memory_check", "sensitive",
+)
+
+
+def common_options(values: dict) -> dict:
+    """The shared options out of a command's arguments (call with locals())."""
+    return {k: values[k] for k in COMMON_OPTIONS}
+
+
+def run_command(
+    recipe, *, calib, calib_field, samples, seqlen, seed, batch_size, eval, windows, eval_seqlen, **rest
+) -> dict:
+    """A method command's run: the shared CLI options -> CalibConfig/EvalConfig -> run_recipe."""
+    from quantkit.api import CalibConfig, EvalConfig
+
+    return run_recipe(
+        recipe,
+        calib=CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
+        eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
+        **rest,
+    )
+
+
 def _memory_plan(recipe, model, calib, device, dtype, skip: bool) -> None:
     """One status line with the estimated peak memory; refuse a run that will not fit (unless skip)."""
     from quantkit.models.loading import resolve_device
@@ -194,26 +221,10 @@ def rtn(
     sensitive: SensitiveOpt = None,
 ) -> None:
     """Round-to-nearest weight quantization (no calibration data needed)."""
-    from quantkit.api import CalibConfig, EvalConfig
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
     recipe = Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)), (Stage("rtn"),))
-    run_recipe(
-        recipe,
-        model=model,
-        out=out,
-        calib=CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
-        device=device,
-        dtype=dtype,
-        format=format,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
-        json_out=json_out,
-        resume=resume,
-        skip_memory_check=skip_memory_check,
-        sensitive=sensitive,
-    )
+    run_command(recipe, **common_options(locals()))
 
 
 def register(app: typer.Typer) -> None:

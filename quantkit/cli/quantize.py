@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from quantkit.cli.methods import run_recipe
+from quantkit.cli.methods import common_options, run_command
 from quantkit.cli.options import (
     SensitiveOpt,
     ResumeOpt,
@@ -80,29 +80,6 @@ def one_stage_recipe(method: str, options: dict[str, Any], bits, group_size, sym
     return override_weights(base, bits, group_size, sym)
 
 
-def _run(recipe, *, model, out, calib, calib_field, samples, seqlen, seed, batch_size, device, dtype, format,
-         overwrite, trust_remote_code, eval, windows, eval_seqlen, json_out, resume=False,
-         skip_memory_check=False, sensitive=None) -> None:
-    from quantkit.api import CalibConfig, EvalConfig
-
-    run_recipe(
-        recipe,
-        model=model,
-        out=out,
-        calib=CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
-        device=device,
-        dtype=dtype,
-        format=format,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
-        json_out=json_out,
-        resume=resume,
-        skip_memory_check=skip_memory_check,
-        sensitive=sensitive,
-    )
-
-
 @handle_errors
 def quantize(
     recipe: RecipeOpt,
@@ -137,10 +114,7 @@ def quantize(
     from quantkit.recipe import load_recipe
 
     r = override_weights(load_recipe(recipe), bits, group_size, sym)
-    _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
-         batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
-         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out,
-         resume=resume, skip_memory_check=skip_memory_check, sensitive=sensitive)
+    run_command(r, **common_options(locals()))
 
 
 @handle_errors
@@ -189,10 +163,7 @@ def awq(
     opts = dict(grid=awq_grid, duo=awq_duo, clip=clip, clip_grid=clip_grid, max_shrink=max_shrink,
                 search_samples=search_samples or None)
     r = one_stage_recipe("awq", opts, bits, group_size, sym)
-    _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
-         batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
-         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out,
-         resume=resume, skip_memory_check=skip_memory_check, sensitive=sensitive)
+    run_command(r, **common_options(locals()))
 
 
 @handle_errors
@@ -238,10 +209,7 @@ def gptq(
     """
     opts = dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential)
     r = one_stage_recipe("gptq", opts, bits, group_size, sym)
-    _run(r, model=model, out=out, calib=calib, calib_field=calib_field, samples=samples, seqlen=seqlen, seed=seed,
-         batch_size=batch_size, device=device, dtype=dtype, format=format, overwrite=overwrite,
-         trust_remote_code=trust_remote_code, eval=eval, windows=windows, eval_seqlen=eval_seqlen, json_out=json_out,
-         resume=resume, skip_memory_check=skip_memory_check, sensitive=sensitive)
+    run_command(r, **common_options(locals()))
 
 
 def register(app: typer.Typer) -> None:

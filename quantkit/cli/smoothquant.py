@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from quantkit.cli.methods import run_recipe
+from quantkit.cli.methods import common_options, run_command
 from quantkit.cli.options import (
     SensitiveOpt,
     ResumeOpt,
@@ -99,7 +99,6 @@ def smoothquant(
     sensitive: SensitiveOpt = None,
 ) -> None:
     """SmoothQuant W8A8: smooth activation outliers into the weights, W8 per-channel, A8 per-token (or static)."""
-    from quantkit.api import CalibConfig, EvalConfig
     from quantkit.recipe import RecipeError
 
     if kv_format not in _KV_FORMATS:
@@ -107,23 +106,7 @@ def smoothquant(
     if kv == "none" and (kv_residual or kv_format != "int8"):
         raise RecipeError("--kv-residual and --kv-format need a KV cache: add --kv static or --kv dynamic")
     recipe = build_recipe(alpha, act, kv, kv_residual, kv_tau)
-    run_recipe(
-        recipe,
-        model=model,
-        out=out,
-        calib=CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
-        device=device,
-        dtype=dtype,
-        format=format,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        eval_cfg=EvalConfig(seqlen=eval_seqlen, windows=windows or None) if eval else None,
-        json_out=json_out,
-        kv_format=kv_format,
-        resume=resume,
-        skip_memory_check=skip_memory_check,
-        sensitive=sensitive,
-    )
+    run_command(recipe, kv_format=kv_format, **common_options(locals()))
 
 
 def register(app: typer.Typer) -> None:
