@@ -26,7 +26,10 @@ def peak_rss_mib() -> float:
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # The message is plain text: brackets in it (e.g. `pip install 'quantkit[report]'`) are not markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -92,4 +95,6 @@ def progress_bar(total_label: str = "calibrating"):
 
 
 def status(message: str) -> None:
-    err_console.print(message, highlight=False)
+    from rich.markup import escape
+
+    err_console.print(escape(message), highlight=False)
