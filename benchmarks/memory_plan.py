@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
 
     from quantkit.api import CalibConfig
     from quantkit.calib.pipeline import run_layerwise
-    from quantkit.methods.base import get_method
+    from quantkit.methods.base import build_methods
     from quantkit.models.loading import resolve_device, resolve_dtype
     from quantkit.models.random import random_model
     from quantkit.plan import HOST_BASELINE_BYTES, estimate_memory, model_config
@@ -89,9 +89,7 @@ def main(argv=None) -> dict:
     plan = estimate_memory(cfg, recipe, calib, device, dtype=dtype_name, with_data=not args.data_free)
     load_s = time.perf_counter() - t0
 
-    methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
-    for m in methods[:-1]:
-        m.final = False
+    methods = build_methods(recipe)
     ids = None
     if not args.data_free:
         vocab = model.config.vocab_size

@@ -59,19 +59,17 @@ def load(model: str | None = None, *, dtype: str = "auto", device: str = "cpu", 
 
 def quantizable_linears(model, recipe: Recipe) -> dict[str, Any]:
     """Full name -> nn.Linear of every linear the recipe will quantize."""
-    from quantkit.calib.pipeline import is_ignored
-    from quantkit.models.adapter import ModelAdapter
+    from quantkit.calib.pipeline import linears_to_quantize
 
-    return {k: v for k, v in ModelAdapter.for_model(model).all_linears().items() if not is_ignored(k, recipe.ignore)}
+    return linears_to_quantize(model, recipe.ignore)
 
 
 def check_recipe_fits(model, recipe: Recipe) -> None:
     """Refuse, before any work, settings that cannot apply to this model (group sizes, methods)."""
-    from quantkit.methods.base import get_method
+    from quantkit.methods.base import build_methods
     from quantkit.quant.core import check_group_size
 
-    for stage in recipe.stages:
-        get_method(stage.method)(recipe.scheme, **stage.options)
+    build_methods(recipe)  # each method checks its own options
     layers = {k: v.in_features for k, v in quantizable_linears(model, recipe).items()}
     check_group_size(layers, recipe.scheme.weights)
 
@@ -101,15 +99,13 @@ def quantize(
     quantized versions are kept as `shadow` copies for the runtime.
     """
     from quantkit.calib.pipeline import run_layerwise
-    from quantkit.methods.base import get_method
+    from quantkit.methods.base import build_methods
 
     mixed = _sensitive_plan(loaded.model, recipe, sensitive) if sensitive is not None else None
     if mixed is not None:
         recipe = mixed["recipe"]
     check_recipe_fits(loaded.model, recipe)
-    methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
-    for m in methods[:-1]:
-        m.final = False  # only the last stage quantizes; earlier ones transform
+    methods = build_methods(recipe)  # only the last stage quantizes; earlier ones transform
     from quantkit.quant.simulate import needs_static_scales, static_scale_collector
 
     scheme = recipe.scheme
@@ -168,12 +164,10 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
     """Read sensitive_layers.json against `model`; the recipe with the FP16 layers ignored, and the mask."""
     import dataclasses
 
-    from quantkit.calib.pipeline import is_ignored
-    from quantkit.models.adapter import ModelAdapter
     from quantkit.sensitivity.io import expand_fused, load_sensitive_layers
 
     sl = load_sensitive_layers(sensitive, model)
-    linears = [n for n in ModelAdapter.for_model(model).all_linears() if not is_ignored(n, recipe.ignore)]
+    linears = list(quantizable_linears(model, recipe))
     flagged = [n for n in sl.flagged if n in set(linears)]
     fp16 = expand_fused(flagged, linears)
     if len(fp16) == len(linears):

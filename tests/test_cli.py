@@ -7,26 +7,17 @@ import time
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from tiny_models import make_tiny_model
-from quantkit.cli.app import app
+from tiny_models import run_cli, save_tiny_model_dir
 
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    model = make_tiny_model("llama", seed=11)
-    model.save_pretrained(d, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer, seed=11)
 
 
-def _run(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.output
+_run = run_cli
 
 
 def _one_line_error(out: str) -> str:

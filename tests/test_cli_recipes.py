@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from tiny_models import make_tiny_model
+from tiny_models import run_cli, save_tiny_model_dir
 from quantkit.cli.app import app
 from quantkit.cli.quantize import one_stage_recipe
 from quantkit.methods.base import available_methods
@@ -20,15 +20,10 @@ RTN_G32 = "version: 1\nscheme:\n  weights: {bits: 4, group_size: 32, symmetric: 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("tiny-llama-r")
-    make_tiny_model("llama", seed=12).save_pretrained(d, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-r"), tiny_tokenizer, seed=12)
 
 
-def _run(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.output
+_run = run_cli
 
 
 def _error_line(out: str) -> str:

@@ -10,21 +10,16 @@ import struct
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from tiny_models import make_tiny_model
-from quantkit.cli.app import app
+from tiny_models import run_cli, make_tiny_model
 from quantkit.errors import UsageError
 from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
 from quantkit.export.manifest import ManifestError, verify_checkpoint
 from quantkit.export.reader import load_quantkit_checkpoint
 
-runner = CliRunner()
 
 
-def _run(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.output
+_run = run_cli
 
 
 def _last_line(out: str) -> str:

@@ -5,11 +5,9 @@ import warnings
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, run_cli, save_tiny_model_dir
 from quantkit import api
-from quantkit.cli.app import app
 from quantkit.export.compressed_tensors import SHADOW_FILE, read_checkpoint_summary
 from quantkit.export.manifest import verify_checkpoint
 from quantkit.models.loading import LoadedModel
@@ -98,20 +96,14 @@ def test_sensitive_file_for_other_model_refused(tmp_path, tiny_tokenizer):
 
 # ------------------------------------------------------------------ CLI
 
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("tiny-llama-scan")
-    make_tiny_model("llama", seed=11).save_pretrained(d, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-scan"), tiny_tokenizer, seed=11)
 
 
-def _run(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.output
+_run = run_cli
 
 
 def test_cli_scan_then_mixed_quantize_and_inspect(tiny_dir, tmp_path):

@@ -6,27 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from quantkit.cli.app import app
 from quantkit.recipe import PRESETS, Recipe
-from tiny_models import make_tiny_model
+from tiny_models import run_cli, save_tiny_model_dir
 
-runner = CliRunner()
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    d = tmp_path_factory.mktemp("tiny-sq")
-    make_tiny_model("llama", seed=12).save_pretrained(d, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-sq"), tiny_tokenizer, seed=12)
 
 
-def _run(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    return res.exit_code, res.output
+_run = run_cli
 
 
 def test_smoothquant_w8a8c8_static_residual_then_eval(tiny_dir, tmp_path):

@@ -51,3 +51,20 @@ def make_tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     tok.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_model_dir(path, tokenizer, arch: str = "llama", seed: int = 11):
+    """A tiny model + tokenizer saved as a local safetensors dir (what `--model DIR` loads); returns path."""
+    make_tiny_model(arch, seed=seed).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(*args):
+    """Run the quantkit CLI in-process; (exit code, output)."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli.app import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res.exit_code, res.output

@@ -62,6 +62,11 @@ def is_ignored(name: str, ignore: Sequence[str]) -> bool:
     return False
 
 
+def linears_to_quantize(model: nn.Module, ignore: Sequence[str]) -> dict[str, nn.Linear]:
+    """Full name -> linear of every decoder-block linear not matched by `ignore`, in execution order."""
+    return {k: v for k, v in ModelAdapter.for_model(model).all_linears().items() if not is_ignored(k, ignore)}
+
+
 def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)

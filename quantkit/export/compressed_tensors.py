@@ -473,9 +473,6 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-_safetensors_header = read_safetensors_header
-
-
 _QUANT_SUFFIXES = (
     "weight_packed",
     "weight_scale",
@@ -536,7 +533,7 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
     quantized_bytes = unquantized_bytes = n_tensors = 0
     quantized_modules: set[str] = set()
     for st in sorted(ckpt_dir.glob("*.safetensors")):
-        for key, info in _safetensors_header(st).items():
+        for key, info in read_safetensors_header(st).items():
             n_tensors += 1
             nbytes = info["data_offsets"][1] - info["data_offsets"][0]
             mod, _, local = key.rpartition(".")
@@ -547,7 +544,7 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
                 unquantized_bytes += nbytes
     # int-quantized layers keep a plain `weight` beside their `weight_scale`
     for st in sorted(ckpt_dir.glob("*.safetensors")):
-        for key, info in _safetensors_header(st).items():
+        for key, info in read_safetensors_header(st).items():
             mod, _, local = key.rpartition(".")
             if local == "weight" and mod in quantized_modules:
                 nbytes = info["data_offsets"][1] - info["data_offsets"][0]
@@ -602,7 +599,7 @@ def _linear_memory_split(ckpt_dir: Path, quantized_modules: set[str], ignore: li
     quantized = fp = fp16_equiv = 0
     ignored = set(ignore)
     for st in sorted(ckpt_dir.glob("*.safetensors")):
-        header = _safetensors_header(st)
+        header = read_safetensors_header(st)
         with safe_open(str(st), framework="pt") as f:
             for key, info in header.items():
                 mod, _, local = key.rpartition(".")

@@ -127,6 +127,14 @@ def get_method(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
+def build_methods(recipe) -> list[Method]:
+    """One Method per recipe stage, in order; only the last one quantizes (see `Method.final`)."""
+    methods = [get_method(s.method)(recipe.scheme, **s.options) for s in recipe.stages]
+    for m in methods[:-1]:
+        m.final = False
+    return methods
+
+
 def available_methods() -> list[str]:
     _load_builtin_methods()
     return sorted(_REGISTRY)

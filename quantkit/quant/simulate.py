@@ -128,10 +128,9 @@ def kv_hook(model: nn.Module, fn: KVFn, modules: dict[str, nn.Module] | None = N
 
 def block_linear_names(model: nn.Module, ignore=("lm_head",)) -> dict[str, nn.Module]:
     """Full name -> linear of every decoder-block linear not in `ignore` (the ones W8A8 quantizes)."""
-    from quantkit.calib.pipeline import is_ignored
-    from quantkit.models.adapter import ModelAdapter
+    from quantkit.calib.pipeline import linears_to_quantize
 
-    return {k: v for k, v in ModelAdapter.for_model(model).all_linears().items() if not is_ignored(k, ignore)}
+    return linears_to_quantize(model, ignore)
 
 
 def _kv_static_tensor(entry: dict[str, Any], which: str, kv: KVCacheArgs) -> torch.Tensor | None:
