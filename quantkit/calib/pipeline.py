@@ -32,8 +32,7 @@ from quantkit.quant.core import QuantizedTensor
 ProgressFn = Callable[[int, int, str, str], None]
 
 
-class _Caught(Exception):
-    pass
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 
 
 @dataclass
@@ -103,7 +102,11 @@ def _catch_block_inputs(
                 raise RuntimeError("decoder block called with positional extras; adapter needs updating")
             kwargs = dict(kwargs)
             kwargs["use_cache"] = False
-            kwargs["past_key_values"] = None
+            # The cache argument is `past_key_values` up to transformers 5.23, `cache` from 5.24:
+            # clear whichever this version passes (setting the other one only earns a warning).
+            for key in _CACHE_KWARGS:
+                if key in kwargs:
+                    kwargs[key] = None
             kwargs_per_block[i].append(kwargs)
             if i == 0:
                 hidden0.append(hidden_states)
