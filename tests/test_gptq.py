@@ -236,6 +236,20 @@ def test_dead_columns(act_order):
     assert torch.all(res0.qt.dequantize() == 0) and res0.dead == IN
 
 
+def test_backend_choice():
+    args = QuantArgs(4, 16, True)
+    w = _weight(1, dtype=torch.float32)
+    h = _hessian(_correlated_inputs(128, IN, seed=2)).float()
+    assert gptq_quantize(w, h, args).backend == "torch"  # auto on a CPU tensor: the torch loop
+    assert gptq_quantize(w, h, args, backend="torch").backend == "torch"
+    with pytest.raises(ValueError, match="backend='cuda'; choose one of auto, torch, triton"):
+        gptq_quantize(w, h, args, backend="cuda")
+    with pytest.raises(ValueError, match="runs in float32"):
+        gptq_quantize(w, h.double(), args, backend="triton")
+    # float64 under auto stays on torch (the reference tests rely on it)
+    assert gptq_quantize(w, h.double(), args, backend="auto").backend == "torch"
+
+
 def test_shape_checks():
     with pytest.raises(ValueError, match="does not match"):
         gptq_quantize(_weight(1), torch.eye(IN - 1), QuantArgs(4, 16, True))
@@ -257,6 +271,7 @@ def test_shape_checks():
         ({"act_order": "yes"}, "act_order='yes' must be true or false"),
         ({"true_sequential": 1}, "true_sequential=1"),
         ({"blocksize": 128}, "no option"),
+        ({"backend": "cuda"}, "backend='cuda' must be one of auto, torch, triton"),
     ],
 )
 def test_options_validated(opts, match):

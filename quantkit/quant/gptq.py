@@ -121,11 +121,13 @@ def _inverse_upper_cholesky(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     U is the transpose of the lower factor of H^-1 (the same matrix: the factor with a
     positive diagonal is unique); LAPACK/cuSOLVER return that lower factor column-major, so
     U is a row-major view, which the Triton solve reads row by row without a copy."""
-    chol, info = torch.linalg.cholesky_ex(h)
-    return _inverse_chain(chol, info)
+    return _inverse_chain([torch.linalg.cholesky_ex(h)])
 
 
-def _inverse_chain(chol: torch.Tensor, info: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _inverse_chain(box: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """box: [(L, info)] of H = L L^T; taken out of the list so that L is freed as soon as
+    H^-1 is formed (the caller keeps no reference)."""
+    chol, info = box.pop()
     hinv = torch.cholesky_inverse(chol)
     del chol
     low, info2 = torch.linalg.cholesky_ex(hinv)
@@ -139,7 +141,7 @@ def _factor(h: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None, add:
             cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """U for the damped Hessian: h (in, in) with dead diagonal entries set to 1, `add` added to
     the diagonal, rows/columns in solve order. Never more than three (in, in) matrices alive
-    at once, h included (the damped copy is freed as soon as it is factored)."""
+    at once, h included (each intermediate is freed as soon as the next one exists)."""
     if perm is None:
         hd = h.to(cdt, copy=True)
         d_dead = dead
@@ -149,9 +151,9 @@ def _factor(h: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None, add:
     diag = hd.diagonal()
     diag.masked_fill_(d_dead, 1.0)
     diag.add_(add)
-    chol, info = torch.linalg.cholesky_ex(hd)
+    box = [torch.linalg.cholesky_ex(hd)]
     del hd, diag
-    return _inverse_chain(chol, info)
+    return _inverse_chain(box)
 
 
 BACKENDS = ("auto", "torch", "triton")
