@@ -279,24 +279,47 @@ def gptq_quantize(
         n_groups = in_f // g
         scale = torch.empty(out_f, n_groups, dtype=torch.float32, device=dev)
         zero = None if args.symmetric else torch.empty(out_f, n_groups, dtype=torch.int8, device=dev)
-    # W: (out, in) in solve order, compute dtype, dead columns zero (permuted from w's own
-    # dtype: one compute-dtype copy, not two).
-    if perm is not None:
-        W = wd.index_select(1, perm).to(cdt).masked_fill_(dead[perm], 0.0)
-    else:
-        W = wd.to(cdt, copy=True).masked_fill_(dead, 0.0)
-    del wd
-
+    W = _solve_order_weights(wd, perm, dead, cdt)
     if solver == "triton":
-        Q = _solve_triton(W, U, scale, zero, perm, args, g, static, sdt, block_size)
+        try:
+            Q = _solve_triton(W, U, scale, zero, perm, args, g, static, sdt, block_size)
+        except Exception as e:  # noqa: BLE001 - only "auto" falls back; an explicit "triton" raises
+            if backend != "auto":
+                raise
+            _warn_fallback(e)
+            solver = "torch"
+            W = _solve_order_weights(wd, perm, dead, cdt)  # the failed solve may have updated W
+            Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size)
     else:
         Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size)
+    del wd
     del W, U
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     qt = QuantizedTensor(Q, scale, zero, args)
     err_total = _hessian_error_t(w, qt, H, cdt)
     return GPTQResult(qt=qt, perm=perm, damp=used, error_t=err_total, dead=int(dead_val), backend=solver)
+
+
+def _solve_order_weights(w: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor, cdt: torch.dtype):
+    """W: (out, in) in solve order, compute dtype, dead columns zero (permuted in w's own
+    dtype: one compute-dtype copy, not two)."""
+    if perm is not None:
+        return w.index_select(1, perm).to(cdt).masked_fill_(dead[perm], 0.0)
+    return w.to(cdt, copy=True).masked_fill_(dead, 0.0)
+
+
+_fallback_warned = False
+
+
+def _warn_fallback(e: Exception) -> None:
+    global _fallback_warned
+    if not _fallback_warned:
+        import warnings
+
+        warnings.warn(f"the Triton GPTQ solve failed ({type(e).__name__}: {str(e)[:200]}); using the torch solve "
+                      "(pass backend='triton' to see the error)", RuntimeWarning, stacklevel=3)
+        _fallback_warned = True
 
 
 def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size) -> torch.Tensor:
