@@ -142,6 +142,41 @@ def _stat_kinds(recipe) -> frozenset[str]:
     return kinds
 
 
+# GPTQ's true-sequential steps of a Llama-style block: linears of one step share their input
+# and are solved stacked (quantkit.methods.gptq).
+_GPTQ_STEPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+               ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def _gptq_backend(recipe) -> str:
+    for st in recipe.stages:
+        if st.method == "gptq":
+            return str(st.options.get("backend", "auto"))
+    return "auto"
+
+
+def _gptq_step_bytes(lin: dict[str, tuple[int, int]], torch_solve: bool) -> int:
+    """Peak device bytes of one GPTQ step's Hessian and solve (quantkit.quant.gptq), the worst step.
+
+    Per step with input width I and N = (stacked out) x I weights: while factoring, H plus
+    two (I, I) float32 intermediates next to the stacked model-dtype copy of the weights
+    (counted at 2 bytes); while solving, H and U plus the stacked copy (2 bytes), W in float32
+    (4) and the integers (1: int8 from the Triton solve, 4: floats from the torch loop), and
+    while W is built a permuted model-dtype copy (2 more)."""
+    per_elem = 2 + 4 + (4 if torch_solve else 1)
+    worst = 0
+    for step in _GPTQ_STEPS:
+        shapes = [lin[n] for n in step if n in lin]
+        if not shapes:
+            continue
+        i = shapes[0][1]
+        n = sum(o for o, _i in shapes) * i
+        factor = 3 * i * i * 4 + 2 * n
+        solve = 2 * i * i * 4 + max(per_elem * n, 8 * n)
+        worst = max(worst, factor, solve)
+    return worst
+
+
 def _host_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
@@ -232,8 +267,8 @@ def estimate_memory(
         ins = [i for _o, i in lin.values()]
         stats = sum(i * i * 4 for i in ins) + 2 * max(ins) ** 2 * 4  # all X^T X + one solve's copies
     elif "hessian_step" in kinds:
-        # GPTQ: one shared X^T X per true-sequential step is alive, plus the solve's copies of it.
-        stats = 3 * max(i for _o, i in lin.values()) ** 2 * 4
+        # GPTQ: one shared X^T X per true-sequential step is alive, plus the solve's work.
+        stats = _gptq_step_bytes(lin, torch_solve=not on_gpu or _gptq_backend(recipe) == "torch")
     elif kinds:
         stats = sum(i * 4 * 2 for _o, i in lin.values())
     block = shape.block_params() * wb

@@ -236,6 +236,41 @@ def test_dead_columns(act_order):
     assert torch.all(res0.qt.dequantize() == 0) and res0.dead == IN
 
 
+def test_backend_choice():
+    args = QuantArgs(4, 16, True)
+    w = _weight(1, dtype=torch.float32)
+    h = _hessian(_correlated_inputs(128, IN, seed=2)).float()
+    assert gptq_quantize(w, h, args).backend == "torch"  # auto on a CPU tensor: the torch loop
+    assert gptq_quantize(w, h, args, backend="torch").backend == "torch"
+    with pytest.raises(ValueError, match="backend='cuda'; choose one of auto, torch, triton"):
+        gptq_quantize(w, h, args, backend="cuda")
+    with pytest.raises(ValueError, match="runs in float32"):
+        gptq_quantize(w, h.double(), args, backend="triton")
+    # float64 under auto stays on torch (the reference tests rely on it)
+    assert gptq_quantize(w, h.double(), args, backend="auto").backend == "torch"
+
+
+def test_auto_falls_back_to_torch_when_the_kernel_fails(monkeypatch):
+    import quantkit.quant.gptq as mod
+
+    def broken(*a, **k):
+        a[0].add_(1.0)  # a failure after W was already touched: the fallback must start over
+        raise RuntimeError("no kernel here")
+
+    args = QuantArgs(4, 16, False)
+    w = _weight(3, dtype=torch.float32)
+    h = _hessian(_correlated_inputs(128, IN, seed=4)).float()
+    ref = gptq_quantize(w, h, args, act_order=True, backend="torch")
+    monkeypatch.setattr(mod, "_pick_backend", lambda *a, **k: "triton")
+    monkeypatch.setattr(mod, "_solve_triton", broken)
+    monkeypatch.setattr(mod, "_fallback_warned", False)
+    with pytest.warns(RuntimeWarning, match="Triton GPTQ solve failed"):
+        res = gptq_quantize(w, h, args, act_order=True, backend="auto")
+    assert res.backend == "torch" and torch.equal(res.qt.q, ref.qt.q) and torch.equal(res.qt.scale, ref.qt.scale)
+    with pytest.raises(RuntimeError, match="no kernel here"):
+        gptq_quantize(w, h, args, act_order=True, backend="triton")
+
+
 def test_shape_checks():
     with pytest.raises(ValueError, match="does not match"):
         gptq_quantize(_weight(1), torch.eye(IN - 1), QuantArgs(4, 16, True))
@@ -257,6 +292,7 @@ def test_shape_checks():
         ({"act_order": "yes"}, "act_order='yes' must be true or false"),
         ({"true_sequential": 1}, "true_sequential=1"),
         ({"blocksize": 128}, "no option"),
+        ({"backend": "cuda"}, "backend='cuda' must be one of auto, torch, triton"),
     ],
 )
 def test_options_validated(opts, match):

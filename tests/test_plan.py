@@ -67,6 +67,22 @@ def test_hessian_methods_count_statistics():
         del _REGISTRY["_test_hessian"]
 
 
+def test_gptq_counts_the_worst_step_of_the_solve():
+    # CFG: hidden 96, MLP 160, 6 heads of 16, 2 KV heads -> q/k/v stacked 160 x 96, o 96 x 96,
+    # gate/up stacked 320 x 96, down 96 x 160. Worst step: factoring down's 160 x 160 Hessian
+    # (3 float32 (I, I) + the stacked bf16 weights) or solving gate/up (2 (I, I) + 8 or 10 B/weight).
+    calib = CalibConfig(samples=4, seqlen=32, batch_size=4)
+    expect = {}
+    for backend, per in (("auto", 8), ("torch", 10)):
+        steps = [(96, 160 * 96), (96, 96 * 96), (96, 320 * 96), (160, 96 * 160)]
+        expect[backend] = max(max(3 * i * i * 4 + 2 * n, 2 * i * i * 4 + per * n) for i, n in steps)
+        recipe = Recipe(Scheme(QuantArgs(4, 32, True)), (Stage("gptq", {"backend": backend}),))
+        p = estimate_memory(CFG, recipe, calib, "cuda", dtype="bfloat16", host_available=10**12,
+                            device_available=10**12)
+        assert p.device_parts["statistics"] == expect[backend], backend
+    assert expect["torch"] > expect["auto"]  # the torch loop keeps its integers as floats
+
+
 def test_does_not_fit_gives_advice_that_fits():
     calib = CalibConfig(samples=512, seqlen=512, batch_size=8)
     big = dict(CFG, hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=8)

@@ -42,8 +42,8 @@ class InputStats:
             m = x.abs().amax(dim=0)
             self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
         if "hessian" in self.kinds:
-            p = x.T @ x
-            self.xtx = p if self.xtx is None else self.xtx.add_(p)
+            # one GEMM accumulating in place (no per-batch product tensor and add)
+            self.xtx = x.T @ x if self.xtx is None else self.xtx.addmm_(x.T, x)
 
     @property
     def abs_mean(self) -> torch.Tensor:

@@ -202,8 +202,11 @@ def run_layerwise(
             continue
 
         linears = {k: v for k, v in adapter.block_linears(i).items() if not is_ignored(k, ignore)}
+        # The capture pass only runs when it has something to record, or when no method will
+        # change the block (its outputs are then the next block's inputs). Methods that collect
+        # their own statistics (GPTQ) ask for none: the block is run after they apply instead.
         with capture_inputs(linears, kinds) as stats:
-            outputs = [] if data_free else forward()
+            outputs = [] if data_free or (methods and not kinds) else forward()
         if methods:
             ctx = BlockContext(i, name, block, linears, stats, forward, device, spec=adapter.spec)
             for method in methods:

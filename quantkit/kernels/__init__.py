@@ -6,7 +6,9 @@ Families (import the submodule, or use the lazy names below):
 * ``w8a8``      -- INT8 x INT8 GEMM with per-token x per-channel scales (``prepack_w8a8``,
   ``w8a8_linear``);
 * ``wna16``     -- W4A16 / W8A16 group-wise GEMM (``prepack_wna16``, ``wna16_linear``);
-* ``mixed``     -- per-row INT8/FP16 bitmask GEMM (``mixed_linear``, ``row_precision_bits``).
+* ``mixed``     -- per-row INT8/FP16 bitmask GEMM (``mixed_linear``, ``row_precision_bits``);
+* ``gptq``      -- one lazy block of the GPTQ solve, fused (``gptq_block_triton``; used by
+  ``quantkit.quant.gptq.gptq_quantize(backend="triton")``, not a custom op: calibration only).
 
 Every public entry point is a ``torch.library.custom_op`` (``quantkit::...``) with a fake
 implementation (torch.compile).  On CPU tensors the torch reference runs, unless
@@ -33,6 +35,8 @@ _EXPORTS = {
     "row_precision_bits": "mixed",
     "CTRL_FORCE_FP16": "mixed",
     "CTRL_ROW_BITS": "mixed",
+    "gptq_block_ref": "gptq",
+    "gptq_block_triton": "gptq",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -34,7 +34,10 @@ from quantkit.recipe import RecipeError, Scheme
 
 # act_order on by default: on the default model it closes about half of the W4 g64 gap that plain
 # GPTQ leaves (BENCHMARKS.md), and static groups keep the export in the standard layout.
-DEFAULTS = {"damp": 0.01, "block_size": 128, "act_order": True, "true_sequential": True}
+# backend: the solve ("auto" = the fused Triton kernel on CUDA, torch ops otherwise; see
+# quant.gptq.gptq_quantize); the two agree up to float32 rounding.
+DEFAULTS = {"damp": 0.01, "block_size": 128, "act_order": True, "true_sequential": True, "backend": "auto"}
+BACKENDS = ("auto", "torch", "triton")
 
 
 class _StopForward(Exception):
@@ -87,20 +90,23 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
     for key in ("act_order", "true_sequential"):
         if not isinstance(out[key], bool):
             raise RecipeError(f"gptq option {key}={out[key]!r} must be true or false")
+    if out["backend"] not in BACKENDS:
+        raise RecipeError(f"gptq option backend={out['backend']!r} must be one of {', '.join(BACKENDS)}")
     out["damp"] = float(damp)
     return out
 
 
 @register_method("gptq")
 class GPTQ(Method):
-    """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true."""
+    """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true,
+    backend = auto (auto / torch / triton: which solve runs)."""
 
     # Hessians are captured per true-sequential step inside apply_block (the shared
     # capture pass runs before earlier stages change the block, so its Hessians would be stale).
     stats = frozenset()
     needs_data = True
     plan_stats = frozenset({"hessian_step"})  # what the memory planner should count
-    options = ("damp", "block_size", "act_order", "true_sequential")
+    options = ("damp", "block_size", "act_order", "true_sequential", "backend")
 
     def __init__(self, scheme: Scheme, **options: Any):
         super().__init__(scheme, **options)
@@ -109,6 +115,7 @@ class GPTQ(Method):
         self.block_size: int = cfg["block_size"]
         self.act_order: bool = cfg["act_order"]
         self.true_sequential: bool = cfg["true_sequential"]
+        self.backend: str = cfg["backend"]
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -143,7 +150,7 @@ class GPTQ(Method):
             try:
                 res = gptq_quantize(
                     w, h, args, damp=self.damp, block_size=self.block_size, act_order=self.act_order,
-                    scale_dtype=ws[0].dtype,
+                    scale_dtype=ws[0].dtype, backend=self.backend,
                 )
             except CholeskyError as e:
                 for n in group:

@@ -51,15 +51,23 @@ class GPTQResult:
     perm: (in,) long, the order columns were solved in (act_order), else None.
     damp: the relative damping actually used (> the asked one when H needed more).
     error: tr((W - Q) H (W - Q)^T) with the given (undamped) H: the Hessian-weighted
-        output error summed over rows (RTN's value is the baseline to beat).
+        output error summed over rows (RTN's value is the baseline to beat). Kept as a
+        0-dim tensor on the solve's device (`error_t`) and turned into a float on first
+        access, so a caller that never reads it never waits for the GPU.
     dead: number of input columns with H_ii == 0 (never saw a non-zero input).
+    backend: "torch" or "triton", the solve that ran.
     """
 
     qt: QuantizedTensor
     perm: torch.Tensor | None
     damp: float
-    error: float
+    error_t: torch.Tensor
     dead: int
+    backend: str = "torch"
+
+    @property
+    def error(self) -> float:
+        return float(self.error_t)
 
 
 def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -69,17 +77,115 @@ def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> floa
     return float(((d @ h.to(dt)) * d).sum())
 
 
-def _inverse_upper_cholesky(h: torch.Tensor) -> torch.Tensor | None:
-    """Upper Cholesky factor U of H^-1 (H = damped Hessian), or None if H is not PD."""
-    chol, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:
-        return None
+# Rows per chunk of the error and static-scale passes: bounds their temporaries to
+# ~_CHUNK_ELEMS floats (64 MiB) however large the layer is.
+_CHUNK_ELEMS = 1 << 24
+
+
+def _row_chunks(out_f: int, in_f: int):
+    step = max(1, _CHUNK_ELEMS // max(in_f, 1))
+    return [(r, min(r + step, out_f)) for r in range(0, out_f, step)]
+
+
+def _hessian_error_t(w: torch.Tensor, qt: QuantizedTensor, h: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """hessian_error as a 0-dim tensor on h's device (no host sync), in row chunks."""
+    from quantkit.quant.core import dequantize
+
+    total = torch.zeros((), dtype=dt, device=h.device)
+    hd = h.to(dt)
+    for r0, r1 in _row_chunks(*w.shape):
+        zero = None if qt.zero is None else qt.zero[r0:r1]
+        d = w[r0:r1].to(dt) - dequantize(qt.q[r0:r1], qt.scale[r0:r1], zero, qt.args).to(dt)
+        total += ((d @ hd) * d).sum()
+    return total
+
+
+def _static_qparams(w: torch.Tensor, dead: torch.Tensor, args: QuantArgs, cdt: torch.dtype, sdt: torch.dtype):
+    """compute_qparams of w (out, in) in compute dtype with the dead columns zeroed, in row chunks."""
+    scales, zeros = [], []
+    for r0, r1 in _row_chunks(*w.shape):
+        part = w[r0:r1].to(cdt, copy=True).masked_fill_(dead, 0.0)
+        s, z = compute_qparams(part, args, scale_dtype=sdt)
+        scales.append(s)
+        zeros.append(z)
+    scale = scales[0] if len(scales) == 1 else torch.cat(scales)
+    if zeros[0] is None:
+        return scale, None
+    return scale, zeros[0] if len(zeros) == 1 else torch.cat(zeros)
+
+
+def _inverse_upper_cholesky(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor U of H^-1 (H = damped Hessian, (in, in)) and a 0-dim bool
+    "U is valid" (both factorizations succeeded, U finite), without a host sync.
+
+    U is the transpose of the lower factor of H^-1 (the same matrix: the factor with a
+    positive diagonal is unique); LAPACK/cuSOLVER return that lower factor column-major, so
+    U is a row-major view, which the Triton solve reads row by row without a copy."""
+    return _inverse_chain([torch.linalg.cholesky_ex(h)])
+
+
+def _inverse_chain(box: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """box: [(L, info)] of H = L L^T; taken out of the list so that L is freed as soon as
+    H^-1 is formed (the caller keeps no reference)."""
+    chol, info = box.pop()
     hinv = torch.cholesky_inverse(chol)
     del chol
-    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(u).all()):
-        return None
-    return u
+    low, info2 = torch.linalg.cholesky_ex(hinv)
+    del hinv
+    u = low.mT
+    ok = (info == 0) & (info2 == 0) & torch.isfinite(u).all()
+    return u, ok
+
+
+def _factor(h: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None, add: torch.Tensor,
+            cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """U for the damped Hessian: h (in, in) with dead diagonal entries set to 1, `add` added to
+    the diagonal, rows/columns in solve order. Never more than three (in, in) matrices alive
+    at once, h included (each intermediate is freed as soon as the next one exists)."""
+    if perm is None:
+        hd = h.to(cdt, copy=True)
+        d_dead = dead
+    else:
+        hd = h.index_select(0, perm).index_select(1, perm).to(cdt)
+        d_dead = dead[perm]
+    diag = hd.diagonal()
+    diag.masked_fill_(d_dead, 1.0)
+    diag.add_(add)
+    box = [torch.linalg.cholesky_ex(hd)]
+    del hd, diag
+    return _inverse_chain(box)
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _pick_backend(backend: str, cdt: torch.dtype, device: torch.device, args: QuantArgs, dynamic: bool,
+                  block_size: int) -> str:
+    """The solve to run: "torch" or "triton" (see gptq_quantize)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return "torch"
+    from quantkit.kernels._common import triton_available
+
+    if backend == "auto" and not (device.type == "cuda" and cdt == torch.float32 and triton_available()):
+        return "torch"
+    from quantkit.kernels.gptq import MAX_BLOCK_C, kernel_block_size, triton_solve_available
+
+    kb = kernel_block_size(block_size, args.group_size, dynamic)
+    problem = None
+    if cdt != torch.float32:
+        problem = "the Triton solve runs in float32 (this Hessian is float64); use backend='torch'"
+    elif kb > MAX_BLOCK_C:
+        problem = f"group size {args.group_size} is wider than the kernel's {MAX_BLOCK_C}-column block; use backend='torch'"
+    elif not triton_solve_available(device):
+        problem = (f"no Triton for tensors on {device} (needs CUDA, or TRITON_INTERPRET=1 set before triton "
+                   "is imported on CPU); use backend='torch'")
+    if problem is None:
+        return "triton"
+    if backend == "auto":
+        return "torch"
+    raise ValueError(problem)
 
 
 def gptq_quantize(
@@ -91,6 +197,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     scale_dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> GPTQResult:
     """GPTQ-quantize one weight.
 
@@ -101,11 +208,17 @@ def gptq_quantize(
         x10 up to DAMP_TRIES times when H is not positive definite. damp=0 is
         allowed here (tests); recipes require (0, 1].
     block_size: columns per lazy update batch (any positive int; results equal
-        the unbatched solve up to float rounding).
+        the unbatched solve up to float rounding). The Triton solve uses at most 256,
+        and with dynamic groups a multiple of the group size (no group straddles a block).
     act_order: solve columns by descending diag(H); group scales stay static in
         the original order (see module docstring).
     scale_dtype: the dtype scales are stored in (default w.dtype); scales are
         rounded to it exactly as RTN does, so export is exact.
+    backend: "torch" (the column loop in torch ops), "triton" (one fused kernel launch
+        per lazy block, `quantkit.kernels.gptq`; CUDA, or CPU under TRITON_INTERPRET=1;
+        float32 only) or "auto" (Triton on CUDA for a float32 Hessian when triton is
+        installed, torch otherwise). Both give the same integers up to float32
+        rounding (a rare +-1 where a value sits on a rounding boundary).
 
     Runs on w's device in float32 (float64 when h is float64: the tests use that
     to compare against a slow reference bit for bit). Raises CholeskyError when H
@@ -122,108 +235,135 @@ def gptq_quantize(
     cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
     sdt = scale_dtype or w.dtype
     dev = w.device
+    # Static scales (per-channel, or act_order): from the original (dead-zeroed) weights.
+    static = args.group_size is None or act_order
+    solver = _pick_backend(backend, cdt, dev, args, not static, block_size)
 
-    W = w.detach().to(device=dev, dtype=cdt).clone()  # W: (out, in)
-    H = h.detach().to(device=dev, dtype=cdt).clone()  # H: (in, in)
-    if not bool(torch.isfinite(H).all()):
-        raise CholeskyError("Hessian has NaN/Inf entries (overflowing activations?)")
-    diag = H.diagonal()  # a view: writes go into H
+    H = h.detach().to(device=dev)  # H: (in, in), not modified (copies are damped and factored)
+    finite = torch.isfinite(H).all()
     # Dead inputs: a column whose input was always 0 (H_ii == 0, so its whole
     # row/column of H is 0) cannot change the output. Set H_ii = 1 so H stays
     # invertible and zero the weight column so it quantizes to exactly 0 and
-    # passes no error on to other columns.
-    dead = diag == 0
-    n_dead = int(dead.sum())
-    diag[dead] = 1.0
-    W[:, dead] = 0.0
-    mean_diag = float(diag.mean())
-    if not mean_diag > 0:
-        raise CholeskyError(f"Hessian diagonal has mean {mean_diag:g} <= 0; damping cannot make it positive definite")
-
+    # passes no error on to other columns. (masked_fill, not boolean indexing:
+    # no host sync on a GPU.)
+    dead = H.diagonal() == 0
+    n_dead = dead.sum()
+    diag = H.diagonal().to(cdt).masked_fill(dead, 1.0)  # (in,)
+    mean_diag = diag.mean()
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
-    # Static scales (per-channel, or act_order): from the original (dead-zeroed) weights.
-    static = args.group_size is None or act_order
+    del diag
+
+    # Factor with rising damping; one host sync per try (all checks read at once).
+    used, U = damp, None
+    for t in range(DAMP_TRIES if damp > 0 else 1):  # x10 of 0 is still 0: one try
+        used = damp * 10.0**t
+        U, ok = _factor(H, dead, perm, used * mean_diag, cdt)
+        is_finite, mean_val, ok_val, dead_val = torch.stack(
+            [finite.to(cdt), mean_diag, ok.to(cdt), n_dead.to(cdt)]).tolist()
+        if t == 0:
+            if not is_finite:
+                raise CholeskyError("Hessian has NaN/Inf entries (overflowing activations?)")
+            if not mean_val > 0:
+                raise CholeskyError(
+                    f"Hessian diagonal has mean {mean_val:g} <= 0; damping cannot make it positive definite")
+        if ok_val:
+            break
+        U = None
+    if U is None:
+        raise CholeskyError(f"Hessian is not positive definite even with damp {used:g}")
+
+    wd = w.detach().to(dev)
     if static:
-        scale, zero = compute_qparams(W, args, scale_dtype=sdt)
+        scale, zero = _static_qparams(wd, dead, args, cdt, sdt)
     else:
         n_groups = in_f // g
         scale = torch.empty(out_f, n_groups, dtype=torch.float32, device=dev)
         zero = None if args.symmetric else torch.empty(out_f, n_groups, dtype=torch.int8, device=dev)
-
-    used, U = damp, None
-    for t in range(DAMP_TRIES if damp > 0 else 1):  # x10 of 0 is still 0: one try
-        used = damp * 10.0**t
-        Hd = H.clone()
-        Hd.diagonal().add_(used * mean_diag)
-        if perm is not None:
-            Hd = Hd[perm][:, perm]
-        U = _inverse_upper_cholesky(Hd)
-        del Hd
-        if U is not None:
-            break
-    if U is None:
-        raise CholeskyError(f"Hessian is not positive definite even with damp {used:g}")
-    del H, diag
-
-    if perm is not None:
-        W = W[:, perm]
-        # Solve position j holds original column perm[j]; its static group is perm[j] // g.
-        col_group = (perm // g).tolist()
+    W = _solve_order_weights(wd, perm, dead, cdt)
+    if solver == "triton":
+        try:
+            Q = _solve_triton(W, U, scale, zero, perm, args, g, static, sdt, block_size)
+        except Exception as e:  # noqa: BLE001 - only "auto" falls back; an explicit "triton" raises
+            if backend != "auto":
+                raise
+            _warn_fallback(e)
+            solver = "torch"
+            W = _solve_order_weights(wd, perm, dead, cdt)  # the failed solve may have updated W
+            Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size)
     else:
-        col_group = None
-    Q = torch.empty_like(W)  # integers (as floats), solve order
-    # Compute-dtype copies of scale/zero, so the column loop does no conversions.
-    scale_c = scale.to(cdt)
-    zero_c = None if zero is None else zero.to(cdt)
-    qmin, qmax = float(args.qmin), float(args.qmax)
-
-    for b0 in range(0, in_f, block_size):
-        b1 = min(b0 + block_size, in_f)
-        W1 = W[:, b0:b1].clone()  # W1: (out, b) this block's columns, updated in place
-        E1 = torch.zeros_like(W1)  # E1: (out, b) scaled errors, applied to later blocks lazily
-        U1 = U[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            col = b0 + i
-            if static:
-                gi = 0 if args.group_size is None else (col_group[col] if col_group is not None else col // g)
-            else:
-                gi = col // g
-                if col % g == 0:
-                    # The group's weights with every update so far: columns in this
-                    # block are current in W1; later ones still owe this block's
-                    # pending (lazy) updates, added here without storing them.
-                    end = col + g
-                    grp = W1[:, i : min(end, b1) - b0]
-                    if end > b1:
-                        grp = torch.cat([grp, W[:, b1:end] - E1[:, :i] @ U[b0:col, b1:end]], dim=1)
-                    s_g, z_g = compute_qparams(grp, args, scale_dtype=sdt)
-                    scale[:, gi] = s_g[:, 0]
-                    scale_c[:, gi] = s_g[:, 0]
-                    if zero is not None:
-                        zero[:, gi] = z_g[:, 0]
-                        zero_c[:, gi] = z_g[:, 0]
-            s = scale_c[:, gi]
-            w_col = W1[:, i]
-            # Same ops as quant.core.quantize/dequantize, so a column with no
-            # incoming error quantizes exactly as RTN would.
-            q = torch.round(w_col / s)
-            if zero is not None:
-                z = zero_c[:, gi]
-                q = (q + z).clamp_(qmin, qmax)
-                dq = (q - z) * s
-            else:
-                q = q.clamp_(qmin, qmax)
-                dq = q * s
-            Q[:, col] = q
-            err = (w_col - dq) / U1[i, i]
-            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
-            E1[:, i] = err
-        if b1 < in_f:
-            W[:, b1:].addmm_(E1, U[b0:b1, b1:], alpha=-1.0)
-        del W1, E1
-
+        Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size)
+    del wd
+    del W, U
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    qt = QuantizedTensor(Q.to(torch.int8), scale, zero, args)
-    err_total = hessian_error(w, qt.dequantize(cdt), h)
-    return GPTQResult(qt=qt, perm=perm, damp=used, error=err_total, dead=n_dead)
+    qt = QuantizedTensor(Q, scale, zero, args)
+    err_total = _hessian_error_t(w, qt, H, cdt)
+    return GPTQResult(qt=qt, perm=perm, damp=used, error_t=err_total, dead=int(dead_val), backend=solver)
+
+
+def _solve_order_weights(w: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor, cdt: torch.dtype):
+    """W: (out, in) in solve order, compute dtype, dead columns zero (permuted in w's own
+    dtype: one compute-dtype copy, not two)."""
+    if perm is not None:
+        return w.index_select(1, perm).to(cdt).masked_fill_(dead[perm], 0.0)
+    return w.to(cdt, copy=True).masked_fill_(dead, 0.0)
+
+
+_fallback_warned = False
+
+
+def _warn_fallback(e: Exception) -> None:
+    global _fallback_warned
+    if not _fallback_warned:
+        import warnings
+
+        warnings.warn(f"the Triton GPTQ solve failed ({type(e).__name__}: {str(e)[:200]}); using the torch solve "
+                      "(pass backend='triton' to see the error)", RuntimeWarning, stacklevel=3)
+        _fallback_warned = True
+
+
+def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size) -> torch.Tensor:
+    """The column loop in torch ops (`quantkit.kernels.gptq.gptq_block_ref` per lazy block).
+    W (out, in) solve order is updated in place. Returns the integers (out, in) int8, solve order."""
+    from quantkit.kernels.gptq import gptq_block_ref
+
+    in_f = W.shape[1]
+    # Solve position j holds original column perm[j]; its static group is perm[j] // g.
+    col_group = (perm // g).tolist() if perm is not None else None
+    Q = torch.empty_like(W)  # integers (as floats), solve order
+    # Compute-dtype copies of scale/zero, so the column loop does no conversions.
+    scale_c = scale.to(W.dtype)
+    zero_c = None if zero is None else zero.to(W.dtype)
+    for b0 in range(0, in_f, block_size):
+        b1 = min(b0 + block_size, in_f)
+        E1 = gptq_block_ref(W, U, Q, b0, b1, args, g=g, static=static, col_group=col_group, scale=scale, zero=zero,
+                            scale_c=scale_c, zero_c=zero_c, scale_dtype=sdt)
+        if b1 < in_f:
+            W[:, b1:].addmm_(E1, U[b0:b1, b1:], alpha=-1.0)
+        del E1
+    return Q.to(torch.int8)
+
+
+def _solve_triton(W, U, scale, zero, perm, args, g, static, sdt, block_size) -> torch.Tensor:
+    """One fused kernel launch per lazy block + one GEMM for the later columns.
+    W (out, in) float32 solve order is updated in place. Returns the integers (out, in) int8, solve order."""
+    from quantkit.kernels.gptq import gptq_block_triton, kernel_block_size
+
+    out_f, in_f = W.shape
+    if args.group_size is None:
+        mode, gidx = "channel", None
+    elif static:
+        mode, gidx = "static", (perm // g).to(torch.int32)
+    else:
+        mode, gidx = "dynamic", None
+    kb = kernel_block_size(block_size, args.group_size, not static)
+    if U.stride(1) != 1:  # not the row-major view of a column-major factor (see _inverse_upper_cholesky)
+        U = U.contiguous()
+    Q = torch.empty(out_f, in_f, dtype=torch.int8, device=W.device)
+    E = torch.empty(out_f, min(kb, in_f), dtype=torch.float32, device=W.device)  # E: (out, kb) scaled errors
+    for b0 in range(0, in_f, kb):
+        b1 = min(b0 + kb, in_f)
+        gptq_block_triton(W, U, Q, E, scale, zero, gidx, b0, b1, args, mode=mode, group_size=g, scale_dtype=sdt)
+        if b1 < in_f:
+            W[:, b1:].addmm_(E[:, : b1 - b0], U[b0:b1, b1:], alpha=-1.0)
+    return Q
