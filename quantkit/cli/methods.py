@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -125,17 +129,63 @@ def run_recipe(
     return summary
 
 
-# Option names every method command shares, passed through run_command unchanged.
-COMMON_OPTIONS = (
-    "model", "out", "calib", "calib_field", "samples", "seqlen", "seed", "batch_size", "device", "dtype",
-    "format", "overwrite", "trust_remote_code", "eval", "windows", "eval_seqlen", "json_out", "resume",
-    "skip_memory_check", "sensitive",
+# The options every method command shares, in the order --help lists them (out and model first,
+# then the command's own options, then these). One definition each; `method_command` adds them.
+_SHARED_OPTIONS: tuple[tuple[str, object, object], ...] = (
+    ("out", OutOpt, inspect.Parameter.empty),
+    ("model", ModelOpt, None),
+    ("calib", CalibOpt, None),
+    ("calib_field", CalibFieldOpt, "text"),
+    ("samples", SamplesOpt, 64),
+    ("seqlen", SeqlenOpt, 512),
+    ("seed", SeedOpt, 0),
+    ("device", DeviceOpt, "cpu"),
+    ("dtype", DtypeOpt, "auto"),
+    ("format", FormatOpt, "compressed-tensors"),
+    ("overwrite", OverwriteOpt, False),
+    ("trust_remote_code", TrustOpt, False),
+    ("batch_size", BatchOpt, 8),
+    ("eval", EvalFlagOpt, False),
+    ("windows", WindowsOpt, 40),
+    ("eval_seqlen", EvalSeqlenOpt, 512),
+    ("json_out", JsonOpt, None),
+    ("resume", ResumeOpt, False),
+    ("skip_memory_check", SkipMemOpt, False),
+    ("sensitive", SensitiveOpt, None),
 )
+_LEADING = ("out", "model")
 
 
-def common_options(values: dict) -> dict:
-    """The shared options out of a command's arguments (call with locals())."""
-    return {k: values[k] for k in COMMON_OPTIONS}
+def method_command(build: Callable[..., Any]) -> Callable[..., None]:
+    """Make a method command from `build(**its own options) -> Recipe` (or `(Recipe, run extras)`).
+
+    The command takes build's options plus every shared option (_SHARED_OPTIONS), builds
+    the recipe, and runs it with `run_command`; usage errors print one line (handle_errors).
+    A shared option that build also declares (to change its default, or to read it) is
+    passed to both. Typer reads the command's parameters from the `__signature__` set here.
+    """
+    own = inspect.signature(build, eval_str=True).parameters
+    kw = inspect.Parameter.KEYWORD_ONLY
+    shared = {
+        name: inspect.Parameter(name, kw, default=default, annotation=ann) for name, ann, default in _SHARED_OPTIONS
+    }
+    for name, p in own.items():
+        if name in shared:
+            shared[name] = p.replace(kind=kw)
+    params = [shared[n] for n in _LEADING]
+    params += [p.replace(kind=kw) for n, p in own.items() if n not in _LEADING]
+    params += [p for n, p in shared.items() if n not in _LEADING and n not in own]
+
+    @functools.wraps(build)
+    @handle_errors
+    def command(**values: Any) -> None:
+        made = build(**{n: values[n] for n in own})
+        recipe, extras = made if isinstance(made, tuple) else (made, {})
+        run_command(recipe, **extras, **{n: values[n] for n in shared})
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 def run_command(
@@ -194,37 +244,12 @@ def _print_summary(s: dict) -> None:
     console.print(t)
 
 
-@handle_errors
-def rtn(
-    out: OutOpt,
-    model: ModelOpt = None,
-    bits: BitsOpt = 4,
-    group_size: GroupSizeOpt = None,
-    sym: SymOpt = True,
-    calib: CalibOpt = None,
-    calib_field: CalibFieldOpt = "text",
-    samples: SamplesOpt = 64,
-    seqlen: SeqlenOpt = 512,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    format: FormatOpt = "compressed-tensors",
-    overwrite: OverwriteOpt = False,
-    trust_remote_code: TrustOpt = False,
-    batch_size: BatchOpt = 8,
-    eval: EvalFlagOpt = False,
-    windows: WindowsOpt = 40,
-    eval_seqlen: EvalSeqlenOpt = 512,
-    json_out: JsonOpt = None,
-    resume: ResumeOpt = False,
-    skip_memory_check: SkipMemOpt = False,
-    sensitive: SensitiveOpt = None,
-) -> None:
+@method_command
+def rtn(bits: BitsOpt = 4, group_size: GroupSizeOpt = None, sym: SymOpt = True):
     """Round-to-nearest weight quantization (no calibration data needed)."""
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
-    recipe = Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)), (Stage("rtn"),))
-    run_command(recipe, **common_options(locals()))
+    return Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)), (Stage("rtn"),))
 
 
 def register(app: typer.Typer) -> None:

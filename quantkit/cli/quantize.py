@@ -6,37 +6,12 @@ same load → quantize → eval → export flow `quantkit rtn` uses.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-from quantkit.cli.methods import common_options, run_command
-from quantkit.cli.options import (
-    SensitiveOpt,
-    ResumeOpt,
-    SkipMemOpt,
-    BatchOpt,
-    BitsOverrideOpt,
-    CalibFieldOpt,
-    CalibOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EvalFlagOpt,
-    EvalSeqlenOpt,
-    FormatOpt,
-    GroupSizeOverrideOpt,
-    JsonOpt,
-    ModelOpt,
-    OutOpt,
-    OverwriteOpt,
-    SamplesOpt,
-    SeedOpt,
-    SeqlenOpt,
-    SymOverrideOpt,
-    TrustOpt,
-    WindowsOpt,
-)
-from quantkit.cli.ui import handle_errors
+from quantkit.cli.methods import method_command
+from quantkit.cli.options import BitsOverrideOpt, GroupSizeOverrideOpt, SymOverrideOpt
 
 # Default scheme of `quantkit awq` / `quantkit gptq`: 4-bit, group 64, asymmetric.
 # 64 divides the default model's in_features (576 and 1536; 128 does not divide
@@ -80,47 +55,24 @@ def one_stage_recipe(method: str, options: dict[str, Any], bits, group_size, sym
     return override_weights(base, bits, group_size, sym)
 
 
-@handle_errors
+@method_command
 def quantize(
     recipe: RecipeOpt,
-    out: OutOpt,
-    model: ModelOpt = None,
     bits: BitsOverrideOpt = None,
     group_size: GroupSizeOverrideOpt = None,
     sym: SymOverrideOpt = None,
-    calib: CalibOpt = None,
-    calib_field: CalibFieldOpt = "text",
-    samples: SamplesOpt = 64,
-    seqlen: SeqlenOpt = 512,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    format: FormatOpt = "compressed-tensors",
-    overwrite: OverwriteOpt = False,
-    trust_remote_code: TrustOpt = False,
-    batch_size: BatchOpt = 8,
-    eval: EvalFlagOpt = False,
-    windows: WindowsOpt = 40,
-    eval_seqlen: EvalSeqlenOpt = 512,
-    json_out: JsonOpt = None,
-    resume: ResumeOpt = False,
-    skip_memory_check: SkipMemOpt = False,
-    sensitive: SensitiveOpt = None,
-) -> None:
+):
     """Run a recipe (ordered method stages + scheme + ignore list) and export the checkpoint.
 
     --bits/--group-size/--sym/--asym override the recipe's weight scheme only when given.
     """
     from quantkit.recipe import load_recipe
 
-    r = override_weights(load_recipe(recipe), bits, group_size, sym)
-    run_command(r, **common_options(locals()))
+    return override_weights(load_recipe(recipe), bits, group_size, sym)
 
 
-@handle_errors
+@method_command
 def awq(
-    out: OutOpt,
-    model: ModelOpt = None,
     bits: BitsOverrideOpt = None,
     group_size: GroupSizeOverrideOpt = None,
     sym: SymOverrideOpt = None,
@@ -136,25 +88,7 @@ def awq(
             help="Calibration windows the scale/clip searches score (0 = all; statistics always use all).",
         ),
     ] = 8,
-    calib: CalibOpt = None,
-    calib_field: CalibFieldOpt = "text",
-    samples: SamplesOpt = 64,
-    seqlen: SeqlenOpt = 512,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    format: FormatOpt = "compressed-tensors",
-    overwrite: OverwriteOpt = False,
-    trust_remote_code: TrustOpt = False,
-    batch_size: BatchOpt = 8,
-    eval: EvalFlagOpt = False,
-    windows: WindowsOpt = 40,
-    eval_seqlen: EvalSeqlenOpt = 512,
-    json_out: JsonOpt = None,
-    resume: ResumeOpt = False,
-    skip_memory_check: SkipMemOpt = False,
-    sensitive: SensitiveOpt = None,
-) -> None:
+):
     """AWQ: activation-aware scales (and clipping) searched per block, then quantize.
 
     Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
@@ -162,14 +96,11 @@ def awq(
     """
     opts = dict(grid=awq_grid, duo=awq_duo, clip=clip, clip_grid=clip_grid, max_shrink=max_shrink,
                 search_samples=search_samples or None)
-    r = one_stage_recipe("awq", opts, bits, group_size, sym)
-    run_command(r, **common_options(locals()))
+    return one_stage_recipe("awq", opts, bits, group_size, sym)
 
 
-@handle_errors
+@method_command
 def gptq(
-    out: OutOpt,
-    model: ModelOpt = None,
     bits: BitsOverrideOpt = None,
     group_size: GroupSizeOverrideOpt = None,
     sym: SymOverrideOpt = None,
@@ -183,33 +114,14 @@ def gptq(
         bool,
         typer.Option("--true-sequential/--no-true-sequential", help="Re-capture inputs after each sub-layer step of a block."),
     ] = True,
-    calib: CalibOpt = None,
-    calib_field: CalibFieldOpt = "text",
-    samples: SamplesOpt = 64,
-    seqlen: SeqlenOpt = 512,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    format: FormatOpt = "compressed-tensors",
-    overwrite: OverwriteOpt = False,
-    trust_remote_code: TrustOpt = False,
-    batch_size: BatchOpt = 8,
-    eval: EvalFlagOpt = False,
-    windows: WindowsOpt = 40,
-    eval_seqlen: EvalSeqlenOpt = 512,
-    json_out: JsonOpt = None,
-    resume: ResumeOpt = False,
-    skip_memory_check: SkipMemOpt = False,
-    sensitive: SensitiveOpt = None,
-) -> None:
+):
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
     Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
     opts = dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential)
-    r = one_stage_recipe("gptq", opts, bits, group_size, sym)
-    run_command(r, **common_options(locals()))
+    return one_stage_recipe("gptq", opts, bits, group_size, sym)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,30 +6,7 @@ from typing import Annotated
 
 import typer
 
-from quantkit.cli.methods import common_options, run_command
-from quantkit.cli.options import (
-    SensitiveOpt,
-    ResumeOpt,
-    SkipMemOpt,
-    BatchOpt,
-    CalibFieldOpt,
-    CalibOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EvalFlagOpt,
-    EvalSeqlenOpt,
-    FormatOpt,
-    JsonOpt,
-    ModelOpt,
-    OutOpt,
-    OverwriteOpt,
-    SamplesOpt,
-    SeedOpt,
-    SeqlenOpt,
-    TrustOpt,
-    WindowsOpt,
-)
-from quantkit.cli.ui import handle_errors
+from quantkit.cli.methods import method_command
 
 _ACT = ("dynamic", "static")
 _KV = ("none", "static", "dynamic")
@@ -65,10 +42,8 @@ def build_recipe(alpha: str, act: str, kv: str, kv_residual: bool, kv_tau: float
     return Recipe(scheme, (Stage("smoothquant", {"alpha": a}),), ignore=tuple(ignore))
 
 
-@handle_errors
+@method_command
 def smoothquant(
-    out: OutOpt,
-    model: ModelOpt = None,
     alpha: Annotated[str, typer.Option("--alpha", help="Migration strength in [0, 1], or 'auto' (grid search per block).")] = "0.5",
     act: Annotated[str, typer.Option("--act", help="Activations: dynamic (per-token) or static (per-tensor, calibrated).")] = "dynamic",
     kv: Annotated[str, typer.Option("--kv", help="INT8 KV cache: none, static (per-channel, calibrated) or dynamic (per-token).")] = "none",
@@ -79,25 +54,7 @@ def smoothquant(
     kv_format: Annotated[
         str, typer.Option("--kv-format", help="kv_cache_scheme written: int8 (ours) or fp8 (vLLM); INT8 scales kept beside.")
     ] = "int8",
-    calib: CalibOpt = None,
-    calib_field: CalibFieldOpt = "text",
-    samples: SamplesOpt = 64,
-    seqlen: SeqlenOpt = 512,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    format: FormatOpt = "compressed-tensors",
-    overwrite: OverwriteOpt = False,
-    trust_remote_code: TrustOpt = False,
-    batch_size: BatchOpt = 8,
-    eval: EvalFlagOpt = False,
-    windows: WindowsOpt = 40,
-    eval_seqlen: EvalSeqlenOpt = 512,
-    json_out: JsonOpt = None,
-    resume: ResumeOpt = False,
-    skip_memory_check: SkipMemOpt = False,
-    sensitive: SensitiveOpt = None,
-) -> None:
+):
     """SmoothQuant W8A8: smooth activation outliers into the weights, W8 per-channel, A8 per-token (or static)."""
     from quantkit.recipe import RecipeError
 
@@ -105,8 +62,7 @@ def smoothquant(
         raise RecipeError(f"--kv-format {kv_format!r} is not one of {', '.join(_KV_FORMATS)}")
     if kv == "none" and (kv_residual or kv_format != "int8"):
         raise RecipeError("--kv-residual and --kv-format need a KV cache: add --kv static or --kv dynamic")
-    recipe = build_recipe(alpha, act, kv, kv_residual, kv_tau)
-    run_command(recipe, kv_format=kv_format, **common_options(locals()))
+    return build_recipe(alpha, act, kv, kv_residual, kv_tau), {"kv_format": kv_format}
 
 
 def register(app: typer.Typer) -> None:
