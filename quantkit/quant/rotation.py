@@ -1,0 +1,189 @@
+"""Orthogonal rotations for SpinQuant / QuaRot-style quantization: pure tensor math.
+
+Conventions (a linear computes y = x W^T + b, W: (out, in), x a row vector):
+  rotate_input(W, R)      = W R       the linear then expects inputs x R (R: (in, in))
+  rotate_output(W, b, R)  = R^T W     its outputs become y R (R: (out, out)), bias b R
+Both keep the function exactly when the neighbour applies the matching R
+(x R (W R)^T = x W^T because R R^T = I).
+
+Hadamard matrices: Sylvester for 2^k, Paley I (q prime, q = 3 mod 4) for order
+q + 1, and Kronecker products of them, so n = 576 = 8 x 72, 1536 = 12 x 128,
+14336 = 64 x 224 all have one. `hadamard_matrix(n)` is unnormalized (entries +-1);
+the orthogonal version is H / sqrt(n).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+# ----------------------------------------------------------------------------- Hadamard matrices
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _is_prime(q: int) -> bool:
+    if q < 2:
+        return False
+    return all(q % d for d in range(2, int(math.isqrt(q)) + 1))
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _paley1(q: int) -> torch.Tensor:
+    """Paley construction I: a Hadamard matrix of order q + 1 for a prime q = 3 (mod 4)."""
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if a in residues else -1.0 for a in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    jacobsthal = chi[(idx.view(1, -1) - idx.view(-1, 1)) % q]  # Q[i, j] = chi(j - i), skew for q = 3 mod 4
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:] = 1.0
+    s[1:, 0] = -1.0
+    s[1:, 1:] = jacobsthal
+    return s + torch.eye(q + 1, dtype=torch.float64)
+
+
+def paley_orders(limit: int) -> list[int]:
+    """Orders q + 1 <= limit with q prime, q = 3 (mod 4), that are not powers of two: 12, 20, 24, 44, 48, 60, ..."""
+    return [q + 1 for q in range(3, limit) if q % 4 == 3 and _is_prime(q) and not _is_pow2(q + 1)]
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_factors(n: int) -> tuple[int, ...] | None:
+    """(p, m1, m2, ...): n = p * m1 * m2 ..., p a power of two, each m a Paley order; None if none found."""
+    if _is_pow2(n):
+        return (n,)
+    for m in paley_orders(n + 1):
+        if n % m == 0:
+            rest = _hadamard_factors(n // m)
+            if rest is not None:
+                return rest + (m,)
+    return None
+
+
+def has_hadamard(n: int) -> bool:
+    return _hadamard_factors(n) is not None
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_cached(n: int) -> torch.Tensor:
+    factors = _hadamard_factors(n)
+    if factors is None:
+        raise ValueError(f"no Hadamard construction known for order {n}; use random_orthogonal")
+    h = _sylvester(factors[0])
+    for m in factors[1:]:
+        h = torch.kron(_paley1(m - 1), h)  # the Paley factor outermost: x viewed as (m, p) (see kernels/hadamard)
+    return h
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An n x n matrix with entries +-1 and H H^T = n I (n = 2^k * Paley orders). ValueError if none is known."""
+    return _hadamard_cached(n).to(dtype)
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+
+
+def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A seeded random orthogonal matrix (QR of a Gaussian, signs fixed so it is Haar-distributed)."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r)).view(1, -1)).to(dtype)
+
+
+def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """diag(random signs) H / sqrt(n): orthogonal, every entry +-1/sqrt(n). Falls back to
+    `random_orthogonal` when no Hadamard order is known for n."""
+    if not has_hadamard(n):
+        return random_orthogonal(n, seed, dtype)
+    h = _hadamard_cached(n) / math.sqrt(n)
+    return (random_signs(n, seed).view(-1, 1) * h).to(dtype)
+
+
+def normalized_hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """H / sqrt(n): the deterministic orthogonal Hadamard the online rotations (R3, R4) apply."""
+    return (_hadamard_cached(n) / math.sqrt(n)).to(dtype)
+
+
+# ----------------------------------------------------------------------------- Cayley parametrization
+
+
+def skew(p: torch.Tensor) -> torch.Tensor:
+    """The skew-symmetric part (P - P^T) / 2 of a square matrix."""
+    return 0.5 * (p - p.transpose(-1, -2))
+
+
+def cayley(a: torch.Tensor) -> torch.Tensor:
+    """R = (I - A)(I + A)^-1 for skew-symmetric A (n, n): orthogonal, differentiable in A.
+
+    (I + A) is always invertible for skew A (its eigenvalues are 1 + i*t)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    # solve X (I + A) = (I - A) for X, no explicit inverse
+    return torch.linalg.solve(eye + a, eye - a, left=False)
+
+
+def orthogonality_error(r: torch.Tensor) -> float:
+    """max |R^T R - I| (0 for an exactly orthogonal R), computed in float64."""
+    r = r.detach().double()
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    return float((r.transpose(-1, -2) @ r - eye).abs().max())
+
+
+def reproject(r: torch.Tensor) -> torch.Tensor:
+    """The nearest orthogonal matrix to R (polar factor U V^T of its SVD), in R's dtype."""
+    u, _, vh = torch.linalg.svd(r.detach().double())
+    return (u @ vh).to(r.dtype)
+
+
+# ----------------------------------------------------------------------------- folding into weights
+
+
+def rotate_input(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """W R: the linear now takes inputs x R. w: (out, in), r: (in, in)."""
+    return w @ r.to(w.dtype)
+
+
+def rotate_output(w: torch.Tensor, b: torch.Tensor | None, r: torch.Tensor):
+    """(R^T W, b R): the linear now produces y R. w: (out, in), b: (out,) or None, r: (out, out)."""
+    r = r.to(w.dtype)
+    return r.transpose(0, 1) @ w, (None if b is None else b @ r)
+
+
+def blockwise(r: torch.Tensor, heads: int) -> torch.Tensor:
+    """block-diag(R, ..., R) of `heads` copies of R (d, d): the per-head rotation of a (heads * d) space."""
+    return torch.block_diag(*([r] * heads))
+
+
+def rotate_heads_output(w: torch.Tensor, b: torch.Tensor | None, r: torch.Tensor, head_dim: int):
+    """Outputs of w (heads * d, in) rotated per head by r (d, d): rows of head h -> R^T W_h, b_h -> b_h R."""
+    out_f, in_f = w.shape
+    heads = out_f // head_dim
+    r = r.to(w.dtype)
+    w2 = torch.einsum("ji,hjk->hik", r, w.reshape(heads, head_dim, in_f)).reshape(out_f, in_f)
+    b2 = None if b is None else (b.reshape(heads, head_dim) @ r).reshape(out_f)
+    return w2, b2
+
+
+def rotate_heads_input(w: torch.Tensor, r: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Inputs of w (out, heads * d) rotated per head: columns of head h -> W_h R (expects x_h R)."""
+    out_f, in_f = w.shape
+    heads = in_f // head_dim
+    return torch.einsum("ohj,jk->ohk", w.reshape(out_f, heads, head_dim), r.to(w.dtype)).reshape(out_f, in_f)
+
+
+def fold_norm_into_linears(norm_weight: torch.Tensor, linears_w: list[torch.Tensor]) -> list[torch.Tensor]:
+    """W diag(g) for each consumer of an RMSNorm with weight g (in,): the norm can then use weight 1.
+
+    RMSNorm(x) = x / rms(x) * g, so consumer(x) = (x / rms(x)) (W diag(g))^T: exact."""
+    return [w * norm_weight.to(w.dtype).view(1, -1) for w in linears_w]
