@@ -130,6 +130,10 @@ def quantize(
             loaded.source, calib_set.input_ids if calib_set is not None else None, numerics, recipe.to_dict()
         )
         checkpointer = Checkpointer(partial_dir, fp, resume=resume, overwrite=overwrite_partial)
+    # Whole-model transforms (SpinQuant rotations) first, so the layer-wise stages see the rotated weights.
+    for m in methods:
+        m.prepare_model(loaded.model, calib_set.input_ids if calib_set is not None else None, resolve_device(device))
+    online = next((m.online_rotations for m in methods if m.online_rotations), None)
     result = run_layerwise(
         loaded.model,
         calib_set.input_ids if calib_set is not None else None,
@@ -149,6 +153,7 @@ def quantize(
         calibration=calib_settings,
         warnings=result.warnings,
         static_scales=collector.scales if collector is not None else None,
+        online_rotations=online,
     )
     if mixed is not None:
         from quantkit.quant.core import quantize_weight
@@ -255,7 +260,7 @@ def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):
     """Context manager: while inside, `qmodel.model` also fake-quantizes what its scheme quantizes
     at run time (input activations of the quantized linears, the KV cache), so `evaluate`
     measures W8A8 / W8A8C8 in plain torch. Yields SimStats (KV tokens patched)."""
-    from quantkit.quant.simulate import simulate
+    from quantkit.quant.simulate import k_rotation_of, simulate
 
     scheme = qmodel.recipe.scheme
     linears = {n: qmodel.model.get_submodule(n) for n in qmodel.modules}
@@ -266,6 +271,7 @@ def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):
         static=qmodel.static_scales,
         linears=linears,
         kv_residual=kv_residual,
+        k_rotation=k_rotation_of(qmodel.online_rotations),
     )
 
 

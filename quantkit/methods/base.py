@@ -87,6 +87,17 @@ class Method:
     def uses_data(self) -> bool:
         return self.needs_data or bool(self.stats)
 
+    def prepare_model(self, model: nn.Module, input_ids: torch.Tensor | None, device: torch.device,
+                      on_step: Callable[[str], None] | None = None) -> None:
+        """Whole-model transform before the layer-wise pipeline (SpinQuant's rotations); default: nothing.
+
+        input_ids: the calibration batch (samples, seqlen) when `uses_data`, else None.
+        A method that needs online (run-time) rotations sets `online_rotations` (the manifest entry).
+        """
+
+    # The manifest entry of run-time rotations this method's transform needs (see quant.simulate).
+    online_rotations: dict[str, Any] | None = None
+
     def apply_block(self, ctx: BlockContext) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -35,6 +35,25 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class RotationRoles:
+    """Which block linears read and write the residual stream, for rotations (SpinQuant R1/R2/R4).
+
+    reads_residual: take the (normed) residual stream as input (their inputs rotate by R1).
+    writes_residual: add their output to it (their outputs rotate by R1).
+    value / attn_out: the per-head pair R2 sits between (v_proj outputs, o_proj inputs).
+    mlp_out: the linear whose input gets the online Hadamard R4 (down_proj).
+    norms: (norm, the linears it feeds): norms folded into their consumers before rotating.
+    """
+
+    reads_residual: tuple[str, ...]
+    writes_residual: tuple[str, ...]
+    value: str
+    attn_out: str
+    mlp_out: str
+    norms: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     model_types: tuple[str, ...]
     blocks: str
@@ -48,6 +67,7 @@ class ArchSpec:
     scale_groups: tuple[ScaleGroup, ...]
     # Short op label for reports, keyed by relative linear name.
     ops: tuple[tuple[str, str], ...]
+    rotation: RotationRoles | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -83,6 +103,17 @@ _LLAMA_LIKE = ArchSpec(
         ("mlp.gate_proj", "gate_up"),
         ("mlp.up_proj", "gate_up"),
         ("mlp.down_proj", "down_proj"),
+    ),
+    rotation=RotationRoles(
+        reads_residual=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
+        writes_residual=("self_attn.o_proj", "mlp.down_proj"),
+        value="self_attn.v_proj",
+        attn_out="self_attn.o_proj",
+        mlp_out="mlp.down_proj",
+        norms=(
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
     ),
 )
 

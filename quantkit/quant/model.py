@@ -44,3 +44,6 @@ class QuantizedModel:
     # and the mask from sensitive_layers.json that chose them (recorded in the manifest).
     shadow: dict[str, QuantizedTensor] = field(default_factory=dict)
     sensitivity: dict[str, Any] | None = None
+    # Run-time rotations the weights assume (SpinQuant R3/R4; quantkit.quant.simulate.online_rotation_spec),
+    # recorded in the manifest; the model in memory already has their hooks attached.
+    online_rotations: dict[str, Any] | None = None

@@ -139,12 +139,21 @@ def _kv_static_tensor(entry: dict[str, Any], which: str, kv: KVCacheArgs) -> tor
     return entry[f"{which}_scale"]
 
 
-def kv_fake_quant_fn(kv: KVCacheArgs, static: StaticScales | None, stats: SimStats, residual: bool) -> KVFn:
-    """The KVFn that fake-quantizes K and V per `kv` (with residuals when asked) and counts tokens."""
+def kv_fake_quant_fn(
+    kv: KVCacheArgs, static: StaticScales | None, stats: SimStats, residual: bool, k_rotation: torch.Tensor | None = None
+) -> KVFn:
+    """The KVFn that fake-quantizes K and V per `kv` (with residuals when asked) and counts tokens.
+
+    k_rotation: an orthogonal (head_dim, head_dim) R3 applied to Q and K after RoPE (SpinQuant):
+    K is quantized as K R3 (what the cache stores) and rotated back, which equals
+    rotating Q too, since (Q R3)(K R3)^T = Q K^T.
+    """
 
     def fn(name: str, key: torch.Tensor, value: torch.Tensor):
         entry = {} if static is None else static.kv.get(name, {})
         outs = []
+        if k_rotation is not None:
+            key = key @ k_rotation.to(key.device, key.dtype)
         for which, x in (("k", key), ("v", value)):
             st = None
             if kv.strategy != "token":
@@ -171,9 +180,71 @@ def kv_fake_quant_fn(kv: KVCacheArgs, static: StaticScales | None, stats: SimSta
             layer[1] += p
             stats.head_dim = x.shape[-1]
             outs.append(res.x_hat.to(x.dtype))
+        if k_rotation is not None:
+            outs[0] = outs[0] @ k_rotation.to(outs[0].device, outs[0].dtype).T
         return outs[0], outs[1]
 
     return fn
+
+
+# ----------------------------------------------------------------------------- online rotations (SpinQuant R3/R4)
+
+ONLINE_ROTATIONS_VERSION = 1
+
+
+def online_rotation_spec(model: nn.Module, *, r3: bool, r4: bool) -> dict[str, Any] | None:
+    """The manifest entry describing the online Hadamard rotations a rotated model needs (None: none).
+
+    r4: the input of every block's mlp_out linear (down_proj) is multiplied by H_n / sqrt(n)
+        at run time; its stored weight is already W H (so without it the model is wrong).
+    r3: Q and K after RoPE are multiplied by H_d / sqrt(d) per head (only changes KV quantization).
+    H is `quantkit.quant.rotation.normalized_hadamard` (deterministic, no seed).
+    """
+    if not (r3 or r4):
+        return None
+    from quantkit.models.adapter import ModelAdapter
+
+    adapter = ModelAdapter.for_model(model)
+    cfg = model.config
+    spec: dict[str, Any] = {"version": ONLINE_ROTATIONS_VERSION, "construction": "sylvester x paley-I (rotation.py)"}
+    if r4:
+        rel = adapter.spec.rotation.mlp_out
+        mods = [f"{adapter.block_name(i)}.{rel}" for i in range(len(adapter.blocks()))]
+        spec["r4"] = {"kind": "hadamard", "size": cfg.intermediate_size, "apply": "linear input", "modules": mods}
+    if r3:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        spec["r3"] = {"kind": "hadamard", "size": head_dim, "apply": "q and k after RoPE, per head",
+                      "modules": sorted(attention_modules(model))}
+    return spec
+
+
+def attach_online_rotations(model: nn.Module, spec: dict[str, Any] | None) -> list:
+    """Register the R4 forward pre-hooks of `spec` on `model` (x -> x H / sqrt(n)); returns the handles.
+
+    They stay for the model's lifetime: its down_proj weights hold W H, so the model is only
+    correct with them. R3 needs no hook (see `k_rotation_of`)."""
+    if not spec or "r4" not in spec:
+        return []
+    from quantkit.kernels.hadamard import hadamard_transform
+
+    size = spec["r4"]["size"]
+
+    def pre(_m, args):
+        x = args[0]
+        if x.shape[-1] != size:
+            raise RecipeError(f"online R4 expects {size} input features, got {x.shape[-1]}")
+        return (hadamard_transform(x), *args[1:])
+
+    return [model.get_submodule(n).register_forward_pre_hook(pre) for n in spec["r4"]["modules"]]
+
+
+def k_rotation_of(spec: dict[str, Any] | None) -> torch.Tensor | None:
+    """R3 as a (head_dim, head_dim) float32 matrix, or None."""
+    if not spec or "r3" not in spec:
+        return None
+    from quantkit.quant.rotation import normalized_hadamard
+
+    return normalized_hadamard(spec["r3"]["size"])
 
 
 @contextmanager
@@ -185,9 +256,11 @@ def simulate(
     static: StaticScales | None = None,
     linears: dict[str, nn.Module] | None = None,
     kv_residual: bool | None = None,
+    k_rotation: torch.Tensor | None = None,
 ) -> Iterator[SimStats]:
     """Fake-quantize linear inputs per `act` and the KV cache per `kv` while inside the block.
 
+    k_rotation: SpinQuant's R3 (see kv_fake_quant_fn), or None.
     linears: the linears whose inputs are quantized (default: every decoder-block
         linear; lm_head stays in float, as W8A8 checkpoints ignore it).
     static: calibrated scales, needed for static activations and static KV.
@@ -217,7 +290,7 @@ def simulate(
             return
         residual = bool(kv.residual_bits) if kv_residual is None else kv_residual
         stats.strategy, stats.residual_bits = kv.strategy, ((kv.residual_bits or 4) if residual else None)
-        with kv_hook(model, kv_fake_quant_fn(kv, static, stats, residual)):
+        with kv_hook(model, kv_fake_quant_fn(kv, static, stats, residual, k_rotation)):
             yield stats
     finally:
         for h in handles:

@@ -1,0 +1,263 @@
+"""SpinQuant: orthogonal rotations folded into the weights before quantization.
+
+Liu et al., "SpinQuant: LLM quantization with learned rotations" (2024); the
+Hadamard baseline is QuaRot (Ashkboos et al., 2024).
+
+1. Rotation-ready model (`make_rotation_ready`): each RMSNorm's weight g is folded
+   into the linears it feeds (W diag(g)), the norm's weight set to 1; tied
+   embeddings are untied (the LM head gets the final norm folded in and its own
+   rotation, so it can no longer share the embedding matrix). Exact in float.
+2. R1 (hidden x hidden) rotates the residual stream: embeddings E R1, every linear
+   reading it W R1, every linear writing it R1^T W (+ bias), the LM head W R1.
+   RMSNorm with weight 1 commutes with an orthogonal R1, so the model is unchanged.
+   R2 (head_dim x head_dim, one per layer) sits between v_proj (outputs per head
+   R2^T W_v) and o_proj (inputs per head W_o R2). Both are folded offline.
+3. For activation / KV quantization (W4A4KV4) two online Hadamards: R4 on
+   down_proj's input (weight W H folded, x H applied at run time,
+   `quantkit.quant.simulate.attach_online_rotations`) and R3 on Q/K after RoPE
+   (only K's quantization changes). The manifest records them (`online_rotations`).
+4. rotation "hadamard": R1, R2 random Hadamard (seeded); "learned": start from
+   those and train R = R0 cayley(A) on calibration text so the fake-quantized
+   model's next-token loss drops (`quantkit.methods._spin_train`); "none": nothing.
+
+As a non-final stage (spinquant -> gptq) the whole-model transform runs in
+`prepare_model`, before the layer-wise pipeline, and the next stage quantizes the
+rotated float weights; as the final stage it also quantizes with RTN per block.
+`self.artifacts` keeps R1, R2 (CPU tensors) and the training log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.quant import rotation as rot
+from quantkit.quant.core import quantize_weight
+from quantkit.recipe import RecipeError
+
+ROTATIONS = ("learned", "hadamard", "none")
+DEFAULTS: dict[str, Any] = {
+    "rotation": "hadamard",
+    "iters": 100,  # learned: optimizer steps (the paper uses 100 on 800 samples; fewer on CPU)
+    "lr": 1e-3,  # learned: Adam step on the Cayley parameters (SpinQuant itself: Cayley SGD, lr 1.5)
+    "train_samples": 32,
+    "train_seqlen": 512,
+    "batch_size": 1,
+    "seed": 0,
+    "online": "auto",  # R3/R4: auto = when the scheme quantizes activations or the KV cache
+    "reproject_tol": 1e-4,
+}
+
+
+def _head_dims(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+# ----------------------------------------------------------------------------- model transforms
+
+
+@torch.no_grad()
+def untie_embeddings(model: nn.Module) -> bool:
+    """Give the LM head its own weight when it shares the embeddings'; True if it did."""
+    from quantkit.models.adapter import ModelAdapter
+
+    ad = ModelAdapter.for_model(model)
+    head, emb = ad.lm_head(), ad.embed()
+    cfgs = [model.config] + ([model.config.get_text_config()] if hasattr(model.config, "get_text_config") else [])
+    tied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
+    for c in cfgs:
+        c.tie_word_embeddings = False
+    if not tied:
+        return False
+    head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    return True
+
+
+@torch.no_grad()
+def make_rotation_ready(model: nn.Module) -> None:
+    """Fold every RMSNorm weight into its consumers (norm weight -> 1) and untie the LM head. Exact in float."""
+    from quantkit.models.adapter import ModelAdapter
+
+    ad = ModelAdapter.for_model(model)
+    roles = ad.spec.rotation
+    if roles is None:
+        raise RecipeError(f"spinquant has no rotation table for model type {model.config.model_type!r}")
+    untie_embeddings(model)
+    for blk in ad.blocks():
+        for norm_rel, consumers in roles.norms:
+            norm = blk.get_submodule(norm_rel)
+            _fold_norm(norm, [blk.get_submodule(c) for c in consumers])
+    _fold_norm(ad.final_norm(), [ad.lm_head()])
+
+
+def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    if getattr(norm, "bias", None) is not None:
+        raise RecipeError("spinquant folds RMSNorm only; this model's norm has a bias (LayerNorm)")
+    g = norm.weight.detach().float()
+    for lin, w in zip(linears, rot.fold_norm_into_linears(g, [lin.weight.detach().float() for lin in linears])):
+        lin.weight.copy_(w.to(lin.weight.dtype))
+    norm.weight.fill_(1.0)
+
+
+def rotated_tensors(
+    model: nn.Module,
+    r1: torch.Tensor | None,
+    r2: list[torch.Tensor] | None,
+    r4: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Parameter name -> rotated tensor for every tensor R1/R2/R4 touch (the model is not changed).
+
+    A pure function of the current weights and the rotations (differentiable in r1, r2):
+    the learned training calls it every step, `fold_rotations` once. r1: (hidden, hidden);
+    r2: one (head_dim, head_dim) per layer; r4: (intermediate, intermediate) folded into
+    the mlp_out input (its online counterpart must then be attached). Math in `dtype`
+    (default float32), results in each parameter's dtype.
+    """
+    from quantkit.models.adapter import ModelAdapter
+
+    ad = ModelAdapter.for_model(model)
+    roles = ad.spec.rotation
+    _, _, head_dim = _head_dims(model.config)
+    cdt = dtype or torch.float32
+    out: dict[str, torch.Tensor] = {}
+
+    def w_of(mod):
+        return mod.weight.to(cdt)
+
+    def b_of(mod):
+        return None if getattr(mod, "bias", None) is None else mod.bias.to(cdt)
+
+    def put(prefix: str, mod: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        out[f"{prefix}.weight"] = w.to(mod.weight.dtype)
+        if b is not None:
+            out[f"{prefix}.bias"] = b.to(mod.bias.dtype)
+
+    r1c = None if r1 is None else r1.to(cdt)
+    if r1c is not None:
+        emb = ad.embed()
+        out[f"{ad.spec.embed}.weight"] = (w_of(emb) @ r1c).to(emb.weight.dtype)  # rows are residual vectors
+        head = ad.lm_head()
+        put(ad.spec.lm_head, head, rot.rotate_input(w_of(head), r1c), b_of(head))
+    for i, blk in enumerate(ad.blocks()):
+        prefix = ad.block_name(i)
+        r2i = None if r2 is None else r2[i].to(cdt)
+        for rel in dict.fromkeys(roles.reads_residual + roles.writes_residual):
+            mod = blk.get_submodule(rel)
+            w, b = w_of(mod), b_of(mod)
+            changed = False
+            if rel == roles.attn_out and r2i is not None:
+                w, changed = rot.rotate_heads_input(w, r2i, head_dim), True
+            if rel == roles.mlp_out and r4 is not None:
+                w, changed = rot.rotate_input(w, r4.to(cdt)), True
+            if r1c is not None and rel in roles.reads_residual:
+                w, changed = rot.rotate_input(w, r1c), True
+            if r1c is not None and rel in roles.writes_residual:
+                (w, b), changed = rot.rotate_output(w, b, r1c), True
+            if rel == roles.value and r2i is not None:
+                (w, b), changed = rot.rotate_heads_output(w, b, r2i, head_dim), True
+            if changed:
+                put(f"{prefix}.{rel}", mod, w, b)
+    return out
+
+
+@torch.no_grad()
+def fold_rotations(model: nn.Module, r1, r2, r4=None) -> None:
+    """Write `rotated_tensors` into the model's parameters (offline folding: zero run-time cost)."""
+    new = rotated_tensors(model, r1, r2, r4)
+    params = dict(model.named_parameters())
+    for name, t in new.items():
+        params[name].copy_(t.to(params[name].device))
+
+
+def initial_rotations(model: nn.Module, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """R1 (random Hadamard of the hidden size) and one random-Hadamard R2 per layer (head_dim), float32."""
+    from quantkit.models.adapter import ModelAdapter
+
+    ad = ModelAdapter.for_model(model)
+    _, _, head_dim = _head_dims(model.config)
+    r1 = rot.random_hadamard(model.config.hidden_size, seed)
+    r2 = [rot.random_hadamard(head_dim, seed + 1 + i) for i in range(len(ad.blocks()))]
+    return r1, r2
+
+
+# ----------------------------------------------------------------------------- the recipe stage
+
+
+@register_method("spinquant")
+class SpinQuant(Method):
+    options = tuple(DEFAULTS)
+
+    def __init__(self, scheme, **options: Any):
+        super().__init__(scheme, **options)
+        o = {**DEFAULTS, **options}
+        if o["rotation"] not in ROTATIONS:
+            raise RecipeError(f"spinquant rotation={o['rotation']!r} is unknown; use one of {', '.join(ROTATIONS)}")
+        for k in ("iters", "train_samples", "train_seqlen", "batch_size"):
+            if not isinstance(o[k], int) or isinstance(o[k], bool) or o[k] < 1:
+                raise RecipeError(f"spinquant {k}={o[k]!r} must be a positive integer")
+        if not isinstance(o["lr"], (int, float)) or isinstance(o["lr"], bool) or not o["lr"] > 0:
+            raise RecipeError(f"spinquant lr={o['lr']!r} must be a positive number")
+        if o["online"] not in ("auto", True, False):
+            raise RecipeError(f"spinquant online={o['online']!r} must be auto, true or false")
+        self.o = o
+        self.artifacts: dict[str, Any] = {}
+        self.online_rotations: dict[str, Any] | None = None
+        self._handles: list = []
+
+    @property
+    def uses_data(self) -> bool:
+        return self.o["rotation"] == "learned"
+
+    def _online(self) -> tuple[bool, bool]:
+        """(R3, R4) on or off."""
+        if self.o["rotation"] == "none":
+            return False, False
+        if self.o["online"] == "auto":
+            return self.scheme.kv_cache is not None, self.scheme.input_activations is not None
+        return bool(self.o["online"]), bool(self.o["online"])
+
+    def prepare_model(self, model: nn.Module, input_ids: torch.Tensor | None, device: torch.device,
+                      on_step=None) -> None:
+        """Rotate (and for "learned" first train) the whole float model in place; attach online R4."""
+        if self.o["rotation"] == "none":
+            return
+        from quantkit.quant.simulate import attach_online_rotations, online_rotation_spec
+
+        make_rotation_ready(model)
+        r1, r2 = initial_rotations(model, self.o["seed"])
+        use_r3, use_r4 = self._online()
+        r4 = rot.normalized_hadamard(model.config.intermediate_size) if use_r4 else None
+        if self.o["rotation"] == "learned":
+            if input_ids is None:
+                raise RecipeError("spinquant rotation=learned needs calibration data")
+            from quantkit.methods._spin_train import train_rotations
+
+            r1, r2, log = train_rotations(
+                model, input_ids, self.scheme, r1, r2,
+                r3=use_r3, r4=r4, iters=self.o["iters"], lr=float(self.o["lr"]),
+                samples=self.o["train_samples"], seqlen=self.o["train_seqlen"], batch_size=self.o["batch_size"],
+                seed=self.o["seed"], reproject_tol=self.o["reproject_tol"], device=device, on_step=on_step,
+            )
+            self.artifacts["train_log"] = log
+        fold_rotations(model, r1, r2, r4)
+        self.artifacts.update(r1=r1.cpu(), r2=[r.cpu() for r in r2], orthogonality_error=max(
+            [rot.orthogonality_error(r1)] + [rot.orthogonality_error(r) for r in r2]))
+        self.online_rotations = online_rotation_spec(model, r3=use_r3, r4=use_r4)
+        self._handles = attach_online_rotations(model, self.online_rotations)
+
+    @torch.no_grad()
+    def apply_block(self, ctx: BlockContext) -> None:
+        if not self.final:
+            return  # the rotation was folded in prepare_model; the next stage quantizes
+        for name, linear in ctx.linears.items():
+            qt = quantize_weight(linear.weight.data, self.scheme.weights)
+            linear.weight.data.copy_(qt.dequantize(linear.weight.dtype))
+            ctx.results[name] = qt.to("cpu")
