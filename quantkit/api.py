@@ -154,6 +154,7 @@ def quantize(
         warnings=result.warnings,
         static_scales=collector.scales if collector is not None else None,
         online_rotations=online,
+        train_logs={m.name: m.artifacts["train_log"] for m in methods if "train_log" in getattr(m, "artifacts", {})},
     )
     if mixed is not None:
         from quantkit.quant.core import quantize_weight

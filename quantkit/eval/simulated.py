@@ -26,6 +26,7 @@ class SimulationPlan:
     static: Any = None  # StaticScales
     linears: list[str] | None = None  # None = every decoder-block linear
     kv_residual: bool | None = None
+    online_rotations: dict[str, Any] | None = None  # SpinQuant R3 (K rotated before its quantization)
 
     def describe(self) -> str:
         parts = [x.describe() for x in (self.act, self.kv) if x is not None]
@@ -40,7 +41,10 @@ class SimulationPlan:
         from quantkit.quant.simulate import simulate
 
         linears = None if self.linears is None else {n: model.get_submodule(n) for n in self.linears}
-        return simulate(model, act=self.act, kv=self.kv, static=self.static, linears=linears, kv_residual=self.kv_residual)
+        from quantkit.quant.simulate import k_rotation_of
+
+        return simulate(model, act=self.act, kv=self.kv, static=self.static, linears=linears,
+                        kv_residual=self.kv_residual, k_rotation=k_rotation_of(self.online_rotations))
 
 
 def _kv_from_mode(mode: str, tau: float) -> KVCacheArgs | None:
@@ -68,7 +72,7 @@ def plan_simulation(
         raise RecipeError(f"--simulate-act {act!r} is not one of {', '.join(ACT_MODES)}")
     if kv not in KV_MODES:
         raise RecipeError(f"--simulate-kv {kv!r} is not one of {', '.join(KV_MODES)}")
-    scheme, static, linears = None, None, None
+    scheme, static, linears, online = None, None, None, None
     if loaded.source.get("kind") == "quantkit-checkpoint":
         from quantkit.export.manifest import read_manifest
         from quantkit.export.reader import read_static_scales
@@ -78,7 +82,8 @@ def plan_simulation(
         scheme = Scheme.from_dict(manifest["recipe"]["scheme"])
         static = read_static_scales(path, manifest)
         linears = sorted(manifest["modules"])
-    plan = SimulationPlan(None, None, static, linears)
+        online = manifest.get("online_rotations")
+    plan = SimulationPlan(None, None, static, linears, online_rotations=online)
     if act == "auto":
         plan.act = scheme.input_activations if scheme is not None else None
     elif act == "token":

@@ -348,8 +348,8 @@ def export_compressed_tensors(
     quantized, ignore = validate_modules(qmodel)
     scheme = qmodel.recipe.scheme
     acts, kv = scheme.input_activations, scheme.kv_cache
-    if acts is not None and any(qt.args.bits != 8 or qt.args.group_size is not None for qt in qmodel.modules.values()):
-        raise ValueError("int-quantized export with input activations supports W8 per-channel weights only")
+    if acts is not None and any(qt.args.bits not in (4, 8) or qt.args.group_size is not None for qt in qmodel.modules.values()):
+        raise ValueError("int-quantized export with input activations supports W8 or W4 per-channel weights only")
     fmt = "int-quantized" if acts is not None else "pack-quantized"
     groups = _module_groups(qmodel.modules, acts)
     qconfig = build_quantization_config(groups, ignore, ct_kv_args(kv, kv_format) if kv is not None else None)
@@ -365,6 +365,8 @@ def export_compressed_tensors(
             "format_detail": fmt,
             "kv_format": kv_format if kv is not None else None,
             "kv_scales_file": KV_SCALES_NAME if kv_file else None,
+            # SpinQuant's run-time Hadamards (R3 on Q/K, R4 on down_proj inputs): the weights assume them
+            **({"online_rotations": qmodel.online_rotations} if getattr(qmodel, "online_rotations", None) else {}),
         }
 
     return write_checkpoint(

@@ -172,5 +172,10 @@ def load_quantkit_checkpoint(path: str | Path, *, dtype: torch.dtype | None = No
         raise CheckpointError(f"{path} is missing tensors, e.g. {missing[0]}")
     model.eval()
     model.config.use_cache = False
+    if manifest.get("online_rotations"):
+        # The weights of a rotated W4A4KV4 model assume the R4 Hadamard on down_proj inputs.
+        from quantkit.quant.simulate import attach_online_rotations
+
+        attach_online_rotations(model, manifest["online_rotations"])
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, manifest

@@ -47,3 +47,5 @@ class QuantizedModel:
     # Run-time rotations the weights assume (SpinQuant R3/R4; quantkit.quant.simulate.online_rotation_spec),
     # recorded in the manifest; the model in memory already has their hooks attached.
     online_rotations: dict[str, Any] | None = None
+    # Per method name, the log of a training transform (SpinQuant: loss, orthogonality error, seconds per step).
+    train_logs: dict[str, list] = field(default_factory=dict)

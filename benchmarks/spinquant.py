@@ -1,0 +1,171 @@
+"""SpinQuant accuracy (default model) and rotation-training speed (8B-shaped random model).
+
+Accuracy mode: baseline, W4A4KV4 {none, hadamard, learned} + GPTQ (per-channel W4, per-token
+A4, per-token KV4, activations/KV simulated in torch), W4A16 g64 GPTQ alone vs hadamard+GPTQ
+vs learned+GPTQ; all on the same held-out windows and one calibration set; gap closed
+(W4A4KV4: share of the none->baseline gap) and rotation training time.
+
+    python benchmarks/spinquant.py --device cuda --samples 128 --seqlen 512 --windows 40 --iters 100
+    python benchmarks/spinquant.py --device cpu --samples 4 --seqlen 64 --windows 2 --iters 2   # CPU check
+    python benchmarks/spinquant.py --device cuda --shape llama3-8b --iters 3     # s/iteration, peak memory
+
+Prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+
+def _speed(args) -> None:
+    import torch
+
+    from quantkit.methods import spinquant as sq
+    from quantkit.methods._spin_train import train_rotations
+    from quantkit.models.random import random_model
+    from quantkit.quant.rotation import normalized_hadamard
+    from quantkit.recipe import PRESETS
+
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    model = random_model(args.shape, dtype=dtype, device=str(dev))
+    build_s = time.perf_counter() - t0
+    sq.make_rotation_ready(model)
+    r1, r2 = sq.initial_rotations(model, 0)
+    scheme = PRESETS[args.scheme]
+    use_act = scheme.input_activations is not None
+    r4 = normalized_hadamard(model.config.intermediate_size) if use_act else None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (max(1, args.train_samples), args.train_seqlen), generator=g)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _, _, log = train_rotations(
+        model, ids, scheme, r1, r2, r3=scheme.kv_cache is not None, r4=r4, iters=args.iters, lr=args.lr,
+        samples=args.train_samples, seqlen=args.train_seqlen, device=dev,
+        on_step=print,
+    )
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+    steady = [r["seconds"] for r in log[1:]] or [log[0]["seconds"]]
+    print(json.dumps({"shape": args.shape, "scheme": args.scheme, "log": log, "peak_gib": peak}, indent=1))
+    print()
+    print(f"| shape | scheme | device | seqlen | iters | s/iter (first) | s/iter (rest, mean) | peak GPU GiB | model build s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.shape} | {args.scheme} | {_device_name(dev)} | {args.train_seqlen} | {args.iters} | "
+          f"{log[0]['seconds']:.2f} | {sum(steady) / len(steady):.2f} | {peak:.1f} | {build_s:.1f} |")
+
+
+def _device_name(dev) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86'}, {torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--samples", type=int, default=128, help="calibration windows (GPTQ)")
+    ap.add_argument("--seqlen", type=int, default=512, help="calibration and eval window length")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=100, help="rotation training steps (learned)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--train-samples", type=int, default=None, help="training sequences (default: --samples)")
+    ap.add_argument("--train-seqlen", type=int, default=None, help="training length (default: --seqlen; 2048 for --shape)")
+    ap.add_argument("--shape", default=None, help="speed mode: a random-weight shape (llama3-8b, tiny)")
+    ap.add_argument("--scheme", default="W4A4KV4", help="speed mode: W4A4KV4 or W4A16")
+    ap.add_argument("--only", default=None, help="comma list of rows to run: w4a4kv4,w4a16")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.shape:
+        args.train_samples = args.train_samples or 1
+        args.train_seqlen = args.train_seqlen or 2048
+        return _speed(args)
+    args.train_samples = args.train_samples or args.samples
+    args.train_seqlen = args.train_seqlen or args.seqlen
+
+    import torch
+
+    from quantkit import api
+    from quantkit.calib.data import calibration_set
+    from quantkit.cli.spinquant import build_recipe
+    from quantkit.models.loading import LoadedModel, resolve_device
+    from quantkit.recipe import Recipe, Stage
+
+    dev = resolve_device(args.device)
+    base = api.load(args.model, dtype=args.dtype, device="cpu")
+    eval_cfg = api.EvalConfig(seqlen=args.seqlen, windows=args.windows or None, batch_size=4)
+    calib = calibration_set(base.tokenizer, None, samples=args.samples, seqlen=args.seqlen, seed=0)
+    ccfg = api.CalibConfig(samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size)
+    t_all = time.perf_counter()
+    res, windows = api.evaluate(base.model, base.tokenizer, eval_cfg, device=dev)
+    baseline = res.ppl
+    rows: list[dict] = [{"row": "baseline (float)", "ppl": baseline, "quantize_s": 0.0, "train_s": 0.0}]
+    only = set((args.only or "w4a4kv4,w4a16").split(","))
+
+    def run(label: str, recipe: Recipe) -> dict:
+        loaded = api.load(args.model, dtype=args.dtype, device="cpu")
+        t0 = time.perf_counter()
+        qm = api.quantize(loaded, recipe, ccfg, device=str(dev), calib_set=calib)
+        q_s = time.perf_counter() - t0
+        with api.simulation(qm):
+            r, _ = api.evaluate(qm.model, loaded.tokenizer, eval_cfg, device=dev, windows=windows)
+        log = qm.train_logs.get("spinquant", [])
+        row = {"row": label, "ppl": r.ppl, "quantize_s": q_s, "train_s": sum(x["seconds"] for x in log),
+               "train_iters": len(log), "loss_first": log[0]["loss"] if log else None,
+               "loss_last": log[-1]["loss"] if log else None,
+               "orth_max": max((max(x["orth_r1"], x["orth_r2"]) for x in log), default=None)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del loaded, qm
+        return row
+
+    kw = dict(iters=args.iters, lr=args.lr, train_samples=args.train_samples, train_seqlen=args.train_seqlen)
+    if "w4a4kv4" in only:
+        for rot in ("none", "hadamard", "learned"):
+            run(f"W4A4KV4 {rot} + GPTQ", build_recipe("W4A4KV4", rot, "gptq", **kw))
+    if "w4a16" in only:
+        gptq_only = build_recipe("W4A16", "none", "gptq", **kw)
+        run("W4A16 g64 GPTQ alone", Recipe(gptq_only.scheme, (Stage("gptq"),), gptq_only.ignore))
+        for rot in ("hadamard", "learned"):
+            run(f"W4A16 g64 {rot} + GPTQ", build_recipe("W4A16", rot, "gptq", **kw))
+
+    by = {r["row"]: r["ppl"] for r in rows}
+    notes = {}
+    none4 = by.get("W4A4KV4 none + GPTQ")
+    if none4 is not None:
+        for rot in ("hadamard", "learned"):
+            p = by[f"W4A4KV4 {rot} + GPTQ"]
+            notes[f"W4A4KV4 {rot} + GPTQ"] = f"closes {(none4 - p) / (none4 - baseline) * 100:.1f}% of the gap"
+    g = by.get("W4A16 g64 GPTQ alone")
+    if g is not None:
+        for rot in ("hadamard", "learned"):
+            p = by[f"W4A16 g64 {rot} + GPTQ"]
+            notes[f"W4A16 g64 {rot} + GPTQ"] = f"{(p / g - 1) * 100:+.2f}% vs GPTQ alone"
+    summary = {"device": _device_name(dev), "samples": args.samples, "seqlen": args.seqlen, "windows": args.windows,
+               "iters": args.iters, "lr": args.lr, "train_samples": args.train_samples,
+               "train_seqlen": args.train_seqlen, "rows": rows, "wall_s": time.perf_counter() - t_all}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    print()
+    print(f"SpinQuant on {args.model or 'SmolLM2-135M-Instruct'}, {_device_name(dev)}; calibration {args.samples} x "
+          f"{args.seqlen}, eval {args.windows} windows x {args.seqlen}; learned: {args.iters} iters, lr {args.lr}, "
+          f"{args.train_samples} x {args.train_seqlen} training tokens")
+    print()
+    print("| row | ppl | vs baseline | note | quantize s | training s (s/iter) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        it = r.get("train_iters") or 0
+        tr = f"{r['train_s']:.1f} ({r['train_s'] / it:.2f})" if it else ""
+        print(f"| {r['row']} | {r['ppl']:.4f} | {(r['ppl'] / baseline - 1) * 100:+.2f}% | {notes.get(r['row'], '')} | "
+              f"{r['quantize_s']:.1f} | {tr} |")
+
+
+if __name__ == "__main__":
+    main()
