@@ -1,0 +1,216 @@
+"""SpinQuant: rotation math on small tensors, exact folding on tiny models of every family,
+online rotations through export/eval, training on the default model, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from quantkit import api
+from quantkit.methods import spinquant as sq
+from quantkit.models.loading import LoadedModel
+from quantkit.quant import rotation as rot
+from quantkit.quant.simulate import attach_online_rotations, online_rotation_spec
+from quantkit.recipe import PRESETS, RecipeError
+from tiny_models import make_tiny_model, run_cli, save_tiny_model_dir
+
+# ----------------------------------------------------------------------------- math
+
+
+@pytest.mark.parametrize("n", [4, 12, 20, 24, 44, 48, 60, 64, 72, 576, 1536])
+def test_hadamard_orders(n):
+    h = rot.hadamard_matrix(n, torch.float64)
+    assert set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.allclose(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+def test_hadamard_unknown_order_falls_back_to_random_orthogonal():
+    assert not rot.has_hadamard(28) and not rot.has_hadamard(36)
+    with pytest.raises(ValueError, match="no Hadamard"):
+        rot.hadamard_matrix(28)
+    r = rot.random_hadamard(28, seed=3)
+    assert rot.orthogonality_error(r) < 1e-5
+    assert torch.equal(r, rot.random_hadamard(28, seed=3)) and not torch.equal(r, rot.random_hadamard(28, seed=4))
+
+
+def test_random_hadamard_is_orthogonal_and_seeded():
+    r = rot.random_hadamard(96, seed=1)
+    assert rot.orthogonality_error(r) < 1e-5
+    assert torch.allclose(r.abs(), torch.full_like(r, 96 ** -0.5))
+    assert not torch.equal(r, rot.random_hadamard(96, seed=2))
+
+
+def test_cayley_orthogonal_and_identity_at_zero():
+    g = torch.Generator().manual_seed(0)
+    a = rot.skew(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    assert torch.allclose(a, -a.T)
+    r = rot.cayley(a)
+    assert rot.orthogonality_error(r) < 1e-12
+    assert torch.allclose(r, (torch.eye(32, dtype=a.dtype) - a) @ torch.linalg.inv(torch.eye(32, dtype=a.dtype) + a))
+    assert torch.equal(rot.cayley(torch.zeros(5, 5)), torch.eye(5))
+    batched = rot.cayley(torch.stack([a, 2 * a]))
+    assert torch.allclose(batched[1], rot.cayley(2 * a))
+
+
+def test_reproject_restores_orthogonality():
+    r = rot.random_orthogonal(16, seed=0, dtype=torch.float64)
+    drifted = r + 1e-3 * torch.randn(16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert rot.orthogonality_error(drifted) > 1e-4
+    fixed = rot.reproject(drifted)
+    assert rot.orthogonality_error(fixed) < 1e-12 and (fixed - r).abs().max() < 1e-2
+
+
+def test_folding_helpers_keep_the_function():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    w = torch.randn(24, 32, generator=g, dtype=torch.float64)
+    b = torch.randn(24, generator=g, dtype=torch.float64)
+    r_in = rot.random_orthogonal(32, 1, torch.float64)
+    r_out = rot.random_orthogonal(24, 2, torch.float64)
+    y = x @ w.T + b
+    assert torch.allclose((x @ r_in) @ rot.rotate_input(w, r_in).T, x @ w.T)
+    w2, b2 = rot.rotate_output(w, b, r_out)
+    assert torch.allclose(x @ w2.T + b2, y @ r_out)
+    r_head = rot.random_orthogonal(8, 3, torch.float64)  # 3 heads of 8
+    w3, b3 = rot.rotate_heads_output(w, b, r_head, 8)
+    assert torch.allclose(x @ w3.T + b3, y @ rot.blockwise(r_head, 3))
+    wo = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    assert torch.allclose((y @ rot.blockwise(r_head, 3)) @ rot.rotate_heads_input(wo, r_head, 8).T, y @ wo.T)
+    gain = torch.rand(32, generator=g, dtype=torch.float64) + 0.5
+    (wf,) = rot.fold_norm_into_linears(gain, [w])
+    assert torch.allclose((x * gain) @ w.T, x @ wf.T)
+
+
+# ----------------------------------------------------------------------------- model transforms
+
+
+def _randomize_norms(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_norm_folding_exact(tiny_arch, tied):
+    m = make_tiny_model(tiny_arch, tie_word_embeddings=tied)
+    _randomize_norms(m)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = m(ids).logits
+    sq.make_rotation_ready(m)
+    with torch.no_grad():
+        out = m(ids).logits
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr()
+    assert not m.config.tie_word_embeddings
+    assert torch.equal(m.model.layers[0].input_layernorm.weight, torch.ones_like(m.model.layers[0].input_layernorm.weight))
+
+
+def test_rotation_folding_exact_and_r4_needed(tiny_arch):
+    m = make_tiny_model(tiny_arch, tie_word_embeddings=True)
+    _randomize_norms(m, 1)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(ids).logits
+    w_before = m.model.layers[0].self_attn.v_proj.weight.detach().clone()
+    sq.make_rotation_ready(m)
+    r1, r2 = sq.initial_rotations(m, seed=0)
+    sq.fold_rotations(m, r1, r2, rot.normalized_hadamard(m.config.intermediate_size))
+    assert not torch.allclose(m.model.layers[0].self_attn.v_proj.weight, w_before, atol=1e-3)
+    with torch.no_grad():
+        wrong = m(ids).logits  # down_proj holds W H: wrong until the online R4 is attached
+    handles = attach_online_rotations(m, online_rotation_spec(m, r3=True, r4=True))
+    with torch.no_grad():
+        out = m(ids).logits
+    for h in handles:
+        h.remove()
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert (wrong - ref).abs().max() > 1e-2
+
+
+def test_r3_changes_only_kv_quantization():
+    from quantkit.quant.simulate import k_rotation_of, simulate
+
+    m = make_tiny_model("llama")
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(2))
+    spec = online_rotation_spec(m, r3=True, r4=False)
+    kv = PRESETS["W4A4KV4"].kv_cache
+    with torch.no_grad():
+        ref = m(ids).logits
+        with simulate(m, kv=kv, linears={}):
+            plain = m(ids).logits
+        with simulate(m, kv=kv, linears={}, k_rotation=k_rotation_of(spec)):
+            rotated = m(ids).logits
+    assert spec["r3"]["size"] == 16
+    assert not torch.allclose(plain, rotated, atol=1e-5)  # K is quantized in another basis
+    assert (rotated - ref).abs().max() < 1.0  # and still only a quantization error
+
+
+def test_options_checked():
+    for bad in ({"rotation": "random"}, {"iters": 0}, {"lr": -1}, {"online": "yes"}, {"unknown": 1}):
+        with pytest.raises(RecipeError):
+            sq.SpinQuant(PRESETS["W4A16"], **bad)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_w4a4kv4_checkpoint_round_trip(tmp_path, tiny_tokenizer):
+    """hadamard + RTN on a tiny model: the checkpoint records R3/R4, and eval of it matches the in-memory model."""
+    from quantkit.cli.spinquant import build_recipe
+    from quantkit.export.reader import load_quantkit_checkpoint
+
+    m = make_tiny_model("llama", tie_word_embeddings=True)
+    _randomize_norms(m, 2)
+    loaded = LoadedModel(m, tiny_tokenizer, {"kind": "test"})
+    recipe = build_recipe("W4A4KV4", "hadamard", "rtn")
+    qm = api.quantize(loaded, recipe, api.CalibConfig(samples=2, seqlen=32))
+    assert qm.online_rotations["r4"]["size"] == 160 and qm.online_rotations["r3"]["size"] == 16
+    out = api.export(qm, tmp_path / "ckpt")
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert manifest["online_rotations"] == qm.online_rotations
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), api.simulation(qm):
+        mem = qm.model(ids).logits
+    model2, _, _ = load_quantkit_checkpoint(out)
+    from quantkit.eval.simulated import plan_simulation
+
+    plan = plan_simulation(LoadedModel(model2, tiny_tokenizer, {"kind": "quantkit-checkpoint", "path": str(out)}))
+    with torch.no_grad(), plan.context(model2):
+        disk = model2(ids).logits
+    assert torch.allclose(mem, disk, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_spinquant_and_bad_input(tmp_path, tiny_tokenizer):
+    src = save_tiny_model_dir(tmp_path / "src", tiny_tokenizer)
+    code, out = run_cli("spinquant", "--model", src, "--out", tmp_path / "o", "--rotation", "learned", "--iters", "3",
+                        "--train-seqlen", "32", "--samples", "2", "--seqlen", "32", "--group-size", "32",
+                        "--json", tmp_path / "s.json")
+    assert code == 0, out
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["stages"] == ["spinquant", "gptq"] and s["quantized_linears"] == 21
+    manifest = json.loads((tmp_path / "o" / "quantkit.json").read_text())
+    assert "online_rotations" not in manifest  # W4A16: everything folded, a plain checkpoint
+    code, out = run_cli("spinquant", "--model", src, "--out", tmp_path / "o2", "--rotation", "spin")
+    assert code == 2 and "--rotation" in out and "learned" in out
+
+
+@pytest.mark.slow
+def test_training_loss_decreases_on_default_model():
+    from quantkit.calib.data import calibration_set
+    from quantkit.methods._spin_train import train_rotations
+
+    loaded = api.load()
+    m = loaded.model
+    ids = calibration_set(loaded.tokenizer, None, samples=1, seqlen=128, seed=0).input_ids
+    sq.make_rotation_ready(m)
+    r1, r2 = sq.initial_rotations(m, 0)
+    _, _, log = train_rotations(m, ids, PRESETS["W4A4KV4"], r1, r2, r3=True,
+                                r4=rot.normalized_hadamard(m.config.intermediate_size), iters=4, lr=1e-3,
+                                samples=1, seqlen=128)
+    losses = [r["loss"] for r in log]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert max(max(r["orth_r1"], r["orth_r2"]) for r in log) < 1e-4
