@@ -32,6 +32,8 @@ class SimulationPlan:
         parts = [x.describe() for x in (self.act, self.kv) if x is not None]
         if self.kv is not None and self.kv_residual is False and self.kv.residual_bits:
             parts[-1] += " (residuals off)"
+        if self.online_rotations:
+            parts.append("online " + "/".join(k.upper() for k in ("r3", "r4") if k in self.online_rotations))
         return ", ".join(parts) or "none"
 
     def context(self, model):
