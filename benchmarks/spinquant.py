@@ -99,7 +99,7 @@ def main() -> None:
     from quantkit.models.loading import LoadedModel, resolve_device
     from quantkit.recipe import Recipe, Stage
 
-    dev = torch.device(resolve_device(args.device))
+    dev = resolve_device(args.device)
     base = api.load(args.model, dtype=args.dtype, device="cpu")
     eval_cfg = api.EvalConfig(seqlen=args.seqlen, windows=args.windows or None, batch_size=4)
     calib = calibration_set(base.tokenizer, None, samples=args.samples, seqlen=args.seqlen, seed=0)

@@ -20,6 +20,7 @@ from ._common import LazyKernel, cdiv, tl, use_triton
 __all__ = ["hadamard_transform", "hadamard_ref", "split_order", "fwht_pow2_ref"]
 
 MAX_POW2 = 1 << 15
+_triton_failed = False  # set after the first failed launch (hadamard_transform then uses the reference)
 
 
 def split_order(n: int) -> tuple[int, torch.Tensor | None]:
@@ -117,7 +118,17 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     p, a = split_order(n)
     if p < 2 or p > MAX_POW2 or not use_triton(x) or x.requires_grad:
         return hadamard_ref(x)
+    global _triton_failed
+    if _triton_failed:
+        return hadamard_ref(x)
     lead = x.shape[:-1]
-    y = fwht_pow2_triton(x.reshape(-1, p), 1.0 / math.sqrt(n))
+    try:
+        y = fwht_pow2_triton(x.reshape(-1, p), 1.0 / math.sqrt(n))
+    except Exception as e:  # a compile failure must not stop an eval: fall back once, loudly
+        import warnings
+
+        warnings.warn(f"Triton FWHT failed ({type(e).__name__}: {e}); using the torch reference from now on")
+        _triton_failed = True
+        return hadamard_ref(x)
     y = y.reshape(*lead, n)
     return _apply_paley(y.float(), a, p).to(x.dtype) if a is not None else y
