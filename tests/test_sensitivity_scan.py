@@ -76,6 +76,22 @@ def test_scan_matches_direct_reference_and_leaves_weights(model):
         ym = y.double().flatten()
         ref_skew = float(((ym - ym.mean()) ** 3).mean() / ym.std(unbiased=False) ** 3)
         assert e.skew == pytest.approx(ref_skew, rel=1e-5)
+        ref_rel = float((yq.detach().double() - y.double()).square().sum() / y.double().square().sum())
+        assert e.rel_err == pytest.approx(ref_rel, rel=1e-6) and e.rel_err > 0
+
+
+def test_stat_tokens_subsample_is_seeded_and_close(model):
+    ids = _ids(8, 32)
+    full = scan_layers(model, ids, W4G32, batch_size=4, bins=32, stat_tokens=None)
+    sub = scan_layers(model, ids, W4G32, batch_size=4, bins=32, stat_tokens=64)
+    again = scan_layers(model, ids, W4G32, batch_size=4, bins=32, stat_tokens=64)
+    assert [e.rel_err for e in sub] == [e.rel_err for e in again]  # seeded
+    assert [e.rel_err for e in sub] != [e.rel_err for e in full]  # 64 of 256 rows really are a subsample
+    for a, b in zip(full, sub):
+        assert float(b.hist.sum()) == 64 * model.get_submodule(a.name).out_features
+        assert b.rel_err == pytest.approx(a.rel_err, rel=0.5)
+    with pytest.raises(ValueError, match="stat_tokens"):
+        scan_layers(model, ids, W4G32, stat_tokens=0)
 
 
 def test_weight_only_scheme_scores_lower_kl_than_w4(model):

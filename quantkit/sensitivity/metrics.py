@@ -5,6 +5,7 @@
 - R = (max - min) / (Q3 - Q1) of the layer's input activations.
 - energy = sigma_1^2 / ||W||_F^2 (power iteration on the Gram matrix, float64).
 - skewness: Pearson's third standardized moment, from streamed power sums.
+- rel_err = ||yq - y||^2 / ||y||^2: the relative squared error of the quantized output.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def channel_histograms(y: torch.Tensor, lo: float, hi: float, bins: int = DEFAUL
     idx += torch.arange(n_ch, device=y.device) * bins  # channel c's bins start at c * bins
     counts = torch.bincount(idx.reshape(-1), minlength=n_ch * bins)
     return counts.reshape(n_ch, bins).double()
+
+
+def relative_error(err2: float, ref2: float) -> float:
+    """||yq - y||^2 / ||y||^2 from the two streamed sums; 0 when both are 0, inf when only y is 0."""
+    if ref2 > 0:
+        return err2 / ref2
+    return 0.0 if err2 == 0 else math.inf
 
 
 def smooth(counts: torch.Tensor, eps: float = KL_EPS) -> torch.Tensor:
