@@ -304,6 +304,8 @@ def scan(
     eval_cfg: EvalConfig = EvalConfig(windows=8),
     ignore=("lm_head",),
     bins: int = 512,
+    stat_tokens: int | None = 16384,
+    shortlist: int | None = None,
     on_block: Callable[[int, int, str, str], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ):
@@ -334,6 +336,8 @@ def scan(
         eval_batch_size=eval_cfg.batch_size,
         ignore=ignore,
         bins=bins,
+        stat_tokens=stat_tokens,
+        shortlist=shortlist,
         seed=calib.seed,
         source=loaded.source,
         calibration=cs.settings,
