@@ -7,12 +7,12 @@ Target-fraction search: with N linears and budget k = floor(fraction * N), two
 kinds of candidates, all scored by the held-out perplexity of the model with
 every other linear quantized; the lowest perplexity wins.
 
-1. Metric rules: for each metric (kl, R, energy, rel_err), "flag the k (and
+1. Metric rules: for each metric (kl, R, energy, rel_err, fisher), "flag the k (and
    ceil(k/2)) layers with the largest value of that metric", expressed as a
    threshold halfway between the last flagged and the first unflagged value, the
-   other metrics off. 8 evaluations.
+   other metrics off. Up to 10 evaluations (fewer when fisher is off or ties break the budget).
 2. Measured restore (`shortlist` S, default 2k): the S layers ranked highest by
-   rel_err, R and kl (taken in turn from each ranking, no repeats) each get a
+   fisher, rel_err, R and kl (taken in turn from each ranking, no repeats) each get a
    restore gain = ppl(all quantized) - ppl(all quantized except that layer), its
    damage with every other layer quantized, so interactions count. The k (and
    ceil(k/2)) largest gains form two more candidates. S + 2 evaluations. These
@@ -20,8 +20,8 @@ every other linear quantized; the lowest perplexity wins.
    the file, and its thresholds are recorded as all off (mode "target-fraction",
    rule "measured-restore").
 
-Perplexity evaluations in all: 2 (baseline, all quantized) + 8 + S + 2; with the
-default model (210 linears, k = 21, S = 42): 54.
+Perplexity evaluations in all: 2 (baseline, all quantized) + 10 + S + 2; with the
+default model (210 linears, k = 21, S = 42): 56.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from quantkit.sensitivity.metrics import spearman
 from quantkit.sensitivity.partial import recovered_fraction, subset_perplexity
 from quantkit.sensitivity.scan import LayerScan, Thresholds, apply_thresholds, precision_label
 
-METRICS = ("kl", "R", "energy", "rel_err")
-# metrics whose rankings build the measured shortlist, best first (rel_err ranked closest to real damage)
-SHORTLIST_METRICS = ("rel_err", "R", "kl")
+METRICS = ("kl", "R", "energy", "rel_err", "fisher")
+# metrics whose rankings build the measured shortlist, in turn; a metric not measured (all nan) is skipped
+SHORTLIST_METRICS = ("fisher", "rel_err", "R", "kl")
 
 
 def _value(e: LayerScan, metric: str) -> float:
@@ -65,7 +65,8 @@ def top_k_threshold(layers: Sequence[LayerScan], metric: str, k: int) -> float |
 
 def shortlist_layers(layers: Sequence[LayerScan], size: int) -> list[LayerScan]:
     """Up to `size` layers: the next best of each ranking in SHORTLIST_METRICS in turn, without repeats."""
-    rankings = [sorted(layers, key=lambda e, m=m: _value(e, m), reverse=True) for m in SHORTLIST_METRICS]
+    measured = [m for m in SHORTLIST_METRICS if any(math.isfinite(_value(e, m)) for e in layers)]
+    rankings = [sorted(layers, key=lambda e, m=m: _value(e, m), reverse=True) for m in measured] or [list(layers)]
     out: list[LayerScan] = []
     seen: set[str] = set()
     pos = [0] * len(rankings)

@@ -28,6 +28,7 @@ def run_scan(
     bins: int = DEFAULT_BINS,
     stat_tokens: int | None = STAT_TOKENS,
     shortlist: int | None = None,
+    fisher_windows: int = 0,
     seed: int = 0,
     source: dict | None = None,
     calibration: dict | None = None,
@@ -39,7 +40,8 @@ def run_scan(
     target_fraction: calibrate thresholds instead of using `thresholds` (needs eval_windows).
     measure_ppl: also measure each layer's held-out perplexity change alone (needs eval_windows).
     stat_tokens: token rows per linear for the output statistics (None = all); shortlist: layers whose
-    restore gain the target-fraction search measures (None = 2 x budget, 0 = none).
+    restore gain the target-fraction search measures (None = 2 x budget, 0 = none); fisher_windows: the first
+    N calibration samples get a forward + backward pass for the gradient-weighted metric (0 = off).
     """
     from quantkit.errors import UsageError
 
@@ -50,12 +52,21 @@ def run_scan(
         model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
         stat_tokens=stat_tokens, on_block=on_block,
     )
+    if fisher_windows > 0:
+        from quantkit.sensitivity.fisher import fisher_scores
+
+        if on_step is not None:
+            on_step(f"gradient-weighted error: forward + backward on {min(fisher_windows, len(input_ids))} windows")
+        scores = fisher_scores(model, input_ids[:fisher_windows], scheme, [e.name for e in layers], device=device)
+        for e in layers:
+            e.fisher = scores[e.name]
     report = ScanReport(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
         calibration=dict(calibration or {}), bins=bins,
     )
     report.calibration.setdefault("batch_size", batch_size)
     report.calibration["stat_tokens"] = stat_tokens
+    report.calibration["fisher_windows"] = fisher_windows
     report.seconds = time.perf_counter() - t0  # the scan proper, without perplexity work
     dev = torch.device(device)
     home = next(model.parameters()).device

@@ -64,13 +64,16 @@ class Thresholds:
     R: float | None = 15.0
     energy: float | None = 0.42
     rel_err: float | None = None  # off by default; the target-fraction search may pick it
+    fisher: float | None = None  # likewise
 
-    def flags(self, kl: float, R: float, energy: float, rel_err: float | None = None) -> bool:
-        pairs = ((kl, self.kl), (R, self.R), (energy, self.energy), (rel_err, self.rel_err))
+    def flags(
+        self, kl: float, R: float, energy: float, rel_err: float | None = None, fisher: float | None = None
+    ) -> bool:
+        pairs = ((kl, self.kl), (R, self.R), (energy, self.energy), (rel_err, self.rel_err), (fisher, self.fisher))
         return any(t is not None and v is not None and not math.isnan(v) and v > t for v, t in pairs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kl": self.kl, "R": self.R, "energy": self.energy, "rel_err": self.rel_err}
+        return {"kl": self.kl, "R": self.R, "energy": self.energy, "rel_err": self.rel_err, "fisher": self.fisher}
 
 
 @dataclass
@@ -89,6 +92,7 @@ class LayerScan:
     hi: float
     clipped: float  # share of output values (float and quantized) outside [lo, hi]
     rel_err: float = math.nan  # sum ||yq - y||^2 / sum ||y||^2 over the sampled tokens
+    fisher: float = math.nan  # gradient-weighted output error (quantkit.sensitivity.fisher); nan = not measured
     flag: str = ""
     ppl_delta: float | None = None  # held-out ppl change with only this layer quantized (--measure-ppl)
     # ppl(all quantized) - ppl(all quantized but this layer): its damage with every other layer quantized
@@ -96,7 +100,8 @@ class LayerScan:
     restore_gain: float | None = None
 
     def metrics(self) -> dict[str, float]:
-        return {"kl": self.kl, "R": self.R, "energy": self.energy, "skew": self.skew, "rel_err": self.rel_err}
+        return {"kl": self.kl, "R": self.R, "energy": self.energy, "skew": self.skew, "rel_err": self.rel_err,
+                "fisher": self.fisher}
 
 
 def precision_label(scheme: Scheme) -> str:
@@ -108,7 +113,7 @@ def apply_thresholds(layers: Sequence[LayerScan], thresholds: Thresholds, scheme
     q = precision_label(scheme)
     out = []
     for e in layers:
-        e.flag = "fp16" if thresholds.flags(e.kl, e.R, e.energy, e.rel_err) else q
+        e.flag = "fp16" if thresholds.flags(e.kl, e.R, e.energy, e.rel_err, e.fisher) else q
         if e.flag == "fp16":
             out.append(e.name)
     return out
