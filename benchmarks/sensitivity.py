@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--schemes", default="W8A8,W4A16g64")
     ap.add_argument("--measure-layers", type=int, default=0, help="per-layer ground truth on N linears (0 = off, -1 = all)")
     ap.add_argument("--shortlist", type=int, default=None, help="layers whose restore gain the search measures (default 2k)")
+    ap.add_argument("--fisher-windows", type=int, default=8, help="calibration samples for the gradient-weighted metric (0 = off)")
     ap.add_argument("--stat-tokens", type=int, default=16384, help="token rows per linear for the statistics (0 = all)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
@@ -89,6 +90,7 @@ def main() -> None:
         t0 = time.perf_counter()
         rep = run_scan(model, cs.input_ids, scheme, target_fraction=a.fraction, eval_windows=sel, device=dev,
                        batch_size=a.batch_size, shortlist=a.shortlist, stat_tokens=a.stat_tokens or None,
+                       fisher_windows=a.fisher_windows,
                        on_step=lambda m: print(f"  [{key}] {m}", file=sys.stderr),
                        on_block=lambda i, n, nm, ph: print(f"  [{key}] scan {i + 1}/{n}", file=sys.stderr) if i % 10 == 0 else None)
         print(f"  [{key}] scan took {rep.seconds:.1f} s", file=sys.stderr)
@@ -128,6 +130,7 @@ def main() -> None:
             "selection_ppl": {k: rep.ppl.get(k) for k in ("baseline", "all_quantized", "mixed", "recovered")},
             "restore_gain": {e.name: e.restore_gain for e in rep.layers if e.restore_gain is not None},
             "rel_err": {e.name: e.rel_err for e in rep.layers},
+            "fisher": {e.name: e.fisher for e in rep.layers},
         }
         out["schemes"][key] = res
         ratio = rec / rec_rand_mean if rec_rand_mean > 0 else float("inf")

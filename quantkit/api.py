@@ -306,6 +306,7 @@ def scan(
     bins: int = 512,
     stat_tokens: int | None = 16384,
     shortlist: int | None = None,
+    fisher_windows: int = 4,
     on_block: Callable[[int, int, str, str], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ):
@@ -338,6 +339,7 @@ def scan(
         bins=bins,
         stat_tokens=stat_tokens,
         shortlist=shortlist,
+        fisher_windows=fisher_windows,
         seed=calib.seed,
         source=loaded.source,
         calibration=cs.settings,

@@ -165,7 +165,7 @@ def test_calibrate_and_measure_ppl(model):
     assert layers[2].ppl_delta == pytest.approx(one - base, rel=1e-9)
     corr = correlations(layers)
     assert {"kl", "R", "energy", "rel_err", "abs_skew"} <= set(corr) <= {"kl", "R", "energy", "rel_err", "abs_skew",
-                                                                        "restore_gain"}
+                                                                        "restore_gain", "fisher"}
     assert all(-1 <= v <= 1 for v in corr.values())
     with pytest.raises(Exception, match="between 0 and 1"):
         calibrate_thresholds(model, layers, W4G32, windows, 1.5)
@@ -225,13 +225,14 @@ def test_json_schema(saved):
     assert d["format"] == FORMAT and d["version"] == 2
     assert {"model", "scheme", "thresholds", "calibration", "metrics", "histograms", "layers"} <= set(d)
     assert d["model"]["fingerprint"] == "abc" and d["scheme"]["name"] == "W8A8"
-    assert d["thresholds"] == {"kl": 0.02, "R": 15.0, "energy": 0.42, "rel_err": None, "mode": "fixed",
-                               "target_fraction": None}
+    assert d["thresholds"] == {"kl": 0.02, "R": 15.0, "energy": 0.42, "rel_err": None, "fisher": None,
+                               "mode": "fixed", "target_fraction": None}
     assert len(d["layers"]) == 21
     for e in d["layers"]:
-        assert set(e) == {"layer", "op", "name", "flag", "kl", "R", "energy", "skew", "clipped", "rel_err", "ppl_delta",
-                          "restore_gain"}
+        assert set(e) == {"layer", "op", "name", "flag", "kl", "R", "energy", "skew", "clipped", "rel_err", "fisher",
+                          "ppl_delta", "restore_gain"}
         assert isinstance(e["rel_err"], float) and e["rel_err"] > 0
+        assert e["fisher"] is None  # run_scan's default: no backward passes
         assert e["flag"] in ("fp16", "int8")
         assert isinstance(e["layer"], int) and isinstance(e["kl"], float)
     assert d["histograms"] == {"file": "sensitive_layers.hist.safetensors", "bins": 32}
@@ -275,7 +276,7 @@ def test_loader_refuses_bad_files(saved, model, tmp_path):
     def as_v1(d):  # a version 1 file (before rel_err / restore_gain) still loads
         d["version"] = 1
         for e in d["layers"]:
-            del e["rel_err"], e["restore_gain"]
+            del e["rel_err"], e["fisher"], e["restore_gain"]
 
     assert load_sensitive_layers(_mutate(path, tmp_path, as_v1), model).flagged == rep_flagged(path)
     bad = tmp_path / "broken.json"

@@ -55,6 +55,10 @@ def scan(
     stat_tokens: Annotated[
         int, typer.Option("--stat-tokens", help="Token rows per linear for the output statistics (0 = all tokens).")
     ] = 16384,
+    fisher_windows: Annotated[
+        int,
+        typer.Option("--fisher-windows", help="Calibration samples for the gradient-weighted error (one forward+backward each; 0 = off)."),
+    ] = 4,
     shortlist: Annotated[
         Optional[int],
         typer.Option("--shortlist", help="--target-fraction: layers whose restore gain is measured (default 2 x budget; 0 = off)."),
@@ -81,6 +85,8 @@ def scan(
         raise RecipeError(f"--bins {bins} must be at least 2")
     if stat_tokens < 0:
         raise RecipeError(f"--stat-tokens {stat_tokens} must be >= 0 (0 = every calibration token)")
+    if fisher_windows < 0:
+        raise RecipeError(f"--fisher-windows {fisher_windows} must be >= 0 (0 = no gradient-weighted metric)")
     if shortlist is not None and shortlist < 0:
         raise RecipeError(f"--shortlist {shortlist} must be >= 0 (0 = no measured candidates)")
     if report is not None:  # fail before the scan, not after, when the chart cannot be drawn
@@ -103,6 +109,7 @@ def scan(
             bins=bins,
             stat_tokens=stat_tokens or None,
             shortlist=shortlist,
+            fisher_windows=fisher_windows,
             on_block=on_block,
             on_step=status,
         )

@@ -202,7 +202,8 @@ def correlations(layers: Sequence[LayerScan]) -> dict[str, float]:
     """Spearman rank correlation of each metric (and |skew|) with ppl_delta, over layers that have one."""
     have = [e for e in layers if e.ppl_delta is not None]
     truth = [e.ppl_delta for e in have]
-    out = {m: spearman([_value(e, m) if math.isfinite(_value(e, m)) else 1e300 for e in have], truth) for m in METRICS}
+    measured = [m for m in METRICS if any(math.isfinite(_value(e, m)) for e in have)]  # fisher may be off
+    out = {m: spearman([_value(e, m) if math.isfinite(_value(e, m)) else 1e300 for e in have], truth) for m in measured}
     out["abs_skew"] = spearman([abs(e.skew) for e in have], truth)
     gained = [e for e in have if e.restore_gain is not None]
     if len(gained) >= 2:  # the shortlist's measured restore gains vs the single-layer damage

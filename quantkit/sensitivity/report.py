@@ -28,12 +28,14 @@ def scan_table(report, *, max_rows: int | None = 40):
         why = "the largest measured restore gains"
     else:
         why = (f"KL>{_fmt(th.kl, '.3g')} or R>{_fmt(th.R, '.3g')} or energy>{_fmt(th.energy, '.3g')}"
-               + (f" or rel_err>{_fmt(th.rel_err, '.3g')}" if th.rel_err is not None else ""))
+               + (f" or rel_err>{_fmt(th.rel_err, '.3g')}" if th.rel_err is not None else "")
+               + (f" or fisher>{_fmt(th.fisher, '.3g')}" if th.fisher is not None else ""))
     title = f"sensitivity · {report.scheme.describe()} · {len(flagged)}/{len(report.layers)} linears kept in FP16 ({why})"
     has_ppl = any(e.ppl_delta is not None for e in report.layers)
     has_gain = any(e.restore_gain is not None for e in report.layers)
     t = Table(title=title)
-    for col in ("name", "op", "flag", "KL", "R", "energy", "skew", "rel_err"):
+    has_fisher = any(not math.isnan(e.fisher) for e in report.layers)
+    for col in ("name", "op", "flag", "KL", "R", "energy", "skew", "rel_err") + (("fisher",) if has_fisher else ()):
         t.add_column(col, justify="left" if col in ("name", "op", "flag") else "right")
     if has_gain:
         t.add_column("restore gain", justify="right")
@@ -57,6 +59,8 @@ def scan_table(report, *, max_rows: int | None = 40):
             _fmt(e.skew, "+.2f"),
             cell(None if math.isnan(e.rel_err) else e.rel_err, th.rel_err, ".2e"),
         ]
+        if has_fisher:
+            row.append(cell(None if math.isnan(e.fisher) else e.fisher, th.fisher, ".2e"))
         if has_gain:
             row.append(_fmt(e.restore_gain, "+.4f"))
         if has_ppl:
