@@ -142,8 +142,9 @@ def calibrate_thresholds(
             )
             e.restore_gain = all_q - ppl_i
         n_evals += len(short)
-        by_gain = sorted(short, key=lambda e: e.restore_gain, reverse=True)
-        for kk in sorted({k, math.ceil(k / 2)}, reverse=True):
+        # only layers whose restore helped on the selection windows; fewer than k when the shortlist is small
+        by_gain = sorted((e for e in short if e.restore_gain > 0), key=lambda e: e.restore_gain, reverse=True)
+        for kk in sorted({min(k, len(by_gain)), min(math.ceil(k / 2), len(by_gain))} - {0}, reverse=True):
             keep = {e.name for e in by_gain[:kk]}
             say(f"perplexity: {kk} layers with the largest measured restore gain in FP16")
             ppl_m = subset_perplexity(
