@@ -306,7 +306,7 @@ def scan(
     bins: int = 512,
     stat_tokens: int | None = 16384,
     shortlist: int | None = None,
-    fisher_windows: int = 4,
+    fisher_windows: int = 0,
     on_block: Callable[[int, int, str, str], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ):
