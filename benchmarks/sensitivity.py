@@ -10,6 +10,9 @@ For each scheme (W8A8 naive per-token, W4A16 group 64 RTN):
      scan >= 40% and >= 2x the random mean;
   4. optionally (--measure-layers N) the per-layer ground truth on N evenly spaced
      linears and the Spearman correlation of each metric with it.
+The search measures restore gains of a shortlist (--shortlist, default 2 x budget)
+on the selection windows: 2 + 8 + S + 2 perplexity evaluations there, then 8 on
+the scoring windows (+ N with --measure-layers).
 The table is printed last. Quantization is fake (quantized_subset), as the scan assumes.
 
     python benchmarks/sensitivity.py --device cuda --samples 128 --seqlen 512 --windows 40
@@ -43,6 +46,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--schemes", default="W8A8,W4A16g64")
     ap.add_argument("--measure-layers", type=int, default=0, help="per-layer ground truth on N linears (0 = off, -1 = all)")
+    ap.add_argument("--shortlist", type=int, default=None, help="layers whose restore gain the search measures (default 2k)")
+    ap.add_argument("--fisher-windows", type=int, default=8, help="calibration samples for the gradient-weighted metric (0 = off)")
+    ap.add_argument("--stat-tokens", type=int, default=16384, help="token rows per linear for the statistics (0 = all)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
@@ -83,7 +89,9 @@ def main() -> None:
         scheme = schemes[key]
         t0 = time.perf_counter()
         rep = run_scan(model, cs.input_ids, scheme, target_fraction=a.fraction, eval_windows=sel, device=dev,
-                       batch_size=a.batch_size, on_step=lambda m: print(f"  [{key}] {m}", file=sys.stderr),
+                       batch_size=a.batch_size, shortlist=a.shortlist, stat_tokens=a.stat_tokens or None,
+                       fisher_windows=a.fisher_windows,
+                       on_step=lambda m: print(f"  [{key}] {m}", file=sys.stderr),
                        on_block=lambda i, n, nm, ph: print(f"  [{key}] scan {i + 1}/{n}", file=sys.stderr) if i % 10 == 0 else None)
         print(f"  [{key}] scan took {rep.seconds:.1f} s", file=sys.stderr)
         scan_s, total_s = rep.seconds, time.perf_counter() - t0
@@ -118,29 +126,41 @@ def main() -> None:
             "recovered_scan": rec, "recovered_random": rec_rand, "recovered_random_mean": rec_rand_mean,
             "default_thresholds_flagged": len(d_flag), "ppl_default_thresholds": d_mixed,
             "recovered_default_thresholds": recovered_fraction(base, allq, d_mixed), "correlations": corr,
+            "rule": rep.ppl.get("rule"), "selection_evaluations": rep.ppl.get("evaluations"),
+            "selection_ppl": {k: rep.ppl.get(k) for k in ("baseline", "all_quantized", "mixed", "recovered")},
+            "restore_gain": {e.name: e.restore_gain for e in rep.layers if e.restore_gain is not None},
+            "rel_err": {e.name: e.rel_err for e in rep.layers},
+            "fisher": {e.name: e.fisher for e in rep.layers},
         }
         out["schemes"][key] = res
         ratio = rec / rec_rand_mean if rec_rand_mean > 0 else float("inf")
         rows.append((key, len(flagged), len(names), base, allq, mixed, rec, rec_rand_mean, ratio, scan_s,
-                     len(d_flag), res["recovered_default_thresholds"], corr))
+                     len(d_flag), res["recovered_default_thresholds"], corr, res["rule"], res["selection_evaluations"],
+                     total_s))
         print(f"  [{key}] done: {json.dumps({k: v for k, v in res.items() if k not in ('search', 'flagged')}, default=float)}",
               file=sys.stderr)
         if a.json:  # after every scheme, so a cut-short run keeps what it measured
             a.json.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    # Notes first, the markdown table last (what BENCHMARKS.md takes).
     print(f"\nsensitivity benchmark · calib {a.samples}x{a.seqlen} · score {a.windows}x{a.eval_seqlen} held-out "
-          f"(selection on another {a.windows}) · device {dev}")
-    print(f"{'scheme':10} {'FP16':>7} {'ppl base':>9} {'ppl allq':>9} {'ppl scan':>9} {'rec scan':>9} "
-          f"{'rec rand':>9} {'ratio':>6} {'scan s':>7} {'default: FP16/rec':>18}")
+          f"(selection on another {a.windows}) · device {dev} · stat tokens {a.stat_tokens or 'all'}")
     for r in rows:
-        k, nf, nl, b, q, m, rs, rr, ratio, s, nd, rd, corr = r
-        print(f"{k:10} {nf:>3}/{nl:<3} {b:9.3f} {q:9.3f} {m:9.3f} {rs:9.1%} {rr:9.1%} {ratio:6.2f} {s:7.1f} "
-              f"{nd:>8}/{nl} {rd:7.1%}")
+        k, nf, nl, b, q, m, rs, rr, ratio, s, nd, rd, corr, rule, n_ev, tot = r
         ok = rs >= 0.40 and (rr <= 0 or rs >= 2 * rr)
-        print(f"{'':10} target (>=40% and >=2x random): {'met' if ok else 'NOT met'}")
+        print(f"{k}: target (>=40% and >=2x random): {'met' if ok else 'NOT met'}; selected by {rule} "
+              f"({n_ev} selection evaluations; scan + search {tot:.1f} s); default thresholds flag {nd}/{nl} "
+              f"(recover {rd:.1%})")
         if corr:
-            print(f"{'':10} Spearman vs per-layer dppl (n={corr['n_layers']}): "
+            print(f"{k}: Spearman vs per-layer dppl (n={corr['n_layers']}): "
                   + ", ".join(f"{m} {v:+.2f}" for m, v in corr.items() if m != "n_layers"))
-
+    print()
+    print("| scheme | kept FP16 | ppl base | ppl all-quantized | ppl with scan's FP16 layers | recovered (scan) "
+          "| recovered (random) | scan / random | scan time | rule |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        k, nf, nl, b, q, m, rs, rr, ratio, s, nd, rd, corr, rule, n_ev, tot = r
+        print(f"| {k} | {nf}/{nl} | {b:.3f} | {q:.3f} | {m:.3f} | {rs:.1%} | {rr:.1%} | {ratio:.2f}x | {s:.1f} s "
+              f"| {rule} |")
 
 if __name__ == "__main__":
     main()

@@ -129,6 +129,10 @@ def test_cli_scan_then_mixed_quantize_and_inspect(tiny_dir, tmp_path):
 def test_cli_scan_errors(tiny_dir, tmp_path):
     code, text = _run("scan", "--model", tiny_dir, "--scheme", "W5A5", "--out", tmp_path / "x.json")
     assert code == 2 and "unknown --scheme" in text and "Traceback" not in text
+    for opt, fix in (("--stat-tokens", "0 = every calibration token"), ("--shortlist", "0 = no measured"),
+                     ("--fisher-windows", "0 = no gradient-weighted")):
+        code, text = _run("scan", "--model", tiny_dir, opt, "-1", "--out", tmp_path / "x.json")
+        assert code == 2 and fix in text and "\n" not in text.strip() and "Traceback" not in text
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     code, text = _run("rtn", "--model", tiny_dir, "--out", tmp_path / "c", "--sensitive", bad)

@@ -76,6 +76,22 @@ def test_scan_matches_direct_reference_and_leaves_weights(model):
         ym = y.double().flatten()
         ref_skew = float(((ym - ym.mean()) ** 3).mean() / ym.std(unbiased=False) ** 3)
         assert e.skew == pytest.approx(ref_skew, rel=1e-5)
+        ref_rel = float((yq.detach().double() - y.double()).square().sum() / y.double().square().sum())
+        assert e.rel_err == pytest.approx(ref_rel, rel=1e-6) and e.rel_err > 0
+
+
+def test_stat_tokens_subsample_is_seeded_and_close(model):
+    ids = _ids(8, 32)
+    full = scan_layers(model, ids, W4G32, batch_size=4, bins=32, stat_tokens=None)
+    sub = scan_layers(model, ids, W4G32, batch_size=4, bins=32, stat_tokens=64)
+    again = scan_layers(model, ids, W4G32, batch_size=4, bins=32, stat_tokens=64)
+    assert [e.rel_err for e in sub] == [e.rel_err for e in again]  # seeded
+    assert [e.rel_err for e in sub] != [e.rel_err for e in full]  # 64 of 256 rows really are a subsample
+    for a, b in zip(full, sub):
+        assert float(b.hist.sum()) == 64 * model.get_submodule(a.name).out_features
+        assert b.rel_err == pytest.approx(a.rel_err, rel=0.5)
+    with pytest.raises(ValueError, match="stat_tokens"):
+        scan_layers(model, ids, W4G32, stat_tokens=0)
 
 
 def test_weight_only_scheme_scores_lower_kl_than_w4(model):
@@ -148,9 +164,50 @@ def test_calibrate_and_measure_ppl(model):
     one = subset_perplexity(model, windows, [layers[2].name], W4G32)
     assert layers[2].ppl_delta == pytest.approx(one - base, rel=1e-9)
     corr = correlations(layers)
-    assert set(corr) == {"kl", "R", "energy", "abs_skew"} and all(-1 <= v <= 1 for v in corr.values())
+    assert {"kl", "R", "energy", "rel_err", "abs_skew"} <= set(corr) <= {"kl", "R", "energy", "rel_err", "abs_skew",
+                                                                        "restore_gain", "fisher"}
+    assert all(-1 <= v <= 1 for v in corr.values())
     with pytest.raises(Exception, match="between 0 and 1"):
         calibrate_thresholds(model, layers, W4G32, windows, 1.5)
+
+
+def test_measured_restore_candidates(model):
+    ids, windows = _ids(4, 32, 0), _ids(2, 32, 7)
+    layers = scan_layers(model, ids, W4G32, batch_size=2, bins=32)
+    names = [e.name for e in layers]
+    k = math.floor(0.15 * 21)  # 3
+    th, search, ppl = calibrate_thresholds(model, layers, W4G32, windows, 0.15, shortlist=5)
+    measured = [c for c in search if c["metric"] == "measured-restore"]
+    gained = [e for e in layers if e.restore_gain is not None]
+    assert len(gained) == 5
+    helped = sum(e.restore_gain > 0 for e in gained)
+    assert [c["k"] for c in measured] == sorted({min(k, helped), min(math.ceil(k / 2), helped)} - {0}, reverse=True)
+    assert all(c["shortlist"] == 5 and c["flagged"] == c["k"] for c in measured)
+    assert ppl["evaluations"] == 2 + (len(search) - len(measured)) + 5 + len(measured)
+    e = gained[0]  # restore gain = ppl(all quantized) - ppl(all quantized but that layer)
+    but_one = subset_perplexity(model, windows, [n for n in names if n != e.name], W4G32)
+    assert e.restore_gain == pytest.approx(ppl["all_quantized"] - but_one, rel=1e-9)
+    top = [g for g in sorted(gained, key=lambda g: -g.restore_gain) if g.restore_gain > 0][:k]
+    assert measured and set(measured[0]["layers"]) == {g.name for g in top}
+    best = min(search, key=lambda c: c["ppl"])
+    assert ppl["rule"] == best["metric"] and ppl["mixed"] == best["ppl"]
+    flagged = [e.name for e in layers if e.flag == "fp16"]
+    if best["metric"] == "measured-restore":
+        assert flagged == best["layers"] and th == Thresholds(None, None, None)
+    direct = subset_perplexity(model, windows, [n for n in names if n not in set(flagged)], W4G32)
+    assert direct == pytest.approx(ppl["mixed"], rel=1e-9)
+    for e in layers:
+        e.restore_gain = None
+    _, search0, ppl0 = calibrate_thresholds(model, layers, W4G32, windows, 0.15, shortlist=0)
+    assert all(c["metric"] != "measured-restore" for c in search0) and ppl0["evaluations"] == 2 + len(search0)
+    assert all(e.restore_gain is None for e in layers)
+
+
+def test_fixed_thresholds_flagging_most_linears_warn(model):
+    rep = run_scan(model, _ids(), W8A8, batch_size=4, bins=16, thresholds=Thresholds(kl=0.0, R=None, energy=None))
+    assert len(rep.flagged) == 21 and any("flag 21 of 21" in w and "--target-fraction" in w for w in rep.warnings)
+    rep = run_scan(model, _ids(), W8A8, batch_size=4, bins=16, thresholds=Thresholds(kl=None, R=None, energy=None))
+    assert rep.flagged == [] and rep.warnings == []
 
 
 # ------------------------------------------------------------------ file format
@@ -167,13 +224,17 @@ def saved(model, tmp_path_factory):
 def test_json_schema(saved):
     rep, path = saved
     d = json.loads(path.read_text())
-    assert d["format"] == FORMAT and d["version"] == 1
+    assert d["format"] == FORMAT and d["version"] == 2
     assert {"model", "scheme", "thresholds", "calibration", "metrics", "histograms", "layers"} <= set(d)
     assert d["model"]["fingerprint"] == "abc" and d["scheme"]["name"] == "W8A8"
-    assert d["thresholds"] == {"kl": 0.02, "R": 15.0, "energy": 0.42, "mode": "fixed", "target_fraction": None}
+    assert d["thresholds"] == {"kl": 0.02, "R": 15.0, "energy": 0.42, "rel_err": None, "fisher": None,
+                               "mode": "fixed", "target_fraction": None}
     assert len(d["layers"]) == 21
     for e in d["layers"]:
-        assert set(e) == {"layer", "op", "name", "flag", "kl", "R", "energy", "skew", "clipped", "ppl_delta"}
+        assert set(e) == {"layer", "op", "name", "flag", "kl", "R", "energy", "skew", "clipped", "rel_err", "fisher",
+                          "ppl_delta", "restore_gain"}
+        assert isinstance(e["rel_err"], float) and e["rel_err"] > 0
+        assert e["fisher"] is None  # run_scan's default: no backward passes
         assert e["flag"] in ("fp16", "int8")
         assert isinstance(e["layer"], int) and isinstance(e["kl"], float)
     assert d["histograms"] == {"file": "sensitive_layers.hist.safetensors", "bins": 32}
@@ -200,6 +261,10 @@ def _mutate(path, tmp_path, fn):
     return p
 
 
+def rep_flagged(path):
+    return [e["name"] for e in json.loads(path.read_text())["layers"] if e["flag"] == "fp16"]
+
+
 def test_loader_refuses_bad_files(saved, model, tmp_path):
     _, path = saved
     other = make_tiny_model("llama", seed=0, num_hidden_layers=2)  # no block 2
@@ -207,8 +272,15 @@ def test_loader_refuses_bad_files(saved, model, tmp_path):
         load_sensitive_layers(path, other)
     msg = str(ei.value)
     assert "\n" not in msg and "model.layers.2.self_attn.q_proj" in msg and "not a linear layer" in msg
-    with pytest.raises(SensitiveLayersError, match="version 2"):
-        load_sensitive_layers(_mutate(path, tmp_path, lambda d: d.update(version=2)), model)
+    with pytest.raises(SensitiveLayersError, match="version 3"):
+        load_sensitive_layers(_mutate(path, tmp_path, lambda d: d.update(version=3)), model)
+
+    def as_v1(d):  # a version 1 file (before rel_err / restore_gain) still loads
+        d["version"] = 1
+        for e in d["layers"]:
+            del e["rel_err"], e["fisher"], e["restore_gain"]
+
+    assert load_sensitive_layers(_mutate(path, tmp_path, as_v1), model).flagged == rep_flagged(path)
     bad = tmp_path / "broken.json"
     bad.write_text(path.read_text()[:200])
     with pytest.raises(SensitiveLayersError, match="not valid JSON"):

@@ -52,6 +52,17 @@ def scan(
     windows: Annotated[int, typer.Option("--windows", help="Held-out windows for --target-fraction / --measure-ppl.")] = 8,
     eval_seqlen: EvalSeqlenOpt = 512,
     bins: Annotated[int, typer.Option("--bins", help="Histogram bins per output channel.")] = 512,
+    stat_tokens: Annotated[
+        int, typer.Option("--stat-tokens", help="Token rows per linear for the output statistics (0 = all tokens).")
+    ] = 16384,
+    fisher_windows: Annotated[
+        int,
+        typer.Option("--fisher-windows", help="Calibration samples for the gradient-weighted error (one forward+backward each; 0 = off; 4 x 512 took 207 s on the loaded 2-core CPU)."),
+    ] = 0,
+    shortlist: Annotated[
+        Optional[int],
+        typer.Option("--shortlist", help="--target-fraction: layers whose restore gain is measured (default 2 x budget; 0 = off)."),
+    ] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write a PNG chart + the JSON into this dir.")] = None,
 ) -> None:
     """Measure every linear's sensitivity to a scheme (KL, R, energy, skew) and flag the ones to keep in FP16."""
@@ -72,6 +83,12 @@ def scan(
         sch = dataclasses.replace(sch, weights=dataclasses.replace(sch.weights, group_size=group_size))
     if bins < 2:
         raise RecipeError(f"--bins {bins} must be at least 2")
+    if stat_tokens < 0:
+        raise RecipeError(f"--stat-tokens {stat_tokens} must be >= 0 (0 = every calibration token)")
+    if fisher_windows < 0:
+        raise RecipeError(f"--fisher-windows {fisher_windows} must be >= 0 (0 = no gradient-weighted metric)")
+    if shortlist is not None and shortlist < 0:
+        raise RecipeError(f"--shortlist {shortlist} must be >= 0 (0 = no measured candidates)")
     if report is not None:  # fail before the scan, not after, when the chart cannot be drawn
         try:
             import matplotlib  # noqa: F401
@@ -90,6 +107,9 @@ def scan(
             measure_ppl=measure_ppl,
             eval_cfg=api.EvalConfig(seqlen=eval_seqlen, windows=windows or None),
             bins=bins,
+            stat_tokens=stat_tokens or None,
+            shortlist=shortlist,
+            fisher_windows=fisher_windows,
             on_block=on_block,
             on_step=status,
         )

@@ -1,10 +1,11 @@
 """`sensitive_layers.json`: the scan's result, read by export and runtime through one loader.
 
-Schema (version 1):
+Schema (version 2; version 1 files, without rel_err / restore_gain, still load):
 
-    {"format": "quantkit-sensitive-layers", "version": 1, "quantkit_version": "...",
+    {"format": "quantkit-sensitive-layers", "version": 2, "quantkit_version": "...",
      "model": {source facts incl. "fingerprint"}, "scheme": Scheme.to_dict(),
      "thresholds": {"kl": 0.02 | null, "R": 15.0 | null, "energy": 0.42 | null,
+                    "rel_err": null | float, "fisher": null | float,
                     "mode": "fixed" | "target-fraction", "target_fraction": 0.1 | null},
      "calibration": {source, samples, seqlen, seed, ...},
      "metrics": {what each metric means, bins, histogram range rule},
@@ -12,7 +13,13 @@ Schema (version 1):
      "ppl": {...} | null, "correlations": {...} | null, "search": [...] | null,
      "layers": [{"layer": 29, "op": "qkv_proj", "name": "model.layers.29.self_attn.q_proj",
                  "flag": "fp16" | "int8" | "int4" | ..., "kl": float, "R": float | null,
-                 "energy": float, "skew": float, "clipped": float, "ppl_delta": float | null}]}
+                 "energy": float, "skew": float, "clipped": float,
+                 "rel_err": float | null, "fisher": float | null,
+                 "ppl_delta": float | null, "restore_gain": float | null}]}
+
+With --target-fraction, "ppl" holds the selection's perplexities, the winning
+"rule" (a metric name or "measured-restore") and the number of perplexity
+evaluations; "search" lists every candidate.
 
 R is null when the inputs' interquartile range is 0 (R infinite). The sidecar
 safetensors file holds, per linear, "<name>.hist" (bins,) float32 counts of the
@@ -33,7 +40,8 @@ from typing import Any
 from quantkit.errors import UsageError
 
 FORMAT = "quantkit-sensitive-layers"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added rel_err, fisher, restore_gain and their thresholds (all optional to readers)
 _FLAGS_RE = ("fp16", "int2", "int3", "int4", "int8")
 _LAYER_KEYS = {"layer": int, "op": str, "name": str, "flag": str, "kl": float, "energy": float, "skew": float}
 
@@ -131,6 +139,12 @@ def report_to_dict(report, hist_file: str | None) -> dict[str, Any]:
             "R": f"(max - min) / (Q3 - Q1) of the inputs; quartiles of a {R_SAMPLE}-value seeded subsample",
             "energy": "sigma_1^2 / ||W||_F^2 (power iteration on the Gram matrix, float64)",
             "skew": "Pearson's third standardized moment of the float outputs",
+            "rel_err": "sum ||yq - y||^2 / sum ||y||^2 of the outputs on the sampled tokens",
+            "fisher": "sum (dloss/dy * (yq - y))^2 / tokens over the first fisher_windows calibration samples "
+            "(null when not measured)",
+            "restore_gain": "ppl(all quantized) - ppl(all quantized but this layer), selection windows; "
+            "measured for the target-fraction shortlist only",
+            "stat_tokens": report.calibration.get("stat_tokens"),
             "range": f"first batch's min/max of float and quantized outputs, +{RANGE_MARGIN:.0%} of the span each side",
             "bins": report.bins,
         },
@@ -151,7 +165,10 @@ def report_to_dict(report, hist_file: str | None) -> dict[str, Any]:
                 "energy": float(e.energy),
                 "skew": float(e.skew),
                 "clipped": float(e.clipped),
+                "rel_err": _finite_or_none(e.rel_err),
+                "fisher": _finite_or_none(e.fisher),
                 "ppl_delta": _finite_or_none(e.ppl_delta),
+                "restore_gain": _finite_or_none(e.restore_gain),
             }
             for e in report.layers
         ],
@@ -230,9 +247,10 @@ def load_sensitive_layers(path: str | Path, model=None) -> SensitiveLayers:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SensitiveLayersError(f"{path} is not a sensitive_layers file (format {FORMAT!r}); re-run `quantkit scan`")
     v = data.get("version")
-    if v != VERSION:
+    if v not in READABLE_VERSIONS:
         raise SensitiveLayersError(
-            f"{path} has version {v!r}; this quantkit reads version {VERSION}: re-run `quantkit scan` with this quantkit"
+            f"{path} has version {v!r}; this quantkit reads versions {', '.join(map(str, READABLE_VERSIONS))}: "
+            "re-run `quantkit scan` with this quantkit"
         )
     for key in ("scheme", "thresholds", "layers"):
         if key not in data:

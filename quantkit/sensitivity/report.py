@@ -23,14 +23,22 @@ def scan_table(report, *, max_rows: int | None = 40):
 
     th = report.thresholds
     flagged = [e for e in report.layers if e.flag == "fp16"]
-    title = (
-        f"sensitivity · {report.scheme.describe()} · {len(flagged)}/{len(report.layers)} linears kept in FP16 "
-        f"(KL>{_fmt(th.kl, '.3g')} or R>{_fmt(th.R, '.3g')} or energy>{_fmt(th.energy, '.3g')})"
-    )
+    rule = (report.ppl or {}).get("rule")
+    if rule == "measured-restore":
+        why = "the largest measured restore gains"
+    else:
+        why = (f"KL>{_fmt(th.kl, '.3g')} or R>{_fmt(th.R, '.3g')} or energy>{_fmt(th.energy, '.3g')}"
+               + (f" or rel_err>{_fmt(th.rel_err, '.3g')}" if th.rel_err is not None else "")
+               + (f" or fisher>{_fmt(th.fisher, '.3g')}" if th.fisher is not None else ""))
+    title = f"sensitivity · {report.scheme.describe()} · {len(flagged)}/{len(report.layers)} linears kept in FP16 ({why})"
     has_ppl = any(e.ppl_delta is not None for e in report.layers)
+    has_gain = any(e.restore_gain is not None for e in report.layers)
     t = Table(title=title)
-    for col in ("name", "op", "flag", "KL", "R", "energy", "skew"):
+    has_fisher = any(not math.isnan(e.fisher) for e in report.layers)
+    for col in ("name", "op", "flag", "KL", "R", "energy", "skew", "rel_err") + (("fisher",) if has_fisher else ()):
         t.add_column(col, justify="left" if col in ("name", "op", "flag") else "right")
+    if has_gain:
+        t.add_column("restore gain", justify="right")
     if has_ppl:
         t.add_column("Δppl alone", justify="right")
     order = sorted(report.layers, key=lambda e: (e.flag != "fp16", -e.kl))
@@ -49,7 +57,12 @@ def scan_table(report, *, max_rows: int | None = 40):
             cell(e.R, th.R, ".1f"),
             cell(e.energy, th.energy, ".3f"),
             _fmt(e.skew, "+.2f"),
+            cell(None if math.isnan(e.rel_err) else e.rel_err, th.rel_err, ".2e"),
         ]
+        if has_fisher:
+            row.append(cell(None if math.isnan(e.fisher) else e.fisher, th.fisher, ".2e"))
+        if has_gain:
+            row.append(_fmt(e.restore_gain, "+.4f"))
         if has_ppl:
             row.append(_fmt(e.ppl_delta, "+.4f"))
         t.add_row(*row)
@@ -66,6 +79,8 @@ def summary_rows(report) -> list[tuple[str, str]]:
             ("held-out ppl", f"baseline {p['baseline']:.4f} · all quantized {p['all_quantized']:.4f} · "
              f"flagged in FP16 {p['mixed']:.4f} (recovers {p['recovered']:.1%} of the gap)")
         )
+        if p.get("rule"):
+            rows.append(("selected by", f"{p['rule']} ({p.get('evaluations', '?')} perplexity evaluations)"))
     elif "baseline" in p:
         rows.append(("held-out ppl (baseline)", f"{p['baseline']:.4f}"))
     for m, r in (report.correlations or {}).items():

@@ -9,7 +9,7 @@ import torch
 
 from quantkit.recipe import Scheme
 from quantkit.sensitivity.metrics import DEFAULT_BINS
-from quantkit.sensitivity.scan import ScanReport, Thresholds, apply_thresholds, scan_layers
+from quantkit.sensitivity.scan import MOST_FLAGGED, STAT_TOKENS, ScanReport, Thresholds, apply_thresholds, scan_layers
 
 
 def run_scan(
@@ -26,6 +26,9 @@ def run_scan(
     eval_batch_size: int = 4,
     ignore: Sequence[str] = ("lm_head",),
     bins: int = DEFAULT_BINS,
+    stat_tokens: int | None = STAT_TOKENS,
+    shortlist: int | None = None,
+    fisher_windows: int = 0,
     seed: int = 0,
     source: dict | None = None,
     calibration: dict | None = None,
@@ -36,6 +39,9 @@ def run_scan(
 
     target_fraction: calibrate thresholds instead of using `thresholds` (needs eval_windows).
     measure_ppl: also measure each layer's held-out perplexity change alone (needs eval_windows).
+    stat_tokens: token rows per linear for the output statistics (None = all); shortlist: layers whose
+    restore gain the target-fraction search measures (None = 2 x budget, 0 = none); fisher_windows: the first
+    N calibration samples get a forward + backward pass for the gradient-weighted metric (0 = off).
     """
     from quantkit.errors import UsageError
 
@@ -44,31 +50,42 @@ def run_scan(
     t0 = time.perf_counter()
     layers = scan_layers(
         model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
-        on_block=on_block,
+        stat_tokens=stat_tokens, on_block=on_block,
     )
+    if fisher_windows > 0:
+        from quantkit.sensitivity.fisher import fisher_scores
+
+        if on_step is not None:
+            on_step(f"gradient-weighted error: forward + backward on {min(fisher_windows, len(input_ids))} windows")
+        scores = fisher_scores(model, input_ids[:fisher_windows], scheme, [e.name for e in layers], device=device)
+        for e in layers:
+            e.fisher = scores[e.name]
     report = ScanReport(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
         calibration=dict(calibration or {}), bins=bins,
     )
     report.calibration.setdefault("batch_size", batch_size)
+    report.calibration["stat_tokens"] = stat_tokens
+    report.calibration["fisher_windows"] = fisher_windows
     report.seconds = time.perf_counter() - t0  # the scan proper, without perplexity work
     dev = torch.device(device)
     home = next(model.parameters()).device
     try:
         _score(report, model, layers, scheme, thresholds, target_fraction, measure_ppl, eval_windows, dev,
-               eval_batch_size, on_step)
+               eval_batch_size, shortlist, on_step)
     finally:
         model.to(home)  # perplexity runs move the whole model to the device; leave it where it was
     return report
 
 
 def _score(report, model, layers, scheme, thresholds, target_fraction, measure_ppl, eval_windows, dev,
-           eval_batch_size, on_step) -> None:
+           eval_batch_size, shortlist, on_step) -> None:
     from quantkit.sensitivity.calibrate import calibrate_thresholds, correlations, measure_layer_ppl
 
     if target_fraction is not None:
         th, search, ppl = calibrate_thresholds(
-            model, layers, scheme, eval_windows, target_fraction, device=dev, batch_size=eval_batch_size, on_step=on_step
+            model, layers, scheme, eval_windows, target_fraction, device=dev, batch_size=eval_batch_size,
+            shortlist=shortlist, on_step=on_step,
         )
         report.thresholds, report.search, report.ppl = th, search, ppl
         report.mode, report.target_fraction = "target-fraction", target_fraction
@@ -77,7 +94,12 @@ def _score(report, model, layers, scheme, thresholds, target_fraction, measure_p
                 f"--target-fraction {target_fraction} allows no layer of {len(layers)} in FP16; nothing flagged"
             )
     else:
-        apply_thresholds(layers, thresholds, scheme)
+        flagged = apply_thresholds(layers, thresholds, scheme)
+        if layers and len(flagged) > MOST_FLAGGED * len(layers):
+            report.warnings.append(
+                f"the fixed thresholds flag {len(flagged)} of {len(layers)} linears for FP16: they do not fit this "
+                "model; use --target-fraction 0.10 (or raise --kl / --r / --energy)"
+            )
     if measure_ppl:
         base = report.ppl["baseline"] if report.ppl else None
 

@@ -16,6 +16,14 @@ widened by 25% of the span on each side); later values outside it are clipped
 into the edge bins. One pass, constant memory; the clip fraction is recorded.
 R's quartiles come from a seeded random subsample of the inputs (at most
 `r_sample` values per linear, spread evenly over batches); min and max are exact.
+
+Token subsample (`stat_tokens`): the output statistics (histograms, KL, skew,
+relative error) need yq = fq_a(x) fq_w(W)^T, a second matmul per linear, and two
+(tokens, channels) histograms; both cost as much as the float forward itself. So
+they are computed on at most `stat_tokens` rows per linear, a seeded random
+subset spread evenly over the batches (default 16384 of the 65536 tokens of a
+128 x 512 calibration set). The float forward that feeds the next block still
+sees every token. fq_w(W) is computed once per linear (float32), not per batch.
 """
 
 from __future__ import annotations
@@ -31,10 +39,21 @@ from torch import nn
 
 from quantkit.quant.core import fake_quantize, fake_quantize_activations
 from quantkit.recipe import Scheme
-from quantkit.sensitivity.metrics import DEFAULT_BINS, Moments, channel_histograms, energy_ratio, kl_divergence, range_ratio
+from quantkit.sensitivity.metrics import (
+    DEFAULT_BINS,
+    Moments,
+    channel_histograms,
+    energy_ratio,
+    kl_divergence,
+    range_ratio,
+    relative_error,
+)
 
 RANGE_MARGIN = 0.25  # share of the first batch's span added on each side of the histogram range
 R_SAMPLE = 1 << 16  # input values per linear kept for R's quartiles
+STAT_TOKENS = 1 << 14  # token rows per linear for the output statistics (see module docstring)
+# Fixed thresholds that flag more than this share of linears are almost surely not calibrated for the model.
+MOST_FLAGGED = 0.5
 
 
 @dataclass(frozen=True)
@@ -44,14 +63,17 @@ class Thresholds:
     kl: float | None = 0.02
     R: float | None = 15.0
     energy: float | None = 0.42
+    rel_err: float | None = None  # off by default; the target-fraction search may pick it
+    fisher: float | None = None  # likewise
 
-    def flags(self, kl: float, R: float, energy: float) -> bool:
-        return any(
-            t is not None and v is not None and v > t for v, t in ((kl, self.kl), (R, self.R), (energy, self.energy))
-        )
+    def flags(
+        self, kl: float, R: float, energy: float, rel_err: float | None = None, fisher: float | None = None
+    ) -> bool:
+        pairs = ((kl, self.kl), (R, self.R), (energy, self.energy), (rel_err, self.rel_err), (fisher, self.fisher))
+        return any(t is not None and v is not None and not math.isnan(v) and v > t for v, t in pairs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kl": self.kl, "R": self.R, "energy": self.energy}
+        return {"kl": self.kl, "R": self.R, "energy": self.energy, "rel_err": self.rel_err, "fisher": self.fisher}
 
 
 @dataclass
@@ -69,11 +91,17 @@ class LayerScan:
     lo: float
     hi: float
     clipped: float  # share of output values (float and quantized) outside [lo, hi]
+    rel_err: float = math.nan  # sum ||yq - y||^2 / sum ||y||^2 over the sampled tokens
+    fisher: float = math.nan  # gradient-weighted output error (quantkit.sensitivity.fisher); nan = not measured
     flag: str = ""
     ppl_delta: float | None = None  # held-out ppl change with only this layer quantized (--measure-ppl)
+    # ppl(all quantized) - ppl(all quantized but this layer): its damage with every other layer quantized
+    # (measured for the target-fraction shortlist only)
+    restore_gain: float | None = None
 
     def metrics(self) -> dict[str, float]:
-        return {"kl": self.kl, "R": self.R, "energy": self.energy, "skew": self.skew}
+        return {"kl": self.kl, "R": self.R, "energy": self.energy, "skew": self.skew, "rel_err": self.rel_err,
+                "fisher": self.fisher}
 
 
 def precision_label(scheme: Scheme) -> str:
@@ -85,7 +113,7 @@ def apply_thresholds(layers: Sequence[LayerScan], thresholds: Thresholds, scheme
     q = precision_label(scheme)
     out = []
     for e in layers:
-        e.flag = "fp16" if thresholds.flags(e.kl, e.R, e.energy) else q
+        e.flag = "fp16" if thresholds.flags(e.kl, e.R, e.energy, e.rel_err, e.fisher) else q
         if e.flag == "fp16":
             out.append(e.name)
     return out
@@ -94,12 +122,16 @@ def apply_thresholds(layers: Sequence[LayerScan], thresholds: Thresholds, scheme
 class _Observer:
     """Accumulates one linear's statistics over calibration batches (everything on the linear's device)."""
 
-    def __init__(self, linear: nn.Linear, scheme: Scheme, bins: int, r_per_batch: int, gen: torch.Generator):
+    def __init__(
+        self, linear: nn.Linear, scheme: Scheme, bins: int, r_per_batch: int, rows_per_batch: int, gen: torch.Generator
+    ):
         self.linear = linear
         self.scheme = scheme
         self.bins = bins
         self.r_per_batch = r_per_batch
+        self.rows_per_batch = rows_per_batch
         self.gen = gen
+        self.err2 = self.ref2 = 0.0  # float64 sums of ||yq - y||^2 and ||y||^2
         self.wq = fake_quantize(linear.weight.data.float(), scheme.weights)  # (out, in) float32
         self.p = self.q = None
         self.lo = self.hi = 0.0
@@ -112,8 +144,19 @@ class _Observer:
     @torch.no_grad()
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # x: (..., in_features) float input; y: (..., out_features) float output
-        x = x.reshape(-1, x.shape[-1]).float()
-        y = y.reshape(-1, y.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
+        y = y.reshape(-1, y.shape[-1])
+        self.xmin = min(self.xmin, float(x.min()))  # extremes over every token, statistics on a subsample
+        self.xmax = max(self.xmax, float(x.max()))
+        flat = x.reshape(-1)
+        k = min(self.r_per_batch, flat.numel())
+        # with replacement: a randperm of a (tokens x in_features) batch per linear cost more than the matmuls
+        idx = torch.randint(flat.numel(), (k,), generator=self.gen).to(flat.device)
+        self.samples.append(flat[idx].float().cpu())
+        if x.shape[0] > self.rows_per_batch:
+            rows = torch.randperm(x.shape[0], generator=self.gen)[: self.rows_per_batch].to(x.device)
+            x, y = x[rows], y[rows]
+        x, y = x.float(), y.float()
         acts = self.scheme.input_activations
         xq = fake_quantize_activations(x, acts) if acts is not None else x
         bias = None if self.linear.bias is None else self.linear.bias.float()
@@ -129,12 +172,8 @@ class _Observer:
         q = channel_histograms(yq, self.lo, self.hi, self.bins)
         self.p = p if self.p is None else self.p + p
         self.q = q if self.q is None else self.q + q
-        self.xmin = min(self.xmin, float(x.min()))
-        self.xmax = max(self.xmax, float(x.max()))
-        flat = x.reshape(-1)
-        k = min(self.r_per_batch, flat.numel())
-        idx = torch.randperm(flat.numel(), generator=self.gen)[:k].to(flat.device)
-        self.samples.append(flat[idx].cpu())
+        self.err2 += float((yq - y).double().square().sum())
+        self.ref2 += float(y.double().square().sum())
         self.moments.add(y)
 
     def result(self, name: str, layer: int, op: str) -> LayerScan:
@@ -152,6 +191,7 @@ class _Observer:
             lo=self.lo,
             hi=self.hi,
             clipped=self.clipped / max(self.total, 1),
+            rel_err=relative_error(self.err2, self.ref2),
         )
 
 
@@ -166,6 +206,7 @@ def scan_layers(
     ignore: Sequence[str] = (),
     bins: int = DEFAULT_BINS,
     r_sample: int = R_SAMPLE,
+    stat_tokens: int | None = STAT_TOKENS,
     seed: int = 0,
     on_block: Callable[[int, int, str, str], None] | None = None,
 ) -> list[LayerScan]:
@@ -173,12 +214,15 @@ def scan_layers(
 
     One block on `device` at a time; weights are never changed (tested). Returns
     one LayerScan per linear, in model order, flags unset (see `apply_thresholds`).
+    stat_tokens: token rows per linear for the output statistics (None = all).
     """
     from quantkit.calib.pipeline import _block_output, _catch_block_inputs, _to, is_ignored
     from quantkit.models.adapter import ModelAdapter
 
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
+    if stat_tokens is not None and stat_tokens < 1:
+        raise ValueError(f"stat_tokens must be >= 1 (or None for all tokens), got {stat_tokens}")
     device = torch.device(device)
     adapter = ModelAdapter.for_model(model)
     blocks = adapter.blocks()
@@ -186,6 +230,7 @@ def scan_layers(
     batches = list(input_ids.split(batch_size))
     hidden, kwargs_per_block = _catch_block_inputs(model, adapter, batches, device)
     r_per_batch = max(1, math.ceil(r_sample / len(batches)))
+    rows_per_batch = input_ids.numel() if stat_tokens is None else max(1, math.ceil(stat_tokens / len(batches)))
     gen = torch.Generator().manual_seed(seed)
     out: list[LayerScan] = []
     for i, block in enumerate(blocks):
@@ -197,7 +242,7 @@ def scan_layers(
         try:
             kwargs = [_to(kw, device) for kw in kwargs_per_block[i]]
             linears = {k: v for k, v in adapter.block_linears(i).items() if not is_ignored(k, ignore)}
-            observers = {k: _Observer(v, scheme, bins, r_per_batch, gen) for k, v in linears.items()}
+            observers = {k: _Observer(v, scheme, bins, r_per_batch, rows_per_batch, gen) for k, v in linears.items()}
             handles = []
             try:
                 for k, lin in linears.items():
