@@ -18,6 +18,7 @@ import argparse
 import json
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +98,11 @@ def main(argv=None) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     t1 = time.perf_counter()
-    res = run_layerwise(model, ids, methods, device=device, batch_size=args.batch_size, ignore=recipe.ignore)
+    def progress(i, n, name, phase):  # on stderr as it goes: a run cut short still shows how far it got
+        print(f"[{time.perf_counter() - t1:7.1f} s] block {i + 1}/{n} {name} {phase}", file=sys.stderr, flush=True)
+
+    res = run_layerwise(model, ids, methods, device=device, batch_size=args.batch_size, ignore=recipe.ignore,
+                        on_block=progress)
     calib_s = time.perf_counter() - t1
     dev_peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
     host_after_calib = _rss_bytes()
@@ -110,6 +115,7 @@ def main(argv=None) -> dict:
     else:
         tmp = tempfile.mkdtemp(prefix="memory-plan-")
         out = Path(tmp) / "ckpt"
+    print(f"calibration {calib_s:.1f} s, device peak {dev_peak / 2**30:.2f} GiB; exporting", file=sys.stderr, flush=True)
     export_compressed_tensors(QuantizedModel(model, tokenizer, recipe, res.results, source), out, overwrite=True)
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
