@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from quantkit.quant import rotation as rot
+from quantkit.quant import kv as kvq
 from quantkit.quant.core import fake_quantize, fake_quantize_activations
 
 
@@ -31,10 +32,10 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _kv_token_fq(x: torch.Tensor, bits: int) -> torch.Tensor:
-    # per-token symmetric fake-quant over head_dim (the dynamic KV cache)
-    qmax = (1 << (bits - 1)) - 1
-    s = x.detach().float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
-    return (torch.clamp(torch.round(x.detach().float() / s), -qmax - 1, qmax) * s).to(x.dtype)
+    """Per-token symmetric fake-quant over head_dim (the dynamic KV cache), through quant/kv's primitives."""
+    xd = x.detach()
+    scale = kvq.kv_scale(xd, "token", bits)
+    return kvq.dequantize_kv(kvq.quantize_kv(xd, scale, bits), scale).to(x.dtype)
 
 
 @contextmanager
