@@ -34,7 +34,8 @@ def _weight(out: int, k: int, seed: int, dtype=torch.float32, device="cpu") -> t
 
 
 def _assert_same_solve(
-    ref, got, max_flip_share: float, err_rtol: float, max_dq: int = 1, exact_scales: bool = True
+    ref, got, max_flip_share: float, err_rtol: float, max_dq: int = 1, exact_scales: bool = True,
+    scale_rtol: float = 0.1,
 ) -> None:
     """Integers equal but for a bounded share of flips; scales/zeros equal; Hessian errors close.
 
@@ -43,9 +44,9 @@ def _assert_same_solve(
     move a few later integers by more than one step (H200: up to 7 on 28672x4096, 2e-4 of
     the entries); the share of changed integers and the Hessian error stay tight.
     exact_scales=False (dynamic groups on a GPU, where scales are computed from weights that
-    already differ by rounding): scales within 10% (H200, 1024x4096 g64: up to 7.5% on a group
-    after an earlier flip moved its weights), zeros within 1, each on at most max_flip_share of
-    the groups.
+    already differ by rounding): scales within scale_rtol (H200, 1024x4096 g64 4-bit: up to 7.5%
+    on a group after an earlier flip moved its weights; 3-bit g128: 19%, on 2e-4 of the groups),
+    zeros within 1, each on at most max_flip_share of the groups.
     """
     d = (ref.qt.q.int() - got.qt.q.int()).abs()
     share = (d > 0).float().mean().item()
@@ -54,7 +55,8 @@ def _assert_same_solve(
         assert torch.equal(ref.qt.scale, got.qt.scale)
     else:  # dynamic groups on a GPU: scales come from weights that differ by rounding
         rel = (ref.qt.scale - got.qt.scale).abs() / ref.qt.scale
-        assert (rel > 0).float().mean().item() <= max_flip_share and rel.max().item() <= 0.1
+        assert (rel > 0).float().mean().item() <= max_flip_share and rel.max().item() <= scale_rtol, (
+            (rel > 0).float().mean().item(), rel.max().item())
     assert (ref.qt.zero is None) == (got.qt.zero is None)
     if ref.qt.zero is not None:
         dz = (ref.qt.zero.int() - got.qt.zero.int()).abs()
@@ -198,7 +200,10 @@ def test_gpu_solve_matches_torch(shape, gs, sym, ao, bits):
     ref = gptq_quantize(w, h, args, act_order=ao, backend="torch")
     got = gptq_quantize(w, h, args, act_order=ao, backend="triton")
     dynamic = gs is not None and not ao
-    _assert_same_solve(ref, got, max_flip_share=5e-3, err_rtol=5e-4, max_dq=8, exact_scales=not dynamic)
+    # a flip earlier in a row moves the weights a dynamic group's scale is computed from by up to
+    # about a quantization step each: allow two steps of the 2^bits - 1 levels (4-bit 13%, 3-bit 29%)
+    _assert_same_solve(ref, got, max_flip_share=5e-3, err_rtol=5e-4, max_dq=8, exact_scales=not dynamic,
+                       scale_rtol=2 / (2**bits - 1))
 
 
 @pytest.mark.gpu
