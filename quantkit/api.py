@@ -132,7 +132,8 @@ def quantize(
         checkpointer = Checkpointer(partial_dir, fp, resume=resume, overwrite=overwrite_partial)
     # Whole-model transforms (SpinQuant rotations) first, so the layer-wise stages see the rotated weights.
     for m in methods:
-        m.prepare_model(loaded.model, calib_set.input_ids if calib_set is not None else None, resolve_device(device))
+        m.prepare_model(loaded.model, calib_set.input_ids if calib_set is not None else None, resolve_device(device),
+                        on_step=on_block)
     online = next((m.online_rotations for m in methods if m.online_rotations), None)
     result = run_layerwise(
         loaded.model,
@@ -154,7 +155,7 @@ def quantize(
         warnings=result.warnings,
         static_scales=collector.scales if collector is not None else None,
         online_rotations=online,
-        train_logs={m.name: m.artifacts["train_log"] for m in methods if "train_log" in getattr(m, "artifacts", {})},
+        training={m.name: m.artifacts["training"] for m in methods if "training" in getattr(m, "artifacts", {})},
     )
     if mixed is not None:
         from quantkit.quant.core import quantize_weight

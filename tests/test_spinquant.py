@@ -52,6 +52,30 @@ def test_cayley_orthogonal_and_identity_at_zero():
     assert torch.allclose(batched[1], rot.cayley(2 * a))
 
 
+def test_cayley_sgd_step_stays_orthogonal_and_descends():
+    """Batched Riemannian SGD on f(R) = |R - T|^2 for orthogonal T: orthogonal every step, f falls to ~0,
+    and the step is capped at |a W|_1 <= 1 when the gradient is large."""
+    t = torch.stack([rot.random_orthogonal(12, s).double() for s in (1, 2)])
+    r = torch.stack([rot.random_orthogonal(12, s).double() for s in (3, 4)])
+    if torch.det(r[0]) * torch.det(t[0]) < 0:  # the orthogonal group has two components: start in T's
+        r[0, :, 0] = -r[0, :, 0]
+    if torch.det(r[1]) * torch.det(t[1]) < 0:
+        r[1, :, 0] = -r[1, :, 0]
+    first = None
+    for _ in range(60):
+        r = r.detach().requires_grad_()
+        f = ((r - t) ** 2).sum((-1, -2))
+        f.sum().backward()
+        with torch.no_grad():
+            w = r.grad @ r.transpose(-1, -2)
+            w = w - w.transpose(-1, -2)
+            r, alpha = rot.cayley_sgd_step(r, r.grad, lr=0.2)
+        assert torch.all(alpha <= 0.2) and torch.all(alpha * w.abs().sum(-2).amax(-1) <= 1 + 1e-9)
+        assert max(rot.orthogonality_error(x) for x in r) < 1e-6
+        first = f.detach() if first is None else first
+    assert torch.all(((r - t) ** 2).sum((-1, -2)) < 1e-6 * first)
+
+
 def test_reproject_restores_orthogonality():
     r = rot.random_orthogonal(16, seed=0, dtype=torch.float64)
     drifted = r + 1e-3 * torch.randn(16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -149,9 +173,126 @@ def test_r3_changes_only_kv_quantization():
 
 
 def test_options_checked():
-    for bad in ({"rotation": "random"}, {"iters": 0}, {"lr": -1}, {"online": "yes"}, {"unknown": 1}):
+    for bad in ({"rotation": "random"}, {"iters": 0}, {"lr": -1}, {"online": "yes"}, {"unknown": 1},
+                {"train_weights": "int4"}, {"val_samples": -1}, {"val_every": 0}, {"optimizer": "sgd"},
+                {"lr": "fast"}):
         with pytest.raises(RecipeError):
             sq.SpinQuant(PRESETS["W4A16"], **bad)
+
+
+def test_split_held_out_rows_are_disjoint():
+    ids = torch.arange(10).unsqueeze(1).expand(10, 4)
+    train, val = sq.split_held_out(ids, train_samples=6, val_samples=3)
+    assert train[:, 0].tolist() == [0, 1, 2, 3, 4, 5] and val[:, 0].tolist() == [7, 8, 9]
+    train, val = sq.split_held_out(ids, train_samples=32, val_samples=3)  # fewer rows than asked: val first
+    assert train[:, 0].tolist() == list(range(7)) and val.shape[0] == 3
+    train, val = sq.split_held_out(ids[:3], train_samples=32, val_samples=8)  # at most half held out
+    assert train.shape[0] == 2 and val.shape[0] == 1
+    train, val = sq.split_held_out(ids[:1], train_samples=32, val_samples=8)
+    assert train.shape[0] == 1 and val is None
+
+
+@pytest.mark.parametrize("scheme,final,opt,expect", [
+    ("W4A4KV4", False, "auto", False),  # GPTQ follows and activations are quantized: W16A4KV4 training
+    ("W4A4KV4", True, "auto", True),  # spinquant quantizes itself (RTN): train with RTN weights
+    ("W4A16", False, "auto", True),  # weight-only: a float-weight loss does not depend on R
+    ("W4A4KV4", False, "quantized", True),
+    ("W4A16", False, "float", False),
+])
+def test_training_weight_rule(scheme, final, opt, expect):
+    m = sq.SpinQuant(PRESETS[scheme], train_weights=opt)
+    m.final = final
+    assert m._train_quantized_weights() is expect
+
+
+def _tiny_training(m, ids, **kw):
+    from quantkit.methods._spin_train import train_rotations
+
+    sq.make_rotation_ready(m)
+    r1, r2 = sq.initial_rotations(m, 0)
+    fit = train_rotations(m, ids[:2], PRESETS["W4A4KV4"], r1, r2, r3=True,
+                          r4=rot.normalized_hadamard(m.config.intermediate_size), samples=2, seqlen=32, **kw)
+    return fit, r1, r2
+
+
+def test_held_out_check_keeps_the_best_rotations():
+    """The kept rotations are the ones with the lowest held-out loss among the start and the checks;
+    a learning rate that wrecks the rotation leaves the start in place."""
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(5))
+    m = make_tiny_model("llama")
+    _randomize_norms(m, 3)
+    fit, r1, r2 = _tiny_training(m, ids, iters=4, lr=0.5, val_ids=ids[2:], val_every=2)
+    checked = [r["val_loss"] for r in fit.log if "val_loss" in r]
+    assert [r["step"] for r in fit.log if "val_loss" in r] == [1, 3]
+    assert fit.best_val_loss == min([fit.start_val_loss] + checked)
+    if fit.best_step == -1:
+        assert torch.allclose(fit.r1, r1, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fit.r2, r2))
+    else:
+        assert not torch.allclose(fit.r1, r1, atol=1e-4)
+    # the chosen rotations give back the held-out loss they were kept for
+    from quantkit.methods._spin_train import train_rotations
+
+    m2 = make_tiny_model("llama")
+    _randomize_norms(m2, 3)
+    sq.make_rotation_ready(m2)
+    again = train_rotations(m2, ids[:2], PRESETS["W4A4KV4"], fit.r1, fit.r2, r3=True,
+                            r4=rot.normalized_hadamard(m2.config.intermediate_size), samples=2, seqlen=32,
+                            iters=1, lr=1e-12, val_ids=ids[2:])
+    assert again.start_val_loss == pytest.approx(fit.best_val_loss, rel=1e-4)
+    # without held-out rows the last step's rotations are kept
+    fit2, _, _ = _tiny_training(make_tiny_model("llama"), ids, iters=2, lr=1e-2)
+    assert fit2.best_val_loss is None and fit2.best_step == 1
+
+
+def test_learning_rate_follows_the_optimizer():
+    assert sq.SpinQuant(PRESETS["W4A16"]).o["lr"] == sq.LEARNING_RATES["cayley-sgd"] == 1.5
+    assert sq.SpinQuant(PRESETS["W4A16"], optimizer="adam").o["lr"] == 1e-4
+    assert sq.SpinQuant(PRESETS["W4A16"], optimizer="adam", lr=3e-4).o["lr"] == 3e-4
+
+
+@pytest.mark.parametrize("optimizer,lr", [("cayley-sgd", 1.5), ("adam", 1e-2)])
+def test_both_optimizers_lower_the_training_loss(optimizer, lr):
+    """Repeated steps on one batch: the loss on it falls and R stays orthogonal, with either optimizer."""
+    ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(7)).repeat(2, 1)
+    m = make_tiny_model("llama")
+    _randomize_norms(m, 4)
+    fit, r1, _ = _tiny_training(m, ids, iters=8, lr=lr, optimizer=optimizer)
+    losses = [r["loss"] for r in fit.log]
+    assert losses[-1] < losses[0] - 1e-3, losses
+    assert max(max(r["orth_r1"], r["orth_r2"]) for r in fit.log) < 1e-4
+    assert not torch.allclose(fit.r1, r1, atol=1e-4)
+    assert torch.equal(r1, sq.initial_rotations(m, 0)[0])  # the caller's start is not trained in place
+
+
+def test_scale_gradient_fake_quant_matches_the_quantizers_forward():
+    """token_fq_scale_grad: forward equal to the activation and KV quantizers; its gradient differs from the
+    identity (the scale path) and matches autograd through the written-out formula."""
+    from quantkit.methods._spin_train import _kv_token_fq, token_fq_scale_grad
+    from quantkit.quant.core import fake_quantize_activations
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 7, 16, generator=g) * torch.linspace(0.1, 4, 16)
+    act = PRESETS["W4A4KV4"].input_activations
+    assert torch.equal(token_fq_scale_grad(x, act.qmax), fake_quantize_activations(x, act))
+    assert torch.allclose(token_fq_scale_grad(x, 7), _kv_token_fq(x, 4), rtol=1e-6, atol=1e-7)
+    xg = x.clone().requires_grad_()
+    up = torch.randn(x.shape, generator=g)
+    (token_fq_scale_grad(xg, 7) * up).sum().backward()
+    assert not torch.allclose(xg.grad, up, atol=1e-3)  # not the plain straight-through identity
+    # d/dx [s(x) * round(x / s(x))] with round's derivative taken as 1: up + (sum_j up_j (r_j - z_j)) ds/dx
+    s = x.abs().amax(-1, keepdim=True) / 7
+    z = x / s
+    k = (up * (torch.round(z) - z)).sum(-1, keepdim=True)
+    hot = (x.abs() == x.abs().amax(-1, keepdim=True)).float()
+    assert torch.allclose(xg.grad, up + k * hot * torch.sign(x) / 7, atol=1e-5)
+
+
+def test_float_weight_training_skips_weight_quantization():
+    """quantize_weights=False: the loss at the start is the A4/KV4-only model's, not the W4A4KV4 one."""
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(6))
+    q, _, _ = _tiny_training(make_tiny_model("llama"), ids, iters=1, lr=1e-12)
+    f, _, _ = _tiny_training(make_tiny_model("llama"), ids, iters=1, lr=1e-12, quantize_weights=False)
+    assert f.log[0]["loss"] != pytest.approx(q.log[0]["loss"], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -208,9 +349,9 @@ def test_training_loss_decreases_on_default_model():
     ids = calibration_set(loaded.tokenizer, None, samples=1, seqlen=128, seed=0).input_ids
     sq.make_rotation_ready(m)
     r1, r2 = sq.initial_rotations(m, 0)
-    _, _, log = train_rotations(m, ids, PRESETS["W4A4KV4"], r1, r2, r3=True,
-                                r4=rot.normalized_hadamard(m.config.intermediate_size), iters=4, lr=1e-3,
-                                samples=1, seqlen=128)
+    log = train_rotations(m, ids, PRESETS["W4A4KV4"], r1, r2, r3=True,
+                          r4=rot.normalized_hadamard(m.config.intermediate_size), iters=4, lr=1.5,
+                          samples=1, seqlen=128).log
     losses = [r["loss"] for r in log]
     assert losses[-1] < losses[0] - 0.05, losses
     assert max(max(r["orth_r1"], r["orth_r2"]) for r in log) < 1e-4

@@ -12,8 +12,9 @@ _SCHEMES = ("W4A16", "W4A4KV4")
 _QUANTIZERS = ("gptq", "rtn")
 
 
-def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=100, lr=1e-3,
-                 train_samples=32, train_seqlen=512, seed=0, ignore=("lm_head",)):
+def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=100, lr="auto",
+                 optimizer="cayley-sgd", train_samples=32, train_seqlen=512, seed=0, ignore=("lm_head",),
+                 train_weights="auto", val_samples=8, val_every=10, estimator="ste"):
     """The Recipe `quantkit spinquant` runs (also used by benchmarks): spinquant -> gptq|rtn."""
     import dataclasses
 
@@ -33,7 +34,9 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
         raise RecipeError("W4A4KV4 uses per-channel weights (the int W4A4 layout); drop --group-size")
     opts = {"rotation": rotation, "seed": seed}
     if rotation == "learned":
-        opts.update(iters=iters, lr=lr, train_samples=train_samples, train_seqlen=train_seqlen)
+        opts.update(iters=iters, lr="auto" if lr is None else lr, optimizer=optimizer, train_samples=train_samples,
+                    train_seqlen=train_seqlen, train_weights=train_weights, val_samples=val_samples,
+                    val_every=val_every, estimator=estimator)
     return Recipe(s, (Stage("spinquant", opts), Stage(quantizer)), ignore=tuple(ignore))
 
 
@@ -46,14 +49,21 @@ def spinquant(
         int | None, typer.Option("--group-size", help="W4A16 group size (default 64).")
     ] = None,
     iters: Annotated[int, typer.Option("--iters", help="learned: training steps (100 on a GPU; each ~3-7 s on 2 CPU cores for the default model).")] = 100,
-    lr: Annotated[float, typer.Option("--lr", help="learned: Adam learning rate on the Cayley parameters.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="learned: cayley-sgd (SpinQuant's Riemannian SGD on the rotations) or adam (on Cayley parameters).")] = "cayley-sgd",
+    lr: Annotated[float | None, typer.Option("--lr", help="learned: learning rate (default: 1.5 for cayley-sgd, 1e-4 for adam).")] = None,
     train_samples: Annotated[int, typer.Option("--train-samples", help="learned: calibration sequences used for training.")] = 32,
     train_seqlen: Annotated[int, typer.Option("--train-seqlen", help="learned: tokens per training sequence.")] = 512,
+    train_weights: Annotated[str, typer.Option("--train-weights", help="learned: weights in the training loss: auto (float when GPTQ follows W4A4KV4, as SpinQuant does; else RTN fake-quant), quantized or float.")] = "auto",
+    estimator: Annotated[str, typer.Option("--estimator", help="learned: gradient of the activation/KV fake-quant: ste (identity) or scale (also through the per-token scale).")] = "ste",
+    val_samples: Annotated[int, typer.Option("--val-samples", help="learned: calibration sequences held out of training; the rotations with the lowest held-out loss are kept (0: keep the last).")] = 8,
+    val_every: Annotated[int, typer.Option("--val-every", help="learned: steps between held-out checks.")] = 10,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random Hadamard start and the calibration sample.")] = 0,
 ):
     """SpinQuant: rotate the model (R1/R2 folded, R3/R4 online for W4A4KV4), then quantize with GPTQ or RTN."""
-    return build_recipe(scheme, rotation, quantizer, group_size=group_size, iters=iters, lr=lr,
-                        train_samples=train_samples, train_seqlen=train_seqlen, seed=seed)
+    return build_recipe(scheme, rotation, quantizer, group_size=group_size, iters=iters, lr=lr, optimizer=optimizer,
+                        train_samples=train_samples, train_seqlen=train_seqlen, seed=seed,
+                        train_weights=train_weights, val_samples=val_samples, val_every=val_every,
+                        estimator=estimator)
 
 
 def register(app: typer.Typer) -> None:

@@ -84,14 +84,17 @@ def progress_bar(total_label: str = "calibrating"):
         if not interactive:  # logs get one plain line per block
             err_console.print(f"({i + 1}/{n}) {name} · {phase}", highlight=False)
             return
+        if "task" in state and state["n"] != n:  # a new run of steps (rotation training, then blocks)
+            progress.update(state["task"], completed=state["n"])
+            del state["task"]
         if "task" not in state:
-            state["task"] = progress.add_task(total_label, total=n)
+            state["task"], state["n"] = progress.add_task(total_label, total=n), n
         progress.update(state["task"], completed=i, description=f"({i + 1}/{n}) {name} · {phase}")
 
     with progress:
         yield on_block
         if "task" in state:
-            progress.update(state["task"], completed=progress.tasks[0].total, description=f"{total_label} done")
+            progress.update(state["task"], completed=state["n"], description=f"{total_label} done")
 
 
 def status(message: str) -> None:

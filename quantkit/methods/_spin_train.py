@@ -1,15 +1,26 @@
 """SpinQuant's rotation training: learn R1, R2 so the fake-quantized model predicts text better.
 
-R = R0 cayley(A) with R0 the random-Hadamard start and A = skew(P) trainable (P starts
-at 0, so R starts at R0; the Cayley map keeps R orthogonal). Every step:
+R starts at the random-Hadamard R0. Two optimizers: "cayley-sgd" (default, SpinQuant's):
+Riemannian SGD on R itself, each step retracted onto the orthogonal matrices by the Cayley
+transform (`rot.cayley_sgd_step`); "adam": R = R0 cayley(A), A = skew(P), Adam on P (P starts
+at 0; the Cayley map keeps R orthogonal). Every step:
   1. rotated weights from the frozen float weights (`rotated_tensors`, differentiable in R),
   2. weights fake-quantized per the scheme (RTN, straight-through estimator),
   3. for activation schemes: per-token fake-quant of every quantized linear's input (STE),
      with the online Hadamard R4 before down_proj; for KV schemes: per-token K (after R3)
      and V fake-quant (STE),
-  4. next-token cross-entropy on a calibration batch, backward into P only (Adam).
+  4. next-token cross-entropy on a calibration batch, backward into the rotations only.
 ||R^T R - I|| is logged every step; if it drifts past `reproject_tol` (float error),
-R0 <- polar(R0 cayley(A)) and P <- 0.
+R is re-projected onto the nearest orthogonal matrix (Adam: R0 <- polar(R), P <- 0).
+
+Step 2 is skipped when GPTQ quantizes the weights afterwards and the scheme quantizes
+activations or the KV cache (`quantize_weights=False`): SpinQuant's own recipe learns
+rotations for W16A4KV4 and leaves the weights to GPTQ; RTN-quantized weights in the loss
+teach the rotation to fix RTN's errors, which GPTQ does not make (measured on the default
+model, BENCHMARKS.md). Held-out calibration sequences (`val_ids`) are scored with the same
+fake-quantized loss at step 0 and every `val_every` steps; the rotations with the lowest
+held-out loss are returned (step 0 is the random-Hadamard start, so training never returns
+something that scores worse there than its start).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,11 +50,61 @@ def _kv_token_fq(x: torch.Tensor, bits: int) -> torch.Tensor:
     return kvq.dequantize_kv(kvq.quantize_kv(xd, scale, bits), scale).to(x.dtype)
 
 
+OPTIMIZERS = ("cayley-sgd", "adam")
+
+
+@dataclass
+class RotationFit:
+    """What `train_rotations` returns: the chosen R1 and R2 (CPU, float32) and how it got there.
+
+    log: one row per step (step, loss, orth_r1, orth_r2, seconds; val_loss on the steps the
+    held-out loss was measured). start_val_loss: the held-out loss of the start. best_step:
+    the step whose rotations were kept (-1: the start), best_val_loss: its held-out loss
+    (both None / the last step without held-out data: the last step's rotations are kept)."""
+
+    r1: torch.Tensor
+    r2: list[torch.Tensor]
+    log: list[dict] = field(default_factory=list)
+    best_step: int = -1
+    best_val_loss: float | None = None
+    start_val_loss: float | None = None
+
+
+def token_fq_scale_grad(x: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-token symmetric fake-quant (scale max|row| / qmax) whose gradient also flows through the scale.
+
+    Forward: the same values as `fake_quantize_activations` / the per-token KV quantizer. Backward:
+    only the rounding is straight-through, so d/dx also carries ds/dx (round(x/s) - x/s): the
+    rotation learns that a smaller per-token max (fewer outliers) lowers the rounding error, a
+    signal the plain STE (identity gradient) does not give."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
+    z = xf / s
+    q = torch.clamp(z + (torch.round(z) - z).detach(), -qmax - 1, qmax)
+    return (q * s).to(x.dtype)
+
+
+ESTIMATORS = ("ste", "scale")
+
+
 @contextmanager
 def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module], r3: torch.Tensor | None,
-                        r4_on: bool):
-    """Hooks for the run-time side of the scheme during training (all removed on exit)."""
+                        r4_on: bool, estimator: str = "ste"):
+    """Hooks for the run-time side of the scheme during training (all removed on exit).
+
+    estimator "ste": identity gradient through every activation / KV fake-quant; "scale":
+    `token_fq_scale_grad` (per-token schemes; others fall back to "ste")."""
     from quantkit.quant.simulate import attach_online_rotations, kv_hook, online_rotation_spec
+
+    def act_fq(x, act):
+        if estimator == "scale" and act.strategy == "token":
+            return token_fq_scale_grad(x, act.qmax)
+        return ste(x, fake_quantize_activations(x.detach(), act))
+
+    def kv_fq(x, bits):
+        if estimator == "scale":
+            return token_fq_scale_grad(x, 2 ** (bits - 1) - 1)
+        return ste(x, _kv_token_fq(x, bits))
 
     handles = []
     with ExitStack() as stack:
@@ -53,16 +115,16 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
             if act is not None:
                 for mod in linears.values():
                     handles.append(mod.register_forward_pre_hook(
-                        lambda _m, args: (ste(args[0], fake_quantize_activations(args[0].detach(), act)), *args[1:])))
+                        lambda _m, args: (act_fq(args[0], act), *args[1:])))
             kv = scheme.kv_cache
             if kv is not None:
                 def fn(_name, key, value):
                     if r3 is not None:
                         r = r3.to(key.device, key.dtype)
-                        key = ste(key @ r, _kv_token_fq(key @ r, kv.bits)) @ r.T
+                        key = kv_fq(key @ r, kv.bits) @ r.T
                     else:
-                        key = ste(key, _kv_token_fq(key, kv.bits))
-                    return key, ste(value, _kv_token_fq(value, kv.bits))
+                        key = kv_fq(key, kv.bits)
+                    return key, kv_fq(value, kv.bits)
 
                 stack.enter_context(kv_hook(model, fn))
             yield
@@ -88,15 +150,23 @@ def train_rotations(
     seed: int = 0,
     reproject_tol: float = 1e-4,
     device: torch.device | str = "cpu",
-    on_step: Callable[[str], None] | None = None,
+    on_step: Callable[[int, int, str, str], None] | None = None,
     ignore=("lm_head",),
-) -> tuple[torch.Tensor, list[torch.Tensor], list[dict]]:
+    quantize_weights: bool = True,
+    val_ids: torch.Tensor | None = None,
+    val_every: int = 10,
+    optimizer: str = "cayley-sgd",
+    estimator: str = "ste",
+) -> RotationFit:
     """Train R1 (hidden, hidden) and R2 (one (head_dim, head_dim) per layer) from the given starts.
 
     model: rotation-ready (norms folded, untied), float, frozen; it is moved to `device` for
     the training and back. input_ids: (n, L) calibration tokens; the first `samples` rows
-    cut to `seqlen` are used, `batch_size` per step, in order. Returns (R1, R2 list, log);
-    log rows: step, loss, orth_r1, orth_r2, seconds.
+    cut to `seqlen` are used, `batch_size` per step, in order. quantize_weights: RTN
+    fake-quant of the weights in the loss (off when GPTQ follows an activation scheme).
+    val_ids: held-out rows (cut to `seqlen`) scored every `val_every` steps; the best are kept.
+    optimizer: "cayley-sgd" (Riemannian SGD on R with the Cayley retraction, step
+    min(lr (1 - step/iters), 1/|W|_1); SpinQuant's, lr ~1.5) or "adam" (on R = R0 cayley(skew(P)), lr ~1e-4).
     """
     from quantkit.calib.pipeline import linears_to_quantize
     from quantkit.methods.spinquant import rotated_tensors
@@ -109,6 +179,9 @@ def train_rotations(
     ids = input_ids[:samples, :seqlen].to(device)
     if ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError("rotation training needs at least one calibration sequence of 2+ tokens")
+    if val_every < 1:
+        raise ValueError("val_every must be a positive integer")
+    vids = None if val_ids is None or val_ids.shape[0] == 0 else val_ids[:, :seqlen].to(device)
     torch.manual_seed(seed)
     model.to(device)
     model.eval()
@@ -120,57 +193,123 @@ def train_rotations(
     head_dim = r2[0].shape[0]
     r3m = normalized_hadamard(head_dim).to(device) if r3 else None
     r4d = None if r4 is None else r4.to(device, dtype)
-    base1 = r1.to(device, torch.float32)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    base1 = r1.to(device, torch.float32, copy=True)  # updated in place: never the caller's tensor
     base2 = torch.stack(r2).to(device, torch.float32)
-    p1 = torch.zeros_like(base1, requires_grad=True)
-    p2 = torch.zeros_like(base2, requires_grad=True)
-    opt = torch.optim.Adam([p1, p2], lr=lr)
+    sgd = optimizer == "cayley-sgd"
+    if sgd:  # the rotations themselves are the leaves; each step retracts them (rot.cayley_sgd_step)
+        base1.requires_grad_(True)
+        base2.requires_grad_(True)
+    else:  # R = R0 cayley(skew(P)), Adam on P
+        p1 = torch.zeros_like(base1, requires_grad=True)
+        p2 = torch.zeros_like(base2, requires_grad=True)
+        opt = torch.optim.Adam([p1, p2], lr=lr)
     log: list[dict] = []
 
     def current():
+        if sgd:
+            return base1, base2
         return base1 @ rot.cayley(rot.skew(p1)), base2 @ rot.cayley(rot.skew(p2))
 
+    def update(step: int) -> float:
+        """Apply the gradients in the leaves; returns the step size used (Cayley SGD: the mean a)."""
+        if not sgd:
+            opt.step()
+            return lr
+        lr_t = lr * (1 - step / iters)  # linear decay to 0, as SpinQuant's trainer schedules it
+        with torch.no_grad():
+            n1, a1 = rot.cayley_sgd_step(base1, base1.grad, lr_t)
+            n2, a2 = rot.cayley_sgd_step(base2, base2.grad, lr_t)
+            base1.copy_(n1)
+            base2.copy_(n2)
+        base1.grad = base2.grad = None
+        return float(torch.cat([a1.reshape(1), a2]).mean())
+
+    def loss_of(batch, R1, R2):
+        """The fake-quantized model's next-token loss on `batch` with rotations R1, R2 (differentiable)."""
+        tensors = rotated_tensors(model, R1, list(R2.unbind(0)), r4d, dtype=dtype)
+        if quantize_weights:
+            for name in wnames:
+                if name in tensors:
+                    w = tensors[name]
+                    tensors[name] = ste(w, fake_quantize(w.detach(), scheme.weights))
+        out = torch.func.functional_call(
+            model, tensors, args=(batch,), kwargs={"labels": batch, "use_cache": False}, strict=False
+        )
+        return out.loss
+
+    @torch.no_grad()
+    def val_loss() -> float:
+        R1, R2 = current()
+        total = 0.0
+        for lo in range(0, vids.shape[0], batch_size):
+            b = vids[lo: lo + batch_size]
+            total += float(loss_of(b, R1, R2)) * b.shape[0]
+        return total / vids.shape[0]
+
+    best = {"step": -1, "val": None, "r": None}
+    start_val = None
+
+    @torch.no_grad()
+    def consider(step: int, row: dict) -> None:
+        """Score the current rotations on the held-out rows; keep them if they are the best so far."""
+        v = val_loss()
+        row["val_loss"] = v
+        if best["val"] is None or v < best["val"]:
+            R1, R2 = current()
+            best.update(step=step, val=v, r=(R1.clone(), R2.clone()))
+
     try:
-        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None):
+        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None, estimator):
+            if vids is not None:
+                consider(-1, start := {})
+                start_val = start["val_loss"]
+                if on_step is not None:
+                    on_step(0, iters, "rotation training", f"held-out loss at the start {start_val:.4f}")
             for step in range(iters):
                 t0 = time.perf_counter()
                 lo = (step * batch_size) % ids.shape[0]
                 batch = ids[lo: lo + batch_size]
                 R1, R2 = current()
-                tensors = rotated_tensors(model, R1, list(R2.unbind(0)), r4d, dtype=dtype)
-                for name in wnames:
-                    if name in tensors:
-                        w = tensors[name]
-                        tensors[name] = ste(w, fake_quantize(w.detach(), scheme.weights))
-                out = torch.func.functional_call(
-                    model, tensors, args=(batch,), kwargs={"labels": batch, "use_cache": False}, strict=False
-                )
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                opt.step()
+                loss = loss_of(batch, R1, R2)
+                if not sgd:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                step_size = update(step)
                 with torch.no_grad():
                     R1, R2 = current()
                     e1, e2 = rot.orthogonality_error(R1), max(rot.orthogonality_error(r) for r in R2)
                     if max(e1, e2) > reproject_tol:  # float drift: re-base on the nearest orthogonal matrices
                         base1.copy_(rot.reproject(R1))
                         base2.copy_(torch.stack([rot.reproject(r) for r in R2]))
-                        p1.zero_()
-                        p2.zero_()
-                        opt.state.clear()
+                        if not sgd:
+                            p1.zero_()
+                            p2.zero_()
+                            opt.state.clear()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                row = {"step": step, "loss": float(out.loss.detach()), "orth_r1": e1, "orth_r2": e2,
-                       "seconds": time.perf_counter() - t0}
+                row = {"step": step, "loss": float(loss.detach()), "orth_r1": e1, "orth_r2": e2,
+                       "step_size": step_size, "seconds": time.perf_counter() - t0}
+                del loss
+                if vids is not None and ((step + 1) % val_every == 0 or step + 1 == iters):
+                    t1 = time.perf_counter()
+                    consider(step, row)
+                    row["val_seconds"] = time.perf_counter() - t1
                 log.append(row)
                 if on_step is not None:
-                    on_step(f"spinquant step {step + 1}/{iters}: loss {row['loss']:.4f}, "
+                    held = f", held-out {row['val_loss']:.4f}" if "val_loss" in row else ""
+                    on_step(step, iters, "rotation training", f"loss {row['loss']:.4f}{held}, "
                             f"||R^T R - I|| {max(e1, e2):.1e}, {row['seconds']:.2f} s")
-                del out, tensors
         with torch.no_grad():
-            R1, R2 = current()
+            R1, R2 = best["r"] if best["r"] is not None else current()
             R1 = rot.reproject(R1) if rot.orthogonality_error(R1) > 1e-6 else R1
             R2 = torch.stack([rot.reproject(r) if rot.orthogonality_error(r) > 1e-6 else r for r in R2])
-        return R1.detach().cpu(), [r.detach().cpu() for r in R2], log
+        return RotationFit(R1.detach().cpu(), [r.detach().cpu() for r in R2], log,
+                           best_step=best["step"] if best["r"] is not None else iters - 1, best_val_loss=best["val"],
+                           start_val_loss=start_val)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])

@@ -88,10 +88,11 @@ class Method:
         return self.needs_data or bool(self.stats)
 
     def prepare_model(self, model: nn.Module, input_ids: torch.Tensor | None, device: torch.device,
-                      on_step: Callable[[str], None] | None = None) -> None:
+                      on_step: Callable[[int, int, str, str], None] | None = None) -> None:
         """Whole-model transform before the layer-wise pipeline (SpinQuant's rotations); default: nothing.
 
         input_ids: the calibration batch (samples, seqlen) when `uses_data`, else None.
+        on_step(i, n, name, phase): progress of a long transform, shaped like the pipeline's on_block.
         A method that needs online (run-time) rotations sets `online_rotations` (the manifest entry).
         """
 

@@ -17,8 +17,10 @@ Hadamard baseline is QuaRot (Ashkboos et al., 2024).
    `quantkit.quant.simulate.attach_online_rotations`) and R3 on Q/K after RoPE
    (only K's quantization changes). The manifest records them (`online_rotations`).
 4. rotation "hadamard": R1, R2 random Hadamard (seeded); "learned": start from
-   those and train R = R0 cayley(A) on calibration text so the fake-quantized
-   model's next-token loss drops (`quantkit.methods._spin_train`); "none": nothing.
+   those and train them on calibration text (Cayley SGD on the orthogonal matrices,
+   or Adam on Cayley parameters) so the fake-quantized model's next-token loss drops,
+   keeping the rotations that score best on held-out calibration rows
+   (`quantkit.methods._spin_train`); "none": nothing.
 
 As a non-final stage (spinquant -> gptq) the whole-model transform runs in
 `prepare_model`, before the layer-wise pipeline, and the next stage quantizes the
@@ -42,14 +44,26 @@ ROTATIONS = ("learned", "hadamard", "none")
 DEFAULTS: dict[str, Any] = {
     "rotation": "hadamard",
     "iters": 100,  # learned: optimizer steps (the paper uses 100 on 800 samples; fewer on CPU)
-    "lr": 1e-3,  # learned: Adam step on the Cayley parameters (SpinQuant itself: Cayley SGD, lr 1.5)
+    "optimizer": "cayley-sgd",  # learned: SpinQuant's Riemannian SGD on R, or "adam" on Cayley parameters
+    "lr": "auto",  # learned: auto = the optimizer's LEARNING_RATES entry
     "train_samples": 32,
     "train_seqlen": 512,
     "batch_size": 1,
     "seed": 0,
     "online": "auto",  # R3/R4: auto = when the scheme quantizes activations or the KV cache
     "reproject_tol": 1e-4,
+    # learned: weights in the training loss. auto = float when a later stage (GPTQ) quantizes
+    # them and the scheme quantizes activations/KV (SpinQuant's W16A4KV4 recipe), else RTN fake-quant
+    "train_weights": "auto",
+    # learned: gradient of the activation/KV fake-quant: "ste" (identity, as SpinQuant) or "scale"
+    # (also through the per-token scale, so fewer outliers pay off in the loss; see _spin_train)
+    "estimator": "ste",
+    "val_samples": 8,  # learned: calibration sequences held out of training, scored every val_every steps
+    "val_every": 10,
 }
+TRAIN_WEIGHTS = ("auto", "quantized", "float")
+# cayley-sgd: the paper's 1.5 (each step is also capped at |a W|_1 <= 1); adam: per-entry steps, so small
+LEARNING_RATES = {"cayley-sgd": 1.5, "adam": 1e-4}
 
 
 def _head_dims(config) -> tuple[int, int, int]:
@@ -188,6 +202,16 @@ def initial_rotations(model: nn.Module, seed: int) -> tuple[torch.Tensor, list[t
     return r1, r2
 
 
+def split_held_out(input_ids: torch.Tensor, train_samples: int, val_samples: int):
+    """(training rows, held-out rows or None) from the calibration rows: the held-out ones are the
+    last `val_samples` (at most half of them, and none of one row), training the first
+    `train_samples` of the rest. The evaluation text is elsewhere (the corpus' second half)."""
+    n = input_ids.shape[0]
+    val = min(val_samples, n // 2)
+    train = input_ids[: min(train_samples, n - val)]
+    return train, (input_ids[n - val:] if val else None)
+
+
 # ----------------------------------------------------------------------------- the recipe stage
 
 
@@ -200,11 +224,23 @@ class SpinQuant(Method):
         o = {**DEFAULTS, **options}
         if o["rotation"] not in ROTATIONS:
             raise RecipeError(f"spinquant rotation={o['rotation']!r} is unknown; use one of {', '.join(ROTATIONS)}")
-        for k in ("iters", "train_samples", "train_seqlen", "batch_size"):
+        for k in ("iters", "train_samples", "train_seqlen", "batch_size", "val_every"):
             if not isinstance(o[k], int) or isinstance(o[k], bool) or o[k] < 1:
                 raise RecipeError(f"spinquant {k}={o[k]!r} must be a positive integer")
+        if not isinstance(o["val_samples"], int) or isinstance(o["val_samples"], bool) or o["val_samples"] < 0:
+            raise RecipeError(f"spinquant val_samples={o['val_samples']!r} must be 0 (no held-out check) or more")
+        from quantkit.methods._spin_train import ESTIMATORS
+
+        if o["estimator"] not in ESTIMATORS:
+            raise RecipeError(f"spinquant estimator={o['estimator']!r} must be one of {', '.join(ESTIMATORS)}")
+        if o["train_weights"] not in TRAIN_WEIGHTS:
+            raise RecipeError(f"spinquant train_weights={o['train_weights']!r} must be one of {', '.join(TRAIN_WEIGHTS)}")
+        if o["optimizer"] not in LEARNING_RATES:
+            raise RecipeError(f"spinquant optimizer={o['optimizer']!r} must be one of {', '.join(LEARNING_RATES)}")
+        if o["lr"] == "auto" or o["lr"] is None:
+            o["lr"] = LEARNING_RATES[o["optimizer"]]
         if not isinstance(o["lr"], (int, float)) or isinstance(o["lr"], bool) or not o["lr"] > 0:
-            raise RecipeError(f"spinquant lr={o['lr']!r} must be a positive number")
+            raise RecipeError(f"spinquant lr={o['lr']!r} must be a positive number or auto")
         if o["online"] not in ("auto", True, False):
             raise RecipeError(f"spinquant online={o['online']!r} must be auto, true or false")
         self.o = o
@@ -215,6 +251,13 @@ class SpinQuant(Method):
     @property
     def uses_data(self) -> bool:
         return self.o["rotation"] == "learned"
+
+    def _train_quantized_weights(self) -> bool:
+        """Whether the training loss fake-quantizes the weights (see DEFAULTS["train_weights"])."""
+        if self.o["train_weights"] != "auto":
+            return self.o["train_weights"] == "quantized"
+        quantizes_runtime = self.scheme.input_activations is not None or self.scheme.kv_cache is not None
+        return self.final or not quantizes_runtime  # without act/KV quant a float-weight loss ignores R
 
     def _online(self) -> tuple[bool, bool]:
         """(R3, R4) on or off."""
@@ -240,13 +283,21 @@ class SpinQuant(Method):
                 raise RecipeError("spinquant rotation=learned needs calibration data")
             from quantkit.methods._spin_train import train_rotations
 
-            r1, r2, log = train_rotations(
-                model, input_ids, self.scheme, r1, r2,
+            train_ids, val_ids = split_held_out(input_ids, self.o["train_samples"], self.o["val_samples"])
+            fit = train_rotations(
+                model, train_ids, self.scheme, r1, r2,
                 r3=use_r3, r4=r4, iters=self.o["iters"], lr=float(self.o["lr"]),
                 samples=self.o["train_samples"], seqlen=self.o["train_seqlen"], batch_size=self.o["batch_size"],
                 seed=self.o["seed"], reproject_tol=self.o["reproject_tol"], device=device, on_step=on_step,
+                quantize_weights=self._train_quantized_weights(), val_ids=val_ids, val_every=self.o["val_every"],
+                optimizer=self.o["optimizer"], estimator=self.o["estimator"],
             )
-            self.artifacts["train_log"] = log
+            r1, r2 = fit.r1, fit.r2
+            self.artifacts["training"] = {
+                "log": fit.log, "best_step": fit.best_step, "best_val_loss": fit.best_val_loss, "start_val_loss": fit.start_val_loss,
+                "quantized_weights": self._train_quantized_weights(),
+                "val_samples": 0 if val_ids is None else int(val_ids.shape[0]),
+            }
         fold_rotations(model, r1, r2, r4)
         self.artifacts.update(r1=r1.cpu(), r2=[r.cpu() for r in r2], orthogonality_error=max(
             [rot.orthogonality_error(r1)] + [rot.orthogonality_error(r) for r in r2]))

@@ -47,5 +47,6 @@ class QuantizedModel:
     # Run-time rotations the weights assume (SpinQuant R3/R4; quantkit.quant.simulate.online_rotation_spec),
     # recorded in the manifest; the model in memory already has their hooks attached.
     online_rotations: dict[str, Any] | None = None
-    # Per method name, the log of a training transform (SpinQuant: loss, orthogonality error, seconds per step).
-    train_logs: dict[str, list] = field(default_factory=dict)
+    # Per method name, what a training transform did (SpinQuant: {"log": per-step loss, orthogonality
+    # error, seconds, held-out loss; "best_step", "best_val_loss", "start_val_loss", ...}).
+    training: dict[str, dict] = field(default_factory=dict)

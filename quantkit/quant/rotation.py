@@ -133,6 +133,22 @@ def cayley(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + a, eye - a, left=False)
 
 
+def cayley_sgd_step(r: torch.Tensor, grad: torch.Tensor, lr: float, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Riemannian SGD step on the orthogonal matrices R (..., n, n) with the Cayley retraction.
+
+    Li, Li & Todorovic, "Efficient Riemannian optimization on the Stiefel manifold via the
+    Cayley transform" (ICLR 2020), as SpinQuant trains its rotations. W = G R^T - R G^T is the
+    skew generator of steepest descent (to first order R' = R - a G + a R G^T R);
+    R' = (I + a/2 W)^-1 (I - a/2 W) R stays exactly orthogonal. The step a = min(lr, 1/|W|_1)
+    per matrix (|W|_1 the largest column sum of |W|) caps how far one step turns.
+    Returns (R', a)."""
+    w = grad @ r.transpose(-1, -2)
+    w = w - w.transpose(-1, -2)
+    norm1 = w.abs().sum(-2).amax(-1)
+    alpha = torch.clamp(1.0 / (norm1 + eps), max=lr)
+    return cayley(0.5 * alpha[..., None, None] * w) @ r, alpha
+
+
 def orthogonality_error(r: torch.Tensor) -> float:
     """max |R^T R - I| (0 for an exactly orthogonal R), computed in float64."""
     r = r.detach().double()
