@@ -9,7 +9,10 @@ Host peak = runtime baseline + the model's weights + quantized tensors
             + max(calibration working set when calibrating on the CPU, export working set)
 Device peak (cuda) = max(catch phase: embeddings + block-0 inputs,
                          block phase: one block + inputs/outputs + kwargs + forward
-                         transients + statistics)
+                         transients + statistics,
+                         SpinQuant rotation training: the whole model + rotated weights +
+                         saved activations + logits, `rotation_training_bytes`)
+On the CPU the rotation training's peak replaces the calibration/export working set when larger.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ HOST_BASELINE_BYTES = 460 * MiB
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _EXPORT_SHARD_BYTES = 2 * GiB  # export_compressed_tensors' default max_shard_bytes
 _LIMIT = 10_000_000  # no real model has a dimension or layer count near this
+# Saved activations of the rotation training, counted tensor by tensor, times this: the smaller temporaries
+# alive at the peak (masks, scales, the loss' work). On the CPU the process' RSS also holds what the allocator
+# keeps; there the whole training part is scaled by _TRAIN_HOST_SLACK. Measured (BENCHMARKS.md, issue 8):
+# 8B on an H200, peak allocated 51.0 GiB (STE) and 91.0 GiB (scale estimator); default model on 2 CPU cores,
+# RSS growth 2.6-7.0 GiB at 512-2048 tokens, which the counted tensors alone miss by 10-15%.
+_TRAIN_ACT_SLACK = 1.1
+_TRAIN_HOST_SLACK = 1.2
 
 
 class MemoryPlanError(UsageError):
@@ -202,6 +212,57 @@ def _device_available(device: str) -> int | None:
     return int(free)
 
 
+def rotation_training_bytes(shape: ModelShape, wb: int, *, seqlen: int, batch_size: int = 1,
+                            quantize_weights: bool, act: bool, kv: bool, estimator: str = "ste") -> dict[str, int]:
+    """What SpinQuant's rotation training keeps alive at its peak (the end of a forward), by part.
+
+    The whole model sits where it trains (`_spin_train.train_rotations` moves it), beside:
+    - rotated weights: every tensor R1/R2/R4 touch is recomputed each step (about the whole model
+      again), plus one intermediate for the linears rotated twice (v_proj, o_proj, down_proj);
+    - activations autograd saves, per token and layer (elements, in the model dtype): norms'
+      inputs/outputs, one fake-quantized input copy per linear (each linear has its own hook),
+      q/k/v and RoPE outputs, K/V fake-quant, attention output, gate/up/act/product, R4's output;
+      the "scale" estimator also saves float32 copies (x, x/s) of every fake-quantized input;
+    - logits (model dtype) + their float32 copy and log-softmax for the loss;
+    - R1, R2 with their gradients and the Cayley step's temporaries (float32).
+    Checked against measurements in BENCHMARKS.md (issue 8)."""
+    h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
+    q, kvd = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
+    tokens = batch_size * seqlen
+    lin = shape.block_linears()
+    twice = sum(o * n for k, (o, n) in lin.items() if k.split(".")[-1] in ("v_proj", "o_proj", "down_proj"))
+    rotated = (shape.params() + L * twice) * wb
+    quant_copies = (3 + 2) * h + q + i if act else 0  # one per linear: q/k/v, o, gate/up, down inputs
+    norm = 2 * (h * wb + (2 if wb < 4 else 1) * h * 4)  # 2 RMSNorms: input, float32 x and x/rms
+    attn = (q + 2 * kvd  # q/k/v outputs
+            + 2 * (q + kvd)  # RoPE: rotate_half(q, k) and the rotated q, k
+            + (2 * q if kvd < q else 0)  # repeat_kv: K, V expanded to every head (GQA)
+            + q)  # attention output
+    mlp = 4 * i + (i if act else 0)  # gate, up, act(gate), product; R4's output
+    per_token = norm + wb * (attn + mlp + quant_copies + (4 * kvd if kv else 0))  # bytes
+    acts = tokens * L * per_token
+    if estimator == "scale" and (act or kv):  # x, the clamp's input and q, all float32
+        acts += tokens * L * (quant_copies + (2 * kvd if kv else 0)) * 4 * 3
+    acts = int(acts * _TRAIN_ACT_SLACK)
+    logits = tokens * shape.vocab_size * (wb + 4 + 4)
+    rot = (h * h + L * shape.head_dim**2) * 4 * 6
+    parts = {"model weights": shape.params() * wb, "rotated weights": rotated, "saved activations": acts,
+             "logits and loss": logits, "rotations and their steps": rot}
+    if quantize_weights:  # one fake-quantized weight in float32 at a time (the largest)
+        parts["weight fake-quant"] = max(o * n for o, n in lin.values()) * 4 * 3
+    return parts
+
+
+def _rotation_training(recipe):
+    """(SpinQuant stage, its options) when the recipe learns rotations, else (None, None)."""
+    from quantkit.methods.base import build_methods
+
+    for m in build_methods(recipe):
+        if m.name == "spinquant" and m.o["rotation"] == "learned":
+            return m, m.o
+    return None, None
+
+
 def estimate_memory(
     config: dict[str, Any] | ModelShape,
     recipe,
@@ -288,6 +349,29 @@ def estimate_memory(
         host_parts["calibration (activations, stats)" if calib_work >= export else "export"] = max(calib_work, export)
         host_peak = sum(host_parts.values())
         device_peak = 0
+
+    spin, so = _rotation_training(recipe)
+    if spin is not None:  # a whole-model phase before the layer-wise pipeline: its own peak
+        import dataclasses
+
+        train = rotation_training_bytes(  # on the untied model (SpinQuant gives the LM head its own weight)
+            dataclasses.replace(shape, tie_word_embeddings=False), wb, seqlen=so["train_seqlen"],
+            batch_size=so["batch_size"],
+            quantize_weights=spin.train_quantized_weights(), act=recipe.scheme.input_activations is not None,
+            kv=recipe.scheme.kv_cache is not None, estimator=so["estimator"])
+        total = sum(train.values())
+        if on_gpu:
+            if total > device_peak:
+                device_parts = {f"rotation training: {k}": v for k, v in train.items()}
+                device_peak = total
+        else:  # host_parts["weights"] holds the (tied) weights already; the untied head is extra
+            extra = int((total - weights) * _TRAIN_HOST_SLACK)
+            base = host_peak - max(v for k, v in host_parts.items() if k.startswith(("calibration", "export")))
+            if base + extra > host_peak:
+                for k in [k for k in host_parts if k.startswith(("calibration", "export"))]:
+                    del host_parts[k]
+                host_parts["rotation training"] = extra
+                host_peak = sum(host_parts.values())
 
     if detect:
         host_available = _host_available() if host_available is None else host_available

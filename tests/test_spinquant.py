@@ -202,7 +202,7 @@ def test_split_held_out_rows_are_disjoint():
 def test_training_weight_rule(scheme, final, opt, expect):
     m = sq.SpinQuant(PRESETS[scheme], train_weights=opt)
     m.final = final
-    assert m._train_quantized_weights() is expect
+    assert m.train_quantized_weights() is expect
 
 
 def _tiny_training(m, ids, **kw):
@@ -323,6 +323,29 @@ def test_w4a4kv4_checkpoint_round_trip(tmp_path, tiny_tokenizer):
     with torch.no_grad(), plan.context(model2):
         disk = model2(ids).logits
     assert torch.allclose(mem, disk, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w4a16_checkpoint_loads_in_transformers(tmp_path, tiny_tokenizer, symmetric):
+    """A SpinQuant W4A16 checkpoint is a plain compressed-tensors one: transformers (with the
+    compressed-tensors package) loads it, untied LM head included, and gives the in-memory logits."""
+    import dataclasses
+
+    from quantkit.cli.spinquant import build_recipe
+    from test_export import _assert_same_logits, _load
+
+    m = make_tiny_model("llama", tie_word_embeddings=True)
+    _randomize_norms(m, 5)
+    recipe = build_recipe("W4A16", "learned", "gptq", group_size=32, iters=2, train_samples=2, train_seqlen=32,
+                          val_samples=1)
+    recipe = dataclasses.replace(recipe, scheme=dataclasses.replace(
+        recipe.scheme, weights=dataclasses.replace(recipe.scheme.weights, symmetric=symmetric)))
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), recipe, api.CalibConfig(samples=3, seqlen=32))
+    assert qm.online_rotations is None and qm.training["spinquant"]["val_samples"] == 1
+    out = api.export(qm, tmp_path / "ckpt")
+    loaded = _load(out, dequantize=not symmetric)
+    assert not loaded.config.tie_word_embeddings
+    _assert_same_logits(qm.model, loaded)
 
 
 def test_cli_spinquant_and_bad_input(tmp_path, tiny_tokenizer):

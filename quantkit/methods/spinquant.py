@@ -252,7 +252,7 @@ class SpinQuant(Method):
     def uses_data(self) -> bool:
         return self.o["rotation"] == "learned"
 
-    def _train_quantized_weights(self) -> bool:
+    def train_quantized_weights(self) -> bool:
         """Whether the training loss fake-quantizes the weights (see DEFAULTS["train_weights"])."""
         if self.o["train_weights"] != "auto":
             return self.o["train_weights"] == "quantized"
@@ -289,13 +289,13 @@ class SpinQuant(Method):
                 r3=use_r3, r4=r4, iters=self.o["iters"], lr=float(self.o["lr"]),
                 samples=self.o["train_samples"], seqlen=self.o["train_seqlen"], batch_size=self.o["batch_size"],
                 seed=self.o["seed"], reproject_tol=self.o["reproject_tol"], device=device, on_step=on_step,
-                quantize_weights=self._train_quantized_weights(), val_ids=val_ids, val_every=self.o["val_every"],
+                quantize_weights=self.train_quantized_weights(), val_ids=val_ids, val_every=self.o["val_every"],
                 optimizer=self.o["optimizer"], estimator=self.o["estimator"],
             )
             r1, r2 = fit.r1, fit.r2
             self.artifacts["training"] = {
                 "log": fit.log, "best_step": fit.best_step, "best_val_loss": fit.best_val_loss, "start_val_loss": fit.start_val_loss,
-                "quantized_weights": self._train_quantized_weights(),
+                "quantized_weights": self.train_quantized_weights(),
                 "val_samples": 0 if val_ids is None else int(val_ids.shape[0]),
             }
         fold_rotations(model, r1, r2, r4)
