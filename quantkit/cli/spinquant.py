@@ -34,6 +34,10 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
         raise RecipeError("W4A4KV4 uses per-channel weights (the int W4A4 layout); drop --group-size")
     opts = {"rotation": rotation, "seed": seed}
     if rotation == "learned":
+        from quantkit.methods.spinquant import LEARNING_RATES
+
+        if lr in (None, "auto") and optimizer in LEARNING_RATES:  # the manifest's recipe says the number used
+            lr = LEARNING_RATES[optimizer]
         opts.update(iters=iters, lr="auto" if lr is None else lr, optimizer=optimizer, train_samples=train_samples,
                     train_seqlen=train_seqlen, train_weights=train_weights, val_samples=val_samples,
                     val_every=val_every, estimator=estimator)

@@ -234,7 +234,8 @@ class SpinQuant(Method):
         if o["estimator"] not in ESTIMATORS:
             raise RecipeError(f"spinquant estimator={o['estimator']!r} must be one of {', '.join(ESTIMATORS)}")
         if o["train_weights"] not in TRAIN_WEIGHTS:
-            raise RecipeError(f"spinquant train_weights={o['train_weights']!r} must be one of {', '.join(TRAIN_WEIGHTS)}")
+            raise RecipeError(
+                f"spinquant train_weights={o['train_weights']!r} must be one of {', '.join(TRAIN_WEIGHTS)}")
         if o["optimizer"] not in LEARNING_RATES:
             raise RecipeError(f"spinquant optimizer={o['optimizer']!r} must be one of {', '.join(LEARNING_RATES)}")
         if o["lr"] == "auto" or o["lr"] is None:
@@ -294,8 +295,8 @@ class SpinQuant(Method):
             )
             r1, r2 = fit.r1, fit.r2
             self.artifacts["training"] = {
-                "log": fit.log, "best_step": fit.best_step, "best_val_loss": fit.best_val_loss, "start_val_loss": fit.start_val_loss,
-                "quantized_weights": self.train_quantized_weights(),
+                "log": fit.log, "best_step": fit.best_step, "best_val_loss": fit.best_val_loss,
+                "start_val_loss": fit.start_val_loss, "quantized_weights": self.train_quantized_weights(),
                 "val_samples": 0 if val_ids is None else int(val_ids.shape[0]),
             }
         fold_rotations(model, r1, r2, r4)
