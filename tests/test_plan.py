@@ -170,7 +170,7 @@ def test_rotation_training_has_its_own_peak():
     long = estimate_memory(CFG, _spin_recipe(train_seqlen=1024), calib, "cpu", dtype="float32", **kw)
     assert not any(k.startswith("rotation") for k in had.host_parts)
     train = rotation_training_bytes(ModelShape.from_config(CFG), 4, seqlen=1024, quantize_weights=False,
-                                    act=True, kv=True)
+                                    act=True, kv=True, estimator="scale")  # the CLI's W4A4KV4 setting
     assert long.host_parts["rotation training"] == int((sum(train.values()) - long.host_parts["weights"]) * _TRAIN_HOST_SLACK)
     tied = estimate_memory({**CFG, "tie_word_embeddings": True}, _spin_recipe(train_seqlen=1024), calib, "cpu",
                            dtype="float32", **kw)  # untied for training: the head's weight and its rotated copy

@@ -244,6 +244,16 @@ def test_held_out_check_keeps_the_best_rotations():
     assert fit2.best_val_loss is None and fit2.best_step == 1
 
 
+def test_cli_recipe_picks_the_measured_setting_per_scheme():
+    from quantkit.cli.spinquant import build_recipe
+
+    opts = {sch: build_recipe(sch, "learned", "gptq").stages[0].options for sch in ("W4A16", "W4A4KV4")}
+    assert (opts["W4A16"]["optimizer"], opts["W4A16"]["lr"], opts["W4A16"]["estimator"]) == ("cayley-sgd", 1.5, "ste")
+    assert (opts["W4A4KV4"]["optimizer"], opts["W4A4KV4"]["lr"], opts["W4A4KV4"]["estimator"]) == ("adam", 1e-4, "scale")
+    mine = build_recipe("W4A4KV4", "learned", "gptq", optimizer="cayley-sgd", lr=0.3, estimator="ste").stages[0].options
+    assert (mine["optimizer"], mine["lr"], mine["estimator"]) == ("cayley-sgd", 0.3, "ste")
+
+
 def test_learning_rate_follows_the_optimizer():
     assert sq.SpinQuant(PRESETS["W4A16"]).o["lr"] == sq.LEARNING_RATES["cayley-sgd"] == 1.5
     assert sq.SpinQuant(PRESETS["W4A16"], optimizer="adam").o["lr"] == 1e-4

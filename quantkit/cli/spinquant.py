@@ -10,11 +10,15 @@ from quantkit.cli.methods import method_command
 
 _SCHEMES = ("W4A16", "W4A4KV4")
 _QUANTIZERS = ("gptq", "rtn")
+# optimizer / estimator "auto": the best learned setting measured per scheme (BENCHMARKS.md, SpinQuant, H200):
+# W4A16 g64 cayley-sgd 14.39 vs hadamard 14.57; W4A4KV4 adam + scale 35.13 vs hadamard 35.88, where cayley-sgd
+# at its lr 1.5 kept the start.
+_TUNED = {"W4A16": ("cayley-sgd", "ste"), "W4A4KV4": ("adam", "scale")}
 
 
 def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=100, lr="auto",
-                 optimizer="cayley-sgd", train_samples=32, train_seqlen=512, seed=0, ignore=("lm_head",),
-                 train_weights="auto", val_samples=8, val_every=10, estimator="ste"):
+                 optimizer="auto", train_samples=32, train_seqlen=512, seed=0, ignore=("lm_head",),
+                 train_weights="auto", val_samples=8, val_every=10, estimator="auto"):
     """The Recipe `quantkit spinquant` runs (also used by benchmarks): spinquant -> gptq|rtn."""
     import dataclasses
 
@@ -36,6 +40,10 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
     if rotation == "learned":
         from quantkit.methods.spinquant import LEARNING_RATES
 
+        if optimizer == "auto":
+            optimizer = _TUNED[scheme][0]
+        if estimator == "auto":
+            estimator = _TUNED[scheme][1]
         if lr in (None, "auto") and optimizer in LEARNING_RATES:  # the manifest's recipe says the number used
             lr = LEARNING_RATES[optimizer]
         opts.update(iters=iters, lr="auto" if lr is None else lr, optimizer=optimizer, train_samples=train_samples,
@@ -53,12 +61,12 @@ def spinquant(
         int | None, typer.Option("--group-size", help="W4A16 group size (default 64).")
     ] = None,
     iters: Annotated[int, typer.Option("--iters", help="learned: training steps (100 on a GPU; each ~3-7 s on 2 CPU cores for the default model).")] = 100,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="learned: cayley-sgd (SpinQuant's Riemannian SGD on the rotations) or adam (on Cayley parameters).")] = "cayley-sgd",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="learned: cayley-sgd (SpinQuant's Riemannian SGD on the rotations), adam (on Cayley parameters), or auto (the best measured: cayley-sgd for W4A16, adam for W4A4KV4).")] = "auto",
     lr: Annotated[float | None, typer.Option("--lr", help="learned: learning rate (default: 1.5 for cayley-sgd, 1e-4 for adam).")] = None,
     train_samples: Annotated[int, typer.Option("--train-samples", help="learned: calibration sequences used for training.")] = 32,
     train_seqlen: Annotated[int, typer.Option("--train-seqlen", help="learned: tokens per training sequence.")] = 512,
     train_weights: Annotated[str, typer.Option("--train-weights", help="learned: weights in the training loss: auto (float when GPTQ follows W4A4KV4, as SpinQuant does; else RTN fake-quant), quantized or float.")] = "auto",
-    estimator: Annotated[str, typer.Option("--estimator", help="learned: gradient of the activation/KV fake-quant: ste (identity) or scale (also through the per-token scale).")] = "ste",
+    estimator: Annotated[str, typer.Option("--estimator", help="learned: gradient of the activation/KV fake-quant: ste (identity), scale (also through the per-token scale), or auto (scale for W4A4KV4).")] = "auto",
     val_samples: Annotated[int, typer.Option("--val-samples", help="learned: calibration sequences held out of training; the rotations with the lowest held-out loss are kept (0: keep the last).")] = 8,
     val_every: Annotated[int, typer.Option("--val-every", help="learned: steps between held-out checks.")] = 10,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random Hadamard start and the calibration sample.")] = 0,
