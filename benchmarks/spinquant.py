@@ -48,9 +48,16 @@ def _speed(args) -> None:
     from quantkit.methods.spinquant import LEARNING_RATES
 
     opt = args.optimizer.split(",")[0]
+    opt = {"auto": "adam" if use_act else "cayley-sgd"}.get(opt, opt)  # as `quantkit spinquant` picks
+    est = args.estimator.split(",")[0]
+    est = {"auto": "scale" if use_act else "ste"}.get(est, est)
+    tw = args.train_weights.split(",")[0]
+    # auto: as when GPTQ follows (the recipes): float weights in the loss for activation/KV schemes
+    quantize_weights = tw == "quantized" or (tw == "auto" and not (use_act or scheme.kv_cache is not None))
     log = train_rotations(
         model, ids, scheme, r1, r2, r3=scheme.kv_cache is not None, r4=r4, iters=int(args.iters), optimizer=opt,
-        lr=LEARNING_RATES[opt] if args.lr == "auto" else float(args.lr), estimator=args.estimator.split(",")[0],
+        lr=LEARNING_RATES[opt] if args.lr == "auto" else float(args.lr), estimator=est,
+        quantize_weights=quantize_weights,
         samples=args.train_samples, seqlen=args.train_seqlen, device=dev,
         on_step=lambda i, n, name, msg: print(f"{name} {i + 1}/{n}: {msg}", flush=True),
     ).log
@@ -58,12 +65,18 @@ def _speed(args) -> None:
     steady = [r["seconds"] for r in log[1:]] or [log[0]["seconds"]]
     print(json.dumps({"shape": args.shape, "scheme": args.scheme, "log": log, "peak_gib": peak}, indent=1))
     print()
-    print(f"| shape | scheme | optimizer, estimator | device | seqlen | iters | s/iter (first) | s/iter (rest, mean) | "
-          "peak GPU GiB | model build s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.shape} | {args.scheme} | {opt}, {args.estimator.split(',')[0]} | {_device_name(dev)} | "
-          f"{args.train_seqlen} | {args.iters} | "
-          f"{log[0]['seconds']:.2f} | {sum(steady) / len(steady):.2f} | {peak:.1f} | {build_s:.1f} |")
+    from quantkit.plan import GiB, ModelShape, rotation_training_bytes
+
+    plan = sum(rotation_training_bytes(
+        ModelShape.from_config(model.config.to_dict()), torch.finfo(dtype).bits // 8, seqlen=args.train_seqlen,
+        quantize_weights=quantize_weights, act=use_act,
+        kv=scheme.kv_cache is not None, estimator=est).values()) / GiB
+    print(f"| shape | scheme | optimizer, estimator, weights in the loss | device | seqlen | iters | s/iter (first) | "
+          "s/iter (rest, mean) | peak GPU GiB | plan estimate GiB | model build s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.shape} | {args.scheme} | {opt}, {est}, {'RTN' if quantize_weights else 'float'} | "
+          f"{_device_name(dev)} | {args.train_seqlen} | {args.iters} | "
+          f"{log[0]['seconds']:.2f} | {sum(steady) / len(steady):.2f} | {peak:.1f} | {plan:.1f} | {build_s:.1f} |")
 
 
 def _device_name(dev) -> str:

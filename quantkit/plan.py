@@ -41,6 +41,8 @@ _LIMIT = 10_000_000  # no real model has a dimension or layer count near this
 # 8B on an H200, peak allocated 51.0 GiB (STE) and 91.0 GiB (scale estimator); default model on 2 CPU cores,
 # RSS growth 2.6-7.0 GiB at 512-2048 tokens, which the counted tensors alone miss by 10-15%.
 _TRAIN_ACT_SLACK = 1.1
+_HOST_WEIGHTS_ADVICE = ("the weights alone need {gib:.1f} GiB of host memory: use a machine with more RAM or disk "
+                        "offload through accelerate (device_map with offload_folder; not wired into quantkit yet)")
 _TRAIN_HOST_SLACK = 1.2
 
 
@@ -351,6 +353,7 @@ def estimate_memory(
         device_peak = 0
 
     spin, so = _rotation_training(recipe)
+    training_peak = False  # whether the rotation training sets the peak that counts
     if spin is not None:  # a whole-model phase before the layer-wise pipeline: its own peak
         import dataclasses
 
@@ -363,7 +366,7 @@ def estimate_memory(
         if on_gpu:
             if total > device_peak:
                 device_parts = {f"rotation training: {k}": v for k, v in train.items()}
-                device_peak = total
+                device_peak, training_peak = total, True
         else:  # host_parts["weights"] holds the (tied) weights already; the untied head is extra
             extra = int((total - weights) * _TRAIN_HOST_SLACK)
             base = host_peak - max(v for k, v in host_parts.items() if k.startswith(("calibration", "export")))
@@ -371,7 +374,7 @@ def estimate_memory(
                 for k in [k for k in host_parts if k.startswith(("calibration", "export"))]:
                     del host_parts[k]
                 host_parts["rotation training"] = extra
-                host_peak = sum(host_parts.values())
+                host_peak, training_peak = sum(host_parts.values()), True
 
     if detect:
         host_available = _host_available() if host_available is None else host_available
@@ -380,7 +383,20 @@ def estimate_memory(
     over_host = host_available is not None and host_peak > host_available
     over_dev = on_gpu and device_available is not None and device_peak > device_available
     plan.fits = not (over_host or over_dev)
-    if not plan.fits:
+    if not plan.fits and training_peak:
+        # what scales with the training length: saved activations and logits (x the CPU's slack there)
+        budget, peak = (device_available, device_peak) if over_dev else (host_available, host_peak)
+        grows = (train["saved activations"] + train["logits and loss"]) * (1 if on_gpu else _TRAIN_HOST_SLACK)
+        n = int(so["train_seqlen"] * (budget - (peak - grows)) / grows) if grows else 0
+        if 2 <= n < so["train_seqlen"]:
+            plan.advice.append(f"--train-seqlen {n} (rotation training activations scale with it)")
+        if so["estimator"] == "scale":
+            plan.advice.append("--estimator ste (no float32 copies of the fake-quantized activations)")
+        if on_gpu and over_dev and not over_host:
+            plan.advice.append("--device cpu (train and calibrate in host memory, much slower)")
+        if over_host:
+            plan.advice.append(_HOST_WEIGHTS_ADVICE.format(gib=weights / GiB))
+    elif not plan.fits:
         budget, peak = (device_available, device_peak) if over_dev else (host_available, host_peak)
         per_sample = (act + rope) / max(calib.samples, 1)
         fixed = peak - act - rope
@@ -394,9 +410,7 @@ def estimate_memory(
         if data and calib.batch_size > 1:
             plan.advice.append("--batch-size 1 (smaller forward transients)")
         if over_host:
-            plan.advice.append(
-                f"the weights alone need {weights / GiB:.1f} GiB of host memory: use a machine with more RAM or "
-                "disk offload through accelerate (device_map with offload_folder; not wired into quantkit yet)")
+            plan.advice.append(_HOST_WEIGHTS_ADVICE.format(gib=weights / GiB))
         if over_dev and not over_host:
             plan.advice.append("--device cpu (calibrate in host memory, slower)")
     return plan
