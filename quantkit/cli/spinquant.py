@@ -17,7 +17,7 @@ _TUNED = {"W4A16": ("cayley-sgd", "ste"), "W4A4KV4": ("adam", "scale")}
 
 
 def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=100, lr="auto",
-                 optimizer="auto", train_samples=32, train_seqlen=512, seed=0, ignore=("lm_head",),
+                 optimizer="auto", train_samples=120, train_seqlen=512, seed=0, ignore=("lm_head",),
                  train_weights="auto", val_samples=8, val_every=10, estimator="auto"):
     """The Recipe `quantkit spinquant` runs (also used by benchmarks): spinquant -> gptq|rtn."""
     import dataclasses
@@ -63,7 +63,7 @@ def spinquant(
     iters: Annotated[int, typer.Option("--iters", help="learned: training steps (100 on a GPU; each ~3-7 s on 2 CPU cores for the default model).")] = 100,
     optimizer: Annotated[str, typer.Option("--optimizer", help="learned: cayley-sgd (SpinQuant's Riemannian SGD on the rotations), adam (on Cayley parameters), or auto (the best measured: cayley-sgd for W4A16, adam for W4A4KV4).")] = "auto",
     lr: Annotated[float | None, typer.Option("--lr", help="learned: learning rate (default: 1.5 for cayley-sgd, 1e-4 for adam).")] = None,
-    train_samples: Annotated[int, typer.Option("--train-samples", help="learned: calibration sequences used for training.")] = 32,
+    train_samples: Annotated[int, typer.Option("--train-samples", help="learned: calibration sequences used for training (at most --samples minus --val-samples; each step takes the next one).")] = 120,
     train_seqlen: Annotated[int, typer.Option("--train-seqlen", help="learned: tokens per training sequence.")] = 512,
     train_weights: Annotated[str, typer.Option("--train-weights", help="learned: weights in the training loss: auto (float when GPTQ follows W4A4KV4, as SpinQuant does; else RTN fake-quant), quantized or float.")] = "auto",
     estimator: Annotated[str, typer.Option("--estimator", help="learned: gradient of the activation/KV fake-quant: ste (identity), scale (also through the per-token scale), or auto (scale for W4A4KV4).")] = "auto",

@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "iters": 100,  # learned: optimizer steps (the paper uses 100 on 800 samples; fewer on CPU)
     "optimizer": "cayley-sgd",  # learned: SpinQuant's Riemannian SGD on R, or "adam" on Cayley parameters
     "lr": "auto",  # learned: auto = the optimizer's LEARNING_RATES entry
-    "train_samples": 32,
+    "train_samples": 120,  # learned: at most the calibration rows minus the held-out ones
     "train_seqlen": 512,
     "batch_size": 1,
     "seed": 0,
