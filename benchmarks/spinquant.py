@@ -45,15 +45,15 @@ def _speed(args) -> None:
     ids = torch.randint(0, model.config.vocab_size, (max(1, args.train_samples), args.train_seqlen), generator=g)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    from quantkit.methods.spinquant import LEARNING_RATES
+    from quantkit.methods.spinquant import LEARNING_RATES, TUNED
 
     opt = args.optimizer.split(",")[0]
-    opt = {"auto": "adam" if use_act else "cayley-sgd"}.get(opt, opt)  # as `quantkit spinquant` picks
+    opt = TUNED[args.scheme]["optimizer"] if opt == "auto" else opt  # as `quantkit spinquant` picks
     est = args.estimator.split(",")[0]
-    est = {"auto": "scale" if use_act else "ste"}.get(est, est)
-    tw = args.train_weights.split(",")[0]
-    # auto: as when GPTQ follows (the recipes): float weights in the loss for activation/KV schemes
-    quantize_weights = tw == "quantized" or (tw == "auto" and not (use_act or scheme.kv_cache is not None))
+    est = TUNED[args.scheme]["estimator"] if est == "auto" else est
+    stage = sq.SpinQuant(scheme, rotation="learned", train_weights=args.train_weights.split(",")[0])
+    stage.final = False  # as in the recipes: GPTQ follows
+    quantize_weights = stage.train_quantized_weights()
     log = train_rotations(
         model, ids, scheme, r1, r2, r3=scheme.kv_cache is not None, r4=r4, iters=int(args.iters), optimizer=opt,
         lr=LEARNING_RATES[opt] if args.lr == "auto" else float(args.lr), estimator=est,

@@ -17,6 +17,7 @@ On the CPU the rotation training's peak replaces the calibration/export working 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -41,9 +42,9 @@ _LIMIT = 10_000_000  # no real model has a dimension or layer count near this
 # 8B on an H200, peak allocated 51.0 GiB (STE) and 91.0 GiB (scale estimator); default model on 2 CPU cores,
 # RSS growth 2.6-7.0 GiB at 512-2048 tokens, which the counted tensors alone miss by 10-15%.
 _TRAIN_ACT_SLACK = 1.1
+_TRAIN_HOST_SLACK = 1.2
 _HOST_WEIGHTS_ADVICE = ("the weights alone need {gib:.1f} GiB of host memory: use a machine with more RAM or disk "
                         "offload through accelerate (device_map with offload_folder; not wired into quantkit yet)")
-_TRAIN_HOST_SLACK = 1.2
 
 
 class MemoryPlanError(UsageError):
@@ -224,7 +225,8 @@ def rotation_training_bytes(shape: ModelShape, wb: int, *, seqlen: int, batch_si
     - activations autograd saves, per token and layer (elements, in the model dtype): norms'
       inputs/outputs, one fake-quantized input copy per linear (each linear has its own hook),
       q/k/v and RoPE outputs, K/V fake-quant, attention output, gate/up/act/product, R4's output;
-      the "scale" estimator also saves float32 copies (x, x/s) of every fake-quantized input;
+      the "scale" estimator also saves three float32 copies (x, the clamp's input, q) of every
+      fake-quantized input;
     - logits (model dtype) + their float32 copy and log-softmax for the loss;
     - R1, R2 with their gradients and the Cayley step's temporaries (float32).
     Checked against measurements in BENCHMARKS.md (issue 8)."""
@@ -355,8 +357,6 @@ def estimate_memory(
     spin, so = _rotation_training(recipe)
     training_peak = False  # whether the rotation training sets the peak that counts
     if spin is not None:  # a whole-model phase before the layer-wise pipeline: its own peak
-        import dataclasses
-
         train = rotation_training_bytes(  # on the untied model (SpinQuant gives the LM head its own weight)
             dataclasses.replace(shape, tie_word_embeddings=False), wb, seqlen=so["train_seqlen"],
             batch_size=so["batch_size"],

@@ -141,6 +141,10 @@ class KVCacheArgs:
         if not self.residual_tau > 0:
             raise RecipeError(f"kv_cache residual_tau={self.residual_tau} must be > 0")
 
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
     def describe(self) -> str:
         r = f" +r{self.residual_bits}" if self.residual_bits else ""
         return f"KV{self.bits} per-{self.strategy} {'dynamic' if self.dynamic else 'static'}{r}"

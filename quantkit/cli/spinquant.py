@@ -10,10 +10,6 @@ from quantkit.cli.methods import method_command
 
 _SCHEMES = ("W4A16", "W4A4KV4")
 _QUANTIZERS = ("gptq", "rtn")
-# optimizer / estimator "auto": the best learned setting measured per scheme (BENCHMARKS.md, SpinQuant, H200):
-# W4A16 g64 cayley-sgd 14.39 vs hadamard 14.57; W4A4KV4 adam + scale 35.13 vs hadamard 35.88, where cayley-sgd
-# at its lr 1.5 kept the start.
-_TUNED = {"W4A16": ("cayley-sgd", "ste"), "W4A4KV4": ("adam", "scale")}
 
 
 def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=100, lr="auto",
@@ -38,12 +34,12 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
         raise RecipeError("W4A4KV4 uses per-channel weights (the int W4A4 layout); drop --group-size")
     opts = {"rotation": rotation, "seed": seed}
     if rotation == "learned":
-        from quantkit.methods.spinquant import LEARNING_RATES
+        from quantkit.methods.spinquant import LEARNING_RATES, TUNED
 
-        if optimizer == "auto":
-            optimizer = _TUNED[scheme][0]
+        if optimizer == "auto":  # the best setting measured for the scheme
+            optimizer = TUNED[scheme]["optimizer"]
         if estimator == "auto":
-            estimator = _TUNED[scheme][1]
+            estimator = TUNED[scheme]["estimator"]
         if lr in (None, "auto") and optimizer in LEARNING_RATES:  # the manifest's recipe says the number used
             lr = LEARNING_RATES[optimizer]
         opts.update(iters=iters, lr="auto" if lr is None else lr, optimizer=optimizer, train_samples=train_samples,

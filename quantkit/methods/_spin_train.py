@@ -101,10 +101,10 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
             return token_fq_scale_grad(x, act.qmax)
         return ste(x, fake_quantize_activations(x.detach(), act))
 
-    def kv_fq(x, bits):
+    def kv_fq(x, kv):
         if estimator == "scale":
-            return token_fq_scale_grad(x, 2 ** (bits - 1) - 1)
-        return ste(x, _kv_token_fq(x, bits))
+            return token_fq_scale_grad(x, kv.qmax)
+        return ste(x, _kv_token_fq(x, kv.bits))
 
     handles = []
     with ExitStack() as stack:
@@ -121,10 +121,10 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
                 def fn(_name, key, value):
                     if r3 is not None:
                         r = r3.to(key.device, key.dtype)
-                        key = kv_fq(key @ r, kv.bits) @ r.T
+                        key = kv_fq(key @ r, kv) @ r.T
                     else:
-                        key = kv_fq(key, kv.bits)
-                    return key, kv_fq(value, kv.bits)
+                        key = kv_fq(key, kv)
+                    return key, kv_fq(value, kv)
 
                 stack.enter_context(kv_hook(model, fn))
             yield
@@ -172,6 +172,12 @@ def train_rotations(
     from quantkit.methods.spinquant import rotated_tensors
     from quantkit.quant.rotation import normalized_hadamard
 
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if val_every < 1:
+        raise ValueError("val_every must be a positive integer")
     device = torch.device(device)
     home = next(model.parameters()).device
     was_training = model.training
@@ -179,8 +185,6 @@ def train_rotations(
     ids = input_ids[:samples, :seqlen].to(device)
     if ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError("rotation training needs at least one calibration sequence of 2+ tokens")
-    if val_every < 1:
-        raise ValueError("val_every must be a positive integer")
     vids = None if val_ids is None or val_ids.shape[0] == 0 else val_ids[:, :seqlen].to(device)
     torch.manual_seed(seed)
     model.to(device)
@@ -193,10 +197,6 @@ def train_rotations(
     head_dim = r2[0].shape[0]
     r3m = normalized_hadamard(head_dim).to(device) if r3 else None
     r4d = None if r4 is None else r4.to(device, dtype)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     base1 = r1.to(device, torch.float32, copy=True)  # updated in place: never the caller's tensor
     base2 = torch.stack(r2).to(device, torch.float32)
     sgd = optimizer == "cayley-sgd"
@@ -228,14 +228,18 @@ def train_rotations(
         base1.grad = base2.grad = None
         return float(torch.cat([a1.reshape(1), a2]).mean())
 
-    def loss_of(batch, R1, R2):
-        """The fake-quantized model's next-token loss on `batch` with rotations R1, R2 (differentiable)."""
+    def weights_for(R1, R2) -> dict[str, torch.Tensor]:
+        """The rotated (and, with quantize_weights, fake-quantized) weights for R1, R2 (differentiable)."""
         tensors = rotated_tensors(model, R1, list(R2.unbind(0)), r4d, dtype=dtype)
         if quantize_weights:
             for name in wnames:
                 if name in tensors:
                     w = tensors[name]
                     tensors[name] = ste(w, fake_quantize(w.detach(), scheme.weights))
+        return tensors
+
+    def loss_on(batch, tensors) -> torch.Tensor:
+        """The fake-quantized model's next-token loss on `batch` with the given weights."""
         out = torch.func.functional_call(
             model, tensors, args=(batch,), kwargs={"labels": batch, "use_cache": False}, strict=False
         )
@@ -243,11 +247,11 @@ def train_rotations(
 
     @torch.no_grad()
     def val_loss() -> float:
-        R1, R2 = current()
+        tensors = weights_for(*current())  # once per check, not per held-out batch
         total = 0.0
         for lo in range(0, vids.shape[0], batch_size):
             b = vids[lo: lo + batch_size]
-            total += float(loss_of(b, R1, R2)) * b.shape[0]
+            total += float(loss_on(b, tensors)) * b.shape[0]
         return total / vids.shape[0]
 
     best = {"step": -1, "val": None, "r": None}
@@ -273,8 +277,7 @@ def train_rotations(
                 t0 = time.perf_counter()
                 lo = (step * batch_size) % ids.shape[0]
                 batch = ids[lo: lo + batch_size]
-                R1, R2 = current()
-                loss = loss_of(batch, R1, R2)
+                loss = loss_on(batch, weights_for(*current()))
                 if not sgd:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()

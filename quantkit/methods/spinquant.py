@@ -64,6 +64,10 @@ DEFAULTS: dict[str, Any] = {
 TRAIN_WEIGHTS = ("auto", "quantized", "float")
 # cayley-sgd: the paper's 1.5 (each step is also capped at |a W|_1 <= 1); adam: per-entry steps, so small
 LEARNING_RATES = {"cayley-sgd": 1.5, "adam": 1e-4}
+# The best learned setting measured per scheme preset (BENCHMARKS.md, SpinQuant, H200): W4A16 g64 cayley-sgd
+# 14.39 vs hadamard 14.57; W4A4KV4 adam + scale 35.13 vs hadamard 35.88, where cayley-sgd at lr 1.5 kept the start.
+TUNED = {"W4A16": {"optimizer": "cayley-sgd", "estimator": "ste"},
+         "W4A4KV4": {"optimizer": "adam", "estimator": "scale"}}
 
 
 def _head_dims(config) -> tuple[int, int, int]:
