@@ -5,10 +5,11 @@ A4, per-token KV4, activations/KV simulated in torch), W4A16 g64 GPTQ alone vs h
 vs learned+GPTQ; all on the same held-out windows and one calibration set; gap closed
 (W4A4KV4: share of the none->baseline gap) and rotation training time.
 
-    python benchmarks/spinquant.py --device cuda --samples 128 --seqlen 512 --windows 40 --iters 100
-    python benchmarks/spinquant.py --device cpu --samples 4 --seqlen 64 --windows 2 --iters 2   # CPU check
+    python benchmarks/spinquant.py --device cuda --samples 256 --seqlen 512 --windows 40   # the tuned settings
+    python benchmarks/spinquant.py --device cpu --samples 8 --seqlen 64 --windows 2 --iters 2 --val-samples 2  # CPU check
     python benchmarks/spinquant.py --device cuda --shape llama3-8b --iters 3     # s/iteration, peak memory
     python benchmarks/spinquant.py --device cuda --only w4a4kv4 --lr 1.5,0.5 --train-weights float,quantized  # sweep
+    python benchmarks/spinquant.py --device cuda --only w4a4kv4 --configs "adam:1e-4:float:scale:300:8:ce;adam:1e-4:float:scale:200:8:kl"
 
 Prints a markdown table last.
 """
@@ -39,14 +40,17 @@ def _speed(args) -> None:
     sq.make_rotation_ready(model)
     r1, r2 = sq.initial_rotations(model, 0)
     scheme = PRESETS[args.scheme]
+    from quantkit.methods.spinquant import LEARNING_RATES, TUNED
+
+    args.iters = TUNED[args.scheme]["iters"] if args.iters == "auto" else int(args.iters)
+    args.train_batch = args.train_batch or TUNED[args.scheme]["batch_size"]
     use_act = scheme.input_activations is not None
     r4 = normalized_hadamard(model.config.intermediate_size) if use_act else None
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (max(1, args.train_samples), args.train_seqlen), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (max(args.train_batch, args.train_samples), args.train_seqlen),
+                        generator=g)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    from quantkit.methods.spinquant import LEARNING_RATES, TUNED
-
     opt = args.optimizer.split(",")[0]
     opt = TUNED[args.scheme]["optimizer"] if opt == "auto" else opt  # as `quantkit spinquant` picks
     est = args.estimator.split(",")[0]
@@ -54,10 +58,11 @@ def _speed(args) -> None:
     stage = sq.SpinQuant(scheme, rotation="learned", train_weights=args.train_weights.split(",")[0])
     stage.final = False  # as in the recipes: GPTQ follows
     quantize_weights = stage.train_quantized_weights()
+    obj = TUNED[args.scheme]["objective"] if args.objective == "auto" else args.objective
     log = train_rotations(
         model, ids, scheme, r1, r2, r3=scheme.kv_cache is not None, r4=r4, iters=int(args.iters), optimizer=opt,
         lr=LEARNING_RATES[opt] if args.lr == "auto" else float(args.lr), estimator=est,
-        quantize_weights=quantize_weights,
+        quantize_weights=quantize_weights, objective=obj, batch_size=args.train_batch,
         samples=args.train_samples, seqlen=args.train_seqlen, device=dev,
         on_step=lambda i, n, name, msg: print(f"{name} {i + 1}/{n}: {msg}", flush=True),
     ).log
@@ -70,13 +75,19 @@ def _speed(args) -> None:
     plan = sum(rotation_training_bytes(
         ModelShape.from_config(model.config.to_dict()), torch.finfo(dtype).bits // 8, seqlen=args.train_seqlen,
         quantize_weights=quantize_weights, act=use_act,
-        kv=scheme.kv_cache is not None, estimator=est).values()) / GiB
+        kv=scheme.kv_cache is not None, estimator=est, batch_size=args.train_batch, objective=obj).values()) / GiB
     print(f"| shape | scheme | optimizer, estimator, weights in the loss | device | seqlen | iters | s/iter (first) | "
           "s/iter (rest, mean) | peak GPU GiB | plan estimate GiB | model build s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.shape} | {args.scheme} | {opt}, {est}, {'RTN' if quantize_weights else 'float'} | "
+    print(f"| {args.shape} | {args.scheme} | {opt}, {est}, {'RTN' if quantize_weights else 'float'}, {obj}, "
+          f"batch {args.train_batch} | "
           f"{_device_name(dev)} | {args.train_seqlen} | {args.iters} | "
           f"{log[0]['seconds']:.2f} | {sum(steady) / len(steady):.2f} | {peak:.1f} | {plan:.1f} | {build_s:.1f} |")
+
+
+def _int_or_auto(v: str) -> int | None:
+    """A number from the command line, or None for "auto" (the scheme's tuned value)."""
+    return None if v == "auto" else int(v)
 
 
 def _device_name(dev) -> str:
@@ -91,19 +102,22 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--samples", type=int, default=128, help="calibration windows (GPTQ)")
+    ap.add_argument("--samples", type=int, default=256, help="calibration windows (GPTQ; learned: training + held-out)")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration and eval window length")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--iters", default="100", help="rotation training steps (learned); a comma list sweeps")
-    ap.add_argument("--optimizer", default="cayley-sgd", help="learned: cayley-sgd|adam; a comma list sweeps")
+    ap.add_argument("--iters", default="auto", help="rotation training steps (learned; auto: the scheme's tuned); a comma list sweeps")
+    ap.add_argument("--optimizer", default="auto", help="learned: cayley-sgd|adam|auto; a comma list sweeps")
     ap.add_argument("--lr", default="auto", help="learned: learning rate (auto: the optimizer's); a comma list sweeps")
     ap.add_argument("--train-weights", default="auto", help="learned: auto|quantized|float; a comma list sweeps")
-    ap.add_argument("--estimator", default="ste", help="learned: ste|scale; a comma list sweeps")
-    ap.add_argument("--configs", default=None, help='learned W4A4KV4 rows instead of the product: "opt:lr:weights:est[:iters];..."')
-    ap.add_argument("--w4a16-configs", default=None, help='learned W4A16 rows: "opt:lr:weights:est;..."')
-    ap.add_argument("--val-samples", type=int, default=8, help="learned: held-out calibration sequences")
-    ap.add_argument("--val-every", type=int, default=10)
+    ap.add_argument("--estimator", default="auto", help="learned: ste|scale|auto; a comma list sweeps")
+    ap.add_argument("--configs", default=None,
+                    help='learned W4A4KV4 rows instead of the product: "opt:lr:weights:est[:iters[:batch[:objective]]];..."')
+    ap.add_argument("--w4a16-configs", default=None, help='learned W4A16 rows: "opt:lr:weights:est[:batch[:objective]];..."')
+    ap.add_argument("--train-batch", type=int, default=None, help="learned: sequences per training step (default: tuned)")
+    ap.add_argument("--objective", default="auto", help="learned: ce|kl|auto (the scheme's tuned one)")
+    ap.add_argument("--val-samples", type=int, default=24, help="learned: held-out calibration sequences")
+    ap.add_argument("--val-every", type=int, default=20)
     ap.add_argument("--train-samples", type=int, default=None, help="training sequences (default: --samples)")
     ap.add_argument("--train-seqlen", type=int, default=None, help="training length (default: --seqlen; 2048 for --shape)")
     ap.add_argument("--shape", default=None, help="speed mode: a random-weight shape (llama3-8b, tiny)")
@@ -164,27 +178,31 @@ def main() -> None:
     if args.configs:
         grid = []
         for c in args.configs.split(";"):
-            o, lr, tw, est, *it = c.split(":")
-            grid.append((int(it[0]) if it else int(str(args.iters).split(",")[0]), o, lr if lr == "auto" else float(lr),
-                         tw, est))
+            o, lr, tw, est, *rest = c.split(":")  # [:iters[:batch[:objective]]]
+            it = _int_or_auto(rest[0] if rest else str(args.iters).split(",")[0])
+            grid.append((it, o, lr if lr == "auto" else float(lr), tw, est,
+                         int(rest[1]) if len(rest) > 1 else args.train_batch, rest[2] if len(rest) > 2 else args.objective))
     else:
-        grid = [(int(i), o, lr if lr == "auto" else float(lr), tw, est) for i in str(args.iters).split(",")
+        grid = [(_int_or_auto(i), o, lr if lr == "auto" else float(lr), tw, est, args.train_batch, args.objective)
+                for i in str(args.iters).split(",")
                 for o in args.optimizer.split(",") for lr in str(args.lr).split(",")
                 for tw in args.train_weights.split(",") for est in args.estimator.split(",")]
 
-    def learned_label(prefix: str, it: int, o: str, lr, tw: str, est: str) -> str:
+    def learned_label(prefix: str, many: bool, it: int, o: str, lr, tw: str, est: str, bs=None, obj="auto") -> str:
+        """The row's name; with several learned rows of the scheme (`many`) it spells out their settings."""
         lr_s = lr if lr == "auto" else f"{lr:g}"
-        return f"{prefix} learned + GPTQ" + ("" if len(grid) == 1 else f" ({o}, {it} it, lr {lr_s}, weights {tw}, {est})")
+        return f"{prefix} learned + GPTQ" + (f" ({o}, {it} it, lr {lr_s}, weights {tw}, {est}, batch {bs or 'auto'}, "
+                                              f"{obj})" if many else "")
 
-    def learned(scheme, it, o, lr, tw, est):
+    def learned(scheme, it, o, lr, tw, est, bs=1, obj="auto"):
         return build_recipe(scheme, "learned", "gptq", iters=it, optimizer=o, lr=lr, train_weights=tw, estimator=est,
-                            **kw)
+                            train_batch=bs, objective=obj, **kw)
 
     if "w4a4kv4" in only:
         for rot in ("none", "hadamard"):
             run(f"W4A4KV4 {rot} + GPTQ", build_recipe("W4A4KV4", rot, "gptq", **kw))
         for cfg in grid:
-            run(learned_label("W4A4KV4", *cfg), learned("W4A4KV4", *cfg))
+            run(learned_label("W4A4KV4", len(grid) > 1, *cfg), learned("W4A4KV4", *cfg))
     if "w4a16" in only:
         gptq_only = build_recipe("W4A16", "none", "gptq", **kw)
         run("W4A16 g64 GPTQ alone", Recipe(gptq_only.scheme, (Stage("gptq"),), gptq_only.ignore))
@@ -193,11 +211,14 @@ def main() -> None:
         # loss does not depend on the rotation: those rows collapse onto quantized-weight ones
         w16 = args.w4a16_configs.split(";") if args.w4a16_configs else None
         cfgs = ([tuple(c.split(":")) for c in w16] if w16 else
-                [(o, lr, "quantized", "ste") for _, o, lr, _, _ in grid])
-        for o, lr, tw, est in dict.fromkeys(cfgs):
-            it = int(str(args.iters).split(",")[0])
+                [(o, lr, "quantized", "ste") for _, o, lr, *_ in grid])
+        cfgs = list(dict.fromkeys(cfgs))
+        for o, lr, tw, est, *rest in cfgs:
+            it = _int_or_auto(str(args.iters).split(",")[0])
             lr = lr if lr == "auto" else float(lr)
-            run(learned_label("W4A16 g64", it, o, lr, tw, est), learned("W4A16", it, o, lr, tw, est))
+            bs, obj = (int(rest[0]) if rest else args.train_batch), (rest[1] if len(rest) > 1 else args.objective)
+            run(learned_label("W4A16 g64", len(cfgs) > 1, it, o, lr, tw, est, bs, obj),
+                learned("W4A16", it, o, lr, tw, est, bs, obj))
 
     by = {r["row"]: r["ppl"] for r in rows}
     notes = {}

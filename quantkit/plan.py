@@ -216,7 +216,8 @@ def _device_available(device: str) -> int | None:
 
 
 def rotation_training_bytes(shape: ModelShape, wb: int, *, seqlen: int, batch_size: int = 1,
-                            quantize_weights: bool, act: bool, kv: bool, estimator: str = "ste") -> dict[str, int]:
+                            quantize_weights: bool, act: bool, kv: bool, estimator: str = "ste",
+                            objective: str = "ce") -> dict[str, int]:
     """What SpinQuant's rotation training keeps alive at its peak (the end of a forward), by part.
 
     The whole model sits where it trains (`_spin_train.train_rotations` moves it), beside:
@@ -227,7 +228,8 @@ def rotation_training_bytes(shape: ModelShape, wb: int, *, seqlen: int, batch_si
       q/k/v and RoPE outputs, K/V fake-quant, attention output, gate/up/act/product, R4's output;
       the "scale" estimator also saves three float32 copies (x, the clamp's input, q) of every
       fake-quantized input;
-    - logits (model dtype) + their float32 copy and log-softmax for the loss;
+    - logits (model dtype) + their float32 copy and log-softmax for the loss; objective "kl" adds
+      the float model's logits (model dtype), their float32 log-softmax and its exp;
     - R1, R2 with their gradients and the Cayley step's temporaries (float32).
     Checked against measurements in BENCHMARKS.md (issue 8)."""
     h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
@@ -248,7 +250,7 @@ def rotation_training_bytes(shape: ModelShape, wb: int, *, seqlen: int, batch_si
     if estimator == "scale" and (act or kv):  # x, the clamp's input and q, all float32
         acts += tokens * L * (quant_copies + (2 * kvd if kv else 0)) * 4 * 3
     acts = int(acts * _TRAIN_ACT_SLACK)
-    logits = tokens * shape.vocab_size * (wb + 4 + 4)
+    logits = tokens * shape.vocab_size * (wb + 4 + 4 + (wb + 4 + 4 if objective == "kl" else 0))
     rot = (h * h + L * shape.head_dim**2) * 4 * 6
     parts = {"model weights": shape.params() * wb, "rotated weights": rotated, "saved activations": acts,
              "logits and loss": logits, "rotations and their steps": rot}
@@ -361,7 +363,7 @@ def estimate_memory(
             dataclasses.replace(shape, tie_word_embeddings=False), wb, seqlen=so["train_seqlen"],
             batch_size=so["batch_size"],
             quantize_weights=spin.train_quantized_weights(), act=recipe.scheme.input_activations is not None,
-            kv=recipe.scheme.kv_cache is not None, estimator=so["estimator"])
+            kv=recipe.scheme.kv_cache is not None, estimator=so["estimator"], objective=so["objective"])
         total = sum(train.values())
         if on_gpu:
             if total > device_peak:
@@ -387,9 +389,14 @@ def estimate_memory(
         # what scales with the training length: saved activations and logits (x the CPU's slack there)
         budget, peak = (device_available, device_peak) if over_dev else (host_available, host_peak)
         grows = (train["saved activations"] + train["logits and loss"]) * (1 if on_gpu else _TRAIN_HOST_SLACK)
-        n = int(so["train_seqlen"] * (budget - (peak - grows)) / grows) if grows else 0
-        if 2 <= n < so["train_seqlen"]:
-            plan.advice.append(f"--train-seqlen {n} (rotation training activations scale with it)")
+        # tokens per step (batch x length) that fit; fewer sequences first, so each keeps its context
+        fit = int(so["batch_size"] * so["train_seqlen"] * (budget - (peak - grows)) / grows) if grows else 0
+        batch = fit // so["train_seqlen"]
+        if 1 <= batch < so["batch_size"]:
+            plan.advice.append(f"--train-batch {batch} (rotation training activations scale with it)")
+        elif 2 <= fit < so["train_seqlen"] * so["batch_size"]:
+            plan.advice.append(("--train-batch 1 " if so["batch_size"] > 1 else "")
+                               + f"--train-seqlen {fit} (rotation training activations scale with it)")
         if so["estimator"] == "scale":
             plan.advice.append("--estimator ste (no float32 copies of the fake-quantized activations)")
         if on_gpu and over_dev and not over_host:

@@ -12,10 +12,14 @@ _SCHEMES = ("W4A16", "W4A4KV4")
 _QUANTIZERS = ("gptq", "rtn")
 
 
-def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=100, lr="auto",
-                 optimizer="auto", train_samples=120, train_seqlen=512, seed=0, ignore=("lm_head",),
-                 train_weights="auto", val_samples=8, val_every=10, estimator="auto"):
-    """The Recipe `quantkit spinquant` runs (also used by benchmarks): spinquant -> gptq|rtn."""
+def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=None, lr="auto",
+                 optimizer="auto", train_samples=1024, train_seqlen=512, seed=0, ignore=("lm_head",),
+                 train_weights="auto", val_samples=24, val_every=20, estimator="auto", objective="auto",
+                 train_batch=None):
+    """The Recipe `quantkit spinquant` runs (also used by benchmarks): spinquant -> gptq|rtn.
+
+    "auto" / None learned-rotation settings are the scheme's measured best (spinquant.TUNED),
+    written into the recipe as the values used."""
     import dataclasses
 
     from quantkit.methods.spinquant import ROTATIONS
@@ -36,15 +40,16 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
     if rotation == "learned":
         from quantkit.methods.spinquant import LEARNING_RATES, TUNED
 
-        if optimizer == "auto":  # the best setting measured for the scheme
-            optimizer = TUNED[scheme]["optimizer"]
-        if estimator == "auto":
-            estimator = TUNED[scheme]["estimator"]
+        tuned = TUNED[scheme]  # the best setting measured for the scheme
+        optimizer = tuned["optimizer"] if optimizer == "auto" else optimizer
+        estimator = tuned["estimator"] if estimator == "auto" else estimator
+        objective = tuned["objective"] if objective == "auto" else objective
         if lr in (None, "auto") and optimizer in LEARNING_RATES:  # the manifest's recipe says the number used
             lr = LEARNING_RATES[optimizer]
-        opts.update(iters=iters, lr="auto" if lr is None else lr, optimizer=optimizer, train_samples=train_samples,
-                    train_seqlen=train_seqlen, train_weights=train_weights, val_samples=val_samples,
-                    val_every=val_every, estimator=estimator)
+        opts.update(iters=tuned["iters"] if iters is None else iters, lr="auto" if lr is None else lr,
+                    optimizer=optimizer, train_samples=train_samples, train_seqlen=train_seqlen,
+                    train_weights=train_weights, val_samples=val_samples, val_every=val_every, estimator=estimator,
+                    batch_size=tuned["batch_size"] if train_batch is None else train_batch, objective=objective)
     return Recipe(s, (Stage("spinquant", opts), Stage(quantizer)), ignore=tuple(ignore))
 
 
@@ -56,22 +61,25 @@ def spinquant(
     group_size: Annotated[
         int | None, typer.Option("--group-size", help="W4A16 group size (default 64).")
     ] = None,
-    iters: Annotated[int, typer.Option("--iters", help="learned: training steps (100 on a GPU; each ~3-7 s on 2 CPU cores for the default model).")] = 100,
+    iters: Annotated[int | None, typer.Option("--iters", help="learned: training steps (default: the scheme's measured best, 100 for W4A16, 300 for W4A4KV4; a batch-1 step of the default model takes ~2-7 s on 2 CPU cores, 0.4 s on an H200).")] = None,
+    train_batch: Annotated[int | None, typer.Option("--train-batch", help="learned: calibration sequences per training step (default: 1 for W4A16, 8 for W4A4KV4, the measured best).")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="learned: cayley-sgd (SpinQuant's Riemannian SGD on the rotations), adam (on Cayley parameters), or auto (the best measured: cayley-sgd for W4A16, adam for W4A4KV4).")] = "auto",
     lr: Annotated[float | None, typer.Option("--lr", help="learned: learning rate (default: 1.5 for cayley-sgd, 1e-4 for adam).")] = None,
-    train_samples: Annotated[int, typer.Option("--train-samples", help="learned: calibration sequences used for training (at most --samples minus --val-samples; each step takes the next one).")] = 120,
+    train_samples: Annotated[int, typer.Option("--train-samples", help="learned: at most this many calibration sequences train (bounded by --samples minus --val-samples; each step takes the next ones).")] = 1024,
     train_seqlen: Annotated[int, typer.Option("--train-seqlen", help="learned: tokens per training sequence.")] = 512,
     train_weights: Annotated[str, typer.Option("--train-weights", help="learned: weights in the training loss: auto (float when GPTQ follows W4A4KV4, as SpinQuant does; else RTN fake-quant), quantized or float.")] = "auto",
     estimator: Annotated[str, typer.Option("--estimator", help="learned: gradient of the activation/KV fake-quant: ste (identity), scale (also through the per-token scale), or auto (scale for W4A4KV4).")] = "auto",
-    val_samples: Annotated[int, typer.Option("--val-samples", help="learned: calibration sequences held out of training; the rotations with the lowest held-out loss are kept (0: keep the last).")] = 8,
-    val_every: Annotated[int, typer.Option("--val-every", help="learned: steps between held-out checks.")] = 10,
+    objective: Annotated[str, typer.Option("--objective", help="learned: training loss: ce (next-token cross-entropy, SpinQuant's), kl (distil the float model's logits), or auto (ce).")] = "auto",
+    val_samples: Annotated[int, typer.Option("--val-samples", help="learned: calibration sequences held out of training; the rotations with the lowest held-out loss are kept (0: keep the last).")] = 24,
+    val_every: Annotated[int, typer.Option("--val-every", help="learned: steps between held-out checks.")] = 20,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration sequences (GPTQ; learned rotations train on them minus --val-samples). 256 measured best for learned W4A4KV4.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random Hadamard start and the calibration sample.")] = 0,
 ):
     """SpinQuant: rotate the model (R1/R2 folded, R3/R4 online for W4A4KV4), then quantize with GPTQ or RTN."""
     return build_recipe(scheme, rotation, quantizer, group_size=group_size, iters=iters, lr=lr, optimizer=optimizer,
                         train_samples=train_samples, train_seqlen=train_seqlen, seed=seed,
                         train_weights=train_weights, val_samples=val_samples, val_every=val_every,
-                        estimator=estimator)
+                        estimator=estimator, objective=objective, train_batch=train_batch)
 
 
 def register(app: typer.Typer) -> None:

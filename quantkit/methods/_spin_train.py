@@ -85,6 +85,16 @@ def token_fq_scale_grad(x: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 ESTIMATORS = ("ste", "scale")
+# "ce": next-token cross-entropy on the calibration labels (SpinQuant's); "kl": KL(float model || fake-quantized
+# model) over the whole vocabulary at every position: a distillation target with far more signal per token
+OBJECTIVES = ("ce", "kl")
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(softmax(teacher) || softmax(student)), in float32 (nats per token)."""
+    t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    s = torch.log_softmax(student_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
 
 
 @contextmanager
@@ -93,15 +103,23 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
     """Hooks for the run-time side of the scheme during training (all removed on exit).
 
     estimator "ste": identity gradient through every activation / KV fake-quant; "scale":
-    `token_fq_scale_grad` (per-token schemes; others fall back to "ste")."""
+    `token_fq_scale_grad` (per-token schemes; others fall back to "ste"). Yields a dict whose
+    "on" entry switches the activation / KV fake-quant (off: the float model, for a teacher pass;
+    the online rotations stay, they are exact in float)."""
     from quantkit.quant.simulate import attach_online_rotations, kv_hook, online_rotation_spec
 
+    state = {"on": True}
+
     def act_fq(x, act):
+        if not state["on"]:
+            return x
         if estimator == "scale" and act.strategy == "token":
             return token_fq_scale_grad(x, act.qmax)
         return ste(x, fake_quantize_activations(x.detach(), act))
 
     def kv_fq(x, kv):
+        if not state["on"]:
+            return x
         if estimator == "scale":
             return token_fq_scale_grad(x, kv.qmax)
         return ste(x, _kv_token_fq(x, kv.bits))
@@ -127,7 +145,7 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
                     return key, kv_fq(value, kv)
 
                 stack.enter_context(kv_hook(model, fn))
-            yield
+            yield state
         finally:
             for h in handles:
                 h.remove()
@@ -157,6 +175,7 @@ def train_rotations(
     val_every: int = 10,
     optimizer: str = "cayley-sgd",
     estimator: str = "ste",
+    objective: str = "ce",
 ) -> RotationFit:
     """Train R1 (hidden, hidden) and R2 (one (head_dim, head_dim) per layer) from the given starts.
 
@@ -167,6 +186,9 @@ def train_rotations(
     val_ids: held-out rows (cut to `seqlen`) scored every `val_every` steps; the best are kept.
     optimizer: "cayley-sgd" (Riemannian SGD on R with the Cayley retraction, step
     min(lr (1 - step/iters), 1/|W|_1); SpinQuant's, lr ~1.5) or "adam" (on R = R0 cayley(skew(P)), lr ~1e-4).
+    objective: "ce" (labels) or "kl" (distil the float model: its logits come from a no-grad
+    pass with the fake-quant off; the float model does not depend on the rotation). The
+    held-out check scores the same objective.
     """
     from quantkit.calib.pipeline import linears_to_quantize
     from quantkit.methods.spinquant import rotated_tensors
@@ -176,6 +198,8 @@ def train_rotations(
         raise ValueError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if val_every < 1:
         raise ValueError("val_every must be a positive integer")
     device = torch.device(device)
@@ -228,30 +252,50 @@ def train_rotations(
         base1.grad = base2.grad = None
         return float(torch.cat([a1.reshape(1), a2]).mean())
 
-    def weights_for(R1, R2) -> dict[str, torch.Tensor]:
+    def weights_for(R1, R2, quantize: bool = True) -> dict[str, torch.Tensor]:
         """The rotated (and, with quantize_weights, fake-quantized) weights for R1, R2 (differentiable)."""
         tensors = rotated_tensors(model, R1, list(R2.unbind(0)), r4d, dtype=dtype)
-        if quantize_weights:
+        if quantize_weights and quantize:
             for name in wnames:
                 if name in tensors:
                     w = tensors[name]
                     tensors[name] = ste(w, fake_quantize(w.detach(), scheme.weights))
         return tensors
 
-    def loss_on(batch, tensors) -> torch.Tensor:
-        """The fake-quantized model's next-token loss on `batch` with the given weights."""
-        out = torch.func.functional_call(
-            model, tensors, args=(batch,), kwargs={"labels": batch, "use_cache": False}, strict=False
-        )
-        return out.loss
+    runtime: dict = {}  # the fake-quant switch, set inside the training's context below
+
+    @torch.no_grad()
+    def teacher_logits(batch) -> torch.Tensor | None:
+        """objective "kl": the float model's logits on `batch` (the rotated weights, fake-quant off;
+        made before the student's weights so the two copies are never alive together)."""
+        if objective != "kl":
+            return None
+        runtime["switch"]["on"] = False
+        try:
+            return torch.func.functional_call(model, weights_for(*current(), quantize=False), args=(batch,),
+                                              kwargs={"use_cache": False}, strict=False).logits
+        finally:
+            runtime["switch"]["on"] = True
+
+    def loss_on(batch, tensors, teacher: torch.Tensor | None) -> torch.Tensor:
+        """The fake-quantized model's objective on `batch` with the given weights: the next-token
+        cross-entropy, or with `teacher` logits the KL from them."""
+        if teacher is None:
+            return torch.func.functional_call(
+                model, tensors, args=(batch,), kwargs={"labels": batch, "use_cache": False}, strict=False
+            ).loss
+        student = torch.func.functional_call(
+            model, tensors, args=(batch,), kwargs={"use_cache": False}, strict=False).logits
+        return distill_kl(student, teacher)
 
     @torch.no_grad()
     def val_loss() -> float:
+        targets = [teacher_logits(vids[lo: lo + batch_size]) for lo in range(0, vids.shape[0], batch_size)]
         tensors = weights_for(*current())  # once per check, not per held-out batch
         total = 0.0
-        for lo in range(0, vids.shape[0], batch_size):
+        for lo, target in zip(range(0, vids.shape[0], batch_size), targets):
             b = vids[lo: lo + batch_size]
-            total += float(loss_on(b, tensors)) * b.shape[0]
+            total += float(loss_on(b, tensors, target)) * b.shape[0]
         return total / vids.shape[0]
 
     best = {"step": -1, "val": None, "r": None}
@@ -267,7 +311,8 @@ def train_rotations(
             best.update(step=step, val=v, r=(R1.clone(), R2.clone()))
 
     try:
-        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None, estimator):
+        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None, estimator) as switch:
+            runtime.update(switch=switch)
             if vids is not None:
                 consider(-1, start := {})
                 start_val = start["val_loss"]
@@ -277,7 +322,8 @@ def train_rotations(
                 t0 = time.perf_counter()
                 lo = (step * batch_size) % ids.shape[0]
                 batch = ids[lo: lo + batch_size]
-                loss = loss_on(batch, weights_for(*current()))
+                target = teacher_logits(batch)
+                loss = loss_on(batch, weights_for(*current()), target)
                 if not sgd:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()

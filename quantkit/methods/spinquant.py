@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "iters": 100,  # learned: optimizer steps (the paper uses 100 on 800 samples; fewer on CPU)
     "optimizer": "cayley-sgd",  # learned: SpinQuant's Riemannian SGD on R, or "adam" on Cayley parameters
     "lr": "auto",  # learned: auto = the optimizer's LEARNING_RATES entry
-    "train_samples": 120,  # learned: at most the calibration rows minus the held-out ones
+    "train_samples": 1024,  # learned: at most; bounded by the calibration rows minus the held-out ones
     "train_seqlen": 512,
     "batch_size": 1,
     "seed": 0,
@@ -58,16 +58,19 @@ DEFAULTS: dict[str, Any] = {
     # learned: gradient of the activation/KV fake-quant: "ste" (identity, as SpinQuant) or "scale"
     # (also through the per-token scale, so fewer outliers pay off in the loss; see _spin_train)
     "estimator": "ste",
-    "val_samples": 8,  # learned: calibration sequences held out of training, scored every val_every steps
-    "val_every": 10,
+    # learned: "ce" (next-token cross-entropy, SpinQuant's) or "kl" (distil the float model's logits)
+    "objective": "ce",
+    "val_samples": 24,  # learned: calibration sequences held out of training, scored every val_every steps
+    "val_every": 20,
 }
 TRAIN_WEIGHTS = ("auto", "quantized", "float")
 # cayley-sgd: the paper's 1.5 (each step is also capped at |a W|_1 <= 1); adam: per-entry steps, so small
 LEARNING_RATES = {"cayley-sgd": 1.5, "adam": 1e-4}
-# The best learned setting measured per scheme preset (BENCHMARKS.md, SpinQuant, H200): W4A16 g64 cayley-sgd
-# 14.39 vs hadamard 14.57; W4A4KV4 adam + scale 35.13 vs hadamard 35.88, where cayley-sgd at lr 1.5 kept the start.
-TUNED = {"W4A16": {"optimizer": "cayley-sgd", "estimator": "ste"},
-         "W4A4KV4": {"optimizer": "adam", "estimator": "scale"}}
+# The best learned setting measured per scheme preset (BENCHMARKS.md, SpinQuant, H200, --samples 256): W4A16 g64
+# cayley-sgd batch 1, 100 steps: 14.46 vs hadamard 14.66 (batch 8: 14.58); W4A4KV4 adam + scale, batch 8, 300 steps:
+# 32.45 vs hadamard 38.62 (batch 1, 100 steps, --samples 128: 35.13 vs 35.88). The CLI's "auto" options read it.
+TUNED = {"W4A16": {"optimizer": "cayley-sgd", "estimator": "ste", "objective": "ce", "batch_size": 1, "iters": 100},
+         "W4A4KV4": {"optimizer": "adam", "estimator": "scale", "objective": "ce", "batch_size": 8, "iters": 300}}
 
 
 def _head_dims(config) -> tuple[int, int, int]:
@@ -233,7 +236,10 @@ class SpinQuant(Method):
                 raise RecipeError(f"spinquant {k}={o[k]!r} must be a positive integer")
         if not isinstance(o["val_samples"], int) or isinstance(o["val_samples"], bool) or o["val_samples"] < 0:
             raise RecipeError(f"spinquant val_samples={o['val_samples']!r} must be 0 (no held-out check) or more")
-        from quantkit.methods._spin_train import ESTIMATORS
+        from quantkit.methods._spin_train import ESTIMATORS, OBJECTIVES
+
+        if o["objective"] not in OBJECTIVES:
+            raise RecipeError(f"spinquant objective={o['objective']!r} must be one of {', '.join(OBJECTIVES)}")
 
         if o["estimator"] not in ESTIMATORS:
             raise RecipeError(f"spinquant estimator={o['estimator']!r} must be one of {', '.join(ESTIMATORS)}")
@@ -295,7 +301,7 @@ class SpinQuant(Method):
                 samples=self.o["train_samples"], seqlen=self.o["train_seqlen"], batch_size=self.o["batch_size"],
                 seed=self.o["seed"], reproject_tol=self.o["reproject_tol"], device=device, on_step=on_step,
                 quantize_weights=self.train_quantized_weights(), val_ids=val_ids, val_every=self.o["val_every"],
-                optimizer=self.o["optimizer"], estimator=self.o["estimator"],
+                optimizer=self.o["optimizer"], estimator=self.o["estimator"], objective=self.o["objective"],
             )
             r1, r2 = fit.r1, fit.r2
             self.artifacts["training"] = {
