@@ -194,7 +194,7 @@ def main() -> None:
         return f"{prefix} learned + GPTQ" + (f" ({o}, {it} it, lr {lr_s}, weights {tw}, {est}, batch {bs or 'auto'}, "
                                               f"{obj})" if many else "")
 
-    def learned(scheme, it, o, lr, tw, est, bs=1, obj="auto"):
+    def learned(scheme, it, o, lr, tw, est, bs=None, obj="auto"):
         return build_recipe(scheme, "learned", "gptq", iters=it, optimizer=o, lr=lr, train_weights=tw, estimator=est,
                             train_batch=bs, objective=obj, **kw)
 

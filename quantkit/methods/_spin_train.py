@@ -103,9 +103,9 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
     """Hooks for the run-time side of the scheme during training (all removed on exit).
 
     estimator "ste": identity gradient through every activation / KV fake-quant; "scale":
-    `token_fq_scale_grad` (per-token schemes; others fall back to "ste"). Yields a dict whose
-    "on" entry switches the activation / KV fake-quant (off: the float model, for a teacher pass;
-    the online rotations stay, they are exact in float)."""
+    `token_fq_scale_grad` (per-token schemes; others fall back to "ste"). Yields a context
+    manager inside which the whole run-time side (R4, activation and KV fake-quant) is off: the
+    model then runs as its own float self, the teacher of objective "kl"."""
     from quantkit.quant.simulate import attach_online_rotations, kv_hook, online_rotation_spec
 
     state = {"on": True}
@@ -128,7 +128,8 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
     with ExitStack() as stack:
         try:
             if r4_on:  # registered first: pre-hooks run in order, so the act quant sees x H
-                handles += attach_online_rotations(model, online_rotation_spec(model, r3=False, r4=True))
+                handles += attach_online_rotations(model, online_rotation_spec(model, r3=False, r4=True),
+                                                   active=lambda: state["on"])
             act = scheme.input_activations
             if act is not None:
                 for mod in linears.values():
@@ -145,7 +146,15 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
                     return key, kv_fq(value, kv)
 
                 stack.enter_context(kv_hook(model, fn))
-            yield state
+            @contextmanager
+            def float_model():
+                state["on"] = False
+                try:
+                    yield
+                finally:
+                    state["on"] = True
+
+            yield float_model
         finally:
             for h in handles:
                 h.remove()
@@ -187,8 +196,8 @@ def train_rotations(
     optimizer: "cayley-sgd" (Riemannian SGD on R with the Cayley retraction, step
     min(lr (1 - step/iters), 1/|W|_1); SpinQuant's, lr ~1.5) or "adam" (on R = R0 cayley(skew(P)), lr ~1e-4).
     objective: "ce" (labels) or "kl" (distil the float model: its logits come from a no-grad
-    pass with the fake-quant off; the float model does not depend on the rotation). The
-    held-out check scores the same objective.
+    pass of the model's own weights with the run-time side off; the float model does not depend
+    on the rotation). The held-out check scores the same objective.
     """
     from quantkit.calib.pipeline import linears_to_quantize
     from quantkit.methods.spinquant import rotated_tensors
@@ -252,30 +261,26 @@ def train_rotations(
         base1.grad = base2.grad = None
         return float(torch.cat([a1.reshape(1), a2]).mean())
 
-    def weights_for(R1, R2, quantize: bool = True) -> dict[str, torch.Tensor]:
+    def weights_for(R1, R2) -> dict[str, torch.Tensor]:
         """The rotated (and, with quantize_weights, fake-quantized) weights for R1, R2 (differentiable)."""
         tensors = rotated_tensors(model, R1, list(R2.unbind(0)), r4d, dtype=dtype)
-        if quantize_weights and quantize:
+        if quantize_weights:
             for name in wnames:
                 if name in tensors:
                     w = tensors[name]
                     tensors[name] = ste(w, fake_quantize(w.detach(), scheme.weights))
         return tensors
 
-    runtime: dict = {}  # the fake-quant switch, set inside the training's context below
+    runtime: dict = {}  # "float_model": the runtime's off switch, set inside the training's context below
 
     @torch.no_grad()
     def teacher_logits(batch) -> torch.Tensor | None:
-        """objective "kl": the float model's logits on `batch` (the rotated weights, fake-quant off;
-        made before the student's weights so the two copies are never alive together)."""
+        """objective "kl": the float model's logits on `batch`: its own (unrotated) weights with the
+        run-time side off; the rotations leave the float function unchanged, so nothing is rotated."""
         if objective != "kl":
             return None
-        runtime["switch"]["on"] = False
-        try:
-            return torch.func.functional_call(model, weights_for(*current(), quantize=False), args=(batch,),
-                                              kwargs={"use_cache": False}, strict=False).logits
-        finally:
-            runtime["switch"]["on"] = True
+        with runtime["float_model"]():
+            return model(batch, use_cache=False).logits
 
     def loss_on(batch, tensors, teacher: torch.Tensor | None) -> torch.Tensor:
         """The fake-quantized model's objective on `batch` with the given weights: the next-token
@@ -290,12 +295,11 @@ def train_rotations(
 
     @torch.no_grad()
     def val_loss() -> float:
-        targets = [teacher_logits(vids[lo: lo + batch_size]) for lo in range(0, vids.shape[0], batch_size)]
         tensors = weights_for(*current())  # once per check, not per held-out batch
         total = 0.0
-        for lo, target in zip(range(0, vids.shape[0], batch_size), targets):
+        for lo in range(0, vids.shape[0], batch_size):
             b = vids[lo: lo + batch_size]
-            total += float(loss_on(b, tensors, target)) * b.shape[0]
+            total += float(loss_on(b, tensors, teacher_logits(b))) * b.shape[0]
         return total / vids.shape[0]
 
     best = {"step": -1, "val": None, "r": None}
@@ -311,8 +315,8 @@ def train_rotations(
             best.update(step=step, val=v, r=(R1.clone(), R2.clone()))
 
     try:
-        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None, estimator) as switch:
-            runtime.update(switch=switch)
+        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None, estimator) as float_model:
+            runtime.update(float_model=float_model)
             if vids is not None:
                 consider(-1, start := {})
                 start_val = start["val_loss"]

@@ -218,11 +218,14 @@ def online_rotation_spec(model: nn.Module, *, r3: bool, r4: bool) -> dict[str, A
     return spec
 
 
-def attach_online_rotations(model: nn.Module, spec: dict[str, Any] | None) -> list:
+def attach_online_rotations(model: nn.Module, spec: dict[str, Any] | None,
+                            active: Callable[[], bool] | None = None) -> list:
     """Register the R4 forward pre-hooks of `spec` on `model` (x -> x H / sqrt(n)); returns the handles.
 
     They stay for the model's lifetime: its down_proj weights hold W H, so the model is only
-    correct with them. R3 needs no hook (see `k_rotation_of`)."""
+    correct with them. R3 needs no hook (see `k_rotation_of`). active: when given, the hooks
+    pass x through unchanged while it returns False (rotation training's float teacher pass
+    runs the model's own, unrotated weights)."""
     if not spec or "r4" not in spec:
         return []
     from quantkit.kernels.hadamard import hadamard_transform
@@ -230,6 +233,8 @@ def attach_online_rotations(model: nn.Module, spec: dict[str, Any] | None) -> li
     size = spec["r4"]["size"]
 
     def pre(_m, args):
+        if active is not None and not active():
+            return None
         x = args[0]
         if x.shape[-1] != size:
             raise RecipeError(f"online R4 expects {size} input features, got {x.shape[-1]}")
