@@ -1,7 +1,7 @@
 """W8A8 / W8A8C8 accuracy: naive W8A8 vs SmoothQuant (+GPTQ) and INT8 KV-cache variants, one process.
 
 Every row is scored on the same held-out windows as the float baseline; activation
-and KV quantization are simulated in torch (quantkit.quant.simulate), so this runs
+and KV quantization are simulated in torch (quantkit.runtime.simulate), so this runs
 on CPU or GPU alike. All quantized runs share one calibration set.
 
     python benchmarks/accuracy_w8a8.py --device cuda --samples 128 --seqlen 512 --windows 40
@@ -39,7 +39,8 @@ def main() -> None:
     from quantkit.calib.data import calibration_set
     from quantkit.methods.base import available_methods
     from quantkit.models.loading import LoadedModel, resolve_device
-    from quantkit.quant.simulate import calibrate_static, simulate
+    from quantkit.calib.static import calibrate_static
+    from quantkit.runtime.simulate import simulate
     from quantkit.recipe import PRESETS, ActQuantArgs, KVCacheArgs, Recipe, Stage
 
     dev = resolve_device(args.device)

@@ -106,7 +106,8 @@ def quantize(
         recipe = mixed["recipe"]
     check_recipe_fits(loaded.model, recipe)
     methods = build_methods(recipe)  # only the last stage quantizes; earlier ones transform
-    from quantkit.quant.simulate import needs_static_scales, static_scale_collector
+    from quantkit.methods._static_scales import static_scale_collector
+    from quantkit.quant.static import needs_static_scales
 
     scheme = recipe.scheme
     # Static activation / KV scales are calibrated in the same pass, on each block as quantized.
@@ -262,7 +263,8 @@ def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):
     """Context manager: while inside, `qmodel.model` also fake-quantizes what its scheme quantizes
     at run time (input activations of the quantized linears, the KV cache), so `evaluate`
     measures W8A8 / W8A8C8 in plain torch. Yields SimStats (KV tokens patched)."""
-    from quantkit.quant.simulate import k_rotation_of, simulate
+    from quantkit.models.hooks import k_rotation_of
+    from quantkit.runtime.simulate import simulate
 
     scheme = qmodel.recipe.scheme
     linears = {n: qmodel.model.get_submodule(n) for n in qmodel.modules}

@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from tiny_models import make_tiny_model
 from quantkit import api
-from quantkit.export.awq import AWQ_ORDER, awq_tensors, dense_from_awq, pack_awq, unpack_awq
-from quantkit.export.gptq import dense_from_gptq, gptq_tensors
-from quantkit.export.reader import load_quantkit_checkpoint
+from quantkit.export.awq import AWQ_ORDER, awq_tensors, pack_awq, read_awq, unpack_awq
+from quantkit.export.gptq import gptq_tensors, read_gptq
+from quantkit.models.checkpoint import load_quantkit_checkpoint
 from quantkit.models.loading import LoadedModel
 from quantkit.quant.core import QuantizedTensor
 from quantkit.recipe import QuantArgs, Recipe, RecipeError, Scheme, Stage
@@ -124,8 +124,8 @@ def test_gptq_round_trip_and_reference(bits, sym, group):
     # qzeros row 0 = bit stream over outputs of (z_u - 1)
     zero = torch.zeros(64, n_groups, dtype=torch.int64) if qt.zero is None else qt.zero.to(torch.int64)
     assert t["qzeros"][0].tolist() == _ref_pack_stream((zero[:, 0] + (1 << (bits - 1)) - 1).tolist(), bits)
-    back = dense_from_gptq({f"m.{k}": v for k, v in t.items()}, "m", qt.args)
-    assert torch.equal(back, qt.dequantize())
+    back = read_gptq({f"m.{k}": v for k, v in t.items()}.__getitem__, "m", qt.args)
+    assert torch.equal(back.q, qt.q) and torch.equal(back.dequantize(), qt.dequantize())
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -134,8 +134,8 @@ def test_awq_round_trip(sym):
     t = awq_tensors(qt)
     assert t["qweight"].shape == (128, 8) and t["qzeros"].shape == (4, 8) and t["scales"].shape == (4, 64)
     assert torch.equal(t["qweight"], _ref_pack_awq((qt.q.to(torch.int64) + 8).t()))
-    back = dense_from_awq({f"m.{k}": v for k, v in t.items()}, "m", qt.args)
-    assert torch.equal(back, qt.dequantize())
+    back = read_awq({f"m.{k}": v for k, v in t.items()}.__getitem__, "m", qt.args)
+    assert torch.equal(back.q, qt.q) and torch.equal(back.dequantize(), qt.dequantize())
 
 
 def test_gptq_refuses_zero_at_bottom_of_range():

@@ -465,7 +465,7 @@ def test_after_a_transform_stage_uses_fresh_hessians():
 def test_api_quantize_export_and_read_back(tmp_path, tiny_tokenizer):
     from quantkit import api
     from quantkit.calib.data import CalibrationSet
-    from quantkit.export.reader import load_quantkit_checkpoint
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
     from quantkit.models.loading import LoadedModel
     from quantkit.recipe import Recipe, Stage
 

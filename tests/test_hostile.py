@@ -15,7 +15,7 @@ from tiny_models import run_cli, make_tiny_model
 from quantkit.errors import UsageError
 from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
 from quantkit.export.manifest import ManifestError, verify_checkpoint
-from quantkit.export.reader import load_quantkit_checkpoint
+from quantkit.models.checkpoint import load_quantkit_checkpoint
 
 
 

@@ -113,5 +113,30 @@ def test_fake_quantize_activations_per_token_and_static_tensor():
     assert (y[1] - x[1]).abs().max() < (x[0, 0].abs().max() / 127) / 10
     s = torch.tensor(0.01)
     z = fake_quantize_activations(x, ActQuantArgs(8, "tensor", dynamic=False), scale=s)
-    assert z.abs().max() <= 128 * 0.01 + 1e-6  # clamped to the static range
-    assert torch.allclose(z, torch.clamp(torch.round(x / s), -128, 127) * s)
+    assert z.abs().max() <= 127 * 0.01 + 1e-6  # clamped to the symmetric static range [-127, 127]
+    y_ = x / s  # ties away from zero, as the kernels round
+    assert torch.allclose(z, torch.clamp(torch.where(y_ >= 0, torch.floor(y_ + 0.5), torch.ceil(y_ - 0.5)), -127, 127) * s)
+
+
+def test_one_quantizer_definition_for_simulation_kernels_and_kv():
+    """Simulation (quant.core), the kernels' reference and the KV cache share one quantizer:
+    ties away from zero and the symmetric range; a tie and an out-of-range value show it."""
+    from quantkit.kernels.act_quant import per_token_quant_ref, quantize_symmetric_ref
+    from quantkit.quant.core import quantize_activations
+    from quantkit.quant.kv import quantize_kv
+    from quantkit.recipe import ActQuantArgs
+
+    x = torch.tensor([[2.5, -2.5, 1.5, -300.0, 0.49]])
+    s = torch.tensor(1.0)
+    want = torch.tensor([[3, -3, 2, -127, 0]], dtype=torch.int8)  # torch.round would give 2, -2, 2, -128 clamp
+    assert torch.equal(quantize_symmetric_ref(x, s), want)
+    assert torch.equal(quantize_kv(x, s, bits=8), want)
+    q, _ = quantize_activations(x, ActQuantArgs(8, "tensor", dynamic=False), scale=s)
+    assert torch.equal(q, want)
+    g = torch.Generator().manual_seed(1)
+    xr = torch.randn(9, 33, generator=g)
+    qa, sa = quantize_activations(xr, ActQuantArgs(8, "token"))
+    qk, sk = per_token_quant_ref(xr)
+    assert torch.equal(qa, qk) and torch.equal(sa, sk)
+    q4, s4 = quantize_activations(xr, ActQuantArgs(4, "token"))
+    assert int(q4.abs().max()) == 7 and torch.allclose(s4, xr.abs().amax(-1, keepdim=True) / 7)

@@ -5,7 +5,8 @@ import torch
 
 from tiny_models import make_tiny_model
 from quantkit import api
-from quantkit.export.reader import CheckpointError, load_quantkit_checkpoint
+from quantkit.export.reader import CheckpointError
+from quantkit.models.checkpoint import load_quantkit_checkpoint
 from quantkit.models.loading import LoadedModel
 from quantkit.quant.core import quantize_weight
 from quantkit.quant.model import QuantizedModel

@@ -163,7 +163,7 @@ def test_shipped_recipe_end_to_end(path, tmp_path, tiny_tokenizer):
     out = api.export(qm, tmp_path / "ckpt")
     manifest = json.loads((out / "quantkit.json").read_text())
     assert load_recipe(out) == recipe and manifest["recipe"] == recipe.to_dict()
-    from quantkit.export.reader import load_quantkit_checkpoint
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
 
     model, _, _ = load_quantkit_checkpoint(out)
     for k, v in qm.model.state_dict().items():

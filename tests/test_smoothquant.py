@@ -99,7 +99,7 @@ def _outlier_model():
 
 
 def _sim_ppl_proxy(model, ids, act):
-    from quantkit.quant.simulate import simulate
+    from quantkit.runtime.simulate import simulate
 
     with torch.no_grad(), simulate(model, act=act):
         return model(input_ids=ids).logits
@@ -154,7 +154,7 @@ def test_alpha_auto_restores_weights_between_trials():
 def test_simulate_hooks_come_off_and_kv_restores_attention_table():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from quantkit.quant.simulate import simulate
+    from quantkit.runtime.simulate import simulate
 
     model = make_tiny_model("llama", seed=3)
     ids = _ids(2, 16)
@@ -177,7 +177,7 @@ def test_simulate_hooks_come_off_and_kv_restores_attention_table():
 def test_kv_simulation_matches_manual_fake_quant():
     """The attention wrapper quantizes K after RoPE: compare with an attention layer fed by hand."""
     from quantkit.quant import kv as kvq
-    from quantkit.quant.simulate import kv_hook
+    from quantkit.models.hooks import kv_hook
 
     model = make_tiny_model("llama", seed=4)
     ids = _ids(1, 12)
@@ -206,7 +206,8 @@ def test_kv_simulation_matches_manual_fake_quant():
 
 
 def test_static_calibration_and_residual_simulation():
-    from quantkit.quant.simulate import calibrate_static, simulate
+    from quantkit.calib.static import calibrate_static
+    from quantkit.runtime.simulate import simulate
 
     model = make_tiny_model("llama", seed=5)
     ids = _ids(4, 32)
@@ -245,7 +246,7 @@ def test_static_calibration_and_residual_simulation():
 
 
 def test_static_act_without_scales_is_a_usage_error():
-    from quantkit.quant.simulate import simulate
+    from quantkit.runtime.simulate import simulate
 
     model = make_tiny_model("llama", seed=6)
     with pytest.raises(RecipeError, match="calibrate"):

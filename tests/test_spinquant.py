@@ -10,7 +10,7 @@ from quantkit import api
 from quantkit.methods import spinquant as sq
 from quantkit.models.loading import LoadedModel
 from quantkit.quant import rotation as rot
-from quantkit.quant.simulate import attach_online_rotations, online_rotation_spec
+from quantkit.models.hooks import attach_online_rotations, online_rotation_spec
 from quantkit.recipe import PRESETS, RecipeError
 from tiny_models import make_tiny_model, run_cli, save_tiny_model_dir
 
@@ -155,7 +155,8 @@ def test_rotation_folding_exact_and_r4_needed(tiny_arch):
 
 
 def test_r3_changes_only_kv_quantization():
-    from quantkit.quant.simulate import k_rotation_of, simulate
+    from quantkit.models.hooks import k_rotation_of
+    from quantkit.runtime.simulate import simulate
 
     m = make_tiny_model("llama")
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(2))
@@ -354,7 +355,7 @@ def test_float_weight_training_skips_weight_quantization():
 def test_w4a4kv4_checkpoint_round_trip(tmp_path, tiny_tokenizer):
     """hadamard + RTN on a tiny model: the checkpoint records R3/R4, and eval of it matches the in-memory model."""
     from quantkit.cli.spinquant import build_recipe
-    from quantkit.export.reader import load_quantkit_checkpoint
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
 
     m = make_tiny_model("llama", tie_word_embeddings=True)
     _randomize_norms(m, 2)
@@ -370,7 +371,7 @@ def test_w4a4kv4_checkpoint_round_trip(tmp_path, tiny_tokenizer):
     with torch.no_grad(), api.simulation(qm):
         mem = qm.model(ids).logits
     model2, _, _ = load_quantkit_checkpoint(out)
-    from quantkit.eval.simulated import plan_simulation
+    from quantkit.runtime.simulate import plan_simulation
 
     plan = plan_simulation(LoadedModel(model2, tiny_tokenizer, {"kind": "quantkit-checkpoint", "path": str(out)}))
     with torch.no_grad(), plan.context(model2):

@@ -44,7 +44,7 @@ def test_w8a8_dynamic_layout_and_transformers_load(tmp_path, tiny_tokenizer):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
-    from quantkit.quant.simulate import simulate
+    from quantkit.runtime.simulate import simulate
 
     qm = _quantized(tiny_tokenizer, PRESETS["W8A8"])
     out = export_compressed_tensors(qm, tmp_path / "ckpt")
@@ -92,7 +92,8 @@ def _ct_token_quant(_m, args):
 
 
 def test_static_w8a8c8_scales_and_reader_round_trip(tmp_path, tiny_tokenizer):
-    from quantkit.export.reader import load_quantkit_checkpoint, read_static_scales
+    from quantkit.export.reader import read_static_scales
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
 
     scheme = Scheme(
         PRESETS["W8A8"].weights,

@@ -69,7 +69,7 @@ def eval_cmd(
         t0 = time.perf_counter()
         status(f"loading {spec or 'the embedded default model'} ...")
         loaded = api.load(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        from quantkit.eval.simulated import SimulationPlan, plan_simulation
+        from quantkit.runtime.simulate import SimulationPlan, plan_simulation
 
         plan = SimulationPlan(None, None)
         if role == "model":  # the baseline is the float reference, never simulated

@@ -161,11 +161,11 @@ def export_awq(qmodel: QuantizedModel, out: Path, *, overwrite: bool = False, ma
     )
 
 
-def dense_from_awq(tensors: dict[str, torch.Tensor], name: str, args: QuantArgs) -> torch.Tensor:
-    """Float32 weight (out, in) of module `name` from its AWQ tensors (popped from `tensors`)."""
-    from quantkit.quant.core import dequantize
-
-    qw, qz, sc = tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qzeros"), tensors.pop(f"{name}.scales")
-    q = (unpack_awq(qw) - 8).t().to(torch.int8)  # (out, in)
-    zero = (unpack_awq(qz) - 8).t().to(torch.int8)  # (out, n_groups)
-    return dequantize(q, sc.float().t(), zero, args)
+def read_awq(get, name: str, args: QuantArgs) -> QuantizedTensor:
+    """The canonical quantized tensor of module `name` from its AWQ tensors; get(key) -> tensor."""
+    qw, qz, sc = get(f"{name}.qweight"), get(f"{name}.qzeros"), get(f"{name}.scales")
+    q = (unpack_awq(qw) - 8).t().to(torch.int8).contiguous()  # (out, in)
+    zero = (unpack_awq(qz) - 8).t().to(torch.int8).contiguous()  # (out, n_groups)
+    if args.symmetric and not bool(zero.any()):
+        zero = None  # symmetric weights are stored with zero point 8 (signed 0)
+    return QuantizedTensor(q, sc.float().t().contiguous(), zero, args)

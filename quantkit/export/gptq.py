@@ -168,17 +168,18 @@ def export_gptq(qmodel: QuantizedModel, out: Path, *, overwrite: bool = False, m
     )
 
 
-def dense_from_gptq(tensors: dict[str, torch.Tensor], name: str, args: QuantArgs) -> torch.Tensor:
-    """Float32 weight (out, in) of module `name` from its GPTQ v1 tensors (popped from `tensors`)."""
-    from quantkit.quant.core import dequantize
-
-    qw, qz, sc = tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qzeros"), tensors.pop(f"{name}.scales")
-    g_idx = tensors.pop(f"{name}.g_idx")
+def read_gptq(get, name: str, args: QuantArgs) -> QuantizedTensor:
+    """The canonical quantized tensor of module `name` from its GPTQ v1 tensors; get(key) -> tensor."""
+    qw, qz, sc = get(f"{name}.qweight"), get(f"{name}.qzeros"), get(f"{name}.scales")
+    g_idx = get(f"{name}.g_idx")
     n_groups, out_f = sc.shape
     in_f = g_idx.shape[0]
     g = in_f // n_groups
     if not torch.equal(g_idx.long(), torch.arange(in_f) // g):
         raise ValueError(f"{name}: g_idx is not col // group_size (act-order checkpoints are not supported)")
-    q = unpack_int32(qw, args.bits, (in_f, out_f), dim=0).t()  # (out, in) signed
+    q = unpack_int32(qw, args.bits, (in_f, out_f), dim=0).t().contiguous()  # (out, in) signed
     zero = (unpack_int32(qz, args.bits, (n_groups, out_f), dim=1).to(torch.int16) + 1).t()  # stored + 1 = signed zero
-    return dequantize(q, sc.float().t(), zero.to(torch.int8), args)
+    zero = zero.to(torch.int8).contiguous()
+    if args.symmetric and not bool(zero.any()):
+        zero = None
+    return QuantizedTensor(q, sc.float().t().contiguous(), zero, args)

@@ -1,12 +1,14 @@
-"""Per-token (per-row) symmetric INT8 activation quantization.
+"""Per-token (per-row) symmetric INT8 activation quantization, and THE definition of quantkit's
+symmetric integer quantizer (``quantize_symmetric_ref``): activation fake-quant in
+``quantkit.quant.core``, the KV cache in ``quantkit.quant.kv`` and every kernel reference use it.
 
-Spec (``per_token_quant_ref``), for x: (M, K) fp16/bf16/fp32:
+Spec (``per_token_quant_ref``), for x: (M, K) fp16/bf16/fp32, qmax = 2^(bits-1) - 1 (127 for 8 bits):
 
     amax[m]  = max(max_k |x[m, k]|, EPS)            (computed in fp32, EPS = 1e-12)
-    scale[m] = amax[m] / 127                         (fp32, shape (M, 1))
-    q[m, k]  = clamp(round_half_away(x[m, k] / scale[m]), -127, 127)   (int8)
+    scale[m] = amax[m] / qmax                        (fp32, shape (M, 1))
+    q[m, k]  = clamp(round_half_away(x[m, k] / scale[m]), -qmax, qmax)   (int8)
 
-The range is the symmetric [-127, 127] (never -128).  Rounding is to nearest with ties away
+The range is the symmetric [-qmax, qmax] (never -128).  Rounding is to nearest with ties away
 from zero (``floor(y + 0.5)`` / ``ceil(y - 0.5)``), the division is IEEE round-to-nearest
 (``tl.math.div_rn``), so the kernel reproduces the reference bit-for-bit except where a
 compiled fp32 ``max`` or conversion differs in the last place (never seen in the tests).
@@ -21,22 +23,31 @@ from ._common import LazyKernel, eager_cuda, fast_launch, next_pow2, round_half_
 
 EPS = 1e-12
 
-__all__ = ["per_token_quant", "per_token_quant_ref", "EPS"]
+__all__ = ["per_token_quant", "per_token_quant_ref", "quantize_symmetric_ref", "static_quant", "EPS"]
 
 
-def per_token_quant_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference. x: (M, K) float -> (q: (M, K) int8, scale: (M, 1) fp32)."""
+def quantize_symmetric_ref(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """The symmetric integer quantizer: clamp(round_half_away(x / scale), -qmax, qmax) as int8.
+
+    x: any shape, float; scale: broadcastable to x (fp32). Division in fp32 (IEEE, as the kernels'
+    ``div_rn``); ties round away from zero (the kernels' ``floor(y + 0.5)`` / ``ceil(y - 0.5)``)."""
+    return round_half_away_ref(x.float() / scale).clamp_(-qmax, qmax).to(torch.int8)
+
+
+def per_token_quant_ref(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference. x: (..., K) float -> (q: (..., K) int8, scale: (..., 1) fp32)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
-    scale = amax / 127.0
-    q = round_half_away_ref(xf / scale).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    scale = amax / float(qmax)
+    return quantize_symmetric_ref(xf, scale, qmax), scale
 
 
 def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr,  # x: (M, K) float, q: (M, K) int8, s: (M,) fp32
+    x_ptr, q_ptr, s_ptr, st_ptr,  # x: (M, K) float, q: (M, K) int8, s: (M,) fp32; st: (1,) static scale
     K, stride_xm, stride_qm,
     EPS_C: tl.constexpr,
+    QMAX: tl.constexpr,  # 2^(bits-1) - 1: 127 for A8, 7 for A4 (int8 storage either way)
+    STATIC: tl.constexpr,  # per-tensor static scale read from st (no row max)
     BLOCK_K: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
@@ -44,30 +55,34 @@ def _act_quant_kernel(
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
+    if STATIC:
+        scale = tl.load(st_ptr).to(tl.float32)
     if ONE_PASS:
         # the whole row fits in one block: load once, keep in registers
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS_C)
-        scale = amax / 127.0
+        if not STATIC:
+            amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS_C)
+            scale = amax / QMAX
         y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
         y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
         tl.store(q_row + offs, y.to(tl.int8), mask=mask)
     else:
-        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask = (k0 + offs) < K
-            x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            acc = tl.maximum(acc, tl.abs(x))
-        amax = tl.maximum(tl.max(acc, axis=0), EPS_C)
-        scale = amax / 127.0
+        if not STATIC:
+            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask = (k0 + offs) < K
+                x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+                acc = tl.maximum(acc, tl.abs(x))
+            amax = tl.maximum(tl.max(acc, axis=0), EPS_C)
+            scale = amax / QMAX
         for k0 in range(0, K, BLOCK_K):
             mask = (k0 + offs) < K
             x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
             y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
             y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+            y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
             tl.store(q_row + k0 + offs, y.to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)
 
@@ -77,8 +92,12 @@ act_quant_kernel = LazyKernel(_act_quant_kernel)
 MAX_ONE_PASS = 16384
 
 
-def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launch. x: (M, K) -> (q (M, K) int8, scale (M, 1) fp32) (into out_q/out_s if given)."""
+def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int = 127,
+                           static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launch. x: (M, K) -> (q (M, K) int8, scale (M, 1) fp32) (into out_q/out_s if given).
+
+    static_scale: a (1,) fp32 per-tensor scale to quantize with instead of each row's max (the
+    returned scale then repeats it per row, the layout ``w8a8_gemm_q`` reads)."""
     assert x.dim() == 2
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -90,28 +109,41 @@ def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None) -> tuple[tor
     one_pass = K <= MAX_ONE_PASS
     block = next_pow2(K) if one_pass else 4096
     num_warps = max(1, min(16, block // 1024)) if x.is_cuda else 1
-    fast_launch(act_quant_kernel, (M,), (x, q, s, K, x.stride(0), q.stride(0)),
-                dict(EPS_C=EPS, BLOCK_K=block, ONE_PASS=one_pass, num_warps=num_warps), (block, one_pass, num_warps))
+    static = static_scale is not None
+    fast_launch(act_quant_kernel, (M,), (x, q, s, static_scale if static else s, K, x.stride(0), q.stride(0)),
+                dict(EPS_C=EPS, QMAX=float(qmax), STATIC=static, BLOCK_K=block, ONE_PASS=one_pass,
+                     num_warps=num_warps), (block, one_pass, num_warps, qmax, static))
     return q, s
 
 
-@torch.library.custom_op("quantkit::per_token_quant", mutates_args=())
-def _per_token_quant_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def static_quant(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor static quantization of x (M, K) with the calibrated scale (1,): (q int8, scale per row (M, 1)).
+
+    The Triton kernel on CUDA (or in the interpreter), ``quantize_symmetric_ref`` otherwise."""
+    scale = scale.reshape(1).to(device=x.device, dtype=torch.float32)
     if use_triton(x):
-        return per_token_quant_triton(x)
-    return per_token_quant_ref(x)
+        return per_token_quant_triton(x, qmax=qmax, static_scale=scale)
+    return quantize_symmetric_ref(x, scale, qmax), scale.expand(x.shape[0], 1)
+
+
+@torch.library.custom_op("quantkit::per_token_quant", mutates_args=())
+def _per_token_quant_op(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return per_token_quant_triton(x, qmax=qmax)
+    return per_token_quant_ref(x, qmax)
 
 
 @_per_token_quant_op.register_fake
-def _(x):
+def _(x, qmax=127):
     M, K = x.shape
     return x.new_empty((M, K), dtype=torch.int8), x.new_empty((M, 1), dtype=torch.float32)
 
 
-def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token INT8 quantization. x: (..., K) -> (q (..., K) int8, scale (..., 1) fp32)."""
+def per_token_quant(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric quantization (qmax 127: INT8, 7: INT4 values in int8).
+    x: (..., K) -> (q (..., K) int8, scale (..., 1) fp32)."""
     if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch
-        return per_token_quant_triton(x)
+        return per_token_quant_triton(x, qmax=qmax)
     lead = x.shape[:-1]
-    q, s = _per_token_quant_op(x.reshape(-1, x.shape[-1]))
+    q, s = _per_token_quant_op(x.reshape(-1, x.shape[-1]), int(qmax))
     return q.reshape(*lead, x.shape[-1]), s.reshape(*lead, 1)

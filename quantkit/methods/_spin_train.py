@@ -77,10 +77,13 @@ def token_fq_scale_grad(x: torch.Tensor, qmax: int) -> torch.Tensor:
     only the rounding is straight-through, so d/dx also carries ds/dx (round(x/s) - x/s): the
     rotation learns that a smaller per-token max (fewer outliers) lowers the rounding error, a
     signal the plain STE (identity gradient) does not give."""
+    from quantkit.kernels._common import round_half_away_ref
+    from quantkit.kernels.act_quant import EPS
+
     xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / qmax
     z = xf / s
-    q = torch.clamp(z + (torch.round(z) - z).detach(), -qmax - 1, qmax)
+    q = torch.clamp(z + (round_half_away_ref(z.detach()) - z).detach(), -qmax, qmax)
     return (q * s).to(x.dtype)
 
 
@@ -106,7 +109,7 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
     `token_fq_scale_grad` (per-token schemes; others fall back to "ste"). Yields a context
     manager inside which the whole run-time side (R4, activation and KV fake-quant) is off: the
     model then runs as its own float self, the teacher of objective "kl"."""
-    from quantkit.quant.simulate import attach_online_rotations, kv_hook, online_rotation_spec
+    from quantkit.models.hooks import attach_online_rotations, kv_hook, online_rotation_spec
 
     state = {"on": True}
 

@@ -96,7 +96,7 @@ class Method:
         A method that needs online (run-time) rotations sets `online_rotations` (the manifest entry).
         """
 
-    # The manifest entry of run-time rotations this method's transform needs (see quant.simulate).
+    # The manifest entry of run-time rotations this method's transform needs (see models.hooks).
     online_rotations: dict[str, Any] | None = None
 
     def apply_block(self, ctx: BlockContext) -> None:  # pragma: no cover - interface

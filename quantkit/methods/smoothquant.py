@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from quantkit.methods.base import BlockContext, Method, register_method
-from quantkit.quant.core import fake_quantize, quantize_weight
+from quantkit.models.hooks import linear_input_hooks
+from quantkit.quant.core import fake_quantize, fake_quantize_activations, quantize_weight
 from quantkit.recipe import ActQuantArgs, RecipeError
 
 DEFAULT_ALPHA = 0.5
@@ -120,7 +121,6 @@ class SmoothQuant(Method):
     @torch.no_grad()
     def _search_alpha(self, ctx: BlockContext, groups) -> float:
         """The alpha of the grid whose W8A8-fake-quantized block output is closest to the float one."""
-        from quantkit.quant.simulate import simulate
 
         ref = ctx.forward()
         params = {n: m.weight.detach().clone() for n, m in ctx.linears.items()}
@@ -138,7 +138,7 @@ class SmoothQuant(Method):
                 fold_smoothing(nm, [ctx.linears[n] for n in names], s)
             for m in ctx.linears.values():
                 m.weight.copy_(fake_quantize(m.weight.data, self.scheme.weights))
-            with simulate(ctx.block, act=act, linears=dict(ctx.linears)):
+            with linear_input_hooks(ctx.linears, lambda _n, x: fake_quantize_activations(x, act)):
                 outs = ctx.forward()
             err = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outs, ref))
             if err < best_err:

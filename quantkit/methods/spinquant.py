@@ -14,7 +14,7 @@ Hadamard baseline is QuaRot (Ashkboos et al., 2024).
    R2^T W_v) and o_proj (inputs per head W_o R2). Both are folded offline.
 3. For activation / KV quantization (W4A4KV4) two online Hadamards: R4 on
    down_proj's input (weight W H folded, x H applied at run time,
-   `quantkit.quant.simulate.attach_online_rotations`) and R3 on Q/K after RoPE
+   `quantkit.models.hooks.attach_online_rotations`) and R3 on Q/K after RoPE
    (only K's quantization changes). The manifest records them (`online_rotations`).
 4. rotation "hadamard": R1, R2 random Hadamard (seeded); "learned": start from
    those and train them on calibration text (Cayley SGD on the orthogonal matrices,
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit.models.adapter import head_dim_of
 from quantkit.methods.base import BlockContext, Method, register_method
 from quantkit.quant import rotation as rot
 from quantkit.quant.core import quantize_weight
@@ -76,8 +77,7 @@ TUNED = {"W4A16": {"optimizer": "cayley-sgd", "estimator": "ste", "objective": "
 def _head_dims(config) -> tuple[int, int, int]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, kv_heads, head_dim
+    return heads, kv_heads, head_dim_of(config)
 
 
 # ----------------------------------------------------------------------------- model transforms
@@ -283,7 +283,7 @@ class SpinQuant(Method):
         """Rotate (and for "learned" first train) the whole float model in place; attach online R4."""
         if self.o["rotation"] == "none":
             return
-        from quantkit.quant.simulate import attach_online_rotations, online_rotation_spec
+        from quantkit.models.hooks import attach_online_rotations, online_rotation_spec
 
         make_rotation_ready(model)
         r1, r2 = initial_rotations(model, self.o["seed"])

@@ -54,6 +54,32 @@ class RotationRoles:
 
 
 @dataclass(frozen=True)
+class BlockLayout:
+    """Where each part of a decoder block lives, for the runtime, which runs the block itself.
+
+    Names are relative to a block. q_norm / k_norm: per-head RMSNorms on Q and K before RoPE
+    (Qwen3); the runtime uses them when the block has them.
+    """
+
+    input_norm: str
+    post_norm: str
+    q: str
+    k: str
+    v: str
+    o: str
+    gate: str
+    up: str
+    down: str
+    q_norm: str | None = None
+    k_norm: str | None = None
+
+    @property
+    def attention(self) -> str:
+        """The attention module (the parent of q/k/v/o)."""
+        return self.q.rsplit(".", 1)[0]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     model_types: tuple[str, ...]
     blocks: str
@@ -68,10 +94,19 @@ class ArchSpec:
     # Short op label for reports, keyed by relative linear name.
     ops: tuple[tuple[str, str], ...]
     rotation: RotationRoles | None = None
+    layout: BlockLayout | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(name for step in self.sequential for name in step)
+
+    @property
+    def attention(self) -> str:
+        """The attention module of a block (relative name): where K/V hooks attach."""
+        if self.layout is not None:
+            return self.layout.attention
+        k_rel = next(r for r in self.linears if r.endswith("k_proj"))
+        return k_rel.rsplit(".", 1)[0]
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -115,9 +150,41 @@ _LLAMA_LIKE = ArchSpec(
             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ),
     ),
+    layout=BlockLayout(
+        input_norm="input_layernorm",
+        post_norm="post_attention_layernorm",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        gate="mlp.gate_proj",
+        up="mlp.up_proj",
+        down="mlp.down_proj",
+        q_norm="self_attn.q_norm",
+        k_norm="self_attn.k_norm",
+    ),
 )
 
 ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE,)
+
+
+def head_dim_of(config) -> int:
+    """Attention head size: the config's `head_dim` when it sets one (Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Per decoder layer, the sliding attention window in tokens (None = full attention).
+
+    Follows transformers: with `layer_types`, the "sliding_attention" layers use `sliding_window`;
+    without it, a set `sliding_window` applies to every layer (Mistral). A query at position i
+    sees keys j with i - j < window."""
+    n = config.num_hidden_layers
+    w = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [w if t == "sliding_attention" else None for t in types]
+    return [w] * n
 
 
 def supported_model_types() -> list[str]:

@@ -228,7 +228,7 @@ def load_model(
             if kind == "default":
                 source["name"] = DEFAULT_MODEL_NAME
         elif kind == "dir" and _is_quantkit_checkpoint(Path(model)):
-            from quantkit.export.reader import load_quantkit_checkpoint
+            from quantkit.models.checkpoint import load_quantkit_checkpoint
 
             path = Path(model)
             lm, tok, manifest = load_quantkit_checkpoint(path, dtype=None if dtype == "auto" else torch_dtype)

@@ -149,20 +149,28 @@ def check_group_size(layers: dict[str, int], args: QuantArgs) -> None:
     )
 
 
-def fake_quantize_activations(x: torch.Tensor, args, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize-dequantize activations as a W8A8 kernel would see them (symmetric).
+def quantize_activations(x: torch.Tensor, args, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations as a W8A8 (or W4A4) kernel quantizes them: (q int8 of x's shape, scale broadcastable to x).
 
-    x: (..., features). args: `ActQuantArgs`. Per-token dynamic scales are
-    max|row| / qmax; per-tensor uses `scale` (static, calibrated) when given,
-    else max|x| / qmax (dynamic). Returns a tensor of x's dtype and shape.
+    x: (..., features). args: `ActQuantArgs`. Per-token dynamic scales are max|row| / qmax;
+    per-tensor uses `scale` (static, calibrated) when given, else max|x| / qmax (dynamic).
+    The integers come from `quantize_symmetric_ref` (quantkit.kernels.act_quant), the one
+    definition the kernels implement: ties away from zero, range [-qmax, qmax].
     """
+    from quantkit.kernels.act_quant import EPS, per_token_quant_ref, quantize_symmetric_ref
+
     qmax = args.qmax
-    xf = x.float()
+    if scale is None and args.strategy == "token":
+        return per_token_quant_ref(x, qmax)
     if scale is None:
-        if args.strategy == "token":
-            amax = xf.abs().amax(dim=-1, keepdim=True)
-        else:
-            amax = xf.abs().amax()
-        scale = amax.clamp(min=1e-8) / qmax
-    q = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax)
-    return (q * scale).to(x.dtype)
+        scale = x.detach().float().abs().amax().clamp_min(EPS) / qmax
+    scale = scale.float().to(x.device)
+    return quantize_symmetric_ref(x, scale, qmax), scale
+
+
+def fake_quantize_activations(x: torch.Tensor, args, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize activations as a W8A8 kernel would see them (see `quantize_activations`).
+
+    Returns a tensor of x's dtype and shape."""
+    q, s = quantize_activations(x, args, scale)
+    return (q.float() * s).to(x.dtype)

@@ -4,7 +4,7 @@ Shapes follow the attention code: K or V is x (batch, kv_heads, seq, head_dim),
 K after RoPE (as stored in the cache). A "token" is one (batch, head, position)
 vector of head_dim values.
 
-Strategies (symmetric, signed integers, dequant = q * scale):
+Strategies (symmetric, signed integers in [-qmax, qmax], dequant = q * scale):
   "channel": static scale per (kv_head, head_dim channel), from calibration max|x|.
   "tensor":  one static scale.
   "token":   dynamic scale per token vector, max|x_token| / qmax, computed at run time.
@@ -60,9 +60,11 @@ def kv_scale(x: torch.Tensor, strategy: str, bits: int = 8, static: torch.Tensor
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Signed integers round(x / scale) clamped to [-2^(b-1), 2^(b-1)-1], int8, x's shape."""
-    q = torch.round(x.float() / scale).clamp(-_qmax(bits) - 1, _qmax(bits))
-    return q.to(torch.int8)
+    """Signed integers of x's shape (int8): `quantize_symmetric_ref` (quantkit.kernels.act_quant),
+    the quantizer the activations and the kernels use: ties away from zero, range [-qmax, qmax]."""
+    from quantkit.kernels.act_quant import quantize_symmetric_ref
+
+    return quantize_symmetric_ref(x, scale, _qmax(bits))
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

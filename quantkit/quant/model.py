@@ -37,14 +37,14 @@ class QuantizedModel:
     source: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    # Calibrated static activation / KV-cache scales (quantkit.quant.simulate.StaticScales), or None.
+    # Calibrated static activation / KV-cache scales (quantkit.quant.static.StaticScales), or None.
     static_scales: Any = None
     # Mixed precision (`--sensitive`): linears kept in float in `model` (listed in the
     # checkpoint's ignore) whose quantized versions ship in a sidecar for the runtime,
     # and the mask from sensitive_layers.json that chose them (recorded in the manifest).
     shadow: dict[str, QuantizedTensor] = field(default_factory=dict)
     sensitivity: dict[str, Any] | None = None
-    # Run-time rotations the weights assume (SpinQuant R3/R4; quantkit.quant.simulate.online_rotation_spec),
+    # Run-time rotations the weights assume (SpinQuant R3/R4; quantkit.models.hooks.online_rotation_spec),
     # recorded in the manifest; the model in memory already has their hooks attached.
     online_rotations: dict[str, Any] | None = None
     # Per method name, what a training transform did (SpinQuant: {"log": per-step loss, orthogonality

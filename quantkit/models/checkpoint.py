@@ -1,0 +1,90 @@
+"""A quantkit checkpoint dir as a dense transformers model: quantized linears hold (q - zero) * scale.
+
+This is the model `quantkit eval` scores (with run-time quantization simulated on top, see
+`quantkit.runtime.simulate`); `quantkit.runtime` runs the packed weights instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from quantkit.export.manifest import read_manifest, verify_checkpoint
+from quantkit.export.reader import READABLE_FORMATS, CheckpointError, dense_state_dict
+
+
+def checkpoint_config(path: Path, cfg_dict: dict | None = None):
+    """The transformers config of a checkpoint dir, without its quantization_config."""
+    from transformers import AutoConfig
+
+    cfg_dict = json.loads((Path(path) / "config.json").read_text()) if cfg_dict is None else dict(cfg_dict)
+    cfg_dict.pop("quantization_config", None)
+    return AutoConfig.for_model(**cfg_dict)
+
+
+def checkpoint_dtype(cfg_dict: dict) -> torch.dtype:
+    """The dtype the checkpoint's float tensors were written in (config's dtype; float32 if unset)."""
+    return getattr(torch, str(cfg_dict.get("dtype") or cfg_dict.get("torch_dtype") or "float32"))
+
+
+def verified_manifest(path: Path, verify: bool = True) -> dict:
+    """The manifest of a quantkit checkpoint, after checking every file's sha256 (when `verify`)."""
+    manifest = read_manifest(path)
+    if verify:
+        problems = verify_checkpoint(path)
+        if problems:
+            raise CheckpointError(f"{path} failed verification: {problems[0]}; do not use this checkpoint")
+    fmt = manifest.get("format")
+    if fmt not in READABLE_FORMATS:
+        raise CheckpointError(f"{path} has format {fmt!r}; this reader loads {', '.join(READABLE_FORMATS)} checkpoints")
+    return manifest
+
+
+def empty_model(config, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """The model skeleton, without spending time on random init (weights come next).
+
+    device "meta": no storage at all (the runtime fills in what it keeps)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights(), torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_quantkit_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, verify: bool = True):
+    """(model, tokenizer, manifest) from a quantkit checkpoint dir; model dense, eval mode, on CPU.
+
+    verify: check every file's sha256 against the manifest first and refuse a mismatch.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    manifest = verified_manifest(path, verify)
+    cfg_dict = json.loads((path / "config.json").read_text())
+    config = checkpoint_config(path, cfg_dict)
+    if dtype is None:
+        dtype = checkpoint_dtype(cfg_dict)
+    sd = dense_state_dict(path, manifest["modules"], dtype, manifest["format"])
+    model = empty_model(config, dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise CheckpointError(f"{path} holds tensors the model does not have, e.g. {unexpected[0]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing:
+        raise CheckpointError(f"{path} is missing tensors, e.g. {missing[0]}")
+    model.eval()
+    model.config.use_cache = False
+    if manifest.get("online_rotations"):
+        # The weights of a rotated W4A4KV4 model assume the R4 Hadamard on down_proj inputs.
+        from quantkit.models.hooks import attach_online_rotations
+
+        attach_online_rotations(model, manifest["online_rotations"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, manifest

@@ -1,0 +1,154 @@
+"""Model-level hooks on a transformers model: where to intercept K/V and linear inputs, and the
+online rotations a rotated (SpinQuant) checkpoint needs at run time.
+
+Every hook here comes off again: context managers remove theirs on exit (also on error);
+`attach_online_rotations` returns its handles, since a rotated model needs them for life.
+Calibration (methods), simulation (runtime.simulate) and the dense checkpoint loader share them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.errors import UsageError
+
+# KVFn(attention module name, key, value) -> (key, value); key/value: (batch, kv_heads, seq, head_dim)
+KVFn = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# InputFn(linear full name, x) -> x': what the linear sees instead of x
+InputFn = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Full name -> attention module (the parent of each block's k_proj), for every decoder block."""
+    from quantkit.models.adapter import ModelAdapter
+
+    adapter = ModelAdapter.for_model(model)
+    attn_rel = adapter.spec.attention
+    return {f"{adapter.block_name(i)}.{attn_rel}": blk.get_submodule(attn_rel) for i, blk in enumerate(adapter.blocks())}
+
+
+def attention_modules_of_block(ctx) -> dict[str, nn.Module]:
+    """Full name -> attention module of the block in a methods.base.BlockContext."""
+    attn_rel = ctx.spec.attention
+    return {ctx.full_name(attn_rel): ctx.block.get_submodule(attn_rel)}
+
+
+@contextmanager
+def kv_hook(model: nn.Module, fn: KVFn, modules: dict[str, nn.Module] | None = None) -> Iterator[None]:
+    """Route K and V of the named attention modules through `fn` before attention reads them.
+
+    Wraps the attention function registered for the model's `_attn_implementation`
+    (a process-wide table, so the wrapper passes other models' calls through) and
+    restores the table on exit.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    modules = attention_modules(model) if modules is None else modules
+    names = {id(m): n for n, m in modules.items()}
+    cfg = getattr(model, "config", None) or next(iter(modules.values())).config
+    impl = cfg._attn_implementation or "eager"
+    had_local = impl in ALL_ATTENTION_FUNCTIONS._local_mapping
+    prev_local = ALL_ATTENTION_FUNCTIONS._local_mapping.get(impl)
+    if impl in ALL_ATTENTION_FUNCTIONS:
+        original = ALL_ATTENTION_FUNCTIONS[impl]
+    else:  # "eager" is not in the table: each model file has its own eager function
+        any_mod = next(iter(modules.values()))
+        original = sys.modules[type(any_mod).__module__].eager_attention_forward
+
+    def wrapper(module, query, key, value, *args, **kwargs):
+        name = names.get(id(module))
+        if name is not None:
+            key, value = fn(name, key, value)
+        return original(module, query, key, value, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS[impl] = wrapper
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS[impl] = prev_local
+        else:
+            del ALL_ATTENTION_FUNCTIONS[impl]
+
+
+@contextmanager
+def linear_input_hooks(linears: dict[str, nn.Module], fn: InputFn) -> Iterator[None]:
+    """While inside, every named linear sees fn(name, x) instead of its input x (forward pre-hooks)."""
+    handles = []
+    try:
+        for name, mod in linears.items():
+            handles.append(mod.register_forward_pre_hook(lambda _m, args, _n=name: (fn(_n, args[0]), *args[1:])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- online rotations (SpinQuant R3/R4)
+
+ONLINE_ROTATIONS_VERSION = 1
+
+
+def online_rotation_spec(model: nn.Module, *, r3: bool, r4: bool) -> dict[str, Any] | None:
+    """The manifest entry describing the online Hadamard rotations a rotated model needs (None: none).
+
+    r4: the input of every block's mlp_out linear (down_proj) is multiplied by H_n / sqrt(n)
+        at run time; its stored weight is already W H (so without it the model is wrong).
+    r3: Q and K after RoPE are multiplied by H_d / sqrt(d) per head (only changes KV quantization).
+    H is `quantkit.quant.rotation.normalized_hadamard` (deterministic, no seed).
+    """
+    if not (r3 or r4):
+        return None
+    from quantkit.models.adapter import ModelAdapter, head_dim_of
+
+    adapter = ModelAdapter.for_model(model)
+    cfg = model.config
+    spec: dict[str, Any] = {"version": ONLINE_ROTATIONS_VERSION, "construction": "sylvester x paley-I (rotation.py)"}
+    if r4:
+        rel = adapter.spec.rotation.mlp_out
+        mods = [f"{adapter.block_name(i)}.{rel}" for i in range(len(adapter.blocks()))]
+        spec["r4"] = {"kind": "hadamard", "size": cfg.intermediate_size, "apply": "linear input", "modules": mods}
+    if r3:
+        spec["r3"] = {"kind": "hadamard", "size": head_dim_of(cfg), "apply": "q and k after RoPE, per head",
+                      "modules": sorted(attention_modules(model))}
+    return spec
+
+
+def attach_online_rotations(model: nn.Module, spec: dict[str, Any] | None,
+                            active: Callable[[], bool] | None = None) -> list:
+    """Register the R4 forward pre-hooks of `spec` on `model` (x -> x H / sqrt(n)); returns the handles.
+
+    They stay for the model's lifetime: its down_proj weights hold W H, so the model is only
+    correct with them. R3 needs no hook (see `k_rotation_of`). active: when given, the hooks
+    pass x through unchanged while it returns False (rotation training's float teacher pass
+    runs the model's own, unrotated weights)."""
+    if not spec or "r4" not in spec:
+        return []
+    from quantkit.kernels.hadamard import hadamard_transform
+
+    size = spec["r4"]["size"]
+
+    def pre(_m, args):
+        if active is not None and not active():
+            return None
+        x = args[0]
+        if x.shape[-1] != size:
+            raise UsageError(f"online R4 expects {size} input features, got {x.shape[-1]}")
+        return (hadamard_transform(x), *args[1:])
+
+    return [model.get_submodule(n).register_forward_pre_hook(pre) for n in spec["r4"]["modules"]]
+
+
+def k_rotation_of(spec: dict[str, Any] | None) -> torch.Tensor | None:
+    """R3 as a (head_dim, head_dim) float32 matrix, or None."""
+    if not spec or "r3" not in spec:
+        return None
+    from quantkit.quant.rotation import normalized_hadamard
+
+    return normalized_hadamard(spec["r3"]["size"])
