@@ -228,15 +228,22 @@ def _w8a8_kernel(
                 out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
         else:
+            # INT8 rows keep exact int32 partials (summed, then scaled, as the plain path does, so
+            # their outputs are bit-identical to it); FP16 rows store fp32 bits and sum as fp32.
             offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             p_tile = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-            tl.store(p_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, accm.to(tl.int32, bitcast=True))
+            tl.store(p_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t,
+                     tl.where(is_fp[:, None], accm.to(tl.int32, bitcast=True), acc))
             count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
             if count == SPLIT_K - 1:
-                out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                tot_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                tot_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
                 for sk in tl.static_range(SPLIT_K):
-                    out += tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t).to(tl.float32, bitcast=True)
+                    part = tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
+                    tot_i += tl.where(is_fp[:, None], 0, part)
+                    tot_f += tl.where(is_fp[:, None], part.to(tl.float32, bitcast=True), 0.0)
                 tl.atomic_xchg(lock_ptr + tile, 0)
+                out = tl.where(is_fp[:, None], tot_f, tot_i.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
                 if HAS_BIAS:
                     out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
                 tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -378,9 +385,9 @@ def _w8a8_gemv_kernel(
             totf = tl.sum(accf, axis=2)
         if not HAS_FP16_W:
             totf = totf * w_sc[None, :]
-        # one fp32 partial per row (scaled: split-K partials of both kinds add linearly)
-        totm = tl.where(is_fp[:, None], totf, tot.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
-        tot = totm.to(tl.int32, bitcast=True)
+        # per row: INT8 rows keep their exact int32 partial (so their outputs are bit-identical to the
+        # plain path's), FP16 rows carry fp32 bits; the two kinds are summed apart below
+        tot = tl.where(is_fp[:, None], totf.to(tl.int32, bitcast=True), tot)
 
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -392,9 +399,12 @@ def _w8a8_gemv_kernel(
         if count == SPLIT_K - 1:
             if ROW_BITS:
                 tf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                ti = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
                 for sk in tl.static_range(SPLIT_K):
-                    tf += tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t).to(tl.float32, bitcast=True)
-                tot = tf.to(tl.int32, bitcast=True)
+                    part = tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
+                    ti += tl.where(is_fp[:, None], 0, part)
+                    tf += tl.where(is_fp[:, None], part.to(tl.float32, bitcast=True), 0.0)
+                tot = tl.where(is_fp[:, None], tf.to(tl.int32, bitcast=True), ti)
             else:
                 tot = tl.zeros_like(tot)
                 for sk in tl.static_range(SPLIT_K):
@@ -403,7 +413,7 @@ def _w8a8_gemv_kernel(
         else:
             c_mask = c_mask & False  # not the last split: store nothing
     if ROW_BITS:
-        out = tot.to(tl.float32, bitcast=True)
+        out = tl.where(is_fp[:, None], tot.to(tl.float32, bitcast=True), tot.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
     else:
         out = tot.to(tl.float32) * a_sc[:, None] * w_sc[None, :]
     if HAS_BIAS:

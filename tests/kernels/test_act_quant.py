@@ -34,3 +34,25 @@ def test_per_token_quant_public_op_and_fake(dev):
     with FakeTensorMode():
         fq, fs = torch.ops.quantkit.per_token_quant(torch.empty(5, 32, dtype=torch.float16))
     assert fq.shape == (5, 32) and fs.shape == (5, 1)
+
+
+@pytest.mark.parametrize("K", [64, 200])
+@pytest.mark.parametrize("qmax", [127, 7])
+def test_static_scale_and_a4_modes(dev, K, qmax):
+    """The kernel's static per-tensor mode and its A4 range match quantize_symmetric_ref exactly."""
+    g = torch.Generator().manual_seed(K + qmax)
+    x = (torch.randn(9, K, generator=g) * 3).half().to(dev)
+    # static: a scale calibrated on smaller data, so some values clip to +-qmax
+    st = torch.tensor([float(x.float().abs().max()) / qmax / 2], device=dev)
+    q, s = act_quant.per_token_quant_triton(x, qmax=qmax, static_scale=st,
+                                            out_q=poison((9, K), torch.int8, dev), out_s=poison((9, 1), torch.float32, dev))
+    want = act_quant.quantize_symmetric_ref(x, st.reshape(1, 1), qmax)
+    assert torch.equal(q, want) and torch.equal(s, st.expand(9, 1))
+    assert int(q.abs().max()) == qmax  # clipped
+    qs, ss = act_quant.static_quant(x, st, qmax)
+    assert torch.equal(qs, want)
+    # dynamic A4: per-row max hits qmax
+    q4, s4 = act_quant.per_token_quant_triton(x, qmax=qmax)
+    q4r, s4r = act_quant.per_token_quant_ref(x, qmax)
+    assert torch.equal(s4, s4r) and (q4.int() - q4r.int()).abs().max() <= 1
+    assert int(q4.abs().max()) == qmax
