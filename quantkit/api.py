@@ -356,3 +356,118 @@ def scan(
         on_block=on_block,
         on_step=on_step,
     )
+
+
+def runtime_for_shape(shape: str, scheme, *, device: str = "auto", seed: int = 0, layers: int | None = None,
+                      mixed_fraction: float = 0.0, calib_samples: int = 8, calib_seqlen: int = 128):
+    """A runtime model of a named random-weight shape (`quantkit.models.random.SHAPES`), RTN-quantized
+    to `scheme` in memory (static scales, when the scheme has them, calibrated on random tokens).
+
+    mixed_fraction: that share of the linears (whole blocks, spread over the depth) kept FP16 with
+    quantized shadows, as a `--sensitive` checkpoint keeps them. layers: override num_hidden_layers."""
+    import torch
+
+    from quantkit import runtime
+    from quantkit.models.random import random_model
+    from quantkit.quant.static import needs_static_scales
+    from quantkit.recipe import Stage
+
+    dev = resolve_device(device)
+    model = random_model(shape, device=dev, seed=seed, **({"num_hidden_layers": layers} if layers else {}))
+    calib = None
+    if needs_static_scales(scheme.input_activations, scheme.kv_cache):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, model.config.vocab_size, (calib_samples, calib_seqlen), generator=g)
+        calib = CalibrationSet(ids, {"source": "random tokens", "samples": calib_samples, "seqlen": calib_seqlen})
+    loaded = LoadedModel(model, None, {"kind": "random", "shape": shape, "seed": seed})
+    qm = quantize(loaded, Recipe(scheme, (Stage("rtn"),)), calib_set=calib, device=dev)
+    if mixed_fraction > 0:
+        from quantkit.models.adapter import ModelAdapter
+
+        ad = ModelAdapter.for_model(model)
+        n = len(ad.blocks())
+        k = max(1, round(mixed_fraction * n))
+        for i in sorted({round(j * (n - 1) / max(1, k - 1)) for j in range(k)} if k > 1 else {n // 2}):
+            for name in ad.block_linears(i):
+                qm.shadow[name] = qm.modules.pop(name)
+    return runtime.from_quantized(qm, device=dev)
+
+
+def bench(*, checkpoint=None, shape: str | None = None, scheme=None, layers: int | None = None,
+          batches: list[int] = (1,), prompt_len: int = 512, gen_len: int = 256, baselines: bool = True,
+          fallback: bool = False, mixed_fraction: float = 0.0, seed: int = 0, device: str = "auto",
+          on_status: Callable[[str], None] | None = None) -> list[dict]:
+    """Rows of `quantkit bench` (see quantkit.runtime.bench): the checkpoint (or the random `shape` in
+    `scheme`), optionally with the fallback monitor and as a mixed model, then the runtime's BF16 path
+    and transformers BF16 on the same weights (the checkpoint's dequantized ones, or the shape's)."""
+    from quantkit import runtime
+    from quantkit.runtime import bench as rb
+    from quantkit.runtime.calibrate import attach_fallback, default_monitor_layers, monitor_histograms
+
+    say = on_status or (lambda _m: None)
+    dev = resolve_device(device)
+    rows: list[dict] = []
+
+    def run_rows(rt, name: str, role: str, monitor: bool = False):
+        for b in batches:
+            say(f"timing {name} at batch {b} ...")
+            if monitor:
+                rt.disable_monitor()
+                layers_ = default_monitor_layers(rt)
+                if rt.tokenizer is not None:
+                    attach_fallback(rt, layers=layers_)
+                else:  # a random model: calibrate on random tokens, as its prompts are
+                    import torch
+
+                    g = torch.Generator().manual_seed(seed + 1)
+                    ids = torch.randint(0, rt.vocab, (8, 256), generator=g)
+                    rt.enable_monitor(monitor_histograms(rt, ids, layers_), layers_)
+            row = rb.bench_runtime(rt, name, batch=b, prompt_len=prompt_len, gen_len=gen_len, seed=seed).to_dict()
+            rows.append({**row, "role": role})
+        if monitor:
+            rt.disable_monitor()
+
+    def dense_model():
+        if checkpoint is not None:
+            from quantkit.models.checkpoint import load_quantkit_checkpoint
+
+            import torch
+
+            model, _, _ = load_quantkit_checkpoint(checkpoint, dtype=torch.bfloat16 if dev.startswith("cuda") else None)
+            return model.to(dev)
+        from quantkit.models.random import random_model
+
+        return random_model(shape, device=dev, seed=seed, **({"num_hidden_layers": layers} if layers else {}))
+
+    label = str(checkpoint) if checkpoint is not None else f"{shape} {scheme.name}"
+    say(f"building {label} on the runtime ...")
+    rt = runtime.load(checkpoint, device=device) if checkpoint is not None else \
+        runtime_for_shape(shape, scheme, device=device, seed=seed, layers=layers)
+    qname = "checkpoint" if checkpoint is not None else scheme.name
+    run_rows(rt, qname, "quantized")
+    if fallback:
+        run_rows(rt, f"{qname} + monitor", "monitor", monitor=True)
+    rb.free(rt)
+    del rt
+    rb.free()
+    if mixed_fraction > 0 and shape is not None:
+        say(f"building the mixed model ({mixed_fraction:.0%} of linears FP16) ...")
+        rt = runtime_for_shape(shape, scheme, device=device, seed=seed, layers=layers, mixed_fraction=mixed_fraction)
+        run_rows(rt, f"{qname} {mixed_fraction:.0%} FP16", "mixed")
+        del rt
+        rb.free()
+    if baselines:
+        say("building the runtime's BF16 path ...")
+        rt = runtime.from_float(dense_model(), device=device)
+        run_rows(rt, f"{str(rt.dtype).replace('torch.', '')} runtime", "runtime-float")
+        del rt
+        rb.free()
+        model = dense_model()
+        for b in batches:
+            say(f"timing transformers at batch {b} ...")
+            row = rb.bench_transformers(model, "transformers", batch=b, prompt_len=prompt_len, gen_len=gen_len,
+                                        seed=seed).to_dict()
+            rows.append({**row, "role": "transformers"})
+        del model
+        rb.free()
+    return rows

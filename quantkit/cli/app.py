@@ -40,7 +40,8 @@ def _root(
 
 
 # Command modules, each with a `register(app)`; a new command is a new module plus its name here.
-_COMMAND_MODULES = ("methods", "quantize", "smoothquant", "spinquant", "evaluate", "inspect", "plan", "scan")
+_COMMAND_MODULES = ("methods", "quantize", "smoothquant", "spinquant", "evaluate", "inspect", "plan", "scan", "generate",
+                    "bench")
 
 
 def _register() -> None:

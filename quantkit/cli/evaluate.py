@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from quantkit.cli.options import DeviceOpt, DtypeOpt, TrustOpt
+from quantkit.cli.runtime_options import FallbackLayersOpt, HistOpt, KLOpt, SkewOpt, fallback_layers
 from quantkit.cli.ui import console, handle_errors, peak_rss_mib, status
 
 
@@ -48,6 +49,16 @@ def eval_cmd(
     calib_samples: Annotated[
         int, typer.Option("--calib-samples", help="Calibration windows for static scales a model does not carry.")
     ] = 16,
+    use_runtime: Annotated[
+        bool, typer.Option("--runtime", help="Score quantkit checkpoints through the runtime's real kernels (packed weights, INT8 KV cache) instead of the simulation.")
+    ] = False,
+    fallback: Annotated[
+        bool, typer.Option("--fallback/--no-fallback", help="With --runtime: the online fallback monitor (windows run in 64-token chunks).")
+    ] = False,
+    fallback_layers_: FallbackLayersOpt = None,
+    kl_threshold: KLOpt = 0.02,
+    skew_threshold: SkewOpt = 3.0,
+    hist: HistOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
@@ -55,8 +66,14 @@ def eval_cmd(
     """Perplexity on held-out text (default: second half of the built-in corpus).
 
     W8A8 / INT8-KV checkpoints written by quantkit are scored with their activation
-    and KV quantization simulated in torch (--simulate-act/--simulate-kv auto)."""
+    and KV quantization simulated in torch (--simulate-act/--simulate-kv auto), or with
+    --runtime through the runtime's kernels (packed weights, real INT8 KV cache)."""
     import torch
+
+    from quantkit.errors import UsageError
+
+    if fallback and not use_runtime:
+        raise UsageError("--fallback needs --runtime (the monitor runs on the runtime)")
 
     from quantkit import api
     from quantkit.api import EvalConfig
@@ -67,22 +84,13 @@ def eval_cmd(
     jobs = ([("baseline", baseline)] if baseline else []) + [("model", m) for m in (models or [None])]
     for role, spec in jobs:
         t0 = time.perf_counter()
-        status(f"loading {spec or 'the embedded default model'} ...")
-        loaded = api.load(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        from quantkit.runtime.simulate import SimulationPlan, plan_simulation
-
-        plan = SimulationPlan(None, None)
-        if role == "model":  # the baseline is the float reference, never simulated
-            plan = plan_simulation(
-                loaded, act=simulate_act, kv=simulate_kv, kv_tau=kv_tau, calib_samples=calib_samples,
-                calib_seqlen=seqlen, device=device,
-            )
-        status(f"scoring {role} ...")
-        with plan.context(loaded.model) as sim:
-            res, win = api.evaluate(loaded.model, loaded.tokenizer, cfg, device=device)
-        extra = {"simulated": plan.describe()}
-        if sim is not None and plan.kv is not None:
-            extra.update(sim.to_dict())
+        if role == "model" and use_runtime:
+            res, win, extra = _eval_runtime(spec, cfg, device, dtype, fallback=fallback,
+                                            layers=fallback_layers(fallback_layers_), hist=hist,
+                                            kl_threshold=kl_threshold, skew_threshold=skew_threshold)
+        else:
+            res, win, extra = _eval_dense(role, spec, cfg, device, dtype, trust_remote_code, simulate_act,
+                                          simulate_kv, kv_tau, calib_samples, seqlen)
         if ref_windows is not None and not torch.equal(ref_windows, win):
             from quantkit.errors import UsageError
 
@@ -91,7 +99,6 @@ def eval_cmd(
         rows.append(
             {"role": role, "model": spec or "default", **res.to_dict(), **extra, "seconds": time.perf_counter() - t0}
         )
-        del loaded
     result = {"seqlen": seqlen, "data": data or "builtin", "rows": rows, "peak_rss_mib": peak_rss_mib()}
     if baseline:
         for r in rows[1:]:
@@ -106,11 +113,66 @@ def eval_cmd(
         rel = f"{(r['ppl'] / rows[0]['ppl'] - 1) * 100:+.2f}%" if baseline else ""
         simd = r["simulated"]
         if "patched_fraction" in r and r["patched_fraction"]:
-            simd += f" · {r['patched_fraction'] * 100:.2f}% tokens patched (+{r['residual_memory_overhead'] * 100:.2f}% KV)"
+            simd += f" · {r['patched_fraction'] * 100:.2f}% tokens patched"
+            if "residual_memory_overhead" in r:
+                simd += f" (+{r['residual_memory_overhead'] * 100:.2f}% KV)"
+        if r.get("fallback_rate") is not None:
+            simd += f" · fallback {r['fallback_rate'] * 100:.1f}% of tokens ({r['fallback_switches']} switches)"
         t.add_row(r["role"], r["model"], simd, f"{r['ppl']:.4f}", rel, f"{r['seconds']:.1f}")
     console.print(t)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _eval_dense(role, spec, cfg, device, dtype, trust_remote_code, simulate_act, simulate_kv, kv_tau, calib_samples,
+                seqlen):
+    """(Perplexity, windows, extra columns) of a model loaded dense, with its run-time quantization simulated."""
+    from quantkit import api
+    from quantkit.runtime.simulate import SimulationPlan, plan_simulation
+
+    status(f"loading {spec or 'the embedded default model'} ...")
+    loaded = api.load(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    plan = SimulationPlan(None, None)
+    if role == "model":  # the baseline is the float reference, never simulated
+        plan = plan_simulation(
+            loaded, act=simulate_act, kv=simulate_kv, kv_tau=kv_tau, calib_samples=calib_samples,
+            calib_seqlen=seqlen, device=device,
+        )
+    status(f"scoring {role} ...")
+    with plan.context(loaded.model) as sim:
+        res, win = api.evaluate(loaded.model, loaded.tokenizer, cfg, device=device)
+    extra = {"simulated": plan.describe()}
+    if sim is not None and plan.kv is not None:
+        extra.update(sim.to_dict())
+    return res, win, extra
+
+
+def _eval_runtime(spec, cfg, device, dtype, *, fallback, layers, hist, kl_threshold, skew_threshold):
+    """(Perplexity, windows, extra columns) of a checkpoint scored through the runtime's kernels."""
+    from quantkit import runtime
+    from quantkit.calib.data import heldout_windows
+    from quantkit.errors import UsageError
+    from quantkit.export.reader import is_quantkit_checkpoint
+    from quantkit.runtime.calibrate import attach_fallback
+
+    if spec is None or not is_quantkit_checkpoint(Path(spec)):
+        raise UsageError(f"--runtime scores checkpoint dirs written by quantkit; {spec or 'the default model'} is not one")
+    status(f"loading {spec} on the runtime ...")
+    rt = runtime.load(spec, device=device, dtype=dtype)
+    mon = None
+    if fallback:
+        mon = attach_fallback(rt, layers=layers, hist=hist, kl_threshold=kl_threshold, skew_threshold=skew_threshold)
+    win = heldout_windows(rt.tokenizer, cfg.seqlen, cfg.windows, spec=cfg.data, field=cfg.field)
+    status(f"scoring {spec} on the runtime ({rt.device}) ...")
+    res = rt.perplexity(win, batch_size=cfg.batch_size, chunk=64 if mon is not None else None)
+    extra = {"simulated": f"runtime kernels ({rt.info['scheme']})"}
+    if rt.kv_args is not None:
+        extra.update(rt._cache.stats())
+    if fallback:
+        extra.update(fallback_rate=rt.stats.fallback_rate if mon is not None else 0.0,
+                     fallback_switches=len(mon.switches) if mon is not None else 0,
+                     fallback_log=[s.to_dict() for s in mon.switches] if mon is not None else [])
+    return res, win, extra
 
 
 def register(app: typer.Typer) -> None:

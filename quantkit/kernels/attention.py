@@ -1,0 +1,309 @@
+"""Decode attention (one new query token per sample) that reads the KV cache as stored: INT8 (with
+per-token or per-channel scales and optional outlier residuals) or float, split over the sequence.
+
+Spec (``decode_attention_ref``), one decode step:
+
+    q:        (B, Hq, D) float (fp16/bf16/fp32); query head i reads kv head i // (Hq // Hkv) (GQA)
+    k, v:     (B, Hkv, T, D) cache: int8, or the model's float dtype
+    scales:   k_scale / v_scale None (float cache) | (B, Hkv, T) per-token | (Hkv, D) per-channel, fp32
+    residual: optional outlier residuals per K and V (``Residuals``): idx (B, Hkv, T) int16, the pool slot
+              of a token's residual or -1; pool (B, Hkv, C + 1, D // 2) int8, two 4-bit values per byte
+              (element d: byte d // 2, low nibble for even d), or (B, Hkv, C + 1, D) int8 for 8-bit
+              residuals; pool_scale (B, Hkv, C + 1) fp32. Dequantized K = q_k * scale + r * r_scale.
+    seq_lens: (B,) int32: sample b attends keys [max(0, L_b - window), L_b) (window None: all)
+
+    out[b, i] = softmax(q[b, i] . K_b^T * sm_scale) V_b    -> (B, Hq, D) in q.dtype (fp32 softmax)
+
+Kernel (``decode_attention``): grid (B * Hkv, n_splits). A program takes one kv head, all the query
+heads that share it (padded to 16 rows for the tensor cores) and one slice of the sequence: it
+dequantizes each (BLOCK_N, D) tile of K and V in registers (no dequantized cache in memory), runs
+an online softmax, and writes its partial (max, sum, acc) to a workspace; a second small kernel
+merges the splits. Splits past a sample's length exit at once, so one launch shape serves every
+length (CUDA-graph friendly). The reference dequantizes the cache in torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import LazyKernel, cdiv, next_pow2, tl, use_triton
+
+__all__ = ["Residuals", "decode_attention", "decode_attention_ref", "dequantize_cache_ref", "pack_nibbles",
+           "unpack_nibbles"]
+
+
+@dataclass
+class Residuals:
+    """Outlier residuals of one K or V cache (see module docstring); bits 4 (packed) or 8."""
+
+    idx: torch.Tensor  # (B, H, T) int16, -1 = none
+    pool: torch.Tensor  # (B, H, C + 1, D // 2) or (B, H, C + 1, D) int8; slot C is a write sink
+    scale: torch.Tensor  # (B, H, C + 1) fp32
+    bits: int = 4
+
+
+def pack_nibbles(r: torch.Tensor) -> torch.Tensor:
+    """Signed 4-bit values (..., D) in int8 -> (..., D // 2) int8: element d in byte d // 2, low nibble
+    for even d, high nibble for odd d."""
+    r16 = r.to(torch.int16).reshape(*r.shape[:-1], r.shape[-1] // 2, 2)
+    b = (r16[..., 0] & 0xF) | ((r16[..., 1] & 0xF) << 4)
+    return torch.where(b >= 128, b - 256, b).to(torch.int8)
+
+
+def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: (..., D // 2) int8 -> (..., D) int8."""
+    b16 = b.to(torch.int16)
+    lo = ((b16 & 0xF) ^ 8) - 8
+    hi = (((b16 >> 4) & 0xF) ^ 8) - 8
+    return torch.stack((lo, hi), dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2).to(torch.int8)
+
+
+def _residual_values(res: Residuals, T: int) -> torch.Tensor:
+    """Dense float residuals (B, H, T, D) (zeros where a token has none)."""
+    B, H = res.idx.shape[:2]
+    slot = res.idx[:, :, :T].long()
+    has = slot >= 0
+    slot = slot.clamp_min(0)
+    pool = unpack_nibbles(res.pool) if res.bits == 4 else res.pool
+    D = pool.shape[-1]
+    vals = torch.gather(pool.float(), 2, slot.unsqueeze(-1).expand(B, H, T, D))
+    sc = torch.gather(res.scale.float(), 2, slot)
+    return torch.where(has.unsqueeze(-1), vals * sc.unsqueeze(-1), torch.zeros((), device=pool.device))
+
+
+def dequantize_cache_ref(x: torch.Tensor, scale: torch.Tensor | None, T: int, residual: Residuals | None = None) -> torch.Tensor:
+    """The first T positions of one cache as float32 (B, H, T, D): int8 * scale (+ residual), or float as is."""
+    x = x[:, :, :T]
+    if scale is None:
+        return x.float()
+    s = scale[:, :, :T].unsqueeze(-1) if scale.dim() == 3 else scale.reshape(1, *scale.shape[-2:]).unsqueeze(2)
+    out = x.float() * s.float()
+    if residual is not None:
+        out = out + _residual_values(residual, T)
+    return out
+
+
+def decode_attention_ref(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res=None, v_res=None, window=None,
+                         sm_scale=None):
+    """Reference (see module docstring). Returns (B, Hq, D) in q.dtype."""
+    B, Hq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    kf = dequantize_cache_ref(k, k_scale, T, k_res)
+    vf = dequantize_cache_ref(v, v_scale, T, v_res)
+    g = Hq // Hkv
+    kf = kf.repeat_interleave(g, dim=1)
+    vf = vf.repeat_interleave(g, dim=1)
+    s = torch.einsum("bhd,bhtd->bht", q.float(), kf) * sm_scale
+    pos = torch.arange(T, device=q.device)
+    L = seq_lens.to(q.device).long().view(B, 1)
+    valid = pos.view(1, T) < L
+    if window is not None:
+        valid &= pos.view(1, T) >= (L - window)
+    s = s.masked_fill(~valid.view(B, 1, T), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bht,bhtd->bhd", p, vf).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _decode_attn_kernel(
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kri_ptr, krp_ptr, krs_ptr, vri_ptr, vrp_ptr, vrs_ptr, len_ptr,
+    m_ptr, l_ptr, acc_ptr,
+    # q: (B, Hq, D); k, v: (B, Hkv, T, D); ks/vs: (B, Hkv, T) per-token or (Hkv, D) per-channel scales
+    # kri/vri: (B, Hkv, T) int16 residual slots; krp/vrp: (B, Hkv, C + 1, D // PACK) int8 pools;
+    # krs/vrs: (B, Hkv, C + 1) fp32 residual scales; len: (B,) int32
+    # m, l: (B * Hkv, NSPLIT, GP) fp32; acc: (B * Hkv, NSPLIT, GP, D) fp32 (the split partials)
+    Hkv, T, C1, window, sm_scale_log2,
+    stride_qb, stride_qh,
+    GROUP: tl.constexpr,  # query heads per kv head
+    GP: tl.constexpr,  # GROUP padded to >= 16 (a power of two)
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,  # keys per split (a multiple of BLOCK_N)
+    NSPLIT: tl.constexpr,
+    SCALES: tl.constexpr,  # 0 float cache, 1 per-token, 2 per-channel
+    RES_BITS: tl.constexpr,  # 0 none, 4 (two per byte) or 8
+    WINDOW: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * Hkv + h
+    sp = tl.program_id(1)
+    b = pid // Hkv
+    h = pid % Hkv
+    L = tl.load(len_ptr + b)
+    lo = sp * SPLIT
+    hi = tl.minimum(lo + SPLIT, L)
+    if WINDOW:
+        lo = tl.maximum(lo, L - window)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    gmask = offs_g < GROUP
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None], other=0.0)
+    cdt = q.dtype if q.dtype != tl.float32 else tl.float16
+    qf = (q.to(tl.float32) * sm_scale_log2).to(cdt)
+    m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((GP,), dtype=tl.float32)
+    acc = tl.zeros((GP, D), dtype=tl.float32)
+    row = pid.to(tl.int64) * T  # (b, h) row of the (B * Hkv, T) views
+    if SCALES == 2:
+        kc = tl.load(ks_ptr + h * D + offs_d)
+        vc = tl.load(vs_ptr + h * D + offs_d)
+    PACK: tl.constexpr = 2 if RES_BITS == 4 else 1
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + offs_n
+        nmask = pos < hi
+        kv_off = (row + pos)[:, None] * D + offs_d[None, :]
+        kt = tl.load(k_ptr + kv_off, mask=nmask[:, None], other=0).to(tl.float32)
+        vt = tl.load(v_ptr + kv_off, mask=nmask[:, None], other=0).to(tl.float32)
+        if SCALES == 1:
+            kt = kt * tl.load(ks_ptr + row + pos, mask=nmask, other=0.0)[:, None]
+            vt = vt * tl.load(vs_ptr + row + pos, mask=nmask, other=0.0)[:, None]
+        elif SCALES == 2:
+            kt = kt * kc[None, :]
+            vt = vt * vc[None, :]
+        if RES_BITS != 0:
+            for which in tl.static_range(2):
+                if which == 0:
+                    ri_ptr, rp_ptr, rs_ptr = kri_ptr, krp_ptr, krs_ptr
+                else:
+                    ri_ptr, rp_ptr, rs_ptr = vri_ptr, vrp_ptr, vrs_ptr
+                slot = tl.load(ri_ptr + row + pos, mask=nmask, other=-1).to(tl.int32)
+                has = slot >= 0
+                prow = pid.to(tl.int64) * C1 + tl.maximum(slot, 0)
+                rsc = tl.load(rs_ptr + prow, mask=has, other=0.0)
+                if RES_BITS == 4:
+                    offs_p = tl.arange(0, D // 2)
+                    byt = tl.load(rp_ptr + prow[:, None] * (D // 2) + offs_p[None, :], mask=has[:, None], other=0)
+                    byt = byt.to(tl.int32)
+                    r_lo = ((byt & 0xF) ^ 8) - 8
+                    r_hi = (((byt >> 4) & 0xF) ^ 8) - 8
+                    r = tl.reshape(tl.join(r_lo, r_hi), (BLOCK_N, D)).to(tl.float32)
+                else:
+                    r = tl.load(rp_ptr + prow[:, None] * D + offs_d[None, :], mask=has[:, None], other=0).to(tl.float32)
+                if which == 0:
+                    kt = kt + r * rsc[:, None]
+                else:
+                    vt = vt + r * rsc[:, None]
+        s = tl.dot(qf, tl.trans(kt.to(cdt)))  # (GP, BLOCK_N), log2 units
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(cdt), vt.to(cdt))
+        m_i = m_new
+    part = pid.to(tl.int64) * NSPLIT + sp
+    tl.store(m_ptr + part * GP + offs_g, m_i)
+    tl.store(l_ptr + part * GP + offs_g, l_i)
+    tl.store(acc_ptr + (part * GP + offs_g)[:, None] * D + offs_d[None, :], acc)
+
+
+decode_attn_kernel = LazyKernel(_decode_attn_kernel)
+
+
+def _decode_merge_kernel(
+    m_ptr, l_ptr, acc_ptr, o_ptr,
+    # partials as written by _decode_attn_kernel; o: (B, Hq, D) q.dtype
+    Hkv, stride_ob, stride_oh,
+    GROUP: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    NSPLIT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    m = tl.full((GP,), float("-inf"), dtype=tl.float32)
+    for sp in tl.static_range(NSPLIT):
+        m = tl.maximum(m, tl.load(m_ptr + (pid.to(tl.int64) * NSPLIT + sp) * GP + offs_g))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_tot = tl.zeros((GP,), dtype=tl.float32)
+    acc = tl.zeros((GP, D), dtype=tl.float32)
+    for sp in tl.static_range(NSPLIT):
+        part = pid.to(tl.int64) * NSPLIT + sp
+        w = tl.exp2(tl.load(m_ptr + part * GP + offs_g) - m_safe)
+        l_tot += tl.load(l_ptr + part * GP + offs_g) * w
+        acc += tl.load(acc_ptr + (part * GP + offs_g)[:, None] * D + offs_d[None, :]) * w[:, None]
+    out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+    gmask = offs_g < GROUP
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + (h * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+decode_merge_kernel = LazyKernel(_decode_merge_kernel)
+
+
+def plan_splits(B: int, Hkv: int, T: int, block_n: int = 64, target_programs: int = 528, max_split_keys: int = 2048):
+    """(keys per split, number of splits) for a cache of T positions: enough programs to fill the GPU
+    (about 4 waves of 132 SMs) while each split keeps at least one BLOCK_N tile."""
+    blocks = cdiv(T, block_n)
+    per = blocks
+    while per > 1 and B * Hkv * cdiv(blocks, per) < target_programs:
+        per = cdiv(per, 2)
+    while per * block_n > max_split_keys and per > 1:
+        per = cdiv(per, 2)
+    split = per * block_n
+    return split, cdiv(T, split)
+
+
+_WS: dict = {}
+
+
+def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Residuals | None = None,
+                     v_res: Residuals | None = None, window: int | None = None, sm_scale: float | None = None,
+                     out: torch.Tensor | None = None, block_n: int = 64, split: int | None = None):
+    """Decode attention over the cache as stored (module docstring). q: (B, Hq, D) -> (B, Hq, D) q.dtype.
+
+    CUDA tensors (or TRITON_INTERPRET=1): the Triton kernels; otherwise the reference."""
+    B, Hq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    sm = D ** -0.5 if sm_scale is None else sm_scale
+    if not use_triton(q, k):
+        y = decode_attention_ref(q, k, v, seq_lens, k_scale=k_scale, v_scale=v_scale, k_res=k_res, v_res=v_res,
+                                 window=window, sm_scale=sm)
+        return y if out is None else out.copy_(y)
+    if D != next_pow2(D) or D < 16:
+        raise ValueError(f"decode attention needs a power-of-two head_dim >= 16, got {D}")
+    group = Hq // Hkv
+    gp = max(16, next_pow2(group))
+    if split is None:
+        split, nsplit = plan_splits(B, Hkv, T, block_n)
+    else:
+        nsplit = cdiv(T, split)
+    dev = q.device
+    key = (dev, B * Hkv, nsplit, gp, D)
+    ws = _WS.get(key)
+    if ws is None:
+        ws = _WS[key] = (torch.empty(B * Hkv * nsplit * gp, device=dev, dtype=torch.float32),
+                         torch.empty(B * Hkv * nsplit * gp, device=dev, dtype=torch.float32),
+                         torch.empty(B * Hkv * nsplit * gp * D, device=dev, dtype=torch.float32))
+    m_ws, l_ws, acc_ws = ws
+    if out is None:
+        out = torch.empty((B, Hq, D), device=dev, dtype=q.dtype)
+    scales = 0 if k_scale is None else (1 if k_scale.dim() == 3 else 2)
+    res_bits = 0 if k_res is None else k_res.bits
+    dummy = seq_lens
+    kr = k_res if k_res is not None else None
+    vr = v_res if v_res is not None else None
+    qc = q if q.stride(-1) == 1 else q.contiguous()
+    decode_attn_kernel[(B * Hkv, nsplit)](
+        qc, k, v, k_scale if scales else dummy, v_scale if scales else dummy,
+        kr.idx if kr else dummy, kr.pool if kr else dummy, kr.scale if kr else dummy,
+        vr.idx if vr else dummy, vr.pool if vr else dummy, vr.scale if vr else dummy, seq_lens,
+        m_ws, l_ws, acc_ws,
+        Hkv, T, kr.pool.shape[2] if kr else 1, int(window or 0), sm * 1.4426950408889634,
+        qc.stride(0), qc.stride(1),
+        GROUP=group, GP=gp, D=D, BLOCK_N=block_n, SPLIT=split, NSPLIT=nsplit, SCALES=scales, RES_BITS=res_bits,
+        WINDOW=window is not None, num_warps=4, num_stages=2,
+    )
+    decode_merge_kernel[(B * Hkv,)](m_ws, l_ws, acc_ws, out, Hkv, out.stride(0), out.stride(1),
+                                    GROUP=group, GP=gp, D=D, NSPLIT=nsplit, num_warps=4)
+    return out

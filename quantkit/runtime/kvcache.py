@@ -1,0 +1,183 @@
+"""The runtime's preallocated K/V cache: the model's float dtype, or INT8 (W8A8C8; KV4 stores its
+4-bit values in int8) with static per-channel or dynamic per-token scales and, optionally, 4-bit
+residuals for outlier tokens.
+
+Layout, per layer l (all allocated once, at the largest batch and length the run needs):
+
+    k[l], v[l]            (B, Hkv, T, D)  int8 or float, K after RoPE (and SpinQuant's R3)
+    k_scale[l], v_scale[l] (B, Hkv, T) fp32 per-token scales  |  (Hkv, D) per-channel static scales
+    residuals             per K and V: idx (B, Hkv, T) int16 (slot or -1), pool (B, Hkv, C + 1, D // 2)
+                          int8 (two 4-bit values a byte; slot C is a sink for writes that found no free
+                          slot), scale (B, Hkv, C + 1) fp32, next free slot (B, Hkv) int32
+
+A token vector's residual is kept when its relative INT8 error exceeds tau x the calibration mean
+error (`quantkit.quant.kv`, the same rule the simulation applies); C = max_len // 8 slots per
+(sample, head) by default: a token that finds the pool full keeps no residual and is counted in
+`overflow`. Quantization uses `quantkit.quant.kv` (one definition with the simulation and the
+kernels); decode reads the cache through `kernels.attention.decode_attention` (INT8 read directly).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.kernels.attention import Residuals, decode_attention, dequantize_cache_ref, pack_nibbles
+from quantkit.quant import kv as kvq
+from quantkit.recipe import KVCacheArgs
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype: torch.dtype,
+                 device, kv: KVCacheArgs | None = None, static: list[dict] | None = None, residual: bool | None = None,
+                 residual_slots: int | None = None):
+        """kv: None = a float cache in `dtype`; else INT8 storage per `kv`. static: per layer
+        {"k_scale": (Hkv, D), "v_scale": ..., "k_mean_eps": float, "v_mean_eps": float} (static strategies
+        and residuals). residual: outlier residuals on/off (default: kv.residual_bits set)."""
+        self.n_layers, self.batch, self.kv_heads, self.max_len, self.head_dim = n_layers, batch, kv_heads, max_len, head_dim
+        self.dtype, self.device, self.kv = dtype, torch.device(device), kv
+        shape = (n_layers, batch, kv_heads, max_len, head_dim)
+        store = dtype if kv is None else torch.int8
+        self.k = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros(shape, dtype=store, device=device)
+        self.k_scale = self.v_scale = None
+        self.residual = False
+        # device-side counts (read when reported): token vectors written, residuals kept, pool overflows
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)
+        if kv is None:
+            return
+        if kv.strategy == "token":
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+        else:
+            if static is None or len(static) != n_layers:
+                raise ValueError(f"a static {kv.strategy} KV cache needs calibrated scales for all {n_layers} layers")
+            ks, vs = [], []
+            for e in static:
+                for lst, which in ((ks, "k"), (vs, "v")):
+                    s = e[f"{which}_scale"].float().to(device)
+                    if kv.strategy == "tensor":
+                        s = s.max().expand(kv_heads, head_dim)
+                    lst.append(s.reshape(kv_heads, head_dim))
+            self.k_scale = torch.stack(ks).contiguous()
+            self.v_scale = torch.stack(vs).contiguous()
+        self.residual = bool(kv.residual_bits) if residual is None else bool(residual)
+        if self.residual:
+            if static is None or any(f"{w}_mean_eps" not in e for e in static for w in ("k", "v")):
+                raise ValueError("KV residuals need the calibration mean errors (k_mean_eps / v_mean_eps) of every layer")
+            self.res_bits = kv.residual_bits or 4
+            self.tau = kv.residual_tau
+            self.mean_eps = torch.tensor([[e["k_mean_eps"], e["v_mean_eps"]] for e in static], dtype=torch.float32,
+                                         device=device)  # (L, 2)
+            C = residual_slots if residual_slots is not None else max(1, max_len // 8)
+            self.slots = C
+            width = head_dim // 2 if self.res_bits == 4 else head_dim
+            self.r_idx = torch.full((2, *shape[:-1]), -1, dtype=torch.int16, device=device)
+            self.r_pool = torch.zeros((2, n_layers, batch, kv_heads, C + 1, width), dtype=torch.int8, device=device)
+            self.r_scale = torch.zeros((2, n_layers, batch, kv_heads, C + 1), dtype=torch.float32, device=device)
+            self.r_next = torch.zeros((2, n_layers, batch, kv_heads), dtype=torch.int32, device=device)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def reset(self) -> None:
+        """Forget every request (new batch): residual pools emptied (the counts keep adding up)."""
+        if self.residual:
+            self.r_idx.fill_(-1)
+            self.r_next.zero_()
+
+    def reset_counts(self) -> None:
+        self.counts.zero_()
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds on its device (K/V, scales, residual pools and indices)."""
+        ts = [self.k, self.v, self.k_scale, self.v_scale]
+        if self.residual:
+            ts += [self.r_idx, self.r_pool, self.r_scale, self.r_next]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def stats(self) -> dict:
+        tokens, patched, overflow = (int(x) for x in self.counts.tolist())
+        return {"kv_tokens": tokens, "kv_patched": patched, "kv_overflow": overflow,
+                "patched_fraction": patched / tokens if tokens else 0.0}
+
+    # ------------------------------------------------------------------ write
+
+    def _quantize(self, layer: int, which: int, x: torch.Tensor):
+        """x: (B, H, S, D) float -> (q int8, per-token scale (B, H, S) or None, x_hat fp32)."""
+        kv = self.kv
+        if kv.strategy == "token":
+            scale = kvq.kv_scale(x, "token", kv.bits)  # (B, H, S, 1)
+            q = kvq.quantize_kv(x, scale, kv.bits)
+            return q, scale[..., 0], q.float() * scale
+        st = (self.k_scale if which == 0 else self.v_scale)[layer]
+        s = st.view(1, self.kv_heads, 1, self.head_dim)
+        q = kvq.quantize_kv(x, s, kv.bits)
+        return q, None, q.float() * s
+
+    def _keep_residuals(self, layer: int, which: int, x: torch.Tensor, x_hat: torch.Tensor, pos: torch.Tensor):
+        """Residuals of the outlier tokens of x (B, H, S, D) written at positions pos (B, S)."""
+        B, H, S, D = x.shape
+        eps = kvq.relative_error(x, x_hat)  # (B, H, S)
+        patched = kvq.select_outliers(eps, self.mean_eps[layer, which], self.tau)
+        rq, rs = kvq.quantize_residual(x.float() - x_hat, self.res_bits)
+        nxt = self.r_next[which, layer, :B]  # (B, H)
+        slot = nxt.unsqueeze(-1) + patched.to(torch.int32).cumsum(-1) - 1
+        ok = patched & (slot < self.slots)
+        slot_w = torch.where(ok, slot, self.slots).long()  # a full pool writes into the sink slot C
+        vals = pack_nibbles(rq) if self.res_bits == 4 else rq
+        self.r_pool[which, layer, :B].scatter_(2, slot_w.unsqueeze(-1).expand(B, H, S, vals.shape[-1]), vals)
+        self.r_scale[which, layer, :B].scatter_(2, slot_w, rs[..., 0])
+        idx = torch.where(ok, slot, -1).to(torch.int16)
+        self.r_idx[which, layer, :B].scatter_(2, pos.view(B, 1, S).expand(B, H, S), idx)
+        nxt += ok.sum(-1, dtype=torch.int32)
+        self.counts[1] += ok.sum()
+        self.counts[2] += (patched & ~ok).sum()
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store K and V (B, H, S, D) at positions pos (B, S) long (each sample its own positions);
+        B may be smaller than the cache's batch (the first B slots are used)."""
+        B, H, S, D = k.shape
+        index = pos.view(B, 1, S, 1).expand(B, H, S, D)
+        if self.kv is None:
+            self.k[layer, :B].scatter_(2, index, k.to(self.dtype))
+            self.v[layer, :B].scatter_(2, index, v.to(self.dtype))
+            return
+        for which, x in ((0, k), (1, v)):
+            q, scale, x_hat = self._quantize(layer, which, x)
+            (self.k if which == 0 else self.v)[layer, :B].scatter_(2, index, q)
+            if scale is not None:
+                (self.k_scale if which == 0 else self.v_scale)[layer, :B].scatter_(2, pos.view(B, 1, S).expand(B, H, S), scale)
+            if self.residual:
+                self._keep_residuals(layer, which, x, x_hat, pos)
+        self.counts[0] += 2 * B * H * S
+
+    # ------------------------------------------------------------------ read
+
+    def _res(self, which: int, layer: int, B: int) -> Residuals | None:
+        if not self.residual:
+            return None
+        return Residuals(self.r_idx[which, layer, :B], self.r_pool[which, layer, :B], self.r_scale[which, layer, :B],
+                         self.res_bits)
+
+    def _scale(self, which: int, layer: int, B: int):
+        s = self.k_scale if which == 0 else self.v_scale
+        if s is None:
+            return None
+        return s[layer, :B] if self.kv.strategy == "token" else s[layer]
+
+    def read(self, layer: int, length: int, B: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [0, length) of the first B samples as float (B, H, length, D) in the cache's dtype
+        (dequantized, residuals added): what prefill attention reads."""
+        B = self.batch if B is None else B
+        if self.kv is None:
+            return self.k[layer, :B, :, :length], self.v[layer, :B, :, :length]
+        kf = dequantize_cache_ref(self.k[layer, :B], self._scale(0, layer, B), length, self._res(0, layer, B))
+        vf = dequantize_cache_ref(self.v[layer, :B], self._scale(1, layer, B), length, self._res(1, layer, B))
+        return kf.to(self.dtype), vf.to(self.dtype)
+
+    def decode_attention(self, layer: int, q: torch.Tensor, seq_lens: torch.Tensor, *, window: int | None,
+                         sm_scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step of attention: q (B, Hq, D) over each sample's first seq_lens[b] positions."""
+        B = q.shape[0]
+        return decode_attention(q, self.k[layer, :B], self.v[layer, :B], seq_lens, k_scale=self._scale(0, layer, B),
+                                v_scale=self._scale(1, layer, B), k_res=self._res(0, layer, B),
+                                v_res=self._res(1, layer, B), window=window, sm_scale=sm_scale, out=out)

@@ -1,0 +1,587 @@
+"""`RuntimeModel`: runs a quantized checkpoint's decoder on the kernels, with its own KV cache.
+
+The decoder program is written here once for the llama-like layout (`models.adapter.BlockLayout`:
+Llama, Qwen2, Qwen3, Mistral): RMSNorm (the model's own modules), fused q/k/v and gate/up
+QuantLinears, RoPE from precomputed tables, optional per-head q/k norms (Qwen3), SpinQuant's online
+Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention over `KVCache`:
+
+* prefill (any number of tokens per sample, right-padded batches): K/V are written to the cache
+  first and attention reads them back (dequantized), so every token sees K/V exactly as stored;
+* decode (one token per sample): `kernels.attention.decode_attention` reads the cache as stored.
+
+Shapes are static per (batch, max_len): a decode step on CUDA is captured once as a CUDA graph per
+precision signature (layer flags, row bits on/off) and replayed (`DecodeGraph`), which removes the
+~20 us of host time each Triton launch costs. Sampling (greedy, temperature, top-p) runs on the
+device with a seeded generator, so `generate` is deterministic under `seed`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.errors import UsageError
+from quantkit.kernels.mixed import TOKEN_GROUP
+from quantkit.runtime.kvcache import KVCache
+from quantkit.runtime.linear import QuantLinear, StepControl, can_fuse, fuse
+from quantkit.runtime.monitor import FallbackMonitor
+from quantkit.runtime.precision import PrecisionState
+
+
+class RuntimeError_(UsageError):
+    """A request the runtime cannot serve as asked (too long, empty prompt, ...)."""
+
+
+class PartOf(nn.Module):
+    """Stands in the transformers skeleton for a linear the runtime fused: its slice of the fused output."""
+
+    def __init__(self, fused: QuantLinear, start: int, size: int):
+        super().__init__()
+        self.fused, self.start, self.size = [fused], start, size  # list: not a registered submodule
+
+    def forward(self, x):
+        return self.fused[0](x)[..., self.start:self.start + self.size]
+
+
+@dataclass
+class Block:
+    ln1: nn.Module
+    ln2: nn.Module
+    qkv: QuantLinear
+    o: nn.Module
+    gate_up: QuantLinear
+    down: nn.Module
+    act: Callable
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    window: int | None
+    sm_scale: float
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _fuse_into(model: nn.Module, block: nn.Module, prefix: str, rels: list[str], name: str) -> QuantLinear:
+    """Fuse the block's linears `rels` (same input) into one QuantLinear, leaving PartOf stand-ins."""
+    mods = [block.get_submodule(r) for r in rels]
+    if not all(isinstance(m, QuantLinear) for m in mods) or not can_fuse(mods):
+        return None
+    fused = fuse(mods, f"{prefix}.{name}")
+    start = 0
+    for r, m in zip(rels, mods):
+        parent, _, leaf = r.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, leaf, PartOf(fused, start, m.out_features))
+        start += m.out_features
+    return fused
+
+
+class _Unfused(nn.Module):
+    """Several linears that could not be fused, run one after another (outputs concatenated)."""
+
+    def __init__(self, mods: list[nn.Module]):
+        super().__init__()
+        self.mods = nn.ModuleList(mods)
+
+    def forward(self, x):
+        return torch.cat([m(x) for m in self.mods], dim=-1)
+
+
+@dataclass
+class StepStats:
+    """Counters of a run: tokens processed, tokens that ran FP16 rows, fallback switches."""
+
+    tokens: int = 0
+    fp16_tokens: int = 0
+    windows_checked: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def fallback_rate(self) -> float:
+        return self.fp16_tokens / self.tokens if self.tokens else 0.0
+
+
+class RuntimeModel:
+    def __init__(self, hf_model: nn.Module, *, device, dtype: torch.dtype, kv=None, kv_static: list | None = None,
+                 kv_residual: bool | None = None, online: dict | None = None, info: dict | None = None,
+                 kv_residual_slots: int | None = None):
+        from quantkit.models.adapter import ModelAdapter, head_dim_of, sliding_windows
+
+        self.hf = hf_model.requires_grad_(False)
+        self.config = cfg = hf_model.config
+        self.device, self.dtype = torch.device(device), dtype
+        self.kv_args, self.kv_static, self.kv_residual = kv, kv_static, kv_residual
+        self.kv_residual_slots = kv_residual_slots  # per (sample, kv head); None: max_len // 8
+        self.online = online or {}
+        self.info = dict(info or {})
+        adapter = ModelAdapter.for_model(hf_model)
+        lay = adapter.spec.layout
+        if lay is None:
+            raise RuntimeError_(f"the runtime has no block layout for model type {cfg.model_type!r}")
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = head_dim_of(cfg)
+        self.vocab = cfg.vocab_size
+        windows = sliding_windows(cfg)
+        self.ctl = StepControl()
+        self.blocks: list[Block] = []
+        self.linears: dict[str, QuantLinear] = {}
+        for i, blk in enumerate(adapter.blocks()):
+            prefix = adapter.block_name(i)
+            attn = blk.get_submodule(lay.attention)
+            qkv = _fuse_into(hf_model, blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
+                _Unfused([blk.get_submodule(r) for r in (lay.q, lay.k, lay.v)])
+            mlp_parent = lay.gate.rsplit(".", 1)[0]
+            gate_up = _fuse_into(hf_model, blk, prefix, [lay.gate, lay.up], f"{mlp_parent}.gate_up_proj") or \
+                _Unfused([blk.get_submodule(r) for r in (lay.gate, lay.up)])
+            mlp = blk.get_submodule(mlp_parent)
+
+            def opt(rel):
+                try:
+                    return blk.get_submodule(rel) if rel else None
+                except AttributeError:
+                    return None
+
+            self.blocks.append(Block(
+                ln1=blk.get_submodule(lay.input_norm), ln2=blk.get_submodule(lay.post_norm), qkv=qkv,
+                o=blk.get_submodule(lay.o), gate_up=gate_up, down=blk.get_submodule(lay.down),
+                act=getattr(mlp, "act_fn", F.silu), q_norm=opt(lay.q_norm), k_norm=opt(lay.k_norm),
+                window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5))))
+            for unit in (qkv, gate_up, self.blocks[-1].o, self.blocks[-1].down):
+                for m in (unit.mods if isinstance(unit, _Unfused) else [unit]):
+                    if isinstance(m, QuantLinear):
+                        m.ctl = self.ctl
+                        for pname, _ in m.parts:
+                            self.linears[pname] = m
+        self.embed = adapter.embed()
+        self.norm = adapter.final_norm()
+        self.lm_head = adapter.lm_head()
+        self.rotary = adapter.rotary()
+        self.r3 = "r3" in self.online
+        self.r4 = "r4" in self.online
+        self.precision: PrecisionState | None = None
+        self.monitor: FallbackMonitor | None = None
+        self.monitor_layers: list[str] = []
+        self._cache: KVCache | None = None
+        self._rope: tuple | None = None
+        self._graphs: dict = {}
+        self.use_graphs = self.device.type == "cuda"
+        self.stats = StepStats()
+
+    # ------------------------------------------------------------------ sizes and state
+
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor the model keeps on its device (packed linears, FP16 copies, the rest)."""
+        n = sum(u.weight_bytes() for u in {id(m): m for m in self.linears.values()}.values())
+        ptrs = set()
+        for t in list(self.hf.parameters()) + list(self.hf.buffers()):
+            if t.device.type != "meta" and t.data_ptr() not in ptrs:
+                ptrs.add(t.data_ptr())
+                n += t.numel() * t.element_size()
+        return n
+
+    def ensure(self, batch: int, max_len: int) -> KVCache:
+        """The KV cache, precision state (and monitor buffers) for `batch` x `max_len`, reused when big enough."""
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit and max_len > limit:
+            raise RuntimeError_(f"{max_len} positions exceed the model's max_position_embeddings {limit}; "
+                                "shorten the prompt or --max-new-tokens")
+        c = self._cache
+        if c is None or c.batch < batch or c.max_len < max_len:
+            self._graphs.clear()
+            self._cache = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            c = self._cache = KVCache(len(self.blocks), batch, self.n_kv, max_len, self.head_dim, dtype=self.dtype,
+                                      device=self.device, kv=self.kv_args, static=self.kv_static,
+                                      residual=self.kv_residual, residual_slots=self.kv_residual_slots)
+            # layer flags live on the modules: a new state keeps them
+            self.precision = PrecisionState(self.linears, batch, max_len, self.device)
+            self._rope = None
+            if self.monitor is not None and self.monitor.batch < batch:
+                self.monitor.resize(batch)
+        c.reset()
+        return c
+
+    def _rope_at(self, pos: torch.Tensor, x: torch.Tensor):
+        """cos, sin (B, S, D) for positions pos (B, S), from tables built once per cache size."""
+        if self.rotary is None:
+            raise RuntimeError_("the model has no rotary embedding module")
+        rt = str(getattr(self.rotary, "rope_type", "default"))
+        if "dynamic" in rt or "longrope" in rt:
+            return self.rotary(x, pos)
+        if self._rope is None or self._rope[0].shape[0] < self._cache.max_len:
+            ids = torch.arange(self._cache.max_len, device=self.device).view(1, -1)
+            cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), ids)
+            self._rope = (cos[0], sin[0])
+        return self._rope[0][pos], self._rope[1][pos]
+
+    # ------------------------------------------------------------------ the decoder program
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, *, decode: bool, length: int | None = None,
+                 seq_lens: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                 last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ids (B, S) at positions pos (B, S).
+
+        decode: S == 1 and seq_lens (B,) int32 = pos + 1 (the decode kernel); else prefill over cache
+        positions [0, length). valid: (B, S) bool, tokens that count (right padding excluded), for the
+        monitor. last: (B,) long, return only the logits at these token indices (B, V); else (B, S, V)."""
+        cache = self._cache
+        B, S = ids.shape
+        Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        x = self.embed(ids)
+        cos, sin = self._rope_at(pos, x)
+        cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+        prec = self.precision
+        self.ctl.row_bits = prec.row_bits(pos) if prec.any_rows else None
+        mon = self.monitor
+        if mon is not None:
+            mon.row_sample = torch.arange(B, device=self.device).view(B, 1).expand(B, S).reshape(-1)
+            w = torch.ones(B, S, device=self.device) if valid is None else valid.float()
+            mon.row_weight = w.reshape(-1)
+        mask = None
+        if not decode:
+            j = torch.arange(length, device=self.device)
+            allowed = j.view(1, 1, length) <= pos.view(B, S, 1)
+            masks = {}
+        for i, blk in enumerate(self.blocks):
+            h = blk.ln1(x)
+            q, k, v = torch.split(self._run(blk.qkv, h, i, "qkv"), [Hq * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.view(B, S, Hq, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)
+            if blk.q_norm is not None:
+                q, k = blk.q_norm(q), blk.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if self.r3:
+                from quantkit.kernels.hadamard import hadamard_transform
+
+                q, k = hadamard_transform(q), hadamard_transform(k)
+            cache.write(i, k, v, pos)
+            if decode:
+                a = cache.decode_attention(i, q[:, :, 0], seq_lens, window=blk.window, sm_scale=blk.sm_scale)
+                a = a.reshape(B, 1, Hq * D)
+            else:
+                mask = masks.get(blk.window)
+                if mask is None:
+                    mask = allowed if blk.window is None else allowed & (pos.view(B, S, 1) - j.view(1, 1, length) < blk.window)
+                    mask = masks[blk.window] = mask.unsqueeze(1)
+                kf, vf = cache.read(i, length, B)
+                a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale, enable_gqa=Hq != Hkv)
+                a = a.transpose(1, 2).reshape(B, S, Hq * D)
+            x = x + self._run(blk.o, a, i, "o")
+            h = blk.ln2(x)
+            g, u = torch.split(self._run(blk.gate_up, h, i, "gate_up"), blk.down.in_features, dim=-1)
+            m = blk.act(g) * u
+            if self.r4:
+                from quantkit.kernels.hadamard import hadamard_transform
+
+                m = hadamard_transform(m)
+            x = x + self._run(blk.down, m, i, "down")
+        if last is not None:
+            x = x[torch.arange(B, device=self.device), last].unsqueeze(1)
+        x = self.norm(x)
+        logits = self.lm_head(x)
+        return logits[:, 0] if last is not None else logits
+
+    def _run(self, unit, x, i, what):
+        y = unit(x)
+        watch = self._mon_index.get(id(unit)) if self.monitor is not None else None
+        if watch:
+            y2 = y.reshape(-1, y.shape[-1])
+            for mi, start, size in watch:
+                self.monitor.observe(mi, y2[:, start:start + size])
+        return y
+
+    # ------------------------------------------------------------------ monitor
+
+    def enable_monitor(self, hists: dict, layers: list[str], *, kl_threshold: float = 0.02,
+                       skew_threshold: float = 3.0) -> FallbackMonitor:
+        """Watch `layers` (member names) against calibration histograms `hists` (name -> (counts, (lo, hi)))."""
+        batch = self._cache.batch if self._cache is not None else 1
+        mon = FallbackMonitor(hists, layers, batch, self.device, kl_threshold=kl_threshold,
+                              skew_threshold=skew_threshold)
+        where: dict[str, tuple] = {}  # member name -> (unit, first output column, columns)
+        for blk in self.blocks:
+            for unit in (blk.qkv, blk.o, blk.gate_up, blk.down):
+                start = 0
+                for name, size in _unit_parts(unit):
+                    where[name] = (unit, start, size)
+                    start += size
+        index: dict = {}
+        for mi, name in enumerate(layers):
+            if name not in where:
+                raise UsageError(f"cannot monitor {name}: not a quantized linear of this model")
+            unit, start, size = where[name]
+            index.setdefault(id(unit), []).append((mi, start, size))
+        self.monitor, self.monitor_hists, self.monitor_layers = mon, hists, list(layers)
+        self._mon_index = index
+        self._graphs.clear()
+        return mon
+
+    def disable_monitor(self) -> None:
+        self.monitor = None
+        self._mon_index = {}
+        self._graphs.clear()
+
+    _mon_index: dict = {}
+
+    def _after_tokens(self, start: torch.Tensor | list[int], count: int, lens: list[int]) -> None:
+        """Host bookkeeping after positions [start_b, start_b + count) of each sample ran: FP16-token
+        counts, and the monitor's check of every 64-token window that just completed."""
+        prec = self.precision
+        starts = list(start)
+        for b, s0 in enumerate(starts):
+            n = max(0, min(count, lens[b] - s0))
+            self.stats.tokens += n
+            if b in prec._samples:
+                self.stats.fp16_tokens += n
+            elif prec._groups:
+                self.stats.fp16_tokens += sum(1 for p in range(s0, s0 + n) if (b, p // TOKEN_GROUP) in prec._groups)
+        mon = self.monitor
+        if mon is None:
+            return
+        done, last_tok = [], {}
+        for b, s0 in enumerate(starts):
+            ends = [p for p in FallbackMonitor.window_ends(s0, count) if p < lens[b]]
+            if ends:
+                done.append(b)
+                last_tok[b] = ends[-1]
+        if done:
+            self.stats.windows_checked += len(done)
+            for b in mon.check(done, last_tok):
+                prec.force_fp16(sample=b)
+
+    # ------------------------------------------------------------------ prefill / decode
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], *, extra: int = 0, chunk: int | None = None,
+                all_logits: bool = False):
+        """Run the prompts (lists of token ids, any lengths) from position 0; returns the logits of
+        each prompt's last token (B, V) (or of every token (B, S, V) when all_logits). extra: the
+        decode positions to reserve. chunk: tokens per forward (64 when the monitor is on)."""
+        B = len(prompts)
+        lens = [len(p) for p in prompts]
+        if min(lens) < 1:
+            raise RuntimeError_("every prompt needs at least one token")
+        S = max(lens)
+        self.ensure(B, S + extra)
+        self.precision.reset_requests()
+        if self.monitor is not None:
+            self.monitor.reset_requests()
+        ids = torch.zeros(B, S, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        lens_t = torch.tensor(lens, device=self.device)
+        if chunk is None:
+            chunk = TOKEN_GROUP if self.monitor is not None else S
+        outs = []
+        for c0 in range(0, S, chunk):
+            c1 = min(S, c0 + chunk)
+            pos = torch.arange(c0, c1, device=self.device).view(1, -1).expand(B, -1)
+            valid = pos < lens_t.view(B, 1)
+            if all_logits:
+                outs.append(self._forward(ids[:, c0:c1], pos, decode=False, length=c1, valid=valid))
+            else:
+                lastc = (lens_t - 1 - c0).clamp(0, c1 - c0 - 1)
+                outs.append((self._forward(ids[:, c0:c1], pos, decode=False, length=c1, valid=valid, last=lastc),
+                             ((lens_t - 1 >= c0) & (lens_t - 1 < c1))))
+            self._after_tokens([c0] * B, c1 - c0, lens)
+        self._lens = lens
+        if all_logits:
+            return torch.cat(outs, dim=1)
+        out = outs[0][0]
+        for lg, here in outs[1:]:
+            out = torch.where(here.view(B, 1), lg, out)
+        return out
+
+    def _decode_eager(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self._forward(tok.view(-1, 1), pos.view(-1, 1), decode=True,
+                             seq_lens=(pos + 1).to(torch.int32), last=torch.zeros_like(pos))
+
+    @torch.no_grad()
+    def decode_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token per sample: tok (B,) long at positions pos (B,) long -> logits (B, V)."""
+        if not self.use_graphs:
+            return self._decode_eager(tok, pos)
+        key = (tok.shape[0], self.precision.signature(), self.monitor is not None)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = DecodeGraph(self, tok.shape[0])
+        return g.run(tok, pos)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, eos_token_id: int | list[int] | None = None,
+                 on_token: Callable[[int, int], None] | None = None, sync_every_step: bool = True) -> dict:
+        """Generate up to max_new_tokens per prompt (batched, prompts of different lengths).
+
+        Greedy when temperature == 0, else sampling with top-p, from a generator seeded with `seed`.
+        on_token(sample, token_id) streams tokens as they are chosen. Returns {"tokens": per sample
+        list of new token ids, "prefill_s", "decode_s", "decode_steps", "fallback": switches...}."""
+        if max_new_tokens < 1:
+            raise RuntimeError_("--max-new-tokens must be at least 1")
+        if temperature < 0 or not (0 < top_p <= 1):
+            raise RuntimeError_("temperature must be >= 0 and top-p in (0, 1]")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        B = len(prompts)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        sync = self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = self.prefill(prompts, extra=max_new_tokens)
+        lens = list(self._lens)
+        tok = sample_tokens(logits, temperature, top_p, gen)
+        if sync:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        toks_dev = [tok]
+        pos = torch.tensor(lens, device=self.device, dtype=torch.long)
+        steps = 0
+        for step in range(max_new_tokens):
+            if sync_every_step or step == max_new_tokens - 1:
+                host = tok.tolist()
+                for b, t in enumerate(host):
+                    if not done[b]:
+                        out[b].append(t)
+                        if on_token is not None:
+                            on_token(b, t)
+                        if t in eos:
+                            done[b] = True
+                if all(done):
+                    break
+            if step == max_new_tokens - 1:
+                break
+            logits = self.decode_step(tok, pos)
+            steps += 1
+            self._after_tokens([lens[b] + step for b in range(B)], 1, [10 ** 9] * B)
+            pos = pos + 1
+            tok = sample_tokens(logits, temperature, top_p, gen)
+            if not sync_every_step:
+                toks_dev.append(tok)
+        if not sync_every_step:
+            allt = torch.stack(toks_dev, dim=1).tolist()
+            out = [row[:max_new_tokens] for row in allt]
+        if sync:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        mon = self.monitor
+        return {"tokens": out, "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps,
+                "prompt_tokens": sum(lens),
+                "fallback": [s.to_dict() for s in mon.switches] if mon is not None else [],
+                "fp16_samples": self.precision.fp16_samples()}
+
+    # ------------------------------------------------------------------ perplexity
+
+    @torch.no_grad()
+    def perplexity(self, windows: torch.Tensor, *, batch_size: int = 4, chunk: int | None = None,
+                   on_batch: Callable[[int, int], None] | None = None):
+        """exp(mean next-token NLL) of windows (n, seqlen), each window from position 0 (the same rule
+        as `quantkit.eval.perplexity`). chunk: tokens per forward (64 with the monitor: it can switch
+        a window to FP16 after any 64 tokens)."""
+        from quantkit.eval.perplexity import Perplexity
+
+        total, count = 0.0, 0
+        n, L = windows.shape
+        self.stats = StepStats()
+        if self._cache is not None:
+            self._cache.reset_counts()
+        for b0 in range(0, n, batch_size):
+            ids = windows[b0:b0 + batch_size]
+            logits = self.prefill([row.tolist() for row in ids], chunk=chunk, all_logits=True)
+            tgt = ids[:, 1:].to(self.device)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+                                   reduction="sum")
+            total += float(loss.double())
+            count += tgt.numel()
+            if on_batch is not None:
+                on_batch(min(b0 + batch_size, n), n)
+        nll = total / count
+        return Perplexity(ppl=math.exp(nll), nll=nll, tokens=count, windows=n)
+
+
+def _unit_parts(unit) -> list[tuple[str, int]]:
+    """(member name, output columns) of a block unit, in output order (nothing for a float nn.Linear)."""
+    if isinstance(unit, QuantLinear):
+        return list(unit.parts)
+    if isinstance(unit, _Unfused):
+        out = []
+        for m in unit.mods:
+            out += _unit_parts(m) if isinstance(m, QuantLinear) else [("", m.out_features)]
+        return out
+    return [("", unit.out_features)]
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """Next token per row of logits (B, V): argmax when temperature == 0, else top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        keep = (sp.cumsum(-1) - sp) < top_p  # the smallest prefix whose mass reaches top_p
+        sp = torch.where(keep, sp, torch.zeros_like(sp))
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=gen).view(-1)
+
+
+class DecodeGraph:
+    """One decode step captured as a CUDA graph for a fixed batch and cache (static buffers in and out)."""
+
+    def __init__(self, rt: RuntimeModel, batch: int):
+        self.rt = rt
+        dev = rt.device
+        # warm-up and capture run real steps: at the cache's last position, which no request has reached
+        # yet (a real step writes a position before any step reads it); their counters are restored
+        self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.pos = torch.full((batch,), rt._cache.max_len - 1, dtype=torch.long, device=dev)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        saved = _snapshot(rt)
+        with torch.cuda.stream(s):
+            for _ in range(2):  # compile / allocate outside the capture
+                rt._decode_eager(self.tok, self.pos)
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = rt._decode_eager(self.tok, self.pos)
+        _restore(rt, saved)
+
+    def run(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
+
+
+def _snapshot(rt: RuntimeModel) -> list:
+    """What warm-up / capture steps change besides the scratch position: cache and monitor counters."""
+    c = rt._cache
+    saved = [c.counts.clone()]
+    if c.residual:
+        saved += [c.r_next.clone(), c.r_idx[..., -1].clone()]
+    if rt.monitor is not None:
+        saved += [rt.monitor.counts.clone(), rt.monitor.moments.clone()]
+    return saved
+
+
+def _restore(rt: RuntimeModel, saved: list) -> None:
+    c = rt._cache
+    c.counts.copy_(saved.pop(0))
+    if c.residual:
+        c.r_next.copy_(saved.pop(0))
+        c.r_idx[..., -1].copy_(saved.pop(0))
+    if rt.monitor is not None:
+        rt.monitor.counts.copy_(saved.pop(0))
+        rt.monitor.moments.copy_(saved.pop(0))
