@@ -269,12 +269,18 @@ class RuntimeModel:
                 a = cache.decode_attention(i, q[:, :, 0], seq_lens, window=blk.window, sm_scale=blk.sm_scale)
                 a = a.reshape(B, 1, Hq * D)
             else:
-                mask = masks.get(blk.window)
-                if mask is None:
-                    mask = allowed if blk.window is None else allowed & (pos.view(B, S, 1) - j.view(1, 1, length) < blk.window)
-                    mask = masks[blk.window] = mask.unsqueeze(1)
                 kf, vf = cache.read(i, length, B)
-                a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale, enable_gqa=Hq != Hkv)
+                if length == S and (blk.window is None or blk.window >= length):  # from position 0: plain causal
+                    a = F.scaled_dot_product_attention(q, kf, vf, is_causal=True, scale=blk.sm_scale,
+                                                       enable_gqa=Hq != Hkv)
+                else:
+                    mask = masks.get(blk.window)
+                    if mask is None:
+                        mask = allowed if blk.window is None else \
+                            allowed & (pos.view(B, S, 1) - j.view(1, 1, length) < blk.window)
+                        mask = masks[blk.window] = mask.unsqueeze(1)
+                    a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale,
+                                                       enable_gqa=Hq != Hkv)
                 a = a.transpose(1, 2).reshape(B, S, Hq * D)
             x = x + self._run(blk.o, a, i, "o")
             h = blk.ln2(x)

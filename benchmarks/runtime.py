@@ -1,0 +1,230 @@
+"""Runtime speed (issue 17): Llama-3-8B-shaped random weights on the quantkit runtime, next to the runtime's
+own BF16 path and transformers BF16, all in one process; plus decode attention at long context.
+
+    python benchmarks/runtime.py --device cuda --json runtime.json --md runtime.md
+    # a quick run of the same code (4 layers, short generation) to check it end to end:
+    python benchmarks/runtime.py --device cuda --layers 4 --gen-len 32 --att-context 4096
+    # CPU smoke test (tiny shape, torch references):
+    python benchmarks/runtime.py --device cpu --shape tiny --prompt-len 32 --gen-len 8 --att-context 256 --att-batch 1
+
+Rows (prompt --prompt-len, --gen-len new tokens, greedy, no EOS stop, seeded random prompts):
+
+* BF16 runtime at batch 1 and --batch-big (same engine, dense linears, float KV cache, CUDA graphs);
+* transformers `generate` BF16 at both batches (its default cache and SDPA attention, no compile);
+* W4A16 group 128 (RTN) at batch 1 and --batch-big;
+* W8A8C8 (RTN W8 per-channel, A8 per-token, INT8 KV per-channel static) at both batches, then with
+  the fallback monitor on (calibrated on random tokens, as the prompts are), then as a mixed model with
+  10% of the linears (whole blocks) kept FP16 with quantized shadows.
+
+Then decode attention alone (--att-context keys, Llama-3-8B heads: 32 query / 8 KV heads of 128) at
+batch --att-batch: the runtime's kernel on an INT8 cache (per-token scales; per-channel scales) and on
+a BF16 cache, next to torch SDPA on BF16 (a CUDA graph of each, median of `do_bench_cudagraph`).
+
+HBM roofline of W4A16 batch-1 decode: bytes one step must read (packed linears with scales, lm_head,
+the KV cache at the mean context) over the measured device-to-device copy bandwidth (bytes read +
+written); the table gives the measured step time against that floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import time
+
+import torch
+
+
+def _log(*a):
+    print(*a, flush=True)
+
+
+def _attention_bench(device, B, T, warm=25, rep=200):
+    """us per call of decode attention at context T: ours (INT8 token, INT8 channel, BF16) and SDPA BF16."""
+    import triton
+
+    from quantkit.kernels.attention import decode_attention
+    from quantkit.quant import kv as kvq
+
+    Hq, Hkv, D = 32, 8, 128
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, Hq, D, device=device, generator=g).bfloat16()
+    k = torch.randn(B, Hkv, T, D, device=device, generator=g)
+    v = torch.randn(B, Hkv, T, D, device=device, generator=g)
+    lens = torch.full((B,), T, dtype=torch.int32, device=device)
+    ks, vs = kvq.kv_scale(k, "token"), kvq.kv_scale(v, "token")
+    kq_t, vq_t = kvq.quantize_kv(k, ks), kvq.quantize_kv(v, vs)
+    ks_t, vs_t = ks[..., 0].contiguous(), vs[..., 0].contiguous()
+    kc = kvq.static_scale(kvq.channel_amax(k))
+    vc = kvq.static_scale(kvq.channel_amax(v))
+    kq_c, vq_c = kvq.quantize_kv(k, kc.view(1, Hkv, 1, D)), kvq.quantize_kv(v, vc.view(1, Hkv, 1, D))
+    kb, vb = k.bfloat16(), v.bfloat16()
+    del k, v
+    out = torch.empty(B, Hq, D, device=device, dtype=torch.bfloat16)
+    qs = q.view(B, Hq, 1, D)
+    cases = {
+        "int8 per-token (ours)": lambda: decode_attention(q, kq_t, vq_t, lens, k_scale=ks_t, v_scale=vs_t, out=out),
+        "int8 per-channel (ours)": lambda: decode_attention(q, kq_c, vq_c, lens, k_scale=kc, v_scale=vc, out=out),
+        "bf16 (ours)": lambda: decode_attention(q, kb, vb, lens, out=out),
+        "bf16 torch SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(qs, kb, vb, enable_gqa=True),
+    }
+    res = {}
+    for name, fn in cases.items():
+        fn()
+        torch.cuda.synchronize()
+        try:
+            ms = triton.testing.do_bench_cudagraph(fn, rep=rep)
+        except Exception as e:  # a case that cannot be captured is timed eagerly
+            _log(f"  {name}: graph timing failed ({type(e).__name__}); eager do_bench")
+            ms = triton.testing.do_bench(fn, warmup=warm, rep=rep)
+        res[name] = ms * 1e3
+    kv_bytes = {"int8 per-token (ours)": 2 * (kq_t.numel() + ks_t.numel() * 4),
+                "int8 per-channel (ours)": 2 * kq_c.numel(), "bf16 (ours)": 2 * kb.numel() * 2,
+                "bf16 torch SDPA": 2 * kb.numel() * 2}
+    return {n: {"us": us, "kv_bytes": kv_bytes[n]} for n, us in res.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (quick runs)")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-len", type=int, default=256)
+    ap.add_argument("--batch-big", type=int, default=32)
+    ap.add_argument("--mixed-fraction", type=float, default=0.1)
+    ap.add_argument("--att-context", type=int, default=32768)
+    ap.add_argument("--att-batch", type=int, default=4)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: bf16,hf,w4,w8,monitor,mixed,att")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args(argv)
+
+    from quantkit import api, runtime
+    from quantkit.models.random import random_model
+    from quantkit.recipe import PRESETS
+    from quantkit.runtime import bench as rb
+    from quantkit.runtime.calibrate import default_monitor_layers, monitor_histograms
+
+    skip = set(filter(None, args.skip.split(",")))
+    dev = args.device
+    batches = [1, args.batch_big]
+    over = {"num_hidden_layers": args.layers} if args.layers else {}
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if dev.startswith("cuda") else platform.processor() or "cpu",
+            "torch": torch.__version__, "shape": args.shape, "layers": args.layers, "prompt_len": args.prompt_len,
+            "gen_len": args.gen_len}
+    try:
+        import transformers
+        import triton
+
+        meta.update(transformers=transformers.__version__, triton=triton.__version__)
+    except Exception:
+        pass
+    _log("meta", json.dumps(meta))
+    rows = []
+    copy_bw = rb.measure_copy_bandwidth(dev)
+    _log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
+
+    def bench(rt, name, role, bs):
+        for b in bs:
+            t0 = time.perf_counter()
+            r = rb.bench_runtime(rt, name, batch=b, prompt_len=args.prompt_len, gen_len=args.gen_len).to_dict()
+            r.update(role=role, wall_s=time.perf_counter() - t0)
+            if b == 1 and role in ("quantized", "runtime-float"):
+                ctx = args.prompt_len + args.gen_len / 2
+                nbytes = rb.decode_bytes_per_token(rt, ctx)
+                r.update(bytes_per_step=nbytes, roofline_ms=1e3 * nbytes / copy_bw)
+            rows.append(r)
+            _log("row", json.dumps(r))
+
+    if "bf16" not in skip:
+        rt = runtime.from_float(random_model(args.shape, device=dev, **over), device=dev)
+        bench(rt, "BF16 runtime", "runtime-float", batches)
+        del rt
+        rb.free()
+    if "hf" not in skip:
+        model = random_model(args.shape, device=dev, **over)
+        for b in batches:
+            r = rb.bench_transformers(model, "transformers BF16", batch=b, prompt_len=args.prompt_len,
+                                      gen_len=args.gen_len).to_dict()
+            r.update(role="transformers")
+            rows.append(r)
+            _log("row", json.dumps(r))
+        del model
+        rb.free()
+    if "w4" not in skip:
+        rt = api.runtime_for_shape(args.shape, PRESETS["W4A16"], device=dev, layers=args.layers)
+        bench(rt, "W4A16 g128", "quantized", batches)
+        del rt
+        rb.free()
+    if "w8" not in skip:
+        rt = api.runtime_for_shape(args.shape, PRESETS["W8A8C8"], device=dev, layers=args.layers)
+        bench(rt, "W8A8C8", "quantized", batches)
+        if "monitor" not in skip:
+            layers = default_monitor_layers(rt)
+            ids = torch.randint(0, rt.vocab, (8, 256), generator=torch.Generator().manual_seed(1))
+            rt.enable_monitor(monitor_histograms(rt, ids, layers), layers)
+            bench(rt, "W8A8C8 + fallback monitor", "monitor", [args.batch_big])
+            rt.disable_monitor()
+        del rt
+        rb.free()
+        if "mixed" not in skip:
+            rt = api.runtime_for_shape(args.shape, PRESETS["W8A8C8"], device=dev, layers=args.layers,
+                                       mixed_fraction=args.mixed_fraction)
+            n_fp = len({n for n, m in rt.linears.items() if m.pinned})
+            bench(rt, f"W8A8C8 mixed ({n_fp}/{len(rt.linears)} linears FP16)", "mixed", [args.batch_big])
+            del rt
+            rb.free()
+    att = {}
+    if "att" not in skip and dev.startswith("cuda"):
+        att = _attention_bench(dev, args.att_batch, args.att_context)
+        _log("attention", json.dumps(att))
+
+    result = {"meta": meta, "copy_bw": copy_bw, "rows": rows, "attention": att}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    md = markdown(result)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md)
+    print(md)
+
+
+def markdown(result) -> str:
+    rows = result["rows"]
+
+    def find(role, b, name=None):
+        return next((r for r in rows if r["role"] == role and r["batch"] == b and (name is None or r["name"] == name)), None)
+
+    out = ["| row | batch | prefill tok/s | decode tok/s | ms/step | x BF16 runtime | x transformers | peak GiB | "
+           "weights GiB | KV MiB | fallback |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def num(v, scale=1.0, fmt="{:.2f}"):
+        return "" if v is None else fmt.format(v / scale)
+
+    for r in rows:
+        base, hf = find("runtime-float", r["batch"]), find("transformers", r["batch"])
+        ratio = (lambda b: f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}" if b else "")
+        fb = "" if r.get("fallback_rate") is None else f"{r['fallback_rate']:.1%} ({r['switches']} switches)"
+        out.append(f"| {r['name']} | {r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.1f} | "
+                   f"{r['ms_per_step']:.2f} | {ratio(base)} | {ratio(hf)} | {num(r['peak_gib'], fmt='{:.1f}')} | "
+                   f"{num(r['weight_bytes'], 2**30)} | {num(r['kv_bytes'], 2**20, '{:,.0f}')} | {fb} |")
+    for r in rows:
+        if "roofline_ms" in r:
+            out.append(f"\nHBM roofline, {r['name']} batch 1: {r['bytes_per_step'] / 1e9:.3f} GB per step / "
+                       f"{result['copy_bw'] / 1e12:.2f} TB/s = {r['roofline_ms']:.3f} ms; measured "
+                       f"{r['ms_per_step']:.3f} ms = **{r['roofline_ms'] / r['ms_per_step']:.0%} of the roofline**")
+    att = result.get("attention") or {}
+    if att:
+        bf = att.get("bf16 (ours)", {}).get("us")
+        sd = att.get("bf16 torch SDPA", {}).get("us")
+        out.append("\n| decode attention | us | x ours BF16 | x SDPA BF16 | KV MiB |\n|---|---|---|---|---|")
+        for n, v in att.items():
+            out.append(f"| {n} | {v['us']:.1f} | {bf / v['us']:.2f} | {sd / v['us']:.2f} | {v['kv_bytes'] / 2**20:,.1f} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
