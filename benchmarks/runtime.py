@@ -86,6 +86,104 @@ def _attention_bench(device, B, T, warm=25, rep=200):
     return {n: {"us": us, "kv_bytes": kv_bytes[n]} for n, us in res.items()}
 
 
+GEMM_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # fused qkv, o, fused gate/up, down
+
+
+def tune_decode_gemms(M: int, device="cuda") -> dict:
+    """For batch-M decode, time the tuned configs of the neighbouring M buckets (and the heuristic) for the
+    W8A8 and W4A16 kernels on the Llama-3-8B shapes (CUDA graphs), keep the fastest in the in-process
+    config tables, and return them (to be written into the kernels' TUNED tables)."""
+    import triton
+
+    from quantkit.kernels import w8a8, wna16
+    from quantkit.kernels._common import gpu_key, m_bucket
+
+    chosen = {}
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(M, 14336, device=device, generator=g).bfloat16()
+    for N, K in GEMM_SHAPES:
+        xk = x[:, :K].contiguous()
+        gpu = gpu_key(xk)
+        q8 = torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8)
+        s8 = torch.rand(N, 1, device=device) * 1e-3 + 1e-4
+        W8 = w8a8.prepack_w8a8(q8, s8)
+        q4 = torch.randint(-8, 8, (N, K), device=device, dtype=torch.int8)
+        W4 = wna16.prepack_wna16(q4, torch.rand(N, K // 128, device=device) * 1e-2 + 1e-3, None, 4,
+                                 scale_dtype=torch.bfloat16)
+        for name, cache, fn in (
+            ("w8a8", w8a8.CONFIGS, lambda c: w8a8.w8a8_linear_triton(xk, W8.w, W8.scale, config=c)),
+            ("w4a16", wna16.CONFIGS, lambda c: wna16.wna16_linear_triton(xk, W4.qw, W4.scales, None, None, 4, 128,
+                                                                         N, K, config=c)),
+        ):
+            cands = []
+            for b in (16, 64, m_bucket(M)):
+                c = cache.table.get((gpu, b, N, K))
+                if c is not None and c not in cands:
+                    cands.append(c)
+            d = cache.defaults(M, N, K)
+            if d not in cands:
+                cands.append(d)
+            best = None
+            for c in cands:
+                try:
+                    fn(c)
+                    torch.cuda.synchronize()
+                    us = triton.testing.do_bench_cudagraph(lambda: fn(c), rep=100) * 1e3
+                except Exception as e:
+                    _log(f"  tune {name} {N}x{K} {c}: failed ({type(e).__name__})")
+                    continue
+                _log(f"  tune {name} M={M} {N}x{K} {c}: {us:.1f} us")
+                if best is None or us < best[0]:
+                    best = (us, c)
+            cache.set(M, N, K, gpu, best[1])
+            chosen[f"{name} {gpu} M{m_bucket(M)} {N}x{K}"] = {"us": best[0], "config": best[1]}
+    return chosen
+
+
+def tune_attention(B: int, T: int, device="cuda") -> dict:
+    """Decode-attention launch settings at batch B, context T (INT8 per-channel and BF16 caches): keep the
+    fastest in kernels.attention.CONFIG and return all timings."""
+    import triton
+
+    from quantkit.kernels import attention as A
+    from quantkit.quant import kv as kvq
+
+    Hq, Hkv, D = 32, 8, 128
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, Hq, D, device=device, generator=g).bfloat16()
+    k = torch.randn(B, Hkv, T, D, device=device, generator=g)
+    lens = torch.full((B,), T, dtype=torch.int32, device=device)
+    kc = kvq.static_scale(kvq.channel_amax(k))
+    kq = kvq.quantize_kv(k, kc.view(1, Hkv, 1, D))
+    kb = k.bfloat16()
+    del k
+    out = torch.empty(B, Hq, D, device=device, dtype=torch.bfloat16)
+    res, best = {}, None
+    for bn in (64, 128):
+        for nw in (4, 8):
+            for ns in (2, 3):
+                for tp in (1056, 2112):
+                    cfg = dict(block_n=bn, num_warps=nw, num_stages=ns, target_programs=tp)
+                    tot = 0.0
+                    try:
+                        for kk, sc in ((kq, kc), (kb, None)):
+                            fn = (lambda kk=kk, sc=sc: A.decode_attention(q, kk, kk, lens, k_scale=sc, v_scale=sc,
+                                                                         out=out, **cfg))
+                            fn()
+                            torch.cuda.synchronize()
+                            us = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                            res[f"{cfg} {'int8' if sc is not None else 'bf16'}"] = us
+                            tot += us
+                    except Exception as e:
+                        _log(f"  tune attention {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
+                        continue
+                    if best is None or tot < best[0]:
+                        best = (tot, cfg)
+    A.CONFIG.update(best[1])
+    _log(f"  attention config: {best[1]}")
+    return {"best": best[1], "timings_us": res}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -98,6 +196,8 @@ def main(argv=None) -> None:
     ap.add_argument("--att-context", type=int, default=32768)
     ap.add_argument("--att-batch", type=int, default=4)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: bf16,hf,w4,w8,monitor,mixed,att")
+    ap.add_argument("--tune", action="store_true", help="first tune the decode GEMM configs at --batch-big and the "
+                    "decode-attention launch settings (kept in-process and reported)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -124,6 +224,11 @@ def main(argv=None) -> None:
         pass
     _log("meta", json.dumps(meta))
     rows = []
+    tuned = {}
+    if args.tune and dev.startswith("cuda"):
+        tuned["gemm"] = tune_decode_gemms(args.batch_big, dev)
+        tuned["attention"] = tune_attention(args.att_batch, args.att_context, dev)
+        _log("tuned", json.dumps(tuned))
     copy_bw = rb.measure_copy_bandwidth(dev)
     _log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
 
@@ -182,7 +287,7 @@ def main(argv=None) -> None:
         att = _attention_bench(dev, args.att_batch, args.att_context)
         _log("attention", json.dumps(att))
 
-    result = {"meta": meta, "copy_bw": copy_bw, "rows": rows, "attention": att}
+    result = {"meta": meta, "copy_bw": copy_bw, "rows": rows, "attention": att, "tuned": tuned}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -14,6 +14,18 @@ from quantkit.quant import kv as kvq
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+def _reference_logits_fp16_gpu(path, tokenizer, ids):
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+    from quantkit.models.loading import LoadedModel
+    from quantkit.runtime.simulate import plan_simulation
+
+    ref, _, _ = load_quantkit_checkpoint(path, dtype=torch.float16)
+    ref = ref.cuda()
+    plan = plan_simulation(LoadedModel(ref, tokenizer, {"kind": "quantkit-checkpoint", "path": str(path)}))
+    with torch.no_grad(), plan.context(ref):
+        return ref(input_ids=ids.cuda()).logits.float().cpu()
+
+
 @pytest.mark.parametrize("key", ["w4-g32-asym", "w8-g32", "gptq-w4", "awq", "w3-g32-ref", "w8a8", "w8a8-static-act",
                                  "w8a8c8-token", "w8a8c8-channel-res", "w4a4kv4-spinquant"])
 def test_formats_on_gpu(tmp_path, tiny_tokenizer, key):
@@ -22,7 +34,11 @@ def test_formats_on_gpu(tmp_path, tiny_tokenizer, key):
     ref = _reference_logits(path, tiny_tokenizer, IDS)
     y = rt.prefill([r.tolist() for r in IDS], all_logits=True)
     assert torch.isfinite(y).all()
-    assert _rel(y.cpu(), ref) <= 3e-2, key
+    # fp16 activations flip some rounding decisions of the fp32 reference; with 4-bit activations one
+    # flip moves a value by 1/7 of its row's max. The bar: 3e-2, or twice what the same simulation run
+    # in fp16 on the GPU (no runtime involved) differs from the fp32 one, whichever is larger.
+    noise = _rel(_reference_logits_fp16_gpu(path, tiny_tokenizer, IDS), ref)
+    assert _rel(y.cpu(), ref) <= max(3e-2, 2 * noise), (key, noise)
 
 
 def test_graph_replay_equals_eager_and_switch_keeps_other_samples(tmp_path, tiny_tokenizer):

@@ -160,17 +160,30 @@ class ConfigCache:
     def __init__(self, defaults: Callable[[int, int, int], dict], table: dict | None = None):
         self.defaults = defaults
         self.table: dict[tuple, dict] = dict(table or {})
+        self._near: dict[tuple, list[int]] = {}
 
     def get(self, M: int, N: int, K: int, gpu: str) -> dict:
+        """The tuned config of M's bucket; else the tuned config of the nearest bucket measured for this
+        (N, K, GPU): the next larger one (it covers M with masked rows), or the largest smaller one;
+        else the heuristic. (A decode batch of 32 then runs the M=64 tuning, not the untuned default.)"""
         mb = m_bucket(M)
         for key in ((gpu, mb, N, K), ("*", mb, N, K)):
             cfg = self.table.get(key)
             if cfg is not None:
                 return dict(cfg)
+        near = self._near.get((gpu, N, K))
+        if near is None:
+            near = self._near[(gpu, N, K)] = sorted(b for (g, b, n, k) in self.table if n == N and k == K and g in (gpu, "*"))
+        if near:
+            up = [b for b in near if b >= mb]
+            b = up[0] if up else near[-1]
+            cfg = self.table.get((gpu, b, N, K)) or self.table.get(("*", b, N, K))
+            return dict(cfg)
         return dict(self.defaults(M, N, K))
 
     def set(self, M: int, N: int, K: int, gpu: str, cfg: dict) -> None:
         self.table[(gpu, m_bucket(M), N, K)] = dict(cfg)
+        self._near.clear()
 
 
 def round_half_away_ref(y: torch.Tensor) -> torch.Tensor:

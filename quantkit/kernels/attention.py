@@ -15,10 +15,11 @@ Spec (``decode_attention_ref``), one decode step:
     out[b, i] = softmax(q[b, i] . K_b^T * sm_scale) V_b    -> (B, Hq, D) in q.dtype (fp32 softmax)
 
 Kernel (``decode_attention``): grid (B * Hkv, n_splits). A program takes one kv head, all the query
-heads that share it (padded to 16 rows for the tensor cores) and one slice of the sequence: it
-dequantizes each (BLOCK_N, D) tile of K and V in registers (no dequantized cache in memory), runs
-an online softmax, and writes its partial (max, sum, acc) to a workspace; a second small kernel
-merges the splits. Splits past a sample's length exit at once, so one launch shape serves every
+heads that share it (padded to 16 rows for the tensor cores) and one slice of the sequence: it feeds
+each (BLOCK_N, D) tile of K and V to the tensor cores as stored (int8 -> fp16/bf16 is exact; the
+scales act on q, the score columns, p's columns or the accumulator, never on a tile), runs an online
+softmax, and writes its partial (max, sum, acc) to a workspace; a second small kernel merges the
+splits. Splits past a sample's length exit at once, so one launch shape serves every
 length (CUDA-graph friendly). The reference dequantizes the cache in torch.
 """
 
@@ -119,16 +120,20 @@ def _decode_attn_kernel(
     # m, l: (B * Hkv, NSPLIT, GP) fp32; acc: (B * Hkv, NSPLIT, GP, D) fp32 (the split partials)
     Hkv, T, C1, window, sm_scale_log2,
     stride_qb, stride_qh,
+    SPLIT, NSPLIT,  # keys per split (a multiple of BLOCK_N), number of splits
     GROUP: tl.constexpr,  # query heads per kv head
     GP: tl.constexpr,  # GROUP padded to >= 16 (a power of two)
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,  # keys per split (a multiple of BLOCK_N)
-    NSPLIT: tl.constexpr,
     SCALES: tl.constexpr,  # 0 float cache, 1 per-token, 2 per-channel
     RES_BITS: tl.constexpr,  # 0 none, 4 (two per byte) or 8
+    RW: tl.constexpr,  # bytes per residual row: D // 2 (4-bit) or D (8-bit)
     WINDOW: tl.constexpr,
 ):
+    # The integer tiles go to the MMA as they are (int8 -> fp16/bf16 is exact): the scales act on
+    # vectors, never on a (BLOCK_N, D) tile. Per-channel K scales fold into q once; per-token K scales
+    # scale the score columns; per-token V scales scale p's columns; per-channel V scales scale the
+    # accumulator at the end. Residuals add their own two small dots.
     pid = tl.program_id(0)  # b * Hkv + h
     sp = tl.program_id(1)
     b = pid // Hkv
@@ -143,61 +148,69 @@ def _decode_attn_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     gmask = offs_g < GROUP
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None], other=0.0)
-    cdt = q.dtype if q.dtype != tl.float32 else tl.float16
-    qf = (q.to(tl.float32) * sm_scale_log2).to(cdt)
+                mask=gmask[:, None], other=0.0).to(tl.float32) * sm_scale_log2
+    cdt = q_ptr.dtype.element_ty
+    if cdt == tl.float32:
+        cdt = tl.float16
+    if SCALES == 2:
+        qk = (q * tl.load(ks_ptr + h * D + offs_d)[None, :]).to(cdt)
+    else:
+        qk = q.to(cdt)
+    if RES_BITS != 0:
+        qr = q.to(cdt)
+        acc_r = tl.zeros((GP, D), dtype=tl.float32)
+        if RES_BITS == 4:
+            col = offs_d // 2
+            shift = (offs_d % 2) * 4
+        else:
+            col = offs_d
     m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((GP,), dtype=tl.float32)
     acc = tl.zeros((GP, D), dtype=tl.float32)
     row = pid.to(tl.int64) * T  # (b, h) row of the (B * Hkv, T) views
-    if SCALES == 2:
-        kc = tl.load(ks_ptr + h * D + offs_d)
-        vc = tl.load(vs_ptr + h * D + offs_d)
-    PACK: tl.constexpr = 2 if RES_BITS == 4 else 1
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + offs_n
         nmask = pos < hi
         kv_off = (row + pos)[:, None] * D + offs_d[None, :]
-        kt = tl.load(k_ptr + kv_off, mask=nmask[:, None], other=0).to(tl.float32)
-        vt = tl.load(v_ptr + kv_off, mask=nmask[:, None], other=0).to(tl.float32)
+        kt = tl.load(k_ptr + kv_off, mask=nmask[:, None], other=0).to(cdt)
+        s = tl.dot(qk, tl.trans(kt))  # (GP, BLOCK_N), log2 units
         if SCALES == 1:
-            kt = kt * tl.load(ks_ptr + row + pos, mask=nmask, other=0.0)[:, None]
-            vt = vt * tl.load(vs_ptr + row + pos, mask=nmask, other=0.0)[:, None]
-        elif SCALES == 2:
-            kt = kt * kc[None, :]
-            vt = vt * vc[None, :]
+            s = s * tl.load(ks_ptr + row + pos, mask=nmask, other=0.0)[None, :]
         if RES_BITS != 0:
-            for which in tl.static_range(2):
-                if which == 0:
-                    ri_ptr, rp_ptr, rs_ptr = kri_ptr, krp_ptr, krs_ptr
-                else:
-                    ri_ptr, rp_ptr, rs_ptr = vri_ptr, vrp_ptr, vrs_ptr
-                slot = tl.load(ri_ptr + row + pos, mask=nmask, other=-1).to(tl.int32)
-                has = slot >= 0
-                prow = pid.to(tl.int64) * C1 + tl.maximum(slot, 0)
-                rsc = tl.load(rs_ptr + prow, mask=has, other=0.0)
-                if RES_BITS == 4:
-                    offs_p = tl.arange(0, D // 2)
-                    byt = tl.load(rp_ptr + prow[:, None] * (D // 2) + offs_p[None, :], mask=has[:, None], other=0)
-                    byt = byt.to(tl.int32)
-                    r_lo = ((byt & 0xF) ^ 8) - 8
-                    r_hi = (((byt >> 4) & 0xF) ^ 8) - 8
-                    r = tl.reshape(tl.join(r_lo, r_hi), (BLOCK_N, D)).to(tl.float32)
-                else:
-                    r = tl.load(rp_ptr + prow[:, None] * D + offs_d[None, :], mask=has[:, None], other=0).to(tl.float32)
-                if which == 0:
-                    kt = kt + r * rsc[:, None]
-                else:
-                    vt = vt + r * rsc[:, None]
-        s = tl.dot(qf, tl.trans(kt.to(cdt)))  # (GP, BLOCK_N), log2 units
+            k_slot = tl.load(kri_ptr + row + pos, mask=nmask, other=-1).to(tl.int32)
+            k_has = k_slot >= 0
+            k_row = pid.to(tl.int64) * C1 + tl.maximum(k_slot, 0)
+            k_r = tl.load(krp_ptr + k_row[:, None] * RW + col[None, :], mask=k_has[:, None], other=0).to(tl.int32)
+            if RES_BITS == 4:
+                k_r = (((k_r >> shift[None, :]) & 0xF) ^ 8) - 8
+            k_rs = tl.load(krs_ptr + k_row, mask=k_has, other=0.0)
+            s += tl.dot(qr, tl.trans(k_r.to(cdt))) * k_rs[None, :]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(cdt), vt.to(cdt))
+        vt = tl.load(v_ptr + kv_off, mask=nmask[:, None], other=0).to(cdt)
+        if SCALES == 1:
+            pv = p * tl.load(vs_ptr + row + pos, mask=nmask, other=0.0)[None, :]
+        else:
+            pv = p
+        acc = acc * alpha[:, None] + tl.dot(pv.to(cdt), vt)
+        if RES_BITS != 0:
+            v_slot = tl.load(vri_ptr + row + pos, mask=nmask, other=-1).to(tl.int32)
+            v_has = v_slot >= 0
+            v_row = pid.to(tl.int64) * C1 + tl.maximum(v_slot, 0)
+            v_r = tl.load(vrp_ptr + v_row[:, None] * RW + col[None, :], mask=v_has[:, None], other=0).to(tl.int32)
+            if RES_BITS == 4:
+                v_r = (((v_r >> shift[None, :]) & 0xF) ^ 8) - 8
+            v_rs = tl.load(vrs_ptr + v_row, mask=v_has, other=0.0)
+            acc_r = acc_r * alpha[:, None] + tl.dot((p * v_rs[None, :]).to(cdt), v_r.to(cdt))
         m_i = m_new
+    if SCALES == 2:
+        acc = acc * tl.load(vs_ptr + h * D + offs_d)[None, :]
+    if RES_BITS != 0:
+        acc += acc_r
     part = pid.to(tl.int64) * NSPLIT + sp
     tl.store(m_ptr + part * GP + offs_g, m_i)
     tl.store(l_ptr + part * GP + offs_g, l_i)
@@ -210,11 +223,10 @@ decode_attn_kernel = LazyKernel(_decode_attn_kernel)
 def _decode_merge_kernel(
     m_ptr, l_ptr, acc_ptr, o_ptr,
     # partials as written by _decode_attn_kernel; o: (B, Hq, D) q.dtype
-    Hkv, stride_ob, stride_oh,
+    Hkv, NSPLIT, stride_ob, stride_oh,
     GROUP: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
-    NSPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // Hkv
@@ -222,12 +234,12 @@ def _decode_merge_kernel(
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     m = tl.full((GP,), float("-inf"), dtype=tl.float32)
-    for sp in tl.static_range(NSPLIT):
+    for sp in range(NSPLIT):
         m = tl.maximum(m, tl.load(m_ptr + (pid.to(tl.int64) * NSPLIT + sp) * GP + offs_g))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_tot = tl.zeros((GP,), dtype=tl.float32)
     acc = tl.zeros((GP, D), dtype=tl.float32)
-    for sp in tl.static_range(NSPLIT):
+    for sp in range(NSPLIT):
         part = pid.to(tl.int64) * NSPLIT + sp
         w = tl.exp2(tl.load(m_ptr + part * GP + offs_g) - m_safe)
         l_tot += tl.load(l_ptr + part * GP + offs_g) * w
@@ -241,9 +253,9 @@ def _decode_merge_kernel(
 decode_merge_kernel = LazyKernel(_decode_merge_kernel)
 
 
-def plan_splits(B: int, Hkv: int, T: int, block_n: int = 64, target_programs: int = 528, max_split_keys: int = 2048):
-    """(keys per split, number of splits) for a cache of T positions: enough programs to fill the GPU
-    (about 4 waves of 132 SMs) while each split keeps at least one BLOCK_N tile."""
+def plan_splits(B: int, Hkv: int, T: int, block_n: int = 64, target_programs: int = 1056, max_split_keys: int = 2048):
+    """(keys per split, number of splits) for a cache of T positions: enough programs to keep the memory
+    system busy (about 8 per SM of an H100/H200) while each split keeps at least one BLOCK_N tile."""
     blocks = cdiv(T, block_n)
     per = blocks
     while per > 1 and B * Hkv * cdiv(blocks, per) < target_programs:
@@ -254,15 +266,20 @@ def plan_splits(B: int, Hkv: int, T: int, block_n: int = 64, target_programs: in
     return split, cdiv(T, split)
 
 
+# launch settings of the decode kernel (benchmarks/runtime.py --tune measures the alternatives)
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "target_programs": 1056}
+
 _WS: dict = {}
 
 
 def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Residuals | None = None,
                      v_res: Residuals | None = None, window: int | None = None, sm_scale: float | None = None,
-                     out: torch.Tensor | None = None, block_n: int = 64, split: int | None = None):
+                     out: torch.Tensor | None = None, block_n: int | None = None, split: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None, target_programs: int | None = None):
     """Decode attention over the cache as stored (module docstring). q: (B, Hq, D) -> (B, Hq, D) q.dtype.
 
-    CUDA tensors (or TRITON_INTERPRET=1): the Triton kernels; otherwise the reference."""
+    CUDA tensors (or TRITON_INTERPRET=1): the Triton kernels; otherwise the reference. Launch settings
+    left None come from `CONFIG` (measured: benchmarks/runtime.py --tune)."""
     B, Hq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     sm = D ** -0.5 if sm_scale is None else sm_scale
@@ -274,8 +291,10 @@ def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Re
         raise ValueError(f"decode attention needs a power-of-two head_dim >= 16, got {D}")
     group = Hq // Hkv
     gp = max(16, next_pow2(group))
+    cfg = CONFIG
+    block_n = block_n or cfg["block_n"]
     if split is None:
-        split, nsplit = plan_splits(B, Hkv, T, block_n)
+        split, nsplit = plan_splits(B, Hkv, T, block_n, target_programs or cfg["target_programs"])
     else:
         nsplit = cdiv(T, split)
     dev = q.device
@@ -300,10 +319,11 @@ def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Re
         vr.idx if vr else dummy, vr.pool if vr else dummy, vr.scale if vr else dummy, seq_lens,
         m_ws, l_ws, acc_ws,
         Hkv, T, kr.pool.shape[2] if kr else 1, int(window or 0), sm * 1.4426950408889634,
-        qc.stride(0), qc.stride(1),
-        GROUP=group, GP=gp, D=D, BLOCK_N=block_n, SPLIT=split, NSPLIT=nsplit, SCALES=scales, RES_BITS=res_bits,
-        WINDOW=window is not None, num_warps=4, num_stages=2,
+        qc.stride(0), qc.stride(1), split, nsplit,
+        GROUP=group, GP=gp, D=D, BLOCK_N=block_n, SCALES=scales, RES_BITS=res_bits,
+        RW=D // 2 if res_bits == 4 else D, WINDOW=window is not None, num_warps=num_warps or cfg["num_warps"],
+        num_stages=num_stages or cfg["num_stages"],
     )
-    decode_merge_kernel[(B * Hkv,)](m_ws, l_ws, acc_ws, out, Hkv, out.stride(0), out.stride(1),
-                                    GROUP=group, GP=gp, D=D, NSPLIT=nsplit, num_warps=4)
+    decode_merge_kernel[(B * Hkv,)](m_ws, l_ws, acc_ws, out, Hkv, nsplit, out.stride(0), out.stride(1),
+                                    GROUP=group, GP=gp, D=D, num_warps=4)
     return out

@@ -199,12 +199,9 @@ def _w8a8_kernel(
             a_sc = a_scale
         else:
             a_sc = tl.load(as_ptr + rm)
-        # one fp32 accumulator (registers): INT8 rows start from their scaled result, FP16 rows from 0,
-        # and the FP16 dot adds nothing to INT8 rows (their activations are zeroed)
-        if HAS_FP16_W:
-            accm = tl.where(is_fp[:, None], 0.0, acc.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
-        else:
-            accm = tl.where(is_fp[:, None], 0.0, acc.to(tl.float32) * a_sc[:, None])
+        # FP16 rows accumulate in accm (INT8 rows' activations are zeroed, so they add nothing there);
+        # INT8 rows keep their int32 acc and get the plain path's epilogue, so they are bit-identical to it
+        accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, tl.where(n_fp > 0, k_hi, k_lo), BLOCK_KF, num_stages=STAGES_F):
             if EVEN_K:
                 xf = tl.load(xf_ptrs)
@@ -221,11 +218,15 @@ def _w8a8_kernel(
 
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    # Epilogue of INT8 rows, written once per path in the same form (an explicit fma for the bias), so the
+    # compiler's contraction choices cannot make the mixed path round differently from the plain one.
     if ROW_BITS:
         if SPLIT_K == 1:
-            out = accm
             if HAS_BIAS:
-                out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+                bias = tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+                out = tl.where(is_fp[:, None], accm + bias, tl.fma(acc.to(tl.float32) * a_sc[:, None], w_sc[None, :], bias))
+            else:
+                out = tl.where(is_fp[:, None], accm, acc.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
         else:
             # INT8 rows keep exact int32 partials (summed, then scaled, as the plain path does, so
@@ -243,18 +244,23 @@ def _w8a8_kernel(
                     tot_i += tl.where(is_fp[:, None], 0, part)
                     tot_f += tl.where(is_fp[:, None], part.to(tl.float32, bitcast=True), 0.0)
                 tl.atomic_xchg(lock_ptr + tile, 0)
-                out = tl.where(is_fp[:, None], tot_f, tot_i.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
                 if HAS_BIAS:
-                    out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+                    bias = tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+                    out = tl.where(is_fp[:, None], tot_f + bias,
+                                   tl.fma(tot_i.to(tl.float32) * a_sc[:, None], w_sc[None, :], bias))
+                else:
+                    out = tl.where(is_fp[:, None], tot_f, tot_i.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
                 tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
     elif SPLIT_K == 1:
         if OUT_INT32:
             tl.store(c_ptrs, acc, mask=c_mask)
         else:
             w_scale = tl.load(ws_ptr + rn)
-            out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
             if HAS_BIAS:
-                out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+                out = tl.fma(acc.to(tl.float32) * a_scale[:, None], w_scale[None, :],
+                             tl.load(bias_ptr + rn).to(tl.float32)[None, :])
+            else:
+                out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
     else:
         # split-K in one launch: partial int32 tiles (exact); the split that arrives last sums
@@ -272,9 +278,11 @@ def _w8a8_kernel(
                 tl.store(c_ptrs, tot, mask=c_mask)
             else:
                 w_scale = tl.load(ws_ptr + rn)
-                out = tot.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
                 if HAS_BIAS:
-                    out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+                    out = tl.fma(tot.to(tl.float32) * a_scale[:, None], w_scale[None, :],
+                                 tl.load(bias_ptr + rn).to(tl.float32)[None, :])
+                else:
+                    out = tot.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
                 tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -412,12 +420,16 @@ def _w8a8_gemv_kernel(
             tl.atomic_xchg(lock_ptr + tile, 0)
         else:
             c_mask = c_mask & False  # not the last split: store nothing
-    if ROW_BITS:
-        out = tl.where(is_fp[:, None], tot.to(tl.float32, bitcast=True), tot.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
+    # the INT8 rows' epilogue in one form for both modes (explicit fma for the bias: see _w8a8_kernel)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        out = tl.fma(tot.to(tl.float32) * a_sc[:, None], w_sc[None, :], bias)
+        if ROW_BITS:
+            out = tl.where(is_fp[:, None], tot.to(tl.float32, bitcast=True) + bias, out)
     else:
         out = tot.to(tl.float32) * a_sc[:, None] * w_sc[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        if ROW_BITS:
+            out = tl.where(is_fp[:, None], tot.to(tl.float32, bitcast=True), out)
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 

@@ -70,12 +70,11 @@ class FallbackMonitor:
         q = q / q.sum(-1, keepdim=True).clamp_min(1)
         q = q + KL_EPS
         self.log_q = (q / q.sum(-1, keepdim=True)).log().to(device)  # (n, bins)
-        self.lo = torch.tensor([float(hists[n][1][0]) for n in layers], dtype=torch.float32, device=device)
-        self.inv_w = torch.tensor([self.bins / (float(hists[n][1][1]) - float(hists[n][1][0])) for n in layers],
-                                  dtype=torch.float32, device=device)
+        self._lo = [float(hists[n][1][0]) for n in layers]
+        self._inv_w = [self.bins / (float(hists[n][1][1]) - float(hists[n][1][0])) for n in layers]
         n = len(layers)
         self.counts = torch.zeros(n, batch * self.bins, dtype=torch.float32, device=device)
-        self.moments = torch.zeros(n, batch, 4, dtype=torch.float64, device=device)  # count, s1, s2, s3
+        self.moments = torch.zeros(n, batch, 4, dtype=torch.float32, device=device)  # count, s1, s2, s3
         self.switches: list[Switch] = []
         self.fired = torch.zeros(batch, dtype=torch.bool)  # host
         self.checks = 0
@@ -89,26 +88,20 @@ class FallbackMonitor:
         dev = self.counts.device
         self.batch = batch
         self.counts = torch.zeros(n, batch * self.bins, dtype=torch.float32, device=dev)
-        self.moments = torch.zeros(n, batch, 4, dtype=torch.float64, device=dev)
+        self.moments = torch.zeros(n, batch, 4, dtype=torch.float32, device=dev)
         self.fired = torch.zeros(batch, dtype=torch.bool)
 
     # ------------------------------------------------------------------ accumulation (inside the forward)
 
     def observe(self, i: int, y: torch.Tensor) -> None:
-        """Add the outputs y (rows, N) of monitored layer i to each row's sample window."""
+        """Add the outputs y (rows, N) of monitored layer i to each row's sample window (one launch on
+        CUDA: `kernels.histogram.row_histogram`)."""
         if not self.enabled or self.row_sample is None:
             return
-        rows, N = y.shape
-        yf = y.float()
-        b = ((yf - self.lo[i]) * self.inv_w[i]).floor_().clamp_(0, self.bins - 1).long()
-        b += (self.row_sample * self.bins).view(rows, 1)
-        w = self.row_weight.view(rows, 1).expand(rows, N)
-        self.counts[i].index_add_(0, b.reshape(-1), w.reshape(-1))
-        yd = yf.double()
-        wd = self.row_weight.double().view(rows, 1)
-        p = torch.stack([wd.expand(rows, N).sum(-1), (yd * wd).sum(-1), (yd * yd * wd).sum(-1),
-                         (yd * yd * yd * wd).sum(-1)], dim=-1)  # (rows, 4)
-        self.moments[i].index_add_(0, self.row_sample, p)
+        from quantkit.kernels.histogram import row_histogram
+
+        row_histogram(y, self.row_sample, self.row_weight, self._lo[i], self._inv_w[i], self.bins, self.counts[i],
+                      self.moments[i])
 
     # ------------------------------------------------------------------ the check (between steps)
 
@@ -119,7 +112,7 @@ class FallbackMonitor:
         p = c / tot.clamp_min(1) + KL_EPS
         p = p / p.sum(-1, keepdim=True)
         kl = (p * (p.log() - self.log_q.unsqueeze(1))).sum(-1)
-        m = self.moments
+        m = self.moments.double()
         n = m[..., 0].clamp_min(1)
         mu = m[..., 1] / n
         var = (m[..., 2] / n - mu * mu).clamp_min(0)
