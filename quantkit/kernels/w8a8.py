@@ -615,6 +615,9 @@ TUNED: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv',
                                'GROUP_M': 8,
                                'num_stages': 3,
                                'num_warps': 8}}
+# decode batch 32 (bucket 32), measured on an H200 by `benchmarks/runtime.py --tune` (2026-12-04): the fastest of
+# the neighbouring buckets' configs and the heuristic under CUDA graphs
+TUNED.update({('H200', 32, 6144, 4096): {'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'num_stages': 4, 'num_warps': 4}, ('H200', 32, 4096, 4096): {'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'num_stages': 4, 'num_warps': 4}, ('H200', 32, 28672, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4, 'FUSE_QUANT': False}, ('H200', 32, 4096, 14336): {'BLOCK_K': 256, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FUSE_QUANT': False, 'GROUP_M': 1, 'SPLIT_K': 4, 'num_stages': 4, 'num_warps': 4}})
 CONFIGS = ConfigCache(_default_config, TUNED)
 
 _INTERP_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)

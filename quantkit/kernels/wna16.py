@@ -646,6 +646,8 @@ TUNED_W8: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'S
  ('H200', 8192, 4096, 14336): {'BACKEND': 'dequant'},
  ('H200', 8192, 6144, 4096): {'BACKEND': 'dequant'},
  ('H200', 8192, 28672, 4096): {'BACKEND': 'dequant'}}
+# decode batch 32 (bucket 32), measured on an H200 by `benchmarks/runtime.py --tune` (2026-12-04)
+TUNED_W4.update({('H200', 32, 6144, 4096): {'BACKEND': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'SPLIT_K': 4, 'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4}, ('H200', 32, 4096, 4096): {'BACKEND': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'SPLIT_K': 4, 'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4}, ('H200', 32, 28672, 4096): {'BACKEND': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 128, 'GROUP_M': 1, 'SPLIT_K': 1, 'SWAP_AB': False, 'num_stages': 3, 'num_warps': 8}, ('H200', 32, 4096, 14336): {'BACKEND': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'SPLIT_K': 4, 'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4}})
 CONFIGS = ConfigCache(_default_config, TUNED_W4)  # 4-bit
 CONFIGS_W8 = ConfigCache(_default_config, TUNED_W8)  # 8-bit
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.kernels.attention import Residuals, decode_attention, dequantize_cache_ref, pack_nibbles
+from quantkit.kernels.fused import rope, rope_store, split_heads
 from quantkit.quant import kv as kvq
 from quantkit.recipe import KVCacheArgs
 
@@ -149,6 +150,25 @@ class KVCache:
             if self.residual:
                 self._keep_residuals(layer, which, x, x_hat, pos)
         self.counts[0] += 2 * B * H * S
+
+    def rope_write(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                   n_heads: int) -> torch.Tensor:
+        """RoPE on q and k of the fused q/k/v output qkv (B, S, (Hq + 2 Hkv) * D), K and V stored at pos (B, S);
+        returns q (B, Hq, S, D). One launch (kernels.fused.rope_store) unless residuals are kept."""
+        B, S, _ = qkv.shape
+        H, D = self.kv_heads, self.head_dim
+        if self.residual:
+            q, k, v = (t.transpose(1, 2) for t in split_heads(qkv, n_heads, H, D))
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            self.write(layer, k, v, pos)
+            return q
+        bits = 8 if self.kv is None else self.kv.bits
+        q = rope_store(qkv, cos, sin, pos, n_heads, H, D, self.k[layer, :B], self.v[layer, :B],
+                       None if self.kv is None else self._scale(0, layer, B),
+                       None if self.kv is None else self._scale(1, layer, B), bits)
+        if self.kv is not None:
+            self.counts[0] += 2 * B * H * S
+        return q
 
     # ------------------------------------------------------------------ read
 

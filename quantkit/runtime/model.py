@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import UsageError
+from quantkit.kernels.fused import add_rmsnorm, rope, silu_mul, split_heads
+from quantkit.kernels.hadamard import hadamard_transform
 from quantkit.kernels.mixed import TOKEN_GROUP
 from quantkit.runtime.kvcache import KVCache
 from quantkit.runtime.linear import QuantLinear, StepControl, can_fuse, fuse
@@ -58,15 +60,11 @@ class Block:
     gate_up: QuantLinear
     down: nn.Module
     act: Callable
+    act_is_silu: bool
     q_norm: nn.Module | None
     k_norm: nn.Module | None
     window: int | None
     sm_scale: float
-
-
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 def _fuse_into(model: nn.Module, block: nn.Module, prefix: str, rels: list[str], name: str) -> QuantLinear:
@@ -152,7 +150,9 @@ class RuntimeModel:
             self.blocks.append(Block(
                 ln1=blk.get_submodule(lay.input_norm), ln2=blk.get_submodule(lay.post_norm), qkv=qkv,
                 o=blk.get_submodule(lay.o), gate_up=gate_up, down=blk.get_submodule(lay.down),
-                act=getattr(mlp, "act_fn", F.silu), q_norm=opt(lay.q_norm), k_norm=opt(lay.k_norm),
+                act=getattr(mlp, "act_fn", F.silu),
+                act_is_silu=getattr(cfg, "hidden_act", "silu") in ("silu", "swish"),
+                q_norm=opt(lay.q_norm), k_norm=opt(lay.k_norm),
                 window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5))))
             for unit in (qkv, gate_up, self.blocks[-1].o, self.blocks[-1].down):
                 for m in (unit.mods if isinstance(unit, _Unfused) else [unit]):
@@ -238,7 +238,7 @@ class RuntimeModel:
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         x = self.embed(ids)
         cos, sin = self._rope_at(pos, x)
-        cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         prec = self.precision
         self.ctl.row_bits = prec.row_bits(pos) if prec.any_rows else None
         mon = self.monitor
@@ -246,25 +246,18 @@ class RuntimeModel:
             mon.row_sample = torch.arange(B, device=self.device).view(B, 1).expand(B, S).reshape(-1)
             w = torch.ones(B, S, device=self.device) if valid is None else valid.float()
             mon.row_weight = w.reshape(-1)
-        mask = None
         if not decode:
             j = torch.arange(length, device=self.device)
             allowed = j.view(1, 1, length) <= pos.view(B, S, 1)
             masks = {}
+        n = len(self.blocks)
+        x, h = self._norm(self.blocks[0].ln1, x, None)
         for i, blk in enumerate(self.blocks):
-            h = blk.ln1(x)
-            q, k, v = torch.split(self._run(blk.qkv, h, i, "qkv"), [Hq * D, Hkv * D, Hkv * D], dim=-1)
-            q, k, v = q.view(B, S, Hq, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)
-            if blk.q_norm is not None:
-                q, k = blk.q_norm(q), blk.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            if self.r3:
-                from quantkit.kernels.hadamard import hadamard_transform
-
-                q, k = hadamard_transform(q), hadamard_transform(k)
-            cache.write(i, k, v, pos)
+            qkv = self._run(blk.qkv, h, i, "qkv")
+            if blk.q_norm is None and not self.r3:  # one fused launch: RoPE on q and k, k and v into the cache
+                q = cache.rope_write(i, qkv, cos, sin, pos, Hq)
+            else:
+                q = self._qkv_torch(i, blk, qkv, cos, sin, pos)
             if decode:
                 a = cache.decode_attention(i, q[:, :, 0], seq_lens, window=blk.window, sm_scale=blk.sm_scale)
                 a = a.reshape(B, 1, Hq * D)
@@ -282,20 +275,38 @@ class RuntimeModel:
                     a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale,
                                                        enable_gqa=Hq != Hkv)
                 a = a.transpose(1, 2).reshape(B, S, Hq * D)
-            x = x + self._run(blk.o, a, i, "o")
-            h = blk.ln2(x)
-            g, u = torch.split(self._run(blk.gate_up, h, i, "gate_up"), blk.down.in_features, dim=-1)
-            m = blk.act(g) * u
+            x, h = self._norm(blk.ln2, x, self._run(blk.o, a, i, "o"))
+            gu = self._run(blk.gate_up, h, i, "gate_up")
+            inter = blk.down.in_features
+            m = silu_mul(gu, inter) if blk.act_is_silu else blk.act(gu[..., :inter]) * gu[..., inter:]
             if self.r4:
-                from quantkit.kernels.hadamard import hadamard_transform
-
                 m = hadamard_transform(m)
-            x = x + self._run(blk.down, m, i, "down")
+            x, h = self._norm(self.blocks[i + 1].ln1 if i + 1 < n else self.norm, x, self._run(blk.down, m, i, "down"))
         if last is not None:
-            x = x[torch.arange(B, device=self.device), last].unsqueeze(1)
-        x = self.norm(x)
-        logits = self.lm_head(x)
+            h = h[torch.arange(B, device=self.device), last].unsqueeze(1)
+        logits = self.lm_head(h)
         return logits[:, 0] if last is not None else logits
+
+    @staticmethod
+    def _norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None):
+        """(x + delta, norm(x + delta)): one fused launch for the llama-style RMSNorm, the module otherwise."""
+        eps = getattr(norm, "variance_epsilon", None)
+        if eps is not None and type(norm).__name__.endswith("RMSNorm") and norm.weight.dim() == 1:
+            return add_rmsnorm(x, delta, norm.weight, eps)
+        x = x if delta is None else x + delta
+        return x, norm(x)
+
+    def _qkv_torch(self, i, blk, qkv, cos, sin, pos):
+        """RoPE with the per-head q/k norms (Qwen3) and SpinQuant's R3, in torch; K and V into the cache."""
+        q, k, v = split_heads(qkv, self.n_heads, self.n_kv, self.head_dim)
+        if blk.q_norm is not None:
+            q, k = blk.q_norm(q), blk.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if self.r3:
+            q, k = hadamard_transform(q), hadamard_transform(k)
+        self._cache.write(i, k, v, pos)
+        return q
 
     def _run(self, unit, x, i, what):
         y = unit(x)
