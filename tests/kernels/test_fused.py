@@ -62,7 +62,9 @@ def test_rope_store(dev, mode):
     (q, kc, vc, ks), (qr, kcr, vcr, ksr) = outs
     # the same roundings as torch's eager ops; on a GPU a sum may still land one ulp apart (the first H200
     # run saw that), so: within a few ulps, and mostly identical
-    assert rel_err(q, qr) <= 1e-3 and (q != qr).float().mean() < 0.02
+    bad = (q.float() - qr.float()).abs() > 1e-3 * qr.float().abs().max()
+    assert rel_err(q, qr) <= 1e-3 and (q != qr).float().mean() < 0.02, (
+        rel_err(q, qr), bad.nonzero()[:6].tolist(), q[bad][:6].tolist(), qr[bad][:6].tolist())
     if mode == "float":
         assert rel_err(kc, kcr) <= 1e-3 and torch.equal(vc, vcr)
     else:  # identical integers, up to a rare tie flip from a last-bit difference
