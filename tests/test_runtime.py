@@ -284,3 +284,12 @@ def test_cli_generate_eval_runtime_and_bench(tmp_path, tiny_tokenizer):
     assert code == 2 and "--batch" in out
     code, out = run_cli("bench", "--device", "cpu")
     assert code == 2 and "--shape" in out
+
+
+def test_generation_past_max_positions_is_refused(tmp_path, tiny_tokenizer):
+    from quantkit.errors import UsageError
+
+    path = _checkpoint(tmp_path, tiny_tokenizer, "w4-g32-asym")
+    rt = runtime.load(path, device="cpu")
+    with pytest.raises(UsageError, match="exceed the model's max_position_embeddings 256"):
+        rt.generate([IDS[0, :40].tolist()], max_new_tokens=300)

@@ -1,0 +1,47 @@
+"""`quantkit eval --runtime` (the runtime's kernels: packed weights, INT8 KV cache) agrees with the simulated
+`quantkit eval` on the embedded default model, for W4A16, W8A8 and W8A8C8 checkpoints (issue 17: within 0.3%)."""
+
+import json
+
+import pytest
+
+from tiny_models import run_cli
+from quantkit import api
+from quantkit.api import CalibConfig
+from quantkit.recipe import PRESETS, KVCacheArgs, QuantArgs, Recipe, Scheme, Stage
+
+pytestmark = pytest.mark.slow
+
+SCHEMES = {
+    "W4A16": Recipe(Scheme(QuantArgs(4, 64, False)), (Stage("rtn"),)),
+    "W8A8": Recipe(PRESETS["W8A8"], (Stage("smoothquant", {"alpha": 0.5}),)),
+    "W8A8C8": Recipe(Scheme(QuantArgs(8), PRESETS["W8A8"].input_activations,
+                            KVCacheArgs(8, "channel", residual_bits=4, residual_tau=3.0)),
+                     (Stage("smoothquant", {"alpha": 0.5}),)),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for name, recipe in SCHEMES.items():
+        loaded = api.load()  # a fresh float model each time: quantize changes it in place
+        qm = api.quantize(loaded, recipe, CalibConfig(samples=8, seqlen=256))
+        out[name] = api.export(qm, tmp_path_factory.mktemp("rt") / name)
+    return out
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_eval_runtime_agrees_with_simulated_eval(checkpoints, scheme, tmp_path):
+    path = checkpoints[scheme]
+    rows = {}
+    for mode, extra in (("sim", []), ("runtime", ["--runtime"])):
+        code, out = run_cli("eval", "--model", path, "--windows", "4", "--json", tmp_path / f"{mode}.json", *extra)
+        assert code == 0, out
+        rows[mode] = json.loads((tmp_path / f"{mode}.json").read_text())["rows"][0]
+    sim, rt = rows["sim"], rows["runtime"]
+    assert sim["tokens"] == rt["tokens"] == 4 * 511
+    assert abs(rt["ppl"] / sim["ppl"] - 1) <= 0.003, (scheme, sim["ppl"], rt["ppl"])
+    assert "runtime kernels" in rt["simulated"]
+    if scheme == "W8A8C8":
+        assert rt["kv_tokens"] == 2 * 4 * 3 * 512 * 30 and rt["kv_patched"] > 0  # the INT8 cache with residuals ran
