@@ -28,7 +28,6 @@ written); the table gives the measured step time against that floor.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import platform

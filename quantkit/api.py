@@ -447,7 +447,6 @@ def bench(*, checkpoint=None, shape: str | None = None, scheme=None, layers: int
     run_rows(rt, qname, "quantized")
     if fallback:
         run_rows(rt, f"{qname} + monitor", "monitor", monitor=True)
-    rb.free(rt)
     del rt
     rb.free()
     if mixed_fraction > 0 and shape is not None:

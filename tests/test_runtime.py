@@ -14,7 +14,6 @@ from quantkit import api, runtime
 from quantkit.models.checkpoint import load_quantkit_checkpoint
 from quantkit.models.loading import LoadedModel
 from quantkit.recipe import PRESETS, ActQuantArgs, KVCacheArgs, QuantArgs, Recipe, Scheme, Stage
-from quantkit.runtime.linear import QuantLinear
 from quantkit.runtime.simulate import plan_simulation
 
 
@@ -156,8 +155,6 @@ def test_mixed_checkpoint_pins_fp16_and_releases_to_shadow(tmp_path, tiny_tokeni
     for n in FP16:
         rt.precision.release(layer=n)
     shadow_model, _, _ = load_quantkit_checkpoint(path)
-    from quantkit.quant.core import fake_quantize_activations
-
     for n in FP16:
         unit = rt.linears[n]
         start = sum(s for p, s in unit.parts[: [p for p, _ in unit.parts].index(n)])
@@ -170,7 +167,6 @@ def test_mixed_checkpoint_pins_fp16_and_releases_to_shadow(tmp_path, tiny_tokeni
         ref_rel = shadow_model(input_ids=IDS).logits
     y = rt.prefill([r.tolist() for r in IDS], all_logits=True)
     assert _rel(y, ref_rel) <= 1e-3 and _rel(y, ref) > 1e-3
-    assert fake_quantize_activations is not None
 
 
 def test_precision_switch_changes_one_sample_and_leaves_others_bit_identical(tmp_path, tiny_tokenizer):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_runtime import CALIB, FORMATS, IDS, _checkpoint, _reference_logits, _rel
+from test_runtime import CALIB, IDS, _checkpoint, _reference_logits, _rel
 from quantkit import runtime
 from quantkit.kernels import attention as A
 from quantkit.quant import kv as kvq

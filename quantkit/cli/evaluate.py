@@ -75,7 +75,6 @@ def eval_cmd(
     if fallback and not use_runtime:
         raise UsageError("--fallback needs --runtime (the monitor runs on the runtime)")
 
-    from quantkit import api
     from quantkit.api import EvalConfig
 
     cfg = EvalConfig(data=data, field=field, seqlen=seqlen, windows=windows or None, batch_size=batch_size)

@@ -114,7 +114,7 @@ def bench_transformers(model, name: str, *, batch: int, prompt_len: int, gen_len
                     extra={"device": str(dev), "note": "KV bytes computed for its dynamic cache at full length"})
 
 
-def free(*_objs) -> None:
+def free() -> None:
     """Return cached GPU memory between rows (callers drop their references first)."""
     gc.collect()
     if torch.cuda.is_available():

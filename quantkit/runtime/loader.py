@@ -214,7 +214,7 @@ def from_quantized(qmodel, *, device: str = "auto", dtype=None, kv_residual: boo
     return rt
 
 
-def from_float(model: nn.Module, *, device: str = "auto", dtype=None, tokenizer=None, kv=None, kv_static=None) -> RuntimeModel:
+def from_float(model: nn.Module, *, device: str = "auto", dtype=None, tokenizer=None) -> RuntimeModel:
     """The runtime's own float path for a transformers model (its BF16 baseline): the same engine,
     KV cache, decode kernel and CUDA graphs, with every decoder-block linear a dense QuantLinear
     (q/k/v and gate/up fused as in the quantized runs). Takes over `model`."""
@@ -227,7 +227,7 @@ def from_float(model: nn.Module, *, device: str = "auto", dtype=None, tokenizer=
         _set_module(model, name, QuantLinear.from_dense(name, lin.weight.detach(), lin.bias))
     _rebuild_buffers(model, dev)
     model.eval()
-    rt = RuntimeModel(model, device=dev, dtype=dt, kv=kv, kv_static=kv_static,
+    rt = RuntimeModel(model, device=dev, dtype=dt,
                       info={"path": None, "format": "float", "scheme": str(dt).replace("torch.", ""), "sensitive": []})
     rt.tokenizer = tokenizer
     return rt

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from quantkit.runtime.monitor import FallbackMonitor
 from quantkit.runtime.precision import PrecisionState
 
 
-class RuntimeError_(UsageError):
+class RequestError(UsageError):
     """A request the runtime cannot serve as asked (too long, empty prompt, ...)."""
 
 
@@ -67,7 +67,7 @@ class Block:
     sm_scale: float
 
 
-def _fuse_into(model: nn.Module, block: nn.Module, prefix: str, rels: list[str], name: str) -> QuantLinear:
+def _fuse_into(block: nn.Module, prefix: str, rels: list[str], name: str) -> QuantLinear | None:
     """Fuse the block's linears `rels` (same input) into one QuantLinear, leaving PartOf stand-ins."""
     mods = [block.get_submodule(r) for r in rels]
     if not all(isinstance(m, QuantLinear) for m in mods) or not can_fuse(mods):
@@ -99,7 +99,6 @@ class StepStats:
     tokens: int = 0
     fp16_tokens: int = 0
     windows_checked: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def fallback_rate(self) -> float:
@@ -122,7 +121,7 @@ class RuntimeModel:
         adapter = ModelAdapter.for_model(hf_model)
         lay = adapter.spec.layout
         if lay is None:
-            raise RuntimeError_(f"the runtime has no block layout for model type {cfg.model_type!r}")
+            raise RequestError(f"the runtime has no block layout for model type {cfg.model_type!r}")
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = head_dim_of(cfg)
@@ -134,10 +133,10 @@ class RuntimeModel:
         for i, blk in enumerate(adapter.blocks()):
             prefix = adapter.block_name(i)
             attn = blk.get_submodule(lay.attention)
-            qkv = _fuse_into(hf_model, blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
+            qkv = _fuse_into(blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
                 _Unfused([blk.get_submodule(r) for r in (lay.q, lay.k, lay.v)])
             mlp_parent = lay.gate.rsplit(".", 1)[0]
-            gate_up = _fuse_into(hf_model, blk, prefix, [lay.gate, lay.up], f"{mlp_parent}.gate_up_proj") or \
+            gate_up = _fuse_into(blk, prefix, [lay.gate, lay.up], f"{mlp_parent}.gate_up_proj") or \
                 _Unfused([blk.get_submodule(r) for r in (lay.gate, lay.up)])
             mlp = blk.get_submodule(mlp_parent)
 
@@ -191,7 +190,7 @@ class RuntimeModel:
         """The KV cache, precision state (and monitor buffers) for `batch` x `max_len`, reused when big enough."""
         limit = getattr(self.config, "max_position_embeddings", None)
         if limit and max_len > limit:
-            raise RuntimeError_(f"{max_len} positions exceed the model's max_position_embeddings {limit}; "
+            raise RequestError(f"{max_len} positions exceed the model's max_position_embeddings {limit}; "
                                 "shorten the prompt or --max-new-tokens")
         c = self._cache
         if c is None or c.batch < batch or c.max_len < max_len:
@@ -213,7 +212,7 @@ class RuntimeModel:
     def _rope_at(self, pos: torch.Tensor, x: torch.Tensor):
         """cos, sin (B, S, D) for positions pos (B, S), from tables built once per cache size."""
         if self.rotary is None:
-            raise RuntimeError_("the model has no rotary embedding module")
+            raise RequestError("the model has no rotary embedding module")
         rt = str(getattr(self.rotary, "rope_type", "default"))
         if "dynamic" in rt or "longrope" in rt:
             return self.rotary(x, pos)
@@ -358,10 +357,7 @@ class RuntimeModel:
         for b, s0 in enumerate(starts):
             n = max(0, min(count, lens[b] - s0))
             self.stats.tokens += n
-            if b in prec._samples:
-                self.stats.fp16_tokens += n
-            elif prec._groups:
-                self.stats.fp16_tokens += sum(1 for p in range(s0, s0 + n) if (b, p // TOKEN_GROUP) in prec._groups)
+            self.stats.fp16_tokens += prec.fp16_tokens(b, s0, n)
         mon = self.monitor
         if mon is None:
             return
@@ -387,7 +383,7 @@ class RuntimeModel:
         B = len(prompts)
         lens = [len(p) for p in prompts]
         if min(lens) < 1:
-            raise RuntimeError_("every prompt needs at least one token")
+            raise RequestError("every prompt needs at least one token")
         S = max(lens)
         self.ensure(B, S + extra)
         self.precision.reset_requests()
@@ -445,9 +441,9 @@ class RuntimeModel:
         on_token(sample, token_id) streams tokens as they are chosen. Returns {"tokens": per sample
         list of new token ids, "prefill_s", "decode_s", "decode_steps", "fallback": switches...}."""
         if max_new_tokens < 1:
-            raise RuntimeError_("--max-new-tokens must be at least 1")
+            raise RequestError("--max-new-tokens must be at least 1")
         if temperature < 0 or not (0 < top_p <= 1):
-            raise RuntimeError_("temperature must be >= 0 and top-p in (0, 1]")
+            raise RequestError("temperature must be >= 0 and top-p in (0, 1]")
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         B = len(prompts)
         gen = torch.Generator(device=self.device).manual_seed(seed)

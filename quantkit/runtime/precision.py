@@ -57,6 +57,14 @@ class PrecisionState:
     def fp16_samples(self) -> list[int]:
         return sorted(self._samples)
 
+    def fp16_tokens(self, sample: int, start: int, count: int) -> int:
+        """How many of sample's positions [start, start + count) run FP16 rows (host bookkeeping)."""
+        if sample in self._samples:
+            return count
+        if not self._groups:
+            return 0
+        return sum(1 for p in range(start, start + count) if (sample, p // TOKEN_GROUP) in self._groups)
+
     def row_bits(self, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B * S,) uint8 row bits for tokens at positions (B, S) (row b * S + s is sample b's token s)."""
         B, S = positions.shape
