@@ -28,6 +28,9 @@ __all__ = [
     "simulation",
     "scan",
     "EXPORT_FORMATS",
+    "calibration_for",
+    "eval_windows",
+    "needs_calibration",
 ]
 
 EXPORT_FORMATS = ("compressed-tensors", "awq", "gptq")
@@ -72,6 +75,31 @@ def check_recipe_fits(model, recipe: Recipe) -> None:
     build_methods(recipe)  # each method checks its own options
     layers = {k: v.in_features for k, v in quantizable_linears(model, recipe).items()}
     check_group_size(layers, recipe.scheme.weights)
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    """Whether running the recipe reads calibration text (a data-free RTN does not)."""
+    from quantkit.methods.base import build_methods
+    from quantkit.quant.simulate import needs_static_scales
+
+    scheme = recipe.scheme
+    return any(m.uses_data for m in build_methods(recipe)) or needs_static_scales(
+        scheme.input_activations, scheme.kv_cache)
+
+
+def calibration_for(loaded: LoadedModel, recipe: Recipe, calib: CalibConfig = CalibConfig()) -> CalibrationSet | None:
+    """The calibration set `quantize` would build (None when the recipe needs no data): build it
+    early to refuse too little text before any other work."""
+    if not needs_calibration(recipe):
+        return None
+    return calibration_set(
+        loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
+    )
+
+
+def eval_windows(tokenizer, cfg: EvalConfig = EvalConfig()):
+    """The held-out windows `evaluate` scores (LongTensor (n, seqlen))."""
+    return heldout_windows(tokenizer, cfg.seqlen, cfg.windows, spec=cfg.data, field=cfg.field)
 
 
 def quantize(

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.export.atomic import check_output_dir
+from quantkit.export.atomic import check_output_dir, source_paths
 from quantkit.export.common import (  # noqa: F401  (SAFE_* re-exported for callers)
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -344,7 +344,7 @@ def export_compressed_tensors(
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if kv_format not in KV_FORMATS:
         raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(KV_FORMATS)}")
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, protect=source_paths(qmodel.source))
     quantized, ignore = validate_modules(qmodel)
     scheme = qmodel.recipe.scheme
     acts, kv = scheme.input_activations, scheme.kv_cache
