@@ -322,3 +322,35 @@ def test_read_only_parent_is_refused_before_work(model_dir, tmp_path, monkeypatc
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"num_attention_heads": 10},
+     "config.json is refused by transformers: The hidden size (96) is not a multiple of the number of attention "
+     "heads (10); fix that field"),
+    ({"num_key_value_heads": 4}, "field num_key_value_heads=4 does not divide num_attention_heads=6"),
+    ({"hidden_act": "nope"}, "field hidden_act='nope' is not an activation transformers knows"),
+    ({"max_position_embeddings": "long"}, "field max_position_embeddings='long' is not a sensible positive size"),
+])
+def test_config_values_transformers_rejects(model_dir, tmp_path, monkeypatch, edit, match):
+    """Said with the field and the reason, before the model loads (not a validator's class name)."""
+    import quantkit.api
+
+    d = _copy_model(model_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(quantkit.api, "load", lambda *a, **k: pytest.fail("loaded before the config was checked"))
+    line = _expect_refusal(tmp_path, d, match)
+    assert "Error" not in line  # no exception class names
+    code, text = _run("plan", "--model", d)  # the memory plan reads the same config
+    assert code == 2 and match in _last_line(text)
+
+
+def test_weights_that_contradict_the_config(model_dir, tmp_path):
+    d = _copy_model(model_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 128  # the weights were saved with 160
+    (d / "config.json").write_text(json.dumps(cfg))
+    _expect_refusal(tmp_path, d, "do not match its config.json: model.layers.0.mlp.gate_proj.weight has shape "
+                                 "[160, 96], the config implies [128, 96]")

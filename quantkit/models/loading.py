@@ -279,7 +279,33 @@ def _read_config(path: Path, common: dict):
     except Exception as e:  # validators raise many types
         raise ModelLoadError(f"{path / 'config.json'} is refused by transformers: {_inner_message(e)}; fix that field") from e
     _validate_config(config)
+    if isinstance(raw, dict):
+        _check_shapes_match(path, raw)
     return config
+
+
+def _check_shapes_match(path: Path, cfg: dict[str, Any]) -> None:
+    """Weights whose shapes contradict config.json are named before any is read (from the headers)."""
+    from quantkit.export.compressed_tensors import read_safetensors_header
+
+    try:
+        from quantkit.plan import ModelShape
+
+        shape = ModelShape.from_config(cfg, where=str(path / "config.json"))
+    except UsageError:
+        return  # the config checks speak for it
+    want = {"model.embed_tokens.weight": [shape.vocab_size, shape.hidden_size]}
+    for rel, (o, i) in shape.block_linears().items():
+        want[f"model.layers.0.{rel}.weight"] = [o, i]
+    have: dict[str, Any] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        have.update({k: v["shape"] for k, v in read_safetensors_header(f).items() if k in want})
+    for key, shp in want.items():  # in model order: the first mismatch is the one named
+        if key in have and have[key] != shp:
+            raise ModelLoadError(
+                f"the weights in {short(str(path), 160)} do not match its config.json: {key} has shape "
+                f"{have[key]}, the config implies {shp}; fix config.json or re-download the model"
+            )
 
 
 def _from_pretrained(cls, path: Path, model: str, **kw):
