@@ -6,6 +6,8 @@ Everything here is silent; callers pass callbacks for progress. The CLI in
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +235,7 @@ def check_export_format(recipe: Recipe, format: str, model=None) -> None:
     quantization); with it, also the shapes of the linears the recipe quantizes.
     """
     if format not in EXPORT_FORMATS:
-        raise RecipeError(f"--format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
+        raise RecipeError(f"--format {short_repr(format)} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
     if format == "compressed-tensors":
         return
     s = recipe.scheme
@@ -270,9 +272,9 @@ def export(
     the INT8 per-channel scales are kept beside it), for schemes with a KV cache.
     """
     if format not in EXPORT_FORMATS:
-        raise RecipeError(f"--format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
+        raise RecipeError(f"--format {short_repr(format)} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
     if kv_format not in ("int8", "fp8"):
-        raise RecipeError(f"--kv-format {kv_format!r} is not supported; use int8 or fp8")
+        raise RecipeError(f"--kv-format {short_repr(kv_format)} is not supported; use int8 or fp8")
     if format == "awq":
         from quantkit.export.awq import export_awq
 

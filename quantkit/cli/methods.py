@@ -341,7 +341,11 @@ def run_command(
 ) -> dict:
     """A method command's run: the shared CLI options -> CalibConfig/EvalConfig -> run_recipe."""
     from quantkit.api import CalibConfig, EvalConfig
+    from quantkit.cli import validate as v
 
+    # Checked even without --eval: a value no run could use is a typo worth hearing about now.
+    v.check_windows("--windows", windows)
+    v.check_seqlen("--eval-seqlen", eval_seqlen)
     return run_recipe(
         recipe,
         calib=CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),

@@ -82,7 +82,7 @@ def max_positions(config: dict[str, Any] | None) -> int | None:
 def check_seqlen(flag: str, value: int, config: dict[str, Any] | None = None) -> None:
     """At least 2 tokens (one prediction) and no more than the model's max_position_embeddings."""
     limit = max_positions(config)
-    note = f" (the model's max_position_embeddings)" if limit is not None else ""
+    note = " (the model's max_position_embeddings)" if limit is not None else ""
     check_int(flag, value, min=2, max=limit, note=note)
 
 
