@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.errors import short
+from quantkit.errors import short, short_repr
 from quantkit.export.atomic import check_output_dir, source_paths
 from quantkit.export.common import (  # noqa: F401  (SAFE_* re-exported for callers)
     SAFE_WEIGHTS_INDEX_NAME,
@@ -114,7 +114,7 @@ def ct_kv_args(kv, kv_format: str = "int8") -> dict[str, Any]:
     static cache, the only KV cache vLLM loads.
     """
     if kv_format not in KV_FORMATS:
-        raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(KV_FORMATS)}")
+        raise ValueError(f"kv_format {short_repr(kv_format)} is not one of {', '.join(KV_FORMATS)}")
     if kv_format == "fp8":
         return {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor", "dynamic": False}
     dynamic = kv.dynamic
@@ -344,7 +344,7 @@ def export_compressed_tensors(
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if kv_format not in KV_FORMATS:
-        raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(KV_FORMATS)}")
+        raise ValueError(f"kv_format {short_repr(kv_format)} is not one of {', '.join(KV_FORMATS)}")
     check_output_dir(out, overwrite, protect=source_paths(qmodel.source))
     quantized, ignore = validate_modules(qmodel)
     scheme = qmodel.recipe.scheme
@@ -500,7 +500,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             and 0 <= info["data_offsets"][0] <= info["data_offsets"][1] <= data_len
         )
         if not ok:
-            raise bad(f"entry {name!r} is malformed or points outside the file")
+            raise bad(f"entry {short_repr(name)} is malformed or points outside the file")
         bits = SAFETENSORS_DTYPE_BITS.get(info["dtype"])
         if bits is None:
             raise bad(f"entry {name!r} has unknown dtype {short(info['dtype'], 20)!r}")
@@ -516,7 +516,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     for begin, end, name in sorted(spans):
         if begin != pos:
             why = "overlaps the tensor before it" if begin < pos else f"leaves a gap of {begin - pos} bytes before it"
-            raise bad(f"entry {name!r} at bytes {begin}..{end} {why}")
+            raise bad(f"entry {short_repr(name)} at bytes {begin}..{end} {why}")
         pos = end
     if pos != data_len:
         raise bad(f"{data_len - pos} bytes after the last tensor are not covered by the header")

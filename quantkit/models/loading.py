@@ -55,7 +55,7 @@ def resolve_dtype(dtype: str, device: str):
     import torch
 
     if dtype not in _DTYPES:
-        raise ModelLoadError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        raise ModelLoadError(f"--dtype {short_repr(dtype)} is not one of {', '.join(_DTYPES)}")
     if dtype == "auto":
         # bf16 matmuls on CPU are slow on many machines; float32 is the safe CPU default.
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -70,7 +70,7 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
     if not (device == "cpu" or device.startswith("cuda")):
-        raise ModelLoadError(f"--device {device!r} is not one of cpu, cuda, cuda:N, auto")
+        raise ModelLoadError(f"--device {short_repr(device)} is not one of cpu, cuda, cuda:N, auto")
     return device
 
 
