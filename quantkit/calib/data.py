@@ -82,7 +82,15 @@ def _hf_texts(spec: str, field: str, default_split: str) -> list[str]:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # datasets raises many types for "not found / offline"
-        raise CalibDataError(f"could not load dataset {short_repr(spec)}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        from quantkit.models.hub import offline
+
+        if offline():
+            raise CalibDataError(
+                f"dataset {short_repr(spec, 120)} is not in the datasets cache and HF_HUB_OFFLINE is set; unset it "
+                "to download, or pass a .txt/.jsonl file or builtin"
+            ) from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CalibDataError(f"could not load dataset {short_repr(spec, 120)}: {short(first, 200)}") from e
     if field not in ds.column_names:
         raise CalibDataError(f"dataset {short_repr(spec)} has no column {short_repr(field)} (has {', '.join(ds.column_names)})")
     return [t for t in ds[field] if isinstance(t, str) and t.strip()]

@@ -157,7 +157,12 @@ def check_text_source(flag: str, spec: str | None) -> None:
     builtin and hf: sources are checked where they are read. A directory, a device or a pipe
     is named as such (not "does not exist"); content (binary, UTF-8, empty) is checked on read.
     """
-    if spec is None or spec == "builtin" or spec.startswith("hf:"):
+    if spec is None or spec == "builtin":
+        return
+    if spec.startswith("hf:"):
+        from quantkit.models.hub import check_dataset_reachable
+
+        check_dataset_reachable(spec)  # a dead network is one line now, not after loading the model
         return
     p = Path(spec).expanduser()
     try:
