@@ -354,3 +354,37 @@ def test_weights_that_contradict_the_config(model_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     _expect_refusal(tmp_path, d, "do not match its config.json: model.layers.0.mlp.gate_proj.weight has shape "
                                  "[160, 96], the config implies [128, 96]")
+
+
+# ----------------------------------------------------------------------------- a checkpoint without quantkit.json
+
+
+def test_checkpoint_without_manifest_is_named_not_misread(ckpt, tmp_path, monkeypatch):
+    """Not loaded through transformers as if it were float, nor failing deep inside it: one line saying
+    what it is and how quantkit reads what it reads."""
+    import quantkit.api
+
+    d = tmp_path / "noman"
+    shutil.copytree(ckpt, d)
+    (d / "quantkit.json").unlink()
+    said = (f"{d} is not a quantkit checkpoint (no quantkit.json), and its config.json says it is already "
+            "quantized (compressed-tensors); quantkit reads float models and its own checkpoints")
+    monkeypatch.setattr(quantkit.api, "load", lambda *a, **k: pytest.fail("loaded"))
+    for args in (("rtn", "--model", d, "--out", tmp_path / "o", "-g", "32"), ("plan", "--model", d),
+                 ("scan", "--model", d, "--out", tmp_path / "s.json", "--samples", "2", "--seqlen", "32")):
+        code, text = _run(*args)
+        assert code == 2 and said in _last_line(text), text
+        assert "loading" not in text  # refused before the "loading ..." line, not after it
+    monkeypatch.undo()
+    code, text = _run("eval", "--model", d, "--seqlen", "32", "--windows", "1")  # through load_model
+    assert code == 2 and said in _last_line(text), text
+    code, text = _run("inspect", d, "--verify")
+    assert code == 2 and "is not a quantkit checkpoint (no quantkit.json), so its files cannot be verified" \
+        in _last_line(text)
+    code, text = _run("inspect", d)  # the summary still reads, and says what it is not
+    assert code == 0 and "not a quantkit checkpoint (no quantkit.json)" in text
+
+
+def test_float_model_dir_says_how_it_is_read(model_dir, tmp_path):
+    code, text = _run("rtn", "--model", model_dir, "--out", tmp_path / "o", "-g", "32")
+    assert code == 0 and "(no quantkit.json: read as a float transformers model)" in text, text

@@ -205,6 +205,9 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
         done = _already_complete(recipe, model, out, partial)
         if done is not None:
             return done
+    from quantkit.models.loading import check_source
+
+    check_source(model)
     check_output_dir(out, overwrite, protect=_model_paths(model))
     check_partial_dir(partial)
     v.check_output_file("--json", json_out, not_inside=(out, partial))

@@ -66,6 +66,9 @@ def plan_cmd(
     else:
         rec = Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)), (Stage(method),))
     calib = CalibConfig(samples=samples, seqlen=seqlen, batch_size=batch_size)
+    from quantkit.models.loading import check_source
+
+    check_source(model)
     cfg = model_config(model)
     from quantkit.api import needs_calibration
 

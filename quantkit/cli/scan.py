@@ -110,6 +110,9 @@ def scan(
             import matplotlib  # noqa: F401
         except ImportError:
             raise RecipeError("--report needs matplotlib: pip install 'quantkit[report]'") from None
+    from quantkit.models.loading import check_source
+
+    check_source(model)
     cfg = chk.model_config_of(model)  # the config alone: refuses a broken one, and bounds --seqlen
     chk.check_seqlen("--seqlen", seqlen, cfg)
     if target_fraction is not None or measure_ppl:

@@ -196,6 +196,15 @@ def _check_not_foreign_quantized(path: Path) -> None:
     )
 
 
+def check_source(model: str | None) -> None:
+    """Refuse, reading only config.json, a dir that would be read the wrong way (see
+    _check_not_foreign_quantized). Commands call it before the memory plan and the load."""
+    if model and not model.endswith(".gguf") and os.path.isdir(model):
+        p = Path(model)
+        if not (p / "quantkit.json").is_file():
+            _check_not_foreign_quantized(p)
+
+
 def describe_source(model: str | None) -> str:
     """How `model` will be read, for the CLI's "loading ..." line (no file is read but a few bytes)."""
     if model is None or model == "default":
