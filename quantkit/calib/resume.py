@@ -333,6 +333,8 @@ class Checkpointer:
         entry = self.blocks[index]
         f = self.path / entry["file"]
         mf = f.with_suffix(".json")
+        if not (f.is_file() and mf.is_file()):  # missing, or a pipe/device that must not be read
+            raise ResumeError(f"{f.name} in {self.path} is missing or not a regular file; delete {self.path} to start over")
         try:
             data = f.read_bytes()
             meta = json.loads(mf.read_text(encoding="utf-8"))

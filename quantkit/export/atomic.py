@@ -54,6 +54,8 @@ def _not_ours(out: Path) -> str | None:
 
     from quantkit.export.manifest import MANIFEST_HASH_NAME, MANIFEST_NAME
 
+    if not (out / MANIFEST_NAME).is_file():  # absent, or a pipe/device that must not be read
+        return f"it has no {MANIFEST_NAME}"
     try:
         m = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -463,7 +463,12 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                                       "re-export or re-download it")
 
     try:
-        size = path.stat().st_size
+        import stat as stat_mod
+
+        st = path.stat()
+        if not stat_mod.S_ISREG(st.st_mode):  # a pipe would block the read forever
+            raise bad("not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
