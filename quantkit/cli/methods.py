@@ -209,7 +209,7 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
 
     check_source(model)
     check_output_dir(out, overwrite, protect=_model_paths(model))
-    check_partial_dir(partial)
+    check_partial_dir(out.with_name(out.name + ".partial"))  # the same dir, named as the user wrote --out
     v.check_output_file("--json", json_out, not_inside=(out, partial))
     cfg = _memory_plan(recipe, model, calib, device, dtype, skip_memory_check)  # from the config: before loading
     if api.needs_calibration(recipe):  # a data-free run (RTN) never reads --seqlen tokens
