@@ -481,6 +481,12 @@ def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
     """
 
     p = Path(path)
+    try:
+        p.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # a name too long, a loop of links...
+        raise RecipeError(f"recipe {short(str(p), 160)} is not a usable path ({(e.strerror or str(e)).lower()})") from None
     if p.is_dir():
         if not (p / "quantkit.json").is_file():
             raise RecipeError(f"{p} is a directory without quantkit.json; pass a recipe .yaml or a quantkit checkpoint dir")

@@ -224,3 +224,18 @@ def test_eval_option_checks(model_dir, tmp_path, kw, said):
     with pytest.raises(validate.OptionError) as ei:
         validate.check_eval_options(**args)
     assert said in str(ei.value)
+
+
+@pytest.mark.parametrize("args", [
+    ("plan", "--method", "{x}"), ("rtn", "--model", "{m}", "--out", "{o}", "--format", "{x}"),
+    ("rtn", "--model", "{m}", "--out", "{o}", "--device", "{x}"), ("rtn", "--model", "{x}", "--out", "{o}"),
+    ("spinquant", "--model", "{m}", "--out", "{o}", "--scheme", "{x}"), ("rtn", "--model", "{m}", "--out", "{x}"),
+    ("rtn", "--model", "{m}", "--out", "{o}", "--json", "{x}"), ("quantize", "--recipe", "{x}", "--out", "{o}"),
+    ("rtn", "--model", "{m}", "--out", "{o}", "--sensitive", "{x}"), ("scan", "--model", "{m}", "--out", "{x}"),
+    ("awq", "--model", "{m}", "--out", "{o}", "-g", "32", "--calib", "{x}"),
+], ids=lambda a: " ".join(a[:1] + a[-2:-1]))
+def test_huge_values_are_never_echoed_whole(model_dir, tmp_path, no_load, args):
+    x = "z" * 100_000  # also far past the longest file name: the path checks must not trip on it
+    code, text = run_cli(*[a.format(x=x, m=model_dir, o=tmp_path / "o") for a in args])
+    line = _one_line(code, text, "error: ")
+    assert "…" in line and "Error:" not in line

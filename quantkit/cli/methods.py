@@ -195,7 +195,7 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
         v.check_windows("--windows", eval_cfg.windows or 0)
         v.check_seqlen("--eval-seqlen", eval_cfg.seqlen)
     v.check_text_source("--calib", calib.data)
-    if sensitive is not None and not Path(sensitive).is_file():
+    if sensitive is not None and not _is_file(sensitive):
         raise v.OptionError(f"--sensitive {short(str(sensitive), 160)} is not a file; pass the sensitive_layers.json "
                             "that `quantkit scan` wrote")
     for line in recover_stale(out):  # what a killed run left beside --out
@@ -220,6 +220,13 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
         if "train_seqlen" in st.options:
             v.check_seqlen("--train-seqlen", st.options["train_seqlen"], cfg)
     return None
+
+
+def _is_file(path) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long, a loop of links
+        return False
 
 
 def _model_paths(model: str | None) -> tuple[Path, ...]:

@@ -62,6 +62,17 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get(DEBUG_ENV):
                 raise
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=1)
+        except OSError as e:
+            import errno
+
+            if os.environ.get(DEBUG_ENV):
+                raise
+            if e.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):  # a path given wrong
+                from quantkit.errors import short
+
+                fail(f"{short(str(e.filename or ''), 160)}: {(e.strerror or str(e)).lower()}; pass a usable path", code=2)
+            fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (run with --debug for the traceback)",
+                 code=1)
         except KeyboardInterrupt as e:
             from rich.markup import escape
 

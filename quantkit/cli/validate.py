@@ -107,6 +107,13 @@ def check_output_file(flag: str, path: Path | None, *, not_inside: Iterable[Path
     """
     if path is None:
         return
+    try:
+        _check_output_file(flag, path, not_inside)
+    except OSError as e:  # a name too long, a loop of links...
+        raise OptionError(f"{flag} {short(str(path), 160)} is not a usable path ({(e.strerror or str(e)).lower()})") from None
+
+
+def _check_output_file(flag: str, path: Path, not_inside: Iterable[Path]) -> None:
     p = Path(path)
     if str(path) in ("", "."):
         raise OptionError(f"{flag} needs a file name, got {short(str(path), 40)!r}")
@@ -128,6 +135,13 @@ def check_output_tree(flag: str, path: Path | None) -> None:
     """A directory the command creates or adds files to (e.g. scan --report)."""
     if path is None:
         return
+    try:
+        _check_output_tree(flag, path)
+    except OSError as e:
+        raise OptionError(f"{flag} {short(str(path), 160)} is not a usable path ({(e.strerror or str(e)).lower()})") from None
+
+
+def _check_output_tree(flag: str, path: Path) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OptionError(f"{flag} {short(str(p), 160)} exists and is not a directory; pass a directory path")
@@ -199,7 +213,10 @@ def check_eval_options(*, seqlen: int, windows: int, batch_size: int, json_out: 
     check_output_file("--json", json_out)
     check_text_source("--data", data)
     check_seqlen("--seqlen", seqlen)
+    from quantkit.models.loading import check_source
+
     for m in models:
+        check_source(m)  # a quantized dir without quantkit.json is named before any load
         check_seqlen("--seqlen", seqlen, model_config_of(m))
 
 

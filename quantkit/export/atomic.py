@@ -86,6 +86,15 @@ def check_output_dir(out: Path, overwrite: bool, *, protect: tuple[Path, ...] | 
     ExportError if the nearest existing parent is not writable.
     The CLI calls this before loading the model so the refusal costs nothing.
     """
+    try:
+        _check_output_dir(out, overwrite, protect)
+    except OSError as e:  # a name too long, a loop of links...: not a path we can write
+        raise OutputExistsError(
+            f"--out {_short(out)} is not a usable path ({(e.strerror or str(e)).lower()}); choose another output path"
+        ) from None
+
+
+def _check_output_dir(out: Path, overwrite: bool, protect) -> None:
     given = str(out)
     out = Path(out)
     target = out.resolve()
