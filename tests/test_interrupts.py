@@ -170,3 +170,23 @@ def test_real_ctrl_c_during_export_tells_the_truth(model_dir, clean, tmp_path, m
     assert code == 0 and "already complete" in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert _files(tmp_path / "out") == _files(clean)
+
+
+def test_scan_interrupt_says_which_files_it_wrote(model_dir, tmp_path, monkeypatch):
+    import quantkit.api
+    import quantkit.sensitivity.report as report
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "s.json"
+    args = ("scan", "--model", model_dir, "--out", out, "--samples", "2", "--seqlen", "32", "--bins", "8")
+    with monkeypatch.context() as mp:
+        mp.setattr(quantkit.api, "scan", ctrl_c)  # during the scan: nothing on disk yet
+        code, text = run_cli(*args)
+    assert code == 130 and text.strip().splitlines()[-1] == "interrupted; nothing was written", text
+    with monkeypatch.context() as mp:
+        mp.setattr(report, "scan_table", ctrl_c)  # right after the two files were saved
+        code, text = run_cli(*args)
+    assert code == 130 and text.strip().splitlines()[-1] == (
+        f"interrupted; wrote {out}, {tmp_path / 's.hist.safetensors'}; the rest was not written"), text

@@ -120,40 +120,60 @@ def scan(
     from quantkit.models.loading import describe_source
 
     status(f"loading {describe_source(model)} ...")
-    loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    with progress_bar("scanning") as on_block:
-        rep = api.scan(
-            loaded,
-            sch,
-            api.CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
-            device=device,
-            thresholds=Thresholds(kl, r, energy),
-            target_fraction=target_fraction,
-            measure_ppl=measure_ppl,
-            eval_cfg=api.EvalConfig(seqlen=eval_seqlen, windows=windows or None),
-            bins=bins,
-            stat_tokens=stat_tokens or None,
-            shortlist=shortlist,
-            fisher_windows=fisher_windows,
-            on_block=on_block,
-            on_step=status,
-        )
-    path = save_sensitive_layers(rep, out)
-    console.print(scan_table(rep))
-    from rich.table import Table
-
-    t = Table(show_header=False)
-    for k, v in summary_rows(rep):
-        t.add_row(k, v)
-    t.add_row("written", f"{path} (+ {hist_path_for(path).name})")
+    outputs = [out, hist_path_for(out)]
     if report is not None:
-        report.mkdir(parents=True, exist_ok=True)
-        png = plot_report(rep, report / "sensitivity.png")
-        for p in (path, hist_path_for(path)):
-            if p.resolve() != (report / p.name).resolve():
-                shutil.copy2(p, report / p.name)
-        t.add_row("report", f"{png} + {path.name}")
-    console.print(t)
+        outputs += [report / "sensitivity.png", report / out.name, report / hist_path_for(out).name]
+    before = {p: _stamp(p) for p in outputs}
+    try:
+        loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        with progress_bar("scanning") as on_block:
+            rep = api.scan(
+                loaded,
+                sch,
+                api.CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
+                device=device,
+                thresholds=Thresholds(kl, r, energy),
+                target_fraction=target_fraction,
+                measure_ppl=measure_ppl,
+                eval_cfg=api.EvalConfig(seqlen=eval_seqlen, windows=windows or None),
+                bins=bins,
+                stat_tokens=stat_tokens or None,
+                shortlist=shortlist,
+                fisher_windows=fisher_windows,
+                on_block=on_block,
+                on_step=status,
+            )
+        path = save_sensitive_layers(rep, out)
+        console.print(scan_table(rep))
+        from rich.table import Table
+
+        t = Table(show_header=False)
+        for k, v in summary_rows(rep):
+            t.add_row(k, v)
+        t.add_row("written", f"{path} (+ {hist_path_for(path).name})")
+        if report is not None:
+            report.mkdir(parents=True, exist_ok=True)
+            png = plot_report(rep, report / "sensitivity.png")
+            for p in (path, hist_path_for(path)):
+                if p.resolve() != (report / p.name).resolve():
+                    shutil.copy2(p, report / p.name)
+            t.add_row("report", f"{png} + {path.name}")
+        console.print(t)
+    except KeyboardInterrupt:
+        from quantkit.interrupts import Interrupted
+
+        # Each file is written whole (temp + rename): say which ones this run wrote before the Ctrl-C.
+        done = [str(p) for p in outputs if _stamp(p) is not None and _stamp(p) != before[p]]
+        raise Interrupted(f"wrote {', '.join(done)}; the rest was not written" if done else "nothing was written") \
+            from None
+
+
+def _stamp(p: Path):
+    try:
+        st = p.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        return None
 
 
 def register(app: typer.Typer) -> None:
