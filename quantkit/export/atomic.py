@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from quantkit.errors import OperationError, UsageError
+from quantkit.errors import OperationError, UsageError, short
 
 
 class OutputExistsError(UsageError):
@@ -30,8 +30,6 @@ _TAGS = ("tmp", "old")  # .OUT.tmp-PID-xxxx: the checkpoint being written; .OUT.
 
 
 def _short(path: Path | str, limit: int = 160) -> str:
-    from quantkit.errors import short
-
     return short(str(path), limit)
 
 
