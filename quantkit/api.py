@@ -6,6 +6,8 @@ Everything here is silent; callers pass callbacks for progress. The CLI in
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,9 @@ __all__ = [
     "simulation",
     "scan",
     "EXPORT_FORMATS",
+    "calibration_for",
+    "eval_windows",
+    "needs_calibration",
 ]
 
 EXPORT_FORMATS = ("compressed-tensors", "awq", "gptq")
@@ -72,6 +77,31 @@ def check_recipe_fits(model, recipe: Recipe) -> None:
     build_methods(recipe)  # each method checks its own options
     layers = {k: v.in_features for k, v in quantizable_linears(model, recipe).items()}
     check_group_size(layers, recipe.scheme.weights)
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    """Whether running the recipe reads calibration text (a data-free RTN does not)."""
+    from quantkit.methods.base import build_methods
+    from quantkit.quant.simulate import needs_static_scales
+
+    scheme = recipe.scheme
+    return any(m.uses_data for m in build_methods(recipe)) or needs_static_scales(
+        scheme.input_activations, scheme.kv_cache)
+
+
+def calibration_for(loaded: LoadedModel, recipe: Recipe, calib: CalibConfig = CalibConfig()) -> CalibrationSet | None:
+    """The calibration set `quantize` would build (None when the recipe needs no data): build it
+    early to refuse too little text before any other work."""
+    if not needs_calibration(recipe):
+        return None
+    return calibration_set(
+        loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
+    )
+
+
+def eval_windows(tokenizer, cfg: EvalConfig = EvalConfig()):
+    """The held-out windows `evaluate` scores (LongTensor (n, seqlen))."""
+    return heldout_windows(tokenizer, cfg.seqlen, cfg.windows, spec=cfg.data, field=cfg.field)
 
 
 def quantize(
@@ -206,7 +236,7 @@ def check_export_format(recipe: Recipe, format: str, model=None) -> None:
     quantization); with it, also the shapes of the linears the recipe quantizes.
     """
     if format not in EXPORT_FORMATS:
-        raise RecipeError(f"--format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
+        raise RecipeError(f"--format {short_repr(format)} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
     if format == "compressed-tensors":
         return
     s = recipe.scheme
@@ -243,9 +273,9 @@ def export(
     the INT8 per-channel scales are kept beside it), for schemes with a KV cache.
     """
     if format not in EXPORT_FORMATS:
-        raise RecipeError(f"--format {format!r} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
+        raise RecipeError(f"--format {short_repr(format)} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
     if kv_format not in ("int8", "fp8"):
-        raise RecipeError(f"--kv-format {kv_format!r} is not supported; use int8 or fp8")
+        raise RecipeError(f"--kv-format {short_repr(kv_format)} is not supported; use int8 or fp8")
     if format == "awq":
         from quantkit.export.awq import export_awq
 

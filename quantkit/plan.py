@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError
+from quantkit.errors import UsageError, short, short_repr
 from quantkit.models.loading import ModelLoadError
 
 GiB = 1024**3
@@ -78,15 +78,24 @@ class ModelShape:
             if v is None:
                 raise ModelLoadError(f"{where} has no {key}; it is not a decoder-only transformers config")
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > _LIMIT:
-                raise ModelLoadError(f"{where} field {key}={v!r} is not a sensible positive size")
+                raise ModelLoadError(f"{where} field {key}={short_repr(v, 40)} is not a sensible positive size")
             vals[key] = v
         for key, default in (("num_key_value_heads", vals["num_attention_heads"]),
                              ("head_dim", vals["hidden_size"] // vals["num_attention_heads"])):
             v = cfg.get(key)
             v = default if v is None else v
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v > _LIMIT:
-                raise ModelLoadError(f"{where} field {key}={v!r} is not a sensible positive size")
+                raise ModelLoadError(f"{where} field {key}={short_repr(v, 40)} is not a sensible positive size")
             vals[key] = v
+        if vals["num_attention_heads"] % vals["num_key_value_heads"]:
+            raise ModelLoadError(
+                f"{where} field num_key_value_heads={vals['num_key_value_heads']} does not divide "
+                f"num_attention_heads={vals['num_attention_heads']} (each key/value head serves a whole group of "
+                "query heads); fix config.json"
+            )
+        mp = cfg.get("max_position_embeddings")
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp <= 0):
+            raise ModelLoadError(f"{where} field max_position_embeddings={short_repr(mp, 40)} is not a sensible positive size")
         dt = cfg.get("dtype") or cfg.get("torch_dtype")
         return cls(**vals, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                    attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
@@ -541,6 +550,9 @@ def _gguf_config(path: Path) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in names,
         "dtype": "float32",  # quantkit dequantizes GGUF weights to a float32 cache
     }
+    ctx = kv.get(f"{arch}.context_length")
+    if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0:
+        cfg["max_position_embeddings"] = ctx
     kd = kv.get(f"{arch}.attention.key_length")
     if isinstance(kd, int):
         cfg["head_dim"] = kd
@@ -548,7 +560,7 @@ def _gguf_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def model_config(model: str | None) -> dict[str, Any]:
+def model_config(model: str | None, *, check_transformers: bool = True) -> dict[str, Any]:
     """The config dict of a model source (None = embedded default) without loading weights.
 
     Dirs and quantkit checkpoints: config.json; .gguf: its metadata; hub ids: only
@@ -566,25 +578,28 @@ def model_config(model: str | None) -> dict[str, Any]:
     if os.path.isdir(model):
         path = Path(model) / "config.json"
         if not path.is_file():
-            raise ModelLoadError(f"{model} has no config.json; pass a transformers model directory, a .gguf or a hub id")
+            raise ModelLoadError(
+                f"{short(model, 160)} has no config.json; pass a transformers model directory, a .gguf or a hub id"
+            )
     elif os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelLoadError(f"model path {model} does not exist or is not a directory / .gguf file")
+        raise ModelLoadError(f"model path {short(model, 160)} does not exist or is not a directory / .gguf file")
     else:
-        try:
-            from huggingface_hub import hf_hub_download
+        from quantkit.models import hub
 
-            path = Path(hf_hub_download(model, "config.json"))
-        except Exception as e:  # the hub client raises many types; all mean "not reachable here"
-            raise ModelLoadError(f"could not fetch config.json of {model!r} from the hub ({type(e).__name__})") from e
+        path = hub.file(model, "config.json")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({type(e).__name__}); fix or re-download it") from e
     if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
         cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path} is not a JSON object; fix or re-download it")
     ModelShape.from_config(cfg, where=str(path))  # refuse absurd fields here, before any loading
+    if check_transformers:
+        from quantkit.models.loading import check_config_dict
+
+        check_config_dict(cfg, str(path))  # what transformers would refuse, said before loading
     return cfg
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError
+from quantkit.errors import UsageError, short, short_repr
 
 RECIPE_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -44,7 +44,7 @@ class QuantArgs:
         if self.bits not in SUPPORTED_BITS:
             raise RecipeError(f"bits={self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
-            raise RecipeError(f"group_size={self.group_size!r} must be a positive integer (or omitted for per-channel)")
+            raise RecipeError(f"group_size={short_repr(self.group_size)} must be a positive integer (or omitted for per-channel)")
 
     @property
     def strategy(self) -> str:
@@ -92,7 +92,7 @@ class ActQuantArgs:
         if self.bits not in (4, 8):
             raise RecipeError(f"activation bits={self.bits} is not supported; use 4 or 8")
         if self.strategy not in ACT_STRATEGIES:
-            raise RecipeError(f"activation strategy {self.strategy!r} is not supported; use one of {', '.join(ACT_STRATEGIES)}")
+            raise RecipeError(f"activation strategy {short_repr(self.strategy)} is not supported; use one of {', '.join(ACT_STRATEGIES)}")
         if self.strategy == "token" and not self.dynamic:
             raise RecipeError("per-token activation scales are computed at run time: use dynamic=true (or strategy tensor)")
 
@@ -133,13 +133,13 @@ class KVCacheArgs:
         if self.bits not in (4, 8):
             raise RecipeError(f"kv_cache bits={self.bits} is not supported; use 4 or 8")
         if self.strategy not in KV_STRATEGIES:
-            raise RecipeError(f"kv_cache strategy {self.strategy!r} is not supported; use one of {', '.join(KV_STRATEGIES)}")
+            raise RecipeError(f"kv_cache strategy {short_repr(self.strategy)} is not supported; use one of {', '.join(KV_STRATEGIES)}")
         if self.strategy == "token" and not self.dynamic:
             raise RecipeError("per-token KV scales are computed at run time: use dynamic=true")
         if self.residual_bits not in (None, 4, 8):
             raise RecipeError(f"kv_cache residual_bits={self.residual_bits} is not supported; use 4, 8 or omit it")
-        if not self.residual_tau > 0:
-            raise RecipeError(f"kv_cache residual_tau={self.residual_tau} must be > 0")
+        if not (self.residual_tau > 0 and self.residual_tau != float("inf")):
+            raise RecipeError(f"kv_cache residual_tau={self.residual_tau} must be a finite number > 0")
 
     @property
     def qmax(self) -> int:
@@ -280,15 +280,15 @@ def _check_type(where: str, v: Any, kind: str, optional: bool = False) -> None:
     }[kind]
     if not ok:
         want = {"int": "an integer", "bool": "true or false", "str": "a string", "float": "a number"}[kind]
-        raise RecipeError(f"{where} must be {want}{' (or omitted)' if optional else ''}, got {v!r}")
+        raise RecipeError(f"{where} must be {want}{' (or omitted)' if optional else ''}, got {short_repr(v)}")
 
 
 def _check_keys(where: str, d: Any, allowed: tuple[str, ...]) -> None:
     if not isinstance(d, dict):
-        raise RecipeError(f"{where} must be a mapping, got {_type_name(d)} {d!r}")
+        raise RecipeError(f"{where} must be a mapping, got {_type_name(d)} {short_repr(d)}")
     unknown = [k for k in d if k not in allowed]
     if unknown:
-        raise RecipeError(f"{where} has unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        raise RecipeError(f"{where} has unknown key {short_repr(unknown[0])}; allowed: {', '.join(allowed)}")
 
 
 def _args_from(where: str, cls: type, d: Any, types: dict[str, tuple[str, bool]]):
@@ -312,17 +312,17 @@ def _weights_from(d: Any) -> QuantArgs:
     args = _args_from(where, QuantArgs, d, types)
     if strategy is not None:
         if strategy not in _WEIGHT_STRATEGIES:
-            raise RecipeError(f"{where}.strategy {strategy!r} is unknown; allowed: {', '.join(_WEIGHT_STRATEGIES)}")
+            raise RecipeError(f"{where}.strategy {short_repr(strategy)} is unknown; allowed: {', '.join(_WEIGHT_STRATEGIES)}")
         if strategy != args.strategy:
             fix = "set group_size" if strategy == "group" else "remove group_size"
-            raise RecipeError(f"{where}.strategy {strategy!r} contradicts group_size={args.group_size}; {fix}")
+            raise RecipeError(f"{where}.strategy {short_repr(strategy)} contradicts group_size={args.group_size}; {fix}")
     return args
 
 
 def _scheme_from(v: Any) -> Scheme:
     if isinstance(v, str):
         if v not in PRESETS:
-            raise RecipeError(f"scheme {v!r} is not a preset; presets: {', '.join(PRESETS)} (or give a mapping)")
+            raise RecipeError(f"scheme {short_repr(v)} is not a preset; presets: {', '.join(PRESETS)} (or give a mapping)")
         return PRESETS[v]
     _check_keys("scheme", v, _SCHEME_KEYS)
     if "weights" not in v:
@@ -353,7 +353,7 @@ def _stages_from(v: Any) -> tuple[Stage, ...]:
         if isinstance(s, str):  # `- rtn` is shorthand for `- method: rtn`
             s = {"method": s}
         if not isinstance(s, dict):
-            raise RecipeError(f"stages[{i}] must be a mapping like {{method: gptq, damp: 0.01}}, got {s!r}")
+            raise RecipeError(f"stages[{i}] must be a mapping like {{method: gptq, damp: 0.01}}, got {short_repr(s)}")
         if "method" not in s:
             raise RecipeError(f"stages[{i}] has no 'method' key; e.g. '- method: rtn'")
         _check_type(f"stages[{i}].method", s["method"], "str")
@@ -384,7 +384,7 @@ def recipe_from_dict(d: Any) -> Recipe:
     if ignore is None:
         ignore = []
     if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
-        raise RecipeError(f"ignore must be a list of module names or 're:' patterns, got {ignore!r}")
+        raise RecipeError(f"ignore must be a list of module names or 're:' patterns, got {short_repr(ignore)}")
     return Recipe(scheme=_scheme_from(d["scheme"]), stages=_stages_from(d["stages"]), ignore=tuple(ignore), version=version)
 
 
@@ -395,7 +395,7 @@ def check_methods(recipe: Recipe) -> None:
     names = available_methods()
     for i, st in enumerate(recipe.stages):
         if st.method not in names:
-            raise RecipeError(f"stages[{i}].method {st.method!r} is unknown; available: {', '.join(names)}")
+            raise RecipeError(f"stages[{i}].method {short_repr(st.method)} is unknown; available: {', '.join(names)}")
         try:
             get_method(st.method)(recipe.scheme, **st.options)
         except RecipeError as e:
@@ -404,25 +404,72 @@ def check_methods(recipe: Recipe) -> None:
             raise RecipeError(f"stages[{i}] ({st.method}): bad option value: {e}") from None
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes
+MAX_MANIFEST_BYTES = 256 << 20  # a quantkit.json lists every module of a checkpoint (JSON has no aliases)
+MAX_RECIPE_NODES = 100_000  # values once YAML aliases are expanded (a real recipe has < 100)
+MAX_RECIPE_DEPTH = 64
+
+
+def _check_size(path: Path, d: Any) -> None:
+    """Refuse a document that expands (through YAML aliases) or nests beyond any recipe.
+
+    Walks the loaded value counting every value each time it is reached (an alias counts
+    as the copy it stands for), and stops at MAX_RECIPE_NODES: bounded time and memory,
+    self-referencing structures included.
+    """
+    count = 0
+    stack = [(d, 0)]
+    while stack:
+        v, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_NODES:
+            raise RecipeError(f"{path}: the document expands to more than {MAX_RECIPE_NODES} values (YAML aliases?); "
+                              "a recipe is a few keys: write it out plainly")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{path}: the document nests deeper than {MAX_RECIPE_DEPTH} levels; "
+                              "a recipe is a few keys: write it out plainly")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for kv in v.items() for x in kv)
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, depth + 1) for x in v)
+
+
 def _read_mapping(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+    try:
+        size = path.stat().st_size
+        limit = MAX_MANIFEST_BYTES if path.suffix == ".json" else MAX_RECIPE_BYTES
+        if size > limit:
+            raise RecipeError(f"{path} is {size} bytes, more than any recipe ({limit} at most); "
+                              "pass a recipe .yaml or a quantkit checkpoint dir")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} is not UTF-8 text (byte {e.start}); pass a recipe .yaml file") from None
+    except OSError as e:
+        raise RecipeError(f"{path} cannot be read ({(e.strerror or str(e)).lower()})") from None
     if path.suffix == ".json":
         import json
 
         try:
-            return json.loads(text)
+            d = json.loads(text)
         except json.JSONDecodeError as e:
             raise RecipeError(f"{path}: JSON syntax error at line {e.lineno}: {e.msg}") from None
+        except RecursionError:
+            raise RecipeError(f"{path}: the document nests deeper than any recipe; write it out plainly") from None
+        return d  # load_recipe bounds the recipe part (_check_size)
     import yaml  # lazy: only recipe files need it
 
     try:
-        return yaml.safe_load(text)
+        d = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}: YAML syntax error{line}: {e.problem or e.context}") from None
+        raise RecipeError(f"{path}: YAML syntax error{line}: {short(str(e.problem or e.context), 120)}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: YAML error: {str(e).splitlines()[0]}") from None
+        raise RecipeError(f"{path}: YAML error: {short(str(e).splitlines()[0] if str(e) else '', 120)}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: the document nests deeper than any recipe; write it out plainly") from None
+    _check_size(path, d)
+    return d
 
 
 def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
@@ -434,10 +481,18 @@ def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
     """
 
     p = Path(path)
+    try:
+        p.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # a name too long, a loop of links...
+        raise RecipeError(f"recipe {short(str(p), 160)} is not a usable path ({(e.strerror or str(e)).lower()})") from None
     if p.is_dir():
         if not (p / "quantkit.json").is_file():
             raise RecipeError(f"{p} is a directory without quantkit.json; pass a recipe .yaml or a quantkit checkpoint dir")
         p = p / "quantkit.json"
+    if p.exists() and not p.is_file():
+        raise RecipeError(f"recipe {p} is not a regular file (a device, pipe or socket); pass a recipe .yaml file")
     if not p.is_file():
         raise RecipeError(f"recipe {p} not found; pass a recipe .yaml file or a quantkit checkpoint dir")
     d = _read_mapping(p)
@@ -447,6 +502,7 @@ def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
         d = d["recipe"]
     if d is None:
         raise RecipeError(f"{p} is empty; a recipe needs 'scheme' and 'stages'")
+    _check_size(p, d)
     try:
         recipe = recipe_from_dict(d)
     except RecipeError as e:

@@ -367,30 +367,32 @@ def test_existing_output_refused_before_work(tmp_path, small_qm, monkeypatch):
         export_compressed_tensors(small_qm, out)
     with pytest.raises(OutputExistsError, match="--overwrite"):
         check_output_dir(out, overwrite=False)
-    check_output_dir(out, overwrite=True)
+    # --overwrite replaces only a checkpoint quantkit wrote: a dir of the user's files is refused too
+    with pytest.raises(OutputExistsError, match="not one .it has no quantkit.json"):
+        check_output_dir(out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["old.txt"]
     assert _leftovers(tmp_path, "ckpt") == []
 
 
 def test_overwrite_replaces_only_after_success(tmp_path, small_qm, monkeypatch):
     out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    export_compressed_tensors(small_qm, out)  # a checkpoint quantkit wrote: --overwrite may replace it
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     # a failing overwrite keeps the old checkpoint intact
     def fail(*a, **k):
-        assert (out / "old.txt").read_text() == "old"  # still there mid-export
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # still there mid-export
         raise RuntimeError("boom")
 
     with monkeypatch.context() as mp:
         mp.setattr(small_qm.tokenizer, "save_pretrained", fail)
         with pytest.raises(RuntimeError):
             export_compressed_tensors(small_qm, out, overwrite=True)
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert _leftovers(tmp_path, "ckpt") == []
 
     export_compressed_tensors(small_qm, out, overwrite=True)
-    assert not (out / "old.txt").exists() and verify_checkpoint(out) == []
+    assert verify_checkpoint(out) == []
     assert _leftovers(tmp_path, "ckpt") == []
 
 

@@ -1,15 +1,19 @@
-"""Property test: random bytes and random JSON fed to every loader either load or raise our UsageError.
+"""Property tests: random bytes and random JSON fed to every loader, random recipes, random CLI option
+values and random damage to a checkpoint dir either succeed or raise our UsageError (one line, exit 1/2).
 
-Never another exception type (no KeyError, struct.error, MemoryError, ... leaking out as a traceback).
+Never another exception type (no KeyError, struct.error, MemoryError, ... leaking out as a traceback),
+never a hang, never a file touched outside --out.
 """
 
 import json
+import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from quantkit.errors import UsageError
@@ -150,3 +154,251 @@ def test_resume_block_reader(data):
 
     block = torch.nn.Linear(4, 4)
     _ok_or_usage(lambda: Checkpointer(d, fp, resume=True).restore_block(0, block))
+
+
+# ----------------------------------------------------------------------------- random recipes
+
+_recipe_values = st.one_of(
+    st.sampled_from(["W4A16", "W8A8", "W8A16", "W4A4KV4", "rtn", "awq", "gptq", "lm_head", "re:.*", "auto"]),
+    st.integers(-3, 300) | st.floats(allow_nan=True, allow_infinity=True) | st.booleans() | st.none(),
+    st.text(max_size=20),
+)
+_weights = st.fixed_dictionaries({}, optional={
+    "bits": st.sampled_from([2, 3, 4, 5, 8, -1]) | _recipe_values,
+    "group_size": st.sampled_from([None, 0, 32, 64, -8]) | _recipe_values,
+    "symmetric": st.booleans() | _recipe_values,
+    "strategy": st.sampled_from(["group", "channel", "tensor"]) | _recipe_values,
+})
+_stage = st.one_of(
+    st.sampled_from(["rtn", "awq", "gptq", "smoothquant", "spinquant", "nope"]),
+    st.fixed_dictionaries({"method": st.sampled_from(["rtn", "awq", "gptq", "smoothquant", "spinquant"]) | _recipe_values},
+                          optional={k: _recipe_values for k in ("grid", "damp", "block_size", "alpha", "rotation",
+                                                                 "iters", "lr", "clip", "max_shrink")}),
+    _recipe_values,
+)
+recipe_like = st.fixed_dictionaries({}, optional={
+    "version": st.just(1) | _recipe_values,
+    "scheme": st.sampled_from(["W4A16", "W8A8", "W4A4KV4"]) | st.fixed_dictionaries({}, optional={
+        "weights": _weights | _recipe_values,
+        "input_activations": st.fixed_dictionaries({}, optional={"bits": _recipe_values, "strategy": _recipe_values,
+                                                                 "dynamic": _recipe_values}) | _recipe_values,
+        "kv_cache": st.fixed_dictionaries({}, optional={"bits": _recipe_values, "residual_tau": _recipe_values})
+        | _recipe_values}) | _recipe_values,
+    "ignore": st.lists(_recipe_values, max_size=3) | _recipe_values,
+    "stages": st.lists(_stage, max_size=3) | _recipe_values,
+    "extra": _recipe_values,
+})
+
+
+def _alias_yaml(levels: int, fanout: int, where: str) -> str:
+    lines = ["a0: &a0 [x, y]"] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * fanout) + "]"
+                                  for i in range(1, levels + 1)]
+    use = {"ignore": f"ignore: *a{levels}", "stage": f"stages: [{{method: rtn, grid: *a{levels}}}]",
+           "top": f"version: *a{levels}"}[where]
+    return "\n".join(["scheme: W4A16", *lines, use, "stages: [rtn]" if where != "stage" else ""]) + "\n"
+
+
+@SETTINGS
+@given(d=recipe_like | json_values,
+       text=st.none() | st.text(max_size=200) | st.builds(_alias_yaml, st.integers(1, 12), st.integers(1, 12),
+                                                          st.sampled_from(["ignore", "stage", "top"])),
+       suffix=st.sampled_from([".yaml", ".json"]))
+def test_recipe_loader(d, text, suffix):
+    """Random recipes (structured, random text, YAML alias chains): a Recipe or a RecipeError, fast, one line."""
+    import time
+
+    import yaml
+
+    from quantkit.recipe import load_recipe
+
+    if text is None:
+        raw = (json.dumps(d) if suffix == ".json" else yaml.safe_dump(d, allow_unicode=True)).encode()
+    else:
+        raw = text.encode()
+    t = time.perf_counter()
+    try:
+        load_recipe(_tmpfile(raw, "r" + suffix))
+    except UsageError as e:
+        assert "\n" not in str(e) and len(str(e)) < 1000, str(e)
+    assert time.perf_counter() - t < 5
+
+
+# ----------------------------------------------------------------------------- random CLI option values
+
+_ints = st.sampled_from([-(2**63), -1, 0, 1, 2, 3, 7, 16, 32, 33, 257, 10**9, 2**64])
+_floats = st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e-9", "0.01", "0.5", "1", "2", "1e308"])
+_OPTIONS = {  # command -> option -> values (ints and floats as text, as a shell passes them)
+    "rtn": {"--bits": _ints, "--group-size": _ints, "--samples": _ints, "--seqlen": _ints, "--batch-size": _ints,
+            "--windows": _ints, "--eval-seqlen": _ints, "--seed": _ints,
+            "--dtype": st.sampled_from(["auto", "float32", "bfloat16", "int8", "float64", "x"]),
+            "--device": st.sampled_from(["cpu", "auto", "cuda:0", "tpu", ""])},
+    "awq": {"--awq-grid": _ints, "--clip-grid": _ints, "--max-shrink": _floats, "--search-samples": _ints,
+            "--samples": _ints, "--seqlen": _ints},
+    "gptq": {"--damp": _floats, "--block-size": _ints, "--samples": _ints, "--seqlen": _ints},
+    "smoothquant": {"--alpha": _floats | st.just("auto"), "--kv-tau": _floats,
+                    "--kv": st.sampled_from(["none", "static", "dynamic"]), "--samples": _ints, "--seqlen": _ints},
+    "scan": {"--bins": _ints, "--stat-tokens": _ints, "--fisher-windows": _ints, "--shortlist": _ints,
+             "--kl": _floats, "--energy": _floats, "--target-fraction": _floats, "--windows": _ints,
+             "--samples": _ints, "--seqlen": _ints, "--eval-seqlen": _ints},
+    "plan": {"--samples": _ints, "--seqlen": _ints, "--batch-size": _ints, "--device-memory": _floats,
+             "--method": st.sampled_from(["rtn", "gptq", "awq"])},
+}
+# Baseline values that make a run small; the drawn options replace some of them.
+_BASE = {"--samples": "2", "--seqlen": "16", "--group-size": "32", "--search-samples": "1", "--awq-grid": "2",
+         "--clip-grid": "2", "--bins": "8", "--stat-tokens": "64", "--windows": "1", "--eval-seqlen": "16"}
+
+
+@pytest.fixture(scope="module")
+def fuzz_model(tmp_path_factory):
+    from tiny_models import make_tiny_tokenizer, save_tiny_model_dir
+
+    return save_tiny_model_dir(tmp_path_factory.mktemp("fuzz") / "model", make_tiny_tokenizer(), seed=4)
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for d, dirs, names in os.walk(root):
+        for n in names + dirs:
+            p = Path(d, n)
+            s = p.lstat()
+            out[p.relative_to(root).as_posix()] = (s.st_mode, s.st_size, s.st_mtime_ns)
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_cli_random_option_values(fuzz_model, data):
+    """Random values for every numeric option: success or one `error:` line (exit 1/2), never a traceback,
+    and nothing written outside --out (its OUT.partial) and --json."""
+    from tiny_models import run_cli
+
+    cmd = data.draw(st.sampled_from(sorted(_OPTIONS)))
+    chosen = data.draw(st.dictionaries(st.sampled_from(sorted(_OPTIONS[cmd])), st.just(None), max_size=4))
+    opts = {k: v for k, v in _BASE.items() if k in _OPTIONS[cmd] or k in ("--samples", "--seqlen") and cmd != "rtn"}
+    if cmd in ("rtn", "awq", "gptq"):
+        opts.setdefault("--group-size", "32")
+    for k in chosen:
+        opts[k] = str(data.draw(_OPTIONS[cmd][k]))
+    work = Path(tempfile.mkdtemp(prefix="qk-cli-"))
+    (work / "keep.txt").write_text("the user's")
+    before = _snapshot(work)
+    args = [cmd, "--model", str(fuzz_model)]
+    if cmd == "scan":
+        args += ["--out", str(work / "s.json")]
+    elif cmd != "plan":
+        args += ["--out", str(work / "out"), "--json", str(work / "run.json")]
+    for k, v in opts.items():
+        args += [k, v]
+    code, text = run_cli(*args)
+    event(f"{cmd} exit {code}")
+    assert "Traceback" not in text, text
+    if code:
+        lines = [l for l in text.strip().splitlines() if l.strip()]
+        assert code in (1, 2) and lines[-1].startswith("error: "), (args, text)
+        assert not (work / "out").exists() and not (work / "run.json").exists()
+    after = _snapshot(work)
+    touched = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    allowed = ("out", "out.partial", "run.json", "s.json", "s.hist.safetensors")
+    assert all(k.split("/")[0] in allowed for k in touched), (args, sorted(touched))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- random checkpoint-dir damage
+
+
+@pytest.fixture(scope="module")
+def fuzz_ckpt(fuzz_model, tmp_path_factory):
+    from tiny_models import run_cli
+
+    out = tmp_path_factory.mktemp("fuzzck") / "q"
+    code, text = run_cli("rtn", "--model", fuzz_model, "--out", out, "-g", "32", "--asym")
+    assert code == 0, text
+    return out
+
+
+_MUTATIONS = ("delete", "truncate", "flip", "append", "empty", "random_json", "extra_file", "rename", "to_dir",
+              "to_fifo", "to_devzero", "to_dangling")
+
+
+def _mutate(d: Path, files: list[str], data) -> str:
+    kind = data.draw(st.sampled_from(_MUTATIONS))
+    name = data.draw(st.sampled_from(files))
+    p = d / name
+    if not p.is_file() or p.is_symlink():
+        return f"{kind} skipped"
+    if kind == "delete":
+        p.unlink()
+    elif kind == "truncate":
+        raw = p.read_bytes()
+        p.write_bytes(raw[: data.draw(st.integers(0, max(len(raw) - 1, 0)))])
+    elif kind == "flip":
+        raw = bytearray(p.read_bytes())
+        if raw:
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] ^= 1 << data.draw(st.integers(0, 7))
+        p.write_bytes(bytes(raw))
+    elif kind == "append":
+        p.write_bytes(p.read_bytes() + data.draw(st.binary(min_size=1, max_size=64)))
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "random_json":
+        p.write_text(json.dumps(data.draw(json_values | manifest_like | config_like)))
+    elif kind == "extra_file":
+        (d / data.draw(st.sampled_from(["x.safetensors", "notes.txt", "shadow/y.bin"]))).parent.mkdir(exist_ok=True)
+        (d / "notes.txt").write_text("extra")
+    elif kind == "rename":
+        p.rename(d / (name + ".bak"))
+    elif kind == "to_dir":
+        p.unlink()
+        p.mkdir()
+    elif kind == "to_fifo":
+        p.unlink()
+        os.mkfifo(p)  # reading it would block forever
+    elif kind == "to_devzero":
+        p.unlink()
+        p.symlink_to("/dev/zero")  # endless
+    else:
+        p.unlink()
+        p.symlink_to(d / "no-such-file")
+    return f"{kind} {name}"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_checkpoint_dir_mutations(fuzz_ckpt, data):
+    """1-3 random mutations of a real checkpoint dir, then verify, load and the CLI: a result or one line
+    (UsageError / exit 1-2), never a traceback or a hang (an alarm fails the test after 60 s)."""
+    import signal
+
+    from quantkit.export.manifest import verify_checkpoint
+    from quantkit.models.loading import load_model
+    from tiny_models import run_cli
+
+    d = Path(tempfile.mkdtemp(prefix="qk-ck-")) / "q"
+    shutil.copytree(fuzz_ckpt, d)
+    files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+    done = [_mutate(d, files, data) for _ in range(data.draw(st.integers(1, 3)))]
+
+    def hang(signum, frame):
+        raise TimeoutError(f"hung after {done}")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)
+    try:
+        _ok_or_usage(verify_checkpoint, d)
+        _ok_or_usage(lambda: load_model(str(d)))
+        for args in (("inspect", d, "--verify"), ("inspect", d)):
+            code, text = run_cli(*args)
+            assert "Traceback" not in text, (done, text)
+            if code:
+                assert code in (1, 2) and text.strip().splitlines()[-1].startswith("error: "), (done, text)
+        out = d.parent / "out"
+        code, text = run_cli("rtn", "--model", d, "--out", out, "-g", "32")
+        event(f"rtn on the damaged dir: exit {code}")
+        assert "Traceback" not in text and (code == 0 or code in (1, 2) and "error: " in text), (done, text)
+        if code:
+            assert not out.exists()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        shutil.rmtree(d.parent, ignore_errors=True)

@@ -5,6 +5,7 @@ checkpoint), no traceback, and leave nothing at the output path.
 """
 
 import json
+import re
 import shutil
 import struct
 
@@ -102,6 +103,7 @@ def _expect_refusal(tmp_path, model, match):
     assert code == 2 and line.startswith("error:") and match in line, text
     assert not out.exists() and not (tmp_path / "out.partial").exists()
     assert not list(tmp_path.glob(".out.*"))
+    return line
 
 
 def _copy_model(model_dir, tmp_path):
@@ -110,26 +112,89 @@ def _copy_model(model_dir, tmp_path):
     return d
 
 
-@pytest.mark.parametrize("damage", ["truncated", "header_length", "header_json", "offsets"])
+def _rewrite_header(data: bytes, edit) -> bytes:
+    """The file with its JSON header changed by edit(header) (a dict, or raw bytes to use as they are)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8 : 8 + n]))
+    new = edit(header)
+    raw = new if isinstance(new, bytes) else json.dumps(new if new is not None else header).encode()
+    return struct.pack("<Q", len(raw)) + raw + bytes(data[8 + n :])
+
+
+def _two_tensors(header):
+    """The names of the first two tensors, by data offset."""
+    keys = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return keys[0], keys[1]
+
+
+def _overlap(h):
+    a, b = _two_tensors(h)
+    h[b]["data_offsets"] = [x - 4 for x in h[b]["data_offsets"]]  # starts inside a
+
+
+def _reversed(h):
+    a, _ = _two_tensors(h)
+    h[a]["data_offsets"] = h[a]["data_offsets"][::-1]
+
+
+def _dtype_size(h):
+    a, _ = _two_tensors(h)
+    h[a]["dtype"] = "F64" if h[a]["dtype"] != "F64" else "F32"  # same bytes, another element size
+
+
+def _unknown_dtype(h):
+    a, _ = _two_tensors(h)
+    h[a]["dtype"] = "Q9"
+
+
+def _duplicate(h):
+    a, b = _two_tensors(h)
+    body = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in h.items())
+    return ("{" + body + f", {json.dumps(a)}: {json.dumps(h[a])}" + "}").encode()
+
+
+# damage -> (how, the reason the line gives)
+_DAMAGE = {
+    "truncated": (None, "exceeds the file"),
+    "header_length": (None, "exceeds the file"),
+    "header_json": (None, "header is not JSON"),
+    "offsets": (None, "points outside the file"),
+    "overlap": (_overlap, "overlaps the tensor before it"),
+    "out_of_order": (_reversed, "is malformed"),
+    "dtype_size": (_dtype_size, "its byte range holds"),
+    "unknown_dtype": (_unknown_dtype, "unknown dtype 'Q9'"),
+    "duplicate": (_duplicate, "appears twice"),
+    "trailing": (None, "bytes after the last tensor are not covered"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
 def test_damaged_model_safetensors(model_dir, tmp_path, damage):
     d = _copy_model(model_dir, tmp_path)
     f = d / "model.safetensors"
     data = bytearray(f.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
+    how, why = _DAMAGE[damage]
     if damage == "truncated":
         data = data[: n // 2]
     elif damage == "header_length":
         data[:8] = struct.pack("<Q", 2**62)
     elif damage == "header_json":
         data[8] = ord("]")
-    else:  # a tensor's offsets run past the end of the file
-        header = json.loads(bytes(data[8 : 8 + n]))
-        key = next(k for k in header if k != "__metadata__")
-        header[key]["data_offsets"][1] += 10**9
-        raw = json.dumps(header).encode()
-        data = bytearray(struct.pack("<Q", len(raw)) + raw + bytes(data[8 + n :]))
+    elif damage == "offsets":  # a tensor's offsets run past the end of the file
+        def past(h):
+            key = next(k for k in h if k != "__metadata__")
+            h[key]["data_offsets"][1] += 10**9
+        data = _rewrite_header(data, past)
+    elif damage == "trailing":
+        data += b"\0" * 16
+    else:
+        data = _rewrite_header(data, how)
     f.write_bytes(bytes(data))
-    _expect_refusal(tmp_path, d, "model.safetensors")
+    with pytest.raises(SafetensorsHeaderError, match=re.escape(why)):
+        read_safetensors_header(f)
+    line = _expect_refusal(tmp_path, d, "model.safetensors in ")
+    assert "is not a valid safetensors file" in line and why in line and "re-export or re-download it" in line
 
 
 def test_gguf_with_wrong_magic(tmp_path):
@@ -257,3 +322,69 @@ def test_read_only_parent_is_refused_before_work(model_dir, tmp_path, monkeypatc
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"num_attention_heads": 10},
+     "config.json is refused by transformers: The hidden size (96) is not a multiple of the number of attention "
+     "heads (10); fix that field"),
+    ({"num_key_value_heads": 4}, "field num_key_value_heads=4 does not divide num_attention_heads=6"),
+    ({"hidden_act": "nope"}, "field hidden_act='nope' is not an activation transformers knows"),
+    ({"max_position_embeddings": "long"}, "field max_position_embeddings='long' is not a sensible positive size"),
+])
+def test_config_values_transformers_rejects(model_dir, tmp_path, monkeypatch, edit, match):
+    """Said with the field and the reason, before the model loads (not a validator's class name)."""
+    import quantkit.api
+
+    d = _copy_model(model_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(quantkit.api, "load", lambda *a, **k: pytest.fail("loaded before the config was checked"))
+    line = _expect_refusal(tmp_path, d, match)
+    assert "Error" not in line  # no exception class names
+    code, text = _run("plan", "--model", d)  # the memory plan reads the same config
+    assert code == 2 and match in _last_line(text)
+
+
+def test_weights_that_contradict_the_config(model_dir, tmp_path):
+    d = _copy_model(model_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 128  # the weights were saved with 160
+    (d / "config.json").write_text(json.dumps(cfg))
+    _expect_refusal(tmp_path, d, "do not match its config.json: model.layers.0.mlp.gate_proj.weight has shape "
+                                 "[160, 96], the config implies [128, 96]")
+
+
+# ----------------------------------------------------------------------------- a checkpoint without quantkit.json
+
+
+def test_checkpoint_without_manifest_is_named_not_misread(ckpt, tmp_path, monkeypatch):
+    """Not loaded through transformers as if it were float, nor failing deep inside it: one line saying
+    what it is and how quantkit reads what it reads."""
+    import quantkit.api
+
+    d = tmp_path / "noman"
+    shutil.copytree(ckpt, d)
+    (d / "quantkit.json").unlink()
+    said = (f"{d} is not a quantkit checkpoint (no quantkit.json), and its config.json says it is already "
+            "quantized (compressed-tensors); quantkit reads float models and its own checkpoints")
+    monkeypatch.setattr(quantkit.api, "load", lambda *a, **k: pytest.fail("loaded"))
+    for args in (("rtn", "--model", d, "--out", tmp_path / "o", "-g", "32"), ("plan", "--model", d),
+                 ("scan", "--model", d, "--out", tmp_path / "s.json", "--samples", "2", "--seqlen", "32")):
+        code, text = _run(*args)
+        assert code == 2 and said in _last_line(text), text
+        assert "loading" not in text  # refused before the "loading ..." line, not after it
+    monkeypatch.undo()
+    code, text = _run("eval", "--model", d, "--seqlen", "32", "--windows", "1")  # through load_model
+    assert code == 2 and said in _last_line(text), text
+    code, text = _run("inspect", d, "--verify")
+    assert code == 2 and "is not a quantkit checkpoint (no quantkit.json), so its files cannot be verified" \
+        in _last_line(text)
+    code, text = _run("inspect", d)  # the summary still reads, and says what it is not
+    assert code == 0 and "not a quantkit checkpoint (no quantkit.json)" in text
+
+
+def test_float_model_dir_says_how_it_is_read(model_dir, tmp_path):
+    code, text = _run("rtn", "--model", model_dir, "--out", tmp_path / "o", "-g", "32")
+    assert code == 0 and "(no quantkit.json: read as a float transformers model)" in text, text

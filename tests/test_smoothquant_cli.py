@@ -77,7 +77,7 @@ def test_usage_errors(tiny_dir, tmp_path, args, msg):
 
 
 def test_eval_bad_simulate_mode(tiny_dir):
-    code, text = _run("eval", "--model", tiny_dir, "--simulate-kv", "int4")
+    code, text = _run("eval", "--model", tiny_dir, "--seqlen", 32, "--simulate-kv", "int4")
     assert code == 2 and "--simulate-kv" in text
 
 

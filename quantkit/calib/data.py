@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError
+from quantkit.errors import UsageError, short, short_repr
 
 BUILTIN = "builtin"
 
@@ -37,7 +37,7 @@ def builtin_text(part: str) -> str:
         return text[:half]
     if part == "eval":
         return text[half:]
-    raise ValueError(f"part must be 'calib' or 'eval', not {part!r}")
+    raise ValueError(f"part must be 'calib' or 'eval', not {short_repr(part)}")
 
 
 def _read_utf8(path: Path) -> str:
@@ -60,7 +60,7 @@ def _jsonl_texts(path: Path, field: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise CalibDataError(f"{path}:{lineno} is not valid JSON ({e.msg})") from e
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise CalibDataError(f"{path}:{lineno} has no string field {field!r}; choose the field with --calib-field")
+            raise CalibDataError(f"{path}:{lineno} has no string field {short_repr(field)}; choose the field with --calib-field")
         texts.append(row[field])
     return texts
 
@@ -68,7 +68,7 @@ def _jsonl_texts(path: Path, field: str) -> list[str]:
 def _hf_texts(spec: str, field: str, default_split: str) -> list[str]:
     parts = spec[3:].split(":")
     if not parts[0] or len(parts) > 3:
-        raise CalibDataError(f"{spec!r} is not of the form hf:NAME[:CONFIG[:SPLIT]]")
+        raise CalibDataError(f"{short_repr(spec)} is not of the form hf:NAME[:CONFIG[:SPLIT]]")
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else default_split
@@ -76,12 +76,23 @@ def _hf_texts(spec: str, field: str, default_split: str) -> list[str]:
         import datasets
     except ImportError as e:
         raise CalibDataError("hf: data needs the `datasets` package: pip install datasets") from e
+    from quantkit.models.hub import check_dataset_reachable
+
+    check_dataset_reachable(spec)  # seconds, not half a minute of retries
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # datasets raises many types for "not found / offline"
-        raise CalibDataError(f"could not load dataset {spec!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        from quantkit.models.hub import offline
+
+        if offline():
+            raise CalibDataError(
+                f"dataset {short_repr(spec, 120)} is not in the datasets cache and HF_HUB_OFFLINE is set; unset it "
+                "to download, or pass a .txt/.jsonl file or builtin"
+            ) from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CalibDataError(f"could not load dataset {short_repr(spec, 120)}: {short(first, 200)}") from e
     if field not in ds.column_names:
-        raise CalibDataError(f"dataset {spec!r} has no column {field!r} (has {', '.join(ds.column_names)})")
+        raise CalibDataError(f"dataset {short_repr(spec)} has no column {short_repr(field)} (has {', '.join(ds.column_names)})")
     return [t for t in ds[field] if isinstance(t, str) and t.strip()]
 
 
@@ -93,8 +104,15 @@ def load_text(spec: str | None, *, part: str, field: str = "text") -> str:
         texts = _hf_texts(spec, field, default_split="train" if part == "calib" else "test")
     else:
         path = Path(spec).expanduser()
+        shown = short(spec, 160)
+        if path.is_dir():
+            raise CalibDataError(f"data file {shown} is a directory; pass a .txt or .jsonl file inside it")
+        if path.exists() and not path.is_file():
+            raise CalibDataError(
+                f"data file {shown} is not a regular file (a device, pipe or socket); pass a .txt or .jsonl file"
+            )
         if not path.is_file():
-            raise CalibDataError(f"data file {spec} does not exist; pass a .txt/.jsonl file, hf:NAME or builtin")
+            raise CalibDataError(f"data file {shown} does not exist; pass a .txt/.jsonl file, hf:NAME or builtin")
         if path.suffix == ".jsonl":
             texts = _jsonl_texts(path, field)
         else:

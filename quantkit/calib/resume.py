@@ -24,14 +24,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from quantkit.errors import OperationError, UsageError
+from quantkit.errors import OperationError, UsageError, short
 from quantkit.quant.core import QuantizedTensor
 from quantkit.recipe import QuantArgs
 
@@ -50,9 +49,90 @@ def partial_dir_for(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def check_partial_dir(path: str | Path) -> None:
+    """Refuse a `OUT.partial` that quantkit did not make: a run would write into it and delete it later.
+
+    Ours: absent, an empty dir, or a dir with state.json. ResumeError otherwise.
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise ResumeError(f"{short(str(path), 160)} exists and is not a directory quantkit made for resumable progress; "
+                          "move it away or choose another --out")
+    if (path / STATE_NAME).is_file() or not any(path.iterdir()):
+        return
+    if all(_OWN_FILE.fullmatch(p.name) for p in path.iterdir()):  # a run killed before its first state.json
+        return
+    raise ResumeError(f"{short(str(path), 160)} exists but is not a quantkit partial run (no {STATE_NAME}); "
+                      "move it away or choose another --out")
+
+
+_OWN_FILE = re.compile(r"state\.json|block_\d{5}\.(safetensors|json)|\..*\.tmp-\d+")
+
+
+def finished_blocks(path: str | Path) -> tuple[int, int] | None:
+    """(finished, total) blocks a partial dir's state.json lists; None when there is none to read."""
+    try:
+        state = json.loads((Path(path) / STATE_NAME).read_text(encoding="utf-8"))
+        return len(state["blocks"]), int(state["n_blocks"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+
+
 def discard_partial(path: str | Path) -> None:
-    """Remove a partial dir once the checkpoint it was for is exported."""
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a partial dir (its checkpoint is exported, or --overwrite starts over).
+
+    The dir is first renamed to a hidden trash name in one step, so at any instant
+    `OUT.partial` is either whole or gone (a kill during the deletion leaves only the
+    trash dir, which the next run removes); Ctrl-C is held until the rename is done.
+    Only files quantkit writes there are deleted; anything else stays in the trash dir's place.
+    """
+    import tempfile
+
+    from quantkit.interrupts import defer_interrupts, reached
+
+    path = Path(path).absolute()
+    if not path.is_dir() or path.is_symlink():
+        return
+    trash = None
+    try:
+        with defer_interrupts():
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.trash-{os.getpid()}-", dir=path.parent))
+            os.rename(path, trash / path.name)
+            reached("discard.renamed")
+    finally:  # a Ctrl-C held above is raised once the trash is gone too
+        if trash is not None:
+            _remove_own(trash)
+
+
+def _remove_own(trash: Path) -> None:
+    """Delete what quantkit wrote in a trash dir (trash/NAME.partial/...), then the dirs if empty."""
+    for inner in list(trash.iterdir()):
+        if inner.is_dir() and not inner.is_symlink():
+            for f in inner.iterdir():
+                if _OWN_FILE.fullmatch(f.name) and (f.is_file() or f.is_symlink()):
+                    f.unlink(missing_ok=True)
+            try:
+                inner.rmdir()
+            except OSError:  # files quantkit did not write: give the dir back its name, untouched
+                dest = trash.parent / inner.name
+                if not dest.exists():
+                    os.rename(inner, dest)
+                    continue
+    try:
+        trash.rmdir()
+    except OSError:
+        pass
+
+
+def remove_stale_trash(out: str | Path) -> None:
+    """Finish deleting `.OUT.partial.trash-PID-*` dirs of runs that were killed while removing them."""
+    from quantkit.export.atomic import stale_siblings
+
+    partial = partial_dir_for(out)
+    for t in stale_siblings(partial, "trash"):
+        _remove_own(t)
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -122,6 +202,7 @@ class Checkpointer:
         self.path = Path(path)
         self.fingerprint = dict(fingerprint)
         self.blocks: list[dict[str, Any]] = []
+        check_partial_dir(self.path)
         state = self._read_state()
         if state is not None:
             changed = [p for p in _PARTS if state["fingerprint"].get(p) != self.fingerprint.get(p)]
@@ -137,7 +218,8 @@ class Checkpointer:
                         f"{self.path} holds {done}/{state['n_blocks']} finished blocks of this same run; "
                         "pass --resume to continue it, or --overwrite to start over"
                     )
-                shutil.rmtree(self.path)
+                discard_partial(self.path)
+                self.blocks = []
             elif changed:
                 what = {"model": "model (weights or dtype)", "calibration": "calibration data (text, samples, "
                         "seqlen, seed or batch size)", "recipe": "recipe (scheme, stages, options or ignore list)"}
@@ -238,6 +320,9 @@ class Checkpointer:
                 f"saving resumable progress to {self.path} failed: {(e.strerror or str(e)).lower()}; "
                 "free space there (or choose another --out) and rerun with --resume"
             ) from e
+        from quantkit.interrupts import reached
+
+        reached(f"saved.{len(self.blocks)}")
 
     @torch.no_grad()
     def restore_block(self, index: int, block: nn.Module) -> tuple[dict[str, QuantizedTensor], list[str]]:
@@ -248,6 +333,8 @@ class Checkpointer:
         entry = self.blocks[index]
         f = self.path / entry["file"]
         mf = f.with_suffix(".json")
+        if not (f.is_file() and mf.is_file()):  # missing, or a pipe/device that must not be read
+            raise ResumeError(f"{f.name} in {self.path} is missing or not a regular file; delete {self.path} to start over")
         try:
             data = f.read_bytes()
             meta = json.loads(mf.read_text(encoding="utf-8"))

@@ -52,6 +52,9 @@ def _rows(s: dict) -> list[tuple[str, str]]:
     m = s.get("manifest")
     if m:
         rows.append(("written by", f"quantkit {m['quantkit_version']} at {m['created']} (manifest v{m['format_version']})"))
+    else:
+        rows.append(("written by", "not a quantkit checkpoint (no quantkit.json): read from config.json and the "
+                                   "safetensors headers; its files cannot be verified"))
     src = s.get("source") or {}
     if src:
         where = src.get("id") or src.get("name") or src.get("path", "?")
@@ -79,6 +82,11 @@ def inspect_cmd(
 
     if not path.is_dir():
         fail(f"{path} is not a directory; pass a checkpoint directory written by quantkit")
+    from quantkit.export.manifest import MANIFEST_NAME
+
+    if verify and not (path / MANIFEST_NAME).is_file():
+        fail(f"{path} is not a quantkit checkpoint (no {MANIFEST_NAME}), so its files cannot be verified; "
+             f"`quantkit inspect {path}` without --verify reads its config.json and safetensors headers")
     # Verify first: a damaged file is named as an integrity problem, not tripped over while summarizing.
     problems = verify_checkpoint(path) if verify else []
     if problems:

@@ -35,7 +35,13 @@ FormatOpt = Annotated[
         "or gptq (GPTQ v1 / GPTQModel; 2, 3, 4, 8 bits).",
     ),
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (only once the new one is complete).")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace a checkpoint quantkit wrote at --out (only once the new one is complete); never other files.",
+    ),
+]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run model code from the hub (off by default).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward.")]
 EvalFlagOpt = Annotated[

@@ -49,6 +49,13 @@ def plan_cmd(
     from quantkit.plan import estimate_memory, model_config
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
+    from quantkit.cli import validate as chk
+
+    chk.check_samples_batch(samples, batch_size)
+    chk.check_seqlen("--seqlen", seqlen)
+    chk.check_dtype(dtype)
+    chk.check_float("--device-memory", device_memory, min=0, min_open=True, note=" GiB")
+    chk.check_output_file("--json", json_out)
     if device_memory is not None and device.startswith("cuda"):
         dev = device  # planning for a GPU this machine may not have
     else:
@@ -59,12 +66,16 @@ def plan_cmd(
     else:
         rec = Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)), (Stage(method),))
     calib = CalibConfig(samples=samples, seqlen=seqlen, batch_size=batch_size)
-    if samples <= 0 or seqlen <= 1 or batch_size <= 0:
-        from quantkit.calib.data import CalibDataError
+    from quantkit.models.loading import check_source
 
-        raise CalibDataError(f"--samples ({samples}) and --batch-size ({batch_size}) must be >= 1, --seqlen >= 2")
+    check_source(model)
+    cfg = model_config(model)
+    from quantkit.api import needs_calibration
+
+    if needs_calibration(rec):  # a data-free recipe (RTN) never reads --seqlen tokens
+        chk.check_seqlen("--seqlen", seqlen, cfg)
     avail = None if device_memory is None else int(device_memory * 2**30)
-    p = estimate_memory(model_config(model), rec, calib, dev, dtype=dtype, device_available=avail)
+    p = estimate_memory(cfg, rec, calib, dev, dtype=dtype, device_available=avail)
     t = Table(title="memory plan (estimate from config)", show_header=False)
     for k, v in p.host_parts.items():
         t.add_row(f"host · {k}", f"{v / 2**30:.2f} GiB")
@@ -82,7 +93,9 @@ def plan_cmd(
     if json_out is not None:
         import json
 
-        json_out.write_text(json.dumps(p.to_dict(), indent=2) + "\n")
+        from quantkit.cli.methods import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(p.to_dict(), indent=2) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -34,6 +34,10 @@ def override_weights(recipe, bits: int | None, group_size: int | None, sym: bool
     group_size 0 means per-channel.
     """
     changes: dict[str, Any] = {}
+    if group_size is not None and group_size > 2**31:
+        from quantkit.recipe import RecipeError
+
+        raise RecipeError(f"--group-size {group_size} is larger than any layer; use e.g. 64, or 0 for per-channel")
     if bits is not None:
         changes["bits"] = bits
     if group_size is not None:
@@ -94,6 +98,12 @@ def awq(
     Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
+    from quantkit.cli import validate as v
+
+    v.check_int("--awq-grid", awq_grid, min=1)
+    v.check_int("--clip-grid", clip_grid, min=1)
+    v.check_float("--max-shrink", max_shrink, min=0, max=1, max_open=True)
+    v.check_int("--search-samples", search_samples, min=0, note=" (0 = every calibration window)")
     opts = dict(grid=awq_grid, duo=awq_duo, clip=clip, clip_grid=clip_grid, max_shrink=max_shrink,
                 search_samples=search_samples or None)
     return one_stage_recipe("awq", opts, bits, group_size, sym)
@@ -120,6 +130,10 @@ def gptq(
     Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
+    from quantkit.cli import validate as v
+
+    v.check_float("--damp", damp, min=0, max=1, min_open=True, note=" (a fraction of the mean Hessian diagonal)")
+    v.check_int("--block-size", block_size, min=1)
     opts = dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential)
     return one_stage_recipe("gptq", opts, bits, group_size, sym)
 

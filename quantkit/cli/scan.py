@@ -22,6 +22,7 @@ from quantkit.cli.options import (
     TrustOpt,
 )
 from quantkit.cli.ui import console, handle_errors, progress_bar, status
+from quantkit.errors import short_repr
 
 
 @handle_errors
@@ -75,60 +76,104 @@ def scan(
     from quantkit.sensitivity.scan import Thresholds
 
     if scheme not in PRESETS:
-        raise RecipeError(f"unknown --scheme {scheme!r}; use one of {', '.join(PRESETS)}")
+        raise RecipeError(f"unknown --scheme {short_repr(scheme)}; use one of {', '.join(PRESETS)}")
     sch = PRESETS[scheme]
+    from quantkit.cli import validate as chk
+
+    chk.check_int("--group-size", group_size, min=1)
     if group_size is not None:
         import dataclasses
 
         sch = dataclasses.replace(sch, weights=dataclasses.replace(sch.weights, group_size=group_size))
-    if bins < 2:
-        raise RecipeError(f"--bins {bins} must be at least 2")
-    if stat_tokens < 0:
-        raise RecipeError(f"--stat-tokens {stat_tokens} must be >= 0 (0 = every calibration token)")
-    if fisher_windows < 0:
-        raise RecipeError(f"--fisher-windows {fisher_windows} must be >= 0 (0 = no gradient-weighted metric)")
-    if shortlist is not None and shortlist < 0:
-        raise RecipeError(f"--shortlist {shortlist} must be >= 0 (0 = no measured candidates)")
+    chk.check_int("--bins", bins, min=2, max=65536)
+    chk.check_int("--stat-tokens", stat_tokens, min=0, note=" (0 = every calibration token)")
+    chk.check_int("--fisher-windows", fisher_windows, min=0, max=samples,
+                note=" (0 = no gradient-weighted metric; at most --samples)")
+    chk.check_int("--shortlist", shortlist, min=0, note=" (0 = no measured candidates)")
+    chk.check_samples_batch(samples, batch_size)
+    chk.check_int("--seed", seed, min=0, max=2**63 - 1)
+    chk.check_windows("--windows", windows)
+    chk.check_float("--kl", kl, min=0)
+    chk.check_float("--r", r, min=0)
+    chk.check_float("--energy", energy, min=0, max=1)
+    chk.check_float("--target-fraction", target_fraction, min=0, max=1, min_open=True)
+    chk.check_dtype(dtype)
+    chk.check_device(device)
+    chk.check_text_source("--calib", calib)
+    chk.check_seqlen("--seqlen", seqlen)
+    chk.check_seqlen("--eval-seqlen", eval_seqlen)
+    chk.check_output_file("--out", out)
+    chk.check_output_file("--out", hist_path_for(out))
+    chk.check_output_tree("--report", report)
     if report is not None:  # fail before the scan, not after, when the chart cannot be drawn
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise RecipeError("--report needs matplotlib: pip install 'quantkit[report]'") from None
-    status(f"loading {model or 'the embedded default model (SmolLM2-135M-Instruct)'} ...")
-    loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    with progress_bar("scanning") as on_block:
-        rep = api.scan(
-            loaded,
-            sch,
-            api.CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
-            device=device,
-            thresholds=Thresholds(kl, r, energy),
-            target_fraction=target_fraction,
-            measure_ppl=measure_ppl,
-            eval_cfg=api.EvalConfig(seqlen=eval_seqlen, windows=windows or None),
-            bins=bins,
-            stat_tokens=stat_tokens or None,
-            shortlist=shortlist,
-            fisher_windows=fisher_windows,
-            on_block=on_block,
-            on_step=status,
-        )
-    path = save_sensitive_layers(rep, out)
-    console.print(scan_table(rep))
-    from rich.table import Table
+    from quantkit.models.loading import check_source
 
-    t = Table(show_header=False)
-    for k, v in summary_rows(rep):
-        t.add_row(k, v)
-    t.add_row("written", f"{path} (+ {hist_path_for(path).name})")
+    check_source(model)
+    cfg = chk.model_config_of(model)  # the config alone: refuses a broken one, and bounds --seqlen
+    chk.check_seqlen("--seqlen", seqlen, cfg)
+    if target_fraction is not None or measure_ppl:
+        chk.check_seqlen("--eval-seqlen", eval_seqlen, cfg)
+    from quantkit.models.loading import describe_source
+
+    status(f"loading {describe_source(model)} ...")
+    outputs = [out, hist_path_for(out)]
     if report is not None:
-        report.mkdir(parents=True, exist_ok=True)
-        png = plot_report(rep, report / "sensitivity.png")
-        for p in (path, hist_path_for(path)):
-            if p.resolve() != (report / p.name).resolve():
-                shutil.copy2(p, report / p.name)
-        t.add_row("report", f"{png} + {path.name}")
-    console.print(t)
+        outputs += [report / "sensitivity.png", report / out.name, report / hist_path_for(out).name]
+    before = {p: _stamp(p) for p in outputs}
+    try:
+        loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        with progress_bar("scanning") as on_block:
+            rep = api.scan(
+                loaded,
+                sch,
+                api.CalibConfig(calib, calib_field, samples, seqlen, seed, batch_size),
+                device=device,
+                thresholds=Thresholds(kl, r, energy),
+                target_fraction=target_fraction,
+                measure_ppl=measure_ppl,
+                eval_cfg=api.EvalConfig(seqlen=eval_seqlen, windows=windows or None),
+                bins=bins,
+                stat_tokens=stat_tokens or None,
+                shortlist=shortlist,
+                fisher_windows=fisher_windows,
+                on_block=on_block,
+                on_step=status,
+            )
+        path = save_sensitive_layers(rep, out)
+        console.print(scan_table(rep))
+        from rich.table import Table
+
+        t = Table(show_header=False)
+        for k, v in summary_rows(rep):
+            t.add_row(k, v)
+        t.add_row("written", f"{path} (+ {hist_path_for(path).name})")
+        if report is not None:
+            report.mkdir(parents=True, exist_ok=True)
+            png = plot_report(rep, report / "sensitivity.png")
+            for p in (path, hist_path_for(path)):
+                if p.resolve() != (report / p.name).resolve():
+                    shutil.copy2(p, report / p.name)
+            t.add_row("report", f"{png} + {path.name}")
+        console.print(t)
+    except KeyboardInterrupt:
+        from quantkit.interrupts import Interrupted
+
+        # Each file is written whole (temp + rename): say which ones this run wrote before the Ctrl-C.
+        done = [str(p) for p in outputs if _stamp(p) is not None and _stamp(p) != before[p]]
+        raise Interrupted(f"wrote {', '.join(done)}; the rest was not written" if done else "nothing was written") \
+            from None
+
+
+def _stamp(p: Path):
+    try:
+        st = p.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        return None
 
 
 def register(app: typer.Typer) -> None:

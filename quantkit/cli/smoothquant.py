@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from quantkit.cli.methods import method_command
+from quantkit.errors import short_repr
 
 _ACT = ("dynamic", "static")
 _KV = ("none", "static", "dynamic")
@@ -18,14 +19,14 @@ def build_recipe(alpha: str, act: str, kv: str, kv_residual: bool, kv_tau: float
     from quantkit.recipe import PRESETS, ActQuantArgs, KVCacheArgs, Recipe, RecipeError, Scheme, Stage
 
     if act not in _ACT:
-        raise RecipeError(f"--act {act!r} is not one of {', '.join(_ACT)}")
+        raise RecipeError(f"--act {short_repr(act)} is not one of {', '.join(_ACT)}")
     if kv not in _KV:
-        raise RecipeError(f"--kv {kv!r} is not one of {', '.join(_KV)}")
+        raise RecipeError(f"--kv {short_repr(kv)} is not one of {', '.join(_KV)}")
     if alpha != "auto":
         try:
             a = float(alpha)
         except ValueError:
-            raise RecipeError(f"--alpha {alpha!r} must be a number in [0, 1] or 'auto'") from None
+            raise RecipeError(f"--alpha {short_repr(alpha)} must be a number in [0, 1] or 'auto'") from None
     else:
         a = "auto"
     acts = ActQuantArgs(8, "token", dynamic=True) if act == "dynamic" else ActQuantArgs(8, "tensor", dynamic=False)
@@ -56,10 +57,19 @@ def smoothquant(
     ] = "int8",
 ):
     """SmoothQuant W8A8: smooth activation outliers into the weights, W8 per-channel, A8 per-token (or static)."""
+    from quantkit.cli import validate as v
+    from quantkit.errors import short
     from quantkit.recipe import RecipeError
 
+    if alpha != "auto":
+        try:
+            a = float(alpha)
+        except ValueError:
+            raise RecipeError(f"--alpha {short(alpha, 40)!r} must be a number in [0, 1] or 'auto'") from None
+        v.check_float("--alpha", a, min=0, max=1, note=" (or auto)")
+    v.check_float("--kv-tau", kv_tau, min=0, min_open=True)
     if kv_format not in _KV_FORMATS:
-        raise RecipeError(f"--kv-format {kv_format!r} is not one of {', '.join(_KV_FORMATS)}")
+        raise RecipeError(f"--kv-format {short_repr(kv_format)} is not one of {', '.join(_KV_FORMATS)}")
     if kv == "none" and (kv_residual or kv_format != "int8"):
         raise RecipeError("--kv-residual and --kv-format need a KV cache: add --kv static or --kv dynamic")
     return build_recipe(alpha, act, kv, kv_residual, kv_tau), {"kv_format": kv_format}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 from typing import Annotated
 
 import typer
@@ -26,11 +28,11 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
     from quantkit.recipe import PRESETS, Recipe, RecipeError, Stage
 
     if scheme not in _SCHEMES:
-        raise RecipeError(f"--scheme {scheme!r} is not one of {', '.join(_SCHEMES)}")
+        raise RecipeError(f"--scheme {short_repr(scheme)} is not one of {', '.join(_SCHEMES)}")
     if rotation not in ROTATIONS:
-        raise RecipeError(f"--rotation {rotation!r} is not one of {', '.join(ROTATIONS)}")
+        raise RecipeError(f"--rotation {short_repr(rotation)} is not one of {', '.join(ROTATIONS)}")
     if quantizer not in _QUANTIZERS:
-        raise RecipeError(f"--quantizer {quantizer!r} is not one of {', '.join(_QUANTIZERS)}")
+        raise RecipeError(f"--quantizer {short_repr(quantizer)} is not one of {', '.join(_QUANTIZERS)}")
     s = PRESETS[scheme]
     if scheme == "W4A16":  # group 64 divides the default model's 576 / 1536 (128 does not divide 576)
         s = dataclasses.replace(s, weights=dataclasses.replace(s.weights, group_size=group_size or 64, symmetric=False))
@@ -76,6 +78,16 @@ def spinquant(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random Hadamard start and the calibration sample.")] = 0,
 ):
     """SpinQuant: rotate the model (R1/R2 folded, R3/R4 online for W4A4KV4), then quantize with GPTQ or RTN."""
+    from quantkit.cli import validate as v
+
+    v.check_int("--group-size", group_size, min=1)
+    v.check_int("--iters", iters, min=1)
+    v.check_int("--train-batch", train_batch, min=1)
+    v.check_float("--lr", lr, min=0, min_open=True)
+    v.check_int("--train-samples", train_samples, min=1)
+    v.check_seqlen("--train-seqlen", train_seqlen)
+    v.check_int("--val-samples", val_samples, min=0, note=" (0 = no held-out check)")
+    v.check_int("--val-every", val_every, min=1)
     return build_recipe(scheme, rotation, quantizer, group_size=group_size, iters=iters, lr=lr, optimizer=optimizer,
                         train_samples=train_samples, train_seqlen=train_seqlen, seed=seed,
                         train_weights=train_weights, val_samples=val_samples, val_every=val_every,

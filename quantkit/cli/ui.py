@@ -25,11 +25,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+MAX_MESSAGE = 600  # characters: no error line echoes an unbounded value, whatever raised it
+
+
+def _bounded(message: str) -> str:
+    line = message.splitlines()[0] if message else ""
+    if len(line) > MAX_MESSAGE:
+        line = line[: MAX_MESSAGE // 2] + " … " + line[-(MAX_MESSAGE // 2) :]
+    return line
+
+
 def fail(message: str, code: int = 2) -> None:
     from rich.markup import escape
 
     # The message is plain text: brackets in it (e.g. `pip install 'quantkit[report]'`) are not markup.
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(_bounded(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -52,8 +62,23 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get(DEBUG_ENV):
                 raise
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=1)
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]; nothing was written")
+        except OSError as e:
+            import errno
+
+            if os.environ.get(DEBUG_ENV):
+                raise
+            if e.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):  # a path given wrong
+                from quantkit.errors import short
+
+                fail(f"{short(str(e.filename or ''), 160)}: {(e.strerror or str(e)).lower()}; pass a usable path", code=2)
+            fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (run with --debug for the traceback)",
+                 code=1)
+        except KeyboardInterrupt as e:
+            from rich.markup import escape
+
+            # A command that writes files raises quantkit.interrupts.Interrupted saying what is on disk.
+            what = getattr(e, "message", None) or "nothing was written"
+            err_console.print(f"[yellow]interrupted[/]; {escape(_bounded(what))}", highlight=False, soft_wrap=True)
             raise typer.Exit(130)
         except Exception as e:
             if os.environ.get(DEBUG_ENV):
@@ -100,4 +125,4 @@ def progress_bar(total_label: str = "calibrating"):
 def status(message: str) -> None:
     from rich.markup import escape
 
-    err_console.print(escape(message), highlight=False)
+    err_console.print(escape(message), highlight=False, soft_wrap=True)

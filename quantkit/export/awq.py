@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.export.atomic import check_output_dir
+from quantkit.export.atomic import check_output_dir, source_paths
 from quantkit.export.common import Layout, validate_modules, write_checkpoint
 from quantkit.quant.core import QuantizedTensor
 from quantkit.quant.model import QuantizedModel
@@ -129,7 +129,7 @@ def export_awq(qmodel: QuantizedModel, out: Path, *, overwrite: bool = False, ma
     mixed schemes, out_features not divisible by 8).
     """
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, protect=source_paths(qmodel.source))
     quantized, ignore = validate_modules(qmodel)
     args_set = {qt.args for qt in qmodel.modules.values()}
     if len(args_set) > 1:

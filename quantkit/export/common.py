@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.export.atomic import ExportError, atomic_output_dir
+from quantkit.export.atomic import ExportError, atomic_output_dir, source_paths
 from quantkit.export.manifest import build_manifest, write_manifest
 from quantkit.quant.core import QuantizedTensor
 from quantkit.quant.model import QuantizedModel
@@ -249,9 +249,12 @@ def write_checkpoint(
     mismatched: list[str] = []
     units = plan_units(qmodel, quantized, layout, mismatched, extra_tensors)  # refuses offloaded (meta) tensors before any write
     export_warnings = list(export_warnings)
-    with atomic_output_dir(out, overwrite) as tmp:
+    from quantkit.interrupts import reached
+
+    with atomic_output_dir(out, overwrite, protect=source_paths(qmodel.source)) as tmp:
         with torch.no_grad():
             write_weights(units, tmp, max_shard_bytes)
+            reached("export.weights")
             manifest_extra = side_files(tmp) if side_files is not None else None
         if mismatched:
             export_warnings.append(

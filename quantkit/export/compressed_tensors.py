@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.export.atomic import check_output_dir
+from quantkit.errors import short, short_repr
+from quantkit.export.atomic import check_output_dir, source_paths
 from quantkit.export.common import (  # noqa: F401  (SAFE_* re-exported for callers)
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -113,7 +114,7 @@ def ct_kv_args(kv, kv_format: str = "int8") -> dict[str, Any]:
     static cache, the only KV cache vLLM loads.
     """
     if kv_format not in KV_FORMATS:
-        raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(KV_FORMATS)}")
+        raise ValueError(f"kv_format {short_repr(kv_format)} is not one of {', '.join(KV_FORMATS)}")
     if kv_format == "fp8":
         return {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor", "dynamic": False}
     dynamic = kv.dynamic
@@ -343,8 +344,8 @@ def export_compressed_tensors(
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if kv_format not in KV_FORMATS:
-        raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(KV_FORMATS)}")
-    check_output_dir(out, overwrite)
+        raise ValueError(f"kv_format {short_repr(kv_format)} is not one of {', '.join(KV_FORMATS)}")
+    check_output_dir(out, overwrite, protect=source_paths(qmodel.source))
     quantized, ignore = validate_modules(qmodel)
     scheme = qmodel.recipe.scheme
     acts, kv = scheme.input_activations, scheme.kv_cache
@@ -423,15 +424,37 @@ class SafetensorsHeaderError(ManifestError):
 
 
 _MAX_HEADER = 100 * 1024**2  # safetensors itself refuses headers above 100 MB
+# Bits per element of every dtype safetensors 0.8 reads (its own list; sub-byte types pack).
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    pass
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a .safetensors file (tensor name -> dtype/shape/data_offsets), no data read.
 
-    Checks what a reader would trip on: the 8-byte length, that the header fits in
-    the file, is a JSON object of {dtype: str, shape: [int], data_offsets: [begin, end]}
-    and that every tensor's bytes lie inside the file. Raises SafetensorsHeaderError
-    naming the file.
+    Checks everything safetensors checks before it reads a byte of data, so a damaged file
+    is one SafetensorsHeaderError naming it, never a SafetensorError deep in a loader:
+    the 8-byte length, that the header fits in the file and is a JSON object without
+    duplicate names, each entry {dtype: a known dtype, shape: [int >= 0], data_offsets:
+    [begin, end]}, that each tensor's byte range is exactly its shape times its dtype's
+    size, and that the ranges, sorted, tile the data section with no overlap, gap or
+    trailing bytes.
     """
     path = Path(path)
 
@@ -440,7 +463,12 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                                       "re-export or re-download it")
 
     try:
-        size = path.stat().st_size
+        import stat as stat_mod
+
+        st = path.stat()
+        if not stat_mod.S_ISREG(st.st_mode):  # a pipe would block the read forever
+            raise bad("not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
@@ -452,14 +480,20 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise bad(f"unreadable: {e.strerror or e}") from e
     try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise bad(f"tensor name {short(str(e.args[0]), 60)!r} appears twice") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise bad("header is not JSON") from e
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("__metadata__ is not a map of strings")
     data_len = size - 8 - n
+    spans = []
     for key, info in header.items():
+        name = short(str(key), 60)
         ok = (
             isinstance(info, dict)
             and isinstance(info.get("dtype"), str)
@@ -471,7 +505,26 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             and 0 <= info["data_offsets"][0] <= info["data_offsets"][1] <= data_len
         )
         if not ok:
-            raise bad(f"entry {str(key)[:80]!r} is malformed or points outside the file")
+            raise bad(f"entry {short_repr(name)} is malformed or points outside the file")
+        bits = SAFETENSORS_DTYPE_BITS.get(info["dtype"])
+        if bits is None:
+            raise bad(f"entry {name!r} has unknown dtype {short(info['dtype'], 20)!r}")
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        begin, end = info["data_offsets"]
+        if numel * bits != (end - begin) * 8:
+            raise bad(f"entry {name!r}: {info['dtype']} of shape {short(info['shape'], 60)} needs "
+                      f"{numel * bits / 8:g} bytes, its byte range holds {end - begin}")
+        spans.append((begin, end, name))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            why = "overlaps the tensor before it" if begin < pos else f"leaves a gap of {begin - pos} bytes before it"
+            raise bad(f"entry {short_repr(name)} at bytes {begin}..{end} {why}")
+        pos = end
+    if pos != data_len:
+        raise bad(f"{data_len - pos} bytes after the last tensor are not covered by the header")
     return header
 
 

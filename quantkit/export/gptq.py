@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.export.atomic import check_output_dir
+from quantkit.export.atomic import check_output_dir, source_paths
 from quantkit.export.awq import fp16_scale_warnings
 from quantkit.export.common import Layout, validate_modules, write_checkpoint
 from quantkit.quant.core import QuantizedTensor
@@ -136,7 +136,7 @@ def export_gptq(qmodel: QuantizedModel, out: Path, *, overwrite: bool = False, m
     schemes, a zero point at the bottom of the range).
     """
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, protect=source_paths(qmodel.source))
     quantized, ignore = validate_modules(qmodel)
     args_set = {qt.args for qt in qmodel.modules.values()}
     if len(args_set) > 1:

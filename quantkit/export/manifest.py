@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError
+from quantkit.errors import UsageError, short
 
 MANIFEST_NAME = "quantkit.json"
 # sha256 of quantkit.json itself, written beside it: a changed byte anywhere in the
@@ -122,8 +122,8 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             m = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ManifestError(f"{path} is not valid JSON: {short(str(e) or type(e).__name__, 120)}") from e
     v = m.get("format_version") if isinstance(m, dict) else None
     if not isinstance(v, int):
         raise ManifestError(f"{path} has no integer format_version; it is not a quantkit manifest")
@@ -144,6 +144,10 @@ def verify_checkpoint(ckpt_dir: Path) -> list[str]:
     """
     ckpt_dir = Path(ckpt_dir)
     side = ckpt_dir / MANIFEST_HASH_NAME
+    for name in (MANIFEST_NAME, MANIFEST_HASH_NAME):
+        p = ckpt_dir / name
+        if (p.exists() or p.is_symlink()) and not p.is_file():
+            return [f"{name}: not a regular file"]
     if side.is_file() and (ckpt_dir / MANIFEST_NAME).is_file():
         try:
             want = side.read_text(encoding="utf-8").split()[0]
@@ -164,6 +168,9 @@ def verify_checkpoint(ckpt_dir: Path) -> list[str]:
     for rel, meta in sorted(expected.items()):
         if rel not in present:
             problems.append(f"{rel}: missing")
+            continue
+        if not (ckpt_dir / rel).is_file():  # a device, pipe or dangling link: reading it could block forever
+            problems.append(f"{rel}: not a regular file")
             continue
         size = (ckpt_dir / rel).stat().st_size
         if size != meta.get("bytes"):

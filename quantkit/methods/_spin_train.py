@@ -25,6 +25,8 @@ something that scores worse there than its start).
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
@@ -207,11 +209,11 @@ def train_rotations(
     from quantkit.quant.rotation import normalized_hadamard
 
     if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+        raise ValueError(f"estimator {short_repr(estimator)} is not one of {', '.join(ESTIMATORS)}")
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"optimizer {short_repr(optimizer)} is not one of {', '.join(OPTIMIZERS)}")
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        raise ValueError(f"objective {short_repr(objective)} is not one of {', '.join(OBJECTIVES)}")
     if val_every < 1:
         raise ValueError("val_every must be a positive integer")
     device = torch.device(device)

@@ -23,6 +23,8 @@ alpha, the loss curve and the scales, and per linear the chosen clip shrinks.
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,13 +133,13 @@ def _subblock_loss(module: nn.Module, record: _Record) -> float:
 
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RecipeError(f"awq option {name}={value!r} is invalid; use an integer >= {low}")
+        raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use an integer >= {low}")
     return value
 
 
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise RecipeError(f"awq option {name}={value!r} is invalid; use true or false")
+        raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use true or false")
     return value
 
 
@@ -174,7 +176,7 @@ class AWQ(Method):
         self.clip_grid = _check_int("clip_grid", options.get("clip_grid", 20), 1)
         ms = options.get("max_shrink", 0.5)
         if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms < 1:
-            raise RecipeError(f"awq option max_shrink={ms!r} is invalid; use a number in [0, 1), e.g. 0.5")
+            raise RecipeError(f"awq option max_shrink={short_repr(ms)} is invalid; use a number in [0, 1), e.g. 0.5")
         self.max_shrink = float(ms)
         ss = options.get("search_samples", 8)
         self.search_samples = None if ss is None else _check_int("search_samples", ss, 1)

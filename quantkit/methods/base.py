@@ -9,6 +9,8 @@ the quantized block) and records each quantized linear in `ctx.results`.
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -79,7 +81,7 @@ class Method:
         unknown = set(options) - set(self.options)
         if unknown:
             allowed = ", ".join(self.options) or "none"
-            raise RecipeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; allowed: {allowed}")
+            raise RecipeError(f"method {short_repr(self.name)} has no option(s) {sorted(unknown)}; allowed: {allowed}")
         self.scheme = scheme
         self.opts = options
 
@@ -111,7 +113,7 @@ def register_method(name: str):
 
     def wrap(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method {name!r} is registered twice")
+            raise ValueError(f"method {short_repr(name)} is registered twice")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -135,7 +137,7 @@ def _load_builtin_methods() -> None:
 def get_method(name: str) -> type[Method]:
     _load_builtin_methods()
     if name not in _REGISTRY:
-        raise RecipeError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise RecipeError(f"unknown method {short_repr(name)}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 

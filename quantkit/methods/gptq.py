@@ -19,6 +19,8 @@ Hessian from the block as it was when the stage began.
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -83,15 +85,15 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
     out = {**DEFAULTS, **opts}
     damp = out["damp"]
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
-        raise RecipeError(f"gptq option damp={damp!r} must be a number in (0, 1]; e.g. damp: 0.01")
+        raise RecipeError(f"gptq option damp={short_repr(damp)} must be a number in (0, 1]; e.g. damp: 0.01")
     bs = out["block_size"]
     if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
-        raise RecipeError(f"gptq option block_size={bs!r} must be a positive integer; e.g. block_size: 128")
+        raise RecipeError(f"gptq option block_size={short_repr(bs)} must be a positive integer; e.g. block_size: 128")
     for key in ("act_order", "true_sequential"):
         if not isinstance(out[key], bool):
-            raise RecipeError(f"gptq option {key}={out[key]!r} must be true or false")
+            raise RecipeError(f"gptq option {key}={short_repr(out[key])} must be true or false")
     if out["backend"] not in BACKENDS:
-        raise RecipeError(f"gptq option backend={out['backend']!r} must be one of {', '.join(BACKENDS)}")
+        raise RecipeError(f"gptq option backend={short_repr(out['backend'])} must be one of {', '.join(BACKENDS)}")
     out["damp"] = float(damp)
     return out
 

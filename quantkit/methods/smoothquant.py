@@ -23,6 +23,8 @@ so the next stage sees the smoothed inputs (H' = diag(1/s) H diag(1/s)).
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 from typing import Any
 
 import torch
@@ -87,13 +89,13 @@ class SmoothQuant(Method):
             try:
                 alpha = float(alpha)
             except ValueError:
-                raise RecipeError(f"smoothquant alpha={alpha!r} must be a number in [0, 1] or 'auto'") from None
+                raise RecipeError(f"smoothquant alpha={short_repr(alpha)} must be a number in [0, 1] or 'auto'") from None
         if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise RecipeError(f"smoothquant alpha={alpha!r} must be a number in [0, 1] or 'auto'")
+            raise RecipeError(f"smoothquant alpha={short_repr(alpha)} must be a number in [0, 1] or 'auto'")
         self.alpha = alpha
         grid = options.get("alpha_grid", DEFAULT_GRID)
         if not grid or not all(isinstance(a, (int, float)) and 0.0 <= a <= 1.0 for a in grid):
-            raise RecipeError(f"smoothquant alpha_grid={grid!r} must be a non-empty list of numbers in [0, 1]")
+            raise RecipeError(f"smoothquant alpha_grid={short_repr(grid)} must be a non-empty list of numbers in [0, 1]")
         self.grid = tuple(float(a) for a in grid)
         self.chosen: dict[str, float] = {}  # block name -> alpha used (the artifact of an auto search)
 

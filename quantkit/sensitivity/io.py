@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError
+from quantkit.errors import UsageError, short_repr
 
 FORMAT = "quantkit-sensitive-layers"
 VERSION = 2
@@ -219,11 +219,11 @@ def _check_layer(i: int, e: Any, where: str) -> None:
             ok = False
         if not ok:
             raise SensitiveLayersError(
-                f"{where}: layers[{i}] has no valid {key!r} (expected {typ.__name__}); re-run `quantkit scan`"
+                f"{where}: layers[{i}] has no valid {short_repr(key)} (expected {typ.__name__}); re-run `quantkit scan`"
             )
     if e["flag"] not in _FLAGS_RE:
         raise SensitiveLayersError(
-            f"{where}: layers[{i}] ({e['name']}) has flag {e['flag']!r}; expected one of {', '.join(_FLAGS_RE)}"
+            f"{where}: layers[{i}] ({e['name']}) has flag {short_repr(e['flag'])}; expected one of {', '.join(_FLAGS_RE)}"
         )
     r = e.get("R")
     if r is not None and (not isinstance(r, (int, float)) or isinstance(r, bool)):
@@ -245,16 +245,16 @@ def load_sensitive_layers(path: str | Path, model=None) -> SensitiveLayers:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SensitiveLayersError(f"{path} is not valid JSON ({e}); re-run `quantkit scan`") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise SensitiveLayersError(f"{path} is not a sensitive_layers file (format {FORMAT!r}); re-run `quantkit scan`")
+        raise SensitiveLayersError(f"{path} is not a sensitive_layers file (format {short_repr(FORMAT)}); re-run `quantkit scan`")
     v = data.get("version")
     if v not in READABLE_VERSIONS:
         raise SensitiveLayersError(
-            f"{path} has version {v!r}; this quantkit reads versions {', '.join(map(str, READABLE_VERSIONS))}: "
+            f"{path} has version {short_repr(v)}; this quantkit reads versions {', '.join(map(str, READABLE_VERSIONS))}: "
             "re-run `quantkit scan` with this quantkit"
         )
     for key in ("scheme", "thresholds", "layers"):
         if key not in data:
-            raise SensitiveLayersError(f"{path} has no {key!r}; re-run `quantkit scan`")
+            raise SensitiveLayersError(f"{path} has no {short_repr(key)}; re-run `quantkit scan`")
     if not isinstance(data["layers"], list) or not data["layers"]:
         raise SensitiveLayersError(f"{path} lists no layers; re-run `quantkit scan`")
     try:
