@@ -289,3 +289,33 @@ def test_generation_past_max_positions_is_refused(tmp_path, tiny_tokenizer):
     rt = runtime.load(path, device="cpu")
     with pytest.raises(UsageError, match="exceed the model's max_position_embeddings 256"):
         rt.generate([IDS[0, :40].tolist()], max_new_tokens=300)
+
+
+def test_monitor_statistics_and_skew_rule():
+    """KL and skewness of a window against the calibration histogram; the skew drift rule applies only
+    to linears whose calibration skewness is moderate."""
+    from quantkit.runtime.monitor import FallbackMonitor, histogram_skewness
+
+    bins, lo, hi = 64, -4.0, 4.0
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randn(200000, generator=g)
+    counts = torch.histc(calib, bins, lo, hi)
+    hists = {"a": (counts, (lo, hi), 0.0), "b": (counts, (lo, hi), 40.0), "c": (counts, (lo, hi))}
+    assert abs(histogram_skewness(counts, lo, hi)) < 0.05
+    mon = FallbackMonitor(hists, ["b", "a", "c"], 2, "cpu", bins=bins, kl_threshold=1e9)  # skew alone decides
+    assert mon.skew_active == [False, True, True]
+    mon.row_sample = torch.tensor([0, 0, 1, 1])
+    mon.row_weight = torch.ones(4)
+    same = torch.randn(4, 5000, generator=g)
+    skewed = torch.where(torch.rand(4, 5000, generator=g) < 0.97, torch.randn(4, 5000, generator=g) * 0.3,
+                         torch.rand(4, 5000, generator=g) * 4)  # a heavy right tail: skew well above 3
+    for i, y in enumerate((skewed, skewed, same)):
+        y = y.clone()
+        y[:2] = same[:2]  # sample 0 looks like calibration everywhere
+        mon.observe(i, y)
+    kl, skew = mon.statistics()
+    assert (kl[:, 0] < 0.02).all() and abs(skew[1, 0]) < 0.2
+    assert skew[0, 1] > 3 and skew[1, 1] > 3 and kl[1, 1] > 0.02
+    fired = mon.check([0, 1], {0: 63, 1: 63})
+    assert fired == [1]
+    assert [(s.layer, s.statistic) for s in mon.switches] == [("a", "skew")]  # "b" (heavy-tailed calibration) ignored

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from quantkit.cli.runtime_options import FallbackOpt, RtDeviceOpt, check_output_file
+from quantkit.cli.runtime_options import FallbackOpt, RtDeviceOpt
 from quantkit.cli.ui import console, fail, handle_errors, status
 
 
@@ -70,7 +70,10 @@ def bench_cmd(
         raise UsageError("--layers must be >= 1")
     if not 0 <= mixed_fraction < 1:
         raise UsageError("--mixed-fraction must be in [0, 1)")
-    check_output_file(json_out)
+    from quantkit.cli.validate import check_device, check_output_file
+
+    check_output_file("--json", json_out)
+    check_device(device)
     sch = _scheme(scheme, group_size) if shape is not None else None
     if shape is not None:
         from quantkit.models.random import SHAPES
@@ -100,7 +103,9 @@ def bench_cmd(
                   "" if r["fallback_rate"] is None else f"{r['fallback_rate']:.1%}")
     console.print(t)
     if json_out is not None:
-        json_out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        from quantkit.cli.methods import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps({"rows": rows}, indent=2) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -76,7 +76,19 @@ def eval_cmd(
         raise UsageError("--fallback needs --runtime (the monitor runs on the runtime)")
 
     from quantkit.api import EvalConfig
+    from quantkit.cli.validate import check_eval_options
 
+    # Everything that can be refused without loading a model: one line, exit 2, before any work.
+    check_eval_options(
+        seqlen=seqlen, windows=windows, batch_size=batch_size, json_out=json_out, data=data, dtype=dtype,
+        device=device, kv_tau=kv_tau, calib_samples=calib_samples,
+        models=([baseline] if baseline else []) + list(models or [None]),
+    )
+    if fallback or use_runtime:
+        from quantkit.cli.validate import check_float
+
+        check_float("--kl-threshold", kl_threshold, min=0, min_open=True)
+        check_float("--skew-threshold", skew_threshold, min=0, min_open=True)
     cfg = EvalConfig(data=data, field=field, seqlen=seqlen, windows=windows or None, batch_size=batch_size)
     rows = []
     ref_windows = None
@@ -120,7 +132,9 @@ def eval_cmd(
         t.add_row(r["role"], r["model"], simd, f"{r['ppl']:.4f}", rel, f"{r['seconds']:.1f}")
     console.print(t)
     if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        from quantkit.cli.methods import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")
 
 
 def _eval_dense(role, spec, cfg, device, dtype, trust_remote_code, simulate_act, simulate_kv, kv_tau, calib_samples,

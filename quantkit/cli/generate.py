@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from quantkit.cli.runtime_options import (FallbackLayersOpt, FallbackOpt, HistOpt, KLOpt, RtDeviceOpt, RtDtypeOpt,
-                                          SkewOpt, check_output_file, fallback_layers)
+                                          SkewOpt, fallback_layers)
 from quantkit.cli.ui import console, err_console, fail, handle_errors, status
 
 
@@ -46,10 +46,16 @@ def generate_cmd(
     """Generate from a checkpoint on quantkit's runtime; one prompt streams its tokens as they come.
 
     The runtime runs the Triton kernels on a GPU and their torch references on CPU."""
+    from quantkit.cli.validate import check_device, check_dtype, check_float, check_output_file
+
     check_generation_options(max_new_tokens, temperature, top_p)
     if not prompt:
         fail("give at least one --prompt")
-    check_output_file(json_out)
+    check_output_file("--json", json_out)
+    check_device(device)
+    check_dtype(dtype)
+    check_float("--kl-threshold", kl_threshold, min=0, min_open=True)
+    check_float("--skew-threshold", skew_threshold, min=0, min_open=True)
     from quantkit import runtime
     from quantkit.runtime.calibrate import attach_fallback
 
@@ -105,7 +111,9 @@ def generate_cmd(
         err_console.print(f"  fallback: request {s['request']} -> FP16 at token {s['token']} ({s['layer']}: "
                           f"{s['statistic']} = {s['value']:.3g})", highlight=False)
     if json_out is not None:
-        json_out.write_text(json.dumps({"prompts": texts, **res}, indent=2) + "\n")
+        from quantkit.cli.methods import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps({"prompts": texts, **res}, indent=2) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -30,20 +30,3 @@ RtDtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, the
 def fallback_layers(value: str | None) -> list[str] | None:
     return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
-
-def check_output_file(path: Path | None) -> None:
-    """Refuse, before any work, an output file that could not be written (a dir, an unwritable place)."""
-    import os
-
-    from quantkit.errors import UsageError
-
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"{p} is a directory; give a file name")
-    parent = p.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"cannot write {p} (permission denied); choose another path")

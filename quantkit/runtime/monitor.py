@@ -13,9 +13,11 @@ compared with the calibration histogram Q:
 KL > kl_threshold (default 0.02) or a skew drift > skew_threshold (default 3) on any monitored linear
 flips that request's sample bit to FP16 for the rest of the request (`PrecisionState`); every
 switch is logged (request, token index, layer, statistic, value). The skew criterion is measured
-from the calibration skewness, not from 0: several linears of the default model have a skewness of
-8 to 100 on the calibration text itself (measured: benchmarks/fallback.py), so |skew| > 3 would move
-every request to FP16. The accumulation is a few
+from the calibration skewness, not from 0, and only on linears whose calibration skewness is itself
+within the threshold: several linears of the default model have a skewness of 8 to 100 on the
+calibration text, and on those a window's skewness swings with a few outlier tokens (layer 10's
+down_proj: from -0.06 to -75 across in-domain windows, measured with benchmarks/fallback.py), so
+|skew| > 3, or a drift of 3 from the calibration value, would move every request to FP16. The accumulation is a few
 device ops per monitored linear inside the forward (captured by CUDA graphs); the check runs
 between steps, once per completed window, and reads back one small tensor.
 """
@@ -89,6 +91,10 @@ class FallbackMonitor:
         self.log_q = (q / q.sum(-1, keepdim=True)).log().to(device)  # (n, bins)
         self.skew_ref = [float(hists[n][2]) if len(hists[n]) > 2 and hists[n][2] is not None
                          else histogram_skewness(hists[n][0], *hists[n][1]) for n in layers]
+        # Skewness is a drift signal only where the calibration distribution is not itself heavy-tailed: on
+        # a linear whose calibration skewness exceeds the threshold, a window's skewness follows its few
+        # outlier tokens (the default model's layer-10 down_proj: -0.06 to -75 on in-domain windows).
+        self.skew_active = [abs(r) <= self.skew_threshold for r in self.skew_ref]
         self._lo = [float(hists[n][1][0]) for n in layers]
         self._inv_w = [self.bins / (float(hists[n][1][1]) - float(hists[n][1][0])) for n in layers]
         n = len(layers)
@@ -157,7 +163,7 @@ class FallbackMonitor:
                 stat = None
                 if k == k and k > self.kl_threshold:
                     stat, val = "kl", k
-                elif sk == sk and abs(sk - self.skew_ref[i]) > self.skew_threshold:
+                elif sk == sk and self.skew_active[i] and abs(sk - self.skew_ref[i]) > self.skew_threshold:
                     stat, val = "skew", sk
                 if stat is not None:
                     self.switches.append(Switch(s, int(last_token.get(s, -1)), name, stat, val))
