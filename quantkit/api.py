@@ -82,7 +82,7 @@ def check_recipe_fits(model, recipe: Recipe) -> None:
 def needs_calibration(recipe: Recipe) -> bool:
     """Whether running the recipe reads calibration text (a data-free RTN does not)."""
     from quantkit.methods.base import build_methods
-    from quantkit.quant.simulate import needs_static_scales
+    from quantkit.quant.static import needs_static_scales
 
     scheme = recipe.scheme
     return any(m.uses_data for m in build_methods(recipe)) or needs_static_scales(

@@ -12,6 +12,13 @@ from quantkit.recipe import PRESETS, KVCacheArgs, QuantArgs, Recipe, Scheme, Sta
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True)
+def _torch_references(monkeypatch):
+    """The kernels' torch references on CPU (tests/kernels' conftest may have set TRITON_INTERPRET=1: the
+    interpreter would run this model for hours)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
 SCHEMES = {
     "W4A16": Recipe(Scheme(QuantArgs(4, 64, False)), (Stage("rtn"),)),
     "W8A8": Recipe(PRESETS["W8A8"], (Stage("smoothquant", {"alpha": 0.5}),)),
