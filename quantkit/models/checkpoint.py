@@ -56,6 +56,20 @@ def empty_model(config, dtype: torch.dtype, device: str | torch.device = "cpu"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def load_into(model, state_dict: dict, path, *, assign: bool = False) -> None:
+    """Load `state_dict` into `model` (tying lm_head to the embeddings when the config ties them); refuse
+    tensors the model does not have and parameters the checkpoint lacks, naming the first of each.
+    assign: the tensors replace the model's (a meta skeleton takes them as they are)."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=assign)
+    if unexpected:
+        raise CheckpointError(f"{path} holds tensors the model does not have, e.g. {unexpected[0]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing:
+        raise CheckpointError(f"{path} is missing tensors, e.g. {missing[0]}")
+
+
 def load_quantkit_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, verify: bool = True):
     """(model, tokenizer, manifest) from a quantkit checkpoint dir; model dense, eval mode, on CPU.
 
@@ -71,14 +85,7 @@ def load_quantkit_checkpoint(path: str | Path, *, dtype: torch.dtype | None = No
         dtype = checkpoint_dtype(cfg_dict)
     sd = dense_state_dict(path, manifest["modules"], dtype, manifest["format"])
     model = empty_model(config, dtype)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise CheckpointError(f"{path} holds tensors the model does not have, e.g. {unexpected[0]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing:
-        raise CheckpointError(f"{path} is missing tensors, e.g. {missing[0]}")
+    load_into(model, sd, path)
     model.eval()
     model.config.use_cache = False
     if manifest.get("online_rotations"):

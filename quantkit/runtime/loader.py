@@ -98,7 +98,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
 
     from quantkit.export.reader import (STATIC_SUFFIXES, CheckpointTensors, is_quantkit_checkpoint, read_module,
                                         read_static_scales)
-    from quantkit.models.checkpoint import checkpoint_config, checkpoint_dtype, empty_model, verified_manifest
+    from quantkit.models.checkpoint import checkpoint_config, checkpoint_dtype, empty_model, load_into, verified_manifest
     from quantkit.recipe import QuantArgs, Scheme
 
     path = Path(path)
@@ -156,14 +156,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
             continue
         t = tensors.get(key)
         sd[key] = t.to(dev, dt) if t.is_floating_point() else t.to(dev)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    if unexpected:
-        raise RuntimeLoadError(f"{path} holds tensors the model does not have, e.g. {unexpected[0]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing:
-        raise RuntimeLoadError(f"{path} is missing tensors, e.g. {missing[0]}")
+    load_into(model, sd, path, assign=True)
     _rebuild_buffers(model, dev)
     _no_meta_left(model, path)
     model.eval()
