@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.kernels._common import use_triton
 from quantkit.quant.core import QuantizedTensor
 
 KINDS = ("wna16", "w8a8", "ref", "dense")
@@ -76,6 +77,7 @@ class QuantLinear(nn.Module):
         self.pinned = w_fp16 is not None and kind != "dense"  # sensitive: FP16 until released
         self.force_fp16 = self.pinned or kind == "dense"
         self.ctl: StepControl | None = None
+        self._cpu_integers = None  # see _integers
         self.parts: list[tuple[str, int]] = [(name, out_features)]  # fused: (member name, out_features)
 
     # ------------------------------------------------------------------ construction
@@ -126,6 +128,8 @@ class QuantLinear(nn.Module):
         from quantkit.kernels import act_quant, w8a8, wna16
 
         if self.kind == "wna16":
+            if not x.is_cuda and not use_triton(x):  # the reference's math, without unpacking every call
+                return F.linear(x, _dequantize(*self._integers(), x.dtype), self.bias)
             return wna16.wna16_linear(x, self.packed, self.bias)
         if self.kind == "w8a8":
             a = self.act
@@ -146,6 +150,17 @@ class QuantLinear(nn.Module):
                 x = fake_quantize_activations(x, self.act, self.act_scale)
             return F.linear(x, _dequantize(*self.canonical, x.dtype), self.bias)
         return F.linear(x, self.w_fp16, self.bias)
+
+    def _integers(self):
+        """(q int8 (N, K), scale (N, G) fp32, zero (N, G) int8 | None) of a packed W4/W8A16 weight, unpacked
+        once. Only the CPU path keeps them (int8, not a dense float copy): the kernels' torch reference would
+        unpack the words on every call, ~10 ms per linear of the default model."""
+        if self._cpu_integers is None:
+            from quantkit.kernels.wna16 import _unpack_ref
+
+            w = self.packed
+            self._cpu_integers = _unpack_ref(w.qw, w.scales, w.zeros, w.bits, w.group_size, w.N, w.K)
+        return self._cpu_integers
 
     def _fp16(self, x: torch.Tensor) -> torch.Tensor:
         if self.w_fp16 is not None:
