@@ -33,6 +33,8 @@ import triton  # noqa: E402
 from quantkit.kernels import act_quant, mixed, w8a8, wna16  # noqa: E402
 from quantkit.kernels._common import gpu_key, m_bucket  # noqa: E402
 
+import peers  # noqa: E402  (benchmarks/peers.py)
+
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 MS = [1, 16, 64, 256, 2048, 8192]
 CHECK_MS = [1, 3, 17, 100]
@@ -229,9 +231,16 @@ def main():
                          "(others use the shipped configs)")
     ap.add_argument("--md", default=None, help="write the markdown tables here")
     ap.add_argument("--json", default=None, help="write the tuned configs here")
+    ap.add_argument("--write-configs", action="store_true",
+                    help="merge the tuned configs into quantkit/kernels/configs/<gpu>.json (what the kernels read)")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,6144x4096 (N x K)")
     ap.add_argument("--ms", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under TRITON_INTERPRET=1 (tiny shapes)")
+    ap.add_argument("--peers", action="store_true",
+                    help="only: quantkit vs the peer kernels (cuBLAS, tinygemm, GemLite), eager and CUDA-graph")
+    ap.add_argument("--gemlite", default=None, help="with --peers: directory holding GemLite's source package")
+    ap.add_argument("--tune-gemv1", action="store_true",
+                    help="with --peers: search the W4A16 M=1 streaming GEMV and the W8A8 M<=16 GEMV configs")
     ap.add_argument("--mixed-study", action="store_true",
                     help="only: FP16-loop variants (BLOCK_KF, STAGES_F) of mixed mode vs plain W8A8 / cuBLAS")
     args = ap.parse_args()
@@ -256,6 +265,8 @@ def main():
     log(f"ceilings: copy {bw / 1e12:.2f} TB/s (read+write), fp16 mm {r16 / 1e12:.0f} TFLOP/s, "
         f"int8 _int_mm {ri8 / 1e12:.0f} TOP/s (8192^3)")
 
+    if args.peers:
+        return peer_study(dev, gen, shapes, ms, bw, args)
     if args.mixed_study:
         return mixed_study(dev, gen, shapes if args.shapes else [(28672, 4096), (4096, 4096)], ms if args.ms else
                            [64, 256, 2048])
@@ -385,6 +396,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(tuned, f, indent=1)
+    if args.write_configs:
+        save_configs(tuned)
 
     md = report(rows, name, bw, r16, ri8, fails, args)
     log("")
@@ -442,6 +455,219 @@ def overhead_study(dev, gen):
 
 
 OVERHEAD = []
+
+
+# ----------------------------------------------------------------------------- peers (issue 19)
+
+ROT_BYTES = 150e6  # graph timings rotate over weight copies totalling >= this (L2 is 60 MB): no L2-resident weights
+
+
+def bench_graph_rot(fns, rep=20):
+    """do_bench_cudagraph over a list of calls on distinct weight copies, per call (weights not L2-resident)."""
+    return bench_graph(lambda: [f() for f in fns], rep=rep) / len(fns)
+
+
+def gemv1_candidates():
+    G = wna16._gemv1
+    return [G(bn, sk, u, w) for bn, sk, u, w in [
+        (64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 2, 4), (64, 2, 8, 4), (64, 4, 2, 4), (32, 2, 4, 2),
+        (32, 4, 4, 2), (32, 1, 8, 2), (128, 2, 4, 8), (128, 4, 2, 8), (128, 1, 4, 8), (64, 16, 1, 4),
+        (64, 8, 4, 4), (32, 8, 4, 2), (128, 8, 2, 8), (32, 16, 2, 2), (64, 16, 2, 4)]]
+
+
+def save_configs(tuned):
+    """{kind: {"gpu|m|n|k": config}} -> quantkit/kernels/configs/<gpu>.json (merged)."""
+    from quantkit.kernels._common import write_tuned
+
+    for kind, entries in tuned.items():
+        per_gpu: dict = {}
+        for key, cfg in entries.items():
+            gpu_, m, n, k = key.split("|")
+            per_gpu.setdefault(gpu_, {})[(int(m), int(n), int(k))] = cfg
+        for gpu_, e in per_gpu.items():
+            log(f"configs: {len(e)} {kind} entries -> {write_tuned(gpu_, kind, e)}")
+
+
+def peer_study(dev, gen, shapes, ms, bw, args):
+    """W4A16 (bf16 activations, group 128) and W8A8 (fp16) against every peer, same weights, same run.
+
+    eager: do_bench (L2 flushed between reps), one call as a user makes it; graph: the calls replayed
+    from a CUDA graph (what a decode loop pays), rotating over weight copies so no weight stays in L2.
+    Every kernel's output is checked against the reference before it is timed."""
+    gl = peers.import_gemlite(args.gemlite)
+    log(f"GemLite: {'v' + gl.__version__ if gl else 'absent (' + str(peers.GEMLITE_ERR) + ')'}")
+    gpu = gpu_key(torch.empty(1, device=dev))
+    fails, rows, tuned = [], [], {}
+    bf = torch.bfloat16
+    for (N, K) in shapes:
+        q4 = torch.randint(-8, 8, (N, K), device=dev, dtype=torch.int8, generator=gen)
+        s4 = torch.rand((N, K // 128), device=dev, generator=gen) * 2e-2 + 5e-3
+        q8 = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8, generator=gen)
+        s8 = torch.rand((N, 1), device=dev, generator=gen) * 2e-3 + 5e-4
+        w4_ref = wna16.dequant_ref(q4, s4.half().float(), None)  # our packed scales are fp16
+        w8_dense = (q8.float() * s8).half()
+        rot = max(2, min(16, math.ceil(ROT_BYTES / (N * K / 2))))
+        ours4 = [wna16.prepack_wna16(q4, s4, None, 4) for _ in range(rot)]
+        ours8 = [w8a8.prepack_w8a8(q8, s8) for _ in range(max(2, min(16, math.ceil(ROT_BYTES / (N * K)))))]
+        dense16 = [w8_dense.clone() for _ in range(max(2, min(8, math.ceil(ROT_BYTES / (2 * N * K)))))]
+        dense_bf = [w4_ref.to(bf) for _ in range(len(dense16))]
+        try:
+            x1 = torch.randn(1, K, device=dev, dtype=bf, generator=gen)
+            tg = peers.tinygemm_layers(q4, s4.half().float(), rot, x1, x1.float() @ w4_ref.t(), rel, TOL)
+            log(f"tinygemm nibble order: {tg[0][2]}")
+            tg = [t[:2] for t in tg]
+        except Exception as e:
+            tg = None
+            log(f"tinygemm unavailable: {type(e).__name__}: {str(e)[:160]}")
+        g4 = g8 = None
+        if gl is not None:
+            try:
+                g4 = [peers.gemlite_w4(gl, q4, s4.half().float(), bf) for _ in range(rot)]
+            except Exception as e:
+                log(f"GemLite W4 unavailable: {type(e).__name__}: {str(e)[:200]}")
+            try:
+                g8 = [peers.gemlite_w8a8(gl, w8_dense, torch.float16) for _ in range(len(ours8))]
+            except Exception as e:
+                log(f"GemLite W8A8 unavailable: {type(e).__name__}: {str(e)[:200]}")
+        for M in ms:
+            row = dict(N=N, K=K, M=M)
+            xb = torch.randn(M, K, device=dev, dtype=torch.float16, generator=gen).to(bf)
+            xh = torch.randn(M, K, device=dev, dtype=torch.float16, generator=gen)
+            ob = torch.empty(M, N, device=dev, dtype=bf)
+            oh = torch.empty(M, N, device=dev, dtype=torch.float16)
+            ref4 = xb.float() @ w4_ref.t()
+            aq, asc = act_quant.per_token_quant_ref(xh)
+            ref8 = (aq.float() @ q8.float().t()) * asc * s8.reshape(1, -1)
+
+            def w4_ours(W, cfg=None, o=ob):
+                return wna16.wna16_linear_triton(xb, W.qw, W.scales, None, None, 4, 128, N, K, config=cfg, out=o)
+
+            cfg4 = wna16.CONFIGS.get(M, N, K, gpu)
+            if M == 1 and args.tune_gemv1:
+                res = []
+                for cfg in [cfg4] + gemv1_candidates():
+                    e = checked(lambda o: w4_ours(ours4[0], cfg, o), ref4, f"w4 gemv1 N={N} K={K} {cfg}", fails)
+                    if e <= TOL:
+                        res.append((bench_graph_rot([lambda W=W: w4_ours(W, cfg) for W in ours4]), cfg))
+                res.sort(key=lambda t: t[0])
+                log(f"gemv1 search N={N} K={K}: " + "; ".join(f"{t:.1f} {c}" for t, c in res[:5]))
+                cfg4 = res[0][1]
+                tuned[f"w4a16|{gpu}|1|{N}|{K}"] = cfg4
+            row["w4_cfg"] = cfg4
+            cfg8 = w8a8.CONFIGS.get(M, N, K, gpu)
+            if M <= 16 and args.tune_gemv1:  # the dp4a GEMV with the quantization in a separate launch or fused
+                res = []
+                for cfg in [cfg8] + [dict(c, FUSE_QUANT=f) for c in w8a8_candidates(M) if c.get("BACKEND") == "gemv"
+                                     for f in (False, True)]:
+                    e = checked(lambda o: w8a8.w8a8_linear_triton(xh, ours8[0].w, ours8[0].scale, config=cfg, out=o),
+                                ref8, f"w8a8 small-M N={N} K={K} M={M} {cfg}", fails)
+                    if e <= 2 * TOL:
+                        res.append((bench_graph_rot([lambda W=W: w8a8.w8a8_linear_triton(xh, W.w, W.scale, config=cfg,
+                                                                                          out=oh) for W in ours8]),
+                                    cfg))
+                res.sort(key=lambda t: t[0])
+                log(f"w8a8 search N={N} K={K} M={M}: " + "; ".join(f"{t:.1f} {c}" for t, c in res[:5]))
+                cfg8 = res[0][1]
+                tuned[f"w8a8|{gpu}|{m_bucket(M)}|{N}|{K}"] = cfg8
+            row["w8a8_cfg"] = cfg8
+            cases4 = {"cuBLAS bf16": (lambda o: torch.matmul(xb, dense_bf[0].t(), out=o),
+                                      [lambda W=W: torch.matmul(xb, W.t(), out=ob) for W in dense_bf]),
+                "quantkit": (lambda o: w4_ours(ours4[0], cfg4, o), [lambda W=W: w4_ours(W, cfg4) for W in ours4])}
+            if tg is not None:
+                cases4["tinygemm"] = (lambda o: peers.tinygemm_run(xb, *tg[0], out=o),
+                                      [lambda t=t: peers.tinygemm_run(xb, *t) for t in tg])
+            if g4 is not None:
+                cases4["GemLite"] = (lambda o: o.copy_(g4[0](xb)), [lambda g=g: g(xb) for g in g4])
+            cases8 = {"cuBLAS fp16": (lambda o: torch.matmul(xh, dense16[0].t(), out=o),
+                                      [lambda W=W: torch.matmul(xh, W.t(), out=oh) for W in dense16]),
+                      "quantkit": (lambda o: w8a8.w8a8_linear_triton(xh, ours8[0].w, ours8[0].scale, config=cfg8, out=o),
+                                   [lambda W=W: w8a8.w8a8_linear_triton(xh, W.w, W.scale, config=cfg8, out=oh)
+                                    for W in ours8])}
+            xp = xh if M > 16 else torch.cat([xh, xh.new_ones(32 - M, K)], 0)
+            cases8["int_mm+quant"] = (None, [lambda W=W: torch._int_mm(act_quant.per_token_quant_triton(xp)[0],
+                                                                       W.w.t()) for W in ours8])
+            if g8 is not None:
+                cases8["GemLite"] = (lambda o: o.copy_(g8[0](xh)), [lambda g=g: g(xh) for g in g8])
+            for fmt, cases, ref, odt, tol in (("w4", cases4, ref4, bf, TOL), ("w8a8", cases8, ref8, torch.float16,
+                                                                             2 * TOL)):
+                for name, (chk, calls) in cases.items():
+                    key = f"{fmt}|{name}"
+                    try:
+                        if chk is not None and not name.startswith("cuBLAS"):
+                            out = torch.full((M, N), float("nan"), device=dev, dtype=odt)
+                            e = rel(chk(out), ref)
+                            row[key + "|err"] = e
+                            if not (e <= tol):
+                                fails.append(f"{key} M={M} N={N} K={K}: rel err {e:.3g}")
+                                log(f"FAIL {key} M={M} N={N} K={K}: rel err {e:.3g}")
+                                continue
+                        row[key + "|eager"] = bench(calls[0])
+                        row[key + "|graph"] = bench_graph_rot(calls) if M <= 64 else float("nan")
+                    except Exception as ex:
+                        log(f"skip {key} M={M} N={N} K={K}: {type(ex).__name__}: {str(ex)[:200]}")
+            rows.append(row)
+            log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
+        del ours4, ours8, dense16, dense_bf, tg, g4, g8
+        torch.cuda.empty_cache()
+    md = peer_report(rows, bw, fails, gl)
+    log("")
+    log(md)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tuned": tuned, "rows": rows}, f, indent=1, default=str)
+    if args.write_configs:
+        by_kind: dict = {}
+        for k, cfg in tuned.items():
+            kind, gpu_, m, n, kk = k.split("|")
+            by_kind.setdefault(kind, {})[f"{gpu_}|{m}|{n}|{kk}"] = cfg
+        save_configs(by_kind)
+    return 1 if fails else 0
+
+
+def peer_report(rows, bw, fails, gl):
+    L = [f"Device: **{torch.cuda.get_device_name()}**; torch {torch.__version__}, triton {triton.__version__}, "
+         f"GemLite {gl.__version__ if gl else 'absent'}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} UTC; "
+         f"command: `PYTHONPATH=. python benchmarks/gemm.py {' '.join(sys.argv[1:])}`; copy bandwidth "
+         f"{bw / 1e12:.2f} TB/s.",
+         f"Correctness: {'every timed kernel checked against the reference' if not fails else f'{len(fails)} FAILURES'}.",
+         "eager = do_bench median (L2 flushed), graph = CUDA-graph replay over rotated weight copies (none L2-resident),"
+         " M <= 64 only; us. `best` = fastest peer; `x` = best peer time / quantkit time (>= 1: quantkit wins).", ""]
+    for fmt, names, title in (("w4", ["cuBLAS bf16", "quantkit", "tinygemm", "GemLite"], "W4A16 (bf16, g128)"),
+                              ("w8a8", ["cuBLAS fp16", "quantkit", "int_mm+quant", "GemLite"], "W8A8 (fp16)")):
+        for mode in ("eager", "graph"):
+            L.append(f"**{title}, {mode}**")
+            L.append("")
+            L.append("| N | K | M | " + " | ".join(names) + " | best peer | x |")
+            L.append("|---|---|---|" + "---|" * len(names) + "---|---|")
+            for r in rows:
+                if mode == "graph" and r["M"] > 64:
+                    continue
+                v = {n: r.get(f"{fmt}|{n}|{mode}", float("nan")) for n in names}
+                pe = {n: t for n, t in v.items() if n != "quantkit" and t == t}
+                bp = min(pe, key=pe.get) if pe else None
+                q = v["quantkit"]
+                tail = f" | {bp} | {pe[bp] / q:.2f} |" if bp and q == q else " | | |"
+                L.append(f"| {r['N']} | {r['K']} | {r['M']} | " + " | ".join(
+                    f"{v[n]:.1f}" if v[n] == v[n] else "" for n in names) + tail)
+            L.append("")
+    # roofline at M=1, W4 (graph)
+    L.append("W4A16 M=1 against the copy-bandwidth floor (bytes: packed weight + fp16 scales + x + out):")
+    L.append("")
+    L.append("| N | K | MB | floor us | quantkit graph us (% of floor speed) | tinygemm graph us (%) |")
+    L.append("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["M"] != 1:
+            continue
+        b = r["N"] * r["K"] / 2 + r["N"] * (r["K"] // 128) * 2 + 2 * r["K"] + 2 * r["N"]
+        fl = b / bw * 1e6
+        q = r.get("w4|quantkit|graph", float("nan"))
+        t = r.get("w4|tinygemm|graph", float("nan"))
+        L.append(f"| {r['N']} | {r['K']} | {b / 1e6:.1f} | {fl:.1f} | {q:.1f} ({100 * fl / q:.0f}%) | "
+                 f"{t:.1f} ({100 * fl / t:.0f}%) |")
+    return "\n".join(L)
 
 
 def mixed_study(dev, gen, shapes, ms):

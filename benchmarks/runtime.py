@@ -91,7 +91,7 @@ GEMM_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # fuse
 def tune_decode_gemms(M: int, device="cuda") -> dict:
     """For batch-M decode, time the tuned configs of the neighbouring M buckets (and the heuristic) for the
     W8A8 and W4A16 kernels on the Llama-3-8B shapes (CUDA graphs), keep the fastest in the in-process
-    config tables, and return them (to be written into the kernels' TUNED tables)."""
+    config tables, and return them (to be merged into quantkit/kernels/configs/<gpu>.json)."""
     import triton
 
     from quantkit.kernels import w8a8, wna16

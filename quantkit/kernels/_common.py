@@ -10,8 +10,9 @@ Triton decides "interpreted or compiled" when a function is *decorated* with ``t
 (it reads ``TRITON_INTERPRET`` at that moment).  To be independent of import order (another
 module may import this package before a test sets the variable) the kernels are written as
 plain Python functions and decorated lazily, at first launch, once per mode, by
-:class:`LazyKernel`.  Kernels call no other ``@triton.jit`` helpers, so nothing else needs
-decorating.
+:class:`LazyKernel`.  Code shared between kernels is written as :class:`JitHelper` functions
+(plain Python too); a kernel's (or helper's) module-level references to them are re-bound to
+their ``triton.jit`` versions for the same mode when the kernel is decorated.
 """
 
 from __future__ import annotations
@@ -86,6 +87,41 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return False
 
 
+def _rebind_helpers(fn: Callable[..., Any], mode: bool) -> Callable[..., Any]:
+    """``fn`` with the :class:`JitHelper` globals it names replaced by their jitted versions (same mode)."""
+    g = fn.__globals__
+    repl = {n: g[n].jitted(mode) for n in fn.__code__.co_names if isinstance(g.get(n), JitHelper)}
+    if not repl:
+        return fn
+    import types
+
+    f2 = types.FunctionType(fn.__code__, {**g, **repl}, fn.__name__, fn.__defaults__, fn.__closure__)
+    functools.update_wrapper(f2, fn)
+    del f2.__wrapped__  # triton reads the source through __code__, not through the wrapper chain
+    return f2
+
+
+class JitHelper:
+    """A function that kernels call (``@triton.jit`` when the calling kernel is decorated, per mode)."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self._jitted: dict[bool, Any] = {}
+        functools.update_wrapper(self, fn)
+
+    def jitted(self, mode: bool):
+        k = self._jitted.get(mode)
+        if k is None:
+            import triton
+
+            k = self._jitted[mode] = triton.jit(_rebind_helpers(self.fn, mode))
+        return k
+
+
+def jit_helper(fn: Callable[..., Any]) -> JitHelper:
+    return JitHelper(fn)
+
+
 class LazyKernel:
     """``triton.jit`` applied on first launch (per interpret/compiled mode).
 
@@ -103,7 +139,7 @@ class LazyKernel:
         if k is None:
             import triton
 
-            k = self._jitted[mode] = triton.jit(self.fn)
+            k = self._jitted[mode] = triton.jit(_rebind_helpers(self.fn, mode))
         return k
 
     def __getitem__(self, grid):
@@ -149,18 +185,75 @@ def gpu_key(t: torch.Tensor) -> str:
     return name
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def load_tuned(kernel: str, directory: str = CONFIG_DIR) -> dict[tuple, dict]:
+    """``{(gpu, m_bucket, N, K): config}`` for ``kernel`` from every ``<gpu>.json`` in ``directory``
+    (data files keyed by GPU: a new GPU is a new file, written by ``benchmarks/gemm.py --tune``)."""
+    import json
+
+    table: dict[tuple, dict] = {}
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            data = json.load(f)
+        for e in data.get(kernel, []):
+            table[(name[:-5], int(e["m"]), int(e["n"]), int(e["k"]))] = dict(e["config"])
+    return table
+
+
+def write_tuned(gpu: str, kernel: str, entries: dict[tuple[int, int, int], dict], directory: str = CONFIG_DIR) -> str:
+    """Merge measured ``{(m_bucket, N, K): config}`` of ``kernel`` into ``<directory>/<gpu>.json``
+    (one entry per line, sorted, so a re-tune reads as a small diff); returns the file's path."""
+    import json
+
+    path = os.path.join(directory, f"{gpu}.json")
+    data: dict = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    cur = {(int(e["m"]), int(e["n"]), int(e["k"])): e["config"] for e in data.get(kernel, [])}
+    cur.update({tuple(int(v) for v in key): dict(cfg) for key, cfg in entries.items()})
+    data[kernel] = [{"m": m, "n": n, "k": k, "config": cur[(m, n, k)]} for (m, n, k) in sorted(cur)]
+    lines = ["{"]
+    items = list(data.items())
+    for i, (key, val) in enumerate(items):
+        end = "," if i < len(items) - 1 else ""
+        if isinstance(val, list):
+            rows = ",\n".join("  " + json.dumps(e) for e in val)
+            lines.append(f" {json.dumps(key)}: [\n{rows}\n ]{end}")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(val)}{end}")
+    lines.append("}")
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 class ConfigCache:
     """Kernel-config cache keyed by (M bucket, N, K, GPU).
 
-    ``defaults`` is a heuristic ``fn(M, N, K) -> dict``; ``table`` holds measured overrides
-    (from ``benchmarks/gemm.py --tune``) keyed ``(gpu, m_bucket, N, K)``; an entry whose
-    ``gpu`` is ``"*"`` applies to every GPU.
+    ``defaults`` is a heuristic ``fn(M, N, K) -> dict``; the measured overrides, keyed
+    ``(gpu, m_bucket, N, K)``, are ``kernel``'s entries in ``configs/<gpu>.json`` (read on first use)
+    or an explicit ``table``; an entry whose ``gpu`` is ``"*"`` applies to every GPU.
     """
 
-    def __init__(self, defaults: Callable[[int, int, int], dict], table: dict | None = None):
+    def __init__(self, defaults: Callable[[int, int, int], dict], kernel: str | None = None,
+                 table: dict | None = None):
         self.defaults = defaults
-        self.table: dict[tuple, dict] = dict(table or {})
+        self.kernel = kernel
+        self._table: dict[tuple, dict] | None = dict(table) if table is not None else None
         self._near: dict[tuple, list[int]] = {}
+
+    @property
+    def table(self) -> dict[tuple, dict]:
+        if self._table is None:
+            self._table = load_tuned(self.kernel) if self.kernel else {}
+        return self._table
 
     def get(self, M: int, N: int, K: int, gpu: str) -> dict:
         """The tuned config of M's bucket; else the tuned config of the nearest bucket measured for this
@@ -335,3 +428,57 @@ def eager_cuda(x: torch.Tensor) -> bool:
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
     )
+
+
+# ----------------------------------------------------------------------------- shared kernel code
+
+
+@jit_helper
+def quantize_sym(x, scale, QMAX: tl.constexpr):
+    """THE symmetric quantizer in kernels (``act_quant.quantize_symmetric_ref`` is its spec): x / scale
+    (IEEE division), ties away from zero, clamped to [-QMAX, QMAX]; float result (callers cast)."""
+    y = tl.math.div_rn(x, scale)
+    y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+    return tl.minimum(tl.maximum(y, -QMAX), QMAX)
+
+
+@jit_helper
+def splitk_sum(acc, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """In-kernel split-K reduction ("the split that arrives last sums"): stores this split's (ROWS, COLS)
+    partial ``acc`` (int32: exact; fp32), and the last split of ``tile`` to arrive sums all of them and
+    resets the tile's counter to 0. Returns (total, last): total is meaningful only where ``last``.
+    ws: the workspace (tiles * SPLIT_K * ROWS * COLS, acc's dtype); lock: int32 counters, zero."""
+    offs_t = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * ROWS * COLS)
+    tl.store(ws_tile + pid_k * (ROWS * COLS) + offs_t, acc)
+    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+    last = count == SPLIT_K - 1
+    tot = tl.zeros_like(acc)
+    if last:
+        for sk in tl.static_range(SPLIT_K):
+            tot += tl.load(ws_tile + sk * (ROWS * COLS) + offs_t)
+        tl.atomic_xchg(lock_ptr + tile, 0)
+    return tot, last
+
+
+@jit_helper
+def splitk_sum_rows(acc_i, acc_f, is_fp, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
+                    COLS: tl.constexpr):
+    """``splitk_sum`` for the mixed INT8/FP16 row mode: INT8 rows keep exact int32 partials (so their
+    outputs stay bit-identical to the plain path's), FP16 rows (``is_fp``, (ROWS,)) store their fp32
+    partial's bits in the same int32 workspace. Returns (int32 total, fp32 total, last)."""
+    packed = tl.where(is_fp[:, None], acc_f.to(tl.int32, bitcast=True), acc_i)
+    offs_t = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * ROWS * COLS)
+    tl.store(ws_tile + pid_k * (ROWS * COLS) + offs_t, packed)
+    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+    last = count == SPLIT_K - 1
+    tot_i = tl.zeros((ROWS, COLS), dtype=tl.int32)
+    tot_f = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    if last:
+        for sk in tl.static_range(SPLIT_K):
+            part = tl.load(ws_tile + sk * (ROWS * COLS) + offs_t)
+            tot_i += tl.where(is_fp[:, None], 0, part)
+            tot_f += tl.where(is_fp[:, None], part.to(tl.float32, bitcast=True), 0.0)
+        tl.atomic_xchg(lock_ptr + tile, 0)
+    return tot_i, tot_f, last

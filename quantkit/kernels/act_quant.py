@@ -19,7 +19,7 @@ small M; this module is the separate fast kernel used for large M.
 
 import torch
 
-from ._common import LazyKernel, eager_cuda, fast_launch, next_pow2, round_half_away_ref, tl, use_triton
+from ._common import LazyKernel, eager_cuda, fast_launch, next_pow2, quantize_sym, round_half_away_ref, tl, use_triton
 
 EPS = 1e-12
 
@@ -64,9 +64,7 @@ def _act_quant_kernel(
         if not STATIC:
             amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS_C)
             scale = amax / QMAX
-        y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-        y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        y = quantize_sym(x, tl.zeros_like(x) + scale, QMAX)
         tl.store(q_row + offs, y.to(tl.int8), mask=mask)
     else:
         if not STATIC:
@@ -80,9 +78,7 @@ def _act_quant_kernel(
         for k0 in range(0, K, BLOCK_K):
             mask = (k0 + offs) < K
             x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-            y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-            y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+            y = quantize_sym(x, tl.zeros_like(x) + scale, QMAX)
             tl.store(q_row + k0 + offs, y.to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LazyKernel, cdiv, next_pow2, tl, use_triton
+from ._common import LazyKernel, cdiv, next_pow2, quantize_sym, tl, use_triton
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_ref", "silu_mul", "silu_mul_ref", "rope_store", "rope_store_ref"]
 
@@ -195,13 +195,11 @@ def _rope_store_kernel(
                 vs = tl.maximum(tl.math.div_rn(tl.max(tl.abs(vv), axis=0), QMAX), 1e-8)
                 tl.store(ks_ptr + slot, ks)
                 tl.store(vs_ptr + slot, vs)
-                yk = tl.math.div_rn(kr, tl.zeros_like(kr) + ks)
-                yv = tl.math.div_rn(vv, tl.zeros_like(vv) + vs)
+                yk = quantize_sym(kr, tl.zeros_like(kr) + ks, QMAX)
+                yv = quantize_sym(vv, tl.zeros_like(vv) + vs, QMAX)
             else:
-                yk = tl.math.div_rn(kr, tl.load(ks_ptr + h * D + offs))
-                yv = tl.math.div_rn(vv, tl.load(vs_ptr + h * D + offs))
-            yk = tl.minimum(tl.maximum(tl.where(yk >= 0, tl.floor(yk + 0.5), tl.ceil(yk - 0.5)), -QMAX), QMAX)
-            yv = tl.minimum(tl.maximum(tl.where(yv >= 0, tl.floor(yv + 0.5), tl.ceil(yv - 0.5)), -QMAX), QMAX)
+                yk = quantize_sym(kr, tl.load(ks_ptr + h * D + offs), QMAX)
+                yv = quantize_sym(vv, tl.load(vs_ptr + h * D + offs), QMAX)
             tl.store(k_ptr + dst, yk.to(tl.int8))
             tl.store(v_ptr + dst, yv.to(tl.int8))
 

@@ -23,7 +23,7 @@ Both kernels take a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
 ``quantkit.kernels.mixed`` (pruned away when False).
 
 Configs come from a :class:`~quantkit.kernels._common.ConfigCache` keyed by
-(M bucket, N, K, GPU): heuristics by default, overridden by ``TUNED`` (measured by
+(M bucket, N, K, GPU): heuristics by default, overridden by ``configs/<gpu>.json`` (measured by
 ``benchmarks/gemm.py --tune``).
 """
 
@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gpu_key,
-                      splitk_buffers, splitk_for, tl, use_triton)
+                      quantize_sym, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -182,9 +182,7 @@ def _w8a8_kernel(
             a = tl.load(a_ptrs, mask=(offs_k[None, :] + k0) < K, other=0)
             w = tl.load(w_ptrs, mask=(offs_k[:, None] + k0) < K, other=0)
         if FUSE_QUANT:
-            y = tl.math.div_rn(a.to(tl.float32), a_scale_b)
-            y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-            a = tl.minimum(tl.maximum(y, -127.0), 127.0).to(tl.int8)
+            a = quantize_sym(a.to(tl.float32), a_scale_b, 127.0).to(tl.int8)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -221,37 +219,21 @@ def _w8a8_kernel(
     # Epilogue of INT8 rows, written once per path in the same form (an explicit fma for the bias), so the
     # compiler's contraction choices cannot make the mixed path round differently from the plain one.
     if ROW_BITS:
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-                out = tl.where(is_fp[:, None], accm + bias, tl.fma(acc.to(tl.float32) * a_sc[:, None], w_sc[None, :], bias))
-            else:
-                out = tl.where(is_fp[:, None], accm, acc.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
-            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+        if SPLIT_K > 1:
+            acc, accm, last = splitk_sum_rows(acc, accm, is_fp, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M,
+                                              BLOCK_N)
+            c_mask = tl.where(last, c_mask, False)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+            out = tl.where(is_fp[:, None], accm + bias, tl.fma(acc.to(tl.float32) * a_sc[:, None], w_sc[None, :], bias))
         else:
-            # INT8 rows keep exact int32 partials (summed, then scaled, as the plain path does, so
-            # their outputs are bit-identical to it); FP16 rows store fp32 bits and sum as fp32.
-            offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            p_tile = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-            tl.store(p_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t,
-                     tl.where(is_fp[:, None], accm.to(tl.int32, bitcast=True), acc))
-            count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-            if count == SPLIT_K - 1:
-                tot_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                tot_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-                for sk in tl.static_range(SPLIT_K):
-                    part = tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
-                    tot_i += tl.where(is_fp[:, None], 0, part)
-                    tot_f += tl.where(is_fp[:, None], part.to(tl.float32, bitcast=True), 0.0)
-                tl.atomic_xchg(lock_ptr + tile, 0)
-                if HAS_BIAS:
-                    bias = tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-                    out = tl.where(is_fp[:, None], tot_f + bias,
-                                   tl.fma(tot_i.to(tl.float32) * a_sc[:, None], w_sc[None, :], bias))
-                else:
-                    out = tl.where(is_fp[:, None], tot_f, tot_i.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
-                tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
-    elif SPLIT_K == 1:
+            out = tl.where(is_fp[:, None], accm, acc.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        # split-K in one launch: exact int32 partials; the split that arrives last sums them
+        if SPLIT_K > 1:
+            acc, last = splitk_sum(acc, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N)
+            c_mask = tl.where(last, c_mask, False)
         if OUT_INT32:
             tl.store(c_ptrs, acc, mask=c_mask)
         else:
@@ -262,28 +244,6 @@ def _w8a8_kernel(
             else:
                 out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        # split-K in one launch: partial int32 tiles (exact); the split that arrives last sums
-        # them, applies the epilogue and resets the tile's counter to 0.
-        offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        p_tile = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-        tl.store(p_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc)
-        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if count == SPLIT_K - 1:
-            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for sk in tl.static_range(SPLIT_K):
-                tot += tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
-            tl.atomic_xchg(lock_ptr + tile, 0)
-            if OUT_INT32:
-                tl.store(c_ptrs, tot, mask=c_mask)
-            else:
-                w_scale = tl.load(ws_ptr + rn)
-                if HAS_BIAS:
-                    out = tl.fma(tot.to(tl.float32) * a_scale[:, None], w_scale[None, :],
-                                 tl.load(bias_ptr + rn).to(tl.float32)[None, :])
-                else:
-                    out = tot.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-                tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 w8a8_kernel = LazyKernel(_w8a8_kernel)
@@ -308,12 +268,18 @@ def _w8a8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BC: tl.constexpr,  # words of K per iteration (BLOCK_K // 4)
     USE_DP4A: tl.constexpr,  # dp4a.s32.s32 (compiled); shifts + multiplies (interpreter)
+    FUSE_QUANT: tl.constexpr,  # a is x itself (fp16/bf16, stride_am in elements): per-token quantization in here
+    EPS_C: tl.constexpr,
 ):
     """GEMV-style W8A8 for M <= BLOCK_M <= 16 on activations quantized once per call.
 
     Both operands are read as int32 words of 4 int8 values along K; one ``dp4a`` per word pair
     accumulates the 4 products exactly in int32 (elementwise, one cross-thread reduction at the
-    end).  Split-K partials are int32 (exact) and reduced in-kernel by the last split."""
+    end).  Split-K partials are int32 (exact) and reduced in-kernel by the last split.
+
+    FUSE_QUANT (one launch): every program takes the absmax of its rows over all of K, then
+    quantizes its K slice as it goes (the act_quant math, so the integers are the same) and packs
+    4 of them into a word; x is re-read from L2 by each N tile, which pays for small M only."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tile = pid % num_pid_n
@@ -339,6 +305,22 @@ def _w8a8_gemv_kernel(
         i_hi_i8 = tl.where(run_i8, i_hi, i_lo)  # hoisted: an all-FP16 tile runs no INT8 iteration
     else:
         i_hi_i8 = i_hi
+    if FUSE_QUANT:
+        offs_e = tl.arange(0, 4)
+        offs_x = tl.arange(0, BC * 4)
+        xr_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_x[None, :]  # (BLOCK_M, BC * 4) elements
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for it in range(0, n_it):
+            if EVEN_K:
+                xa = tl.load(xr_ptrs + it * BC * 4)
+            else:
+                xa = tl.load(xr_ptrs + it * BC * 4, mask=(it * BC * 4 + offs_x[None, :]) < KW * 4, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
+        a_qs = tl.maximum(amax, EPS_C) / 127.0  # (BLOCK_M,)
+        a_qs3 = tl.zeros((BLOCK_M, BC, 4), dtype=tl.float32) + a_qs[:, None, None]
+        x3_ptrs = (a_ptr + rm[:, None, None].to(tl.int64) * stride_am + offs_c[None, :, None] * 4
+                   + offs_e[None, None, :])  # (BLOCK_M, BC, 4)
+        shifts = (offs_e * 8)[None, None, :]
     if BLOCK_M == 1:  # decode: 2-D tensors only
         acc = tl.zeros((BLOCK_N, BC), dtype=tl.int32)
     else:
@@ -346,10 +328,19 @@ def _w8a8_gemv_kernel(
     for it in range(i_lo, i_hi_i8):
         if EVEN_K:
             wd = tl.load(w_ptrs + it * BC)
-            ad = tl.load(a_ptrs + it * BC)
         else:
             kmask = (it * BC + offs_c[None, :]) < KW
             wd = tl.load(w_ptrs + it * BC, mask=kmask, other=0)
+        if FUSE_QUANT:
+            if EVEN_K:
+                xv = tl.load(x3_ptrs + it * BC * 4)
+            else:
+                xv = tl.load(x3_ptrs + it * BC * 4, mask=(it * BC + offs_c[None, :, None]) < KW, other=0.0)
+            qv = quantize_sym(xv.to(tl.float32), a_qs3, 127.0).to(tl.int32)
+            ad = tl.sum((qv & 0xFF) << shifts, axis=2)  # (BLOCK_M, BC): 4 int8 per word, byte j = k 4c+j
+        elif EVEN_K:
+            ad = tl.load(a_ptrs + it * BC)
+        else:
             ad = tl.load(a_ptrs + it * BC, mask=kmask, other=0)
         if BLOCK_M == 1:
             wb = wd
@@ -367,7 +358,10 @@ def _w8a8_gemv_kernel(
         tot = tl.sum(acc, axis=1)[None, :]  # (1, BLOCK_N)
     else:
         tot = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
-    a_sc = tl.load(as_ptr + rm)
+    if FUSE_QUANT:
+        a_sc = a_qs
+    else:
+        a_sc = tl.load(as_ptr + rm)
     w_sc = tl.load(ws_ptr + rn)
 
     if ROW_BITS:
@@ -393,43 +387,26 @@ def _w8a8_gemv_kernel(
             totf = tl.sum(accf, axis=2)
         if not HAS_FP16_W:
             totf = totf * w_sc[None, :]
-        # per row: INT8 rows keep their exact int32 partial (so their outputs are bit-identical to the
-        # plain path's), FP16 rows carry fp32 bits; the two kinds are summed apart below
-        tot = tl.where(is_fp[:, None], totf.to(tl.int32, bitcast=True), tot)
 
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K > 1:
-        offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        p_tile = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-        tl.store(p_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, tot)
-        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if count == SPLIT_K - 1:
-            if ROW_BITS:
-                tf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                ti = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-                for sk in tl.static_range(SPLIT_K):
-                    part = tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
-                    ti += tl.where(is_fp[:, None], 0, part)
-                    tf += tl.where(is_fp[:, None], part.to(tl.float32, bitcast=True), 0.0)
-                tot = tl.where(is_fp[:, None], tf.to(tl.int32, bitcast=True), ti)
-            else:
-                tot = tl.zeros_like(tot)
-                for sk in tl.static_range(SPLIT_K):
-                    tot += tl.load(p_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
-            tl.atomic_xchg(lock_ptr + tile, 0)
+        if ROW_BITS:
+            tot, totf, last = splitk_sum_rows(tot, totf, is_fp, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M,
+                                              BLOCK_N)
         else:
-            c_mask = c_mask & False  # not the last split: store nothing
+            tot, last = splitk_sum(tot, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N)
+        c_mask = tl.where(last, c_mask, False)
     # the INT8 rows' epilogue in one form for both modes (explicit fma for the bias: see _w8a8_kernel)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn).to(tl.float32)[None, :]
         out = tl.fma(tot.to(tl.float32) * a_sc[:, None], w_sc[None, :], bias)
         if ROW_BITS:
-            out = tl.where(is_fp[:, None], tot.to(tl.float32, bitcast=True) + bias, out)
+            out = tl.where(is_fp[:, None], totf + bias, out)
     else:
         out = tot.to(tl.float32) * a_sc[:, None] * w_sc[None, :]
         if ROW_BITS:
-            out = tl.where(is_fp[:, None], tot.to(tl.float32, bitcast=True), out)
+            out = tl.where(is_fp[:, None], totf, out)
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -441,7 +418,7 @@ GEMV_MAX_M = 16  # the dp4a GEMV keeps BLOCK_M x BLOCK_N x BC int32 partials in 
 
 
 def _default_config(M: int, N: int, K: int) -> dict:
-    """Heuristics; ``TUNED`` overrides.  BACKEND "gemv" (M <= 8, fused quant) or "mma"."""
+    """Heuristics; the measured configs (configs/<gpu>.json) override them.  BACKEND "gemv" (M <= 8, fused quant) or "mma"."""
     if M <= 4 and K % 4 == 0:
         bn = 64
         return dict(BACKEND="gemv", BLOCK_N=bn, BLOCK_K=256, SPLIT_K=splitk_for(cdiv(N, bn), cdiv(K, 256)),
@@ -457,168 +434,10 @@ def _default_config(M: int, N: int, K: int) -> dict:
 
 
 
-# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22, second pass; third pass re-tuned W8A8 M=1,16
-# and W4A16/W8A16 M=1,64,256 with `--tune-spec`); keys (gpu, M bucket, N, K)
-TUNED: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv',
-                           'BLOCK_K': 256,
-                           'BLOCK_N': 64,
-                           'SPLIT_K': 4,
-                           'num_stages': 2,
-                           'num_warps': 8},
- ('H200', 1, 4096, 14336): {'BACKEND': 'gemv',
-                            'BLOCK_K': 256,
-                            'BLOCK_N': 64,
-                            'SPLIT_K': 4,
-                            'num_stages': 2,
-                            'num_warps': 8},
- ('H200', 1, 6144, 4096): {'BACKEND': 'gemv',
-                           'BLOCK_K': 128,
-                           'BLOCK_N': 128,
-                           'SPLIT_K': 8,
-                           'num_stages': 3,
-                           'num_warps': 8},
- ('H200', 1, 28672, 4096): {'BACKEND': 'gemv',
-                            'BLOCK_K': 128,
-                            'BLOCK_N': 128,
-                            'SPLIT_K': 8,
-                            'num_stages': 3,
-                            'num_warps': 8},
- ('H200', 16, 4096, 4096): {'BLOCK_K': 256,
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'FUSE_QUANT': False,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 16, 4096, 14336): {'BLOCK_K': 256,
-                             'BLOCK_M': 16,
-                             'BLOCK_N': 64,
-                             'FUSE_QUANT': False,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'num_stages': 4,
-                             'num_warps': 4},
- ('H200', 16, 6144, 4096): {'BLOCK_K': 256,
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'FUSE_QUANT': False,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 16, 28672, 4096): {'BLOCK_K': 256,
-                             'BLOCK_M': 16,
-                             'BLOCK_N': 128,
-                             'FUSE_QUANT': False,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'num_stages': 4,
-                             'num_warps': 4},
- ('H200', 64, 4096, 4096): {'BLOCK_K': 128,
-                            'BLOCK_M': 64,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 64, 4096, 14336): {'BLOCK_K': 128,
-                             'BLOCK_M': 64,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'num_stages': 4,
-                             'num_warps': 4},
- ('H200', 64, 6144, 4096): {'BLOCK_K': 128,
-                            'BLOCK_M': 64,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'num_stages': 4,
-                            'num_warps': 4},
- ('H200', 64, 28672, 4096): {'BLOCK_K': 128,
-                             'BLOCK_M': 64,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'num_stages': 4,
-                             'num_warps': 4},
- ('H200', 256, 4096, 4096): {'BLOCK_K': 128,
-                             'BLOCK_M': 64,
-                             'BLOCK_N': 128,
-                             'GROUP_M': 8,
-                             'SPLIT_K': 2,
-                             'num_stages': 4,
-                             'num_warps': 4},
- ('H200', 256, 4096, 14336): {'BLOCK_K': 128,
-                              'BLOCK_M': 128,
-                              'BLOCK_N': 128,
-                              'GROUP_M': 8,
-                              'SPLIT_K': 2,
-                              'num_stages': 3,
-                              'num_warps': 8},
- ('H200', 256, 6144, 4096): {'BLOCK_K': 128,
-                             'BLOCK_M': 128,
-                             'BLOCK_N': 128,
-                             'GROUP_M': 8,
-                             'SPLIT_K': 2,
-                             'num_stages': 3,
-                             'num_warps': 8},
- ('H200', 256, 28672, 4096): {'BLOCK_K': 128,
-                              'BLOCK_M': 128,
-                              'BLOCK_N': 128,
-                              'GROUP_M': 8,
-                              'num_stages': 3,
-                              'num_warps': 8},
- ('H200', 2048, 4096, 4096): {'BLOCK_K': 128,
-                              'BLOCK_M': 256,
-                              'BLOCK_N': 128,
-                              'GROUP_M': 8,
-                              'num_stages': 3,
-                              'num_warps': 8},
- ('H200', 2048, 4096, 14336): {'BLOCK_K': 128,
-                               'BLOCK_M': 256,
-                               'BLOCK_N': 128,
-                               'GROUP_M': 8,
-                               'num_stages': 3,
-                               'num_warps': 8},
- ('H200', 2048, 6144, 4096): {'BLOCK_K': 128,
-                              'BLOCK_M': 256,
-                              'BLOCK_N': 128,
-                              'GROUP_M': 8,
-                              'num_stages': 3,
-                              'num_warps': 8},
- ('H200', 2048, 28672, 4096): {'BLOCK_K': 128,
-                               'BLOCK_M': 256,
-                               'BLOCK_N': 128,
-                               'GROUP_M': 8,
-                               'num_stages': 3,
-                               'num_warps': 8},
- ('H200', 8192, 4096, 4096): {'BLOCK_K': 128,
-                              'BLOCK_M': 256,
-                              'BLOCK_N': 128,
-                              'GROUP_M': 8,
-                              'num_stages': 3,
-                              'num_warps': 8},
- ('H200', 8192, 4096, 14336): {'BLOCK_K': 128,
-                               'BLOCK_M': 256,
-                               'BLOCK_N': 128,
-                               'GROUP_M': 8,
-                               'num_stages': 3,
-                               'num_warps': 8},
- ('H200', 8192, 6144, 4096): {'BLOCK_K': 128,
-                              'BLOCK_M': 256,
-                              'BLOCK_N': 128,
-                              'GROUP_M': 8,
-                              'num_stages': 3,
-                              'num_warps': 8},
- ('H200', 8192, 28672, 4096): {'BLOCK_K': 128,
-                               'BLOCK_M': 256,
-                               'BLOCK_N': 128,
-                               'GROUP_M': 8,
-                               'num_stages': 3,
-                               'num_warps': 8}}
-# decode batch 32 (bucket 32), measured on an H200 by `benchmarks/runtime.py --tune` (2026-12-04): the fastest of
-# the neighbouring buckets' configs and the heuristic under CUDA graphs
-TUNED.update({('H200', 32, 6144, 4096): {'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'num_stages': 4, 'num_warps': 4}, ('H200', 32, 4096, 4096): {'BLOCK_K': 128, 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'num_stages': 4, 'num_warps': 4}, ('H200', 32, 28672, 4096): {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4, 'FUSE_QUANT': False}, ('H200', 32, 4096, 14336): {'BLOCK_K': 256, 'BLOCK_M': 16, 'BLOCK_N': 64, 'FUSE_QUANT': False, 'GROUP_M': 1, 'SPLIT_K': 4, 'num_stages': 4, 'num_warps': 4}})
-CONFIGS = ConfigCache(_default_config, TUNED)
+
+
+# measured configs: quantkit/kernels/configs/<gpu>.json (benchmarks/gemm.py --tune writes them)
+CONFIGS = ConfigCache(_default_config, "w8a8")
 
 _INTERP_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
 
@@ -675,9 +494,14 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     M, K = x.shape
     N = w.shape[0]
     dev = x.device
-    a_q = cached_buffer(dev, torch.int8, M * K, tag="gemv_aq")[: M * K].view(M, K)
-    a_s = cached_buffer(dev, torch.float32, M, tag="gemv_as")[:M]
-    per_token_quant_triton(x, out_q=a_q, out_s=a_s)
+    fuse = bool(cfg.get("FUSE_QUANT", False))
+    if fuse:  # one launch: the kernel quantizes x itself
+        a_arg, a_s, stride_a = x, w_scale, x.stride(0)
+    else:
+        a_q = cached_buffer(dev, torch.int8, M * K, tag="gemv_aq")[: M * K].view(M, K)
+        a_s = cached_buffer(dev, torch.float32, M, tag="gemv_as")[:M]
+        per_token_quant_triton(x, out_q=a_q, out_s=a_s)
+        a_arg, stride_a = a_q.view(torch.int32), K // 4
     bm = gemv_bm(M)
     tiles = cdiv(N, cfg["BLOCK_N"])
     split_k = int(cfg.get("SPLIT_K", 1))
@@ -688,12 +512,12 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     wf = w_fp16 if w_fp16 is not None else w
     const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
                           EVEN_K=(KW % bc == 0), SPLIT_K=split_k, BLOCK_M=bm,
-                          BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=x.is_cuda,
+                          BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=x.is_cuda, FUSE_QUANT=fuse, EPS_C=EPS,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     fast_launch(w8a8_gemv_kernel, (tiles * split_k,),
-                (a_q.view(torch.int32), a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale,
+                (a_arg, a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale,
                  out, part, lock, x, wf, row_bits if rbits else w_scale,
-                 M, N, KW, KW, K // 4, out.stride(0), x.stride(0), wf.stride(0)), const, ckey)
+                 M, N, KW, stride_a, K // 4, out.stride(0), x.stride(0), wf.stride(0)), const, ckey)
     return out
 
 

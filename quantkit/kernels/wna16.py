@@ -38,8 +38,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gpu_key, splitk_buffers,
-                      splitk_for, tl, use_triton)
+from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gpu_key, jit_helper,
+                      splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
 
 __all__ = [
     "WNA16Weight",
@@ -152,6 +152,18 @@ def wna16_gemm_ref(x, q, scale, zero=None, bias=None):
 # ----------------------------------------------------------------------------- kernels
 
 
+@jit_helper
+def _store_out(acc, c_ptrs, c_mask, bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k, HAS_BIAS: tl.constexpr,
+               SPLIT_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """GEMV epilogue: split-K reduction (when split), bias, store of the (ROWS, COLS) fp32 tile."""
+    if SPLIT_K > 1:
+        acc, last = splitk_sum(acc, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K, ROWS, COLS)
+        c_mask = tl.where(last, c_mask, False)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
+    tl.store(c_ptrs, acc.to(c_ptrs.dtype.element_ty), mask=c_mask)
+
+
 def _wna16_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
     # x: (M, K) fp16/bf16, M <= BLOCK_M; w: packed (K_pad // PER, N) int32; s, z: (G, N); c: (M, N)
@@ -257,27 +269,93 @@ def _wna16_gemv_kernel(
 
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     c_mask = (offs_m[:, None] < M) & nmask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        # the split that arrives last sums the partials, writes C and resets the counter to 0
-        offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-        tl.store(ws_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc)
-        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if count == SPLIT_K - 1:
-            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for sk in tl.static_range(SPLIT_K):
-                tot += tl.load(ws_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
-            if HAS_BIAS:
-                tot += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
-            tl.store(c_ptrs, tot.to(c_ptr.dtype.element_ty), mask=c_mask)
-            tl.atomic_xchg(lock_ptr + tile, 0)
+    _store_out(acc, c_ptrs, c_mask, bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k, HAS_BIAS, SPLIT_K,
+               BLOCK_M, BLOCK_N)
 
 
 wna16_gemv_kernel = LazyKernel(_wna16_gemv_kernel)
+
+
+def _wna16_gemv1_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+    # x: (1, K); the rest as the GEMV kernel. Group size >= 128 (one scale per 128-K block and column)
+    N, K, n_groups, group_size,
+    BITS: tl.constexpr,
+    PER: tl.constexpr,
+    R: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_U: tl.constexpr,  # the 128-K block count is a multiple of UNROLL
+    SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UNROLL: tl.constexpr,  # 128-K blocks loaded per step, as one (UNROLL*R, BLOCK_N) word tile
+):
+    """Decode (M = 1) streaming GEMV: each step issues one load of UNROLL consecutive 128-K blocks
+    (their word rows are contiguous), so more bytes are in flight per program than the one-block
+    loop of ``_wna16_gemv_kernel``; the K reduction stays elementwise until the end."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tile = pid % num_pid_n
+    pid_k = pid // num_pid_n
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_u = tl.arange(0, UNROLL)
+    offs_r = tl.arange(0, R)
+    HALF: tl.constexpr = PER // 2
+    MASK: tl.constexpr = (1 << BITS) - 1
+    OFFSET: tl.constexpr = 1 << (BITS - 1)
+
+    n_blocks = tl.cdiv(K, 128)
+    n_steps = tl.cdiv(n_blocks, UNROLL)
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    st_lo = pid_k * per_split
+    st_hi = tl.minimum(n_steps, st_lo + per_split)
+    rows = offs_u[:, None] * R + offs_r[None, :]  # (U, R) word row within a step
+    w_ptrs = w_ptr + rows[:, :, None].to(tl.int64) * N + offs_n[None, None, :]  # (U, R, BLOCK_N)
+    kx = offs_u[:, None] * 128 + offs_r[None, :]  # (U, R): K of field 0 within a step
+    acc = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
+    for st in range(st_lo, st_hi):
+        blk0 = st * UNROLL
+        if EVEN_U:
+            wp = tl.load(w_ptrs + blk0 * R * N, mask=nmask[None, None, :], other=0)
+            umask = offs_u >= 0
+        else:
+            umask = (blk0 + offs_u) < n_blocks
+            wp = tl.load(w_ptrs + blk0 * R * N, mask=umask[:, None, None] & nmask[None, None, :], other=0)
+        wh = wp >> 16
+        g = tl.minimum((blk0 + offs_u) * 128 // group_size, n_groups - 1)  # (U,)
+        smask = umask[:, None] & nmask[None, :]
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32)  # (U, BLOCK_N)
+        if HAS_ZERO:
+            zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + OFFSET
+        part = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            FIELD = MASK << (BITS * (j % HALF))
+            POW = 1 << (BITS * (j % HALF))
+            if j < HALF:
+                bits_ = (wp & FIELD) | MAGIC
+            else:
+                bits_ = (wh & FIELD) | MAGIC
+            b = bits_.to(tl.float32, bitcast=True)
+            if HAS_ZERO:
+                b = b - (zc * POW + TWO23)[:, None, :]
+            else:
+                b = b - (TWO23 + OFFSET * POW)
+            k = blk0 * 128 + j * R + kx
+            if EVEN_K and EVEN_U:
+                xj = tl.load(x_ptr + k)
+            else:
+                xj = tl.load(x_ptr + k, mask=k < K, other=0.0)
+            part += (xj.to(tl.float32) * (1.0 / POW))[:, :, None] * b  # exact scaling: power of two
+        acc += part * s[:, None, :]
+    acc = tl.sum(tl.sum(acc, axis=1), axis=0)[None, :]  # (1, BLOCK_N)
+
+    _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k,
+               HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+
+
+wna16_gemv1_kernel = LazyKernel(_wna16_gemv1_kernel)
 
 
 def _wna16_mma_kernel(
@@ -390,22 +468,15 @@ def _wna16_mma_kernel(
     if SWAP_AB:
         c_ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
         c_mask = (offs_m[None, :] < M) & nmask[:, None]
-        offs_t = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
     else:
         c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
         c_mask = (offs_m[:, None] < M) & nmask[None, :]
-        offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    if SPLIT_K > 1:
-        ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-        tl.store(ws_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc)
-        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if count == SPLIT_K - 1:
-            acc = tl.zeros_like(acc)
-            for sk in tl.static_range(SPLIT_K):
-                acc += tl.load(ws_tile + sk * (BLOCK_M * BLOCK_N) + offs_t)
-            tl.atomic_xchg(lock_ptr + tile, 0)
+    if SPLIT_K > 1:  # acc is (BLOCK_N, BLOCK_M) when swapped: the workspace tile takes acc's shape
+        if SWAP_AB:
+            acc, last = splitk_sum(acc, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_N, BLOCK_M)
         else:
-            c_mask = c_mask & False  # not the last split: store nothing
+            acc, last = splitk_sum(acc, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N)
+        c_mask = tl.where(last, c_mask, False)  # only the last split to arrive stores
     if HAS_BIAS:
         bv = tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
         if SWAP_AB:
@@ -458,6 +529,11 @@ def _gemv(BN, SK, w=8, s=2):
     return dict(BACKEND="gemv", BLOCK_N=BN, SPLIT_K=SK, num_warps=w, num_stages=s)
 
 
+def _gemv1(BN, SK, U, w=4, s=1):
+    """M = 1 streaming GEMV (group size >= 128; other cases run ``_gemv`` with the same tiles)."""
+    return dict(BACKEND="gemv1", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
+
+
 def _mma(BM, BN, SK=1, swap=False, G=8, w=4, s=3):
     return dict(BACKEND="mma", BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=SK, SWAP_AB=swap, GROUP_M=G, num_warps=w,
                 num_stages=s)
@@ -467,7 +543,7 @@ GEMV_MAX_M = 8  # the GEMV kernel keeps BLOCK_M x 128 x BLOCK_N fp32 partials in
 
 
 def _default_config(M: int, N: int, K: int) -> dict:
-    """Heuristic configs (ptxas: no spills for these on sm_90); TUNED_* override them."""
+    """Heuristic configs (ptxas: no spills for these on sm_90); the measured configs (configs/<gpu>.json) override them."""
     nb = cdiv(K, PACK_K)
     if M <= 4:
         bn = 128 if M <= 2 else 64
@@ -480,176 +556,11 @@ def _default_config(M: int, N: int, K: int) -> dict:
 
 
 
-# measured on an H200 by `benchmarks/gemm.py --tune` (2026-11-22, second pass; third pass re-tuned W8A8 M=1,16
-# and W4A16/W8A16 M=1,64,256 with `--tune-spec`); keys (gpu, M bucket, N, K)
-TUNED_W4: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 8},
- ('H200', 1, 4096, 14336): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 16, 'num_stages': 2, 'num_warps': 8},
- ('H200', 1, 6144, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
- ('H200', 1, 28672, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
- ('H200', 16, 4096, 4096): {'BACKEND': 'mma',
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 8,
-                            'SWAP_AB': True,
-                            'num_stages': 3,
-                            'num_warps': 4},
- ('H200', 16, 4096, 14336): {'BACKEND': 'mma',
-                             'BLOCK_M': 16,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 8,
-                             'SWAP_AB': True,
-                             'num_stages': 3,
-                             'num_warps': 4},
- ('H200', 16, 6144, 4096): {'BACKEND': 'mma',
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'SWAP_AB': True,
-                            'num_stages': 3,
-                            'num_warps': 4},
- ('H200', 16, 28672, 4096): {'BACKEND': 'mma',
-                             'BLOCK_M': 16,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'SWAP_AB': True,
-                             'num_stages': 3,
-                             'num_warps': 4},
- ('H200', 64, 4096, 4096): {'BACKEND': 'mma',
-                            'BLOCK_M': 64,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'SWAP_AB': True,
-                            'num_stages': 3,
-                            'num_warps': 4},
- ('H200', 64, 4096, 14336): {'BACKEND': 'mma',
-                             'BLOCK_M': 64,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'SWAP_AB': True,
-                             'num_stages': 3,
-                             'num_warps': 4},
- ('H200', 64, 6144, 4096): {'BACKEND': 'mma',
-                            'BLOCK_M': 64,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'SWAP_AB': True,
-                            'num_stages': 3,
-                            'num_warps': 4},
- ('H200', 64, 28672, 4096): {'BACKEND': 'mma',
-                             'BLOCK_M': 64,
-                             'BLOCK_N': 128,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 1,
-                             'SWAP_AB': False,
-                             'num_stages': 3,
-                             'num_warps': 8},
- ('H200', 256, 4096, 4096): {'BACKEND': 'dequant'},
- ('H200', 256, 4096, 14336): {'BACKEND': 'dequant'},
- ('H200', 256, 6144, 4096): {'BACKEND': 'dequant'},
- ('H200', 256, 28672, 4096): {'BACKEND': 'dequant'},
- ('H200', 2048, 4096, 4096): {'BACKEND': 'dequant'},
- ('H200', 2048, 4096, 14336): {'BACKEND': 'dequant'},
- ('H200', 2048, 6144, 4096): {'BACKEND': 'dequant'},
- ('H200', 2048, 28672, 4096): {'BACKEND': 'dequant'},
- ('H200', 8192, 4096, 4096): {'BACKEND': 'dequant'},
- ('H200', 8192, 4096, 14336): {'BACKEND': 'dequant'},
- ('H200', 8192, 6144, 4096): {'BACKEND': 'dequant'},
- ('H200', 8192, 28672, 4096): {'BACKEND': 'dequant'}}
-TUNED_W8: dict = {('H200', 1, 4096, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 64, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 8},
- ('H200', 1, 4096, 14336): {'BACKEND': 'gemv',
-                            'BLOCK_N': 128,
-                            'SPLIT_K': 16,
-                            'num_stages': 2,
-                            'num_warps': 8},
- ('H200', 1, 6144, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
- ('H200', 1, 28672, 4096): {'BACKEND': 'gemv', 'BLOCK_N': 128, 'SPLIT_K': 8, 'num_stages': 2, 'num_warps': 4},
- ('H200', 16, 4096, 4096): {'BACKEND': 'mma',
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'SWAP_AB': True,
-                            'num_stages': 3,
-                            'num_warps': 4},
- ('H200', 16, 4096, 14336): {'BACKEND': 'mma',
-                             'BLOCK_M': 16,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 8,
-                             'SWAP_AB': True,
-                             'num_stages': 3,
-                             'num_warps': 4},
- ('H200', 16, 6144, 4096): {'BACKEND': 'mma',
-                            'BLOCK_M': 16,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'SWAP_AB': True,
-                            'num_stages': 3,
-                            'num_warps': 4},
- ('H200', 16, 28672, 4096): {'BACKEND': 'mma',
-                             'BLOCK_M': 16,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'SWAP_AB': True,
-                             'num_stages': 3,
-                             'num_warps': 4},
- ('H200', 64, 4096, 4096): {'BACKEND': 'mma',
-                            'BLOCK_M': 64,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'SWAP_AB': True,
-                            'num_stages': 3,
-                            'num_warps': 4},
- ('H200', 64, 4096, 14336): {'BACKEND': 'mma',
-                             'BLOCK_M': 64,
-                             'BLOCK_N': 64,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 4,
-                             'SWAP_AB': True,
-                             'num_stages': 3,
-                             'num_warps': 4},
- ('H200', 64, 6144, 4096): {'BACKEND': 'mma',
-                            'BLOCK_M': 64,
-                            'BLOCK_N': 64,
-                            'GROUP_M': 1,
-                            'SPLIT_K': 4,
-                            'SWAP_AB': True,
-                            'num_stages': 3,
-                            'num_warps': 4},
- ('H200', 64, 28672, 4096): {'BACKEND': 'mma',
-                             'BLOCK_M': 64,
-                             'BLOCK_N': 128,
-                             'GROUP_M': 1,
-                             'SPLIT_K': 1,
-                             'SWAP_AB': False,
-                             'num_stages': 3,
-                             'num_warps': 8},
- ('H200', 256, 4096, 4096): {'BACKEND': 'dequant'},
- ('H200', 256, 4096, 14336): {'BACKEND': 'dequant'},
- ('H200', 256, 6144, 4096): {'BACKEND': 'dequant'},
- ('H200', 256, 28672, 4096): {'BACKEND': 'dequant'},
- ('H200', 2048, 4096, 4096): {'BACKEND': 'dequant'},
- ('H200', 2048, 4096, 14336): {'BACKEND': 'dequant'},
- ('H200', 2048, 6144, 4096): {'BACKEND': 'dequant'},
- ('H200', 2048, 28672, 4096): {'BACKEND': 'dequant'},
- ('H200', 8192, 4096, 4096): {'BACKEND': 'dequant'},
- ('H200', 8192, 4096, 14336): {'BACKEND': 'dequant'},
- ('H200', 8192, 6144, 4096): {'BACKEND': 'dequant'},
- ('H200', 8192, 28672, 4096): {'BACKEND': 'dequant'}}
-# decode batch 32 (bucket 32), measured on an H200 by `benchmarks/runtime.py --tune` (2026-12-04)
-TUNED_W4.update({('H200', 32, 6144, 4096): {'BACKEND': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'SPLIT_K': 4, 'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4}, ('H200', 32, 4096, 4096): {'BACKEND': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'SPLIT_K': 4, 'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4}, ('H200', 32, 28672, 4096): {'BACKEND': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 128, 'GROUP_M': 1, 'SPLIT_K': 1, 'SWAP_AB': False, 'num_stages': 3, 'num_warps': 8}, ('H200', 32, 4096, 14336): {'BACKEND': 'mma', 'BLOCK_M': 64, 'BLOCK_N': 64, 'GROUP_M': 1, 'SPLIT_K': 4, 'SWAP_AB': True, 'num_stages': 3, 'num_warps': 4}})
-CONFIGS = ConfigCache(_default_config, TUNED_W4)  # 4-bit
-CONFIGS_W8 = ConfigCache(_default_config, TUNED_W8)  # 8-bit
+
+
+# measured configs: quantkit/kernels/configs/<gpu>.json (benchmarks/gemm.py --tune writes them)
+CONFIGS = ConfigCache(_default_config, "w4a16")  # 4-bit
+CONFIGS_W8 = ConfigCache(_default_config, "w8a16")  # 8-bit
 
 
 def _interp_config(M: int, N: int, K: int) -> dict:
@@ -692,12 +603,23 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     else:
         cfg = dict(config)
     backend = cfg.get("BACKEND", "mma")
+    gs_small = n_groups > 1 and group_size < PACK_K
+    if backend == "gemv1" and (M > 1 or gs_small):
+        backend, cfg = "gemv", dict(cfg, BACKEND="gemv")
     if backend == "gemv" and M > GEMV_MAX_M:
         backend, cfg = "mma", dict(_mma(16, 64, cfg.get("SPLIT_K", 1), swap=True, G=1))
     if backend == "dequant":
         p = ("dequant", None, None, None, 1, 0, None)
+    elif backend == "gemv1":
+        nb = cdiv(K, PACK_K)
+        u = int(cfg["UNROLL"])
+        const = dict(BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=has_zero, HAS_BIAS=has_bias,
+                     EVEN_K=(K % PACK_K == 0), EVEN_U=(nb % u == 0), SPLIT_K=int(cfg.get("SPLIT_K", 1)),
+                     BLOCK_N=cfg["BLOCK_N"], UNROLL=u, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        tiles = cdiv(N, cfg["BLOCK_N"])
+        p = (backend, wna16_gemv1_kernel, (tiles * const["SPLIT_K"],), const, tiles, cfg["BLOCK_N"],
+             const_key(const))
     else:
-        gs_small = n_groups > 1 and group_size < PACK_K
         const = dict(BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=has_zero, HAS_BIAS=has_bias,
                      GS_SMALL=gs_small, EVEN_K=(K % PACK_K == 0), SPLIT_K=int(cfg.get("SPLIT_K", 1)),
                      BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -741,9 +663,13 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
             return torch.addmm(bias.to(x.dtype), x, wt, out=out)
         return torch.mm(x, wt, out=out)
     ws, lock = splitk_buffers(x.device, tiles, const["SPLIT_K"], tile_elems, 4)
-    fast_launch(kern, grid, (x, qw, scales, zeros if zeros is not None else scales,
-                             bias if bias is not None else scales, out, ws, lock, M, N, K, n_groups, group_size,
-                             x.stride(0), out.stride(0)), const, ckey)
+    zz = zeros if zeros is not None else scales
+    bb = bias if bias is not None else scales
+    if backend == "gemv1":
+        fast_launch(kern, grid, (x, qw, scales, zz, bb, out, ws, lock, N, K, n_groups, group_size), const, ckey)
+    else:
+        fast_launch(kern, grid, (x, qw, scales, zz, bb, out, ws, lock, M, N, K, n_groups, group_size,
+                                 x.stride(0), out.stride(0)), const, ckey)
     return out
 
 

@@ -98,6 +98,28 @@ def test_w8a8_gemv_multirow(dev, M, split_k):
     assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.01)) > 2e-3
 
 
+@pytest.mark.parametrize("M,N,K,split_k,bk", [(1, 40, 96, 1, 32), (1, 70, 260, 3, 64), (3, 36, 164, 2, 64),
+                                             (16, 20, 128, 2, 32)])
+def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
+    """One-launch GEMV (FUSE_QUANT: the kernel quantizes x itself) gives exactly the two-launch result
+    (same integers, same int32 sums), with the row max taken over all of K by every split."""
+    g = torch.Generator().manual_seed(11 * M + N + K)
+    x = (torch.randn(M, K, generator=g) * 2).half().to(dev)
+    x[:, -1] = 9.0  # the row max sits in the last K slice: a split that misses it would scale wrongly
+    q = randw(g, (N, K), -127, 127, dev)
+    s = (torch.rand(N, 1, generator=g) * 0.01 + 1e-3).to(dev)
+    bias = torch.randn(N, generator=g).to(dev)
+    W = w8a8.prepack_w8a8(q, s)
+    cfg = dict(BACKEND="gemv", BLOCK_N=16, BLOCK_K=bk, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    two = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=cfg, out=poison((M, N), torch.float16, dev))
+    one = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=dict(cfg, FUSE_QUANT=True),
+                                  out=poison((M, N), torch.float16, dev))
+    assert torch.equal(one, two)
+    ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
+    assert rel_err(one, ref) <= 2e-3
+    assert rel_err(one, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.01, bias)) > 2e-3
+
+
 def test_fast_launch_reuses_and_respecializes(dev):
     """The cached-launch path gives the same results as the first (ordinary) launch, and a new
     specialization class (unaligned view, different dtype) gets its own compiled kernel."""
