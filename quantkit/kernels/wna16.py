@@ -153,6 +153,19 @@ def wna16_gemm_ref(x, q, scale, zero=None, bias=None):
 
 
 @jit_helper
+def _field_magic(wp, wh, j: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
+    """Field j of the packed words as the float 2**23 + u * 2**(BITS * (j % HALF)) (u: the offset-binary
+    value), with no int->float conversion: the field, masked in place, OR-ed into 2**23's mantissa.
+    wh = wp >> 16 holds the upper HALF fields."""
+    FIELD: tl.constexpr = ((1 << BITS) - 1) << (BITS * (j % HALF))
+    if j < HALF:
+        bits_ = (wp & FIELD) | MAGIC
+    else:
+        bits_ = (wh & FIELD) | MAGIC
+    return bits_.to(tl.float32, bitcast=True)
+
+
+@jit_helper
 def _store_out(acc, c_ptrs, c_mask, bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k, HAS_BIAS: tl.constexpr,
                SPLIT_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """GEMV epilogue: split-K reduction (when split), bias, store of the (ROWS, COLS) fp32 tile."""
@@ -191,7 +204,6 @@ def _wna16_gemv_kernel(
     rm = offs_m % M
     offs_r = tl.arange(0, R)
     HALF: tl.constexpr = PER // 2
-    MASK: tl.constexpr = (1 << BITS) - 1
     OFFSET: tl.constexpr = 1 << (BITS - 1)
 
     n_blocks = tl.cdiv(K, 128)
@@ -221,13 +233,8 @@ def _wna16_gemv_kernel(
             else:
                 part = tl.zeros((BLOCK_M, R, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PER):
-            FIELD = MASK << (BITS * (j % HALF))
             POW = 1 << (BITS * (j % HALF))
-            if j < HALF:
-                bits_ = (wp & FIELD) | MAGIC
-            else:
-                bits_ = (wh & FIELD) | MAGIC
-            b = bits_.to(tl.float32, bitcast=True)
+            b = _field_magic(wp, wh, j, BITS, HALF)
             if GS_SMALL:
                 grow = tl.minimum((k0 + j * R + offs_r) // group_size, n_groups - 1)
                 sj = tl.load(s_ptr + grow[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0).to(tl.float32)
@@ -303,7 +310,6 @@ def _wna16_gemv1_kernel(
     offs_u = tl.arange(0, UNROLL)
     offs_r = tl.arange(0, R)
     HALF: tl.constexpr = PER // 2
-    MASK: tl.constexpr = (1 << BITS) - 1
     OFFSET: tl.constexpr = 1 << (BITS - 1)
 
     n_blocks = tl.cdiv(K, 128)
@@ -331,13 +337,8 @@ def _wna16_gemv1_kernel(
             zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + OFFSET
         part = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PER):
-            FIELD = MASK << (BITS * (j % HALF))
             POW = 1 << (BITS * (j % HALF))
-            if j < HALF:
-                bits_ = (wp & FIELD) | MAGIC
-            else:
-                bits_ = (wh & FIELD) | MAGIC
-            b = bits_.to(tl.float32, bitcast=True)
+            b = _field_magic(wp, wh, j, BITS, HALF)
             if HAS_ZERO:
                 b = b - (zc * POW + TWO23)[:, None, :]
             else:
