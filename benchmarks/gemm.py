@@ -118,12 +118,14 @@ def wna16_candidates(M):
                 MM(16, 128, 2, swap=True, G=1), MM(16, 64, 4, G=1), MM(16, 32, 8, swap=True, G=1),
                 G(64, 8), G(32, 16)]
     if M <= 64:
-        return [MM(64, 128, 2, swap=True, G=1), MM(64, 64, 4, swap=True, G=1), MM(64, 128, 1, G=1, w=8),
+        return [MM(64, 64, 2, G=1, w=4, s=4), MM(64, 32, 4, G=1, w=4, s=4), MM(64, 64, 8, swap=True, G=1),
+                MM(64, 128, 2, swap=True, G=1), MM(64, 64, 4, swap=True, G=1), MM(64, 128, 1, G=1, w=8),
                 MM(64, 128, 2, G=1, w=8), MM(64, 64, 4, G=1, w=4), MM(64, 256, 1, G=1, w=8), MM(64, 128, 2, G=1, w=4, s=4),
                 dict(BACKEND="dequant")]
-    if M <= 256:
+    if M <= 256:  # BLOCK_M = 256: every weight tile dequantized once per CTA (one M tile)
         return [MM(64, 128, 1, w=8), MM(64, 128, 2, w=8), MM(128, 128, 1, w=8), MM(64, 64, 2, w=4),
                 MM(128, 256, 1, w=8), MM(64, 256, 1, w=8), MM(128, 128, 1, w=8, s=4), MM(128, 128, 2, w=8),
+                MM(256, 64, 1, w=8, s=3), MM(256, 64, 2, w=8, s=3), MM(256, 128, 1, w=8, s=2), MM(128, 64, 1, w=4, s=4),
                 dict(BACKEND="dequant")]
     return [dict(BACKEND="dequant"), MM(128, 128, 1, w=8), MM(64, 128, 1, w=8)]
 
