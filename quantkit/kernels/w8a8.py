@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gpu_key,
-                      quantize_sym, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
+                      next_pow2, quantize_sym, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -270,6 +270,7 @@ def _w8a8_gemv_kernel(
     USE_DP4A: tl.constexpr,  # dp4a.s32.s32 (compiled); shifts + multiplies (interpreter)
     FUSE_QUANT: tl.constexpr,  # a is x itself (fp16/bf16, stride_am in elements): per-token quantization in here
     EPS_C: tl.constexpr,
+    AMAX_K: tl.constexpr,  # FUSE_QUANT: elements per step of the row-max prologue
 ):
     """GEMV-style W8A8 for M <= BLOCK_M <= 16 on activations quantized once per call.
 
@@ -307,14 +308,12 @@ def _w8a8_gemv_kernel(
         i_hi_i8 = i_hi
     if FUSE_QUANT:
         offs_e = tl.arange(0, 4)
-        offs_x = tl.arange(0, BC * 4)
-        xr_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_x[None, :]  # (BLOCK_M, BC * 4) elements
+        # row max in AMAX_K-element steps (few, wide loads: the prologue is on every program's critical path)
+        offs_x = tl.arange(0, AMAX_K)
+        xr_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_x[None, :]  # (BLOCK_M, AMAX_K) elements
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for it in range(0, n_it):
-            if EVEN_K:
-                xa = tl.load(xr_ptrs + it * BC * 4)
-            else:
-                xa = tl.load(xr_ptrs + it * BC * 4, mask=(it * BC * 4 + offs_x[None, :]) < KW * 4, other=0.0)
+        for k0 in range(0, KW * 4, AMAX_K):
+            xa = tl.load(xr_ptrs + k0, mask=(k0 + offs_x[None, :]) < KW * 4, other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
         a_qs = tl.maximum(amax, EPS_C) / 127.0  # (BLOCK_M,)
         a_qs3 = tl.zeros((BLOCK_M, BC, 4), dtype=tl.float32) + a_qs[:, None, None]
@@ -513,6 +512,7 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
                           EVEN_K=(KW % bc == 0), SPLIT_K=split_k, BLOCK_M=bm,
                           BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=x.is_cuda, FUSE_QUANT=fuse, EPS_C=EPS,
+                          AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     fast_launch(w8a8_gemv_kernel, (tiles * split_k,),
                 (a_arg, a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale,
