@@ -118,6 +118,17 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
     ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
     assert rel_err(one, ref) <= 2e-3
     assert rel_err(one, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.01, bias)) > 2e-3
+    # mixed INT8/FP16 rows (the runtime's bitmask) on the fused kernel: the same bits as the two-launch kernel
+    wf = (torch.randn(N, K, generator=g) * 0.02).half().to(dev)
+    rb = (torch.arange(M) % 2).to(torch.uint8).to(dev)
+    mixed = [w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev),
+                                     row_bits=rb, w_fp16=wf) for c in (cfg, dict(cfg, FUSE_QUANT=True))]
+    assert torch.equal(mixed[0], mixed[1])
+    i8 = rb == 0
+    assert torch.equal(mixed[1][i8], one[i8])  # INT8 rows bit-identical to the plain path
+    if (~i8).any():
+        fp = x[~i8].float() @ wf.float().t() + bias
+        assert rel_err(mixed[1][~i8], fp) <= 2e-3
 
 
 def test_fast_launch_reuses_and_respecializes(dev):
