@@ -359,6 +359,166 @@ def _wna16_gemv1_kernel(
 wna16_gemv1_kernel = LazyKernel(_wna16_gemv1_kernel)
 
 
+# one packed int32 word (8 nibbles: fields j at bits 4j, offset binary) and the 8 matching activations as four
+# half2 pairs -> the fp32 sum of the 8 products. Two nibbles per LOP3 become fp16 magic numbers 1024 + u
+# (fields 0/4, 2/6) or 1024 + 16u (fields 1/5, 3/7, whose activations come pre-divided by 16); one HSUB2 per
+# pair removes 1024 + offset (+ zero) exactly, and HFMA2s multiply-accumulate a pair per instruction.
+_H2_HEAD = """{
+.reg .b32 t0, t1, t2, t3, wh, acc;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 wh, $1, 8;
+lop3.b32 t2, wh, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, wh, 0x00F000F0, 0x64006400, 0xEA;
+"""
+_H2_TAIL = """sub.f16x2 t0, t0, c0;
+sub.f16x2 t1, t1, c1;
+sub.f16x2 t2, t2, c0;
+sub.f16x2 t3, t3, c1;
+mul.rn.f16x2 acc, t0, $2;
+fma.rn.f16x2 acc, t1, $3, acc;
+fma.rn.f16x2 acc, t2, $4, acc;
+fma.rn.f16x2 acc, t3, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}"""
+H2_ASM_SYM = tl.constexpr(_H2_HEAD + ".reg .b32 c0, c1;\nmov.b32 c0, 0x64086408;\nmov.b32 c1, 0x64806480;\n"
+                          + _H2_TAIL)
+H2_ASM_ZERO = tl.constexpr(_H2_HEAD + ".reg .b32 c0, c1;\nmov.b32 c0, $6;\nmov.b32 c1, $7;\n" + _H2_TAIL)
+
+
+@jit_helper
+def _half2(lo, hi):
+    """Two fp32 tensors -> their fp16 values packed as one int32 (lo in the low half)."""
+    lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo16 | (hi16 << 16)
+
+
+def _wna16_gemv_h2_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+    # as the gemv1 kernel; 4-bit only, group size >= 128
+    N, K, n_groups, group_size,
+    HAS_ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_U: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UNROLL: tl.constexpr,
+    AMAX_K: tl.constexpr,  # elements per step of the row-max prologue
+    USE_ASM: tl.constexpr,  # the half2 PTX (compiled); the same arithmetic in fp32 (interpreter)
+):
+    """Decode (M = 1) W4A16 GEMV with half2 dequantization and products (``_H2_*``): about two
+    instructions per weight instead of three to four, for the ALU-bound M=1 case.
+
+    x is first scaled by a power of two, 2**(3 - floor(log2 max|x|)), so |x * sc| < 16 and a partial
+    of four fp16 products stays under 16 * 15 * 4 (no overflow whatever the activations' range); the
+    scale comes back out exactly at the end. Products and 4-term partials are fp16 (rel. error ~2**-11),
+    sums across words fp32."""
+    R: tl.constexpr = 16
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tile = pid % num_pid_n
+    pid_k = pid // num_pid_n
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_u = tl.arange(0, UNROLL)
+    offs_r = tl.arange(0, R)
+
+    # power-of-two prescale from the row's max (exponent bits: exact, no log2/exp2 approximation)
+    offs_a = tl.arange(0, AMAX_K)
+    amax_v = tl.zeros((AMAX_K,), dtype=tl.float32)
+    for k0 in range(0, K, AMAX_K):
+        xa = tl.load(x_ptr + k0 + offs_a, mask=(k0 + offs_a) < K, other=0.0)
+        amax_v = tl.maximum(amax_v, tl.abs(xa.to(tl.float32)))
+    amax = tl.max(amax_v, axis=0)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(amax)) for a normal amax
+    sc_exp = tl.minimum(tl.maximum(127 + 3 - e, 1), 254)
+    sc = (sc_exp << 23).to(tl.float32, bitcast=True)
+    inv_sc = ((254 - sc_exp) << 23).to(tl.float32, bitcast=True)  # 1 / sc, exactly
+
+    n_blocks = tl.cdiv(K, 128)
+    n_steps = tl.cdiv(n_blocks, UNROLL)
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    st_lo = pid_k * per_split
+    st_hi = tl.minimum(n_steps, st_lo + per_split)
+    rows = offs_u[:, None] * R + offs_r[None, :]
+    w_ptrs = w_ptr + rows[:, :, None].to(tl.int64) * N + offs_n[None, None, :]
+    kx = offs_u[:, None] * 128 + offs_r[None, :]
+    acc = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
+    for st in range(st_lo, st_hi):
+        blk0 = st * UNROLL
+        if EVEN_U:
+            umask = offs_u >= 0
+            wp = tl.load(w_ptrs + blk0 * R * N, mask=nmask[None, None, :], other=0)
+        else:
+            umask = (blk0 + offs_u) < n_blocks
+            wp = tl.load(w_ptrs + blk0 * R * N, mask=umask[:, None, None] & nmask[None, None, :], other=0)
+        g = tl.minimum((blk0 + offs_u) * 128 // group_size, n_groups - 1)
+        smask = umask[:, None] & nmask[None, :]
+        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32)
+        kb = blk0 * 128 + kx
+        xs0 = tl.load(x_ptr + kb, mask=kb < K, other=0.0).to(tl.float32) * sc
+        xs1 = tl.load(x_ptr + kb + R, mask=kb + R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+        xs2 = tl.load(x_ptr + kb + 2 * R, mask=kb + 2 * R < K, other=0.0).to(tl.float32) * sc
+        xs3 = tl.load(x_ptr + kb + 3 * R, mask=kb + 3 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+        xs4 = tl.load(x_ptr + kb + 4 * R, mask=kb + 4 * R < K, other=0.0).to(tl.float32) * sc
+        xs5 = tl.load(x_ptr + kb + 5 * R, mask=kb + 5 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+        xs6 = tl.load(x_ptr + kb + 6 * R, mask=kb + 6 * R < K, other=0.0).to(tl.float32) * sc
+        xs7 = tl.load(x_ptr + kb + 7 * R, mask=kb + 7 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+        if USE_ASM:
+            p0 = _half2(xs0, xs4)[:, :, None]
+            p1 = _half2(xs1, xs5)[:, :, None]
+            p2 = _half2(xs2, xs6)[:, :, None]
+            p3 = _half2(xs3, xs7)[:, :, None]
+            if HAS_ZERO:
+                zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + 8.0
+                c0 = _half2(zc + 1024.0, zc + 1024.0)[:, None, :]
+                c1 = _half2(zc * 16.0 + 1024.0, zc * 16.0 + 1024.0)[:, None, :]
+                part = tl.inline_asm_elementwise(H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                part = tl.inline_asm_elementwise(H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+        else:  # the same products in fp32, with the activations rounded to fp16 as the asm sees them
+            if HAS_ZERO:
+                zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + 8.0
+                off = zc[:, None, :]
+            else:
+                off = 8.0
+            part = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):
+                if j == 0:
+                    xj = xs0
+                elif j == 1:
+                    xj = xs1 * 16.0
+                elif j == 2:
+                    xj = xs2
+                elif j == 3:
+                    xj = xs3 * 16.0
+                elif j == 4:
+                    xj = xs4
+                elif j == 5:
+                    xj = xs5 * 16.0
+                elif j == 6:
+                    xj = xs6
+                else:
+                    xj = xs7 * 16.0
+                u = ((wp >> (4 * j)) & 15).to(tl.float32)
+                part += xj.to(tl.float16).to(tl.float32)[:, :, None] * (u - off)
+        acc += part * s[:, None, :]
+    acc = (tl.sum(tl.sum(acc, axis=1), axis=0) * inv_sc)[None, :]
+    _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k,
+               HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+
+
+wna16_gemv_h2_kernel = LazyKernel(_wna16_gemv_h2_kernel)
+
+
 def _wna16_mma_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
     # as the GEMV kernel; any M
@@ -535,6 +695,11 @@ def _gemv1(BN, SK, U, w=4, s=1):
     return dict(BACKEND="gemv1", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
 
 
+def _gemv_h2(BN, SK, U, w=4, s=1):
+    """M = 1, 4-bit, group >= 128: half2 dequant and products (other cases: ``_gemv`` with the same tiles)."""
+    return dict(BACKEND="gemv_h2", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
+
+
 def _mma(BM, BN, SK=1, swap=False, G=8, w=4, s=3):
     return dict(BACKEND="mma", BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=SK, SWAP_AB=swap, GROUP_M=G, num_warps=w,
                 num_stages=s)
@@ -605,12 +770,23 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         cfg = dict(config)
     backend = cfg.get("BACKEND", "mma")
     gs_small = n_groups > 1 and group_size < PACK_K
-    if backend == "gemv1" and (M > 1 or gs_small):
+    if backend == "gemv_h2" and (bits != 4 or x.dtype not in (torch.float16, torch.bfloat16)):
+        backend, cfg = "gemv1", dict(cfg, BACKEND="gemv1")
+    if backend in ("gemv1", "gemv_h2") and (M > 1 or gs_small):
         backend, cfg = "gemv", dict(cfg, BACKEND="gemv")
     if backend == "gemv" and M > GEMV_MAX_M:
         backend, cfg = "mma", dict(_mma(16, 64, cfg.get("SPLIT_K", 1), swap=True, G=1))
     if backend == "dequant":
         p = ("dequant", None, None, None, 1, 0, None)
+    elif backend == "gemv_h2":
+        nb = cdiv(K, PACK_K)
+        u = int(cfg["UNROLL"])
+        const = dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, EVEN_U=(nb % u == 0), SPLIT_K=int(cfg.get("SPLIT_K", 1)),
+                     BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, max(16, 1 << (K - 1).bit_length())),
+                     USE_ASM=x.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        tiles = cdiv(N, cfg["BLOCK_N"])
+        p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const, tiles, cfg["BLOCK_N"],
+             const_key(const))
     elif backend == "gemv1":
         nb = cdiv(K, PACK_K)
         u = int(cfg["UNROLL"])
@@ -666,7 +842,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     ws, lock = splitk_buffers(x.device, tiles, const["SPLIT_K"], tile_elems, 4)
     zz = zeros if zeros is not None else scales
     bb = bias if bias is not None else scales
-    if backend == "gemv1":
+    if backend in ("gemv1", "gemv_h2"):
         fast_launch(kern, grid, (x, qw, scales, zz, bb, out, ws, lock, N, K, n_groups, group_size), const, ckey)
     else:
         fast_launch(kern, grid, (x, qw, scales, zz, bb, out, ws, lock, M, N, K, n_groups, group_size,

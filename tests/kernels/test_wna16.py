@@ -185,3 +185,39 @@ def test_tuned_configs_are_data(tmp_path):
     assert t == {("G1", 1, 64, 128): {"BACKEND": "gemv", "BLOCK_N": 32}, ("G1", 16, 64, 128): {"BACKEND": "mma"}}
     cache = _common.ConfigCache(wna16._default_config, table=t)
     assert cache.get(2, 64, 128, "G1") == {"BACKEND": "mma"}  # bucket 2: the nearest larger measured bucket
+
+
+@pytest.mark.parametrize("N,K,gs,asym,unroll,split_k,bias,big", [
+    (40, 384, 128, False, 2, 1, False, False),   # 3 blocks, UNROLL 2: a masked half step
+    (70, 512, 128, True, 2, 2, True, True),      # asym, split-K, an activation of 3000 (prescale)
+    (48, 768, 256, False, 4, 2, True, True),     # group 256
+    (33, 300, 300, True, 1, 1, False, False),    # per-channel, K tail
+])
+def test_wna16_gemv_h2_decode(dev, N, K, gs, asym, unroll, split_k, bias, big):
+    """M = 1 half2 GEMV (fp16 products of power-of-two-prescaled activations) against the exact reference."""
+    q, s, z = _make(dev, 300 + N + K, N, K, 4, gs, asym)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(K + 1))
+    if big:
+        x[0, 7] = 3000.0  # x * q would overflow fp16 without the prescale
+    x = x.half().to(dev)
+    b = torch.randn(N, generator=torch.Generator().manual_seed(N)).to(dev) if bias else None
+    W = wna16.prepack_wna16(q, s, z, 4)
+    y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, b, 4, W.group_size, N, K,
+                                  config=wna16._gemv_h2(32, split_k, unroll), out=poison((1, N), torch.float16, dev))
+    ref = wna16.wna16_gemm_ref(x, q, s, z, b)
+    assert rel_err(y, ref) <= 1e-2
+    assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z, b)) > 1e-2  # the tolerance can fail
+    if z is not None:
+        assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, None, b)) > 1e-2
+
+
+def test_wna16_gemv_h2_falls_back(dev):
+    """gemv_h2 takes 4-bit, M = 1, group >= 128; 8-bit runs gemv1 and small groups the one-block GEMV."""
+    for bits, gs, M in ((8, 128, 1), (4, 32, 1), (4, 128, 3)):
+        N, K = 40, 256
+        q, s, z = _make(dev, bits + gs + M, N, K, bits, gs, False)
+        W = wna16.prepack_wna16(q, s, z, bits)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).half().to(dev)
+        y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, bits, gs, N, K,
+                                      config=wna16._gemv_h2(32, 2, 2), out=poison((M, N), torch.float16, dev))
+        assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
