@@ -241,7 +241,7 @@ def main():
     ap.add_argument("--peers", action="store_true",
                     help="only: quantkit vs the peer kernels (cuBLAS, tinygemm, GemLite), eager and CUDA-graph")
     ap.add_argument("--gemlite", default=None, help="with --peers: directory holding GemLite's source package")
-    ap.add_argument("--tune-gemv1", action="store_true",
+    ap.add_argument("--tune-decode", action="store_true",
                     help="with --peers: search the W4A16 M=1 streaming GEMV and the W8A8 M<=16 GEMV configs")
     ap.add_argument("--mixed-study", action="store_true",
                     help="only: FP16-loop variants (BLOCK_KF, STAGES_F) of mixed mode vs plain W8A8 / cuBLAS")
@@ -469,15 +469,13 @@ def bench_graph_rot(fns, rep=20):
     return bench_graph(lambda: [f() for f in fns], rep=rep) / len(fns)
 
 
-def gemv1_candidates():
-    G = wna16._gemv1
-    return [G(bn, sk, u, w) for bn, sk, u, w in [
-        (64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 2, 4), (64, 2, 8, 4), (64, 4, 2, 4), (32, 2, 4, 2),
-        (32, 4, 4, 2), (32, 1, 8, 2), (128, 2, 4, 8), (128, 4, 2, 8), (128, 1, 4, 8), (64, 16, 1, 4),
-        (64, 8, 4, 4), (32, 8, 4, 2), (128, 8, 2, 8), (32, 16, 2, 2), (64, 16, 2, 4)]] + [
-        wna16._gemv_h2(bn, sk, u, w) for bn, sk, u, w in [
-            (64, 4, 4, 4), (64, 8, 2, 4), (128, 4, 4, 8), (128, 8, 2, 8), (64, 2, 4, 4), (32, 8, 4, 2),
-            (64, 16, 2, 4), (128, 2, 4, 4), (128, 4, 2, 4), (256, 4, 2, 8), (64, 4, 8, 4), (32, 16, 2, 2)]]
+def decode_w4_candidates():
+    """W4A16 M=1: the half2 GEMV and the general GEMV, a few tiles each."""
+    G, H = wna16._gemv, wna16._gemv_h2
+    return [G(128, 8, w=4), G(64, 16), G(64, 8)] + [H(bn, sk, u, w) for bn, sk, u, w in [
+        (64, 4, 4, 4), (64, 8, 2, 4), (128, 4, 4, 8), (128, 8, 2, 8), (64, 2, 4, 4), (32, 8, 4, 2), (64, 16, 2, 4),
+        (128, 2, 4, 4), (128, 4, 2, 4), (256, 4, 2, 8), (64, 4, 8, 4), (32, 16, 2, 2), (128, 2, 8, 4), (64, 2, 8, 4),
+        (64, 4, 16, 4), (128, 1, 8, 4)]]
 
 
 def save_configs(tuned):
@@ -548,19 +546,19 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                 return wna16.wna16_linear_triton(xb, W.qw, W.scales, None, None, 4, 128, N, K, config=cfg, out=o)
 
             cfg4 = wna16.CONFIGS.get(M, N, K, gpu)
-            if M == 1 and args.tune_gemv1:
+            if M == 1 and args.tune_decode:
                 res = []
-                for cfg in [cfg4] + gemv1_candidates():
-                    e = checked(lambda o: w4_ours(ours4[0], cfg, o), ref4, f"w4 gemv1 N={N} K={K} {cfg}", fails)
+                for cfg in [cfg4] + decode_w4_candidates():
+                    e = checked(lambda o: w4_ours(ours4[0], cfg, o), ref4, f"w4 decode N={N} K={K} {cfg}", fails)
                     if e <= TOL:
                         res.append((bench_graph_rot([lambda W=W: w4_ours(W, cfg) for W in ours4]), cfg))
                 res.sort(key=lambda t: t[0])
-                log(f"gemv1 search N={N} K={K}: " + "; ".join(f"{t:.1f} {c}" for t, c in res[:5]))
+                log(f"w4 decode search N={N} K={K}: " + "; ".join(f"{t:.1f} {c}" for t, c in res[:5]))
                 cfg4 = res[0][1]
                 tuned[f"w4a16|{gpu}|1|{N}|{K}"] = cfg4
             row["w4_cfg"] = cfg4
             cfg8 = w8a8.CONFIGS.get(M, N, K, gpu)
-            if M <= 16 and args.tune_gemv1:  # the dp4a GEMV with the quantization in a separate launch or fused
+            if M <= 16 and args.tune_decode:  # the dp4a GEMV with the quantization in a separate launch or fused
                 res = []
                 for cfg in [cfg8] + [dict(c, FUSE_QUANT=f) for c in w8a8_candidates(M) if c.get("BACKEND") == "gemv"
                                      for f in (False, True)]:

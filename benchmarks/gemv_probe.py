@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/gemv_probe.py
 
-Same grid and tiles as the tuned ``gemv1`` config, four variants, each timed by CUDA-graph replay over
+Same grid and tiles as the tuned M=1 config, four variants, each timed by CUDA-graph replay over
 rotated weight copies (no L2 residency): (1) load the packed words only, (2) + the dequant (no x),
 (3) the full GEMV, (4) the full GEMV with the split-K epilogue but SPLIT_K programs merged (one split).
 A torch reduction over the same bytes gives the read-bandwidth reference. The gaps between rows say

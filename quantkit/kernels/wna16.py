@@ -283,82 +283,6 @@ def _wna16_gemv_kernel(
 wna16_gemv_kernel = LazyKernel(_wna16_gemv_kernel)
 
 
-def _wna16_gemv1_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
-    # x: (1, K); the rest as the GEMV kernel. Group size >= 128 (one scale per 128-K block and column)
-    N, K, n_groups, group_size,
-    BITS: tl.constexpr,
-    PER: tl.constexpr,
-    R: tl.constexpr,
-    HAS_ZERO: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    EVEN_U: tl.constexpr,  # the 128-K block count is a multiple of UNROLL
-    SPLIT_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    UNROLL: tl.constexpr,  # 128-K blocks loaded per step, as one (UNROLL*R, BLOCK_N) word tile
-):
-    """Decode (M = 1) streaming GEMV: each step issues one load of UNROLL consecutive 128-K blocks
-    (their word rows are contiguous), so more bytes are in flight per program than the one-block
-    loop of ``_wna16_gemv_kernel``; the K reduction stays elementwise until the end."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tile = pid % num_pid_n
-    pid_k = pid // num_pid_n
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    offs_u = tl.arange(0, UNROLL)
-    offs_r = tl.arange(0, R)
-    HALF: tl.constexpr = PER // 2
-    OFFSET: tl.constexpr = 1 << (BITS - 1)
-
-    n_blocks = tl.cdiv(K, 128)
-    n_steps = tl.cdiv(n_blocks, UNROLL)
-    per_split = tl.cdiv(n_steps, SPLIT_K)
-    st_lo = pid_k * per_split
-    st_hi = tl.minimum(n_steps, st_lo + per_split)
-    rows = offs_u[:, None] * R + offs_r[None, :]  # (U, R) word row within a step
-    w_ptrs = w_ptr + rows[:, :, None].to(tl.int64) * N + offs_n[None, None, :]  # (U, R, BLOCK_N)
-    kx = offs_u[:, None] * 128 + offs_r[None, :]  # (U, R): K of field 0 within a step
-    acc = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
-    for st in range(st_lo, st_hi):
-        blk0 = st * UNROLL
-        if EVEN_U:
-            wp = tl.load(w_ptrs + blk0 * R * N, mask=nmask[None, None, :], other=0)
-            umask = offs_u >= 0
-        else:
-            umask = (blk0 + offs_u) < n_blocks
-            wp = tl.load(w_ptrs + blk0 * R * N, mask=umask[:, None, None] & nmask[None, None, :], other=0)
-        wh = wp >> 16
-        g = tl.minimum((blk0 + offs_u) * 128 // group_size, n_groups - 1)  # (U,)
-        smask = umask[:, None] & nmask[None, :]
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32)  # (U, BLOCK_N)
-        if HAS_ZERO:
-            zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + OFFSET
-        part = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(PER):
-            POW = 1 << (BITS * (j % HALF))
-            b = _field_magic(wp, wh, j, BITS, HALF)
-            if HAS_ZERO:
-                b = b - (zc * POW + TWO23)[:, None, :]
-            else:
-                b = b - (TWO23 + OFFSET * POW)
-            k = blk0 * 128 + j * R + kx
-            if EVEN_K and EVEN_U:
-                xj = tl.load(x_ptr + k)
-            else:
-                xj = tl.load(x_ptr + k, mask=k < K, other=0.0)
-            part += (xj.to(tl.float32) * (1.0 / POW))[:, :, None] * b  # exact scaling: power of two
-        acc += part * s[:, None, :]
-    acc = tl.sum(tl.sum(acc, axis=1), axis=0)[None, :]  # (1, BLOCK_N)
-
-    _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k,
-               HAS_BIAS, SPLIT_K, 1, BLOCK_N)
-
-
-wna16_gemv1_kernel = LazyKernel(_wna16_gemv1_kernel)
-
-
 # one packed int32 word (8 nibbles: fields j at bits 4j, offset binary) and the 8 matching activations as four
 # half2 pairs -> the fp32 sum of the 8 products. Two nibbles per LOP3 become fp16 magic numbers 1024 + u
 # (fields 0/4, 2/6) or 1024 + 16u (fields 1/5, 3/7, whose activations come pre-divided by 16); one HSUB2 per
@@ -401,7 +325,7 @@ def _half2(lo, hi):
 
 def _wna16_gemv_h2_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
-    # as the gemv1 kernel; 4-bit only, group size >= 128
+    # x: (1, K); the rest as the GEMV kernel. 4-bit, group size >= 128 (one scale per 128-K block and column)
     N, K, n_groups, group_size,
     HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -690,11 +614,6 @@ def _gemv(BN, SK, w=8, s=2):
     return dict(BACKEND="gemv", BLOCK_N=BN, SPLIT_K=SK, num_warps=w, num_stages=s)
 
 
-def _gemv1(BN, SK, U, w=4, s=1):
-    """M = 1 streaming GEMV (group size >= 128; other cases run ``_gemv`` with the same tiles)."""
-    return dict(BACKEND="gemv1", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
-
-
 def _gemv_h2(BN, SK, U, w=4, s=1):
     """M = 1, 4-bit, group >= 128: half2 dequant and products (other cases: ``_gemv`` with the same tiles)."""
     return dict(BACKEND="gemv_h2", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
@@ -770,10 +689,8 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         cfg = dict(config)
     backend = cfg.get("BACKEND", "mma")
     gs_small = n_groups > 1 and group_size < PACK_K
-    if backend == "gemv_h2" and (bits != 4 or x.dtype not in (torch.float16, torch.bfloat16)):
-        backend, cfg = "gemv1", dict(cfg, BACKEND="gemv1")
-    if backend in ("gemv1", "gemv_h2") and (M > 1 or gs_small):
-        backend, cfg = "gemv", dict(cfg, BACKEND="gemv")
+    if backend == "gemv_h2" and (M > 1 or gs_small or bits != 4 or x.dtype not in (torch.float16, torch.bfloat16)):
+        backend, cfg = "gemv", dict(cfg, BACKEND="gemv")  # the general GEMV with the same tiles
     if backend == "gemv" and M > GEMV_MAX_M:
         backend, cfg = "mma", dict(_mma(16, 64, cfg.get("SPLIT_K", 1), swap=True, G=1))
     if backend == "dequant":
@@ -786,15 +703,6 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
                      USE_ASM=x.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         tiles = cdiv(N, cfg["BLOCK_N"])
         p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const, tiles, cfg["BLOCK_N"],
-             const_key(const))
-    elif backend == "gemv1":
-        nb = cdiv(K, PACK_K)
-        u = int(cfg["UNROLL"])
-        const = dict(BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=has_zero, HAS_BIAS=has_bias,
-                     EVEN_K=(K % PACK_K == 0), EVEN_U=(nb % u == 0), SPLIT_K=int(cfg.get("SPLIT_K", 1)),
-                     BLOCK_N=cfg["BLOCK_N"], UNROLL=u, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        tiles = cdiv(N, cfg["BLOCK_N"])
-        p = (backend, wna16_gemv1_kernel, (tiles * const["SPLIT_K"],), const, tiles, cfg["BLOCK_N"],
              const_key(const))
     else:
         const = dict(BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=has_zero, HAS_BIAS=has_bias,
@@ -842,7 +750,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     ws, lock = splitk_buffers(x.device, tiles, const["SPLIT_K"], tile_elems, 4)
     zz = zeros if zeros is not None else scales
     bb = bias if bias is not None else scales
-    if backend in ("gemv1", "gemv_h2"):
+    if backend == "gemv_h2":
         fast_launch(kern, grid, (x, qw, scales, zz, bb, out, ws, lock, N, K, n_groups, group_size), const, ckey)
     else:
         fast_launch(kern, grid, (x, qw, scales, zz, bb, out, ws, lock, M, N, K, n_groups, group_size,

@@ -135,47 +135,12 @@ def test_wna16_mma_magic16(dev, bits, dtype, asym, cfg):
         assert rel_err(ys[0], wna16.wna16_gemm_ref(x, q, s, None)) > 1e-2
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("N,K,gs,asym,unroll,split_k,bias", [
-    (40, 384, 128, False, 2, 1, False),   # 3 blocks, UNROLL 2: a masked half step
-    (70, 512, 128, True, 2, 2, True),     # asym, split-K reduction
-    (48, 768, 256, False, 4, 2, False),   # group 256, 6 blocks in 2 steps of 4 (the last partial)
-    (33, 300, 300, True, 1, 1, True),     # per-channel, K tail (K % 128 != 0)
-])
-def test_wna16_gemv1_decode(dev, bits, N, K, gs, asym, unroll, split_k, bias):
-    """M = 1 streaming GEMV (UNROLL blocks per load) against the reference."""
-    q, s, z = _make(dev, 200 + N + K + bits, N, K, bits, gs, asym)
-    x = torch.randn(1, K, generator=torch.Generator().manual_seed(K)).half().to(dev)
-    b = torch.randn(N, generator=torch.Generator().manual_seed(N)).to(dev) if bias else None
-    W = wna16.prepack_wna16(q, s, z, bits)
-    cfg = wna16._gemv1(32, split_k, unroll)
-    for _ in range(2):  # the second call reuses the split-K counters the first one reset
-        y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, b, bits, W.group_size, N, K, config=cfg,
-                                      out=poison((1, N), torch.float16, dev))
-        assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z, b)) <= 1e-2
-    assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z, b)) > 1e-2  # the tolerance can fail
-    if z is not None:
-        assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, None, b)) > 1e-2
-
-
-def test_wna16_gemv1_falls_back_for_small_groups(dev):
-    """gemv1 needs group >= 128: group 32 (or M > 1) runs the one-block GEMV with the same tiles."""
-    N, K = 40, 256
-    q, s, z = _make(dev, 5, N, K, 4, 32, True)
-    W = wna16.prepack_wna16(q, s, z, 4)
-    for M in (1, 3):
-        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).half().to(dev)
-        y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, 32, N, K, config=wna16._gemv1(32, 2, 2),
-                                      out=poison((M, N), torch.float16, dev))
-        assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
-
-
 def test_tuned_configs_are_data(tmp_path):
     """Measured configs live in configs/<gpu>.json: the shipped H200 file is read by the caches, and
     write_tuned merges new entries into a GPU's file without dropping the others."""
     from quantkit.kernels import _common, w8a8
 
-    assert wna16.CONFIGS.get(1, 4096, 4096, "H200")["BACKEND"] in ("gemv", "gemv1")
+    assert wna16.CONFIGS.get(1, 4096, 4096, "H200")["BACKEND"] in ("gemv", "gemv_h2")
     assert wna16.CONFIGS.get(1, 4096, 4096, "SOME-NEW-GPU") == wna16._default_config(1, 4096, 4096)
     assert len(w8a8.CONFIGS.table) > 0
     _common.write_tuned("G1", "w4a16", {(1, 64, 128): {"BACKEND": "gemv", "BLOCK_N": 32}}, directory=str(tmp_path))
@@ -212,7 +177,7 @@ def test_wna16_gemv_h2_decode(dev, N, K, gs, asym, unroll, split_k, bias, big):
 
 
 def test_wna16_gemv_h2_falls_back(dev):
-    """gemv_h2 takes 4-bit, M = 1, group >= 128; 8-bit runs gemv1 and small groups the one-block GEMV."""
+    """gemv_h2 takes 4-bit, M = 1, group >= 128; 8-bit, small groups and M > 1 run the general GEMV."""
     for bits, gs, M in ((8, 128, 1), (4, 32, 1), (4, 128, 3)):
         N, K = 40, 256
         q, s, z = _make(dev, bits + gs + M, N, K, bits, gs, False)
