@@ -26,6 +26,7 @@ __all__ = [
     "evaluate",
     "export",
     "check_recipe_fits",
+    "check_arch",
     "check_export_format",
     "simulation",
     "scan",
@@ -67,6 +68,21 @@ def quantizable_linears(model, recipe: Recipe) -> dict[str, Any]:
     from quantkit.calib.pipeline import linears_to_quantize
 
     return linears_to_quantize(model, recipe.ignore)
+
+
+def check_arch(cfg: dict, recipe: Recipe | None = None) -> None:
+    """Refuse, from the config dict alone (before any weight loads), a model family no adapter row
+    covers, or a recipe stage the family cannot take (a rotation on a family without rotation roles)."""
+    from quantkit.methods.base import get_method
+    from quantkit.models.adapter import check_config_supported
+
+    spec = check_config_supported(cfg)
+    for st in recipe.stages if recipe is not None else ():
+        if get_method(st.method).needs_rotation_roles and spec.rotation is None:
+            raise RecipeError(
+                f"{st.method} cannot rotate model type {short_repr(cfg.get('model_type'))}: {spec.no_rotation}; "
+                "use awq, gptq or rtn for this model"
+            )
 
 
 def check_recipe_fits(model, recipe: Recipe) -> None:

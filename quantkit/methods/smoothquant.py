@@ -8,7 +8,10 @@ the consumers' columns:
 
 The norm's weight (and bias) is divided by s and every consumer's columns are
 multiplied by s: exact in floating point (X diag(1/s) . diag(s) W^T = X W^T).
-Only the two norm groups are smoothed (the classic SmoothQuant); linear->linear
+Only the norm groups of the adapter table are smoothed (the classic SmoothQuant;
+Gemma's pre_feedforward_layernorm feeds gate/up, its (1 + w) norms fold as
+(1 + w') = (1 + w) / s; OLMo 2 has no norm in front of q/k/v or gate/up, so its
+blocks are not smoothed, and each such group is recorded in the run's warnings); linear->linear
 groups (v->o, up->down) are left alone: v->o does not fold under GQA and up->down
 would put the scale through the SiLU-gated product's other factor.
 
@@ -32,6 +35,7 @@ from torch import nn
 
 from quantkit.methods.base import BlockContext, Method, register_method
 from quantkit.models.hooks import linear_input_hooks
+from quantkit.quant.awq import fold_scales
 from quantkit.quant.core import fake_quantize, fake_quantize_activations, quantize_weight
 from quantkit.recipe import ActQuantArgs, RecipeError
 
@@ -52,17 +56,13 @@ def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) 
 
 
 @torch.no_grad()
-def fold_smoothing(norm: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
+def fold_smoothing(norm: nn.Module, consumers: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0) -> None:
     """Divide the norm's output by s (weight, bias) and multiply each consumer's input columns by s.
 
-    norm.weight: (in,); consumer.weight: (out, in); s: (in,).
+    norm.weight: (in,); consumer.weight: (out, in); s: (in,). A norm that scales by
+    (offset + weight) (Gemma: 1 + w) gets weight' = (offset + weight) / s - offset.
     """
-    s = s.to(norm.weight.device)
-    norm.weight.div_(s.to(norm.weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s.to(norm.bias.dtype))
-    for lin in consumers:
-        lin.weight.mul_(s.to(lin.weight.device, lin.weight.dtype).view(1, -1))
+    fold_scales(norm, consumers, s, norm_offset=norm_offset)  # the one definition of a scale fold
 
 
 def _rescale_stats(stat, s: torch.Tensor) -> None:
@@ -107,8 +107,12 @@ class SmoothQuant(Method):
             if g.producer in linear_rels:
                 continue  # linear -> linear groups: not smoothed (see module docstring)
             names = [ctx.full_name(c) for c in g.consumers]
+            if g.unfoldable:  # nothing to smooth into: these inputs are quantized as they are
+                ctx.warnings.append(f"smoothquant: {', '.join(names)} not smoothed: {g.unfoldable}")
+                continue
             if not all(n in ctx.linears for n in names):
-                continue  # an ignored consumer would need the unsmoothed input
+                ctx.warnings.append(f"smoothquant: {', '.join(names)} not smoothed: a consumer is not quantized (ignored)")
+                continue
             out.append((ctx.block.get_submodule(g.producer), names))
         return out
 
@@ -137,7 +141,7 @@ class SmoothQuant(Method):
             for n, m in ctx.linears.items():
                 m.weight.copy_(params[n])
             for (nm, names), s in zip(groups, self._scales(ctx, groups, alpha)):
-                fold_smoothing(nm, [ctx.linears[n] for n in names], s)
+                fold_smoothing(nm, [ctx.linears[n] for n in names], s, ctx.spec.norm_offset)
             for m in ctx.linears.values():
                 m.weight.copy_(fake_quantize(m.weight.data, self.scheme.weights))
             with linear_input_hooks(ctx.linears, lambda _n, x: fake_quantize_activations(x, act)):
@@ -160,7 +164,7 @@ class SmoothQuant(Method):
         if groups:
             self.chosen[ctx.name] = float(alpha)
             for (norm, names), s in zip(groups, self._scales(ctx, groups, float(alpha))):
-                fold_smoothing(norm, [ctx.linears[n] for n in names], s)
+                fold_smoothing(norm, [ctx.linears[n] for n in names], s, ctx.spec.norm_offset)
                 for n in names:
                     _rescale_stats(ctx.stats[n], s)
         if not self.final:

@@ -1,13 +1,16 @@
 """Model knowledge as data: where the blocks, norms and linears of a family live.
 
 One `ArchSpec` table row per layout. Llama, Qwen2, Qwen3 and Mistral share the
-same layout in transformers, so one spec covers all four; a new family is a new
-row, never an `isinstance` ladder.
+same layout in transformers, so one spec covers all four; Granite's differences
+are scalar multipliers (nothing a method folds or rotates changes), so it joins
+that row too. Phi-3/Phi-4 (fused qkv_proj / gate_up_proj), Gemma 2/3 ((1 + w)
+norms, norms after each sub-block) and OLMo 2 (norms only after the sub-blocks)
+are rows of their own. A new family is a new row, never an `isinstance` ladder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -32,6 +35,12 @@ class ScaleGroup:
     consumers: tuple[str, ...]
     requires_equal_shapes: bool = False
     output_module: str = ""
+    # The producer's rows that feed the consumers, when the producer is a fused linear:
+    # a part name of `ArchSpec.fused` (Phi-3: the "v" rows of qkv_proj feed o_proj).
+    producer_part: str | None = None
+    # Non-empty: there is nothing in front of the consumers to fold a scale into, and why
+    # (OLMo 2: q/k/v read the raw residual stream). Methods skip the group and record this.
+    unfoldable: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,8 @@ class RotationRoles:
     attn_out: str
     mlp_out: str
     norms: tuple[tuple[str, tuple[str, ...]], ...]
+    # The part of `value` that holds V, when it is a fused linear (Phi-3: "v" of qkv_proj).
+    value_part: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,18 +106,34 @@ class ArchSpec:
     ops: tuple[tuple[str, str], ...]
     rotation: RotationRoles | None = None
     layout: BlockLayout | None = None
+    # Why the rotation table is missing, when it is (SpinQuant's refusal line).
+    no_rotation: str = ""
+    # The attention module of a block (relative name): where K/V hooks attach.
+    attention: str = "self_attn"
+    # Norms scale by (offset + weight): 0 for the usual RMSNorm, 1 for Gemma's (1 + w).
+    norm_offset: float = 0.0
+    # Fused linears: relative name -> its parts in row order, each (part name, size key);
+    # size keys: "q" (heads x head_dim), "kv" (kv heads x head_dim), "intermediate".
+    fused: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    # Linears whose outputs go through softmax(q k^T): AWQ does not clip them.
+    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
 
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(name for step in self.sequential for name in step)
 
-    @property
-    def attention(self) -> str:
-        """The attention module of a block (relative name): where K/V hooks attach."""
-        if self.layout is not None:
-            return self.layout.attention
-        k_rel = next(r for r in self.linears if r.endswith("k_proj"))
-        return k_rel.rsplit(".", 1)[0]
+    def part_rows(self, rel: str, part: str, config) -> slice:
+        """The rows of `part` in the fused linear `rel` (e.g. "v" of self_attn.qkv_proj)."""
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        sizes = {"q": heads * head_dim_of(config), "kv": kv * head_dim_of(config),
+                 "intermediate": config.intermediate_size}
+        start = 0
+        for name, key in dict(self.fused)[rel]:
+            if name == part:
+                return slice(start, start + sizes[key])
+            start += sizes[key]
+        raise KeyError(f"{rel} has no part {part!r}")
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -165,7 +192,90 @@ _LLAMA_LIKE = ArchSpec(
     ),
 )
 
-ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE,)
+# Granite = Llama + scalar multipliers (embedding, residual, attention, logits): every fold and
+# rotation is exact through a scalar, so only the runtime (which does not apply them) differs.
+_GRANITE = replace(_LLAMA_LIKE, model_types=("granite",), layout=None)
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+_POST_NORMS = ("it normalizes each sub-block's output with a per-channel weight before adding it to the residual "
+               "stream (post_attention_layernorm, post_feedforward_layernorm), which a residual rotation (R1) "
+               "does not pass through")
+
+# Gemma 2 / Gemma 3 (text): (1 + w) RMSNorms, an extra norm after attention and around the MLP
+# (pre_feedforward_layernorm feeds gate/up), GELU-tanh MLP; soft-capping, scaled embeddings and
+# sliding windows live outside the linears and the norms the methods fold into.
+_GEMMA = replace(
+    _LLAMA_LIKE,
+    model_types=("gemma2", "gemma3_text"),
+    scale_groups=(
+        ScaleGroup("input_layernorm", _ATTN, output_module="self_attn"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), requires_equal_shapes=True, output_module="self_attn"),
+        ScaleGroup("pre_feedforward_layernorm", _GATE_UP, output_module="mlp"),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), output_module="mlp"),
+    ),
+    rotation=None,
+    no_rotation=f"Gemma: {_POST_NORMS}",
+    layout=None,
+    norm_offset=1.0,
+)
+
+# OLMo 2: norms only after attention and after the MLP; q/k/v and gate/up read the raw residual
+# stream, so no scale can fold in front of them (scaling the stream would change every later
+# norm's input): those groups are skipped and recorded; v->o and up->down still fold.
+_NO_NORM = "OLMo 2 has no norm in front of {} (its norms follow the sub-blocks): no scale can be folded there"
+_OLMO2 = replace(
+    _LLAMA_LIKE,
+    model_types=("olmo2",),
+    scale_groups=(
+        ScaleGroup("", _ATTN, output_module="self_attn", unfoldable=_NO_NORM.format("q/k/v")),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), requires_equal_shapes=True, output_module="self_attn"),
+        ScaleGroup("", _GATE_UP, output_module="mlp", unfoldable=_NO_NORM.format("gate/up")),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), output_module="mlp"),
+    ),
+    rotation=None,
+    no_rotation=f"OLMo 2: {_POST_NORMS}",
+    layout=None,
+)
+
+# Phi-3 / Phi-3.5 / Phi-4: q/k/v fused into qkv_proj and gate/up into gate_up_proj (vLLM keeps the
+# same fused names). A fused linear's parts share one input, so GPTQ on it equals GPTQ per part,
+# and its v / up rows are the producers of the v->o and up->down scale groups.
+_PHI3 = replace(
+    _LLAMA_LIKE,
+    model_types=("phi3",),
+    sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    scale_groups=(
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), output_module="self_attn"),
+        ScaleGroup("self_attn.qkv_proj", ("self_attn.o_proj",), requires_equal_shapes=True, output_module="self_attn",
+                   producer_part="v"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), output_module="mlp"),
+        ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), output_module="mlp", producer_part="up"),
+    ),
+    ops=(
+        ("self_attn.qkv_proj", "qkv_proj"),
+        ("self_attn.o_proj", "o_proj"),
+        ("mlp.gate_up_proj", "gate_up"),
+        ("mlp.down_proj", "down_proj"),
+    ),
+    rotation=RotationRoles(
+        reads_residual=("self_attn.qkv_proj", "mlp.gate_up_proj"),
+        writes_residual=("self_attn.o_proj", "mlp.down_proj"),
+        value="self_attn.qkv_proj",
+        value_part="v",
+        attn_out="self_attn.o_proj",
+        mlp_out="mlp.down_proj",
+        norms=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+    ),
+    layout=None,
+    fused=(
+        ("self_attn.qkv_proj", (("q", "q"), ("k", "kv"), ("v", "kv"))),
+        ("mlp.gate_up_proj", (("gate", "intermediate"), ("up", "intermediate"))),
+    ),
+    no_clip=("self_attn.qkv_proj",),
+)
+
+ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _GRANITE, _GEMMA, _OLMO2, _PHI3)
 
 
 def head_dim_of(config) -> int:
@@ -191,6 +301,25 @@ def supported_model_types() -> list[str]:
     return sorted(t for spec in ARCH_SPECS for t in spec.model_types)
 
 
+def spec_for(model_type) -> ArchSpec:
+    """The table row of `model_type`; UnsupportedModelError (one line, the supported list) otherwise."""
+    for spec in ARCH_SPECS:
+        if model_type in spec.model_types:
+            return spec
+    raise UnsupportedModelError(
+        f"model type {short_repr(model_type)} is not supported yet; supported: {', '.join(supported_model_types())}"
+    )
+
+
+def check_config_supported(cfg: dict) -> ArchSpec:
+    """Refuse, from a config dict alone (before any weight is read), a model no adapter row covers.
+
+    A multimodal wrapper (a `text_config` inside) is refused by its own type: quantkit loads the
+    wrapper's class, whose decoder blocks live elsewhere than the text model's."""
+    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+    return spec_for(mt)
+
+
 class ModelAdapter:
     """Finds a model's parts by the names in its `ArchSpec`."""
 
@@ -200,13 +329,7 @@ class ModelAdapter:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "ModelAdapter":
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        for spec in ARCH_SPECS:
-            if model_type in spec.model_types:
-                return cls(model, spec)
-        raise UnsupportedModelError(
-            f"model type {short_repr(model_type)} is not supported yet; supported: {', '.join(supported_model_types())}"
-        )
+        return cls(model, spec_for(getattr(getattr(model, "config", None), "model_type", None)))
 
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self.spec.blocks)
@@ -225,6 +348,10 @@ class ModelAdapter:
         for i in range(len(self.blocks())):
             out.update(self.block_linears(i))
         return out
+
+    def part_rows(self, rel: str, part: str) -> slice:
+        """Rows of one part of a fused linear of this model (see `ArchSpec.part_rows`)."""
+        return self.spec.part_rows(rel, part, self.model.config)
 
     def op_of(self, rel_name: str) -> str:
         return dict(self.spec.ops)[rel_name]

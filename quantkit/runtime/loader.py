@@ -79,11 +79,17 @@ def _kv_static_per_layer(model: nn.Module, static) -> list[dict] | None:
 
 
 def _check_supported(config) -> None:
-    from quantkit.models.adapter import ARCH_SPECS, supported_model_types
+    """The runtime runs the families whose adapter row has a BlockLayout (the Llama-like block)."""
+    from quantkit.errors import short_repr
+    from quantkit.models.adapter import ARCH_SPECS
 
     mt = getattr(config, "model_type", None)
-    if not any(mt in s.model_types and s.layout is not None for s in ARCH_SPECS):
-        raise RuntimeLoadError(f"the runtime does not run model type {mt!r} yet; it runs {', '.join(supported_model_types())}")
+    runs = sorted(t for s in ARCH_SPECS if s.layout is not None for t in s.model_types)
+    if mt not in runs:
+        raise RuntimeLoadError(
+            f"the runtime does not run model type {short_repr(mt)} yet (it runs {', '.join(runs)}); score this "
+            "checkpoint with `quantkit eval --model DIR` without --runtime, or serve it with vLLM"
+        )
 
 
 def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = True,

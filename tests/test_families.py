@@ -1,0 +1,255 @@
+"""The families beyond Llama as adapter-table rows (issue 22): Phi-3 (fused qkv/gate_up), Gemma 2/3
+((1 + w) norms, post-norms, soft-capping, sliding windows), OLMo 2 (no norm in front of q/k/v),
+Granite (multipliers). Tiny random configs with randomized norms and biases; every check is against
+the float model or a per-part reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from quantkit import api
+from quantkit.calib.data import CalibrationSet
+from quantkit.calib.pipeline import run_layerwise
+from quantkit.methods.base import get_method
+from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
+from quantkit.models.hooks import linear_input_hooks
+from quantkit.models.loading import LoadedModel
+from quantkit.quant.awq import fold_scales
+from quantkit.quant.core import fake_quantize_activations
+from quantkit.recipe import PRESETS, QuantArgs, Recipe, RecipeError, Scheme, Stage
+from tiny_models import NEW_FAMILIES, make_tiny_model, run_cli
+
+W4 = QuantArgs(bits=4, group_size=32, symmetric=False)
+_IDS = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(2))
+_ROTATABLE = ("phi3", "granite")
+
+
+@pytest.fixture(params=NEW_FAMILIES)
+def family(request):
+    return request.param
+
+
+def _model(family, **kw):
+    return make_tiny_model(family, seed=3, randomize=True, **kw)
+
+
+@torch.no_grad()
+def _logits(model, ids=_IDS, act=None):
+    if act is None:
+        return model(ids).logits
+    linears = ModelAdapter.for_model(model).all_linears()
+    with linear_input_hooks(linears, lambda _n, x: fake_quantize_activations(x, act)):
+        return model(ids).logits
+
+
+def _mse(a, b) -> float:
+    return float((a - b).float().pow(2).mean())
+
+
+def test_every_method_no_worse_than_rtn(family):
+    """RTN, AWQ, GPTQ (W4 g32) and SmoothQuant W8A8 (vs RTN W8A8): every linear quantized, and the
+    logits' error against the float model is no worse than RTN's."""
+    ref = _logits(_model(family))
+    n_linears = len(ModelAdapter.for_model(_model(family)).all_linears())
+    err = {}
+    for name, scheme, opts in [("rtn", Scheme(W4), {}), ("awq", Scheme(W4), dict(grid=10, clip_grid=10, search_samples=4)),
+                               ("gptq", Scheme(W4), {}), ("rtn8", PRESETS["W8A8"], {}), ("smoothquant", PRESETS["W8A8"], {})]:
+        m = _model(family)
+        res = run_layerwise(m, _IDS, [get_method(name.rstrip("8"))(scheme, **opts)], batch_size=4)
+        assert len(res.results) == n_linears, name
+        err[name] = _mse(_logits(m, act=scheme.input_activations), ref)
+    assert err["awq"] <= err["rtn"] and err["gptq"] <= err["rtn"], err
+    assert err["smoothquant"] <= err["rtn8"] * 1.0001, err
+    assert err["rtn"] > 0
+
+
+def test_scale_groups_fold_exactly(family):
+    """Random scales folded across every foldable group of the table (norms with Gemma's (1 + w), the v
+    rows of Phi-3's qkv_proj, the up half of its gate_up_proj) leave the float logits unchanged."""
+    m = _model(family, num_key_value_heads=6)  # no GQA: v -> o folds too
+    ref = _logits(m)
+    ad = ModelAdapter.for_model(m)
+    g = torch.Generator().manual_seed(5)
+    folded = 0
+    for blk in ad.blocks():
+        for grp in ad.spec.scale_groups:
+            if grp.unfoldable:
+                continue
+            cons = [blk.get_submodule(c) for c in grp.consumers]
+            rows = ad.part_rows(grp.producer, grp.producer_part) if grp.producer_part else None
+            s = torch.rand(cons[0].in_features, generator=g) * 3 + 0.2
+            fold_scales(blk.get_submodule(grp.producer), cons, s, rows=rows, norm_offset=ad.spec.norm_offset)
+            folded += 1
+    assert folded == 3 * (2 if family == "olmo2" else 4)
+    out = _logits(m)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_smoothquant_transform_exact(family):
+    """SmoothQuant as a transform (not the last stage) changes norms and weights, never the float function."""
+    m = _model(family)
+    ref = _logits(m)
+    sq = get_method("smoothquant")(PRESETS["W8A8"])
+    sq.final = False
+    w0 = {k: v.weight.detach().clone() for k, v in ModelAdapter.for_model(m).all_linears().items()}
+    res = run_layerwise(m, _IDS, [sq], batch_size=4)
+    changed = sum(not torch.equal(w0[k], v.weight) for k, v in ModelAdapter.for_model(m).all_linears().items())
+    torch.testing.assert_close(_logits(m), ref, atol=2e-4, rtol=1e-4)
+    if family == "olmo2":  # nothing in front of q/k/v or gate/up: not smoothed, and said so
+        assert changed == 0 and len(res.warnings) == 6
+        assert "no norm in front of q/k/v" in res.warnings[0]
+    else:
+        assert changed == len(w0) - 6 and not res.warnings  # o_proj and down_proj are not smoothed
+
+
+@pytest.mark.parametrize("fam", _ROTATABLE)
+def test_spinquant_rotations_exact(fam):
+    from quantkit.methods import spinquant as sq
+    from quantkit.models.hooks import attach_online_rotations, online_rotation_spec
+    from quantkit.quant import rotation as rot
+
+    m = _model(fam, num_key_value_heads=6)
+    ref = _logits(m)
+    sq.make_rotation_ready(m)
+    r1, r2 = sq.initial_rotations(m, seed=0)
+    v0 = m.model.layers[0].get_submodule(ModelAdapter.for_model(m).spec.rotation.value).weight.detach().clone()
+    sq.fold_rotations(m, r1, r2, rot.normalized_hadamard(m.config.intermediate_size))
+    assert not torch.allclose(m.model.layers[0].get_submodule(ModelAdapter.for_model(m).spec.rotation.value).weight, v0)
+    handles = attach_online_rotations(m, online_rotation_spec(m, r3=True, r4=True))
+    try:
+        torch.testing.assert_close(_logits(m), ref, atol=2e-4, rtol=1e-4)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("fam", [f for f in NEW_FAMILIES if f not in _ROTATABLE])
+def test_spinquant_refused_where_rotations_do_not_pass(fam):
+    m = _model(fam)
+    cfg = m.config.to_dict()
+    with pytest.raises(RecipeError, match="per-channel weight before adding it to the residual"):
+        api.check_arch(cfg, Recipe(Scheme(W4), (Stage("spinquant"),)))
+    api.check_arch(cfg, Recipe(Scheme(W4), (Stage("awq"),)))  # other methods pass
+    from quantkit.methods import spinquant as sq
+
+    with pytest.raises(RecipeError, match="use awq, gptq or rtn"):
+        sq.make_rotation_ready(m)
+
+
+def test_gptq_on_a_fused_linear_equals_gptq_per_part():
+    """Phi-3's qkv_proj: its parts share one input (one Hessian), so GPTQ on the fused weight gives the
+    integers and scales of GPTQ on q, k and v separately (act-order included)."""
+    from quantkit.quant.gptq import gptq_quantize
+
+    m = _model("phi3")
+    ad = ModelAdapter.for_model(m)
+    w = m.model.layers[0].self_attn.qkv_proj.weight.detach()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, w.shape[1], generator=g, dtype=torch.float64) * (torch.rand(w.shape[1], generator=g, dtype=torch.float64) * 4)
+    h = 2 * x.T @ x / x.shape[0]
+    fused = gptq_quantize(w.double(), h, W4, act_order=True).qt
+    for part in ("q", "k", "v"):
+        rows = ad.part_rows("self_attn.qkv_proj", part)
+        alone = gptq_quantize(w[rows].double(), h, W4, act_order=True).qt
+        assert torch.equal(fused.q[rows], alone.q), part
+        assert torch.equal(fused.scale[rows], alone.scale), part
+    assert ad.part_rows("self_attn.qkv_proj", "v") == slice(96 + 32, 96 + 64)
+    assert ad.part_rows("mlp.gate_up_proj", "up") == slice(160, 320)
+
+
+@pytest.mark.parametrize("stage", ["rtn", "gptq"])
+def test_export_reload_bit_identical(family, stage, tmp_path, tiny_tokenizer):
+    """compressed-tensors export -> quantkit's reader: every tensor and the logits bit-identical;
+    Phi-3 keeps its fused qkv_proj / gate_up_proj names (what vLLM's Phi-3 loader reads)."""
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+
+    m = _model(family)
+    calib = CalibrationSet(_IDS, {"source": "random tokens (test)"})
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage(stage),)),
+                      calib_set=calib)
+    out = api.export(qm, tmp_path / "ckpt")
+    loaded, _, manifest = load_quantkit_checkpoint(out)
+    assert sorted(manifest["modules"]) == sorted(ModelAdapter.for_model(m).all_linears())
+    if family == "phi3":
+        assert "model.layers.0.self_attn.qkv_proj" in manifest["modules"]
+        assert "model.layers.0.mlp.gate_up_proj" in manifest["modules"]
+    a, b = m.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    torch.testing.assert_close(_logits(loaded), _logits(m), rtol=0, atol=0)
+
+
+def test_awq_skipped_groups_recorded_in_manifest(tmp_path, tiny_tokenizer):
+    """Every group AWQ cannot apply (v -> o under GQA here) is in the run's warnings and quantkit.json."""
+    from quantkit.export.manifest import read_manifest
+
+    m = _model("phi3")
+    calib = CalibrationSet(_IDS, {"source": "random tokens (test)"})
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}),
+                      Recipe(Scheme(W4), (Stage("awq", {"grid": 4, "clip": False}),)), calib_set=calib)
+    skipped = [w for w in qm.warnings if "skipped" in w]
+    assert len(skipped) == 3 and all("qkv_proj -> " in w and "grouped-query attention" in w for w in skipped)
+    out = api.export(qm, tmp_path / "ckpt")
+    assert [w for w in read_manifest(out)["warnings"] if "skipped" in w] == skipped
+
+
+def test_scan_runs(family):
+    """The sensitivity scan covers every linear of the family with finite metrics, the model unchanged."""
+    import math
+
+    from quantkit.sensitivity.run import run_scan
+
+    m = _model(family)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rep = run_scan(m, _IDS[:4], Scheme(W4), batch_size=4, bins=64, stat_tokens=None)
+    ad = ModelAdapter.for_model(m)
+    assert sorted(e.name for e in rep.layers) == sorted(ad.all_linears())
+    assert all(math.isfinite(e.kl) and e.rel_err > 0 for e in rep.layers)
+    assert {e.op for e in rep.layers} == {op for _, op in ad.spec.ops}
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def _config_dir(path, cfg: dict):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_unsupported_family_refused_from_config(tmp_path):
+    """A family with no table row: one line, exit 2, from config.json alone (the dir has no weights)."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                     num_attention_heads=6, num_key_value_heads=2).to_dict()
+    d = _config_dir(tmp_path / "mixtral", cfg)
+    for args in (["plan", "--model", d], ["rtn", "--model", d, "--out", tmp_path / "o"], ["scan", "--model", d,
+                 "--scheme", "W4A16", "--out", tmp_path / "s.json"]):
+        code, out = run_cli(*args)
+        assert code == 2, (args, out)
+        assert "model type 'mixtral' is not supported yet; supported:" in out and "phi3" in out, out
+        assert "Traceback" not in out
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UnsupportedModelError):
+        api.check_arch({"model_type": "gpt_neox"})
+
+
+def test_spinquant_refused_before_load(tmp_path):
+    cfg = _model("gemma2").config.to_dict()
+    d = _config_dir(tmp_path / "gemma2", cfg)  # no weights: the refusal must come first
+    code, out = run_cli("spinquant", "--model", d, "--out", tmp_path / "o")
+    assert code == 2 and "spinquant cannot rotate model type 'gemma2'" in out, out
+
+
+def test_runtime_refuses_family_it_cannot_run(tmp_path, tiny_tokenizer):
+    from quantkit import runtime
+    from quantkit.runtime.loader import RuntimeLoadError
+
+    m = _model("phi3")
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
+    out = api.export(qm, tmp_path / "ckpt")
+    with pytest.raises(RuntimeLoadError, match=r"does not run model type 'phi3' yet .*without --runtime"):
+        runtime.load(out, device="cpu")
