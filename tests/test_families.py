@@ -20,7 +20,7 @@ from quantkit.models.loading import LoadedModel
 from quantkit.quant.awq import fold_scales
 from quantkit.quant.core import fake_quantize_activations
 from quantkit.recipe import PRESETS, QuantArgs, Recipe, RecipeError, Scheme, Stage
-from tiny_models import NEW_FAMILIES, make_tiny_model, run_cli
+from tiny_models import MOE_FAMILIES, NEW_FAMILIES, make_tiny_model, run_cli
 
 W4 = QuantArgs(bits=4, group_size=32, symmetric=False)
 _IDS = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(2))
@@ -223,14 +223,14 @@ def test_unsupported_family_refused_from_config(tmp_path):
     """A family with no table row: one line, exit 2, from config.json alone (the dir has no weights)."""
     import transformers
 
-    cfg = transformers.MixtralConfig(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                     num_attention_heads=6, num_key_value_heads=2).to_dict()
-    d = _config_dir(tmp_path / "mixtral", cfg)
+    cfg = transformers.GPTNeoXConfig(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                     num_attention_heads=6).to_dict()
+    d = _config_dir(tmp_path / "neox", cfg)
     for args in (["plan", "--model", d], ["rtn", "--model", d, "--out", tmp_path / "o"], ["scan", "--model", d,
                  "--scheme", "W4A16", "--out", tmp_path / "s.json"]):
         code, out = run_cli(*args)
         assert code == 2, (args, out)
-        assert "model type 'mixtral' is not supported yet; supported:" in out and "phi3" in out, out
+        assert "model type 'gpt_neox' is not supported yet; supported:" in out and "mixtral" in out, out
         assert "Traceback" not in out
     assert not (tmp_path / "o").exists()
     with pytest.raises(UnsupportedModelError):
@@ -253,3 +253,134 @@ def test_runtime_refuses_family_it_cannot_run(tmp_path, tiny_tokenizer):
     out = api.export(qm, tmp_path / "ckpt")
     with pytest.raises(RuntimeLoadError, match=r"does not run model type 'phi3' yet .*without --runtime"):
         runtime.load(out, device="cpu")
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+@pytest.fixture(params=MOE_FAMILIES)
+def moe_family(request):
+    return request.param
+
+
+def _n_experts(m):
+    return getattr(m.config, "num_local_experts", None) or m.config.num_experts
+
+
+def test_moe_every_method_every_expert(moe_family):
+    """RTN, AWQ, GPTQ quantize every expert's linears (and the shared expert's), never the router; errors
+    against the float logits no worse than RTN's."""
+    ref = _logits(_model(moe_family))
+    err = {}
+    for name, opts in [("rtn", {}), ("awq", dict(grid=10, clip_grid=10, search_samples=4)), ("gptq", {})]:
+        m = _model(moe_family)
+        res = run_layerwise(m, _IDS, [get_method(name)(Scheme(W4), **opts)], batch_size=4)
+        ad = ModelAdapter.for_model(m)
+        experts = [n for n in ad.all_linears() if ".experts." in n]
+        moe_blocks = 3 - (moe_family == "qwen2_moe")  # its block 1 is dense (mlp_only_layers)
+        assert len(experts) == moe_blocks * _n_experts(m) * 3
+        assert set(res.results) == set(ad.all_linears())
+        assert not any(n.endswith((".gate", "shared_expert_gate")) for n in res.results)  # routers stay float
+        err[name] = _mse(_logits(m), ref)
+    assert err["awq"] <= err["rtn"] and err["gptq"] <= err["rtn"], err
+
+
+def test_moe_unfused_experts_are_exact_and_named_as_on_disk(moe_family, tmp_path):
+    """Per-expert linears compute what transformers' fused experts compute, under the names
+    save_pretrained writes (Mixtral: block_sparse_moe.experts.N.w1/w2/w3)."""
+    fused = _model(moe_family)
+    ref = _logits(fused)
+    fused.save_pretrained(tmp_path / "hf")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        disk = set(f.keys())
+    m = _model(moe_family)
+    ModelAdapter.for_model(m)
+    assert set(m.state_dict()) == disk
+    torch.testing.assert_close(_logits(m), ref, rtol=0, atol=1e-6)
+
+
+def test_moe_export_reload_bit_identical(moe_family, tmp_path, tiny_tokenizer):
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+
+    m = _model(moe_family)
+    calib = CalibrationSet(_IDS, {"source": "random tokens (test)"})
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("gptq"),)),
+                      calib_set=calib)
+    out = api.export(qm, tmp_path / "ckpt")
+    loaded, _, manifest = load_quantkit_checkpoint(out)
+    assert sorted(manifest["modules"]) == sorted(ModelAdapter.for_model(m).all_linears())
+    a, b = m.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    torch.testing.assert_close(_logits(loaded), _logits(m), rtol=0, atol=0)
+
+
+def test_gptq_moe_hessians_from_routed_tokens_only(monkeypatch):
+    """Tiny Mixtral, 8 experts, top-2: every expert's gate/up (w1/w3) Hessian is 2 X_e^T X_e / n_e over
+    exactly the tokens routed to it (routed here by hand from the router's weights), its down (w2)
+    Hessian is built from those tokens through the expert's quantized w1/w3, and the solved integers
+    equal GPTQ on that reference Hessian."""
+    from quantkit.methods.gptq import GPTQ
+    from quantkit.quant.gptq import gptq_quantize
+
+    m, ref_model = _model("mixtral"), _model("mixtral")
+    ModelAdapter.for_model(ref_model)
+    seen: dict[str, tuple[torch.Tensor, int]] = {}
+    solve = GPTQ._solve_step
+
+    def spy(self, ctx, names, stats):
+        seen[names[0]] = (stats.hessian.clone(), stats.count)
+        return solve(self, ctx, names, stats)
+
+    monkeypatch.setattr(GPTQ, "_solve_step", spy)
+    gptq = get_method("gptq")(Scheme(W4), expert_min_tokens=0)
+    res = run_layerwise(m, _IDS, [gptq], batch_size=4, ignore=("re:.*self_attn.*",))  # block 0's MoE input stays float
+    blk = ref_model.model.layers[0]
+    xs = []
+    h = blk.post_attention_layernorm.register_forward_hook(lambda _m, _a, o: xs.append(o.detach()))
+    with torch.no_grad():
+        ref_model(_IDS)
+    h.remove()
+    x = xs[0].reshape(-1, 96)
+    top = torch.topk(torch.softmax(x @ blk.block_sparse_moe.gate.weight.T, -1), 2, dim=-1).indices  # the routing by hand
+    p = "model.layers.0.block_sparse_moe.experts"
+    total = 0
+    for e in range(8):
+        xe = x[(top == e).any(-1)]
+        total += xe.shape[0]
+        h_ref = 2 * xe.T @ xe / xe.shape[0]
+        h_got, n_got = seen[f"{p}.{e}.w1"]
+        assert n_got == xe.shape[0] > 0
+        torch.testing.assert_close(h_got, h_ref, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(h_got, 2 * x.T @ x / x.shape[0], rtol=1e-2, atol=1e-3)  # not all tokens
+        ex = blk.block_sparse_moe.experts[e]
+        w13 = torch.cat([ex.w1.weight, ex.w3.weight]).detach()
+        q = gptq_quantize(w13, h_ref, W4, act_order=True).qt.q
+        assert (torch.cat([res.results[f"{p}.{e}.w1"].q, res.results[f"{p}.{e}.w3"].q]) != q).float().mean() < 0.002
+        # down: the routed tokens through the quantized w1 / w3
+        w1q, w3q = (res.results[f"{p}.{e}.{n}"].dequantize(torch.float32) for n in ("w1", "w3"))
+        a = torch.nn.functional.silu(xe @ w1q.T) * (xe @ w3q.T)
+        torch.testing.assert_close(seen[f"{p}.{e}.w2"][0], 2 * a.T @ a / a.shape[0], rtol=1e-3, atol=1e-4)
+    assert total == 2 * x.shape[0]  # top-2: every token reached two experts
+    assert all(f"{p}.{e}.{n}" in res.results for e in range(8) for n in ("w1", "w2", "w3"))
+
+
+def test_gptq_moe_experts_with_few_tokens_fall_back_to_rtn():
+    """The stated fallback: an expert whose routed tokens number fewer than expert_min_tokens x in_features
+    (default 3) is quantized with RTN, listed in one warning per block; attention stays GPTQ."""
+    from quantkit.quant.core import quantize_weight
+
+    m, ref = _model("mixtral"), _model("mixtral")
+    ModelAdapter.for_model(ref)
+    res = run_layerwise(m, _IDS, [get_method("gptq")(Scheme(W4))], batch_size=4)  # 256 tokens: ~64 per expert < 288
+    p = "model.layers.0.block_sparse_moe.experts"
+    for e in range(8):
+        w = ref.model.layers[0].block_sparse_moe.experts[e].w1.weight.detach()
+        assert torch.equal(res.results[f"{p}.{e}.w1"].q, quantize_weight(w, W4).q)
+    q_ref = ref.model.layers[0].self_attn.q_proj.weight.detach()
+    assert not torch.equal(res.results["model.layers.0.self_attn.q_proj"].q, quantize_weight(q_ref, W4).q)
+    few = [w for w in res.warnings if "fewer than 3 x in_features" in w]
+    assert len(few) == 3 and "experts.0.w1 (" in few[0] and "experts.7.w2 (" in few[0]

@@ -34,7 +34,12 @@ _FAMILY = {
     "olmo2": dict(attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.1,
                     logits_scaling=2.5, attention_bias=True, mlp_bias=True),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=128, mlp_only_layers=[1]),  # block 1: a dense MLP
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16, norm_topk_prob=True),
 }
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # The families quantkit's adapter table covers, beyond the Llama-like four.
 NEW_FAMILIES = ("phi3", "gemma2", "gemma3_text", "olmo2", "granite")
 

@@ -206,7 +206,7 @@ class AWQ(Method):
         that apply; every other group is recorded as skipped, with the reason."""
         if ctx.spec is None:
             return
-        for grp in ctx.spec.scale_groups:
+        for grp in ctx.groups_here():
             prod_name = ctx.full_name(grp.producer) if grp.producer else ""
             names = [ctx.full_name(c) for c in grp.consumers]
             if grp.unfoldable:
@@ -214,6 +214,10 @@ class AWQ(Method):
                 continue
             if not all(n in ctx.linears for n in names):
                 self._skip(ctx, art, prod_name, names, "a consumer is not quantized (ignored)")
+                continue
+            if ctx.stats[names[0]].count == 0:  # an expert the router sent no calibration token to
+                self._skip(ctx, art, prod_name, names, "no calibration token reached it (an expert no token was "
+                           "routed to); its consumers are quantized without scales")
                 continue
             producer = ctx.block.get_submodule(grp.producer)
             consumers = [ctx.linears[n] for n in names]

@@ -54,6 +54,18 @@ class BlockContext:
         """The model config (sizes of fused parts); every transformers attention module keeps it."""
         return self.block.get_submodule(self.spec.attention).config
 
+    def has(self, rel: str) -> bool:
+        """Whether this block has the part `rel` (an MoE model's dense blocks lack the experts)."""
+        try:
+            self.block.get_submodule(rel)
+        except AttributeError:
+            return False
+        return True
+
+    def groups_here(self):
+        """The scale groups of the table whose consumers this block has."""
+        return [g for g in self.spec.scale_groups if any(self.has(c) for c in g.consumers)]
+
     def full_name(self, rel: str) -> str:
         return f"{self.name}.{rel}"
 

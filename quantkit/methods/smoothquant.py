@@ -103,7 +103,7 @@ class SmoothQuant(Method):
         """(norm module, consumer full names) for each norm-producer group whose consumers are all quantized."""
         out = []
         linear_rels = set(ctx.spec.linears)
-        for g in ctx.spec.scale_groups:
+        for g in ctx.groups_here():
             if g.producer in linear_rels:
                 continue  # linear -> linear groups: not smoothed (see module docstring)
             names = [ctx.full_name(c) for c in g.consumers]

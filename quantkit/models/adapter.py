@@ -91,6 +91,28 @@ class BlockLayout:
 
 
 @dataclass(frozen=True)
+class ExpertsSpec:
+    """A sparse mixture-of-experts MLP: where its experts live and what the checkpoint calls them.
+
+    Names in the ArchSpec that contain `*` (steps, scale groups, ops) repeat once per expert.
+    path: the experts' module in a block, as named in memory and on disk (`mlp.experts`,
+        Mixtral's `block_sparse_moe.experts`); fused_path: where transformers 5 keeps the fused
+        3-D experts module (swapped for per-expert linears, `quantkit.models.moe`).
+    count: the config field holding the number of experts.
+    names: the (gate, up, down) linears of one expert as the checkpoint names them.
+    router: the router module (kept in high precision: it is not a linear of the table).
+    moe_module: (attribute in transformers, name in checkpoints) when they differ (Mixtral).
+    """
+
+    path: str
+    fused_path: str
+    count: str
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    router: str = "mlp.gate"
+    moe_module: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     model_types: tuple[str, ...]
     blocks: str
@@ -117,6 +139,35 @@ class ArchSpec:
     fused: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     # Linears whose outputs go through softmax(q k^T): AWQ does not clip them.
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    # A sparse MoE MLP (Mixtral, Qwen2/3-MoE); names with `*` repeat per expert (see `for_config`).
+    experts: ExpertsSpec | None = None
+
+    def for_config(self, config) -> "ArchSpec":
+        """This row with every `*` expanded to the config's experts: a true-sequential step or
+        scale group per expert (experts see different tokens, so none shares a Hessian or a scale)."""
+        if self.experts is None:
+            return self
+        n = getattr(config, self.experts.count)
+
+        def names(t: tuple[str, ...]) -> list[tuple[str, ...]]:
+            if not any("*" in x for x in t):
+                return [t]
+            return [tuple(x.replace("*", str(e)) for x in t) for e in range(n)]
+
+        groups = []
+        for g in self.scale_groups:
+            for e in range(n) if not g.unfoldable and ("*" in g.producer or any("*" in c for c in g.consumers)) else [None]:
+                if e is None:
+                    groups.append(g)
+                else:
+                    groups.append(replace(g, producer=g.producer.replace("*", str(e)),
+                                          consumers=tuple(c.replace("*", str(e)) for c in g.consumers)))
+        return replace(
+            self,
+            sequential=tuple(s for step in self.sequential for s in names(step)),
+            scale_groups=tuple(groups),
+            ops=tuple((r.replace("*", str(e)), op) for r, op in self.ops for e in (range(n) if "*" in r else [0])),
+        )
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -275,7 +326,73 @@ _PHI3 = replace(
     no_clip=("self_attn.qkv_proj",),
 )
 
-ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _GRANITE, _GEMMA, _OLMO2, _PHI3)
+# Mixture of experts. The MoE input (post_attention_layernorm's output) feeds the router as well as
+# every expert: a scale folded into the norm would have to be undone in the router's columns, which
+# is not done, so that group is skipped (recorded); each expert's up -> down still folds, scored on
+# the tokens routed to it. The router is not in the table: it stays in high precision.
+_MOE_INPUT = ("the MoE input also feeds the router (kept in high precision), whose columns would have to "
+              "absorb the scales: not done, so the experts' inputs are not scaled")
+_ATTN_STEPS = (_ATTN, ("self_attn.o_proj",))
+_ATTN_OPS = tuple((r, "qkv_proj") for r in _ATTN) + (("self_attn.o_proj", "o_proj"),)
+_ATTN_GROUPS = (
+    ScaleGroup("input_layernorm", _ATTN, output_module="self_attn"),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), requires_equal_shapes=True, output_module="self_attn"),
+)
+_NO_MOE_ROTATION = "rotations are not wired for mixture-of-experts blocks yet (the router and every expert read the residual stream)"
+
+_MIXTRAL = replace(
+    _LLAMA_LIKE,
+    model_types=("mixtral",),
+    sequential=_ATTN_STEPS + (("block_sparse_moe.experts.*.w1", "block_sparse_moe.experts.*.w3"),
+                              ("block_sparse_moe.experts.*.w2",)),
+    scale_groups=_ATTN_GROUPS + (
+        ScaleGroup("post_attention_layernorm", ("block_sparse_moe.experts",), unfoldable=_MOE_INPUT),
+        ScaleGroup("block_sparse_moe.experts.*.w3", ("block_sparse_moe.experts.*.w2",), output_module="block_sparse_moe"),
+    ),
+    ops=_ATTN_OPS + (("block_sparse_moe.experts.*.w1", "expert_gate_up"), ("block_sparse_moe.experts.*.w3", "expert_gate_up"),
+                     ("block_sparse_moe.experts.*.w2", "expert_down")),
+    rotation=None,
+    no_rotation=_NO_MOE_ROTATION,
+    layout=None,
+    experts=ExpertsSpec(path="block_sparse_moe.experts", fused_path="block_sparse_moe.experts", count="num_local_experts",
+                        names=("w1", "w3", "w2"), router="block_sparse_moe.gate", moe_module=("mlp", "block_sparse_moe")),
+)
+
+_EXPERT_STEPS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), ("mlp.experts.*.down_proj",))
+_EXPERT_OPS = (("mlp.experts.*.gate_proj", "expert_gate_up"), ("mlp.experts.*.up_proj", "expert_gate_up"),
+               ("mlp.experts.*.down_proj", "expert_down"))
+_DENSE_MLP = _LLAMA_LIKE.scale_groups[2:]  # Qwen MoE models may keep dense MLP blocks (mlp_only_layers)
+_QWEN3_MOE = replace(
+    _LLAMA_LIKE,
+    model_types=("qwen3_moe",),
+    sequential=_ATTN_STEPS + _EXPERT_STEPS + _LLAMA_LIKE.sequential[2:],
+    scale_groups=_ATTN_GROUPS + _DENSE_MLP + (
+        ScaleGroup("post_attention_layernorm", ("mlp.experts",), unfoldable=_MOE_INPUT),
+        ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), output_module="mlp"),
+    ),
+    ops=_LLAMA_LIKE.ops + _EXPERT_OPS,
+    rotation=None,
+    no_rotation=_NO_MOE_ROTATION,
+    layout=None,
+    experts=ExpertsSpec(path="mlp.experts", fused_path="mlp.experts", count="num_experts"),
+)
+# Qwen2-MoE (and the DeepSeek-style layout): a shared expert every token goes through, gated by a
+# 1-output linear (shared_expert_gate, kept in high precision like the router).
+_SHARED = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
+_QWEN2_MOE = replace(
+    _QWEN3_MOE,
+    model_types=("qwen2_moe",),
+    sequential=_ATTN_STEPS + (_SHARED, ("mlp.shared_expert.down_proj",)) + _EXPERT_STEPS + _LLAMA_LIKE.sequential[2:],
+    scale_groups=_ATTN_GROUPS + _DENSE_MLP + (
+        ScaleGroup("post_attention_layernorm", (*_SHARED, "mlp.experts"), unfoldable=_MOE_INPUT),
+        ScaleGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), output_module="mlp"),
+        ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), output_module="mlp"),
+    ),
+    ops=_LLAMA_LIKE.ops + ((_SHARED[0], "shared_gate_up"), (_SHARED[1], "shared_gate_up"),
+                           ("mlp.shared_expert.down_proj", "shared_down")) + _EXPERT_OPS,
+)
+
+ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _GRANITE, _GEMMA, _OLMO2, _PHI3, _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE)
 
 
 def head_dim_of(config) -> int:
@@ -325,7 +442,12 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module, spec: ArchSpec):
         self.model = model
-        self.spec = spec
+        self.spec = spec.for_config(model.config) if spec.experts is not None else spec
+        if spec.experts is not None:  # per-expert nn.Linear in place of transformers' fused 3-D experts (once)
+            from quantkit.models.moe import unfuse_experts
+
+            ex = spec.experts
+            unfuse_experts(model, spec.blocks, ex.fused_path, ex.names, ex.moe_module)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "ModelAdapter":
@@ -338,10 +460,21 @@ class ModelAdapter:
         return f"{self.spec.blocks}.{index}"
 
     def block_linears(self, index: int) -> dict[str, nn.Linear]:
-        """Full module name -> linear, in execution order, for block `index`."""
+        """Full module name -> linear, in execution order, for block `index`.
+
+        An MoE row lists the dense MLP's linears and the experts' both: a block has one kind
+        (Qwen2-MoE's mlp_only_layers are dense), so names it lacks are left out there."""
         block = self.blocks()[index]
         prefix = self.block_name(index)
-        return {f"{prefix}.{rel}": block.get_submodule(rel) for rel in self.spec.linears}
+        if self.spec.experts is None:
+            return {f"{prefix}.{rel}": block.get_submodule(rel) for rel in self.spec.linears}
+        out = {}
+        for rel in self.spec.linears:
+            try:
+                out[f"{prefix}.{rel}"] = block.get_submodule(rel)
+            except AttributeError:
+                continue
+        return out
 
     def all_linears(self) -> dict[str, nn.Linear]:
         out: dict[str, nn.Linear] = {}
