@@ -301,8 +301,13 @@ def export(
 
         return export_gptq(qmodel, Path(out), overwrite=overwrite)
     from quantkit.export.compressed_tensors import export_compressed_tensors
+    from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
 
-    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format)
+    try:
+        routers = ModelAdapter.for_model(qmodel.model).routers()
+    except UnsupportedModelError:
+        routers = []
+    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format, float_modules=routers)
 
 
 def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):

@@ -311,6 +311,13 @@ def test_moe_export_reload_bit_identical(moe_family, tmp_path, tiny_tokenizer):
     out = api.export(qm, tmp_path / "ckpt")
     loaded, _, manifest = load_quantkit_checkpoint(out)
     assert sorted(manifest["modules"]) == sorted(ModelAdapter.for_model(m).all_linears())
+    # what vLLM's MoE loader needs: a class target (it asks for experts.0.gate_proj, also for Mixtral's w1),
+    # every high-precision linear (routers, Qwen2-MoE's shared_expert_gate, lm_head) ignored
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert [g["targets"] for g in qc["config_groups"].values()] == [["Linear"]]
+    router = "block_sparse_moe.gate" if moe_family == "mixtral" else "mlp.gate"
+    assert f"model.layers.0.{router}" in qc["ignore"] and "lm_head" in qc["ignore"]
+    assert (moe_family == "qwen2_moe") == ("model.layers.0.mlp.shared_expert_gate" in qc["ignore"])
     a, b = m.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     for k in a:

@@ -486,6 +486,21 @@ class ModelAdapter:
         """Rows of one part of a fused linear of this model (see `ArchSpec.part_rows`)."""
         return self.spec.part_rows(rel, part, self.model.config)
 
+    def routers(self) -> list[str]:
+        """Full names of the MoE routers (kept in high precision; serving engines build them as linears,
+        so a checkpoint lists them as unquantized)."""
+        if self.spec.experts is None:
+            return []
+        rel = self.spec.experts.router
+        out = []
+        for i, blk in enumerate(self.blocks()):
+            try:
+                blk.get_submodule(rel)
+            except AttributeError:
+                continue  # a dense block
+            out.append(f"{self.block_name(i)}.{rel}")
+        return out
+
     def op_of(self, rel_name: str) -> str:
         return dict(self.spec.ops)[rel_name]
 
