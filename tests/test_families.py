@@ -197,6 +197,7 @@ def test_awq_skipped_groups_recorded_in_manifest(tmp_path, tiny_tokenizer):
     assert [w for w in read_manifest(out)["warnings"] if "skipped" in w] == skipped
 
 
+@pytest.mark.parametrize("family", NEW_FAMILIES + MOE_FAMILIES)
 def test_scan_runs(family):
     """The sensitivity scan covers every linear of the family with finite metrics, the model unchanged."""
     import math
@@ -204,12 +205,18 @@ def test_scan_runs(family):
     from quantkit.sensitivity.run import run_scan
 
     m = _model(family)
+    ad = ModelAdapter.for_model(m)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     rep = run_scan(m, _IDS[:4], Scheme(W4), batch_size=4, bins=64, stat_tokens=None)
-    ad = ModelAdapter.for_model(m)
-    assert sorted(e.name for e in rep.layers) == sorted(ad.all_linears())
+    scored = sorted(e.name for e in rep.layers)
+    missing = sorted(set(ad.all_linears()) - set(scored))  # MoE: experts no token was routed to
+    assert scored == sorted(set(ad.all_linears()) - set(missing)) and all(ad.is_expert(n) for n in missing)
+    assert bool(missing) == any("saw no calibration tokens" in w for w in rep.warnings)
     assert all(math.isfinite(e.kl) and e.rel_err > 0 for e in rep.layers)
-    assert {e.op for e in rep.layers} == {op for _, op in ad.spec.ops}
+    assert {e.op for e in rep.layers} == {ad.op_of(e.name.split(".", 3)[3]) for e in rep.layers}
+    ops = {e.op for e in rep.layers}
+    assert {"qkv_proj", "o_proj"} <= ops
+    assert ({"expert_gate_up", "expert_down"} <= ops) == (family in MOE_FAMILIES)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
@@ -391,3 +398,15 @@ def test_gptq_moe_experts_with_few_tokens_fall_back_to_rtn():
     assert not torch.equal(res.results["model.layers.0.self_attn.q_proj"].q, quantize_weight(q_ref, W4).q)
     few = [w for w in res.warnings if "fewer than 3 x in_features" in w]
     assert len(few) == 3 and "experts.0.w1 (" in few[0] and "experts.7.w2 (" in few[0]
+
+
+@pytest.mark.parametrize("fam", NEW_FAMILIES + MOE_FAMILIES)
+def test_plan_counts_the_family(fam):
+    """`quantkit plan` reads the family's sizes from the config alone: its parameter count matches the
+    model's within the norms/biases it does not itemize (MoE: every expert counted)."""
+    from quantkit.plan import ModelShape
+
+    m = make_tiny_model(fam, mlp_only_layers=[]) if fam == "qwen2_moe" else make_tiny_model(fam)
+    shape = ModelShape.from_config(m.config.to_dict())
+    real = sum(p.numel() for p in m.parameters())
+    assert abs(shape.params() - real) / real < 0.02, (shape.params(), real)

@@ -98,7 +98,8 @@ class ExpertsSpec:
     path: the experts' module in a block, as named in memory and on disk (`mlp.experts`,
         Mixtral's `block_sparse_moe.experts`); fused_path: where transformers 5 keeps the fused
         3-D experts module (swapped for per-expert linears, `quantkit.models.moe`).
-    count: the config field holding the number of experts.
+    count: the config fields that may hold the number of experts (the first one set wins: configs
+        on disk and transformers' attribute maps spell it differently).
     names: the (gate, up, down) linears of one expert as the checkpoint names them.
     router: the router module (kept in high precision: it is not a linear of the table).
     moe_module: (attribute in transformers, name in checkpoints) when they differ (Mixtral).
@@ -106,10 +107,13 @@ class ExpertsSpec:
 
     path: str
     fused_path: str
-    count: str
+    count: tuple[str, ...]
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     router: str = "mlp.gate"
     moe_module: tuple[str, str] | None = None
+    # config fields of one expert's intermediate size and of the shared expert's (None: no shared expert)
+    intermediate: str = "intermediate_size"
+    shared_intermediate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class ArchSpec:
         scale group per expert (experts see different tokens, so none shares a Hessian or a scale)."""
         if self.experts is None:
             return self
-        n = getattr(config, self.experts.count)
+        n = expert_count(self.experts, config)
 
         def names(t: tuple[str, ...]) -> list[tuple[str, ...]]:
             if not any("*" in x for x in t):
@@ -354,7 +358,7 @@ _MIXTRAL = replace(
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
     layout=None,
-    experts=ExpertsSpec(path="block_sparse_moe.experts", fused_path="block_sparse_moe.experts", count="num_local_experts",
+    experts=ExpertsSpec(path="block_sparse_moe.experts", fused_path="block_sparse_moe.experts", count=("num_local_experts",),
                         names=("w1", "w3", "w2"), router="block_sparse_moe.gate", moe_module=("mlp", "block_sparse_moe")),
 )
 
@@ -374,7 +378,7 @@ _QWEN3_MOE = replace(
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
     layout=None,
-    experts=ExpertsSpec(path="mlp.experts", fused_path="mlp.experts", count="num_experts"),
+    experts=ExpertsSpec(path="mlp.experts", fused_path="mlp.experts", count=("num_experts", "num_local_experts"), intermediate="moe_intermediate_size"),
 )
 # Qwen2-MoE (and the DeepSeek-style layout): a shared expert every token goes through, gated by a
 # 1-output linear (shared_expert_gate, kept in high precision like the router).
@@ -390,9 +394,16 @@ _QWEN2_MOE = replace(
     ),
     ops=_LLAMA_LIKE.ops + ((_SHARED[0], "shared_gate_up"), (_SHARED[1], "shared_gate_up"),
                            ("mlp.shared_expert.down_proj", "shared_down")) + _EXPERT_OPS,
+    experts=replace(_QWEN3_MOE.experts, shared_intermediate="shared_expert_intermediate_size"),
 )
 
 ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _GRANITE, _GEMMA, _OLMO2, _PHI3, _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE)
+
+
+def expert_count(ex: ExpertsSpec, config) -> int | None:
+    """The number of experts a config (object or dict) declares, by the spec's field names."""
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    return next((get(k) for k in ex.count if get(k) is not None), None)
 
 
 def head_dim_of(config) -> int:
@@ -485,6 +496,10 @@ class ModelAdapter:
     def part_rows(self, rel: str, part: str) -> slice:
         """Rows of one part of a fused linear of this model (see `ArchSpec.part_rows`)."""
         return self.spec.part_rows(rel, part, self.model.config)
+
+    def is_expert(self, name: str) -> bool:
+        """Whether the full linear name belongs to an MoE expert (sees only the tokens routed to it)."""
+        return self.spec.experts is not None and f".{self.spec.experts.path}." in name
 
     def routers(self) -> list[str]:
         """Full names of the MoE routers (kept in high precision; serving engines build them as linears,
