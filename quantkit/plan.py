@@ -630,7 +630,9 @@ def model_config(model: str | None, *, check_transformers: bool = True) -> dict[
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({type(e).__name__}); fix or re-download it") from e
+    wrapper = None
     if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
+        wrapper = cfg.get("model_type")
         cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path} is not a JSON object; fix or re-download it")
@@ -639,6 +641,10 @@ def model_config(model: str | None, *, check_transformers: bool = True) -> dict[
         from quantkit.models.loading import check_config_dict
 
         check_config_dict(cfg, str(path))  # what transformers would refuse, said before loading
+    if wrapper is not None:  # the class that loads is the wrapper's: the adapter check needs its type
+        from quantkit.models.adapter import WRAPPER_KEY
+
+        cfg[WRAPPER_KEY] = wrapper
     return cfg
 
 

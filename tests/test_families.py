@@ -410,3 +410,13 @@ def test_plan_counts_the_family(fam):
     shape = ModelShape.from_config(m.config.to_dict())
     real = sum(p.numel() for p in m.parameters())
     assert abs(shape.params() - real) / real < 0.02, (shape.params(), real)
+
+
+def test_multimodal_wrapper_refused_from_config(tmp_path):
+    """A Gemma 3 multimodal config (text_config inside): refused by the wrapper's type before loading,
+    although its text model (gemma3_text) is a supported family."""
+    cfg = {"model_type": "gemma3", "text_config": {**_model("gemma3_text").config.to_dict()},
+           "vision_config": {"model_type": "siglip_vision_model"}}
+    d = _config_dir(tmp_path / "g3", cfg)
+    code, out = run_cli("plan", "--model", d)
+    assert code == 2 and "model type 'gemma3' (a multimodal model around a 'gemma3_text' text model)" in out, out

@@ -439,13 +439,27 @@ def spec_for(model_type) -> ArchSpec:
     )
 
 
+# The key under which `quantkit.plan.model_config` keeps a multimodal wrapper's own model_type
+# (the dict it returns is the wrapper's text config).
+WRAPPER_KEY = "_quantkit_wrapper_model_type"
+
+
 def check_config_supported(cfg: dict) -> ArchSpec:
     """Refuse, from a config dict alone (before any weight is read), a model no adapter row covers.
 
-    A multimodal wrapper (a `text_config` inside) is refused by its own type: quantkit loads the
-    wrapper's class, whose decoder blocks live elsewhere than the text model's."""
-    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
-    return spec_for(mt)
+    A multimodal wrapper (`quantkit.plan.model_config` returns its text config and keeps the
+    wrapper's type under WRAPPER_KEY) is refused by the wrapper's type: quantkit
+    would load the wrapper's class, whose decoder blocks live elsewhere than the text model's."""
+    if not isinstance(cfg, dict):
+        return spec_for(None)
+    wrapper = cfg.get(WRAPPER_KEY)
+    if wrapper is not None and not any(wrapper in s.model_types for s in ARCH_SPECS):
+        raise UnsupportedModelError(
+            f"model type {short_repr(wrapper)} (a multimodal model around a {short_repr(cfg.get('model_type'))} "
+            f"text model) is not supported yet; quantkit quantizes text-only decoders: "
+            f"{', '.join(supported_model_types())}"
+        )
+    return spec_for(cfg.get("model_type"))
 
 
 class ModelAdapter:
