@@ -420,3 +420,23 @@ def test_multimodal_wrapper_refused_from_config(tmp_path):
     d = _config_dir(tmp_path / "g3", cfg)
     code, out = run_cli("plan", "--model", d)
     assert code == 2 and "model type 'gemma3' (a multimodal model around a 'gemma3_text' text model)" in out, out
+
+
+@pytest.mark.parametrize("fam", ["phi3", "gemma2", "mixtral", "qwen2_moe"])
+def test_transformers_loads_the_export(fam, tmp_path, tiny_tokenizer):
+    """transformers + compressed-tensors load the W4A16 (symmetric) export of a dense and an MoE family
+    with the same logits (transformers 5.25 / compressed-tensors 0.20.1: asymmetric MoE checkpoints
+    fail in transformers' expert conversion, which drops the zero points; quantkit's reader loads them)."""
+    pytest.importorskip("compressed_tensors")
+    import warnings
+
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    m = _model(fam)
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}),
+                      Recipe(Scheme(QuantArgs(4, 32, True)), (Stage("rtn"),)))
+    out = api.export(qm, tmp_path / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    torch.testing.assert_close(_logits(hf.eval()), _logits(m), rtol=0, atol=1e-5)
