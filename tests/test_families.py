@@ -456,3 +456,26 @@ def test_spinquant_method_no_worse_than_rtn(fam, tiny_tokenizer):
         assert sorted(qm.modules) == sorted(ModelAdapter.for_model(m).all_linears())
         err[stages[0].method] = _mse(_logits(m), ref)
     assert err["spinquant"] <= err["rtn"], err
+
+
+@pytest.mark.parametrize("scheme", [Scheme(W4), PRESETS["W8A8C8"]], ids=["w4a16", "w8a8c8"])
+def test_runtime_runs_granite(scheme, tmp_path, tiny_tokenizer, monkeypatch):
+    """Granite on the runtime (its embedding / residual / logits multipliers and attention scale) gives the
+    logits of the dense checkpoint with its run-time quantization simulated (what `quantkit eval` scores)."""
+    from quantkit import runtime
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+    from quantkit.runtime.simulate import plan_simulation
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU: the kernels' torch references
+    stages = (Stage("smoothquant"),) if scheme.input_activations is not None else (Stage("rtn"),)
+    qm = api.quantize(LoadedModel(_model("granite"), tiny_tokenizer, {"kind": "test"}), Recipe(scheme, stages),
+                      calib_set=CalibrationSet(_IDS, {"source": "random tokens (test)"}))
+    out = api.export(qm, tmp_path / "ckpt")
+    ref, _, _ = load_quantkit_checkpoint(out)
+    plan = plan_simulation(LoadedModel(ref, tiny_tokenizer, {"kind": "quantkit-checkpoint", "path": str(out)}))
+    with torch.no_grad(), plan.context(ref):
+        want = ref(input_ids=_IDS[:2]).logits
+    rt = runtime.load(out, device="cpu")
+    assert (rt.embed_mult, rt.res_mult, rt.logits_div) == (3.0, 0.4, 2.5)
+    got = rt.prefill([r.tolist() for r in _IDS[:2]], all_logits=True)
+    assert float((got.float() - want).norm() / want.norm()) <= 1e-3

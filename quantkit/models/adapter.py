@@ -83,6 +83,11 @@ class BlockLayout:
     down: str
     q_norm: str | None = None
     k_norm: str | None = None
+    # Config fields of scalar multipliers (Granite); unset or absent = 1. The attention scale is
+    # read from the attention module (`scaling`), which Granite sets from attention_multiplier.
+    embed_multiplier: str | None = None  # the embeddings are multiplied by it
+    residual_multiplier: str | None = None  # each sub-block's output, before the residual add
+    logits_divisor: str | None = None  # the LM head's output is divided by it
 
     @property
     def attention(self) -> str:
@@ -248,8 +253,10 @@ _LLAMA_LIKE = ArchSpec(
 )
 
 # Granite = Llama + scalar multipliers (embedding, residual, attention, logits): every fold and
-# rotation is exact through a scalar, so only the runtime (which does not apply them) differs.
-_GRANITE = replace(_LLAMA_LIKE, model_types=("granite",), layout=None)
+# rotation is exact through a scalar; the runtime applies them from the layout's config fields.
+_GRANITE = replace(_LLAMA_LIKE, model_types=("granite",), layout=replace(
+    _LLAMA_LIKE.layout, embed_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
+    logits_divisor="logits_scaling"))
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")

@@ -1,7 +1,7 @@
 """`RuntimeModel`: runs a quantized checkpoint's decoder on the kernels, with its own KV cache.
 
 The decoder program is written here once for the llama-like layout (`models.adapter.BlockLayout`:
-Llama, Qwen2, Qwen3, Mistral): RMSNorm (the model's own modules), fused q/k/v and gate/up
+Llama, Qwen2, Qwen3, Mistral, and Granite with its scalar multipliers named by the layout): RMSNorm (the model's own modules), fused q/k/v and gate/up
 QuantLinears, RoPE from precomputed tables, optional per-head q/k norms (Qwen3), SpinQuant's online
 Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention over `KVCache`:
 
@@ -159,6 +159,11 @@ class RuntimeModel:
                         m.ctl = self.ctl
                         for pname, _ in m.parts:
                             self.linears[pname] = m
+        def scalar(field):  # Granite's multipliers; 1 (skipped) for the other families
+            return float(getattr(cfg, field, None) or 1.0) if field else 1.0
+
+        self.embed_mult, self.res_mult = scalar(lay.embed_multiplier), scalar(lay.residual_multiplier)
+        self.logits_div = scalar(lay.logits_divisor)
         self.embed = adapter.embed()
         self.norm = adapter.final_norm()
         self.lm_head = adapter.lm_head()
@@ -236,6 +241,9 @@ class RuntimeModel:
         B, S = ids.shape
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         x = self.embed(ids)
+        if self.embed_mult != 1.0:
+            x = x * self.embed_mult
+        rm = self.res_mult
         cos, sin = self._rope_at(pos, x)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         prec = self.precision
@@ -274,16 +282,20 @@ class RuntimeModel:
                     a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale,
                                                        enable_gqa=Hq != Hkv)
                 a = a.transpose(1, 2).reshape(B, S, Hq * D)
-            x, h = self._norm(blk.ln2, x, self._run(blk.o, a, i, "o"))
+            o = self._run(blk.o, a, i, "o")
+            x, h = self._norm(blk.ln2, x, o if rm == 1.0 else o * rm)
             gu = self._run(blk.gate_up, h, i, "gate_up")
             inter = blk.down.in_features
             m = silu_mul(gu, inter) if blk.act_is_silu else blk.act(gu[..., :inter]) * gu[..., inter:]
             if self.r4:
                 m = hadamard_transform(m)
-            x, h = self._norm(self.blocks[i + 1].ln1 if i + 1 < n else self.norm, x, self._run(blk.down, m, i, "down"))
+            d = self._run(blk.down, m, i, "down")
+            x, h = self._norm(self.blocks[i + 1].ln1 if i + 1 < n else self.norm, x, d if rm == 1.0 else d * rm)
         if last is not None:
             h = h[torch.arange(B, device=self.device), last].unsqueeze(1)
         logits = self.lm_head(h)
+        if self.logits_div != 1.0:
+            logits = logits / self.logits_div
         return logits[:, 0] if last is not None else logits
 
     @staticmethod
