@@ -251,14 +251,26 @@ def test_spinquant_refused_before_load(tmp_path):
     assert code == 2 and "spinquant cannot rotate model type 'gemma2'" in out, out
 
 
-def test_runtime_refuses_family_it_cannot_run(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("fam", ["gemma2", "olmo2", "mixtral"])
+def test_runtime_refuses_family_it_cannot_run(fam, tmp_path, tiny_tokenizer):
     from quantkit import runtime
     from quantkit.runtime.loader import RuntimeLoadError
 
-    m = _model("phi3")
-    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
+    qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
     out = api.export(qm, tmp_path / "ckpt")
-    with pytest.raises(RuntimeLoadError, match=r"does not run model type 'phi3' yet .*without --runtime"):
+    with pytest.raises(RuntimeLoadError, match=rf"does not run model type '{fam}' yet .*without --runtime"):
+        runtime.load(out, device="cpu")
+
+
+def test_runtime_refuses_partial_rotary(tmp_path, tiny_tokenizer):
+    """Phi-4-mini rotates 3/4 of each head: the fused RoPE kernel rotates whole heads, so the runtime says so."""
+    from quantkit import runtime
+    from quantkit.runtime.loader import RuntimeLoadError
+
+    qm = api.quantize(LoadedModel(_model("phi3", partial_rotary_factor=0.75), tiny_tokenizer, {"kind": "test"}),
+                      Recipe(Scheme(W4), (Stage("rtn"),)))
+    out = api.export(qm, tmp_path / "ckpt")
+    with pytest.raises(RuntimeLoadError, match=r"partial rotary embeddings .*0\.75.*without --runtime"):
         runtime.load(out, device="cpu")
 
 
@@ -458,17 +470,19 @@ def test_spinquant_method_no_worse_than_rtn(fam, tiny_tokenizer):
     assert err["spinquant"] <= err["rtn"], err
 
 
+@pytest.mark.parametrize("fam", ["granite", "phi3"])
 @pytest.mark.parametrize("scheme", [Scheme(W4), PRESETS["W8A8C8"]], ids=["w4a16", "w8a8c8"])
-def test_runtime_runs_granite(scheme, tmp_path, tiny_tokenizer, monkeypatch):
-    """Granite on the runtime (its embedding / residual / logits multipliers and attention scale) gives the
-    logits of the dense checkpoint with its run-time quantization simulated (what `quantkit eval` scores)."""
+def test_runtime_runs_granite_and_phi3(fam, scheme, tmp_path, tiny_tokenizer, monkeypatch):
+    """Granite (its embedding / residual / logits multipliers and attention scale) and Phi-3 (q/k/v and gate/up
+    fused in the checkpoint) on the runtime give the logits of the dense checkpoint with its run-time
+    quantization simulated (what `quantkit eval` scores)."""
     from quantkit import runtime
     from quantkit.models.checkpoint import load_quantkit_checkpoint
     from quantkit.runtime.simulate import plan_simulation
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU: the kernels' torch references
     stages = (Stage("smoothquant"),) if scheme.input_activations is not None else (Stage("rtn"),)
-    qm = api.quantize(LoadedModel(_model("granite"), tiny_tokenizer, {"kind": "test"}), Recipe(scheme, stages),
+    qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(scheme, stages),
                       calib_set=CalibrationSet(_IDS, {"source": "random tokens (test)"}))
     out = api.export(qm, tmp_path / "ckpt")
     ref, _, _ = load_quantkit_checkpoint(out)
@@ -476,6 +490,6 @@ def test_runtime_runs_granite(scheme, tmp_path, tiny_tokenizer, monkeypatch):
     with torch.no_grad(), plan.context(ref):
         want = ref(input_ids=_IDS[:2]).logits
     rt = runtime.load(out, device="cpu")
-    assert (rt.embed_mult, rt.res_mult, rt.logits_div) == (3.0, 0.4, 2.5)
+    assert (rt.embed_mult, rt.res_mult, rt.logits_div) == ((3.0, 0.4, 2.5) if fam == "granite" else (1.0, 1.0, 1.0))
     got = rt.prefill([r.tolist() for r in _IDS[:2]], all_logits=True)
     assert float((got.float() - want).norm() / want.norm()) <= 1e-3

@@ -329,7 +329,10 @@ _PHI3 = replace(
         mlp_out="mlp.down_proj",
         norms=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
     ),
-    layout=None,
+    # the runtime: one name for q/k/v (gate/up) = a linear fused already
+    layout=BlockLayout(input_norm="input_layernorm", post_norm="post_attention_layernorm", q="self_attn.qkv_proj",
+                       k="self_attn.qkv_proj", v="self_attn.qkv_proj", o="self_attn.o_proj", gate="mlp.gate_up_proj",
+                       up="mlp.gate_up_proj", down="mlp.down_proj"),
     fused=(
         ("self_attn.qkv_proj", (("q", "q"), ("k", "kv"), ("v", "kv"))),
         ("mlp.gate_up_proj", (("gate", "intermediate"), ("up", "intermediate"))),

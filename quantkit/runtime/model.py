@@ -1,7 +1,8 @@
 """`RuntimeModel`: runs a quantized checkpoint's decoder on the kernels, with its own KV cache.
 
 The decoder program is written here once for the llama-like layout (`models.adapter.BlockLayout`:
-Llama, Qwen2, Qwen3, Mistral, and Granite with its scalar multipliers named by the layout): RMSNorm (the model's own modules), fused q/k/v and gate/up
+Llama, Qwen2, Qwen3, Mistral, Granite with its scalar multipliers named by the layout, Phi-3 whose
+q/k/v and gate/up come fused): RMSNorm (the model's own modules), fused q/k/v and gate/up
 QuantLinears, RoPE from precomputed tables, optional per-head q/k norms (Qwen3), SpinQuant's online
 Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention over `KVCache`:
 
@@ -133,10 +134,13 @@ class RuntimeModel:
         for i, blk in enumerate(adapter.blocks()):
             prefix = adapter.block_name(i)
             attn = blk.get_submodule(lay.attention)
-            qkv = _fuse_into(blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
+            # A layout naming one linear for q, k and v (gate and up) has them fused already (Phi-3).
+            qkv = blk.get_submodule(lay.q) if lay.q == lay.k == lay.v else \
+                _fuse_into(blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
                 _Unfused([blk.get_submodule(r) for r in (lay.q, lay.k, lay.v)])
             mlp_parent = lay.gate.rsplit(".", 1)[0]
-            gate_up = _fuse_into(blk, prefix, [lay.gate, lay.up], f"{mlp_parent}.gate_up_proj") or \
+            gate_up = blk.get_submodule(lay.gate) if lay.gate == lay.up else \
+                _fuse_into(blk, prefix, [lay.gate, lay.up], f"{mlp_parent}.gate_up_proj") or \
                 _Unfused([blk.get_submodule(r) for r in (lay.gate, lay.up)])
             mlp = blk.get_submodule(mlp_parent)
 
