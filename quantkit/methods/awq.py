@@ -134,6 +134,16 @@ def _subblock_loss(module: nn.Module, record: _Record) -> float:
     return err / max(n, 1)
 
 
+def _mean_abs(ctx: BlockContext, names: list[str]) -> torch.Tensor:
+    """Mean |x| per input channel over every token any of the consumers saw. Consumers of one input
+    see the same tokens (the plain mean); MoE experts see their routed tokens, which together are
+    every token, each k times: the pooled mean is the mean over all tokens."""
+    if ctx.spec is None or ctx.spec.experts is None:
+        return ctx.stats[names[0]].abs_mean  # one shared input
+    stats = [ctx.stats[n] for n in names if ctx.stats[n].count]
+    return sum(st.abs_sum for st in stats) / sum(st.count for st in stats)
+
+
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use an integer >= {low}")
@@ -215,19 +225,21 @@ class AWQ(Method):
             if not all(n in ctx.linears for n in names):
                 self._skip(ctx, art, prod_name, names, "a consumer is not quantized (ignored)")
                 continue
-            if ctx.stats[names[0]].count == 0:  # an expert the router sent no calibration token to
+            if sum(ctx.stats[n].count for n in names) == 0:  # an expert the router sent no calibration token to
                 self._skip(ctx, art, prod_name, names, "no calibration token reached it (an expert no token was "
                            "routed to); its consumers are quantized without scales")
                 continue
             producer = ctx.block.get_submodule(grp.producer)
-            consumers = [ctx.linears[n] for n in names]
+            # the router reads the same input: its columns take the scales too (routing unchanged, kept float)
+            consumers = [ctx.linears[n] for n in names] + [ctx.block.get_submodule(r) for r in grp.also_scales
+                                                           if ctx.has(r)]
             rows = None
             if grp.producer_part is not None:
                 rows = ctx.spec.part_rows(grp.producer, grp.producer_part, ctx.block_config)
                 width = rows.stop - rows.start
             else:
                 width = producer.out_features if isinstance(producer, nn.Linear) else producer.weight.numel()
-            if any(c.in_features != width for c in consumers):
+            if any(c.in_features != width for c in consumers[: len(names)]):
                 why = (f"the producer has {width} outputs, the consumers {consumers[0].in_features} inputs"
                        + (" (grouped-query attention: V heads are shared by several query heads)"
                           if grp.requires_equal_shapes else ""))
@@ -237,7 +249,8 @@ class AWQ(Method):
 
     @torch.no_grad()
     def _search(self, ctx, prod_name, names, consumers, module, record) -> dict[str, Any]:
-        x_mean = ctx.stats[names[0]].abs_mean
+        x_mean = _mean_abs(ctx, names)
+        consumers = consumers[: len(names)]  # the quantized ones (a router only takes the folded scales)
         _, n_bad, n_zero = sanitize_channel_stat(x_mean)
         if n_bad or n_zero:
             ctx.warnings.append(

@@ -41,6 +41,9 @@ class ScaleGroup:
     # Non-empty: there is nothing in front of the consumers to fold a scale into, and why
     # (OLMo 2: q/k/v read the raw residual stream). Methods skip the group and record this.
     unfoldable: str = ""
+    # Modules that read the producer's output too but are not quantized (an MoE router): their
+    # weight's input columns absorb the scales as well, so their function is unchanged.
+    also_scales: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,12 +168,13 @@ class ArchSpec:
 
         groups = []
         for g in self.scale_groups:
-            for e in range(n) if not g.unfoldable and ("*" in g.producer or any("*" in c for c in g.consumers)) else [None]:
-                if e is None:
-                    groups.append(g)
-                else:
-                    groups.append(replace(g, producer=g.producer.replace("*", str(e)),
-                                          consumers=tuple(c.replace("*", str(e)) for c in g.consumers)))
+            if "*" in g.producer:  # a group per expert (its up -> down)
+                groups += [replace(g, producer=g.producer.replace("*", str(e)),
+                                   consumers=tuple(c.replace("*", str(e)) for c in g.consumers)) for e in range(n)]
+            else:  # one group whose consumers are every expert's (the MoE input feeds them all)
+                plain = tuple(c for c in g.consumers if "*" not in c)
+                per = tuple(c.replace("*", str(e)) for e in range(n) for c in g.consumers if "*" in c)
+                groups.append(replace(g, consumers=plain + per))
         return replace(
             self,
             sequential=tuple(s for step in self.sequential for s in names(step)),
@@ -341,11 +345,9 @@ _PHI3 = replace(
 )
 
 # Mixture of experts. The MoE input (post_attention_layernorm's output) feeds the router as well as
-# every expert: a scale folded into the norm would have to be undone in the router's columns, which
-# is not done, so that group is skipped (recorded); each expert's up -> down still folds, scored on
-# the tokens routed to it. The router is not in the table: it stays in high precision.
-_MOE_INPUT = ("the MoE input also feeds the router (kept in high precision), whose columns would have to "
-              "absorb the scales: not done, so the experts' inputs are not scaled")
+# every expert: its scales fold into the norm, every expert's gate/up and the router's columns (so
+# routing is unchanged; the router stays in high precision), chosen on the mean |x| over all tokens;
+# each expert's up -> down folds on its own, scored on the tokens routed to it.
 _ATTN_STEPS = (_ATTN, ("self_attn.o_proj",))
 _ATTN_OPS = tuple((r, "qkv_proj") for r in _ATTN) + (("self_attn.o_proj", "o_proj"),)
 _ATTN_GROUPS = (
@@ -360,7 +362,8 @@ _MIXTRAL = replace(
     sequential=_ATTN_STEPS + (("block_sparse_moe.experts.*.w1", "block_sparse_moe.experts.*.w3"),
                               ("block_sparse_moe.experts.*.w2",)),
     scale_groups=_ATTN_GROUPS + (
-        ScaleGroup("post_attention_layernorm", ("block_sparse_moe.experts",), unfoldable=_MOE_INPUT),
+        ScaleGroup("post_attention_layernorm", ("block_sparse_moe.experts.*.w1", "block_sparse_moe.experts.*.w3"),
+                   output_module="block_sparse_moe", also_scales=("block_sparse_moe.gate",)),
         ScaleGroup("block_sparse_moe.experts.*.w3", ("block_sparse_moe.experts.*.w2",), output_module="block_sparse_moe"),
     ),
     ops=_ATTN_OPS + (("block_sparse_moe.experts.*.w1", "expert_gate_up"), ("block_sparse_moe.experts.*.w3", "expert_gate_up"),
@@ -381,7 +384,8 @@ _QWEN3_MOE = replace(
     model_types=("qwen3_moe",),
     sequential=_ATTN_STEPS + _EXPERT_STEPS + _LLAMA_LIKE.sequential[2:],
     scale_groups=_ATTN_GROUPS + _DENSE_MLP + (
-        ScaleGroup("post_attention_layernorm", ("mlp.experts",), unfoldable=_MOE_INPUT),
+        ScaleGroup("post_attention_layernorm", ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), output_module="mlp",
+                   also_scales=("mlp.gate",)),
         ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), output_module="mlp"),
     ),
     ops=_LLAMA_LIKE.ops + _EXPERT_OPS,
@@ -398,7 +402,8 @@ _QWEN2_MOE = replace(
     model_types=("qwen2_moe",),
     sequential=_ATTN_STEPS + (_SHARED, ("mlp.shared_expert.down_proj",)) + _EXPERT_STEPS + _LLAMA_LIKE.sequential[2:],
     scale_groups=_ATTN_GROUPS + _DENSE_MLP + (
-        ScaleGroup("post_attention_layernorm", (*_SHARED, "mlp.experts"), unfoldable=_MOE_INPUT),
+        ScaleGroup("post_attention_layernorm", (*_SHARED, "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
+                   output_module="mlp", also_scales=("mlp.gate", "mlp.shared_expert_gate")),
         ScaleGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), output_module="mlp"),
         ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), output_module="mlp"),
     ),

@@ -106,10 +106,11 @@ def fold_scales(producer: nn.Module, consumers: Sequence[nn.Linear], s: torch.Te
     if bias is not None:
         b = bias.data[rows] if rows is not None else bias.data
         b.copy_(b.float().div(s.to(b.device)))
-    for c in consumers:
-        if c.in_features != s.numel():
-            raise ValueError(f"scales of length {s.numel()} do not match consumer in_features {c.in_features}")
-        c.weight.data.copy_(c.weight.float().mul(s.to(c.weight.device)[None, :]))
+    for c in consumers:  # a linear, or any module with a (out, in) weight reading the same input (a router)
+        w = c.weight.data
+        if w.shape[-1] != s.numel():
+            raise ValueError(f"scales of length {s.numel()} do not match consumer in_features {w.shape[-1]}")
+        w.copy_(w.float().mul(s.to(w.device)[None, :]))
 
 
 def fake_quant(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
