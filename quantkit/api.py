@@ -223,7 +223,7 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
     sl = load_sensitive_layers(sensitive, model)
     linears = list(quantizable_linears(model, recipe))
     flagged = [n for n in sl.flagged if n in set(linears)]
-    fp16 = expand_fused(flagged, linears)
+    fp16 = _with_whole_moe_layers(model, expand_fused(flagged, linears), linears)
     if len(fp16) == len(linears):
         raise RecipeError(
             f"{sl.path.name} keeps all {len(linears)} linears in FP16, so nothing would be quantized; "
@@ -232,8 +232,8 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
     warnings = []
     if len(fp16) > len(flagged):
         warnings.append(
-            f"{len(fp16) - len(flagged)} linear(s) kept in FP16 beside flagged ones because vLLM fuses q/k/v and "
-            "gate/up into one layer that must share a precision"
+            f"{len(fp16) - len(flagged)} linear(s) kept in FP16 beside flagged ones because vLLM fuses q/k/v, "
+            "gate/up and all the experts of an MoE block into one layer each that must share a precision"
         )
     if sl.scheme.weights != recipe.scheme.weights or sl.scheme.input_activations != recipe.scheme.input_activations:
         warnings.append(
@@ -243,6 +243,20 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
     mask = {**sl.mask(), "fp16_exported": fp16}
     new = dataclasses.replace(recipe, ignore=tuple(recipe.ignore) + tuple(fp16))
     return {"recipe": new, "fp16": fp16, "mask": mask, "warnings": warnings}
+
+
+def _with_whole_moe_layers(model, fp16: list[str], linears: list[str]) -> list[str]:
+    """fp16 plus every expert linear of each MoE block one of whose experts is in it: vLLM runs a
+    block's experts as one fused layer, which needs one scheme for all of them."""
+    from quantkit.models.adapter import ModelAdapter
+
+    ad = ModelAdapter.for_model(model)
+    if ad.spec.experts is None:
+        return fp16
+    sep = f".{ad.spec.experts.path}."
+    blocks = {n.split(sep)[0] for n in fp16 if ad.is_expert(n)}
+    keep = set(fp16) | {n for n in linears if ad.is_expert(n) and n.split(sep)[0] in blocks}
+    return [n for n in linears if n in keep]
 
 
 def check_export_format(recipe: Recipe, format: str, model=None) -> None:

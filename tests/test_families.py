@@ -351,6 +351,9 @@ def test_moe_export_reload_bit_identical(moe_family, tmp_path, tiny_tokenizer):
     router = "block_sparse_moe.gate" if moe_family == "mixtral" else "mlp.gate"
     assert f"model.layers.0.{router}" in qc["ignore"] and "lm_head" in qc["ignore"]
     assert (moe_family == "qwen2_moe") == ("model.layers.0.mlp.shared_expert_gate" in qc["ignore"])
+    from quantkit.export.compressed_tensors import read_checkpoint_summary
+
+    assert read_checkpoint_summary(out)["groups"][0]["n_targets"] == len(manifest["modules"])  # what inspect prints
     a, b = m.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     for k in a:
@@ -533,3 +536,18 @@ def test_awq_scales_the_moe_input_through_the_router():
     moe_in = next(g for g in groups if g["producer"].endswith("post_attention_layernorm"))
     assert len(moe_in["consumers"]) == 16 and moe_in["alpha"] > 0  # every expert's w1 and w3, really scaled
     assert err["awq"] < 0.9 * err["rtn"], err
+
+
+def test_sensitive_expert_keeps_its_whole_moe_layer_fp16():
+    """--sensitive: one flagged expert linear keeps every expert linear of that block in FP16 (vLLM runs a
+    block's experts as one fused layer with one scheme); other blocks and attention are untouched."""
+    from quantkit.api import _with_whole_moe_layers
+
+    m = _model("mixtral")
+    linears = list(ModelAdapter.for_model(m).all_linears())
+    got = _with_whole_moe_layers(m, ["model.layers.1.block_sparse_moe.experts.3.w2",
+                                     "model.layers.0.self_attn.o_proj"], linears)
+    assert got == ["model.layers.0.self_attn.o_proj"] + [n for n in linears if ".layers.1.block_sparse_moe." in n]
+    assert len(got) == 1 + 8 * 3
+    dense = _model("phi3")
+    assert _with_whole_moe_layers(dense, ["model.layers.0.mlp.down_proj"], []) == ["model.layers.0.mlp.down_proj"]

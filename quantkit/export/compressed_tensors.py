@@ -626,6 +626,8 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
         fmt, groups = _legacy_groups(qc)
         groups[0]["n_targets"] = len(quantized_modules)
         ignore = qc.get("modules_to_not_convert") or []
+    elif len(groups) == 1 and groups[0]["targets"] == ["Linear"]:  # a class target (MoE exports): count the modules
+        groups[0]["n_targets"] = len(quantized_modules)
     linear_bytes = _linear_memory_split(ckpt_dir, quantized_modules, ignore)
 
     manifest = None
