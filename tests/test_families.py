@@ -551,3 +551,17 @@ def test_sensitive_expert_keeps_its_whole_moe_layer_fp16():
     assert len(got) == 1 + 8 * 3
     dense = _model("phi3")
     assert _with_whole_moe_layers(dense, ["model.layers.0.mlp.down_proj"], []) == ["model.layers.0.mlp.down_proj"]
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+@pytest.mark.parametrize("fam", NEW_FAMILIES + MOE_FAMILIES)
+def test_awq_and_gptq_formats_round_trip(fam, fmt, tmp_path, tiny_tokenizer):
+    """The AutoAWQ and GPTQ layouts of every family read back bit-identical (fp16, as those formats store)."""
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+
+    m = make_tiny_model(fam, seed=3, randomize=True, dtype=torch.float16)
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}),
+                      Recipe(Scheme(QuantArgs(4, 32, fmt == "gptq")), (Stage("rtn"),)))
+    loaded, _, _ = load_quantkit_checkpoint(api.export(qm, tmp_path / "ckpt", format=fmt))
+    a, b = m.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
