@@ -71,6 +71,7 @@ class ModelShape:
     experts: int = 0
     expert_intermediate: int = 0
     shared_intermediate: int = 0
+    dense_blocks: int = 0  # blocks of an MoE model with a dense MLP (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], where: str = "config.json") -> "ModelShape":
@@ -126,8 +127,9 @@ class ModelShape:
                         "mlp.shared_expert.down_proj": (h, si)})
         return out
 
-    def block_params(self) -> int:
-        n = sum(o * i for o, i in self.block_linears().values()) + 2 * self.hidden_size
+    def block_params(self, dense: bool = False) -> int:
+        lin = dataclasses.replace(self, experts=0).block_linears() if dense else self.block_linears()
+        n = sum(o * i for o, i in lin.values()) + 2 * self.hidden_size
         if self.attention_bias:
             n += (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
         if self.qk_norm:
@@ -137,7 +139,9 @@ class ModelShape:
     def params(self) -> int:
         emb = self.vocab_size * self.hidden_size
         head = 0 if self.tie_word_embeddings else emb
-        return emb + head + self.num_hidden_layers * self.block_params() + self.hidden_size
+        dense = min(self.dense_blocks, self.num_hidden_layers) if self.experts else 0
+        return (emb + head + (self.num_hidden_layers - dense) * self.block_params() + dense * self.block_params(True)
+                + self.hidden_size)
 
 
 def _moe_sizes(cfg: dict[str, Any], where: str) -> dict[str, int]:
@@ -149,12 +153,16 @@ def _moe_sizes(cfg: dict[str, Any], where: str) -> dict[str, int]:
         return {}
     ex = spec.experts
     out = {}
-    for field_name, key in (("experts", ex.count[0]), ("expert_intermediate", ex.intermediate),
-                            ("shared_intermediate", ex.shared_intermediate)):
-        v = expert_count(ex, cfg) if field_name == "experts" else (cfg.get(key) if key else 0)
-        if key and (isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > _LIMIT):
+    dense = cfg.get(ex.dense_blocks) if ex.dense_blocks else None
+    out["dense_blocks"] = len(dense) if isinstance(dense, list) else dense if isinstance(dense, int) and dense > 0 else 0
+    shared = ex.shared_intermediate
+    keys = [("experts", ex.count[0]), ("expert_intermediate", ex.intermediate)] + \
+        [("shared_intermediate", k) for k in ((shared,) if isinstance(shared, str) else shared or ())]
+    for field_name, key in keys:
+        v = expert_count(ex, cfg) if field_name == "experts" else cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > _LIMIT:
             raise ModelLoadError(f"{where} field {key}={short_repr(v, 40)} is not a sensible size")
-        out[field_name] = v or 0
+        out[field_name] = out.get(field_name, 1) * v if field_name == "shared_intermediate" else v
     return out
 
 

@@ -63,8 +63,9 @@ class BlockContext:
         return True
 
     def groups_here(self):
-        """The scale groups of the table whose consumers this block has."""
-        return [g for g in self.spec.scale_groups if any(self.has(c) for c in g.consumers)]
+        """The scale groups of the table whose consumers this block has (a table may list variants:
+        an MoE model's dense and expert blocks, DeepSeek's q_proj or q_a_proj)."""
+        return [g for g in self.spec.scale_groups if all(self.has(c) for c in g.consumers)]
 
     def full_name(self, rel: str) -> str:
         return f"{self.name}.{rel}"

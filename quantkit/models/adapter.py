@@ -119,9 +119,12 @@ class ExpertsSpec:
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     router: str = "mlp.gate"
     moe_module: tuple[str, str] | None = None
-    # config fields of one expert's intermediate size and of the shared expert's (None: no shared expert)
+    # config fields of one expert's intermediate size and of the shared expert's (None: no shared expert;
+    # a tuple: the product of those fields, DeepSeek's moe_intermediate_size x n_shared_experts)
     intermediate: str = "intermediate_size"
-    shared_intermediate: str | None = None
+    shared_intermediate: str | tuple[str, ...] | None = None
+    # config field naming the blocks that keep a dense MLP: a count of first blocks, or a list of indices
+    dense_blocks: str | None = None
 
 
 @dataclass(frozen=True)
@@ -392,7 +395,8 @@ _QWEN3_MOE = replace(
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
     layout=None,
-    experts=ExpertsSpec(path="mlp.experts", fused_path="mlp.experts", count=("num_experts", "num_local_experts"), intermediate="moe_intermediate_size"),
+    experts=ExpertsSpec(path="mlp.experts", fused_path="mlp.experts", count=("num_experts", "num_local_experts"),
+                        intermediate="moe_intermediate_size", dense_blocks="mlp_only_layers"),
 )
 # Qwen2-MoE (and the DeepSeek-style layout): a shared expert every token goes through, gated by a
 # 1-output linear (shared_expert_gate, kept in high precision like the router).
@@ -412,7 +416,42 @@ _QWEN2_MOE = replace(
     experts=replace(_QWEN3_MOE.experts, shared_intermediate="shared_expert_intermediate_size"),
 )
 
-ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _GRANITE, _GEMMA, _OLMO2, _PHI3, _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE)
+# DeepSeek-V2/V3: multi-head latent attention (q and kv compressed through their own norms; V-2-Lite
+# has a plain q_proj) and an MoE with shared experts; the first `first_k_dense_replace` blocks are
+# dense. kv_b_proj's output interleaves K and V per head, so V has no contiguous rows: no v -> o group.
+_MLA_IN = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
+_DS_SHARED = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")
+_DEEPSEEK = replace(
+    _LLAMA_LIKE,
+    model_types=("deepseek_v2", "deepseek_v3"),
+    sequential=(_MLA_IN + ("self_attn.q_proj",), ("self_attn.q_b_proj",), ("self_attn.kv_b_proj",), ("self_attn.o_proj",),
+                _DS_SHARED, ("mlp.shared_experts.down_proj",)) + _EXPERT_STEPS + _LLAMA_LIKE.sequential[2:],
+    scale_groups=(
+        ScaleGroup("input_layernorm", _MLA_IN, output_module="self_attn"),
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"), output_module="self_attn"),
+        ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",), output_module="self_attn"),
+        ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), output_module="self_attn"),
+        *_DENSE_MLP,
+        ScaleGroup("post_attention_layernorm", (*_DS_SHARED, "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
+                   output_module="mlp", also_scales=("mlp.gate",)),
+        ScaleGroup("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",), output_module="mlp"),
+        ScaleGroup("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), output_module="mlp"),
+    ),
+    ops=tuple((r, "q_kv_a") for r in (*_MLA_IN, "self_attn.q_proj")) + (
+        ("self_attn.q_b_proj", "q_b"), ("self_attn.kv_b_proj", "kv_b"), ("self_attn.o_proj", "o_proj"),
+        (_DS_SHARED[0], "shared_gate_up"), (_DS_SHARED[1], "shared_gate_up"), ("mlp.shared_experts.down_proj", "shared_down"),
+    ) + _LLAMA_LIKE.ops[4:] + _EXPERT_OPS,
+    rotation=None,
+    no_rotation=_NO_MOE_ROTATION,
+    layout=None,
+    no_clip=("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.q_proj"),
+    experts=ExpertsSpec(path="mlp.experts", fused_path="mlp.experts", count=("n_routed_experts", "num_local_experts"),
+                        intermediate="moe_intermediate_size", shared_intermediate=("moe_intermediate_size", "n_shared_experts"),
+                        dense_blocks="first_k_dense_replace"),
+)
+
+ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _GRANITE, _GEMMA, _OLMO2, _PHI3, _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE,
+                                    _DEEPSEEK)
 
 
 def expert_count(ex: ExpertsSpec, config) -> int | None:
