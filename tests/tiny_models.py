@@ -42,8 +42,13 @@ _FAMILY = {
                         moe_intermediate_size=64, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32,
                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2),  # block 0 dense
+    # DeepSeek-V2-Lite's shape: no q compression (a plain q_proj)
+    "deepseek_v2": dict(num_key_value_heads=6, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        moe_intermediate_size=64, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2")
 # The families quantkit's adapter table covers, beyond the Llama-like four.
 NEW_FAMILIES = ("phi3", "gemma2", "gemma3_text", "olmo2", "granite")
 
