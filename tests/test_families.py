@@ -570,3 +570,21 @@ def test_awq_and_gptq_formats_round_trip(fam, fmt, tmp_path, tiny_tokenizer):
     loaded, _, _ = load_quantkit_checkpoint(api.export(qm, tmp_path / "ckpt", format=fmt))
     a, b = m.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fam", ["gemma2", "mixtral"])
+def test_cli_quantize_and_eval_from_a_model_dir(fam, tmp_path, tiny_tokenizer):
+    """From a saved transformers dir (for Mixtral: per-expert tensors on disk, fused by transformers on load,
+    per-expert again in quantkit): `quantkit gptq` writes a checkpoint whose manifest lists every linear,
+    and `quantkit eval` scores it next to the float baseline."""
+    from quantkit.export.manifest import read_manifest
+    from tiny_models import save_tiny_model_dir
+
+    src = save_tiny_model_dir(tmp_path / "src", tiny_tokenizer, arch=fam)
+    out = tmp_path / "q"
+    code, log = run_cli("gptq", "--model", src, "--out", out, "--samples", "8", "--seqlen", "64", "--group-size", "32")
+    assert code == 0, log
+    n_linears = len(ModelAdapter.for_model(make_tiny_model(fam)).all_linears())
+    assert len(read_manifest(out)["modules"]) == n_linears
+    code, log = run_cli("eval", "--model", out, "--baseline", src, "--seqlen", "64", "--windows", "2")
+    assert code == 0 and "baseline" in log, log
