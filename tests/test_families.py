@@ -382,7 +382,7 @@ def test_gptq_moe_hessians_from_routed_tokens_only(monkeypatch):
         return solve(self, ctx, names, stats)
 
     monkeypatch.setattr(GPTQ, "_solve_step", spy)
-    gptq = get_method("gptq")(Scheme(W4), expert_min_tokens=0)
+    gptq = get_method("gptq")(Scheme(W4), expert_min_tokens=0, expert_damp_tokens=0)
     res = run_layerwise(m, _IDS, [gptq], batch_size=4, ignore=("re:.*self_attn.*",))  # block 0's MoE input stays float
     blk = ref_model.model.layers[0]
     xs = []
@@ -414,22 +414,50 @@ def test_gptq_moe_hessians_from_routed_tokens_only(monkeypatch):
     assert all(f"{p}.{e}.{n}" in res.results for e in range(8) for n in ("w1", "w2", "w3"))
 
 
-def test_gptq_moe_experts_with_few_tokens_fall_back_to_rtn():
-    """The stated fallback: an expert whose routed tokens number fewer than expert_min_tokens x in_features
-    (default 3) is quantized with RTN, listed in one warning per block; attention stays GPTQ."""
+def test_gptq_moe_experts_with_few_tokens_fall_back(monkeypatch):
+    """The stated fallbacks: an expert with fewer routed tokens than expert_min_tokens x in_features (default 1)
+    is quantized with RTN, one with fewer than expert_damp_tokens x in_features (default 3) is solved with
+    damp 1.0; each kind listed in one warning per block; attention keeps the recipe's damp."""
+    import quantkit.methods.gptq as G
     from quantkit.quant.core import quantize_weight
 
     m, ref = _model("mixtral"), _model("mixtral")
     ModelAdapter.for_model(ref)
-    res = run_layerwise(m, _IDS, [get_method("gptq")(Scheme(W4))], batch_size=4)  # 256 tokens: ~64 per expert < 288
+    res = run_layerwise(m, _IDS, [get_method("gptq")(Scheme(W4))], batch_size=4)  # 256 tokens: ~64 per expert < 96
     p = "model.layers.0.block_sparse_moe.experts"
     for e in range(8):
         w = ref.model.layers[0].block_sparse_moe.experts[e].w1.weight.detach()
         assert torch.equal(res.results[f"{p}.{e}.w1"].q, quantize_weight(w, W4).q)
     q_ref = ref.model.layers[0].self_attn.q_proj.weight.detach()
     assert not torch.equal(res.results["model.layers.0.self_attn.q_proj"].q, quantize_weight(q_ref, W4).q)
-    few = [w for w in res.warnings if "fewer than 3 x in_features" in w]
+    few = [w for w in res.warnings if "fewer than 1 x in_features" in w and "with RTN" in w]
     assert len(few) == 3 and "experts.0.w1 (" in few[0] and "experts.7.w2 (" in few[0]
+
+    # 24 x 32 tokens: experts see ~1-3 x in_features, so they are solved with damp 1.0
+    ids = torch.randint(3, 512, (24, 32), generator=torch.Generator().manual_seed(4))
+    damps: dict[int, list[float]] = {}
+    solve, step = G.gptq_quantize, G.GPTQ._solve_step
+    counts: dict[str, int] = {}
+
+    def spy_step(self, ctx, names, stats):
+        counts[names[0]] = stats.count
+        return step(self, ctx, names, stats)
+
+    def spy(w, h, args, **kw):
+        damps.setdefault(w.shape[0], []).append(kw["damp"])
+        return solve(w, h, args, **kw)
+
+    monkeypatch.setattr(G.GPTQ, "_solve_step", spy_step)
+    monkeypatch.setattr(G, "gptq_quantize", spy)
+    res = run_layerwise(_model("mixtral"), ids, [get_method("gptq")(Scheme(W4))], batch_size=8)
+    experts = {n: c for n, c in counts.items() if ".experts." in n}
+    in_f = {n: 96 if n.endswith(".w1") else 160 for n in experts}
+    damped = [n for n, c in experts.items() if in_f[n] <= c < 3 * in_f[n]]
+    assert damped  # this calibration puts some experts in the damped range
+    assert sorted(damps[320]) == sorted(1.0 if 96 <= experts[n] < 288 else 0.01 for n in experts if n.endswith(".w1")
+                                        and experts[n] >= 96)  # w1 + w3 stacked: 320 rows
+    assert set(damps[96 + 32 + 32]) == {0.01}  # q/k/v stacked: the recipe's damp
+    assert any("solved with damp 1.0" in w for w in res.warnings)
 
 
 @pytest.mark.parametrize("fam", NEW_FAMILIES + MOE_FAMILIES)

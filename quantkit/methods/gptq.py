@@ -18,13 +18,18 @@ Hessian from the block as it was when the stage began.
 
 Mixture of experts: every expert's gate/up and down are steps of their own (the
 adapter expands them), and an expert's linears only ever run on the tokens the
-router sent to it, so each Hessian is built from the routed tokens alone. An
-expert that saw fewer than `expert_min_tokens` x in_features tokens is quantized
-with RTN instead (one warning per block lists them): a Hessian from fewer tokens
-fits those tokens rather than the expert's inputs. Measured on a tiny Mixtral
-expert (W4 g32, held-out routed tokens, 5 draws): GPTQ's output error / RTN's is
-1.5-2.3 at 0.17-1.3 x in_features tokens, 1.01 at 2.7 x and 0.88 at 5.3 x, hence
-the default 3. Dense linears see every token and are never switched.
+router sent to it, so each Hessian is built from the routed tokens alone. A
+Hessian from few tokens fits those tokens rather than the expert's inputs, so an
+expert that saw fewer than `expert_min_tokens` x in_features tokens (default 1) is
+quantized with RTN, and one below `expert_damp_tokens` x in_features (default 3)
+is solved with damp 1.0 (one warning per block lists each kind). Measured on a
+tiny Mixtral expert (W4 g32, error on 1024 held-out routed tokens / RTN's, 5 draws):
+
+    tokens / in_features   0.17   0.5    1.0    2.0    3.0    5.3
+    damp 0.01              1.50   2.25   2.02   1.17   0.98   0.87
+    damp 1.0               1.07   1.00   0.93   0.91   0.89   0.87
+
+Dense linears see every token and are never switched.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from quantkit.recipe import RecipeError, Scheme
 # backend: the solve ("auto" = the fused Triton kernel on CUDA, torch ops otherwise; see
 # quant.gptq.gptq_quantize); the two agree up to float32 rounding.
 DEFAULTS = {"damp": 0.01, "block_size": 128, "act_order": True, "true_sequential": True, "backend": "auto",
-            "expert_min_tokens": 3.0}
+            "expert_min_tokens": 1.0, "expert_damp_tokens": 3.0}
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -103,9 +108,11 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
     for key in ("act_order", "true_sequential"):
         if not isinstance(out[key], bool):
             raise RecipeError(f"gptq option {key}={short_repr(out[key])} must be true or false")
-    mt = out["expert_min_tokens"]
-    if isinstance(mt, bool) or not isinstance(mt, (int, float)) or not mt >= 0:
-        raise RecipeError(f"gptq option expert_min_tokens={short_repr(mt)} must be a number >= 0 (x in_features); e.g. 3")
+    for key in ("expert_min_tokens", "expert_damp_tokens"):
+        mt = out[key]
+        if isinstance(mt, bool) or not isinstance(mt, (int, float)) or not mt >= 0:
+            raise RecipeError(f"gptq option {key}={short_repr(mt)} must be a number >= 0 (x in_features); "
+                              f"e.g. {DEFAULTS[key]:g}")
     if out["backend"] not in BACKENDS:
         raise RecipeError(f"gptq option backend={short_repr(out['backend'])} must be one of {', '.join(BACKENDS)}")
     out["damp"] = float(damp)
@@ -122,7 +129,7 @@ class GPTQ(Method):
     stats = frozenset()
     needs_data = True
     plan_stats = frozenset({"hessian_step"})  # what the memory planner should count
-    options = ("damp", "block_size", "act_order", "true_sequential", "backend", "expert_min_tokens")
+    options = ("damp", "block_size", "act_order", "true_sequential", "backend", "expert_min_tokens", "expert_damp_tokens")
 
     def __init__(self, scheme: Scheme, **options: Any):
         super().__init__(scheme, **options)
@@ -133,6 +140,7 @@ class GPTQ(Method):
         self.true_sequential: bool = cfg["true_sequential"]
         self.backend: str = cfg["backend"]
         self.expert_min_tokens: float = float(cfg["expert_min_tokens"])
+        self.expert_damp_tokens: float = float(cfg["expert_damp_tokens"])
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -140,6 +148,7 @@ class GPTQ(Method):
             raise RecipeError("gptq quantizes the weights, so it must be the last stage of a recipe; move it to the end")
         steps = _steps(ctx)
         self._few: list[str] = []  # experts switched to RTN in this block: "name (tokens)"
+        self._damped: list[str] = []  # experts solved with damp 1.0
         if self.true_sequential:
             for step in steps:
                 hess = _capture(ctx, [step])
@@ -154,6 +163,12 @@ class GPTQ(Method):
                 f"in_features routed calibration tokens and were quantized with RTN: {', '.join(self._few)} "
                 "(more --samples, or the recipe option expert_min_tokens, changes this)"
             )
+        if self._damped:
+            ctx.warnings.append(
+                f"gptq: {len(self._damped)} expert linear(s) of {ctx.name} saw fewer than {self.expert_damp_tokens:g} x "
+                f"in_features routed calibration tokens and were solved with damp 1.0: {', '.join(self._damped)} "
+                "(more --samples, or the recipe option expert_damp_tokens, changes this)"
+            )
 
     def _solve_step(self, ctx: BlockContext, names: list[str], stats: InputStats) -> None:
         """Quantize the linears `names` (sharing one input) with their Hessian; frees it."""
@@ -164,11 +179,18 @@ class GPTQ(Method):
             ctx.warnings.append(f"{', '.join(names)}: saw no calibration tokens; quantized with RTN instead of GPTQ")
             return
         experts = ctx.spec.experts.path if ctx.spec is not None and ctx.spec.experts is not None else None
-        if experts and f".{experts}." in names[0] and stats.count < self.expert_min_tokens * ctx.linears[names[0]].in_features:
-            for n in names:
-                self._rtn(ctx, n)
-                self._few.append(f"{n.removeprefix(ctx.name + '.')} ({stats.count})")
-            return
+        damp = self.damp
+        if experts and f".{experts}." in names[0]:  # few routed tokens: RTN, or a heavily damped solve
+            in_f = ctx.linears[names[0]].in_features
+            label = ", ".join(f"{n.removeprefix(ctx.name + '.')} ({stats.count})" for n in names)
+            if stats.count < self.expert_min_tokens * in_f:
+                for n in names:
+                    self._rtn(ctx, n)
+                self._few.append(label)
+                return
+            if stats.count < self.expert_damp_tokens * in_f and damp < 1.0:
+                damp = 1.0
+                self._damped.append(label)
         h = stats.hessian
         stats.xtx = None
         lins = [ctx.linears[n] for n in names]
@@ -179,7 +201,7 @@ class GPTQ(Method):
             w = ws[0] if len(ws) == 1 else torch.cat(ws)  # w: (sum of out, in)
             try:
                 res = gptq_quantize(
-                    w, h, args, damp=self.damp, block_size=self.block_size, act_order=self.act_order,
+                    w, h, args, damp=damp, block_size=self.block_size, act_order=self.act_order,
                     scale_dtype=ws[0].dtype, backend=self.backend,
                 )
             except CholeskyError as e:
@@ -188,9 +210,9 @@ class GPTQ(Method):
                 ctx.warnings.append(f"{', '.join(group)}: GPTQ failed ({e}); quantized with RTN instead")
                 continue
             del w
-            if res.damp != self.damp:
+            if res.damp != damp:
                 ctx.warnings.append(
-                    f"{', '.join(group)}: Hessian not positive definite at damp {self.damp:g}; solved with damp {res.damp:g}"
+                    f"{', '.join(group)}: Hessian not positive definite at damp {damp:g}; solved with damp {res.damp:g}"
                 )
             qt, row = res.qt, 0
             for n, wn in zip(group, ws):
