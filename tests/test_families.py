@@ -447,9 +447,19 @@ def test_gptq_moe_experts_with_few_tokens_fall_back(monkeypatch):
         damps.setdefault(w.shape[0], []).append(kw["damp"])
         return solve(w, h, args, **kw)
 
+    captures = []
+    capture = G._capture
+
+    def spy_capture(ctx, steps):
+        captures.append(len(steps))
+        return capture(ctx, steps)
+
     monkeypatch.setattr(G.GPTQ, "_solve_step", spy_step)
     monkeypatch.setattr(G, "gptq_quantize", spy)
+    monkeypatch.setattr(G, "_capture", spy_capture)
     res = run_layerwise(_model("mixtral"), ids, [get_method("gptq")(Scheme(W4))], batch_size=8)
+    # one forward per phase: q/k/v, o, every expert's w1/w3 together, every expert's w2 together
+    assert captures == [1, 1, 8, 8] * 3
     experts = {n: c for n, c in counts.items() if ".experts." in n}
     in_f = {n: 96 if n.endswith(".w1") else 160 for n in experts}
     damped = [n for n, c in experts.items() if in_f[n] <= c < 3 * in_f[n]]

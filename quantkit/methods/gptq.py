@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from quantkit.errors import short_repr
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -150,9 +151,10 @@ class GPTQ(Method):
         self._few: list[str] = []  # experts switched to RTN in this block: "name (tokens)"
         self._damped: list[str] = []  # experts solved with damp 1.0
         if self.true_sequential:
-            for step in steps:
-                hess = _capture(ctx, [step])
-                self._solve_step(ctx, step, hess.pop(step[0]))
+            for phase in _phases(ctx, steps):
+                hess = _capture(ctx, phase)
+                for step in phase:
+                    self._solve_step(ctx, step, hess.pop(step[0]))
         else:
             hess = _capture(ctx, steps)
             for step in steps:
@@ -242,6 +244,25 @@ def _steps(ctx: BlockContext) -> list[list[str]]:
     steps = ctx.steps()
     listed = {n for s in steps for n in s}
     return steps + [[n] for n in ctx.linears if n not in listed]
+
+
+def _phases(ctx: BlockContext, steps: list[list[str]]) -> list[list[list[str]]]:
+    """Steps grouped into what one forward can capture: a step alone, or the run of every expert's same
+    projection (experts.0.w1, experts.1.w1, ...), which read disjoint tokens of one input and do not
+    depend on each other, so one forward records all their Hessians (instead of one forward each)."""
+    ex = ctx.spec.experts.path if ctx.spec is not None and ctx.spec.experts is not None else None
+    pat = re.compile(rf"\.{re.escape(ex)}\.\d+\.") if ex else None
+
+    def role(step: list[str]) -> str | None:
+        return pat.sub(f".{ex}.*.", step[0]) if pat is not None and pat.search(step[0]) else None
+
+    out: list[list[list[str]]] = []
+    for step in steps:
+        if out and role(step) is not None and role(step) == role(out[-1][-1]):
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """Model knowledge as data: where the blocks, norms and linears of a family live.
 
 One `ArchSpec` table row per layout. Llama, Qwen2, Qwen3 and Mistral share the
-same layout in transformers, so one spec covers all four; Granite's differences
-are scalar multipliers (nothing a method folds or rotates changes), so it joins
-that row too. Phi-3/Phi-4 (fused qkv_proj / gate_up_proj), Gemma 2/3 ((1 + w)
-norms, norms after each sub-block) and OLMo 2 (norms only after the sub-blocks)
-are rows of their own. A new family is a new row, never an `isinstance` ladder.
+same layout in transformers, so one spec covers all four; Granite differs from it
+only by scalar multipliers (nothing a method folds or rotates changes). Phi-3/Phi-4
+(fused qkv_proj / gate_up_proj), Gemma 2/3 ((1 + w) norms, norms after each
+sub-block), OLMo 2 (norms only after the sub-blocks) and the mixture-of-experts
+families (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3: `ExpertsSpec`, names with `*`
+repeated per expert) are rows of their own. A new family is a new row, never an
+`isinstance` ladder.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ class ExpertsSpec:
 
     Names in the ArchSpec that contain `*` (steps, scale groups, ops) repeat once per expert.
     path: the experts' module in a block, as named in memory and on disk (`mlp.experts`,
-        Mixtral's `block_sparse_moe.experts`); fused_path: where transformers 5 keeps the fused
-        3-D experts module (swapped for per-expert linears, `quantkit.models.moe`).
+        Mixtral's `block_sparse_moe.experts`); transformers 5 keeps a fused 3-D experts module
+        there, which the adapter swaps for per-expert linears (`quantkit.models.moe`).
     count: the config fields that may hold the number of experts (the first one set wins: configs
         on disk and transformers' attribute maps spell it differently).
     names: the (gate, up, down) linears of one expert as the checkpoint names them.
@@ -114,7 +116,6 @@ class ExpertsSpec:
     """
 
     path: str
-    fused_path: str
     count: tuple[str, ...]
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     router: str = "mlp.gate"
@@ -374,7 +375,7 @@ _MIXTRAL = replace(
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
     layout=None,
-    experts=ExpertsSpec(path="block_sparse_moe.experts", fused_path="block_sparse_moe.experts", count=("num_local_experts",),
+    experts=ExpertsSpec(path="block_sparse_moe.experts", count=("num_local_experts",),
                         names=("w1", "w3", "w2"), router="block_sparse_moe.gate", moe_module=("mlp", "block_sparse_moe")),
 )
 
@@ -395,7 +396,7 @@ _QWEN3_MOE = replace(
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
     layout=None,
-    experts=ExpertsSpec(path="mlp.experts", fused_path="mlp.experts", count=("num_experts", "num_local_experts"),
+    experts=ExpertsSpec(path="mlp.experts", count=("num_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", dense_blocks="mlp_only_layers"),
 )
 # Qwen2-MoE (and the DeepSeek-style layout): a shared expert every token goes through, gated by a
@@ -445,7 +446,7 @@ _DEEPSEEK = replace(
     no_rotation=_NO_MOE_ROTATION,
     layout=None,
     no_clip=("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.q_proj"),
-    experts=ExpertsSpec(path="mlp.experts", fused_path="mlp.experts", count=("n_routed_experts", "num_local_experts"),
+    experts=ExpertsSpec(path="mlp.experts", count=("n_routed_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", shared_intermediate=("moe_intermediate_size", "n_shared_experts"),
                         dense_blocks="first_k_dense_replace"),
 )
@@ -526,7 +527,7 @@ class ModelAdapter:
             from quantkit.models.moe import unfuse_experts
 
             ex = spec.experts
-            unfuse_experts(model, spec.blocks, ex.fused_path, ex.names, ex.moe_module)
+            unfuse_experts(model, spec.blocks, ex.path, ex.names, ex.moe_module)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "ModelAdapter":

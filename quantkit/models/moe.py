@@ -63,9 +63,10 @@ class UnfusedExperts(nn.ModuleList):
         return out
 
 
-def unfuse_experts(model: nn.Module, blocks: str, fused_path: str, names: tuple[str, str, str],
+def unfuse_experts(model: nn.Module, blocks: str, path: str, names: tuple[str, str, str],
                    moe_module: tuple[str, str] | None = None) -> None:
-    """Swap every block's fused experts (at `fused_path`, relative to a block) for UnfusedExperts; idempotent.
+    """Swap every block's fused experts (at `path`, relative to a block, as checkpoints name it) for
+    UnfusedExperts; idempotent.
 
     moe_module (attribute, checkpoint name): the MoE block is registered under the checkpoint's name
     (Mixtral: transformers calls it `mlp`, checkpoints and vLLM `block_sparse_moe`) while the decoder
@@ -77,7 +78,7 @@ def unfuse_experts(model: nn.Module, blocks: str, fused_path: str, names: tuple[
             mod = blk._modules.pop(attr)
             blk._modules[saved_as] = mod
             object.__setattr__(blk, attr, mod)  # forward's self.mlp; state dict and named_modules use saved_as
-        parent_name, _, leaf = fused_path.rpartition(".")
+        parent_name, _, leaf = path.rpartition(".")
         try:
             parent = blk.get_submodule(parent_name) if parent_name else blk
         except AttributeError:
