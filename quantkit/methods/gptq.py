@@ -18,7 +18,9 @@ Hessian from the block as it was when the stage began.
 
 Mixture of experts: every expert's gate/up and down are steps of their own (the
 adapter expands them), and an expert's linears only ever run on the tokens the
-router sent to it, so each Hessian is built from the routed tokens alone. A
+router sent to it, so each Hessian is built from the routed tokens alone. The
+experts' same projection is captured in one forward (`_phases`): they read
+disjoint tokens of one input and none depends on another. A
 Hessian from few tokens fits those tokens rather than the expert's inputs, so an
 expert that saw fewer than `expert_min_tokens` x in_features tokens (default 1) is
 quantized with RTN, and one below `expert_damp_tokens` x in_features (default 3)
