@@ -337,13 +337,14 @@ def test_moe_unfused_experts_are_exact_and_named_as_on_disk(moe_family, tmp_path
     torch.testing.assert_close(_logits(m), ref, rtol=0, atol=1e-6)
 
 
-def test_moe_export_reload_bit_identical(moe_family, tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("stage", [Stage("gptq"), Stage("awq", {"grid": 4, "clip_grid": 4})], ids=["gptq", "awq"])
+def test_moe_export_reload_bit_identical(moe_family, stage, tmp_path, tiny_tokenizer):
+    """Every tensor back bit-identical, the routers included (AWQ scaled their columns)."""
     from quantkit.models.checkpoint import load_quantkit_checkpoint
 
     m = _model(moe_family)
     calib = CalibrationSet(_IDS, {"source": "random tokens (test)"})
-    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("gptq"),)),
-                      calib_set=calib)
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (stage,)), calib_set=calib)
     out = api.export(qm, tmp_path / "ckpt")
     loaded, _, manifest = load_quantkit_checkpoint(out)
     assert sorted(manifest["modules"]) == sorted(ModelAdapter.for_model(m).all_linears())
