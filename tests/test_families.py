@@ -50,19 +50,17 @@ def _mse(a, b) -> float:
 
 
 def test_every_method_no_worse_than_rtn(family):
-    """RTN, AWQ, GPTQ (W4 g32) and SmoothQuant W8A8 (vs RTN W8A8): every linear quantized, and the
-    logits' error against the float model is no worse than RTN's."""
+    """RTN, AWQ, GPTQ (W4 g32): every linear quantized, and the logits' error against the float model is
+    no worse than RTN's (SmoothQuant: test_smoothquant_beats_rtn_with_outlier_channels)."""
     ref = _logits(_model(family))
     n_linears = len(ModelAdapter.for_model(_model(family)).all_linears())
     err = {}
-    for name, scheme, opts in [("rtn", Scheme(W4), {}), ("awq", Scheme(W4), dict(grid=10, clip_grid=10, search_samples=4)),
-                               ("gptq", Scheme(W4), {}), ("rtn8", PRESETS["W8A8"], {}), ("smoothquant", PRESETS["W8A8"], {})]:
+    for name, opts in [("rtn", {}), ("awq", dict(grid=10, clip_grid=10, search_samples=4)), ("gptq", {})]:
         m = _model(family)
-        res = run_layerwise(m, _IDS, [get_method(name.rstrip("8"))(scheme, **opts)], batch_size=4)
+        res = run_layerwise(m, _IDS, [get_method(name)(Scheme(W4), **opts)], batch_size=4)
         assert len(res.results) == n_linears, name
-        err[name] = _mse(_logits(m, act=scheme.input_activations), ref)
+        err[name] = _mse(_logits(m), ref)
     assert err["awq"] <= err["rtn"] and err["gptq"] <= err["rtn"], err
-    assert err["smoothquant"] <= err["rtn8"] * 1.0001, err
     assert err["rtn"] > 0
 
 
@@ -120,6 +118,38 @@ def test_smoothquant_transform_exact(family):
     ModelAdapter.for_model(fresh)  # the same layout (per-expert linears, checkpoint names)
     for r in ad.routers():  # the router reads the smoothed input: its columns absorbed the scales
         assert not torch.equal(m.get_submodule(r).weight, fresh.get_submodule(r).weight)
+
+
+def _outlier_channels(family):
+    """A tiny model whose normed inputs have a few channels 15x larger, as real LLMs' do (SmoothQuant's
+    premise; random weights alone have none, and smoothing them only moves error into the weights)."""
+    m = _model(family)
+    g = torch.Generator().manual_seed(7)
+    off = ModelAdapter.for_model(m).spec.norm_offset
+    with torch.no_grad():
+        for b in m.model.layers:
+            for nm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm"):
+                if hasattr(b, nm):
+                    w = getattr(b, nm).weight
+                    idx = torch.randperm(w.numel(), generator=g)[:4]
+                    w[idx] = (w[idx] + off) * 15 - off
+    return m
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES + MOE_FAMILIES)
+def test_smoothquant_beats_rtn_with_outlier_channels(family):
+    """SmoothQuant W8A8 (A8 per token, simulated) against RTN W8A8 on models with outlier channels: lower
+    logits error on every family (measured 0.31-0.67x), equal on OLMo 2, which has nothing to smooth."""
+    ref = _logits(_outlier_channels(family))
+    err = {}
+    for name in ("rtn", "smoothquant"):
+        m = _outlier_channels(family)
+        run_layerwise(m, _IDS, [get_method(name)(PRESETS["W8A8"])], batch_size=4)
+        err[name] = _mse(_logits(m, act=PRESETS["W8A8"].input_activations), ref)
+    if family == "olmo2":
+        assert err["smoothquant"] == err["rtn"], err
+    else:
+        assert err["smoothquant"] < 0.8 * err["rtn"], err
 
 
 @pytest.mark.parametrize("fam", _ROTATABLE)
