@@ -298,7 +298,7 @@ def test_spinquant_refused_before_load(tmp_path):
     assert code == 2 and "spinquant cannot rotate model type 'gemma2'" in out, out
 
 
-@pytest.mark.parametrize("fam", ["gemma2", "olmo2", "mixtral"])
+@pytest.mark.parametrize("fam", ["gemma2", "mixtral"])
 def test_runtime_refuses_family_it_cannot_run(fam, tmp_path, tiny_tokenizer):
     from quantkit import runtime
     from quantkit.runtime.loader import RuntimeLoadError
@@ -561,12 +561,13 @@ def test_spinquant_method_no_worse_than_rtn(fam, tiny_tokenizer):
     assert err["spinquant"] <= err["rtn"], err
 
 
-@pytest.mark.parametrize("fam", ["granite", "phi3"])
+@pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2"])
 @pytest.mark.parametrize("scheme", [Scheme(W4), PRESETS["W8A8C8"]], ids=["w4a16", "w8a8c8"])
-def test_runtime_runs_granite_and_phi3(fam, scheme, tmp_path, tiny_tokenizer, monkeypatch):
-    """Granite (its embedding / residual / logits multipliers and attention scale) and Phi-3 (q/k/v and gate/up
-    fused in the checkpoint) on the runtime give the logits of the dense checkpoint with its run-time
-    quantization simulated (what `quantkit eval` scores)."""
+def test_runtime_runs_granite_phi3_olmo2(fam, scheme, tmp_path, tiny_tokenizer, monkeypatch):
+    """Granite (its embedding / residual / logits multipliers and attention scale), Phi-3 (q/k/v and gate/up
+    fused in the checkpoint) and OLMo 2 (norms after the sub-blocks, q/k norms over all heads) on the
+    runtime give the logits of the dense checkpoint with its run-time quantization simulated (what
+    `quantkit eval` scores)."""
     from quantkit import runtime
     from quantkit.models.checkpoint import load_quantkit_checkpoint
     from quantkit.runtime.simulate import plan_simulation

@@ -74,11 +74,13 @@ class BlockLayout:
     """Where each part of a decoder block lives, for the runtime, which runs the block itself.
 
     Names are relative to a block. q_norm / k_norm: per-head RMSNorms on Q and K before RoPE
-    (Qwen3); the runtime uses them when the block has them.
+    (Qwen3); the runtime uses them when the block has them. input_norm / post_norm: the norms in
+    front of attention and of the MLP (None: there is none, OLMo 2); attn_out_norm / mlp_out_norm:
+    norms of the sub-blocks' outputs before the residual add (OLMo 2).
     """
 
-    input_norm: str
-    post_norm: str
+    input_norm: str | None
+    post_norm: str | None
     q: str
     k: str
     v: str
@@ -93,6 +95,9 @@ class BlockLayout:
     embed_multiplier: str | None = None  # the embeddings are multiplied by it
     residual_multiplier: str | None = None  # each sub-block's output, before the residual add
     logits_divisor: str | None = None  # the LM head's output is divided by it
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    qk_norm_whole: bool = False  # q_norm / k_norm span all heads at once (OLMo 2), not one head
 
     @property
     def attention(self) -> str:
@@ -297,6 +302,8 @@ _NO_NORM = "OLMo 2 has no norm in front of {} (its norms follow the sub-blocks):
 _OLMO2 = replace(
     _LLAMA_LIKE,
     model_types=("olmo2",),
+    layout=replace(_LLAMA_LIKE.layout, input_norm=None, post_norm=None, attn_out_norm="post_attention_layernorm",
+                   mlp_out_norm="post_feedforward_layernorm", qk_norm_whole=True),
     scale_groups=(
         ScaleGroup("", _ATTN, output_module="self_attn", unfoldable=_NO_NORM.format("q/k/v")),
         ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), requires_equal_shapes=True, output_module="self_attn"),
@@ -305,7 +312,6 @@ _OLMO2 = replace(
     ),
     rotation=None,
     no_rotation=f"OLMo 2: {_POST_NORMS}",
-    layout=None,
 )
 
 # Phi-3 / Phi-3.5 / Phi-4: q/k/v fused into qkv_proj and gate/up into gate_up_proj (vLLM keeps the

@@ -2,7 +2,7 @@
 
 The decoder program is written here once for the llama-like layout (`models.adapter.BlockLayout`:
 Llama, Qwen2, Qwen3, Mistral, Granite with its scalar multipliers named by the layout, Phi-3 whose
-q/k/v and gate/up come fused): RMSNorm (the model's own modules), fused q/k/v and gate/up
+q/k/v and gate/up come fused, OLMo 2 with its norms after the sub-blocks): RMSNorm (the model's own modules), fused q/k/v and gate/up
 QuantLinears, RoPE from precomputed tables, optional per-head q/k norms (Qwen3), SpinQuant's online
 Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention over `KVCache`:
 
@@ -54,8 +54,8 @@ class PartOf(nn.Module):
 
 @dataclass
 class Block:
-    ln1: nn.Module
-    ln2: nn.Module
+    ln1: nn.Module | None  # None: no norm in front of attention (OLMo 2)
+    ln2: nn.Module | None
     qkv: QuantLinear
     o: nn.Module
     gate_up: QuantLinear
@@ -66,6 +66,9 @@ class Block:
     k_norm: nn.Module | None
     window: int | None
     sm_scale: float
+    attn_out_norm: nn.Module | None = None  # OLMo 2: the sub-blocks' outputs are normed before the add
+    mlp_out_norm: nn.Module | None = None
+    qk_norm_whole: bool = False  # q/k norms over all heads at once (OLMo 2)
 
 
 def _fuse_into(block: nn.Module, prefix: str, rels: list[str], name: str) -> QuantLinear | None:
@@ -151,12 +154,13 @@ class RuntimeModel:
                     return None
 
             self.blocks.append(Block(
-                ln1=blk.get_submodule(lay.input_norm), ln2=blk.get_submodule(lay.post_norm), qkv=qkv,
+                ln1=opt(lay.input_norm), ln2=opt(lay.post_norm), qkv=qkv,
                 o=blk.get_submodule(lay.o), gate_up=gate_up, down=blk.get_submodule(lay.down),
                 act=getattr(mlp, "act_fn", F.silu),
                 act_is_silu=getattr(cfg, "hidden_act", "silu") in ("silu", "swish"),
                 q_norm=opt(lay.q_norm), k_norm=opt(lay.k_norm),
-                window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5))))
+                window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
+                attn_out_norm=opt(lay.attn_out_norm), mlp_out_norm=opt(lay.mlp_out_norm), qk_norm_whole=lay.qk_norm_whole))
             for unit in (qkv, gate_up, self.blocks[-1].o, self.blocks[-1].down):
                 for m in (unit.mods if isinstance(unit, _Unfused) else [unit]):
                     if isinstance(m, QuantLinear):
@@ -287,6 +291,8 @@ class RuntimeModel:
                                                        enable_gqa=Hq != Hkv)
                 a = a.transpose(1, 2).reshape(B, S, Hq * D)
             o = self._run(blk.o, a, i, "o")
+            if blk.attn_out_norm is not None:
+                o = blk.attn_out_norm(o)
             x, h = self._norm(blk.ln2, x, o if rm == 1.0 else o * rm)
             gu = self._run(blk.gate_up, h, i, "gate_up")
             inter = blk.down.in_features
@@ -294,6 +300,8 @@ class RuntimeModel:
             if self.r4:
                 m = hadamard_transform(m)
             d = self._run(blk.down, m, i, "down")
+            if blk.mlp_out_norm is not None:
+                d = blk.mlp_out_norm(d)
             x, h = self._norm(self.blocks[i + 1].ln1 if i + 1 < n else self.norm, x, d if rm == 1.0 else d * rm)
         if last is not None:
             h = h[torch.arange(B, device=self.device), last].unsqueeze(1)
@@ -303,8 +311,12 @@ class RuntimeModel:
         return logits[:, 0] if last is not None else logits
 
     @staticmethod
-    def _norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None):
-        """(x + delta, norm(x + delta)): one fused launch for the llama-style RMSNorm, the module otherwise."""
+    def _norm(norm: nn.Module | None, x: torch.Tensor, delta: torch.Tensor | None):
+        """(x + delta, norm(x + delta)): one fused launch for the llama-style RMSNorm, the module otherwise;
+        norm None (no norm in front of the next sub-block): (x + delta, x + delta)."""
+        if norm is None:
+            x = x if delta is None else x + delta
+            return x, x
         eps = getattr(norm, "variance_epsilon", None)
         if eps is not None and type(norm).__name__.endswith("RMSNorm") and norm.weight.dim() == 1:
             return add_rmsnorm(x, delta, norm.weight, eps)
@@ -313,8 +325,11 @@ class RuntimeModel:
 
     def _qkv_torch(self, i, blk, qkv, cos, sin, pos):
         """RoPE with the per-head q/k norms (Qwen3) and SpinQuant's R3, in torch; K and V into the cache."""
+        if blk.qk_norm_whole:  # one norm over all of q's (k's) heads, before they are split (OLMo 2)
+            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            qkv = torch.cat([blk.q_norm(qkv[..., :nq]), blk.k_norm(qkv[..., nq:nq + nk]), qkv[..., nq + nk:]], dim=-1)
         q, k, v = split_heads(qkv, self.n_heads, self.n_kv, self.head_dim)
-        if blk.q_norm is not None:
+        if blk.q_norm is not None and not blk.qk_norm_whole:
             q, k = blk.q_norm(q), blk.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
