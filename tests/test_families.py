@@ -299,13 +299,15 @@ def test_spinquant_refused_before_load(tmp_path):
 
 
 @pytest.mark.parametrize("fam", ["gemma2", "mixtral"])
-def test_runtime_refuses_family_it_cannot_run(fam, tmp_path, tiny_tokenizer):
+def test_runtime_refuses_what_it_cannot_run(fam, tmp_path, tiny_tokenizer):
+    """MoE families: not in the runtime; Gemma 2: its attention logit soft-capping is not in the kernels."""
     from quantkit import runtime
     from quantkit.runtime.loader import RuntimeLoadError
 
     qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
     out = api.export(qm, tmp_path / "ckpt")
-    with pytest.raises(RuntimeLoadError, match=rf"does not run model type '{fam}' yet .*without --runtime"):
+    why = "attention logit soft-capping yet .*Gemma 2" if fam == "gemma2" else f"model type '{fam}' yet"
+    with pytest.raises(RuntimeLoadError, match=rf"does not run {why}.*without --runtime"):
         runtime.load(out, device="cpu")
 
 
@@ -561,20 +563,26 @@ def test_spinquant_method_no_worse_than_rtn(fam, tiny_tokenizer):
     assert err["spinquant"] <= err["rtn"], err
 
 
-@pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2"])
+@pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2", "gemma3_text"])
 @pytest.mark.parametrize("scheme", [Scheme(W4), PRESETS["W8A8C8"]], ids=["w4a16", "w8a8c8"])
-def test_runtime_runs_granite_phi3_olmo2(fam, scheme, tmp_path, tiny_tokenizer, monkeypatch):
+def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypatch):
     """Granite (its embedding / residual / logits multipliers and attention scale), Phi-3 (q/k/v and gate/up
-    fused in the checkpoint) and OLMo 2 (norms after the sub-blocks, q/k norms over all heads) on the
-    runtime give the logits of the dense checkpoint with its run-time quantization simulated (what
-    `quantkit eval` scores)."""
+    fused in the checkpoint), OLMo 2 (norms after the sub-blocks, q/k norms over all heads) and Gemma 3
+    ((1 + w) norms around each sub-block, local / global rotary tables, sliding windows, GELU) on the
+    runtime against the dense checkpoint with its run-time quantization simulated (what `quantkit eval`
+    scores). Weight-only: the same logits. W8A8C8: int8 GEMMs round differently from the simulation's
+    float GEMMs, and where an activation sits on a rounding boundary of the next per-token quantization
+    the two part (measured on Llama too: 3e-7 or 2-5e-3 relative by seed), so the test asks for the same
+    error against the float model (within 2%) and a bounded difference."""
     from quantkit import runtime
     from quantkit.models.checkpoint import load_quantkit_checkpoint
     from quantkit.runtime.simulate import plan_simulation
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU: the kernels' torch references
     stages = (Stage("smoothquant"),) if scheme.input_activations is not None else (Stage("rtn"),)
-    qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(scheme, stages),
+    float_model = _model(fam)
+    float_logits = _logits(float_model, _IDS[:2])
+    qm = api.quantize(LoadedModel(float_model, tiny_tokenizer, {"kind": "test"}), Recipe(scheme, stages),
                       calib_set=CalibrationSet(_IDS, {"source": "random tokens (test)"}))
     out = api.export(qm, tmp_path / "ckpt")
     ref, _, _ = load_quantkit_checkpoint(out)
@@ -583,8 +591,16 @@ def test_runtime_runs_granite_phi3_olmo2(fam, scheme, tmp_path, tiny_tokenizer, 
         want = ref(input_ids=_IDS[:2]).logits
     rt = runtime.load(out, device="cpu")
     assert (rt.embed_mult, rt.res_mult, rt.logits_div) == ((3.0, 0.4, 2.5) if fam == "granite" else (1.0, 1.0, 1.0))
-    got = rt.prefill([r.tolist() for r in _IDS[:2]], all_logits=True)
-    assert float((got.float() - want).norm() / want.norm()) <= 1e-3
+    got = rt.prefill([r.tolist() for r in _IDS[:2]], all_logits=True).float()
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    if scheme.input_activations is None:
+        assert rel(got, want) <= 1e-5
+    else:
+        assert rel(got, want) <= 1e-2
+        assert abs(rel(got, float_logits) - rel(want, float_logits)) <= 0.02 * rel(want, float_logits)
 
 
 def test_awq_scales_the_moe_input_through_the_router():

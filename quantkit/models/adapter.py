@@ -98,6 +98,7 @@ class BlockLayout:
     attn_out_norm: str | None = None
     mlp_out_norm: str | None = None
     qk_norm_whole: bool = False  # q_norm / k_norm span all heads at once (OLMo 2), not one head
+    final_softcap: str | None = None  # config field: logits -> tanh(logits / c) * c (Gemma)
 
     @property
     def attention(self) -> str:
@@ -291,7 +292,8 @@ _GEMMA = replace(
     ),
     rotation=None,
     no_rotation=f"Gemma: {_POST_NORMS}",
-    layout=None,
+    layout=replace(_LLAMA_LIKE.layout, post_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+                   mlp_out_norm="post_feedforward_layernorm", final_softcap="final_logit_softcapping"),
     norm_offset=1.0,
 )
 

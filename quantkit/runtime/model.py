@@ -2,7 +2,8 @@
 
 The decoder program is written here once for the llama-like layout (`models.adapter.BlockLayout`:
 Llama, Qwen2, Qwen3, Mistral, Granite with its scalar multipliers named by the layout, Phi-3 whose
-q/k/v and gate/up come fused, OLMo 2 with its norms after the sub-blocks): RMSNorm (the model's own modules), fused q/k/v and gate/up
+q/k/v and gate/up come fused, OLMo 2 and Gemma 3 with norms after the sub-blocks, Gemma's (1 + w)
+norms and per-layer-type rotary tables): RMSNorm (the model's own modules), fused q/k/v and gate/up
 QuantLinears, RoPE from precomputed tables, optional per-head q/k norms (Qwen3), SpinQuant's online
 Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention over `KVCache`:
 
@@ -17,6 +18,8 @@ device with a seeded generator, so `generate` is deterministic under `seed`.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import math
 import time
@@ -66,6 +69,7 @@ class Block:
     k_norm: nn.Module | None
     window: int | None
     sm_scale: float
+    rope_type: str | None = None  # the rotary table this layer uses (Gemma 3: its layer type)
     attn_out_norm: nn.Module | None = None  # OLMo 2: the sub-blocks' outputs are normed before the add
     mlp_out_norm: nn.Module | None = None
     qk_norm_whole: bool = False  # q/k norms over all heads at once (OLMo 2)
@@ -134,6 +138,10 @@ class RuntimeModel:
         self.ctl = StepControl()
         self.blocks: list[Block] = []
         self.linears: dict[str, QuantLinear] = {}
+        rot = adapter.rotary()
+        layer_types = getattr(cfg, "layer_types", None) or [None] * cfg.num_hidden_layers
+        # a rotary module that takes the layer type keeps a table per type (Gemma 3's local / global)
+        rope_by_type = rot is not None and "layer_type" in inspect.signature(rot.forward).parameters
         for i, blk in enumerate(adapter.blocks()):
             prefix = adapter.block_name(i)
             attn = blk.get_submodule(lay.attention)
@@ -157,16 +165,21 @@ class RuntimeModel:
                 ln1=opt(lay.input_norm), ln2=opt(lay.post_norm), qkv=qkv,
                 o=blk.get_submodule(lay.o), gate_up=gate_up, down=blk.get_submodule(lay.down),
                 act=getattr(mlp, "act_fn", F.silu),
-                act_is_silu=getattr(cfg, "hidden_act", "silu") in ("silu", "swish"),
+                act_is_silu=(getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu")
+                in ("silu", "swish"),
                 q_norm=opt(lay.q_norm), k_norm=opt(lay.k_norm),
                 window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
-                attn_out_norm=opt(lay.attn_out_norm), mlp_out_norm=opt(lay.mlp_out_norm), qk_norm_whole=lay.qk_norm_whole))
+                attn_out_norm=opt(lay.attn_out_norm), mlp_out_norm=opt(lay.mlp_out_norm), qk_norm_whole=lay.qk_norm_whole,
+                rope_type=layer_types[i] if rope_by_type else None))
             for unit in (qkv, gate_up, self.blocks[-1].o, self.blocks[-1].down):
                 for m in (unit.mods if isinstance(unit, _Unfused) else [unit]):
                     if isinstance(m, QuantLinear):
                         m.ctl = self.ctl
                         for pname, _ in m.parts:
                             self.linears[pname] = m
+        self.norm_offset = adapter.spec.norm_offset
+        self.final_softcap = float(getattr(cfg, lay.final_softcap, None) or 0.0) if lay.final_softcap else 0.0
+
         def scalar(field):  # Granite's multipliers; 1 (skipped) for the other families
             return float(getattr(cfg, field, None) or 1.0) if field else 1.0
 
@@ -182,7 +195,7 @@ class RuntimeModel:
         self.monitor: FallbackMonitor | None = None
         self.monitor_layers: list[str] = []
         self._cache: KVCache | None = None
-        self._rope: tuple | None = None
+        self._rope: dict = {}  # layer type (None: one table for all) -> (cos, sin) tables
         self._graphs: dict = {}
         self.use_graphs = self.device.type == "cuda"
         self.stats = StepStats()
@@ -216,24 +229,27 @@ class RuntimeModel:
                                       residual=self.kv_residual, residual_slots=self.kv_residual_slots)
             # layer flags live on the modules: a new state keeps them
             self.precision = PrecisionState(self.linears, batch, max_len, self.device)
-            self._rope = None
+            self._rope = {}
             if self.monitor is not None and self.monitor.batch < batch:
                 self.monitor.resize(batch)
         c.reset()
         return c
 
-    def _rope_at(self, pos: torch.Tensor, x: torch.Tensor):
-        """cos, sin (B, S, D) for positions pos (B, S), from tables built once per cache size."""
+    def _rope_at(self, pos: torch.Tensor, x: torch.Tensor, layer_type: str | None = None):
+        """cos, sin (B, S, D) for positions pos (B, S), from tables built once per cache size; layer_type:
+        the rotary module's table for that kind of layer (Gemma 3: local and global layers differ)."""
         if self.rotary is None:
             raise RequestError("the model has no rotary embedding module")
+        extra = (layer_type,) if layer_type is not None else ()
         rt = str(getattr(self.rotary, "rope_type", "default"))
         if "dynamic" in rt or "longrope" in rt:
-            return self.rotary(x, pos)
-        if self._rope is None or self._rope[0].shape[0] < self._cache.max_len:
+            return self.rotary(x, pos, *extra)
+        t = self._rope.get(layer_type)
+        if t is None or t[0].shape[0] < self._cache.max_len:
             ids = torch.arange(self._cache.max_len, device=self.device).view(1, -1)
-            cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), ids)
-            self._rope = (cos[0], sin[0])
-        return self._rope[0][pos], self._rope[1][pos]
+            cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), ids, *extra)
+            t = self._rope[layer_type] = (cos[0], sin[0])
+        return t[0][pos], t[1][pos]
 
     # ------------------------------------------------------------------ the decoder program
 
@@ -252,8 +268,10 @@ class RuntimeModel:
         if self.embed_mult != 1.0:
             x = x * self.embed_mult
         rm = self.res_mult
-        cos, sin = self._rope_at(pos, x)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        ropes = {}
+        for t in dict.fromkeys(b.rope_type for b in self.blocks):
+            c_, s_ = self._rope_at(pos, x, t)
+            ropes[t] = (c_.to(x.dtype), s_.to(x.dtype))
         prec = self.precision
         self.ctl.row_bits = prec.row_bits(pos) if prec.any_rows else None
         mon = self.monitor
@@ -268,6 +286,7 @@ class RuntimeModel:
         n = len(self.blocks)
         x, h = self._norm(self.blocks[0].ln1, x, None)
         for i, blk in enumerate(self.blocks):
+            cos, sin = ropes[blk.rope_type]
             qkv = self._run(blk.qkv, h, i, "qkv")
             if blk.q_norm is None and not self.r3:  # one fused launch: RoPE on q and k, k and v into the cache
                 q = cache.rope_write(i, qkv, cos, sin, pos, Hq)
@@ -308,15 +327,16 @@ class RuntimeModel:
         logits = self.lm_head(h)
         if self.logits_div != 1.0:
             logits = logits / self.logits_div
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits[:, 0] if last is not None else logits
 
-    @staticmethod
-    def _norm(norm: nn.Module | None, x: torch.Tensor, delta: torch.Tensor | None):
-        """(x + delta, norm(x + delta)): one fused launch for the llama-style RMSNorm, the module otherwise;
-        norm None (no norm in front of the next sub-block): (x + delta, x + delta)."""
-        if norm is None:
+    def _norm(self, norm: nn.Module | None, x: torch.Tensor, delta: torch.Tensor | None):
+        """(x + delta, norm(x + delta)): one fused launch for the llama-style RMSNorm, the module otherwise
+        (also a (1 + w) norm, Gemma's); norm None (no norm in front of the next sub-block): (x + delta, x + delta)."""
+        if norm is None or self.norm_offset:
             x = x if delta is None else x + delta
-            return x, x
+            return x, (x if norm is None else norm(x))
         eps = getattr(norm, "variance_epsilon", None)
         if eps is not None and type(norm).__name__.endswith("RMSNorm") and norm.weight.dim() == 1:
             return add_rmsnorm(x, delta, norm.weight, eps)
