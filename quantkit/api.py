@@ -26,6 +26,7 @@ __all__ = [
     "evaluate",
     "export",
     "check_recipe_fits",
+    "check_arch",
     "check_export_format",
     "simulation",
     "scan",
@@ -67,6 +68,21 @@ def quantizable_linears(model, recipe: Recipe) -> dict[str, Any]:
     from quantkit.calib.pipeline import linears_to_quantize
 
     return linears_to_quantize(model, recipe.ignore)
+
+
+def check_arch(cfg: dict, recipe: Recipe | None = None) -> None:
+    """Refuse, from the config dict alone (before any weight loads), a model family no adapter row
+    covers, or a recipe stage the family cannot take (a rotation on a family without rotation roles)."""
+    from quantkit.methods.base import get_method
+    from quantkit.models.adapter import check_config_supported
+
+    spec = check_config_supported(cfg)
+    for st in recipe.stages if recipe is not None else ():
+        if get_method(st.method).needs_rotation_roles and spec.rotation is None:
+            raise RecipeError(
+                f"{st.method} cannot rotate model type {short_repr(cfg.get('model_type'))}: {spec.no_rotation}; "
+                "use awq, gptq or rtn for this model"
+            )
 
 
 def check_recipe_fits(model, recipe: Recipe) -> None:
@@ -207,7 +223,7 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
     sl = load_sensitive_layers(sensitive, model)
     linears = list(quantizable_linears(model, recipe))
     flagged = [n for n in sl.flagged if n in set(linears)]
-    fp16 = expand_fused(flagged, linears)
+    fp16 = _with_whole_moe_layers(model, expand_fused(flagged, linears), linears)
     if len(fp16) == len(linears):
         raise RecipeError(
             f"{sl.path.name} keeps all {len(linears)} linears in FP16, so nothing would be quantized; "
@@ -216,8 +232,8 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
     warnings = []
     if len(fp16) > len(flagged):
         warnings.append(
-            f"{len(fp16) - len(flagged)} linear(s) kept in FP16 beside flagged ones because vLLM fuses q/k/v and "
-            "gate/up into one layer that must share a precision"
+            f"{len(fp16) - len(flagged)} linear(s) kept in FP16 beside flagged ones because vLLM fuses q/k/v, "
+            "gate/up and all the experts of an MoE block into one layer each that must share a precision"
         )
     if sl.scheme.weights != recipe.scheme.weights or sl.scheme.input_activations != recipe.scheme.input_activations:
         warnings.append(
@@ -227,6 +243,20 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
     mask = {**sl.mask(), "fp16_exported": fp16}
     new = dataclasses.replace(recipe, ignore=tuple(recipe.ignore) + tuple(fp16))
     return {"recipe": new, "fp16": fp16, "mask": mask, "warnings": warnings}
+
+
+def _with_whole_moe_layers(model, fp16: list[str], linears: list[str]) -> list[str]:
+    """fp16 plus every expert linear of each MoE block one of whose experts is in it: vLLM runs a
+    block's experts as one fused layer, which needs one scheme for all of them."""
+    from quantkit.models.adapter import ModelAdapter
+
+    ad = ModelAdapter.for_model(model)
+    if ad.spec.experts is None:
+        return fp16
+    sep = f".{ad.spec.experts.path}."
+    blocks = {n.split(sep)[0] for n in fp16 if ad.is_expert(n)}
+    keep = set(fp16) | {n for n in linears if ad.is_expert(n) and n.split(sep)[0] in blocks}
+    return [n for n in linears if n in keep]
 
 
 def check_export_format(recipe: Recipe, format: str, model=None) -> None:
@@ -285,8 +315,13 @@ def export(
 
         return export_gptq(qmodel, Path(out), overwrite=overwrite)
     from quantkit.export.compressed_tensors import export_compressed_tensors
+    from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
 
-    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format)
+    try:
+        routers = ModelAdapter.for_model(qmodel.model).routers()
+    except UnsupportedModelError:
+        routers = []
+    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format, float_modules=routers)
 
 
 def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):

@@ -66,6 +66,12 @@ class ModelShape:
     attention_bias: bool = False
     dtype: str | None = None  # the weights' dtype on disk, when the config says
     qk_norm: bool = False  # Qwen3: RMSNorm over q and k heads
+    # Mixture of experts (from the adapter row's ExpertsSpec): experts per block, one expert's and the
+    # shared expert's intermediate sizes; 0 = a dense MLP.
+    experts: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    dense_blocks: int = 0  # blocks of an MoE model with a dense MLP (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], where: str = "config.json") -> "ModelShape":
@@ -99,17 +105,31 @@ class ModelShape:
         dt = cfg.get("dtype") or cfg.get("torch_dtype")
         return cls(**vals, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                    attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-                   dtype=dt if isinstance(dt, str) else None, qk_norm=cfg.get("model_type") == "qwen3")
+                   dtype=dt if isinstance(dt, str) else None, qk_norm=cfg.get("model_type") == "qwen3",
+                   **_moe_sizes(cfg, where))
 
     def block_linears(self) -> dict[str, tuple[int, int]]:
-        """Relative name -> (out_features, in_features) of one block's linears."""
+        """Relative name -> (out_features, in_features) of one block's linears (an MoE block: every
+        expert's, named as quantkit's Qwen-MoE layout; sizes are what the plan needs)."""
         h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         i = self.intermediate_size
-        return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-                "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+        attn = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                "self_attn.o_proj": (h, q)}
+        if not self.experts:
+            return {**attn, "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+        out = dict(attn)
+        ei, si = self.expert_intermediate, self.shared_intermediate
+        for e in range(self.experts):
+            out.update({f"mlp.experts.{e}.gate_proj": (ei, h), f"mlp.experts.{e}.up_proj": (ei, h),
+                        f"mlp.experts.{e}.down_proj": (h, ei)})
+        if si:
+            out.update({"mlp.shared_expert.gate_proj": (si, h), "mlp.shared_expert.up_proj": (si, h),
+                        "mlp.shared_expert.down_proj": (h, si)})
+        return out
 
-    def block_params(self) -> int:
-        n = sum(o * i for o, i in self.block_linears().values()) + 2 * self.hidden_size
+    def block_params(self, dense: bool = False) -> int:
+        lin = dataclasses.replace(self, experts=0).block_linears() if dense else self.block_linears()
+        n = sum(o * i for o, i in lin.values()) + 2 * self.hidden_size
         if self.attention_bias:
             n += (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
         if self.qk_norm:
@@ -119,7 +139,31 @@ class ModelShape:
     def params(self) -> int:
         emb = self.vocab_size * self.hidden_size
         head = 0 if self.tie_word_embeddings else emb
-        return emb + head + self.num_hidden_layers * self.block_params() + self.hidden_size
+        dense = min(self.dense_blocks, self.num_hidden_layers) if self.experts else 0
+        return (emb + head + (self.num_hidden_layers - dense) * self.block_params() + dense * self.block_params(True)
+                + self.hidden_size)
+
+
+def _moe_sizes(cfg: dict[str, Any], where: str) -> dict[str, int]:
+    """ModelShape's MoE fields from the config, where the adapter table says the family keeps them."""
+    from quantkit.models.adapter import ARCH_SPECS, expert_count
+
+    spec = next((s for s in ARCH_SPECS if cfg.get("model_type") in s.model_types), None)
+    if spec is None or spec.experts is None:
+        return {}
+    ex = spec.experts
+    out = {}
+    dense = cfg.get(ex.dense_blocks) if ex.dense_blocks else None
+    out["dense_blocks"] = len(dense) if isinstance(dense, list) else dense if isinstance(dense, int) and dense > 0 else 0
+    shared = ex.shared_intermediate
+    keys = [("experts", ex.count[0]), ("expert_intermediate", ex.intermediate)] + \
+        [("shared_intermediate", k) for k in ((shared,) if isinstance(shared, str) else shared or ())]
+    for field_name, key in keys:
+        v = expert_count(ex, cfg) if field_name == "experts" else cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > _LIMIT:
+            raise ModelLoadError(f"{where} field {key}={short_repr(v, 40)} is not a sensible size")
+        out[field_name] = out.get(field_name, 1) * v if field_name == "shared_intermediate" else v
+    return out
 
 
 @dataclass
@@ -167,7 +211,10 @@ def _stat_kinds(recipe) -> frozenset[str]:
 # GPTQ's true-sequential steps of a Llama-style block: linears of one step share their input
 # and are solved stacked (quantkit.methods.gptq).
 _GPTQ_STEPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-               ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+               ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",),
+               # MoE (ModelShape.block_linears): every expert has the same steps; the shared expert's too
+               ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj"), ("mlp.experts.0.down_proj",),
+               ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",))
 
 
 def _gptq_backend(recipe) -> str:
@@ -591,7 +638,9 @@ def model_config(model: str | None, *, check_transformers: bool = True) -> dict[
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({type(e).__name__}); fix or re-download it") from e
+    wrapper = None
     if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
+        wrapper = cfg.get("model_type")
         cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path} is not a JSON object; fix or re-download it")
@@ -600,6 +649,10 @@ def model_config(model: str | None, *, check_transformers: bool = True) -> dict[
         from quantkit.models.loading import check_config_dict
 
         check_config_dict(cfg, str(path))  # what transformers would refuse, said before loading
+    if wrapper is not None:  # the class that loads is the wrapper's: the adapter check needs its type
+        from quantkit.models.adapter import WRAPPER_KEY
+
+        cfg[WRAPPER_KEY] = wrapper
     return cfg
 
 

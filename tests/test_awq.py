@@ -254,7 +254,11 @@ def test_awq_beats_rtn_on_every_tiny_arch(tiny_arch):
     awq = get_method("awq")(Scheme(W3), grid=10, clip_grid=10, search_samples=4)
     res = run_layerwise(awq_model, _IDS, [awq], batch_size=4)
     linears = ModelAdapter.for_model(awq_model).all_linears()
-    assert set(res.results) == set(linears) and not res.warnings
+    assert set(res.results) == set(linears)
+    # the one group AWQ cannot apply (v -> o under GQA) is recorded once per block, nothing else
+    assert res.warnings == [f"awq: scale group model.layers.{i}.self_attn.v_proj -> model.layers.{i}.self_attn.o_proj "
+                            "skipped: the producer has 32 outputs, the consumers 96 inputs (grouped-query attention: "
+                            "V heads are shared by several query heads)" for i in range(3)]
     for name, lin in linears.items():
         assert torch.isfinite(lin.weight).all()
         torch.testing.assert_close(lin.weight.detach(), res.results[name].dequantize())

@@ -18,23 +18,65 @@ _TINY = dict(
 )
 
 
-def make_tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
-    """A small random causal LM of a supported family, eval mode (float32 unless asked)."""
+# What each family's tiny config sets beyond _TINY: the features that make it differ from Llama,
+# switched on with values that matter at a few dozen tokens (short sliding windows, soft caps that bite).
+_FAMILY = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": dict(head_dim=16),
+    "mistral": {},
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma2": dict(head_dim=16, sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   query_pre_attn_scalar=24, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma3_text": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.1,
+                    logits_scaling=2.5, attention_bias=True, mlp_bias=True),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=128, mlp_only_layers=[1]),  # block 1: a dense MLP
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16, norm_topk_prob=True),
+    "deepseek_v3": dict(num_key_value_heads=6, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        moe_intermediate_size=64, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2),  # block 0 dense
+    # DeepSeek-V2-Lite's shape: no q compression (a plain q_proj)
+    "deepseek_v2": dict(num_key_value_heads=6, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                        moe_intermediate_size=64, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2")
+# The families quantkit's adapter table covers, beyond the Llama-like four.
+NEW_FAMILIES = ("phi3", "gemma2", "gemma3_text", "olmo2", "granite")
+
+
+def make_tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, randomize: bool = False, **overrides):
+    """A small random causal LM of a supported family, eval mode (float32 unless asked).
+
+    randomize: norms' weights and every bias drawn at random too (transformers starts them at
+    1 / 0, which would hide a fold that forgets them)."""
     import transformers
 
-    cfg_cls = {
-        "llama": transformers.LlamaConfig,
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-        "mistral": transformers.MistralConfig,
-    }[arch]
-    kw = dict(_TINY)
-    if arch == "qwen3":
-        kw["head_dim"] = 16
-    kw.update(overrides)
+    cfg = transformers.AutoConfig.for_model(arch, **{**_TINY, **_FAMILY[arch], **overrides})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg_cls(**kw), dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if randomize:
+        randomize_norms_and_biases(model, seed)
     return model.eval()
+
+
+@torch.no_grad()
+def randomize_norms_and_biases(model, seed: int = 0) -> None:
+    """Every 1-D parameter (norm weights, biases) drawn around its start value (a norm's weight
+    around its identity value), seeded."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            noise = torch.randn(p.shape, generator=g) * (0.3 if name.endswith("weight") else 0.1)
+            p.add_(noise.to(p.dtype))
 
 
 def make_tiny_tokenizer():

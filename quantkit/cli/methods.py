@@ -367,10 +367,12 @@ def run_command(
 def _memory_plan(recipe, model, calib, device, dtype, skip: bool) -> dict:
     """One status line with the estimated peak memory; refuse a run that will not fit (unless skip).
     Returns the model's config dict (read and checked without loading weights)."""
+    from quantkit import api
     from quantkit.models.loading import resolve_device
     from quantkit.plan import check_memory, estimate_memory, model_config
 
     cfg = model_config(model)
+    api.check_arch(cfg, recipe)  # an unsupported family is one line here, before the memory plan and the load
     plan = estimate_memory(cfg, recipe, calib, resolve_device(device), dtype=dtype)
     status(plan.summary())
     if not skip:

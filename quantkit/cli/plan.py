@@ -70,7 +70,9 @@ def plan_cmd(
 
     check_source(model)
     cfg = model_config(model)
-    from quantkit.api import needs_calibration
+    from quantkit.api import check_arch, needs_calibration
+
+    check_arch(cfg, rec)
 
     if needs_calibration(rec):  # a data-free recipe (RTN) never reads --seqlen tokens
         chk.check_seqlen("--seqlen", seqlen, cfg)

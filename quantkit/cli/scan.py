@@ -114,6 +114,9 @@ def scan(
 
     check_source(model)
     cfg = chk.model_config_of(model)  # the config alone: refuses a broken one, and bounds --seqlen
+    from quantkit.api import check_arch
+
+    check_arch(cfg)  # a family without an adapter row: one line before the load
     chk.check_seqlen("--seqlen", seqlen, cfg)
     if target_fraction is not None or measure_ppl:
         chk.check_seqlen("--eval-seqlen", eval_seqlen, cfg)

@@ -29,6 +29,8 @@ linears, persistent buffers) is written unchanged, in its own dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 import logging
 import struct
@@ -326,6 +328,7 @@ def export_compressed_tensors(
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
     kv_format: str = "int8",
+    float_modules: Sequence[str] = (),
 ) -> Path:
     """Write qmodel as a compressed-tensors checkpoint dir at `out` (`pack-quantized`,
     or `int-quantized` for schemes with input activations).
@@ -336,6 +339,13 @@ def export_compressed_tensors(
     side file for static KV caches, then quantkit.json (hashes of all the others).
     Written atomically: a failure leaves nothing at `out` (and an existing `out`
     untouched). The model is not modified.
+
+    float_modules: modules kept in high precision that are not nn.Linear here but that
+    serving engines build as linears (MoE routers): listed in `ignore`. With them (an MoE
+    model) a single-scheme checkpoint targets the class "Linear" rather than module names:
+    vLLM looks a fused-MoE layer's scheme up under its own per-expert names
+    (`experts.0.gate_proj`, also for Mixtral, whose checkpoint says w1), which only a
+    class target matches.
 
     Raises OutputExistsError for a non-empty `out` without overwrite, ValueError
     for modules that cannot be exported, ExportError for I/O failures.
@@ -353,6 +363,10 @@ def export_compressed_tensors(
         raise ValueError("int-quantized export with input activations supports W8 or W4 per-channel weights only")
     fmt = "int-quantized" if acts is not None else "pack-quantized"
     groups = _module_groups(qmodel.modules, acts)
+    if float_modules:
+        ignore = sorted({*ignore, *float_modules})
+        if len(groups) == 1:
+            groups = [(groups[0][0], ["Linear"])]
     qconfig = build_quantization_config(groups, ignore, ct_kv_args(kv, kv_format) if kv is not None else None)
     model_dtype = next(iter(quantized.values())).weight.dtype
     export_warnings = vllm_fusion_warnings({n: qt.args for n, qt in qmodel.modules.items()}, [*quantized, *ignore])
@@ -612,6 +626,8 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
         fmt, groups = _legacy_groups(qc)
         groups[0]["n_targets"] = len(quantized_modules)
         ignore = qc.get("modules_to_not_convert") or []
+    elif len(groups) == 1 and groups[0]["targets"] == ["Linear"]:  # a class target (MoE exports): count the modules
+        groups[0]["n_targets"] = len(quantized_modules)
     linear_bytes = _linear_memory_split(ckpt_dir, quantized_modules, ignore)
 
     manifest = None

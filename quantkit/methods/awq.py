@@ -5,14 +5,19 @@ Per decoder block (Lin et al., "AWQ", 2023; schedule as in AutoAWQ):
    the inputs and float outputs of each scored sub-block (attention, MLP) and a
    token subsample of every linear's input.
 2. For every scale group of the adapter table (norm -> q/k/v, v -> o when the
-   shapes allow, norm -> gate/up, up -> down) a grid over alpha: scales
+   shapes allow, norm -> gate/up, up -> down; a fused producer's part, e.g. the
+   v rows of Phi-3's qkv_proj) a grid over alpha: scales
    s = mean|x|^alpha (`quantkit.quant.awq.awq_scales`), consumers fake-quantized
    as Q(W diag(s)) diag(s)^-1, loss = MSE of the sub-block's output against the
    float one. All groups are searched on the original weights, then the best
    scales are folded (producer / s, consumer columns * s: no runtime cost).
 3. Clipping: per (output channel, group) the max-shrink that minimises the
-   linear's output error on its (now rescaled) input tokens; q/k are skipped
-   (attention logits go through softmax, where clipping errors are amplified).
+   linear's output error on its (now rescaled) input tokens; the adapter's
+   `no_clip` linears (q/k: attention logits go through softmax, where clipping
+   errors are amplified) are skipped.
+Groups that cannot apply (v -> o under grouped-query attention, an ignored
+consumer, OLMo 2's q/k/v with no norm in front) are skipped and each one is
+recorded in the run's warnings, which the manifest (quantkit.json) keeps.
 4. Final stage: RTN with the scheme's weight args, dequantized weights written
    back, `ctx.results` filled. Earlier stage (e.g. awq -> gptq): float weights are
    scaled and clipped only.
@@ -47,8 +52,6 @@ from quantkit.quant.awq import (
 from quantkit.quant.core import group_size_for, quantize_weight
 from quantkit.recipe import RecipeError
 
-# Linears whose clipping AutoAWQ skips: their outputs feed softmax(q k^T).
-_NO_CLIP = ("q_proj", "k_proj")
 # Input tokens per linear for the clipping search (a deterministic, evenly spaced subsample).
 _CLIP_TOKENS = 512
 
@@ -131,6 +134,16 @@ def _subblock_loss(module: nn.Module, record: _Record) -> float:
     return err / max(n, 1)
 
 
+def _mean_abs(ctx: BlockContext, names: list[str]) -> torch.Tensor:
+    """Mean |x| per input channel over every token any of the consumers saw. Consumers of one input
+    see the same tokens (the plain mean); MoE experts see their routed tokens, which together are
+    every token, each k times: the pooled mean is the mean over all tokens."""
+    if ctx.spec is None or ctx.spec.experts is None:
+        return ctx.stats[names[0]].abs_mean  # one shared input
+    stats = [ctx.stats[n] for n in names if ctx.stats[n].count]
+    return sum(st.abs_sum for st in stats) / sum(st.count for st in stats)
+
+
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use an integer >= {low}")
@@ -193,29 +206,51 @@ class AWQ(Method):
             return [1.0]
         return [1.0 - self.max_shrink * i / (self.clip_grid - 1) for i in range(self.clip_grid)]
 
+    def _skip(self, ctx: BlockContext, art: dict[str, Any], prod_name: str, names: list[str], why: str) -> None:
+        """A scale group that cannot be applied: recorded in the artifacts and the run's warnings (manifest)."""
+        art["skipped"].append(f"{prod_name or '(none)'}: {why}")
+        ctx.warnings.append(f"awq: scale group {prod_name or '(none)'} -> {', '.join(names)} skipped: {why}")
+
     def _groups(self, ctx: BlockContext, art: dict[str, Any]):
-        """(producer name, producer, consumer names, consumers, output module) for groups that apply."""
+        """(producer name, producer, consumer names, consumers, output module, producer rows) for groups
+        that apply; every other group is recorded as skipped, with the reason."""
         if ctx.spec is None:
             return
-        for grp in ctx.spec.scale_groups:
-            prod_name = ctx.full_name(grp.producer)
+        for grp in ctx.groups_here():
+            prod_name = ctx.full_name(grp.producer) if grp.producer else ""
             names = [ctx.full_name(c) for c in grp.consumers]
+            if grp.unfoldable:
+                self._skip(ctx, art, prod_name, names, grp.unfoldable + "; these linears get the clipping search only")
+                continue
             if not all(n in ctx.linears for n in names):
-                art["skipped"].append(f"{prod_name}: a consumer is not quantized (ignored)")
+                self._skip(ctx, art, prod_name, names, "a consumer is not quantized (ignored)")
+                continue
+            if sum(ctx.stats[n].count for n in names) == 0:  # an expert the router sent no calibration token to
+                self._skip(ctx, art, prod_name, names, "no calibration token reached it (an expert no token was "
+                           "routed to); its consumers are quantized without scales")
                 continue
             producer = ctx.block.get_submodule(grp.producer)
-            consumers = [ctx.linears[n] for n in names]
-            width = producer.out_features if isinstance(producer, nn.Linear) else producer.weight.numel()
-            if any(c.in_features != width for c in consumers):
-                if not grp.requires_equal_shapes:
-                    ctx.warnings.append(f"awq: {prod_name} -> {', '.join(names)} shapes differ; group skipped")
-                art["skipped"].append(f"{prod_name}: shapes differ (grouped-query attention)")
+            # the router reads the same input: its columns take the scales too (routing unchanged, kept float)
+            consumers = [ctx.linears[n] for n in names] + [ctx.block.get_submodule(r) for r in grp.also_scales
+                                                           if ctx.has(r)]
+            rows = None
+            if grp.producer_part is not None:
+                rows = ctx.spec.part_rows(grp.producer, grp.producer_part, ctx.block_config)
+                width = rows.stop - rows.start
+            else:
+                width = producer.out_features if isinstance(producer, nn.Linear) else producer.weight.numel()
+            if any(c.in_features != width for c in consumers[: len(names)]):
+                why = (f"the producer has {width} outputs, the consumers {consumers[0].in_features} inputs"
+                       + (" (grouped-query attention: V heads are shared by several query heads)"
+                          if grp.requires_equal_shapes else ""))
+                self._skip(ctx, art, prod_name, names, why)
                 continue
-            yield prod_name, producer, names, consumers, grp.output_module
+            yield prod_name, producer, names, consumers, grp.output_module, rows
 
     @torch.no_grad()
     def _search(self, ctx, prod_name, names, consumers, module, record) -> dict[str, Any]:
-        x_mean = ctx.stats[names[0]].abs_mean
+        x_mean = _mean_abs(ctx, names)
+        consumers = consumers[: len(names)]  # the quantized ones (a router only takes the folded scales)
         _, n_bad, n_zero = sanitize_channel_stat(x_mean)
         if n_bad or n_zero:
             ctx.warnings.append(
@@ -256,7 +291,8 @@ class AWQ(Method):
         art: dict[str, Any] = {"groups": [], "clip": {}, "skipped": []}
         self.artifacts[ctx.name] = art
         groups = list(self._groups(ctx, art))
-        clip_names = [n for n in ctx.linears if self.clip and n.rsplit(".", 1)[-1] not in _NO_CLIP]
+        no_clip = {ctx.full_name(r) for r in (ctx.spec.no_clip if ctx.spec is not None else ())}
+        clip_names = [n for n in ctx.linears if self.clip and n not in no_clip]
         submodules = sorted({g[4] for g in groups})
         with _recording(ctx.block, submodules, {n: ctx.linears[n] for n in clip_names}, self.search_samples) as (
             records,
@@ -265,15 +301,15 @@ class AWQ(Method):
             ctx.forward()
 
         # Search every group on the original weights, then fold all (AutoAWQ's order).
-        for prod_name, producer, names, consumers, out_mod in groups:
+        for prod_name, producer, names, consumers, out_mod, _rows in groups:
             res = self._search(ctx, prod_name, names, consumers, ctx.block.get_submodule(out_mod), records[out_mod])
             art["groups"].append(res)
         del records
         by_name = {g[0]: g for g in groups}
         for res in art["groups"]:
-            _, producer, names, consumers, _ = by_name[res["producer"]]
+            _, producer, names, consumers, _, rows = by_name[res["producer"]]
             s = res["scales"].to(ctx.device)
-            fold_scales(producer, consumers, s)
+            fold_scales(producer, consumers, s, rows=rows, norm_offset=ctx.spec.norm_offset)
             for n in names:  # the consumers now see x / s
                 if n in tokens:
                     tokens[n] = [t / s.to(t.dtype) for t in tokens[n]]

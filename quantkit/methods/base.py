@@ -49,6 +49,24 @@ class BlockContext:
     results: dict[str, QuantizedTensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def block_config(self):
+        """The model config (sizes of fused parts); every transformers attention module keeps it."""
+        return self.block.get_submodule(self.spec.attention).config
+
+    def has(self, rel: str) -> bool:
+        """Whether this block has the part `rel` (an MoE model's dense blocks lack the experts)."""
+        try:
+            self.block.get_submodule(rel)
+        except AttributeError:
+            return False
+        return True
+
+    def groups_here(self):
+        """The scale groups of the table whose consumers this block has (a table may list variants:
+        an MoE model's dense and expert blocks, DeepSeek's q_proj or q_a_proj)."""
+        return [g for g in self.spec.scale_groups if all(self.has(c) for c in g.consumers)]
+
     def full_name(self, rel: str) -> str:
         return f"{self.name}.{rel}"
 
@@ -76,6 +94,9 @@ class Method:
     # stages are transforms (AWQ scales, SmoothQuant smoothing, clipping) that
     # change float weights only, so the final stage quantizes what they left.
     final: bool = True
+    # True for methods that rotate the residual stream (need the family's `ArchSpec.rotation`);
+    # checked from the config before any weight loads (`api.check_arch`).
+    needs_rotation_roles: ClassVar[bool] = False
 
     def __init__(self, scheme: Scheme, **options: Any):
         unknown = set(options) - set(self.options)

@@ -15,12 +15,30 @@ share their input, so one Hessian serves them all, and their weights are solved
 stacked as one matrix (rows are independent in GPTQ: same result, fewer column
 iterations). With true_sequential=False one forward captures every step's
 Hessian from the block as it was when the stage began.
+
+Mixture of experts: every expert's gate/up and down are steps of their own (the
+adapter expands them), and an expert's linears only ever run on the tokens the
+router sent to it, so each Hessian is built from the routed tokens alone. The
+experts' same projection is captured in one forward (`_phases`): they read
+disjoint tokens of one input and none depends on another. A
+Hessian from few tokens fits those tokens rather than the expert's inputs, so an
+expert that saw fewer than `expert_min_tokens` x in_features tokens (default 1) is
+quantized with RTN, and one below `expert_damp_tokens` x in_features (default 3)
+is solved with damp 1.0 (one warning per block lists each kind). Measured on a
+tiny Mixtral expert (W4 g32, error on 1024 held-out routed tokens / RTN's, 5 draws):
+
+    tokens / in_features   0.17   0.5    1.0    2.0    3.0    5.3
+    damp 0.01              1.50   2.25   2.02   1.17   0.98   0.87
+    damp 1.0               1.07   1.00   0.93   0.91   0.89   0.87
+
+Dense linears see every token and are never switched.
 """
 
 from __future__ import annotations
 
 from quantkit.errors import short_repr
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,7 +56,8 @@ from quantkit.recipe import RecipeError, Scheme
 # GPTQ leaves (BENCHMARKS.md), and static groups keep the export in the standard layout.
 # backend: the solve ("auto" = the fused Triton kernel on CUDA, torch ops otherwise; see
 # quant.gptq.gptq_quantize); the two agree up to float32 rounding.
-DEFAULTS = {"damp": 0.01, "block_size": 128, "act_order": True, "true_sequential": True, "backend": "auto"}
+DEFAULTS = {"damp": 0.01, "block_size": 128, "act_order": True, "true_sequential": True, "backend": "auto",
+            "expert_min_tokens": 1.0, "expert_damp_tokens": 3.0}
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -92,6 +111,11 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
     for key in ("act_order", "true_sequential"):
         if not isinstance(out[key], bool):
             raise RecipeError(f"gptq option {key}={short_repr(out[key])} must be true or false")
+    for key in ("expert_min_tokens", "expert_damp_tokens"):
+        mt = out[key]
+        if isinstance(mt, bool) or not isinstance(mt, (int, float)) or not mt >= 0:
+            raise RecipeError(f"gptq option {key}={short_repr(mt)} must be a number >= 0 (x in_features); "
+                              f"e.g. {DEFAULTS[key]:g}")
     if out["backend"] not in BACKENDS:
         raise RecipeError(f"gptq option backend={short_repr(out['backend'])} must be one of {', '.join(BACKENDS)}")
     out["damp"] = float(damp)
@@ -108,7 +132,7 @@ class GPTQ(Method):
     stats = frozenset()
     needs_data = True
     plan_stats = frozenset({"hessian_step"})  # what the memory planner should count
-    options = ("damp", "block_size", "act_order", "true_sequential", "backend")
+    options = ("damp", "block_size", "act_order", "true_sequential", "backend", "expert_min_tokens", "expert_damp_tokens")
 
     def __init__(self, scheme: Scheme, **options: Any):
         super().__init__(scheme, **options)
@@ -118,20 +142,37 @@ class GPTQ(Method):
         self.act_order: bool = cfg["act_order"]
         self.true_sequential: bool = cfg["true_sequential"]
         self.backend: str = cfg["backend"]
+        self.expert_min_tokens: float = float(cfg["expert_min_tokens"])
+        self.expert_damp_tokens: float = float(cfg["expert_damp_tokens"])
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
         if not self.final:
             raise RecipeError("gptq quantizes the weights, so it must be the last stage of a recipe; move it to the end")
         steps = _steps(ctx)
+        self._few: list[str] = []  # experts switched to RTN in this block: "name (tokens)"
+        self._damped: list[str] = []  # experts solved with damp 1.0
         if self.true_sequential:
-            for step in steps:
-                hess = _capture(ctx, [step])
-                self._solve_step(ctx, step, hess.pop(step[0]))
+            for phase in _phases(ctx, steps):
+                hess = _capture(ctx, phase)
+                for step in phase:
+                    self._solve_step(ctx, step, hess.pop(step[0]))
         else:
             hess = _capture(ctx, steps)
             for step in steps:
                 self._solve_step(ctx, step, hess.pop(step[0]))
+        if self._few:
+            ctx.warnings.append(
+                f"gptq: {len(self._few)} expert linear(s) of {ctx.name} saw fewer than {self.expert_min_tokens:g} x "
+                f"in_features routed calibration tokens and were quantized with RTN: {', '.join(self._few)} "
+                "(more --samples, or the recipe option expert_min_tokens, changes this)"
+            )
+        if self._damped:
+            ctx.warnings.append(
+                f"gptq: {len(self._damped)} expert linear(s) of {ctx.name} saw fewer than {self.expert_damp_tokens:g} x "
+                f"in_features routed calibration tokens and were solved with damp 1.0: {', '.join(self._damped)} "
+                "(more --samples, or the recipe option expert_damp_tokens, changes this)"
+            )
 
     def _solve_step(self, ctx: BlockContext, names: list[str], stats: InputStats) -> None:
         """Quantize the linears `names` (sharing one input) with their Hessian; frees it."""
@@ -141,6 +182,19 @@ class GPTQ(Method):
                 self._rtn(ctx, n)
             ctx.warnings.append(f"{', '.join(names)}: saw no calibration tokens; quantized with RTN instead of GPTQ")
             return
+        experts = ctx.spec.experts.path if ctx.spec is not None and ctx.spec.experts is not None else None
+        damp = self.damp
+        if experts and f".{experts}." in names[0]:  # few routed tokens: RTN, or a heavily damped solve
+            in_f = ctx.linears[names[0]].in_features
+            label = ", ".join(f"{n.removeprefix(ctx.name + '.')} ({stats.count})" for n in names)
+            if stats.count < self.expert_min_tokens * in_f:
+                for n in names:
+                    self._rtn(ctx, n)
+                self._few.append(label)
+                return
+            if stats.count < self.expert_damp_tokens * in_f and damp < 1.0:
+                damp = 1.0
+                self._damped.append(label)
         h = stats.hessian
         stats.xtx = None
         lins = [ctx.linears[n] for n in names]
@@ -151,7 +205,7 @@ class GPTQ(Method):
             w = ws[0] if len(ws) == 1 else torch.cat(ws)  # w: (sum of out, in)
             try:
                 res = gptq_quantize(
-                    w, h, args, damp=self.damp, block_size=self.block_size, act_order=self.act_order,
+                    w, h, args, damp=damp, block_size=self.block_size, act_order=self.act_order,
                     scale_dtype=ws[0].dtype, backend=self.backend,
                 )
             except CholeskyError as e:
@@ -160,9 +214,9 @@ class GPTQ(Method):
                 ctx.warnings.append(f"{', '.join(group)}: GPTQ failed ({e}); quantized with RTN instead")
                 continue
             del w
-            if res.damp != self.damp:
+            if res.damp != damp:
                 ctx.warnings.append(
-                    f"{', '.join(group)}: Hessian not positive definite at damp {self.damp:g}; solved with damp {res.damp:g}"
+                    f"{', '.join(group)}: Hessian not positive definite at damp {damp:g}; solved with damp {res.damp:g}"
                 )
             qt, row = res.qt, 0
             for n, wn in zip(group, ws):
@@ -192,6 +246,25 @@ def _steps(ctx: BlockContext) -> list[list[str]]:
     steps = ctx.steps()
     listed = {n for s in steps for n in s}
     return steps + [[n] for n in ctx.linears if n not in listed]
+
+
+def _phases(ctx: BlockContext, steps: list[list[str]]) -> list[list[list[str]]]:
+    """Steps grouped into what one forward can capture: a step alone, or the run of every expert's same
+    projection (experts.0.w1, experts.1.w1, ...), which read disjoint tokens of one input and do not
+    depend on each other, so one forward records all their Hessians (instead of one forward each)."""
+    ex = ctx.spec.experts.path if ctx.spec is not None and ctx.spec.experts is not None else None
+    pat = re.compile(rf"\.{re.escape(ex)}\.\d+\.") if ex else None
+
+    def role(step: list[str]) -> str | None:
+        return pat.sub(f".{ex}.*.", step[0]) if pat is not None and pat.search(step[0]) else None
+
+    out: list[list[list[str]]] = []
+    for step in steps:
+        if out and role(step) is not None and role(step) == role(out[-1][-1]):
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
 
 
 @torch.no_grad()

@@ -8,7 +8,11 @@ the consumers' columns:
 
 The norm's weight (and bias) is divided by s and every consumer's columns are
 multiplied by s: exact in floating point (X diag(1/s) . diag(s) W^T = X W^T).
-Only the two norm groups are smoothed (the classic SmoothQuant); linear->linear
+Only the norm groups of the adapter table are smoothed (the classic SmoothQuant; an MoE
+block's input norm feeds every expert and the router, whose columns take the scales too;
+Gemma's pre_feedforward_layernorm feeds gate/up, its (1 + w) norms fold as
+(1 + w') = (1 + w) / s; OLMo 2 has no norm in front of q/k/v or gate/up, so its
+blocks are not smoothed, and each such group is recorded in the run's warnings); linear->linear
 groups (v->o, up->down) are left alone: v->o does not fold under GQA and up->down
 would put the scale through the SiLU-gated product's other factor.
 
@@ -32,6 +36,7 @@ from torch import nn
 
 from quantkit.methods.base import BlockContext, Method, register_method
 from quantkit.models.hooks import linear_input_hooks
+from quantkit.quant.awq import fold_scales
 from quantkit.quant.core import fake_quantize, fake_quantize_activations, quantize_weight
 from quantkit.recipe import ActQuantArgs, RecipeError
 
@@ -52,17 +57,13 @@ def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) 
 
 
 @torch.no_grad()
-def fold_smoothing(norm: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
+def fold_smoothing(norm: nn.Module, consumers: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0) -> None:
     """Divide the norm's output by s (weight, bias) and multiply each consumer's input columns by s.
 
-    norm.weight: (in,); consumer.weight: (out, in); s: (in,).
+    norm.weight: (in,); consumer.weight: (out, in); s: (in,). A norm that scales by
+    (offset + weight) (Gemma: 1 + w) gets weight' = (offset + weight) / s - offset.
     """
-    s = s.to(norm.weight.device)
-    norm.weight.div_(s.to(norm.weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s.to(norm.bias.dtype))
-    for lin in consumers:
-        lin.weight.mul_(s.to(lin.weight.device, lin.weight.dtype).view(1, -1))
+    fold_scales(norm, consumers, s, norm_offset=norm_offset)  # the one definition of a scale fold
 
 
 def _rescale_stats(stat, s: torch.Tensor) -> None:
@@ -99,23 +100,30 @@ class SmoothQuant(Method):
         self.grid = tuple(float(a) for a in grid)
         self.chosen: dict[str, float] = {}  # block name -> alpha used (the artifact of an auto search)
 
-    def _groups(self, ctx: BlockContext) -> list[tuple[nn.Module, list[str]]]:
-        """(norm module, consumer full names) for each norm-producer group whose consumers are all quantized."""
+    def _groups(self, ctx: BlockContext) -> list[tuple[nn.Module, list[str], list[nn.Module]]]:
+        """(norm module, consumer full names, unquantized readers) for each norm-producer group whose
+        consumers are all quantized; the readers (an MoE router) take the scales into their columns too."""
         out = []
         linear_rels = set(ctx.spec.linears)
-        for g in ctx.spec.scale_groups:
+        for g in ctx.groups_here():
             if g.producer in linear_rels:
                 continue  # linear -> linear groups: not smoothed (see module docstring)
             names = [ctx.full_name(c) for c in g.consumers]
+            if g.unfoldable:  # nothing to smooth into: these inputs are quantized as they are
+                ctx.warnings.append(f"smoothquant: {', '.join(names)} not smoothed: {g.unfoldable}")
+                continue
             if not all(n in ctx.linears for n in names):
-                continue  # an ignored consumer would need the unsmoothed input
-            out.append((ctx.block.get_submodule(g.producer), names))
+                ctx.warnings.append(f"smoothquant: {', '.join(names)} not smoothed: a consumer is not quantized (ignored)")
+                continue
+            extra = [ctx.block.get_submodule(r) for r in g.also_scales if ctx.has(r)]
+            out.append((ctx.block.get_submodule(g.producer), names, extra))
         return out
 
     def _scales(self, ctx: BlockContext, groups, alpha: float) -> list[torch.Tensor]:
         scales = []
-        for _norm, names in groups:
-            x_max = ctx.stats[names[0]].abs_max  # every consumer sees the same input
+        for _norm, names, _extra in groups:
+            # max |x| over every token: one shared input, or MoE experts' routed tokens together
+            x_max = torch.stack([ctx.stats[n].abs_max for n in names if ctx.stats[n].count]).amax(dim=0)
             w_max = torch.cat([ctx.linears[n].weight.detach().float() for n in names], dim=0).abs().amax(dim=0)
             scales.append(smooth_scales(x_max.to(w_max.device), w_max, alpha))
         return scales
@@ -126,18 +134,16 @@ class SmoothQuant(Method):
 
         ref = ctx.forward()
         params = {n: m.weight.detach().clone() for n, m in ctx.linears.items()}
-        norms = {id(nm): (nm, nm.weight.detach().clone()) for nm, _ in groups}
+        norms = {id(nm): (nm, nm.weight.detach().clone()) for nm, _, _ in groups}
+        extras = [(m, m.weight.detach().clone()) for _, _, ex in groups for m in ex]
         act = self.scheme.input_activations or ActQuantArgs(8, "token", dynamic=True)
         if not act.dynamic:  # static scales do not exist yet: a per-tensor scale of each batch stands in
             act = ActQuantArgs(act.bits, "tensor", dynamic=True)
         best, best_err = self.grid[0], float("inf")
         for alpha in self.grid:
-            for nm, _ in groups:
-                nm.weight.copy_(norms[id(nm)][1])
-            for n, m in ctx.linears.items():
-                m.weight.copy_(params[n])
-            for (nm, names), s in zip(groups, self._scales(ctx, groups, alpha)):
-                fold_smoothing(nm, [ctx.linears[n] for n in names], s)
+            self._restore(groups, norms, params, extras, ctx)
+            for (nm, names, ex), s in zip(groups, self._scales(ctx, groups, alpha)):
+                fold_smoothing(nm, [ctx.linears[n] for n in names] + ex, s, ctx.spec.norm_offset)
             for m in ctx.linears.values():
                 m.weight.copy_(fake_quantize(m.weight.data, self.scheme.weights))
             with linear_input_hooks(ctx.linears, lambda _n, x: fake_quantize_activations(x, act)):
@@ -145,11 +151,18 @@ class SmoothQuant(Method):
             err = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(outs, ref))
             if err < best_err:
                 best, best_err = alpha, err
-        for nm, _ in groups:
+        self._restore(groups, norms, params, extras, ctx)
+        return best
+
+    @staticmethod
+    def _restore(groups, norms, params, extras, ctx: BlockContext) -> None:
+        """Every weight the search touched back to its value before the search."""
+        for nm, _, _ in groups:
             nm.weight.copy_(norms[id(nm)][1])
         for n, m in ctx.linears.items():
             m.weight.copy_(params[n])
-        return best
+        for m, w in extras:
+            m.weight.copy_(w)
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -159,8 +172,8 @@ class SmoothQuant(Method):
         alpha = self._search_alpha(ctx, groups) if self.alpha == "auto" and groups else self.alpha
         if groups:
             self.chosen[ctx.name] = float(alpha)
-            for (norm, names), s in zip(groups, self._scales(ctx, groups, float(alpha))):
-                fold_smoothing(norm, [ctx.linears[n] for n in names], s)
+            for (norm, names, ex), s in zip(groups, self._scales(ctx, groups, float(alpha))):
+                fold_smoothing(norm, [ctx.linears[n] for n in names] + ex, s, ctx.spec.norm_offset)
                 for n in names:
                     _rescale_stats(ctx.stats[n], s)
         if not self.final:

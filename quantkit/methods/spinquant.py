@@ -110,22 +110,28 @@ def make_rotation_ready(model: nn.Module) -> None:
     ad = ModelAdapter.for_model(model)
     roles = ad.spec.rotation
     if roles is None:
-        raise RecipeError(f"spinquant has no rotation table for model type {short_repr(model.config.model_type)}")
+        why = f": {ad.spec.no_rotation}" if ad.spec.no_rotation else ""
+        raise RecipeError(
+            f"spinquant cannot rotate model type {short_repr(model.config.model_type)}{why}; "
+            "use awq, gptq or rtn for this model"
+        )
     untie_embeddings(model)
+    off = ad.spec.norm_offset
     for blk in ad.blocks():
         for norm_rel, consumers in roles.norms:
             norm = blk.get_submodule(norm_rel)
-            _fold_norm(norm, [blk.get_submodule(c) for c in consumers])
-    _fold_norm(ad.final_norm(), [ad.lm_head()])
+            _fold_norm(norm, [blk.get_submodule(c) for c in consumers], off)
+    _fold_norm(ad.final_norm(), [ad.lm_head()], off)
 
 
-def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
+def _fold_norm(norm: nn.Module, linears: list[nn.Linear], offset: float = 0.0) -> None:
+    """The norm's gain (offset + weight) moves into its consumers; the norm then scales by 1."""
     if getattr(norm, "bias", None) is not None:
         raise RecipeError("spinquant folds RMSNorm only; this model's norm has a bias (LayerNorm)")
-    g = norm.weight.detach().float()
+    g = norm.weight.detach().float() + offset
     for lin, w in zip(linears, rot.fold_norm_into_linears(g, [lin.weight.detach().float() for lin in linears])):
         lin.weight.copy_(w.to(lin.weight.dtype))
-    norm.weight.fill_(1.0)
+    norm.weight.fill_(1.0 - offset)
 
 
 def rotated_tensors(
@@ -185,7 +191,15 @@ def rotated_tensors(
             if r1c is not None and rel in roles.writes_residual:
                 (w, b), changed = rot.rotate_output(w, b, r1c), True
             if rel == roles.value and r2i is not None:
-                (w, b), changed = rot.rotate_heads_output(w, b, r2i, head_dim), True
+                if roles.value_part is None:
+                    (w, b), changed = rot.rotate_heads_output(w, b, r2i, head_dim), True
+                else:  # only the V rows of a fused linear (Phi-3's qkv_proj)
+                    rows = ad.part_rows(rel, roles.value_part)
+                    wv, bv = rot.rotate_heads_output(w[rows], None if b is None else b[rows], r2i, head_dim)
+                    w = torch.cat([w[: rows.start], wv, w[rows.stop:]])
+                    if b is not None:
+                        b = torch.cat([b[: rows.start], bv, b[rows.stop:]])
+                    changed = True
             if changed:
                 put(f"{prefix}.{rel}", mod, w, b)
     return out
@@ -227,6 +241,7 @@ def split_held_out(input_ids: torch.Tensor, train_samples: int, val_samples: int
 @register_method("spinquant")
 class SpinQuant(Method):
     options = tuple(DEFAULTS)
+    needs_rotation_roles = True
 
     def __init__(self, scheme, **options: Any):
         super().__init__(scheme, **options)

@@ -52,8 +52,15 @@ def empty_model(config, dtype: torch.dtype, device: str | torch.device = "cpu"):
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         from contextlib import nullcontext as no_init_weights
+    from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
+
     with no_init_weights(), torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        ModelAdapter.for_model(model)  # the layout the checkpoint was written in (MoE: one linear per expert)
+    except UnsupportedModelError:
+        pass  # the callers refuse (or do not need) a family without a table row
+    return model
 
 
 def load_into(model, state_dict: dict, path, *, assign: bool = False) -> None:

@@ -79,29 +79,38 @@ def awq_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None =
 
 
 @torch.no_grad()
-def fold_scales(producer: nn.Module, consumers: Sequence[nn.Linear], s: torch.Tensor) -> None:
+def fold_scales(producer: nn.Module, consumers: Sequence[nn.Linear], s: torch.Tensor, *,
+                rows: slice | None = None, norm_offset: float = 0.0) -> None:
     """Fold scales s (in,) across producer -> consumers; float outputs are unchanged.
 
     The producer's output channel c is divided by s[c] (a norm's weight (and bias),
     or a linear's row c and bias[c]) and each consumer's input column c is
     multiplied by s[c]. Math in float32, written back in each weight's dtype.
+    rows: the producer rows that feed the consumers (one part of a fused linear,
+    e.g. the v rows of qkv_proj); default all. norm_offset: a norm that scales by
+    (offset + weight) (Gemma: 1) gets weight' = (offset + weight) / s - offset.
     """
     s = s.float()
     if isinstance(producer, nn.Linear):
-        if producer.out_features != s.numel():
-            raise ValueError(f"scales of length {s.numel()} do not match producer out_features {producer.out_features}")
-        producer.weight.data.copy_(producer.weight.float().div(s.to(producer.weight.device)[:, None]))
+        rows = rows if rows is not None else slice(0, producer.out_features)
+        w = producer.weight.data[rows]
+        if w.shape[0] != s.numel():
+            raise ValueError(f"scales of length {s.numel()} do not match producer out_features {w.shape[0]}")
+        w.copy_(w.float().div(s.to(w.device)[:, None]))
     else:
         if producer.weight.numel() != s.numel():
             raise ValueError(f"scales of length {s.numel()} do not match norm weight {tuple(producer.weight.shape)}")
-        producer.weight.data.copy_(producer.weight.float().div(s.to(producer.weight.device)))
+        g = producer.weight.float() + norm_offset
+        producer.weight.data.copy_(g.div(s.to(producer.weight.device)) - norm_offset)
     bias = getattr(producer, "bias", None)
     if bias is not None:
-        bias.data.copy_(bias.float().div(s.to(bias.device)))
-    for c in consumers:
-        if c.in_features != s.numel():
-            raise ValueError(f"scales of length {s.numel()} do not match consumer in_features {c.in_features}")
-        c.weight.data.copy_(c.weight.float().mul(s.to(c.weight.device)[None, :]))
+        b = bias.data[rows] if rows is not None else bias.data
+        b.copy_(b.float().div(s.to(b.device)))
+    for c in consumers:  # a linear, or any module with a (out, in) weight reading the same input (a router)
+        w = c.weight.data
+        if w.shape[-1] != s.numel():
+            raise ValueError(f"scales of length {s.numel()} do not match consumer in_features {w.shape[-1]}")
+        w.copy_(w.float().mul(s.to(w.device)[None, :]))
 
 
 def fake_quant(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -56,10 +56,15 @@ def _rebuild_buffers(model: nn.Module, device) -> None:
     """Non-persistent buffers (rotary inv_freq) are not in any checkpoint: rebuild their modules on `device`."""
     for name, mod in list(model.named_modules()):
         bufs = dict(mod.named_buffers(recurse=False))
-        if "inv_freq" in bufs and (bufs["inv_freq"].device.type == "meta" or bufs["inv_freq"].device != device):
+        freqs = [b for k, b in bufs.items() if k.endswith("inv_freq")]  # Gemma 3: one table per layer type
+        if freqs and any(b.device.type == "meta" or b.device != device for b in freqs):
             with torch.device(device):
                 fresh = type(mod)(config=model.config)
             _set_module(model, name, fresh)
+            continue
+        for k, b in bufs.items():  # a scalar the module also keeps as a number (Gemma's embed_scale)
+            if b.device.type == "meta" and b.dim() == 0 and isinstance(getattr(mod, f"scalar_{k}", None), (int, float)):
+                setattr(mod, k, torch.tensor(float(getattr(mod, f"scalar_{k}")), dtype=b.dtype, device=device))
 
 
 def _kv_static_per_layer(model: nn.Module, static) -> list[dict] | None:
@@ -79,11 +84,22 @@ def _kv_static_per_layer(model: nn.Module, static) -> list[dict] | None:
 
 
 def _check_supported(config) -> None:
-    from quantkit.models.adapter import ARCH_SPECS, supported_model_types
+    """The runtime runs the families whose adapter row has a BlockLayout (the Llama-like block)."""
+    from quantkit.errors import short_repr
+    from quantkit.models.adapter import ARCH_SPECS
 
     mt = getattr(config, "model_type", None)
-    if not any(mt in s.model_types and s.layout is not None for s in ARCH_SPECS):
-        raise RuntimeLoadError(f"the runtime does not run model type {mt!r} yet; it runs {', '.join(supported_model_types())}")
+    runs = sorted(t for s in ARCH_SPECS if s.layout is not None for t in s.model_types)
+    fix = "score this checkpoint with `quantkit eval --model DIR` without --runtime, or serve it with vLLM"
+    if mt not in runs:
+        raise RuntimeLoadError(f"the runtime does not run model type {short_repr(mt)} yet (it runs {', '.join(runs)}); {fix}")
+    rope = getattr(config, "rope_parameters", None) or {}
+    partial = getattr(config, "partial_rotary_factor", None) or (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None)
+    if getattr(config, "attn_logit_softcapping", None):  # the attention kernels have no soft-capping
+        raise RuntimeLoadError("the runtime does not run attention logit soft-capping yet (attn_logit_softcapping="
+                               f"{config.attn_logit_softcapping}, Gemma 2); {fix}")
+    if partial not in (None, 1, 1.0):  # the fused RoPE kernel rotates whole heads
+        raise RuntimeLoadError(f"the runtime does not run partial rotary embeddings yet (partial_rotary_factor={partial}); {fix}")
 
 
 def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = True,

@@ -1,7 +1,9 @@
 """`RuntimeModel`: runs a quantized checkpoint's decoder on the kernels, with its own KV cache.
 
 The decoder program is written here once for the llama-like layout (`models.adapter.BlockLayout`:
-Llama, Qwen2, Qwen3, Mistral): RMSNorm (the model's own modules), fused q/k/v and gate/up
+Llama, Qwen2, Qwen3, Mistral, Granite with its scalar multipliers named by the layout, Phi-3 whose
+q/k/v and gate/up come fused, OLMo 2 and Gemma 3 with norms after the sub-blocks, Gemma's (1 + w)
+norms and per-layer-type rotary tables): RMSNorm (the model's own modules), fused q/k/v and gate/up
 QuantLinears, RoPE from precomputed tables, optional per-head q/k norms (Qwen3), SpinQuant's online
 Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention over `KVCache`:
 
@@ -16,6 +18,8 @@ device with a seeded generator, so `generate` is deterministic under `seed`.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import math
 import time
@@ -53,8 +57,8 @@ class PartOf(nn.Module):
 
 @dataclass
 class Block:
-    ln1: nn.Module
-    ln2: nn.Module
+    ln1: nn.Module | None  # None: no norm in front of attention (OLMo 2)
+    ln2: nn.Module | None
     qkv: QuantLinear
     o: nn.Module
     gate_up: QuantLinear
@@ -65,6 +69,10 @@ class Block:
     k_norm: nn.Module | None
     window: int | None
     sm_scale: float
+    rope_type: str | None = None  # the rotary table this layer uses (Gemma 3: its layer type)
+    attn_out_norm: nn.Module | None = None  # OLMo 2: the sub-blocks' outputs are normed before the add
+    mlp_out_norm: nn.Module | None = None
+    qk_norm_whole: bool = False  # q/k norms over all heads at once (OLMo 2)
 
 
 def _fuse_into(block: nn.Module, prefix: str, rels: list[str], name: str) -> QuantLinear | None:
@@ -130,13 +138,20 @@ class RuntimeModel:
         self.ctl = StepControl()
         self.blocks: list[Block] = []
         self.linears: dict[str, QuantLinear] = {}
+        rot = adapter.rotary()
+        layer_types = getattr(cfg, "layer_types", None) or [None] * cfg.num_hidden_layers
+        # a rotary module that takes the layer type keeps a table per type (Gemma 3's local / global)
+        rope_by_type = rot is not None and "layer_type" in inspect.signature(rot.forward).parameters
         for i, blk in enumerate(adapter.blocks()):
             prefix = adapter.block_name(i)
             attn = blk.get_submodule(lay.attention)
-            qkv = _fuse_into(blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
+            # A layout naming one linear for q, k and v (gate and up) has them fused already (Phi-3).
+            qkv = blk.get_submodule(lay.q) if lay.q == lay.k == lay.v else \
+                _fuse_into(blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
                 _Unfused([blk.get_submodule(r) for r in (lay.q, lay.k, lay.v)])
             mlp_parent = lay.gate.rsplit(".", 1)[0]
-            gate_up = _fuse_into(blk, prefix, [lay.gate, lay.up], f"{mlp_parent}.gate_up_proj") or \
+            gate_up = blk.get_submodule(lay.gate) if lay.gate == lay.up else \
+                _fuse_into(blk, prefix, [lay.gate, lay.up], f"{mlp_parent}.gate_up_proj") or \
                 _Unfused([blk.get_submodule(r) for r in (lay.gate, lay.up)])
             mlp = blk.get_submodule(mlp_parent)
 
@@ -147,18 +162,29 @@ class RuntimeModel:
                     return None
 
             self.blocks.append(Block(
-                ln1=blk.get_submodule(lay.input_norm), ln2=blk.get_submodule(lay.post_norm), qkv=qkv,
+                ln1=opt(lay.input_norm), ln2=opt(lay.post_norm), qkv=qkv,
                 o=blk.get_submodule(lay.o), gate_up=gate_up, down=blk.get_submodule(lay.down),
                 act=getattr(mlp, "act_fn", F.silu),
-                act_is_silu=getattr(cfg, "hidden_act", "silu") in ("silu", "swish"),
+                act_is_silu=(getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu")
+                in ("silu", "swish"),
                 q_norm=opt(lay.q_norm), k_norm=opt(lay.k_norm),
-                window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5))))
+                window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
+                attn_out_norm=opt(lay.attn_out_norm), mlp_out_norm=opt(lay.mlp_out_norm), qk_norm_whole=lay.qk_norm_whole,
+                rope_type=layer_types[i] if rope_by_type else None))
             for unit in (qkv, gate_up, self.blocks[-1].o, self.blocks[-1].down):
                 for m in (unit.mods if isinstance(unit, _Unfused) else [unit]):
                     if isinstance(m, QuantLinear):
                         m.ctl = self.ctl
                         for pname, _ in m.parts:
                             self.linears[pname] = m
+        self.norm_offset = adapter.spec.norm_offset
+        self.final_softcap = float(getattr(cfg, lay.final_softcap, None) or 0.0) if lay.final_softcap else 0.0
+
+        def scalar(field):  # Granite's multipliers; 1 (skipped) for the other families
+            return float(getattr(cfg, field, None) or 1.0) if field else 1.0
+
+        self.embed_mult, self.res_mult = scalar(lay.embed_multiplier), scalar(lay.residual_multiplier)
+        self.logits_div = scalar(lay.logits_divisor)
         self.embed = adapter.embed()
         self.norm = adapter.final_norm()
         self.lm_head = adapter.lm_head()
@@ -169,7 +195,7 @@ class RuntimeModel:
         self.monitor: FallbackMonitor | None = None
         self.monitor_layers: list[str] = []
         self._cache: KVCache | None = None
-        self._rope: tuple | None = None
+        self._rope: dict = {}  # layer type (None: one table for all) -> (cos, sin) tables
         self._graphs: dict = {}
         self.use_graphs = self.device.type == "cuda"
         self.stats = StepStats()
@@ -203,24 +229,27 @@ class RuntimeModel:
                                       residual=self.kv_residual, residual_slots=self.kv_residual_slots)
             # layer flags live on the modules: a new state keeps them
             self.precision = PrecisionState(self.linears, batch, max_len, self.device)
-            self._rope = None
+            self._rope = {}
             if self.monitor is not None and self.monitor.batch < batch:
                 self.monitor.resize(batch)
         c.reset()
         return c
 
-    def _rope_at(self, pos: torch.Tensor, x: torch.Tensor):
-        """cos, sin (B, S, D) for positions pos (B, S), from tables built once per cache size."""
+    def _rope_at(self, pos: torch.Tensor, x: torch.Tensor, layer_type: str | None = None):
+        """cos, sin (B, S, D) for positions pos (B, S), from tables built once per cache size; layer_type:
+        the rotary module's table for that kind of layer (Gemma 3: local and global layers differ)."""
         if self.rotary is None:
             raise RequestError("the model has no rotary embedding module")
+        extra = (layer_type,) if layer_type is not None else ()
         rt = str(getattr(self.rotary, "rope_type", "default"))
         if "dynamic" in rt or "longrope" in rt:
-            return self.rotary(x, pos)
-        if self._rope is None or self._rope[0].shape[0] < self._cache.max_len:
+            return self.rotary(x, pos, *extra)
+        t = self._rope.get(layer_type)
+        if t is None or t[0].shape[0] < self._cache.max_len:
             ids = torch.arange(self._cache.max_len, device=self.device).view(1, -1)
-            cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), ids)
-            self._rope = (cos[0], sin[0])
-        return self._rope[0][pos], self._rope[1][pos]
+            cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), ids, *extra)
+            t = self._rope[layer_type] = (cos[0], sin[0])
+        return t[0][pos], t[1][pos]
 
     # ------------------------------------------------------------------ the decoder program
 
@@ -236,8 +265,13 @@ class RuntimeModel:
         B, S = ids.shape
         Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         x = self.embed(ids)
-        cos, sin = self._rope_at(pos, x)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if self.embed_mult != 1.0:
+            x = x * self.embed_mult
+        rm = self.res_mult
+        ropes = {}
+        for t in dict.fromkeys(b.rope_type for b in self.blocks):
+            c_, s_ = self._rope_at(pos, x, t)
+            ropes[t] = (c_.to(x.dtype), s_.to(x.dtype))
         prec = self.precision
         self.ctl.row_bits = prec.row_bits(pos) if prec.any_rows else None
         mon = self.monitor
@@ -252,6 +286,7 @@ class RuntimeModel:
         n = len(self.blocks)
         x, h = self._norm(self.blocks[0].ln1, x, None)
         for i, blk in enumerate(self.blocks):
+            cos, sin = ropes[blk.rope_type]
             qkv = self._run(blk.qkv, h, i, "qkv")
             if blk.q_norm is None and not self.r3:  # one fused launch: RoPE on q and k, k and v into the cache
                 q = cache.rope_write(i, qkv, cos, sin, pos, Hq)
@@ -274,21 +309,34 @@ class RuntimeModel:
                     a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale,
                                                        enable_gqa=Hq != Hkv)
                 a = a.transpose(1, 2).reshape(B, S, Hq * D)
-            x, h = self._norm(blk.ln2, x, self._run(blk.o, a, i, "o"))
+            o = self._run(blk.o, a, i, "o")
+            if blk.attn_out_norm is not None:
+                o = blk.attn_out_norm(o)
+            x, h = self._norm(blk.ln2, x, o if rm == 1.0 else o * rm)
             gu = self._run(blk.gate_up, h, i, "gate_up")
             inter = blk.down.in_features
             m = silu_mul(gu, inter) if blk.act_is_silu else blk.act(gu[..., :inter]) * gu[..., inter:]
             if self.r4:
                 m = hadamard_transform(m)
-            x, h = self._norm(self.blocks[i + 1].ln1 if i + 1 < n else self.norm, x, self._run(blk.down, m, i, "down"))
+            d = self._run(blk.down, m, i, "down")
+            if blk.mlp_out_norm is not None:
+                d = blk.mlp_out_norm(d)
+            x, h = self._norm(self.blocks[i + 1].ln1 if i + 1 < n else self.norm, x, d if rm == 1.0 else d * rm)
         if last is not None:
             h = h[torch.arange(B, device=self.device), last].unsqueeze(1)
         logits = self.lm_head(h)
+        if self.logits_div != 1.0:
+            logits = logits / self.logits_div
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits[:, 0] if last is not None else logits
 
-    @staticmethod
-    def _norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None):
-        """(x + delta, norm(x + delta)): one fused launch for the llama-style RMSNorm, the module otherwise."""
+    def _norm(self, norm: nn.Module | None, x: torch.Tensor, delta: torch.Tensor | None):
+        """(x + delta, norm(x + delta)): one fused launch for the llama-style RMSNorm, the module otherwise
+        (also a (1 + w) norm, Gemma's); norm None (no norm in front of the next sub-block): (x + delta, x + delta)."""
+        if norm is None or self.norm_offset:
+            x = x if delta is None else x + delta
+            return x, (x if norm is None else norm(x))
         eps = getattr(norm, "variance_epsilon", None)
         if eps is not None and type(norm).__name__.endswith("RMSNorm") and norm.weight.dim() == 1:
             return add_rmsnorm(x, delta, norm.weight, eps)
@@ -297,8 +345,11 @@ class RuntimeModel:
 
     def _qkv_torch(self, i, blk, qkv, cos, sin, pos):
         """RoPE with the per-head q/k norms (Qwen3) and SpinQuant's R3, in torch; K and V into the cache."""
+        if blk.qk_norm_whole:  # one norm over all of q's (k's) heads, before they are split (OLMo 2)
+            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            qkv = torch.cat([blk.q_norm(qkv[..., :nq]), blk.k_norm(qkv[..., nq:nq + nk]), qkv[..., nq + nk:]], dim=-1)
         q, k, v = split_heads(qkv, self.n_heads, self.n_kv, self.head_dim)
-        if blk.q_norm is not None:
+        if blk.q_norm is not None and not blk.qk_norm_whole:
             q, k = blk.q_norm(q), blk.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)

@@ -52,6 +52,7 @@ def run_scan(
         model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
         stat_tokens=stat_tokens, on_block=on_block,
     )
+    unscored = _unscored_experts(model, layers, ignore)
     if fisher_windows > 0:
         from quantkit.sensitivity.fisher import fisher_scores
 
@@ -64,6 +65,11 @@ def run_scan(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
         calibration=dict(calibration or {}), bins=bins,
     )
+    if unscored:
+        report.warnings.append(
+            f"{len(unscored)} MoE expert linear(s) saw no calibration tokens and have no scores (e.g. {unscored[0]}); "
+            "they are never flagged: give more --samples to route tokens to every expert"
+        )
     report.calibration.setdefault("batch_size", batch_size)
     report.calibration["stat_tokens"] = stat_tokens
     report.calibration["fisher_windows"] = fisher_windows
@@ -115,3 +121,12 @@ def _score(report, model, layers, scheme, thresholds, target_fraction, measure_p
                       "seqlen": int(eval_windows.shape[1])}
     elif report.ppl is not None:
         report.ppl.update(windows=int(eval_windows.shape[0]), seqlen=int(eval_windows.shape[1]))
+
+
+def _unscored_experts(model, layers, ignore) -> list[str]:
+    """Expert linears the scan could not score (no token routed to them), in model order."""
+    from quantkit.calib.pipeline import is_ignored
+    from quantkit.models.adapter import ModelAdapter
+
+    scored = {e.name for e in layers}
+    return [n for n in ModelAdapter.for_model(model).all_linears() if n not in scored and not is_ignored(n, ignore)]

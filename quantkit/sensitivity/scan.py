@@ -257,6 +257,8 @@ def scan_layers(
                     h.remove()
             for k, obs in observers.items():
                 rel = k[len(name) + 1 :]
+                if obs.p is None and adapter.is_expert(k):
+                    continue  # an MoE expert no calibration token was routed to: nothing to score (run_scan says so)
                 out.append(obs.result(k, i, adapter.op_of(rel)))
             del observers
         finally:
