@@ -33,6 +33,7 @@ __all__ = [
     "calibration_for",
     "eval_windows",
     "needs_calibration",
+    "streams",
 ]
 
 EXPORT_FORMATS = ("compressed-tensors", "awq", "gptq")
@@ -57,9 +58,11 @@ class EvalConfig:
     batch_size: int = 4
 
 
-def load(model: str | None = None, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False):
-    """Load model + tokenizer (see `quantkit.models.loading.load_model`)."""
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+def load(model: str | None = None, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
+         stream: bool = False):
+    """Load model + tokenizer (see `quantkit.models.loading.load_model`); stream: a meta skeleton whose
+    blocks `quantize` reads from the safetensors files one at a time."""
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, stream=stream)
 
 
 def quantizable_linears(model, recipe: Recipe) -> dict[str, Any]:
@@ -116,6 +119,7 @@ def quantize(
     resume: bool = False,
     overwrite_partial: bool = False,
     sensitive: str | Path | None = None,
+    activations: str = "device",
 ) -> QuantizedModel:
     """Run the recipe's stages layer by layer over the calibration set; weights change in place.
 
@@ -127,6 +131,11 @@ def quantize(
     sensitive: a sensitive_layers.json; its FP16-flagged linears (plus their
     vLLM-fused siblings) join the ignore list and stay float, and their RTN
     quantized versions are kept as `shadow` copies for the runtime.
+    A streamed model (`load(..., stream=True)`) reads each block from its files when the pipeline
+    reaches it and keeps the finished blocks only in partial_dir (required then), which export reads
+    from; recipes with a whole-model transform (`streams(recipe)` is False) need the model in memory.
+    activations: where calibration activations wait between blocks: "device", "host" (pinned) or
+    "disk" (quantkit.calib.activations; the memory plan's `activations` says which fits).
     """
     from quantkit.calib.pipeline import run_layerwise
     from quantkit.methods.base import build_methods
@@ -136,6 +145,13 @@ def quantize(
         recipe = mixed["recipe"]
     check_recipe_fits(loaded.model, recipe)
     methods = build_methods(recipe)  # only the last stage quantizes; earlier ones transform
+    stream = loaded.stream
+    if stream is not None:
+        if not streams(recipe):
+            raise RecipeError(f"{', '.join(whole_model_methods(recipe))} transforms the whole model at once, so it "
+                              "runs with the model in memory: drop --stream")
+        if partial_dir is None:
+            raise ValueError("a streamed run saves its finished blocks to partial_dir; pass one")
     from quantkit.methods._static_scales import static_scale_collector
     from quantkit.quant.static import needs_static_scales
 
@@ -175,7 +191,17 @@ def quantize(
         ignore=recipe.ignore,
         on_block=on_block,
         checkpointer=checkpointer,
+        stream=stream,
+        activations=activations,
     )
+    tensors = None
+    if stream is not None:
+        meta = loaded.model.state_dict()
+
+        def tensors(key: str):  # a finished block's tensor from partial_dir, else the source's (head, norms)
+            t = checkpointer.block_tensor(key, meta[key].dtype)
+            return stream.tensor(key) if t is None else t
+
     qm = QuantizedModel(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
@@ -187,15 +213,29 @@ def quantize(
         static_scales=collector.scales if collector is not None else None,
         online_rotations=online,
         training={m.name: m.artifacts["training"] for m in methods if "training" in getattr(m, "artifacts", {})},
+        tensors=tensors,
     )
     if mixed is not None:
         from quantkit.quant.core import quantize_weight
 
         for name in mixed["fp16"]:  # RTN with the scheme's weight args: the runtime's switchable copy
-            qm.shadow[name] = quantize_weight(loaded.model.get_submodule(name).weight.data, recipe.scheme.weights).to("cpu")
+            w = loaded.model.get_submodule(name).weight.data if stream is None else tensors(f"{name}.weight")
+            qm.shadow[name] = quantize_weight(w, recipe.scheme.weights).to("cpu")
         qm.sensitivity = mixed["mask"]
         qm.warnings.extend(mixed["warnings"])
     return qm
+
+
+def whole_model_methods(recipe: Recipe) -> list[str]:
+    """Stages with a whole-model transform before the layer-wise pipeline (SpinQuant's rotations)."""
+    from quantkit.methods.base import Method, get_method
+
+    return [s.method for s in recipe.stages if get_method(s.method).prepare_model is not Method.prepare_model]
+
+
+def streams(recipe: Recipe) -> bool:
+    """Whether the recipe can run streamed (block by block from the files): no whole-model transform."""
+    return not whole_model_methods(recipe)
 
 
 def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,9 @@ class Checkpointer:
         self.path = Path(path)
         self.fingerprint = dict(fingerprint)
         self.blocks: list[dict[str, Any]] = []
+        self._open: tuple[int | None, Any] = (None, None)  # the block file a streamed export reads now
+        self._prefixes: dict[str, int] | None = None
+        self._metas: list[dict[str, Any]] = []
         check_partial_dir(self.path)
         state = self._read_state()
         if state is not None:
@@ -376,3 +380,84 @@ class Checkpointer:
                 raise ValueError(f"{k} has shape {tuple(v.shape)}, the model {tuple(current[k].shape)}")
         return results, state, [str(w) for w in meta["warnings"]]
 
+
+    # ----------------------------------------------------------------- streamed runs
+
+    def lazy_results(self) -> "LazyResults":
+        """Full name -> QuantizedTensor of every saved block, read from disk on access (a streamed run
+        keeps nothing of its finished blocks in memory)."""
+        return LazyResults(self)
+
+    def _block_meta(self, index: int) -> dict[str, Any]:
+        entry = self.blocks[index]
+        mf = (self.path / entry["file"]).with_suffix(".json")
+        try:
+            return json.loads(mf.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ResumeError(f"{mf.name} in {self.path} is missing or unreadable; delete {self.path} to start "
+                              "over") from e
+
+    def _handle(self, index: int):
+        """The open block file `index` (one at a time: export reads the blocks in order)."""
+        from safetensors import safe_open
+
+        if self._open[0] != index:
+            self._open = (None, None)  # drop the previous mapping first
+            f = self.path / self.blocks[index]["file"]
+            try:
+                self._open = (index, safe_open(str(f), framework="pt", device="cpu"))
+            except Exception as e:  # safetensors' own error type
+                raise ResumeError(f"{f.name} in {self.path} is unreadable ({short(str(e), 80)}); delete {self.path} "
+                                  "to start over") from e
+        return self._open[1]
+
+    def saved_prefixes(self) -> dict[str, int]:
+        """Block name (e.g. model.layers.3) -> index, of every saved block."""
+        if self._prefixes is None or len(self._prefixes) != len(self.blocks):
+            self._metas = [self._block_meta(i) for i in range(len(self.blocks))]
+            self._prefixes = {m["prefix"]: i for i, m in enumerate(self._metas)}
+        return self._prefixes
+
+    def read_result(self, index: int, name: str) -> QuantizedTensor:
+        self.saved_prefixes()
+        h = self._handle(index)
+        zero = h.get_tensor(f"result/{name}/zero") if f"result/{name}/zero" in h.keys() else None
+        return QuantizedTensor(h.get_tensor(f"result/{name}/q"), h.get_tensor(f"result/{name}/scale"), zero,
+                               QuantArgs.from_dict(self._metas[index]["results"][name]))
+
+    def block_tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """State-dict tensor `key` (full name) of a saved block as it was saved, or None when no saved
+        block holds it. A quantized linear's weight that was not stored is rebuilt (bit for bit, in dtype)."""
+        prefixes = self.saved_prefixes()
+        prefix, rel = key, ""
+        while prefix and prefix not in prefixes:
+            prefix, _, last = prefix.rpartition(".")
+            rel = f"{last}.{rel}" if rel else last
+        if not prefix:
+            return None
+        i = prefixes[prefix]
+        h = self._handle(i)
+        if f"state/{rel}" in h.keys():
+            return h.get_tensor(f"state/{rel}")
+        if rel in self._metas[i]["recomputed"]:
+            return self.read_result(i, key[: -len(".weight")]).dequantize(dtype)
+        return None
+
+
+class LazyResults(Mapping):
+    """Read-only mapping full name -> QuantizedTensor over a checkpointer's saved blocks; each access
+    reads that tensor from its block file (nothing is cached), in block order."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self._ck = checkpointer
+        checkpointer.saved_prefixes()
+        self._where = {name: i for i, m in enumerate(checkpointer._metas) for name in m["results"]}
+
+    def __getitem__(self, name: str) -> QuantizedTensor:
+        return self._ck.read_result(self._where[name], name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)

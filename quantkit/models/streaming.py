@@ -1,0 +1,168 @@
+"""Stream a model's weights from its safetensors shards, one module at a time.
+
+The model is a transformers skeleton on the meta device (no storage). The pipeline asks
+for a module's tensors when it reaches the module (`load`) and gives them back when it
+is done (`release`: the module returns to the meta device), so host memory holds one
+decoder block, not the model. Each load opens the shard(s) holding the module with
+`safe_open` (memory-mapped), copies its tensors out in the run's dtype and closes them
+again: no mapping outlives the load, so the process' resident set does not grow with
+the model's size.
+
+The values equal what `from_pretrained(..., dtype=D)` loads: the stored tensor cast to D
+(tested byte for byte through the exported checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.errors import UsageError, short
+
+class StreamError(UsageError):
+    """The model cannot be streamed from its files as asked; the message names the fix."""
+
+
+class StreamSource:
+    """Tensor name -> shard file of a model dir, read lazily in `dtype` (headers checked up front).
+
+    path: a dir with *.safetensors (and, when sharded, model.safetensors.index.json).
+    """
+
+    def __init__(self, path: str | Path, dtype: torch.dtype):
+        from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
+
+        self.path = Path(path)
+        self.dtype = dtype
+        self.file_of: dict[str, Path] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise StreamError(f"{short(str(self.path), 160)} has no *.safetensors weights to stream")
+        for f in files:
+            try:
+                header = read_safetensors_header(f)
+            except SafetensorsHeaderError as e:
+                raise StreamError(str(e)) from e
+            for key, info in header.items():
+                self.file_of[key] = f
+                self.info[key] = info
+
+    def nbytes(self, keys) -> int:
+        """Bytes the tensors `keys` take in the run's dtype."""
+        total = 0
+        for k in keys:
+            n = 1
+            for d in self.info[k]["shape"]:
+                n *= d
+            total += n * self.dtype.itemsize
+        return total
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `keys` as fresh CPU tensors in the run's dtype (each shard mapped only meanwhile)."""
+        from safetensors import safe_open
+
+        missing = [k for k in keys if k not in self.file_of]
+        if missing:
+            raise StreamError(f"{short(str(self.path), 160)} has no tensor {short(missing[0], 80)}; the weights do not "
+                              "match the model's config: re-download the model, or load it without --stream")
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.file_of[k], []).append(k)
+        out: dict[str, torch.Tensor] = {}
+        for f, ks in by_file.items():
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                for k in ks:
+                    t = h.get_tensor(k)
+                    # A copy in our own memory: the file mapping is released once `t` is dropped.
+                    out[k] = t.to(self.dtype, copy=True) if t.is_floating_point() else t.clone()
+                    del t
+        return out
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.read([key])[key]
+
+
+def _tensor_names(module: nn.Module) -> list[str]:
+    """Local names of a module's parameters and persistent buffers (what a checkpoint holds)."""
+    return list(module.state_dict(keep_vars=True).keys())
+
+
+def load_module(module: nn.Module, prefix: str, source: StreamSource) -> None:
+    """Give a meta-device `module` (full name `prefix`) its tensors from `source`, in place."""
+    names = _tensor_names(module)
+    pre = f"{prefix}." if prefix else ""
+    got = source.read([pre + n for n in names])
+    module.load_state_dict({n: got[pre + n] for n in names}, strict=True, assign=True)
+
+
+def release_module(module: nn.Module) -> None:
+    """Drop a module's tensors (back to the meta device); a streamed module is read again when needed."""
+    module.to("meta")
+
+
+def rebuild_rotary(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary inv_freq) are in no file: rebuild their modules on the CPU."""
+    for name, mod in list(model.named_modules()):
+        bufs = dict(mod.named_buffers(recurse=False))
+        if "inv_freq" in bufs and bufs["inv_freq"].device.type == "meta":
+            with torch.device("cpu"):
+                fresh = type(mod)(config=model.config)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+
+
+def skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The transformers model of the dir `path` on the meta device (no weights), in eval mode,
+    with its generation config as `from_pretrained` would read it."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from quantkit.models.checkpoint import empty_model
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = empty_model(config, dtype, "meta")
+    rebuild_rotary(model)
+    if (path / "generation_config.json").is_file() and model.can_generate():
+        with contextlib.suppress(OSError, ValueError):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    model.eval()
+    return model
+
+
+def check_streamable(model: nn.Module, source: StreamSource) -> None:
+    """Every tensor the skeleton holds is in the files (tied heads aside), else one line naming it."""
+    from quantkit.export.common import tied_keys
+
+    tied = tied_keys(model)
+    for key in model.state_dict().keys():
+        if key not in source.file_of and key not in tied:
+            raise StreamError(
+                f"{short(str(source.path), 160)} has no tensor {short(key, 80)} that the model's config implies "
+                "(its files name tensors differently); load it without --stream"
+            )
+
+
+class StreamedModel:
+    """A meta skeleton plus the files its weights stream from; the pipeline loads and releases
+    modules by full name (`load("model.layers.3")`, `release(...)`)."""
+
+    def __init__(self, model: nn.Module, source: StreamSource):
+        check_streamable(model, source)
+        self.model = model
+        self.source = source
+
+    def load(self, name: str) -> nn.Module:
+        mod = self.model.get_submodule(name)
+        load_module(mod, name, self.source)
+        return mod
+
+    def release(self, name: str) -> None:
+        release_module(self.model.get_submodule(name))
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One state-dict tensor as stored, in the run's dtype (export reads the head and embeddings so)."""
+        return self.source.tensor(key)
