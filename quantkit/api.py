@@ -306,8 +306,12 @@ def export(
     format: str = "compressed-tensors",
     overwrite: bool = False,
     kv_format: str = "int8",
+    max_shard_bytes: int = 2 * 1024**3,
 ):
     """Write a checkpoint dir atomically in `format` (one of EXPORT_FORMATS). Returns its path.
+
+    Weights above max_shard_bytes are split into model-0000k-of-0000n.safetensors shards plus
+    model.safetensors.index.json (as transformers and vLLM read them); the manifest hashes each.
 
     kv_format: "int8" (our runtime's cache) or "fp8" (an FP8 kv_cache_scheme for vLLM;
     the INT8 per-channel scales are kept beside it), for schemes with a KV cache.
@@ -319,14 +323,15 @@ def export(
     if format == "awq":
         from quantkit.export.awq import export_awq
 
-        return export_awq(qmodel, Path(out), overwrite=overwrite)
+        return export_awq(qmodel, Path(out), overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     if format == "gptq":
         from quantkit.export.gptq import export_gptq
 
-        return export_gptq(qmodel, Path(out), overwrite=overwrite)
+        return export_gptq(qmodel, Path(out), overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     from quantkit.export.compressed_tensors import export_compressed_tensors
 
-    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format)
+    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format,
+                                     max_shard_bytes=max_shard_bytes)
 
 
 def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):
