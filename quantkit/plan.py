@@ -325,7 +325,7 @@ def estimate_memory(
     h, L = shape.hidden_size, shape.num_hidden_layers
 
     # Quantized tensors kept for export: q int8 (out, in) + float32 scales (+ int8 zeros).
-    results = 0
+    results = block_results = 0  # all blocks' quantized tensors, one block's
     quantized_params = 0
     packed = 0
     lin = dict(shape.block_linears())
@@ -337,12 +337,16 @@ def estimate_memory(
             continue
         groups = i // group_size_for(args, i) if i % group_size_for(args, i) == 0 else 1
         results += o * i + o * groups * (4 + (0 if args.symmetric else 1))
+        if name.startswith("model.layers.0."):
+            block_results += o * i + o * groups * (4 + (0 if args.symmetric else 1))
         quantized_params += o * i
         packed += o * i * args.bits // 8 + o * groups * wb + (0 if args.symmetric else o * groups * args.bits // 8)
     weights = shape.params() * wb
     file_bytes = weights - quantized_params * wb + packed  # the checkpoint's tensors
     # save_file copies each tensor of a shard to bytes; the packed tensors are new too.
     export = min(file_bytes, _EXPORT_SHARD_BYTES) + min(packed, _EXPORT_SHARD_BYTES)
+    if stream:  # one shard's tensors, read from disk as it is written, + one linear's read-back and check
+        export = min(file_bytes, _EXPORT_SHARD_BYTES) + max(o * i for o, i in lin.values()) * (1 + 4 + 4 + wb)
 
     # Calibration working set (where the blocks run).
     tokens = calib.samples * calib.seqlen
@@ -365,9 +369,8 @@ def estimate_memory(
     if detect:
         host_available = _host_available() if host_available is None else host_available
         device_available = _device_available(device) if device_available is None else device_available
-    # One block's quantized tensors (a streamed run holds these, plus their serialized copy while
-    # the block is saved to OUT.partial, instead of every block's).
-    block_results = results // L if L else 0
+    # A streamed run holds one block's quantized tensors (block_results), plus their serialized copy
+    # while the block is saved to OUT.partial, instead of every block's.
     emb = shape.vocab_size * h * wb
     one_batch = batch_tokens * h * wb * 2 if data else 0  # a batch's inputs + outputs on the device
     host_parts: dict[str, int] = {"runtime": HOST_BASELINE_BYTES}
@@ -379,10 +382,11 @@ def estimate_memory(
                         "forward transients": transient, "statistics": stats}
         catch = emb + act // 2 + rope
         host_fixed = HOST_BASELINE_BYTES + sum(held.values()) + calib_set
-        if stream:  # the phases of a streamed run on the host: catch (embeddings), one block, export
-            host_work = max(emb, block + 2 * block_results, export)
-        else:
-            host_work = export
+        # the phases of a streamed run on the host: catch (embeddings), one block read and saved, export
+        phases = {"streamed: embeddings": emb, "streamed: one block + its results": block + 2 * block_results,
+                  "export": export} if stream else {"export": export}
+        work_name = max(phases, key=phases.get)
+        host_work = phases[work_name]
         if stream and device_available is not None and sum(device_parts.values()) > device_available \
                 and act > one_batch:
             # Activations off the device: one batch at a time visits it; pinned host memory if it fits, else disk.
@@ -391,7 +395,7 @@ def estimate_memory(
             host_room = None if host_available is None else host_available - host_fixed - host_work
             placement = "host" if host_room is None or act <= host_room else "disk"
         host_parts.update(held)
-        host_parts["streamed: embeddings / one block / export" if stream else "export"] = host_work
+        host_parts[work_name] = host_work
         if placement == "host":
             host_parts["calibration activations (pinned)"] = act
         host_peak = sum(host_parts.values()) + calib_set
