@@ -50,6 +50,16 @@ def test_streamed_checkpoint_is_byte_identical(model_dir, tmp_path, method, sche
     assert [k for k in ref if ref[k] != got[k]] == []
 
 
+def test_dir_without_generation_config(model_dir, tmp_path):
+    """The generation config comes from config.json then, as from_pretrained reads it."""
+    src = tmp_path / "src"
+    shutil.copytree(model_dir, src)
+    (src / "generation_config.json").unlink()
+    recipe = Recipe(W4, (Stage("rtn"),))
+    assert _files(_run(src, tmp_path / "mem", recipe, stream=False)) == _files(_run(src, tmp_path / "str", recipe,
+                                                                                     stream=True))
+
+
 def test_streamed_run_holds_one_block(model_dir, tmp_path):
     """Before each block is read, every block (and the embeddings and head) is back on the meta device;
     the results stay on disk."""

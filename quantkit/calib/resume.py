@@ -203,7 +203,7 @@ class Checkpointer:
         self.path = Path(path)
         self.fingerprint = dict(fingerprint)
         self.blocks: list[dict[str, Any]] = []
-        self._open: tuple[int | None, Any] = (None, None)  # the block file a streamed export reads now
+        self._open: tuple[int | None, Any] = (None, None)  # (index, header) of the block file export reads now
         self._prefixes: dict[str, int] | None = None
         self._metas: list[dict[str, Any]] = []
         check_partial_dir(self.path)
@@ -397,19 +397,23 @@ class Checkpointer:
             raise ResumeError(f"{mf.name} in {self.path} is missing or unreadable; delete {self.path} to start "
                               "over") from e
 
-    def _handle(self, index: int):
-        """The open block file `index` (one at a time: export reads the blocks in order)."""
-        from safetensors import safe_open
+    def _header(self, index: int) -> dict[str, Any]:
+        """The header of block file `index` (one cached: export reads the blocks in order)."""
+        from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
 
         if self._open[0] != index:
-            self._open = (None, None)  # drop the previous mapping first
             f = self.path / self.blocks[index]["file"]
             try:
-                self._open = (index, safe_open(str(f), framework="pt", device="cpu"))
-            except Exception as e:  # safetensors' own error type
-                raise ResumeError(f"{f.name} in {self.path} is unreadable ({short(str(e), 80)}); delete {self.path} "
-                                  "to start over") from e
+                self._open = (index, read_safetensors_header(f))
+            except SafetensorsHeaderError as e:
+                raise ResumeError(f"{e}; delete {self.path} to start over") from e
         return self._open[1]
+
+    def _read(self, index: int, keys: list[str]) -> dict[str, torch.Tensor]:
+        from quantkit.models.streaming import read_tensors
+
+        header = self._header(index)
+        return read_tensors(self.path / self.blocks[index]["file"], {k: header[k] for k in keys})
 
     def saved_prefixes(self) -> dict[str, int]:
         """Block name (e.g. model.layers.3) -> index, of every saved block."""
@@ -420,9 +424,9 @@ class Checkpointer:
 
     def read_result(self, index: int, name: str) -> QuantizedTensor:
         self.saved_prefixes()
-        h = self._handle(index)
-        zero = h.get_tensor(f"result/{name}/zero") if f"result/{name}/zero" in h.keys() else None
-        return QuantizedTensor(h.get_tensor(f"result/{name}/q"), h.get_tensor(f"result/{name}/scale"), zero,
+        keys = [f"result/{name}/{p}" for p in ("q", "scale", "zero")]
+        got = self._read(index, [k for k in keys if k in self._header(index)])
+        return QuantizedTensor(got[keys[0]], got[keys[1]], got.get(keys[2]),
                                QuantArgs.from_dict(self._metas[index]["results"][name]))
 
     def block_tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -436,9 +440,8 @@ class Checkpointer:
         if not prefix:
             return None
         i = prefixes[prefix]
-        h = self._handle(i)
-        if f"state/{rel}" in h.keys():
-            return h.get_tensor(f"state/{rel}")
+        if f"state/{rel}" in self._header(i):
+            return self._read(i, [f"state/{rel}"])[f"state/{rel}"]
         if rel in self._metas[i]["recomputed"]:
             return self.read_result(i, key[: -len(".weight")]).dequantize(dtype)
         return None
