@@ -146,6 +146,14 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _put_back(block: nn.Module, home: torch.device, stream, name: str) -> None:
+    """A finished block goes back where it came from; a streamed one is dropped (it is saved)."""
+    if stream is not None:
+        stream.release(name)
+    else:
+        block.to(home)
+
+
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module,
@@ -239,9 +247,7 @@ def _run(model, input_ids, methods, device, batch_size, ignore, on_block, return
             outputs = [] if data_free else propagate()
             store.drop(hidden)
             hidden = outputs
-            block.to(home)
-            if stream is not None:
-                stream.release(name)
+            _put_back(block, home, stream, name)
             del kwargs
             continue
 
@@ -264,9 +270,7 @@ def _run(model, input_ids, methods, device, batch_size, ignore, on_block, return
                 checkpointer.save_block(i, block, ctx.results, ctx.warnings, n, name)
         store.drop(hidden)
         hidden = outputs
-        block.to(home)
-        if stream is not None:
-            stream.release(name)
+        _put_back(block, home, stream, name)
         del stats, kwargs
 
     if stream is not None:

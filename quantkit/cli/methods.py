@@ -86,7 +86,7 @@ def run_recipe(
     existed = out.exists()
     exported = False
     try:
-        status(f"loading {_describe(model)} ...")
+        status(f"loading {_describe(model)}{'; its blocks are read one at a time' if plan.streamed else ''} ...")
         loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, stream=plan.streamed)
         reached("loaded")
         api.check_recipe_fits(loaded.model, recipe)
