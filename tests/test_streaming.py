@@ -60,6 +60,24 @@ def test_dir_without_generation_config(model_dir, tmp_path):
                                                                                      stream=True))
 
 
+def test_gguf_streams_from_its_safetensors_cache(model_dir, tmp_path, monkeypatch):
+    """A .gguf is read through its converted safetensors cache (keyed by the file's sha256); streamed
+    from there, the checkpoint equals the in-memory one."""
+    from quantkit.models import loading
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(64)))
+    monkeypatch.setattr(loading, "_gguf_cache_root", lambda: tmp_path / "cache")
+    cache = tmp_path / "cache" / loading.file_sha256(gguf)[:32]
+    shutil.copytree(model_dir, cache)
+    (cache / "COMPLETE").write_text("test\n")
+    recipe = Recipe(W4, (Stage("rtn"),))
+    loaded = api.load(str(gguf), stream=True)
+    assert loaded.stream is not None and loaded.stream.source.path == cache
+    assert _files(_run(gguf, tmp_path / "mem", recipe, stream=False)) == _files(_run(gguf, tmp_path / "str", recipe,
+                                                                                      stream=True))
+
+
 def test_streamed_run_holds_one_block(model_dir, tmp_path):
     """Before each block is read, every block (and the embeddings and head) is back on the meta device;
     the results stay on disk."""
