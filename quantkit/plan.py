@@ -369,8 +369,6 @@ def estimate_memory(
     if detect:
         host_available = _host_available() if host_available is None else host_available
         device_available = _device_available(device) if device_available is None else device_available
-    # A streamed run holds one block's quantized tensors (block_results), plus their serialized copy
-    # while the block is saved to OUT.partial, instead of every block's.
     emb = shape.vocab_size * h * wb
     one_batch = batch_tokens * h * wb * 2 if data else 0  # a batch's inputs + outputs on the device
     host_parts: dict[str, int] = {"runtime": HOST_BASELINE_BYTES}
@@ -382,7 +380,8 @@ def estimate_memory(
                         "forward transients": transient, "statistics": stats}
         catch = emb + act // 2 + rope
         host_fixed = HOST_BASELINE_BYTES + sum(held.values()) + calib_set
-        # the phases of a streamed run on the host: catch (embeddings), one block read and saved, export
+        # The phases of a streamed run on the host: catch (embeddings), one block read and saved (with its
+        # quantized tensors and their serialized copy for OUT.partial, instead of every block's), export.
         phases = {"streamed: embeddings": emb, "streamed: one block + its results": block + 2 * block_results,
                   "export": export} if stream else {"export": export}
         work_name = max(phases, key=phases.get)
@@ -401,19 +400,20 @@ def estimate_memory(
         host_peak = sum(host_parts.values()) + calib_set
         device_peak = max(catch, sum(device_parts.values()))
     else:
-        calib_work = act + rope + transient + stats + calib_set
         fixed = HOST_BASELINE_BYTES + sum(held.values())
-        phases = {"export": export}
-        if stream:
-            phases = {"streamed: embeddings (catching block inputs)": emb + act // 2 + rope + calib_set,
-                      "streamed: one block + its results": block + 2 * block_results + calib_work,
-                      "export": export}
-        else:
-            phases["calibration (activations, stats)"] = calib_work
+
+        def cpu_phases(a: int) -> dict[str, int]:  # a: the activations held in memory
+            calib_work = a + rope + transient + stats + calib_set
+            if not stream:
+                return {"export": export, "calibration (activations, stats)": calib_work}
+            return {"streamed: embeddings (catching block inputs)": emb + a // 2 + rope + calib_set,
+                    "streamed: one block + its results": block + 2 * block_results + calib_work, "export": export}
+
+        phases = cpu_phases(act)
         if stream and host_available is not None and fixed + max(phases.values()) > host_available \
                 and act > one_batch:
             placement = "disk"  # the activations wait in files; one batch at a time is in memory
-            phases = {k: v - (act - one_batch) if k != "export" else v for k, v in phases.items()}
+            phases = cpu_phases(one_batch)
         host_parts.update(held)
         worst = max(phases, key=phases.get)
         host_parts[worst] = phases[worst]

@@ -221,3 +221,30 @@ def test_plan_llama3_70b_fits_80gb_gpu_and_64gb_ram():
     assert code == 0 and "no" in text.split("│ fits")[1][:40] and "--stream" in text
     code, text = run_cli("plan", "--shape", "huge")
     assert code == 2 and "unknown --shape 'huge'" in text
+
+
+def test_plan_places_activations_where_they_fit():
+    """Streamed 8B GPTQ at 128 x 2048 (4 GiB of activations per boundary pair): on the device when it has room,
+    else pinned host memory, else disk; in memory (not streamed) they stay on the device."""
+    from quantkit.models.random import SHAPES
+    from quantkit.plan import GiB, plan_run
+
+    recipe = Recipe(Scheme(QuantArgs(bits=4, group_size=128)), (Stage("gptq"),))
+    calib = api.CalibConfig(samples=128, seqlen=2048, batch_size=8)
+    cfg = SHAPES["llama3-8b"]
+
+    def plan(dev, host, device="cuda", stream=True):
+        return plan_run(cfg, recipe, calib, device, dtype="bfloat16", stream=stream, detect=False,
+                        device_available=int(dev * GiB) if dev else None, host_available=int(host * GiB))
+
+    roomy = plan(80, 64)
+    assert roomy.activations == "device" and roomy.fits
+    tight = plan(roomy.device_peak / GiB - 1, 64)
+    assert tight.activations == "host" and tight.fits and tight.device_peak < roomy.device_peak - 3 * GiB
+    assert tight.host_parts["calibration activations (pinned)"] == roomy.device_parts["block inputs + outputs"]
+    disk = plan(roomy.device_peak / GiB - 1, tight.host_peak / GiB - 1)
+    assert disk.activations == "disk" and disk.fits and disk.host_peak < tight.host_peak
+    assert plan(roomy.device_peak / GiB - 1, 64, stream=False).activations == "device"
+    cpu = plan(None, 64, device="cpu")
+    cpu_tight = plan(None, cpu.host_peak / GiB - 1, device="cpu")
+    assert cpu.activations == "device" and cpu_tight.activations == "disk" and cpu_tight.fits
