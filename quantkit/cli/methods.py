@@ -124,7 +124,7 @@ def run_recipe(
                 summary["kv_cache"] = sim.to_dict()
         try:
             path = api.export(qmodel, out, format=format, overwrite=overwrite, kv_format=kv_format,
-                              max_shard_bytes=int(shard_size * 2**30))
+                              max_shard_bytes=max(1, int(shard_size * 2**30)))
         except OperationError as e:  # disk full, permissions: the calibrated blocks survive for --resume
             raise type(e)(f"{e}; the calibrated blocks are kept in {partial}: fix that and rerun with --resume") from e
         exported = True
@@ -205,7 +205,7 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
         v.check_windows("--windows", eval_cfg.windows or 0)
         v.check_seqlen("--eval-seqlen", eval_cfg.seqlen)
     v.check_text_source("--calib", calib.data)
-    v.check_float("--shard-size", shard_size, min=0, min_open=True, note=" GiB")
+    v.check_float("--shard-size", shard_size, min=0, max=2**20, min_open=True, note=" GiB")
     if stream and eval_cfg is not None:
         raise v.OptionError("--eval scores the whole model in memory, which --stream avoids; drop one of them "
                             "(`quantkit eval --model OUT` scores the checkpoint afterwards)")

@@ -63,8 +63,8 @@ def plan_cmd(
     chk.check_samples_batch(samples, batch_size)
     chk.check_seqlen("--seqlen", seqlen)
     chk.check_dtype(dtype)
-    chk.check_float("--device-memory", device_memory, min=0, min_open=True, note=" GiB")
-    chk.check_float("--host-memory", host_memory, min=0, min_open=True, note=" GiB")
+    chk.check_float("--device-memory", device_memory, min=0, max=2**30, min_open=True, note=" GiB")
+    chk.check_float("--host-memory", host_memory, min=0, max=2**30, min_open=True, note=" GiB")
     if shape is not None and model is not None:
         raise chk.OptionError("give --model or --shape, not both")
     chk.check_output_file("--json", json_out)
