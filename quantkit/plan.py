@@ -380,9 +380,10 @@ def estimate_memory(
                         "forward transients": transient, "statistics": stats}
         catch = emb + act // 2 + rope
         host_fixed = HOST_BASELINE_BYTES + sum(held.values()) + calib_set
-        # The phases of a streamed run on the host: catch (embeddings), one block read and saved (with its
-        # quantized tensors and their serialized copy for OUT.partial, instead of every block's), export.
-        phases = {"streamed: embeddings": emb, "streamed: one block + its results": block + 2 * block_results,
+        # The phases of a streamed run on the host: catch (embeddings), one block calibrated and saved (with
+        # its quantized tensors and their serialized copy for OUT.partial, instead of every block's) while the
+        # next one is read ahead, export.
+        phases = {"streamed: embeddings": emb, "streamed: two blocks (one read ahead) + results": 2 * block + 2 * block_results,
                   "export": export} if stream else {"export": export}
         work_name = max(phases, key=phases.get)
         host_work = phases[work_name]
@@ -407,7 +408,8 @@ def estimate_memory(
             if not stream:
                 return {"export": export, "calibration (activations, stats)": calib_work}
             return {"streamed: embeddings (catching block inputs)": emb + a // 2 + rope + calib_set,
-                    "streamed: one block + its results": block + 2 * block_results + calib_work, "export": export}
+                    "streamed: two blocks (one read ahead) + results": 2 * block + 2 * block_results + calib_work,
+                    "export": export}
 
         phases = cpu_phases(act)
         if stream and host_available is not None and fixed + max(phases.values()) > host_available \

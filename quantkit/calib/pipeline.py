@@ -187,9 +187,13 @@ def run_layerwise(
     """
     device = torch.device(device)
     store = ActivationStore(activations, device, folder=checkpointer.path.parent if checkpointer else None)
-    with store:
-        return _run(model, input_ids, methods, device, batch_size, ignore, on_block, return_hidden, checkpointer,
-                    stream, store)
+    try:
+        with store:
+            return _run(model, input_ids, methods, device, batch_size, ignore, on_block, return_hidden, checkpointer,
+                        stream, store)
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 def _run(model, input_ids, methods, device, batch_size, ignore, on_block, return_hidden, checkpointer, stream,
@@ -225,6 +229,8 @@ def _run(model, input_ids, methods, device, batch_size, ignore, on_block, return
             on_block(i, n, name, "restored" if i < start else label)
         if stream is not None:
             stream.load(name)
+            if i + 1 < n:  # the next block is read from disk while this one calibrates
+                stream.prefetch(adapter.block_name(i + 1))
         home = next(block.parameters()).device
         if i < start:
             # Finished in an earlier run: load it, and rerun it only to rebuild the

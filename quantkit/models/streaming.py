@@ -114,12 +114,19 @@ def _tensor_names(module: nn.Module) -> list[str]:
     return list(module.state_dict(keep_vars=True).keys())
 
 
-def load_module(module: nn.Module, prefix: str, source: StreamSource) -> None:
-    """Give a meta-device `module` (full name `prefix`) its tensors from `source`, in place."""
-    names = _tensor_names(module)
+def _module_keys(module: nn.Module, prefix: str) -> list[str]:
     pre = f"{prefix}." if prefix else ""
-    got = source.read([pre + n for n in names])
-    module.load_state_dict({n: got[pre + n] for n in names}, strict=True, assign=True)
+    return [pre + n for n in _tensor_names(module)]
+
+
+def load_module(module: nn.Module, prefix: str, source: StreamSource,
+                got: dict[str, torch.Tensor] | None = None) -> None:
+    """Give a meta-device `module` (full name `prefix`) its tensors from `source` (or `got`, read
+    ahead), in place."""
+    keys = _module_keys(module, prefix)
+    got = source.read(keys) if got is None else got
+    n = len(prefix) + 1 if prefix else 0
+    module.load_state_dict({k[n:]: got[k] for k in keys}, strict=True, assign=True)
 
 
 def release_module(module: nn.Module) -> None:
@@ -180,11 +187,34 @@ class StreamedModel:
         check_streamable(model, source)
         self.model = model
         self.source = source
+        self._ahead: tuple[str, Any] | None = None  # (name, future) of the module being read ahead
+        self._pool = None
+
+    def prefetch(self, name: str) -> None:
+        """Start reading module `name` in a background thread (file reads and dtype casts release the
+        GIL), so the next `load(name)` finds it read while the current block calibrates."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-stream")
+        keys = _module_keys(self.model.get_submodule(name), name)
+        self._ahead = (name, self._pool.submit(self.source.read, keys))
 
     def load(self, name: str) -> nn.Module:
         mod = self.model.get_submodule(name)
-        load_module(mod, name, self.source)
+        got = None
+        if self._ahead is not None and self._ahead[0] == name:
+            got = self._ahead[1].result()  # re-raises a read error here, in the pipeline's thread
+        self._ahead = None
+        load_module(mod, name, self.source, got)
         return mod
+
+    def close(self) -> None:
+        """Stop reading ahead (a pending read is waited for, its tensors dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._ahead = None
 
     def release(self, name: str) -> None:
         release_module(self.model.get_submodule(name))
