@@ -149,7 +149,7 @@ class MemoryPlan:
             if self.device_available is not None:
                 s += f" of {gib(self.device_available)} free"
         if self.streamed:
-            s += "; streamed (one block in memory at a time)"
+            s += "; streamed (blocks read from the shards one at a time)"
         if self.activations != "device":
             s += f"; activations on {'pinned host memory' if self.activations == 'host' else 'disk'}"
         return s + ("" if self.fits else " — does not fit")
@@ -484,7 +484,7 @@ def estimate_memory(
             streamed = estimate_memory(shape, recipe, calib, device, dtype=dtype, with_data=with_data,
                                        host_available=host_available, device_available=device_available,
                                        detect=False, stream=True)
-            plan.advice.append(f"--stream (one block in host memory at a time: host peak ~{streamed.host_peak / GiB:.1f}"
+            plan.advice.append(f"--stream (blocks read from the shards one at a time: host peak ~{streamed.host_peak / GiB:.1f}"
                                   " GiB)")
         if over_dev and not over_host:
             plan.advice.append("--device cpu (calibrate in host memory, slower)")

@@ -190,10 +190,10 @@ def test_run_streams_only_when_memory_requires(model_dir, tmp_path, monkeypatch)
     assert code == 0 and "streamed" not in text.split("\n")[0], text
     monkeypatch.setattr(plan_mod, "_host_available", lambda: (streamed.host_peak + mem.host_peak) // 2)
     code, text = run_cli("rtn", "--model", model_dir, "--out", tmp_path / "b", "-g", "32")
-    assert code == 0 and "streamed (one block in memory at a time)" in text, text
+    assert code == 0 and "streamed (blocks read from the shards one at a time)" in text, text
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     code, text = run_cli("rtn", "--model", model_dir, "--out", tmp_path / "c", "-g", "32", "--no-stream")
-    assert code == 2 and "try --stream (one block in host memory at a time" in text.replace("\n", " "), text
+    assert code == 2 and "try --stream (blocks read from the shards one at a time" in text.replace("\n", " "), text
 
 
 def test_plan_streamed_peak_is_independent_of_depth():
@@ -215,7 +215,7 @@ def test_plan_streamed_peak_is_independent_of_depth():
 def test_plan_llama3_70b_fits_80gb_gpu_and_64gb_ram():
     code, text = run_cli("plan", "--shape", "llama3-70b", "--method", "gptq", "--group-size", "128", "--samples",
                          "128", "--seqlen", "2048", "--device", "cuda", "--device-memory", "80", "--host-memory", "64")
-    assert code == 0 and "streamed: one block" in text and "│ fits" in text and "yes" in text.split("│ fits")[1][:40]
+    assert code == 0 and "streamed: blocks read" in text and "│ fits" in text and "yes" in text.split("│ fits")[1][:40]
     code, text = run_cli("plan", "--shape", "llama3-70b", "--method", "gptq", "--device", "cuda",
                          "--device-memory", "80", "--host-memory", "64", "--no-stream")
     assert code == 0 and "no" in text.split("│ fits")[1][:40] and "--stream" in text

@@ -110,7 +110,7 @@ def plan_cmd(
     if dev != "cpu":
         t.add_row(f"[bold]{dev} peak[/]", f"{p.device_peak / 2**30:.2f} GiB"
                   + (f" of {p.device_available / 2**30:.2f} GiB free" if p.device_available else ""))
-    t.add_row("mode", "streamed: one block in host memory at a time" if p.streamed else "whole model in host memory")
+    t.add_row("mode", "streamed: blocks read from the shards one at a time" if p.streamed else "whole model in host memory")
     if p.activations != "device" or dev != "cpu":
         t.add_row("calibration activations", {"device": f"on {dev}", "host": "pinned host memory",
                                               "disk": "on disk, one batch at a time in memory"}[p.activations])
