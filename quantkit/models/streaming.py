@@ -179,12 +179,36 @@ def check_streamable(model: nn.Module, source: StreamSource) -> None:
             )
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def fix_malloc_threshold(nbytes: int = 1 << 20) -> bool:
+    """Have glibc give allocations of `nbytes` and more their own mapping, returned to the system when freed.
+
+    glibc raises its mmap threshold to the size of each mapped block it frees (up to 32 MiB), so a run
+    that reads and drops a block's tensors again and again serves them from the heap, which only grows:
+    measured on a 12-layer Llama-3-1B-shaped streamed RTN run, the resident set crept from 0.71 to
+    0.96 GiB over the blocks and peaked at 2.40 GiB in the export; with a fixed 1 MiB threshold it
+    stayed at 0.63 GiB and peaked at 1.61 GiB. Setting the threshold turns that adjustment off. A no-op
+    (False) without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
 class StreamedModel:
     """A meta skeleton plus the files its weights stream from; the pipeline loads and releases
     modules by full name (`load("model.layers.3")`, `release(...)`)."""
 
     def __init__(self, model: nn.Module, source: StreamSource):
         check_streamable(model, source)
+        fix_malloc_threshold()
         self.model = model
         self.source = source
         self._ahead: tuple[str, Any] | None = None  # (name, future) of the module being read ahead
