@@ -34,6 +34,7 @@ __all__ = [
     "calibration_for",
     "eval_windows",
     "needs_calibration",
+    "streams",
 ]
 
 EXPORT_FORMATS = ("compressed-tensors", "awq", "gptq")
@@ -58,9 +59,11 @@ class EvalConfig:
     batch_size: int = 4
 
 
-def load(model: str | None = None, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False):
-    """Load model + tokenizer (see `quantkit.models.loading.load_model`)."""
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+def load(model: str | None = None, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
+         stream: bool = False):
+    """Load model + tokenizer (see `quantkit.models.loading.load_model`); stream: a meta skeleton whose
+    blocks `quantize` reads from the safetensors files one at a time."""
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, stream=stream)
 
 
 def quantizable_linears(model, recipe: Recipe) -> dict[str, Any]:
@@ -132,6 +135,7 @@ def quantize(
     resume: bool = False,
     overwrite_partial: bool = False,
     sensitive: str | Path | None = None,
+    activations: str = "device",
 ) -> QuantizedModel:
     """Run the recipe's stages layer by layer over the calibration set; weights change in place.
 
@@ -143,6 +147,11 @@ def quantize(
     sensitive: a sensitive_layers.json; its FP16-flagged linears (plus their
     vLLM-fused siblings) join the ignore list and stay float, and their RTN
     quantized versions are kept as `shadow` copies for the runtime.
+    A streamed model (`load(..., stream=True)`) reads each block from its files when the pipeline
+    reaches it and keeps the finished blocks only in partial_dir (required then), which export reads
+    from; recipes with a whole-model transform (`streams(recipe)` is False) need the model in memory.
+    activations: where calibration activations wait between blocks: "device", "host" (pinned) or
+    "disk" (quantkit.calib.activations; the memory plan's `activations` says which fits).
     """
     from quantkit.calib.pipeline import run_layerwise
     from quantkit.methods.base import build_methods
@@ -152,6 +161,13 @@ def quantize(
         recipe = mixed["recipe"]
     check_recipe_fits(loaded.model, recipe)
     methods = build_methods(recipe)  # only the last stage quantizes; earlier ones transform
+    stream = loaded.stream
+    if stream is not None:
+        if not streams(recipe):
+            raise RecipeError(f"{', '.join(whole_model_methods(recipe))} transforms the whole model at once, so it "
+                              "runs with the model in memory: drop --stream")
+        if partial_dir is None:
+            raise ValueError("a streamed run saves its finished blocks to partial_dir; pass one")
     from quantkit.methods._static_scales import static_scale_collector
     from quantkit.quant.static import needs_static_scales
 
@@ -191,7 +207,17 @@ def quantize(
         ignore=recipe.ignore,
         on_block=on_block,
         checkpointer=checkpointer,
+        stream=stream,
+        activations=activations,
     )
+    tensors = None
+    if stream is not None:
+        meta = loaded.model.state_dict()
+
+        def tensors(key: str):  # a finished block's tensor from partial_dir, else the source's (head, norms)
+            t = checkpointer.block_tensor(key, meta[key].dtype)
+            return stream.tensor(key) if t is None else t
+
     qm = QuantizedModel(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
@@ -203,15 +229,29 @@ def quantize(
         static_scales=collector.scales if collector is not None else None,
         online_rotations=online,
         training={m.name: m.artifacts["training"] for m in methods if "training" in getattr(m, "artifacts", {})},
+        tensors=tensors,
     )
     if mixed is not None:
         from quantkit.quant.core import quantize_weight
 
         for name in mixed["fp16"]:  # RTN with the scheme's weight args: the runtime's switchable copy
-            qm.shadow[name] = quantize_weight(loaded.model.get_submodule(name).weight.data, recipe.scheme.weights).to("cpu")
+            w = loaded.model.get_submodule(name).weight.data if stream is None else tensors(f"{name}.weight")
+            qm.shadow[name] = quantize_weight(w, recipe.scheme.weights).to("cpu")
         qm.sensitivity = mixed["mask"]
         qm.warnings.extend(mixed["warnings"])
     return qm
+
+
+def whole_model_methods(recipe: Recipe) -> list[str]:
+    """Stages with a whole-model transform before the layer-wise pipeline (SpinQuant's rotations)."""
+    from quantkit.methods.base import Method, get_method
+
+    return [s.method for s in recipe.stages if get_method(s.method).prepare_model is not Method.prepare_model]
+
+
+def streams(recipe: Recipe) -> bool:
+    """Whether the recipe can run streamed (block by block from the files): no whole-model transform."""
+    return not whole_model_methods(recipe)
 
 
 def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
@@ -296,8 +336,12 @@ def export(
     format: str = "compressed-tensors",
     overwrite: bool = False,
     kv_format: str = "int8",
+    max_shard_bytes: int = 2 * 1024**3,
 ):
     """Write a checkpoint dir atomically in `format` (one of EXPORT_FORMATS). Returns its path.
+
+    Weights above max_shard_bytes are split into model-0000k-of-0000n.safetensors shards plus
+    model.safetensors.index.json (as transformers and vLLM read them); the manifest hashes each.
 
     kv_format: "int8" (our runtime's cache) or "fp8" (an FP8 kv_cache_scheme for vLLM;
     the INT8 per-channel scales are kept beside it), for schemes with a KV cache.
@@ -309,11 +353,11 @@ def export(
     if format == "awq":
         from quantkit.export.awq import export_awq
 
-        return export_awq(qmodel, Path(out), overwrite=overwrite)
+        return export_awq(qmodel, Path(out), overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     if format == "gptq":
         from quantkit.export.gptq import export_gptq
 
-        return export_gptq(qmodel, Path(out), overwrite=overwrite)
+        return export_gptq(qmodel, Path(out), overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     from quantkit.export.compressed_tensors import export_compressed_tensors
     from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
 
@@ -321,7 +365,8 @@ def export(
         routers = ModelAdapter.for_model(qmodel.model).routers()
     except UnsupportedModelError:
         routers = []
-    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format, float_modules=routers)
+    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format, float_modules=routers,
+                                     max_shard_bytes=max_shard_bytes)
 
 
 def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):

@@ -177,6 +177,8 @@ class MemoryPlan:
     device: str = "cpu"
     fits: bool = True
     advice: list[str] = field(default_factory=list)
+    streamed: bool = False  # blocks read one at a time from the safetensors files
+    activations: str = "device"  # where calibration activations wait between blocks: device, host, disk
 
     def summary(self) -> str:
         """One line for the start of a run."""
@@ -190,11 +192,16 @@ class MemoryPlan:
             s += f"; {self.device} peak ~{gib(self.device_peak)}"
             if self.device_available is not None:
                 s += f" of {gib(self.device_available)} free"
+        if self.streamed:
+            s += "; streamed (blocks read from the shards one at a time)"
+        if self.activations != "device":
+            s += f"; activations on {'pinned host memory' if self.activations == 'host' else 'disk'}"
         return s + ("" if self.fits else " — does not fit")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("device", "host_peak", "device_peak", "host_parts", "device_parts",
-                                              "host_available", "device_available", "fits", "advice")}
+                                              "host_available", "device_available", "fits", "advice", "streamed",
+                                              "activations")}
 
 
 def _stat_kinds(recipe) -> frozenset[str]:
@@ -336,6 +343,7 @@ def estimate_memory(
     host_available: int | None = None,
     device_available: int | None = None,
     detect: bool = True,
+    stream: bool = False,
 ) -> MemoryPlan:
     """Estimate peak memory of quantizing a model of `config` with `recipe` (no weights loaded).
 
@@ -345,6 +353,10 @@ def estimate_memory(
     methods ask for statistics; RTN is data-free). host/device_available: bytes to
     compare with (default: detected when detect=True). Returns a MemoryPlan whose
     `advice` lists flags that would make a non-fitting run fit.
+    stream: the run reads one block at a time from the safetensors files (--stream): the host
+    holds one block, its results and the calibration set, not the model. The plan's
+    `activations` says where the activations between blocks fit: "device", "host" (pinned;
+    a GPU run whose device cannot hold them) or "disk"; only a streamed run moves them off the device.
     """
     from quantkit.calib.pipeline import is_ignored
     from quantkit.quant.core import group_size_for
@@ -360,7 +372,7 @@ def estimate_memory(
     h, L = shape.hidden_size, shape.num_hidden_layers
 
     # Quantized tensors kept for export: q int8 (out, in) + float32 scales (+ int8 zeros).
-    results = 0
+    results = block_results = 0  # all blocks' quantized tensors, one block's
     quantized_params = 0
     packed = 0
     lin = dict(shape.block_linears())
@@ -372,12 +384,16 @@ def estimate_memory(
             continue
         groups = i // group_size_for(args, i) if i % group_size_for(args, i) == 0 else 1
         results += o * i + o * groups * (4 + (0 if args.symmetric else 1))
+        if name.startswith("model.layers.0."):
+            block_results += o * i + o * groups * (4 + (0 if args.symmetric else 1))
         quantized_params += o * i
         packed += o * i * args.bits // 8 + o * groups * wb + (0 if args.symmetric else o * groups * args.bits // 8)
     weights = shape.params() * wb
     file_bytes = weights - quantized_params * wb + packed  # the checkpoint's tensors
     # save_file copies each tensor of a shard to bytes; the packed tensors are new too.
     export = min(file_bytes, _EXPORT_SHARD_BYTES) + min(packed, _EXPORT_SHARD_BYTES)
+    if stream:  # one shard's tensors, read from disk as it is written, + one linear's read-back and check
+        export = min(file_bytes, _EXPORT_SHARD_BYTES) + max(o * i for o, i in lin.values()) * (1 + 4 + 4 + wb)
 
     # Calibration working set (where the blocks run).
     tokens = calib.samples * calib.seqlen
@@ -397,18 +413,59 @@ def estimate_memory(
     block = shape.block_params() * wb
     calib_set = tokens * 8 * 2 if data else 0  # int64 token ids (+ the batches' copy)
 
-    host_parts = {"runtime": HOST_BASELINE_BYTES, "weights": weights, "quantized tensors": results}
+    if detect:
+        host_available = _host_available() if host_available is None else host_available
+        device_available = _device_available(device) if device_available is None else device_available
+    emb = shape.vocab_size * h * wb
+    one_batch = batch_tokens * h * wb * 2 if data else 0  # a batch's inputs + outputs on the device
+    host_parts: dict[str, int] = {"runtime": HOST_BASELINE_BYTES}
+    held = {"weights": weights, "quantized tensors": results} if not stream else {}
     device_parts: dict[str, int] = {}
+    placement = "device"
     if on_gpu:
-        host_parts["export"] = export
-        host_peak = sum(host_parts.values()) + calib_set
-        catch = shape.vocab_size * h * wb + act // 2 + rope
         device_parts = {"block weights": block, "block inputs + outputs": act, "rotary kwargs": rope,
                         "forward transients": transient, "statistics": stats}
+        catch = emb + act // 2 + rope
+        host_fixed = HOST_BASELINE_BYTES + sum(held.values()) + calib_set
+        # The phases of a streamed run on the host: catch (embeddings), one block calibrated and saved (with
+        # its quantized tensors and their serialized copy for OUT.partial, instead of every block's) while the
+        # next one is read ahead, export.
+        phases = {"streamed: embeddings": emb, "streamed: two blocks (one read ahead) + results": 2 * block + 2 * block_results,
+                  "export": export} if stream else {"export": export}
+        work_name = max(phases, key=phases.get)
+        host_work = phases[work_name]
+        if stream and device_available is not None and sum(device_parts.values()) > device_available \
+                and act > one_batch:
+            # Activations off the device: one batch at a time visits it; pinned host memory if it fits, else disk.
+            device_parts["block inputs + outputs"] = one_batch
+            catch = emb + one_batch + rope
+            host_room = None if host_available is None else host_available - host_fixed - host_work
+            placement = "host" if host_room is None or act <= host_room else "disk"
+        host_parts.update(held)
+        host_parts[work_name] = host_work
+        if placement == "host":
+            host_parts["calibration activations (pinned)"] = act
+        host_peak = sum(host_parts.values()) + calib_set
         device_peak = max(catch, sum(device_parts.values()))
     else:
-        calib_work = act + rope + transient + stats + calib_set
-        host_parts["calibration (activations, stats)" if calib_work >= export else "export"] = max(calib_work, export)
+        fixed = HOST_BASELINE_BYTES + sum(held.values())
+
+        def cpu_phases(a: int) -> dict[str, int]:  # a: the activations held in memory
+            calib_work = a + rope + transient + stats + calib_set
+            if not stream:
+                return {"export": export, "calibration (activations, stats)": calib_work}
+            return {"streamed: embeddings (catching block inputs)": emb + a // 2 + rope + calib_set,
+                    "streamed: two blocks (one read ahead) + results": 2 * block + 2 * block_results + calib_work,
+                    "export": export}
+
+        phases = cpu_phases(act)
+        if stream and host_available is not None and fixed + max(phases.values()) > host_available \
+                and act > one_batch:
+            placement = "disk"  # the activations wait in files; one batch at a time is in memory
+            phases = cpu_phases(one_batch)
+        host_parts.update(held)
+        worst = max(phases, key=phases.get)
+        host_parts[worst] = phases[worst]
         host_peak = sum(host_parts.values())
         device_peak = 0
 
@@ -434,10 +491,8 @@ def estimate_memory(
                 host_parts["rotation training"] = extra
                 host_peak, training_peak = sum(host_parts.values()), True
 
-    if detect:
-        host_available = _host_available() if host_available is None else host_available
-        device_available = _device_available(device) if device_available is None else device_available
-    plan = MemoryPlan(host_peak, device_peak, host_parts, device_parts, host_available, device_available, device)
+    plan = MemoryPlan(host_peak, device_peak, host_parts, device_parts, host_available, device_available, device,
+                      streamed=stream, activations=placement)
     over_host = host_available is not None and host_peak > host_available
     over_dev = on_gpu and device_available is not None and device_peak > device_available
     plan.fits = not (over_host or over_dev)
@@ -472,10 +527,34 @@ def estimate_memory(
                     plan.advice.append(f"--seqlen {s}")
         if data and calib.batch_size > 1:
             plan.advice.append("--batch-size 1 (smaller forward transients)")
-        if over_host:
-            plan.advice.append(_HOST_WEIGHTS_ADVICE.format(gib=weights / GiB))
+        if over_host and not stream:
+            streamed = estimate_memory(shape, recipe, calib, device, dtype=dtype, with_data=with_data,
+                                       host_available=host_available, device_available=device_available,
+                                       detect=False, stream=True)
+            plan.advice.append(f"--stream (blocks read from the shards one at a time: host peak ~{streamed.host_peak / GiB:.1f}"
+                                  " GiB)")
         if over_dev and not over_host:
             plan.advice.append("--device cpu (calibrate in host memory, slower)")
+    return plan
+
+
+def plan_run(config: dict[str, Any] | ModelShape, recipe, calib, device: str = "cpu", *, dtype: str = "auto",
+             stream: bool | None = None, can_stream: bool = True, **kw) -> MemoryPlan:
+    """The plan of the run quantkit will make: streamed when asked (stream=True), in memory when
+    asked (False); None (the default): in memory when that fits, else streamed when that fits and
+    the run can stream (can_stream: no whole-model transform, a float safetensors or GGUF source,
+    no --eval). kw: estimate_memory's (host_available, device_available, detect, with_data)."""
+    if stream:
+        return estimate_memory(config, recipe, calib, device, dtype=dtype, stream=True, **kw)
+    plan = estimate_memory(config, recipe, calib, device, dtype=dtype, **kw)
+    if stream is None and not plan.fits and can_stream:
+        if kw.get("detect", True):  # measure once: both plans compare against the same numbers
+            kw = {**kw, "host_available": plan.host_available, "device_available": plan.device_available}
+        streamed = estimate_memory(config, recipe, calib, device, dtype=dtype, stream=True, **kw)
+        if streamed.fits:
+            return streamed
+    if not can_stream:
+        plan.advice = [a for a in plan.advice if not a.startswith("--stream")]
     return plan
 
 

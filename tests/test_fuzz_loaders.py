@@ -229,7 +229,7 @@ _ints = st.sampled_from([-(2**63), -1, 0, 1, 2, 3, 7, 16, 32, 33, 257, 10**9, 2*
 _floats = st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e-9", "0.01", "0.5", "1", "2", "1e308"])
 _OPTIONS = {  # command -> option -> values (ints and floats as text, as a shell passes them)
     "rtn": {"--bits": _ints, "--group-size": _ints, "--samples": _ints, "--seqlen": _ints, "--batch-size": _ints,
-            "--windows": _ints, "--eval-seqlen": _ints, "--seed": _ints,
+            "--windows": _ints, "--eval-seqlen": _ints, "--seed": _ints, "--shard-size": _floats,
             "--dtype": st.sampled_from(["auto", "float32", "bfloat16", "int8", "float64", "x"]),
             "--device": st.sampled_from(["cpu", "auto", "cuda:0", "tpu", ""])},
     "awq": {"--awq-grid": _ints, "--clip-grid": _ints, "--max-shrink": _floats, "--search-samples": _ints,
@@ -241,6 +241,7 @@ _OPTIONS = {  # command -> option -> values (ints and floats as text, as a shell
              "--kl": _floats, "--energy": _floats, "--target-fraction": _floats, "--windows": _ints,
              "--samples": _ints, "--seqlen": _ints, "--eval-seqlen": _ints},
     "plan": {"--samples": _ints, "--seqlen": _ints, "--batch-size": _ints, "--device-memory": _floats,
+             "--host-memory": _floats,
              "--method": st.sampled_from(["rtn", "gptq", "awq"])},
 }
 # Baseline values that make a run small; the drawn options replace some of them.

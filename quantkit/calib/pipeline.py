@@ -10,6 +10,12 @@
 
 With no method applied, the final hidden states equal the full model's forward
 (tested), so any difference after quantization is the methods' doing.
+
+Streamed (`stream`, quantkit.models.streaming.StreamedModel): the model is a meta
+skeleton; the embeddings are read for step 1 only, each block is read from the
+safetensors shards when its turn comes and dropped once the checkpointer has saved it,
+and the results stay on disk (the checkpointer's lazy view), so host memory holds one
+block however deep the model is.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit.calib.activations import ActivationStore
 from quantkit.calib.capture import capture_inputs
 from quantkit.calib.resume import Checkpointer
 from quantkit.methods.base import BlockContext, Method
@@ -80,11 +87,13 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def _catch_block_inputs(
-    model: nn.Module, adapter: ModelAdapter, batches: list[torch.Tensor], device: torch.device
-) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    model: nn.Module, adapter: ModelAdapter, batches: list[torch.Tensor], device: torch.device,
+    put: Callable[[torch.Tensor], Any] = lambda t: t,
+) -> tuple[list[Any], list[list[dict[str, Any]]]]:
     """Run the model with every block stubbed out; record block inputs.
 
-    Returns block-0 hidden states per batch and kwargs[block][batch].
+    Returns block-0 hidden states per batch (each passed through `put`: where they are kept)
+    and kwargs[block][batch].
     """
     blocks = adapter.blocks()
     n_blocks = len(blocks)
@@ -109,7 +118,7 @@ def _catch_block_inputs(
                     kwargs[key] = None
             kwargs_per_block[i].append(kwargs)
             if i == 0:
-                hidden0.append(hidden_states)
+                hidden0.append(put(hidden_states))
             return hidden_states
 
         return stub
@@ -137,6 +146,14 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _put_back(block: nn.Module, home: torch.device, stream, name: str) -> None:
+    """A finished block goes back where it came from; a streamed one is dropped (it is saved)."""
+    if stream is not None:
+        stream.release(name)
+    else:
+        block.to(home)
+
+
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module,
@@ -149,6 +166,8 @@ def run_layerwise(
     on_block: ProgressFn | None = None,
     return_hidden: bool = False,
     checkpointer: Checkpointer | None = None,
+    stream=None,
+    activations: str = "device",
 ) -> PipelineResult:
     """Calibrate `model` block by block on `input_ids` (samples, seqlen) with `methods` in order.
 
@@ -160,20 +179,46 @@ def run_layerwise(
     checkpointer (quantkit.calib.resume.Checkpointer): blocks it already holds are
     restored from disk and only run forward (to rebuild the next block's inputs);
     every newly finished block is saved to it. None: nothing is saved.
+    stream (quantkit.models.streaming.StreamedModel): `model` is its meta skeleton; blocks are
+    read when reached and released when saved; needs a checkpointer, and `results` is then
+    its lazy view of the saved blocks (nothing of them stays in memory).
+    activations: where the hidden states between blocks wait ("device", "host" or "disk";
+    quantkit.calib.activations): off the device, one batch at a time visits it.
     """
     device = torch.device(device)
+    store = ActivationStore(activations, device, folder=checkpointer.path.parent if checkpointer else None)
+    try:
+        with store:
+            return _run(model, input_ids, methods, device, batch_size, ignore, on_block, return_hidden, checkpointer,
+                        stream, store)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def _run(model, input_ids, methods, device, batch_size, ignore, on_block, return_hidden, checkpointer, stream,
+         store: ActivationStore) -> PipelineResult:
     adapter = ModelAdapter.for_model(model)
     blocks = adapter.blocks()
     n = len(blocks)
     kinds = frozenset().union(*(m.stats for m in methods)) if methods else frozenset()
     data_free = input_ids is None
+    if stream is not None and (checkpointer is None or return_hidden):
+        raise ValueError("a streamed run saves every block to a checkpointer and returns no hidden states")
     if data_free:
         if any(m.uses_data for m in methods) or return_hidden:
             raise ValueError(f"methods {[m.name for m in methods]} need calibration data")
         hidden, kwargs_per_block = [], [[] for _ in range(n)]
     else:
         batches = list(input_ids.split(batch_size))
-        hidden, kwargs_per_block = _catch_block_inputs(model, adapter, batches, device)
+        pre = [adapter.spec.embed, adapter.spec.final_norm] if stream is not None else []
+        for name in pre:
+            stream.load(name)
+        try:
+            hidden, kwargs_per_block = _catch_block_inputs(model, adapter, batches, device, store.put)
+        finally:
+            for name in pre:
+                stream.release(name)
     label = " + ".join(m.name for m in methods) or "pass"
     result = PipelineResult()
     start = checkpointer.start_block(n) if checkpointer is not None else 0
@@ -182,22 +227,33 @@ def run_layerwise(
         name = adapter.block_name(i)
         if on_block is not None:
             on_block(i, n, name, "restored" if i < start else label)
+        if stream is not None:
+            stream.load(name)
+            if i + 1 < n:  # the next block is read from disk while this one calibrates
+                stream.prefetch(adapter.block_name(i + 1))
         home = next(block.parameters()).device
         if i < start:
             # Finished in an earlier run: load it, and rerun it only to rebuild the
             # next block's inputs (the same ops on the same data: identical bits on CPU).
             restored, warns = checkpointer.restore_block(i, block)
-            result.results.update(restored)
+            if stream is None:
+                result.results.update(restored)
             result.warnings.extend(warns)
         block.to(device)
         kwargs = [_to(kw, device) for kw in kwargs_per_block[i]]
 
         def forward(_block=block, _kwargs=kwargs) -> list[torch.Tensor]:
-            return [_block_output(_block(h, **kw)) for h, kw in zip(hidden, _kwargs)]
+            return [_block_output(_block(store.get(h), **kw)) for h, kw in zip(hidden, _kwargs)]
+
+        def propagate(_block=block, _kwargs=kwargs) -> list[Any]:
+            # The next block's inputs, stored batch by batch as they are made.
+            return [store.put(_block_output(_block(store.get(h), **kw))) for h, kw in zip(hidden, _kwargs)]
 
         if i < start:
-            hidden = [] if data_free else forward()
-            block.to(home)
+            outputs = [] if data_free else propagate()
+            store.drop(hidden)
+            hidden = outputs
+            _put_back(block, home, stream, name)
             del kwargs
             continue
 
@@ -206,25 +262,29 @@ def run_layerwise(
         # change the block (its outputs are then the next block's inputs). Methods that collect
         # their own statistics (GPTQ) ask for none: the block is run after they apply instead.
         with capture_inputs(linears, kinds) as stats:
-            outputs = [] if data_free or (methods and not kinds) else forward()
+            outputs = [] if data_free or (methods and not kinds) else (propagate() if not methods else forward())
         if methods:
             ctx = BlockContext(i, name, block, linears, stats, forward, device, spec=adapter.spec)
             for method in methods:
                 method.apply_block(ctx)
-            result.results.update(ctx.results)
+            if stream is None:
+                result.results.update(ctx.results)
             result.warnings.extend(ctx.warnings)
             if not data_free:
-                outputs = forward()  # propagate the quantized block's outputs
+                outputs = propagate()  # propagate the quantized block's outputs
             if checkpointer is not None:
                 checkpointer.save_block(i, block, ctx.results, ctx.warnings, n, name)
+        store.drop(hidden)
         hidden = outputs
-        block.to(home)
+        _put_back(block, home, stream, name)
         del stats, kwargs
 
+    if stream is not None:
+        result.results = checkpointer.lazy_results()
     if return_hidden:
         norm = adapter.final_norm()
         home = next(norm.parameters()).device
         norm.to(device)
-        result.hidden = [norm(h) for h in hidden]
+        result.hidden = [norm(store.get(h)) for h in hidden]
         norm.to(home)
     return result

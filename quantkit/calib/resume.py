@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,9 @@ class Checkpointer:
         self.path = Path(path)
         self.fingerprint = dict(fingerprint)
         self.blocks: list[dict[str, Any]] = []
+        self._open: tuple[int | None, Any] = (None, None)  # (index, header) of the block file export reads now
+        self._prefixes: dict[str, int] | None = None
+        self._metas: list[dict[str, Any]] = []
         check_partial_dir(self.path)
         state = self._read_state()
         if state is not None:
@@ -376,3 +380,87 @@ class Checkpointer:
                 raise ValueError(f"{k} has shape {tuple(v.shape)}, the model {tuple(current[k].shape)}")
         return results, state, [str(w) for w in meta["warnings"]]
 
+
+    # ----------------------------------------------------------------- streamed runs
+
+    def lazy_results(self) -> "LazyResults":
+        """Full name -> QuantizedTensor of every saved block, read from disk on access (a streamed run
+        keeps nothing of its finished blocks in memory)."""
+        return LazyResults(self)
+
+    def _block_meta(self, index: int) -> dict[str, Any]:
+        entry = self.blocks[index]
+        mf = (self.path / entry["file"]).with_suffix(".json")
+        try:
+            return json.loads(mf.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ResumeError(f"{mf.name} in {self.path} is missing or unreadable; delete {self.path} to start "
+                              "over") from e
+
+    def _header(self, index: int) -> dict[str, Any]:
+        """The header of block file `index` (one cached: export reads the blocks in order)."""
+        from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
+
+        if self._open[0] != index:
+            f = self.path / self.blocks[index]["file"]
+            try:
+                self._open = (index, read_safetensors_header(f))
+            except SafetensorsHeaderError as e:
+                raise ResumeError(f"{e}; delete {self.path} to start over") from e
+        return self._open[1]
+
+    def _read(self, index: int, keys: list[str]) -> dict[str, torch.Tensor]:
+        from quantkit.models.streaming import read_tensors
+
+        header = self._header(index)
+        return read_tensors(self.path / self.blocks[index]["file"], {k: header[k] for k in keys})
+
+    def saved_prefixes(self) -> dict[str, int]:
+        """Block name (e.g. model.layers.3) -> index, of every saved block."""
+        if self._prefixes is None or len(self._prefixes) != len(self.blocks):
+            self._metas = [self._block_meta(i) for i in range(len(self.blocks))]
+            self._prefixes = {m["prefix"]: i for i, m in enumerate(self._metas)}
+        return self._prefixes
+
+    def read_result(self, index: int, name: str) -> QuantizedTensor:
+        self.saved_prefixes()
+        keys = [f"result/{name}/{p}" for p in ("q", "scale", "zero")]
+        got = self._read(index, [k for k in keys if k in self._header(index)])
+        return QuantizedTensor(got[keys[0]], got[keys[1]], got.get(keys[2]),
+                               QuantArgs.from_dict(self._metas[index]["results"][name]))
+
+    def block_tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """State-dict tensor `key` (full name) of a saved block as it was saved, or None when no saved
+        block holds it. A quantized linear's weight that was not stored is rebuilt (bit for bit, in dtype)."""
+        prefixes = self.saved_prefixes()
+        prefix, rel = key, ""
+        while prefix and prefix not in prefixes:
+            prefix, _, last = prefix.rpartition(".")
+            rel = f"{last}.{rel}" if rel else last
+        if not prefix:
+            return None
+        i = prefixes[prefix]
+        if f"state/{rel}" in self._header(i):
+            return self._read(i, [f"state/{rel}"])[f"state/{rel}"]
+        if rel in self._metas[i]["recomputed"]:
+            return self.read_result(i, key[: -len(".weight")]).dequantize(dtype)
+        return None
+
+
+class LazyResults(Mapping):
+    """Read-only mapping full name -> QuantizedTensor over a checkpointer's saved blocks; each access
+    reads that tensor from its block file (nothing is cached), in block order."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self._ck = checkpointer
+        checkpointer.saved_prefixes()
+        self._where = {name: i for i, m in enumerate(checkpointer._metas) for name in m["results"]}
+
+    def __getitem__(self, name: str) -> QuantizedTensor:
+        return self._ck.read_result(self._where[name], name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)

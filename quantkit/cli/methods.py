@@ -33,6 +33,8 @@ from quantkit.cli.options import (
     SeedOpt,
     SensitiveOpt,
     SeqlenOpt,
+    ShardSizeOpt,
+    StreamOpt,
     SymOpt,
     TrustOpt,
     WindowsOpt,
@@ -59,11 +61,15 @@ def run_recipe(
     resume: bool = False,
     skip_memory_check: bool = False,
     sensitive: Path | None = None,
+    stream: bool | None = None,
+    shard_size: float = 2.0,
 ) -> dict:
     """Check → load → (baseline eval) → quantize layer by layer → (eval) → export. Returns a summary.
 
     Everything that can be refused is refused before the model loads. Ctrl-C at any
     instant ends with one line saying what is on disk (quantkit.interrupts.Interrupted).
+    stream: True reads one block at a time from the safetensors files, False loads the model
+    whole, None lets the memory plan choose (streamed only when in memory would not fit).
     """
     from quantkit import api
     from quantkit.calib.resume import partial_dir_for
@@ -73,14 +79,15 @@ def run_recipe(
     partial = partial_dir_for(out)  # finished blocks go here, so a crash costs at most one block
     done = _preflight(recipe, model=model, out=out, partial=partial, calib=calib, device=device, dtype=dtype,
                       format=format, overwrite=overwrite, eval_cfg=eval_cfg, json_out=json_out, resume=resume,
-                      skip_memory_check=skip_memory_check, sensitive=sensitive)
-    if done is not None:
+                      skip_memory_check=skip_memory_check, sensitive=sensitive, stream=stream, shard_size=shard_size)
+    if isinstance(done, dict):
         return done
+    plan = done
     existed = out.exists()
     exported = False
     try:
-        status(f"loading {_describe(model)} ...")
-        loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        status(f"loading {_describe(model)}{'; its blocks are read one at a time' if plan.streamed else ''} ...")
+        loaded = api.load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, stream=plan.streamed)
         reached("loaded")
         api.check_recipe_fits(loaded.model, recipe)
         api.check_export_format(recipe, format, loaded.model)
@@ -103,6 +110,7 @@ def run_recipe(
             qmodel = api.quantize(
                 loaded, recipe, calib, device=device, on_block=on_block, calib_set=calib_set,
                 partial_dir=partial, resume=resume, overwrite_partial=overwrite, sensitive=sensitive,
+                activations=plan.activations,
             )
         reached("calibrated")
         summary["quantize_seconds"] = time.perf_counter() - t_q
@@ -115,7 +123,8 @@ def run_recipe(
             if recipe.scheme.kv_cache is not None:
                 summary["kv_cache"] = sim.to_dict()
         try:
-            path = api.export(qmodel, out, format=format, overwrite=overwrite, kv_format=kv_format)
+            path = api.export(qmodel, out, format=format, overwrite=overwrite, kv_format=kv_format,
+                              max_shard_bytes=max(1, int(shard_size * 2**30)))
         except OperationError as e:  # disk full, permissions: the calibrated blocks survive for --resume
             raise type(e)(f"{e}; the calibrated blocks are kept in {partial}: fix that and rerun with --resume") from e
         exported = True
@@ -175,9 +184,10 @@ def _on_disk(out: Path, partial: Path, *, exported: bool, existed: bool) -> str:
 
 
 def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, overwrite, eval_cfg, json_out, resume,
-               skip_memory_check, sensitive) -> dict | None:
+               skip_memory_check, sensitive, stream=None, shard_size=2.0):
     """Every refusal that needs no model weights, in one place. Returns a summary when --resume finds
-    the checkpoint already complete (nothing left to do), else None."""
+    the checkpoint already complete (nothing left to do), else the memory plan the run follows
+    (streamed or not, where the activations go)."""
     from quantkit import api
     from quantkit.calib.resume import check_partial_dir, remove_stale_trash
     from quantkit.cli import validate as v
@@ -195,6 +205,16 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
         v.check_windows("--windows", eval_cfg.windows or 0)
         v.check_seqlen("--eval-seqlen", eval_cfg.seqlen)
     v.check_text_source("--calib", calib.data)
+    v.check_float("--shard-size", shard_size, min=0, max=2**20, min_open=True, note=" GiB")
+    if stream and eval_cfg is not None:
+        raise v.OptionError("--eval scores the whole model in memory, which --stream avoids; drop one of them "
+                            "(`quantkit eval --model OUT` scores the checkpoint afterwards)")
+    if stream and not api.streams(recipe):
+        raise v.OptionError(f"{', '.join(api.whole_model_methods(recipe))} transforms the whole model at once, so it "
+                            "runs with the model in memory: drop --stream")
+    if stream and model and Path(model).is_dir() and (Path(model) / "quantkit.json").is_file():
+        raise v.OptionError(f"--model {short(model, 160)} is a quantkit checkpoint, which loads dequantized in memory: "
+                            "drop --stream, or pass the float model it was made from")
     if sensitive is not None and not _is_file(sensitive):
         raise v.OptionError(f"--sensitive {short(str(sensitive), 160)} is not a file; pass the sensitive_layers.json "
                             "that `quantkit scan` wrote")
@@ -211,7 +231,8 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
     check_output_dir(out, overwrite, protect=_model_paths(model))
     check_partial_dir(out.with_name(out.name + ".partial"))  # the same dir, named as the user wrote --out
     v.check_output_file("--json", json_out, not_inside=(out, partial))
-    cfg = _memory_plan(recipe, model, calib, device, dtype, skip_memory_check)  # from the config: before loading
+    cfg, plan = _memory_plan(recipe, model, calib, device, dtype, skip_memory_check, stream,
+                             can_stream=eval_cfg is None and _can_stream(recipe, model))  # from the config: before loading
     if api.needs_calibration(recipe):  # a data-free run (RTN) never reads --seqlen tokens
         v.check_seqlen("--seqlen", calib.seqlen, cfg)
     if eval_cfg is not None:
@@ -219,7 +240,17 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
     for i, st in enumerate(recipe.stages):
         if "train_seqlen" in st.options:
             v.check_seqlen("--train-seqlen", st.options["train_seqlen"], cfg)
-    return None
+    return plan
+
+
+def _can_stream(recipe, model: str | None) -> bool:
+    """Whether the run can read its blocks one at a time: no whole-model transform, and a float source
+    (a quantkit checkpoint loads dequantized in memory)."""
+    from quantkit import api
+
+    if model and Path(model).is_dir() and (Path(model) / "quantkit.json").is_file():
+        return False
+    return api.streams(recipe)
 
 
 def _is_file(path) -> bool:
@@ -310,6 +341,8 @@ _SHARED_OPTIONS: tuple[tuple[str, object, object], ...] = (
     ("resume", ResumeOpt, False),
     ("skip_memory_check", SkipMemOpt, False),
     ("sensitive", SensitiveOpt, None),
+    ("stream", StreamOpt, None),
+    ("shard_size", ShardSizeOpt, 2.0),
 )
 _LEADING = ("out", "model")
 
@@ -364,20 +397,22 @@ def run_command(
     )
 
 
-def _memory_plan(recipe, model, calib, device, dtype, skip: bool) -> dict:
+def _memory_plan(recipe, model, calib, device, dtype, skip: bool, stream: bool | None = None,
+                 can_stream: bool = True):
     """One status line with the estimated peak memory; refuse a run that will not fit (unless skip).
-    Returns the model's config dict (read and checked without loading weights)."""
+    Returns the model's config dict (read and checked without loading weights) and the plan the run
+    follows (streamed when asked, or when only the streamed run fits; see quantkit.plan.plan_run)."""
     from quantkit import api
     from quantkit.models.loading import resolve_device
-    from quantkit.plan import check_memory, estimate_memory, model_config
+    from quantkit.plan import check_memory, model_config, plan_run
 
     cfg = model_config(model)
     api.check_arch(cfg, recipe)  # an unsupported family is one line here, before the memory plan and the load
-    plan = estimate_memory(cfg, recipe, calib, resolve_device(device), dtype=dtype)
+    plan = plan_run(cfg, recipe, calib, resolve_device(device), dtype=dtype, stream=stream, can_stream=can_stream)
     status(plan.summary())
     if not skip:
         check_memory(plan)
-    return cfg
+    return cfg, plan
 
 
 def _print_summary(s: dict) -> None:

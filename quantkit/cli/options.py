@@ -76,3 +76,17 @@ SensitiveOpt = Annotated[
         help="sensitive_layers.json from `quantkit scan`: its flagged linears stay FP16 (mixed precision).",
     ),
 ]
+StreamOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--stream/--no-stream",
+        help="Read one decoder block at a time from the safetensors files (default: only when the model would "
+        "not fit in host memory and the streamed run does).",
+        show_default=False,
+    ),
+]
+ShardSizeOpt = Annotated[
+    float,
+    typer.Option("--shard-size", help="Largest weights file in GiB; bigger checkpoints are written as "
+                 "model-0000k-of-0000n.safetensors with model.safetensors.index.json."),
+]

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from quantkit.cli.options import BatchOpt, BitsOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, JsonOpt, ModelOpt, SamplesOpt, SeqlenOpt, SymOpt
+from quantkit.cli.options import (BatchOpt, BitsOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, JsonOpt, ModelOpt, SamplesOpt,
+                                  SeqlenOpt, StreamOpt, SymOpt)
 from quantkit.cli.ui import console, handle_errors
 
 RecipeFileOpt = Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML file (scheme, stages, ignore).")]
@@ -40,13 +41,21 @@ def plan_cmd(
     device_memory: Annotated[
         Optional[float], typer.Option("--device-memory", help="GiB free on the device (plan a GPU run from any machine).")
     ] = None,
+    host_memory: Annotated[
+        Optional[float], typer.Option("--host-memory", help="GiB of host memory to plan for (default: what is available now).")
+    ] = None,
+    shape: Annotated[
+        Optional[str], typer.Option("--shape", help="Plan a named model shape instead of --model: llama3-8b, llama3-70b, ...")
+    ] = None,
+    stream: StreamOpt = None,
 ) -> None:
     """Estimate peak host/device memory of quantizing MODEL (reads only its config) and whether it fits."""
     from rich.table import Table
 
     from quantkit.api import CalibConfig
     from quantkit.models.loading import resolve_device, resolve_dtype
-    from quantkit.plan import estimate_memory, model_config
+    from quantkit.errors import short_repr
+    from quantkit.plan import model_config, plan_run
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
     from quantkit.cli import validate as chk
@@ -54,7 +63,10 @@ def plan_cmd(
     chk.check_samples_batch(samples, batch_size)
     chk.check_seqlen("--seqlen", seqlen)
     chk.check_dtype(dtype)
-    chk.check_float("--device-memory", device_memory, min=0, min_open=True, note=" GiB")
+    chk.check_float("--device-memory", device_memory, min=0, max=2**30, min_open=True, note=" GiB")
+    chk.check_float("--host-memory", host_memory, min=0, max=2**30, min_open=True, note=" GiB")
+    if shape is not None and model is not None:
+        raise chk.OptionError("give --model or --shape, not both")
     chk.check_output_file("--json", json_out)
     if device_memory is not None and device.startswith("cuda"):
         dev = device  # planning for a GPU this machine may not have
@@ -68,8 +80,15 @@ def plan_cmd(
     calib = CalibConfig(samples=samples, seqlen=seqlen, batch_size=batch_size)
     from quantkit.models.loading import check_source
 
-    check_source(model)
-    cfg = model_config(model)
+    if shape is not None:
+        from quantkit.models.random import SHAPES
+
+        if shape not in SHAPES:
+            raise chk.OptionError(f"unknown --shape {short_repr(shape)}; known: {', '.join(sorted(SHAPES))}")
+        cfg = dict(SHAPES[shape])
+    else:
+        check_source(model)
+        cfg = model_config(model)
     from quantkit.api import check_arch, needs_calibration
 
     check_arch(cfg, rec)
@@ -77,7 +96,12 @@ def plan_cmd(
     if needs_calibration(rec):  # a data-free recipe (RTN) never reads --seqlen tokens
         chk.check_seqlen("--seqlen", seqlen, cfg)
     avail = None if device_memory is None else int(device_memory * 2**30)
-    p = estimate_memory(cfg, rec, calib, dev, dtype=dtype, device_available=avail)
+    host = None if host_memory is None else int(host_memory * 2**30)
+    from quantkit.api import streams
+
+    quantkit_ckpt = model is not None and Path(model).is_dir() and (Path(model) / "quantkit.json").is_file()
+    p = plan_run(cfg, rec, calib, dev, dtype=dtype, device_available=avail, host_available=host, stream=stream,
+                 can_stream=streams(rec) and not quantkit_ckpt)
     t = Table(title="memory plan (estimate from config)", show_header=False)
     for k, v in p.host_parts.items():
         t.add_row(f"host · {k}", f"{v / 2**30:.2f} GiB")
@@ -88,6 +112,10 @@ def plan_cmd(
     if dev != "cpu":
         t.add_row(f"[bold]{dev} peak[/]", f"{p.device_peak / 2**30:.2f} GiB"
                   + (f" of {p.device_available / 2**30:.2f} GiB free" if p.device_available else ""))
+    t.add_row("mode", "streamed: blocks read from the shards one at a time" if p.streamed else "whole model in host memory")
+    if p.activations != "device" or dev != "cpu":
+        t.add_row("calibration activations", {"device": f"on {dev}", "host": "pinned host memory",
+                                              "disk": "on disk, one batch at a time in memory"}[p.activations])
     t.add_row("fits", "[green]yes[/]" if p.fits else "[red]no[/]")
     for a in p.advice:
         t.add_row("[yellow]try[/]", a)

@@ -127,6 +127,7 @@ def plan_units(
     model = qmodel.model
     sd = model.state_dict()
     skip = tied_keys(model) | {f"{n}.weight" for n in quantized}
+    fetch = qmodel.tensors  # a streamed run: the model is a meta skeleton, its tensors are read from disk
     units: list[_Unit] = []
     for key, t in sd.items():
         if key in skip:
@@ -134,21 +135,29 @@ def plan_units(
             if mod_name in quantized:
                 qt = qmodel.modules[mod_name]
                 dtype = quantized[mod_name].weight.dtype
-                pieces = layout.pieces(qt)
+                pieces, nbytes = layout.pieces(qt), layout.nbytes(qt, dtype)
+                del qt  # looked up again when written: a streamed run holds one module at a time
 
-                def make(n=mod_name, q=qt, d=dtype, w=quantized[mod_name].weight) -> dict[str, torch.Tensor]:
+                def make(n=mod_name, d=dtype, w=quantized[mod_name].weight) -> dict[str, torch.Tensor]:
+                    q = qmodel.modules[n]
+                    if fetch is not None and w.device.type == "meta":
+                        w = fetch(f"{n}.weight")
                     if mismatched is not None and not weight_matches(w, q):
                         mismatched.append(n)
                     return {f"{n}.{k}": v for k, v in layout.compress(q, d).items()}
 
-                units.append(_Unit(layout.nbytes(qt, dtype), [f"{mod_name}.{p}" for p in pieces], make))
+                units.append(_Unit(nbytes, [f"{mod_name}.{p}" for p in pieces], make))
             continue
-        if t.device.type == "meta":
+        if t.device.type == "meta" and fetch is None:
             raise ExportError(
                 f"tensor {key} is on the meta device (offloaded without data); load the model without "
                 "disk offload or onload it before export"
             )
-        units.append(_Unit(t.numel() * t.element_size(), [key], lambda k=key, v=t: {k: v.detach().to("cpu")}))
+        if t.device.type == "meta":
+            make = lambda k=key: {k: fetch(k)}  # noqa: E731
+        else:
+            make = lambda k=key, v=t: {k: v.detach().to("cpu")}  # noqa: E731
+        units.append(_Unit(t.numel() * t.element_size(), [key], make))
     for key, t in (extra or {}).items():
         units.append(_Unit(t.numel() * t.element_size(), [key], lambda k=key, v=t: {k: v}))
     return units

@@ -316,7 +316,10 @@ def _write_kv_side_file(qmodel: QuantizedModel, tmp: Path) -> bool:
         for k, v in e.items():
             tensors[f"{attn}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor([float(v)])).float().contiguous()
     kv = qmodel.recipe.scheme.kv_cache
-    meta = {"format": "quantkit-kv-scales", "version": "1", "kv_cache": json.dumps(kv.to_dict() if kv else None)}
+    # One metadata key: safetensors writes __metadata__ from a hash map, so several keys come out in a
+    # different order from run to run and the file's bytes (and the manifest's hash) would change with them.
+    info = {"format": "quantkit-kv-scales", "version": "1", "kv_cache": kv.to_dict() if kv else None}
+    meta = {"quantkit": json.dumps(info, sort_keys=True)}
     (tmp / KV_SCALES_NAME).write_bytes(save(tensors, metadata=meta))
     return True
 

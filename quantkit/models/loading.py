@@ -35,6 +35,9 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     source: dict[str, Any]  # kind, path/id, fingerprint: JSON-ready, goes into manifests
+    # quantkit.models.streaming.StreamedModel when `model` is a meta skeleton whose weights are read
+    # block by block from the safetensors files (load_model(stream=True)); None: all in memory.
+    stream: Any = None
 
 
 def default_model_path() -> Path:
@@ -97,11 +100,12 @@ def _gguf_cache_root() -> Path:
     return Path(os.environ.get("QUANTKIT_CACHE_DIR", Path.home() / ".cache" / "quantkit")) / "gguf"
 
 
-def _load_gguf(path: Path, fingerprint: str, torch_dtype, common: dict):
+def _load_gguf(path: Path, fingerprint: str, torch_dtype, common: dict, stream: bool = False):
     """Tokenizer + model from a .gguf; the dequantized float weights are cached as safetensors.
 
     Dequantizing GGUF tensors costs ~20 s even for a 135M model; the cache (keyed
     by the file's sha256, so it can't go stale) makes later loads take ~1 s.
+    stream: the model is a StreamedModel over the cache (converted first if absent); else the model.
     """
     import shutil
     import tempfile
@@ -109,6 +113,13 @@ def _load_gguf(path: Path, fingerprint: str, torch_dtype, common: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = _gguf_cache_root() / fingerprint[:32]
+    if stream:
+        if not (cache / "COMPLETE").is_file():
+            _load_gguf(path, fingerprint, torch_dtype, common)  # convert once, as an in-memory load would
+        if not (cache / "COMPLETE").is_file():
+            raise ModelLoadError(f"cannot stream {short(str(path), 160)}: its safetensors cache could not be written "
+                                 f"under {short(str(cache.parent), 120)} (set QUANTKIT_CACHE_DIR to a writable dir)")
+        return AutoTokenizer.from_pretrained(cache, **common), _streamed(cache, torch_dtype, common)
     if (cache / "COMPLETE").is_file():
         tok = AutoTokenizer.from_pretrained(cache, **common)
         lm = AutoModelForCausalLM.from_pretrained(cache, dtype=torch_dtype, use_safetensors=True, **common)
@@ -131,6 +142,14 @@ def _load_gguf(path: Path, fingerprint: str, torch_dtype, common: dict):
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
     return tok, lm.to(torch_dtype)
+
+
+def _streamed(path: Path, torch_dtype, common: dict):
+    """A StreamedModel over the safetensors files of the dir `path` (its skeleton on the meta device)."""
+    from quantkit.models.streaming import StreamedModel, StreamSource, skeleton
+
+    return StreamedModel(skeleton(path, torch_dtype, common.get("trust_remote_code", False)),
+                         StreamSource(path, torch_dtype))
 
 
 def _strip_gguf_quantizer(model) -> None:
@@ -352,10 +371,14 @@ def load_model(
     dtype: str = "auto",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    stream: bool = False,
 ) -> LoadedModel:
     """Load model + tokenizer on the CPU in `dtype` (the pipeline moves blocks to `device`).
 
     model: None (embedded default), a path to a .gguf file, a local directory, or a hub id.
+    stream: build the model on the meta device and read its weights block by block from the
+    safetensors files when the pipeline reaches them (`LoadedModel.stream`); a .gguf streams
+    from its safetensors cache. A quantkit checkpoint as the source is refused with stream.
     """
     import torch  # noqa: F401  (fail early if missing)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -391,10 +414,13 @@ def load_model(
                 if f.read(4) != b"GGUF":
                     raise ModelLoadError(f"{path} is not a GGUF file (wrong magic bytes)")
             source = {"kind": kind, "path": str(path), "fingerprint": file_sha256(path)}
-            tok, lm = _load_gguf(path, source["fingerprint"], torch_dtype, common)
+            tok, lm = _load_gguf(path, source["fingerprint"], torch_dtype, common, stream)
             if kind == "default":
                 source["name"] = DEFAULT_MODEL_NAME
         elif kind == "dir" and _is_quantkit_checkpoint(Path(model)):
+            if stream:
+                raise ModelLoadError(f"{short(model, 160)} is a quantkit checkpoint, which loads dequantized in memory: "
+                                     "drop --stream, or pass the float model it was made from")
             from quantkit.models.checkpoint import load_quantkit_checkpoint
 
             path = Path(model)
@@ -409,7 +435,8 @@ def load_model(
             _check_not_foreign_quantized(path)
             _read_config(path, common)
             tok = AutoTokenizer.from_pretrained(path, **common)
-            lm = _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
+            lm = _streamed(path, torch_dtype, common) if stream else \
+                _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
             source = {"kind": "dir", "path": str(path.resolve()), "fingerprint": _dir_fingerprint(path)}
         else:
             from quantkit.models import hub
@@ -419,7 +446,8 @@ def load_model(
             _check_not_foreign_quantized(path)
             _read_config(path, common)
             tok = AutoTokenizer.from_pretrained(path, **common)
-            lm = _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
+            lm = _streamed(path, torch_dtype, common) if stream else \
+                _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
             source = {"kind": "hub", "id": model, "revision": path.name, "fingerprint": _dir_fingerprint(path)}
     except UsageError:
         raise
@@ -430,8 +458,11 @@ def load_model(
     except ValueError as e:
         raise ModelLoadError(f"could not load model {short(model, 160)!r}: {_inner_message(e)}") from e
 
+    streamed = None
+    if stream:
+        streamed, lm = lm, lm.model
     lm.eval()
     lm.config.use_cache = False
     source["model_type"] = lm.config.model_type
     source["dtype"] = str(torch_dtype).replace("torch.", "")
-    return LoadedModel(model=lm, tokenizer=tok, source=source)
+    return LoadedModel(model=lm, tokenizer=tok, source=source, stream=streamed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -19,7 +20,7 @@ class QuantizedModel:
         `.weight` equals modules[name].dequantize() (so evaluating `model` measures
         the quantized model, and propagation during calibration sees it too).
     modules: full module name (e.g. "model.layers.0.self_attn.q_proj") -> its
-        canonical quantized tensor.
+        canonical quantized tensor (a streamed run: a mapping that reads each from disk).
     source: JSON-ready facts about the source model (kind, path/id, fingerprint).
     calibration: JSON-ready calibration settings (data source, samples, seqlen, seed).
     static_scales: per-tensor input scales and per-channel KV scales when the
@@ -33,7 +34,7 @@ class QuantizedModel:
     model: nn.Module
     tokenizer: Any
     recipe: Recipe
-    modules: dict[str, QuantizedTensor]
+    modules: Mapping[str, QuantizedTensor]
     source: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -50,3 +51,6 @@ class QuantizedModel:
     # Per method name, what a training transform did (SpinQuant: {"log": per-step loss, orthogonality
     # error, seconds, held-out loss; "best_step", "best_val_loss", "start_val_loss", ...}).
     training: dict[str, dict] = field(default_factory=dict)
+    # A streamed run (quantkit.models.streaming): `model` is a meta skeleton and this reads any of its
+    # state-dict tensors (the saved blocks from OUT.partial, the rest from the source shards); None otherwise.
+    tensors: Callable[[str], Any] | None = None
