@@ -248,3 +248,13 @@ def test_plan_places_activations_where_they_fit():
     cpu = plan(None, 64, device="cpu")
     cpu_tight = plan(None, cpu.host_peak / GiB - 1, device="cpu")
     assert cpu.activations == "device" and cpu_tight.activations == "disk" and cpu_tight.fits
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gemma2"])
+def test_streamed_families_are_byte_identical(tiny_tokenizer, tmp_path, arch):
+    """Streaming builds the same per-expert skeleton (MoE) and the same non-persistent buffers (Gemma's
+    embed_scale, rotary tables) as the in-memory load: GPTQ (which runs the model) writes the same bytes."""
+    src = save_tiny_model_dir(tmp_path / "model", tiny_tokenizer, arch=arch, seed=3)
+    recipe = Recipe(W4, (Stage("gptq"),))
+    assert _files(_run(src, tmp_path / "mem", recipe, stream=False)) == _files(_run(src, tmp_path / "str", recipe,
+                                                                                     stream=True))

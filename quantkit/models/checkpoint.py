@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from quantkit.export.manifest import read_manifest, verify_checkpoint
 from quantkit.export.reader import READABLE_FORMATS, CheckpointError, dense_state_dict
@@ -102,3 +103,20 @@ def load_quantkit_checkpoint(path: str | Path, *, dtype: torch.dtype | None = No
         attach_online_rotations(model, manifest["online_rotations"])
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, manifest
+
+
+def rebuild_buffers(model: nn.Module, device) -> None:
+    """Non-persistent buffers are in no checkpoint: rebuild the modules that hold rotary tables (inv_freq) on
+    `device`, and set scalar buffers a module also keeps as a number (Gemma's embed_scale)."""
+    for name, mod in list(model.named_modules()):
+        bufs = dict(mod.named_buffers(recurse=False))
+        freqs = [b for k, b in bufs.items() if k.endswith("inv_freq")]  # Gemma 3: one table per layer type
+        if freqs and any(b.device.type == "meta" or b.device != device for b in freqs):
+            with torch.device(device):
+                fresh = type(mod)(config=model.config)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+            continue
+        for k, b in bufs.items():  # a scalar the module also keeps as a number (Gemma's embed_scale)
+            if b.device.type == "meta" and b.dim() == 0 and isinstance(getattr(mod, f"scalar_{k}", None), (int, float)):
+                setattr(mod, k, torch.tensor(float(getattr(mod, f"scalar_{k}")), dtype=b.dtype, device=device))

@@ -134,27 +134,16 @@ def release_module(module: nn.Module) -> None:
     module.to("meta")
 
 
-def rebuild_rotary(model: nn.Module) -> None:
-    """Non-persistent buffers (rotary inv_freq) are in no file: rebuild their modules on the CPU."""
-    for name, mod in list(model.named_modules()):
-        bufs = dict(mod.named_buffers(recurse=False))
-        if "inv_freq" in bufs and bufs["inv_freq"].device.type == "meta":
-            with torch.device("cpu"):
-                fresh = type(mod)(config=model.config)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
-
-
 def skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False):
     """The transformers model of the dir `path` on the meta device (no weights), in eval mode,
     with its generation config as `from_pretrained` would read it."""
     from transformers import AutoConfig, GenerationConfig
 
-    from quantkit.models.checkpoint import empty_model
+    from quantkit.models.checkpoint import empty_model, rebuild_buffers
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = empty_model(config, dtype, "meta")
-    rebuild_rotary(model)
+    rebuild_buffers(model, torch.device("cpu"))
     if model.can_generate():  # as from_pretrained reads it: the file, else config.json's generation fields
         with contextlib.suppress(OSError, ValueError):
             if (path / "generation_config.json").is_file():

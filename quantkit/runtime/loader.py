@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import UsageError
+from quantkit.models.checkpoint import rebuild_buffers
 from quantkit.runtime.linear import QuantLinear
 from quantkit.runtime.model import RuntimeModel
 
@@ -50,21 +51,6 @@ def resolve_runtime(device: str, dtype: str | torch.dtype | None, ckpt_dtype: to
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def _rebuild_buffers(model: nn.Module, device) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in any checkpoint: rebuild their modules on `device`."""
-    for name, mod in list(model.named_modules()):
-        bufs = dict(mod.named_buffers(recurse=False))
-        freqs = [b for k, b in bufs.items() if k.endswith("inv_freq")]  # Gemma 3: one table per layer type
-        if freqs and any(b.device.type == "meta" or b.device != device for b in freqs):
-            with torch.device(device):
-                fresh = type(mod)(config=model.config)
-            _set_module(model, name, fresh)
-            continue
-        for k, b in bufs.items():  # a scalar the module also keeps as a number (Gemma's embed_scale)
-            if b.device.type == "meta" and b.dim() == 0 and isinstance(getattr(mod, f"scalar_{k}", None), (int, float)):
-                setattr(mod, k, torch.tensor(float(getattr(mod, f"scalar_{k}")), dtype=b.dtype, device=device))
 
 
 def _kv_static_per_layer(model: nn.Module, static) -> list[dict] | None:
@@ -173,7 +159,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
         t = tensors.get(key)
         sd[key] = t.to(dev, dt) if t.is_floating_point() else t.to(dev)
     load_into(model, sd, path, assign=True)
-    _rebuild_buffers(model, dev)
+    rebuild_buffers(model, dev)
     _no_meta_left(model, path)
     model.eval()
     info = {"path": str(path), "format": fmt, "scheme": scheme.describe(), "source": manifest.get("source"),
@@ -213,7 +199,7 @@ def from_quantized(qmodel, *, device: str = "auto", dtype=None, kv_residual: boo
         _set_module(model, name, QuantLinear.from_quantized(name, qt, bias=lin.bias, act=act, act_scale=s,
                                                             w_fp16=lin.weight.detach(), device=dev, dtype=dt))
     model.to(device=dev, dtype=dt)
-    _rebuild_buffers(model, dev)
+    rebuild_buffers(model, dev)
     model.eval()
     info = {"path": None, "format": "in-memory", "scheme": scheme.describe(), "source": qmodel.source,
             "sensitive": sorted(qmodel.shadow or {})}
@@ -234,7 +220,7 @@ def from_float(model: nn.Module, *, device: str = "auto", dtype=None, tokenizer=
     model.to(device=dev, dtype=dt)
     for name, lin in ModelAdapter.for_model(model).all_linears().items():
         _set_module(model, name, QuantLinear.from_dense(name, lin.weight.detach(), lin.bias))
-    _rebuild_buffers(model, dev)
+    rebuild_buffers(model, dev)
     model.eval()
     rt = RuntimeModel(model, device=dev, dtype=dt,
                       info={"path": None, "format": "float", "scheme": str(dt).replace("torch.", ""), "sensitive": []})
