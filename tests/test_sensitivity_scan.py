@@ -275,7 +275,7 @@ def test_select_fp16_shortlist_and_zero_budget(model):
     layers = scan_layers(model, ids, W4G32, batch_size=2, bins=32)
     sel = select_fp16(model, layers, W4G32, windows, 0.25, folds=2, shortlist=3)
     units = selection_units([e.name for e in layers])
-    rel = [sum(e.rel_err for e in layers if e.name in u) for u in units]
+    rel = [sum(e.rel_err for e in layers if e.name in u) / len(u) for u in units]  # per linear of the unit
     top3 = sorted(range(len(units)), key=lambda i: -rel[i])[:3]
     measured = {e.name for e in layers if e.restore_gain is not None}
     assert measured == {m for i in top3 for m in units[i]}

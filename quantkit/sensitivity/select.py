@@ -138,7 +138,7 @@ def select_fp16(
 
     windows: (n, seqlen) selection windows from the calibration text; folds: cross-validation folds;
     shortlist: units whose restore gain is measured (None = all; else the largest by fisher, or rel_err
-    without it; 0 = none); fisher: name -> per-window gradient-weighted error on `windows` (or None).
+    without it, per linear of the unit; 0 = none); fisher: name -> per-window gradient-weighted error on `windows` (or None).
     Sets each layer's flag, and restore_gain (of its unit, in perplexity) for measured units.
     """
     from quantkit.errors import UsageError
@@ -169,8 +169,8 @@ def select_fp16(
     if fisher is not None:
         fish = torch.stack([sum(fisher[m] for m in u) for u in units])  # (units, windows)
     measured = list(range(len(units)))
-    if shortlist is not None:
-        key = fish.sum(dim=1).tolist() if fish is not None else rel
+    if shortlist is not None:  # by value per linear, as the budget counts linears
+        key = [v / c for v, c in zip(fish.sum(dim=1).tolist() if fish is not None else rel, costs)]
         order = sorted(measured, key=lambda i: -key[i] if math.isfinite(key[i]) else math.inf)
         measured = sorted(order[: max(0, shortlist)])
     gains = torch.zeros(len(units), n, dtype=torch.float64)
