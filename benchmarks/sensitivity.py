@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-seqlen", type=int, default=512, help="tokens per window (selection and scoring)")
     ap.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward (selection and scoring)")
-    ap.add_argument("--select-windows", type=int, default=0, help="calibration-text windows the scan chooses on (0 = all)")
+    ap.add_argument("--select-windows", type=int, default=64,
+                    help="calibration-text windows the scan chooses on (0 = all; default: the scan's)")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--shortlist", type=int, default=None, help="units whose restore gain is measured (default all)")
     ap.add_argument("--fisher-windows", type=int, default=1, help="> 0: the gradient-weighted rule too (0 = off)")

@@ -347,7 +347,7 @@ def scan(
     stat_tokens: int | None = 16384,
     shortlist: int | None = None,
     fisher_windows: int = 0,
-    select_windows: int | None = 32,
+    select_windows: int | None = 64,
     folds: int = 4,
     on_block: Callable[[int, int, str, str], None] | None = None,
     on_step: Callable[[str], None] | None = None,
