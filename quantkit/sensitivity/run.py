@@ -61,23 +61,17 @@ def run_scan(
         stat_tokens=stat_tokens, on_block=on_block,
     )
     fisher_rows = None
-    if fisher_windows > 0 and target_fraction is not None:
+    if fisher_windows > 0:
         from quantkit.sensitivity.fisher import fisher_scores
 
+        # with --target-fraction: per selection window, so that the cross-validation folds keep it apart
+        ids = select_windows if target_fraction is not None else input_ids[:fisher_windows]
         if on_step is not None:
-            on_step(f"gradient-weighted error: forward + backward on {len(select_windows)} selection windows")
-        fisher_rows = fisher_scores(model, select_windows, scheme, [e.name for e in layers], device=device,
-                                    per_window=True)
+            on_step(f"gradient-weighted error: forward + backward on {len(ids)} windows")
+        rows = fisher_scores(model, ids, scheme, [e.name for e in layers], device=device, per_window=True)
+        fisher_rows = rows if target_fraction is not None else None
         for e in layers:
-            e.fisher = float(fisher_rows[e.name].mean())
-    elif fisher_windows > 0:
-        from quantkit.sensitivity.fisher import fisher_scores
-
-        if on_step is not None:
-            on_step(f"gradient-weighted error: forward + backward on {min(fisher_windows, len(input_ids))} windows")
-        scores = fisher_scores(model, input_ids[:fisher_windows], scheme, [e.name for e in layers], device=device)
-        for e in layers:
-            e.fisher = scores[e.name]
+            e.fisher = float(rows[e.name].mean())
     report = ScanReport(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
         calibration=dict(calibration or {}), bins=bins,
