@@ -1,166 +1,254 @@
-"""Sensitivity scan benchmark: does keeping the scan's top layers in FP16 recover perplexity?
+"""Sensitivity scan benchmark (issue 24): what a user gets, on text the scan never saw.
 
-For each scheme (W8A8 naive per-token, W4A16 group 64 RTN):
-  1. scan the model (time it), thresholds calibrated with --target-fraction on
-     held-out windows A (selection);
-  2. on disjoint held-out windows B (scoring): baseline ppl, all-quantized ppl,
-     ppl with the scan's flagged layers in FP16, and with the same number of
-     randomly chosen layers in FP16 (mean of 5 seeded draws);
-  3. recovered gap = (ppl_allq - ppl_mixed) / (ppl_allq - ppl_base); targets:
-     scan >= 40% and >= 2x the random mean;
-  4. optionally (--measure-layers N) the per-layer ground truth on N evenly spaced
-     linears and the Spearman correlation of each metric with it.
-The search measures restore gains of a shortlist (--shortlist, default 2 x budget)
-on the selection windows: 2 + 8 + S + 2 perplexity evaluations there, then 8 on
-the scoring windows (+ N with --measure-layers).
-The table is printed last. Quantization is fake (quantized_subset), as the scan assumes.
+For each scheme the path a user takes, in one process (the same functions the commands call):
 
-    python benchmarks/sensitivity.py --device cuda --samples 128 --seqlen 512 --windows 40
-    nice python benchmarks/sensitivity.py --samples 8 --seqlen 256 --windows 4 --eval-seqlen 256   # CPU, small
+  1. `quantkit scan --target-fraction F` (api.scan -> sensitive_layers.json): the choice is made on
+     calibration text only (the builtin corpus's first half), with cross-validation;
+  2. the method command with `--sensitive` (api.quantize(sensitive=...) -> api.export): fused
+     siblings are kept with their group, and the FP16 count after that is what is reported and
+     held against the budget;
+  3. `quantkit eval` of the exported checkpoint (api.load(ckpt) + plan_simulation + api.evaluate) on
+     texts the scan never read: the builtin's second half (pydoc) and Python standard-library source
+     (another domain; `benchmarks/fallback.code_text`).
+  Against: the same method with no --sensitive (all quantized), and --draws random selections of the
+  same FP16 count made the same way (whole fused units, through --sensitive).
+
+Rows: W4A16 g64 asym RTN (`quantkit rtn --bits 4 --group-size 64 --asym`), W8A8 naive (W8 per channel,
+A8 per token, RTN: a recipe `{scheme: W8A8, stages: [rtn]}`), and on top of GPTQ (`quantkit gptq`,
+W4 g64 asym) with the W4A16 scan's file. recovered = (ppl_allq - ppl_mixed) / (ppl_allq - ppl_float).
+Targets: recovered >= 40% and >= 2x the random mean (RTN W4A16, W8A8) on each text; GPTQ + scan removes
+>= 25% of GPTQ's gap.
+
+    python benchmarks/sensitivity.py --device cuda            # full size: every held-out window (GPU)
+    nice python benchmarks/sensitivity.py --device cpu --samples 16 --seqlen 256 --eval-seqlen 256 \\
+        --select-windows 8 --windows 8 --ood-windows 8 --no-gptq   # CPU, small
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
+import platform
 import random
+import shutil
+import statistics
 import sys
+import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TEXTS = ("pydoc held-out (2nd half)", "Python stdlib source")
+
+
+def log(msg: str) -> None:
+    print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+def random_units(units: list[tuple[str, ...]], count: int, seed: int) -> list[str]:
+    """Whole fused units drawn at random until they hold exactly `count` linears (lone linears fill up)."""
+    order = list(units)
+    random.Random(seed).shuffle(order)
+    out, left = [], count
+    for u in order:
+        if len(u) <= left:
+            out += u
+            left -= len(u)
+    return out
+
+
+def with_flags(scan_json: Path, fp16: list[str], path: Path) -> Path:
+    """A copy of the scan's sensitive_layers.json that flags exactly `fp16`."""
+    d = json.loads(scan_json.read_text())
+    label = next(e["flag"] for e in d["layers"] if e["flag"] != "fp16")
+    keep = set(fp16)
+    for e in d["layers"]:
+        e["flag"] = "fp16" if e["name"] in keep else label
+    path.write_text(json.dumps(d))
+    return path
+
+
+def _ratio(r: float) -> str:
+    return f"{r:.2f}x" if r != float("inf") else "n/a (random <= 0)"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=128, help="calibration windows (scan statistics, GPTQ)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--windows", type=int, default=20, help="held-out windows per half (selection, scoring)")
-    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--eval-seqlen", type=int, default=512, help="tokens per window (selection and scoring)")
+    ap.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward (selection and scoring)")
+    ap.add_argument("--select-windows", type=int, default=64,
+                    help="calibration-text windows the scan chooses on (0 = all; default: the scan's)")
+    ap.add_argument("--folds", type=int, default=4)
+    ap.add_argument("--shortlist", type=int, default=None, help="units whose restore gain is measured (default all)")
+    ap.add_argument("--fisher-windows", type=int, default=1, help="> 0: the gradient-weighted rule too (0 = off)")
+    ap.add_argument("--stat-tokens", type=int, default=16384)
+    ap.add_argument("--windows", type=int, default=0, help="pydoc held-out windows scored (0 = all)")
+    ap.add_argument("--ood-windows", type=int, default=0, help="other-domain windows scored (0 = as many as pydoc's)")
     ap.add_argument("--fraction", type=float, default=0.10)
     ap.add_argument("--draws", type=int, default=5)
-    ap.add_argument("--schemes", default="W8A8,W4A16g64")
-    ap.add_argument("--measure-layers", type=int, default=0, help="per-layer ground truth on N linears (0 = off, -1 = all)")
-    ap.add_argument("--shortlist", type=int, default=None, help="layers whose restore gain the search measures (default 2k)")
-    ap.add_argument("--fisher-windows", type=int, default=8, help="calibration samples for the gradient-weighted metric (0 = off)")
-    ap.add_argument("--stat-tokens", type=int, default=16384, help="token rows per linear for the statistics (0 = all)")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--schemes", default="W4A16g64,W8A8")
+    ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
+                    help="also GPTQ W4 g64 alone vs GPTQ with the W4A16 scan's file")
+    ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/sensitivity-<device>-<date>.json")
     a = ap.parse_args()
 
     import dataclasses
 
     import torch
 
+    from fallback import CODE_MODULES, code_text
     from quantkit import api
     from quantkit.calib.data import calibration_set, heldout_windows
     from quantkit.models.loading import resolve_device
-    from quantkit.recipe import PRESETS
-    from quantkit.sensitivity.calibrate import correlations, measure_layer_ppl
-    from quantkit.sensitivity.partial import recovered_fraction, subset_perplexity
-    from quantkit.sensitivity.run import run_scan
-    from quantkit.sensitivity.scan import Thresholds, apply_thresholds
+    from quantkit.recipe import PRESETS, Recipe, Stage
+    from quantkit.runtime.simulate import plan_simulation
+    from quantkit.sensitivity.io import save_sensitive_layers
+    from quantkit.sensitivity.partial import recovered_fraction
+    from quantkit.sensitivity.select import selection_units
 
-    schemes = {
-        "W8A8": PRESETS["W8A8"],
-        "W4A16g64": dataclasses.replace(
-            PRESETS["W4A16"], weights=dataclasses.replace(PRESETS["W4A16"].weights, group_size=64)
-        ),
-    }
-    dev = resolve_device(a.device)
-    t_load = time.perf_counter()
+    t_start = time.perf_counter()
+    dev = torch.device(resolve_device(a.device))
+    w4 = dataclasses.replace(PRESETS["W4A16"].weights, group_size=64, symmetric=False)
+    schemes = {"W4A16g64": dataclasses.replace(PRESETS["W4A16"], weights=w4), "W8A8": PRESETS["W8A8"]}
     loaded = api.load(a.model, dtype=a.dtype, device=a.device)
-    print(f"  loaded in {time.perf_counter() - t_load:.1f} s", file=sys.stderr)
     model, tok = loaded.model, loaded.tokenizer
-    cs = calibration_set(tok, None, samples=a.samples, seqlen=a.seqlen, seed=0)
-    held = heldout_windows(tok, a.eval_seqlen, 2 * a.windows)
-    sel, score = held[: a.windows], held[a.windows :]
+    float_state = copy.deepcopy(model.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix="qk-sens-"))
+    code_file = tmp / "stdlib_source.txt"
+    code_file.write_text(code_text())
+    pydoc = heldout_windows(tok, a.eval_seqlen, a.windows or None)
+    ood = heldout_windows(tok, a.eval_seqlen, a.ood_windows or pydoc.shape[0], spec=str(code_file))
+    wins = dict(zip(TEXTS, (pydoc, ood)))
+    cfgs = {TEXTS[0]: api.EvalConfig(seqlen=a.eval_seqlen, batch_size=a.eval_batch_size),
+            TEXTS[1]: api.EvalConfig(data=str(code_file), seqlen=a.eval_seqlen, batch_size=a.eval_batch_size)}
+    calib_cfg = api.CalibConfig(samples=a.samples, seqlen=a.seqlen, batch_size=a.batch_size)
+    calib = calibration_set(tok, None, samples=a.samples, seqlen=a.seqlen, seed=0)
 
-    def ppl(names, scheme):
-        return subset_perplexity(model, score, names, scheme, device=dev)
+    def score(m) -> dict[str, float]:
+        return {t: api.evaluate(m, tok, cfgs[t], device=a.device, windows=w)[0].ppl for t, w in wins.items()}
 
-    rows, out = [], {"settings": vars(a) | {"json": str(a.json)}, "schemes": {}}
-    base = None
+    def reset() -> None:
+        model.load_state_dict(float_state)
+        model.to("cpu")
+
+    def user_path(recipe, sensitive: Path | None, tag: str) -> dict:
+        """method command (--sensitive) -> export -> quantkit eval of the checkpoint; ppl per text."""
+        reset()
+        t0 = time.perf_counter()
+        qm = api.quantize(loaded, recipe, calib_cfg, device=a.device, calib_set=calib, sensitive=sensitive)
+        fp16 = len((qm.sensitivity or {}).get("fp16_exported", []))
+        ckpt = api.export(qm, tmp / f"ckpt-{tag}")
+        del qm
+        ck = api.load(str(ckpt), device=a.device)
+        plan = plan_simulation(ck, device=a.device)
+        with plan.context(ck.model):
+            ppl = score(ck.model)
+        del ck
+        shutil.rmtree(ckpt, ignore_errors=True)
+        log(f"{tag}: {fp16} FP16 linears, ppl " + ", ".join(f"{k} {v:.4f}" for k, v in ppl.items())
+            + f" ({time.perf_counter() - t0:.1f} s)")
+        return {"ppl": ppl, "fp16_linears": fp16}
+
+    reset()
+    base = score(model)
+    log("float: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
+    out: dict = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else (platform.processor() or "cpu"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "texts": {TEXTS[0]: {"windows": int(pydoc.shape[0]), "source": "builtin eval half (pydoc_data.topics, 2nd half)"},
+                  TEXTS[1]: {"windows": int(ood.shape[0]), "source": f"inspect.getsource of {', '.join(CODE_MODULES)}"}},
+        "ppl_float": base, "schemes": {},
+    }
+    path = a.json or ROOT / "benchmarks" / "results" / f"sensitivity-{dev.type}-{out['date'][:10]}.json"
+    scan_files: dict[str, Path] = {}
+    rows = []
     for key in a.schemes.split(","):
         scheme = schemes[key]
+        reset()
         t0 = time.perf_counter()
-        rep = run_scan(model, cs.input_ids, scheme, target_fraction=a.fraction, eval_windows=sel, device=dev,
-                       batch_size=a.batch_size, shortlist=a.shortlist, stat_tokens=a.stat_tokens or None,
-                       fisher_windows=a.fisher_windows,
-                       on_step=lambda m: print(f"  [{key}] {m}", file=sys.stderr),
-                       on_block=lambda i, n, nm, ph: print(f"  [{key}] scan {i + 1}/{n}", file=sys.stderr) if i % 10 == 0 else None)
-        print(f"  [{key}] scan took {rep.seconds:.1f} s", file=sys.stderr)
-        scan_s, total_s = rep.seconds, time.perf_counter() - t0
+        rep = api.scan(loaded, scheme, calib_cfg, device=a.device, target_fraction=a.fraction,
+                       eval_cfg=api.EvalConfig(seqlen=a.eval_seqlen, batch_size=a.eval_batch_size), stat_tokens=a.stat_tokens or None,
+                       shortlist=a.shortlist, fisher_windows=a.fisher_windows, select_windows=a.select_windows or None,
+                       folds=a.folds, on_step=lambda m, k=key: log(f"[{k}] {m}") if "fold" not in m else None)
+        scan_s = time.perf_counter() - t0
+        sl = save_sensitive_layers(rep, tmp / f"sl-{key}.json")
+        scan_files[key] = sl
         names = [e.name for e in rep.layers]
-        flagged = rep.flagged
-        if base is None:
-            base = ppl([], scheme)
-        allq = ppl(names, scheme)
-        mixed = ppl([n for n in names if n not in set(flagged)], scheme)
-        rand = []
-        for seed in range(a.draws):
-            pick = set(random.Random(seed).sample(names, len(flagged)))
-            rand.append(ppl([n for n in names if n not in pick], scheme))
-        rec = recovered_fraction(base, allq, mixed)
-        rec_rand = [recovered_fraction(base, allq, r) for r in rand]
-        rec_rand_mean = sum(rec_rand) / len(rec_rand) if rec_rand else float("nan")
-        # the fixed default thresholds, for reference
-        d_flag = apply_thresholds(rep.layers, Thresholds(), scheme)
-        d_mixed = ppl([n for n in names if n not in set(d_flag)], scheme)
-        apply_thresholds(rep.layers, rep.thresholds, scheme)
-        corr = None
-        if a.measure_layers:
-            sub = rep.layers if a.measure_layers < 0 else rep.layers[:: max(1, len(rep.layers) // a.measure_layers)]
-            measure_layer_ppl(model, sub, scheme, score, device=dev, baseline=base,
-                              on_step=lambda i, n, nm: print(f"  [{key}] ({i + 1}/{n}) {nm}", file=sys.stderr))
-            corr = correlations(sub) | {"n_layers": len(sub)}
-        model.to("cpu")
-        res = {
-            "scan_seconds": scan_s, "scan_plus_search_seconds": total_s, "n_linears": len(names),
-            "thresholds": rep.thresholds.to_dict(), "search": rep.search, "flagged": flagged,
-            "ppl_base": base, "ppl_allq": allq, "ppl_scan": mixed, "ppl_random": rand,
-            "recovered_scan": rec, "recovered_random": rec_rand, "recovered_random_mean": rec_rand_mean,
-            "default_thresholds_flagged": len(d_flag), "ppl_default_thresholds": d_mixed,
-            "recovered_default_thresholds": recovered_fraction(base, allq, d_mixed), "correlations": corr,
-            "rule": rep.ppl.get("rule"), "selection_evaluations": rep.ppl.get("evaluations"),
-            "selection_ppl": {k: rep.ppl.get(k) for k in ("baseline", "all_quantized", "mixed", "recovered")},
-            "restore_gain": {e.name: e.restore_gain for e in rep.layers if e.restore_gain is not None},
-            "rel_err": {e.name: e.rel_err for e in rep.layers},
-            "fisher": {e.name: e.fisher for e in rep.layers},
-        }
+        units = selection_units(names)
+        log(f"[{key}] scan + selection {scan_s:.1f} s: {len(rep.flagged)} linears by {rep.ppl['rule']}, "
+            f"expected {rep.ppl['expected']['recovered']:.1%}")
+        recipe = Recipe(scheme, (Stage("rtn"),))
+        allq = user_path(recipe, None, f"{key}-all")
+        mixed = user_path(recipe, sl, f"{key}-scan")
+        rand = [user_path(recipe, with_flags(sl, random_units(units, mixed["fp16_linears"], s), tmp / f"r{s}.json"),
+                          f"{key}-random{s}") for s in range(a.draws)]
+        res = {"scan_seconds": scan_s, "n_linears": len(names), "budget": rep.ppl["budget"], "rule": rep.ppl["rule"],
+               "expected": rep.ppl["expected"], "selection": {k: rep.ppl[k] for k in
+                                                              ("baseline", "all_quantized", "mixed", "recovered",
+                                                               "evaluations", "selection_windows")},
+               "candidates": [{k: c[k] for k in ("rule", "cv_recovered", "per_fold")} for c in rep.search],
+               "flagged": rep.flagged, "all": allq, "scan": mixed, "random": rand, "texts": {}}
+        for t in TEXTS:
+            rec = recovered_fraction(base[t], allq["ppl"][t], mixed["ppl"][t])
+            rr = [recovered_fraction(base[t], allq["ppl"][t], r["ppl"][t]) for r in rand]
+            rm = statistics.mean(rr) if rr else float("nan")
+            res["texts"][t] = {"recovered_scan": rec, "recovered_random": rr, "recovered_random_mean": rm,
+                               "ratio": rec / rm if rm > 0 else float("inf")}
+            rows.append((key, t, res, rec, rr, rm))
         out["schemes"][key] = res
-        ratio = rec / rec_rand_mean if rec_rand_mean > 0 else float("inf")
-        rows.append((key, len(flagged), len(names), base, allq, mixed, rec, rec_rand_mean, ratio, scan_s,
-                     len(d_flag), res["recovered_default_thresholds"], corr, res["rule"], res["selection_evaluations"],
-                     total_s))
-        print(f"  [{key}] done: {json.dumps({k: v for k, v in res.items() if k not in ('search', 'flagged')}, default=float)}",
-              file=sys.stderr)
-        if a.json:  # after every scheme, so a cut-short run keeps what it measured
-            a.json.write_text(json.dumps(out, indent=2, default=float) + "\n")
-    # Notes first, the markdown table last (what BENCHMARKS.md takes).
-    print(f"\nsensitivity benchmark · calib {a.samples}x{a.seqlen} · score {a.windows}x{a.eval_seqlen} held-out "
-          f"(selection on another {a.windows}) · device {dev} · stat tokens {a.stat_tokens or 'all'}")
-    for r in rows:
-        k, nf, nl, b, q, m, rs, rr, ratio, s, nd, rd, corr, rule, n_ev, tot = r
-        ok = rs >= 0.40 and (rr <= 0 or rs >= 2 * rr)
-        print(f"{k}: target (>=40% and >=2x random): {'met' if ok else 'NOT met'}; selected by {rule} "
-              f"({n_ev} selection evaluations; scan + search {tot:.1f} s); default thresholds flag {nd}/{nl} "
-              f"(recover {rd:.1%})")
-        if corr:
-            print(f"{k}: Spearman vs per-layer dppl (n={corr['n_layers']}): "
-                  + ", ".join(f"{m} {v:+.2f}" for m, v in corr.items() if m != "n_layers"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2, default=float) + "\n")  # after every scheme: a cut run keeps it
+    gptq_rows = []
+    if a.gptq and "W4A16g64" in scan_files:
+        recipe = Recipe(schemes["W4A16g64"], (Stage("gptq"),))
+        alone = user_path(recipe, None, "gptq-all")
+        mixed = user_path(recipe, scan_files["W4A16g64"], "gptq-scan")
+        g = {"alone": alone, "scan": mixed, "texts": {}}
+        for t in TEXTS:
+            g["texts"][t] = {"removed": recovered_fraction(base[t], alone["ppl"][t], mixed["ppl"][t])}
+            gptq_rows.append((t, alone, mixed, g["texts"][t]["removed"]))
+        out["gptq"] = g
+    out["seconds"] = time.perf_counter() - t_start
+    path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nsensitivity benchmark · {out['device']} · {out['date']} · calib {a.samples}x{a.seqlen} · selection on "
+          f"{a.select_windows or 'all'} calibration-text windows x {a.eval_seqlen}, {a.folds} folds · scored on "
+          f"{pydoc.shape[0]} pydoc held-out + {ood.shape[0]} stdlib-source windows x {a.eval_seqlen} · "
+          f"{a.draws} random draws · {out['seconds']:.0f} s · {path}")
+    for key, res in out["schemes"].items():
+        ok = all(res["texts"][t]["recovered_scan"] >= 0.40 and res["texts"][t]["ratio"] >= 2 for t in TEXTS)
+        print(f"{key}: {res['scan']['fp16_linears']}/{res['n_linears']} FP16 after sibling expansion (budget "
+              f"{res['budget']}), rule {res['rule']}, scan expected {res['expected']['recovered']:.1%}; "
+              f"target (>=40% and >=2x random on every text): {'met' if ok else 'NOT met'}")
     print()
-    print("| scheme | kept FP16 | ppl base | ppl all-quantized | ppl with scan's FP16 layers | recovered (scan) "
-          "| recovered (random) | scan / random | scan time | rule |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        k, nf, nl, b, q, m, rs, rr, ratio, s, nd, rd, corr, rule, n_ev, tot = r
-        print(f"| {k} | {nf}/{nl} | {b:.3f} | {q:.3f} | {m:.3f} | {rs:.1%} | {rr:.1%} | {ratio:.2f}x | {s:.1f} s "
-              f"| {rule} |")
+    print("| scheme | text | ppl float | all quantized | scan FP16 | random FP16 (mean) | FP16 linears | "
+          "scan recovers | random recovers | scan / random | scan expected |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, t, res, rec, rr, rm in rows:
+        q, m = res["all"]["ppl"][t], res["scan"]["ppl"][t]
+        r = statistics.mean(x["ppl"][t] for x in res["random"]) if res["random"] else float("nan")
+        sd = f" ± {statistics.stdev(rr):.0%}" if len(rr) > 1 else ""
+        print(f"| {key} RTN | {t} | {base[t]:.3f} | {q:.3f} ({q / base[t] - 1:+.1%}) | {m:.3f} ({m / base[t] - 1:+.1%}) "
+              f"| {r:.3f} ({r / base[t] - 1:+.1%}) | {res['scan']['fp16_linears']}/{res['n_linears']} | {rec:.1%} "
+              f"| {rm:.1%}{sd} | {_ratio(res['texts'][t]['ratio'])} | {res['expected']['recovered']:.1%} |")
+    for t, alone, mixed, removed in gptq_rows:
+        q, m = alone["ppl"][t], mixed["ppl"][t]
+        print(f"| W4A16g64 GPTQ | {t} | {base[t]:.3f} | {q:.3f} ({q / base[t] - 1:+.1%}) | {m:.3f} "
+              f"({m / base[t] - 1:+.1%}) | - | {mixed['fp16_linears']} | {removed:.1%} (target >= 25%) | - | - | - |")
+
 
 if __name__ == "__main__":
     main()

@@ -427,11 +427,16 @@ def scan(
     stat_tokens: int | None = 16384,
     shortlist: int | None = None,
     fisher_windows: int = 0,
+    select_windows: int | None = 64,
+    folds: int = 4,
     on_block: Callable[[int, int, str, str], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ):
     """Sensitivity scan of every linear for `scheme` (model unchanged). Returns a ScanReport;
-    save it with `quantkit.sensitivity.io.save_sensitive_layers`."""
+    save it with `quantkit.sensitivity.io.save_sensitive_layers`.
+
+    target_fraction chooses from `select_windows` windows (None = all) of eval_cfg.seqlen tokens of the
+    calibration text, with `folds`-fold cross-validation; eval_cfg's held-out text serves --measure-ppl only."""
     from quantkit.quant.core import check_group_size
     from quantkit.sensitivity.run import run_scan
     from quantkit.sensitivity.scan import Thresholds
@@ -441,9 +446,13 @@ def scan(
     cs = calibration_set(
         loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
     )
-    windows = None
-    if target_fraction is not None or measure_ppl:
+    windows = sel = None
+    if measure_ppl:
         windows = heldout_windows(loaded.tokenizer, eval_cfg.seqlen, eval_cfg.windows, spec=eval_cfg.data, field=eval_cfg.field)
+    if target_fraction is not None:
+        from quantkit.calib.data import calibration_windows
+
+        sel = calibration_windows(loaded.tokenizer, eval_cfg.seqlen, select_windows, spec=calib.data, field=calib.field)
     return run_scan(
         loaded.model,
         cs.input_ids,
@@ -452,6 +461,8 @@ def scan(
         target_fraction=target_fraction,
         measure_ppl=measure_ppl,
         eval_windows=windows,
+        select_windows=sel,
+        folds=folds,
         device=resolve_device(device),
         batch_size=calib.batch_size,
         eval_batch_size=eval_cfg.batch_size,

@@ -154,3 +154,58 @@ def test_cli_scan_report_png(tiny_dir, tmp_path):
     png = tmp_path / "rep" / "sensitivity.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert (tmp_path / "rep" / "s.json").is_file()
+
+
+def test_target_fraction_reads_calibration_text_only(tiny_tokenizer, monkeypatch):
+    """The held-out half that `quantkit eval` scores is never even loaded, and every token window the scan
+    (selection, cross-validation, fisher included) feeds the model is a run of the calibration half."""
+    from quantkit.calib import data
+    from quantkit.calib.data import load_text, tokenize
+
+    parts = []
+    real = data.load_text
+    monkeypatch.setattr(data, "load_text", lambda spec, *, part, field="text": parts.append(part) or real(
+        spec, part=part, field=field))
+    model = make_tiny_model("llama", seed=5)
+    seen = []
+    h = model.model.embed_tokens.register_forward_pre_hook(lambda _m, a: seen.extend(a[0].reshape(-1, a[0].shape[-1])))
+    try:
+        rep = api.scan(LoadedModel(model, tiny_tokenizer, {"kind": "test"}), Scheme(ARGS),
+                       api.CalibConfig(samples=2, seqlen=32, batch_size=2), target_fraction=0.25,
+                       eval_cfg=api.EvalConfig(seqlen=128, windows=4), select_windows=6, folds=3, fisher_windows=1)
+    finally:
+        h.remove()
+    monkeypatch.undo()
+    assert parts and set(parts) == {"calib"}
+    assert rep.ppl["expected"]["windows"] == 6 and rep.search and rep.flagged
+    calib = tokenize(tiny_tokenizer, load_text(None, part="calib")).tolist()
+    as_text = lambda ids: "," + ",".join(map(str, ids)) + ","  # noqa: E731 - token runs as comparable strings
+    calib_s = as_text(calib)
+    rows = {tuple(r.tolist()) for r in seen}
+    assert len(rows) >= 2 + 6  # the scan's calibration samples and the selection windows
+    assert {len(r) for r in rows} == {32, 128}
+    for r in rows:
+        assert as_text(r) in calib_s
+
+
+def test_cli_scan_target_fraction_then_sensitive(tiny_dir, tmp_path):
+    sl = tmp_path / "sl.json"
+    code, text = _run("scan", "--model", tiny_dir, "--scheme", "W4A16", "--group-size", "32", "--asym", "--samples",
+                      "2", "--seqlen", "32", "--bins", "16", "--target-fraction", "0.25", "--eval-seqlen", "32",
+                      "--select-windows", "4", "--folds", "2", "--out", sl)
+    assert code == 0, text
+    flat = " ".join(text.replace("│", " ").split())  # the summary table wraps its cells
+    assert "expected on unseen text recovers about" in flat and "2-fold cross-validation over 4 calibration" in flat
+    d = json.loads(sl.read_text())
+    assert d["scheme"]["weights"]["symmetric"] is False and d["thresholds"]["mode"] == "target-fraction"
+    flagged = [e["name"] for e in d["layers"] if e["flag"] == "fp16"]
+    assert 0 < len(flagged) <= 5 and d["ppl"]["expected"]["recovered"] is not None
+    out = tmp_path / "ckpt"
+    code, text = _run("rtn", "--model", tiny_dir, "--out", out, "--bits", "4", "--group-size", "32", "--asym",
+                      "--sensitive", sl)
+    assert code == 0, text
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert manifest["sensitivity"]["fp16_exported"] == flagged  # nothing added by the fused-sibling rule
+    code, text = _run("scan", "--model", tiny_dir, "--target-fraction", "0.25", "--select-windows", "3",
+                      "--out", tmp_path / "x.json")
+    assert code == 2 and "--select-windows 3 must be at least --folds 4" in text

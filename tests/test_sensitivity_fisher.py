@@ -36,10 +36,12 @@ def test_fisher_matches_autograd_reference_and_leaves_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     req = [p.requires_grad for p in model.parameters()]
     got = fisher_scores(model, ids, W8A8, names)
+    rows = fisher_scores(model, ids, W8A8, names, per_window=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [p.requires_grad for p in model.parameters()] == req and all(p.grad is None for p in model.parameters())
     # reference: capture (x, y) of each window, take dloss/dy with autograd.grad, weight the output error
     ref = {n: 0.0 for n in names}
+    per = {n: [] for n in names}
     for row in ids.split(1):
         seen = {}
         hooks = [model.get_submodule(n).register_forward_hook(
@@ -56,8 +58,11 @@ def test_fisher_matches_autograd_reference_and_leaves_model():
                 dy = F.linear(fake_quantize_activations(x, W8A8.input_activations),
                               fake_quantize(lin.weight, W8A8.weights)) - F.linear(x, lin.weight)
             ref[n] += float((g.double() * dy.double()).square().sum())
+            per[n].append(float((g.double() * dy.double()).square().sum()) / row.numel())
     for n in names:
         assert got[n] == pytest.approx(ref[n] / ids.numel(), rel=1e-4) and got[n] > 0
+        assert rows[n].tolist() == pytest.approx(per[n], rel=1e-4, abs=0)  # each window's own value
+        assert abs(per[n][0] - per[n][1]) > 1e-2 * per[n][0] > 0
     model.zero_grad(set_to_none=True)
 
 

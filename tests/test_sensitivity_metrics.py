@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from quantkit.recipe import PRESETS
-from quantkit.sensitivity.calibrate import shortlist_layers, top_k_threshold
 from quantkit.sensitivity.metrics import (
     KL_EPS,
     Moments,
@@ -167,16 +166,6 @@ def test_threshold_logic_any_metric_over_flags():
     assert layers[1].flag == "int4"
 
 
-def test_top_k_threshold_flags_exactly_k():
-    layers = [_entry(str(i), kl, 1, 0.1) for i, kl in enumerate([0.5, 0.1, 0.3, 0.9, 0.2])]
-    for k in range(1, 5):
-        t = top_k_threshold(layers, "kl", k)
-        flagged = apply_thresholds(layers, Thresholds(kl=t, R=None, energy=None), PRESETS["W8A8"])
-        assert len(flagged) == k
-        assert set(flagged) == {e.name for e in sorted(layers, key=lambda e: -e.kl)[:k]}
-    assert top_k_threshold(layers, "kl", 0) is None
-
-
 def test_relative_error_known_answers():
     y = torch.tensor([[3.0, 4.0]])  # ||y||^2 = 25
     yq = torch.tensor([[3.0, 5.0]])  # ||yq - y||^2 = 1
@@ -184,17 +173,7 @@ def test_relative_error_known_answers():
     assert relative_error(0.0, 0.0) == 0.0 and relative_error(1.0, 0.0) == math.inf
 
 
-def test_rel_err_threshold_and_shortlist_interleaves_rankings():
+def test_rel_err_threshold():
     th = Thresholds(kl=None, R=None, energy=None, rel_err=0.1)
     assert th.flags(0.0, 1.0, 0.1, 0.2) and not th.flags(9.0, 99.0, 1.0, 0.05)
     assert not th.flags(0.0, 1.0, 0.1, math.nan)  # unknown rel_err never flags
-    # rel_err ranks d > c > ..., R ranks a > b > ..., kl ranks b > e > ...
-    vals = {"a": (0.0, 90, 0.01), "b": (0.9, 80, 0.02), "c": (0.0, 1, 0.5), "d": (0.0, 2, 0.9), "e": (0.5, 3, 0.0)}
-    layers = []
-    for n, (kl, R, rel) in vals.items():
-        e = _entry(n, kl, R, 0.1)
-        e.rel_err = rel
-        layers.append(e)
-    assert [e.name for e in shortlist_layers(layers, 4)] == ["d", "a", "b", "c"]
-    assert [e.name for e in shortlist_layers(layers, 9)] == ["d", "a", "b", "c", "e"]
-    assert shortlist_layers(layers, 0) == []

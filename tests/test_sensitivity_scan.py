@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from tiny_models import make_tiny_model
 from quantkit.quant.core import fake_quantize, fake_quantize_activations
 from quantkit.recipe import PRESETS, QuantArgs, Scheme
-from quantkit.sensitivity.calibrate import calibrate_thresholds, correlations, measure_layer_ppl
+from quantkit.sensitivity.calibrate import correlations, measure_layer_ppl
+from quantkit.sensitivity.fisher import fisher_scores
 from quantkit.sensitivity.io import (
     FORMAT,
     SensitiveLayersError,
@@ -22,9 +23,11 @@ from quantkit.sensitivity.io import (
     save_sensitive_layers,
 )
 from quantkit.sensitivity.metrics import channel_histograms, kl_divergence
-from quantkit.sensitivity.partial import quantized_subset, subset_perplexity
+from quantkit.sensitivity.partial import quantized_subset, recovered_fraction, subset_perplexity
+from quantkit.sensitivity.report import summary_rows
 from quantkit.sensitivity.run import run_scan
 from quantkit.sensitivity.scan import Thresholds, scan_layers
+from quantkit.sensitivity.select import cv_folds, knapsack, select_fp16, selection_units
 
 W8A8 = PRESETS["W8A8"]
 W4G32 = Scheme(QuantArgs(4, 32, True))
@@ -146,61 +149,159 @@ def test_quantized_subset_applies_and_restores(model):
     assert torch.equal(lin.weight, w0)
 
 
-def test_calibrate_and_measure_ppl(model):
+def test_measure_ppl_and_correlations(model):
     ids, windows = _ids(4, 32, 0), _ids(2, 32, 7)
     layers = scan_layers(model, ids, W4G32, batch_size=2, bins=64)
-    th, search, ppl = calibrate_thresholds(model, layers, W4G32, windows, 0.15)
-    k = math.floor(0.15 * 21)
-    flagged = [e.name for e in layers if e.flag == "fp16"]
-    assert 0 < len(flagged) <= k
-    assert search and all(c["flagged"] <= k for c in search)
-    assert ppl["mixed"] == min(c["ppl"] for c in search)
-    keep = set(flagged)
-    direct = subset_perplexity(model, windows, [e.name for e in layers if e.name not in keep], W4G32)
-    assert direct == pytest.approx(ppl["mixed"], rel=1e-9)
-    assert ppl["all_quantized"] != ppl["baseline"]
     base = measure_layer_ppl(model, layers[:6], W4G32, windows)
-    assert base == pytest.approx(ppl["baseline"], rel=1e-12)
+    assert base == pytest.approx(subset_perplexity(model, windows, [], W4G32), rel=1e-12)
     one = subset_perplexity(model, windows, [layers[2].name], W4G32)
-    assert layers[2].ppl_delta == pytest.approx(one - base, rel=1e-9)
+    assert layers[2].ppl_delta == pytest.approx(one - base, rel=1e-9) and one != base
     corr = correlations(layers)
     assert {"kl", "R", "energy", "rel_err", "abs_skew"} <= set(corr) <= {"kl", "R", "energy", "rel_err", "abs_skew",
                                                                         "restore_gain", "fisher"}
     assert all(-1 <= v <= 1 for v in corr.values())
-    with pytest.raises(Exception, match="between 0 and 1"):
-        calibrate_thresholds(model, layers, W4G32, windows, 1.5)
 
 
-def test_measured_restore_candidates(model):
-    ids, windows = _ids(4, 32, 0), _ids(2, 32, 7)
+# ------------------------------------------------------------------ --target-fraction selection
+
+
+def test_selection_units_group_fused_siblings(model):
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    units = selection_units(names)
+    assert [m for u in units for m in u] == names  # a partition, in model order
+    assert units[:4] == [
+        ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"),
+        ("model.layers.0.self_attn.o_proj",),
+        ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"),
+        ("model.layers.0.mlp.down_proj",),
+    ]
+    for u in units:  # what --sensitive would keep for any member is the unit itself
+        assert set(expand_fused([u[-1]], names)) == set(u)
+    # a fused group counts only the members that are there (e.g. one ignored)
+    part = selection_units([n for n in names if not n.endswith("0.self_attn.k_proj")])
+    assert part[0] == ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
+
+
+def test_knapsack_is_optimal_and_respects_unit_costs():
+    import itertools
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(200):
+        n = rnd.randint(1, 8)
+        values = [rnd.choice([-1.0, 0.0]) if rnd.random() < 0.2 else rnd.uniform(0, 10) for _ in range(n)]
+        costs = [rnd.choice([1, 2, 3]) for _ in range(n)]
+        cap = rnd.randint(0, 9)
+        got = knapsack(values, costs, cap)
+        assert got == sorted(set(got)) and sum(costs[i] for i in got) <= cap and all(values[i] > 0 for i in got)
+        best = max(sum(values[i] for i in c) for r in range(n + 1) for c in itertools.combinations(range(n), r)
+                   if sum(costs[i] for i in c) <= cap and all(values[i] > 0 for i in c))
+        assert sum(values[i] for i in got) == pytest.approx(best, abs=1e-9)
+    # a 3-linear unit worth 5 loses to two 1-linear units worth 3 each under a budget of 3
+    assert knapsack([5.0, 3.0, 3.0], [3, 1, 1], 3) == [1, 2]
+    assert knapsack([5.0, 3.0, 3.0], [3, 1, 1], 4) == [0, 1]  # ties keep the earlier items
+
+
+def test_cv_folds_are_contiguous_and_cover():
+    for n, k in ((10, 4), (4, 4), (3, 4), (7, 2), (1, 3)):
+        f = cv_folds(n, k)
+        assert [i for r in f for i in r] == list(range(n)) and all(len(r) > 0 for r in f)
+        assert len(f) == min(n, k) and max(map(len, f)) - min(map(len, f)) <= 1
+
+
+def _nll_sum(model, windows, quantized, scheme):
+    """Summed token NLL of `windows` with `quantized` fake-quantized, through the plain perplexity path."""
+    ppl = subset_perplexity(model, windows, quantized, scheme)
+    return math.log(ppl) * windows.shape[0] * (windows.shape[1] - 1)
+
+
+def test_select_fp16_budget_units_cv_and_expected(model):
+    ids, windows = _ids(4, 32, 0), _ids(8, 32, 7)
     layers = scan_layers(model, ids, W4G32, batch_size=2, bins=32)
     names = [e.name for e in layers]
-    k = math.floor(0.15 * 21)  # 3
-    th, search, ppl = calibrate_thresholds(model, layers, W4G32, windows, 0.15, shortlist=5)
-    measured = [c for c in search if c["metric"] == "measured-restore"]
-    gained = [e for e in layers if e.restore_gain is not None]
-    assert len(gained) == 5
-    helped = sum(e.restore_gain > 0 for e in gained)
-    assert [c["k"] for c in measured] == sorted({min(k, helped), min(math.ceil(k / 2), helped)} - {0}, reverse=True)
-    assert all(c["shortlist"] == 5 and c["flagged"] == c["k"] for c in measured)
-    assert ppl["evaluations"] == 2 + (len(search) - len(measured)) + 5 + len(measured)
-    e = gained[0]  # restore gain = ppl(all quantized) - ppl(all quantized but that layer)
-    but_one = subset_perplexity(model, windows, [n for n in names if n != e.name], W4G32)
-    assert e.restore_gain == pytest.approx(ppl["all_quantized"] - but_one, rel=1e-9)
-    top = [g for g in sorted(gained, key=lambda g: -g.restore_gain) if g.restore_gain > 0][:k]
-    assert measured and set(measured[0]["layers"]) == {g.name for g in top}
-    best = min(search, key=lambda c: c["ppl"])
-    assert ppl["rule"] == best["metric"] and ppl["mixed"] == best["ppl"]
-    flagged = [e.name for e in layers if e.flag == "fp16"]
-    if best["metric"] == "measured-restore":
-        assert flagged == best["layers"] and th == Thresholds(None, None, None)
-    direct = subset_perplexity(model, windows, [n for n in names if n not in set(flagged)], W4G32)
-    assert direct == pytest.approx(ppl["mixed"], rel=1e-9)
+    fisher = fisher_scores(model, windows, W4G32, names, per_window=True)
+    sel = select_fp16(model, layers, W4G32, windows, 0.25, folds=4, fisher=fisher)
+    k = math.floor(0.25 * 21)  # 5
+    units = selection_units(names)
+    assert sel.budget == k and 0 < len(sel.chosen) <= k
+    assert set(sel.chosen) == {m for u in units if set(u) & set(sel.chosen) for m in u}  # whole units only
+    assert [e.name for e in layers if e.flag == "fp16"] == sel.chosen
+    assert expand_fused(sel.chosen, names) == sel.chosen  # --sensitive adds nothing: the budget holds after it
+    assert [c["rule"] for c in sel.candidates] == ["restore", "fisher", "rel_err"]
+    # a unit's restore gain, against the plain path: ppl(all quantized) - ppl(all quantized but the unit)
+    u = units[5]
+    but_u = subset_perplexity(model, windows, [n for n in names if n not in u], W4G32)
+    gained = {e.name: e.restore_gain for e in layers}
+    assert gained[u[0]] == pytest.approx(sel.ppl["all_quantized"] - but_u, rel=1e-6)
+    # each candidate's cross-validated recovery, recomputed fold by fold through the plain path
+    base = _nll_sum(model, windows, [], W4G32)
+    allq = _nll_sum(model, windows, names, W4G32)
+    folds = cv_folds(8, 4)
+    tok = 8 * 31
+    for c in sel.candidates:
+        assert all(len(f) <= k for f in c["fold_layers"])
+        mixed = sum(_nll_sum(model, windows[f.start:f.stop], [n for n in names if n not in set(ch)], W4G32)
+                    for f, ch in zip(folds, c["fold_layers"]))
+        want = recovered_fraction(math.exp(base / tok), math.exp(allq / tok), math.exp(mixed / tok))
+        assert c["cv_recovered"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    best = max(sel.candidates, key=lambda c: c["cv_recovered"])
+    exp = sel.ppl["expected"]
+    assert sel.rule == best["rule"] and exp["recovered"] == best["cv_recovered"] and sel.chosen == best["layers"]
+    assert exp["folds"] == 4 and exp["windows"] == 8 and "cross-validation" in exp["how"]
+    direct = subset_perplexity(model, windows, [n for n in names if n not in set(sel.chosen)], W4G32)
+    assert sel.ppl["mixed"] == pytest.approx(direct, rel=1e-6)
+
+
+def test_select_fp16_fold_choice_never_reads_its_fold(model):
+    """Each fold's choice is made from the other folds only: changing a fold's windows leaves its choice alone
+    (and changes the others', so the test can fail)."""
+    ids, windows = _ids(4, 32, 0), _ids(8, 32, 7)
+    layers = scan_layers(model, ids, W4G32, batch_size=2, bins=32)
+    names = [e.name for e in layers]
+    other = windows.clone()
+    other[:2] = _ids(2, 32, 99)  # fold 0 of 4
+    runs = []
+    for w in (windows, other):
+        fisher = fisher_scores(model, w, W4G32, names, per_window=True)
+        runs.append({c["rule"]: c for c in select_fp16(model, layers, W4G32, w, 0.25, folds=4, fisher=fisher).candidates})
+    for rule in ("restore", "fisher"):
+        a, b = runs[0][rule]["fold_layers"], runs[1][rule]["fold_layers"]
+        assert a[0] == b[0]
+    assert any(runs[0][r]["fold_layers"][1:] != runs[1][r]["fold_layers"][1:] for r in ("restore", "fisher"))
+
+
+def test_select_fp16_shortlist_and_zero_budget(model):
+    ids, windows = _ids(4, 32, 0), _ids(4, 32, 7)
+    layers = scan_layers(model, ids, W4G32, batch_size=2, bins=32)
+    sel = select_fp16(model, layers, W4G32, windows, 0.25, folds=2, shortlist=3)
+    units = selection_units([e.name for e in layers])
+    rel = [sum(e.rel_err for e in layers if e.name in u) / len(u) for u in units]  # per linear of the unit
+    top3 = sorted(range(len(units)), key=lambda i: -rel[i])[:3]
+    measured = {e.name for e in layers if e.restore_gain is not None}
+    assert measured == {m for i in top3 for m in units[i]}
+    assert sel.ppl["measured_units"] == 3 and sel.ppl["evaluations"] == 2 + 3 + 2 + 1
     for e in layers:
         e.restore_gain = None
-    _, search0, ppl0 = calibrate_thresholds(model, layers, W4G32, windows, 0.15, shortlist=0)
-    assert all(c["metric"] != "measured-restore" for c in search0) and ppl0["evaluations"] == 2 + len(search0)
-    assert all(e.restore_gain is None for e in layers)
+    sel = select_fp16(model, layers, W4G32, windows, 0.01, folds=2)  # budget 0
+    assert sel.chosen == [] and sel.budget == 0 and sel.ppl["expected"] is None
+    assert all(e.flag == "int4" for e in layers)
+    with pytest.raises(Exception, match="between 0 and 1"):
+        select_fp16(model, layers, W4G32, windows, 1.5)
+
+
+def test_report_states_expected_recovery(model):
+    ids = _ids(4, 32, 0)
+    rep = run_scan(model, ids, W4G32, batch_size=2, bins=16, target_fraction=0.25, select_windows=_ids(6, 32, 7),
+                   folds=3)
+    exp = rep.ppl["expected"]
+    rows = dict(summary_rows(rep))
+    line = rows["expected on unseen text"]
+    assert line.startswith(f"recovers about {exp['recovered']:.0%} of the perplexity gap")
+    assert "3-fold cross-validation over 6 calibration windows" in line and "held-out text never read" in line
+    assert f"{rep.ppl['fp16_linears']} of 21 linears (budget 5" in rows["kept FP16"]
+    assert rep.thresholds == Thresholds(None, None, None) and rep.mode == "target-fraction"
+    with pytest.raises(Exception, match="select_windows"):
+        run_scan(model, ids, W4G32, target_fraction=0.25)
 
 
 def test_fixed_thresholds_flagging_most_linears_warn(model):

@@ -195,3 +195,25 @@ def heldout_windows(tokenizer, seqlen: int = 512, n_windows: int | None = None, 
             f"evaluation text has {available} windows of {seqlen} tokens, {n} asked for; use --windows {available}"
         )
     return tokens[: n * seqlen].view(n, seqlen).contiguous()
+
+
+def calibration_windows(tokenizer, seqlen: int, n_windows: int | None = None, spec: str | None = None, field="text"):
+    """`n_windows` non-overlapping windows of the *calibration* text (None = all), spread evenly over it.
+
+    For scoring choices made during calibration (the scan's `--target-fraction`) without
+    reading the held-out text. LongTensor (n, seqlen), in text order.
+    """
+    import torch
+
+    if seqlen <= 1:
+        raise CalibDataError(f"--eval-seqlen ({seqlen}) must be >= 2")
+    tokens = tokenize(tokenizer, load_text(spec, part="calib", field=field))
+    available = tokens.numel() // seqlen
+    n = available if n_windows is None else min(n_windows, available)
+    if n < 1:
+        raise CalibDataError(
+            f"calibration text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
+            "use a shorter --eval-seqlen or more text with --calib"
+        )
+    picks = torch.tensor([i * available // n for i in range(n)])
+    return tokens[: available * seqlen].view(available, seqlen)[picks].contiguous()

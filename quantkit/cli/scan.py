@@ -19,6 +19,7 @@ from quantkit.cli.options import (
     SamplesOpt,
     SeedOpt,
     SeqlenOpt,
+    SymOverrideOpt,
     TrustOpt,
 )
 from quantkit.cli.ui import console, handle_errors, progress_bar, status
@@ -31,6 +32,7 @@ def scan(
     model: ModelOpt = None,
     scheme: Annotated[str, typer.Option("--scheme", help="Preset: W8A8, W4A16, W8A16, W8A8C8, W4A4KV4.")] = "W8A8",
     group_size: GroupSizeOpt = None,
+    sym: SymOverrideOpt = None,
     calib: CalibOpt = None,
     calib_field: CalibFieldOpt = "text",
     samples: SamplesOpt = 128,
@@ -45,12 +47,18 @@ def scan(
     energy: Annotated[float, typer.Option("--energy", help="... or its top singular direction's energy share exceeds this.")] = 0.42,
     target_fraction: Annotated[
         Optional[float],
-        typer.Option("--target-fraction", help="Calibrate thresholds instead: keep at most this share of linears in FP16."),
+        typer.Option("--target-fraction", help="Instead of thresholds: keep at most this share of linears in FP16 (fused q/k/v, gate/up counted whole), chosen on calibration text with cross-validation."),
     ] = None,
+    select_windows: Annotated[
+        int, typer.Option("--select-windows", help="--target-fraction: calibration-text windows of --eval-seqlen tokens it chooses on (0 = all). Cost: about 126 forward passes over them on the default model (seconds on a GPU; on 2 CPU cores, lower it).")
+    ] = 64,
+    folds: Annotated[
+        int, typer.Option("--folds", help="--target-fraction: cross-validation folds that measure the recovery to expect.")
+    ] = 4,
     measure_ppl: Annotated[
         bool, typer.Option("--measure-ppl", help="Also measure each layer's held-out ppl change alone (slow: one eval per linear).")
     ] = False,
-    windows: Annotated[int, typer.Option("--windows", help="Held-out windows for --target-fraction / --measure-ppl.")] = 8,
+    windows: Annotated[int, typer.Option("--windows", help="Held-out windows for --measure-ppl.")] = 8,
     eval_seqlen: EvalSeqlenOpt = 512,
     bins: Annotated[int, typer.Option("--bins", help="Histogram bins per output channel.")] = 512,
     stat_tokens: Annotated[
@@ -58,11 +66,11 @@ def scan(
     ] = 16384,
     fisher_windows: Annotated[
         int,
-        typer.Option("--fisher-windows", help="Calibration samples for the gradient-weighted error (one forward+backward each; 0 = off; 4 x 512 took 207 s on the loaded 2-core CPU)."),
+        typer.Option("--fisher-windows", help="Calibration samples for the gradient-weighted error (one forward+backward each; 0 = off; 4 x 512 took 207 s on the loaded 2-core CPU). With --target-fraction: any N > 0 measures it on every selection window."),
     ] = 0,
     shortlist: Annotated[
         Optional[int],
-        typer.Option("--shortlist", help="--target-fraction: layers whose restore gain is measured (default 2 x budget; 0 = off)."),
+        typer.Option("--shortlist", help="--target-fraction: fused units whose restore gain is measured (default all; 0 = none)."),
     ] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write a PNG chart + the JSON into this dir.")] = None,
 ) -> None:
@@ -81,10 +89,13 @@ def scan(
     from quantkit.cli import validate as chk
 
     chk.check_int("--group-size", group_size, min=1)
-    if group_size is not None:
+    if group_size is not None or sym is not None:  # match the method command's --group-size / --asym
         import dataclasses
 
-        sch = dataclasses.replace(sch, weights=dataclasses.replace(sch.weights, group_size=group_size))
+        w = sch.weights
+        w = dataclasses.replace(w, group_size=w.group_size if group_size is None else group_size,
+                                symmetric=w.symmetric if sym is None else sym)
+        sch = dataclasses.replace(sch, weights=w)
     chk.check_int("--bins", bins, min=2, max=65536)
     chk.check_int("--stat-tokens", stat_tokens, min=0, note=" (0 = every calibration token)")
     chk.check_int("--fisher-windows", fisher_windows, min=0, max=samples,
@@ -93,6 +104,10 @@ def scan(
     chk.check_samples_batch(samples, batch_size)
     chk.check_int("--seed", seed, min=0, max=2**63 - 1)
     chk.check_windows("--windows", windows)
+    chk.check_windows("--select-windows", select_windows)
+    chk.check_int("--folds", folds, min=2, max=64, note=" (cross-validation folds)")
+    if select_windows and select_windows < folds:
+        raise chk.OptionError(f"--select-windows {select_windows} must be at least --folds {folds} (or 0 = all)")
     chk.check_float("--kl", kl, min=0)
     chk.check_float("--r", r, min=0)
     chk.check_float("--energy", energy, min=0, max=1)
@@ -143,6 +158,8 @@ def scan(
                 stat_tokens=stat_tokens or None,
                 shortlist=shortlist,
                 fisher_windows=fisher_windows,
+                select_windows=select_windows or None,
+                folds=folds,
                 on_block=on_block,
                 on_step=status,
             )

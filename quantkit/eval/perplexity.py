@@ -23,6 +23,35 @@ class Perplexity:
 
 
 @torch.no_grad()
+def window_nll(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Summed next-token NLL of each window (n, seqlen): float64 (n,), position t predicts token t+1.
+
+    The model is run where its parameters are (or moved to `device` if given).
+    """
+    if device is not None:
+        model.to(device)
+    dev = next(model.parameters()).device
+    n = windows.shape[0]
+    out = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, batch_size):
+        ids = windows[start : start + batch_size].to(dev)
+        logits = model(input_ids=ids, use_cache=False).logits  # (b, seqlen, vocab)
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+        )
+        out[start : start + ids.shape[0]] = loss.view(ids.shape[0], -1).double().sum(-1).cpu()
+        if on_batch is not None:
+            on_batch(min(start + batch_size, n), n)
+    return out
+
+
 def perplexity(
     model: nn.Module,
     windows: torch.Tensor,
@@ -31,26 +60,11 @@ def perplexity(
     device: torch.device | str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Perplexity:
-    """Score windows (n, seqlen): position t predicts token t+1, within each window.
+    """Score windows (n, seqlen): exp of the mean next-token NLL over all of them.
 
-    The model is run where its parameters are (or moved to `device` if given).
     Loss is accumulated in float64 so the sum over many tokens stays exact.
     """
-    if device is not None:
-        model.to(device)
-    dev = next(model.parameters()).device
-    total = 0.0
-    count = 0
-    n = windows.shape[0]
-    for start in range(0, n, batch_size):
-        ids = windows[start : start + batch_size].to(dev)
-        logits = model(input_ids=ids, use_cache=False).logits  # (b, seqlen, vocab)
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(loss.double())
-        count += ids[:, 1:].numel()
-        if on_batch is not None:
-            on_batch(min(start + batch_size, n), n)
-    nll = total / count
-    return Perplexity(ppl=math.exp(nll), nll=nll, tokens=count, windows=n)
+    nll = window_nll(model, windows, batch_size=batch_size, device=device, on_batch=on_batch)
+    count = windows.shape[0] * (windows.shape[1] - 1)
+    mean = float(nll.sum()) / count
+    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=count, windows=windows.shape[0])

@@ -39,9 +39,12 @@ def fisher_scores(
     names: Sequence[str],
     *,
     device: torch.device | str = "cpu",
-) -> dict[str, float]:
+    per_window: bool = False,
+) -> dict[str, float] | dict[str, torch.Tensor]:
     """fisher_l for each named linear over the windows `input_ids` (n, seqlen), one window per backward pass.
 
+    per_window: instead, each window's own fisher_l, float64 (n,) per name (their mean is fisher_l when
+    the windows have one length), so a cross-validated selection can sum them over its training windows.
     The model is moved to `device` for the passes and back afterwards; weights are unchanged.
     """
     device = torch.device(device)
@@ -51,6 +54,7 @@ def fisher_scores(
     wq = {n: fake_quantize(lin.weight.data.float(), scheme.weights).to(device) for n, lin in linears.items()}
     acts = scheme.input_activations
     totals = {n: 0.0 for n in names}
+    rows = {n: torch.zeros(input_ids.shape[0], dtype=torch.float64) for n in names}
     tokens = 0
     req = [p.requires_grad for p in model.parameters()]
     handles = []
@@ -81,8 +85,9 @@ def fisher_scores(
         for n, lin in linears.items():
             handles.append(lin.register_forward_hook(on_forward(n)))
         embed = model.get_input_embeddings()
-        for ids in input_ids.split(1):
+        for w, ids in enumerate(input_ids.split(1)):
             ids = ids.to(device)
+            before = dict(totals)
             with torch.no_grad():
                 emb = embed(ids)
             emb = emb.detach().requires_grad_(True)
@@ -90,10 +95,14 @@ def fisher_scores(
                 loss = model(inputs_embeds=emb, labels=ids).loss
                 loss.backward()
             tokens += ids.numel()
+            for n in names:
+                rows[n][w] = (totals[n] - before[n]) / ids.numel()
     finally:
         for h in handles:
             h.remove()
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
         model.to(home)
+    if per_window:
+        return rows
     return {n: v / max(tokens, 1) for n, v in totals.items()}

@@ -17,9 +17,14 @@ Schema (version 2; version 1 files, without rel_err / restore_gain, still load):
                  "rel_err": float | null, "fisher": float | null,
                  "ppl_delta": float | null, "restore_gain": float | null}]}
 
-With --target-fraction, "ppl" holds the selection's perplexities, the winning
-"rule" (a metric name or "measured-restore") and the number of perplexity
-evaluations; "search" lists every candidate.
+With --target-fraction, the flags are whole fused units (q/k/v, gate/up) within the
+budget, chosen on calibration text (`quantkit.sensitivity.select`), and "ppl" holds
+the selection's perplexities on those windows (baseline, all_quantized, mixed
+in-sample), the winning "rule" (restore, fisher or rel_err), "budget", "fp16_linears",
+the forward passes ("evaluations") and "expected": the cross-validated recovery to
+expect on unseen text, with "how" it was measured; "search" lists every rule with its
+cross-validated recovery, per-fold choices and final choice. (Version-2 files from
+before this kept the held-out selection's "measured-restore" or metric rules.)
 
 R is null when the inputs' interquartile range is 0 (R infinite). The sidecar
 safetensors file holds, per linear, "<name>.hist" (bins,) float32 counts of the
@@ -142,8 +147,8 @@ def report_to_dict(report, hist_file: str | None) -> dict[str, Any]:
             "rel_err": "sum ||yq - y||^2 / sum ||y||^2 of the outputs on the sampled tokens",
             "fisher": "sum (dloss/dy * (yq - y))^2 / tokens over the first fisher_windows calibration samples "
             "(null when not measured)",
-            "restore_gain": "ppl(all quantized) - ppl(all quantized but this layer), selection windows; "
-            "measured for the target-fraction shortlist only",
+            "restore_gain": "ppl(all quantized) - ppl(all quantized but this layer's fused unit) on the "
+            "target-fraction selection windows (calibration text); null when not measured",
             "stat_tokens": report.calibration.get("stat_tokens"),
             "range": f"first batch's min/max of float and quantized outputs, +{RANGE_MARGIN:.0%} of the span each side",
             "bins": report.bins,

@@ -1,6 +1,6 @@
 """Quantize a chosen set of linears in place (fake quantization), score, restore.
 
-One helper serves the target-fraction search, `--measure-ppl` and the
+One helper serves the target-fraction selection, `--measure-ppl` and the
 benchmark: weights of the chosen linears are replaced by their RTN
 fake-quantized values, and for schemes that quantize activations a pre-hook
 fake-quantizes each chosen linear's input per token. Everything is restored on
@@ -19,10 +19,42 @@ from quantkit.quant.core import fake_quantize, fake_quantize_activations
 from quantkit.recipe import Scheme
 
 
+class QuantizedSubset:
+    """The state inside `quantized_subset`: which linears compute quantized, and their float weights."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.floats: dict[str, torch.Tensor] = {}  # name -> float weight (the original)
+        self.off: set[str] = set()  # names temporarily back in float (weights and activations)
+
+    @contextmanager
+    def restored(self, names: Iterable[str]) -> Iterator[None]:
+        """Within the block, these quantized linears compute in float again (weights and activations)."""
+        names = [n for n in names if n in self.floats and n not in self.off]
+        held = {}
+        try:
+            with torch.no_grad():
+                for n in names:
+                    w = self.model.get_submodule(n).weight.data
+                    held[n] = w.clone()
+                    w.copy_(self.floats[n])
+                    self.off.add(n)
+            yield
+        finally:
+            with torch.no_grad():
+                for n, wq in held.items():
+                    self.model.get_submodule(n).weight.data.copy_(wq)
+                    self.off.discard(n)
+
+
 @contextmanager
-def quantized_subset(model: nn.Module, names: Iterable[str], scheme: Scheme) -> Iterator[None]:
-    """Within the block, the named linears compute with the scheme's fake-quantized weights (and activations)."""
-    saved: dict[str, torch.Tensor] = {}
+def quantized_subset(model: nn.Module, names: Iterable[str], scheme: Scheme) -> Iterator[QuantizedSubset]:
+    """Within the block, the named linears compute with the scheme's fake-quantized weights (and activations).
+
+    Yields a QuantizedSubset whose `restored(names)` puts some of them back in float for a while.
+    """
+    state = QuantizedSubset(model)
+    saved = state.floats
     handles = []
     acts = scheme.input_activations
     try:
@@ -35,11 +67,13 @@ def quantized_subset(model: nn.Module, names: Iterable[str], scheme: Scheme) -> 
                 lin.weight.data.copy_(fake_quantize(lin.weight.data, scheme.weights))
                 if acts is not None:
 
-                    def pre(_mod, args, _a=acts):
+                    def pre(_mod, args, _a=acts, _n=name):
+                        if _n in state.off:
+                            return None
                         return (fake_quantize_activations(args[0], _a), *args[1:])
 
                     handles.append(lin.register_forward_pre_hook(pre))
-        yield
+        yield state
     finally:
         for h in handles:
             h.remove()

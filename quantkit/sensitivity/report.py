@@ -24,7 +24,9 @@ def scan_table(report, *, max_rows: int | None = 40):
     th = report.thresholds
     flagged = [e for e in report.layers if e.flag == "fp16"]
     rule = (report.ppl or {}).get("rule")
-    if rule == "measured-restore":
+    if report.mode == "target-fraction":
+        why = f"whole fused units chosen by {rule or 'no rule'} on calibration text"
+    elif rule == "measured-restore":  # a version-2 file's rule
         why = "the largest measured restore gains"
     else:
         why = (f"KL>{_fmt(th.kl, '.3g')} or R>{_fmt(th.R, '.3g')} or energy>{_fmt(th.energy, '.3g')}"
@@ -75,19 +77,37 @@ def summary_rows(report) -> list[tuple[str, str]]:
     rows = [("scan time", f"{report.seconds:.1f} s"), ("calibration", _calib(report.calibration))]
     p = report.ppl or {}
     if "all_quantized" in p:
+        n_sel = p.get("selection_windows")
+        where = f"{n_sel} x {p.get('selection_seqlen')} calibration-text windows" if n_sel else "selection windows"
         rows.append(
-            ("held-out ppl", f"baseline {p['baseline']:.4f} · all quantized {p['all_quantized']:.4f} · "
-             f"flagged in FP16 {p['mixed']:.4f} (recovers {p['recovered']:.1%} of the gap)")
+            (f"selection ({where})", f"ppl baseline {p['baseline']:.4f} · all quantized {p['all_quantized']:.4f} · "
+             f"chosen in FP16 {p['mixed']:.4f} (in-sample: {p['recovered']:.1%} of the gap)")
         )
+        if "budget" in p:
+            rows.append(("kept FP16", f"{p['fp16_linears']} of {len(report.layers)} linears (budget {p['budget']}; "
+                         "fused q/k/v and gate/up kept or quantized whole, as --sensitive exports them)"))
         if p.get("rule"):
-            rows.append(("selected by", f"{p['rule']} ({p.get('evaluations', '?')} perplexity evaluations)"))
-    elif "baseline" in p:
+            rows.append(("selected by", f"{p['rule']} ({p.get('evaluations', '?')} forward passes over the windows)"))
+        exp = p.get("expected")
+        if exp:
+            rows.append(("expected on unseen text", expected_statement(exp)))
+    if "heldout_baseline" in p:
+        rows.append(("held-out ppl (baseline)", f"{p['heldout_baseline']:.4f}"))
+    elif "baseline" in p and "all_quantized" not in p:  # a version-2 file's --measure-ppl
         rows.append(("held-out ppl (baseline)", f"{p['baseline']:.4f}"))
     for m, r in (report.correlations or {}).items():
         rows.append((f"Spearman({m}, Δppl)", f"{r:+.3f}"))
     for w in report.warnings:
         rows.append(("[yellow]warning[/]", w))
     return rows
+
+
+def expected_statement(exp: dict[str, Any]) -> str:
+    """The recovery the selection expects on text it never saw, and how that number was measured."""
+    folds = exp.get("per_fold") or []
+    spread = f", folds {min(folds):.0%} to {max(folds):.0%}" if len(folds) > 1 else ""
+    return (f"recovers about {exp['recovered']:.0%} of the perplexity gap ({exp['how']}{spread}); "
+            "measured on text like the calibration text: other kinds of text may recover less")
 
 
 def _calib(c: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ import torch
 
 from quantkit.recipe import Scheme
 from quantkit.sensitivity.metrics import DEFAULT_BINS
+from quantkit.sensitivity.select import DEFAULT_FOLDS
 from quantkit.sensitivity.scan import MOST_FLAGGED, STAT_TOKENS, ScanReport, Thresholds, apply_thresholds, scan_layers
 
 
@@ -21,6 +22,8 @@ def run_scan(
     target_fraction: float | None = None,
     measure_ppl: bool = False,
     eval_windows: torch.Tensor | None = None,
+    select_windows: torch.Tensor | None = None,
+    folds: int = DEFAULT_FOLDS,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     eval_batch_size: int = 4,
@@ -37,30 +40,39 @@ def run_scan(
 ) -> ScanReport:
     """Scan `model` on `input_ids` (samples, seqlen) for `scheme`; the model is left unchanged.
 
-    target_fraction: calibrate thresholds instead of using `thresholds` (needs eval_windows).
+    target_fraction: choose at most this share of linears (whole fused units) to keep in FP16 instead of
+    using `thresholds`, from `select_windows` (calibration text, never the held-out text) with `folds`-fold
+    cross-validation (`quantkit.sensitivity.select`).
     measure_ppl: also measure each layer's held-out perplexity change alone (needs eval_windows).
-    stat_tokens: token rows per linear for the output statistics (None = all); shortlist: layers whose
-    restore gain the target-fraction search measures (None = 2 x budget, 0 = none); fisher_windows: the first
-    N calibration samples get a forward + backward pass for the gradient-weighted metric (0 = off).
+    stat_tokens: token rows per linear for the output statistics (None = all); shortlist: units whose
+    restore gain the selection measures (None = all, 0 = none); fisher_windows: the first N calibration
+    samples get a forward + backward pass for the gradient-weighted metric (0 = off); with target_fraction
+    the metric is measured per selection window instead (any N > 0 turns it on), so the folds keep it apart.
     """
     from quantkit.errors import UsageError
 
-    if (target_fraction is not None or measure_ppl) and eval_windows is None:
-        raise UsageError("--target-fraction and --measure-ppl need held-out windows (eval_windows)")
+    if target_fraction is not None and select_windows is None:
+        raise UsageError("--target-fraction needs selection windows from the calibration text (select_windows)")
+    if measure_ppl and eval_windows is None:
+        raise UsageError("--measure-ppl needs held-out windows (eval_windows)")
     t0 = time.perf_counter()
     layers = scan_layers(
         model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
         stat_tokens=stat_tokens, on_block=on_block,
     )
     unscored = _unscored_experts(model, layers, ignore)
+    fisher_rows = None
     if fisher_windows > 0:
         from quantkit.sensitivity.fisher import fisher_scores
 
+        # with --target-fraction: per selection window, so that the cross-validation folds keep it apart
+        ids = select_windows if target_fraction is not None else input_ids[:fisher_windows]
         if on_step is not None:
-            on_step(f"gradient-weighted error: forward + backward on {min(fisher_windows, len(input_ids))} windows")
-        scores = fisher_scores(model, input_ids[:fisher_windows], scheme, [e.name for e in layers], device=device)
+            on_step(f"gradient-weighted error: forward + backward on {len(ids)} windows")
+        rows = fisher_scores(model, ids, scheme, [e.name for e in layers], device=device, per_window=True)
+        fisher_rows = rows if target_fraction is not None else None
         for e in layers:
-            e.fisher = scores[e.name]
+            e.fisher = float(rows[e.name].mean())
     report = ScanReport(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
         calibration=dict(calibration or {}), bins=bins,
@@ -78,24 +90,27 @@ def run_scan(
     home = next(model.parameters()).device
     try:
         _score(report, model, layers, scheme, thresholds, target_fraction, measure_ppl, eval_windows, dev,
-               eval_batch_size, shortlist, on_step)
+               eval_batch_size, shortlist, on_step, select_windows, folds, fisher_rows)
     finally:
         model.to(home)  # perplexity runs move the whole model to the device; leave it where it was
     return report
 
 
 def _score(report, model, layers, scheme, thresholds, target_fraction, measure_ppl, eval_windows, dev,
-           eval_batch_size, shortlist, on_step) -> None:
-    from quantkit.sensitivity.calibrate import calibrate_thresholds, correlations, measure_layer_ppl
+           eval_batch_size, shortlist, on_step, select_windows, folds, fisher_rows) -> None:
+    from quantkit.sensitivity.calibrate import correlations, measure_layer_ppl
 
     if target_fraction is not None:
-        th, search, ppl = calibrate_thresholds(
-            model, layers, scheme, eval_windows, target_fraction, device=dev, batch_size=eval_batch_size,
-            shortlist=shortlist, on_step=on_step,
+        from quantkit.sensitivity.select import select_fp16
+
+        sel = select_fp16(
+            model, layers, scheme, select_windows, target_fraction, folds=folds, device=dev,
+            batch_size=eval_batch_size, shortlist=shortlist, fisher=fisher_rows, on_step=on_step,
         )
-        report.thresholds, report.search, report.ppl = th, search, ppl
+        report.thresholds = Thresholds(None, None, None)  # the choice is an explicit list of units
+        report.search, report.ppl = sel.candidates, sel.ppl
         report.mode, report.target_fraction = "target-fraction", target_fraction
-        if not search:
+        if not sel.chosen:
             report.warnings.append(
                 f"--target-fraction {target_fraction} allows no layer of {len(layers)} in FP16; nothing flagged"
             )
@@ -107,20 +122,18 @@ def _score(report, model, layers, scheme, thresholds, target_fraction, measure_p
                 "model; use --target-fraction 0.10 (or raise --kl / --r / --energy)"
             )
     if measure_ppl:
-        base = report.ppl["baseline"] if report.ppl else None
 
         def step(i, n, name):
             if on_step is not None:
                 on_step(f"({i + 1}/{n}) perplexity with only {name} quantized")
 
         base = measure_layer_ppl(
-            model, layers, scheme, eval_windows, device=dev, batch_size=eval_batch_size, baseline=base, on_step=step
+            model, layers, scheme, eval_windows, device=dev, batch_size=eval_batch_size, on_step=step
         )
         report.correlations = correlations(layers)
-        report.ppl = {**(report.ppl or {}), "baseline": base, "windows": int(eval_windows.shape[0]),
-                      "seqlen": int(eval_windows.shape[1])}
-    elif report.ppl is not None:
-        report.ppl.update(windows=int(eval_windows.shape[0]), seqlen=int(eval_windows.shape[1]))
+        # the held-out baseline, apart from the selection's (calibration-text) perplexities
+        report.ppl = {**(report.ppl or {}), "heldout_baseline": base, "heldout_windows": int(eval_windows.shape[0]),
+                      "heldout_seqlen": int(eval_windows.shape[1])}
 
 
 def _unscored_experts(model, layers, ignore) -> list[str]:

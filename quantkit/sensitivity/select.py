@@ -1,0 +1,263 @@
+"""`--target-fraction`: which linears to keep in FP16, chosen so that the choice holds on text it never saw.
+
+Units. vLLM fuses q/k/v and gate/up into one layer that must share a precision, and
+`--sensitive` keeps a whole fused group in FP16 when one member is flagged. So the
+selection chooses whole units (a fused group, or a lone linear such as o_proj or
+down_proj), each costing its number of linears, and the budget
+k = floor(fraction x linears) counts every linear the checkpoint keeps in FP16: what the
+file flags is exactly what `--sensitive` exports.
+
+Data. The selection reads only `windows`: non-overlapping windows of the calibration
+text (the builtin corpus's first half; `api.selection_windows`). The held-out text that
+`quantkit eval` scores (the builtin's second half, or any other text) is never read.
+
+Measured damage, per unit u and per selection window w:
+  restore gain g[u, w] = NLL_w(all quantized) - NLL_w(all quantized but u)
+(summed token NLL; one forward over the windows per measured unit), and optionally the
+gradient-weighted output error of `quantkit.sensitivity.fisher`, per window. A rule turns
+per-unit values summed over some windows into a choice: a 0/1 knapsack (values, costs =
+unit sizes, capacity k), solved exactly by dynamic programming. Rules: "restore"
+(measured gains; units with a positive sum only), "fisher" (when measured), "rel_err"
+(the scan's relative output error summed over the unit; it reads no window NLL).
+
+Cross-validation. The windows are cut into `folds` contiguous folds (neighbouring windows
+share a topic, so contiguous folds are the harder, more honest split). For each rule and
+fold f, the rule chooses from the other folds' windows only, and the choice is scored on
+fold f. Pooling the folds, every window is scored by a choice made without it: that
+pooled recovery of the perplexity gap is the rule's out-of-sample estimate. The rule
+with the best estimate wins, chooses again from all windows, and the report states the
+winner's estimate as the recovery to expect on unseen text like the calibration text
+(slightly optimistic, being the best of at most three rules; the in-sample recovery of
+the final choice is recorded beside it to show how much choosing on the scoring windows
+would flatter it).
+
+Forward passes over the selection windows: 2 (float, all quantized) + measured units
++ 1 per rule (its K fold scores) + 1 (the final choice, in-sample); the default model has
+210 linears in 120 units, so 2 + 120 + 3 + 1 = 126.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.recipe import Scheme
+from quantkit.sensitivity.io import FUSED_GROUPS
+from quantkit.sensitivity.partial import quantized_subset, recovered_fraction
+from quantkit.sensitivity.scan import LayerScan, precision_label
+
+RULES = ("restore", "fisher", "rel_err")  # in order of preference when their estimates tie
+DEFAULT_FOLDS = 4
+
+
+def selection_units(names: Sequence[str]) -> list[tuple[str, ...]]:
+    """`names` (model order) partitioned into fused units: q/k/v of one attention, gate/up of one MLP, else alone.
+
+    A fused group counts only its members present in `names`; units are ordered by their first member.
+    """
+    present = set(names)
+    unit_of: dict[str, tuple[str, ...]] = {}
+    for n in names:
+        prefix, _, leaf = n.rpartition(".")
+        group = next((g for g in FUSED_GROUPS if leaf in g), None)
+        if group is None:
+            unit_of[n] = (n,)
+            continue
+        unit_of[n] = tuple(f"{prefix}.{m}" for m in group if f"{prefix}.{m}" in present)
+    out, seen = [], set()
+    for n in names:
+        u = unit_of[n]
+        if u not in seen:
+            seen.add(u)
+            out.append(u)
+    return out
+
+
+def knapsack(values: Sequence[float], costs: Sequence[int], capacity: int) -> list[int]:
+    """Indices (ascending) of the items with positive value whose total cost <= capacity and whose value
+    sum is the largest possible (0/1 knapsack, exact). Ties go to the earlier items."""
+    items = [i for i, v in enumerate(values) if v > 0 and math.isfinite(v) and 0 < costs[i] <= capacity]
+    if capacity <= 0 or not items:
+        return []
+    # best[c] = (value, chosen) using at most cost c; items in order, strict > keeps the earlier choice on ties
+    best: list[tuple[float, tuple[int, ...]]] = [(0.0, ())] * (capacity + 1)
+    for i in items:
+        c_i, v_i = costs[i], values[i]
+        for c in range(capacity, c_i - 1, -1):
+            cand = best[c - c_i][0] + v_i
+            if cand > best[c][0]:
+                best[c] = (cand, best[c - c_i][1] + (i,))
+    return sorted(max(best, key=lambda b: b[0])[1])
+
+
+def cv_folds(n: int, folds: int) -> list[range]:
+    """`folds` contiguous, near-equal, non-empty index ranges covering 0..n-1 (fewer when n < folds)."""
+    if n < 1:
+        raise ValueError("cross-validation needs at least one window")
+    k = max(1, min(folds, n))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+@dataclass
+class Selection:
+    """The result: the linears to keep in FP16 and what was measured to choose them."""
+
+    chosen: list[str]  # whole units, model order
+    rule: str | None
+    budget: int
+    ppl: dict[str, Any]  # baseline / all_quantized / mixed (in-sample) / recovered / expected / ...
+    candidates: list[dict[str, Any]]  # one per rule: its CV estimate and its final choice
+
+
+def _ppl(nll_sum: float, tokens: int) -> float:
+    return math.exp(nll_sum / tokens)
+
+
+@torch.no_grad()
+def select_fp16(
+    model: nn.Module,
+    layers: Sequence[LayerScan],
+    scheme: Scheme,
+    windows: torch.Tensor,
+    fraction: float,
+    *,
+    folds: int = DEFAULT_FOLDS,
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+    shortlist: int | None = None,
+    fisher: dict[str, torch.Tensor] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> Selection:
+    """Choose whole units, at most floor(fraction x len(layers)) linears, to keep in FP16 (see module docstring).
+
+    windows: (n, seqlen) selection windows from the calibration text; folds: cross-validation folds;
+    shortlist: units whose restore gain is measured (None = all; else the largest by fisher, or rel_err
+    without it, per linear of the unit; 0 = none); fisher: name -> per-window gradient-weighted error on `windows` (or None).
+    Sets each layer's flag, and restore_gain (of its unit, in perplexity) for measured units.
+    """
+    from quantkit.errors import UsageError
+    from quantkit.eval.perplexity import window_nll
+
+    if not 0 < fraction < 1:
+        raise UsageError(f"--target-fraction {fraction} must be between 0 and 1 (e.g. 0.10)")
+    say = on_step or (lambda _m: None)
+    names = [e.name for e in layers]
+    by_name = {e.name: e for e in layers}
+    units = selection_units(names)
+    costs = [len(u) for u in units]
+    budget = int(math.floor(fraction * len(names) + 1e-9))
+    n = int(windows.shape[0])
+    per_window_tokens = int(windows.shape[1]) - 1
+    parts = cv_folds(n, folds)
+    if device is not None:
+        model.to(device)  # before quantizing: the float copies then live beside the weights
+
+    def nll(sel: torch.Tensor) -> torch.Tensor:
+        return window_nll(model, sel, batch_size=batch_size)
+
+    say(f"selection: float model on {n} calibration windows")
+    base = nll(windows)
+    evals = 1
+    rel = [sum(by_name[m].rel_err for m in u) for u in units]
+    fish = None
+    if fisher is not None:
+        fish = torch.stack([sum(fisher[m] for m in u) for u in units])  # (units, windows)
+    measured = list(range(len(units)))
+    if shortlist is not None:  # by value per linear, as the budget counts linears
+        key = [v / c for v, c in zip(fish.sum(dim=1).tolist() if fish is not None else rel, costs)]
+        order = sorted(measured, key=lambda i: -key[i] if math.isfinite(key[i]) else math.inf)
+        measured = sorted(order[: max(0, shortlist)])
+    gains = torch.zeros(len(units), n, dtype=torch.float64)
+    with quantized_subset(model, names, scheme) as q:
+        say("selection: all quantized")
+        allq = nll(windows)
+        evals += 1
+        for j, i in enumerate(measured):
+            if budget == 0:
+                break
+            say(f"selection: ({j + 1}/{len(measured)}) all quantized but {', '.join(units[i])}")
+            with q.restored(units[i]):
+                gains[i] = allq - nll(windows)
+            evals += 1
+        rules: dict[str, Callable[[list[int]], list[float]]] = {}
+        if measured and budget > 0:
+            done = set(measured)
+            rules["restore"] = lambda idx: [float(gains[i, idx].sum()) if i in done else 0.0 for i in range(len(units))]
+        if fish is not None:
+            rules["fisher"] = lambda idx: fish[:, idx].sum(dim=1).tolist()
+        if all(math.isfinite(r) for r in rel):
+            rules["rel_err"] = lambda _idx: list(rel)
+        if budget == 0:
+            rules = {}
+
+        def choose(rule: str, idx: list[int]) -> list[str]:
+            picked = knapsack(rules[rule](idx), costs, budget)
+            return [m for i in picked for m in units[i]]
+
+        candidates: list[dict[str, Any]] = []
+        for rule in rules:
+            mixed_sum, per_fold, fold_layers = 0.0, [], []
+            for f, part in enumerate(parts):
+                train = [w for w in range(n) if w not in part]
+                chosen = choose(rule, train)
+                fold_layers.append(chosen)
+                say(f"selection: {rule}, fold {f + 1}/{len(parts)}: {len(chosen)} linears chosen from the other folds")
+                with q.restored(chosen):
+                    fold_nll = nll(windows[part.start : part.stop])
+                s = float(fold_nll.sum())
+                mixed_sum += s
+                tok = len(part) * per_window_tokens
+                per_fold.append(recovered_fraction(_ppl(float(base[part.start:part.stop].sum()), tok),
+                                                   _ppl(float(allq[part.start:part.stop].sum()), tok), _ppl(s, tok)))
+            evals += 1
+            tok = n * per_window_tokens
+            cv = recovered_fraction(_ppl(float(base.sum()), tok), _ppl(float(allq.sum()), tok), _ppl(mixed_sum, tok))
+            candidates.append({"rule": rule, "cv_recovered": cv, "per_fold": per_fold, "cv_ppl": _ppl(mixed_sum, tok),
+                               "fold_layers": fold_layers, "layers": choose(rule, list(range(n)))})
+        tok = n * per_window_tokens
+        ppl_base, ppl_allq = _ppl(float(base.sum()), tok), _ppl(float(allq.sum()), tok)
+        best = None
+        for c in candidates:  # RULES order on ties
+            if c["layers"] and (best is None or c["cv_recovered"] > best["cv_recovered"]):
+                best = c
+        chosen = best["layers"] if best is not None else []
+        mixed = ppl_allq
+        if chosen:
+            say(f"selection: {best['rule']} on all {n} windows: {len(chosen)} linears in FP16 (in-sample score)")
+            with q.restored(chosen):
+                mixed = _ppl(float(nll(windows).sum()), tok)
+            evals += 1
+    for i in measured:
+        g = float(gains[i].sum())
+        if budget > 0:  # in perplexity: ppl(all quantized) - ppl(all quantized but this unit)
+            for m in units[i]:
+                by_name[m].restore_gain = ppl_allq - _ppl(float(allq.sum()) - g, tok)
+    keep = set(chosen)
+    label = precision_label(scheme)
+    for e in layers:
+        e.flag = "fp16" if e.name in keep else label
+    expected = None
+    if best is not None:
+        expected = {
+            "recovered": best["cv_recovered"],
+            "per_fold": best["per_fold"],
+            "folds": len(parts),
+            "windows": n,
+            "seqlen": int(windows.shape[1]),
+            "how": (f"{len(parts)}-fold cross-validation over {n} calibration windows: each window scored by the "
+                    f"choice rule '{best['rule']}' applied to the other folds only; held-out text never read"),
+        }
+    ppl = {
+        "baseline": ppl_base, "all_quantized": ppl_allq, "mixed": mixed,
+        "recovered": recovered_fraction(ppl_base, ppl_allq, mixed), "rule": best["rule"] if best else None,
+        "evaluations": evals, "budget": budget, "fp16_linears": len(chosen), "units": len(units),
+        "measured_units": len(measured) if budget > 0 else 0, "expected": expected,
+        "selection_windows": n, "selection_seqlen": int(windows.shape[1]),
+    }
+    return Selection(chosen, best["rule"] if best else None, budget, ppl, candidates)
