@@ -139,6 +139,8 @@ def measure(model_dir: Path, out_root: Path, args, mode: str) -> dict:
     cmd = [args.method, "--model", str(model_dir), "--out", str(out), "--bits", "4", "--group-size",
            str(args.group_size), "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--device", args.device,
            "--dtype", args.dtype, f"--{mode}", "--overwrite"]
+    if args.shard_size is not None:
+        cmd += ["--shard-size", str(args.shard_size)]
     summary, peak, wall, text = run_cli(cmd)
     plan_line = next((ln for ln in text.splitlines() if ln.startswith("memory plan")), "")
     v = subprocess.run([sys.executable, "-m", "quantkit.cli.app", "inspect", str(out), "--verify"],
@@ -161,6 +163,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--compare", action="store_true", help="also run in memory and compare the checkpoints' bytes")
+    ap.add_argument("--shard-size", type=float, default=None, help="passed to the command (GiB per output shard)")
     ap.add_argument("--workdir", default=None, help="where the model dirs go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", help="append the rows here")
