@@ -21,3 +21,11 @@ def tiny_tokenizer():
 @pytest.fixture(params=["llama", "qwen2", "qwen3", "mistral"])
 def tiny_arch(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def reproducible_manifest():
+    """Pin the manifest's timestamp (SOURCE_DATE_EPOCH) so two runs that should write the same bytes can."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
+        yield

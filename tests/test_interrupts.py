@@ -25,12 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ("-g", "32")  # the recipe of every run here (tiny model: 3 blocks)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _reproducible():
-    """Pin the manifest's timestamp so a resumed run's bytes can equal a clean run's."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
-        yield
+pytestmark = pytest.mark.usefixtures("reproducible_manifest")
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,7 @@ CALIB = api.CalibConfig(samples=4, seqlen=32, batch_size=2)
 W4 = Scheme(QuantArgs(bits=4, group_size=32, symmetric=False))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _reproducible():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
-        yield
+pytestmark = pytest.mark.usefixtures("reproducible_manifest")
 
 
 @pytest.fixture(scope="module")
