@@ -310,12 +310,9 @@ def test_cli_random_option_values(fuzz_model, data):
 
 @pytest.fixture(scope="module")
 def fuzz_ckpt(fuzz_model, tmp_path_factory):
-    from tiny_models import run_cli
+    from tiny_models import rtn_checkpoint
 
-    out = tmp_path_factory.mktemp("fuzzck") / "q"
-    code, text = run_cli("rtn", "--model", fuzz_model, "--out", out, "-g", "32", "--asym")
-    assert code == 0, text
-    return out
+    return rtn_checkpoint(fuzz_model, tmp_path_factory.mktemp("fuzzck") / "q", "-g", "32", "--asym")
 
 
 _MUTATIONS = ("delete", "truncate", "flip", "append", "empty", "random_json", "extra_file", "rename", "to_dir",

@@ -12,7 +12,7 @@ import struct
 import pytest
 import torch
 
-from tiny_models import run_cli, make_tiny_model
+from tiny_models import make_tiny_model, rtn_checkpoint, run_cli
 from quantkit.errors import UsageError
 from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
 from quantkit.export.manifest import ManifestError, verify_checkpoint
@@ -39,10 +39,7 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def ckpt(model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ck") / "q"
-    code, output = _run("rtn", "--model", model_dir, "--out", out, "-g", "32")
-    assert code == 0, output
-    return out
+    return rtn_checkpoint(model_dir, tmp_path_factory.mktemp("ck") / "q", "-g", "32")
 
 
 def _flip(path, offset):

@@ -19,7 +19,7 @@ import pytest
 
 from quantkit.export.manifest import verify_checkpoint
 from quantkit.interrupts import SIGNAL_ENV
-from tiny_models import run_cli, save_tiny_model_dir
+from tiny_models import rtn_checkpoint, run_cli, save_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ("-g", "32")  # the recipe of every run here (tiny model: 3 blocks)
@@ -36,19 +36,13 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def clean(model_dir, tmp_path_factory):
     """An uninterrupted run's checkpoint (the bytes every resumed run must reproduce)."""
-    out = tmp_path_factory.mktemp("clean") / "q"
-    code, text = run_cli("rtn", "--model", model_dir, "--out", out, *ARGS)
-    assert code == 0, text
-    return out
+    return rtn_checkpoint(model_dir, tmp_path_factory.mktemp("clean") / "q", *ARGS)
 
 
 @pytest.fixture(scope="module")
 def other(model_dir, tmp_path_factory):
     """A checkpoint of another recipe, to be replaced with --overwrite."""
-    out = tmp_path_factory.mktemp("other") / "q"
-    code, text = run_cli("rtn", "--model", model_dir, "--out", out, "-g", "32", "--asym")
-    assert code == 0, text
-    return out
+    return rtn_checkpoint(model_dir, tmp_path_factory.mktemp("other") / "q", "-g", "32", "--asym")
 
 
 def _files(d: Path) -> dict[str, bytes]:

@@ -11,7 +11,7 @@ import stat
 import pytest
 
 import quantkit.api
-from tiny_models import run_cli, save_tiny_model_dir
+from tiny_models import rtn_checkpoint, run_cli, save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,7 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def ckpt(model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ck") / "q"
-    code, text = run_cli("rtn", "--model", model_dir, "--out", out, "-g", "32")
-    assert code == 0, text
-    return out
+    return rtn_checkpoint(model_dir, tmp_path_factory.mktemp("ck") / "q", "-g", "32")
 
 
 def _tree(root):

@@ -110,3 +110,10 @@ def run_cli(*args):
 
     res = CliRunner().invoke(app, [str(a) for a in args])
     return res.exit_code, res.output
+
+
+def rtn_checkpoint(model_dir, out, *args):
+    """`quantkit rtn --model MODEL_DIR --out OUT ARGS` in-process, asserted to succeed; returns OUT."""
+    code, text = run_cli("rtn", "--model", model_dir, "--out", out, *args)
+    assert code == 0, text
+    return out

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError, short
+from quantkit.export.atomic import nearest_existing
 
 FLOAT_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -153,12 +154,7 @@ def _check_writable(flag: str, target: Path, *, file: bool) -> None:
         if not os.access(target, os.W_OK):
             raise OptionError(f"{flag} {short(str(target), 160)} is not writable (permission denied); choose another path")
         return
-    if not file and target.is_dir():
-        probe = target
-    else:
-        probe = target.parent
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
+    probe = target if not file and target.is_dir() else nearest_existing(target.parent)
     if not probe.is_dir():
         raise OptionError(f"{flag}: {short(str(probe), 160)} is not a directory; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):

@@ -133,11 +133,17 @@ def _check_output_dir(out: Path, overwrite: bool, protect) -> None:
     check_writable_parent(out.absolute())
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest existing ancestor (where a new file or directory would go)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
 def check_writable_parent(path: Path) -> None:
     """ExportError unless the nearest existing ancestor of `path` is a writable directory."""
-    parent = Path(path).absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(Path(path).absolute().parent)
     if not parent.is_dir():
         raise ExportError(f"cannot write under {_short(parent)}: it is not a directory; choose another output path")
     if not os.access(parent, os.W_OK | os.X_OK):
