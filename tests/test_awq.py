@@ -207,6 +207,8 @@ def test_clip_search_matches_brute_force_and_never_hurts(sym):
         ({"duo": "yes"}, "duo"),
         ({"clip": 1}, "clip"),
         ({"clip_grid": -1}, "clip_grid"),
+        ({"grid": 10**9}, "grid"),
+        ({"clip_grid": 10**9}, "clip_grid"),
         ({"max_shrink": 1.0}, r"max_shrink.*\[0, 1\)"),
         ({"search_samples": 0}, "search_samples"),
         ({"alpha": 0.5}, "allowed: grid"),

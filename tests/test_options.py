@@ -50,8 +50,10 @@ CASES = [
     ("rtn", ("-g", "0"), "group_size=0 must be a positive integer"),
     ("rtn", ("--bits", "5"), "bits=5 is not supported"),
     # per method
-    ("awq", ("--awq-grid", "0"), "--awq-grid 0 must be at least 1"),
-    ("awq", ("--clip-grid", "-1"), "--clip-grid -1 must be at least 1"),
+    ("awq", ("--awq-grid", "0"), "--awq-grid 0 must be between 1 and 1000"),
+    ("awq", ("--clip-grid", "-1"), "--clip-grid -1 must be between 1 and 1000"),
+    ("awq", ("--awq-grid", "1000000000"), "--awq-grid 1000000000 must be between 1 and 1000"),  # ran out of memory
+    ("awq", ("--clip-grid", "1000000000"), "--clip-grid 1000000000 must be between 1 and 1000"),
     ("awq", ("--max-shrink", "1"), "--max-shrink 1 must be >= 0 and < 1"),
     ("awq", ("--max-shrink", "nan"), "--max-shrink nan must be a finite number"),
     ("awq", ("--search-samples", "-1"), "--search-samples -1 must be at least 0 (0 = every calibration window)"),

@@ -100,8 +100,10 @@ def awq(
     """
     from quantkit.cli import validate as v
 
-    v.check_int("--awq-grid", awq_grid, min=1)
-    v.check_int("--clip-grid", clip_grid, min=1)
+    from quantkit.methods.awq import MAX_GRID
+
+    v.check_int("--awq-grid", awq_grid, min=1, max=MAX_GRID)
+    v.check_int("--clip-grid", clip_grid, min=1, max=MAX_GRID)
     v.check_float("--max-shrink", max_shrink, min=0, max=1, max_open=True)
     v.check_int("--search-samples", search_samples, min=0, note=" (0 = every calibration window)")
     opts = dict(grid=awq_grid, duo=awq_duo, clip=clip, clip_grid=clip_grid, max_shrink=max_shrink,

@@ -144,9 +144,15 @@ def _mean_abs(ctx: BlockContext, names: list[str]) -> torch.Tensor:
     return sum(st.abs_sum for st in stats) / sum(st.count for st in stats)
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use an integer >= {low}")
+# Grid sizes beyond this only repeat finer steps of the same search, and the grids are materialized
+# (a billion-point grid ran the machine out of memory): refused like any other bad value.
+MAX_GRID = 1000
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        want = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+        raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use {want}")
     return value
 
 
@@ -161,12 +167,12 @@ class AWQ(Method):
     """Activation-aware weight quantization (see the module docstring).
 
     Options (recipe stage keys):
-      grid (int >= 1, default 20): alpha grid size, alpha in {0, 1/grid, ..., (grid-1)/grid}.
+      grid (int in 1..MAX_GRID, default 20): alpha grid size, alpha in {0, 1/grid, ..., (grid-1)/grid}.
       duo (bool, default false): s = x^alpha / w^(1-alpha) with w the per-input-channel
           mean |w| of the consumers, each weight group normalised by its max |w|
           (`weight_channel_mean`); favours channels whose weights sit low in their range.
       clip (bool, default true): run the clipping search.
-      clip_grid (int >= 1, default 20): number of shrink factors, evenly spaced from
+      clip_grid (int in 1..MAX_GRID, default 20): number of shrink factors, evenly spaced from
           1.0 (no clipping) down to 1 - max_shrink.
       max_shrink (float in [0, 1), default 0.5): the largest range reduction tried.
       search_samples (int >= 1 or null, default 8): calibration windows the alpha and
@@ -183,10 +189,10 @@ class AWQ(Method):
 
     def __init__(self, scheme, **options: Any):
         super().__init__(scheme, **options)
-        self.grid = _check_int("grid", options.get("grid", 20), 1)
+        self.grid = _check_int("grid", options.get("grid", 20), 1, MAX_GRID)
         self.duo = _check_bool("duo", options.get("duo", False))
         self.clip = _check_bool("clip", options.get("clip", True))
-        self.clip_grid = _check_int("clip_grid", options.get("clip_grid", 20), 1)
+        self.clip_grid = _check_int("clip_grid", options.get("clip_grid", 20), 1, MAX_GRID)
         ms = options.get("max_shrink", 0.5)
         if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms < 1:
             raise RecipeError(f"awq option max_shrink={short_repr(ms)} is invalid; use a number in [0, 1), e.g. 0.5")
