@@ -33,9 +33,11 @@ GiB = 1024**3
 
 
 def build_model_dir(shape: str, out: Path, *, layers: int | None = None, seed: int = 0,
-                    shard_bytes: int = 4 * GiB) -> Path:
+                    shard_bytes: int = 4 * GiB, init_device: str = "cpu") -> Path:
     """A random `shape` model saved as BF16 safetensors shards + index + config + tokenizer, without
-    ever holding more than one tensor (and one shard's worth of finished tensors) in memory."""
+    ever holding more than one tensor (and one shard's worth of finished tensors) in memory.
+    `init_device="cuda"` draws the random numbers on the GPU (an 8B model's 8e9 normals took ~4 min on
+    the host; the weights differ from a CPU build's, which no comparison here depends on)."""
     import torch
     from safetensors.torch import save_file
 
@@ -48,7 +50,7 @@ def build_model_dir(shape: str, out: Path, *, layers: int | None = None, seed: i
     model = empty_model(cfg, torch.bfloat16, "meta")
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=init_device).manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     names: list[list[str]] = [[]]
@@ -59,7 +61,8 @@ def build_model_dir(shape: str, out: Path, *, layers: int | None = None, seed: i
         if key.endswith("norm.weight") or "layernorm" in key:
             v = torch.ones(t.shape, dtype=torch.bfloat16)
         else:
-            v = torch.empty(t.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=g).to(torch.bfloat16)
+            v = (torch.empty(t.shape, dtype=torch.float32, device=init_device).normal_(0.0, 0.02, generator=g)
+                 .to(torch.bfloat16).cpu())
         nbytes = v.numel() * 2
         if shards[-1] and size + nbytes > shard_bytes:
             tmp = out / f".shard-{len(tmp_names)}.safetensors"
@@ -166,33 +169,43 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--shard-size", type=float, default=None, help="passed to the command (GiB per output shard)")
     ap.add_argument("--workdir", default=None, help="where the model dirs go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--init-device", default="cpu", help="where the random weights are drawn (cuda: much faster)")
+    ap.add_argument("--model-dir", default=None,
+                    help="use this already-built model dir (built here if missing; never deleted); one --layers value")
+    ap.add_argument("--modes", default=None,
+                    help="comma list of stream,no-stream (default: stream, plus no-stream with --compare); "
+                         "an existing q-MODE checkpoint in --workdir from an earlier call is compared, not rerun")
     ap.add_argument("--json", help="append the rows here")
     ap.add_argument("--_build", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._build:
-        build_model_dir(args.shape, Path(args._build), layers=args.layers[0] if args.layers else None)
+        build_model_dir(args.shape, Path(args._build), layers=args.layers[0] if args.layers else None,
+                        init_device=args.init_device)
         return []
     os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")  # comparable manifests
     root = Path(args.workdir or tempfile.mkdtemp(prefix="qk-stream-"))
     rows = []
     for layers in args.layers:
-        d = root / f"{args.shape}-{layers or 'full'}"
+        d = Path(args.model_dir) if args.model_dir else root / f"{args.shape}-{layers or 'full'}"
         t0 = time.perf_counter()
-        # In a child process, so this one stays small (its children inherit nothing big).
-        subprocess.run([sys.executable, __file__, "--_build", str(d), "--shape", args.shape,
-                        *(["--layers", str(layers)] if layers else [])], check=True)
+        if not (d / "config.json").exists():
+            # In a child process, so this one stays small (its children inherit nothing big).
+            subprocess.run([sys.executable, __file__, "--_build", str(d), "--shape", args.shape,
+                            "--init-device", args.init_device, *(["--layers", str(layers)] if layers else [])],
+                           check=True)
         row = {"shape": args.shape, "layers": layers or SHAPES[args.shape]["num_hidden_layers"],
                "model_gib": _dir_bytes(d) / GiB, "build_seconds": time.perf_counter() - t0,
                "samples": args.samples, "seqlen": args.seqlen, "method": args.method, "device": args.device,
                "dtype": args.dtype, "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        modes = args.modes.split(",") if args.modes else ["stream"] + (["no-stream"] if args.compare else [])
         try:
-            runs = [measure(d, root, args, "stream")]
-            if args.compare:
-                runs.append(measure(d, root, args, "no-stream"))
-                row["byte_identical"] = _sha(Path(runs[0]["out"])) == _sha(Path(runs[1]["out"]))
+            runs = [measure(d, root, args, mode) for mode in modes]
             row["runs"] = runs
+            outs = [root / f"q-{m}" for m in ("stream", "no-stream")]
+            if args.compare and all((o / "quantkit.json").exists() for o in outs):
+                row["byte_identical"] = _sha(outs[0]) == _sha(outs[1])
         finally:
-            if not args.keep:
+            if not args.keep and not args.model_dir:
                 shutil.rmtree(d, ignore_errors=True)
                 for r in row.get("runs", []):
                     shutil.rmtree(r["out"], ignore_errors=True)
