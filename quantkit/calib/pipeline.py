@@ -75,9 +75,6 @@ class BlockConsumer(Protocol):
     def end(self, view: BlockView) -> None: ...
 
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
-
-
 @dataclass
 class PipelineResult:
     results: dict[str, QuantizedTensor] = field(default_factory=dict)
@@ -111,6 +108,9 @@ def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 
 
 @torch.no_grad()
@@ -181,6 +181,8 @@ def _tapped(linears: dict[str, nn.Module], taps: Sequence[Mapping[str, LinearTap
     try:
         for tap in taps:
             for name, fn in tap.items():
+                if name not in linears:
+                    raise ValueError(f"a consumer tapped {name}, which is not one of the block's linears")
 
                 def hook(_mod, args, output, _fn=fn):
                     _fn(args[0], output)  # returns None: the output is left alone
@@ -233,7 +235,7 @@ def run_layerwise(
         run = _Run(model, methods, consumers, device, ignore, store, checkpointer, stream)
         with store:
             run.catch_inputs(input_ids, batch_size)
-            run.blocks(on_block)
+            run.run_blocks(on_block)
             return run.finish(return_hidden)
     finally:
         if stream is not None:
@@ -283,7 +285,7 @@ class _Run:
             for name in pre:
                 self.stream.release(name)
 
-    def blocks(self, on_block: ProgressFn | None) -> None:
+    def run_blocks(self, on_block: ProgressFn | None) -> None:
         blocks = self.adapter.blocks()
         n = len(blocks)
         label = " + ".join([m.name for m in self.methods] + [c.name for c in self.consumers]) or "pass"

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.calib.pipeline import BlockView, run_layerwise
+from quantkit.calib.pipeline import BlockView, LinearTap, run_layerwise
 from quantkit.models.adapter import ModelAdapter
 from quantkit.quant.core import fake_quantize, fake_quantize_activations
 from quantkit.recipe import Scheme
@@ -198,12 +198,12 @@ class _ScanConsumer:
     def __init__(self, adapter: ModelAdapter, scheme: Scheme, bins: int, r_per_batch: int, rows_per_batch: int,
                  gen: torch.Generator):
         self.adapter = adapter
-        self.observer_args = (scheme, bins, r_per_batch, rows_per_batch, gen)
+        self._observer_args = (scheme, bins, r_per_batch, rows_per_batch, gen)
         self.layers: list[LayerScan] = []
         self._observers: dict[str, _Observer] = {}
 
-    def begin(self, view: BlockView) -> dict[str, Callable[[torch.Tensor, torch.Tensor], None]]:
-        self._observers = {k: _Observer(v, *self.observer_args) for k, v in view.linears.items()}
+    def begin(self, view: BlockView) -> dict[str, LinearTap]:
+        self._observers = {k: _Observer(v, *self._observer_args) for k, v in view.linears.items()}
         return {k: obs.add for k, obs in self._observers.items()}
 
     def end(self, view: BlockView) -> None:
