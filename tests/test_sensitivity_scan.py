@@ -17,7 +17,6 @@ from quantkit.sensitivity.io import (
     FORMAT,
     SensitiveLayersError,
     expand_fused,
-    hist_path_for,
     load_histograms,
     load_sensitive_layers,
     save_sensitive_layers,
