@@ -476,6 +476,7 @@ def scan(
         calibration=cs.settings,
         on_block=on_block,
         on_step=on_step,
+        stream=loaded.stream,
     )
 
 

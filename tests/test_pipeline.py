@@ -5,7 +5,7 @@ import torch
 
 from tiny_models import make_tiny_model
 from quantkit.calib.capture import InputStats, capture_inputs
-from quantkit.calib.pipeline import is_ignored, run_layerwise
+from quantkit.calib.pipeline import BlockView, is_ignored, run_layerwise
 from quantkit.methods.base import BlockContext, Method, get_method
 from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
 from quantkit.quant.core import quantize_weight
@@ -99,6 +99,89 @@ def test_quantized_outputs_propagate():
     run_layerwise(model2, ids, [get_method("rtn")(Scheme(QuantArgs(bits=2))), Spy(Scheme())])
     assert torch.allclose(seen[0], clean[0])  # block 0 input is the embedding either way
     assert not torch.allclose(seen[1], clean[1], atol=1e-4)  # block 1 sees quantized block 0
+
+
+class _Recorder:
+    """A consumer that keeps every (input, output) of the linears it taps, and when it was called."""
+
+    name = "record"
+
+    def __init__(self, only=None):
+        self.only = only
+        self.seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.calls: list[tuple[str, int]] = []
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def begin(self, view: BlockView):
+        self.calls.append(("begin", view.index))
+        names = [k for k in view.linears if self.only is None or k.endswith(self.only)]
+        self.weights.update({k: view.linears[k].weight.detach().clone() for k in names})
+        return {k: (lambda x, y, _k=k: self.seen.setdefault(_k, []).append((x.clone(), y.clone()))) for k in names}
+
+    def end(self, view: BlockView):
+        self.calls.append(("end", view.index))
+
+
+def _plain_io(model, ids, names):
+    """(input, output) of each named linear in a plain full-model forward."""
+    seen, handles = {}, []
+    for n in names:
+        handles.append(model.get_submodule(n).register_forward_hook(
+            lambda _m, a, o, _n=n: seen.__setitem__(_n, (a[0], o))))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_consumer_sees_each_linear_as_the_full_model_computes_it():
+    model = make_tiny_model("llama", seed=3, randomize=True)
+    ids = torch.randint(0, 512, (5, 24), generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rec = _Recorder()
+    phases = []
+    res = run_layerwise(model, ids, [], consumers=[rec], batch_size=2, ignore=("re:.*down_proj",),
+                        on_block=lambda i, n, name, phase: phases.append(phase))
+    assert phases == ["record"] * 3 and res.results == {} and res.warnings == []
+    assert rec.calls == [(p, i) for i in range(3) for p in ("begin", "end")]
+    names = list(ModelAdapter.for_model(model).all_linears())
+    assert sorted(rec.seen) == sorted(n for n in names if not n.endswith("down_proj"))
+    ref = _plain_io(model, ids, rec.seen)
+    for n, calls in rec.seen.items():
+        assert len(calls) == 3  # once per batch (2 + 2 + 1 samples)
+        torch.testing.assert_close(torch.cat([x for x, _ in calls]), ref[n][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([y for _, y in calls]), ref[n][1], rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks for m in model.modules())  # the taps are gone
+
+
+def test_consumer_beside_a_method_sees_the_block_before_it_changes():
+    """With RTN, a consumer sees each block's float weights on the inputs the quantized earlier blocks
+    give it; the method's results are those of a run without the consumer."""
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(2))
+    rtn = get_method("rtn")(Scheme(QuantArgs(bits=3, group_size=32)))
+    plain = make_tiny_model("llama", seed=5)
+    want = run_layerwise(plain, ids, [rtn], batch_size=2, return_hidden=True)
+    model = make_tiny_model("llama", seed=5)
+    floats = {k: v.weight.detach().clone() for k, v in ModelAdapter.for_model(model).all_linears().items()}
+    rec = _Recorder(only="o_proj")
+    got = run_layerwise(model, ids, [rtn], consumers=[rec], batch_size=2, return_hidden=True)
+    assert sorted(got.results) == sorted(want.results)
+    assert all(torch.equal(got.results[k].q, want.results[k].q) for k in want.results)
+    assert all(torch.equal(a, b) for a, b in zip(got.hidden, want.hidden))
+    for n, calls in rec.seen.items():
+        assert torch.equal(rec.weights[n], floats[n]) and len(calls) == 2
+        for x, y in calls:
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, floats[n]))
+    # block 1's o_proj inputs come from the quantized block 0: not what the float model gives it
+    ref = _plain_io(make_tiny_model("llama", seed=5), ids, ["model.layers.1.self_attn.o_proj"])
+    seen1 = torch.cat([x for x, _ in rec.seen["model.layers.1.self_attn.o_proj"]])
+    assert not torch.allclose(seen1, ref["model.layers.1.self_attn.o_proj"][0], atol=1e-4)
+    with pytest.raises(ValueError, match="record needs calibration data"):
+        run_layerwise(model, None, [], consumers=[_Recorder()])
 
 
 def test_capture_stats_and_hook_removal():

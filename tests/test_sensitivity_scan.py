@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, save_tiny_model_dir
 from quantkit.quant.core import fake_quantize, fake_quantize_activations
 from quantkit.recipe import PRESETS, QuantArgs, Scheme
 from quantkit.sensitivity.calibrate import correlations, measure_layer_ppl
@@ -17,7 +17,6 @@ from quantkit.sensitivity.io import (
     FORMAT,
     SensitiveLayersError,
     expand_fused,
-    hist_path_for,
     load_histograms,
     load_sensitive_layers,
     save_sensitive_layers,
@@ -128,6 +127,47 @@ def test_range_from_first_batch_clips_later_values(model):
     for e in layers:
         assert 0 <= e.clipped < 0.05
         assert float(e.hist.sum()) == 6 * 32 * model.get_submodule(e.name).out_features
+
+
+def _same_scan(a, b) -> bool:
+    """Two scans measured the same, to the bit (NaN equal to NaN)."""
+    def eq(x, y):
+        return x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y))
+
+    return len(a) == len(b) and all(
+        (e.name, e.layer, e.op) == (f.name, f.layer, f.op) and torch.equal(e.hist, f.hist)
+        and all(eq(e.metrics()[k], f.metrics()[k]) for k in e.metrics())
+        and (e.lo, e.hi, e.clipped) == (f.lo, f.hi, f.clipped)
+        for e, f in zip(a, b))
+
+
+def test_scan_streamed_or_offloaded_measures_the_same(tmp_path, tiny_tokenizer):
+    """The scan runs on the pipeline, so it streams blocks from the shards and keeps activations on the
+    host or on disk like a quantization run; every placement measures the same bits."""
+    from quantkit import api
+
+    d = save_tiny_model_dir(tmp_path / "m", tiny_tokenizer, seed=3)
+    ids = _ids(6, 32, seed=2)
+    opts = dict(batch_size=2, bins=32, stat_tokens=64)
+    ref = scan_layers(api.load(str(d)).model, ids, W8A8, **opts)
+    assert not _same_scan(ref, scan_layers(api.load(str(d)).model, ids, W8A8, **{**opts, "stat_tokens": 128}))
+    for stream, where in ((False, "host"), (False, "disk"), (True, "device"), (True, "disk")):
+        loaded = api.load(str(d), stream=stream)
+        live = []
+
+        def on_block(i, n, name, phase, _m=loaded.model):
+            live.append(sum(p.device.type != "meta" for p in _m.parameters()))
+
+        got = scan_layers(loaded.model, ids, W8A8, stream=loaded.stream, activations=where, on_block=on_block, **opts)
+        assert _same_scan(got, ref), (stream, where)
+        if stream:  # one block at a time: nothing is read before its turn, all dropped after
+            assert live == [0, 0, 0] and all(p.device.type == "meta" for p in loaded.model.parameters())
+    loaded = api.load(str(d), stream=True)
+    rep = run_scan(loaded.model, ids, W8A8, stream=loaded.stream, **opts)
+    mem = run_scan(api.load(str(d)).model, ids, W8A8, **opts)
+    assert _same_scan(rep.layers, mem.layers) and rep.flagged == mem.flagged and rep.warnings == mem.warnings
+    with pytest.raises(Exception, match="without --stream"):
+        run_scan(loaded.model, ids, W8A8, stream=loaded.stream, fisher_windows=2)
 
 
 def test_quantized_subset_applies_and_restores(model):

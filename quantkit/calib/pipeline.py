@@ -4,26 +4,31 @@
    recorder that keeps its keyword arguments (masks, rotary embeddings: one
    forward of the embeddings, no block math) and block 0's hidden states.
 2. For each block: move it to the device; run a capture pass with hooks that
-   accumulate the statistics the methods asked for; let each method apply;
-   run the block again so the next block sees the quantized outputs; move the
-   block back.
+   accumulate the statistics the methods asked for (and show each consumer the
+   inputs and outputs of the linears it taps); let each method apply; run the
+   block again so the next block sees the quantized outputs; move the block back.
 
 With no method applied, the final hidden states equal the full model's forward
 (tested), so any difference after quantization is the methods' doing.
 
+Consumers (`BlockConsumer`) look without changing anything: the sensitivity scan is
+a run with one consumer and no method, so it gets streaming and activation offload
+from the same loop the methods use.
+
 Streamed (`stream`, quantkit.models.streaming.StreamedModel): the model is a meta
 skeleton; the embeddings are read for step 1 only, each block is read from the
-safetensors shards when its turn comes and dropped once the checkpointer has saved it,
-and the results stay on disk (the checkpointer's lazy view), so host memory holds one
-block however deep the model is.
+safetensors shards when its turn comes and dropped once done (a changed block once
+the checkpointer has saved it), and the results stay on disk (the checkpointer's lazy
+view), so host memory holds one block however deep the model is.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,17 +42,37 @@ from quantkit.quant.core import QuantizedTensor
 
 # on_block(index, total, block_name, phase) -> None; phase is a short label for progress.
 ProgressFn = Callable[[int, int, str, str], None]
+# tap(x, y) on each call of a linear: x its input (..., in_features), y its output (..., out_features),
+# both on the device, as the block computes them; a tap must not change them.
+LinearTap = Callable[[torch.Tensor, torch.Tensor], None]
 
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
+@dataclass(frozen=True)
+class BlockView:
+    """What a consumer sees of the block being run: on the device, not yet changed by any method.
+
+    linears: full name -> linear of the block's linears not ignored, in execution order."""
+
+    index: int
+    name: str  # e.g. model.layers.3
+    block: nn.Module
+    linears: dict[str, nn.Module]
+    device: torch.device
 
 
-@dataclass
-class _BlockInputs:
-    """Everything a block is called with, per calibration batch."""
+class BlockConsumer(Protocol):
+    """Looks at every block the pipeline computes, changing nothing.
 
-    hidden: list[torch.Tensor]  # one (batch, seq, hidden) tensor per batch
-    kwargs: list[dict[str, Any]]  # one dict per batch, per block (masks can differ by layer type)
+    Per block: `begin(view)` with the block on the device returns the taps to put on some of
+    view.linears; the block then runs on every calibration batch in order, each tap called
+    once per call of its linear; `end(view)` follows, the block still on the device.
+    `name` labels the run's progress."""
+
+    name: str
+
+    def begin(self, view: BlockView) -> Mapping[str, LinearTap]: ...
+
+    def end(self, view: BlockView) -> None: ...
 
 
 @dataclass
@@ -83,6 +108,9 @@ def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 
 
 @torch.no_grad()
@@ -146,12 +174,24 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _put_back(block: nn.Module, home: torch.device, stream, name: str) -> None:
-    """A finished block goes back where it came from; a streamed one is dropped (it is saved)."""
-    if stream is not None:
-        stream.release(name)
-    else:
-        block.to(home)
+@contextmanager
+def _tapped(linears: dict[str, nn.Module], taps: Sequence[Mapping[str, LinearTap]]) -> Iterator[None]:
+    """Forward hooks that hand each named linear's (input, output) to its taps; always removed."""
+    handles = []
+    try:
+        for tap in taps:
+            for name, fn in tap.items():
+                if name not in linears:
+                    raise ValueError(f"a consumer tapped {name}, which is not one of the block's linears")
+
+                def hook(_mod, args, output, _fn=fn):
+                    _fn(args[0], output)  # returns None: the output is left alone
+
+                handles.append(linears[name].register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -168,6 +208,7 @@ def run_layerwise(
     checkpointer: Checkpointer | None = None,
     stream=None,
     activations: str = "device",
+    consumers: Sequence[BlockConsumer] = (),
 ) -> PipelineResult:
     """Calibrate `model` block by block on `input_ids` (samples, seqlen) with `methods` in order.
 
@@ -176,115 +217,170 @@ def run_layerwise(
     block visits `device` in turn.
     Methods change the block's weights in place. Returns the quantized tensors,
     warnings and, if asked, the final (normed) hidden states per batch.
+    consumers (BlockConsumer): look at each block's linears before any method changes
+    the block; with no method they are the whole run (the sensitivity scan).
     checkpointer (quantkit.calib.resume.Checkpointer): blocks it already holds are
-    restored from disk and only run forward (to rebuild the next block's inputs);
-    every newly finished block is saved to it. None: nothing is saved.
+    restored from disk and only run forward (to rebuild the next block's inputs; consumers
+    do not see them); every newly finished block is saved to it. None: nothing is saved.
     stream (quantkit.models.streaming.StreamedModel): `model` is its meta skeleton; blocks are
-    read when reached and released when saved; needs a checkpointer, and `results` is then
-    its lazy view of the saved blocks (nothing of them stays in memory).
+    read when reached and released when done; with methods it needs a checkpointer (a changed
+    block is only kept on disk), and `results` is then its lazy view of the saved blocks.
     activations: where the hidden states between blocks wait ("device", "host" or "disk";
     quantkit.calib.activations): off the device, one batch at a time visits it.
     """
     device = torch.device(device)
-    store = ActivationStore(activations, device, folder=checkpointer.path.parent if checkpointer else None)
     try:
+        _check_request(methods, consumers, input_ids is None, return_hidden, checkpointer, stream)
+        store = ActivationStore(activations, device, folder=checkpointer.path.parent if checkpointer else None)
+        run = _Run(model, methods, consumers, device, ignore, store, checkpointer, stream)
         with store:
-            return _run(model, input_ids, methods, device, batch_size, ignore, on_block, return_hidden, checkpointer,
-                        stream, store)
+            run.catch_inputs(input_ids, batch_size)
+            run.run_blocks(on_block)
+            return run.finish(return_hidden)
     finally:
         if stream is not None:
             stream.close()
 
 
-def _run(model, input_ids, methods, device, batch_size, ignore, on_block, return_hidden, checkpointer, stream,
-         store: ActivationStore) -> PipelineResult:
-    adapter = ModelAdapter.for_model(model)
-    blocks = adapter.blocks()
-    n = len(blocks)
-    kinds = frozenset().union(*(m.stats for m in methods)) if methods else frozenset()
-    data_free = input_ids is None
-    if stream is not None and (checkpointer is None or return_hidden):
-        raise ValueError("a streamed run saves every block to a checkpointer and returns no hidden states")
-    if data_free:
-        if any(m.uses_data for m in methods) or return_hidden:
-            raise ValueError(f"methods {[m.name for m in methods]} need calibration data")
-        hidden, kwargs_per_block = [], [[] for _ in range(n)]
-    else:
+def _check_request(methods, consumers, data_free: bool, return_hidden: bool, checkpointer, stream) -> None:
+    if stream is not None and ((methods and checkpointer is None) or return_hidden):
+        raise ValueError("a streamed run saves every changed block to a checkpointer and returns no hidden states")
+    if data_free and (any(m.uses_data for m in methods) or return_hidden or consumers):
+        who = " + ".join([m.name for m in methods] + [c.name for c in consumers]) or "return_hidden"
+        raise ValueError(f"{who} needs calibration data (input_ids)")
+
+
+class _Run:
+    """One layer-wise run: the current block's inputs (handles in the activation store) and the results."""
+
+    def __init__(self, model, methods, consumers, device, ignore, store: ActivationStore, checkpointer, stream):
+        self.model = model
+        self.adapter = ModelAdapter.for_model(model)
+        self.methods = list(methods)
+        self.consumers = list(consumers)
+        self.kinds = frozenset().union(*(m.stats for m in self.methods)) if self.methods else frozenset()
+        self.device = device
+        self.ignore = ignore
+        self.store = store
+        self.checkpointer = checkpointer
+        self.stream = stream
+        self.result = PipelineResult()
+        self.hidden: list[Any] = []  # the current block's inputs, one handle per batch
+        self.kwargs_per_block: list[list[dict[str, Any]]] = []
+
+    def catch_inputs(self, input_ids: torch.Tensor | None, batch_size: int) -> None:
+        n = len(self.adapter.blocks())
+        if input_ids is None:  # data-free: no batch, so no block is ever run
+            self.kwargs_per_block = [[] for _ in range(n)]
+            return
         batches = list(input_ids.split(batch_size))
-        pre = [adapter.spec.embed, adapter.spec.final_norm] if stream is not None else []
+        # streamed: only the parts that run before the blocks are read for the catch
+        pre = [self.adapter.spec.embed, self.adapter.spec.final_norm] if self.stream is not None else []
         for name in pre:
-            stream.load(name)
+            self.stream.load(name)
         try:
-            hidden, kwargs_per_block = _catch_block_inputs(model, adapter, batches, device, store.put)
+            self.hidden, self.kwargs_per_block = _catch_block_inputs(
+                self.model, self.adapter, batches, self.device, self.store.put)
         finally:
             for name in pre:
-                stream.release(name)
-    label = " + ".join(m.name for m in methods) or "pass"
-    result = PipelineResult()
-    start = checkpointer.start_block(n) if checkpointer is not None else 0
+                self.stream.release(name)
 
-    for i, block in enumerate(blocks):
-        name = adapter.block_name(i)
-        if on_block is not None:
-            on_block(i, n, name, "restored" if i < start else label)
-        if stream is not None:
-            stream.load(name)
-            if i + 1 < n:  # the next block is read from disk while this one calibrates
-                stream.prefetch(adapter.block_name(i + 1))
-        home = next(block.parameters()).device
-        if i < start:
-            # Finished in an earlier run: load it, and rerun it only to rebuild the
-            # next block's inputs (the same ops on the same data: identical bits on CPU).
-            restored, warns = checkpointer.restore_block(i, block)
-            if stream is None:
-                result.results.update(restored)
-            result.warnings.extend(warns)
-        block.to(device)
-        kwargs = [_to(kw, device) for kw in kwargs_per_block[i]]
+    def run_blocks(self, on_block: ProgressFn | None) -> None:
+        blocks = self.adapter.blocks()
+        n = len(blocks)
+        label = " + ".join([m.name for m in self.methods] + [c.name for c in self.consumers]) or "pass"
+        start = self.checkpointer.start_block(n) if self.checkpointer is not None else 0
+        for i, block in enumerate(blocks):
+            name = self.adapter.block_name(i)
+            if on_block is not None:
+                on_block(i, n, name, "restored" if i < start else label)
+            if self.stream is not None:
+                self.stream.load(name)
+                if i + 1 < n:  # the next block is read from disk while this one calibrates
+                    self.stream.prefetch(self.adapter.block_name(i + 1))
+            home = next(block.parameters()).device
+            try:
+                if i < start:
+                    self._replay(i, block)
+                else:
+                    self._calibrate(i, name, block, n)
+            finally:  # also on error: the model is left where it was (a streamed block is dropped)
+                if self.stream is not None:
+                    self.stream.release(name)
+                else:
+                    block.to(home)
 
-        def forward(_block=block, _kwargs=kwargs) -> list[torch.Tensor]:
-            return [_block_output(_block(store.get(h), **kw)) for h, kw in zip(hidden, _kwargs)]
+    def _replay(self, i: int, block: nn.Module) -> None:
+        """A block finished in an earlier run: load it, and rerun it only to rebuild the next block's
+        inputs (the same ops on the same data: identical bits on CPU)."""
+        restored, warns = self.checkpointer.restore_block(i, block)
+        if self.stream is None:
+            self.result.results.update(restored)
+        self.result.warnings.extend(warns)
+        block.to(self.device)
+        kwargs = self._kwargs(i)
+        self._advance(self._propagate(block, kwargs))
 
-        def propagate(_block=block, _kwargs=kwargs) -> list[Any]:
-            # The next block's inputs, stored batch by batch as they are made.
-            return [store.put(_block_output(_block(store.get(h), **kw))) for h, kw in zip(hidden, _kwargs)]
+    def _calibrate(self, i: int, name: str, block: nn.Module, n: int) -> None:
+        block.to(self.device)
+        kwargs = self._kwargs(i)
+        linears = {k: v for k, v in self.adapter.block_linears(i).items() if not is_ignored(k, self.ignore)}
+        view = BlockView(i, name, block, linears, self.device)
+        taps = [c.begin(view) for c in self.consumers]
+        # The first pass runs when it has something to record or show, or when no method will change
+        # the block (its outputs are then the next block's inputs). Methods that collect their own
+        # statistics (GPTQ) ask for none: the block is run after they apply instead.
+        # (Data-free, there are no batches: every pass below runs nothing.)
+        outputs: list[Any] = []
+        with capture_inputs(linears, self.kinds) as stats, _tapped(linears, taps):
+            if not self.methods:
+                outputs = self._propagate(block, kwargs)
+            elif self.kinds or taps:
+                for _ in self._outputs(block, kwargs):
+                    pass  # the hooks record; the next block's inputs come once the methods have applied
+        for c in self.consumers:
+            c.end(view)
+        if self.methods:
+            outputs = self._apply_methods(i, name, block, linears, stats, kwargs, n)
+        self._advance(outputs)
 
-        if i < start:
-            outputs = [] if data_free else propagate()
-            store.drop(hidden)
-            hidden = outputs
-            _put_back(block, home, stream, name)
-            del kwargs
-            continue
+    def _apply_methods(self, i, name, block, linears, stats, kwargs, n) -> list[Any]:
+        """Let each method change the block; returns the next block's inputs (the changed block's outputs)."""
+        ctx = BlockContext(i, name, block, linears, stats, lambda: list(self._outputs(block, kwargs)), self.device,
+                           spec=self.adapter.spec)
+        for method in self.methods:
+            method.apply_block(ctx)
+        if self.stream is None:
+            self.result.results.update(ctx.results)
+        self.result.warnings.extend(ctx.warnings)
+        outputs = self._propagate(block, kwargs)
+        if self.checkpointer is not None:
+            self.checkpointer.save_block(i, block, ctx.results, ctx.warnings, n, name)
+        return outputs
 
-        linears = {k: v for k, v in adapter.block_linears(i).items() if not is_ignored(k, ignore)}
-        # The capture pass only runs when it has something to record, or when no method will
-        # change the block (its outputs are then the next block's inputs). Methods that collect
-        # their own statistics (GPTQ) ask for none: the block is run after they apply instead.
-        with capture_inputs(linears, kinds) as stats:
-            outputs = [] if data_free or (methods and not kinds) else (propagate() if not methods else forward())
-        if methods:
-            ctx = BlockContext(i, name, block, linears, stats, forward, device, spec=adapter.spec)
-            for method in methods:
-                method.apply_block(ctx)
-            if stream is None:
-                result.results.update(ctx.results)
-            result.warnings.extend(ctx.warnings)
-            if not data_free:
-                outputs = propagate()  # propagate the quantized block's outputs
-            if checkpointer is not None:
-                checkpointer.save_block(i, block, ctx.results, ctx.warnings, n, name)
-        store.drop(hidden)
-        hidden = outputs
-        _put_back(block, home, stream, name)
-        del stats, kwargs
+    def _kwargs(self, i: int) -> list[dict[str, Any]]:
+        return [_to(kw, self.device) for kw in self.kwargs_per_block[i]]
 
-    if stream is not None:
-        result.results = checkpointer.lazy_results()
-    if return_hidden:
-        norm = adapter.final_norm()
-        home = next(norm.parameters()).device
-        norm.to(device)
-        result.hidden = [norm(store.get(h)) for h in hidden]
-        norm.to(home)
-    return result
+    def _outputs(self, block: nn.Module, kwargs) -> Iterator[torch.Tensor]:
+        """The block's outputs on the device, batch by batch."""
+        for h, kw in zip(self.hidden, kwargs):
+            yield _block_output(block(self.store.get(h), **kw))
+
+    def _propagate(self, block: nn.Module, kwargs) -> list[Any]:
+        # The next block's inputs, stored batch by batch as they are made.
+        return [self.store.put(y) for y in self._outputs(block, kwargs)]
+
+    def _advance(self, outputs: list[Any]) -> None:
+        self.store.drop(self.hidden)
+        self.hidden = outputs
+
+    def finish(self, return_hidden: bool) -> PipelineResult:
+        if self.stream is not None and self.checkpointer is not None:
+            self.result.results = self.checkpointer.lazy_results()
+        if return_hidden:
+            norm = self.adapter.final_norm()
+            home = next(norm.parameters()).device
+            norm.to(self.device)
+            self.result.hidden = [norm(self.store.get(h)) for h in self.hidden]
+            norm.to(home)
+        return self.result

@@ -18,6 +18,14 @@ class Perplexity:
     tokens: int  # predicted tokens: windows x (seqlen - 1)
     windows: int
 
+    @classmethod
+    def of(cls, window_nlls: torch.Tensor, seqlen: int) -> "Perplexity":
+        """From the summed NLL of each window (n,) of `seqlen` tokens (`window_nll`)."""
+        n = int(window_nlls.shape[0])
+        count = n * (seqlen - 1)
+        mean = float(window_nlls.sum()) / count
+        return cls(ppl=math.exp(mean), nll=mean, tokens=count, windows=n)
+
     def to_dict(self) -> dict:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows}
 
@@ -52,19 +60,10 @@ def window_nll(
     return out
 
 
-def perplexity(
-    model: nn.Module,
-    windows: torch.Tensor,
-    *,
-    batch_size: int = 4,
-    device: torch.device | str | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> Perplexity:
+def perplexity(model: nn.Module, windows: torch.Tensor, **options) -> Perplexity:
     """Score windows (n, seqlen): exp of the mean next-token NLL over all of them.
 
-    Loss is accumulated in float64 so the sum over many tokens stays exact.
+    options: those of `window_nll` (batch_size, device, on_batch). Loss is accumulated in float64 so the
+    sum over many tokens stays exact.
     """
-    nll = window_nll(model, windows, batch_size=batch_size, device=device, on_batch=on_batch)
-    count = windows.shape[0] * (windows.shape[1] - 1)
-    mean = float(nll.sum()) / count
-    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=count, windows=windows.shape[0])
+    return Perplexity.of(window_nll(model, windows, **options), int(windows.shape[1]))

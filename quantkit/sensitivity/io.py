@@ -23,8 +23,9 @@ the selection's perplexities on those windows (baseline, all_quantized, mixed
 in-sample), the winning "rule" (restore, fisher or rel_err), "budget", "fp16_linears",
 the forward passes ("evaluations") and "expected": the cross-validated recovery to
 expect on unseen text, with "how" it was measured; "search" lists every rule with its
-cross-validated recovery, per-fold choices and final choice. (Version-2 files from
-before this kept the held-out selection's "measured-restore" or metric rules.)
+cross-validated recovery, per-fold choices and final choice. Readers take "rule" and
+"search" as data, not as one of these names: an older version-2 file may name the
+rules "measured-restore" or a metric.
 
 R is null when the inputs' interquartile range is 0 (R infinite). The sidecar
 safetensors file holds, per linear, "<name>.hist" (bins,) float32 counts of the

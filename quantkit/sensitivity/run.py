@@ -37,6 +37,8 @@ def run_scan(
     calibration: dict | None = None,
     on_block: Callable[[int, int, str, str], None] | None = None,
     on_step: Callable[[str], None] | None = None,
+    stream=None,
+    activations: str = "device",
 ) -> ScanReport:
     """Scan `model` on `input_ids` (samples, seqlen) for `scheme`; the model is left unchanged.
 
@@ -48,35 +50,24 @@ def run_scan(
     restore gain the selection measures (None = all, 0 = none); fisher_windows: the first N calibration
     samples get a forward + backward pass for the gradient-weighted metric (0 = off); with target_fraction
     the metric is measured per selection window instead (any N > 0 turns it on), so the folds keep it apart.
+    stream, activations: for the layer-wise pass (`scan_layers`); a streamed model allows none of the
+    steps that run the whole model (target_fraction, measure_ppl, fisher_windows).
     """
-    from quantkit.errors import UsageError
-
-    if target_fraction is not None and select_windows is None:
-        raise UsageError("--target-fraction needs selection windows from the calibration text (select_windows)")
-    if measure_ppl and eval_windows is None:
-        raise UsageError("--measure-ppl needs held-out windows (eval_windows)")
+    _check_request(target_fraction, select_windows, measure_ppl, eval_windows, fisher_windows, stream)
     t0 = time.perf_counter()
     layers = scan_layers(
         model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
-        stat_tokens=stat_tokens, on_block=on_block,
+        stat_tokens=stat_tokens, on_block=on_block, stream=stream, activations=activations,
     )
-    unscored = _unscored_experts(model, layers, ignore)
     fisher_rows = None
     if fisher_windows > 0:
-        from quantkit.sensitivity.fisher import fisher_scores
-
-        # with --target-fraction: per selection window, so that the cross-validation folds keep it apart
-        ids = select_windows if target_fraction is not None else input_ids[:fisher_windows]
-        if on_step is not None:
-            on_step(f"gradient-weighted error: forward + backward on {len(ids)} windows")
-        rows = fisher_scores(model, ids, scheme, [e.name for e in layers], device=device, per_window=True)
-        fisher_rows = rows if target_fraction is not None else None
-        for e in layers:
-            e.fisher = float(rows[e.name].mean())
+        fisher_rows = _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fraction,
+                                      select_windows, device, on_step)
     report = ScanReport(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
         calibration=dict(calibration or {}), bins=bins,
     )
+    unscored = _unscored_experts(model, layers, ignore)
     if unscored:
         report.warnings.append(
             f"{len(unscored)} MoE expert linear(s) saw no calibration tokens and have no scores (e.g. {unscored[0]}); "
@@ -86,54 +77,88 @@ def run_scan(
     report.calibration["stat_tokens"] = stat_tokens
     report.calibration["fisher_windows"] = fisher_windows
     report.seconds = time.perf_counter() - t0  # the scan proper, without perplexity work
+    if target_fraction is None:
+        _apply_fixed(report, layers, thresholds, scheme)
+    if target_fraction is None and not measure_ppl:
+        return report
     dev = torch.device(device)
     home = next(model.parameters()).device
     try:
-        _score(report, model, layers, scheme, thresholds, target_fraction, measure_ppl, eval_windows, dev,
-               eval_batch_size, shortlist, on_step, select_windows, folds, fisher_rows)
+        if target_fraction is not None:
+            _select(report, model, layers, scheme, select_windows, target_fraction, folds, dev, eval_batch_size,
+                    shortlist, fisher_rows, on_step)
+        if measure_ppl:
+            _measure_ppl(report, model, layers, scheme, eval_windows, dev, eval_batch_size, on_step)
     finally:
         model.to(home)  # perplexity runs move the whole model to the device; leave it where it was
     return report
 
 
-def _score(report, model, layers, scheme, thresholds, target_fraction, measure_ppl, eval_windows, dev,
-           eval_batch_size, shortlist, on_step, select_windows, folds, fisher_rows) -> None:
+def _check_request(target_fraction, select_windows, measure_ppl, eval_windows, fisher_windows, stream) -> None:
+    from quantkit.errors import UsageError
+
+    if target_fraction is not None and select_windows is None:
+        raise UsageError("--target-fraction needs selection windows from the calibration text (select_windows)")
+    if measure_ppl and eval_windows is None:
+        raise UsageError("--measure-ppl needs held-out windows (eval_windows)")
+    if stream is not None and (target_fraction is not None or measure_ppl or fisher_windows > 0):
+        raise UsageError("--target-fraction, --measure-ppl and --fisher-windows run the whole model: "
+                         "load it without --stream")
+
+
+def _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fraction, select_windows, device,
+                    on_step) -> dict[str, torch.Tensor] | None:
+    """Set each layer's gradient-weighted error; returns its per-window rows when the selection needs them."""
+    from quantkit.sensitivity.fisher import fisher_scores
+
+    # with --target-fraction: per selection window, so that the cross-validation folds keep it apart
+    ids = select_windows if target_fraction is not None else input_ids[:fisher_windows]
+    if on_step is not None:
+        on_step(f"gradient-weighted error: forward + backward on {len(ids)} windows")
+    rows = fisher_scores(model, ids, scheme, [e.name for e in layers], device=device, per_window=True)
+    for e in layers:
+        e.fisher = float(rows[e.name].mean())
+    return rows if target_fraction is not None else None
+
+
+def _apply_fixed(report: ScanReport, layers, thresholds: Thresholds, scheme: Scheme) -> None:
+    flagged = apply_thresholds(layers, thresholds, scheme)
+    if layers and len(flagged) > MOST_FLAGGED * len(layers):
+        report.warnings.append(
+            f"the fixed thresholds flag {len(flagged)} of {len(layers)} linears for FP16: they do not fit this "
+            "model; use --target-fraction 0.10 (or raise --kl / --r / --energy)"
+        )
+
+
+def _select(report: ScanReport, model, layers, scheme, select_windows, target_fraction, folds, dev,
+            eval_batch_size, shortlist, fisher_rows, on_step) -> None:
+    from quantkit.sensitivity.select import select_fp16
+
+    sel = select_fp16(
+        model, layers, scheme, select_windows, target_fraction, folds=folds, device=dev,
+        batch_size=eval_batch_size, shortlist=shortlist, fisher=fisher_rows, on_step=on_step,
+    )
+    report.thresholds = Thresholds(None, None, None)  # the choice is an explicit list of units
+    report.search, report.ppl = sel.candidates, sel.ppl
+    report.mode, report.target_fraction = "target-fraction", target_fraction
+    if not sel.chosen:
+        report.warnings.append(
+            f"--target-fraction {target_fraction} allows no layer of {len(layers)} in FP16; nothing flagged"
+        )
+
+
+def _measure_ppl(report: ScanReport, model, layers, scheme, eval_windows, dev, eval_batch_size, on_step) -> None:
     from quantkit.sensitivity.calibrate import correlations, measure_layer_ppl
 
-    if target_fraction is not None:
-        from quantkit.sensitivity.select import select_fp16
+    def step(i, n, name):
+        if on_step is not None:
+            on_step(f"({i + 1}/{n}) perplexity with only {name} quantized")
 
-        sel = select_fp16(
-            model, layers, scheme, select_windows, target_fraction, folds=folds, device=dev,
-            batch_size=eval_batch_size, shortlist=shortlist, fisher=fisher_rows, on_step=on_step,
-        )
-        report.thresholds = Thresholds(None, None, None)  # the choice is an explicit list of units
-        report.search, report.ppl = sel.candidates, sel.ppl
-        report.mode, report.target_fraction = "target-fraction", target_fraction
-        if not sel.chosen:
-            report.warnings.append(
-                f"--target-fraction {target_fraction} allows no layer of {len(layers)} in FP16; nothing flagged"
-            )
-    else:
-        flagged = apply_thresholds(layers, thresholds, scheme)
-        if layers and len(flagged) > MOST_FLAGGED * len(layers):
-            report.warnings.append(
-                f"the fixed thresholds flag {len(flagged)} of {len(layers)} linears for FP16: they do not fit this "
-                "model; use --target-fraction 0.10 (or raise --kl / --r / --energy)"
-            )
-    if measure_ppl:
-
-        def step(i, n, name):
-            if on_step is not None:
-                on_step(f"({i + 1}/{n}) perplexity with only {name} quantized")
-
-        base = measure_layer_ppl(
-            model, layers, scheme, eval_windows, device=dev, batch_size=eval_batch_size, on_step=step
-        )
-        report.correlations = correlations(layers)
-        # the held-out baseline, apart from the selection's (calibration-text) perplexities
-        report.ppl = {**(report.ppl or {}), "heldout_baseline": base, "heldout_windows": int(eval_windows.shape[0]),
-                      "heldout_seqlen": int(eval_windows.shape[1])}
+    base = measure_layer_ppl(model, layers, scheme, eval_windows, device=dev, batch_size=eval_batch_size, on_step=step)
+    report.correlations = correlations(layers)
+    # the held-out baseline, apart from the selection's (calibration-text) perplexities
+    report.ppl = {**(report.ppl or {}), "heldout_baseline": base, "heldout_windows": int(eval_windows.shape[0]),
+                  "heldout_seqlen": int(eval_windows.shape[1])}
 
 
 def _unscored_experts(model, layers, ignore) -> list[str]:

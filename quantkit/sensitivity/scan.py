@@ -1,15 +1,15 @@
 """The sensitivity scan: one layer-wise pass that measures every linear, changing nothing.
 
-Built on the calibration pipeline's pieces (`_catch_block_inputs`, the adapter)
-rather than on `run_layerwise`: a scan is not a quantization method, it must not
-touch weights, and it needs each linear's *outputs*, which the capture pass does
-not see. Per block: move it to the device, run it once on every calibration batch
-with a forward hook on each linear, move it back. The hook sees the linear's
-float input x and float output y = x W^T + b, and computes on the same x the
-scheme's fake-quantized output yq = fq_a(x) fq_w(W)^T + b (fq_a only for schemes
-that quantize activations, per-token dynamic as the W8A8 kernels do). The block's
-float outputs feed the next block, so every layer is measured on the inputs it
-gets in the float model.
+A consumer of the calibration pipeline (`quantkit.calib.pipeline.run_layerwise` with no
+method and one `BlockConsumer`): a scan is not a quantization method, it must not touch
+weights, and it needs each linear's *outputs*, which the methods' capture pass does not
+record. So the pipeline taps every linear of each block while the block runs on the
+calibration batches: the tap sees the linear's float input x and float output
+y = x W^T + b, and computes on the same x the scheme's fake-quantized output
+yq = fq_a(x) fq_w(W)^T + b (fq_a only for schemes that quantize activations, per-token
+dynamic as the W8A8 kernels do). With no method, the block's float outputs feed the next
+block, so every layer is measured on the inputs it gets in the float model; and the scan
+streams blocks and keeps activations off the device wherever the pipeline can.
 
 Histogram range: fixed per linear from the first batch (min/max of y and yq,
 widened by 25% of the span on each side); later values outside it are clipped
@@ -37,17 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.calib.pipeline import BlockView, LinearTap, run_layerwise
+from quantkit.models.adapter import ModelAdapter
 from quantkit.quant.core import fake_quantize, fake_quantize_activations
 from quantkit.recipe import Scheme
-from quantkit.sensitivity.metrics import (
-    DEFAULT_BINS,
-    Moments,
-    channel_histograms,
-    energy_ratio,
-    kl_divergence,
-    range_ratio,
-    relative_error,
-)
+from quantkit.sensitivity import metrics
+from quantkit.sensitivity.metrics import DEFAULT_BINS
 
 RANGE_MARGIN = 0.25  # share of the first batch's span added on each side of the histogram range
 R_SAMPLE = 1 << 16  # input values per linear kept for R's quartiles
@@ -139,7 +134,7 @@ class _Observer:
         self.total = 0
         self.xmin, self.xmax = math.inf, -math.inf
         self.samples: list[torch.Tensor] = []
-        self.moments = Moments()
+        self.moments = metrics.Moments()
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -168,8 +163,8 @@ class _Observer:
             self.lo, self.hi = lo - RANGE_MARGIN * span, hi + RANGE_MARGIN * span
         self.clipped += int(((y < self.lo) | (y > self.hi)).sum()) + int(((yq < self.lo) | (yq > self.hi)).sum())
         self.total += 2 * y.numel()
-        p = channel_histograms(y, self.lo, self.hi, self.bins)
-        q = channel_histograms(yq, self.lo, self.hi, self.bins)
+        p = metrics.channel_histograms(y, self.lo, self.hi, self.bins)
+        q = metrics.channel_histograms(yq, self.lo, self.hi, self.bins)
         self.p = p if self.p is None else self.p + p
         self.q = q if self.q is None else self.q + q
         self.err2 += float((yq - y).double().square().sum())
@@ -183,16 +178,40 @@ class _Observer:
             name=name,
             layer=layer,
             op=op,
-            kl=kl_divergence(self.p, self.q),
-            R=range_ratio(torch.cat(self.samples), self.xmin, self.xmax),
-            energy=energy_ratio(self.linear.weight.data),
+            kl=metrics.kl_divergence(self.p, self.q),
+            R=metrics.range_ratio(torch.cat(self.samples), self.xmin, self.xmax),
+            energy=metrics.energy_ratio(self.linear.weight.data),
             skew=self.moments.skewness,
             hist=self.p.sum(dim=0).cpu(),
             lo=self.lo,
             hi=self.hi,
             clipped=self.clipped / max(self.total, 1),
-            rel_err=relative_error(self.err2, self.ref2),
+            rel_err=metrics.relative_error(self.err2, self.ref2),
         )
+
+
+class _ScanConsumer:
+    """The scan as a pipeline consumer: an observer per linear of each block, a LayerScan per linear at its end."""
+
+    name = "scan"
+
+    def __init__(self, adapter: ModelAdapter, scheme: Scheme, bins: int, r_per_batch: int, rows_per_batch: int,
+                 gen: torch.Generator):
+        self.adapter = adapter
+        self._observer_args = (scheme, bins, r_per_batch, rows_per_batch, gen)
+        self.layers: list[LayerScan] = []
+        self._observers: dict[str, _Observer] = {}
+
+    def begin(self, view: BlockView) -> dict[str, LinearTap]:
+        self._observers = {k: _Observer(v, *self._observer_args) for k, v in view.linears.items()}
+        return {k: obs.add for k, obs in self._observers.items()}
+
+    def end(self, view: BlockView) -> None:
+        for k, obs in self._observers.items():
+            if obs.p is None and self.adapter.is_expert(k):
+                continue  # an MoE expert no calibration token was routed to: nothing to score (run_scan says so)
+            self.layers.append(obs.result(k, view.index, self.adapter.op_of(k[len(view.name) + 1 :])))
+        self._observers = {}
 
 
 @torch.no_grad()
@@ -209,61 +228,29 @@ def scan_layers(
     stat_tokens: int | None = STAT_TOKENS,
     seed: int = 0,
     on_block: Callable[[int, int, str, str], None] | None = None,
+    stream=None,
+    activations: str = "device",
 ) -> list[LayerScan]:
     """Measure every non-ignored linear of the decoder blocks on `input_ids` (samples, seqlen).
 
     One block on `device` at a time; weights are never changed (tested). Returns
     one LayerScan per linear, in model order, flags unset (see `apply_thresholds`).
     stat_tokens: token rows per linear for the output statistics (None = all).
+    stream (quantkit.models.streaming.StreamedModel; `model` is its skeleton) and activations
+    ("device", "host", "disk"): as `run_layerwise` takes them; the results do not depend on either.
     """
-    from quantkit.calib.pipeline import _block_output, _catch_block_inputs, _to, is_ignored
-    from quantkit.models.adapter import ModelAdapter
-
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
     if stat_tokens is not None and stat_tokens < 1:
         raise ValueError(f"stat_tokens must be >= 1 (or None for all tokens), got {stat_tokens}")
-    device = torch.device(device)
-    adapter = ModelAdapter.for_model(model)
-    blocks = adapter.blocks()
-    n = len(blocks)
-    batches = list(input_ids.split(batch_size))
-    hidden, kwargs_per_block = _catch_block_inputs(model, adapter, batches, device)
-    r_per_batch = max(1, math.ceil(r_sample / len(batches)))
-    rows_per_batch = input_ids.numel() if stat_tokens is None else max(1, math.ceil(stat_tokens / len(batches)))
-    gen = torch.Generator().manual_seed(seed)
-    out: list[LayerScan] = []
-    for i, block in enumerate(blocks):
-        name = adapter.block_name(i)
-        if on_block is not None:
-            on_block(i, n, name, "scan")
-        home = next(block.parameters()).device
-        block.to(device)
-        try:
-            kwargs = [_to(kw, device) for kw in kwargs_per_block[i]]
-            linears = {k: v for k, v in adapter.block_linears(i).items() if not is_ignored(k, ignore)}
-            observers = {k: _Observer(v, scheme, bins, r_per_batch, rows_per_batch, gen) for k, v in linears.items()}
-            handles = []
-            try:
-                for k, lin in linears.items():
-
-                    def hook(_mod, args, output, _k=k):
-                        observers[_k].add(args[0], output)
-
-                    handles.append(lin.register_forward_hook(hook))
-                hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
-            finally:
-                for h in handles:
-                    h.remove()
-            for k, obs in observers.items():
-                rel = k[len(name) + 1 :]
-                if obs.p is None and adapter.is_expert(k):
-                    continue  # an MoE expert no calibration token was routed to: nothing to score (run_scan says so)
-                out.append(obs.result(k, i, adapter.op_of(rel)))
-            del observers
-        finally:
-            block.to(home)
-    return out
+    n_batches = math.ceil(input_ids.shape[0] / batch_size)
+    r_per_batch = max(1, math.ceil(r_sample / n_batches))
+    rows_per_batch = input_ids.numel() if stat_tokens is None else max(1, math.ceil(stat_tokens / n_batches))
+    scan = _ScanConsumer(ModelAdapter.for_model(model), scheme, bins, r_per_batch, rows_per_batch,
+                         torch.Generator().manual_seed(seed))
+    run_layerwise(model, input_ids, [], consumers=[scan], device=device, batch_size=batch_size, ignore=ignore,
+                  on_block=on_block, stream=stream, activations=activations)
+    return scan.layers
 
 
 @dataclass

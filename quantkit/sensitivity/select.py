@@ -142,122 +142,163 @@ def select_fp16(
     Sets each layer's flag, and restore_gain (of its unit, in perplexity) for measured units.
     """
     from quantkit.errors import UsageError
-    from quantkit.eval.perplexity import window_nll
 
     if not 0 < fraction < 1:
         raise UsageError(f"--target-fraction {fraction} must be between 0 and 1 (e.g. 0.10)")
-    say = on_step or (lambda _m: None)
-    names = [e.name for e in layers]
-    by_name = {e.name: e for e in layers}
-    units = selection_units(names)
-    costs = [len(u) for u in units]
-    budget = int(math.floor(fraction * len(names) + 1e-9))
-    n = int(windows.shape[0])
-    per_window_tokens = int(windows.shape[1]) - 1
-    parts = cv_folds(n, folds)
+    search = _Search(model, layers, windows, fraction, folds, batch_size, on_step or (lambda _m: None))
     if device is not None:
         model.to(device)  # before quantizing: the float copies then live beside the weights
-
-    def nll(sel: torch.Tensor) -> torch.Tensor:
-        return window_nll(model, sel, batch_size=batch_size)
-
-    say(f"selection: float model on {n} calibration windows")
-    base = nll(windows)
-    evals = 1
-    rel = [sum(by_name[m].rel_err for m in u) for u in units]
+    search.say(f"selection: float model on {search.n} calibration windows")
+    base = search.nll(windows)
+    rel = [sum(search.by_name[m].rel_err for m in u) for u in search.units]
     fish = None
     if fisher is not None:
-        fish = torch.stack([sum(fisher[m] for m in u) for u in units])  # (units, windows)
-    measured = list(range(len(units)))
-    if shortlist is not None:  # by value per linear, as the budget counts linears
-        key = [v / c for v, c in zip(fish.sum(dim=1).tolist() if fish is not None else rel, costs)]
-        order = sorted(measured, key=lambda i: -key[i] if math.isfinite(key[i]) else math.inf)
-        measured = sorted(order[: max(0, shortlist)])
-    gains = torch.zeros(len(units), n, dtype=torch.float64)
-    with quantized_subset(model, names, scheme) as q:
-        say("selection: all quantized")
-        allq = nll(windows)
-        evals += 1
-        for j, i in enumerate(measured):
-            if budget == 0:
-                break
-            say(f"selection: ({j + 1}/{len(measured)}) all quantized but {', '.join(units[i])}")
-            with q.restored(units[i]):
-                gains[i] = allq - nll(windows)
-            evals += 1
-        rules: dict[str, Callable[[list[int]], list[float]]] = {}
-        if measured and budget > 0:
-            done = set(measured)
-            rules["restore"] = lambda idx: [float(gains[i, idx].sum()) if i in done else 0.0 for i in range(len(units))]
-        if fish is not None:
-            rules["fisher"] = lambda idx: fish[:, idx].sum(dim=1).tolist()
-        if all(math.isfinite(r) for r in rel):
-            rules["rel_err"] = lambda _idx: list(rel)
-        if budget == 0:
-            rules = {}
-
-        def choose(rule: str, idx: list[int]) -> list[str]:
-            picked = knapsack(rules[rule](idx), costs, budget)
-            return [m for i in picked for m in units[i]]
-
-        candidates: list[dict[str, Any]] = []
-        for rule in rules:
-            mixed_sum, per_fold, fold_layers = 0.0, [], []
-            for f, part in enumerate(parts):
-                train = [w for w in range(n) if w not in part]
-                chosen = choose(rule, train)
-                fold_layers.append(chosen)
-                say(f"selection: {rule}, fold {f + 1}/{len(parts)}: {len(chosen)} linears chosen from the other folds")
-                with q.restored(chosen):
-                    fold_nll = nll(windows[part.start : part.stop])
-                s = float(fold_nll.sum())
-                mixed_sum += s
-                tok = len(part) * per_window_tokens
-                per_fold.append(recovered_fraction(_ppl(float(base[part.start:part.stop].sum()), tok),
-                                                   _ppl(float(allq[part.start:part.stop].sum()), tok), _ppl(s, tok)))
-            evals += 1
-            tok = n * per_window_tokens
-            cv = recovered_fraction(_ppl(float(base.sum()), tok), _ppl(float(allq.sum()), tok), _ppl(mixed_sum, tok))
-            candidates.append({"rule": rule, "cv_recovered": cv, "per_fold": per_fold, "cv_ppl": _ppl(mixed_sum, tok),
-                               "fold_layers": fold_layers, "layers": choose(rule, list(range(n)))})
-        tok = n * per_window_tokens
-        ppl_base, ppl_allq = _ppl(float(base.sum()), tok), _ppl(float(allq.sum()), tok)
+        fish = torch.stack([sum(fisher[m] for m in u) for u in search.units])  # (units, windows)
+    measured = _shortlist(search.costs, fish.sum(dim=1).tolist() if fish is not None else rel, shortlist)
+    with quantized_subset(model, search.names, scheme) as q:
+        search.say("selection: all quantized")
+        allq = search.nll(windows)
+        gains = search.restore_gains(q, allq, measured)
+        rules = search.rules(gains, measured, fish, rel)
+        candidates = [search.cross_validate(q, rule, rules[rule], base, allq) for rule in rules]
         best = None
         for c in candidates:  # RULES order on ties
             if c["layers"] and (best is None or c["cv_recovered"] > best["cv_recovered"]):
                 best = c
         chosen = best["layers"] if best is not None else []
-        mixed = ppl_allq
-        if chosen:
-            say(f"selection: {best['rule']} on all {n} windows: {len(chosen)} linears in FP16 (in-sample score)")
+        mixed = search.in_sample(q, best, allq)
+    search.set_results(layers, scheme, measured, gains, allq, chosen)
+    ppl = search.summary(base, allq, mixed, best, measured)
+    return Selection(chosen, best["rule"] if best else None, search.budget, ppl, candidates)
+
+
+def _shortlist(costs: list[int], values: list[float], shortlist: int | None) -> list[int]:
+    """Indices (ascending) of the units whose restore gain is measured: all, or the `shortlist` largest by
+    value per linear (the budget counts linears)."""
+    measured = list(range(len(costs)))
+    if shortlist is None:
+        return measured
+    key = [v / c for v, c in zip(values, costs)]
+    order = sorted(measured, key=lambda i: -key[i] if math.isfinite(key[i]) else math.inf)
+    return sorted(order[: max(0, shortlist)])
+
+
+class _Search:
+    """One selection's fixed facts (units, costs, budget, folds) and its count of forward passes."""
+
+    def __init__(self, model, layers, windows, fraction, folds, batch_size, say):
+        self.model = model
+        self.windows = windows
+        self.batch_size = batch_size
+        self.say = say
+        self.names = [e.name for e in layers]
+        self.by_name = {e.name: e for e in layers}
+        self.units = selection_units(self.names)
+        self.costs = [len(u) for u in self.units]
+        self.budget = int(math.floor(fraction * len(self.names) + 1e-9))
+        self.n = int(windows.shape[0])
+        self.tokens = self.n * (int(windows.shape[1]) - 1)  # predicted tokens over all windows
+        self.parts = cv_folds(self.n, folds)
+        self.evaluations = 0  # forward passes over the windows (a rule's K fold scores make one)
+
+    def nll(self, sel: torch.Tensor, *, counts: bool = True) -> torch.Tensor:
+        from quantkit.eval.perplexity import window_nll
+
+        self.evaluations += counts
+        return window_nll(self.model, sel, batch_size=self.batch_size)
+
+    def restore_gains(self, q, allq: torch.Tensor, measured: list[int]) -> torch.Tensor:
+        """(units, windows) float64: NLL(all quantized) - NLL(all quantized but the unit), for measured units."""
+        gains = torch.zeros(len(self.units), self.n, dtype=torch.float64)
+        for j, i in enumerate(measured):
+            if self.budget == 0:
+                break
+            self.say(f"selection: ({j + 1}/{len(measured)}) all quantized but {', '.join(self.units[i])}")
+            with q.restored(self.units[i]):
+                gains[i] = allq - self.nll(self.windows)
+        return gains
+
+    def rules(self, gains, measured, fish, rel) -> dict[str, Callable[[list[int]], list[float]]]:
+        """Rule name -> per-unit values from the windows `idx`, in RULES order; none when the budget is 0."""
+        rules: dict[str, Callable[[list[int]], list[float]]] = {}
+        if self.budget == 0:
+            return rules
+        if measured:
+            done = set(measured)
+            rules["restore"] = lambda idx: [float(gains[i, idx].sum()) if i in done else 0.0
+                                            for i in range(len(self.units))]
+        if fish is not None:
+            rules["fisher"] = lambda idx: fish[:, idx].sum(dim=1).tolist()
+        if all(math.isfinite(r) for r in rel):
+            rules["rel_err"] = lambda _idx: list(rel)
+        return rules
+
+    def choose(self, values: list[float]) -> list[str]:
+        return [m for i in knapsack(values, self.costs, self.budget) for m in self.units[i]]
+
+    def cross_validate(self, q, rule: str, values, base: torch.Tensor, allq: torch.Tensor) -> dict[str, Any]:
+        """The rule's out-of-sample recovery: each fold scored by the choice made from the other folds."""
+        mixed_sum, per_fold, fold_layers = 0.0, [], []
+        per_window = self.tokens // self.n
+        for f, part in enumerate(self.parts):
+            chosen = self.choose(values([w for w in range(self.n) if w not in part]))
+            fold_layers.append(chosen)
+            self.say(f"selection: {rule}, fold {f + 1}/{len(self.parts)}: {len(chosen)} linears chosen from the "
+                     "other folds")
             with q.restored(chosen):
-                mixed = _ppl(float(nll(windows).sum()), tok)
-            evals += 1
-    for i in measured:
-        g = float(gains[i].sum())
-        if budget > 0:  # in perplexity: ppl(all quantized) - ppl(all quantized but this unit)
-            for m in units[i]:
-                by_name[m].restore_gain = ppl_allq - _ppl(float(allq.sum()) - g, tok)
-    keep = set(chosen)
-    label = precision_label(scheme)
-    for e in layers:
-        e.flag = "fp16" if e.name in keep else label
-    expected = None
-    if best is not None:
-        expected = {
-            "recovered": best["cv_recovered"],
-            "per_fold": best["per_fold"],
-            "folds": len(parts),
-            "windows": n,
-            "seqlen": int(windows.shape[1]),
-            "how": (f"{len(parts)}-fold cross-validation over {n} calibration windows: each window scored by the "
-                    f"choice rule '{best['rule']}' applied to the other folds only; held-out text never read"),
+                s = float(self.nll(self.windows[part.start : part.stop], counts=False).sum())
+            mixed_sum += s
+            tok = len(part) * per_window
+            per_fold.append(recovered_fraction(_ppl(float(base[part.start:part.stop].sum()), tok),
+                                               _ppl(float(allq[part.start:part.stop].sum()), tok), _ppl(s, tok)))
+        self.evaluations += 1
+        cv = recovered_fraction(_ppl(float(base.sum()), self.tokens), _ppl(float(allq.sum()), self.tokens),
+                                _ppl(mixed_sum, self.tokens))
+        return {"rule": rule, "cv_recovered": cv, "per_fold": per_fold, "cv_ppl": _ppl(mixed_sum, self.tokens),
+                "fold_layers": fold_layers, "layers": self.choose(values(list(range(self.n))))}
+
+    def in_sample(self, q, best: dict[str, Any] | None, allq: torch.Tensor) -> float:
+        """Perplexity on all windows with the final choice restored (flatters it: it was chosen on them)."""
+        if best is None:
+            return _ppl(float(allq.sum()), self.tokens)
+        self.say(f"selection: {best['rule']} on all {self.n} windows: {len(best['layers'])} linears in FP16 "
+                 "(in-sample score)")
+        with q.restored(best["layers"]):
+            return _ppl(float(self.nll(self.windows).sum()), self.tokens)
+
+    def set_results(self, layers, scheme, measured, gains, allq, chosen) -> None:
+        """Each layer's flag, and its unit's restore gain in perplexity where measured."""
+        ppl_allq = _ppl(float(allq.sum()), self.tokens)
+        for i in measured:
+            g = float(gains[i].sum())
+            if self.budget > 0:  # in perplexity: ppl(all quantized) - ppl(all quantized but this unit)
+                for m in self.units[i]:
+                    self.by_name[m].restore_gain = ppl_allq - _ppl(float(allq.sum()) - g, self.tokens)
+        keep = set(chosen)
+        label = precision_label(scheme)
+        for e in layers:
+            e.flag = "fp16" if e.name in keep else label
+
+    def summary(self, base, allq, mixed, best, measured) -> dict[str, Any]:
+        """The `ppl` record of sensitive_layers.json (see quantkit.sensitivity.io)."""
+        ppl_base, ppl_allq = _ppl(float(base.sum()), self.tokens), _ppl(float(allq.sum()), self.tokens)
+        expected = None
+        if best is not None:
+            expected = {
+                "recovered": best["cv_recovered"],
+                "per_fold": best["per_fold"],
+                "folds": len(self.parts),
+                "windows": self.n,
+                "seqlen": int(self.windows.shape[1]),
+                "how": (f"{len(self.parts)}-fold cross-validation over {self.n} calibration windows: each window "
+                        f"scored by the choice rule '{best['rule']}' applied to the other folds only; held-out text "
+                        "never read"),
+            }
+        return {
+            "baseline": ppl_base, "all_quantized": ppl_allq, "mixed": mixed,
+            "recovered": recovered_fraction(ppl_base, ppl_allq, mixed), "rule": best["rule"] if best else None,
+            "evaluations": self.evaluations, "budget": self.budget,
+            "fp16_linears": len(best["layers"]) if best else 0, "units": len(self.units),
+            "measured_units": len(measured) if self.budget > 0 else 0, "expected": expected,
+            "selection_windows": self.n, "selection_seqlen": int(self.windows.shape[1]),
         }
-    ppl = {
-        "baseline": ppl_base, "all_quantized": ppl_allq, "mixed": mixed,
-        "recovered": recovered_fraction(ppl_base, ppl_allq, mixed), "rule": best["rule"] if best else None,
-        "evaluations": evals, "budget": budget, "fp16_linears": len(chosen), "units": len(units),
-        "measured_units": len(measured) if budget > 0 else 0, "expected": expected,
-        "selection_windows": n, "selection_seqlen": int(windows.shape[1]),
-    }
-    return Selection(chosen, best["rule"] if best else None, budget, ppl, candidates)
