@@ -98,6 +98,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
     (sample, kv head) (None: max_len // 8)."""
     from transformers import AutoTokenizer
 
+    from quantkit.export.compressed_tensors import SHADOW_FORMAT
     from quantkit.export.reader import (STATIC_SUFFIXES, CheckpointTensors, is_quantkit_checkpoint, read_module,
                                         read_static_scales)
     from quantkit.models.checkpoint import checkpoint_config, checkpoint_dtype, empty_model, load_into, verified_manifest
@@ -145,7 +146,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
     if shadow:
         sh = CheckpointTensors(path, [path / shadow["file"]])
         for name, args_d in shadow["modules"].items():
-            qt, _ = read_module(sh, name, QuantArgs.from_dict(args_d), "compressed-tensors")
+            qt, _ = read_module(sh, name, QuantArgs.from_dict(args_d), SHADOW_FORMAT)
             w = take(f"{name}.weight")
             if w is None:
                 raise RuntimeLoadError(f"{path}: the FP16 weight of sensitive linear {name} is missing")
