@@ -327,11 +327,12 @@ def export(
     kv_format: "int8" (our runtime's cache) or "fp8" (an FP8 kv_cache_scheme for vLLM;
     the INT8 per-channel scales are kept beside it), for schemes with a KV cache.
     """
+    from quantkit.export.ct_config import KV_FORMATS
     from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
 
     fmt = export_format(format)
-    if kv_format not in ("int8", "fp8"):
-        raise RecipeError(f"--kv-format {short_repr(kv_format)} is not supported; use int8 or fp8")
+    if kv_format not in KV_FORMATS:
+        raise RecipeError(f"--kv-format {short_repr(kv_format)} is not supported; use {' or '.join(KV_FORMATS)}")
     try:
         routers = ModelAdapter.for_model(qmodel.model).routers()
     except UnsupportedModelError:
