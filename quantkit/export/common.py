@@ -65,6 +65,8 @@ class ExportOptions:
 class WritePlan:
     """What a format writes for a model, beyond what every checkpoint has.
 
+    layout: how each quantized linear is stored; quantization_config: config.json's block;
+    warnings: logged, and recorded in the manifest;
     extra_json: more JSON files beside config.json (e.g. quantize_config.json);
     extra_tensors: written with the weights (e.g. static input / KV scales);
     side_files(tmp) -> manifest fields: writes format-specific extra files into the
