@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.calib.data import CalibrationSet, calibration_set, heldout_windows
+from quantkit.export.formats import FORMAT_NAMES as EXPORT_FORMATS, export_format
 from quantkit.models.loading import LoadedModel, load_model, resolve_device
 from quantkit.quant.model import QuantizedModel
 from quantkit.recipe import Recipe, RecipeError
@@ -36,8 +37,6 @@ __all__ = [
     "needs_calibration",
     "streams",
 ]
-
-EXPORT_FORMATS = ("compressed-tensors", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -305,28 +304,10 @@ def check_export_format(recipe: Recipe, format: str, model=None) -> None:
     Without `model` only the scheme is checked (bits, groups, activation/KV
     quantization); with it, also the shapes of the linears the recipe quantizes.
     """
-    if format not in EXPORT_FORMATS:
-        raise RecipeError(f"--format {short_repr(format)} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
-    if format == "compressed-tensors":
-        return
-    s = recipe.scheme
-    if s.input_activations is not None or s.kv_cache is not None:
-        raise RecipeError(f"--format {format} holds weight-only schemes, not {s.name}; use --format compressed-tensors")
     shapes = None
     if model is not None:
-        shapes = {k: (v.out_features, v.in_features) for k, v in quantizable_linears(model, recipe).items()}
-    if format == "awq":
-        from quantkit.export.awq import check_awq_args, check_awq_shapes
-
-        check_awq_args(s.weights)
-        if shapes is not None:
-            check_awq_shapes(shapes)
-    else:
-        from quantkit.export.gptq import check_gptq_args, check_gptq_shapes
-
-        check_gptq_args(s.weights)
-        if shapes is not None:
-            check_gptq_shapes(shapes, s.weights.bits)
+        shapes = lambda: {k: (v.out_features, v.in_features) for k, v in quantizable_linears(model, recipe).items()}  # noqa: E731
+    export_format(format).check_scheme(recipe.scheme, shapes)
 
 
 def export(
@@ -346,27 +327,18 @@ def export(
     kv_format: "int8" (our runtime's cache) or "fp8" (an FP8 kv_cache_scheme for vLLM;
     the INT8 per-channel scales are kept beside it), for schemes with a KV cache.
     """
-    if format not in EXPORT_FORMATS:
-        raise RecipeError(f"--format {short_repr(format)} is not supported; use one of {', '.join(EXPORT_FORMATS)}")
-    if kv_format not in ("int8", "fp8"):
-        raise RecipeError(f"--kv-format {short_repr(kv_format)} is not supported; use int8 or fp8")
-    if format == "awq":
-        from quantkit.export.awq import export_awq
-
-        return export_awq(qmodel, Path(out), overwrite=overwrite, max_shard_bytes=max_shard_bytes)
-    if format == "gptq":
-        from quantkit.export.gptq import export_gptq
-
-        return export_gptq(qmodel, Path(out), overwrite=overwrite, max_shard_bytes=max_shard_bytes)
-    from quantkit.export.compressed_tensors import export_compressed_tensors
+    from quantkit.export.ct_config import KV_FORMATS
     from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
 
+    fmt = export_format(format)
+    if kv_format not in KV_FORMATS:
+        raise RecipeError(f"--kv-format {short_repr(kv_format)} is not supported; use {' or '.join(KV_FORMATS)}")
     try:
         routers = ModelAdapter.for_model(qmodel.model).routers()
     except UnsupportedModelError:
         routers = []
-    return export_compressed_tensors(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format, float_modules=routers,
-                                     max_shard_bytes=max_shard_bytes)
+    return fmt.write(qmodel, Path(out), overwrite=overwrite, kv_format=kv_format, float_modules=routers,
+                     max_shard_bytes=max_shard_bytes)
 
 
 def simulation(qmodel: QuantizedModel, *, kv_residual: bool | None = None):

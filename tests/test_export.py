@@ -14,14 +14,11 @@ from torch import nn
 
 from tiny_models import make_tiny_model
 from quantkit.export.atomic import ExportError, OutputExistsError, atomic_output_dir, check_output_dir
-from quantkit.export.compressed_tensors import (
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    build_quantization_config,
-    export_compressed_tensors,
-    read_checkpoint_summary,
-    vllm_fusion_warnings,
-)
+from quantkit.export.common import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from quantkit.export.compressed_tensors import export_compressed_tensors
+from quantkit.export.ct_config import build_quantization_config
+from quantkit.export.summary import read_checkpoint_summary
+from quantkit.export.vllm_compat import vllm_fusion_warnings
 from quantkit.export.manifest import (
     MANIFEST_NAME,
     ManifestError,

@@ -387,7 +387,7 @@ def test_moe_export_reload_bit_identical(moe_family, stage, tmp_path, tiny_token
     routers = ModelAdapter.for_model(m).routers()
     assert routers and set(routers) <= set(qc["ignore"]) and "lm_head" in qc["ignore"]
     assert (moe_family == "qwen2_moe") == ("model.layers.0.mlp.shared_expert_gate" in qc["ignore"])
-    from quantkit.export.compressed_tensors import read_checkpoint_summary
+    from quantkit.export.summary import read_checkpoint_summary
 
     assert read_checkpoint_summary(out)["groups"][0]["n_targets"] == len(manifest["modules"])  # what inspect prints
     a, b = m.state_dict(), loaded.state_dict()

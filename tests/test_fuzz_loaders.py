@@ -71,7 +71,7 @@ def _safetensors_like():
 @SETTINGS
 @given(data=_safetensors_like())
 def test_safetensors_header_reader(data):
-    from quantkit.export.compressed_tensors import read_safetensors_header
+    from quantkit.export.safetensors_header import read_safetensors_header
 
     _ok_or_usage(read_safetensors_header, _tmpfile(data, "model.safetensors"))
 

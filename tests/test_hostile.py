@@ -14,7 +14,7 @@ import torch
 
 from tiny_models import make_tiny_model, rtn_checkpoint, run_cli
 from quantkit.errors import UsageError
-from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
+from quantkit.export.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 from quantkit.export.manifest import ManifestError, verify_checkpoint
 from quantkit.models.checkpoint import load_quantkit_checkpoint
 

@@ -8,7 +8,8 @@ import torch
 
 from tiny_models import make_tiny_model, run_cli, save_tiny_model_dir
 from quantkit import api
-from quantkit.export.compressed_tensors import SHADOW_FILE, read_checkpoint_summary
+from quantkit.export.compressed_tensors import SHADOW_FILE
+from quantkit.export.summary import read_checkpoint_summary
 from quantkit.export.manifest import verify_checkpoint
 from quantkit.models.loading import LoadedModel
 from quantkit.quant.core import quantize_weight

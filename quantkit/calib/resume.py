@@ -399,7 +399,7 @@ class Checkpointer:
 
     def _header(self, index: int) -> dict[str, Any]:
         """The header of block file `index` (one cached: export reads the blocks in order)."""
-        from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
+        from quantkit.export.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 
         if self._open[0] != index:
             f = self.path / self.blocks[index]["file"]

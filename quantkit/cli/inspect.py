@@ -77,13 +77,11 @@ def inspect_cmd(
     from rich.markup import escape
     from rich.table import Table
 
-    from quantkit.export.compressed_tensors import read_checkpoint_summary
-    from quantkit.export.manifest import verify_checkpoint
+    from quantkit.export.manifest import MANIFEST_NAME, verify_checkpoint
+    from quantkit.export.summary import read_checkpoint_summary
 
     if not path.is_dir():
         fail(f"{path} is not a directory; pass a checkpoint directory written by quantkit")
-    from quantkit.export.manifest import MANIFEST_NAME
-
     if verify and not (path / MANIFEST_NAME).is_file():
         fail(f"{path} is not a quantkit checkpoint (no {MANIFEST_NAME}), so its files cannot be verified; "
              f"`quantkit inspect {path}` without --verify reads its config.json and safetensors headers")

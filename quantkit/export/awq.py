@@ -14,18 +14,15 @@ dequantized weight (q_u - z_u) * scale equals ours, (q - zero) * scale.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from quantkit.export.atomic import check_output_dir, source_paths
-from quantkit.export.common import Layout, validate_modules, write_checkpoint
+from quantkit.export.common import ExportOptions, Layout, WritePlan, fp16_scale_warnings, single_args
 from quantkit.quant.core import QuantizedTensor
 from quantkit.quant.model import QuantizedModel
 from quantkit.recipe import QuantArgs, RecipeError
-
-logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "awq"
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word <- column AWQ_ORDER[i] of its 8
@@ -69,8 +66,10 @@ def check_awq_args(args: QuantArgs) -> None:
         raise RecipeError("--format awq needs grouped weights; pass a group size (e.g. --group-size 64)")
 
 
-def check_awq_shapes(shapes: dict[str, tuple[int, int]]) -> None:
-    """shapes: module name -> (out_features, in_features) of every linear to quantize."""
+def check_awq_shapes(shapes: dict[str, tuple[int, int]], args: QuantArgs | None = None) -> None:
+    """shapes: module name -> (out_features, in_features) of every linear to quantize.
+
+    args: unused (the layout is always 4-bit); every format's shape check takes (shapes, args)."""
     for name, (out_f, _in_f) in shapes.items():
         if out_f % 8:
             raise RecipeError(
@@ -103,44 +102,16 @@ AWQ_LAYOUT = Layout(
 )
 
 
-def fp16_scale_warnings(modules: dict[str, QuantizedTensor], fmt: str) -> list[str]:
-    """The layout stores fp16 scales: refuse ones fp16 cannot hold, warn when rounding changes any."""
-    changed = []
-    for name, qt in modules.items():
-        s = qt.scale.detach().float().cpu()
-        h = s.to(torch.float16)
-        if not torch.isfinite(h).all() or bool((h[s > 0] == 0).any()):
-            raise RecipeError(f"{name}: a scale is outside the fp16 range the {fmt} layout stores; use --format compressed-tensors")
-        if not torch.equal(h.float(), s):
-            changed.append(name)
-    if not changed:
-        return []
-    return [
-        f"the {fmt} layout stores fp16 scales; rounding changed the scales of {len(changed)} linear(s) "
-        f"(e.g. {changed[0]}), so the checkpoint differs slightly from the evaluated model "
-        "(quantize in float16 to avoid this)"
-    ]
-
-
-def export_awq(qmodel: QuantizedModel, out: Path, *, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write qmodel as an AutoAWQ GEMM checkpoint dir at `out` (atomically, with quantkit.json).
+def plan_awq(qmodel: QuantizedModel, quantized: dict[str, nn.Linear], ignore: list[str], options: ExportOptions) -> WritePlan:
+    """The AutoAWQ GEMM checkpoint of qmodel (options: unused, a weight-only layout).
 
     Raises RecipeError for weights the layout cannot hold (bits != 4, per-channel,
     mixed schemes, out_features not divisible by 8).
     """
-    out = Path(out)
-    check_output_dir(out, overwrite, protect=source_paths(qmodel.source))
-    quantized, ignore = validate_modules(qmodel)
-    args_set = {qt.args for qt in qmodel.modules.values()}
-    if len(args_set) > 1:
-        raise RecipeError("--format awq holds one scheme for every layer, this model mixes several; use --format compressed-tensors")
-    (args,) = args_set
+    args = single_args(qmodel, FORMAT_NAME)
     check_awq_args(args)
     check_awq_shapes({n: tuple(qt.q.shape) for n, qt in qmodel.modules.items()})
-    warnings = fp16_scale_warnings(qmodel.modules, "awq")
-    for w in warnings:
-        logger.warning(w)
-    qconfig = {
+    qconfig: dict[str, Any] = {
         "quant_method": "awq",
         "bits": 4,
         "group_size": args.group_size,
@@ -148,17 +119,13 @@ def export_awq(qmodel: QuantizedModel, out: Path, *, overwrite: bool = False, ma
         "version": "gemm",
         "modules_to_not_convert": ignore or None,
     }
-    return write_checkpoint(
-        qmodel,
-        out,
-        overwrite=overwrite,
-        format_name=FORMAT_NAME,
-        quantized=quantized,
-        layout=AWQ_LAYOUT,
-        quantization_config=qconfig,
-        export_warnings=warnings,
-        max_shard_bytes=max_shard_bytes,
-    )
+    return WritePlan(AWQ_LAYOUT, qconfig, fp16_scale_warnings(qmodel.modules, FORMAT_NAME))
+
+
+def describe_awq_config(qc: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:
+    """(format, weights, ignore) of an AutoAWQ quantization_config, for inspect's summary."""
+    weights = {"num_bits": qc.get("bits"), "group_size": qc.get("group_size"), "symmetric": False}
+    return f"{qc.get('version', 'gemm')}", weights, qc.get("modules_to_not_convert") or []
 
 
 def read_awq(get, name: str, args: QuantArgs) -> QuantizedTensor:

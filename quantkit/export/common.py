@@ -2,8 +2,9 @@
 write (planned lazily, one module at a time), sharded safetensors, config.json, and
 the atomic write with the quantkit.json manifest last.
 
-A layout (compressed-tensors, awq, gptq) supplies only how one quantized linear
-becomes tensors (`Layout`) and its quantization_config.
+A format (compressed-tensors, awq, gptq; see `formats.py`) supplies only a `plan`: how one
+quantized linear becomes tensors (`Layout`), its quantization_config, and any extra files;
+`export_checkpoint` does the rest the same way for all of them.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.export.atomic import ExportError, atomic_output_dir, source_paths
+from quantkit.export.atomic import ExportError, atomic_output_dir, check_output_dir, source_paths
 from quantkit.export.manifest import build_manifest, write_manifest
 from quantkit.quant.core import QuantizedTensor
 from quantkit.quant.model import QuantizedModel
 from quantkit.quant.pack import PACK_BITS
+from quantkit.recipe import QuantArgs, RecipeError
 
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,44 @@ class Layout:
     pieces: Callable[[QuantizedTensor], list[str]]
     nbytes: Callable[[QuantizedTensor, torch.dtype], int]
     compress: Callable[[QuantizedTensor, torch.dtype], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Choices a format may use beyond the model (the weight-only formats use neither).
+
+    kv_format: how a compressed-tensors config describes a KV cache ("int8" or "fp8");
+    float_modules: modules kept in high precision that are not nn.Linear here but that serving
+    engines build as linears (MoE routers).
+    """
+
+    kv_format: str = "int8"
+    float_modules: tuple[str, ...] = ()
+
+
+@dataclass
+class WritePlan:
+    """What a format writes for a model, beyond what every checkpoint has.
+
+    layout: how each quantized linear is stored; quantization_config: config.json's block;
+    warnings: logged, and recorded in the manifest;
+    extra_json: more JSON files beside config.json (e.g. quantize_config.json);
+    extra_tensors: written with the weights (e.g. static input / KV scales);
+    side_files(tmp) -> manifest fields: writes format-specific extra files into the
+    temporary dir and returns what the manifest should say about them.
+    """
+
+    layout: Layout
+    quantization_config: dict[str, Any]
+    warnings: list[str]
+    extra_json: dict[str, dict[str, Any]] | None = None
+    extra_tensors: dict[str, torch.Tensor] | None = None
+    side_files: Callable[[Path], dict[str, Any]] | None = None
+
+
+# (qmodel, quantized linears, ignored linear names, options) -> WritePlan
+Planner = Callable[[QuantizedModel, dict[str, nn.Linear], list[str], ExportOptions], WritePlan]
+
 
 @dataclass
 class _Unit:
@@ -227,6 +268,77 @@ def config_dict(model: nn.Module, quantization_config: dict[str, Any]) -> dict[s
     return d
 
 
+def single_args(qmodel: QuantizedModel, format_name: str) -> QuantArgs:
+    """The one QuantArgs of every quantized linear, for layouts whose config holds a single scheme."""
+    args_set = {qt.args for qt in qmodel.modules.values()}
+    if len(args_set) > 1:
+        raise RecipeError(f"--format {format_name} holds one scheme for every layer, this model mixes several; "
+                          "use --format compressed-tensors")
+    (args,) = args_set
+    return args
+
+
+def fp16_scale_warnings(modules: dict[str, QuantizedTensor], fmt: str) -> list[str]:
+    """The layout stores fp16 scales: refuse ones fp16 cannot hold, warn when rounding changes any."""
+    changed = []
+    for name, qt in modules.items():
+        s = qt.scale.detach().float().cpu()
+        h = s.to(torch.float16)
+        if not torch.isfinite(h).all() or bool((h[s > 0] == 0).any()):
+            raise RecipeError(f"{name}: a scale is outside the fp16 range the {fmt} layout stores; use --format compressed-tensors")
+        if not torch.equal(h.float(), s):
+            changed.append(name)
+    if not changed:
+        return []
+    return [
+        f"the {fmt} layout stores fp16 scales; rounding changed the scales of {len(changed)} linear(s) "
+        f"(e.g. {changed[0]}), so the checkpoint differs slightly from the evaluated model "
+        "(quantize in float16 to avoid this)"
+    ]
+
+
+def export_checkpoint(
+    qmodel: QuantizedModel,
+    out: Path,
+    *,
+    format_name: str,
+    plan: Planner,
+    options: ExportOptions = ExportOptions(),
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write qmodel as a checkpoint dir of `format_name` at `out`, the files laid out by `plan`.
+
+    Every check runs before anything is written: the output dir, each quantized module, then
+    the format's own (inside `plan`). Written atomically (see `write_checkpoint`).
+    Raises OutputExistsError for a non-empty `out` without overwrite, ValueError / RecipeError
+    for modules the format cannot hold, ExportError for I/O failures.
+    """
+    out = Path(out)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    check_output_dir(out, overwrite, protect=source_paths(qmodel.source))
+    quantized, ignore = validate_modules(qmodel)
+    p = plan(qmodel, quantized, ignore, options)
+    for w in p.warnings:
+        logger.warning(w)
+    return write_checkpoint(qmodel, out, overwrite=overwrite, format_name=format_name, quantized=quantized, plan=p,
+                            max_shard_bytes=max_shard_bytes)
+
+
+def _write_json_files(qmodel: QuantizedModel, tmp: Path, files: dict[str, dict[str, Any]]) -> None:
+    """config.json and the plan's extra JSON files, generation_config.json, the tokenizer."""
+    model = qmodel.model
+    for fname, content in files.items():
+        with open(tmp / fname, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
+            f.write("\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.to_json_file(str(tmp / "generation_config.json"), use_diff=True)
+    if qmodel.tokenizer is not None:
+        qmodel.tokenizer.save_pretrained(str(tmp))
+
 
 def write_checkpoint(
     qmodel: QuantizedModel,
@@ -235,36 +347,25 @@ def write_checkpoint(
     overwrite: bool,
     format_name: str,
     quantized: dict[str, nn.Linear],
-    layout: Layout,
-    quantization_config: dict[str, Any],
-    export_warnings: list[str],
-    max_shard_bytes: int = 2 * 1024**3,
-    extra_json: dict[str, dict[str, Any]] | None = None,
-    extra_tensors: dict[str, torch.Tensor] | None = None,
-    side_files: Callable[[Path], dict[str, Any]] | None = None,
+    plan: WritePlan,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write the checkpoint dir atomically: weights, config.json (+ extra_json files,
-    e.g. quantize_config.json), generation_config.json, tokenizer, then quantkit.json.
+    """Write the checkpoint dir atomically: weights (+ plan.extra_tensors), the side files,
+    config.json (+ plan.extra_json files), generation_config.json, tokenizer, then quantkit.json.
 
     A failure leaves nothing at `out` (an existing `out` untouched). The model is not modified.
-
-    extra_tensors: written with the weights (e.g. static input / KV scales).
-    side_files(tmp) -> manifest fields: writes format-specific extra files into the
-    temporary dir and returns what the manifest should say about them.
     """
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    model = qmodel.model
     mismatched: list[str] = []
-    units = plan_units(qmodel, quantized, layout, mismatched, extra_tensors)  # refuses offloaded (meta) tensors before any write
-    export_warnings = list(export_warnings)
+    # refuses offloaded (meta) tensors before any write
+    units = plan_units(qmodel, quantized, plan.layout, mismatched, plan.extra_tensors)
+    export_warnings = list(plan.warnings)
     from quantkit.interrupts import reached
 
     with atomic_output_dir(out, overwrite, protect=source_paths(qmodel.source)) as tmp:
         with torch.no_grad():
             write_weights(units, tmp, max_shard_bytes)
             reached("export.weights")
-            manifest_extra = side_files(tmp) if side_files is not None else None
+            manifest_extra = plan.side_files(tmp) if plan.side_files is not None else None
         if mismatched:
             export_warnings.append(
                 f"the model weights of {len(mismatched)} quantized linear(s) (e.g. {mismatched[0]}) do not round "
@@ -272,16 +373,8 @@ def write_checkpoint(
                 "the in-memory model"
             )
             logger.warning(export_warnings[-1])
-        files = {"config.json": config_dict(model, quantization_config), **(extra_json or {})}
-        for fname, content in files.items():
-            with open(tmp / fname, "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=2, sort_keys=True)
-                f.write("\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.to_json_file(str(tmp / "generation_config.json"), use_diff=True)
-        if qmodel.tokenizer is not None:
-            qmodel.tokenizer.save_pretrained(str(tmp))
+        _write_json_files(qmodel, tmp, {"config.json": config_dict(qmodel.model, plan.quantization_config),
+                                        **(plan.extra_json or {})})
         manifest = build_manifest(
             tmp,
             format=format_name,

@@ -19,21 +19,18 @@ v1 stores z_u - 1 (loaders add the 1 back), so z_u = 0 cannot be stored.
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
+import re
+from typing import Any
 
 import torch
+from torch import nn
 
-from quantkit.export.atomic import check_output_dir, source_paths
-from quantkit.export.awq import fp16_scale_warnings
-from quantkit.export.common import Layout, validate_modules, write_checkpoint
+from quantkit.export.common import ExportOptions, Layout, WritePlan, fp16_scale_warnings, single_args
 from quantkit.quant.core import QuantizedTensor
 from quantkit.quant.model import QuantizedModel
 from quantkit.quant.pack import pack_int32, unpack_int32
 from quantkit.recipe import QuantArgs, Recipe, RecipeError
-
-logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "gptq"
 GPTQ_BITS = (2, 3, 4, 8)
@@ -54,8 +51,9 @@ def check_gptq_args(args: QuantArgs) -> None:
         raise RecipeError(f"--format gptq holds {', '.join(map(str, GPTQ_BITS))}-bit weights, got {args.bits}")
 
 
-def check_gptq_shapes(shapes: dict[str, tuple[int, int]], bits: int) -> None:
-    """shapes: module name -> (out_features, in_features). Both dims must pack into whole words."""
+def check_gptq_shapes(shapes: dict[str, tuple[int, int]], args: QuantArgs) -> None:
+    """shapes: module name -> (out_features, in_features). Both dims must pack into whole words of args.bits."""
+    bits = args.bits
     m = _multiple(bits)
     for name, (out_f, in_f) in shapes.items():
         for what, n in (("in_features", in_f), ("out_features", out_f)):
@@ -66,18 +64,24 @@ def check_gptq_shapes(shapes: dict[str, tuple[int, int]], bits: int) -> None:
                 )
 
 
+def _check_zero_point(qt: QuantizedTensor, name: str | None = None) -> None:
+    """v1 stores zero - 1, so a zero point at the bottom of the range cannot be stored."""
+    args = qt.args
+    if qt.zero is not None and bool((qt.zero.to(torch.int16) == args.qmin).any()):
+        raise RecipeError(
+            f"{name + ': ' if name else ''}a zero point is at the bottom of the {args.bits}-bit range, which the "
+            "gptq v1 layout cannot store (it keeps zero - 1); use --sym or --format compressed-tensors"
+        )
+
+
 def gptq_tensors(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     """qweight, qzeros, scales (fp16), g_idx of one linear; qt.q (out, in), qt.scale/zero (out, n_groups)."""
     args = qt.args
     out_f, in_f = qt.q.shape
     n_groups = qt.scale.shape[1]
     q = qt.q.detach().to("cpu")
+    _check_zero_point(qt)
     zero = torch.zeros((out_f, n_groups), dtype=torch.int8) if qt.zero is None else qt.zero.detach().to("cpu")
-    if bool((zero.to(torch.int16) == args.qmin).any()):
-        raise RecipeError(
-            "a zero point is at the bottom of the range, which the gptq v1 layout cannot store (it keeps zero - 1); "
-            "use --sym or --format compressed-tensors"
-        )
     g = in_f // n_groups
     return {
         "qweight": pack_int32(q.t().contiguous(), args.bits, dim=0),  # (in*b/32, out)
@@ -123,49 +127,30 @@ def gptq_config(args: QuantArgs, recipe: Recipe, ignore: list[str]) -> dict:
     # Linears left in float inside the blocks: GPTQModel's per-module "dynamic" rules skip them ("-:" = exclude).
     inner = [n for n in ignore if n != "lm_head"]
     if inner:
-        import re
-
         cfg["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in inner}
     return cfg
 
 
-def export_gptq(qmodel: QuantizedModel, out: Path, *, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write qmodel as a GPTQ v1 checkpoint dir at `out` (atomically, with quantkit.json).
+def plan_gptq(qmodel: QuantizedModel, quantized: dict[str, nn.Linear], ignore: list[str], options: ExportOptions) -> WritePlan:
+    """The GPTQ v1 checkpoint of qmodel, with quantize_config.json (options: unused, a weight-only layout).
 
     Raises RecipeError for weights the layout cannot hold (bits, shapes, mixed
     schemes, a zero point at the bottom of the range).
     """
-    out = Path(out)
-    check_output_dir(out, overwrite, protect=source_paths(qmodel.source))
-    quantized, ignore = validate_modules(qmodel)
-    args_set = {qt.args for qt in qmodel.modules.values()}
-    if len(args_set) > 1:
-        raise RecipeError("--format gptq holds one scheme for every layer, this model mixes several; use --format compressed-tensors")
-    (args,) = args_set
+    args = single_args(qmodel, FORMAT_NAME)
     check_gptq_args(args)
-    check_gptq_shapes({n: tuple(qt.q.shape) for n, qt in qmodel.modules.items()}, args.bits)
+    check_gptq_shapes({n: tuple(qt.q.shape) for n, qt in qmodel.modules.items()}, args)
     for n, qt in qmodel.modules.items():  # data-dependent refusal before any write
-        if qt.zero is not None and bool((qt.zero.to(torch.int16) == args.qmin).any()):
-            raise RecipeError(
-                f"{n}: a zero point is at the bottom of the {args.bits}-bit range, which the gptq v1 layout cannot "
-                "store (it keeps zero - 1); use --sym or --format compressed-tensors"
-            )
-    warnings = fp16_scale_warnings(qmodel.modules, "gptq")
-    for w in warnings:
-        logger.warning(w)
+        _check_zero_point(qt, n)
+    warnings = fp16_scale_warnings(qmodel.modules, FORMAT_NAME)
     qconfig = gptq_config(args, qmodel.recipe, ignore)
-    return write_checkpoint(
-        qmodel,
-        out,
-        overwrite=overwrite,
-        format_name=FORMAT_NAME,
-        quantized=quantized,
-        layout=GPTQ_LAYOUT,
-        quantization_config=qconfig,
-        export_warnings=warnings,
-        max_shard_bytes=max_shard_bytes,
-        extra_json={"quantize_config.json": qconfig},
-    )
+    return WritePlan(GPTQ_LAYOUT, qconfig, warnings, extra_json={"quantize_config.json": qconfig})
+
+
+def describe_gptq_config(qc: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:
+    """(format, weights, ignore) of a GPTQ quantization_config, for inspect's summary."""
+    weights = {"num_bits": qc.get("bits"), "group_size": qc.get("group_size"), "symmetric": bool(qc.get("sym"))}
+    return f"{qc.get('checkpoint_format', 'gptq')} v1", weights, qc.get("modules_to_not_convert") or []
 
 
 def read_gptq(get, name: str, args: QuantArgs) -> QuantizedTensor:

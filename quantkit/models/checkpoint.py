@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.export.formats import FORMAT_NAMES
 from quantkit.export.manifest import read_manifest, verify_checkpoint
-from quantkit.export.reader import READABLE_FORMATS, CheckpointError, dense_state_dict
+from quantkit.export.reader import CheckpointError, dense_state_dict
 
 
 def checkpoint_config(path: Path, cfg_dict: dict | None = None):
@@ -38,8 +39,8 @@ def verified_manifest(path: Path, verify: bool = True) -> dict:
         if problems:
             raise CheckpointError(f"{path} failed verification: {problems[0]}; do not use this checkpoint")
     fmt = manifest.get("format")
-    if fmt not in READABLE_FORMATS:
-        raise CheckpointError(f"{path} has format {fmt!r}; this reader loads {', '.join(READABLE_FORMATS)} checkpoints")
+    if fmt not in FORMAT_NAMES:
+        raise CheckpointError(f"{path} has format {fmt!r}; this reader loads {', '.join(FORMAT_NAMES)} checkpoints")
     return manifest
 
 

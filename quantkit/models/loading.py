@@ -174,7 +174,7 @@ def _check_local_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} has no config.json; pass a transformers model directory, a .gguf file or a hub id")
     names = [p.name for p in path.iterdir()]
     if any(n.endswith(".safetensors") for n in names):
-        from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
+        from quantkit.export.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 
         for n in sorted(names):  # a clear one-line error for a truncated/corrupted file, before transformers
             if n.endswith(".safetensors"):
@@ -314,7 +314,7 @@ def _read_config(path: Path, common: dict):
 
 def _check_shapes_match(path: Path, cfg: dict[str, Any]) -> None:
     """Weights whose shapes contradict config.json are named before any is read (from the headers)."""
-    from quantkit.export.compressed_tensors import read_safetensors_header
+    from quantkit.export.safetensors_header import read_safetensors_header
 
     try:
         from quantkit.plan import ModelShape

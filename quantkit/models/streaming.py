@@ -36,7 +36,7 @@ class StreamSource:
     """
 
     def __init__(self, path: str | Path, dtype: torch.dtype):
-        from quantkit.export.compressed_tensors import SafetensorsHeaderError, read_safetensors_header
+        from quantkit.export.safetensors_header import SafetensorsHeaderError, read_safetensors_header
 
         self.path = Path(path)
         self.dtype = dtype
@@ -91,7 +91,7 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
 def read_tensors(path: Path, entries: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file read with plain reads (no memory map), as stored.
 
-    entries: name -> its header entry (dtype, shape, data_offsets; quantkit.export.compressed_tensors.
+    entries: name -> its header entry (dtype, shape, data_offsets; quantkit.export.safetensors_header.
     read_safetensors_header checked them)."""
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:

@@ -143,15 +143,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
         del qt
     shadow = manifest.get("shadow")
     if shadow:
-        sh = CheckpointTensors(path, [path / shadow["file"]])
-        for name, args_d in shadow["modules"].items():
-            qt, _ = read_module(sh, name, QuantArgs.from_dict(args_d), "compressed-tensors")
-            w = take(f"{name}.weight")
-            if w is None:
-                raise RuntimeLoadError(f"{path}: the FP16 weight of sensitive linear {name} is missing")
-            _set_module(model, name, QuantLinear.from_quantized(name, qt, bias=take(f"{name}.bias"), act=act,
-                                                                act_scale=None if static is None else static.act.get(name),
-                                                                w_fp16=w, device=dev, dtype=dt))
+        _place_shadow(model, path, shadow, take, act, static, dev, dt)
     sd = {}
     for key in tensors.keys():
         if key in taken or key.rpartition(".")[2] in STATIC_SUFFIXES:
@@ -169,6 +161,24 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
                       kv_residual_slots=kv_residual_slots)
     rt.tokenizer = AutoTokenizer.from_pretrained(path)
     return rt
+
+
+def _place_shadow(model: nn.Module, path: Path, shadow: dict, take, act, static, dev, dt) -> None:
+    """The sensitive linears of a mixed checkpoint: each its FP16 weight (take(key) -> tensor or None)
+    plus the quantized copy from the shadow file."""
+    from quantkit.export.compressed_tensors import SHADOW_FORMAT
+    from quantkit.export.reader import CheckpointTensors, read_module
+    from quantkit.recipe import QuantArgs
+
+    sh = CheckpointTensors(path, [path / shadow["file"]])
+    for name, args_d in shadow["modules"].items():
+        qt, _ = read_module(sh, name, QuantArgs.from_dict(args_d), SHADOW_FORMAT)
+        w = take(f"{name}.weight")
+        if w is None:
+            raise RuntimeLoadError(f"{path}: the FP16 weight of sensitive linear {name} is missing")
+        _set_module(model, name, QuantLinear.from_quantized(name, qt, bias=take(f"{name}.bias"), act=act,
+                                                            act_scale=None if static is None else static.act.get(name),
+                                                            w_fp16=w, device=dev, dtype=dt))
 
 
 def _no_meta_left(model: nn.Module, where) -> None:
