@@ -35,8 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantkit.quant import rotation as rot
+from quantkit.methods._spin_rotate import rotated_tensors
+from quantkit.models.adapter import ModelAdapter
 from quantkit.quant import kv as kvq
+from quantkit.quant import rotation as rot
 from quantkit.quant.core import fake_quantize, fake_quantize_activations
 
 
@@ -79,7 +81,7 @@ def token_fq_scale_grad(x: torch.Tensor, qmax: int) -> torch.Tensor:
     only the rounding is straight-through, so d/dx also carries ds/dx (round(x/s) - x/s): the
     rotation learns that a smaller per-token max (fewer outliers) lowers the rounding error, a
     signal the plain STE (identity gradient) does not give."""
-    from quantkit.kernels._common import round_half_away_ref
+    from quantkit.kernels._common import round_half_away_ref  # lazy: kernels' import tries triton
     from quantkit.kernels.act_quant import EPS
 
     xf = x.float()
@@ -183,7 +185,6 @@ def train_rotations(
     reproject_tol: float = 1e-4,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, int, str, str], None] | None = None,
-    ignore=("lm_head",),
     quantize_weights: bool = True,
     val_ids: torch.Tensor | None = None,
     val_every: int = 10,
@@ -204,10 +205,6 @@ def train_rotations(
     pass of the model's own weights with the run-time side off; the float model does not depend
     on the rotation). The held-out check scores the same objective.
     """
-    from quantkit.calib.pipeline import linears_to_quantize
-    from quantkit.methods.spinquant import rotated_tensors
-    from quantkit.quant.rotation import normalized_hadamard
-
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator {short_repr(estimator)} is not one of {', '.join(ESTIMATORS)}")
     if optimizer not in OPTIMIZERS:
@@ -230,10 +227,10 @@ def train_rotations(
     for p in model.parameters():
         p.requires_grad_(False)
     dtype = next(model.parameters()).dtype
-    linears = linears_to_quantize(model, ignore)
+    linears = ModelAdapter.for_model(model).all_linears()  # every decoder-block linear
     wnames = {f"{n}.weight" for n in linears}
     head_dim = r2[0].shape[0]
-    r3m = normalized_hadamard(head_dim).to(device) if r3 else None
+    r3m = rot.normalized_hadamard(head_dim).to(device) if r3 else None
     r4d = None if r4 is None else r4.to(device, dtype)
     base1 = r1.to(device, torch.float32, copy=True)  # updated in place: never the caller's tensor
     base2 = torch.stack(r2).to(device, torch.float32)

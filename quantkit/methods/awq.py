@@ -28,7 +28,7 @@ alpha, the loss curve and the scales, and per linear the chosen clip shrinks.
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
+from quantkit.errors import RecipeError, short_repr
 
 import math
 from collections.abc import Iterator
@@ -50,7 +50,6 @@ from quantkit.quant.awq import (
     weight_channel_mean,
 )
 from quantkit.quant.core import group_size_for, quantize_weight
-from quantkit.recipe import RecipeError
 
 # Input tokens per linear for the clipping search (a deterministic, evenly spaced subsample).
 _CLIP_TOKENS = 512

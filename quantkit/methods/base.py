@@ -9,19 +9,20 @@ the quantized block) and records each quantized linear in `ctx.results`.
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from quantkit.calib.capture import InputStats
+from quantkit.errors import RecipeError, short_repr
 from quantkit.models.adapter import ArchSpec
+from quantkit.quant.args import Scheme
 from quantkit.quant.core import QuantizedTensor
-from quantkit.recipe import RecipeError, Scheme
+from quantkit.recipe import Recipe, read_recipe, recipe_file
 
 
 @dataclass
@@ -173,3 +174,30 @@ def build_methods(recipe) -> list[Method]:
 def available_methods() -> list[str]:
     _load_builtin_methods()
     return sorted(_REGISTRY)
+
+
+def check_methods(recipe: Recipe) -> None:
+    """Every stage names a registered method and passes only options it accepts (each method checks its own)."""
+    names = available_methods()
+    for i, st in enumerate(recipe.stages):
+        if st.method not in names:
+            raise RecipeError(f"stages[{i}].method {short_repr(st.method)} is unknown; available: {', '.join(names)}")
+        try:
+            get_method(st.method)(recipe.scheme, **st.options)
+        except RecipeError as e:
+            raise RecipeError(f"stages[{i}] ({st.method}): {e}") from None
+        except (TypeError, ValueError) as e:  # a method's own option check
+            raise RecipeError(f"stages[{i}] ({st.method}): bad option value: {e}") from None
+
+
+def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
+    """`quantkit.recipe.read_recipe`, then (check) `check_methods`: the stages name real methods
+    with valid options. Raises RecipeError naming the file and the key."""
+    p = recipe_file(path)
+    recipe = read_recipe(p)
+    if check:
+        try:
+            check_methods(recipe)
+        except RecipeError as e:
+            raise RecipeError(f"{p}: {e}") from None
+    return recipe

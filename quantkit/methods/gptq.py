@@ -36,7 +36,7 @@ Dense linears see every token and are never switched.
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
+from quantkit.errors import RecipeError, short_repr
 
 import re
 from collections.abc import Iterator
@@ -50,7 +50,7 @@ from quantkit.calib.capture import InputStats, capture_inputs
 from quantkit.methods.base import BlockContext, Method, register_method
 from quantkit.quant.core import QuantizedTensor, quantize_weight
 from quantkit.quant.gptq import CholeskyError, gptq_quantize
-from quantkit.recipe import RecipeError, Scheme
+from quantkit.quant.args import Scheme
 
 # act_order on by default: on the default model it closes about half of the W4 g64 gap that plain
 # GPTQ leaves (BENCHMARKS.md), and static groups keep the export in the standard layout.

@@ -27,7 +27,7 @@ so the next stage sees the smoothed inputs (H' = diag(1/s) H diag(1/s)).
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
+from quantkit.errors import RecipeError, short_repr
 
 from typing import Any
 
@@ -38,7 +38,7 @@ from quantkit.methods.base import BlockContext, Method, register_method
 from quantkit.models.hooks import linear_input_hooks
 from quantkit.quant.awq import fold_scales
 from quantkit.quant.core import fake_quantize, fake_quantize_activations, quantize_weight
-from quantkit.recipe import ActQuantArgs, RecipeError
+from quantkit.quant.args import ActQuantArgs
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_GRID = tuple(round(0.1 * i, 2) for i in range(11))  # 0.0, 0.1, ..., 1.0

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.quant.core import QuantizedTensor, compute_qparams, group_size_for
-from quantkit.recipe import QuantArgs
+from quantkit.quant.args import QuantArgs
 
 # Damping tries: damp, damp*10, damp*100, damp*1000 (relative to the mean H diagonal).
 DAMP_TRIES = 4
