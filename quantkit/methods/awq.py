@@ -28,8 +28,6 @@ alpha, the loss curve and the scales, and per linear the chosen clip shrinks.
 
 from __future__ import annotations
 
-from quantkit.errors import RecipeError, short_repr
-
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +38,7 @@ import torch
 from torch import nn
 
 from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.methods.options import Flag, Int, MethodOptions, Number, option
 from quantkit.quant.awq import (
     apply_clip,
     awq_scales,
@@ -148,17 +147,16 @@ def _mean_abs(ctx: BlockContext, names: list[str]) -> torch.Tensor:
 MAX_GRID = 1000
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        want = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
-        raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use {want}")
-    return value
+@dataclass
+class AWQOptions(MethodOptions):
+    """See `AWQ`."""
 
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use true or false")
-    return value
+    grid: int = option(20, Int(1, MAX_GRID))
+    duo: bool = option(False, Flag())
+    clip: bool = option(True, Flag())
+    clip_grid: int = option(20, Int(1, MAX_GRID))
+    max_shrink: float = option(0.5, Number(0, 1, high_open=True))
+    search_samples: int | None = option(8, Int(1), optional=True)
 
 
 @register_method("awq")
@@ -184,20 +182,10 @@ class AWQ(Method):
     """
 
     stats = frozenset({"abs_mean"})
-    options = ("grid", "duo", "clip", "clip_grid", "max_shrink", "search_samples")
+    Options = AWQOptions
 
     def __init__(self, scheme, **options: Any):
         super().__init__(scheme, **options)
-        self.grid = _check_int("grid", options.get("grid", 20), 1, MAX_GRID)
-        self.duo = _check_bool("duo", options.get("duo", False))
-        self.clip = _check_bool("clip", options.get("clip", True))
-        self.clip_grid = _check_int("clip_grid", options.get("clip_grid", 20), 1, MAX_GRID)
-        ms = options.get("max_shrink", 0.5)
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms < 1:
-            raise RecipeError(f"awq option max_shrink={short_repr(ms)} is invalid; use a number in [0, 1), e.g. 0.5")
-        self.max_shrink = float(ms)
-        ss = options.get("search_samples", 8)
-        self.search_samples = None if ss is None else _check_int("search_samples", ss, 1)
         # block name -> {"groups": [...], "clip": {linear: {...}}, "skipped": [...]}
         self.artifacts: dict[str, dict[str, Any]] = {}
 

@@ -30,48 +30,21 @@ rotated float weights; as the final stage it also quantizes with RTN per block.
 
 from __future__ import annotations
 
-from quantkit.errors import RecipeError, short_repr
-
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from quantkit.methods._spin_rotate import (  # noqa: F401  (untie_embeddings, rotated_tensors: re-exported)
-    fold_rotations,
-    initial_rotations,
-    make_rotation_ready,
-    rotated_tensors,
-    untie_embeddings,
-)
+from quantkit.methods._spin_rotate import fold_rotations, initial_rotations, make_rotation_ready
 from quantkit.methods._spin_train import ESTIMATORS, OBJECTIVES, train_rotations
+from quantkit.errors import RecipeError
 from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.methods.options import Int, MethodOptions, Number, OneOf, option
 from quantkit.quant import rotation as rot
 from quantkit.quant.core import quantize_weight
 
 ROTATIONS = ("learned", "hadamard", "none")
-DEFAULTS: dict[str, Any] = {
-    "rotation": "hadamard",
-    "iters": 100,  # learned: optimizer steps (the paper uses 100 on 800 samples; fewer on CPU)
-    "optimizer": "cayley-sgd",  # learned: SpinQuant's Riemannian SGD on R, or "adam" on Cayley parameters
-    "lr": "auto",  # learned: auto = the optimizer's LEARNING_RATES entry
-    "train_samples": 1024,  # learned: at most; bounded by the calibration rows minus the held-out ones
-    "train_seqlen": 512,
-    "batch_size": 1,
-    "seed": 0,
-    "online": "auto",  # R3/R4: auto = when the scheme quantizes activations or the KV cache
-    "reproject_tol": 1e-4,
-    # learned: weights in the training loss. auto = float when a later stage (GPTQ) quantizes
-    # them and the scheme quantizes activations/KV (SpinQuant's W16A4KV4 recipe), else RTN fake-quant
-    "train_weights": "auto",
-    # learned: gradient of the activation/KV fake-quant: "ste" (identity, as SpinQuant) or "scale"
-    # (also through the per-token scale, so fewer outliers pay off in the loss; see _spin_train)
-    "estimator": "ste",
-    # learned: "ce" (next-token cross-entropy, SpinQuant's) or "kl" (distil the float model's logits)
-    "objective": "ce",
-    "val_samples": 24,  # learned: calibration sequences held out of training, scored every val_every steps
-    "val_every": 20,
-}
 TRAIN_WEIGHTS = ("auto", "quantized", "float")
 # cayley-sgd: the paper's 1.5 (each step is also capped at |a W|_1 <= 1); adam: per-entry steps, so small
 LEARNING_RATES = {"cayley-sgd": 1.5, "adam": 1e-4}
@@ -80,6 +53,39 @@ LEARNING_RATES = {"cayley-sgd": 1.5, "adam": 1e-4}
 # 32.45 vs hadamard 38.62 (batch 1, 100 steps, --samples 128: 35.13 vs 35.88). The CLI's "auto" options read it.
 TUNED = {"W4A16": {"optimizer": "cayley-sgd", "estimator": "ste", "objective": "ce", "batch_size": 1, "iters": 100},
          "W4A4KV4": {"optimizer": "adam", "estimator": "scale", "objective": "ce", "batch_size": 8, "iters": 300}}
+
+
+@dataclass
+class SpinQuantOptions(MethodOptions):
+    """A spinquant recipe stage's options ("learned:" = only read by rotation learned)."""
+
+    rotation: str = option("hadamard", OneOf(ROTATIONS))
+    iters: int = option(100, Int(1))  # learned: optimizer steps (the paper uses 100 on 800 samples; fewer on CPU)
+    # learned: SpinQuant's Riemannian SGD on R, or "adam" on Cayley parameters
+    optimizer: str = option("cayley-sgd", OneOf(tuple(LEARNING_RATES)))
+    # learned: auto (or null) = the optimizer's LEARNING_RATES entry, resolved on construction
+    lr: float | str = option("auto", Number(0, low_open=True, auto=True), optional=True)
+    train_samples: int = option(1024, Int(1))  # learned: at most; bounded by the calibration rows minus the held-out
+    train_seqlen: int = option(512, Int(1))
+    batch_size: int = option(1, Int(1))
+    seed: int = option(0, Int(0))
+    # R3/R4: auto = when the scheme quantizes activations or the KV cache
+    online: bool | str = option("auto", OneOf(("auto", True, False)))
+    reproject_tol: float = option(1e-4, Number(0, low_open=True))
+    # learned: weights in the training loss. auto = float when a later stage (GPTQ) quantizes
+    # them and the scheme quantizes activations/KV (SpinQuant's W16A4KV4 recipe), else RTN fake-quant
+    train_weights: str = option("auto", OneOf(TRAIN_WEIGHTS))
+    # learned: gradient of the activation/KV fake-quant: "ste" (identity, as SpinQuant) or "scale"
+    # (also through the per-token scale, so fewer outliers pay off in the loss; see _spin_train)
+    estimator: str = option("ste", OneOf(ESTIMATORS))
+    # learned: "ce" (next-token cross-entropy, SpinQuant's) or "kl" (distil the float model's logits)
+    objective: str = option("ce", OneOf(OBJECTIVES))
+    val_samples: int = option(24, Int(0))  # learned: calibration rows held out of training, scored every val_every
+    val_every: int = option(20, Int(1))
+
+    def __post_init__(self) -> None:
+        if self.lr in ("auto", None):
+            self.lr = LEARNING_RATES[self.optimizer]
 
 
 def split_held_out(input_ids: torch.Tensor, train_samples: int, val_samples: int):
@@ -97,82 +103,61 @@ def split_held_out(input_ids: torch.Tensor, train_samples: int, val_samples: int
 
 @register_method("spinquant")
 class SpinQuant(Method):
-    options = tuple(DEFAULTS)
+    Options = SpinQuantOptions
     needs_rotation_roles = True
 
     def __init__(self, scheme, **options: Any):
         super().__init__(scheme, **options)
-        o = {**DEFAULTS, **options}
-        if o["rotation"] not in ROTATIONS:
-            raise RecipeError(f"spinquant rotation={short_repr(o['rotation'])} is unknown; use one of {', '.join(ROTATIONS)}")
-        for k in ("iters", "train_samples", "train_seqlen", "batch_size", "val_every"):
-            if not isinstance(o[k], int) or isinstance(o[k], bool) or o[k] < 1:
-                raise RecipeError(f"spinquant {k}={short_repr(o[k])} must be a positive integer")
-        if not isinstance(o["val_samples"], int) or isinstance(o["val_samples"], bool) or o["val_samples"] < 0:
-            raise RecipeError(f"spinquant val_samples={short_repr(o['val_samples'])} must be 0 (no held-out check) or more")
-        if o["objective"] not in OBJECTIVES:
-            raise RecipeError(f"spinquant objective={short_repr(o['objective'])} must be one of {', '.join(OBJECTIVES)}")
-
-        if o["estimator"] not in ESTIMATORS:
-            raise RecipeError(f"spinquant estimator={short_repr(o['estimator'])} must be one of {', '.join(ESTIMATORS)}")
-        if o["train_weights"] not in TRAIN_WEIGHTS:
-            raise RecipeError(
-                f"spinquant train_weights={short_repr(o['train_weights'])} must be one of {', '.join(TRAIN_WEIGHTS)}")
-        if o["optimizer"] not in LEARNING_RATES:
-            raise RecipeError(f"spinquant optimizer={short_repr(o['optimizer'])} must be one of {', '.join(LEARNING_RATES)}")
-        if o["lr"] == "auto" or o["lr"] is None:
-            o["lr"] = LEARNING_RATES[o["optimizer"]]
-        if (not isinstance(o["lr"], (int, float)) or isinstance(o["lr"], bool) or not o["lr"] > 0
-                or o["lr"] == float("inf")):
-            raise RecipeError(f"spinquant lr={short_repr(o['lr'])} must be a positive number or auto")
-        if o["online"] not in ("auto", True, False):
-            raise RecipeError(f"spinquant online={short_repr(o['online'])} must be auto, true or false")
-        self.o = o
         self.artifacts: dict[str, Any] = {}
         self.online_rotations: dict[str, Any] | None = None
         self._handles: list = []
 
     @property
+    def o(self) -> SpinQuantOptions:
+        """The options by key (`o["rotation"]`), as the memory planner reads them."""
+        return self.opts
+
+    @property
     def uses_data(self) -> bool:
-        return self.o["rotation"] == "learned"
+        return self.opts.rotation == "learned"
 
     def train_quantized_weights(self) -> bool:
-        """Whether the training loss fake-quantizes the weights (see DEFAULTS["train_weights"])."""
-        if self.o["train_weights"] != "auto":
-            return self.o["train_weights"] == "quantized"
+        """Whether the training loss fake-quantizes the weights (see SpinQuantOptions.train_weights)."""
+        if self.opts.train_weights != "auto":
+            return self.opts.train_weights == "quantized"
         quantizes_runtime = self.scheme.input_activations is not None or self.scheme.kv_cache is not None
         return self.final or not quantizes_runtime  # without act/KV quant a float-weight loss ignores R
 
     def _online(self) -> tuple[bool, bool]:
         """(R3, R4) on or off."""
-        if self.o["rotation"] == "none":
+        if self.opts.rotation == "none":
             return False, False
-        if self.o["online"] == "auto":
+        if self.opts.online == "auto":
             return self.scheme.kv_cache is not None, self.scheme.input_activations is not None
-        return bool(self.o["online"]), bool(self.o["online"])
+        return bool(self.opts.online), bool(self.opts.online)
 
     def prepare_model(self, model: nn.Module, input_ids: torch.Tensor | None, device: torch.device,
                       on_step=None) -> None:
         """Rotate (and for "learned" first train) the whole float model in place; attach online R4."""
-        if self.o["rotation"] == "none":
+        if self.opts.rotation == "none":
             return
         from quantkit.models.hooks import attach_online_rotations, online_rotation_spec
 
         make_rotation_ready(model)
-        r1, r2 = initial_rotations(model, self.o["seed"])
+        r1, r2 = initial_rotations(model, self.opts.seed)
         use_r3, use_r4 = self._online()
         r4 = rot.normalized_hadamard(model.config.intermediate_size) if use_r4 else None
-        if self.o["rotation"] == "learned":
+        if self.opts.rotation == "learned":
             if input_ids is None:
                 raise RecipeError("spinquant rotation=learned needs calibration data")
-            train_ids, val_ids = split_held_out(input_ids, self.o["train_samples"], self.o["val_samples"])
+            train_ids, val_ids = split_held_out(input_ids, self.opts.train_samples, self.opts.val_samples)
             fit = train_rotations(
                 model, train_ids, self.scheme, r1, r2,
-                r3=use_r3, r4=r4, iters=self.o["iters"], lr=float(self.o["lr"]),
-                samples=self.o["train_samples"], seqlen=self.o["train_seqlen"], batch_size=self.o["batch_size"],
-                seed=self.o["seed"], reproject_tol=self.o["reproject_tol"], device=device, on_step=on_step,
-                quantize_weights=self.train_quantized_weights(), val_ids=val_ids, val_every=self.o["val_every"],
-                optimizer=self.o["optimizer"], estimator=self.o["estimator"], objective=self.o["objective"],
+                r3=use_r3, r4=r4, iters=self.opts.iters, lr=float(self.opts.lr),
+                samples=self.opts.train_samples, seqlen=self.opts.train_seqlen, batch_size=self.opts.batch_size,
+                seed=self.opts.seed, reproject_tol=self.opts.reproject_tol, device=device, on_step=on_step,
+                quantize_weights=self.train_quantized_weights(), val_ids=val_ids, val_every=self.opts.val_every,
+                optimizer=self.opts.optimizer, estimator=self.opts.estimator, objective=self.opts.objective,
             )
             r1, r2 = fit.r1, fit.r2
             self.artifacts["training"] = {
