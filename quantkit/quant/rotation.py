@@ -22,7 +22,6 @@ import torch
 from quantkit.kernels.numerics import (  # noqa: F401  (re-exported: the Hadamard orders' definition)
     _hadamard_factors,
     _paley1,
-    paley_orders,  # noqa: F401
 )
 
 # ----------------------------------------------------------------------------- Hadamard matrices
