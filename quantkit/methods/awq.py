@@ -191,13 +191,13 @@ class AWQ(Method):
 
     @property
     def alphas(self) -> list[float]:
-        return [i / self.grid for i in range(self.grid)]
+        return [i / self.opts.grid for i in range(self.opts.grid)]
 
     @property
     def shrinks(self) -> list[float]:
-        if self.clip_grid == 1:
+        if self.opts.clip_grid == 1:
             return [1.0]
-        return [1.0 - self.max_shrink * i / (self.clip_grid - 1) for i in range(self.clip_grid)]
+        return [1.0 - self.opts.max_shrink * i / (self.opts.clip_grid - 1) for i in range(self.opts.clip_grid)]
 
     def _skip(self, ctx: BlockContext, art: dict[str, Any], prod_name: str, names: list[str], why: str) -> None:
         """A scale group that cannot be applied: recorded in the artifacts and the run's warnings (manifest)."""
@@ -251,7 +251,7 @@ class AWQ(Method):
                 f"{n_bad} non-finite and {n_zero} zero mean |x|; their scales were clamped"
             )
         args = self.scheme.weights
-        w_mean = weight_channel_mean([c.weight for c in consumers], args.group_size) if self.duo else None
+        w_mean = weight_channel_mean([c.weight for c in consumers], args.group_size) if self.opts.duo else None
         originals = [c.weight.data.clone() for c in consumers]
         losses: list[float] = []
         try:
@@ -285,9 +285,9 @@ class AWQ(Method):
         self.artifacts[ctx.name] = art
         groups = list(self._groups(ctx, art))
         no_clip = {ctx.full_name(r) for r in (ctx.spec.no_clip if ctx.spec is not None else ())}
-        clip_names = [n for n in ctx.linears if self.clip and n not in no_clip]
+        clip_names = [n for n in ctx.linears if self.opts.clip and n not in no_clip]
         submodules = sorted({g[4] for g in groups})
-        with _recording(ctx.block, submodules, {n: ctx.linears[n] for n in clip_names}, self.search_samples) as (
+        with _recording(ctx.block, submodules, {n: ctx.linears[n] for n in clip_names}, self.opts.search_samples) as (
             records,
             tokens,
         ):

@@ -130,7 +130,7 @@ class GPTQ(Method):
         steps = _steps(ctx)
         self._few: list[str] = []  # experts switched to RTN in this block: "name (tokens)"
         self._damped: list[str] = []  # experts solved with damp 1.0
-        if self.true_sequential:
+        if self.opts.true_sequential:
             for phase in _phases(ctx, steps):
                 hess = _capture(ctx, phase)
                 for step in phase:
@@ -141,14 +141,14 @@ class GPTQ(Method):
                 self._solve_step(ctx, step, hess.pop(step[0]))
         if self._few:
             ctx.warnings.append(
-                f"gptq: {len(self._few)} expert linear(s) of {ctx.name} saw fewer than {self.expert_min_tokens:g} x "
-                f"in_features routed calibration tokens and were quantized with RTN: {', '.join(self._few)} "
+                f"gptq: {len(self._few)} expert linear(s) of {ctx.name} saw fewer than "
+                f"{self.opts.expert_min_tokens:g} x in_features routed calibration tokens and were quantized with RTN: {', '.join(self._few)} "
                 "(more --samples, or the recipe option expert_min_tokens, changes this)"
             )
         if self._damped:
             ctx.warnings.append(
-                f"gptq: {len(self._damped)} expert linear(s) of {ctx.name} saw fewer than {self.expert_damp_tokens:g} x "
-                f"in_features routed calibration tokens and were solved with damp 1.0: {', '.join(self._damped)} "
+                f"gptq: {len(self._damped)} expert linear(s) of {ctx.name} saw fewer than "
+                f"{self.opts.expert_damp_tokens:g} x in_features routed calibration tokens and were solved with damp 1.0: {', '.join(self._damped)} "
                 "(more --samples, or the recipe option expert_damp_tokens, changes this)"
             )
 
@@ -161,16 +161,16 @@ class GPTQ(Method):
             ctx.warnings.append(f"{', '.join(names)}: saw no calibration tokens; quantized with RTN instead of GPTQ")
             return
         experts = ctx.spec.experts.path if ctx.spec is not None and ctx.spec.experts is not None else None
-        damp = self.damp
+        damp = self.opts.damp
         if experts and f".{experts}." in names[0]:  # few routed tokens: RTN, or a heavily damped solve
             in_f = ctx.linears[names[0]].in_features
             label = ", ".join(f"{n.removeprefix(ctx.name + '.')} ({stats.count})" for n in names)
-            if stats.count < self.expert_min_tokens * in_f:
+            if stats.count < self.opts.expert_min_tokens * in_f:
                 for n in names:
                     self._rtn(ctx, n)
                 self._few.append(label)
                 return
-            if stats.count < self.expert_damp_tokens * in_f and damp < 1.0:
+            if stats.count < self.opts.expert_damp_tokens * in_f and damp < 1.0:
                 damp = 1.0
                 self._damped.append(label)
         h = stats.hessian
@@ -183,8 +183,8 @@ class GPTQ(Method):
             w = ws[0] if len(ws) == 1 else torch.cat(ws)  # w: (sum of out, in)
             try:
                 res = gptq_quantize(
-                    w, h, args, damp=damp, block_size=self.block_size, act_order=self.act_order,
-                    scale_dtype=ws[0].dtype, backend=self.backend,
+                    w, h, args, damp=damp, block_size=self.opts.block_size, act_order=self.opts.act_order,
+                    scale_dtype=ws[0].dtype, backend=self.opts.backend,
                 )
             except CholeskyError as e:
                 for n in group:

@@ -136,8 +136,8 @@ class SmoothQuant(Method):
         act = self.scheme.input_activations or ActQuantArgs(8, "token", dynamic=True)
         if not act.dynamic:  # static scales do not exist yet: a per-tensor scale of each batch stands in
             act = ActQuantArgs(act.bits, "tensor", dynamic=True)
-        best, best_err = self.alpha_grid[0], float("inf")
-        for alpha in self.alpha_grid:
+        best, best_err = self.opts.alpha_grid[0], float("inf")
+        for alpha in self.opts.alpha_grid:
             self._restore(groups, norms, params, extras, ctx)
             for (nm, names, ex), s in zip(groups, self._scales(ctx, groups, alpha)):
                 fold_smoothing(nm, [ctx.linears[n] for n in names] + ex, s, ctx.spec.norm_offset)
@@ -166,7 +166,7 @@ class SmoothQuant(Method):
         if ctx.spec is None:
             raise RecipeError("smoothquant needs the model's scale groups (an ArchSpec)")
         groups = self._groups(ctx)
-        alpha = self._search_alpha(ctx, groups) if self.alpha == "auto" and groups else self.alpha
+        alpha = self._search_alpha(ctx, groups) if self.opts.alpha == "auto" and groups else self.opts.alpha
         if groups:
             self.chosen[ctx.name] = float(alpha)
             for (norm, names, ex), s in zip(groups, self._scales(ctx, groups, float(alpha))):
