@@ -98,7 +98,7 @@ class Number(Rule):
 
 @dataclass(frozen=True)
 class Flag(Rule):
-    allowed: str = "true or false"
+    allowed: ClassVar[str] = "true or false"
 
     def check(self, v: Any) -> Any:
         return v if isinstance(v, bool) else None
@@ -147,8 +147,6 @@ def option(default: Any, rule: Rule, *, optional: bool = False) -> Any:
 @dataclass
 class MethodOptions:
     """Base of every method's options; subclasses add fields made with `option`."""
-
-    method: ClassVar[str] = ""
 
     def __getitem__(self, key: str) -> Any:
         """Options by their recipe key (`opts["lr"]`), as a recipe stage names them."""
