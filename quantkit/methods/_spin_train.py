@@ -25,8 +25,6 @@ something that scores worse there than its start).
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
@@ -35,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quantkit.errors import short_repr
 from quantkit.methods._spin_rotate import rotated_tensors
 from quantkit.models.adapter import ModelAdapter
 from quantkit.quant import kv as kvq
