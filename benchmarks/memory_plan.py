@@ -33,9 +33,9 @@ def _recipe(args):
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
     if args.recipe:
-        from quantkit import recipe as recipe_mod
+        from quantkit.methods.base import load_recipe
 
-        return recipe_mod.load_recipe(args.recipe)
+        return load_recipe(args.recipe)
     stages = tuple(Stage(m) for m in args.method.split("+"))  # e.g. awq+gptq
     return Recipe(Scheme(QuantArgs(bits=args.bits, group_size=args.group_size, symmetric=True)), stages)
 

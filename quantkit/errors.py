@@ -10,6 +10,10 @@ class UsageError(ValueError):
     """The input is wrong; the message names the fix."""
 
 
+class RecipeError(UsageError):
+    """A recipe or a set of quantization options is invalid (a usage error)."""
+
+
 class OperationError(RuntimeError):
     """The environment failed us (disk full, permission denied): one clear line, exit 1."""
 

@@ -1,8 +1,11 @@
-"""Quantization arguments, schemes and recipes: data only, nothing runs here.
+"""Recipes: data only, nothing runs here.
 
-`QuantArgs` says how a weight is quantized, `ActQuantArgs` input activations,
-`KVCacheArgs` the attention cache; a `Scheme` says which of them a model gets; a `Recipe` is an ordered list of method stages plus an ignore
-list, stamped with a version so files written today load tomorrow.
+A `Recipe` is an ordered list of method stages plus a `Scheme` and an ignore list,
+stamped with a version so files written today load tomorrow. The argument types
+(`QuantArgs`, `ActQuantArgs`, `KVCacheArgs`, `Scheme`, `PRESETS`) live in
+quantkit.quant.args and are re-exported here. Reading a file checks its structure;
+whether the stages name real methods with valid options is the method registry's
+check (quantkit.methods.base.check_methods / load_recipe).
 """
 
 from __future__ import annotations
@@ -12,205 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError, short, short_repr
+from quantkit.errors import RecipeError, short, short_repr
+from quantkit.quant.args import (  # noqa: F401  (re-exported: users import them from here)
+    PRESETS,
+    ActQuantArgs,
+    KVCacheArgs,
+    QuantArgs,
+    Scheme,
+)
 
 RECIPE_VERSION = 1
-SUPPORTED_BITS = (2, 3, 4, 8)
-
-
-class RecipeError(UsageError):
-    """A recipe or a set of quantization options is invalid (a usage error)."""
-
-
-@dataclass(frozen=True)
-class QuantArgs:
-    """How one tensor is quantized.
-
-    bits: 2, 3, 4 or 8.
-    group_size: None = one scale per output channel; else this many consecutive
-        input columns share a scale (must divide every quantized layer's in_features).
-    symmetric: True = zero point 0; False = a per-group zero point.
-
-    Integers are stored signed in [-2^(bits-1), 2^(bits-1) - 1] with signed zero
-    points (the compressed-tensors convention); exporters for other layouts shift
-    them. Dequantized value = (q - zero) * scale.
-    """
-
-    bits: int = 4
-    group_size: int | None = None
-    symmetric: bool = True
-
-    def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise RecipeError(f"bits={self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
-            raise RecipeError(f"group_size={short_repr(self.group_size)} must be a positive integer (or omitted for per-channel)")
-
-    @property
-    def strategy(self) -> str:
-        return "channel" if self.group_size is None else "group"
-
-    @property
-    def qmin(self) -> int:
-        return -(1 << (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
-
-    def describe(self) -> str:
-        g = "per-channel" if self.group_size is None else f"group {self.group_size}"
-        return f"W{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "strategy": self.strategy}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantArgs":
-        return cls(bits=d["bits"], group_size=d.get("group_size"), symmetric=d.get("symmetric", True))
-
-
-ACT_STRATEGIES = ("token", "tensor")
-KV_STRATEGIES = ("channel", "token", "tensor")
-
-
-@dataclass(frozen=True)
-class ActQuantArgs:
-    """How a linear's input activations are quantized at run time (the A in W8A8).
-
-    strategy "token": one scale per row, computed at run time (dynamic=True).
-    strategy "tensor": one scale per layer; static (calibrated offline) or dynamic.
-    Symmetric signed integers, the compressed-tensors convention.
-    """
-
-    bits: int = 8
-    strategy: str = "token"
-    dynamic: bool = True
-    symmetric: bool = True
-
-    def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise RecipeError(f"activation bits={self.bits} is not supported; use 4 or 8")
-        if self.strategy not in ACT_STRATEGIES:
-            raise RecipeError(f"activation strategy {short_repr(self.strategy)} is not supported; use one of {', '.join(ACT_STRATEGIES)}")
-        if self.strategy == "token" and not self.dynamic:
-            raise RecipeError("per-token activation scales are computed at run time: use dynamic=true (or strategy tensor)")
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
-
-    def describe(self) -> str:
-        return f"A{self.bits} per-{self.strategy} {'dynamic' if self.dynamic else 'static'}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ActQuantArgs":
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class KVCacheArgs:
-    """How the attention K/V cache is quantized (the C8 in W8A8C8).
-
-    strategy "channel": static per-channel (head dim) scales calibrated offline;
-    "token": per-token scales computed at run time (dynamic=True); "tensor": one
-    static scale. K is quantized as stored in the cache (after RoPE).
-    residual_bits / residual_tau: outlier tokens whose relative quantization error
-    exceeds residual_tau x the mean error get a residual of residual_bits (None = off).
-    """
-
-    bits: int = 8
-    strategy: str = "channel"
-    dynamic: bool = False
-    symmetric: bool = True
-    residual_bits: int | None = None
-    residual_tau: float = 3.0
-
-    def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise RecipeError(f"kv_cache bits={self.bits} is not supported; use 4 or 8")
-        if self.strategy not in KV_STRATEGIES:
-            raise RecipeError(f"kv_cache strategy {short_repr(self.strategy)} is not supported; use one of {', '.join(KV_STRATEGIES)}")
-        if self.strategy == "token" and not self.dynamic:
-            raise RecipeError("per-token KV scales are computed at run time: use dynamic=true")
-        if self.residual_bits not in (None, 4, 8):
-            raise RecipeError(f"kv_cache residual_bits={self.residual_bits} is not supported; use 4, 8 or omit it")
-        if not (self.residual_tau > 0 and self.residual_tau != float("inf")):
-            raise RecipeError(f"kv_cache residual_tau={self.residual_tau} must be a finite number > 0")
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
-
-    def describe(self) -> str:
-        r = f" +r{self.residual_bits}" if self.residual_bits else ""
-        return f"KV{self.bits} per-{self.strategy} {'dynamic' if self.dynamic else 'static'}{r}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KVCacheArgs":
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """Which tensors of a linear are quantized: weights always; input activations
-    (W8A8) and the KV cache (C8) when set."""
-
-    weights: QuantArgs = field(default_factory=QuantArgs)
-    input_activations: ActQuantArgs | None = None
-    kv_cache: KVCacheArgs | None = None
-
-    @property
-    def name(self) -> str:
-        a = self.input_activations.bits if self.input_activations else 16
-        kv = f"C{self.kv_cache.bits}" if self.kv_cache else ""
-        return f"W{self.weights.bits}A{a}{kv}"
-
-    def describe(self) -> str:
-        parts = [self.weights.describe()]
-        parts += [x.describe() for x in (self.input_activations, self.kv_cache) if x is not None]
-        return ", ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "weights": self.weights.to_dict()}
-        if self.input_activations is not None:
-            d["input_activations"] = self.input_activations.to_dict()
-        if self.kv_cache is not None:
-            d["kv_cache"] = self.kv_cache.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Scheme":
-        acts, kv = d.get("input_activations"), d.get("kv_cache")
-        return cls(
-            weights=QuantArgs.from_dict(d["weights"]),
-            input_activations=ActQuantArgs.from_dict(acts) if acts else None,
-            kv_cache=KVCacheArgs.from_dict(kv) if kv else None,
-        )
-
-
-# Presets users can name in recipes or on the command line.
-PRESETS: dict[str, Scheme] = {
-    "W8A16": Scheme(QuantArgs(bits=8, group_size=None, symmetric=True)),
-    "W4A16": Scheme(QuantArgs(bits=4, group_size=128, symmetric=True)),
-    "W8A8": Scheme(QuantArgs(bits=8, group_size=None, symmetric=True), ActQuantArgs(8, "token", dynamic=True)),
-    "W8A8C8": Scheme(
-        QuantArgs(bits=8, group_size=None, symmetric=True),
-        ActQuantArgs(8, "token", dynamic=True),
-        KVCacheArgs(8, "channel", dynamic=False),
-    ),
-    "W4A4KV4": Scheme(
-        QuantArgs(bits=4, group_size=None, symmetric=True),
-        ActQuantArgs(4, "token", dynamic=True),
-        KVCacheArgs(4, "token", dynamic=True),
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -366,7 +180,7 @@ def _stages_from(v: Any) -> tuple[Stage, ...]:
 def recipe_from_dict(d: Any) -> Recipe:
     """A validated Recipe from its dict form (scheme may be a preset name).
 
-    Checks structure, keys, types and values; not the methods (see check_methods).
+    Checks structure, keys, types and values; not the methods (see quantkit.methods.base.check_methods).
     """
     _check_keys("recipe", d, _TOP_KEYS)
     version = d.get("version", RECIPE_VERSION)
@@ -386,22 +200,6 @@ def recipe_from_dict(d: Any) -> Recipe:
     if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
         raise RecipeError(f"ignore must be a list of module names or 're:' patterns, got {short_repr(ignore)}")
     return Recipe(scheme=_scheme_from(d["scheme"]), stages=_stages_from(d["stages"]), ignore=tuple(ignore), version=version)
-
-
-def check_methods(recipe: Recipe) -> None:
-    """Every stage names a registered method and passes only options it accepts (imports torch)."""
-    from quantkit.methods.base import available_methods, get_method
-
-    names = available_methods()
-    for i, st in enumerate(recipe.stages):
-        if st.method not in names:
-            raise RecipeError(f"stages[{i}].method {short_repr(st.method)} is unknown; available: {', '.join(names)}")
-        try:
-            get_method(st.method)(recipe.scheme, **st.options)
-        except RecipeError as e:
-            raise RecipeError(f"stages[{i}] ({st.method}): {e}") from None
-        except (TypeError, ValueError) as e:  # a method's own option check
-            raise RecipeError(f"stages[{i}] ({st.method}): bad option value: {e}") from None
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes
@@ -455,7 +253,7 @@ def _read_mapping(path: Path) -> Any:
             raise RecipeError(f"{path}: JSON syntax error at line {e.lineno}: {e.msg}") from None
         except RecursionError:
             raise RecipeError(f"{path}: the document nests deeper than any recipe; write it out plainly") from None
-        return d  # load_recipe bounds the recipe part (_check_size)
+        return d  # read_recipe bounds the recipe part (_check_size)
     import yaml  # lazy: only recipe files need it
 
     try:
@@ -472,14 +270,10 @@ def _read_mapping(path: Path) -> Any:
     return d
 
 
-def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
-    """Read a recipe from a .yaml/.yml/.json file, a quantkit checkpoint dir, or its quantkit.json.
+def recipe_file(path: str | Path) -> Path:
+    """The file a recipe is read from: `path` itself, or a checkpoint dir's quantkit.json.
 
-    A checkpoint's manifest stores the recipe that made it, so the same run can
-    be repeated. check: also verify the methods and their options (imports torch).
-    Raises RecipeError (a UsageError) for anything wrong, naming the key.
-    """
-
+    Raises RecipeError when there is no such regular file."""
     p = Path(path)
     try:
         p.stat()
@@ -495,6 +289,18 @@ def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
         raise RecipeError(f"recipe {p} is not a regular file (a device, pipe or socket); pass a recipe .yaml file")
     if not p.is_file():
         raise RecipeError(f"recipe {p} not found; pass a recipe .yaml file or a quantkit checkpoint dir")
+    return p
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a .yaml/.yml/.json file, a quantkit checkpoint dir, or its quantkit.json.
+
+    A checkpoint's manifest stores the recipe that made it, so the same run can
+    be repeated. Checks the structure only; quantkit.methods.base.load_recipe also
+    checks the methods and their options. Raises RecipeError (a UsageError) for
+    anything wrong, naming the file and the key.
+    """
+    p = recipe_file(path)
     d = _read_mapping(p)
     if p.name == "quantkit.json" or (isinstance(d, dict) and "format_version" in d and "recipe" in d):
         if not isinstance(d, dict) or not isinstance(d.get("recipe"), dict):
@@ -504,19 +310,13 @@ def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
         raise RecipeError(f"{p} is empty; a recipe needs 'scheme' and 'stages'")
     _check_size(p, d)
     try:
-        recipe = recipe_from_dict(d)
+        return recipe_from_dict(d)
     except RecipeError as e:
         raise RecipeError(f"{p}: {e}") from None
-    if check:
-        try:
-            check_methods(recipe)
-        except RecipeError as e:
-            raise RecipeError(f"{p}: {e}") from None
-    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The recipe as YAML that load_recipe reads back to an equal Recipe.
+    """The recipe as YAML that read_recipe reads back to an equal Recipe.
 
     The scheme is written as its preset name when it is one, else as a mapping
     without derived keys.

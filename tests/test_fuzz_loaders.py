@@ -209,7 +209,7 @@ def test_recipe_loader(d, text, suffix):
 
     import yaml
 
-    from quantkit.recipe import load_recipe
+    from quantkit.methods.base import load_recipe
 
     if text is None:
         raw = (json.dumps(d) if suffix == ".json" else yaml.safe_dump(d, allow_unicode=True)).encode()

@@ -9,7 +9,8 @@ import tracemalloc
 
 import pytest
 
-from quantkit.recipe import RecipeError, load_recipe
+from quantkit.methods.base import load_recipe
+from quantkit.recipe import RecipeError
 from tiny_models import run_cli
 
 

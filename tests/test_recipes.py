@@ -10,7 +10,7 @@ import torch
 from tiny_models import make_tiny_model
 from quantkit import api
 from quantkit.errors import UsageError
-from quantkit.methods.base import available_methods
+from quantkit.methods.base import available_methods, load_recipe
 from quantkit.models.loading import LoadedModel
 from quantkit.recipe import (
     PRESETS,
@@ -22,7 +22,6 @@ from quantkit.recipe import (
     Scheme,
     Stage,
     dump_recipe,
-    load_recipe,
     recipe_from_dict,
 )
 

@@ -192,7 +192,7 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
     from quantkit.calib.resume import check_partial_dir, remove_stale_trash
     from quantkit.cli import validate as v
     from quantkit.export.atomic import check_output_dir, recover_stale
-    from quantkit.recipe import check_methods
+    from quantkit.methods.base import check_methods
 
     check_methods(recipe)
     api.check_export_format(recipe, format)

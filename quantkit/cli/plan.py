@@ -16,12 +16,9 @@ MethodOpt = Annotated[str, typer.Option("--method", help="Single-stage recipe wi
 
 
 def _load_recipe_file(path: Path):
-    from quantkit import recipe as recipe_mod
-    from quantkit.recipe import RecipeError
+    from quantkit.methods.base import load_recipe
 
-    if not hasattr(recipe_mod, "load_recipe"):
-        raise RecipeError("--recipe files are not supported by this build yet; use --method, --bits and --group-size")
-    return recipe_mod.load_recipe(path)
+    return load_recipe(path)
 
 
 @handle_errors

@@ -70,7 +70,7 @@ def quantize(
 
     --bits/--group-size/--sym/--asym override the recipe's weight scheme only when given.
     """
-    from quantkit.recipe import load_recipe
+    from quantkit.methods.base import load_recipe
 
     return override_weights(load_recipe(recipe), bits, group_size, sym)
 

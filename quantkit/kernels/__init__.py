@@ -10,6 +10,9 @@ Families (import the submodule, or use the lazy names below):
 * ``gptq``      -- one lazy block of the GPTQ solve, fused (``gptq_block_triton``; used by
   ``quantkit.quant.gptq.gptq_quantize(backend="triton")``, not a custom op: calibration only).
 
+``numerics`` (no Triton) holds the definitions the references share with ``quantkit.quant``
+(weight scales/zero points, KV scales, Hadamard orders): kernels never import ``quant``.
+
 Every public entry point is a ``torch.library.custom_op`` (``quantkit::...``) with a fake
 implementation (torch.compile).  On CPU tensors the torch reference runs, unless
 ``TRITON_INTERPRET=1`` is set, in which case the Triton kernel runs in Triton's interpreter.

@@ -20,7 +20,7 @@ from ._common import LazyKernel, cdiv, next_pow2, quantize_sym, tl, use_triton
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_ref", "silu_mul", "silu_mul_ref", "rope_store", "rope_store_ref"]
 
-KV_MIN_SCALE = 1e-8  # quantkit.quant.kv._MIN_SCALE
+KV_MIN_SCALE = 1e-8  # quantkit.kernels.numerics.MIN_SCALE
 
 
 # ----------------------------------------------------------------------------- add + RMSNorm
@@ -134,7 +134,7 @@ def rope_store_ref(qkv, cos, sin, pos, Hq, Hkv, D, k_cache, v_cache, k_scale=Non
 
 
 def _store_kv(k, v, pos, k_cache, v_cache, k_scale, v_scale, bits):
-    from quantkit.quant import kv as kvq
+    from . import numerics as kvq
 
     B, H, S, D = k.shape
     index = pos.view(B, 1, S, 1).expand(B, H, S, D)

@@ -91,7 +91,7 @@ def gptq_block_ref(
     scale/zero: (out, n_groups) float32 / int8 or None; scale_c/zero_c: compute-dtype copies.
     Returns E1 (out, b1 - b0): the scaled errors, for W[:, b1:] -= E1 @ U[b0:b1, b1:].
     """
-    from quantkit.quant.core import compute_qparams
+    from .numerics import compute_qparams
 
     W1 = W[:, b0:b1].clone()  # W1: (out, b) this block's columns, updated in place
     E1 = torch.zeros_like(W1)  # E1: (out, b) scaled errors, applied to later blocks lazily

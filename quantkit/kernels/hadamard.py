@@ -25,7 +25,7 @@ _triton_failed = False  # set after the first failed launch (hadamard_transform 
 
 def split_order(n: int) -> tuple[int, torch.Tensor | None]:
     """(p, A_m): the power-of-two part p of n and the Paley part A_m (m x m, +-1, float32; None if m == 1)."""
-    from quantkit.quant.rotation import _hadamard_factors, _paley1
+    from .numerics import _hadamard_factors, _paley1
 
     factors = _hadamard_factors(n)
     if factors is None:

@@ -25,8 +25,6 @@ something that scores worse there than its start).
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
@@ -35,8 +33,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantkit.quant import rotation as rot
+from quantkit.errors import short_repr
+from quantkit.methods._spin_rotate import rotated_tensors
+from quantkit.models.adapter import ModelAdapter
 from quantkit.quant import kv as kvq
+from quantkit.quant import rotation as rot
 from quantkit.quant.core import fake_quantize, fake_quantize_activations
 
 
@@ -79,7 +80,7 @@ def token_fq_scale_grad(x: torch.Tensor, qmax: int) -> torch.Tensor:
     only the rounding is straight-through, so d/dx also carries ds/dx (round(x/s) - x/s): the
     rotation learns that a smaller per-token max (fewer outliers) lowers the rounding error, a
     signal the plain STE (identity gradient) does not give."""
-    from quantkit.kernels._common import round_half_away_ref
+    from quantkit.kernels._common import round_half_away_ref  # lazy: kernels' import tries triton
     from quantkit.kernels.act_quant import EPS
 
     xf = x.float()
@@ -165,6 +166,221 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
                 h.remove()
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """How `train_rotations` trains (checked on construction).
+
+    iters: optimizer steps; lr: the step size (see `optimizer`). samples / seqlen: the first
+    `samples` calibration rows, cut to `seqlen`, are used, `batch_size` per step, in order.
+    reproject_tol: ||R^T R - I|| past which R is re-projected onto the orthogonal matrices.
+    quantize_weights: RTN fake-quant of the weights in the loss (off when GPTQ follows an
+    activation scheme). val_every: held-out check period (steps). optimizer: "cayley-sgd"
+    (Riemannian SGD on R with the Cayley retraction, step min(lr (1 - step/iters), 1/|W|_1);
+    SpinQuant's, lr ~1.5) or "adam" (on R = R0 cayley(skew(P)), lr ~1e-4). estimator: see
+    `_fake_quant_runtime`. objective: "ce" (labels) or "kl" (distil the float model: its logits
+    come from a no-grad pass of the model's own weights with the run-time side off; the float
+    model does not depend on the rotation). The held-out check scores the same objective.
+    """
+
+    iters: int
+    lr: float
+    samples: int
+    seqlen: int
+    batch_size: int = 1
+    seed: int = 0
+    reproject_tol: float = 1e-4
+    quantize_weights: bool = True
+    val_every: int = 10
+    optimizer: str = "cayley-sgd"
+    estimator: str = "ste"
+    objective: str = "ce"
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {short_repr(self.estimator)} is not one of {', '.join(ESTIMATORS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {short_repr(self.optimizer)} is not one of {', '.join(OPTIMIZERS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {short_repr(self.objective)} is not one of {', '.join(OBJECTIVES)}")
+        if self.val_every < 1:
+            raise ValueError("val_every must be a positive integer")
+
+
+class _Rotations:
+    """The trained R1 (hidden, hidden) and stacked R2 (layers, head_dim, head_dim), and their optimizer.
+
+    cayley-sgd: the rotations themselves are the leaves and each step retracts them
+    (`rot.cayley_sgd_step`); adam: R = R0 cayley(skew(P)) with Adam on P (P starts at 0)."""
+
+    def __init__(self, r1: torch.Tensor, r2: list[torch.Tensor], cfg: TrainSettings, device: torch.device):
+        self.cfg = cfg
+        self.sgd = cfg.optimizer == "cayley-sgd"
+        self.base1 = r1.to(device, torch.float32, copy=True)  # updated in place: never the caller's tensor
+        self.base2 = torch.stack(r2).to(device, torch.float32)
+        if self.sgd:
+            self.base1.requires_grad_(True)
+            self.base2.requires_grad_(True)
+        else:
+            self.p1 = torch.zeros_like(self.base1, requires_grad=True)
+            self.p2 = torch.zeros_like(self.base2, requires_grad=True)
+            self.opt = torch.optim.Adam([self.p1, self.p2], lr=cfg.lr)
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sgd:
+            return self.base1, self.base2
+        return self.base1 @ rot.cayley(rot.skew(self.p1)), self.base2 @ rot.cayley(rot.skew(self.p2))
+
+    def zero_grad(self) -> None:
+        if not self.sgd:
+            self.opt.zero_grad(set_to_none=True)
+
+    def update(self, step: int) -> float:
+        """Apply the gradients in the leaves; returns the step size used (Cayley SGD: the mean a)."""
+        if not self.sgd:
+            self.opt.step()
+            return self.cfg.lr
+        lr_t = self.cfg.lr * (1 - step / self.cfg.iters)  # linear decay to 0, as SpinQuant's trainer schedules it
+        with torch.no_grad():
+            n1, a1 = rot.cayley_sgd_step(self.base1, self.base1.grad, lr_t)
+            n2, a2 = rot.cayley_sgd_step(self.base2, self.base2.grad, lr_t)
+            self.base1.copy_(n1)
+            self.base2.copy_(n2)
+        self.base1.grad = self.base2.grad = None
+        return float(torch.cat([a1.reshape(1), a2]).mean())
+
+    @torch.no_grad()
+    def keep_orthogonal(self) -> tuple[float, float]:
+        """(||R1^T R1 - I||, max over R2); past reproject_tol (float drift) re-base on the nearest
+        orthogonal matrices (Adam: R0 <- polar(R), P <- 0)."""
+        R1, R2 = self.current()
+        e1, e2 = rot.orthogonality_error(R1), max(rot.orthogonality_error(r) for r in R2)
+        if max(e1, e2) > self.cfg.reproject_tol:
+            self.base1.copy_(rot.reproject(R1))
+            self.base2.copy_(torch.stack([rot.reproject(r) for r in R2]))
+            if not self.sgd:
+                self.p1.zero_()
+                self.p2.zero_()
+                self.opt.state.clear()
+        return e1, e2
+
+
+class _Objective:
+    """The fake-quantized model's loss for given rotations (differentiable in them)."""
+
+    def __init__(self, model: nn.Module, scheme, linears: dict[str, nn.Module], r4: torch.Tensor | None,
+                 cfg: TrainSettings, float_model):
+        self.model, self.scheme, self.r4, self.cfg = model, scheme, r4, cfg
+        self.dtype = next(model.parameters()).dtype
+        self.wnames = {f"{n}.weight" for n in linears}
+        self.float_model = float_model  # a context manager: the run-time side off (objective "kl"'s teacher)
+
+    def weights_for(self, R1: torch.Tensor, R2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rotated (and, with quantize_weights, fake-quantized) weights for R1, R2 (differentiable)."""
+        tensors = rotated_tensors(self.model, R1, list(R2.unbind(0)), self.r4, dtype=self.dtype)
+        if self.cfg.quantize_weights:
+            for name in self.wnames:
+                if name in tensors:
+                    w = tensors[name]
+                    tensors[name] = ste(w, fake_quantize(w.detach(), self.scheme.weights))
+        return tensors
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """objective "kl": the float model's logits on `batch`: its own (unrotated) weights with the
+        run-time side off; the rotations leave the float function unchanged, so nothing is rotated."""
+        if self.cfg.objective != "kl":
+            return None
+        with self.float_model():
+            return self.model(batch, use_cache=False).logits
+
+    def loss(self, batch: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective on `batch` with the given weights: the next-token cross-entropy, or the KL
+        from the float model's logits."""
+        teacher = self.teacher_logits(batch)
+        if teacher is None:
+            return torch.func.functional_call(
+                self.model, tensors, args=(batch,), kwargs={"labels": batch, "use_cache": False}, strict=False
+            ).loss
+        student = torch.func.functional_call(
+            self.model, tensors, args=(batch,), kwargs={"use_cache": False}, strict=False).logits
+        return distill_kl(student, teacher)
+
+    @torch.no_grad()
+    def held_out(self, rotations: _Rotations, vids: torch.Tensor) -> float:
+        """Mean loss of the current rotations over the held-out rows."""
+        tensors = self.weights_for(*rotations.current())  # once per check, not per held-out batch
+        bs = self.cfg.batch_size
+        total = 0.0
+        for lo in range(0, vids.shape[0], bs):
+            b = vids[lo: lo + bs]
+            total += float(self.loss(b, tensors)) * b.shape[0]
+        return total / vids.shape[0]
+
+
+@contextmanager
+def _frozen_on(model: nn.Module, device: torch.device):
+    """The model on `device`, in eval mode, every parameter frozen; all restored on exit."""
+    home = next(model.parameters()).device
+    was_training = model.training
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        model.to(device)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.to(home)
+        model.train(was_training)
+
+
+def _train_steps(rotations: _Rotations, objective: _Objective, ids: torch.Tensor, vids: torch.Tensor | None,
+                 cfg: TrainSettings, device: torch.device, on_step) -> dict:
+    """The optimizer loop; returns the log and the best held-out rotations ("r": None without held-out rows)."""
+    best: dict = {"step": -1, "val": None, "r": None, "start": None, "log": []}
+
+    def consider(step: int, row: dict) -> None:
+        """Score the current rotations on the held-out rows; keep them if they are the best so far."""
+        v = objective.held_out(rotations, vids)
+        row["val_loss"] = v
+        if best["val"] is None or v < best["val"]:
+            with torch.no_grad():
+                R1, R2 = rotations.current()
+                best.update(step=step, val=v, r=(R1.clone(), R2.clone()))
+
+    if vids is not None:
+        consider(-1, start := {})
+        best["start"] = start["val_loss"]
+        if on_step is not None:
+            on_step(0, cfg.iters, "rotation training", f"held-out loss at the start {best['start']:.4f}")
+    for step in range(cfg.iters):
+        t0 = time.perf_counter()
+        lo = (step * cfg.batch_size) % ids.shape[0]
+        batch = ids[lo: lo + cfg.batch_size]
+        loss = objective.loss(batch, objective.weights_for(*rotations.current()))
+        rotations.zero_grad()
+        loss.backward()
+        step_size = rotations.update(step)
+        e1, e2 = rotations.keep_orthogonal()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row = {"step": step, "loss": float(loss.detach()), "orth_r1": e1, "orth_r2": e2,
+               "step_size": step_size, "seconds": time.perf_counter() - t0}
+        del loss
+        if vids is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.iters):
+            t1 = time.perf_counter()
+            consider(step, row)
+            row["val_seconds"] = time.perf_counter() - t1
+        best["log"].append(row)
+        if on_step is not None:
+            held = f", held-out {row['val_loss']:.4f}" if "val_loss" in row else ""
+            on_step(step, cfg.iters, "rotation training", f"loss {row['loss']:.4f}{held}, "
+                    f"||R^T R - I|| {max(e1, e2):.1e}, {row['seconds']:.2f} s")
+    return best
+
+
 def train_rotations(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -174,202 +390,39 @@ def train_rotations(
     *,
     r3: bool,
     r4: torch.Tensor | None,
-    iters: int,
-    lr: float,
-    samples: int,
-    seqlen: int,
-    batch_size: int = 1,
-    seed: int = 0,
-    reproject_tol: float = 1e-4,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, int, str, str], None] | None = None,
-    ignore=("lm_head",),
-    quantize_weights: bool = True,
     val_ids: torch.Tensor | None = None,
-    val_every: int = 10,
-    optimizer: str = "cayley-sgd",
-    estimator: str = "ste",
-    objective: str = "ce",
+    **settings,
 ) -> RotationFit:
     """Train R1 (hidden, hidden) and R2 (one (head_dim, head_dim) per layer) from the given starts.
 
     model: rotation-ready (norms folded, untied), float, frozen; it is moved to `device` for
-    the training and back. input_ids: (n, L) calibration tokens; the first `samples` rows
-    cut to `seqlen` are used, `batch_size` per step, in order. quantize_weights: RTN
-    fake-quant of the weights in the loss (off when GPTQ follows an activation scheme).
+    the training and back. input_ids: (n, L) calibration tokens. r3: the online Hadamard on K
+    in the loss; r4: the online Hadamard before down_proj (folded into its weight) or None.
     val_ids: held-out rows (cut to `seqlen`) scored every `val_every` steps; the best are kept.
-    optimizer: "cayley-sgd" (Riemannian SGD on R with the Cayley retraction, step
-    min(lr (1 - step/iters), 1/|W|_1); SpinQuant's, lr ~1.5) or "adam" (on R = R0 cayley(skew(P)), lr ~1e-4).
-    objective: "ce" (labels) or "kl" (distil the float model: its logits come from a no-grad
-    pass of the model's own weights with the run-time side off; the float model does not depend
-    on the rotation). The held-out check scores the same objective.
+    settings: the fields of `TrainSettings` (iters, lr, samples, seqlen, ...).
     """
-    from quantkit.calib.pipeline import linears_to_quantize
-    from quantkit.methods.spinquant import rotated_tensors
-    from quantkit.quant.rotation import normalized_hadamard
-
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator {short_repr(estimator)} is not one of {', '.join(ESTIMATORS)}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {short_repr(optimizer)} is not one of {', '.join(OPTIMIZERS)}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective {short_repr(objective)} is not one of {', '.join(OBJECTIVES)}")
-    if val_every < 1:
-        raise ValueError("val_every must be a positive integer")
+    cfg = TrainSettings(**settings)
     device = torch.device(device)
-    home = next(model.parameters()).device
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    ids = input_ids[:samples, :seqlen].to(device)
+    ids = input_ids[:cfg.samples, :cfg.seqlen].to(device)
     if ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError("rotation training needs at least one calibration sequence of 2+ tokens")
-    vids = None if val_ids is None or val_ids.shape[0] == 0 else val_ids[:, :seqlen].to(device)
-    torch.manual_seed(seed)
-    model.to(device)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    dtype = next(model.parameters()).dtype
-    linears = linears_to_quantize(model, ignore)
-    wnames = {f"{n}.weight" for n in linears}
-    head_dim = r2[0].shape[0]
-    r3m = normalized_hadamard(head_dim).to(device) if r3 else None
-    r4d = None if r4 is None else r4.to(device, dtype)
-    base1 = r1.to(device, torch.float32, copy=True)  # updated in place: never the caller's tensor
-    base2 = torch.stack(r2).to(device, torch.float32)
-    sgd = optimizer == "cayley-sgd"
-    if sgd:  # the rotations themselves are the leaves; each step retracts them (rot.cayley_sgd_step)
-        base1.requires_grad_(True)
-        base2.requires_grad_(True)
-    else:  # R = R0 cayley(skew(P)), Adam on P
-        p1 = torch.zeros_like(base1, requires_grad=True)
-        p2 = torch.zeros_like(base2, requires_grad=True)
-        opt = torch.optim.Adam([p1, p2], lr=lr)
-    log: list[dict] = []
-
-    def current():
-        if sgd:
-            return base1, base2
-        return base1 @ rot.cayley(rot.skew(p1)), base2 @ rot.cayley(rot.skew(p2))
-
-    def update(step: int) -> float:
-        """Apply the gradients in the leaves; returns the step size used (Cayley SGD: the mean a)."""
-        if not sgd:
-            opt.step()
-            return lr
-        lr_t = lr * (1 - step / iters)  # linear decay to 0, as SpinQuant's trainer schedules it
+    vids = None if val_ids is None or val_ids.shape[0] == 0 else val_ids[:, :cfg.seqlen].to(device)
+    torch.manual_seed(cfg.seed)
+    with _frozen_on(model, device):
+        dtype = next(model.parameters()).dtype
+        linears = ModelAdapter.for_model(model).all_linears()  # every decoder-block linear
+        r3m = rot.normalized_hadamard(r2[0].shape[0]).to(device) if r3 else None
+        r4d = None if r4 is None else r4.to(device, dtype)
+        rotations = _Rotations(r1, r2, cfg, device)
+        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None, cfg.estimator) as float_model:
+            objective = _Objective(model, scheme, linears, r4d, cfg, float_model)
+            best = _train_steps(rotations, objective, ids, vids, cfg, device, on_step)
         with torch.no_grad():
-            n1, a1 = rot.cayley_sgd_step(base1, base1.grad, lr_t)
-            n2, a2 = rot.cayley_sgd_step(base2, base2.grad, lr_t)
-            base1.copy_(n1)
-            base2.copy_(n2)
-        base1.grad = base2.grad = None
-        return float(torch.cat([a1.reshape(1), a2]).mean())
-
-    def weights_for(R1, R2) -> dict[str, torch.Tensor]:
-        """The rotated (and, with quantize_weights, fake-quantized) weights for R1, R2 (differentiable)."""
-        tensors = rotated_tensors(model, R1, list(R2.unbind(0)), r4d, dtype=dtype)
-        if quantize_weights:
-            for name in wnames:
-                if name in tensors:
-                    w = tensors[name]
-                    tensors[name] = ste(w, fake_quantize(w.detach(), scheme.weights))
-        return tensors
-
-    runtime: dict = {}  # "float_model": the runtime's off switch, set inside the training's context below
-
-    @torch.no_grad()
-    def teacher_logits(batch) -> torch.Tensor | None:
-        """objective "kl": the float model's logits on `batch`: its own (unrotated) weights with the
-        run-time side off; the rotations leave the float function unchanged, so nothing is rotated."""
-        if objective != "kl":
-            return None
-        with runtime["float_model"]():
-            return model(batch, use_cache=False).logits
-
-    def loss_on(batch, tensors, teacher: torch.Tensor | None) -> torch.Tensor:
-        """The fake-quantized model's objective on `batch` with the given weights: the next-token
-        cross-entropy, or with `teacher` logits the KL from them."""
-        if teacher is None:
-            return torch.func.functional_call(
-                model, tensors, args=(batch,), kwargs={"labels": batch, "use_cache": False}, strict=False
-            ).loss
-        student = torch.func.functional_call(
-            model, tensors, args=(batch,), kwargs={"use_cache": False}, strict=False).logits
-        return distill_kl(student, teacher)
-
-    @torch.no_grad()
-    def val_loss() -> float:
-        tensors = weights_for(*current())  # once per check, not per held-out batch
-        total = 0.0
-        for lo in range(0, vids.shape[0], batch_size):
-            b = vids[lo: lo + batch_size]
-            total += float(loss_on(b, tensors, teacher_logits(b))) * b.shape[0]
-        return total / vids.shape[0]
-
-    best = {"step": -1, "val": None, "r": None}
-    start_val = None
-
-    @torch.no_grad()
-    def consider(step: int, row: dict) -> None:
-        """Score the current rotations on the held-out rows; keep them if they are the best so far."""
-        v = val_loss()
-        row["val_loss"] = v
-        if best["val"] is None or v < best["val"]:
-            R1, R2 = current()
-            best.update(step=step, val=v, r=(R1.clone(), R2.clone()))
-
-    try:
-        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None, estimator) as float_model:
-            runtime.update(float_model=float_model)
-            if vids is not None:
-                consider(-1, start := {})
-                start_val = start["val_loss"]
-                if on_step is not None:
-                    on_step(0, iters, "rotation training", f"held-out loss at the start {start_val:.4f}")
-            for step in range(iters):
-                t0 = time.perf_counter()
-                lo = (step * batch_size) % ids.shape[0]
-                batch = ids[lo: lo + batch_size]
-                target = teacher_logits(batch)
-                loss = loss_on(batch, weights_for(*current()), target)
-                if not sgd:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                step_size = update(step)
-                with torch.no_grad():
-                    R1, R2 = current()
-                    e1, e2 = rot.orthogonality_error(R1), max(rot.orthogonality_error(r) for r in R2)
-                    if max(e1, e2) > reproject_tol:  # float drift: re-base on the nearest orthogonal matrices
-                        base1.copy_(rot.reproject(R1))
-                        base2.copy_(torch.stack([rot.reproject(r) for r in R2]))
-                        if not sgd:
-                            p1.zero_()
-                            p2.zero_()
-                            opt.state.clear()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                row = {"step": step, "loss": float(loss.detach()), "orth_r1": e1, "orth_r2": e2,
-                       "step_size": step_size, "seconds": time.perf_counter() - t0}
-                del loss
-                if vids is not None and ((step + 1) % val_every == 0 or step + 1 == iters):
-                    t1 = time.perf_counter()
-                    consider(step, row)
-                    row["val_seconds"] = time.perf_counter() - t1
-                log.append(row)
-                if on_step is not None:
-                    held = f", held-out {row['val_loss']:.4f}" if "val_loss" in row else ""
-                    on_step(step, iters, "rotation training", f"loss {row['loss']:.4f}{held}, "
-                            f"||R^T R - I|| {max(e1, e2):.1e}, {row['seconds']:.2f} s")
-        with torch.no_grad():
-            R1, R2 = best["r"] if best["r"] is not None else current()
+            R1, R2 = best["r"] if best["r"] is not None else rotations.current()
             R1 = rot.reproject(R1) if rot.orthogonality_error(R1) > 1e-6 else R1
             R2 = torch.stack([rot.reproject(r) if rot.orthogonality_error(r) > 1e-6 else r for r in R2])
-        return RotationFit(R1.detach().cpu(), [r.detach().cpu() for r in R2], log,
-                           best_step=best["step"] if best["r"] is not None else iters - 1, best_val_loss=best["val"],
-                           start_val_loss=start_val)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.to(home)
-        model.train(was_training)
+        return RotationFit(R1.detach().cpu(), [r.detach().cpu() for r in R2], best["log"],
+                           best_step=best["step"] if best["r"] is not None else cfg.iters - 1,
+                           best_val_loss=best["val"], start_val_loss=best["start"])

@@ -12,7 +12,7 @@ from quantkit.methods.base import BlockContext, Method
 from quantkit.models.hooks import attention_modules_of_block, kv_hook
 from quantkit.quant import kv as kvq
 from quantkit.quant.static import StaticScales
-from quantkit.recipe import ActQuantArgs, KVCacheArgs
+from quantkit.quant.args import ActQuantArgs, KVCacheArgs
 
 
 class StaticScaleCollector(Method):

@@ -28,8 +28,6 @@ alpha, the loss curve and the scales, and per linear the chosen clip shrinks.
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +38,7 @@ import torch
 from torch import nn
 
 from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.methods.options import Flag, Int, MethodOptions, Number, option
 from quantkit.quant.awq import (
     apply_clip,
     awq_scales,
@@ -50,7 +49,6 @@ from quantkit.quant.awq import (
     weight_channel_mean,
 )
 from quantkit.quant.core import group_size_for, quantize_weight
-from quantkit.recipe import RecipeError
 
 # Input tokens per linear for the clipping search (a deterministic, evenly spaced subsample).
 _CLIP_TOKENS = 512
@@ -149,17 +147,16 @@ def _mean_abs(ctx: BlockContext, names: list[str]) -> torch.Tensor:
 MAX_GRID = 1000
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        want = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
-        raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use {want}")
-    return value
+@dataclass
+class AWQOptions(MethodOptions):
+    """See `AWQ`."""
 
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise RecipeError(f"awq option {name}={short_repr(value)} is invalid; use true or false")
-    return value
+    grid: int = option(20, Int(1, MAX_GRID))
+    duo: bool = option(False, Flag())
+    clip: bool = option(True, Flag())
+    clip_grid: int = option(20, Int(1, MAX_GRID))
+    max_shrink: float = option(0.5, Number(0, 1, high_open=True))
+    search_samples: int | None = option(8, Int(1), optional=True)
 
 
 @register_method("awq")
@@ -185,32 +182,22 @@ class AWQ(Method):
     """
 
     stats = frozenset({"abs_mean"})
-    options = ("grid", "duo", "clip", "clip_grid", "max_shrink", "search_samples")
+    Options = AWQOptions
 
     def __init__(self, scheme, **options: Any):
         super().__init__(scheme, **options)
-        self.grid = _check_int("grid", options.get("grid", 20), 1, MAX_GRID)
-        self.duo = _check_bool("duo", options.get("duo", False))
-        self.clip = _check_bool("clip", options.get("clip", True))
-        self.clip_grid = _check_int("clip_grid", options.get("clip_grid", 20), 1, MAX_GRID)
-        ms = options.get("max_shrink", 0.5)
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms < 1:
-            raise RecipeError(f"awq option max_shrink={short_repr(ms)} is invalid; use a number in [0, 1), e.g. 0.5")
-        self.max_shrink = float(ms)
-        ss = options.get("search_samples", 8)
-        self.search_samples = None if ss is None else _check_int("search_samples", ss, 1)
         # block name -> {"groups": [...], "clip": {linear: {...}}, "skipped": [...]}
         self.artifacts: dict[str, dict[str, Any]] = {}
 
     @property
     def alphas(self) -> list[float]:
-        return [i / self.grid for i in range(self.grid)]
+        return [i / self.opts.grid for i in range(self.opts.grid)]
 
     @property
     def shrinks(self) -> list[float]:
-        if self.clip_grid == 1:
+        if self.opts.clip_grid == 1:
             return [1.0]
-        return [1.0 - self.max_shrink * i / (self.clip_grid - 1) for i in range(self.clip_grid)]
+        return [1.0 - self.opts.max_shrink * i / (self.opts.clip_grid - 1) for i in range(self.opts.clip_grid)]
 
     def _skip(self, ctx: BlockContext, art: dict[str, Any], prod_name: str, names: list[str], why: str) -> None:
         """A scale group that cannot be applied: recorded in the artifacts and the run's warnings (manifest)."""
@@ -264,7 +251,7 @@ class AWQ(Method):
                 f"{n_bad} non-finite and {n_zero} zero mean |x|; their scales were clamped"
             )
         args = self.scheme.weights
-        w_mean = weight_channel_mean([c.weight for c in consumers], args.group_size) if self.duo else None
+        w_mean = weight_channel_mean([c.weight for c in consumers], args.group_size) if self.opts.duo else None
         originals = [c.weight.data.clone() for c in consumers]
         losses: list[float] = []
         try:
@@ -298,9 +285,9 @@ class AWQ(Method):
         self.artifacts[ctx.name] = art
         groups = list(self._groups(ctx, art))
         no_clip = {ctx.full_name(r) for r in (ctx.spec.no_clip if ctx.spec is not None else ())}
-        clip_names = [n for n in ctx.linears if self.clip and n not in no_clip]
+        clip_names = [n for n in ctx.linears if self.opts.clip and n not in no_clip]
         submodules = sorted({g[4] for g in groups})
-        with _recording(ctx.block, submodules, {n: ctx.linears[n] for n in clip_names}, self.search_samples) as (
+        with _recording(ctx.block, submodules, {n: ctx.linears[n] for n in clip_names}, self.opts.search_samples) as (
             records,
             tokens,
         ):

@@ -9,19 +9,21 @@ the quantized block) and records each quantized linear in `ctx.results`.
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from quantkit.calib.capture import InputStats
+from quantkit.errors import RecipeError, short_repr
+from quantkit.methods.options import MethodOptions, parse_options
 from quantkit.models.adapter import ArchSpec
+from quantkit.quant.args import Scheme
 from quantkit.quant.core import QuantizedTensor
-from quantkit.recipe import RecipeError, Scheme
+from quantkit.recipe import Recipe, read_recipe, recipe_file
 
 
 @dataclass
@@ -80,7 +82,11 @@ class BlockContext:
 
 
 class Method:
-    """Base class: subclasses set `name`, `stats` and implement `apply_block`."""
+    """Base class: subclasses set `name`, `stats`, `Options` and implement `apply_block`.
+
+    The recipe stage's options arrive as keyword arguments and are kept typed in
+    `self.opts` (an instance of `Options`); they also read as attributes (`m.damp`).
+    """
 
     name: ClassVar[str] = ""
     stats: ClassVar[frozenset[str]] = frozenset()
@@ -88,8 +94,9 @@ class Method:
     # statistics inside apply_block (GPTQ re-captures Hessians per step) set this and
     # leave `stats` empty, so the shared capture pass computes nothing for them.
     needs_data: ClassVar[bool] = False
-    # Option names this method accepts in a recipe stage (validated before any work).
-    options: ClassVar[tuple[str, ...]] = ()
+    # The options this method accepts in a recipe stage, typed and checked before any work
+    # (quantkit.methods.options); the default takes none.
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
     # True for the recipe's last stage: it quantizes and records ctx.results. Earlier
     # stages are transforms (AWQ scales, SmoothQuant smoothing, clipping) that
     # change float weights only, so the final stage quantizes what they left.
@@ -99,12 +106,20 @@ class Method:
     needs_rotation_roles: ClassVar[bool] = False
 
     def __init__(self, scheme: Scheme, **options: Any):
-        unknown = set(options) - set(self.options)
-        if unknown:
-            allowed = ", ".join(self.options) or "none"
-            raise RecipeError(f"method {short_repr(self.name)} has no option(s) {sorted(unknown)}; allowed: {allowed}")
         self.scheme = scheme
-        self.opts = options
+        self.opts = self.check_options(options)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> MethodOptions:
+        """The typed options of a recipe stage; RecipeError naming a bad key or value."""
+        return parse_options(cls.Options, cls.name, options)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails: an option read as an attribute (m.damp is m.opts.damp)
+        opts = self.__dict__.get("opts")
+        if opts is not None and name in opts.names():
+            return getattr(opts, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def uses_data(self) -> bool:
@@ -173,3 +188,28 @@ def build_methods(recipe) -> list[Method]:
 def available_methods() -> list[str]:
     _load_builtin_methods()
     return sorted(_REGISTRY)
+
+
+def check_methods(recipe: Recipe) -> None:
+    """Every stage names a registered method and passes only options it accepts (each method checks its own)."""
+    names = available_methods()
+    for i, st in enumerate(recipe.stages):
+        if st.method not in names:
+            raise RecipeError(f"stages[{i}].method {short_repr(st.method)} is unknown; available: {', '.join(names)}")
+        try:
+            get_method(st.method).check_options(st.options)
+        except RecipeError as e:
+            raise RecipeError(f"stages[{i}] ({st.method}): {e}") from None
+
+
+def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
+    """`quantkit.recipe.read_recipe`, then (check) `check_methods`: the stages name real methods
+    with valid options. Raises RecipeError naming the file and the key."""
+    p = recipe_file(path)
+    recipe = read_recipe(p)
+    if check:
+        try:
+            check_methods(recipe)
+        except RecipeError as e:
+            raise RecipeError(f"{p}: {e}") from None
+    return recipe

@@ -36,29 +36,40 @@ Dense linears see every token and are never switched.
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from quantkit.calib.capture import InputStats, capture_inputs
+from quantkit.errors import RecipeError
 from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.methods.options import Flag, Int, MethodOptions, Number, OneOf, option
 from quantkit.quant.core import QuantizedTensor, quantize_weight
-from quantkit.quant.gptq import CholeskyError, gptq_quantize
-from quantkit.recipe import RecipeError, Scheme
+from quantkit.quant.gptq import BACKENDS, CholeskyError, gptq_quantize
 
 # act_order on by default: on the default model it closes about half of the W4 g64 gap that plain
 # GPTQ leaves (BENCHMARKS.md), and static groups keep the export in the standard layout.
 # backend: the solve ("auto" = the fused Triton kernel on CUDA, torch ops otherwise; see
 # quant.gptq.gptq_quantize); the two agree up to float32 rounding.
-DEFAULTS = {"damp": 0.01, "block_size": 128, "act_order": True, "true_sequential": True, "backend": "auto",
-            "expert_min_tokens": 1.0, "expert_damp_tokens": 3.0}
-BACKENDS = ("auto", "torch", "triton")
+@dataclass
+class GPTQOptions(MethodOptions):
+    """See `GPTQ`. expert_min_tokens / expert_damp_tokens: an MoE expert that saw fewer routed tokens than
+    this many x in_features is quantized with RTN / solved with damp 1.0."""
+
+    damp: float = option(0.01, Number(0, 1, low_open=True))
+    block_size: int = option(128, Int(1))
+    act_order: bool = option(True, Flag())
+    true_sequential: bool = option(True, Flag())
+    backend: str = option("auto", OneOf(BACKENDS))
+    expert_min_tokens: float = option(1.0, Number(0, finite=False, note=" (x in_features)"))
+    expert_damp_tokens: float = option(3.0, Number(0, finite=False, note=" (x in_features)"))
+
+
+DEFAULTS = GPTQOptions()  # by key: DEFAULTS["act_order"]
 
 
 class _StopForward(Exception):
@@ -100,28 +111,6 @@ def _stop_at(block: nn.Module, module: nn.Module) -> Iterator[None]:
             del block.forward
 
 
-def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
-    out = {**DEFAULTS, **opts}
-    damp = out["damp"]
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
-        raise RecipeError(f"gptq option damp={short_repr(damp)} must be a number in (0, 1]; e.g. damp: 0.01")
-    bs = out["block_size"]
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
-        raise RecipeError(f"gptq option block_size={short_repr(bs)} must be a positive integer; e.g. block_size: 128")
-    for key in ("act_order", "true_sequential"):
-        if not isinstance(out[key], bool):
-            raise RecipeError(f"gptq option {key}={short_repr(out[key])} must be true or false")
-    for key in ("expert_min_tokens", "expert_damp_tokens"):
-        mt = out[key]
-        if isinstance(mt, bool) or not isinstance(mt, (int, float)) or not mt >= 0:
-            raise RecipeError(f"gptq option {key}={short_repr(mt)} must be a number >= 0 (x in_features); "
-                              f"e.g. {DEFAULTS[key]:g}")
-    if out["backend"] not in BACKENDS:
-        raise RecipeError(f"gptq option backend={short_repr(out['backend'])} must be one of {', '.join(BACKENDS)}")
-    out["damp"] = float(damp)
-    return out
-
-
 @register_method("gptq")
 class GPTQ(Method):
     """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true,
@@ -132,18 +121,7 @@ class GPTQ(Method):
     stats = frozenset()
     needs_data = True
     plan_stats = frozenset({"hessian_step"})  # what the memory planner should count
-    options = ("damp", "block_size", "act_order", "true_sequential", "backend", "expert_min_tokens", "expert_damp_tokens")
-
-    def __init__(self, scheme: Scheme, **options: Any):
-        super().__init__(scheme, **options)
-        cfg = _check_options(options)
-        self.damp: float = cfg["damp"]
-        self.block_size: int = cfg["block_size"]
-        self.act_order: bool = cfg["act_order"]
-        self.true_sequential: bool = cfg["true_sequential"]
-        self.backend: str = cfg["backend"]
-        self.expert_min_tokens: float = float(cfg["expert_min_tokens"])
-        self.expert_damp_tokens: float = float(cfg["expert_damp_tokens"])
+    Options = GPTQOptions
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -152,7 +130,7 @@ class GPTQ(Method):
         steps = _steps(ctx)
         self._few: list[str] = []  # experts switched to RTN in this block: "name (tokens)"
         self._damped: list[str] = []  # experts solved with damp 1.0
-        if self.true_sequential:
+        if self.opts.true_sequential:
             for phase in _phases(ctx, steps):
                 hess = _capture(ctx, phase)
                 for step in phase:
@@ -163,14 +141,14 @@ class GPTQ(Method):
                 self._solve_step(ctx, step, hess.pop(step[0]))
         if self._few:
             ctx.warnings.append(
-                f"gptq: {len(self._few)} expert linear(s) of {ctx.name} saw fewer than {self.expert_min_tokens:g} x "
-                f"in_features routed calibration tokens and were quantized with RTN: {', '.join(self._few)} "
+                f"gptq: {len(self._few)} expert linear(s) of {ctx.name} saw fewer than "
+                f"{self.opts.expert_min_tokens:g} x in_features routed calibration tokens and were quantized with RTN: {', '.join(self._few)} "
                 "(more --samples, or the recipe option expert_min_tokens, changes this)"
             )
         if self._damped:
             ctx.warnings.append(
-                f"gptq: {len(self._damped)} expert linear(s) of {ctx.name} saw fewer than {self.expert_damp_tokens:g} x "
-                f"in_features routed calibration tokens and were solved with damp 1.0: {', '.join(self._damped)} "
+                f"gptq: {len(self._damped)} expert linear(s) of {ctx.name} saw fewer than "
+                f"{self.opts.expert_damp_tokens:g} x in_features routed calibration tokens and were solved with damp 1.0: {', '.join(self._damped)} "
                 "(more --samples, or the recipe option expert_damp_tokens, changes this)"
             )
 
@@ -183,16 +161,16 @@ class GPTQ(Method):
             ctx.warnings.append(f"{', '.join(names)}: saw no calibration tokens; quantized with RTN instead of GPTQ")
             return
         experts = ctx.spec.experts.path if ctx.spec is not None and ctx.spec.experts is not None else None
-        damp = self.damp
+        damp = self.opts.damp
         if experts and f".{experts}." in names[0]:  # few routed tokens: RTN, or a heavily damped solve
             in_f = ctx.linears[names[0]].in_features
             label = ", ".join(f"{n.removeprefix(ctx.name + '.')} ({stats.count})" for n in names)
-            if stats.count < self.expert_min_tokens * in_f:
+            if stats.count < self.opts.expert_min_tokens * in_f:
                 for n in names:
                     self._rtn(ctx, n)
                 self._few.append(label)
                 return
-            if stats.count < self.expert_damp_tokens * in_f and damp < 1.0:
+            if stats.count < self.opts.expert_damp_tokens * in_f and damp < 1.0:
                 damp = 1.0
                 self._damped.append(label)
         h = stats.hessian
@@ -205,8 +183,8 @@ class GPTQ(Method):
             w = ws[0] if len(ws) == 1 else torch.cat(ws)  # w: (sum of out, in)
             try:
                 res = gptq_quantize(
-                    w, h, args, damp=damp, block_size=self.block_size, act_order=self.act_order,
-                    scale_dtype=ws[0].dtype, backend=self.backend,
+                    w, h, args, damp=damp, block_size=self.opts.block_size, act_order=self.opts.act_order,
+                    scale_dtype=ws[0].dtype, backend=self.opts.backend,
                 )
             except CholeskyError as e:
                 for n in group:

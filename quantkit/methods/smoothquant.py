@@ -27,18 +27,19 @@ so the next stage sees the smoothed inputs (H' = diag(1/s) H diag(1/s)).
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from quantkit.errors import RecipeError
 from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.methods.options import MethodOptions, Number, Numbers, option
 from quantkit.models.hooks import linear_input_hooks
 from quantkit.quant.awq import fold_scales
 from quantkit.quant.core import fake_quantize, fake_quantize_activations, quantize_weight
-from quantkit.recipe import ActQuantArgs, RecipeError
+from quantkit.quant.args import ActQuantArgs
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_GRID = tuple(round(0.1 * i, 2) for i in range(11))  # 0.0, 0.1, ..., 1.0
@@ -78,26 +79,22 @@ def _rescale_stats(stat, s: torch.Tensor) -> None:
         stat.xtx = stat.xtx * inv.view(-1, 1) * inv.view(1, -1)
 
 
+@dataclass
+class SmoothQuantOptions(MethodOptions):
+    """alpha: the migration strength in [0, 1], or "auto": per block, the alpha_grid value with the
+    smallest fake-quantized output error."""
+
+    alpha: float | str = option(DEFAULT_ALPHA, Number(0, 1, auto=True, parse=True))
+    alpha_grid: tuple[float, ...] = option(DEFAULT_GRID, Numbers(0, 1))
+
+
 @register_method("smoothquant")
 class SmoothQuant(Method):
     stats = frozenset({"abs_max"})
-    options = ("alpha", "alpha_grid")
+    Options = SmoothQuantOptions
 
     def __init__(self, scheme, **options: Any):
         super().__init__(scheme, **options)
-        alpha = options.get("alpha", DEFAULT_ALPHA)
-        if isinstance(alpha, str) and alpha != "auto":
-            try:
-                alpha = float(alpha)
-            except ValueError:
-                raise RecipeError(f"smoothquant alpha={short_repr(alpha)} must be a number in [0, 1] or 'auto'") from None
-        if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise RecipeError(f"smoothquant alpha={short_repr(alpha)} must be a number in [0, 1] or 'auto'")
-        self.alpha = alpha
-        grid = options.get("alpha_grid", DEFAULT_GRID)
-        if not grid or not all(isinstance(a, (int, float)) and 0.0 <= a <= 1.0 for a in grid):
-            raise RecipeError(f"smoothquant alpha_grid={short_repr(grid)} must be a non-empty list of numbers in [0, 1]")
-        self.grid = tuple(float(a) for a in grid)
         self.chosen: dict[str, float] = {}  # block name -> alpha used (the artifact of an auto search)
 
     def _groups(self, ctx: BlockContext) -> list[tuple[nn.Module, list[str], list[nn.Module]]]:
@@ -139,8 +136,8 @@ class SmoothQuant(Method):
         act = self.scheme.input_activations or ActQuantArgs(8, "token", dynamic=True)
         if not act.dynamic:  # static scales do not exist yet: a per-tensor scale of each batch stands in
             act = ActQuantArgs(act.bits, "tensor", dynamic=True)
-        best, best_err = self.grid[0], float("inf")
-        for alpha in self.grid:
+        best, best_err = self.opts.alpha_grid[0], float("inf")
+        for alpha in self.opts.alpha_grid:
             self._restore(groups, norms, params, extras, ctx)
             for (nm, names, ex), s in zip(groups, self._scales(ctx, groups, alpha)):
                 fold_smoothing(nm, [ctx.linears[n] for n in names] + ex, s, ctx.spec.norm_offset)
@@ -169,7 +166,7 @@ class SmoothQuant(Method):
         if ctx.spec is None:
             raise RecipeError("smoothquant needs the model's scale groups (an ArchSpec)")
         groups = self._groups(ctx)
-        alpha = self._search_alpha(ctx, groups) if self.alpha == "auto" and groups else self.alpha
+        alpha = self._search_alpha(ctx, groups) if self.opts.alpha == "auto" and groups else self.opts.alpha
         if groups:
             self.chosen[ctx.name] = float(alpha)
             for (norm, names, ex), s in zip(groups, self._scales(ctx, groups, float(alpha))):

@@ -30,42 +30,21 @@ rotated float weights; as the final stage it also quantizes with RTN per block.
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from quantkit.models.adapter import head_dim_of
+from quantkit.methods._spin_rotate import fold_rotations, initial_rotations, make_rotation_ready
+from quantkit.methods._spin_train import ESTIMATORS, OBJECTIVES, train_rotations
+from quantkit.errors import RecipeError
 from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.methods.options import Int, MethodOptions, Number, OneOf, option
 from quantkit.quant import rotation as rot
 from quantkit.quant.core import quantize_weight
-from quantkit.recipe import RecipeError
 
 ROTATIONS = ("learned", "hadamard", "none")
-DEFAULTS: dict[str, Any] = {
-    "rotation": "hadamard",
-    "iters": 100,  # learned: optimizer steps (the paper uses 100 on 800 samples; fewer on CPU)
-    "optimizer": "cayley-sgd",  # learned: SpinQuant's Riemannian SGD on R, or "adam" on Cayley parameters
-    "lr": "auto",  # learned: auto = the optimizer's LEARNING_RATES entry
-    "train_samples": 1024,  # learned: at most; bounded by the calibration rows minus the held-out ones
-    "train_seqlen": 512,
-    "batch_size": 1,
-    "seed": 0,
-    "online": "auto",  # R3/R4: auto = when the scheme quantizes activations or the KV cache
-    "reproject_tol": 1e-4,
-    # learned: weights in the training loss. auto = float when a later stage (GPTQ) quantizes
-    # them and the scheme quantizes activations/KV (SpinQuant's W16A4KV4 recipe), else RTN fake-quant
-    "train_weights": "auto",
-    # learned: gradient of the activation/KV fake-quant: "ste" (identity, as SpinQuant) or "scale"
-    # (also through the per-token scale, so fewer outliers pay off in the loss; see _spin_train)
-    "estimator": "ste",
-    # learned: "ce" (next-token cross-entropy, SpinQuant's) or "kl" (distil the float model's logits)
-    "objective": "ce",
-    "val_samples": 24,  # learned: calibration sequences held out of training, scored every val_every steps
-    "val_every": 20,
-}
 TRAIN_WEIGHTS = ("auto", "quantized", "float")
 # cayley-sgd: the paper's 1.5 (each step is also capped at |a W|_1 <= 1); adam: per-entry steps, so small
 LEARNING_RATES = {"cayley-sgd": 1.5, "adam": 1e-4}
@@ -76,153 +55,37 @@ TUNED = {"W4A16": {"optimizer": "cayley-sgd", "estimator": "ste", "objective": "
          "W4A4KV4": {"optimizer": "adam", "estimator": "scale", "objective": "ce", "batch_size": 8, "iters": 300}}
 
 
-def _head_dims(config) -> tuple[int, int, int]:
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return heads, kv_heads, head_dim_of(config)
+@dataclass
+class SpinQuantOptions(MethodOptions):
+    """A spinquant recipe stage's options ("learned:" = only read by rotation learned)."""
 
+    rotation: str = option("hadamard", OneOf(ROTATIONS))
+    iters: int = option(100, Int(1))  # learned: optimizer steps (the paper uses 100 on 800 samples; fewer on CPU)
+    # learned: SpinQuant's Riemannian SGD on R, or "adam" on Cayley parameters
+    optimizer: str = option("cayley-sgd", OneOf(tuple(LEARNING_RATES)))
+    # learned: auto (or null) = the optimizer's LEARNING_RATES entry, resolved on construction
+    lr: float | str = option("auto", Number(0, low_open=True, auto=True), optional=True)
+    train_samples: int = option(1024, Int(1))  # learned: at most; bounded by the calibration rows minus the held-out
+    train_seqlen: int = option(512, Int(1))
+    batch_size: int = option(1, Int(1))
+    seed: int = option(0, Int(0))
+    # R3/R4: auto = when the scheme quantizes activations or the KV cache
+    online: bool | str = option("auto", OneOf(("auto", True, False)))
+    reproject_tol: float = option(1e-4, Number(0, low_open=True))
+    # learned: weights in the training loss. auto = float when a later stage (GPTQ) quantizes
+    # them and the scheme quantizes activations/KV (SpinQuant's W16A4KV4 recipe), else RTN fake-quant
+    train_weights: str = option("auto", OneOf(TRAIN_WEIGHTS))
+    # learned: gradient of the activation/KV fake-quant: "ste" (identity, as SpinQuant) or "scale"
+    # (also through the per-token scale, so fewer outliers pay off in the loss; see _spin_train)
+    estimator: str = option("ste", OneOf(ESTIMATORS))
+    # learned: "ce" (next-token cross-entropy, SpinQuant's) or "kl" (distil the float model's logits)
+    objective: str = option("ce", OneOf(OBJECTIVES))
+    val_samples: int = option(24, Int(0))  # learned: calibration rows held out of training, scored every val_every
+    val_every: int = option(20, Int(1))
 
-# ----------------------------------------------------------------------------- model transforms
-
-
-@torch.no_grad()
-def untie_embeddings(model: nn.Module) -> bool:
-    """Give the LM head its own weight when it shares the embeddings'; True if it did."""
-    from quantkit.models.adapter import ModelAdapter
-
-    ad = ModelAdapter.for_model(model)
-    head, emb = ad.lm_head(), ad.embed()
-    cfgs = [model.config] + ([model.config.get_text_config()] if hasattr(model.config, "get_text_config") else [])
-    tied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
-    for c in cfgs:
-        c.tie_word_embeddings = False
-    if not tied:
-        return False
-    head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-    return True
-
-
-@torch.no_grad()
-def make_rotation_ready(model: nn.Module) -> None:
-    """Fold every RMSNorm weight into its consumers (norm weight -> 1) and untie the LM head. Exact in float."""
-    from quantkit.models.adapter import ModelAdapter
-
-    ad = ModelAdapter.for_model(model)
-    roles = ad.spec.rotation
-    if roles is None:
-        why = f": {ad.spec.no_rotation}" if ad.spec.no_rotation else ""
-        raise RecipeError(
-            f"spinquant cannot rotate model type {short_repr(model.config.model_type)}{why}; "
-            "use awq, gptq or rtn for this model"
-        )
-    untie_embeddings(model)
-    off = ad.spec.norm_offset
-    for blk in ad.blocks():
-        for norm_rel, consumers in roles.norms:
-            norm = blk.get_submodule(norm_rel)
-            _fold_norm(norm, [blk.get_submodule(c) for c in consumers], off)
-    _fold_norm(ad.final_norm(), [ad.lm_head()], off)
-
-
-def _fold_norm(norm: nn.Module, linears: list[nn.Linear], offset: float = 0.0) -> None:
-    """The norm's gain (offset + weight) moves into its consumers; the norm then scales by 1."""
-    if getattr(norm, "bias", None) is not None:
-        raise RecipeError("spinquant folds RMSNorm only; this model's norm has a bias (LayerNorm)")
-    g = norm.weight.detach().float() + offset
-    for lin, w in zip(linears, rot.fold_norm_into_linears(g, [lin.weight.detach().float() for lin in linears])):
-        lin.weight.copy_(w.to(lin.weight.dtype))
-    norm.weight.fill_(1.0 - offset)
-
-
-def rotated_tensors(
-    model: nn.Module,
-    r1: torch.Tensor | None,
-    r2: list[torch.Tensor] | None,
-    r4: torch.Tensor | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """Parameter name -> rotated tensor for every tensor R1/R2/R4 touch (the model is not changed).
-
-    A pure function of the current weights and the rotations (differentiable in r1, r2):
-    the learned training calls it every step, `fold_rotations` once. r1: (hidden, hidden);
-    r2: one (head_dim, head_dim) per layer; r4: (intermediate, intermediate) folded into
-    the mlp_out input (its online counterpart must then be attached). Math in `dtype`
-    (default float32), results in each parameter's dtype.
-    """
-    from quantkit.models.adapter import ModelAdapter
-
-    ad = ModelAdapter.for_model(model)
-    roles = ad.spec.rotation
-    _, _, head_dim = _head_dims(model.config)
-    cdt = dtype or torch.float32
-    out: dict[str, torch.Tensor] = {}
-
-    def w_of(mod):
-        return mod.weight.to(cdt)
-
-    def b_of(mod):
-        return None if getattr(mod, "bias", None) is None else mod.bias.to(cdt)
-
-    def put(prefix: str, mod: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
-        out[f"{prefix}.weight"] = w.to(mod.weight.dtype)
-        if b is not None:
-            out[f"{prefix}.bias"] = b.to(mod.bias.dtype)
-
-    r1c = None if r1 is None else r1.to(cdt)
-    if r1c is not None:
-        emb = ad.embed()
-        out[f"{ad.spec.embed}.weight"] = (w_of(emb) @ r1c).to(emb.weight.dtype)  # rows are residual vectors
-        head = ad.lm_head()
-        put(ad.spec.lm_head, head, rot.rotate_input(w_of(head), r1c), b_of(head))
-    for i, blk in enumerate(ad.blocks()):
-        prefix = ad.block_name(i)
-        r2i = None if r2 is None else r2[i].to(cdt)
-        for rel in dict.fromkeys(roles.reads_residual + roles.writes_residual):
-            mod = blk.get_submodule(rel)
-            w, b = w_of(mod), b_of(mod)
-            changed = False
-            if rel == roles.attn_out and r2i is not None:
-                w, changed = rot.rotate_heads_input(w, r2i, head_dim), True
-            if rel == roles.mlp_out and r4 is not None:
-                w, changed = rot.rotate_input(w, r4.to(cdt)), True
-            if r1c is not None and rel in roles.reads_residual:
-                w, changed = rot.rotate_input(w, r1c), True
-            if r1c is not None and rel in roles.writes_residual:
-                (w, b), changed = rot.rotate_output(w, b, r1c), True
-            if rel == roles.value and r2i is not None:
-                if roles.value_part is None:
-                    (w, b), changed = rot.rotate_heads_output(w, b, r2i, head_dim), True
-                else:  # only the V rows of a fused linear (Phi-3's qkv_proj)
-                    rows = ad.part_rows(rel, roles.value_part)
-                    wv, bv = rot.rotate_heads_output(w[rows], None if b is None else b[rows], r2i, head_dim)
-                    w = torch.cat([w[: rows.start], wv, w[rows.stop:]])
-                    if b is not None:
-                        b = torch.cat([b[: rows.start], bv, b[rows.stop:]])
-                    changed = True
-            if changed:
-                put(f"{prefix}.{rel}", mod, w, b)
-    return out
-
-
-@torch.no_grad()
-def fold_rotations(model: nn.Module, r1, r2, r4=None) -> None:
-    """Write `rotated_tensors` into the model's parameters (offline folding: zero run-time cost)."""
-    new = rotated_tensors(model, r1, r2, r4)
-    params = dict(model.named_parameters())
-    for name, t in new.items():
-        params[name].copy_(t.to(params[name].device))
-
-
-def initial_rotations(model: nn.Module, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """R1 (random Hadamard of the hidden size) and one random-Hadamard R2 per layer (head_dim), float32."""
-    from quantkit.models.adapter import ModelAdapter
-
-    ad = ModelAdapter.for_model(model)
-    _, _, head_dim = _head_dims(model.config)
-    r1 = rot.random_hadamard(model.config.hidden_size, seed)
-    r2 = [rot.random_hadamard(head_dim, seed + 1 + i) for i in range(len(ad.blocks()))]
-    return r1, r2
+    def __post_init__(self) -> None:
+        if self.lr in ("auto", None):
+            self.lr = LEARNING_RATES[self.optimizer]
 
 
 def split_held_out(input_ids: torch.Tensor, train_samples: int, val_samples: int):
@@ -240,86 +103,61 @@ def split_held_out(input_ids: torch.Tensor, train_samples: int, val_samples: int
 
 @register_method("spinquant")
 class SpinQuant(Method):
-    options = tuple(DEFAULTS)
+    Options = SpinQuantOptions
     needs_rotation_roles = True
 
     def __init__(self, scheme, **options: Any):
         super().__init__(scheme, **options)
-        o = {**DEFAULTS, **options}
-        if o["rotation"] not in ROTATIONS:
-            raise RecipeError(f"spinquant rotation={short_repr(o['rotation'])} is unknown; use one of {', '.join(ROTATIONS)}")
-        for k in ("iters", "train_samples", "train_seqlen", "batch_size", "val_every"):
-            if not isinstance(o[k], int) or isinstance(o[k], bool) or o[k] < 1:
-                raise RecipeError(f"spinquant {k}={short_repr(o[k])} must be a positive integer")
-        if not isinstance(o["val_samples"], int) or isinstance(o["val_samples"], bool) or o["val_samples"] < 0:
-            raise RecipeError(f"spinquant val_samples={short_repr(o['val_samples'])} must be 0 (no held-out check) or more")
-        from quantkit.methods._spin_train import ESTIMATORS, OBJECTIVES
-
-        if o["objective"] not in OBJECTIVES:
-            raise RecipeError(f"spinquant objective={short_repr(o['objective'])} must be one of {', '.join(OBJECTIVES)}")
-
-        if o["estimator"] not in ESTIMATORS:
-            raise RecipeError(f"spinquant estimator={short_repr(o['estimator'])} must be one of {', '.join(ESTIMATORS)}")
-        if o["train_weights"] not in TRAIN_WEIGHTS:
-            raise RecipeError(
-                f"spinquant train_weights={short_repr(o['train_weights'])} must be one of {', '.join(TRAIN_WEIGHTS)}")
-        if o["optimizer"] not in LEARNING_RATES:
-            raise RecipeError(f"spinquant optimizer={short_repr(o['optimizer'])} must be one of {', '.join(LEARNING_RATES)}")
-        if o["lr"] == "auto" or o["lr"] is None:
-            o["lr"] = LEARNING_RATES[o["optimizer"]]
-        if (not isinstance(o["lr"], (int, float)) or isinstance(o["lr"], bool) or not o["lr"] > 0
-                or o["lr"] == float("inf")):
-            raise RecipeError(f"spinquant lr={short_repr(o['lr'])} must be a positive number or auto")
-        if o["online"] not in ("auto", True, False):
-            raise RecipeError(f"spinquant online={short_repr(o['online'])} must be auto, true or false")
-        self.o = o
         self.artifacts: dict[str, Any] = {}
         self.online_rotations: dict[str, Any] | None = None
         self._handles: list = []
 
     @property
+    def o(self) -> SpinQuantOptions:
+        """The options by key (`o["rotation"]`), as the memory planner reads them."""
+        return self.opts
+
+    @property
     def uses_data(self) -> bool:
-        return self.o["rotation"] == "learned"
+        return self.opts.rotation == "learned"
 
     def train_quantized_weights(self) -> bool:
-        """Whether the training loss fake-quantizes the weights (see DEFAULTS["train_weights"])."""
-        if self.o["train_weights"] != "auto":
-            return self.o["train_weights"] == "quantized"
+        """Whether the training loss fake-quantizes the weights (see SpinQuantOptions.train_weights)."""
+        if self.opts.train_weights != "auto":
+            return self.opts.train_weights == "quantized"
         quantizes_runtime = self.scheme.input_activations is not None or self.scheme.kv_cache is not None
         return self.final or not quantizes_runtime  # without act/KV quant a float-weight loss ignores R
 
     def _online(self) -> tuple[bool, bool]:
         """(R3, R4) on or off."""
-        if self.o["rotation"] == "none":
+        if self.opts.rotation == "none":
             return False, False
-        if self.o["online"] == "auto":
+        if self.opts.online == "auto":
             return self.scheme.kv_cache is not None, self.scheme.input_activations is not None
-        return bool(self.o["online"]), bool(self.o["online"])
+        return bool(self.opts.online), bool(self.opts.online)
 
     def prepare_model(self, model: nn.Module, input_ids: torch.Tensor | None, device: torch.device,
                       on_step=None) -> None:
         """Rotate (and for "learned" first train) the whole float model in place; attach online R4."""
-        if self.o["rotation"] == "none":
+        if self.opts.rotation == "none":
             return
         from quantkit.models.hooks import attach_online_rotations, online_rotation_spec
 
         make_rotation_ready(model)
-        r1, r2 = initial_rotations(model, self.o["seed"])
+        r1, r2 = initial_rotations(model, self.opts.seed)
         use_r3, use_r4 = self._online()
         r4 = rot.normalized_hadamard(model.config.intermediate_size) if use_r4 else None
-        if self.o["rotation"] == "learned":
+        if self.opts.rotation == "learned":
             if input_ids is None:
                 raise RecipeError("spinquant rotation=learned needs calibration data")
-            from quantkit.methods._spin_train import train_rotations
-
-            train_ids, val_ids = split_held_out(input_ids, self.o["train_samples"], self.o["val_samples"])
+            train_ids, val_ids = split_held_out(input_ids, self.opts.train_samples, self.opts.val_samples)
             fit = train_rotations(
                 model, train_ids, self.scheme, r1, r2,
-                r3=use_r3, r4=r4, iters=self.o["iters"], lr=float(self.o["lr"]),
-                samples=self.o["train_samples"], seqlen=self.o["train_seqlen"], batch_size=self.o["batch_size"],
-                seed=self.o["seed"], reproject_tol=self.o["reproject_tol"], device=device, on_step=on_step,
-                quantize_weights=self.train_quantized_weights(), val_ids=val_ids, val_every=self.o["val_every"],
-                optimizer=self.o["optimizer"], estimator=self.o["estimator"], objective=self.o["objective"],
+                r3=use_r3, r4=r4, iters=self.opts.iters, lr=float(self.opts.lr),
+                samples=self.opts.train_samples, seqlen=self.opts.train_seqlen, batch_size=self.opts.batch_size,
+                seed=self.opts.seed, reproject_tol=self.opts.reproject_tol, device=device, on_step=on_step,
+                quantize_weights=self.train_quantized_weights(), val_ids=val_ids, val_every=self.opts.val_every,
+                optimizer=self.opts.optimizer, estimator=self.opts.estimator, objective=self.opts.objective,
             )
             r1, r2 = fit.r1, fit.r2
             self.artifacts["training"] = {

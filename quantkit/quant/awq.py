@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quantkit.quant.core import _grouped, compute_qparams, dequantize, group_size_for, quantize
-from quantkit.recipe import QuantArgs
+from quantkit.quant.args import QuantArgs
 
 # Scales are built from statistics normalised to mean 1 and floored here, so an
 # all-zero channel cannot produce a zero (then infinite, once folded) scale.

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.recipe import QuantArgs, RecipeError
-
-# Smallest scale we allow: keeps all-zero groups from dividing by zero.
-_MIN_SCALE = 1e-8
-
+from quantkit.errors import RecipeError
+from quantkit.kernels.numerics import (  # noqa: F401  (re-exported: the weight quantizer's definition)
+    _grouped,
+    compute_qparams,
+    group_size_for,
+    round_scale,  # noqa: F401
+)
+from quantkit.quant.args import QuantArgs
 
 @dataclass
 class QuantizedTensor:
@@ -37,59 +40,6 @@ class QuantizedTensor:
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         zero = None if self.zero is None else self.zero.to(device)
         return QuantizedTensor(self.q.to(device), self.scale.to(device), zero, self.args)
-
-
-def group_size_for(args: QuantArgs, in_features: int) -> int:
-    """The number of input columns sharing one scale (in_features for per-channel)."""
-    return in_features if args.group_size is None else args.group_size
-
-
-def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
-    # w: (out, in) -> (out, n_groups, g)
-    out_f, in_f = w.shape
-    if in_f % g:
-        raise ValueError(f"group size {g} does not divide in_features {in_f}")
-    return w.reshape(out_f, in_f // g, g)
-
-
-def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Scales as the checkpoint will store them: rounded to `dtype`, kept >0, returned as float32.
-
-    Checkpoints store scales in the model dtype; rounding here keeps the
-    in-memory model and the exported one bit-identical.
-    """
-    if dtype in (torch.float16, torch.bfloat16):
-        scale = scale.to(dtype).clamp_min(torch.finfo(dtype).tiny)
-    return scale.float().clamp_min(_MIN_SCALE)
-
-
-def compute_qparams(
-    w: torch.Tensor,
-    args: QuantArgs,
-    *,
-    shrink: torch.Tensor | float = 1.0,
-    scale_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min/max scales for w (out, in). Returns scale (out, n_groups) float32 and zero or None.
-
-    shrink scales the range before the scale is computed (clipping search); a
-    tensor must broadcast against (out, n_groups). scale_dtype (default: w's
-    dtype) is the dtype the scale will be stored in; scales are rounded to it.
-    """
-    g = group_size_for(args, w.shape[1])
-    wg = _grouped(w.float(), g)
-    sdt = scale_dtype or w.dtype
-    if args.symmetric:
-        amax = wg.abs().amax(dim=-1) * shrink
-        # Full signed range: [-2^(b-1), 2^(b-1)-1] spans 2^b - 1 steps around 0.
-        scale = round_scale(amax / ((args.qmax - args.qmin) / 2), sdt)
-        return scale, None
-    # The range always includes 0 so that 0 is exactly representable.
-    wmin = wg.amin(dim=-1).clamp_max(0) * shrink
-    wmax = wg.amax(dim=-1).clamp_min(0) * shrink
-    scale = round_scale((wmax - wmin) / (args.qmax - args.qmin), sdt)
-    zero = torch.round(args.qmin - wmin / scale).clamp(args.qmin, args.qmax)
-    return scale, zero.to(torch.int8)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.quant.core import QuantizedTensor, compute_qparams, group_size_for
-from quantkit.recipe import QuantArgs
+from quantkit.quant.args import QuantArgs
 
 # Damping tries: damp, damp*10, damp*100, damp*1000 (relative to the mean H diagonal).
 DAMP_TRIES = 4
@@ -188,6 +188,26 @@ def _pick_backend(backend: str, cdt: torch.dtype, device: torch.device, args: Qu
     raise ValueError(problem)
 
 
+def _factor_damped(H, dead, perm, finite, mean_diag, n_dead, damp: float, cdt):
+    """(U, damp used, dead columns): the Cholesky factor of the damped H^-1, damping raised x10 up to
+    DAMP_TRIES times until H is positive definite. One host sync per try (all checks read at once)."""
+    used, U = damp, None
+    for t in range(DAMP_TRIES if damp > 0 else 1):  # x10 of 0 is still 0: one try
+        used = damp * 10.0**t
+        U, ok = _factor(H, dead, perm, used * mean_diag, cdt)
+        is_finite, mean_val, ok_val, dead_val = torch.stack(
+            [finite.to(cdt), mean_diag, ok.to(cdt), n_dead.to(cdt)]).tolist()
+        if t == 0:
+            if not is_finite:
+                raise CholeskyError("Hessian has NaN/Inf entries (overflowing activations?)")
+            if not mean_val > 0:
+                raise CholeskyError(
+                    f"Hessian diagonal has mean {mean_val:g} <= 0; damping cannot make it positive definite")
+        if ok_val:
+            return U, used, dead_val
+    raise CholeskyError(f"Hessian is not positive definite even with damp {used:g}")
+
+
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -253,24 +273,7 @@ def gptq_quantize(
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
     del diag
 
-    # Factor with rising damping; one host sync per try (all checks read at once).
-    used, U = damp, None
-    for t in range(DAMP_TRIES if damp > 0 else 1):  # x10 of 0 is still 0: one try
-        used = damp * 10.0**t
-        U, ok = _factor(H, dead, perm, used * mean_diag, cdt)
-        is_finite, mean_val, ok_val, dead_val = torch.stack(
-            [finite.to(cdt), mean_diag, ok.to(cdt), n_dead.to(cdt)]).tolist()
-        if t == 0:
-            if not is_finite:
-                raise CholeskyError("Hessian has NaN/Inf entries (overflowing activations?)")
-            if not mean_val > 0:
-                raise CholeskyError(
-                    f"Hessian diagonal has mean {mean_val:g} <= 0; damping cannot make it positive definite")
-        if ok_val:
-            break
-        U = None
-    if U is None:
-        raise CholeskyError(f"Hessian is not positive definite even with damp {used:g}")
+    U, used, dead_val = _factor_damped(H, dead, perm, finite, mean_diag, n_dead, damp, cdt)
 
     wd = w.detach().to(dev)
     if static:
@@ -279,21 +282,22 @@ def gptq_quantize(
         n_groups = in_f // g
         scale = torch.empty(out_f, n_groups, dtype=torch.float32, device=dev)
         zero = None if args.symmetric else torch.empty(out_f, n_groups, dtype=torch.int8, device=dev)
-    W = _solve_order_weights(wd, perm, dead, cdt)
+
+    def solve(fn) -> torch.Tensor:  # on fresh solve-order weights (a failed Triton solve may have updated its copy)
+        return fn(_solve_order_weights(wd, perm, dead, cdt), U, scale, zero, perm, args, g, static, sdt, block_size)
+
     if solver == "triton":
         try:
-            Q = _solve_triton(W, U, scale, zero, perm, args, g, static, sdt, block_size)
+            Q = solve(_solve_triton)
         except Exception as e:  # noqa: BLE001 - only "auto" falls back; an explicit "triton" raises
             if backend != "auto":
                 raise
             _warn_fallback(e)
             solver = "torch"
-            W = _solve_order_weights(wd, perm, dead, cdt)  # the failed solve may have updated W
-            Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size)
-    else:
-        Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size)
-    del wd
-    del W, U
+    if solver == "torch":
+        Q = solve(_solve_torch)
+    del solve
+    wd = U = None  # free them before the error pass (U is in x in)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     qt = QuantizedTensor(Q, scale, zero, args)

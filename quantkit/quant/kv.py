@@ -17,57 +17,16 @@ beside its INT8 entry; dequantization adds it back.
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
 from dataclasses import dataclass
 
 import torch
 
-_MIN_SCALE = 1e-8
-
-
-def _qmax(bits: int) -> int:
-    return (1 << (bits - 1)) - 1
-
-
-def static_scale(amax: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Static scale from a calibrated max|x| (any shape that broadcasts against x): amax / qmax."""
-    return (amax.float() / _qmax(bits)).clamp_min(_MIN_SCALE)
-
-
-def channel_amax(x: torch.Tensor) -> torch.Tensor:
-    """max|x| per (kv_head, channel) over batch and sequence. x: (b, h, s, d) -> (h, d)."""
-    return x.detach().float().abs().amax(dim=(0, 2))
-
-
-def kv_scale(x: torch.Tensor, strategy: str, bits: int = 8, static: torch.Tensor | None = None) -> torch.Tensor:
-    """The scale that quantizes x (b, h, s, d), broadcastable to x.
-
-    "token": (b, h, s, 1) from x itself. "channel": static (h, d) -> (1, h, 1, d).
-    "tensor": static scalar (or (h, d), reduced to its max).
-    """
-    if strategy == "token":
-        return static_scale(x.float().abs().amax(dim=-1, keepdim=True), bits)
-    if static is None:
-        raise ValueError(f"KV strategy {short_repr(strategy)} needs calibrated static scales")
-    static = static.float().to(x.device)
-    if strategy == "channel":
-        h, d = x.shape[1], x.shape[3]
-        if tuple(static.shape) != (h, d):
-            raise ValueError(f"per-channel KV scale shape {tuple(static.shape)} != (kv_heads, head_dim) {(h, d)}")
-        return static.view(1, h, 1, d)
-    if strategy == "tensor":
-        return static.max().reshape(1, 1, 1, 1)
-    raise ValueError(f"unknown KV strategy {short_repr(strategy)}")
-
-
-def quantize_kv(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Signed integers of x's shape (int8): `quantize_symmetric_ref` (quantkit.kernels.act_quant),
-    the quantizer the activations and the kernels use: ties away from zero, range [-qmax, qmax]."""
-    from quantkit.kernels.act_quant import quantize_symmetric_ref
-
-    return quantize_symmetric_ref(x, scale, _qmax(bits))
-
+from quantkit.kernels.numerics import (  # noqa: F401  (re-exported: the KV quantizer's definition)
+    channel_amax,
+    kv_scale,
+    quantize_kv,
+    static_scale,
+)
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Float32 q * scale."""

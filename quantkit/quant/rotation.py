@@ -19,17 +19,12 @@ import math
 
 import torch
 
+from quantkit.kernels.numerics import (  # noqa: F401  (re-exported: the Hadamard orders' definition)
+    _hadamard_factors,
+    _paley1,
+)
+
 # ----------------------------------------------------------------------------- Hadamard matrices
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
-def _is_prime(q: int) -> bool:
-    if q < 2:
-        return False
-    return all(q % d for d in range(2, int(math.isqrt(q)) + 1))
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -37,37 +32,6 @@ def _sylvester(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
-
-
-def _paley1(q: int) -> torch.Tensor:
-    """Paley construction I: a Hadamard matrix of order q + 1 for a prime q = 3 (mod 4)."""
-    residues = {(i * i) % q for i in range(1, q)}
-    chi = torch.tensor([0.0] + [1.0 if a in residues else -1.0 for a in range(1, q)], dtype=torch.float64)
-    idx = torch.arange(q)
-    jacobsthal = chi[(idx.view(1, -1) - idx.view(-1, 1)) % q]  # Q[i, j] = chi(j - i), skew for q = 3 mod 4
-    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    s[0, 1:] = 1.0
-    s[1:, 0] = -1.0
-    s[1:, 1:] = jacobsthal
-    return s + torch.eye(q + 1, dtype=torch.float64)
-
-
-def paley_orders(limit: int) -> list[int]:
-    """Orders q + 1 <= limit with q prime, q = 3 (mod 4), that are not powers of two: 12, 20, 24, 44, 48, 60, ..."""
-    return [q + 1 for q in range(3, limit) if q % 4 == 3 and _is_prime(q) and not _is_pow2(q + 1)]
-
-
-@functools.lru_cache(maxsize=32)
-def _hadamard_factors(n: int) -> tuple[int, ...] | None:
-    """(p, m1, m2, ...): n = p * m1 * m2 ..., p a power of two, each m a Paley order; None if none found."""
-    if _is_pow2(n):
-        return (n,)
-    for m in paley_orders(n + 1):
-        if n % m == 0:
-            rest = _hadamard_factors(n // m)
-            if rest is not None:
-                return rest + (m,)
-    return None
 
 
 def has_hadamard(n: int) -> bool:
