@@ -40,10 +40,14 @@ def _speed(args) -> None:
     sq.make_rotation_ready(model)
     r1, r2 = sq.initial_rotations(model, 0)
     scheme = PRESETS[args.scheme]
-    from quantkit.methods.spinquant import LEARNING_RATES, TUNED
+    from quantkit.methods.spinquant_settings import tuned_options
 
-    args.iters = TUNED[args.scheme]["iters"] if args.iters == "auto" else int(args.iters)
-    args.train_batch = args.train_batch or TUNED[args.scheme]["batch_size"]
+    # The "auto" choices resolved as `quantkit spinquant` resolves them.
+    tuned = tuned_options(args.scheme, optimizer=args.optimizer.split(",")[0], estimator=args.estimator.split(",")[0],
+                          objective=args.objective, iters=_int_or_auto(str(args.iters)), batch_size=args.train_batch,
+                          lr=args.lr if args.lr == "auto" else float(args.lr))
+    args.iters, args.train_batch = tuned["iters"], tuned["batch_size"]
+    opt, est, obj = tuned["optimizer"], tuned["estimator"], tuned["objective"]
     use_act = scheme.input_activations is not None
     r4 = normalized_hadamard(model.config.intermediate_size) if use_act else None
     g = torch.Generator().manual_seed(0)
@@ -51,17 +55,12 @@ def _speed(args) -> None:
                         generator=g)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    opt = args.optimizer.split(",")[0]
-    opt = TUNED[args.scheme]["optimizer"] if opt == "auto" else opt  # as `quantkit spinquant` picks
-    est = args.estimator.split(",")[0]
-    est = TUNED[args.scheme]["estimator"] if est == "auto" else est
     stage = sq.SpinQuant(scheme, rotation="learned", train_weights=args.train_weights.split(",")[0])
     stage.final = False  # as in the recipes: GPTQ follows
     quantize_weights = stage.train_quantized_weights()
-    obj = TUNED[args.scheme]["objective"] if args.objective == "auto" else args.objective
     log = train_rotations(
         model, ids, scheme, r1, r2, r3=scheme.kv_cache is not None, r4=r4, iters=int(args.iters), optimizer=opt,
-        lr=LEARNING_RATES[opt] if args.lr == "auto" else float(args.lr), estimator=est,
+        lr=tuned["lr"], estimator=est,
         quantize_weights=quantize_weights, objective=obj, batch_size=args.train_batch,
         samples=args.train_samples, seqlen=args.train_seqlen, device=dev,
         on_step=lambda i, n, name, msg: print(f"{name} {i + 1}/{n}: {msg}", flush=True),
@@ -136,7 +135,7 @@ def main() -> None:
 
     from quantkit import api
     from quantkit.calib.data import calibration_set
-    from quantkit.cli.spinquant import build_recipe
+    from quantkit.methods.spinquant_settings import build_recipe
     from quantkit.models.loading import LoadedModel, resolve_device
     from quantkit.recipe import Recipe, Stage
 

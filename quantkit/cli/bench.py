@@ -70,7 +70,7 @@ def bench_cmd(
         raise UsageError("--layers must be >= 1")
     if not 0 <= mixed_fraction < 1:
         raise UsageError("--mixed-fraction must be in [0, 1)")
-    from quantkit.cli.validate import check_device, check_output_file
+    from quantkit.validate import check_device, check_output_file
 
     check_output_file("--json", json_out)
     check_device(device)

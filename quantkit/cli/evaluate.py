@@ -76,7 +76,7 @@ def eval_cmd(
         raise UsageError("--fallback needs --runtime (the monitor runs on the runtime)")
 
     from quantkit.api import EvalConfig
-    from quantkit.cli.validate import check_eval_options
+    from quantkit.validate import check_eval_options
 
     # Everything that can be refused without loading a model: one line, exit 2, before any work.
     check_eval_options(
@@ -85,7 +85,7 @@ def eval_cmd(
         models=([baseline] if baseline else []) + list(models or [None]),
     )
     if fallback or use_runtime:
-        from quantkit.cli.validate import check_float
+        from quantkit.validate import check_float
 
         check_float("--kl-threshold", kl_threshold, min=0, min_open=True)
         check_float("--skew-threshold", skew_threshold, min=0, min_open=True)

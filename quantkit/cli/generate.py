@@ -46,7 +46,7 @@ def generate_cmd(
     """Generate from a checkpoint on quantkit's runtime; one prompt streams its tokens as they come.
 
     The runtime runs the Triton kernels on a GPU and their torch references on CPU."""
-    from quantkit.cli.validate import check_device, check_dtype, check_float, check_output_file
+    from quantkit.validate import check_device, check_dtype, check_float, check_output_file
 
     check_generation_options(max_new_tokens, temperature, top_p)
     if not prompt:

@@ -190,7 +190,7 @@ def _preflight(recipe, *, model, out, partial, calib, device, dtype, format, ove
     (streamed or not, where the activations go)."""
     from quantkit import api
     from quantkit.calib.resume import check_partial_dir, remove_stale_trash
-    from quantkit.cli import validate as v
+    from quantkit import validate as v
     from quantkit.export.atomic import check_output_dir, recover_stale
     from quantkit.recipe import check_methods
 
@@ -384,7 +384,7 @@ def run_command(
 ) -> dict:
     """A method command's run: the shared CLI options -> CalibConfig/EvalConfig -> run_recipe."""
     from quantkit.api import CalibConfig, EvalConfig
-    from quantkit.cli import validate as v
+    from quantkit import validate as v
 
     # Checked even without --eval: a value no run could use is a typo worth hearing about now.
     v.check_windows("--windows", windows)

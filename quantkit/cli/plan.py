@@ -58,7 +58,7 @@ def plan_cmd(
     from quantkit.plan import model_config, plan_run
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
-    from quantkit.cli import validate as chk
+    from quantkit import validate as chk
 
     chk.check_samples_batch(samples, batch_size)
     chk.check_seqlen("--seqlen", seqlen)

@@ -98,7 +98,7 @@ def awq(
     Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
-    from quantkit.cli import validate as v
+    from quantkit import validate as v
 
     from quantkit.methods.awq import MAX_GRID
 
@@ -132,7 +132,7 @@ def gptq(
     Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
-    from quantkit.cli import validate as v
+    from quantkit import validate as v
 
     v.check_float("--damp", damp, min=0, max=1, min_open=True, note=" (a fraction of the mean Hessian diagonal)")
     v.check_int("--block-size", block_size, min=1)

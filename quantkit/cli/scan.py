@@ -86,7 +86,7 @@ def scan(
     if scheme not in PRESETS:
         raise RecipeError(f"unknown --scheme {short_repr(scheme)}; use one of {', '.join(PRESETS)}")
     sch = PRESETS[scheme]
-    from quantkit.cli import validate as chk
+    from quantkit import validate as chk
 
     chk.check_int("--group-size", group_size, min=1)
     if group_size is not None or sym is not None:  # match the method command's --group-size / --asym

@@ -57,7 +57,7 @@ def smoothquant(
     ] = "int8",
 ):
     """SmoothQuant W8A8: smooth activation outliers into the weights, W8 per-channel, A8 per-token (or static)."""
-    from quantkit.cli import validate as v
+    from quantkit import validate as v
     from quantkit.errors import short
     from quantkit.recipe import RecipeError
 
