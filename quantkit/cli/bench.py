@@ -103,7 +103,7 @@ def bench_cmd(
                   "" if r["fallback_rate"] is None else f"{r['fallback_rate']:.1%}")
     console.print(t)
     if json_out is not None:
-        from quantkit.cli.methods import write_text_atomic
+        from quantkit.run import write_text_atomic
 
         write_text_atomic(json_out, json.dumps({"rows": rows}, indent=2) + "\n")
 

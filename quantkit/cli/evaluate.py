@@ -11,7 +11,7 @@ import typer
 
 from quantkit.cli.options import DeviceOpt, DtypeOpt, TrustOpt
 from quantkit.cli.runtime_options import FallbackLayersOpt, HistOpt, KLOpt, SkewOpt, fallback_layers
-from quantkit.cli.ui import console, handle_errors, peak_rss_mib, status
+from quantkit.cli.ui import console, handle_errors, status
 
 
 @handle_errors
@@ -76,6 +76,7 @@ def eval_cmd(
         raise UsageError("--fallback needs --runtime (the monitor runs on the runtime)")
 
     from quantkit.api import EvalConfig
+    from quantkit.run import peak_rss_mib
     from quantkit.validate import check_eval_options
 
     # Everything that can be refused without loading a model: one line, exit 2, before any work.
@@ -132,7 +133,7 @@ def eval_cmd(
         t.add_row(r["role"], r["model"], simd, f"{r['ppl']:.4f}", rel, f"{r['seconds']:.1f}")
     console.print(t)
     if json_out is not None:
-        from quantkit.cli.methods import write_text_atomic
+        from quantkit.run import write_text_atomic
 
         write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")
 

@@ -111,7 +111,7 @@ def generate_cmd(
         err_console.print(f"  fallback: request {s['request']} -> FP16 at token {s['token']} ({s['layer']}: "
                           f"{s['statistic']} = {s['value']:.3g})", highlight=False)
     if json_out is not None:
-        from quantkit.cli.methods import write_text_atomic
+        from quantkit.run import write_text_atomic
 
         write_text_atomic(json_out, json.dumps({"prompts": texts, **res}, indent=2) + "\n")
 

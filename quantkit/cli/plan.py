@@ -123,7 +123,7 @@ def plan_cmd(
     if json_out is not None:
         import json
 
-        from quantkit.cli.methods import write_text_atomic
+        from quantkit.run import write_text_atomic
 
         write_text_atomic(json_out, json.dumps(p.to_dict(), indent=2) + "\n")
 
