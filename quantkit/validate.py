@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError, short
+from quantkit.errors import UsageError, short, short_repr
 from quantkit.export.atomic import nearest_existing
 
 FLOAT_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -53,6 +53,13 @@ def check_float(flag: str, value: float | None, *, min: float | None = None, max
         lo = "" if min is None else (f"> {min:g}" if min_open else f">= {min:g}")
         hi = "" if max is None else (f"< {max:g}" if max_open else f"<= {max:g}")
         raise OptionError(f"{flag} {value:g} must be {' and '.join(x for x in (lo, hi) if x)}{note}")
+
+
+def check_choice(flag: str, value: str, choices: Iterable[str]) -> None:
+    """`flag` must be one of `choices`."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise OptionError(f"{flag} {short_repr(value)} is not one of {', '.join(choices)}")
 
 
 def check_dtype(value: str) -> None:

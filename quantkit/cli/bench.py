@@ -28,10 +28,10 @@ def parse_batches(value: str) -> list[int]:
 def _scheme(name: str, group_size: Optional[int]):
     import dataclasses
 
-    from quantkit.recipe import PRESETS, RecipeError
+    from quantkit.recipe import PRESETS
+    from quantkit.validate import check_choice
 
-    if name not in PRESETS:
-        raise RecipeError(f"--scheme {name!r} is not one of {', '.join(PRESETS)}")
+    check_choice("--scheme", name, PRESETS)
     s = PRESETS[name]
     if group_size is not None:
         s = dataclasses.replace(s, weights=dataclasses.replace(s.weights, group_size=group_size or None))
