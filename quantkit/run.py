@@ -216,7 +216,7 @@ def _preflight(recipe, methods, o: RunOptions, say):
 
     api.check_export_format(recipe, o.format)
     _check_values(o)
-    _check_stream(recipe, o)
+    _check_combinations(recipe, o)
     for line in recover_stale(o.out):  # what a killed run left beside --out
         say(line)
     remove_stale_trash(o.out)
@@ -253,7 +253,7 @@ def _check_values(o: RunOptions) -> None:
     v.check_float("--shard-size", o.shard_size, min=0, max=2**20, min_open=True, note=" GiB")
 
 
-def _check_stream(recipe, o: RunOptions) -> None:
+def _check_combinations(recipe, o: RunOptions) -> None:
     """--stream against what needs the whole model in memory; --sensitive names a file."""
     if o.stream and o.eval_cfg is not None:
         raise v.OptionError("--eval scores the whole model in memory, which --stream avoids; drop one of them "

@@ -1,8 +1,9 @@
 """Option values checked before any work: one line naming the option and the fix, exit 2.
 
-Every command calls these on its numeric options, dtypes and output paths before it loads
-a model (and, where a bound comes from the model, after reading only its config). They
-never echo an unbounded user value (`quantkit.errors.short`). Imports stay light: no torch.
+Every command (and quantkit.run's checks before a method run) calls these on its numeric
+options, dtypes and output paths before it loads a model (and, where a bound comes from the
+model, after reading only its config). They never echo an unbounded user value
+(`quantkit.errors.short`). Imports stay light: no torch.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def check_eval_options(*, seqlen: int, windows: int, batch_size: int, json_out: 
                        data: str | None = None, dtype: str = "auto", device: str = "cpu",
                        kv_tau: float | None = None, calib_samples: int | None = None,
                        models: Iterable[str | None] = ()) -> None:
-    """Everything `quantkit eval` can check before loading a model (also used by method commands' --eval).
+    """Everything `quantkit eval` can check before loading a model.
 
     models: the model sources to be scored; --seqlen is checked against each one's
     max_position_embeddings (their configs only are read).
