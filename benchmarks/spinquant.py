@@ -40,10 +40,14 @@ def _speed(args) -> None:
     sq.make_rotation_ready(model)
     r1, r2 = sq.initial_rotations(model, 0)
     scheme = PRESETS[args.scheme]
-    from quantkit.methods.spinquant import LEARNING_RATES, TUNED
+    from quantkit.methods.spinquant_settings import tuned_options
 
-    args.iters = TUNED[args.scheme]["iters"] if args.iters == "auto" else int(args.iters)
-    args.train_batch = args.train_batch or TUNED[args.scheme]["batch_size"]
+    # The "auto" choices resolved as `quantkit spinquant` resolves them.
+    tuned = tuned_options(args.scheme, optimizer=args.optimizer.split(",")[0], estimator=args.estimator.split(",")[0],
+                          objective=args.objective, iters=_int_or_auto(str(args.iters)), batch_size=args.train_batch,
+                          lr=args.lr if args.lr == "auto" else float(args.lr))
+    args.iters, args.train_batch = tuned["iters"], tuned["batch_size"]
+    opt, est, obj = tuned["optimizer"], tuned["estimator"], tuned["objective"]
     use_act = scheme.input_activations is not None
     r4 = normalized_hadamard(model.config.intermediate_size) if use_act else None
     g = torch.Generator().manual_seed(0)
@@ -51,17 +55,12 @@ def _speed(args) -> None:
                         generator=g)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    opt = args.optimizer.split(",")[0]
-    opt = TUNED[args.scheme]["optimizer"] if opt == "auto" else opt  # as `quantkit spinquant` picks
-    est = args.estimator.split(",")[0]
-    est = TUNED[args.scheme]["estimator"] if est == "auto" else est
     stage = sq.SpinQuant(scheme, rotation="learned", train_weights=args.train_weights.split(",")[0])
     stage.final = False  # as in the recipes: GPTQ follows
     quantize_weights = stage.train_quantized_weights()
-    obj = TUNED[args.scheme]["objective"] if args.objective == "auto" else args.objective
     log = train_rotations(
         model, ids, scheme, r1, r2, r3=scheme.kv_cache is not None, r4=r4, iters=int(args.iters), optimizer=opt,
-        lr=LEARNING_RATES[opt] if args.lr == "auto" else float(args.lr), estimator=est,
+        lr=tuned["lr"], estimator=est,
         quantize_weights=quantize_weights, objective=obj, batch_size=args.train_batch,
         samples=args.train_samples, seqlen=args.train_seqlen, device=dev,
         on_step=lambda i, n, name, msg: print(f"{name} {i + 1}/{n}: {msg}", flush=True),
@@ -97,7 +96,7 @@ def _device_name(dev) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'x86'}, {torch.get_num_threads()} threads)"
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M)")
     ap.add_argument("--device", default="cpu")
@@ -124,7 +123,11 @@ def main() -> None:
     ap.add_argument("--scheme", default="W4A4KV4", help="speed mode: W4A4KV4 or W4A16")
     ap.add_argument("--only", default=None, help="comma list of rows to run: w4a4kv4,w4a16")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _parse_args()
     if args.shape:
         args.train_samples = args.train_samples or 1
         args.train_seqlen = args.train_seqlen or 2048
@@ -132,12 +135,10 @@ def main() -> None:
     args.train_samples = args.train_samples or args.samples
     args.train_seqlen = args.train_seqlen or args.seqlen
 
-    import torch
-
     from quantkit import api
     from quantkit.calib.data import calibration_set
-    from quantkit.cli.spinquant import build_recipe
-    from quantkit.models.loading import LoadedModel, resolve_device
+    from quantkit.methods.spinquant_settings import build_recipe
+    from quantkit.models.loading import resolve_device
     from quantkit.recipe import Recipe, Stage
 
     dev = resolve_device(args.device)
@@ -173,26 +174,7 @@ def main() -> None:
 
     kw = dict(train_samples=args.train_samples, train_seqlen=args.train_seqlen, val_samples=args.val_samples,
               val_every=args.val_every)
-    # learned rows: one per (iters, optimizer, lr, train-weights, estimator) combination of the comma lists,
-    # or the ";"-separated list of --configs, each "optimizer:lr:weights:estimator[:iters]"
-    if args.configs:
-        grid = []
-        for c in args.configs.split(";"):
-            o, lr, tw, est, *rest = c.split(":")  # [:iters[:batch[:objective]]]
-            it = _int_or_auto(rest[0] if rest else str(args.iters).split(",")[0])
-            grid.append((it, o, lr if lr == "auto" else float(lr), tw, est,
-                         int(rest[1]) if len(rest) > 1 else args.train_batch, rest[2] if len(rest) > 2 else args.objective))
-    else:
-        grid = [(_int_or_auto(i), o, lr if lr == "auto" else float(lr), tw, est, args.train_batch, args.objective)
-                for i in str(args.iters).split(",")
-                for o in args.optimizer.split(",") for lr in str(args.lr).split(",")
-                for tw in args.train_weights.split(",") for est in args.estimator.split(",")]
-
-    def learned_label(prefix: str, many: bool, it: int, o: str, lr, tw: str, est: str, bs=None, obj="auto") -> str:
-        """The row's name; with several learned rows of the scheme (`many`) it spells out their settings."""
-        lr_s = lr if lr == "auto" else f"{lr:g}"
-        return f"{prefix} learned + GPTQ" + (f" ({o}, {it} it, lr {lr_s}, weights {tw}, {est}, batch {bs or 'auto'}, "
-                                              f"{obj})" if many else "")
+    grid = _learned_grid(args)
 
     def learned(scheme, it, o, lr, tw, est, bs=None, obj="auto"):
         return build_recipe(scheme, "learned", "gptq", iters=it, optimizer=o, lr=lr, train_weights=tw, estimator=est,
@@ -220,6 +202,35 @@ def main() -> None:
             run(learned_label("W4A16 g64", len(cfgs) > 1, it, o, lr, tw, est, bs, obj),
                 learned("W4A16", it, o, lr, tw, est, bs, obj))
 
+    _report(args, rows, baseline, dev, time.perf_counter() - t_all)
+
+
+def learned_label(prefix: str, many: bool, it: int, o: str, lr, tw: str, est: str, bs=None, obj="auto") -> str:
+    """The row's name; with several learned rows of the scheme (`many`) it spells out their settings."""
+    lr_s = lr if lr == "auto" else f"{lr:g}"
+    return f"{prefix} learned + GPTQ" + (f" ({o}, {it} it, lr {lr_s}, weights {tw}, {est}, batch {bs or 'auto'}, "
+                                          f"{obj})" if many else "")
+
+
+def _learned_grid(args) -> list[tuple]:
+    """The learned W4A4KV4 rows: one per (iters, optimizer, lr, train-weights, estimator) combination of the
+    comma lists, or the ";"-separated list of --configs, each "optimizer:lr:weights:estimator[:iters]"."""
+    if not args.configs:
+        return [(_int_or_auto(i), o, lr if lr == "auto" else float(lr), tw, est, args.train_batch, args.objective)
+                for i in str(args.iters).split(",")
+                for o in args.optimizer.split(",") for lr in str(args.lr).split(",")
+                for tw in args.train_weights.split(",") for est in args.estimator.split(",")]
+    grid = []
+    for c in args.configs.split(";"):
+        o, lr, tw, est, *rest = c.split(":")  # [:iters[:batch[:objective]]]
+        it = _int_or_auto(rest[0] if rest else str(args.iters).split(",")[0])
+        grid.append((it, o, lr if lr == "auto" else float(lr), tw, est,
+                     int(rest[1]) if len(rest) > 1 else args.train_batch, rest[2] if len(rest) > 2 else args.objective))
+    return grid
+
+
+def _report(args, rows: list[dict], baseline: float, dev, wall_s: float) -> None:
+    """The JSON summary (--json) and the markdown table, with each row's share of the gap it closes."""
     by = {r["row"]: r["ppl"] for r in rows}
     notes = {}
     none4, had4 = by.get("W4A4KV4 none + GPTQ"), by.get("W4A4KV4 hadamard + GPTQ")
@@ -234,7 +245,7 @@ def main() -> None:
             notes[label] = f"{(p / g - 1) * 100:+.2f}% vs GPTQ alone"
     summary = {"device": _device_name(dev), "samples": args.samples, "seqlen": args.seqlen, "windows": args.windows,
                "iters": args.iters, "lr": args.lr, "train_samples": args.train_samples,
-               "train_seqlen": args.train_seqlen, "rows": rows, "wall_s": time.perf_counter() - t_all}
+               "train_seqlen": args.train_seqlen, "rows": rows, "wall_s": wall_s}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print()

@@ -1,18 +1,17 @@
-"""The public Python API: load, quantize, evaluate.
+"""The public Python API: load, quantize, evaluate, export.
 
-Everything here is silent; callers pass callbacks for progress. The CLI in
-`quantkit.cli` is a thin layer over these functions.
+Everything here is silent; callers pass callbacks for progress. `quantkit.run` chains these
+into one method run (checks, resume, export); the CLI in `quantkit.cli` is a thin layer over both.
 """
 
 from __future__ import annotations
-
-from quantkit.errors import short_repr
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantkit.errors import short_repr
 from quantkit.calib.data import CalibrationSet, calibration_set, heldout_windows
 from quantkit.export.formats import FORMAT_NAMES as EXPORT_FORMATS, export_format
 from quantkit.models.loading import LoadedModel, load_model, resolve_device
@@ -36,6 +35,7 @@ __all__ = [
     "eval_windows",
     "needs_calibration",
     "streams",
+    "check_streams",
 ]
 
 
@@ -87,34 +87,43 @@ def check_arch(cfg: dict, recipe: Recipe | None = None) -> None:
             )
 
 
-def check_recipe_fits(model, recipe: Recipe) -> None:
-    """Refuse, before any work, settings that cannot apply to this model (group sizes, methods)."""
+def check_recipe_fits(model, recipe: Recipe, methods: list | None = None) -> list:
+    """Refuse, before any work, settings that cannot apply to this model (group sizes, methods).
+
+    Returns the recipe's methods: `methods` when given (built already), else built here (each
+    method checks its own options)."""
     from quantkit.methods.base import build_methods
     from quantkit.quant.core import check_group_size
 
-    build_methods(recipe)  # each method checks its own options
+    methods = build_methods(recipe) if methods is None else methods
     layers = {k: v.in_features for k, v in quantizable_linears(model, recipe).items()}
     check_group_size(layers, recipe.scheme.weights)
+    return methods
 
 
-def needs_calibration(recipe: Recipe) -> bool:
-    """Whether running the recipe reads calibration text (a data-free RTN does not)."""
+def needs_calibration(recipe: Recipe, methods: list | None = None) -> bool:
+    """Whether running the recipe reads calibration text (a data-free RTN does not).
+    methods: the recipe's methods when built already (else built here)."""
     from quantkit.methods.base import build_methods
     from quantkit.quant.static import needs_static_scales
 
     scheme = recipe.scheme
-    return any(m.uses_data for m in build_methods(recipe)) or needs_static_scales(
-        scheme.input_activations, scheme.kv_cache)
+    methods = build_methods(recipe) if methods is None else methods
+    return any(m.uses_data for m in methods) or needs_static_scales(scheme.input_activations, scheme.kv_cache)
 
 
-def calibration_for(loaded: LoadedModel, recipe: Recipe, calib: CalibConfig = CalibConfig()) -> CalibrationSet | None:
+def calibration_for(loaded: LoadedModel, recipe: Recipe, calib: CalibConfig = CalibConfig(), *,
+                    methods: list | None = None) -> CalibrationSet | None:
     """The calibration set `quantize` would build (None when the recipe needs no data): build it
     early to refuse too little text before any other work."""
-    if not needs_calibration(recipe):
+    if not needs_calibration(recipe, methods):
         return None
-    return calibration_set(
-        loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
-    )
+    return _calibration_set(loaded.tokenizer, calib)
+
+
+def _calibration_set(tokenizer, calib: CalibConfig) -> CalibrationSet:
+    return calibration_set(tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed,
+                           field=calib.field)
 
 
 def eval_windows(tokenizer, cfg: EvalConfig = EvalConfig()):
@@ -135,6 +144,7 @@ def quantize(
     overwrite_partial: bool = False,
     sensitive: str | Path | None = None,
     activations: str = "device",
+    methods: list | None = None,
 ) -> QuantizedModel:
     """Run the recipe's stages layer by layer over the calibration set; weights change in place.
 
@@ -151,72 +161,41 @@ def quantize(
     from; recipes with a whole-model transform (`streams(recipe)` is False) need the model in memory.
     activations: where calibration activations wait between blocks: "device", "host" (pinned) or
     "disk" (quantkit.calib.activations; the memory plan's `activations` says which fits).
+    methods: the recipe's methods when the caller built them already (`quantkit.run` builds them once a run).
     """
     from quantkit.calib.pipeline import run_layerwise
-    from quantkit.methods.base import build_methods
 
     mixed = _sensitive_plan(loaded.model, recipe, sensitive) if sensitive is not None else None
     if mixed is not None:
         recipe = mixed["recipe"]
-    check_recipe_fits(loaded.model, recipe)
-    methods = build_methods(recipe)  # only the last stage quantizes; earlier ones transform
+    methods = check_recipe_fits(loaded.model, recipe, methods)  # only the last stage quantizes; earlier ones transform
     stream = loaded.stream
     if stream is not None:
-        if not streams(recipe):
-            raise RecipeError(f"{', '.join(whole_model_methods(recipe))} transforms the whole model at once, so it "
-                              "runs with the model in memory: drop --stream")
+        check_streams(recipe)
         if partial_dir is None:
             raise ValueError("a streamed run saves its finished blocks to partial_dir; pass one")
-    from quantkit.methods._static_scales import static_scale_collector
-    from quantkit.quant.static import needs_static_scales
-
-    scheme = recipe.scheme
-    # Static activation / KV scales are calibrated in the same pass, on each block as quantized.
-    collector = (
-        static_scale_collector(scheme.input_activations, scheme.kv_cache)
-        if needs_static_scales(scheme.input_activations, scheme.kv_cache)
-        else None
-    )
-    needs_data = any(m.uses_data for m in methods) or collector is not None
-    if calib_set is None and needs_data:
-        calib_set = calibration_set(
-            loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
-        )
+    collector = _static_scale_collector(recipe.scheme)
+    if calib_set is None and (any(m.uses_data for m in methods) or collector is not None):
+        calib_set = _calibration_set(loaded.tokenizer, calib)
+    ids = calib_set.input_ids if calib_set is not None else None
     calib_settings = calib_set.settings if calib_set is not None else {"source": "none (data-free methods)"}
+    dev = resolve_device(device)
     checkpointer = None
     if partial_dir is not None:
         from quantkit.calib.resume import Checkpointer, run_fingerprint
 
-        numerics = {**calib_settings, "batch_size": calib.batch_size, "device": str(resolve_device(device))}
-        fp = run_fingerprint(
-            loaded.source, calib_set.input_ids if calib_set is not None else None, numerics, recipe.to_dict()
-        )
+        numerics = {**calib_settings, "batch_size": calib.batch_size, "device": str(dev)}
+        fp = run_fingerprint(loaded.source, ids, numerics, recipe.to_dict())
         checkpointer = Checkpointer(partial_dir, fp, resume=resume, overwrite=overwrite_partial)
     # Whole-model transforms (SpinQuant rotations) first, so the layer-wise stages see the rotated weights.
     for m in methods:
-        m.prepare_model(loaded.model, calib_set.input_ids if calib_set is not None else None, resolve_device(device),
-                        on_step=on_block)
-    online = next((m.online_rotations for m in methods if m.online_rotations), None)
+        m.prepare_model(loaded.model, ids, dev, on_step=on_block)
     result = run_layerwise(
-        loaded.model,
-        calib_set.input_ids if calib_set is not None else None,
-        methods + ([collector] if collector is not None else []),
-        device=resolve_device(device),
-        batch_size=calib.batch_size,
-        ignore=recipe.ignore,
-        on_block=on_block,
-        checkpointer=checkpointer,
-        stream=stream,
-        activations=activations,
+        loaded.model, ids, methods + ([collector] if collector is not None else []), device=dev,
+        batch_size=calib.batch_size, ignore=recipe.ignore, on_block=on_block, checkpointer=checkpointer,
+        stream=stream, activations=activations,
     )
-    tensors = None
-    if stream is not None:
-        meta = loaded.model.state_dict()
-
-        def tensors(key: str):  # a finished block's tensor from partial_dir, else the source's (head, norms)
-            t = checkpointer.block_tensor(key, meta[key].dtype)
-            return stream.tensor(key) if t is None else t
-
+    tensors = _partial_tensors(loaded, checkpointer) if stream is not None else None
     qm = QuantizedModel(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
@@ -226,19 +205,46 @@ def quantize(
         calibration=calib_settings,
         warnings=result.warnings,
         static_scales=collector.scales if collector is not None else None,
-        online_rotations=online,
+        online_rotations=next((m.online_rotations for m in methods if m.online_rotations), None),
         training={m.name: m.artifacts["training"] for m in methods if "training" in getattr(m, "artifacts", {})},
         tensors=tensors,
     )
     if mixed is not None:
-        from quantkit.quant.core import quantize_weight
-
-        for name in mixed["fp16"]:  # RTN with the scheme's weight args: the runtime's switchable copy
-            w = loaded.model.get_submodule(name).weight.data if stream is None else tensors(f"{name}.weight")
-            qm.shadow[name] = quantize_weight(w, recipe.scheme.weights).to("cpu")
-        qm.sensitivity = mixed["mask"]
-        qm.warnings.extend(mixed["warnings"])
+        _add_shadows(qm, mixed, tensors)
     return qm
+
+
+def _static_scale_collector(scheme):
+    """Static activation / KV scales are calibrated in the same pass, on each block as quantized; None
+    when the scheme has none."""
+    from quantkit.methods._static_scales import static_scale_collector
+    from quantkit.quant.static import needs_static_scales
+
+    if not needs_static_scales(scheme.input_activations, scheme.kv_cache):
+        return None
+    return static_scale_collector(scheme.input_activations, scheme.kv_cache)
+
+
+def _partial_tensors(loaded: LoadedModel, checkpointer) -> Callable[[str], Any]:
+    """A streamed run's tensors: a finished block's from partial_dir, else the source's (head, norms)."""
+    meta = loaded.model.state_dict()
+
+    def tensors(key: str):
+        t = checkpointer.block_tensor(key, meta[key].dtype)
+        return loaded.stream.tensor(key) if t is None else t
+
+    return tensors
+
+
+def _add_shadows(qm: QuantizedModel, mixed: dict[str, Any], tensors) -> None:
+    """The FP16-kept linears' RTN copies (the scheme's weight args: the runtime's switchable copy)."""
+    from quantkit.quant.core import quantize_weight
+
+    for name in mixed["fp16"]:
+        w = qm.model.get_submodule(name).weight.data if tensors is None else tensors(f"{name}.weight")
+        qm.shadow[name] = quantize_weight(w, qm.recipe.scheme.weights).to("cpu")
+    qm.sensitivity = mixed["mask"]
+    qm.warnings.extend(mixed["warnings"])
 
 
 def whole_model_methods(recipe: Recipe) -> list[str]:
@@ -251,6 +257,13 @@ def whole_model_methods(recipe: Recipe) -> list[str]:
 def streams(recipe: Recipe) -> bool:
     """Whether the recipe can run streamed (block by block from the files): no whole-model transform."""
     return not whole_model_methods(recipe)
+
+
+def check_streams(recipe: Recipe) -> None:
+    """Refuse to stream a recipe with a whole-model transform (it runs with the model in memory)."""
+    if not streams(recipe):
+        raise RecipeError(f"{', '.join(whole_model_methods(recipe))} transforms the whole model at once, so it "
+                          "runs with the model in memory: drop --stream")
 
 
 def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
@@ -374,7 +387,7 @@ def evaluate(
     from quantkit.eval.perplexity import perplexity
 
     if windows is None:
-        windows = heldout_windows(tokenizer, cfg.seqlen, cfg.windows, spec=cfg.data, field=cfg.field)
+        windows = eval_windows(tokenizer, cfg)
     home = next(model.parameters()).device
     dev = resolve_device(device)
     try:
@@ -415,12 +428,10 @@ def scan(
 
     layers = {k: v.in_features for k, v in quantizable_linears(loaded.model, Recipe(scheme, (), tuple(ignore))).items()}
     check_group_size(layers, scheme.weights)
-    cs = calibration_set(
-        loaded.tokenizer, calib.data, samples=calib.samples, seqlen=calib.seqlen, seed=calib.seed, field=calib.field
-    )
+    cs = _calibration_set(loaded.tokenizer, calib)
     windows = sel = None
     if measure_ppl:
-        windows = heldout_windows(loaded.tokenizer, eval_cfg.seqlen, eval_cfg.windows, spec=eval_cfg.data, field=eval_cfg.field)
+        windows = eval_windows(loaded.tokenizer, eval_cfg)
     if target_fraction is not None:
         from quantkit.calib.data import calibration_windows
 

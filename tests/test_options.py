@@ -9,7 +9,7 @@ import os
 import pytest
 
 import quantkit.api
-from quantkit.cli import validate
+from quantkit import validate
 from tiny_models import run_cli, save_tiny_model_dir
 
 

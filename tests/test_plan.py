@@ -152,7 +152,7 @@ def test_default_model_config_from_gguf():
 
 
 def _spin_recipe(rotation="learned", **opts):
-    from quantkit.cli.spinquant import build_recipe
+    from quantkit.methods.spinquant_settings import build_recipe
 
     return build_recipe("W4A4KV4", rotation, "gptq", **opts)
 

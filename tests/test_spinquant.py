@@ -246,7 +246,7 @@ def test_held_out_check_keeps_the_best_rotations():
 
 
 def test_cli_recipe_picks_the_measured_setting_per_scheme():
-    from quantkit.cli.spinquant import build_recipe
+    from quantkit.methods.spinquant_settings import build_recipe
 
     opts = {sch: build_recipe(sch, "learned", "gptq").stages[0].options for sch in ("W4A16", "W4A4KV4")}
     assert (opts["W4A16"]["optimizer"], opts["W4A16"]["lr"], opts["W4A16"]["estimator"]) == ("cayley-sgd", 1.5, "ste")
@@ -354,7 +354,7 @@ def test_float_weight_training_skips_weight_quantization():
 
 def test_w4a4kv4_checkpoint_round_trip(tmp_path, tiny_tokenizer):
     """hadamard + RTN on a tiny model: the checkpoint records R3/R4, and eval of it matches the in-memory model."""
-    from quantkit.cli.spinquant import build_recipe
+    from quantkit.methods.spinquant_settings import build_recipe
     from quantkit.models.checkpoint import load_quantkit_checkpoint
 
     m = make_tiny_model("llama", tie_word_embeddings=True)
@@ -385,7 +385,7 @@ def test_w4a16_checkpoint_loads_in_transformers(tmp_path, tiny_tokenizer, symmet
     compressed-tensors package) loads it, untied LM head included, and gives the in-memory logits."""
     import dataclasses
 
-    from quantkit.cli.spinquant import build_recipe
+    from quantkit.methods.spinquant_settings import build_recipe
     from test_export import _assert_same_logits, _load
 
     m = make_tiny_model("llama", tie_word_embeddings=True)

@@ -28,10 +28,10 @@ def parse_batches(value: str) -> list[int]:
 def _scheme(name: str, group_size: Optional[int]):
     import dataclasses
 
-    from quantkit.recipe import PRESETS, RecipeError
+    from quantkit.recipe import PRESETS
+    from quantkit.validate import check_choice
 
-    if name not in PRESETS:
-        raise RecipeError(f"--scheme {name!r} is not one of {', '.join(PRESETS)}")
+    check_choice("--scheme", name, PRESETS)
     s = PRESETS[name]
     if group_size is not None:
         s = dataclasses.replace(s, weights=dataclasses.replace(s.weights, group_size=group_size or None))
@@ -70,7 +70,7 @@ def bench_cmd(
         raise UsageError("--layers must be >= 1")
     if not 0 <= mixed_fraction < 1:
         raise UsageError("--mixed-fraction must be in [0, 1)")
-    from quantkit.cli.validate import check_device, check_output_file
+    from quantkit.validate import check_device, check_output_file
 
     check_output_file("--json", json_out)
     check_device(device)
@@ -103,7 +103,7 @@ def bench_cmd(
                   "" if r["fallback_rate"] is None else f"{r['fallback_rate']:.1%}")
     console.print(t)
     if json_out is not None:
-        from quantkit.cli.methods import write_text_atomic
+        from quantkit.run import write_text_atomic
 
         write_text_atomic(json_out, json.dumps({"rows": rows}, indent=2) + "\n")
 

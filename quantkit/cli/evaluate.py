@@ -11,7 +11,7 @@ import typer
 
 from quantkit.cli.options import DeviceOpt, DtypeOpt, TrustOpt
 from quantkit.cli.runtime_options import FallbackLayersOpt, HistOpt, KLOpt, SkewOpt, fallback_layers
-from quantkit.cli.ui import console, handle_errors, peak_rss_mib, status
+from quantkit.cli.ui import console, handle_errors, status
 
 
 @handle_errors
@@ -68,16 +68,12 @@ def eval_cmd(
     W8A8 / INT8-KV checkpoints written by quantkit are scored with their activation
     and KV quantization simulated in torch (--simulate-act/--simulate-kv auto), or with
     --runtime through the runtime's kernels (packed weights, real INT8 KV cache)."""
-    import torch
-
+    from quantkit.api import EvalConfig
     from quantkit.errors import UsageError
+    from quantkit.validate import check_eval_options, check_float
 
     if fallback and not use_runtime:
         raise UsageError("--fallback needs --runtime (the monitor runs on the runtime)")
-
-    from quantkit.api import EvalConfig
-    from quantkit.cli.validate import check_eval_options
-
     # Everything that can be refused without loading a model: one line, exit 2, before any work.
     check_eval_options(
         seqlen=seqlen, windows=windows, batch_size=batch_size, json_out=json_out, data=data, dtype=dtype,
@@ -85,36 +81,52 @@ def eval_cmd(
         models=([baseline] if baseline else []) + list(models or [None]),
     )
     if fallback or use_runtime:
-        from quantkit.cli.validate import check_float
-
         check_float("--kl-threshold", kl_threshold, min=0, min_open=True)
         check_float("--skew-threshold", skew_threshold, min=0, min_open=True)
     cfg = EvalConfig(data=data, field=field, seqlen=seqlen, windows=windows or None, batch_size=batch_size)
-    rows = []
-    ref_windows = None
+
+    def score(role: str, spec: str | None):
+        if role == "model" and use_runtime:
+            return _eval_runtime(spec, cfg, device, dtype, fallback=fallback, layers=fallback_layers(fallback_layers_),
+                                 hist=hist, kl_threshold=kl_threshold, skew_threshold=skew_threshold)
+        return _eval_dense(role, spec, cfg, device, dtype, trust_remote_code, simulate_act, simulate_kv, kv_tau,
+                           calib_samples, seqlen)
+
     jobs = ([("baseline", baseline)] if baseline else []) + [("model", m) for m in (models or [None])]
+    rows = _score_rows(jobs, score)
+    from quantkit.run import peak_rss_mib
+
+    result = {"seqlen": seqlen, "data": data or "builtin", "rows": rows, "peak_rss_mib": peak_rss_mib()}
+    if baseline:
+        for r in rows[1:]:
+            r["ratio_to_baseline"] = r["ppl"] / rows[0]["ppl"]
+    console.print(_table(rows, seqlen, bool(baseline)))
+    if json_out is not None:
+        from quantkit.run import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")
+
+
+def _score_rows(jobs, score) -> list[dict]:
+    """One row per (role, model) job, each scored by `score(role, spec)` on the same held-out windows."""
+    import torch
+
+    from quantkit.errors import UsageError
+
+    rows, ref_windows = [], None
     for role, spec in jobs:
         t0 = time.perf_counter()
-        if role == "model" and use_runtime:
-            res, win, extra = _eval_runtime(spec, cfg, device, dtype, fallback=fallback,
-                                            layers=fallback_layers(fallback_layers_), hist=hist,
-                                            kl_threshold=kl_threshold, skew_threshold=skew_threshold)
-        else:
-            res, win, extra = _eval_dense(role, spec, cfg, device, dtype, trust_remote_code, simulate_act,
-                                          simulate_kv, kv_tau, calib_samples, seqlen)
+        res, win, extra = score(role, spec)
         if ref_windows is not None and not torch.equal(ref_windows, win):
-            from quantkit.errors import UsageError
-
             raise UsageError("the two models tokenize the held-out text differently; compare models that share a tokenizer")
         ref_windows = win
         rows.append(
             {"role": role, "model": spec or "default", **res.to_dict(), **extra, "seconds": time.perf_counter() - t0}
         )
-    result = {"seqlen": seqlen, "data": data or "builtin", "rows": rows, "peak_rss_mib": peak_rss_mib()}
-    if baseline:
-        for r in rows[1:]:
-            r["ratio_to_baseline"] = r["ppl"] / rows[0]["ppl"]
+    return rows
 
+
+def _table(rows: list[dict], seqlen: int, baseline: bool):
     from rich.table import Table
 
     t = Table(title=f"held-out perplexity ({rows[0]['windows']} windows x {seqlen} tokens)")
@@ -130,11 +142,7 @@ def eval_cmd(
         if r.get("fallback_rate") is not None:
             simd += f" · fallback {r['fallback_rate'] * 100:.1f}% of tokens ({r['fallback_switches']} switches)"
         t.add_row(r["role"], r["model"], simd, f"{r['ppl']:.4f}", rel, f"{r['seconds']:.1f}")
-    console.print(t)
-    if json_out is not None:
-        from quantkit.cli.methods import write_text_atomic
-
-        write_text_atomic(json_out, json.dumps(result, indent=2) + "\n")
+    return t
 
 
 def _eval_dense(role, spec, cfg, device, dtype, trust_remote_code, simulate_act, simulate_kv, kv_tau, calib_samples,
@@ -162,8 +170,7 @@ def _eval_dense(role, spec, cfg, device, dtype, trust_remote_code, simulate_act,
 
 def _eval_runtime(spec, cfg, device, dtype, *, fallback, layers, hist, kl_threshold, skew_threshold):
     """(Perplexity, windows, extra columns) of a checkpoint scored through the runtime's kernels."""
-    from quantkit import runtime
-    from quantkit.calib.data import heldout_windows
+    from quantkit import api, runtime
     from quantkit.errors import UsageError
     from quantkit.export.reader import is_quantkit_checkpoint
     from quantkit.runtime.calibrate import attach_fallback
@@ -175,7 +182,7 @@ def _eval_runtime(spec, cfg, device, dtype, *, fallback, layers, hist, kl_thresh
     mon = None
     if fallback:
         mon = attach_fallback(rt, layers=layers, hist=hist, kl_threshold=kl_threshold, skew_threshold=skew_threshold)
-    win = heldout_windows(rt.tokenizer, cfg.seqlen, cfg.windows, spec=cfg.data, field=cfg.field)
+    win = api.eval_windows(rt.tokenizer, cfg)
     status(f"scoring {spec} on the runtime ({rt.device}) ...")
     res = rt.perplexity(win, batch_size=cfg.batch_size, chunk=64 if mon is not None else None)
     extra = {"simulated": f"runtime kernels ({rt.info['scheme']})"}

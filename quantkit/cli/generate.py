@@ -46,7 +46,7 @@ def generate_cmd(
     """Generate from a checkpoint on quantkit's runtime; one prompt streams its tokens as they come.
 
     The runtime runs the Triton kernels on a GPU and their torch references on CPU."""
-    from quantkit.cli.validate import check_device, check_dtype, check_float, check_output_file
+    from quantkit.validate import check_device, check_dtype, check_float, check_output_file
 
     check_generation_options(max_new_tokens, temperature, top_p)
     if not prompt:
@@ -70,15 +70,7 @@ def generate_cmd(
         else:
             status(f"fallback monitor: on, watching {len(mon.layers)} linears (KL > {kl_threshold}, |skew| > {skew_threshold})")
     texts = list(prompt)
-    if chat:
-        if not getattr(tok, "chat_template", None):
-            fail(f"{checkpoint}'s tokenizer has no chat template; drop --chat")
-        ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
-        ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
-    else:
-        ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
-    if any(len(x) == 0 for x in ids):
-        fail("a prompt tokenizes to nothing; give some text")
+    ids = _encode(tok, texts, chat, checkpoint)
     stream = len(ids) == 1
     shown: list[str] = [""]
     got: list[int] = []
@@ -102,18 +94,36 @@ def generate_cmd(
     else:
         for t, out in zip(texts, res["tokens"]):
             console.print(f"[bold]{t}[/]" + tok.decode(out, skip_special_tokens=True), highlight=False)
+    _print_timing(res, len(ids), rt.device, fallback)
+    if json_out is not None:
+        from quantkit.run import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps({"prompts": texts, **res}, indent=2) + "\n")
+
+
+def _encode(tok, texts: list[str], chat: bool, checkpoint: Path) -> list[list[int]]:
+    """Token ids of each prompt (wrapped in the tokenizer's chat template with --chat)."""
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            fail(f"{checkpoint}'s tokenizer has no chat template; drop --chat")
+        ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
+        ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
+    else:
+        ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    if any(len(x) == 0 for x in ids):
+        fail("a prompt tokenizes to nothing; give some text")
+    return ids
+
+
+def _print_timing(res: dict, n: int, device, fallback: bool) -> None:
     steps = max(res["decode_steps"], 1)
     err_console.print(
         f"prefill {res['prompt_tokens']} tokens in {res['prefill_s']:.2f} s; decode {res['decode_steps']} steps x "
-        f"{len(ids)} in {res['decode_s']:.2f} s ({res['decode_s'] / steps * 1e3:.1f} ms/step) on {rt.device}"
+        f"{n} in {res['decode_s']:.2f} s ({res['decode_s'] / steps * 1e3:.1f} ms/step) on {device}"
         + (f"; {len(res['fallback'])} fallback switch(es)" if fallback else ""), highlight=False)
     for s in res["fallback"]:
         err_console.print(f"  fallback: request {s['request']} -> FP16 at token {s['token']} ({s['layer']}: "
                           f"{s['statistic']} = {s['value']:.3g})", highlight=False)
-    if json_out is not None:
-        from quantkit.cli.methods import write_text_atomic
-
-        write_text_atomic(json_out, json.dumps({"prompts": texts, **res}, indent=2) + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -55,7 +55,7 @@ def plan_cmd(
     from quantkit.plan import model_config, plan_run
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
-    from quantkit.cli import validate as chk
+    from quantkit import validate as chk
 
     chk.check_samples_batch(samples, batch_size)
     chk.check_seqlen("--seqlen", seqlen)
@@ -120,7 +120,7 @@ def plan_cmd(
     if json_out is not None:
         import json
 
-        from quantkit.cli.methods import write_text_atomic
+        from quantkit.run import write_text_atomic
 
         write_text_atomic(json_out, json.dumps(p.to_dict(), indent=2) + "\n")
 

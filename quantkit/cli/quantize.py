@@ -1,11 +1,14 @@
 """`quantkit quantize --recipe FILE` and the one-stage shorthands `quantkit awq` / `quantkit gptq`.
 
-All of them build a Recipe and hand it to `run_recipe` (cli/methods.py), the
-same load → quantize → eval → export flow `quantkit rtn` uses.
+All of them build a Recipe; `method_command` (cli/methods.py) adds the shared options and hands it to
+`quantkit.run.run_recipe`, the same load → quantize → eval → export flow `quantkit rtn` uses.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +20,8 @@ from quantkit.cli.options import BitsOverrideOpt, GroupSizeOverrideOpt, SymOverr
 # 64 divides the default model's in_features (576 and 1536; 128 does not divide
 # 576), and a zero point helps 4-bit noticeably on small models.
 DEFAULT_BITS, DEFAULT_GROUP, DEFAULT_SYM = 4, 64, False
+# The weight options a recipe-building command takes over its scheme (None: not given, keep the scheme's).
+_WEIGHT_OVERRIDES = (("bits", BitsOverrideOpt), ("group_size", GroupSizeOverrideOpt), ("sym", SymOverrideOpt))
 
 RecipeOpt = Annotated[
     str,
@@ -59,6 +64,29 @@ def one_stage_recipe(method: str, options: dict[str, Any], bits, group_size, sym
     return override_weights(base, bits, group_size, sym)
 
 
+def one_stage_command(method: str) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., None]]:
+    """Decorator: a method command whose recipe is one `method` stage over the awq/gptq default scheme.
+
+    The decorated function takes the method's own options and returns the stage's options dict;
+    the command also takes --bits/--group-size/--sym/--asym (`one_stage_recipe`) and, through
+    `method_command`, every shared option.
+    """
+    kw = inspect.Parameter.KEYWORD_ONLY
+    overrides = [inspect.Parameter(n, kw, default=None, annotation=a) for n, a in _WEIGHT_OVERRIDES]
+
+    def wrap(stage_options: Callable[..., dict[str, Any]]) -> Callable[..., None]:
+        own = inspect.signature(stage_options, eval_str=True).parameters.values()
+
+        def build(*, bits=None, group_size=None, sym=None, **values: Any):
+            return one_stage_recipe(method, stage_options(**values), bits, group_size, sym)
+
+        functools.update_wrapper(build, stage_options)
+        build.__signature__ = inspect.Signature(overrides + [p.replace(kind=kw) for p in own])  # type: ignore[attr-defined]
+        return method_command(build)
+
+    return wrap
+
+
 @method_command
 def quantize(
     recipe: RecipeOpt,
@@ -75,11 +103,8 @@ def quantize(
     return override_weights(load_recipe(recipe), bits, group_size, sym)
 
 
-@method_command
+@one_stage_command("awq")
 def awq(
-    bits: BitsOverrideOpt = None,
-    group_size: GroupSizeOverrideOpt = None,
-    sym: SymOverrideOpt = None,
     awq_grid: Annotated[int, typer.Option("--awq-grid", help="Scale exponents tried per group (alpha in [0, 1)).")] = 20,
     awq_duo: Annotated[bool, typer.Option("--awq-duo", help="Search activation and weight exponents separately.")] = False,
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Search a per-group weight clipping range after scaling.")] = True,
@@ -98,7 +123,7 @@ def awq(
     Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
-    from quantkit.cli import validate as v
+    from quantkit import validate as v
 
     from quantkit.methods.awq import MAX_GRID
 
@@ -106,16 +131,12 @@ def awq(
     v.check_int("--clip-grid", clip_grid, min=1, max=MAX_GRID)
     v.check_float("--max-shrink", max_shrink, min=0, max=1, max_open=True)
     v.check_int("--search-samples", search_samples, min=0, note=" (0 = every calibration window)")
-    opts = dict(grid=awq_grid, duo=awq_duo, clip=clip, clip_grid=clip_grid, max_shrink=max_shrink,
+    return dict(grid=awq_grid, duo=awq_duo, clip=clip, clip_grid=clip_grid, max_shrink=max_shrink,
                 search_samples=search_samples or None)
-    return one_stage_recipe("awq", opts, bits, group_size, sym)
 
 
-@method_command
+@one_stage_command("gptq")
 def gptq(
-    bits: BitsOverrideOpt = None,
-    group_size: GroupSizeOverrideOpt = None,
-    sym: SymOverrideOpt = None,
     damp: Annotated[float, typer.Option("--damp", help="Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     block_size: Annotated[int, typer.Option("--block-size", help="Columns solved per lazy-update block.")] = 128,
     act_order: Annotated[
@@ -132,12 +153,11 @@ def gptq(
     Default scheme: 4-bit, group 64, asymmetric (64 divides every in_features of the
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
-    from quantkit.cli import validate as v
+    from quantkit import validate as v
 
     v.check_float("--damp", damp, min=0, max=1, min_open=True, note=" (a fraction of the mean Hessian diagonal)")
     v.check_int("--block-size", block_size, min=1)
-    opts = dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential)
-    return one_stage_recipe("gptq", opts, bits, group_size, sym)
+    return dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential)
 
 
 def register(app: typer.Typer) -> None:

@@ -75,27 +75,14 @@ def scan(
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write a PNG chart + the JSON into this dir.")] = None,
 ) -> None:
     """Measure every linear's sensitivity to a scheme (KL, R, energy, skew) and flag the ones to keep in FP16."""
-    import shutil
-
     from quantkit import api
-    from quantkit.recipe import PRESETS, RecipeError
+    from quantkit.recipe import RecipeError
     from quantkit.sensitivity.io import hist_path_for, save_sensitive_layers
-    from quantkit.sensitivity.report import plot_report, scan_table, summary_rows
     from quantkit.sensitivity.scan import Thresholds
 
-    if scheme not in PRESETS:
-        raise RecipeError(f"unknown --scheme {short_repr(scheme)}; use one of {', '.join(PRESETS)}")
-    sch = PRESETS[scheme]
-    from quantkit.cli import validate as chk
+    from quantkit import validate as chk
 
-    chk.check_int("--group-size", group_size, min=1)
-    if group_size is not None or sym is not None:  # match the method command's --group-size / --asym
-        import dataclasses
-
-        w = sch.weights
-        w = dataclasses.replace(w, group_size=w.group_size if group_size is None else group_size,
-                                symmetric=w.symmetric if sym is None else sym)
-        sch = dataclasses.replace(sch, weights=w)
+    sch = _scheme(scheme, group_size, sym)
     chk.check_int("--bins", bins, min=2, max=65536)
     chk.check_int("--stat-tokens", stat_tokens, min=0, note=" (0 = every calibration token)")
     chk.check_int("--fisher-windows", fisher_windows, min=0, max=samples,
@@ -125,16 +112,7 @@ def scan(
             import matplotlib  # noqa: F401
         except ImportError:
             raise RecipeError("--report needs matplotlib: pip install 'quantkit[report]'") from None
-    from quantkit.models.loading import check_source
-
-    check_source(model)
-    cfg = chk.model_config_of(model)  # the config alone: refuses a broken one, and bounds --seqlen
-    from quantkit.api import check_arch
-
-    check_arch(cfg)  # a family without an adapter row: one line before the load
-    chk.check_seqlen("--seqlen", seqlen, cfg)
-    if target_fraction is not None or measure_ppl:
-        chk.check_seqlen("--eval-seqlen", eval_seqlen, cfg)
+    _check_model(model, seqlen, eval_seqlen if target_fraction is not None or measure_ppl else None)
     from quantkit.models.loading import describe_source
 
     status(f"loading {describe_source(model)} ...")
@@ -164,21 +142,7 @@ def scan(
                 on_step=status,
             )
         path = save_sensitive_layers(rep, out)
-        console.print(scan_table(rep))
-        from rich.table import Table
-
-        t = Table(show_header=False)
-        for k, v in summary_rows(rep):
-            t.add_row(k, v)
-        t.add_row("written", f"{path} (+ {hist_path_for(path).name})")
-        if report is not None:
-            report.mkdir(parents=True, exist_ok=True)
-            png = plot_report(rep, report / "sensitivity.png")
-            for p in (path, hist_path_for(path)):
-                if p.resolve() != (report / p.name).resolve():
-                    shutil.copy2(p, report / p.name)
-            t.add_row("report", f"{png} + {path.name}")
-        console.print(t)
+        _show(rep, path, report)
     except KeyboardInterrupt:
         from quantkit.interrupts import Interrupted
 
@@ -186,6 +150,64 @@ def scan(
         done = [str(p) for p in outputs if _stamp(p) is not None and _stamp(p) != before[p]]
         raise Interrupted(f"wrote {', '.join(done)}; the rest was not written" if done else "nothing was written") \
             from None
+
+
+def _scheme(name: str, group_size: int | None, sym: bool | None):
+    """The preset `name` with --group-size / --sym / --asym applied (as the method commands apply them)."""
+    import dataclasses
+
+    from quantkit import validate as chk
+    from quantkit.recipe import PRESETS, RecipeError
+
+    if name not in PRESETS:
+        raise RecipeError(f"unknown --scheme {short_repr(name)}; use one of {', '.join(PRESETS)}")
+    sch = PRESETS[name]
+    chk.check_int("--group-size", group_size, min=1)
+    if group_size is None and sym is None:
+        return sch
+    w = sch.weights
+    w = dataclasses.replace(w, group_size=w.group_size if group_size is None else group_size,
+                            symmetric=w.symmetric if sym is None else sym)
+    return dataclasses.replace(sch, weights=w)
+
+
+def _check_model(model: str | None, seqlen: int, eval_seqlen: int | None) -> None:
+    """From the model's config alone (before the load): a broken config or a family without an adapter
+    row is one line, and the window lengths must fit its positions (--eval-seqlen only when used)."""
+    from quantkit import validate as chk
+    from quantkit.api import check_arch
+    from quantkit.models.loading import check_source
+
+    check_source(model)
+    cfg = chk.model_config_of(model)
+    check_arch(cfg)
+    chk.check_seqlen("--seqlen", seqlen, cfg)
+    if eval_seqlen is not None:
+        chk.check_seqlen("--eval-seqlen", eval_seqlen, cfg)
+
+
+def _show(rep, path: Path, report: Path | None) -> None:
+    """The scan's tables; with --report, the chart and copies of the two files in that dir."""
+    import shutil
+
+    from rich.table import Table
+
+    from quantkit.sensitivity.io import hist_path_for
+    from quantkit.sensitivity.report import plot_report, scan_table, summary_rows
+
+    console.print(scan_table(rep))
+    t = Table(show_header=False)
+    for k, v in summary_rows(rep):
+        t.add_row(k, v)
+    t.add_row("written", f"{path} (+ {hist_path_for(path).name})")
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        png = plot_report(rep, report / "sensitivity.png")
+        for p in (path, hist_path_for(path)):
+            if p.resolve() != (report / p.name).resolve():
+                shutil.copy2(p, report / p.name)
+        t.add_row("report", f"{png} + {path.name}")
+    console.print(t)
 
 
 def _stamp(p: Path):

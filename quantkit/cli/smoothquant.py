@@ -7,28 +7,19 @@ from typing import Annotated
 import typer
 
 from quantkit.cli.methods import method_command
-from quantkit.errors import short_repr
 
 _ACT = ("dynamic", "static")
 _KV = ("none", "static", "dynamic")
 _KV_FORMATS = ("int8", "fp8")
 
 
-def build_recipe(alpha: str, act: str, kv: str, kv_residual: bool, kv_tau: float, ignore=("lm_head",)):
-    """The Recipe `quantkit smoothquant` runs (also used by benchmarks): smoothquant, final, W8 per-channel."""
-    from quantkit.recipe import PRESETS, ActQuantArgs, KVCacheArgs, Recipe, RecipeError, Scheme, Stage
+def build_recipe(alpha: float | str, act: str, kv: str, kv_residual: bool, kv_tau: float, ignore=("lm_head",)):
+    """The Recipe `quantkit smoothquant` runs: smoothquant, final, W8 per-channel (alpha: `_alpha`'s value)."""
+    from quantkit import validate as v
+    from quantkit.recipe import PRESETS, ActQuantArgs, KVCacheArgs, Recipe, Scheme, Stage
 
-    if act not in _ACT:
-        raise RecipeError(f"--act {short_repr(act)} is not one of {', '.join(_ACT)}")
-    if kv not in _KV:
-        raise RecipeError(f"--kv {short_repr(kv)} is not one of {', '.join(_KV)}")
-    if alpha != "auto":
-        try:
-            a = float(alpha)
-        except ValueError:
-            raise RecipeError(f"--alpha {short_repr(alpha)} must be a number in [0, 1] or 'auto'") from None
-    else:
-        a = "auto"
+    v.check_choice("--act", act, _ACT)
+    v.check_choice("--kv", kv, _KV)
     acts = ActQuantArgs(8, "token", dynamic=True) if act == "dynamic" else ActQuantArgs(8, "tensor", dynamic=False)
     kv_args = None
     if kv != "none":
@@ -40,7 +31,23 @@ def build_recipe(alpha: str, act: str, kv: str, kv_residual: bool, kv_tau: float
             residual_tau=kv_tau,
         )
     scheme = Scheme(PRESETS["W8A8"].weights, acts, kv_args)
-    return Recipe(scheme, (Stage("smoothquant", {"alpha": a}),), ignore=tuple(ignore))
+    return Recipe(scheme, (Stage("smoothquant", {"alpha": alpha}),), ignore=tuple(ignore))
+
+
+def _alpha(value: str) -> float | str:
+    """--alpha as the method takes it: a number in [0, 1], or "auto"."""
+    from quantkit import validate as v
+    from quantkit.errors import short
+    from quantkit.recipe import RecipeError
+
+    if value == "auto":
+        return value
+    try:
+        a = float(value)
+    except ValueError:
+        raise RecipeError(f"--alpha {short(value, 40)!r} must be a number in [0, 1] or 'auto'") from None
+    v.check_float("--alpha", a, min=0, max=1, note=" (or auto)")
+    return a
 
 
 @method_command
@@ -57,22 +64,15 @@ def smoothquant(
     ] = "int8",
 ):
     """SmoothQuant W8A8: smooth activation outliers into the weights, W8 per-channel, A8 per-token (or static)."""
-    from quantkit.cli import validate as v
-    from quantkit.errors import short
+    from quantkit import validate as v
     from quantkit.recipe import RecipeError
 
-    if alpha != "auto":
-        try:
-            a = float(alpha)
-        except ValueError:
-            raise RecipeError(f"--alpha {short(alpha, 40)!r} must be a number in [0, 1] or 'auto'") from None
-        v.check_float("--alpha", a, min=0, max=1, note=" (or auto)")
+    a = _alpha(alpha)
     v.check_float("--kv-tau", kv_tau, min=0, min_open=True)
-    if kv_format not in _KV_FORMATS:
-        raise RecipeError(f"--kv-format {short_repr(kv_format)} is not one of {', '.join(_KV_FORMATS)}")
+    v.check_choice("--kv-format", kv_format, _KV_FORMATS)
     if kv == "none" and (kv_residual or kv_format != "int8"):
         raise RecipeError("--kv-residual and --kv-format need a KV cache: add --kv static or --kv dynamic")
-    return build_recipe(alpha, act, kv, kv_residual, kv_tau), {"kv_format": kv_format}
+    return build_recipe(a, act, kv, kv_residual, kv_tau), {"kv_format": kv_format}
 
 
 def register(app: typer.Typer) -> None:

@@ -2,57 +2,11 @@
 
 from __future__ import annotations
 
-from quantkit.errors import short_repr
-
 from typing import Annotated
 
 import typer
 
 from quantkit.cli.methods import method_command
-
-_SCHEMES = ("W4A16", "W4A4KV4")
-_QUANTIZERS = ("gptq", "rtn")
-
-
-def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=None, lr="auto",
-                 optimizer="auto", train_samples=1024, train_seqlen=512, seed=0, ignore=("lm_head",),
-                 train_weights="auto", val_samples=24, val_every=20, estimator="auto", objective="auto",
-                 train_batch=None):
-    """The Recipe `quantkit spinquant` runs (also used by benchmarks): spinquant -> gptq|rtn.
-
-    "auto" / None learned-rotation settings are the scheme's measured best (spinquant.TUNED),
-    written into the recipe as the values used."""
-    import dataclasses
-
-    from quantkit.methods.spinquant import ROTATIONS
-    from quantkit.recipe import PRESETS, Recipe, RecipeError, Stage
-
-    if scheme not in _SCHEMES:
-        raise RecipeError(f"--scheme {short_repr(scheme)} is not one of {', '.join(_SCHEMES)}")
-    if rotation not in ROTATIONS:
-        raise RecipeError(f"--rotation {short_repr(rotation)} is not one of {', '.join(ROTATIONS)}")
-    if quantizer not in _QUANTIZERS:
-        raise RecipeError(f"--quantizer {short_repr(quantizer)} is not one of {', '.join(_QUANTIZERS)}")
-    s = PRESETS[scheme]
-    if scheme == "W4A16":  # group 64 divides the default model's 576 / 1536 (128 does not divide 576)
-        s = dataclasses.replace(s, weights=dataclasses.replace(s.weights, group_size=group_size or 64, symmetric=False))
-    elif group_size is not None:
-        raise RecipeError("W4A4KV4 uses per-channel weights (the int W4A4 layout); drop --group-size")
-    opts = {"rotation": rotation, "seed": seed}
-    if rotation == "learned":
-        from quantkit.methods.spinquant import LEARNING_RATES, TUNED
-
-        tuned = TUNED[scheme]  # the best setting measured for the scheme
-        optimizer = tuned["optimizer"] if optimizer == "auto" else optimizer
-        estimator = tuned["estimator"] if estimator == "auto" else estimator
-        objective = tuned["objective"] if objective == "auto" else objective
-        if lr in (None, "auto") and optimizer in LEARNING_RATES:  # the manifest's recipe says the number used
-            lr = LEARNING_RATES[optimizer]
-        opts.update(iters=tuned["iters"] if iters is None else iters, lr="auto" if lr is None else lr,
-                    optimizer=optimizer, train_samples=train_samples, train_seqlen=train_seqlen,
-                    train_weights=train_weights, val_samples=val_samples, val_every=val_every, estimator=estimator,
-                    batch_size=tuned["batch_size"] if train_batch is None else train_batch, objective=objective)
-    return Recipe(s, (Stage("spinquant", opts), Stage(quantizer)), ignore=tuple(ignore))
 
 
 @method_command
@@ -78,7 +32,7 @@ def spinquant(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random Hadamard start and the calibration sample.")] = 0,
 ):
     """SpinQuant: rotate the model (R1/R2 folded, R3/R4 online for W4A4KV4), then quantize with GPTQ or RTN."""
-    from quantkit.cli import validate as v
+    from quantkit import validate as v
 
     v.check_int("--group-size", group_size, min=1)
     v.check_int("--iters", iters, min=1)
@@ -88,6 +42,8 @@ def spinquant(
     v.check_seqlen("--train-seqlen", train_seqlen)
     v.check_int("--val-samples", val_samples, min=0, note=" (0 = no held-out check)")
     v.check_int("--val-every", val_every, min=1)
+    from quantkit.methods.spinquant_settings import build_recipe
+
     return build_recipe(scheme, rotation, quantizer, group_size=group_size, iters=iters, lr=lr, optimizer=optimizer,
                         train_samples=train_samples, train_seqlen=train_seqlen, seed=seed,
                         train_weights=train_weights, val_samples=val_samples, val_every=val_every,

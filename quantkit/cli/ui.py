@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -18,11 +17,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 DEBUG_ENV = "QUANTKIT_DEBUG"
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 MAX_MESSAGE = 600  # characters: no error line echoes an unbounded value, whatever raised it

@@ -1,8 +1,9 @@
 """Option values checked before any work: one line naming the option and the fix, exit 2.
 
-Every command calls these on its numeric options, dtypes and output paths before it loads
-a model (and, where a bound comes from the model, after reading only its config). They
-never echo an unbounded user value (`quantkit.errors.short`). Imports stay light: no torch.
+Every command (and quantkit.run's checks before a method run) calls these on its numeric
+options, dtypes and output paths before it loads a model (and, where a bound comes from the
+model, after reading only its config). They never echo an unbounded user value
+(`quantkit.errors.short`). Imports stay light: no torch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError, short
+from quantkit.errors import UsageError, short, short_repr
 from quantkit.export.atomic import nearest_existing
 
 FLOAT_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -53,6 +54,13 @@ def check_float(flag: str, value: float | None, *, min: float | None = None, max
         lo = "" if min is None else (f"> {min:g}" if min_open else f">= {min:g}")
         hi = "" if max is None else (f"< {max:g}" if max_open else f"<= {max:g}")
         raise OptionError(f"{flag} {value:g} must be {' and '.join(x for x in (lo, hi) if x)}{note}")
+
+
+def check_choice(flag: str, value: str, choices: Iterable[str]) -> None:
+    """`flag` must be one of `choices`."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise OptionError(f"{flag} {short_repr(value)} is not one of {', '.join(choices)}")
 
 
 def check_dtype(value: str) -> None:
@@ -195,7 +203,7 @@ def check_eval_options(*, seqlen: int, windows: int, batch_size: int, json_out: 
                        data: str | None = None, dtype: str = "auto", device: str = "cpu",
                        kv_tau: float | None = None, calib_samples: int | None = None,
                        models: Iterable[str | None] = ()) -> None:
-    """Everything `quantkit eval` can check before loading a model (also used by method commands' --eval).
+    """Everything `quantkit eval` can check before loading a model.
 
     models: the model sources to be scored; --seqlen is checked against each one's
     max_position_embeddings (their configs only are read).
