@@ -28,7 +28,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("quantkit.calib",),  # the layer-wise pipeline (runs the methods), resume, static-scale pass
     ("quantkit.eval", "quantkit.sensitivity"),
     ("quantkit.runtime",),
-    ("quantkit.plan", "quantkit.api"),
+    ("quantkit.plan", "quantkit.api", "quantkit.run", "quantkit.validate"),  # run: one recipe run, end to end
     ("quantkit.cli", "quantkit.__main__"),
 ]
 
