@@ -208,6 +208,7 @@ def quantize(
         online_rotations=next((m.online_rotations for m in methods if m.online_rotations), None),
         training={m.name: m.artifacts["training"] for m in methods if "training" in getattr(m, "artifacts", {})},
         tensors=tensors,
+        weight_checked=checkpointer.rebuilt_from_result if stream is not None else None,
     )
     if mixed is not None:
         _add_shadows(qm, mixed, tensors)

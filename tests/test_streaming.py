@@ -254,3 +254,25 @@ def test_streamed_families_are_byte_identical(tiny_tokenizer, tmp_path, arch):
     recipe = Recipe(W4, (Stage("gptq"),))
     assert _files(_run(src, tmp_path / "mem", recipe, stream=False)) == _files(_run(src, tmp_path / "str", recipe,
                                                                                      stream=True))
+
+
+def test_streamed_export_skips_weights_checked_when_saved(model_dir, tmp_path, caplog):
+    """A streamed block's quantized weight that was saved as its quantized tensor (proved equal then) is not
+    read back for export's rounding check; any other weight still is, and a mismatch is still reported."""
+    recipe = Recipe(W4, (Stage("rtn"),))
+    loaded = api.load(str(model_dir), stream=True)
+    qm = api.quantize(loaded, recipe, CALIB, partial_dir=tmp_path / "out.partial")
+    assert qm.modules and all(qm.weight_checked(f"{n}.weight") for n in qm.modules)
+    assert not qm.weight_checked("model.embed_tokens.weight")
+    read, fetch = [], qm.tensors
+    qm.tensors = lambda k: (read.append(k), fetch(k))[1]
+    api.export(qm, tmp_path / "out")
+    assert read and not [k for k in read if k[: -len(".weight")] in qm.modules]
+    # Without the proof, the weights are read back and checked, and a weight that does not round to its
+    # quantized tensor is reported as before.
+    name = next(iter(qm.modules))
+    qm.weight_checked = None
+    qm.tensors = lambda k: fetch(k) + 1.0 if k == f"{name}.weight" else fetch(k)
+    with caplog.at_level("WARNING", logger="quantkit.export.common"):
+        api.export(qm, tmp_path / "out2")
+    assert f"(e.g. {name})" in caplog.text and "1 quantized linear(s)" in caplog.text

@@ -429,17 +429,28 @@ class Checkpointer:
         return QuantizedTensor(got[keys[0]], got[keys[1]], got.get(keys[2]),
                                QuantArgs.from_dict(self._metas[index]["results"][name]))
 
-    def block_tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
-        """State-dict tensor `key` (full name) of a saved block as it was saved, or None when no saved
-        block holds it. A quantized linear's weight that was not stored is rebuilt (bit for bit, in dtype)."""
+    def _locate(self, key: str) -> tuple[int, str] | None:
+        """(saved block index, key relative to that block) of a full state-dict name, or None."""
         prefixes = self.saved_prefixes()
         prefix, rel = key, ""
         while prefix and prefix not in prefixes:
             prefix, _, last = prefix.rpartition(".")
             rel = f"{last}.{rel}" if rel else last
-        if not prefix:
+        return (prefixes[prefix], rel) if prefix else None
+
+    def rebuilt_from_result(self, key: str) -> bool:
+        """Whether weight `key` (full name) was left out of its saved block because it equals its quantized
+        tensor's dequantization bit for bit (save_block checked that when the block was final)."""
+        found = self._locate(key)
+        return found is not None and found[1] in self._metas[found[0]]["recomputed"]
+
+    def block_tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """State-dict tensor `key` (full name) of a saved block as it was saved, or None when no saved
+        block holds it. A quantized linear's weight that was not stored is rebuilt (bit for bit, in dtype)."""
+        found = self._locate(key)
+        if found is None:
             return None
-        i = prefixes[prefix]
+        i, rel = found
         if f"state/{rel}" in self._header(i):
             return self._read(i, [f"state/{rel}"])[f"state/{rel}"]
         if rel in self._metas[i]["recomputed"]:

@@ -181,9 +181,13 @@ def plan_units(
 
                 def make(n=mod_name, d=dtype, w=quantized[mod_name].weight) -> dict[str, torch.Tensor]:
                     q = qmodel.modules[n]
+                    check = mismatched is not None
                     if fetch is not None and w.device.type == "meta":
-                        w = fetch(f"{n}.weight")
-                    if mismatched is not None and not weight_matches(w, q):
+                        # A streamed block's weight that was saved as its quantized tensor was checked then;
+                        # reading it back would only dequantize the same tensor again.
+                        check = check and not (qmodel.weight_checked and qmodel.weight_checked(f"{n}.weight"))
+                        w = fetch(f"{n}.weight") if check else w
+                    if check and not weight_matches(w, q):
                         mismatched.append(n)
                     return {f"{n}.{k}": v for k, v in layout.compress(q, d).items()}
 

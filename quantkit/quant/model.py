@@ -54,3 +54,6 @@ class QuantizedModel:
     # A streamed run (quantkit.models.streaming): `model` is a meta skeleton and this reads any of its
     # state-dict tensors (the saved blocks from OUT.partial, the rest from the source shards); None otherwise.
     tensors: Callable[[str], Any] | None = None
+    # A streamed run: whether a quantized linear's weight (full state-dict name) was already proved equal to
+    # its quantized tensor's dequantization when its block was saved (export need not read it back to check).
+    weight_checked: Callable[[str], bool] | None = None
