@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from quantkit.cli.options import (BatchOpt, BitsOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, JsonOpt, ModelOpt, SamplesOpt,
-                                  SeqlenOpt, StreamOpt, SymOpt)
+                                  SeqlenOpt, ShardSizeOpt, StreamOpt, SymOpt)
 from quantkit.cli.ui import console, handle_errors
 
 RecipeFileOpt = Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML file (scheme, stages, ignore).")]
@@ -45,6 +45,7 @@ def plan_cmd(
         Optional[str], typer.Option("--shape", help="Plan a named model shape instead of --model: llama3-8b, llama3-70b, ...")
     ] = None,
     stream: StreamOpt = None,
+    shard_size: ShardSizeOpt = 2.0,
 ) -> None:
     """Estimate peak host/device memory of quantizing MODEL (reads only its config) and whether it fits."""
     from rich.table import Table
@@ -62,6 +63,7 @@ def plan_cmd(
     chk.check_dtype(dtype)
     chk.check_float("--device-memory", device_memory, min=0, max=2**30, min_open=True, note=" GiB")
     chk.check_float("--host-memory", host_memory, min=0, max=2**30, min_open=True, note=" GiB")
+    chk.check_float("--shard-size", shard_size, min=0, max=2**20, min_open=True, note=" GiB")
     if shape is not None and model is not None:
         raise chk.OptionError("give --model or --shape, not both")
     chk.check_output_file("--json", json_out)
@@ -98,7 +100,7 @@ def plan_cmd(
 
     quantkit_ckpt = model is not None and Path(model).is_dir() and (Path(model) / "quantkit.json").is_file()
     p = plan_run(cfg, rec, calib, dev, dtype=dtype, device_available=avail, host_available=host, stream=stream,
-                 can_stream=streams(rec) and not quantkit_ckpt)
+                 can_stream=streams(rec) and not quantkit_ckpt, shard_bytes=max(1, int(shard_size * 2**30)))
     t = Table(title="memory plan (estimate from config)", show_header=False)
     for k, v in p.host_parts.items():
         t.add_row(f"host · {k}", f"{v / 2**30:.2f} GiB")

@@ -284,9 +284,11 @@ def _inner_message(e: BaseException) -> str:
 
 def _validate_config(config) -> None:
     """Absurd configs fail here with a clear message instead of deep inside torch."""
+    from quantkit.models.adapter import SIZE_LIMIT
+
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         v = getattr(config, key, None)
-        if v is not None and (not isinstance(v, int) or v <= 0 or v > 10_000_000):
+        if v is not None and (not isinstance(v, int) or v <= 0 or v > SIZE_LIMIT):
             raise ModelLoadError(f"config.json field {key}={short_repr(v, 40)} is not a sensible positive size")
 
 
@@ -307,24 +309,24 @@ def _read_config(path: Path, common: dict):
     except Exception as e:  # validators raise many types
         raise ModelLoadError(f"{path / 'config.json'} is refused by transformers: {_inner_message(e)}; fix that field") from e
     _validate_config(config)
-    if isinstance(raw, dict):
-        _check_shapes_match(path, raw)
+    _check_shapes_match(path, config)
     return config
 
 
-def _check_shapes_match(path: Path, cfg: dict[str, Any]) -> None:
-    """Weights whose shapes contradict config.json are named before any is read (from the headers)."""
+def _check_shapes_match(path: Path, config) -> None:
+    """Weights whose shapes contradict config.json are named before any is read (from the headers):
+    the embeddings and block 0's linears, sized by the adapter row from the config."""
     from quantkit.export.safetensors_header import read_safetensors_header
+    from quantkit.models.adapter import UnsupportedModelError, spec_for
 
     try:
-        from quantkit.plan import ModelShape
-
-        shape = ModelShape.from_config(cfg, where=str(path / "config.json"))
-    except UsageError:
-        return  # the config checks speak for it
-    want = {"model.embed_tokens.weight": [shape.vocab_size, shape.hidden_size]}
-    for rel, (o, i) in shape.block_linears().items():
-        want[f"model.layers.0.{rel}.weight"] = [o, i]
+        spec = spec_for(getattr(config, "model_type", None))
+        linears = spec.linear_shapes(config, experts=1)  # expert 0 stands for every expert
+    except (UnsupportedModelError, ValueError, TypeError, ZeroDivisionError):
+        return  # the family and config checks speak for it
+    want = {f"{spec.embed}.weight": [config.vocab_size, config.hidden_size]}
+    for rel, (o, i) in linears.items():
+        want[f"{spec.blocks}.0.{rel}.weight"] = [o, i]
     have: dict[str, Any] = {}
     for f in sorted(path.glob("*.safetensors")):
         have.update({k: v["shape"] for k, v in read_safetensors_header(f).items() if k in want})
