@@ -647,9 +647,6 @@ def _gguf_metadata(path: Path) -> tuple[dict[str, Any], frozenset[str]]:
     gguf.GGUFReader memory-maps the file: the tensor data is never read, only the header's pages.
     It does build an object per element of every metadata array (the default model's 49k tokens and
     its merges: seconds), so one process reads a file once (keyed by its size and mtime)."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelLoadError(f"{path} is not a GGUF file (wrong magic bytes)")
     st = path.stat()
     return _gguf_metadata_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
@@ -658,10 +655,17 @@ def _gguf_metadata(path: Path) -> tuple[dict[str, Any], frozenset[str]]:
 def _gguf_metadata_of(path: str, _size: int, _mtime_ns: int) -> tuple[dict[str, Any], frozenset[str]]:
     from gguf import GGUFReader, GGUFValueType
 
+    def value(field):  # from the parts every gguf release has (ReaderField.contents() is recent)
+        kind = field.types[0] if field.types else None
+        if kind == GGUFValueType.ARRAY:
+            return len(field.data)
+        if kind == GGUFValueType.STRING:
+            return field.parts[-1].tobytes().decode("utf-8")
+        return field.parts[-1][0].item()
+
     try:
         reader = GGUFReader(path)
-        kv = {name: len(field.data) if field.types and field.types[0] == GGUFValueType.ARRAY else field.contents()
-              for name, field in reader.fields.items()}
+        kv = {name: value(field) for name, field in reader.fields.items()}
         names = frozenset(t.name for t in reader.tensors)
     # what its parser raises on a damaged file: short reads (IndexError), bad enums and UTF-8 (ValueError),
     # duplicate keys (KeyError), absurd dimensions (OverflowError, MemoryError), the map (OSError)
@@ -670,8 +674,11 @@ def _gguf_metadata_of(path: str, _size: int, _mtime_ns: int) -> tuple[dict[str, 
     return kv, names  # plain Python values: the map closes with the reader
 
 
-def _gguf_config(path: Path) -> dict[str, Any]:
+def _gguf_config(path: Path | str) -> dict[str, Any]:
     """A transformers-like config dict from a GGUF file's metadata (llama.cpp's key names)."""
+    from quantkit.models.loading import gguf_file
+
+    path = gguf_file(str(path))
     kv, names = _gguf_metadata(path)
     arch = kv.get("general.architecture")
     if not isinstance(arch, str):
@@ -709,10 +716,7 @@ def model_config(model: str | None, *, check_transformers: bool = True) -> dict[
     if model is None or model == "default":
         return _gguf_config(default_model_path())
     if model.endswith(".gguf"):
-        p = Path(model).expanduser()
-        if not p.is_file():
-            raise ModelLoadError(f"GGUF file {p} does not exist")
-        return _gguf_config(p)
+        return _gguf_config(model)
     if os.path.isdir(model):
         path = Path(model) / "config.json"
         if not path.is_file():
