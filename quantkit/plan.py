@@ -6,7 +6,10 @@ method run checks it before loading, so a run that cannot fit stops at once
 with the flags that would make it fit.
 
 Host peak = runtime baseline + the model's weights + quantized tensors
-            + max(calibration working set when calibrating on the CPU, export working set)
+            + max(calibration working set when calibrating on the CPU,
+                  export working set: one output shard of --shard-size + its packed tensors)
+(streamed: no weights and no quantized tensors held; the phases are the embeddings, two blocks, the export)
+The model's layout (its linears and their sizes, GPTQ's steps) comes from its adapter row.
 Device peak (cuda) = max(catch phase: embeddings + block-0 inputs,
                          block phase: one block + inputs/outputs + kwargs + forward
                          transients + statistics,
