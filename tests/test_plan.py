@@ -301,3 +301,18 @@ def test_export_shard_follows_the_shard_size(tmp_path, monkeypatch, tiny_tokeniz
     res = runner.invoke(app, ["rtn", "--model", str(d), "--out", str(tmp_path / "o"), "-g", "32", "--shard-size", "0.5"])
     assert res.exit_code == 0, res.output
     assert seen == [GiB // 2]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"num_experts": "many"}, "field num_experts='many' is not a sensible size"),
+    ({"moe_intermediate_size": -64}, "field moe_intermediate_size=-64 is not a sensible size"),
+    ({"head_dim": 2.5}, "field head_dim=2.5 is not a sensible positive size"),
+])
+def test_absurd_layout_fields_named(bad, match):
+    """The sizes the adapter row reads (an MoE's expert count and widths, head_dim) are checked like the
+    others: one ModelLoadError naming the field, never a TypeError from deep inside the estimate."""
+    cfg = {**CFG, "model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 64, **bad}
+    with pytest.raises(ModelLoadError, match=match):
+        ModelShape.from_config(cfg)
+    assert ModelShape.from_config({**CFG, "model_type": "qwen3_moe", "num_experts": 4,
+                                   "moe_intermediate_size": 64}).block_linears()["mlp.experts.3.down_proj"] == (96, 64)

@@ -268,7 +268,12 @@ class ArchSpec:
             heads = config_size(config, "num_attention_heads")
             if name == "kv":
                 heads = config_size(config, "num_key_value_heads") or heads
-            return heads * head_dim_of(config)
+            if not heads or not config_size(config, "hidden_size"):
+                return None
+            hd = head_dim_of(config)
+            if isinstance(hd, bool) or not isinstance(hd, int) or not 0 < hd <= SIZE_LIMIT:
+                raise ValueError(f"field head_dim={short_repr(hd, 40)} is not a sensible size")
+            return heads * hd
         if name in ("expert", "shared") and self.experts is not None:
             keys = self.experts.intermediate if name == "expert" else self.experts.shared_intermediate
             if keys is None:
