@@ -280,7 +280,7 @@ def _memory_plan(recipe, o: RunOptions, say):
     # A whole-model transform, --eval and a quantkit checkpoint (it loads dequantized) need the model in memory.
     can_stream = o.eval_cfg is None and not _is_quantkit_dir(o.model) and api.streams(recipe)
     plan = plan_run(cfg, recipe, o.calib, resolve_device(o.device), dtype=o.dtype, stream=o.stream,
-                    can_stream=can_stream)
+                    can_stream=can_stream, shard_bytes=max(1, int(o.shard_size * 2**30)))  # the export's shard
     say(plan.summary())
     if not o.skip_memory_check:
         check_memory(plan)

@@ -16,7 +16,7 @@ from quantkit.calib.pipeline import run_layerwise
 from quantkit.methods.base import get_method
 from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
 from quantkit.models.hooks import linear_input_hooks
-from quantkit.models.loading import LoadedModel
+from quantkit.models.loading import LoadedModel, ModelLoadError
 from quantkit.quant.awq import fold_scales
 from quantkit.quant.core import fake_quantize_activations
 from quantkit.recipe import PRESETS, QuantArgs, Recipe, RecipeError, Scheme, Stage
@@ -512,9 +512,41 @@ def test_plan_counts_the_family(fam):
     m = make_tiny_model(fam)
     shape = ModelShape.from_config(m.config.to_dict())
     real = sum(p.numel() for p in m.parameters())
-    # DeepSeek: the plan counts a Llama-shaped attention for MLA (measured 8.6% under on this tiny config,
-    # whose attention is a large share; the plan is an estimate with headroom)
+    # DeepSeek: the bound dates from when the plan counted a Llama-shaped attention for MLA (8.6% under);
+    # the adapter row now sizes MLA's linears (0.3% under on this tiny config)
     assert abs(shape.params() - real) / real < (0.1 if fam.startswith("deepseek") else 0.02), (shape.params(), real)
+
+
+@pytest.mark.parametrize("fam", ("llama", "qwen2", "qwen3", "mistral") + NEW_FAMILIES + MOE_FAMILIES)
+def test_adapter_row_sizes_every_linear_from_the_config(fam):
+    """The row's `LinearShape`s give every linear of every block its (out, in) from the config alone (the
+    config object and config.json's dict alike): what the plan counts and the weight-shape check compares."""
+    m = make_tiny_model(fam)
+    ad = ModelAdapter.for_model(m)
+    for cfg in (m.config, m.config.to_dict()):
+        shapes = ad.spec.linear_shapes(cfg)
+        seen = set()
+        for b in range(len(ad.blocks())):
+            for name, lin in ad.block_linears(b).items():
+                rel = name.removeprefix(f"{ad.block_name(b)}.")
+                assert shapes[rel] == tuple(lin.weight.shape), (fam, rel)
+                seen.add(rel)
+        # names the model lacks: only the kind of MLP no block of this tiny config has
+        assert {r.replace(".0.", ".*.") for r in set(shapes) - seen} <= {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+def test_weights_that_contradict_the_config_are_named_before_loading(tmp_path):
+    """DeepSeek (MLA): a config.json whose kv_lora_rank disagrees with the weights on disk is refused by
+    name from the safetensors headers, sized by the adapter row (kv_b_proj reads kv_lora_rank)."""
+    d = tmp_path / "ds"
+    _model("deepseek_v3").save_pretrained(d, safe_serialization=True)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "kv_lora_rank": 48}))
+    code, out = run_cli("plan", "--model", d)
+    assert code == 0, out  # the plan reads the config alone
+    with pytest.raises(ModelLoadError,
+                       match=r"kv_a_proj_with_mqa.weight has shape \[40, 96\], the config implies \[56, 96\]"):
+        api.load(str(d))
 
 
 def test_multimodal_wrapper_refused_from_config(tmp_path):

@@ -1,6 +1,7 @@
 """Memory plan: parts computed from the config, fit/advice logic, `quantkit plan`, refusal before loading."""
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -214,3 +215,104 @@ def test_rotation_training_that_does_not_fit_gets_training_advice():
     shorter = estimate_memory(cfg, _spin_recipe(**opts), calib, "cuda", dtype="bfloat16",
                               host_available=10**13, device_available=80 * GiB)
     assert shorter.fits, shorter.device_peak / GiB
+
+
+def _rss_file() -> int:
+    """Bytes of file-backed pages mapped into this process (memory-mapped files that were read)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status (Linux)")
+def test_gguf_config_reads_the_metadata_not_the_tensors(tmp_path):
+    """A GGUF's config comes from its metadata through gguf.GGUFReader: the 32 MiB tensor is never paged in
+    (reading it does page it in: the measure can see it), the file is unmapped afterwards, and the fields map
+    as llama.cpp names them (an output.weight: untied; key_length: head_dim; the tokens array: the vocab)."""
+    import gguf
+    import numpy as np
+
+    from quantkit.plan import _gguf_config
+
+    p = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    for k, v in (("embedding_length", 64), ("block_count", 2), ("feed_forward_length", 128), ("context_length", 256),
+                 ("attention.head_count", 4), ("attention.head_count_kv", 2), ("attention.key_length", 32)):
+        w.add_uint32(f"llama.{k}", v)
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(300)])
+    w.add_tensor("token_embd.weight", np.zeros((300, 64), np.float32))
+    w.add_tensor("output.weight", np.ones(8 * 2**20, np.float32))  # 32 MiB
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    before = _rss_file()
+    cfg = _gguf_config(p)
+    assert _rss_file() - before < 4 * 2**20
+    assert not any(str(p) in line for line in open("/proc/self/maps"))
+    assert cfg == {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False,
+                   "dtype": "float32", "max_position_embeddings": 256, "head_dim": 32}
+    reader = gguf.GGUFReader(p)  # the control: touching the tensor maps its pages
+    before = _rss_file()
+    assert float(np.asarray(reader.tensors[-1].data).sum()) == 8 * 2**20
+    assert _rss_file() - before > 24 * 2**20
+    del reader
+
+
+def test_export_shard_follows_the_shard_size(tmp_path, monkeypatch, tiny_tokenizer):
+    """The export keeps one output shard in memory while writing it: --shard-size bounds it, except that a
+    tensor larger than a shard gets a shard of its own (the 8B embeddings, 0.98 GiB in bf16). Streamed RTN of
+    the 8B shape: the export part is that shard + one linear's read-back (int8 q, two float32 copies, bf16);
+    `quantkit plan --shard-size` and the method commands plan with the size the run will write."""
+    from quantkit.models.random import SHAPES
+    from quantkit.plan import GiB
+
+    cfg = dict(SHAPES["llama3-8b"])
+    rec = Recipe(Scheme(QuantArgs(bits=4, group_size=128, symmetric=True)), (Stage("rtn"),))
+    calib = CalibConfig(samples=16, seqlen=512, batch_size=8)
+    read_back = 14336 * 4096 * (1 + 4 + 4 + 2)  # gate/up/down: the largest linear
+    embed = 128256 * 4096 * 2
+    for shard, expect in ((2 * GiB, 2 * GiB), (GiB, GiB), (GiB // 4, embed)):
+        p = estimate_memory(cfg, rec, calib, "cpu", dtype="bfloat16", host_available=10**13, stream=True,
+                            shard_bytes=shard)
+        assert p.host_parts["export"] == expect + read_back, shard
+    assert estimate_memory(cfg, rec, calib, "cpu", dtype="bfloat16", host_available=10**13,
+                           stream=True).host_parts["export"] == 2 * GiB + read_back  # the exporters' default
+
+    def export_gib(*args):
+        res = runner.invoke(app, ["plan", "--shape", "llama3-8b", "--stream", "--dtype", "bfloat16", "-g", "128",
+                                  "--host-memory", "1000", "--json", str(tmp_path / "p.json"), *args])
+        assert res.exit_code == 0, res.output
+        return json.loads((tmp_path / "p.json").read_text())["host_parts"]["export"]
+
+    assert export_gib() == 2 * GiB + read_back
+    assert export_gib("--shard-size", "1") == GiB + read_back
+    res = runner.invoke(app, ["plan", "--shape", "tiny", "--shard-size", "0"])
+    assert res.exit_code == 2 and "--shard-size" in res.output.strip().splitlines()[-1]
+
+    import quantkit.plan
+
+    seen = []
+    real = quantkit.plan.plan_run
+    monkeypatch.setattr(quantkit.plan, "plan_run", lambda *a, **k: seen.append(k.get("shard_bytes")) or real(*a, **k))
+    d = tmp_path / "m"
+    make_tiny_model("llama", seed=1).save_pretrained(d, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(d)
+    res = runner.invoke(app, ["rtn", "--model", str(d), "--out", str(tmp_path / "o"), "-g", "32", "--shard-size", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert seen == [GiB // 2]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"num_experts": "many"}, "field num_experts='many' is not a sensible size"),
+    ({"moe_intermediate_size": -64}, "field moe_intermediate_size=-64 is not a sensible size"),
+    ({"head_dim": 2.5}, "field head_dim=2.5 is not a sensible positive size"),
+])
+def test_absurd_layout_fields_named(bad, match):
+    """The sizes the adapter row reads (an MoE's expert count and widths, head_dim) are checked like the
+    others: one ModelLoadError naming the field, never a TypeError from deep inside the estimate."""
+    cfg = {**CFG, "model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 64, **bad}
+    with pytest.raises(ModelLoadError, match=match):
+        ModelShape.from_config(cfg)
+    assert ModelShape.from_config({**CFG, "model_type": "qwen3_moe", "num_experts": 4,
+                                   "moe_intermediate_size": 64}).block_linears()["mlp.experts.3.down_proj"] == (96, 64)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from quantkit.cli.options import (BatchOpt, BitsOpt, DeviceOpt, DtypeOpt, GroupSizeOpt, JsonOpt, ModelOpt, SamplesOpt,
-                                  SeqlenOpt, StreamOpt, SymOpt)
+                                  SeqlenOpt, ShardSizeOpt, StreamOpt, SymOpt)
 from quantkit.cli.ui import console, handle_errors
 
 RecipeFileOpt = Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML file (scheme, stages, ignore).")]
@@ -45,23 +45,20 @@ def plan_cmd(
         Optional[str], typer.Option("--shape", help="Plan a named model shape instead of --model: llama3-8b, llama3-70b, ...")
     ] = None,
     stream: StreamOpt = None,
+    shard_size: ShardSizeOpt = 2.0,
 ) -> None:
     """Estimate peak host/device memory of quantizing MODEL (reads only its config) and whether it fits."""
-    from rich.table import Table
-
-    from quantkit.api import CalibConfig
-    from quantkit.models.loading import resolve_device, resolve_dtype
-    from quantkit.errors import short_repr
-    from quantkit.plan import model_config, plan_run
-    from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
-
+    from quantkit.api import CalibConfig, check_arch, needs_calibration, streams
     from quantkit import validate as chk
+    from quantkit.models.loading import resolve_device, resolve_dtype
+    from quantkit.plan import plan_run
 
     chk.check_samples_batch(samples, batch_size)
     chk.check_seqlen("--seqlen", seqlen)
     chk.check_dtype(dtype)
     chk.check_float("--device-memory", device_memory, min=0, max=2**30, min_open=True, note=" GiB")
     chk.check_float("--host-memory", host_memory, min=0, max=2**30, min_open=True, note=" GiB")
+    chk.check_float("--shard-size", shard_size, min=0, max=2**20, min_open=True, note=" GiB")
     if shape is not None and model is not None:
         raise chk.OptionError("give --model or --shape, not both")
     chk.check_output_file("--json", json_out)
@@ -70,35 +67,56 @@ def plan_cmd(
     else:
         dev = resolve_device(device)
     resolve_dtype(dtype, dev)  # validates the name
-    if recipe is not None:
-        rec = _load_recipe_file(recipe)
-    else:
-        rec = Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)), (Stage(method),))
+    rec = _recipe(recipe, method, bits, group_size, sym)
     calib = CalibConfig(samples=samples, seqlen=seqlen, batch_size=batch_size)
-    from quantkit.models.loading import check_source
-
-    if shape is not None:
-        from quantkit.models.random import SHAPES
-
-        if shape not in SHAPES:
-            raise chk.OptionError(f"unknown --shape {short_repr(shape)}; known: {', '.join(sorted(SHAPES))}")
-        cfg = dict(SHAPES[shape])
-    else:
-        check_source(model)
-        cfg = model_config(model)
-    from quantkit.api import check_arch, needs_calibration
-
+    cfg = _config(model, shape)
     check_arch(cfg, rec)
-
     if needs_calibration(rec):  # a data-free recipe (RTN) never reads --seqlen tokens
         chk.check_seqlen("--seqlen", seqlen, cfg)
     avail = None if device_memory is None else int(device_memory * 2**30)
     host = None if host_memory is None else int(host_memory * 2**30)
-    from quantkit.api import streams
-
     quantkit_ckpt = model is not None and Path(model).is_dir() and (Path(model) / "quantkit.json").is_file()
     p = plan_run(cfg, rec, calib, dev, dtype=dtype, device_available=avail, host_available=host, stream=stream,
-                 can_stream=streams(rec) and not quantkit_ckpt)
+                 can_stream=streams(rec) and not quantkit_ckpt, shard_bytes=max(1, int(shard_size * 2**30)))
+    _print_plan(p, dev)
+    if json_out is not None:
+        import json
+
+        from quantkit.run import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(p.to_dict(), indent=2) + "\n")
+
+
+def _recipe(path: Optional[Path], method: str, bits: int, group_size: Optional[int], sym: bool):
+    """The --recipe file, else a one-stage recipe of --method with the weight flags."""
+    from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
+
+    if path is not None:
+        return _load_recipe_file(path)
+    return Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)), (Stage(method),))
+
+
+def _config(model: Optional[str], shape: Optional[str]) -> dict:
+    """The config dict of --shape (a named shape) or of --model (read without its weights)."""
+    from quantkit import validate as chk
+    from quantkit.errors import short_repr
+    from quantkit.models.loading import check_source
+    from quantkit.plan import model_config
+
+    if shape is None:
+        check_source(model)
+        return model_config(model)
+    from quantkit.models.random import SHAPES
+
+    if shape not in SHAPES:
+        raise chk.OptionError(f"unknown --shape {short_repr(shape)}; known: {', '.join(sorted(SHAPES))}")
+    return dict(SHAPES[shape])
+
+
+def _print_plan(p, dev: str) -> None:
+    """The plan as a table: each part, the peaks against what is available, the mode, the advice."""
+    from rich.table import Table
+
     t = Table(title="memory plan (estimate from config)", show_header=False)
     for k, v in p.host_parts.items():
         t.add_row(f"host · {k}", f"{v / 2**30:.2f} GiB")
@@ -117,12 +135,6 @@ def plan_cmd(
     for a in p.advice:
         t.add_row("[yellow]try[/]", a)
     console.print(t)
-    if json_out is not None:
-        import json
-
-        from quantkit.run import write_text_atomic
-
-        write_text_atomic(json_out, json.dumps(p.to_dict(), indent=2) + "\n")
 
 
 def register(app: typer.Typer) -> None:

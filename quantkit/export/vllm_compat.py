@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
+from quantkit.models.adapter import VLLM_FUSED  # the fused groups are model knowledge: the adapter table's
 from quantkit.recipe import QuantArgs
-
-# Linears that vLLM fuses into one layer; the members must share one scheme
-# (and be all quantized or all ignored) or vLLM refuses the checkpoint.
-VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def vllm_fusion_warnings(modules: dict[str, QuantArgs], linears: list[str]) -> list[str]:

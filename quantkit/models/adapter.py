@@ -1,22 +1,29 @@
 """Model knowledge as data: where the blocks, norms and linears of a family live.
 
 One `ArchSpec` table row per layout. Llama, Qwen2, Qwen3 and Mistral share the
-same layout in transformers, so one spec covers all four; Granite differs from it
-only by scalar multipliers (nothing a method folds or rotates changes). Phi-3/Phi-4
+same layout in transformers (Qwen2's and Qwen3's rows differ only in the q/k/v bias
+and the q/k norms the memory plan counts); Granite differs from it only by scalar
+multipliers (nothing a method folds or rotates changes). Phi-3/Phi-4
 (fused qkv_proj / gate_up_proj), Gemma 2/3 ((1 + w) norms, norms after each
 sub-block), OLMo 2 (norms only after the sub-blocks) and the mixture-of-experts
 families (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3: `ExpertsSpec`, names with `*`
 repeated per expert) are rows of their own. A new family is a new row, never an
 `isinstance` ladder.
+
+Each row also lists its linears' sizes as expressions over the config (`LinearShape`), so
+the memory plan and the weight-shape checks read a model's layout from its config alone.
+This module imports only `quantkit.errors` (torch only for type hints): any floor above errors can read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from quantkit.errors import UsageError, short_repr
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class UnsupportedModelError(UsageError):
@@ -135,6 +142,34 @@ class ExpertsSpec:
 
 
 @dataclass(frozen=True)
+class LinearShape:
+    """One linear of a block with its size from the config alone (the memory plan, the shape checks).
+
+    out / in_: size expressions: terms joined by "+", each a product ("*") of names; a name is one of
+    "hidden", "q" (heads x head_dim), "kv" (kv heads x head_dim), "intermediate", "expert" (one expert's
+    intermediate size), "shared" (the shared experts' together) or a config field (DeepSeek's kv_lora_rank).
+    A name the config leaves unset (or 0) means the linear is absent (DeepSeek-V2-Lite has no q_a_proj).
+    only: "dense" / "moe": the linear exists only in blocks with a dense MLP / a mixture of experts.
+    unless: a config field that, when set, means the linear is absent (DeepSeek's q_proj vs q_lora_rank).
+    """
+
+    name: str
+    out: str
+    in_: str
+    only: str = ""
+    unless: str | None = None
+
+
+# Largest size any config field may set (no real model has a dimension or a layer count near it).
+SIZE_LIMIT = 10_000_000
+
+# Linears that vLLM fuses into one layer (fused name -> members' leaf names): the members must share one
+# scheme and precision (all quantized alike, or all kept in high precision) or vLLM refuses the checkpoint.
+VLLM_FUSED: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                                          "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     model_types: tuple[str, ...]
     blocks: str
@@ -163,6 +198,12 @@ class ArchSpec:
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
     # A sparse MoE MLP (Mixtral, Qwen2/3-MoE); names with `*` repeat per expert (see `for_config`).
     experts: ExpertsSpec | None = None
+    # Every linear of `sequential` with its size from the config (see `linear_shapes`).
+    shapes: tuple[LinearShape, ...] = ()
+    # q/k/v carry a bias unless the config's attention_bias says otherwise (Qwen2 has no such field).
+    qkv_bias: bool = False
+    # Per-head RMSNorms on q and k (Qwen3), counted by the memory plan.
+    qk_norm: bool = False
 
     def for_config(self, config) -> "ArchSpec":
         """This row with every `*` expanded to the config's experts: a true-sequential step or
@@ -198,20 +239,95 @@ class ArchSpec:
 
     def part_rows(self, rel: str, part: str, config) -> slice:
         """The rows of `part` in the fused linear `rel` (e.g. "v" of self_attn.qkv_proj)."""
-        heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        sizes = {"q": heads * head_dim_of(config), "kv": kv * head_dim_of(config),
-                 "intermediate": config.intermediate_size}
         start = 0
         for name, key in dict(self.fused)[rel]:
+            n = self.size(key, config)
             if name == part:
-                return slice(start, start + sizes[key])
-            start += sizes[key]
+                return slice(start, start + n)
+            start += n
         raise KeyError(f"{rel} has no part {part!r}")
 
+    def size(self, expr: str, config) -> int | None:
+        """The value of a size expression of `LinearShape` for a config (object or dict); None when
+        a name in it is unset. ValueError names a config field that is not a sensible size."""
+        total = 0
+        for term in expr.split("+"):
+            prod = 1
+            for name in term.split("*"):
+                v = self._named_size(name.strip(), config)
+                if v is None:
+                    return None
+                prod *= v
+            total += prod
+        return total
+
+    def _named_size(self, name: str, config) -> int | None:
+        if name == "hidden":
+            return config_size(config, "hidden_size")
+        if name in ("q", "kv"):
+            heads = config_size(config, "num_attention_heads")
+            if name == "kv":
+                heads = config_size(config, "num_key_value_heads") or heads
+            if not heads or not config_size(config, "hidden_size"):
+                return None
+            hd = head_dim_of(config)
+            if isinstance(hd, bool) or not isinstance(hd, int) or not 0 < hd <= SIZE_LIMIT:
+                raise ValueError(f"field head_dim={short_repr(hd, 40)} is not a sensible size")
+            return heads * hd
+        if name in ("expert", "shared") and self.experts is not None:
+            keys = self.experts.intermediate if name == "expert" else self.experts.shared_intermediate
+            if keys is None:
+                return None
+            out = 1
+            for k in (keys,) if isinstance(keys, str) else keys:
+                v = config_size(config, k)
+                if v is None:
+                    return None
+                out *= v
+            return out
+        return config_size(config, "intermediate_size" if name == "intermediate" else name)
+
+    def linear_shapes(self, config, only: str | None = None, experts: int | None = None) -> dict[str, tuple[int, int]]:
+        """Relative name -> (out_features, in_features) of a block's linears, from the config alone.
+
+        only: "dense" / "moe": the linears of that kind of block (an MoE row lists both kinds; a
+        dense row's MLP linears count as "dense"); None: every linear the config implies.
+        `*` repeats per expert: `experts` of them (default: the config's count)."""
+        n = experts
+        if n is None and self.experts is not None:
+            n = expert_count(self.experts, config) or 0
+        out: dict[str, tuple[int, int]] = {}
+        for ls in self.shapes:
+            if only is not None and ls.only and ls.only != only:
+                continue
+            if ls.unless is not None and config_value(config, ls.unless) is not None:
+                continue
+            o, i = self.size(ls.out, config), self.size(ls.in_, config)
+            if not o or not i:
+                continue  # the config says this linear is absent
+            for e in range(n) if "*" in ls.name else (None,):
+                out[ls.name if e is None else ls.name.replace("*", str(e))] = (o, i)
+        return out
+
+    def dense_block_count(self, config) -> int:
+        """How many blocks of an MoE model keep a dense MLP (the config names them: a count of first
+        blocks, or a list of indices); 0 for a dense row."""
+        if self.experts is None or self.experts.dense_blocks is None:
+            return 0
+        v = config_value(config, self.experts.dense_blocks)
+        if isinstance(v, (list, tuple)):
+            return len(v)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+_ATTN_SHAPES = (LinearShape("self_attn.q_proj", "q", "hidden"), LinearShape("self_attn.k_proj", "kv", "hidden"),
+                LinearShape("self_attn.v_proj", "kv", "hidden"), LinearShape("self_attn.o_proj", "hidden", "q"))
+_MLP_SHAPES = (LinearShape("mlp.gate_proj", "intermediate", "hidden", only="dense"),
+               LinearShape("mlp.up_proj", "intermediate", "hidden", only="dense"),
+               LinearShape("mlp.down_proj", "hidden", "intermediate", only="dense"))
 
 _LLAMA_LIKE = ArchSpec(
-    model_types=("llama", "qwen2", "qwen3", "mistral"),
+    model_types=("llama", "mistral"),
     blocks="model.layers",
     embed="model.embed_tokens",
     final_norm="model.norm",
@@ -264,7 +380,11 @@ _LLAMA_LIKE = ArchSpec(
         q_norm="self_attn.q_norm",
         k_norm="self_attn.k_norm",
     ),
+    shapes=_ATTN_SHAPES + _MLP_SHAPES,
 )
+# Qwen2 / Qwen3: the Llama layout; Qwen2's q/k/v always carry a bias, Qwen3 norms q and k per head.
+_QWEN2 = replace(_LLAMA_LIKE, model_types=("qwen2",), qkv_bias=True)
+_QWEN3 = replace(_LLAMA_LIKE, model_types=("qwen3",), qk_norm=True)
 
 # Granite = Llama + scalar multipliers (embedding, residual, attention, logits): every fold and
 # rotation is exact through a scalar; the runtime applies them from the layout's config fields.
@@ -354,6 +474,9 @@ _PHI3 = replace(
         ("mlp.gate_up_proj", (("gate", "intermediate"), ("up", "intermediate"))),
     ),
     no_clip=("self_attn.qkv_proj",),
+    shapes=(LinearShape("self_attn.qkv_proj", "q+kv+kv", "hidden"), LinearShape("self_attn.o_proj", "hidden", "q"),
+            LinearShape("mlp.gate_up_proj", "intermediate+intermediate", "hidden", only="dense"),
+            LinearShape("mlp.down_proj", "hidden", "intermediate", only="dense")),
 )
 
 # Mixture of experts. The MoE input (post_attention_layernorm's output) feeds the router as well as
@@ -385,7 +508,17 @@ _MIXTRAL = replace(
     layout=None,
     experts=ExpertsSpec(path="block_sparse_moe.experts", count=("num_local_experts",),
                         names=("w1", "w3", "w2"), router="block_sparse_moe.gate", moe_module=("mlp", "block_sparse_moe")),
+    shapes=_ATTN_SHAPES + (LinearShape("block_sparse_moe.experts.*.w1", "expert", "hidden", only="moe"),
+                           LinearShape("block_sparse_moe.experts.*.w3", "expert", "hidden", only="moe"),
+                           LinearShape("block_sparse_moe.experts.*.w2", "hidden", "expert", only="moe")),
 )
+
+def _expert_shapes(prefix: str, size: str) -> tuple[LinearShape, ...]:
+    """gate/up/down of an expert (or of the shared expert) of an MoE block, intermediate size `size`."""
+    return (LinearShape(f"{prefix}.gate_proj", size, "hidden", only="moe"),
+            LinearShape(f"{prefix}.up_proj", size, "hidden", only="moe"),
+            LinearShape(f"{prefix}.down_proj", "hidden", size, only="moe"))
+
 
 _EXPERT_STEPS = (("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"), ("mlp.experts.*.down_proj",))
 _EXPERT_OPS = (("mlp.experts.*.gate_proj", "expert_gate_up"), ("mlp.experts.*.up_proj", "expert_gate_up"),
@@ -406,6 +539,8 @@ _QWEN3_MOE = replace(
     layout=None,
     experts=ExpertsSpec(path="mlp.experts", count=("num_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", dense_blocks="mlp_only_layers"),
+    shapes=_ATTN_SHAPES + _MLP_SHAPES + _expert_shapes("mlp.experts.*", "expert"),
+    qk_norm=True,
 )
 # Qwen2-MoE (and the DeepSeek-style layout): a shared expert every token goes through, gated by a
 # 1-output linear (shared_expert_gate, kept in high precision like the router).
@@ -423,11 +558,16 @@ _QWEN2_MOE = replace(
     ops=_LLAMA_LIKE.ops + ((_SHARED[0], "shared_gate_up"), (_SHARED[1], "shared_gate_up"),
                            ("mlp.shared_expert.down_proj", "shared_down")) + _EXPERT_OPS,
     experts=replace(_QWEN3_MOE.experts, shared_intermediate="shared_expert_intermediate_size"),
+    shapes=_QWEN3_MOE.shapes + _expert_shapes("mlp.shared_expert", "shared"),
+    qkv_bias=True,
+    qk_norm=False,
 )
 
 # DeepSeek-V2/V3: multi-head latent attention (q and kv compressed through their own norms; V-2-Lite
 # has a plain q_proj) and an MoE with shared experts; the first `first_k_dense_replace` blocks are
 # dense. kv_b_proj's output interleaves K and V per head, so V has no contiguous rows: no v -> o group.
+# MLA's query heads: each a "nope" part and a RoPE part
+_MLA_Q = "num_attention_heads*qk_nope_head_dim+num_attention_heads*qk_rope_head_dim"
 _MLA_IN = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
 _DS_SHARED = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")
 _DEEPSEEK = replace(
@@ -457,21 +597,47 @@ _DEEPSEEK = replace(
     experts=ExpertsSpec(path="mlp.experts", count=("n_routed_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", shared_intermediate=("moe_intermediate_size", "n_shared_experts"),
                         dense_blocks="first_k_dense_replace"),
+    shapes=(
+        LinearShape("self_attn.q_a_proj", "q_lora_rank", "hidden"),
+        LinearShape("self_attn.q_proj", _MLA_Q, "hidden", unless="q_lora_rank"),
+        LinearShape("self_attn.q_b_proj", _MLA_Q, "q_lora_rank"),
+        LinearShape("self_attn.kv_a_proj_with_mqa", "kv_lora_rank+qk_rope_head_dim", "hidden"),
+        LinearShape("self_attn.kv_b_proj", "num_attention_heads*qk_nope_head_dim+num_attention_heads*v_head_dim",
+                    "kv_lora_rank"),
+        LinearShape("self_attn.o_proj", "hidden", "num_attention_heads*v_head_dim"),
+    ) + _MLP_SHAPES + _expert_shapes("mlp.shared_experts", "shared") + _expert_shapes("mlp.experts.*", "expert"),
 )
 
-ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _GRANITE, _GEMMA, _OLMO2, _PHI3, _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE,
+ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _QWEN2, _QWEN3, _GRANITE, _GEMMA, _OLMO2, _PHI3, _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE,
                                     _DEEPSEEK)
+
+
+def config_value(config, key: str):
+    """A field of a config, given as a transformers config object or as a dict (config.json)."""
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def config_size(config, key: str) -> int | None:
+    """A size field of a config: None when unset; ValueError (naming the field) unless a whole
+    number from 0 to SIZE_LIMIT."""
+    v = config_value(config, key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > SIZE_LIMIT:
+        raise ValueError(f"field {key}={short_repr(v, 40)} is not a sensible size")
+    return v
 
 
 def expert_count(ex: ExpertsSpec, config) -> int | None:
     """The number of experts a config (object or dict) declares, by the spec's field names."""
-    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
-    return next((get(k) for k in ex.count if get(k) is not None), None)
+    return next((config_size(config, k) for k in ex.count if config_value(config, k) is not None), None)
 
 
 def head_dim_of(config) -> int:
-    """Attention head size: the config's `head_dim` when it sets one (Qwen3), else hidden / heads."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    """Attention head size (config object or dict): the config's `head_dim` when it sets one (Qwen3),
+    else hidden / heads."""
+    return config_value(config, "head_dim") or config_value(config, "hidden_size") // config_value(
+        config, "num_attention_heads")
 
 
 def sliding_windows(config) -> list[int | None]:

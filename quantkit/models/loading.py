@@ -284,9 +284,11 @@ def _inner_message(e: BaseException) -> str:
 
 def _validate_config(config) -> None:
     """Absurd configs fail here with a clear message instead of deep inside torch."""
+    from quantkit.models.adapter import SIZE_LIMIT
+
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         v = getattr(config, key, None)
-        if v is not None and (not isinstance(v, int) or v <= 0 or v > 10_000_000):
+        if v is not None and (not isinstance(v, int) or v <= 0 or v > SIZE_LIMIT):
             raise ModelLoadError(f"config.json field {key}={short_repr(v, 40)} is not a sensible positive size")
 
 
@@ -307,24 +309,24 @@ def _read_config(path: Path, common: dict):
     except Exception as e:  # validators raise many types
         raise ModelLoadError(f"{path / 'config.json'} is refused by transformers: {_inner_message(e)}; fix that field") from e
     _validate_config(config)
-    if isinstance(raw, dict):
-        _check_shapes_match(path, raw)
+    _check_shapes_match(path, config)
     return config
 
 
-def _check_shapes_match(path: Path, cfg: dict[str, Any]) -> None:
-    """Weights whose shapes contradict config.json are named before any is read (from the headers)."""
+def _check_shapes_match(path: Path, config) -> None:
+    """Weights whose shapes contradict config.json are named before any is read (from the headers):
+    the embeddings and block 0's linears, sized by the adapter row from the config."""
     from quantkit.export.safetensors_header import read_safetensors_header
+    from quantkit.models.adapter import UnsupportedModelError, spec_for
 
     try:
-        from quantkit.plan import ModelShape
-
-        shape = ModelShape.from_config(cfg, where=str(path / "config.json"))
-    except UsageError:
-        return  # the config checks speak for it
-    want = {"model.embed_tokens.weight": [shape.vocab_size, shape.hidden_size]}
-    for rel, (o, i) in shape.block_linears().items():
-        want[f"model.layers.0.{rel}.weight"] = [o, i]
+        spec = spec_for(getattr(config, "model_type", None))
+        linears = spec.linear_shapes(config, experts=1)  # expert 0 stands for every expert
+    except (UnsupportedModelError, ValueError, TypeError, ZeroDivisionError):
+        return  # the family and config checks speak for it
+    want = {f"{spec.embed}.weight": [config.vocab_size, config.hidden_size]}
+    for rel, (o, i) in linears.items():
+        want[f"{spec.blocks}.0.{rel}.weight"] = [o, i]
     have: dict[str, Any] = {}
     for f in sorted(path.glob("*.safetensors")):
         have.update({k: v["shape"] for k, v in read_safetensors_header(f).items() if k in want})
@@ -381,74 +383,15 @@ def load_model(
     from its safetensors cache. A quantkit checkpoint as the source is refused with stream.
     """
     import torch  # noqa: F401  (fail early if missing)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress and status lines speak instead
 
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     common = dict(trust_remote_code=trust_remote_code)
-
-    if model is None or model == "default":
-        model = str(default_model_path())
-        kind = "default"
-    elif model.endswith(".gguf"):
-        kind = "gguf"
-    elif os.path.isdir(model):
-        kind = "dir"
-    elif os.path.exists(model):
-        raise ModelLoadError(
-            f"{short(model, 160)} is a file but not a .gguf; pass a .gguf file, a model directory or a hub id"
-        )
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelLoadError(f"model path {short(model, 160)} does not exist")
-    else:
-        kind = "hub"
-
+    model, kind = _source_kind(model)
     try:
-        if kind in ("default", "gguf"):
-            path = Path(model).expanduser()
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file {path} does not exist")
-            with open(path, "rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise ModelLoadError(f"{path} is not a GGUF file (wrong magic bytes)")
-            source = {"kind": kind, "path": str(path), "fingerprint": file_sha256(path)}
-            tok, lm = _load_gguf(path, source["fingerprint"], torch_dtype, common, stream)
-            if kind == "default":
-                source["name"] = DEFAULT_MODEL_NAME
-        elif kind == "dir" and _is_quantkit_checkpoint(Path(model)):
-            if stream:
-                raise ModelLoadError(f"{short(model, 160)} is a quantkit checkpoint, which loads dequantized in memory: "
-                                     "drop --stream, or pass the float model it was made from")
-            from quantkit.models.checkpoint import load_quantkit_checkpoint
-
-            path = Path(model)
-            lm, tok, manifest = load_quantkit_checkpoint(path, dtype=None if dtype == "auto" else torch_dtype)
-            source = {"kind": "quantkit-checkpoint", "path": str(path.resolve()), "source": manifest.get("source")}
-            # The reader just verified every file against the manifest's hashes: fingerprint those, no re-read.
-            files = json.dumps(manifest.get("files", {}), sort_keys=True).encode()
-            source["fingerprint"] = hashlib.sha256(files).hexdigest()
-        elif kind == "dir":
-            path = Path(model)
-            _check_local_dir(path)
-            _check_not_foreign_quantized(path)
-            _read_config(path, common)
-            tok = AutoTokenizer.from_pretrained(path, **common)
-            lm = _streamed(path, torch_dtype, common) if stream else \
-                _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
-            source = {"kind": "dir", "path": str(path.resolve()), "fingerprint": _dir_fingerprint(path)}
-        else:
-            from quantkit.models import hub
-
-            path = hub.snapshot(model, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-            _check_local_dir(path)
-            _check_not_foreign_quantized(path)
-            _read_config(path, common)
-            tok = AutoTokenizer.from_pretrained(path, **common)
-            lm = _streamed(path, torch_dtype, common) if stream else \
-                _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
-            source = {"kind": "hub", "id": model, "revision": path.name, "fingerprint": _dir_fingerprint(path)}
+        tok, lm, source = _load_source(model, kind, dtype, torch_dtype, common, stream)
     except UsageError:
         raise
     except (OSError, json.JSONDecodeError) as e:
@@ -466,3 +409,78 @@ def load_model(
     source["model_type"] = lm.config.model_type
     source["dtype"] = str(torch_dtype).replace("torch.", "")
     return LoadedModel(model=lm, tokenizer=tok, source=source, stream=streamed)
+
+
+def _source_kind(model: str | None) -> tuple[str, str]:
+    """(the model source as a path or id, its kind: default, gguf, dir or hub); refuses what is none."""
+    if model is None or model == "default":
+        return str(default_model_path()), "default"
+    if model.endswith(".gguf"):
+        return model, "gguf"
+    if os.path.isdir(model):
+        return model, "dir"
+    if os.path.exists(model):
+        raise ModelLoadError(
+            f"{short(model, 160)} is a file but not a .gguf; pass a .gguf file, a model directory or a hub id"
+        )
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model path {short(model, 160)} does not exist")
+    return model, "hub"
+
+
+def gguf_file(model: str) -> Path:
+    """The path of a .gguf source, checked to exist and to start with GGUF's magic bytes."""
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file (wrong magic bytes)")
+    return path
+
+
+def _load_source(model: str, kind: str, dtype: str, torch_dtype, common: dict, stream: bool):
+    """(tokenizer, model or StreamedModel, source record) of one source of `kind`."""
+    if kind in ("default", "gguf"):
+        path = gguf_file(model)
+        source = {"kind": kind, "path": str(path), "fingerprint": file_sha256(path)}
+        tok, lm = _load_gguf(path, source["fingerprint"], torch_dtype, common, stream)
+        if kind == "default":
+            source["name"] = DEFAULT_MODEL_NAME
+        return tok, lm, source
+    if kind == "dir" and _is_quantkit_checkpoint(Path(model)):
+        if stream:
+            raise ModelLoadError(f"{short(model, 160)} is a quantkit checkpoint, which loads dequantized in memory: "
+                                 "drop --stream, or pass the float model it was made from")
+        from quantkit.models.checkpoint import load_quantkit_checkpoint
+
+        path = Path(model)
+        lm, tok, manifest = load_quantkit_checkpoint(path, dtype=None if dtype == "auto" else torch_dtype)
+        source = {"kind": "quantkit-checkpoint", "path": str(path.resolve()), "source": manifest.get("source")}
+        # The reader just verified every file against the manifest's hashes: fingerprint those, no re-read.
+        files = json.dumps(manifest.get("files", {}), sort_keys=True).encode()
+        source["fingerprint"] = hashlib.sha256(files).hexdigest()
+        return tok, lm, source
+    if kind == "dir":
+        path = Path(model)
+        source = {"kind": "dir", "path": str(path.resolve())}
+    else:
+        from quantkit.models import hub
+
+        path = hub.snapshot(model, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        source = {"kind": "hub", "id": model, "revision": path.name}
+    tok, lm = _load_safetensors_dir(path, model, torch_dtype, common, stream)
+    return tok, lm, {**source, "fingerprint": _dir_fingerprint(path)}
+
+
+def _load_safetensors_dir(path: Path, model: str, torch_dtype, common: dict, stream: bool):
+    """(tokenizer, model) of a transformers dir (local or a hub snapshot), its config and files checked first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_local_dir(path)
+    _check_not_foreign_quantized(path)
+    _read_config(path, common)
+    tok = AutoTokenizer.from_pretrained(path, **common)
+    lm = _streamed(path, torch_dtype, common) if stream else \
+        _from_pretrained(AutoModelForCausalLM, path, model, dtype=torch_dtype, use_safetensors=True, **common)
+    return tok, lm

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from quantkit.models.adapter import head_dim_of
+
 
 @dataclass
 class BenchRow:
@@ -107,7 +109,7 @@ def bench_transformers(model, name: str, *, batch: int, prompt_len: int, gen_len
     peak = _peak(dev)
     kv = 2 * model.config.num_hidden_layers * batch * (prompt_len + gen_len) * \
         getattr(model.config, "num_key_value_heads", model.config.num_attention_heads) * \
-        (getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads) * \
+        head_dim_of(model.config) * \
         next(model.parameters()).element_size()
     wb = sum(p.numel() * p.element_size() for p in model.parameters())
     return BenchRow(name, batch, prompt_len, gen_len, t_pre, max(t_all - t_pre, 1e-9), gen_len - 1, peak, wb, kv,

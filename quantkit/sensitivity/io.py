@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError, short_repr
+from quantkit.models.adapter import VLLM_FUSED
 
 FORMAT = "quantkit-sensitive-layers"
 VERSION = 2
@@ -94,8 +95,8 @@ class SensitiveLayers:
         }
 
 
-# Linears that vLLM fuses into one layer: all members must share a precision.
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Linears that vLLM fuses into one layer (the adapter table's): all members must share a precision.
+FUSED_GROUPS = tuple(VLLM_FUSED.values())
 
 
 def expand_fused(names: list[str], linears: set[str] | list[str]) -> list[str]:
