@@ -37,6 +37,11 @@ MiB = 1024**2
 # any weights: measured 239 MiB after the imports and 450-460 MiB once a Llama is built
 # (torch 2.13 CPU, transformers 5.23; the modeling code and its kernels load then).
 HOST_BASELINE_BYTES = 460 * MiB
+# Host memory a process holds once it has used a CUDA GPU (driver context, cuBLAS/cuDNN, Triton's compiler
+# and cache): an 8B-shaped GPTQ run on an H200 peaked 1.32 GiB above the plan's CPU-counted host parts in
+# memory and 1.77 GiB above them streamed (BENCHMARKS.md, issue 21; the CPU box's streamed runs were 0.43 GiB
+# above it, so the rest is the GPU's).
+CUDA_HOST_BYTES = int(1.3 * GiB)
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 EXPORT_SHARD_BYTES = 2 * GiB  # the exporters' default max_shard_bytes (--shard-size 2)
 # Saved activations of the rotation training, counted tensor by tensor, times this: the smaller temporaries
@@ -429,7 +434,7 @@ def _gpu_peaks(z: _Sizes, *, stream: bool, host_available: int | None, device_av
     device_parts = {"block weights": z.block, "block inputs + outputs": z.act, "rotary kwargs": z.rope,
                     "forward transients": z.transient, "statistics": z.stats}
     catch = z.emb + z.act // 2 + z.rope
-    host_fixed = HOST_BASELINE_BYTES + sum(held.values()) + z.calib_set
+    host_fixed = HOST_BASELINE_BYTES + CUDA_HOST_BYTES + sum(held.values()) + z.calib_set
     # The phases of a streamed run on the host: catch (embeddings), one block calibrated and saved (with
     # its quantized tensors and their serialized copy for OUT.partial, instead of every block's) while the
     # next one is read ahead, export.
@@ -446,7 +451,7 @@ def _gpu_peaks(z: _Sizes, *, stream: bool, host_available: int | None, device_av
         catch = z.emb + z.one_batch + z.rope
         host_room = None if host_available is None else host_available - host_fixed - host_work
         placement = "host" if host_room is None or z.act <= host_room else "disk"
-    host_parts = {"runtime": HOST_BASELINE_BYTES, **held, work_name: host_work}
+    host_parts = {"runtime": HOST_BASELINE_BYTES, "CUDA runtime": CUDA_HOST_BYTES, **held, work_name: host_work}
     if placement == "host":
         host_parts["calibration activations (pinned)"] = z.act
     return host_parts, sum(host_parts.values()) + z.calib_set, device_parts, max(catch, sum(device_parts.values())), \
