@@ -33,7 +33,7 @@ GiB = 1024**3
 
 
 def build_model_dir(shape: str, out: Path, *, layers: int | None = None, seed: int = 0,
-                    shard_bytes: int = 4 * GiB, init_device: str = "cpu") -> Path:
+                    shard_bytes: int = 4 * GiB, init_device: str = "cpu", tokenizer: str | None = None) -> Path:
     """A random `shape` model saved as BF16 safetensors shards + index + config + tokenizer, without
     ever holding more than one tensor (and one shard's worth of finished tensors) in memory.
     `init_device="cuda"` draws the random numbers on the GPU (an 8B model's 8e9 normals took ~4 min on
@@ -87,8 +87,14 @@ def build_model_dir(shape: str, out: Path, *, layers: int | None = None, seed: i
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     cfg.to_json_file(str(out / "config.json"))
-    # Any tokenizer with ids below the vocab size serves random weights: the default model's (49152 < 128256).
-    api.load(None).tokenizer.save_pretrained(str(out))
+    # Any tokenizer with ids below the vocab size serves random weights: the default model's (49152 < 128256),
+    # or one saved from it (`tokenizer`: a dir), which spares loading the default model's GGUF.
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(str(out))
+    else:
+        api.load(None).tokenizer.save_pretrained(str(out))
     return out
 
 
@@ -170,6 +176,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--workdir", default=None, help="where the model dirs go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--init-device", default="cpu", help="where the random weights are drawn (cuda: much faster)")
+    ap.add_argument("--tokenizer", default=None, help="a saved tokenizer dir to ship with the model (default: the "
+                                                       "embedded model's, loaded from its GGUF)")
     ap.add_argument("--model-dir", default=None,
                     help="use this already-built model dir (built here if missing; never deleted); one --layers value")
     ap.add_argument("--modes", default=None,
@@ -180,7 +188,7 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     if args._build:
         build_model_dir(args.shape, Path(args._build), layers=args.layers[0] if args.layers else None,
-                        init_device=args.init_device)
+                        init_device=args.init_device, tokenizer=args.tokenizer)
         return []
     os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")  # comparable manifests
     root = Path(args.workdir or tempfile.mkdtemp(prefix="qk-stream-"))
@@ -191,7 +199,8 @@ def main(argv=None) -> list[dict]:
         if not (d / "config.json").exists():
             # In a child process, so this one stays small (its children inherit nothing big).
             subprocess.run([sys.executable, __file__, "--_build", str(d), "--shape", args.shape,
-                            "--init-device", args.init_device, *(["--layers", str(layers)] if layers else [])],
+                            "--init-device", args.init_device, *(["--layers", str(layers)] if layers else []),
+                            *(["--tokenizer", args.tokenizer] if args.tokenizer else [])],
                            check=True)
         row = {"shape": args.shape, "layers": layers or SHAPES[args.shape]["num_hidden_layers"],
                "model_gib": _dir_bytes(d) / GiB, "build_seconds": time.perf_counter() - t0,
