@@ -19,7 +19,7 @@ implementation (torch.compile).  On CPU tensors the torch reference runs, unless
 This package imports nothing heavy until a name is used.
 """
 
-import importlib
+from quantkit._lazy import lazy_exports
 
 _EXPORTS = {
     "per_token_quant": "act_quant",
@@ -44,9 +44,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{mod}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

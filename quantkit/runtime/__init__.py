@@ -13,7 +13,7 @@ cache with residuals), `precision` (the bitmask), `monitor` (the fallback monito
 uses on dense models). Nothing heavy is imported until a name is used.
 """
 
-import importlib
+from quantkit._lazy import lazy_exports
 
 _EXPORTS = {
     "load": "loader",
@@ -25,9 +25,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{mod}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
