@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gpu_key,
-                      next_pow2, quantize_sym, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
+                      grouped_tile, load_k_tiles, next_pow2, quantize_sym, splitk_buffers, splitk_for, splitk_sum,
+                      splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -124,18 +125,7 @@ def _w8a8_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    pid_k = pid // num_tiles
-    tile = pid % num_tiles
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = tile // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
-    pid_n = (tile % num_pid_in_group) // group_size_m
+    pid_m, pid_n, tile, pid_k = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,12 +165,7 @@ def _w8a8_kernel(
     w_ptrs += k_lo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(k_lo, tl.minimum(k_hi, k_end), BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(offs_k[None, :] + k0) < K, other=0)
-            w = tl.load(w_ptrs, mask=(offs_k[:, None] + k0) < K, other=0)
+        a, w = load_k_tiles(a_ptrs, w_ptrs, offs_k, k0, K, EVEN_K)
         if FUSE_QUANT:
             a = quantize_sym(a.to(tl.float32), a_scale_b, 127.0).to(tl.int8)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
@@ -201,12 +186,7 @@ def _w8a8_kernel(
         # INT8 rows keep their int32 acc and get the plain path's epilogue, so they are bit-identical to it
         accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, tl.where(n_fp > 0, k_hi, k_lo), BLOCK_KF, num_stages=STAGES_F):
-            if EVEN_K:
-                xf = tl.load(xf_ptrs)
-                wt = tl.load(wf_ptrs)
-            else:
-                xf = tl.load(xf_ptrs, mask=(offs_kf[None, :] + k0) < k_hi, other=0.0)
-                wt = tl.load(wf_ptrs, mask=(offs_kf[:, None] + k0) < k_hi, other=0)
+            xf, wt = load_k_tiles(xf_ptrs, wf_ptrs, offs_kf, k0, k_hi, EVEN_K)
             xf = tl.where(is_fp[:, None], xf, tl.zeros_like(xf))
             accm = tl.dot(xf, wt.to(x_ptr.dtype.element_ty), accm)
             xf_ptrs += BLOCK_KF
