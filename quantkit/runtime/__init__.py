@@ -15,14 +15,8 @@ uses on dense models). Nothing heavy is imported until a name is used.
 
 from quantkit._lazy import lazy_exports
 
-_EXPORTS = {
-    "load": "loader",
-    "from_quantized": "loader",
-    "from_float": "loader",
-    "RuntimeModel": "model",
-    "QuantLinear": "linear",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "loader": ("load", "from_quantized", "from_float"),
+    "model": ("RuntimeModel",),
+    "linear": ("QuantLinear",),
+})
