@@ -486,9 +486,9 @@ def splitk_sum_rows(acc_i, acc_f, is_fp, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K:
 
 @jit_helper
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program ``pid`` of a split-K GEMM grid (SPLIT_K x tiles, split-major) -> (pid_m, pid_n, tile, pid_k):
-    its output tile in GROUP_M-row grouped order (consecutive programs share A rows in L2), the tile's
-    linear index and its K split.  Without split-K every pid is a tile (pid_k is 0)."""
+    """Program ``pid`` of a split-K GEMM grid (SPLIT_K x tiles, split-major) -> (offs_m, offs_n, tile, pid_k):
+    the rows and columns of its output tile, tiles in GROUP_M-row grouped order (consecutive programs share
+    A rows in L2), the tile's linear index and its K split.  Without split-K every pid is a tile (pid_k 0)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -500,7 +500,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
     pid_n = (tile % num_pid_in_group) // group_size_m
-    return pid_m, pid_n, tile, pid_k
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, tile, pid_k
 
 
 @jit_helper

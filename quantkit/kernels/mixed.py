@@ -133,9 +133,8 @@ def _mixed_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n, _, _ = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """All-FP16 GEMM on the int8 weight, scaled per output channel: one (BLOCK_M, BLOCK_N) output tile."""
+    offs_m, offs_n, _, _ = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = offs_m % M
     rn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)

@@ -125,10 +125,8 @@ def _w8a8_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n, tile, pid_k = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Tensor-core W8A8 GEMM: one (BLOCK_M, BLOCK_N) output tile over one K split (see module docstring)."""
+    offs_m, offs_n, tile, pid_k = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = offs_m % M  # wrapped rows/cols: loads need no M/N masks, stores are masked
     rn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)

@@ -460,10 +460,8 @@ def _wna16_mma_kernel(
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n, tile, pid_k = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Tensor-core WNA16 GEMM: one output tile over one K split, weights dequantized per 128-K block."""
+    offs_m, offs_n, tile, pid_k = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = offs_m % M
     nmask = offs_n < N
     offs_r = tl.arange(0, R)
