@@ -485,6 +485,16 @@ def splitk_sum_rows(acc_i, acc_f, is_fp, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K:
 
 
 @jit_helper
+def gemv_tile(N, BLOCK_N: tl.constexpr):
+    """GEMV grid = (N tiles) x (K splits), N tile fastest: (tile, K split, its columns, their mask)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tile = pid % num_pid_n
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tile, pid // num_pid_n, offs_n, offs_n < N
+
+
+@jit_helper
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Program ``pid`` of a split-K GEMM grid (SPLIT_K x tiles, split-major) -> (offs_m, offs_n, tile, pid_k):
     the rows and columns of its output tile, tiles in GROUP_M-row grouped order (consecutive programs share

@@ -32,9 +32,9 @@ from typing import Optional
 
 import torch
 
-from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gpu_key,
-                      grouped_tile, load_k_tiles, next_pow2, quantize_sym, splitk_buffers, splitk_for, splitk_sum,
-                      splitk_sum_rows, tl, use_triton)
+from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
+                      gpu_key, grouped_tile, load_k_tiles, next_pow2, quantize_sym, splitk_buffers, splitk_for,
+                      splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -259,11 +259,7 @@ def _w8a8_gemv_kernel(
     FUSE_QUANT (one launch): every program takes the absmax of its rows over all of K, then
     quantizes its K slice as it goes (the act_quant math, so the integers are the same) and packs
     4 of them into a word; x is re-read from L2 by each N tile, which pays for small M only."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tile = pid % num_pid_n
-    pid_k = pid // num_pid_n
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile, pid_k, offs_n, _ = gemv_tile(N, BLOCK_N)
     rn = offs_n % N
     offs_m = tl.arange(0, BLOCK_M)
     rm = offs_m % M

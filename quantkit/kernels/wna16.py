@@ -38,8 +38,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gpu_key, grouped_tile,
-                      jit_helper, splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
+from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gemv_tile, gpu_key,
+                      grouped_tile, jit_helper, splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
 
 __all__ = [
     "WNA16Weight",
@@ -153,16 +153,6 @@ def wna16_gemm_ref(x, q, scale, zero=None, bias=None):
 
 
 @jit_helper
-def _gemv_tile(N, BLOCK_N: tl.constexpr):
-    """GEMV grid = (N tiles) x (K splits), N tile fastest: (tile, K split, its columns, their mask)."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tile = pid % num_pid_n
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    return tile, pid // num_pid_n, offs_n, offs_n < N
-
-
-@jit_helper
 def _field_magic(wp, wh, j: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
     """Field j of the packed words as the float 2**23 + u * 2**(BITS * (j % HALF)) (u: the offset-binary
     value), with no int->float conversion: the field, masked in place, OR-ed into 2**23's mantissa.
@@ -204,7 +194,7 @@ def _wna16_gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    tile, pid_k, offs_n, nmask = _gemv_tile(N, BLOCK_N)
+    tile, pid_k, offs_n, nmask = gemv_tile(N, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     rm = offs_m % M
     offs_r = tl.arange(0, R)
@@ -357,7 +347,7 @@ def _wna16_gemv_h2_kernel(
     scale comes back out exactly at the end. Products and 4-term partials are fp16 (rel. error ~2**-11),
     sums across words fp32."""
     R: tl.constexpr = 16
-    tile, pid_k, offs_n, nmask = _gemv_tile(N, BLOCK_N)
+    tile, pid_k, offs_n, nmask = gemv_tile(N, BLOCK_N)
     offs_u = tl.arange(0, UNROLL)
     offs_r = tl.arange(0, R)
 
