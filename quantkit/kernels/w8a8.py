@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
-                      gpu_key, grouped_tile, load_k_tiles, next_pow2, quantize_sym, splitk_buffers, splitk_for,
-                      splitk_sum, splitk_sum_rows, tl, use_triton)
+                      gpu_key, grouped_tile, jit_helper, load_k_tiles, next_pow2, quantize_sym, splitk_buffers,
+                      splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -102,6 +102,17 @@ def w8a8_gemm_ref(x, w, w_scale, bias=None):
 # ----------------------------------------------------------------------------- kernel
 
 
+@jit_helper
+def _tile_rows(rb_ptr, offs_m, rm, M):
+    """Mixed mode: the tile's FP16 rows (row bit 0, valid rows only), their count, and whether any valid
+    row is INT8 -- what the hoisted per-tile loop bounds read."""
+    valid = offs_m < M
+    is_fp = ((tl.load(rb_ptr + rm).to(tl.int32) & 1) != 0) & valid
+    n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    return is_fp, n_fp, n_fp < n_valid
+
+
 def _w8a8_kernel(
     a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr,
     # a: (M, K) int8, or fp16/bf16 when FUSE_QUANT; w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32
@@ -134,11 +145,8 @@ def _w8a8_kernel(
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
 
     if ROW_BITS:
-        valid = offs_m < M
-        is_fp = ((tl.load(rb_ptr + rm).to(tl.int32) & 1) != 0) & valid
-        n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
-        n_valid = tl.sum(valid.to(tl.int32), axis=0)
-        k_end = tl.where(n_fp < n_valid, K, 0)  # hoisted: an all-FP16 tile runs no INT8 iteration
+        is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
+        k_end = tl.where(any_i8, K, 0)  # hoisted: an all-FP16 tile runs no INT8 iteration
     else:
         k_end = K
     if FUSE_QUANT:
@@ -272,12 +280,8 @@ def _w8a8_gemv_kernel(
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_c[None, :]  # (BLOCK_N, BC) words
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_c[None, :]  # (BLOCK_M, BC) words
     if ROW_BITS:
-        valid = offs_m < M
-        is_fp = ((tl.load(rb_ptr + rm).to(tl.int32) & 1) != 0) & valid
-        n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
-        n_valid = tl.sum(valid.to(tl.int32), axis=0)
-        run_i8 = n_fp < n_valid
-        i_hi_i8 = tl.where(run_i8, i_hi, i_lo)  # hoisted: an all-FP16 tile runs no INT8 iteration
+        is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
+        i_hi_i8 = tl.where(any_i8, i_hi, i_lo)  # hoisted: an all-FP16 tile runs no INT8 iteration
     else:
         i_hi_i8 = i_hi
     if FUSE_QUANT:
