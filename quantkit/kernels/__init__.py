@@ -19,34 +19,12 @@ implementation (torch.compile).  On CPU tensors the torch reference runs, unless
 This package imports nothing heavy until a name is used.
 """
 
-import importlib
+from quantkit._lazy import lazy_exports
 
-_EXPORTS = {
-    "per_token_quant": "act_quant",
-    "per_token_quant_ref": "act_quant",
-    "W8A8Weight": "w8a8",
-    "prepack_w8a8": "w8a8",
-    "w8a8_linear": "w8a8",
-    "w8a8_gemm_q": "w8a8",
-    "w8a8_gemm_ref": "w8a8",
-    "WNA16Weight": "wna16",
-    "prepack_wna16": "wna16",
-    "wna16_linear": "wna16",
-    "wna16_gemm_ref": "wna16",
-    "mixed_linear": "mixed",
-    "mixed_gemm_ref": "mixed",
-    "row_precision_bits": "mixed",
-    "CTRL_FORCE_FP16": "mixed",
-    "CTRL_ROW_BITS": "mixed",
-    "gptq_block_ref": "gptq",
-    "gptq_block_triton": "gptq",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{mod}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "act_quant": ("per_token_quant", "per_token_quant_ref"),
+    "w8a8": ("W8A8Weight", "prepack_w8a8", "w8a8_linear", "w8a8_gemm_q", "w8a8_gemm_ref"),
+    "wna16": ("WNA16Weight", "prepack_wna16", "wna16_linear", "wna16_gemm_ref"),
+    "mixed": ("mixed_linear", "mixed_gemm_ref", "row_precision_bits", "CTRL_FORCE_FP16", "CTRL_ROW_BITS"),
+    "gptq": ("gptq_block_ref", "gptq_block_triton"),
+})

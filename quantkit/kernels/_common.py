@@ -482,3 +482,47 @@ def splitk_sum_rows(acc_i, acc_f, is_fp, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K:
             tot_f += tl.where(is_fp[:, None], part.to(tl.float32, bitcast=True), 0.0)
         tl.atomic_xchg(lock_ptr + tile, 0)
     return tot_i, tot_f, last
+
+
+@jit_helper
+def gemv_tile(N, BLOCK_N: tl.constexpr):
+    """GEMV grid = (N tiles) x (K splits), N tile fastest: (tile, K split, its columns, their mask)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tile = pid % num_pid_n
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tile, pid // num_pid_n, offs_n, offs_n < N
+
+
+@jit_helper
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program ``pid`` of a split-K GEMM grid (SPLIT_K x tiles, split-major) -> (offs_m, offs_n, tile, pid_k):
+    the rows and columns of its output tile, tiles in GROUP_M-row grouped order (consecutive programs share
+    A rows in L2), the tile's linear index and its K split.  Without split-K every pid is a tile (pid_k 0)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    pid_k = pid // num_tiles
+    tile = pid % num_tiles
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, tile, pid_k
+
+
+@jit_helper
+def load_k_tiles(a_ptrs, b_ptrs, offs_k, k0, k_bound, EVEN_K: tl.constexpr):
+    """One K step of a GEMM: the (BLOCK_M, BLOCK_K) A tile at ``a_ptrs`` and the (BLOCK_K, BLOCK_N) B tile
+    at ``b_ptrs`` (offs_k along K), with K positions ``k0 + offs_k >= k_bound`` read as 0 unless EVEN_K."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=(offs_k[None, :] + k0) < k_bound, other=0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] + k0) < k_bound, other=0)
+    return a, b

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LazyKernel, cdiv, next_pow2, tl, use_triton
+from ._common import LazyKernel, cdiv, jit_helper, next_pow2, tl, use_triton
 
 __all__ = ["Residuals", "decode_attention", "decode_attention_ref", "dequantize_cache_ref", "pack_nibbles",
            "unpack_nibbles"]
@@ -111,6 +111,22 @@ def decode_attention_ref(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res
 # ----------------------------------------------------------------------------- kernels
 
 
+@jit_helper
+def _residual_rows(ri_ptr, rp_ptr, rs_ptr, row, pos, nmask, pid, C1, col, shift, RW: tl.constexpr,
+                   RES_BITS: tl.constexpr):
+    """The residual rows of the cache positions ``pos`` (of (b, h) ``row``): their (BLOCK_N, D) int32 values
+    (0 where a position has none) and scales. ri: slots (-1: none); rp: the pool (4-bit: two per byte,
+    ``col``/``shift`` pick the nibble); rs: the rows' scales."""
+    slot = tl.load(ri_ptr + row + pos, mask=nmask, other=-1).to(tl.int32)
+    has = slot >= 0
+    r_row = pid.to(tl.int64) * C1 + tl.maximum(slot, 0)
+    r = tl.load(rp_ptr + r_row[:, None] * RW + col[None, :], mask=has[:, None], other=0).to(tl.int32)
+    if RES_BITS == 4:
+        r = (((r >> shift[None, :]) & 0xF) ^ 8) - 8
+    rs = tl.load(rs_ptr + r_row, mask=has, other=0.0)
+    return r, rs
+
+
 def _decode_attn_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kri_ptr, krp_ptr, krs_ptr, vri_ptr, vrp_ptr, vrs_ptr, len_ptr,
     m_ptr, l_ptr, acc_ptr,
@@ -164,6 +180,7 @@ def _decode_attn_kernel(
             shift = (offs_d % 2) * 4
         else:
             col = offs_d
+            shift = 0  # unused (8-bit)
     m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((GP,), dtype=tl.float32)
     acc = tl.zeros((GP, D), dtype=tl.float32)
@@ -177,13 +194,7 @@ def _decode_attn_kernel(
         if SCALES == 1:
             s = s * tl.load(ks_ptr + row + pos, mask=nmask, other=0.0)[None, :]
         if RES_BITS != 0:
-            k_slot = tl.load(kri_ptr + row + pos, mask=nmask, other=-1).to(tl.int32)
-            k_has = k_slot >= 0
-            k_row = pid.to(tl.int64) * C1 + tl.maximum(k_slot, 0)
-            k_r = tl.load(krp_ptr + k_row[:, None] * RW + col[None, :], mask=k_has[:, None], other=0).to(tl.int32)
-            if RES_BITS == 4:
-                k_r = (((k_r >> shift[None, :]) & 0xF) ^ 8) - 8
-            k_rs = tl.load(krs_ptr + k_row, mask=k_has, other=0.0)
+            k_r, k_rs = _residual_rows(kri_ptr, krp_ptr, krs_ptr, row, pos, nmask, pid, C1, col, shift, RW, RES_BITS)
             s += tl.dot(qr, tl.trans(k_r.to(cdt))) * k_rs[None, :]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -198,13 +209,7 @@ def _decode_attn_kernel(
             pv = p
         acc = acc * alpha[:, None] + tl.dot(pv.to(cdt), vt)
         if RES_BITS != 0:
-            v_slot = tl.load(vri_ptr + row + pos, mask=nmask, other=-1).to(tl.int32)
-            v_has = v_slot >= 0
-            v_row = pid.to(tl.int64) * C1 + tl.maximum(v_slot, 0)
-            v_r = tl.load(vrp_ptr + v_row[:, None] * RW + col[None, :], mask=v_has[:, None], other=0).to(tl.int32)
-            if RES_BITS == 4:
-                v_r = (((v_r >> shift[None, :]) & 0xF) ^ 8) - 8
-            v_rs = tl.load(vrs_ptr + v_row, mask=v_has, other=0.0)
+            v_r, v_rs = _residual_rows(vri_ptr, vrp_ptr, vrs_ptr, row, pos, nmask, pid, C1, col, shift, RW, RES_BITS)
             acc_r = acc_r * alpha[:, None] + tl.dot((p * v_rs[None, :]).to(cdt), v_r.to(cdt))
         m_i = m_new
     if SCALES == 2:

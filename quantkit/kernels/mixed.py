@@ -46,8 +46,7 @@ from typing import Optional
 
 import torch
 
-from ._common import ConfigCache, LazyKernel, cdiv, eager_cuda, gpu_key, quantize_sym, tl, use_triton
-from .act_quant import EPS, per_token_quant
+from ._common import ConfigCache, LazyKernel, cdiv, eager_cuda, gpu_key, grouped_tile, load_k_tiles, tl, use_triton
 from .w8a8 import W8A8Weight, _INTERP_CFG, w8a8_gemm_ref, w8a8_linear_triton
 
 __all__ = [
@@ -122,125 +121,52 @@ def mixed_gemm_ref(x, w, w_scale, w_fp16, control: int, row_bits, bias=None):
 
 
 def _mixed_kernel(
-    x_ptr, aq_ptr, as_ptr, w_ptr, ws_ptr, wf_ptr, rb_ptr, bias_ptr, c_ptr,
-    # x: (M, K) fp16/bf16; aq: (M, K) int8 + as: (M,) fp32 (unused when FUSE_QUANT);
-    # w: (N, K) int8; ws: (N,) fp32; wf: (N, K) fp16 copy (HAS_FP16_W); rb: (M,) uint8; c: (M, N)
+    x_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr,
+    # the all-FP16 mode (CTRL_FORCE_FP16 without an FP16 copy; every other mode runs the W8A8 kernels):
+    # x: (M, K) fp16/bf16; w: (N, K) int8; ws: (N,) fp32; c: (M, N) = (x @ w^T) * ws (+ bias)
     M, N, K,
-    stride_xm, stride_aqm, stride_wn, stride_wfn, stride_cm,
-    HAS_FP16_W: tl.constexpr,
+    stride_xm, stride_wn, stride_cm,
     HAS_BIAS: tl.constexpr,
-    FORCE_FP16: tl.constexpr,
-    FUSE_QUANT: tl.constexpr,
     EVEN_K: tl.constexpr,
-    EPS_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """All-FP16 GEMM on the int8 weight, scaled per output channel: one (BLOCK_M, BLOCK_N) output tile."""
+    offs_m, offs_n, _, _ = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = offs_m % M
     rn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
-    valid = offs_m < M
-    if FORCE_FP16:
-        is_fp = valid
-    else:
-        rb = tl.load(rb_ptr + rm)
-        is_fp = ((rb.to(tl.int32) & 1) != 0) & valid
-    n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
     w_scale = tl.load(ws_ptr + rn)
 
-    out_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    out_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-
-    if not FORCE_FP16:
-        if n_fp < n_valid:  # ---- INT8 path (some row of the tile is INT8)
-            if FUSE_QUANT:
-                amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    if EVEN_K:
-                        xa = tl.load(x_ptrs + k0)
-                    else:
-                        xa = tl.load(x_ptrs + k0, mask=(offs_k[None, :] + k0) < K, other=0.0)
-                    amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
-                a_scale = tl.maximum(amax, EPS_C) / 127.0
-                a_scale_b = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + a_scale[:, None]
-                a_ptrs = x_ptrs
-            else:
-                a_scale = tl.load(as_ptr + rm)
-                a_ptrs = aq_ptr + rm[:, None].to(tl.int64) * stride_aqm + offs_k[None, :]
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            wi_ptrs = w_ptrs
-            for k0 in range(0, K, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
-                    wq = tl.load(wi_ptrs)
-                else:
-                    a = tl.load(a_ptrs, mask=(offs_k[None, :] + k0) < K, other=0)
-                    wq = tl.load(wi_ptrs, mask=(offs_k[:, None] + k0) < K, other=0)
-                if FUSE_QUANT:
-                    a = quantize_sym(a.to(tl.float32), a_scale_b, 127.0).to(tl.int8)
-                acc = tl.dot(a, wq, acc, out_dtype=tl.int32)
-                a_ptrs += BLOCK_K
-                wi_ptrs += BLOCK_K
-            out_i = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-
-    if n_fp > 0:  # ---- FP16 path (some row of the tile is FP16)
-        accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        xf_ptrs = x_ptrs
-        if HAS_FP16_W:
-            wf_ptrs = wf_ptr + rn[None, :].to(tl.int64) * stride_wfn + offs_k[:, None]
-        else:
-            wf_ptrs = w_ptrs
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                xf = tl.load(xf_ptrs)
-                wt = tl.load(wf_ptrs)
-            else:
-                xf = tl.load(xf_ptrs, mask=(offs_k[None, :] + k0) < K, other=0.0)
-                wt = tl.load(wf_ptrs, mask=(offs_k[:, None] + k0) < K, other=0)
-            accf = tl.dot(xf, wt.to(x_ptr.dtype.element_ty), accf)
-            xf_ptrs += BLOCK_K
-            wf_ptrs += BLOCK_K
-        if HAS_FP16_W:
-            out_f = accf
-        else:
-            out_f = accf * w_scale[None, :]
-
-    out = tl.where(is_fp[:, None], out_f, out_i)
+    accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xf_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    wf_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    for k0 in range(0, K, BLOCK_K):
+        xf, wt = load_k_tiles(xf_ptrs, wf_ptrs, offs_k, k0, K, EVEN_K)
+        accf = tl.dot(xf, wt.to(x_ptr.dtype.element_ty), accf)
+        xf_ptrs += BLOCK_K
+        wf_ptrs += BLOCK_K
+    out = accf * w_scale[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 mixed_kernel = LazyKernel(_mixed_kernel)
 
 
 def _default_config(M: int, N: int, K: int) -> dict:
-    # both paths live in one binary: the shared memory must fit the fp16 tiles too
+    # the all-FP16 kernel (a FUSE_QUANT key in a measured config is from its former INT8 path: ignored)
     if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4, FUSE_QUANT=True)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3, FUSE_QUANT=False)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
     if M <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, FUSE_QUANT=False)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, FUSE_QUANT=False)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 
 
 
@@ -269,6 +195,7 @@ def mixed_linear_triton(x, w, w_scale, w_fp16, control: int, row_bits, bias=None
         # INT8 and FP16 K loops are each skipped unless a row of the tile needs them.
         rb = row_bits if row_bits.dtype in (torch.uint8, torch.int8) else row_bits.to(torch.uint8)
         return w8a8_linear_triton(x, w, w_scale, bias, config=config, out=out, row_bits=rb, w_fp16=w_fp16)
+    # forced to FP16 with no FP16 copy: the all-FP16 kernel on the int8 weight
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
@@ -276,26 +203,14 @@ def mixed_linear_triton(x, w, w_scale, w_fp16, control: int, row_bits, bias=None
     if config is not None:
         cfg = dict(config)
     elif not x.is_cuda:
-        cfg = dict(_INTERP_CFG, FUSE_QUANT=M <= 16)
+        cfg = dict(_INTERP_CFG)
     else:
         cfg = MIXED_CONFIGS.get(M, N, K, gpu_key(x))
-    fuse = bool(cfg.get("FUSE_QUANT", False)) or force
-    if fuse:
-        a_q, a_s = x, w_scale  # unused
-    else:
-        a_q, a_s = per_token_quant(x)
-        a_s = a_s.reshape(-1)
-    rb = row_bits if row_bits is not None else w_scale  # unused when forced
-    if rb is not None and rb.dtype not in (torch.uint8, torch.int8):
-        rb = rb.to(torch.uint8)
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     mixed_kernel[grid](
-        x, a_q, a_s, w, w_scale, w_fp16 if w_fp16 is not None else w, rb,
-        bias if bias is not None else w_scale, out,
-        M, N, K, x.stride(0), a_q.stride(0), w.stride(0),
-        w_fp16.stride(0) if w_fp16 is not None else 0, out.stride(0),
-        HAS_FP16_W=w_fp16 is not None, HAS_BIAS=bias is not None, FORCE_FP16=force,
-        FUSE_QUANT=fuse, EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS,
+        x, w, w_scale, bias if bias is not None else w_scale, out,
+        M, N, K, x.stride(0), w.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=(K % cfg["BLOCK_K"] == 0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

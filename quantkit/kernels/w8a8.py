@@ -32,8 +32,9 @@ from typing import Optional
 
 import torch
 
-from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gpu_key,
-                      next_pow2, quantize_sym, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
+from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
+                      gpu_key, grouped_tile, jit_helper, load_k_tiles, next_pow2, quantize_sym, splitk_buffers,
+                      splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -101,6 +102,17 @@ def w8a8_gemm_ref(x, w, w_scale, bias=None):
 # ----------------------------------------------------------------------------- kernel
 
 
+@jit_helper
+def _tile_rows(rb_ptr, offs_m, rm, M):
+    """Mixed mode: the tile's FP16 rows (row bit 0, valid rows only), their count, and whether any valid
+    row is INT8 -- what the hoisted per-tile loop bounds read."""
+    valid = offs_m < M
+    is_fp = ((tl.load(rb_ptr + rm).to(tl.int32) & 1) != 0) & valid
+    n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    return is_fp, n_fp, n_fp < n_valid
+
+
 def _w8a8_kernel(
     a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr,
     # a: (M, K) int8, or fp16/bf16 when FUSE_QUANT; w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32
@@ -124,21 +136,8 @@ def _w8a8_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    pid_k = pid // num_tiles
-    tile = pid % num_tiles
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = tile // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
-    pid_n = (tile % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Tensor-core W8A8 GEMM: one (BLOCK_M, BLOCK_N) output tile over one K split (see module docstring)."""
+    offs_m, offs_n, tile, pid_k = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = offs_m % M  # wrapped rows/cols: loads need no M/N masks, stores are masked
     rn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
@@ -146,11 +145,8 @@ def _w8a8_kernel(
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
 
     if ROW_BITS:
-        valid = offs_m < M
-        is_fp = ((tl.load(rb_ptr + rm).to(tl.int32) & 1) != 0) & valid
-        n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
-        n_valid = tl.sum(valid.to(tl.int32), axis=0)
-        k_end = tl.where(n_fp < n_valid, K, 0)  # hoisted: an all-FP16 tile runs no INT8 iteration
+        is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
+        k_end = tl.where(any_i8, K, 0)  # hoisted: an all-FP16 tile runs no INT8 iteration
     else:
         k_end = K
     if FUSE_QUANT:
@@ -175,12 +171,7 @@ def _w8a8_kernel(
     w_ptrs += k_lo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(k_lo, tl.minimum(k_hi, k_end), BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(offs_k[None, :] + k0) < K, other=0)
-            w = tl.load(w_ptrs, mask=(offs_k[:, None] + k0) < K, other=0)
+        a, w = load_k_tiles(a_ptrs, w_ptrs, offs_k, k0, K, EVEN_K)
         if FUSE_QUANT:
             a = quantize_sym(a.to(tl.float32), a_scale_b, 127.0).to(tl.int8)
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
@@ -201,12 +192,7 @@ def _w8a8_kernel(
         # INT8 rows keep their int32 acc and get the plain path's epilogue, so they are bit-identical to it
         accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in tl.range(k_lo, tl.where(n_fp > 0, k_hi, k_lo), BLOCK_KF, num_stages=STAGES_F):
-            if EVEN_K:
-                xf = tl.load(xf_ptrs)
-                wt = tl.load(wf_ptrs)
-            else:
-                xf = tl.load(xf_ptrs, mask=(offs_kf[None, :] + k0) < k_hi, other=0.0)
-                wt = tl.load(wf_ptrs, mask=(offs_kf[:, None] + k0) < k_hi, other=0)
+            xf, wt = load_k_tiles(xf_ptrs, wf_ptrs, offs_kf, k0, k_hi, EVEN_K)
             xf = tl.where(is_fp[:, None], xf, tl.zeros_like(xf))
             accm = tl.dot(xf, wt.to(x_ptr.dtype.element_ty), accm)
             xf_ptrs += BLOCK_KF
@@ -281,11 +267,7 @@ def _w8a8_gemv_kernel(
     FUSE_QUANT (one launch): every program takes the absmax of its rows over all of K, then
     quantizes its K slice as it goes (the act_quant math, so the integers are the same) and packs
     4 of them into a word; x is re-read from L2 by each N tile, which pays for small M only."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tile = pid % num_pid_n
-    pid_k = pid // num_pid_n
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile, pid_k, offs_n, _ = gemv_tile(N, BLOCK_N)
     rn = offs_n % N
     offs_m = tl.arange(0, BLOCK_M)
     rm = offs_m % M
@@ -298,12 +280,8 @@ def _w8a8_gemv_kernel(
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + offs_c[None, :]  # (BLOCK_N, BC) words
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_c[None, :]  # (BLOCK_M, BC) words
     if ROW_BITS:
-        valid = offs_m < M
-        is_fp = ((tl.load(rb_ptr + rm).to(tl.int32) & 1) != 0) & valid
-        n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
-        n_valid = tl.sum(valid.to(tl.int32), axis=0)
-        run_i8 = n_fp < n_valid
-        i_hi_i8 = tl.where(run_i8, i_hi, i_lo)  # hoisted: an all-FP16 tile runs no INT8 iteration
+        is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
+        i_hi_i8 = tl.where(any_i8, i_hi, i_lo)  # hoisted: an all-FP16 tile runs no INT8 iteration
     else:
         i_hi_i8 = i_hi
     if FUSE_QUANT:

@@ -38,8 +38,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gpu_key, jit_helper,
-                      splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
+from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gemv_tile, gpu_key,
+                      grouped_tile, jit_helper, splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
 
 __all__ = [
     "WNA16Weight",
@@ -153,16 +153,6 @@ def wna16_gemm_ref(x, q, scale, zero=None, bias=None):
 
 
 @jit_helper
-def _gemv_tile(N, BLOCK_N: tl.constexpr):
-    """GEMV grid = (N tiles) x (K splits), N tile fastest: (tile, K split, its columns, their mask)."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tile = pid % num_pid_n
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    return tile, pid // num_pid_n, offs_n, offs_n < N
-
-
-@jit_helper
 def _field_magic(wp, wh, j: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
     """Field j of the packed words as the float 2**23 + u * 2**(BITS * (j % HALF)) (u: the offset-binary
     value), with no int->float conversion: the field, masked in place, OR-ed into 2**23's mantissa.
@@ -204,7 +194,7 @@ def _wna16_gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    tile, pid_k, offs_n, nmask = _gemv_tile(N, BLOCK_N)
+    tile, pid_k, offs_n, nmask = gemv_tile(N, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     rm = offs_m % M
     offs_r = tl.arange(0, R)
@@ -328,6 +318,14 @@ def _half2(lo, hi):
     return lo16 | (hi16 << 16)
 
 
+@jit_helper
+def _nibble_term(part, xj, wp, j: tl.constexpr, off):
+    """``part`` plus the products of 4-bit field j of the words ``wp`` (minus ``off``) with ``xj`` rounded to
+    fp16: the half2 asm's arithmetic in fp32 (its interpreter stand-in)."""
+    u = ((wp >> (4 * j)) & 15).to(tl.float32)
+    return part + xj.to(tl.float16).to(tl.float32)[:, :, None] * (u - off)
+
+
 def _wna16_gemv_h2_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
     # x: (1, K); the rest as the GEMV kernel. 4-bit, group size >= 128 (one scale per 128-K block and column)
@@ -349,7 +347,7 @@ def _wna16_gemv_h2_kernel(
     scale comes back out exactly at the end. Products and 4-term partials are fp16 (rel. error ~2**-11),
     sums across words fp32."""
     R: tl.constexpr = 16
-    tile, pid_k, offs_n, nmask = _gemv_tile(N, BLOCK_N)
+    tile, pid_k, offs_n, nmask = gemv_tile(N, BLOCK_N)
     offs_u = tl.arange(0, UNROLL)
     offs_r = tl.arange(0, R)
 
@@ -415,25 +413,14 @@ def _wna16_gemv_h2_kernel(
             else:
                 off = 8.0
             part = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(8):
-                if j == 0:
-                    xj = xs0
-                elif j == 1:
-                    xj = xs1 * 16.0
-                elif j == 2:
-                    xj = xs2
-                elif j == 3:
-                    xj = xs3 * 16.0
-                elif j == 4:
-                    xj = xs4
-                elif j == 5:
-                    xj = xs5 * 16.0
-                elif j == 6:
-                    xj = xs6
-                else:
-                    xj = xs7 * 16.0
-                u = ((wp >> (4 * j)) & 15).to(tl.float32)
-                part += xj.to(tl.float16).to(tl.float32)[:, :, None] * (u - off)
+            part = _nibble_term(part, xs0, wp, 0, off)  # odd fields: x was prescaled by 1/16 above
+            part = _nibble_term(part, xs1 * 16.0, wp, 1, off)
+            part = _nibble_term(part, xs2, wp, 2, off)
+            part = _nibble_term(part, xs3 * 16.0, wp, 3, off)
+            part = _nibble_term(part, xs4, wp, 4, off)
+            part = _nibble_term(part, xs5 * 16.0, wp, 5, off)
+            part = _nibble_term(part, xs6, wp, 6, off)
+            part = _nibble_term(part, xs7 * 16.0, wp, 7, off)
         acc += part * s[:, None, :]
     acc = (tl.sum(tl.sum(acc, axis=1), axis=0) * inv_sc)[None, :]
     _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k,
@@ -463,21 +450,8 @@ def _wna16_mma_kernel(
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
-    pid_k = pid // num_tiles
-    tile = pid % num_tiles
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = tile // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
-    pid_n = (tile % num_pid_in_group) // group_size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Tensor-core WNA16 GEMM: one output tile over one K split, weights dequantized per 128-K block."""
+    offs_m, offs_n, tile, pid_k = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = offs_m % M
     nmask = offs_n < N
     offs_r = tl.arange(0, R)

@@ -13,21 +13,10 @@ cache with residuals), `precision` (the bitmask), `monitor` (the fallback monito
 uses on dense models). Nothing heavy is imported until a name is used.
 """
 
-import importlib
+from quantkit._lazy import lazy_exports
 
-_EXPORTS = {
-    "load": "loader",
-    "from_quantized": "loader",
-    "from_float": "loader",
-    "RuntimeModel": "model",
-    "QuantLinear": "linear",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{mod}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "loader": ("load", "from_quantized", "from_float"),
+    "model": ("RuntimeModel",),
+    "linear": ("QuantLinear",),
+})
