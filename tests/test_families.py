@@ -298,9 +298,10 @@ def test_spinquant_refused_before_load(tmp_path):
     assert code == 2 and "spinquant cannot rotate model type 'gemma2'" in out, out
 
 
-@pytest.mark.parametrize("fam", ["gemma2", "mixtral"])
+@pytest.mark.parametrize("fam", ["gemma2", "deepseek_v3"])
 def test_runtime_refuses_what_it_cannot_run(fam, tmp_path, tiny_tokenizer):
-    """MoE families: not in the runtime; Gemma 2: its attention logit soft-capping is not in the kernels."""
+    """DeepSeek V2/V3: no block layout (multi-head latent attention); Gemma 2: its attention logit
+    soft-capping is not in the kernels."""
     from quantkit import runtime
     from quantkit.runtime.loader import RuntimeLoadError
 
@@ -595,7 +596,7 @@ def test_spinquant_method_no_worse_than_rtn(fam, tiny_tokenizer):
     assert err["spinquant"] <= err["rtn"], err
 
 
-@pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2", "gemma3_text"])
+@pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe"])
 @pytest.mark.parametrize("scheme", [Scheme(W4), PRESETS["W8A8C8"]], ids=["w4a16", "w8a8c8"])
 def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypatch):
     """Granite (its embedding / residual / logits multipliers and attention scale), Phi-3 (q/k/v and gate/up
@@ -633,6 +634,51 @@ def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypa
     else:
         assert rel(got, want) <= 1e-2
         assert abs(rel(got, float_logits) - rel(want, float_logits)) <= 0.02 * rel(want, float_logits)
+
+
+@pytest.mark.parametrize("fam", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_runtime_moe_prefill_and_decode_match_transformers(fam, tmp_path, tiny_tokenizer, monkeypatch):
+    """Mixtral (softmax, top-2, renormalized), Qwen2-MoE (norm_topk_prob off, the shared expert with its
+    sigmoid gate, a dense block) and Qwen3-MoE (norm_topk_prob on) on the runtime: a W4A16 checkpoint's
+    prefill, every greedy decode step's logits and the greedy tokens equal transformers' forward on the
+    same quantized weights. Decode also runs the static dispatch the CUDA graph captures (every expert on
+    every row, weighted 0 where not routed): the same logits as the grouped one."""
+    from quantkit import runtime
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+    from quantkit.runtime.model import MoE
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
+    out = api.export(qm, tmp_path / "ckpt")
+    ref, _, _ = load_quantkit_checkpoint(out)
+    rt = runtime.load(out, device="cpu")
+    kinds = [isinstance(b.mlp, MoE) for b in rt.blocks]
+    assert kinds == ([True, False, True] if fam == "qwen2_moe" else [True] * 3)
+    assert all(m.kind == "wna16" for m in rt.linears.values())  # every expert packed, the router not among them
+    assert not any(n.endswith((".gate", "shared_expert_gate")) for n in rt.linears)
+    n_new, p0 = 5, 20
+    ids = _IDS[:2, :p0]
+    with torch.no_grad():  # transformers' greedy continuation, one full forward per token
+        seq = ids
+        for _ in range(n_new):
+            seq = torch.cat([seq, ref(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        want = ref(input_ids=seq).logits
+
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    assert rel(rt.prefill([r.tolist() for r in seq], all_logits=True), want) <= 1e-5
+    g = rt.generate([r.tolist() for r in ids], max_new_tokens=n_new)
+    assert g["tokens"] == seq[:, p0:].tolist()
+    rt.prefill([r.tolist() for r in ids], extra=n_new)
+    for p in range(p0, p0 + n_new):
+        tok, pos = seq[:, p], torch.full((2,), p)
+        d = rt.decode_step(tok, pos)
+        assert rel(d, want[:, p]) <= 1e-5, p
+        rt.use_graphs = True  # the decode program a CUDA graph captures (run eagerly here)
+        d_static = rt._decode_eager(tok, pos)
+        rt.use_graphs = False
+        assert rel(d_static, want[:, p]) <= 1e-5, p
 
 
 def test_awq_scales_the_moe_input_through_the_router():

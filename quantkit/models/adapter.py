@@ -126,6 +126,8 @@ class ExpertsSpec:
     names: the (gate, up, down) linears of one expert as the checkpoint names them.
     router: the router module (kept in high precision: it is not a linear of the table).
     moe_module: (attribute in transformers, name in checkpoints) when they differ (Mixtral).
+    shared / shared_gate: the shared expert every token goes through (a gate/up/down MLP) and its
+        1-output gate, sigmoid(gate(x)) scaling the shared expert's output (Qwen2-MoE); None: absent.
     """
 
     path: str
@@ -139,6 +141,8 @@ class ExpertsSpec:
     shared_intermediate: str | tuple[str, ...] | None = None
     # config field naming the blocks that keep a dense MLP: a count of first blocks, or a list of indices
     dense_blocks: str | None = None
+    shared: str | None = None
+    shared_gate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -483,6 +487,8 @@ _PHI3 = replace(
 # every expert: its scales fold into the norm, every expert's gate/up and the router's columns (so
 # routing is unchanged; the router stays in high precision), chosen on the mean |x| over all tokens;
 # each expert's up -> down folds on its own, scored on the tokens routed to it.
+# The runtime runs these rows with the Llama block layout (kept from _LLAMA_LIKE: its gate/up/down
+# serve the dense blocks of an MoE model) and the MLP of a block with experts from the ExpertsSpec.
 _ATTN_STEPS = (_ATTN, ("self_attn.o_proj",))
 _ATTN_OPS = tuple((r, "qkv_proj") for r in _ATTN) + (("self_attn.o_proj", "o_proj"),)
 _ATTN_GROUPS = (
@@ -505,7 +511,6 @@ _MIXTRAL = replace(
                      ("block_sparse_moe.experts.*.w2", "expert_down")),
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
-    layout=None,
     experts=ExpertsSpec(path="block_sparse_moe.experts", count=("num_local_experts",),
                         names=("w1", "w3", "w2"), router="block_sparse_moe.gate", moe_module=("mlp", "block_sparse_moe")),
     shapes=_ATTN_SHAPES + (LinearShape("block_sparse_moe.experts.*.w1", "expert", "hidden", only="moe"),
@@ -536,7 +541,6 @@ _QWEN3_MOE = replace(
     ops=_LLAMA_LIKE.ops + _EXPERT_OPS,
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
-    layout=None,
     experts=ExpertsSpec(path="mlp.experts", count=("num_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", dense_blocks="mlp_only_layers"),
     shapes=_ATTN_SHAPES + _MLP_SHAPES + _expert_shapes("mlp.experts.*", "expert"),
@@ -557,7 +561,8 @@ _QWEN2_MOE = replace(
     ),
     ops=_LLAMA_LIKE.ops + ((_SHARED[0], "shared_gate_up"), (_SHARED[1], "shared_gate_up"),
                            ("mlp.shared_expert.down_proj", "shared_down")) + _EXPERT_OPS,
-    experts=replace(_QWEN3_MOE.experts, shared_intermediate="shared_expert_intermediate_size"),
+    experts=replace(_QWEN3_MOE.experts, shared_intermediate="shared_expert_intermediate_size",
+                    shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
     shapes=_QWEN3_MOE.shapes + _expert_shapes("mlp.shared_expert", "shared"),
     qkv_bias=True,
     qk_norm=False,
@@ -596,7 +601,7 @@ _DEEPSEEK = replace(
     no_clip=("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.q_proj"),
     experts=ExpertsSpec(path="mlp.experts", count=("n_routed_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", shared_intermediate=("moe_intermediate_size", "n_shared_experts"),
-                        dense_blocks="first_k_dense_replace"),
+                        dense_blocks="first_k_dense_replace", shared="mlp.shared_experts"),
     shapes=(
         LinearShape("self_attn.q_a_proj", "q_lora_rank", "hidden"),
         LinearShape("self_attn.q_proj", _MLA_Q, "hidden", unless="q_lora_rank"),
