@@ -298,17 +298,15 @@ def test_spinquant_refused_before_load(tmp_path):
     assert code == 2 and "spinquant cannot rotate model type 'gemma2'" in out, out
 
 
-@pytest.mark.parametrize("fam", ["gemma2", "deepseek_v3"])
+@pytest.mark.parametrize("fam", ["deepseek_v3", "deepseek_v2"])
 def test_runtime_refuses_what_it_cannot_run(fam, tmp_path, tiny_tokenizer):
-    """DeepSeek V2/V3: no block layout (multi-head latent attention); Gemma 2: its attention logit
-    soft-capping is not in the kernels."""
+    """DeepSeek V2/V3: no block layout for the runtime (multi-head latent attention is not in it)."""
     from quantkit import runtime
     from quantkit.runtime.loader import RuntimeLoadError
 
     qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
     out = api.export(qm, tmp_path / "ckpt")
-    why = "attention logit soft-capping yet .*Gemma 2" if fam == "gemma2" else f"model type '{fam}' yet"
-    with pytest.raises(RuntimeLoadError, match=rf"does not run {why}.*without --runtime"):
+    with pytest.raises(RuntimeLoadError, match=rf"does not run model type '{fam}' yet.*without --runtime"):
         runtime.load(out, device="cpu")
 
 
@@ -596,7 +594,8 @@ def test_spinquant_method_no_worse_than_rtn(fam, tiny_tokenizer):
     assert err["spinquant"] <= err["rtn"], err
 
 
-@pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
+                                 "qwen3_moe"])
 @pytest.mark.parametrize("scheme", [Scheme(W4), PRESETS["W8A8C8"]], ids=["w4a16", "w8a8c8"])
 def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypatch):
     """Granite (its embedding / residual / logits multipliers and attention scale), Phi-3 (q/k/v and gate/up
@@ -636,24 +635,31 @@ def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypa
         assert abs(rel(got, float_logits) - rel(want, float_logits)) <= 0.02 * rel(want, float_logits)
 
 
-@pytest.mark.parametrize("fam", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_runtime_moe_prefill_and_decode_match_transformers(fam, tmp_path, tiny_tokenizer, monkeypatch):
+@pytest.mark.parametrize("fam", ["mixtral", "qwen2_moe", "qwen3_moe", "gemma2"])
+def test_runtime_prefill_and_decode_match_transformers(fam, tmp_path, tiny_tokenizer, monkeypatch):
     """Mixtral (softmax, top-2, renormalized), Qwen2-MoE (norm_topk_prob off, the shared expert with its
-    sigmoid gate, a dense block) and Qwen3-MoE (norm_topk_prob on) on the runtime: a W4A16 checkpoint's
+    sigmoid gate, a dense block), Qwen3-MoE (norm_topk_prob on) and Gemma 2 (attention logit soft-capping
+    in prefill and in the decode kernel's reference, sliding windows) on the runtime: a W4A16 checkpoint's
     prefill, every greedy decode step's logits and the greedy tokens equal transformers' forward on the
-    same quantized weights. Decode also runs the static dispatch the CUDA graph captures (every expert on
-    every row, weighted 0 where not routed): the same logits as the grouped one."""
+    same quantized weights. MoE decode also runs the static dispatch the CUDA graph captures (every expert
+    on every row, weighted 0 where not routed): the same logits as the grouped one."""
     from quantkit import runtime
     from quantkit.models.checkpoint import load_quantkit_checkpoint
     from quantkit.runtime.model import MoE
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
+    m = _model(fam)
+    if fam == "gemma2":  # random init keeps the scores far under the cap (5): make it bite (7% of the logits)
+        with torch.no_grad():
+            for blk in m.model.layers:
+                blk.self_attn.q_proj.weight.mul_(30)
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
     out = api.export(qm, tmp_path / "ckpt")
     ref, _, _ = load_quantkit_checkpoint(out)
     rt = runtime.load(out, device="cpu")
     kinds = [isinstance(b.mlp, MoE) for b in rt.blocks]
-    assert kinds == ([True, False, True] if fam == "qwen2_moe" else [True] * 3)
+    assert kinds == ([True, False, True] if fam == "qwen2_moe" else [fam != "gemma2"] * 3)
+    assert [b.softcap for b in rt.blocks] == [5.0 if fam == "gemma2" else 0.0] * 3
     assert all(m.kind == "wna16" for m in rt.linears.values())  # every expert packed, the router not among them
     assert not any(n.endswith((".gate", "shared_expert_gate")) for n in rt.linears)
     n_new, p0 = 5, 20

@@ -106,6 +106,7 @@ class BlockLayout:
     mlp_out_norm: str | None = None
     qk_norm_whole: bool = False  # q_norm / k_norm span all heads at once (OLMo 2), not one head
     final_softcap: str | None = None  # config field: logits -> tanh(logits / c) * c (Gemma)
+    attn_softcap: str | None = None  # config field: attention scores -> tanh(s / c) * c (Gemma 2)
 
     @property
     def attention(self) -> str:
@@ -417,7 +418,8 @@ _GEMMA = replace(
     rotation=None,
     no_rotation=f"Gemma: {_POST_NORMS}",
     layout=replace(_LLAMA_LIKE.layout, post_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
-                   mlp_out_norm="post_feedforward_layernorm", final_softcap="final_logit_softcapping"),
+                   mlp_out_norm="post_feedforward_layernorm", final_softcap="final_logit_softcapping",
+                   attn_softcap="attn_logit_softcapping"),
     norm_offset=1.0,
 )
 

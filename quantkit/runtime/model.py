@@ -98,6 +98,7 @@ class Block:
     attn_out_norm: nn.Module | None = None  # OLMo 2: the sub-blocks' outputs are normed before the add
     mlp_out_norm: nn.Module | None = None
     qk_norm_whole: bool = False  # q/k norms over all heads at once (OLMo 2)
+    softcap: float = 0.0  # attention scores -> tanh(s / c) * c before the mask (Gemma 2); 0: off
 
 
 def _fuse_into(block: nn.Module, prefix: str, rels: list[str], name: str) -> QuantLinear | None:
@@ -221,7 +222,7 @@ class RuntimeModel:
                 q_norm=opt(lay.q_norm), k_norm=opt(lay.k_norm),
                 window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
                 attn_out_norm=opt(lay.attn_out_norm), mlp_out_norm=opt(lay.mlp_out_norm), qk_norm_whole=lay.qk_norm_whole,
-                rope_type=layer_types[i] if rope_by_type else None))
+                rope_type=layer_types[i] if rope_by_type else None, softcap=self._field(cfg, lay.attn_softcap, 0.0)))
             for unit in [qkv, self.blocks[-1].o] + mlp.units():
                 for m in (unit.mods if isinstance(unit, _Unfused) else [unit]):
                     if isinstance(m, QuantLinear):
@@ -229,13 +230,10 @@ class RuntimeModel:
                         for pname, _ in m.parts:
                             self.linears[pname] = m
         self.norm_offset = adapter.spec.norm_offset
-        self.final_softcap = float(getattr(cfg, lay.final_softcap, None) or 0.0) if lay.final_softcap else 0.0
-
-        def scalar(field):  # Granite's multipliers; 1 (skipped) for the other families
-            return float(getattr(cfg, field, None) or 1.0) if field else 1.0
-
-        self.embed_mult, self.res_mult = scalar(lay.embed_multiplier), scalar(lay.residual_multiplier)
-        self.logits_div = scalar(lay.logits_divisor)
+        self.final_softcap = self._field(cfg, lay.final_softcap, 0.0)
+        # Granite's multipliers; 1 (skipped) for the other families
+        self.embed_mult, self.res_mult = self._field(cfg, lay.embed_multiplier), self._field(cfg, lay.residual_multiplier)
+        self.logits_div = self._field(cfg, lay.logits_divisor)
         self.embed = adapter.embed()
         self.norm = adapter.final_norm()
         self.lm_head = adapter.lm_head()
@@ -250,6 +248,11 @@ class RuntimeModel:
         self._graphs: dict = {}
         self.use_graphs = self.device.type == "cuda"
         self.stats = StepStats()
+
+    @staticmethod
+    def _field(cfg, field: str | None, unset: float = 1.0) -> float:
+        """A scalar the layout names by config field (multipliers, soft caps); `unset` when unnamed or unset."""
+        return float(getattr(cfg, field, None) or unset) if field else unset
 
     # ------------------------------------------------------------------ sizes and state
 
@@ -344,11 +347,13 @@ class RuntimeModel:
             else:
                 q = self._qkv_torch(i, blk, qkv, cos, sin, pos)
             if decode:
-                a = cache.decode_attention(i, q[:, :, 0], seq_lens, window=blk.window, sm_scale=blk.sm_scale)
+                a = cache.decode_attention(i, q[:, :, 0], seq_lens, window=blk.window, sm_scale=blk.sm_scale,
+                                           softcap=blk.softcap)
                 a = a.reshape(B, 1, Hq * D)
             else:
                 kf, vf = cache.read(i, length, B)
-                if length == S and (blk.window is None or blk.window >= length):  # from position 0: plain causal
+                if length == S and (blk.window is None or blk.window >= length) and not blk.softcap:
+                    # from position 0: plain causal
                     a = F.scaled_dot_product_attention(q, kf, vf, is_causal=True, scale=blk.sm_scale,
                                                        enable_gqa=Hq != Hkv)
                 else:
@@ -357,8 +362,11 @@ class RuntimeModel:
                         mask = allowed if blk.window is None else \
                             allowed & (pos.view(B, S, 1) - j.view(1, 1, length) < blk.window)
                         mask = masks[blk.window] = mask.unsqueeze(1)
-                    a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale,
-                                                       enable_gqa=Hq != Hkv)
+                    if blk.softcap:
+                        a = _softcapped_attention(q, kf, vf, mask, blk.sm_scale, blk.softcap)
+                    else:
+                        a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale,
+                                                           enable_gqa=Hq != Hkv)
                 a = a.transpose(1, 2).reshape(B, S, Hq * D)
             o = self._run(blk.o, a, i, "o")
             if blk.attn_out_norm is not None:
@@ -685,6 +693,16 @@ def _unit_parts(unit) -> list[tuple[str, int]]:
             out += _unit_parts(m) if isinstance(m, QuantLinear) else [("", m.out_features)]
         return out
     return [("", unit.out_features)]
+
+
+def _softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+    """Prefill attention with the scores soft-capped, tanh(s / cap) * cap, before the mask (Gemma 2; SDPA
+    has no such step): q (B, Hq, S, D), k / v (B, Hkv, L, D), mask (B, 1, S, L) bool -> (B, Hq, S, D)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = (torch.tanh(s / cap) * cap).masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
