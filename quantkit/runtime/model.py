@@ -2,10 +2,13 @@
 
 The decoder program is written here once for the llama-like layout (`models.adapter.BlockLayout`:
 Llama, Qwen2, Qwen3, Mistral, Granite with its scalar multipliers named by the layout, Phi-3 whose
-q/k/v and gate/up come fused, OLMo 2 and Gemma 3 with norms after the sub-blocks, Gemma's (1 + w)
-norms and per-layer-type rotary tables): RMSNorm (the model's own modules), fused q/k/v and gate/up
-QuantLinears, RoPE from precomputed tables, optional per-head q/k norms (Qwen3), SpinQuant's online
-Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention over `KVCache`:
+q/k/v and gate/up come fused, OLMo 2 and Gemma 2/3 with norms after the sub-blocks, Gemma's (1 + w)
+norms, per-layer-type rotary tables and Gemma 2's attention soft-capping): RMSNorm (the model's own
+modules), fused q/k/v and gate/up QuantLinears, RoPE from precomputed tables, optional per-head q/k norms
+(Qwen3), SpinQuant's online Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention
+over `KVCache`. The MLP is a dense gated `Mlp`, or an `MoE` where the adapter row has experts (Mixtral,
+Qwen2-MoE, Qwen3-MoE: see `RuntimeModel._run_moe` for the dispatch and why decode differs from prefill).
+Attention:
 
 * prefill (any number of tokens per sample, right-padded batches): K/V are written to the cache
   first and attention reads them back (dequantized), so every token sees K/V exactly as stored;
