@@ -687,6 +687,41 @@ def test_runtime_prefill_and_decode_match_transformers(fam, tmp_path, tiny_token
         assert rel(d_static, want[:, p]) <= 1e-5, p
 
 
+def test_runtime_moe_precision_rows_follow_tokens_into_experts(tmp_path, tiny_tokenizer, monkeypatch):
+    """W8A8 Qwen2-MoE on the runtime: forcing one request to FP16 reaches the experts too (its rows' bits are
+    gathered with its tokens into each expert's group): that request's decode logits equal an all-FP16 run's,
+    the other request's stay bit-identical. The fallback monitor watches o_proj in MoE blocks (their
+    down_projs see only routed tokens), and `quantkit generate` runs the checkpoint with it on."""
+    from quantkit import runtime
+    from quantkit.runtime.calibrate import default_monitor_layers
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    qm = api.quantize(LoadedModel(_model("qwen2_moe"), tiny_tokenizer, {"kind": "test"}),
+                      Recipe(PRESETS["W8A8"], (Stage("smoothquant"),)),
+                      calib_set=CalibrationSet(_IDS, {"source": "random tokens (test)"}))
+    out = api.export(qm, tmp_path / "ckpt")
+    rt = runtime.load(out, device="cpu")
+    prompts = [r.tolist() for r in _IDS[:2, :20]]
+    tok, pos = rt.prefill(prompts, extra=2).argmax(-1), torch.full((2,), 20)
+    plain = rt.decode_step(tok, pos)
+    rt.prefill(prompts, extra=2)
+    rt.precision.force_fp16(sample=1)
+    forced = rt.decode_step(tok, pos)
+    rt.precision.release(sample=1)
+    rt.prefill(prompts, extra=2)  # the same quantized prefill (the cache), then a step with every layer FP16
+    for name in rt.linears:
+        rt.precision.force_fp16(layer=name)
+    all_fp16 = rt.decode_step(tok, pos)
+    assert torch.equal(forced[0], plain[0])
+    rel = float((forced[1] - all_fp16[1]).norm() / all_fp16[1].norm())
+    moved = float((plain[1] - all_fp16[1]).norm() / all_fp16[1].norm())
+    assert rel <= 1e-5 < moved / 100, (rel, moved)
+    layers = default_monitor_layers(rt, 2)
+    assert layers and all(n.endswith("self_attn.o_proj") or n.endswith("mlp.down_proj") for n in layers)
+    code, text = run_cli("generate", out, "--prompt", "def f(x):", "--max-new-tokens", "3", "--device", "cpu")
+    assert code == 0 and "fallback monitor: on" in text, text
+
+
 def test_awq_scales_the_moe_input_through_the_router():
     """Tiny Mixtral with a few large channels in the MoE input: AWQ folds its scales into the norm, every
     expert's w1/w3 and the router's columns (routing unchanged), and scaling alone (no clipping) beats RTN
