@@ -685,6 +685,9 @@ def test_runtime_prefill_and_decode_match_transformers(fam, tmp_path, tiny_token
         d_static = rt._decode_eager(tok, pos)
         rt.use_graphs = False
         assert rel(d_static, want[:, p]) <= 1e-5, p
+    # the runtime's own float path (bench's BF16 baseline) on the same model: every expert a dense QuantLinear
+    rtf = runtime.from_float(ref, device="cpu", dtype=torch.float32)
+    assert rel(rtf.prefill([r.tolist() for r in seq], all_logits=True), want) <= 1e-5
 
 
 def test_runtime_moe_precision_rows_follow_tokens_into_experts(tmp_path, tiny_tokenizer, monkeypatch):
