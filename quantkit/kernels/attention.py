@@ -281,7 +281,8 @@ _WS: dict = {}
 def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Residuals | None = None,
                      v_res: Residuals | None = None, window: int | None = None, sm_scale: float | None = None,
                      softcap: float = 0.0, out: torch.Tensor | None = None, block_n: int | None = None,
-                     split: int | None = None, num_warps: int | None = None, num_stages: int | None = None, target_programs: int | None = None):
+                     split: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                     target_programs: int | None = None):
     """Decode attention over the cache as stored (module docstring). q: (B, Hq, D) -> (B, Hq, D) q.dtype.
 
     CUDA tensors (or TRITON_INTERPRET=1): the Triton kernels; otherwise the reference. Launch settings

@@ -138,11 +138,12 @@ def _moe(blk: nn.Module, prefix: str, ex, act_is_silu: bool) -> MoE | None:
     path = f"{prefix}.{ex.path}"
     shared = None
     if ex.shared is not None:
-        sh = blk.get_submodule(ex.shared)
+        sh = blk.get_submodule(ex.shared)  # transformers' plain MLP module: gate_proj / up_proj / down_proj
         shared = _mlp(sh, f"{prefix}.{ex.shared}", ("gate_proj", "up_proj", "down_proj"), "gate_up_proj",
                       act_is_silu, sh)
     return MoE(router=blk.get_submodule(ex.router),
-               experts=[_mlp(e, f"{path}.{j}", ex.names, "gate_up_proj", act_is_silu, e) for j, e in enumerate(experts)],
+               experts=[_mlp(e, f"{path}.{j}", ex.names, "gate_up_proj", act_is_silu, e)
+                        for j, e in enumerate(experts)],
                shared=shared, shared_gate=blk.get_submodule(ex.shared_gate) if ex.shared_gate else None)
 
 
@@ -225,7 +226,8 @@ class RuntimeModel:
                 q_norm=opt(lay.q_norm), k_norm=opt(lay.k_norm),
                 window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
                 attn_out_norm=opt(lay.attn_out_norm), mlp_out_norm=opt(lay.mlp_out_norm), qk_norm_whole=lay.qk_norm_whole,
-                rope_type=layer_types[i] if rope_by_type else None, softcap=self._field(cfg, lay.attn_softcap, 0.0)))
+                rope_type=layer_types[i] if rope_by_type else None,
+                softcap=self._field(cfg, lay.attn_softcap, 0.0)))
             for unit in [qkv, self.blocks[-1].o] + mlp.units():
                 for m in (unit.mods if isinstance(unit, _Unfused) else [unit]):
                     if isinstance(m, QuantLinear):
@@ -235,7 +237,8 @@ class RuntimeModel:
         self.norm_offset = adapter.spec.norm_offset
         self.final_softcap = self._field(cfg, lay.final_softcap, 0.0)
         # Granite's multipliers; 1 (skipped) for the other families
-        self.embed_mult, self.res_mult = self._field(cfg, lay.embed_multiplier), self._field(cfg, lay.residual_multiplier)
+        self.embed_mult = self._field(cfg, lay.embed_multiplier)
+        self.res_mult = self._field(cfg, lay.residual_multiplier)
         self.logits_div = self._field(cfg, lay.logits_divisor)
         self.embed = adapter.embed()
         self.norm = adapter.final_norm()
