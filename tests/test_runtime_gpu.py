@@ -68,10 +68,11 @@ def test_graph_replay_equals_eager_and_switch_keeps_other_samples(tmp_path, tiny
     assert torch.equal(forced[0], plain[0]) and not torch.equal(forced[1], plain[1])
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_moe_graph_replay_equals_eager(tmp_path, tiny_tokenizer, arch):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gemma2"])
+def test_moe_and_softcap_graph_replay_equals_eager(tmp_path, tiny_tokenizer, arch):
     """A mixture-of-experts model through the CUDA-graph decode (the static all-experts dispatch, no host
-    sync inside the capture) gives the tokens of the eager grouped dispatch."""
+    sync inside the capture) gives the tokens of the eager grouped dispatch; Gemma 2's soft-capped decode
+    kernel inside a graph too."""
     path = _checkpoint(tmp_path, tiny_tokenizer, "w4-g32-asym", arch=arch)
     _graph_equals_eager(runtime.load(path, device="cuda", dtype=torch.float16))
 
