@@ -192,6 +192,8 @@ class ArchSpec:
     layout: BlockLayout | None = None
     # Why the rotation table is missing, when it is (SpinQuant's refusal line).
     no_rotation: str = ""
+    # Why the runtime has no block layout for this row, when it has none (the runtime's refusal line).
+    no_runtime: str = ""
     # The attention module of a block (relative name): where K/V hooks attach.
     attention: str = "self_attn"
     # Norms scale by (offset + weight): 0 for the usual RMSNorm, 1 for Gemma's (1 + w).
@@ -600,6 +602,8 @@ _DEEPSEEK = replace(
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
     layout=None,
+    no_runtime="its multi-head latent attention, K and V rebuilt from a compressed latent with heads of two "
+               "sizes, is not in the runtime",
     no_clip=("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.q_proj"),
     experts=ExpertsSpec(path="mlp.experts", count=("n_routed_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", shared_intermediate=("moe_intermediate_size", "n_shared_experts"),
