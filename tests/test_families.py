@@ -307,7 +307,7 @@ def test_runtime_refuses_what_it_cannot_run(fam, tmp_path, tiny_tokenizer):
     qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
     out = api.export(qm, tmp_path / "ckpt")
     with pytest.raises(RuntimeLoadError, match=rf"does not run model type '{fam}' yet \(its multi-head latent "
-                                               r"attention .* is not in the runtime; it runs .*without --runtime"):
+                                               r"attention.* is not in the runtime; it runs .*without --runtime"):
         runtime.load(out, device="cpu")
 
 
