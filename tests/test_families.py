@@ -298,16 +298,16 @@ def test_spinquant_refused_before_load(tmp_path):
     assert code == 2 and "spinquant cannot rotate model type 'gemma2'" in out, out
 
 
-@pytest.mark.parametrize("fam", ["gemma2", "mixtral"])
+@pytest.mark.parametrize("fam", ["deepseek_v3", "deepseek_v2"])
 def test_runtime_refuses_what_it_cannot_run(fam, tmp_path, tiny_tokenizer):
-    """MoE families: not in the runtime; Gemma 2: its attention logit soft-capping is not in the kernels."""
+    """DeepSeek V2/V3: no block layout for the runtime (multi-head latent attention is not in it)."""
     from quantkit import runtime
     from quantkit.runtime.loader import RuntimeLoadError
 
     qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
     out = api.export(qm, tmp_path / "ckpt")
-    why = "attention logit soft-capping yet .*Gemma 2" if fam == "gemma2" else f"model type '{fam}' yet"
-    with pytest.raises(RuntimeLoadError, match=rf"does not run {why}.*without --runtime"):
+    with pytest.raises(RuntimeLoadError, match=rf"does not run model type '{fam}' yet \(its multi-head latent "
+                                               r"attention.* is not in the runtime; it runs .*without --runtime"):
         runtime.load(out, device="cpu")
 
 
@@ -595,7 +595,8 @@ def test_spinquant_method_no_worse_than_rtn(fam, tiny_tokenizer):
     assert err["spinquant"] <= err["rtn"], err
 
 
-@pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2", "gemma3_text"])
+@pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
+                                 "qwen3_moe"])
 @pytest.mark.parametrize("scheme", [Scheme(W4), PRESETS["W8A8C8"]], ids=["w4a16", "w8a8c8"])
 def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypatch):
     """Granite (its embedding / residual / logits multipliers and attention scale), Phi-3 (q/k/v and gate/up
@@ -633,6 +634,96 @@ def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypa
     else:
         assert rel(got, want) <= 1e-2
         assert abs(rel(got, float_logits) - rel(want, float_logits)) <= 0.02 * rel(want, float_logits)
+
+
+@pytest.mark.parametrize("fam", ["mixtral", "qwen2_moe", "qwen3_moe", "gemma2"])
+def test_runtime_prefill_and_decode_match_transformers(fam, tmp_path, tiny_tokenizer, monkeypatch):
+    """Mixtral (softmax, top-2, renormalized), Qwen2-MoE (norm_topk_prob off, the shared expert with its
+    sigmoid gate, a dense block), Qwen3-MoE (norm_topk_prob on) and Gemma 2 (attention logit soft-capping
+    in prefill and in the decode kernel's reference, sliding windows) on the runtime: a W4A16 checkpoint's
+    prefill, every greedy decode step's logits and the greedy tokens equal transformers' forward on the
+    same quantized weights. MoE decode also runs the static dispatch the CUDA graph captures (every expert
+    on every row, weighted 0 where not routed): the same logits as the grouped one."""
+    from quantkit import runtime
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+    from quantkit.runtime.model import MoE
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = _model(fam)
+    if fam == "gemma2":  # random init keeps the scores far under the cap (5): make it bite (7% of the logits)
+        with torch.no_grad():
+            for blk in m.model.layers:
+                blk.self_attn.q_proj.weight.mul_(30)
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
+    out = api.export(qm, tmp_path / "ckpt")
+    ref, _, _ = load_quantkit_checkpoint(out)
+    rt = runtime.load(out, device="cpu")
+    kinds = [isinstance(b.mlp, MoE) for b in rt.blocks]
+    assert kinds == ([True, False, True] if fam == "qwen2_moe" else [fam != "gemma2"] * 3)
+    assert [b.softcap for b in rt.blocks] == [5.0 if fam == "gemma2" else 0.0] * 3
+    assert all(m.kind == "wna16" for m in rt.linears.values())  # every expert packed, the router not among them
+    assert not any(n.endswith((".gate", "shared_expert_gate")) for n in rt.linears)
+    n_new, p0 = 5, 20
+    ids = _IDS[:2, :p0]
+    with torch.no_grad():  # transformers' greedy continuation, one full forward per token
+        seq = ids
+        for _ in range(n_new):
+            seq = torch.cat([seq, ref(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        want = ref(input_ids=seq).logits
+
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    assert rel(rt.prefill([r.tolist() for r in seq], all_logits=True), want) <= 1e-5
+    g = rt.generate([r.tolist() for r in ids], max_new_tokens=n_new)
+    assert g["tokens"] == seq[:, p0:].tolist()
+    rt.prefill([r.tolist() for r in ids], extra=n_new)
+    for p in range(p0, p0 + n_new):
+        tok, pos = seq[:, p], torch.full((2,), p)
+        d = rt.decode_step(tok, pos)
+        assert rel(d, want[:, p]) <= 1e-5, p
+        rt.use_graphs = True  # the decode program a CUDA graph captures (run eagerly here)
+        d_static = rt._decode_eager(tok, pos)
+        rt.use_graphs = False
+        assert rel(d_static, want[:, p]) <= 1e-5, p
+    # the runtime's own float path (bench's BF16 baseline) on the same model: every expert a dense QuantLinear
+    rtf = runtime.from_float(ref, device="cpu", dtype=torch.float32)
+    assert rel(rtf.prefill([r.tolist() for r in seq], all_logits=True), want) <= 1e-5
+
+
+def test_runtime_moe_precision_rows_follow_tokens_into_experts(tmp_path, tiny_tokenizer, monkeypatch):
+    """W8A8 Qwen2-MoE on the runtime: forcing one request to FP16 reaches the experts too (its rows' bits are
+    gathered with its tokens into each expert's group): that request's decode logits equal an all-FP16 run's,
+    the other request's stay bit-identical. The fallback monitor watches o_proj in MoE blocks (their
+    down_projs see only routed tokens), and `quantkit generate` runs the checkpoint with it on."""
+    from quantkit import runtime
+    from quantkit.runtime.calibrate import default_monitor_layers
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    qm = api.quantize(LoadedModel(_model("qwen2_moe"), tiny_tokenizer, {"kind": "test"}),
+                      Recipe(PRESETS["W8A8"], (Stage("smoothquant"),)),
+                      calib_set=CalibrationSet(_IDS, {"source": "random tokens (test)"}))
+    out = api.export(qm, tmp_path / "ckpt")
+    rt = runtime.load(out, device="cpu")
+    prompts = [r.tolist() for r in _IDS[:2, :20]]
+    tok, pos = rt.prefill(prompts, extra=2).argmax(-1), torch.full((2,), 20)
+    plain = rt.decode_step(tok, pos)
+    rt.prefill(prompts, extra=2)
+    rt.precision.force_fp16(sample=1)
+    forced = rt.decode_step(tok, pos)
+    rt.precision.release(sample=1)
+    rt.prefill(prompts, extra=2)  # the same quantized prefill (the cache), then a step with every layer FP16
+    for name in rt.linears:
+        rt.precision.force_fp16(layer=name)
+    all_fp16 = rt.decode_step(tok, pos)
+    assert torch.equal(forced[0], plain[0])
+    rel = float((forced[1] - all_fp16[1]).norm() / all_fp16[1].norm())
+    moved = float((plain[1] - all_fp16[1]).norm() / all_fp16[1].norm())
+    assert rel <= 1e-5 < moved / 100, (rel, moved)
+    layers = default_monitor_layers(rt, 2)
+    assert layers and all(n.endswith("self_attn.o_proj") or n.endswith("mlp.down_proj") for n in layers)
+    code, text = run_cli("generate", out, "--prompt", "def f(x):", "--max-new-tokens", "3", "--device", "cpu")
+    assert code == 0 and "fallback monitor: on" in text, text
 
 
 def test_awq_scales_the_moe_input_through_the_router():

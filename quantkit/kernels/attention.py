@@ -13,6 +13,7 @@ Spec (``decode_attention_ref``), one decode step:
     seq_lens: (B,) int32: sample b attends keys [max(0, L_b - window), L_b) (window None: all)
 
     out[b, i] = softmax(q[b, i] . K_b^T * sm_scale) V_b    -> (B, Hq, D) in q.dtype (fp32 softmax)
+    softcap:  0 (off) or c > 0: the scores s become tanh(s / c) * c before masking and softmax (Gemma 2)
 
 Kernel (``decode_attention``): grid (B * Hkv, n_splits). A program takes one kv head, all the query
 heads that share it (padded to 16 rows for the tensor cores) and one slice of the sequence: it feeds
@@ -87,7 +88,7 @@ def dequantize_cache_ref(x: torch.Tensor, scale: torch.Tensor | None, T: int, re
 
 
 def decode_attention_ref(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res=None, v_res=None, window=None,
-                         sm_scale=None):
+                         sm_scale=None, softcap: float = 0.0):
     """Reference (see module docstring). Returns (B, Hq, D) in q.dtype."""
     B, Hq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -98,6 +99,8 @@ def decode_attention_ref(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res
     kf = kf.repeat_interleave(g, dim=1)
     vf = vf.repeat_interleave(g, dim=1)
     s = torch.einsum("bhd,bhtd->bht", q.float(), kf) * sm_scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     pos = torch.arange(T, device=q.device)
     L = seq_lens.to(q.device).long().view(B, 1)
     valid = pos.view(1, T) < L
@@ -145,6 +148,7 @@ def _decode_attn_kernel(
     RES_BITS: tl.constexpr,  # 0 none, 4 (two per byte) or 8
     RW: tl.constexpr,  # bytes per residual row: D // 2 (4-bit) or D (8-bit)
     WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # 0.0: off; else scores -> tanh(s / SOFTCAP) * SOFTCAP (Gemma 2)
 ):
     # The integer tiles go to the MMA as they are (int8 -> fp16/bf16 is exact): the scales act on
     # vectors, never on a (BLOCK_N, D) tile. Per-channel K scales fold into q once; per-token K scales
@@ -196,6 +200,8 @@ def _decode_attn_kernel(
         if RES_BITS != 0:
             k_r, k_rs = _residual_rows(kri_ptr, krp_ptr, krs_ptr, row, pos, nmask, pid, C1, col, shift, RW, RES_BITS)
             s += tl.dot(qr, tl.trans(k_r.to(cdt))) * k_rs[None, :]
+        if SOFTCAP:  # s is in log2 units (q carries sm_scale * log2 e): cap c is c * log2 e there
+            s = (1.0 - 2.0 / (tl.exp2(s * (2.0 / SOFTCAP)) + 1.0)) * (SOFTCAP * 1.4426950408889634)
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -279,8 +285,9 @@ _WS: dict = {}
 
 def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Residuals | None = None,
                      v_res: Residuals | None = None, window: int | None = None, sm_scale: float | None = None,
-                     out: torch.Tensor | None = None, block_n: int | None = None, split: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None, target_programs: int | None = None):
+                     softcap: float = 0.0, out: torch.Tensor | None = None, block_n: int | None = None,
+                     split: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                     target_programs: int | None = None):
     """Decode attention over the cache as stored (module docstring). q: (B, Hq, D) -> (B, Hq, D) q.dtype.
 
     CUDA tensors (or TRITON_INTERPRET=1): the Triton kernels; otherwise the reference. Launch settings
@@ -290,7 +297,7 @@ def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Re
     sm = D ** -0.5 if sm_scale is None else sm_scale
     if not use_triton(q, k):
         y = decode_attention_ref(q, k, v, seq_lens, k_scale=k_scale, v_scale=v_scale, k_res=k_res, v_res=v_res,
-                                 window=window, sm_scale=sm)
+                                 window=window, sm_scale=sm, softcap=softcap)
         return y if out is None else out.copy_(y)
     if D != next_pow2(D) or D < 16:
         raise ValueError(f"decode attention needs a power-of-two head_dim >= 16, got {D}")
@@ -326,8 +333,8 @@ def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Re
         Hkv, T, kr.pool.shape[2] if kr else 1, int(window or 0), sm * 1.4426950408889634,
         qc.stride(0), qc.stride(1), split, nsplit,
         GROUP=group, GP=gp, D=D, BLOCK_N=block_n, SCALES=scales, RES_BITS=res_bits,
-        RW=D // 2 if res_bits == 4 else D, WINDOW=window is not None, num_warps=num_warps or cfg["num_warps"],
-        num_stages=num_stages or cfg["num_stages"],
+        RW=D // 2 if res_bits == 4 else D, WINDOW=window is not None, SOFTCAP=float(softcap or 0.0),
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     decode_merge_kernel[(B * Hkv,)](m_ws, l_ws, acc_ws, out, Hkv, nsplit, out.stride(0), out.stride(1),
                                     GROUP=group, GP=gp, D=D, num_warps=4)

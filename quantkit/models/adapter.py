@@ -106,6 +106,7 @@ class BlockLayout:
     mlp_out_norm: str | None = None
     qk_norm_whole: bool = False  # q_norm / k_norm span all heads at once (OLMo 2), not one head
     final_softcap: str | None = None  # config field: logits -> tanh(logits / c) * c (Gemma)
+    attn_softcap: str | None = None  # config field: attention scores -> tanh(s / c) * c (Gemma 2)
 
     @property
     def attention(self) -> str:
@@ -126,6 +127,8 @@ class ExpertsSpec:
     names: the (gate, up, down) linears of one expert as the checkpoint names them.
     router: the router module (kept in high precision: it is not a linear of the table).
     moe_module: (attribute in transformers, name in checkpoints) when they differ (Mixtral).
+    shared / shared_gate: the shared expert every token goes through (a gate/up/down MLP) and its
+        1-output gate, sigmoid(gate(x)) scaling the shared expert's output (Qwen2-MoE); None: absent.
     """
 
     path: str
@@ -139,6 +142,8 @@ class ExpertsSpec:
     shared_intermediate: str | tuple[str, ...] | None = None
     # config field naming the blocks that keep a dense MLP: a count of first blocks, or a list of indices
     dense_blocks: str | None = None
+    shared: str | None = None
+    shared_gate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,8 @@ class ArchSpec:
     layout: BlockLayout | None = None
     # Why the rotation table is missing, when it is (SpinQuant's refusal line).
     no_rotation: str = ""
+    # Why the runtime has no block layout for this row, when it has none (the runtime's refusal line).
+    no_runtime: str = ""
     # The attention module of a block (relative name): where K/V hooks attach.
     attention: str = "self_attn"
     # Norms scale by (offset + weight): 0 for the usual RMSNorm, 1 for Gemma's (1 + w).
@@ -413,7 +420,8 @@ _GEMMA = replace(
     rotation=None,
     no_rotation=f"Gemma: {_POST_NORMS}",
     layout=replace(_LLAMA_LIKE.layout, post_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
-                   mlp_out_norm="post_feedforward_layernorm", final_softcap="final_logit_softcapping"),
+                   mlp_out_norm="post_feedforward_layernorm", final_softcap="final_logit_softcapping",
+                   attn_softcap="attn_logit_softcapping"),
     norm_offset=1.0,
 )
 
@@ -483,6 +491,8 @@ _PHI3 = replace(
 # every expert: its scales fold into the norm, every expert's gate/up and the router's columns (so
 # routing is unchanged; the router stays in high precision), chosen on the mean |x| over all tokens;
 # each expert's up -> down folds on its own, scored on the tokens routed to it.
+# The runtime runs these rows with the Llama block layout (kept from _LLAMA_LIKE: its gate/up/down
+# serve the dense blocks of an MoE model) and the MLP of a block with experts from the ExpertsSpec.
 _ATTN_STEPS = (_ATTN, ("self_attn.o_proj",))
 _ATTN_OPS = tuple((r, "qkv_proj") for r in _ATTN) + (("self_attn.o_proj", "o_proj"),)
 _ATTN_GROUPS = (
@@ -505,7 +515,6 @@ _MIXTRAL = replace(
                      ("block_sparse_moe.experts.*.w2", "expert_down")),
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
-    layout=None,
     experts=ExpertsSpec(path="block_sparse_moe.experts", count=("num_local_experts",),
                         names=("w1", "w3", "w2"), router="block_sparse_moe.gate", moe_module=("mlp", "block_sparse_moe")),
     shapes=_ATTN_SHAPES + (LinearShape("block_sparse_moe.experts.*.w1", "expert", "hidden", only="moe"),
@@ -536,7 +545,6 @@ _QWEN3_MOE = replace(
     ops=_LLAMA_LIKE.ops + _EXPERT_OPS,
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
-    layout=None,
     experts=ExpertsSpec(path="mlp.experts", count=("num_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", dense_blocks="mlp_only_layers"),
     shapes=_ATTN_SHAPES + _MLP_SHAPES + _expert_shapes("mlp.experts.*", "expert"),
@@ -557,7 +565,8 @@ _QWEN2_MOE = replace(
     ),
     ops=_LLAMA_LIKE.ops + ((_SHARED[0], "shared_gate_up"), (_SHARED[1], "shared_gate_up"),
                            ("mlp.shared_expert.down_proj", "shared_down")) + _EXPERT_OPS,
-    experts=replace(_QWEN3_MOE.experts, shared_intermediate="shared_expert_intermediate_size"),
+    experts=replace(_QWEN3_MOE.experts, shared_intermediate="shared_expert_intermediate_size",
+                    shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
     shapes=_QWEN3_MOE.shapes + _expert_shapes("mlp.shared_expert", "shared"),
     qkv_bias=True,
     qk_norm=False,
@@ -593,10 +602,12 @@ _DEEPSEEK = replace(
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
     layout=None,
+    no_runtime="its multi-head latent attention, K and V rebuilt from a compressed latent with heads of two "
+               "sizes, is not in the runtime",
     no_clip=("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.q_proj"),
     experts=ExpertsSpec(path="mlp.experts", count=("n_routed_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", shared_intermediate=("moe_intermediate_size", "n_shared_experts"),
-                        dense_blocks="first_k_dense_replace"),
+                        dense_blocks="first_k_dense_replace", shared="mlp.shared_experts"),
     shapes=(
         LinearShape("self_attn.q_a_proj", "q_lora_rank", "hidden"),
         LinearShape("self_attn.q_proj", _MLA_Q, "hidden", unless="q_lora_rank"),

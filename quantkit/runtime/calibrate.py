@@ -26,15 +26,18 @@ def default_monitor_layers(rt, count: int = 4) -> list[str]:
     source, SmoothQuant W8A8): the middle-depth down_proj outputs separate the two texts best (layers 12 and
     15: 2% of in-domain windows over KL 0.02, 58-60% of code windows); early blocks barely move on code, and
     the later ones (17, 20, 24) exceed 0.02 on in-domain text too (they caused every in-domain switch of
-    the first run, with layers 12/14/17/20 watched)."""
+    the first run, with layers 12/14/17/20 watched). A block whose MLP is a mixture of experts has no
+    down_proj every token passes through (the monitor does not watch experts): its o_proj is watched."""
     from quantkit.models.adapter import ModelAdapter
 
     ad = ModelAdapter.for_model(rt.hf)
+    lay = ad.spec.layout
     n = len(rt.blocks)
     lo, hi = 0.35 * (n - 1), 0.5 * (n - 1)
     idx = sorted({round(lo + i * (hi - lo) / max(1, count - 1)) for i in range(count)})
-    names = [f"{ad.block_name(i)}.{ad.spec.layout.down}" for i in idx]
-    return [x for x in names if x in rt.linears]
+    names = [next((x for x in (f"{ad.block_name(i)}.{lay.down}", f"{ad.block_name(i)}.{lay.o}") if x in rt.linears),
+                  None) for i in idx]
+    return [x for x in names if x is not None]
 
 
 class _Recorder:

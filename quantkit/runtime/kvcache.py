@@ -195,9 +195,11 @@ class KVCache:
         return kf.to(self.dtype), vf.to(self.dtype)
 
     def decode_attention(self, layer: int, q: torch.Tensor, seq_lens: torch.Tensor, *, window: int | None,
-                         sm_scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        """One decode step of attention: q (B, Hq, D) over each sample's first seq_lens[b] positions."""
+                         sm_scale: float, softcap: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step of attention: q (B, Hq, D) over each sample's first seq_lens[b] positions
+        (softcap: Gemma 2's score soft-capping, 0 = off)."""
         B = q.shape[0]
         return decode_attention(q, self.k[layer, :B], self.v[layer, :B], seq_lens, k_scale=self._scale(0, layer, B),
                                 v_scale=self._scale(1, layer, B), k_res=self._res(0, layer, B),
-                                v_res=self._res(1, layer, B), window=window, sm_scale=sm_scale, out=out)
+                                v_res=self._res(1, layer, B), window=window, sm_scale=sm_scale, softcap=softcap,
+                                out=out)

@@ -78,12 +78,11 @@ def _check_supported(config) -> None:
     runs = sorted(t for s in ARCH_SPECS if s.layout is not None for t in s.model_types)
     fix = "score this checkpoint with `quantkit eval --model DIR` without --runtime, or serve it with vLLM"
     if mt not in runs:
-        raise RuntimeLoadError(f"the runtime does not run model type {short_repr(mt)} yet (it runs {', '.join(runs)}); {fix}")
+        why = next((f"{s.no_runtime}; " for s in ARCH_SPECS if mt in s.model_types and s.no_runtime), "")
+        raise RuntimeLoadError(f"the runtime does not run model type {short_repr(mt)} yet ({why}it runs "
+                               f"{', '.join(runs)}); {fix}")
     rope = getattr(config, "rope_parameters", None) or {}
     partial = getattr(config, "partial_rotary_factor", None) or (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None)
-    if getattr(config, "attn_logit_softcapping", None):  # the attention kernels have no soft-capping
-        raise RuntimeLoadError("the runtime does not run attention logit soft-capping yet (attn_logit_softcapping="
-                               f"{config.attn_logit_softcapping}, Gemma 2); {fix}")
     if partial not in (None, 1, 1.0):  # the fused RoPE kernel rotates whole heads
         raise RuntimeLoadError(f"the runtime does not run partial rotary embeddings yet (partial_rotary_factor={partial}); {fix}")
 

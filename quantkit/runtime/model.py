@@ -2,10 +2,13 @@
 
 The decoder program is written here once for the llama-like layout (`models.adapter.BlockLayout`:
 Llama, Qwen2, Qwen3, Mistral, Granite with its scalar multipliers named by the layout, Phi-3 whose
-q/k/v and gate/up come fused, OLMo 2 and Gemma 3 with norms after the sub-blocks, Gemma's (1 + w)
-norms and per-layer-type rotary tables): RMSNorm (the model's own modules), fused q/k/v and gate/up
-QuantLinears, RoPE from precomputed tables, optional per-head q/k norms (Qwen3), SpinQuant's online
-Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention over `KVCache`:
+q/k/v and gate/up come fused, OLMo 2 and Gemma 2/3 with norms after the sub-blocks, Gemma's (1 + w)
+norms, per-layer-type rotary tables and Gemma 2's attention soft-capping): RMSNorm (the model's own
+modules), fused q/k/v and gate/up QuantLinears, RoPE from precomputed tables, optional per-head q/k norms
+(Qwen3), SpinQuant's online Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention
+over `KVCache`. The MLP is a dense gated `Mlp`, or an `MoE` where the adapter row has experts (Mixtral,
+Qwen2-MoE, Qwen3-MoE: see `RuntimeModel._run_moe` for the dispatch and why decode differs from prefill).
+Attention:
 
 * prefill (any number of tokens per sample, right-padded batches): K/V are written to the cache
   first and attention reads them back (dequantized), so every token sees K/V exactly as stored;
@@ -56,15 +59,40 @@ class PartOf(nn.Module):
 
 
 @dataclass
+class Mlp:
+    """A gated MLP: down(act(gate(x)) * up(x)), gate and up as one unit (fused when they can be)."""
+
+    gate_up: nn.Module
+    down: nn.Module
+    act: Callable
+    act_is_silu: bool
+
+    def units(self) -> list[nn.Module]:
+        return [self.gate_up, self.down]
+
+
+@dataclass
+class MoE:
+    """A sparse mixture-of-experts MLP (`models.adapter.ExpertsSpec`): the family's own router (float, never
+    quantized) picks each token's top-k experts with the family's weights; the experts (and the shared
+    expert, scaled by sigmoid(shared_gate(x)) when the family has that gate) are `Mlp`s of QuantLinears."""
+
+    router: nn.Module  # transformers' TopKRouter: x (T, H) -> (logits, weights (T, k), expert ids (T, k))
+    experts: list[Mlp]
+    shared: Mlp | None = None
+    shared_gate: nn.Module | None = None
+
+    def units(self) -> list[nn.Module]:
+        return [u for m in self.experts + ([self.shared] if self.shared else []) for u in m.units()]
+
+
+@dataclass
 class Block:
     ln1: nn.Module | None  # None: no norm in front of attention (OLMo 2)
     ln2: nn.Module | None
     qkv: QuantLinear
     o: nn.Module
-    gate_up: QuantLinear
-    down: nn.Module
-    act: Callable
-    act_is_silu: bool
+    mlp: Mlp | MoE
     q_norm: nn.Module | None
     k_norm: nn.Module | None
     window: int | None
@@ -73,6 +101,7 @@ class Block:
     attn_out_norm: nn.Module | None = None  # OLMo 2: the sub-blocks' outputs are normed before the add
     mlp_out_norm: nn.Module | None = None
     qk_norm_whole: bool = False  # q/k norms over all heads at once (OLMo 2)
+    softcap: float = 0.0  # attention scores -> tanh(s / c) * c before the mask (Gemma 2); 0: off
 
 
 def _fuse_into(block: nn.Module, prefix: str, rels: list[str], name: str) -> QuantLinear | None:
@@ -87,6 +116,35 @@ def _fuse_into(block: nn.Module, prefix: str, rels: list[str], name: str) -> Qua
         setattr(block.get_submodule(parent) if parent else block, leaf, PartOf(fused, start, m.out_features))
         start += m.out_features
     return fused
+
+
+def _mlp(parent: nn.Module, prefix: str, names: tuple[str, str, str], fused_name: str, act_is_silu: bool,
+         mod: nn.Module) -> Mlp:
+    """The gated MLP whose (gate, up, down) linears are `names` under `parent` (one name for gate and up:
+    fused already, Phi-3); act: `mod`'s act_fn."""
+    gate, up, down = names
+    gate_up = parent.get_submodule(gate) if gate == up else \
+        _fuse_into(parent, prefix, [gate, up], fused_name) or _Unfused([parent.get_submodule(r) for r in (gate, up)])
+    return Mlp(gate_up=gate_up, down=parent.get_submodule(down), act=getattr(mod, "act_fn", F.silu),
+               act_is_silu=act_is_silu)
+
+
+def _moe(blk: nn.Module, prefix: str, ex, act_is_silu: bool) -> MoE | None:
+    """The block's MoE MLP from the adapter row's ExpertsSpec `ex`; None for a block with a dense MLP."""
+    try:
+        experts = blk.get_submodule(ex.path)
+    except AttributeError:
+        return None
+    path = f"{prefix}.{ex.path}"
+    shared = None
+    if ex.shared is not None:
+        sh = blk.get_submodule(ex.shared)  # transformers' plain MLP module: gate_proj / up_proj / down_proj
+        shared = _mlp(sh, f"{prefix}.{ex.shared}", ("gate_proj", "up_proj", "down_proj"), "gate_up_proj",
+                      act_is_silu, sh)
+    return MoE(router=blk.get_submodule(ex.router),
+               experts=[_mlp(e, f"{path}.{j}", ex.names, "gate_up_proj", act_is_silu, e)
+                        for j, e in enumerate(experts)],
+               shared=shared, shared_gate=blk.get_submodule(ex.shared_gate) if ex.shared_gate else None)
 
 
 class _Unfused(nn.Module):
@@ -149,11 +207,13 @@ class RuntimeModel:
             qkv = blk.get_submodule(lay.q) if lay.q == lay.k == lay.v else \
                 _fuse_into(blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
                 _Unfused([blk.get_submodule(r) for r in (lay.q, lay.k, lay.v)])
-            mlp_parent = lay.gate.rsplit(".", 1)[0]
-            gate_up = blk.get_submodule(lay.gate) if lay.gate == lay.up else \
-                _fuse_into(blk, prefix, [lay.gate, lay.up], f"{mlp_parent}.gate_up_proj") or \
-                _Unfused([blk.get_submodule(r) for r in (lay.gate, lay.up)])
-            mlp = blk.get_submodule(mlp_parent)
+            act_is_silu = (getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
+                           or "silu") in ("silu", "swish")
+            mlp = _moe(blk, prefix, adapter.spec.experts, act_is_silu) if adapter.spec.experts else None
+            if mlp is None:  # a dense MLP (also the dense blocks of an MoE model)
+                mlp_parent = lay.gate.rsplit(".", 1)[0]
+                mlp = _mlp(blk, prefix, (lay.gate, lay.up, lay.down), f"{mlp_parent}.gate_up_proj", act_is_silu,
+                           blk.get_submodule(mlp_parent))
 
             def opt(rel):
                 try:
@@ -162,29 +222,24 @@ class RuntimeModel:
                     return None
 
             self.blocks.append(Block(
-                ln1=opt(lay.input_norm), ln2=opt(lay.post_norm), qkv=qkv,
-                o=blk.get_submodule(lay.o), gate_up=gate_up, down=blk.get_submodule(lay.down),
-                act=getattr(mlp, "act_fn", F.silu),
-                act_is_silu=(getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu")
-                in ("silu", "swish"),
+                ln1=opt(lay.input_norm), ln2=opt(lay.post_norm), qkv=qkv, o=blk.get_submodule(lay.o), mlp=mlp,
                 q_norm=opt(lay.q_norm), k_norm=opt(lay.k_norm),
                 window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
                 attn_out_norm=opt(lay.attn_out_norm), mlp_out_norm=opt(lay.mlp_out_norm), qk_norm_whole=lay.qk_norm_whole,
-                rope_type=layer_types[i] if rope_by_type else None))
-            for unit in (qkv, gate_up, self.blocks[-1].o, self.blocks[-1].down):
+                rope_type=layer_types[i] if rope_by_type else None,
+                softcap=self._field(cfg, lay.attn_softcap, 0.0)))
+            for unit in [qkv, self.blocks[-1].o] + mlp.units():
                 for m in (unit.mods if isinstance(unit, _Unfused) else [unit]):
                     if isinstance(m, QuantLinear):
                         m.ctl = self.ctl
                         for pname, _ in m.parts:
                             self.linears[pname] = m
         self.norm_offset = adapter.spec.norm_offset
-        self.final_softcap = float(getattr(cfg, lay.final_softcap, None) or 0.0) if lay.final_softcap else 0.0
-
-        def scalar(field):  # Granite's multipliers; 1 (skipped) for the other families
-            return float(getattr(cfg, field, None) or 1.0) if field else 1.0
-
-        self.embed_mult, self.res_mult = scalar(lay.embed_multiplier), scalar(lay.residual_multiplier)
-        self.logits_div = scalar(lay.logits_divisor)
+        self.final_softcap = self._field(cfg, lay.final_softcap, 0.0)
+        # Granite's multipliers; 1 (skipped) for the other families
+        self.embed_mult = self._field(cfg, lay.embed_multiplier)
+        self.res_mult = self._field(cfg, lay.residual_multiplier)
+        self.logits_div = self._field(cfg, lay.logits_divisor)
         self.embed = adapter.embed()
         self.norm = adapter.final_norm()
         self.lm_head = adapter.lm_head()
@@ -199,6 +254,11 @@ class RuntimeModel:
         self._graphs: dict = {}
         self.use_graphs = self.device.type == "cuda"
         self.stats = StepStats()
+
+    @staticmethod
+    def _field(cfg, field: str | None, unset: float = 1.0) -> float:
+        """A scalar the layout names by config field (multipliers, soft caps); `unset` when unnamed or unset."""
+        return float(getattr(cfg, field, None) or unset) if field else unset
 
     # ------------------------------------------------------------------ sizes and state
 
@@ -293,11 +353,13 @@ class RuntimeModel:
             else:
                 q = self._qkv_torch(i, blk, qkv, cos, sin, pos)
             if decode:
-                a = cache.decode_attention(i, q[:, :, 0], seq_lens, window=blk.window, sm_scale=blk.sm_scale)
+                a = cache.decode_attention(i, q[:, :, 0], seq_lens, window=blk.window, sm_scale=blk.sm_scale,
+                                           softcap=blk.softcap)
                 a = a.reshape(B, 1, Hq * D)
             else:
                 kf, vf = cache.read(i, length, B)
-                if length == S and (blk.window is None or blk.window >= length):  # from position 0: plain causal
+                if length == S and (blk.window is None or blk.window >= length) and not blk.softcap:
+                    # from position 0: plain causal
                     a = F.scaled_dot_product_attention(q, kf, vf, is_causal=True, scale=blk.sm_scale,
                                                        enable_gqa=Hq != Hkv)
                 else:
@@ -306,19 +368,18 @@ class RuntimeModel:
                         mask = allowed if blk.window is None else \
                             allowed & (pos.view(B, S, 1) - j.view(1, 1, length) < blk.window)
                         mask = masks[blk.window] = mask.unsqueeze(1)
-                    a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale,
-                                                       enable_gqa=Hq != Hkv)
+                    if blk.softcap:
+                        a = _softcapped_attention(q, kf, vf, mask, blk.sm_scale, blk.softcap)
+                    else:
+                        a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale,
+                                                           enable_gqa=Hq != Hkv)
                 a = a.transpose(1, 2).reshape(B, S, Hq * D)
             o = self._run(blk.o, a, i, "o")
             if blk.attn_out_norm is not None:
                 o = blk.attn_out_norm(o)
             x, h = self._norm(blk.ln2, x, o if rm == 1.0 else o * rm)
-            gu = self._run(blk.gate_up, h, i, "gate_up")
-            inter = blk.down.in_features
-            m = silu_mul(gu, inter) if blk.act_is_silu else blk.act(gu[..., :inter]) * gu[..., inter:]
-            if self.r4:
-                m = hadamard_transform(m)
-            d = self._run(blk.down, m, i, "down")
+            d = self._run_mlp(blk.mlp, h, i) if isinstance(blk.mlp, Mlp) else \
+                self._run_moe(blk.mlp, h, i, static=decode and self.use_graphs)
             if blk.mlp_out_norm is not None:
                 d = blk.mlp_out_norm(d)
             x, h = self._norm(self.blocks[i + 1].ln1 if i + 1 < n else self.norm, x, d if rm == 1.0 else d * rm)
@@ -330,6 +391,59 @@ class RuntimeModel:
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits[:, 0] if last is not None else logits
+
+    def _run_mlp(self, mlp: Mlp, h: torch.Tensor, i: int) -> torch.Tensor:
+        gu = self._run(mlp.gate_up, h, i, "gate_up")
+        inter = mlp.down.in_features
+        m = silu_mul(gu, inter) if mlp.act_is_silu else mlp.act(gu[..., :inter]) * gu[..., inter:]
+        if self.r4:
+            m = hadamard_transform(m)
+        return self._run(mlp.down, m, i, "down")
+
+    def _run_moe(self, moe: MoE, h: torch.Tensor, i: int, *, static: bool) -> torch.Tensor:
+        """The MoE MLP on h (..., H): sum over each token's top-k experts of weight * expert(x), plus the
+        (gated) shared expert, in the order transformers adds them.
+
+        Grouped (prefill, CPU): the (token, slot) pairs sorted by expert; each expert runs once on its
+        tokens (index_select) and adds its weighted rows back (index_add). The per-expert counts are read
+        on the host (one sync per MoE layer on CUDA), so this path is never captured.
+        static (a decode step on CUDA, captured as a graph): a graph needs shapes and launches fixed at
+        capture, so every expert runs on every row and its output is scaled by the row's routing weight,
+        0 where the router did not pick it: no host sync, the same sum (exact zeros added). It reads every
+        expert's weights each step, which costs E / k times the expert GEMM work of an ideal dispatch (a
+        grouped-GEMM kernel that reads the routing on the device would remove that)."""
+        lead = h.shape[:-1]
+        x = h.reshape(-1, h.shape[-1])  # (T, H)
+        _, w, idx = moe.router(x)  # (T, k) each: the family's top-k and normalization (transformers' router)
+        out = torch.zeros_like(x)
+        n_exp = len(moe.experts)
+        if static:
+            dense = torch.zeros(x.shape[0], n_exp, dtype=w.dtype, device=x.device).scatter_(1, idx, w)
+            for e, ex in enumerate(moe.experts):
+                out += (self._run_mlp(ex, x, i) * dense[:, e:e + 1]).to(out.dtype)
+        else:
+            k = idx.shape[1]
+            flat = idx.reshape(-1)
+            order = torch.argsort(flat, stable=True)  # per expert, its tokens in order (as transformers adds them)
+            tok = order // k
+            xs, ws = x.index_select(0, tok), w.reshape(-1).index_select(0, order)
+            rb = self.ctl.row_bits  # per-row FP16 bits follow the rows into each expert's group
+            start = 0
+            for e, n in enumerate(torch.bincount(flat, minlength=n_exp).tolist()):
+                if n:
+                    rows = tok[start:start + n]
+                    if rb is not None:
+                        self.ctl.row_bits = rb.index_select(0, rows)
+                    y = self._run_mlp(moe.experts[e], xs[start:start + n], i) * ws[start:start + n, None]
+                    out.index_add_(0, rows, y.to(out.dtype))
+                start += n
+            self.ctl.row_bits = rb
+        if moe.shared is not None:
+            s = self._run_mlp(moe.shared, x, i)
+            if moe.shared_gate is not None:
+                s = torch.sigmoid(moe.shared_gate(x)) * s
+            out = out + s
+        return out.reshape(*lead, out.shape[-1])
 
     def _norm(self, norm: nn.Module | None, x: torch.Tensor, delta: torch.Tensor | None):
         """(x + delta, norm(x + delta)): one fused launch for the llama-style RMSNorm, the module otherwise
@@ -376,8 +490,8 @@ class RuntimeModel:
         mon = FallbackMonitor(hists, layers, batch, self.device, kl_threshold=kl_threshold,
                               skew_threshold=skew_threshold)
         where: dict[str, tuple] = {}  # member name -> (unit, first output column, columns)
-        for blk in self.blocks:
-            for unit in (blk.qkv, blk.o, blk.gate_up, blk.down):
+        for blk in self.blocks:  # not the experts: their rows are the tokens routed to them, not the step's
+            for unit in [blk.qkv, blk.o] + (blk.mlp.units() if isinstance(blk.mlp, Mlp) else []):
                 start = 0
                 for name, size in _unit_parts(unit):
                     where[name] = (unit, start, size)
@@ -385,7 +499,7 @@ class RuntimeModel:
         index: dict = {}
         for mi, name in enumerate(layers):
             if name not in where:
-                raise UsageError(f"cannot monitor {name}: not a quantized linear of this model")
+                raise UsageError(f"cannot monitor {name}: not a quantized linear of this model outside its experts")
             unit, start, size = where[name]
             index.setdefault(id(unit), []).append((mi, start, size))
         self.monitor, self.monitor_hists, self.monitor_layers = mon, hists, list(layers)
@@ -585,6 +699,16 @@ def _unit_parts(unit) -> list[tuple[str, int]]:
             out += _unit_parts(m) if isinstance(m, QuantLinear) else [("", m.out_features)]
         return out
     return [("", unit.out_features)]
+
+
+def _softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+    """Prefill attention with the scores soft-capped, tanh(s / cap) * cap, before the mask (Gemma 2; SDPA
+    has no such step): q (B, Hq, S, D), k / v (B, Hkv, L, D), mask (B, 1, S, L) bool -> (B, Hq, S, D)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = (torch.tanh(s / cap) * cap).masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
