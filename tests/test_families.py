@@ -549,6 +549,26 @@ def test_weights_that_contradict_the_config_are_named_before_loading(tmp_path):
         api.load(str(d))
 
 
+def test_config_with_more_layers_than_the_weights_is_refused_before_building(tmp_path, tiny_tokenizer):
+    """A damaged num_hidden_layers (10^5 for a 2-block model) is refused from the headers: transformers would
+    build every block (tens of GB for this tiny model) and fill the missing ones with random numbers."""
+    import resource
+
+    d = tmp_path / "m"
+    _model("llama").save_pretrained(d, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 100_000}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelLoadError, match=rf"num_hidden_layers is 100000, the weights hold {cfg['num_hidden_layers']} "
+                                             "blocks"):
+        api.load(str(d))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # KiB: nothing was built
+    # Fewer layers in the config than blocks in the weights still loads (DeepSeek-V3 ships an extra block).
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] - 1}))
+    assert api.load(str(d)).model.config.num_hidden_layers == cfg["num_hidden_layers"] - 1
+
+
 def test_multimodal_wrapper_refused_from_config(tmp_path):
     """A Gemma 3 multimodal config (text_config inside): refused by the wrapper's type before loading,
     although its text model (gemma3_text) is a supported family."""

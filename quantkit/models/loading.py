@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,8 +329,21 @@ def _check_shapes_match(path: Path, config) -> None:
     for rel, (o, i) in linears.items():
         want[f"{spec.blocks}.0.{rel}.weight"] = [o, i]
     have: dict[str, Any] = {}
+    blocks = -1  # the highest block index any weight names
+    block_key = re.compile(re.escape(spec.blocks) + r"\.(\d+)\.")
     for f in sorted(path.glob("*.safetensors")):
-        have.update({k: v["shape"] for k, v in read_safetensors_header(f).items() if k in want})
+        header = read_safetensors_header(f)
+        have.update({k: v["shape"] for k, v in header.items() if k in want})
+        blocks = max([blocks, *(int(m.group(1)) for k in header if (m := block_key.match(k)))])
+    layers = getattr(config, "num_hidden_layers", None)
+    # More blocks in the config than in the weights would be built (and filled with random numbers) anyway:
+    # a damaged count of 10^5 ran the machine out of memory. Fewer is allowed (DeepSeek-V3 ships its
+    # multi-token-prediction block after the last decoder block).
+    if blocks >= 0 and isinstance(layers, int) and layers > blocks + 1:
+        raise ModelLoadError(
+            f"the weights in {short(str(path), 160)} do not match its config.json: num_hidden_layers is {layers}, "
+            f"the weights hold {blocks + 1} blocks; fix config.json or re-download the model"
+        )
     for key, shp in want.items():  # in model order: the first mismatch is the one named
         if key in have and have[key] != shp:
             raise ModelLoadError(
