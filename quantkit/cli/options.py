@@ -19,7 +19,7 @@ GroupSizeOpt = Annotated[
 SymOpt = Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero point) or asymmetric weights.")]
 CalibOpt = Annotated[
     Optional[str],
-    typer.Option("--calib", help="Calibration text: builtin (default), a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]]."),
+    typer.Option("--calib", help="Calibration text: builtin (default; = builtin:pydoc), builtin:mix (pydoc + stdlib source + package READMEs), a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]]."),
 ]
 CalibFieldOpt = Annotated[str, typer.Option("--calib-field", help="Text field for .jsonl and hf: data.")]
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows.")]
