@@ -90,3 +90,16 @@ ShardSizeOpt = Annotated[
     typer.Option("--shard-size", help="Largest weights file in GiB; bigger checkpoints are written as "
                  "model-0000k-of-0000n.safetensors with model.safetensors.index.json."),
 ]
+# The per-group range search of quant.mse (rtn, gptq); off adds nothing to the recipe (today's checkpoints).
+MseOpt = Annotated[bool, typer.Option("--mse", help="Search each group's range (shrink factors) for the least "
+                                                   "weight error instead of min/max (recipe option mse).")]
+MseGridOpt = Annotated[int, typer.Option("--mse-grid", help="Shrink factors --mse tries, from 1.0 down to 0.5.")]
+
+
+def mse_stage_options(mse: bool, mse_grid: int) -> dict:
+    """The stage options --mse/--mse-grid ask for: none when --mse is off."""
+    from quantkit.cli import validate as v
+    from quantkit.quant.mse import MAX_GRID
+
+    v.check_int("--mse-grid", mse_grid, min=1, max=MAX_GRID)
+    return {"mse": True, "mse_grid": mse_grid} if mse else {}

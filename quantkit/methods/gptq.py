@@ -48,6 +48,7 @@ from torch import nn
 
 from quantkit.calib.capture import InputStats, capture_inputs
 from quantkit.methods.base import BlockContext, Method, register_method
+from quantkit.quant import mse
 from quantkit.quant.core import QuantizedTensor, quantize_weight
 from quantkit.quant.gptq import CholeskyError, gptq_quantize
 from quantkit.recipe import RecipeError, Scheme
@@ -125,18 +126,21 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
 @register_method("gptq")
 class GPTQ(Method):
     """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true,
-    backend = auto (auto / torch / triton: which solve runs)."""
+    backend = auto (auto / torch / triton: which solve runs), mse = false (+ mse_grid, mse_max_shrink, mse_norm:
+    the per-group range search of quant.mse where GPTQ computes its group scales)."""
 
     # Hessians are captured per true-sequential step inside apply_block (the shared
     # capture pass runs before earlier stages change the block, so its Hessians would be stale).
     stats = frozenset()
     needs_data = True
     plan_stats = frozenset({"hessian_step"})  # what the memory planner should count
-    options = ("damp", "block_size", "act_order", "true_sequential", "backend", "expert_min_tokens", "expert_damp_tokens")
+    options = ("damp", "block_size", "act_order", "true_sequential", "backend", "expert_min_tokens", "expert_damp_tokens",
+               *mse.OPTIONS)
 
     def __init__(self, scheme: Scheme, **options: Any):
         super().__init__(scheme, **options)
-        cfg = _check_options(options)
+        self.mse = mse.from_options("gptq", options)  # the per-group range search (quant.mse), None = min/max
+        cfg = _check_options({k: v for k, v in options.items() if k not in mse.OPTIONS})
         self.damp: float = cfg["damp"]
         self.block_size: int = cfg["block_size"]
         self.act_order: bool = cfg["act_order"]
@@ -144,6 +148,9 @@ class GPTQ(Method):
         self.backend: str = cfg["backend"]
         self.expert_min_tokens: float = float(cfg["expert_min_tokens"])
         self.expert_damp_tokens: float = float(cfg["expert_damp_tokens"])
+        if self.mse is not None and self.backend == "triton" and not self.act_order:
+            raise RecipeError("gptq option mse with act_order false computes group scales in the torch solve; "
+                              "use backend: auto or torch")
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -206,7 +213,7 @@ class GPTQ(Method):
             try:
                 res = gptq_quantize(
                     w, h, args, damp=damp, block_size=self.block_size, act_order=self.act_order,
-                    scale_dtype=ws[0].dtype, backend=self.backend,
+                    scale_dtype=ws[0].dtype, backend=self.backend, mse=self.mse,
                 )
             except CholeskyError as e:
                 for n in group:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.quant.core import QuantizedTensor, compute_qparams, group_size_for
+from quantkit.quant.mse import MSESearch
 from quantkit.recipe import QuantArgs
 
 # Damping tries: damp, damp*10, damp*100, damp*1000 (relative to the mean H diagonal).
@@ -100,12 +101,15 @@ def _hessian_error_t(w: torch.Tensor, qt: QuantizedTensor, h: torch.Tensor, dt: 
     return total
 
 
-def _static_qparams(w: torch.Tensor, dead: torch.Tensor, args: QuantArgs, cdt: torch.dtype, sdt: torch.dtype):
-    """compute_qparams of w (out, in) in compute dtype with the dead columns zeroed, in row chunks."""
+def _static_qparams(w: torch.Tensor, dead: torch.Tensor, args: QuantArgs, cdt: torch.dtype, sdt: torch.dtype,
+                    mse: MSESearch | None = None):
+    """compute_qparams (or the mse search's) of w (out, in) in compute dtype with the dead columns zeroed,
+    in row chunks."""
     scales, zeros = [], []
+    qparams = compute_qparams if mse is None else mse.qparams
     for r0, r1 in _row_chunks(*w.shape):
         part = w[r0:r1].to(cdt, copy=True).masked_fill_(dead, 0.0)
-        s, z = compute_qparams(part, args, scale_dtype=sdt)
+        s, z = qparams(part, args, scale_dtype=sdt)
         scales.append(s)
         zeros.append(z)
     scale = scales[0] if len(scales) == 1 else torch.cat(scales)
@@ -160,12 +164,17 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def _pick_backend(backend: str, cdt: torch.dtype, device: torch.device, args: QuantArgs, dynamic: bool,
-                  block_size: int) -> str:
+                  block_size: int, mse: bool = False) -> str:
     """The solve to run: "torch" or "triton" (see gptq_quantize)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
+    if mse and dynamic:  # the kernel computes dynamic groups' scales itself, by min/max only
+        if backend == "auto":
+            return "torch"
+        raise ValueError("the mse search with dynamic groups (act_order off) runs in the torch solve; "
+                         "use backend='torch' or 'auto'")
     from quantkit.kernels._common import triton_available
 
     if backend == "auto" and not (device.type == "cuda" and cdt == torch.float32 and triton_available()):
@@ -198,6 +207,7 @@ def gptq_quantize(
     act_order: bool = False,
     scale_dtype: torch.dtype | None = None,
     backend: str = "auto",
+    mse: MSESearch | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize one weight.
 
@@ -219,6 +229,9 @@ def gptq_quantize(
         float32 only) or "auto" (Triton on CUDA for a float32 Hessian when triton is
         installed, torch otherwise). Both give the same integers up to float32
         rounding (a rare +-1 where a value sits on a rounding boundary).
+    mse: the per-group range search (`quant.mse`) where the group scales are computed: on the
+        original weights for static groups, on the error-compensated weights of a dynamic group
+        when the solve reaches it (torch solve). None = min/max scales.
 
     Runs on w's device in float32 (float64 when h is float64: the tests use that
     to compare against a slow reference bit for bit). Raises CholeskyError when H
@@ -237,7 +250,7 @@ def gptq_quantize(
     dev = w.device
     # Static scales (per-channel, or act_order): from the original (dead-zeroed) weights.
     static = args.group_size is None or act_order
-    solver = _pick_backend(backend, cdt, dev, args, not static, block_size)
+    solver = _pick_backend(backend, cdt, dev, args, not static, block_size, mse is not None)
 
     H = h.detach().to(device=dev)  # H: (in, in), not modified (copies are damped and factored)
     finite = torch.isfinite(H).all()
@@ -274,7 +287,7 @@ def gptq_quantize(
 
     wd = w.detach().to(dev)
     if static:
-        scale, zero = _static_qparams(wd, dead, args, cdt, sdt)
+        scale, zero = _static_qparams(wd, dead, args, cdt, sdt, mse)
     else:
         n_groups = in_f // g
         scale = torch.empty(out_f, n_groups, dtype=torch.float32, device=dev)
@@ -289,9 +302,9 @@ def gptq_quantize(
             _warn_fallback(e)
             solver = "torch"
             W = _solve_order_weights(wd, perm, dead, cdt)  # the failed solve may have updated W
-            Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size)
+            Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse)
     else:
-        Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size)
+        Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse)
     del wd
     del W, U
     if perm is not None:
@@ -322,7 +335,7 @@ def _warn_fallback(e: Exception) -> None:
         _fallback_warned = True
 
 
-def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size) -> torch.Tensor:
+def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse=None) -> torch.Tensor:
     """The column loop in torch ops (`quantkit.kernels.gptq.gptq_block_ref` per lazy block).
     W (out, in) solve order is updated in place. Returns the integers (out, in) int8, solve order."""
     from quantkit.kernels.gptq import gptq_block_ref
@@ -337,7 +350,8 @@ def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size) -> t
     for b0 in range(0, in_f, block_size):
         b1 = min(b0 + block_size, in_f)
         E1 = gptq_block_ref(W, U, Q, b0, b1, args, g=g, static=static, col_group=col_group, scale=scale, zero=zero,
-                            scale_c=scale_c, zero_c=zero_c, scale_dtype=sdt)
+                            scale_c=scale_c, zero_c=zero_c, scale_dtype=sdt,
+                            qparams=None if mse is None else mse.qparams)
         if b1 < in_f:
             W[:, b1:].addmm_(E1, U[b0:b1, b1:], alpha=-1.0)
         del E1
