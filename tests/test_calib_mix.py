@@ -26,6 +26,15 @@ def test_heldout_texts_are_other_kinds(tiny_tokenizer):
     assert torch.equal(w, ids[:96].view(3, 32))
 
 
+def test_heldout_sets_are_the_builtin_texts(tiny_tokenizer):
+    sets = D.heldout_sets(tiny_tokenizer, 16, 2)
+    assert list(sets) == ["pydoc", "code", "prose"]
+    for name, w in sets.items():
+        assert torch.equal(w, heldout_windows(tiny_tokenizer, 16, 2, spec=f"builtin:{name}"))
+    with pytest.raises(CalibDataError, match="choose from pydoc, code, prose"):
+        D.heldout_sets(tiny_tokenizer, 16, 2, ["mix"])
+
+
 def test_mix_is_seeded_and_every_window_is_from_its_kind(tiny_tokenizer):
     a = calibration_set(tiny_tokenizer, "builtin:mix", samples=10, seqlen=24, seed=1)
     b = calibration_set(tiny_tokenizer, "builtin:mix", samples=10, seqlen=24, seed=1)

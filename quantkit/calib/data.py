@@ -328,6 +328,15 @@ def heldout_windows(tokenizer, seqlen: int = 512, n_windows: int | None = None, 
     return tokens[: n * seqlen].view(n, seqlen).contiguous()
 
 
+def heldout_sets(tokenizer, seqlen: int = 512, n_windows: int | None = None, names=tuple(HELDOUT)):
+    """{name: heldout_windows of builtin:NAME} for the held-out texts `names` (default: all of HELDOUT);
+    the benchmarks score every row on each of them."""
+    unknown = [n for n in names if n not in HELDOUT]
+    if unknown:
+        raise CalibDataError(f"unknown held-out texts {unknown}; choose from {', '.join(HELDOUT)}")
+    return {n: heldout_windows(tokenizer, seqlen, n_windows, spec=f"{BUILTIN}:{n}") for n in names}
+
+
 def calibration_windows(tokenizer, seqlen: int, n_windows: int | None = None, spec: str | None = None, field="text"):
     """`n_windows` non-overlapping windows of the *calibration* text (None = all), spread evenly over it.
 
