@@ -171,3 +171,25 @@ def test_cli_mse_reaches_the_recipe(tmp_path, tiny_tokenizer):
     assert on["recipe"]["stages"] == [{"method": "rtn", "mse": True, "mse_grid": 9}]
     weights = [k for k in off["files"] if k.endswith(".safetensors")]
     assert weights and all(off["files"][k] != on["files"][k] for k in weights)  # other scales were exported
+
+
+@pytest.mark.parametrize("args", [QuantArgs(4, 16, False), QuantArgs(3, 16, True), QuantArgs(4, None, False)])
+@pytest.mark.parametrize("norm", [2.0, 2.4])
+def test_fast_search_path_equals_quantize_dequantize(args, norm):
+    # mse_qparams reads each group's range once ([min, max] as a group of two) and computes the errors in
+    # place: the same scales and the same error values as compute_qparams + quantize/dequantize.
+    import dataclasses
+
+    from quantkit.quant.core import _grouped
+    from quantkit.quant.mse import _errors
+
+    w = _heavy(7, out=8)
+    g = w.shape[1] if args.group_size is None else args.group_size
+    wg = _grouped(w, g)
+    ends = torch.stack([wg.amin(-1), wg.amax(-1)], -1).flatten(1)
+    pair = dataclasses.replace(args, group_size=2)
+    for p in (1.0, 0.9, 0.73, 0.5):
+        s, z = compute_qparams(w, args, shrink=p)
+        s2, z2 = compute_qparams(ends, pair, shrink=p, scale_dtype=w.dtype)
+        assert torch.equal(s, s2) and (z is None or torch.equal(z, z2))
+        assert torch.equal(_errors(wg, s, z, args, norm, torch.empty_like(wg)), group_errors(w, s, z, args, norm))

@@ -15,13 +15,14 @@ reaches it). Shapes: w (out, in); scale/zero/shrink (out, n_groups).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from quantkit.errors import short_repr
-from quantkit.quant.core import _grouped, compute_qparams, dequantize, quantize
+from quantkit.quant.core import _grouped, compute_qparams, dequantize, group_size_for, quantize
 from quantkit.recipe import QuantArgs, RecipeError
 
 # Recipe options of every method that accepts the search (rtn, gptq); `from_options` reads them.
@@ -52,6 +53,20 @@ class MSESearch:
         return scale, zero
 
 
+def _errors(wg, s, z, args: QuantArgs, norm: float, buf: torch.Tensor) -> torch.Tensor:
+    """group_errors on grouped weights wg (rows, n_groups, g), in place in buf: the same float ops as
+    quantize + dequantize (the int8 round trip is exact), so the same numbers, in fewer passes."""
+    s3 = s.unsqueeze(-1)
+    torch.div(wg, s3, out=buf).round_()
+    if z is not None:
+        z3 = z.unsqueeze(-1).float()
+        buf.add_(z3).clamp_(args.qmin, args.qmax).sub_(z3)
+    else:
+        buf.clamp_(args.qmin, args.qmax)
+    buf.mul_(s3).sub_(wg).abs_()
+    return (buf.square_() if norm == 2 else buf.pow_(norm)).sum(-1)
+
+
 def group_errors(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs,
                  norm: float) -> torch.Tensor:
     """sum over each group of |w - dequant(quant(w))|^norm: (out, n_groups) float32, for w (out, in)."""
@@ -67,14 +82,20 @@ def mse_qparams(w: torch.Tensor, args: QuantArgs, shrinks, *, norm: float = 2.4,
     (out, n_groups); scale/zero are exactly `compute_qparams(w, args, shrink=p)`'s for the chosen p."""
     out_f, in_f = w.shape
     sdt = scale_dtype or w.dtype
+    g = group_size_for(args, in_f)
+    pair = dataclasses.replace(args, group_size=2)
     step = max(1, _CHUNK_ELEMS // max(in_f, 1))
     scales, zeros, picks = [], [], []
     for r0 in range(0, out_f, step):
-        part = w[r0 : r0 + step]
+        wg = _grouped(w[r0 : r0 + step].float(), g)  # (rows, n_groups, g)
+        # Each group's range as a group of two, [min, max]: compute_qparams gives exactly the scale/zero it
+        # gives on the whole group (min/max are exact), without reading the weights again per shrink.
+        ends = torch.stack([wg.amin(-1), wg.amax(-1)], -1).flatten(1)  # (rows, 2 n_groups)
+        buf = torch.empty_like(wg)
         best = best_s = best_z = best_p = None
         for p in shrinks:
-            s, z = compute_qparams(part, args, shrink=float(p), scale_dtype=sdt)
-            err = group_errors(part, s, z, args, norm)
+            s, z = compute_qparams(ends, pair, shrink=float(p), scale_dtype=sdt)
+            err = _errors(wg, s, z, args, norm, buf)
             if best is None:
                 best, best_s, best_z = err, s, z
                 best_p = torch.full_like(err, float(p))
