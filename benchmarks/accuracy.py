@@ -38,6 +38,8 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "gptq-w4": ("GPTQ (act-order, static groups: the default)", 4, (("gptq", {}),)),
     "gptq-mse-w4": ("GPTQ, MSE range search (p 2.4)", 4, (("gptq", MSE),)),
     "gptq-mse2-w4": ("GPTQ, MSE range search (p 2)", 4, (("gptq", MSE2),)),
+    "gptq-msew-w4": ("GPTQ, MSE range search weighted by the Hessian diagonal", 4,
+                     (("gptq", {**MSE, "mse_weight": "hessian"}),)),
     "gptq-mix-w4": ("GPTQ, calibrated on builtin:mix", 4, (("gptq", {}),)),
     "gptq-noact-w4": ("GPTQ without act-order", 4, (("gptq", {"act_order": False}),)),
     "gptq-noact-mse-w4": ("GPTQ without act-order, MSE (dynamic groups)", 4, (("gptq", {"act_order": False, **MSE}),)),

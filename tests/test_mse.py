@@ -54,6 +54,26 @@ def test_chosen_shrink_is_the_brute_force_minimum(args, norm):
     assert n_better > 0  # heavy tails: some group is better clipped
 
 
+def test_column_weights_are_brute_force_minimum():
+    args = QuantArgs(4, 16, False)
+    w = _heavy(5)
+    cw = torch.rand(64, generator=torch.Generator().manual_seed(1)) ** 4 * 10  # a few columns dominate
+    shrinks = MSESearch(grid=15).shrinks()
+    scale, zero, pick = mse_qparams(w, args, shrinks, col_weight=cw)
+    _, _, plain = mse_qparams(w, args, shrinks)
+    one = QuantArgs(4, None, False)
+    for r in range(w.shape[0]):
+        for gi in range(4):
+            grp, c = w[r : r + 1, gi * 16 : gi * 16 + 16], cw[gi * 16 : gi * 16 + 16]
+            errs = []
+            for p in shrinks:
+                s, z = compute_qparams(grp, one, shrink=p)
+                errs.append(float(((grp - dequantize(quantize(grp, s, z, one), s, z, one)).abs() ** 2.4 * c).sum()))
+            best = min(range(len(shrinks)), key=lambda i: (errs[i], i))
+            assert float(pick[r, gi]) == float(torch.tensor(shrinks[best], dtype=torch.float32))
+    assert not torch.equal(pick, plain)  # the weights changed some choice
+
+
 def test_search_lowers_the_error_and_keeps_min_max_when_nothing_beats_it():
     args = QuantArgs(4, 16, False)
     w = _heavy(2, out=32)
@@ -84,16 +104,25 @@ def test_row_chunks_give_the_same_answer(monkeypatch):
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [16, None])
 @pytest.mark.parametrize("block_size", [128, 24])
-def test_gptq_searches_where_it_computes_group_scales(monkeypatch, act_order, group_size, block_size):
+@pytest.mark.parametrize("weight", ["none", "hessian"])
+def test_gptq_searches_where_it_computes_group_scales(monkeypatch, act_order, group_size, block_size, weight):
     # The slow reference with the search in place of compute_qparams: static groups search the original
     # weights, dynamic groups the error-compensated weights when the solve reaches them (block 24: groups
-    # of 16 straddle lazy blocks, so the pending updates must be in the searched weights).
+    # of 16 straddle lazy blocks, so the pending updates must be in the searched weights); "hessian"
+    # weighs each column's error by the Hessian diagonal.
     args = QuantArgs(4, group_size, False)
-    search = MSESearch(grid=11, max_shrink=0.5, norm=2.4)
+    search = MSESearch(grid=11, max_shrink=0.5, norm=2.4, weight=weight)
     w = tg._weight(10)
     h = tg._hessian(tg._correlated_inputs(256, tg.IN, seed=11, dead=(5,)))
     res = gptq_quantize(w, h, args, damp=0.01, block_size=block_size, act_order=act_order, mse=search)
-    monkeypatch.setattr(tg, "compute_qparams", lambda W, a, scale_dtype=None: search.qparams(W, a, scale_dtype=scale_dtype))
+    firsts = iter(range(0, tg.IN, group_size or tg.IN))  # the reference asks for groups in column order
+
+    def ref_qparams(W, a, scale_dtype=None):
+        first = next(firsts)
+        cw = None if weight == "none" else h.diagonal()[first : first + W.shape[1]]
+        return search.qparams(W, a, scale_dtype=scale_dtype, col_weight=cw)
+
+    monkeypatch.setattr(tg, "compute_qparams", ref_qparams)
     q, scale, zero = tg._reference_gptq(w, h, args, damp=0.01, act_order=act_order)
     assert torch.equal(res.qt.q, q)
     torch.testing.assert_close(res.qt.scale, scale, rtol=1e-6, atol=0)
@@ -148,6 +177,7 @@ def test_methods_off_equal_today_and_on_search():
     ({"mse": True, "mse_grid": 10**9}, "mse_grid=1000000000 must be"),
     ({"mse": True, "mse_max_shrink": 1.0}, r"mse_max_shrink=1.0 must be a number in \[0, 1\)"),
     ({"mse": True, "mse_norm": 0}, r"mse_norm=0 must be a number in \(0, 10\]"),
+    ({"mse": True, "mse_weight": "x"}, "mse_weight='x' must be one of"),
 ])
 def test_options_checked(opts, match):
     for method in ("rtn", "gptq"):
@@ -156,6 +186,9 @@ def test_options_checked(opts, match):
     with pytest.raises(RecipeError, match="torch solve"):
         get_method("gptq")(PRESETS["W4A16"], mse=True, backend="triton", act_order=False)
     assert from_options("rtn", {}) is None
+    with pytest.raises(RecipeError, match="only gptq has a Hessian"):
+        get_method("rtn")(PRESETS["W4A16"], mse=True, mse_weight="hessian")
+    assert get_method("gptq")(PRESETS["W4A16"], mse=True, mse_weight="hessian").mse.weight == "hessian"
 
 
 def test_cli_mse_reaches_the_recipe(tmp_path, tiny_tokenizer):

@@ -102,14 +102,16 @@ def _hessian_error_t(w: torch.Tensor, qt: QuantizedTensor, h: torch.Tensor, dt: 
 
 
 def _static_qparams(w: torch.Tensor, dead: torch.Tensor, args: QuantArgs, cdt: torch.dtype, sdt: torch.dtype,
-                    mse: MSESearch | None = None):
+                    mse: MSESearch | None = None, col_weight: torch.Tensor | None = None):
     """compute_qparams (or the mse search's) of w (out, in) in compute dtype with the dead columns zeroed,
     in row chunks."""
     scales, zeros = [], []
-    qparams = compute_qparams if mse is None else mse.qparams
     for r0, r1 in _row_chunks(*w.shape):
         part = w[r0:r1].to(cdt, copy=True).masked_fill_(dead, 0.0)
-        s, z = qparams(part, args, scale_dtype=sdt)
+        if mse is None:
+            s, z = compute_qparams(part, args, scale_dtype=sdt)
+        else:
+            s, z = mse.qparams(part, args, scale_dtype=sdt, col_weight=col_weight)
         scales.append(s)
         zeros.append(z)
     scale = scales[0] if len(scales) == 1 else torch.cat(scales)
@@ -287,7 +289,7 @@ def gptq_quantize(
 
     wd = w.detach().to(dev)
     if static:
-        scale, zero = _static_qparams(wd, dead, args, cdt, sdt, mse)
+        scale, zero = _static_qparams(wd, dead, args, cdt, sdt, mse, _mse_col_weight(mse, H))
     else:
         n_groups = in_f // g
         scale = torch.empty(out_f, n_groups, dtype=torch.float32, device=dev)
@@ -302,9 +304,9 @@ def gptq_quantize(
             _warn_fallback(e)
             solver = "torch"
             W = _solve_order_weights(wd, perm, dead, cdt)  # the failed solve may have updated W
-            Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse)
+            Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse, H)
     else:
-        Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse)
+        Q = _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse, H)
     del wd
     del W, U
     if perm is not None:
@@ -335,7 +337,26 @@ def _warn_fallback(e: Exception) -> None:
         _fallback_warned = True
 
 
-def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse=None) -> torch.Tensor:
+def _mse_col_weight(mse: MSESearch | None, h: torch.Tensor) -> torch.Tensor | None:
+    """The search's per-column error weight: the Hessian diagonal (original column order) for weight "hessian"."""
+    return h.diagonal() if mse is not None and mse.weight == "hessian" else None
+
+
+def _dynamic_qparams(mse: MSESearch | None, h: torch.Tensor):
+    """gptq_block_ref's qparams for dynamic groups (solve order = column order): the search on the group's
+    current weights, its columns weighted as `_mse_col_weight` says."""
+    if mse is None:
+        return None
+    cw = _mse_col_weight(mse, h)
+
+    def qparams(grp, args, *, scale_dtype, first):
+        return mse.qparams(grp, args, scale_dtype=scale_dtype,
+                           col_weight=None if cw is None else cw[first : first + grp.shape[1]])
+
+    return qparams
+
+
+def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse=None, h=None) -> torch.Tensor:
     """The column loop in torch ops (`quantkit.kernels.gptq.gptq_block_ref` per lazy block).
     W (out, in) solve order is updated in place. Returns the integers (out, in) int8, solve order."""
     from quantkit.kernels.gptq import gptq_block_ref
@@ -351,7 +372,7 @@ def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse=
         b1 = min(b0 + block_size, in_f)
         E1 = gptq_block_ref(W, U, Q, b0, b1, args, g=g, static=static, col_group=col_group, scale=scale, zero=zero,
                             scale_c=scale_c, zero_c=zero_c, scale_dtype=sdt,
-                            qparams=None if mse is None else mse.qparams)
+                            qparams=_dynamic_qparams(mse, h))
         if b1 < in_f:
             W[:, b1:].addmm_(E1, U[b0:b1, b1:], alpha=-1.0)
         del E1
