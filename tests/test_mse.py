@@ -197,6 +197,12 @@ def test_cli_mse_reaches_the_recipe(tmp_path, tiny_tokenizer):
 
     code, out = run_cli("gptq", "--out", tmp_path / "x", "--mse", "--mse-grid", "0")
     assert code == 2 and "--mse-grid" in out and "Traceback" not in out
+    code, out = run_cli("gptq", "--out", tmp_path / "x", "--mse", "--mse-weight", "bogus")
+    assert code == 2 and "--mse-weight" in out and "hessian" in out and "Traceback" not in out
+    from quantkit.cli.options import mse_stage_options
+
+    assert mse_stage_options(True, 50, "hessian") == {"mse": True, "mse_grid": 50, "mse_weight": "hessian"}
+    assert mse_stage_options(False, 50, "hessian") == {}
     model = save_tiny_model_dir(tmp_path / "m", tiny_tokenizer)
     off = read_manifest(rtn_checkpoint(model, tmp_path / "off", "--group-size", "16", "--asym"))
     on = read_manifest(rtn_checkpoint(model, tmp_path / "on", "--group-size", "16", "--asym", "--mse", "--mse-grid", "9"))

@@ -96,10 +96,18 @@ MseOpt = Annotated[bool, typer.Option("--mse", help="Search each group's range (
 MseGridOpt = Annotated[int, typer.Option("--mse-grid", help="Shrink factors --mse tries, from 1.0 down to 0.5.")]
 
 
-def mse_stage_options(mse: bool, mse_grid: int) -> dict:
-    """The stage options --mse/--mse-grid ask for: none when --mse is off."""
+MseWeightOpt = Annotated[str, typer.Option("--mse-weight", help="none, or hessian: weigh each column's error by "
+                                                            "the Hessian diagonal (gptq; measured better).")]
+
+
+def mse_stage_options(mse: bool, mse_grid: int, mse_weight: str = "none") -> dict:
+    """The stage options --mse/--mse-grid/--mse-weight ask for: none when --mse is off."""
     from quantkit.cli import validate as v
-    from quantkit.quant.mse import MAX_GRID
+    from quantkit.quant.mse import MAX_GRID, WEIGHTS
 
     v.check_int("--mse-grid", mse_grid, min=1, max=MAX_GRID)
-    return {"mse": True, "mse_grid": mse_grid} if mse else {}
+    if mse_weight not in WEIGHTS:
+        raise v.OptionError(f"--mse-weight {v.short(mse_weight, 40)} must be one of {', '.join(WEIGHTS)}")
+    if not mse:
+        return {}
+    return {"mse": True, "mse_grid": mse_grid, **({"mse_weight": mse_weight} if mse_weight != "none" else {})}

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from quantkit.cli.methods import method_command
-from quantkit.cli.options import BitsOverrideOpt, GroupSizeOverrideOpt, MseGridOpt, MseOpt, SymOverrideOpt
+from quantkit.cli.options import BitsOverrideOpt, GroupSizeOverrideOpt, MseGridOpt, MseOpt, MseWeightOpt, SymOverrideOpt
 
 # Default scheme of `quantkit awq` / `quantkit gptq`: 4-bit, group 64, asymmetric.
 # 64 divides the default model's in_features (576 and 1536; 128 does not divide
@@ -128,6 +128,7 @@ def gptq(
     ] = True,
     mse: MseOpt = False,
     mse_grid: MseGridOpt = 50,
+    mse_weight: MseWeightOpt = "none",
 ):
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
@@ -141,7 +142,7 @@ def gptq(
     from quantkit.cli.options import mse_stage_options
 
     opts = dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
-                **mse_stage_options(mse, mse_grid))
+                **mse_stage_options(mse, mse_grid, mse_weight))
     return one_stage_recipe("gptq", opts, bits, group_size, sym)
 
 
