@@ -1,11 +1,16 @@
-"""Weight-only accuracy table on the embedded default model (issue 3 targets).
+"""Weight-only accuracy table on the embedded default model (issues 3 and 23).
 
     python benchmarks/accuracy.py --device cuda                 # full table
     python benchmarks/accuracy.py --device cpu --samples 16 --windows 8 --rows rtn-w4,gptq-w4
 
 Every row starts from the same float weights, calibrates on the same token
-windows (seeded) and is scored on the same held-out windows as the baseline,
-all in one process. Calibration time is also given as a ratio to one forward
+windows (seeded; builtin:pydoc unless the row says otherwise) and is scored on
+the same held-out windows as the baseline, all in one process, on every held-out
+text of `quantkit.calib.data.HELDOUT` (--texts): `pydoc` (the builtin's second
+half, the calibration text's domain), `code` (Python source of stdlib modules)
+and `prose` (the READMEs of quantkit's direct dependencies), none of which any
+calibration set reads; the gap per text is the row's perplexity over the
+baseline's on that text. Calibration time is also given as a ratio to one forward
 pass of the float model over the same calibration tokens (measured in the same
 run), so the numbers mean something across machines. Prints one JSON line per
 row and a markdown table last; --json writes everything to a file.
@@ -20,19 +25,36 @@ import platform
 import time
 from datetime import datetime, timezone
 
+MSE = {"mse": True}  # the per-group range search (quant.mse) with its defaults: 50 shrinks down to 0.5, p = 2.4
+MSE2 = {"mse": True, "mse_norm": 2.0}
+
 # name -> (description, bits, stages); every row is W{bits} group 64 asymmetric.
 ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "rtn-w4": ("RTN", 4, (("rtn", {}),)),
+    "rtn-mse-w4": ("RTN, MSE range search (p 2.4)", 4, (("rtn", MSE),)),
+    "rtn-mse2-w4": ("RTN, MSE range search (p 2)", 4, (("rtn", MSE2),)),
     "awq-w4": ("AWQ (search on 8 windows, the default)", 4, (("awq", {}),)),
     "awq-all-w4": ("AWQ (search on all windows)", 4, (("awq", {"search_samples": None}),)),
     "gptq-w4": ("GPTQ (act-order, static groups: the default)", 4, (("gptq", {}),)),
+    "gptq-mse-w4": ("GPTQ, MSE range search (p 2.4)", 4, (("gptq", MSE),)),
+    "gptq-mse2-w4": ("GPTQ, MSE range search (p 2)", 4, (("gptq", MSE2),)),
+    "gptq-msew-w4": ("GPTQ, MSE range search weighted by the Hessian diagonal", 4,
+                     (("gptq", {**MSE, "mse_weight": "hessian"}),)),
+    "gptq-mix-w4": ("GPTQ, calibrated on builtin:mix", 4, (("gptq", {}),)),
     "gptq-noact-w4": ("GPTQ without act-order", 4, (("gptq", {"act_order": False}),)),
+    "gptq-noact-mse-w4": ("GPTQ without act-order, MSE (dynamic groups)", 4, (("gptq", {"act_order": False, **MSE}),)),
     "awq-gptq-w4": ("AWQ + GPTQ", 4, (("awq", {}), ("gptq", {}))),
     "awq-gptq-noact-w4": ("AWQ + GPTQ without act-order", 4, (("awq", {}), ("gptq", {"act_order": False}))),
+    "awq-gptq-mse-w4": ("AWQ + GPTQ with MSE", 4, (("awq", {}), ("gptq", MSE))),
+    "awq-gptq-mix-w4": ("AWQ + GPTQ, calibrated on builtin:mix", 4, (("awq", {}), ("gptq", {}))),
     "rtn-w3": ("RTN", 3, (("rtn", {}),)),
     "awq-gptq-w3": ("AWQ + GPTQ", 3, (("awq", {}), ("gptq", {}))),
     "awq-gptq-noact-w3": ("AWQ + GPTQ without act-order", 3, (("awq", {}), ("gptq", {"act_order": False}))),
+    "gptq-mse-w3": ("GPTQ with MSE", 3, (("gptq", MSE),)),
+    "awq-gptq-mse-w3": ("AWQ + GPTQ with MSE", 3, (("awq", {}), ("gptq", MSE))),
 }
+# Rows calibrated on another builtin set than builtin:pydoc (the default of every command).
+ROW_CALIB = {"gptq-mix-w4": "builtin:mix", "awq-gptq-mix-w4": "builtin:mix"}
 
 
 def _sync(device) -> None:
@@ -50,7 +72,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--windows", type=int, default=0, help="held-out windows of --seqlen tokens (0 = all)")
+    ap.add_argument("--windows", type=int, default=0, help="held-out windows of --seqlen tokens per text (0 = all)")
+    ap.add_argument("--texts", default="pydoc,code,prose", help="held-out texts (builtin:NAME of quantkit.calib.data.HELDOUT)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
     ap.add_argument("--json", default=None)
@@ -59,7 +82,7 @@ def main() -> None:
     import torch
 
     from quantkit import api
-    from quantkit.calib.data import calibration_set
+    from quantkit.calib.data import HELDOUT, calibration_set, heldout_sets
     from quantkit.models.loading import resolve_device
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
@@ -68,6 +91,7 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    texts = [t.strip() for t in args.texts.split(",") if t.strip()]
 
     loaded = api.load(args.model, dtype=args.dtype, device=args.device)
     model, tok = loaded.model, loaded.tokenizer
@@ -76,6 +100,15 @@ def main() -> None:
     ecfg = api.EvalConfig(windows=args.windows or None, seqlen=args.seqlen)
     calib_cfg = api.CalibConfig(samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size)
     calib = calibration_set(tok, None, samples=args.samples, seqlen=args.seqlen, seed=0)
+    calibs = {None: calib}
+    for key in rows:
+        spec = ROW_CALIB.get(key)
+        if spec not in calibs:
+            calibs[spec] = calibration_set(tok, spec, samples=args.samples, seqlen=args.seqlen, seed=0)
+    wins = heldout_sets(tok, args.seqlen, args.windows or None, texts)
+
+    def score(m) -> dict[str, float]:
+        return {t: api.evaluate(m, tok, ecfg, device=args.device, windows=w)[0].ppl for t, w in wins.items()}
 
     # Reference cost: one float forward over the calibration tokens, whole model on the device.
     model.to(device)
@@ -89,8 +122,8 @@ def main() -> None:
     forward_s = time.perf_counter() - t0
     model.to("cpu")
 
-    base, windows = api.evaluate(model, tok, ecfg, device=args.device)
-    results = [{"row": "baseline", "method": f"float ({dtype})", "bits": None, "ppl": base.ppl, "seconds": None}]
+    base = score(model)
+    results = [{"row": "baseline", "method": f"float ({dtype})", "bits": None, "ppl": base, "seconds": None}]
     print(json.dumps(results[0]), flush=True)
     for key in rows:
         desc, bits, stages = ROWS[key]
@@ -103,17 +136,18 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
         t0 = time.perf_counter()
-        q = api.quantize(loaded, recipe, calib_cfg, device=args.device, calib_set=calib)
+        q = api.quantize(loaded, recipe, calib_cfg, device=args.device, calib_set=calibs[ROW_CALIB.get(key)])
         _sync(device)
         secs = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        ppl, _ = api.evaluate(model, tok, ecfg, device=args.device, windows=windows)
+        ppl = score(model)
         row = {
             "row": key,
             "method": desc,
             "bits": bits,
-            "ppl": ppl.ppl,
-            "gap_pct": (ppl.ppl / base.ppl - 1) * 100,
+            "calib": ROW_CALIB.get(key, "builtin:pydoc"),
+            "ppl": ppl,
+            "gap_pct": {t: (ppl[t] / base[t] - 1) * 100 for t in texts},
             "seconds": secs,
             "x_forward": secs / forward_s,
             "peak_gpu_gib": peak,
@@ -126,28 +160,31 @@ def main() -> None:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype),
-        "calibration": calib.settings,
-        "eval_windows": int(windows.shape[0]),
-        "eval_tokens": base.tokens,
+        "calibration": {spec or "builtin:pydoc": c.settings for spec, c in calibs.items()},
+        "heldout": {t: {"text": HELDOUT[t][0], "windows": int(w.shape[0]), "tokens": int(w.numel())}
+                    for t, w in wins.items()},
+        "python": platform.python_version(),
         "float_forward_seconds": forward_s,
         "group_size": args.group_size,
     }
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": results}, f, indent=2)
-    print(f"\n{meta['device']} · {meta['dtype']} · calib {args.samples}x{args.seqlen} · "
-          f"{meta['eval_windows']} held-out windows ({meta['eval_tokens']} tokens) · {meta['date']}")
+    print(f"\n{meta['device']} · {meta['dtype']} · calib {args.samples}x{args.seqlen} · {meta['date']}")
+    for t, h in meta["heldout"].items():
+        print(f"held-out {t}: {h['text']}, {h['windows']} windows of {args.seqlen}")
     print(f"float forward over the calibration tokens: {forward_s:.2f} s\n")
-    print("| row | method | scheme | ppl | gap vs baseline | calibration s | x float forward |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | method | scheme | calib | " + " | ".join(f"ppl {t} | gap {t}" for t in texts)
+          + " | calibration s | x float forward |")
+    print("|---|---|---|---|" + "---|---|" * len(texts) + "---|---|")
     for r in results:
         if r["bits"] is None:
-            print(f"| baseline | {r['method']} | - | {r['ppl']:.4f} | - | - | - |")
+            cells = " | ".join(f"{r['ppl'][t]:.4f} | -" for t in texts)
+            print(f"| baseline | {r['method']} | - | - | {cells} | - | - |")
         else:
-            print(
-                f"| {r['row']} | {r['method']} | W{r['bits']} g{args.group_size} asym | {r['ppl']:.4f} | "
-                f"{r['gap_pct']:+.2f}% | {r['seconds']:.1f} | {r['x_forward']:.1f} |"
-            )
+            cells = " | ".join(f"{r['ppl'][t]:.4f} | {r['gap_pct'][t]:+.2f}%" for t in texts)
+            print(f"| {r['row']} | {r['method']} | W{r['bits']} g{args.group_size} asym | {r['calib']} | {cells} | "
+                  f"{r['seconds']:.1f} | {r['x_forward']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ made first.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import tempfile
@@ -31,17 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-CODE_MODULES = ("json.decoder", "json.encoder", "argparse", "textwrap", "email.utils", "http.client", "tarfile",
-                "zipfile", "logging")
-
-
-def code_text() -> str:
-    """Python source of standard-library modules: text unlike the pydoc prose the model was calibrated on."""
-    import importlib
-
-    return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in CODE_MODULES)
-
 
 def window_nll(rt, windows: torch.Tensor, batch_size: int, chunk: int | None):
     """Per-window (NLL sum, tokens) and the windows that ran FP16 rows at the end."""
@@ -68,7 +56,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from quantkit import api, runtime
-    from quantkit.calib.data import heldout_windows
+    from quantkit.calib.data import CODE_MODULES, heldout_windows
     from quantkit.recipe import PRESETS, Recipe, Stage
     from quantkit.runtime.calibrate import attach_fallback
 
@@ -82,9 +70,7 @@ def main(argv=None) -> None:
         print(f"made {ckpt} in {time.time() - t0:.0f} s", flush=True)
     rt = runtime.load(ckpt, device=args.device)
     tok = rt.tokenizer
-    code_file = Path(tempfile.mkdtemp()) / "code.txt"
-    code_file.write_text(code_text())
-    texts = {"pydoc (in-domain)": None, "Python source (out of domain)": str(code_file)}
+    texts = {"pydoc (in-domain)": None, "Python source (out of domain)": "builtin:code"}
     wins = {name: heldout_windows(tok, 512, args.windows, spec=spec) for name, spec in texts.items()}
     base_rt = runtime.from_float(api.load(device=args.device).model, device=args.device, tokenizer=tok)
     res = {"checkpoint": str(ckpt), "windows": args.windows, "seqlen": 512, "device": args.device,

@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=0, help="held-out windows (0 = all)")
+    ap.add_argument("--windows", type=int, default=0, help="held-out windows per text (0 = all)")
+    ap.add_argument("--texts", default="pydoc,code,prose", help="held-out texts, as in benchmarks/accuracy.py")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -46,7 +47,7 @@ def main() -> None:
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     from quantkit import api
-    from quantkit.calib.data import calibration_set
+    from quantkit.calib.data import calibration_set, heldout_sets
     from quantkit.models.loading import resolve_device
 
     import torch as _t
@@ -54,10 +55,15 @@ def main() -> None:
     device = _t.device(resolve_device(args.device))
     loaded = api.load(None, dtype=args.dtype, device=args.device)  # auto: bf16 on a GPU, as quantkit runs
     model, tok = loaded.model, loaded.tokenizer
-    ecfg = api.EvalConfig(windows=args.windows or None)
+    ecfg = api.EvalConfig(windows=args.windows or None, seqlen=args.seqlen)
+    wins = heldout_sets(tok, args.seqlen, args.windows or None, [t.strip() for t in args.texts.split(",") if t.strip()])
+
+    def score(m) -> dict[str, float]:
+        return {t: api.evaluate(m, tok, ecfg, device=args.device, windows=w)[0].ppl for t, w in wins.items()}
+
     rows = []
-    base, windows = api.evaluate(model, tok, ecfg, device=args.device)
-    rows.append({"row": "baseline (same run)", "ppl": base.ppl, "seconds": None})
+    base = score(model)
+    rows.append({"row": "baseline (same run)", "ppl": base, "seconds": None})
 
     calib = calibration_set(tok, None, samples=args.samples, seqlen=args.seqlen, seed=0)
     ids = calib.input_ids
@@ -93,19 +99,20 @@ def main() -> None:
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     model.to("cpu")
-    q, _ = api.evaluate(model, tok, ecfg, device=args.device, windows=windows)
-    rows.append({"row": label, "ppl": q.ppl, "seconds": secs})
+    rows.append({"row": label, "ppl": score(model), "seconds": secs})
 
     for r in rows:
         print(json.dumps(r))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "windows": int(windows.shape[0]), "rows": rows}, f, indent=2)
-    print(f"\n| row | ppl | gap | calibration s |\n|---|---|---|---|")
+            json.dump({"device": str(device), "windows": {t: int(w.shape[0]) for t, w in wins.items()}, "rows": rows},
+                      f, indent=2)
+    print("\n| row | " + " | ".join(f"ppl {t} | gap {t}" for t in wins) + " | calibration s |")
+    print("|---|" + "---|---|" * len(wins) + "---|")
     for r in rows:
-        gap = (r["ppl"] / base.ppl - 1) * 100
+        cells = " | ".join(f"{r['ppl'][t]:.4f} | {(r['ppl'][t] / base[t] - 1) * 100:+.2f}%" for t in wins)
         s = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        print(f"| {r['row']} | {r['ppl']:.4f} | {gap:+.2f}% | {s} |")
+        print(f"| {r['row']} | {cells} | {s} |")
 
 
 if __name__ == "__main__":

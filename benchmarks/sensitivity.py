@@ -9,7 +9,7 @@ For each scheme the path a user takes, in one process (the same functions the co
      held against the budget;
   3. `quantkit eval` of the exported checkpoint (api.load(ckpt) + plan_simulation + api.evaluate) on
      texts the scan never read: the builtin's second half (pydoc) and Python standard-library source
-     (another domain; `benchmarks/fallback.code_text`).
+     (another domain; `builtin:code`, quantkit.calib.data.HELDOUT).
   Against: the same method with no --sensitive (all quantized), and --draws random selections of the
   same FP16 count made the same way (whole fused units, through --sensitive).
 
@@ -107,9 +107,8 @@ def main() -> None:
 
     import torch
 
-    from fallback import CODE_MODULES, code_text
     from quantkit import api
-    from quantkit.calib.data import calibration_set, heldout_windows
+    from quantkit.calib.data import CODE_MODULES, calibration_set, heldout_windows
     from quantkit.models.loading import resolve_device
     from quantkit.recipe import PRESETS, Recipe, Stage
     from quantkit.runtime.simulate import plan_simulation
@@ -125,13 +124,11 @@ def main() -> None:
     model, tok = loaded.model, loaded.tokenizer
     float_state = copy.deepcopy(model.state_dict())
     tmp = Path(tempfile.mkdtemp(prefix="qk-sens-"))
-    code_file = tmp / "stdlib_source.txt"
-    code_file.write_text(code_text())
     pydoc = heldout_windows(tok, a.eval_seqlen, a.windows or None)
-    ood = heldout_windows(tok, a.eval_seqlen, a.ood_windows or pydoc.shape[0], spec=str(code_file))
+    ood = heldout_windows(tok, a.eval_seqlen, a.ood_windows or pydoc.shape[0], spec="builtin:code")
     wins = dict(zip(TEXTS, (pydoc, ood)))
     cfgs = {TEXTS[0]: api.EvalConfig(seqlen=a.eval_seqlen, batch_size=a.eval_batch_size),
-            TEXTS[1]: api.EvalConfig(data=str(code_file), seqlen=a.eval_seqlen, batch_size=a.eval_batch_size)}
+            TEXTS[1]: api.EvalConfig(data="builtin:code", seqlen=a.eval_seqlen, batch_size=a.eval_batch_size)}
     calib_cfg = api.CalibConfig(samples=a.samples, seqlen=a.seqlen, batch_size=a.batch_size)
     calib = calibration_set(tok, None, samples=a.samples, seqlen=a.seqlen, seed=0)
 

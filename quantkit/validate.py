@@ -175,7 +175,10 @@ def check_text_source(flag: str, spec: str | None) -> None:
     builtin and hf: sources are checked where they are read. A directory, a device or a pipe
     is named as such (not "does not exist"); content (binary, UTF-8, empty) is checked on read.
     """
-    if spec is None or spec == "builtin":
+    if spec is None or spec == "builtin" or spec.startswith("builtin:"):
+        from quantkit.calib.data import check_builtin
+
+        check_builtin(spec, "calib" if flag == "--calib" else "eval")  # an unknown name, or a text in the wrong role
         return
     if spec.startswith("hf:"):
         from quantkit.models.hub import check_dataset_reachable

@@ -1,8 +1,15 @@
 """Text sources -> token windows, deterministically.
 
 A data spec is one of:
-  None / "builtin"           the Python reference text in stdlib `pydoc_data.topics`
+  None / "builtin" / "builtin:pydoc"
+                             the Python reference text in stdlib `pydoc_data.topics`
                               (first half for calibration, second half held out)
+  "builtin:mix"              calibration only: a seeded mix of the pydoc first half,
+                              Python source of stdlib modules and the READMEs of packages
+                              quantkit installs, none of them in a held-out text (`MIX`)
+  "builtin:code", "builtin:prose"
+                             held out only (`HELDOUT`): stdlib source, and the READMEs of
+                              quantkit's direct dependencies; never calibration text
   path/to/file.txt           plain UTF-8 text
   path/to/file.jsonl         one JSON object per line, text under `field`
   hf:NAME[:CONFIG[:SPLIT]]   a `datasets` dataset (text under `field`)
@@ -22,6 +29,20 @@ from quantkit.errors import UsageError, short, short_repr
 
 BUILTIN = "builtin"
 
+# Held-out texts of other kinds than the calibration text, present wherever quantkit is installed.
+# Calibration never reads them (`MIX_*` below are disjoint; tests check it).
+CODE_MODULES = ("json.decoder", "json.encoder", "argparse", "textwrap", "email.utils", "http.client", "tarfile",
+                "zipfile", "logging")
+# READMEs (the long description in each dist's METADATA): markdown prose with some code, links and tables.
+PROSE_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "typer", "rich")
+
+# builtin:mix: share of the calibration windows per kind, and where each kind's text comes from.
+MIX_WEIGHTS = {"pydoc": 0.5, "code": 0.25, "prose": 0.25}
+MIX_CODE_MODULES = ("collections", "functools", "dataclasses", "shutil", "configparser", "difflib", "fractions",
+                    "statistics", "calendar", "ipaddress", "optparse", "pprint", "shlex", "smtplib", "gettext")
+# Installed with quantkit through its requirements (transformers needs huggingface_hub, tqdm, numpy).
+MIX_PROSE_PACKAGES = ("huggingface_hub", "tqdm", "numpy", "scipy", "safetensors", "gguf")
+
 
 class CalibDataError(UsageError):
     """The text source can't give what was asked; the message says how to fix it."""
@@ -38,6 +59,71 @@ def builtin_text(part: str) -> str:
     if part == "eval":
         return text[half:]
     raise ValueError(f"part must be 'calib' or 'eval', not {short_repr(part)}")
+
+
+def code_text(modules: tuple[str, ...] = CODE_MODULES) -> str:
+    """Python source of standard-library modules (one text, modules in the given order)."""
+    import importlib
+    import inspect
+
+    return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in modules)
+
+
+def readme_text(packages: tuple[str, ...] = PROSE_PACKAGES) -> str:
+    """The README (long description in the installed METADATA) of each package, in the given order."""
+    from importlib import metadata
+
+    parts = []
+    for name in packages:
+        try:
+            meta = metadata.metadata(name)
+        except metadata.PackageNotFoundError as e:
+            raise CalibDataError(f"package {name!r} is not installed, so its README can't be read; "
+                                 f"pip install {name}") from e
+        body = meta.get_payload() or meta.get("Description") or ""  # older metadata keeps it in a header
+        if body.strip():
+            parts.append(body.strip())
+    return "\n\n".join(parts)
+
+
+# builtin:NAME -> (what it is, the text). Evaluation only; `builtin:pydoc` is the pydoc half.
+HELDOUT = {
+    "pydoc": ("Python reference text (stdlib pydoc_data.topics), second half", lambda: builtin_text("eval")),
+    "code": (f"Python source of the stdlib modules {', '.join(CODE_MODULES)}", code_text),
+    "prose": (f"READMEs (package METADATA) of {', '.join(PROSE_PACKAGES)}", readme_text),
+}
+# builtin:NAME for calibration. `builtin:mix` is drawn per kind by `MIX_WEIGHTS` from these texts.
+MIX = {
+    "pydoc": lambda: builtin_text("calib"),
+    "code": lambda: code_text(MIX_CODE_MODULES),
+    "prose": lambda: readme_text(MIX_PROSE_PACKAGES),
+}
+CALIB_SOURCES = ("pydoc", "mix")
+
+
+def builtin_name(spec: str | None) -> str | None:
+    """"pydoc" for None / "builtin", NAME for "builtin:NAME", None for any other spec (a file, hf:)."""
+    if spec is None or spec == BUILTIN:
+        return "pydoc"
+    if spec.startswith(BUILTIN + ":"):
+        return spec[len(BUILTIN) + 1:]
+    return None
+
+
+def check_builtin(spec: str | None, part: str) -> str | None:
+    """The builtin name of spec, refused when it is unknown or not for `part` ("calib" or "eval"):
+    held-out texts never calibrate, and the mix is never scored."""
+    name = builtin_name(spec)
+    if name is None:
+        return None
+    names = CALIB_SOURCES if part == "calib" else tuple(HELDOUT)
+    if name not in names:
+        role = "calibration" if part == "calib" else "held-out"
+        other = (f"; {short_repr(spec)} is held-out text, never calibration text" if part == "calib" and name in HELDOUT
+                 else f"; {short_repr(spec)} is calibration text only" if name in CALIB_SOURCES else "")
+        raise CalibDataError(f"unknown {role} text {short_repr(spec)}{other}; "
+                             f"choose one of {', '.join(f'builtin:{n}' for n in names)}")
+    return name
 
 
 def _read_utf8(path: Path) -> str:
@@ -98,8 +184,11 @@ def _hf_texts(spec: str, field: str, default_split: str) -> list[str]:
 
 def load_text(spec: str | None, *, part: str, field: str = "text") -> str:
     """The raw text for a data spec; `part` picks the builtin half ("calib" or "eval")."""
-    if spec is None or spec == BUILTIN:
-        return builtin_text(part)
+    name = check_builtin(spec, part)
+    if name == "mix":
+        return "\n\n".join(MIX[k]() for k in MIX_WEIGHTS)
+    if name is not None:
+        return builtin_text(part) if name == "pydoc" else HELDOUT[name][1]()
     if spec.startswith("hf:"):
         texts = _hf_texts(spec, field, default_split="train" if part == "calib" else "test")
     else:
@@ -150,33 +239,75 @@ def calibration_set(
 
     if samples <= 0 or seqlen <= 1:
         raise CalibDataError(f"--samples ({samples}) must be >= 1 and --seqlen ({seqlen}) >= 2")
-    tokens = tokenize(tokenizer, load_text(spec, part="calib", field=field))
-    available = tokens.numel() // seqlen
-    starts = tokens.numel() - seqlen + 1  # distinct window positions when windows may overlap
-    if starts < samples:
-        raise CalibDataError(
-            f"calibration text has {tokens.numel()} tokens, too few for {samples} distinct windows of {seqlen}; "
-            f"use --samples {max(starts, 1) if starts > 0 else 1} or a shorter --seqlen, or more text with --calib"
-        )
     g = torch.Generator().manual_seed(seed)
-    overlapping = available < samples
-    if not overlapping:
-        # Enough text: non-overlapping windows on a fixed grid, a seeded subset of them.
-        picks = torch.randperm(available, generator=g)[:samples].sort().values
-        windows = tokens[: available * seqlen].view(available, seqlen)[picks]
-    else:
-        # More windows than the text holds side by side: distinct random start offsets
-        # (windows share some tokens; recorded in the settings).
-        offsets = torch.randperm(starts, generator=g)[:samples].sort().values
-        windows = torch.stack([tokens[o : o + seqlen] for o in offsets.tolist()])
+    if check_builtin(spec, "calib") == "mix":
+        return _mix_set(tokenizer, samples, seqlen, seed, g)
+    tokens = tokenize(tokenizer, load_text(spec, part="calib", field=field))
+    windows, overlapping = _pick_windows(tokens, samples, seqlen, g, "calibration text")
     settings = {
-        "source": spec or BUILTIN,
+        "source": BUILTIN if builtin_name(spec) == "pydoc" else spec,  # builtin:pydoc is builtin, bit for bit
         "field": field,
         "samples": samples,
         "seqlen": seqlen,
         "seed": seed,
         "tokens_available": int(tokens.numel()),
         "overlapping_windows": overlapping,
+    }
+    return CalibrationSet(windows.contiguous(), settings)
+
+
+def _pick_windows(tokens, samples: int, seqlen: int, g, what: str):
+    """`samples` distinct windows of `seqlen` from tokens (1-D), seeded by generator g: (windows, overlapping)."""
+    import torch
+
+    available = tokens.numel() // seqlen
+    starts = tokens.numel() - seqlen + 1  # distinct window positions when windows may overlap
+    if starts < samples:
+        raise CalibDataError(
+            f"{what} has {tokens.numel()} tokens, too few for {samples} distinct windows of {seqlen}; "
+            f"use --samples {max(starts, 1) if starts > 0 else 1} or a shorter --seqlen, or more text with --calib"
+        )
+    overlapping = available < samples
+    if not overlapping:
+        # Enough text: non-overlapping windows on a fixed grid, a seeded subset of them.
+        picks = torch.randperm(available, generator=g)[:samples].sort().values
+        return tokens[: available * seqlen].view(available, seqlen)[picks], False
+    # More windows than the text holds side by side: distinct random start offsets
+    # (windows share some tokens; recorded in the settings).
+    offsets = torch.randperm(starts, generator=g)[:samples].sort().values
+    return torch.stack([tokens[o : o + seqlen] for o in offsets.tolist()]), True
+
+
+def mix_counts(samples: int) -> dict[str, int]:
+    """Windows per kind of builtin:mix: floor(samples x weight), the rest to pydoc (the first kind)."""
+    counts = {k: int(samples * w) for k, w in MIX_WEIGHTS.items()}
+    first = next(iter(MIX_WEIGHTS))
+    counts[first] += samples - sum(counts.values())
+    return counts
+
+
+def _mix_set(tokenizer, samples: int, seqlen: int, seed: int, g) -> CalibrationSet:
+    """builtin:mix: each kind's share of windows drawn from its own text, then shuffled (seeded), so the
+    first windows (AWQ's search_samples) hold every kind too."""
+    import torch
+
+    parts, per_kind = [], {}
+    for kind, n in mix_counts(samples).items():
+        tokens = tokenize(tokenizer, MIX[kind]())
+        if n:
+            w, overlapping = _pick_windows(tokens, n, seqlen, g, f"builtin:mix's {kind} text")
+            parts.append(w)
+        per_kind[kind] = {"samples": n, "tokens_available": int(tokens.numel()), "overlapping_windows": n > 0 and overlapping}
+    windows = torch.cat(parts)[torch.randperm(samples, generator=g)]
+    settings = {
+        "source": f"{BUILTIN}:mix",
+        "field": "text",
+        "samples": samples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "tokens_available": sum(v["tokens_available"] for v in per_kind.values()),
+        "overlapping_windows": any(v["overlapping_windows"] for v in per_kind.values()),
+        "mix": per_kind,
     }
     return CalibrationSet(windows.contiguous(), settings)
 
@@ -195,6 +326,15 @@ def heldout_windows(tokenizer, seqlen: int = 512, n_windows: int | None = None, 
             f"evaluation text has {available} windows of {seqlen} tokens, {n} asked for; use --windows {available}"
         )
     return tokens[: n * seqlen].view(n, seqlen).contiguous()
+
+
+def heldout_sets(tokenizer, seqlen: int = 512, n_windows: int | None = None, names=tuple(HELDOUT)):
+    """{name: heldout_windows of builtin:NAME} for the held-out texts `names` (default: all of HELDOUT);
+    the benchmarks score every row on each of them."""
+    unknown = [n for n in names if n not in HELDOUT]
+    if unknown:
+        raise CalibDataError(f"unknown held-out texts {unknown}; choose from {', '.join(HELDOUT)}")
+    return {n: heldout_windows(tokenizer, seqlen, n_windows, spec=f"{BUILTIN}:{n}") for n in names}
 
 
 def calibration_windows(tokenizer, seqlen: int, n_windows: int | None = None, spec: str | None = None, field="text"):

@@ -24,7 +24,7 @@ def eval_cmd(
         Optional[str], typer.Option("--baseline", help="Also score this model (or 'default') on the same windows.")
     ] = None,
     data: Annotated[
-        Optional[str], typer.Option("--data", help="Held-out text: builtin (default), .txt/.jsonl, hf:NAME[:CONFIG[:SPLIT]].")
+        Optional[str], typer.Option("--data", help="Held-out text: builtin (default; = builtin:pydoc), builtin:code, builtin:prose, .txt/.jsonl, hf:NAME[:CONFIG[:SPLIT]].")
     ] = None,
     field: Annotated[str, typer.Option("--data-field", help="Text field for .jsonl and hf: data.")] = "text",
     seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window.")] = 512,

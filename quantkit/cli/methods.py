@@ -25,6 +25,8 @@ from quantkit.cli.options import (
     GroupSizeOpt,
     JsonOpt,
     ModelOpt,
+    MseGridOpt,
+    MseOpt,
     OutOpt,
     OverwriteOpt,
     ResumeOpt,
@@ -157,11 +159,14 @@ def _print_summary(s: dict) -> None:
 
 
 @method_command
-def rtn(bits: BitsOpt = 4, group_size: GroupSizeOpt = None, sym: SymOpt = True):
+def rtn(bits: BitsOpt = 4, group_size: GroupSizeOpt = None, sym: SymOpt = True, mse: MseOpt = False,
+        mse_grid: MseGridOpt = 50):
     """Round-to-nearest weight quantization (no calibration data needed)."""
+    from quantkit.cli.options import mse_stage_options
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
-    return Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)), (Stage("rtn"),))
+    return Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)),
+                  (Stage("rtn", mse_stage_options(mse, mse_grid)),))
 
 
 def register(app: typer.Typer) -> None:

@@ -19,7 +19,7 @@ GroupSizeOpt = Annotated[
 SymOpt = Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero point) or asymmetric weights.")]
 CalibOpt = Annotated[
     Optional[str],
-    typer.Option("--calib", help="Calibration text: builtin (default), a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]]."),
+    typer.Option("--calib", help="Calibration text: builtin (default; = builtin:pydoc), builtin:mix (pydoc + stdlib source + package READMEs), a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT]]."),
 ]
 CalibFieldOpt = Annotated[str, typer.Option("--calib-field", help="Text field for .jsonl and hf: data.")]
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration windows.")]
@@ -90,3 +90,24 @@ ShardSizeOpt = Annotated[
     typer.Option("--shard-size", help="Largest weights file in GiB; bigger checkpoints are written as "
                  "model-0000k-of-0000n.safetensors with model.safetensors.index.json."),
 ]
+# The per-group range search of quant.mse (rtn, gptq); off adds nothing to the recipe (today's checkpoints).
+MseOpt = Annotated[bool, typer.Option("--mse", help="Search each group's range (shrink factors) for the least "
+                                                   "weight error instead of min/max (recipe option mse).")]
+MseGridOpt = Annotated[int, typer.Option("--mse-grid", help="Shrink factors --mse tries, from 1.0 down to 0.5.")]
+
+
+MseWeightOpt = Annotated[str, typer.Option("--mse-weight", help="none, or hessian: weigh each column's error by "
+                                                            "the Hessian diagonal (gptq; measured better).")]
+
+
+def mse_stage_options(mse: bool, mse_grid: int, mse_weight: str = "none") -> dict:
+    """The stage options --mse/--mse-grid/--mse-weight ask for: none when --mse is off."""
+    from quantkit import validate as v
+    from quantkit.quant.mse import MAX_GRID, WEIGHTS
+
+    v.check_int("--mse-grid", mse_grid, min=1, max=MAX_GRID)
+    if mse_weight not in WEIGHTS:
+        raise v.OptionError(f"--mse-weight {v.short(mse_weight, 40)} must be one of {', '.join(WEIGHTS)}")
+    if not mse:
+        return {}
+    return {"mse": True, "mse_grid": mse_grid, **({"mse_weight": mse_weight} if mse_weight != "none" else {})}

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from quantkit.cli.methods import method_command
-from quantkit.cli.options import BitsOverrideOpt, GroupSizeOverrideOpt, SymOverrideOpt
+from quantkit.cli.options import BitsOverrideOpt, GroupSizeOverrideOpt, MseGridOpt, MseOpt, MseWeightOpt, SymOverrideOpt
 
 # Default scheme of `quantkit awq` / `quantkit gptq`: 4-bit, group 64, asymmetric.
 # 64 divides the default model's in_features (576 and 1536; 128 does not divide
@@ -147,6 +147,9 @@ def gptq(
         bool,
         typer.Option("--true-sequential/--no-true-sequential", help="Re-capture inputs after each sub-layer step of a block."),
     ] = True,
+    mse: MseOpt = False,
+    mse_grid: MseGridOpt = 50,
+    mse_weight: MseWeightOpt = "none",
 ):
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
@@ -157,7 +160,10 @@ def gptq(
 
     v.check_float("--damp", damp, min=0, max=1, min_open=True, note=" (a fraction of the mean Hessian diagonal)")
     v.check_int("--block-size", block_size, min=1)
-    return dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential)
+    from quantkit.cli.options import mse_stage_options
+
+    return dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
+                **mse_stage_options(mse, mse_grid, mse_weight))
 
 
 def register(app: typer.Typer) -> None:

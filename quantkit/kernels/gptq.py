@@ -77,6 +77,7 @@ def gptq_block_ref(
     scale_c: torch.Tensor,
     zero_c: torch.Tensor | None,
     scale_dtype: torch.dtype,
+    qparams=None,
 ) -> torch.Tensor:
     """One lazy block of the GPTQ solve in plain torch: the torch backend's column loop.
 
@@ -89,6 +90,8 @@ def gptq_block_ref(
         consecutive columns, computed (into scale/zero and their compute-dtype copies
         scale_c/zero_c) when the solve reaches a group's first column.
     scale/zero: (out, n_groups) float32 / int8 or None; scale_c/zero_c: compute-dtype copies.
+    qparams: computes a dynamic group's (scale, zero) as ``qparams(grp, args, scale_dtype=, first=col)`` instead of
+        ``compute_qparams`` (e.g. the mse search of ``quant.gptq``; the kernel has only min/max).
     Returns E1 (out, b1 - b0): the scaled errors, for W[:, b1:] -= E1 @ U[b0:b1, b1:].
     """
     from .numerics import compute_qparams
@@ -111,7 +114,10 @@ def gptq_block_ref(
                 grp = W1[:, i : min(end, b1) - b0]
                 if end > b1:
                     grp = torch.cat([grp, W[:, b1:end] - E1[:, :i] @ U[b0:col, b1:end]], dim=1)
-                s_g, z_g = compute_qparams(grp, args, scale_dtype=scale_dtype)
+                if qparams is None:
+                    s_g, z_g = compute_qparams(grp, args, scale_dtype=scale_dtype)
+                else:  # first: the group's first column, for per-column weights
+                    s_g, z_g = qparams(grp, args, scale_dtype=scale_dtype, first=col)
                 scale[:, gi] = s_g[:, 0]
                 scale_c[:, gi] = s_g[:, 0]
                 if zero is not None:

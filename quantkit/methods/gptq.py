@@ -47,7 +47,7 @@ from torch import nn
 from quantkit.calib.capture import InputStats, capture_inputs
 from quantkit.errors import RecipeError
 from quantkit.methods.base import BlockContext, Method, register_method
-from quantkit.methods.options import Flag, Int, MethodOptions, Number, OneOf, option
+from quantkit.methods.options import Flag, Int, Number, OneOf, RangeSearchOptions, option
 from quantkit.quant.core import QuantizedTensor, quantize_weight
 from quantkit.quant.gptq import BACKENDS, CholeskyError, gptq_quantize
 
@@ -56,10 +56,11 @@ from quantkit.quant.gptq import BACKENDS, CholeskyError, gptq_quantize
 # backend: the solve ("auto" = the fused Triton kernel on CUDA, torch ops otherwise; see
 # quant.gptq.gptq_quantize); the two agree up to float32 rounding.
 @dataclass
-class GPTQOptions(MethodOptions):
+class GPTQOptions(RangeSearchOptions):
     """See `GPTQ`. expert_min_tokens / expert_damp_tokens: an MoE expert that saw fewer routed tokens than
-    this many x in_features is quantized with RTN / solved with damp 1.0."""
+    this many x in_features is quantized with RTN / solved with damp 1.0. mse*: the range search."""
 
+    METHOD = "gptq"
     damp: float = option(0.01, Number(0, 1, low_open=True))
     block_size: int = option(128, Int(1))
     act_order: bool = option(True, Flag())
@@ -67,6 +68,12 @@ class GPTQOptions(MethodOptions):
     backend: str = option("auto", OneOf(BACKENDS))
     expert_min_tokens: float = option(1.0, Number(0, finite=False, note=" (x in_features)"))
     expert_damp_tokens: float = option(3.0, Number(0, finite=False, note=" (x in_features)"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.search is not None and self.backend == "triton" and not self.act_order:
+            raise RecipeError("gptq option mse with act_order false computes group scales in the torch solve; "
+                              "use backend: auto or torch")
 
 
 DEFAULTS = GPTQOptions()  # by key: DEFAULTS["act_order"]
@@ -114,7 +121,8 @@ def _stop_at(block: nn.Module, module: nn.Module) -> Iterator[None]:
 @register_method("gptq")
 class GPTQ(Method):
     """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true,
-    backend = auto (auto / torch / triton: which solve runs)."""
+    backend = auto (auto / torch / triton: which solve runs), mse = false (+ mse_grid, mse_max_shrink, mse_norm:
+    the per-group range search of quant.mse where GPTQ computes its group scales)."""
 
     # Hessians are captured per true-sequential step inside apply_block (the shared
     # capture pass runs before earlier stages change the block, so its Hessians would be stale).
@@ -122,6 +130,10 @@ class GPTQ(Method):
     needs_data = True
     plan_stats = frozenset({"hessian_step"})  # what the memory planner should count
     Options = GPTQOptions
+
+    def __init__(self, scheme, **options):
+        super().__init__(scheme, **options)
+        self.mse = self.opts.search  # the per-group range search (quant.mse), None = min/max
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -184,7 +196,7 @@ class GPTQ(Method):
             try:
                 res = gptq_quantize(
                     w, h, args, damp=damp, block_size=self.opts.block_size, act_order=self.opts.act_order,
-                    scale_dtype=ws[0].dtype, backend=self.opts.backend,
+                    scale_dtype=ws[0].dtype, backend=self.opts.backend, mse=self.mse,
                 )
             except CholeskyError as e:
                 for n in group:

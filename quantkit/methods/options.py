@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from quantkit.errors import RecipeError, short_repr
+from quantkit.quant.mse import DEFAULTS as MSE_DEFAULTS, MAX_GRID as MSE_MAX_GRID, OPTIONS as MSE_OPTIONS
+from quantkit.quant.mse import WEIGHTS as MSE_WEIGHTS, MSESearch, from_options as mse_from_options
 
 
 class Rule:
@@ -155,6 +157,23 @@ class MethodOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass
+class RangeSearchOptions(MethodOptions):
+    """The per-group range search of quantkit.quant.mse, which RTN and GPTQ offer (off: min/max ranges).
+    `search` is the MSESearch they run, or None; the rule that spans keys (mse_weight hessian is GPTQ's
+    alone) is quant.mse.from_options', checked here so a recipe check catches it too."""
+
+    METHOD: ClassVar[str] = ""
+    mse: bool = option(MSE_DEFAULTS["mse"], Flag())
+    mse_grid: int = option(MSE_DEFAULTS["mse_grid"], Int(1, MSE_MAX_GRID))
+    mse_max_shrink: float = option(MSE_DEFAULTS["mse_max_shrink"], Number(0, 1, high_open=True))
+    mse_norm: float = option(MSE_DEFAULTS["mse_norm"], Number(0, 10, low_open=True))
+    mse_weight: str = option(MSE_DEFAULTS["mse_weight"], OneOf(MSE_WEIGHTS))
+
+    def __post_init__(self) -> None:
+        self.search: MSESearch | None = mse_from_options(self.METHOD, {k: getattr(self, k) for k in MSE_OPTIONS})
 
 
 def parse_options(cls: type[MethodOptions], method: str, given: dict[str, Any]) -> MethodOptions:

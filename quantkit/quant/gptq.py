@@ -36,6 +36,7 @@ import torch
 
 from quantkit.quant.core import QuantizedTensor, compute_qparams, group_size_for
 from quantkit.quant.args import QuantArgs
+from quantkit.quant.mse import MSESearch
 
 # Damping tries: damp, damp*10, damp*100, damp*1000 (relative to the mean H diagonal).
 DAMP_TRIES = 4
@@ -100,12 +101,17 @@ def _hessian_error_t(w: torch.Tensor, qt: QuantizedTensor, h: torch.Tensor, dt: 
     return total
 
 
-def _static_qparams(w: torch.Tensor, dead: torch.Tensor, args: QuantArgs, cdt: torch.dtype, sdt: torch.dtype):
-    """compute_qparams of w (out, in) in compute dtype with the dead columns zeroed, in row chunks."""
+def _static_qparams(w: torch.Tensor, dead: torch.Tensor, args: QuantArgs, cdt: torch.dtype, sdt: torch.dtype,
+                    mse: MSESearch | None = None, col_weight: torch.Tensor | None = None):
+    """compute_qparams (or the mse search's) of w (out, in) in compute dtype with the dead columns zeroed,
+    in row chunks."""
     scales, zeros = [], []
     for r0, r1 in _row_chunks(*w.shape):
         part = w[r0:r1].to(cdt, copy=True).masked_fill_(dead, 0.0)
-        s, z = compute_qparams(part, args, scale_dtype=sdt)
+        if mse is None:
+            s, z = compute_qparams(part, args, scale_dtype=sdt)
+        else:
+            s, z = mse.qparams(part, args, scale_dtype=sdt, col_weight=col_weight)
         scales.append(s)
         zeros.append(z)
     scale = scales[0] if len(scales) == 1 else torch.cat(scales)
@@ -160,12 +166,17 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def _pick_backend(backend: str, cdt: torch.dtype, device: torch.device, args: QuantArgs, dynamic: bool,
-                  block_size: int) -> str:
+                  block_size: int, mse: bool = False) -> str:
     """The solve to run: "torch" or "triton" (see gptq_quantize)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
+    if mse and dynamic:  # the kernel computes dynamic groups' scales itself, by min/max only
+        if backend == "auto":
+            return "torch"
+        raise ValueError("the mse search with dynamic groups (act_order off) runs in the torch solve; "
+                         "use backend='torch' or 'auto'")
     from quantkit.kernels._common import triton_available
 
     if backend == "auto" and not (device.type == "cuda" and cdt == torch.float32 and triton_available()):
@@ -218,6 +229,7 @@ def gptq_quantize(
     act_order: bool = False,
     scale_dtype: torch.dtype | None = None,
     backend: str = "auto",
+    mse: MSESearch | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize one weight.
 
@@ -239,6 +251,9 @@ def gptq_quantize(
         float32 only) or "auto" (Triton on CUDA for a float32 Hessian when triton is
         installed, torch otherwise). Both give the same integers up to float32
         rounding (a rare +-1 where a value sits on a rounding boundary).
+    mse: the per-group range search (`quant.mse`) where the group scales are computed: on the
+        original weights for static groups, on the error-compensated weights of a dynamic group
+        when the solve reaches it (torch solve). None = min/max scales.
 
     Runs on w's device in float32 (float64 when h is float64: the tests use that
     to compare against a slow reference bit for bit). Raises CholeskyError when H
@@ -257,7 +272,7 @@ def gptq_quantize(
     dev = w.device
     # Static scales (per-channel, or act_order): from the original (dead-zeroed) weights.
     static = args.group_size is None or act_order
-    solver = _pick_backend(backend, cdt, dev, args, not static, block_size)
+    solver = _pick_backend(backend, cdt, dev, args, not static, block_size, mse is not None)
 
     H = h.detach().to(device=dev)  # H: (in, in), not modified (copies are damped and factored)
     finite = torch.isfinite(H).all()
@@ -277,7 +292,7 @@ def gptq_quantize(
 
     wd = w.detach().to(dev)
     if static:
-        scale, zero = _static_qparams(wd, dead, args, cdt, sdt)
+        scale, zero = _static_qparams(wd, dead, args, cdt, sdt, mse, _mse_col_weight(mse, H))
     else:
         n_groups = in_f // g
         scale = torch.empty(out_f, n_groups, dtype=torch.float32, device=dev)
@@ -295,7 +310,7 @@ def gptq_quantize(
             _warn_fallback(e)
             solver = "torch"
     if solver == "torch":
-        Q = solve(_solve_torch)
+        Q = solve(lambda *a: _solve_torch(*a, mse, H))
     del solve
     wd = U = None  # free them before the error pass (U is in x in)
     if perm is not None:
@@ -326,7 +341,26 @@ def _warn_fallback(e: Exception) -> None:
         _fallback_warned = True
 
 
-def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size) -> torch.Tensor:
+def _mse_col_weight(mse: MSESearch | None, h: torch.Tensor) -> torch.Tensor | None:
+    """The search's per-column error weight: the Hessian diagonal (original column order) for weight "hessian"."""
+    return h.diagonal() if mse is not None and mse.weight == "hessian" else None
+
+
+def _dynamic_qparams(mse: MSESearch | None, h: torch.Tensor):
+    """gptq_block_ref's qparams for dynamic groups (solve order = column order): the search on the group's
+    current weights, its columns weighted as `_mse_col_weight` says."""
+    if mse is None:
+        return None
+    cw = _mse_col_weight(mse, h)
+
+    def qparams(grp, args, *, scale_dtype, first):
+        return mse.qparams(grp, args, scale_dtype=scale_dtype,
+                           col_weight=None if cw is None else cw[first : first + grp.shape[1]])
+
+    return qparams
+
+
+def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse=None, h=None) -> torch.Tensor:
     """The column loop in torch ops (`quantkit.kernels.gptq.gptq_block_ref` per lazy block).
     W (out, in) solve order is updated in place. Returns the integers (out, in) int8, solve order."""
     from quantkit.kernels.gptq import gptq_block_ref
@@ -341,7 +375,8 @@ def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size) -> t
     for b0 in range(0, in_f, block_size):
         b1 = min(b0 + block_size, in_f)
         E1 = gptq_block_ref(W, U, Q, b0, b1, args, g=g, static=static, col_group=col_group, scale=scale, zero=zero,
-                            scale_c=scale_c, zero_c=zero_c, scale_dtype=sdt)
+                            scale_c=scale_c, zero_c=zero_c, scale_dtype=sdt,
+                            qparams=_dynamic_qparams(mse, h))
         if b1 < in_f:
             W[:, b1:].addmm_(E1, U[b0:b1, b1:], alpha=-1.0)
         del E1
