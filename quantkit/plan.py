@@ -336,8 +336,8 @@ def _rotation_training(recipe):
     from quantkit.methods.base import build_methods
 
     for m in build_methods(recipe):
-        if m.name == "spinquant" and m.o["rotation"] == "learned":
-            return m, m.o
+        if m.name == "spinquant" and m.opts.rotation == "learned":
+            return m, m.opts
     return None, None
 
 

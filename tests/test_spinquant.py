@@ -262,9 +262,9 @@ def test_cli_recipe_picks_the_measured_setting_per_scheme():
 
 
 def test_learning_rate_follows_the_optimizer():
-    assert sq.SpinQuant(PRESETS["W4A16"]).o["lr"] == sq.LEARNING_RATES["cayley-sgd"] == 1.5
-    assert sq.SpinQuant(PRESETS["W4A16"], optimizer="adam").o["lr"] == 1e-4
-    assert sq.SpinQuant(PRESETS["W4A16"], optimizer="adam", lr=3e-4).o["lr"] == 3e-4
+    assert sq.SpinQuant(PRESETS["W4A16"]).opts.lr == sq.LEARNING_RATES["cayley-sgd"] == 1.5
+    assert sq.SpinQuant(PRESETS["W4A16"], optimizer="adam").opts.lr == 1e-4
+    assert sq.SpinQuant(PRESETS["W4A16"], optimizer="adam", lr=3e-4).opts.lr == 3e-4
 
 
 @pytest.mark.parametrize("optimizer,lr", [("cayley-sgd", 1.5), ("adam", 1e-2)])

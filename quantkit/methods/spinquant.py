@@ -113,11 +113,6 @@ class SpinQuant(Method):
         self._handles: list = []
 
     @property
-    def o(self) -> SpinQuantOptions:
-        """The options by key (`o["rotation"]`), as the memory planner reads them."""
-        return self.opts
-
-    @property
     def uses_data(self) -> bool:
         return self.opts.rotation == "learned"
 
