@@ -362,6 +362,17 @@ def saved(model, tmp_path_factory):
     return rep, path
 
 
+def test_saving_twice_writes_the_same_bytes(saved, tmp_path):
+    """The same report saved twice: identical JSON and histogram sidecar, byte for byte (the sidecar's
+    metadata was a several-key map that safetensors writes in a random order)."""
+    rep, _ = saved
+    a = save_sensitive_layers(rep, tmp_path / "a" / "sensitive_layers.json")
+    files = [a, a.with_name(json.loads(a.read_text())["histograms"]["file"])]
+    for _ in range(4):
+        b = save_sensitive_layers(rep, tmp_path / "b" / "sensitive_layers.json")
+        assert [f.read_bytes() for f in files] == [(b.parent / f.name).read_bytes() for f in files]
+
+
 def test_json_schema(saved):
     rep, path = saved
     d = json.loads(path.read_text())

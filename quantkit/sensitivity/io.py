@@ -207,7 +207,9 @@ def save_sensitive_layers(report, path: str | Path, *, histograms: bool = True) 
         for e in report.layers:
             tensors[f"{e.name}.hist"] = e.hist.float().contiguous()
             tensors[f"{e.name}.range"] = torch.tensor([e.lo, e.hi], dtype=torch.float32)
-        meta = {"format": FORMAT, "version": str(VERSION), "bins": str(report.bins)}
+        # One metadata key: safetensors writes a map of several in a random order, which made the bytes of
+        # two identical scans differ.
+        meta = {"quantkit": json.dumps({"format": FORMAT, "version": VERSION, "bins": report.bins}, sort_keys=True)}
         _atomic_write(hp, lambda t: save_file(tensors, str(t), metadata=meta))
         hist_file = hp.name
     d = report_to_dict(report, hist_file)
