@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -29,3 +30,17 @@ def reproducible_manifest():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOURCE_DATE_EPOCH", "1700000000")
         yield
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this process, as in a terminal. A test run started in the
+    background (`cmd &` in a script) inherits SIGINT ignored, and the Ctrl-C tests would then see no Ctrl-C."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def sigint_default() -> None:
+    """preexec_fn for a child process that must receive Ctrl-C whatever the test run inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from quantkit.export.manifest import verify_checkpoint
+from conftest import sigint_default
 from quantkit.interrupts import SIGNAL_ENV
 from tiny_models import rtn_checkpoint, run_cli, save_tiny_model_dir
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ("-g", "32")  # the recipe of every run here (tiny model: 3 blocks)
 
 
-pytestmark = pytest.mark.usefixtures("reproducible_manifest")
+pytestmark = pytest.mark.usefixtures("reproducible_manifest", "ctrl_c_raises")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,8 @@ def test_ctrl_c_at_every_phase(model_dir, clean, other, tmp_path, monkeypatch, p
 def _run(cmd, env_extra, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_extra)
     env.pop("QUANTKIT_PROGRESS", None)
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          preexec_fn=sigint_default)
 
 
 @pytest.mark.parametrize("phase", ["commit.aside", "commit.renamed", "discard.renamed"])

@@ -105,6 +105,7 @@ def test_activation_placement_gives_same_bits(model_dir, tmp_path, where):
     assert not list(tmp_path.glob(".quantkit-activations-*"))  # the disk store cleans up
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_resume_across_modes_and_shards(model_dir, tmp_path, monkeypatch):
     """Ctrl-C after block 1 (streamed), resumed in memory; Ctrl-C once every shard is written,
     resumed streamed: both give the bytes of an uninterrupted sharded run."""
