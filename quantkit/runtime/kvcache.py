@@ -58,7 +58,9 @@ class KVCache:
                     s = e[f"{which}_scale"].float().to(device)
                     if kv.strategy == "tensor":
                         s = s.max().expand(kv_heads, head_dim)
-                    lst.append(s.reshape(kv_heads, head_dim))
+                    s = s.reshape(kv_heads, -1)
+                    # heads narrower than the cache's (multi-head latent attention: zero-padded; any scale keeps 0)
+                    lst.append(torch.nn.functional.pad(s, (0, head_dim - s.shape[1]), value=1.0))
             self.k_scale = torch.stack(ks).contiguous()
             self.v_scale = torch.stack(vs).contiguous()
         self.residual = bool(kv.residual_bits) if residual is None else bool(residual)

@@ -69,10 +69,11 @@ def _kv_static_per_layer(model: nn.Module, static) -> list[dict] | None:
     return out
 
 
-def _check_supported(config) -> None:
-    """The runtime runs the families whose adapter row has a BlockLayout (the Llama-like block)."""
+def _check_supported(config, online: dict | None = None) -> None:
+    """The runtime runs the families whose adapter row has a BlockLayout; online: the checkpoint's online
+    rotations (SpinQuant R3/R4), which latent attention has no place for."""
     from quantkit.errors import short_repr
-    from quantkit.models.adapter import ARCH_SPECS
+    from quantkit.models.adapter import ARCH_SPECS, spec_for
 
     mt = getattr(config, "model_type", None)
     runs = sorted(t for s in ARCH_SPECS if s.layout is not None for t in s.model_types)
@@ -85,6 +86,11 @@ def _check_supported(config) -> None:
     partial = getattr(config, "partial_rotary_factor", None) or (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None)
     if partial not in (None, 1, 1.0):  # the fused RoPE kernel rotates whole heads
         raise RuntimeLoadError(f"the runtime does not run partial rotary embeddings yet (partial_rotary_factor={partial}); {fix}")
+    if online and spec_for(mt).layout.latent is not None:
+        # SpinQuant refuses these models (their adapter row has no rotation roles): a foreign manifest
+        rot = "/".join(k.upper() for k in ("r3", "r4") if k in online)
+        raise RuntimeLoadError(f"the runtime does not run online rotations ({rot}) with multi-head latent "
+                               f"attention (model type {mt}); {fix}")
 
 
 def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = True,
@@ -111,7 +117,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
     manifest = verified_manifest(path, verify)
     cfg_dict = json.loads((path / "config.json").read_text())
     config = checkpoint_config(path, cfg_dict)
-    _check_supported(config)
+    _check_supported(config, manifest.get("online_rotations"))
     dev, dt = resolve_runtime(device, dtype, checkpoint_dtype(cfg_dict))
     scheme = Scheme.from_dict(manifest["recipe"]["scheme"])
     act = scheme.input_activations
@@ -192,7 +198,7 @@ def from_quantized(qmodel, *, device: str = "auto", dtype=None, kv_residual: boo
     QuantLinears (their dense weights dropped) and the rest moves to `device`."""
     model = qmodel.model
     dev, dt = resolve_runtime(device, dtype, next(model.parameters()).dtype)
-    _check_supported(model.config)
+    _check_supported(model.config, qmodel.online_rotations)
     scheme = qmodel.recipe.scheme
     act = scheme.input_activations
     static = qmodel.static_scales
