@@ -85,7 +85,10 @@ class LatentAttention:
     "nope" part and a RoPE part. kv_a(h) = (latent [kv_lora_rank], k_pe [qk_rope_head_dim]);
     kv_b(kv_a_norm(latent)) = per head (k_nope, v). k_pe is one head shared by every query head.
     rope_interleave: the config field that says whether RoPE rotates interleaved pairs (x0, x1), (x2, x3)
-    (unset: it does, DeepSeek-V2 always) or the two halves (rotate_half)."""
+    (unset: it does, DeepSeek-V2 always) or the two halves (rotate_half).
+    pairs_out: where the rotated pairs go: back in place (V2's complex product) or the first elements of
+    the pairs then the second ones (V3). q . k is the same either way; K's channel order is not, and per
+    channel KV-cache scales are calibrated in the model's own order."""
 
     q: str = "self_attn.q_proj"
     q_a: str = "self_attn.q_a_proj"
@@ -100,6 +103,7 @@ class LatentAttention:
     rope_dim: str = "qk_rope_head_dim"
     v_dim: str = "v_head_dim"
     rope_interleave: str = "rope_interleave"
+    pairs_out: str = "halves"  # or "in place"
 
 
 @dataclass(frozen=True)
@@ -607,9 +611,9 @@ _QWEN2_MOE = replace(
 _MLA_Q = "num_attention_heads*qk_nope_head_dim+num_attention_heads*qk_rope_head_dim"
 _MLA_IN = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
 _DS_SHARED = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")
-_DEEPSEEK = replace(
+_DEEPSEEK_V3 = replace(
     _LLAMA_LIKE,
-    model_types=("deepseek_v2", "deepseek_v3"),
+    model_types=("deepseek_v3",),
     sequential=(_MLA_IN + ("self_attn.q_proj",), ("self_attn.q_b_proj",), ("self_attn.kv_b_proj",), ("self_attn.o_proj",),
                 _DS_SHARED, ("mlp.shared_experts.down_proj",)) + _EXPERT_STEPS + _LLAMA_LIKE.sequential[2:],
     scale_groups=(
@@ -645,9 +649,11 @@ _DEEPSEEK = replace(
         LinearShape("self_attn.o_proj", "hidden", "num_attention_heads*v_head_dim"),
     ) + _MLP_SHAPES + _expert_shapes("mlp.shared_experts", "shared") + _expert_shapes("mlp.experts.*", "expert"),
 )
+_DEEPSEEK_V2 = replace(_DEEPSEEK_V3, model_types=("deepseek_v2",),
+                       layout=replace(_DEEPSEEK_V3.layout, latent=LatentAttention(pairs_out="in place")))
 
 ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _QWEN2, _QWEN3, _GRANITE, _GEMMA, _OLMO2, _PHI3, _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE,
-                                    _DEEPSEEK)
+                                    _DEEPSEEK_V2, _DEEPSEEK_V3)
 
 
 def config_value(config, key: str):

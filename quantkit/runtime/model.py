@@ -102,6 +102,7 @@ class Latent:
     rope: int
     v_dim: int
     interleave: bool  # RoPE on interleaved pairs (x0, x1), (x2, x3), ...; else on the two halves
+    pairs_in_place: bool  # interleaved: the rotated pairs go back in place (else: firsts, then seconds)
 
     def units(self) -> list[nn.Module]:
         return [u for u in (self.q_b, self.kv_b) if u is not None]
@@ -187,7 +188,7 @@ def _latent(blk: nn.Module, prefix: str, lat, cfg) -> tuple[nn.Module, Latent]:
         kv_a_norm=blk.get_submodule(lat.kv_a_norm), kv_b=blk.get_submodule(lat.kv_b),
         q_width=size["q_lora_rank"] or heads * (size["nope_dim"] + size["rope_dim"]), rank=size["kv_lora_rank"],
         nope=size["nope_dim"], rope=size["rope_dim"], v_dim=size["v_dim"],
-        interleave=bool(getattr(cfg, lat.rope_interleave, True)))
+        interleave=bool(getattr(cfg, lat.rope_interleave, True)), pairs_in_place=lat.pairs_out == "in place")
 
 
 class _Unfused(nn.Module):
@@ -473,9 +474,11 @@ class RuntimeModel:
         q = q.view(B, S, H, lt.nope + lt.rope).transpose(1, 2)
         q_nope, q_pe = q.split([lt.nope, lt.rope], dim=-1)
         k_pe = k_pe.view(B, S, 1, lt.rope).transpose(1, 2)
-        if lt.interleave:  # pairs (x0, x1), (x2, x3), ... -> halves; q and k alike, so q . k is unchanged
+        if lt.interleave:  # pairs (x0, x1), (x2, x3), ... -> halves (rope rotates halves)
             q_pe, k_pe = (torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1) for t in (q_pe, k_pe))
         q_pe, k_pe = rope(q_pe, cos, sin), rope(k_pe, cos, sin)
+        if lt.interleave and lt.pairs_in_place:  # K's channels in the model's order (per-channel KV scales)
+            q_pe, k_pe = (torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2) for t in (q_pe, k_pe))
         pad = (0, D - lt.nope - lt.rope)
         k = F.pad(torch.cat([k_nope, k_pe.expand(B, H, S, lt.rope)], dim=-1), pad)
         self._cache.write(i, k, F.pad(v, (0, D - lt.v_dim)), pos)
