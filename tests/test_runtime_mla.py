@@ -3,7 +3,8 @@ its low-rank pair or a plain q_proj, K/V rebuilt per head from the normed latent
 or on halves, YaRN's softmax scale) and the MoE (V3: sigmoid scores with the correction bias, group-limited
 top-k, normalized, scaled; V2: softmax, greedy or group-limited, scaled) against transformers' forward on
 the same dequantized checkpoint, in float32: prefill, padded batches, chunked prefill, token-by-token
-decode, greedy generation; the INT8 KV cache against the simulated dense model; and what is refused."""
+decode, greedy generation, with K and V cached per head and with the latent cache (kv_b absorbed); the INT8
+KV cache against the simulated dense model; and what is refused."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from quantkit import api, runtime
 from quantkit.models.checkpoint import load_quantkit_checkpoint
 from quantkit.models.loading import LoadedModel
 from quantkit.recipe import KVCacheArgs, QuantArgs, Recipe, Scheme, Stage
+from quantkit.runtime.kvcache import LatentCache
 from quantkit.runtime.model import MoE
 from test_runtime import _reference_logits
 from tiny_models import make_tiny_model
@@ -60,16 +62,23 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.mark.parametrize("latent_cache", [False, True], ids=["per-head", "latent"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_latent_attention_matches_transformers(variant, tmp_path, tiny_tokenizer):
+def test_latent_attention_matches_transformers(variant, latent_cache, tmp_path, tiny_tokenizer):
     arch, kw = VARIANTS[variant]
     out = _checkpoint(tmp_path, tiny_tokenizer, _model(arch, **kw))
     ref, _, _ = load_quantkit_checkpoint(out)
-    rt = runtime.load(out, device="cpu")
+    rt = runtime.load(out, device="cpu", latent_cache=latent_cache)
     assert [isinstance(b.mlp, MoE) for b in rt.blocks] == [False, True, True]  # first_k_dense_replace = 1
     assert all(m.kind == "wna16" for m in rt.linears.values()) and not any(n.endswith(".gate") for n in rt.linears)
-    assert (rt.head_dim, rt.v_dim, rt.n_kv) == (32, 16, 6)  # K 16 + 8 and V 16, zero-padded to 32
     assert rt.blocks[0].sm_scale == ref.model.layers[0].self_attn.scaling
+    rt.ensure(2, 24)
+    if latent_cache:  # one K head [latent 32 | k_pe 8] a token; kv_b is absorbed (a float linear, not run per token)
+        assert isinstance(rt._cache, LatentCache) and rt._cache.x.shape == (3, 2, 1, 24, 40)
+        quantized = json.loads((out / "quantkit.json").read_text())["modules"]
+        assert set(rt.linears) == {n for n in quantized if not n.endswith("kv_b_proj")}
+    else:  # K (16 + 8) and V (16) per head, zero-padded to 32
+        assert (rt.head_dim, rt.v_dim, rt.n_kv) == (32, 16, 6) and rt._cache.k.shape == (3, 2, 6, 24, 32)
     with torch.no_grad():
         want = ref(input_ids=IDS).logits
     # prefill, one forward and in chunks of 7 (later chunks attend to the cache with a mask)
@@ -159,3 +168,30 @@ def test_online_rotations_refused_before_any_weight(tmp_path, tiny_tokenizer):
     with pytest.raises(RuntimeLoadError, match=r"online rotations \(R4\) with multi-head latent attention "
                                                r"\(model type deepseek_v2\); score this checkpoint"):
         runtime.load(out, device="cpu", verify=False)
+
+
+def test_latent_cache_refusals(tmp_path, tiny_tokenizer):
+    """The latent cache takes weight-only checkpoints with a float KV cache: quantized activations, an INT8
+    KV cache and a model without latent attention are refused in one line before a weight is read; with it,
+    kv_b (absorbed) is no layer whose precision can be forced."""
+    from quantkit.errors import UsageError
+    from quantkit.recipe import PRESETS
+    from quantkit.runtime.loader import RuntimeLoadError
+    from quantkit.runtime.precision import PrecisionError
+
+    cases = [("deepseek_v2", PRESETS["W8A8"], "not quantized activations"),
+             ("deepseek_v3", Scheme(QuantArgs(4, 32, False), kv_cache=KVCacheArgs(8, "token", dynamic=True)),
+              "not an INT8 KV cache"),
+             ("llama", W4, "the latent cache is for multi-head latent attention")]
+    for arch, scheme, why in cases:
+        out = _checkpoint(tmp_path / arch, tiny_tokenizer, make_tiny_model(arch, seed=3), scheme)
+        (out / "model.safetensors").write_bytes(b"not safetensors")
+        with pytest.raises(RuntimeLoadError, match=why):
+            runtime.load(out, device="cpu", verify=False, latent_cache=True)
+    with pytest.raises(UsageError, match="the latent cache is for multi-head latent attention"):
+        runtime.from_float(make_tiny_model("llama"), device="cpu", latent_cache=True)
+    rt = runtime.from_float(_model("deepseek_v2"), device="cpu", latent_cache=True)
+    rt.ensure(1, 8)
+    rt.precision.force_fp16(layer="model.layers.0.self_attn.q_proj")
+    with pytest.raises(PrecisionError):
+        rt.precision.force_fp16(layer="model.layers.0.self_attn.kv_b_proj")

@@ -37,7 +37,7 @@ from quantkit.errors import UsageError
 from quantkit.kernels.fused import add_rmsnorm, rope, silu_mul, split_heads
 from quantkit.kernels.hadamard import hadamard_transform
 from quantkit.kernels.mixed import TOKEN_GROUP
-from quantkit.runtime.kvcache import KVCache
+from quantkit.runtime.kvcache import KVCache, LatentCache
 from quantkit.runtime.linear import QuantLinear, StepControl, can_fuse, fuse
 from quantkit.runtime.monitor import FallbackMonitor
 from quantkit.runtime.precision import PrecisionState
@@ -218,7 +218,7 @@ class StepStats:
 class RuntimeModel:
     def __init__(self, hf_model: nn.Module, *, device, dtype: torch.dtype, kv=None, kv_static: list | None = None,
                  kv_residual: bool | None = None, online: dict | None = None, info: dict | None = None,
-                 kv_residual_slots: int | None = None):
+                 kv_residual_slots: int | None = None, latent_cache: bool = False):
         from quantkit.models.adapter import ModelAdapter, head_dim_of, sliding_windows
 
         self.hf = hf_model.requires_grad_(False)
@@ -232,6 +232,10 @@ class RuntimeModel:
         lay = adapter.spec.layout
         if lay is None:
             raise RequestError(f"the runtime has no block layout for model type {cfg.model_type!r}")
+        refused = latent_cache_refusal(lay.latent is not None, kv, None)
+        if latent_cache and refused:
+            raise UsageError(refused)
+        self.latent_cache = latent_cache
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = head_dim_of(cfg)
@@ -258,6 +262,10 @@ class RuntimeModel:
             latent = None
             if lay.latent is not None:
                 qkv, latent = _latent(blk, prefix, lay.latent, cfg)
+                if latent_cache:  # kv_b is absorbed: a float linear that attention reads, never runs per token
+                    latent.kv_b = _dense_linear(latent.kv_b, f"{prefix}.{lay.latent.kv_b}", self.device, dtype)
+                    parent, _, leaf = lay.latent.kv_b.rpartition(".")
+                    setattr(blk.get_submodule(parent), leaf, latent.kv_b)
             elif lay.q == lay.k == lay.v:
                 qkv = blk.get_submodule(lay.q)
             else:
@@ -328,7 +336,7 @@ class RuntimeModel:
                 n += t.numel() * t.element_size()
         return n
 
-    def ensure(self, batch: int, max_len: int) -> KVCache:
+    def ensure(self, batch: int, max_len: int) -> KVCache | LatentCache:
         """The KV cache, precision state (and monitor buffers) for `batch` x `max_len`, reused when big enough."""
         limit = getattr(self.config, "max_position_embeddings", None)
         if limit and max_len > limit:
@@ -340,9 +348,14 @@ class RuntimeModel:
             self._cache = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            c = self._cache = KVCache(len(self.blocks), batch, self.n_kv, max_len, self.head_dim, dtype=self.dtype,
-                                      device=self.device, kv=self.kv_args, static=self.kv_static,
-                                      residual=self.kv_residual, residual_slots=self.kv_residual_slots)
+            if self.latent_cache:
+                lt = self.blocks[0].latent
+                c = self._cache = LatentCache(len(self.blocks), batch, max_len, lt.rank + lt.rope, dtype=self.dtype,
+                                              device=self.device)
+            else:
+                c = self._cache = KVCache(len(self.blocks), batch, self.n_kv, max_len, self.head_dim, dtype=self.dtype,
+                                          device=self.device, kv=self.kv_args, static=self.kv_static,
+                                          residual=self.kv_residual, residual_slots=self.kv_residual_slots)
             # layer flags live on the modules: a new state keeps them
             self.precision = PrecisionState(self.linears, batch, max_len, self.device)
             self._rope = {}
@@ -379,7 +392,7 @@ class RuntimeModel:
         monitor. last: (B,) long, return only the logits at these token indices (B, V); else (B, S, V)."""
         cache = self._cache
         B, S = ids.shape
-        Hq, D, Dv = self.n_heads, self.head_dim, self.v_dim
+        Hq, Dv = self.n_heads, self.v_dim
         x = self.embed(ids)
         if self.embed_mult != 1.0:
             x = x * self.embed_mult
@@ -408,8 +421,11 @@ class RuntimeModel:
                     q = cache.rope_write(i, qkv, cos, sin, pos, Hq)
                 else:
                     q = self._qkv_torch(i, blk, qkv, cos, sin, pos)
-            a = self._attend(i, blk, q, pos, seq_lens if decode else None, length, masks)  # (B, S, Hq, D)
-            a = (a if Dv == D else a[..., :Dv]).reshape(B, S, Hq * Dv)
+            if self.latent_cache:
+                a = self._latent_attend(i, blk, q, pos, cache.max_len if decode else length)  # (B, S, Hq, Dv)
+            else:
+                a = self._attend(i, blk, q, pos, seq_lens if decode else None, length, masks)  # (B, S, Hq, D)
+            a = (a if a.shape[-1] == Dv else a[..., :Dv]).reshape(B, S, Hq * Dv)
             o = self._run(blk.o, a, i, "o")
             if blk.attn_out_norm is not None:
                 o = blk.attn_out_norm(o)
@@ -462,15 +478,15 @@ class RuntimeModel:
                     pos: torch.Tensor) -> torch.Tensor:
         """Multi-head latent attention's q, K and V (DeepSeek) from h (B, S, hidden): K (nope + rope; the rope
         part one head shared by all) and V of every head, rebuilt from the kv latent, go into the cache
-        zero-padded to its head size; returns q (B, Hq, S, D) padded alike (the zeros add nothing to q . k)."""
+        zero-padded to its head size; returns q (B, Hq, S, D) padded alike (the zeros add nothing to q . k).
+        With the latent cache: the normed latent and k_pe go into it; returns q (B, Hq, S, nope + rope)."""
         lt = blk.latent
         B, S, _ = h.shape
         H, D = self.n_heads, self.head_dim
         q, c, k_pe = self._run(blk.qkv, h, i, "qkv").split([lt.q_width, lt.rank, lt.rope], dim=-1)
         if lt.q_b is not None:
             q = self._run(lt.q_b, lt.q_a_norm(q), i, "q_b")
-        kv = self._run(lt.kv_b, lt.kv_a_norm(c), i, "kv_b").view(B, S, H, lt.nope + lt.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([lt.nope, lt.v_dim], dim=-1)
+        c = lt.kv_a_norm(c)
         q = q.view(B, S, H, lt.nope + lt.rope).transpose(1, 2)
         q_nope, q_pe = q.split([lt.nope, lt.rope], dim=-1)
         k_pe = k_pe.view(B, S, 1, lt.rope).transpose(1, 2)
@@ -479,10 +495,32 @@ class RuntimeModel:
         q_pe, k_pe = rope(q_pe, cos, sin), rope(k_pe, cos, sin)
         if lt.interleave and lt.pairs_in_place:  # K's channels in the model's order (per-channel KV scales)
             q_pe, k_pe = (torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2) for t in (q_pe, k_pe))
+        if self.latent_cache:
+            self._cache.write(i, torch.cat([c.unsqueeze(1), k_pe], dim=-1), pos)
+            return torch.cat([q_nope, q_pe], dim=-1)
+        kv = self._run(lt.kv_b, c, i, "kv_b").view(B, S, H, lt.nope + lt.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([lt.nope, lt.v_dim], dim=-1)
         pad = (0, D - lt.nope - lt.rope)
         k = F.pad(torch.cat([k_nope, k_pe.expand(B, H, S, lt.rope)], dim=-1), pad)
         self._cache.write(i, k, F.pad(v, (0, D - lt.v_dim)), pos)
         return F.pad(torch.cat([q_nope, q_pe], dim=-1), pad)
+
+    def _latent_attend(self, i: int, blk: Block, q: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """Attention over the latent cache, kv_b absorbed: q (B, Hq, S, nope + rope) at positions pos (B, S)
+        over cache positions [0, length) (a decode step: the whole cache, masked, so its shapes are static)
+        -> (B, S, Hq, v_dim). Per head, q_nope . (W_k c) = (W_k^T q_nope) . c and the output
+        W_v (sum_j p_j c_j): one K head [c | k_pe] shared by every query head, its first kv_lora_rank
+        columns the values."""
+        lt = blk.latent
+        B, H, S, _ = q.shape
+        w = lt.kv_b.weight.view(H, lt.nope + lt.v_dim, lt.rank)
+        q_nope, q_pe = q.split([lt.nope, lt.rope], dim=-1)
+        q_lat = torch.cat([torch.matmul(q_nope, w[:, :lt.nope]), q_pe], dim=-1)  # (B, H, S, rank + rope)
+        x = self._cache.read(i, length, B)  # (B, 1, length, rank + rope)
+        mask = (torch.arange(length, device=self.device).view(1, 1, length) <= pos.view(B, S, 1)).unsqueeze(1)
+        o = F.scaled_dot_product_attention(q_lat, x, x[..., :lt.rank], attn_mask=mask, scale=blk.sm_scale,
+                                           enable_gqa=True)  # (B, H, S, rank)
+        return torch.matmul(o, w[:, lt.nope:].transpose(1, 2)).transpose(1, 2)
 
     def _run_mlp(self, mlp: Mlp, h: torch.Tensor, i: int) -> torch.Tensor:
         gu = self._run(mlp.gate_up, h, i, "gate_up")
@@ -779,6 +817,34 @@ class RuntimeModel:
                 on_batch(min(b0 + batch_size, n), n)
         nll = total / count
         return Perplexity(ppl=math.exp(nll), nll=nll, tokens=count, windows=n)
+
+
+def latent_cache_refusal(latent: bool, kv, act, sensitive: bool = False) -> str | None:
+    """Why `latent_cache=True` cannot run, or None. latent: the model's attention is latent; kv / act: the
+    checkpoint's KV-cache and activation quantization args; sensitive: kv_b keeps an FP16 copy."""
+    if not latent:
+        return "the latent cache is for multi-head latent attention (DeepSeek-V2/V3); leave latent_cache off"
+    why = ("an INT8 KV cache (it quantizes K and V per head, which the latent cache never forms)" if kv is not None
+           else "quantized activations (kv_b's input would be quantized per read, not per token)" if act is not None
+           else "an FP16 copy of kv_b (its precision switches per token; the absorbed kv_b cannot)" if sensitive
+           else None)
+    return why and f"the latent cache runs weight-only checkpoints with a float KV cache, not {why}; " \
+                   "leave latent_cache off (K and V cached per head)"
+
+
+@torch.no_grad()
+def _dense_linear(lin: nn.Module, name: str, device, dtype) -> nn.Linear:
+    """A float nn.Linear that computes what `lin` (a weight-only QuantLinear or a linear) computes: its
+    weight read back through it (the identity's image), so every packing reads back alike."""
+    if isinstance(lin, QuantLinear) and (lin.act is not None or lin.pinned):
+        raise UsageError(latent_cache_refusal(True, None, lin.act, lin.pinned) + f" ({name})")
+    eye = torch.eye(lin.in_features, device=device, dtype=dtype)
+    b = lin(torch.zeros_like(eye[:1]))  # the bias (zeros without one)
+    out = nn.Linear(lin.in_features, lin.out_features, bias=False, device=device, dtype=dtype)
+    out.weight.copy_((lin(eye) - b).t())
+    if bool(b.any()):
+        out.bias = nn.Parameter(b[0])
+    return out.requires_grad_(False)
 
 
 def _cos_sin(out) -> tuple[torch.Tensor, torch.Tensor]:
