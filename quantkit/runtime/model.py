@@ -7,7 +7,11 @@ norms, per-layer-type rotary tables and Gemma 2's attention soft-capping): RMSNo
 modules), fused q/k/v and gate/up QuantLinears, RoPE from precomputed tables, optional per-head q/k norms
 (Qwen3), SpinQuant's online Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention
 over `KVCache`. The MLP is a dense gated `Mlp`, or an `MoE` where the adapter row has experts (Mixtral,
-Qwen2-MoE, Qwen3-MoE: see `RuntimeModel._run_moe` for the dispatch and why decode differs from prefill).
+Qwen2-MoE, Qwen3-MoE, DeepSeek: see `RuntimeModel._run_moe` for the dispatch and why decode differs from
+prefill). DeepSeek-V2/V3's multi-head latent attention (`Latent`, `RuntimeModel._latent_qkv`) rebuilds K
+and V per head from the kv latent and caches them like any other model's (zero-padded to one head size),
+or, with `latent_cache=True`, caches the latent itself and absorbs kv_b into the query and the output
+(`LatentCache`, `RuntimeModel._latent_attend`).
 Attention:
 
 * prefill (any number of tokens per sample, right-padded batches): K/V are written to the cache
@@ -232,9 +236,8 @@ class RuntimeModel:
         lay = adapter.spec.layout
         if lay is None:
             raise RequestError(f"the runtime has no block layout for model type {cfg.model_type!r}")
-        refused = latent_cache_refusal(lay.latent is not None, kv, None)
-        if latent_cache and refused:
-            raise UsageError(refused)
+        if latent_cache and latent_cache_refusal(lay.latent is not None, kv, None):
+            raise UsageError(latent_cache_refusal(lay.latent is not None, kv, None))
         self.latent_cache = latent_cache
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -258,7 +261,6 @@ class RuntimeModel:
         for i, blk in enumerate(adapter.blocks()):
             prefix = adapter.block_name(i)
             attn = blk.get_submodule(lay.attention)
-            # A layout naming one linear for q, k and v (gate and up) has them fused already (Phi-3).
             latent = None
             if lay.latent is not None:
                 qkv, latent = _latent(blk, prefix, lay.latent, cfg)
@@ -266,7 +268,7 @@ class RuntimeModel:
                     latent.kv_b = _dense_linear(latent.kv_b, f"{prefix}.{lay.latent.kv_b}", self.device, dtype)
                     parent, _, leaf = lay.latent.kv_b.rpartition(".")
                     setattr(blk.get_submodule(parent), leaf, latent.kv_b)
-            elif lay.q == lay.k == lay.v:
+            elif lay.q == lay.k == lay.v:  # one linear for q, k and v (gate and up): fused already (Phi-3)
                 qkv = blk.get_submodule(lay.q)
             else:
                 qkv = _fuse_into(blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
