@@ -298,19 +298,6 @@ def test_spinquant_refused_before_load(tmp_path):
     assert code == 2 and "spinquant cannot rotate model type 'gemma2'" in out, out
 
 
-@pytest.mark.parametrize("fam", ["deepseek_v3", "deepseek_v2"])
-def test_runtime_refuses_what_it_cannot_run(fam, tmp_path, tiny_tokenizer):
-    """DeepSeek V2/V3: no block layout for the runtime (multi-head latent attention is not in it)."""
-    from quantkit import runtime
-    from quantkit.runtime.loader import RuntimeLoadError
-
-    qm = api.quantize(LoadedModel(_model(fam), tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(W4), (Stage("rtn"),)))
-    out = api.export(qm, tmp_path / "ckpt")
-    with pytest.raises(RuntimeLoadError, match=rf"does not run model type '{fam}' yet \(its multi-head latent "
-                                               r"attention.* is not in the runtime; it runs .*without --runtime"):
-        runtime.load(out, device="cpu")
-
-
 def test_runtime_refuses_partial_rotary(tmp_path, tiny_tokenizer):
     """Phi-4-mini rotates 3/4 of each head: the fused RoPE kernel rotates whole heads, so the runtime says so."""
     from quantkit import runtime
@@ -616,13 +603,13 @@ def test_spinquant_method_no_worse_than_rtn(fam, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("fam", ["granite", "phi3", "olmo2", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
-                                 "qwen3_moe"])
+                                 "qwen3_moe", "deepseek_v3", "deepseek_v2"])
 @pytest.mark.parametrize("scheme", [Scheme(W4), PRESETS["W8A8C8"]], ids=["w4a16", "w8a8c8"])
 def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypatch):
     """Granite (its embedding / residual / logits multipliers and attention scale), Phi-3 (q/k/v and gate/up
     fused in the checkpoint), OLMo 2 (norms after the sub-blocks, q/k norms over all heads) and Gemma 3
-    ((1 + w) norms around each sub-block, local / global rotary tables, sliding windows, GELU) on the
-    runtime against the dense checkpoint with its run-time quantization simulated (what `quantkit eval`
+    ((1 + w) norms around each sub-block, local / global rotary tables, sliding windows, GELU), the MoE families
+    and DeepSeek (multi-head latent attention, more in test_runtime_mla.py) on the runtime against the dense checkpoint with its run-time quantization simulated (what `quantkit eval`
     scores). Weight-only: the same logits. W8A8C8: int8 GEMMs round differently from the simulation's
     float GEMMs, and where an activation sits on a rounding boundary of the next per-token quantization
     the two part (measured on Llama too: 3e-7 or 2-5e-3 relative by seed), so the test asks for the same

@@ -77,6 +77,27 @@ def test_moe_and_softcap_graph_replay_equals_eager(tmp_path, tiny_tokenizer, arc
     _graph_equals_eager(runtime.load(path, device="cuda", dtype=torch.float16))
 
 
+@pytest.mark.parametrize("latent_cache", [False, True], ids=["per-head", "latent"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+def test_latent_attention_on_gpu(tmp_path, tiny_tokenizer, arch, latent_cache):
+    """DeepSeek's multi-head latent attention in fp16: prefill against the fp32 simulated dense model (the bar
+    of test_formats_on_gpu), decode steps (the Triton decode kernel on K/V per head zero-padded to 32, or the
+    latent cache's masked full-length attention) against the prefill's logits, and CUDA-graph replay (the
+    routers and the static MoE dispatch inside the graph) giving the eager tokens."""
+    path = _checkpoint(tmp_path, tiny_tokenizer, "w4-g32-asym", arch=arch)
+    rt = runtime.load(path, device="cuda", dtype=torch.float16, latent_cache=latent_cache)
+    ref = _reference_logits(path, tiny_tokenizer, IDS)
+    full = rt.prefill([r.tolist() for r in IDS], all_logits=True).float().cpu()
+    noise = _rel(_reference_logits_fp16_gpu(path, tiny_tokenizer, IDS), ref)
+    assert _rel(full, ref) <= max(3e-2, 2 * noise), noise
+    rt.use_graphs = False
+    rt.prefill([r[:40].tolist() for r in IDS], extra=8)
+    for p in range(40, 48):
+        d = rt.decode_step(IDS[:, p].cuda(), torch.full((2,), p, device="cuda"))
+        assert _rel(d.float().cpu(), full[:, p]) <= 1e-2, p
+    _graph_equals_eager(rt)
+
+
 def test_monitor_inside_graphs(tmp_path, tiny_tokenizer):
     from quantkit.runtime.calibrate import default_monitor_layers, monitor_histograms
 

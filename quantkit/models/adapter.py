@@ -77,6 +77,36 @@ class RotationRoles:
 
 
 @dataclass(frozen=True)
+class LatentAttention:
+    """Multi-head latent attention (DeepSeek-V2/V3), for the runtime. Names are relative to a block;
+    sizes are the config fields named here.
+
+    q = q_proj(h) when the config leaves `q_lora_rank` unset, else q_b(q_a_norm(q_a(h))): per head a
+    "nope" part and a RoPE part. kv_a(h) = (latent [kv_lora_rank], k_pe [qk_rope_head_dim]);
+    kv_b(kv_a_norm(latent)) = per head (k_nope, v). k_pe is one head shared by every query head.
+    rope_interleave: the config field that says whether RoPE rotates interleaved pairs (x0, x1), (x2, x3)
+    (unset: it does, DeepSeek-V2 always) or the two halves (rotate_half).
+    pairs_out: where the rotated pairs go: back in place (V2's complex product) or the first elements of
+    the pairs then the second ones (V3). q . k is the same either way; K's channel order is not, and per
+    channel KV-cache scales are calibrated in the model's own order."""
+
+    q: str = "self_attn.q_proj"
+    q_a: str = "self_attn.q_a_proj"
+    q_a_norm: str = "self_attn.q_a_layernorm"
+    q_b: str = "self_attn.q_b_proj"
+    kv_a: str = "self_attn.kv_a_proj_with_mqa"
+    kv_a_norm: str = "self_attn.kv_a_layernorm"
+    kv_b: str = "self_attn.kv_b_proj"
+    q_lora_rank: str = "q_lora_rank"
+    kv_lora_rank: str = "kv_lora_rank"
+    nope_dim: str = "qk_nope_head_dim"
+    rope_dim: str = "qk_rope_head_dim"
+    v_dim: str = "v_head_dim"
+    rope_interleave: str = "rope_interleave"
+    pairs_out: str = "halves"  # or "in place"
+
+
+@dataclass(frozen=True)
 class BlockLayout:
     """Where each part of a decoder block lives, for the runtime, which runs the block itself.
 
@@ -107,6 +137,8 @@ class BlockLayout:
     qk_norm_whole: bool = False  # q_norm / k_norm span all heads at once (OLMo 2), not one head
     final_softcap: str | None = None  # config field: logits -> tanh(logits / c) * c (Gemma)
     attn_softcap: str | None = None  # config field: attention scores -> tanh(s / c) * c (Gemma 2)
+    # Set: the attention is latent (DeepSeek); q / k / v then name its query and kv input linears
+    latent: LatentAttention | None = None
 
     @property
     def attention(self) -> str:
@@ -579,9 +611,9 @@ _QWEN2_MOE = replace(
 _MLA_Q = "num_attention_heads*qk_nope_head_dim+num_attention_heads*qk_rope_head_dim"
 _MLA_IN = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
 _DS_SHARED = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")
-_DEEPSEEK = replace(
+_DEEPSEEK_V3 = replace(
     _LLAMA_LIKE,
-    model_types=("deepseek_v2", "deepseek_v3"),
+    model_types=("deepseek_v3",),
     sequential=(_MLA_IN + ("self_attn.q_proj",), ("self_attn.q_b_proj",), ("self_attn.kv_b_proj",), ("self_attn.o_proj",),
                 _DS_SHARED, ("mlp.shared_experts.down_proj",)) + _EXPERT_STEPS + _LLAMA_LIKE.sequential[2:],
     scale_groups=(
@@ -601,9 +633,8 @@ _DEEPSEEK = replace(
     ) + _LLAMA_LIKE.ops[4:] + _EXPERT_OPS,
     rotation=None,
     no_rotation=_NO_MOE_ROTATION,
-    layout=None,
-    no_runtime="its multi-head latent attention, K and V rebuilt from a compressed latent with heads of two "
-               "sizes, is not in the runtime",
+    layout=replace(_LLAMA_LIKE.layout, q="self_attn.q_proj", k="self_attn.kv_a_proj_with_mqa", v="self_attn.kv_b_proj",
+                   q_norm=None, k_norm=None, latent=LatentAttention()),
     no_clip=("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.q_proj"),
     experts=ExpertsSpec(path="mlp.experts", count=("n_routed_experts", "num_local_experts"),
                         intermediate="moe_intermediate_size", shared_intermediate=("moe_intermediate_size", "n_shared_experts"),
@@ -618,9 +649,11 @@ _DEEPSEEK = replace(
         LinearShape("self_attn.o_proj", "hidden", "num_attention_heads*v_head_dim"),
     ) + _MLP_SHAPES + _expert_shapes("mlp.shared_experts", "shared") + _expert_shapes("mlp.experts.*", "expert"),
 )
+_DEEPSEEK_V2 = replace(_DEEPSEEK_V3, model_types=("deepseek_v2",),
+                       layout=replace(_DEEPSEEK_V3.layout, latent=LatentAttention(pairs_out="in place")))
 
 ARCH_SPECS: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _QWEN2, _QWEN3, _GRANITE, _GEMMA, _OLMO2, _PHI3, _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE,
-                                    _DEEPSEEK)
+                                    _DEEPSEEK_V2, _DEEPSEEK_V3)
 
 
 def config_value(config, key: str):

@@ -58,7 +58,9 @@ class KVCache:
                     s = e[f"{which}_scale"].float().to(device)
                     if kv.strategy == "tensor":
                         s = s.max().expand(kv_heads, head_dim)
-                    lst.append(s.reshape(kv_heads, head_dim))
+                    s = s.reshape(kv_heads, -1)
+                    # heads narrower than the cache's (multi-head latent attention: zero-padded; any scale keeps 0)
+                    lst.append(torch.nn.functional.pad(s, (0, head_dim - s.shape[1]), value=1.0))
             self.k_scale = torch.stack(ks).contiguous()
             self.v_scale = torch.stack(vs).contiguous()
         self.residual = bool(kv.residual_bits) if residual is None else bool(residual)
@@ -203,3 +205,44 @@ class KVCache:
                                 v_scale=self._scale(1, layer, B), k_res=self._res(0, layer, B),
                                 v_res=self._res(1, layer, B), window=window, sm_scale=sm_scale, softcap=softcap,
                                 out=out)
+
+
+class LatentCache:
+    """Multi-head latent attention's cache (DeepSeek, `RuntimeModel(latent_cache=True)`): per layer and token
+    the normed kv latent and the rotated k_pe, the one K head every query head shares,
+
+        x[l]   (B, 1, T, kv_lora_rank + qk_rope_head_dim)  in the model's dtype
+
+    (576 values a token and layer for DeepSeek-V3, against 128 heads x (192 + 128) for K and V per head).
+    Attention reads it with kv_b's K and V halves absorbed into the query and the output
+    (`RuntimeModel._latent_attend`). Float only: the INT8 KV cache quantizes K and V per head."""
+
+    kv = None
+    residual = False
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, width: int, *, dtype: torch.dtype, device):
+        self.n_layers, self.batch, self.max_len, self.width = n_layers, batch, max_len, width
+        self.dtype, self.device = dtype, torch.device(device)
+        self.x = torch.zeros((n_layers, batch, 1, max_len, width), dtype=dtype, device=device)
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)  # as KVCache's (nothing quantized here)
+
+    def reset(self) -> None:
+        pass  # positions are written before they are read: nothing to forget
+
+    def reset_counts(self) -> None:
+        self.counts.zero_()
+
+    def nbytes(self) -> int:
+        return self.x.numel() * self.x.element_size()
+
+    def stats(self) -> dict:
+        return {"kv_tokens": 0, "kv_patched": 0, "kv_overflow": 0, "patched_fraction": 0.0}
+
+    def write(self, layer: int, x: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store x (B, 1, S, width) at positions pos (B, S) long (the first B samples)."""
+        B, _, S, W = x.shape
+        self.x[layer, :B].scatter_(2, pos.view(B, 1, S, 1).expand(B, 1, S, W), x.to(self.dtype))
+
+    def read(self, layer: int, length: int, B: int) -> torch.Tensor:
+        """Positions [0, length) of the first B samples: (B, 1, length, width)."""
+        return self.x[layer, :B, :, :length]

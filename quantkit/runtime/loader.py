@@ -21,7 +21,7 @@ from torch import nn
 from quantkit.errors import UsageError
 from quantkit.models.checkpoint import rebuild_buffers
 from quantkit.runtime.linear import QuantLinear
-from quantkit.runtime.model import RuntimeModel
+from quantkit.runtime.model import RuntimeModel, latent_cache_refusal
 
 
 class RuntimeLoadError(UsageError):
@@ -69,10 +69,11 @@ def _kv_static_per_layer(model: nn.Module, static) -> list[dict] | None:
     return out
 
 
-def _check_supported(config) -> None:
-    """The runtime runs the families whose adapter row has a BlockLayout (the Llama-like block)."""
+def _check_supported(config, online: dict | None = None) -> None:
+    """The runtime runs the families whose adapter row has a BlockLayout; online: the checkpoint's online
+    rotations (SpinQuant R3/R4), which latent attention has no place for."""
     from quantkit.errors import short_repr
-    from quantkit.models.adapter import ARCH_SPECS
+    from quantkit.models.adapter import ARCH_SPECS, spec_for
 
     mt = getattr(config, "model_type", None)
     runs = sorted(t for s in ARCH_SPECS if s.layout is not None for t in s.model_types)
@@ -85,20 +86,28 @@ def _check_supported(config) -> None:
     partial = getattr(config, "partial_rotary_factor", None) or (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None)
     if partial not in (None, 1, 1.0):  # the fused RoPE kernel rotates whole heads
         raise RuntimeLoadError(f"the runtime does not run partial rotary embeddings yet (partial_rotary_factor={partial}); {fix}")
+    if online and spec_for(mt).layout.latent is not None:
+        # SpinQuant refuses these models (their adapter row has no rotation roles): a foreign manifest
+        rot = "/".join(k.upper() for k in ("r3", "r4") if k in online)
+        raise RuntimeLoadError(f"the runtime does not run online rotations ({rot}) with multi-head latent "
+                               f"attention (model type {mt}); {fix}")
 
 
 def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = True,
-         kv_residual: bool | None = None, kv_residual_slots: int | None = None) -> RuntimeModel:
+         kv_residual: bool | None = None, kv_residual_slots: int | None = None,
+         latent_cache: bool = False) -> RuntimeModel:
     """A RuntimeModel for a quantkit checkpoint dir (any format quantkit exports).
 
     device: "cpu", "cuda[:N]" or "auto"; dtype: activations/float weights (default bf16 on CUDA, the
     checkpoint's dtype on CPU); verify: check every file's sha256 first; kv_residual: override the
     checkpoint's KV outlier residuals (None: as exported); kv_residual_slots: residual pool slots per
-    (sample, kv head) (None: max_len // 8)."""
+    (sample, kv head) (None: max_len // 8); latent_cache: DeepSeek's multi-head latent attention caches its
+    latent (kv_b absorbed) instead of K and V per head (weight-only checkpoints with a float KV cache)."""
     from transformers import AutoTokenizer
 
     from quantkit.export.reader import (STATIC_SUFFIXES, CheckpointTensors, is_quantkit_checkpoint, read_module,
                                         read_static_scales)
+    from quantkit.models.adapter import spec_for
     from quantkit.models.checkpoint import checkpoint_config, checkpoint_dtype, empty_model, load_into, verified_manifest
     from quantkit.recipe import QuantArgs, Scheme
 
@@ -111,10 +120,16 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
     manifest = verified_manifest(path, verify)
     cfg_dict = json.loads((path / "config.json").read_text())
     config = checkpoint_config(path, cfg_dict)
-    _check_supported(config)
+    _check_supported(config, manifest.get("online_rotations"))
     dev, dt = resolve_runtime(device, dtype, checkpoint_dtype(cfg_dict))
     scheme = Scheme.from_dict(manifest["recipe"]["scheme"])
     act = scheme.input_activations
+    if latent_cache:
+        lat = spec_for(config.model_type).layout.latent
+        refused = latent_cache_refusal(lat is not None, scheme.kv_cache, act, lat is not None and any(
+            n.endswith(f".{lat.kv_b}") for n in (manifest.get("shadow") or {}).get("modules", {})))
+        if refused:
+            raise RuntimeLoadError(refused)
     fmt = manifest["format"]
     tensors = CheckpointTensors(path)
     static = read_static_scales(path, manifest)
@@ -157,7 +172,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
             "sensitive": sorted((shadow or {}).get("modules", {}))}
     rt = RuntimeModel(model, device=dev, dtype=dt, kv=scheme.kv_cache, kv_static=_kv_static_per_layer(model, static),
                       kv_residual=kv_residual, online=manifest.get("online_rotations"), info=info,
-                      kv_residual_slots=kv_residual_slots)
+                      kv_residual_slots=kv_residual_slots, latent_cache=latent_cache)
     rt.tokenizer = AutoTokenizer.from_pretrained(path)
     return rt
 
@@ -192,7 +207,7 @@ def from_quantized(qmodel, *, device: str = "auto", dtype=None, kv_residual: boo
     QuantLinears (their dense weights dropped) and the rest moves to `device`."""
     model = qmodel.model
     dev, dt = resolve_runtime(device, dtype, next(model.parameters()).dtype)
-    _check_supported(model.config)
+    _check_supported(model.config, qmodel.online_rotations)
     scheme = qmodel.recipe.scheme
     act = scheme.input_activations
     static = qmodel.static_scales
@@ -218,10 +233,11 @@ def from_quantized(qmodel, *, device: str = "auto", dtype=None, kv_residual: boo
     return rt
 
 
-def from_float(model: nn.Module, *, device: str = "auto", dtype=None, tokenizer=None) -> RuntimeModel:
+def from_float(model: nn.Module, *, device: str = "auto", dtype=None, tokenizer=None,
+               latent_cache: bool = False) -> RuntimeModel:
     """The runtime's own float path for a transformers model (its BF16 baseline): the same engine,
     KV cache, decode kernel and CUDA graphs, with every decoder-block linear a dense QuantLinear
-    (q/k/v and gate/up fused as in the quantized runs). Takes over `model`."""
+    (q/k/v and gate/up fused as in the quantized runs). Takes over `model`. latent_cache: as `load`'s."""
     from quantkit.models.adapter import ModelAdapter
 
     dev, dt = resolve_runtime(device, dtype, next(model.parameters()).dtype)
@@ -231,7 +247,7 @@ def from_float(model: nn.Module, *, device: str = "auto", dtype=None, tokenizer=
         _set_module(model, name, QuantLinear.from_dense(name, lin.weight.detach(), lin.bias))
     rebuild_buffers(model, dev)
     model.eval()
-    rt = RuntimeModel(model, device=dev, dtype=dt,
+    rt = RuntimeModel(model, device=dev, dtype=dt, latent_cache=latent_cache,
                       info={"path": None, "format": "float", "scheme": str(dt).replace("torch.", ""), "sensitive": []})
     rt.tokenizer = tokenizer
     return rt

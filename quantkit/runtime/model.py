@@ -7,7 +7,11 @@ norms, per-layer-type rotary tables and Gemma 2's attention soft-capping): RMSNo
 modules), fused q/k/v and gate/up QuantLinears, RoPE from precomputed tables, optional per-head q/k norms
 (Qwen3), SpinQuant's online Hadamards (R3 on Q/K after RoPE, R4 on the down_proj input), and attention
 over `KVCache`. The MLP is a dense gated `Mlp`, or an `MoE` where the adapter row has experts (Mixtral,
-Qwen2-MoE, Qwen3-MoE: see `RuntimeModel._run_moe` for the dispatch and why decode differs from prefill).
+Qwen2-MoE, Qwen3-MoE, DeepSeek: see `RuntimeModel._run_moe` for the dispatch and why decode differs from
+prefill). DeepSeek-V2/V3's multi-head latent attention (`Latent`, `RuntimeModel._latent_qkv`) rebuilds K
+and V per head from the kv latent and caches them like any other model's (zero-padded to one head size),
+or, with `latent_cache=True`, caches the latent itself and absorbs kv_b into the query and the output
+(`LatentCache`, `RuntimeModel._latent_attend`).
 Attention:
 
 * prefill (any number of tokens per sample, right-padded batches): K/V are written to the cache
@@ -37,7 +41,7 @@ from quantkit.errors import UsageError
 from quantkit.kernels.fused import add_rmsnorm, rope, silu_mul, split_heads
 from quantkit.kernels.hadamard import hadamard_transform
 from quantkit.kernels.mixed import TOKEN_GROUP
-from quantkit.runtime.kvcache import KVCache
+from quantkit.runtime.kvcache import KVCache, LatentCache
 from quantkit.runtime.linear import QuantLinear, StepControl, can_fuse, fuse
 from quantkit.runtime.monitor import FallbackMonitor
 from quantkit.runtime.precision import PrecisionState
@@ -87,6 +91,28 @@ class MoE:
 
 
 @dataclass
+class Latent:
+    """A block's multi-head latent attention (DeepSeek, `models.adapter.LatentAttention`): the block's input
+    linear (`Block.qkv`, q's and the kv latent's linears fused) gives [q or q's latent | kv latent | k_pe];
+    q_b and kv_b expand the latents, each behind its RMSNorm."""
+
+    q_a_norm: nn.Module | None  # None with q_b: q comes straight from the input linear (no q_lora_rank)
+    q_b: nn.Module | None
+    kv_a_norm: nn.Module
+    kv_b: nn.Module
+    q_width: int  # columns of the input linear that are q (or q's latent)
+    rank: int  # kv_lora_rank
+    nope: int
+    rope: int
+    v_dim: int
+    interleave: bool  # RoPE on interleaved pairs (x0, x1), (x2, x3), ...; else on the two halves
+    pairs_in_place: bool  # interleaved: the rotated pairs go back in place (else: firsts, then seconds)
+
+    def units(self) -> list[nn.Module]:
+        return [u for u in (self.q_b, self.kv_b) if u is not None]
+
+
+@dataclass
 class Block:
     ln1: nn.Module | None  # None: no norm in front of attention (OLMo 2)
     ln2: nn.Module | None
@@ -102,6 +128,10 @@ class Block:
     mlp_out_norm: nn.Module | None = None
     qk_norm_whole: bool = False  # q/k norms over all heads at once (OLMo 2)
     softcap: float = 0.0  # attention scores -> tanh(s / c) * c before the mask (Gemma 2); 0: off
+    latent: Latent | None = None  # multi-head latent attention (DeepSeek); None: q/k/v from qkv
+
+    def attn_units(self) -> list[nn.Module]:
+        return [self.qkv] + (self.latent.units() if self.latent is not None else []) + [self.o]
 
 
 def _fuse_into(block: nn.Module, prefix: str, rels: list[str], name: str) -> QuantLinear | None:
@@ -147,6 +177,24 @@ def _moe(blk: nn.Module, prefix: str, ex, act_is_silu: bool) -> MoE | None:
                shared=shared, shared_gate=blk.get_submodule(ex.shared_gate) if ex.shared_gate else None)
 
 
+def _latent(blk: nn.Module, prefix: str, lat, cfg) -> tuple[nn.Module, Latent]:
+    """The block's latent attention from the layout's `LatentAttention` `lat`: (input unit, Latent)."""
+    size = {f: getattr(cfg, getattr(lat, f)) for f in ("q_lora_rank", "kv_lora_rank", "nope_dim", "rope_dim", "v_dim")}
+    q_in = lat.q_a if size["q_lora_rank"] else lat.q
+    attn = lat.kv_a.rsplit(".", 1)[0]
+    qkv = _fuse_into(blk, prefix, [q_in, lat.kv_a], f"{attn}.q_kv_a_proj") or \
+        _Unfused([blk.get_submodule(r) for r in (q_in, lat.kv_a)])
+    heads = cfg.num_attention_heads
+    low_rank = bool(size["q_lora_rank"])
+    return qkv, Latent(
+        q_a_norm=blk.get_submodule(lat.q_a_norm) if low_rank else None,
+        q_b=blk.get_submodule(lat.q_b) if low_rank else None,
+        kv_a_norm=blk.get_submodule(lat.kv_a_norm), kv_b=blk.get_submodule(lat.kv_b),
+        q_width=size["q_lora_rank"] or heads * (size["nope_dim"] + size["rope_dim"]), rank=size["kv_lora_rank"],
+        nope=size["nope_dim"], rope=size["rope_dim"], v_dim=size["v_dim"],
+        interleave=bool(getattr(cfg, lat.rope_interleave, True)), pairs_in_place=lat.pairs_out == "in place")
+
+
 class _Unfused(nn.Module):
     """Several linears that could not be fused, run one after another (outputs concatenated)."""
 
@@ -174,7 +222,7 @@ class StepStats:
 class RuntimeModel:
     def __init__(self, hf_model: nn.Module, *, device, dtype: torch.dtype, kv=None, kv_static: list | None = None,
                  kv_residual: bool | None = None, online: dict | None = None, info: dict | None = None,
-                 kv_residual_slots: int | None = None):
+                 kv_residual_slots: int | None = None, latent_cache: bool = False):
         from quantkit.models.adapter import ModelAdapter, head_dim_of, sliding_windows
 
         self.hf = hf_model.requires_grad_(False)
@@ -188,9 +236,19 @@ class RuntimeModel:
         lay = adapter.spec.layout
         if lay is None:
             raise RequestError(f"the runtime has no block layout for model type {cfg.model_type!r}")
+        if latent_cache and latent_cache_refusal(lay.latent is not None, kv, None):
+            raise UsageError(latent_cache_refusal(lay.latent is not None, kv, None))
+        self.latent_cache = latent_cache
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = head_dim_of(cfg)
+        self.v_dim = self.head_dim  # attention output per head
+        if lay.latent is not None:
+            # every query head gets its own K (nope + rope) and V, rebuilt from the latent; both are cached
+            # zero-padded to one power-of-two size >= 16 (what the decode kernel takes; zeros add nothing)
+            lat = lay.latent
+            qk, self.v_dim = getattr(cfg, lat.nope_dim) + getattr(cfg, lat.rope_dim), getattr(cfg, lat.v_dim)
+            self.n_kv, self.head_dim = self.n_heads, max(16, 1 << (max(qk, self.v_dim) - 1).bit_length())
         self.vocab = cfg.vocab_size
         windows = sliding_windows(cfg)
         self.ctl = StepControl()
@@ -203,10 +261,18 @@ class RuntimeModel:
         for i, blk in enumerate(adapter.blocks()):
             prefix = adapter.block_name(i)
             attn = blk.get_submodule(lay.attention)
-            # A layout naming one linear for q, k and v (gate and up) has them fused already (Phi-3).
-            qkv = blk.get_submodule(lay.q) if lay.q == lay.k == lay.v else \
-                _fuse_into(blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
-                _Unfused([blk.get_submodule(r) for r in (lay.q, lay.k, lay.v)])
+            latent = None
+            if lay.latent is not None:
+                qkv, latent = _latent(blk, prefix, lay.latent, cfg)
+                if latent_cache:  # kv_b is absorbed: a float linear that attention reads, never runs per token
+                    latent.kv_b = _dense_linear(latent.kv_b, f"{prefix}.{lay.latent.kv_b}", self.device, dtype)
+                    parent, _, leaf = lay.latent.kv_b.rpartition(".")
+                    setattr(blk.get_submodule(parent), leaf, latent.kv_b)
+            elif lay.q == lay.k == lay.v:  # one linear for q, k and v (gate and up): fused already (Phi-3)
+                qkv = blk.get_submodule(lay.q)
+            else:
+                qkv = _fuse_into(blk, prefix, [lay.q, lay.k, lay.v], f"{lay.attention}.qkv_proj") or \
+                    _Unfused([blk.get_submodule(r) for r in (lay.q, lay.k, lay.v)])
             act_is_silu = (getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
                            or "silu") in ("silu", "swish")
             mlp = _moe(blk, prefix, adapter.spec.experts, act_is_silu) if adapter.spec.experts else None
@@ -227,8 +293,8 @@ class RuntimeModel:
                 window=windows[i], sm_scale=float(getattr(attn, "scaling", self.head_dim ** -0.5)),
                 attn_out_norm=opt(lay.attn_out_norm), mlp_out_norm=opt(lay.mlp_out_norm), qk_norm_whole=lay.qk_norm_whole,
                 rope_type=layer_types[i] if rope_by_type else None,
-                softcap=self._field(cfg, lay.attn_softcap, 0.0)))
-            for unit in [qkv, self.blocks[-1].o] + mlp.units():
+                softcap=self._field(cfg, lay.attn_softcap, 0.0), latent=latent))
+            for unit in self.blocks[-1].attn_units() + mlp.units():
                 for m in (unit.mods if isinstance(unit, _Unfused) else [unit]):
                     if isinstance(m, QuantLinear):
                         m.ctl = self.ctl
@@ -272,7 +338,7 @@ class RuntimeModel:
                 n += t.numel() * t.element_size()
         return n
 
-    def ensure(self, batch: int, max_len: int) -> KVCache:
+    def ensure(self, batch: int, max_len: int) -> KVCache | LatentCache:
         """The KV cache, precision state (and monitor buffers) for `batch` x `max_len`, reused when big enough."""
         limit = getattr(self.config, "max_position_embeddings", None)
         if limit and max_len > limit:
@@ -284,9 +350,14 @@ class RuntimeModel:
             self._cache = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            c = self._cache = KVCache(len(self.blocks), batch, self.n_kv, max_len, self.head_dim, dtype=self.dtype,
-                                      device=self.device, kv=self.kv_args, static=self.kv_static,
-                                      residual=self.kv_residual, residual_slots=self.kv_residual_slots)
+            if self.latent_cache:
+                lt = self.blocks[0].latent
+                c = self._cache = LatentCache(len(self.blocks), batch, max_len, lt.rank + lt.rope, dtype=self.dtype,
+                                              device=self.device)
+            else:
+                c = self._cache = KVCache(len(self.blocks), batch, self.n_kv, max_len, self.head_dim, dtype=self.dtype,
+                                          device=self.device, kv=self.kv_args, static=self.kv_static,
+                                          residual=self.kv_residual, residual_slots=self.kv_residual_slots)
             # layer flags live on the modules: a new state keeps them
             self.precision = PrecisionState(self.linears, batch, max_len, self.device)
             self._rope = {}
@@ -303,11 +374,11 @@ class RuntimeModel:
         extra = (layer_type,) if layer_type is not None else ()
         rt = str(getattr(self.rotary, "rope_type", "default"))
         if "dynamic" in rt or "longrope" in rt:
-            return self.rotary(x, pos, *extra)
+            return _cos_sin(self.rotary(x, pos, *extra))
         t = self._rope.get(layer_type)
         if t is None or t[0].shape[0] < self._cache.max_len:
             ids = torch.arange(self._cache.max_len, device=self.device).view(1, -1)
-            cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), ids, *extra)
+            cos, sin = _cos_sin(self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), ids, *extra))
             t = self._rope[layer_type] = (cos[0], sin[0])
         return t[0][pos], t[1][pos]
 
@@ -323,7 +394,7 @@ class RuntimeModel:
         monitor. last: (B,) long, return only the logits at these token indices (B, V); else (B, S, V)."""
         cache = self._cache
         B, S = ids.shape
-        Hq, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        Hq, Dv = self.n_heads, self.v_dim
         x = self.embed(ids)
         if self.embed_mult != 1.0:
             x = x * self.embed_mult
@@ -339,41 +410,24 @@ class RuntimeModel:
             mon.row_sample = torch.arange(B, device=self.device).view(B, 1).expand(B, S).reshape(-1)
             w = torch.ones(B, S, device=self.device) if valid is None else valid.float()
             mon.row_weight = w.reshape(-1)
-        if not decode:
-            j = torch.arange(length, device=self.device)
-            allowed = j.view(1, 1, length) <= pos.view(B, S, 1)
-            masks = {}
+        masks = {}  # prefill: window -> attention mask (B, 1, S, length), built once per forward
         n = len(self.blocks)
         x, h = self._norm(self.blocks[0].ln1, x, None)
         for i, blk in enumerate(self.blocks):
             cos, sin = ropes[blk.rope_type]
-            qkv = self._run(blk.qkv, h, i, "qkv")
-            if blk.q_norm is None and not self.r3:  # one fused launch: RoPE on q and k, k and v into the cache
-                q = cache.rope_write(i, qkv, cos, sin, pos, Hq)
+            if blk.latent is not None:
+                q = self._latent_qkv(i, blk, h, cos, sin, pos)
             else:
-                q = self._qkv_torch(i, blk, qkv, cos, sin, pos)
-            if decode:
-                a = cache.decode_attention(i, q[:, :, 0], seq_lens, window=blk.window, sm_scale=blk.sm_scale,
-                                           softcap=blk.softcap)
-                a = a.reshape(B, 1, Hq * D)
-            else:
-                kf, vf = cache.read(i, length, B)
-                if length == S and (blk.window is None or blk.window >= length) and not blk.softcap:
-                    # from position 0: plain causal
-                    a = F.scaled_dot_product_attention(q, kf, vf, is_causal=True, scale=blk.sm_scale,
-                                                       enable_gqa=Hq != Hkv)
+                qkv = self._run(blk.qkv, h, i, "qkv")
+                if blk.q_norm is None and not self.r3:  # one fused launch: RoPE on q and k, k and v into the cache
+                    q = cache.rope_write(i, qkv, cos, sin, pos, Hq)
                 else:
-                    mask = masks.get(blk.window)
-                    if mask is None:
-                        mask = allowed if blk.window is None else \
-                            allowed & (pos.view(B, S, 1) - j.view(1, 1, length) < blk.window)
-                        mask = masks[blk.window] = mask.unsqueeze(1)
-                    if blk.softcap:
-                        a = _softcapped_attention(q, kf, vf, mask, blk.sm_scale, blk.softcap)
-                    else:
-                        a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale,
-                                                           enable_gqa=Hq != Hkv)
-                a = a.transpose(1, 2).reshape(B, S, Hq * D)
+                    q = self._qkv_torch(i, blk, qkv, cos, sin, pos)
+            if self.latent_cache:
+                a = self._latent_attend(i, blk, q, pos, cache.max_len if decode else length)  # (B, S, Hq, Dv)
+            else:
+                a = self._attend(i, blk, q, pos, seq_lens if decode else None, length, masks)  # (B, S, Hq, D)
+            a = (a if a.shape[-1] == Dv else a[..., :Dv]).reshape(B, S, Hq * Dv)
             o = self._run(blk.o, a, i, "o")
             if blk.attn_out_norm is not None:
                 o = blk.attn_out_norm(o)
@@ -391,6 +445,84 @@ class RuntimeModel:
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits[:, 0] if last is not None else logits
+
+    def _attend(self, i: int, blk: Block, q: torch.Tensor, pos: torch.Tensor, seq_lens: torch.Tensor | None,
+                length: int | None, masks: dict) -> torch.Tensor:
+        """Attention of q (B, Hq, S, D) over the cache -> (B, S, Hq, D). seq_lens (B,) int32: a decode step
+        (S == 1, the decode kernel); None: prefill over cache positions [0, length) (masks: the forward's
+        window -> mask cache)."""
+        cache = self._cache
+        B, Hq, S, _ = q.shape
+        gqa = Hq != self.n_kv
+        if seq_lens is not None:
+            a = cache.decode_attention(i, q[:, :, 0], seq_lens, window=blk.window, sm_scale=blk.sm_scale,
+                                       softcap=blk.softcap)
+            return a.unsqueeze(1)
+        kf, vf = cache.read(i, length, B)
+        if length == S and (blk.window is None or blk.window >= length) and not blk.softcap:
+            # from position 0: plain causal
+            a = F.scaled_dot_product_attention(q, kf, vf, is_causal=True, scale=blk.sm_scale, enable_gqa=gqa)
+            return a.transpose(1, 2)
+        mask = masks.get(blk.window)
+        if mask is None:
+            j = torch.arange(length, device=self.device)
+            mask = j.view(1, 1, length) <= pos.view(B, S, 1)
+            if blk.window is not None:
+                mask = mask & (pos.view(B, S, 1) - j.view(1, 1, length) < blk.window)
+            mask = masks[blk.window] = mask.unsqueeze(1)
+        if blk.softcap:
+            a = _softcapped_attention(q, kf, vf, mask, blk.sm_scale, blk.softcap)
+        else:
+            a = F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask, scale=blk.sm_scale, enable_gqa=gqa)
+        return a.transpose(1, 2)
+
+    def _latent_qkv(self, i: int, blk: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    pos: torch.Tensor) -> torch.Tensor:
+        """Multi-head latent attention's q, K and V (DeepSeek) from h (B, S, hidden): K (nope + rope; the rope
+        part one head shared by all) and V of every head, rebuilt from the kv latent, go into the cache
+        zero-padded to its head size; returns q (B, Hq, S, D) padded alike (the zeros add nothing to q . k).
+        With the latent cache: the normed latent and k_pe go into it; returns q (B, Hq, S, nope + rope)."""
+        lt = blk.latent
+        B, S, _ = h.shape
+        H, D = self.n_heads, self.head_dim
+        q, c, k_pe = self._run(blk.qkv, h, i, "qkv").split([lt.q_width, lt.rank, lt.rope], dim=-1)
+        if lt.q_b is not None:
+            q = self._run(lt.q_b, lt.q_a_norm(q), i, "q_b")
+        c = lt.kv_a_norm(c)
+        q = q.view(B, S, H, lt.nope + lt.rope).transpose(1, 2)
+        q_nope, q_pe = q.split([lt.nope, lt.rope], dim=-1)
+        k_pe = k_pe.view(B, S, 1, lt.rope).transpose(1, 2)
+        if lt.interleave:  # pairs (x0, x1), (x2, x3), ... -> halves (rope rotates halves)
+            q_pe, k_pe = (torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1) for t in (q_pe, k_pe))
+        q_pe, k_pe = rope(q_pe, cos, sin), rope(k_pe, cos, sin)
+        if lt.interleave and lt.pairs_in_place:  # K's channels in the model's order (per-channel KV scales)
+            q_pe, k_pe = (torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2) for t in (q_pe, k_pe))
+        if self.latent_cache:
+            self._cache.write(i, torch.cat([c.unsqueeze(1), k_pe], dim=-1), pos)
+            return torch.cat([q_nope, q_pe], dim=-1)
+        kv = self._run(lt.kv_b, c, i, "kv_b").view(B, S, H, lt.nope + lt.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([lt.nope, lt.v_dim], dim=-1)
+        pad = (0, D - lt.nope - lt.rope)
+        k = F.pad(torch.cat([k_nope, k_pe.expand(B, H, S, lt.rope)], dim=-1), pad)
+        self._cache.write(i, k, F.pad(v, (0, D - lt.v_dim)), pos)
+        return F.pad(torch.cat([q_nope, q_pe], dim=-1), pad)
+
+    def _latent_attend(self, i: int, blk: Block, q: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """Attention over the latent cache, kv_b absorbed: q (B, Hq, S, nope + rope) at positions pos (B, S)
+        over cache positions [0, length) (a decode step: the whole cache, masked, so its shapes are static)
+        -> (B, S, Hq, v_dim). Per head, q_nope . (W_k c) = (W_k^T q_nope) . c and the output
+        W_v (sum_j p_j c_j): one K head [c | k_pe] shared by every query head, its first kv_lora_rank
+        columns the values."""
+        lt = blk.latent
+        B, H, S, _ = q.shape
+        w = lt.kv_b.weight.view(H, lt.nope + lt.v_dim, lt.rank)
+        q_nope, q_pe = q.split([lt.nope, lt.rope], dim=-1)
+        q_lat = torch.cat([torch.matmul(q_nope, w[:, :lt.nope]), q_pe], dim=-1)  # (B, H, S, rank + rope)
+        x = self._cache.read(i, length, B)  # (B, 1, length, rank + rope)
+        mask = (torch.arange(length, device=self.device).view(1, 1, length) <= pos.view(B, S, 1)).unsqueeze(1)
+        o = F.scaled_dot_product_attention(q_lat, x, x[..., :lt.rank], attn_mask=mask, scale=blk.sm_scale,
+                                           enable_gqa=True)  # (B, H, S, rank)
+        return torch.matmul(o, w[:, lt.nope:].transpose(1, 2)).transpose(1, 2)
 
     def _run_mlp(self, mlp: Mlp, h: torch.Tensor, i: int) -> torch.Tensor:
         gu = self._run(mlp.gate_up, h, i, "gate_up")
@@ -491,7 +623,7 @@ class RuntimeModel:
                               skew_threshold=skew_threshold)
         where: dict[str, tuple] = {}  # member name -> (unit, first output column, columns)
         for blk in self.blocks:  # not the experts: their rows are the tokens routed to them, not the step's
-            for unit in [blk.qkv, blk.o] + (blk.mlp.units() if isinstance(blk.mlp, Mlp) else []):
+            for unit in blk.attn_units() + (blk.mlp.units() if isinstance(blk.mlp, Mlp) else []):
                 start = 0
                 for name, size in _unit_parts(unit):
                     where[name] = (unit, start, size)
@@ -687,6 +819,42 @@ class RuntimeModel:
                 on_batch(min(b0 + batch_size, n), n)
         nll = total / count
         return Perplexity(ppl=math.exp(nll), nll=nll, tokens=count, windows=n)
+
+
+def latent_cache_refusal(latent: bool, kv, act, sensitive: bool = False) -> str | None:
+    """Why `latent_cache=True` cannot run, or None. latent: the model's attention is latent; kv / act: the
+    checkpoint's KV-cache and activation quantization args; sensitive: kv_b keeps an FP16 copy."""
+    if not latent:
+        return "the latent cache is for multi-head latent attention (DeepSeek-V2/V3); leave latent_cache off"
+    why = ("an INT8 KV cache (it quantizes K and V per head, which the latent cache never forms)" if kv is not None
+           else "quantized activations (kv_b's input would be quantized per read, not per token)" if act is not None
+           else "an FP16 copy of kv_b (its precision switches per token; the absorbed kv_b cannot)" if sensitive
+           else None)
+    return why and f"the latent cache runs weight-only checkpoints with a float KV cache, not {why}; " \
+                   "leave latent_cache off (K and V cached per head)"
+
+
+@torch.no_grad()
+def _dense_linear(lin: nn.Module, name: str, device, dtype) -> nn.Linear:
+    """A float nn.Linear that computes what `lin` (a weight-only QuantLinear or a linear) computes: its
+    weight read back through it (the identity's image), so every packing reads back alike."""
+    if isinstance(lin, QuantLinear) and (lin.act is not None or lin.pinned):
+        raise UsageError(latent_cache_refusal(True, None, lin.act, lin.pinned) + f" ({name})")
+    eye = torch.eye(lin.in_features, device=device, dtype=dtype)
+    b = lin(torch.zeros_like(eye[:1]))  # the bias (zeros without one)
+    out = nn.Linear(lin.in_features, lin.out_features, bias=False, device=device, dtype=dtype)
+    out.weight.copy_((lin(eye) - b).t())
+    if bool(b.any()):
+        out.bias = nn.Parameter(b[0])
+    return out.requires_grad_(False)
+
+
+def _cos_sin(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rotary module's output as (cos, sin) (..., D) in transformers' cat(freqs, freqs) layout: as is, or
+    from DeepSeek-V2's complex e^(i freqs) (..., D / 2)."""
+    if isinstance(out, torch.Tensor) and out.is_complex():
+        return torch.cat([out.real, out.real], dim=-1), torch.cat([out.imag, out.imag], dim=-1)
+    return out
 
 
 def _unit_parts(unit) -> list[tuple[str, int]]:
