@@ -502,7 +502,7 @@ def runtime_for_shape(shape: str, scheme, *, device: str = "auto", seed: int = 0
 def bench(*, checkpoint=None, shape: str | None = None, scheme=None, layers: int | None = None,
           batches: list[int] = (1,), prompt_len: int = 512, gen_len: int = 256, baselines: bool = True,
           fallback: bool = False, mixed_fraction: float = 0.0, seed: int = 0, device: str = "auto",
-          on_status: Callable[[str], None] | None = None) -> list[dict]:
+          latent_cache: bool = False, on_status: Callable[[str], None] | None = None) -> list[dict]:
     """Rows of `quantkit bench` (see quantkit.runtime.bench): the checkpoint (or the random `shape` in
     `scheme`), optionally with the fallback monitor and as a mixed model, then the runtime's BF16 path
     and transformers BF16 on the same weights (the checkpoint's dequantized ones, or the shape's)."""
@@ -547,7 +547,7 @@ def bench(*, checkpoint=None, shape: str | None = None, scheme=None, layers: int
 
     label = str(checkpoint) if checkpoint is not None else f"{shape} {scheme.name}"
     say(f"building {label} on the runtime ...")
-    rt = runtime.load(checkpoint, device=device) if checkpoint is not None else \
+    rt = runtime.load(checkpoint, device=device, latent_cache=latent_cache) if checkpoint is not None else \
         runtime_for_shape(shape, scheme, device=device, seed=seed, layers=layers)
     qname = "checkpoint" if checkpoint is not None else scheme.name
     run_rows(rt, qname, "quantized")
@@ -563,7 +563,7 @@ def bench(*, checkpoint=None, shape: str | None = None, scheme=None, layers: int
         rb.free()
     if baselines:
         say("building the runtime's BF16 path ...")
-        rt = runtime.from_float(dense_model(), device=device)
+        rt = runtime.from_float(dense_model(), device=device, latent_cache=latent_cache)
         run_rows(rt, f"{str(rt.dtype).replace('torch.', '')} runtime", "runtime-float")
         del rt
         rb.free()

@@ -195,3 +195,30 @@ def test_latent_cache_refusals(tmp_path, tiny_tokenizer):
     rt.precision.force_fp16(layer="model.layers.0.self_attn.q_proj")
     with pytest.raises(PrecisionError):
         rt.precision.force_fp16(layer="model.layers.0.self_attn.kv_b_proj")
+
+
+def test_latent_cache_from_the_cli(tmp_path, tiny_tokenizer):
+    """--latent-cache on generate, eval --runtime and bench: the same greedy tokens and perplexity as K/V per
+    head; a setting of the runtime, so eval without --runtime and bench --shape refuse it in one line."""
+    import json
+
+    from tiny_models import run_cli
+
+    out = _checkpoint(tmp_path, tiny_tokenizer, _model("deepseek_v3"))
+    got = {}
+    for flag in ("--no-latent-cache", "--latent-cache"):
+        js = tmp_path / f"gen{flag}.json"
+        code, text = run_cli("generate", out, "-p", "def f(x):", "--max-new-tokens", "6", "--no-fallback",
+                             "--device", "cpu", "--json", js, flag)
+        assert code == 0, text
+        ev = tmp_path / f"eval{flag}.json"
+        code, text = run_cli("eval", "-m", out, "--runtime", "--seqlen", "32", "--windows", "2", "--device", "cpu",
+                             "--json", ev, flag)
+        assert code == 0, text
+        got[flag] = (json.loads(js.read_text())["tokens"], json.loads(ev.read_text())["rows"][0]["ppl"])
+    assert got["--latent-cache"][0] == got["--no-latent-cache"][0]
+    assert got["--latent-cache"][1] == pytest.approx(got["--no-latent-cache"][1], rel=1e-4)
+    code, text = run_cli("eval", "-m", out, "--latent-cache", "--device", "cpu")
+    assert code == 2 and "--latent-cache needs --runtime" in text, text
+    code, text = run_cli("bench", "--shape", "tiny", "--latent-cache")
+    assert code == 2 and "--latent-cache is for DeepSeek" in text, text

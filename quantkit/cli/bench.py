@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from quantkit.cli.runtime_options import FallbackOpt, RtDeviceOpt
+from quantkit.cli.runtime_options import FallbackOpt, LatentCacheOpt, RtDeviceOpt
 from quantkit.cli.ui import console, fail, handle_errors, status
 
 
@@ -53,6 +53,7 @@ def bench_cmd(
     mixed_fraction: Annotated[float, typer.Option("--mixed-fraction", help="With --shape: also time this share of linears kept FP16 (sensitive, with shadows).")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompts (and weights).")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write every row here as JSON.")] = None,
+    latent_cache: LatentCacheOpt = False,
     device: RtDeviceOpt = "auto",
 ) -> None:
     """Prefill/decode speed on the runtime next to its own BF16 path and transformers (same process).
@@ -68,6 +69,8 @@ def bench_cmd(
         fail("give a checkpoint dir or --shape NAME (one of them)")
     if layers is not None and layers < 1:
         raise UsageError("--layers must be >= 1")
+    if latent_cache and shape is not None:
+        raise UsageError("--latent-cache is for DeepSeek-V2/V3 checkpoints; the --shape models are Llama-shaped")
     if not 0 <= mixed_fraction < 1:
         raise UsageError("--mixed-fraction must be in [0, 1)")
     from quantkit.validate import check_device, check_output_file
@@ -84,7 +87,8 @@ def bench_cmd(
 
     rows = api.bench(checkpoint=checkpoint, shape=shape, scheme=sch, layers=layers, batches=batches,
                      prompt_len=prompt_len, gen_len=gen_len, baselines=baselines, fallback=fallback,
-                     mixed_fraction=mixed_fraction, seed=seed, device=device, on_status=status)
+                     mixed_fraction=mixed_fraction, seed=seed, device=device, latent_cache=latent_cache,
+                     on_status=status)
     from rich.table import Table
 
     t = Table(title=f"runtime bench · prompt {prompt_len} · gen {gen_len}")

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from quantkit.cli.options import DeviceOpt, DtypeOpt, TrustOpt
-from quantkit.cli.runtime_options import FallbackLayersOpt, HistOpt, KLOpt, SkewOpt, fallback_layers
+from quantkit.cli.runtime_options import FallbackLayersOpt, HistOpt, KLOpt, LatentCacheOpt, SkewOpt, fallback_layers
 from quantkit.cli.ui import console, handle_errors, status
 
 
@@ -59,6 +59,7 @@ def eval_cmd(
     kl_threshold: KLOpt = 0.02,
     skew_threshold: SkewOpt = 3.0,
     hist: HistOpt = None,
+    latent_cache: LatentCacheOpt = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
@@ -72,8 +73,9 @@ def eval_cmd(
     from quantkit.errors import UsageError
     from quantkit.validate import check_eval_options, check_float
 
-    if fallback and not use_runtime:
-        raise UsageError("--fallback needs --runtime (the monitor runs on the runtime)")
+    for flag, on in (("--fallback", fallback), ("--latent-cache", latent_cache)):
+        if on and not use_runtime:
+            raise UsageError(f"{flag} needs --runtime (it is a setting of the runtime)")
     # Everything that can be refused without loading a model: one line, exit 2, before any work.
     check_eval_options(
         seqlen=seqlen, windows=windows, batch_size=batch_size, json_out=json_out, data=data, dtype=dtype,
@@ -88,7 +90,8 @@ def eval_cmd(
     def score(role: str, spec: str | None):
         if role == "model" and use_runtime:
             return _eval_runtime(spec, cfg, device, dtype, fallback=fallback, layers=fallback_layers(fallback_layers_),
-                                 hist=hist, kl_threshold=kl_threshold, skew_threshold=skew_threshold)
+                                 hist=hist, kl_threshold=kl_threshold, skew_threshold=skew_threshold,
+                                 latent_cache=latent_cache)
         return _eval_dense(role, spec, cfg, device, dtype, trust_remote_code, simulate_act, simulate_kv, kv_tau,
                            calib_samples, seqlen)
 
@@ -168,7 +171,7 @@ def _eval_dense(role, spec, cfg, device, dtype, trust_remote_code, simulate_act,
     return res, win, extra
 
 
-def _eval_runtime(spec, cfg, device, dtype, *, fallback, layers, hist, kl_threshold, skew_threshold):
+def _eval_runtime(spec, cfg, device, dtype, *, fallback, layers, hist, kl_threshold, skew_threshold, latent_cache):
     """(Perplexity, windows, extra columns) of a checkpoint scored through the runtime's kernels."""
     from quantkit import api, runtime
     from quantkit.errors import UsageError
@@ -178,7 +181,7 @@ def _eval_runtime(spec, cfg, device, dtype, *, fallback, layers, hist, kl_thresh
     if spec is None or not is_quantkit_checkpoint(Path(spec)):
         raise UsageError(f"--runtime scores checkpoint dirs written by quantkit; {spec or 'the default model'} is not one")
     status(f"loading {spec} on the runtime ...")
-    rt = runtime.load(spec, device=device, dtype=dtype)
+    rt = runtime.load(spec, device=device, dtype=dtype, latent_cache=latent_cache)
     mon = None
     if fallback:
         mon = attach_fallback(rt, layers=layers, hist=hist, kl_threshold=kl_threshold, skew_threshold=skew_threshold)

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from quantkit.cli.runtime_options import (FallbackLayersOpt, FallbackOpt, HistOpt, KLOpt, RtDeviceOpt, RtDtypeOpt,
-                                          SkewOpt, fallback_layers)
+from quantkit.cli.runtime_options import (FallbackLayersOpt, FallbackOpt, HistOpt, KLOpt, LatentCacheOpt, RtDeviceOpt,
+                                          RtDtypeOpt, SkewOpt, fallback_layers)
 from quantkit.cli.ui import console, err_console, fail, handle_errors, status
 
 
@@ -42,6 +42,7 @@ def generate_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write tokens, timings and switches here.")] = None,
     device: RtDeviceOpt = "auto",
     dtype: RtDtypeOpt = "auto",
+    latent_cache: LatentCacheOpt = False,
 ) -> None:
     """Generate from a checkpoint on quantkit's runtime; one prompt streams its tokens as they come.
 
@@ -60,7 +61,7 @@ def generate_cmd(
     from quantkit.runtime.calibrate import attach_fallback
 
     status(f"loading {checkpoint} on the runtime ...")
-    rt = runtime.load(checkpoint, device=device, dtype=dtype)
+    rt = runtime.load(checkpoint, device=device, dtype=dtype, latent_cache=latent_cache)
     tok = rt.tokenizer
     if fallback:
         mon = attach_fallback(rt, layers=fallback_layers(fallback_layers_), hist=hist, kl_threshold=kl_threshold,

@@ -23,6 +23,12 @@ HistOpt = Annotated[
     typer.Option("--hist", help="Calibration histograms from `quantkit scan` (.hist.safetensors); default: a short "
                  "calibration pass through the runtime."),
 ]
+LatentCacheOpt = Annotated[
+    bool,
+    typer.Option("--latent-cache/--no-latent-cache",
+                 help="DeepSeek-V2/V3: cache the compressed latent (kv_b absorbed into query and output) instead of "
+                      "K and V per head; weight-only checkpoints with a float KV cache."),
+]
 RtDeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (GPU kernels on CUDA).")]
 RtDtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, the checkpoint's dtype on CPU), float16, bfloat16, float32.")]
 
