@@ -272,6 +272,7 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
     import dataclasses
 
     from quantkit.sensitivity.io import expand_fused, load_sensitive_layers
+    from quantkit.sensitivity.weights import SCAN_METHODS
 
     sl = load_sensitive_layers(sensitive, model)
     linears = list(quantizable_linears(model, recipe))
@@ -292,6 +293,12 @@ def _sensitive_plan(model, recipe: Recipe, sensitive) -> dict[str, Any]:
         warnings.append(
             f"{sl.path.name} was scanned for {sl.scheme.describe()} but the recipe quantizes {recipe.scheme.describe()}; "
             "re-run `quantkit scan` with the recipe's scheme for a matching mask"
+        )
+    used = recipe.stages[-1].method if recipe.stages else None
+    if used in SCAN_METHODS and used != sl.method:
+        warnings.append(
+            f"{sl.path.name} was measured on {sl.method} weights but the recipe quantizes with {used}; "
+            f"`quantkit scan --method {used}` measures what keeping each layer in FP16 wins on {used}'s weights"
         )
     mask = {**sl.mask(), "fp16_exported": fp16}
     new = dataclasses.replace(recipe, ignore=tuple(recipe.ignore) + tuple(fp16))
@@ -415,6 +422,8 @@ def scan(
     fisher_windows: int = 0,
     select_windows: int | None = 64,
     folds: int = 4,
+    method: str = "rtn",
+    method_options: dict[str, Any] | None = None,
     on_block: Callable[[int, int, str, str], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ):
@@ -422,7 +431,9 @@ def scan(
     save it with `quantkit.sensitivity.io.save_sensitive_layers`.
 
     target_fraction chooses from `select_windows` windows (None = all) of eval_cfg.seqlen tokens of the
-    calibration text, with `folds`-fold cross-validation; eval_cfg's held-out text serves --measure-ppl only."""
+    calibration text, with `folds`-fold cross-validation; eval_cfg's held-out text serves --measure-ppl only.
+    method ("rtn" or "gptq", with its recipe-stage options): the weights every measurement quantizes to
+    (quantkit.sensitivity.weights); GPTQ runs on the scan's calibration set."""
     from quantkit.quant.core import check_group_size
     from quantkit.sensitivity.run import run_scan
     from quantkit.sensitivity.scan import Thresholds
@@ -461,6 +472,8 @@ def scan(
         on_block=on_block,
         on_step=on_step,
         stream=loaded.stream,
+        method=method,
+        method_options=method_options,
     )
 
 

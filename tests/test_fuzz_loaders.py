@@ -240,7 +240,7 @@ _OPTIONS = {  # command -> option -> values (ints and floats as text, as a shell
     "scan": {"--bins": _ints, "--stat-tokens": _ints, "--fisher-windows": _ints, "--shortlist": _ints,
              "--kl": _floats, "--energy": _floats, "--target-fraction": _floats, "--windows": _ints,
              "--select-windows": _ints, "--folds": _ints, "--samples": _ints, "--seqlen": _ints,
-             "--eval-seqlen": _ints},
+             "--eval-seqlen": _ints, "--damp": _floats, "--method": st.sampled_from(["rtn", "gptq", "awq", ""])},
     "plan": {"--samples": _ints, "--seqlen": _ints, "--batch-size": _ints, "--device-memory": _floats,
              "--host-memory": _floats,
              "--method": st.sampled_from(["rtn", "gptq", "awq"])},

@@ -134,6 +134,12 @@ def test_cli_scan_errors(tiny_dir, tmp_path):
                      ("--fisher-windows", "0 = no gradient-weighted")):
         code, text = _run("scan", "--model", tiny_dir, opt, "-1", "--out", tmp_path / "x.json")
         assert code == 2 and fix in text and "\n" not in text.strip() and "Traceback" not in text
+    for args, fix in ((("--method", "awq"), "unknown --method 'awq'; use rtn or gptq"),
+                      (("--damp", "0.1"), "--damp set GPTQ's options: add --method gptq"),
+                      (("--no-act-order",), "--act-order/--no-act-order set GPTQ's options: add --method gptq"),
+                      (("--method", "gptq", "--damp", "0"), "--damp")):
+        code, text = _run("scan", "--model", tiny_dir, *args, "--out", tmp_path / "x.json")
+        assert code == 2 and fix in text and "\n" not in text.strip() and "Traceback" not in text, (args, text)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     code, text = _run("rtn", "--model", tiny_dir, "--out", tmp_path / "c", "--sensitive", bad)
@@ -210,3 +216,22 @@ def test_cli_scan_target_fraction_then_sensitive(tiny_dir, tmp_path):
     code, text = _run("scan", "--model", tiny_dir, "--target-fraction", "0.25", "--select-windows", "3",
                       "--out", tmp_path / "x.json")
     assert code == 2 and "--select-windows 3 must be at least --folds 4" in text
+
+
+def test_cli_scan_method_gptq_recorded_and_checked_against_the_recipe(tiny_dir, tmp_path):
+    sl = tmp_path / "sl.json"
+    code, text = _run("scan", "--model", tiny_dir, "--scheme", "W4A16", "--group-size", "32", "--asym", "--samples",
+                      "2", "--seqlen", "32", "--bins", "16", "--target-fraction", "0.25", "--eval-seqlen", "32",
+                      "--select-windows", "4", "--folds", "2", "--method", "gptq", "--no-act-order", "--out", sl)
+    assert code == 0, text
+    flat = " ".join(text.replace("│", " ").split())
+    assert "quantized with gptq (act_order False)" in flat and "quantized with gptq" in flat.split("expected")[-1]
+    d = json.loads(sl.read_text())
+    assert d["method"]["name"] == "gptq" and d["method"]["options"]["act_order"] is False
+    assert d["ppl"]["method"] == "gptq"
+    # the file is for gptq: used with rtn, the run says the gains were measured on other weights
+    code, text = _run("rtn", "--model", tiny_dir, "--out", tmp_path / "ckpt", "--bits", "4", "--group-size", "32",
+                      "--asym", "--sensitive", sl)
+    assert code == 0, text
+    warned = json.loads((tmp_path / "ckpt" / "quantkit.json").read_text())["warnings"]
+    assert any("measured on gptq weights but the recipe quantizes with rtn" in w for w in warned)

@@ -351,6 +351,104 @@ def test_fixed_thresholds_flagging_most_linears_warn(model):
     assert rep.flagged == [] and rep.warnings == []
 
 
+# ------------------------------------------------------------------ --method gptq: measured on GPTQ's weights
+
+
+def _gptq_by_hand(model, ids):
+    """A copy of `model` quantized by the plain `quantkit gptq` path (api.quantize, W4 g32, batches of 2)."""
+    import copy
+
+    from quantkit import api
+    from quantkit.calib.data import CalibrationSet
+    from quantkit.models.loading import LoadedModel
+    from quantkit.recipe import Recipe, Stage
+
+    ref = copy.deepcopy(model)
+    api.quantize(LoadedModel(ref, None, {"kind": "test"}), Recipe(W4G32, (Stage("gptq"),)),
+                 api.CalibConfig(batch_size=2), calib_set=CalibrationSet(ids, {"source": "test"}))
+    return ref
+
+
+def test_gptq_weights_are_the_gptq_commands_and_leave_the_model(model):
+    from quantkit.sensitivity.weights import method_weights
+
+    ids = _ids(4, 32, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sw = method_weights(model, ids, W4G32, "gptq", {}, batch_size=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sw.record() == {"name": "gptq", "options": {**sw.options}} and sw.options["act_order"] is True
+    ref = _gptq_by_hand(model, ids)
+    names = [e for e in sw.results]
+    assert len(names) == 21
+    for n in names:
+        w = model.get_submodule(n).weight
+        got = sw.quantized(n, w, W4G32.weights)
+        assert torch.equal(got, ref.get_submodule(n).weight)
+        assert not torch.equal(got, fake_quantize(w, W4G32.weights))  # GPTQ's weights, not RTN's
+
+
+def test_gptq_restore_gain_matches_hand_reference_and_differs_from_rtn(model):
+    """A unit's gain measured with --method gptq = ppl(GPTQ model) - ppl(GPTQ model with that unit put back to
+    float), computed by hand through the plain perplexity path; and the gains differ from the RTN ones."""
+    import copy
+
+    from quantkit.eval.perplexity import perplexity
+    from quantkit.sensitivity.weights import method_weights
+
+    ids, windows = _ids(4, 32, 0), _ids(6, 32, 7)
+    sw = method_weights(model, ids, W4G32, "gptq", {}, batch_size=2)
+    by_method = {}
+    for key, weights in (("rtn", None), ("gptq", sw)):
+        layers = scan_layers(model, ids, W4G32, batch_size=2, bins=32, **({"weights": weights} if weights else {}))
+        sel = select_fp16(model, layers, W4G32, windows, 0.25, folds=3, **({"weights": weights} if weights else {}))
+        by_method[key] = (layers, sel)
+    layers, sel = by_method["gptq"]
+    assert sel.ppl["method"] == "gptq" and "quantized with gptq" in sel.ppl["expected"]["how"]
+    ref = _gptq_by_hand(model, ids)
+    ppl_gptq = perplexity(ref, windows, batch_size=4).ppl
+    assert sel.ppl["all_quantized"] == pytest.approx(ppl_gptq, rel=1e-6)
+    unit = selection_units([e.name for e in layers])[6]  # block 1's gate/up
+    with torch.no_grad():
+        for n in unit:
+            ref.get_submodule(n).weight.copy_(model.get_submodule(n).weight)
+    by_hand = ppl_gptq - perplexity(ref, windows, batch_size=4).ppl
+    gain = {e.name: e.restore_gain for e in layers}
+    assert by_hand != 0 and gain[unit[0]] == pytest.approx(by_hand, rel=1e-5)
+    rtn_layers, rtn_sel = by_method["rtn"]
+    rtn_gain = {e.name: e.restore_gain for e in rtn_layers}
+    assert rtn_sel.ppl["all_quantized"] > sel.ppl["all_quantized"] * 1.001  # GPTQ's baseline is the better one
+    assert max(abs(gain[n] - rtn_gain[n]) / abs(rtn_gain[n]) for n in gain) > 0.1
+    # the statistics too: rel_err against GPTQ's weight, by hand for block 0's q_proj (float inputs)
+    name = "model.layers.0.self_attn.q_proj"
+    x, y = _capture(model, ids, name)
+    yq = F.linear(x, ref.get_submodule(name).weight)
+    want = float((yq.detach().double() - y.double()).square().sum() / y.double().square().sum())
+    e = next(e for e in layers if e.name == name)
+    assert e.rel_err == pytest.approx(want, rel=1e-5)
+    assert e.rel_err != pytest.approx(next(f for f in rtn_layers if f.name == name).rel_err, rel=1e-3)
+    # and the gradient-weighted error
+    f_rtn = fisher_scores(model, windows[:2], W4G32, [name])
+    f_gptq = fisher_scores(model, windows[:2], W4G32, [name], weights=sw)
+    assert f_gptq[name] != pytest.approx(f_rtn[name], rel=1e-3)
+
+
+def test_run_scan_records_the_method(model, tmp_path):
+    rep = run_scan(model, _ids(4, 32, 0), W4G32, batch_size=2, bins=16, target_fraction=0.25,
+                   select_windows=_ids(4, 32, 7), folds=2, method="gptq", method_options={"act_order": False})
+    assert rep.method["name"] == "gptq" and rep.method["options"]["act_order"] is False
+    assert rep.method["options"]["damp"] == 0.01  # resolved: GPTQ's default, written out
+    assert rep.ppl["method"] == "gptq"
+    rows = dict(summary_rows(rep))
+    assert rows["quantized with"].startswith("gptq (act_order False)") and "quantkit gptq" in rows["quantized with"]
+    path = save_sensitive_layers(rep, tmp_path / "sl.json")
+    d = json.loads(path.read_text())
+    assert d["method"] == rep.method and load_sensitive_layers(path, model).method == "gptq"
+    with pytest.raises(Exception, match="unknown --method 'awq'"):
+        run_scan(model, _ids(), W4G32, method="awq")
+    with pytest.raises(Exception, match="damp"):
+        run_scan(model, _ids(), W4G32, method="gptq", method_options={"damp": 0})
+
+
 # ------------------------------------------------------------------ file format
 
 
@@ -390,6 +488,7 @@ def test_json_schema(saved):
         assert e["flag"] in ("fp16", "int8")
         assert isinstance(e["layer"], int) and isinstance(e["kl"], float)
     assert d["histograms"] == {"file": "sensitive_layers.hist.safetensors", "bins": 32}
+    assert d["method"] == {"name": "rtn", "options": {}}
     assert [e["name"] for e in d["layers"] if e["flag"] == "fp16"] == rep.flagged
 
 

@@ -96,6 +96,20 @@ MseOpt = Annotated[bool, typer.Option("--mse", help="Search each group's range (
 MseGridOpt = Annotated[int, typer.Option("--mse-grid", help="Shrink factors --mse tries, from 1.0 down to 0.5.")]
 
 
+# GPTQ's options, shared by `quantkit gptq` and `quantkit scan --method gptq` (None there: GPTQ's default).
+DampOpt = Annotated[Optional[float], typer.Option("--damp", help="GPTQ: Hessian dampening, a fraction of its mean diagonal.")]
+ActOrderOpt = Annotated[
+    Optional[bool],
+    typer.Option("--act-order/--no-act-order", help="GPTQ: solve columns by decreasing Hessian diagonal (static groups)."),
+]
+
+
+def check_damp(damp: float | None) -> None:
+    from quantkit import validate as v
+
+    v.check_float("--damp", damp, min=0, max=1, min_open=True, note=" (a fraction of the mean Hessian diagonal)")
+
+
 MseWeightOpt = Annotated[str, typer.Option("--mse-weight", help="none, or hessian: weigh each column's error by "
                                                             "the Hessian diagonal (gptq; measured better).")]
 

@@ -14,7 +14,16 @@ from typing import Annotated, Any
 import typer
 
 from quantkit.cli.methods import method_command
-from quantkit.cli.options import BitsOverrideOpt, GroupSizeOverrideOpt, MseGridOpt, MseOpt, MseWeightOpt, SymOverrideOpt
+from quantkit.cli.options import (
+    ActOrderOpt,
+    BitsOverrideOpt,
+    DampOpt,
+    GroupSizeOverrideOpt,
+    MseGridOpt,
+    MseOpt,
+    MseWeightOpt,
+    SymOverrideOpt,
+)
 
 # Default scheme of `quantkit awq` / `quantkit gptq`: 4-bit, group 64, asymmetric.
 # 64 divides the default model's in_features (576 and 1536; 128 does not divide
@@ -137,12 +146,9 @@ def awq(
 
 @one_stage_command("gptq")
 def gptq(
-    damp: Annotated[float, typer.Option("--damp", help="Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
+    damp: DampOpt = 0.01,
     block_size: Annotated[int, typer.Option("--block-size", help="Columns solved per lazy-update block.")] = 128,
-    act_order: Annotated[
-        bool,
-        typer.Option("--act-order/--no-act-order", help="Solve columns by decreasing Hessian diagonal (static groups)."),
-    ] = True,
+    act_order: ActOrderOpt = True,
     true_sequential: Annotated[
         bool,
         typer.Option("--true-sequential/--no-true-sequential", help="Re-capture inputs after each sub-layer step of a block."),
@@ -157,10 +163,10 @@ def gptq(
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
     from quantkit import validate as v
+    from quantkit.cli.options import check_damp, mse_stage_options
 
-    v.check_float("--damp", damp, min=0, max=1, min_open=True, note=" (a fraction of the mean Hessian diagonal)")
+    check_damp(damp)
     v.check_int("--block-size", block_size, min=1)
-    from quantkit.cli.options import mse_stage_options
 
     return dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
                 **mse_stage_options(mse, mse_grid, mse_weight))

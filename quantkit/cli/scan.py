@@ -8,9 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from quantkit.cli.options import (
+    ActOrderOpt,
     BatchOpt,
     CalibFieldOpt,
     CalibOpt,
+    DampOpt,
     DeviceOpt,
     DtypeOpt,
     EvalSeqlenOpt,
@@ -72,6 +74,14 @@ def scan(
         Optional[int],
         typer.Option("--shortlist", help="--target-fraction: fused units whose restore gain is measured (default all; 0 = none)."),
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option("--method", help="The method the file is for: rtn (the scheme's round-to-nearest) or gptq (GPTQ "
+                     "quantizes the model once on this scan's calibration windows, and every measurement, the restore "
+                     "gains and the expected recovery use its weights; then `quantkit gptq --sensitive`)."),
+    ] = "rtn",
+    damp: DampOpt = None,
+    act_order: ActOrderOpt = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write a PNG chart + the JSON into this dir.")] = None,
 ) -> None:
     """Measure every linear's sensitivity to a scheme (KL, R, energy, skew) and flag the ones to keep in FP16."""
@@ -83,6 +93,7 @@ def scan(
     from quantkit import validate as chk
 
     sch = _scheme(scheme, group_size, sym)
+    method_options = _method_options(method, damp, act_order)
     chk.check_int("--bins", bins, min=2, max=65536)
     chk.check_int("--stat-tokens", stat_tokens, min=0, note=" (0 = every calibration token)")
     chk.check_int("--fisher-windows", fisher_windows, min=0, max=samples,
@@ -138,6 +149,8 @@ def scan(
                 fisher_windows=fisher_windows,
                 select_windows=select_windows or None,
                 folds=folds,
+                method=method,
+                method_options=method_options,
                 on_block=on_block,
                 on_step=status,
             )
@@ -169,6 +182,26 @@ def _scheme(name: str, group_size: int | None, sym: bool | None):
     w = dataclasses.replace(w, group_size=w.group_size if group_size is None else group_size,
                             symmetric=w.symmetric if sym is None else sym)
     return dataclasses.replace(sch, weights=w)
+
+
+def _method_options(method: str, damp: float | None, act_order: bool | None) -> dict:
+    """The recipe-stage options of --method from the GPTQ flags that were given (checked as `quantkit gptq`
+    checks them); flags of a method that is not run are refused."""
+    from quantkit import validate as chk
+    from quantkit.cli.options import check_damp
+    from quantkit.methods.base import get_method
+    from quantkit.sensitivity.weights import check_method
+
+    check_method(method)
+    given = {k: v for k, v in (("damp", damp), ("act_order", act_order)) if v is not None}
+    if method == "rtn":
+        if given:
+            flags = " and ".join("--damp" if k == "damp" else "--act-order/--no-act-order" for k in given)
+            raise chk.OptionError(f"{flags} set GPTQ's options: add --method gptq, or drop them")
+        return {}
+    check_damp(damp)
+    get_method(method).check_options(given)
+    return given
 
 
 def _check_model(model: str | None, seqlen: int, eval_seqlen: int | None) -> None:

@@ -16,6 +16,7 @@ from quantkit.recipe import Scheme
 from quantkit.sensitivity.metrics import spearman
 from quantkit.sensitivity.partial import subset_perplexity
 from quantkit.sensitivity.scan import LayerScan
+from quantkit.sensitivity.weights import RTN, ScanWeights
 
 METRICS = ("kl", "R", "energy", "rel_err", "fisher")
 
@@ -36,14 +37,17 @@ def measure_layer_ppl(
     batch_size: int = 4,
     baseline: float | None = None,
     on_step: Callable[[int, int, str], None] | None = None,
+    weights: ScanWeights = RTN,
 ) -> float:
-    """Set each layer's ppl_delta = ppl(only that layer quantized) - baseline. Returns the baseline."""
+    """Set each layer's ppl_delta = ppl(only that layer quantized, with `weights`) - baseline. Returns the
+    baseline."""
     if baseline is None:
         baseline = subset_perplexity(model, windows, [], scheme, device=device, batch_size=batch_size)
     for i, e in enumerate(layers):
         if on_step is not None:
             on_step(i, len(layers), e.name)
-        e.ppl_delta = subset_perplexity(model, windows, [e.name], scheme, device=device, batch_size=batch_size) - baseline
+        e.ppl_delta = subset_perplexity(model, windows, [e.name], scheme, device=device, batch_size=batch_size,
+                                        weights=weights) - baseline
     return baseline
 
 

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.quant.core import fake_quantize, fake_quantize_activations
+from quantkit.quant.core import fake_quantize_activations
 from quantkit.recipe import Scheme
+from quantkit.sensitivity.weights import RTN, ScanWeights
 
 
 def weighted_error(dy: torch.Tensor, grad: torch.Tensor) -> float:
@@ -40,18 +41,20 @@ def fisher_scores(
     *,
     device: torch.device | str = "cpu",
     per_window: bool = False,
+    weights: ScanWeights = RTN,
 ) -> dict[str, float] | dict[str, torch.Tensor]:
     """fisher_l for each named linear over the windows `input_ids` (n, seqlen), one window per backward pass.
 
     per_window: instead, each window's own fisher_l, float64 (n,) per name (their mean is fisher_l when
     the windows have one length), so a cross-validated selection can sum them over its training windows.
     The model is moved to `device` for the passes and back afterwards; weights are unchanged.
+    weights: the quantized weights fq_w(W) (quantkit.sensitivity.weights; default the scheme's RTN).
     """
     device = torch.device(device)
     home = next(model.parameters()).device
     linears = {n: model.get_submodule(n) for n in names}
     # fq_w(W) once per linear, float32 on the device (not per window)
-    wq = {n: fake_quantize(lin.weight.data.float(), scheme.weights).to(device) for n, lin in linears.items()}
+    wq = {n: weights.quantized(n, lin.weight.data.float(), scheme.weights).to(device) for n, lin in linears.items()}
     acts = scheme.input_activations
     totals = {n: 0.0 for n in names}
     rows = {n: torch.zeros(input_ids.shape[0], dtype=torch.float64) for n in names}

@@ -8,6 +8,7 @@ Schema (version 2; version 1 files, without rel_err / restore_gain, still load):
                     "rel_err": null | float, "fisher": null | float,
                     "mode": "fixed" | "target-fraction", "target_fraction": 0.1 | null},
      "calibration": {source, samples, seqlen, seed, ...},
+     "method": {"name": "rtn" | "gptq", "options": {...}},
      "metrics": {what each metric means, bins, histogram range rule},
      "histograms": {"file": "<stem>.hist.safetensors", "bins": 512},
      "ppl": {...} | null, "correlations": {...} | null, "search": [...] | null,
@@ -26,6 +27,10 @@ expect on unseen text, with "how" it was measured; "search" lists every rule wit
 cross-validated recovery, per-fold choices and final choice. Readers take "rule" and
 "search" as data, not as one of these names: an older version-2 file may name the
 rules "measured-restore" or a metric.
+
+"method" is what "quantized" means in every measurement (`scan --method`): the scheme's
+round-to-nearest, or GPTQ's weights with its resolved options (quantkit.sensitivity.weights);
+files without it were measured on RTN weights.
 
 R is null when the inputs' interquartile range is 0 (R infinite). The sidecar
 safetensors file holds, per linear, "<name>.hist" (bins,) float32 counts of the
@@ -78,6 +83,12 @@ class SensitiveLayers:
         from quantkit.recipe import Scheme
 
         return Scheme.from_dict(self.data["scheme"])
+
+    @property
+    def method(self) -> str:
+        """The method whose weights the scan measured on ("rtn" for files that do not say)."""
+        m = self.data.get("method")
+        return m.get("name", "rtn") if isinstance(m, dict) else "rtn"
 
     @property
     def histogram_path(self) -> Path | None:
@@ -141,6 +152,7 @@ def report_to_dict(report, hist_file: str | None) -> dict[str, Any]:
             "target_fraction": report.target_fraction,
         },
         "calibration": report.calibration,
+        "method": report.method,
         "metrics": {
             "kl": f"mean over output channels of KL(P||Q), nats; {report.bins}-bin histograms over one range per layer",
             "R": f"(max - min) / (Q3 - Q1) of the inputs; quartiles of a {R_SAMPLE}-value seeded subsample",

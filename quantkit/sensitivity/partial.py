@@ -1,8 +1,8 @@
 """Quantize a chosen set of linears in place (fake quantization), score, restore.
 
 One helper serves the target-fraction selection, `--measure-ppl` and the
-benchmark: weights of the chosen linears are replaced by their RTN
-fake-quantized values, and for schemes that quantize activations a pre-hook
+benchmark: weights of the chosen linears are replaced by their quantized
+values (the scheme's RTN, or a method's: quantkit.sensitivity.weights), and for schemes that quantize activations a pre-hook
 fake-quantizes each chosen linear's input per token. Everything is restored on
 exit, also on error.
 """
@@ -15,8 +15,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from quantkit.quant.core import fake_quantize, fake_quantize_activations
+from quantkit.quant.core import fake_quantize_activations
 from quantkit.recipe import Scheme
+from quantkit.sensitivity.weights import RTN, ScanWeights
 
 
 class QuantizedSubset:
@@ -48,8 +49,10 @@ class QuantizedSubset:
 
 
 @contextmanager
-def quantized_subset(model: nn.Module, names: Iterable[str], scheme: Scheme) -> Iterator[QuantizedSubset]:
-    """Within the block, the named linears compute with the scheme's fake-quantized weights (and activations).
+def quantized_subset(model: nn.Module, names: Iterable[str], scheme: Scheme,
+                     weights: ScanWeights = RTN) -> Iterator[QuantizedSubset]:
+    """Within the block, the named linears compute with quantized weights (`weights`; default the scheme's RTN)
+    and the scheme's fake-quantized activations.
 
     Yields a QuantizedSubset whose `restored(names)` puts some of them back in float for a while.
     """
@@ -64,7 +67,7 @@ def quantized_subset(model: nn.Module, names: Iterable[str], scheme: Scheme) -> 
                 if not isinstance(lin, nn.Linear):
                     raise ValueError(f"{name} is not an nn.Linear")
                 saved[name] = lin.weight.data.clone()
-                lin.weight.data.copy_(fake_quantize(lin.weight.data, scheme.weights))
+                lin.weight.data.copy_(weights.quantized(name, lin.weight.data, scheme.weights))
                 if acts is not None:
 
                     def pre(_mod, args, _a=acts, _n=name):
@@ -90,11 +93,12 @@ def subset_perplexity(
     *,
     device: torch.device | str | None = None,
     batch_size: int = 4,
+    weights: ScanWeights = RTN,
 ) -> float:
-    """Held-out perplexity of `windows` (n, seqlen) with only `names` quantized."""
+    """Held-out perplexity of `windows` (n, seqlen) with only `names` quantized (with `weights`)."""
     from quantkit.eval.perplexity import perplexity
 
-    with quantized_subset(model, names, scheme):
+    with quantized_subset(model, names, scheme, weights):
         return perplexity(model, windows, batch_size=batch_size, device=device).ppl
 
 

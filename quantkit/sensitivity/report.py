@@ -74,7 +74,8 @@ def scan_table(report, *, max_rows: int | None = 40):
 
 
 def summary_rows(report) -> list[tuple[str, str]]:
-    rows = [("scan time", f"{report.seconds:.1f} s"), ("calibration", _calib(report.calibration))]
+    rows = [("scan time", f"{report.seconds:.1f} s"), ("calibration", _calib(report.calibration)),
+            ("quantized with", _method(report.method))]
     p = report.ppl or {}
     if "all_quantized" in p:
         n_sel = p.get("selection_windows")
@@ -108,6 +109,17 @@ def expected_statement(exp: dict[str, Any]) -> str:
     spread = f", folds {min(folds):.0%} to {max(folds):.0%}" if len(folds) > 1 else ""
     return (f"recovers about {exp['recovered']:.0%} of the perplexity gap ({exp['how']}{spread}); "
             "measured on text like the calibration text: other kinds of text may recover less")
+
+
+def _method(m: dict[str, Any]) -> str:
+    if m.get("name", "rtn") == "rtn":
+        return "rtn (the scheme's round-to-nearest; use this file with `quantkit rtn`)"
+    from quantkit.methods.base import get_method
+
+    defaults = get_method(m["name"]).Options()
+    changed = [f"{k} {v}" for k, v in m.get("options", {}).items() if k not in defaults.names() or defaults[k] != v]
+    return (f"{m['name']} ({', '.join(changed) or 'default options'}): gains, baseline and expectation measured on its weights; use this file with "
+            f"`quantkit {m['name']}`")
 
 
 def _calib(c: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from quantkit.recipe import Scheme
 from quantkit.sensitivity.metrics import DEFAULT_BINS
 from quantkit.sensitivity.select import DEFAULT_FOLDS
 from quantkit.sensitivity.scan import MOST_FLAGGED, STAT_TOKENS, ScanReport, Thresholds, apply_thresholds, scan_layers
+from quantkit.sensitivity.weights import method_weights
 
 
 def run_scan(
@@ -39,6 +40,8 @@ def run_scan(
     on_step: Callable[[str], None] | None = None,
     stream=None,
     activations: str = "device",
+    method: str = "rtn",
+    method_options: dict | None = None,
 ) -> ScanReport:
     """Scan `model` on `input_ids` (samples, seqlen) for `scheme`; the model is left unchanged.
 
@@ -51,21 +54,28 @@ def run_scan(
     samples get a forward + backward pass for the gradient-weighted metric (0 = off); with target_fraction
     the metric is measured per selection window instead (any N > 0 turns it on), so the folds keep it apart.
     stream, activations: for the layer-wise pass (`scan_layers`); a streamed model allows none of the
-    steps that run the whole model (target_fraction, measure_ppl, fisher_windows).
+    steps that run the whole model (target_fraction, measure_ppl, fisher_windows, a method other than rtn).
+    method, method_options: what "quantized" means everywhere (quantkit.sensitivity.weights): "rtn" (the
+    scheme's round-to-nearest) or "gptq" (GPTQ with these recipe-stage options, run once on `input_ids`
+    first), so that the gains and the expected recovery refer to the model the file will be used with.
     """
-    _check_request(target_fraction, select_windows, measure_ppl, eval_windows, fisher_windows, stream)
+    _check_request(target_fraction, select_windows, measure_ppl, eval_windows, fisher_windows, stream, method)
     t0 = time.perf_counter()
+    if method != "rtn" and on_step is not None:
+        on_step(f"{method}: quantizing every linear once (the weights the scan measures against)")
+    weights = method_weights(model, input_ids, scheme, method, method_options, device=device, batch_size=batch_size,
+                             ignore=ignore, on_block=on_block)
     layers = scan_layers(
         model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
-        stat_tokens=stat_tokens, on_block=on_block, stream=stream, activations=activations,
+        stat_tokens=stat_tokens, on_block=on_block, stream=stream, activations=activations, weights=weights,
     )
     fisher_rows = None
     if fisher_windows > 0:
         fisher_rows = _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fraction,
-                                      select_windows, device, on_step)
+                                      select_windows, device, on_step, weights)
     report = ScanReport(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
-        calibration=dict(calibration or {}), bins=bins,
+        calibration=dict(calibration or {}), bins=bins, method=weights.record(), warnings=list(weights.warnings),
     )
     unscored = _unscored_experts(model, layers, ignore)
     if unscored:
@@ -86,16 +96,20 @@ def run_scan(
     try:
         if target_fraction is not None:
             _select(report, model, layers, scheme, select_windows, target_fraction, folds, dev, eval_batch_size,
-                    shortlist, fisher_rows, on_step)
+                    shortlist, fisher_rows, on_step, weights)
         if measure_ppl:
-            _measure_ppl(report, model, layers, scheme, eval_windows, dev, eval_batch_size, on_step)
+            _measure_ppl(report, model, layers, scheme, eval_windows, dev, eval_batch_size, on_step, weights)
     finally:
         model.to(home)  # perplexity runs move the whole model to the device; leave it where it was
     return report
 
 
-def _check_request(target_fraction, select_windows, measure_ppl, eval_windows, fisher_windows, stream) -> None:
+def _check_request(target_fraction, select_windows, measure_ppl, eval_windows, fisher_windows, stream,
+                   method) -> None:
     from quantkit.errors import UsageError
+    from quantkit.sensitivity.weights import check_method
+
+    check_method(method)
 
     if target_fraction is not None and select_windows is None:
         raise UsageError("--target-fraction needs selection windows from the calibration text (select_windows)")
@@ -104,10 +118,12 @@ def _check_request(target_fraction, select_windows, measure_ppl, eval_windows, f
     if stream is not None and (target_fraction is not None or measure_ppl or fisher_windows > 0):
         raise UsageError("--target-fraction, --measure-ppl and --fisher-windows run the whole model: "
                          "load it without --stream")
+    if stream is not None and method != "rtn":
+        raise UsageError(f"--method {method} quantizes the model in memory before the scan: load it without --stream")
 
 
 def _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fraction, select_windows, device,
-                    on_step) -> dict[str, torch.Tensor] | None:
+                    on_step, weights) -> dict[str, torch.Tensor] | None:
     """Set each layer's gradient-weighted error; returns its per-window rows when the selection needs them."""
     from quantkit.sensitivity.fisher import fisher_scores
 
@@ -115,7 +131,7 @@ def _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fra
     ids = select_windows if target_fraction is not None else input_ids[:fisher_windows]
     if on_step is not None:
         on_step(f"gradient-weighted error: forward + backward on {len(ids)} windows")
-    rows = fisher_scores(model, ids, scheme, [e.name for e in layers], device=device, per_window=True)
+    rows = fisher_scores(model, ids, scheme, [e.name for e in layers], device=device, per_window=True, weights=weights)
     for e in layers:
         e.fisher = float(rows[e.name].mean())
     return rows if target_fraction is not None else None
@@ -131,12 +147,12 @@ def _apply_fixed(report: ScanReport, layers, thresholds: Thresholds, scheme: Sch
 
 
 def _select(report: ScanReport, model, layers, scheme, select_windows, target_fraction, folds, dev,
-            eval_batch_size, shortlist, fisher_rows, on_step) -> None:
+            eval_batch_size, shortlist, fisher_rows, on_step, weights) -> None:
     from quantkit.sensitivity.select import select_fp16
 
     sel = select_fp16(
         model, layers, scheme, select_windows, target_fraction, folds=folds, device=dev,
-        batch_size=eval_batch_size, shortlist=shortlist, fisher=fisher_rows, on_step=on_step,
+        batch_size=eval_batch_size, shortlist=shortlist, fisher=fisher_rows, on_step=on_step, weights=weights,
     )
     report.thresholds = Thresholds(None, None, None)  # the choice is an explicit list of units
     report.search, report.ppl = sel.candidates, sel.ppl
@@ -147,14 +163,16 @@ def _select(report: ScanReport, model, layers, scheme, select_windows, target_fr
         )
 
 
-def _measure_ppl(report: ScanReport, model, layers, scheme, eval_windows, dev, eval_batch_size, on_step) -> None:
+def _measure_ppl(report: ScanReport, model, layers, scheme, eval_windows, dev, eval_batch_size, on_step,
+                 weights) -> None:
     from quantkit.sensitivity.calibrate import correlations, measure_layer_ppl
 
     def step(i, n, name):
         if on_step is not None:
             on_step(f"({i + 1}/{n}) perplexity with only {name} quantized")
 
-    base = measure_layer_ppl(model, layers, scheme, eval_windows, device=dev, batch_size=eval_batch_size, on_step=step)
+    base = measure_layer_ppl(model, layers, scheme, eval_windows, device=dev, batch_size=eval_batch_size, on_step=step,
+                             weights=weights)
     report.correlations = correlations(layers)
     # the held-out baseline, apart from the selection's (calibration-text) perplexities
     report.ppl = {**(report.ppl or {}), "heldout_baseline": base, "heldout_windows": int(eval_windows.shape[0]),

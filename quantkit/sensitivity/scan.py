@@ -7,7 +7,8 @@ record. So the pipeline taps every linear of each block while the block runs on 
 calibration batches: the tap sees the linear's float input x and float output
 y = x W^T + b, and computes on the same x the scheme's fake-quantized output
 yq = fq_a(x) fq_w(W)^T + b (fq_a only for schemes that quantize activations, per-token
-dynamic as the W8A8 kernels do). With no method, the block's float outputs feed the next
+dynamic as the W8A8 kernels do; fq_w the scheme's RTN, or GPTQ's weights with `scan
+--method gptq`: quantkit.sensitivity.weights). With no method, the block's float outputs feed the next
 block, so every layer is measured on the inputs it gets in the float model; and the scan
 streams blocks and keeps activations off the device wherever the pipeline can.
 
@@ -39,10 +40,11 @@ from torch import nn
 
 from quantkit.calib.pipeline import BlockView, LinearTap, run_layerwise
 from quantkit.models.adapter import ModelAdapter
-from quantkit.quant.core import fake_quantize, fake_quantize_activations
+from quantkit.quant.core import fake_quantize_activations
 from quantkit.recipe import Scheme
 from quantkit.sensitivity import metrics
 from quantkit.sensitivity.metrics import DEFAULT_BINS
+from quantkit.sensitivity.weights import RTN, ScanWeights
 
 RANGE_MARGIN = 0.25  # share of the first batch's span added on each side of the histogram range
 R_SAMPLE = 1 << 16  # input values per linear kept for R's quartiles
@@ -118,7 +120,8 @@ class _Observer:
     """Accumulates one linear's statistics over calibration batches (everything on the linear's device)."""
 
     def __init__(
-        self, linear: nn.Linear, scheme: Scheme, bins: int, r_per_batch: int, rows_per_batch: int, gen: torch.Generator
+        self, linear: nn.Linear, wq: torch.Tensor, scheme: Scheme, bins: int, r_per_batch: int, rows_per_batch: int,
+        gen: torch.Generator,
     ):
         self.linear = linear
         self.scheme = scheme
@@ -127,7 +130,7 @@ class _Observer:
         self.rows_per_batch = rows_per_batch
         self.gen = gen
         self.err2 = self.ref2 = 0.0  # float64 sums of ||yq - y||^2 and ||y||^2
-        self.wq = fake_quantize(linear.weight.data.float(), scheme.weights)  # (out, in) float32
+        self.wq = wq  # (out, in) float32: the quantized weight (ScanWeights)
         self.p = self.q = None
         self.lo = self.hi = 0.0
         self.clipped = 0
@@ -195,15 +198,18 @@ class _ScanConsumer:
 
     name = "scan"
 
-    def __init__(self, adapter: ModelAdapter, scheme: Scheme, bins: int, r_per_batch: int, rows_per_batch: int,
-                 gen: torch.Generator):
+    def __init__(self, adapter: ModelAdapter, scheme: Scheme, weights: ScanWeights, bins: int, r_per_batch: int,
+                 rows_per_batch: int, gen: torch.Generator):
         self.adapter = adapter
+        self.weights = weights
         self._observer_args = (scheme, bins, r_per_batch, rows_per_batch, gen)
         self.layers: list[LayerScan] = []
         self._observers: dict[str, _Observer] = {}
 
     def begin(self, view: BlockView) -> dict[str, LinearTap]:
-        self._observers = {k: _Observer(v, *self._observer_args) for k, v in view.linears.items()}
+        args = self._observer_args[0].weights
+        self._observers = {k: _Observer(v, self.weights.quantized(k, v.weight.data.float(), args), *self._observer_args)
+                           for k, v in view.linears.items()}
         return {k: obs.add for k, obs in self._observers.items()}
 
     def end(self, view: BlockView) -> None:
@@ -230,6 +236,7 @@ def scan_layers(
     on_block: Callable[[int, int, str, str], None] | None = None,
     stream=None,
     activations: str = "device",
+    weights: ScanWeights = RTN,
 ) -> list[LayerScan]:
     """Measure every non-ignored linear of the decoder blocks on `input_ids` (samples, seqlen).
 
@@ -238,6 +245,7 @@ def scan_layers(
     stat_tokens: token rows per linear for the output statistics (None = all).
     stream (quantkit.models.streaming.StreamedModel; `model` is its skeleton) and activations
     ("device", "host", "disk"): as `run_layerwise` takes them; the results do not depend on either.
+    weights: the quantized weights compared against (quantkit.sensitivity.weights; default the scheme's RTN).
     """
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
@@ -246,7 +254,7 @@ def scan_layers(
     n_batches = math.ceil(input_ids.shape[0] / batch_size)
     r_per_batch = max(1, math.ceil(r_sample / n_batches))
     rows_per_batch = input_ids.numel() if stat_tokens is None else max(1, math.ceil(stat_tokens / n_batches))
-    scan = _ScanConsumer(ModelAdapter.for_model(model), scheme, bins, r_per_batch, rows_per_batch,
+    scan = _ScanConsumer(ModelAdapter.for_model(model), scheme, weights, bins, r_per_batch, rows_per_batch,
                          torch.Generator().manual_seed(seed))
     run_layerwise(model, input_ids, [], consumers=[scan], device=device, batch_size=batch_size, ignore=ignore,
                   on_block=on_block, stream=stream, activations=activations)
@@ -270,6 +278,7 @@ class ScanReport:
     correlations: dict[str, float] | None = None  # Spearman of each metric with ppl_delta
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "rtn", "options": {}})  # ScanWeights.record()
 
     @property
     def flagged(self) -> list[str]:

@@ -50,6 +50,7 @@ from quantkit.recipe import Scheme
 from quantkit.sensitivity.io import FUSED_GROUPS
 from quantkit.sensitivity.partial import quantized_subset, recovered_fraction
 from quantkit.sensitivity.scan import LayerScan, precision_label
+from quantkit.sensitivity.weights import RTN, ScanWeights
 
 RULES = ("restore", "fisher", "rel_err")  # in order of preference when their estimates tie
 DEFAULT_FOLDS = 4
@@ -133,12 +134,15 @@ def select_fp16(
     shortlist: int | None = None,
     fisher: dict[str, torch.Tensor] | None = None,
     on_step: Callable[[str], None] | None = None,
+    weights: ScanWeights = RTN,
 ) -> Selection:
     """Choose whole units, at most floor(fraction x len(layers)) linears, to keep in FP16 (see module docstring).
 
     windows: (n, seqlen) selection windows from the calibration text; folds: cross-validation folds;
     shortlist: units whose restore gain is measured (None = all; else the largest by fisher, or rel_err
     without it, per linear of the unit; 0 = none); fisher: name -> per-window gradient-weighted error on `windows` (or None).
+    weights: what "quantized" means (quantkit.sensitivity.weights): the scheme's RTN, or e.g. GPTQ's weights, so
+    that the gains, the all-quantized baseline and the expected recovery refer to the model the file is used with.
     Sets each layer's flag, and restore_gain (of its unit, in perplexity) for measured units.
     """
     from quantkit.errors import UsageError
@@ -155,7 +159,7 @@ def select_fp16(
     if fisher is not None:
         fish = torch.stack([sum(fisher[m] for m in u) for u in search.units])  # (units, windows)
     measured = _shortlist(search.costs, fish.sum(dim=1).tolist() if fish is not None else rel, shortlist)
-    with quantized_subset(model, search.names, scheme) as q:
+    with quantized_subset(model, search.names, scheme, weights) as q:
         search.say("selection: all quantized")
         allq = search.nll(windows)
         gains = search.restore_gains(q, allq, measured)
@@ -168,7 +172,7 @@ def select_fp16(
         chosen = best["layers"] if best is not None else []
         mixed = search.in_sample(q, best, allq)
     search.set_results(layers, scheme, measured, gains, allq, chosen)
-    ppl = search.summary(base, allq, mixed, best, measured)
+    ppl = search.summary(base, allq, mixed, best, measured, weights.method)
     return Selection(chosen, best["rule"] if best else None, search.budget, ppl, candidates)
 
 
@@ -279,8 +283,8 @@ class _Search:
         for e in layers:
             e.flag = "fp16" if e.name in keep else label
 
-    def summary(self, base, allq, mixed, best, measured) -> dict[str, Any]:
-        """The `ppl` record of sensitive_layers.json (see quantkit.sensitivity.io)."""
+    def summary(self, base, allq, mixed, best, measured, method: str) -> dict[str, Any]:
+        """The `ppl` record of sensitive_layers.json (see quantkit.sensitivity.io); method: what quantized."""
         ppl_base, ppl_allq = _ppl(float(base.sum()), self.tokens), _ppl(float(allq.sum()), self.tokens)
         expected = None
         if best is not None:
@@ -291,11 +295,11 @@ class _Search:
                 "windows": self.n,
                 "seqlen": int(self.windows.shape[1]),
                 "how": (f"{len(self.parts)}-fold cross-validation over {self.n} calibration windows: each window "
-                        f"scored by the choice rule '{best['rule']}' applied to the other folds only; held-out text "
-                        "never read"),
+                        f"scored by the choice rule '{best['rule']}' applied to the other folds only; the gap of the "
+                        f"model quantized with {method}; held-out text never read"),
             }
         return {
-            "baseline": ppl_base, "all_quantized": ppl_allq, "mixed": mixed,
+            "baseline": ppl_base, "all_quantized": ppl_allq, "mixed": mixed, "method": method,
             "recovered": recovered_fraction(ppl_base, ppl_allq, mixed), "rule": best["rule"] if best else None,
             "evaluations": self.evaluations, "budget": self.budget,
             "fp16_linears": len(best["layers"]) if best else 0, "units": len(self.units),
