@@ -39,8 +39,3 @@ def ctrl_c_raises():
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, old)
-
-
-def sigint_default() -> None:
-    """preexec_fn for a child process that must receive Ctrl-C whatever the test run inherited."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from quantkit.export.manifest import verify_checkpoint
-from conftest import sigint_default
 from quantkit.interrupts import SIGNAL_ENV
-from tiny_models import rtn_checkpoint, run_cli, save_tiny_model_dir
+from tiny_models import rtn_checkpoint, run_cli, save_tiny_model_dir, sigint_default
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ("-g", "32")  # the recipe of every run here (tiny model: 3 blocks)

@@ -117,3 +117,11 @@ def rtn_checkpoint(model_dir, out, *args):
     code, text = run_cli("rtn", "--model", model_dir, "--out", out, *args)
     assert code == 0, text
     return out
+
+
+def sigint_default() -> None:
+    """preexec_fn for a child process that must receive Ctrl-C whatever the test run inherited (a run started
+    in the background ignores SIGINT, and children inherit that)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
