@@ -14,7 +14,8 @@ from typing import Annotated, Any
 import typer
 
 from quantkit.cli.methods import method_command
-from quantkit.cli.options import BitsOverrideOpt, GroupSizeOverrideOpt, MseGridOpt, MseOpt, MseWeightOpt, SymOverrideOpt
+from quantkit.cli.options import (BitsOverrideOpt, GroupSizeOverrideOpt, LearnedRoundingOpt, MseGridOpt, MseOpt,
+                                  MseWeightOpt, RoundingStepsOpt, SymOverrideOpt)
 
 # Default scheme of `quantkit awq` / `quantkit gptq`: 4-bit, group 64, asymmetric.
 # 64 divides the default model's in_features (576 and 1536; 128 does not divide
@@ -150,6 +151,8 @@ def gptq(
     mse: MseOpt = False,
     mse_grid: MseGridOpt = 50,
     mse_weight: MseWeightOpt = "none",
+    learned_rounding: LearnedRoundingOpt = False,
+    rounding_steps: RoundingStepsOpt = 200,
 ):
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
@@ -160,10 +163,10 @@ def gptq(
 
     v.check_float("--damp", damp, min=0, max=1, min_open=True, note=" (a fraction of the mean Hessian diagonal)")
     v.check_int("--block-size", block_size, min=1)
-    from quantkit.cli.options import mse_stage_options
+    from quantkit.cli.options import mse_stage_options, rounding_stage_options
 
     return dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
-                **mse_stage_options(mse, mse_grid, mse_weight))
+                **mse_stage_options(mse, mse_grid, mse_weight), **rounding_stage_options(learned_rounding, rounding_steps))
 
 
 def register(app: typer.Typer) -> None:
