@@ -92,7 +92,7 @@ def test_start_is_rtn_bit_for_bit(args, mse):
     st = rtn_start(w, args, shrink=shrink)
     for got, ref in zip((st.qt.q, st.qt.scale, st.qt.zero), want):
         assert (got is None and ref is None) or torch.equal(got, ref)
-    assert torch.equal(fake_quant(st, st.v0, torch.ones_like(st.ends), args), st.qt.dequantize())
+    assert torch.equal(fake_quant(st, torch.zeros_like(w), torch.ones_like(st.ends), args), st.qt.dequantize())
     out, report = learn_rounding({"l": st}, args, _fwd(xs), ts, RoundingConfig(steps=0))
     assert out["l"] is st.qt and report.kept == "start"
 
@@ -151,7 +151,7 @@ def test_grid_start_reproduces_gptq(act_order):
     qt = gptq_quantize(w, h, args, act_order=act_order, backend="torch").qt
     st = grid_start(w, qt)
     assert st.qt is qt
-    start = exact(st, st.v0, torch.ones_like(st.ends), args)
+    start = exact(st, torch.zeros_like(w), torch.ones_like(st.ends), args)
     torch.testing.assert_close(start.scale, qt.scale, rtol=1e-6, atol=0)
     assert torch.equal(start.zero, qt.zero)
     assert torch.equal(start.q, qt.q)  # every code, also those GPTQ moved more than one rounding step

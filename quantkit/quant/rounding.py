@@ -53,13 +53,12 @@ class RoundingConfig:
 
 @dataclass
 class RoundingStart:
-    """Where one linear's search starts. w: (out, in) the float weights that are rounded; ends: (out, 2 n_groups)
-    the (lo, hi) range per group; v0: (out, in) the starting offsets; qt: the exact quantization the search
-    must beat (the start's own result); scale_dtype: the dtype scales are stored in."""
+    """Where one linear's search starts (V = 0, F = 1). w: (out, in) the float weights that are rounded;
+    ends: (out, 2 n_groups) the (lo, hi) range per group; qt: the start's exact quantization, the result to
+    beat; scale_dtype: the dtype scales are stored in."""
 
     w: torch.Tensor
     ends: torch.Tensor
-    v0: torch.Tensor
     qt: QuantizedTensor
     scale_dtype: torch.dtype
 
@@ -80,8 +79,8 @@ def rtn_start(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None 
         ends = ends * shrink.unsqueeze(-1)
     ends = ends.flatten(1)
     scale, zero = compute_qparams(ends, _pair(args), scale_dtype=sdt)
-    v0 = torch.zeros_like(w, dtype=torch.float32)
-    return RoundingStart(w.float(), ends, v0, QuantizedTensor(codes(w, v0, scale, zero, args), scale, zero, args), sdt)
+    q = codes(w, torch.zeros_like(w, dtype=torch.float32), scale, zero, args)
+    return RoundingStart(w.float(), ends, QuantizedTensor(q, scale, zero, args), sdt)
 
 
 def grid_start(w: torch.Tensor, qt: QuantizedTensor, scale_dtype: torch.dtype | None = None) -> RoundingStart:
@@ -102,7 +101,7 @@ def grid_start(w: torch.Tensor, qt: QuantizedTensor, scale_dtype: torch.dtype | 
     c = _grouped(qt.q.float(), g) - z.unsqueeze(-1)
     u = _grouped(w.float(), g) / s.unsqueeze(-1)
     base = ((c + (u - c).clamp(-CELL, CELL)) * s.unsqueeze(-1)).reshape(w.shape)
-    return RoundingStart(base, ends, torch.zeros_like(base), qt, scale_dtype or w.dtype)
+    return RoundingStart(base, ends, qt, scale_dtype or w.dtype)
 
 
 def codes(w: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -193,7 +192,7 @@ def learn_rounding(starts: dict[str, RoundingStart], args: QuantArgs, forward: B
     if cfg.steps == 0 or not starts or not targets:
         return start_qt, RoundingReport(0.0, 0.0, "start", 0)
     base = _total(forward, {n: q.dequantize() for n, q in start_qt.items()}, targets)
-    v = {n: st.v0.clone().requires_grad_(True) for n, st in starts.items()}
+    v = {n: torch.zeros_like(st.w).requires_grad_(True) for n, st in starts.items()}
     f = {n: torch.ones_like(st.ends).requires_grad_(True) for n, st in starts.items()}
     best = ({n: t.detach().clone() for n, t in v.items()}, {n: t.detach().clone() for n, t in f.items()})
     best_ratio, best_step = float("inf"), 0
