@@ -61,9 +61,12 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
 ROW_CALIB = {"gptq-mix-w4": "builtin:mix", "awq-gptq-mix-w4": "builtin:mix"}
 
 
-def _with_steps(opts: dict, steps: int | None) -> dict:
-    """A row's stage options, with --rounding-steps applied to a learned-rounding stage."""
-    return {**opts, "rounding_steps": steps} if opts.get("learned_rounding") and steps is not None else dict(opts)
+def _with_rounding(opts: dict, steps: int | None, lr: float | None) -> dict:
+    """A row's stage options, with --rounding-steps / --rounding-lr applied to a learned-rounding stage."""
+    if not opts.get("learned_rounding"):
+        return dict(opts)
+    return {**opts, **({"rounding_steps": steps} if steps is not None else {}),
+            **({"rounding_lr": lr} if lr is not None else {})}
 
 
 def _sync(device) -> None:
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
     ap.add_argument("--rounding-steps", type=int, default=None,
                     help="SignSGD steps per block of the learned-rounding rows (default: theirs, 200)")
+    ap.add_argument("--rounding-lr", type=float, default=None,
+                    help="first SignSGD step of the learned-rounding rows (default: 1/steps)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -141,7 +146,7 @@ def main() -> None:
         model.load_state_dict(float_state)
         recipe = Recipe(
             Scheme(QuantArgs(bits=bits, group_size=args.group_size, symmetric=False)),
-            tuple(Stage(m, _with_steps(o, args.rounding_steps)) for m, o in stages),
+            tuple(Stage(m, _with_rounding(o, args.rounding_steps, args.rounding_lr)) for m, o in stages),
         )
         starts: list[float] = []  # when each block began: the wall time per block
         if device.type == "cuda":
