@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 
 MSE = {"mse": True}  # the per-group range search (quant.mse) with its defaults: 50 shrinks down to 0.5, p = 2.4
 MSE2 = {"mse": True, "mse_norm": 2.0}
+LR = {"learned_rounding": True}  # quant.rounding, 200 steps per block unless --rounding-steps
 
 # name -> (description, bits, stages); every row is W{bits} group 64 asymmetric.
 ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
@@ -41,6 +42,9 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "gptq-msew-w4": ("GPTQ, MSE range search weighted by the Hessian diagonal", 4,
                      (("gptq", {**MSE, "mse_weight": "hessian"}),)),
     "gptq-mix-w4": ("GPTQ, calibrated on builtin:mix", 4, (("gptq", {}),)),
+    "rtn-lr-w4": ("RTN + learned rounding (SignSGD on the block output)", 4, (("rtn", LR),)),
+    "gptq-msew-lr-w4": ("GPTQ, Hessian-weighted MSE + learned-rounding refinement", 4,
+                        (("gptq", {**MSE, "mse_weight": "hessian", **LR}),)),
     "gptq-noact-w4": ("GPTQ without act-order", 4, (("gptq", {"act_order": False}),)),
     "gptq-noact-mse-w4": ("GPTQ without act-order, MSE (dynamic groups)", 4, (("gptq", {"act_order": False, **MSE}),)),
     "awq-gptq-w4": ("AWQ + GPTQ", 4, (("awq", {}), ("gptq", {}))),
@@ -55,6 +59,14 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
 }
 # Rows calibrated on another builtin set than builtin:pydoc (the default of every command).
 ROW_CALIB = {"gptq-mix-w4": "builtin:mix", "awq-gptq-mix-w4": "builtin:mix"}
+
+
+def _with_rounding(opts: dict, steps: int | None, lr: float | None) -> dict:
+    """A row's stage options, with --rounding-steps / --rounding-lr applied to a learned-rounding stage."""
+    if not opts.get("learned_rounding"):
+        return dict(opts)
+    return {**opts, **({"rounding_steps": steps} if steps is not None else {}),
+            **({"rounding_lr": lr} if lr is not None else {})}
 
 
 def _sync(device) -> None:
@@ -76,6 +88,10 @@ def main() -> None:
     ap.add_argument("--texts", default="pydoc,code,prose", help="held-out texts (builtin:NAME of quantkit.calib.data.HELDOUT)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
+    ap.add_argument("--rounding-steps", type=int, default=None,
+                    help="SignSGD steps per block of the learned-rounding rows (default: theirs, 200)")
+    ap.add_argument("--rounding-lr", type=float, default=None,
+                    help="first SignSGD step of the learned-rounding rows (default: 1/steps)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -130,15 +146,18 @@ def main() -> None:
         model.load_state_dict(float_state)
         recipe = Recipe(
             Scheme(QuantArgs(bits=bits, group_size=args.group_size, symmetric=False)),
-            tuple(Stage(m, dict(o)) for m, o in stages),
+            tuple(Stage(m, _with_rounding(o, args.rounding_steps, args.rounding_lr)) for m, o in stages),
         )
+        starts: list[float] = []  # when each block began: the wall time per block
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
         t0 = time.perf_counter()
-        q = api.quantize(loaded, recipe, calib_cfg, device=args.device, calib_set=calibs[ROW_CALIB.get(key)])
+        q = api.quantize(loaded, recipe, calib_cfg, device=args.device, calib_set=calibs[ROW_CALIB.get(key)],
+                         on_block=lambda *_: starts.append(time.perf_counter()))
         _sync(device)
         secs = time.perf_counter() - t0
+        block_s = [b - a for a, b in zip(starts, starts[1:] + [time.perf_counter()])]
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         ppl = score(model)
         row = {
@@ -150,6 +169,8 @@ def main() -> None:
             "gap_pct": {t: (ppl[t] / base[t] - 1) * 100 for t in texts},
             "seconds": secs,
             "x_forward": secs / forward_s,
+            "block_seconds": block_s,
+            "stages": [dict(st.options, method=st.method) for st in recipe.stages],
             "peak_gpu_gib": peak,
             "warnings": q.warnings,
         }
@@ -185,6 +206,9 @@ def main() -> None:
             cells = " | ".join(f"{r['ppl'][t]:.4f} | {r['gap_pct'][t]:+.2f}%" for t in texts)
             print(f"| {r['row']} | {r['method']} | W{r['bits']} g{args.group_size} asym | {r['calib']} | {cells} | "
                   f"{r['seconds']:.1f} | {r['x_forward']:.1f} |")
+    print("\nwall time per block (s): " + "; ".join(
+        f"{r['row']} mean {sum(r['block_seconds']) / len(r['block_seconds']):.1f}, max {max(r['block_seconds']):.1f}"
+        for r in results if r.get("block_seconds")))
 
 
 if __name__ == "__main__":

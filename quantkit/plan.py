@@ -229,6 +229,8 @@ def _stat_kinds(recipe) -> frozenset[str]:
         cls = get_method(st.method)
         # Methods that capture their own statistics inside a block say so in `plan_stats`.
         kinds |= cls.stats | getattr(cls, "plan_stats", frozenset())
+        if st.options.get("learned_rounding"):  # quant.rounding runs the block on calibration data
+            kinds |= {"rounding"}
     return kinds
 
 
@@ -417,6 +419,11 @@ def _sizes(shape: ModelShape, recipe, calib, *, wb: int, kinds: frozenset[str], 
         stats = _gptq_step_bytes(shape, torch_solve=not on_gpu or _gptq_backend(recipe) == "torch")
     elif kinds:
         stats = sum(i * 4 * 2 for _o, i in lin.values())
+    if "rounding" in kinds and data:
+        # learned rounding: the float block outputs (one per token), per weight 5 float32 (the float copy, V, its
+        # gradient, the best V, the fake-quantized weight), one batch's forward kept for the backward pass
+        stats += tokens * h * wb + sum(o * i for o, i in lin.values()) * 4 * 5 \
+            + batch_tokens * (3 * shape.intermediate_size + 6 * h) * 4
     return _Sizes(
         wb=wb, weights=weights, results=results, block_results=block_results, export=export,
         act=tokens * h * wb * 2 if data else 0,

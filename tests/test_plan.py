@@ -68,6 +68,20 @@ def test_hessian_methods_count_statistics():
         del _REGISTRY["_test_hessian"]
 
 
+def test_learned_rounding_counts_its_working_set():
+    # RTN reads no data, but with learned rounding it runs every block on the calibration batches: the
+    # activations count, and the float targets, 5 float32 per weight and one batch's saved forward
+    calib = CalibConfig(samples=4, seqlen=32, batch_size=4)
+    recipe = Recipe(Scheme(QuantArgs(bits=4, group_size=32)), (Stage("rtn", {"learned_rounding": True}),))
+    p = estimate_memory(CFG, recipe, calib, "cuda", dtype="bfloat16", host_available=10**12, device_available=10**12)
+    assert p.device_parts["block inputs + outputs"] == 4 * 32 * 96 * 2 * 2
+    n = 96 * 96 + 2 * 32 * 96 + 96 * 96 + 3 * 96 * 160
+    per_input = sum(i * 4 * 2 for i in (96, 96, 96, 96, 96, 96, 160))
+    assert p.device_parts["statistics"] == per_input + 4 * 32 * 96 * 2 + n * 4 * 5 + 4 * 32 * (3 * 160 + 6 * 96) * 4
+    assert estimate_memory(CFG, _recipe(), calib, "cuda", dtype="bfloat16", host_available=10**12,
+                           device_available=10**12).device_parts["block inputs + outputs"] == 0
+
+
 def test_gptq_counts_the_worst_step_of_the_solve():
     # CFG: hidden 96, MLP 160, 6 heads of 16, 2 KV heads -> q/k/v stacked 160 x 96, o 96 x 96,
     # gate/up stacked 320 x 96, down 96 x 160. Worst step: factoring down's 160 x 160 Hessian

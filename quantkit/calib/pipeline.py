@@ -347,7 +347,7 @@ class _Run:
     def _apply_methods(self, i, name, block, linears, stats, kwargs, n) -> list[Any]:
         """Let each method change the block; returns the next block's inputs (the changed block's outputs)."""
         ctx = BlockContext(i, name, block, linears, stats, lambda: list(self._outputs(block, kwargs)), self.device,
-                           spec=self.adapter.spec)
+                           spec=self.adapter.spec, batch=lambda j: (self.store.get(self.hidden[j]), kwargs[j]))
         for method in self.methods:
             method.apply_block(ctx)
         if self.stream is None:

@@ -24,12 +24,14 @@ from quantkit.cli.options import (
     FormatOpt,
     GroupSizeOpt,
     JsonOpt,
+    LearnedRoundingOpt,
     ModelOpt,
     MseGridOpt,
     MseOpt,
     OutOpt,
     OverwriteOpt,
     ResumeOpt,
+    RoundingStepsOpt,
     SkipMemOpt,
     SamplesOpt,
     SeedOpt,
@@ -160,13 +162,14 @@ def _print_summary(s: dict) -> None:
 
 @method_command
 def rtn(bits: BitsOpt = 4, group_size: GroupSizeOpt = None, sym: SymOpt = True, mse: MseOpt = False,
-        mse_grid: MseGridOpt = 50):
-    """Round-to-nearest weight quantization (no calibration data needed)."""
-    from quantkit.cli.options import mse_stage_options
+        mse_grid: MseGridOpt = 50, learned_rounding: LearnedRoundingOpt = False, rounding_steps: RoundingStepsOpt = 200):
+    """Round-to-nearest weight quantization (no calibration data needed, unless --learned-rounding)."""
+    from quantkit.cli.options import mse_stage_options, rounding_stage_options
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
     return Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)),
-                  (Stage("rtn", mse_stage_options(mse, mse_grid)),))
+                  (Stage("rtn", {**mse_stage_options(mse, mse_grid),
+                                 **rounding_stage_options(learned_rounding, rounding_steps)}),))
 
 
 def register(app: typer.Typer) -> None:

@@ -125,3 +125,20 @@ def mse_stage_options(mse: bool, mse_grid: int, mse_weight: str = "none") -> dic
     if not mse:
         return {}
     return {"mse": True, "mse_grid": mse_grid, **({"mse_weight": mse_weight} if mse_weight != "none" else {})}
+
+
+# Learned rounding (quant.rounding; rtn, gptq); off adds nothing to the recipe.
+LearnedRoundingOpt = Annotated[bool, typer.Option(
+    "--learned-rounding/--no-learned-rounding",
+    help="Learn each weight's rounding and each group's range against the block output (SignSGD, AutoRound-style) "
+         "after the method's own quantization; needs calibration data (recipe option learned_rounding).")]
+RoundingStepsOpt = Annotated[int, typer.Option("--rounding-steps", help="SignSGD steps per block for "
+                                                                       "--learned-rounding (one calibration batch each).")]
+
+
+def rounding_stage_options(on: bool, steps: int) -> dict:
+    """The stage options --learned-rounding/--rounding-steps ask for: none when it is off."""
+    from quantkit import validate as v
+
+    v.check_int("--rounding-steps", steps, min=0, max=100_000)
+    return {"learned_rounding": True, "rounding_steps": steps} if on else {}

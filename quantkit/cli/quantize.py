@@ -19,9 +19,11 @@ from quantkit.cli.options import (
     BitsOverrideOpt,
     DampOpt,
     GroupSizeOverrideOpt,
+    LearnedRoundingOpt,
     MseGridOpt,
     MseOpt,
     MseWeightOpt,
+    RoundingStepsOpt,
     SymOverrideOpt,
 )
 
@@ -156,6 +158,8 @@ def gptq(
     mse: MseOpt = False,
     mse_grid: MseGridOpt = 50,
     mse_weight: MseWeightOpt = "none",
+    learned_rounding: LearnedRoundingOpt = False,
+    rounding_steps: RoundingStepsOpt = 200,
 ):
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
@@ -163,13 +167,13 @@ def gptq(
     default model; 128 does not divide 576). Change it with --bits/--group-size/--sym.
     """
     from quantkit import validate as v
-    from quantkit.cli.options import check_damp, mse_stage_options
+    from quantkit.cli.options import check_damp, mse_stage_options, rounding_stage_options
 
     check_damp(damp)
     v.check_int("--block-size", block_size, min=1)
 
     return dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
-                **mse_stage_options(mse, mse_grid, mse_weight))
+                **mse_stage_options(mse, mse_grid, mse_weight), **rounding_stage_options(learned_rounding, rounding_steps))
 
 
 def register(app: typer.Typer) -> None:

@@ -35,6 +35,8 @@ class BlockContext:
     stats: full name -> statistics of that linear's inputs from the capture pass.
     forward: runs the block (as it is now) on every calibration batch and returns
         the outputs, a list of tensors (batch, seq, hidden); for search methods.
+    batch: batch(i) -> (hidden_states, kwargs) of calibration batch i (in the order `forward` runs them), on
+        the device, as the block receives them; for methods that run the block themselves (learned rounding).
     results: methods write full name -> QuantizedTensor here (on CPU).
     warnings: user-facing warnings; they end up in the manifest.
     spec: relative names of this block's parts (scale groups, true-sequential steps).
@@ -48,6 +50,7 @@ class BlockContext:
     forward: Callable[[], list[torch.Tensor]]
     device: torch.device
     spec: ArchSpec | None = None  # the model family's table (scale groups, sequential steps)
+    batch: Callable[[int], tuple[torch.Tensor, dict[str, Any]]] | None = None
     results: dict[str, QuantizedTensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 

@@ -46,19 +46,22 @@ from torch import nn
 
 from quantkit.calib.capture import InputStats, capture_inputs
 from quantkit.errors import RecipeError
+from quantkit.methods import _rounding
 from quantkit.methods.base import BlockContext, Method, register_method
-from quantkit.methods.options import Flag, Int, Number, OneOf, RangeSearchOptions, option
+from quantkit.methods.options import Flag, Int, Number, OneOf, WeightQuantizerOptions, option
 from quantkit.quant.core import QuantizedTensor, quantize_weight
 from quantkit.quant.gptq import BACKENDS, CholeskyError, gptq_quantize
+from quantkit.quant.rounding import grid_start
 
 # act_order on by default: on the default model it closes about half of the W4 g64 gap that plain
 # GPTQ leaves (BENCHMARKS.md), and static groups keep the export in the standard layout.
 # backend: the solve ("auto" = the fused Triton kernel on CUDA, torch ops otherwise; see
 # quant.gptq.gptq_quantize); the two agree up to float32 rounding.
 @dataclass
-class GPTQOptions(RangeSearchOptions):
+class GPTQOptions(WeightQuantizerOptions):
     """See `GPTQ`. expert_min_tokens / expert_damp_tokens: an MoE expert that saw fewer routed tokens than
-    this many x in_features is quantized with RTN / solved with damp 1.0. mse*: the range search."""
+    this many x in_features is quantized with RTN / solved with damp 1.0. mse*: the range search.
+    learned_rounding (+ rounding_steps, rounding_lr, rounding_seed): refine GPTQ's result against the block output."""
 
     METHOD = "gptq"
     damp: float = option(0.01, Number(0, 1, low_open=True))
@@ -139,6 +142,19 @@ class GPTQ(Method):
     def apply_block(self, ctx: BlockContext) -> None:
         if not self.final:
             raise RecipeError("gptq quantizes the weights, so it must be the last stage of a recipe; move it to the end")
+        rounding = self.opts.rounding
+        if rounding is not None:  # the target and the weights learned rounding starts from: before the solve
+            targets = _rounding.float_targets(ctx)
+            floats = {n: ctx.linears[n].weight.data.clone() for n in _rounding.learned_names(ctx, "gptq")}
+        self._solve_block(ctx)
+        if rounding is not None:
+            starts = {n: grid_start(w, ctx.results[n].to(w.device), ctx.linears[n].weight.dtype)
+                      for n, w in floats.items()}
+            del floats
+            _rounding.refine(ctx, self.scheme.weights, starts, targets, rounding, "gptq")
+
+    def _solve_block(self, ctx: BlockContext) -> None:
+        """GPTQ on every quantized linear of the block, step by step (see the module docstring)."""
         steps = _steps(ctx)
         self._few: list[str] = []  # experts switched to RTN in this block: "name (tokens)"
         self._damped: list[str] = []  # experts solved with damp 1.0

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from quantkit.errors import RecipeError, short_repr
 from quantkit.quant.mse import DEFAULTS as MSE_DEFAULTS, MAX_GRID as MSE_MAX_GRID, OPTIONS as MSE_OPTIONS
 from quantkit.quant.mse import WEIGHTS as MSE_WEIGHTS, MSESearch, from_options as mse_from_options
+from quantkit.quant.rounding import RoundingConfig
 
 
 class Rule:
@@ -174,6 +175,23 @@ class RangeSearchOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         self.search: MSESearch | None = mse_from_options(self.METHOD, {k: getattr(self, k) for k in MSE_OPTIONS})
+
+
+@dataclass
+class WeightQuantizerOptions(RangeSearchOptions):
+    """The range search plus learned rounding (quantkit.quant.rounding), which RTN and GPTQ both offer.
+    `rounding` is the RoundingConfig to run after the method's own quantization, or None (off)."""
+
+    learned_rounding: bool = option(False, Flag())
+    rounding_steps: int = option(200, Int(0, 100_000))
+    rounding_lr: float | None = option(None, Number(0, 1, low_open=True), optional=True)  # null: 1/rounding_steps
+    rounding_seed: int = option(0, Int(0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rounding: RoundingConfig | None = (
+            RoundingConfig(self.rounding_steps, self.rounding_lr, self.rounding_seed) if self.learned_rounding
+            else None)
 
 
 def parse_options(cls: type[MethodOptions], method: str, given: dict[str, Any]) -> MethodOptions:
