@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 
 MSE = {"mse": True}  # the per-group range search (quant.mse) with its defaults: 50 shrinks down to 0.5, p = 2.4
 MSE2 = {"mse": True, "mse_norm": 2.0}
+MSEW = {"mse": True, "mse_weight": "hessian"}  # the search weighted by the Hessian diagonal (gptq)
 LR = {"learned_rounding": True}  # quant.rounding, 200 steps per block unless --rounding-steps
 
 # name -> (description, bits, stages); every row is W{bits} group 64 asymmetric.
@@ -40,22 +41,26 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "gptq-mse-w4": ("GPTQ, MSE range search (p 2.4)", 4, (("gptq", MSE),)),
     "gptq-mse2-w4": ("GPTQ, MSE range search (p 2)", 4, (("gptq", MSE2),)),
     "gptq-msew-w4": ("GPTQ, MSE range search weighted by the Hessian diagonal", 4,
-                     (("gptq", {**MSE, "mse_weight": "hessian"}),)),
+                     (("gptq", MSEW),)),
     "gptq-mix-w4": ("GPTQ, calibrated on builtin:mix", 4, (("gptq", {}),)),
     "rtn-lr-w4": ("RTN + learned rounding (SignSGD on the block output)", 4, (("rtn", LR),)),
     "gptq-msew-lr-w4": ("GPTQ, Hessian-weighted MSE + learned-rounding refinement", 4,
-                        (("gptq", {**MSE, "mse_weight": "hessian", **LR}),)),
+                        (("gptq", {**MSEW, **LR}),)),
     "gptq-noact-w4": ("GPTQ without act-order", 4, (("gptq", {"act_order": False}),)),
     "gptq-noact-mse-w4": ("GPTQ without act-order, MSE (dynamic groups)", 4, (("gptq", {"act_order": False, **MSE}),)),
     "awq-gptq-w4": ("AWQ + GPTQ", 4, (("awq", {}), ("gptq", {}))),
     "awq-gptq-noact-w4": ("AWQ + GPTQ without act-order", 4, (("awq", {}), ("gptq", {"act_order": False}))),
     "awq-gptq-mse-w4": ("AWQ + GPTQ with MSE", 4, (("awq", {}), ("gptq", MSE))),
     "awq-gptq-mix-w4": ("AWQ + GPTQ, calibrated on builtin:mix", 4, (("awq", {}), ("gptq", {}))),
+    "awq-gptq-msew-w4": ("AWQ + GPTQ with the Hessian-weighted MSE search", 4, (("awq", {}), ("gptq", MSEW))),
     "rtn-w3": ("RTN", 3, (("rtn", {}),)),
     "awq-gptq-w3": ("AWQ + GPTQ", 3, (("awq", {}), ("gptq", {}))),
     "awq-gptq-noact-w3": ("AWQ + GPTQ without act-order", 3, (("awq", {}), ("gptq", {"act_order": False}))),
     "gptq-mse-w3": ("GPTQ with MSE", 3, (("gptq", MSE),)),
     "awq-gptq-mse-w3": ("AWQ + GPTQ with MSE", 3, (("awq", {}), ("gptq", MSE))),
+    "gptq-w3": ("GPTQ", 3, (("gptq", {}),)),
+    "gptq-msew-w3": ("GPTQ with the Hessian-weighted MSE search", 3, (("gptq", MSEW),)),
+    "awq-gptq-msew-w3": ("AWQ + GPTQ with the Hessian-weighted MSE search", 3, (("awq", {}), ("gptq", MSEW))),
 }
 # Rows calibrated on another builtin set than builtin:pydoc (the default of every command).
 ROW_CALIB = {"gptq-mix-w4": "builtin:mix", "awq-gptq-mix-w4": "builtin:mix"}
