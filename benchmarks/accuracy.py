@@ -25,9 +25,10 @@ import platform
 import time
 from datetime import datetime, timezone
 
-MSE = {"mse": True}  # the per-group range search (quant.mse) with its defaults: 50 shrinks down to 0.5, p = 2.4
-MSE2 = {"mse": True, "mse_norm": 2.0}
-MSEW = {"mse": True, "mse_weight": "hessian"}  # the search weighted by the Hessian diagonal (gptq)
+MSE = {"mse": True, "mse_weight": "none"}  # the per-group range search (quant.mse): 50 shrinks down to 0.5, p = 2.4
+MSE2 = {**MSE, "mse_norm": 2.0}
+MSEW = {"mse": True, "mse_weight": "hessian"}  # weighted by the Hessian diagonal: gptq's default since 2026-12-04
+MINMAX = {"mse": False}  # min/max group ranges (gptq before 2026-12-04, rtn's default)
 LR = {"learned_rounding": True}  # quant.rounding, 200 steps per block unless --rounding-steps
 
 # name -> (description, bits, stages); every row is W{bits} group 64 asymmetric.
@@ -37,28 +38,28 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "rtn-mse2-w4": ("RTN, MSE range search (p 2)", 4, (("rtn", MSE2),)),
     "awq-w4": ("AWQ (search on 8 windows, the default)", 4, (("awq", {}),)),
     "awq-all-w4": ("AWQ (search on all windows)", 4, (("awq", {"search_samples": None}),)),
-    "gptq-w4": ("GPTQ (act-order, static groups: the default)", 4, (("gptq", {}),)),
+    "gptq-w4": ("GPTQ (act-order, static groups, min/max ranges)", 4, (("gptq", MINMAX),)),
     "gptq-mse-w4": ("GPTQ, MSE range search (p 2.4)", 4, (("gptq", MSE),)),
     "gptq-mse2-w4": ("GPTQ, MSE range search (p 2)", 4, (("gptq", MSE2),)),
-    "gptq-msew-w4": ("GPTQ, MSE range search weighted by the Hessian diagonal", 4,
+    "gptq-msew-w4": ("GPTQ, MSE range search weighted by the Hessian diagonal (the default)", 4,
                      (("gptq", MSEW),)),
-    "gptq-mix-w4": ("GPTQ, calibrated on builtin:mix", 4, (("gptq", {}),)),
+    "gptq-mix-w4": ("GPTQ, calibrated on builtin:mix", 4, (("gptq", MINMAX),)),
     "rtn-lr-w4": ("RTN + learned rounding (SignSGD on the block output)", 4, (("rtn", LR),)),
     "gptq-msew-lr-w4": ("GPTQ, Hessian-weighted MSE + learned-rounding refinement", 4,
                         (("gptq", {**MSEW, **LR}),)),
-    "gptq-noact-w4": ("GPTQ without act-order", 4, (("gptq", {"act_order": False}),)),
+    "gptq-noact-w4": ("GPTQ without act-order", 4, (("gptq", {"act_order": False, **MINMAX}),)),
     "gptq-noact-mse-w4": ("GPTQ without act-order, MSE (dynamic groups)", 4, (("gptq", {"act_order": False, **MSE}),)),
-    "awq-gptq-w4": ("AWQ + GPTQ", 4, (("awq", {}), ("gptq", {}))),
-    "awq-gptq-noact-w4": ("AWQ + GPTQ without act-order", 4, (("awq", {}), ("gptq", {"act_order": False}))),
+    "awq-gptq-w4": ("AWQ + GPTQ", 4, (("awq", {}), ("gptq", MINMAX))),
+    "awq-gptq-noact-w4": ("AWQ + GPTQ without act-order", 4, (("awq", {}), ("gptq", {"act_order": False, **MINMAX}))),
     "awq-gptq-mse-w4": ("AWQ + GPTQ with MSE", 4, (("awq", {}), ("gptq", MSE))),
-    "awq-gptq-mix-w4": ("AWQ + GPTQ, calibrated on builtin:mix", 4, (("awq", {}), ("gptq", {}))),
+    "awq-gptq-mix-w4": ("AWQ + GPTQ, calibrated on builtin:mix", 4, (("awq", {}), ("gptq", MINMAX))),
     "awq-gptq-msew-w4": ("AWQ + GPTQ with the Hessian-weighted MSE search", 4, (("awq", {}), ("gptq", MSEW))),
     "rtn-w3": ("RTN", 3, (("rtn", {}),)),
-    "awq-gptq-w3": ("AWQ + GPTQ", 3, (("awq", {}), ("gptq", {}))),
-    "awq-gptq-noact-w3": ("AWQ + GPTQ without act-order", 3, (("awq", {}), ("gptq", {"act_order": False}))),
+    "awq-gptq-w3": ("AWQ + GPTQ", 3, (("awq", {}), ("gptq", MINMAX))),
+    "awq-gptq-noact-w3": ("AWQ + GPTQ without act-order", 3, (("awq", {}), ("gptq", {"act_order": False, **MINMAX}))),
     "gptq-mse-w3": ("GPTQ with MSE", 3, (("gptq", MSE),)),
     "awq-gptq-mse-w3": ("AWQ + GPTQ with MSE", 3, (("awq", {}), ("gptq", MSE))),
-    "gptq-w3": ("GPTQ", 3, (("gptq", {}),)),
+    "gptq-w3": ("GPTQ", 3, (("gptq", MINMAX),)),
     "gptq-msew-w3": ("GPTQ with the Hessian-weighted MSE search", 3, (("gptq", MSEW),)),
     "awq-gptq-msew-w3": ("AWQ + GPTQ with the Hessian-weighted MSE search", 3, (("awq", {}), ("gptq", MSEW))),
 }

@@ -157,7 +157,7 @@ def bench_calib(a) -> dict:
     print(json.dumps({"what": "baseline", "ppl": base.ppl}), flush=True)
 
     def recipe(backend: str) -> Recipe:
-        return Recipe(Scheme(QuantArgs(4, a.group_size, False)), (Stage("gptq", {"backend": backend}),))
+        return Recipe(Scheme(QuantArgs(4, a.group_size, False)), (Stage("gptq", {"backend": backend, "mse": False}),))  # min/max, as llm-compressor
 
     def run(backend: str) -> float:
         model.load_state_dict(float_state)
@@ -348,7 +348,7 @@ def bench_blocks(device: str, layers: int, samples: int, seqlen: int, batch_size
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, 32000, (samples, seqlen))
-    method = get_method("gptq")(Scheme(QuantArgs(4, 128, False)), true_sequential=true_sequential)
+    method = get_method("gptq")(Scheme(QuantArgs(4, 128, False)), true_sequential=true_sequential, mse=False)
     stamps = []
 
     def on_block(i, n, name, phase):

@@ -155,9 +155,9 @@ def gptq(
         bool,
         typer.Option("--true-sequential/--no-true-sequential", help="Re-capture inputs after each sub-layer step of a block."),
     ] = True,
-    mse: MseOpt = False,
+    mse: MseOpt = None,
     mse_grid: MseGridOpt = 50,
-    mse_weight: MseWeightOpt = "none",
+    mse_weight: MseWeightOpt = None,
     learned_rounding: LearnedRoundingOpt = False,
     rounding_steps: RoundingStepsOpt = 200,
 ):
