@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--kv-tau", type=float, default=3.0)
     ap.add_argument("--no-auto", action="store_true", help="skip the alpha=auto run (the slowest)")
+    ap.add_argument("--no-kv", action="store_true", help="skip the per-tensor static and KV-cache rows")
     ap.add_argument("--out-md", type=Path)
     args = ap.parse_args()
 
@@ -82,13 +83,18 @@ def main() -> None:
         del sq_auto
     if "gptq" in available_methods():
         # 0.8 is llm-compressor's SmoothQuant strength in its W8A8 examples: a like-for-like row.
+        # GPTQ with min/max ranges (its default before 2026-12-04) and with its default range search
         for alpha in (0.5, 0.8):
-            sqg = quantized((Stage("smoothquant", {"alpha": alpha}), Stage("gptq")))
-            score(sqg, f"SmoothQuant {alpha} + GPTQ W8A8", act=a8)
-            del sqg
+            for opts, how in (({"mse": False}, "min/max ranges"), ({}, "Hessian-weighted range search, the default")):
+                sqg = quantized((Stage("smoothquant", {"alpha": alpha}), Stage("gptq", opts)))
+                score(sqg, f"SmoothQuant {alpha} + GPTQ W8A8 ({how})", act=a8)
+                del sqg
     else:
         print("gptq is not registered in this checkout: SmoothQuant+GPTQ row skipped", flush=True)
 
+    if args.no_kv:
+        _report(rows, args, dev, windows)
+        return
     # KV-cache variants on the SmoothQuant alpha 0.5 model; static scales calibrated offline, once.
     kv_dyn = KVCacheArgs(8, "token", dynamic=True)
     kv_res = KVCacheArgs(8, "channel", dynamic=False, residual_bits=4, residual_tau=args.kv_tau)
@@ -101,6 +107,13 @@ def main() -> None:
     score(sq, "W8A8C8, KV static per-channel", act=a8, kv=kv_res, static=static, kv_residual=False)
     score(sq, f"W8A8C8, KV static per-channel + 4-bit residuals (tau {args.kv_tau:g})", act=a8, kv=kv_res,
           static=static, kv_residual=True)
+
+    _report(rows, args, dev, windows)
+
+
+def _report(rows, args, dev, windows) -> None:
+    """The markdown table (gap vs the float baseline and vs SmoothQuant 0.5), printed and --out-md."""
+    import torch
 
     b = rows[0][1]
     ref = {label: ppl for label, ppl, _ in rows}
