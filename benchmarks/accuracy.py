@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 
 MSE = {"mse": True, "mse_weight": "none"}  # the per-group range search (quant.mse): 50 shrinks down to 0.5, p = 2.4
 MSE2 = {**MSE, "mse_norm": 2.0}
-MSEW = {"mse": True, "mse_weight": "hessian"}  # weighted by the Hessian diagonal: gptq's default since 2026-12-04
-MINMAX = {"mse": False}  # min/max group ranges (gptq before 2026-12-04, rtn's default)
+MSEW = {"mse": True, "mse_weight": "hessian"}  # the search weighted by the Hessian diagonal (gptq)
+MINMAX = {"mse": False}  # min/max group ranges (the default of rtn and gptq), said explicitly
 LR = {"learned_rounding": True}  # quant.rounding, 200 steps per block unless --rounding-steps
 
 # name -> (description, bits, stages); every row is W{bits} group 64 asymmetric.
@@ -41,7 +41,7 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "gptq-w4": ("GPTQ (act-order, static groups, min/max ranges)", 4, (("gptq", MINMAX),)),
     "gptq-mse-w4": ("GPTQ, MSE range search (p 2.4)", 4, (("gptq", MSE),)),
     "gptq-mse2-w4": ("GPTQ, MSE range search (p 2)", 4, (("gptq", MSE2),)),
-    "gptq-msew-w4": ("GPTQ, MSE range search weighted by the Hessian diagonal (the default)", 4,
+    "gptq-msew-w4": ("GPTQ, MSE range search weighted by the Hessian diagonal", 4,
                      (("gptq", MSEW),)),
     "gptq-mix-w4": ("GPTQ, calibrated on builtin:mix", 4, (("gptq", MINMAX),)),
     "rtn-lr-w4": ("RTN + learned rounding (SignSGD on the block output)", 4, (("rtn", LR),)),

@@ -83,9 +83,10 @@ def main() -> None:
         del sq_auto
     if "gptq" in available_methods():
         # 0.8 is llm-compressor's SmoothQuant strength in its W8A8 examples: a like-for-like row.
-        # GPTQ with min/max ranges (its default before 2026-12-04) and with its default range search
+        # GPTQ with min/max ranges (its default) and with the range search weighted by the Hessian diagonal
         for alpha in (0.5, 0.8):
-            for opts, how in (({"mse": False}, "min/max ranges"), ({}, "Hessian-weighted range search, the default")):
+            for opts, how in (({"mse": False}, "min/max ranges"),
+                              ({"mse": True, "mse_weight": "hessian"}, "Hessian-weighted range search")):
                 sqg = quantized((Stage("smoothquant", {"alpha": alpha}), Stage("gptq", opts)))
                 score(sqg, f"SmoothQuant {alpha} + GPTQ W8A8 ({how})", act=a8)
                 del sqg

@@ -384,7 +384,7 @@ def test_single_step_matches_direct_solve():
         n: gptq_quantize(getattr(attn, n).weight.data, h, args, act_order=DEFAULTS["act_order"]).qt
         for n in ("q_proj", "k_proj", "v_proj")
     }
-    res = run_layerwise(model, ids, [get_method("gptq")(Scheme(args), mse=False)], batch_size=2)
+    res = run_layerwise(model, ids, [get_method("gptq")(Scheme(args))], batch_size=2)
     for n, qt in expect.items():
         got = res.results[f"model.layers.0.self_attn.{n}"]
         assert (got.q != qt.q).float().mean() < 0.002  # same solve; batched Hessian sums may differ in the last bit

@@ -161,7 +161,7 @@ def _print_summary(s: dict) -> None:
 
 
 @method_command
-def rtn(bits: BitsOpt = 4, group_size: GroupSizeOpt = None, sym: SymOpt = True, mse: MseOpt = None,
+def rtn(bits: BitsOpt = 4, group_size: GroupSizeOpt = None, sym: SymOpt = True, mse: MseOpt = False,
         mse_grid: MseGridOpt = 50, learned_rounding: LearnedRoundingOpt = False, rounding_steps: RoundingStepsOpt = 200):
     """Round-to-nearest weight quantization (no calibration data needed, unless --learned-rounding)."""
     from quantkit.cli.options import mse_stage_options, rounding_stage_options

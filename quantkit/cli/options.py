@@ -91,9 +91,8 @@ ShardSizeOpt = Annotated[
                  "model-0000k-of-0000n.safetensors with model.safetensors.index.json."),
 ]
 # The per-group range search of quant.mse (rtn, gptq); off adds nothing to the recipe (today's checkpoints).
-MseOpt = Annotated[Optional[bool], typer.Option(
-    "--mse/--no-mse", help="Search each group's range (shrink factors) for the least weight error instead of min/max "
-                           "(recipe option mse; default: the method's, on for gptq, off for rtn).")]
+MseOpt = Annotated[bool, typer.Option("--mse", help="Search each group's range (shrink factors) for the least "
+                                                   "weight error instead of min/max (recipe option mse).")]
 MseGridOpt = Annotated[int, typer.Option("--mse-grid", help="Shrink factors --mse tries, from 1.0 down to 0.5.")]
 
 
@@ -111,25 +110,21 @@ def check_damp(damp: float | None) -> None:
     v.check_float("--damp", damp, min=0, max=1, min_open=True, note=" (a fraction of the mean Hessian diagonal)")
 
 
-MseWeightOpt = Annotated[Optional[str], typer.Option(
-    "--mse-weight", help="hessian (gptq's default: each column's error weighed by the Hessian diagonal, measured "
-                         "better) or none.")]
+MseWeightOpt = Annotated[str, typer.Option("--mse-weight", help="none, or hessian: weigh each column's error by "
+                                                            "the Hessian diagonal (gptq; measured better).")]
 
 
-def mse_stage_options(mse: bool | None, mse_grid: int, mse_weight: str | None = None) -> dict:
-    """The stage options --mse/--no-mse/--mse-grid/--mse-weight ask for; nothing for what was left to the
-    method's defaults (so a recipe says only what the user chose)."""
+def mse_stage_options(mse: bool, mse_grid: int, mse_weight: str = "none") -> dict:
+    """The stage options --mse/--mse-grid/--mse-weight ask for: none when --mse is off."""
     from quantkit import validate as v
-    from quantkit.quant.mse import DEFAULTS, MAX_GRID, WEIGHTS
+    from quantkit.quant.mse import MAX_GRID, WEIGHTS
 
     v.check_int("--mse-grid", mse_grid, min=1, max=MAX_GRID)
-    if mse_weight is not None and mse_weight not in WEIGHTS:
+    if mse_weight not in WEIGHTS:
         raise v.OptionError(f"--mse-weight {v.short(mse_weight, 40)} must be one of {', '.join(WEIGHTS)}")
-    if mse is False:
-        return {"mse": False}
-    out = {"mse": True, "mse_grid": mse_grid} if mse else \
-        ({"mse_grid": mse_grid} if mse_grid != DEFAULTS["mse_grid"] else {})
-    return {**out, **({"mse_weight": mse_weight} if mse_weight is not None else {})}
+    if not mse:
+        return {}
+    return {"mse": True, "mse_grid": mse_grid, **({"mse_weight": mse_weight} if mse_weight != "none" else {})}
 
 
 # Learned rounding (quant.rounding; rtn, gptq); off adds nothing to the recipe.

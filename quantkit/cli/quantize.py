@@ -155,9 +155,9 @@ def gptq(
         bool,
         typer.Option("--true-sequential/--no-true-sequential", help="Re-capture inputs after each sub-layer step of a block."),
     ] = True,
-    mse: MseOpt = None,
+    mse: MseOpt = False,
     mse_grid: MseGridOpt = 50,
-    mse_weight: MseWeightOpt = None,
+    mse_weight: MseWeightOpt = "none",
     learned_rounding: LearnedRoundingOpt = False,
     rounding_steps: RoundingStepsOpt = 200,
 ):

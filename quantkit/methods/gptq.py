@@ -49,7 +49,6 @@ from quantkit.errors import RecipeError
 from quantkit.methods import _rounding
 from quantkit.methods.base import BlockContext, Method, register_method
 from quantkit.methods.options import Flag, Int, Number, OneOf, WeightQuantizerOptions, option
-from quantkit.quant.mse import WEIGHTS as MSE_WEIGHTS
 from quantkit.quant.core import QuantizedTensor, quantize_weight
 from quantkit.quant.gptq import BACKENDS, CholeskyError, gptq_quantize
 from quantkit.quant.rounding import grid_start
@@ -72,17 +71,12 @@ class GPTQOptions(WeightQuantizerOptions):
     backend: str = option("auto", OneOf(BACKENDS))
     expert_min_tokens: float = option(1.0, Number(0, finite=False, note=" (x in_features)"))
     expert_damp_tokens: float = option(3.0, Number(0, finite=False, note=" (x in_features)"))
-    # The range search weighted by the Hessian diagonal is on by default: on the default model (W4/W3 g64,
-    # three held-out texts, BENCHMARKS.md issue 23) it cut plain GPTQ's gap by about a third to a half on every
-    # text; its grid includes min/max (shrink 1.0), which it keeps where nothing else weighs less.
-    mse: bool = option(True, Flag())
-    mse_weight: str = option("hessian", OneOf(MSE_WEIGHTS))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.search is not None and self.backend == "triton" and not self.act_order:
             raise RecipeError("gptq option mse with act_order false computes group scales in the torch solve; "
-                              "use backend: auto or torch, or mse: false")
+                              "use backend: auto or torch")
 
 
 DEFAULTS = GPTQOptions()  # by key: DEFAULTS["act_order"]
