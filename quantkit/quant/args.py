@@ -68,8 +68,25 @@ ACT_STRATEGIES = ("token", "tensor")
 KV_STRATEGIES = ("channel", "token", "tensor")
 
 
+class _SymmetricArgs:
+    """Activation and KV-cache arguments: symmetric integers in [-qmax, qmax], stored as their fields."""
+
+    bits: int
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class ActQuantArgs:
+class ActQuantArgs(_SymmetricArgs):
     """How a linear's input activations are quantized at run time (the A in W8A8).
 
     strategy "token": one scale per row, computed at run time (dynamic=True).
@@ -90,23 +107,12 @@ class ActQuantArgs:
         if self.strategy == "token" and not self.dynamic:
             raise RecipeError("per-token activation scales are computed at run time: use dynamic=true (or strategy tensor)")
 
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
-
     def describe(self) -> str:
         return f"A{self.bits} per-{self.strategy} {'dynamic' if self.dynamic else 'static'}"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ActQuantArgs":
-        return cls(**d)
-
 
 @dataclass(frozen=True)
-class KVCacheArgs:
+class KVCacheArgs(_SymmetricArgs):
     """How the attention K/V cache is quantized (the C8 in W8A8C8).
 
     strategy "channel": static per-channel (head dim) scales calibrated offline;
@@ -135,20 +141,9 @@ class KVCacheArgs:
         if not (self.residual_tau > 0 and self.residual_tau != float("inf")):
             raise RecipeError(f"kv_cache residual_tau={self.residual_tau} must be a finite number > 0")
 
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
-
     def describe(self) -> str:
         r = f" +r{self.residual_bits}" if self.residual_bits else ""
         return f"KV{self.bits} per-{self.strategy} {'dynamic' if self.dynamic else 'static'}{r}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KVCacheArgs":
-        return cls(**d)
 
 
 @dataclass(frozen=True)

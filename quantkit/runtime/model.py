@@ -236,8 +236,9 @@ class RuntimeModel:
         lay = adapter.spec.layout
         if lay is None:
             raise RequestError(f"the runtime has no block layout for model type {cfg.model_type!r}")
-        if latent_cache and latent_cache_refusal(lay.latent is not None, kv, None):
-            raise UsageError(latent_cache_refusal(lay.latent is not None, kv, None))
+        refused = latent_cache_refusal(lay.latent is not None, kv, None) if latent_cache else None
+        if refused:
+            raise UsageError(refused)
         self.latent_cache = latent_cache
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -410,7 +411,7 @@ class RuntimeModel:
             mon.row_sample = torch.arange(B, device=self.device).view(B, 1).expand(B, S).reshape(-1)
             w = torch.ones(B, S, device=self.device) if valid is None else valid.float()
             mon.row_weight = w.reshape(-1)
-        masks = {}  # prefill: window -> attention mask (B, 1, S, length), built once per forward
+        masks = {}  # window (or "latent") -> attention mask (B, 1, S, length), built once per forward
         n = len(self.blocks)
         x, h = self._norm(self.blocks[0].ln1, x, None)
         for i, blk in enumerate(self.blocks):
@@ -424,7 +425,7 @@ class RuntimeModel:
                 else:
                     q = self._qkv_torch(i, blk, qkv, cos, sin, pos)
             if self.latent_cache:
-                a = self._latent_attend(i, blk, q, pos, cache.max_len if decode else length)  # (B, S, Hq, Dv)
+                a = self._latent_attend(i, blk, q, pos, cache.max_len if decode else length, masks)  # (B, S, Hq, Dv)
             else:
                 a = self._attend(i, blk, q, pos, seq_lens if decode else None, length, masks)  # (B, S, Hq, D)
             a = (a if a.shape[-1] == Dv else a[..., :Dv]).reshape(B, S, Hq * Dv)
@@ -507,7 +508,8 @@ class RuntimeModel:
         self._cache.write(i, k, F.pad(v, (0, D - lt.v_dim)), pos)
         return F.pad(torch.cat([q_nope, q_pe], dim=-1), pad)
 
-    def _latent_attend(self, i: int, blk: Block, q: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+    def _latent_attend(self, i: int, blk: Block, q: torch.Tensor, pos: torch.Tensor, length: int,
+                       masks: dict) -> torch.Tensor:
         """Attention over the latent cache, kv_b absorbed: q (B, Hq, S, nope + rope) at positions pos (B, S)
         over cache positions [0, length) (a decode step: the whole cache, masked, so its shapes are static)
         -> (B, S, Hq, v_dim). Per head, q_nope . (W_k c) = (W_k^T q_nope) . c and the output
@@ -519,7 +521,10 @@ class RuntimeModel:
         q_nope, q_pe = q.split([lt.nope, lt.rope], dim=-1)
         q_lat = torch.cat([torch.matmul(q_nope, w[:, :lt.nope]), q_pe], dim=-1)  # (B, H, S, rank + rope)
         x = self._cache.read(i, length, B)  # (B, 1, length, rank + rope)
-        mask = (torch.arange(length, device=self.device).view(1, 1, length) <= pos.view(B, S, 1)).unsqueeze(1)
+        mask = masks.get("latent")  # the same causal mask for every layer: built once per forward
+        if mask is None:
+            mask = masks["latent"] = (torch.arange(length, device=self.device).view(1, 1, length)
+                                      <= pos.view(B, S, 1)).unsqueeze(1)
         o = F.scaled_dot_product_attention(q_lat, x, x[..., :lt.rank], attn_mask=mask, scale=blk.sm_scale,
                                            enable_gqa=True)  # (B, H, S, rank)
         return torch.matmul(o, w[:, lt.nope:].transpose(1, 2)).transpose(1, 2)
