@@ -62,6 +62,11 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "gptq-w3": ("GPTQ", 3, (("gptq", MINMAX),)),
     "gptq-msew-w3": ("GPTQ with the Hessian-weighted MSE search", 3, (("gptq", MSEW),)),
     "awq-gptq-msew-w3": ("AWQ + GPTQ with the Hessian-weighted MSE search", 3, (("awq", {}), ("gptq", MSEW))),
+    # AWQ's scales without its clipping search: GPTQ's weighted search chooses the ranges alone.
+    "awq-noclip-gptq-msew-w4": ("AWQ scales (no clip) + GPTQ with the Hessian-weighted MSE search", 4,
+                                (("awq", {"clip": False}), ("gptq", MSEW))),
+    "awq-noclip-gptq-msew-w3": ("AWQ scales (no clip) + GPTQ with the Hessian-weighted MSE search", 3,
+                                (("awq", {"clip": False}), ("gptq", MSEW))),
 }
 # Rows calibrated on another builtin set than builtin:pydoc (the default of every command).
 ROW_CALIB = {"gptq-mix-w4": "builtin:mix", "awq-gptq-mix-w4": "builtin:mix"}

@@ -402,7 +402,7 @@ def test_gptq_moe_hessians_from_routed_tokens_only(monkeypatch):
         return solve(self, ctx, names, stats)
 
     monkeypatch.setattr(GPTQ, "_solve_step", spy)
-    gptq = get_method("gptq")(Scheme(W4), expert_min_tokens=0, expert_damp_tokens=0)
+    gptq = get_method("gptq")(Scheme(W4), expert_min_tokens=0, expert_damp_tokens=0, mse=False)
     res = run_layerwise(m, _IDS, [gptq], batch_size=4, ignore=("re:.*self_attn.*",))  # block 0's MoE input stays float
     blk = ref_model.model.layers[0]
     xs = []

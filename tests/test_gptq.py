@@ -380,11 +380,13 @@ def test_single_step_matches_direct_solve():
     h = st["q"].hessian
     from quantkit.methods.gptq import DEFAULTS
 
+    method = get_method("gptq")(Scheme(args))
+    assert method.mse is not None and method.mse.weight == "hessian"  # the default at 4 bits: the weighted search
     expect = {
-        n: gptq_quantize(getattr(attn, n).weight.data, h, args, act_order=DEFAULTS["act_order"]).qt
+        n: gptq_quantize(getattr(attn, n).weight.data, h, args, act_order=DEFAULTS["act_order"], mse=method.mse).qt
         for n in ("q_proj", "k_proj", "v_proj")
     }
-    res = run_layerwise(model, ids, [get_method("gptq")(Scheme(args))], batch_size=2)
+    res = run_layerwise(model, ids, [method], batch_size=2)
     for n, qt in expect.items():
         got = res.results[f"model.layers.0.self_attn.{n}"]
         assert (got.q != qt.q).float().mean() < 0.002  # same solve; batched Hessian sums may differ in the last bit

@@ -146,9 +146,18 @@ def test_methods_off_equal_today_and_on_search():
     from tiny_models import make_tiny_model
 
     for method, extra in (("rtn", {}), ("gptq", {"backend": "torch"})):
-        assert get_method(method)(PRESETS["W4A16"], **extra).mse is None
         assert get_method(method)(PRESETS["W4A16"], mse=False, **extra).mse is None
-        assert get_method(method)(PRESETS["W4A16"], mse=True, mse_grid=5, **extra).mse == MSESearch(grid=5)
+        assert get_method(method)(PRESETS["W4A16"], mse=True, mse_grid=5, mse_weight="none", **extra).mse == MSESearch(grid=5)
+    assert get_method("rtn")(PRESETS["W4A16"]).mse is None  # RTN: off unless asked (the plain search hurt it)
+    # GPTQ: "auto" = the Hessian-weighted search at 3-4 bits, min/max above (measured: BENCHMARKS.md, issue 23)
+    weighted = MSESearch(weight="hessian")
+    for bits, want in ((2, weighted), (3, weighted), (4, weighted), (8, None)):
+        assert get_method("gptq")(Scheme(QuantArgs(bits, 16, False))).mse == want, bits
+    assert get_method("gptq")(PRESETS["W8A16"], mse=True).mse == weighted  # said: on at any width
+    assert get_method("gptq")(PRESETS["W4A4KV4"]).mse is None  # activations quantized: not measured, min/max
+    assert get_method("gptq")(PRESETS["W4A16"], mse="auto", mse_weight="none").mse == MSESearch()
+    # the Triton solve cannot search without act-order: "auto" means min/max there, an explicit true is refused
+    assert get_method("gptq")(PRESETS["W4A16"], backend="triton", act_order=False).mse is None
     # RTN's apply_block: off = quantize_weight (today), on = the search's scales
     lin = make_tiny_model("llama", seed=3).model.layers[0].self_attn.q_proj
     w = lin.weight.data.clone()
@@ -172,7 +181,8 @@ def test_methods_off_equal_today_and_on_search():
 
 
 @pytest.mark.parametrize("opts, match", [
-    ({"mse": 1}, "mse=1 must be true or false"),
+    ({"mse": 1}, "mse=1 must be true"),
+    ({"mse": "yes"}, "mse='yes' must be true"),
     ({"mse": True, "mse_grid": 0}, "mse_grid=0 must be an integer in 1..1000"),
     ({"mse": True, "mse_grid": 10**9}, "mse_grid=1000000000 must be"),
     ({"mse": True, "mse_max_shrink": 1.0}, r"mse_max_shrink=1.0 must be a number in \[0, 1\)"),
@@ -201,8 +211,13 @@ def test_cli_mse_reaches_the_recipe(tmp_path, tiny_tokenizer):
     assert code == 2 and "--mse-weight" in out and "hessian" in out and "Traceback" not in out
     from quantkit.cli.options import mse_stage_options
 
-    assert mse_stage_options(True, 50, "hessian") == {"mse": True, "mse_grid": 50, "mse_weight": "hessian"}
-    assert mse_stage_options(False, 50, "hessian") == {}
+    assert mse_stage_options(True, 50, "hessian") == {"mse": True, "mse_weight": "hessian"}
+    assert mse_stage_options(True, 9) == {"mse": True, "mse_grid": 9}
+    assert mse_stage_options(None, 50) == {}  # not given: the method's default, nothing recorded
+    assert mse_stage_options(False, 50) == {"mse": False}
+    assert mse_stage_options(None, 50, "none") == {"mse_weight": "none"}
+    code, out = run_cli("gptq", "--out", tmp_path / "x", "--no-mse", "--mse-weight", "none")
+    assert code == 2 and "--no-mse" in out and "Traceback" not in out
     model = save_tiny_model_dir(tmp_path / "m", tiny_tokenizer)
     off = read_manifest(rtn_checkpoint(model, tmp_path / "off", "--group-size", "16", "--asym"))
     on = read_manifest(rtn_checkpoint(model, tmp_path / "on", "--group-size", "16", "--asym", "--mse", "--mse-grid", "9"))

@@ -66,7 +66,7 @@ class BlockConsumer(Protocol):
     Per block: `begin(view)` with the block on the device returns the taps to put on some of
     view.linears; the block then runs on every calibration batch in order, each tap called
     once per call of its linear; `end(view)` follows, the block still on the device.
-    `name` labels the run's progress."""
+    `name` labels the run's progress (empty: a helper the label does not show)."""
 
     name: str
 
@@ -288,7 +288,7 @@ class _Run:
     def run_blocks(self, on_block: ProgressFn | None) -> None:
         blocks = self.adapter.blocks()
         n = len(blocks)
-        label = " + ".join([m.name for m in self.methods] + [c.name for c in self.consumers]) or "pass"
+        label = " + ".join([m.name for m in self.methods] + [c.name for c in self.consumers if c.name]) or "pass"
         start = self.checkpointer.start_block(n) if self.checkpointer is not None else 0
         for i, block in enumerate(blocks):
             name = self.adapter.block_name(i)
@@ -335,7 +335,7 @@ class _Run:
         with capture_inputs(linears, self.kinds) as stats, _tapped(linears, taps):
             if not self.methods:
                 outputs = self._propagate(block, kwargs)
-            elif self.kinds or taps:
+            elif self.kinds or any(taps):
                 for _ in self._outputs(block, kwargs):
                     pass  # the hooks record; the next block's inputs come once the methods have applied
         for c in self.consumers:

@@ -168,7 +168,7 @@ def rtn(bits: BitsOpt = 4, group_size: GroupSizeOpt = None, sym: SymOpt = True, 
     from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
 
     return Recipe(Scheme(QuantArgs(bits=bits, group_size=group_size, symmetric=sym)),
-                  (Stage("rtn", {**mse_stage_options(mse, mse_grid),
+                  (Stage("rtn", {**mse_stage_options(mse or None, mse_grid),
                                  **rounding_stage_options(learned_rounding, rounding_steps)}),))
 
 

@@ -90,9 +90,13 @@ ShardSizeOpt = Annotated[
     typer.Option("--shard-size", help="Largest weights file in GiB; bigger checkpoints are written as "
                  "model-0000k-of-0000n.safetensors with model.safetensors.index.json."),
 ]
-# The per-group range search of quant.mse (rtn, gptq); off adds nothing to the recipe (today's checkpoints).
+# The per-group range search of quant.mse (rtn, gptq); a flag left out adds nothing to the recipe (the method's
+# default: off for rtn, "auto" for gptq, which searches at 3-4 bits).
 MseOpt = Annotated[bool, typer.Option("--mse", help="Search each group's range (shrink factors) for the least "
                                                    "weight error instead of min/max (recipe option mse).")]
+GptqMseOpt = Annotated[Optional[bool], typer.Option(
+    "--mse/--no-mse", help="Search each group's range for the least Hessian-weighted error instead of min/max "
+                           "(recipe option mse; default: on for 3-4 bit weights, off above).")]
 MseGridOpt = Annotated[int, typer.Option("--mse-grid", help="Shrink factors --mse tries, from 1.0 down to 0.5.")]
 
 
@@ -110,21 +114,29 @@ def check_damp(damp: float | None) -> None:
     v.check_float("--damp", damp, min=0, max=1, min_open=True, note=" (a fraction of the mean Hessian diagonal)")
 
 
-MseWeightOpt = Annotated[str, typer.Option("--mse-weight", help="none, or hessian: weigh each column's error by "
-                                                            "the Hessian diagonal (gptq; measured better).")]
+MseWeightOpt = Annotated[Optional[str], typer.Option(
+    "--mse-weight", help="hessian (the default): weigh each column's error by the Hessian diagonal; none: the "
+                         "weights' own error, as GPTQModel's mse.")]
 
 
-def mse_stage_options(mse: bool, mse_grid: int, mse_weight: str = "none") -> dict:
-    """The stage options --mse/--mse-grid/--mse-weight ask for: none when --mse is off."""
+def mse_stage_options(mse: bool | None, mse_grid: int, mse_weight: str | None = None) -> dict:
+    """The stage options --mse/--no-mse/--mse-grid/--mse-weight ask for; what was not given is left to the
+    method's default (so plain runs record no range-search keys). --mse-grid and --mse-weight given with
+    --no-mse are refused: they would do nothing."""
     from quantkit import validate as v
-    from quantkit.quant.mse import MAX_GRID, WEIGHTS
+    from quantkit.quant.mse import DEFAULTS, MAX_GRID, WEIGHTS
 
     v.check_int("--mse-grid", mse_grid, min=1, max=MAX_GRID)
-    if mse_weight not in WEIGHTS:
+    if mse_weight is not None and mse_weight not in WEIGHTS:
         raise v.OptionError(f"--mse-weight {v.short(mse_weight, 40)} must be one of {', '.join(WEIGHTS)}")
-    if not mse:
-        return {}
-    return {"mse": True, "mse_grid": mse_grid, **({"mse_weight": mse_weight} if mse_weight != "none" else {})}
+    if mse is False and (mse_weight is not None or mse_grid != DEFAULTS["mse_grid"]):
+        raise v.OptionError("--mse-grid and --mse-weight set the range search that --no-mse turns off; drop one")
+    opts: dict = {} if mse is None else {"mse": mse}
+    if mse is not False and mse_grid != DEFAULTS["mse_grid"]:
+        opts["mse_grid"] = mse_grid
+    if mse_weight is not None:
+        opts["mse_weight"] = mse_weight
+    return opts
 
 
 # Learned rounding (quant.rounding; rtn, gptq); off adds nothing to the recipe.

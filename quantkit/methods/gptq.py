@@ -49,8 +49,10 @@ from quantkit.errors import RecipeError
 from quantkit.methods import _rounding
 from quantkit.methods.base import BlockContext, Method, register_method
 from quantkit.methods.options import Flag, Int, Number, OneOf, WeightQuantizerOptions, option
+from quantkit.quant.args import Scheme
 from quantkit.quant.core import QuantizedTensor, quantize_weight
 from quantkit.quant.gptq import BACKENDS, CholeskyError, gptq_quantize
+from quantkit.quant.mse import WEIGHTS as MSE_WEIGHTS, MSESearch
 from quantkit.quant.rounding import grid_start
 
 # act_order on by default: on the default model it closes about half of the W4 g64 gap that plain
@@ -71,12 +73,22 @@ class GPTQOptions(WeightQuantizerOptions):
     backend: str = option("auto", OneOf(BACKENDS))
     expert_min_tokens: float = option(1.0, Number(0, finite=False, note=" (x in_features)"))
     expert_damp_tokens: float = option(3.0, Number(0, finite=False, note=" (x in_features)"))
+    # The range search weighted by the Hessian diagonal, on for weight-only 2-4 bit schemes ("auto"): on the default model
+    # it cut W4 g64 GPTQ's gap by a third to two thirds on three held-out texts and halved W3's, and cost
+    # SmoothQuant 0.8 + GPTQ W8A8 0.8 points (BENCHMARKS.md, issue 23).
+    mse: bool | str = option("auto", Flag(auto=True))
+    mse_weight: str = option("hessian", OneOf(MSE_WEIGHTS))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.search is not None and self.backend == "triton" and not self.act_order:
+        if self.mse is True and self.backend == "triton" and not self.act_order:
             raise RecipeError("gptq option mse with act_order false computes group scales in the torch solve; "
                               "use backend: auto or torch")
+
+    def search_for(self, scheme: Scheme) -> MSESearch | None:
+        if self.mse == "auto" and self.backend == "triton" and not self.act_order:
+            return None  # the solve asked for cannot search (above): "auto" means min/max there
+        return super().search_for(scheme)
 
 
 DEFAULTS = GPTQOptions()  # by key: DEFAULTS["act_order"]
@@ -124,8 +136,9 @@ def _stop_at(block: nn.Module, module: nn.Module) -> Iterator[None]:
 @register_method("gptq")
 class GPTQ(Method):
     """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true,
-    backend = auto (auto / torch / triton: which solve runs), mse = false (+ mse_grid, mse_max_shrink, mse_norm:
-    the per-group range search of quant.mse where GPTQ computes its group scales)."""
+    backend = auto (auto / torch / triton: which solve runs), mse = auto (on for weight-only schemes of 4 bits or fewer; + mse_weight =
+    hessian, mse_grid, mse_max_shrink, mse_norm: the per-group range search of quant.mse where GPTQ computes its
+    group scales)."""
 
     # Hessians are captured per true-sequential step inside apply_block (the shared
     # capture pass runs before earlier stages change the block, so its Hessians would be stale).
@@ -136,7 +149,7 @@ class GPTQ(Method):
 
     def __init__(self, scheme, **options):
         super().__init__(scheme, **options)
-        self.mse = self.opts.search  # the per-group range search (quant.mse), None = min/max
+        self.mse = self.opts.search_for(scheme)  # the per-group range search (quant.mse), None = min/max
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:

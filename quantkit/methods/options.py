@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from quantkit.errors import RecipeError, short_repr
+from quantkit.quant.args import Scheme
 from quantkit.quant.mse import DEFAULTS as MSE_DEFAULTS, MAX_GRID as MSE_MAX_GRID, OPTIONS as MSE_OPTIONS
 from quantkit.quant.mse import WEIGHTS as MSE_WEIGHTS, MSESearch, from_options as mse_from_options
 from quantkit.quant.rounding import RoundingConfig
@@ -101,10 +102,16 @@ class Number(Rule):
 
 @dataclass(frozen=True)
 class Flag(Rule):
-    allowed: ClassVar[str] = "true or false"
+    """true or false (a bool, not 1 or 0); auto: the string "auto" is also allowed and kept."""
+
+    auto: bool = False
+
+    @property
+    def allowed(self) -> str:
+        return "true, false or 'auto'" if self.auto else "true or false"
 
     def check(self, v: Any) -> Any:
-        return v if isinstance(v, bool) else None
+        return v if isinstance(v, bool) or (self.auto and v == "auto") else None
 
 
 @dataclass(frozen=True)
@@ -163,18 +170,31 @@ class MethodOptions:
 @dataclass
 class RangeSearchOptions(MethodOptions):
     """The per-group range search of quantkit.quant.mse, which RTN and GPTQ offer (off: min/max ranges).
-    `search` is the MSESearch they run, or None; the rule that spans keys (mse_weight hessian is GPTQ's
-    alone) is quant.mse.from_options', checked here so a recipe check catches it too."""
+    `search_for(bits)` is the MSESearch a method runs at that weight width, or None; the rule that spans
+    keys (mse_weight hessian is GPTQ's alone) is quant.mse.from_options', checked here so a recipe check
+    catches it too. mse "auto" (a method's default where measurements chose one, see GPTQOptions) turns the
+    search on for weight-only schemes of AUTO_MAX_BITS bits or fewer."""
 
     METHOD: ClassVar[str] = ""
-    mse: bool = option(MSE_DEFAULTS["mse"], Flag())
+    # Widest weights "auto" searches: measured better at 3 and 4 bits, worse at 8 with 8-bit activations
+    # (BENCHMARKS.md, issue 23); schemes that quantize activations (W4A4) are not measured, so they keep min/max.
+    AUTO_MAX_BITS: ClassVar[int] = 4
+    mse: bool | str = option(MSE_DEFAULTS["mse"], Flag())
     mse_grid: int = option(MSE_DEFAULTS["mse_grid"], Int(1, MSE_MAX_GRID))
     mse_max_shrink: float = option(MSE_DEFAULTS["mse_max_shrink"], Number(0, 1, high_open=True))
     mse_norm: float = option(MSE_DEFAULTS["mse_norm"], Number(0, 10, low_open=True))
     mse_weight: str = option(MSE_DEFAULTS["mse_weight"], OneOf(MSE_WEIGHTS))
 
     def __post_init__(self) -> None:
-        self.search: MSESearch | None = mse_from_options(self.METHOD, {k: getattr(self, k) for k in MSE_OPTIONS})
+        given = {k: getattr(self, k) for k in MSE_OPTIONS}
+        self._search: MSESearch | None = mse_from_options(self.METHOD, {**given, "mse": self.mse is not False})
+
+    def search_for(self, scheme: Scheme) -> MSESearch | None:
+        """The range search to run under `scheme`: None = min/max ranges."""
+        auto_off = scheme.weights.bits > self.AUTO_MAX_BITS or scheme.input_activations is not None
+        if self.mse == "auto" and auto_off:
+            return None
+        return self._search
 
 
 @dataclass

@@ -28,7 +28,7 @@ class RTN(Method):
 
     def __init__(self, scheme, **options):
         super().__init__(scheme, **options)
-        self.mse = self.opts.search
+        self.mse = self.opts.search_for(scheme)
 
     @property
     def uses_data(self) -> bool:

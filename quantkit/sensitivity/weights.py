@@ -9,8 +9,9 @@ weights spends its budget on the wrong units (BENCHMARKS.md, issue 24).
 
 `method_weights(..., "gptq")` runs the GPTQ stage `quantkit gptq` runs (the same method
 class and options, on the scan's calibration batches) over the model once, keeps each
-linear's result and puts the float weights back; the scan then reads those weights wherever
-it would compute RTN's.
+linear's result and puts each block's float weights back as soon as the next block starts
+(one block's copy held at a time); the scan then reads those weights wherever it would
+compute RTN's.
 
 Approximation (the cheap one): GPTQ runs once with every linear quantized, and a unit is
 restored to float on top of that. In real use, with the unit kept FP16, GPTQ quantizes the
@@ -81,7 +82,7 @@ def method_weights(
 ) -> ScanWeights:
     """The weights `method` gives the model's linears on `input_ids` (samples, seqlen); the model is left
     unchanged. options: the method's recipe-stage options (checked by the method: RecipeError, one line)."""
-    from quantkit.calib.pipeline import linears_to_quantize, run_layerwise
+    from quantkit.calib.pipeline import run_layerwise
     from quantkit.methods.base import build_methods
 
     check_method(method)
@@ -90,13 +91,39 @@ def method_weights(
             raise ValueError(f"rtn takes no options here, got {sorted(options)}")
         return RTN
     (m,) = build_methods(Recipe(scheme, (Stage(method, dict(options or {})),), tuple(ignore)))
-    linears = linears_to_quantize(model, ignore)
-    floats = {n: lin.weight.data.clone() for n, lin in linears.items()}
+    keeper = FloatKeeper()
     try:
         result = run_layerwise(model, input_ids, [m], device=device, batch_size=batch_size, ignore=ignore,
-                               on_block=on_block)
+                               on_block=on_block, consumers=[keeper])
     finally:
-        for n, w in floats.items():
-            linears[n].weight.data.copy_(w)
+        keeper.restore()
     resolved = {k: m.opts[k] for k in m.opts.names()}
     return ScanWeights(method, resolved, dict(result.results), tuple(result.warnings))
+
+
+class FloatKeeper:
+    """A pipeline consumer that gives each block its float weights back once the next block starts.
+
+    The method changes block i in place and the pipeline computes block i+1's inputs with those
+    quantized weights (as `quantkit gptq` does); when block i+1 begins, block i's float weights are
+    copied back. So one block's float copy is held at a time (host memory), not the whole model's.
+    `restore()` puts back the last one (also after an error)."""
+
+    name = ""  # not a stage of the run: the progress label stays the method's
+
+    def __init__(self) -> None:
+        self._held: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def begin(self, view) -> dict:
+        self.restore()
+        self._held = [(lin, lin.weight.data.to("cpu", copy=True)) for lin in view.linears.values()]
+        return {}
+
+    def end(self, view) -> None:
+        pass
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for lin, w in self._held:
+            lin.weight.data.copy_(w)
+        self._held = []
