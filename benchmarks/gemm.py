@@ -105,7 +105,10 @@ def w8a8_candidates(M):
     if M <= 256:
         return [c(64, 128, 128, 4, 4), c(128, 128, 128, 8, 3), c(64, 256, 128, 8, 3), c(128, 128, 128, 8, 3, SPLIT_K=2),
                 c(64, 128, 128, 4, 4, SPLIT_K=2)]
-    return [c(128, 256, 128, 8, 3), c(128, 128, 128, 8, 4), c(256, 128, 128, 8, 3), c(128, 256, 64, 8, 4)]
+    tma = [c(128, 256, 128, 8, 3, BACKEND="tma"), c(128, 128, 128, 8, 4, BACKEND="tma"),
+           c(128, 256, 64, 8, 4, BACKEND="tma"), c(256, 128, 128, 8, 3, BACKEND="tma"),
+           c(128, 128, 256, 8, 3, BACKEND="tma", G=16)]  # the persistent kernel (tensor descriptors, Hopper+)
+    return [c(128, 256, 128, 8, 3), c(128, 128, 128, 8, 4), c(256, 128, 128, 8, 3), c(128, 256, 64, 8, 4)] + tma
 
 
 def wna16_candidates(M):

@@ -45,11 +45,9 @@ follows the device so that the in-kernel scales equal torch's on both.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ._common import LazyKernel, cdiv, fast_launch, next_pow2, tl, use_triton
+from ._common import LazyKernel, cdiv, fast_launch, next_pow2, sm_count, tl, use_triton
 
 __all__ = ["gptq_block_ref", "gptq_block_triton", "kernel_block_size", "triton_solve_available", "MAX_BLOCK_C",
            "tile_config"]
@@ -240,9 +238,6 @@ gptq_block_kernel = LazyKernel(_gptq_block_kernel)
 # ----------------------------------------------------------------------------- launch
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def tile_config(n_rows: int, block_c: int, device: torch.device) -> dict:
@@ -257,7 +252,7 @@ def tile_config(n_rows: int, block_c: int, device: torch.device) -> dict:
     cap = max(1, 4096 // block_c)
     if device.type != "cuda":
         return {"BLOCK_R": min(next_pow2(n_rows), 64, cap), "num_warps": 1}
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 4 * sm_count(device)
     br = 1
     while br * 2 <= cap and cdiv(n_rows, br * 2) >= target:
         br *= 2

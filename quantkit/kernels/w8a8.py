@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
-                      gpu_key, grouped_tile, jit_helper, load_k_tiles, next_pow2, quantize_sym, splitk_buffers,
-                      splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
+                      gpu_key, grouped_tile, interpret_mode, jit_helper, load_k_tiles, next_pow2, quantize_sym,
+                      sm_count, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -233,6 +233,55 @@ def _w8a8_kernel(
 
 
 w8a8_kernel = LazyKernel(_w8a8_kernel)
+
+
+def _w8a8_tma_kernel(
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr,
+    # a: (M, K) int8 (quantized activations); w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32; bias: (N,)
+    # c: (M, N) fp16/bf16; all contiguous, K % 16 == 0 and N * c.element_size() % 16 == 0 (TMA strides)
+    M, N, K,
+    NUM_PROGS,  # the persistent grid: min(SMs, tiles) programs, each walking the tiles NUM_PROGS apart
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
+):
+    """Persistent tensor-core W8A8 GEMM for large M (``BACKEND="tma"``): NUM_PROGS programs stride over the
+    output tiles (GROUP_M-grouped order), A and W tiles come through TMA tensor descriptors (out-of-range
+    rows/columns read as 0, stores clipped), the epilogue is the plain kernel's (same formulas)."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS):
+        first_m = tile // in_group * GROUP_M  # grouped order, as grouped_tile (tiles sharing A rows run together)
+        group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        m0 = (first_m + (tile % in_group) % group_m) * BLOCK_M
+        n0 = (tile % in_group) // group_m * BLOCK_N
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
+            a = a_desc.load([m0, k0])
+            w = w_desc.load([n0, k0])
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        rm = offs_m % M
+        rn = offs_n % N
+        a_scale = tl.load(as_ptr + rm)
+        w_scale = tl.load(ws_ptr + rn)
+        if HAS_BIAS:
+            out = tl.fma(acc.to(tl.float32) * a_scale[:, None], w_scale[None, :],
+                         tl.load(bias_ptr + rn).to(tl.float32)[None, :])
+        else:
+            out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        c_desc.store([m0, n0], out.to(c_ptr.dtype.element_ty))
+
+
+w8a8_tma_kernel = LazyKernel(_w8a8_tma_kernel)
 
 
 def _w8a8_gemv_kernel(
@@ -455,10 +504,54 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
 
 
 def _mma_only(cfg, x, M, N, K):
-    """The tensor-core config to use where the GEMV path does not apply."""
-    if cfg.get("BACKEND") != "gemv":
+    """The tensor-core config to use where the GEMV (or the persistent TMA) path does not apply."""
+    if cfg.get("BACKEND") not in ("gemv", "tma"):
         return cfg
     return dict(_INTERP_CFG if not x.is_cuda else _default_config(max(M, 5), N, K), FUSE_QUANT=M <= 16)
+
+
+def tma_applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the persistent TMA kernel can run: Hopper or newer (or the interpreter), and the row strides
+    and base addresses TMA descriptors need (16-byte aligned; all three contiguous)."""
+    if not (a.is_contiguous() and w.is_contiguous() and out.is_contiguous()):
+        return False
+    if a.shape[1] % 16 or (out.shape[1] * out.element_size()) % 16:
+        return False
+    if any(t.data_ptr() % 16 for t in (a, w, out)):
+        return False
+    return interpret_mode() or (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0))
+
+
+_ALLOCATOR_SET = [False]
+
+
+def _tma_allocator() -> None:
+    """Device-side tensor descriptors need global scratch memory from an allocator Triton calls at launch."""
+    if _ALLOCATOR_SET[0] or interpret_mode():
+        return
+    import triton
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(alloc)
+    _ALLOCATOR_SET[0] = True
+
+
+def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg):
+    """The persistent TMA GEMM on quantized activations a_q (M, K) int8 with a_scale (M,) fp32."""
+    M, K = a_q.shape
+    N = w.shape[0]
+    _tma_allocator()
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    slots = 4 if interpret_mode() else sm_count(a_q.device)
+    progs = min(tiles, slots)
+    w8a8_tma_kernel[(progs,)](
+        a_q, w, a_scale, w_scale, bias if bias is not None else w_scale, out, M, N, K, progs,
+        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], LOOP_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return out
 
 
 def gemv_bm(M: int) -> int:
@@ -532,6 +625,9 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
     cfg = _pick(x, M, N, K, config)
     if cfg.get("BACKEND") == "gemv" and M <= GEMV_MAX_M and K % 4 == 0:
         return _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits, w_fp16)
+    if cfg.get("BACKEND") == "tma" and row_bits is None and tma_applies(x, w, out):
+        a_q, a_s = per_token_quant_triton(x)
+        return _launch_tma(a_q, a_s.reshape(-1), w, w_scale, bias, out, cfg)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
@@ -548,8 +644,11 @@ def w8a8_gemm_q_triton(a_q, a_scale, w, w_scale, bias=None, out_dtype=torch.floa
         out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
     if M == 0:
         return out
-    cfg = _mma_only(_pick(a_q, M, N, K, config), a_q, M, N, K)
-    return _launch(a_q, a_scale.reshape(-1).float().contiguous(), w, w_scale, bias, out, False, False, cfg)
+    cfg = _pick(a_q, M, N, K, config)
+    a_scale = a_scale.reshape(-1).float().contiguous()
+    if cfg.get("BACKEND") == "tma" and tma_applies(a_q, w, out):
+        return _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg)
+    return _launch(a_q, a_scale, w, w_scale, bias, out, False, False, _mma_only(cfg, a_q, M, N, K))
 
 
 def w8a8_int32_accumulate(a_q, w, config: Optional[dict] = None, out=None):

@@ -37,6 +37,50 @@ def test_w8a8_linear(dev, M, N, K, fuse, split_k, dtype):
     assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.05, bias)) > 1e-2
 
 
+TMA = dict(BACKEND="tma", BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("M,N,K", [(40, 48, 64), (33, 24, 96), (70, 40, 160)])  # ragged M and N: TMA clips
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w8a8_persistent_tma(dev, M, N, K, dtype):
+    """BACKEND "tma" (persistent grid, tensor descriptors): the reference within tolerance, and bit for bit the
+    tensor-core kernel's output on the same quantized activations (exact int32 sums, the same epilogue)."""
+    if dev.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need Hopper or newer")
+    g = torch.Generator().manual_seed(M * 7 + N + K)
+    x = torch.randn(M, K, generator=g).to(dtype).to(dev)
+    q = randw(g, (N, K), -127, 127, dev)
+    s = (torch.rand(N, 1, generator=g) * 0.01 + 1e-3).to(dev)
+    W = w8a8.prepack_w8a8(q, s)
+    for bias in (None, torch.randn(N, generator=g).to(dev)):
+        out = poison((M, N), dtype, dev)
+        assert w8a8.tma_applies(x, W.w, out)
+        y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=TMA, out=out)
+        ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
+        assert rel_err(y, ref) <= 1e-2
+        assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.05, bias)) > 1e-2  # the tolerance can fail
+        mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=dict(CFG, FUSE_QUANT=False))
+        assert torch.equal(y, mma)
+    from quantkit.kernels.act_quant import per_token_quant_ref
+
+    aq, asc = per_token_quant_ref(x)
+    y2 = w8a8.w8a8_gemm_q_triton(aq, asc, W.w, W.scale, None, dtype, config=TMA)
+    assert torch.equal(y2, w8a8.w8a8_gemm_q_triton(aq, asc, W.w, W.scale, None, dtype, config=CFG))
+
+
+def test_w8a8_tma_falls_back_where_it_cannot_run(dev):
+    """K not a multiple of 16 (a row stride TMA cannot take), or mixed rows: the tensor-core kernel runs instead,
+    still correct."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 40, generator=g).half().to(dev)
+    W = w8a8.prepack_w8a8(randw(g, (24, 40), -127, 127, dev), torch.rand(24, 1, generator=g).to(dev) * 0.01 + 1e-3)
+    out = poison((20, 24), torch.float16, dev)
+    assert not w8a8.tma_applies(x, W.w, out)
+    y = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=TMA, out=out)
+    assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale)) <= 1e-2
+    assert not w8a8.tma_applies(x[:, :32], W.w[:, :32], out)  # not contiguous
+
+
 def test_w8a8_public_ops(dev):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 64, generator=g).half().to(dev)
