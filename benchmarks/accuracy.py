@@ -28,8 +28,9 @@ from datetime import datetime, timezone
 MSE = {"mse": True, "mse_weight": "none"}  # the per-group range search (quant.mse): 50 shrinks down to 0.5, p = 2.4
 MSE2 = {**MSE, "mse_norm": 2.0}
 MSEW = {"mse": True, "mse_weight": "hessian"}  # the search weighted by the Hessian diagonal (gptq)
-MSEO = {"mse": True, "mse_weight": "obs"}  # weighted by GPTQ's own column loss, 1 / [chol(H^-1)]_jj^2
 MSEW2 = {**MSEW, "mse_norm": 2.0}
+MSEW3 = {**MSEW, "mse_norm": 3.0}  # llm-compressor's imatrix_mse observer uses p 3
+MSEW3D = {**MSEW3, "mse_max_shrink": 0.95, "mse_grid": 96}  # ... and shrinks down to 0.05 of the range
 MINMAX = {"mse": False}  # min/max group ranges (the default of rtn and gptq), said explicitly
 LR = {"learned_rounding": True}  # quant.rounding, 200 steps per block unless --rounding-steps
 
@@ -64,9 +65,9 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "gptq-w3": ("GPTQ", 3, (("gptq", MINMAX),)),
     "gptq-msew-w3": ("GPTQ with the Hessian-weighted MSE search", 3, (("gptq", MSEW),)),
     "awq-gptq-msew-w3": ("AWQ + GPTQ with the Hessian-weighted MSE search", 3, (("awq", {}), ("gptq", MSEW))),
-    "gptq-mseo-w4": ("GPTQ, MSE range search weighted by GPTQ's column loss (obs)", 4, (("gptq", MSEO),)),
     "gptq-msew2-w4": ("GPTQ, Hessian-weighted MSE search, p 2", 4, (("gptq", MSEW2),)),
-    "gptq-mseo-w3": ("GPTQ with the MSE search weighted by GPTQ's column loss (obs)", 3, (("gptq", MSEO),)),
+    "gptq-msew3-w4": ("GPTQ, Hessian-weighted MSE search, p 3", 4, (("gptq", MSEW3),)),
+    "gptq-msew3d-w4": ("GPTQ, Hessian-weighted MSE search, p 3, shrinks down to 0.05", 4, (("gptq", MSEW3D),)),
     # AWQ's scales without its clipping search: GPTQ's weighted search chooses the ranges alone.
     "awq-noclip-gptq-msew-w4": ("AWQ scales (no clip) + GPTQ with the Hessian-weighted MSE search", 4,
                                 (("awq", {"clip": False}), ("gptq", MSEW))),

@@ -247,37 +247,3 @@ def test_fast_search_path_equals_quantize_dequantize(args, norm):
         s2, z2 = compute_qparams(ends, pair, shrink=p, scale_dtype=w.dtype)
         assert torch.equal(s, s2) and (z is None or torch.equal(z, z2))
         assert torch.equal(_errors(wg, s, z, args, norm, torch.empty_like(wg)), group_errors(w, s, z, args, norm))
-
-
-@pytest.mark.parametrize("act_order", [False, True])
-def test_obs_weight_is_gptqs_column_loss(act_order):
-    """mse_weight "obs": 1 / [chol(H^-1)]_jj^2 in original column order. With uncorrelated inputs (diagonal H,
-    no damping) that is exactly the Hessian diagonal, so both weightings give the same integers; with correlated
-    inputs it is the conditional variance given the columns solved later: never above the diagonal, and below it
-    for most columns, so the search (and the result) differ."""
-    from quantkit.quant.gptq import _factor_damped, _mse_col_weight
-
-    args = QuantArgs(4, 16, False)
-    w = tg._weight(4, dtype=torch.float64)
-    g = torch.Generator().manual_seed(3)
-    hd = torch.diag(torch.rand(tg.IN, generator=g, dtype=torch.float64) * 3 + 0.1)
-    hess, obs = MSESearch(weight="hessian"), MSESearch(weight="obs")
-    a = gptq_quantize(w, hd, args, damp=0, act_order=act_order, mse=hess, backend="torch")
-    b = gptq_quantize(w, hd, args, damp=0, act_order=act_order, mse=obs, backend="torch")
-    assert torch.equal(a.qt.q, b.qt.q) and torch.equal(a.qt.scale, b.qt.scale)
-
-    h = tg._hessian(tg._correlated_inputs(256, tg.IN, seed=5)).double()
-    dead = h.diagonal() == 0
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
-    u, _, _ = _factor_damped(h, dead, perm, torch.tensor(True), h.diagonal().mean(), dead.sum(), 0.0, torch.float64)
-    cw = _mse_col_weight(obs, h, u, perm)
-    hp = h if perm is None else h[perm][:, perm]
-    # U_jj^2 = [(H[j:, j:])^-1]_00: the inverse Hessian of the columns not yet solved (GPTQ's update rule), so
-    # 1 / U_jj^2 = the variance of input j left after the later columns' inputs explain what they can
-    want = torch.stack([torch.linalg.inv(hp[j:, j:])[0, 0].reciprocal() for j in range(tg.IN)])
-    want = want if perm is None else torch.empty_like(want).index_copy_(0, perm, want)
-    torch.testing.assert_close(cw.double(), want, rtol=1e-6, atol=1e-9)
-    assert (cw <= h.diagonal() * (1 + 1e-6)).all() and (cw < h.diagonal() * 0.99).float().mean() > 0.5
-    a = gptq_quantize(w, h, args, damp=0.01, act_order=act_order, mse=hess, backend="torch")
-    b = gptq_quantize(w, h, args, damp=0.01, act_order=act_order, mse=obs, backend="torch")
-    assert not torch.equal(a.qt.scale, b.qt.scale)

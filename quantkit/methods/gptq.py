@@ -73,8 +73,8 @@ class GPTQOptions(WeightQuantizerOptions):
     backend: str = option("auto", OneOf(BACKENDS))
     expert_min_tokens: float = option(1.0, Number(0, finite=False, note=" (x in_features)"))
     expert_damp_tokens: float = option(3.0, Number(0, finite=False, note=" (x in_features)"))
-    # The range search weighted by the Hessian diagonal, on for weight-only 2-4 bit schemes ("auto"): on the default model
-    # it cut W4 g64 GPTQ's gap by a third to two thirds on three held-out texts and halved W3's, and cost
+    # The range search weighted by the Hessian diagonal, on for weight-only 2-4 bit schemes ("auto"): on the
+    # default model it cut W4 g64 GPTQ's gap by a third to two thirds on three held-out texts and halved W3's, and cost
     # SmoothQuant 0.8 + GPTQ W8A8 0.8 points (BENCHMARKS.md, issue 23).
     mse: bool | str = option("auto", Flag(auto=True))
     mse_weight: str = option("hessian", OneOf(MSE_WEIGHTS))
@@ -136,9 +136,9 @@ def _stop_at(block: nn.Module, module: nn.Module) -> Iterator[None]:
 @register_method("gptq")
 class GPTQ(Method):
     """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true,
-    backend = auto (auto / torch / triton: which solve runs), mse = auto (on for weight-only schemes of 4 bits or fewer; + mse_weight =
-    hessian, mse_grid, mse_max_shrink, mse_norm: the per-group range search of quant.mse where GPTQ computes its
-    group scales)."""
+    backend = auto (auto / torch / triton: which solve runs), mse = auto (on for weight-only schemes of 4 bits
+    or fewer; + mse_weight = hessian, mse_grid, mse_max_shrink, mse_norm: the per-group range search of
+    quant.mse where GPTQ computes its group scales)."""
 
     # Hessians are captured per true-sequential step inside apply_block (the shared
     # capture pass runs before earlier stages change the block, so its Hessians would be stale).

@@ -170,7 +170,7 @@ class MethodOptions:
 @dataclass
 class RangeSearchOptions(MethodOptions):
     """The per-group range search of quantkit.quant.mse, which RTN and GPTQ offer (off: min/max ranges).
-    `search_for(bits)` is the MSESearch a method runs at that weight width, or None; the rule that spans
+    `search_for(scheme)` is the MSESearch a method runs under a scheme, or None; the rule that spans
     keys (mse_weight hessian is GPTQ's alone) is quant.mse.from_options', checked here so a recipe check
     catches it too. mse "auto" (a method's default where measurements chose one, see GPTQOptions) turns the
     search on for weight-only schemes of AUTO_MAX_BITS bits or fewer."""

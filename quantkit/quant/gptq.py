@@ -292,7 +292,7 @@ def gptq_quantize(
 
     wd = w.detach().to(dev)
     if static:
-        scale, zero = _static_qparams(wd, dead, args, cdt, sdt, mse, _mse_col_weight(mse, H, U, perm))
+        scale, zero = _static_qparams(wd, dead, args, cdt, sdt, mse, _mse_col_weight(mse, H))
     else:
         n_groups = in_f // g
         scale = torch.empty(out_f, n_groups, dtype=torch.float32, device=dev)
@@ -341,29 +341,17 @@ def _warn_fallback(e: Exception) -> None:
         _fallback_warned = True
 
 
-def _mse_col_weight(mse: MSESearch | None, h: torch.Tensor, u: torch.Tensor | None = None,
-                    perm: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The search's per-column error weight, in original column order: the Hessian diagonal for weight
-    "hessian"; for "obs", 1 / U_jj^2 (U the upper Cholesky factor of H^-1 in solve order): the loss GPTQ's
-    own column step charges for an error on column j once the columns after it compensate (OBS)."""
-    if mse is None or mse.weight == "none":
-        return None
-    if mse.weight == "hessian":
-        return h.diagonal()
-    d = u.diagonal().float().square().reciprocal()  # solve order
-    if perm is None:
-        return d
-    out = torch.empty_like(d)
-    out[perm] = d
-    return out
+def _mse_col_weight(mse: MSESearch | None, h: torch.Tensor) -> torch.Tensor | None:
+    """The search's per-column error weight: the Hessian diagonal (original column order) for weight "hessian"."""
+    return h.diagonal() if mse is not None and mse.weight == "hessian" else None
 
 
-def _dynamic_qparams(mse: MSESearch | None, h: torch.Tensor, u: torch.Tensor):
+def _dynamic_qparams(mse: MSESearch | None, h: torch.Tensor):
     """gptq_block_ref's qparams for dynamic groups (solve order = column order): the search on the group's
     current weights, its columns weighted as `_mse_col_weight` says."""
     if mse is None:
         return None
-    cw = _mse_col_weight(mse, h, u)
+    cw = _mse_col_weight(mse, h)
 
     def qparams(grp, args, *, scale_dtype, first):
         return mse.qparams(grp, args, scale_dtype=scale_dtype,
@@ -388,7 +376,7 @@ def _solve_torch(W, U, scale, zero, perm, args, g, static, sdt, block_size, mse=
         b1 = min(b0 + block_size, in_f)
         E1 = gptq_block_ref(W, U, Q, b0, b1, args, g=g, static=static, col_group=col_group, scale=scale, zero=zero,
                             scale_c=scale_c, zero_c=zero_c, scale_dtype=sdt,
-                            qparams=_dynamic_qparams(mse, h, U))
+                            qparams=_dynamic_qparams(mse, h))
         if b1 < in_f:
             W[:, b1:].addmm_(E1, U[b0:b1, b1:], alpha=-1.0)
         del E1

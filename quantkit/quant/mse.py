@@ -30,9 +30,7 @@ OPTIONS = ("mse", "mse_grid", "mse_max_shrink", "mse_norm", "mse_weight")
 DEFAULTS = {"mse": False, "mse_grid": 50, "mse_max_shrink": 0.5, "mse_norm": 2.4, "mse_weight": "none"}
 # mse_weight "hessian" (GPTQ only): each input column's error counts by its Hessian diagonal (the mean squared
 # input it multiplies), so clipping a weight that meets large activations costs what it costs the output.
-# "obs" (GPTQ only): by 1 / [chol(H^-1)]_jj^2, what GPTQ's column step charges for that column's error after
-# the columns solved later compensate it (less than the diagonal for a column its neighbours can stand in for).
-WEIGHTS = ("none", "hessian", "obs")
+WEIGHTS = ("none", "hessian")
 MAX_GRID = 1000  # a grid of 10^9 points would be a billion passes over the weight: refused
 
 # Rows per chunk: bounds the search's temporaries to ~_CHUNK_ELEMS floats per tensor on any layer size.
@@ -42,8 +40,7 @@ _CHUNK_ELEMS = 1 << 22
 @dataclass(frozen=True)
 class MSESearch:
     """grid: shrink factors tried (>= 1), from 1.0 down to 1 - max_shrink; norm: the error's exponent p;
-    weight: "none", "hessian" or "obs" (the caller, GPTQ, passes col_weight: the Hessian diagonal, or the
-    column step's loss weight 1 / [chol(H^-1)]_jj^2)."""
+    weight: "none", or "hessian" (the caller passes col_weight = the Hessian diagonal)."""
 
     grid: int = DEFAULTS["mse_grid"]
     max_shrink: float = DEFAULTS["mse_max_shrink"]
