@@ -68,6 +68,11 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
     "gptq-msew2-w4": ("GPTQ, Hessian-weighted MSE search, p 2", 4, (("gptq", MSEW2),)),
     "gptq-msew3-w4": ("GPTQ, Hessian-weighted MSE search, p 3", 4, (("gptq", MSEW3),)),
     "gptq-msew3d-w4": ("GPTQ, Hessian-weighted MSE search, p 3, shrinks down to 0.05", 4, (("gptq", MSEW3D),)),
+    "gptq-msew3d-w3": ("GPTQ, Hessian-weighted MSE search, p 3, shrinks down to 0.05", 3, (("gptq", MSEW3D),)),
+    "awq-gptq-msew3d-w4": ("AWQ + GPTQ, Hessian-weighted MSE search, p 3, shrinks down to 0.05", 4,
+                           (("awq", {}), ("gptq", MSEW3D))),
+    "awq-noclip-gptq-msew3d-w4": ("AWQ scales (no clip) + GPTQ, Hessian-weighted MSE search, p 3, shrinks down to 0.05",
+                                  4, (("awq", {"clip": False}), ("gptq", MSEW3D))),
     # AWQ's scales without its clipping search: GPTQ's weighted search chooses the ranges alone.
     "awq-noclip-gptq-msew-w4": ("AWQ scales (no clip) + GPTQ with the Hessian-weighted MSE search", 4,
                                 (("awq", {"clip": False}), ("gptq", MSEW))),
