@@ -109,6 +109,13 @@ def main() -> None:
     ids = calib.input_ids
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
+    if device.type == "cpu":
+        # llm-compressor 0.14's AWQ pins its cached activations unconditionally, which raises on a machine
+        # without an accelerator: pinning only speeds host-to-device copies, so skip it there.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
+
     for method in methods:
         recipe, label = _recipe(method)
         model = copy.deepcopy(float_model).to(device)
