@@ -73,6 +73,11 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
                            (("awq", {}), ("gptq", MSEW3D))),
     "awq-noclip-gptq-msew3d-w4": ("AWQ scales (no clip) + GPTQ, Hessian-weighted MSE search, p 3, shrinks down to 0.05",
                                   4, (("awq", {"clip": False}), ("gptq", MSEW3D))),
+    "gptq-msew2-w3": ("GPTQ, Hessian-weighted MSE search, p 2", 3, (("gptq", MSEW2),)),
+    "awq-noclip-gptq-msew2-w4": ("AWQ scales (no clip) + GPTQ, Hessian-weighted MSE search, p 2", 4,
+                                 (("awq", {"clip": False}), ("gptq", MSEW2))),
+    "awq-noclip-gptq-msew2-w3": ("AWQ scales (no clip) + GPTQ, Hessian-weighted MSE search, p 2", 3,
+                                 (("awq", {"clip": False}), ("gptq", MSEW2))),
     # AWQ's scales without its clipping search: GPTQ's weighted search chooses the ranges alone.
     "awq-noclip-gptq-msew-w4": ("AWQ scales (no clip) + GPTQ with the Hessian-weighted MSE search", 4,
                                 (("awq", {"clip": False}), ("gptq", MSEW))),

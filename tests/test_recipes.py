@@ -142,7 +142,8 @@ def test_recipe_from_checkpoint_dir_reruns_identically(tmp_path, tiny_tokenizer)
 
 def test_shipped_recipes_exist():
     names = {p.name for p in RECIPES}
-    for n in ("w4a16-awq.yaml", "w4a16-gptq.yaml", "w4a16-awq-gptq.yaml", "w3a16-awq-gptq.yaml", "w8a16-gptq.yaml"):
+    for n in ("w4a16-awq.yaml", "w4a16-gptq.yaml", "w4a16-awq-gptq.yaml", "w3a16-awq-gptq.yaml", "w3a16-gptq.yaml",
+              "w8a16-gptq.yaml"):
         assert n in names
 
 

@@ -73,11 +73,14 @@ class GPTQOptions(WeightQuantizerOptions):
     backend: str = option("auto", OneOf(BACKENDS))
     expert_min_tokens: float = option(1.0, Number(0, finite=False, note=" (x in_features)"))
     expert_damp_tokens: float = option(3.0, Number(0, finite=False, note=" (x in_features)"))
-    # The range search weighted by the Hessian diagonal, on for weight-only 2-4 bit schemes ("auto"): on the
-    # default model it cut W4 g64 GPTQ's gap by a third to two thirds on three held-out texts and halved W3's, and cost
-    # SmoothQuant 0.8 + GPTQ W8A8 0.8 points (BENCHMARKS.md, issue 23).
+    # The range search weighted by the Hessian diagonal, on for weight-only 2-4 bit schemes ("auto"), with the
+    # squared error (p 2: the diagonal approximation of the output's squared error). On the default model (W4 g64,
+    # 32 x 512 calibration) it took GPTQ's gap on three held-out texts from +11.5/+13.3/+16.0% to +4.8/+7.9/+11.6%
+    # (p 2.4: +6.5/+9.5/+12.0%); at W3 +61/+103/+95% (16 x 256) became +29/+43/+65%; with SmoothQuant 0.8 + GPTQ
+    # W8A8 it cost 0.8 points, so 8-bit weights keep min/max (BENCHMARKS.md, issue 23).
     mse: bool | str = option("auto", Flag(auto=True))
     mse_weight: str = option("hessian", OneOf(MSE_WEIGHTS))
+    mse_norm: float = option(2.0, Number(0, 10, low_open=True))
 
     def __post_init__(self) -> None:
         super().__post_init__()
