@@ -39,6 +39,8 @@ ROWS: dict[str, tuple[str, tuple[tuple[str, dict], ...]]] = {
                         (("smoothquant", {"alpha": 0.5}), ("gptq", MSEW))),
     # 0.8 is llm-compressor's SmoothQuant strength in its W8A8 examples: a like-for-like row.
     "sq0.8-gptq": ("SmoothQuant 0.8 + GPTQ W8A8 (min/max ranges)", (("smoothquant", {"alpha": 0.8}), ("gptq", MINMAX))),
+    "sq0.8-gptq-damp0.1": ("SmoothQuant 0.8 + GPTQ W8A8 (min/max ranges, damp 0.1)",
+                           (("smoothquant", {"alpha": 0.8}), ("gptq", {**MINMAX, "damp": 0.1}))),
     "sq0.8-gptq-msew": ("SmoothQuant 0.8 + GPTQ W8A8 (Hessian-weighted range search)",
                         (("smoothquant", {"alpha": 0.8}), ("gptq", MSEW))),
     "kv": ("the per-tensor static and KV-cache rows, on the SmoothQuant 0.5 model", ()),
