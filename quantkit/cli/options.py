@@ -96,7 +96,7 @@ MseOpt = Annotated[bool, typer.Option("--mse", help="Search each group's range (
                                                    "weight error instead of min/max (recipe option mse).")]
 GptqMseOpt = Annotated[Optional[bool], typer.Option(
     "--mse/--no-mse", help="Search each group's range for the least Hessian-weighted error instead of min/max "
-                           "(recipe option mse; default: on for 3-4 bit weights, off above).")]
+                           "(recipe option mse; default: on for weight-only schemes of 4 bits or fewer, off above).")]
 MseGridOpt = Annotated[int, typer.Option("--mse-grid", help="Shrink factors --mse tries, from 1.0 down to 0.5.")]
 
 
