@@ -220,6 +220,9 @@ def test_cli_mse_reaches_the_recipe(tmp_path, tiny_tokenizer):
     assert mse_stage_options(None, 50, "none") == {"mse_weight": "none"}
     code, out = run_cli("gptq", "--out", tmp_path / "x", "--no-mse", "--mse-weight", "none")
     assert code == 2 and "--no-mse" in out and "Traceback" not in out
+    code, out = run_cli("gptq", "--out", tmp_path / "x", "--no-mse", "--mse-grid", "20")
+    assert code == 2 and "drop one" in out and "Traceback" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # refused before anything was written
     model = save_tiny_model_dir(tmp_path / "m", tiny_tokenizer)
     off = read_manifest(rtn_checkpoint(model, tmp_path / "off", "--group-size", "16", "--asym"))
     on = read_manifest(rtn_checkpoint(model, tmp_path / "on", "--group-size", "16", "--asym", "--mse", "--mse-grid", "9"))
