@@ -27,6 +27,7 @@ Configs come from a :class:`~quantkit.kernels._common.ConfigCache` keyed by
 ``benchmarks/gemm.py --tune``).
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -111,6 +112,16 @@ def _tile_rows(rb_ptr, offs_m, rm, M):
     n_fp = tl.sum(is_fp.to(tl.int32), axis=0)
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     return is_fp, n_fp, n_fp < n_valid
+
+
+@jit_helper
+def _int8_epilogue(acc, a_scale, w_scale, bias_ptr, rn, HAS_BIAS: tl.constexpr):
+    """INT8 rows' output in fp32: acc * a_scale[m] * w_scale[n] (+ bias[n], as an explicit fma), written once
+    so the plain, split-K and persistent kernels round alike."""
+    if HAS_BIAS:
+        return tl.fma(acc.to(tl.float32) * a_scale[:, None], w_scale[None, :],
+                      tl.load(bias_ptr + rn).to(tl.float32)[None, :])
+    return acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
 
 
 def _w8a8_kernel(
@@ -223,12 +234,7 @@ def _w8a8_kernel(
         if OUT_INT32:
             tl.store(c_ptrs, acc, mask=c_mask)
         else:
-            w_scale = tl.load(ws_ptr + rn)
-            if HAS_BIAS:
-                out = tl.fma(acc.to(tl.float32) * a_scale[:, None], w_scale[None, :],
-                             tl.load(bias_ptr + rn).to(tl.float32)[None, :])
-            else:
-                out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+            out = _int8_epilogue(acc, a_scale, tl.load(ws_ptr + rn), bias_ptr, rn, HAS_BIAS)
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -271,13 +277,7 @@ def _w8a8_tma_kernel(
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
         rm = offs_m % M
         rn = offs_n % N
-        a_scale = tl.load(as_ptr + rm)
-        w_scale = tl.load(ws_ptr + rn)
-        if HAS_BIAS:
-            out = tl.fma(acc.to(tl.float32) * a_scale[:, None], w_scale[None, :],
-                         tl.load(bias_ptr + rn).to(tl.float32)[None, :])
-        else:
-            out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        out = _int8_epilogue(acc, tl.load(as_ptr + rm), tl.load(ws_ptr + rn), bias_ptr, rn, HAS_BIAS)
         c_desc.store([m0, n0], out.to(c_ptr.dtype.element_ty))
 
 
@@ -519,30 +519,32 @@ def tma_applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
         return False
     if any(t.data_ptr() % 16 for t in (a, w, out)):
         return False
-    return interpret_mode() or (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0))
+    return interpret_mode() or (a.is_cuda and _has_tma(a.get_device()))
 
 
-_ALLOCATOR_SET = [False]
+@functools.lru_cache(maxsize=None)
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _tma_allocator() -> None:
-    """Device-side tensor descriptors need global scratch memory from an allocator Triton calls at launch."""
-    if _ALLOCATOR_SET[0] or interpret_mode():
-        return
+    """Device-side tensor descriptors need global scratch memory from an allocator Triton calls at launch
+    (set once per process; the interpreter needs none)."""
     import triton
 
     def alloc(size: int, alignment: int, stream):
         return torch.empty(size, dtype=torch.int8, device="cuda")
 
     triton.set_allocator(alloc)
-    _ALLOCATOR_SET[0] = True
 
 
 def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg):
     """The persistent TMA GEMM on quantized activations a_q (M, K) int8 with a_scale (M,) fp32."""
     M, K = a_q.shape
     N = w.shape[0]
-    _tma_allocator()
+    if not interpret_mode():
+        _tma_allocator()
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     slots = 4 if interpret_mode() else sm_count(a_q.device)
     progs = min(tiles, slots)
