@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 
 MSE = {"mse": True, "mse_weight": "none"}  # the per-group range search (quant.mse): 50 shrinks down to 0.5, p = 2.4
 MSE2 = {**MSE, "mse_norm": 2.0}
-MSEW = {"mse": True, "mse_weight": "hessian"}  # the search weighted by the Hessian diagonal (gptq)
+# The search weighted by the Hessian diagonal (gptq), p 2.4 (said: GPTQ's default is now p 2, the MSEW2 rows)
+MSEW = {"mse": True, "mse_weight": "hessian", "mse_norm": 2.4}
 MSEW2 = {**MSEW, "mse_norm": 2.0}
 MSEW3 = {**MSEW, "mse_norm": 3.0}  # llm-compressor's imatrix_mse observer uses p 3
 MSEW3D = {**MSEW3, "mse_max_shrink": 0.95, "mse_grid": 96}  # ... and shrinks down to 0.05 of the range

@@ -145,9 +145,11 @@ def run_cli(args: list[str]) -> tuple[dict, float, float, str]:
 
 def measure(model_dir: Path, out_root: Path, args, mode: str) -> dict:
     out = out_root / f"q-{mode}"
-    cmd = [args.method, "--model", str(model_dir), "--out", str(out), "--bits", "4", "--group-size",
-           str(args.group_size), "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--device", args.device,
-           "--dtype", args.dtype, f"--{mode}", "--overwrite"]
+    # A recipe runs as written (its scheme, its stages); a method gets W4 at --group-size.
+    what = (["quantize", "--recipe", args.recipe] if args.recipe
+            else [args.method, "--bits", "4", "--group-size", str(args.group_size)])
+    cmd = [*what, "--model", str(model_dir), "--out", str(out), "--samples", str(args.samples), "--seqlen",
+           str(args.seqlen), "--device", args.device, "--dtype", args.dtype, f"--{mode}", "--overwrite"]
     if args.shard_size is not None:
         cmd += ["--shard-size", str(args.shard_size)]
     summary, peak, wall, text = run_cli(cmd)
@@ -166,6 +168,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--layers", type=int, nargs="*", default=[None], help="cut the shape to N layers (several: one run each)")
     ap.add_argument("--method", default="gptq")
+    ap.add_argument("--recipe", default=None, help="run `quantkit quantize --recipe RECIPE` instead of --method")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -204,7 +207,7 @@ def main(argv=None) -> list[dict]:
                            check=True)
         row = {"shape": args.shape, "layers": layers or SHAPES[args.shape]["num_hidden_layers"],
                "model_gib": _dir_bytes(d) / GiB, "build_seconds": time.perf_counter() - t0,
-               "samples": args.samples, "seqlen": args.seqlen, "method": args.method, "device": args.device,
+               "samples": args.samples, "seqlen": args.seqlen, "method": args.recipe or args.method, "device": args.device,
                "dtype": args.dtype, "date": time.strftime("%Y-%m-%d", time.gmtime())}
         modes = args.modes.split(",") if args.modes else ["stream"] + (["no-stream"] if args.compare else [])
         try:

@@ -26,6 +26,24 @@ def test_heldout_texts_are_other_kinds(tiny_tokenizer):
     assert torch.equal(w, ids[:96].view(3, 32))
 
 
+@pytest.mark.parametrize("line,markup", [
+    ("![PyTorch Logo](https://github.com/pytorch/pytorch/raw/main/logo.png)", True),
+    ("[![PyPI](https://img.shields.io/pypi/v/rich)](https://pypi.org/project/rich/) [![b](x)](y)", True),
+    ('<p align="center">', True), ("  <img src='a.png' width=60/>  ", True), ("----------", True),
+    ("PyTorch is a Python package that provides ![an image](x) inline", False),
+    ("- [Intel GPU Support](#intel-gpu-support)", False), ("---- a heading rule with words", False),
+])
+def test_prose_drops_lines_that_are_only_markup(line, markup):
+    # Such a line opening a window broke the float model itself (no attention sink; see readme_text).
+    assert bool(D._MARKUP_ONLY.match(line)) is markup
+
+
+def test_prose_text_has_no_markup_only_line():
+    prose = load_text("builtin:prose", part="eval")
+    assert not any(D._MARKUP_ONLY.match(ln) for ln in prose.splitlines())
+    assert prose.startswith("PyTorch is a Python package")  # torch's README, after its logo line and rule
+
+
 def test_heldout_sets_are_the_builtin_texts(tiny_tokenizer):
     sets = D.heldout_sets(tiny_tokenizer, 16, 2)
     assert list(sets) == ["pydoc", "code", "prose"]
