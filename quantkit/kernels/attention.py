@@ -200,7 +200,9 @@ def _decode_attn_kernel(
         if RES_BITS != 0:
             k_r, k_rs = _residual_rows(kri_ptr, krp_ptr, krs_ptr, row, pos, nmask, pid, C1, col, shift, RW, RES_BITS)
             s += tl.dot(qr, tl.trans(k_r.to(cdt))) * k_rs[None, :]
-        if SOFTCAP:  # s is in log2 units (q carries sm_scale * log2 e): cap c is c * log2 e there
+        # SOFTCAP is a float constexpr: a compiled `if` takes only int/bool, so compare (the interpreter takes both).
+        # s is in log2 units (q carries sm_scale * log2 e): cap c is c * log2 e there
+        if SOFTCAP != 0.0:
             s = (1.0 - 2.0 / (tl.exp2(s * (2.0 / SOFTCAP)) + 1.0)) * (SOFTCAP * 1.4426950408889634)
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))

@@ -1,0 +1,64 @@
+"""Kernels compiled for a real GPU target, on a machine without one.
+
+The CPU suite runs the Triton kernels in the interpreter, which accepts Python that the compiler refuses (an
+`if` on a float constexpr ran there and broke every decode-attention launch on the H200). Here Triton's own
+front end and ptxas build chosen kernels for sm_90 (Hopper) and sm_80, so that class of error fails on CPU.
+Run in a child process: the compiled path needs a process where TRITON_INTERPRET was never set."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHILD = textwrap.dedent(r'''
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from quantkit.kernels import attention, w8a8
+
+    def build(lazy, types, consts, cc):
+        fn = lazy.jitted()  # the compiled-mode triton.jit function (TRITON_INTERPRET unset here)
+        names = fn.arg_names
+        sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+               for n in names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+        return sorted(triton.compile(src, target=GPUTarget("cuda", cc, 32)).asm)
+
+    attn_types = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "kri_ptr": "*i16", "vri_ptr": "*i16",
+                  "krp_ptr": "*i8", "vrp_ptr": "*i8", "len_ptr": "*i32", "sm_scale_log2": "fp32"}
+    out = {}
+    for scales, res, window, cap in json.loads(sys.argv[1]):
+        consts = dict(GROUP=4, GP=16, D=64, BLOCK_N=32, SCALES=scales, RES_BITS=res,
+                      RW=32 if res == 4 else 64, WINDOW=window, SOFTCAP=cap)
+        for cc in (80, 90):
+            out[f"attention scales={scales} res={res} window={window} softcap={cap} sm_{cc}"] = build(
+                attention.decode_attn_kernel, attn_types, consts, cc)
+    tma_types = {"a_ptr": "*i8", "w_ptr": "*i8", "bias_ptr": "*fp16", "c_ptr": "*fp16"}
+    out["w8a8 tma sm_90"] = build(w8a8.w8a8_tma_kernel, tma_types,
+                                  dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
+                                       LOOP_STAGES=3), 90)
+    print(json.dumps(out))
+''')
+
+# (per-token/per-channel/float cache, residual bits, sliding window, Gemma 2 soft-cap)
+ATTENTION_CASES = [(0, 0, False, 0.0), (1, 0, False, 0.0), (2, 0, True, 0.0), (1, 8, False, 0.0),
+                   (2, 4, False, 0.0), (0, 0, False, 50.0), (2, 4, True, 30.0)]
+
+
+def test_kernels_compile_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(ATTENTION_CASES)], capture_output=True,
+                       text=True, env=env, timeout=600)
+    if p.returncode != 0 and "ptxas" in p.stderr and "not found" in p.stderr.lower():
+        pytest.skip("this Triton has no ptxas to build with")
+    assert p.returncode == 0, p.stderr[-3000:]
+    built = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(built) == 2 * len(ATTENTION_CASES) + 1
+    for what, stages in built.items():
+        assert "cubin" in stages and "ptx" in stages, what
