@@ -33,6 +33,7 @@ MSEW2 = {**MSEW, "mse_norm": 2.0}
 MSEW3 = {**MSEW, "mse_norm": 3.0}  # llm-compressor's imatrix_mse observer uses p 3
 MSEW3D = {**MSEW3, "mse_max_shrink": 0.95, "mse_grid": 96}  # ... and shrinks down to 0.05 of the range
 MINMAX = {"mse": False}  # min/max group ranges (the default of rtn and gptq), said explicitly
+HADAMARD = {"rotation": "hadamard", "online": False}
 LR = {"learned_rounding": True}  # quant.rounding, 200 steps per block unless --rounding-steps
 
 # name -> (description, bits, stages); every row is W{bits} group 64 asymmetric.
@@ -84,6 +85,12 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
                                 (("awq", {"clip": False}), ("gptq", MSEW))),
     "awq-noclip-gptq-msew-w3": ("AWQ scales (no clip) + GPTQ with the Hessian-weighted MSE search", 3,
                                 (("awq", {"clip": False}), ("gptq", MSEW))),
+    # A random Hadamard R1 (residual stream) and R2 (per head, V -> O) folded into the weights before GPTQ: the
+    # checkpoint stays a plain W4A16 one (recipes/w4a16-spinquant-gptq.yaml learns the rotation instead).
+    "had-gptq-msew2-w4": ("Hadamard rotation (folded) + GPTQ, Hessian-weighted MSE search, p 2 (GPTQ's default)", 4,
+                          (("spinquant", HADAMARD), ("gptq", MSEW2))),
+    "had-gptq-msew2-w3": ("Hadamard rotation (folded) + GPTQ, Hessian-weighted MSE search, p 2 (GPTQ's default)", 3,
+                          (("spinquant", HADAMARD), ("gptq", MSEW2))),
 }
 # Rows calibrated on another builtin set than builtin:pydoc (the default of every command).
 ROW_CALIB = {"gptq-mix-w4": "builtin:mix", "awq-gptq-mix-w4": "builtin:mix"}

@@ -44,11 +44,13 @@ ROWS: dict[str, tuple[str, tuple[tuple[str, dict], ...]]] = {
     "sq0.8-gptq-msew": ("SmoothQuant 0.8 + GPTQ W8A8 (Hessian-weighted range search)",
                         (("smoothquant", {"alpha": 0.8}), ("gptq", MSEW))),
     # Activation-side: a random Hadamard R1 (residual stream) and R2 (per head, V -> O) folded into the weights,
-    # so the checkpoint stays plain W8A8; "+ online" also rotates down_proj's input (R4) at run time.
+    # so the checkpoint stays plain W8A8 (recipes/w8a8-hadamard-folded-gptq.yaml); "+ online R4" also rotates
+    # down_proj's input at run time (online: auto = R4 when activations are quantized, R3 only with a KV
+    # cache; recipes/w8a8-hadamard-gptq.yaml).
     "had-gptq": ("Hadamard rotation (folded) + GPTQ W8A8 (min/max ranges)",
                  (("spinquant", {"rotation": "hadamard", "online": False}), ("gptq", MINMAX))),
-    "had-online-gptq": ("Hadamard rotation (folded + online R4/R3) + GPTQ W8A8 (min/max ranges)",
-                        (("spinquant", {"rotation": "hadamard", "online": True}), ("gptq", MINMAX))),
+    "had-online-gptq": ("Hadamard rotation (folded + online R4) + GPTQ W8A8 (min/max ranges)",
+                        (("spinquant", {"rotation": "hadamard", "online": "auto"}), ("gptq", MINMAX))),
     "kv": ("the per-tensor static and KV-cache rows, on the SmoothQuant 0.5 model", ()),
 }
 SQ_REF = "SmoothQuant W8A8 alpha 0.5"

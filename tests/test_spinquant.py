@@ -366,6 +366,8 @@ def test_w4a4kv4_checkpoint_round_trip(tmp_path, tiny_tokenizer):
     out = api.export(qm, tmp_path / "ckpt")
     manifest = json.loads((out / "quantkit.json").read_text())
     assert manifest["online_rotations"] == qm.online_rotations
+    # vLLM / transformers would load it without R3/R4 and compute another model: the export says so
+    assert any("online rotations R3/R4" in w and "vLLM" in w for w in manifest["warnings"]), manifest["warnings"]
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad(), api.simulation(qm):
@@ -412,6 +414,7 @@ def test_cli_spinquant_and_bad_input(tmp_path, tiny_tokenizer):
     assert s["stages"] == ["spinquant", "gptq"] and s["quantized_linears"] == 21
     manifest = json.loads((tmp_path / "o" / "quantkit.json").read_text())
     assert "online_rotations" not in manifest  # W4A16: everything folded, a plain checkpoint
+    assert not any("online rotations" in w for w in manifest.get("warnings", []))
     code, out = run_cli("spinquant", "--model", src, "--out", tmp_path / "o2", "--rotation", "spin")
     assert code == 2 and "--rotation" in out and "learned" in out
 

@@ -35,7 +35,7 @@ from quantkit.export.ct_config import (
     module_groups,
 )
 from quantkit.export.ct_pack import compress_module, ct_layout
-from quantkit.export.vllm_compat import vllm_fusion_warnings
+from quantkit.export.vllm_compat import online_rotation_warnings, vllm_fusion_warnings
 from quantkit.quant.model import QuantizedModel
 
 FORMAT_NAME = "compressed-tensors"
@@ -103,6 +103,7 @@ def plan_compressed_tensors(
     qconfig = build_quantization_config(groups, ignore, ct_kv_args(kv, kv_format) if kv is not None else None)
     model_dtype = next(iter(quantized.values())).weight.dtype
     warnings = vllm_fusion_warnings({n: qt.args for n, qt in qmodel.modules.items()}, [*quantized, *ignore])
+    warnings += online_rotation_warnings(getattr(qmodel, "online_rotations", None))
 
     def side_files(tmp: Path) -> dict[str, Any]:
         kv_file = _write_kv_side_file(qmodel, tmp)

@@ -24,3 +24,14 @@ def vllm_fusion_warnings(modules: dict[str, QuantArgs], linears: list[str]) -> l
                     f"vLLM fuses them into {fused} and will refuse this checkpoint"
                 )
     return out
+
+
+def online_rotation_warnings(online: dict | None) -> list[str]:
+    """A checkpoint whose weights assume SpinQuant's run-time Hadamards (R3 on Q/K, R4 on down_proj inputs):
+    vLLM and plain transformers load it without them and compute a different model, with no error."""
+    if not online:
+        return []
+    which = "/".join(k.upper() for k in ("r3", "r4") if k in online)
+    return [f"the weights assume the online rotations {which} recorded in quantkit.json; `quantkit eval` and "
+            "quantkit's runtime apply them, vLLM and plain transformers do not (they would load it and compute a "
+            "different model): serve it with quantkit, or quantize with `online: false` for a checkpoint vLLM runs"]
