@@ -419,6 +419,31 @@ def test_cli_spinquant_and_bad_input(tmp_path, tiny_tokenizer):
     assert code == 2 and "--rotation" in out and "learned" in out
 
 
+def test_cli_spinquant_w8a8(tmp_path, tiny_tokenizer):
+    """--scheme W8A8: rotation auto = hadamard, R4 online by default (recorded, warned about), --no-online
+    folds everything (a plain W8A8 checkpoint); learned has no measured settings for W8A8 and is refused."""
+    from quantkit.methods.spinquant_settings import build_recipe
+
+    r = build_recipe("W8A8", "auto", "gptq")
+    assert r.stages[0].options["rotation"] == "hadamard" and "online" not in r.stages[0].options
+    assert r.scheme.input_activations is not None and r.scheme.weights.bits == 8
+    src = save_tiny_model_dir(tmp_path / "src", tiny_tokenizer)
+    common = ("--model", src, "--scheme", "W8A8", "--samples", "2", "--seqlen", "32")
+    code, out = run_cli("spinquant", *common, "--out", tmp_path / "on")
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "on" / "quantkit.json").read_text())
+    assert set(manifest["online_rotations"]) >= {"r4"} and "r3" not in manifest["online_rotations"]
+    assert any("online rotations R4" in w for w in manifest["warnings"])
+    code, out = run_cli("spinquant", *common, "--no-online", "--out", tmp_path / "off")
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "off" / "quantkit.json").read_text())
+    assert "online_rotations" not in manifest and manifest["recipe"]["stages"][0]["online"] is False
+    code, out = run_cli("spinquant", *common, "--rotation", "learned", "--out", tmp_path / "l")
+    assert code == 2 and "no measured settings for W8A8" in out and not (tmp_path / "l").exists()
+    code, out = run_cli("spinquant", *common, "--group-size", "32", "--out", tmp_path / "g")
+    assert code == 2 and "drop --group-size" in out
+
+
 @pytest.mark.slow
 def test_training_loss_decreases_on_default_model():
     from quantkit.calib.data import calibration_set

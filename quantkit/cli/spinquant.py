@@ -11,8 +11,8 @@ from quantkit.cli.methods import method_command
 
 @method_command
 def spinquant(
-    scheme: Annotated[str, typer.Option("--scheme", help="W4A16 (group 64) or W4A4KV4 (per-channel W4, per-token A4 and KV4).")] = "W4A16",
-    rotation: Annotated[str, typer.Option("--rotation", help="learned (Cayley-trained), hadamard (random Hadamard) or none.")] = "learned",
+    scheme: Annotated[str, typer.Option("--scheme", help="W4A16 (group 64), W4A4KV4 (per-channel W4, per-token A4 and KV4) or W8A8 (per-channel W8, per-token A8; with --rotation hadamard the best W8A8 measured).")] = "W4A16",
+    rotation: Annotated[str, typer.Option("--rotation", help="learned (Cayley-trained), hadamard (random Hadamard), none, or auto (learned for W4A16 and W4A4KV4, hadamard for W8A8: the settings measured).")] = "auto",
     quantizer: Annotated[str, typer.Option("--quantizer", help="Weight quantizer after the rotation: gptq or rtn.")] = "gptq",
     group_size: Annotated[
         int | None, typer.Option("--group-size", help="W4A16 group size (default 64).")
@@ -30,8 +30,9 @@ def spinquant(
     val_every: Annotated[int, typer.Option("--val-every", help="learned: steps between held-out checks.")] = 20,
     samples: Annotated[int, typer.Option("--samples", help="Calibration sequences (GPTQ; learned rotations train on them minus --val-samples). 256 measured best for learned W4A4KV4.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random Hadamard start and the calibration sample.")] = 0,
+    online: Annotated[bool | None, typer.Option("--online/--no-online", help="Run-time Hadamards (R4 on down_proj inputs, R3 on Q/K). Default: on where the scheme quantizes activations (R4) or the KV cache (R3). --no-online folds everything: a plain checkpoint vLLM runs, less accurate for W8A8/W4A4KV4; quantkit eval and quantkit's runtime apply online ones, vLLM does not.")] = None,
 ):
-    """SpinQuant: rotate the model (R1/R2 folded, R3/R4 online for W4A4KV4), then quantize with GPTQ or RTN."""
+    """SpinQuant: rotate the model (R1/R2 folded, R3/R4 online for W4A4KV4 and R4 for W8A8), then quantize with GPTQ or RTN."""
     from quantkit import validate as v
 
     v.check_int("--group-size", group_size, min=1)
@@ -47,7 +48,8 @@ def spinquant(
     return build_recipe(scheme, rotation, quantizer, group_size=group_size, iters=iters, lr=lr, optimizer=optimizer,
                         train_samples=train_samples, train_seqlen=train_seqlen, seed=seed,
                         train_weights=train_weights, val_samples=val_samples, val_every=val_every,
-                        estimator=estimator, objective=objective, train_batch=train_batch)
+                        estimator=estimator, objective=objective, train_batch=train_batch,
+                        online="auto" if online is None else online)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 
 from quantkit.errors import short_repr
 
-SCHEMES = ("W4A16", "W4A4KV4")
+SCHEMES = ("W4A16", "W4A4KV4", "W8A8")
 QUANTIZERS = ("gptq", "rtn")
+TUNED_SCHEMES = ("W4A16", "W4A4KV4")  # the schemes with learned-rotation settings measured (spinquant.TUNED)
 
 
 def tuned_options(scheme: str, *, optimizer: str = "auto", estimator: str = "auto", objective: str = "auto",
@@ -38,17 +39,18 @@ def tuned_options(scheme: str, *, optimizer: str = "auto", estimator: str = "aut
 def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=None, lr="auto",
                  optimizer="auto", train_samples=1024, train_seqlen=512, seed=0, ignore=("lm_head",),
                  train_weights="auto", val_samples=24, val_every=20, estimator="auto", objective="auto",
-                 train_batch=None):
+                 train_batch=None, online="auto"):
     """The Recipe `quantkit spinquant` runs: spinquant -> gptq|rtn.
 
     "auto" / None learned-rotation settings are the scheme's measured best (`tuned_options`),
-    written into the recipe as the values used."""
+    written into the recipe as the values used. online: R3/R4 at run time ("auto": R4 when the scheme
+    quantizes activations, R3 with a KV cache; False: everything folded, a checkpoint vLLM runs)."""
     import dataclasses
 
     from quantkit.methods.spinquant import ROTATIONS
     from quantkit.recipe import PRESETS, Recipe, RecipeError, Stage
 
-    for flag, value, choices in (("--scheme", scheme, SCHEMES), ("--rotation", rotation, ROTATIONS),
+    for flag, value, choices in (("--scheme", scheme, SCHEMES), ("--rotation", rotation, ("auto", *ROTATIONS)),
                                  ("--quantizer", quantizer, QUANTIZERS)):
         if value not in choices:
             raise RecipeError(f"{flag} {short_repr(value)} is not one of {', '.join(choices)}")
@@ -56,8 +58,15 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
     if scheme == "W4A16":  # group 64 divides the default model's 576 / 1536 (128 does not divide 576)
         s = dataclasses.replace(s, weights=dataclasses.replace(s.weights, group_size=group_size or 64, symmetric=False))
     elif group_size is not None:
-        raise RecipeError("W4A4KV4 uses per-channel weights (the int W4A4 layout); drop --group-size")
+        raise RecipeError(f"{scheme} uses per-channel weights (the int {scheme[:4]} layout); drop --group-size")
+    if rotation == "auto":  # learned where its settings were measured, else the random Hadamard
+        rotation = "learned" if scheme in TUNED_SCHEMES else "hadamard"
+    if rotation == "learned" and scheme not in TUNED_SCHEMES:
+        raise RecipeError(f"--rotation learned has no measured settings for {scheme}; use --rotation hadamard "
+                          "(measured for W8A8 in BENCHMARKS.md) or --scheme W4A16|W4A4KV4")
     opts: dict[str, Any] = {"rotation": rotation, "seed": seed}
+    if online != "auto":
+        opts["online"] = bool(online)
     if rotation == "learned":
         t = tuned_options(scheme, optimizer=optimizer, estimator=estimator, objective=objective, iters=iters,
                           batch_size=train_batch, lr=lr)
