@@ -190,6 +190,11 @@ def quantize(
     # Whole-model transforms (SpinQuant rotations) first, so the layer-wise stages see the rotated weights.
     for m in methods:
         m.prepare_model(loaded.model, ids, dev, on_step=on_block)
+    online = next((m.online_rotations for m in methods if m.online_rotations), None)
+    if collector is not None:
+        from quantkit.models.hooks import k_rotation_of
+
+        collector.k_rotation = k_rotation_of(online)  # static K scales of K R3, what the cache stores
     result = run_layerwise(
         loaded.model, ids, methods + ([collector] if collector is not None else []), device=dev,
         batch_size=calib.batch_size, ignore=recipe.ignore, on_block=on_block, checkpointer=checkpointer,
@@ -205,7 +210,7 @@ def quantize(
         calibration=calib_settings,
         warnings=result.warnings,
         static_scales=collector.scales if collector is not None else None,
-        online_rotations=next((m.online_rotations for m in methods if m.online_rotations), None),
+        online_rotations=online,
         training={m.name: m.artifacts["training"] for m in methods if "training" in getattr(m, "artifacts", {})},
         tensors=tensors,
         weight_checked=checkpointer.rebuilt_from_result if stream is not None else None,

@@ -379,6 +379,56 @@ def test_w4a4kv4_checkpoint_round_trip(tmp_path, tiny_tokenizer):
     with torch.no_grad(), plan.context(model2):
         disk = model2(ids).logits
     assert torch.allclose(mem, disk, atol=1e-4, rtol=1e-4)
+    # `--simulate-kv int8-static` on it calibrates static K scales of K R3 (what the simulated cache quantizes)
+    from quantkit.calib.data import calibration_set
+    from quantkit.calib.static import calibrate_static
+    from quantkit.models.hooks import k_rotation_of
+    from quantkit.recipe import KVCacheArgs
+
+    loaded2 = LoadedModel(model2, tiny_tokenizer, {"kind": "quantkit-checkpoint", "path": str(out)})
+    plan = plan_simulation(loaded2, kv="int8-static", calib_samples=2, calib_seqlen=32)
+    calib = calibration_set(tiny_tokenizer, None, samples=2, seqlen=32, seed=0).input_ids
+    kv8 = KVCacheArgs(8, "channel", dynamic=False)
+    rotated = calibrate_static(model2, calib, act=None, kv=kv8, k_rotation=k_rotation_of(manifest["online_rotations"]))
+    plain = calibrate_static(model2, calib, act=None, kv=kv8)
+    name = next(iter(plan.static.kv))
+    assert torch.allclose(plan.static.kv[name]["k_scale"], rotated.kv[name]["k_scale"])
+    assert not torch.allclose(plan.static.kv[name]["k_scale"], plain.kv[name]["k_scale"])
+
+
+def test_static_kv_scales_measure_the_rotated_k(tiny_tokenizer):
+    """With R3 the cache stores K R3: the static per-channel K scales (and the residual statistics) must be
+    those of K R3, the tensor the simulation and the runtime quantize with them (they were measured on K)."""
+    from quantkit.calib.data import calibration_set
+    from quantkit.models.hooks import k_rotation_of, kv_hook
+    from quantkit.quant import kv as kvq
+    from quantkit.recipe import ActQuantArgs, KVCacheArgs, QuantArgs, Recipe, Scheme, Stage
+
+    m = make_tiny_model("llama", tie_word_embeddings=True)
+    _randomize_norms(m, 4)
+    scheme = Scheme(QuantArgs(8), ActQuantArgs(8, "token", dynamic=True),
+                    KVCacheArgs(8, "channel", dynamic=False, residual_bits=4, residual_tau=3.0))
+    recipe = Recipe(scheme, (Stage("spinquant", {"rotation": "hadamard"}), Stage("rtn")))
+    calib = calibration_set(tiny_tokenizer, None, samples=4, seqlen=32, seed=0)
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), recipe,
+                      api.CalibConfig(samples=4, seqlen=32, batch_size=4), calib_set=calib)
+    r3 = k_rotation_of(qm.online_rotations)
+    assert r3 is not None and "r4" in qm.online_rotations
+    amax: dict[str, dict[str, torch.Tensor]] = {}
+
+    def rec(name, key, value):
+        amax[name] = {"k": kvq.channel_amax(key @ r3), "k_plain": kvq.channel_amax(key)}
+        return key, value
+
+    with torch.no_grad(), kv_hook(qm.model, rec):  # the quantized model's K on the calibration windows
+        qm.model(calib.input_ids)
+    kv = qm.static_scales.kv
+    assert set(kv) == set(amax) and len(kv) == m.config.num_hidden_layers
+    for name, e in amax.items():
+        want = kvq.static_scale(e["k"], 8)
+        assert torch.allclose(kv[name]["k_scale"], want, rtol=1e-4, atol=1e-7), name
+        assert not torch.allclose(kvq.static_scale(e["k_plain"], 8), want, rtol=1e-2)  # R3 changes them
+        assert kv[name]["k_mean_eps"] > 0
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -23,9 +23,15 @@ class StaticScaleCollector(Method):
     name = "static-scales"
     stats = frozenset()
 
-    def __init__(self, act: ActQuantArgs | None, kv: KVCacheArgs | None):
+    def __init__(self, act: ActQuantArgs | None, kv: KVCacheArgs | None, k_rotation: torch.Tensor | None = None):
         self.act, self.kv, self.final = act, kv, False
+        # SpinQuant's R3: the cache stores K R3, so K's scales and residual statistics are measured on K R3
+        self.k_rotation = k_rotation
         self.scales = StaticScales()
+
+    def _cached_k(self, key: torch.Tensor) -> torch.Tensor:
+        """K as the cache stores it (rotated by R3 when the model has one)."""
+        return key if self.k_rotation is None else key @ self.k_rotation.to(key.device, key.dtype)
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -36,7 +42,7 @@ class StaticScaleCollector(Method):
 
         def rec_kv(name, key, value):
             e = kv_amax.setdefault(name, {})
-            for which, x in (("k", key), ("v", value)):
+            for which, x in (("k", self._cached_k(key)), ("v", value)):
                 a = kvq.channel_amax(x)
                 e[which] = a if which not in e else torch.maximum(e[which], a)
             return key, value
@@ -74,7 +80,7 @@ class StaticScaleCollector(Method):
             def rec_eps(name, key, value):
                 e = self.scales.kv[name]
                 s = sums.setdefault(name, [0.0, 0.0, 0])
-                for i, (which, x) in enumerate((("k", key), ("v", value))):
+                for i, (which, x) in enumerate((("k", self._cached_k(key)), ("v", value))):
                     st = None if self.kv.strategy == "token" else e[f"{which}_scale"].to(x.device)
                     r = kvq.fake_quantize_kv(x, self.kv.strategy, bits=self.kv.bits, static=st)
                     s[i] += float(r.eps.double().sum())
@@ -88,6 +94,7 @@ class StaticScaleCollector(Method):
                 self.scales.kv[name]["v_mean_eps"] = vs / max(n, 1)
 
 
-def static_scale_collector(act: ActQuantArgs | None, kv: KVCacheArgs | None) -> StaticScaleCollector:
-    """A pipeline stage (Method instance) that records StaticScales into `.scales`."""
-    return StaticScaleCollector(act, kv)
+def static_scale_collector(act: ActQuantArgs | None, kv: KVCacheArgs | None,
+                           k_rotation: torch.Tensor | None = None) -> StaticScaleCollector:
+    """A pipeline stage (Method instance) that records StaticScales into `.scales`; k_rotation: R3 or None."""
+    return StaticScaleCollector(act, kv, k_rotation)

@@ -266,6 +266,7 @@ def ensure_static_scales(loaded, plan, samples: int, seqlen: int, device: str) -
         kv=kv if need_kv else None,
         device=resolve_device(device),
         ignore=("lm_head",),
+        k_rotation=k_rotation_of(plan.online_rotations),
     )
     if need_act:
         st.act.update(new.act)
