@@ -53,7 +53,8 @@ def main() -> None:
         return out
 
     plain, rotated = ratios(False), ratios(True)
-    print("| layer | median token max/rms | largest max/rms | largest abs | median token rms | after Hadamard: median / largest max/rms |")
+    print("| layer | median token max/rms | largest max/rms | largest abs | median token rms "
+          "| after Hadamard: median / largest max/rms |")
     print("|---|---|---|---|---|---|")
     for i, (p, r) in enumerate(zip(plain, rotated)):
         print(f"| {i} | {p[0]:.1f} | {p[1]:.1f} | {p[2]:.1f} | {p[3]:.3f} | {r[0]:.1f} / {r[1]:.1f} |")

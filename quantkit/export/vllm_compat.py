@@ -34,4 +34,5 @@ def online_rotation_warnings(online: dict | None) -> list[str]:
     which = "/".join(k.upper() for k in ("r3", "r4") if k in online)
     return [f"the weights assume the online rotations {which} recorded in quantkit.json; `quantkit eval` and "
             "quantkit's runtime apply them, vLLM and plain transformers do not (they would load it and compute a "
-            "different model): serve it with quantkit, or quantize with `online: false` for a checkpoint vLLM runs"]
+            "different model): serve it with quantkit, or quantize with `--no-online` (a recipe: `online: false`) "
+            "for a checkpoint vLLM runs"]
