@@ -27,6 +27,7 @@ from pathlib import Path
 # GPTQ's range options, said explicitly per row: min/max (the default for 8-bit weights) or the
 # Hessian-weighted search (the default for 4-bit weights; measured here at 8).
 MINMAX = {"mse": False}
+HADAMARD = {"rotation": "hadamard"}  # spinquant stage: random Hadamard R1/R2; "online" says whether R4 runs
 MSEW = {"mse": True, "mse_weight": "hessian"}
 # name -> (label, stages); every row is W8 per channel, A8 per token dynamic.
 ROWS: dict[str, tuple[str, tuple[tuple[str, dict], ...]]] = {
@@ -48,9 +49,9 @@ ROWS: dict[str, tuple[str, tuple[tuple[str, dict], ...]]] = {
     # down_proj's input at run time (online: auto = R4 when activations are quantized, R3 only with a KV
     # cache; recipes/w8a8-hadamard-gptq.yaml).
     "had-gptq": ("Hadamard rotation (folded) + GPTQ W8A8 (min/max ranges)",
-                 (("spinquant", {"rotation": "hadamard", "online": False}), ("gptq", MINMAX))),
+                 (("spinquant", {**HADAMARD, "online": False}), ("gptq", MINMAX))),
     "had-online-gptq": ("Hadamard rotation (folded + online R4) + GPTQ W8A8 (min/max ranges)",
-                        (("spinquant", {"rotation": "hadamard", "online": "auto"}), ("gptq", MINMAX))),
+                        (("spinquant", {**HADAMARD, "online": "auto"}), ("gptq", MINMAX))),
     "kv": ("the per-tensor static and KV-cache rows, on the SmoothQuant 0.5 model", ()),
 }
 SQ_REF = "SmoothQuant W8A8 alpha 0.5"

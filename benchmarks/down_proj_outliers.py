@@ -25,12 +25,12 @@ def main() -> None:
     from quantkit import api
     from quantkit.calib.data import calibration_set
     from quantkit.kernels.hadamard import hadamard_transform
-    from quantkit.models.adapter import ModelAdapter
+    from quantkit.models.hooks import online_rotation_spec
 
     loaded = api.load(args.model, dtype="float32", device="cpu")
     model = loaded.model
     ids = calibration_set(loaded.tokenizer, None, samples=args.samples, seqlen=args.seqlen, seed=0).input_ids
-    blocks = list(ModelAdapter.for_model(model).blocks())
+    r4_inputs = [model.get_submodule(n) for n in online_rotation_spec(model, r3=False, r4=True)["r4"]["modules"]]
 
     def ratios(rotate: bool) -> list[tuple[float, float, float, float]]:
         """Per layer: (median, max) over tokens of max|x| / rms, the largest |x|, the median token RMS."""
@@ -43,7 +43,7 @@ def main() -> None:
             r = mx / rms
             out.append((float(r.median()), float(r.max()), float(mx.max()), float(rms.median())))
 
-        hs = [b.mlp.down_proj.register_forward_pre_hook(pre) for b in blocks]
+        hs = [m.register_forward_pre_hook(pre) for m in r4_inputs]
         try:
             with torch.no_grad():
                 model(ids)

@@ -34,9 +34,7 @@ def main() -> None:
     size = api.load(None).model.config.intermediate_size  # default model only (--model is not read here)
     if size % block:
         raise SystemExit(f"block {block} does not divide the intermediate size {size}")
-    h = torch.ones(1, 1)
-    while h.shape[0] < block:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = rot.hadamard_matrix(block)  # Sylvester for a power of two
     r4 = torch.block_diag(*[h / math.sqrt(block)] * (size // block))  # symmetric: x R4 = x R4^T
     full_matrix, full_transform = rot.normalized_hadamard, kh.hadamard_transform
 

@@ -174,8 +174,7 @@ def quantize(
         check_streams(recipe)
         if partial_dir is None:
             raise ValueError("a streamed run saves its finished blocks to partial_dir; pass one")
-    collector = _static_scale_collector(recipe.scheme)
-    if calib_set is None and (any(m.uses_data for m in methods) or collector is not None):
+    if calib_set is None and needs_calibration(recipe, methods):
         calib_set = _calibration_set(loaded.tokenizer, calib)
     ids = calib_set.input_ids if calib_set is not None else None
     calib_settings = calib_set.settings if calib_set is not None else {"source": "none (data-free methods)"}
@@ -191,10 +190,7 @@ def quantize(
     for m in methods:
         m.prepare_model(loaded.model, ids, dev, on_step=on_block)
     online = next((m.online_rotations for m in methods if m.online_rotations), None)
-    if collector is not None:
-        from quantkit.models.hooks import k_rotation_of
-
-        collector.k_rotation = k_rotation_of(online)  # static K scales of K R3, what the cache stores
+    collector = _static_scale_collector(recipe.scheme, online)
     result = run_layerwise(
         loaded.model, ids, methods + ([collector] if collector is not None else []), device=dev,
         batch_size=calib.batch_size, ignore=recipe.ignore, on_block=on_block, checkpointer=checkpointer,
@@ -220,15 +216,17 @@ def quantize(
     return qm
 
 
-def _static_scale_collector(scheme):
-    """Static activation / KV scales are calibrated in the same pass, on each block as quantized; None
-    when the scheme has none."""
+def _static_scale_collector(scheme, online: dict | None):
+    """The stage that calibrates static activation / KV scales in the same pass, on each block as quantized;
+    None when the scheme has none. online: the model's online rotations (with R3 the cache stores K R3, so
+    K's scales are measured on it)."""
     from quantkit.methods._static_scales import static_scale_collector
+    from quantkit.models.hooks import k_rotation_of
     from quantkit.quant.static import needs_static_scales
 
     if not needs_static_scales(scheme.input_activations, scheme.kv_cache):
         return None
-    return static_scale_collector(scheme.input_activations, scheme.kv_cache)
+    return static_scale_collector(scheme.input_activations, scheme.kv_cache, k_rotation_of(online))
 
 
 def _partial_tensors(loaded: LoadedModel, checkpointer) -> Callable[[str], Any]:

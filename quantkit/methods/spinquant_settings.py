@@ -12,7 +12,6 @@ from quantkit.errors import short_repr
 
 SCHEMES = ("W4A16", "W4A4KV4", "W8A8")
 QUANTIZERS = ("gptq", "rtn")
-TUNED_SCHEMES = ("W4A16", "W4A4KV4")  # the schemes with learned-rotation settings measured (spinquant.TUNED)
 
 
 def tuned_options(scheme: str, *, optimizer: str = "auto", estimator: str = "auto", objective: str = "auto",
@@ -47,7 +46,7 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
     quantizes activations, R3 with a KV cache; False: everything folded, a checkpoint vLLM runs)."""
     import dataclasses
 
-    from quantkit.methods.spinquant import ROTATIONS
+    from quantkit.methods.spinquant import ROTATIONS, TUNED  # TUNED: the schemes with learned settings measured
     from quantkit.recipe import PRESETS, Recipe, RecipeError, Stage
 
     for flag, value, choices in (("--scheme", scheme, SCHEMES), ("--rotation", rotation, ("auto", *ROTATIONS)),
@@ -60,8 +59,8 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
     elif group_size is not None:
         raise RecipeError(f"{scheme} uses per-channel weights (the int {scheme[:4]} layout); drop --group-size")
     if rotation == "auto":  # learned where its settings were measured, else the random Hadamard
-        rotation = "learned" if scheme in TUNED_SCHEMES else "hadamard"
-    if rotation == "learned" and scheme not in TUNED_SCHEMES:
+        rotation = "learned" if scheme in TUNED else "hadamard"
+    if rotation == "learned" and scheme not in TUNED:
         raise RecipeError(f"--rotation learned has no measured settings for {scheme}; use --rotation hadamard "
                           "(measured for W8A8 in BENCHMARKS.md) or --scheme W4A16|W4A4KV4")
     opts: dict[str, Any] = {"rotation": rotation, "seed": seed}
