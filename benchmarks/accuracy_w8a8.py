@@ -50,8 +50,10 @@ ROWS: dict[str, tuple[str, tuple[tuple[str, dict], ...]]] = {
     # cache; recipes/w8a8-hadamard-gptq.yaml).
     "had-gptq": ("Hadamard rotation (folded) + GPTQ W8A8 (min/max ranges)",
                  (("spinquant", {**HADAMARD, "online": False}), ("gptq", MINMAX))),
-    "had-online-gptq": ("Hadamard rotation (folded + online R4) + GPTQ W8A8 (min/max ranges)",
+    "had-online-gptq": ("Hadamard rotation (folded + online R4 in Sylvester blocks, r4_block auto: vLLM-servable) + GPTQ W8A8 (min/max ranges)",
                         (("spinquant", {**HADAMARD, "online": "auto"}), ("gptq", MINMAX))),
+    "had-online-full-gptq": ("Hadamard rotation (folded + online R4 over the whole width) + GPTQ W8A8 (min/max ranges)",
+                             (("spinquant", {**HADAMARD, "online": "auto", "r4_block": "full"}), ("gptq", MINMAX))),
     "kv": ("the per-tensor static and KV-cache rows, on the SmoothQuant 0.5 model", ()),
 }
 SQ_REF = "SmoothQuant W8A8 alpha 0.5"

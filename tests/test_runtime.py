@@ -51,6 +51,9 @@ FORMATS = {
                            SQ, "compressed-tensors", "w8a8"),
     "w4a4kv4-spinquant": (PRESETS["W4A4KV4"], (Stage("spinquant", {"rotation": "hadamard"}),), "compressed-tensors",
                           "w8a8"),
+    # R4 alone, in Sylvester blocks (r4_block auto: 32 of 160), the vLLM-servable form
+    "w8a8-spinquant-r4": (PRESETS["W8A8"], (Stage("spinquant", {"rotation": "hadamard"}),), "compressed-tensors",
+                          "w8a8"),
 }
 
 

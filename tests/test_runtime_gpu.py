@@ -27,7 +27,8 @@ def _reference_logits_fp16_gpu(path, tokenizer, ids):
 
 
 @pytest.mark.parametrize("key", ["w4-g32-asym", "w8-g32", "gptq-w4", "awq", "w3-g32-ref", "w8a8", "w8a8-static-act",
-                                 "w8a8c8-token", "w8a8c8-channel-res", "w4a4kv4-spinquant"])
+                                 "w8a8c8-token", "w8a8c8-channel-res", "w4a4kv4-spinquant",
+                                 "w8a8-spinquant-r4"])
 def test_formats_on_gpu(tmp_path, tiny_tokenizer, key):
     path = _checkpoint(tmp_path, tiny_tokenizer, key)
     rt = runtime.load(path, device="cuda", dtype=torch.float16, kv_residual_slots=64)

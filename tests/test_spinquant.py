@@ -470,7 +470,8 @@ def test_cli_spinquant_and_bad_input(tmp_path, tiny_tokenizer):
 
 
 def test_cli_spinquant_w8a8(tmp_path, tiny_tokenizer):
-    """--scheme W8A8: rotation auto = hadamard, R4 online by default (recorded, warned about), --no-online
+    """--scheme W8A8: rotation auto = hadamard, R4 online by default (recorded, in the transform_config, warned
+    about for transformers), --r4-block full (quantkit only, warned about), --no-online
     folds everything (a plain W8A8 checkpoint); learned has no measured settings for W8A8 and is refused."""
     from quantkit.methods.spinquant_settings import build_recipe
 
@@ -483,7 +484,23 @@ def test_cli_spinquant_w8a8(tmp_path, tiny_tokenizer):
     assert code == 0, out
     manifest = json.loads((tmp_path / "on" / "quantkit.json").read_text())
     assert set(manifest["online_rotations"]) >= {"r4"} and "r3" not in manifest["online_rotations"]
-    assert any("online rotations R4" in w for w in manifest["warnings"])
+    # R4 alone, block auto: written for vLLM as a transform; transformers still needs it applied by hand
+    assert json.loads((tmp_path / "on" / "config.json").read_text())["quantization_config"]["transform_config"]
+    assert any("online rotation R4, written as" in w for w in manifest["warnings"])
+    code, out = run_cli("spinquant", *common, "--r4-block", "full", "--out", tmp_path / "full")
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "full" / "quantkit.json").read_text())
+    assert manifest["online_rotations"]["r4"]["block"] == 160
+    from quantkit.cli.inspect import _rows  # what `quantkit inspect` prints, before rich wraps it
+    from quantkit.export.summary import read_checkpoint_summary
+
+    rows = dict(_rows(read_checkpoint_summary(tmp_path / "full")))
+    assert "160-wide Hadamard (quantkit eval / runtime only)" in rows["online rotations"] and "transform" not in rows
+    rows = dict(_rows(read_checkpoint_summary(tmp_path / "on")))
+    assert "Sylvester blocks of 32 (in transform_config: vLLM applies it)" in rows["online rotations"]
+    assert rows["transform"].startswith("R4: hadamard, blocks of 32 on input of re:")
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["quantization_config"]["transform_config"] == {}
+    assert any("online rotations R4" in w and "not block-diagonal" in w for w in manifest["warnings"])
     code, out = run_cli("spinquant", *common, "--no-online", "--out", tmp_path / "off")
     assert code == 0, out
     manifest = json.loads((tmp_path / "off" / "quantkit.json").read_text())
@@ -492,6 +509,141 @@ def test_cli_spinquant_w8a8(tmp_path, tiny_tokenizer):
     assert code == 2 and "no measured settings for W8A8" in out and not (tmp_path / "l").exists()
     code, out = run_cli("spinquant", *common, "--group-size", "32", "--out", tmp_path / "g")
     assert code == 2 and "drop --group-size" in out
+
+
+def _ct_token_quant(_m, args):
+    """compressed-tensors' reference per-token A8 (max|row| / 127.5; ours and vLLM's divide by 127)."""
+    x = args[0]
+    s = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.5
+    return (torch.clamp(torch.round(x / s), -128, 127) * s, *args[1:])
+
+
+def test_w8a8_r4_checkpoint_is_a_compressed_tensors_transform(tmp_path, tiny_tokenizer):
+    """W8A8 with the online R4 (block auto = 32 of the tiny model's 160): the export writes R4 as
+    quantization_config.transform_config plus its +-1 matrix, and compressed-tensors' own transform code,
+    applied to the checkpoint transformers loads, computes our model; without it the model is another one."""
+    pytest.importorskip("compressed_tensors")
+    import warnings
+
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.export.ct_transform import TRANSFORM_WEIGHT_SUFFIX
+    from quantkit.methods.spinquant_settings import build_recipe
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+
+    m = make_tiny_model("llama", tie_word_embeddings=True)
+    _randomize_norms(m, 6)
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), build_recipe("W8A8", "hadamard", "rtn"),
+                      api.CalibConfig(samples=2, seqlen=32))
+    assert qm.online_rotations["r4"]["block"] == 32 and "r3" not in qm.online_rotations
+    out = api.export(qm, tmp_path / "ckpt")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    tc = TransformConfig.model_validate(cfg["transform_config"])
+    (scheme,) = tc.config_groups.values()
+    assert scheme.type == "hadamard" and scheme.head_dim == 32 and scheme.apply[0].location == "input"
+    tensors = load_file(out / "model.safetensors")
+    (key,) = [k for k in tensors if k.endswith(TRANSFORM_WEIGHT_SUFFIX)]
+    assert torch.equal(tensors[key].float(), deterministic_hadamard_matrix(32, torch.float32))
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert any("transform_config" in w and "apply_transform_config" in w for w in manifest["warnings"])
+
+    ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    downs = set(qm.online_rotations["r4"]["modules"])
+    with torch.no_grad():  # qm.model carries the R4 hooks; the reference A8 quant is registered after them
+        handles = [mod.register_forward_pre_hook(_ct_token_quant) for n, mod in qm.model.named_modules()
+                   if n in qm.modules]
+        ours = qm.model(input_ids=ids).logits
+        for h in handles:
+            h.remove()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs_model = AutoModelForCausalLM.from_pretrained(out).eval()
+        without = theirs_model(input_ids=ids).logits
+        apply_transform_config(theirs_model, tc)
+        hooked = {n for n, mod in theirs_model.named_modules() if any("R4" in c for c, _ in mod.named_children())}
+        theirs = theirs_model(input_ids=ids).logits
+    assert hooked == downs
+    scale = ours.abs().max().item()
+    assert (theirs - ours).abs().max().item() <= 1e-4 * scale
+    assert (without - ours).abs().max().item() > 0.05 * scale  # served without R4 it is another model
+    # our own loader skips the transform matrix and applies R4 from the manifest
+    model2, _, _ = load_quantkit_checkpoint(out)
+    assert not any(TRANSFORM_WEIGHT_SUFFIX.rsplit(".", 1)[0] in n for n, _ in model2.named_modules())
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_weight_only_layouts_keep_the_online_rotations(tmp_path, tiny_tokenizer, fmt):
+    """W4A16 with R3/R4 online exported as AutoAWQ / GPTQ: the manifest records the rotations (they were
+    dropped: quantkit then loaded a model without R4, another model) and the export warns for other engines."""
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+    from quantkit.recipe import QuantArgs, Recipe, Scheme, Stage
+
+    m = make_tiny_model("llama")
+    _randomize_norms(m, 8)
+    recipe = Recipe(Scheme(QuantArgs(4, 32, False)),
+                    (Stage("spinquant", {"rotation": "hadamard", "online": True}), Stage("rtn")))
+    qm = api.quantize(LoadedModel(m, tiny_tokenizer, {"kind": "test"}), recipe, api.CalibConfig(samples=2, seqlen=32))
+    out = api.export(qm, tmp_path / fmt, format=fmt)
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert manifest["online_rotations"] == qm.online_rotations
+    assert any("online rotations R3/R4" in w and "vLLM" in w for w in manifest["warnings"])
+    ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(4))
+    model2, _, _ = load_quantkit_checkpoint(out)
+    with torch.no_grad():
+        ref, got = qm.model(ids).logits, model2(ids).logits
+    assert (got - ref).abs().max() <= 5e-3 * ref.abs().max()  # the layouts' fp16 scales
+
+
+def test_r4_block_choices(tmp_path, tiny_tokenizer):
+    """r4_block: auto is full when R3 is on too (W4A4KV4: not servable anyway), a power of two folds and
+    applies the block-diagonal Hadamard (the model is unchanged in float), a bad block is refused."""
+    from quantkit.methods.spinquant_settings import build_recipe
+    from quantkit.models.hooks import r4_matrix
+
+    def prepared(scheme, **opts):
+        m = make_tiny_model("llama", tie_word_embeddings=True)
+        _randomize_norms(m, 7)
+        stage = sq.SpinQuant(PRESETS[scheme], rotation="hadamard", **opts)
+        stage.final = False
+        ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            before = m(ids).logits
+        stage.prepare_model(m, None, torch.device("cpu"))
+        with torch.no_grad():
+            after = m(ids).logits
+        return stage.online_rotations, before, after
+
+    spec, _, _ = prepared("W4A4KV4")
+    assert spec["r4"]["block"] == 160 and "r3" in spec
+    spec, before, after = prepared("W8A8", r4_block=16)
+    assert spec["r4"]["block"] == 16 and spec["version"] == 2
+    assert torch.allclose(before, after, atol=1e-4)  # folded W R4 and online x R4 cancel
+    r4 = r4_matrix(spec)
+    assert torch.count_nonzero(r4) == 160 * 16 and rot.orthogonality_error(r4) < 1e-6
+    with pytest.raises(RecipeError, match="r4_block 64 is not a power of two dividing the intermediate size 160"):
+        prepared("W8A8", r4_block=64)
+    r = build_recipe("W8A8", "hadamard", "gptq", r4_block="full")
+    assert r.stages[0].options["r4_block"] == "full"
+    src = save_tiny_model_dir(tmp_path / "src", tiny_tokenizer)
+    code, out = run_cli("spinquant", "--model", src, "--scheme", "W8A8", "--r4-block", "48", "--out", tmp_path / "o")
+    assert code == 2 and "--r4-block" in out and "power of two" in out and not (tmp_path / "o").exists()
+
+
+def test_version_1_manifests_and_newer_ones(tmp_path):
+    """A version-1 online_rotations entry (no block) is the full Hadamard; a newer version is refused."""
+    from quantkit.errors import UsageError
+    from quantkit.models.hooks import check_online_spec, r4_block_of
+
+    v1 = {"version": 1, "r4": {"kind": "hadamard", "size": 160, "apply": "linear input", "modules": []}}
+    assert r4_block_of(v1) == 160
+    check_online_spec(v1)
+    with pytest.raises(UsageError, match="upgrade quantkit"):
+        check_online_spec({**v1, "version": 99})
+    with pytest.raises(UsageError, match="power of two dividing"):
+        check_online_spec({"version": 2, "r4": {**v1["r4"], "block": 48}})
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from quantkit.cli.ui import console, fail, handle_errors
+from quantkit.export.ct_transform import describe_online, describe_transform_config
 
 
 def _mib(n: int) -> str:
@@ -48,6 +49,10 @@ def _rows(s: dict) -> list[tuple[str, str]]:
     sh = s.get("shadow")
     if sh:
         rows.append(("shadow copies", f"{len(sh.get('modules', {}))} quantized linears in {sh.get('file')}"))
+    if s.get("online_rotations"):
+        rows.append(("online rotations", describe_online(s["online_rotations"])))
+    for line in describe_transform_config(s.get("transform_config") or {}):
+        rows.append(("transform", line))
     rows.append(("on disk", _mib(s["total_bytes"])))
     m = s.get("manifest")
     if m:

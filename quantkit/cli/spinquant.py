@@ -30,7 +30,8 @@ def spinquant(
     val_every: Annotated[int, typer.Option("--val-every", help="learned: steps between held-out checks.")] = 20,
     samples: Annotated[int, typer.Option("--samples", help="Calibration sequences (GPTQ; learned rotations train on them minus --val-samples). 256 measured best for learned W4A4KV4.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random Hadamard start and the calibration sample.")] = 0,
-    online: Annotated[bool | None, typer.Option("--online/--no-online", help="Run-time Hadamards (R4 on down_proj inputs, R3 on Q/K). Default: on where the scheme quantizes activations (R4) or the KV cache (R3). --no-online folds everything: a plain checkpoint vLLM runs, less accurate for W8A8/W4A4KV4; quantkit eval and quantkit's runtime apply online ones, vLLM does not.")] = None,
+    online: Annotated[bool | None, typer.Option("--online/--no-online", help="Run-time Hadamards (R4 on down_proj inputs, R3 on Q/K). Default: on where the scheme quantizes activations (R4) or the KV cache (R3). --no-online folds everything: a plain checkpoint vLLM runs, less accurate for W8A8/W4A4KV4; quantkit eval and quantkit's runtime apply online ones; vLLM applies R4 alone when its Hadamard is block-diagonal (see --r4-block), R3 never.")] = None,
+    r4_block: Annotated[str, typer.Option("--r4-block", help="R4's Hadamard: auto (the largest power of two dividing the intermediate size, e.g. 512 of 1536, when R4 is the only online rotation: written as compressed-tensors' transform_config, which vLLM applies; else full), full (one Hadamard of the whole width, quantkit only), or a power of two dividing the width.")] = "auto",
 ):
     """SpinQuant: rotate the model (R1/R2 folded, R3/R4 online for W4A4KV4 and R4 for W8A8), then quantize with GPTQ or RTN."""
     from quantkit import validate as v
@@ -43,13 +44,18 @@ def spinquant(
     v.check_seqlen("--train-seqlen", train_seqlen)
     v.check_int("--val-samples", val_samples, min=0, note=" (0 = no held-out check)")
     v.check_int("--val-every", val_every, min=1)
+    block: int | str = r4_block
+    if r4_block not in ("auto", "full"):
+        if not r4_block.isdigit() or int(r4_block) < 2 or int(r4_block) & (int(r4_block) - 1):
+            raise v.OptionError(f"--r4-block {r4_block!r} must be auto, full or a power of two >= 2")
+        block = int(r4_block)
     from quantkit.methods.spinquant_settings import build_recipe
 
     return build_recipe(scheme, rotation, quantizer, group_size=group_size, iters=iters, lr=lr, optimizer=optimizer,
                         train_samples=train_samples, train_seqlen=train_seqlen, seed=seed,
                         train_weights=train_weights, val_samples=val_samples, val_every=val_every,
                         estimator=estimator, objective=objective, train_batch=train_batch,
-                        online="auto" if online is None else online)
+                        online="auto" if online is None else online, r4_block=block)
 
 
 def register(app: typer.Typer) -> None:

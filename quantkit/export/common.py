@@ -22,6 +22,7 @@ from torch import nn
 
 from quantkit.export.atomic import ExportError, atomic_output_dir, check_output_dir, source_paths
 from quantkit.export.manifest import build_manifest, write_manifest
+from quantkit.export.vllm_compat import online_rotation_warnings
 from quantkit.quant.core import QuantizedTensor
 from quantkit.quant.model import QuantizedModel
 from quantkit.quant.pack import PACK_BITS
@@ -70,7 +71,9 @@ class WritePlan:
     extra_json: more JSON files beside config.json (e.g. quantize_config.json);
     extra_tensors: written with the weights (e.g. static input / KV scales);
     side_files(tmp) -> manifest fields: writes format-specific extra files into the
-    temporary dir and returns what the manifest should say about them.
+    temporary dir and returns what the manifest should say about them;
+    rotations_in_config: the config tells other engines the model's online rotations (see
+    export_checkpoint: every format's manifest records them for quantkit, and warns when only it does).
     """
 
     layout: Layout
@@ -79,6 +82,7 @@ class WritePlan:
     extra_json: dict[str, dict[str, Any]] | None = None
     extra_tensors: dict[str, torch.Tensor] | None = None
     side_files: Callable[[Path], dict[str, Any]] | None = None
+    rotations_in_config: bool = False
 
 
 # (qmodel, quantized linears, ignored linear names, options) -> WritePlan
@@ -324,6 +328,9 @@ def export_checkpoint(
     check_output_dir(out, overwrite, protect=source_paths(qmodel.source))
     quantized, ignore = validate_modules(qmodel)
     p = plan(qmodel, quantized, ignore, options)
+    # The weights assume these run-time Hadamards in every format: the manifest always records them (quantkit's
+    # loaders apply them), the warning says which other engines would compute another model
+    p.warnings += online_rotation_warnings(qmodel.online_rotations, in_config=p.rotations_in_config)
     for w in p.warnings:
         logger.warning(w)
     return write_checkpoint(qmodel, out, overwrite=overwrite, format_name=format_name, quantized=quantized, plan=p,
@@ -369,7 +376,9 @@ def write_checkpoint(
         with torch.no_grad():
             write_weights(units, tmp, max_shard_bytes)
             reached("export.weights")
-            manifest_extra = plan.side_files(tmp) if plan.side_files is not None else None
+            manifest_extra = plan.side_files(tmp) if plan.side_files is not None else {}
+            if qmodel.online_rotations:  # SpinQuant's run-time Hadamards: the weights assume them
+                manifest_extra["online_rotations"] = qmodel.online_rotations
         if mismatched:
             export_warnings.append(
                 f"the model weights of {len(mismatched)} quantized linear(s) (e.g. {mismatched[0]}) do not round "

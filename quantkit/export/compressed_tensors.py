@@ -7,6 +7,9 @@ scales beside the weights: `<name>.input_scale` (1,) per linear, and per attenti
 module `<attn>.k_scale` / `<attn>.v_scale` (1,), the scales the format defines
 (INT8: max|x| / 127; `kv_format="fp8"`: max|x| / 448, the FP8 cache vLLM loads).
 
+SpinQuant's online R4 (a block-diagonal Sylvester Hadamard, with no R3) is also written as the
+config's `transform_config` plus its matrix (`ct_transform.py`), which vLLM applies.
+
 Side files, each in a place no loader globs:
 - `quantkit_kv_scales.st`: our runtime's per-channel INT8 KV scales and the
   outlier-residual statistics (safetensors bytes);
@@ -35,7 +38,8 @@ from quantkit.export.ct_config import (
     module_groups,
 )
 from quantkit.export.ct_pack import compress_module, ct_layout
-from quantkit.export.vllm_compat import online_rotation_warnings, vllm_fusion_warnings
+from quantkit.export.ct_transform import describable, transform_config, transform_tensors
+from quantkit.export.vllm_compat import vllm_fusion_warnings
 from quantkit.quant.model import QuantizedModel
 
 FORMAT_NAME = "compressed-tensors"
@@ -103,7 +107,11 @@ def plan_compressed_tensors(
     qconfig = build_quantization_config(groups, ignore, ct_kv_args(kv, kv_format) if kv is not None else None)
     model_dtype = next(iter(quantized.values())).weight.dtype
     warnings = vllm_fusion_warnings({n: qt.args for n, qt in qmodel.modules.items()}, [*quantized, *ignore])
-    warnings += online_rotation_warnings(getattr(qmodel, "online_rotations", None))
+    online = getattr(qmodel, "online_rotations", None)
+    extra = _static_tensors(qmodel, kv_format, model_dtype)
+    if describable(online):  # R4 alone, block-diagonal Sylvester: vLLM applies it from the config
+        qconfig["transform_config"] = transform_config(online, [*quantized, *ignore])
+        extra.update(transform_tensors(online, model_dtype))
 
     def side_files(tmp: Path) -> dict[str, Any]:
         kv_file = _write_kv_side_file(qmodel, tmp)
@@ -112,12 +120,10 @@ def plan_compressed_tensors(
             "format_detail": fmt,
             "kv_format": kv_format if kv is not None else None,
             "kv_scales_file": KV_SCALES_NAME if kv_file else None,
-            # SpinQuant's run-time Hadamards (R3 on Q/K, R4 on down_proj inputs): the weights assume them
-            **({"online_rotations": qmodel.online_rotations} if getattr(qmodel, "online_rotations", None) else {}),
         }
 
-    return WritePlan(ct_layout(fmt), qconfig, warnings, extra_tensors=_static_tensors(qmodel, kv_format, model_dtype),
-                     side_files=side_files)
+    return WritePlan(ct_layout(fmt), qconfig, warnings, extra_tensors=extra, side_files=side_files,
+                     rotations_in_config=describable(online))
 
 
 def _static_tensors(qmodel: QuantizedModel, kv_format: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:

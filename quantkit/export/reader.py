@@ -22,16 +22,23 @@ import torch
 
 from quantkit.export.checkpoint_tensors import CheckpointError, CheckpointTensors
 from quantkit.export.formats import DEFAULT_FORMAT, FORMAT_NAMES, FORMATS
+from quantkit.export.ct_transform import is_transform_tensor
 from quantkit.export.manifest import MANIFEST_NAME, read_manifest
 from quantkit.quant.core import QuantizedTensor
 from quantkit.quant.static import StaticScales
 from quantkit.recipe import QuantArgs
 
 __all__ = ["CheckpointError", "CheckpointTensors", "STATIC_SUFFIXES", "dense_state_dict", "is_quantkit_checkpoint",
-           "read_module", "read_static_scales"]
+           "not_a_parameter", "read_module", "read_static_scales"]
 
 # Tensors beside the weights that are not model parameters (read_static_scales returns them).
 STATIC_SUFFIXES = ("input_scale", "k_scale", "v_scale")
+
+
+def not_a_parameter(key: str) -> bool:
+    """A checkpoint tensor that no model parameter takes: static scales (read_static_scales) and the
+    transform matrices other engines read (the online rotations come from the manifest)."""
+    return key.rpartition(".")[2] in STATIC_SUFFIXES or is_transform_tensor(key)
 
 
 def is_quantkit_checkpoint(path: Path) -> bool:
@@ -78,7 +85,7 @@ def dense_state_dict(
         # Multiply in float32 from the stored scale, then round once: same as the exporter's model.
         out[f"{name}.weight"] = qt.dequantize(torch.float32).to(dtype)
     for key in tensors.keys():
-        if key not in taken and key.rpartition(".")[2] not in STATIC_SUFFIXES:
+        if key not in taken and not not_a_parameter(key):
             out[key] = tensors.get(key)
     return out
 

@@ -7,6 +7,11 @@ p (O(n log p), the Triton kernel) followed by a small m x m matmul (torch).
 
 Spec (`hadamard_ref`): x (..., n) float -> (..., n) in x's dtype, computed in float32.
 The kernel handles p <= 2^15 per row (one row block in registers); rows are independent.
+
+block: a block-diagonal Hadamard instead, n / block copies of H_block / sqrt(block) (block a power
+of two dividing n): x is viewed as (..., n / block, block) and each piece transformed alone. That is
+the matrix compressed-tensors' `hadamard` transform with `head_dim = block` describes (Sylvester,
+natural order), which vLLM applies with its Hadacore kernel.
 """
 
 from __future__ import annotations
@@ -59,8 +64,22 @@ def _apply_paley(y: torch.Tensor, a: torch.Tensor | None, p: int) -> torch.Tenso
     return torch.einsum("ik,...ij->...kj", a.to(yv.device, yv.dtype), yv).reshape(y.shape)
 
 
-def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
-    """Reference: x (..., n) -> x @ H_n / sqrt(n), in x's dtype (float32 math)."""
+def _blocks(x: torch.Tensor, block: int | None) -> torch.Tensor | None:
+    """x viewed as (..., n / block, block), or None when the transform is over the whole row."""
+    n = x.shape[-1]
+    if block is None or block == n:
+        return None
+    if block < 2 or block & (block - 1) or n % block:
+        raise ValueError(f"a Hadamard block must be a power of two >= 2 dividing {n}, got {block}")
+    return x.reshape(*x.shape[:-1], n // block, block)
+
+
+def hadamard_ref(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Reference: x (..., n) -> x @ H_n / sqrt(n) (or the block-diagonal H_block / sqrt(block)), in x's dtype
+    (float32 math)."""
+    xb = _blocks(x, block)
+    if xb is not None:
+        return hadamard_ref(xb).reshape(x.shape)
     n = x.shape[-1]
     p, a = split_order(n)
     y = fwht_pow2_ref(x.float().reshape(*x.shape[:-1], n // p, p)).reshape(*x.shape[:-1], n)
@@ -111,9 +130,13 @@ def fwht_pow2_triton(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return y
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """x (..., n) -> x @ H_n / sqrt(n) in x's dtype; Triton butterfly on CUDA (or under TRITON_INTERPRET=1),
-    else the torch reference. Differentiable only through the reference (used at run time / eval)."""
+def hadamard_transform(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """x (..., n) -> x @ H_n / sqrt(n) in x's dtype (block: the block-diagonal H_block / sqrt(block)); Triton
+    butterfly on CUDA (or under TRITON_INTERPRET=1), else the torch reference. Differentiable only through the
+    reference (used at run time / eval)."""
+    xb = _blocks(x, block)
+    if xb is not None:
+        return hadamard_transform(xb).reshape(x.shape)
     n = x.shape[-1]
     p, a = split_order(n)
     if p < 2 or p > MAX_POW2 or not use_triton(x) or x.requires_grad:

@@ -105,7 +105,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
 
 @contextmanager
 def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module], r3: torch.Tensor | None,
-                        r4_on: bool, estimator: str = "ste"):
+                        r4_on: bool, estimator: str = "ste", r4_block: int | None = None):
     """Hooks for the run-time side of the scheme during training (all removed on exit).
 
     estimator "ste": identity gradient through every activation / KV fake-quant; "scale":
@@ -134,7 +134,7 @@ def _fake_quant_runtime(model: nn.Module, scheme, linears: dict[str, nn.Module],
     with ExitStack() as stack:
         try:
             if r4_on:  # registered first: pre-hooks run in order, so the act quant sees x H
-                handles += attach_online_rotations(model, online_rotation_spec(model, r3=False, r4=True),
+                handles += attach_online_rotations(model, online_rotation_spec(model, r3=False, r4=True, r4_block=r4_block),
                                                    active=lambda: state["on"])
             act = scheme.input_activations
             if act is not None:
@@ -390,6 +390,7 @@ def train_rotations(
     *,
     r3: bool,
     r4: torch.Tensor | None,
+    r4_block: int | None = None,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, int, str, str], None] | None = None,
     val_ids: torch.Tensor | None = None,
@@ -399,7 +400,8 @@ def train_rotations(
 
     model: rotation-ready (norms folded, untied), float, frozen; it is moved to `device` for
     the training and back. input_ids: (n, L) calibration tokens. r3: the online Hadamard on K
-    in the loss; r4: the online Hadamard before down_proj (folded into its weight) or None.
+    in the loss; r4: the online Hadamard before down_proj (folded into its weight) or None, r4_block its
+    block (None: the whole width; see `quantkit.models.hooks.online_rotation_spec`).
     val_ids: held-out rows (cut to `seqlen`) scored every `val_every` steps; the best are kept.
     settings: the fields of `TrainSettings` (iters, lr, samples, seqlen, ...).
     """
@@ -416,7 +418,8 @@ def train_rotations(
         r3m = rot.normalized_hadamard(r2[0].shape[0]).to(device) if r3 else None
         r4d = None if r4 is None else r4.to(device, dtype)
         rotations = _Rotations(r1, r2, cfg, device)
-        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None, cfg.estimator) as float_model:
+        with _fake_quant_runtime(model, scheme, linears, r3m, r4d is not None, cfg.estimator,
+                                r4_block) as float_model:
             objective = _Objective(model, scheme, linears, r4d, cfg, float_model)
             best = _train_steps(rotations, objective, ids, vids, cfg, device, on_step)
         with torch.no_grad():

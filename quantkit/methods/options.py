@@ -131,6 +131,23 @@ class OneOf(Rule):
 
 
 @dataclass(frozen=True)
+class IntOrWord(Rule):
+    """An integer (not a bool) >= low, or one of `words`."""
+
+    low: int
+    words: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        return f"an integer >= {self.low} or one of {', '.join(self.words)}"
+
+    def check(self, v: Any) -> Any:
+        if isinstance(v, str):
+            return v if v in self.words else None
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= self.low else None
+
+
+@dataclass(frozen=True)
 class Numbers(Rule):
     """A non-empty list of numbers in [low, high], stored as a tuple of floats."""
 

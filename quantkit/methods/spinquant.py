@@ -40,7 +40,7 @@ from quantkit.methods._spin_rotate import fold_rotations, initial_rotations, mak
 from quantkit.methods._spin_train import ESTIMATORS, OBJECTIVES, train_rotations
 from quantkit.errors import RecipeError
 from quantkit.methods.base import BlockContext, Method, register_method
-from quantkit.methods.options import Int, MethodOptions, Number, OneOf, option
+from quantkit.methods.options import Int, IntOrWord, MethodOptions, Number, OneOf, option
 from quantkit.quant import rotation as rot
 from quantkit.quant.core import quantize_weight
 
@@ -71,6 +71,12 @@ class SpinQuantOptions(MethodOptions):
     seed: int = option(0, Int(0))
     # R3/R4: auto = when the scheme quantizes activations or the KV cache
     online: bool | str = option("auto", OneOf(("auto", True, False)))
+    # R4's Hadamard: "full" = one of the whole width (Sylvester x Paley, e.g. 1536 = 128 x 12), a power of two
+    # = block-diagonal Sylvester blocks of that size (what compressed-tensors' transform_config describes and
+    # vLLM runs), "auto" = the largest power of two dividing the width when R4 is the only online rotation
+    # (a checkpoint vLLM can serve; 512 of 1536 scored like the full one for W8A8, BENCHMARKS.md), else full
+    # (R3 needs quantkit's runtime anyway, and the W4A4KV4 settings were measured with it)
+    r4_block: int | str = option("auto", IntOrWord(2, ("auto", "full")))
     reproject_tol: float = option(1e-4, Number(0, low_open=True))
     # learned: weights in the training loss. auto = float when a later stage (GPTQ) quantizes
     # them and the scheme quantizes activations/KV (SpinQuant's W16A4KV4 recipe), else RTN fake-quant
@@ -131,24 +137,39 @@ class SpinQuant(Method):
             return self.scheme.kv_cache is not None, self.scheme.input_activations is not None
         return bool(self.opts.online), bool(self.opts.online)
 
+    def _r4_block(self, model: nn.Module, use_r3: bool) -> int:
+        """R4's block for this model (see SpinQuantOptions.r4_block); RecipeError for a block the width refuses."""
+        n = model.config.intermediate_size
+        choice = self.opts.r4_block
+        if choice == "full" or (choice == "auto" and use_r3):
+            return n
+        if choice == "auto":
+            return rot.sylvester_block(n)
+        if choice & (choice - 1) or n % choice:
+            raise RecipeError(f"spinquant r4_block {choice} is not a power of two dividing the intermediate size {n}; "
+                              f"use {rot.sylvester_block(n)} (the largest), 'auto' or 'full'")
+        return choice
+
     def prepare_model(self, model: nn.Module, input_ids: torch.Tensor | None, device: torch.device,
                       on_step=None) -> None:
         """Rotate (and for "learned" first train) the whole float model in place; attach online R4."""
         if self.opts.rotation == "none":
             return
-        from quantkit.models.hooks import attach_online_rotations, online_rotation_spec
+        from quantkit.models.hooks import attach_online_rotations, online_rotation_spec, r4_block_of, r4_matrix
 
         make_rotation_ready(model)
         r1, r2 = initial_rotations(model, self.opts.seed)
         use_r3, use_r4 = self._online()
-        r4 = rot.normalized_hadamard(model.config.intermediate_size) if use_r4 else None
+        spec = online_rotation_spec(model, r3=use_r3, r4=use_r4,
+                                    r4_block=self._r4_block(model, use_r3) if use_r4 else None)
+        r4 = r4_matrix(spec)
         if self.opts.rotation == "learned":
             if input_ids is None:
                 raise RecipeError("spinquant rotation=learned needs calibration data")
             train_ids, val_ids = split_held_out(input_ids, self.opts.train_samples, self.opts.val_samples)
             fit = train_rotations(
                 model, train_ids, self.scheme, r1, r2,
-                r3=use_r3, r4=r4, iters=self.opts.iters, lr=float(self.opts.lr),
+                r3=use_r3, r4=r4, r4_block=r4_block_of(spec), iters=self.opts.iters, lr=float(self.opts.lr),
                 samples=self.opts.train_samples, seqlen=self.opts.train_seqlen, batch_size=self.opts.batch_size,
                 seed=self.opts.seed, reproject_tol=self.opts.reproject_tol, device=device, on_step=on_step,
                 quantize_weights=self.train_quantized_weights(), val_ids=val_ids, val_every=self.opts.val_every,
@@ -163,7 +184,7 @@ class SpinQuant(Method):
         fold_rotations(model, r1, r2, r4)
         self.artifacts.update(r1=r1.cpu(), r2=[r.cpu() for r in r2], orthogonality_error=max(
             [rot.orthogonality_error(r1)] + [rot.orthogonality_error(r) for r in r2]))
-        self.online_rotations = online_rotation_spec(model, r3=use_r3, r4=use_r4)
+        self.online_rotations = spec
         self._handles = attach_online_rotations(model, self.online_rotations)
 
     @torch.no_grad()

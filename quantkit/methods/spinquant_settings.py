@@ -38,12 +38,13 @@ def tuned_options(scheme: str, *, optimizer: str = "auto", estimator: str = "aut
 def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None, iters=None, lr="auto",
                  optimizer="auto", train_samples=1024, train_seqlen=512, seed=0, ignore=("lm_head",),
                  train_weights="auto", val_samples=24, val_every=20, estimator="auto", objective="auto",
-                 train_batch=None, online="auto"):
+                 train_batch=None, online="auto", r4_block="auto"):
     """The Recipe `quantkit spinquant` runs: spinquant -> gptq|rtn.
 
     "auto" / None learned-rotation settings are the scheme's measured best (`tuned_options`),
     written into the recipe as the values used. online: R3/R4 at run time ("auto": R4 when the scheme
-    quantizes activations, R3 with a KV cache; False: everything folded, a checkpoint vLLM runs)."""
+    quantizes activations, R3 with a KV cache; False: everything folded, a checkpoint vLLM runs); r4_block:
+    SpinQuantOptions.r4_block ("auto", "full" or a power of two)."""
     import dataclasses
 
     from quantkit.methods.spinquant import ROTATIONS, TUNED  # TUNED: the schemes with learned settings measured
@@ -66,6 +67,8 @@ def build_recipe(scheme: str, rotation: str, quantizer: str, *, group_size=None,
     opts: dict[str, Any] = {"rotation": rotation, "seed": seed}
     if online != "auto":
         opts["online"] = bool(online)
+    if r4_block != "auto":
+        opts["r4_block"] = r4_block
     if rotation == "learned":
         t = tuned_options(scheme, optimizer=optimizer, estimator=estimator, objective=objective, iters=iters,
                           batch_size=train_batch, lr=lr)

@@ -92,16 +92,19 @@ def linear_input_hooks(linears: dict[str, nn.Module], fn: InputFn) -> Iterator[N
 
 # ----------------------------------------------------------------------------- online rotations (SpinQuant R3/R4)
 
-ONLINE_ROTATIONS_VERSION = 1
+# 2: r4 carries "block" (a block-diagonal Sylvester R4); a version-1 entry means block = size
+ONLINE_ROTATIONS_VERSION = 2
 
 
-def online_rotation_spec(model: nn.Module, *, r3: bool, r4: bool) -> dict[str, Any] | None:
+def online_rotation_spec(model: nn.Module, *, r3: bool, r4: bool, r4_block: int | None = None) -> dict[str, Any] | None:
     """The manifest entry describing the online Hadamard rotations a rotated model needs (None: none).
 
-    r4: the input of every block's mlp_out linear (down_proj) is multiplied by H_n / sqrt(n)
-        at run time; its stored weight is already W H (so without it the model is wrong).
+    r4: the input of every block's mlp_out linear (down_proj) is multiplied by R4 at run time; its
+        stored weight is already W R4 (so without it the model is wrong). R4 is H_n / sqrt(n) for
+        r4_block None or n, else block-diagonal with n / r4_block Sylvester blocks (see
+        `quantkit.quant.rotation.normalized_hadamard`, `r4_matrix`).
     r3: Q and K after RoPE are multiplied by H_d / sqrt(d) per head (only changes KV quantization).
-    H is `quantkit.quant.rotation.normalized_hadamard` (deterministic, no seed).
+    The matrices are deterministic (no seed).
     """
     if not (r3 or r4):
         return None
@@ -109,30 +112,68 @@ def online_rotation_spec(model: nn.Module, *, r3: bool, r4: bool) -> dict[str, A
 
     adapter = ModelAdapter.for_model(model)
     cfg = model.config
-    spec: dict[str, Any] = {"version": ONLINE_ROTATIONS_VERSION, "construction": "sylvester x paley-I (rotation.py)"}
+    spec: dict[str, Any] = {"version": ONLINE_ROTATIONS_VERSION,
+                            "construction": "sylvester x paley-I (rotation.py); block < size: block-diagonal sylvester"}
     if r4:
         rel = adapter.spec.rotation.mlp_out
         mods = [f"{adapter.block_name(i)}.{rel}" for i in range(len(adapter.blocks()))]
-        spec["r4"] = {"kind": "hadamard", "size": cfg.intermediate_size, "apply": "linear input", "modules": mods}
+        size = cfg.intermediate_size
+        block = size if r4_block is None else int(r4_block)
+        _check_block(size, block)
+        spec["r4"] = {"kind": "hadamard", "size": size, "block": block, "apply": "linear input", "modules": mods}
     if r3:
         spec["r3"] = {"kind": "hadamard", "size": head_dim_of(cfg), "apply": "q and k after RoPE, per head",
                       "modules": sorted(attention_modules(model))}
     return spec
 
 
+def _check_block(size: int, block: int) -> None:
+    if block != size and (block < 2 or block & (block - 1) or size % block):
+        raise UsageError(f"an R4 block must be the width {size} or a power of two dividing it, got {block}")
+
+
+def check_online_spec(spec: dict[str, Any] | None) -> None:
+    """Refuse a manifest's online-rotation entry this quantkit cannot apply exactly (a newer version, a bad block)."""
+    if not spec:
+        return
+    version = spec.get("version", 1)
+    if not isinstance(version, int) or version > ONLINE_ROTATIONS_VERSION:
+        raise UsageError(f"the checkpoint's online rotations are version {version!r}; this quantkit reads up to "
+                         f"{ONLINE_ROTATIONS_VERSION}: upgrade quantkit")
+    if "r4" in spec:
+        _check_block(spec["r4"]["size"], r4_block_of(spec))
+
+
+def r4_block_of(spec: dict[str, Any] | None) -> int | None:
+    """R4's block (its width when the whole row is one Hadamard; version-1 entries have no block), None without R4."""
+    if not spec or "r4" not in spec:
+        return None
+    return int(spec["r4"].get("block", spec["r4"]["size"]))
+
+
+def r4_matrix(spec: dict[str, Any] | None) -> torch.Tensor | None:
+    """R4 as an (n, n) float32 matrix (what the fold multiplies down_proj's weight by), or None."""
+    if not spec or "r4" not in spec:
+        return None
+    from quantkit.quant.rotation import normalized_hadamard
+
+    return normalized_hadamard(spec["r4"]["size"], block=r4_block_of(spec))
+
+
 def attach_online_rotations(model: nn.Module, spec: dict[str, Any] | None,
                             active: Callable[[], bool] | None = None) -> list:
-    """Register the R4 forward pre-hooks of `spec` on `model` (x -> x H / sqrt(n)); returns the handles.
+    """Register the R4 forward pre-hooks of `spec` on `model` (x -> x R4); returns the handles.
 
-    They stay for the model's lifetime: its down_proj weights hold W H, so the model is only
+    They stay for the model's lifetime: its down_proj weights hold W R4, so the model is only
     correct with them. R3 needs no hook (see `k_rotation_of`). active: when given, the hooks
     pass x through unchanged while it returns False (rotation training's float teacher pass
     runs the model's own, unrotated weights)."""
     if not spec or "r4" not in spec:
         return []
+    check_online_spec(spec)
     from quantkit.kernels.hadamard import hadamard_transform
 
-    size = spec["r4"]["size"]
+    size, block = spec["r4"]["size"], r4_block_of(spec)
 
     def pre(_m, args):
         if active is not None and not active():
@@ -140,7 +181,7 @@ def attach_online_rotations(model: nn.Module, spec: dict[str, Any] | None,
         x = args[0]
         if x.shape[-1] != size:
             raise UsageError(f"online R4 expects {size} input features, got {x.shape[-1]}")
-        return (hadamard_transform(x), *args[1:])
+        return (hadamard_transform(x, block), *args[1:])
 
     return [model.get_submodule(n).register_forward_pre_hook(pre) for n in spec["r4"]["modules"]]
 

@@ -75,9 +75,27 @@ def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float32) -> to
     return (random_signs(n, seed).view(-1, 1) * h).to(dtype)
 
 
-def normalized_hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """H / sqrt(n): the deterministic orthogonal Hadamard the online rotations (R3, R4) apply."""
-    return (_hadamard_cached(n) / math.sqrt(n)).to(dtype)
+def normalized_hadamard(n: int, dtype: torch.dtype = torch.float32, block: int | None = None) -> torch.Tensor:
+    """H / sqrt(n): the deterministic orthogonal Hadamard the online rotations (R3, R4) apply.
+
+    block (a power of two dividing n, < n): block-diagonal instead, n / block Sylvester blocks H_b / sqrt(b),
+    the matrix `quantkit.kernels.hadamard.hadamard_transform(x, block)` multiplies by. Symmetric either way
+    for Sylvester blocks; the full Paley one is not (x H != x H^T), so callers keep x H."""
+    if block is None or block == n:
+        return (_hadamard_cached(n) / math.sqrt(n)).to(dtype)
+    if block < 2 or block & (block - 1) or n % block:
+        raise ValueError(f"a Hadamard block must be a power of two >= 2 dividing {n}, got {block}")
+    h = _sylvester(block) / math.sqrt(block)
+    return torch.block_diag(*[h] * (n // block)).to(dtype)
+
+
+MAX_SYLVESTER_BLOCK = 1 << 15  # the largest power of two the FWHT kernels (ours, vLLM's Hadacore) take per row
+
+
+def sylvester_block(n: int) -> int:
+    """The largest power of two dividing n (at most MAX_SYLVESTER_BLOCK): the block of the block-diagonal
+    Hadamard of width n that engines with a power-of-two FWHT can run (n itself when n is a power of two)."""
+    return min(n & -n, MAX_SYLVESTER_BLOCK)
 
 
 # ----------------------------------------------------------------------------- Cayley parametrization

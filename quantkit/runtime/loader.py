@@ -74,6 +74,9 @@ def _check_supported(config, online: dict | None = None) -> None:
     rotations (SpinQuant R3/R4), which latent attention has no place for."""
     from quantkit.errors import short_repr
     from quantkit.models.adapter import ARCH_SPECS, spec_for
+    from quantkit.models.hooks import check_online_spec
+
+    check_online_spec(online)  # a newer manifest's rotations would be applied wrongly
 
     mt = getattr(config, "model_type", None)
     runs = sorted(t for s in ARCH_SPECS if s.layout is not None for t in s.model_types)
@@ -105,7 +108,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
     latent (kv_b absorbed) instead of K and V per head (weight-only checkpoints with a float KV cache)."""
     from transformers import AutoTokenizer
 
-    from quantkit.export.reader import (STATIC_SUFFIXES, CheckpointTensors, is_quantkit_checkpoint, read_module,
+    from quantkit.export.reader import (CheckpointTensors, is_quantkit_checkpoint, not_a_parameter, read_module,
                                         read_static_scales)
     from quantkit.models.adapter import spec_for
     from quantkit.models.checkpoint import checkpoint_config, checkpoint_dtype, empty_model, load_into, verified_manifest
@@ -160,7 +163,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
         _place_shadow(model, path, shadow, take, act, static, dev, dt)
     sd = {}
     for key in tensors.keys():
-        if key in taken or key.rpartition(".")[2] in STATIC_SUFFIXES:
+        if key in taken or not_a_parameter(key):
             continue
         t = tensors.get(key)
         sd[key] = t.to(dev, dt) if t.is_floating_point() else t.to(dev)

@@ -41,6 +41,7 @@ from quantkit.errors import UsageError
 from quantkit.kernels.fused import add_rmsnorm, rope, silu_mul, split_heads
 from quantkit.kernels.hadamard import hadamard_transform
 from quantkit.kernels.mixed import TOKEN_GROUP
+from quantkit.models.hooks import r4_block_of
 from quantkit.runtime.kvcache import KVCache, LatentCache
 from quantkit.runtime.linear import QuantLinear, StepControl, can_fuse, fuse
 from quantkit.runtime.monitor import FallbackMonitor
@@ -312,7 +313,7 @@ class RuntimeModel:
         self.lm_head = adapter.lm_head()
         self.rotary = adapter.rotary()
         self.r3 = "r3" in self.online
-        self.r4 = "r4" in self.online
+        self.r4_block = r4_block_of(self.online)  # None: no R4; else its Hadamard block (the width: one block)
         self.precision: PrecisionState | None = None
         self.monitor: FallbackMonitor | None = None
         self.monitor_layers: list[str] = []
@@ -533,8 +534,8 @@ class RuntimeModel:
         gu = self._run(mlp.gate_up, h, i, "gate_up")
         inter = mlp.down.in_features
         m = silu_mul(gu, inter) if mlp.act_is_silu else mlp.act(gu[..., :inter]) * gu[..., inter:]
-        if self.r4:
-            m = hadamard_transform(m)
+        if self.r4_block is not None:
+            m = hadamard_transform(m, self.r4_block)
         return self._run(mlp.down, m, i, "down")
 
     def _run_moe(self, moe: MoE, h: torch.Tensor, i: int, *, static: bool) -> torch.Tensor:

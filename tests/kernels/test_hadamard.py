@@ -42,3 +42,23 @@ def test_transform_dispatch_matches_reference(dev, n, dtype):
 def test_refuses_non_pow2_rows():
     with pytest.raises(ValueError, match="power of two"):
         fwht_pow2_triton(torch.zeros(2, 12))
+
+
+@pytest.mark.parametrize("n,block", [(160, 32), (1536, 512), (1536, 128), (64, 64)])
+def test_block_diagonal_matches_its_matrix(dev, n, block):
+    """block: n / block Sylvester blocks H_b / sqrt(b) (compressed-tensors' hadamard with head_dim = block),
+    through the Triton butterfly on the device and the reference, against the explicit block matrix."""
+    from quantkit.quant.rotation import normalized_hadamard
+
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(block)).to(dev)
+    explicit = (x.double().cpu() @ normalized_hadamard(n, torch.float64, block=block)).float()
+    assert rel_err(hadamard_transform(x, block).cpu(), explicit) < 1e-6
+    assert rel_err(hadamard_ref(x, block).cpu(), explicit) < 1e-6
+    if block < n:  # not the full Hadamard: the blocks leave the pieces unmixed
+        assert rel_err(hadamard_transform(x, block).cpu(), hadamard_ref(x).cpu()) > 0.1
+
+
+@pytest.mark.parametrize("block", [3, 48, 1024])
+def test_refuses_a_block_that_is_not_a_dividing_power_of_two(block):
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard_transform(torch.ones(2, 1536), block)
