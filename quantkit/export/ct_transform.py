@@ -14,9 +14,10 @@ for attention (R3), and a config that described R4 but not R3 would be served as
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # inspect imports this module: no torch at CLI start-up
+    import torch
 
 R4_SCHEME = "R4"
 TRANSFORM_WEIGHT_SUFFIX = f".{R4_SCHEME}_input.weight"  # the key compressed-tensors / vLLM give the scheme's matrix
