@@ -74,3 +74,16 @@ def test_registry_names_the_choices():
     with pytest.raises(RecipeError, match="use one of " + ", ".join(FORMAT_NAMES)):
         export_format("exl2")
     assert format_of_config({}).name == "compressed-tensors"  # a float or unknown config reads as one
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_api_export_refuses_activation_schemes_in_weight_only_layouts(fmt, tiny_tokenizer, tmp_path):
+    """A W8A8 model written as a weight-only layout would be served W8A16 while `quantkit eval` scores W8A8:
+    api.export refuses it before writing, as the CLI does before calibrating (the API let it through)."""
+    from quantkit.recipe import PRESETS
+
+    qm = api.quantize(LoadedModel(make_tiny_model("llama", seed=3), tiny_tokenizer, {"kind": "test"}),
+                      Recipe(PRESETS["W8A8"], (Stage("rtn"),)), api.CalibConfig(samples=2, seqlen=16))
+    with pytest.raises(RecipeError, match=f"--format {fmt} holds weight-only schemes, not W8A8"):
+        api.export(qm, tmp_path / fmt, format=fmt)
+    assert not (tmp_path / fmt).exists()

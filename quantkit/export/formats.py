@@ -66,7 +66,9 @@ class ExportFormat:
     def write(self, qmodel: QuantizedModel, out: Path, *, overwrite: bool = False,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, kv_format: str = "int8",
               float_modules: Sequence[str] = ()) -> Path:
-        """Write qmodel as a checkpoint dir of this format (see common.export_checkpoint)."""
+        """Write qmodel as a checkpoint dir of this format (see common.export_checkpoint); a scheme the format
+        cannot hold is refused first (the CLI checks it before calibrating, the Python API only here)."""
+        self.check_scheme(qmodel.recipe.scheme)
         return export_checkpoint(qmodel, Path(out), format_name=self.name, plan=self.plan,
                                  options=ExportOptions(kv_format, tuple(float_modules)), overwrite=overwrite,
                                  max_shard_bytes=max_shard_bytes)
