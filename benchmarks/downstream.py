@@ -7,7 +7,9 @@ and prints both perplexities side by side:
               the logprob vLLM gives each actual prompt token at positions 1..seqlen-1;
   * transformers  AutoModelForCausalLM.from_pretrained(DIR) in this process
               (compressed-tensors checkpoints are decompressed by the
-              `compressed-tensors` package), cross-entropy of positions 1..seqlen-1.
+              `compressed-tensors` package; a config's transform_config, which
+              from_pretrained ignores, is applied with compressed-tensors'
+              apply_transform_config), cross-entropy of positions 1..seqlen-1.
 
 Perplexity = exp(mean NLL over every predicted token), seqlen-1 per window, the
 definition of quantkit.eval.perplexity. Windows come from
@@ -140,8 +142,16 @@ def transformers_token_logprobs(ckpt: str, windows, batch_size: int):
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     model.eval()
-    load_s = time.perf_counter() - t0
     info = {"dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    # transformers' from_pretrained ignores quantization_config.transform_config (online rotations such as
+    # quantkit's R4); compressed-tensors' own apply_transform_config is what the config means
+    tc = (json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config") or {}).get("transform_config")
+    if tc:
+        from compressed_tensors.transform import TransformConfig, apply_transform_config
+
+        apply_transform_config(model, TransformConfig.model_validate(tc))
+        info["transforms_applied"] = sorted(tc.get("config_groups", {}))
+    load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = []
     with torch.no_grad():
