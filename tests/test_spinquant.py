@@ -487,6 +487,10 @@ def test_cli_spinquant_w8a8(tmp_path, tiny_tokenizer):
     # R4 alone, block auto: written for vLLM as a transform; transformers still needs it applied by hand
     assert json.loads((tmp_path / "on" / "config.json").read_text())["quantization_config"]["transform_config"]
     assert any("online rotation R4, written as" in w for w in manifest["warnings"])
+    code, out = run_cli("eval", "--model", tmp_path / "on", "--runtime", "--windows", "1", "--seqlen", "32", "--json",
+                        tmp_path / "e.json")
+    assert code == 0, out
+    assert "online R4" in json.loads((tmp_path / "e.json").read_text())["rows"][0]["simulated"]
     code, out = run_cli("spinquant", *common, "--r4-block", "full", "--out", tmp_path / "full")
     assert code == 0, out
     manifest = json.loads((tmp_path / "full" / "quantkit.json").read_text())
