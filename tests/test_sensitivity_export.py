@@ -85,6 +85,30 @@ def test_mixed_export_round_trip(tmp_path, tiny_tokenizer):
     assert lb["saving"] == pytest.approx(1 - (lb["quantized"] + lb["float"]) / lb["all_fp16"])
 
 
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_weight_only_layouts_record_the_scan_and_say_what_they_drop(fmt, tmp_path, tiny_tokenizer):
+    """AutoAWQ / GPTQ exports of a --sensitive model: the manifest keeps the scan's record (it was written by the
+    compressed-tensors writer only), the FP16 linears load as float, and the missing shadow copies are warned about."""
+    from quantkit.cli.inspect import _rows
+    from quantkit.models.checkpoint import load_quantkit_checkpoint
+
+    model = make_tiny_model("llama", seed=5)
+    orig = {n: model.get_submodule(n).weight.detach().clone() for n in FP16}
+    sl = _sensitive_file(model, tmp_path / "sensitive_layers.json", Scheme(ARGS))
+    qm = api.quantize(LoadedModel(model, tiny_tokenizer, {"kind": "test"}), Recipe(Scheme(ARGS), (Stage("rtn"),)),
+                      sensitive=sl)
+    out = api.export(qm, tmp_path / fmt, format=fmt)
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert manifest["sensitivity"]["fp16"] == FLAG and manifest["sensitivity"]["fp16_exported"] == FP16
+    assert "shadow" not in manifest
+    assert any(f"the {fmt} layout has no place for the quantized copies of the 4 linears" in w
+               for w in manifest["warnings"])
+    back, _, _ = load_quantkit_checkpoint(out)
+    assert torch.equal(back.get_submodule(FP16[0]).weight, orig[FP16[0]])
+    rows = dict(_rows(read_checkpoint_summary(out)))
+    assert rows["kept FP16 by scan"].startswith("2 of ")
+
+
 def test_sensitive_file_for_other_model_refused(tmp_path, tiny_tokenizer):
     big = make_tiny_model("llama", seed=5)
     sl = _sensitive_file(big, tmp_path / "s.json", Scheme(ARGS))

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.export.common import ExportOptions, Layout, WritePlan, fp16_scale_warnings, single_args
+from quantkit.export.common import (ExportOptions, Layout, WritePlan, fp16_scale_warnings, no_shadow_warnings,
+                                    single_args)
 from quantkit.quant.core import QuantizedTensor
 from quantkit.quant.model import QuantizedModel
 from quantkit.recipe import QuantArgs, RecipeError
@@ -119,7 +120,8 @@ def plan_awq(qmodel: QuantizedModel, quantized: dict[str, nn.Linear], ignore: li
         "version": "gemm",
         "modules_to_not_convert": ignore or None,
     }
-    return WritePlan(AWQ_LAYOUT, qconfig, fp16_scale_warnings(qmodel.modules, FORMAT_NAME))
+    warnings = fp16_scale_warnings(qmodel.modules, FORMAT_NAME) + no_shadow_warnings(qmodel, FORMAT_NAME)
+    return WritePlan(AWQ_LAYOUT, qconfig, warnings)
 
 
 def describe_awq_config(qc: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:

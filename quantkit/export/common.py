@@ -286,6 +286,15 @@ def single_args(qmodel: QuantizedModel, format_name: str) -> QuantArgs:
     return args
 
 
+def no_shadow_warnings(qmodel: QuantizedModel, fmt: str) -> list[str]:
+    """For layouts without the shadow file: the FP16-kept linears' quantized copies are not written."""
+    if not qmodel.shadow:
+        return []
+    return [f"the {fmt} layout has no place for the quantized copies of the {len(qmodel.shadow)} linears kept in "
+            "FP16 (--sensitive): they run in FP16 everywhere; the runtime's per-request INT8/FP16 switching of them "
+            "needs --format compressed-tensors"]
+
+
 def fp16_scale_warnings(modules: dict[str, QuantizedTensor], fmt: str) -> list[str]:
     """The layout stores fp16 scales: refuse ones fp16 cannot hold, warn when rounding changes any."""
     changed = []
@@ -379,6 +388,8 @@ def write_checkpoint(
             manifest_extra = plan.side_files(tmp) if plan.side_files is not None else {}
             if qmodel.online_rotations:  # SpinQuant's run-time Hadamards: the weights assume them
                 manifest_extra["online_rotations"] = qmodel.online_rotations
+            if qmodel.sensitivity is not None:  # which linears the scan kept in FP16, and from which file
+                manifest_extra["sensitivity"] = qmodel.sensitivity
         if mismatched:
             export_warnings.append(
                 f"the model weights of {len(mismatched)} quantized linear(s) (e.g. {mismatched[0]}) do not round "

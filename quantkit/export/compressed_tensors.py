@@ -172,10 +172,7 @@ def _write_kv_side_file(qmodel: QuantizedModel, tmp: Path) -> bool:
 def _write_shadow(qmodel: QuantizedModel, tmp: Path) -> dict[str, Any]:
     """Write the quantized copies of the FP16-kept linears (if any); returns the manifest keys for them."""
     shadow = getattr(qmodel, "shadow", None) or {}
-    sensitivity = getattr(qmodel, "sensitivity", None)
     extra: dict[str, Any] = {}
-    if sensitivity is not None:
-        extra["sensitivity"] = sensitivity
     if not shadow:
         return extra
     from safetensors.torch import save_file

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.export.common import ExportOptions, Layout, WritePlan, fp16_scale_warnings, single_args
+from quantkit.export.common import (ExportOptions, Layout, WritePlan, fp16_scale_warnings, no_shadow_warnings,
+                                    single_args)
 from quantkit.quant.core import QuantizedTensor
 from quantkit.quant.model import QuantizedModel
 from quantkit.quant.pack import pack_int32, unpack_int32
@@ -142,7 +143,7 @@ def plan_gptq(qmodel: QuantizedModel, quantized: dict[str, nn.Linear], ignore: l
     check_gptq_shapes({n: tuple(qt.q.shape) for n, qt in qmodel.modules.items()}, args)
     for n, qt in qmodel.modules.items():  # data-dependent refusal before any write
         _check_zero_point(qt, n)
-    warnings = fp16_scale_warnings(qmodel.modules, FORMAT_NAME)
+    warnings = fp16_scale_warnings(qmodel.modules, FORMAT_NAME) + no_shadow_warnings(qmodel, FORMAT_NAME)
     qconfig = gptq_config(args, qmodel.recipe, ignore)
     return WritePlan(GPTQ_LAYOUT, qconfig, warnings, extra_json={"quantize_config.json": qconfig})
 
