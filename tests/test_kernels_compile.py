@@ -2,7 +2,8 @@
 
 The CPU suite runs the Triton kernels in the interpreter, which accepts Python that the compiler refuses (an
 `if` on a float constexpr ran there and broke every decode-attention launch on the H200). Here Triton's own
-front end and ptxas build chosen kernels for sm_90 (Hopper) and sm_80, so that class of error fails on CPU.
+front end and ptxas build chosen kernels (decode attention, the TMA W8A8 GEMM, the R4 Hadamard) for sm_90
+(Hopper) and sm_80, so that class of error fails on CPU.
 Run in a child process: the compiled path needs a process where TRITON_INTERPRET was never set."""
 
 import json
@@ -20,7 +21,7 @@ CHILD = textwrap.dedent(r'''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from quantkit.kernels import attention, w8a8
+    from quantkit.kernels import attention, hadamard, w8a8
 
     def build(lazy, types, consts, cc):
         fn = lazy.jitted()  # the compiled-mode triton.jit function (TRITON_INTERPRET unset here)
@@ -43,6 +44,11 @@ CHILD = textwrap.dedent(r'''
     out["w8a8 tma sm_90"] = build(w8a8.w8a8_tma_kernel, tma_types,
                                   dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
                                        LOOP_STAGES=3), 90)
+    # the online R4 as the runtime launches it: rows of a Sylvester block (512 of 1536, 2048 of 14336)
+    for p in (512, 2048):
+        out[f"fwht p={p} sm_90"] = build(hadamard.fwht_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "scale": "fp32"},
+                                         dict(P=p, LOG_P=p.bit_length() - 1, BLOCK_ROWS=max(1, min(16, 4096 // p))),
+                                         90)
     print(json.dumps(out))
 ''')
 
@@ -59,6 +65,6 @@ def test_kernels_compile_for_sm80_and_sm90():
         pytest.skip("this Triton has no ptxas to build with")
     assert p.returncode == 0, p.stderr[-3000:]
     built = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(built) == 2 * len(ATTENTION_CASES) + 1
+    assert len(built) == 2 * len(ATTENTION_CASES) + 1 + 2
     for what, stages in built.items():
         assert "cubin" in stages and "ptx" in stages, what
