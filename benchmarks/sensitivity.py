@@ -97,6 +97,8 @@ def main() -> None:
                     help="calibration-text windows the scan chooses on (0 = all; default: the scan's)")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--shortlist", type=int, default=None, help="units whose restore gain is measured (default all)")
+    ap.add_argument("--greedy", type=int, default=None,
+                    help="also try the selection's greedy rule, re-measuring N candidates per pick (default off)")
     ap.add_argument("--fisher-windows", type=int, default=1, help="> 0: the gradient-weighted rule too (0 = off)")
     ap.add_argument("--stat-tokens", type=int, default=16384)
     ap.add_argument("--windows", type=int, default=0, help="pydoc held-out windows scored (0 = all)")
@@ -186,7 +188,7 @@ def main() -> None:
         t0 = time.perf_counter()
         rep = api.scan(loaded, scheme, calib_cfg, device=a.device, target_fraction=a.fraction,
                        eval_cfg=api.EvalConfig(seqlen=a.eval_seqlen, batch_size=a.eval_batch_size), stat_tokens=a.stat_tokens or None,
-                       shortlist=a.shortlist, fisher_windows=a.fisher_windows, select_windows=a.select_windows or None,
+                       shortlist=a.shortlist, greedy=a.greedy, fisher_windows=a.fisher_windows, select_windows=a.select_windows or None,
                        folds=a.folds, method=method,
                        on_step=lambda m, k=key: log(f"[{k}] {m}") if "fold" not in m else None)
         scan_s = time.perf_counter() - t0

@@ -422,6 +422,7 @@ def scan(
     bins: int = 512,
     stat_tokens: int | None = 16384,
     shortlist: int | None = None,
+    greedy: int | None = None,
     fisher_windows: int = 0,
     select_windows: int | None = 64,
     folds: int = 4,
@@ -434,7 +435,8 @@ def scan(
     save it with `quantkit.sensitivity.io.save_sensitive_layers`.
 
     target_fraction chooses from `select_windows` windows (None = all) of eval_cfg.seqlen tokens of the
-    calibration text, with `folds`-fold cross-validation; eval_cfg's held-out text serves --measure-ppl only.
+    calibration text, with `folds`-fold cross-validation (greedy: also the re-measuring "greedy" rule,
+    quantkit.sensitivity.select); eval_cfg's held-out text serves --measure-ppl only.
     method ("rtn" or "gptq", with its recipe-stage options): the weights every measurement quantizes to
     (quantkit.sensitivity.weights); GPTQ runs on the scan's calibration set."""
     from quantkit.quant.core import check_group_size
@@ -468,6 +470,7 @@ def scan(
         bins=bins,
         stat_tokens=stat_tokens,
         shortlist=shortlist,
+        greedy=greedy,
         fisher_windows=fisher_windows,
         seed=calib.seed,
         source=loaded.source,

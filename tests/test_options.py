@@ -92,6 +92,8 @@ SCAN_CASES = [
     (("--stat-tokens", "-1"), "--stat-tokens -1 must be at least 0"),
     (("--fisher-windows", "9"), "--fisher-windows 9 must be between 0 and 2"),
     (("--shortlist", "-1"), "--shortlist -1 must be at least 0"),
+    (("--greedy", "0", "--target-fraction", "0.1"), "--greedy 0 must be at least 1"),
+    (("--greedy", "4"), "--greedy chooses for --target-fraction; pass --target-fraction 0.10"),
     (("--kl", "nan"), "--kl nan must be a finite number"),
     (("--energy", "2"), "--energy 2 must be >= 0 and <= 1"),
     (("--target-fraction", "0"), "--target-fraction 0 must be > 0 and <= 1"),

@@ -223,11 +223,12 @@ def test_cli_scan_target_fraction_then_sensitive(tiny_dir, tmp_path):
     sl = tmp_path / "sl.json"
     code, text = _run("scan", "--model", tiny_dir, "--scheme", "W4A16", "--group-size", "32", "--asym", "--samples",
                       "2", "--seqlen", "32", "--bins", "16", "--target-fraction", "0.25", "--eval-seqlen", "32",
-                      "--select-windows", "4", "--folds", "2", "--out", sl)
+                      "--select-windows", "4", "--folds", "2", "--greedy", "2", "--out", sl)
     assert code == 0, text
     flat = " ".join(text.replace("│", " ").split())  # the summary table wraps its cells
     assert "expected on unseen text recovers about" in flat and "2-fold cross-validation over 4 calibration" in flat
     d = json.loads(sl.read_text())
+    assert "greedy" in [c["rule"] for c in d["search"]]
     assert d["scheme"]["weights"]["symmetric"] is False and d["thresholds"]["mode"] == "target-fraction"
     flagged = [e["name"] for e in d["layers"] if e["flag"] == "fp16"]
     assert 0 < len(flagged) <= 5 and d["ppl"]["expected"]["recovered"] is not None

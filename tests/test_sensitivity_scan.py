@@ -310,6 +310,75 @@ def test_select_fp16_fold_choice_never_reads_its_fold(model):
     assert any(runs[0][r]["fold_layers"][1:] != runs[1][r]["fold_layers"][1:] for r in ("restore", "fisher"))
 
 
+def test_greedy_does_not_count_one_repair_twice():
+    """Units A and B repair the same error (either gains 5, both together 5), C gains 4 alone; budget 2 units.
+    The knapsack of single gains keeps A + B (10 predicted, 5 real); greedy re-measures after picking A,
+    sees B's gain fall to 0 and keeps A + C (9 real). Its measurements are cached per restored set."""
+    from contextlib import contextmanager
+
+    from quantkit.sensitivity.select import _Search
+
+    names = ["m.a", "m.b", "m.c", "m.d"]
+    gain_of = {frozenset(): 0.0, frozenset("a"): 5.0, frozenset("b"): 5.0, frozenset("c"): 4.0, frozenset("d"): 0.0}
+
+    def real_gain(restored: frozenset) -> float:
+        g = (5.0 if restored & {"a", "b"} else 0.0) + (4.0 if "c" in restored else 0.0)
+        return g
+
+    class Q:
+        restored_now: frozenset = frozenset()
+
+        @contextmanager
+        def restored(self, ms):
+            Q.restored_now = frozenset(m[-1] for m in ms)
+            try:
+                yield
+            finally:
+                Q.restored_now = frozenset()
+
+    layers = [type("L", (), {"name": n, "rel_err": 0.0})() for n in names]
+    windows = torch.zeros(2, 8, dtype=torch.long)
+    search = _Search(None, layers, windows, 0.5, 2, 1, lambda _m: None)
+    assert search.budget == 2 and search.costs == [1, 1, 1, 1]
+    allq = torch.full((2,), 100.0, dtype=torch.float64)
+    measured_sets = []
+
+    def nll(_w, counts=True):
+        measured_sets.append(Q.restored_now)
+        return allq - real_gain(Q.restored_now) / 2  # per window, 2 windows
+
+    search.nll = nll
+    gains = torch.stack([torch.full((2,), gain_of[frozenset(u)] / 2, dtype=torch.float64)
+                         for u in ("a", "b", "c", "d")])
+    measured = [0, 1, 2, 3]
+    knap = search.rules(gains, measured, None, [0.0] * 4)["restore"]([0, 1])
+    assert knap == ["m.a", "m.b"]
+    assert search.greedy_choice(Q(), allq, gains, measured, 3, [0, 1]) == ["m.a", "m.c"]
+    assert measured_sets == [frozenset("ab"), frozenset("ac"), frozenset("ad")]  # the first pick read single gains
+    assert search.greedy_choice(Q(), allq, gains, measured, 3, [0, 1]) == ["m.a", "m.c"]
+    assert len(measured_sets) == 3  # the second run read the cache
+    assert search.greedy_choice(Q(), allq, gains, measured, 1, [0, 1]) == ["m.a"]  # width 1: only B, no gain
+
+
+def test_select_fp16_greedy_rule_on_a_model(model):
+    """--greedy adds the "greedy" candidate (cross-validated like the others) and its final choice's in-sample
+    perplexity is what the plain path scores."""
+    ids, windows = _ids(4, 32, 0), _ids(4, 32, 7)
+    layers = scan_layers(model, ids, W4G32, batch_size=2, bins=32)
+    names = [e.name for e in layers]
+    sel = select_fp16(model, layers, W4G32, windows, 0.25, folds=2, greedy=3)
+    by_rule = {c["rule"]: c for c in sel.candidates}
+    assert list(by_rule) == ["restore", "greedy", "rel_err"]
+    g = by_rule["greedy"]
+    assert 0 < len(g["layers"]) <= sel.budget and all(len(f) <= sel.budget for f in g["fold_layers"])
+    units = selection_units(names)
+    assert set(g["layers"]) == {m for u in units if set(u) & set(g["layers"]) for m in u}  # whole units
+    assert sel.ppl["evaluations"] > 2 + len(units) + 3 + 1  # the greedy re-measurements are counted
+    if sel.rule == "greedy":
+        direct = subset_perplexity(model, windows, [n for n in names if n not in set(sel.chosen)], W4G32)
+        assert sel.ppl["mixed"] == pytest.approx(direct, rel=1e-6)
+
+
 def test_select_fp16_shortlist_and_zero_budget(model):
     ids, windows = _ids(4, 32, 0), _ids(4, 32, 7)
     layers = scan_layers(model, ids, W4G32, batch_size=2, bins=32)

@@ -74,6 +74,12 @@ def scan(
         Optional[int],
         typer.Option("--shortlist", help="--target-fraction: fused units whose restore gain is measured (default all; 0 = none)."),
     ] = None,
+    greedy: Annotated[
+        Optional[int],
+        typer.Option("--greedy", help="--target-fraction: also try choosing one unit at a time, re-measuring the N "
+                     "best remaining units with the picks restored (units that repair the same error are not counted "
+                     "twice); costs up to N forward passes over the selection windows per pick, per fold. Default off."),
+    ] = None,
     method: Annotated[
         str,
         typer.Option("--method", help="The method the file is for: rtn (the scheme's round-to-nearest) or gptq (GPTQ "
@@ -99,6 +105,9 @@ def scan(
     chk.check_int("--fisher-windows", fisher_windows, min=0, max=samples,
                 note=" (0 = no gradient-weighted metric; at most --samples)")
     chk.check_int("--shortlist", shortlist, min=0, note=" (0 = no measured candidates)")
+    chk.check_int("--greedy", greedy, min=1, note=" (candidates re-measured per pick)")
+    if greedy is not None and target_fraction is None:
+        raise chk.OptionError("--greedy chooses for --target-fraction; pass --target-fraction 0.10")
     chk.check_samples_batch(samples, batch_size)
     chk.check_int("--seed", seed, min=0, max=2**63 - 1)
     chk.check_windows("--windows", windows)
@@ -146,6 +155,7 @@ def scan(
                 bins=bins,
                 stat_tokens=stat_tokens or None,
                 shortlist=shortlist,
+                greedy=greedy,
                 fisher_windows=fisher_windows,
                 select_windows=select_windows or None,
                 folds=folds,

@@ -21,7 +21,7 @@ Schema (version 2; version 1 files, without rel_err / restore_gain, still load):
 With --target-fraction, the flags are whole fused units (q/k/v, gate/up) within the
 budget, chosen on calibration text (`quantkit.sensitivity.select`), and "ppl" holds
 the selection's perplexities on those windows (baseline, all_quantized, mixed
-in-sample), the winning "rule" (restore, fisher or rel_err), "budget", "fp16_linears",
+in-sample), the winning "rule" (restore, greedy, fisher or rel_err), "budget", "fp16_linears",
 the forward passes ("evaluations") and "expected": the cross-validated recovery to
 expect on unseen text, with "how" it was measured; "search" lists every rule with its
 cross-validated recovery, per-fold choices and final choice. Readers take "rule" and

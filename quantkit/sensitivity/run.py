@@ -32,6 +32,7 @@ def run_scan(
     bins: int = DEFAULT_BINS,
     stat_tokens: int | None = STAT_TOKENS,
     shortlist: int | None = None,
+    greedy: int | None = None,
     fisher_windows: int = 0,
     seed: int = 0,
     source: dict | None = None,
@@ -50,7 +51,8 @@ def run_scan(
     cross-validation (`quantkit.sensitivity.select`).
     measure_ppl: also measure each layer's held-out perplexity change alone (needs eval_windows).
     stat_tokens: token rows per linear for the output statistics (None = all); shortlist: units whose
-    restore gain the selection measures (None = all, 0 = none); fisher_windows: the first N calibration
+    restore gain the selection measures (None = all, 0 = none); greedy: the selection also tries its "greedy"
+    rule, re-measuring this many candidates per pick (None = not tried); fisher_windows: the first N calibration
     samples get a forward + backward pass for the gradient-weighted metric (0 = off); with target_fraction
     the metric is measured per selection window instead (any N > 0 turns it on), so the folds keep it apart.
     stream, activations: for the layer-wise pass (`scan_layers`); a streamed model allows none of the
@@ -96,7 +98,7 @@ def run_scan(
     try:
         if target_fraction is not None:
             _select(report, model, layers, scheme, select_windows, target_fraction, folds, dev, eval_batch_size,
-                    shortlist, fisher_rows, on_step, weights)
+                    shortlist, fisher_rows, on_step, weights, greedy)
         if measure_ppl:
             _measure_ppl(report, model, layers, scheme, eval_windows, dev, eval_batch_size, on_step, weights)
     finally:
@@ -147,12 +149,13 @@ def _apply_fixed(report: ScanReport, layers, thresholds: Thresholds, scheme: Sch
 
 
 def _select(report: ScanReport, model, layers, scheme, select_windows, target_fraction, folds, dev,
-            eval_batch_size, shortlist, fisher_rows, on_step, weights) -> None:
+            eval_batch_size, shortlist, fisher_rows, on_step, weights, greedy=None) -> None:
     from quantkit.sensitivity.select import select_fp16
 
     sel = select_fp16(
         model, layers, scheme, select_windows, target_fraction, folds=folds, device=dev,
         batch_size=eval_batch_size, shortlist=shortlist, fisher=fisher_rows, on_step=on_step, weights=weights,
+        greedy=greedy,
     )
     report.thresholds = Thresholds(None, None, None)  # the choice is an explicit list of units
     report.search, report.ppl = sel.candidates, sel.ppl

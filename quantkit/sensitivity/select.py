@@ -18,7 +18,11 @@ gradient-weighted output error of `quantkit.sensitivity.fisher`, per window. A r
 per-unit values summed over some windows into a choice: a 0/1 knapsack (values, costs =
 unit sizes, capacity k), solved exactly by dynamic programming. Rules: "restore"
 (measured gains; units with a positive sum only), "fisher" (when measured), "rel_err"
-(the scan's relative output error summed over the unit; it reads no window NLL).
+(the scan's relative output error summed over the unit; it reads no window NLL), and,
+when asked (`greedy` = N), "greedy": the knapsack adds single-unit gains, but two units
+can repair the same error (restoring both gains less than the sum), so "greedy" picks one
+unit at a time, the best gain per linear given the units already picked, re-measuring the
+N best remaining candidates (by single gain) with the picks restored after each pick.
 
 Cross-validation. The windows are cut into `folds` contiguous folds (neighbouring windows
 share a topic, so contiguous folds are the harder, more honest split). For each rule and
@@ -33,7 +37,8 @@ would flatter it).
 
 Forward passes over the selection windows: 2 (float, all quantized) + measured units
 + 1 per rule (its K fold scores) + 1 (the final choice, in-sample); the default model has
-210 linears in 120 units, so 2 + 120 + 3 + 1 = 126.
+210 linears in 120 units, so 2 + 120 + 3 + 1 = 126. "greedy" adds up to N per pick after
+the first, for each of its K + 1 choices (a restored set measured once is reused).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from quantkit.sensitivity.partial import quantized_subset, recovered_fraction
 from quantkit.sensitivity.scan import LayerScan, precision_label
 from quantkit.sensitivity.weights import RTN, ScanWeights
 
-RULES = ("restore", "fisher", "rel_err")  # in order of preference when their estimates tie
+RULES = ("restore", "greedy", "fisher", "rel_err")  # in order of preference when their estimates tie
 DEFAULT_FOLDS = 4
 
 
@@ -135,6 +140,7 @@ def select_fp16(
     fisher: dict[str, torch.Tensor] | None = None,
     on_step: Callable[[str], None] | None = None,
     weights: ScanWeights = RTN,
+    greedy: int | None = None,
 ) -> Selection:
     """Choose whole units, at most floor(fraction x len(layers)) linears, to keep in FP16 (see module docstring).
 
@@ -143,6 +149,7 @@ def select_fp16(
     without it, per linear of the unit; 0 = none); fisher: name -> per-window gradient-weighted error on `windows` (or None).
     weights: what "quantized" means (quantkit.sensitivity.weights): the scheme's RTN, or e.g. GPTQ's weights, so
     that the gains, the all-quantized baseline and the expected recovery refer to the model the file is used with.
+    greedy: also try the "greedy" rule, re-measuring this many candidates per pick (None or 0: not tried).
     Sets each layer's flag, and restore_gain (of its unit, in perplexity) for measured units.
     """
     from quantkit.errors import UsageError
@@ -164,6 +171,9 @@ def select_fp16(
         allq = search.nll(windows)
         gains = search.restore_gains(q, allq, measured)
         rules = search.rules(gains, measured, fish, rel)
+        if greedy and measured and search.budget > 0:
+            rules = {**rules, "greedy": lambda idx: search.greedy_choice(q, allq, gains, measured, greedy, idx)}
+            rules = {r: rules[r] for r in RULES if r in rules}
         candidates = [search.cross_validate(q, rule, rules[rule], base, allq) for rule in rules]
         best = None
         for c in candidates:  # RULES order on ties
@@ -204,6 +214,7 @@ class _Search:
         self.tokens = self.n * (int(windows.shape[1]) - 1)  # predicted tokens over all windows
         self.parts = cv_folds(self.n, folds)
         self.evaluations = 0  # forward passes over the windows (a rule's K fold scores make one)
+        self.greedy_nll: dict[frozenset[int], torch.Tensor] = {}  # restored units -> per-window NLL ("greedy")
 
     def nll(self, sel: torch.Tensor, *, counts: bool = True) -> torch.Tensor:
         from quantkit.eval.perplexity import window_nll
@@ -222,30 +233,65 @@ class _Search:
                 gains[i] = allq - self.nll(self.windows)
         return gains
 
-    def rules(self, gains, measured, fish, rel) -> dict[str, Callable[[list[int]], list[float]]]:
-        """Rule name -> per-unit values from the windows `idx`, in RULES order; none when the budget is 0."""
-        rules: dict[str, Callable[[list[int]], list[float]]] = {}
+    def rules(self, gains, measured, fish, rel) -> dict[str, Callable[[list[int]], list[str]]]:
+        """Rule name -> the linears it keeps in FP16 when it reads the windows `idx`, in RULES order (the
+        knapsack rules; "greedy" is added by select_fp16); none when the budget is 0."""
+        values: dict[str, Callable[[list[int]], list[float]]] = {}
         if self.budget == 0:
-            return rules
+            return {}
         if measured:
             done = set(measured)
-            rules["restore"] = lambda idx: [float(gains[i, idx].sum()) if i in done else 0.0
-                                            for i in range(len(self.units))]
+            values["restore"] = lambda idx: [float(gains[i, idx].sum()) if i in done else 0.0
+                                             for i in range(len(self.units))]
         if fish is not None:
-            rules["fisher"] = lambda idx: fish[:, idx].sum(dim=1).tolist()
+            values["fisher"] = lambda idx: fish[:, idx].sum(dim=1).tolist()
         if all(math.isfinite(r) for r in rel):
-            rules["rel_err"] = lambda _idx: list(rel)
-        return rules
+            values["rel_err"] = lambda _idx: list(rel)
+        return {name: (lambda idx, v=v: self.choose(v(idx))) for name, v in values.items()}
+
+    def greedy_choice(self, q, allq: torch.Tensor, gains: torch.Tensor, measured: list[int], width: int,
+                      idx: list[int]) -> list[str]:
+        """The "greedy" rule on the windows `idx`: units picked one at a time while the budget allows, each the
+        largest gain per linear over the units already picked (re-measured for the `width` best remaining
+        units by single gain; the first pick reads the single gains), stopping when no gain is positive."""
+        picked: list[int] = []
+        cost = 0
+        cur = allq  # per-window NLL with `picked` restored
+        while True:
+            fit = [i for i in measured if i not in picked and cost + self.costs[i] <= self.budget]
+            single = {i: float(gains[i, idx].sum()) / self.costs[i] for i in fit}
+            best, best_v, best_nll = None, 0.0, None
+            for i in sorted(fit, key=lambda i: -single[i])[: max(1, width)]:
+                nll = allq - gains[i] if not picked else self._restored_nll(q, (*picked, i))
+                v = float((cur - nll)[idx].sum()) / self.costs[i]
+                if v > best_v:
+                    best, best_v, best_nll = i, v, nll
+            if best is None:
+                break
+            picked.append(best)
+            cost += self.costs[best]
+            cur = best_nll
+        return [m for i in sorted(picked) for m in self.units[i]]
+
+    def _restored_nll(self, q, units: tuple[int, ...]) -> torch.Tensor:
+        """Per-window NLL on all windows with these units restored (each set measured once)."""
+        key = frozenset(units)
+        if key not in self.greedy_nll:
+            self.say(f"selection: greedy, all quantized but {len(key)} units "
+                     f"({', '.join(self.units[units[-1]])} last)")
+            with q.restored([m for i in sorted(key) for m in self.units[i]]):
+                self.greedy_nll[key] = self.nll(self.windows)
+        return self.greedy_nll[key]
 
     def choose(self, values: list[float]) -> list[str]:
         return [m for i in knapsack(values, self.costs, self.budget) for m in self.units[i]]
 
-    def cross_validate(self, q, rule: str, values, base: torch.Tensor, allq: torch.Tensor) -> dict[str, Any]:
+    def cross_validate(self, q, rule: str, chooser, base: torch.Tensor, allq: torch.Tensor) -> dict[str, Any]:
         """The rule's out-of-sample recovery: each fold scored by the choice made from the other folds."""
         mixed_sum, per_fold, fold_layers = 0.0, [], []
         per_window = self.tokens // self.n
         for f, part in enumerate(self.parts):
-            chosen = self.choose(values([w for w in range(self.n) if w not in part]))
+            chosen = chooser([w for w in range(self.n) if w not in part])
             fold_layers.append(chosen)
             self.say(f"selection: {rule}, fold {f + 1}/{len(self.parts)}: {len(chosen)} linears chosen from the "
                      "other folds")
@@ -259,7 +305,7 @@ class _Search:
         cv = recovered_fraction(_ppl(float(base.sum()), self.tokens), _ppl(float(allq.sum()), self.tokens),
                                 _ppl(mixed_sum, self.tokens))
         return {"rule": rule, "cv_recovered": cv, "per_fold": per_fold, "cv_ppl": _ppl(mixed_sum, self.tokens),
-                "fold_layers": fold_layers, "layers": self.choose(values(list(range(self.n))))}
+                "fold_layers": fold_layers, "layers": chooser(list(range(self.n)))}
 
     def in_sample(self, q, best: dict[str, Any] | None, allq: torch.Tensor) -> float:
         """Perplexity on all windows with the final choice restored (flatters it: it was chosen on them)."""
