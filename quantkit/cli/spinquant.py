@@ -49,6 +49,8 @@ def spinquant(
         if not r4_block.isdigit() or int(r4_block) < 2 or int(r4_block) & (int(r4_block) - 1):
             raise v.OptionError(f"--r4-block {r4_block!r} must be auto, full or a power of two >= 2")
         block = int(r4_block)
+    if r4_block != "auto" and online is False:
+        raise v.OptionError(f"--r4-block {r4_block} shapes the online R4, which --no-online turns off; drop one of them")
     from quantkit.methods.spinquant_settings import build_recipe
 
     return build_recipe(scheme, rotation, quantizer, group_size=group_size, iters=iters, lr=lr, optimizer=optimizer,
