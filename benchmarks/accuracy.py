@@ -85,6 +85,13 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
                                 (("awq", {"clip": False}), ("gptq", MSEW))),
     "awq-noclip-gptq-msew-w3": ("AWQ scales (no clip) + GPTQ with the Hessian-weighted MSE search", 3,
                                 (("awq", {"clip": False}), ("gptq", MSEW))),
+    # GPTQ, then each row's group scales re-solved by least squares for GPTQ's objective (integers kept)
+    "gptq-msew2-refit-w4": ("GPTQ, Hessian-weighted MSE search, p 2, scales refit after the solve", 4,
+                            (("gptq", {**MSEW2, "refit_scales": True}),)),
+    "awq-noclip-gptq-msew2-refit-w4": ("AWQ scales (no clip) + GPTQ (p 2 search), scales refit after the solve", 4,
+                                       (("awq", {"clip": False}), ("gptq", {**MSEW2, "refit_scales": True}))),
+    "gptq-msew2-refit-w3": ("GPTQ, Hessian-weighted MSE search, p 2, scales refit after the solve", 3,
+                            (("gptq", {**MSEW2, "refit_scales": True}),)),
     # A random Hadamard R1 (residual stream) and R2 (per head, V -> O) folded into the weights before GPTQ: the
     # checkpoint stays a plain W4A16 one (recipes/w4a16-spinquant-gptq.yaml learns the rotation instead).
     "had-gptq-msew2-w4": ("Hadamard rotation (folded) + GPTQ, Hessian-weighted MSE search, p 2 (GPTQ's default)", 4,

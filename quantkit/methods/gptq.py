@@ -81,6 +81,9 @@ class GPTQOptions(WeightQuantizerOptions):
     mse: bool | str = option("auto", Flag(auto=True))
     mse_weight: str = option("hessian", OneOf(MSE_WEIGHTS))
     mse_norm: float = option(2.0, Number(0, 10, low_open=True))
+    # After the solve, each row's group scales re-solved by least squares for GPTQ's objective, the integers kept
+    # (quant.gptq.refit_group_scales). Off until measured on the GPU table (BENCHMARKS.md, issue 23).
+    refit_scales: bool = option(False, Flag())
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -229,6 +232,7 @@ class GPTQ(Method):
                 res = gptq_quantize(
                     w, h, args, damp=damp, block_size=self.opts.block_size, act_order=self.opts.act_order,
                     scale_dtype=ws[0].dtype, backend=self.opts.backend, mse=self.mse,
+                    refit_scales=self.opts.refit_scales,
                 )
             except CholeskyError as e:
                 for n in group:

@@ -230,6 +230,7 @@ def gptq_quantize(
     scale_dtype: torch.dtype | None = None,
     backend: str = "auto",
     mse: MSESearch | None = None,
+    refit_scales: bool = False,
 ) -> GPTQResult:
     """GPTQ-quantize one weight.
 
@@ -254,6 +255,8 @@ def gptq_quantize(
     mse: the per-group range search (`quant.mse`) where the group scales are computed: on the
         original weights for static groups, on the error-compensated weights of a dynamic group
         when the solve reaches it (torch solve). None = min/max scales.
+    refit_scales: after the solve, keep the integers and zero points and set each row's group scales to
+        the least-squares optimum of GPTQ's own objective, (w - w_hat) H (w - w_hat)^T (`refit_group_scales`).
 
     Runs on w's device in float32 (float64 when h is float64: the tests use that
     to compare against a slow reference bit for bit). Raises CholeskyError when H
@@ -316,8 +319,54 @@ def gptq_quantize(
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     qt = QuantizedTensor(Q, scale, zero, args)
+    if refit_scales:
+        qt = refit_group_scales(w, qt, H, sdt)
     err_total = _hessian_error_t(w, qt, H, cdt)
     return GPTQResult(qt=qt, perm=perm, damp=used, error_t=err_total, dead=int(dead_val), backend=solver)
+
+
+def refit_group_scales(w: torch.Tensor, qt: QuantizedTensor, h: torch.Tensor, scale_dtype: torch.dtype,
+                       ridge: float = 1e-6) -> QuantizedTensor:
+    """The same integers and zero points with each row's group scales re-solved for GPTQ's objective.
+
+    For a row w (in,) with codes d = q - z grouped in G groups, w_hat = X s where X (in, G) holds d in its
+    group's column: the scales s minimizing (w - X s) H (w - X s)^T solve (X^T H X) s = X^T H w (G x G per
+    row; `ridge` x the mean diagonal pulls a group with no signal to its old scale). GPTQ fixed the scales
+    before it chose the integers (from the original weights, or a dynamic group's first column), so after
+    it they are no longer the best ones for those integers. A row keeps its old scales unless the new ones
+    are finite, positive and lower its error after rounding to `scale_dtype` (what is stored)."""
+    q, scale, zero, args = qt.q, qt.scale, qt.zero, qt.args
+    out_f, in_f = q.shape
+    n_groups = scale.shape[1]
+    gs = in_f // n_groups
+    H = h.to(torch.float64)
+    hb = H.reshape(n_groups, gs, n_groups, gs)
+    d = q.to(torch.float64).reshape(out_f, n_groups, gs)
+    if zero is not None:
+        d = d - zero.to(torch.float64).unsqueeze(-1)
+    wh = (w.to(torch.float64) @ H).reshape(out_f, n_groups, gs)  # (H w_r) per row: H is symmetric
+    new = torch.empty(out_f, n_groups, dtype=torch.float64, device=q.device)
+    step = max(1, (1 << 24) // max(1, n_groups * in_f))  # rows per chunk: the (rows, G, G, gs) product stays small
+    eye = torch.eye(n_groups, dtype=torch.float64, device=q.device)
+    for r0 in range(0, out_f, step):
+        dc = d[r0:r0 + step]
+        t = torch.einsum("rgc,gchd->rghd", dc, hb)  # (rows, G, G, gs): d_g H_{g h}
+        a = torch.einsum("rghd,rhd->rgh", t, dc)
+        b = (dc * wh[r0:r0 + step]).sum(-1)
+        lam = ridge * a.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None]
+        old = scale[r0:r0 + step].to(torch.float64)
+        new[r0:r0 + step] = torch.linalg.solve(a + lam * eye, (b + lam[:, :, 0] * old).unsqueeze(-1)).squeeze(-1)
+    new = new.to(scale_dtype).to(scale.dtype)
+    ok = torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
+    cand = QuantizedTensor(q, torch.where(ok[:, None], new, scale), zero, args)
+    better = _row_hessian_error(w, cand, H) < _row_hessian_error(w, qt, H)
+    return QuantizedTensor(q, torch.where(better[:, None], cand.scale, scale), zero, args)
+
+
+def _row_hessian_error(w: torch.Tensor, qt: QuantizedTensor, h: torch.Tensor) -> torch.Tensor:
+    """(out,) float64: (w_r - w_hat_r) H (w_r - w_hat_r)^T per row."""
+    e = w.to(torch.float64) - qt.dequantize(torch.float64)
+    return ((e @ h.to(torch.float64)) * e).sum(-1)
 
 
 def _solve_order_weights(w: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor, cdt: torch.dtype):
