@@ -82,7 +82,8 @@ class GPTQOptions(WeightQuantizerOptions):
     mse_weight: str = option("hessian", OneOf(MSE_WEIGHTS))
     mse_norm: float = option(2.0, Number(0, 10, low_open=True))
     # After the solve, each row's group scales re-solved by least squares for GPTQ's objective, the integers kept
-    # (quant.gptq.refit_group_scales). Off until measured on the GPU table (BENCHMARKS.md, issue 23).
+    # (quant.gptq.refit_group_scales). Off: on the default model (CPU, 32 x 512) it lowered that objective and
+    # worsened held-out text by 0.1-0.8 points (BENCHMARKS.md, issue 23).
     refit_scales: bool = option(False, Flag())
 
     def __post_init__(self) -> None:
