@@ -80,11 +80,13 @@ def check_arch(cfg: dict, recipe: Recipe | None = None) -> None:
 
     spec = check_config_supported(cfg)
     for st in recipe.stages if recipe is not None else ():
-        if get_method(st.method).needs_rotation_roles and spec.rotation is None:
+        method = get_method(st.method)
+        if method.needs_rotation_roles and spec.rotation is None:
             raise RecipeError(
                 f"{st.method} cannot rotate model type {short_repr(cfg.get('model_type'))}: {spec.no_rotation}; "
                 "use awq, gptq or rtn for this model"
             )
+        method.check_config(cfg, st.options)
 
 
 def check_recipe_fits(model, recipe: Recipe, methods: list | None = None) -> list:

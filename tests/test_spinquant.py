@@ -634,6 +634,9 @@ def test_r4_block_choices(tmp_path, tiny_tokenizer):
     src = save_tiny_model_dir(tmp_path / "src", tiny_tokenizer)
     code, out = run_cli("spinquant", "--model", src, "--scheme", "W8A8", "--r4-block", "48", "--out", tmp_path / "o")
     assert code == 2 and "--r4-block" in out and "power of two" in out and not (tmp_path / "o").exists()
+    code, out = run_cli("spinquant", "--model", src, "--scheme", "W8A8", "--r4-block", "64", "--out", tmp_path / "o")
+    assert code == 2 and "r4_block 64 is not a power of two dividing the intermediate size 160" in out, out
+    assert "loading" not in out  # refused from config.json, before any weight loads
     code, out = run_cli("spinquant", "--model", src, "--scheme", "W8A8", "--r4-block", "full", "--no-online",
                         "--out", tmp_path / "o")
     assert code == 2 and "--no-online turns off" in out and not (tmp_path / "o").exists()

@@ -117,6 +117,11 @@ class Method:
         """The typed options of a recipe stage; RecipeError naming a bad key or value."""
         return parse_options(cls.Options, cls.name, options)
 
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any], options: dict[str, Any]) -> None:
+        """Refuse, from the model's config dict alone (before any weight loads), stage options this model
+        cannot take (RecipeError); `api.check_arch` calls it. Most methods have nothing to check."""
+
     def __getattr__(self, name: str) -> Any:
         # only reached when normal lookup fails: an option read as an attribute (m.damp is m.opts.damp)
         opts = self.__dict__.get("opts")

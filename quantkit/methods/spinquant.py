@@ -94,6 +94,12 @@ class SpinQuantOptions(MethodOptions):
             self.lr = LEARNING_RATES[self.optimizer]
 
 
+def _check_r4_block(n: int, block: int) -> None:
+    if block < 2 or block & (block - 1) or n % block:
+        raise RecipeError(f"spinquant r4_block {block} is not a power of two dividing the intermediate size {n}; "
+                          f"use {rot.sylvester_block(n)} (the largest), 'auto' or 'full'")
+
+
 def split_held_out(input_ids: torch.Tensor, train_samples: int, val_samples: int):
     """(training rows, held-out rows or None) from the calibration rows: the held-out ones are the
     last `val_samples` (at most half of them, and none of one row), training the first
@@ -137,6 +143,12 @@ class SpinQuant(Method):
             return self.scheme.kv_cache is not None, self.scheme.input_activations is not None
         return bool(self.opts.online), bool(self.opts.online)
 
+    @classmethod
+    def check_config(cls, cfg: dict[str, Any], options: dict[str, Any]) -> None:
+        n, choice = cfg.get("intermediate_size"), options.get("r4_block")
+        if isinstance(n, int) and isinstance(choice, int) and not isinstance(choice, bool):
+            _check_r4_block(n, choice)
+
     def _r4_block(self, model: nn.Module, use_r3: bool) -> int:
         """R4's block for this model (see SpinQuantOptions.r4_block); RecipeError for a block the width refuses."""
         n = model.config.intermediate_size
@@ -145,9 +157,7 @@ class SpinQuant(Method):
             return n
         if choice == "auto":
             return rot.sylvester_block(n)
-        if choice & (choice - 1) or n % choice:
-            raise RecipeError(f"spinquant r4_block {choice} is not a power of two dividing the intermediate size {n}; "
-                              f"use {rot.sylvester_block(n)} (the largest), 'auto' or 'full'")
+        _check_r4_block(n, choice)
         return choice
 
     def prepare_model(self, model: nn.Module, input_ids: torch.Tensor | None, device: torch.device,
