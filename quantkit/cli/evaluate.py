@@ -188,7 +188,9 @@ def _eval_runtime(spec, cfg, device, dtype, *, fallback, layers, hist, kl_thresh
     win = api.eval_windows(rt.tokenizer, cfg)
     status(f"scoring {spec} on the runtime ({rt.device}) ...")
     res = rt.perplexity(win, batch_size=cfg.batch_size, chunk=64 if mon is not None else None)
-    online = "/".join(k for k, on in (("R3", rt.r3), ("R4", rt.r4_block is not None)) if on)
+    from quantkit.export.ct_transform import rotation_names
+
+    online = rotation_names(rt.online)
     extra = {"simulated": f"runtime kernels ({rt.info['scheme']}{', online ' + online if online else ''})"}
     if rt.kv_args is not None:
         extra.update(rt._cache.stats())

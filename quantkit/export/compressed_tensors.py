@@ -107,9 +107,10 @@ def plan_compressed_tensors(
     qconfig = build_quantization_config(groups, ignore, ct_kv_args(kv, kv_format) if kv is not None else None)
     model_dtype = next(iter(quantized.values())).weight.dtype
     warnings = vllm_fusion_warnings({n: qt.args for n, qt in qmodel.modules.items()}, [*quantized, *ignore])
-    online = getattr(qmodel, "online_rotations", None)
+    online = qmodel.online_rotations
+    in_config = describable(online)
     extra = _static_tensors(qmodel, kv_format, model_dtype)
-    if describable(online):  # R4 alone, block-diagonal Sylvester: vLLM applies it from the config
+    if in_config:  # R4 alone, block-diagonal Sylvester: vLLM applies it from the config
         qconfig["transform_config"] = transform_config(online, [*quantized, *ignore])
         extra.update(transform_tensors(online, model_dtype))
 
@@ -123,7 +124,7 @@ def plan_compressed_tensors(
         }
 
     return WritePlan(ct_layout(fmt), qconfig, warnings, extra_tensors=extra, side_files=side_files,
-                     rotations_in_config=describable(online))
+                     rotations_in_config=in_config)
 
 
 def _static_tensors(qmodel: QuantizedModel, kv_format: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -24,15 +24,21 @@ TRANSFORM_WEIGHT_SUFFIX = f".{R4_SCHEME}_input.weight"  # the key compressed-ten
 MAX_BLOCK = 1 << 15  # Hadacore's largest power of two
 
 
-def _r4_block(online: dict[str, Any]) -> int:
+def r4_block(online: dict[str, Any]) -> int:
+    """R4's block in a manifest's online_rotations that has R4 (version 1 has none: the whole width)."""
     return int(online["r4"].get("block", online["r4"]["size"]))
+
+
+def rotation_names(online: dict[str, Any] | None) -> str:
+    """"R3/R4", "R4", ...: the online rotations a manifest's entry records ("" for none)."""
+    return "/".join(k.upper() for k in ("r3", "r4") if k in (online or {}))
 
 
 def describable(online: dict[str, Any] | None) -> bool:
     """Whether `online` (a manifest's online_rotations) can be written as a transform_config that vLLM applies."""
     if not online or set(online) & {"r3"} or "r4" not in online:
         return False
-    block = _r4_block(online)
+    block = r4_block(online)
     return 2 <= block <= MAX_BLOCK and block & (block - 1) == 0
 
 
@@ -58,7 +64,7 @@ def transform_config(online: dict[str, Any], linears: list[str]) -> dict[str, An
     args = {"targets": _targets(online["r4"]["modules"], linears), "location": "input", "inverse": False,
             "ignore": []}
     scheme = {"type": "hadamard", "apply": [args], "randomize": False, "requires_grad": False,
-              "head_dim": _r4_block(online), "precision": "torch.float32"}
+              "head_dim": r4_block(online), "precision": "torch.float32"}
     return {"config_groups": {R4_SCHEME: scheme}}
 
 
@@ -67,7 +73,7 @@ def transform_tensors(online: dict[str, Any], dtype: torch.dtype) -> dict[str, t
     module: the other modules share it."""
     from quantkit.quant.rotation import hadamard_matrix
 
-    block = _r4_block(online)
+    block = r4_block(online)
     return {online["r4"]["modules"][0] + TRANSFORM_WEIGHT_SUFFIX: hadamard_matrix(block, dtype).contiguous()}
 
 
@@ -75,7 +81,7 @@ def describe_online(online: dict[str, Any]) -> str:
     """One line for `quantkit inspect`: which online rotations a manifest records and where they run."""
     parts = []
     if "r4" in online:
-        r4, block = online["r4"], _r4_block(online)
+        r4, block = online["r4"], r4_block(online)
         shape = f"a {r4['size']}-wide Hadamard" if block == r4["size"] else f"Sylvester blocks of {block}"
         parts.append(f"R4 on {len(r4.get('modules', []))} linear inputs, {shape}")
     if "r3" in online:

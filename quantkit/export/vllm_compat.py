@@ -32,11 +32,11 @@ def online_rotation_warnings(online: dict | None, *, in_config: bool) -> list[st
     in_config: R4 is written as compressed-tensors' transform_config (vLLM applies it; transformers'
     from_pretrained does not). Otherwise vLLM and plain transformers load it without them and compute a
     different model, with no error."""
-    from quantkit.export.ct_transform import describable
+    from quantkit.export.ct_transform import describable, rotation_names
 
     if not online:
         return []
-    which = "/".join(k.upper() for k in ("r3", "r4") if k in online)
+    which = rotation_names(online)
     if in_config:
         return [f"the weights assume the online rotation {which}, written as quantization_config.transform_config: "
                 "vLLM (with compressed-tensors transforms) and `quantkit eval` apply it; transformers' from_pretrained "

@@ -21,10 +21,9 @@ import math
 import torch
 
 from ._common import LazyKernel, cdiv, tl, use_triton
+from .numerics import MAX_POW2, check_hadamard_block
 
 __all__ = ["hadamard_transform", "hadamard_ref", "split_order", "fwht_pow2_ref"]
-
-MAX_POW2 = 1 << 15
 _triton_failed = False  # set after the first failed launch (hadamard_transform then uses the reference)
 
 
@@ -69,8 +68,7 @@ def _blocks(x: torch.Tensor, block: int | None) -> torch.Tensor | None:
     n = x.shape[-1]
     if block is None or block == n:
         return None
-    if block < 2 or block & (block - 1) or n % block:
-        raise ValueError(f"a Hadamard block must be a power of two >= 2 dividing {n}, got {block}")
+    check_hadamard_block(n, block)
     return x.reshape(*x.shape[:-1], n // block, block)
 
 

@@ -154,6 +154,20 @@ def paley_orders(limit: int) -> list[int]:
     return [q + 1 for q in range(3, limit) if q % 4 == 3 and _is_prime(q) and not _is_pow2(q + 1)]
 
 
+MAX_POW2 = 1 << 15  # the largest power-of-two Hadamard the FWHT kernel takes per row (vLLM's Hadacore: the same)
+
+
+def is_hadamard_block(n: int, block: int) -> bool:
+    """Whether `block` splits a width-n row for the transform: n itself (one Hadamard of the whole row) or a
+    power of two >= 2 dividing n (Sylvester blocks)."""
+    return block == n or (block >= 2 and block & (block - 1) == 0 and n % block == 0)
+
+
+def check_hadamard_block(n: int, block: int) -> None:
+    if not is_hadamard_block(n, block):
+        raise ValueError(f"a Hadamard block must be a power of two >= 2 dividing {n}, got {block}")
+
+
 @functools.lru_cache(maxsize=32)
 def _hadamard_factors(n: int) -> tuple[int, ...] | None:
     """(p, m1, m2, ...): n = p * m1 * m2 ..., p a power of two, each m a Paley order; None if none found."""

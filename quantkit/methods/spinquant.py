@@ -95,7 +95,9 @@ class SpinQuantOptions(MethodOptions):
 
 
 def _check_r4_block(n: int, block: int) -> None:
-    if block < 2 or block & (block - 1) or n % block:
+    from quantkit.kernels.numerics import is_hadamard_block
+
+    if block & (block - 1) or not is_hadamard_block(n, block):  # a power of two ("full" says the whole width)
         raise RecipeError(f"spinquant r4_block {block} is not a power of two dividing the intermediate size {n}; "
                           f"use {rot.sylvester_block(n)} (the largest), 'auto' or 'full'")
 

@@ -128,7 +128,9 @@ def online_rotation_spec(model: nn.Module, *, r3: bool, r4: bool, r4_block: int 
 
 
 def _check_block(size: int, block: int) -> None:
-    if block != size and (block < 2 or block & (block - 1) or size % block):
+    from quantkit.kernels.numerics import is_hadamard_block
+
+    if not is_hadamard_block(size, block):
         raise UsageError(f"an R4 block must be the width {size} or a power of two dividing it, got {block}")
 
 
@@ -146,9 +148,9 @@ def check_online_spec(spec: dict[str, Any] | None) -> None:
 
 def r4_block_of(spec: dict[str, Any] | None) -> int | None:
     """R4's block (its width when the whole row is one Hadamard; version-1 entries have no block), None without R4."""
-    if not spec or "r4" not in spec:
-        return None
-    return int(spec["r4"].get("block", spec["r4"]["size"]))
+    from quantkit.export.ct_transform import r4_block
+
+    return r4_block(spec) if spec and "r4" in spec else None
 
 
 def r4_matrix(spec: dict[str, Any] | None) -> torch.Tensor | None:

@@ -20,8 +20,10 @@ import math
 import torch
 
 from quantkit.kernels.numerics import (  # noqa: F401  (re-exported: the Hadamard orders' definition)
+    MAX_POW2,
     _hadamard_factors,
     _paley1,
+    check_hadamard_block,
 )
 
 # ----------------------------------------------------------------------------- Hadamard matrices
@@ -83,19 +85,16 @@ def normalized_hadamard(n: int, dtype: torch.dtype = torch.float32, block: int |
     for Sylvester blocks; the full Paley one is not (x H != x H^T), so callers keep x H."""
     if block is None or block == n:
         return (_hadamard_cached(n) / math.sqrt(n)).to(dtype)
-    if block < 2 or block & (block - 1) or n % block:
-        raise ValueError(f"a Hadamard block must be a power of two >= 2 dividing {n}, got {block}")
+    check_hadamard_block(n, block)
     h = _sylvester(block) / math.sqrt(block)
     return torch.block_diag(*[h] * (n // block)).to(dtype)
 
 
-MAX_SYLVESTER_BLOCK = 1 << 15  # the largest power of two the FWHT kernels (ours, vLLM's Hadacore) take per row
-
-
 def sylvester_block(n: int) -> int:
-    """The largest power of two dividing n (at most MAX_SYLVESTER_BLOCK): the block of the block-diagonal
-    Hadamard of width n that engines with a power-of-two FWHT can run (n itself when n is a power of two)."""
-    return min(n & -n, MAX_SYLVESTER_BLOCK)
+    """The largest power of two dividing n (at most the FWHT kernel's MAX_POW2, also vLLM's Hadacore limit): the
+    block of the block-diagonal Hadamard of width n that engines with a power-of-two FWHT can run (n itself when
+    n is a power of two)."""
+    return min(n & -n, MAX_POW2)
 
 
 # ----------------------------------------------------------------------------- Cayley parametrization

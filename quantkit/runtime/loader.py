@@ -91,7 +91,9 @@ def _check_supported(config, online: dict | None = None) -> None:
         raise RuntimeLoadError(f"the runtime does not run partial rotary embeddings yet (partial_rotary_factor={partial}); {fix}")
     if online and spec_for(mt).layout.latent is not None:
         # SpinQuant refuses these models (their adapter row has no rotation roles): a foreign manifest
-        rot = "/".join(k.upper() for k in ("r3", "r4") if k in online)
+        from quantkit.export.ct_transform import rotation_names
+
+        rot = rotation_names(online)
         raise RuntimeLoadError(f"the runtime does not run online rotations ({rot}) with multi-head latent "
                                f"attention (model type {mt}); {fix}")
 

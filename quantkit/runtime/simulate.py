@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantkit.export.ct_transform import rotation_names
 from quantkit.models.hooks import KVFn, k_rotation_of, kv_hook, linear_input_hooks
 from quantkit.quant import kv as kvq
 from quantkit.quant.core import fake_quantize_activations
@@ -178,7 +179,7 @@ class SimulationPlan:
         if self.kv is not None and self.kv_residual is False and self.kv.residual_bits:
             parts[-1] += " (residuals off)"
         if self.online_rotations:
-            parts.append("online " + "/".join(k.upper() for k in ("r3", "r4") if k in self.online_rotations))
+            parts.append("online " + rotation_names(self.online_rotations))
         return ", ".join(parts) or "none"
 
     def context(self, model):
