@@ -2,8 +2,9 @@
 
 The CPU suite runs the Triton kernels in the interpreter, which accepts Python that the compiler refuses (an
 `if` on a float constexpr ran there and broke every decode-attention launch on the H200). Here Triton's own
-front end and ptxas build chosen kernels (decode attention, the TMA W8A8 GEMM, the R4 Hadamard) for sm_90
-(Hopper) and sm_80, so that class of error fails on CPU.
+front end and ptxas build chosen kernels (decode attention, the TMA W8A8 GEMM at every shipped config, plain and
+mixed, the R4 Hadamard) for sm_90 (Hopper) and sm_80, so that class of error fails on CPU; the TMA builds' shared
+memory must also fit an SM (a config over it fails only at launch, on the GPU).
 Run in a child process: the compiled path needs a process where TRITON_INTERPRET was never set."""
 
 import json
@@ -23,13 +24,18 @@ CHILD = textwrap.dedent(r'''
     from triton.compiler import ASTSource
     from quantkit.kernels import attention, hadamard, w8a8
 
-    def build(lazy, types, consts, cc):
+    from quantkit.kernels._common import load_tuned
+
+    def compiled(lazy, types, consts, cc, **options):
         fn = lazy.jitted()  # the compiled-mode triton.jit function (TRITON_INTERPRET unset here)
         names = fn.arg_names
         sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
                for n in names}
         src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-        return sorted(triton.compile(src, target=GPUTarget("cuda", cc, 32)).asm)
+        return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+
+    def build(lazy, types, consts, cc):
+        return sorted(compiled(lazy, types, consts, cc).asm)
 
     attn_types = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "kri_ptr": "*i16", "vri_ptr": "*i16",
                   "krp_ptr": "*i8", "vrp_ptr": "*i8", "len_ptr": "*i32", "sm_scale_log2": "fp32"}
@@ -40,10 +46,25 @@ CHILD = textwrap.dedent(r'''
         for cc in (80, 90):
             out[f"attention scales={scales} res={res} window={window} softcap={cap} sm_{cc}"] = build(
                 attention.decode_attn_kernel, attn_types, consts, cc)
-    tma_types = {"a_ptr": "*i8", "w_ptr": "*i8", "bias_ptr": "*fp16", "c_ptr": "*fp16"}
-    out["w8a8 tma sm_90"] = build(w8a8.w8a8_tma_kernel, tma_types,
-                                  dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8,
-                                       LOOP_STAGES=3), 90)
+    tma_types = {"a_ptr": "*i8", "w_ptr": "*i8", "bias_ptr": "*fp16", "c_ptr": "*fp16", "x_ptr": "*fp16",
+                 "wf_ptr": "*fp16", "rb_ptr": "*u8"}
+    # every TMA config a GPU file ships, plain and in mixed mode (FP16 rows on an FP16 copy, the FP16 loop's
+    # default step and depth): it must build, and its shared memory must fit the SM (checked by the parent)
+    shared = {}
+    cfgs = {(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], c["num_stages"], c["num_warps"])
+            for c in load_tuned("w8a8").values() if c.get("BACKEND") == "tma"} or {(128, 128, 128, 8, 3, 8)}
+    for bm, bn, bk, gm, st, nw in sorted(cfgs):
+        for rows in (False, True):
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st)
+            k = compiled(w8a8.w8a8_tma_kernel, tma_types,
+                         dict(HAS_BIAS=True, ROW_BITS=rows, HAS_FP16_W=True,
+                              BLOCK_KF=w8a8._block_kf(cfg) if rows else 16, STAGES_F=w8a8._stages_f(cfg) if rows else 1,
+                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, LOOP_STAGES=st),
+                         90, num_warps=nw, num_stages=st)
+            name = f"w8a8 tma {bm}x{bn}x{bk} stages {st}{' mixed' if rows else ''} sm_90"
+            out[name] = sorted(k.asm)
+            shared[name] = k.metadata.shared
+    out["shared"] = shared
     # the online R4 as the runtime launches it: rows of a Sylvester block (512 of 1536, 2048 of 14336)
     for p in (512, 2048):
         out[f"fwht p={p} sm_90"] = build(hadamard.fwht_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "scale": "fp32"},
@@ -57,6 +78,9 @@ ATTENTION_CASES = [(0, 0, False, 0.0), (1, 0, False, 0.0), (2, 0, True, 0.0), (1
                    (2, 4, False, 0.0), (0, 0, False, 50.0), (2, 4, True, 30.0)]
 
 
+SM90_MAX_SHARED = 227 * 1024
+
+
 def test_kernels_compile_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(ATTENTION_CASES)], capture_output=True,
@@ -65,6 +89,11 @@ def test_kernels_compile_for_sm80_and_sm90():
         pytest.skip("this Triton has no ptxas to build with")
     assert p.returncode == 0, p.stderr[-3000:]
     built = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(built) == 2 * len(ATTENTION_CASES) + 1 + 2
+    shared = built.pop("shared")
+    tma = [k for k in built if k.startswith("w8a8 tma")]
+    assert len(tma) >= 2 and len(tma) % 2 == 0 and len(shared) == len(tma)
+    assert len(built) == 2 * len(ATTENTION_CASES) + len(tma) + 2
     for what, stages in built.items():
         assert "cubin" in stages and "ptx" in stages, what
+    for what, nbytes in shared.items():  # Hopper: 227 KiB of shared memory per block at most (else launch fails)
+        assert 0 < nbytes <= SM90_MAX_SHARED, f"{what}: {nbytes} bytes of shared memory"

@@ -29,7 +29,8 @@ API
 Grouping (how each tile stays uniform)
 --------------------------------------
 No permutation is materialised.  With ``CTRL_ROW_BITS`` the call runs the plain W8A8 kernels
-(``quantkit.kernels.w8a8``: the dp4a GEMV for small M, split-K or tensor-core tiles above) with
+(``quantkit.kernels.w8a8``: the dp4a GEMV for small M, split-K or tensor-core tiles above, the persistent TMA
+kernel at large M on Hopper) with
 W8A8's config for the shape and their ``ROW_BITS`` constexpr: each program loads its BLOCK_M row
 bits once, counts FP16 rows, and sets the INT8 K loop's bound to zero when every row of the tile
 is FP16 and the FP16 loop's bound to zero when none is (branches hoisted per tile; nothing is added

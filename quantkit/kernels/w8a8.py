@@ -17,9 +17,10 @@ Paths:
   a dp4a GEMV on int32 words of both operands (exact int32, in-kernel split-K);
 * tensor cores (``_w8a8_kernel``): small M with the quantization fused into the prologue
   (``FUSE_QUANT``) or a separate ``per_token_quant`` launch; large M with the separate launch
-  (re-computing the row max in every N-tile would re-read x N/BLOCK_N times).
+  (re-computing the row max in every N-tile would re-read x N/BLOCK_N times);
+* persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer).
 
-Both kernels take a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
+Every kernel takes a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
 ``quantkit.kernels.mixed`` (pruned away when False).
 
 Configs come from a :class:`~quantkit.kernels._common.ConfigCache` keyed by
@@ -242,12 +243,17 @@ w8a8_kernel = LazyKernel(_w8a8_kernel)
 
 
 def _w8a8_tma_kernel(
-    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr,
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, x_ptr, wf_ptr, rb_ptr,
     # a: (M, K) int8 (quantized activations); w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32; bias: (N,)
     # c: (M, N) fp16/bf16; all contiguous, K % 16 == 0 and N * c.element_size() % 16 == 0 (TMA strides)
+    # ROW_BITS only: x: (M, K) fp16/bf16; wf: (N, K) fp16/bf16 copy or the int8 weight; rb: (M,) uint8
     M, N, K,
     NUM_PROGS,  # the persistent grid: min(SMs, tiles) programs, each walking the tiles NUM_PROGS apart
     HAS_BIAS: tl.constexpr,
+    ROW_BITS: tl.constexpr,  # mixed mode: per-row INT8 / FP16, each K loop skipped by a tile that needs none
+    HAS_FP16_W: tl.constexpr,
+    BLOCK_KF: tl.constexpr,  # K step of the FP16 loop
+    STAGES_F: tl.constexpr,  # its pipeline depth
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -256,10 +262,15 @@ def _w8a8_tma_kernel(
 ):
     """Persistent tensor-core W8A8 GEMM for large M (``BACKEND="tma"``): NUM_PROGS programs stride over the
     output tiles (GROUP_M-grouped order), A and W tiles come through TMA tensor descriptors (out-of-range
-    rows/columns read as 0, stores clipped), the epilogue is the plain kernel's (same formulas)."""
+    rows/columns read as 0, stores clipped), the epilogue is the plain kernel's (same formulas).  With ROW_BITS
+    (the runtime's bitmask) a tile runs the INT8 loop unless all its rows are FP16 and the FP16 loop (x and the
+    FP16 weight through descriptors too) only if one is: a tile with no FP16 row costs one load of its row bits."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    if ROW_BITS:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_KF])
+        wf_desc = tl.make_tensor_descriptor(wf_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_KF])
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * num_pid_n
@@ -270,14 +281,34 @@ def _w8a8_tma_kernel(
         n0 = (tile % in_group) // group_m * BLOCK_N
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        rm = offs_m % M
+        rn = offs_n % N
+        if ROW_BITS:
+            is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
+            k_end = tl.where(any_i8, K, 0)  # an all-FP16 tile runs no INT8 iteration
+        else:
+            k_end = K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
+        for k0 in tl.range(0, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             a = a_desc.load([m0, k0])
             w = w_desc.load([n0, k0])
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-        rm = offs_m % M
-        rn = offs_n % N
-        out = _int8_epilogue(acc, tl.load(as_ptr + rm), tl.load(ws_ptr + rn), bias_ptr, rn, HAS_BIAS)
+        w_sc = tl.load(ws_ptr + rn)
+        out = _int8_epilogue(acc, tl.load(as_ptr + rm), w_sc, bias_ptr, rn, HAS_BIAS)
+        if ROW_BITS:
+            # FP16 rows (INT8 rows' activations zeroed, so they add nothing); INT8 rows keep the epilogue above,
+            # bit-identical to the plain path
+            accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in tl.range(0, tl.where(n_fp > 0, K, 0), BLOCK_KF, num_stages=STAGES_F):
+                xf = x_desc.load([m0, k0])
+                wt = wf_desc.load([n0, k0])
+                xf = tl.where(is_fp[:, None], xf, tl.zeros_like(xf))
+                accm = tl.dot(xf, wt.to(x_ptr.dtype.element_ty).T, accm)
+            if not HAS_FP16_W:
+                accm = accm * w_sc[None, :]
+            if HAS_BIAS:
+                accm += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+            out = tl.where(is_fp[:, None], accm, out)
         c_desc.store([m0, n0], out.to(c_ptr.dtype.element_ty))
 
 
@@ -490,8 +521,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
     xx = x if x is not None else a
     wf = w_fp16 if w_fp16 is not None else w
     const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
-                          BLOCK_KF=cfg.get("BLOCK_KF", max(16, cfg["BLOCK_K"] // 2)) if rbits else 16,
-                          STAGES_F=cfg.get("STAGES_F", cfg["num_stages"]) if rbits else 1,
+                          BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
                           FUSE_QUANT=fuse_quant, OUT_INT32=out_int32,
                           EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
@@ -510,14 +540,17 @@ def _mma_only(cfg, x, M, N, K):
     return dict(_INTERP_CFG if not x.is_cuda else _default_config(max(M, 5), N, K), FUSE_QUANT=M <= 16)
 
 
-def tma_applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+def tma_applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, row_bits: Optional[torch.Tensor] = None,
+                w_fp16: Optional[torch.Tensor] = None) -> bool:
     """Whether the persistent TMA kernel can run: Hopper or newer (or the interpreter), and the row strides
-    and base addresses TMA descriptors need (16-byte aligned; all three contiguous)."""
-    if not (a.is_contiguous() and w.is_contiguous() and out.is_contiguous()):
+    and base addresses TMA descriptors need (16-byte aligned; the operands contiguous; in mixed mode also the
+    row bits and the FP16 weight)."""
+    ops = [t for t in (a, w, out, row_bits, w_fp16) if t is not None]
+    if not all(t.is_contiguous() for t in ops):
         return False
     if a.shape[1] % 16 or (out.shape[1] * out.element_size()) % 16:
         return False
-    if any(t.data_ptr() % 16 for t in (a, w, out)):
+    if any(t.data_ptr() % 16 for t in (a, w, out, w_fp16) if t is not None):
         return False
     return interpret_mode() or (a.is_cuda and _has_tma(a.get_device()))
 
@@ -539,8 +572,9 @@ def _tma_allocator() -> None:
     triton.set_allocator(alloc)
 
 
-def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg):
-    """The persistent TMA GEMM on quantized activations a_q (M, K) int8 with a_scale (M,) fp32."""
+def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg, x=None, row_bits=None, w_fp16=None):
+    """The persistent TMA GEMM on quantized activations a_q (M, K) int8 with a_scale (M,) fp32 (``row_bits``:
+    mixed mode, FP16 rows from x on ``w_fp16`` or on the int8 weight scaled per channel)."""
     M, K = a_q.shape
     N = w.shape[0]
     if not interpret_mode():
@@ -548,12 +582,26 @@ def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg):
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     slots = 4 if interpret_mode() else sm_count(a_q.device)
     progs = min(tiles, slots)
+    rbits = row_bits is not None
+    wf = w_fp16 if w_fp16 is not None else w
     w8a8_tma_kernel[(progs,)](
-        a_q, w, a_scale, w_scale, bias if bias is not None else w_scale, out, M, N, K, progs,
-        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        a_q, w, a_scale, w_scale, bias if bias is not None else w_scale, out,
+        x if rbits else a_q, wf, row_bits if rbits else w_scale, M, N, K, progs,
+        HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
+        BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], LOOP_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return out
+
+
+def _block_kf(cfg: dict) -> int:
+    """The FP16 loop's K step in mixed mode: a config's BLOCK_KF, else half its INT8 step (same bytes per tile)."""
+    return cfg.get("BLOCK_KF", max(16, cfg["BLOCK_K"] // 2))
+
+
+def _stages_f(cfg: dict) -> int:
+    return cfg.get("STAGES_F", cfg["num_stages"])
 
 
 def gemv_bm(M: int) -> int:
@@ -627,9 +675,9 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
     cfg = _pick(x, M, N, K, config)
     if cfg.get("BACKEND") == "gemv" and M <= GEMV_MAX_M and K % 4 == 0:
         return _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits, w_fp16)
-    if cfg.get("BACKEND") == "tma" and row_bits is None and tma_applies(x, w, out):
+    if cfg.get("BACKEND") == "tma" and tma_applies(x, w, out, row_bits, w_fp16):
         a_q, a_s = per_token_quant_triton(x)
-        return _launch_tma(a_q, a_s.reshape(-1), w, w_scale, bias, out, cfg)
+        return _launch_tma(a_q, a_s.reshape(-1), w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)

@@ -140,3 +140,40 @@ def test_int8_rows_bit_identical_to_plain_w8a8(dev, M, N, K, cfg, fp16_copy):
     i8 = ~rb.bool()
     assert torch.equal(y[i8], plain[i8])
     assert not torch.equal(y[rb.bool()], plain[rb.bool()])  # the FP16 rows did change
+
+
+TMA = dict(BACKEND="tma", BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("M,N,K", [(40, 48, 64), (33, 24, 96)])  # ragged M and N: the descriptors clip
+@pytest.mark.parametrize("fp16_copy", [True, False])
+@pytest.mark.parametrize("pattern", ["random", "none", "all", "blocks"])
+def test_mixed_rows_on_the_persistent_tma_kernel(dev, M, N, K, fp16_copy, pattern):
+    """The large-M W8A8 path (persistent grid, TMA descriptors) takes the row bits too, so a batch with a few
+    FP16 requests keeps it: FP16 rows match the FP16 reference, INT8 rows are bit for bit the plain TMA call's
+    (float32 activations: a rounding difference cannot hide in an fp16 output)."""
+    if dev.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need Hopper or newer")
+    x, W, w16, bias = _layer(dev, 5 * M + N + K, M, N, K)
+    g = torch.Generator().manual_seed(M + 11)
+    rb = {"random": torch.rand(M, generator=g) < 0.4, "none": torch.zeros(M, dtype=torch.bool),
+          "all": torch.ones(M, dtype=torch.bool), "blocks": (torch.arange(M) // 16) % 2 == 1}[pattern]
+    if pattern == "blocks":
+        rb[3] = True  # one tile straddles
+    rb = rb.to(torch.uint8).to(dev)
+    wf = w16 if fp16_copy else None
+    for dtype in (torch.float16, torch.float32):
+        xd, wfd = x.to(dtype) * 3.1, None if wf is None else wf.to(dtype)
+        out = poison((M, N), dtype, dev)
+        assert w8a8.tma_applies(xd, W.w, out, rb, wfd)
+        y = mixed.mixed_linear_triton(xd, W.w, W.scale, wfd, mixed.CTRL_ROW_BITS, rb, bias, config=TMA, out=out)
+        plain = w8a8.w8a8_linear_triton(xd, W.w, W.scale, bias, config=TMA)
+        ref = mixed.mixed_gemm_ref(xd, W.w, W.scale, wfd, mixed.CTRL_ROW_BITS, rb, bias)
+        fp = rb.bool()
+        assert torch.equal(y[~fp], plain[~fp])
+        assert _rows_err(y, ref, fp) <= 2e-3
+        if fp.any():
+            assert _rows_err(y, plain, fp) > 2e-3  # the FP16 rows did change
+        if fp16_copy and (~fp).any():
+            ref_f = mixed.mixed_gemm_ref(xd, W.w, W.scale, wfd, mixed.CTRL_FORCE_FP16, rb, bias)
+            assert _rows_err(y, ref_f, ~fp) > 1e-2

@@ -69,8 +69,8 @@ def test_w8a8_persistent_tma(dev, M, N, K, dtype):
 
 
 def test_w8a8_tma_falls_back_where_it_cannot_run(dev):
-    """K not a multiple of 16 (a row stride TMA cannot take), or mixed rows: the tensor-core kernel runs instead,
-    still correct."""
+    """K not a multiple of 16 (a row stride TMA cannot take), or operands that are not contiguous: the
+    tensor-core kernel runs instead, still correct."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(20, 40, generator=g).half().to(dev)
     W = w8a8.prepack_w8a8(randw(g, (24, 40), -127, 127, dev), torch.rand(24, 1, generator=g).to(dev) * 0.01 + 1e-3)
@@ -79,6 +79,11 @@ def test_w8a8_tma_falls_back_where_it_cannot_run(dev):
     y = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=TMA, out=out)
     assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale)) <= 1e-2
     assert not w8a8.tma_applies(x[:, :32], W.w[:, :32], out)  # not contiguous
+    x32, w32, o32 = x[:, :32].contiguous(), W.w[:, :32].contiguous(), out[:, :16].contiguous()
+    assert w8a8.tma_applies(x32, w32, o32)
+    rb = torch.zeros(40, dtype=torch.uint8, device=dev)
+    assert not w8a8.tma_applies(x32, w32, o32, rb[::2])  # mixed mode: row bits not contiguous
+    assert not w8a8.tma_applies(x32, w32, o32, rb[:20], torch.zeros(16, 64, dtype=torch.float16, device=dev)[:, :32])
 
 
 def test_w8a8_public_ops(dev):
