@@ -56,6 +56,26 @@ def test_grid(layer, M):
         assert rel_err(y, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mixed_rows_at_large_m_keep_the_shipped_kernel(layer, dtype):
+    """M=2048 with the shipped configs (the persistent TMA kernel where a GPU file chose it): a few FP16
+    64-token groups, as the runtime lays a batch out; INT8 rows bit for bit the plain W8A8 call's."""
+    N, K, W = layer["N"], layer["K"], layer["W8"]
+    M = 2048
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
+    rb[128:192] = 1
+    rb[1000:1064] = 1
+    wf = layer["w16"].to(dtype)
+    plain = w8a8.w8a8_linear_triton(x, W.w, W.scale)
+    y = mixed.mixed_linear_triton(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, out=poison((M, N), dtype, "cuda"))
+    fp = rb.bool()
+    assert torch.equal(y[~fp], plain[~fp])
+    ref = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb)
+    assert rel_err(y[fp], ref[fp]) <= 1e-2
+    assert rel_err(y[fp], plain[fp]) > 1e-1  # w16 is an independent weight: the FP16 rows did run on it
+
+
 @pytest.mark.parametrize("M", [1, 256, 2048])
 def test_public_ops_bf16(layer, M):
     if layer["N"] * layer["K"] > 6144 * 4096:
