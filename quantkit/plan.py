@@ -231,6 +231,8 @@ def _stat_kinds(recipe) -> frozenset[str]:
         kinds |= cls.stats | getattr(cls, "plan_stats", frozenset())
         if st.options.get("learned_rounding"):  # quant.rounding runs the block on calibration data
             kinds |= {"rounding"}
+        if st.options.get("gptaq"):  # GPTQ's asymmetric calibration: the float model's activations too
+            kinds |= {"reference"}
     return kinds
 
 
@@ -424,10 +426,14 @@ def _sizes(shape: ModelShape, recipe, calib, *, wb: int, kinds: frozenset[str], 
         # gradient, the best V, the fake-quantized weight), one batch's forward kept for the backward pass
         stats += tokens * h * wb + sum(o * i for o, i in lin.values()) * 4 * 5 \
             + batch_tokens * (3 * shape.intermediate_size + 6 * h) * 4
+    streams = 2 if "reference" in kinds else 1  # gptaq: the float model's activations beside the quantized ones
+    if "reference" in kinds and data:
+        # a float copy of the block, one (in, in) cross term and the asymmetric target's factor per step
+        stats += shape.block_params() * wb + 2 * max(i for _o, i in lin.values()) ** 2 * 4
     return _Sizes(
         wb=wb, weights=weights, results=results, block_results=block_results, export=export,
-        act=tokens * h * wb * 2 if data else 0,
-        one_batch=batch_tokens * h * wb * 2 if data else 0,
+        act=tokens * h * wb * 2 * streams if data else 0,
+        one_batch=batch_tokens * h * wb * 2 * streams if data else 0,
         rope=tokens * shape.head_dim * 2 * wb if data else 0,  # cos/sin per batch, shared by blocks
         transient=batch_tokens * (3 * shape.intermediate_size + 6 * h) * wb if data else 0,
         stats=stats, block=shape.block_params() * wb,

@@ -132,7 +132,7 @@ def test_shorthand_help_lists_method_options():
     for opt in ("--awq-grid", "--awq-duo", "--no-clip", "--clip-grid", "--max-shrink", "--search-samples", "group 64"):
         assert opt in text, opt
     code, text = _run("gptq", "--help")
-    for opt in ("--damp", "--block-size", "--act-order", "--no-true-sequential", "group 64"):
+    for opt in ("--damp", "--block-size", "--act-order", "--no-true-sequential", "--gptaq", "group 64"):
         assert opt in text, opt
 
 
@@ -141,6 +141,7 @@ def test_shorthand_help_lists_method_options():
     [
         ("awq", ["--awq-grid", 4, "--clip-grid", 4, "--no-clip"]),
         ("gptq", ["--damp", 0.05, "--block-size", 32, "--act-order"]),
+        ("gptq", ["--gptaq"]),
     ],
 )
 def test_shorthand_end_to_end(tiny_dir, tmp_path, cmd, extra):
@@ -151,3 +152,5 @@ def test_shorthand_end_to_end(tiny_dir, tmp_path, cmd, extra):
     assert code == 0, text
     stage = json.loads((out / "quantkit.json").read_text())["recipe"]["stages"][0]
     assert stage["method"] == cmd and len(stage) > 1
+    if "--gptaq" in extra:
+        assert stage["gptaq"] is True

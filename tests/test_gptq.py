@@ -518,3 +518,78 @@ def test_api_quantize_export_and_read_back(tmp_path, tiny_tokenizer):
     ids = _calib(97, n=2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ asymmetric calibration (gptaq)
+
+
+def test_asymmetric_target_is_the_least_squares_weight():
+    """asymmetric_target(w) is the ridge solution of min |w X_float - v X|^2 + lam |w - v|^2 (explicit normal
+    equations on the token matrices), and GPTQ on it beats GPTQ on w for the asymmetric objective."""
+    from quantkit.quant.gptq import asymmetric_target
+
+    x = _correlated_inputs(400, IN, seed=3)  # what the layer sees in the quantized model
+    g = torch.Generator().manual_seed(4)
+    x_float = x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) * x.std(0)  # the float model's
+    w = _weight(5)
+    n = x.shape[0]
+    h = 2 * x.T @ x / n
+    cross = 2 * (x_float - x).T @ x / n
+    dead = torch.zeros(IN, dtype=torch.bool)
+    lam = 0.01 * h.diagonal().mean()
+    got = asymmetric_target(w, h, cross, dead, lam, torch.float64)
+    # normal equations of sum_t |x_float_t w^T - x_t v^T|^2 (scaled 2/n) + lam |w - v|^2
+    lhs = h + lam * torch.eye(IN, dtype=torch.float64)
+    rhs = 2 * x.T @ x_float / n @ w.T + lam * w.T
+    want = torch.linalg.solve(lhs, rhs).T
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert (got - w).abs().max() > 1e-2  # the inputs differ: the target moved
+
+    def asym_err(v):
+        return float(((x_float @ w.T - x @ v.T) ** 2).sum())
+
+    args = QuantArgs(4, 16, False)
+    plain = gptq_quantize(w, h, args, act_order=True).qt.dequantize(torch.float64)
+    asym = gptq_quantize(w, h, args, act_order=True, cross=cross).qt.dequantize(torch.float64)
+    floor = asym_err(got)  # what no quantization can remove (x_float is not a function of x)
+    assert asym_err(asym) - floor < 0.8 * (asym_err(plain) - floor), (asym_err(asym), asym_err(plain), floor)
+    # no difference in the inputs: exactly GPTQ
+    same = gptq_quantize(w, h, args, act_order=True, cross=torch.zeros_like(h)).qt
+    ref = gptq_quantize(w, h, args, act_order=True).qt
+    assert torch.equal(same.q, ref.q) and torch.equal(same.scale, ref.scale)
+
+
+def test_gptaq_option_end_to_end():
+    """Block 0's first step sees the float model's own inputs, so gptaq solves it as GPTQ does; over the whole
+    model the quantized outputs end closer to the float model's on the calibration tokens."""
+    args = QuantArgs(3, 16, False)
+    ids = _calib(70, n=6)
+    ref = make_tiny_model("llama", seed=71)
+    with torch.no_grad():
+        ref_hidden = ref.model(input_ids=ids).last_hidden_state
+    out = {}
+    for opts in ({}, {"gptaq": True}):
+        model = make_tiny_model("llama", seed=71)
+        method = get_method("gptq")(Scheme(args), **opts)
+        assert method.needs_reference == bool(opts)
+        res = run_layerwise(model, ids, [method], batch_size=2)
+        assert len(res.results) == 21 and not res.warnings
+        out[bool(opts)] = (res, _output_mse(model, ref_hidden, ids))
+    first = [f"model.layers.0.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+    for n in first:
+        assert torch.equal(out[True][0].results[n].q, out[False][0].results[n].q), n
+    later = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(out[True][0].results[later].q, out[False][0].results[later].q)
+    assert out[True][1] < 0.9 * out[False][1], (out[True][1], out[False][1])
+
+
+def test_gptaq_needs_the_reference_stream():
+    from quantkit.methods.base import BlockContext
+
+    model = make_tiny_model("llama", seed=72)
+    block = model.model.layers[0]
+    method = get_method("gptq")(Scheme(QuantArgs(4, 16, False)), gptaq=True)
+    ctx = BlockContext(0, "model.layers.0", block, {"model.layers.0.mlp.down_proj": block.mlp.down_proj}, {},
+                       lambda: [], torch.device("cpu"))
+    with pytest.raises(RecipeError, match="float model's activations"):
+        method.apply_block(ctx)

@@ -174,3 +174,38 @@ def test_save_failure_is_an_operation_error(tmp_path, monkeypatch):
     with pytest.raises(OperationError, match="no space left on device; free space"):
         _run(make_tiny_model("llama", seed=5, num_hidden_layers=2), _ids(),
              Checkpointer(tmp_path / "p", FP, resume=False))
+
+
+def test_float_stream_survives_resume_and_placements(tmp_path):
+    """GPTQ's asymmetric calibration (gptaq) carries the float model's activations beside the quantized ones: a
+    run stopped after block 1 and resumed (restored blocks rebuild both streams), and runs keeping the
+    activations on the host or on disk, give the clean run's bits."""
+    from quantkit.methods.base import get_method
+
+    ids = _ids(seed=3)
+
+    def run(model, **kw):
+        return run_layerwise(model, ids, [get_method("gptq")(Scheme(ARGS), gptaq=True)], batch_size=4, **kw)
+
+    ref = run(make_tiny_model("llama", seed=6, num_hidden_layers=3))
+    results = {}
+    for where in ("host", "disk"):
+        results[where] = run(make_tiny_model("llama", seed=6, num_hidden_layers=3), activations=where).results
+
+    def stop(i, n, name, phase):
+        if i == 2 and phase != "restored":
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run(make_tiny_model("llama", seed=6, num_hidden_layers=3), checkpointer=Checkpointer(tmp_path / "p", FP,
+                                                                                            resume=False), on_block=stop)
+    results["resumed"] = run(make_tiny_model("llama", seed=6, num_hidden_layers=3),
+                             checkpointer=Checkpointer(tmp_path / "p", FP, resume=True)).results
+    plain = run_layerwise(make_tiny_model("llama", seed=6, num_hidden_layers=3), ids,
+                          [get_method("gptq")(Scheme(ARGS))], batch_size=4).results
+    last = "model.layers.2.mlp.down_proj"
+    assert not torch.equal(plain[last].q, ref.results[last].q)  # the float stream changed the solve
+    for how, res in results.items():
+        assert set(res) == set(ref.results), how
+        for k, qt in ref.results.items():
+            assert torch.equal(res[k].q, qt.q) and torch.equal(res[k].scale, qt.scale), (how, k)

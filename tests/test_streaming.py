@@ -96,6 +96,16 @@ def test_streamed_run_holds_one_block(model_dir, tmp_path):
     assert torch.equal(w, qm.modules[name].dequantize(w.dtype))
 
 
+def test_streamed_gptaq_is_byte_identical(model_dir, tmp_path):
+    """GPTQ's asymmetric calibration runs each block on the float model's activations too: streamed (each block
+    read from the shards when reached), the checkpoint is the in-memory run's."""
+    recipe = Recipe(W4, (Stage("gptq", {"gptaq": True}),))
+    ref = _files(_run(model_dir, tmp_path / "mem", recipe, stream=False))
+    assert _files(_run(model_dir, tmp_path / "str", recipe, stream=True)) == ref
+    plain = _files(_run(model_dir, tmp_path / "plain", Recipe(W4, (Stage("gptq"),)), stream=False))
+    assert plain["model.safetensors"] != ref["model.safetensors"]
+
+
 @pytest.mark.parametrize("where", ["host", "disk"])
 def test_activation_placement_gives_same_bits(model_dir, tmp_path, where):
     recipe = Recipe(W4, (Stage("gptq"),))

@@ -8,6 +8,11 @@
    inputs and outputs of the linears it taps); let each method apply; run the
    block again so the next block sees the quantized outputs; move the block back.
 
+When a method asks for the float model's inputs (`Method.needs_reference`: GPTQ's
+asymmetric calibration), a second stream of activations goes along: each block, before
+any method changes it, is also run on the float stream, so every block sees both what
+the quantized model gives it and what the float model would have.
+
 With no method applied, the final hidden states equal the full model's forward
 (tested), so any difference after quantization is the methods' doing.
 
@@ -266,6 +271,8 @@ class _Run:
         self.stream = stream
         self.result = PipelineResult()
         self.hidden: list[Any] = []  # the current block's inputs, one handle per batch
+        # the float model's inputs to the current block (handles), when a method needs them
+        self.reference: list[Any] | None = [] if any(m.needs_reference for m in self.methods) else None
         self.kwargs_per_block: list[list[dict[str, Any]]] = []
 
     def catch_inputs(self, input_ids: torch.Tensor | None, batch_size: int) -> None:
@@ -281,6 +288,8 @@ class _Run:
         try:
             self.hidden, self.kwargs_per_block = _catch_block_inputs(
                 self.model, self.adapter, batches, self.device, self.store.put)
+            if self.reference is not None:  # block 0's inputs are the same in both models
+                self.reference = [self.store.put(self.store.get(h)) for h in self.hidden]
         finally:
             for name in pre:
                 self.stream.release(name)
@@ -313,13 +322,14 @@ class _Run:
     def _replay(self, i: int, block: nn.Module) -> None:
         """A block finished in an earlier run: load it, and rerun it only to rebuild the next block's
         inputs (the same ops on the same data: identical bits on CPU)."""
+        kwargs = self._kwargs(i)
+        ref_out = self._reference_outputs(block, kwargs)  # first: the restore replaces the float weights
         restored, warns = self.checkpointer.restore_block(i, block)
         if self.stream is None:
             self.result.results.update(restored)
         self.result.warnings.extend(warns)
         block.to(self.device)
-        kwargs = self._kwargs(i)
-        self._advance(self._propagate(block, kwargs))
+        self._advance(self._propagate(block, kwargs), ref_out)
 
     def _calibrate(self, i: int, name: str, block: nn.Module, n: int) -> None:
         block.to(self.device)
@@ -340,14 +350,18 @@ class _Run:
                     pass  # the hooks record; the next block's inputs come once the methods have applied
         for c in self.consumers:
             c.end(view)
+        ref_out = self._reference_outputs(block, kwargs)  # before any method changes the block
         if self.methods:
             outputs = self._apply_methods(i, name, block, linears, stats, kwargs, n)
-        self._advance(outputs)
+        self._advance(outputs, ref_out)
 
     def _apply_methods(self, i, name, block, linears, stats, kwargs, n) -> list[Any]:
         """Let each method change the block; returns the next block's inputs (the changed block's outputs)."""
+        ref = self.reference
         ctx = BlockContext(i, name, block, linears, stats, lambda: list(self._outputs(block, kwargs)), self.device,
-                           spec=self.adapter.spec, batch=lambda j: (self.store.get(self.hidden[j]), kwargs[j]))
+                           spec=self.adapter.spec, batch=lambda j: (self.store.get(self.hidden[j]), kwargs[j]),
+                           n_batches=len(self.hidden),
+                           reference=None if ref is None else (lambda j: (self.store.get(ref[j]), kwargs[j])))
         for method in self.methods:
             method.apply_block(ctx)
         if self.stream is None:
@@ -370,9 +384,20 @@ class _Run:
         # The next block's inputs, stored batch by batch as they are made.
         return [self.store.put(y) for y in self._outputs(block, kwargs)]
 
-    def _advance(self, outputs: list[Any]) -> None:
+    def _reference_outputs(self, block: nn.Module, kwargs) -> list[Any] | None:
+        """The float block's outputs on the float model's inputs (the next block's reference), or None when no
+        method needs them. The block must still be the float one (transforms that keep its function are fine)."""
+        if self.reference is None:
+            return None
+        block.to(self.device)
+        return [self.store.put(_block_output(block(self.store.get(h), **kw))) for h, kw in zip(self.reference, kwargs)]
+
+    def _advance(self, outputs: list[Any], reference: list[Any] | None = None) -> None:
         self.store.drop(self.hidden)
         self.hidden = outputs
+        if self.reference is not None:
+            self.store.drop(self.reference)
+            self.reference = reference
 
     def finish(self, return_hidden: bool) -> PipelineResult:
         if self.stream is not None and self.checkpointer is not None:

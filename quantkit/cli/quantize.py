@@ -160,6 +160,9 @@ def gptq(
     mse_weight: MseWeightOpt = None,
     learned_rounding: LearnedRoundingOpt = False,
     rounding_steps: RoundingStepsOpt = 200,
+    gptaq: Annotated[bool, typer.Option(
+        "--gptaq", help="Asymmetric calibration (GPTAQ, 'GPTQ v2'): fit each layer to the float model's outputs, "
+                        "repairing the error of the layers before it; twice the calibration activations.")] = False,
 ):
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
@@ -173,7 +176,8 @@ def gptq(
     v.check_int("--block-size", block_size, min=1)
 
     return dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
-                **mse_stage_options(mse, mse_grid, mse_weight), **rounding_stage_options(learned_rounding, rounding_steps))
+                **mse_stage_options(mse, mse_grid, mse_weight), **rounding_stage_options(learned_rounding, rounding_steps),
+                **({"gptaq": True} if gptaq else {}))
 
 
 def register(app: typer.Typer) -> None:

@@ -37,6 +37,9 @@ class BlockContext:
         the outputs, a list of tensors (batch, seq, hidden); for search methods.
     batch: batch(i) -> (hidden_states, kwargs) of calibration batch i (in the order `forward` runs them), on
         the device, as the block receives them; for methods that run the block themselves (learned rounding).
+    n_batches: how many calibration batches there are.
+    reference: reference(i) -> (hidden_states, kwargs): batch i's inputs in the float model (no block before
+        this one quantized), for a method whose `needs_reference` is true; else None.
     results: methods write full name -> QuantizedTensor here (on CPU).
     warnings: user-facing warnings; they end up in the manifest.
     spec: relative names of this block's parts (scale groups, true-sequential steps).
@@ -51,6 +54,8 @@ class BlockContext:
     device: torch.device
     spec: ArchSpec | None = None  # the model family's table (scale groups, sequential steps)
     batch: Callable[[int], tuple[torch.Tensor, dict[str, Any]]] | None = None
+    n_batches: int = 0
+    reference: Callable[[int], tuple[torch.Tensor, dict[str, Any]]] | None = None
     results: dict[str, QuantizedTensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -111,6 +116,12 @@ class Method:
     def __init__(self, scheme: Scheme, **options: Any):
         self.scheme = scheme
         self.opts = self.check_options(options)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether apply_block reads `BlockContext.reference` (the float model's inputs to the block): the
+        pipeline then carries a second activation stream through the float blocks (memory for activations x2)."""
+        return False
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> MethodOptions:

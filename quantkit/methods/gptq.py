@@ -85,6 +85,10 @@ class GPTQOptions(WeightQuantizerOptions):
     # (quant.gptq.refit_group_scales). Off: on the default model (CPU, 32 x 512) it lowered that objective and
     # worsened held-out text by 0.1-0.8 points (BENCHMARKS.md, issue 23).
     refit_scales: bool = option(False, Flag())
+    # Asymmetric calibration (GPTAQ, "GPTQ v2"): fit w_hat X (the inputs of the partly quantized model) to
+    # w X_float (the float model's inputs) instead of to w X, so each layer also repairs the error the layers
+    # before it left (quant.gptq.asymmetric_target). Costs a second activation stream through the float blocks.
+    gptaq: bool = option(False, Flag())
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,7 +149,8 @@ class GPTQ(Method):
     """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true,
     backend = auto (auto / torch / triton: which solve runs), mse = auto (on for weight-only schemes of 4 bits
     or fewer; + mse_weight = hessian, mse_grid, mse_max_shrink, mse_norm: the per-group range search of
-    quant.mse where GPTQ computes its group scales)."""
+    quant.mse where GPTQ computes its group scales), gptaq = false (asymmetric calibration: match the float
+    model's outputs, see GPTQOptions)."""
 
     # Hessians are captured per true-sequential step inside apply_block (the shared
     # capture pass runs before earlier stages change the block, so its Hessians would be stale).
@@ -157,6 +162,10 @@ class GPTQ(Method):
     def __init__(self, scheme, **options):
         super().__init__(scheme, **options)
         self.mse = self.opts.search_for(scheme)  # the per-group range search (quant.mse), None = min/max
+
+    @property
+    def needs_reference(self) -> bool:
+        return bool(self.opts.gptaq)
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -178,15 +187,17 @@ class GPTQ(Method):
         steps = _steps(ctx)
         self._few: list[str] = []  # experts switched to RTN in this block: "name (tokens)"
         self._damped: list[str] = []  # experts solved with damp 1.0
+        ref_block = _reference_block(ctx) if self.opts.gptaq else None
         if self.opts.true_sequential:
             for phase in _phases(ctx, steps):
-                hess = _capture(ctx, phase)
+                hess = _capture(ctx, phase, ref_block)
                 for step in phase:
                     self._solve_step(ctx, step, hess.pop(step[0]))
         else:
-            hess = _capture(ctx, steps)
+            hess = _capture(ctx, steps, ref_block)
             for step in steps:
                 self._solve_step(ctx, step, hess.pop(step[0]))
+        del ref_block
         if self._few:
             ctx.warnings.append(
                 f"gptq: {len(self._few)} expert linear(s) of {ctx.name} saw fewer than "
@@ -222,7 +233,10 @@ class GPTQ(Method):
                 damp = 1.0
                 self._damped.append(label)
         h = stats.hessian
+        cross = stats.cross if isinstance(stats, _StepStats) else None  # asymmetric calibration (gptaq)
         stats.xtx = None
+        if isinstance(stats, _StepStats):
+            stats.dxtx = None
         lins = [ctx.linears[n] for n in names]
         dtypes = {lin.weight.dtype for lin in lins}
         groups = [names] if len(dtypes) == 1 else [[n] for n in names]  # stack only like with like
@@ -233,7 +247,7 @@ class GPTQ(Method):
                 res = gptq_quantize(
                     w, h, args, damp=damp, block_size=self.opts.block_size, act_order=self.opts.act_order,
                     scale_dtype=ws[0].dtype, backend=self.opts.backend, mse=self.mse,
-                    refit_scales=self.opts.refit_scales,
+                    refit_scales=self.opts.refit_scales, cross=cross,
                 )
             except CholeskyError as e:
                 for n in group:
@@ -259,7 +273,7 @@ class GPTQ(Method):
                 wn.copy_(part.dequantize(wn.dtype))
                 ctx.results[n] = part.to("cpu")
             del res, qt
-        del h
+        del h, cross
 
     def _rtn(self, ctx: BlockContext, name: str) -> None:
         lin = ctx.linears[name]
@@ -294,19 +308,109 @@ def _phases(ctx: BlockContext, steps: list[list[str]]) -> list[list[list[str]]]:
     return out
 
 
+class _StepStats(InputStats):
+    """A step's Hessian statistics, plus (asymmetric calibration) dxtx = sum (x_float - x)^T x over the same
+    tokens: `cross` is it with the Hessian's normalisation (quant.gptq.gptq_quantize's `cross`)."""
+
+    def __init__(self):
+        super().__init__({"hessian"})
+        self.dxtx: torch.Tensor | None = None
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        return None if self.dxtx is None else self.dxtx * (2.0 / max(self.count, 1))
+
+    @torch.no_grad()
+    def add_pair(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
+        self.add(x)
+        x = x.reshape(-1, x.shape[-1]).float()
+        dx = x_float.reshape(-1, x.shape[-1]).float() - x
+        self.dxtx = dx.T @ x if self.dxtx is None else self.dxtx.addmm_(dx.T, x)
+
+
+def _reference_block(ctx: BlockContext) -> nn.Module:
+    """A float copy of the block as this stage receives it (after earlier transform stages), to run on the float
+    model's inputs: the inputs its linears would see in the float model."""
+    import copy
+
+    if ctx.reference is None:
+        raise RecipeError("gptq option gptaq needs the float model's activations, which this run does not carry")
+    return copy.deepcopy(ctx.block)
+
+
+def _is_expert(ctx: BlockContext, name: str) -> bool:
+    ex = ctx.spec.experts.path if ctx.spec is not None and ctx.spec.experts is not None else None
+    return ex is not None and f".{ex}." in name
+
+
 @torch.no_grad()
-def _capture(ctx: BlockContext, steps: list[list[str]]) -> dict[str, InputStats]:
+def _capture(ctx: BlockContext, steps: list[list[str]], ref_block: nn.Module | None = None) -> dict[str, InputStats]:
     """Run the block on all calibration batches; Hessian stats of each step's (shared) input.
 
     Keyed by the step's first linear. For one step the forward stops as soon as
     that step's input is recorded (most of the block is skipped); several steps
     run the whole block (a linear the spec does not list has no known position).
+    With `ref_block` (asymmetric calibration) each batch also runs through it on the float model's inputs and
+    every step pairs the two inputs token by token (`_StepStats`); an MoE expert's steps do not (the two
+    models route different tokens to it) and get plain Hessians.
     """
     firsts = {s[0]: ctx.linears[s[0]] for s in steps}
-    with capture_inputs(firsts, {"hessian"}) as stats:
-        if len(steps) == 1:
-            with _stop_at(ctx.block, firsts[steps[0][0]]):
+    paired = {} if ref_block is None else {n: m for n, m in firsts.items() if not _is_expert(ctx, n)}
+    if not paired:
+        with capture_inputs(firsts, {"hessian"}) as stats:
+            if len(steps) == 1:
+                with _stop_at(ctx.block, firsts[steps[0][0]]):
+                    ctx.forward()
+            else:
                 ctx.forward()
-        else:
-            ctx.forward()
+        return stats
+    return _capture_paired(ctx, firsts, paired, ref_block)
+
+
+def _capture_paired(ctx: BlockContext, firsts: dict[str, nn.Module], paired: dict[str, nn.Module],
+                    ref_block: nn.Module) -> dict[str, InputStats]:
+    """`_capture` with asymmetric calibration: batch by batch, the reference block on the float inputs records
+    each paired step's input, then the block on the quantized-model inputs adds (x, x_float) pairs."""
+    rel = {n: n.removeprefix(ctx.name + ".") for n in paired}
+    ref_mods = {n: ref_block.get_submodule(r) for n, r in rel.items()}
+    stats: dict[str, InputStats] = {n: (_StepStats() if n in paired else InputStats({"hessian"})) for n in firsts}
+    x_float: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def keep(name):
+        def hook(_mod, args):
+            x_float[name] = args[0].detach()
+        return hook
+
+    def pair(name):
+        def hook(_mod, args):
+            if name in paired:
+                stats[name].add_pair(args[0], x_float.pop(name))
+            else:
+                stats[name].add(args[0])
+        return hook
+
+    one = len(firsts) == 1
+    try:
+        for n, m in ref_mods.items():
+            handles.append(m.register_forward_pre_hook(keep(n)))
+        for n, m in firsts.items():
+            handles.append(m.register_forward_pre_hook(pair(n)))
+        with (_stop_at(ref_block, ref_mods[next(iter(firsts))]) if one else _no_stop()), \
+                (_stop_at(ctx.block, firsts[next(iter(firsts))]) if one else _no_stop()):
+            for j in range(ctx.n_batches):
+                h_ref, kw = ctx.reference(j)
+                ref_block(h_ref, **kw)
+                h, kw = ctx.batch(j)
+                ctx.block(h, **kw)
+                if x_float:
+                    raise RuntimeError(f"gptaq: {sorted(x_float)} ran in the float block but not in the block")
+    finally:
+        for hd in handles:
+            hd.remove()
     return stats
+
+
+@contextmanager
+def _no_stop() -> Iterator[None]:
+    yield

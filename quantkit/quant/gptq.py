@@ -231,6 +231,7 @@ def gptq_quantize(
     backend: str = "auto",
     mse: MSESearch | None = None,
     refit_scales: bool = False,
+    cross: torch.Tensor | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize one weight.
 
@@ -257,6 +258,10 @@ def gptq_quantize(
         when the solve reaches it (torch solve). None = min/max scales.
     refit_scales: after the solve, keep the integers and zero points and set each row's group scales to
         the least-squares optimum of GPTQ's own objective, (w - w_hat) H (w - w_hat)^T (`refit_group_scales`).
+    cross: (in, in) 2 (X_float - X)^T X / n, the float model's inputs X_float to this layer against the
+        inputs X it sees in the quantized model (H's tokens, the same normalisation): asymmetric calibration
+        (GPTAQ). The solve then quantizes `asymmetric_target(w, ...)` instead of w, so that w_hat X matches
+        w X_float, not w X (see there). The error reported is against that target.
 
     Runs on w's device in float32 (float64 when h is float64: the tests use that
     to compare against a slow reference bit for bit). Raises CholeskyError when H
@@ -294,6 +299,8 @@ def gptq_quantize(
     U, used, dead_val = _factor_damped(H, dead, perm, finite, mean_diag, n_dead, damp, cdt)
 
     wd = w.detach().to(dev)
+    if cross is not None:  # asymmetric calibration: the solve quantizes the weight that matches the float model
+        wd = w = asymmetric_target(wd, H, cross.to(dev), dead, used * mean_diag, cdt)
     if static:
         scale, zero = _static_qparams(wd, dead, args, cdt, sdt, mse, _mse_col_weight(mse, H))
     else:
@@ -323,6 +330,29 @@ def gptq_quantize(
         qt = refit_group_scales(w, qt, H, sdt)
     err_total = _hessian_error_t(w, qt, H, cdt)
     return GPTQResult(qt=qt, perm=perm, damp=used, error_t=err_total, dead=int(dead_val), backend=solver)
+
+
+def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, dead: torch.Tensor, lam,
+                      cdt: torch.dtype) -> torch.Tensor:
+    """The weight GPTQ quantizes under asymmetric calibration (GPTAQ: match the float model's output).
+
+    GPTQ minimizes |w X - w_hat X|^2 over the inputs X the layer sees once the layers before it are
+    quantized; the float model computed w X_float. Asymmetric calibration minimizes |w X_float - w_hat X|^2.
+    Its normal equations give the continuous optimum w* = w X_float X^T (X X^T)^-1 = w + w D H^-1 with
+    D = (X_float - X)^T X, and the objective equals |(w* - w_hat) X|^2 plus a constant, so GPTQ's solve run on
+    w* (with the same H) minimizes it. With the damping, H + lam I, w* is the optimum of the objective plus
+    lam |w - w_hat|^2 (a ridge towards w, not towards 0). h and cross share one normalisation (2/n);
+    dead inputs (H_ii = 0) have D's column zero and get H_ii = 1, as in the solve. Returns (out, in) in cdt."""
+    hd = h.to(cdt, copy=True)
+    diag = hd.diagonal()
+    diag.masked_fill_(dead, 1.0)
+    diag.add_(lam)
+    chol, info = torch.linalg.cholesky_ex(hd)
+    del hd, diag
+    if int(info) != 0:
+        raise CholeskyError("damped Hessian not positive definite for the asymmetric target")
+    wc = w.to(cdt)
+    return wc + torch.cholesky_solve((wc @ cross.to(cdt)).T, chol).T
 
 
 def refit_group_scales(w: torch.Tensor, qt: QuantizedTensor, h: torch.Tensor, scale_dtype: torch.dtype,
