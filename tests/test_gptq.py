@@ -593,3 +593,19 @@ def test_gptaq_needs_the_reference_stream():
                        lambda: [], torch.device("cpu"))
     with pytest.raises(RecipeError, match="float model's activations"):
         method.apply_block(ctx)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_gptaq_on_moe_pairs_dense_steps_only(arch):
+    """An expert sees different tokens in the two models (routing follows the activations), so its steps get plain
+    Hessians; attention and shared layers are fit to the float model. Every linear is quantized."""
+    args = QuantArgs(4, 16, False)
+    ids = _calib(80, n=6)
+    out = {}
+    for opts in ({}, {"gptaq": True}):
+        model = make_tiny_model(arch, seed=81)
+        res = run_layerwise(model, ids, [get_method("gptq")(Scheme(args), expert_min_tokens=0, **opts)], batch_size=3)
+        assert set(res.results) == set(ModelAdapter.for_model(model).all_linears())
+        out[bool(opts)] = res.results
+    o_proj = "model.layers.1.self_attn.o_proj"
+    assert not torch.equal(out[True][o_proj].q, out[False][o_proj].q)
