@@ -116,20 +116,27 @@ def wna16_candidates(M):
     if M <= 4:
         return [G(128, 4), G(128, 8), G(128, 16), G(64, 8), G(64, 16), G(256, 4), G(256, 8), G(128, 8, w=4),
                 MM(16, 64, 8, swap=True, G=1)]
+    # scale_w: weights scaled before the MMA and the accumulation chained (one wgmma in flight; swap only, since
+    # an unswapped register-built B operand goes through shared memory and is waited for anyway)
     if M <= 16:
         return [MM(16, 64, 4, swap=True, G=1), MM(16, 64, 8, swap=True, G=1), MM(16, 128, 4, swap=True, G=1),
                 MM(16, 128, 2, swap=True, G=1), MM(16, 64, 4, G=1), MM(16, 32, 8, swap=True, G=1),
-                G(64, 8), G(32, 16)]
+                G(64, 8), G(32, 16), MM(16, 64, 4, swap=True, G=1, scale_w=True),
+                MM(16, 128, 2, swap=True, G=1, scale_w=True), MM(16, 128, 4, swap=True, G=1, w=8, scale_w=True)]
     if M <= 64:
         return [MM(64, 64, 2, G=1, w=4, s=4), MM(64, 32, 4, G=1, w=4, s=4), MM(64, 64, 8, swap=True, G=1),
                 MM(64, 128, 2, swap=True, G=1), MM(64, 64, 4, swap=True, G=1), MM(64, 128, 1, G=1, w=8),
                 MM(64, 128, 2, G=1, w=8), MM(64, 64, 4, G=1, w=4), MM(64, 256, 1, G=1, w=8), MM(64, 128, 2, G=1, w=4, s=4),
-                dict(BACKEND="dequant")]
+                dict(BACKEND="dequant"), MM(64, 128, 1, swap=True, G=1, w=8, scale_w=True),
+                MM(64, 128, 2, swap=True, G=1, w=8, scale_w=True), MM(64, 64, 4, swap=True, G=1, scale_w=True),
+                MM(64, 256, 1, swap=True, G=1, w=8, s=2, scale_w=True)]
     if M <= 256:  # BLOCK_M = 256: every weight tile dequantized once per CTA (one M tile)
         return [MM(64, 128, 1, w=8), MM(64, 128, 2, w=8), MM(128, 128, 1, w=8), MM(64, 64, 2, w=4),
                 MM(128, 256, 1, w=8), MM(64, 256, 1, w=8), MM(128, 128, 1, w=8, s=4), MM(128, 128, 2, w=8),
                 MM(256, 64, 1, w=8, s=3), MM(256, 64, 2, w=8, s=3), MM(256, 128, 1, w=8, s=2), MM(128, 64, 1, w=4, s=4),
-                dict(BACKEND="dequant")]
+                dict(BACKEND="dequant"), MM(128, 128, 1, swap=True, w=8, scale_w=True),
+                MM(256, 128, 1, swap=True, w=8, s=2, scale_w=True), MM(128, 128, 2, swap=True, w=8, scale_w=True),
+                MM(256, 64, 1, swap=True, w=4, s=3, scale_w=True), MM(128, 256, 1, swap=True, w=8, s=2, scale_w=True)]
     return [dict(BACKEND="dequant"), MM(128, 128, 1, w=8), MM(64, 128, 1, w=8)]
 
 

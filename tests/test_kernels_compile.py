@@ -3,7 +3,7 @@
 The CPU suite runs the Triton kernels in the interpreter, which accepts Python that the compiler refuses (an
 `if` on a float constexpr ran there and broke every decode-attention launch on the H200). Here Triton's own
 front end and ptxas build chosen kernels (decode attention, the TMA W8A8 GEMM at every shipped config, plain and
-mixed, the R4 Hadamard) for sm_90 (Hopper) and sm_80, so that class of error fails on CPU; the TMA builds' shared
+mixed, the W4A16 tensor-core kernel with chained MMAs, the R4 Hadamard) for sm_90 (Hopper) and sm_80, so that class of error fails on CPU; the TMA builds' shared
 memory must also fit an SM (a config over it fails only at launch, on the GPU).
 Run in a child process: the compiled path needs a process where TRITON_INTERPRET was never set."""
 
@@ -22,7 +22,7 @@ CHILD = textwrap.dedent(r'''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from quantkit.kernels import attention, hadamard, w8a8
+    from quantkit.kernels import attention, hadamard, w8a8, wna16
 
     from quantkit.kernels._common import load_tuned
 
@@ -64,6 +64,15 @@ CHILD = textwrap.dedent(r'''
             name = f"w8a8 tma {bm}x{bn}x{bk} stages {st}{' mixed' if rows else ''} sm_90"
             out[name] = sorted(k.asm)
             shared[name] = k.metadata.shared
+    # W4A16 tensor cores, swapped operands with the weights scaled and the MMAs chained (SCALE_W), g128
+    w4_types = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i8", "bias_ptr": "*fp16",
+                "c_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    for bm in (16, 128):
+        out[f"w4a16 mma swap scale_w block_m {bm} sm_90"] = sorted(compiled(
+            wna16.wna16_mma_kernel, w4_types,
+            dict(BITS=4, PER=8, R=16, HAS_ZERO=True, HAS_BIAS=False, GS_SMALL=False, EVEN_K=True, SPLIT_K=1,
+                 SWAP_AB=True, MAGIC16=0x6400, M16=1024.0, SCALE_W=True, BLOCK_M=bm, BLOCK_N=128, GROUP_M=8),
+            90, num_warps=8, num_stages=3).asm)
     out["shared"] = shared
     # the online R4 as the runtime launches it: rows of a Sylvester block (512 of 1536, 2048 of 14336)
     for p in (512, 2048):
@@ -92,7 +101,7 @@ def test_kernels_compile_for_sm80_and_sm90():
     shared = built.pop("shared")
     tma = [k for k in built if k.startswith("w8a8 tma")]
     assert len(tma) >= 2 and len(tma) % 2 == 0 and len(shared) == len(tma)
-    assert len(built) == 2 * len(ATTENTION_CASES) + len(tma) + 2
+    assert len(built) == 2 * len(ATTENTION_CASES) + len(tma) + 2 + 2
     for what, stages in built.items():
         assert "cubin" in stages and "ptx" in stages, what
     for what, nbytes in shared.items():  # Hopper: 227 KiB of shared memory per block at most (else launch fails)

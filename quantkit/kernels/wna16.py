@@ -29,7 +29,8 @@ Paths (``BACKEND`` in the config; configs come from a ConfigCache keyed by (M bu
   one cross-thread reduction at the end; split-K partials reduced in-kernel by the last split.
 * ``mma``: ``tl.dot`` with whole 128-K blocks per dot; ``SWAP_AB`` computes C^T = W x^T so
   the weight tile is the MMA's large operand (M = 16..64).  Group scales are applied to the
-  (per 128-K block) partial sum when group_size >= 128, else to the dequantized weights.
+  (per 128-K block) partial sum when group_size >= 128, else to the dequantized weights
+  (``SCALE_W``: to the weights at any group size, so the MMAs chain and overlap the dequant).
 * ``dequant``: one Triton dequantization to x.dtype + cuBLAS (``torch.mm``), for large M.
 """
 
@@ -446,6 +447,7 @@ def _wna16_mma_kernel(
     SWAP_AB: tl.constexpr,  # acc is C^T (BLOCK_N, BLOCK_M) = W_tile x^T
     MAGIC16: tl.constexpr,  # 0: fp32 dequant; else the 16-bit magic (0x6400 fp16, 0x4300 bf16), not GS_SMALL
     M16: tl.constexpr,  # the value of MAGIC16 as a float (1024.0 / 128.0)
+    SCALE_W: tl.constexpr,  # group >= 128: scale the weight tile in x.dtype and chain the accumulation (see below)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -513,14 +515,22 @@ def _wna16_mma_kernel(
             xt = tl.load(x_ptrs + k0, mask=(k0 + offs_k[:, None]) < K, other=0.0)
         else:
             xt = tl.load(x_ptrs + k0, mask=(k0 + offs_k[None, :]) < K, other=0.0)
+        # Group >= 128 keeps exact integer weights and scales each block's partial sum (acc += dot * s): every
+        # MMA then starts from zero and is waited for before the scaling. SCALE_W scales the weights instead
+        # (in x.dtype, as GS_SMALL does) and accumulates in the MMA, so one wgmma stays in flight while the next
+        # tile is dequantized (sm_90 build: warp_group_dot_wait pendings 1 instead of 0).
         if SWAP_AB:
             if GS_SMALL:
                 acc = tl.dot(tl.trans(wq), xt, acc)
+            elif SCALE_W:
+                acc = tl.dot(tl.trans(wq * s.to(dt)[None, :]), xt, acc)
             else:
                 acc += tl.dot(tl.trans(wq), xt) * s[:, None]
         else:
             if GS_SMALL:
                 acc = tl.dot(xt, wq, acc)
+            elif SCALE_W:
+                acc = tl.dot(xt, wq * s.to(dt)[None, :], acc)
             else:
                 acc += tl.dot(xt, wq) * s[None, :]
 
@@ -593,9 +603,9 @@ def _gemv_h2(BN, SK, U, w=4, s=1):
     return dict(BACKEND="gemv_h2", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
 
 
-def _mma(BM, BN, SK=1, swap=False, G=8, w=4, s=3):
-    return dict(BACKEND="mma", BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=SK, SWAP_AB=swap, GROUP_M=G, num_warps=w,
-                num_stages=s)
+def _mma(BM, BN, SK=1, swap=False, G=8, w=4, s=3, scale_w=False):
+    cfg = dict(BACKEND="mma", BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=SK, SWAP_AB=swap, GROUP_M=G, num_warps=w, num_stages=s)
+    return dict(cfg, SCALE_W=True) if scale_w else cfg
 
 
 GEMV_MAX_M = 8  # the GEMV kernel keeps BLOCK_M x 128 x BLOCK_N fp32 partials in registers
@@ -697,7 +707,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
                 elif x.dtype == torch.bfloat16 and bits == 4 and x.is_cuda:  # interpreter: no bf16 bitcast
                     magic, m16 = 0x4300, 128.0
             const.update(SWAP_AB=bool(cfg.get("SWAP_AB", False)), GROUP_M=cfg.get("GROUP_M", 1), MAGIC16=magic,
-                         M16=m16)
+                         M16=m16, SCALE_W=bool(cfg.get("SCALE_W", False)) and not gs_small)
         const["BLOCK_M"] = bm
         p = (backend, kern, (tiles * const["SPLIT_K"],), const, tiles, bm * cfg["BLOCK_N"], const_key(const))
     if key is not None:

@@ -86,6 +86,10 @@ MMA_SWAP = dict(BACKEND="mma", BLOCK_M=16, BLOCK_N=32, SWAP_AB=True, GROUP_M=1, 
     (2, 48, 256, 256, True, GEMV, 1),    # GEMV, per-channel asym
     (16, 40, 384, 64, True, MMA_SWAP, 2),  # swapped-operand tensor-core path, split-K
     (5, 50, 256, 128, False, MMA_SWAP, 1),
+    (20, 40, 384, 128, True, dict(MMA_SWAP, SCALE_W=True), 2),  # weights scaled, MMAs chained
+    (20, 40, 512, 256, False, dict(MMA_SWAP, SCALE_W=True), 1),
+    (33, 40, 256, 256, True, dict(MMA_SWAP, BLOCK_M=32, SCALE_W=True), 1),  # per-channel
+    (20, 40, 384, 128, True, dict(MMA_SWAP, SWAP_AB=False, SCALE_W=True), 3),
 ])
 def test_wna16_paths(dev, bits, M, N, K, gs, asym, cfg, split_k):
     q, s, z = _make(dev, 100 + M + N + K + bits, N, K, bits, gs, asym)
@@ -113,7 +117,7 @@ MMA = dict(BACKEND="mma", BLOCK_M=16, BLOCK_N=32, SWAP_AB=False, GROUP_M=1, num_
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("asym", [False, True])
-@pytest.mark.parametrize("cfg", [MMA, MMA_SWAP], ids=["mma", "swap"])
+@pytest.mark.parametrize("cfg", [MMA, MMA_SWAP, dict(MMA_SWAP, SCALE_W=True)], ids=["mma", "swap", "swap-scale-w"])
 def test_wna16_mma_magic16(dev, bits, dtype, asym, cfg):
     """Tensor-core path with the 16-bit magic dequant (fp16 any bits, bf16 4-bit) vs the fp32 one."""
     if dtype == torch.bfloat16 and dev.type != "cuda":
