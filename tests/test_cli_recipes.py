@@ -141,7 +141,7 @@ def test_shorthand_help_lists_method_options():
     [
         ("awq", ["--awq-grid", 4, "--clip-grid", 4, "--no-clip"]),
         ("gptq", ["--damp", 0.05, "--block-size", 32, "--act-order"]),
-        ("gptq", ["--gptaq"]),
+        ("gptq", ["--gptaq", 0.5]),
     ],
 )
 def test_shorthand_end_to_end(tiny_dir, tmp_path, cmd, extra):
@@ -153,4 +153,4 @@ def test_shorthand_end_to_end(tiny_dir, tmp_path, cmd, extra):
     stage = json.loads((out / "quantkit.json").read_text())["recipe"]["stages"][0]
     assert stage["method"] == cmd and len(stage) > 1
     if "--gptaq" in extra:
-        assert stage["gptaq"] is True
+        assert stage["gptaq"] == 0.5

@@ -544,6 +544,8 @@ def test_asymmetric_target_is_the_least_squares_weight():
     want = torch.linalg.solve(lhs, rhs).T
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert (got - w).abs().max() > 1e-2  # the inputs differ: the target moved
+    # the option's strength scales the cross term: the target moves that fraction of the way
+    torch.testing.assert_close(asymmetric_target(w, h, 0.25 * cross, dead, lam, torch.float64), w + 0.25 * (got - w))
 
     def asym_err(v):
         return float(((x_float @ w.T - x @ v.T) ** 2).sum())
@@ -568,10 +570,11 @@ def test_gptaq_option_end_to_end():
     with torch.no_grad():
         ref_hidden = ref.model(input_ids=ids).last_hidden_state
     out = {}
-    for opts in ({}, {"gptaq": True}):
+    for opts in ({}, {"gptaq": 1.0}):
         model = make_tiny_model("llama", seed=71)
         method = get_method("gptq")(Scheme(args), **opts)
         assert method.needs_reference == bool(opts)
+        assert get_method("gptq")(Scheme(args), gptaq=0.0).needs_reference is False
         res = run_layerwise(model, ids, [method], batch_size=2)
         assert len(res.results) == 21 and not res.warnings
         out[bool(opts)] = (res, _output_mse(model, ref_hidden, ids))
@@ -588,7 +591,7 @@ def test_gptaq_needs_the_reference_stream():
 
     model = make_tiny_model("llama", seed=72)
     block = model.model.layers[0]
-    method = get_method("gptq")(Scheme(QuantArgs(4, 16, False)), gptaq=True)
+    method = get_method("gptq")(Scheme(QuantArgs(4, 16, False)), gptaq=1.0)
     ctx = BlockContext(0, "model.layers.0", block, {"model.layers.0.mlp.down_proj": block.mlp.down_proj}, {},
                        lambda: [], torch.device("cpu"))
     with pytest.raises(RecipeError, match="float model's activations"):
@@ -602,7 +605,7 @@ def test_gptaq_on_moe_pairs_dense_steps_only(arch):
     args = QuantArgs(4, 16, False)
     ids = _calib(80, n=6)
     out = {}
-    for opts in ({}, {"gptaq": True}):
+    for opts in ({}, {"gptaq": 1.0}):
         model = make_tiny_model(arch, seed=81)
         res = run_layerwise(model, ids, [get_method("gptq")(Scheme(args), expert_min_tokens=0, **opts)], batch_size=3)
         assert set(res.results) == set(ModelAdapter.for_model(model).all_linears())

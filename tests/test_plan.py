@@ -97,7 +97,7 @@ def test_gptq_counts_the_worst_step_of_the_solve():
         assert p.device_parts["statistics"] == expect[backend], backend
     assert expect["torch"] > expect["auto"]  # the torch loop keeps its integers as floats
     # gptaq: the float model's activations double the stream; a float block copy and two (I, I) float32 more
-    recipe = Recipe(Scheme(QuantArgs(4, 32, True)), (Stage("gptq", {"gptaq": True}),))
+    recipe = Recipe(Scheme(QuantArgs(4, 32, True)), (Stage("gptq", {"gptaq": 1.0}),))
     p = estimate_memory(CFG, recipe, calib, "cuda", dtype="bfloat16", host_available=10**12, device_available=10**12)
     block_params = 160 * 96 + 96 * 96 + 320 * 96 + 96 * 160 + 2 * 96  # the linears + two norms
     assert p.device_parts["block inputs + outputs"] == 4 * 32 * 96 * 2 * 2 * 2

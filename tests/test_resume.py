@@ -185,7 +185,7 @@ def test_float_stream_survives_resume_and_placements(tmp_path):
     ids = _ids(seed=3)
 
     def run(model, **kw):
-        return run_layerwise(model, ids, [get_method("gptq")(Scheme(ARGS), gptaq=True)], batch_size=4, **kw)
+        return run_layerwise(model, ids, [get_method("gptq")(Scheme(ARGS), gptaq=1.0)], batch_size=4, **kw)
 
     ref = run(make_tiny_model("llama", seed=6, num_hidden_layers=3))
     results = {}

@@ -99,7 +99,7 @@ def test_streamed_run_holds_one_block(model_dir, tmp_path):
 def test_streamed_gptaq_is_byte_identical(model_dir, tmp_path):
     """GPTQ's asymmetric calibration runs each block on the float model's activations too: streamed (each block
     read from the shards when reached), the checkpoint is the in-memory run's."""
-    recipe = Recipe(W4, (Stage("gptq", {"gptaq": True}),))
+    recipe = Recipe(W4, (Stage("gptq", {"gptaq": 1.0}),))
     ref = _files(_run(model_dir, tmp_path / "mem", recipe, stream=False))
     assert _files(_run(model_dir, tmp_path / "str", recipe, stream=True)) == ref
     plain = _files(_run(model_dir, tmp_path / "plain", Recipe(W4, (Stage("gptq"),)), stream=False))

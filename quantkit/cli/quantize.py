@@ -160,9 +160,10 @@ def gptq(
     mse_weight: MseWeightOpt = None,
     learned_rounding: LearnedRoundingOpt = False,
     rounding_steps: RoundingStepsOpt = 200,
-    gptaq: Annotated[bool, typer.Option(
-        "--gptaq", help="Asymmetric calibration (GPTAQ, 'GPTQ v2'): fit each layer to the float model's outputs, "
-                        "repairing the error of the layers before it; twice the calibration activations.")] = False,
+    gptaq: Annotated[float, typer.Option(
+        "--gptaq", help="Asymmetric calibration (GPTAQ, 'GPTQ v2'), strength 0-1: fit each layer to the float "
+                        "model's outputs, repairing the error of the layers before it; twice the calibration "
+                        "activations. 0 = off.")] = 0.0,
 ):
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
@@ -174,10 +175,11 @@ def gptq(
 
     check_damp(damp)
     v.check_int("--block-size", block_size, min=1)
+    v.check_float("--gptaq", gptaq, min=0, max=1, note=" (the strength of asymmetric calibration; 0 = off)")
 
     return dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
                 **mse_stage_options(mse, mse_grid, mse_weight), **rounding_stage_options(learned_rounding, rounding_steps),
-                **({"gptaq": True} if gptaq else {}))
+                **({"gptaq": gptaq} if gptaq else {}))
 
 
 def register(app: typer.Typer) -> None:

@@ -85,10 +85,12 @@ class GPTQOptions(WeightQuantizerOptions):
     # (quant.gptq.refit_group_scales). Off: on the default model (CPU, 32 x 512) it lowered that objective and
     # worsened held-out text by 0.1-0.8 points (BENCHMARKS.md, issue 23).
     refit_scales: bool = option(False, Flag())
-    # Asymmetric calibration (GPTAQ, "GPTQ v2"): fit w_hat X (the inputs of the partly quantized model) to
-    # w X_float (the float model's inputs) instead of to w X, so each layer also repairs the error the layers
-    # before it left (quant.gptq.asymmetric_target). Costs a second activation stream through the float blocks.
-    gptaq: bool = option(False, Flag())
+    # Asymmetric calibration (GPTAQ, "GPTQ v2"), its strength in [0, 1]: fit w_hat X (the inputs of the partly
+    # quantized model) to w X_float (the float model's inputs) instead of to w X, so each layer also repairs the
+    # error the layers before it left (quant.gptq.asymmetric_target; the target moves the fraction gptaq of the
+    # way, 0 = GPTQ). Costs a second activation stream through the float blocks. Off: at full strength it fits the
+    # calibration text (CPU, W4 g64: pydoc gap 4.8 -> 3.7%, prose 10.8 -> 15.0%; BENCHMARKS.md, issue 23).
+    gptaq: float = option(0.0, Number(0, 1, note=" (0 = off, 1 = full asymmetric calibration)"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,8 +151,8 @@ class GPTQ(Method):
     """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true,
     backend = auto (auto / torch / triton: which solve runs), mse = auto (on for weight-only schemes of 4 bits
     or fewer; + mse_weight = hessian, mse_grid, mse_max_shrink, mse_norm: the per-group range search of
-    quant.mse where GPTQ computes its group scales), gptaq = false (asymmetric calibration: match the float
-    model's outputs, see GPTQOptions)."""
+    quant.mse where GPTQ computes its group scales), gptaq = 0 (asymmetric calibration's strength in [0, 1]: match
+    the float model's outputs, see GPTQOptions)."""
 
     # Hessians are captured per true-sequential step inside apply_block (the shared
     # capture pass runs before earlier stages change the block, so its Hessians would be stale).
@@ -165,7 +167,7 @@ class GPTQ(Method):
 
     @property
     def needs_reference(self) -> bool:
-        return bool(self.opts.gptaq)
+        return self.opts.gptaq > 0
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -187,7 +189,7 @@ class GPTQ(Method):
         steps = _steps(ctx)
         self._few: list[str] = []  # experts switched to RTN in this block: "name (tokens)"
         self._damped: list[str] = []  # experts solved with damp 1.0
-        ref_block = _reference_block(ctx) if self.opts.gptaq else None
+        ref_block = _reference_block(ctx) if self.needs_reference else None
         if self.opts.true_sequential:
             for phase in _phases(ctx, steps):
                 hess = _capture(ctx, phase, ref_block)
@@ -233,7 +235,7 @@ class GPTQ(Method):
                 damp = 1.0
                 self._damped.append(label)
         h = stats.hessian
-        cross = stats.cross if isinstance(stats, _StepStats) else None  # asymmetric calibration (gptaq)
+        cross = stats.cross * self.opts.gptaq if isinstance(stats, _StepStats) else None  # asymmetric calibration
         stats.xtx = None
         if isinstance(stats, _StepStats):
             stats.dxtx = None

@@ -261,7 +261,8 @@ def gptq_quantize(
     cross: (in, in) 2 (X_float - X)^T X / n, the float model's inputs X_float to this layer against the
         inputs X it sees in the quantized model (H's tokens, the same normalisation): asymmetric calibration
         (GPTAQ). The solve then quantizes `asymmetric_target(w, ...)` instead of w, so that w_hat X matches
-        w X_float, not w X (see there). The error reported is against that target.
+        w X_float, not w X (see there). The error reported is against that target. A cross term scaled by
+        alpha in [0, 1] moves the target that fraction of the way from w.
 
     Runs on w's device in float32 (float64 when h is float64: the tests use that
     to compare against a slow reference bit for bit). Raises CholeskyError when H
