@@ -98,9 +98,25 @@ ROWS: dict[str, tuple[str, int, tuple[tuple[str, dict], ...]]] = {
                           (("spinquant", HADAMARD), ("gptq", MSEW2))),
     "had-gptq-msew2-w3": ("Hadamard rotation (folded) + GPTQ, Hessian-weighted MSE search, p 2 (GPTQ's default)", 3,
                           (("spinquant", HADAMARD), ("gptq", MSEW2))),
+    # GPTQ's damping (default 0.01 of the Hessian's mean diagonal): more damping fits the calibration text less
+    "gptq-msew2-damp0.03-w4": ("GPTQ (p 2 search), damp 0.03", 4, (("gptq", {**MSEW2, "damp": 0.03}),)),
+    "gptq-msew2-damp0.1-w4": ("GPTQ (p 2 search), damp 0.1", 4, (("gptq", {**MSEW2, "damp": 0.1}),)),
+    "gptq-msew2-mix-w4": ("GPTQ (p 2 search), calibrated on builtin:mix", 4, (("gptq", MSEW2),)),
+    "awq-noclip-gptq-msew2-mix-w4": ("AWQ scales (no clip) + GPTQ (p 2 search), calibrated on builtin:mix", 4,
+                                     (("awq", {"clip": False}), ("gptq", MSEW2))),
 }
-# Rows calibrated on another builtin set than builtin:pydoc (the default of every command).
-ROW_CALIB = {"gptq-mix-w4": "builtin:mix", "awq-gptq-mix-w4": "builtin:mix"}
+# Asymmetric calibration (GPTQ option gptaq, GPTAQ): each layer fit to the float model's outputs, at strength
+# ALPHA (gptq-msew2-gptaqALPHA-w4, ...; "gptaq" alone is strength 1), on builtin:pydoc or builtin:mix ("-mix").
+for _alpha in ("", "0.1", "0.25", "0.5"):
+    _g = {**MSEW2, "gptaq": float(_alpha or 1)}
+    _what = f"asymmetric calibration (gptaq {float(_alpha or 1):g})"
+    for _bits in (4, 3):
+        ROWS[f"gptq-msew2-gptaq{_alpha}-w{_bits}"] = (f"GPTQ (p 2 search), {_what}", _bits, (("gptq", _g),))
+    ROWS[f"gptq-msew2-gptaq{_alpha}-mix-w4"] = (f"GPTQ (p 2 search), {_what}, builtin:mix", 4, (("gptq", _g),))
+    ROWS[f"awq-noclip-gptq-msew2-gptaq{_alpha}-mix-w4"] = (
+        f"AWQ scales (no clip) + GPTQ (p 2 search), {_what}, builtin:mix", 4, (("awq", {"clip": False}), ("gptq", _g)))
+# Rows calibrated on another builtin set than builtin:pydoc (the default of every command): those named "-mix-".
+ROW_CALIB = {k: "builtin:mix" for k in ROWS if "-mix-" in k}
 
 
 def _with_rounding(opts: dict, steps: int | None, lr: float | None) -> dict:

@@ -612,3 +612,21 @@ def test_gptaq_on_moe_pairs_dense_steps_only(arch):
         out[bool(opts)] = res.results
     o_proj = "model.layers.1.self_attn.o_proj"
     assert not torch.equal(out[True][o_proj].q, out[False][o_proj].q)
+
+
+def test_gptaq_without_true_sequential():
+    """One capture of every step (true_sequential false) pairs all of them in one pass over each batch; with the
+    strength at 0 it is GPTQ itself."""
+    args = QuantArgs(4, 16, False)
+    ids = _calib(90, n=4)
+    out = {}
+    for alpha in (0.0, 0.5):
+        model = make_tiny_model("llama", seed=91, num_hidden_layers=2)
+        res = run_layerwise(model, ids, [get_method("gptq")(Scheme(args), true_sequential=False, gptaq=alpha)],
+                            batch_size=2)
+        assert len(res.results) == 14 and not res.warnings
+        out[alpha] = res.results
+    plain = run_layerwise(make_tiny_model("llama", seed=91, num_hidden_layers=2), ids,
+                          [get_method("gptq")(Scheme(args), true_sequential=False)], batch_size=2).results
+    assert all(torch.equal(out[0.0][k].q, plain[k].q) for k in plain)
+    assert not torch.equal(out[0.5]["model.layers.1.self_attn.q_proj"].q, plain["model.layers.1.self_attn.q_proj"].q)
