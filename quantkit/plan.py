@@ -231,7 +231,7 @@ def _stat_kinds(recipe) -> frozenset[str]:
         kinds |= cls.stats | getattr(cls, "plan_stats", frozenset())
         if st.options.get("learned_rounding"):  # quant.rounding runs the block on calibration data
             kinds |= {"rounding"}
-        if st.options.get("gptaq"):  # GPTQ's asymmetric calibration: the float model's activations too
+        if getattr(cls(recipe.scheme, **st.options), "needs_reference", False):  # the float model's activations too
             kinds |= {"reference"}
     return kinds
 

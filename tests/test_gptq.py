@@ -570,14 +570,13 @@ def test_gptaq_option_end_to_end():
     with torch.no_grad():
         ref_hidden = ref.model(input_ids=ids).last_hidden_state
     out = {}
-    for opts in ({}, {"gptaq": 1.0}):
+    for opts in ({"gptaq": 0.0}, {"gptaq": 1.0}):
         model = make_tiny_model("llama", seed=71)
         method = get_method("gptq")(Scheme(args), **opts)
-        assert method.needs_reference == bool(opts)
-        assert get_method("gptq")(Scheme(args), gptaq=0.0).needs_reference is False
+        assert method.needs_reference == bool(opts["gptaq"])
         res = run_layerwise(model, ids, [method], batch_size=2)
         assert len(res.results) == 21 and not res.warnings
-        out[bool(opts)] = (res, _output_mse(model, ref_hidden, ids))
+        out[bool(opts["gptaq"])] = (res, _output_mse(model, ref_hidden, ids))
     first = [f"model.layers.0.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
     for n in first:
         assert torch.equal(out[True][0].results[n].q, out[False][0].results[n].q), n
@@ -605,11 +604,11 @@ def test_gptaq_on_moe_pairs_dense_steps_only(arch):
     args = QuantArgs(4, 16, False)
     ids = _calib(80, n=6)
     out = {}
-    for opts in ({}, {"gptaq": 1.0}):
+    for opts in ({"gptaq": 0.0}, {"gptaq": 1.0}):
         model = make_tiny_model(arch, seed=81)
         res = run_layerwise(model, ids, [get_method("gptq")(Scheme(args), expert_min_tokens=0, **opts)], batch_size=3)
         assert set(res.results) == set(ModelAdapter.for_model(model).all_linears())
-        out[bool(opts)] = res.results
+        out[bool(opts["gptaq"])] = res.results
     o_proj = "model.layers.1.self_attn.o_proj"
     assert not torch.equal(out[True][o_proj].q, out[False][o_proj].q)
 
@@ -627,6 +626,20 @@ def test_gptaq_without_true_sequential():
         assert len(res.results) == 14 and not res.warnings
         out[alpha] = res.results
     plain = run_layerwise(make_tiny_model("llama", seed=91, num_hidden_layers=2), ids,
-                          [get_method("gptq")(Scheme(args), true_sequential=False)], batch_size=2).results
+                          [get_method("gptq")(Scheme(args), true_sequential=False, gptaq=0.0)], batch_size=2).results
     assert all(torch.equal(out[0.0][k].q, plain[k].q) for k in plain)
     assert not torch.equal(out[0.5]["model.layers.1.self_attn.q_proj"].q, plain["model.layers.1.self_attn.q_proj"].q)
+
+
+def test_gptaq_auto_is_on_for_low_bit_weight_only_schemes():
+    from quantkit.methods.gptq import AUTO_GPTAQ
+    from quantkit.recipe import PRESETS
+
+    gptq = get_method("gptq")
+    assert 0 < AUTO_GPTAQ <= 1
+    assert gptq(Scheme(QuantArgs(4, 64, False))).gptaq == AUTO_GPTAQ
+    assert gptq(Scheme(QuantArgs(3, 64, False))).needs_reference
+    assert gptq(Scheme(QuantArgs(8, None, True))).gptaq == 0.0  # 8-bit weights: not measured, off
+    assert gptq(PRESETS["W8A8"]).gptaq == 0.0 and not gptq(PRESETS["W8A8"]).needs_reference
+    assert gptq(Scheme(QuantArgs(4, 64, False)), gptaq=0.5).gptaq == 0.5
+    assert gptq(Scheme(QuantArgs(4, 64, False)), gptaq=0).needs_reference is False

@@ -91,13 +91,14 @@ def test_gptq_counts_the_worst_step_of_the_solve():
     for backend, per in (("auto", 8), ("torch", 10)):
         steps = [(96, 160 * 96), (96, 96 * 96), (96, 320 * 96), (160, 96 * 160)]
         expect[backend] = max(max(3 * i * i * 4 + 2 * n, 2 * i * i * 4 + per * n) for i, n in steps)
-        recipe = Recipe(Scheme(QuantArgs(4, 32, True)), (Stage("gptq", {"backend": backend}),))
+        recipe = Recipe(Scheme(QuantArgs(4, 32, True)), (Stage("gptq", {"backend": backend, "gptaq": 0}),))
         p = estimate_memory(CFG, recipe, calib, "cuda", dtype="bfloat16", host_available=10**12,
                             device_available=10**12)
         assert p.device_parts["statistics"] == expect[backend], backend
     assert expect["torch"] > expect["auto"]  # the torch loop keeps its integers as floats
-    # gptaq: the float model's activations double the stream; a float block copy and two (I, I) float32 more
-    recipe = Recipe(Scheme(QuantArgs(4, 32, True)), (Stage("gptq", {"gptaq": 1.0}),))
+    # gptaq (on by default at 4 bits): the float model's activations double the stream; a float block copy and
+    # two (I, I) float32 more
+    recipe = Recipe(Scheme(QuantArgs(4, 32, True)), (Stage("gptq"),))
     p = estimate_memory(CFG, recipe, calib, "cuda", dtype="bfloat16", host_available=10**12, device_available=10**12)
     block_params = 160 * 96 + 96 * 96 + 320 * 96 + 96 * 160 + 2 * 96  # the linears + two norms
     assert p.device_parts["block inputs + outputs"] == 4 * 32 * 96 * 2 * 2 * 2

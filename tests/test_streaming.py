@@ -102,7 +102,7 @@ def test_streamed_gptaq_is_byte_identical(model_dir, tmp_path):
     recipe = Recipe(W4, (Stage("gptq", {"gptaq": 1.0}),))
     ref = _files(_run(model_dir, tmp_path / "mem", recipe, stream=False))
     assert _files(_run(model_dir, tmp_path / "str", recipe, stream=True)) == ref
-    plain = _files(_run(model_dir, tmp_path / "plain", Recipe(W4, (Stage("gptq"),)), stream=False))
+    plain = _files(_run(model_dir, tmp_path / "plain", Recipe(W4, (Stage("gptq", {"gptaq": 0.0}),)), stream=False))
     assert plain["model.safetensors"] != ref["model.safetensors"]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -160,10 +160,10 @@ def gptq(
     mse_weight: MseWeightOpt = None,
     learned_rounding: LearnedRoundingOpt = False,
     rounding_steps: RoundingStepsOpt = 200,
-    gptaq: Annotated[float, typer.Option(
+    gptaq: Annotated[Optional[float], typer.Option(
         "--gptaq", help="Asymmetric calibration (GPTAQ, 'GPTQ v2'), strength 0-1: fit each layer to the float "
                         "model's outputs, repairing the error of the layers before it; twice the calibration "
-                        "activations. 0 = off.")] = 0.0,
+                        "activations. 0 = off; default: 0.25 for weight-only schemes of 4 bits or fewer, else 0.")] = None,
 ):
     """GPTQ: quantize column by column, compensating the error with the inputs' Hessian.
 
@@ -179,7 +179,7 @@ def gptq(
 
     return dict(damp=damp, block_size=block_size, act_order=act_order, true_sequential=true_sequential,
                 **mse_stage_options(mse, mse_grid, mse_weight), **rounding_stage_options(learned_rounding, rounding_steps),
-                **({"gptaq": gptaq} if gptaq else {}))
+                **({"gptaq": gptaq} if gptaq is not None else {}))
 
 
 def register(app: typer.Typer) -> None:

@@ -88,9 +88,9 @@ class GPTQOptions(WeightQuantizerOptions):
     # Asymmetric calibration (GPTAQ, "GPTQ v2"), its strength in [0, 1]: fit w_hat X (the inputs of the partly
     # quantized model) to w X_float (the float model's inputs) instead of to w X, so each layer also repairs the
     # error the layers before it left (quant.gptq.asymmetric_target; the target moves the fraction gptaq of the
-    # way, 0 = GPTQ). Costs a second activation stream through the float blocks. Off: at full strength it fits the
-    # calibration text (CPU, W4 g64: pydoc gap 4.8 -> 3.7%, prose 10.8 -> 15.0%; BENCHMARKS.md, issue 23).
-    gptaq: float = option(0.0, Number(0, 1, note=" (0 = off, 1 = full asymmetric calibration)"))
+    # way, 0 = GPTQ). Costs a second activation stream through the float blocks. "auto": AUTO_GPTAQ for
+    # weight-only schemes of 4 bits or fewer, 0 otherwise (see AUTO_GPTAQ for the measurements).
+    gptaq: float | str = option("auto", Number(0, 1, auto=True, note=" (0 = off, 1 = full asymmetric calibration)"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +102,19 @@ class GPTQOptions(WeightQuantizerOptions):
         if self.mse == "auto" and self.backend == "triton" and not self.act_order:
             return None  # the solve asked for cannot search (above): "auto" means min/max there
         return super().search_for(scheme)
+
+    def gptaq_for(self, scheme: Scheme) -> float:
+        """The asymmetric calibration strength to run under `scheme` (0 = plain GPTQ)."""
+        if self.gptaq != "auto":
+            return float(self.gptaq)
+        return AUTO_GPTAQ if self.auto_on(scheme) else 0.0
+
+
+# gptaq "auto" for weight-only schemes of 4 bits or fewer. Measured on the default model (CPU, W4 g64, 32 x 512
+# calibration, gaps on pydoc / code / prose held-out text, 16 windows each; BENCHMARKS.md, issue 23): strength 0
+# +4.75/+7.91/+10.77%, 0.25 +4.01/+6.41/+10.56%, 1 +3.65/+8.35/+15.04% (full strength fits the calibration text);
+# calibrated on builtin:mix: 0 +5.61/+6.32/+9.10%, 0.25 +4.76/+5.22/+6.62%, 1 +4.29/+5.85/+9.59%.
+AUTO_GPTAQ = 0.25
 
 
 DEFAULTS = GPTQOptions()  # by key: DEFAULTS["act_order"]
@@ -151,8 +164,8 @@ class GPTQ(Method):
     """Options: damp (0, 1] = 0.01, block_size = 128, act_order = true (static groups), true_sequential = true,
     backend = auto (auto / torch / triton: which solve runs), mse = auto (on for weight-only schemes of 4 bits
     or fewer; + mse_weight = hessian, mse_grid, mse_max_shrink, mse_norm: the per-group range search of
-    quant.mse where GPTQ computes its group scales), gptaq = 0 (asymmetric calibration's strength in [0, 1]: match
-    the float model's outputs, see GPTQOptions)."""
+    quant.mse where GPTQ computes its group scales), gptaq = auto (asymmetric calibration's strength in [0, 1]:
+    match the float model's outputs; auto = AUTO_GPTAQ for weight-only schemes of 4 bits or fewer, else 0)."""
 
     # Hessians are captured per true-sequential step inside apply_block (the shared
     # capture pass runs before earlier stages change the block, so its Hessians would be stale).
@@ -164,10 +177,11 @@ class GPTQ(Method):
     def __init__(self, scheme, **options):
         super().__init__(scheme, **options)
         self.mse = self.opts.search_for(scheme)  # the per-group range search (quant.mse), None = min/max
+        self.gptaq = self.opts.gptaq_for(scheme)  # asymmetric calibration's strength, 0 = off
 
     @property
     def needs_reference(self) -> bool:
-        return self.opts.gptaq > 0
+        return self.gptaq > 0
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:
@@ -235,7 +249,7 @@ class GPTQ(Method):
                 damp = 1.0
                 self._damped.append(label)
         h = stats.hessian
-        cross = stats.cross * self.opts.gptaq if isinstance(stats, _StepStats) else None  # asymmetric calibration
+        cross = stats.cross * self.gptaq if isinstance(stats, _StepStats) else None  # asymmetric calibration
         stats.xtx = None
         if isinstance(stats, _StepStats):
             stats.dxtx = None

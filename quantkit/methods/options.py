@@ -206,10 +206,13 @@ class RangeSearchOptions(MethodOptions):
         given = {k: getattr(self, k) for k in MSE_OPTIONS}
         self._search: MSESearch | None = mse_from_options(self.METHOD, {**given, "mse": self.mse is not False})
 
+    def auto_on(self, scheme: Scheme) -> bool:
+        """Whether an "auto" option of this method is on under `scheme`: weight-only, AUTO_MAX_BITS bits or fewer."""
+        return scheme.weights.bits <= self.AUTO_MAX_BITS and scheme.input_activations is None
+
     def search_for(self, scheme: Scheme) -> MSESearch | None:
         """The range search to run under `scheme`: None = min/max ranges."""
-        auto_off = scheme.weights.bits > self.AUTO_MAX_BITS or scheme.input_activations is not None
-        if self.mse == "auto" and auto_off:
+        if self.mse == "auto" and not self.auto_on(scheme):
             return None
         return self._search
 
