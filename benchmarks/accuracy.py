@@ -115,6 +115,10 @@ for _alpha in ("", "0.1", "0.25", "0.5"):
     ROWS[f"gptq-msew2-gptaq{_alpha}-mix-w4"] = (f"GPTQ (p 2 search), {_what}, builtin:mix", 4, (("gptq", _g),))
     ROWS[f"awq-noclip-gptq-msew2-gptaq{_alpha}-mix-w4"] = (
         f"AWQ scales (no clip) + GPTQ (p 2 search), {_what}, builtin:mix", 4, (("awq", {"clip": False}), ("gptq", _g)))
+# A GPTQ stage that does not name gptaq is plain GPTQ (strength 0), as it was when those rows were measured (the
+# method's default is now "auto", 0.25 at 4 bits or fewer).
+for _key, (_desc, _bits, _stages) in list(ROWS.items()):
+    ROWS[_key] = (_desc, _bits, tuple((m, {"gptaq": 0.0, **o} if m == "gptq" else o) for m, o in _stages))
 # Rows calibrated on another builtin set than builtin:pydoc (the default of every command): those named "-mix-".
 ROW_CALIB = {k: "builtin:mix" for k in ROWS if "-mix-" in k}
 
