@@ -470,9 +470,9 @@ def test_gptq_moe_experts_with_few_tokens_fall_back(monkeypatch):
     captures = []
     capture = G._capture
 
-    def spy_capture(ctx, steps):
+    def spy_capture(ctx, steps, *rest):
         captures.append(len(steps))
-        return capture(ctx, steps)
+        return capture(ctx, steps, *rest)
 
     monkeypatch.setattr(G.GPTQ, "_solve_step", spy_step)
     monkeypatch.setattr(G, "gptq_quantize", spy)
