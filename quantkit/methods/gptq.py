@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -412,8 +412,8 @@ def _capture_paired(ctx: BlockContext, firsts: dict[str, nn.Module], paired: dic
             handles.append(m.register_forward_pre_hook(keep(n)))
         for n, m in firsts.items():
             handles.append(m.register_forward_pre_hook(pair(n)))
-        with (_stop_at(ref_block, ref_mods[next(iter(firsts))]) if one else _no_stop()), \
-                (_stop_at(ctx.block, firsts[next(iter(firsts))]) if one else _no_stop()):
+        with (_stop_at(ref_block, ref_mods[next(iter(firsts))]) if one else nullcontext()), \
+                (_stop_at(ctx.block, firsts[next(iter(firsts))]) if one else nullcontext()):
             for j in range(ctx.n_batches):
                 h_ref, kw = ctx.reference(j)
                 ref_block(h_ref, **kw)
@@ -425,8 +425,3 @@ def _capture_paired(ctx: BlockContext, firsts: dict[str, nn.Module], paired: dic
         for hd in handles:
             hd.remove()
     return stats
-
-
-@contextmanager
-def _no_stop() -> Iterator[None]:
-    yield
