@@ -337,10 +337,11 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, dea
                       cdt: torch.dtype) -> torch.Tensor:
     """The weight GPTQ quantizes under asymmetric calibration (GPTAQ: match the float model's output).
 
-    GPTQ minimizes |w X - w_hat X|^2 over the inputs X the layer sees once the layers before it are
-    quantized; the float model computed w X_float. Asymmetric calibration minimizes |w X_float - w_hat X|^2.
-    Its normal equations give the continuous optimum w* = w X_float X^T (X X^T)^-1 = w + w D H^-1 with
-    D = (X_float - X)^T X, and the objective equals |(w* - w_hat) X|^2 plus a constant, so GPTQ's solve run on
+    With token rows X (tokens, in): GPTQ minimizes |X w^T - X w_hat^T|^2 over the inputs X the layer sees once the
+    layers before it are quantized; the float model computed X_float w^T. Asymmetric calibration minimizes
+    |X_float w^T - X w_hat^T|^2. Its normal equations give the continuous optimum
+    w* = w X_float^T X (X^T X)^-1 = w + w D H^-1 with D = (X_float - X)^T X, and the objective equals
+    |X (w* - w_hat)^T|^2 plus a constant, so GPTQ's solve run on
     w* (with the same H) minimizes it. With the damping, H + lam I, w* is the optimum of the objective plus
     lam |w - w_hat|^2 (a ridge towards w, not towards 0). h and cross share one normalisation (2/n);
     dead inputs (H_ii = 0) have D's column zero and get H_ii = 1, as in the solve. Returns (out, in) in cdt."""
