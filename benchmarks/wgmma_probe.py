@@ -19,8 +19,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+
+from quantkit.kernels._common import build_for_target  # noqa: E402
 
 
 @triton.jit
@@ -43,12 +43,8 @@ def _minimal(a_ptr, w_ptr, c_ptr, M, N, K, IS_INT: tl.constexpr, BM: tl.constexp
 
 
 def pendings(fn, types: dict, consts: dict, num_warps: int, num_stages: int) -> list[int]:
-    names = fn.arg_names
-    sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-               if n not in consts and (n.endswith("_ptr") or n in ("M", "N", "K", "stride_xm", "stride_cm"))}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()}, attrs=aligned)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n in ("M", "N", "K", "stride_xm", "stride_cm")]
+    k = build_for_target(fn, types, consts, 90, aligned=aligned, num_warps=num_warps, num_stages=num_stages)
     return [int(p) for p in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", k.asm["ttgir"])]
 
 

@@ -19,20 +19,12 @@ pytest.importorskip("triton")
 
 CHILD = textwrap.dedent(r'''
     import json, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from quantkit.kernels import attention, hadamard, w8a8, wna16
-
-    from quantkit.kernels._common import load_tuned
+    from quantkit.kernels._common import build_for_target, load_tuned
 
     def compiled(lazy, types, consts, cc, **options):
-        fn = lazy.jitted()  # the compiled-mode triton.jit function (TRITON_INTERPRET unset here)
-        names = fn.arg_names
-        sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
-               for n in names}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-        return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+        # the compiled-mode triton.jit function (TRITON_INTERPRET unset here)
+        return build_for_target(lazy.jitted(), types, consts, cc, **options)
 
     def build(lazy, types, consts, cc):
         return sorted(compiled(lazy, types, consts, cc).asm)

@@ -164,6 +164,25 @@ class LazyKernel:
         return names
 
 
+def build_for_target(fn, types: dict[str, str], consts: dict[str, Any], cc: int = 90, *, aligned=(),
+                     **options):
+    """Compile a ``triton.jit`` function (compiled mode: ``LazyKernel.jitted()`` with TRITON_INTERPRET unset) for
+    NVIDIA compute capability `cc` with Triton's own compiler and ptxas: no GPU needed (the compile test, the
+    static wgmma probe). types: argument -> Triton type, others "*fp32" for ``*_ptr`` names and "i32" otherwise;
+    consts: the constexprs; aligned: arguments given the 16-byte divisibility a launch specialises on (without
+    it the compiler assumes unaligned pointers and, e.g., does not pipeline 2-byte loads); options: num_warps,
+    num_stages. Returns the CompiledKernel (``.asm`` per stage, ``.metadata.shared``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in names and n not in consts}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 

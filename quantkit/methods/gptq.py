@@ -249,10 +249,8 @@ class GPTQ(Method):
                 damp = 1.0
                 self._damped.append(label)
         h = stats.hessian
-        cross = stats.cross * self.gptaq if isinstance(stats, _StepStats) else None  # asymmetric calibration
+        cross = stats.take_cross(self.gptaq) if isinstance(stats, _StepStats) else None  # asymmetric calibration
         stats.xtx = None
-        if isinstance(stats, _StepStats):
-            stats.dxtx = None
         lins = [ctx.linears[n] for n in names]
         dtypes = {lin.weight.dtype for lin in lins}
         groups = [names] if len(dtypes) == 1 else [[n] for n in names]  # stack only like with like
@@ -326,20 +324,21 @@ def _phases(ctx: BlockContext, steps: list[list[str]]) -> list[list[list[str]]]:
 
 class _StepStats(InputStats):
     """A step's Hessian statistics, plus (asymmetric calibration) dxtx = sum (x_float - x)^T x over the same
-    tokens: `cross` is it with the Hessian's normalisation (quant.gptq.gptq_quantize's `cross`)."""
+    tokens; `take_cross` hands it over with the Hessian's normalisation (quant.gptq.gptq_quantize's `cross`)."""
 
     def __init__(self):
         super().__init__({"hessian"})
         self.dxtx: torch.Tensor | None = None
 
-    @property
-    def cross(self) -> torch.Tensor | None:
-        return None if self.dxtx is None else self.dxtx * (2.0 / max(self.count, 1))
+    def take_cross(self, strength: float) -> torch.Tensor | None:
+        """2 dxtx / n x strength, scaled in place (no (in, in) copy); the statistics no longer hold it."""
+        d, self.dxtx = self.dxtx, None
+        return None if d is None else d.mul_(2.0 / max(self.count, 1)).mul_(strength)
 
     @torch.no_grad()
     def add_pair(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # once: add() takes it as it is
         self.add(x)
-        x = x.reshape(-1, x.shape[-1]).float()
         dx = x_float.reshape(-1, x.shape[-1]).float() - x
         self.dxtx = dx.T @ x if self.dxtx is None else self.dxtx.addmm_(dx.T, x)
 
