@@ -166,6 +166,7 @@ def quantize(
     methods: the recipe's methods when the caller built them already (`quantkit.run` builds them once a run).
     """
     from quantkit.calib.pipeline import run_layerwise
+    from quantkit.methods.base import resolved_options
 
     mixed = _sensitive_plan(loaded.model, recipe, sensitive) if sensitive is not None else None
     if mixed is not None:
@@ -210,6 +211,7 @@ def quantize(
         static_scales=collector.scales if collector is not None else None,
         online_rotations=online,
         training={m.name: m.artifacts["training"] for m in methods if "training" in getattr(m, "artifacts", {})},
+        resolved_options=resolved_options(methods),
         tensors=tensors,
         weight_checked=checkpointer.rebuilt_from_result if stream is not None else None,
     )

@@ -164,6 +164,7 @@ def _quantize_and_score(recipe, methods, plan, o: RunOptions, say, progress):
         )
     reached("calibrated")
     summary["quantize_seconds"] = time.perf_counter() - t_q
+    summary["resolved_options"] = qmodel.resolved_options
     if o.eval_cfg is not None:
         say("scoring the quantized model on the same windows ...")
         # Activation / KV quantization is simulated in torch so the score covers the whole scheme.

@@ -150,7 +150,20 @@ def test_shorthand_end_to_end(tiny_dir, tmp_path, cmd, extra):
     out = tmp_path / cmd
     code, text = _run(cmd, "--model", tiny_dir, "--out", out, "--group-size", 32, "--samples", 4, "--seqlen", 32, *extra)
     assert code == 0, text
-    stage = json.loads((out / "quantkit.json").read_text())["recipe"]["stages"][0]
+    manifest = json.loads((out / "quantkit.json").read_text())
+    stage = manifest["recipe"]["stages"][0]
     assert stage["method"] == cmd and len(stage) > 1
     if "--gptaq" in extra:
         assert stage["gptaq"] == 0.5
+    # what GPTQ's "auto" options became is recorded, in the manifest, the summary and inspect's view
+    resolved = manifest.get("resolved_options")
+    if cmd == "gptq":
+        auto = {"mse": "Hessian-weighted range search, p 2, 50 shrinks down to 0.5"}
+        if "--gptaq" not in extra:
+            auto["gptaq"] = 0.25  # weight-only W4
+        assert resolved == [{"stage": 1, "method": "gptq", **auto}]
+        assert "auto: mse=Hessian-weighted" in text and ("gptaq=0.25" in text) == ("--gptaq" not in extra)
+        code, shown = _run("inspect", out)
+        assert code == 0 and "stage 1 auto" in shown and "Hessian-weighted" in shown, shown
+    else:
+        assert resolved is None  # AWQ has no "auto" option

@@ -135,6 +135,7 @@ def test_alpha_auto_restores_weights_between_trials():
     """After the search, block 0 is exactly what a fixed run with the chosen alpha produces
     (block 0 sees the same inputs in both runs), and a one-point grid equals the fixed alpha."""
     from quantkit.calib.pipeline import run_layerwise
+    from quantkit.methods.base import describe_resolved
     from quantkit.methods.smoothquant import SmoothQuant
 
     ids = _ids(2, 32)
@@ -143,6 +144,11 @@ def test_alpha_auto_restores_weights_between_trials():
     run_layerwise(m_auto, ids, [auto], batch_size=2)
     assert set(auto.chosen.values()) <= {0.0, 0.5, 0.9} and len(auto.chosen) == 3
     a0 = auto.chosen["model.layers.0"]
+    assert auto.resolved_options() == {"alpha": auto.chosen}  # what the manifest records of "auto"
+    assert SmoothQuant(PRESETS["W8A8"], alpha=0.5).resolved_options() == {}
+    lo, hi = min(auto.chosen.values()), max(auto.chosen.values())
+    assert describe_resolved({"stage": 1, "method": "smoothquant", **auto.resolved_options()}) == \
+        f"alpha={lo:g}-{hi:g} over 3 blocks"
     m_fixed = _outlier_model()
     run_layerwise(m_fixed, ids, [SmoothQuant(PRESETS["W8A8"], alpha=a0)], batch_size=2)
     for (n, p), (_, q) in zip(m_auto.model.layers[0].named_parameters(), m_fixed.model.layers[0].named_parameters()):

@@ -132,15 +132,20 @@ def run_command(
 def _print_summary(s: dict) -> None:
     from rich.table import Table
 
+    from quantkit.methods.base import describe_resolved
+
     t = Table(title="quantkit", show_header=False)
     t.add_row("scheme", f"{s['scheme']} · {' + '.join(s['stages'])}")
     t.add_row("quantized linears", str(s["quantized_linears"]))
     if s.get("fp16_linears"):
         t.add_row("kept FP16 (--sensitive)", f"{s['fp16_linears']} linears, quantized copies in the shadow sidecar")
     t.add_row("checkpoint", f"{s['out']} ({s.get('format', 'compressed-tensors')})")
+    auto = {r["stage"]: r for r in s.get("resolved_options", [])}
     for i, st in enumerate(s.get("recipe", {}).get("stages", [])):
         opts = ", ".join(f"{k}={v}" for k, v in st.items() if k != "method")
         t.add_row(f"stage {i + 1}", f"{st['method']}" + (f" ({opts})" if opts else ""))
+        if i + 1 in auto:
+            t.add_row("", "auto: " + describe_resolved(auto[i + 1]))
     if "baseline" in s:
         b, q = s["baseline"]["ppl"], s["quantized"]["ppl"]
         t.add_row("perplexity (baseline)", f"{b:.4f}")

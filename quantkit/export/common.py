@@ -388,6 +388,8 @@ def write_checkpoint(
             manifest_extra = plan.side_files(tmp) if plan.side_files is not None else {}
             if qmodel.online_rotations:  # SpinQuant's run-time Hadamards: the weights assume them
                 manifest_extra["online_rotations"] = qmodel.online_rotations
+            if qmodel.resolved_options:  # what the recipe's "auto" options became
+                manifest_extra["resolved_options"] = qmodel.resolved_options
             if qmodel.sensitivity is not None:  # which linears the scan kept in FP16, and from which file
                 manifest_extra["sensitivity"] = qmodel.sensitivity
         if mismatched:

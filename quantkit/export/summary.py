@@ -34,7 +34,7 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
     "kv_cache_scheme", "n_quantized_linears", "quantized_bytes", "unquantized_bytes",
     "total_bytes", "n_tensors", "manifest": {format_version, quantkit_version, created}
     or None, "source", "recipe", "warnings", "linear_bytes", "sensitivity", "shadow", "online_rotations",
-    "transform_config"}.
+    "resolved_options", "transform_config"}.
     Byte counts are tensor payloads; total_bytes is all files in the dir. Works without
     a quantkit.json (then the manifest fields are None).
     """
@@ -71,7 +71,8 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
         "n_tensors": sum(len(f.tensors) for f in files),
         "manifest": None if manifest is None else {k: m.get(k) for k in _MANIFEST_KEYS},
         "linear_bytes": _linear_memory_split(files, quantized_modules, ignore),
-        **{k: m.get(k) for k in ("source", "recipe", "warnings", "sensitivity", "shadow", "online_rotations")},
+        **{k: m.get(k) for k in ("source", "recipe", "warnings", "sensitivity", "shadow", "online_rotations",
+                                 "resolved_options")},
         "transform_config": qc.get("transform_config") or None,
     }
 

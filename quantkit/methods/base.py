@@ -117,6 +117,11 @@ class Method:
         self.scheme = scheme
         self.opts = self.check_options(options)
 
+    def resolved_options(self) -> dict[str, Any]:
+        """What this stage's "auto" options became (under the scheme and, once the run is done, on this model),
+        JSON-ready: the manifest and the run summary show it beside the recipe as written. {}: nothing was auto."""
+        return {}
+
     @property
     def needs_reference(self) -> bool:
         """Whether apply_block reads `BlockContext.reference` (the float model's inputs to the block): the
@@ -202,6 +207,24 @@ def build_methods(recipe) -> list[Method]:
     for m in methods[:-1]:
         m.final = False
     return methods
+
+
+def resolved_options(methods: list[Method]) -> list[dict[str, Any]]:
+    """Per stage with "auto" options, what they became: {"stage": 1-based index, "method", option: value}."""
+    return [{"stage": i + 1, "method": m.name, **r} for i, m in enumerate(methods) if (r := m.resolved_options())]
+
+
+def describe_resolved(entry: dict[str, Any]) -> str:
+    """One line of a `resolved_options` entry; a per-block choice (SmoothQuant's alpha) as its range and count."""
+    parts = []
+    for k, v in entry.items():
+        if k in ("stage", "method"):
+            continue
+        if isinstance(v, dict):
+            vals = list(v.values())
+            v = f"{min(vals):g}-{max(vals):g} over {len(vals)} blocks" if vals else "no block searched"
+        parts.append(f"{k}={v}")
+    return ", ".join(parts)
 
 
 def available_methods() -> list[str]:

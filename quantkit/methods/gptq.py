@@ -40,6 +40,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -182,6 +183,14 @@ class GPTQ(Method):
     @property
     def needs_reference(self) -> bool:
         return self.gptaq > 0
+
+    def resolved_options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.opts.mse == "auto":
+            out["mse"] = self.mse.describe() if self.mse is not None else "off (min/max ranges)"
+        if self.opts.gptaq == "auto":
+            out["gptaq"] = self.gptaq
+        return out
 
     @torch.no_grad()
     def apply_block(self, ctx: BlockContext) -> None:

@@ -97,6 +97,9 @@ class SmoothQuant(Method):
         super().__init__(scheme, **options)
         self.chosen: dict[str, float] = {}  # block name -> alpha used (the artifact of an auto search)
 
+    def resolved_options(self) -> dict[str, Any]:
+        return {"alpha": dict(self.chosen)} if self.opts.alpha == "auto" else {}  # block -> alpha the search kept
+
     def _groups(self, ctx: BlockContext) -> list[tuple[nn.Module, list[str], list[nn.Module]]]:
         """(norm module, consumer full names, unquantized readers) for each norm-producer group whose
         consumers are all quantized; the readers (an MoE router) take the scales into their columns too."""

@@ -130,6 +130,12 @@ class SpinQuant(Method):
     def uses_data(self) -> bool:
         return self.opts.rotation == "learned"
 
+    def resolved_options(self) -> dict[str, Any]:
+        # online / r4_block: the manifest's online_rotations records what they became
+        if self.opts.train_weights == "auto" and self.opts.rotation == "learned":
+            return {"train_weights": "quantized" if self.train_quantized_weights() else "float"}
+        return {}
+
     def train_quantized_weights(self) -> bool:
         """Whether the training loss fake-quantizes the weights (see SpinQuantOptions.train_weights)."""
         if self.opts.train_weights != "auto":

@@ -51,6 +51,9 @@ class QuantizedModel:
     # Per method name, what a training transform did (SpinQuant: {"log": per-step loss, orthogonality
     # error, seconds, held-out loss; "best_step", "best_val_loss", "start_val_loss", ...}).
     training: dict[str, dict] = field(default_factory=dict)
+    # What the recipe's "auto" options became, one entry per stage that had any: {"stage": 1-based index,
+    # "method", option: value} (Method.resolved_options); in the manifest and the run summary.
+    resolved_options: list[dict[str, Any]] = field(default_factory=list)
     # A streamed run (quantkit.models.streaming): `model` is a meta skeleton and this reads any of its
     # state-dict tensors (the saved blocks from OUT.partial, the rest from the source shards); None otherwise.
     tensors: Callable[[str], Any] | None = None

@@ -47,6 +47,11 @@ class MSESearch:
     norm: float = DEFAULTS["mse_norm"]
     weight: str = DEFAULTS["mse_weight"]
 
+    def describe(self) -> str:
+        """One line for run summaries and manifests."""
+        what = "Hessian-weighted" if self.weight == "hessian" else "unweighted"
+        return f"{what} range search, p {self.norm:g}, {self.grid} shrinks down to {1 - self.max_shrink:g}"
+
     def shrinks(self) -> list[float]:
         if self.grid == 1:
             return [1.0]
