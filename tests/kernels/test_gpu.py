@@ -76,6 +76,41 @@ def test_mixed_rows_at_large_m_keep_the_shipped_kernel(layer, dtype):
     assert rel_err(y[fp], plain[fp]) > 1e-1  # w16 is an independent weight: the FP16 rows did run on it
 
 
+# The persistent TMA kernel at both tile shapes the H200 file ships: forced, so every Hopper GPU runs it (the
+# shipped configs choose it on the H200 only; elsewhere the heuristics never do).
+TMA_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, BACKEND="tma"),
+               dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, BACKEND="tma")]
+MMA_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, FUSE_QUANT=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="TMA needs Hopper or newer")
+@pytest.mark.parametrize("M", [2048, 1000])
+@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=["128x256", "256x128"])
+def test_tma_kernel_plain_and_mixed_match_the_tensor_core_kernel(layer, M, cfg):
+    """Plain W8A8 through the TMA kernel equals the tensor-core kernel bit for bit (both accumulate exactly in
+    int32 and share the epilogue); mixed rows on it: INT8 rows equal that too, FP16 rows match the reference."""
+    if layer["N"] * layer["K"] > 6144 * 4096 and layer["K"] != 14336:
+        pytest.skip("keep the GPU test short")
+    N, K, W = layer["N"], layer["K"], layer["W8"]
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    assert w8a8.tma_applies(x, W.w, torch.empty(M, N, device="cuda", dtype=torch.float16))
+    mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=MMA_CONFIG)
+    tma = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=poison((M, N), torch.float16, "cuda"))
+    assert torch.equal(tma, mma)
+    assert rel_err(tma, w8a8.w8a8_gemm_ref(x, W.w, W.scale)) <= 1e-2
+    rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
+    rb[64:128] = 1
+    rb[M - 40:] = 1  # the ragged last tile too
+    wf = layer["w16"]
+    y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, row_bits=rb, w_fp16=wf,
+                                out=poison((M, N), torch.float16, "cuda"))
+    fp = rb.bool()
+    assert torch.equal(y[~fp], mma[~fp])
+    ref = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb)
+    assert rel_err(y[fp], ref[fp]) <= 1e-2
+
+
 @pytest.mark.parametrize("M", [1, 256, 2048])
 def test_public_ops_bf16(layer, M):
     if layer["N"] * layer["K"] > 6144 * 4096:
