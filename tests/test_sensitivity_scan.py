@@ -313,7 +313,8 @@ def test_select_fp16_fold_choice_never_reads_its_fold(model):
 def test_greedy_does_not_count_one_repair_twice():
     """Units A and B repair the same error (either gains 5, both together 5), C gains 4 alone; budget 2 units.
     The knapsack of single gains keeps A + B (10 predicted, 5 real); greedy re-measures after picking A,
-    sees B's gain fall to 0 and keeps A + C (9 real). Its measurements are cached per restored set."""
+    sees B's gain fall to 0 and keeps A + C (9 real); D (single gain 0) cannot beat C's 4, so it is not
+    measured. Its measurements are cached per restored set."""
     from contextlib import contextmanager
 
     from quantkit.sensitivity.select import _Search
@@ -354,10 +355,47 @@ def test_greedy_does_not_count_one_repair_twice():
     knap = search.rules(gains, measured, None, [0.0] * 4)["restore"]([0, 1])
     assert knap == ["m.a", "m.b"]
     assert search.greedy_choice(Q(), allq, gains, measured, 3, [0, 1]) == ["m.a", "m.c"]
-    assert measured_sets == [frozenset("ab"), frozenset("ac"), frozenset("ad")]  # the first pick read single gains
+    assert measured_sets == [frozenset("ab"), frozenset("ac")]  # the first pick read single gains
     assert search.greedy_choice(Q(), allq, gains, measured, 3, [0, 1]) == ["m.a", "m.c"]
-    assert len(measured_sets) == 3  # the second run read the cache
+    assert len(measured_sets) == 2  # the second run read the cache
     assert search.greedy_choice(Q(), allq, gains, measured, 1, [0, 1]) == ["m.a"]  # width 1: only B, no gain
+
+
+def test_greedy_is_lazy_when_gains_hold():
+    """Independent units (each one's gain the same whatever else is restored): after the first pick, the
+    candidate with the largest last gain is re-measured, still beats every other's last gain and is picked:
+    one forward a pick, not `width`; the choice is the exact greedy (= the knapsack's here)."""
+    from contextlib import contextmanager
+
+    from quantkit.sensitivity.select import _Search
+
+    single = {"a": 6.0, "b": 5.0, "c": 4.0, "d": 3.0, "e": 2.0, "f": 1.0}
+    names = [f"m.{u}" for u in single]
+    restored_now: list[frozenset] = [frozenset()]
+
+    class Q:
+        @contextmanager
+        def restored(self, ms):
+            restored_now[0] = frozenset(m[-1] for m in ms)
+            try:
+                yield
+            finally:
+                restored_now[0] = frozenset()
+
+    layers = [type("L", (), {"name": n, "rel_err": 0.0})() for n in names]
+    search = _Search(None, layers, torch.zeros(2, 8, dtype=torch.long), 0.5, 2, 1, lambda _m: None)
+    assert search.budget == 3
+    allq = torch.full((2,), 100.0, dtype=torch.float64)
+    measured_sets = []
+
+    def nll(_w, counts=True):
+        measured_sets.append(restored_now[0])
+        return allq - sum(single[u] for u in restored_now[0]) / 2
+
+    search.nll = nll
+    gains = torch.stack([torch.full((2,), g / 2, dtype=torch.float64) for g in single.values()])
+    assert search.greedy_choice(Q(), allq, gains, list(range(6)), 5, [0, 1]) == ["m.a", "m.b", "m.c"]
+    assert measured_sets == [frozenset("ab"), frozenset("abc")]
 
 
 def test_select_fp16_greedy_rule_on_a_model(model):

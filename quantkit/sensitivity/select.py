@@ -21,8 +21,9 @@ unit sizes, capacity k), solved exactly by dynamic programming. Rules: "restore"
 (the scan's relative output error summed over the unit; it reads no window NLL), and,
 when asked (`greedy` = N), "greedy": the knapsack adds single-unit gains, but two units
 can repair the same error (restoring both gains less than the sum), so "greedy" picks one
-unit at a time, the best gain per linear given the units already picked, re-measuring the
-N best remaining candidates (by single gain) with the picks restored after each pick.
+unit at a time, the best gain per linear given the units already picked, re-measuring
+candidates with the picks restored after each pick: lazily, in order of their last measured
+gain, at most N a pick, until the best fresh gain beats every remaining one's last.
 
 Cross-validation. The windows are cut into `folds` contiguous folds (neighbouring windows
 share a topic, so contiguous folds are the harder, more honest split). For each rule and
@@ -38,7 +39,8 @@ would flatter it).
 Forward passes over the selection windows: 2 (float, all quantized) + measured units
 + 1 per rule (its K fold scores) + 1 (the final choice, in-sample); the default model has
 210 linears in 120 units, so 2 + 120 + 3 + 1 = 126. "greedy" adds up to N per pick after
-the first, for each of its K + 1 choices (a restored set measured once is reused).
+the first (one when the best candidate's gain holds), for each of its K + 1 choices (a restored
+set measured once is reused).
 """
 
 from __future__ import annotations
@@ -252,18 +254,27 @@ class _Search:
     def greedy_choice(self, q, allq: torch.Tensor, gains: torch.Tensor, measured: list[int], width: int,
                       idx: list[int]) -> list[str]:
         """The "greedy" rule on the windows `idx`: units picked one at a time while the budget allows, each the
-        largest gain per linear over the units already picked (re-measured for the `width` best remaining
-        units by single gain; the first pick reads the single gains), stopping when no gain is positive."""
+        largest gain per linear over the units already picked, stopping when no gain is positive.
+
+        Evaluated lazily: a unit's last measured gain per linear (its single gain at first) is its bound, since
+        a gain shrinks as other units are restored when they repair the same error. Candidates are re-measured
+        with the picks restored in order of bound, at most `width` per pick, and the search for a pick stops as
+        soon as the best fresh gain is at least every remaining bound: with independent units one forward a
+        pick, instead of `width` (the full-size W8A8 run did not finish with `width` forwards per pick)."""
         picked: list[int] = []
         cost = 0
         cur = allq  # per-window NLL with `picked` restored
+        bound = {i: float(gains[i, idx].sum()) / self.costs[i] for i in measured}
         while True:
-            fit = [i for i in measured if i not in picked and cost + self.costs[i] <= self.budget]
-            single = {i: float(gains[i, idx].sum()) / self.costs[i] for i in fit}
-            best, best_v, best_nll = None, 0.0, None
-            for i in sorted(fit, key=lambda i: -single[i])[: max(1, width)]:
+            fit = sorted((i for i in measured if i not in picked and cost + self.costs[i] <= self.budget),
+                         key=lambda i: -bound[i])
+            best, best_v, best_nll, fresh = None, 0.0, None, 0
+            for i in fit:
+                if fresh >= max(1, width) or best_v >= bound[i]:  # (best_v starts at 0: only positive gains pick)
+                    break
                 nll = allq - gains[i] if not picked else self._restored_nll(q, (*picked, i))
-                v = float((cur - nll)[idx].sum()) / self.costs[i]
+                bound[i] = v = float((cur - nll)[idx].sum()) / self.costs[i]
+                fresh += 1
                 if v > best_v:
                     best, best_v, best_nll = i, v, nll
             if best is None:
