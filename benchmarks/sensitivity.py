@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--samples", type=int, default=128, help="calibration windows (scan statistics, GPTQ)")
+    ap.add_argument("--calib", default=None, help="calibration text of the scan, its selection and the methods "
+                    "(default: builtin, i.e. builtin:pydoc; e.g. builtin:mix)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-seqlen", type=int, default=512, help="tokens per window (selection and scoring)")
@@ -140,8 +142,8 @@ def main() -> None:
     wins = dict(zip(TEXTS, (pydoc, ood)))
     cfgs = {TEXTS[0]: api.EvalConfig(seqlen=a.eval_seqlen, batch_size=a.eval_batch_size),
             TEXTS[1]: api.EvalConfig(data="builtin:code", seqlen=a.eval_seqlen, batch_size=a.eval_batch_size)}
-    calib_cfg = api.CalibConfig(samples=a.samples, seqlen=a.seqlen, batch_size=a.batch_size)
-    calib = calibration_set(tok, None, samples=a.samples, seqlen=a.seqlen, seed=0)
+    calib_cfg = api.CalibConfig(data=a.calib, samples=a.samples, seqlen=a.seqlen, batch_size=a.batch_size)
+    calib = calibration_set(tok, a.calib, samples=a.samples, seqlen=a.seqlen, seed=0)
 
     def score(m) -> dict[str, float]:
         return {t: api.evaluate(m, tok, cfgs[t], device=a.device, windows=w)[0].ppl for t, w in wins.items()}
@@ -234,7 +236,7 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=2, default=float) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nsensitivity benchmark · {out['device']} · {out['date']} · calib {a.samples}x{a.seqlen} · selection on "
+    print(f"\nsensitivity benchmark · {out['device']} · {out['date']} · calib {a.calib or 'builtin'} {a.samples}x{a.seqlen} · selection on "
           f"{a.select_windows or 'all'} calibration-text windows x {a.eval_seqlen}, {a.folds} folds · scored on "
           f"{pydoc.shape[0]} pydoc held-out + {ood.shape[0]} stdlib-source windows x {a.eval_seqlen} · "
           f"{a.draws} random draws · {out['seconds']:.0f} s · {path}")

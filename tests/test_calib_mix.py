@@ -118,3 +118,28 @@ def test_cli_refuses_heldout_text_for_calibration(tmp_path):
     assert code == 2 and "held-out text, never calibration" in out and "Traceback" not in out
     code, out = run_cli("eval", "--data", "builtin:mix")
     assert code == 2 and "calibration text only" in out and "Traceback" not in out
+
+
+def test_scan_selection_windows_of_the_mix_keep_its_weights(tiny_tokenizer):
+    """`scan --calib builtin:mix` chooses on windows in the mix's proportions (not in proportion to each text's
+    length, where stdlib code would dominate), each kind's spread evenly over its own text, kinds in order."""
+    seqlen = 24
+    w = D.calibration_windows(tiny_tokenizer, seqlen, 8, spec="builtin:mix")
+    assert w.shape == (8, seqlen)
+    counts = mix_counts(8)
+    assert counts == {"pydoc": 4, "code": 2, "prose": 2}
+    start = 0
+    for kind, c in counts.items():
+        ids = D.tokenize(tiny_tokenizer, D.MIX[kind]())
+        avail = ids.numel() // seqlen
+        expect = ids[: avail * seqlen].view(avail, seqlen)[[i * avail // c for i in range(c)]]
+        assert torch.equal(w[start : start + c], expect), kind
+        start += c
+    # all: as many as the scarcest kind's share allows, the same weights
+    every = D.calibration_windows(tiny_tokenizer, seqlen, None, spec="builtin:mix")
+    n = every.shape[0]
+    avail = {k: D.tokenize(tiny_tokenizer, f()).numel() // seqlen for k, f in D.MIX.items()}
+    assert all(c <= avail[k] for k, c in mix_counts(n).items())
+    assert any(c > avail[k] for k, c in mix_counts(n + 1).items())  # one more would overdraw a kind
+    with pytest.raises(CalibDataError, match="fewer than one window"):
+        D.calibration_windows(tiny_tokenizer, 10**7, 4, spec="builtin:mix")

@@ -351,12 +351,14 @@ def calibration_windows(tokenizer, seqlen: int, n_windows: int | None = None, sp
     """`n_windows` non-overlapping windows of the *calibration* text (None = all), spread evenly over it.
 
     For scoring choices made during calibration (the scan's `--target-fraction`) without
-    reading the held-out text. LongTensor (n, seqlen), in text order.
+    reading the held-out text. LongTensor (n, seqlen), in text order. builtin:mix: each kind's
+    share (`mix_counts`) spread over its own text, the kinds in `MIX_WEIGHTS` order (so contiguous
+    cross-validation folds score one kind by a choice made mostly on the others).
     """
-    import torch
-
     if seqlen <= 1:
         raise CalibDataError(f"--eval-seqlen ({seqlen}) must be >= 2")
+    if check_builtin(spec, "calib") == "mix":
+        return _mix_windows(tokenizer, seqlen, n_windows)
     tokens = tokenize(tokenizer, load_text(spec, part="calib", field=field))
     available = tokens.numel() // seqlen
     n = available if n_windows is None else min(n_windows, available)
@@ -365,5 +367,28 @@ def calibration_windows(tokenizer, seqlen: int, n_windows: int | None = None, sp
             f"calibration text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
             "use a shorter --eval-seqlen or more text with --calib"
         )
+    return _spread(tokens, seqlen, n)
+
+
+def _spread(tokens, seqlen: int, n: int):
+    """n of the non-overlapping windows of tokens (1-D), evenly spaced, in text order."""
+    import torch
+
+    available = tokens.numel() // seqlen
     picks = torch.tensor([i * available // n for i in range(n)])
     return tokens[: available * seqlen].view(available, seqlen)[picks].contiguous()
+
+
+def _mix_windows(tokenizer, seqlen: int, n_windows: int | None):
+    """calibration_windows of builtin:mix: the most windows (or n_windows) whose per-kind counts each text holds."""
+    import torch
+
+    texts = {k: tokenize(tokenizer, MIX[k]()) for k in MIX_WEIGHTS}
+    available = {k: t.numel() // seqlen for k, t in texts.items()}
+    n = sum(available.values()) if n_windows is None else n_windows
+    while n > 0 and any(c > available[k] for k, c in mix_counts(n).items()):
+        n -= 1
+    if n < 1:
+        raise CalibDataError(f"builtin:mix's texts hold fewer than one window of {seqlen} tokens each "
+                             f"({', '.join(f'{k} {v}' for k, v in available.items())}); use a shorter --eval-seqlen")
+    return torch.cat([_spread(texts[k], seqlen, c) for k, c in mix_counts(n).items() if c]).contiguous()
