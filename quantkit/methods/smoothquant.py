@@ -98,7 +98,8 @@ class SmoothQuant(Method):
         self.chosen: dict[str, float] = {}  # block name -> alpha used (the artifact of an auto search)
 
     def resolved_options(self) -> dict[str, Any]:
-        return {"alpha": dict(self.chosen)} if self.opts.alpha == "auto" else {}  # block -> alpha the search kept
+        # block -> alpha the search kept, for the blocks this process ran (a resumed run's restored blocks are not in it)
+        return {"alpha": dict(self.chosen)} if self.opts.alpha == "auto" else {}
 
     def _groups(self, ctx: BlockContext) -> list[tuple[nn.Module, list[str], list[nn.Module]]]:
         """(norm module, consumer full names, unquantized readers) for each norm-producer group whose
