@@ -8,6 +8,9 @@ plain and mixed; W4A16 with and without SCALE_W), and prints the `warp_group_dot
 of each TTGIR. A count >= 1 inside the K loop means the next wgmma is issued before the previous one
 is waited for; 0 means every MMA is waited for before the next K step (the tensor cores idle while
 the next operands are prepared). Run it with the Triton version the GPU machine has.
+
+Why INT8 is always 0: Triton's Hopper pipeliner makes a wgmma asynchronous only when its accumulator is fp32
+(WGMMAPipeline.cpp, dotCanBeProperlyAsync, "Rule 2.1"); INT8 wgmmas accumulate in int32 (BENCHMARKS.md, issue 19).
 """
 
 from __future__ import annotations
