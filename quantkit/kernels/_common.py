@@ -18,6 +18,7 @@ their ``triton.jit`` versions for the same mode when the kernel is decorated.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Callable
 
@@ -234,6 +235,20 @@ def load_tuned(kernel: str, directory: str = CONFIG_DIR) -> dict[tuple, dict]:
     return table
 
 
+_UNTUNED_WARNED: set[str] = set()
+
+
+def warn_untuned(gpu: str, directory: str = CONFIG_DIR) -> None:
+    """Once per GPU with no ``configs/<gpu>.json``: say that its GEMMs run the heuristic tile configs (an H100 runs
+    them today: the measured file is the H200's) and how to measure its own."""
+    if gpu == "cpu" or gpu in _UNTUNED_WARNED or os.path.exists(os.path.join(directory, f"{gpu}.json")):
+        return
+    _UNTUNED_WARNED.add(gpu)
+    logging.getLogger(__name__).warning(
+        "no tuned GEMM configs for %s (quantkit/kernels/configs/%s.json): the kernels use heuristic tile sizes, "
+        "which can be slower; `python benchmarks/gemm.py --tune --write-configs` measures this GPU's", gpu, gpu)
+
+
 def write_tuned(gpu: str, kernel: str, entries: dict[tuple[int, int, int], dict], directory: str = CONFIG_DIR) -> str:
     """Merge measured ``{(m_bucket, N, K): config}`` of ``kernel`` into ``<directory>/<gpu>.json``
     (one entry per line, sorted, so a re-tune reads as a small diff); returns the file's path."""
@@ -301,6 +316,8 @@ class ConfigCache:
             b = up[0] if up else near[-1]
             cfg = self.table.get((gpu, b, N, K)) or self.table.get(("*", b, N, K))
             return dict(cfg)
+        if self.kernel:
+            warn_untuned(gpu)
         return dict(self.defaults(M, N, K))
 
     def set(self, M: int, N: int, K: int, gpu: str, cfg: dict) -> None:

@@ -156,6 +156,22 @@ def test_tuned_configs_are_data(tmp_path):
     assert cache.get(2, 64, 128, "G1") == {"BACKEND": "mma"}  # bucket 2: the nearest larger measured bucket
 
 
+def test_a_gpu_without_tuned_configs_is_told_once(caplog, monkeypatch):
+    """A GPU with no configs/<gpu>.json (an H100 today) runs the heuristics: one warning naming the file and the
+    command that measures it; none for a GPU with a file, none on the CPU interpreter."""
+    from quantkit.kernels import _common
+
+    monkeypatch.setattr(_common, "_UNTUNED_WARNED", set())
+    with caplog.at_level("WARNING", logger="quantkit.kernels._common"):
+        for _ in range(3):
+            assert wna16.CONFIGS.get(64, 4096, 4096, "SOME-NEW-GPU") == wna16._default_config(64, 4096, 4096)
+        wna16.CONFIGS.get(64, 1000, 1000, "H200")  # untuned shape on a tuned GPU: its file exists, no warning
+        wna16.CONFIGS.get(64, 1000, 1000, "cpu")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1, msgs
+    assert "SOME-NEW-GPU" in msgs[0] and "configs/SOME-NEW-GPU.json" in msgs[0] and "gemm.py --tune" in msgs[0]
+
+
 @pytest.mark.parametrize("N,K,gs,asym,unroll,split_k,bias,big", [
     (40, 384, 128, False, 2, 1, False, False),   # 3 blocks, UNROLL 2: a masked half step
     (70, 512, 128, True, 2, 2, True, True),      # asym, split-K, an activation of 3000 (prescale)
