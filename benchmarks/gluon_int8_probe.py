@@ -80,7 +80,10 @@ def mma_instr_n(BM, BN, num_warps):
 
 
 @gluon.jit
-def int8_gemm_kernel(a_desc, w_desc, c_desc, K, STAGES: gl.constexpr, WARPS: gl.constexpr):
+def int8_gemm_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, M, N, K, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                     SCALED: gl.constexpr):
+    """SCALED: W8A8's epilogue, C (fp16) = acc * a_scale[row] * w_scale[col] (per-token, per-channel float32
+    scales); else C (int32) = acc."""
     BM: gl.constexpr = c_desc.block_type.shape[0]
     BN: gl.constexpr = c_desc.block_type.shape[1]
     BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -136,7 +139,14 @@ def int8_gemm_kernel(a_desc, w_desc, c_desc, K, STAGES: gl.constexpr, WARPS: gl.
 
     # epilogue: registers -> shared -> TMA store (out-of-bounds rows/cols are clipped by TMA)
     c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-    c_smem.store(acc)
+    if SCALED:
+        rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
+        cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+        a_s = gl.load(as_ptr + rows, mask=rows < M, other=0.0)
+        w_s = gl.load(ws_ptr + cols, mask=cols < N, other=0.0)
+        c_smem.store((acc.to(gl.float32) * a_s[:, None] * w_s[None, :]).to(c_desc.dtype))
+    else:
+        c_smem.store(acc)
     fence_async_shared()
     tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
     tma.store_wait(pendings=0)
@@ -148,10 +158,10 @@ def int8_gemm_kernel(a_desc, w_desc, c_desc, K, STAGES: gl.constexpr, WARPS: gl.
 
 
 def make_descs(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK_K):
-    """Gluon host TMA descriptors. TMA needs 16-byte row strides: K % 16 == 0 (int8), N % 4 == 0 (int32 C)."""
+    """Gluon host TMA descriptors. TMA needs 16-byte row strides: K % 16 == 0 (int8), N % 4 (int32 C) or 8 (fp16 C)."""
     a_l = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
     w_l = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
-    c_l = gl.NVMMASharedLayout.get_default_for([bm, bn], gl.int32)
+    c_l = gl.NVMMASharedLayout.get_default_for([bm, bn], gl.int32 if c.dtype == torch.int32 else gl.float16)
     return (TensorDescriptor.from_tensor(a, [bm, bk], a_l), TensorDescriptor.from_tensor(w, [bn, bk], w_l),
             TensorDescriptor.from_tensor(c, [bm, bn], c_l))
 
@@ -166,7 +176,23 @@ def int8_gemm(a: torch.Tensor, w: torch.Tensor, bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK
     c = torch.empty(M, N, dtype=torch.int32, device=a.device)
     a_d, w_d, c_d = make_descs(a, w, c, bm, bn, bk)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    int8_gemm_kernel[grid](a_d, w_d, c_d, K, STAGES=stages, WARPS=num_warps, num_warps=num_warps)
+    int8_gemm_kernel[grid](a_d, w_d, c_d, c, c, M, N, K, STAGES=stages, WARPS=num_warps, SCALED=False,
+                           num_warps=num_warps)
+    return c
+
+
+def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bm=BLOCK_M,
+              bn=BLOCK_N, bk=BLOCK_K, stages=STAGES, num_warps=NUM_WARPS) -> torch.Tensor:
+    """W8A8 on pre-quantized activations: (a @ w.T) * a_scale[:, None] * w_scale[None, :] in fp16 (a_scale (M,),
+    w_scale (N,) float32) -- what quantkit's W8A8 kernels compute after the per-token quantization."""
+    a, w = a.contiguous(), w.contiguous()
+    M, K = a.shape
+    N = w.shape[0]
+    c = torch.empty(M, N, dtype=torch.float16, device=a.device)
+    a_d, w_d, c_d = make_descs(a, w, c, bm, bn, bk)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    int8_gemm_kernel[grid](a_d, w_d, c_d, a_scale.float().contiguous(), w_scale.float().contiguous(), M, N, K,
+                           STAGES=stages, WARPS=num_warps, SCALED=True, num_warps=num_warps)
     return c
 
 
@@ -175,9 +201,9 @@ def int8_gemm_ref(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (a.cpu().to(torch.int64) @ w.cpu().to(torch.int64).T).to(torch.int32)
 
 
-def build_for_sm90(bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK_K, stages=STAGES, num_warps=NUM_WARPS, cc=90):
+def build_for_sm90(bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK_K, stages=STAGES, num_warps=NUM_WARPS, cc=90, scaled=False):
     """Compile int8_gemm_kernel for sm_`cc` without a GPU: the descriptor signatures are mangled from CPU tensors
-    exactly as a launch would; triton.compile runs the gluon pipeline, LLVM and ptxas."""
+    exactly as a launch would; triton.compile runs the gluon pipeline, LLVM and ptxas. scaled: the W8A8 epilogue."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -185,12 +211,14 @@ def build_for_sm90(bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK_K, stages=STAGES, num_warps=
     M = N = K = 1024
     a = torch.empty(M, K, dtype=torch.int8)
     w = torch.empty(N, K, dtype=torch.int8)
-    c = torch.empty(M, N, dtype=torch.int32)
+    c = torch.empty(M, N, dtype=torch.float16 if scaled else torch.int32)
     a_d, w_d, c_d = make_descs(a, w, c, bm, bn, bk)
     fn = int8_gemm_kernel
-    sig = {"a_desc": mangle_type(a_d), "w_desc": mangle_type(w_d), "c_desc": mangle_type(c_d), "K": "i32",
-           "STAGES": "constexpr", "WARPS": "constexpr"}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={"STAGES": stages, "WARPS": num_warps})
+    ptr = "*fp32" if scaled else "*i32"  # unused without the epilogue: any pointer
+    sig = {"a_desc": mangle_type(a_d), "w_desc": mangle_type(w_d), "c_desc": mangle_type(c_d), "as_ptr": ptr,
+           "ws_ptr": ptr, "M": "i32", "N": "i32", "K": "i32",
+           "STAGES": "constexpr", "WARPS": "constexpr", "SCALED": "constexpr"}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={"STAGES": stages, "WARPS": num_warps, "SCALED": scaled})
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
 
 
@@ -297,6 +325,11 @@ def run_on_gpu():
         ok = torch.equal(c.cpu(), ref)
         print(f"GPU M={M} N={N} K={K}: exact match {ok}"
               + ("" if ok else f" (mismatches {(c.cpu() != ref).sum().item()})"))
+        a_s = torch.rand(M, device="cuda") * 1e-2 + 1e-3
+        w_s = torch.rand(N, device="cuda") * 1e-2 + 1e-3
+        y = w8a8_gemm(a, a_s, w, w_s).float()
+        yr = (ref.cuda().double() * a_s.double()[:, None] * w_s.double()[None, :]).float()
+        print(f"GPU W8A8 epilogue M={M} N={N} K={K}: max rel err {((y - yr).abs().max() / yr.abs().max()).item():.2e}")
     time_on_gpu()
 
 
@@ -307,8 +340,12 @@ def time_on_gpu():
 
     from quantkit.kernels.w8a8 import w8a8_int32_accumulate
 
-    print("| M x N x K | gluon async wgmma us | torch._int_mm us | quantkit tl.dot us | gluon / _int_mm | gluon / quantkit |")
-    print("|---|---|---|---|---|---|")
+    from quantkit.kernels.w8a8 import w8a8_gemm_q_triton
+
+    print("| M x N x K | gluon async wgmma us | torch._int_mm us | quantkit tl.dot us | gluon / _int_mm | gluon / quantkit |"
+          " gluon W8A8 (fp16 out) us | quantkit W8A8 on quantized x (shipped configs) us | cuBLAS FP16 us |"
+          " cuBLAS FP16 / gluon W8A8 | cuBLAS FP16 / quantkit W8A8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (M, N, K) in [(2048, 4096, 4096), (2048, 6144, 4096), (2048, 28672, 4096), (2048, 4096, 14336)]:
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device="cuda")
         w = torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda")
@@ -317,7 +354,14 @@ def time_on_gpu():
         tg = do_bench(lambda: int8_gemm(a, w), rep=200) * 1e3
         tc = do_bench(lambda: torch._int_mm(a, wt), rep=200) * 1e3
         tq = do_bench(lambda: w8a8_int32_accumulate(a, w), rep=200) * 1e3
-        print(f"| {M} x {N} x {K} | {tg:.1f} | {tc:.1f} | {tq:.1f} | {tg / tc:.2f} | {tg / tq:.2f} |")
+        a_s = torch.rand(M, 1, device="cuda") * 1e-2 + 1e-3
+        w_s = torch.rand(N, 1, device="cuda") * 1e-2 + 1e-3
+        tgw = do_bench(lambda: w8a8_gemm(a, a_s, w, w_s), rep=200) * 1e3
+        tqw = do_bench(lambda: w8a8_gemm_q_triton(a, a_s, w, w_s), rep=200) * 1e3
+        x16, w16 = torch.randn(M, K, device="cuda", dtype=torch.float16), torch.randn(N, K, device="cuda", dtype=torch.float16)
+        t16 = do_bench(lambda: torch.nn.functional.linear(x16, w16), rep=200) * 1e3
+        print(f"| {M} x {N} x {K} | {tg:.1f} | {tc:.1f} | {tq:.1f} | {tg / tc:.2f} | {tg / tq:.2f} | {tgw:.1f} | "
+              f"{tqw:.1f} | {t16:.1f} | {t16 / tgw:.2f} | {t16 / tqw:.2f} |")
 
 
 def main():
@@ -332,6 +376,7 @@ def main():
                 f.write(r["kernel"].asm[ext])
     if "--warps8" in sys.argv:
         compile_report(num_warps=8)
+    compile_report(scaled=True)
     if torch.cuda.is_available():
         run_on_gpu()
     else:
