@@ -166,33 +166,28 @@ def make_descs(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, bm=BLOCK_M, bn
             TensorDescriptor.from_tensor(c, [bm, bn], c_l))
 
 
-def int8_gemm(a: torch.Tensor, w: torch.Tensor, bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK_K, stages=STAGES,
-              num_warps=NUM_WARPS) -> torch.Tensor:
+def int8_gemm(a: torch.Tensor, w: torch.Tensor, **tiles) -> torch.Tensor:
     """C = a @ w.T in int32 on a CUDA device (a: [M, K] int8, w: [N, K] int8, both row-major)."""
+    return _run(a, w, None, None, torch.int32, **tiles)
+
+
+def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, **tiles) -> torch.Tensor:
+    """W8A8 on pre-quantized activations: (a @ w.T) * a_scale[:, None] * w_scale[None, :] in fp16 (a_scale (M,),
+    w_scale (N,) float32) -- what quantkit's W8A8 kernels compute after the per-token quantization."""
+    return _run(a, w, a_scale.float().contiguous(), w_scale.float().contiguous(), torch.float16, **tiles)
+
+
+def _run(a, w, a_scale, w_scale, out_dtype, bm=BLOCK_M, bn=BLOCK_N, bk=BLOCK_K, stages=STAGES, num_warps=NUM_WARPS):
     assert a.dtype == torch.int8 and w.dtype == torch.int8 and a.shape[1] == w.shape[1]
     a, w = a.contiguous(), w.contiguous()
     M, K = a.shape
     N = w.shape[0]
-    c = torch.empty(M, N, dtype=torch.int32, device=a.device)
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     a_d, w_d, c_d = make_descs(a, w, c, bm, bn, bk)
+    scaled = a_scale is not None
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    int8_gemm_kernel[grid](a_d, w_d, c_d, c, c, M, N, K, STAGES=stages, WARPS=num_warps, SCALED=False,
-                           num_warps=num_warps)
-    return c
-
-
-def w8a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bm=BLOCK_M,
-              bn=BLOCK_N, bk=BLOCK_K, stages=STAGES, num_warps=NUM_WARPS) -> torch.Tensor:
-    """W8A8 on pre-quantized activations: (a @ w.T) * a_scale[:, None] * w_scale[None, :] in fp16 (a_scale (M,),
-    w_scale (N,) float32) -- what quantkit's W8A8 kernels compute after the per-token quantization."""
-    a, w = a.contiguous(), w.contiguous()
-    M, K = a.shape
-    N = w.shape[0]
-    c = torch.empty(M, N, dtype=torch.float16, device=a.device)
-    a_d, w_d, c_d = make_descs(a, w, c, bm, bn, bk)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    int8_gemm_kernel[grid](a_d, w_d, c_d, a_scale.float().contiguous(), w_scale.float().contiguous(), M, N, K,
-                           STAGES=stages, WARPS=num_warps, SCALED=True, num_warps=num_warps)
+    int8_gemm_kernel[grid](a_d, w_d, c_d, a_scale if scaled else c, w_scale if scaled else c, M, N, K,
+                           STAGES=stages, WARPS=num_warps, SCALED=scaled, num_warps=num_warps)
     return c
 
 
