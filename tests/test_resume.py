@@ -205,6 +205,27 @@ def test_float_stream_survives_resume_and_placements(tmp_path):
                           [get_method("gptq")(Scheme(ARGS), gptaq=0.0)], batch_size=4).results
     last = "model.layers.2.mlp.down_proj"
     assert not torch.equal(plain[last].q, ref.results[last].q)  # the float stream changed the solve
+
+    # the float stream costs one stored output per block and batch; block 0's inputs serve both streams (not copied)
+    from quantkit.calib import activations
+
+    puts = []
+    real_put = activations.ActivationStore.put
+
+    def counting_put(self, t):
+        puts.append(1)
+        return real_put(self, t)
+
+    counts = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(activations.ActivationStore, "put", counting_put)
+        for alpha in (0.0, 1.0):
+            puts.clear()
+            run_layerwise(make_tiny_model("llama", seed=6, num_hidden_layers=3), ids,
+                          [get_method("gptq")(Scheme(ARGS), gptaq=alpha)], batch_size=4, activations="disk")
+            counts[alpha] = len(puts)
+    batches = -(-ids.shape[0] // 4)
+    assert counts[1.0] - counts[0.0] == 3 * batches, counts
     for how, res in results.items():
         assert set(res) == set(ref.results), how
         for k, qt in ref.results.items():

@@ -288,8 +288,8 @@ class _Run:
         try:
             self.hidden, self.kwargs_per_block = _catch_block_inputs(
                 self.model, self.adapter, batches, self.device, self.store.put)
-            if self.reference is not None:  # block 0's inputs are the same in both models
-                self.reference = [self.store.put(self.store.get(h)) for h in self.hidden]
+            if self.reference is not None:  # block 0's inputs are the same in both models: shared, not copied
+                self.reference = list(self.hidden)
         finally:
             for name in pre:
                 self.stream.release(name)
@@ -393,11 +393,12 @@ class _Run:
         return [self.store.put(_block_output(block(self.store.get(h), **kw))) for h, kw in zip(self.reference, kwargs)]
 
     def _advance(self, outputs: list[Any], reference: list[Any] | None = None) -> None:
+        if self.reference is not None:
+            shared = {id(h) for h in self.hidden}  # block 0's inputs serve both streams (dropped once)
+            self.store.drop([r for r in self.reference if id(r) not in shared])
+            self.reference = reference
         self.store.drop(self.hidden)
         self.hidden = outputs
-        if self.reference is not None:
-            self.store.drop(self.reference)
-            self.reference = reference
 
     def finish(self, return_hidden: bool) -> PipelineResult:
         if self.stream is not None and self.checkpointer is not None:
