@@ -115,6 +115,9 @@ for _alpha in ("", "0.1", "0.25", "0.5"):
     ROWS[f"gptq-msew2-gptaq{_alpha}-mix-w4"] = (f"GPTQ (p 2 search), {_what}, builtin:mix", 4, (("gptq", _g),))
     ROWS[f"awq-noclip-gptq-msew2-gptaq{_alpha}-mix-w4"] = (
         f"AWQ scales (no clip) + GPTQ (p 2 search), {_what}, builtin:mix", 4, (("awq", {"clip": False}), ("gptq", _g)))
+# recipes/w3a16-gptq.yaml as it runs since gptaq's default: the p 2.4 search with gptaq auto (0.25 at 3 bits)
+ROWS["gptq-msew-gptaq0.25-w3"] = ("GPTQ (p 2.4 search), asymmetric calibration (gptaq 0.25): recipes/w3a16-gptq.yaml", 3,
+                                  (("gptq", {**MSEW, "gptaq": 0.25}),))
 # A GPTQ stage that does not name gptaq is plain GPTQ (strength 0), as it was when those rows were measured (the
 # method's default is now "auto", 0.25 at 4 bits or fewer).
 for _key, (_desc, _bits, _stages) in list(ROWS.items()):
