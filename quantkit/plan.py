@@ -222,16 +222,15 @@ class MemoryPlan:
 
 
 def _stat_kinds(recipe) -> frozenset[str]:
-    from quantkit.methods.base import get_method
+    from quantkit.methods.base import build_methods
 
     kinds: frozenset[str] = frozenset()
-    for st in recipe.stages:
-        cls = get_method(st.method)
+    for st, m in zip(recipe.stages, build_methods(recipe)):
         # Methods that capture their own statistics inside a block say so in `plan_stats`.
-        kinds |= cls.stats | getattr(cls, "plan_stats", frozenset())
+        kinds |= m.stats | getattr(m, "plan_stats", frozenset())
         if st.options.get("learned_rounding"):  # quant.rounding runs the block on calibration data
             kinds |= {"rounding"}
-        if getattr(cls(recipe.scheme, **st.options), "needs_reference", False):  # the float model's activations too
+        if m.needs_reference:  # the float model's activations too (GPTQ's gptaq, resolved under the scheme)
             kinds |= {"reference"}
     return kinds
 

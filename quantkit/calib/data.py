@@ -296,14 +296,20 @@ def mix_counts(samples: int) -> dict[str, int]:
     return counts
 
 
+def _mix_tokens(tokenizer) -> dict[str, Any]:
+    """builtin:mix's texts, tokenized, per kind in `MIX_WEIGHTS` order."""
+    return {k: tokenize(tokenizer, MIX[k]()) for k in MIX_WEIGHTS}
+
+
 def _mix_set(tokenizer, samples: int, seqlen: int, seed: int, g) -> CalibrationSet:
     """builtin:mix: each kind's share of windows drawn from its own text, then shuffled (seeded), so the
     first windows (AWQ's search_samples) hold every kind too."""
     import torch
 
     parts, per_kind = [], {}
+    texts = _mix_tokens(tokenizer)
     for kind, n in mix_counts(samples).items():
-        tokens = tokenize(tokenizer, MIX[kind]())
+        tokens = texts[kind]
         if n:
             w, overlapping = _pick_windows(tokens, n, seqlen, g, f"builtin:mix's {kind} text")
             parts.append(w)
@@ -383,7 +389,7 @@ def _mix_windows(tokenizer, seqlen: int, n_windows: int | None):
     """calibration_windows of builtin:mix: the most windows (or n_windows) whose per-kind counts each text holds."""
     import torch
 
-    texts = {k: tokenize(tokenizer, MIX[k]()) for k in MIX_WEIGHTS}
+    texts = _mix_tokens(tokenizer)
     available = {k: t.numel() // seqlen for k, t in texts.items()}
     n = sum(available.values()) if n_windows is None else n_windows
     while n > 0 and any(c > available[k] for k, c in mix_counts(n).items()):

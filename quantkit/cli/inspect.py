@@ -68,9 +68,9 @@ def _rows(s: dict) -> list[tuple[str, str]]:
     rec = s.get("recipe")
     if rec:
         rows.append(("recipe", " → ".join(st["method"] for st in rec["stages"])))
-    for r in s.get("resolved_options") or []:
+    if s.get("resolved_options"):
         from quantkit.methods.base import describe_resolved
-
+    for r in s.get("resolved_options") or []:
         rows.append((f"stage {r['stage']} auto", f"{r['method']}: {describe_resolved(r)}"))
     for w in s.get("warnings") or []:
         rows.append(("[yellow]warning[/]", w))

@@ -235,15 +235,17 @@ def load_tuned(kernel: str, directory: str = CONFIG_DIR) -> dict[tuple, dict]:
     return table
 
 
-_UNTUNED_WARNED: set[str] = set()
+_UNTUNED_WARNED: set[str] = set()  # GPUs already checked (the check runs once: some launches cache no config)
 
 
 def warn_untuned(gpu: str, directory: str = CONFIG_DIR) -> None:
     """Once per GPU with no ``configs/<gpu>.json``: say that its GEMMs run the heuristic tile configs (an H100 runs
     them today: the measured file is the H200's) and how to measure its own."""
-    if gpu == "cpu" or gpu in _UNTUNED_WARNED or os.path.exists(os.path.join(directory, f"{gpu}.json")):
+    if gpu == "cpu" or gpu in _UNTUNED_WARNED:
         return
     _UNTUNED_WARNED.add(gpu)
+    if os.path.exists(os.path.join(directory, f"{gpu}.json")):
+        return
     logging.getLogger(__name__).warning(
         "no tuned GEMM configs for %s (quantkit/kernels/configs/%s.json): the kernels use heuristic tile sizes, "
         "which can be slower; `python benchmarks/gemm.py --tune --write-configs` measures this GPU's", gpu, gpu)
