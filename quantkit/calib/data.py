@@ -391,7 +391,7 @@ def _mix_windows(tokenizer, seqlen: int, n_windows: int | None):
 
     texts = _mix_tokens(tokenizer)
     available = {k: t.numel() // seqlen for k, t in texts.items()}
-    n = sum(available.values()) if n_windows is None else n_windows
+    n = sum(available.values()) if n_windows is None else min(n_windows, sum(available.values()))
     while n > 0 and any(c > available[k] for k, c in mix_counts(n).items()):
         n -= 1
     if n < 1:
