@@ -239,8 +239,8 @@ _UNTUNED_WARNED: set[str] = set()  # GPUs already checked (the check runs once: 
 
 
 def warn_untuned(gpu: str, directory: str = CONFIG_DIR) -> None:
-    """Once per GPU with no ``configs/<gpu>.json``: say that its GEMMs run the heuristic tile configs (an H100 runs
-    them today: the measured file is the H200's) and how to measure its own."""
+    """Once per GPU with no ``configs/<gpu>.json``: say that its GEMMs run the heuristic tile configs (files ship
+    for the H200, and for the H100's large-M W8A8) and how to measure its own."""
     if gpu == "cpu" or gpu in _UNTUNED_WARNED:
         return
     _UNTUNED_WARNED.add(gpu)
@@ -280,6 +280,9 @@ def write_tuned(gpu: str, kernel: str, entries: dict[tuple[int, int, int], dict]
     return path
 
 
+NEAR_BUCKETS = 8  # how far (x M) a measured bucket may stand in for an unmeasured one (the shipped grid: 1..8192)
+
+
 class ConfigCache:
     """Kernel-config cache keyed by (M bucket, N, K, GPU).
 
@@ -303,8 +306,9 @@ class ConfigCache:
 
     def get(self, M: int, N: int, K: int, gpu: str) -> dict:
         """The tuned config of M's bucket; else the tuned config of the nearest bucket measured for this
-        (N, K, GPU): the next larger one (it covers M with masked rows), or the largest smaller one;
-        else the heuristic. (A decode batch of 32 then runs the M=64 tuning, not the untuned default.)"""
+        (N, K, GPU) at most NEAR_BUCKETS x away: the next larger one (it covers M with masked rows), or the
+        largest smaller one; else the heuristic. (A decode batch of 32 then runs the M=64 tuning, not the
+        untuned default; but a GPU file tuned only at large M never hands its prefill tiles to decode.)"""
         mb = m_bucket(M)
         for key in ((gpu, mb, N, K), ("*", mb, N, K)):
             cfg = self.table.get(key)
@@ -313,9 +317,10 @@ class ConfigCache:
         near = self._near.get((gpu, N, K))
         if near is None:
             near = self._near[(gpu, N, K)] = sorted(b for (g, b, n, k) in self.table if n == N and k == K and g in (gpu, "*"))
-        if near:
-            up = [b for b in near if b >= mb]
-            b = up[0] if up else near[-1]
+        up = [b for b in near if mb <= b <= mb * NEAR_BUCKETS]
+        down = [b for b in near if mb > b >= mb // NEAR_BUCKETS]
+        if up or down:
+            b = up[0] if up else down[-1]
             cfg = self.table.get((gpu, b, N, K)) or self.table.get(("*", b, N, K))
             return dict(cfg)
         if self.kernel:

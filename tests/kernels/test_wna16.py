@@ -154,6 +154,13 @@ def test_tuned_configs_are_data(tmp_path):
     assert t == {("G1", 1, 64, 128): {"BACKEND": "gemv", "BLOCK_N": 32}, ("G1", 16, 64, 128): {"BACKEND": "mma"}}
     cache = _common.ConfigCache(wna16._default_config, table=t)
     assert cache.get(2, 64, 128, "G1") == {"BACKEND": "mma"}  # bucket 2: the nearest larger measured bucket
+    assert cache.get(100, 64, 128, "G1") == {"BACKEND": "mma"}  # bucket 128: the largest smaller one, 8x away
+    # a file measured only at large M (prefill tiles) never stands in for decode: further than 8x -> heuristic
+    big = _common.ConfigCache(wna16._default_config, table={("G1", 2048, 64, 128): {"BACKEND": "dequant"}})
+    assert big.get(1, 64, 128, "G1") == wna16._default_config(1, 64, 128)
+    assert big.get(16, 64, 128, "G1") == wna16._default_config(16, 64, 128)
+    assert big.get(256, 64, 128, "G1") == {"BACKEND": "dequant"} == big.get(8192, 64, 128, "G1")
+    assert big.get(16384, 64, 128, "G1") == wna16._default_config(16384, 64, 128)
 
 
 def test_a_gpu_without_tuned_configs_is_told_once(caplog, monkeypatch):
