@@ -50,7 +50,7 @@ CHILD = textwrap.dedent(r'''
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st)
             k = compiled(w8a8.w8a8_tma_kernel, tma_types,
                          dict(HAS_BIAS=True, ROW_BITS=rows, HAS_FP16_W=True,
-                              BLOCK_KF=w8a8._block_kf(cfg) if rows else 16, STAGES_F=w8a8._stages_f(cfg) if rows else 1,
+                              BLOCK_KF=w8a8._block_kf(cfg) if rows else 16, STAGES_F=w8a8._tma_stages_f(cfg) if rows else 1,
                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, LOOP_STAGES=st),
                          90, num_warps=nw, num_stages=st)
             name = f"w8a8 tma {bm}x{bn}x{bk} stages {st}{' mixed' if rows else ''} sm_90"
@@ -98,3 +98,41 @@ def test_kernels_compile_for_sm80_and_sm90():
         assert "cubin" in stages and "ptx" in stages, what
     for what, nbytes in shared.items():  # Hopper: 227 KiB of shared memory per block at most (else launch fails)
         assert 0 < nbytes <= SM90_MAX_SHARED, f"{what}: {nbytes} bytes of shared memory"
+
+
+GLUON_CHILD = textwrap.dedent(r'''
+    import json, re, sys, torch
+    from quantkit.kernels import w8a8_gluon
+    if w8a8_gluon.GLUON_ERROR is not None:
+        print(json.dumps({"skip": w8a8_gluon.GLUON_ERROR}))
+        sys.exit(0)
+    out = {}
+    for bm, bk, st, nw in ((128, 128, 3, 4), (128, 64, 5, 4), (256, 128, 3, 8), (256, 64, 5, 8)):
+        cfg = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, num_stages=st, num_warps=nw)
+        for dt, bias in ((torch.float16, True), (torch.bfloat16, False), (torch.int32, False)):
+            k = w8a8_gluon.build_for_target(cfg, dt, bias)
+            ptx = k.asm["ptx"]
+            out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias}"] = dict(
+                cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
+                waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
+    print(json.dumps(out))
+''')
+
+
+def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
+    """The Gluon W8A8 kernel builds for sm_90 at the tiles the tuner searches (fp16/bf16 out with and without
+    bias, the raw int32 accumulator), fits the SM's shared memory, and its K loop waits with one wgmma still in
+    flight (wait_group 1) -- the reason it exists; only the final wait drains (wait_group 0)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", GLUON_CHILD], capture_output=True, text=True, env=env, timeout=600)
+    if p.returncode != 0 and "ptxas" in p.stderr and "not found" in p.stderr.lower():
+        pytest.skip("this Triton has no ptxas to build with")
+    assert p.returncode == 0, p.stderr[-3000:]
+    built = json.loads(p.stdout.strip().splitlines()[-1])
+    if "skip" in built:
+        pytest.skip(f"this Triton has no usable Gluon: {built['skip']}")
+    assert len(built) == 12
+    for what, b in built.items():
+        assert b["cubin"], what
+        assert 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
+        assert b["waits"] == ["1", "0"], (what, b["waits"])

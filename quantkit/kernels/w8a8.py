@@ -18,9 +18,11 @@ Paths:
 * tensor cores (``_w8a8_kernel``): small M with the quantization fused into the prologue
   (``FUSE_QUANT``) or a separate ``per_token_quant`` launch; large M with the separate launch
   (re-computing the row max in every N-tile would re-read x N/BLOCK_N times);
-* persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer).
+* persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer);
+* the Gluon kernel of ``w8a8_gluon`` (``BACKEND="gluon"``, large M on sm_90): Triton's pipeliner waits for
+  every INT8 wgmma, Gluon keeps one in flight.  Plain mode only; elsewhere its configs run the tl.dot kernel.
 
-Every kernel takes a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
+Every Triton kernel here takes a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
 ``quantkit.kernels.mixed`` (pruned away when False).
 
 Configs come from a :class:`~quantkit.kernels._common.ConfigCache` keyed by
@@ -535,7 +537,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
 
 def _mma_only(cfg, x, M, N, K):
     """The tensor-core config to use where the GEMV (or the persistent TMA) path does not apply."""
-    if cfg.get("BACKEND") not in ("gemv", "tma"):
+    if cfg.get("BACKEND") not in ("gemv", "tma", "gluon"):
         return cfg
     return dict(_INTERP_CFG if not x.is_cuda else _default_config(max(M, 5), N, K), FUSE_QUANT=M <= 16)
 
@@ -588,11 +590,22 @@ def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg, x=None, row_bits=None,
         a_q, w, a_scale, w_scale, bias if bias is not None else w_scale, out,
         x if rbits else a_q, wf, row_bits if rbits else w_scale, M, N, K, progs,
         HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
-        BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
+        BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_tma_stages_f(cfg) if rbits else 1,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], LOOP_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return out
+
+
+def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg) -> bool:
+    """The Gluon kernel (``BACKEND="gluon"``: INT8 wgmmas kept in flight, sm_90 only) on quantized activations,
+    if it applies here; False: the caller runs the tl.dot kernel."""
+    from quantkit.kernels import w8a8_gluon
+
+    if not w8a8_gluon.applies(a_q, w, out):
+        return False
+    w8a8_gluon.launch(a_q, a_scale, w, w_scale, bias, out, cfg)
+    return True
 
 
 def _block_kf(cfg: dict) -> int:
@@ -602,6 +615,13 @@ def _block_kf(cfg: dict) -> int:
 
 def _stages_f(cfg: dict) -> int:
     return cfg.get("STAGES_F", cfg["num_stages"])
+
+
+def _tma_stages_f(cfg: dict) -> int:
+    """The persistent kernel's FP16-loop depth: at most 2 with 256-wide N tiles.  Measured on an H100 (Triton
+    3.6): 128 x 256 tiles with a 3-deep FP16 loop wrote wrong FP16 rows (relative error ~5; INT8 rows right),
+    while depth 1 or 2, BLOCK_KF 32, or 256 x 128 tiles were right (tests/kernels/test_gpu.py)."""
+    return min(_stages_f(cfg), 2) if cfg["BLOCK_N"] >= 256 else _stages_f(cfg)
 
 
 def gemv_bm(M: int) -> int:
@@ -678,6 +698,11 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
     if cfg.get("BACKEND") == "tma" and tma_applies(x, w, out, row_bits, w_fp16):
         a_q, a_s = per_token_quant_triton(x)
         return _launch_tma(a_q, a_s.reshape(-1), w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
+    if cfg.get("BACKEND") == "gluon" and row_bits is None:
+        a_q, a_s = per_token_quant_triton(x)
+        if _gluon_launch(a_q, a_s.reshape(-1), w, w_scale, bias, out, cfg):
+            return out
+        return _launch(a_q, a_s.reshape(-1), w, w_scale, bias, out, False, False, _mma_only(cfg, x, M, N, K))
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
@@ -698,6 +723,8 @@ def w8a8_gemm_q_triton(a_q, a_scale, w, w_scale, bias=None, out_dtype=torch.floa
     a_scale = a_scale.reshape(-1).float().contiguous()
     if cfg.get("BACKEND") == "tma" and tma_applies(a_q, w, out):
         return _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg)
+    if cfg.get("BACKEND") == "gluon" and _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg):
+        return out
     return _launch(a_q, a_scale, w, w_scale, bias, out, False, False, _mma_only(cfg, a_q, M, N, K))
 
 

@@ -111,6 +111,47 @@ def test_tma_kernel_plain_and_mixed_match_the_tensor_core_kernel(layer, M, cfg):
     assert rel_err(y[fp], ref[fp]) <= 1e-2
 
 
+# The Gluon kernel (INT8 wgmmas kept in flight) at the tiles benchmarks/gemm.py --tune searches
+GLUON_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3, BACKEND="gluon"),
+                 dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5, BACKEND="gluon"),
+                 dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, BACKEND="gluon"),
+                 dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=5, BACKEND="gluon")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="Gluon's wgmma kernel is sm_90 only")
+@pytest.mark.parametrize("M", [2048, 1000, 77])
+@pytest.mark.parametrize("cfg", GLUON_CONFIGS, ids=["128x128x128", "128x128x64", "256x128x128", "256x128x64"])
+def test_gluon_kernel_matches_the_tensor_core_kernel(layer, M, cfg):
+    """Plain W8A8 through the Gluon kernel equals the tl.dot kernel bit for bit (exact int32 accumulation, the
+    same epilogue formula), with and without bias, fp16 and bf16; its int32 accumulator is exact."""
+    from quantkit.kernels import w8a8_gluon
+
+    assert w8a8_gluon.GLUON_ERROR is None, w8a8_gluon.GLUON_ERROR
+    if layer["N"] * layer["K"] > 6144 * 4096 and layer["K"] != 14336:
+        pytest.skip("keep the GPU test short")
+    N, K, W = layer["N"], layer["K"], layer["W8"]
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        bias = torch.randn(N, device="cuda", dtype=dtype)
+        assert w8a8_gluon.applies(torch.empty(M, K, device="cuda", dtype=torch.int8), W.w,
+                                  torch.empty(M, N, device="cuda", dtype=dtype))
+        for b in (None, bias):
+            mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=MMA_CONFIG)
+            glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
+            assert torch.equal(glu, mma), (dtype, b is not None, (glu.float() - mma.float()).abs().max().item())
+        assert rel_err(glu, w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)) <= 1e-2
+    a_q, a_s = act_quant.per_token_quant_triton(x)
+    acc = w8a8_gluon.launch(a_q, None, W.w, None, None, poison((M, N), torch.int32, "cuda"), cfg)
+    assert torch.equal(acc.long(), (a_q.double() @ layer["q8"].double().t()).long())
+    # mixed rows never run on Gluon: the config falls back to the tl.dot kernels, INT8 rows bit for bit
+    rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
+    rb[M // 3: M // 3 + 40] = 1
+    y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, row_bits=rb, w_fp16=layer["w16"].to(x.dtype))
+    ref = mixed.mixed_gemm_ref(x, W.w, W.scale, layer["w16"].to(x.dtype), mixed.CTRL_ROW_BITS, rb)
+    assert rel_err(y, ref) <= 1e-2
+
+
 @pytest.mark.parametrize("M", [1, 256, 2048])
 def test_public_ops_bf16(layer, M):
     if layer["N"] * layer["K"] > 6144 * 4096:

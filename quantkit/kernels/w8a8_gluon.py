@@ -1,0 +1,215 @@
+"""W8A8 GEMM for Hopper written in Triton's Gluon dialect (``BACKEND="gluon"`` in a W8A8 config).
+
+Why a second tensor-core kernel: Triton's own pipeliner makes a Hopper wgmma asynchronous only when it
+accumulates in fp32 (WGMMAPipeline, "Rule 2.1"), so every INT8 wgmma of the ``tl.dot`` kernels in ``w8a8.py``
+is waited for before the next K tile is issued (``benchmarks/wgmma_probe.py``).  Gluon issues the wgmmas
+itself: ``warpgroup_mma(is_async=True)`` then ``warpgroup_mma_wait(1)`` keeps wgmma k running while the TMA
+ring refills the slot that wgmma k-1 read.  ``benchmarks/gluon_int8_probe.py`` measured the gain (BENCHMARKS.md).
+
+C[M, N] = (A[M, K] @ W[N, K]^T) * a_scale[m] * w_scale[n] (+ bias[n]) with A the per-token quantized
+activations (``w8a8.py`` quantizes them first, as for its persistent TMA kernel), or the raw int32 accumulator.
+The epilogue is ``w8a8._int8_epilogue``'s formula (bias as an explicit fma), so outputs equal the ``tl.dot``
+kernels' bit for bit.
+
+Scope: plain W8A8 on sm_90 (wgmma); the runtime's mixed INT8/FP16 rows stay on the ``tl.dot`` kernels.  Gluon
+is experimental and has no interpreter: a Triton without it, a GPU other than sm_90, or operands TMA cannot
+describe make ``applies`` false and the caller runs the ``tl.dot`` kernel.  Its names move between releases
+(3.6's ``tma.async_copy_global_to_shared`` is ``tma.async_load`` later): both spellings are accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # Gluon's Hopper API (Triton >= 3.5); absent: this backend is never selected
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    GLUON_ERROR = None
+except Exception as e:  # ImportError, or an API this file does not know
+    GLUON_ERROR = f"{type(e).__name__}: {e}"
+
+# wgmma with 8-bit integer inputs accepts only these instruction N values (PTX ISA, .s8 wgmma shapes)
+_INT8_WGMMA_N = (256, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8)
+
+if GLUON_ERROR is None:
+
+    @gluon.constexpr_function
+    def _mma_warps_per_cta(BM, BN, num_warps):
+        """Start at the [4, 1] warpgroup atom; double along M while M has 16-row slices left, else along N."""
+        w = [4, 1]
+        while w[0] * w[1] != num_warps:
+            if BM > 16 * w[0]:
+                w[0] *= 2
+            else:
+                w[1] *= 2
+        return w
+
+    @gluon.constexpr_function
+    def _mma_instr_n(BM, BN, num_warps):
+        m_reps = (BM + 15) // 16
+        n_reps = (num_warps + m_reps - 1) // m_reps
+        max_n = max(BN // n_reps, 8)
+        for n in _INT8_WGMMA_N:
+            if n <= max_n and BN % n == 0:
+                return n
+        raise ValueError("no int8 wgmma instruction N fits")
+
+    @gluon.jit
+    def w8a8_gluon_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K, STAGES: gl.constexpr,
+                          WARPS: gl.constexpr, OUT_INT32: gl.constexpr, HAS_BIAS: gl.constexpr):
+        BM: gl.constexpr = c_desc.block_type.shape[0]
+        BN: gl.constexpr = c_desc.block_type.shape[1]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        TILE_BYTES: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
+
+        off_m = gl.program_id(0) * BM
+        off_n = gl.program_id(1) * BN
+        k_tiles = gl.cdiv(K, BK)
+
+        # ring of STAGES slots for the A [BM, BK] and W [BN, BK] tiles, one "TMA landed" barrier per slot
+        a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+        fence_async_shared()
+
+        # prologue: fill slots 0 .. STAGES-2 (predicated off past the last K tile)
+        for s in gl.static_range(STAGES - 1):
+            live = s < k_tiles
+            mbarrier.expect(ready.index(s), TILE_BYTES, pred=live)
+            _tma_load(a_desc, [off_m, s * BK], ready.index(s), a_ring.index(s), pred=live)
+            _tma_load(w_desc, [off_n, s * BK], ready.index(s), w_ring.index(s), pred=live)
+
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0],
+            warps_per_cta=_mma_warps_per_cta(BM, BN, WARPS),
+            instr_shape=[16, _mma_instr_n(BM, BN, WARPS), 32],  # k = 256 bits of 8-bit elements
+        )
+        acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
+
+        for ki in range(k_tiles):
+            slot = ki % STAGES
+            mbarrier.wait(ready.index(slot), (ki // STAGES) & 1)
+            a_s = a_ring.index(slot)
+            w_s = w_ring.index(slot)
+            # B operand = the W tile viewed as [BK, BN], K-major as 8-bit wgmma requires
+            acc = warpgroup_mma(a_s, w_s.permute((1, 0)), acc, is_async=True)
+            # keep this wgmma in flight; the previous one (it read slot (ki - 1) % STAGES) is complete now
+            acc, a_s, w_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, w_s))
+            # refill that freed slot with tile ki + STAGES - 1
+            nk = ki + STAGES - 1
+            nslot = nk % STAGES
+            live = nk < k_tiles
+            mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=live)
+            _tma_load(a_desc, [off_m, nk * BK], ready.index(nslot), a_ring.index(nslot), pred=live)
+            _tma_load(w_desc, [off_n, nk * BK], ready.index(nslot), w_ring.index(nslot), pred=live)
+
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+
+        # epilogue: registers -> shared -> TMA store (rows / columns past M, N are clipped by TMA)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        if OUT_INT32:
+            c_smem.store(acc)
+        else:
+            rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
+            cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+            a_sc = gl.load(as_ptr + rows, mask=rows < M, other=0.0)
+            w_sc = gl.load(ws_ptr + cols, mask=cols < N, other=0.0)
+            # w8a8._int8_epilogue's formula, so the outputs equal the tl.dot kernels' bit for bit
+            if HAS_BIAS:
+                b = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+                out = gl.fma(acc.to(gl.float32) * a_sc[:, None], w_sc[None, :], b[None, :])
+            else:
+                out = acc.to(gl.float32) * a_sc[:, None] * w_sc[None, :]
+            c_smem.store(out.to(c_desc.dtype))
+        fence_async_shared()
+        _tma_store(c_desc, [off_m, off_n], c_smem)
+        tma.store_wait(pendings=0)
+
+
+_GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32"}
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether this kernel can run here: Gluon importable, an sm_90 GPU, int8 operands and an fp16 / bf16 /
+    int32 output that TMA descriptors can describe (contiguous, 16-byte row strides and base addresses)."""
+    if GLUON_ERROR is not None or not a_q.is_cuda or not _is_sm90(a_q.get_device()):
+        return False
+    if a_q.dtype != torch.int8 or w.dtype != torch.int8 or out.dtype not in _GL_DTYPES:
+        return False
+    if not (a_q.is_contiguous() and w.is_contiguous() and out.is_contiguous()):
+        return False
+    if a_q.shape[1] % 16 or (out.shape[1] * out.element_size()) % 16:
+        return False
+    return all(t.data_ptr() % 16 == 0 for t in (a_q, w, out))
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(rows: int, cols: int, dtype: str):
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], getattr(gl, dtype))
+
+
+def descriptors(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict):
+    """Host TMA descriptors of A [BM, BK], W [BN, BK] and C [BM, BN] tiles (128-byte swizzled shared layouts)."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return (TensorDescriptor.from_tensor(a_q, [bm, bk], _layout(bm, bk, "int8")),
+            TensorDescriptor.from_tensor(w, [bn, bk], _layout(bn, bk, "int8")),
+            TensorDescriptor.from_tensor(out, [bm, bn], _layout(bm, bn, _GL_DTYPES[out.dtype])))
+
+
+def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
+    """``out`` = the W8A8 GEMM of quantized activations a_q (M, K) int8 with a_scale (M,) fp32 and w (N, K) int8
+    with w_scale (N,) fp32 (an int32 ``out`` receives the raw accumulator).  ``applies`` must hold."""
+    M, K = a_q.shape
+    N = w.shape[0]
+    a_d, w_d, c_d = descriptors(a_q, w, out, cfg)
+    grid = ((M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], (N + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"])
+    scales = a_scale if a_scale is not None else out
+    w8a8_gluon_kernel[grid](a_d, w_d, c_d, scales, w_scale if w_scale is not None else out,
+                            bias if bias is not None else scales, M, N, K,
+                            STAGES=cfg["num_stages"], WARPS=cfg["num_warps"], OUT_INT32=out.dtype == torch.int32,
+                            HAS_BIAS=bias is not None, num_warps=cfg["num_warps"])
+    return out
+
+
+def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False, cc: int = 90):
+    """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
+    launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    a = torch.empty(256, 256, dtype=torch.int8)
+    w = torch.empty(256, 256, dtype=torch.int8)
+    c = torch.empty(256, 256, dtype=out_dtype)
+    a_d, w_d, c_d = descriptors(a, w, c, cfg)
+    ptr = "*fp32"
+    sig = {"a_desc": mangle_type(a_d), "w_desc": mangle_type(w_d), "c_desc": mangle_type(c_d), "as_ptr": ptr,
+           "ws_ptr": ptr, "bias_ptr": "*fp16" if has_bias else ptr, "M": "i32", "N": "i32", "K": "i32",
+           "STAGES": "constexpr", "WARPS": "constexpr", "OUT_INT32": "constexpr", "HAS_BIAS": "constexpr"}
+    consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
+              "HAS_BIAS": has_bias}
+    src = GluonASTSource(fn=w8a8_gluon_kernel, signature=sig, constexprs=consts)
+    return triton_compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg["num_warps"]})
