@@ -89,3 +89,20 @@ def test_missing_file_and_bad_hf_spec():
         load_text("/nonexistent/file.txt", part="calib")
     with pytest.raises(CalibDataError, match="hf:NAME"):
         load_text("hf:", part="calib")
+
+
+def test_text_overlap_is_the_share_of_window_text_found_in_the_samples():
+    import torch
+
+    from quantkit.calib.data import text_overlap
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, 5000, (1, 4096), generator=g)
+    windows = text[:, :2048].view(4, 512)
+    assert text_overlap(windows, windows) == 1.0
+    assert text_overlap(windows, torch.randint(0, 5000, (4, 512), generator=g)) == 0.0
+    # samples = tokens 1024..3071 in rows of 512: the windows' 2nd half, minus the runs crossing a row edge
+    share = text_overlap(windows, text[:, 1024:3072].view(4, 512))
+    runs_per_window = 512 - 16 + 1
+    assert share == (2 * runs_per_window) / (4 * runs_per_window)
+    assert text_overlap(windows[:, :8], windows) == 0.0  # windows shorter than a run: nothing to compare

@@ -591,6 +591,17 @@ def test_run_scan_records_the_method(model, tmp_path):
     path = save_sensitive_layers(rep, tmp_path / "sl.json")
     d = json.loads(path.read_text())
     assert d["method"] == rep.method and load_sensitive_layers(path, model).method == "gptq"
+    # selection windows that are not GPTQ's calibration text: no overlap, no caveat; GPTQ's own samples: said so
+    assert rep.ppl["expected"]["method_fit_overlap"] == 0.0
+    assert "fit to" not in rows["expected on unseen text"]
+    ids = _ids(4, 32, 0)
+    fit = run_scan(model, ids, W4G32, batch_size=2, bins=16, target_fraction=0.25, select_windows=ids[:2],
+                   folds=2, method="gptq", method_options={"act_order": False})
+    assert fit.ppl["expected"]["method_fit_overlap"] == 1.0
+    assert "100% of the selection windows' text is in the method's own calibration samples" in \
+        dict(summary_rows(fit))["expected on unseen text"]
+    rtn = run_scan(model, ids, W4G32, batch_size=2, bins=16, target_fraction=0.25, select_windows=ids[:2], folds=2)
+    assert "method_fit_overlap" not in rtn.ppl["expected"]  # RTN is fit to nothing
     with pytest.raises(Exception, match="unknown --method 'awq'"):
         run_scan(model, _ids(), W4G32, method="awq")
     with pytest.raises(Exception, match="damp"):

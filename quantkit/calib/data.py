@@ -353,6 +353,22 @@ def heldout_sets(tokenizer, seqlen: int = 512, n_windows: int | None = None, nam
     return {n: heldout_windows(tokenizer, seqlen, n_windows, spec=f"{BUILTIN}:{n}") for n in names}
 
 
+def text_overlap(windows, samples, ngram: int = 16) -> float:
+    """The share of `windows`' text that also appears in `samples` (both (n, seqlen) token ids): the fraction
+    of the windows' `ngram`-token runs found anywhere in the samples. 1.0: every window is text the samples
+    cover (a method calibrated on `samples` was fit to it); near 0: unseen text."""
+
+    def runs(t) -> list[tuple[int, ...]]:  # every ngram-long run of every row
+        t = t.long()
+        return [tuple(r) for r in t.unfold(1, ngram, 1).reshape(-1, ngram).tolist()] if t.shape[1] >= ngram else []
+
+    w = runs(windows)
+    if not w:
+        return 0.0
+    seen = set(runs(samples))
+    return sum(r in seen for r in w) / len(w)
+
+
 def calibration_windows(tokenizer, seqlen: int, n_windows: int | None = None, spec: str | None = None, field="text"):
     """`n_windows` non-overlapping windows of the *calibration* text (None = all), spread evenly over it.
 

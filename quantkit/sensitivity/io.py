@@ -23,7 +23,9 @@ budget, chosen on calibration text (`quantkit.sensitivity.select`), and "ppl" ho
 the selection's perplexities on those windows (baseline, all_quantized, mixed
 in-sample), the winning "rule" (restore, greedy, fisher or rel_err), "budget", "fp16_linears",
 the forward passes ("evaluations") and "expected": the cross-validated recovery to
-expect on unseen text, with "how" it was measured; "search" lists every rule with its
+expect on unseen text, with "how" it was measured (and, for a method fit to calibration data,
+"method_fit_overlap": the share of the selection windows' text in the method's calibration
+samples: an estimate on fitted text runs high); "search" lists every rule with its
 cross-validated recovery, per-fold choices and final choice. Readers take "rule" and
 "search" as data, not as one of these names: an older version-2 file may name the
 rules "measured-restore" or a metric.

@@ -107,8 +107,17 @@ def expected_statement(exp: dict[str, Any]) -> str:
     """The recovery the selection expects on text it never saw, and how that number was measured."""
     folds = exp.get("per_fold") or []
     spread = f", folds {min(folds):.0%} to {max(folds):.0%}" if len(folds) > 1 else ""
-    return (f"recovers about {exp['recovered']:.0%} of the perplexity gap ({exp['how']}{spread}); "
+    text = (f"recovers about {exp['recovered']:.0%} of the perplexity gap ({exp['how']}{spread}); "
             "measured on text like the calibration text: other kinds of text may recover less")
+    fit = exp.get("method_fit_overlap")
+    if fit is not None and fit >= FIT_OVERLAP_WARN:
+        text += (f"; {fit:.0%} of the selection windows' text is in the method's own calibration samples, so this "
+                 "is measured on text the method was fit to and likely runs high (GPTQ on the default model: "
+                 "BENCHMARKS.md); check the exported model with `quantkit eval` on text the calibration never read")
+    return text
+
+
+FIT_OVERLAP_WARN = 0.1  # share of the selection text the method was calibrated on, from which the report says so
 
 
 def _method(m: dict[str, Any]) -> str:

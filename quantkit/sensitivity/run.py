@@ -98,7 +98,7 @@ def run_scan(
     try:
         if target_fraction is not None:
             _select(report, model, layers, scheme, select_windows, target_fraction, folds, dev, eval_batch_size,
-                    shortlist, fisher_rows, on_step, weights, greedy)
+                    shortlist, fisher_rows, on_step, weights, greedy, input_ids)
         if measure_ppl:
             _measure_ppl(report, model, layers, scheme, eval_windows, dev, eval_batch_size, on_step, weights)
     finally:
@@ -149,7 +149,8 @@ def _apply_fixed(report: ScanReport, layers, thresholds: Thresholds, scheme: Sch
 
 
 def _select(report: ScanReport, model, layers, scheme, select_windows, target_fraction, folds, dev,
-            eval_batch_size, shortlist, fisher_rows, on_step, weights, greedy=None) -> None:
+            eval_batch_size, shortlist, fisher_rows, on_step, weights, greedy=None, input_ids=None) -> None:
+    from quantkit.calib.data import text_overlap
     from quantkit.sensitivity.select import select_fp16
 
     sel = select_fp16(
@@ -157,6 +158,10 @@ def _select(report: ScanReport, model, layers, scheme, select_windows, target_fr
         batch_size=eval_batch_size, shortlist=shortlist, fisher=fisher_rows, on_step=on_step, weights=weights,
         greedy=greedy,
     )
+    if weights.method != "rtn" and sel.ppl.get("expected") and input_ids is not None:
+        # a method fit to its calibration samples (GPTQ) does better on that text than on unseen text, so an
+        # expectation measured on windows it was fit to runs high: say how much of theirs it was fit to
+        sel.ppl["expected"]["method_fit_overlap"] = text_overlap(select_windows, input_ids)
     report.thresholds = Thresholds(None, None, None)  # the choice is an explicit list of units
     report.search, report.ppl = sel.candidates, sel.ppl
     report.mode, report.target_fraction = "target-fraction", target_fraction
