@@ -432,6 +432,7 @@ def scan(
     folds: int = 4,
     method: str = "rtn",
     method_options: dict[str, Any] | None = None,
+    cross_fit: bool = False,
     on_block: Callable[[int, int, str, str], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ):
@@ -442,7 +443,8 @@ def scan(
     calibration text, with `folds`-fold cross-validation (greedy: also the re-measuring "greedy" rule,
     quantkit.sensitivity.select); eval_cfg's held-out text serves --measure-ppl only.
     method ("rtn" or "gptq", with its recipe-stage options): the weights every measurement quantizes to
-    (quantkit.sensitivity.weights); GPTQ runs on the scan's calibration set."""
+    (quantkit.sensitivity.weights); GPTQ runs on the scan's calibration set (cross_fit: also once per selection
+    fold, without the samples that share text with its windows; quantkit.sensitivity.run.run_scan)."""
     from quantkit.quant.core import check_group_size
     from quantkit.sensitivity.run import run_scan
     from quantkit.sensitivity.scan import Thresholds
@@ -484,6 +486,7 @@ def scan(
         stream=loaded.stream,
         method=method,
         method_options=method_options,
+        cross_fit=cross_fit,
     )
 
 

@@ -161,7 +161,11 @@ def test_cli_scan_errors(tiny_dir, tmp_path):
     for args, fix in ((("--method", "awq"), "unknown --method 'awq'; use rtn or gptq"),
                       (("--damp", "0.1"), "--damp set GPTQ's options: add --method gptq"),
                       (("--no-act-order",), "--act-order/--no-act-order set GPTQ's options: add --method gptq"),
-                      (("--method", "gptq", "--damp", "0"), "--damp")):
+                      (("--method", "gptq", "--damp", "0"), "--damp"),
+                      (("--cross-fit", "--target-fraction", "0.1"), "--cross-fit refits a calibrated method per fold"),
+                      (("--cross-fit", "--method", "gptq"), "--cross-fit is for the --target-fraction selection"),
+                      (("--cross-fit", "--method", "gptq", "--target-fraction", "0.1", "--greedy", "4"),
+                       "--greedy cannot be combined with --cross-fit")):
         code, text = _run("scan", "--model", tiny_dir, *args, "--out", tmp_path / "x.json")
         assert code == 2 and fix in text and "\n" not in text.strip() and "Traceback" not in text, (args, text)
     bad = tmp_path / "bad.json"

@@ -353,20 +353,32 @@ def heldout_sets(tokenizer, seqlen: int = 512, n_windows: int | None = None, nam
     return {n: heldout_windows(tokenizer, seqlen, n_windows, spec=f"{BUILTIN}:{n}") for n in names}
 
 
+def _runs(t, ngram: int) -> list[list[tuple[int, ...]]]:
+    """Every `ngram`-token run of each row of t (n, seqlen), per row."""
+    t = t.long()
+    if t.shape[1] < ngram:
+        return [[] for _ in range(t.shape[0])]
+    return [[tuple(r) for r in row] for row in t.unfold(1, ngram, 1).tolist()]
+
+
 def text_overlap(windows, samples, ngram: int = 16) -> float:
     """The share of `windows`' text that also appears in `samples` (both (n, seqlen) token ids): the fraction
     of the windows' `ngram`-token runs found anywhere in the samples. 1.0: every window is text the samples
     cover (a method calibrated on `samples` was fit to it); near 0: unseen text."""
-
-    def runs(t) -> list[tuple[int, ...]]:  # every ngram-long run of every row
-        t = t.long()
-        return [tuple(r) for r in t.unfold(1, ngram, 1).reshape(-1, ngram).tolist()] if t.shape[1] >= ngram else []
-
-    w = runs(windows)
+    w = [r for row in _runs(windows, ngram) for r in row]
     if not w:
         return 0.0
-    seen = set(runs(samples))
+    seen = {r for row in _runs(samples, ngram) for r in row}
     return sum(r in seen for r in w) / len(w)
+
+
+def samples_apart(samples, windows, ngram: int = 16):
+    """Bool mask (n_samples,): the samples that share no `ngram`-token run with any of `windows` (text a method
+    calibrated on them was not fit to)."""
+    import torch
+
+    seen = {r for row in _runs(windows, ngram) for r in row}
+    return torch.tensor([not any(r in seen for r in row) for row in _runs(samples, ngram)], dtype=torch.bool)
 
 
 def calibration_windows(tokenizer, seqlen: int, n_windows: int | None = None, spec: str | None = None, field="text"):

@@ -86,6 +86,14 @@ def scan(
                      "quantizes the model once on this scan's calibration windows, and every measurement, the restore "
                      "gains and the expected recovery use its weights; then `quantkit gptq --sensitive`)."),
     ] = "rtn",
+    cross_fit: Annotated[
+        bool,
+        typer.Option("--cross-fit", help="--method gptq with --target-fraction: also run GPTQ once per "
+                     "cross-validation fold on the calibration samples that share no text with that fold's "
+                     "selection windows, and measure each window on its fold's weights (the selection windows are "
+                     "calibration text GPTQ is otherwise fit to, which makes the expected recovery run high). "
+                     "Costs one GPTQ run per fold."),
+    ] = False,
     damp: DampOpt = None,
     act_order: ActOrderOpt = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write a PNG chart + the JSON into this dir.")] = None,
@@ -108,6 +116,10 @@ def scan(
     chk.check_int("--greedy", greedy, min=1, note=" (candidates re-measured per pick)")
     if greedy is not None and target_fraction is None:
         raise chk.OptionError("--greedy chooses for --target-fraction; pass --target-fraction 0.10")
+    if cross_fit:
+        from quantkit.sensitivity.run import check_cross_fit
+
+        check_cross_fit(method, target_fraction, greedy)
     chk.check_samples_batch(samples, batch_size)
     chk.check_int("--seed", seed, min=0, max=2**63 - 1)
     chk.check_windows("--windows", windows)
@@ -161,6 +173,7 @@ def scan(
                 folds=folds,
                 method=method,
                 method_options=method_options,
+                cross_fit=cross_fit,
                 on_block=on_block,
                 on_step=status,
             )

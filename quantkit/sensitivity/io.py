@@ -25,7 +25,8 @@ in-sample), the winning "rule" (restore, greedy, fisher or rel_err), "budget", "
 the forward passes ("evaluations") and "expected": the cross-validated recovery to
 expect on unseen text, with "how" it was measured (and, for a method fit to calibration data,
 "method_fit_overlap": the share of the selection windows' text in the method's calibration
-samples: an estimate on fitted text runs high); "search" lists every rule with its
+samples: an estimate on fitted text runs high; 0 with "cross_fit": true, where each fold was
+measured on method weights fit without its windows); "search" lists every rule with its
 cross-validated recovery, per-fold choices and final choice. Readers take "rule" and
 "search" as data, not as one of these names: an older version-2 file may name the
 rules "measured-restore" or a metric.

@@ -43,6 +43,7 @@ def run_scan(
     activations: str = "device",
     method: str = "rtn",
     method_options: dict | None = None,
+    cross_fit: bool = False,
 ) -> ScanReport:
     """Scan `model` on `input_ids` (samples, seqlen) for `scheme`; the model is left unchanged.
 
@@ -60,8 +61,13 @@ def run_scan(
     method, method_options: what "quantized" means everywhere (quantkit.sensitivity.weights): "rtn" (the
     scheme's round-to-nearest) or "gptq" (GPTQ with these recipe-stage options, run once on `input_ids`
     first), so that the gains and the expected recovery refer to the model the file will be used with.
+    cross_fit (a method other than rtn, with target_fraction): the method also runs once per cross-validation
+    fold on the calibration samples that share no text with that fold's selection windows, and the selection
+    measures each window with its fold's weights (quantkit.sensitivity.select: "Cross-fitting").
     """
     _check_request(target_fraction, select_windows, measure_ppl, eval_windows, fisher_windows, stream, method)
+    if cross_fit:
+        check_cross_fit(method, target_fraction, greedy)
     t0 = time.perf_counter()
     if method != "rtn" and on_step is not None:
         on_step(f"{method}: quantizing every linear once (the weights the scan measures against)")
@@ -71,10 +77,14 @@ def run_scan(
         model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
         stat_tokens=stat_tokens, on_block=on_block, stream=stream, activations=activations, weights=weights,
     )
+    fold_weights = None
+    if cross_fit:
+        fold_weights = _fold_weights(model, input_ids, scheme, method, method_options, select_windows, folds,
+                                     device, batch_size, ignore, on_block, on_step)
     fisher_rows = None
     if fisher_windows > 0:
         fisher_rows = _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fraction,
-                                      select_windows, device, on_step, weights)
+                                      select_windows, device, on_step, weights, folds, fold_weights)
     report = ScanReport(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
         calibration=dict(calibration or {}), bins=bins, method=weights.record(), warnings=list(weights.warnings),
@@ -98,7 +108,7 @@ def run_scan(
     try:
         if target_fraction is not None:
             _select(report, model, layers, scheme, select_windows, target_fraction, folds, dev, eval_batch_size,
-                    shortlist, fisher_rows, on_step, weights, greedy, input_ids)
+                    shortlist, fisher_rows, on_step, weights, greedy, input_ids, fold_weights)
         if measure_ppl:
             _measure_ppl(report, model, layers, scheme, eval_windows, dev, eval_batch_size, on_step, weights)
     finally:
@@ -124,16 +134,64 @@ def _check_request(target_fraction, select_windows, measure_ppl, eval_windows, f
         raise UsageError(f"--method {method} quantizes the model in memory before the scan: load it without --stream")
 
 
+def check_cross_fit(method, target_fraction, greedy) -> None:
+    from quantkit.errors import UsageError
+
+    if method == "rtn":
+        raise UsageError("--cross-fit refits a calibrated method per fold; rtn fits nothing: add --method gptq")
+    if target_fraction is None:
+        raise UsageError("--cross-fit is for the --target-fraction selection; pass --target-fraction 0.10")
+    if greedy:
+        raise UsageError("--greedy cannot be combined with --cross-fit yet: use one of them")
+
+
+# a fold's method run needs at least this share of the calibration samples apart from its windows
+CROSS_FIT_MIN_SAMPLES = 0.25
+
+
+def _fold_weights(model, input_ids, scheme, method, method_options, select_windows, folds, device, batch_size,
+                  ignore, on_block, on_step):
+    """One method run per selection fold, each on the calibration samples sharing no text with its windows."""
+    from quantkit.calib.data import samples_apart
+    from quantkit.errors import UsageError
+    from quantkit.sensitivity.select import cv_folds
+
+    out = []
+    parts = cv_folds(int(select_windows.shape[0]), folds)
+    for f, part in enumerate(parts):
+        keep = samples_apart(input_ids, select_windows[part.start : part.stop])
+        n = int(keep.sum())
+        if n < max(1, CROSS_FIT_MIN_SAMPLES * input_ids.shape[0]):
+            raise UsageError(
+                f"--cross-fit: only {n} of {input_ids.shape[0]} calibration samples share no text with fold "
+                f"{f + 1}'s selection windows; use fewer --select-windows, or more calibration text (--calib)")
+        if on_step is not None:
+            on_step(f"{method}: fold {f + 1}/{len(parts)} on the {n} of {input_ids.shape[0]} calibration samples "
+                    "that share no text with its selection windows")
+        out.append(method_weights(model, input_ids[keep], scheme, method, method_options, device=device,
+                                  batch_size=min(batch_size, n), ignore=ignore, on_block=on_block))
+    return out
+
+
 def _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fraction, select_windows, device,
-                    on_step, weights) -> dict[str, torch.Tensor] | None:
-    """Set each layer's gradient-weighted error; returns its per-window rows when the selection needs them."""
+                    on_step, weights, folds=None, fold_weights=None) -> dict[str, torch.Tensor] | None:
+    """Set each layer's gradient-weighted error; returns its per-window rows when the selection needs them
+    (cross-fitted: each fold's windows measured against its fold's weights)."""
     from quantkit.sensitivity.fisher import fisher_scores
+    from quantkit.sensitivity.select import cv_folds
 
     # with --target-fraction: per selection window, so that the cross-validation folds keep it apart
     ids = select_windows if target_fraction is not None else input_ids[:fisher_windows]
     if on_step is not None:
         on_step(f"gradient-weighted error: forward + backward on {len(ids)} windows")
-    rows = fisher_scores(model, ids, scheme, [e.name for e in layers], device=device, per_window=True, weights=weights)
+    names = [e.name for e in layers]
+    if fold_weights is None:
+        rows = fisher_scores(model, ids, scheme, names, device=device, per_window=True, weights=weights)
+    else:
+        parts = cv_folds(int(ids.shape[0]), folds)
+        per = [fisher_scores(model, ids[p.start : p.stop], scheme, names, device=device, per_window=True, weights=w)
+               for p, w in zip(parts, fold_weights)]
+        rows = {n: torch.cat([r[n] for r in per]) for n in names}
     for e in layers:
         e.fisher = float(rows[e.name].mean())
     return rows if target_fraction is not None else None
@@ -149,19 +207,24 @@ def _apply_fixed(report: ScanReport, layers, thresholds: Thresholds, scheme: Sch
 
 
 def _select(report: ScanReport, model, layers, scheme, select_windows, target_fraction, folds, dev,
-            eval_batch_size, shortlist, fisher_rows, on_step, weights, greedy=None, input_ids=None) -> None:
+            eval_batch_size, shortlist, fisher_rows, on_step, weights, greedy=None, input_ids=None,
+            fold_weights=None) -> None:
     from quantkit.calib.data import text_overlap
     from quantkit.sensitivity.select import select_fp16
 
     sel = select_fp16(
         model, layers, scheme, select_windows, target_fraction, folds=folds, device=dev,
         batch_size=eval_batch_size, shortlist=shortlist, fisher=fisher_rows, on_step=on_step, weights=weights,
-        greedy=greedy,
+        greedy=greedy, fold_weights=fold_weights,
     )
     if weights.method != "rtn" and sel.ppl.get("expected") and input_ids is not None:
         # a method fit to its calibration samples (GPTQ) does better on that text than on unseen text, so an
         # expectation measured on windows it was fit to runs high: say how much of theirs it was fit to
-        sel.ppl["expected"]["method_fit_overlap"] = text_overlap(select_windows, input_ids)
+        if fold_weights is None:
+            sel.ppl["expected"]["method_fit_overlap"] = text_overlap(select_windows, input_ids)
+        else:  # by construction each fold's weights saw none of its windows' text
+            sel.ppl["expected"]["method_fit_overlap"] = 0.0
+        sel.ppl["expected"]["cross_fit"] = fold_weights is not None
     report.thresholds = Thresholds(None, None, None)  # the choice is an explicit list of units
     report.search, report.ppl = sel.candidates, sel.ppl
     report.mode, report.target_fraction = "target-fraction", target_fraction

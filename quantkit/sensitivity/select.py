@@ -36,6 +36,14 @@ winner's estimate as the recovery to expect on unseen text like the calibration 
 the final choice is recorded beside it to show how much choosing on the scoring windows
 would flatter it).
 
+Cross-fitting (`fold_weights`, for a method fit to calibration data such as GPTQ). The
+selection windows are calibration text, and at the defaults most of it is text GPTQ was
+calibrated on, where a GPTQ model does better than on unseen text; gains measured there
+say little about unseen text. Given one set of method weights per fold, each fit on
+calibration samples sharing no text with that fold's windows, every window's NLL (all
+quantized, each unit restored, each fold's choice, the final choice) is measured with its
+fold's weights: each window is then text the weights it is scored with never saw.
+
 Forward passes over the selection windows: 2 (float, all quantized) + measured units
 + 1 per rule (its K fold scores) + 1 (the final choice, in-sample); the default model has
 210 linears in 120 units, so 2 + 120 + 3 + 1 = 126. "greedy" adds up to N per pick after
@@ -45,6 +53,7 @@ set measured once is reused).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -143,6 +152,7 @@ def select_fp16(
     on_step: Callable[[str], None] | None = None,
     weights: ScanWeights = RTN,
     greedy: int | None = None,
+    fold_weights: Sequence[ScanWeights] | None = None,
 ) -> Selection:
     """Choose whole units, at most floor(fraction x len(layers)) linears, to keep in FP16 (see module docstring).
 
@@ -152,6 +162,8 @@ def select_fp16(
     weights: what "quantized" means (quantkit.sensitivity.weights): the scheme's RTN, or e.g. GPTQ's weights, so
     that the gains, the all-quantized baseline and the expected recovery refer to the model the file is used with.
     greedy: also try the "greedy" rule, re-measuring this many candidates per pick (None or 0: not tried).
+    fold_weights: cross-fitting (module docstring): one ScanWeights per fold, each fit without that fold's
+    windows; every window is then measured with its fold's weights (not with `greedy`).
     Sets each layer's flag, and restore_gain (of its unit, in perplexity) for measured units.
     """
     from quantkit.errors import UsageError
@@ -159,6 +171,10 @@ def select_fp16(
     if not 0 < fraction < 1:
         raise UsageError(f"--target-fraction {fraction} must be between 0 and 1 (e.g. 0.10)")
     search = _Search(model, layers, windows, fraction, folds, batch_size, on_step or (lambda _m: None))
+    if fold_weights is not None and len(fold_weights) != len(search.parts):
+        raise ValueError(f"fold_weights: {len(fold_weights)} sets for {len(search.parts)} folds")
+    if fold_weights is not None and greedy:
+        raise UsageError("--greedy cannot be combined with --cross-fit yet: use one of them")
     if device is not None:
         model.to(device)  # before quantizing: the float copies then live beside the weights
     search.say(f"selection: float model on {search.n} calibration windows")
@@ -168,23 +184,29 @@ def select_fp16(
     if fisher is not None:
         fish = torch.stack([sum(fisher[m] for m in u) for u in search.units])  # (units, windows)
     measured = _shortlist(search.costs, fish.sum(dim=1).tolist() if fish is not None else rel, shortlist)
-    with quantized_subset(model, search.names, scheme, weights) as q:
+    with contextlib.ExitStack() as stack:
+        if fold_weights is None:  # one quantized model for every window: entered once, kept open
+            q = stack.enter_context(quantized_subset(model, search.names, scheme, weights))
+            search.parts_with = [(range(search.n), lambda: contextlib.nullcontext(q))]
+        else:  # each fold's windows with its own weights, entered in turn (float in between)
+            search.parts_with = [(part, lambda w=w: quantized_subset(model, search.names, scheme, w))
+                                 for part, w in zip(search.parts, fold_weights)]
         search.say("selection: all quantized")
-        allq = search.nll(windows)
-        gains = search.restore_gains(q, allq, measured)
+        allq, gains = search.restore_gains(measured)
         rules = search.rules(gains, measured, fish, rel)
         if greedy and measured and search.budget > 0:
             rules = {**rules, "greedy": lambda idx: search.greedy_choice(q, allq, gains, measured, greedy, idx)}
             rules = {r: rules[r] for r in RULES if r in rules}
-        candidates = [search.cross_validate(q, rule, rules[rule], base, allq) for rule in rules]
+        candidates = [search.cross_validate(rule, rules[rule], base, allq) for rule in rules]
         best = None
         for c in candidates:  # RULES order on ties
             if c["layers"] and (best is None or c["cv_recovered"] > best["cv_recovered"]):
                 best = c
         chosen = best["layers"] if best is not None else []
-        mixed = search.in_sample(q, best, allq)
+        mixed = search.in_sample(best, allq)
     search.set_results(layers, scheme, measured, gains, allq, chosen)
-    ppl = search.summary(base, allq, mixed, best, measured, weights.method)
+    method = weights.method + (f", cross-fitted over {len(search.parts)} folds" if fold_weights is not None else "")
+    ppl = search.summary(base, allq, mixed, best, measured, method)
     return Selection(chosen, best["rule"] if best else None, search.budget, ppl, candidates)
 
 
@@ -217,6 +239,8 @@ class _Search:
         self.parts = cv_folds(self.n, folds)
         self.evaluations = 0  # forward passes over the windows (a rule's K fold scores make one)
         self.greedy_nll: dict[frozenset[int], torch.Tensor] = {}  # restored units -> per-window NLL ("greedy")
+        # (windows, quantized-model context) pairs covering the windows: one, or one per fold (cross-fitting)
+        self.parts_with: list[tuple[range, Callable[[], Any]]] = []
 
     def nll(self, sel: torch.Tensor, *, counts: bool = True) -> torch.Tensor:
         from quantkit.eval.perplexity import window_nll
@@ -224,16 +248,34 @@ class _Search:
         self.evaluations += counts
         return window_nll(self.model, sel, batch_size=self.batch_size)
 
-    def restore_gains(self, q, allq: torch.Tensor, measured: list[int]) -> torch.Tensor:
-        """(units, windows) float64: NLL(all quantized) - NLL(all quantized but the unit), for measured units."""
+    def restore_gains(self, measured: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-window NLL all quantized (windows,), and (units, windows) float64 restore gains: NLL(all
+        quantized) - NLL(all quantized but the unit), for measured units; each part with its weights."""
+        allq = torch.zeros(self.n, dtype=torch.float64)
         gains = torch.zeros(len(self.units), self.n, dtype=torch.float64)
-        for j, i in enumerate(measured):
-            if self.budget == 0:
-                break
-            self.say(f"selection: ({j + 1}/{len(measured)}) all quantized but {', '.join(self.units[i])}")
-            with q.restored(self.units[i]):
-                gains[i] = allq - self.nll(self.windows)
-        return gains
+        for f, (part, enter) in enumerate(self.parts_with):
+            sel = self.windows[part.start : part.stop]
+            where = f" (fold {f + 1}/{len(self.parts_with)}'s weights)" if len(self.parts_with) > 1 else ""
+            with enter() as q:
+                allq[part.start : part.stop] = self.nll(sel, counts=f == 0)
+                for j, i in enumerate(measured):
+                    if self.budget == 0:
+                        break
+                    self.say(f"selection: ({j + 1}/{len(measured)}) all quantized but {', '.join(self.units[i])}"
+                             + where)
+                    with q.restored(self.units[i]):
+                        gains[i, part.start : part.stop] = allq[part.start : part.stop] - self.nll(sel, counts=f == 0)
+        return allq, gains
+
+    def _restored_sum(self, names: list[str], part: range) -> float:
+        """Summed NLL of the windows `part` with `names` restored, each window with its part's weights."""
+        total = 0.0
+        for p, enter in self.parts_with:
+            lo, hi = max(p.start, part.start), min(p.stop, part.stop)
+            if lo < hi:
+                with enter() as q, q.restored(names):
+                    total += float(self.nll(self.windows[lo:hi], counts=False).sum())
+        return total
 
     def rules(self, gains, measured, fish, rel) -> dict[str, Callable[[list[int]], list[str]]]:
         """Rule name -> the linears it keeps in FP16 when it reads the windows `idx`, in RULES order (the
@@ -297,7 +339,7 @@ class _Search:
     def choose(self, values: list[float]) -> list[str]:
         return [m for i in knapsack(values, self.costs, self.budget) for m in self.units[i]]
 
-    def cross_validate(self, q, rule: str, chooser, base: torch.Tensor, allq: torch.Tensor) -> dict[str, Any]:
+    def cross_validate(self, rule: str, chooser, base: torch.Tensor, allq: torch.Tensor) -> dict[str, Any]:
         """The rule's out-of-sample recovery: each fold scored by the choice made from the other folds."""
         mixed_sum, per_fold, fold_layers = 0.0, [], []
         per_window = self.tokens // self.n
@@ -306,8 +348,7 @@ class _Search:
             fold_layers.append(chosen)
             self.say(f"selection: {rule}, fold {f + 1}/{len(self.parts)}: {len(chosen)} linears chosen from the "
                      "other folds")
-            with q.restored(chosen):
-                s = float(self.nll(self.windows[part.start : part.stop], counts=False).sum())
+            s = self._restored_sum(chosen, part)
             mixed_sum += s
             tok = len(part) * per_window
             per_fold.append(recovered_fraction(_ppl(float(base[part.start:part.stop].sum()), tok),
@@ -318,14 +359,14 @@ class _Search:
         return {"rule": rule, "cv_recovered": cv, "per_fold": per_fold, "cv_ppl": _ppl(mixed_sum, self.tokens),
                 "fold_layers": fold_layers, "layers": chooser(list(range(self.n)))}
 
-    def in_sample(self, q, best: dict[str, Any] | None, allq: torch.Tensor) -> float:
+    def in_sample(self, best: dict[str, Any] | None, allq: torch.Tensor) -> float:
         """Perplexity on all windows with the final choice restored (flatters it: it was chosen on them)."""
         if best is None:
             return _ppl(float(allq.sum()), self.tokens)
         self.say(f"selection: {best['rule']} on all {self.n} windows: {len(best['layers'])} linears in FP16 "
                  "(in-sample score)")
-        with q.restored(best["layers"]):
-            return _ppl(float(self.nll(self.windows).sum()), self.tokens)
+        self.evaluations += 1
+        return _ppl(self._restored_sum(best["layers"], range(self.n)), self.tokens)
 
     def set_results(self, layers, scheme, measured, gains, allq, chosen) -> None:
         """Each layer's flag, and its unit's restore gain in perplexity where measured."""
