@@ -635,6 +635,20 @@ def test_cross_fit_scores_each_fold_on_gptq_weights_fit_without_its_text(model):
     assert [c["rule"] for c in fit.search] == [c["rule"] for c in plain.search]  # the same rules, own weights
 
 
+def test_report_states_no_estimate_outside_zero_to_one():
+    """An expectation outside 0-100% (measured on CPU: 278%, from folds of -435% to +2338%, on windows where GPTQ's
+    gap was +0.75%) is not stated as a recovery."""
+    from quantkit.sensitivity.report import expected_statement
+
+    exp = {"recovered": 2.78, "per_fold": [-4.35, -1.98, 23.38, 0.38], "how": "4-fold cross-validation",
+           "method_fit_overlap": 0.52}
+    text = expected_statement(exp)
+    assert text.startswith("no usable estimate") and "278%" in text and "-435% to 2338%" in text
+    assert "52% of the selection windows' text is in the method's own calibration samples" in text
+    ok = expected_statement(dict(exp, recovered=0.4, per_fold=[0.3, 0.5], method_fit_overlap=0.0))
+    assert ok.startswith("recovers about 40% of the perplexity gap") and "calibration samples" not in ok
+
+
 def test_cross_fit_refuses_what_it_cannot_do(model):
     from quantkit.errors import UsageError
 

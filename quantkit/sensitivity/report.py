@@ -107,8 +107,13 @@ def expected_statement(exp: dict[str, Any]) -> str:
     """The recovery the selection expects on text it never saw, and how that number was measured."""
     folds = exp.get("per_fold") or []
     spread = f", folds {min(folds):.0%} to {max(folds):.0%}" if len(folds) > 1 else ""
-    text = (f"recovers about {exp['recovered']:.0%} of the perplexity gap ({exp['how']}{spread}); "
-            "measured on text like the calibration text: other kinds of text may recover less")
+    if not 0.0 <= exp["recovered"] <= 1.0:  # a share of a gap too small or noisy to measure on these windows
+        text = (f"no usable estimate: the cross-validated recovery came out at {exp['recovered']:.0%} "
+                f"({exp['how']}{spread}), outside 0-100%, so the quantized model's gap on the selection windows is "
+                "too small or too noisy to take a share of; judge the file by `quantkit eval` on unseen text")
+    else:
+        text = (f"recovers about {exp['recovered']:.0%} of the perplexity gap ({exp['how']}{spread}); "
+                "measured on text like the calibration text: other kinds of text may recover less")
     fit = exp.get("method_fit_overlap")
     if fit is not None and fit >= FIT_OVERLAP_WARN:
         text += (f"; {fit:.0%} of the selection windows' text is in the method's own calibration samples, so this "
