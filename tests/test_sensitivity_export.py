@@ -230,8 +230,10 @@ def test_cli_scan_target_fraction_then_sensitive(tiny_dir, tmp_path):
                       "--select-windows", "4", "--folds", "2", "--greedy", "2", "--out", sl)
     assert code == 0, text
     flat = " ".join(text.replace("│", " ").split())  # the summary table wraps its cells
-    assert "expected on unseen text recovers about" in flat and "2-fold cross-validation over 4 calibration" in flat
     d = json.loads(sl.read_text())
+    # a random tiny model's cross-validated recovery may fall outside 0-100%: then the row says there is none
+    said = "recovers about" if 0 <= d["ppl"]["expected"]["recovered"] <= 1 else "no usable estimate"
+    assert f"expected on unseen text {said}" in flat and "2-fold cross-validation over 4 calibration" in flat
     assert "greedy" in [c["rule"] for c in d["search"]]
     assert d["scheme"]["weights"]["symmetric"] is False and d["thresholds"]["mode"] == "target-fraction"
     flagged = [e["name"] for e in d["layers"] if e["flag"] == "fp16"]
