@@ -77,14 +77,17 @@ def run_scan(
         model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
         stat_tokens=stat_tokens, on_block=on_block, stream=stream, activations=activations, weights=weights,
     )
-    fold_weights = None
+    fold_weights = fold_parts = None
     if cross_fit:
-        fold_weights = _fold_weights(model, input_ids, scheme, method, method_options, select_windows, folds,
+        from quantkit.sensitivity.select import cv_folds
+
+        fold_parts = cv_folds(int(select_windows.shape[0]), folds)  # the selection's folds, cut once
+        fold_weights = _fold_weights(model, input_ids, scheme, method, method_options, select_windows, fold_parts,
                                      device, batch_size, ignore, on_block, on_step)
     fisher_rows = None
     if fisher_windows > 0:
         fisher_rows = _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fraction,
-                                      select_windows, device, on_step, weights, folds, fold_weights)
+                                      select_windows, device, on_step, weights, fold_parts, fold_weights)
     report = ScanReport(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
         calibration=dict(calibration or {}), bins=bins, method=weights.record(), warnings=list(weights.warnings),
@@ -149,15 +152,12 @@ def check_cross_fit(method, target_fraction, greedy) -> None:
 CROSS_FIT_MIN_SAMPLES = 0.25
 
 
-def _fold_weights(model, input_ids, scheme, method, method_options, select_windows, folds, device, batch_size,
+def _fold_weights(model, input_ids, scheme, method, method_options, select_windows, parts, device, batch_size,
                   ignore, on_block, on_step):
     """One method run per selection fold, each on the calibration samples sharing no text with its windows."""
     from quantkit.calib.data import samples_apart
     from quantkit.errors import UsageError
-    from quantkit.sensitivity.select import cv_folds
-
     out = []
-    parts = cv_folds(int(select_windows.shape[0]), folds)
     for f, part in enumerate(parts):
         keep = samples_apart(input_ids, select_windows[part.start : part.stop])
         n = int(keep.sum())
@@ -174,11 +174,10 @@ def _fold_weights(model, input_ids, scheme, method, method_options, select_windo
 
 
 def _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fraction, select_windows, device,
-                    on_step, weights, folds=None, fold_weights=None) -> dict[str, torch.Tensor] | None:
+                    on_step, weights, fold_parts=None, fold_weights=None) -> dict[str, torch.Tensor] | None:
     """Set each layer's gradient-weighted error; returns its per-window rows when the selection needs them
     (cross-fitted: each fold's windows measured against its fold's weights)."""
     from quantkit.sensitivity.fisher import fisher_scores
-    from quantkit.sensitivity.select import cv_folds
 
     # with --target-fraction: per selection window, so that the cross-validation folds keep it apart
     ids = select_windows if target_fraction is not None else input_ids[:fisher_windows]
@@ -188,9 +187,8 @@ def _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fra
     if fold_weights is None:
         rows = fisher_scores(model, ids, scheme, names, device=device, per_window=True, weights=weights)
     else:
-        parts = cv_folds(int(ids.shape[0]), folds)
         per = [fisher_scores(model, ids[p.start : p.stop], scheme, names, device=device, per_window=True, weights=w)
-               for p, w in zip(parts, fold_weights)]
+               for p, w in zip(fold_parts, fold_weights)]
         rows = {n: torch.cat([r[n] for r in per]) for n in names}
     for e in layers:
         e.fisher = float(rows[e.name].mean())
