@@ -4,7 +4,9 @@
    CUDA-graph replay (`do_bench_cudagraph`) vs cuBLAS FP16, plus host issue time per call; three passes, the
    middle one in reverse shape order (a first-shape effect shows as a pass-to-pass difference).
 2. Host time per call (300 back-to-back calls, before the final sync) of each piece of the eager Gluon path at
-   6144 x 4096: the per-token quantization, the three TMA descriptors, the kernel launch, the whole public call.
+   6144 x 4096: the per-token quantization (allocating / into the scratch), the TMA descriptors (``from_tensor`` /
+   the ``_HostDesc`` a cached launch uses), the kernel launch (Gluon's JIT path / the cached direct launch), the
+   whole public call.
 
     PYTHONPATH=. python benchmarks/w8a8_host_time.py
 """
@@ -74,10 +76,12 @@ def host_pieces(M: int = 2048, N: int = 6144, K: int = 4096) -> None:
         w8a8_gluon.w8a8_gluon_kernel[(M // 256, N // 128)](*d, a_s, W.scale, a_s, M, N, K, STAGES=5, WARPS=8,
                                                            OUT_INT32=False, HAS_BIAS=False, num_warps=8)
 
-    pieces = {"per_token_quant_triton": lambda: per_token_quant_triton(x),
+    pieces = {"per_token_quant_triton (allocating)": lambda: per_token_quant_triton(x),
+              "per_token_quant into the scratch": lambda: w8a8._quantize_into_scratch(x),
               "descriptors() (3 from_tensor)": lambda: w8a8_gluon.descriptors(a_q, W.w, out, glu),
-              "gluon kernel launch, descriptors given": kernel_only,
-              "w8a8_gluon.launch (descriptors + launch)": lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, glu),
+              "3 _HostDesc": lambda: [w8a8_gluon._HostDesc(t) for t in (a_q, W.w, out)],
+              "gluon kernel JIT launch, descriptors given": kernel_only,
+              "w8a8_gluon.launch (cached direct launch)": lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, glu),
               "w8a8_linear_triton gluon (quant + launch)": lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale, config=glu, out=out),
               "w8a8_linear_triton tma (quant + launch)": lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale, config=tma, out=out),
               "torch F.linear fp16": lambda: torch.nn.functional.linear(x, w16),

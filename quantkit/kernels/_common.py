@@ -408,7 +408,9 @@ def _no_hooks() -> bool:
     return True
 
 
-def _arg_class(a):
+def arg_class(a):
+    """What Triton specializes a launch argument on (dtype and 16-byte alignment of a tensor, == 1 / % 16 /
+    int32 range of an int): a compiled kernel serves every argument of the same class."""
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
     if isinstance(a, bool) or a is None:
@@ -420,33 +422,29 @@ def _arg_class(a):
     return type(a)
 
 
-def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey) -> None:
-    """``lk[grid](*args, **consts)`` with the compiled-kernel lookup cached.
+def current_device() -> int:
+    """Triton's current CUDA device (a direct launch goes to its current stream)."""
+    return _driver.get_current_device()
 
-    ``args``: the runtime (non-constexpr) arguments, positionally, in the kernel's order (they
-    must come before every constexpr parameter); ``consts``: constexprs + launch options;
-    ``ckey``: a hashable that identifies ``consts`` (the caller's plan key)."""
+
+def fast_ready() -> bool:
+    """A cached compiled kernel may be launched directly now: enabled, compiled mode, Triton's driver bound
+    (after the first ordinary launch) and no launch hook installed."""
+    return _FAST_ON and _driver is not None and not interpret_mode() and _no_hooks()
+
+
+def run_compiled(k, grid, args: tuple) -> None:
+    """Launch compiled kernel ``k`` on the current stream with every parameter in order (constexprs too, as
+    ``JITFunction.run`` passes them); only when :func:`fast_ready`."""
+    dev = current_device()
+    k.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+          _driver.get_current_stream(dev), k.function, k.packed_metadata, None, None, None, *args)
+
+
+def bind_driver(k) -> bool:
+    """After an ordinary launch returned compiled kernel ``k``: remember Triton's driver and knobs (what
+    :func:`run_compiled` needs); False when ``k`` lacks the internals a direct launch uses."""
     global _driver, _knobs
-    if not _FAST_ON or interpret_mode():
-        lk[grid](*args, **consts)
-        return
-    dev = _driver.get_current_device() if _driver is not None else None
-    key = (id(lk), dev, ckey, tuple(map(_arg_class, args)))
-    ent = _FAST.get(key)
-    if ent is not None and _no_hooks():
-        FAST_STATS[0] += 1
-        k, tail = ent
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
-        k.run(grid[0], g1, g2, _driver.get_current_stream(dev), k.function, k.packed_metadata, None,
-              None, None, *args, *tail)
-        return
-    FAST_STATS[1] += 1
-    k = lk[grid](*args, **consts)
-    if k is None:
-        return
-    if hasattr(k, "result"):  # async compile mode
-        k = k.result()
     try:
         import triton
         from triton import knobs
@@ -454,14 +452,39 @@ def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey) -> None
         _knobs = knobs
         if _driver is None:
             _driver = triton.runtime.driver.active
-            key = (key[0], _driver.get_current_device()) + key[2:]
-        names = lk.param_names()
-        tail = tuple(consts[n] for n in names[len(args):])  # constexprs, in parameter order
-        if not hasattr(k, "packed_metadata") or not hasattr(k, "function"):
-            return
-    except Exception:  # unknown triton internals: keep the ordinary path for this kernel
+        return hasattr(k, "packed_metadata") and hasattr(k, "function")
+    except Exception:  # unknown triton internals: keep the ordinary path
+        return False
+
+
+def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey) -> None:
+    """``lk[grid](*args, **consts)`` with the compiled-kernel lookup cached.
+
+    ``args``: the runtime (non-constexpr) arguments, positionally, in the kernel's order (they
+    must come before every constexpr parameter); ``consts``: constexprs + launch options;
+    ``ckey``: a hashable that identifies ``consts`` (the caller's plan key)."""
+    if not _FAST_ON or interpret_mode():
+        lk[grid](*args, **consts)
         return
-    _FAST[key] = (k, tail)
+    dev = _driver.get_current_device() if _driver is not None else None
+    key = (id(lk), dev, ckey, tuple(map(arg_class, args)))
+    ent = _FAST.get(key)
+    if ent is not None and _no_hooks():
+        FAST_STATS[0] += 1
+        k, tail = ent
+        run_compiled(k, grid, (*args, *tail))
+        return
+    FAST_STATS[1] += 1
+    k = lk[grid](*args, **consts)
+    if k is None:
+        return
+    if hasattr(k, "result"):  # async compile mode
+        k = k.result()
+    if not bind_driver(k):
+        return
+    key = (key[0], _driver.get_current_device()) + key[2:]
+    names = lk.param_names()
+    _FAST[key] = (k, tuple(consts[n] for n in names[len(args):]))  # constexprs, in parameter order
 
 
 def const_key(const: dict) -> tuple:

@@ -23,6 +23,8 @@ import functools
 
 import torch
 
+from quantkit.kernels import _common
+
 try:  # Gluon's Hopper API (Triton >= 3.5); absent: this backend is never selected
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -178,18 +180,63 @@ def descriptors(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict
             TensorDescriptor.from_tensor(out, [bm, bn], _layout(bm, bn, _GL_DTYPES[out.dtype])))
 
 
+class _HostDesc:
+    """What a compiled kernel's launcher reads from a host ``TensorDescriptor`` (``base.data_ptr()``, ``shape``,
+    ``strides``, ``padding``), taken from the tensor without ``from_tensor``'s checks and layout objects: the
+    cached launch builds three per call.  The block shape and layout are compiled into the kernel (they are part
+    of its cache key), so these plain values are all a launch needs."""
+
+    __slots__ = ("ptr", "shape", "strides")
+    padding = "zero"
+    round_f32_to_tf32 = False
+
+    def __init__(self, t: torch.Tensor):
+        self.ptr = t.data_ptr()
+        self.shape = list(t.shape)
+        self.strides = list(t.stride())
+
+    @property
+    def base(self):
+        return self
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+# (tile, stages, warps, dtypes and argument classes) -> compiled kernel.  Gluon's JIT path (argument binding,
+# descriptor type mangling, cache lookup) costs ~50 us of host time per call on an H100 host (BENCHMARKS.md);
+# a cached kernel is launched directly (``_common.run_compiled``).  None: direct launches failed, never again.
+_COMPILED: dict | None = {}
+
+
 def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
     """``out`` = the W8A8 GEMM of quantized activations a_q (M, K) int8 with a_scale (M,) fp32 and w (N, K) int8
     with w_scale (N,) fp32 (an int32 ``out`` receives the raw accumulator).  ``applies`` must hold."""
+    global _COMPILED
     M, K = a_q.shape
     N = w.shape[0]
-    a_d, w_d, c_d = descriptors(a_q, w, out, cfg)
-    grid = ((M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], (N + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"])
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grid = ((M + bm - 1) // bm, (N + bn - 1) // bn)
     scales = a_scale if a_scale is not None else out
-    w8a8_gluon_kernel[grid](a_d, w_d, c_d, scales, w_scale if w_scale is not None else out,
-                            bias if bias is not None else scales, M, N, K,
-                            STAGES=cfg["num_stages"], WARPS=cfg["num_warps"], OUT_INT32=out.dtype == torch.int32,
-                            HAS_BIAS=bias is not None, num_warps=cfg["num_warps"])
+    ws = w_scale if w_scale is not None else out
+    b = bias if bias is not None else scales
+    consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None)
+    ptrs = (scales, ws, b, M, N, K)
+    key = lambda: (_common.current_device(), bm, bn, cfg["BLOCK_K"], out.dtype, consts,  # noqa: E731
+                   tuple(map(_common.arg_class, ptrs)))
+    if _COMPILED is not None and _common.fast_ready():
+        k = _COMPILED.get(key())
+        if k is not None:
+            try:
+                _common.run_compiled(k, grid, (_HostDesc(a_q), _HostDesc(w), _HostDesc(out), *ptrs, *consts))
+                return out
+            except Exception:  # a Triton whose launcher wants more than _HostDesc has: the JIT path from now on
+                _COMPILED = None
+    a_d, w_d, c_d = descriptors(a_q, w, out, cfg)
+    k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, *ptrs, STAGES=consts[0], WARPS=consts[1], OUT_INT32=consts[2],
+                                HAS_BIAS=consts[3], num_warps=cfg["num_warps"])
+    if _COMPILED is not None and k is not None and _common.bind_driver(k):
+        _COMPILED[key()] = k
     return out
 
 

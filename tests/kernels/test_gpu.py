@@ -152,6 +152,47 @@ def test_gluon_kernel_matches_the_tensor_core_kernel(layer, M, cfg):
     assert rel_err(y, ref) <= 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="Gluon's wgmma kernel is sm_90 only")
+def test_gluon_cached_launch_and_graph_capture(layer, monkeypatch):
+    """After the first launch the Gluon kernel is launched directly (no descriptors built, no JIT binding): new
+    inputs and outputs each call, bias on and off, fp16 and bf16, bit for bit the tl.dot kernel's result; the
+    same call captured in a CUDA graph and replayed on new input data too."""
+    from quantkit.kernels import _common, w8a8_gluon
+
+    if layer["N"] * layer["K"] > 6144 * 4096:
+        pytest.skip("keep the GPU test short")
+    N, K, W = layer["N"], layer["K"], layer["W8"]
+    cfg, M = GLUON_CONFIGS[3], 1000
+    for dtype in (torch.float16, torch.bfloat16):
+        for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
+            w8a8.w8a8_linear_triton(torch.randn(M, K, device="cuda", dtype=dtype), W.w, W.scale, b, config=cfg)
+    assert w8a8_gluon._COMPILED and _common.fast_ready()
+
+    def no_descriptors(*a, **k):
+        raise AssertionError("the cached launch built TMA descriptors")
+
+    monkeypatch.setattr(w8a8_gluon, "descriptors", no_descriptors)
+    for dtype in (torch.float16, torch.bfloat16):
+        for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
+            for _ in range(2):
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=MMA_CONFIG)
+                glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
+                assert torch.equal(glu, mma)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    out = poison((M, N), torch.float16, "cuda")
+    w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=out)
+    for _ in range(2):
+        x.copy_(torch.randn(M, K, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=MMA_CONFIG))
+
+
 @pytest.mark.parametrize("M", [1, 256, 2048])
 def test_public_ops_bf16(layer, M):
     if layer["N"] * layer["K"] > 6144 * 4096:

@@ -110,6 +110,46 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     assert torch.equal(y2, w8a8.w8a8_gemm_q_triton(aq, asc, W.w, W.scale, None, torch.float16, config=CFG))
 
 
+def test_gluon_host_descriptor_carries_what_the_launcher_reads():
+    """The cached Gluon launch hands the launcher ``_HostDesc`` objects instead of ``TensorDescriptor``s: every
+    field the launcher reads (base pointer, shape, strides, padding, tf32 rounding) equals the real one's."""
+    from quantkit.kernels import w8a8_gluon
+
+    if w8a8_gluon.GLUON_ERROR is not None:
+        pytest.skip(w8a8_gluon.GLUON_ERROR)
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+    a = torch.empty(300, 512, dtype=torch.int8)
+    w = torch.empty(256, 512, dtype=torch.int8)
+    c = torch.empty(300, 256, dtype=torch.bfloat16)
+    for t, d in zip((a, w, c), w8a8_gluon.descriptors(a, w, c, cfg)):
+        h = w8a8_gluon._HostDesc(t)
+        assert h.base.data_ptr() == d.base.data_ptr() == t.data_ptr()
+        assert list(h.shape) == list(d.shape) and list(h.strides) == list(d.strides)
+        assert h.padding == d.padding and h.round_f32_to_tf32 == getattr(d, "round_f32_to_tf32", False)
+    try:
+        from triton.backends.driver import decompose_descriptor  # the launcher's path without descriptor metadata
+    except ImportError:
+        return
+    plain = lambda xs: [x.data_ptr() if hasattr(x, "data_ptr") else x for x in xs]  # noqa: E731
+    d = w8a8_gluon.descriptors(a, w, c, cfg)[2]
+    assert plain(decompose_descriptor(w8a8_gluon._HostDesc(c))) == plain(decompose_descriptor(d))
+
+
+def test_w8a8_large_m_paths_reuse_quantization_scratch_safely(dev):
+    """The tensor-core paths quantize into a per-(device, K) scratch: interleaved calls with other M and K (the
+    scratch replaced, then reused) give each call its own right output."""
+    g = torch.Generator().manual_seed(4)
+    layers = {K: w8a8.prepack_w8a8(randw(g, (32, K), -127, 127, dev), torch.rand(32, 1, generator=g).to(dev) * 0.01 + 1e-3)
+              for K in (64, 96)}
+    cfg = dict(CFG, FUSE_QUANT=False, BACKEND="gluon")
+    for M, K in [(20, 64), (20, 96), (33, 64), (33, 64), (20, 64)]:
+        x = torch.randn(M, K, generator=g).half().to(dev)
+        W = layers[K]
+        y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=poison((M, 32), torch.float16, dev))
+        assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale)) <= 1e-2, (M, K)
+        assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.05)) > 1e-2
+
+
 def test_w8a8_public_ops(dev):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 64, generator=g).half().to(dev)
