@@ -99,8 +99,9 @@ def main() -> None:
                     help="calibration-text windows the scan chooses on (0 = all; default: the scan's)")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--shortlist", type=int, default=None, help="units whose restore gain is measured (default all)")
-    ap.add_argument("--cross-fit", action="store_true",
-                    help="scans with --method gptq: GPTQ once per fold without the samples sharing its windows' text")
+    ap.add_argument("--cross-fit", action=argparse.BooleanOptionalAction, default=None,
+                    help="scans with --method gptq: GPTQ once per fold without the samples sharing its windows' text "
+                    "(default: the scan's, on for GPTQ without --greedy)")
     ap.add_argument("--greedy", type=int, default=None,
                     help="also try the selection's greedy rule, re-measuring N candidates per pick (default off)")
     ap.add_argument("--fisher-windows", type=int, default=1, help="> 0: the gradient-weighted rule too (0 = off)")
@@ -193,7 +194,7 @@ def main() -> None:
         rep = api.scan(loaded, scheme, calib_cfg, device=a.device, target_fraction=a.fraction,
                        eval_cfg=api.EvalConfig(seqlen=a.eval_seqlen, batch_size=a.eval_batch_size), stat_tokens=a.stat_tokens or None,
                        shortlist=a.shortlist, greedy=a.greedy, fisher_windows=a.fisher_windows, select_windows=a.select_windows or None,
-                       folds=a.folds, method=method, cross_fit=a.cross_fit and method != "rtn",
+                       folds=a.folds, method=method, cross_fit=a.cross_fit if method != "rtn" else False,
                        on_step=lambda m, k=key: log(f"[{k}] {m}") if "fold" not in m else None)
         scan_s = time.perf_counter() - t0
         sl = save_sensitive_layers(rep, tmp / f"sl-{key}.json")

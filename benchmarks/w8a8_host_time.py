@@ -86,6 +86,17 @@ def host_pieces(M: int = 2048, N: int = 6144, K: int = 4096) -> None:
               "w8a8_linear_triton tma (quant + launch)": lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale, config=tma, out=out),
               "torch F.linear fp16": lambda: torch.nn.functional.linear(x, w16),
               "torch add_ (1 element)": lambda: a_s[:1].add_(0)}
+    # inside the cached direct launch: its cache key, and the compiled kernel's own launcher (Triton's Python
+    # wrapper: one cuTensorMapEncodeTiled per descriptor, then the C launch)
+    from quantkit.kernels import _common
+
+    w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, glu)
+    k = next((v for key, v in (w8a8_gluon._COMPILED or {}).items() if key[1:4] == (256, 128, 64)), None)
+    args = (a_s, W.scale, a_s, M, N, K)
+    pieces["launch cache key (6 argument classes)"] = lambda: tuple(map(_common.arg_class, args))
+    if k is not None:
+        pieces["compiled kernel's launcher (run_compiled)"] = lambda: _common.run_compiled(
+            k, (M // 256, N // 128), (*[w8a8_gluon._HostDesc(t) for t in (a_q, W.w, out)], *args, 5, 8, False, False))
     for name, f in pieces.items():
         print(f"host {name}: {host_us(f, 300):.1f} us/call", flush=True)
 

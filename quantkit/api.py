@@ -432,7 +432,7 @@ def scan(
     folds: int = 4,
     method: str = "rtn",
     method_options: dict[str, Any] | None = None,
-    cross_fit: bool = False,
+    cross_fit: bool | None = None,
     on_block: Callable[[int, int, str, str], None] | None = None,
     on_step: Callable[[str], None] | None = None,
 ):
@@ -444,7 +444,8 @@ def scan(
     quantkit.sensitivity.select); eval_cfg's held-out text serves --measure-ppl only.
     method ("rtn" or "gptq", with its recipe-stage options): the weights every measurement quantizes to
     (quantkit.sensitivity.weights); GPTQ runs on the scan's calibration set (cross_fit: also once per selection
-    fold, without the samples that share text with its windows; quantkit.sensitivity.run.run_scan)."""
+    fold, without the samples that share text with its windows; None = on where that applies;
+    quantkit.sensitivity.run.run_scan)."""
     from quantkit.quant.core import check_group_size
     from quantkit.sensitivity.run import run_scan
     from quantkit.sensitivity.scan import Thresholds

@@ -596,7 +596,7 @@ def test_run_scan_records_the_method(model, tmp_path):
     assert "fit to" not in rows["expected on unseen text"]
     ids = _ids(4, 32, 0)
     fit = run_scan(model, ids, W4G32, batch_size=2, bins=16, target_fraction=0.25, select_windows=ids[:2],
-                   folds=2, method="gptq", method_options={"act_order": False})
+                   folds=2, method="gptq", method_options={"act_order": False}, cross_fit=False)
     assert fit.ppl["expected"]["method_fit_overlap"] == 1.0
     assert "100% of the selection windows' text is in the method's own calibration samples" in \
         dict(summary_rows(fit))["expected on unseen text"]
@@ -620,7 +620,7 @@ def test_cross_fit_scores_each_fold_on_gptq_weights_fit_without_its_text(model):
                   method_options={"act_order": False}, fisher_windows=1)
     steps = []
     fit = run_scan(model, ids, W4G32, cross_fit=True, on_step=steps.append, **common)
-    plain = run_scan(model, ids, W4G32, **common)
+    plain = run_scan(model, ids, W4G32, cross_fit=False, **common)
     assert fit.ppl["expected"]["cross_fit"] is True and fit.ppl["expected"]["method_fit_overlap"] == 0.0
     assert plain.ppl["expected"]["method_fit_overlap"] == 1.0 and plain.ppl["expected"]["cross_fit"] is False
     assert "cross-fitted over 2 folds" in fit.ppl["method"]
@@ -633,6 +633,28 @@ def test_cross_fit_scores_each_fold_on_gptq_weights_fit_without_its_text(model):
     assert fit.ppl["all_quantized"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
     assert fit.ppl["all_quantized"] != pytest.approx(plain.ppl["all_quantized"], rel=1e-6)
     assert [c["rule"] for c in fit.search] == [c["rule"] for c in plain.search]  # the same rules, own weights
+    # the default for a GPTQ selection whose windows are GPTQ's own text: cross-fitted, the same result
+    auto = run_scan(model, ids, W4G32, **common)
+    assert auto.ppl["expected"]["cross_fit"] is True
+    assert auto.ppl == fit.ppl and auto.search == fit.search
+
+
+def test_cross_fit_default_adapts(model):
+    """By default a GPTQ selection cross-fits only where it can and where it changes something: not with
+    --greedy, not when the windows share no text with the samples, and with a report warning (not an error)
+    when a fold would keep too few samples."""
+    ids = _ids(8, 32, 0)
+    common = dict(batch_size=2, bins=16, target_fraction=0.25, folds=2, method="gptq",
+                  method_options={"act_order": False})
+    steps = []
+    apart = run_scan(model, ids, W4G32, select_windows=_ids(4, 32, 7), on_step=steps.append, **common)
+    assert apart.ppl["expected"]["cross_fit"] is False and not any("share no text" in m for m in steps)
+    greedy = run_scan(model, ids, W4G32, select_windows=ids[:4], greedy=2, **common)
+    assert greedy.ppl["expected"]["cross_fit"] is False
+    wide = torch.stack([ids[0:4].flatten(), ids[3:7].flatten(), ids[4:8].flatten(), ids[0:4].flatten()])
+    few = run_scan(model, ids, W4G32, select_windows=wide, **common)
+    assert few.ppl["expected"]["cross_fit"] is False
+    assert any("cross-fitting skipped: too few calibration samples" in w for w in few.warnings)
 
 
 def test_report_states_no_estimate_outside_zero_to_one():

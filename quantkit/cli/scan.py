@@ -87,13 +87,15 @@ def scan(
                      "gains and the expected recovery use its weights; then `quantkit gptq --sensitive`)."),
     ] = "rtn",
     cross_fit: Annotated[
-        bool,
-        typer.Option("--cross-fit", help="--method gptq with --target-fraction: also run GPTQ once per "
-                     "cross-validation fold on the calibration samples that share no text with that fold's "
-                     "selection windows, and measure each window on its fold's weights (the selection windows are "
-                     "calibration text GPTQ is otherwise fit to, which makes the expected recovery run high). "
-                     "Costs one GPTQ run per fold."),
-    ] = False,
+        Optional[bool],
+        typer.Option("--cross-fit/--no-cross-fit", help="--method gptq with --target-fraction: also run GPTQ once "
+                     "per cross-validation fold on the calibration samples that share no text with that fold's "
+                     "selection windows, and measure each window on its fold's weights (otherwise the selection "
+                     "windows are calibration text GPTQ was fit to, and the expected recovery runs high: measured "
+                     "on the default model, 58.7% expected vs 29.5% / 21.0% held out without it, 44.0% vs 46.7% / "
+                     "37.1% with it). Costs one GPTQ run per fold. Default: on for --method gptq --target-fraction "
+                     "(not with --greedy)."),
+    ] = None,
     damp: DampOpt = None,
     act_order: ActOrderOpt = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write a PNG chart + the JSON into this dir.")] = None,
@@ -116,7 +118,7 @@ def scan(
     chk.check_int("--greedy", greedy, min=1, note=" (candidates re-measured per pick)")
     if greedy is not None and target_fraction is None:
         raise chk.OptionError("--greedy chooses for --target-fraction; pass --target-fraction 0.10")
-    if cross_fit:
+    if cross_fit:  # asked for explicitly: refused where it cannot be done (the default adapts)
         from quantkit.sensitivity.run import check_cross_fit
 
         check_cross_fit(method, target_fraction, greedy)

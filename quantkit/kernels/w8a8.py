@@ -492,9 +492,6 @@ def _default_config(M: int, N: int, K: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, FUSE_QUANT=False)
 
 
-
-
-
 # measured configs: quantkit/kernels/configs/<gpu>.json (benchmarks/gemm.py --tune writes them)
 CONFIGS = ConfigCache(_default_config, "w8a8")
 

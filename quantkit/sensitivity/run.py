@@ -43,7 +43,7 @@ def run_scan(
     activations: str = "device",
     method: str = "rtn",
     method_options: dict | None = None,
-    cross_fit: bool = False,
+    cross_fit: bool | None = None,
 ) -> ScanReport:
     """Scan `model` on `input_ids` (samples, seqlen) for `scheme`; the model is left unchanged.
 
@@ -63,11 +63,27 @@ def run_scan(
     first), so that the gains and the expected recovery refer to the model the file will be used with.
     cross_fit (a method other than rtn, with target_fraction): the method also runs once per cross-validation
     fold on the calibration samples that share no text with that fold's selection windows, and the selection
-    measures each window with its fold's weights (quantkit.sensitivity.select: "Cross-fitting").
+    measures each window with its fold's weights (quantkit.sensitivity.select: "Cross-fitting").  None (the
+    default): on for a method other than rtn with target_fraction and without greedy, where every fold keeps
+    enough samples (else a report warning) and some fold's windows share text with the samples (else it would
+    change nothing); True: as asked, or a usage error.
     """
     _check_request(target_fraction, select_windows, measure_ppl, eval_windows, fisher_windows, stream, method)
+    asked = cross_fit
+    cross_fit = resolve_cross_fit(cross_fit, method, target_fraction, greedy)
+    fold_parts = fold_keep = None
+    notes: list[str] = []
     if cross_fit:
-        check_cross_fit(method, target_fraction, greedy)
+        from quantkit.sensitivity.select import cv_folds
+
+        fold_parts = cv_folds(int(select_windows.shape[0]), folds)  # the selection's folds, cut once
+        fold_keep = _fold_samples(input_ids, select_windows, fold_parts, required=asked is True)
+        if fold_keep is None or (asked is None and all(bool(k.all()) for k in fold_keep)):
+            # by default: cross-fit only where it can, and where the method saw some fold's window text
+            if fold_keep is None:
+                notes.append("cross-fitting skipped: too few calibration samples share no text with a fold's "
+                             "selection windows (the expected recovery may run high; more --calib text fixes it)")
+            cross_fit, fold_parts, fold_keep = False, None, None
     t0 = time.perf_counter()
     if method != "rtn" and on_step is not None:
         on_step(f"{method}: quantizing every linear once (the weights the scan measures against)")
@@ -77,20 +93,18 @@ def run_scan(
         model, input_ids, scheme, device=device, batch_size=batch_size, ignore=ignore, bins=bins, seed=seed,
         stat_tokens=stat_tokens, on_block=on_block, stream=stream, activations=activations, weights=weights,
     )
-    fold_weights = fold_parts = None
+    fold_weights = None
     if cross_fit:
-        from quantkit.sensitivity.select import cv_folds
-
-        fold_parts = cv_folds(int(select_windows.shape[0]), folds)  # the selection's folds, cut once
-        fold_weights = _fold_weights(model, input_ids, scheme, method, method_options, select_windows, fold_parts,
-                                     device, batch_size, ignore, on_block, on_step)
+        fold_weights = _fold_weights(model, input_ids, scheme, method, method_options, fold_keep, device,
+                                     batch_size, ignore, on_block, on_step)
     fisher_rows = None
     if fisher_windows > 0:
         fisher_rows = _measure_fisher(model, layers, scheme, input_ids, fisher_windows, target_fraction,
                                       select_windows, device, on_step, weights, fold_parts, fold_weights)
     report = ScanReport(
         layers=layers, scheme=scheme, thresholds=thresholds, source=dict(source or {}),
-        calibration=dict(calibration or {}), bins=bins, method=weights.record(), warnings=list(weights.warnings),
+        calibration=dict(calibration or {}), bins=bins, method=weights.record(),
+        warnings=list(weights.warnings) + notes,
     )
     unscored = _unscored_experts(model, layers, ignore)
     if unscored:
@@ -137,36 +151,60 @@ def _check_request(target_fraction, select_windows, measure_ppl, eval_windows, f
         raise UsageError(f"--method {method} quantizes the model in memory before the scan: load it without --stream")
 
 
+def resolve_cross_fit(cross_fit: bool | None, method: str, target_fraction, greedy) -> bool:
+    """Whether the scan cross-fits: asked for (True; refused where it cannot be done), or by default (None) for a
+    calibrated method's --target-fraction selection without --greedy."""
+    if cross_fit is None:
+        return method != "rtn" and target_fraction is not None and not greedy
+    if cross_fit:
+        check_cross_fit(method, target_fraction, greedy)
+    return bool(cross_fit)
+
+
 def check_cross_fit(method, target_fraction, greedy) -> None:
     from quantkit.errors import UsageError
+    from quantkit.sensitivity.select import GREEDY_WITH_CROSS_FIT
 
     if method == "rtn":
         raise UsageError("--cross-fit refits a calibrated method per fold; rtn fits nothing: add --method gptq")
     if target_fraction is None:
         raise UsageError("--cross-fit is for the --target-fraction selection; pass --target-fraction 0.10")
     if greedy:
-        raise UsageError("--greedy cannot be combined with --cross-fit yet: use one of them")
+        raise UsageError(GREEDY_WITH_CROSS_FIT)
 
 
 # a fold's method run needs at least this share of the calibration samples apart from its windows
 CROSS_FIT_MIN_SAMPLES = 0.25
 
 
-def _fold_weights(model, input_ids, scheme, method, method_options, select_windows, parts, device, batch_size,
-                  ignore, on_block, on_step):
-    """One method run per selection fold, each on the calibration samples sharing no text with its windows."""
+def _fold_samples(input_ids, select_windows, parts, required: bool):
+    """Per fold, the calibration samples sharing no text with its selection windows (bool masks); too few for
+    some fold: a usage error when cross-fitting was asked for, else None."""
     from quantkit.calib.data import samples_apart
     from quantkit.errors import UsageError
-    out = []
+
+    keeps = []
     for f, part in enumerate(parts):
         keep = samples_apart(input_ids, select_windows[part.start : part.stop])
         n = int(keep.sum())
         if n < max(1, CROSS_FIT_MIN_SAMPLES * input_ids.shape[0]):
+            if not required:
+                return None
             raise UsageError(
                 f"--cross-fit: only {n} of {input_ids.shape[0]} calibration samples share no text with fold "
                 f"{f + 1}'s selection windows; use fewer --select-windows, or more calibration text (--calib)")
+        keeps.append(keep)
+    return keeps
+
+
+def _fold_weights(model, input_ids, scheme, method, method_options, fold_keep, device, batch_size, ignore,
+                  on_block, on_step):
+    """One method run per selection fold, each on the calibration samples sharing no text with its windows."""
+    out = []
+    for f, keep in enumerate(fold_keep):
+        n = int(keep.sum())
         if on_step is not None:
-            on_step(f"{method}: fold {f + 1}/{len(parts)} on the {n} of {input_ids.shape[0]} calibration samples "
+            on_step(f"{method}: fold {f + 1}/{len(fold_keep)} on the {n} of {input_ids.shape[0]} calibration samples "
                     "that share no text with its selection windows")
         out.append(method_weights(model, input_ids[keep], scheme, method, method_options, device=device,
                                   batch_size=min(batch_size, n), ignore=ignore, on_block=on_block))

@@ -68,7 +68,8 @@ from quantkit.sensitivity.partial import quantized_subset, recovered_fraction
 from quantkit.sensitivity.scan import LayerScan, precision_label
 from quantkit.sensitivity.weights import RTN, ScanWeights
 
-RULES = ("restore", "greedy", "fisher", "rel_err")  # in order of preference when their estimates tie
+RULES = ("restore", "greedy", "fisher", "rel_err")
+GREEDY_WITH_CROSS_FIT = "--greedy cannot be combined with --cross-fit yet: use one of them (or --no-cross-fit)"  # in order of preference when their estimates tie
 DEFAULT_FOLDS = 4
 
 
@@ -174,7 +175,7 @@ def select_fp16(
     if fold_weights is not None and len(fold_weights) != len(search.parts):
         raise ValueError(f"fold_weights: {len(fold_weights)} sets for {len(search.parts)} folds")
     if fold_weights is not None and greedy:
-        raise UsageError("--greedy cannot be combined with --cross-fit yet: use one of them")
+        raise UsageError(GREEDY_WITH_CROSS_FIT)
     if device is not None:
         model.to(device)  # before quantizing: the float copies then live beside the weights
     search.say(f"selection: float model on {search.n} calibration windows")
