@@ -109,10 +109,11 @@ GLUON_CHILD = textwrap.dedent(r'''
     out = {}
     for bm, bk, st, nw in ((128, 128, 3, 4), (128, 64, 5, 4), (256, 128, 3, 8), (256, 64, 5, 8)):
         cfg = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, num_stages=st, num_warps=nw)
-        for dt, bias in ((torch.float16, True), (torch.bfloat16, False), (torch.int32, False)):
-            k = w8a8_gluon.build_for_target(cfg, dt, bias)
+        for dt, bias, rb in ((torch.float16, True, False), (torch.bfloat16, False, False), (torch.int32, False, False),
+                             (torch.float16, False, True)):
+            k = w8a8_gluon.build_for_target(cfg, dt, bias, row_bits=rb)
             ptx = k.asm["ptx"]
-            out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias}"] = dict(
+            out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias} row_bits={rb}"] = dict(
                 cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
                 waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
     print(json.dumps(out))
@@ -121,7 +122,7 @@ GLUON_CHILD = textwrap.dedent(r'''
 
 def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     """The Gluon W8A8 kernel builds for sm_90 at the tiles the tuner searches (fp16/bf16 out with and without
-    bias, the raw int32 accumulator), fits the SM's shared memory, and its K loop waits with one wgmma still in
+    bias, the raw int32 accumulator, mixed mode's row bits), fits the SM's shared memory, and its K loop waits with one wgmma still in
     flight (wait_group 1) -- the reason it exists; only the final wait drains (wait_group 0)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-c", GLUON_CHILD], capture_output=True, text=True, env=env, timeout=600)
@@ -131,7 +132,7 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     built = json.loads(p.stdout.strip().splitlines()[-1])
     if "skip" in built:
         pytest.skip(f"this Triton has no usable Gluon: {built['skip']}")
-    assert len(built) == 12
+    assert len(built) == 16
     for what, b in built.items():
         assert b["cubin"], what
         assert 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])

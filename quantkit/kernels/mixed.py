@@ -39,7 +39,10 @@ accumulator serves both (INT8 rows start from their scaled result; the FP16 dot 
 activations for INT8 rows).  FP16 rows use ``w_fp16`` when given, else ``w * w_scale``.  The
 runtime lays a batch out sample-contiguous with precision decided per 64-token group, so mixed
 tiles are the exception.  No extra launch (no argsort / gather / scatter); the mask overhead is
-measured in ``benchmarks/gemm.py``.  ``CTRL_FORCE_FP16`` without an FP16 copy still runs
+measured in ``benchmarks/gemm.py``.  Exception: where W8A8's config is the Gluon kernel (Hopper, large M), the
+Gluon kernel reads the row bits too and writes only its tiles without an FP16 row, then the tl.dot kernel runs
+with ``SKIPPED_BM`` (Gluon's tile height; its own tiles nest in Gluon's) and computes (both loops, as above) and
+writes only the rows of the Gluon tiles left to it: two launches, the second near-empty when no row is FP16.  ``CTRL_FORCE_FP16`` without an FP16 copy still runs
 ``_mixed_kernel`` below (all-FP16 mode, ``MIXED_CONFIGS``); with a copy it is cuBLAS.
 """
 

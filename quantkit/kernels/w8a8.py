@@ -137,6 +137,8 @@ def _w8a8_kernel(
     stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
     HAS_BIAS: tl.constexpr,
     ROW_BITS: tl.constexpr,  # mixed mode: per-row INT8 / FP16, branches hoisted per tile
+    SKIPPED_BM: tl.constexpr,  # > 0: mixed mode after the Gluon kernel, which left its SKIPPED_BM-row tiles
+    # holding an FP16 row unwritten: only tiles inside those are computed and stored (BLOCK_M divides SKIPPED_BM)
     HAS_FP16_W: tl.constexpr,
     BLOCK_KF: tl.constexpr,  # K step of the FP16 loop
     STAGES_F: tl.constexpr,  # pipeline depth of the FP16 loop (its shared memory adds to the INT8 loop's)
@@ -161,6 +163,10 @@ def _w8a8_kernel(
     if ROW_BITS:
         is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
         k_end = tl.where(any_i8, K, 0)  # hoisted: an all-FP16 tile runs no INT8 iteration
+        if SKIPPED_BM > 0:  # did the Gluon kernel leave this tile's rows to us?
+            g_rows = (tl.min(offs_m, axis=0) // SKIPPED_BM) * SKIPPED_BM + tl.arange(0, SKIPPED_BM)
+            g_fp = tl.sum(tl.load(rb_ptr + g_rows, mask=g_rows < M, other=0).to(tl.int32) & 1, axis=0)
+            k_end = tl.where(g_fp > 0, k_end, 0)
     else:
         k_end = K
     if FUSE_QUANT:
@@ -219,6 +225,8 @@ def _w8a8_kernel(
     # Epilogue of INT8 rows, written once per path in the same form (an explicit fma for the bias), so the
     # compiler's contraction choices cannot make the mixed path round differently from the plain one.
     if ROW_BITS:
+        if SKIPPED_BM > 0:
+            c_mask = tl.where(g_fp > 0, c_mask, False)
         if SPLIT_K > 1:
             acc, accm, last = splitk_sum_rows(acc, accm, is_fp, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M,
                                               BLOCK_N)
@@ -510,7 +518,8 @@ def _consts(**kw):
     return r
 
 
-def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None):
+def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None,
+            skipped_bm=0):
     M, K = a.shape
     N = w.shape[0]
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
@@ -519,7 +528,8 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
     rbits = row_bits is not None
     xx = x if x is not None else a
     wf = w_fp16 if w_fp16 is not None else w
-    const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
+    const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
+                          HAS_FP16_W=w_fp16 is not None,
                           BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
                           FUSE_QUANT=fuse_quant, OUT_INT32=out_int32,
                           EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
@@ -612,14 +622,15 @@ def _quantize_into_scratch(x: torch.Tensor):
     return ent
 
 
-def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg) -> bool:
+def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None) -> bool:
     """The Gluon kernel (``BACKEND="gluon"``: INT8 wgmmas kept in flight, sm_90 only) on quantized activations,
-    if it applies here; False: the caller runs the tl.dot kernel."""
+    if it applies here; False: the caller runs the tl.dot kernel.  ``row_bits``: mixed mode's first half (tiles
+    with an FP16 row are left for the tl.dot kernel's ``SKIPPED_BM`` pass)."""
     from quantkit.kernels import w8a8_gluon
 
     if not w8a8_gluon.applies(a_q, w, out):
         return False
-    w8a8_gluon.launch(a_q, a_scale, w, w_scale, bias, out, cfg)
+    w8a8_gluon.launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits)
     return True
 
 
@@ -713,11 +724,17 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
     if cfg.get("BACKEND") == "tma" and tma_applies(x, w, out, row_bits, w_fp16):
         a_q, a_s = _quantize_into_scratch(x)
         return _launch_tma(a_q, a_s, w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
-    if cfg.get("BACKEND") == "gluon" and row_bits is None:
+    if cfg.get("BACKEND") == "gluon":
         a_q, a_s = _quantize_into_scratch(x)
-        if _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg):
+        mma = _mma_only(cfg, x, M, N, K)
+        # mixed mode: the tl.dot kernel's tiles must nest in Gluon's (it completes the Gluon tiles left to it)
+        nests = row_bits is None or cfg["BLOCK_M"] % mma["BLOCK_M"] == 0
+        if nests and _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits):
+            if row_bits is not None:  # the Gluon tiles holding an FP16 row, in mixed mode
+                _launch(a_q, a_s, w, w_scale, bias, out, False, False, mma, x, row_bits, w_fp16,
+                        skipped_bm=cfg["BLOCK_M"])
             return out
-        return _launch(a_q, a_s, w, w_scale, bias, out, False, False, _mma_only(cfg, x, M, N, K))
+        return _launch(a_q, a_s, w, w_scale, bias, out, False, False, mma, x, row_bits, w_fp16)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)

@@ -11,7 +11,8 @@ activations (``w8a8.py`` quantizes them first, as for its persistent TMA kernel)
 The epilogue is ``w8a8._int8_epilogue``'s formula (bias as an explicit fma), so outputs equal the ``tl.dot``
 kernels' bit for bit.
 
-Scope: plain W8A8 on sm_90 (wgmma); the runtime's mixed INT8/FP16 rows stay on the ``tl.dot`` kernels.  Gluon
+Scope: W8A8 on sm_90 (wgmma).  Mixed INT8/FP16 rows (``row_bits``): this kernel writes only the output tiles
+without an FP16 row and the ``tl.dot`` kernel's ``SKIPPED_BM`` pass the others (``quantkit.kernels.mixed``).  Gluon
 is experimental and has no interpreter: a Triton without it, a GPU other than sm_90, or operands TMA cannot
 describe make ``applies`` false and the caller runs the ``tl.dot`` kernel.  Its names move between releases
 (3.6's ``tma.async_copy_global_to_shared`` is ``tma.async_load`` later): both spellings are accepted.
@@ -70,8 +71,9 @@ if GLUON_ERROR is None:
         raise ValueError("no int8 wgmma instruction N fits")
 
     @gluon.jit
-    def w8a8_gluon_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K, STAGES: gl.constexpr,
-                          WARPS: gl.constexpr, OUT_INT32: gl.constexpr, HAS_BIAS: gl.constexpr):
+    def w8a8_gluon_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K, STAGES: gl.constexpr,
+                          WARPS: gl.constexpr, OUT_INT32: gl.constexpr, HAS_BIAS: gl.constexpr,
+                          ROW_BITS: gl.constexpr):
         BM: gl.constexpr = c_desc.block_type.shape[0]
         BN: gl.constexpr = c_desc.block_type.shape[1]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -80,6 +82,12 @@ if GLUON_ERROR is None:
         off_m = gl.program_id(0) * BM
         off_n = gl.program_id(1) * BN
         k_tiles = gl.cdiv(K, BK)
+        n_fp = 0
+        if ROW_BITS:  # mixed mode: a tile with an FP16 row (row bit 0) is left to the tl.dot kernel's SKIPPED_BM pass
+            rb_rows = off_m + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+            bits = gl.load(rb_ptr + rb_rows, mask=rb_rows < M, other=0).to(gl.int32)
+            n_fp = gl.sum(bits & 1, axis=0)
+            k_tiles = k_tiles * (n_fp == 0).to(gl.int32)
 
         # ring of STAGES slots for the A [BM, BK] and W [BN, BK] tiles, one "TMA landed" barrier per slot
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
@@ -126,23 +134,24 @@ if GLUON_ERROR is None:
 
         # epilogue: registers -> shared -> TMA store (rows / columns past M, N are clipped by TMA)
         c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-        if OUT_INT32:
-            c_smem.store(acc)
-        else:
-            rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
-            cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
-            a_sc = gl.load(as_ptr + rows, mask=rows < M, other=0.0)
-            w_sc = gl.load(ws_ptr + cols, mask=cols < N, other=0.0)
-            # w8a8._int8_epilogue's formula, so the outputs equal the tl.dot kernels' bit for bit
-            if HAS_BIAS:
-                b = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
-                out = gl.fma(acc.to(gl.float32) * a_sc[:, None], w_sc[None, :], b[None, :])
+        if n_fp == 0:  # static True without ROW_BITS
+            if OUT_INT32:
+                c_smem.store(acc)
             else:
-                out = acc.to(gl.float32) * a_sc[:, None] * w_sc[None, :]
-            c_smem.store(out.to(c_desc.dtype))
-        fence_async_shared()
-        _tma_store(c_desc, [off_m, off_n], c_smem)
-        tma.store_wait(pendings=0)
+                rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
+                cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+                a_sc = gl.load(as_ptr + rows, mask=rows < M, other=0.0)
+                w_sc = gl.load(ws_ptr + cols, mask=cols < N, other=0.0)
+                # w8a8._int8_epilogue's formula, so the outputs equal the tl.dot kernels' bit for bit
+                if HAS_BIAS:
+                    b = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+                    out = gl.fma(acc.to(gl.float32) * a_sc[:, None], w_sc[None, :], b[None, :])
+                else:
+                    out = acc.to(gl.float32) * a_sc[:, None] * w_sc[None, :]
+                c_smem.store(out.to(c_desc.dtype))
+            fence_async_shared()
+            _tma_store(c_desc, [off_m, off_n], c_smem)
+            tma.store_wait(pendings=0)
 
 
 _GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32"}
@@ -209,9 +218,10 @@ class _HostDesc:
 _COMPILED: dict | None = {}
 
 
-def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
+def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None) -> torch.Tensor:
     """``out`` = the W8A8 GEMM of quantized activations a_q (M, K) int8 with a_scale (M,) fp32 and w (N, K) int8
-    with w_scale (N,) fp32 (an int32 ``out`` receives the raw accumulator).  ``applies`` must hold."""
+    with w_scale (N,) fp32 (an int32 ``out`` receives the raw accumulator).  ``applies`` must hold.
+    ``row_bits`` ((M,) uint8, mixed mode): output tiles holding an FP16 row (bit 0) are not written."""
     global _COMPILED
     M, K = a_q.shape
     N = w.shape[0]
@@ -220,8 +230,8 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
     scales = a_scale if a_scale is not None else out
     ws = w_scale if w_scale is not None else out
     b = bias if bias is not None else scales
-    consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None)
-    ptrs = (scales, ws, b, M, N, K)
+    consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, row_bits is not None)
+    ptrs = (scales, ws, b, row_bits if row_bits is not None else scales, M, N, K)
     key = lambda: (_common.current_device(), bm, bn, cfg["BLOCK_K"], out.dtype, consts,  # noqa: E731
                    tuple(map(_common.arg_class, ptrs)))
     if _COMPILED is not None and _common.fast_ready():
@@ -234,13 +244,14 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
                 _COMPILED = None
     a_d, w_d, c_d = descriptors(a_q, w, out, cfg)
     k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, *ptrs, STAGES=consts[0], WARPS=consts[1], OUT_INT32=consts[2],
-                                HAS_BIAS=consts[3], num_warps=cfg["num_warps"])
+                                HAS_BIAS=consts[3], ROW_BITS=consts[4], num_warps=cfg["num_warps"])
     if _COMPILED is not None and k is not None and _common.bind_driver(k):
         _COMPILED[key()] = k
     return out
 
 
-def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False, cc: int = 90):
+def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False, cc: int = 90,
+                     row_bits: bool = False):
     """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
     launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report."""
     from triton import compile as triton_compile
@@ -254,9 +265,10 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
     a_d, w_d, c_d = descriptors(a, w, c, cfg)
     ptr = "*fp32"
     sig = {"a_desc": mangle_type(a_d), "w_desc": mangle_type(w_d), "c_desc": mangle_type(c_d), "as_ptr": ptr,
-           "ws_ptr": ptr, "bias_ptr": "*fp16" if has_bias else ptr, "M": "i32", "N": "i32", "K": "i32",
-           "STAGES": "constexpr", "WARPS": "constexpr", "OUT_INT32": "constexpr", "HAS_BIAS": "constexpr"}
+           "ws_ptr": ptr, "bias_ptr": "*fp16" if has_bias else ptr, "rb_ptr": "*u8" if row_bits else ptr,
+           "M": "i32", "N": "i32", "K": "i32", "STAGES": "constexpr", "WARPS": "constexpr", "OUT_INT32": "constexpr",
+           "HAS_BIAS": "constexpr", "ROW_BITS": "constexpr"}
     consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
-              "HAS_BIAS": has_bias}
+              "HAS_BIAS": has_bias, "ROW_BITS": row_bits}
     src = GluonASTSource(fn=w8a8_gluon_kernel, signature=sig, constexprs=consts)
     return triton_compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg["num_warps"]})
