@@ -43,6 +43,9 @@ say little about unseen text. Given one set of method weights per fold, each fit
 calibration samples sharing no text with that fold's windows, every window's NLL (all
 quantized, each unit restored, each fold's choice, the final choice) is measured with its
 fold's weights: each window is then text the weights it is scored with never saw.
+`quantkit scan --method gptq --target-fraction` does this by default (`run.resolve_cross_fit`):
+measured on the default model (H100), it took GPTQ's held-out recovery from 29.5% / 21.0%
+(expected 58.7%) to 46.7% / 37.1% (expected 44.0%).
 
 Forward passes over the selection windows: 2 (float, all quantized) + measured units
 + 1 per rule (its K fold scores) + 1 (the final choice, in-sample); the default model has
