@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError, short, short_repr
-from quantkit.models.loading import ModelLoadError
+from quantkit.files import read_small_text
+from quantkit.models.loading import ModelLoadError, config_json_problem
 
 GiB = 1024**3
 MiB = 1024**2
@@ -739,10 +740,9 @@ def model_config(model: str | None, *, check_transformers: bool = True) -> dict[
         return _gguf_config(model)
     if os.path.isdir(model):
         path = Path(model) / "config.json"
-        if not path.is_file():
-            raise ModelLoadError(
-                f"{short(model, 160)} has no config.json; pass a transformers model directory, a .gguf or a hub id"
-            )
+        problem = config_json_problem(Path(model))
+        if problem:
+            raise ModelLoadError(problem)
     elif os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelLoadError(f"model path {short(model, 160)} does not exist or is not a directory / .gguf file")
     else:
@@ -750,8 +750,10 @@ def model_config(model: str | None, *, check_transformers: bool = True) -> dict[
 
         path = hub.file(model, "config.json")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        cfg = json.loads(read_small_text(path))
+    except OSError as e:
+        raise ModelLoadError(f"{path} cannot be read ({(e.strerror or str(e)).lower()}); fix or re-download it") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({type(e).__name__}); fix or re-download it") from e
     wrapper = None
     if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):  # multimodal wrappers

@@ -401,3 +401,47 @@ def test_checkpoint_dir_mutations(fuzz_ckpt, data):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
         shutil.rmtree(d.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("what", ["devzero", "fifo", "huge"])
+def test_foreign_dir_check_reads_no_endless_config(fuzz_ckpt, tmp_path, monkeypatch, what):
+    """Found by the test RSS watchdog (a mutation draw of the test above): a checkpoint dir without quantkit.json
+    whose config.json links to /dev/zero made `quantkit rtn --model DIR` read until memory ran out (a FIFO would
+    block forever). Every small-file read of a dir quantkit is handed now refuses a device, a pipe or a file over
+    its limit first: one error line, no hang, no memory growth."""
+    import quantkit.files as files
+    from tiny_models import run_cli
+
+    d = tmp_path / "q"
+    shutil.copytree(fuzz_ckpt, d)
+    (d / "quantkit.json").unlink()
+    cfg = d / "config.json"
+    cfg.unlink()
+    if what == "devzero":
+        cfg.symlink_to("/dev/zero")
+    elif what == "fifo":
+        os.mkfifo(cfg)
+    else:
+        cfg.write_text(" " * 4096 + "{}")
+        monkeypatch.setattr(files, "MAX_SMALL_FILE", 1024)
+        monkeypatch.setattr(files.read_small_text, "__defaults__", (1024, "utf-8"))
+    out = tmp_path / "out"
+    import signal
+
+    def hang(signum, frame):
+        raise TimeoutError("rtn blocked on config.json")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(60)
+    try:
+        code, text = run_cli("rtn", "--model", d, "--out", out, "-g", "32")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert code in (1, 2) and "Traceback" not in text and "blocked" not in text, text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "config.json" in last, text
+    assert "not a regular file" in last or "larger than" in last, text
+    assert not out.exists()
+    with pytest.raises(OSError, match="not a regular file|larger than"):
+        files.read_small_text(cfg)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "quantkit"
 
 # Lowest first. A module may import its own floor and lower ones only.
 FLOORS: list[tuple[str, ...]] = [
-    ("quantkit", "quantkit.errors", "quantkit.interrupts", "quantkit._lazy"),  # the package root holds only __version__
+    ("quantkit", "quantkit.errors", "quantkit.interrupts", "quantkit._lazy", "quantkit.files"),  # root: only __version__
     ("quantkit.kernels",),  # Triton kernels + their torch references; kernels.numerics: shared definitions
     ("quantkit.quant", "quantkit.recipe"),  # argument types (quant.args), tensor primitives, recipes
     # the adapter table: model knowledge as data (layouts, sizes from the config, vLLM's fused groups), read by

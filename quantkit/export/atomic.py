@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantkit.errors import OperationError, UsageError, short
+from quantkit.files import read_small_text
 
 
 class OutputExistsError(UsageError):
@@ -55,7 +56,7 @@ def _not_ours(out: Path) -> str | None:
     if not (out / MANIFEST_NAME).is_file():  # absent, or a pipe/device that must not be read
         return f"it has no {MANIFEST_NAME}"
     try:
-        m = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        m = json.loads(read_small_text(out / MANIFEST_NAME))
     except FileNotFoundError:
         return f"it has no {MANIFEST_NAME}"
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):

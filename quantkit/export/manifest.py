@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError, short
+from quantkit.files import read_small_text
 
 MANIFEST_NAME = "quantkit.json"
 # sha256 of quantkit.json itself, written beside it: a changed byte anywhere in the
@@ -120,8 +121,9 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ManifestError(f"{path} not found; {ckpt_dir} was not written by quantkit (or the manifest was removed)")
     try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
+        m = json.loads(read_small_text(path))
+    except OSError as e:
+        raise ManifestError(f"{path} cannot be read ({(e.strerror or str(e)).lower()})") from e
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ManifestError(f"{path} is not valid JSON: {short(str(e) or type(e).__name__, 120)}") from e
     v = m.get("format_version") if isinstance(m, dict) else None
@@ -150,7 +152,7 @@ def verify_checkpoint(ckpt_dir: Path) -> list[str]:
             return [f"{name}: not a regular file"]
     if side.is_file() and (ckpt_dir / MANIFEST_NAME).is_file():
         try:
-            want = side.read_text(encoding="utf-8").split()[0]
+            want = read_small_text(side, limit=4096).split()[0]
         except (OSError, UnicodeDecodeError, IndexError):
             want = ""
         if want != sha256_file(ckpt_dir / MANIFEST_NAME):

