@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import OperationError, UsageError, short
+from quantkit.files import read_small_text
 from quantkit.quant.core import QuantizedTensor
 from quantkit.recipe import QuantArgs
 
@@ -75,7 +76,7 @@ _OWN_FILE = re.compile(r"state\.json|block_\d{5}\.(safetensors|json)|\..*\.tmp-\
 def finished_blocks(path: str | Path) -> tuple[int, int] | None:
     """(finished, total) blocks a partial dir's state.json lists; None when there is none to read."""
     try:
-        state = json.loads((Path(path) / STATE_NAME).read_text(encoding="utf-8"))
+        state = json.loads(read_small_text(Path(path) / STATE_NAME))
         return len(state["blocks"]), int(state["n_blocks"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
@@ -247,7 +248,7 @@ class Checkpointer:
         if not f.is_file():
             return None
         try:
-            state = json.loads(f.read_text(encoding="utf-8"))
+            state = json.loads(read_small_text(f))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ResumeError(f"{f} is unreadable ({type(e).__name__}); delete {self.path} to start over") from e
         ok = (
@@ -341,7 +342,7 @@ class Checkpointer:
             raise ResumeError(f"{f.name} in {self.path} is missing or not a regular file; delete {self.path} to start over")
         try:
             data = f.read_bytes()
-            meta = json.loads(mf.read_text(encoding="utf-8"))
+            meta = json.loads(read_small_text(mf))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ResumeError(f"{f.name if isinstance(e, OSError) else mf.name} in {self.path} is missing or "
                               f"unreadable; delete {self.path} to start over") from e
@@ -392,7 +393,7 @@ class Checkpointer:
         entry = self.blocks[index]
         mf = (self.path / entry["file"]).with_suffix(".json")
         try:
-            return json.loads(mf.read_text(encoding="utf-8"))
+            return json.loads(read_small_text(mf))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ResumeError(f"{mf.name} in {self.path} is missing or unreadable; delete {self.path} to start "
                               "over") from e

@@ -142,9 +142,11 @@ def load_histograms(path: str | Path) -> dict[str, tuple]:
     if js is not None and js.is_file():
         import json
 
+        from quantkit.files import read_small_text
+
         try:
-            skews = {e["name"]: float(e["skew"]) for e in json.loads(js.read_text()).get("layers", [])}
-        except (ValueError, KeyError, TypeError, AttributeError):
+            skews = {e["name"]: float(e["skew"]) for e in json.loads(read_small_text(js)).get("layers", [])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             skews = {}
         out = {n: (*v, skews.get(n)) for n, v in out.items()}
     return out
