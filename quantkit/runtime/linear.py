@@ -15,8 +15,8 @@ FP16 (`force_fp16`); releasing it runs its quantized shadow. Per call the precis
 * ``force_fp16`` (a host flag: pinned, or forced through `runtime.precision`): FP16 on `w_fp16`, or
   FP16 activations on the dequantized integer weight (W8A16 through the mixed kernel);
 * else, when the step has FP16 rows (`ctl.row_bits`, from the per-sample / per-64-token bits): the
-  mixed kernel in one launch for W8A8 (INT8 rows bit-identical to the plain path), two GEMMs and a
-  row select otherwise;
+  mixed kernel for W8A8 (one launch; two where W8A8's config is the Hopper Gluon kernel; INT8 rows
+  bit-identical to the plain path), two GEMMs and a row select otherwise;
 * else the quantized kernel.
 
 On CUDA the Triton kernels run; on CPU their torch references (the kernels' dispatch rule).
