@@ -14,8 +14,8 @@ import stat
 MAX_SMALL_FILE = 256 << 20  # above any config or manifest quantkit reads (a manifest lists every module)
 
 
-def read_small_text(path: str | os.PathLike, limit: int = MAX_SMALL_FILE, encoding: str = "utf-8") -> str:
-    """The text of `path`, a regular file of at most `limit` bytes; OSError (with the reason) otherwise."""
+def read_small_bytes(path: str | os.PathLike, limit: int = MAX_SMALL_FILE) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes; OSError (with the reason) otherwise."""
     st = os.stat(path)  # follows symlinks: a link to /dev/zero is a device here
     if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket)", os.fspath(path))
@@ -23,4 +23,9 @@ def read_small_text(path: str | os.PathLike, limit: int = MAX_SMALL_FILE, encodi
         data = f.read(limit + 1)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit} bytes", os.fspath(path))
-    return data.decode(encoding)
+    return data
+
+
+def read_small_text(path: str | os.PathLike, limit: int | None = None, encoding: str = "utf-8") -> str:
+    """The text of `path`, a regular file of at most `limit` bytes (default MAX_SMALL_FILE); OSError otherwise."""
+    return read_small_bytes(path, MAX_SMALL_FILE if limit is None else limit).decode(encoding)

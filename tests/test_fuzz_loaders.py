@@ -445,3 +445,19 @@ def test_foreign_dir_check_reads_no_endless_config(fuzz_ckpt, tmp_path, monkeypa
     assert not out.exists()
     with pytest.raises(OSError, match="not a regular file|larger than"):
         files.read_small_text(cfg)
+
+
+@pytest.mark.parametrize("name", ["/dev/zero", "../../etc/passwd", "kv_link", 7])
+def test_kv_side_file_named_by_the_manifest_stays_inside_and_small(fuzz_ckpt, tmp_path, name):
+    """quantkit.json's kv_scales_file is read by name: an absolute path, a path out of the dir, a link to a
+    device, or a non-string is one CheckpointError line, never a read of /dev/zero or of a file elsewhere."""
+    from quantkit.export.checkpoint_tensors import CheckpointError
+    from quantkit.export.manifest import read_manifest
+    from quantkit.export.reader import read_static_scales
+
+    d = tmp_path / "q"
+    shutil.copytree(fuzz_ckpt, d)
+    (d / "kv_link").symlink_to("/dev/zero")
+    manifest = dict(read_manifest(d), kv_scales_file=name)
+    with pytest.raises(CheckpointError, match="kv_scales_file|not a regular file"):
+        read_static_scales(d, manifest)

@@ -90,6 +90,22 @@ def dense_state_dict(
     return out
 
 
+def _kv_side_file(path: Path, name: Any) -> bytes:
+    """The bytes of the KV side file quantkit.json names: a plain file name inside the checkpoint dir (never a
+    path out of it), a regular file of sensible size."""
+    from quantkit.errors import short_repr
+    from quantkit.files import read_small_bytes
+
+    if not isinstance(name, str) or name != Path(name).name or name in (".", ".."):
+        raise CheckpointError(f"quantkit.json names kv_scales_file {short_repr(name, 80)}, not a file of {path}; "
+                              "re-export the checkpoint")
+    try:
+        return read_small_bytes(path / name)
+    except OSError as e:
+        raise CheckpointError(f"{path / name} cannot be read ({(e.strerror or str(e)).lower()}); "
+                              "re-export the checkpoint") from e
+
+
 def read_static_scales(path: str | Path, manifest: dict[str, Any] | None = None) -> StaticScales | None:
     """StaticScales stored in a checkpoint, or None when it has none.
 
@@ -108,7 +124,7 @@ def read_static_scales(path: str | Path, manifest: dict[str, Any] | None = None)
             st.act[mod] = tensors.get(key).float().reshape(1)
     kv_file = manifest.get("kv_scales_file")
     if kv_file:
-        for key, t in load((path / kv_file).read_bytes()).items():
+        for key, t in load(_kv_side_file(path, kv_file)).items():
             mod, _, local = key.rpartition(".")
             e = st.kv.setdefault(mod, {})
             e[local] = float(t.item()) if local.endswith("_mean_eps") else t.float()
