@@ -8,8 +8,10 @@ Bottom floor: the standard library only, so every package may use it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
+from typing import Any
 
 MAX_SMALL_FILE = 256 << 20  # above any config or manifest quantkit reads (a manifest lists every module)
 
@@ -29,3 +31,15 @@ def read_small_bytes(path: str | os.PathLike, limit: int = MAX_SMALL_FILE) -> by
 def read_small_text(path: str | os.PathLike, limit: int | None = None, encoding: str = "utf-8") -> str:
     """The text of `path`, a regular file of at most `limit` bytes (default MAX_SMALL_FILE); OSError otherwise."""
     return read_small_bytes(path, MAX_SMALL_FILE if limit is None else limit).decode(encoding)
+
+
+def load_small_json(path: str | os.PathLike, error: type[Exception], fix: str, limit: int | None = None) -> Any:
+    """json.loads of a small file (read_small_text); `error` with one line (the file, why, then `fix`) when it
+    cannot be read or is not JSON."""
+    try:
+        return json.loads(read_small_text(path, limit))
+    except OSError as e:
+        raise error(f"{os.fspath(path)} cannot be read ({(e.strerror or str(e)).lower()}); {fix}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why = str(e) if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise error(f"{os.fspath(path)} is not valid JSON ({why[:120]}); {fix}") from e

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError, short, short_repr
-from quantkit.files import read_small_text
+from quantkit.files import load_small_json
 from quantkit.models.loading import ModelLoadError, config_json_problem
 
 GiB = 1024**3
@@ -749,12 +748,7 @@ def model_config(model: str | None, *, check_transformers: bool = True) -> dict[
         from quantkit.models import hub
 
         path = hub.file(model, "config.json")
-    try:
-        cfg = json.loads(read_small_text(path))
-    except OSError as e:
-        raise ModelLoadError(f"{path} cannot be read ({(e.strerror or str(e)).lower()}); fix or re-download it") from e
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({type(e).__name__}); fix or re-download it") from e
+    cfg = load_small_json(path, ModelLoadError, "fix or re-download it")
     wrapper = None
     if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
         wrapper = cfg.get("model_type")

@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import UsageError, short
-from quantkit.files import read_small_text
+from quantkit.errors import UsageError
+from quantkit.files import load_small_json, read_small_text
 
 MANIFEST_NAME = "quantkit.json"
 # sha256 of quantkit.json itself, written beside it: a changed byte anywhere in the
@@ -120,12 +120,7 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path} not found; {ckpt_dir} was not written by quantkit (or the manifest was removed)")
-    try:
-        m = json.loads(read_small_text(path))
-    except OSError as e:
-        raise ManifestError(f"{path} cannot be read ({(e.strerror or str(e)).lower()})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ManifestError(f"{path} is not valid JSON: {short(str(e) or type(e).__name__, 120)}") from e
+    m = load_small_json(path, ManifestError, "do not use this checkpoint (or re-export it)")
     v = m.get("format_version") if isinstance(m, dict) else None
     if not isinstance(v, int):
         raise ManifestError(f"{path} has no integer format_version; it is not a quantkit manifest")

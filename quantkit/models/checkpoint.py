@@ -6,7 +6,6 @@ This is the model `quantkit eval` scores (with run-time quantization simulated o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,19 +14,14 @@ from torch import nn
 from quantkit.export.formats import FORMAT_NAMES
 from quantkit.export.manifest import read_manifest, verify_checkpoint
 from quantkit.export.reader import CheckpointError, dense_state_dict
-from quantkit.files import read_small_text
+from quantkit.files import load_small_json
 
 
 def checkpoint_config_dict(path: Path) -> dict:
     """The checkpoint dir's config.json as a dict; CheckpointError (one line) when it cannot be read or is not
     a JSON object (a pipe, a device or an endless file is refused before it is read: quantkit.files)."""
     p = Path(path) / "config.json"
-    try:
-        cfg = json.loads(read_small_text(p))
-    except OSError as e:
-        raise CheckpointError(f"{p} cannot be read ({(e.strerror or str(e)).lower()}); re-export the checkpoint") from e
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{p} is not valid JSON ({type(e).__name__}); re-export the checkpoint") from e
+    cfg = load_small_json(p, CheckpointError, "re-export the checkpoint")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{p} is not a JSON object; re-export the checkpoint")
     return cfg

