@@ -3,11 +3,11 @@ header (read once) and, when there is one, the quantkit.json manifest."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from quantkit.export.formats import format_of_config
+from quantkit.files import load_small_json
 from quantkit.export.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from quantkit.export.safetensors_header import SafetensorsFile, open_safetensors
 
@@ -42,8 +42,9 @@ def read_checkpoint_summary(ckpt_dir: Path) -> dict[str, Any]:
     cfg_path = ckpt_dir / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{ckpt_dir} has no config.json; it is not a model checkpoint dir")
-    with open(cfg_path, encoding="utf-8") as f:
-        qc = json.load(f).get("quantization_config") or {}
+    cfg = load_small_json(cfg_path, ValueError, "it is not a readable model checkpoint dir")
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    qc = qc if isinstance(qc, dict) else {}
     fmt, groups, ignore = format_of_config(qc).describe(qc)
     files = [open_safetensors(p) for p in sorted(ckpt_dir.glob("*.safetensors"))]
     quantized_modules = _quantized_modules(files)
