@@ -726,15 +726,16 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
         return _launch_tma(a_q, a_s, w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
     if cfg.get("BACKEND") == "gluon":
         a_q, a_s = _quantize_into_scratch(x)
-        mma = _mma_only(cfg, x, M, N, K)
-        # mixed mode: the tl.dot kernel's tiles must nest in Gluon's (it completes the Gluon tiles left to it)
-        nests = row_bits is None or cfg["BLOCK_M"] % mma["BLOCK_M"] == 0
+        # mixed mode: the tl.dot kernel completes the Gluon tiles left to it, so its tiles must nest in Gluon's
+        mma = None if row_bits is None else _mma_only(cfg, x, M, N, K)
+        nests = mma is None or cfg["BLOCK_M"] % mma["BLOCK_M"] == 0
         if nests and _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits):
-            if row_bits is not None:  # the Gluon tiles holding an FP16 row, in mixed mode
+            if mma is not None:  # the Gluon tiles holding an FP16 row
                 _launch(a_q, a_s, w, w_scale, bias, out, False, False, mma, x, row_bits, w_fp16,
                         skipped_bm=cfg["BLOCK_M"])
             return out
-        return _launch(a_q, a_s, w, w_scale, bias, out, False, False, mma, x, row_bits, w_fp16)
+        return _launch(a_q, a_s, w, w_scale, bias, out, False, False, mma or _mma_only(cfg, x, M, N, K), x,
+                       row_bits, w_fp16)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
