@@ -128,13 +128,16 @@ def _int8_epilogue(acc, a_scale, w_scale, bias_ptr, rn, HAS_BIAS: tl.constexpr):
 
 
 def _w8a8_kernel(
-    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr,
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr, sync_ptr,
     # a: (M, K) int8, or fp16/bf16 when FUSE_QUANT; w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32
     # bias: (N,); c: (M, N) out dtype (int32 when OUT_INT32)
     # part: int32 split-K workspace (tiles * SPLIT_K * BLOCK_M * BLOCK_N); lock: int32 (tiles,), zero
-    # ROW_BITS only: x: (M, K) fp16/bf16; wf: (N, K) fp16 copy or the int8 weight; rb: (M,) uint8
+    # ROW_BITS or QUANT_ONCE: x: (M, K) fp16/bf16; ROW_BITS: wf: (N, K) fp16 copy or the int8 weight; rb: (M,) uint8
+    # QUANT_ONCE: a / as are the scratch the kernel quantizes x into; sync: int32 (3,), zero (tickets, rows
+    # ready, programs done; the last program resets them)
     M, N, K,
     stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
+    N_PROD,  # QUANT_ONCE: programs that quantize rows (the first to arrive)
     HAS_BIAS: tl.constexpr,
     ROW_BITS: tl.constexpr,  # mixed mode: per-row INT8 / FP16, branches hoisted per tile
     SKIPPED_BM: tl.constexpr,  # > 0: mixed mode after the Gluon kernel, which left its SKIPPED_BM-row tiles
@@ -143,6 +146,9 @@ def _w8a8_kernel(
     BLOCK_KF: tl.constexpr,  # K step of the FP16 loop
     STAGES_F: tl.constexpr,  # pipeline depth of the FP16 loop (its shared memory adds to the INT8 loop's)
     FUSE_QUANT: tl.constexpr,
+    QUANT_ONCE: tl.constexpr,  # one launch: the first N_PROD programs to arrive quantize x, the others wait
+    QBLOCK: tl.constexpr,  # QUANT_ONCE: elements per step of a row's quantization
+    PREFETCH_K: tl.constexpr,  # QUANT_ONCE, compiled only: bytes of each weight row prefetched to L2 while waiting
     OUT_INT32: tl.constexpr,
     EVEN_K: tl.constexpr,
     EPS_C: tl.constexpr,
@@ -152,13 +158,57 @@ def _w8a8_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Tensor-core W8A8 GEMM: one (BLOCK_M, BLOCK_N) output tile over one K split (see module docstring)."""
-    offs_m, offs_n, tile, pid_k = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """Tensor-core W8A8 GEMM: one (BLOCK_M, BLOCK_N) output tile over one K split (see module docstring).
+
+    QUANT_ONCE: the activations are quantized once per call inside this launch. A program's work is picked by
+    its arrival ticket, not its program id; the first N_PROD arrivals (running, so never waiting on a program
+    not yet started: no deadlock whatever order the GPU starts programs in) quantize rows into the scratch
+    with act_quant's math (the same integers and scales as the separate launch), then every program waits
+    for all M rows and runs the plain GEMM on the scratch."""
+    if QUANT_ONCE:
+        pid = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+        if pid < N_PROD:
+            offs_q = tl.arange(0, QBLOCK)
+            for row in range(pid, M, N_PROD):
+                x_row = x_ptr + tl.cast(row, tl.int64) * stride_xm
+                q_row = a_ptr + tl.cast(row, tl.int64) * stride_am
+                if QBLOCK >= K:  # the row in registers: one load (the others wait on this latency)
+                    xv = tl.load(x_row + offs_q, mask=offs_q < K, other=0.0)  # kept 16-bit (registers)
+                    # abs and max are exact in x's own format
+                    sc = tl.maximum(tl.max(tl.abs(xv), axis=0).to(tl.float32), EPS_C) / 127.0
+                    qv = quantize_sym(xv.to(tl.float32), tl.zeros([QBLOCK], dtype=tl.float32) + sc, 127.0)
+                    tl.store(q_row + offs_q, qv.to(tl.int8), mask=offs_q < K)
+                else:
+                    amax_v = tl.zeros([QBLOCK], dtype=tl.float32)
+                    for k0 in range(0, K, QBLOCK):
+                        xv = tl.load(x_row + k0 + offs_q, mask=(k0 + offs_q) < K, other=0.0)
+                        amax_v = tl.maximum(amax_v, tl.abs(xv.to(tl.float32)))
+                    sc = tl.maximum(tl.max(amax_v, axis=0), EPS_C) / 127.0
+                    for k0 in range(0, K, QBLOCK):
+                        xv = tl.load(x_row + k0 + offs_q, mask=(k0 + offs_q) < K, other=0.0)
+                        qv = quantize_sym(xv.to(tl.float32), tl.zeros([QBLOCK], dtype=tl.float32) + sc, 127.0)
+                        tl.store(q_row + k0 + offs_q, qv.to(tl.int8), mask=(k0 + offs_q) < K)
+                tl.store(as_ptr + row, sc)
+                tl.debug_barrier()  # every thread's stores of the row come before the (one-thread) release
+                tl.atomic_add(sync_ptr + 1, 1, sem="release")
+    else:
+        pid = tl.program_id(0)
+    offs_m, offs_n, tile, pid_k = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = offs_m % M  # wrapped rows/cols: loads need no M/N masks, stores are masked
     rn = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    if QUANT_ONCE:
+        if PREFETCH_K > 0:  # while the rows are quantized: the first PREFETCH_K bytes of this split's weight rows
+            k_first = pid_k * tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+            lines = tl.minimum(k_first + tl.arange(0, PREFETCH_K // 128) * 128, K - 1)
+            pf = w_ptr + rn[:, None].to(tl.int64) * stride_wn + lines[None, :]
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [pf], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        while ready < M:
+            ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
 
     if ROW_BITS:
         is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
@@ -247,6 +297,11 @@ def _w8a8_kernel(
         else:
             out = _int8_epilogue(acc, a_scale, tl.load(ws_ptr + rn), bias_ptr, rn, HAS_BIAS)
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if QUANT_ONCE:  # the last program to finish resets the counters for the next launch (or graph replay)
+        if tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            tl.atomic_xchg(sync_ptr, 0)
+            tl.atomic_xchg(sync_ptr + 1, 0)
+            tl.atomic_xchg(sync_ptr + 2, 0)
 
 
 w8a8_kernel = LazyKernel(_w8a8_kernel)
@@ -519,7 +574,8 @@ def _consts(**kw):
 
 
 def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None,
-            skipped_bm=0):
+            skipped_bm=0, quant_once=False):
+    """The tl.dot kernel. ``quant_once``: ``a`` / ``a_scale`` are scratch the kernel quantizes ``x`` into."""
     M, K = a.shape
     N = w.shape[0]
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
@@ -528,17 +584,24 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
     rbits = row_bits is not None
     xx = x if x is not None else a
     wf = w_fp16 if w_fp16 is not None else w
+    # QUANT_ONCE: one row per producer; in the interpreter (programs run one after another) program 0 does all
+    n_prod = (1 if interpret_mode() else min(M, tiles * split_k)) if quant_once else 1
+    sync = once_counters(a.device) if quant_once else lock
     const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
                           HAS_FP16_W=w_fp16 is not None,
                           BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
-                          FUSE_QUANT=fuse_quant, OUT_INT32=out_int32,
+                          FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
+                          QBLOCK=min(next_pow2(K), _ONCE_ROW_MAX) if quant_once else 16,
+                          PREFETCH_K=int(cfg.get("PREFETCH_K", 0)) if quant_once and a.is_cuda else 0,
+                          OUT_INT32=out_int32,
                           EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                           GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     fast_launch(w8a8_kernel, (tiles * split_k,),
                 (a, w, a_scale if a_scale is not None else w_scale, w_scale,
                  bias if bias is not None else w_scale, out, part, lock, xx, wf, row_bits if rbits else w_scale,
-                 M, N, K, a.stride(0), w.stride(0), out.stride(0), xx.stride(0), wf.stride(0)), const, ckey)
+                 sync, M, N, K, a.stride(0), w.stride(0), out.stride(0), xx.stride(0), wf.stride(0), n_prod),
+                const, ckey)
     return out
 
 
@@ -620,6 +683,23 @@ def _quantize_into_scratch(x: torch.Tensor):
                                    torch.empty((M,), dtype=torch.float32, device=x.device))
     per_token_quant_triton(x, out_q=ent[0], out_s=ent[1])
     return ent
+
+
+_ONCE_ROW_MAX = 16384  # QUANT_ONCE: rows up to this K are quantized from registers in one pass
+
+
+def once_counters(device) -> torch.Tensor:
+    """The ``QUANT_ONCE`` launches' int32 counters (tickets, rows ready, programs done) on ``device``: zero
+    between launches (each launch's last program resets them)."""
+    return cached_buffer(device, torch.int32, 3, zero=True, tag="w8a8_once")
+
+
+def _once_scratch(x: torch.Tensor):
+    """(int8 (M, K), fp32 (M,)) scratch that a ``QUANT_ONCE`` launch quantizes x into (per device; no allocation
+    per call once warm; separate from ``_quantize_into_scratch``'s)."""
+    M, K = x.shape
+    a_q = cached_buffer(x.device, torch.int8, M * K, tag="w8a8_once_q")[: M * K].view(M, K)
+    return a_q, cached_buffer(x.device, torch.float32, M, tag="w8a8_once_s")[:M]
 
 
 def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None) -> bool:
@@ -737,6 +817,9 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
         return _launch(a_q, a_s, w, w_scale, bias, out, False, False, mma or _mma_only(cfg, x, M, N, K), x,
                        row_bits, w_fp16)
     cfg = _mma_only(cfg, x, M, N, K)
+    if cfg.get("QUANT_ONCE", False):
+        a_q, a_s = _once_scratch(x)
+        return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16, quant_once=True)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
     a_q, a_s = per_token_quant_triton(x)

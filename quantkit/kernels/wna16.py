@@ -657,6 +657,17 @@ def wna16_dequant(qw, scales, zeros, bits, group_size, N, K, out_dtype=torch.flo
 _PLANS: dict = {}
 
 
+def effective_config(cfg: dict, M: int, bits: int = 4, gs_small: bool = False, dtype=torch.float16) -> dict:
+    """The config a call runs: a GEMV config where it cannot apply becomes the general GEMV (``gemv_h2`` beyond
+    M = 1, 4-bit, group >= 128, fp16/bf16) or the swapped tensor-core kernel with its split (M > GEMV_MAX_M)."""
+    backend = cfg.get("BACKEND", "mma")
+    if backend == "gemv_h2" and (M > 1 or gs_small or bits != 4 or dtype not in (torch.float16, torch.bfloat16)):
+        backend, cfg = "gemv", dict(cfg, BACKEND="gemv")  # the general GEMV with the same tiles
+    if backend == "gemv" and M > GEMV_MAX_M:
+        cfg = _mma(16, 64, cfg.get("SPLIT_K", 1), swap=True, G=1)
+    return cfg
+
+
 def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     """Launch plan (kernel, grid, constexprs, split-K sizes), cached per shape/dtype/device."""
     key = None
@@ -671,12 +682,9 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
             cfg = _interp_config(M, N, K)
     else:
         cfg = dict(config)
-    backend = cfg.get("BACKEND", "mma")
     gs_small = n_groups > 1 and group_size < PACK_K
-    if backend == "gemv_h2" and (M > 1 or gs_small or bits != 4 or x.dtype not in (torch.float16, torch.bfloat16)):
-        backend, cfg = "gemv", dict(cfg, BACKEND="gemv")  # the general GEMV with the same tiles
-    if backend == "gemv" and M > GEMV_MAX_M:
-        backend, cfg = "mma", dict(_mma(16, 64, cfg.get("SPLIT_K", 1), swap=True, G=1))
+    cfg = effective_config(cfg, M, bits, gs_small, x.dtype)
+    backend = cfg.get("BACKEND", "mma")
     if backend == "dequant":
         p = ("dequant", None, None, None, 1, 0, None)
     elif backend == "gemv_h2":

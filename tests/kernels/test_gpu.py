@@ -203,6 +203,44 @@ def test_gluon_cached_launch_and_graph_capture(layer, monkeypatch):
         assert torch.equal(out, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=MMA_CONFIG))
 
 
+ONCE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=3),
+                dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SPLIT_K=4, num_warps=4, num_stages=4),
+                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=2)]
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 64])
+@pytest.mark.parametrize("cfg", ONCE_CONFIGS, ids=["16x32x256", "16x64x256-sk4", "64x128x256"])
+def test_w8a8_quant_once_on_gpu(layer, M, cfg):
+    """QUANT_ONCE with its real concurrency (up to M producer programs, the rest spinning): bit for bit the
+    two-launch path over repeated calls (bias on/off, fp16/bf16, mixed rows), counters back at zero, and a
+    CUDA graph of it replayed on new inputs."""
+    N, K, W = layer["N"], layer["K"], layer["W8"]
+    once = dict(cfg, QUANT_ONCE=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
+            for _ in range(3):
+                x = torch.randn(M, K, device="cuda", dtype=dtype) * 4
+                ref = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg)
+                y = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=once, out=poison((M, N), dtype, "cuda"))
+                assert torch.equal(y, ref)
+    assert w8a8.once_counters(torch.device("cuda"))[:3].tolist() == [0, 0, 0]
+    assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale, b)) <= 1e-2
+    rb = (torch.rand(M, device="cuda") < 0.5).to(torch.uint8)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    ref = mixed.mixed_linear_triton(x, W.w, W.scale, layer["w16"], mixed.CTRL_ROW_BITS, rb, None, config=cfg)
+    y = mixed.mixed_linear_triton(x, W.w, W.scale, layer["w16"], mixed.CTRL_ROW_BITS, rb, None, config=once)
+    assert torch.equal(y, ref)
+    out = poison((M, N), torch.float16, "cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w8a8.w8a8_linear_triton(x, W.w, W.scale, config=once, out=out)
+    for _ in range(3):
+        x.copy_(torch.randn(M, K, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg))
+
+
 @pytest.mark.parametrize("M", [1, 256, 2048])
 def test_public_ops_bf16(layer, M):
     if layer["N"] * layer["K"] > 6144 * 4096:

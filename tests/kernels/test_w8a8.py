@@ -37,6 +37,49 @@ def test_w8a8_linear(dev, M, N, K, fuse, split_k, dtype):
     assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.05, bias)) > 1e-2
 
 
+@pytest.mark.parametrize("M,N,K", [(1, 40, 96), (3, 70, 160), (16, 50, 100), (17, 64, 256), (40, 33, 520), (2, 24, 20000)])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w8a8_quant_once_matches_the_two_launch_path(dev, M, N, K, split_k, dtype):
+    """QUANT_ONCE (one launch: the first programs to arrive quantize x into a scratch, the rest wait for it) gives
+    the two-launch path's output bit for bit, bias on and off, new activations each call (the scratch is
+    rewritten), and leaves its counters at zero (what the next launch or graph replay starts from)."""
+    g = torch.Generator().manual_seed(M * N + K + split_k)
+    q = randw(g, (N, K), -127, 127, dev)
+    s = (torch.rand(N, 1, generator=g) * 0.01 + 1e-3).to(dev)
+    W = w8a8.prepack_w8a8(q, s)
+    cfg = dict(CFG, SPLIT_K=split_k)
+    for bias in (None, torch.randn(N, generator=g).to(dev)):
+        for _ in range(2):
+            x = (torch.randn(M, K, generator=g) * 3).to(dtype).to(dev)
+            ref = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=cfg, out=poison((M, N), dtype, dev))
+            y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=dict(cfg, QUANT_ONCE=True),
+                                        out=poison((M, N), dtype, dev))
+            assert torch.equal(y, ref)
+            assert w8a8.once_counters(dev)[:3].tolist() == [0, 0, 0]
+    assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)) <= 1e-2
+    assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.05, bias)) > 1e-2  # the tolerance can fail
+
+
+def test_w8a8_quant_once_with_mixed_rows(dev):
+    """Mixed INT8/FP16 rows on a QUANT_ONCE config: the same output as the two-launch mixed path, bit for bit."""
+    from quantkit.kernels import mixed
+
+    g = torch.Generator().manual_seed(5)
+    M, N, K = 19, 48, 160
+    q = randw(g, (N, K), -127, 127, dev)
+    W = w8a8.prepack_w8a8(q, (torch.rand(N, 1, generator=g) * 0.01 + 1e-3).to(dev))
+    w16 = (torch.randn(N, K, generator=g) * 0.02).half().to(dev)
+    x = torch.randn(M, K, generator=g).half().to(dev)
+    rb = (torch.rand(M, generator=g) < 0.4).to(torch.uint8).to(dev)
+    cfg = dict(CFG, SPLIT_K=2)
+    ref = mixed.mixed_linear_triton(x, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb, None, config=cfg)
+    y = mixed.mixed_linear_triton(x, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb, None, config=dict(cfg, QUANT_ONCE=True))
+    assert torch.equal(y, ref)
+    fp = rb.bool()
+    assert rel_err(y[fp], x[fp].float() @ w16.float().t()) <= 2e-3  # FP16 rows really ran on the FP16 weight
+
+
 TMA = dict(BACKEND="tma", BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
 
 

@@ -1,0 +1,126 @@
+"""W8A8 at small M: one launch (``QUANT_ONCE``) against two (per-token quantization, then the GEMM). Issue 19; GPU.
+
+For each Llama-3-8B shape and M in 16 and 64: the shipped config (two launches), the same tile with QUANT_ONCE,
+and with QUANT_ONCE plus an L2 prefetch of each program's first weight bytes while the rows are quantized. Each
+variant is checked bit for bit against the two-launch call, then timed three ways: CUDA-graph replay over rotated
+weight copies (no L2-resident weights: what a decode loop pays), eager ``do_bench`` (L2 flushed) and host time per
+call (wall time of 200 back-to-back calls, before the final sync). Then the host pieces of the two-launch call at
+4096 x 4096, M=16 (``F.linear`` for scale). The table is printed last.
+
+    PYTHONPATH=. python benchmarks/w8a8_small_m.py [--md out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+def host_us(f, n: int = 200) -> float:
+    for _ in range(20):
+        f()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    t = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--ms", default="16,64")
+    args = ap.parse_args()
+    import triton
+
+    from gemm import ROT_BYTES, bench, bench_graph_rot
+    from quantkit.kernels import act_quant, w8a8
+    from quantkit.kernels._common import gpu_key
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows, fails = [], []
+    for N, K in SHAPES:
+        q = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8, generator=gen)
+        s = torch.rand((N, 1), device=dev, generator=gen) * 2e-3 + 5e-4
+        copies = [w8a8.prepack_w8a8(q, s) for _ in range(max(2, min(16, int(ROT_BYTES // (N * K)) + 1)))]
+        for M in [int(v) for v in args.ms.split(",")]:
+            x = torch.randn(M, K, device=dev, dtype=torch.float16, generator=gen)
+            out = torch.empty(M, N, device=dev, dtype=torch.float16)
+            base = w8a8.CONFIGS.get(M, N, K, gpu_key(x))
+            if base.get("BACKEND") in ("gemv", "tma", "gluon"):
+                print(f"skip {N}x{K} M={M}: shipped config is {base.get('BACKEND')}", flush=True)
+                continue
+            base = dict(base, QUANT_ONCE=False, FUSE_QUANT=False)
+            variants = {"two launches": base, "QUANT_ONCE": dict(base, QUANT_ONCE=True),
+                        "QUANT_ONCE + prefetch 512 B": dict(base, QUANT_ONCE=True, PREFETCH_K=512),
+                        "QUANT_ONCE + prefetch 1 KiB": dict(base, QUANT_ONCE=True, PREFETCH_K=1024)}
+            ref = w8a8.w8a8_linear_triton(x, copies[0].w, copies[0].scale, config=base)
+            row = dict(N=N, K=K, M=M, tile=f"{base['BLOCK_M']}x{base['BLOCK_N']}x{base['BLOCK_K']} "
+                                            f"sk{base.get('SPLIT_K', 1)} s{base['num_stages']}")
+            for name, cfg in variants.items():
+                y = w8a8.w8a8_linear_triton(x, copies[0].w, copies[0].scale, config=cfg, out=torch.full_like(out, float("nan")))
+                if not torch.equal(y, ref):
+                    fails.append(f"{name} {N}x{K} M={M}: differs from the two-launch call")
+                    continue
+
+                def call(W=copies[0], cfg=cfg):
+                    return w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=out)
+
+                row[name] = (bench_graph_rot([lambda W=W, cfg=cfg: call(W, cfg) for W in copies]), bench(call),
+                             host_us(call))
+            rows.append(row)
+            print(row, flush=True)
+
+    # host pieces of the two-launch call, 4096 x 4096, M=16
+    N, K, M = 4096, 4096, 16
+    W = w8a8.prepack_w8a8(torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8),
+                          torch.rand((N, 1), device=dev) * 2e-3 + 5e-4)
+    x = torch.randn(M, K, device=dev, dtype=torch.float16)
+    w16 = torch.randn(N, K, device=dev, dtype=torch.float16)
+    out = torch.empty(M, N, device=dev, dtype=torch.float16)
+    aq = torch.empty(M, K, device=dev, dtype=torch.int8)
+    asc = torch.empty(M, 1, device=dev, dtype=torch.float32)
+    cfg = dict(w8a8.CONFIGS.get(M, N, K, gpu_key(x)), QUANT_ONCE=False, FUSE_QUANT=False)
+    pieces = [("F.linear fp16", lambda: torch.nn.functional.linear(x, w16)),
+              ("per_token_quant_triton, allocating", lambda: act_quant.per_token_quant_triton(x)),
+              ("per_token_quant_triton, into buffers", lambda: act_quant.per_token_quant_triton(x, out_q=aq, out_s=asc)),
+              ("GEMM launch alone (w8a8_gemm_q_triton)",
+               lambda: w8a8.w8a8_gemm_q_triton(aq, asc, W.w, W.scale, config=cfg, out=out)),
+              ("whole call, two launches", lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=out)),
+              ("whole call, QUANT_ONCE", lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale, config=dict(cfg, QUANT_ONCE=True),
+                                                                         out=out))]
+    host = [(n, host_us(f)) for n, f in pieces]
+
+    names = ["two launches", "QUANT_ONCE", "QUANT_ONCE + prefetch 512 B", "QUANT_ONCE + prefetch 1 KiB"]
+    L = [f"Device: **{torch.cuda.get_device_name()}**; torch {torch.__version__}, triton {triton.__version__}; "
+         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} UTC; `PYTHONPATH=. python benchmarks/w8a8_small_m.py`",
+         f"Correctness: {'all variants bit for bit the two-launch call' if not fails else '; '.join(fails)}.", "",
+         "us per call: graph (rotated weights) / eager do_bench / host issue time", "",
+         "| N x K | M | tile (shipped) | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [("%.1f / %.1f / %.1f" % r[n]) if n in r else "-" for n in names]
+        L.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['tile']} | " + " | ".join(cells) + " |")
+    L += ["", "Host time per call, 4096 x 4096, M=16 (200 back-to-back calls):", "", "| call | host us |", "|---|---|"]
+    L += [f"| {n} | {t:.1f} |" for n, t in host]
+    md = "\n".join(L)
+    print("\n" + md)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md + "\n")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
