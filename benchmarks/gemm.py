@@ -514,12 +514,13 @@ def decode_w8a8_candidates(M):
     if M <= 16:  # narrow N tiles and deep K steps keep many weight bytes in flight per SM at small M
         dots = [c(16, bn, bk, 4, s, G=1, SPLIT_K=sk) for bn, bk, sk, s in [
             (32, 256, 1, 2), (32, 256, 1, 3), (32, 128, 2, 5), (64, 128, 1, 5), (64, 256, 1, 3), (64, 256, 2, 3),
-            (64, 256, 4, 4), (64, 512, 1, 2), (128, 256, 4, 4), (64, 128, 8, 4), (128, 256, 2, 3)]]
+            (64, 256, 4, 4), (64, 512, 1, 2), (128, 256, 4, 4), (64, 128, 8, 4), (128, 256, 2, 3),
+            (32, 512, 1, 4), (32, 512, 1, 5)]]  # the last two: GemLite's H100 tile for 4096 x 14336 at M <= 16
     else:
         dots = [c(bm, bn, bk, w, s, G=1, SPLIT_K=sk) for bm, bn, bk, sk, s, w in [
             (64, 64, 128, 1, 4, 4), (64, 64, 128, 4, 4, 4), (64, 128, 256, 4, 3, 4), (64, 64, 256, 1, 3, 4),
             (64, 128, 256, 1, 2, 4), (64, 32, 256, 1, 3, 4), (32, 64, 256, 1, 3, 4), (64, 64, 128, 2, 4, 4),
-            (64, 256, 128, 1, 3, 8), (16, 64, 256, 1, 3, 4)]]
+            (64, 256, 128, 1, 3, 8), (16, 64, 256, 1, 3, 4), (64, 32, 512, 1, 4, 4)]]
     return gemv + [dict(d, FUSE_QUANT=False, QUANT_ONCE=q) for q in (False, True) for d in dots]
 
 

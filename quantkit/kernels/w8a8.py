@@ -15,9 +15,11 @@ Paths:
 
 * GEMV (``BACKEND="gemv"``, M <= 16): ``per_token_quant`` once per call into cached buffers, then
   a dp4a GEMV on int32 words of both operands (exact int32, in-kernel split-K);
-* tensor cores (``_w8a8_kernel``): small M with the quantization fused into the prologue
-  (``FUSE_QUANT``) or a separate ``per_token_quant`` launch; large M with the separate launch
-  (re-computing the row max in every N-tile would re-read x N/BLOCK_N times);
+* tensor cores (``_w8a8_kernel``): small M with the quantization fused (``FUSE_QUANT``: each tile
+  quantizes its x tiles in registers; the row maxima taken by every program over all of K, or with
+  ``QUANT_ONCE`` once per launch by the first programs to arrive, shared through an atomic max) or a
+  separate ``per_token_quant`` launch; large M with the separate launch (re-computing the row max in
+  every N-tile would re-read x N/BLOCK_N times);
 * persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer);
 * the Gluon kernel of ``w8a8_gluon`` (``BACKEND="gluon"``, large M on sm_90): Triton's pipeliner waits for
   every INT8 wgmma, Gluon keeps one in flight.  Plain mode only; elsewhere its configs run the tl.dot kernel.
@@ -132,12 +134,12 @@ def _w8a8_kernel(
     # a: (M, K) int8, or fp16/bf16 when FUSE_QUANT; w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32
     # bias: (N,); c: (M, N) out dtype (int32 when OUT_INT32)
     # part: int32 split-K workspace (tiles * SPLIT_K * BLOCK_M * BLOCK_N); lock: int32 (tiles,), zero
-    # ROW_BITS or QUANT_ONCE: x: (M, K) fp16/bf16; ROW_BITS: wf: (N, K) fp16 copy or the int8 weight; rb: (M,) uint8
-    # QUANT_ONCE: a / as are the scratch the kernel quantizes x into; sync: int32 (3,), zero (tickets, rows
-    # ready, programs done; the last program resets them)
+    # ROW_BITS: x: (M, K) fp16/bf16; wf: (N, K) fp16 copy or the int8 weight; rb: (M,) uint8
+    # QUANT_ONCE (with FUSE_QUANT): as: fp32 (M,) row maxima, zero; sync: int32 (3,), zero (tickets, K chunks done,
+    # programs done); the last program to finish resets both
     M, N, K,
     stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
-    N_PROD,  # QUANT_ONCE: programs that quantize rows (the first to arrive)
+    N_PROD,  # QUANT_ONCE: programs that take the row maxima of K chunks (the first to arrive)
     HAS_BIAS: tl.constexpr,
     ROW_BITS: tl.constexpr,  # mixed mode: per-row INT8 / FP16, branches hoisted per tile
     SKIPPED_BM: tl.constexpr,  # > 0: mixed mode after the Gluon kernel, which left its SKIPPED_BM-row tiles
@@ -146,9 +148,9 @@ def _w8a8_kernel(
     BLOCK_KF: tl.constexpr,  # K step of the FP16 loop
     STAGES_F: tl.constexpr,  # pipeline depth of the FP16 loop (its shared memory adds to the INT8 loop's)
     FUSE_QUANT: tl.constexpr,
-    QUANT_ONCE: tl.constexpr,  # one launch: the first N_PROD programs to arrive quantize x, the others wait
-    QBLOCK: tl.constexpr,  # QUANT_ONCE: elements per step of a row's quantization
-    PREFETCH_K: tl.constexpr,  # QUANT_ONCE, compiled only: bytes of each weight row prefetched to L2 while waiting
+    QUANT_ONCE: tl.constexpr,  # FUSE_QUANT with the row maxima taken once per launch, shared (see below)
+    CHUNK_K: tl.constexpr,  # QUANT_ONCE: K elements per row-maximum chunk
+    CHUNK_M: tl.constexpr,  # QUANT_ONCE: rows per step of a chunk
     OUT_INT32: tl.constexpr,
     EVEN_K: tl.constexpr,
     EPS_C: tl.constexpr,
@@ -160,37 +162,32 @@ def _w8a8_kernel(
 ):
     """Tensor-core W8A8 GEMM: one (BLOCK_M, BLOCK_N) output tile over one K split (see module docstring).
 
-    QUANT_ONCE: the activations are quantized once per call inside this launch. A program's work is picked by
-    its arrival ticket, not its program id; the first N_PROD arrivals (running, so never waiting on a program
-    not yet started: no deadlock whatever order the GPU starts programs in) quantize rows into the scratch
-    with act_quant's math (the same integers and scales as the separate launch), then every program waits
-    for all M rows and runs the plain GEMM on the scratch."""
+    QUANT_ONCE (one launch, with FUSE_QUANT): FUSE_QUANT's tiles quantize x in registers but each would need its
+    rows' maxima over all of K; here they are taken once per launch and shared. A program's work is picked by its
+    arrival ticket, not its program id: the first N_PROD arrivals each take the row maxima of K chunks (all rows,
+    CHUNK_K columns) into ``as`` with an atomic max, then every program waits until all chunks are in. Those
+    programs are running (they drew tickets), so the wait never depends on a program not yet started, whatever
+    order the GPU starts them in. The scales and integers are act_quant's (a maximum is exact in any order)."""
     if QUANT_ONCE:
         pid = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+        n_chunks = tl.cdiv(K, CHUNK_K)
         if pid < N_PROD:
-            offs_q = tl.arange(0, QBLOCK)
-            for row in range(pid, M, N_PROD):
-                x_row = x_ptr + tl.cast(row, tl.int64) * stride_xm
-                q_row = a_ptr + tl.cast(row, tl.int64) * stride_am
-                if QBLOCK >= K:  # the row in registers: one load (the others wait on this latency)
-                    xv = tl.load(x_row + offs_q, mask=offs_q < K, other=0.0)  # kept 16-bit (registers)
+            offs_cm = tl.arange(0, CHUNK_M)
+            offs_ck = tl.arange(0, CHUNK_K)
+            for ch in range(pid, n_chunks, N_PROD):
+                cols = ch * CHUNK_K + offs_ck
+                for m0 in range(0, M, CHUNK_M):
+                    rows = m0 + offs_cm
+                    xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                                 mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
                     # abs and max are exact in x's own format
-                    sc = tl.maximum(tl.max(tl.abs(xv), axis=0).to(tl.float32), EPS_C) / 127.0
-                    qv = quantize_sym(xv.to(tl.float32), tl.zeros([QBLOCK], dtype=tl.float32) + sc, 127.0)
-                    tl.store(q_row + offs_q, qv.to(tl.int8), mask=offs_q < K)
-                else:
-                    amax_v = tl.zeros([QBLOCK], dtype=tl.float32)
-                    for k0 in range(0, K, QBLOCK):
-                        xv = tl.load(x_row + k0 + offs_q, mask=(k0 + offs_q) < K, other=0.0)
-                        amax_v = tl.maximum(amax_v, tl.abs(xv.to(tl.float32)))
-                    sc = tl.maximum(tl.max(amax_v, axis=0), EPS_C) / 127.0
-                    for k0 in range(0, K, QBLOCK):
-                        xv = tl.load(x_row + k0 + offs_q, mask=(k0 + offs_q) < K, other=0.0)
-                        qv = quantize_sym(xv.to(tl.float32), tl.zeros([QBLOCK], dtype=tl.float32) + sc, 127.0)
-                        tl.store(q_row + k0 + offs_q, qv.to(tl.int8), mask=(k0 + offs_q) < K)
-                tl.store(as_ptr + row, sc)
-                tl.debug_barrier()  # every thread's stores of the row come before the (one-thread) release
+                    tl.atomic_max(as_ptr + rows, tl.max(tl.abs(xv), axis=1).to(tl.float32), mask=rows < M,
+                                  sem="relaxed")
+                tl.debug_barrier()  # every thread's maxima come before the (one-thread) release
                 tl.atomic_add(sync_ptr + 1, 1, sem="release")
+        ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        while ready < n_chunks:
+            ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
     else:
         pid = tl.program_id(0)
     offs_m, offs_n, tile, pid_k = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -199,16 +196,6 @@ def _w8a8_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    if QUANT_ONCE:
-        if PREFETCH_K > 0:  # while the rows are quantized: the first PREFETCH_K bytes of this split's weight rows
-            k_first = pid_k * tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-            lines = tl.minimum(k_first + tl.arange(0, PREFETCH_K // 128) * 128, K - 1)
-            pf = w_ptr + rn[:, None].to(tl.int64) * stride_wn + lines[None, :]
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [pf], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-        ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
-        while ready < M:
-            ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
 
     if ROW_BITS:
         is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
@@ -220,14 +207,16 @@ def _w8a8_kernel(
     else:
         k_end = K
     if FUSE_QUANT:
-        # prologue: per-row amax of this tile's rows (fp16/bf16 x), same math as act_quant
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, k_end, BLOCK_K):
-            if EVEN_K:
-                xa = tl.load(a_ptrs + k0)
-            else:
-                xa = tl.load(a_ptrs + k0, mask=(offs_k[None, :] + k0) < K, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
+        if QUANT_ONCE:  # the shared maxima (past L1: other SMs wrote them)
+            amax = tl.load(as_ptr + rm, cache_modifier=".cg")
+        else:  # prologue: per-row amax of this tile's rows (fp16/bf16 x), same math as act_quant
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, k_end, BLOCK_K):
+                if EVEN_K:
+                    xa = tl.load(a_ptrs + k0)
+                else:
+                    xa = tl.load(a_ptrs + k0, mask=(offs_k[None, :] + k0) < K, other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
         a_scale = tl.maximum(amax, EPS_C) / 127.0
         a_scale_b = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + a_scale[:, None]
     else:
@@ -297,8 +286,11 @@ def _w8a8_kernel(
         else:
             out = _int8_epilogue(acc, a_scale, tl.load(ws_ptr + rn), bias_ptr, rn, HAS_BIAS)
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
-    if QUANT_ONCE:  # the last program to finish resets the counters for the next launch (or graph replay)
+    if QUANT_ONCE:  # the last program to finish resets maxima and counters for the next launch (or graph replay)
         if tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            for m0 in range(0, M, CHUNK_M):
+                tl.store(as_ptr + m0 + tl.arange(0, CHUNK_M), tl.zeros([CHUNK_M], dtype=tl.float32),
+                         mask=m0 + tl.arange(0, CHUNK_M) < M)
             tl.atomic_xchg(sync_ptr, 0)
             tl.atomic_xchg(sync_ptr + 1, 0)
             tl.atomic_xchg(sync_ptr + 2, 0)
@@ -575,7 +567,7 @@ def _consts(**kw):
 
 def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None,
             skipped_bm=0, quant_once=False):
-    """The tl.dot kernel. ``quant_once``: ``a`` / ``a_scale`` are scratch the kernel quantizes ``x`` into."""
+    """The tl.dot kernel. ``quant_once`` (with ``fuse_quant``): ``a_scale`` is the row-maximum buffer."""
     M, K = a.shape
     N = w.shape[0]
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
@@ -584,15 +576,15 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
     rbits = row_bits is not None
     xx = x if x is not None else a
     wf = w_fp16 if w_fp16 is not None else w
-    # QUANT_ONCE: one row per producer; in the interpreter (programs run one after another) program 0 does all
-    n_prod = (1 if interpret_mode() else min(M, tiles * split_k)) if quant_once else 1
+    # QUANT_ONCE: a K chunk per producer; in the interpreter (programs run one after another) program 0 does all
+    n_prod = (1 if interpret_mode() else min(cdiv(K, _ONCE_CHUNK_K), tiles * split_k)) if quant_once else 1
     sync = once_counters(a.device) if quant_once else lock
     const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
                           HAS_FP16_W=w_fp16 is not None,
                           BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
                           FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
-                          QBLOCK=min(next_pow2(K), _ONCE_ROW_MAX) if quant_once else 16,
-                          PREFETCH_K=int(cfg.get("PREFETCH_K", 0)) if quant_once and a.is_cuda else 0,
+                          CHUNK_K=_ONCE_CHUNK_K if quant_once else 16,
+                          CHUNK_M=min(16, next_pow2(M)) if quant_once else 1,
                           OUT_INT32=out_int32,
                           EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
@@ -685,7 +677,7 @@ def _quantize_into_scratch(x: torch.Tensor):
     return ent
 
 
-_ONCE_ROW_MAX = 16384  # QUANT_ONCE: rows up to this K are quantized from registers in one pass
+_ONCE_CHUNK_K = 256  # QUANT_ONCE: K columns per row-maximum chunk (4096-wide rows: 16 programs take them)
 
 
 def once_counters(device) -> torch.Tensor:
@@ -694,12 +686,9 @@ def once_counters(device) -> torch.Tensor:
     return cached_buffer(device, torch.int32, 3, zero=True, tag="w8a8_once")
 
 
-def _once_scratch(x: torch.Tensor):
-    """(int8 (M, K), fp32 (M,)) scratch that a ``QUANT_ONCE`` launch quantizes x into (per device; no allocation
-    per call once warm; separate from ``_quantize_into_scratch``'s)."""
-    M, K = x.shape
-    a_q = cached_buffer(x.device, torch.int8, M * K, tag="w8a8_once_q")[: M * K].view(M, K)
-    return a_q, cached_buffer(x.device, torch.float32, M, tag="w8a8_once_s")[:M]
+def _once_maxima(x: torch.Tensor) -> torch.Tensor:
+    """The fp32 (M,) row maxima a ``QUANT_ONCE`` launch gathers (per device, zero between launches)."""
+    return cached_buffer(x.device, torch.float32, x.shape[0], zero=True, tag="w8a8_once_amax")[: x.shape[0]]
 
 
 def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None) -> bool:
@@ -818,8 +807,8 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
                        row_bits, w_fp16)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("QUANT_ONCE", False):
-        a_q, a_s = _once_scratch(x)
-        return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16, quant_once=True)
+        return _launch(x, _once_maxima(x), w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16,
+                       quant_once=True)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
     a_q, a_s = per_token_quant_triton(x)
