@@ -11,11 +11,13 @@ check (quantkit.methods.base.check_methods / load_recipe).
 from __future__ import annotations
 
 import dataclasses
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import RecipeError, short, short_repr
+from quantkit.files import read_small_text
 from quantkit.quant.args import (  # noqa: F401  (re-exported: users import them from here)
     PRESETS,
     ActQuantArgs,
@@ -233,16 +235,15 @@ def _check_size(path: Path, d: Any) -> None:
 
 
 def _read_mapping(path: Path) -> Any:
+    limit = MAX_MANIFEST_BYTES if path.suffix == ".json" else MAX_RECIPE_BYTES
     try:
-        size = path.stat().st_size
-        limit = MAX_MANIFEST_BYTES if path.suffix == ".json" else MAX_RECIPE_BYTES
-        if size > limit:
-            raise RecipeError(f"{path} is {size} bytes, more than any recipe ({limit} at most); "
-                              "pass a recipe .yaml or a quantkit checkpoint dir")
-        text = path.read_text(encoding="utf-8")
+        text = read_small_text(path, limit)  # a regular file within the limit (checked again here: no race)
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path} is not UTF-8 text (byte {e.start}); pass a recipe .yaml file") from None
     except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise RecipeError(f"{path} is more than any recipe ({limit} bytes at most); "
+                              "pass a recipe .yaml or a quantkit checkpoint dir") from None
         raise RecipeError(f"{path} cannot be read ({(e.strerror or str(e)).lower()})") from None
     if path.suffix == ".json":
         import json
