@@ -16,25 +16,12 @@ import argparse
 import datetime
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-
-
-def host_us(f, n: int = 200) -> float:
-    for _ in range(20):
-        f()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
 
 
 def main() -> int:
@@ -45,6 +32,7 @@ def main() -> int:
     import triton
 
     from gemm import ROT_BYTES, bench, bench_graph_rot
+    from w8a8_host_time import host_us
     from quantkit.kernels import act_quant, w8a8
     from quantkit.kernels._common import gpu_key
 

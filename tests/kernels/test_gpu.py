@@ -190,17 +190,23 @@ def test_gluon_cached_launch_and_graph_capture(layer, monkeypatch):
                 mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=MMA_CONFIG)
                 glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
                 assert torch.equal(glu, mma)
-    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-    out = poison((M, N), torch.float16, "cuda")
-    w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=out)
+    _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), cfg, MMA_CONFIG)
+
+
+def _graph_replays_match(W, x, cfg, ref_cfg, replays=3):
+    """The W8A8 call with `cfg`, captured in a CUDA graph and replayed on new data in `x`, equals a plain call
+    with `ref_cfg` bit for bit after every replay."""
+    M, N = x.shape[0], W.w.shape[0]
+    out = poison((M, N), x.dtype, "cuda")
+    w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=out)  # compiled before the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=out)
-    for _ in range(2):
-        x.copy_(torch.randn(M, K, device="cuda", dtype=torch.float16))
+    for _ in range(replays):
+        x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(out, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=MMA_CONFIG))
+        assert torch.equal(out, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=ref_cfg))
 
 
 ONCE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=3),
@@ -231,15 +237,7 @@ def test_w8a8_quant_once_on_gpu(layer, M, cfg):
     ref = mixed.mixed_linear_triton(x, W.w, W.scale, layer["w16"], mixed.CTRL_ROW_BITS, rb, None, config=cfg)
     y = mixed.mixed_linear_triton(x, W.w, W.scale, layer["w16"], mixed.CTRL_ROW_BITS, rb, None, config=once)
     assert torch.equal(y, ref)
-    out = poison((M, N), torch.float16, "cuda")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w8a8.w8a8_linear_triton(x, W.w, W.scale, config=once, out=out)
-    for _ in range(3):
-        x.copy_(torch.randn(M, K, device="cuda", dtype=torch.float16))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg))
+    _graph_replays_match(W, x, once, cfg)
 
 
 @pytest.mark.parametrize("M", [1, 256, 2048])
