@@ -191,10 +191,10 @@ def select_fp16(
     with contextlib.ExitStack() as stack:
         if fold_weights is None:  # one quantized model for every window: entered once, kept open
             q = stack.enter_context(quantized_subset(model, search.names, scheme, weights))
-            search.parts_with = [(range(search.n), lambda: contextlib.nullcontext(q))]
+            search.measure_with([(range(search.n), lambda: contextlib.nullcontext(q))])
         else:  # each fold's windows with its own weights, entered in turn (float in between)
-            search.parts_with = [(part, lambda w=w: quantized_subset(model, search.names, scheme, w))
-                                 for part, w in zip(search.parts, fold_weights)]
+            search.measure_with([(part, lambda w=w: quantized_subset(model, search.names, scheme, w))
+                                 for part, w in zip(search.parts, fold_weights)])
         search.say("selection: all quantized")
         allq, gains = search.restore_gains(measured)
         rules = search.rules(gains, measured, fish, rel)
@@ -245,6 +245,13 @@ class _Search:
         self.greedy_nll: dict[frozenset[int], torch.Tensor] = {}  # restored units -> per-window NLL ("greedy")
         # (windows, quantized-model context) pairs covering the windows: one, or one per fold (cross-fitting)
         self.parts_with: list[tuple[range, Callable[[], Any]]] = []
+
+    def measure_with(self, parts_with: list[tuple[range, Callable[[], Any]]]) -> None:
+        """The (windows, quantized-model context) pairs the measurements use; they must cover every window once."""
+        covered = sorted(i for part, _ in parts_with for i in part)
+        if covered != list(range(self.n)):
+            raise ValueError(f"measurement parts cover windows {covered[:8]}..., not each of the {self.n} once")
+        self.parts_with = parts_with
 
     def nll(self, sel: torch.Tensor, *, counts: bool = True) -> torch.Tensor:
         from quantkit.eval.perplexity import window_nll
