@@ -681,7 +681,7 @@ _ONCE_CHUNK_K = 256  # QUANT_ONCE: K columns per row-maximum chunk (4096-wide ro
 
 
 def once_counters(device) -> torch.Tensor:
-    """The ``QUANT_ONCE`` launches' int32 counters (tickets, rows ready, programs done) on ``device``: zero
+    """The ``QUANT_ONCE`` launches' int32 counters (tickets, K chunks done, programs done) on ``device``: zero
     between launches (each launch's last program resets them)."""
     return cached_buffer(device, torch.int32, 3, zero=True, tag="w8a8_once")
 
