@@ -338,10 +338,15 @@ def round_half_away_ref(y: torch.Tensor) -> torch.Tensor:
 
 
 _BUFS: dict = {}
+# buffers a larger one replaced: kept alive, since a CUDA graph captured earlier (the runtime's decode graphs, a
+# user's) still reads and writes them by address; freed, their memory could go to any later allocation.  Growth at
+# least doubles, so what is kept stays below the current buffer's size.
+_RETIRED: list = []
 
 
 def cached_buffer(device, dtype, numel: int, zero: bool = False, tag: str = "") -> torch.Tensor:
-    """A grow-only buffer per (device, dtype, zero): no allocation per call once warm.
+    """A grow-only buffer per (device, dtype, zero, tag): no allocation per call once warm, and never freed
+    (safe under CUDA-graph replay: see ``_RETIRED``).
 
     ``zero=True`` buffers are zero-initialised when (re)allocated; kernels that use them as
     counters reset what they used back to 0.  Not safe for two kernels that use the same
@@ -349,7 +354,9 @@ def cached_buffer(device, dtype, numel: int, zero: bool = False, tag: str = "") 
     key = (device.type, device.index, dtype, zero, tag)
     buf = _BUFS.get(key)
     if buf is None or buf.numel() < numel:
-        n = max(int(numel), 4096)
+        n = max(int(numel), 4096, 2 * buf.numel() if buf is not None else 0)
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = torch.zeros(n, dtype=dtype, device=device) if zero else torch.empty(n, dtype=dtype, device=device)
         _BUFS[key] = buf
     return buf

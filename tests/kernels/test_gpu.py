@@ -240,6 +240,29 @@ def test_w8a8_quant_once_on_gpu(layer, M, cfg):
     _graph_replays_match(W, x, once, cfg)
 
 
+def test_graph_survives_kernel_buffers_growing(layer):
+    """A CUDA graph captured with the split-K workspace and counters of a decode-sized call replays right after a
+    larger eager call grew (replaced) those buffers and the freed-looking memory was handed out again."""
+    N, K, W = layer["N"], layer["K"], layer["W8"]
+    small = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SPLIT_K=4, num_warps=4, num_stages=3)
+    x = torch.randn(4, K, device="cuda", dtype=torch.float16)
+    out = poison((4, N), torch.float16, "cuda")
+    w8a8.w8a8_linear_triton(x, W.w, W.scale, config=small, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w8a8.w8a8_linear_triton(x, W.w, W.scale, config=small, out=out)
+    big = dict(small, BLOCK_N=32, SPLIT_K=8)  # more tiles x splits: the workspace and counters grow
+    xb = torch.randn(512, K, device="cuda", dtype=torch.float16)
+    w8a8.w8a8_linear_triton(xb, W.w, W.scale, config=big)
+    junk = [torch.full((1 << 20,), -7, device="cuda", dtype=torch.int32) for _ in range(8)]  # take freed memory
+    for _ in range(3):
+        x.copy_(torch.randn(4, K, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=small))
+    assert all(bool((j == -7).all()) for j in junk)  # and the replays wrote nothing of anyone else's
+
+
 @pytest.mark.parametrize("M", [1, 256, 2048])
 def test_public_ops_bf16(layer, M):
     if layer["N"] * layer["K"] > 6144 * 4096:

@@ -304,3 +304,24 @@ def test_fast_launch_reuses_and_respecializes(dev):
                 y = w8a8.w8a8_linear_triton(x, W.w, W.scale, out=poison((4, N), dtype, dev))
                 assert rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale)) <= 1e-2
     assert _common.fast_launch is not None
+
+
+def test_cached_buffers_outlive_their_replacement():
+    """A kernel buffer that grows is replaced, never freed: a CUDA graph captured with the old one (a decode step)
+    still reads and writes it by address after a larger call (a prefill) grew it. Growth at least doubles, so what
+    is kept stays below the live buffer's size."""
+    import gc
+    import weakref
+
+    from quantkit.kernels import _common
+
+    dev = torch.device("cpu")
+    old = _common.cached_buffer(dev, torch.int32, 5000, zero=True, tag="test_grow")
+    ref = weakref.ref(old)
+    del old
+    new = _common.cached_buffer(dev, torch.int32, 6000, zero=True, tag="test_grow")
+    gc.collect()
+    assert ref() is not None and ref() is not new  # replaced, still alive
+    assert new.numel() >= 2 * 5000 and not new.any()
+    assert ref().numel() <= new.numel() // 2
+    assert _common.cached_buffer(dev, torch.int32, 7000, zero=True, tag="test_grow") is new  # fits: no growth
