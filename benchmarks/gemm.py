@@ -331,22 +331,11 @@ def main():
                 row["int_mm"] = float("nan")
 
             def best(kind, cands, fn, ref, key, searched):
-                res = []
-                for cfg in cands:
-                    try:
-                        e = checked(lambda o: fn(cfg, o), ref, f"{kind} M={M} N={N} K={K} {cfg}", fails)
-                        if not (e <= TOL):
-                            continue
-                        out = torch.empty(M, N, device=dev, dtype=torch.float16)
-                        res.append((bench(lambda: fn(cfg, out)), cfg))
-                    except Exception as ex:
-                        log(f"skip {kind} {cfg}: {type(ex).__name__}: {str(ex)[:200]}")
-                res.sort(key=lambda t: t[0])
+                out = torch.empty(M, N, device=dev, dtype=torch.float16)
+                res = timed_search(f"{kind} M={M} N={N} K={K}", cands, fn, ref,
+                                   lambda cfg: bench(lambda: fn(cfg, out)), fails)
                 if res and searched:  # only searched points are written back (--write-configs)
                     tuned[kind][key] = res[0][1]
-                    if len(res) > 1:  # re-measure the winner (no best-of-N selection bias)
-                        out = torch.empty(M, N, device=dev, dtype=torch.float16)
-                        res[0] = (bench(lambda: fn(res[0][1], out)), res[0][1])
                 return res
 
             key = f"{gpu}|{m_bucket(M)}|{N}|{K}"
@@ -524,25 +513,32 @@ def decode_w8a8_candidates(M):
     return gemv + [dict(d, FUSE_QUANT=False, QUANT_ONCE=q) for q in (False, True) for d in dots]
 
 
-def graph_search(what, cands, run, copies, ref, tol, fails):
-    """The fastest correct config in CUDA-graph replay over rotated weight copies (what a decode loop pays).
-    ``run(W, cfg, out)`` calls the kernel on copy W; a config that does not build or launch is skipped.
-    Returns [(us, config)] fastest first, the winner re-timed (no best-of-N selection bias)."""
+def timed_search(what, cands, run, ref, timer, fails, tol=TOL):
+    """Every distinct config checked (``run(cfg, out)`` against ``ref``), the correct ones timed (``timer(cfg)``,
+    us); a config that does not build or launch is skipped. [(us, config)] fastest first, the winner re-timed
+    (no best-of-N selection bias)."""
     res, seen = [], []
     for cfg in cands:
         if cfg in seen:
             continue
         seen.append(cfg)
         try:
-            e = checked(lambda o: run(copies[0], cfg, o), ref, f"{what} {cfg}", fails, tol)
-            if e <= tol:
-                res.append((bench_graph_rot([lambda W=W: run(W, cfg, None) for W in copies]), cfg))
+            if checked(lambda o: run(cfg, o), ref, f"{what} {cfg}", fails, tol) <= tol:
+                res.append((timer(cfg), cfg))
         except Exception as ex:
-            log(f"skip {what} {cfg}: {type(ex).__name__}: {str(ex)[:160]}")
+            log(f"skip {what} {cfg}: {type(ex).__name__}: {str(ex)[:200]}")
     res.sort(key=lambda t: t[0])
     if len(res) > 1:
-        res[0] = (bench_graph_rot([lambda W=W: run(W, res[0][1], None) for W in copies]), res[0][1])
-    log(f"{what} search ({len(res)} of {len(seen)} timed): " + "; ".join(f"{t:.1f} {c_}" for t, c_ in res))
+        res[0] = (timer(res[0][1]), res[0][1])
+    return res
+
+
+def graph_search(what, cands, run, copies, ref, tol, fails):
+    """``timed_search`` by CUDA-graph replay over rotated weight copies (what a decode loop pays); ``run(W, cfg,
+    out)`` calls the kernel on copy W."""
+    res = timed_search(what, cands, lambda cfg, o: run(copies[0], cfg, o), ref,
+                       lambda cfg: bench_graph_rot([lambda W=W: run(W, cfg, None) for W in copies]), fails, tol)
+    log(f"{what} search ({len(res)} of {len(cands)} timed): " + "; ".join(f"{t:.1f} {c_}" for t, c_ in res))
     return res
 
 

@@ -71,10 +71,11 @@ def host_pieces(M: int = 2048, N: int = 6144, K: int = 4096) -> None:
     a_q, a_s = per_token_quant_triton(x)
     a_s = a_s.reshape(-1)
     d = w8a8_gluon.descriptors(a_q, W.w, out, glu)
+    args = (a_s, W.scale, a_s, a_s, M, N, K)  # as, ws, bias, row bits (unused: ROW_BITS off), M, N, K
 
     def kernel_only():
-        w8a8_gluon.w8a8_gluon_kernel[(M // 256, N // 128)](*d, a_s, W.scale, a_s, M, N, K, STAGES=5, WARPS=8,
-                                                           OUT_INT32=False, HAS_BIAS=False, num_warps=8)
+        w8a8_gluon.w8a8_gluon_kernel[(M // 256, N // 128)](*d, *args, STAGES=5, WARPS=8, OUT_INT32=False,
+                                                           HAS_BIAS=False, ROW_BITS=False, num_warps=8)
 
     pieces = {"per_token_quant_triton (allocating)": lambda: per_token_quant_triton(x),
               "per_token_quant into the scratch": lambda: w8a8._quantize_into_scratch(x),
@@ -92,11 +93,11 @@ def host_pieces(M: int = 2048, N: int = 6144, K: int = 4096) -> None:
 
     w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, glu)
     k = next((v for key, v in (w8a8_gluon._COMPILED or {}).items() if key[1:4] == (256, 128, 64)), None)
-    args = (a_s, W.scale, a_s, M, N, K)
-    pieces["launch cache key (6 argument classes)"] = lambda: tuple(map(_common.arg_class, args))
+    pieces["launch cache key (7 argument classes)"] = lambda: tuple(map(_common.arg_class, args))
     if k is not None:
         pieces["compiled kernel's launcher (run_compiled)"] = lambda: _common.run_compiled(
-            k, (M // 256, N // 128), (*[w8a8_gluon._HostDesc(t) for t in (a_q, W.w, out)], *args, 5, 8, False, False))
+            k, (M // 256, N // 128), (*[w8a8_gluon._HostDesc(t) for t in (a_q, W.w, out)], *args, 5, 8, False, False,
+                                      False))
     for name, f in pieces.items():
         print(f"host {name}: {host_us(f, 300):.1f} us/call", flush=True)
 

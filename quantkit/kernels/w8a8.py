@@ -659,22 +659,14 @@ def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg, x=None, row_bits=None,
     return out
 
 
-# (device, K) -> (a_q (M, K) int8, a_scale (M,) fp32) of the last M: the large-M kernels' quantized activations,
-# reused call to call (two allocations less of host time per eager call).  Reuse is ordered by the stream: the
-# next call's quantization is queued after this call's GEMM read them (one stream per device, as cached_buffer).
-_ACT_SCRATCH: dict = {}
-
-
 def _quantize_into_scratch(x: torch.Tensor):
-    """Per-token quantization of x (M, K) into this device's scratch for K: (a_q, a_scale (M,))."""
+    """Per-token quantization of x (M, K) into this device's cached buffers (no allocation per call once warm;
+    reuse is ordered by the stream, see ``cached_buffer``): (a_q (M, K) int8, a_scale (M,) fp32)."""
     M, K = x.shape
-    key = (x.get_device(), K)
-    ent = _ACT_SCRATCH.get(key)
-    if ent is None or ent[0].shape[0] != M:
-        ent = _ACT_SCRATCH[key] = (torch.empty((M, K), dtype=torch.int8, device=x.device),
-                                   torch.empty((M,), dtype=torch.float32, device=x.device))
-    per_token_quant_triton(x, out_q=ent[0], out_s=ent[1])
-    return ent
+    a_q = cached_buffer(x.device, torch.int8, M * K, tag="act_q")[: M * K].view(M, K)
+    a_s = cached_buffer(x.device, torch.float32, M, tag="act_s")[:M]
+    per_token_quant_triton(x, out_q=a_q, out_s=a_s)
+    return a_q, a_s
 
 
 _ONCE_CHUNK_K = 256  # QUANT_ONCE: K columns per row-maximum chunk (4096-wide rows: 16 programs take them)
@@ -733,9 +725,7 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     if fuse:  # one launch: the kernel quantizes x itself
         a_arg, a_s, stride_a = x, w_scale, x.stride(0)
     else:
-        a_q = cached_buffer(dev, torch.int8, M * K, tag="gemv_aq")[: M * K].view(M, K)
-        a_s = cached_buffer(dev, torch.float32, M, tag="gemv_as")[:M]
-        per_token_quant_triton(x, out_q=a_q, out_s=a_s)
+        a_q, a_s = _quantize_into_scratch(x)
         a_arg, stride_a = a_q.view(torch.int32), K // 4
     bm = gemv_bm(M)
     tiles = cdiv(N, cfg["BLOCK_N"])
@@ -811,8 +801,8 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
                        quant_once=True)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
-    a_q, a_s = per_token_quant_triton(x)
-    return _launch(a_q, a_s.reshape(-1), w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16)
+    a_q, a_s = _quantize_into_scratch(x)
+    return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16)
 
 
 def w8a8_gemm_q_triton(a_q, a_scale, w, w_scale, bias=None, out_dtype=torch.float16, config=None, out=None):

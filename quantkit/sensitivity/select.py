@@ -71,8 +71,8 @@ from quantkit.sensitivity.partial import quantized_subset, recovered_fraction
 from quantkit.sensitivity.scan import LayerScan, precision_label
 from quantkit.sensitivity.weights import RTN, ScanWeights
 
-RULES = ("restore", "greedy", "fisher", "rel_err")
-GREEDY_WITH_CROSS_FIT = "--greedy cannot be combined with --cross-fit yet: use one of them (or --no-cross-fit)"  # in order of preference when their estimates tie
+RULES = ("restore", "greedy", "fisher", "rel_err")  # in order of preference when their estimates tie
+GREEDY_WITH_CROSS_FIT = "--greedy cannot be combined with --cross-fit yet: use one of them (or --no-cross-fit)"
 DEFAULT_FOLDS = 4
 
 

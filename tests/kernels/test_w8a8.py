@@ -180,8 +180,8 @@ def test_gluon_host_descriptor_carries_what_the_launcher_reads():
 
 
 def test_w8a8_large_m_paths_reuse_quantization_scratch_safely(dev):
-    """The tensor-core paths quantize into a per-(device, K) scratch: interleaved calls with other M and K (the
-    scratch replaced, then reused) give each call its own right output."""
+    """The two-launch paths quantize into a per-device scratch: interleaved calls with other M and K (the
+    scratch grown, then reused) give each call its own right output."""
     g = torch.Generator().manual_seed(4)
     layers = {K: w8a8.prepack_w8a8(randw(g, (32, K), -127, 127, dev), torch.rand(32, 1, generator=g).to(dev) * 0.01 + 1e-3)
               for K in (64, 96)}
