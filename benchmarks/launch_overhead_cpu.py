@@ -26,38 +26,72 @@ def per_call_us(f, n: int = 20000) -> float:
 
 
 def main() -> None:
-    from quantkit.kernels import _common, act_quant, w8a8
+    from quantkit.kernels import _common, act_quant, attention, fused, w8a8, wna16
 
     class AnyHit(dict):  # every lookup finds a "compiled kernel" whose launcher does nothing
         def get(self, key, default=None):
-            return stub, ()
+            return stub, (), None
 
     stub = types.SimpleNamespace(run=lambda *a: None, function=None, packed_metadata=None)
     _common._FAST = AnyHit()
     _common._FAST_ON = True
+    _common.CHECK_LAUNCH = False
     _common._driver = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 0)
     _common._knobs = types.SimpleNamespace(runtime=types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None))
     _common.interpret_mode = lambda: False
+    w8a8.interpret_mode = lambda: False
+    fused.use_triton = attention.use_triton = lambda *t: True
 
     M, N, K = 16, 4096, 4096
     x = torch.randn(M, K).half()
     W = w8a8.prepack_w8a8(torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N, 1))
     out = torch.empty(M, N, dtype=torch.half)
-    aq, asc = torch.empty(M, K, dtype=torch.int8), torch.empty(M, 1)
+    aq, asc = torch.empty(M, K, dtype=torch.int8), torch.empty(M)
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=3, SPLIT_K=1)
+    gemv = dict(BACKEND="gemv", BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, num_warps=8, num_stages=2)
+    W4 = wna16.prepack_wna16(torch.randint(-8, 8, (N, K), dtype=torch.int8), torch.rand(N, K // 128).half(), None, 4)
+    h2 = dict(BACKEND="gemv_h2", BLOCK_N=32, UNROLL=2, SPLIT_K=4, num_warps=4, num_stages=2)
+    x1 = x[:1].contiguous()
     one = torch.ones(1)
+    # a Llama-3-8B decode step's other launches (batch 1): hidden 4096, GQA 32/8 x 128, an 8-bit KV cache of 640
+    h, d = torch.randn(1, 1, 4096).half(), torch.randn(1, 1, 4096).half()
+    nw = torch.rand(4096).half()
+    qkv = torch.randn(1, 1, 6144).half()
+    cs = torch.rand(1, 1, 128).half()
+    kc, vc = torch.zeros(1, 8, 640, 128, dtype=torch.int8), torch.zeros(1, 8, 640, 128, dtype=torch.int8)
+    ks, vs = torch.rand(8, 128), torch.rand(8, 128)
+    pos = torch.tensor([[639]])
+    q = torch.randn(1, 32, 128).half()
+    lens = torch.tensor([640], dtype=torch.int32)
+    gu = torch.randn(1, 28672).half()
     rows = [
         ("a 1-element add_ (torch, for scale)", lambda: one.add_(1)),
-        ("arg_class over 20 arguments (the specialization key)", lambda: tuple(map(_common.arg_class, (x,) * 8 + (1,) * 12))),
+        ("arg_class over 20 arguments (the old specialization key)",
+         lambda: tuple(map(_common.arg_class, (x,) * 8 + (1,) * 12))),
+        ("spec_key over 20 arguments", lambda: _common.spec_key((x,) * 8 + (1,) * 12)),
         ("per_token_quant_triton into buffers", lambda: act_quant.per_token_quant_triton(x, out_q=aq, out_s=asc)),
         ("per_token_quant_triton allocating", lambda: act_quant.per_token_quant_triton(x)),
-        ("w8a8._launch (the tl.dot GEMM)", lambda: w8a8._launch(aq, asc.reshape(-1), W.w, W.scale, None, out, False,
-                                                                False, cfg)),
-        ("w8a8_linear_triton, two launches", lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=out)),
-        ("w8a8_linear_triton, QUANT_ONCE", lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale,
-                                                                           config=dict(cfg, QUANT_ONCE=True), out=out)),
+        ("w8a8._launch (the tl.dot GEMM)", lambda: w8a8._launch(aq, asc, W.w, W.scale, None, out, False, False, cfg)),
+        ("w8a8_linear_triton M=16, two launches", lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg,
+                                                                                  out=out)),
+        ("w8a8_linear_triton M=16, QUANT_ONCE", lambda: w8a8.w8a8_linear_triton(
+            x, W.w, W.scale, config=dict(cfg, QUANT_ONCE=True), out=out)),
+        ("w8a8_linear_triton M=1, dp4a GEMV (two launches)", lambda: w8a8.w8a8_linear_triton(
+            x1, W.w, W.scale, config=gemv, out=out[:1])),
+        ("wna16_linear_triton M=1, gemv_h2 (W4 g128), explicit config", lambda: wna16.wna16_linear_triton(
+            x1, W4.qw, W4.scales, None, None, 4, 128, N, K, config=h2, out=out[:1])),
+        ("wna16_linear_triton M=1, planned config (what the runtime calls)", lambda: wna16.wna16_linear_triton(
+            x1, W4.qw, W4.scales, None, None, 4, 128, N, K, out=out[:1])),
+        ("add_rmsnorm (residual add + RMSNorm)", lambda: fused.add_rmsnorm(h, d, nw, 1e-5)),
+        ("silu_mul", lambda: fused.silu_mul(gu, 14336)),
+        ("rope_store (RoPE + INT8 KV store, per-channel)", lambda: fused.rope_store(
+            qkv, cs, cs, pos, 32, 8, 128, kc, vc, ks, vs)),
+        ("decode_attention (attention + merge: two launches)", lambda: attention.decode_attention(
+            q, kc, vc, lens, k_scale=ks, v_scale=vs, split=128)),
     ]
-    print(f"W8A8 M={M}, {N} x {K}; us per call, Triton's launcher stubbed out")
+    print("Host time of quantkit's launch wrappers, us per call, Triton's launcher stubbed out (CPU)")
+    print("| call | us |")
+    print("|---|---|")
     for name, f in rows:
         print(f"| {name} | {per_call_us(f):.2f} |")
 

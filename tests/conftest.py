@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# every cached kernel launch re-checks what an ordinary launch would bind (quantkit.kernels._common.CHECK_LAUNCH)
+os.environ.setdefault("QUANTKIT_CHECK_LAUNCH", "1")
 
 from tiny_models import make_tiny_model, make_tiny_tokenizer  # noqa: E402,F401
 

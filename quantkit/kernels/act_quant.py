@@ -17,6 +17,8 @@ The same quantization is fused into the W8A8 GEMM prologue (``quantkit.kernels.w
 small M; this module is the separate fast kernel used for large M.
 """
 
+import functools
+
 import torch
 
 from ._common import LazyKernel, eager_cuda, fast_launch, next_pow2, quantize_sym, round_half_away_ref, tl, use_triton
@@ -102,14 +104,21 @@ def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int
     s = out_s if out_s is not None else torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if M == 0:
         return q, s
+    static = static_scale is not None
+    const, ckey = _consts(K, x.is_cuda, qmax, static)
+    fast_launch(act_quant_kernel, (M,), (x, q, s, static_scale if static else s, K, x.stride(0), q.stride(0)),
+                const, ckey)
+    return q, s
+
+
+@functools.lru_cache(maxsize=1024)
+def _consts(K: int, cuda: bool, qmax: int, static: bool) -> tuple[dict, tuple]:
+    """The launch's constexprs and options and their key (memoised: no dict per call)."""
     one_pass = K <= MAX_ONE_PASS
     block = next_pow2(K) if one_pass else 4096
-    num_warps = max(1, min(16, block // 1024)) if x.is_cuda else 1
-    static = static_scale is not None
-    fast_launch(act_quant_kernel, (M,), (x, q, s, static_scale if static else s, K, x.stride(0), q.stride(0)),
-                dict(EPS_C=EPS, QMAX=float(qmax), STATIC=static, BLOCK_K=block, ONE_PASS=one_pass,
-                     num_warps=num_warps), (block, one_pass, num_warps, qmax, static))
-    return q, s
+    num_warps = max(1, min(16, block // 1024)) if cuda else 1
+    return (dict(EPS_C=EPS, QMAX=float(qmax), STATIC=static, BLOCK_K=block, ONE_PASS=one_pass, num_warps=num_warps),
+            (block, one_pass, num_warps, qmax, static))
 
 
 def static_quant(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LazyKernel, cdiv, jit_helper, next_pow2, tl, use_triton
+from ._common import LazyKernel, cdiv, fast_launch, jit_helper, next_pow2, tl, use_triton
 
 __all__ = ["Residuals", "decode_attention", "decode_attention_ref", "dequantize_cache_ref", "pack_nibbles",
            "unpack_nibbles"]
@@ -327,17 +327,16 @@ def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Re
     kr = k_res if k_res is not None else None
     vr = v_res if v_res is not None else None
     qc = q if q.stride(-1) == 1 else q.contiguous()
-    decode_attn_kernel[(B * Hkv, nsplit)](
-        qc, k, v, k_scale if scales else dummy, v_scale if scales else dummy,
-        kr.idx if kr else dummy, kr.pool if kr else dummy, kr.scale if kr else dummy,
-        vr.idx if vr else dummy, vr.pool if vr else dummy, vr.scale if vr else dummy, seq_lens,
-        m_ws, l_ws, acc_ws,
-        Hkv, T, kr.pool.shape[2] if kr else 1, int(window or 0), sm * 1.4426950408889634,
-        qc.stride(0), qc.stride(1), split, nsplit,
-        GROUP=group, GP=gp, D=D, BLOCK_N=block_n, SCALES=scales, RES_BITS=res_bits,
-        RW=D // 2 if res_bits == 4 else D, WINDOW=window is not None, SOFTCAP=float(softcap or 0.0),
-        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
-    )
-    decode_merge_kernel[(B * Hkv,)](m_ws, l_ws, acc_ws, out, Hkv, nsplit, out.stride(0), out.stride(1),
-                                    GROUP=group, GP=gp, D=D, num_warps=4)
+    const = dict(GROUP=group, GP=gp, D=D, BLOCK_N=block_n, SCALES=scales, RES_BITS=res_bits,
+                 RW=D // 2 if res_bits == 4 else D, WINDOW=window is not None, SOFTCAP=float(softcap or 0.0),
+                 num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+    fast_launch(decode_attn_kernel, (B * Hkv, nsplit),
+                (qc, k, v, k_scale if scales else dummy, v_scale if scales else dummy,
+                 kr.idx if kr else dummy, kr.pool if kr else dummy, kr.scale if kr else dummy,
+                 vr.idx if vr else dummy, vr.pool if vr else dummy, vr.scale if vr else dummy, seq_lens,
+                 m_ws, l_ws, acc_ws,
+                 Hkv, T, kr.pool.shape[2] if kr else 1, int(window or 0), sm * 1.4426950408889634,
+                 qc.stride(0), qc.stride(1), split, nsplit), const, tuple(const.values()))
+    fast_launch(decode_merge_kernel, (B * Hkv,), (m_ws, l_ws, acc_ws, out, Hkv, nsplit, out.stride(0), out.stride(1)),
+                dict(GROUP=group, GP=gp, D=D, num_warps=4), (group, gp, D))
     return out

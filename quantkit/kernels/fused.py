@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LazyKernel, cdiv, next_pow2, quantize_sym, tl, use_triton
+from ._common import LazyKernel, cdiv, fast_launch, next_pow2, quantize_sym, tl, use_triton
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_ref", "silu_mul", "silu_mul_ref", "rope_store", "rope_store_ref"]
 
@@ -65,8 +65,9 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
         d2 = delta.reshape(-1, N).contiguous()
     else:
         xo, d2 = x2, x2
-    add_rmsnorm_kernel[(rows,)](x2, d2, weight, xo, h, N, float(eps), HAS_D=delta is not None,
-                                BLOCK=next_pow2(N), num_warps=4 if N <= 4096 else 8)
+    has_d, block, warps = delta is not None, next_pow2(N), 4 if N <= 4096 else 8
+    fast_launch(add_rmsnorm_kernel, (rows,), (x2, d2, weight, xo, h, N, float(eps)),
+                dict(HAS_D=has_d, BLOCK=block, num_warps=warps), (has_d, block, warps))
     return xo.view(x.shape), h.view(x.shape)
 
 
@@ -103,7 +104,8 @@ def silu_mul(gu: torch.Tensor, inter: int) -> torch.Tensor:
     rows = g2.shape[0]
     out = torch.empty((rows, inter), dtype=gu.dtype, device=gu.device)
     BLOCK = 1024
-    silu_mul_kernel[(rows, cdiv(inter, BLOCK))](g2, out, inter, g2.stride(0), BLOCK=BLOCK, num_warps=4)
+    fast_launch(silu_mul_kernel, (rows, cdiv(inter, BLOCK)), (g2, out, inter, g2.stride(0)),
+                dict(BLOCK=BLOCK, num_warps=4), (BLOCK, 4))
     return out.view(*lead, inter)
 
 
@@ -222,8 +224,9 @@ def rope_store(qkv, cos, sin, pos, Hq, Hkv, D, k_cache, v_cache, k_scale=None, v
     mode = 0 if k_cache.dtype != torch.int8 else (1 if k_scale.dim() == 3 else 2)
     T = k_cache.shape[2]
     dummy = c2
-    rope_store_kernel[(B * S, Hq + Hkv)](
-        q2, c2, s2, p2, q, k_cache, v_cache, k_scale if mode else dummy, v_scale if mode else dummy,
-        S, T, Hq, Hkv, q2.stride(0), D=D, MODE=mode, QMAX=float((1 << (bits - 1)) - 1), num_warps=1)
+    qmax = float((1 << (bits - 1)) - 1)
+    fast_launch(rope_store_kernel, (B * S, Hq + Hkv),
+                (q2, c2, s2, p2, q, k_cache, v_cache, k_scale if mode else dummy, v_scale if mode else dummy,
+                 S, T, Hq, Hkv, q2.stride(0)), dict(D=D, MODE=mode, QMAX=qmax, num_warps=1), (D, mode, qmax))
     return q
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._common import LazyKernel, cdiv, tl, use_triton
+from ._common import LazyKernel, cdiv, fast_launch, tl, use_triton
 from .numerics import MAX_POW2, check_hadamard_block
 
 __all__ = ["hadamard_transform", "hadamard_ref", "split_order", "fwht_pow2_ref"]
@@ -122,9 +122,9 @@ def fwht_pow2_triton(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         return y
     block_rows = max(1, min(16, 4096 // p))
     num_warps = max(1, min(8, (p * block_rows) // 512)) if x.is_cuda else 1
-    fwht_kernel[(cdiv(rows, block_rows),)](
-        x, y, rows, float(scale), P=p, LOG_P=p.bit_length() - 1, BLOCK_ROWS=block_rows, num_warps=num_warps
-    )
+    fast_launch(fwht_kernel, (cdiv(rows, block_rows),), (x, y, rows, float(scale)),
+                dict(P=p, LOG_P=p.bit_length() - 1, BLOCK_ROWS=block_rows, num_warps=num_warps),
+                (p, block_rows, num_warps))
     return y
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LazyKernel, next_pow2, tl, use_triton
+from ._common import LazyKernel, fast_launch, next_pow2, tl, use_triton
 
 __all__ = ["row_histogram", "row_histogram_ref"]
 
@@ -77,5 +77,5 @@ def row_histogram(y: torch.Tensor, sample: torch.Tensor, weight: torch.Tensor, l
         return
     y = y if y.stride(-1) == 1 else y.contiguous()
     block = min(1024, next_pow2(N))
-    row_hist_kernel[(rows,)](y, sample, weight.float(), counts, moments, N, y.stride(0), float(lo), float(inv_w),
-                             BINS=bins, BLOCK=block, num_warps=4)
+    fast_launch(row_hist_kernel, (rows,), (y, sample, weight.float(), counts, moments, N, y.stride(0), float(lo),
+                                           float(inv_w)), dict(BINS=bins, BLOCK=block, num_warps=4), (bins, block))

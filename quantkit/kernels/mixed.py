@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from ._common import ConfigCache, LazyKernel, cdiv, eager_cuda, gpu_key, grouped_tile, load_k_tiles, tl, use_triton
+from ._common import ConfigCache, LazyKernel, cdiv, eager_cuda, fast_launch, gpu_key, grouped_tile, load_k_tiles, tl, use_triton
 from .w8a8 import W8A8Weight, _INTERP_CFG, w8a8_gemm_ref, w8a8_linear_triton
 
 __all__ = [
@@ -211,13 +211,11 @@ def mixed_linear_triton(x, w, w_scale, w_fp16, control: int, row_bits, bias=None
     else:
         cfg = MIXED_CONFIGS.get(M, N, K, gpu_key(x))
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    mixed_kernel[grid](
-        x, w, w_scale, bias if bias is not None else w_scale, out,
-        M, N, K, x.stride(0), w.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=(K % cfg["BLOCK_K"] == 0),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    const = dict(HAS_BIAS=bias is not None, EVEN_K=(K % cfg["BLOCK_K"] == 0),
+                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    fast_launch(mixed_kernel, grid, (x, w, w_scale, bias if bias is not None else w_scale, out,
+                                     M, N, K, x.stride(0), w.stride(0), out.stride(0)), const, tuple(const.values()))
     return out
 
 

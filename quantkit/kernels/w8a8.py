@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
-                      gpu_key, grouped_tile, interpret_mode, jit_helper, load_k_tiles, next_pow2, quantize_sym,
+                      gpu_key, grouped_tile, interpret_mode, jit_helper, load_k_tiles, next_pow2, quantize_sym, spec_key,
                       sm_count, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
@@ -565,22 +565,47 @@ def _consts(**kw):
     return r
 
 
+_LAUNCH_PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
 def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None,
             skipped_bm=0, quant_once=False):
     """The tl.dot kernel. ``quant_once`` (with ``fuse_quant``): ``a_scale`` is the row-maximum buffer."""
     M, K = a.shape
     N = w.shape[0]
-    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-    split_k = int(cfg.get("SPLIT_K", 1))
-    part, lock = splitk_buffers(a.device, tiles, split_k, cfg["BLOCK_M"] * cfg["BLOCK_N"], 0)
     rbits = row_bits is not None
+    pkey = (tuple(cfg.items()), M, N, K, a.device, bias is not None, rbits, w_fp16 is not None, fuse_quant,
+            out_int32, skipped_bm, quant_once, interpret_mode())
+    plan = _LAUNCH_PLANS.get(pkey)
+    if plan is None:
+        if len(_LAUNCH_PLANS) >= _MAX_PLANS:  # one per prompt length in a server: bounded
+            _LAUNCH_PLANS.clear()
+        plan = _LAUNCH_PLANS[pkey] = _launch_plan(cfg, M, N, K, a.device, pkey[5:])
+    grid, part, lock, sync, n_prod, const, ckey = plan
     xx = x if x is not None else a
     wf = w_fp16 if w_fp16 is not None else w
+    vary = (a, w, a_scale if a_scale is not None else w_scale, w_scale, bias if bias is not None else w_scale, out)
+    tail = (xx, wf, row_bits if rbits else w_scale)
+    strides = (a.stride(0), w.stride(0), out.stride(0), xx.stride(0), wf.stride(0))
+    # the plan's key fixes the classes of part, lock and sync (cached buffers: aligned, one dtype each) and of
+    # M, N, K, n_prod (in ckey): left out of the specialization key
+    fast_launch(w8a8_kernel, grid, (*vary, part, lock, *tail, sync, M, N, K, *strides, n_prod), const, ckey,
+                (*vary, *tail, *strides))
+    return out
+
+
+def _launch_plan(cfg, M, N, K, device, flags):
+    """What ``_launch`` derives from its config, shape and flags alone: grid, buffers, constexprs (memoised)."""
+    has_bias, rbits, has_fp16_w, fuse_quant, out_int32, skipped_bm, quant_once, interp = flags
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    split_k = int(cfg.get("SPLIT_K", 1))
+    part, lock = splitk_buffers(device, tiles, split_k, cfg["BLOCK_M"] * cfg["BLOCK_N"], 0)
     # QUANT_ONCE: a K chunk per producer; in the interpreter (programs run one after another) program 0 does all
-    n_prod = (1 if interpret_mode() else min(cdiv(K, _ONCE_CHUNK_K), tiles * split_k)) if quant_once else 1
-    sync = once_counters(a.device) if quant_once else lock
-    const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
-                          HAS_FP16_W=w_fp16 is not None,
+    n_prod = (1 if interp else min(cdiv(K, _ONCE_CHUNK_K), tiles * split_k)) if quant_once else 1
+    sync = once_counters(device) if quant_once else lock
+    const, ckey = _consts(HAS_BIAS=has_bias, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
+                          HAS_FP16_W=has_fp16_w,
                           BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
                           FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
                           CHUNK_K=_ONCE_CHUNK_K if quant_once else 16,
@@ -589,12 +614,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
                           EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                           GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    fast_launch(w8a8_kernel, (tiles * split_k,),
-                (a, w, a_scale if a_scale is not None else w_scale, w_scale,
-                 bias if bias is not None else w_scale, out, part, lock, xx, wf, row_bits if rbits else w_scale,
-                 sync, M, N, K, a.stride(0), w.stride(0), out.stride(0), xx.stride(0), wf.stride(0), n_prod),
-                const, ckey)
-    return out
+    return (tiles * split_k,), part, lock, sync, n_prod, const, (ckey, spec_key((M, N, K, n_prod)))
 
 
 def _mma_only(cfg, x, M, N, K):
@@ -663,10 +683,18 @@ def _quantize_into_scratch(x: torch.Tensor):
     """Per-token quantization of x (M, K) into this device's cached buffers (no allocation per call once warm;
     reuse is ordered by the stream, see ``cached_buffer``): (a_q (M, K) int8, a_scale (M,) fp32)."""
     M, K = x.shape
-    a_q = cached_buffer(x.device, torch.int8, M * K, tag="act_q")[: M * K].view(M, K)
-    a_s = cached_buffer(x.device, torch.float32, M, tag="act_s")[:M]
-    per_token_quant_triton(x, out_q=a_q, out_s=a_s)
-    return a_q, a_s
+    key = (x.device, M, K)
+    views = _SCRATCH_VIEWS.get(key)
+    if views is None:  # memoised: slicing and viewing cost more host time than the launch's own wrapper
+        if len(_SCRATCH_VIEWS) >= _MAX_PLANS:
+            _SCRATCH_VIEWS.clear()
+        views = _SCRATCH_VIEWS[key] = (cached_buffer(x.device, torch.int8, M * K, tag="act_q")[: M * K].view(M, K),
+                                       cached_buffer(x.device, torch.float32, M, tag="act_s")[:M])
+    per_token_quant_triton(x, out_q=views[0], out_s=views[1])
+    return views
+
+
+_SCRATCH_VIEWS: dict = {}  # (device, M, K) -> views of the cached buffers (one that grew later stays valid: _RETIRED)
 
 
 _ONCE_CHUNK_K = 256  # QUANT_ONCE: K columns per row-maximum chunk (4096-wide rows: 16 programs take them)
@@ -720,31 +748,44 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     (``row_bits`` given: mixed INT8/FP16 rows, see ``quantkit.kernels.mixed``)."""
     M, K = x.shape
     N = w.shape[0]
-    dev = x.device
-    fuse = bool(cfg.get("FUSE_QUANT", False))
+    rbits = row_bits is not None
+    pkey = ("gemv", tuple(cfg.items()), M, N, K, x.device, bias is not None, rbits, w_fp16 is not None)
+    plan = _LAUNCH_PLANS.get(pkey)
+    if plan is None:
+        if len(_LAUNCH_PLANS) >= _MAX_PLANS:
+            _LAUNCH_PLANS.clear()
+        plan = _LAUNCH_PLANS[pkey] = _gemv_plan(cfg, M, N, K, x.device, *pkey[6:])
+    grid, part, lock, fuse, const, ckey = plan
     if fuse:  # one launch: the kernel quantizes x itself
         a_arg, a_s, stride_a = x, w_scale, x.stride(0)
     else:
         a_q, a_s = _quantize_into_scratch(x)
         a_arg, stride_a = a_q.view(torch.int32), K // 4
+    wf = w_fp16 if w_fp16 is not None else w
+    vary = (a_arg, a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale, out)
+    tail = (x, wf, row_bits if rbits else w_scale)
+    strides = (stride_a, out.stride(0), x.stride(0), wf.stride(0))
+    # as in _launch: part, lock (cached buffers) and M, N, K // 4 (in ckey) left out of the specialization key
+    fast_launch(w8a8_gemv_kernel, grid, (*vary, part, lock, *tail, M, N, K // 4, stride_a, K // 4, *strides[1:]),
+                const, ckey, (*vary, *tail, *strides))
+    return out
+
+
+def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
+    """What ``_launch_gemv`` derives from its config, shape and flags alone (memoised)."""
+    fuse = bool(cfg.get("FUSE_QUANT", False))
     bm = gemv_bm(M)
     tiles = cdiv(N, cfg["BLOCK_N"])
     split_k = int(cfg.get("SPLIT_K", 1))
-    part, lock = splitk_buffers(dev, tiles, split_k, bm * cfg["BLOCK_N"], 0)
+    part, lock = splitk_buffers(device, tiles, split_k, bm * cfg["BLOCK_N"], 0)
     bc = cfg["BLOCK_K"] // 4
     KW = K // 4
-    rbits = row_bits is not None
-    wf = w_fp16 if w_fp16 is not None else w
-    const, ckey = _consts(HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
+    const, ckey = _consts(HAS_BIAS=has_bias, ROW_BITS=rbits, HAS_FP16_W=has_fp16_w,
                           EVEN_K=(KW % bc == 0), SPLIT_K=split_k, BLOCK_M=bm,
-                          BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=x.is_cuda, FUSE_QUANT=fuse, EPS_C=EPS,
+                          BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=device.type == "cuda", FUSE_QUANT=fuse, EPS_C=EPS,
                           AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    fast_launch(w8a8_gemv_kernel, (tiles * split_k,),
-                (a_arg, a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale,
-                 out, part, lock, x, wf, row_bits if rbits else w_scale,
-                 M, N, KW, stride_a, K // 4, out.stride(0), x.stride(0), wf.stride(0)), const, ckey)
-    return out
+    return (tiles * split_k,), part, lock, fuse, const, (ckey, spec_key((M, N, KW)))
 
 
 def _pick(x, M, N, K, config):

@@ -233,7 +233,7 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None) -> tor
     consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, row_bits is not None)
     ptrs = (scales, ws, b, row_bits if row_bits is not None else scales, M, N, K)
     key = lambda: (_common.current_device(), bm, bn, cfg["BLOCK_K"], out.dtype, consts,  # noqa: E731
-                   tuple(map(_common.arg_class, ptrs)))
+                   _common.spec_key(ptrs))
     if _COMPILED is not None and _common.fast_ready():
         k = _COMPILED.get(key())
         if k is not None:

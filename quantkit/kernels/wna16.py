@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gemv_tile, gpu_key,
-                      grouped_tile, jit_helper, splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
+                      grouped_tile, jit_helper, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
 
 __all__ = [
     "WNA16Weight",
@@ -669,7 +669,8 @@ def effective_config(cfg: dict, M: int, bits: int = 4, gs_small: bool = False, d
 
 
 def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
-    """Launch plan (kernel, grid, constexprs, split-K sizes), cached per shape/dtype/device."""
+    """Launch plan (backend, kernel, grid, constexprs, split-K workspace and counters, the launch key: constexprs
+    and the classes of the shape arguments), cached per shape/dtype/device when no config is given."""
     key = None
     if config is None:
         key = (x.get_device(), x.dtype, M, N, K, bits, group_size, n_groups, has_zero, has_bias)
@@ -686,7 +687,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     cfg = effective_config(cfg, M, bits, gs_small, x.dtype)
     backend = cfg.get("BACKEND", "mma")
     if backend == "dequant":
-        p = ("dequant", None, None, None, 1, 0, None)
+        p = ("dequant", None, None, None, None, None, None)
     elif backend == "gemv_h2":
         nb = cdiv(K, PACK_K)
         u = int(cfg["UNROLL"])
@@ -694,8 +695,9 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
                      BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, max(16, 1 << (K - 1).bit_length())),
                      USE_ASM=x.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         tiles = cdiv(N, cfg["BLOCK_N"])
-        p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const, tiles, cfg["BLOCK_N"],
-             const_key(const))
+        p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const,
+             *splitk_buffers(x.device, tiles, const["SPLIT_K"], cfg["BLOCK_N"], 4),
+             (const_key(const), spec_key((N, K, n_groups, group_size))))
     else:
         const = dict(BITS=bits, PER=_per(bits), R=_rows(bits), HAS_ZERO=has_zero, HAS_BIAS=has_bias,
                      GS_SMALL=gs_small, EVEN_K=(K % PACK_K == 0), SPLIT_K=int(cfg.get("SPLIT_K", 1)),
@@ -717,8 +719,12 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
             const.update(SWAP_AB=bool(cfg.get("SWAP_AB", False)), GROUP_M=cfg.get("GROUP_M", 1), MAGIC16=magic,
                          M16=m16, SCALE_W=bool(cfg.get("SCALE_W", False)) and not gs_small)
         const["BLOCK_M"] = bm
-        p = (backend, kern, (tiles * const["SPLIT_K"],), const, tiles, bm * cfg["BLOCK_N"], const_key(const))
+        p = (backend, kern, (tiles * const["SPLIT_K"],), const,
+             *splitk_buffers(x.device, tiles, const["SPLIT_K"], bm * cfg["BLOCK_N"], 4),
+             (const_key(const), spec_key((M, N, K, n_groups, group_size))))
     if key is not None:
+        if len(_PLANS) >= 4096:  # keyed by M (a prompt length in a server): bounded
+            _PLANS.clear()
         _PLANS[key] = p
     return p
 
@@ -732,21 +738,21 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     if M == 0:
         return out
     n_groups = scales.shape[0]
-    backend, kern, grid, const, tiles, tile_elems, ckey = _plan(
+    backend, kern, grid, const, ws, lock, ckey = _plan(
         x, M, N, K, bits, group_size, n_groups, zeros is not None, bias is not None, config)
     if backend == "dequant":
         wt = wna16_dequant(qw, scales, zeros, bits, group_size, N, K, x.dtype)
         if bias is not None:
             return torch.addmm(bias.to(x.dtype), x, wt, out=out)
         return torch.mm(x, wt, out=out)
-    ws, lock = splitk_buffers(x.device, tiles, const["SPLIT_K"], tile_elems, 4)
-    zz = zeros if zeros is not None else scales
-    bb = bias if bias is not None else scales
+    vary = (x, qw, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out)
+    # ws and lock (cached buffers) and the shape arguments (in ckey) are left out of the specialization key
     if backend == "gemv_h2":
-        fast_launch(kern, grid, (x, qw, scales, zz, bb, out, ws, lock, N, K, n_groups, group_size), const, ckey)
+        fast_launch(kern, grid, (*vary, ws, lock, N, K, n_groups, group_size), const, ckey, vary)
     else:
-        fast_launch(kern, grid, (x, qw, scales, zz, bb, out, ws, lock, M, N, K, n_groups, group_size,
-                                 x.stride(0), out.stride(0)), const, ckey)
+        strides = (x.stride(0), out.stride(0))
+        fast_launch(kern, grid, (*vary, ws, lock, M, N, K, n_groups, group_size, *strides), const, ckey,
+                    (*vary, *strides))
     return out
 
 
