@@ -50,7 +50,8 @@ from typing import Optional
 
 import torch
 
-from ._common import ConfigCache, LazyKernel, cdiv, eager_cuda, fast_launch, gpu_key, grouped_tile, load_k_tiles, tl, use_triton
+from ._common import (ConfigCache, LazyKernel, cdiv, eager_cuda, fast_launch, gpu_key, grouped_tile, load_k_tiles, tl,
+                      use_triton)
 from .w8a8 import W8A8Weight, _INTERP_CFG, w8a8_gemm_ref, w8a8_linear_triton
 
 __all__ = [

@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
-                      gpu_key, grouped_tile, interpret_mode, jit_helper, load_k_tiles, next_pow2, quantize_sym, spec_key,
-                      sm_count, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
+                      gpu_key, grouped_tile, interpret_mode, jit_helper, load_k_tiles, next_pow2, quantize_sym,
+                      sm_count, spec_key, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
