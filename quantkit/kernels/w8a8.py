@@ -798,6 +798,8 @@ def _pick(x, M, N, K, config):
     key = (x.get_device(), M, N, K)
     cfg = _CFG_CACHE.get(key)
     if cfg is None:
+        if len(_CFG_CACHE) >= _MAX_PLANS:  # keyed by M, like the launch plans: bounded
+            _CFG_CACHE.clear()
         cfg = _CFG_CACHE[key] = CONFIGS.get(M, N, K, gpu_key(x))
     return cfg
 
