@@ -93,7 +93,7 @@ def host_pieces(M: int = 2048, N: int = 6144, K: int = 4096) -> None:
 
     w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, glu)
     k = next((v for key, v in (w8a8_gluon._COMPILED or {}).items() if key[1:4] == (256, 128, 64)), None)
-    pieces["launch cache key (7 argument classes)"] = lambda: tuple(map(_common.arg_class, args))
+    pieces["launch cache key (spec_key over 7 arguments)"] = lambda: _common.spec_key(args)
     if k is not None:
         pieces["compiled kernel's launcher (run_compiled)"] = lambda: _common.run_compiled(
             k, (M // 256, N // 128), (*[w8a8_gluon._HostDesc(t) for t in (a_q, W.w, out)], *args, 5, 8, False, False,
