@@ -453,10 +453,11 @@ def fast_ready() -> bool:
     return _FAST_ON and _driver is not None and not interpret_mode() and _no_hooks()
 
 
-def run_compiled(k, grid, args: tuple) -> None:
-    """Launch compiled kernel ``k`` on the current stream with every parameter in order (constexprs too, as
-    ``JITFunction.run`` passes them); only when :func:`fast_ready`."""
-    dev = current_device()
+def run_compiled(k, grid, args: tuple, dev: int | None = None) -> None:
+    """Launch compiled kernel ``k`` on the current stream (of ``dev``, default Triton's current device) with every
+    parameter in order (constexprs too, as ``JITFunction.run`` passes them); only when :func:`fast_ready`."""
+    if dev is None:
+        dev = current_device()
     k.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
           _driver.get_current_stream(dev), k.function, k.packed_metadata, None, None, None, *args)
 
@@ -502,7 +503,7 @@ def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey, key_arg
         k, tail, full = ent
         if CHECK_LAUNCH:
             _check_cached(lk, args, consts, tail, full)
-        run_compiled(k, grid, (*args, *tail))
+        run_compiled(k, grid, (*args, *tail), dev)
         return
     FAST_STATS[1] += 1
     k = lk[grid](*args, **consts)
@@ -528,6 +529,18 @@ def _check_cached(lk, args: tuple, consts: dict, tail: tuple, full: tuple) -> No
     if want != tail or len(args) + len(tail) != len(names):
         raise AssertionError(f"fast_launch: {lk.__name__}'s cached constexprs {tail} != this call's {want}: its "
                              f"ckey does not identify its constexprs")
+
+
+PLAN_LIMIT = 4096  # entries per launch-plan cache: keys hold M, one per prompt length in a server
+
+
+def remember(cache: dict, key, value):
+    """``cache[key] = value``, emptying ``cache`` first when it holds PLAN_LIMIT entries; returns ``value``. For the
+    plan caches a wrapper reads with ``cache.get(key) or remember(cache, key, build())`` (values are truthy)."""
+    if len(cache) >= PLAN_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def const_key(const: dict) -> tuple:

@@ -40,7 +40,8 @@ import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
                       gpu_key, grouped_tile, interpret_mode, jit_helper, load_k_tiles, next_pow2, quantize_sym,
-                      sm_count, spec_key, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl, use_triton)
+                      remember, sm_count, spec_key, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl,
+                      use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -566,7 +567,6 @@ def _consts(**kw):
 
 
 _LAUNCH_PLANS: dict = {}
-_MAX_PLANS = 4096
 
 
 def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None,
@@ -577,12 +577,8 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
     rbits = row_bits is not None
     pkey = (tuple(cfg.items()), M, N, K, a.device, bias is not None, rbits, w_fp16 is not None, fuse_quant,
             out_int32, skipped_bm, quant_once, interpret_mode())
-    plan = _LAUNCH_PLANS.get(pkey)
-    if plan is None:
-        if len(_LAUNCH_PLANS) >= _MAX_PLANS:  # one per prompt length in a server: bounded
-            _LAUNCH_PLANS.clear()
-        plan = _LAUNCH_PLANS[pkey] = _launch_plan(cfg, M, N, K, a.device, pkey[5:])
-    grid, part, lock, sync, n_prod, const, ckey = plan
+    grid, part, lock, sync, n_prod, const, ckey = (
+        _LAUNCH_PLANS.get(pkey) or remember(_LAUNCH_PLANS, pkey, _launch_plan(cfg, M, N, K, a.device, pkey[5:])))
     xx = x if x is not None else a
     wf = w_fp16 if w_fp16 is not None else w
     vary = (a, w, a_scale if a_scale is not None else w_scale, w_scale, bias if bias is not None else w_scale, out)
@@ -684,12 +680,10 @@ def _quantize_into_scratch(x: torch.Tensor):
     reuse is ordered by the stream, see ``cached_buffer``): (a_q (M, K) int8, a_scale (M,) fp32)."""
     M, K = x.shape
     key = (x.device, M, K)
-    views = _SCRATCH_VIEWS.get(key)
-    if views is None:  # memoised: slicing and viewing cost more host time than the launch's own wrapper
-        if len(_SCRATCH_VIEWS) >= _MAX_PLANS:
-            _SCRATCH_VIEWS.clear()
-        views = _SCRATCH_VIEWS[key] = (cached_buffer(x.device, torch.int8, M * K, tag="act_q")[: M * K].view(M, K),
-                                       cached_buffer(x.device, torch.float32, M, tag="act_s")[:M])
+    # memoised: slicing and viewing cost more host time than the launch's own wrapper
+    views = _SCRATCH_VIEWS.get(key) or remember(_SCRATCH_VIEWS, key, (
+        cached_buffer(x.device, torch.int8, M * K, tag="act_q")[: M * K].view(M, K),
+        cached_buffer(x.device, torch.float32, M, tag="act_s")[:M]))
     per_token_quant_triton(x, out_q=views[0], out_s=views[1])
     return views
 
@@ -750,12 +744,8 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     N = w.shape[0]
     rbits = row_bits is not None
     pkey = ("gemv", tuple(cfg.items()), M, N, K, x.device, bias is not None, rbits, w_fp16 is not None)
-    plan = _LAUNCH_PLANS.get(pkey)
-    if plan is None:
-        if len(_LAUNCH_PLANS) >= _MAX_PLANS:
-            _LAUNCH_PLANS.clear()
-        plan = _LAUNCH_PLANS[pkey] = _gemv_plan(cfg, M, N, K, x.device, *pkey[6:])
-    grid, part, lock, fuse, const, ckey = plan
+    grid, part, lock, fuse, const, ckey = (
+        _LAUNCH_PLANS.get(pkey) or remember(_LAUNCH_PLANS, pkey, _gemv_plan(cfg, M, N, K, x.device, *pkey[6:])))
     if fuse:  # one launch: the kernel quantizes x itself
         a_arg, a_s, stride_a = x, w_scale, x.stride(0)
     else:
@@ -796,12 +786,7 @@ def _pick(x, M, N, K, config):
             return dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, num_warps=4, num_stages=1)
         return dict(_INTERP_CFG, FUSE_QUANT=M <= 16)
     key = (x.get_device(), M, N, K)
-    cfg = _CFG_CACHE.get(key)
-    if cfg is None:
-        if len(_CFG_CACHE) >= _MAX_PLANS:  # keyed by M, like the launch plans: bounded
-            _CFG_CACHE.clear()
-        cfg = _CFG_CACHE[key] = CONFIGS.get(M, N, K, gpu_key(x))
-    return cfg
+    return _CFG_CACHE.get(key) or remember(_CFG_CACHE, key, CONFIGS.get(M, N, K, gpu_key(x)))
 
 
 _CFG_CACHE: dict = {}

@@ -40,7 +40,8 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gemv_tile, gpu_key,
-                      grouped_tile, jit_helper, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
+                      grouped_tile, jit_helper, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl,
+                      use_triton)
 
 __all__ = [
     "WNA16Weight",
@@ -722,11 +723,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         p = (backend, kern, (tiles * const["SPLIT_K"],), const,
              *splitk_buffers(x.device, tiles, const["SPLIT_K"], bm * cfg["BLOCK_N"], 4),
              (const_key(const), spec_key((M, N, K, n_groups, group_size))))
-    if key is not None:
-        if len(_PLANS) >= 4096:  # keyed by M (a prompt length in a server): bounded
-            _PLANS.clear()
-        _PLANS[key] = p
-    return p
+    return p if key is None else remember(_PLANS, key, p)
 
 
 def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, config: Optional[dict] = None, out=None):
