@@ -1,11 +1,15 @@
 """W8A8 at small M: one launch (``QUANT_ONCE``) against two (per-token quantization, then the GEMM). Issue 19; GPU.
 
-For each Llama-3-8B shape and M in 16 and 64: the shipped config's tile with two launches, with QUANT_ONCE, and
-with FUSE_QUANT alone (every program takes its rows' maxima over all of K itself). Each
+For each Llama-3-8B shape and M in 16 and 64: the shipped config's tile with two launches, with QUANT_ONCE (the
+first programs to arrive quantize x into the scratch by K chunks, the others wait), and with FUSE_QUANT alone (every
+program takes its rows' maxima over all of K and quantizes its x tiles in registers). Each
 variant is checked bit for bit against the two-launch call, then timed three ways: CUDA-graph replay over rotated
 weight copies (no L2-resident weights: what a decode loop pays), eager ``do_bench`` (L2 flushed) and host time per
 call (wall time of 200 back-to-back calls, before the final sync). Then the host pieces of the two-launch call at
-4096 x 4096, M=16 (``F.linear`` for scale). The table is printed last.
+4096 x 4096, M=16 (``F.linear`` for scale), down to Triton's own launcher on the cached kernel with its arguments
+prebuilt (the floor a Python wrapper can reach) and Triton's ordinary launch (``JITFunction.run``, no cache), with
+the cached/ordinary launch counts and whether a launch hook is installed (which would disable the cache). The table
+is printed last.
 
     PYTHONPATH=. python benchmarks/w8a8_small_m.py [--md out.md]
 """
@@ -33,7 +37,7 @@ def main() -> int:
 
     from gemm import ROT_BYTES, bench, bench_graph_rot
     from w8a8_host_time import host_us
-    from quantkit.kernels import act_quant, w8a8
+    from quantkit.kernels import _common, act_quant, w8a8
     from quantkit.kernels._common import gpu_key
 
     dev = torch.device("cuda")
@@ -90,6 +94,27 @@ def main() -> int:
                                                                          out=out))]
     host = [(n, host_us(f)) for n, f in pieces]
 
+    # below the wrapper: Triton's launcher on the cached kernel, the arguments as the wrapper last built them
+    def gemm():
+        return w8a8.w8a8_gemm_q_triton(aq, asc, W.w, W.scale, config=cfg, out=out)
+
+    seen, real = [], _common.run_compiled
+    _common.run_compiled = lambda *a: (seen.append(a), real(*a))[1]
+    try:
+        gemm()
+        gemm()
+    finally:
+        _common.run_compiled = real
+    if seen:
+        host.append(("Triton's launcher alone (cached GEMM kernel, arguments prebuilt)", host_us(lambda: real(*seen[-1]))))
+    _common._FAST_ON = False
+    try:
+        host.append(("GEMM launch, Triton's ordinary launch (JITFunction.run)", host_us(gemm)))
+    finally:
+        _common._FAST_ON = True
+    stats = (f"launches so far: {_common.FAST_STATS[0]} cached, {_common.FAST_STATS[1]} ordinary; launch hook "
+             f"installed: {not _common._no_hooks() if _common._knobs is not None else 'unknown'}")
+
     names = ["two launches", "QUANT_ONCE", "FUSE_QUANT (row maxima per program)"]
     L = [f"Device: **{torch.cuda.get_device_name()}**; torch {torch.__version__}, triton {triton.__version__}; "
          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} UTC; `PYTHONPATH=. python benchmarks/w8a8_small_m.py`",
@@ -101,6 +126,7 @@ def main() -> int:
         L.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['tile']} | " + " | ".join(cells) + " |")
     L += ["", "Host time per call, 4096 x 4096, M=16 (200 back-to-back calls):", "", "| call | host us |", "|---|---|"]
     L += [f"| {n} | {t:.1f} |" for n, t in host]
+    L += ["", stats]
     md = "\n".join(L)
     print("\n" + md)
     if args.md:

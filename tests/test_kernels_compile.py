@@ -67,14 +67,15 @@ CHILD = textwrap.dedent(r'''
             90, num_warps=8, num_stages=3).asm)
     out["shared"] = shared
     # W8A8 QUANT_ONCE: the first-arriving programs publish row maxima (atomic max, a CTA barrier, then one
-    # thread's release add); the others spin on an acquire load. Those orderings are what make it correct.
-    once_types = {"a_ptr": "*fp16", "w_ptr": "*i8", "bias_ptr": "*fp16", "c_ptr": "*fp16", "x_ptr": "*fp16",
+    # thread's release add), then the quantized chunks (stores, a barrier, a release add); the others spin on an
+    # acquire load. Those orderings are what make it correct.
+    once_types = {"a_ptr": "*i8", "w_ptr": "*i8", "bias_ptr": "*fp16", "c_ptr": "*fp16", "x_ptr": "*fp16",
                   "wf_ptr": "*i8", "sync_ptr": "*i32", "part_ptr": "*i32", "lock_ptr": "*i32"}
     once = {}
     for bn, sk in ((32, 1), (64, 4)):
         k = compiled(w8a8.w8a8_kernel, once_types,
                      dict(HAS_BIAS=True, ROW_BITS=False, SKIPPED_BM=0, HAS_FP16_W=False, BLOCK_KF=16, STAGES_F=1,
-                          FUSE_QUANT=True, QUANT_ONCE=True, CHUNK_K=256, CHUNK_M=16, OUT_INT32=False, EVEN_K=True,
+                          FUSE_QUANT=False, QUANT_ONCE=True, CHUNK_K=256, CHUNK_M=16, OUT_INT32=False, EVEN_K=True,
                           EPS_C=1e-8, SPLIT_K=sk, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256, GROUP_M=1),
                      90, num_warps=4, num_stages=3)
         name = f"w8a8 quant_once 16x{bn}x256 split {sk} sm_90"
@@ -83,10 +84,11 @@ CHILD = textwrap.dedent(r'''
         # atom, or red where the result is unused (Triton 3.9)
         rel = [i for i, l in enumerate(lines) if re.search(r"(atom|red)\.global\.gpu\.release\.add", l)]
         maxima = sum(bool(re.search(r"(atom|red)\.global\.gpu\.relaxed\.(max|min)", l)) for l in lines)
-        # the release's basic block passes a CTA barrier before it (walk back to the block's label)
-        back = next((l for l in reversed(lines[:rel[0]]) if "bar.sync" in l or l.rstrip().split("//")[0].endswith(":")),
-                    "") if rel else ""
-        once[name] = dict(release=len(rel), maxima=maxima, barrier_before=("bar.sync" in back),
+        # each release's basic block passes a CTA barrier before it (walk back to the block's label)
+        backs = [next((l for l in reversed(lines[:r]) if "bar.sync" in l or l.rstrip().split("//")[0].endswith(":")),
+                      "") for r in rel]
+        once[name] = dict(release=len(rel), maxima=maxima,
+                          barrier_before=bool(backs) and all("bar.sync" in b for b in backs),
                           acquire_spin=sum("ld.global.gpu.acquire" in l for l in lines))
     out["once"] = once
     # the online R4 as the runtime launches it: rows of a Sylvester block (512 of 1536, 2048 of 14336)
@@ -118,8 +120,9 @@ def test_kernels_compile_for_sm80_and_sm90():
     tma = [k for k in built if k.startswith("w8a8 tma")]
     assert len(tma) >= 2 and len(tma) % 2 == 0 and len(shared) == len(tma)
     assert len(built) == 2 * len(ATTENTION_CASES) + len(tma) + 2 + 2 + len(once) and len(once) == 2
-    for what, o in once.items():  # one release per chunk, after a barrier over the chunk's maxima; an acquire spin
-        assert o["release"] == 1 and o["maxima"] >= 1 and o["barrier_before"] and o["acquire_spin"] >= 1, (what, o)
+    # per chunk a release of its maxima and one of its integers, each after a CTA barrier; an acquire spin
+    for what, o in once.items():
+        assert o["release"] == 2 and o["maxima"] >= 1 and o["barrier_before"] and o["acquire_spin"] >= 1, (what, o)
     for what, stages in built.items():
         assert "cubin" in stages and "ptx" in stages, what
     for what, nbytes in shared.items():  # Hopper: 227 KiB of shared memory per block at most (else launch fails)

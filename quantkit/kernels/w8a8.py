@@ -15,11 +15,11 @@ Paths:
 
 * GEMV (``BACKEND="gemv"``, M <= 16): ``per_token_quant`` once per call into cached buffers, then
   a dp4a GEMV on int32 words of both operands (exact int32, in-kernel split-K);
-* tensor cores (``_w8a8_kernel``): small M with the quantization fused (``FUSE_QUANT``: each tile
-  quantizes its x tiles in registers; the row maxima taken by every program over all of K, or with
-  ``QUANT_ONCE`` once per launch by the first programs to arrive, shared through an atomic max) or a
-  separate ``per_token_quant`` launch; large M with the separate launch (re-computing the row max in
-  every N-tile would re-read x N/BLOCK_N times);
+* tensor cores (``_w8a8_kernel``): a separate ``per_token_quant`` launch, or the quantization in the
+  same launch: ``QUANT_ONCE`` (the first programs to arrive quantize x into the scratch by K chunks, the
+  others wait, then all run the plain INT8 loop) or ``FUSE_QUANT`` (each tile quantizes its x tiles in
+  registers after taking its rows' maxima over all of K: x re-read N/BLOCK_N times, and on an H100 the
+  in-register quantization made the loop ~4x slower than the INT8 one; the CPU interpreter's path);
 * persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer);
 * the Gluon kernel of ``w8a8_gluon`` (``BACKEND="gluon"``, large M on sm_90): Triton's pipeliner waits for
   every INT8 wgmma, Gluon keeps one in flight.  Plain mode only; elsewhere its configs run the tl.dot kernel.
@@ -130,17 +130,25 @@ def _int8_epilogue(acc, a_scale, w_scale, bias_ptr, rn, HAS_BIAS: tl.constexpr):
     return acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
 
 
+@jit_helper
+def _wait_count(ptr, target):
+    """Spin until the int32 counter at ``ptr`` reaches ``target`` (acquire: what its releasers wrote is visible)."""
+    ready = tl.atomic_add(ptr, 0, sem="acquire")
+    while ready < target:
+        ready = tl.atomic_add(ptr, 0, sem="acquire")
+
+
 def _w8a8_kernel(
     a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr, sync_ptr,
     # a: (M, K) int8, or fp16/bf16 when FUSE_QUANT; w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32
     # bias: (N,); c: (M, N) out dtype (int32 when OUT_INT32)
     # part: int32 split-K workspace (tiles * SPLIT_K * BLOCK_M * BLOCK_N); lock: int32 (tiles,), zero
     # ROW_BITS: x: (M, K) fp16/bf16; wf: (N, K) fp16 copy or the int8 weight; rb: (M,) uint8
-    # QUANT_ONCE (with FUSE_QUANT): as: fp32 (M,) row maxima, zero; sync: int32 (3,), zero (tickets, K chunks done,
-    # programs done); the last program to finish resets both
+    # QUANT_ONCE: a: the (M, K) int8 scratch it fills; as: fp32 (M,) row maxima, zero; sync: int32 (4,), zero
+    # (tickets, K chunks' maxima in, K chunks quantized, programs done); the last program to finish resets both
     M, N, K,
     stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
-    N_PROD,  # QUANT_ONCE: programs that take the row maxima of K chunks (the first to arrive)
+    N_PROD,  # QUANT_ONCE: programs that quantize K chunks (the first to arrive)
     HAS_BIAS: tl.constexpr,
     ROW_BITS: tl.constexpr,  # mixed mode: per-row INT8 / FP16, branches hoisted per tile
     SKIPPED_BM: tl.constexpr,  # > 0: mixed mode after the Gluon kernel, which left its SKIPPED_BM-row tiles
@@ -149,8 +157,8 @@ def _w8a8_kernel(
     BLOCK_KF: tl.constexpr,  # K step of the FP16 loop
     STAGES_F: tl.constexpr,  # pipeline depth of the FP16 loop (its shared memory adds to the INT8 loop's)
     FUSE_QUANT: tl.constexpr,
-    QUANT_ONCE: tl.constexpr,  # FUSE_QUANT with the row maxima taken once per launch, shared (see below)
-    CHUNK_K: tl.constexpr,  # QUANT_ONCE: K elements per row-maximum chunk
+    QUANT_ONCE: tl.constexpr,  # x quantized into the scratch once per launch by the first programs (see below)
+    CHUNK_K: tl.constexpr,  # QUANT_ONCE: K elements per chunk
     CHUNK_M: tl.constexpr,  # QUANT_ONCE: rows per step of a chunk
     OUT_INT32: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -163,12 +171,14 @@ def _w8a8_kernel(
 ):
     """Tensor-core W8A8 GEMM: one (BLOCK_M, BLOCK_N) output tile over one K split (see module docstring).
 
-    QUANT_ONCE (one launch, with FUSE_QUANT): FUSE_QUANT's tiles quantize x in registers but each would need its
-    rows' maxima over all of K; here they are taken once per launch and shared. A program's work is picked by its
-    arrival ticket, not its program id: the first N_PROD arrivals each take the row maxima of K chunks (all rows,
-    CHUNK_K columns) into ``as`` with an atomic max, then every program waits until all chunks are in. Those
-    programs are running (they drew tickets), so the wait never depends on a program not yet started, whatever
-    order the GPU starts them in. The scales and integers are act_quant's (a maximum is exact in any order)."""
+    QUANT_ONCE (one launch): the activation quantization of the separate launch, done by the first programs to
+    arrive. A program's work is picked by its arrival ticket, not its program id: the first N_PROD arrivals take
+    K chunks (all rows, CHUNK_K columns): the chunks' row maxima into ``as`` with an atomic max, a wait until
+    every chunk's maxima are in, then the chunks quantized into the int8 scratch ``a`` with the final maxima;
+    every program waits until all chunks are quantized and runs the plain INT8 loop on the scratch. The
+    producers are running (they drew tickets), so no wait depends on a program not yet started, whatever order
+    the GPU starts them in. Scales and integers are act_quant's (a maximum is exact in any order). (The second
+    form quantized in FUSE_QUANT's loop instead of the scratch: 4x slower on an H100, BENCHMARKS.md.)"""
     if QUANT_ONCE:
         pid = tl.atomic_add(sync_ptr, 1, sem="relaxed")
         n_chunks = tl.cdiv(K, CHUNK_K)
@@ -186,9 +196,22 @@ def _w8a8_kernel(
                                   sem="relaxed")
                 tl.debug_barrier()  # every thread's maxima come before the (one-thread) release
                 tl.atomic_add(sync_ptr + 1, 1, sem="release")
-        ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
-        while ready < n_chunks:
-            ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+            _wait_count(sync_ptr + 1, n_chunks)
+            for ch in range(pid, n_chunks, N_PROD):
+                cols = ch * CHUNK_K + offs_ck
+                for m0 in range(0, M, CHUNK_M):
+                    rows = m0 + offs_cm
+                    inb = (rows[:, None] < M) & (cols[None, :] < K)
+                    xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=inb, other=0.0)
+                    # the final maxima (past L1: other SMs wrote them); act_quant's scale and rounding
+                    sc = tl.maximum(tl.load(as_ptr + rows, mask=rows < M, other=0.0, cache_modifier=".cg"),
+                                    EPS_C) / 127.0
+                    qv = quantize_sym(xv.to(tl.float32), tl.zeros([CHUNK_M, CHUNK_K], dtype=tl.float32) + sc[:, None],
+                                      127.0)
+                    tl.store(a_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :], qv.to(tl.int8), mask=inb)
+                tl.debug_barrier()  # every thread's stores come before the (one-thread) release
+                tl.atomic_add(sync_ptr + 2, 1, sem="release")
+        _wait_count(sync_ptr + 2, n_chunks)
     else:
         pid = tl.program_id(0)
     offs_m, offs_n, tile, pid_k = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -207,19 +230,18 @@ def _w8a8_kernel(
             k_end = tl.where(g_fp > 0, k_end, 0)
     else:
         k_end = K
-    if FUSE_QUANT:
-        if QUANT_ONCE:  # the shared maxima (past L1: other SMs wrote them)
-            amax = tl.load(as_ptr + rm, cache_modifier=".cg")
-        else:  # prologue: per-row amax of this tile's rows (fp16/bf16 x), same math as act_quant
-            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, k_end, BLOCK_K):
-                if EVEN_K:
-                    xa = tl.load(a_ptrs + k0)
-                else:
-                    xa = tl.load(a_ptrs + k0, mask=(offs_k[None, :] + k0) < K, other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
+    if FUSE_QUANT:  # prologue: per-row amax of this tile's rows (fp16/bf16 x), same math as act_quant
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            if EVEN_K:
+                xa = tl.load(a_ptrs + k0)
+            else:
+                xa = tl.load(a_ptrs + k0, mask=(offs_k[None, :] + k0) < K, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
         a_scale = tl.maximum(amax, EPS_C) / 127.0
         a_scale_b = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + a_scale[:, None]
+    elif QUANT_ONCE:  # the shared maxima (past L1: other SMs wrote them)
+        a_scale = tl.maximum(tl.load(as_ptr + rm, cache_modifier=".cg"), EPS_C) / 127.0
     else:
         a_scale = tl.load(as_ptr + rm)
 
@@ -244,10 +266,7 @@ def _w8a8_kernel(
         xf_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_kf[None, :] + k_lo
         wf_ptrs = wf_ptr + rn[None, :].to(tl.int64) * stride_wfn + offs_kf[:, None] + k_lo
         w_sc = tl.load(ws_ptr + rn)
-        if FUSE_QUANT:
-            a_sc = a_scale
-        else:
-            a_sc = tl.load(as_ptr + rm)
+        a_sc = a_scale
         # FP16 rows accumulate in accm (INT8 rows' activations are zeroed, so they add nothing there);
         # INT8 rows keep their int32 acc and get the plain path's epilogue, so they are bit-identical to it
         accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -288,13 +307,14 @@ def _w8a8_kernel(
             out = _int8_epilogue(acc, a_scale, tl.load(ws_ptr + rn), bias_ptr, rn, HAS_BIAS)
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
     if QUANT_ONCE:  # the last program to finish resets maxima and counters for the next launch (or graph replay)
-        if tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        if tl.atomic_add(sync_ptr + 3, 1, sem="acq_rel") == tl.num_programs(0) - 1:
             for m0 in range(0, M, CHUNK_M):
                 tl.store(as_ptr + m0 + tl.arange(0, CHUNK_M), tl.zeros([CHUNK_M], dtype=tl.float32),
                          mask=m0 + tl.arange(0, CHUNK_M) < M)
             tl.atomic_xchg(sync_ptr, 0)
             tl.atomic_xchg(sync_ptr + 1, 0)
             tl.atomic_xchg(sync_ptr + 2, 0)
+            tl.atomic_xchg(sync_ptr + 3, 0)
 
 
 w8a8_kernel = LazyKernel(_w8a8_kernel)
@@ -571,7 +591,8 @@ _LAUNCH_PLANS: dict = {}
 
 def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None,
             skipped_bm=0, quant_once=False):
-    """The tl.dot kernel. ``quant_once`` (with ``fuse_quant``): ``a_scale`` is the row-maximum buffer."""
+    """The tl.dot kernel. ``quant_once``: ``a`` is the int8 scratch the launch fills from ``x``, ``a_scale`` the
+    row-maximum buffer."""
     M, K = a.shape
     N = w.shape[0]
     rbits = row_bits is not None
@@ -617,7 +638,10 @@ def _mma_only(cfg, x, M, N, K):
     """The tensor-core config to use where the GEMV (or the persistent TMA) path does not apply."""
     if cfg.get("BACKEND") not in ("gemv", "tma", "gluon"):
         return cfg
-    return dict(_INTERP_CFG if not x.is_cuda else _default_config(max(M, 5), N, K), FUSE_QUANT=M <= 16)
+    if not x.is_cuda:
+        return dict(_INTERP_CFG, FUSE_QUANT=M <= 16)
+    # FUSE_QUANT off on a GPU: its loop (x quantized in registers) ran ~4x slower than two launches on an H100
+    return _default_config(max(M, 5), N, K)
 
 
 def tma_applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, row_bits: Optional[torch.Tensor] = None,
@@ -675,15 +699,20 @@ def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg, x=None, row_bits=None,
     return out
 
 
-def _quantize_into_scratch(x: torch.Tensor):
-    """Per-token quantization of x (M, K) into this device's cached buffers (no allocation per call once warm;
-    reuse is ordered by the stream, see ``cached_buffer``): (a_q (M, K) int8, a_scale (M,) fp32)."""
+def _scratch(x: torch.Tensor):
+    """This device's cached activation scratch for x (M, K) (no allocation per call once warm; reuse is ordered
+    by the stream, see ``cached_buffer``): (a_q (M, K) int8, a_scale (M,) fp32) views."""
     M, K = x.shape
     key = (x.device, M, K)
     # memoised: slicing and viewing cost more host time than the launch's own wrapper
-    views = _SCRATCH_VIEWS.get(key) or remember(_SCRATCH_VIEWS, key, (
+    return _SCRATCH_VIEWS.get(key) or remember(_SCRATCH_VIEWS, key, (
         cached_buffer(x.device, torch.int8, M * K, tag="act_q")[: M * K].view(M, K),
         cached_buffer(x.device, torch.float32, M, tag="act_s")[:M]))
+
+
+def _quantize_into_scratch(x: torch.Tensor):
+    """Per-token quantization of x (M, K) into the activation scratch: (a_q (M, K) int8, a_scale (M,) fp32)."""
+    views = _scratch(x)
     per_token_quant_triton(x, out_q=views[0], out_s=views[1])
     return views
 
@@ -691,13 +720,13 @@ def _quantize_into_scratch(x: torch.Tensor):
 _SCRATCH_VIEWS: dict = {}  # (device, M, K) -> views of the cached buffers (one that grew later stays valid: _RETIRED)
 
 
-_ONCE_CHUNK_K = 256  # QUANT_ONCE: K columns per row-maximum chunk (4096-wide rows: 16 programs take them)
+_ONCE_CHUNK_K = 256  # QUANT_ONCE: K columns per chunk (4096-wide rows: 16 programs take them)
 
 
 def once_counters(device) -> torch.Tensor:
-    """The ``QUANT_ONCE`` launches' int32 counters (tickets, K chunks done, programs done) on ``device``: zero
-    between launches (each launch's last program resets them)."""
-    return cached_buffer(device, torch.int32, 3, zero=True, tag="w8a8_once")
+    """The ``QUANT_ONCE`` launches' int32 counters (tickets, K chunks' maxima in, K chunks quantized, programs
+    done) on ``device``: zero between launches (each launch's last program resets them)."""
+    return cached_buffer(device, torch.int32, 4, zero=True, tag="w8a8_once")
 
 
 def _once_maxima(x: torch.Tensor) -> torch.Tensor:
@@ -825,8 +854,8 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
                        row_bits, w_fp16)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("QUANT_ONCE", False):
-        return _launch(x, _once_maxima(x), w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16,
-                       quant_once=True)
+        return _launch(_scratch(x)[0], _once_maxima(x), w, w_scale, bias, out, False, False, cfg, x, row_bits,
+                       w_fp16, quant_once=True)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
     a_q, a_s = _quantize_into_scratch(x)
