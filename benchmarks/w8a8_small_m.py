@@ -7,7 +7,8 @@ variant is checked bit for bit against the two-launch call, then timed three way
 weight copies (no L2-resident weights: what a decode loop pays), eager ``do_bench`` (L2 flushed) and host time per
 call (wall time of 200 back-to-back calls, before the final sync). Then the host pieces of the two-launch call at
 4096 x 4096, M=16 (``F.linear`` for scale), down to Triton's own launcher on the cached kernel with its arguments
-prebuilt (the floor a Python wrapper can reach) and Triton's ordinary launch (``JITFunction.run``, no cache), with
+prebuilt (the floor a Python wrapper can reach; also with the tensors passed as raw pointers, which skips the
+launcher's per-pointer device check) and Triton's ordinary launch (``JITFunction.run``, no cache), with
 the cached/ordinary launch counts and whether a launch hook is installed (which would disable the cache). The table
 is printed last.
 
@@ -106,7 +107,13 @@ def main() -> int:
     finally:
         _common.run_compiled = real
     if seen:
-        host.append(("Triton's launcher alone (cached GEMM kernel, arguments prebuilt)", host_us(lambda: real(*seen[-1]))))
+        k, grid, kargs, kdev = seen[-1]
+        host.append(("Triton's launcher alone (cached GEMM kernel, arguments prebuilt)",
+                     host_us(lambda: real(k, grid, kargs, kdev))))
+        # tensors passed as raw pointers: Triton's C launcher then skips data_ptr() and its cuPointerGetAttribute
+        # check per pointer (what a launch that trusts its tensors' device could save)
+        raw = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in kargs)
+        host.append(("Triton's launcher alone, tensors as raw pointers", host_us(lambda: real(k, grid, raw, kdev))))
     _common._FAST_ON = False
     try:
         host.append(("GEMM launch, Triton's ordinary launch (JITFunction.run)", host_us(gemm)))
