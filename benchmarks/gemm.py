@@ -486,12 +486,14 @@ def bench_graph_rot(fns, rep=20):
 
 
 def decode_w4_candidates():
-    """W4A16 M=1: the half2 GEMV and the general GEMV, a few tiles each."""
+    """W4A16 M=1: the half2 GEMV (3-D tiles, and PER_BLOCK's 2-D ones) and the general GEMV, a few tiles each."""
     G, H = wna16._gemv, wna16._gemv_h2
     return [G(128, 8, w=4), G(64, 16), G(64, 8)] + [H(bn, sk, u, w) for bn, sk, u, w in [
         (64, 4, 4, 4), (64, 8, 2, 4), (128, 4, 4, 8), (128, 8, 2, 8), (64, 2, 4, 4), (32, 8, 4, 2), (64, 16, 2, 4),
         (128, 2, 4, 4), (128, 4, 2, 4), (256, 4, 2, 8), (64, 4, 8, 4), (32, 16, 2, 2), (128, 2, 8, 4), (64, 2, 8, 4),
-        (64, 4, 16, 4), (128, 1, 8, 4)]]
+        (64, 4, 16, 4), (128, 1, 8, 4)]] + [H(bn, sk, u, w, per_block=True) for bn, sk, u, w in [
+        (64, 4, 8, 4), (64, 4, 4, 4), (64, 8, 2, 4), (64, 2, 8, 4), (128, 4, 2, 4), (128, 2, 4, 4), (128, 4, 4, 8),
+        (128, 2, 8, 8), (32, 8, 4, 2), (256, 4, 2, 8)]]
 
 
 def decode_w8a8_candidates(M):

@@ -3,7 +3,7 @@
 The CPU suite runs the Triton kernels in the interpreter, which accepts Python that the compiler refuses (an
 `if` on a float constexpr ran there and broke every decode-attention launch on the H200). Here Triton's own
 front end and ptxas build chosen kernels (decode attention, the TMA W8A8 GEMM at every shipped config, plain and
-mixed, the W4A16 tensor-core kernel with chained MMAs, the R4 Hadamard) for sm_90 (Hopper) and sm_80, so that class of error fails on CPU; the TMA builds' shared
+mixed, the W4A16 tensor-core kernel with chained MMAs and the M=1 half2 GEMV's 2-D loop, the R4 Hadamard) for sm_90 (Hopper) and sm_80, so that class of error fails on CPU; the TMA builds' shared
 memory must also fit an SM (a config over it fails only at launch, on the GPU).
 Run in a child process: the compiled path needs a process where TRITON_INTERPRET was never set."""
 
@@ -65,6 +65,12 @@ CHILD = textwrap.dedent(r'''
             dict(BITS=4, PER=8, R=16, HAS_ZERO=True, HAS_BIAS=False, GS_SMALL=False, EVEN_K=True, SPLIT_K=1,
                  SWAP_AB=True, MAGIC16=0x6400, M16=1024.0, SCALE_W=True, BLOCK_M=bm, BLOCK_N=128, GROUP_M=8),
             90, num_warps=8, num_stages=3).asm)
+    # W4A16 M=1 half2 GEMV, its 2-D (PER_BLOCK) loop with the half2 asm (the interpreter runs an fp32 stand-in)
+    for zero in (False, True):
+        out[f"w4a16 gemv_h2 per_block zero={zero} sm_90"] = sorted(compiled(
+            wna16.wna16_gemv_h2_kernel, w4_types,
+            dict(HAS_ZERO=zero, HAS_BIAS=True, EVEN_U=False, SPLIT_K=4, BLOCK_N=64, UNROLL=8, AMAX_K=4096,
+                 USE_ASM=True, PER_BLOCK=True), 90, num_warps=4, num_stages=1).asm)
     out["shared"] = shared
     # W8A8 QUANT_ONCE: the first-arriving programs publish row maxima (atomic max, a CTA barrier, then one
     # thread's release add), then the quantized chunks (stores, a barrier, a release add); the others spin on an
@@ -119,7 +125,7 @@ def test_kernels_compile_for_sm80_and_sm90():
     once = built.pop("once")
     tma = [k for k in built if k.startswith("w8a8 tma")]
     assert len(tma) >= 2 and len(tma) % 2 == 0 and len(shared) == len(tma)
-    assert len(built) == 2 * len(ATTENTION_CASES) + len(tma) + 2 + 2 + len(once) and len(once) == 2
+    assert len(built) == 2 * len(ATTENTION_CASES) + len(tma) + 2 + 2 + 2 + len(once) and len(once) == 2
     # per chunk a release of its maxima and one of its integers, each after a CTA barrier; an acquire spin
     for what, o in once.items():
         assert o["release"] == 2 and o["maxima"] >= 1 and o["barrier_before"] and o["acquire_spin"] >= 1, (what, o)

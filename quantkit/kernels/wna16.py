@@ -322,10 +322,69 @@ def _half2(lo, hi):
 
 @jit_helper
 def _nibble_term(part, xj, wp, j: tl.constexpr, off):
-    """``part`` plus the products of 4-bit field j of the words ``wp`` (minus ``off``) with ``xj`` rounded to
-    fp16: the half2 asm's arithmetic in fp32 (its interpreter stand-in)."""
+    """``part`` plus the products of 4-bit field j of the words ``wp`` (minus ``off``) with ``xj`` (shaped to
+    broadcast against ``wp``) rounded to fp16: the half2 asm's arithmetic in fp32 (its interpreter stand-in)."""
     u = ((wp >> (4 * j)) & 15).to(tl.float32)
-    return part + xj.to(tl.float16).to(tl.float32)[:, :, None] * (u - off)
+    return part + xj.to(tl.float16).to(tl.float32) * (u - off)
+
+
+@jit_helper
+def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size, st_lo, st_hi,
+                  sc, HAS_ZERO: tl.constexpr, EVEN_U: tl.constexpr, UNROLL: tl.constexpr, R: tl.constexpr,
+                  BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
+    """The h2 GEMV's main loop on (R, BLOCK_N) tiles (PER_BLOCK): the same words, activations and products as
+    the 3-D loop, one 128-K block per unrolled iteration; returns the (R, BLOCK_N) fp32 sums."""
+    w_rows = w_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
+    acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    for st in range(st_lo, st_hi):
+        for u in tl.static_range(UNROLL):
+            blk = st * UNROLL + u
+            if EVEN_U:
+                live = nmask
+            else:  # a block past K (the last step's) loads nothing
+                live = offs_n < N * (blk < n_blocks).to(tl.int32)
+            wp = tl.load(w_rows + blk * R * N, mask=live[None, :], other=0)
+            g = tl.minimum(blk * 128 // group_size, n_groups - 1)
+            s = tl.load(s_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32)
+            kb = blk * 128 + offs_r
+            xs0 = tl.load(x_ptr + kb, mask=kb < K, other=0.0).to(tl.float32) * sc
+            xs1 = tl.load(x_ptr + kb + R, mask=kb + R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+            xs2 = tl.load(x_ptr + kb + 2 * R, mask=kb + 2 * R < K, other=0.0).to(tl.float32) * sc
+            xs3 = tl.load(x_ptr + kb + 3 * R, mask=kb + 3 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+            xs4 = tl.load(x_ptr + kb + 4 * R, mask=kb + 4 * R < K, other=0.0).to(tl.float32) * sc
+            xs5 = tl.load(x_ptr + kb + 5 * R, mask=kb + 5 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+            xs6 = tl.load(x_ptr + kb + 6 * R, mask=kb + 6 * R < K, other=0.0).to(tl.float32) * sc
+            xs7 = tl.load(x_ptr + kb + 7 * R, mask=kb + 7 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+            if USE_ASM:
+                p0 = _half2(xs0, xs4)[:, None]
+                p1 = _half2(xs1, xs5)[:, None]
+                p2 = _half2(xs2, xs6)[:, None]
+                p3 = _half2(xs3, xs7)[:, None]
+                if HAS_ZERO:
+                    zc = tl.load(z_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32) + 8.0
+                    c0 = _half2(zc + 1024.0, zc + 1024.0)[None, :]
+                    c1 = _half2(zc * 16.0 + 1024.0, zc * 16.0 + 1024.0)[None, :]
+                    part = tl.inline_asm_elementwise(H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
+                                                     dtype=tl.float32, is_pure=True, pack=1)
+                else:
+                    part = tl.inline_asm_elementwise(H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
+                                                     dtype=tl.float32, is_pure=True, pack=1)
+            else:  # the same products in fp32 (interpreter), the activations rounded to fp16 as the asm sees them
+                if HAS_ZERO:
+                    off = (tl.load(z_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32) + 8.0)[None, :]
+                else:
+                    off = 8.0
+                part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+                part = _nibble_term(part, xs0[:, None], wp, 0, off)  # odd fields: x was prescaled by 1/16 above
+                part = _nibble_term(part, (xs1 * 16.0)[:, None], wp, 1, off)
+                part = _nibble_term(part, xs2[:, None], wp, 2, off)
+                part = _nibble_term(part, (xs3 * 16.0)[:, None], wp, 3, off)
+                part = _nibble_term(part, xs4[:, None], wp, 4, off)
+                part = _nibble_term(part, (xs5 * 16.0)[:, None], wp, 5, off)
+                part = _nibble_term(part, xs6[:, None], wp, 6, off)
+                part = _nibble_term(part, (xs7 * 16.0)[:, None], wp, 7, off)
+            acc += part * s[None, :]
+    return acc
 
 
 def _wna16_gemv_h2_kernel(
@@ -340,6 +399,7 @@ def _wna16_gemv_h2_kernel(
     UNROLL: tl.constexpr,
     AMAX_K: tl.constexpr,  # elements per step of the row-max prologue
     USE_ASM: tl.constexpr,  # the half2 PTX (compiled); the same arithmetic in fp32 (interpreter)
+    PER_BLOCK: tl.constexpr,  # 2-D (R, BLOCK_N) tiles, one 128-K block at a time (see below)
 ):
     """Decode (M = 1) W4A16 GEMV with half2 dequantization and products (``_H2_*``): about two
     instructions per weight instead of three to four, for the ALU-bound M=1 case.
@@ -347,7 +407,12 @@ def _wna16_gemv_h2_kernel(
     x is first scaled by a power of two, 2**(3 - floor(log2 max|x|)), so |x * sc| < 16 and a partial
     of four fp16 products stays under 16 * 15 * 4 (no overflow whatever the activations' range); the
     scale comes back out exactly at the end. Products and 4-term partials are fp16 (rel. error ~2**-11),
-    sums across words fp32."""
+    sums across words fp32.
+
+    Tiles: (UNROLL, R, BLOCK_N) per step, or with PER_BLOCK (R, BLOCK_N) per 128-K block, the step's UNROLL blocks
+    unrolled. Triton spreads a tile's threads over its columns, so a thread holds every (block, row) of the
+    step: with 3-D tiles the step's 128 x UNROLL activations (as half2) in each thread, which ptxas spills
+    (sm_90, the shipped tiles: 0.5-10 KB of spill stores); a 2-D tile holds one block's 128 per thread."""
     R: tl.constexpr = 16
     tile, pid_k, offs_n, nmask = gemv_tile(N, BLOCK_N)
     offs_u = tl.arange(0, UNROLL)
@@ -372,6 +437,13 @@ def _wna16_gemv_h2_kernel(
     st_hi = tl.minimum(n_steps, st_lo + per_split)
     rows = offs_u[:, None] * R + offs_r[None, :]
     w_ptrs = w_ptr + rows[:, :, None].to(tl.int64) * N + offs_n[None, None, :]
+    if PER_BLOCK:
+        acc = _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size,
+                            st_lo, st_hi, sc, HAS_ZERO, EVEN_U, UNROLL, R, BLOCK_N, USE_ASM)
+        acc = (tl.sum(acc, axis=0) * inv_sc)[None, :]
+        _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile,
+                   pid_k, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+        return
     kx = offs_u[:, None] * 128 + offs_r[None, :]
     acc = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
     for st in range(st_lo, st_hi):
@@ -415,14 +487,14 @@ def _wna16_gemv_h2_kernel(
             else:
                 off = 8.0
             part = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
-            part = _nibble_term(part, xs0, wp, 0, off)  # odd fields: x was prescaled by 1/16 above
-            part = _nibble_term(part, xs1 * 16.0, wp, 1, off)
-            part = _nibble_term(part, xs2, wp, 2, off)
-            part = _nibble_term(part, xs3 * 16.0, wp, 3, off)
-            part = _nibble_term(part, xs4, wp, 4, off)
-            part = _nibble_term(part, xs5 * 16.0, wp, 5, off)
-            part = _nibble_term(part, xs6, wp, 6, off)
-            part = _nibble_term(part, xs7 * 16.0, wp, 7, off)
+            part = _nibble_term(part, xs0[:, :, None], wp, 0, off)  # odd fields: x was prescaled by 1/16 above
+            part = _nibble_term(part, (xs1 * 16.0)[:, :, None], wp, 1, off)
+            part = _nibble_term(part, xs2[:, :, None], wp, 2, off)
+            part = _nibble_term(part, (xs3 * 16.0)[:, :, None], wp, 3, off)
+            part = _nibble_term(part, xs4[:, :, None], wp, 4, off)
+            part = _nibble_term(part, (xs5 * 16.0)[:, :, None], wp, 5, off)
+            part = _nibble_term(part, xs6[:, :, None], wp, 6, off)
+            part = _nibble_term(part, (xs7 * 16.0)[:, :, None], wp, 7, off)
         acc += part * s[:, None, :]
     acc = (tl.sum(tl.sum(acc, axis=1), axis=0) * inv_sc)[None, :]
     _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k,
@@ -599,9 +671,10 @@ def _gemv(BN, SK, w=8, s=2):
     return dict(BACKEND="gemv", BLOCK_N=BN, SPLIT_K=SK, num_warps=w, num_stages=s)
 
 
-def _gemv_h2(BN, SK, U, w=4, s=1):
+def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False):
     """M = 1, 4-bit, group >= 128: half2 dequant and products (other cases: ``_gemv`` with the same tiles)."""
-    return dict(BACKEND="gemv_h2", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
+    cfg = dict(BACKEND="gemv_h2", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
+    return dict(cfg, PER_BLOCK=True) if per_block else cfg
 
 
 def _mma(BM, BN, SK=1, swap=False, G=8, w=4, s=3, scale_w=False):
@@ -694,7 +767,8 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         u = int(cfg["UNROLL"])
         const = dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, EVEN_U=(nb % u == 0), SPLIT_K=int(cfg.get("SPLIT_K", 1)),
                      BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, max(16, 1 << (K - 1).bit_length())),
-                     USE_ASM=x.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                     USE_ASM=x.is_cuda, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)), num_warps=cfg["num_warps"],
+                     num_stages=cfg["num_stages"])
         tiles = cdiv(N, cfg["BLOCK_N"])
         p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const,
              *splitk_buffers(x.device, tiles, const["SPLIT_K"], cfg["BLOCK_N"], 4),

@@ -294,6 +294,20 @@ def test_w8a8_dp4a_gemv_and_mixed(layer, M):
             assert rel_err(y, refm) <= 1e-2, (cfg, wf is None)
 
 
+def test_wna16_gemv_h2_per_block(layer):
+    """The h2 GEMV's PER_BLOCK loop (2-D tiles: no ptxas spills at the shipped tiles) with the half2 asm on the
+    real shapes: near the 3-D loop (same products, other summation order) and the exact reference."""
+    N, K = layer["N"], layer["K"]
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    for W, z in ((layer["Wi4"], None), (layer["Wi4z"], layer["z4"])):
+        ref = wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], z)
+        for bn, sk, u, w in ((64, 4, 8, 4), (128, 4, 2, 4), (128, 2, 4, 4), (64, 2, 4, 4)):
+            y3, y2 = [wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,
+                                                config=wna16._gemv_h2(bn, sk, u, w, per_block=pb),
+                                                out=poison((1, N), torch.float16, "cuda")) for pb in (False, True)]
+            assert rel_err(y2, y3) <= 2e-3 and rel_err(y2, ref) <= 1e-2, (bn, sk, u, w, z is None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_public_fast_path_matches_custom_op(layer, dtype):
     """The eager fast path (no custom-op dispatch, cached launches) == the custom op, bitwise."""

@@ -203,6 +203,32 @@ def test_wna16_gemv_h2_decode(dev, N, K, gs, asym, unroll, split_k, bias, big):
         assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, None, b)) > 1e-2
 
 
+@pytest.mark.parametrize("N,K,gs,unroll,split_k,asym", [
+    (40, 1280, 128, 2, 2, False),  # 10 blocks, 5 steps: 3 + 2 per split
+    (70, 384, 128, 2, 4, True),    # 2 steps over 4 splits: two splits empty
+    (33, 1000, 1000, 4, 1, True),  # per-channel, K tail: 8 blocks of 128 (the last partial), 2 steps
+    (24, 1280, 256, 4, 1, False),  # group 256, 10 blocks, 3 steps: the last step's second half past K
+])
+def test_wna16_gemv_h2_per_block(dev, N, K, gs, unroll, split_k, asym):
+    """PER_BLOCK ((R, BLOCK_N) tiles, one 128-K block per unrolled iteration): the same words and products as
+    the 3-D loop, summed in another order: near the 3-D kernel and the exact reference."""
+    q, s, z = _make(dev, 900 + N + K, N, K, 4, gs, asym)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(K + 7))
+    x[0, 5] = 2000.0  # the power-of-two prescale in play
+    x = x.half().to(dev)
+    W = wna16.prepack_wna16(q, s, z, 4)
+
+    def run(per_block):
+        return wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,
+                                         config=wna16._gemv_h2(32, split_k, unroll, per_block=per_block),
+                                         out=poison((1, N), torch.float16, dev))
+
+    y = run(True)
+    assert rel_err(y, run(False)) <= 2e-3
+    assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
+    assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z)) > 1e-2  # the tolerance can fail
+
+
 def test_wna16_gemv_h2_falls_back(dev):
     """gemv_h2 takes 4-bit, M = 1, group >= 128; 8-bit, small groups and M > 1 run the general GEMV."""
     for bits, gs, M in ((8, 128, 1), (4, 32, 1), (4, 128, 3)):
