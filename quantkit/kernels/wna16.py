@@ -411,8 +411,9 @@ def _wna16_gemv_h2_kernel(
 
     Tiles: (UNROLL, R, BLOCK_N) per step, or with PER_BLOCK (R, BLOCK_N) per 128-K block, the step's UNROLL blocks
     unrolled. Triton spreads a tile's threads over its columns, so a thread holds every (block, row) of the
-    step: with 3-D tiles the step's 128 x UNROLL activations (as half2) in each thread, which ptxas spills
-    (sm_90, the shipped tiles: 0.5-10 KB of spill stores); a 2-D tile holds one block's 128 per thread."""
+    step: with 3-D tiles the step's 128 x UNROLL activations (as half2) in each thread (ptxas, sm_90, the
+    shipped tiles: 167-255 registers per thread); a 2-D tile holds one block's 128 (76-167: more programs per
+    SM to hide the loads' latency; benchmarks/h2_spills.py)."""
     R: tl.constexpr = 16
     tile, pid_k, offs_n, nmask = gemv_tile(N, BLOCK_N)
     offs_u = tl.arange(0, UNROLL)

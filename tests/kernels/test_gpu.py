@@ -295,7 +295,7 @@ def test_w8a8_dp4a_gemv_and_mixed(layer, M):
 
 
 def test_wna16_gemv_h2_per_block(layer):
-    """The h2 GEMV's PER_BLOCK loop (2-D tiles: no ptxas spills at the shipped tiles) with the half2 asm on the
+    """The h2 GEMV's PER_BLOCK loop (2-D tiles: fewer registers per thread) with the half2 asm on the
     real shapes: near the 3-D loop (same products, other summation order) and the exact reference."""
     N, K = layer["N"], layer["K"]
     x = torch.randn(1, K, device="cuda", dtype=torch.float16)
