@@ -329,6 +329,21 @@ def _nibble_term(part, xj, wp, j: tl.constexpr, off):
 
 
 @jit_helper
+def _h2_acts(x_ptr, kb, K, sc, R: tl.constexpr):
+    """The h2 GEMV's activations for word rows ``kb`` (the K index of field 0): fields 0-7 are K offsets j * R,
+    prescaled by ``sc`` (even fields) or ``sc / 16`` (odd fields, whose nibbles the asm reads shifted by 4)."""
+    xs0 = tl.load(x_ptr + kb, mask=kb < K, other=0.0).to(tl.float32) * sc
+    xs1 = tl.load(x_ptr + kb + R, mask=kb + R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+    xs2 = tl.load(x_ptr + kb + 2 * R, mask=kb + 2 * R < K, other=0.0).to(tl.float32) * sc
+    xs3 = tl.load(x_ptr + kb + 3 * R, mask=kb + 3 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+    xs4 = tl.load(x_ptr + kb + 4 * R, mask=kb + 4 * R < K, other=0.0).to(tl.float32) * sc
+    xs5 = tl.load(x_ptr + kb + 5 * R, mask=kb + 5 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+    xs6 = tl.load(x_ptr + kb + 6 * R, mask=kb + 6 * R < K, other=0.0).to(tl.float32) * sc
+    xs7 = tl.load(x_ptr + kb + 7 * R, mask=kb + 7 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+    return xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7
+
+
+@jit_helper
 def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size, st_lo, st_hi,
                   sc, HAS_ZERO: tl.constexpr, EVEN_U: tl.constexpr, UNROLL: tl.constexpr, R: tl.constexpr,
                   BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
@@ -347,14 +362,7 @@ def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blo
             g = tl.minimum(blk * 128 // group_size, n_groups - 1)
             s = tl.load(s_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32)
             kb = blk * 128 + offs_r
-            xs0 = tl.load(x_ptr + kb, mask=kb < K, other=0.0).to(tl.float32) * sc
-            xs1 = tl.load(x_ptr + kb + R, mask=kb + R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
-            xs2 = tl.load(x_ptr + kb + 2 * R, mask=kb + 2 * R < K, other=0.0).to(tl.float32) * sc
-            xs3 = tl.load(x_ptr + kb + 3 * R, mask=kb + 3 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
-            xs4 = tl.load(x_ptr + kb + 4 * R, mask=kb + 4 * R < K, other=0.0).to(tl.float32) * sc
-            xs5 = tl.load(x_ptr + kb + 5 * R, mask=kb + 5 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
-            xs6 = tl.load(x_ptr + kb + 6 * R, mask=kb + 6 * R < K, other=0.0).to(tl.float32) * sc
-            xs7 = tl.load(x_ptr + kb + 7 * R, mask=kb + 7 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+            xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, kb, K, sc, R)
             if USE_ASM:
                 p0 = _half2(xs0, xs4)[:, None]
                 p1 = _half2(xs1, xs5)[:, None]
@@ -459,14 +467,7 @@ def _wna16_gemv_h2_kernel(
         smask = umask[:, None] & nmask[None, :]
         s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32)
         kb = blk0 * 128 + kx
-        xs0 = tl.load(x_ptr + kb, mask=kb < K, other=0.0).to(tl.float32) * sc
-        xs1 = tl.load(x_ptr + kb + R, mask=kb + R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
-        xs2 = tl.load(x_ptr + kb + 2 * R, mask=kb + 2 * R < K, other=0.0).to(tl.float32) * sc
-        xs3 = tl.load(x_ptr + kb + 3 * R, mask=kb + 3 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
-        xs4 = tl.load(x_ptr + kb + 4 * R, mask=kb + 4 * R < K, other=0.0).to(tl.float32) * sc
-        xs5 = tl.load(x_ptr + kb + 5 * R, mask=kb + 5 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
-        xs6 = tl.load(x_ptr + kb + 6 * R, mask=kb + 6 * R < K, other=0.0).to(tl.float32) * sc
-        xs7 = tl.load(x_ptr + kb + 7 * R, mask=kb + 7 * R < K, other=0.0).to(tl.float32) * (sc * 0.0625)
+        xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, kb, K, sc, R)
         if USE_ASM:
             p0 = _half2(xs0, xs4)[:, :, None]
             p1 = _half2(xs1, xs5)[:, :, None]
