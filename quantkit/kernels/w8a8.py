@@ -189,8 +189,8 @@ def _w8a8_kernel(
                 cols = ch * CHUNK_K + offs_ck
                 for m0 in range(0, M, CHUNK_M):
                     rows = m0 + offs_cm
-                    xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                                 mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+                    inb = (rows[:, None] < M) & (cols[None, :] < K)
+                    xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=inb, other=0.0)
                     # abs and max are exact in x's own format
                     tl.atomic_max(as_ptr + rows, tl.max(tl.abs(xv), axis=1).to(tl.float32), mask=rows < M,
                                   sem="relaxed")
@@ -591,15 +591,17 @@ _LAUNCH_PLANS: dict = {}
 
 def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None,
             skipped_bm=0, quant_once=False):
-    """The tl.dot kernel. ``quant_once``: ``a`` is the int8 scratch the launch fills from ``x``, ``a_scale`` the
-    row-maximum buffer."""
+    """The tl.dot kernel. ``quant_once``: ``a`` is the int8 scratch the launch fills from ``x`` (``a_scale``
+    unused: the plan's row-maximum buffer takes its place)."""
     M, K = a.shape
     N = w.shape[0]
     rbits = row_bits is not None
     pkey = (tuple(cfg.items()), M, N, K, a.device, bias is not None, rbits, w_fp16 is not None, fuse_quant,
             out_int32, skipped_bm, quant_once, interpret_mode())
-    grid, part, lock, sync, n_prod, const, ckey = (
+    grid, part, lock, sync, n_prod, amax, const, ckey = (
         _LAUNCH_PLANS.get(pkey) or remember(_LAUNCH_PLANS, pkey, _launch_plan(cfg, M, N, K, a.device, pkey[5:])))
+    if quant_once:
+        a_scale = amax
     xx = x if x is not None else a
     wf = w_fp16 if w_fp16 is not None else w
     vary = (a, w, a_scale if a_scale is not None else w_scale, w_scale, bias if bias is not None else w_scale, out)
@@ -621,6 +623,7 @@ def _launch_plan(cfg, M, N, K, device, flags):
     # QUANT_ONCE: a K chunk per producer; in the interpreter (programs run one after another) program 0 does all
     n_prod = (1 if interp else min(cdiv(K, _ONCE_CHUNK_K), tiles * split_k)) if quant_once else 1
     sync = once_counters(device) if quant_once else lock
+    amax = _once_maxima(device, M) if quant_once else None
     const, ckey = _consts(HAS_BIAS=has_bias, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
                           HAS_FP16_W=has_fp16_w,
                           BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
@@ -631,7 +634,7 @@ def _launch_plan(cfg, M, N, K, device, flags):
                           EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                           GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return (tiles * split_k,), part, lock, sync, n_prod, const, (ckey, spec_key((M, N, K, n_prod)))
+    return (tiles * split_k,), part, lock, sync, n_prod, amax, const, (ckey, spec_key((M, N, K, n_prod)))
 
 
 def _mma_only(cfg, x, M, N, K):
@@ -729,9 +732,9 @@ def once_counters(device) -> torch.Tensor:
     return cached_buffer(device, torch.int32, 4, zero=True, tag="w8a8_once")
 
 
-def _once_maxima(x: torch.Tensor) -> torch.Tensor:
+def _once_maxima(device, M: int) -> torch.Tensor:
     """The fp32 (M,) row maxima a ``QUANT_ONCE`` launch gathers (per device, zero between launches)."""
-    return cached_buffer(x.device, torch.float32, x.shape[0], zero=True, tag="w8a8_once_amax")[: x.shape[0]]
+    return cached_buffer(device, torch.float32, M, zero=True, tag="w8a8_once_amax")[:M]
 
 
 def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None) -> bool:
@@ -854,8 +857,8 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
                        row_bits, w_fp16)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("QUANT_ONCE", False):
-        return _launch(_scratch(x)[0], _once_maxima(x), w, w_scale, bias, out, False, False, cfg, x, row_bits,
-                       w_fp16, quant_once=True)
+        return _launch(_scratch(x)[0], None, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16,
+                       quant_once=True)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
     a_q, a_s = _quantize_into_scratch(x)
