@@ -548,6 +548,16 @@ def const_key(const: dict) -> tuple:
     return tuple(sorted(const.items()))
 
 
+_LAUNCH_CONSTS: dict = {}
+
+
+def launch_consts(**kw) -> tuple[dict, tuple]:
+    """``(kw, const_key(kw))`` for :func:`fast_launch`, memoised on the keywords in call order, so a wrapper that
+    names its constexprs in a fixed order builds and sorts no dict per call. The dict returned is shared: read it."""
+    k = tuple(kw.items())
+    return _LAUNCH_CONSTS.get(k) or remember(_LAUNCH_CONSTS, k, (kw, const_key(kw)))
+
+
 def eager_cuda(x: torch.Tensor) -> bool:
     """True when a public entry point may skip its ``torch.library.custom_op`` and launch
     directly: a plain CUDA tensor, eager mode (no torch.compile / export tracing, no

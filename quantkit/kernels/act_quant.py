@@ -21,7 +21,8 @@ import functools
 
 import torch
 
-from ._common import LazyKernel, eager_cuda, fast_launch, next_pow2, quantize_sym, round_half_away_ref, tl, use_triton
+from ._common import (LazyKernel, eager_cuda, fast_launch, launch_consts, next_pow2, quantize_sym, round_half_away_ref,
+                      tl, use_triton)
 
 EPS = 1e-12
 
@@ -113,12 +114,13 @@ def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int
 
 @functools.lru_cache(maxsize=1024)
 def _consts(K: int, cuda: bool, qmax: int, static: bool) -> tuple[dict, tuple]:
-    """The launch's constexprs and options and their key (memoised: no dict per call)."""
+    """The launch's constexprs and options and their key (memoised twice: on these arguments, the cheapest key
+    per call, and in launch_consts)."""
     one_pass = K <= MAX_ONE_PASS
     block = next_pow2(K) if one_pass else 4096
     num_warps = max(1, min(16, block // 1024)) if cuda else 1
-    return (dict(EPS_C=EPS, QMAX=float(qmax), STATIC=static, BLOCK_K=block, ONE_PASS=one_pass, num_warps=num_warps),
-            (block, one_pass, num_warps, qmax, static))
+    return launch_consts(EPS_C=EPS, QMAX=float(qmax), STATIC=static, BLOCK_K=block, ONE_PASS=one_pass,
+                         num_warps=num_warps)
 
 
 def static_quant(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:

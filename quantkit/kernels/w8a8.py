@@ -38,10 +38,10 @@ from typing import Optional
 
 import torch
 
-from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
-                      gpu_key, grouped_tile, interpret_mode, jit_helper, load_k_tiles, next_pow2, quantize_sym,
-                      remember, sm_count, spec_key, splitk_buffers, splitk_for, splitk_sum, splitk_sum_rows, tl,
-                      use_triton)
+from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, eager_cuda, fast_launch, gemv_tile,
+                      gpu_key, grouped_tile, interpret_mode, jit_helper, launch_consts, load_k_tiles, next_pow2,
+                      quantize_sym, remember, sm_count, spec_key, splitk_buffers, splitk_for, splitk_sum,
+                      splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -574,18 +574,6 @@ CONFIGS = ConfigCache(_default_config, "w8a8")
 _INTERP_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
 
 
-_CONSTS: dict = {}
-
-
-def _consts(**kw):
-    """(constexpr/options dict, its hashable key), memoised (no per-call dict building/sorting)."""
-    k = tuple(kw.items())
-    r = _CONSTS.get(k)
-    if r is None:
-        r = _CONSTS[k] = (kw, const_key(kw))
-    return r
-
-
 _LAUNCH_PLANS: dict = {}
 
 
@@ -624,7 +612,7 @@ def _launch_plan(cfg, M, N, K, device, flags):
     n_prod = (1 if interp else min(cdiv(K, _ONCE_CHUNK_K), tiles * split_k)) if quant_once else 1
     sync = once_counters(device) if quant_once else lock
     amax = _once_maxima(device, M) if quant_once else None
-    const, ckey = _consts(HAS_BIAS=has_bias, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
+    const, ckey = launch_consts(HAS_BIAS=has_bias, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
                           HAS_FP16_W=has_fp16_w,
                           BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
                           FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
@@ -802,7 +790,7 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
     part, lock = splitk_buffers(device, tiles, split_k, bm * cfg["BLOCK_N"], 0)
     bc = cfg["BLOCK_K"] // 4
     KW = K // 4
-    const, ckey = _consts(HAS_BIAS=has_bias, ROW_BITS=rbits, HAS_FP16_W=has_fp16_w,
+    const, ckey = launch_consts(HAS_BIAS=has_bias, ROW_BITS=rbits, HAS_FP16_W=has_fp16_w,
                           EVEN_K=(KW % bc == 0), SPLIT_K=split_k, BLOCK_M=bm,
                           BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=device.type == "cuda", FUSE_QUANT=fuse, EPS_C=EPS,
                           AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
