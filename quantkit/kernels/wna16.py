@@ -344,6 +344,40 @@ def _h2_acts(x_ptr, kb, K, sc, R: tl.constexpr):
 
 
 @jit_helper
+def _h2_products(wp, xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, zc, HAS_ZERO: tl.constexpr, USE_ASM: tl.constexpr):
+    """Per word of ``wp``: its eight 4-bit fields times the activations ``xs0``-``xs7`` (from ``_h2_acts``, shaped to
+    broadcast against ``wp``), in half2 asm (compiled) or the same arithmetic in fp32 (interpreter). ``zc``: each
+    column's zero point + 8, broadcast likewise (read only with HAS_ZERO; else the offset is 8)."""
+    if USE_ASM:
+        p0 = _half2(xs0, xs4)
+        p1 = _half2(xs1, xs5)
+        p2 = _half2(xs2, xs6)
+        p3 = _half2(xs3, xs7)
+        if HAS_ZERO:
+            c0 = _half2(zc + 1024.0, zc + 1024.0)
+            c1 = _half2(zc * 16.0 + 1024.0, zc * 16.0 + 1024.0)
+            part = tl.inline_asm_elementwise(H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            part = tl.inline_asm_elementwise(H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+    else:  # activations rounded to fp16 as the asm sees them; odd fields' x was prescaled by 1/16 (_h2_acts)
+        if HAS_ZERO:
+            off = zc
+        else:
+            off = 8.0
+        part = _nibble_term(0.0, xs0, wp, 0, off)
+        part = _nibble_term(part, xs1 * 16.0, wp, 1, off)
+        part = _nibble_term(part, xs2, wp, 2, off)
+        part = _nibble_term(part, xs3 * 16.0, wp, 3, off)
+        part = _nibble_term(part, xs4, wp, 4, off)
+        part = _nibble_term(part, xs5 * 16.0, wp, 5, off)
+        part = _nibble_term(part, xs6, wp, 6, off)
+        part = _nibble_term(part, xs7 * 16.0, wp, 7, off)
+    return part
+
+
+@jit_helper
 def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size, st_lo, st_hi,
                   sc, HAS_ZERO: tl.constexpr, EVEN_U: tl.constexpr, UNROLL: tl.constexpr, R: tl.constexpr,
                   BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
@@ -363,34 +397,11 @@ def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blo
             s = tl.load(s_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32)
             kb = blk * 128 + offs_r
             xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, kb, K, sc, R)
-            if USE_ASM:
-                p0 = _half2(xs0, xs4)[:, None]
-                p1 = _half2(xs1, xs5)[:, None]
-                p2 = _half2(xs2, xs6)[:, None]
-                p3 = _half2(xs3, xs7)[:, None]
-                if HAS_ZERO:
-                    zc = tl.load(z_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32) + 8.0
-                    c0 = _half2(zc + 1024.0, zc + 1024.0)[None, :]
-                    c1 = _half2(zc * 16.0 + 1024.0, zc * 16.0 + 1024.0)[None, :]
-                    part = tl.inline_asm_elementwise(H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
-                                                     dtype=tl.float32, is_pure=True, pack=1)
-                else:
-                    part = tl.inline_asm_elementwise(H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
-                                                     dtype=tl.float32, is_pure=True, pack=1)
-            else:  # the same products in fp32 (interpreter), the activations rounded to fp16 as the asm sees them
-                if HAS_ZERO:
-                    off = (tl.load(z_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32) + 8.0)[None, :]
-                else:
-                    off = 8.0
-                part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-                part = _nibble_term(part, xs0[:, None], wp, 0, off)  # odd fields: x was prescaled by 1/16 above
-                part = _nibble_term(part, (xs1 * 16.0)[:, None], wp, 1, off)
-                part = _nibble_term(part, xs2[:, None], wp, 2, off)
-                part = _nibble_term(part, (xs3 * 16.0)[:, None], wp, 3, off)
-                part = _nibble_term(part, xs4[:, None], wp, 4, off)
-                part = _nibble_term(part, (xs5 * 16.0)[:, None], wp, 5, off)
-                part = _nibble_term(part, xs6[:, None], wp, 6, off)
-                part = _nibble_term(part, (xs7 * 16.0)[:, None], wp, 7, off)
+            zc = 8.0
+            if HAS_ZERO:
+                zc = (tl.load(z_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32) + 8.0)[None, :]
+            part = _h2_products(wp, xs0[:, None], xs1[:, None], xs2[:, None], xs3[:, None], xs4[:, None],
+                                xs5[:, None], xs6[:, None], xs7[:, None], zc, HAS_ZERO, USE_ASM)
             acc += part * s[None, :]
     return acc
 
@@ -468,35 +479,12 @@ def _wna16_gemv_h2_kernel(
         s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32)
         kb = blk0 * 128 + kx
         xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, kb, K, sc, R)
-        if USE_ASM:
-            p0 = _half2(xs0, xs4)[:, :, None]
-            p1 = _half2(xs1, xs5)[:, :, None]
-            p2 = _half2(xs2, xs6)[:, :, None]
-            p3 = _half2(xs3, xs7)[:, :, None]
-            if HAS_ZERO:
-                zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + 8.0
-                c0 = _half2(zc + 1024.0, zc + 1024.0)[:, None, :]
-                c1 = _half2(zc * 16.0 + 1024.0, zc * 16.0 + 1024.0)[:, None, :]
-                part = tl.inline_asm_elementwise(H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
-                                                 dtype=tl.float32, is_pure=True, pack=1)
-            else:
-                part = tl.inline_asm_elementwise(H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
-                                                 dtype=tl.float32, is_pure=True, pack=1)
-        else:  # the same products in fp32, with the activations rounded to fp16 as the asm sees them
-            if HAS_ZERO:
-                zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + 8.0
-                off = zc[:, None, :]
-            else:
-                off = 8.0
-            part = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
-            part = _nibble_term(part, xs0[:, :, None], wp, 0, off)  # odd fields: x was prescaled by 1/16 above
-            part = _nibble_term(part, (xs1 * 16.0)[:, :, None], wp, 1, off)
-            part = _nibble_term(part, xs2[:, :, None], wp, 2, off)
-            part = _nibble_term(part, (xs3 * 16.0)[:, :, None], wp, 3, off)
-            part = _nibble_term(part, xs4[:, :, None], wp, 4, off)
-            part = _nibble_term(part, (xs5 * 16.0)[:, :, None], wp, 5, off)
-            part = _nibble_term(part, xs6[:, :, None], wp, 6, off)
-            part = _nibble_term(part, (xs7 * 16.0)[:, :, None], wp, 7, off)
+        zc = 8.0
+        if HAS_ZERO:
+            zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + 8.0
+            zc = zc[:, None, :]
+        part = _h2_products(wp, xs0[:, :, None], xs1[:, :, None], xs2[:, :, None], xs3[:, :, None], xs4[:, :, None],
+                            xs5[:, :, None], xs6[:, :, None], xs7[:, :, None], zc, HAS_ZERO, USE_ASM)
         acc += part * s[:, None, :]
     acc = (tl.sum(tl.sum(acc, axis=1), axis=0) * inv_sc)[None, :]
     _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k,
