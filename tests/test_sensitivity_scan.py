@@ -26,7 +26,7 @@ from quantkit.sensitivity.partial import quantized_subset, recovered_fraction, s
 from quantkit.sensitivity.report import summary_rows
 from quantkit.sensitivity.run import run_scan
 from quantkit.sensitivity.scan import Thresholds, scan_layers
-from quantkit.sensitivity.select import cv_folds, knapsack, select_fp16, selection_units
+from quantkit.sensitivity.select import _blend, cv_folds, knapsack, select_fp16, selection_units
 
 W8A8 = PRESETS["W8A8"]
 W4G32 = Scheme(QuantArgs(4, 32, True))
@@ -245,8 +245,6 @@ def test_knapsack_is_optimal_and_respects_unit_costs():
 def test_blend_rule_averages_each_estimate_as_a_share():
     """Restore gains and fisher on scales 10x apart: each alone keeps a different unit, their shares' mean keeps
     the unit both rank second (budget 1); a negative gain stays negative and is left out of the total."""
-    from quantkit.sensitivity.select import _blend
-
     restore, fish = [10.0, -2.0, 6.0], [0.0, 100.0, 60.0]
     assert knapsack(restore, [1, 1, 1], 1) == [0] and knapsack(fish, [1, 1, 1], 1) == [1]
     blend = _blend(restore, fish)
@@ -281,6 +279,14 @@ def test_select_fp16_budget_units_cv_and_expected(model):
     assert [e.name for e in layers if e.flag == "fp16"] == sel.chosen
     assert expand_fused(sel.chosen, names) == sel.chosen  # --sensitive adds nothing: the budget holds after it
     assert [c["rule"] for c in sel.candidates] == ["restore", "fisher", "blend", "rel_err"]
+    # the saved measurements replay each knapsack rule's final choice
+    data, by_rule = sel.measurements, {c["rule"]: c["layers"] for c in sel.candidates}
+    assert data["gains"].shape == data["fisher"].shape == (len(selection_units(names)), 8)
+    costs = data["costs"].tolist()
+    replay = {"restore": data["gains"].sum(1).tolist(), "fisher": data["fisher"].sum(1).tolist()}
+    replay["blend"] = _blend(replay["restore"], replay["fisher"])
+    for rule, values in replay.items():
+        assert [m for i in knapsack(values, costs, k) for m in selection_units(names)[i]] == by_rule[rule]
     # a unit's restore gain, against the plain path: ppl(all quantized) - ppl(all quantized but the unit)
     u = units[5]
     but_u = subset_perplexity(model, windows, [n for n in names if n not in u], W4G32)

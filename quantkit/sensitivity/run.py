@@ -262,7 +262,7 @@ def _select(report: ScanReport, model, layers, scheme, select_windows, target_fr
             sel.ppl["expected"]["method_fit_overlap"] = 0.0
         sel.ppl["expected"]["cross_fit"] = fold_weights is not None
     report.thresholds = Thresholds(None, None, None)  # the choice is an explicit list of units
-    report.search, report.ppl = sel.candidates, sel.ppl
+    report.search, report.ppl, report.selection_data = sel.candidates, sel.ppl, sel.measurements
     report.mode, report.target_fraction = "target-fraction", target_fraction
     if not sel.chosen:
         report.warnings.append(

@@ -275,6 +275,7 @@ class ScanReport:
     target_fraction: float | None = None
     search: list[dict[str, Any]] | None = None  # the target-fraction candidates and their scores
     ppl: dict[str, Any] | None = None  # baseline / all-quantized / flagged-FP16 perplexities
+    selection_data: dict[str, Any] | None = None  # the target-fraction search's measurements (Selection.measurements)
     correlations: dict[str, float] | None = None  # Spearman of each metric with ppl_delta
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)

@@ -138,6 +138,11 @@ class Selection:
     budget: int
     ppl: dict[str, Any]  # baseline / all_quantized / mixed (in-sample) / recovered / expected / ...
     candidates: list[dict[str, Any]]  # one per rule: its CV estimate and its final choice
+    # what the rules read, per unit (model order) and selection window: "gains" (restore gains, 0 where not
+    # measured), "fisher" (if measured), "allq" / "base" (per-window NLL), "costs" (linears per unit): a knapsack
+    # rule's choices can be replayed offline from it (scoring a choice still takes a forward pass; added restore
+    # gains only estimate it). benchmarks/sensitivity.py saves it beside its results.
+    measurements: dict[str, torch.Tensor] | None = None
 
 
 def _ppl(nll_sum: float, tokens: int) -> float:
@@ -215,7 +220,10 @@ def select_fp16(
     search.set_results(layers, scheme, measured, gains, allq, chosen)
     method = weights.method + (f", cross-fitted over {len(search.parts)} folds" if fold_weights is not None else "")
     ppl = search.summary(base, allq, mixed, best, measured, method)
-    return Selection(chosen, best["rule"] if best else None, search.budget, ppl, candidates)
+    data = {"gains": gains, "allq": allq, "base": base.to(torch.float64), "costs": torch.tensor(search.costs)}
+    if fish is not None:
+        data["fisher"] = fish.to(torch.float64)
+    return Selection(chosen, best["rule"] if best else None, search.budget, ppl, candidates, data)
 
 
 def _blend(*estimates: list[float]) -> list[float]:
