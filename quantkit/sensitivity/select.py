@@ -20,9 +20,9 @@ unit sizes, capacity k), solved exactly by dynamic programming. Rules: "restore"
 (measured gains; units with a positive sum only), "fisher" (when measured), "rel_err"
 (the scan's relative output error summed over the unit; it reads no window NLL), "blend"
 (when both restore gains and fisher are measured: the mean of the two, each as a share of
-its total over the units, so neither scale dominates; two noisy estimates of the same damage,
+its total over the units, so neither scale dominates: two noisy estimates of the same damage,
 one measured on the windows' NLL, one a second-order estimate from the float model's
-gradients, average to a steadier ranking than either), and,
+gradients, whose mean may rank steadier than either; cross-validation decides), and,
 when asked (`greedy` = N), "greedy": the knapsack adds single-unit gains, but two units
 can repair the same error (restoring both gains less than the sum), so "greedy" picks one
 unit at a time, the best gain per linear given the units already picked, re-measuring
