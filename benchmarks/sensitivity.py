@@ -222,15 +222,14 @@ def main() -> None:
             res["texts"][t] = {"recovered_scan": rec, "recovered_random": rr, "recovered_random_mean": rm,
                                "ratio": rec / rm if rm > 0 else float("inf")}
             rows.append((key, t, res, rec, rr, rm))
-        if rep.selection_data:  # what the selection rules read, to replay their cross-validation offline
+        out["schemes"][key] = res
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rep.selection_data:  # what the selection rules read, to replay their choices offline
             from safetensors.torch import save_file
 
             res["selection_data"] = path.with_name(f"{path.stem}-{key}-selection.safetensors").name
             res["selection_units"] = [list(u) for u in units]
-            path.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in rep.selection_data.items()}, path.parent / res["selection_data"])
-        out["schemes"][key] = res
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2, default=float) + "\n")  # after every scheme: a cut run keeps it
     gptq_rows = []
     if a.gptq_rtn_file and "W4A16g64" in scan_files:

@@ -138,6 +138,16 @@ def _wait_count(ptr, target):
         ready = tl.atomic_add(ptr, 0, sem="acquire")
 
 
+@jit_helper
+def _x_chunk(x_ptr, stride_xm, m0, offs_cm, cols, M, K):
+    """QUANT_ONCE: rows m0 + offs_cm of x's columns ``cols``: (rows, in-bounds mask, the (CHUNK_M, CHUNK_K) x values,
+    zero outside)."""
+    rows = m0 + offs_cm
+    inb = (rows[:, None] < M) & (cols[None, :] < K)
+    xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=inb, other=0.0)
+    return rows, inb, xv
+
+
 def _w8a8_kernel(
     a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr, sync_ptr,
     # a: (M, K) int8, or fp16/bf16 when FUSE_QUANT; w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32
@@ -188,9 +198,7 @@ def _w8a8_kernel(
             for ch in range(pid, n_chunks, N_PROD):
                 cols = ch * CHUNK_K + offs_ck
                 for m0 in range(0, M, CHUNK_M):
-                    rows = m0 + offs_cm
-                    inb = (rows[:, None] < M) & (cols[None, :] < K)
-                    xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=inb, other=0.0)
+                    rows, inb, xv = _x_chunk(x_ptr, stride_xm, m0, offs_cm, cols, M, K)
                     # abs and max are exact in x's own format
                     tl.atomic_max(as_ptr + rows, tl.max(tl.abs(xv), axis=1).to(tl.float32), mask=rows < M,
                                   sem="relaxed")
@@ -200,9 +208,7 @@ def _w8a8_kernel(
             for ch in range(pid, n_chunks, N_PROD):
                 cols = ch * CHUNK_K + offs_ck
                 for m0 in range(0, M, CHUNK_M):
-                    rows = m0 + offs_cm
-                    inb = (rows[:, None] < M) & (cols[None, :] < K)
-                    xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=inb, other=0.0)
+                    rows, inb, xv = _x_chunk(x_ptr, stride_xm, m0, offs_cm, cols, M, K)
                     # the final maxima (past L1: other SMs wrote them); act_quant's scale and rounding
                     sc = tl.maximum(tl.load(as_ptr + rows, mask=rows < M, other=0.0, cache_modifier=".cg"),
                                     EPS_C) / 127.0
@@ -266,7 +272,6 @@ def _w8a8_kernel(
         xf_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_kf[None, :] + k_lo
         wf_ptrs = wf_ptr + rn[None, :].to(tl.int64) * stride_wfn + offs_kf[:, None] + k_lo
         w_sc = tl.load(ws_ptr + rn)
-        a_sc = a_scale
         # FP16 rows accumulate in accm (INT8 rows' activations are zeroed, so they add nothing there);
         # INT8 rows keep their int32 acc and get the plain path's epilogue, so they are bit-identical to it
         accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -292,9 +297,9 @@ def _w8a8_kernel(
             c_mask = tl.where(last, c_mask, False)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-            out = tl.where(is_fp[:, None], accm + bias, tl.fma(acc.to(tl.float32) * a_sc[:, None], w_sc[None, :], bias))
+            out = tl.where(is_fp[:, None], accm + bias, tl.fma(acc.to(tl.float32) * a_scale[:, None], w_sc[None, :], bias))
         else:
-            out = tl.where(is_fp[:, None], accm, acc.to(tl.float32) * a_sc[:, None] * w_sc[None, :])
+            out = tl.where(is_fp[:, None], accm, acc.to(tl.float32) * a_scale[:, None] * w_sc[None, :])
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
     else:
         # split-K in one launch: exact int32 partials; the split that arrives last sums them
@@ -613,15 +618,16 @@ def _launch_plan(cfg, M, N, K, device, flags):
     sync = once_counters(device) if quant_once else lock
     amax = _once_maxima(device, M) if quant_once else None
     const, ckey = launch_consts(HAS_BIAS=has_bias, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
-                          HAS_FP16_W=has_fp16_w,
-                          BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
-                          FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
-                          CHUNK_K=_ONCE_CHUNK_K if quant_once else 16,
-                          CHUNK_M=min(16, next_pow2(M)) if quant_once else 1,
-                          OUT_INT32=out_int32,
-                          EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
-                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                          GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                HAS_FP16_W=has_fp16_w,
+                                BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
+                                FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
+                                CHUNK_K=_ONCE_CHUNK_K if quant_once else 16,
+                                CHUNK_M=min(16, next_pow2(M)) if quant_once else 1,
+                                OUT_INT32=out_int32,
+                                EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"])
     return (tiles * split_k,), part, lock, sync, n_prod, amax, const, (ckey, spec_key((M, N, K, n_prod)))
 
 
@@ -791,10 +797,11 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
     bc = cfg["BLOCK_K"] // 4
     KW = K // 4
     const, ckey = launch_consts(HAS_BIAS=has_bias, ROW_BITS=rbits, HAS_FP16_W=has_fp16_w,
-                          EVEN_K=(KW % bc == 0), SPLIT_K=split_k, BLOCK_M=bm,
-                          BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=device.type == "cuda", FUSE_QUANT=fuse, EPS_C=EPS,
-                          AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                EVEN_K=(KW % bc == 0), SPLIT_K=split_k, BLOCK_M=bm,
+                                BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=device.type == "cuda", FUSE_QUANT=fuse,
+                                EPS_C=EPS,
+                                AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (tiles * split_k,), part, lock, fuse, const, (ckey, spec_key((M, N, KW)))
 
 

@@ -431,11 +431,10 @@ def _wna16_gemv_h2_kernel(
     Tiles: (UNROLL, R, BLOCK_N) per step, or with PER_BLOCK (R, BLOCK_N) per 128-K block, the step's UNROLL blocks
     unrolled. Triton spreads a tile's threads over its columns, so a thread holds every (block, row) of the
     step: with 3-D tiles the step's 128 x UNROLL activations (as half2) in each thread (ptxas, sm_90, the
-    shipped tiles: 167-255 registers per thread); a 2-D tile holds one block's 128 (76-167: more programs per
+    shipped tiles: 167-255 registers per thread); a 2-D tile holds one block's 128 (76-168: more programs per
     SM to hide the loads' latency; benchmarks/h2_spills.py)."""
     R: tl.constexpr = 16
     tile, pid_k, offs_n, nmask = gemv_tile(N, BLOCK_N)
-    offs_u = tl.arange(0, UNROLL)
     offs_r = tl.arange(0, R)
 
     # power-of-two prescale from the row's max (exponent bits: exact, no log2/exp2 approximation)
@@ -455,8 +454,6 @@ def _wna16_gemv_h2_kernel(
     per_split = tl.cdiv(n_steps, SPLIT_K)
     st_lo = pid_k * per_split
     st_hi = tl.minimum(n_steps, st_lo + per_split)
-    rows = offs_u[:, None] * R + offs_r[None, :]
-    w_ptrs = w_ptr + rows[:, :, None].to(tl.int64) * N + offs_n[None, None, :]
     if PER_BLOCK:
         acc = _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size,
                             st_lo, st_hi, sc, HAS_ZERO, EVEN_U, UNROLL, R, BLOCK_N, USE_ASM)
@@ -464,6 +461,9 @@ def _wna16_gemv_h2_kernel(
         _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile,
                    pid_k, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
         return
+    offs_u = tl.arange(0, UNROLL)
+    rows = offs_u[:, None] * R + offs_r[None, :]
+    w_ptrs = w_ptr + rows[:, :, None].to(tl.int64) * N + offs_n[None, None, :]
     kx = offs_u[:, None] * 128 + offs_r[None, :]
     acc = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
     for st in range(st_lo, st_hi):

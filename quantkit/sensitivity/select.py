@@ -220,9 +220,9 @@ def select_fp16(
     search.set_results(layers, scheme, measured, gains, allq, chosen)
     method = weights.method + (f", cross-fitted over {len(search.parts)} folds" if fold_weights is not None else "")
     ppl = search.summary(base, allq, mixed, best, measured, method)
-    data = {"gains": gains, "allq": allq, "base": base.to(torch.float64), "costs": torch.tensor(search.costs)}
+    data = {"gains": gains, "allq": allq, "base": base, "costs": torch.tensor(search.costs)}  # float64 but costs
     if fish is not None:
-        data["fisher"] = fish.to(torch.float64)
+        data["fisher"] = fish
     return Selection(chosen, best["rule"] if best else None, search.budget, ppl, candidates, data)
 
 
