@@ -436,6 +436,56 @@ def test_select_fp16_greedy_rule_on_a_model(model):
         assert sel.ppl["mixed"] == pytest.approx(direct, rel=1e-6)
 
 
+def test_block_prefix_matches_whole_forwards(model):
+    """Starting at any block (kept states moved forward, back to the start, forward again) gives the NLL of a
+    whole forward of the model as it is, with a unit restored after the kept block, under W8A8's activation
+    hooks; a ragged last batch included."""
+    from quantkit.eval.perplexity import window_nll
+    from quantkit.models.adapter import ModelAdapter
+    from quantkit.sensitivity.prefix import BlockPrefix
+
+    windows = _ids(5, 24, 11)
+    names = selection_units(list(ModelAdapter.for_model(model).all_linears()))
+    flat = [m for u in names for m in u]
+    with quantized_subset(model, flat, W8A8) as q:
+        whole = window_nll(model, windows, batch_size=2)
+        prefix = BlockPrefix.try_for(model, windows, batch_size=2)
+        assert prefix is not None and prefix.agrees(whole)
+        assert len(prefix.blocks) == 3
+        for start in (0, 1, 2, 1, 0, 2, 2):
+            assert torch.equal(prefix.nll(start), whole), start
+        later = [u for u in names if prefix.block_of(u) == 2][0]
+        with q.restored(later):
+            restored = window_nll(model, windows, batch_size=2)
+            assert not torch.equal(restored, whole)  # the unit matters
+            assert torch.equal(prefix.nll(2), restored)
+            assert torch.equal(prefix.nll(1), restored)  # blocks 1.. run as they are now
+        assert not prefix.agrees(whole + 1e-3 * whole.abs())  # the check can fail
+    assert all("forward" not in vars(b) for b in prefix.blocks)  # the stubs came off
+
+
+def test_select_fp16_starting_at_blocks_measures_the_same(model, monkeypatch):
+    """The restore gains from block-started forwards are the whole-forward gains, with the same count of
+    forward passes; when the check fails the selection says so and measures with whole forwards."""
+    ids, windows = _ids(4, 32, 0), _ids(6, 32, 7)
+    layers = scan_layers(model, ids, W8A8, batch_size=2, bins=32)
+    runs = {}
+    for start in (True, False):
+        sel = select_fp16(model, layers, W8A8, windows, 0.25, folds=2, start_at_block=start)
+        runs[start] = sel
+    assert torch.equal(runs[True].measurements["gains"], runs[False].measurements["gains"])
+    assert runs[True].measurements["gains"].abs().sum() > 0
+    assert runs[True].chosen == runs[False].chosen
+    assert runs[True].ppl["evaluations"] == runs[False].ppl["evaluations"]
+    from quantkit.sensitivity import prefix as prefix_mod
+
+    monkeypatch.setattr(prefix_mod.BlockPrefix, "agrees", lambda self, whole: False)
+    said = []
+    sel = select_fp16(model, layers, W8A8, windows, 0.25, folds=2, on_step=said.append)
+    assert any("did not reproduce" in m for m in said)
+    assert torch.equal(sel.measurements["gains"], runs[False].measurements["gains"])
+
+
 def test_select_fp16_shortlist_and_zero_budget(model):
     ids, windows = _ids(4, 32, 0), _ids(4, 32, 7)
     layers = scan_layers(model, ids, W4G32, batch_size=2, bins=32)
@@ -555,8 +605,6 @@ def test_float_keeper_holds_one_block_and_the_run_sees_quantized_inputs(model):
 def test_gptq_restore_gain_matches_hand_reference_and_differs_from_rtn(model):
     """A unit's gain measured with --method gptq = ppl(GPTQ model) - ppl(GPTQ model with that unit put back to
     float), computed by hand through the plain perplexity path; and the gains differ from the RTN ones."""
-    import copy
-
     from quantkit.eval.perplexity import perplexity
     from quantkit.sensitivity.weights import method_weights
 

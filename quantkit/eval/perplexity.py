@@ -50,14 +50,20 @@ def window_nll(
     out = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, batch_size):
         ids = windows[start : start + batch_size].to(dev)
-        logits = model(input_ids=ids, use_cache=False).logits  # (b, seqlen, vocab)
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
-        )
-        out[start : start + ids.shape[0]] = loss.view(ids.shape[0], -1).double().sum(-1).cpu()
+        out[start : start + ids.shape[0]] = batch_nll(model, ids)
         if on_batch is not None:
             on_batch(min(start + batch_size, n), n)
     return out
+
+
+def batch_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of each row of one batch of windows `ids` (b, seqlen, on the model's device):
+    float64 (b,) on the CPU."""
+    logits = model(input_ids=ids, use_cache=False).logits  # (b, seqlen, vocab)
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+    )
+    return loss.view(ids.shape[0], -1).double().sum(-1).cpu()
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, **options) -> Perplexity:

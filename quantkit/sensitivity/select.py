@@ -55,7 +55,9 @@ Forward passes over the selection windows: 2 (float, all quantized) + measured u
 + 1 per rule (its K fold scores) + 1 (the final choice, in-sample); the default model has
 210 linears in 120 units, so 2 + 120 + 4 + 1 = 127. "greedy" adds up to N per pick after
 the first (one when the best candidate's gain holds), for each of its K + 1 choices (a restored
-set measured once is reused).
+set measured once is reused). A restore gain's pass starts at its unit's decoder block from the
+all-quantized model's hidden states (quantkit.sensitivity.prefix: the same numbers; the selection
+ran 1.54x faster on the default model on CPU), so it costs about 0.6 of a whole forward there.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ from torch import nn
 from quantkit.recipe import Scheme
 from quantkit.sensitivity.io import FUSED_GROUPS
 from quantkit.sensitivity.partial import quantized_subset, recovered_fraction
+from quantkit.sensitivity.prefix import BlockPrefix
 from quantkit.sensitivity.scan import LayerScan, precision_label
 from quantkit.sensitivity.weights import RTN, ScanWeights
 
@@ -166,6 +169,7 @@ def select_fp16(
     weights: ScanWeights = RTN,
     greedy: int | None = None,
     fold_weights: Sequence[ScanWeights] | None = None,
+    start_at_block: bool = True,
 ) -> Selection:
     """Choose whole units, at most floor(fraction x len(layers)) linears, to keep in FP16 (see module docstring).
 
@@ -177,6 +181,8 @@ def select_fp16(
     greedy: also try the "greedy" rule, re-measuring this many candidates per pick (None or 0: not tried).
     fold_weights: cross-fitting (module docstring): one ScanWeights per fold, each fit without that fold's
     windows; every window is then measured with its fold's weights (not with `greedy`).
+    start_at_block: measure each restore gain from its unit's block on (quantkit.sensitivity.prefix: the same
+    numbers, fewer blocks run); False: whole forwards.
     Sets each layer's flag, and restore_gain (of its unit, in perplexity) for measured units.
     """
     from quantkit.errors import UsageError
@@ -184,6 +190,7 @@ def select_fp16(
     if not 0 < fraction < 1:
         raise UsageError(f"--target-fraction {fraction} must be between 0 and 1 (e.g. 0.10)")
     search = _Search(model, layers, windows, fraction, folds, batch_size, on_step or (lambda _m: None))
+    search.use_prefix = start_at_block
     if fold_weights is not None and len(fold_weights) != len(search.parts):
         raise ValueError(f"fold_weights: {len(fold_weights)} sets for {len(search.parts)} folds")
     if fold_weights is not None and greedy:
@@ -265,6 +272,7 @@ class _Search:
         self.tokens = self.n * (int(windows.shape[1]) - 1)  # predicted tokens over all windows
         self.parts = cv_folds(self.n, folds)
         self.evaluations = 0  # forward passes over the windows (a rule's K fold scores make one)
+        self.use_prefix = True  # restore gains start at the unit's block (quantkit.sensitivity.prefix)
         self.greedy_nll: dict[frozenset[int], torch.Tensor] = {}  # restored units -> per-window NLL ("greedy")
         # (windows, quantized-model context) pairs covering the windows: one, or one per fold (cross-fitting)
         self.parts_with: list[tuple[range, Callable[[], Any]]] = []
@@ -292,14 +300,33 @@ class _Search:
             where = f" (fold {f + 1}/{len(self.parts_with)}'s weights)" if len(self.parts_with) > 1 else ""
             with enter() as q:
                 allq[part.start : part.stop] = self.nll(sel, counts=f == 0)
+                prefix = self._prefix(sel, allq[part.start : part.stop]) if measured and self.budget else None
                 for j, i in enumerate(measured):
                     if self.budget == 0:
                         break
                     self.say(f"selection: ({j + 1}/{len(measured)}) all quantized but {', '.join(self.units[i])}"
                              + where)
                     with q.restored(self.units[i]):
-                        gains[i, part.start : part.stop] = allq[part.start : part.stop] - self.nll(sel, counts=f == 0)
+                        nll = (self.nll(sel, counts=f == 0) if prefix is None else
+                               self.nll_from(prefix, prefix.block_of(self.units[i]), counts=f == 0))
+                        gains[i, part.start : part.stop] = allq[part.start : part.stop] - nll
         return allq, gains
+
+    def _prefix(self, sel: torch.Tensor, allq: torch.Tensor) -> BlockPrefix | None:
+        """Forward passes from a unit's block for the restore gains (quantkit.sensitivity.prefix), if this
+        model's blocks can be found and starting mid-way reproduces the all-quantized NLL `allq` of `sel`."""
+        if not self.use_prefix:
+            return None
+        prefix = BlockPrefix.try_for(self.model, sel, self.batch_size)
+        if prefix is not None and not prefix.agrees(allq):
+            self.say("selection: starting at a block did not reproduce the whole forward; using whole forwards")
+            prefix = None
+        return prefix
+
+    def nll_from(self, prefix: BlockPrefix, start: int, *, counts: bool = True) -> torch.Tensor:
+        """`nll` of the prefix's windows, blocks before `start` taken from the all-quantized model's outputs."""
+        self.evaluations += counts
+        return prefix.nll(start)
 
     def _restored_sum(self, names: list[str], part: range) -> float:
         """Summed NLL of the windows `part` with `names` restored, each window with its part's weights."""
