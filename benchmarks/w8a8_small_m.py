@@ -43,7 +43,7 @@ def main() -> int:
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    rows, fails = [], []
+    rows, fails, skipped = [], [], []
     for N, K in SHAPES:
         q = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8, generator=gen)
         s = torch.rand((N, 1), device=dev, generator=gen) * 2e-3 + 5e-4
@@ -62,7 +62,12 @@ def main() -> int:
             row = dict(N=N, K=K, M=M, tile=f"{base['BLOCK_M']}x{base['BLOCK_N']}x{base['BLOCK_K']} "
                                             f"sk{base.get('SPLIT_K', 1)} s{base['num_stages']}")
             for name, cfg in variants.items():
-                y = w8a8.w8a8_linear_triton(x, copies[0].w, copies[0].scale, config=cfg, out=torch.full_like(out, float("nan")))
+                try:
+                    y = w8a8.w8a8_linear_triton(x, copies[0].w, copies[0].scale, config=cfg,
+                                                out=torch.full_like(out, float("nan")))
+                except triton.runtime.errors.OutOfResources as e:  # a variant the shipped tile cannot hold
+                    skipped.append(f"{name} {N}x{K} M={M}: {e}")
+                    continue
                 if not torch.equal(y, ref):
                     fails.append(f"{name} {N}x{K} M={M}: differs from the two-launch call")
                     continue
@@ -125,7 +130,8 @@ def main() -> int:
     names = ["two launches", "QUANT_ONCE", "FUSE_QUANT (row maxima per program)"]
     L = [f"Device: **{torch.cuda.get_device_name()}**; torch {torch.__version__}, triton {triton.__version__}; "
          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} UTC; `PYTHONPATH=. python benchmarks/w8a8_small_m.py`",
-         f"Correctness: {'all variants bit for bit the two-launch call' if not fails else '; '.join(fails)}.", "",
+         f"Correctness: {'all variants bit for bit the two-launch call' if not fails else '; '.join(fails)}.",
+         *(f"Not run (does not fit): {m}" for m in skipped), "",
          "us per call: graph (rotated weights) / eager do_bench / host issue time", "",
          "| N x K | M | tile (shipped) | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for r in rows:
