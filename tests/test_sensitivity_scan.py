@@ -26,7 +26,7 @@ from quantkit.sensitivity.partial import quantized_subset, recovered_fraction, s
 from quantkit.sensitivity.report import summary_rows
 from quantkit.sensitivity.run import run_scan
 from quantkit.sensitivity.scan import Thresholds, scan_layers
-from quantkit.sensitivity.select import _blend, cv_folds, knapsack, select_fp16, selection_units
+from quantkit.sensitivity.select import cv_folds, knapsack, select_fp16, selection_units
 
 W8A8 = PRESETS["W8A8"]
 W4G32 = Scheme(QuantArgs(4, 32, True))
@@ -242,17 +242,6 @@ def test_knapsack_is_optimal_and_respects_unit_costs():
     assert knapsack([5.0, 3.0, 3.0], [3, 1, 1], 4) == [0, 1]  # ties keep the earlier items
 
 
-def test_blend_rule_averages_each_estimate_as_a_share():
-    """Restore gains and fisher on scales 10x apart: each alone keeps a different unit, their shares' mean keeps
-    the unit both rank second (budget 1); a negative gain stays negative and is left out of the total."""
-    restore, fish = [10.0, -2.0, 6.0], [0.0, 100.0, 60.0]
-    assert knapsack(restore, [1, 1, 1], 1) == [0] and knapsack(fish, [1, 1, 1], 1) == [1]
-    blend = _blend(restore, fish)
-    assert blend == pytest.approx([0.3125, -0.0625 + 0.3125, 0.1875 + 0.1875])
-    assert knapsack(blend, [1, 1, 1], 1) == [2]
-    assert _blend([-1.0, -2.0], [3.0, 1.0]) == pytest.approx([0.375, 0.125])  # no positive gain: half of fisher alone
-
-
 def test_cv_folds_are_contiguous_and_cover():
     for n, k in ((10, 4), (4, 4), (3, 4), (7, 2), (1, 3)):
         f = cv_folds(n, k)
@@ -278,13 +267,12 @@ def test_select_fp16_budget_units_cv_and_expected(model):
     assert set(sel.chosen) == {m for u in units if set(u) & set(sel.chosen) for m in u}  # whole units only
     assert [e.name for e in layers if e.flag == "fp16"] == sel.chosen
     assert expand_fused(sel.chosen, names) == sel.chosen  # --sensitive adds nothing: the budget holds after it
-    assert [c["rule"] for c in sel.candidates] == ["restore", "fisher", "blend", "rel_err"]
+    assert [c["rule"] for c in sel.candidates] == ["restore", "fisher", "rel_err"]
     # the saved measurements replay each knapsack rule's final choice
     data, by_rule = sel.measurements, {c["rule"]: c["layers"] for c in sel.candidates}
     assert data["gains"].shape == data["fisher"].shape == (len(selection_units(names)), 8)
     costs = data["costs"].tolist()
     replay = {"restore": data["gains"].sum(1).tolist(), "fisher": data["fisher"].sum(1).tolist()}
-    replay["blend"] = _blend(replay["restore"], replay["fisher"])
     for rule, values in replay.items():
         assert [m for i in knapsack(values, costs, k) for m in selection_units(names)[i]] == by_rule[rule]
     # a unit's restore gain, against the plain path: ppl(all quantized) - ppl(all quantized but the unit)

@@ -18,11 +18,7 @@ gradient-weighted output error of `quantkit.sensitivity.fisher`, per window. A r
 per-unit values summed over some windows into a choice: a 0/1 knapsack (values, costs =
 unit sizes, capacity k), solved exactly by dynamic programming. Rules: "restore"
 (measured gains; units with a positive sum only), "fisher" (when measured), "rel_err"
-(the scan's relative output error summed over the unit; it reads no window NLL), "blend"
-(when both restore gains and fisher are measured: the mean of the two, each as a share of
-its total over the units, so neither scale dominates: two noisy estimates of the same damage,
-one measured on the windows' NLL, one a second-order estimate from the float model's
-gradients, whose mean may rank steadier than either; cross-validation decides), and,
+(the scan's relative output error summed over the unit; it reads no window NLL), and,
 when asked (`greedy` = N), "greedy": the knapsack adds single-unit gains, but two units
 can repair the same error (restoring both gains less than the sum), so "greedy" picks one
 unit at a time, the best gain per linear given the units already picked, re-measuring
@@ -53,7 +49,7 @@ measured on the default model (H100), it took GPTQ's held-out recovery from 29.5
 
 Forward passes over the selection windows: 2 (float, all quantized) + measured units
 + 1 per rule (its K fold scores) + 1 (the final choice, in-sample); the default model has
-210 linears in 120 units, so 2 + 120 + 4 + 1 = 127. "greedy" adds up to N per pick after
+210 linears in 120 units, so 2 + 120 + 3 + 1 = 126. "greedy" adds up to N per pick after
 the first (one when the best candidate's gain holds), for each of its K + 1 choices (a restored
 set measured once is reused). A restore gain's pass starts at its unit's decoder block from the
 all-quantized model's hidden states (quantkit.sensitivity.prefix: the same numbers; the selection
@@ -78,7 +74,7 @@ from quantkit.sensitivity.prefix import BlockPrefix
 from quantkit.sensitivity.scan import LayerScan, precision_label
 from quantkit.sensitivity.weights import RTN, ScanWeights
 
-RULES = ("restore", "greedy", "fisher", "blend", "rel_err")  # in order of preference when their estimates tie
+RULES = ("restore", "greedy", "fisher", "rel_err")  # in order of preference when their estimates tie
 GREEDY_WITH_CROSS_FIT = "--greedy cannot be combined with --cross-fit yet: use one of them (or --no-cross-fit)"
 DEFAULT_FOLDS = 4
 
@@ -233,17 +229,6 @@ def select_fp16(
     return Selection(chosen, best["rule"] if best else None, search.budget, ppl, candidates, data)
 
 
-def _blend(*estimates: list[float]) -> list[float]:
-    """The mean of per-unit estimates, each divided by its sum over the units where it is positive (a unit's
-    share of the damage the estimate sees); an estimate with no positive value contributes nothing."""
-    out = [0.0] * len(estimates[0])
-    for est in estimates:
-        total = sum(v for v in est if v > 0 and math.isfinite(v))
-        if total > 0:
-            out = [o + (v / total if math.isfinite(v) else 0.0) / len(estimates) for o, v in zip(out, est)]
-    return out
-
-
 def _shortlist(costs: list[int], values: list[float], shortlist: int | None) -> list[int]:
     """Indices (ascending) of the units whose restore gain is measured: all, or the `shortlist` largest by
     value per linear (the budget counts linears)."""
@@ -350,8 +335,6 @@ class _Search:
                                              for i in range(len(self.units))]
         if fish is not None:
             values["fisher"] = lambda idx: fish[:, idx].sum(dim=1).tolist()
-        if measured and fish is not None:
-            values["blend"] = lambda idx: _blend(values["restore"](idx), values["fisher"](idx))
         if all(math.isfinite(r) for r in rel):
             values["rel_err"] = lambda _idx: list(rel)
         return {name: (lambda idx, v=v: self.choose(v(idx))) for name, v in values.items()}
