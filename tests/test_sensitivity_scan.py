@@ -457,10 +457,11 @@ def test_select_fp16_starting_at_blocks_measures_the_same(model, monkeypatch):
     forward passes; when the check fails the selection says so and measures with whole forwards."""
     ids, windows = _ids(4, 32, 0), _ids(6, 32, 7)
     layers = scan_layers(model, ids, W8A8, batch_size=2, bins=32)
-    runs = {}
+    runs, said = {}, {True: [], False: []}
     for start in (True, False):
-        sel = select_fp16(model, layers, W8A8, windows, 0.25, folds=2, start_at_block=start)
-        runs[start] = sel
+        runs[start] = select_fp16(model, layers, W8A8, windows, 0.25, folds=2, start_at_block=start,
+                                  on_step=said[start].append)
+    assert [any("start at each unit's block" in m for m in said[s]) for s in (True, False)] == [True, False]
     assert torch.equal(runs[True].measurements["gains"], runs[False].measurements["gains"])
     assert runs[True].measurements["gains"].abs().sum() > 0
     assert runs[True].chosen == runs[False].chosen

@@ -63,7 +63,7 @@ class BlockPrefix:
 
     def agrees(self, whole: torch.Tensor, *, rtol: float = 1e-6) -> bool:
         """Whether starting at the middle block gives the per-window NLL `whole` (a whole forward of the model
-        in its present state). Leaves the kept states at the middle block (no use: the caller restarts at 0)."""
+        in its present state). The kept states are dropped afterwards (the next `nll` starts from block 0)."""
         try:
             got = self.nll(len(self.blocks) // 2)
         except Exception:  # noqa: BLE001 - blocks that do not pass hidden states along: whole forwards instead

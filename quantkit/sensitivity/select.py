@@ -303,9 +303,12 @@ class _Search:
         if not self.use_prefix:
             return None
         prefix = BlockPrefix.try_for(self.model, sel, self.batch_size)
-        if prefix is not None and not prefix.agrees(allq):
+        if prefix is None:
+            return None
+        if not prefix.agrees(allq):
             self.say("selection: starting at a block did not reproduce the whole forward; using whole forwards")
-            prefix = None
+            return None
+        self.say("selection: restore gains start at each unit's block (checked against the whole forward)")
         return prefix
 
     def nll_from(self, prefix: BlockPrefix, start: int, *, counts: bool = True) -> torch.Tensor:
