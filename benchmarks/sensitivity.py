@@ -11,7 +11,8 @@ For each scheme the path a user takes, in one process (the same functions the co
      texts the scan never read: the builtin's second half (pydoc) and Python standard-library source
      (another domain; `builtin:code`, quantkit.calib.data.HELDOUT).
   Against: the same method with no --sensitive (all quantized), and --draws random selections of the
-  same FP16 count made the same way (whole fused units, through --sensitive).
+  same FP16 count made the same way (whole fused units, through --sensitive), and (--score-rules, on by
+  default) every other candidate rule's final choice, scored the same way: which rule carries over.
 
 Rows (--schemes): W4A16g64 = W4 g64 asym RTN (`quantkit rtn --bits 4 --group-size 64 --asym`), W8A8 = naive
 W8A8 (W8 per channel, A8 per token, RTN: a recipe `{scheme: W8A8, stages: [rtn]}`), GPTQ = `quantkit gptq`
@@ -110,6 +111,9 @@ def main() -> None:
     ap.add_argument("--ood-windows", type=int, default=0, help="other-domain windows scored (0 = as many as pydoc's)")
     ap.add_argument("--fraction", type=float, default=0.10)
     ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--score-rules", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score each other candidate rule's final choice on the held-out texts (one more "
+                    "method run + export + eval per rule whose choice differs): which rule carries over to unseen text")
     ap.add_argument("--schemes", default="W4A16g64,W8A8,GPTQ", help=f"rows, of {', '.join(ROWS)}")
     ap.add_argument("--gptq-rtn-file", action=argparse.BooleanOptionalAction, default=True,
                     help="with W4A16g64: also GPTQ with the W4A16g64 (RTN) scan's file")
@@ -208,12 +212,24 @@ def main() -> None:
         mixed = user_path(recipe, sl, f"{key}-scan")
         rand = [user_path(recipe, with_flags(sl, random_units(units, mixed["fp16_linears"], s), tmp / f"r{s}.json"),
                           f"{key}-random{s}") for s in range(a.draws)]
+        # every candidate rule's own final choice, scored the same way (the chosen rule's is `mixed`)
+        by_rule = {}
+        for c in rep.search if a.score_rules else []:
+            if c["rule"] == rep.ppl["rule"] or not c["layers"]:
+                continue
+            same = sorted(c["layers"]) == sorted(rep.flagged)
+            r = mixed if same else user_path(recipe, with_flags(sl, c["layers"], tmp / f"rule-{c['rule']}.json"),
+                                             f"{key}-rule-{c['rule']}")
+            by_rule[c["rule"]] = {"ppl": r["ppl"], "fp16_linears": r["fp16_linears"], "same_as_chosen": same,
+                                  "recovered": {t: recovered_fraction(base[t], allq["ppl"][t], r["ppl"][t])
+                                                for t in TEXTS}}
         res = {"label": f"{ROWS[key][0]} {method.upper()}", "scan_method": rep.method, "scan_seconds": scan_s,
                "n_linears": len(names), "budget": rep.ppl["budget"], "rule": rep.ppl["rule"],
                "expected": rep.ppl["expected"], "selection": {k: rep.ppl[k] for k in
                                                               ("baseline", "all_quantized", "mixed", "recovered",
                                                                "evaluations", "selection_windows")},
-               "candidates": [{k: c[k] for k in ("rule", "cv_recovered", "per_fold")} for c in rep.search],
+               "candidates": [{k: c[k] for k in ("rule", "cv_recovered", "per_fold", "layers")} for c in rep.search],
+               "rule_scores": by_rule,
                "flagged": rep.flagged, "all": allq, "scan": mixed, "random": rand, "texts": {}}
         for t in TEXTS:
             rec = recovered_fraction(base[t], allq["ppl"][t], mixed["ppl"][t])
@@ -272,6 +288,23 @@ def main() -> None:
         q, m = alone["ppl"][t], mixed["ppl"][t]
         print(f"| W4A16g64 GPTQ, RTN scan's file | {t} | {base[t]:.3f} | {q:.3f} ({q / base[t] - 1:+.1%}) | {m:.3f} "
               f"({m / base[t] - 1:+.1%}) | - | {mixed['fp16_linears']} | {removed:.1%} (target >= 25%) | - | - | - |")
+    scored = [(key, res) for key, res in out["schemes"].items() if res.get("rule_scores")]
+    if scored:
+        print("\nEvery candidate rule's final choice on the held-out texts (cross-validated estimate on the "
+              "calibration windows; * = the rule the scan chose):\n")
+        print("| scheme | rule | CV expected | " + " | ".join(f"{t} recovers" for t in TEXTS) + " |")
+        print("|---|---|---|" + "---|" * len(TEXTS))
+        for key, res in scored:
+            for c in res["candidates"]:
+                if c["rule"] == res["rule"]:
+                    rec = [res["texts"][t]["recovered_scan"] for t in TEXTS]
+                elif c["rule"] in res["rule_scores"]:
+                    rec = [res["rule_scores"][c["rule"]]["recovered"][t] for t in TEXTS]
+                else:
+                    continue
+                star = "*" if c["rule"] == res["rule"] else ""
+                print(f"| {res['label']} | {c['rule']}{star} | {c['cv_recovered']:.1%} | "
+                      + " | ".join(f"{v:.1%}" for v in rec) + " |")
 
 
 if __name__ == "__main__":
