@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_models import make_tiny_model, save_tiny_model_dir
+from tiny_models import FAMILIES, make_tiny_model, save_tiny_model_dir
 from quantkit.quant.core import fake_quantize, fake_quantize_activations
 from quantkit.recipe import PRESETS, QuantArgs, Scheme
 from quantkit.sensitivity.calibrate import correlations, measure_layer_ppl
@@ -450,6 +450,23 @@ def test_block_prefix_matches_whole_forwards(model):
             assert torch.equal(prefix.nll(1), restored)  # blocks 1.. run as they are now
         assert not prefix.agrees(whole + 1e-3 * whole.abs())  # the check can fail
     assert all("forward" not in vars(b) for b in prefix.blocks)  # the stubs came off
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_prefix_holds_on_every_family(family):
+    """Every supported family's blocks pass only hidden states along (sliding windows, soft caps, embedding
+    multipliers, MLA, MoE routers and dense MoE blocks included): starting at any block gives the whole forward."""
+    from quantkit.eval.perplexity import window_nll
+    from quantkit.sensitivity.prefix import BlockPrefix
+
+    m = make_tiny_model(family, seed=1, randomize=True)
+    windows = _ids(3, 16, 5)
+    prefix = BlockPrefix.try_for(m, windows, batch_size=2)
+    assert prefix is not None
+    whole = window_nll(m, windows, batch_size=2)
+    assert prefix.agrees(whole)
+    for start in range(len(prefix.blocks)):
+        assert torch.equal(prefix.nll(start), whole), start
 
 
 def test_select_fp16_starting_at_blocks_measures_the_same(model, monkeypatch):

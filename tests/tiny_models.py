@@ -48,6 +48,7 @@ _FAMILY = {
                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
+FAMILIES = tuple(_FAMILY)  # every family a tiny model can be made of
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2")
 # The families quantkit's adapter table covers, beyond the Llama-like four.
 NEW_FAMILIES = ("phi3", "gemma2", "gemma3_text", "olmo2", "granite")
