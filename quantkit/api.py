@@ -427,7 +427,7 @@ def scan(
     stat_tokens: int | None = 16384,
     shortlist: int | None = None,
     greedy: int | None = None,
-    fisher_windows: int = 0,
+    fisher_windows: int | None = None,
     select_windows: int | None = 64,
     folds: int = 4,
     method: str = "rtn",
@@ -441,7 +441,9 @@ def scan(
 
     target_fraction chooses from `select_windows` windows (None = all) of eval_cfg.seqlen tokens of the
     calibration text, with `folds`-fold cross-validation (greedy: also the re-measuring "greedy" rule,
-    quantkit.sensitivity.select); eval_cfg's held-out text serves --measure-ppl only.
+    quantkit.sensitivity.select); eval_cfg's held-out text serves --measure-ppl only. fisher_windows: the
+    gradient-weighted error (0 = off; None = on with target_fraction, where it is measured on every selection
+    window and gives the "fisher" rule, off otherwise).
     method ("rtn" or "gptq", with its recipe-stage options): the weights every measurement quantizes to
     (quantkit.sensitivity.weights); GPTQ runs on the scan's calibration set (cross_fit: also once per selection
     fold, without the samples that share text with its windows; None = on where that applies;
@@ -478,7 +480,7 @@ def scan(
         stat_tokens=stat_tokens,
         shortlist=shortlist,
         greedy=greedy,
-        fisher_windows=fisher_windows,
+        fisher_windows=(1 if target_fraction is not None else 0) if fisher_windows is None else fisher_windows,
         seed=calib.seed,
         source=loaded.source,
         calibration=cs.settings,

@@ -234,7 +234,8 @@ def test_cli_scan_target_fraction_then_sensitive(tiny_dir, tmp_path):
     # a random tiny model's cross-validated recovery may fall outside 0-100%: then the row says there is none
     said = "recovers about" if 0 <= d["ppl"]["expected"]["recovered"] <= 1 else "no usable estimate"
     assert f"expected on unseen text {said}" in flat and "2-fold cross-validation over 4 calibration" in flat
-    assert "greedy" in [c["rule"] for c in d["search"]]
+    # with --target-fraction the gradient-weighted rule is on by default (the path the benchmark measures)
+    assert [c["rule"] for c in d["search"]] == ["restore", "greedy", "fisher", "rel_err"]
     assert d["scheme"]["weights"]["symmetric"] is False and d["thresholds"]["mode"] == "target-fraction"
     flagged = [e["name"] for e in d["layers"] if e["flag"] == "fp16"]
     assert 0 < len(flagged) <= 5 and d["ppl"]["expected"]["recovered"] is not None
@@ -253,11 +254,13 @@ def test_cli_scan_method_gptq_recorded_and_checked_against_the_recipe(tiny_dir, 
     sl = tmp_path / "sl.json"
     code, text = _run("scan", "--model", tiny_dir, "--scheme", "W4A16", "--group-size", "32", "--asym", "--samples",
                       "2", "--seqlen", "32", "--bins", "16", "--target-fraction", "0.25", "--eval-seqlen", "32",
-                      "--select-windows", "4", "--folds", "2", "--method", "gptq", "--no-act-order", "--out", sl)
+                      "--select-windows", "4", "--folds", "2", "--method", "gptq", "--no-act-order",
+                      "--fisher-windows", "0", "--out", sl)
     assert code == 0, text
     flat = " ".join(text.replace("│", " ").split())
     assert "quantized with gptq (act_order False)" in flat and "quantized with gptq" in flat.split("expected")[-1]
     d = json.loads(sl.read_text())
+    assert "fisher" not in [c["rule"] for c in d["search"]]  # --fisher-windows 0 turns it off
     assert d["method"]["name"] == "gptq" and d["method"]["options"]["act_order"] is False
     assert d["ppl"]["method"] == "gptq"
     # the file is for gptq: used with rtn, the run says the gains were measured on other weights

@@ -67,9 +67,9 @@ def scan(
         int, typer.Option("--stat-tokens", help="Token rows per linear for the output statistics (0 = all tokens).")
     ] = 16384,
     fisher_windows: Annotated[
-        int,
-        typer.Option("--fisher-windows", help="Calibration samples for the gradient-weighted error (one forward+backward each; 0 = off; 4 x 512 took 207 s on the loaded 2-core CPU). With --target-fraction: any N > 0 measures it on every selection window."),
-    ] = 0,
+        Optional[int],
+        typer.Option("--fisher-windows", help="Calibration samples for the gradient-weighted error (one forward+backward each; 0 = off; 4 x 512 took 207 s on the loaded 2-core CPU). With --target-fraction it is on by default and measured on every selection window (one forward+backward each; any N > 0 = on, 0 = off); without it, off by default."),
+    ] = None,
     shortlist: Annotated[
         Optional[int],
         typer.Option("--shortlist", help="--target-fraction: fused units whose restore gain is measured (default all; 0 = none)."),
@@ -112,8 +112,9 @@ def scan(
     method_options = _method_options(method, damp, act_order)
     chk.check_int("--bins", bins, min=2, max=65536)
     chk.check_int("--stat-tokens", stat_tokens, min=0, note=" (0 = every calibration token)")
-    chk.check_int("--fisher-windows", fisher_windows, min=0, max=samples,
-                note=" (0 = no gradient-weighted metric; at most --samples)")
+    if fisher_windows is not None:
+        chk.check_int("--fisher-windows", fisher_windows, min=0, max=samples,
+                      note=" (0 = no gradient-weighted metric; at most --samples)")
     chk.check_int("--shortlist", shortlist, min=0, note=" (0 = no measured candidates)")
     chk.check_int("--greedy", greedy, min=1, note=" (candidates re-measured per pick)")
     if greedy is not None and target_fraction is None:
