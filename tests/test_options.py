@@ -91,6 +91,7 @@ SCAN_CASES = [
     (("--bins", "100000000"), "--bins 100000000 must be between 2 and 65536"),
     (("--stat-tokens", "-1"), "--stat-tokens -1 must be at least 0"),
     (("--fisher-windows", "9"), "--fisher-windows 9 must be between 0 and 2"),
+    (("--fisher-windows", "-1", "--target-fraction", "0.1"), "--fisher-windows -1 must be between 0 and 2"),
     (("--shortlist", "-1"), "--shortlist -1 must be at least 0"),
     (("--greedy", "0", "--target-fraction", "0.1"), "--greedy 0 must be at least 1"),
     (("--greedy", "4"), "--greedy chooses for --target-fraction; pass --target-fraction 0.10"),

@@ -42,7 +42,7 @@ from quantkit.calib.activations import ActivationStore
 from quantkit.calib.capture import capture_inputs
 from quantkit.calib.resume import Checkpointer
 from quantkit.methods.base import BlockContext, Method
-from quantkit.models.adapter import ModelAdapter
+from quantkit.models.adapter import ModelAdapter, stubbed_forwards
 from quantkit.quant.core import QuantizedTensor
 
 # on_block(index, total, block_name, phase) -> None; phase is a short label for progress.
@@ -136,7 +136,6 @@ def _catch_block_inputs(
     pre = [adapter.embed(), adapter.rotary(), adapter.final_norm()]
     pre = [m for m in pre if m is not None]
     homes = [next(m.parameters(), torch.empty(0)).device for m in pre]
-    originals = {}
 
     def make_stub(i: int):
         def stub(hidden_states, *args, **kwargs):
@@ -159,16 +158,11 @@ def _catch_block_inputs(
     try:
         for m in pre:
             m.to(device)
-        for i, block in enumerate(blocks):
-            originals[i] = block.forward
-            block.forward = make_stub(i)
-        base = model.get_submodule(adapter.spec.blocks.rsplit(".", 1)[0])  # e.g. model.model
-        for ids in batches:
-            base(input_ids=ids.to(device), use_cache=False)
+        with stubbed_forwards((block, make_stub(i)) for i, block in enumerate(blocks)):
+            base = model.get_submodule(adapter.spec.blocks.rsplit(".", 1)[0])  # e.g. model.model
+            for ids in batches:
+                base(input_ids=ids.to(device), use_cache=False)
     finally:
-        for i, block in enumerate(blocks):
-            if i in originals:
-                del block.forward  # drop the instance attribute; the class method shows again
         for m, home in zip(pre, homes):
             m.to(home)
     return hidden0, kwargs_per_block

@@ -17,6 +17,8 @@ This module imports only `quantkit.errors` (torch only for type hints): any floo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -822,3 +824,19 @@ class ModelAdapter:
 
     def lm_head(self) -> nn.Module:
         return self.model.get_submodule(self.spec.lm_head)
+
+
+@contextmanager
+def stubbed_forwards(stubs: Iterable[tuple["nn.Module", Callable]]) -> Iterator[None]:
+    """Within the block, each (module, fn) pair's module runs fn instead of its forward (an instance attribute,
+    so hooks and __call__ still apply); always restored, also on error. What skips decoder blocks: catching
+    their inputs (quantkit.calib.pipeline) and starting a forward at a block (quantkit.sensitivity.prefix)."""
+    done = []
+    try:
+        for module, fn in stubs:
+            module.forward = fn
+            done.append(module)
+        yield
+    finally:
+        for module in done:
+            del module.forward  # the instance attribute goes; the class's forward shows again

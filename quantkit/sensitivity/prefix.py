@@ -15,13 +15,13 @@ whose blocks talk other than through the hidden states would fail it, and the se
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 
 from quantkit.eval.perplexity import batch_nll
-from quantkit.models.adapter import ModelAdapter, UnsupportedModelError
+from quantkit.models.adapter import ModelAdapter, UnsupportedModelError, stubbed_forwards
 
 
 class _Stop(Exception):
@@ -116,8 +116,7 @@ class BlockPrefix:
             raise RuntimeError(f"block {start - 1} ran {len(kept)} times for the batches of the windows")
         self.at, self.hidden = start, kept
 
-    @contextmanager
-    def _stubbed(self, start: int) -> Iterator[None]:
+    def _stubbed(self, start: int) -> AbstractContextManager[None]:
         """Blocks before `start` skip their math: they pass their input on, the last hands over the kept states."""
 
         def skip(hidden_states, *_args, **_kwargs):
@@ -127,12 +126,4 @@ class BlockPrefix:
             h = self.hidden[self._batch]
             return (h,) if self.tuple_out else h
 
-        stubbed = []
-        try:
-            for i in range(start):
-                self.blocks[i].forward = handover if i == start - 1 else skip
-                stubbed.append(self.blocks[i])
-            yield
-        finally:
-            for block in stubbed:
-                del block.forward  # the instance attribute goes; the class's forward shows again
+        return stubbed_forwards((self.blocks[i], handover if i == start - 1 else skip) for i in range(start))

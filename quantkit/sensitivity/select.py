@@ -258,6 +258,7 @@ class _Search:
         self.parts = cv_folds(self.n, folds)
         self.evaluations = 0  # forward passes over the windows (a rule's K fold scores make one)
         self.use_prefix = True  # restore gains start at the unit's block (quantkit.sensitivity.prefix)
+        self.prefix_agrees: bool | None = None  # its check against the whole forward (made once: a model property)
         self.greedy_nll: dict[frozenset[int], torch.Tensor] = {}  # restored units -> per-window NLL ("greedy")
         # (windows, quantized-model context) pairs covering the windows: one, or one per fold (cross-fitting)
         self.parts_with: list[tuple[range, Callable[[], Any]]] = []
@@ -299,13 +300,16 @@ class _Search:
 
     def _prefix(self, sel: torch.Tensor, allq: torch.Tensor) -> BlockPrefix | None:
         """Forward passes from a unit's block for the restore gains (quantkit.sensitivity.prefix), if this
-        model's blocks can be found and starting mid-way reproduces the all-quantized NLL `allq` of `sel`."""
-        if not self.use_prefix:
+        model's blocks can be found and starting mid-way reproduces the all-quantized NLL `allq` of `sel` (checked
+        on the first part only: whether blocks pass only hidden states along is the architecture's, not the
+        weights')."""
+        if not self.use_prefix or self.prefix_agrees is False:
             return None
         prefix = BlockPrefix.try_for(self.model, sel, self.batch_size)
-        if prefix is None:
-            return None
-        if not prefix.agrees(allq):
+        if prefix is None or self.prefix_agrees:
+            return prefix
+        self.prefix_agrees = prefix.agrees(allq)
+        if not self.prefix_agrees:
             self.say("selection: starting at a block did not reproduce the whole forward; using whole forwards")
             return None
         self.say("selection: restore gains start at each unit's block (checked against the whole forward)")
