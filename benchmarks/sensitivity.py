@@ -228,7 +228,9 @@ def main() -> None:
                "expected": rep.ppl["expected"], "selection": {k: rep.ppl[k] for k in
                                                               ("baseline", "all_quantized", "mixed", "recovered",
                                                                "evaluations", "selection_windows")},
-               "candidates": [{k: c[k] for k in ("rule", "cv_recovered", "per_fold", "layers")} for c in rep.search],
+               "candidates": [{k: c.get(k) for k in ("rule", "cv_recovered", "per_fold", "fold_nll", "beats_default",
+                                                      "layers")} for c in rep.search],
+               "rule_why": rep.ppl.get("rule_why"),
                "rule_scores": by_rule,
                "flagged": rep.flagged, "all": allq, "scan": mixed, "random": rand, "texts": {}}
         for t in TEXTS:
@@ -292,8 +294,9 @@ def main() -> None:
     if scored:
         print("\nEvery candidate rule's final choice on the held-out texts (cross-validated estimate on the "
               "calibration windows; * = the rule the scan chose):\n")
-        print("| scheme | rule | CV expected | " + " | ".join(f"{t} recovers" for t in TEXTS) + " |")
-        print("|---|---|---|" + "---|" * len(TEXTS))
+        print("| scheme | rule | CV expected | beats the default in every fold | "
+              + " | ".join(f"{t} recovers" for t in TEXTS) + " |")
+        print("|---|---|---|---|" + "---|" * len(TEXTS))
         for key, res in scored:
             for c in res["candidates"]:
                 if c["rule"] == res["rule"]:
@@ -303,7 +306,8 @@ def main() -> None:
                 else:
                     continue
                 star = "*" if c["rule"] == res["rule"] else ""
-                print(f"| {res['label']} | {c['rule']}{star} | {c['cv_recovered']:.1%} | "
+                beats = {None: "(default)", True: "yes", False: "no"}[c.get("beats_default")]
+                print(f"| {res['label']} | {c['rule']}{star} | {c['cv_recovered']:.1%} | {beats} | "
                       + " | ".join(f"{v:.1%}" for v in rec) + " |")
 
 

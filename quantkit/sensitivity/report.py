@@ -88,7 +88,8 @@ def summary_rows(report) -> list[tuple[str, str]]:
             rows.append(("kept FP16", f"{p['fp16_linears']} of {len(report.layers)} linears (budget {p['budget']}; "
                          "fused q/k/v and gate/up kept or quantized whole, as --sensitive exports them)"))
         if p.get("rule"):
-            rows.append(("selected by", f"{p['rule']} ({p.get('evaluations', '?')} forward passes over the windows)"))
+            why = f"; {p['rule_why']}" if p.get("rule_why") else ""
+            rows.append(("selected by", f"{p['rule']} ({p.get('evaluations', '?')} forward passes over the windows{why})"))
         exp = p.get("expected")
         if exp:
             rows.append(("expected on unseen text", expected_statement(exp)))
