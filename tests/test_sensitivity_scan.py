@@ -545,6 +545,7 @@ def test_report_states_expected_recovery(model):
     line = rows["expected on unseen text"]
     assert line.startswith(f"recovers about {exp['recovered']:.0%} of the perplexity gap")
     assert "3-fold cross-validation over 6 calibration windows" in line and "held-out text never read" in line
+    assert rep.ppl["rule_why"] and rep.ppl["rule_why"] in rows["selected by"]  # why this rule was kept
     assert f"{rep.ppl['fp16_linears']} of 21 linears (budget 5" in rows["kept FP16"]
     assert rep.thresholds == Thresholds(None, None, None) and rep.mode == "target-fraction"
     with pytest.raises(Exception, match="select_windows"):
