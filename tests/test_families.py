@@ -612,8 +612,8 @@ def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypa
     and DeepSeek (multi-head latent attention, more in test_runtime_mla.py) on the runtime against the dense checkpoint with its run-time quantization simulated (what `quantkit eval`
     scores). Weight-only: the same logits. W8A8C8: int8 GEMMs round differently from the simulation's
     float GEMMs, and where an activation sits on a rounding boundary of the next per-token quantization
-    the two part (measured on Llama too: 3e-7 or 2-5e-3 relative by seed), so the test asks for the same
-    error against the float model (within 2%) and a bounded difference."""
+    the two part (measured on Llama too: 3e-7 or 2-5e-3 relative by seed), so the test asks, token by token,
+    for agreement on most tokens and the same median error against the float model (within 2%)."""
     from quantkit import runtime
     from quantkit.models.checkpoint import load_quantkit_checkpoint
     from quantkit.runtime.simulate import plan_simulation
@@ -639,8 +639,17 @@ def test_runtime_runs_the_family(fam, scheme, tmp_path, tiny_tokenizer, monkeypa
     if scheme.input_activations is None:
         assert rel(got, want) <= 1e-5
     else:
-        assert rel(got, want) <= 1e-2
-        assert abs(rel(got, float_logits) - rel(want, float_logits)) <= 0.02 * rel(want, float_logits)
+        # per token: most agree to float rounding; a token parts where an activation sat on a rounding boundary
+        # (in an MoE model that can also change its experts: DeepSeek-V3 on an AVX-512 CPU, median 3e-7, one
+        # token of 64 at 0.26), which moves a whole-sequence norm by percents either way
+        def per_token(a, b):
+            return ((a - b).norm(dim=-1) / b.norm(dim=-1)).flatten()
+
+        parted = per_token(got, want)
+        assert parted.median() <= 1e-3 and (parted > 1e-2).float().mean() <= 0.1, parted.topk(5).values
+        # the runtime's error against the float model, token by token, is the simulation's
+        run_err, sim_err = per_token(got, float_logits).median(), per_token(want, float_logits).median()
+        assert abs(run_err - sim_err) <= 0.02 * sim_err, (run_err, sim_err)
 
 
 @pytest.mark.parametrize("fam", ["mixtral", "qwen2_moe", "qwen3_moe", "gemma2"])

@@ -476,7 +476,11 @@ class _FoldScales:
 
 def test_after_a_transform_stage_uses_fresh_hessians():
     """GPTQ after a stage that changed the block == GPTQ on the already-changed model:
-    the Hessians are taken from the block as the earlier stage left it, not from the capture pass."""
+    the Hessians are taken from the block as the earlier stage left it, not from the capture pass.
+
+    gptaq off: with it, path a's reference stream is the original float model's and path b's the folded one's,
+    equal only up to float rounding (the fold multiplies and divides by s), and a code at a rounding boundary
+    then flips on some CPUs (seen with 2 threads on an AVX-512 machine), which says nothing about the Hessians."""
     from quantkit.methods.base import Method
 
     class Fold(Method):
@@ -488,11 +492,11 @@ def test_after_a_transform_stage_uses_fresh_hessians():
     fold = Fold(Scheme(args))
     fold.final = False
     a = make_tiny_model("llama", seed=91)
-    res_a = run_layerwise(a, ids, [fold, get_method("gptq")(Scheme(args))])
+    res_a = run_layerwise(a, ids, [fold, get_method("gptq")(Scheme(args), gptaq=0.0)])
     b = make_tiny_model("llama", seed=91)
     for block in b.model.layers:
         _FoldScales.apply(block)
-    res_b = run_layerwise(b, ids, [get_method("gptq")(Scheme(args))])
+    res_b = run_layerwise(b, ids, [get_method("gptq")(Scheme(args), gptaq=0.0)])
     for name in res_b.results:
         assert torch.equal(res_a.results[name].q, res_b.results[name].q), name
 
