@@ -12,7 +12,8 @@ For each scheme the path a user takes, in one process (the same functions the co
      (another domain; `builtin:code`, quantkit.calib.data.HELDOUT).
   Against: the same method with no --sensitive (all quantized), and --draws random selections of the
   same FP16 count made the same way (whole fused units, through --sensitive), and (--score-rules, on by
-  default) every other candidate rule's final choice, scored the same way: which rule carries over.
+  default) every other candidate rule's final choice, scored the same way: which rule carries over. `--alone`
+  (an experiment, RTN rows): also the knapsack over each unit's damage measured with only that unit quantized.
 
 Rows (--schemes): W4A16g64 = W4 g64 asym RTN (`quantkit rtn --bits 4 --group-size 64 --asym`), W8A8 = naive
 W8A8 (W8 per channel, A8 per token, RTN: a recipe `{scheme: W8A8, stages: [rtn]}`), GPTQ = `quantkit gptq`
@@ -84,6 +85,33 @@ def _ratio(r: float) -> str:
     return f"{r:.2f}x" if r != float("inf") else "n/a (random <= 0)"
 
 
+def alone_choice(model, scheme, names: list[str], windows, fraction: float, batch_size: int) -> list[str]:
+    """Experiment (`--alone`, not a scan rule): each unit's damage measured alone -- only that unit quantized
+    (RTN), every other linear float -- summed over the scan's selection windows, then the scan's knapsack.
+
+    Session 33 found restore gains (all quantized but one unit) far from additive for W8A8 and GPTQ (most
+    units' single gain negative); a unit's damage in the float model is the other direction of measurement."""
+    import math
+
+    import torch
+
+    from quantkit.eval.perplexity import window_nll
+    from quantkit.sensitivity.partial import quantized_subset
+    from quantkit.sensitivity.select import knapsack, selection_units
+
+    units = selection_units(names)
+    with torch.no_grad():
+        base = window_nll(model, windows, batch_size=batch_size).double()
+        damage = []
+        for i, u in enumerate(units):
+            with quantized_subset(model, list(u), scheme):
+                damage.append(float((window_nll(model, windows, batch_size=batch_size).double() - base).sum()))
+            if (i + 1) % 20 == 0:
+                log(f"alone: {i + 1}/{len(units)} units measured")
+    budget = int(math.floor(fraction * len(names) + 1e-9))
+    return [m for i in knapsack(damage, [len(u) for u in units], budget) for m in units[i]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -114,6 +142,9 @@ def main() -> None:
     ap.add_argument("--score-rules", action=argparse.BooleanOptionalAction, default=True,
                     help="also score each other candidate rule's final choice on the held-out texts (one more "
                     "method run + export + eval per rule whose choice differs): which rule carries over to unseen text")
+    ap.add_argument("--alone", action="store_true",
+                    help="experiment, RTN rows: also score the knapsack over each unit's damage measured alone "
+                    "(only it quantized) on the selection windows (120 more forward passes on the default model)")
     ap.add_argument("--schemes", default="W4A16g64,W8A8,GPTQ", help=f"rows, of {', '.join(ROWS)}")
     ap.add_argument("--gptq-rtn-file", action=argparse.BooleanOptionalAction, default=True,
                     help="with W4A16g64: also GPTQ with the W4A16g64 (RTN) scan's file")
@@ -125,7 +156,7 @@ def main() -> None:
     import torch
 
     from quantkit import api
-    from quantkit.calib.data import CODE_MODULES, calibration_set, heldout_windows
+    from quantkit.calib.data import CODE_MODULES, calibration_set, calibration_windows, heldout_windows
     from quantkit.models.loading import resolve_device
     from quantkit.recipe import PRESETS, Recipe, Stage
     from quantkit.runtime.simulate import plan_simulation
@@ -223,13 +254,25 @@ def main() -> None:
             by_rule[c["rule"]] = {"ppl": r["ppl"], "fp16_linears": r["fp16_linears"], "same_as_chosen": same,
                                   "recovered": {t: recovered_fraction(base[t], allq["ppl"][t], r["ppl"][t])
                                                 for t in TEXTS}}
+        cands = [{k: c.get(k) for k in ("rule", "cv_recovered", "per_fold", "fold_nll", "beats_default", "layers")}
+                 for c in rep.search]
+        if a.alone and method == "rtn":
+            reset()
+            model.to(a.device)
+            sel_windows = calibration_windows(tok, a.eval_seqlen, a.select_windows or None, spec=a.calib)
+            alone = alone_choice(model, scheme, names, sel_windows.to(a.device), a.fraction, a.eval_batch_size)
+            r = user_path(recipe, with_flags(sl, alone, tmp / "rule-alone.json"), f"{key}-rule-alone")
+            by_rule["alone"] = {"ppl": r["ppl"], "fp16_linears": r["fp16_linears"], "same_as_chosen": False,
+                                "recovered": {t: recovered_fraction(base[t], allq["ppl"][t], r["ppl"][t])
+                                              for t in TEXTS}}
+            cands.append({"rule": "alone", "cv_recovered": None, "per_fold": None, "fold_nll": None,
+                          "beats_default": "experiment", "layers": alone})
         res = {"label": f"{ROWS[key][0]} {method.upper()}", "scan_method": rep.method, "scan_seconds": scan_s,
                "n_linears": len(names), "budget": rep.ppl["budget"], "rule": rep.ppl["rule"],
                "expected": rep.ppl["expected"], "selection": {k: rep.ppl[k] for k in
                                                               ("baseline", "all_quantized", "mixed", "recovered",
                                                                "evaluations", "selection_windows")},
-               "candidates": [{k: c.get(k) for k in ("rule", "cv_recovered", "per_fold", "fold_nll", "beats_default",
-                                                      "layers")} for c in rep.search],
+               "candidates": cands,
                "rule_why": rep.ppl.get("rule_why"),
                "rule_scores": by_rule,
                "flagged": rep.flagged, "all": allq, "scan": mixed, "random": rand, "texts": {}}
@@ -306,8 +349,9 @@ def main() -> None:
                 else:
                     continue
                 star = "*" if c["rule"] == res["rule"] else ""
-                beats = {None: "(default)", True: "yes", False: "no"}[c.get("beats_default")]
-                print(f"| {res['label']} | {c['rule']}{star} | {c['cv_recovered']:.1%} | {beats} | "
+                beats = {None: "(default)", True: "yes", False: "no"}.get(c.get("beats_default"), "(experiment)")
+                cv = f"{c['cv_recovered']:.1%}" if c["cv_recovered"] is not None else "-"
+                print(f"| {res['label']} | {c['rule']}{star} | {cv} | {beats} | "
                       + " | ".join(f"{v:.1%}" for v in rec) + " |")
 
 
