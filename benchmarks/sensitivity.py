@@ -244,6 +244,10 @@ def main() -> None:
         rand = [user_path(recipe, with_flags(sl, random_units(units, mixed["fp16_linears"], s), tmp / f"r{s}.json"),
                           f"{key}-random{s}") for s in range(a.draws)]
         # every candidate rule's own final choice, scored the same way (the chosen rule's is `mixed`)
+        def scored(r: dict, same: bool) -> dict:
+            return {"ppl": r["ppl"], "fp16_linears": r["fp16_linears"], "same_as_chosen": same,
+                    "recovered": {t: recovered_fraction(base[t], allq["ppl"][t], r["ppl"][t]) for t in TEXTS}}
+
         by_rule = {}
         for c in rep.search if a.score_rules else []:
             if c["rule"] == rep.ppl["rule"] or not c["layers"]:
@@ -251,9 +255,7 @@ def main() -> None:
             same = sorted(c["layers"]) == sorted(rep.flagged)
             r = mixed if same else user_path(recipe, with_flags(sl, c["layers"], tmp / f"rule-{c['rule']}.json"),
                                              f"{key}-rule-{c['rule']}")
-            by_rule[c["rule"]] = {"ppl": r["ppl"], "fp16_linears": r["fp16_linears"], "same_as_chosen": same,
-                                  "recovered": {t: recovered_fraction(base[t], allq["ppl"][t], r["ppl"][t])
-                                                for t in TEXTS}}
+            by_rule[c["rule"]] = scored(r, same)
         cands = [{k: c.get(k) for k in ("rule", "cv_recovered", "per_fold", "fold_nll", "beats_default", "layers")}
                  for c in rep.search]
         if a.alone and method == "rtn":
@@ -262,9 +264,7 @@ def main() -> None:
             sel_windows = calibration_windows(tok, a.eval_seqlen, a.select_windows or None, spec=a.calib)
             alone = alone_choice(model, scheme, names, sel_windows.to(a.device), a.fraction, a.eval_batch_size)
             r = user_path(recipe, with_flags(sl, alone, tmp / "rule-alone.json"), f"{key}-rule-alone")
-            by_rule["alone"] = {"ppl": r["ppl"], "fp16_linears": r["fp16_linears"], "same_as_chosen": False,
-                                "recovered": {t: recovered_fraction(base[t], allq["ppl"][t], r["ppl"][t])
-                                              for t in TEXTS}}
+            by_rule["alone"] = scored(r, False)
             cands.append({"rule": "alone", "cv_recovered": None, "per_fold": None, "fold_nll": None,
                           "beats_default": "experiment", "layers": alone})
         res = {"label": f"{ROWS[key][0]} {method.upper()}", "scan_method": rep.method, "scan_seconds": scan_s,
