@@ -231,7 +231,8 @@ def select_fp16(
 
 def pick_rule(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The candidate whose choice is kept: the default rule (the first of DEFAULT_RULES with a choice) unless
-    another rule's cross-validated recovery is higher in every fold (then the best such by pooled estimate).
+    another rule's fold choices scored a lower NLL on every fold's windows (then the best such by pooled
+    estimate).
 
     Why not simply the best pooled estimate: the estimates of different rules differ by less than their noise,
     and the best of several noisy estimates is picked for its luck as much as for its rule. Measured on the
@@ -239,7 +240,9 @@ def pick_rule(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
     to unseen text: restore's estimate led fisher's by 2 points (3 folds of 4) in a GPTQ run and its choice
     recovered 28.9% / 18.4% of the gap on unseen pydoc / stdlib source, where fisher's choice (the same 21
     linears, chosen in another run) recovered 46.7% / 37.1%; restore's choice won every fold for W4A16 RTN and
-    carried over (44.4% / 41.0%). A rule that wins all K folds by chance has odds 2^-K (1 in 16 at 4 folds).
+    carried over (44.4% / 41.0%); again in session 33 (restore won every W4A16 fold; for W8A8 its estimate led
+    by 4 points in 2 folds of 4, and its choice recovered 30.2% on stdlib source against fisher's 47.9%). A rule
+    that wins all K folds by chance has odds 2^-K (1 in 16 at 4 folds).
     Each candidate gets "beats_default" (None for the default itself); the winner's "why" says which case held.
     """
     chose = [c for c in candidates if c["layers"]]
