@@ -85,31 +85,33 @@ def _ratio(r: float) -> str:
     return f"{r:.2f}x" if r != float("inf") else "n/a (random <= 0)"
 
 
-def alone_choice(model, scheme, names: list[str], windows, fraction: float, batch_size: int) -> list[str]:
-    """Experiment (`--alone`, not a scan rule): each unit's damage measured alone -- only that unit quantized
-    (RTN), every other linear float -- summed over the scan's selection windows, then the scan's knapsack.
-
-    Session 33 found restore gains (all quantized but one unit) far from additive for W8A8 and GPTQ (most
-    units' single gain negative); a unit's damage in the float model is the other direction of measurement."""
-    import math
-
+def alone_damages(model, scheme, units: list[tuple[str, ...]], windows, batch_size: int) -> list[float]:
+    """Each unit's damage measured alone, summed over `windows`: NLL(only the unit quantized, with the scheme's
+    RTN) - NLL(float). Session 33 found restore gains (all quantized but one unit) far from additive for W8A8 and
+    GPTQ (most units' single gain negative); this is the other direction of measurement."""
     import torch
 
     from quantkit.eval.perplexity import window_nll
     from quantkit.sensitivity.partial import quantized_subset
-    from quantkit.sensitivity.select import knapsack, selection_units
 
-    units = selection_units(names)
     with torch.no_grad():
-        base = window_nll(model, windows, batch_size=batch_size).double()
+        base = float(window_nll(model, windows, batch_size=batch_size).double().sum())
         damage = []
         for i, u in enumerate(units):
             with quantized_subset(model, list(u), scheme):
-                damage.append(float((window_nll(model, windows, batch_size=batch_size).double() - base).sum()))
+                damage.append(float(window_nll(model, windows, batch_size=batch_size).double().sum()) - base)
             if (i + 1) % 20 == 0:
                 log(f"alone: {i + 1}/{len(units)} units measured")
-    budget = int(math.floor(fraction * len(names) + 1e-9))
-    return [m for i in knapsack(damage, [len(u) for u in units], budget) for m in units[i]]
+    return damage
+
+
+def alone_choice(model, scheme, names: list[str], windows, fraction: float, batch_size: int) -> list[str]:
+    """Experiment (`--alone`, not a scan rule): the scan's knapsack over `alone_damages` on its selection windows."""
+    from quantkit.sensitivity.select import fp16_budget, knapsack_linears, selection_units
+
+    units = selection_units(names)
+    return knapsack_linears(alone_damages(model, scheme, units, windows, batch_size), units,
+                            fp16_budget(fraction, len(names)))
 
 
 def main() -> None:

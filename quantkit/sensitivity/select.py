@@ -122,6 +122,18 @@ def knapsack(values: Sequence[float], costs: Sequence[int], capacity: int) -> li
     return sorted(max(best, key=lambda b: b[0])[1])
 
 
+def fp16_budget(fraction: float, n_linears: int) -> int:
+    """Linears a `--target-fraction` choice may keep in FP16: floor(fraction x linears)."""
+    return int(math.floor(fraction * n_linears + 1e-9))
+
+
+def knapsack_linears(values: Sequence[float], units: Sequence[tuple[str, ...]], budget: int,
+                     costs: Sequence[int] | None = None) -> list[str]:
+    """The linears of the units a knapsack over per-unit `values` keeps (each unit costs its linears)."""
+    costs = [len(u) for u in units] if costs is None else costs
+    return [m for i in knapsack(values, costs, budget) for m in units[i]]
+
+
 def cv_folds(n: int, folds: int) -> list[range]:
     """`folds` contiguous, near-equal, non-empty index ranges covering 0..n-1 (fewer when n < folds)."""
     if n < 1:
@@ -285,7 +297,7 @@ class _Search:
         self.by_name = {e.name: e for e in layers}
         self.units = selection_units(self.names)
         self.costs = [len(u) for u in self.units]
-        self.budget = int(math.floor(fraction * len(self.names) + 1e-9))
+        self.budget = fp16_budget(fraction, len(self.names))
         self.n = int(windows.shape[0])
         self.tokens = self.n * (int(windows.shape[1]) - 1)  # predicted tokens over all windows
         self.parts = cv_folds(self.n, folds)
@@ -423,7 +435,7 @@ class _Search:
         return self.greedy_nll[key]
 
     def choose(self, values: list[float]) -> list[str]:
-        return [m for i in knapsack(values, self.costs, self.budget) for m in self.units[i]]
+        return knapsack_linears(values, self.units, self.budget, self.costs)
 
     def cross_validate(self, rule: str, chooser, base: torch.Tensor, allq: torch.Tensor) -> dict[str, Any]:
         """The rule's out-of-sample recovery: each fold scored by the choice made from the other folds."""
