@@ -12,8 +12,7 @@ For each scheme the path a user takes, in one process (the same functions the co
      (another domain; `builtin:code`, quantkit.calib.data.HELDOUT).
   Against: the same method with no --sensitive (all quantized), and --draws random selections of the
   same FP16 count made the same way (whole fused units, through --sensitive), and (--score-rules, on by
-  default) every other candidate rule's final choice, scored the same way: which rule carries over. `--alone`
-  (an experiment, RTN rows): also the knapsack over each unit's damage measured with only that unit quantized.
+  default) every other candidate rule's final choice, scored the same way: which rule carries over.
 
 Rows (--schemes): W4A16g64 = W4 g64 asym RTN (`quantkit rtn --bits 4 --group-size 64 --asym`), W8A8 = naive
 W8A8 (W8 per channel, A8 per token, RTN: a recipe `{scheme: W8A8, stages: [rtn]}`), GPTQ = `quantkit gptq`
@@ -85,35 +84,6 @@ def _ratio(r: float) -> str:
     return f"{r:.2f}x" if r != float("inf") else "n/a (random <= 0)"
 
 
-def alone_damages(model, scheme, units: list[tuple[str, ...]], windows, batch_size: int) -> list[float]:
-    """Each unit's damage measured alone, summed over `windows`: NLL(only the unit quantized, with the scheme's
-    RTN) - NLL(float). Session 33 found restore gains (all quantized but one unit) far from additive for W8A8 and
-    GPTQ (most units' single gain negative); this is the other direction of measurement."""
-    import torch
-
-    from quantkit.eval.perplexity import window_nll
-    from quantkit.sensitivity.partial import quantized_subset
-
-    with torch.no_grad():
-        base = float(window_nll(model, windows, batch_size=batch_size).double().sum())
-        damage = []
-        for i, u in enumerate(units):
-            with quantized_subset(model, list(u), scheme):
-                damage.append(float(window_nll(model, windows, batch_size=batch_size).double().sum()) - base)
-            if (i + 1) % 20 == 0:
-                log(f"alone: {i + 1}/{len(units)} units measured")
-    return damage
-
-
-def alone_choice(model, scheme, names: list[str], windows, fraction: float, batch_size: int) -> list[str]:
-    """Experiment (`--alone`, not a scan rule): the scan's knapsack over `alone_damages` on its selection windows."""
-    from quantkit.sensitivity.select import fp16_budget, knapsack_linears, selection_units
-
-    units = selection_units(names)
-    return knapsack_linears(alone_damages(model, scheme, units, windows, batch_size), units,
-                            fp16_budget(fraction, len(names)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -144,9 +114,6 @@ def main() -> None:
     ap.add_argument("--score-rules", action=argparse.BooleanOptionalAction, default=True,
                     help="also score each other candidate rule's final choice on the held-out texts (one more "
                     "method run + export + eval per rule whose choice differs): which rule carries over to unseen text")
-    ap.add_argument("--alone", action="store_true",
-                    help="experiment, RTN rows: also score the knapsack over each unit's damage measured alone "
-                    "(only it quantized) on the selection windows (120 more forward passes on the default model)")
     ap.add_argument("--schemes", default="W4A16g64,W8A8,GPTQ", help=f"rows, of {', '.join(ROWS)}")
     ap.add_argument("--gptq-rtn-file", action=argparse.BooleanOptionalAction, default=True,
                     help="with W4A16g64: also GPTQ with the W4A16g64 (RTN) scan's file")
@@ -158,7 +125,7 @@ def main() -> None:
     import torch
 
     from quantkit import api
-    from quantkit.calib.data import CODE_MODULES, calibration_set, calibration_windows, heldout_windows
+    from quantkit.calib.data import CODE_MODULES, calibration_set, heldout_windows
     from quantkit.models.loading import resolve_device
     from quantkit.recipe import PRESETS, Recipe, Stage
     from quantkit.runtime.simulate import plan_simulation
@@ -260,15 +227,6 @@ def main() -> None:
             by_rule[c["rule"]] = scored(r, same)
         cands = [{k: c.get(k) for k in ("rule", "cv_recovered", "per_fold", "fold_nll", "beats_default", "layers")}
                  for c in rep.search]
-        if a.alone and method == "rtn":
-            reset()
-            model.to(a.device)
-            sel_windows = calibration_windows(tok, a.eval_seqlen, a.select_windows or None, spec=a.calib)
-            alone = alone_choice(model, scheme, names, sel_windows.to(a.device), a.fraction, a.eval_batch_size)
-            r = user_path(recipe, with_flags(sl, alone, tmp / "rule-alone.json"), f"{key}-rule-alone")
-            by_rule["alone"] = scored(r, False)
-            cands.append({"rule": "alone", "cv_recovered": None, "per_fold": None, "fold_nll": None,
-                          "beats_default": "experiment", "layers": alone})
         res = {"label": f"{ROWS[key][0]} {method.upper()}", "scan_method": rep.method, "scan_seconds": scan_s,
                "n_linears": len(names), "budget": rep.ppl["budget"], "rule": rep.ppl["rule"],
                "expected": rep.ppl["expected"], "selection": {k: rep.ppl[k] for k in
@@ -297,12 +255,12 @@ def main() -> None:
     gptq_rows = []
     if a.gptq_rtn_file and "W4A16g64" in scan_files:
         recipe = Recipe(schemes["W4A16g64"], (Stage("gptq"),))
-        alone = out["schemes"]["GPTQ"]["all"] if "GPTQ" in out["schemes"] else user_path(recipe, None, "gptq-all")
+        gptq_only = out["schemes"]["GPTQ"]["all"] if "GPTQ" in out["schemes"] else user_path(recipe, None, "gptq-all")
         mixed = user_path(recipe, scan_files["W4A16g64"], "gptq-rtn-file")
-        g = {"alone": alone, "scan": mixed, "texts": {}}
+        g = {"alone": gptq_only, "scan": mixed, "texts": {}}
         for t in TEXTS:
-            g["texts"][t] = {"removed": recovered_fraction(base[t], alone["ppl"][t], mixed["ppl"][t])}
-            gptq_rows.append((t, alone, mixed, g["texts"][t]["removed"]))
+            g["texts"][t] = {"removed": recovered_fraction(base[t], gptq_only["ppl"][t], mixed["ppl"][t])}
+            gptq_rows.append((t, gptq_only, mixed, g["texts"][t]["removed"]))
         out["gptq_rtn_file"] = g
     out["seconds"] = time.perf_counter() - t_start
     path.write_text(json.dumps(out, indent=2, default=float) + "\n")
@@ -331,8 +289,8 @@ def main() -> None:
         print(f"| {res['label']} | {t} | {base[t]:.3f} | {q:.3f} ({q / base[t] - 1:+.1%}) | {m:.3f} ({m / base[t] - 1:+.1%}) "
               f"| {r:.3f} ({r / base[t] - 1:+.1%}) | {res['scan']['fp16_linears']}/{res['n_linears']} | {rec:.1%} "
               f"| {rm:.1%}{sd} | {_ratio(res['texts'][t]['ratio'])} | {res['expected']['recovered']:.1%} |")
-    for t, alone, mixed, removed in gptq_rows:
-        q, m = alone["ppl"][t], mixed["ppl"][t]
+    for t, gptq_only, mixed, removed in gptq_rows:
+        q, m = gptq_only["ppl"][t], mixed["ppl"][t]
         print(f"| W4A16g64 GPTQ, RTN scan's file | {t} | {base[t]:.3f} | {q:.3f} ({q / base[t] - 1:+.1%}) | {m:.3f} "
               f"({m / base[t] - 1:+.1%}) | - | {mixed['fp16_linears']} | {removed:.1%} (target >= 25%) | - | - | - |")
     scored = [(key, res) for key, res in out["schemes"].items() if res.get("rule_scores")]
@@ -351,7 +309,7 @@ def main() -> None:
                 else:
                     continue
                 star = "*" if c["rule"] == res["rule"] else ""
-                beats = {None: "(default)", True: "yes", False: "no"}.get(c.get("beats_default"), "(experiment)")
+                beats = {None: "(default)", True: "yes", False: "no"}[c.get("beats_default")]
                 cv = f"{c['cv_recovered']:.1%}" if c["cv_recovered"] is not None else "-"
                 print(f"| {res['label']} | {c['rule']}{star} | {cv} | {beats} | "
                       + " | ".join(f"{v:.1%}" for v in rec) + " |")

@@ -22,7 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
@@ -45,7 +44,6 @@ def main() -> None:
     from quantkit.recipe import PRESETS
     from quantkit.sensitivity.partial import quantized_subset
     from quantkit.sensitivity.select import selection_units
-    from sensitivity import alone_damages
 
     t0 = time.perf_counter()
     loaded = api.load(a.model, device=a.device, dtype="float32")
@@ -66,7 +64,10 @@ def main() -> None:
             for u in units:
                 with q.restored(u):
                     restore.append(allq - nll())
-    alone = alone_damages(model, scheme, units, windows, a.batch_size)
+        alone = []
+        for u in units:
+            with quantized_subset(model, list(u), scheme):
+                alone.append(nll() - base)
     gap = allq - base
     rank = lambda v: torch.tensor(v).argsort().argsort().double()  # noqa: E731
     spearman = float(torch.corrcoef(torch.stack([rank(restore), rank(alone)]))[0, 1])

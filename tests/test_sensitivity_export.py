@@ -235,7 +235,7 @@ def test_cli_scan_target_fraction_then_sensitive(tiny_dir, tmp_path):
     said = "recovers about" if 0 <= d["ppl"]["expected"]["recovered"] <= 1 else "no usable estimate"
     assert f"expected on unseen text {said}" in flat and "2-fold cross-validation over 4 calibration" in flat
     # with --target-fraction the gradient-weighted rule is on by default (the path the benchmark measures)
-    assert [c["rule"] for c in d["search"]] == ["restore", "greedy", "fisher", "rel_err"]
+    assert [c["rule"] for c in d["search"]] == ["restore", "alone", "greedy", "fisher", "rel_err"]
     assert d["scheme"]["weights"]["symmetric"] is False and d["thresholds"]["mode"] == "target-fraction"
     flagged = [e["name"] for e in d["layers"] if e["flag"] == "fp16"]
     assert 0 < len(flagged) <= 5 and d["ppl"]["expected"]["recovered"] is not None

@@ -267,12 +267,13 @@ def test_select_fp16_budget_units_cv_and_expected(model):
     assert set(sel.chosen) == {m for u in units if set(u) & set(sel.chosen) for m in u}  # whole units only
     assert [e.name for e in layers if e.flag == "fp16"] == sel.chosen
     assert expand_fused(sel.chosen, names) == sel.chosen  # --sensitive adds nothing: the budget holds after it
-    assert [c["rule"] for c in sel.candidates] == ["restore", "fisher", "rel_err"]
+    assert [c["rule"] for c in sel.candidates] == ["restore", "alone", "fisher", "rel_err"]
     # the saved measurements replay each knapsack rule's final choice
     data, by_rule = sel.measurements, {c["rule"]: c["layers"] for c in sel.candidates}
-    assert data["gains"].shape == data["fisher"].shape == (len(selection_units(names)), 8)
+    assert data["gains"].shape == data["alone"].shape == data["fisher"].shape == (len(selection_units(names)), 8)
     costs = data["costs"].tolist()
-    replay = {"restore": data["gains"].sum(1).tolist(), "fisher": data["fisher"].sum(1).tolist()}
+    replay = {"restore": data["gains"].sum(1).tolist(), "alone": data["alone"].sum(1).tolist(),
+              "fisher": data["fisher"].sum(1).tolist()}
     for rule, values in replay.items():
         assert [m for i in knapsack(values, costs, k) for m in selection_units(names)[i]] == by_rule[rule]
     # a unit's restore gain, against the plain path: ppl(all quantized) - ppl(all quantized but the unit)
@@ -280,6 +281,12 @@ def test_select_fp16_budget_units_cv_and_expected(model):
     but_u = subset_perplexity(model, windows, [n for n in names if n not in u], W4G32)
     gained = {e.name: e.restore_gain for e in layers}
     assert gained[u[0]] == pytest.approx(sel.ppl["all_quantized"] - but_u, rel=1e-6)
+    # units' alone damages (measured from their block on), against whole forwards with only the unit quantized
+    float_nll = _nll_sum(model, windows, [], W4G32)
+    for i in (0, 5, len(units) - 1):
+        alone = _nll_sum(model, windows, list(units[i]), W4G32) - float_nll
+        assert float(data["alone"][i].sum()) == pytest.approx(alone, rel=1e-6, abs=1e-6)
+    assert float(data["alone"].abs().sum()) > 0
     # each candidate's cross-validated recovery, recomputed fold by fold through the plain path
     base = _nll_sum(model, windows, [], W4G32)
     allq = _nll_sum(model, windows, names, W4G32)
@@ -291,11 +298,11 @@ def test_select_fp16_budget_units_cv_and_expected(model):
                     for f, ch in zip(folds, c["fold_layers"]))
         want = recovered_fraction(math.exp(base / tok), math.exp(allq / tok), math.exp(mixed / tok))
         assert c["cv_recovered"] == pytest.approx(want, rel=1e-6, abs=1e-9)
-    # kept: fisher (the default, measured here) unless another rule's fold NLL is lower in every fold
+    # kept: alone (the default, measured here) unless another rule's fold NLL is lower in every fold
     by_rule = {c["rule"]: c for c in sel.candidates}
-    wins = [c for c in sel.candidates if c["rule"] != "fisher"
-            and all(a < b for a, b in zip(c["fold_nll"], by_rule["fisher"]["fold_nll"]))]
-    best = min(wins, key=lambda c: c["cv_ppl"]) if wins else by_rule["fisher"]
+    wins = [c for c in sel.candidates if c["rule"] != "alone"
+            and all(a < b for a, b in zip(c["fold_nll"], by_rule["alone"]["fold_nll"]))]
+    best = min(wins, key=lambda c: c["cv_ppl"]) if wins else by_rule["alone"]
     exp = sel.ppl["expected"]
     assert sel.rule == best["rule"] and exp["recovered"] == best["cv_recovered"] and sel.chosen == best["layers"]
     assert exp["folds"] == 4 and exp["windows"] == 8 and "cross-validation" in exp["how"]
@@ -319,6 +326,11 @@ def test_pick_rule_keeps_the_default_unless_beaten_in_every_fold():
     assert "every fold" in greedy["why"] and "fisher" in greedy["why"]
     # equal in one fold (the same fold choice) is not better
     assert pick_rule([_cand("restore", [9, 10, 9, 9]), fisher]) is fisher
+    # alone, when it chose, is the default before fisher
+    alone = _cand("alone", [9.5, 9.5, 9.5, 9.5])
+    assert pick_rule([restore, alone, fisher]) is alone
+    assert fisher["beats_default"] is False and restore["beats_default"] is False
+    assert pick_rule([_cand("alone", [10, 10], layers=()), fisher]) is fisher
     # without fisher the default is restore; a rule with an empty choice is never kept; none chose: None
     r, e = _cand("restore", [5, 5]), _cand("rel_err", [4, 4], layers=())
     assert pick_rule([r, e]) is r and pick_rule([e]) is None and pick_rule([]) is None
@@ -384,7 +396,7 @@ def test_greedy_does_not_count_one_repair_twice():
     gains = torch.stack([torch.full((2,), gain_of[frozenset(u)] / 2, dtype=torch.float64)
                          for u in ("a", "b", "c", "d")])
     measured = [0, 1, 2, 3]
-    knap = search.rules(gains, measured, None, [0.0] * 4)["restore"]([0, 1])
+    knap = search.rules(gains, gains, measured, None, [0.0] * 4)["restore"]([0, 1])
     assert knap == ["m.a", "m.b"]
     assert search.greedy_choice(Q(), allq, gains, measured, 3, [0, 1]) == ["m.a", "m.c"]
     assert measured_sets == [frozenset("ab"), frozenset("ac")]  # the first pick read single gains
@@ -438,12 +450,12 @@ def test_select_fp16_greedy_rule_on_a_model(model):
     names = [e.name for e in layers]
     sel = select_fp16(model, layers, W4G32, windows, 0.25, folds=2, greedy=3)
     by_rule = {c["rule"]: c for c in sel.candidates}
-    assert list(by_rule) == ["restore", "greedy", "rel_err"]
+    assert list(by_rule) == ["restore", "alone", "greedy", "rel_err"]
     g = by_rule["greedy"]
     assert 0 < len(g["layers"]) <= sel.budget and all(len(f) <= sel.budget for f in g["fold_layers"])
     units = selection_units(names)
     assert set(g["layers"]) == {m for u in units if set(u) & set(g["layers"]) for m in u}  # whole units
-    assert sel.ppl["evaluations"] > 2 + len(units) + 3 + 1  # the greedy re-measurements are counted
+    assert sel.ppl["evaluations"] > 2 + 2 * len(units) + 4 + 1  # the greedy re-measurements are counted
     if sel.rule == "greedy":
         direct = subset_perplexity(model, windows, [n for n in names if n not in set(sel.chosen)], W4G32)
         assert sel.ppl["mixed"] == pytest.approx(direct, rel=1e-6)
@@ -526,7 +538,8 @@ def test_select_fp16_shortlist_and_zero_budget(model):
     top3 = sorted(range(len(units)), key=lambda i: -rel[i])[:3]
     measured = {e.name for e in layers if e.restore_gain is not None}
     assert measured == {m for i in top3 for m in units[i]}
-    assert sel.ppl["measured_units"] == 3 and sel.ppl["evaluations"] == 2 + 3 + 2 + 1
+    # float, all quantized; 3 restore gains, 3 alone damages; 3 rules' fold scores; the in-sample score
+    assert sel.ppl["measured_units"] == 3 and sel.ppl["evaluations"] == 2 + 3 + 3 + 3 + 1
     for e in layers:
         e.restore_gain = None
     sel = select_fp16(model, layers, W4G32, windows, 0.01, folds=2)  # budget 0

@@ -13,11 +13,14 @@ text (the builtin corpus's first half; `api.selection_windows`). The held-out te
 
 Measured damage, per unit u and per selection window w:
   restore gain g[u, w] = NLL_w(all quantized) - NLL_w(all quantized but u)
-(summed token NLL; one forward over the windows per measured unit), and optionally the
-gradient-weighted output error of `quantkit.sensitivity.fisher`, per window. A rule turns
-per-unit values summed over some windows into a choice: a 0/1 knapsack (values, costs =
-unit sizes, capacity k), solved exactly by dynamic programming. Rules: "restore"
-(measured gains; units with a positive sum only), "fisher" (when measured), "rel_err"
+(summed token NLL; one forward over the windows per measured unit), the damage measured
+alone
+  alone damage d[u, w] = NLL_w(only u quantized) - NLL_w(float)
+(one more forward per measured unit), and optionally the gradient-weighted output error of
+`quantkit.sensitivity.fisher`, per window. A rule turns per-unit values summed over some
+windows into a choice: a 0/1 knapsack (values, costs = unit sizes, capacity k), solved
+exactly by dynamic programming. Rules: "restore" (measured gains; units with a positive sum
+only), "alone" (measured damages, likewise), "fisher" (when measured), "rel_err"
 (the scan's relative output error summed over the unit; it reads no window NLL), and,
 when asked (`greedy` = N), "greedy": the knapsack adds single-unit gains, but two units
 can repair the same error (restoring both gains less than the sum), so "greedy" picks one
@@ -30,8 +33,8 @@ share a topic, so contiguous folds are the harder, more honest split). For each 
 fold f, the rule chooses from the other folds' windows only, and the choice is scored on
 fold f. Pooling the folds, every window is scored by a choice made without it: that
 pooled recovery of the perplexity gap is the rule's out-of-sample estimate. The default
-rule (fisher when measured, else restore) is kept unless another rule did better in every
-fold (`pick_rule`: the best pooled estimate alone carried luck over to unseen text); the
+rule (alone when units are measured, else fisher, else restore) is kept unless another rule
+did better in every fold (`pick_rule`: the best pooled estimate alone carried luck over to unseen text); the
 kept rule chooses again from all windows, and the report states its estimate as the
 recovery to expect on unseen text like the calibration text (the in-sample recovery of
 the final choice is recorded beside it to show how much choosing on the scoring windows
@@ -48,13 +51,23 @@ fold's weights: each window is then text the weights it is scored with never saw
 measured on the default model (H100), it took GPTQ's held-out recovery from 29.5% / 21.0%
 (expected 58.7%) to 46.7% / 37.1% (expected 44.0%).
 
-Forward passes over the selection windows: 2 (float, all quantized) + measured units
+Why both directions of measurement: a knapsack adds single-unit values, and neither is
+additive. With everything else quantized, restoring one unit alone raised the NLL for 94 of
+120 units of the default model in W8A8 (the gains summed to -4.2x the gap that restoring
+all closes), while each unit's damage alone summed to +0.88x of the gap (CPU, W8A8;
+BENCHMARKS.md, issue 24). Measured at full size on an H100, the knapsack over alone damages
+recovered 45.8% / 48.8% of W8A8's gap on unseen pydoc / stdlib source (restore's 25.4% / 24.0%,
+fisher's 37.0% / 47.3%), and restore's choice was the best for W4A16 g64 (44.4% / 41.0%
+against alone's 41.5% / 39.8%).
+
+Forward passes over the selection windows: 2 (float, all quantized) + 2 x measured units
 + 1 per rule (its K fold scores) + 1 (the final choice, in-sample); the default model has
-210 linears in 120 units, so 2 + 120 + 3 + 1 = 126. "greedy" adds up to N per pick after
+210 linears in 120 units, so 2 + 240 + 4 + 1 = 247. "greedy" adds up to N per pick after
 the first (one when the best candidate's gain holds), for each of its K + 1 choices (a restored
 set measured once is reused). A restore gain's pass starts at its unit's decoder block from the
-all-quantized model's hidden states (quantkit.sensitivity.prefix: the same numbers; the selection
-ran 1.54x faster on the default model on CPU), so it costs about 0.6 of a whole forward there.
+all-quantized model's hidden states, an alone damage's from the float model's
+(quantkit.sensitivity.prefix: the same numbers; the selection ran 1.54x faster on the default
+model on CPU), so each costs about 0.6 of a whole forward there.
 """
 
 from __future__ import annotations
@@ -75,9 +88,9 @@ from quantkit.sensitivity.prefix import BlockPrefix
 from quantkit.sensitivity.scan import LayerScan, precision_label
 from quantkit.sensitivity.weights import RTN, ScanWeights
 
-RULES = ("restore", "greedy", "fisher", "rel_err")  # in order of preference when their estimates tie
+RULES = ("restore", "alone", "greedy", "fisher", "rel_err")  # in order of preference when their estimates tie
 # the rule chosen unless another one does better in every fold (pick_rule): the first of these that chose
-DEFAULT_RULES = ("fisher", "restore", "greedy", "rel_err")
+DEFAULT_RULES = ("alone", "fisher", "restore", "greedy", "rel_err")
 GREEDY_WITH_CROSS_FIT = "--greedy cannot be combined with --cross-fit yet: use one of them (or --no-cross-fit)"
 DEFAULT_FOLDS = 4
 
@@ -215,6 +228,9 @@ def select_fp16(
     if fisher is not None:
         fish = torch.stack([sum(fisher[m] for m in u) for u in search.units])  # (units, windows)
     measured = _shortlist(search.costs, fish.sum(dim=1).tolist() if fish is not None else rel, shortlist)
+    # "alone" first, on the float model: each window with the weights it is scored with (its fold's when cross-fit)
+    part_weights = [(range(search.n), weights)] if fold_weights is None else list(zip(search.parts, fold_weights))
+    damage = search.alone_damages(measured, base, scheme, part_weights)
     with contextlib.ExitStack() as stack:
         if fold_weights is None:  # one quantized model for every window: entered once, kept open
             q = stack.enter_context(quantized_subset(model, search.names, scheme, weights))
@@ -224,7 +240,7 @@ def select_fp16(
                                  for part, w in zip(search.parts, fold_weights)])
         search.say("selection: all quantized")
         allq, gains = search.restore_gains(measured)
-        rules = search.rules(gains, measured, fish, rel)
+        rules = search.rules(gains, damage, measured, fish, rel)
         if greedy and measured and search.budget > 0:
             rules = {**rules, "greedy": lambda idx: search.greedy_choice(q, allq, gains, measured, greedy, idx)}
             rules = {r: rules[r] for r in RULES if r in rules}
@@ -235,7 +251,8 @@ def select_fp16(
     search.set_results(layers, scheme, measured, gains, allq, chosen)
     method = weights.method + (f", cross-fitted over {len(search.parts)} folds" if fold_weights is not None else "")
     ppl = search.summary(base, allq, mixed, best, measured, method)
-    data = {"gains": gains, "allq": allq, "base": base, "costs": torch.tensor(search.costs)}  # float64 but costs
+    data = {"gains": gains, "alone": damage, "allq": allq, "base": base,  # float64 but costs
+            "costs": torch.tensor(search.costs)}
     if fish is not None:
         data["fisher"] = fish
     return Selection(chosen, best["rule"] if best else None, search.budget, ppl, candidates, data)
@@ -255,6 +272,12 @@ def pick_rule(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
     carried over (44.4% / 41.0%); again in session 33 (restore won every W4A16 fold; for W8A8 its estimate led
     by 4 points in 2 folds of 4, and its choice recovered 30.2% on stdlib source against fisher's 47.9%). A rule
     that wins all K folds by chance has odds 2^-K (1 in 16 at 4 folds).
+    Why "alone" is the default (session 34, H100, full size, every rule's final choice scored on unseen text):
+    its cross-validated estimate was the best for W8A8 (43.0%) and GPTQ (40.5%) and second for W4A16 g64 (41.4%,
+    where restore's 44.9% won every fold and was kept). Kept that way, the choices recovered W8A8 45.8% / 48.8%
+    (fisher's, the default before, 37.0% / 47.3%), W4A16 g64 44.4% / 41.0% (restore), GPTQ 33.9% / 25.8% (fisher's
+    37.4% / 32.3%: the one scheme where the old default carried over better; GPTQ on a GPU is not deterministic
+    run to run, and the same fisher choice measured 46.7% / 37.1% in session 33).
     Each candidate gets "beats_default" (None for the default itself); the winner's "why" says which case held.
     """
     chose = [c for c in candidates if c["layers"]]
@@ -343,25 +366,44 @@ class _Search:
                         gains[i, part.start : part.stop] = allq[part.start : part.stop] - nll
         return allq, gains
 
-    def _prefix(self, sel: torch.Tensor, allq: torch.Tensor) -> BlockPrefix | None:
-        """Forward passes from a unit's block for the restore gains (quantkit.sensitivity.prefix), if this
-        model's blocks can be found and starting mid-way reproduces the all-quantized NLL `allq` of `sel` (checked
-        on the first part only: whether blocks pass only hidden states along is the architecture's, not the
-        weights')."""
+    def alone_damages(self, measured: list[int], base: torch.Tensor, scheme: Scheme,
+                      part_weights: list[tuple[range, ScanWeights]]) -> torch.Tensor:
+        """(units, windows) float64 damages of the measured units, each quantized alone in the float model:
+        NLL(only the unit quantized) - NLL(float), each part's windows with its weights (`base`: the float
+        per-window NLL). Zeros when nothing is measured or the budget is 0."""
+        damage = torch.zeros(len(self.units), self.n, dtype=torch.float64)
+        if not measured or self.budget == 0:
+            return damage
+        for f, (part, w) in enumerate(part_weights):
+            sel, lo, hi = self.windows[part.start : part.stop], part.start, part.stop
+            where = f" (fold {f + 1}/{len(part_weights)}'s weights)" if len(part_weights) > 1 else ""
+            prefix = self._prefix(sel, base[lo:hi])  # the float model's block inputs
+            for j, i in enumerate(measured):
+                self.say(f"selection: ({j + 1}/{len(measured)}) only {', '.join(self.units[i])} quantized{where}")
+                with quantized_subset(self.model, self.units[i], scheme, w):
+                    nll = (self.nll(sel, counts=f == 0) if prefix is None else
+                           self.nll_from(prefix, prefix.block_of(self.units[i]), counts=f == 0))
+                damage[i, lo:hi] = nll - base[lo:hi]
+        return damage
+
+    def _prefix(self, sel: torch.Tensor, whole: torch.Tensor) -> BlockPrefix | None:
+        """Forward passes from a unit's block (quantkit.sensitivity.prefix), if this model's blocks can be
+        found and starting mid-way reproduces `whole`, the per-window NLL of `sel` with the model as it is now
+        (checked once: whether blocks pass only hidden states along is the architecture's, not the weights')."""
         if not self.use_prefix or self.prefix_agrees is False:
             return None
         prefix = BlockPrefix.try_for(self.model, sel, self.batch_size)
         if prefix is None or self.prefix_agrees:
             return prefix
-        self.prefix_agrees = prefix.agrees(allq)
+        self.prefix_agrees = prefix.agrees(whole)
         if not self.prefix_agrees:
             self.say("selection: starting at a block did not reproduce the whole forward; using whole forwards")
             return None
-        self.say("selection: restore gains start at each unit's block (checked against the whole forward)")
+        self.say("selection: measurements start at each unit's block (checked against the whole forward)")
         return prefix
 
     def nll_from(self, prefix: BlockPrefix, start: int, *, counts: bool = True) -> torch.Tensor:
-        """`nll` of the prefix's windows, blocks before `start` taken from the all-quantized model's outputs."""
+        """`nll` of the prefix's windows, blocks before `start` taken from the kept block inputs."""
         self.evaluations += counts
         return prefix.nll(start)
 
@@ -375,7 +417,7 @@ class _Search:
                     total += float(self.nll(self.windows[lo:hi], counts=False).sum())
         return total
 
-    def rules(self, gains, measured, fish, rel) -> dict[str, Callable[[list[int]], list[str]]]:
+    def rules(self, gains, damage, measured, fish, rel) -> dict[str, Callable[[list[int]], list[str]]]:
         """Rule name -> the linears it keeps in FP16 when it reads the windows `idx`, in RULES order (the
         knapsack rules; "greedy" is added by select_fp16); none when the budget is 0."""
         values: dict[str, Callable[[list[int]], list[float]]] = {}
@@ -385,6 +427,8 @@ class _Search:
             done = set(measured)
             values["restore"] = lambda idx: [float(gains[i, idx].sum()) if i in done else 0.0
                                              for i in range(len(self.units))]
+            values["alone"] = lambda idx: [float(damage[i, idx].sum()) if i in done else 0.0
+                                           for i in range(len(self.units))]
         if fish is not None:
             values["fisher"] = lambda idx: fish[:, idx].sum(dim=1).tolist()
         if all(math.isfinite(r) for r in rel):
