@@ -1,6 +1,7 @@
 """The scan pass on tiny models: against a direct reference, planted sensitivities, weights untouched;
 the subset fake-quant helper; threshold calibration; sensitive_layers.json schema and loader."""
 
+import copy
 import json
 import math
 
@@ -738,11 +739,21 @@ def test_cross_fit_scores_each_fold_on_gptq_weights_fit_without_its_text(model):
     assert "cross-fitted over 2 folds" in fit.ppl["method"]
     assert any("fold 1/2 on the 6 of 8 calibration samples" in m for m in steps)
     nll = 0.0
+    units = selection_units([e.name for e in fit.layers])
+    solo, alone = copy.deepcopy(model), []  # units[1] alone on each fold's weights, the rest float
     for keep, part in ((list(range(2, 8)), slice(0, 2)), ([0, 1, *range(4, 8)], slice(2, 4))):
         ref = _gptq_by_hand_opts(model, ids[keep], act_order=False)
         nll += float(window_nll(ref, windows[part], batch_size=2).sum())
+        with torch.no_grad():
+            for m in units[1]:
+                solo.get_submodule(m).weight.copy_(ref.get_submodule(m).weight)
+        alone.append(window_nll(solo, windows[part], batch_size=2) - window_nll(model, windows[part], batch_size=2))
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     assert fit.ppl["all_quantized"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    # each window's alone damage is measured on its own fold's weights
+    want = torch.cat(alone).double()
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(fit.selection_data["alone"][1], want, rtol=1e-5, atol=1e-4)
     assert fit.ppl["all_quantized"] != pytest.approx(plain.ppl["all_quantized"], rel=1e-6)
     assert [c["rule"] for c in fit.search] == [c["rule"] for c in plain.search]  # the same rules, own weights
     # the default for a GPTQ selection whose windows are GPTQ's own text: cross-fitted, the same result

@@ -52,7 +52,7 @@ def scan(
         typer.Option("--target-fraction", help="Instead of thresholds: keep at most this share of linears in FP16 (fused q/k/v, gate/up counted whole), chosen on calibration text with cross-validation."),
     ] = None,
     select_windows: Annotated[
-        int, typer.Option("--select-windows", help="--target-fraction: calibration-text windows of --eval-seqlen tokens it chooses on (0 = all). Cost: about 126 forward passes over them on the default model, 120 of them starting at the restored unit's block (under a minute on an H100 at the default 64; on 2 CPU cores, lower it).")
+        int, typer.Option("--select-windows", help="--target-fraction: calibration-text windows of --eval-seqlen tokens it chooses on (0 = all). Cost: about 247 forward passes over them on the default model, 240 of them starting at the measured unit's block (about 75 s on an H100 at the default 64; on 2 CPU cores, lower it).")
     ] = 64,
     folds: Annotated[
         int, typer.Option("--folds", help="--target-fraction: cross-validation folds that measure the recovery to expect.")
@@ -72,7 +72,7 @@ def scan(
     ] = None,
     shortlist: Annotated[
         Optional[int],
-        typer.Option("--shortlist", help="--target-fraction: fused units whose restore gain is measured (default all; 0 = none)."),
+        typer.Option("--shortlist", help="--target-fraction: fused units whose restore gain and alone damage are measured (default all; 0 = none)."),
     ] = None,
     greedy: Annotated[
         Optional[int],

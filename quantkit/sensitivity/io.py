@@ -21,7 +21,7 @@ Schema (version 2; version 1 files, without rel_err / restore_gain, still load):
 With --target-fraction, the flags are whole fused units (q/k/v, gate/up) within the
 budget, chosen on calibration text (`quantkit.sensitivity.select`), and "ppl" holds
 the selection's perplexities on those windows (baseline, all_quantized, mixed
-in-sample), the kept "rule" (restore, greedy, fisher or rel_err) and "rule_why" (the default rule,
+in-sample), the kept "rule" (alone, restore, greedy, fisher or rel_err) and "rule_why" (the default rule,
 or one that did better in every fold: select.pick_rule), "budget", "fp16_linears",
 the forward passes ("evaluations") and "expected": the cross-validated recovery to
 expect on unseen text, with "how" it was measured (and, for a method fit to calibration data,

@@ -52,7 +52,7 @@ def run_scan(
     cross-validation (`quantkit.sensitivity.select`).
     measure_ppl: also measure each layer's held-out perplexity change alone (needs eval_windows).
     stat_tokens: token rows per linear for the output statistics (None = all); shortlist: units whose
-    restore gain the selection measures (None = all, 0 = none); greedy: the selection also tries its "greedy"
+    restore gain and alone damage the selection measures (None = all, 0 = none); greedy: the selection also tries its "greedy"
     rule, re-measuring this many candidates per pick (None = not tried); fisher_windows: the first N calibration
     samples get a forward + backward pass for the gradient-weighted metric (0 = off); with target_fraction
     the metric is measured per selection window instead (any N > 0 turns it on), so the folds keep it apart.

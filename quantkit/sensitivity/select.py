@@ -166,7 +166,7 @@ class Selection:
     ppl: dict[str, Any]  # baseline / all_quantized / mixed (in-sample) / recovered / expected / ...
     candidates: list[dict[str, Any]]  # one per rule: its CV estimate and its final choice
     # what the rules read, per unit (model order) and selection window: "gains" (restore gains, 0 where not
-    # measured), "fisher" (if measured), "allq" / "base" (per-window NLL), "costs" (linears per unit): a knapsack
+    # measured), "alone" (alone damages, likewise), "fisher" (if measured), "allq" / "base" (per-window NLL), "costs" (linears per unit): a knapsack
     # rule's choices can be replayed offline from it (scoring a choice still takes a forward pass; added restore
     # gains only estimate it). benchmarks/sensitivity.py saves it beside its results.
     measurements: dict[str, torch.Tensor] | None = None
