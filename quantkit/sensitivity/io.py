@@ -23,7 +23,7 @@ budget, chosen on calibration text (`quantkit.sensitivity.select`), and "ppl" ho
 the selection's perplexities on those windows (baseline, all_quantized, mixed
 in-sample), the kept "rule" (alone, restore, greedy, fisher or rel_err) and "rule_why" (the default rule,
 or one that did better in every fold: select.pick_rule), "budget", "fp16_linears",
-the forward passes ("evaluations") and "expected": the cross-validated recovery to
+the forward passes ("evaluations"), the selection's wall time ("seconds") and "expected": the cross-validated recovery to
 expect on unseen text, with "how" it was measured (and, for a method fit to calibration data,
 "method_fit_overlap": the share of the selection windows' text in the method's calibration
 samples: an estimate on fitted text runs high; 0 with "cross_fit": true, where each fold was

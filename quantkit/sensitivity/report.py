@@ -90,6 +90,8 @@ def summary_rows(report) -> list[tuple[str, str]]:
         if p.get("rule"):
             why = f"; {p['rule_why']}" if p.get("rule_why") else ""
             rows.append(("selected by", f"{p['rule']} ({p.get('evaluations', '?')} forward passes over the windows{why})"))
+        if p.get("seconds") is not None:
+            rows.append(("selection time", f"{p['seconds']:.1f} s"))
         exp = p.get("expected")
         if exp:
             rows.append(("expected on unseen text", expected_statement(exp)))

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -213,6 +214,7 @@ def select_fp16(
 
     if not 0 < fraction < 1:
         raise UsageError(f"--target-fraction {fraction} must be between 0 and 1 (e.g. 0.10)")
+    t0 = time.perf_counter()
     search = _Search(model, layers, windows, fraction, folds, batch_size, on_step or (lambda _m: None))
     search.use_prefix = start_at_block
     if fold_weights is not None and len(fold_weights) != len(search.parts):
@@ -251,6 +253,7 @@ def select_fp16(
     search.set_results(layers, scheme, measured, gains, allq, chosen)
     method = weights.method + (f", cross-fitted over {len(search.parts)} folds" if fold_weights is not None else "")
     ppl = search.summary(base, allq, mixed, best, measured, method)
+    ppl["seconds"] = time.perf_counter() - t0
     data = {"gains": gains, "alone": damage, "allq": allq, "base": base,  # float64 but costs
             "costs": torch.tensor(search.costs)}
     if fish is not None:
