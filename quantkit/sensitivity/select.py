@@ -279,8 +279,8 @@ def pick_rule(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
     its cross-validated estimate was the best for W8A8 (43.0%) and GPTQ (40.5%) and second for W4A16 g64 (41.4%,
     where restore's 44.9% won every fold and was kept). Kept that way, the choices recovered W8A8 45.8% / 48.8%
     (fisher's, the default before, 37.0% / 47.3%), W4A16 g64 44.4% / 41.0% (restore), GPTQ 33.9% / 25.8% (fisher's
-    37.4% / 32.3%: the one scheme where the old default carried over better; GPTQ on a GPU is not deterministic
-    run to run, and the same fisher choice measured 46.7% / 37.1% in session 33).
+    37.4% / 32.3%: the one scheme where the old default carried over better; GPTQ on a GPU varied between sessions'
+    machines, and the same fisher choice measured 46.7% / 37.1% in session 33).
     Each candidate gets "beats_default" (None for the default itself); the winner's "why" says which case held.
     """
     chose = [c for c in candidates if c["layers"]]
