@@ -364,8 +364,7 @@ class _Search:
                     self.say(f"selection: ({j + 1}/{len(measured)}) all quantized but {', '.join(self.units[i])}"
                              + where)
                     with q.restored(self.units[i]):
-                        nll = (self.nll(sel, counts=f == 0) if prefix is None else
-                               self.nll_from(prefix, prefix.block_of(self.units[i]), counts=f == 0))
+                        nll = self._unit_nll(sel, prefix, i, counts=f == 0)
                         gains[i, part.start : part.stop] = allq[part.start : part.stop] - nll
         return allq, gains
 
@@ -384,10 +383,16 @@ class _Search:
             for j, i in enumerate(measured):
                 self.say(f"selection: ({j + 1}/{len(measured)}) only {', '.join(self.units[i])} quantized{where}")
                 with quantized_subset(self.model, self.units[i], scheme, w):
-                    nll = (self.nll(sel, counts=f == 0) if prefix is None else
-                           self.nll_from(prefix, prefix.block_of(self.units[i]), counts=f == 0))
+                    nll = self._unit_nll(sel, prefix, i, counts=f == 0)
                 damage[i, lo:hi] = nll - base[lo:hi]
         return damage
+
+    def _unit_nll(self, sel: torch.Tensor, prefix: BlockPrefix | None, unit: int, *, counts: bool) -> torch.Tensor:
+        """Per-window NLL of `sel` with the model as it is now: from the unit's block on when a prefix is kept
+        (its blocks before are unchanged by the unit), else a whole forward."""
+        if prefix is None:
+            return self.nll(sel, counts=counts)
+        return self.nll_from(prefix, prefix.block_of(self.units[unit]), counts=counts)
 
     def _prefix(self, sel: torch.Tensor, whole: torch.Tensor) -> BlockPrefix | None:
         """Forward passes from a unit's block (quantkit.sensitivity.prefix), if this model's blocks can be
@@ -428,10 +433,11 @@ class _Search:
             return {}
         if measured:
             done = set(measured)
-            values["restore"] = lambda idx: [float(gains[i, idx].sum()) if i in done else 0.0
-                                             for i in range(len(self.units))]
-            values["alone"] = lambda idx: [float(damage[i, idx].sum()) if i in done else 0.0
-                                           for i in range(len(self.units))]
+
+            def summed(t: torch.Tensor) -> Callable[[list[int]], list[float]]:  # a measured (units, windows) table
+                return lambda idx: [float(t[i, idx].sum()) if i in done else 0.0 for i in range(len(self.units))]
+
+            values["restore"], values["alone"] = summed(gains), summed(damage)
         if fish is not None:
             values["fisher"] = lambda idx: fish[:, idx].sum(dim=1).tolist()
         if all(math.isfinite(r) for r in rel):
