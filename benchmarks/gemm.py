@@ -741,6 +741,8 @@ def mixed_study(dev, gen, shapes, ms):
     fails = []
     lines = ["| N | K | M | W8A8 cfg | FP16 us | W8A8 us | variant | mixed-i8 us (d us) | mixed-f16 us (x cuBLAS) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    parts = ["| N | K | M | quantize | Gluon | Gluon + row bits | tl.dot pass after it | graph: W8A8 | graph: mixed-i8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (N, K) in shapes:
         L = Layer(N, K, dev, gen)
         for M in ms:
@@ -754,9 +756,14 @@ def mixed_study(dev, gen, shapes, ms):
             rb1 = torch.ones(M, dtype=torch.uint8, device=dev)
             t16 = bench(lambda: F.linear(x, L.w16), rep=100)
             bk, ns = base["BLOCK_K"], base["num_stages"]
-            for name, kf, sf in [("KF=BK/2,S=ns", bk // 2, ns), ("KF=BK/2,S=2", bk // 2, 2), ("KF=BK/4,S=2", bk // 4, 2),
-                                 ("KF=BK/4,S=1", bk // 4, 1), ("KF=BK/2,S=1", bk // 2, 1)]:
-                cfg = dict(base, BLOCK_KF=max(16, kf), STAGES_F=sf)
+            # the FP16 loop's K step and depth, its loads (tensor descriptors: TMA_F, the default on Hopper) and
+            # the register cap (w8a8._mixed_maxnreg: 128 where the plain kernel runs two 8-warp CTAs per SM)
+            variants = [("default", bk // 2, ns, {}), ("no TMA_F", bk // 2, ns, dict(TMA_F=False)),
+                        ("no cap", bk // 2, ns, dict(MAXNREG=0)), ("no TMA_F, no cap", bk // 2, ns,
+                                                                    dict(TMA_F=False, MAXNREG=0)),
+                        ("KF=BK/2,S=2", bk // 2, 2, {}), ("KF=BK/4,S=1", bk // 4, 1, {})]
+            for name, kf, sf, extra in variants:
+                cfg = dict(base, BLOCK_KF=max(16, kf), STAGES_F=sf, **extra)
                 try:
                     e0 = checked(lambda o: run_mixed(L, x, cfg, rb0, mixed.CTRL_ROW_BITS, True, o), r["w8a8"],
                                  f"mixed-int8 {M} {N} {K} {name}", fails)
@@ -768,13 +775,33 @@ def mixed_study(dev, gen, shapes, ms):
                 except Exception as ex:
                     log(f"skip {name}: {type(ex).__name__}: {str(ex)[:160]}")
                     continue
-                cs = f"{base['BLOCK_M']}x{base['BLOCK_N']}x{bk} w{base['num_warps']} s{ns} sk{base.get('SPLIT_K', 1)}"
+                cs = (f"{base['BLOCK_M']}x{base['BLOCK_N']}x{bk} w{base['num_warps']} s{ns} sk{base.get('SPLIT_K', 1)}"
+                      f"{' ' + base['BACKEND'] if base.get('BACKEND') else ''}")
                 lines.append(f"| {N} | {K} | {M} | {cs} | {t16:.1f} | {tw:.1f} | {name} | {t0:.1f} ({t0 - tw:+.1f}) | "
                              f"{t1:.1f} ({t16 / t1:.2f}) |")
                 log(lines[-1] + f" err {e0:.2g}/{e1:.2g}")
+            if base.get("BACKEND") == "gluon":  # where mixed mode's time goes: Gluon, then the tl.dot pass
+                from quantkit.kernels import w8a8_gluon
+
+                a_q, a_s = w8a8._quantize_into_scratch(x)
+                mma = w8a8._mma_only(base, x, M, N, K)
+                W = L.w8
+                t_q = bench(lambda: w8a8._quantize_into_scratch(x), rep=100)
+                t_g = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base), rep=100)
+                t_gr = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base, rb0), rep=100)
+                t_p = bench(lambda: w8a8._launch(a_q, a_s, W.w, W.scale, None, out, False, False, mma, x, rb0, L.w16,
+                                                 skipped_bm=base["BLOCK_M"]), rep=100)
+                g_w = bench_graph(lambda: run_w8a8(L, x, base, out))
+                g_m = bench_graph(lambda: run_mixed(L, x, base, rb0, mixed.CTRL_ROW_BITS, True, out))
+                parts.append(f"| {N} | {K} | {M} | {t_q:.1f} | {t_g:.1f} | {t_gr:.1f} | {t_p:.1f} | {g_w:.1f} | "
+                             f"{g_m:.1f} ({g_m - g_w:+.1f}) |")
+                log(parts[-1])
         del L
     log("")
     log("\n".join(lines))
+    if len(parts) > 2:
+        log("\nmixed-i8 where W8A8 is Gluon's, by part (eager us, no FP16 row; graph: CUDA-graph replay):\n")
+        log("\n".join(parts))
     log(f"failures: {len(fails)}")
     return 1 if fails else 0
 

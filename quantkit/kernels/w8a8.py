@@ -131,6 +131,14 @@ def _int8_epilogue(acc, a_scale, w_scale, bias_ptr, rn, HAS_BIAS: tl.constexpr):
 
 
 @jit_helper
+def _store_fp16_rows(accm, c_ptrs, mask, bias_ptr, rn, HAS_BIAS: tl.constexpr):
+    """Mixed mode: FP16 rows' output, their fp32 accumulator (+ bias[n]), stored where ``mask``."""
+    if HAS_BIAS:
+        accm += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    tl.store(c_ptrs, accm.to(c_ptrs.dtype.element_ty), mask=mask)
+
+
+@jit_helper
 def _wait_count(ptr, target):
     """Spin until the int32 counter at ``ptr`` reaches ``target`` (acquire: what its releasers wrote is visible)."""
     ready = tl.atomic_add(ptr, 0, sem="acquire")
@@ -146,6 +154,143 @@ def _x_chunk(x_ptr, stride_xm, m0, offs_cm, cols, M, K):
     inb = (rows[:, None] < M) & (cols[None, :] < K)
     xv = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=inb, other=0.0)
     return rows, inb, xv
+
+
+@jit_helper
+def _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr, M, N, K,
+              stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
+              HAS_BIAS: tl.constexpr, ROW_BITS: tl.constexpr, HAS_FP16_W: tl.constexpr, BLOCK_KF: tl.constexpr,
+              STAGES_F: tl.constexpr, TMA_F: tl.constexpr, FUSE_QUANT: tl.constexpr, QUANT_ONCE: tl.constexpr,
+              OUT_INT32: tl.constexpr, EVEN_K: tl.constexpr, EPS_C: tl.constexpr, SPLIT_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The tl.dot kernel's work on one (BLOCK_M, BLOCK_N) output tile over one K split (``pid``: its index in the
+    grid's order, see ``grouped_tile``): the INT8 loop, mixed mode's FP16 loop, split-K and the epilogue."""
+    offs_m, offs_n, tile, pid_k = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = offs_m % M  # wrapped rows/cols: loads need no M/N masks, stores are masked
+    rn = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+
+    if ROW_BITS:
+        is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
+        k_end = tl.where(any_i8, K, 0)  # hoisted: an all-FP16 tile runs no INT8 iteration
+    else:
+        k_end = K
+    if FUSE_QUANT:  # prologue: per-row amax of this tile's rows (fp16/bf16 x), same math as act_quant
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            if EVEN_K:
+                xa = tl.load(a_ptrs + k0)
+            else:
+                xa = tl.load(a_ptrs + k0, mask=(offs_k[None, :] + k0) < K, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
+        a_scale = tl.maximum(amax, EPS_C) / 127.0
+        a_scale_b = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + a_scale[:, None]
+    elif QUANT_ONCE:  # the shared maxima (past L1: other SMs wrote them)
+        a_scale = tl.maximum(tl.load(as_ptr + rm, cache_modifier=".cg"), EPS_C) / 127.0
+    else:
+        a_scale = tl.load(as_ptr + rm)
+
+    n_blocks = tl.cdiv(K, BLOCK_K)
+    blocks_per_split = tl.cdiv(n_blocks, SPLIT_K)
+    k_lo = pid_k * blocks_per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + blocks_per_split * BLOCK_K)
+    a_ptrs += k_lo
+    w_ptrs += k_lo
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(k_lo, tl.minimum(k_hi, k_end), BLOCK_K):
+        a, w = load_k_tiles(a_ptrs, w_ptrs, offs_k, k0, K, EVEN_K)
+        if FUSE_QUANT:
+            a = quantize_sym(a.to(tl.float32), a_scale_b, 127.0).to(tl.int8)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    # INT8 rows' epilogue is _int8_epilogue on every path (an explicit fma for the bias), so the compiler's
+    # contraction choices cannot make the mixed path round differently from the plain one.
+    if ROW_BITS:
+        # Registers (sm_90a, ptxas, Triton 3.6): with the FP16 loop beside the INT8 one, the 8-warp 128 x 128 tile
+        # took 229 per thread against the plain kernel's 127 (one CTA per SM instead of two: +40% at 28672 x 4096,
+        # M = 256 on an H100). So INT8 rows leave (to the output, or as split-K partials) before the FP16 loop,
+        # the FP16 accumulator starts from the INT8 one's registers (below), the FP16 loop loads through tensor
+        # descriptors where it can (TMA_F: no pointer tensors), and _mixed_maxnreg caps the rest: 12 B of spills.
+        w_sc = tl.load(ws_ptr + rn)
+        fp_rows = is_fp[:, None]
+        if SPLIT_K > 1:
+            part_tile = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+            offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            # exact int32 partials of INT8 rows; FP16 rows store their fp32 partial's bits after their loop
+            tl.store(part_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc, mask=~fp_rows)
+        else:
+            out = _int8_epilogue(acc, a_scale, w_sc, bias_ptr, rn, HAS_BIAS)
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask & ~fp_rows)
+        # FP16 rows: fp16 tensor-core loop over the same K split (skipped unless the tile has one), over every
+        # row of the tile (only FP16 rows are stored from it). Zeros, written as a select on the dead INT8
+        # accumulator (n_fp is never negative) so that ptxas gives both wgmma accumulators the same registers
+        # (as two zero-initialised tensors they got disjoint ones: 187 registers instead of 161).
+        accm = tl.where(n_fp < 0, acc.to(tl.float32), 0.0)
+        if TMA_F:
+            if n_fp > 0:
+                m0 = tl.min(offs_m, axis=0)
+                n0 = tl.min(offs_n, axis=0)
+                x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                                   block_shape=[BLOCK_M, BLOCK_KF])
+                wf_desc = tl.make_tensor_descriptor(wf_ptr, shape=[N, K], strides=[stride_wfn, 1],
+                                                    block_shape=[BLOCK_N, BLOCK_KF])
+                for k0 in tl.range(k_lo, k_hi, BLOCK_KF, num_stages=STAGES_F):
+                    xf = x_desc.load([m0, k0])
+                    wt = wf_desc.load([n0, k0])
+                    accm = tl.dot(xf, wt.to(x_ptr.dtype.element_ty).T, accm)
+        else:
+            offs_kf = tl.arange(0, BLOCK_KF)
+            xf_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_kf[None, :] + k_lo
+            wf_ptrs = wf_ptr + rn[None, :].to(tl.int64) * stride_wfn + offs_kf[:, None] + k_lo
+            for k0 in tl.range(k_lo, tl.where(n_fp > 0, k_hi, k_lo), BLOCK_KF, num_stages=STAGES_F):
+                xf, wt = load_k_tiles(xf_ptrs, wf_ptrs, offs_kf, k0, k_hi, EVEN_K)
+                accm = tl.dot(xf, wt.to(x_ptr.dtype.element_ty), accm)
+                xf_ptrs += BLOCK_KF
+                wf_ptrs += BLOCK_KF
+        if not HAS_FP16_W:
+            accm = accm * w_sc[None, :]
+        if SPLIT_K > 1:
+            tl.store(part_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, accm.to(tl.int32, bitcast=True), mask=fp_rows)
+            # the split that arrives last sums every split's partials: INT8 rows, then FP16 rows (one total live)
+            if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+                tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+                for sk in tl.static_range(SPLIT_K):
+                    tot += tl.load(part_tile + sk * (BLOCK_M * BLOCK_N) + offs_t, mask=~fp_rows, other=0)
+                out = _int8_epilogue(tot, a_scale, w_sc, bias_ptr, rn, HAS_BIAS)
+                tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask & ~fp_rows)
+                accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for sk in tl.static_range(SPLIT_K):
+                    accm += tl.load(part_tile + sk * (BLOCK_M * BLOCK_N) + offs_t, mask=fp_rows,
+                                    other=0).to(tl.float32, bitcast=True)
+                _store_fp16_rows(accm, c_ptrs, c_mask & fp_rows, bias_ptr, rn, HAS_BIAS)
+                tl.atomic_xchg(lock_ptr + tile, 0)
+        else:
+            _store_fp16_rows(accm, c_ptrs, c_mask & fp_rows, bias_ptr, rn, HAS_BIAS)
+    else:
+        # split-K in one launch: exact int32 partials; the split that arrives last sums them
+        if SPLIT_K > 1:
+            acc, last = splitk_sum(acc, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N)
+            c_mask = tl.where(last, c_mask, False)
+        if OUT_INT32:
+            tl.store(c_ptrs, acc, mask=c_mask)
+        else:
+            out = _int8_epilogue(acc, a_scale, tl.load(ws_ptr + rn), bias_ptr, rn, HAS_BIAS)
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@jit_helper
+def _gluon_left(rb_ptr, t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                SKIPPED_BM: tl.constexpr):
+    """Mixed mode after the Gluon kernel: did it leave tile ``t`` (its SKIPPED_BM-row tile holds an FP16 row)?"""
+    offs_m, _, _, _ = grouped_tile(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    g_rows = (tl.min(offs_m, axis=0) // SKIPPED_BM) * SKIPPED_BM + tl.arange(0, SKIPPED_BM)
+    return tl.sum(tl.load(rb_ptr + g_rows, mask=g_rows < M, other=0).to(tl.int32) & 1, axis=0) > 0
 
 
 def _w8a8_kernel(
@@ -166,6 +311,7 @@ def _w8a8_kernel(
     HAS_FP16_W: tl.constexpr,
     BLOCK_KF: tl.constexpr,  # K step of the FP16 loop
     STAGES_F: tl.constexpr,  # pipeline depth of the FP16 loop (its shared memory adds to the INT8 loop's)
+    TMA_F: tl.constexpr,  # the FP16 loop loads through tensor descriptors (Hopper; aligned x and wf)
     FUSE_QUANT: tl.constexpr,
     QUANT_ONCE: tl.constexpr,  # x quantized into the scratch once per launch by the first programs (see below)
     CHUNK_K: tl.constexpr,  # QUANT_ONCE: K elements per chunk
@@ -220,97 +366,21 @@ def _w8a8_kernel(
         _wait_count(sync_ptr + 2, n_chunks)
     else:
         pid = tl.program_id(0)
-    offs_m, offs_n, tile, pid_k = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = offs_m % M  # wrapped rows/cols: loads need no M/N masks, stores are masked
-    rn = offs_n % N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-
-    if ROW_BITS:
-        is_fp, n_fp, any_i8 = _tile_rows(rb_ptr, offs_m, rm, M)
-        k_end = tl.where(any_i8, K, 0)  # hoisted: an all-FP16 tile runs no INT8 iteration
-        if SKIPPED_BM > 0:  # did the Gluon kernel leave this tile's rows to us?
-            g_rows = (tl.min(offs_m, axis=0) // SKIPPED_BM) * SKIPPED_BM + tl.arange(0, SKIPPED_BM)
-            g_fp = tl.sum(tl.load(rb_ptr + g_rows, mask=g_rows < M, other=0).to(tl.int32) & 1, axis=0)
-            k_end = tl.where(g_fp > 0, k_end, 0)
+    if SKIPPED_BM > 0:
+        # after the Gluon kernel: a persistent grid walks the tiles and computes those of the Gluon tiles it
+        # left (holding an FP16 row); any other tile costs one load of its Gluon tile's row bits (one program
+        # per tile cost 20-88 us at M = 2048 on an H100 when no row was FP16)
+        for t in range(pid, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) * SPLIT_K, tl.num_programs(0)):
+            if _gluon_left(rb_ptr, t, M, N, BLOCK_M, BLOCK_N, GROUP_M, SKIPPED_BM):
+                _mma_tile(t, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr,
+                          rb_ptr, M, N, K, stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
+                          HAS_BIAS, ROW_BITS, HAS_FP16_W, BLOCK_KF, STAGES_F, TMA_F, FUSE_QUANT, QUANT_ONCE,
+                          OUT_INT32, EVEN_K, EPS_C, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
-        k_end = K
-    if FUSE_QUANT:  # prologue: per-row amax of this tile's rows (fp16/bf16 x), same math as act_quant
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, k_end, BLOCK_K):
-            if EVEN_K:
-                xa = tl.load(a_ptrs + k0)
-            else:
-                xa = tl.load(a_ptrs + k0, mask=(offs_k[None, :] + k0) < K, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
-        a_scale = tl.maximum(amax, EPS_C) / 127.0
-        a_scale_b = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + a_scale[:, None]
-    elif QUANT_ONCE:  # the shared maxima (past L1: other SMs wrote them)
-        a_scale = tl.maximum(tl.load(as_ptr + rm, cache_modifier=".cg"), EPS_C) / 127.0
-    else:
-        a_scale = tl.load(as_ptr + rm)
-
-    n_blocks = tl.cdiv(K, BLOCK_K)
-    blocks_per_split = tl.cdiv(n_blocks, SPLIT_K)
-    k_lo = pid_k * blocks_per_split * BLOCK_K
-    k_hi = tl.minimum(K, k_lo + blocks_per_split * BLOCK_K)
-    a_ptrs += k_lo
-    w_ptrs += k_lo
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(k_lo, tl.minimum(k_hi, k_end), BLOCK_K):
-        a, w = load_k_tiles(a_ptrs, w_ptrs, offs_k, k0, K, EVEN_K)
-        if FUSE_QUANT:
-            a = quantize_sym(a.to(tl.float32), a_scale_b, 127.0).to(tl.int8)
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-
-    if ROW_BITS:
-        # FP16 rows: fp16 tensor-core loop over the same K split (skipped unless the tile has one)
-        offs_kf = tl.arange(0, BLOCK_KF)
-        xf_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_kf[None, :] + k_lo
-        wf_ptrs = wf_ptr + rn[None, :].to(tl.int64) * stride_wfn + offs_kf[:, None] + k_lo
-        w_sc = tl.load(ws_ptr + rn)
-        # FP16 rows accumulate in accm (INT8 rows' activations are zeroed, so they add nothing there);
-        # INT8 rows keep their int32 acc and get the plain path's epilogue, so they are bit-identical to it
-        accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.range(k_lo, tl.where(n_fp > 0, k_hi, k_lo), BLOCK_KF, num_stages=STAGES_F):
-            xf, wt = load_k_tiles(xf_ptrs, wf_ptrs, offs_kf, k0, k_hi, EVEN_K)
-            xf = tl.where(is_fp[:, None], xf, tl.zeros_like(xf))
-            accm = tl.dot(xf, wt.to(x_ptr.dtype.element_ty), accm)
-            xf_ptrs += BLOCK_KF
-            wf_ptrs += BLOCK_KF
-        if not HAS_FP16_W:
-            accm = accm * w_sc[None, :]
-
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    # Epilogue of INT8 rows, written once per path in the same form (an explicit fma for the bias), so the
-    # compiler's contraction choices cannot make the mixed path round differently from the plain one.
-    if ROW_BITS:
-        if SKIPPED_BM > 0:
-            c_mask = tl.where(g_fp > 0, c_mask, False)
-        if SPLIT_K > 1:
-            acc, accm, last = splitk_sum_rows(acc, accm, is_fp, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M,
-                                              BLOCK_N)
-            c_mask = tl.where(last, c_mask, False)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-            out = tl.where(is_fp[:, None], accm + bias, tl.fma(acc.to(tl.float32) * a_scale[:, None], w_sc[None, :], bias))
-        else:
-            out = tl.where(is_fp[:, None], accm, acc.to(tl.float32) * a_scale[:, None] * w_sc[None, :])
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        # split-K in one launch: exact int32 partials; the split that arrives last sums them
-        if SPLIT_K > 1:
-            acc, last = splitk_sum(acc, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N)
-            c_mask = tl.where(last, c_mask, False)
-        if OUT_INT32:
-            tl.store(c_ptrs, acc, mask=c_mask)
-        else:
-            out = _int8_epilogue(acc, a_scale, tl.load(ws_ptr + rn), bias_ptr, rn, HAS_BIAS)
-            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+        _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr,
+                  M, N, K, stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
+                  HAS_BIAS, ROW_BITS, HAS_FP16_W, BLOCK_KF, STAGES_F, TMA_F, FUSE_QUANT, QUANT_ONCE,
+                  OUT_INT32, EVEN_K, EPS_C, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     if QUANT_ONCE:  # the last program to finish resets maxima and counters for the next launch (or graph replay)
         if tl.atomic_add(sync_ptr + 3, 1, sem="acq_rel") == tl.num_programs(0) - 1:
             for m0 in range(0, M, CHUNK_M):
@@ -589,14 +659,17 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
     M, K = a.shape
     N = w.shape[0]
     rbits = row_bits is not None
+    xx = x if x is not None else a
+    wf = w_fp16 if w_fp16 is not None else w
+    tma_f = rbits and _fp16_loop_tma(cfg, xx, wf)
     pkey = (tuple(cfg.items()), M, N, K, a.device, bias is not None, rbits, w_fp16 is not None, fuse_quant,
-            out_int32, skipped_bm, quant_once, interpret_mode())
+            out_int32, skipped_bm, quant_once, tma_f, interpret_mode())
     grid, part, lock, sync, n_prod, amax, const, ckey = (
         _LAUNCH_PLANS.get(pkey) or remember(_LAUNCH_PLANS, pkey, _launch_plan(cfg, M, N, K, a.device, pkey[5:])))
     if quant_once:
         a_scale = amax
-    xx = x if x is not None else a
-    wf = w_fp16 if w_fp16 is not None else w
+    if tma_f and not interpret_mode():
+        _tma_allocator()
     vary = (a, w, a_scale if a_scale is not None else w_scale, w_scale, bias if bias is not None else w_scale, out)
     tail = (xx, wf, row_bits if rbits else w_scale)
     strides = (a.stride(0), w.stride(0), out.stride(0), xx.stride(0), wf.stride(0))
@@ -609,7 +682,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
 
 def _launch_plan(cfg, M, N, K, device, flags):
     """What ``_launch`` derives from its config, shape and flags alone: grid, buffers, constexprs (memoised)."""
-    has_bias, rbits, has_fp16_w, fuse_quant, out_int32, skipped_bm, quant_once, interp = flags
+    has_bias, rbits, has_fp16_w, fuse_quant, out_int32, skipped_bm, quant_once, tma_f, interp = flags
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     split_k = int(cfg.get("SPLIT_K", 1))
     part, lock = splitk_buffers(device, tiles, split_k, cfg["BLOCK_M"] * cfg["BLOCK_N"], 0)
@@ -620,15 +693,46 @@ def _launch_plan(cfg, M, N, K, device, flags):
     const, ckey = launch_consts(HAS_BIAS=has_bias, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
                                 HAS_FP16_W=has_fp16_w,
                                 BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
-                                FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
+                                TMA_F=tma_f, FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
                                 CHUNK_K=_ONCE_CHUNK_K if quant_once else 16,
                                 CHUNK_M=min(16, next_pow2(M)) if quant_once else 1,
                                 OUT_INT32=out_int32,
                                 EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
                                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                                 GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-                                num_stages=cfg["num_stages"])
-    return (tiles * split_k,), part, lock, sync, n_prod, amax, const, (ckey, spec_key((M, N, K, n_prod)))
+                                num_stages=cfg["num_stages"], maxnreg=_mixed_maxnreg(cfg) if rbits else None)
+    programs = tiles * split_k
+    if skipped_bm:  # the pass after Gluon is persistent: two programs per SM (3 in the interpreter, to walk tiles)
+        programs = min(programs, 3 if interp else 2 * sm_count(device))
+    return (programs,), part, lock, sync, n_prod, amax, const, (ckey, spec_key((M, N, K, n_prod)))
+
+
+def _mixed_maxnreg(cfg: dict) -> Optional[int]:
+    """Register cap of the tl.dot kernel in mixed mode: a config's MAXNREG (0: none), else 128 where the plain
+    kernel runs two 8-warp CTAs per SM (its shared memory fits twice, its accumulator is at most 64 registers a
+    thread), so that mixed mode keeps that occupancy (see the kernel's ROW_BITS epilogue). No cap elsewhere:
+    4-warp tiles keep two CTAs below 255 registers, and a wider accumulator cannot build under 128."""
+    if "MAXNREG" in cfg:
+        return int(cfg["MAXNREG"]) or None
+    smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"]  # the INT8 loop's buffers
+    acc_regs = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
+    return 128 if cfg["num_warps"] == 8 and acc_regs <= 64 and 2 * smem <= _SMEM_PER_SM else None
+
+
+_SMEM_PER_SM = 227 * 1024  # Hopper's shared memory for CTAs of one SM
+
+
+def _fp16_loop_tma(cfg: dict, x: torch.Tensor, wf: torch.Tensor) -> bool:
+    """Mixed mode: may the FP16 loop load x and the FP16 (or int8) weight through tensor descriptors? A config's
+    TMA_F decides (the tests force it in the interpreter), else: on Hopper or newer, where the register cap
+    applies (there it saves the pointer tensors' registers: +8.5 us over plain W8A8 instead of +17.7 at
+    28672 x 4096, M = 256, H100; uncapped tiles were 1.6-1.8 us slower with it). Both operands need TMA's
+    alignment (16-byte base and row stride, unit column stride)."""
+    want = cfg.get("TMA_F")
+    if want is None:
+        want = x.is_cuda and _has_tma(x.get_device()) and _mixed_maxnreg(cfg) is not None
+    return bool(want) and all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+                              for t in (x, wf))
 
 
 def _mma_only(cfg, x, M, N, K):

@@ -56,12 +56,13 @@ def test_grid(layer, M):
         assert rel_err(y, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("M", [256, 2048])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_mixed_rows_at_large_m_keep_the_shipped_kernel(layer, dtype):
-    """M=2048 with the shipped configs (the persistent TMA kernel where a GPU file chose it): a few FP16
+def test_mixed_rows_at_large_m_keep_the_shipped_kernel(layer, dtype, M):
+    """M=256 and 2048 with the shipped configs (the tl.dot kernel with the register cap and the FP16 loop on
+    descriptors at 256; Gluon or the persistent TMA kernel at 2048 where a GPU file chose it): a few FP16
     64-token groups, as the runtime lays a batch out; INT8 rows bit for bit the plain W8A8 call's."""
     N, K, W = layer["N"], layer["K"], layer["W8"]
-    M = 2048
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
     rb[128:192] = 1

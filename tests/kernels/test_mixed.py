@@ -89,12 +89,16 @@ GEMV = dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
 
 @pytest.mark.parametrize("M,N,K", [(1, 40, 96), (3, 40, 100), (16, 36, 64)])
 @pytest.mark.parametrize("cfg", [dict(GEMV, SPLIT_K=1), dict(GEMV, SPLIT_K=3), dict(CFG, FUSE_QUANT=False, SPLIT_K=2),
-                                 dict(CFG, FUSE_QUANT=True, SPLIT_K=3)],
-                         ids=["gemv", "gemv-sk3", "mma-sk2", "mma-fuse-sk3"])
+                                 dict(CFG, FUSE_QUANT=True, SPLIT_K=3), dict(CFG, FUSE_QUANT=False, TMA_F=True),
+                                 dict(CFG, FUSE_QUANT=False, SPLIT_K=2, TMA_F=True)],
+                         ids=["gemv", "gemv-sk3", "mma-sk2", "mma-fuse-sk3", "mma-tmaf", "mma-tmaf-sk2"])
 @pytest.mark.parametrize("fp16_copy", [True, False])
 @pytest.mark.parametrize("pattern", ["random", "none", "all"])
 def test_mixed_rows_w8a8_paths(dev, M, N, K, cfg, fp16_copy, pattern):
-    """Mixed mode runs inside the plain W8A8 kernels (GEMV and split-K tensor-core paths)."""
+    """Mixed mode runs inside the plain W8A8 kernels (GEMV and split-K tensor-core paths; TMA_F: the FP16 loop
+    through tensor descriptors, where x and the weight are aligned for them)."""
+    if cfg.get("TMA_F") and dev.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need Hopper or newer")
     x, W, w16, bias = _layer(dev, 3 * M + N + K, M, N, K)
     g = torch.Generator().manual_seed(M + 1)
     rb = {"random": (torch.rand(M, generator=g) < 0.5), "none": torch.zeros(M, dtype=torch.bool),
@@ -103,6 +107,8 @@ def test_mixed_rows_w8a8_paths(dev, M, N, K, cfg, fp16_copy, pattern):
         rb[0], rb[1] = True, False
     rb = rb.to(torch.uint8).to(dev)
     wf = w16 if fp16_copy else None
+    if cfg.get("TMA_F"):  # x rows of 2K bytes, int8 weight rows of K: descriptors need 16-byte row strides
+        assert w8a8._fp16_loop_tma(cfg, x, W.w if wf is None else wf) == ((K * (2 if fp16_copy else 1)) % 16 == 0)
     y = mixed.mixed_linear_triton(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias, config=cfg,
                                   out=poison((M, N), torch.float16, dev))
     ref = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)
@@ -119,8 +125,9 @@ def test_mixed_rows_w8a8_paths(dev, M, N, K, cfg, fp16_copy, pattern):
 
 @pytest.mark.parametrize("M,N,K", [(1, 40, 96), (3, 40, 100), (16, 36, 64), (37, 50, 64)])
 @pytest.mark.parametrize("cfg", [dict(GEMV, SPLIT_K=1), dict(GEMV, SPLIT_K=3), dict(CFG, FUSE_QUANT=False, SPLIT_K=2),
-                                 dict(CFG, FUSE_QUANT=True, SPLIT_K=3), dict(CFG, FUSE_QUANT=False, SPLIT_K=1)],
-                         ids=["gemv", "gemv-sk3", "mma-sk2", "mma-fuse-sk3", "mma"])
+                                 dict(CFG, FUSE_QUANT=True, SPLIT_K=3), dict(CFG, FUSE_QUANT=False, SPLIT_K=1),
+                                 dict(CFG, FUSE_QUANT=False, TMA_F=True), dict(CFG, FUSE_QUANT=False, SPLIT_K=2, TMA_F=True)],
+                         ids=["gemv", "gemv-sk3", "mma-sk2", "mma-fuse-sk3", "mma", "mma-tmaf", "mma-tmaf-sk2"])
 @pytest.mark.parametrize("fp16_copy", [True, False])
 def test_int8_rows_bit_identical_to_plain_w8a8(dev, M, N, K, cfg, fp16_copy):
     """Switching some rows (samples) to FP16 leaves every INT8 row's output bit-identical to the
@@ -128,6 +135,8 @@ def test_int8_rows_bit_identical_to_plain_w8a8(dev, M, N, K, cfg, fp16_copy):
     activations and outputs, so a float32 rounding difference cannot hide in an fp16 output."""
     if cfg.get("BACKEND") == "gemv" and M > 16:
         pytest.skip("the GEMV path takes M <= 16")
+    if cfg.get("TMA_F") and dev.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need Hopper or newer")
     x, W, w16, bias = _layer(dev, 7 * M + N + K, M, N, K)
     x, w16 = x.float() * 3.7, w16.float()
     plain = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=cfg, out=poison((M, N), torch.float32, dev))
@@ -214,3 +223,23 @@ def test_skipped_tiles_pass_completes_what_the_gluon_kernel_left(dev, bias_on, f
     out[40, 5] = plain[40, 5]
     assert torch.equal(out, one_launch)
     assert rel_err(out, mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)) <= 1e-2
+
+
+@pytest.mark.parametrize("cfg,cap", [
+    (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3), 128),  # two CTAs per SM: kept
+    (dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3), None),  # one CTA per SM anyway
+    (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3), None),  # accumulator of 128 registers
+    (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4), None),  # 4 warps: two CTAs below 255
+    (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, MAXNREG=0), None),  # a config decides
+    (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, MAXNREG=168), 168),
+])
+def test_mixed_register_cap(cfg, cap):
+    """The register cap mixed mode launches with (w8a8._mixed_maxnreg): only where the plain kernel runs two
+    8-warp CTAs per SM and the cap can build; a config's MAXNREG overrides it. The launch plan passes it to
+    Triton, and the plain kernel's plan never carries one."""
+    assert w8a8._mixed_maxnreg(cfg) == cap
+    full = dict(cfg, GROUP_M=8)
+    flags = (False, True, True, False, False, 0, False, False, False)  # row bits, FP16 copy
+    assert w8a8._launch_plan(full, 256, 4096, 4096, torch.device("cpu"), flags)[6]["maxnreg"] == cap
+    plain = (False, False, False, False, False, 0, False, False, False)
+    assert w8a8._launch_plan(full, 256, 4096, 4096, torch.device("cpu"), plain)[6]["maxnreg"] is None
