@@ -50,7 +50,7 @@ CHILD = textwrap.dedent(r'''
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st)
             k = compiled(w8a8.w8a8_tma_kernel, tma_types,
                          dict(HAS_BIAS=True, ROW_BITS=rows, HAS_FP16_W=True,
-                              BLOCK_KF=w8a8._block_kf(cfg) if rows else 16, STAGES_F=w8a8._tma_stages_f(cfg) if rows else 1,
+                              BLOCK_KF=w8a8._block_kf(cfg) if rows else 16, STAGES_F=w8a8._desc_stages_f(cfg) if rows else 1,
                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, LOOP_STAGES=st),
                          90, num_warps=nw, num_stages=st)
             name = f"w8a8 tma {bm}x{bn}x{bk} stages {st}{' mixed' if rows else ''} sm_90"

@@ -692,7 +692,8 @@ def _launch_plan(cfg, M, N, K, device, flags):
     amax = _once_maxima(device, M) if quant_once else None
     const, ckey = launch_consts(HAS_BIAS=has_bias, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
                                 HAS_FP16_W=has_fp16_w,
-                                BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_stages_f(cfg) if rbits else 1,
+                                BLOCK_KF=_block_kf(cfg) if rbits else 16,
+                                STAGES_F=(_desc_stages_f(cfg) if tma_f else _stages_f(cfg)) if rbits else 1,
                                 TMA_F=tma_f, FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
                                 CHUNK_K=_ONCE_CHUNK_K if quant_once else 16,
                                 CHUNK_M=min(16, next_pow2(M)) if quant_once else 1,
@@ -793,7 +794,7 @@ def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg, x=None, row_bits=None,
         a_q, w, a_scale, w_scale, bias if bias is not None else w_scale, out,
         x if rbits else a_q, wf, row_bits if rbits else w_scale, M, N, K, progs,
         HAS_BIAS=bias is not None, ROW_BITS=rbits, HAS_FP16_W=w_fp16 is not None,
-        BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_tma_stages_f(cfg) if rbits else 1,
+        BLOCK_KF=_block_kf(cfg) if rbits else 16, STAGES_F=_desc_stages_f(cfg) if rbits else 1,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], LOOP_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
@@ -856,11 +857,17 @@ def _stages_f(cfg: dict) -> int:
     return cfg.get("STAGES_F", cfg["num_stages"])
 
 
-def _tma_stages_f(cfg: dict) -> int:
-    """The persistent kernel's FP16-loop depth: at most 2 with 256-wide N tiles.  Measured on an H100 (Triton
-    3.6): 128 x 256 tiles with a 3-deep FP16 loop wrote wrong FP16 rows (relative error ~5; INT8 rows right),
-    while depth 1 or 2, BLOCK_KF 32, or 256 x 128 tiles were right (tests/kernels/test_gpu.py)."""
-    return min(_stages_f(cfg), 2) if cfg["BLOCK_N"] >= 256 else _stages_f(cfg)
+def _desc_stages_f(cfg: dict) -> int:
+    """Depth of an FP16 loop fed by tensor descriptors (the persistent kernel's, and the tl.dot kernel's with
+    TMA_F): at most 2 outside the measured-right case. On an H100 (Triton 3.6; 4096 x 4096, M = 512, every row
+    FP16: benchmarks/results/mixed-h100-2026-12-06-s35/tma-mixed.log) depth 3 in the persistent kernel wrote wrong
+    FP16 rows (relative error 0.11-0.17; INT8 rows right) with 128 x 128 x 256 tiles (BLOCK_KF 64 and 128),
+    128 x 128 x 128 with BLOCK_KF 128, and earlier 128 x 256 x 128 (error ~5); every depth <= 2 was right, and
+    depth 3 with BLOCK_KF <= 64 on 128 x 128 x 128 and 256 x 128 x 128 tiles (the shipped mixed configs)."""
+    sf = _stages_f(cfg)
+    if sf > 2 and not (_block_kf(cfg) <= 64 and cfg["BLOCK_K"] <= 128 and cfg["BLOCK_N"] <= 128):
+        return 2
+    return sf
 
 
 def gemv_bm(M: int) -> int:

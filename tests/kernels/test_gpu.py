@@ -77,6 +77,30 @@ def test_mixed_rows_at_large_m_keep_the_shipped_kernel(layer, dtype, M):
     assert rel_err(y[fp], plain[fp]) > 1e-1  # w16 is an independent weight: the FP16 rows did run on it
 
 
+@pytest.mark.parametrize("cfg", [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, BLOCK_KF=64),
+                                 dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, BLOCK_KF=128),
+                                 dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, BLOCK_KF=128)],
+                         ids=["128x128x256-kf64", "128x128x256-kf128", "128x128x128-kf128"])
+def test_tma_mixed_fp16_rows_where_depth_three_went_wrong(cfg):
+    """Configs whose 3-deep descriptor-fed FP16 loop wrote wrong FP16 rows on an H100 (relative error 0.11-0.17):
+    asked for depth 3, the launch now runs them 2 deep (w8a8._desc_stages_f) and they match the reference."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA descriptors need Hopper or newer")
+    N = K = 4096
+    M = 512
+    g = torch.Generator().manual_seed(3)
+    W = w8a8.prepack_w8a8(randw(g, (N, K), -127, 127, "cuda"), (torch.rand(N, 1, generator=g) * 1e-3 + 1e-4).cuda())
+    w16 = (torch.randn(N, K, generator=g) * 0.02).half().cuda()
+    x = torch.randn(M, K, generator=g).half().cuda()
+    rb = torch.ones(M, dtype=torch.uint8, device="cuda")
+    rb[:64] = 0  # one all-INT8 row group
+    full = dict(cfg, BACKEND="tma", GROUP_M=8, num_warps=8, num_stages=3, STAGES_F=3)
+    y = mixed.mixed_linear_triton(x, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb, None, config=full,
+                                  out=poison((M, N), torch.float16, "cuda"))
+    ref = mixed.mixed_gemm_ref(x, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb)
+    assert rel_err(y, ref) <= 1e-2
+
+
 # The persistent TMA kernel at both tile shapes the H200 file ships: forced, so every Hopper GPU runs it (the
 # shipped configs choose it on the H200 only; elsewhere the heuristics never do).
 TMA_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, BACKEND="tma"),

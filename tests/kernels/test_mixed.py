@@ -243,3 +243,20 @@ def test_mixed_register_cap(cfg, cap):
     assert w8a8._launch_plan(full, 256, 4096, 4096, torch.device("cpu"), flags)[6]["maxnreg"] == cap
     plain = (False, False, False, False, False, 0, False, False, False)
     assert w8a8._launch_plan(full, 256, 4096, 4096, torch.device("cpu"), plain)[6]["maxnreg"] is None
+
+
+@pytest.mark.parametrize("cfg,depth", [
+    (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_stages=3), 3),  # BLOCK_KF 64: measured right at depth 3
+    (dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_stages=3), 3),
+    (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, num_stages=3), 2),  # depth 3 wrote wrong FP16 rows (H100)
+    (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_stages=3, BLOCK_KF=128), 2),
+    (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=3), 2),
+    (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_stages=3, STAGES_F=1), 1),
+])
+def test_descriptor_fed_fp16_loop_depth(cfg, depth):
+    """FP16 loops fed by tensor descriptors run at most 2 deep outside the case measured right at 3
+    (w8a8._desc_stages_f); the persistent kernel's launch and the tl.dot kernel's TMA_F plan both use it."""
+    assert w8a8._desc_stages_f(cfg) == depth
+    full = dict(cfg, GROUP_M=8, num_warps=8)
+    tmaf = (False, True, True, False, False, 0, False, True, False)  # row bits, FP16 copy, TMA_F
+    assert w8a8._launch_plan(full, 256, 4096, 4096, torch.device("cpu"), tmaf)[6]["STAGES_F"] == depth
