@@ -34,15 +34,18 @@ kernel at large M on Hopper) with
 W8A8's config for the shape and their ``ROW_BITS`` constexpr: each program loads its BLOCK_M row
 bits once, counts FP16 rows, and sets the INT8 K loop's bound to zero when every row of the tile
 is FP16 and the FP16 loop's bound to zero when none is (branches hoisted per tile; nothing is added
-inside the INT8 K loop).  Only a tile that straddles a boundary runs both loops; one fp32
-accumulator serves both (INT8 rows start from their scaled result; the FP16 dot sees zeroed
-activations for INT8 rows).  FP16 rows use ``w_fp16`` when given, else ``w * w_scale``.  The
+inside the INT8 K loop).  Only a tile that straddles a boundary runs both loops: its INT8 rows are
+stored (or, split-K, parked as exact int32 partials) before the FP16 loop runs over the tile, and only
+its FP16 rows are stored from that loop, so INT8 rows stay bit for bit the plain call's (the register
+budget that keeps the plain kernel's occupancy is in ``w8a8._mixed_maxnreg``).  FP16 rows use
+``w_fp16`` when given, else ``w * w_scale``.  The
 runtime lays a batch out sample-contiguous with precision decided per 64-token group, so mixed
 tiles are the exception.  No extra launch (no argsort / gather / scatter); the mask overhead is
 measured in ``benchmarks/gemm.py``.  Exception: where W8A8's config is the Gluon kernel (Hopper, large M), the
 Gluon kernel reads the row bits too and writes only its tiles without an FP16 row, then the tl.dot kernel runs
-with ``SKIPPED_BM`` (Gluon's tile height; its own tiles nest in Gluon's) and computes (both loops, as above) and
-writes only the rows of the Gluon tiles left to it: two launches, the second near-empty when no row is FP16.  ``CTRL_FORCE_FP16`` without an FP16 copy still runs
+with ``SKIPPED_BM`` (Gluon's tile height; its own tiles nest in Gluon's) on a persistent grid that walks the tiles
+and computes (both loops, as above) only those of the Gluon tiles left to it: two launches, the second costing a
+row-bit load per tile when no row is FP16.  ``CTRL_FORCE_FP16`` without an FP16 copy still runs
 ``_mixed_kernel`` below (all-FP16 mode, ``MIXED_CONFIGS``); with a copy it is cuBLAS.
 """
 

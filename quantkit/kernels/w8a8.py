@@ -216,7 +216,7 @@ def _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock
         # took 229 per thread against the plain kernel's 127 (one CTA per SM instead of two: +40% at 28672 x 4096,
         # M = 256 on an H100). So INT8 rows leave (to the output, or as split-K partials) before the FP16 loop,
         # the FP16 accumulator starts from the INT8 one's registers (below), the FP16 loop loads through tensor
-        # descriptors where it can (TMA_F: no pointer tensors), and _mixed_maxnreg caps the rest: 12 B of spills.
+        # descriptors where it can (TMA_F: no pointer tensors), and _mixed_maxnreg caps the rest: 12-20 B of spills.
         w_sc = tl.load(ws_ptr + rn)
         fp_rows = is_fp[:, None]
         if SPLIT_K > 1:
@@ -310,7 +310,7 @@ def _w8a8_kernel(
     # holding an FP16 row unwritten: only tiles inside those are computed and stored (BLOCK_M divides SKIPPED_BM)
     HAS_FP16_W: tl.constexpr,
     BLOCK_KF: tl.constexpr,  # K step of the FP16 loop
-    STAGES_F: tl.constexpr,  # pipeline depth of the FP16 loop (its shared memory adds to the INT8 loop's)
+    STAGES_F: tl.constexpr,  # pipeline depth of the FP16 loop (Triton reuses the INT8 loop's buffers for it)
     TMA_F: tl.constexpr,  # the FP16 loop loads through tensor descriptors (Hopper; aligned x and wf)
     FUSE_QUANT: tl.constexpr,
     QUANT_ONCE: tl.constexpr,  # x quantized into the scratch once per launch by the first programs (see below)
@@ -368,8 +368,8 @@ def _w8a8_kernel(
         pid = tl.program_id(0)
     if SKIPPED_BM > 0:
         # after the Gluon kernel: a persistent grid walks the tiles and computes those of the Gluon tiles it
-        # left (holding an FP16 row); any other tile costs one load of its Gluon tile's row bits (one program
-        # per tile cost 20-88 us at M = 2048 on an H100 when no row was FP16)
+        # left (holding an FP16 row); any other tile costs one load of its Gluon tile's row bits (with one
+        # program per tile, mixed mode with no FP16 row was +13-88 us over plain W8A8 at M = 2048 on an H100)
         for t in range(pid, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) * SPLIT_K, tl.num_programs(0)):
             if _gluon_left(rb_ptr, t, M, N, BLOCK_M, BLOCK_N, GROUP_M, SKIPPED_BM):
                 _mma_tile(t, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr,
@@ -726,7 +726,7 @@ _SMEM_PER_SM = 227 * 1024  # Hopper's shared memory for CTAs of one SM
 def _fp16_loop_tma(cfg: dict, x: torch.Tensor, wf: torch.Tensor) -> bool:
     """Mixed mode: may the FP16 loop load x and the FP16 (or int8) weight through tensor descriptors? A config's
     TMA_F decides (the tests force it in the interpreter), else: on Hopper or newer, where the register cap
-    applies (there it saves the pointer tensors' registers: +8.5 us over plain W8A8 instead of +17.7 at
+    applies (there it saves the pointer tensors' registers: +4.4 us over plain W8A8 instead of +18.5 at
     28672 x 4096, M = 256, H100; uncapped tiles were 1.6-1.8 us slower with it). Both operands need TMA's
     alignment (16-byte base and row stride, unit column stride)."""
     want = cfg.get("TMA_F")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# call 2 (session 35): GPU tests (mixed kernels changed), then the mixed-mode study at M=256 and 2048
+# calls 2 and 3 (session 35, run twice: before and after the persistent pass): GPU tests, then the mixed-mode study at M=256 and 2048
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee $OUT/gpu.txt
