@@ -26,7 +26,7 @@ def per_call_us(f, n: int = 20000) -> float:
 
 
 def main() -> None:
-    from quantkit.kernels import _common, act_quant, attention, fused, w8a8, wna16
+    from quantkit.kernels import _common, act_quant, attention, fused, mixed, w8a8, wna16
 
     class AnyHit(dict):  # every lookup finds a "compiled kernel" whose launcher does nothing
         def get(self, key, default=None):
@@ -52,6 +52,7 @@ def main() -> None:
     W4 = wna16.prepack_wna16(torch.randint(-8, 8, (N, K), dtype=torch.int8), torch.rand(N, K // 128).half(), None, 4)
     h2 = dict(BACKEND="gemv_h2", BLOCK_N=32, UNROLL=2, SPLIT_K=4, num_warps=4, num_stages=2)
     x1 = x[:1].contiguous()
+    w16, rb = torch.randn(N, K).half(), torch.zeros(M, dtype=torch.uint8)
     one = torch.ones(1)
     # a Llama-3-8B decode step's other launches (batch 1): hidden 4096, GQA 32/8 x 128, an 8-bit KV cache of 640
     h, d = torch.randn(1, 1, 4096).half(), torch.randn(1, 1, 4096).half()
@@ -78,6 +79,10 @@ def main() -> None:
             x, W.w, W.scale, config=dict(cfg, QUANT_ONCE=True), out=out)),
         ("w8a8_linear_triton M=1, dp4a GEMV (two launches)", lambda: w8a8.w8a8_linear_triton(
             x1, W.w, W.scale, config=gemv, out=out[:1])),
+        ("mixed_linear_triton M=16, row bits (two launches)", lambda: mixed.mixed_linear_triton(
+            x, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb, None, config=cfg, out=out)),
+        ("mixed_linear_triton M=1, row bits, dp4a GEMV (two launches)", lambda: mixed.mixed_linear_triton(
+            x1, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb[:1], None, config=gemv, out=out[:1])),
         ("wna16_linear_triton M=1, gemv_h2 (W4 g128), explicit config", lambda: wna16.wna16_linear_triton(
             x1, W4.qw, W4.scales, None, None, 4, 128, N, K, config=h2, out=out[:1])),
         ("wna16_linear_triton M=1, planned config (what the runtime calls)", lambda: wna16.wna16_linear_triton(
