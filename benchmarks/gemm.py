@@ -260,7 +260,7 @@ def main():
                          "replay over rotated weights; --write-configs keeps the winners)")
     ap.add_argument("--tune-decode-kinds", default="w4a16,w8a8", help="with --tune-decode: which formats")
     ap.add_argument("--mixed-study", action="store_true",
-                    help="only: FP16-loop variants (BLOCK_KF, STAGES_F) of mixed mode vs plain W8A8 / cuBLAS")
+                    help="only: mixed-mode variants (BLOCK_KF, STAGES_F, TMA_F, MAXNREG) vs plain W8A8 / cuBLAS")
     args = ap.parse_args()
     global SMOKE, ODD_SHAPES, CHECK_MS
     SMOKE = args.smoke
@@ -735,8 +735,9 @@ def peer_report(rows, bw, fails, gl):
 
 
 def mixed_study(dev, gen, shapes, ms):
-    """Mixed mode inside the W8A8 tensor-core kernel: the FP16 loop's K step and pipeline depth
-    (its shared memory comes on top of the INT8 loop's) vs the mask overhead and all-FP16 speed."""
+    """Mixed mode inside the W8A8 tensor-core kernel: the FP16 loop's K step, pipeline depth, loads (TMA_F) and the
+    register cap (MAXNREG) vs the mask overhead and all-FP16 speed; where W8A8's config is Gluon's, the mixed call by
+    part (Gluon, then the persistent tl.dot pass), eager and in CUDA-graph replay."""
     gpu = gpu_key(torch.empty(1, device=dev))
     fails = []
     lines = ["| N | K | M | W8A8 cfg | FP16 us | W8A8 us | variant | mixed-i8 us (d us) | mixed-f16 us (x cuBLAS) |",
