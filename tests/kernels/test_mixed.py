@@ -22,6 +22,19 @@ def _rows_err(y, ref, rows):
     return rel_err(y[rows], ref[rows]) if rows.any() else 0.0
 
 
+def _check_mixed(y, x, W, wf, rb, bias):
+    """FP16 rows fp16-accurate and INT8 rows at the W8A8 reference's accuracy, each set failing the other path's
+    reference (so a call that ran the wrong path on a row set cannot pass)."""
+    ref = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)
+    fp = rb.bool()
+    assert _rows_err(y, ref, fp) <= 2e-3
+    assert _rows_err(y, ref, ~fp) <= 1e-2
+    ref_i8 = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
+    if fp.any():
+        assert _rows_err(y, ref_i8, fp) > 2e-3
+    return fp
+
+
 @pytest.mark.parametrize("M,N,K", [(3, 40, 96), (37, 50, 64)])
 @pytest.mark.parametrize("fp16_copy", [True, False])
 @pytest.mark.parametrize("fuse", [True, False])
@@ -43,15 +56,7 @@ def test_mixed_rows(dev, M, N, K, fp16_copy, fuse, pattern):
     out = poison((M, N), torch.float16, dev)
     y = mixed.mixed_linear_triton(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias,
                                   config=dict(CFG, FUSE_QUANT=fuse), out=out)
-    ref = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)
-    fp = rb.bool()
-    # FP16 rows: fp16-accurate; INT8 rows: bit-exact math of the W8A8 reference
-    assert _rows_err(y, ref, fp) <= 2e-3
-    assert _rows_err(y, ref, ~fp) <= 1e-2
-    # the other path would fail the check on each row set
-    ref_i8 = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
-    if fp.any():
-        assert _rows_err(y, ref_i8, fp) > 2e-3
+    _check_mixed(y, x, W, wf, rb, bias)
 
 
 @pytest.mark.parametrize("fp16_copy", [True, False])
@@ -111,13 +116,7 @@ def test_mixed_rows_w8a8_paths(dev, M, N, K, cfg, fp16_copy, pattern):
         assert w8a8._fp16_loop_tma(cfg, x, W.w if wf is None else wf) == ((K * (2 if fp16_copy else 1)) % 16 == 0)
     y = mixed.mixed_linear_triton(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias, config=cfg,
                                   out=poison((M, N), torch.float16, dev))
-    ref = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)
-    fp = rb.bool()
-    assert _rows_err(y, ref, fp) <= 2e-3
-    assert _rows_err(y, ref, ~fp) <= 1e-2
-    ref_i8 = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
-    if fp.any():
-        assert _rows_err(y, ref_i8, fp) > 2e-3
+    fp = _check_mixed(y, x, W, wf, rb, bias)
     if (~fp).any() and fp16_copy:
         ref_f = mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_FORCE_FP16, rb, bias)
         assert _rows_err(y, ref_f, ~fp) > 1e-2
