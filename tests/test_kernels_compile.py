@@ -17,6 +17,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from quantkit.kernels._common import HOPPER_SMEM_PER_BLOCK as SM90_MAX_SHARED  # noqa: E402
+
 CHILD = textwrap.dedent(r'''
     import json, re, sys
     from quantkit.kernels import attention, hadamard, w8a8, wna16
@@ -108,9 +110,6 @@ CHILD = textwrap.dedent(r'''
 # (per-token/per-channel/float cache, residual bits, sliding window, Gemma 2 soft-cap)
 ATTENTION_CASES = [(0, 0, False, 0.0), (1, 0, False, 0.0), (2, 0, True, 0.0), (1, 8, False, 0.0),
                    (2, 4, False, 0.0), (0, 0, False, 50.0), (2, 4, True, 30.0)]
-
-
-SM90_MAX_SHARED = 227 * 1024
 
 
 def test_kernels_compile_for_sm80_and_sm90():

@@ -184,6 +184,11 @@ def build_for_target(fn, types: dict[str, str], consts: dict[str, Any], cc: int 
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
 
 
+# the most shared memory one CTA may take on Hopper (sm_90: 228 KiB an SM, 1 KiB of it reserved per CTA); a
+# kernel over it fails at launch, on the GPU only
+HOPPER_SMEM_PER_BLOCK = 227 * 1024
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -585,20 +590,32 @@ def quantize_sym(x, scale, QMAX: tl.constexpr):
 
 
 @jit_helper
+def splitk_slot(ws_ptr, tile, sk, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Addresses of K split ``sk``'s (ROWS, COLS) partial of ``tile`` in a split-K workspace (tiles * SPLIT_K *
+    ROWS * COLS elements)."""
+    offs_t = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    return ws_ptr + tile.to(tl.int64) * (SPLIT_K * ROWS * COLS) + sk * (ROWS * COLS) + offs_t
+
+
+@jit_helper
+def splitk_arrive(lock_ptr, tile, SPLIT_K: tl.constexpr):
+    """Count this split of ``tile`` in (after storing its partial): True for the last to arrive, which sums the
+    partials and resets the counter to 0 (``tl.atomic_xchg(lock_ptr + tile, 0)``)."""
+    return tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+
+
+@jit_helper
 def splitk_sum(acc, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """In-kernel split-K reduction ("the split that arrives last sums"): stores this split's (ROWS, COLS)
     partial ``acc`` (int32: exact; fp32), and the last split of ``tile`` to arrive sums all of them and
     resets the tile's counter to 0. Returns (total, last): total is meaningful only where ``last``.
     ws: the workspace (tiles * SPLIT_K * ROWS * COLS, acc's dtype); lock: int32 counters, zero."""
-    offs_t = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * ROWS * COLS)
-    tl.store(ws_tile + pid_k * (ROWS * COLS) + offs_t, acc)
-    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-    last = count == SPLIT_K - 1
+    tl.store(splitk_slot(ws_ptr, tile, pid_k, SPLIT_K, ROWS, COLS), acc)
+    last = splitk_arrive(lock_ptr, tile, SPLIT_K)
     tot = tl.zeros_like(acc)
     if last:
         for sk in tl.static_range(SPLIT_K):
-            tot += tl.load(ws_tile + sk * (ROWS * COLS) + offs_t)
+            tot += tl.load(splitk_slot(ws_ptr, tile, sk, SPLIT_K, ROWS, COLS))
         tl.atomic_xchg(lock_ptr + tile, 0)
     return tot, last
 
@@ -606,20 +623,18 @@ def splitk_sum(acc, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K: tl.constexpr, ROWS: 
 @jit_helper
 def splitk_sum_rows(acc_i, acc_f, is_fp, ws_ptr, lock_ptr, tile, pid_k, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
                     COLS: tl.constexpr):
-    """``splitk_sum`` for the mixed INT8/FP16 row mode: INT8 rows keep exact int32 partials (so their
-    outputs stay bit-identical to the plain path's), FP16 rows (``is_fp``, (ROWS,)) store their fp32
+    """``splitk_sum`` for the mixed INT8/FP16 row mode with both totals live (the GEMV's small tiles; the
+    tensor-core kernel parks and sums the two row sets one after the other): INT8 rows keep exact int32 partials
+    (so their outputs stay bit-identical to the plain path's), FP16 rows (``is_fp``, (ROWS,)) store their fp32
     partial's bits in the same int32 workspace. Returns (int32 total, fp32 total, last)."""
     packed = tl.where(is_fp[:, None], acc_f.to(tl.int32, bitcast=True), acc_i)
-    offs_t = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * ROWS * COLS)
-    tl.store(ws_tile + pid_k * (ROWS * COLS) + offs_t, packed)
-    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-    last = count == SPLIT_K - 1
+    tl.store(splitk_slot(ws_ptr, tile, pid_k, SPLIT_K, ROWS, COLS), packed)
+    last = splitk_arrive(lock_ptr, tile, SPLIT_K)
     tot_i = tl.zeros((ROWS, COLS), dtype=tl.int32)
     tot_f = tl.zeros((ROWS, COLS), dtype=tl.float32)
     if last:
         for sk in tl.static_range(SPLIT_K):
-            part = tl.load(ws_tile + sk * (ROWS * COLS) + offs_t)
+            part = tl.load(splitk_slot(ws_ptr, tile, sk, SPLIT_K, ROWS, COLS))
             tot_i += tl.where(is_fp[:, None], 0, part)
             tot_f += tl.where(is_fp[:, None], part.to(tl.float32, bitcast=True), 0.0)
         tl.atomic_xchg(lock_ptr + tile, 0)

@@ -38,10 +38,10 @@ from typing import Optional
 
 import torch
 
-from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, eager_cuda, fast_launch, gemv_tile,
+from ._common import (HOPPER_SMEM_PER_BLOCK, ConfigCache, LazyKernel, cached_buffer, cdiv, eager_cuda, fast_launch, gemv_tile,
                       gpu_key, grouped_tile, interpret_mode, jit_helper, launch_consts, load_k_tiles, next_pow2,
-                      quantize_sym, remember, sm_count, spec_key, splitk_buffers, splitk_for, splitk_sum,
-                      splitk_sum_rows, tl, use_triton)
+                      quantize_sym, remember, sm_count, spec_key, splitk_arrive, splitk_buffers, splitk_for,
+                      splitk_slot, splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -220,10 +220,8 @@ def _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock
         w_sc = tl.load(ws_ptr + rn)
         fp_rows = is_fp[:, None]
         if SPLIT_K > 1:
-            part_tile = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-            offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             # exact int32 partials of INT8 rows; FP16 rows store their fp32 partial's bits after their loop
-            tl.store(part_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, acc, mask=~fp_rows)
+            tl.store(splitk_slot(part_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N), acc, mask=~fp_rows)
         else:
             out = _int8_epilogue(acc, a_scale, w_sc, bias_ptr, rn, HAS_BIAS)
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask & ~fp_rows)
@@ -256,17 +254,18 @@ def _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock
         if not HAS_FP16_W:
             accm = accm * w_sc[None, :]
         if SPLIT_K > 1:
-            tl.store(part_tile + pid_k * (BLOCK_M * BLOCK_N) + offs_t, accm.to(tl.int32, bitcast=True), mask=fp_rows)
+            tl.store(splitk_slot(part_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N), accm.to(tl.int32, bitcast=True),
+                     mask=fp_rows)
             # the split that arrives last sums every split's partials: INT8 rows, then FP16 rows (one total live)
-            if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            if splitk_arrive(lock_ptr, tile, SPLIT_K):
                 tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
                 for sk in tl.static_range(SPLIT_K):
-                    tot += tl.load(part_tile + sk * (BLOCK_M * BLOCK_N) + offs_t, mask=~fp_rows, other=0)
+                    tot += tl.load(splitk_slot(part_ptr, tile, sk, SPLIT_K, BLOCK_M, BLOCK_N), mask=~fp_rows, other=0)
                 out = _int8_epilogue(tot, a_scale, w_sc, bias_ptr, rn, HAS_BIAS)
                 tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask & ~fp_rows)
                 accm = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for sk in tl.static_range(SPLIT_K):
-                    accm += tl.load(part_tile + sk * (BLOCK_M * BLOCK_N) + offs_t, mask=fp_rows,
+                    accm += tl.load(splitk_slot(part_ptr, tile, sk, SPLIT_K, BLOCK_M, BLOCK_N), mask=fp_rows,
                                     other=0).to(tl.float32, bitcast=True)
                 _store_fp16_rows(accm, c_ptrs, c_mask & fp_rows, bias_ptr, rn, HAS_BIAS)
                 tl.atomic_xchg(lock_ptr + tile, 0)
@@ -717,10 +716,7 @@ def _mixed_maxnreg(cfg: dict) -> Optional[int]:
         return int(cfg["MAXNREG"]) or None
     smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"]  # the INT8 loop's buffers
     acc_regs = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
-    return 128 if cfg["num_warps"] == 8 and acc_regs <= 64 and 2 * smem <= _SMEM_PER_SM else None
-
-
-_SMEM_PER_SM = 227 * 1024  # Hopper's shared memory for CTAs of one SM
+    return 128 if cfg["num_warps"] == 8 and acc_regs <= 64 and 2 * smem <= HOPPER_SMEM_PER_BLOCK else None
 
 
 def _fp16_loop_tma(cfg: dict, x: torch.Tensor, wf: torch.Tensor) -> bool:

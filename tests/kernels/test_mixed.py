@@ -224,6 +224,13 @@ def test_skipped_tiles_pass_completes_what_the_gluon_kernel_left(dev, bias_on, f
     assert rel_err(out, mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)) <= 1e-2
 
 
+def _plan_consts(cfg, row_bits, tma_f=False):
+    """The constexprs and launch options of the tl.dot kernel's plan at M=256, N=K=4096 (FP16 copy when mixed)."""
+    # _launch_plan's flags: bias, row bits, FP16 copy, FUSE_QUANT, int32 out, SKIPPED_BM, QUANT_ONCE, TMA_F, interp
+    flags = (False, row_bits, row_bits, False, False, 0, False, tma_f, False)
+    return w8a8._launch_plan(cfg, 256, 4096, 4096, torch.device("cpu"), flags)[6]
+
+
 @pytest.mark.parametrize("cfg,cap", [
     (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3), 128),  # two CTAs per SM: kept
     (dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3), None),  # one CTA per SM anyway
@@ -238,10 +245,8 @@ def test_mixed_register_cap(cfg, cap):
     Triton, and the plain kernel's plan never carries one."""
     assert w8a8._mixed_maxnreg(cfg) == cap
     full = dict(cfg, GROUP_M=8)
-    flags = (False, True, True, False, False, 0, False, False, False)  # row bits, FP16 copy
-    assert w8a8._launch_plan(full, 256, 4096, 4096, torch.device("cpu"), flags)[6]["maxnreg"] == cap
-    plain = (False, False, False, False, False, 0, False, False, False)
-    assert w8a8._launch_plan(full, 256, 4096, 4096, torch.device("cpu"), plain)[6]["maxnreg"] is None
+    assert _plan_consts(full, row_bits=True)["maxnreg"] == cap
+    assert _plan_consts(full, row_bits=False)["maxnreg"] is None
 
 
 @pytest.mark.parametrize("cfg,depth", [
@@ -256,6 +261,4 @@ def test_descriptor_fed_fp16_loop_depth(cfg, depth):
     """FP16 loops fed by tensor descriptors run at most 2 deep outside the case measured right at 3
     (w8a8._desc_stages_f); the persistent kernel's launch and the tl.dot kernel's TMA_F plan both use it."""
     assert w8a8._desc_stages_f(cfg) == depth
-    full = dict(cfg, GROUP_M=8, num_warps=8)
-    tmaf = (False, True, True, False, False, 0, False, True, False)  # row bits, FP16 copy, TMA_F
-    assert w8a8._launch_plan(full, 256, 4096, 4096, torch.device("cpu"), tmaf)[6]["STAGES_F"] == depth
+    assert _plan_consts(dict(cfg, GROUP_M=8, num_warps=8), row_bits=True, tma_f=True)["STAGES_F"] == depth
