@@ -116,6 +116,16 @@ def w8a8_candidates(M):
 
 
 def wna16_candidates(M):
+    """The tl.dot kernels' configs, then (M > 16) the Gluon kernel's (``wna16_gluon.candidates``; sm_90 only, the
+    tl.dot kernel's plan runs elsewhere)."""
+    if M > 16:
+        from quantkit.kernels import wna16_gluon
+
+        return _wna16_dot_candidates(M) + wna16_gluon.candidates(M)
+    return _wna16_dot_candidates(M)
+
+
+def _wna16_dot_candidates(M):
     G, MM = wna16._gemv, wna16._mma
     if M <= 4:
         return [G(128, 4), G(128, 8), G(128, 16), G(64, 8), G(64, 16), G(256, 4), G(256, 8), G(128, 8, w=4),

@@ -58,7 +58,7 @@ def eager_vs_graph(M: int = 2048) -> None:
 
 
 def host_pieces(M: int = 2048, N: int = 6144, K: int = 4096) -> None:
-    from quantkit.kernels import w8a8, w8a8_gluon
+    from quantkit.kernels import _gluon, w8a8, w8a8_gluon
     from quantkit.kernels.act_quant import per_token_quant_triton
 
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
@@ -80,7 +80,7 @@ def host_pieces(M: int = 2048, N: int = 6144, K: int = 4096) -> None:
     pieces = {"per_token_quant_triton (allocating)": lambda: per_token_quant_triton(x),
               "per_token_quant into the scratch": lambda: w8a8._quantize_into_scratch(x),
               "descriptors() (3 from_tensor)": lambda: w8a8_gluon.descriptors(a_q, W.w, out, glu),
-              "3 _HostDesc": lambda: [w8a8_gluon._HostDesc(t) for t in (a_q, W.w, out)],
+              "3 HostDesc": lambda: [_gluon.HostDesc(t) for t in (a_q, W.w, out)],
               "gluon kernel JIT launch, descriptors given": kernel_only,
               "w8a8_gluon.launch (cached direct launch)": lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, glu),
               "w8a8_linear_triton gluon (quant + launch)": lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale, config=glu, out=out),
@@ -92,11 +92,11 @@ def host_pieces(M: int = 2048, N: int = 6144, K: int = 4096) -> None:
     from quantkit.kernels import _common
 
     w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, glu)
-    k = next((v for key, v in (w8a8_gluon._COMPILED or {}).items() if key[1:4] == (256, 128, 64)), None)
+    k = next((v for key, v in (w8a8_gluon._LAUNCH.compiled or {}).items() if key[1:4] == (256, 128, 64)), None)
     pieces["launch cache key (spec_key over 7 arguments)"] = lambda: _common.spec_key(args)
     if k is not None:
         pieces["compiled kernel's launcher (run_compiled)"] = lambda: _common.run_compiled(
-            k, (M // 256, N // 128), (*[w8a8_gluon._HostDesc(t) for t in (a_q, W.w, out)], *args, 5, 8, False, False,
+            k, (M // 256, N // 128), (*[_gluon.HostDesc(t) for t in (a_q, W.w, out)], *args, 5, 8, False, False,
                                       False))
     for name, f in pieces.items():
         print(f"host {name}: {host_us(f, 300):.1f} us/call", flush=True)

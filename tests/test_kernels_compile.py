@@ -171,3 +171,48 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
         assert b["cubin"], what
         assert 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
         assert b["waits"] == ["1", "0"], (what, b["waits"])
+
+
+W4_GLUON_CHILD = textwrap.dedent(r'''
+    import json, re, sys, torch
+    from quantkit.kernels import wna16_gluon
+    from quantkit.kernels._common import load_tuned
+    if wna16_gluon.GLUON_ERROR is not None:
+        print(json.dumps({"skip": wna16_gluon.GLUON_ERROR}))
+        sys.exit(0)
+    cfgs = []
+    for c in [c for m in (64, 128, 256, 512) for c in wna16_gluon.candidates(m)] + [
+            c for c in load_tuned("w4a16").values() if c.get("BACKEND") == "gluon"]:
+        c = {k: c[k] for k in ("BLOCK_M", "BLOCK_N", "SPLIT_K", "num_warps", "num_stages")}
+        if c not in cfgs:
+            cfgs.append(c)
+    variants = [dict()] + [dict(has_zero=True, has_bias=True), dict(dtype=torch.bfloat16), dict(bits=8),
+                           dict(gs_small=True, has_zero=True)]
+    out = {}
+    for i, cfg in enumerate(cfgs):
+        for v in variants if i == 0 else variants[:1]:
+            k = wna16_gluon.build_for_target(cfg, **v)
+            ptx = k.asm["ptx"]
+            out[f"{cfg} {v}"] = dict(cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
+                                     waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
+    print(json.dumps(out))
+''')
+
+
+def test_gluon_w4a16_builds_for_sm90_with_the_mmas_in_flight():
+    """The Gluon W4A16 kernel builds for sm_90 at every config the tuner searches and every shipped one (plus,
+    on one tile, zero points with bias, bf16, 8-bit, small groups), fits the SM's shared memory, and its K loop
+    waits with one block's wgmmas (x arrives in two 64-wide boxes: two) still in flight; only the end drains."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", W4_GLUON_CHILD], capture_output=True, text=True, env=env, timeout=600)
+    if p.returncode != 0 and "ptxas" in p.stderr and "not found" in p.stderr.lower():
+        pytest.skip("this Triton has no ptxas to build with")
+    assert p.returncode == 0, p.stderr[-3000:]
+    built = json.loads(p.stdout.strip().splitlines()[-1])
+    if "skip" in built:
+        pytest.skip(f"this Triton has no usable Gluon: {built['skip']}")
+    assert len(built) >= 16
+    for what, b in built.items():
+        assert b["cubin"], what
+        assert 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
+        assert b["waits"] == ["2", "0"], (what, b["waits"])

@@ -12,37 +12,20 @@ The epilogue is ``w8a8._int8_epilogue``'s formula (bias as an explicit fma), so 
 kernels' bit for bit.
 
 Scope: W8A8 on sm_90 (wgmma).  Mixed INT8/FP16 rows (``row_bits``): this kernel writes only the output tiles
-without an FP16 row and the ``tl.dot`` kernel's ``SKIPPED_BM`` pass the others (``quantkit.kernels.mixed``).  Gluon
-is experimental and has no interpreter: a Triton without it, a GPU other than sm_90, or operands TMA cannot
-describe make ``applies`` false and the caller runs the ``tl.dot`` kernel.  Its names move between releases
-(3.6's ``tma.async_copy_global_to_shared`` is ``tma.async_load`` later): both spellings are accepted.
+without an FP16 row and the ``tl.dot`` kernel's ``SKIPPED_BM`` pass the others (``quantkit.kernels.mixed``).  Where
+Gluon cannot run (``_gluon``: no Gluon, not sm_90, operands TMA cannot describe) ``applies`` is false and the caller
+runs the ``tl.dot`` kernel.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from quantkit.kernels import _common
+from quantkit.kernels import _common, _gluon
+from quantkit.kernels._gluon import GLUON_ERROR, fence_async_shared, gl, gluon, mbarrier, tma, warpgroup_mma, \
+    warpgroup_mma_wait
 
-try:  # Gluon's Hopper API (Triton >= 3.5); absent: this backend is never selected
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    GLUON_ERROR = None
-except Exception as e:  # ImportError, or an API this file does not know
-    GLUON_ERROR = f"{type(e).__name__}: {e}"
+_tma_load, _tma_store = _gluon.tma_load, _gluon.tma_store
 
 # wgmma with 8-bit integer inputs accepts only these instruction N values (PTX ISA, .s8 wgmma shapes)
 _INT8_WGMMA_N = (256, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8)
@@ -154,75 +137,33 @@ if GLUON_ERROR is None:
             tma.store_wait(pendings=0)
 
 
-_GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32"}
-
-
-@functools.lru_cache(maxsize=None)
-def _is_sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
 def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether this kernel can run here: Gluon importable, an sm_90 GPU, int8 operands and an fp16 / bf16 /
     int32 output that TMA descriptors can describe (contiguous, 16-byte row strides and base addresses)."""
-    if GLUON_ERROR is not None or not a_q.is_cuda or not _is_sm90(a_q.get_device()):
+    if not _gluon.available(a_q):
         return False
-    if a_q.dtype != torch.int8 or w.dtype != torch.int8 or out.dtype not in _GL_DTYPES:
+    if a_q.dtype != torch.int8 or w.dtype != torch.int8 or out.dtype not in _gluon.GL_DTYPES:
         return False
     if not (a_q.is_contiguous() and w.is_contiguous() and out.is_contiguous()):
         return False
     if a_q.shape[1] % 16 or (out.shape[1] * out.element_size()) % 16:
         return False
-    return all(t.data_ptr() % 16 == 0 for t in (a_q, w, out))
-
-
-@functools.lru_cache(maxsize=None)
-def _layout(rows: int, cols: int, dtype: str):
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], getattr(gl, dtype))
+    return _gluon.aligned16(a_q, w, out)
 
 
 def descriptors(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict):
     """Host TMA descriptors of A [BM, BK], W [BN, BK] and C [BM, BN] tiles (128-byte swizzled shared layouts)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    return (TensorDescriptor.from_tensor(a_q, [bm, bk], _layout(bm, bk, "int8")),
-            TensorDescriptor.from_tensor(w, [bn, bk], _layout(bn, bk, "int8")),
-            TensorDescriptor.from_tensor(out, [bm, bn], _layout(bm, bn, _GL_DTYPES[out.dtype])))
+    return _gluon.descriptor(a_q, [bm, bk]), _gluon.descriptor(w, [bn, bk]), _gluon.descriptor(out, [bm, bn])
 
 
-class _HostDesc:
-    """What a compiled kernel's launcher reads from a host ``TensorDescriptor`` (``base.data_ptr()``, ``shape``,
-    ``strides``, ``padding``), taken from the tensor without ``from_tensor``'s checks and layout objects: the
-    cached launch builds three per call.  The block shape and layout are compiled into the kernel (they are part
-    of its cache key), so these plain values are all a launch needs."""
-
-    __slots__ = ("ptr", "shape", "strides")
-    padding = "zero"
-    round_f32_to_tf32 = False
-
-    def __init__(self, t: torch.Tensor):
-        self.ptr = t.data_ptr()
-        self.shape = list(t.shape)
-        self.strides = list(t.stride())
-
-    @property
-    def base(self):
-        return self
-
-    def data_ptr(self) -> int:
-        return self.ptr
-
-
-# (tile, stages, warps, dtypes and argument classes) -> compiled kernel.  Gluon's JIT path (argument binding,
-# descriptor type mangling, cache lookup) costs ~50 us of host time per call on an H100 host (BENCHMARKS.md);
-# a cached kernel is launched directly (``_common.run_compiled``).  None: direct launches failed, never again.
-_COMPILED: dict | None = {}
+_LAUNCH = _gluon.DirectLaunch()
 
 
 def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None) -> torch.Tensor:
     """``out`` = the W8A8 GEMM of quantized activations a_q (M, K) int8 with a_scale (M,) fp32 and w (N, K) int8
     with w_scale (N,) fp32 (an int32 ``out`` receives the raw accumulator).  ``applies`` must hold.
     ``row_bits`` ((M,) uint8, mixed mode): output tiles holding an FP16 row (bit 0) are not written."""
-    global _COMPILED
     M, K = a_q.shape
     N = w.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -234,19 +175,12 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None) -> tor
     ptrs = (scales, ws, b, row_bits if row_bits is not None else scales, M, N, K)
     key = lambda: (_common.current_device(), bm, bn, cfg["BLOCK_K"], out.dtype, consts,  # noqa: E731
                    _common.spec_key(ptrs))
-    if _COMPILED is not None and _common.fast_ready():
-        k = _COMPILED.get(key())
-        if k is not None:
-            try:
-                _common.run_compiled(k, grid, (_HostDesc(a_q), _HostDesc(w), _HostDesc(out), *ptrs, *consts))
-                return out
-            except Exception:  # a Triton whose launcher wants more than _HostDesc has: the JIT path from now on
-                _COMPILED = None
+    if _LAUNCH.run(key(), grid, (a_q, w, out), (*ptrs, *consts)):
+        return out
     a_d, w_d, c_d = descriptors(a_q, w, out, cfg)
     k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, *ptrs, STAGES=consts[0], WARPS=consts[1], OUT_INT32=consts[2],
                                 HAS_BIAS=consts[3], ROW_BITS=consts[4], num_warps=cfg["num_warps"])
-    if _COMPILED is not None and k is not None and _common.bind_driver(k):
-        _COMPILED[key()] = k
+    _LAUNCH.remember(key(), k)
     return out
 
 
@@ -254,21 +188,15 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
                      row_bits: bool = False):
     """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
     launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report."""
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     a = torch.empty(256, 256, dtype=torch.int8)
     w = torch.empty(256, 256, dtype=torch.int8)
     c = torch.empty(256, 256, dtype=out_dtype)
     a_d, w_d, c_d = descriptors(a, w, c, cfg)
     ptr = "*fp32"
-    sig = {"a_desc": mangle_type(a_d), "w_desc": mangle_type(w_d), "c_desc": mangle_type(c_d), "as_ptr": ptr,
+    sig = {"a_desc": _gluon.mangle(a_d), "w_desc": _gluon.mangle(w_d), "c_desc": _gluon.mangle(c_d), "as_ptr": ptr,
            "ws_ptr": ptr, "bias_ptr": "*fp16" if has_bias else ptr, "rb_ptr": "*u8" if row_bits else ptr,
            "M": "i32", "N": "i32", "K": "i32", "STAGES": "constexpr", "WARPS": "constexpr", "OUT_INT32": "constexpr",
            "HAS_BIAS": "constexpr", "ROW_BITS": "constexpr"}
     consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
               "HAS_BIAS": has_bias, "ROW_BITS": row_bits}
-    src = GluonASTSource(fn=w8a8_gluon_kernel, signature=sig, constexprs=consts)
-    return triton_compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg["num_warps"]})
+    return _gluon.compile_for_target(w8a8_gluon_kernel, sig, consts, cfg["num_warps"], cc)

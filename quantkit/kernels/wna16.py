@@ -32,6 +32,9 @@ Paths (``BACKEND`` in the config; configs come from a ConfigCache keyed by (M bu
   (per 128-K block) partial sum when group_size >= 128, else to the dequantized weights
   (``SCALE_W``: to the weights at any group size, so the MMAs chain and overlap the dequant).
 * ``dequant``: one Triton dequantization to x.dtype + cuBLAS (``torch.mm``), for large M.
+* ``gluon`` (sm_90, ``wna16_gluon``): TMA-fed, each block's weights dequantized once per CTA into shared memory
+  while the previous block's wgmmas run; where it cannot run (no Gluon, another GPU, x that TMA cannot
+  describe) the call takes the ``mma`` / ``dequant`` heuristic plan instead.
 """
 
 from dataclasses import dataclass
@@ -752,6 +755,12 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     backend = cfg.get("BACKEND", "mma")
     if backend == "dequant":
         p = ("dequant", None, None, None, None, None, None)
+    elif backend == "gluon":  # wna16_gluon; the tl.dot kernel's plan where it does not apply (per call)
+        sk = int(cfg.get("SPLIT_K", 1))
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        fallback = _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, _default_config(M, N, K))
+        p = ("gluon", fallback, None, cfg, *splitk_buffers(x.device, tiles, sk, cfg["BLOCK_M"] * cfg["BLOCK_N"], 4),
+             None)
     elif backend == "gemv_h2":
         nb = cdiv(K, PACK_K)
         u = int(cfg["UNROLL"])
@@ -801,6 +810,12 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     n_groups = scales.shape[0]
     backend, kern, grid, const, ws, lock, ckey = _plan(
         x, M, N, K, bits, group_size, n_groups, zeros is not None, bias is not None, config)
+    if backend == "gluon":
+        from quantkit.kernels import wna16_gluon
+
+        if wna16_gluon.applies(x, qw, bits, N, K):
+            return wna16_gluon.launch(x, qw, scales, zeros, bias, out, ws, lock, bits, group_size, N, K, const)
+        backend, kern, grid, const, ws, lock, ckey = kern  # the tl.dot kernel's plan
     if backend == "dequant":
         wt = wna16_dequant(qw, scales, zeros, bits, group_size, N, K, x.dtype)
         if bias is not None:

@@ -202,7 +202,7 @@ def test_gluon_cached_launch_and_graph_capture(layer, monkeypatch):
     for dtype in (torch.float16, torch.bfloat16):
         for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
             w8a8.w8a8_linear_triton(torch.randn(M, K, device="cuda", dtype=dtype), W.w, W.scale, b, config=cfg)
-    assert w8a8_gluon._COMPILED and _common.fast_ready()
+    assert w8a8_gluon._LAUNCH.compiled and _common.fast_ready()
 
     def no_descriptors(*a, **k):
         raise AssertionError("the cached launch built TMA descriptors")
@@ -232,6 +232,94 @@ def _graph_replays_match(W, x, cfg, ref_cfg, replays=3):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=ref_cfg))
+
+
+W4_GLUON_CONFIGS = [dict(BACKEND="gluon", BLOCK_M=64, BLOCK_N=128, SPLIT_K=2, num_warps=4, num_stages=4),
+                    dict(BACKEND="gluon", BLOCK_M=128, BLOCK_N=128, SPLIT_K=3, num_warps=8, num_stages=3),
+                    dict(BACKEND="gluon", BLOCK_M=256, BLOCK_N=128, SPLIT_K=1, num_warps=8, num_stages=2),
+                    dict(BACKEND="gluon", BLOCK_M=128, BLOCK_N=256, SPLIT_K=1, num_warps=8, num_stages=2)]
+SM90_ONLY = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                               reason="Gluon's wgmma kernels are sm_90 only")
+
+
+@SM90_ONLY
+@pytest.mark.parametrize("M", [37, 128, 300])
+@pytest.mark.parametrize("cfg", W4_GLUON_CONFIGS, ids=["64x128-sk2", "128x128-sk3", "256x128", "128x256"])
+def test_gluon_w4a16_matches_the_reference(layer, M, cfg):
+    """W4A16 (symmetric, zero points; fp16 and bf16) and W8A16 through the Gluon kernel against the reference,
+    with and without bias, split-K sums (uneven splits too) that reset their counters (a second call is equal)."""
+    from quantkit.kernels import wna16_gluon
+
+    if layer["N"] * layer["K"] > 6144 * 4096:
+        pytest.skip("keep the GPU test short")
+    N, K = layer["N"], layer["K"]
+    for name, W, q_, s_, z_ in [("w4", layer["Wi4"], layer["q4"], layer["s4"], None),
+                                ("w4z", layer["Wi4z"], layer["q4"], layer["s4"], layer["z4"]),
+                                ("w8", layer["Wi8"], layer["q8"], layer["s8"], None)]:
+        for dtype in (torch.float16, torch.bfloat16) if W.bits == 4 else (torch.float16, ):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            bias = torch.randn(N, device="cuda", dtype=dtype) * 0.1
+            assert wna16_gluon.applies(x, W.qw, W.bits, N, K)
+            for b in (None, bias):
+                y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, b, W.bits, W.group_size, N, K, config=cfg,
+                                              out=poison((M, N), dtype, "cuda"))
+                ref = wna16.wna16_gemm_ref(x, q_, W.scales.t().float(), z_, b)
+                assert rel_err(y, ref) <= 5e-3, (name, dtype, b is not None, rel_err(y, ref))
+                again = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, b, W.bits, W.group_size, N, K,
+                                                  config=cfg)
+                assert torch.equal(again, y), (name, dtype)
+            assert rel_err(y, wna16.wna16_gemm_ref(x, q_, W.scales.t().float() * 1.02, z_, b)) > 5e-3
+
+
+@SM90_ONLY
+@pytest.mark.parametrize("gs", [32, 64, 256])
+def test_gluon_w4a16_group_sizes_and_k_tail(gs):
+    """Groups smaller than the 128-K block (a scale per field of the packed words), larger ones, and K not a
+    multiple of 128 (TMA zero-fills x past K; the padded words hold 0)."""
+    g = torch.Generator().manual_seed(gs)
+    N, K, M = 520, 1280 - (gs == 32) * 96, 96
+    q = randw(g, (N, K), -8, 7, "cuda")
+    s = (torch.rand(N, K // gs, generator=g) * 2e-2 + 5e-3).cuda()
+    z = randw(g, (N, K // gs), -8, 7, "cuda")
+    W = wna16.prepack_wna16(q, s, z, 4)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, gs, N, K, config=W4_GLUON_CONFIGS[1],
+                                  out=poison((M, N), torch.float16, "cuda"))
+    assert rel_err(y, wna16.wna16_gemm_ref(x, q, W.scales.t().float(), z)) <= 5e-3
+
+
+@SM90_ONLY
+def test_gluon_w4a16_cached_launch_and_graph_capture(monkeypatch):
+    """After the first launch the Gluon W4A16 kernel is launched directly (no TMA descriptors built); a call
+    captured in a CUDA graph and replayed on new input data equals a plain call."""
+    from quantkit.kernels import _common, wna16_gluon
+
+    g = torch.Generator().manual_seed(5)
+    N, K, M = 1024, 2048, 128
+    q, s = randw(g, (N, K), -8, 7, "cuda"), (torch.rand(N, K // 128, generator=g) * 2e-2 + 5e-3).cuda()
+    W = wna16.prepack_wna16(q, s, None, 4)
+    cfg = W4_GLUON_CONFIGS[1]
+    run = lambda x, out=None: wna16.wna16_linear_triton(  # noqa: E731
+        x, W.qw, W.scales, None, None, 4, 128, N, K, config=cfg, out=out)
+    first = run(torch.randn(M, K, device="cuda", dtype=torch.float16))
+    assert wna16_gluon._LAUNCH.compiled and _common.fast_ready() and first.isfinite().all()
+
+    def no_descriptors(*a, **k):
+        raise AssertionError("the cached launch built TMA descriptors")
+
+    monkeypatch.setattr(wna16_gluon, "_descriptors", no_descriptors)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    out = poison((M, N), torch.float16, "cuda")
+    run(x, out)
+    assert rel_err(out, wna16.wna16_gemm_ref(x, q, W.scales.t().float(), None)) <= 5e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(x, out)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, run(x))
 
 
 ONCE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=3),

@@ -157,7 +157,7 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
 def test_gluon_host_descriptor_carries_what_the_launcher_reads():
     """The cached Gluon launch hands the launcher ``_HostDesc`` objects instead of ``TensorDescriptor``s: every
     field the launcher reads (base pointer, shape, strides, padding, tf32 rounding) equals the real one's."""
-    from quantkit.kernels import w8a8_gluon
+    from quantkit.kernels import _gluon, w8a8_gluon
 
     if w8a8_gluon.GLUON_ERROR is not None:
         pytest.skip(w8a8_gluon.GLUON_ERROR)
@@ -166,7 +166,7 @@ def test_gluon_host_descriptor_carries_what_the_launcher_reads():
     w = torch.empty(256, 512, dtype=torch.int8)
     c = torch.empty(300, 256, dtype=torch.bfloat16)
     for t, d in zip((a, w, c), w8a8_gluon.descriptors(a, w, c, cfg)):
-        h = w8a8_gluon._HostDesc(t)
+        h = _gluon.HostDesc(t)
         assert h.base.data_ptr() == d.base.data_ptr() == t.data_ptr()
         assert list(h.shape) == list(d.shape) and list(h.strides) == list(d.strides)
         assert h.padding == d.padding and h.round_f32_to_tf32 == getattr(d, "round_f32_to_tf32", False)
@@ -176,7 +176,7 @@ def test_gluon_host_descriptor_carries_what_the_launcher_reads():
         return
     plain = lambda xs: [x.data_ptr() if hasattr(x, "data_ptr") else x for x in xs]  # noqa: E731
     d = w8a8_gluon.descriptors(a, w, c, cfg)[2]
-    assert plain(decompose_descriptor(w8a8_gluon._HostDesc(c))) == plain(decompose_descriptor(d))
+    assert plain(decompose_descriptor(_gluon.HostDesc(c))) == plain(decompose_descriptor(d))
 
 
 def test_w8a8_large_m_paths_reuse_quantization_scratch_safely(dev):

@@ -239,3 +239,20 @@ def test_wna16_gemv_h2_falls_back(dev):
         y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, bits, gs, N, K,
                                       config=wna16._gemv_h2(32, 2, 2), out=poison((M, N), torch.float16, dev))
         assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
+
+
+def test_wna16_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
+    """A ``BACKEND="gluon"`` W4A16 config where the Gluon kernel cannot run (no sm_90 GPU: the interpreter,
+    CPU; or operands TMA cannot describe) runs the tl.dot kernel's plan instead, with the right result."""
+    from quantkit.kernels import wna16_gluon
+
+    M, N, K, gs = 20, 40, 384, 128
+    q, s, z = _make(dev, 11, N, K, 4, gs, True)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(3)).half().to(dev)
+    W = wna16.prepack_wna16(q, s, z, 4)
+    assert not wna16_gluon.applies(x, W.qw, 4, N, K)
+    cfg = dict(BACKEND="gluon", BLOCK_M=64, BLOCK_N=128, SPLIT_K=2, num_warps=4, num_stages=4)
+    y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, gs, N, K, config=cfg,
+                                  out=poison((M, N), torch.float16, dev))
+    assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
+    assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z)) > 1e-2

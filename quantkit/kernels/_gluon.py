@@ -1,0 +1,133 @@
+"""What the Gluon kernels (``w8a8_gluon``, ``wna16_gluon``) share: Gluon's Hopper API behind one import guard,
+host TMA descriptors, and the cached direct launch.
+
+Gluon is experimental and has no interpreter: a Triton without it, a GPU other than sm_90, or operands TMA cannot
+describe make a kernel's ``applies`` false and its caller runs a ``tl.dot`` kernel.  Names move between releases
+(3.6's ``tma.async_copy_global_to_shared`` is ``tma.async_load`` later, ``gl.thread_barrier`` ``gl.barrier``): both spellings are accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from quantkit.kernels import _common
+
+try:  # Gluon's Hopper API (Triton >= 3.5); absent: no Gluon backend is ever selected
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # 3.6 / later
+    GLUON_ERROR = None
+except Exception as e:  # ImportError, or an API this file does not know
+    GLUON_ERROR = f"{type(e).__name__}: {e}"
+    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
+    TensorDescriptor = tma_load = tma_store = cta_barrier = None
+
+GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32", torch.int8: "int8"}
+
+
+@functools.lru_cache(maxsize=None)
+def is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def available(t: torch.Tensor) -> bool:
+    """Gluon importable and ``t`` on an sm_90 GPU."""
+    return GLUON_ERROR is None and t.is_cuda and is_sm90(t.get_device())
+
+
+def aligned16(*ts: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+@functools.lru_cache(maxsize=None)
+def nvmma_layout(rows: int, cols: int, dtype: str):
+    """Gluon's default (largest swizzle) shared layout of a [rows, cols] tile of ``dtype`` (a ``GL_DTYPES`` name)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], getattr(gl, dtype))
+
+
+def descriptor(t: torch.Tensor, block: list[int]):
+    """Host TMA descriptor of ``t`` in [block] tiles (the default shared layout)."""
+    return TensorDescriptor.from_tensor(t, block, nvmma_layout(*block, GL_DTYPES[t.dtype]))
+
+
+class HostDesc:
+    """What a compiled kernel's launcher reads from a host ``TensorDescriptor`` (``base.data_ptr()``, ``shape``,
+    ``strides``, ``padding``), taken from the tensor without ``from_tensor``'s checks and layout objects: a cached
+    launch builds one per descriptor per call.  The block shape and layout are compiled into the kernel (they are
+    part of its cache key), so these plain values are all a launch needs."""
+
+    __slots__ = ("ptr", "shape", "strides")
+    padding = "zero"
+    round_f32_to_tf32 = False
+
+    def __init__(self, t: torch.Tensor):
+        self.ptr = t.data_ptr()
+        self.shape = list(t.shape)
+        self.strides = list(t.stride())
+
+    @property
+    def base(self):
+        return self
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+class DirectLaunch:
+    """A Gluon kernel's compiled variants, launched directly once seen.  Gluon's JIT path (argument binding,
+    descriptor type mangling, cache lookup) costs ~50 us of host time per call on an H100 host (BENCHMARKS.md);
+    a cached kernel goes through ``_common.run_compiled`` with ``HostDesc``s.  After one failed direct launch
+    (a Triton whose launcher wants more than ``HostDesc`` has) the JIT path is used from then on."""
+
+    def __init__(self):
+        self.compiled: dict | None = {}
+
+    def run(self, key, grid, tensors: tuple, args: tuple) -> bool:
+        """Launch the variant cached under ``key`` with descriptors of ``tensors`` and then ``args`` (every other
+        parameter, constexprs included, in order): False when there is none (the caller launches through the JIT
+        and then calls :meth:`remember`)."""
+        if self.compiled is None or not _common.fast_ready():
+            return False
+        k = self.compiled.get(key)
+        if k is None:
+            return False
+        try:
+            _common.run_compiled(k, grid, (*[HostDesc(t) for t in tensors], *args))
+            return True
+        except Exception:
+            self.compiled = None
+            return False
+
+    def remember(self, key, k) -> None:
+        if self.compiled is not None and k is not None and _common.bind_driver(k):
+            self.compiled[key] = k
+
+
+def compile_for_target(kernel, sig: dict, consts: dict, num_warps: int, cc: int = 90):
+    """Compile Gluon ``kernel`` for sm_``cc`` without a GPU (Triton's Gluon pipeline, LLVM and ptxas): the CPU
+    suite's build checks and the probes.  sig: every parameter's type (constexprs as "constexpr")."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    src = GluonASTSource(fn=kernel, signature=sig, constexprs=consts)
+    return triton_compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+
+
+def mangle(desc) -> str:
+    from triton.runtime.jit import mangle_type
+
+    return mangle_type(desc)

@@ -1,0 +1,309 @@
+"""W4A16 / W8A16 GEMM for Hopper in Triton's Gluon dialect (``BACKEND="gluon"`` in a W4A16 config).
+
+Why: the ``tl.dot`` kernel of ``wna16.py`` dequantizes each 128-K weight block in registers and Triton then
+either stores it to shared memory and waits for the wgmma (unswapped), or feeds it from registers with the
+accumulation chained (``SWAP_AB``); either way the dequantization of one block and the wgmmas of another barely
+overlap, and its tiles are small (64 x 64 at M = 128), so x is re-read from L2 once per 64 columns.  Here:
+
+* TMA brings x [BM, 128] and the packed words [R, BN] of one 128-K block into a ring of ``STAGES`` slots;
+* the warps unpack the words (``wna16``'s 16-bit magic numbers: ``(u | MAGIC16)`` read as x.dtype is
+  ``M16 + u`` exactly, one 16-bit subtraction gives ``q - zero``), multiply by the group scale in x.dtype
+  (``SCALE_W``'s rounding) and store the [128, BN] tile into one of two shared buffers;
+* ``warpgroup_mma(is_async=True)`` multiplies x by that tile while the next block is dequantized into the other
+  buffer (``warpgroup_mma_wait(1)``: the previous block's wgmma is then complete, its ring slot refilled).
+
+K splits (grid axis 2) reduce in-kernel as the ``tl.dot`` kernels do: each split stores its fp32 partial, the last
+to arrive at the tile's counter sums them and resets it (``_common.splitk_sum``'s protocol).
+
+Layout: ``wna16.prepack_wna16``'s (``qw`` (K_pad // PER, N) int32, N contiguous: a [R, BN] box per 128-K block).
+Scope: 4-bit (fp16, bf16) and 8-bit (fp16) weights, any group size ``wna16`` accepts, on sm_90; x contiguous with
+16-byte rows, N a multiple of 4 (``applies``).  No interpreter: the CPU suite compiles it (``build_for_target``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.kernels import _common, _gluon
+from quantkit.kernels._gluon import GLUON_ERROR, cta_barrier, fence_async_shared, gl, gluon, mbarrier, tma_load, \
+    warpgroup_mma, warpgroup_mma_wait
+
+PACK_K = 128  # wna16.PACK_K: one scale row per 128-K block when group_size >= 128
+BLOCK_K = gl.constexpr(PACK_K) if GLUON_ERROR is None else PACK_K
+
+
+def _nibbles_asm(magic: int, sub: str, mul: str) -> str:
+    """Two packed int32 words (columns n, n + 1: $8, $9; eight 4-bit fields each) -> eight registers $0-$7, field
+    j's two columns as one 16-bit pair, (M16 + u - zc) * s with zc, s the columns' pairs ($11, $10).  One LOP3
+    masks two fields of a word into 16-bit magic numbers at once (field j low, j + 4 high; the shifts by 4, 8, 12
+    bring fields 1-3 down), two PRMTs regroup two words' pairs by field, then one subtraction and one
+    multiplication per pair: 2.4 instructions a weight instead of 3.5 for Triton's own unpacking."""
+    lines = ["{", ".reg .b32 a0, a1, a2, a3, b0, b1, b2, b3, t;"]
+    for w, r in (("$8", "a"), ("$9", "b")):
+        for k in range(4):
+            src = w
+            if k:
+                lines.append(f"shr.u32 t, {w}, {4 * k};")
+                src = "t"
+            lines.append(f"lop3.b32 {r}{k}, {src}, 0x000F000F, {magic:#010x}, 0xEA;")
+    for k in range(4):
+        lines.append(f"prmt.b32 ${k}, a{k}, b{k}, 0x5410;")
+        lines.append(f"prmt.b32 ${k + 4}, a{k}, b{k}, 0x7632;")
+    for j in range(8):
+        lines.append(f"{sub} ${j}, ${j}, $11;")
+        lines.append(f"{mul} ${j}, ${j}, $10;")
+    return "\n".join(lines + ["}"])
+
+
+NIBBLES_F16 = gl.constexpr(_nibbles_asm(0x64006400, "sub.f16x2", "mul.rn.f16x2")) if GLUON_ERROR is None else None
+NIBBLES_BF16 = gl.constexpr(_nibbles_asm(0x43004300, "sub.rn.bf16x2", "mul.rn.bf16x2")) if GLUON_ERROR is None \
+    else None
+
+if GLUON_ERROR is None:
+
+    @gluon.constexpr_function
+    def _fields_layout(PER, R, BN, num_warps):
+        """Blocked layout of the [PER, R, BN] unpacked fields: a thread holds every field of its words (the
+        unpack is register-local) and 8 (else 4, 2, 1) consecutive columns (16-byte stores of the dequantized
+        fp16 values); the warp's threads along N first, no element held twice where possible."""
+        for spt in (8, 4, 2, 1):
+            tpw_n = min(32, max(1, BN // spt))
+            tpw_r = 32 // tpw_n
+            wr = max(1, min(num_warps, R // tpw_r))
+            wn = num_warps // wr
+            if wr * wn == num_warps and spt * tpw_n * wn <= BN and tpw_r * wr <= R:
+                return gl.BlockedLayout([PER, 1, spt], [1, tpw_r, tpw_n], [1, wr, wn], [2, 1, 0])
+        return gl.BlockedLayout([PER, 1, 1], [1, 1, 32], [1, 1, num_warps], [2, 1, 0])
+
+    @gluon.constexpr_function
+    def _mma_layout(BM, BN, num_warps):
+        """wgmma accumulator layout: warps along M in 16-row slices while M has them (a warpgroup is 4 warps along
+        M), the rest along N; instruction N = BN / (warps along N)."""
+        w = [4, 1]
+        while w[0] * w[1] != num_warps:
+            if BM > 16 * w[0]:
+                w[0] *= 2
+            else:
+                w[1] *= 2
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=w, instr_shape=[16, BN // w[1], 16])
+
+    @gluon.constexpr_function
+    def _tile_layout(rows, cols, dtype):
+        return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
+
+    @gluon.jit
+    def _scale_zero(s_ptr, z_ptr, rows, N, cols, cmask, HAS_ZERO: gl.constexpr, OFFSET: gl.constexpr,
+                    M16: gl.constexpr, dt: gl.constexpr):
+        """Scales of group rows ``rows`` (broadcast against ``cols``) in x.dtype, and what one 16-bit subtraction
+        takes off a magic number: M16 + offset (+ the raw zero point)."""
+        s = gl.load(s_ptr + rows * N + cols, mask=cmask, other=0.0).to(dt)
+        if HAS_ZERO:
+            z = gl.load(z_ptr + rows * N + cols, mask=cmask, other=0).to(gl.float32)
+            zc = (z + (M16 + OFFSET)).to(dt)
+        else:
+            zc = gl.full(s.shape, M16 + OFFSET, dt, layout=s.type.layout)
+        return s, zc
+
+    @gluon.jit
+    def wna16_gluon_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+                           M, N, K, n_groups, group_size, stride_cm,
+                           BITS: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+                           GS_SMALL: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                           WARPS: gl.constexpr, MAGIC16: gl.constexpr, M16: gl.constexpr):
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        BKX: gl.constexpr = x_desc.block_type.shape[1]  # x box along K: 128 // BKX boxes per 128-K block
+        R: gl.constexpr = w_desc.block_type.shape[0]  # word rows per 128-K block (128 // PER)
+        BN: gl.constexpr = w_desc.block_type.shape[1]
+        XB: gl.constexpr = BLOCK_K // BKX
+        PER: gl.constexpr = 32 // BITS
+        OFFSET: gl.constexpr = 1 << (BITS - 1)
+        MASK: gl.constexpr = (1 << BITS) - 1
+        dt: gl.constexpr = x_desc.dtype
+        TILE_BYTES: gl.constexpr = XB * x_desc.block_type.nbytes + w_desc.block_type.nbytes
+        FL: gl.constexpr = _fields_layout(PER, R, BN, WARPS)
+        ML: gl.constexpr = _mma_layout(BM, BN, WARPS)
+
+        pid_m = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        n_blocks = gl.cdiv(K, BLOCK_K)
+        per_split = gl.cdiv(n_blocks, SPLIT_K)
+        b_lo = pid_k * per_split
+        nb = gl.maximum(gl.minimum(n_blocks, b_lo + per_split) - b_lo, 0)
+
+        x_ring = gl.allocate_shared_memory(dt, [STAGES * XB, BM, BKX], x_desc.layout)
+        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, R, BN], w_desc.layout)
+        d_ring = gl.allocate_shared_memory(dt, [2, BLOCK_K, BN], _tile_layout(BLOCK_K, BN, dt))
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+        fence_async_shared()
+
+        # prologue: blocks 0 .. STAGES-2 of this split (predicated off past its last block)
+        for s in gl.static_range(STAGES - 1):
+            live = s < nb
+            mbarrier.expect(ready.index(s), TILE_BYTES, pred=live)
+            for h in gl.static_range(XB):
+                tma_load(x_desc, [off_m, (b_lo + s) * BLOCK_K + h * BKX], ready.index(s), x_ring.index(s * XB + h),
+                         pred=live)
+            tma_load(w_desc, [(b_lo + s) * R, off_n], ready.index(s), w_ring.index(s), pred=live)
+
+        WL: gl.constexpr = gl.SliceLayout(0, FL)  # the [R, BN] word tile
+        cols = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, FL))))[None, None, :]
+        cmask = cols < N
+        cols2 = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, WL)))[None, :]
+        cmask2 = cols2 < N
+        fields = gl.arange(0, PER, layout=gl.SliceLayout(1, gl.SliceLayout(2, FL)))[:, None, None]
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=ML)
+        for ki in range(nb):
+            slot = ki % STAGES
+            blk = b_lo + ki
+            mbarrier.wait(ready.index(slot), (ki // STAGES) & 1)
+            wp = w_ring.index(slot).load(WL)
+            d = d_ring.index(ki % 2)
+            if BITS == 4 and not GS_SMALL:  # half2 asm (NIBBLES_*), then one [128, BN] store
+                g = gl.minimum(blk * BLOCK_K // group_size, n_groups - 1)
+                sc, zc = _scale_zero(s_ptr, z_ptr, g, N, cols2, cmask2, HAS_ZERO, OFFSET, M16, dt)
+                if dt == gl.float16:
+                    f0, f1, f2, f3, f4, f5, f6, f7 = gl.inline_asm_elementwise(
+                        NIBBLES_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wp, sc, zc],
+                        dtype=(gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16,
+                               gl.float16), is_pure=True, pack=2)
+                else:
+                    f0, f1, f2, f3, f4, f5, f6, f7 = gl.inline_asm_elementwise(
+                        NIBBLES_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [wp, sc, zc],
+                        dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16,
+                               gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
+                # [R, BN, 2, 2, 2] (field = i + 2 k + 4 l on the last three) -> field-major [PER, R, BN] -> rows
+                t = gl.join(gl.join(gl.join(f0, f1), gl.join(f2, f3)), gl.join(gl.join(f4, f5), gl.join(f6, f7)))
+                d.store(gl.reshape(gl.permute(t, (4, 3, 2, 0, 1)), [BLOCK_K, BN]))
+            else:
+                # group of each field (K rows j * R .. j * R + R - 1 of the block): one per block when group >= 128
+                if GS_SMALL:
+                    g = gl.minimum((blk * BLOCK_K + fields * R) // group_size, n_groups - 1)
+                else:
+                    g = gl.minimum(blk * BLOCK_K // group_size, n_groups - 1)
+                sc, zc = _scale_zero(s_ptr, z_ptr, g, N, cols, cmask, HAS_ZERO, OFFSET, M16, dt)
+                u = (wp[None, :, :] >> (fields * BITS)) & MASK  # [PER, R, BN]: row j * R + i of the block
+                wq = (u | MAGIC16).to(gl.int16).to(dt, bitcast=True)
+                d.store(gl.reshape((wq - zc) * sc, [BLOCK_K, BN]))
+            fence_async_shared()
+            for h in gl.static_range(XB):
+                acc = warpgroup_mma(x_ring.index(slot * XB + h), d.slice(h * BKX, BKX, dim=0), acc, is_async=True)
+            # this block's wgmmas stay in flight; the previous block's (slot ki - 1, the other buffer) are complete
+            acc = warpgroup_mma_wait(num_outstanding=XB, deps=(acc, ))
+            nk = ki + STAGES - 1
+            nslot = nk % STAGES
+            live = nk < nb
+            mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=live)
+            for h in gl.static_range(XB):
+                tma_load(x_desc, [off_m, (b_lo + nk) * BLOCK_K + h * BKX], ready.index(nslot),
+                         x_ring.index(nslot * XB + h), pred=live)
+            tma_load(w_desc, [(b_lo + nk) * R, off_n], ready.index(nslot), w_ring.index(nslot), pred=live)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+
+        rows_t = gl.arange(0, BM, layout=gl.SliceLayout(1, ML))
+        cols_t = gl.arange(0, BN, layout=gl.SliceLayout(0, ML))
+        rows = off_m + rows_t
+        cols_o = off_n + cols_t
+        c_mask = (rows[:, None] < M) & (cols_o[None, :] < N)
+        if SPLIT_K > 1:  # the last split to arrive sums the partials (_common.splitk_sum's protocol)
+            tile = pid_n * gl.num_programs(0) + pid_m
+            slots = ws_ptr + tile.to(gl.int64) * (SPLIT_K * BM * BN) + (rows_t[:, None] * BN + cols_t[None, :])
+            gl.store(slots + pid_k * (BM * BN), acc)
+            cta_barrier()  # every thread's partial is written before the counter moves
+            last = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+            if last:
+                acc = gl.load(slots)
+                for sk in gl.static_range(1, SPLIT_K):
+                    acc += gl.load(slots + sk * (BM * BN))
+                gl.atomic_xchg(lock_ptr + tile, 0)
+            c_mask = c_mask & last
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + cols_o, mask=cols_o < N, other=0.0).to(gl.float32)[None, :]
+        gl.store(c_ptr + rows[:, None].to(gl.int64) * stride_cm + cols_o[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=c_mask)
+
+
+def applies(x: torch.Tensor, qw: torch.Tensor, bits: int, N: int, K: int) -> bool:
+    """Whether this kernel can run: Gluon on an sm_90 GPU, fp16 (or bf16 with 4-bit) activations that TMA can
+    describe (contiguous, 16-byte rows and base), N a multiple of 4 (16-byte word rows)."""
+    if not _gluon.available(x) or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if bits not in (4, 8) or (bits == 8 and x.dtype != torch.float16):
+        return False
+    if not x.is_contiguous() or (K * x.element_size()) % 16 or N % 4:
+        return False
+    return _gluon.aligned16(x, qw)
+
+
+_LAUNCH = _gluon.DirectLaunch()
+_X_BOX_K = 64  # x box along K (128 bytes of fp16: the 128-byte swizzle's width)
+
+
+def _descriptors(x, qw, bm, bn, bits):
+    return _gluon.descriptor(x, [bm, _X_BOX_K]), _gluon.descriptor(qw, [PACK_K * bits // 32, bn])
+
+
+def launch(x, qw, scales, zeros, bias, out, ws, lock, bits, group_size, N, K, cfg: dict) -> torch.Tensor:
+    """``out`` (M, N) = x @ W^T (+ bias) for the packed weight (``wna16.prepack_wna16``'s layout); ``applies``
+    must hold.  ws, lock: the split-K workspace and counters (``_common.splitk_buffers``)."""
+    M = x.shape[0]
+    bm, bn, sk = cfg["BLOCK_M"], cfg["BLOCK_N"], int(cfg.get("SPLIT_K", 1))
+    grid = ((M + bm - 1) // bm, (N + bn - 1) // bn, sk)
+    n_groups = scales.shape[0]
+    magic, m16 = (0x6400, 1024.0) if x.dtype == torch.float16 else (0x4300, 128.0)
+    consts = (bits, zeros is not None, bias is not None, n_groups > 1 and group_size < PACK_K, sk,
+              cfg["num_stages"], cfg["num_warps"], magic, m16)
+    args = (scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, lock,
+            M, N, K, n_groups, group_size, out.stride(0))
+    key = (_common.current_device(), bm, bn, x.dtype, out.dtype, consts, _common.spec_key(args))
+    if _LAUNCH.run(key, grid, (x, qw), (*args, *consts)):
+        return out
+    x_d, w_d = _descriptors(x, qw, bm, bn, bits)
+    names = ("BITS", "HAS_ZERO", "HAS_BIAS", "GS_SMALL", "SPLIT_K", "STAGES", "WARPS", "MAGIC16", "M16")
+    k = wna16_gluon_kernel[grid](x_d, w_d, *args, **dict(zip(names, consts)), num_warps=cfg["num_warps"])
+    _LAUNCH.remember(key, k)
+    return out
+
+
+def build_for_target(cfg: dict, dtype=torch.float16, bits: int = 4, has_zero: bool = False, has_bias: bool = False,
+                     gs_small: bool = False, cc: int = 90):
+    """Compile for sm_``cc`` without a GPU (descriptor signatures from CPU tensors, as a launch mangles them)."""
+    x = torch.empty(256, 256, dtype=dtype)
+    qw = torch.empty(256 * bits // 32, 256, dtype=torch.int32)
+    x_d, w_d = _descriptors(x, qw, cfg["BLOCK_M"], cfg["BLOCK_N"], bits)
+    t = "*fp16" if dtype == torch.float16 else "*bf16"
+    sig = {"x_desc": _gluon.mangle(x_d), "w_desc": _gluon.mangle(w_d), "s_ptr": "*fp16",
+           "z_ptr": "*i8" if has_zero else "*fp16", "bias_ptr": t if has_bias else "*fp16", "c_ptr": t,
+           "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "n_groups": "i32",
+           "group_size": "i32", "stride_cm": "i32"}
+    consts = dict(BITS=bits, HAS_ZERO=has_zero, HAS_BIAS=has_bias, GS_SMALL=gs_small,
+                  SPLIT_K=int(cfg.get("SPLIT_K", 1)), STAGES=cfg["num_stages"], WARPS=cfg["num_warps"],
+                  MAGIC16=0x6400 if dtype == torch.float16 else 0x4300, M16=1024.0 if dtype == torch.float16 else 128.0)
+    sig.update({k: "constexpr" for k in consts})
+    return _gluon.compile_for_target(wna16_gluon_kernel, sig, consts, cfg["num_warps"], cc)
+
+
+def config(bm: int, bn: int, split_k: int = 1, warps: int = 8, stages: int = 3) -> dict:
+    return dict(BACKEND="gluon", BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+
+
+def candidates(M: int) -> list[dict]:
+    """The configs ``benchmarks/gemm.py --tune`` tries for M rows (each fits Hopper's shared memory: x ring
+    STAGES * BM * 256 B, word ring STAGES * BN * 64 B, two dequantized tiles 512 * BN B)."""
+    c = config
+    if M <= 64:
+        return [c(64, 128, 1, 4, 4), c(64, 128, 2, 4, 4), c(64, 128, 4, 4, 4), c(64, 256, 1, 8, 3), c(64, 256, 2, 8, 3),
+                c(64, 64, 4, 4, 4)]
+    if M <= 128:
+        return [c(128, 128, 1), c(128, 128, 2), c(128, 128, 4), c(128, 256, 1, 8, 2), c(128, 256, 2, 8, 2),
+                c(128, 64, 2, 4, 4), c(64, 128, 2, 4, 4)]
+    if M <= 256:
+        return [c(128, 128, 1), c(128, 128, 2), c(256, 128, 1, 8, 2), c(256, 128, 2, 8, 2), c(128, 256, 1, 8, 2),
+                c(256, 64, 1, 8, 2)]
+    return [c(128, 128, 1, 8, 4), c(128, 256, 1, 8, 2), c(256, 128, 1, 8, 2), c(256, 64, 1, 8, 2)]
