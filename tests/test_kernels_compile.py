@@ -183,26 +183,30 @@ W4_GLUON_CHILD = textwrap.dedent(r'''
     cfgs = []
     for c in [c for m in (64, 128, 256, 512) for c in wna16_gluon.candidates(m)] + [
             c for c in load_tuned("w4a16").values() if c.get("BACKEND") == "gluon"]:
-        c = {k: c[k] for k in ("BLOCK_M", "BLOCK_N", "SPLIT_K", "num_warps", "num_stages")}
+        c = {k: c[k] for k in ("BLOCK_M", "BLOCK_N", "SPLIT_K", "num_warps", "num_stages", "RS") if k in c}
         if c not in cfgs:
             cfgs.append(c)
     variants = [dict()] + [dict(has_zero=True, has_bias=True), dict(dtype=torch.bfloat16), dict(bits=8),
                            dict(gs_small=True, has_zero=True)]
+    first_rs = next(i for i, c in enumerate(cfgs) if c.get("RS"))
     out = {}
     for i, cfg in enumerate(cfgs):
-        for v in variants if i == 0 else variants[:1]:
+        for v in variants if i in (0, first_rs) else variants[:1]:
             k = wna16_gluon.build_for_target(cfg, **v)
             ptx = k.asm["ptx"]
             out[f"{cfg} {v}"] = dict(cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
+                                     planned=wna16_gluon.shared_bytes(cfg, v.get("bits", 4), v.get("gs_small", False)),
+                                     rs=wna16_gluon._rs(cfg, v.get("bits", 4), v.get("gs_small", False)),
                                      waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
     print(json.dumps(out))
 ''')
 
 
 def test_gluon_w4a16_builds_for_sm90_with_the_mmas_in_flight():
-    """The Gluon W4A16 kernel builds for sm_90 at every config the tuner searches and every shipped one (plus,
-    on one tile, zero points with bias, bf16, 8-bit, small groups), fits the SM's shared memory, and its K loop
-    waits with one block's wgmmas (x arrives in two 64-wide boxes: two) still in flight; only the end drains."""
+    """The Gluon W4A16 kernels (shared and register operand) build for sm_90 at every config the tuner searches
+    and every shipped one (plus, on one tile of each, zero points with bias, bf16, 8-bit, small groups: the last
+    two run the shared-operand kernel), take the shared memory the host's fit check counts, and wait for their
+    wgmmas where their designs say (below)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-c", W4_GLUON_CHILD], capture_output=True, text=True, env=env, timeout=600)
     if p.returncode != 0 and "ptxas" in p.stderr and "not found" in p.stderr.lower():
@@ -215,4 +219,8 @@ def test_gluon_w4a16_builds_for_sm90_with_the_mmas_in_flight():
     for what, b in built.items():
         assert b["cubin"], what
         assert 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
-        assert b["waits"] == ["2", "0"], (what, b["waits"])
+        assert b["shared"] == b["planned"], (what, b)  # the host's fit check (applies) counts what is built
+        # shared-operand kernel: one block's two wgmma groups (x in two 64-wide boxes) stay in flight; the
+        # register-operand kernel: the previous block's wgmmas drain before its fragments are written
+        assert b["waits"] == (["0", "0"] if b["rs"] else ["2", "0"]), (what, b["waits"])
+    assert sum(b["rs"] for b in built.values()) >= 8

@@ -22,6 +22,7 @@ try:  # Gluon's Hopper API (Triton >= 3.5); absent: no Gluon backend is ever sel
         mbarrier,
         tma,
         warpgroup_mma,
+        warpgroup_mma_init,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -32,7 +33,7 @@ try:  # Gluon's Hopper API (Triton >= 3.5); absent: no Gluon backend is ever sel
     GLUON_ERROR = None
 except Exception as e:  # ImportError, or an API this file does not know
     GLUON_ERROR = f"{type(e).__name__}: {e}"
-    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
+    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_init = warpgroup_mma_wait = None
     TensorDescriptor = tma_load = tma_store = cta_barrier = None
 
 GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32", torch.int8: "int8"}
@@ -96,12 +97,13 @@ class DirectLaunch:
         self.compiled: dict | None = {}
 
     def run(self, key, grid, tensors: tuple, args: tuple) -> bool:
-        """Launch the variant cached under ``key`` with descriptors of ``tensors`` and then ``args`` (every other
-        parameter, constexprs included, in order): False when there is none (the caller launches through the JIT
-        and then calls :meth:`remember`)."""
+        """Launch the variant cached under ``key()`` (a callable: the key names the current device, known once
+        Triton's driver is bound) with descriptors of ``tensors`` and then ``args`` (every other parameter,
+        constexprs included, in order): False when there is none (the caller launches through the JIT and then
+        calls :meth:`remember`)."""
         if self.compiled is None or not _common.fast_ready():
             return False
-        k = self.compiled.get(key)
+        k = self.compiled.get(key())
         if k is None:
             return False
         try:
@@ -112,8 +114,9 @@ class DirectLaunch:
             return False
 
     def remember(self, key, k) -> None:
+        """After a JIT launch returned compiled kernel ``k``: cache it under ``key()``."""
         if self.compiled is not None and k is not None and _common.bind_driver(k):
-            self.compiled[key] = k
+            self.compiled[key()] = k
 
 
 def compile_for_target(kernel, sig: dict, consts: dict, num_warps: int, cc: int = 90):

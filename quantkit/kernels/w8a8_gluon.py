@@ -175,12 +175,12 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None) -> tor
     ptrs = (scales, ws, b, row_bits if row_bits is not None else scales, M, N, K)
     key = lambda: (_common.current_device(), bm, bn, cfg["BLOCK_K"], out.dtype, consts,  # noqa: E731
                    _common.spec_key(ptrs))
-    if _LAUNCH.run(key(), grid, (a_q, w, out), (*ptrs, *consts)):
+    if _LAUNCH.run(key, grid, (a_q, w, out), (*ptrs, *consts)):
         return out
     a_d, w_d, c_d = descriptors(a_q, w, out, cfg)
     k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, *ptrs, STAGES=consts[0], WARPS=consts[1], OUT_INT32=consts[2],
                                 HAS_BIAS=consts[3], ROW_BITS=consts[4], num_warps=cfg["num_warps"])
-    _LAUNCH.remember(key(), k)
+    _LAUNCH.remember(key, k)
     return out
 
 

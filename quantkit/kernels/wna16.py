@@ -813,7 +813,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     if backend == "gluon":
         from quantkit.kernels import wna16_gluon
 
-        if wna16_gluon.applies(x, qw, bits, N, K):
+        if wna16_gluon.applies(x, qw, bits, N, K, const, scales.shape[0] > 1 and group_size < PACK_K):
             return wna16_gluon.launch(x, qw, scales, zeros, bias, out, ws, lock, bits, group_size, N, K, const)
         backend, kern, grid, const, ws, lock, ckey = kern  # the tl.dot kernel's plan
     if backend == "dequant":

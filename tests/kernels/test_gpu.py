@@ -237,18 +237,22 @@ def _graph_replays_match(W, x, cfg, ref_cfg, replays=3):
 W4_GLUON_CONFIGS = [dict(BACKEND="gluon", BLOCK_M=64, BLOCK_N=128, SPLIT_K=2, num_warps=4, num_stages=4),
                     dict(BACKEND="gluon", BLOCK_M=128, BLOCK_N=128, SPLIT_K=3, num_warps=8, num_stages=3),
                     dict(BACKEND="gluon", BLOCK_M=256, BLOCK_N=128, SPLIT_K=1, num_warps=8, num_stages=2),
-                    dict(BACKEND="gluon", BLOCK_M=128, BLOCK_N=256, SPLIT_K=1, num_warps=8, num_stages=2)]
+                    dict(BACKEND="gluon", BLOCK_M=128, BLOCK_N=256, SPLIT_K=1, num_warps=8, num_stages=2),
+                    dict(BACKEND="gluon", BLOCK_M=128, BLOCK_N=128, SPLIT_K=3, num_warps=8, num_stages=3, RS=True),
+                    dict(BACKEND="gluon", BLOCK_M=64, BLOCK_N=64, SPLIT_K=1, num_warps=4, num_stages=4, RS=True)]
 SM90_ONLY = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                                reason="Gluon's wgmma kernels are sm_90 only")
 
 
 @SM90_ONLY
 @pytest.mark.parametrize("M", [37, 128, 300])
-@pytest.mark.parametrize("cfg", W4_GLUON_CONFIGS, ids=["64x128-sk2", "128x128-sk3", "256x128", "128x256"])
+@pytest.mark.parametrize("cfg", W4_GLUON_CONFIGS, ids=["64x128-sk2", "128x128-sk3", "256x128", "128x256", "rs-128x128-sk3",
+                                                      "rs-64x64"])
 def test_gluon_w4a16_matches_the_reference(layer, M, cfg):
-    """W4A16 (symmetric, zero points; fp16 and bf16) and W8A16 through the Gluon kernel against the reference,
-    with and without bias, split-K sums (uneven splits too) that reset their counters (a second call is equal)."""
-    from quantkit.kernels import wna16_gluon
+    """W4A16 (symmetric, zero points; fp16 and bf16) and W8A16 through the Gluon kernels (RS: the register-operand
+    one for 4-bit; 8-bit runs the shared-operand one) against the reference, with and without bias, split-K sums
+    (uneven splits too) that reset their counters (a second call is equal)."""
+    from quantkit.kernels import _common, wna16_gluon
 
     if layer["N"] * layer["K"] > 6144 * 4096:
         pytest.skip("keep the GPU test short")
@@ -259,7 +263,9 @@ def test_gluon_w4a16_matches_the_reference(layer, M, cfg):
         for dtype in (torch.float16, torch.bfloat16) if W.bits == 4 else (torch.float16, ):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             bias = torch.randn(N, device="cuda", dtype=dtype) * 0.1
-            assert wna16_gluon.applies(x, W.qw, W.bits, N, K)
+            # a tile whose buffers do not fit (8-bit words are twice as many) runs the tl.dot plan instead
+            fits = wna16_gluon.shared_bytes(cfg, W.bits) <= _common.HOPPER_SMEM_PER_BLOCK
+            assert wna16_gluon.applies(x, W.qw, W.bits, N, K, cfg) == fits
             for b in (None, bias):
                 y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, b, W.bits, W.group_size, N, K, config=cfg,
                                               out=poison((M, N), dtype, "cuda"))
@@ -283,9 +289,10 @@ def test_gluon_w4a16_group_sizes_and_k_tail(gs):
     z = randw(g, (N, K // gs), -8, 7, "cuda")
     W = wna16.prepack_wna16(q, s, z, 4)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-    y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, gs, N, K, config=W4_GLUON_CONFIGS[1],
-                                  out=poison((M, N), torch.float16, "cuda"))
-    assert rel_err(y, wna16.wna16_gemm_ref(x, q, W.scales.t().float(), z)) <= 5e-3
+    for cfg in (W4_GLUON_CONFIGS[1], W4_GLUON_CONFIGS[4]):  # groups < 128 take the shared-operand kernel either way
+        y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, gs, N, K, config=cfg,
+                                      out=poison((M, N), torch.float16, "cuda"))
+        assert rel_err(y, wna16.wna16_gemm_ref(x, q, W.scales.t().float(), z)) <= 5e-3, cfg
 
 
 @SM90_ONLY

@@ -250,8 +250,8 @@ def test_wna16_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     q, s, z = _make(dev, 11, N, K, 4, gs, True)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(3)).half().to(dev)
     W = wna16.prepack_wna16(q, s, z, 4)
-    assert not wna16_gluon.applies(x, W.qw, 4, N, K)
     cfg = dict(BACKEND="gluon", BLOCK_M=64, BLOCK_N=128, SPLIT_K=2, num_warps=4, num_stages=4)
+    assert not wna16_gluon.applies(x, W.qw, 4, N, K, cfg)
     y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, gs, N, K, config=cfg,
                                   out=poison((M, N), torch.float16, dev))
     assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
