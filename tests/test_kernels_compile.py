@@ -154,18 +154,25 @@ GLUON_CHILD = textwrap.dedent(r'''
 ''')
 
 
-def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
-    """The Gluon W8A8 kernel builds for sm_90 at the tiles the tuner searches (fp16/bf16 out with and without
-    bias, the raw int32 accumulator, mixed mode's row bits), fits the SM's shared memory, and its K loop waits with one wgmma still in
-    flight (wait_group 1) -- the reason it exists; only the final wait drains (wait_group 0)."""
+def _gluon_builds(child: str) -> dict:
+    """Run a Gluon build script (``child``) in a process where TRITON_INTERPRET is unset: its JSON report, or a
+    skip where this Triton has no ptxas or no usable Gluon."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", GLUON_CHILD], capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=600)
     if p.returncode != 0 and "ptxas" in p.stderr and "not found" in p.stderr.lower():
         pytest.skip("this Triton has no ptxas to build with")
     assert p.returncode == 0, p.stderr[-3000:]
     built = json.loads(p.stdout.strip().splitlines()[-1])
     if "skip" in built:
         pytest.skip(f"this Triton has no usable Gluon: {built['skip']}")
+    return built
+
+
+def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
+    """The Gluon W8A8 kernel builds for sm_90 at the tiles the tuner searches (fp16/bf16 out with and without
+    bias, the raw int32 accumulator, mixed mode's row bits), fits the SM's shared memory, and its K loop waits with one wgmma still in
+    flight (wait_group 1) -- the reason it exists; only the final wait drains (wait_group 0)."""
+    built = _gluon_builds(GLUON_CHILD)
     assert len(built) == 16
     for what, b in built.items():
         assert b["cubin"], what
@@ -207,14 +214,7 @@ def test_gluon_w4a16_builds_for_sm90_with_the_mmas_in_flight():
     and every shipped one (plus, on one tile of each, zero points with bias, bf16, 8-bit, small groups: the last
     two run the shared-operand kernel), take the shared memory the host's fit check counts, and wait for their
     wgmmas where their designs say (below)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", W4_GLUON_CHILD], capture_output=True, text=True, env=env, timeout=600)
-    if p.returncode != 0 and "ptxas" in p.stderr and "not found" in p.stderr.lower():
-        pytest.skip("this Triton has no ptxas to build with")
-    assert p.returncode == 0, p.stderr[-3000:]
-    built = json.loads(p.stdout.strip().splitlines()[-1])
-    if "skip" in built:
-        pytest.skip(f"this Triton has no usable Gluon: {built['skip']}")
+    built = _gluon_builds(W4_GLUON_CHILD)
     assert len(built) >= 16
     for what, b in built.items():
         assert b["cubin"], what

@@ -36,6 +36,46 @@ except Exception as e:  # ImportError, or an API this file does not know
     gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_init = warpgroup_mma_wait = None
     TensorDescriptor = tma_load = tma_store = cta_barrier = None
 
+if GLUON_ERROR is None:
+
+    @gluon.constexpr_function
+    def mma_warps(rows, num_warps):
+        """warps_per_cta of a wgmma accumulator with ``rows`` rows: from the [4, 1] warpgroup atom, doubled along
+        the rows while they have 16-row slices left, else along the columns."""
+        w = [4, 1]
+        while w[0] * w[1] != num_warps:
+            if rows > 16 * w[0]:
+                w[0] *= 2
+            else:
+                w[1] *= 2
+        return w
+
+    @gluon.jit
+    def ready_barriers(STAGES: gl.constexpr):
+        """One "TMA landed" mbarrier per ring slot, initialised and fenced for the async proxy."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+        fence_async_shared()
+        return ready
+
+    @gluon.jit
+    def splitk_sum(acc, ws_ptr, lock_ptr, tile, pid_k, offs, SPLIT_K: gl.constexpr, ELEMS: gl.constexpr):
+        """``_common.splitk_sum``'s protocol for Gluon: this split's partial ``acc`` goes to its workspace slot
+        (``offs``: each element's place in a tile of ELEMS), and the last split of ``tile`` to arrive sums all of
+        them and resets the tile's counter.  Returns (total, last): the total is meaningful only where last."""
+        slots = ws_ptr + tile.to(gl.int64) * (SPLIT_K * ELEMS) + offs
+        gl.store(slots + pid_k * ELEMS, acc)
+        cta_barrier()  # every thread's partial is written before the counter moves
+        last = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = gl.load(slots)
+            for sk in gl.static_range(1, SPLIT_K):
+                acc += gl.load(slots + sk * ELEMS)
+            gl.atomic_xchg(lock_ptr + tile, 0)
+        return acc, last
+
+
 GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32", torch.int8: "int8"}
 
 

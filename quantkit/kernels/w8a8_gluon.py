@@ -34,14 +34,7 @@ if GLUON_ERROR is None:
 
     @gluon.constexpr_function
     def _mma_warps_per_cta(BM, BN, num_warps):
-        """Start at the [4, 1] warpgroup atom; double along M while M has 16-row slices left, else along N."""
-        w = [4, 1]
-        while w[0] * w[1] != num_warps:
-            if BM > 16 * w[0]:
-                w[0] *= 2
-            else:
-                w[1] *= 2
-        return w
+        return _gluon.mma_warps(BM, num_warps)
 
     @gluon.constexpr_function
     def _mma_instr_n(BM, BN, num_warps):
@@ -75,10 +68,7 @@ if GLUON_ERROR is None:
         # ring of STAGES slots for the A [BM, BK] and W [BN, BK] tiles, one "TMA landed" barrier per slot
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
         w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-        fence_async_shared()
+        ready = _gluon.ready_barriers(STAGES)
 
         # prologue: fill slots 0 .. STAGES-2 (predicated off past the last K tile)
         for s in gl.static_range(STAGES - 1):

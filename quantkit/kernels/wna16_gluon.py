@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.kernels import _common, _gluon
-from quantkit.kernels._gluon import GLUON_ERROR, cta_barrier, fence_async_shared, gl, gluon, mbarrier, tma_load, \
+from quantkit.kernels._gluon import GLUON_ERROR, fence_async_shared, gl, gluon, mbarrier, tma_load, \
     warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait
 
 PACK_K = 128  # wna16.PACK_K: one scale row per 128-K block when group_size >= 128
@@ -111,20 +111,48 @@ if GLUON_ERROR is None:
         return gl.BlockedLayout([PER, 1, 1], [1, 1, 32], [1, 1, num_warps], [2, 1, 0])
 
     @gluon.constexpr_function
-    def _mma_layout(BM, BN, num_warps):
-        """wgmma accumulator layout: warps along M in 16-row slices while M has them (a warpgroup is 4 warps along
-        M), the rest along N; instruction N = BN / (warps along N)."""
-        w = [4, 1]
-        while w[0] * w[1] != num_warps:
-            if BM > 16 * w[0]:
-                w[0] *= 2
-            else:
-                w[1] *= 2
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=w, instr_shape=[16, BN // w[1], 16])
+    def _mma_layout(rows, cols, num_warps):
+        """fp16 / bf16 wgmma accumulator layout of a (rows, cols) tile (``_gluon.mma_warps``; instruction N =
+        cols / warps along the columns): (BM, BN) in the shared-operand kernel, C^T's (BN, BM) in the RS one."""
+        w = _gluon.mma_warps(rows, num_warps)
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=w, instr_shape=[16, cols // w[1], 16])
 
     @gluon.constexpr_function
     def _tile_layout(rows, cols, dtype):
         return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
+
+    @gluon.jit
+    def _k_split(K, SPLIT_K: gl.constexpr):
+        """This program's share of K (grid axis 2): its first 128-K block and how many it takes (0 past K)."""
+        n_blocks = gl.cdiv(K, BLOCK_K)
+        per_split = gl.cdiv(n_blocks, SPLIT_K)
+        b_lo = gl.program_id(2) * per_split
+        return b_lo, gl.maximum(gl.minimum(n_blocks, b_lo + per_split) - b_lo, 0)
+
+    @gluon.jit
+    def _load_block(x_desc, w_desc, x_ring, w_ring, ready, slot, blk, live, off_m, off_n):
+        """TMA of 128-K block ``blk`` into ring slot ``slot`` (x's BLOCK_K // BKX boxes, then the packed words),
+        all counted on the slot's barrier; predicated off where not ``live``."""
+        BKX: gl.constexpr = x_desc.block_type.shape[1]
+        XB: gl.constexpr = BLOCK_K // BKX
+        bar = ready.index(slot)
+        mbarrier.expect(bar, XB * x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=live)
+        for h in gl.static_range(XB):
+            tma_load(x_desc, [off_m, blk * BLOCK_K + h * BKX], bar, x_ring.index(slot * XB + h), pred=live)
+        tma_load(w_desc, [blk * w_desc.block_type.shape[0], off_n], bar, w_ring.index(slot), pred=live)
+
+    @gluon.jit
+    def _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES: gl.constexpr):
+        """The x and word rings and their barriers, blocks 0 .. STAGES-2 of this split already requested."""
+        x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES * (BLOCK_K // x_desc.block_type.shape[1]),
+                                                          x_desc.block_type.shape[0], x_desc.block_type.shape[1]],
+                                           x_desc.layout)
+        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, w_desc.block_type.shape[0],
+                                                          w_desc.block_type.shape[1]], w_desc.layout)
+        ready = _gluon.ready_barriers(STAGES)
+        for s in gl.static_range(STAGES - 1):
+            _load_block(x_desc, w_desc, x_ring, w_ring, ready, s, b_lo + s, s < nb, off_m, off_n)
+        return x_ring, w_ring, ready
 
     @gluon.jit
     def _scale_zero(s_ptr, z_ptr, rows, N, cols, cmask, HAS_ZERO: gl.constexpr, OFFSET: gl.constexpr,
@@ -154,36 +182,16 @@ if GLUON_ERROR is None:
         OFFSET: gl.constexpr = 1 << (BITS - 1)
         MASK: gl.constexpr = (1 << BITS) - 1
         dt: gl.constexpr = x_desc.dtype
-        TILE_BYTES: gl.constexpr = XB * x_desc.block_type.nbytes + w_desc.block_type.nbytes
         FL: gl.constexpr = _fields_layout(PER, R, BN, WARPS)
         ML: gl.constexpr = _mma_layout(BM, BN, WARPS)
 
         pid_m = gl.program_id(0)
         pid_n = gl.program_id(1)
-        pid_k = gl.program_id(2)
         off_m = pid_m * BM
         off_n = pid_n * BN
-        n_blocks = gl.cdiv(K, BLOCK_K)
-        per_split = gl.cdiv(n_blocks, SPLIT_K)
-        b_lo = pid_k * per_split
-        nb = gl.maximum(gl.minimum(n_blocks, b_lo + per_split) - b_lo, 0)
-
-        x_ring = gl.allocate_shared_memory(dt, [STAGES * XB, BM, BKX], x_desc.layout)
-        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, R, BN], w_desc.layout)
+        b_lo, nb = _k_split(K, SPLIT_K)
+        x_ring, w_ring, ready = _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES)
         d_ring = gl.allocate_shared_memory(dt, [2, BLOCK_K, BN], _tile_layout(BLOCK_K, BN, dt))
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-        fence_async_shared()
-
-        # prologue: blocks 0 .. STAGES-2 of this split (predicated off past its last block)
-        for s in gl.static_range(STAGES - 1):
-            live = s < nb
-            mbarrier.expect(ready.index(s), TILE_BYTES, pred=live)
-            for h in gl.static_range(XB):
-                tma_load(x_desc, [off_m, (b_lo + s) * BLOCK_K + h * BKX], ready.index(s), x_ring.index(s * XB + h),
-                         pred=live)
-            tma_load(w_desc, [(b_lo + s) * R, off_n], ready.index(s), w_ring.index(s), pred=live)
 
         WL: gl.constexpr = gl.SliceLayout(0, FL)  # the [R, BN] word tile
         cols = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, FL))))[None, None, :]
@@ -239,14 +247,8 @@ if GLUON_ERROR is None:
                                            cols2, cmask2, HAS_ZERO, OFFSET, M16, dt)
             # this block's wgmmas stay in flight; the previous block's (slot ki - 1, the other buffer) are complete
             acc = warpgroup_mma_wait(num_outstanding=XB, deps=(acc, ))
-            nk = ki + STAGES - 1
-            nslot = nk % STAGES
-            live = nk < nb
-            mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=live)
-            for h in gl.static_range(XB):
-                tma_load(x_desc, [off_m, (b_lo + nk) * BLOCK_K + h * BKX], ready.index(nslot),
-                         x_ring.index(nslot * XB + h), pred=live)
-            tma_load(w_desc, [(b_lo + nk) * R, off_n], ready.index(nslot), w_ring.index(nslot), pred=live)
+            nk = ki + STAGES - 1  # into the slot of block ki - 1
+            _load_block(x_desc, w_desc, x_ring, w_ring, ready, nk % STAGES, b_lo + nk, nk < nb, off_m, off_n)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -256,35 +258,15 @@ if GLUON_ERROR is None:
         rows = off_m + rows_t
         cols_o = off_n + cols_t
         c_mask = (rows[:, None] < M) & (cols_o[None, :] < N)
-        if SPLIT_K > 1:  # the last split to arrive sums the partials (_common.splitk_sum's protocol)
-            tile = pid_n * gl.num_programs(0) + pid_m
-            slots = ws_ptr + tile.to(gl.int64) * (SPLIT_K * BM * BN) + (rows_t[:, None] * BN + cols_t[None, :])
-            gl.store(slots + pid_k * (BM * BN), acc)
-            cta_barrier()  # every thread's partial is written before the counter moves
-            last = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
-            if last:
-                acc = gl.load(slots)
-                for sk in gl.static_range(1, SPLIT_K):
-                    acc += gl.load(slots + sk * (BM * BN))
-                gl.atomic_xchg(lock_ptr + tile, 0)
+        if SPLIT_K > 1:
+            acc, last = _gluon.splitk_sum(acc, ws_ptr, lock_ptr, pid_n * gl.num_programs(0) + pid_m, gl.program_id(2),
+                                          rows_t[:, None] * BN + cols_t[None, :], SPLIT_K, BM * BN)
             c_mask = c_mask & last
         if HAS_BIAS:
             acc += gl.load(bias_ptr + cols_o, mask=cols_o < N, other=0.0).to(gl.float32)[None, :]
         gl.store(c_ptr + rows[:, None].to(gl.int64) * stride_cm + cols_o[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=c_mask)
 
-
-    @gluon.constexpr_function
-    def _mma_layout_t(BN, BM, num_warps):
-        """Accumulator layout of C^T = W x^T (BN, BM): the weight rows are the wgmma's M (a warpgroup is 4 warps x
-        16 rows), the tokens its N."""
-        w = [4, 1]
-        while w[0] * w[1] != num_warps:
-            if BN > 16 * w[0]:
-                w[0] *= 2
-            else:
-                w[1] *= 2
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=w, instr_shape=[16, BM // w[1], 16])
 
     @gluon.constexpr_function
     def _store_layout_t(BN, BM, num_warps):
@@ -330,38 +312,19 @@ if GLUON_ERROR is None:
         BENCHMARKS.md)."""
         BM: gl.constexpr = x_desc.block_type.shape[0]
         BKX: gl.constexpr = x_desc.block_type.shape[1]
-        R: gl.constexpr = w_desc.block_type.shape[0]  # 16 word rows per 128-K block
         BN: gl.constexpr = w_desc.block_type.shape[1]
         XB: gl.constexpr = BLOCK_K // BKX
         OFFSET: gl.constexpr = 8
         dt: gl.constexpr = x_desc.dtype
-        TILE_BYTES: gl.constexpr = XB * x_desc.block_type.nbytes + w_desc.block_type.nbytes
-        ML: gl.constexpr = _mma_layout_t(BN, BM, WARPS)
+        ML: gl.constexpr = _mma_layout(BN, BM, WARPS)  # C^T: the weight rows are the wgmma's M
         AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ML, k_width=2)
 
         pid_m = gl.program_id(0)
         pid_n = gl.program_id(1)
-        pid_k = gl.program_id(2)
         off_m = pid_m * BM
         off_n = pid_n * BN
-        n_blocks = gl.cdiv(K, BLOCK_K)
-        per_split = gl.cdiv(n_blocks, SPLIT_K)
-        b_lo = pid_k * per_split
-        nb = gl.maximum(gl.minimum(n_blocks, b_lo + per_split) - b_lo, 0)
-
-        x_ring = gl.allocate_shared_memory(dt, [STAGES * XB, BM, BKX], x_desc.layout)
-        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, R, BN], w_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-        fence_async_shared()
-        for s in gl.static_range(STAGES - 1):
-            live = s < nb
-            mbarrier.expect(ready.index(s), TILE_BYTES, pred=live)
-            for h in gl.static_range(XB):
-                tma_load(x_desc, [off_m, (b_lo + s) * BLOCK_K + h * BKX], ready.index(s), x_ring.index(s * XB + h),
-                         pred=live)
-            tma_load(w_desc, [(b_lo + s) * R, off_n], ready.index(s), w_ring.index(s), pred=live)
+        b_lo, nb = _k_split(K, SPLIT_K)
+        x_ring, w_ring, ready = _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES)
 
         rows = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, AL)))[:, None]  # weight rows (output columns)
         rmask = rows < N
@@ -399,15 +362,8 @@ if GLUON_ERROR is None:
             acc = _rs_mma(f7, x_ring.index(slot * XB + 1), 48, acc)
             sc_next, zc_next = _scale_zero(s_ptr, z_ptr, gl.minimum((blk + 1) * BLOCK_K // group_size, last_g), N,
                                            rows, rmask, HAS_ZERO, OFFSET, M16, dt)
-            # refill the slot of block ki - 1 (its wgmmas completed above) with block ki + STAGES - 1
-            nk = ki + STAGES - 1
-            nslot = nk % STAGES
-            live = nk < nb
-            mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=live)
-            for h in gl.static_range(XB):
-                tma_load(x_desc, [off_m, (b_lo + nk) * BLOCK_K + h * BKX], ready.index(nslot),
-                         x_ring.index(nslot * XB + h), pred=live)
-            tma_load(w_desc, [(b_lo + nk) * R, off_n], ready.index(nslot), w_ring.index(nslot), pred=live)
+            nk = ki + STAGES - 1  # into the slot of block ki - 1 (its wgmmas completed above)
+            _load_block(x_desc, w_desc, x_ring, w_ring, ready, nk % STAGES, b_lo + nk, nk < nb, off_m, off_n)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -419,17 +375,9 @@ if GLUON_ERROR is None:
         n_o = off_n + rows_t
         m_o = off_m + cols_t
         c_mask = (n_o[:, None] < N) & (m_o[None, :] < M)
-        if SPLIT_K > 1:  # the last split to arrive sums the partials (_common.splitk_sum's protocol)
-            tile = pid_n * gl.num_programs(0) + pid_m
-            slots = ws_ptr + tile.to(gl.int64) * (SPLIT_K * BM * BN) + (rows_t[:, None] + cols_t[None, :] * BN)
-            gl.store(slots + pid_k * (BM * BN), acc)
-            cta_barrier()  # every thread's partial is written before the counter moves
-            last = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
-            if last:
-                acc = gl.load(slots)
-                for sk in gl.static_range(1, SPLIT_K):
-                    acc += gl.load(slots + sk * (BM * BN))
-                gl.atomic_xchg(lock_ptr + tile, 0)
+        if SPLIT_K > 1:
+            acc, last = _gluon.splitk_sum(acc, ws_ptr, lock_ptr, pid_n * gl.num_programs(0) + pid_m, gl.program_id(2),
+                                          rows_t[:, None] + cols_t[None, :] * BN, SPLIT_K, BM * BN)
             c_mask = c_mask & last
         if HAS_BIAS:
             acc += gl.load(bias_ptr + n_o, mask=n_o < N, other=0.0).to(gl.float32)[:, None]
