@@ -3,7 +3,8 @@ host TMA descriptors, and the cached direct launch.
 
 Gluon is experimental and has no interpreter: a Triton without it, a GPU other than sm_90, or operands TMA cannot
 describe make a kernel's ``applies`` false and its caller runs a ``tl.dot`` kernel.  Names move between releases
-(3.6's ``tma.async_copy_global_to_shared`` is ``tma.async_load`` later, ``gl.thread_barrier`` ``gl.barrier``): both spellings are accepted.
+(3.6's ``tma.async_copy_global_to_shared`` is ``tma.async_load`` later, its ``gl.thread_barrier`` ``gl.barrier``):
+both spellings are accepted.
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ Paths (``BACKEND`` in the config; configs come from a ConfigCache keyed by (M bu
   (per 128-K block) partial sum when group_size >= 128, else to the dequantized weights
   (``SCALE_W``: to the weights at any group size, so the MMAs chain and overlap the dequant).
 * ``dequant``: one Triton dequantization to x.dtype + cuBLAS (``torch.mm``), for large M.
-* ``gluon`` (sm_90, ``wna16_gluon``): TMA-fed, each block's weights dequantized once per CTA into shared memory
-  while the previous block's wgmmas run; where it cannot run (no Gluon, another GPU, x that TMA cannot
-  describe) the call takes the ``mma`` / ``dequant`` heuristic plan instead.
+* ``gluon`` (sm_90, ``wna16_gluon``): TMA-fed, each weight dequantized once per CTA, into shared memory or (``RS``,
+  4-bit, group >= 128) straight into the wgmma's register operand; where it cannot run (no Gluon, another GPU, x
+  that TMA cannot describe, a tile over shared memory) the call takes the ``mma`` / ``dequant`` heuristic plan.
 """
 
 from dataclasses import dataclass

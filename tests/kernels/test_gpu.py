@@ -246,8 +246,8 @@ SM90_ONLY = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_d
 
 @SM90_ONLY
 @pytest.mark.parametrize("M", [37, 128, 300])
-@pytest.mark.parametrize("cfg", W4_GLUON_CONFIGS, ids=["64x128-sk2", "128x128-sk3", "256x128", "128x256", "rs-128x128-sk3",
-                                                      "rs-64x64"])
+@pytest.mark.parametrize("cfg", W4_GLUON_CONFIGS,
+                         ids=["64x128-sk2", "128x128-sk3", "256x128", "128x256", "rs-128x128-sk3", "rs-64x64"])
 def test_gluon_w4a16_matches_the_reference(layer, M, cfg):
     """W4A16 (symmetric, zero points; fp16 and bf16) and W8A16 through the Gluon kernels (RS: the register-operand
     one for 4-bit; 8-bit runs the shared-operand one) against the reference, with and without bias, split-K sums
