@@ -737,13 +737,14 @@ def effective_config(cfg: dict, M: int, bits: int = 4, gs_small: bool = False, d
 
 def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     """Launch plan (backend, kernel, grid, constexprs, split-K workspace and counters, the launch key: constexprs
-    and the classes of the shape arguments), cached per shape/dtype/device when no config is given."""
-    key = None
+    and the classes of the shape arguments), cached per shape/dtype/device and config (as ``w8a8``'s: the tuner's
+    timed calls pass a config and should not pay for building the plan every call)."""
+    key = (x.get_device(), x.dtype, M, N, K, bits, group_size, n_groups, has_zero, has_bias,
+           None if config is None else tuple(sorted(config.items())))
+    p = _PLANS.get(key)
+    if p is not None:
+        return p
     if config is None:
-        key = (x.get_device(), x.dtype, M, N, K, bits, group_size, n_groups, has_zero, has_bias)
-        p = _PLANS.get(key)
-        if p is not None:
-            return p
         if x.is_cuda:
             cfg = (CONFIGS if bits == 4 else CONFIGS_W8).get(M, N, K, gpu_key(x))
         else:
@@ -796,7 +797,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         p = (backend, kern, (tiles * const["SPLIT_K"],), const,
              *splitk_buffers(x.device, tiles, const["SPLIT_K"], bm * cfg["BLOCK_N"], 4),
              (const_key(const), spec_key((M, N, K, n_groups, group_size))))
-    return p if key is None else remember(_PLANS, key, p)
+    return remember(_PLANS, key, p)
 
 
 def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, config: Optional[dict] = None, out=None):
