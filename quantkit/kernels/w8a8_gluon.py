@@ -33,10 +33,6 @@ _INT8_WGMMA_N = (256, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32
 if GLUON_ERROR is None:
 
     @gluon.constexpr_function
-    def _mma_warps_per_cta(BM, BN, num_warps):
-        return _gluon.mma_warps(BM, num_warps)
-
-    @gluon.constexpr_function
     def _mma_instr_n(BM, BN, num_warps):
         m_reps = (BM + 15) // 16
         n_reps = (num_warps + m_reps - 1) // m_reps
@@ -79,7 +75,7 @@ if GLUON_ERROR is None:
 
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0],
-            warps_per_cta=_mma_warps_per_cta(BM, BN, WARPS),
+            warps_per_cta=_gluon.mma_warps(BM, WARPS),
             instr_shape=[16, _mma_instr_n(BM, BN, WARPS), 32],  # k = 256 bits of 8-bit elements
         )
         acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)

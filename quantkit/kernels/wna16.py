@@ -756,12 +756,14 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     backend = cfg.get("BACKEND", "mma")
     if backend == "dequant":
         p = ("dequant", None, None, None, None, None, None)
-    elif backend == "gluon":  # wna16_gluon; the tl.dot kernel's plan where it does not apply (per call)
-        sk = int(cfg.get("SPLIT_K", 1))
+    elif backend == "gluon":  # (wna16_gluon.Plan or None, split-K buffers), the heuristic plan as the fallback
+        from quantkit.kernels import wna16_gluon
+
         tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         fallback = _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, _default_config(M, N, K))
-        p = ("gluon", fallback, None, cfg, *splitk_buffers(x.device, tiles, sk, cfg["BLOCK_M"] * cfg["BLOCK_N"], 4),
-             None)
+        gplan = wna16_gluon.plan(cfg, M, N, K, x.dtype, bits, has_zero, has_bias, gs_small)
+        p = ("gluon", fallback, None, gplan,
+             *splitk_buffers(x.device, tiles, int(cfg.get("SPLIT_K", 1)), cfg["BLOCK_M"] * cfg["BLOCK_N"], 4), None)
     elif backend == "gemv_h2":
         nb = cdiv(K, PACK_K)
         u = int(cfg["UNROLL"])
@@ -811,12 +813,10 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     n_groups = scales.shape[0]
     backend, kern, grid, const, ws, lock, ckey = _plan(
         x, M, N, K, bits, group_size, n_groups, zeros is not None, bias is not None, config)
-    if backend == "gluon":
-        from quantkit.kernels import wna16_gluon
-
-        if wna16_gluon.applies(x, qw, bits, N, K, const, scales.shape[0] > 1 and group_size < PACK_K):
-            return wna16_gluon.launch(x, qw, scales, zeros, bias, out, ws, lock, bits, group_size, N, K, const)
-        backend, kern, grid, const, ws, lock, ckey = kern  # the tl.dot kernel's plan
+    if backend == "gluon":  # const: the Gluon kernel's per-shape plan (None where it cannot run at this shape)
+        if const is not None and const.runs_on(x, qw):
+            return const.launch(x, qw, scales, zeros, bias, out, ws, lock, group_size, N, K)
+        backend, kern, grid, const, ws, lock, ckey = kern  # the heuristic plan
     if backend == "dequant":
         wt = wna16_dequant(qw, scales, zeros, bits, group_size, N, K, x.dtype)
         if bias is not None:

@@ -41,58 +41,56 @@ PACK_K = 128  # wna16.PACK_K: one scale row per 128-K block when group_size >= 1
 BLOCK_K = gl.constexpr(PACK_K) if GLUON_ERROR is None else PACK_K
 
 
-def _nibbles_asm(magic: int, sub: str, mul: str) -> str:
-    """Two packed int32 words (columns n, n + 1: $8, $9; eight 4-bit fields each) -> eight registers $0-$7, field
-    j's two columns as one 16-bit pair, (M16 + u - zc) * s with zc, s the columns' pairs ($11, $10).  One LOP3
-    masks two fields of a word into 16-bit magic numbers at once (field j low, j + 4 high; the shifts by 4, 8, 12
-    bring fields 1-3 down), two PRMTs regroup two words' pairs by field, then one subtraction and one
-    multiplication per pair: 2.4 instructions a weight instead of 3.5 for Triton's own unpacking."""
-    lines = ["{", ".reg .b32 a0, a1, a2, a3, b0, b1, b2, b3, t;"]
-    for w, r in (("$8", "a"), ("$9", "b")):
-        for k in range(4):
-            src = w
-            if k:
-                lines.append(f"shr.u32 t, {w}, {4 * k};")
-                src = "t"
-            lines.append(f"lop3.b32 {r}{k}, {src}, 0x000F000F, {magic:#010x}, 0xEA;")
+# 16-bit magic number pair (M16 + u in each half), subtraction and multiplication of 16-bit pairs, per x.dtype
+_PAIR_OPS = {"f16": (0x64006400, "sub.f16x2", "mul.rn.f16x2"), "bf16": (0x43004300, "sub.rn.bf16x2", "mul.rn.bf16x2")}
+
+
+def _pair_fields(wa: str, wb: str, k: int, lo: str, hi: str, s: str, z: str, dt: str) -> list[str]:
+    """PTX for fields k and k + 4 of two packed words (``wa``, ``wb``: columns or K rows side by side): one LOP3 a
+    word masks both fields into 16-bit magic numbers (field k low, k + 4 high; a shift by 4k first brings field k
+    down), two PRMTs regroup the two words' halves into field k's pair (``lo``) and field k + 4's (``hi``), then
+    (M16 + u - z) * s on each pair: 2.4 instructions a weight, 3.5 with Triton's own unpacking.  Registers a, b, t
+    are the caller's scratch."""
+    magic, sub, mul = _PAIR_OPS[dt]
+    out = []
+    for w, r in ((wa, "a"), (wb, "b")):
+        src = w
+        if k:
+            out.append(f"shr.u32 t, {w}, {4 * k};")
+            src = "t"
+        out.append(f"lop3.b32 {r}, {src}, 0x000F000F, {magic:#010x}, 0xEA;")
+    out += [f"prmt.b32 {lo}, a, b, 0x5410;", f"prmt.b32 {hi}, a, b, 0x7632;"]
+    for o in (lo, hi):
+        out += [f"{sub} {o}, {o}, {z};", f"{mul} {o}, {o}, {s};"]
+    return out
+
+
+def _nibbles_asm(dt: str) -> str:
+    """Two packed words (columns n, n + 1: $8, $9; pack 2) -> field j's two columns as one 16-bit pair in $j, with
+    the columns' scale and zero-term pairs $10, $11 (the shared-operand kernel's 4-bit unpacking)."""
+    lines = ["{", ".reg .b32 a, b, t;"]
     for k in range(4):
-        lines.append(f"prmt.b32 ${k}, a{k}, b{k}, 0x5410;")
-        lines.append(f"prmt.b32 ${k + 4}, a{k}, b{k}, 0x7632;")
-    for j in range(8):
-        lines.append(f"{sub} ${j}, ${j}, $11;")
-        lines.append(f"{mul} ${j}, ${j}, $10;")
+        lines += _pair_fields("$8", "$9", k, f"${k}", f"${k + 4}", "$10", "$11", dt)
     return "\n".join(lines + ["}"])
 
 
-def _nibbles_frag_asm(k: int, magic: int, sub: str, mul: str) -> str:
-    """``_nibbles_asm`` for a thread's whole A fragments of K-chunks k and k + 4 (the register-operand kernel,
-    pack 8): eight words $8-$15 (four K pairs), the pairs' scales $16-$19 and zero terms $20-$23 -> field k's four
-    registers $0-$3 and field k + 4's $4-$7, each fragment's registers in the order its wgmma reads them."""
+def _nibbles_frag_asm(k: int, dt: str) -> str:
+    """A thread's whole A fragments of K-chunks k and k + 4 (the register-operand kernel, pack 8): eight words
+    $8-$15 (four K pairs), the pairs' scales $16-$19 and zero terms $20-$23 -> field k's four registers $0-$3 and
+    field k + 4's $4-$7, each fragment's registers in the order its wgmma reads them."""
     lines = ["{", ".reg .b32 a, b, t;"]
     for p in range(4):
-        for w, r in ((f"${8 + 2 * p}", "a"), (f"${9 + 2 * p}", "b")):
-            src = w
-            if k:
-                lines.append(f"shr.u32 t, {w}, {4 * k};")
-                src = "t"
-            lines.append(f"lop3.b32 {r}, {src}, 0x000F000F, {magic:#010x}, 0xEA;")
-        lines.append(f"prmt.b32 ${p}, a, b, 0x5410;")
-        lines.append(f"prmt.b32 ${4 + p}, a, b, 0x7632;")
-        for o in (p, 4 + p):
-            lines.append(f"{sub} ${o}, ${o}, ${20 + p};")
-            lines.append(f"{mul} ${o}, ${o}, ${16 + p};")
+        lines += _pair_fields(f"${8 + 2 * p}", f"${9 + 2 * p}", k, f"${p}", f"${4 + p}", f"${16 + p}", f"${20 + p}",
+                              dt)
     return "\n".join(lines + ["}"])
 
 
 if GLUON_ERROR is None:
-    FRAG_F16_0, FRAG_F16_1, FRAG_F16_2, FRAG_F16_3 = (gl.constexpr(_nibbles_frag_asm(k, 0x64006400, "sub.f16x2",
-                                                                                    "mul.rn.f16x2")) for k in range(4))
-    FRAG_BF16_0, FRAG_BF16_1, FRAG_BF16_2, FRAG_BF16_3 = (gl.constexpr(_nibbles_frag_asm(
-        k, 0x43004300, "sub.rn.bf16x2", "mul.rn.bf16x2")) for k in range(4))
+    FRAG_F16_0, FRAG_F16_1, FRAG_F16_2, FRAG_F16_3 = (gl.constexpr(_nibbles_frag_asm(k, "f16")) for k in range(4))
+    FRAG_BF16_0, FRAG_BF16_1, FRAG_BF16_2, FRAG_BF16_3 = (gl.constexpr(_nibbles_frag_asm(k, "bf16")) for k in range(4))
     FRAG_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
-NIBBLES_F16 = gl.constexpr(_nibbles_asm(0x64006400, "sub.f16x2", "mul.rn.f16x2")) if GLUON_ERROR is None else None
-NIBBLES_BF16 = gl.constexpr(_nibbles_asm(0x43004300, "sub.rn.bf16x2", "mul.rn.bf16x2")) if GLUON_ERROR is None \
-    else None
+    NIBBLES_F16 = gl.constexpr(_nibbles_asm("f16"))
+    NIBBLES_BF16 = gl.constexpr(_nibbles_asm("bf16"))
 
 if GLUON_ERROR is None:
 
@@ -155,6 +153,30 @@ if GLUON_ERROR is None:
         return x_ring, w_ring, ready
 
     @gluon.jit
+    def _drain(acc, ready, STAGES: gl.constexpr):
+        """After the K loop: the last wgmmas complete, the ring's barriers invalidated."""
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+        return acc
+
+    @gluon.jit
+    def _finish(acc, m, n, offs, M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS: gl.constexpr,
+                SPLIT_K: gl.constexpr):
+        """Both kernels' epilogue: the tile's output rows ``m`` and columns ``n`` (index tensors broadcasting to
+        acc's shape, in either orientation), ``offs`` the split-K workspace places; the K splits summed (the grid's
+        tile (0, 1), split 2), bias added, the tile stored."""
+        c_mask = (m < M) & (n < N)
+        if SPLIT_K > 1:
+            tile = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
+            acc, last = _gluon.splitk_sum(acc, ws_ptr, lock_ptr, tile, gl.program_id(2), offs, SPLIT_K,
+                                          acc.shape[0] * acc.shape[1])
+            c_mask = c_mask & last
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + n, mask=n < N, other=0.0).to(gl.float32)
+        gl.store(c_ptr + m.to(gl.int64) * stride_cm + n, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+    @gluon.jit
     def _scale_zero(s_ptr, z_ptr, rows, N, cols, cmask, HAS_ZERO: gl.constexpr, OFFSET: gl.constexpr,
                     M16: gl.constexpr, dt: gl.constexpr):
         """Scales of group rows ``rows`` (broadcast against ``cols``) in x.dtype, and what one 16-bit subtraction
@@ -166,6 +188,13 @@ if GLUON_ERROR is None:
         else:
             zc = gl.full(s.shape, M16 + OFFSET, dt, layout=s.type.layout)
         return s, zc
+
+    @gluon.jit
+    def _block_scales(s_ptr, z_ptr, blk, group_size, n_groups, N, cols, cmask, HAS_ZERO: gl.constexpr,
+                      OFFSET: gl.constexpr, M16: gl.constexpr, dt: gl.constexpr):
+        """``_scale_zero`` of 128-K block ``blk``'s group (group >= 128: one per block; past the last, the last)."""
+        return _scale_zero(s_ptr, z_ptr, gl.minimum(blk * BLOCK_K // group_size, n_groups - 1), N, cols, cmask,
+                           HAS_ZERO, OFFSET, M16, dt)
 
     @gluon.jit
     def wna16_gluon_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
@@ -185,10 +214,8 @@ if GLUON_ERROR is None:
         FL: gl.constexpr = _fields_layout(PER, R, BN, WARPS)
         ML: gl.constexpr = _mma_layout(BM, BN, WARPS)
 
-        pid_m = gl.program_id(0)
-        pid_n = gl.program_id(1)
-        off_m = pid_m * BM
-        off_n = pid_n * BN
+        off_m = gl.program_id(0) * BM
+        off_n = gl.program_id(1) * BN
         b_lo, nb = _k_split(K, SPLIT_K)
         x_ring, w_ring, ready = _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES)
         d_ring = gl.allocate_shared_memory(dt, [2, BLOCK_K, BN], _tile_layout(BLOCK_K, BN, dt))
@@ -203,9 +230,8 @@ if GLUON_ERROR is None:
         # the next block's scales (and zeros) are loaded one iteration ahead, after this block's wgmmas are
         # issued: their latency is spent behind the wait, the refill and the next block's wait and unpacking (issued
         # before the fence instead, the fence's MEMBAR.ALL.CTA would wait for them)
-        last_g = n_groups - 1
-        sc_next, zc_next = _scale_zero(s_ptr, z_ptr, gl.minimum(b_lo * BLOCK_K // group_size, last_g), N, cols2,
-                                       cmask2, HAS_ZERO, OFFSET, M16, dt)
+        sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo, group_size, n_groups, N, cols2, cmask2, HAS_ZERO, OFFSET,
+                                         M16, dt)
         for ki in range(nb):
             slot = ki % STAGES
             blk = b_lo + ki
@@ -232,7 +258,7 @@ if GLUON_ERROR is None:
             else:
                 # group of each field (K rows j * R .. j * R + R - 1 of the block): one per block when group >= 128
                 if GS_SMALL:
-                    g = gl.minimum((blk * BLOCK_K + fields * R) // group_size, last_g)
+                    g = gl.minimum((blk * BLOCK_K + fields * R) // group_size, n_groups - 1)
                     sc, zc = _scale_zero(s_ptr, z_ptr, g, N, cols, cmask, HAS_ZERO, OFFSET, M16, dt)
                 else:  # the prefetched (1, BN) pair, broadcast over the fields
                     sc = gl.expand_dims(gl.convert_layout(sc2, gl.SliceLayout(0, FL)), 0)
@@ -243,29 +269,17 @@ if GLUON_ERROR is None:
             fence_async_shared()
             for h in gl.static_range(XB):
                 acc = warpgroup_mma(x_ring.index(slot * XB + h), d.slice(h * BKX, BKX, dim=0), acc, is_async=True)
-            sc_next, zc_next = _scale_zero(s_ptr, z_ptr, gl.minimum((blk + 1) * BLOCK_K // group_size, last_g), N,
-                                           cols2, cmask2, HAS_ZERO, OFFSET, M16, dt)
+            sc_next, zc_next = _block_scales(s_ptr, z_ptr, blk + 1, group_size, n_groups, N, cols2, cmask2,
+                                             HAS_ZERO, OFFSET, M16, dt)
             # this block's wgmmas stay in flight; the previous block's (slot ki - 1, the other buffer) are complete
             acc = warpgroup_mma_wait(num_outstanding=XB, deps=(acc, ))
             nk = ki + STAGES - 1  # into the slot of block ki - 1
             _load_block(x_desc, w_desc, x_ring, w_ring, ready, nk % STAGES, b_lo + nk, nk < nb, off_m, off_n)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(s))
-
+        acc = _drain(acc, ready, STAGES)
         rows_t = gl.arange(0, BM, layout=gl.SliceLayout(1, ML))
         cols_t = gl.arange(0, BN, layout=gl.SliceLayout(0, ML))
-        rows = off_m + rows_t
-        cols_o = off_n + cols_t
-        c_mask = (rows[:, None] < M) & (cols_o[None, :] < N)
-        if SPLIT_K > 1:
-            acc, last = _gluon.splitk_sum(acc, ws_ptr, lock_ptr, pid_n * gl.num_programs(0) + pid_m, gl.program_id(2),
-                                          rows_t[:, None] * BN + cols_t[None, :], SPLIT_K, BM * BN)
-            c_mask = c_mask & last
-        if HAS_BIAS:
-            acc += gl.load(bias_ptr + cols_o, mask=cols_o < N, other=0.0).to(gl.float32)[None, :]
-        gl.store(c_ptr + rows[:, None].to(gl.int64) * stride_cm + cols_o[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=c_mask)
+        _finish(acc, (off_m + rows_t)[:, None], (off_n + cols_t)[None, :], rows_t[:, None] * BN + cols_t[None, :],
+                M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K)
 
 
     @gluon.constexpr_function
@@ -319,18 +333,15 @@ if GLUON_ERROR is None:
         ML: gl.constexpr = _mma_layout(BN, BM, WARPS)  # C^T: the weight rows are the wgmma's M
         AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ML, k_width=2)
 
-        pid_m = gl.program_id(0)
-        pid_n = gl.program_id(1)
-        off_m = pid_m * BM
-        off_n = pid_n * BN
+        off_m = gl.program_id(0) * BM
+        off_n = gl.program_id(1) * BN
         b_lo, nb = _k_split(K, SPLIT_K)
         x_ring, w_ring, ready = _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES)
 
         rows = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, AL)))[:, None]  # weight rows (output columns)
         rmask = rows < N
-        last_g = n_groups - 1
-        sc_next, zc_next = _scale_zero(s_ptr, z_ptr, gl.minimum(b_lo * BLOCK_K // group_size, last_g), N, rows,
-                                       rmask, HAS_ZERO, OFFSET, M16, dt)
+        sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo, group_size, n_groups, N, rows, rmask, HAS_ZERO, OFFSET,
+                                         M16, dt)
         acc = warpgroup_mma_init(gl.zeros((BN, BM), dtype=gl.float32, layout=ML))
         for ki in range(nb):
             slot = ki % STAGES
@@ -360,44 +371,41 @@ if GLUON_ERROR is None:
             acc = _rs_mma(f5, x_ring.index(slot * XB + 1), 16, acc)
             acc = _rs_mma(f6, x_ring.index(slot * XB + 1), 32, acc)
             acc = _rs_mma(f7, x_ring.index(slot * XB + 1), 48, acc)
-            sc_next, zc_next = _scale_zero(s_ptr, z_ptr, gl.minimum((blk + 1) * BLOCK_K // group_size, last_g), N,
-                                           rows, rmask, HAS_ZERO, OFFSET, M16, dt)
+            sc_next, zc_next = _block_scales(s_ptr, z_ptr, blk + 1, group_size, n_groups, N, rows, rmask,
+                                             HAS_ZERO, OFFSET, M16, dt)
             nk = ki + STAGES - 1  # into the slot of block ki - 1 (its wgmmas completed above)
             _load_block(x_desc, w_desc, x_ring, w_ring, ready, nk % STAGES, b_lo + nk, nk < nb, off_m, off_n)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(s))
-
         SL: gl.constexpr = _store_layout_t(BN, BM, WARPS)
-        acc = gl.convert_layout(acc, SL)
-        rows_t = gl.arange(0, BN, layout=gl.SliceLayout(1, SL))
+        acc = gl.convert_layout(_drain(acc, ready, STAGES), SL)
+        rows_t = gl.arange(0, BN, layout=gl.SliceLayout(1, SL))  # C^T: the tile's rows are output columns
         cols_t = gl.arange(0, BM, layout=gl.SliceLayout(0, SL))
-        n_o = off_n + rows_t
-        m_o = off_m + cols_t
-        c_mask = (n_o[:, None] < N) & (m_o[None, :] < M)
-        if SPLIT_K > 1:
-            acc, last = _gluon.splitk_sum(acc, ws_ptr, lock_ptr, pid_n * gl.num_programs(0) + pid_m, gl.program_id(2),
-                                          rows_t[:, None] + cols_t[None, :] * BN, SPLIT_K, BM * BN)
-            c_mask = c_mask & last
-        if HAS_BIAS:
-            acc += gl.load(bias_ptr + n_o, mask=n_o < N, other=0.0).to(gl.float32)[:, None]
-        gl.store(c_ptr + m_o[None, :].to(gl.int64) * stride_cm + n_o[:, None], acc.to(c_ptr.dtype.element_ty),
-                 mask=c_mask)
+        _finish(acc, (off_m + cols_t)[None, :], (off_n + rows_t)[:, None], rows_t[:, None] + cols_t[None, :] * BN,
+                M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K)
+
+
+def runs_on(x: torch.Tensor, qw: torch.Tensor) -> bool:
+    """The per-call half of ``applies``: Gluon on an sm_90 GPU, x contiguous, x and the words 16-byte aligned."""
+    return _gluon.available(x) and x.is_contiguous() and _gluon.aligned16(x, qw)
+
+
+def plan(cfg: dict, M: int, N: int, K: int, dtype, bits: int, has_zero: bool, has_bias: bool,
+         gs_small: bool) -> Plan | None:
+    """The per-shape half of ``applies`` and what a launch needs (``wna16`` keeps it in its cached launch plan):
+    None where the kernel cannot run at this shape whatever x is: fp16 (or bf16 with 4-bit) activations whose
+    rows TMA can describe (16-byte rows), N a multiple of 4 (16-byte word rows), the buffers of the kernel ``cfg``
+    picks (groups < 128 take the shared-operand one) within an SM's shared memory."""
+    if GLUON_ERROR is not None or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if bits not in (4, 8) or (bits == 8 and dtype != torch.float16):
+        return None
+    if (K * dtype.itemsize) % 16 or N % 4 or shared_bytes(cfg, bits, gs_small) > _common.HOPPER_SMEM_PER_BLOCK:
+        return None
+    return Plan(cfg, M, N, dtype, bits, _consts(cfg, dtype, bits, has_zero, has_bias, gs_small))
 
 
 def applies(x: torch.Tensor, qw: torch.Tensor, bits: int, N: int, K: int, cfg: dict, gs_small: bool = False) -> bool:
-    """Whether this kernel can run: Gluon on an sm_90 GPU, fp16 (or bf16 with 4-bit) activations that TMA can
-    describe (contiguous, 16-byte rows and base), N a multiple of 4 (16-byte word rows), the buffers of the kernel
-    ``cfg`` picks (groups < 128 take the shared-operand one) within an SM's shared memory."""
-    if not _gluon.available(x) or x.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if shared_bytes(cfg, bits, gs_small) > _common.HOPPER_SMEM_PER_BLOCK:
-        return False
-    if bits not in (4, 8) or (bits == 8 and x.dtype != torch.float16):
-        return False
-    if not x.is_contiguous() or (K * x.element_size()) % 16 or N % 4:
-        return False
-    return _gluon.aligned16(x, qw)
+    """Whether this kernel can run ``cfg`` on these operands (``runs_on`` and ``plan``)."""
+    return runs_on(x, qw) and plan(cfg, x.shape[0], N, K, x.dtype, bits, False, False, gs_small) is not None
 
 
 _LAUNCH = _gluon.DirectLaunch()
@@ -423,26 +431,37 @@ def _consts(cfg: dict, dtype, bits: int, has_zero: bool, has_bias: bool, gs_smal
                 MAGIC16=0x6400 if dtype == torch.float16 else 0x4300, M16=m16)
 
 
-def launch(x, qw, scales, zeros, bias, out, ws, lock, bits, group_size, N, K, cfg: dict) -> torch.Tensor:
-    """``out`` (M, N) = x @ W^T (+ bias) for the packed weight (``wna16.prepack_wna16``'s layout); ``applies``
-    must hold.  ws, lock: the split-K workspace and counters (``_common.splitk_buffers``)."""
-    M = x.shape[0]
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_groups = scales.shape[0]
-    gs_small = n_groups > 1 and group_size < PACK_K
-    consts = _consts(cfg, x.dtype, bits, zeros is not None, bias is not None, gs_small)
-    grid = ((M + bm - 1) // bm, (N + bn - 1) // bn, consts["SPLIT_K"])
-    args = (scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, lock,
-            M, N, K, n_groups, group_size, out.stride(0))
-    cv = tuple(consts.values())
-    key = lambda: (_common.current_device(), bm, bn, x.dtype, out.dtype, cv, _common.spec_key(args))  # noqa: E731
-    if _LAUNCH.run(key, grid, (x, qw), (*args, *cv)):
+def _kernel(consts: dict):
+    """The kernel ``_consts`` were made for (only the shared-operand kernel takes BITS)."""
+    return wna16_gluon_kernel if "BITS" in consts else wna16_gluon_rs_kernel
+
+
+class Plan:
+    """A launch of one shape, tile and dtype, fixed once (``plan``): the kernel, its constexprs, the grid and the
+    shape-independent part of the direct-launch key; ``launch`` adds the call's tensors."""
+
+    __slots__ = ("consts", "cv", "grid", "bm", "bn", "bits", "num_warps", "static_key")
+
+    def __init__(self, cfg: dict, M: int, N: int, dtype, bits: int, consts: dict):
+        self.consts, self.cv, self.bits, self.num_warps = consts, tuple(consts.values()), bits, cfg["num_warps"]
+        self.bm, self.bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        self.grid = ((M + self.bm - 1) // self.bm, (N + self.bn - 1) // self.bn, consts["SPLIT_K"])
+        self.static_key = (self.bm, self.bn, dtype, self.cv)
+
+    runs_on = staticmethod(runs_on)
+
+    def launch(self, x, qw, scales, zeros, bias, out, ws, lock, group_size, N, K) -> torch.Tensor:
+        """``out`` (M, N) = x @ W^T (+ bias) for the packed weight (``wna16.prepack_wna16``'s layout); ``runs_on``
+        must hold.  ws, lock: the split-K workspace and counters (``_common.splitk_buffers``)."""
+        args = (scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, lock,
+                x.shape[0], N, K, scales.shape[0], group_size, out.stride(0))
+        key = lambda: (_common.current_device(), self.static_key, out.dtype, _common.spec_key(args))  # noqa: E731
+        if _LAUNCH.run(key, self.grid, (x, qw), (*args, *self.cv)):
+            return out
+        x_d, w_d = _descriptors(x, qw, self.bm, self.bn, self.bits)
+        k = _kernel(self.consts)[self.grid](x_d, w_d, *args, **self.consts, num_warps=self.num_warps)
+        _LAUNCH.remember(key, k)
         return out
-    x_d, w_d = _descriptors(x, qw, bm, bn, bits)
-    kern = wna16_gluon_rs_kernel if "BITS" not in consts else wna16_gluon_kernel
-    k = kern[grid](x_d, w_d, *args, **consts, num_warps=cfg["num_warps"])
-    _LAUNCH.remember(key, k)
-    return out
 
 
 def build_for_target(cfg: dict, dtype=torch.float16, bits: int = 4, has_zero: bool = False, has_bias: bool = False,
@@ -458,8 +477,7 @@ def build_for_target(cfg: dict, dtype=torch.float16, bits: int = 4, has_zero: bo
            "group_size": "i32", "stride_cm": "i32"}
     consts = _consts(cfg, dtype, bits, has_zero, has_bias, gs_small)
     sig.update({k: "constexpr" for k in consts})
-    kern = wna16_gluon_rs_kernel if "BITS" not in consts else wna16_gluon_kernel
-    return _gluon.compile_for_target(kern, sig, consts, cfg["num_warps"], cc)
+    return _gluon.compile_for_target(_kernel(consts), sig, consts, cfg["num_warps"], cc)
 
 
 def config(bm: int, bn: int, split_k: int = 1, warps: int = 8, stages: int = 3) -> dict:
