@@ -196,15 +196,39 @@ W4_GLUON_CHILD = textwrap.dedent(r'''
     variants = [dict()] + [dict(has_zero=True, has_bias=True), dict(dtype=torch.bfloat16), dict(bits=8),
                            dict(gs_small=True, has_zero=True)]
     first_rs = next(i for i, c in enumerate(cfgs) if c.get("RS"))
+
+    def sass_of(cubin):
+        """The register-operand kernel's SASS in the loop: every wgmma wait (WARPGROUP.DEPBAR), and the fp16
+        multiplications (HMUL2) between the last HGMMA and the wait after it (the next block's unpacking, in
+        flight with the wgmmas); None without cuobjdump."""
+        import os, subprocess, tempfile
+        from triton import knobs
+        try:
+            tool = knobs.nvidia.cuobjdump.path
+        except Exception:
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            f = os.path.join(d, "k.cubin")
+            open(f, "wb").write(cubin)
+            sass = subprocess.run([tool, "-sass", f], capture_output=True, text=True).stdout
+        ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+        hg = [i for i, o in enumerate(ops) if o.startswith("HGMMA")]
+        if not hg:
+            return None
+        dep = next(i for i in range(hg[-1], len(ops)) if ops[i].startswith("WARPGROUP.DEPBAR"))
+        return dict(depbars=sum(o.startswith("WARPGROUP.DEPBAR") for o in ops),
+                    hmul_in_flight=sum(o == "HMUL2" for o in ops[hg[-1]:dep]))
+
     out = {}
     for i, cfg in enumerate(cfgs):
         for v in variants if i in (0, first_rs) else variants[:1]:
             k = wna16_gluon.build_for_target(cfg, **v)
             ptx = k.asm["ptx"]
+            rs = wna16_gluon._rs(cfg, v.get("bits", 4), v.get("gs_small", False))
             out[f"{cfg} {v}"] = dict(cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
                                      planned=wna16_gluon.shared_bytes(cfg, v.get("bits", 4), v.get("gs_small", False)),
-                                     rs=wna16_gluon._rs(cfg, v.get("bits", 4), v.get("gs_small", False)),
-                                     waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
+                                     rs=rs, waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
+                                     sass=sass_of(k.asm["cubin"]) if rs and "dtype" not in v else None)
     print(json.dumps(out))
 ''')
 
@@ -221,6 +245,13 @@ def test_gluon_w4a16_builds_for_sm90_with_the_mmas_in_flight():
         assert 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
         assert b["shared"] == b["planned"], (what, b)  # the host's fit check (applies) counts what is built
         # shared-operand kernel: one block's two wgmma groups (x in two 64-wide boxes) stay in flight; the
-        # register-operand kernel: the previous block's wgmmas drain before its fragments are written
+        # register-operand kernel: a block's eight wgmmas are waited for once, at the end of the iteration
         assert b["waits"] == (["0", "0"] if b["rs"] else ["2", "0"]), (what, b["waits"])
+        if b["sass"] is not None:
+            # ...and ptxas keeps them in flight together (one wait in the loop, one in the drain; the first form
+            # of the kernel had one after every HGMMA) while the next block is unpacked (all its fragment
+            # registers' multiplications, 32 a thread for a 64-row warpgroup tile, before the wait)
+            assert b["sass"]["depbars"] == 2, (what, b["sass"])
+            assert b["sass"]["hmul_in_flight"] >= 32, (what, b["sass"])
     assert sum(b["rs"] for b in built.values()) >= 8
+    assert sum(b["sass"] is not None for b in built.values()) >= 8 or all(b["sass"] is None for b in built.values())

@@ -15,8 +15,8 @@ weight once per CTA:
   then complete, their ring slot refilled).
 * ``wna16_gluon_rs_kernel`` (``RS`` in the config; 4-bit, group >= 128): C^T = W x^T with the unpacked weights
   as the wgmma's register operand, read from shared memory straight into its fragment layout (no dequantized
-  tile in shared memory, no fence or barrier before the wgmma).  Its best tile beat the shared-operand kernel's by
-  4.6-11.7% at M = 128 and 256 (H100).
+  tile in shared memory, no fence or barrier before the wgmma); the next block is unpacked while this block's
+  wgmmas run.
 
 The next block's scales are loaded one iteration ahead, after the wgmmas are issued (a ``fence_async_shared``
 before would wait for them).  K splits (grid axis 2) reduce in-kernel as the ``tl.dot`` kernels do: each split
@@ -85,10 +85,22 @@ def _nibbles_frag_asm(k: int, dt: str) -> str:
     return "\n".join(lines + ["}"])
 
 
+def _hold_asm() -> str:
+    """A use of a thread's 32 fragment registers ($4-$35) that ptxas must keep: eight stores predicated on a weight
+    row index ($36) being negative, which it never is (so none runs; the outputs $0-$3 are zeros).  Placed after
+    the wait for the wgmmas reading the fragments, it keeps them live, in their own registers, until then."""
+    stores = " ".join(f"@p st.global.v4.b32 [ad], {{${4 + 4 * i}, ${5 + 4 * i}, ${6 + 4 * i}, ${7 + 4 * i}}};"
+                      for i in range(8))
+    return ("{ .reg .pred p; .reg .b64 ad; mov.b64 ad, 0; setp.lt.s32 p, $36, 0; " + stores
+            + " mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }")
+
+
 if GLUON_ERROR is None:
     FRAG_F16_0, FRAG_F16_1, FRAG_F16_2, FRAG_F16_3 = (gl.constexpr(_nibbles_frag_asm(k, "f16")) for k in range(4))
     FRAG_BF16_0, FRAG_BF16_1, FRAG_BF16_2, FRAG_BF16_3 = (gl.constexpr(_nibbles_frag_asm(k, "bf16")) for k in range(4))
     FRAG_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
+    HOLD_ASM = gl.constexpr(_hold_asm())
+    HOLD_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 40))
     NIBBLES_F16 = gl.constexpr(_nibbles_asm("f16"))
     NIBBLES_BF16 = gl.constexpr(_nibbles_asm("bf16"))
 
@@ -140,15 +152,15 @@ if GLUON_ERROR is None:
         tma_load(w_desc, [blk * w_desc.block_type.shape[0], off_n], bar, w_ring.index(slot), pred=live)
 
     @gluon.jit
-    def _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES: gl.constexpr):
-        """The x and word rings and their barriers, blocks 0 .. STAGES-2 of this split already requested."""
+    def _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES: gl.constexpr, LOADED: gl.constexpr):
+        """The x and word rings and their barriers, this split's first ``LOADED`` blocks requested."""
         x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES * (BLOCK_K // x_desc.block_type.shape[1]),
                                                           x_desc.block_type.shape[0], x_desc.block_type.shape[1]],
                                            x_desc.layout)
         w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, w_desc.block_type.shape[0],
                                                           w_desc.block_type.shape[1]], w_desc.layout)
         ready = _gluon.ready_barriers(STAGES)
-        for s in gl.static_range(STAGES - 1):
+        for s in gl.static_range(LOADED):
             _load_block(x_desc, w_desc, x_ring, w_ring, ready, s, b_lo + s, s < nb, off_m, off_n)
         return x_ring, w_ring, ready
 
@@ -217,7 +229,7 @@ if GLUON_ERROR is None:
         off_m = gl.program_id(0) * BM
         off_n = gl.program_id(1) * BN
         b_lo, nb = _k_split(K, SPLIT_K)
-        x_ring, w_ring, ready = _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES)
+        x_ring, w_ring, ready = _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES, STAGES - 1)
         d_ring = gl.allocate_shared_memory(dt, [2, BLOCK_K, BN], _tile_layout(BLOCK_K, BN, dt))
 
         WL: gl.constexpr = gl.SliceLayout(0, FL)  # the [R, BN] word tile
@@ -300,9 +312,38 @@ if GLUON_ERROR is None:
         return lo, hi
 
     @gluon.jit
-    def _rs_mma(a, xs, k0: gl.constexpr, acc):
-        """acc += a (registers, [BN, 16]) x the x box ``xs``'s K columns k0 .. k0 + 15, transposed (K-major B)."""
-        return warpgroup_mma(a, xs.slice(k0, 16, dim=1).permute((1, 0)), acc, is_async=True)
+    def _frags(wp, sc, zc, dt: gl.constexpr):
+        """A thread's A fragments of a whole 128-K block (K-chunks 0-7) from its words ``wp``."""
+        if dt == gl.float16:
+            f0, f4 = _frag_pair(FRAG_F16_0, wp, sc, zc, False)
+            f1, f5 = _frag_pair(FRAG_F16_1, wp, sc, zc, False)
+            f2, f6 = _frag_pair(FRAG_F16_2, wp, sc, zc, False)
+            f3, f7 = _frag_pair(FRAG_F16_3, wp, sc, zc, False)
+        else:
+            f0, f4 = _frag_pair(FRAG_BF16_0, wp, sc, zc, True)
+            f1, f5 = _frag_pair(FRAG_BF16_1, wp, sc, zc, True)
+            f2, f6 = _frag_pair(FRAG_BF16_2, wp, sc, zc, True)
+            f3, f7 = _frag_pair(FRAG_BF16_3, wp, sc, zc, True)
+        return f0, f1, f2, f3, f4, f5, f6, f7
+
+    @gluon.jit
+    def _rs_mmas(f0, f1, f2, f3, f4, f5, f6, f7, x_ring, xi, acc):
+        """acc += the block's fragments (registers, [BN, 16] each) x its two x boxes (ring entries xi, xi + 1),
+        transposed (K-major B): eight async wgmmas, one fence and issue each, not waited for."""
+        a = warpgroup_mma(f0, x_ring.index(xi).slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
+        a = warpgroup_mma(f1, x_ring.index(xi).slice(16, 16, dim=1).permute((1, 0)), a, is_async=True)
+        a = warpgroup_mma(f2, x_ring.index(xi).slice(32, 16, dim=1).permute((1, 0)), a, is_async=True)
+        a = warpgroup_mma(f3, x_ring.index(xi).slice(48, 16, dim=1).permute((1, 0)), a, is_async=True)
+        a = warpgroup_mma(f4, x_ring.index(xi + 1).slice(0, 16, dim=1).permute((1, 0)), a, is_async=True)
+        a = warpgroup_mma(f5, x_ring.index(xi + 1).slice(16, 16, dim=1).permute((1, 0)), a, is_async=True)
+        a = warpgroup_mma(f6, x_ring.index(xi + 1).slice(32, 16, dim=1).permute((1, 0)), a, is_async=True)
+        return warpgroup_mma(f7, x_ring.index(xi + 1).slice(48, 16, dim=1).permute((1, 0)), a, is_async=True)
+
+    @gluon.jit
+    def _hold(f0, f1, f2, f3, f4, f5, f6, f7, rows16):
+        """Keep the fragments live up to here (``HOLD_ASM``; ``rows16``: the weight rows, never negative)."""
+        gl.inline_asm_elementwise(HOLD_ASM, HOLD_CONSTRAINTS, [f0, f1, f2, f3, f4, f5, f6, f7, rows16],
+                                  dtype=f0.dtype, is_pure=False, pack=8)
 
     @gluon.jit
     def wna16_gluon_rs_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
@@ -316,14 +357,16 @@ if GLUON_ERROR is None:
         rows, and word row i of a 128-K block holds K = j * 16 + i in its field j, so a thread's words, unpacked
         field by field (NIBBLES_*: the pair of words (2c, 2c + 1) -> one register per field), are its A fragments
         for all eight K-chunks.  No dequantized tile goes through shared memory (no store, fence or barrier
-        before the wgmma); x^T is the shared B operand (x's [BM, 64] TMA boxes, K-major).  The previous block's
-        wgmmas are waited for before this block's fragments are written.  What ptxas (Triton 3.6, sm_90a) makes of
-        it: each fragment is unpacked just before its wgmma, into the same registers, with a wait for the previous
-        wgmma first (SASS: ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after every HGMMA; a ``wait(7)`` after each issue,
-        as Triton's pipeliner emits, or one asm statement per field pair, build the same SASS), so the unpacking
-        and the wgmmas of one warpgroup alternate and overlap only across warpgroups and CTAs.  Still faster than
-        the shared-operand kernel: best tile against best tile by 4.6-11.7% at M = 128 and 256 (H100,
-        BENCHMARKS.md)."""
+        before the wgmma); x^T is the shared B operand (x's [BM, 64] TMA boxes, K-major).
+
+        Software-pipelined by one block: block ki's eight wgmmas are issued, then block ki + 1's fragments are
+        unpacked into other registers while they run, then the wait.  Two things keep ptxas (Triton 3.6, sm_90a)
+        from serializing the wgmmas (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after every HGMMA, as the first form of
+        this kernel had): the accumulator is a plain tensor between iterations (waited for inside the loop; an
+        async accumulator carried across the back edge drew ptxas's C7515 "wgmma serialized: non wgmma
+        instructions defining accumulator registers ... pipeline stage"), and ``_hold`` keeps block ki's
+        fragments live until after the wait (else ptxas gives block ki + 1's the same registers and waits for
+        the wgmmas before unpacking)."""
         BM: gl.constexpr = x_desc.block_type.shape[0]
         BKX: gl.constexpr = x_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
@@ -336,47 +379,35 @@ if GLUON_ERROR is None:
         off_m = gl.program_id(0) * BM
         off_n = gl.program_id(1) * BN
         b_lo, nb = _k_split(K, SPLIT_K)
-        x_ring, w_ring, ready = _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES)
+        x_ring, w_ring, ready = _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES, STAGES)
 
         rows = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, AL)))[:, None]  # weight rows (output columns)
         rmask = rows < N
         sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo, group_size, n_groups, N, rows, rmask, HAS_ZERO, OFFSET,
                                          M16, dt)
-        acc = warpgroup_mma_init(gl.zeros((BN, BM), dtype=gl.float32, layout=ML))
+        # block 0's fragments before the loop; in the loop block ki + 1's are unpacked while block ki's wgmmas run
+        mbarrier.wait(ready.index(0), 0, pred=nb > 0)
+        f0, f1, f2, f3, f4, f5, f6, f7 = _frags(w_ring.index(0).permute((1, 0)).load(AL), sc_next, zc_next, dt)
+        sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo + 1, group_size, n_groups, N, rows, rmask, HAS_ZERO,
+                                         OFFSET, M16, dt)
+        rows16 = rows + gl.zeros((BN, 16), gl.int32, layout=AL)
+        acc = gl.zeros((BN, BM), dtype=gl.float32, layout=ML)
         for ki in range(nb):
             slot = ki % STAGES
-            blk = b_lo + ki
-            sc = sc_next
-            zc = zc_next
-            mbarrier.wait(ready.index(slot), (ki // STAGES) & 1)
-            wp = w_ring.index(slot).permute((1, 0)).load(AL)  # [BN, R]: a thread's words = its A fragments
-            # the previous block's wgmmas are complete before the fragment registers are written again; its ring
-            # slot is then free
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            if dt == gl.float16:
-                f0, f4 = _frag_pair(FRAG_F16_0, wp, sc, zc, False)
-                f1, f5 = _frag_pair(FRAG_F16_1, wp, sc, zc, False)
-                f2, f6 = _frag_pair(FRAG_F16_2, wp, sc, zc, False)
-                f3, f7 = _frag_pair(FRAG_F16_3, wp, sc, zc, False)
-            else:
-                f0, f4 = _frag_pair(FRAG_BF16_0, wp, sc, zc, True)
-                f1, f5 = _frag_pair(FRAG_BF16_1, wp, sc, zc, True)
-                f2, f6 = _frag_pair(FRAG_BF16_2, wp, sc, zc, True)
-                f3, f7 = _frag_pair(FRAG_BF16_3, wp, sc, zc, True)
-            acc = _rs_mma(f0, x_ring.index(slot * XB), 0, acc)
-            acc = _rs_mma(f1, x_ring.index(slot * XB), 16, acc)
-            acc = _rs_mma(f2, x_ring.index(slot * XB), 32, acc)
-            acc = _rs_mma(f3, x_ring.index(slot * XB), 48, acc)
-            acc = _rs_mma(f4, x_ring.index(slot * XB + 1), 0, acc)
-            acc = _rs_mma(f5, x_ring.index(slot * XB + 1), 16, acc)
-            acc = _rs_mma(f6, x_ring.index(slot * XB + 1), 32, acc)
-            acc = _rs_mma(f7, x_ring.index(slot * XB + 1), 48, acc)
-            sc_next, zc_next = _block_scales(s_ptr, z_ptr, blk + 1, group_size, n_groups, N, rows, rmask,
+            a = _rs_mmas(f0, f1, f2, f3, f4, f5, f6, f7, x_ring, slot * XB, acc)
+            nslot = (ki + 1) % STAGES
+            mbarrier.wait(ready.index(nslot), ((ki + 1) // STAGES) & 1, pred=ki + 1 < nb)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _frags(w_ring.index(nslot).permute((1, 0)).load(AL), sc_next, zc_next,
+                                                    dt)
+            sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo + ki + 2, group_size, n_groups, N, rows, rmask,
                                              HAS_ZERO, OFFSET, M16, dt)
-            nk = ki + STAGES - 1  # into the slot of block ki - 1 (its wgmmas completed above)
-            _load_block(x_desc, w_desc, x_ring, w_ring, ready, nk % STAGES, b_lo + nk, nk < nb, off_m, off_n)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(a, ))
+            _hold(f0, f1, f2, f3, f4, f5, f6, f7, rows16)
+            nk = ki + STAGES  # into block ki's slot: its wgmmas are complete, its words read
+            _load_block(x_desc, w_desc, x_ring, w_ring, ready, slot, b_lo + nk, nk < nb, off_m, off_n)
+            f0, f1, f2, f3, f4, f5, f6, f7 = g0, g1, g2, g3, g4, g5, g6, g7
         SL: gl.constexpr = _store_layout_t(BN, BM, WARPS)
-        acc = gl.convert_layout(_drain(acc, ready, STAGES), SL)
+        acc = gl.convert_layout(_drain(warpgroup_mma_init(acc), ready, STAGES), SL)
         rows_t = gl.arange(0, BN, layout=gl.SliceLayout(1, SL))  # C^T: the tile's rows are output columns
         cols_t = gl.arange(0, BM, layout=gl.SliceLayout(0, SL))
         _finish(acc, (off_m + cols_t)[None, :], (off_n + rows_t)[:, None], rows_t[:, None] + cols_t[None, :] * BN,
@@ -486,22 +517,26 @@ def config(bm: int, bn: int, split_k: int = 1, warps: int = 8, stages: int = 3) 
 
 def candidates(M: int) -> list[dict]:
     """The configs ``benchmarks/gemm.py --tune`` tries for M rows (4-bit: each fits Hopper's shared memory, see
-    ``shared_bytes``; the 2-stage 64 x 128 and 128 x 64 tiles fit two CTAs an SM); from M = 128 each tile also
-    with the register-operand kernel (``RS``: best tile 4.6-11.7% faster at M = 128 and 256, H100)."""
+    ``shared_bytes``; the 2-stage 64 x 128 and 128 x 64 tiles fit two CTAs an SM); from M = 128 each tile of
+    BLOCK_N <= 128 also with the register-operand kernel (``RS``), plus a few RS-only tiles."""
     c = config
     if M <= 64:
         return [c(64, 128, 1, 4, 4), c(64, 128, 2, 4, 4), c(64, 128, 4, 4, 4), c(64, 256, 1, 8, 3), c(64, 256, 2, 8, 3),
                 c(64, 64, 4, 4, 4), c(64, 128, 2, 4, 2), c(64, 128, 4, 4, 2)]
+    rs = lambda cs: [dict(x, RS=True) for x in cs if x["BLOCK_N"] <= 128]  # noqa: E731 (BN 256: 255 regs + spills)
     if M <= 128:
         shared = [c(128, 128, 1), c(128, 128, 2), c(128, 128, 4), c(128, 256, 1, 8, 2), c(128, 64, 2, 4, 4),
                   c(64, 128, 2, 4, 4), c(128, 64, 2, 4, 2), c(128, 64, 4, 4, 2), c(64, 128, 2, 4, 2),
                   c(64, 128, 4, 4, 2)]
-        return shared + [dict(x, RS=True) for x in shared]
+        return shared + rs(shared + [c(128, 128, 2, 8, 2), c(128, 128, 4, 8, 2)])
     if M <= 256:
         shared = [c(128, 128, 1), c(128, 128, 2), c(128, 128, 4), c(256, 128, 1, 8, 2), c(256, 128, 2, 8, 2),
                   c(128, 256, 1, 8, 2), c(128, 64, 1, 4, 2), c(128, 64, 2, 4, 2)]
-        return shared + [dict(x, RS=True) for x in shared] + [dict(c(64, 128, 2, 4, 4), RS=True)]
-    return [c(128, 128, 1, 8, 4), c(128, 256, 1, 8, 2), c(256, 128, 1, 8, 2), c(256, 64, 1, 8, 2), c(128, 64, 1, 4, 2)]
+        return shared + rs(shared + [c(64, 128, 2, 4, 4), c(256, 128, 4, 8, 2), c(128, 64, 4, 4, 2),
+                                     c(128, 128, 2, 8, 2)])
+    shared = [c(128, 128, 1, 8, 4), c(128, 256, 1, 8, 2), c(256, 128, 1, 8, 2), c(256, 64, 1, 8, 2), c(128, 64, 1, 4, 2)]
+    return shared + rs([c(256, 128, 1, 8, 2), c(256, 128, 2, 8, 2), c(128, 128, 1, 8, 3), c(128, 64, 1, 4, 2),
+                        c(128, 64, 2, 4, 2), c(128, 64, 1, 4, 4)])
 
 
 def shared_bytes(cfg: dict, bits: int = 4, gs_small: bool = False) -> int:
