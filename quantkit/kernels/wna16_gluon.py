@@ -407,7 +407,7 @@ if GLUON_ERROR is None:
             _load_block(x_desc, w_desc, x_ring, w_ring, ready, slot, b_lo + nk, nk < nb, off_m, off_n)
             f0, f1, f2, f3, f4, f5, f6, f7 = g0, g1, g2, g3, g4, g5, g6, g7
         SL: gl.constexpr = _store_layout_t(BN, BM, WARPS)
-        acc = gl.convert_layout(_drain(warpgroup_mma_init(acc), ready, STAGES), SL)
+        acc = gl.convert_layout(_drain(warpgroup_mma_init(acc), ready, STAGES), SL)  # (acc already complete)
         rows_t = gl.arange(0, BN, layout=gl.SliceLayout(1, SL))  # C^T: the tile's rows are output columns
         cols_t = gl.arange(0, BM, layout=gl.SliceLayout(0, SL))
         _finish(acc, (off_m + cols_t)[None, :], (off_n + rows_t)[:, None], rows_t[:, None] + cols_t[None, :] * BN,
@@ -515,6 +515,12 @@ def config(bm: int, bn: int, split_k: int = 1, warps: int = 8, stages: int = 3) 
     return dict(BACKEND="gluon", BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
 
 
+def _register_operand(cfgs: list[dict]) -> list[dict]:
+    """``cfgs`` as register-operand (``RS``) configs, BLOCK_N <= 128 only (at 256 the two blocks' fragments and the
+    accumulator take 255 registers and spill)."""
+    return [dict(c, RS=True) for c in cfgs if c["BLOCK_N"] <= 128]
+
+
 def candidates(M: int) -> list[dict]:
     """The configs ``benchmarks/gemm.py --tune`` tries for M rows (4-bit: each fits Hopper's shared memory, see
     ``shared_bytes``; the 2-stage 64 x 128 and 128 x 64 tiles fit two CTAs an SM); from M = 128 each tile of
@@ -523,7 +529,7 @@ def candidates(M: int) -> list[dict]:
     if M <= 64:
         return [c(64, 128, 1, 4, 4), c(64, 128, 2, 4, 4), c(64, 128, 4, 4, 4), c(64, 256, 1, 8, 3), c(64, 256, 2, 8, 3),
                 c(64, 64, 4, 4, 4), c(64, 128, 2, 4, 2), c(64, 128, 4, 4, 2)]
-    rs = lambda cs: [dict(x, RS=True) for x in cs if x["BLOCK_N"] <= 128]  # noqa: E731 (BN 256: 255 regs + spills)
+    rs = _register_operand
     if M <= 128:
         shared = [c(128, 128, 1), c(128, 128, 2), c(128, 128, 4), c(128, 256, 1, 8, 2), c(128, 64, 2, 4, 4),
                   c(64, 128, 2, 4, 4), c(128, 64, 2, 4, 2), c(128, 64, 4, 4, 2), c(64, 128, 2, 4, 2),
