@@ -605,7 +605,8 @@ def quantize_sym_rcp(x, scale, rcp, QMAX: tl.constexpr, BOUNDED: tl.constexpr):
     q within an ulp of x / scale, fma(fma(-scale, q, x), rcp, q) is the correctly rounded quotient), three
     instructions where ``div_rn`` takes about 25 with its range check and slow-path branch.  Same integers as
     ``quantize_sym``: checked for every finite fp16 x against 3280 scales (incl. all-ones and power-of-two
-    significands; the only bitwise difference in the quotient is the sign of a zero), and by the kernel tests.
+    significands; the only bitwise difference in the quotient is the sign of a zero) and every finite bf16 x
+    against 1500 (54 million pairs), and by the kernel tests.
     BOUNDED: |x| <= QMAX * scale by construction (a row's own max); else quotients past 2^20 (a static scale far
     below the data's range) skip the correction: they clamp either way, and an infinite q would make it NaN."""
     q = x * rcp
