@@ -21,7 +21,7 @@ from quantkit.kernels._common import HOPPER_SMEM_PER_BLOCK as SM90_MAX_SHARED  #
 
 CHILD = textwrap.dedent(r'''
     import json, re, sys
-    from quantkit.kernels import attention, hadamard, w8a8, wna16
+    from quantkit.kernels import act_quant, attention, hadamard, w8a8, wna16
     from quantkit.kernels._common import build_for_target, load_tuned
 
     def compiled(lazy, types, consts, cc, **options):
@@ -97,8 +97,21 @@ CHILD = textwrap.dedent(r'''
                       "") for r in rel]
         once[name] = dict(release=len(rel), maxima=maxima,
                           barrier_before=bool(backs) and all("bar.sync" in b for b in backs),
-                          acquire_spin=sum("ld.global.gpu.acquire" in l for l in lines))
+                          acquire_spin=sum("ld.global.gpu.acquire" in l for l in lines),
+                          approx_div=sum("div.approx" in l for l in lines))
     out["once"] = once
+    # per-token quantization: the row's scale in IEEE division (no div.approx), one division for the reciprocal, the
+    # elements by x * rcp and one FMA correction (two fma.rn.f32 each); the fused W8A8 prologues' scales too
+    quant = {}
+    for K in (4096, 14336, 20000):
+        const, _ = act_quant._consts(K, True, 127, False)
+        c = {k: v for k, v in const.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+        ptx = compiled(act_quant.act_quant_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8"}, c, 90,
+                       num_warps=const["num_warps"]).asm["ptx"]
+        quant[f"act_quant K={K}"] = dict(approx=len(re.findall(r"\bdiv\.approx", ptx)),
+                                         rn=len(re.findall(r"\bdiv\.rn\.f32", ptx)),
+                                         fma=len(re.findall(r"\bfma\.rn\.f32", ptx)))
+    out["quant"] = quant
     # the online R4 as the runtime launches it: rows of a Sylvester block (512 of 1536, 2048 of 14336)
     for p in (512, 2048):
         out[f"fwht p={p} sm_90"] = build(hadamard.fwht_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "scale": "fp32"},
@@ -122,12 +135,20 @@ def test_kernels_compile_for_sm80_and_sm90():
     built = json.loads(p.stdout.strip().splitlines()[-1])
     shared = built.pop("shared")
     once = built.pop("once")
+    quant = built.pop("quant")
     tma = [k for k in built if k.startswith("w8a8 tma")]
     assert len(tma) >= 2 and len(tma) % 2 == 0 and len(shared) == len(tma)
     assert len(built) == 2 * len(ATTENTION_CASES) + len(tma) + 2 + 2 + 2 + len(once) and len(once) == 2
     # per chunk a release of its maxima and one of its integers, each after a CTA barrier; an acquire spin
     for what, o in once.items():
         assert o["release"] == 2 and o["maxima"] >= 1 and o["barrier_before"] and o["acquire_spin"] >= 1, (what, o)
+        assert o["approx_div"] == 0, (what, o)  # row scales in IEEE division, as the reference (sym_scale)
+    # per-token quantization: no approximate division (Triton's `/` was amax * div.approx(1, 127)); one IEEE
+    # division for the scale and one for its reciprocal (per row, or per pass of the two-pass loop), and each
+    # element's quotient by two FMAs, not a division: 32 elements a thread here
+    assert len(quant) == 3
+    for what, q in quant.items():
+        assert q["approx"] == 0 and q["rn"] == 2 and q["fma"] >= 64, (what, q)
     for what, stages in built.items():
         assert "cubin" in stages and "ptx" in stages, what
     for what, nbytes in shared.items():  # Hopper: 227 KiB of shared memory per block at most (else launch fails)

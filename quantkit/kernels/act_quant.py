@@ -23,7 +23,7 @@ import functools
 import torch
 
 from ._common import (LazyKernel, eager_cuda, fast_launch, launch_consts, next_pow2, quantize_sym_rcp,
-                      round_half_away_ref, tl, use_triton)
+                      round_half_away_ref, sym_scale, tl, use_triton)
 
 EPS = 1e-12
 
@@ -66,8 +66,7 @@ def _act_quant_kernel(
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         if not STATIC:
-            amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS_C)
-            scale = amax / QMAX
+            scale = sym_scale(tl.max(tl.abs(x), axis=0), EPS_C, QMAX)
         # one division per row; per element the reciprocal form (an IEEE division each made the kernel
         # instruction-bound: ~1000 SASS instructions a thread for 32 elements, sm_90)
         rcp = tl.math.div_rn(1.0, scale)
@@ -80,8 +79,7 @@ def _act_quant_kernel(
                 mask = (k0 + offs) < K
                 x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
                 acc = tl.maximum(acc, tl.abs(x))
-            amax = tl.maximum(tl.max(acc, axis=0), EPS_C)
-            scale = amax / QMAX
+            scale = sym_scale(tl.max(acc, axis=0), EPS_C, QMAX)
         rcp = tl.math.div_rn(1.0, scale)
         for k0 in range(0, K, BLOCK_K):
             mask = (k0 + offs) < K

@@ -40,7 +40,7 @@ import torch
 
 from ._common import (HOPPER_SMEM_PER_BLOCK, ConfigCache, LazyKernel, cached_buffer, cdiv, eager_cuda, fast_launch, gemv_tile,
                       gpu_key, grouped_tile, interpret_mode, jit_helper, launch_consts, load_k_tiles, next_pow2,
-                      quantize_sym, remember, sm_count, spec_key, splitk_arrive, splitk_buffers, splitk_for,
+                      quantize_sym, remember, sm_count, spec_key, sym_scale, splitk_arrive, splitk_buffers, splitk_for,
                       splitk_slot, splitk_sum, splitk_sum_rows, tl, use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
@@ -185,10 +185,10 @@ def _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock
             else:
                 xa = tl.load(a_ptrs + k0, mask=(offs_k[None, :] + k0) < K, other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
-        a_scale = tl.maximum(amax, EPS_C) / 127.0
+        a_scale = sym_scale(amax, EPS_C, 127.0)
         a_scale_b = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32) + a_scale[:, None]
     elif QUANT_ONCE:  # the shared maxima (past L1: other SMs wrote them)
-        a_scale = tl.maximum(tl.load(as_ptr + rm, cache_modifier=".cg"), EPS_C) / 127.0
+        a_scale = sym_scale(tl.load(as_ptr + rm, cache_modifier=".cg"), EPS_C, 127.0)
     else:
         a_scale = tl.load(as_ptr + rm)
 
@@ -355,8 +355,8 @@ def _w8a8_kernel(
                 for m0 in range(0, M, CHUNK_M):
                     rows, inb, xv = _x_chunk(x_ptr, stride_xm, m0, offs_cm, cols, M, K)
                     # the final maxima (past L1: other SMs wrote them); act_quant's scale and rounding
-                    sc = tl.maximum(tl.load(as_ptr + rows, mask=rows < M, other=0.0, cache_modifier=".cg"),
-                                    EPS_C) / 127.0
+                    sc = sym_scale(tl.load(as_ptr + rows, mask=rows < M, other=0.0, cache_modifier=".cg"), EPS_C,
+                                   127.0)
                     qv = quantize_sym(xv.to(tl.float32), tl.zeros([CHUNK_M, CHUNK_K], dtype=tl.float32) + sc[:, None],
                                       127.0)
                     tl.store(a_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :], qv.to(tl.int8), mask=inb)
@@ -525,7 +525,7 @@ def _w8a8_gemv_kernel(
         for k0 in range(0, KW * 4, AMAX_K):
             xa = tl.load(xr_ptrs + k0, mask=(k0 + offs_x[None, :]) < KW * 4, other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), axis=1))
-        a_qs = tl.maximum(amax, EPS_C) / 127.0  # (BLOCK_M,)
+        a_qs = sym_scale(amax, EPS_C, 127.0)  # (BLOCK_M,)
         a_qs3 = tl.zeros((BLOCK_M, BC, 4), dtype=tl.float32) + a_qs[:, None, None]
         x3_ptrs = (a_ptr + rm[:, None, None].to(tl.int64) * stride_am + offs_c[None, :, None] * 4
                    + offs_e[None, None, :])  # (BLOCK_M, BC, 4)
