@@ -583,8 +583,8 @@ def eager_cuda(x: torch.Tensor) -> bool:
 @jit_helper
 def sym_scale(amax, EPS_C: tl.constexpr, QMAX: tl.constexpr):
     """A row's quantization scale from its max |x|: max(amax, EPS) / QMAX in IEEE division, as the reference
-    (``per_token_quant_ref``).  Not Triton's ``/``: on the GPU that compiles to amax * div.approx(1, QMAX), a
-    different float for 1434 of the 31743 positive fp16 maxima (QMAX 127)."""
+    (``per_token_quant_ref``).  Not Triton's ``/``: for the GPU that compiles to amax * div.approx(1, QMAX), and
+    amax * RN(1 / 127) is another float than RN(amax / 127) for 1434 of the 31743 positive fp16 maxima."""
     return tl.math.div_rn(tl.maximum(amax, EPS_C), QMAX)
 
 
