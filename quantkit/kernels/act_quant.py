@@ -42,7 +42,9 @@ def per_token_quant_ref(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor,
     """Reference. x: (..., K) float -> (q: (..., K) int8, scale: (..., 1) fp32)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
-    scale = amax / float(qmax)
+    # A tensor divisor, not a Python number: CUDA torch computes `t / number` as t * RN(1 / number), another float
+    # than the IEEE quotient for some maxima (the kernels' `sym_scale`, and torch on the CPU).
+    scale = amax / torch.full_like(amax, float(qmax))
     return quantize_symmetric_ref(xf, scale, qmax), scale
 
 

@@ -842,7 +842,7 @@ def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None) -> bo
     with an FP16 row are left for the tl.dot kernel's ``SKIPPED_BM`` pass)."""
     from quantkit.kernels import w8a8_gluon
 
-    if not w8a8_gluon.applies(a_q, w, out):
+    if not w8a8_gluon.applies(a_q, w, out, cfg):
         return False
     w8a8_gluon.launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits)
     return True

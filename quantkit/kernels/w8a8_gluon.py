@@ -123,10 +123,11 @@ if GLUON_ERROR is None:
             tma.store_wait(pendings=0)
 
 
-def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) -> bool:
     """Whether this kernel can run here: Gluon importable, an sm_90 GPU, int8 operands and an fp16 / bf16 /
-    int32 output that TMA descriptors can describe (contiguous, 16-byte row strides and base addresses)."""
-    if not _gluon.available(a_q):
+    int32 output that TMA descriptors can describe (contiguous, 16-byte row strides and base addresses), and a tile
+    of whole 64-row wgmmas (a config written for the tl.dot kernel, e.g. BLOCK_M 16, runs there instead)."""
+    if not _gluon.available(a_q) or cfg["BLOCK_M"] % 64:
         return False
     if a_q.dtype != torch.int8 or w.dtype != torch.int8 or out.dtype not in _gluon.GL_DTYPES:
         return False
