@@ -72,7 +72,22 @@ CHILD = textwrap.dedent(r'''
         out[f"w4a16 gemv_h2 per_block zero={zero} sm_90"] = sorted(compiled(
             wna16.wna16_gemv_h2_kernel, w4_types,
             dict(HAS_ZERO=zero, HAS_BIAS=True, EVEN_U=False, SPLIT_K=4, BLOCK_N=64, UNROLL=8, AMAX_K=4096,
-                 USE_ASM=True, PER_BLOCK=True), 90, num_warps=4, num_stages=1).asm)
+                 USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=1), 90, num_warps=4, num_stages=1).asm)
+    # the M=1 GEMVs' loads through a cp.async ring (LOAD_STAGES > 1; 1: plain loads, no ring)
+    ring = {}
+    for ls in (1, 4):
+        ptx = compiled(wna16.wna16_gemv_h2_kernel, w4_types,
+                       dict(HAS_ZERO=False, HAS_BIAS=False, EVEN_U=True, SPLIT_K=4, BLOCK_N=64, UNROLL=2, AMAX_K=4096,
+                            USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=ls), 90, num_warps=4, num_stages=1).asm["ptx"]
+        ring[f"w4a16 gemv_h2 {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
+        ptx = compiled(w8a8.w8a8_gemv_kernel, {"a_ptr": "*i32", "w_ptr": "*i32", "bias_ptr": "*fp16", "c_ptr": "*fp16",
+                                               "part_ptr": "*i32", "lock_ptr": "*i32", "x_ptr": "*fp16",
+                                               "wf_ptr": "*i8", "rb_ptr": "*u8"},
+                       dict(HAS_BIAS=False, ROW_BITS=False, HAS_FP16_W=False, EVEN_K=True, SPLIT_K=4, BLOCK_M=1,
+                            BLOCK_N=32, BC=128, USE_DP4A=True, FUSE_QUANT=False, EPS_C=1e-8, AMAX_K=16,
+                            LOAD_STAGES=ls), 90, num_warps=4, num_stages=1).asm["ptx"]
+        ring[f"w8a8 gemv {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
+    out["ring"] = ring
     out["shared"] = shared
     # W8A8 QUANT_ONCE: the first-arriving programs publish row maxima (atomic max, a CTA barrier, then one
     # thread's release add), then the quantized chunks (stores, a barrier, a release add); the others spin on an
@@ -136,6 +151,11 @@ def test_kernels_compile_for_sm80_and_sm90():
     shared = built.pop("shared")
     once = built.pop("once")
     quant = built.pop("quant")
+    ring = built.pop("ring")
+    # LOAD_STAGES 1 keeps plain loads; 4 puts the loop's loads through cp.async (unaligned pointers here: the
+    # compiler may pick 4- or 8-byte copies, but it must pick copies)
+    assert ring["w4a16 gemv_h2 1"] == 0 and ring["w8a8 gemv 1"] == 0, ring
+    assert ring["w4a16 gemv_h2 4"] > 0 and ring["w8a8 gemv 4"] > 0, ring
     tma = [k for k in built if k.startswith("w8a8 tma")]
     assert len(tma) >= 2 and len(tma) % 2 == 0 and len(shared) == len(tma)
     assert len(built) == 2 * len(ATTENTION_CASES) + len(tma) + 2 + 2 + 2 + len(once) and len(once) == 2

@@ -491,6 +491,7 @@ def _w8a8_gemv_kernel(
     FUSE_QUANT: tl.constexpr,  # a is x itself (fp16/bf16, stride_am in elements): per-token quantization in here
     EPS_C: tl.constexpr,
     AMAX_K: tl.constexpr,  # FUSE_QUANT: elements per step of the row-max prologue
+    LOAD_STAGES: tl.constexpr,  # > 1: the INT8 loop's loads pipelined (cp.async into a ring of this many steps)
 ):
     """GEMV-style W8A8 for M <= BLOCK_M <= 16 on activations quantized once per call.
 
@@ -536,7 +537,7 @@ def _w8a8_gemv_kernel(
         acc = tl.zeros((BLOCK_N, BC), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BC), dtype=tl.int32)
-    for it in range(i_lo, i_hi_i8):
+    for it in tl.range(i_lo, i_hi_i8, num_stages=LOAD_STAGES):
         if EVEN_K:
             wd = tl.load(w_ptrs + it * BC)
         else:
@@ -912,7 +913,7 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
                                 BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=device.type == "cuda", FUSE_QUANT=fuse,
                                 EPS_C=EPS,
                                 AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
-                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (tiles * split_k,), part, lock, fuse, const, (ckey, spec_key((M, N, KW)))
 
 

@@ -383,12 +383,12 @@ def _h2_products(wp, xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, zc, HAS_ZERO: tl.co
 @jit_helper
 def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size, st_lo, st_hi,
                   sc, HAS_ZERO: tl.constexpr, EVEN_U: tl.constexpr, UNROLL: tl.constexpr, R: tl.constexpr,
-                  BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
+                  BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr, LOAD_STAGES: tl.constexpr):
     """The h2 GEMV's main loop on (R, BLOCK_N) tiles (PER_BLOCK): the same words, activations and products as
     the 3-D loop, one 128-K block per unrolled iteration; returns the (R, BLOCK_N) fp32 sums."""
     w_rows = w_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
     acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    for st in range(st_lo, st_hi):
+    for st in tl.range(st_lo, st_hi, num_stages=LOAD_STAGES):
         for u in tl.static_range(UNROLL):
             blk = st * UNROLL + u
             if EVEN_U:
@@ -422,6 +422,7 @@ def _wna16_gemv_h2_kernel(
     AMAX_K: tl.constexpr,  # elements per step of the row-max prologue
     USE_ASM: tl.constexpr,  # the half2 PTX (compiled); the same arithmetic in fp32 (interpreter)
     PER_BLOCK: tl.constexpr,  # 2-D (R, BLOCK_N) tiles, one 128-K block at a time (see below)
+    LOAD_STAGES: tl.constexpr,  # > 1: the step loop's loads pipelined (cp.async into a ring of this many steps)
 ):
     """Decode (M = 1) W4A16 GEMV with half2 dequantization and products (``_H2_*``): about two
     instructions per weight instead of three to four, for the ALU-bound M=1 case.
@@ -459,7 +460,7 @@ def _wna16_gemv_h2_kernel(
     st_hi = tl.minimum(n_steps, st_lo + per_split)
     if PER_BLOCK:
         acc = _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size,
-                            st_lo, st_hi, sc, HAS_ZERO, EVEN_U, UNROLL, R, BLOCK_N, USE_ASM)
+                            st_lo, st_hi, sc, HAS_ZERO, EVEN_U, UNROLL, R, BLOCK_N, USE_ASM, LOAD_STAGES)
         acc = (tl.sum(acc, axis=0) * inv_sc)[None, :]
         _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile,
                    pid_k, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
@@ -469,7 +470,7 @@ def _wna16_gemv_h2_kernel(
     w_ptrs = w_ptr + rows[:, :, None].to(tl.int64) * N + offs_n[None, None, :]
     kx = offs_u[:, None] * 128 + offs_r[None, :]
     acc = tl.zeros((UNROLL, R, BLOCK_N), dtype=tl.float32)
-    for st in range(st_lo, st_hi):
+    for st in tl.range(st_lo, st_hi, num_stages=LOAD_STAGES):
         blk0 = st * UNROLL
         if EVEN_U:
             umask = offs_u >= 0
@@ -664,9 +665,12 @@ def _gemv(BN, SK, w=8, s=2):
     return dict(BACKEND="gemv", BLOCK_N=BN, SPLIT_K=SK, num_warps=w, num_stages=s)
 
 
-def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False):
-    """M = 1, 4-bit, group >= 128: half2 dequant and products (other cases: ``_gemv`` with the same tiles)."""
+def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False, load_stages=1):
+    """M = 1, 4-bit, group >= 128: half2 dequant and products (other cases: ``_gemv`` with the same tiles).
+    load_stages > 1: the step loop's loads go through a cp.async ring of that many steps (UNROLL blocks each)."""
     cfg = dict(BACKEND="gemv_h2", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
+    if load_stages > 1:
+        cfg["LOAD_STAGES"] = load_stages
     return dict(cfg, PER_BLOCK=True) if per_block else cfg
 
 
@@ -769,8 +773,8 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         u = int(cfg["UNROLL"])
         const = dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, EVEN_U=(nb % u == 0), SPLIT_K=int(cfg.get("SPLIT_K", 1)),
                      BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, max(16, 1 << (K - 1).bit_length())),
-                     USE_ASM=x.is_cuda, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)), num_warps=cfg["num_warps"],
-                     num_stages=cfg["num_stages"])
+                     USE_ASM=x.is_cuda, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)),
+                     LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         tiles = cdiv(N, cfg["BLOCK_N"])
         p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const,
              *splitk_buffers(x.device, tiles, const["SPLIT_K"], cfg["BLOCK_N"], 4),

@@ -405,9 +405,16 @@ def test_w8a8_dp4a_gemv_and_mixed(layer, M):
     cfgs = [dict(BACKEND="gemv", BLOCK_N=16, BLOCK_K=64, SPLIT_K=8, num_warps=4, num_stages=2)]
     if M <= 4:  # BLOCK_M x BLOCK_N x BLOCK_K/4 int32 partials must fit in registers
         cfgs.append(dict(BACKEND="gemv", BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, num_warps=8, num_stages=2))
+        cfgs.append(dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4, num_stages=2, LOAD_STAGES=4))
     for cfg in cfgs:
         y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=poison((M, N), torch.float16, "cuda"))
         assert rel_err(y, ref) <= 2e-3, cfg
+        for fuse in (False, True):  # the cp.async ring moves loads, not arithmetic: the same bits
+            c = dict(cfg, FUSE_QUANT=fuse)
+            y1 = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=c, out=poison((M, N), torch.float16, "cuda"))
+            y3 = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=dict(c, LOAD_STAGES=3),
+                                         out=poison((M, N), torch.float16, "cuda"))
+            assert torch.equal(y1, y3), c
         rb = (torch.arange(M, device="cuda") % 2 == 0).to(torch.uint8)
         for wf in (layer["w16"], None):
             y = mixed.mixed_linear_triton(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, config=cfg,
@@ -424,10 +431,12 @@ def test_wna16_gemv_h2_per_block(layer):
     for W, z in ((layer["Wi4"], None), (layer["Wi4z"], layer["z4"])):
         ref = wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], z)
         for bn, sk, u, w in ((64, 4, 8, 4), (128, 4, 2, 4), (128, 2, 4, 4), (64, 2, 4, 4)):
-            y3, y2 = [wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,
-                                                config=wna16._gemv_h2(bn, sk, u, w, per_block=pb),
-                                                out=poison((1, N), torch.float16, "cuda")) for pb in (False, True)]
+            y3, y2, y2s = [wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,
+                                                     config=wna16._gemv_h2(bn, sk, u, w, per_block=pb, load_stages=ls),
+                                                     out=poison((1, N), torch.float16, "cuda"))
+                           for pb, ls in ((False, 1), (True, 1), (True, 4))]
             assert rel_err(y2, y3) <= 2e-3 and rel_err(y2, ref) <= 1e-2, (bn, sk, u, w, z is None)
+            assert torch.equal(y2s, y2), (bn, sk, u, w)  # the cp.async ring moves loads, not arithmetic
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -271,6 +271,9 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
     one = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=dict(cfg, FUSE_QUANT=True),
                                   out=poison((M, N), torch.float16, dev))
     assert torch.equal(one, two)
+    for c in (dict(cfg, LOAD_STAGES=3), dict(cfg, FUSE_QUANT=True, LOAD_STAGES=2)):  # loads through a cp.async ring
+        assert torch.equal(w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev)),
+                           one), c
     ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
     assert rel_err(one, ref) <= 2e-3
     assert rel_err(one, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.01, bias)) > 2e-3

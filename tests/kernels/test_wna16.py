@@ -218,13 +218,16 @@ def test_wna16_gemv_h2_per_block(dev, N, K, gs, unroll, split_k, asym):
     x = x.half().to(dev)
     W = wna16.prepack_wna16(q, s, z, 4)
 
-    def run(per_block):
+    def run(per_block, load_stages=1):
         return wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,
-                                         config=wna16._gemv_h2(32, split_k, unroll, per_block=per_block),
+                                         config=wna16._gemv_h2(32, split_k, unroll, per_block=per_block,
+                                                               load_stages=load_stages),
                                          out=poison((1, N), torch.float16, dev))
 
     y = run(True)
     assert rel_err(y, run(False)) <= 2e-3
+    # loads through a cp.async ring (LOAD_STAGES) change where the words wait, not the arithmetic
+    assert torch.equal(run(True, 3), y) and torch.equal(run(False, 2), run(False))
     assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
     assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z)) > 1e-2  # the tolerance can fail
 
@@ -244,14 +247,19 @@ def test_wna16_gemv_h2_falls_back(dev):
 def test_wna16_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     """A ``BACKEND="gluon"`` W4A16 config where the Gluon kernel cannot run (no sm_90 GPU: the interpreter,
     CPU; or operands TMA cannot describe) runs the tl.dot kernel's plan instead, with the right result."""
-    from quantkit.kernels import wna16_gluon
+    from quantkit.kernels import _gluon, wna16_gluon
 
     M, N, K, gs = 20, 40, 384, 128
     q, s, z = _make(dev, 11, N, K, 4, gs, True)
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(3)).half().to(dev)
+    # x one element past a 16-byte boundary (contiguous, but no TMA descriptor can start there): the tl.dot plan
+    # on an sm_90 GPU too
+    buf = torch.randn(M * K + 1, generator=torch.Generator().manual_seed(3)).half().to(dev)
+    x = buf[1:].view(M, K)
     W = wna16.prepack_wna16(q, s, z, 4)
     cfg = dict(BACKEND="gluon", BLOCK_M=64, BLOCK_N=128, SPLIT_K=2, num_warps=4, num_stages=4)
     assert not wna16_gluon.applies(x, W.qw, 4, N, K, cfg)
+    if _gluon.available(x):  # on sm_90 the same data, aligned, does take the Gluon kernel
+        assert wna16_gluon.applies(x.clone(), W.qw, 4, N, K, cfg)
     y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, gs, N, K, config=cfg,
                                   out=poison((M, N), torch.float16, dev))
     assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
