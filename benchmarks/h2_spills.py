@@ -48,7 +48,7 @@ def main() -> None:
             for per_block in (False, True):
                 k = build_for_target(wna16.wna16_gemv_h2_kernel.jitted(), TYPES,
                                      dict(HAS_ZERO=zero, HAS_BIAS=False, EVEN_U=True, SPLIT_K=sk, BLOCK_N=bn, UNROLL=u,
-                                          AMAX_K=4096, USE_ASM=True, PER_BLOCK=per_block, LOAD_STAGES=1),
+                                          AMAX_K=4096, USE_ASM=True, PER_BLOCK=per_block, LOAD_STAGES=1, SLICE_PRESCALE=False),
                                      90, aligned=ALIGNED, num_warps=w, num_stages=1)
                 cells.append(ptxas_usage(k.asm["ptx"], knobs.nvidia.ptxas.path))
             print(f"| {bn}x{sk}x{u} w{w} | {'asym' if zero else 'sym'} | {cells[0]} | {cells[1]} |")

@@ -72,13 +72,15 @@ CHILD = textwrap.dedent(r'''
         out[f"w4a16 gemv_h2 per_block zero={zero} sm_90"] = sorted(compiled(
             wna16.wna16_gemv_h2_kernel, w4_types,
             dict(HAS_ZERO=zero, HAS_BIAS=True, EVEN_U=False, SPLIT_K=4, BLOCK_N=64, UNROLL=8, AMAX_K=4096,
-                 USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=1), 90, num_warps=4, num_stages=1).asm)
+                 USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=1, SLICE_PRESCALE=zero),  # (asym: slice prescale)
+            90, num_warps=4, num_stages=1).asm)
     # the M=1 GEMVs' loads through a cp.async ring (LOAD_STAGES > 1; 1: plain loads, no ring)
     ring = {}
     for ls in (1, 4):
         ptx = compiled(wna16.wna16_gemv_h2_kernel, w4_types,
                        dict(HAS_ZERO=False, HAS_BIAS=False, EVEN_U=True, SPLIT_K=4, BLOCK_N=64, UNROLL=2, AMAX_K=4096,
-                            USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=ls), 90, num_warps=4, num_stages=1).asm["ptx"]
+                            USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=ls, SLICE_PRESCALE=False),
+                       90, num_warps=4, num_stages=1).asm["ptx"]
         ring[f"w4a16 gemv_h2 {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
         ptx = compiled(w8a8.w8a8_gemv_kernel, {"a_ptr": "*i32", "w_ptr": "*i32", "bias_ptr": "*fp16", "c_ptr": "*fp16",
                                                "part_ptr": "*i32", "lock_ptr": "*i32", "x_ptr": "*fp16",

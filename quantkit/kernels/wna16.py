@@ -43,8 +43,8 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gemv_tile, gpu_key,
-                      grouped_tile, jit_helper, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl,
-                      use_triton)
+                      grouped_tile, jit_helper, next_pow2, remember, spec_key, splitk_buffers, splitk_for, splitk_sum,
+                      tl, use_triton)
 
 __all__ = [
     "WNA16Weight",
@@ -423,6 +423,7 @@ def _wna16_gemv_h2_kernel(
     USE_ASM: tl.constexpr,  # the half2 PTX (compiled); the same arithmetic in fp32 (interpreter)
     PER_BLOCK: tl.constexpr,  # 2-D (R, BLOCK_N) tiles, one 128-K block at a time (see below)
     LOAD_STAGES: tl.constexpr,  # > 1: the step loop's loads pipelined (cp.async into a ring of this many steps)
+    SLICE_PRESCALE: tl.constexpr,  # the prescale from this split's K slice of x (else the whole row)
 ):
     """Decode (M = 1) W4A16 GEMV with half2 dequantization and products (``_H2_*``): about two
     instructions per weight instead of three to four, for the ALU-bound M=1 case.
@@ -441,23 +442,31 @@ def _wna16_gemv_h2_kernel(
     tile, pid_k, offs_n, nmask = gemv_tile(N, BLOCK_N)
     offs_r = tl.arange(0, R)
 
-    # power-of-two prescale from the row's max (exponent bits: exact, no log2/exp2 approximation)
+    n_blocks = tl.cdiv(K, 128)
+    n_steps = tl.cdiv(n_blocks, UNROLL)
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    st_lo = pid_k * per_split
+    st_hi = tl.minimum(n_steps, st_lo + per_split)
+
+    # power-of-two prescale from the max |x| over the row, or with SLICE_PRESCALE over this split's K slice only
+    # (the scale comes out of each split's fp32 sum before the splits are added, so each may take its own; a
+    # shorter prologue on every program's critical path). Exponent bits: exact, no log2/exp2 approximation.
+    if SLICE_PRESCALE:
+        a_lo = st_lo * UNROLL * 128
+        a_hi = tl.minimum(st_hi * UNROLL * 128, K)
+    else:
+        a_lo = 0
+        a_hi = K
     offs_a = tl.arange(0, AMAX_K)
     amax_v = tl.zeros((AMAX_K,), dtype=tl.float32)
-    for k0 in range(0, K, AMAX_K):
-        xa = tl.load(x_ptr + k0 + offs_a, mask=(k0 + offs_a) < K, other=0.0)
+    for k0 in range(a_lo, a_hi, AMAX_K):
+        xa = tl.load(x_ptr + k0 + offs_a, mask=(k0 + offs_a) < a_hi, other=0.0)
         amax_v = tl.maximum(amax_v, tl.abs(xa.to(tl.float32)))
     amax = tl.max(amax_v, axis=0)
     e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(amax)) for a normal amax
     sc_exp = tl.minimum(tl.maximum(127 + 3 - e, 1), 254)
     sc = (sc_exp << 23).to(tl.float32, bitcast=True)
     inv_sc = ((254 - sc_exp) << 23).to(tl.float32, bitcast=True)  # 1 / sc, exactly
-
-    n_blocks = tl.cdiv(K, 128)
-    n_steps = tl.cdiv(n_blocks, UNROLL)
-    per_split = tl.cdiv(n_steps, SPLIT_K)
-    st_lo = pid_k * per_split
-    st_hi = tl.minimum(n_steps, st_lo + per_split)
     if PER_BLOCK:
         acc = _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size,
                             st_lo, st_hi, sc, HAS_ZERO, EVEN_U, UNROLL, R, BLOCK_N, USE_ASM, LOAD_STAGES)
@@ -665,12 +674,15 @@ def _gemv(BN, SK, w=8, s=2):
     return dict(BACKEND="gemv", BLOCK_N=BN, SPLIT_K=SK, num_warps=w, num_stages=s)
 
 
-def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False, load_stages=1):
+def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False, load_stages=1, slice_prescale=False):
     """M = 1, 4-bit, group >= 128: half2 dequant and products (other cases: ``_gemv`` with the same tiles).
-    load_stages > 1: the step loop's loads go through a cp.async ring of that many steps (UNROLL blocks each)."""
+    load_stages > 1: the step loop's loads go through a cp.async ring of that many steps (UNROLL blocks each);
+    slice_prescale: each split takes its x prescale from its own K slice."""
     cfg = dict(BACKEND="gemv_h2", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
     if load_stages > 1:
         cfg["LOAD_STAGES"] = load_stages
+    if slice_prescale:
+        cfg["SLICE_PRESCALE"] = True
     return dict(cfg, PER_BLOCK=True) if per_block else cfg
 
 
@@ -770,11 +782,14 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
              *splitk_buffers(x.device, tiles, int(cfg.get("SPLIT_K", 1)), cfg["BLOCK_M"] * cfg["BLOCK_N"], 4), None)
     elif backend == "gemv_h2":
         nb = cdiv(K, PACK_K)
-        u = int(cfg["UNROLL"])
-        const = dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, EVEN_U=(nb % u == 0), SPLIT_K=int(cfg.get("SPLIT_K", 1)),
-                     BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, max(16, 1 << (K - 1).bit_length())),
+        u, sk = int(cfg["UNROLL"]), int(cfg.get("SPLIT_K", 1))
+        slice_pre = bool(cfg.get("SLICE_PRESCALE", False))
+        span = min(K, cdiv(cdiv(nb, u), sk) * u * PACK_K) if slice_pre else K  # x elements the prologue reads
+        const = dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, EVEN_U=(nb % u == 0), SPLIT_K=sk,
+                     BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, next_pow2(max(16, span))),
                      USE_ASM=x.is_cuda, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)),
-                     LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                     LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), SLICE_PRESCALE=slice_pre,
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         tiles = cdiv(N, cfg["BLOCK_N"])
         p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const,
              *splitk_buffers(x.device, tiles, const["SPLIT_K"], cfg["BLOCK_N"], 4),

@@ -437,6 +437,10 @@ def test_wna16_gemv_h2_per_block(layer):
                            for pb, ls in ((False, 1), (True, 1), (True, 4))]
             assert rel_err(y2, y3) <= 2e-3 and rel_err(y2, ref) <= 1e-2, (bn, sk, u, w, z is None)
             assert torch.equal(y2s, y2), (bn, sk, u, w)  # the cp.async ring moves loads, not arithmetic
+            ysl = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,
+                                            config=wna16._gemv_h2(bn, sk, u, w, per_block=True, slice_prescale=True),
+                                            out=poison((1, N), torch.float16, "cuda"))
+            assert rel_err(ysl, y2) <= 2e-3 and rel_err(ysl, ref) <= 1e-2, (bn, sk, u, w)  # each split's own prescale
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

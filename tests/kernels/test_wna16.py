@@ -194,13 +194,15 @@ def test_wna16_gemv_h2_decode(dev, N, K, gs, asym, unroll, split_k, bias, big):
     x = x.half().to(dev)
     b = torch.randn(N, generator=torch.Generator().manual_seed(N)).to(dev) if bias else None
     W = wna16.prepack_wna16(q, s, z, 4)
-    y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, b, 4, W.group_size, N, K,
-                                  config=wna16._gemv_h2(32, split_k, unroll), out=poison((1, N), torch.float16, dev))
     ref = wna16.wna16_gemm_ref(x, q, s, z, b)
-    assert rel_err(y, ref) <= 1e-2
-    assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z, b)) > 1e-2  # the tolerance can fail
-    if z is not None:
-        assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, None, b)) > 1e-2
+    for slice_prescale in (False, True):  # the prescale from the whole row, or from each split's K slice
+        y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, b, 4, W.group_size, N, K,
+                                      config=wna16._gemv_h2(32, split_k, unroll, slice_prescale=slice_prescale),
+                                      out=poison((1, N), torch.float16, dev))
+        assert rel_err(y, ref) <= 1e-2
+        assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z, b)) > 1e-2  # the tolerance can fail
+        if z is not None:
+            assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, None, b)) > 1e-2
 
 
 @pytest.mark.parametrize("N,K,gs,unroll,split_k,asym", [
