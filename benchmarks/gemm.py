@@ -501,9 +501,10 @@ def bench_graph_rot(fns, rep=20):
 
 
 def decode_w4_candidates():
-    """W4A16 M=1: the half2 GEMV (3-D tiles, and PER_BLOCK's 2-D ones) and the general GEMV, a few tiles each."""
+    """W4A16 M=1: the half2 GEMV (3-D tiles, and PER_BLOCK's 2-D ones) and the general GEMV, a few tiles each;
+    the half2 tiles without a load ring also with each split's own x prescale (SLICE_PRESCALE)."""
     G, H = wna16._gemv, wna16._gemv_h2
-    return [G(128, 8, w=4), G(64, 16), G(64, 8)] + [H(bn, sk, u, w) for bn, sk, u, w in [
+    h2 = [H(bn, sk, u, w) for bn, sk, u, w in [
         (64, 4, 4, 4), (64, 8, 2, 4), (128, 4, 4, 8), (128, 8, 2, 8), (64, 2, 4, 4), (32, 8, 4, 2), (64, 16, 2, 4),
         (128, 2, 4, 4), (128, 4, 2, 4), (256, 4, 2, 8), (64, 4, 8, 4), (32, 16, 2, 2), (128, 2, 8, 4), (64, 2, 8, 4),
         (64, 4, 16, 4), (128, 1, 8, 4)]] + [H(bn, sk, u, w, per_block=True) for bn, sk, u, w in [
@@ -512,6 +513,8 @@ def decode_w4_candidates():
         for bn, sk, u, w, ls in [  # PER_BLOCK with its loads through a cp.async ring of ls steps
         (64, 4, 2, 4, 4), (64, 4, 2, 4, 6), (64, 8, 1, 4, 4), (64, 8, 2, 4, 3), (128, 4, 1, 4, 6), (128, 4, 2, 4, 4),
         (64, 2, 4, 4, 3), (64, 4, 4, 4, 3), (128, 2, 2, 4, 4), (32, 8, 2, 2, 4), (64, 16, 1, 4, 4), (64, 2, 2, 4, 8)]]
+    slice_pre = [dict(c_, SLICE_PRESCALE=True) for c_ in h2 if "LOAD_STAGES" not in c_]
+    return [G(128, 8, w=4), G(64, 16), G(64, 8)] + h2 + slice_pre
 
 
 def decode_w8a8_candidates(M):
