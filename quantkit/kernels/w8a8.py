@@ -913,7 +913,8 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
                                 BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=device.type == "cuda", FUSE_QUANT=fuse,
                                 EPS_C=EPS,
                                 AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
-                                LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)),
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (tiles * split_k,), part, lock, fuse, const, (ckey, spec_key((M, N, KW)))
 
 

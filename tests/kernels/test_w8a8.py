@@ -132,7 +132,8 @@ def test_w8a8_tma_falls_back_where_it_cannot_run(dev):
 
 def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     """A ``BACKEND="gluon"`` config where the Gluon kernel does not apply (no sm_90 GPU: the interpreter, CPU;
-    a tile of no whole 64-row wgmma; mixed rows anywhere) runs the tl.dot kernel: bit for bit its output, plain and on quantized activations."""
+    a tile of no whole 64-row wgmma; mixed rows anywhere) runs the tl.dot kernel: bit for bit its output, plain and
+    on quantized activations."""
     from quantkit.kernels import w8a8_gluon
 
     g = torch.Generator().manual_seed(9)
@@ -141,7 +142,8 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     W = w8a8.prepack_w8a8(randw(g, (N, K), -127, 127, dev), torch.rand(N, 1, generator=g).to(dev) * 0.01 + 1e-3)
     glu = dict(BACKEND="gluon", BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     # BLOCK_M 16 is no whole 64-row wgmma: the tl.dot kernel on any device (on sm_90 too)
-    assert not w8a8_gluon.applies(torch.empty(M, K, dtype=torch.int8, device=dev), W.w, poison((M, N), torch.float16, dev), glu)
+    a_q = torch.empty(M, K, dtype=torch.int8, device=dev)
+    assert not w8a8_gluon.applies(a_q, W.w, poison((M, N), torch.float16, dev), glu)
     y = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=glu, out=poison((M, N), torch.float16, dev))
     ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale)
     assert rel_err(y, ref) <= 1e-2 and rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.05)) > 1e-2
@@ -272,8 +274,8 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
                                   out=poison((M, N), torch.float16, dev))
     assert torch.equal(one, two)
     for c in (dict(cfg, LOAD_STAGES=3), dict(cfg, FUSE_QUANT=True, LOAD_STAGES=2)):  # loads through a cp.async ring
-        assert torch.equal(w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev)),
-                           one), c
+        y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev))
+        assert torch.equal(y, one), c
     ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
     assert rel_err(one, ref) <= 2e-3
     assert rel_err(one, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.01, bias)) > 2e-3
