@@ -94,6 +94,9 @@ def w8a8_candidates(M):
     if M <= 4:  # dp4a GEMV on activations quantized once per call
         plain = [_g8(64, 256, 4), _g8(64, 256, 8), _g8(32, 256, 8, 4), _g8(128, 256, 4), _g8(64, 512, 4),
                  _g8(32, 512, 4, 4), _g8(16, 512, 8, 4, 3), _g8(128, 128, 8, 8, 3)]
+        # GemLite's M = 1 shape for 8-bit weights (a program or two per weight row, 1 KB of it per step, no
+        # split): long contiguous reads per row, many small programs
+        plain += [_g8(1, 1024, 1, 4), _g8(2, 1024, 1, 4), _g8(4, 1024, 1, 4), _g8(4, 512, 1, 4), _g8(8, 512, 2, 4)]
         # the same loop with its loads through a cp.async ring (LOAD_STAGES steps)
         ring = [dict(_g8(bn, bk, sk, w), LOAD_STAGES=ls) for bn, bk, sk, w, ls in [
             (64, 256, 4, 8, 4), (32, 512, 4, 4, 3), (32, 256, 8, 4, 4), (16, 512, 8, 4, 4), (64, 256, 8, 8, 3),

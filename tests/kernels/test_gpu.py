@@ -406,6 +406,7 @@ def test_w8a8_dp4a_gemv_and_mixed(layer, M):
     if M <= 4:  # BLOCK_M x BLOCK_N x BLOCK_K/4 int32 partials must fit in registers
         cfgs.append(dict(BACKEND="gemv", BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, num_warps=8, num_stages=2))
         cfgs.append(dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4, num_stages=2, LOAD_STAGES=4))
+        cfgs.append(dict(BACKEND="gemv", BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1, num_warps=4, num_stages=2))  # row tiles
     for cfg in cfgs:
         y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=poison((M, N), torch.float16, "cuda"))
         assert rel_err(y, ref) <= 2e-3, cfg

@@ -273,7 +273,8 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
     one = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=dict(cfg, FUSE_QUANT=True),
                                   out=poison((M, N), torch.float16, dev))
     assert torch.equal(one, two)
-    for c in (dict(cfg, LOAD_STAGES=3), dict(cfg, FUSE_QUANT=True, LOAD_STAGES=2)):  # loads through a cp.async ring
+    for c in (dict(cfg, LOAD_STAGES=3), dict(cfg, FUSE_QUANT=True, LOAD_STAGES=2),  # loads through a cp.async ring
+              dict(cfg, BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1), dict(cfg, FUSE_QUANT=True, BLOCK_N=1, BLOCK_K=512)):
         y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev))
         assert torch.equal(y, one), c
     ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
