@@ -24,6 +24,7 @@ import torch
 
 from ._common import (LazyKernel, eager_cuda, fast_launch, launch_consts, next_pow2, quantize_sym_rcp,
                       round_half_away_ref, sym_scale, tl, use_triton)
+from .numerics import scale_from_amax
 
 EPS = 1e-12
 
@@ -42,9 +43,7 @@ def per_token_quant_ref(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor,
     """Reference. x: (..., K) float -> (q: (..., K) int8, scale: (..., 1) fp32)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(EPS)
-    # A tensor divisor, not a Python number: CUDA torch computes `t / number` as t * RN(1 / number), another float
-    # than the IEEE quotient for some maxima (the kernels' `sym_scale`, and torch on the CPU).
-    scale = amax / torch.full_like(amax, float(qmax))
+    scale = scale_from_amax(amax, qmax)  # IEEE, as the kernels' `sym_scale`
     return quantize_symmetric_ref(xf, scale, qmax), scale
 
 
