@@ -24,11 +24,10 @@ import torch
 
 from ._common import (LazyKernel, eager_cuda, fast_launch, launch_consts, next_pow2, quantize_sym_rcp,
                       round_half_away_ref, sym_scale, tl, use_triton)
-from .numerics import scale_from_amax
 
 EPS = 1e-12
 
-__all__ = ["per_token_quant", "per_token_quant_ref", "quantize_symmetric_ref", "static_quant", "EPS"]
+__all__ = ["per_token_quant", "per_token_quant_ref", "quantize_symmetric_ref", "scale_from_amax", "static_quant", "EPS"]
 
 
 def quantize_symmetric_ref(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> torch.Tensor:
@@ -37,6 +36,14 @@ def quantize_symmetric_ref(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127
     x: any shape, float; scale: broadcastable to x (fp32). Division in fp32 (IEEE, as the kernels'
     ``div_rn``); ties round away from zero (the kernels' ``floor(y + 0.5)`` / ``ceil(y - 0.5)``)."""
     return round_half_away_ref(x.float() / scale).clamp_(-qmax, qmax).to(torch.int8)
+
+
+def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The quantization scale of a max |x|: amax / qmax in IEEE division on every device, as the kernels divide
+    (``_common.sym_scale``).  The divisor is a tensor: CUDA torch computes `t / number` as t * RN(1 / number),
+    another float for some maxima.  Per-token activations here, the KV cache's scales in ``numerics``."""
+    amax = amax.float()
+    return amax / torch.full_like(amax, float(qmax))
 
 
 def per_token_quant_ref(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,7 @@ has one definition and no kernel imports quant/ (the floors: kernels -> quant).
   weights:  min/max scales and zero points per output channel or input-column group
             (`compute_qparams`; the GPTQ kernel's reference and quant.core's RTN use it);
   KV cache: per-token / per-channel / per-tensor scales and the integers (`kv_scale`,
-            `quantize_kv`; the fused RoPE+store reference and quant.kv use them); a scale from a
-            max |x| is `scale_from_amax` (IEEE on every device, as the kernels; also act_quant's);
+            `quantize_kv`; the fused RoPE+store reference and quant.kv use them);
   Hadamard: the orders with a known construction (Sylvester 2^k x Paley I), which the
             Hadamard transform kernel and quant.rotation's matrices both factor.
 
@@ -87,15 +86,11 @@ def _qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
-def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:
-    """amax / qmax in IEEE division on every device, as the kernels divide (``div_rn``).  The divisor is a tensor:
-    CUDA torch computes `t / number` as t * RN(1 / number), another float for some maxima."""
-    amax = amax.float()
-    return amax / torch.full_like(amax, float(qmax))
-
-
 def static_scale(amax: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Static scale from a calibrated max|x| (any shape that broadcasts against x): amax / qmax."""
+    """Static scale from a calibrated max|x| (any shape that broadcasts against x): amax / qmax, in IEEE division
+    (`scale_from_amax`, quantkit.kernels.act_quant)."""
+    from quantkit.kernels.act_quant import scale_from_amax
+
     return scale_from_amax(amax, _qmax(bits)).clamp_min(MIN_SCALE)
 
 
