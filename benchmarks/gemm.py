@@ -386,8 +386,8 @@ def main():
             # mixed: all-INT8 rows with the mask in use, and all-FP16 rows (FP16 copy, not forced)
             rb0 = torch.zeros(M, dtype=torch.uint8, device=dev)
             rb1 = torch.ones(M, dtype=torch.uint8, device=dev)
-            # mixed mode runs with W8A8's config (a Gluon one: Gluon on the all-INT8 tiles, then the tl.dot
-            # kernel's SKIPPED_BM pass); the file's "mixed" entry (all-FP16 kernel) needs a non-Gluon config
+            # mixed mode runs with W8A8's config (a Gluon one: FP16 rows in the Gluon launch too); the file's
+            # "mixed" entry (all-FP16 kernel) needs a non-Gluon config
             cm = [c for c in (row["w8a8_cfg"], mixed_cfg) if c is not None]
             cm = [c for i, c in enumerate(cm) if c not in cm[:i]]
             resm = []
@@ -760,14 +760,14 @@ def peer_report(rows, bw, fails, gl):
 
 def mixed_study(dev, gen, shapes, ms):
     """Mixed mode inside the W8A8 tensor-core kernel: the FP16 loop's K step, pipeline depth, loads (TMA_F) and the
-    register cap (MAXNREG) vs the mask overhead and all-FP16 speed; where W8A8's config is Gluon's, the mixed call by
-    part (Gluon, then the persistent tl.dot pass), eager and in CUDA-graph replay."""
+    register cap (MAXNREG) vs the mask overhead and all-FP16 speed; where W8A8's config is Gluon's (whose FP16 loop
+    has no such knobs), the mixed call by part, eager and in CUDA-graph replay."""
     gpu = gpu_key(torch.empty(1, device=dev))
     fails = []
     lines = ["| N | K | M | W8A8 cfg | FP16 us | W8A8 us | variant | mixed-i8 us (d us) | mixed-f16 us (x cuBLAS) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    parts = ["| N | K | M | quantize | Gluon | Gluon + row bits | tl.dot pass after it | graph: W8A8 | graph: mixed-i8 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    parts = ["| N | K | M | quantize | Gluon | Gluon, row bits, no FP16 row | every row FP16 (copy) | every row FP16 "
+             "(int8 weight) | graph: W8A8 | graph: mixed-i8 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (N, K) in shapes:
         L = Layer(N, K, dev, gen)
         for M in ms:
@@ -787,6 +787,8 @@ def mixed_study(dev, gen, shapes, ms):
                         ("no cap", bk // 2, ns, dict(MAXNREG=0)), ("no TMA_F, no cap", bk // 2, ns,
                                                                     dict(TMA_F=False, MAXNREG=0)),
                         ("KF=BK/2,S=2", bk // 2, 2, {}), ("KF=BK/4,S=1", bk // 4, 1, {})]
+            if base.get("BACKEND") == "gluon":
+                variants = variants[:1]  # the knobs are the tl.dot kernel's
             for name, kf, sf, extra in variants:
                 cfg = dict(base, BLOCK_KF=max(16, kf), STAGES_F=sf, **extra)
                 try:
@@ -805,21 +807,20 @@ def mixed_study(dev, gen, shapes, ms):
                 lines.append(f"| {N} | {K} | {M} | {cs} | {t16:.1f} | {tw:.1f} | {name} | {t0:.1f} ({t0 - tw:+.1f}) | "
                              f"{t1:.1f} ({t16 / t1:.2f}) |")
                 log(lines[-1] + f" err {e0:.2g}/{e1:.2g}")
-            if base.get("BACKEND") == "gluon":  # where mixed mode's time goes: Gluon, then the tl.dot pass
+            if base.get("BACKEND") == "gluon":  # where mixed mode's time goes (one Gluon launch after the quantization)
                 from quantkit.kernels import w8a8_gluon
 
                 a_q, a_s = w8a8._quantize_into_scratch(x)
-                mma = w8a8._mma_only(base, x, M, N, K)
                 W = L.w8
                 t_q = bench(lambda: w8a8._quantize_into_scratch(x), rep=100)
                 t_g = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base), rep=100)
-                t_gr = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base, rb0), rep=100)
-                t_p = bench(lambda: w8a8._launch(a_q, a_s, W.w, W.scale, None, out, False, False, mma, x, rb0, L.w16,
-                                                 skipped_bm=base["BLOCK_M"]), rep=100)
+                t_gr = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base, rb0, x, L.w16), rep=100)
+                t_f = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base, rb1, x, L.w16), rep=100)
+                t_fq = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base, rb1, x, None), rep=100)
                 g_w = bench_graph(lambda: run_w8a8(L, x, base, out))
                 g_m = bench_graph(lambda: run_mixed(L, x, base, rb0, mixed.CTRL_ROW_BITS, True, out))
-                parts.append(f"| {N} | {K} | {M} | {t_q:.1f} | {t_g:.1f} | {t_gr:.1f} | {t_p:.1f} | {g_w:.1f} | "
-                             f"{g_m:.1f} ({g_m - g_w:+.1f}) |")
+                parts.append(f"| {N} | {K} | {M} | {t_q:.1f} | {t_g:.1f} | {t_gr:.1f} | {t_f:.1f} | {t_fq:.1f} | "
+                             f"{g_w:.1f} | {g_m:.1f} ({g_m - g_w:+.1f}) |")
                 log(parts[-1])
         del L
     log("")

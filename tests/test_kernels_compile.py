@@ -186,12 +186,13 @@ GLUON_CHILD = textwrap.dedent(r'''
     out = {}
     for bm, bk, st, nw in ((128, 128, 3, 4), (128, 64, 5, 4), (256, 128, 3, 8), (256, 64, 5, 8)):
         cfg = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, num_stages=st, num_warps=nw)
-        for dt, bias, rb in ((torch.float16, True, False), (torch.bfloat16, False, False), (torch.int32, False, False),
-                             (torch.float16, False, True)):
-            k = w8a8_gluon.build_for_target(cfg, dt, bias, row_bits=rb)
+        for dt, bias, rb, copy in ((torch.float16, True, False, False), (torch.bfloat16, False, False, False),
+                                   (torch.int32, False, False, False), (torch.float16, False, True, False),
+                                   (torch.bfloat16, True, True, True)):
+            k = w8a8_gluon.build_for_target(cfg, dt, bias, row_bits=rb, fp16_copy=copy)
             ptx = k.asm["ptx"]
-            out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias} row_bits={rb}"] = dict(
-                cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
+            out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias} row_bits={rb} copy={copy}"] = dict(
+                tile=f"{bm}x{bk}", mixed=rb, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
                 waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
     print(json.dumps(out))
 ''')
@@ -213,14 +214,19 @@ def _gluon_builds(child: str) -> dict:
 
 def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     """The Gluon W8A8 kernel builds for sm_90 at the tiles the tuner searches (fp16/bf16 out with and without
-    bias, the raw int32 accumulator, mixed mode's row bits), fits the SM's shared memory, and its K loop waits with one wgmma still in
-    flight (wait_group 1) -- the reason it exists; only the final wait drains (wait_group 0)."""
+    bias, the raw int32 accumulator, mixed mode's row bits on the int8 weight and on an FP16 copy), fits the SM's shared
+    memory (mixed mode in no more than plain), and its K loop waits with one wgmma still in flight (wait_group 1) --
+    the reason it exists; only the final wait drains (wait_group 0)."""
     built = _gluon_builds(GLUON_CHILD)
-    assert len(built) == 16
+    assert len(built) == 20
+    plain_shared = {b["tile"]: b["shared"] for b in built.values() if not b["mixed"]}
     for what, b in built.items():
         assert b["cubin"], what
         assert 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
-        assert b["waits"] == ["1", "0"], (what, b["waits"])
+        # mixed mode: the FP16 loop (fp16 wgmmas on the same ring) keeps one in flight too
+        assert b["waits"] == (["1", "0", "1", "0"] if b["mixed"] else ["1", "0"]), (what, b["waits"])
+        # ... and needs no shared memory beyond the plain kernel's (its occupancy stays the plain kernel's)
+        assert b["shared"] <= plain_shared[b["tile"]], (what, b["shared"], plain_shared[b["tile"]])
 
 
 W4_GLUON_CHILD = textwrap.dedent(r'''

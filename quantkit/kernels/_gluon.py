@@ -26,6 +26,7 @@ try:  # Gluon's Hopper API (Triton >= 3.5); absent: no Gluon backend is ever sel
         warpgroup_mma_init,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.language._core import builtin as gluon_builtin
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -35,7 +36,7 @@ try:  # Gluon's Hopper API (Triton >= 3.5); absent: no Gluon backend is ever sel
 except Exception as e:  # ImportError, or an API this file does not know
     GLUON_ERROR = f"{type(e).__name__}: {e}"
     gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_init = warpgroup_mma_wait = None
-    TensorDescriptor = tma_load = tma_store = cta_barrier = None
+    TensorDescriptor = tma_load = tma_store = cta_barrier = gluon_builtin = None
 
 if GLUON_ERROR is None:
 
@@ -50,6 +51,13 @@ if GLUON_ERROR is None:
             else:
                 w[1] *= 2
         return w
+
+    @gluon_builtin
+    def reinterpret(smem, dtype, shape, layout, _semantic=None):
+        """The same shared bytes as another dtype / shape / layout (a builtin, so the layout stays a compile-time
+        value; 3.6 spells the method ``_reinterpret``, later Tritons ``reinterpret``)."""
+        method = getattr(smem, "reinterpret", None) or smem._reinterpret
+        return method(dtype, shape, layout, _semantic=_semantic)
 
     @gluon.jit
     def ready_barriers(STAGES: gl.constexpr):

@@ -837,15 +837,17 @@ def _once_maxima(device, M: int) -> torch.Tensor:
     return cached_buffer(device, torch.float32, M, zero=True, tag="w8a8_once_amax")[:M]
 
 
-def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None) -> bool:
+def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None, x=None, w_fp16=None) -> bool:
     """The Gluon kernel (``BACKEND="gluon"``: INT8 wgmmas kept in flight, sm_90 only) on quantized activations,
-    if it applies here; False: the caller runs the tl.dot kernel.  ``row_bits``: mixed mode's first half (tiles
-    with an FP16 row are left for the tl.dot kernel's ``SKIPPED_BM`` pass)."""
+    if it applies here; False: the caller runs the tl.dot kernel.  ``row_bits``: mixed mode, FP16 rows from ``x``
+    on ``w_fp16`` (or on ``w`` scaled per channel) in the same launch."""
     from quantkit.kernels import w8a8_gluon
 
     if not w8a8_gluon.applies(a_q, w, out, cfg):
         return False
-    w8a8_gluon.launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits)
+    if row_bits is not None and not w8a8_gluon.applies_mixed(x, w_fp16, out, cfg):
+        return False
+    w8a8_gluon.launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits, x, w_fp16)
     return True
 
 
@@ -953,16 +955,10 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
         return _launch_tma(a_q, a_s, w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
     if cfg.get("BACKEND") == "gluon":
         a_q, a_s = _quantize_into_scratch(x)
-        # mixed mode: the tl.dot kernel completes the Gluon tiles left to it, so its tiles must nest in Gluon's
-        mma = None if row_bits is None else _mma_only(cfg, x, M, N, K)
-        nests = mma is None or cfg["BLOCK_M"] % mma["BLOCK_M"] == 0
-        if nests and _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits):
-            if mma is not None:  # the Gluon tiles holding an FP16 row
-                _launch(a_q, a_s, w, w_scale, bias, out, False, False, mma, x, row_bits, w_fp16,
-                        skipped_bm=cfg["BLOCK_M"])
+        if _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits, x, w_fp16):
             return out
-        return _launch(a_q, a_s, w, w_scale, bias, out, False, False, mma or _mma_only(cfg, x, M, N, K), x,
-                       row_bits, w_fp16)
+        return _launch(a_q, a_s, w, w_scale, bias, out, False, False, _mma_only(cfg, x, M, N, K), x, row_bits,
+                       w_fp16)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("QUANT_ONCE", False):
         return _launch(_scratch(x)[0], None, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16,

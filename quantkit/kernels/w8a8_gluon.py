@@ -43,9 +43,90 @@ if GLUON_ERROR is None:
         raise ValueError("no int8 wgmma instruction N fits")
 
     @gluon.jit
-    def w8a8_gluon_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K, STAGES: gl.constexpr,
-                          WARPS: gl.constexpr, OUT_INT32: gl.constexpr, HAS_BIAS: gl.constexpr,
-                          ROW_BITS: gl.constexpr):
+    def _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n, M, N, K,
+                   STAGES: gl.constexpr, WARPS: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_FP16_W: gl.constexpr):
+        """Mixed mode, a tile holding an FP16 row: an fp16/bf16 wgmma loop over K on x and the FP16 weight (or the
+        int8 weight, converted in shared memory and scaled per channel after the loop), through the INT8 loop's
+        ring (the same bytes: half the K step at twice the width); stores the tile's FP16 rows. Formula of the
+        tl.dot kernel's FP16 rows (``w8a8._store_fp16_rows``)."""
+        BM: gl.constexpr = xf_desc.block_type.shape[0]
+        BKF: gl.constexpr = xf_desc.block_type.shape[1]
+        BN: gl.constexpr = wf_desc.block_type.shape[0]
+        DT: gl.constexpr = xf_desc.dtype
+        TILE_BYTES: gl.constexpr = xf_desc.block_type.nbytes + wf_desc.block_type.nbytes
+        x_ring = _gluon.reinterpret(a_ring, DT, [STAGES, BM, BKF], xf_desc.layout)
+        f_ring = _gluon.reinterpret(w_ring, wf_desc.dtype, [STAGES, BN, BKF], wf_desc.layout)  # what TMA writes
+        # no FP16 copy: the int8 tile is widened in place (the slot holds it twice over at 16 bits)
+        h_ring = _gluon.reinterpret(w_ring, DT, [STAGES, BN, BKF], xf_desc.layout)
+        ready = _gluon.ready_barriers(STAGES)
+        k_tiles = gl.cdiv(K, BKF)
+        for s in gl.static_range(STAGES - 1):
+            live = s < k_tiles
+            mbarrier.expect(ready.index(s), TILE_BYTES, pred=live)
+            _tma_load(xf_desc, [off_m, s * BKF], ready.index(s), x_ring.index(s), pred=live)
+            _tma_load(wf_desc, [off_n, s * BKF], ready.index(s), f_ring.index(s), pred=live)
+
+        mma_f: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0],
+            warps_per_cta=_gluon.mma_warps(BM, WARPS),
+            instr_shape=[16, _mma_instr_n(BM, BN, WARPS), 16],  # k = 256 bits of 16-bit elements
+        )
+        widen: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // BKF, BKF // 16], [WARPS, 1], [1, 0])
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_f)
+        for ki in range(k_tiles):
+            slot = ki % STAGES
+            mbarrier.wait(ready.index(slot), (ki // STAGES) & 1)
+            x_s = x_ring.index(slot)
+            if HAS_FP16_W:
+                b_s = f_ring.index(slot)
+            else:
+                q = f_ring.index(slot).load(widen)
+                _gluon.cta_barrier()  # every thread has read the int8 tile before it is overwritten
+                b_s = h_ring.index(slot)
+                b_s.store(q.to(DT))
+                fence_async_shared()
+                _gluon.cta_barrier()  # both warpgroups' halves are written before either's wgmma reads them
+            acc = warpgroup_mma(x_s, b_s.permute((1, 0)), acc, is_async=True)
+            acc, x_s, b_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, x_s, b_s))
+            nk = ki + STAGES - 1
+            nslot = nk % STAGES
+            live = nk < k_tiles
+            mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=live)
+            _tma_load(xf_desc, [off_m, nk * BKF], ready.index(nslot), x_ring.index(nslot), pred=live)
+            _tma_load(wf_desc, [off_n, nk * BKF], ready.index(nslot), f_ring.index(nslot), pred=live)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+
+        rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_f))
+        cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_f))
+        if not HAS_FP16_W:
+            acc = acc * gl.load(ws_ptr + cols, mask=cols < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
+        is_fp = (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
+        _store_rows(c_ptr, acc, rows, cols, is_fp, M, N)
+
+    @gluon.jit
+    def _store_rows(c_ptr, value, rows, cols, row_mask, M, N):
+        """Mixed mode: the rows of a tile where ``row_mask``, stored from registers (a tile holding an FP16 row
+        writes its INT8 and its FP16 rows apart, so no shared buffer outlives the ring the FP16 loop reuses)."""
+        ptrs = c_ptr + rows[:, None].to(gl.int64) * N + cols[None, :]
+        gl.store(ptrs, value.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & (rows[:, None] < M) & (cols[None, :] < N))
+
+    @gluon.jit
+    def _store_tile(c_desc, value, off_m, off_n):
+        """registers -> shared -> TMA store (rows / columns past M, N are clipped by TMA)."""
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        c_smem.store(value.to(c_desc.dtype))
+        fence_async_shared()
+        _tma_store(c_desc, [off_m, off_n], c_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def w8a8_gluon_kernel(a_desc, w_desc, c_desc, xf_desc, wf_desc, c_ptr, as_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K,
+                          STAGES: gl.constexpr, WARPS: gl.constexpr, OUT_INT32: gl.constexpr,
+                          HAS_BIAS: gl.constexpr, ROW_BITS: gl.constexpr, HAS_FP16_W: gl.constexpr):
         BM: gl.constexpr = c_desc.block_type.shape[0]
         BN: gl.constexpr = c_desc.block_type.shape[1]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -54,12 +135,18 @@ if GLUON_ERROR is None:
         off_m = gl.program_id(0) * BM
         off_n = gl.program_id(1) * BN
         k_tiles = gl.cdiv(K, BK)
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0],
+            warps_per_cta=_gluon.mma_warps(BM, WARPS),
+            instr_shape=[16, _mma_instr_n(BM, BN, WARPS), 32],  # k = 256 bits of 8-bit elements
+        )
+        rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
+        cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
         n_fp = 0
-        if ROW_BITS:  # mixed mode: a tile with an FP16 row (row bit 0) is left to the tl.dot kernel's SKIPPED_BM pass
-            rb_rows = off_m + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-            bits = gl.load(rb_ptr + rb_rows, mask=rb_rows < M, other=0).to(gl.int32)
-            n_fp = gl.sum(bits & 1, axis=0)
-            k_tiles = k_tiles * (n_fp == 0).to(gl.int32)
+        if ROW_BITS:  # mixed mode: the row bits (bit 0 = FP16) of the tile, loaded once
+            is_fp = (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
+            n_fp = gl.sum(is_fp.to(gl.int32), axis=0)
+            k_tiles = k_tiles * (n_fp < gl.minimum(M - off_m, BM)).to(gl.int32)  # all FP16: no INT8 step
 
         # ring of STAGES slots for the A [BM, BK] and W [BN, BK] tiles, one "TMA landed" barrier per slot
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
@@ -73,11 +160,6 @@ if GLUON_ERROR is None:
             _tma_load(a_desc, [off_m, s * BK], ready.index(s), a_ring.index(s), pred=live)
             _tma_load(w_desc, [off_n, s * BK], ready.index(s), w_ring.index(s), pred=live)
 
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0],
-            warps_per_cta=_gluon.mma_warps(BM, WARPS),
-            instr_shape=[16, _mma_instr_n(BM, BN, WARPS), 32],  # k = 256 bits of 8-bit elements
-        )
         acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
 
         for ki in range(k_tiles):
@@ -101,26 +183,26 @@ if GLUON_ERROR is None:
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
 
-        # epilogue: registers -> shared -> TMA store (rows / columns past M, N are clipped by TMA)
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-        if n_fp == 0:  # static True without ROW_BITS
-            if OUT_INT32:
-                c_smem.store(acc)
+        if OUT_INT32:
+            _store_tile(c_desc, acc, off_m, off_n)
+        else:
+            a_sc = gl.load(as_ptr + rows, mask=rows < M, other=0.0)
+            w_sc = gl.load(ws_ptr + cols, mask=cols < N, other=0.0)
+            # w8a8._int8_epilogue's formula, so the outputs equal the tl.dot kernels' bit for bit
+            if HAS_BIAS:
+                b = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+                out = gl.fma(acc.to(gl.float32) * a_sc[:, None], w_sc[None, :], b[None, :])
             else:
-                rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
-                cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
-                a_sc = gl.load(as_ptr + rows, mask=rows < M, other=0.0)
-                w_sc = gl.load(ws_ptr + cols, mask=cols < N, other=0.0)
-                # w8a8._int8_epilogue's formula, so the outputs equal the tl.dot kernels' bit for bit
-                if HAS_BIAS:
-                    b = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
-                    out = gl.fma(acc.to(gl.float32) * a_sc[:, None], w_sc[None, :], b[None, :])
+                out = acc.to(gl.float32) * a_sc[:, None] * w_sc[None, :]
+            if ROW_BITS:
+                if n_fp > 0:
+                    _store_rows(c_ptr, out, rows, cols, is_fp == 0, M, N)
+                    _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n,
+                               M, N, K, STAGES, WARPS, HAS_BIAS, HAS_FP16_W)
                 else:
-                    out = acc.to(gl.float32) * a_sc[:, None] * w_sc[None, :]
-                c_smem.store(out.to(c_desc.dtype))
-            fence_async_shared()
-            _tma_store(c_desc, [off_m, off_n], c_smem)
-            tma.store_wait(pendings=0)
+                    _store_tile(c_desc, out, off_m, off_n)
+            else:
+                _store_tile(c_desc, out, off_m, off_n)
 
 
 def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) -> bool:
@@ -138,52 +220,82 @@ def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) ->
     return _gluon.aligned16(a_q, w, out)
 
 
-def descriptors(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict):
-    """Host TMA descriptors of A [BM, BK], W [BN, BK] and C [BM, BN] tiles (128-byte swizzled shared layouts)."""
+def applies_mixed(x: torch.Tensor, w_fp16, out: torch.Tensor, cfg: dict) -> bool:
+    """Mixed mode (row bits) on top of :func:`applies`: the FP16 loop reads x and the FP16 copy (same dtype as
+    x and the output) through TMA descriptors, at half the INT8 K step (a whole 16-element wgmma at least)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or out.dtype != x.dtype or cfg["BLOCK_K"] % 32:
+        return False
+    ts = (x,) if w_fp16 is None else (x, w_fp16)
+    if w_fp16 is not None and (w_fp16.dtype != x.dtype or w_fp16.shape[1] != x.shape[1]):
+        return False
+    return all(t.is_contiguous() for t in ts) and _gluon.aligned16(*ts)
+
+
+def descriptors(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict, x=None, wf=None):
+    """Host TMA descriptors of A [BM, BK], W [BN, BK] and C [BM, BN] tiles (128-byte swizzled shared layouts),
+    and in mixed mode of the FP16 loop's x [BM, BK / 2] and weight [BN, BK / 2] tiles (``wf``: the FP16 copy or
+    the int8 weight)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    return _gluon.descriptor(a_q, [bm, bk]), _gluon.descriptor(w, [bn, bk]), _gluon.descriptor(out, [bm, bn])
+    ds = (_gluon.descriptor(a_q, [bm, bk]), _gluon.descriptor(w, [bn, bk]), _gluon.descriptor(out, [bm, bn]))
+    if x is None:
+        return ds + (None, None)
+    return ds + (_gluon.descriptor(x, [bm, bk // 2]), _gluon.descriptor(wf, [bn, bk // 2]))
 
 
 _LAUNCH = _gluon.DirectLaunch()
 
 
-def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None) -> torch.Tensor:
+def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None, w_fp16=None) -> torch.Tensor:
     """``out`` = the W8A8 GEMM of quantized activations a_q (M, K) int8 with a_scale (M,) fp32 and w (N, K) int8
     with w_scale (N,) fp32 (an int32 ``out`` receives the raw accumulator).  ``applies`` must hold.
-    ``row_bits`` ((M,) uint8, mixed mode): output tiles holding an FP16 row (bit 0) are not written."""
+    ``row_bits`` ((M,) uint8, mixed mode; :func:`applies_mixed` must hold too): rows with bit 0 set are computed
+    from ``x`` (the fp16 / bf16 activations a_q came from) on ``w_fp16``, or on w scaled per channel."""
     M, K = a_q.shape
     N = w.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = ((M + bm - 1) // bm, (N + bn - 1) // bn)
+    mixed = row_bits is not None
     scales = a_scale if a_scale is not None else out
     ws = w_scale if w_scale is not None else out
     b = bias if bias is not None else scales
-    consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, row_bits is not None)
-    ptrs = (scales, ws, b, row_bits if row_bits is not None else scales, M, N, K)
+    consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, mixed,
+              w_fp16 is not None)
+    ptrs = (out, scales, ws, b, row_bits if mixed else scales, M, N, K)
+    wf = (w_fp16 if w_fp16 is not None else w) if mixed else None
+    tensors = (a_q, w, out, x, wf) if mixed else (a_q, w, out)
     key = lambda: (_common.current_device(), bm, bn, cfg["BLOCK_K"], out.dtype, consts,  # noqa: E731
                    _common.spec_key(ptrs))
-    if _LAUNCH.run(key, grid, (a_q, w, out), (*ptrs, *consts)):
+    if _LAUNCH.run(key, grid, tensors, ptrs + consts if mixed else (None, None) + ptrs + consts):
         return out
-    a_d, w_d, c_d = descriptors(a_q, w, out, cfg)
-    k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, *ptrs, STAGES=consts[0], WARPS=consts[1], OUT_INT32=consts[2],
-                                HAS_BIAS=consts[3], ROW_BITS=consts[4], num_warps=cfg["num_warps"])
+    a_d, w_d, c_d, xf_d, wf_d = descriptors(a_q, w, out, cfg, x, wf)
+    k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, xf_d, wf_d, *ptrs, STAGES=consts[0], WARPS=consts[1],
+                                OUT_INT32=consts[2], HAS_BIAS=consts[3], ROW_BITS=consts[4], HAS_FP16_W=consts[5],
+                                num_warps=cfg["num_warps"])
     _LAUNCH.remember(key, k)
     return out
 
 
 def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False, cc: int = 90,
-                     row_bits: bool = False):
+                     row_bits: bool = False, fp16_copy: bool = False):
     """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
-    launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report."""
+    launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report.
+    ``row_bits``: mixed mode (x of ``out_dtype``), FP16 rows on an FP16 copy of the weight or on the int8 one."""
     a = torch.empty(256, 256, dtype=torch.int8)
     w = torch.empty(256, 256, dtype=torch.int8)
     c = torch.empty(256, 256, dtype=out_dtype)
-    a_d, w_d, c_d = descriptors(a, w, c, cfg)
+    x = torch.empty(256, 256, dtype=out_dtype) if row_bits else None
+    wf = (torch.empty(256, 256, dtype=out_dtype) if fp16_copy else w) if row_bits else None
+    a_d, w_d, c_d, xf_d, wf_d = descriptors(a, w, c, cfg, x, wf)
     ptr = "*fp32"
-    sig = {"a_desc": _gluon.mangle(a_d), "w_desc": _gluon.mangle(w_d), "c_desc": _gluon.mangle(c_d), "as_ptr": ptr,
+    sig = {"a_desc": _gluon.mangle(a_d), "w_desc": _gluon.mangle(w_d), "c_desc": _gluon.mangle(c_d),
+           "xf_desc": _gluon.mangle(xf_d) if row_bits else "constexpr",
+           "wf_desc": _gluon.mangle(wf_d) if row_bits else "constexpr",
+           "c_ptr": {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32"}[out_dtype], "as_ptr": ptr,
            "ws_ptr": ptr, "bias_ptr": "*fp16" if has_bias else ptr, "rb_ptr": "*u8" if row_bits else ptr,
            "M": "i32", "N": "i32", "K": "i32", "STAGES": "constexpr", "WARPS": "constexpr", "OUT_INT32": "constexpr",
-           "HAS_BIAS": "constexpr", "ROW_BITS": "constexpr"}
+           "HAS_BIAS": "constexpr", "ROW_BITS": "constexpr", "HAS_FP16_W": "constexpr"}
     consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
-              "HAS_BIAS": has_bias, "ROW_BITS": row_bits}
+              "HAS_BIAS": has_bias, "ROW_BITS": row_bits, "HAS_FP16_W": row_bits and fp16_copy}
+    if not row_bits:
+        consts.update(xf_desc=None, wf_desc=None)
     return _gluon.compile_for_target(w8a8_gluon_kernel, sig, consts, cfg["num_warps"], cc)
