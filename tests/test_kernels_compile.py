@@ -99,7 +99,7 @@ CHILD = textwrap.dedent(r'''
     once = {}
     for bn, sk in ((32, 1), (64, 4)):
         k = compiled(w8a8.w8a8_kernel, once_types,
-                     dict(HAS_BIAS=True, ROW_BITS=False, SKIPPED_BM=0, HAS_FP16_W=False, BLOCK_KF=16, STAGES_F=1,
+                     dict(HAS_BIAS=True, ROW_BITS=False, HAS_FP16_W=False, BLOCK_KF=16, STAGES_F=1,
                           FUSE_QUANT=False, QUANT_ONCE=True, CHUNK_K=256, CHUNK_M=16, OUT_INT32=False, EVEN_K=True,
                           EPS_C=1e-8, SPLIT_K=sk, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256, GROUP_M=1),
                      90, num_warps=4, num_stages=3)

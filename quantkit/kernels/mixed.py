@@ -41,11 +41,9 @@ budget that keeps the plain kernel's occupancy is in ``w8a8._mixed_maxnreg``).  
 ``w_fp16`` when given, else ``w * w_scale``.  The
 runtime lays a batch out sample-contiguous with precision decided per 64-token group, so mixed
 tiles are the exception.  No extra launch (no argsort / gather / scatter); the mask overhead is
-measured in ``benchmarks/gemm.py``.  Exception: where W8A8's config is the Gluon kernel (Hopper, large M), the
-Gluon kernel reads the row bits too and writes only its tiles without an FP16 row, then the tl.dot kernel runs
-with ``SKIPPED_BM`` (Gluon's tile height; its own tiles nest in Gluon's) on a persistent grid that walks the tiles
-and computes (both loops, as above) only those of the Gluon tiles left to it: two launches, the second costing a
-row-bit load per tile when no row is FP16.  ``CTRL_FORCE_FP16`` without an FP16 copy still runs
+measured in ``benchmarks/gemm.py``.  Where W8A8's config is the Gluon kernel (Hopper, large M) it does the same
+in its own launch: a tile holding an FP16 row runs an fp16/bf16 wgmma loop through the INT8 loop's shared ring
+(``w8a8_gluon``).  ``CTRL_FORCE_FP16`` without an FP16 copy still runs
 ``_mixed_kernel`` below (all-FP16 mode, ``MIXED_CONFIGS``); with a copy it is cuBLAS.
 """
 

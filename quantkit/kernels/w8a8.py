@@ -22,7 +22,7 @@ Paths:
   in-register quantization made the loop ~4x slower than the INT8 one; the CPU interpreter's path);
 * persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer);
 * the Gluon kernel of ``w8a8_gluon`` (``BACKEND="gluon"``, large M on sm_90): Triton's pipeliner waits for
-  every INT8 wgmma, Gluon keeps one in flight.  Plain mode only; elsewhere its configs run the tl.dot kernel.
+  every INT8 wgmma, Gluon keeps one in flight (mixed mode too); elsewhere its configs run the tl.dot kernel.
 
 Every Triton kernel here takes a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
 ``quantkit.kernels.mixed`` (pruned away when False).
@@ -284,15 +284,6 @@ def _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-@jit_helper
-def _gluon_left(rb_ptr, t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                SKIPPED_BM: tl.constexpr):
-    """Mixed mode after the Gluon kernel: did it leave tile ``t`` (its SKIPPED_BM-row tile holds an FP16 row)?"""
-    offs_m, _, _, _ = grouped_tile(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    g_rows = (tl.min(offs_m, axis=0) // SKIPPED_BM) * SKIPPED_BM + tl.arange(0, SKIPPED_BM)
-    return tl.sum(tl.load(rb_ptr + g_rows, mask=g_rows < M, other=0).to(tl.int32) & 1, axis=0) > 0
-
-
 def _w8a8_kernel(
     a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr, sync_ptr,
     # a: (M, K) int8, or fp16/bf16 when FUSE_QUANT; w: (N, K) int8; as: (M,) fp32; ws: (N,) fp32
@@ -306,8 +297,6 @@ def _w8a8_kernel(
     N_PROD,  # QUANT_ONCE: programs that quantize K chunks (the first to arrive)
     HAS_BIAS: tl.constexpr,
     ROW_BITS: tl.constexpr,  # mixed mode: per-row INT8 / FP16, branches hoisted per tile
-    SKIPPED_BM: tl.constexpr,  # > 0: mixed mode after the Gluon kernel, which left its SKIPPED_BM-row tiles
-    # holding an FP16 row unwritten: only tiles inside those are computed and stored (BLOCK_M divides SKIPPED_BM)
     HAS_FP16_W: tl.constexpr,
     BLOCK_KF: tl.constexpr,  # K step of the FP16 loop
     STAGES_F: tl.constexpr,  # pipeline depth of the FP16 loop (Triton reuses the INT8 loop's buffers for it)
@@ -367,21 +356,10 @@ def _w8a8_kernel(
         _wait_count(sync_ptr + 2, n_chunks)
     else:
         pid = tl.program_id(0)
-    if SKIPPED_BM > 0:
-        # after the Gluon kernel: a persistent grid walks the tiles and computes those of the Gluon tiles it
-        # left (holding an FP16 row); any other tile costs one load of its Gluon tile's row bits (with one
-        # program per tile, mixed mode with no FP16 row was +13-88 us over plain W8A8 at M = 2048 on an H100)
-        for t in range(pid, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) * SPLIT_K, tl.num_programs(0)):
-            if _gluon_left(rb_ptr, t, M, N, BLOCK_M, BLOCK_N, GROUP_M, SKIPPED_BM):
-                _mma_tile(t, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr,
-                          rb_ptr, M, N, K, stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
-                          HAS_BIAS, ROW_BITS, HAS_FP16_W, BLOCK_KF, STAGES_F, TMA_F, FUSE_QUANT, QUANT_ONCE,
-                          OUT_INT32, EVEN_K, EPS_C, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-    else:
-        _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr,
-                  M, N, K, stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
-                  HAS_BIAS, ROW_BITS, HAS_FP16_W, BLOCK_KF, STAGES_F, TMA_F, FUSE_QUANT, QUANT_ONCE,
-                  OUT_INT32, EVEN_K, EPS_C, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr,
+              M, N, K, stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
+              HAS_BIAS, ROW_BITS, HAS_FP16_W, BLOCK_KF, STAGES_F, TMA_F, FUSE_QUANT, QUANT_ONCE,
+              OUT_INT32, EVEN_K, EPS_C, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     if QUANT_ONCE:  # the last program to finish resets maxima and counters for the next launch (or graph replay)
         if tl.atomic_add(sync_ptr + 3, 1, sem="acq_rel") == tl.num_programs(0) - 1:
             for m0 in range(0, M, CHUNK_M):
@@ -657,7 +635,7 @@ _LAUNCH_PLANS: dict = {}
 
 
 def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None,
-            skipped_bm=0, quant_once=False):
+            quant_once=False):
     """The tl.dot kernel. ``quant_once``: ``a`` is the int8 scratch the launch fills from ``x`` (``a_scale``
     unused: the plan's row-maximum buffer takes its place)."""
     M, K = a.shape
@@ -667,7 +645,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
     wf = w_fp16 if w_fp16 is not None else w
     tma_f = rbits and _fp16_loop_tma(cfg, xx, wf)
     pkey = (tuple(cfg.items()), M, N, K, a.device, bias is not None, rbits, w_fp16 is not None, fuse_quant,
-            out_int32, skipped_bm, quant_once, tma_f, interpret_mode())
+            out_int32, quant_once, tma_f, interpret_mode())
     grid, part, lock, sync, n_prod, amax, const, ckey = (
         _LAUNCH_PLANS.get(pkey) or remember(_LAUNCH_PLANS, pkey, _launch_plan(cfg, M, N, K, a.device, pkey[5:])))
     if quant_once:
@@ -686,7 +664,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
 
 def _launch_plan(cfg, M, N, K, device, flags):
     """What ``_launch`` derives from its config, shape and flags alone: grid, buffers, constexprs (memoised)."""
-    has_bias, rbits, has_fp16_w, fuse_quant, out_int32, skipped_bm, quant_once, tma_f, interp = flags
+    has_bias, rbits, has_fp16_w, fuse_quant, out_int32, quant_once, tma_f, interp = flags
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     split_k = int(cfg.get("SPLIT_K", 1))
     part, lock = splitk_buffers(device, tiles, split_k, cfg["BLOCK_M"] * cfg["BLOCK_N"], 0)
@@ -694,8 +672,7 @@ def _launch_plan(cfg, M, N, K, device, flags):
     n_prod = (1 if interp else min(cdiv(K, _ONCE_CHUNK_K), tiles * split_k)) if quant_once else 1
     sync = once_counters(device) if quant_once else lock
     amax = _once_maxima(device, M) if quant_once else None
-    const, ckey = launch_consts(HAS_BIAS=has_bias, ROW_BITS=rbits, SKIPPED_BM=skipped_bm,
-                                HAS_FP16_W=has_fp16_w,
+    const, ckey = launch_consts(HAS_BIAS=has_bias, ROW_BITS=rbits, HAS_FP16_W=has_fp16_w,
                                 BLOCK_KF=_block_kf(cfg) if rbits else 16,
                                 STAGES_F=(_desc_stages_f(cfg) if tma_f else _stages_f(cfg)) if rbits else 1,
                                 TMA_F=tma_f, FUSE_QUANT=fuse_quant, QUANT_ONCE=quant_once,
@@ -707,8 +684,6 @@ def _launch_plan(cfg, M, N, K, device, flags):
                                 GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"], maxnreg=_mixed_maxnreg(cfg) if rbits else None)
     programs = tiles * split_k
-    if skipped_bm:  # the pass after Gluon is persistent: two programs per SM (3 in the interpreter, to walk tiles)
-        programs = min(programs, 3 if interp else 2 * sm_count(device))
     return (programs,), part, lock, sync, n_prod, amax, const, (ckey, spec_key((M, N, K, n_prod)))
 
 

@@ -11,10 +11,13 @@ activations (``w8a8.py`` quantizes them first, as for its persistent TMA kernel)
 The epilogue is ``w8a8._int8_epilogue``'s formula (bias as an explicit fma), so outputs equal the ``tl.dot``
 kernels' bit for bit.
 
-Scope: W8A8 on sm_90 (wgmma).  Mixed INT8/FP16 rows (``row_bits``): this kernel writes only the output tiles
-without an FP16 row and the ``tl.dot`` kernel's ``SKIPPED_BM`` pass the others (``quantkit.kernels.mixed``).  Where
-Gluon cannot run (``_gluon``: no Gluon, not sm_90, operands TMA cannot describe) ``applies`` is false and the caller
-runs the ``tl.dot`` kernel.
+Scope: W8A8 on sm_90 (wgmma).  Mixed INT8/FP16 rows (``row_bits``, ``quantkit.kernels.mixed``) in the same launch:
+a tile without an FP16 row is the plain kernel's (one row-bit load more); a tile holding one stores its INT8 rows
+from registers, then runs an fp16/bf16 wgmma loop on x and the FP16 copy (or the int8 weight, widened in shared
+memory) through the same ring's bytes (half the K step, twice the element width: no shared memory beyond the
+plain kernel's, so no occupancy lost) and stores its FP16 rows.  Where Gluon cannot run (``_gluon``: no Gluon, not
+sm_90, operands TMA cannot describe) ``applies`` / ``applies_mixed`` is false and the caller runs the ``tl.dot``
+kernel.
 """
 
 from __future__ import annotations

@@ -171,22 +171,24 @@ def test_gluon_kernel_matches_the_tensor_core_kernel(layer, M, cfg):
     a_q, a_s = act_quant.per_token_quant_triton(x)
     acc = w8a8_gluon.launch(a_q, None, W.w, None, None, poison((M, N), torch.int32, "cuda"), cfg)
     assert torch.equal(acc.long(), (a_q.double() @ layer["q8"].double().t()).long())
-    # mixed rows: Gluon writes its tiles without an FP16 row, the tl.dot kernel's SKIPPED_BM pass the others;
+    # mixed rows in the Gluon launch (FP16 rows from its fp16/bf16 wgmma loop, on the copy or the int8 weight):
     # INT8 rows bit for bit the plain call's, FP16 rows against the reference; no FP16 row: the plain output
-    plain = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg)
     wf = layer["w16"].to(x.dtype)
-    for lo, hi in ((M // 3, M // 3 + 40), (0, 0), (0, M)):
-        rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
-        rb[lo:hi] = 1
-        for w16 in (wf, None):
-            y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, row_bits=rb, w_fp16=w16,
-                                        out=poison((M, N), x.dtype, "cuda"))
-            fp = rb.bool()
-            assert torch.equal(y[~fp], plain[~fp]), (lo, hi)
-            ref = mixed.mixed_gemm_ref(x, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb)
-            assert rel_err(y, ref) <= 1e-2, (lo, hi, w16 is None)
-            if hi > lo:
-                assert rel_err(y[fp], plain[fp]) > 1e-3  # the FP16 rows are not the INT8 result
+    for b in (None, bias):
+        plain = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg)
+        for lo, hi in ((M // 3, M // 3 + 40), (0, 0), (0, M)):
+            rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
+            rb[lo:hi] = 1
+            for w16 in (wf, None):
+                assert w8a8_gluon.applies_mixed(x, w16, plain, cfg)  # the Gluon launch, not the tl.dot fallback
+                y = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, row_bits=rb, w_fp16=w16,
+                                            out=poison((M, N), x.dtype, "cuda"))
+                fp = rb.bool()
+                assert torch.equal(y[~fp], plain[~fp]), (lo, hi)
+                ref = mixed.mixed_gemm_ref(x, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb, b)
+                assert rel_err(y, ref) <= 1e-2, (lo, hi, w16 is None, b is None)
+                if hi > lo:
+                    assert rel_err(y[fp], plain[fp]) > 1e-3  # the FP16 rows are not the INT8 result
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),

@@ -187,47 +187,10 @@ def test_mixed_rows_on_the_persistent_tma_kernel(dev, M, N, K, fp16_copy, patter
             assert _rows_err(y, ref_f, ~fp) > 1e-2
 
 
-@pytest.mark.parametrize("bias_on", [False, True])
-@pytest.mark.parametrize("fp16_copy", [True, False])
-@pytest.mark.parametrize("gluon_bm", [16, 32])
-def test_skipped_tiles_pass_completes_what_the_gluon_kernel_left(dev, bias_on, fp16_copy, gluon_bm):
-    """Mixed mode on a Gluon config: the Gluon kernel writes its tiles without an FP16 row, then the tl.dot
-    kernel's SKIPPED_BM pass computes (both loops, as one-launch mixed mode does) and writes the rows of the Gluon
-    tiles that hold one, with its own tiles (16 rows) nested in Gluon's (16 or 32). Emulated where Gluon cannot
-    run (the interpreter, CPU): the plain W8A8 output with those Gluon tiles poisoned, a sentinel in another;
-    after the pass every element equals the one-launch mixed result bit for bit and the sentinel is untouched."""
-    M, N, K = 80, 40, 64
-    x, W, w16, bias = _layer(dev, 91, M, N, K)
-    bias = bias if bias_on else None
-    wf = w16 if fp16_copy else None
-    rb = torch.zeros(M, dtype=torch.uint8)
-    rb[20:25] = 1  # one FP16 run inside a tile
-    rb[70:] = 1  # and the ragged last tile
-    rb = rb.to(dev)
-    cfg = dict(CFG, FUSE_QUANT=False)
-    from quantkit.kernels.act_quant import per_token_quant_triton
-
-    a_q, a_s = per_token_quant_triton(x)
-    a_s = a_s.reshape(-1)
-    one_launch = w8a8._launch(a_q, a_s, W.w, W.scale, bias, poison((M, N), x.dtype, dev), False, False, cfg, x, rb, wf)
-    plain = w8a8._launch(a_q, a_s, W.w, W.scale, bias, poison((M, N), x.dtype, dev), False, False, cfg)
-    out = plain.clone()
-    left = [t for t in range(0, M, gluon_bm) if rb[t:t + gluon_bm].any()]  # Gluon tiles holding an FP16 row
-    assert len(left) == 2
-    for t in left:
-        out[t:t + gluon_bm] = float("nan")
-    out[40, 5] = 12345.0  # sentinel in a tile Gluon wrote
-    w8a8._launch(a_q, a_s, W.w, W.scale, bias, out, False, False, cfg, x, rb, wf, skipped_bm=gluon_bm)
-    assert out[40, 5] == 12345.0
-    out[40, 5] = plain[40, 5]
-    assert torch.equal(out, one_launch)
-    assert rel_err(out, mixed.mixed_gemm_ref(x, W.w, W.scale, wf, mixed.CTRL_ROW_BITS, rb, bias)) <= 1e-2
-
-
 def _plan_consts(cfg, row_bits, tma_f=False):
     """The constexprs and launch options of the tl.dot kernel's plan at M=256, N=K=4096 (FP16 copy when mixed)."""
-    # _launch_plan's flags: bias, row bits, FP16 copy, FUSE_QUANT, int32 out, SKIPPED_BM, QUANT_ONCE, TMA_F, interp
-    flags = (False, row_bits, row_bits, False, False, 0, False, tma_f, False)
+    # _launch_plan's flags: bias, row bits, FP16 copy, FUSE_QUANT, int32 out, QUANT_ONCE, TMA_F, interp
+    flags = (False, row_bits, row_bits, False, False, False, tma_f, False)
     return w8a8._launch_plan(cfg, 256, 4096, 4096, torch.device("cpu"), flags)[6]
 
 
