@@ -270,7 +270,7 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
                    _common.spec_key(ptrs))
     if _LAUNCH.run(key, grid, tensors, ptrs + consts if mixed else (None, None) + ptrs + consts):
         return out
-    a_d, w_d, c_d, xf_d, wf_d = descriptors(a_q, w, out, cfg, x, wf)
+    a_d, w_d, c_d, xf_d, wf_d = descriptors(a_q, w, out, cfg, x if mixed else None, wf)
     k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, xf_d, wf_d, *ptrs, STAGES=consts[0], WARPS=consts[1],
                                 OUT_INT32=consts[2], HAS_BIAS=consts[3], ROW_BITS=consts[4], HAS_FP16_W=consts[5],
                                 num_warps=cfg["num_warps"])
