@@ -58,7 +58,10 @@ if GLUON_ERROR is None:
         DT: gl.constexpr = xf_desc.dtype
         TILE_BYTES: gl.constexpr = xf_desc.block_type.nbytes + wf_desc.block_type.nbytes
         x_ring = _gluon.reinterpret(a_ring, DT, [STAGES, BM, BKF], xf_desc.layout)
-        f_ring = _gluon.reinterpret(w_ring, wf_desc.dtype, [STAGES, BN, BKF], wf_desc.layout)  # what TMA writes
+        # what TMA writes: the FP16 copy's tile fills a slot; an int8 tile half of one, so that view has two
+        # sub-slots per slot (its slot s is sub-slot F * s: slots keep the ring's stride)
+        F: gl.constexpr = 1 if HAS_FP16_W else 2
+        f_ring = _gluon.reinterpret(w_ring, wf_desc.dtype, [STAGES * F, BN, BKF], wf_desc.layout)
         # no FP16 copy: the int8 tile is widened in place (the slot holds it twice over at 16 bits)
         h_ring = _gluon.reinterpret(w_ring, DT, [STAGES, BN, BKF], xf_desc.layout)
         ready = _gluon.ready_barriers(STAGES)
@@ -67,7 +70,7 @@ if GLUON_ERROR is None:
             live = s < k_tiles
             mbarrier.expect(ready.index(s), TILE_BYTES, pred=live)
             _tma_load(xf_desc, [off_m, s * BKF], ready.index(s), x_ring.index(s), pred=live)
-            _tma_load(wf_desc, [off_n, s * BKF], ready.index(s), f_ring.index(s), pred=live)
+            _tma_load(wf_desc, [off_n, s * BKF], ready.index(s), f_ring.index(s * F), pred=live)
 
         mma_f: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0],
@@ -83,7 +86,7 @@ if GLUON_ERROR is None:
             if HAS_FP16_W:
                 b_s = f_ring.index(slot)
             else:
-                q = f_ring.index(slot).load(widen)
+                q = f_ring.index(slot * F).load(widen)
                 _gluon.cta_barrier()  # every thread has read the int8 tile before it is overwritten
                 b_s = h_ring.index(slot)
                 b_s.store(q.to(DT))
@@ -96,7 +99,7 @@ if GLUON_ERROR is None:
             live = nk < k_tiles
             mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=live)
             _tma_load(xf_desc, [off_m, nk * BKF], ready.index(nslot), x_ring.index(nslot), pred=live)
-            _tma_load(wf_desc, [off_n, nk * BKF], ready.index(nslot), f_ring.index(nslot), pred=live)
+            _tma_load(wf_desc, [off_n, nk * BKF], ready.index(nslot), f_ring.index(nslot * F), pred=live)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
