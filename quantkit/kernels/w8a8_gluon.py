@@ -148,27 +148,23 @@ if GLUON_ERROR is None:
         )
         rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
         cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+        n_fp = 0
+        if ROW_BITS:  # mixed mode: the row bits (bit 0 = FP16) of the tile, loaded once
+            is_fp = (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
+            n_fp = gl.sum(is_fp.to(gl.int32), axis=0)
+            k_tiles = k_tiles * (n_fp < gl.minimum(M - off_m, BM)).to(gl.int32)  # all FP16: no INT8 step
+
         # ring of STAGES slots for the A [BM, BK] and W [BN, BK] tiles, one "TMA landed" barrier per slot
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
         w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
         ready = _gluon.ready_barriers(STAGES)
 
-        # prologue: fill slots 0 .. STAGES-2 (predicated off past the last K tile); issued before mixed mode's
-        # row bits are read, so the loads never wait on that read and its reduction
+        # prologue: fill slots 0 .. STAGES-2 (predicated off past the last K tile)
         for s in gl.static_range(STAGES - 1):
             live = s < k_tiles
             mbarrier.expect(ready.index(s), TILE_BYTES, pred=live)
             _tma_load(a_desc, [off_m, s * BK], ready.index(s), a_ring.index(s), pred=live)
             _tma_load(w_desc, [off_n, s * BK], ready.index(s), w_ring.index(s), pred=live)
-
-        n_fp = 0
-        if ROW_BITS:  # mixed mode: the row bits (bit 0 = FP16) of the tile, loaded once
-            is_fp = (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
-            n_fp = gl.sum(is_fp.to(gl.int32), axis=0)
-            if n_fp >= gl.minimum(M - off_m, BM):  # every row FP16: no INT8 step; the prologue's loads land first
-                for s in gl.static_range(STAGES - 1):
-                    mbarrier.wait(ready.index(s), 0, pred=s < k_tiles)
-                k_tiles = 0
 
         acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
 
