@@ -118,8 +118,9 @@ if GLUON_ERROR is None:
     def _store_rows(c_ptr, value, rows, cols, row_mask, M, N):
         """Mixed mode: the rows of a tile where ``row_mask``, stored from registers (a tile holding an FP16 row
         writes its INT8 and its FP16 rows apart, so no shared buffer outlives the ring the FP16 loop reuses)."""
-        ptrs = c_ptr + rows[:, None].to(gl.int64) * N + cols[None, :]
-        gl.store(ptrs, value.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & (rows[:, None] < M) & (cols[None, :] < N))
+        ptrs = c_ptr + rows[:, None].to(gl.int64) * N + cols[None, :]  # row stride N: ``applies`` wants out contiguous
+        gl.store(ptrs, value.to(c_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (rows[:, None] < M) & (cols[None, :] < N))
 
     @gluon.jit
     def _store_tile(c_desc, value, off_m, off_n):
@@ -242,10 +243,10 @@ def applies_mixed(x: torch.Tensor, w_fp16, bias, out: torch.Tensor, cfg: dict) -
         return False
     if (w_fp16 is None or bias is not None) and not UNVERIFIED_MIXED:
         return False
-    ts = (x,) if w_fp16 is None else (x, w_fp16)
-    if w_fp16 is not None and (w_fp16.dtype != x.dtype or w_fp16.shape[1] != x.shape[1]):
-        return False
-    return all(t.is_contiguous() for t in ts) and _gluon.aligned16(*ts)
+    if w_fp16 is None:
+        return x.is_contiguous() and _gluon.aligned16(x)
+    return (w_fp16.dtype == x.dtype and w_fp16.shape[1] == x.shape[1] and x.is_contiguous()
+            and w_fp16.is_contiguous() and _gluon.aligned16(x, w_fp16))
 
 
 def descriptors(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict, x=None, wf=None):
