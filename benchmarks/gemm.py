@@ -815,8 +815,7 @@ def mixed_study(dev, gen, shapes, ms):
                 t_q = bench(lambda: w8a8._quantize_into_scratch(x), rep=100)
                 t_g = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base), rep=100)
                 t_gr = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base, rb0, x, L.w16), rep=100)
-                # every row FP16 in the Gluon launch, on the copy and on the int8 weight (the latter is off in the
-                # product until it is right on a GPU, w8a8_gluon.UNVERIFIED_MIXED: checked here like the rest)
+                # every row FP16 in the Gluon launch, on the copy and on the int8 weight, each checked before timing
                 ref_q = (x.float() @ L.q8.float().t()) * W.scale[None, :]
                 t_f = t_fq = float("nan")
                 if checked(lambda o: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, o, base, rb1, x, L.w16),

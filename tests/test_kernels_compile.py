@@ -215,7 +215,7 @@ def _gluon_builds(child: str) -> dict:
 def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     """The Gluon W8A8 kernel builds for sm_90 at the tiles the tuner searches (fp16/bf16 out with and without
     bias, the raw int32 accumulator, mixed mode's row bits on the int8 weight and on an FP16 copy), fits the SM's shared
-    memory (mixed mode in no more than plain), and its K loop waits with one wgmma still in flight (wait_group 1) --
+    memory (mixed mode at the plain kernel's CTAs per SM), and its K loop waits with one wgmma still in flight (wait_group 1) --
     the reason it exists; only the final wait drains (wait_group 0)."""
     built = _gluon_builds(GLUON_CHILD)
     assert len(built) == 20
@@ -225,8 +225,10 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
         assert 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
         # mixed mode: the FP16 loop (fp16 wgmmas on the same ring) keeps one in flight too
         assert b["waits"] == (["1", "0", "1", "0"] if b["mixed"] else ["1", "0"]), (what, b["waits"])
-        # ... and needs no shared memory beyond the plain kernel's (its occupancy stays the plain kernel's)
-        assert b["shared"] <= plain_shared[b["tile"]], (what, b["shared"], plain_shared[b["tile"]])
+        # ... and fits as many CTAs on an SM as the plain kernel (228 KiB an SM, 1 KiB reserved a CTA): the FP16
+        # loop reuses the INT8 ring, only the row-bit reduction's few bytes are added
+        ctas = lambda nbytes: (228 * 1024) // (nbytes + 1024)  # noqa: E731
+        assert ctas(b["shared"]) == ctas(plain_shared[b["tile"]]), (what, b["shared"], plain_shared[b["tile"]])
 
 
 W4_GLUON_CHILD = textwrap.dedent(r'''

@@ -820,7 +820,7 @@ def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None, x=Non
 
     if not w8a8_gluon.applies(a_q, w, out, cfg):
         return False
-    if row_bits is not None and not w8a8_gluon.applies_mixed(x, w_fp16, bias, out, cfg):
+    if row_bits is not None and not w8a8_gluon.applies_mixed(x, w_fp16, out, cfg):
         return False
     w8a8_gluon.launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits, x, w_fp16)
     return True

@@ -15,10 +15,9 @@ Scope: W8A8 on sm_90 (wgmma).  Mixed INT8/FP16 rows (``row_bits``, ``quantkit.ke
 a tile without an FP16 row is the plain kernel's (one row-bit load more); a tile holding one stores its INT8 rows
 from registers, then runs an fp16/bf16 wgmma loop on x and the FP16 copy through the same ring's bytes (half the K
 step, twice the element width: no shared memory beyond the plain kernel's, so no occupancy lost) and stores its
-FP16 rows.  The same loop on the int8 weight (no copy: each tile widened in shared memory) and with a bias is built
-but off until it has run right on a GPU (``UNVERIFIED_MIXED``).  Where Gluon cannot run (``_gluon``: no Gluon, not
-sm_90, operands TMA cannot describe, those cases) ``applies`` / ``applies_mixed`` is false and the caller runs the
-``tl.dot`` kernel (its mixed mode is one launch too).
+FP16 rows; with no FP16 copy the loop widens each int8 weight tile in shared memory and scales per channel after
+it.  Where Gluon cannot run (``_gluon``: no Gluon, not sm_90, operands TMA cannot describe) ``applies`` /
+``applies_mixed`` is false and the caller runs the ``tl.dot`` kernel (its mixed mode is one launch too).
 """
 
 from __future__ import annotations
@@ -228,20 +227,11 @@ def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) ->
     return _gluon.aligned16(a_q, w, out)
 
 
-# Mixed mode's FP16 rows run in this kernel where they have run right on a GPU (session 39, H100): on an FP16 copy,
-# without bias. On the int8 weight (no copy: each tile widened in shared memory) the first run found them wrong
-# (the int8 view's slots were half the ring's stride; fixed, not yet re-run), and with bias they have not run yet.
-# Until they have (tests/kernels/test_gpu.py turns this on in an expected-failure case), such calls run the tl.dot
-# kernel's one-launch mixed mode.
-UNVERIFIED_MIXED = False
-
-
-def applies_mixed(x: torch.Tensor, w_fp16, bias, out: torch.Tensor, cfg: dict) -> bool:
+def applies_mixed(x: torch.Tensor, w_fp16, out: torch.Tensor, cfg: dict) -> bool:
     """Mixed mode (row bits) on top of :func:`applies`: the FP16 loop reads x and the FP16 copy (same dtype as
-    x and the output) through TMA descriptors, at half the INT8 K step (a whole 16-element wgmma at least)."""
+    x and the output) or the int8 weight through TMA descriptors, at half the INT8 K step (a whole 16-element
+    wgmma at least)."""
     if x.dtype not in (torch.float16, torch.bfloat16) or out.dtype != x.dtype or cfg["BLOCK_K"] % 32:
-        return False
-    if (w_fp16 is None or bias is not None) and not UNVERIFIED_MIXED:
         return False
     if w_fp16 is None:
         return x.is_contiguous() and _gluon.aligned16(x)

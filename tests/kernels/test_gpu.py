@@ -147,17 +147,11 @@ GLUON_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warp
                     reason="Gluon's wgmma kernel is sm_90 only")
 @pytest.mark.parametrize("M", [2048, 1000, 77])
 @pytest.mark.parametrize("cfg", GLUON_CONFIGS, ids=["128x128x128", "128x128x64", "256x128x128", "256x128x64"])
-@pytest.mark.parametrize("unverified", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=False, reason="w8a8_gluon.UNVERIFIED_MIXED: not yet run right on a GPU; on XPASS turn it on"))],
-    ids=["mixed-default", "mixed-all-in-gluon"])
-def test_gluon_kernel_matches_the_tensor_core_kernel(layer, M, cfg, unverified, monkeypatch):
+def test_gluon_kernel_matches_the_tensor_core_kernel(layer, M, cfg):
     """Plain W8A8 through the Gluon kernel equals the tl.dot kernel bit for bit (exact int32 accumulation, the
-    same epilogue formula), with and without bias, fp16 and bf16; its int32 accumulator is exact. Mixed rows:
-    in the Gluon launch with an FP16 copy and no bias; else the tl.dot kernel by default, and Gluon's own loop
-    where ``unverified`` turns it on (an expected failure until a GPU run passes)."""
+    same epilogue formula), with and without bias, fp16 and bf16; its int32 accumulator is exact. Mixed rows in
+    the same Gluon launch, on an FP16 copy and on the int8 weight, with and without bias."""
     from quantkit.kernels import w8a8_gluon
-
-    monkeypatch.setattr(w8a8_gluon, "UNVERIFIED_MIXED", unverified)
 
     assert w8a8_gluon.GLUON_ERROR is None, w8a8_gluon.GLUON_ERROR
     if layer["N"] * layer["K"] > 6144 * 4096 and layer["K"] != 14336:
@@ -187,9 +181,7 @@ def test_gluon_kernel_matches_the_tensor_core_kernel(layer, M, cfg, unverified, 
             rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
             rb[lo:hi] = 1
             for w16 in (wf, None):
-                # the Gluon launch, not the tl.dot fallback, where it is on
-                assert w8a8_gluon.applies_mixed(x, w16, b, plain, cfg) == (
-                    unverified or (w16 is not None and b is None))
+                assert w8a8_gluon.applies_mixed(x, w16, plain, cfg)  # the Gluon launch, not the tl.dot fallback
                 y = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, row_bits=rb, w_fp16=w16,
                                             out=poison((M, N), x.dtype, "cuda"))
                 fp = rb.bool()
