@@ -46,6 +46,15 @@ if GLUON_ERROR is None:
         raise ValueError("no int8 wgmma instruction N fits")
 
     @gluon.jit
+    def _load_step(a_desc, b_desc, a_ring, b_ring, ready, slot, b_slot, off_m, off_n, kt, BK: gl.constexpr,
+                   nbytes: gl.constexpr, live):
+        """K tile ``kt`` of a ring: the A [BM, BK] and B [BN, BK] tiles into ``a_ring[slot]`` and
+        ``b_ring[b_slot]``, landing on ``ready[slot]`` (predicated off where not ``live``: past the last K tile)."""
+        mbarrier.expect(ready.index(slot), nbytes, pred=live)
+        _tma_load(a_desc, [off_m, kt * BK], ready.index(slot), a_ring.index(slot), pred=live)
+        _tma_load(b_desc, [off_n, kt * BK], ready.index(slot), b_ring.index(b_slot), pred=live)
+
+    @gluon.jit
     def _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n, M, N, K,
                    STAGES: gl.constexpr, WARPS: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_FP16_W: gl.constexpr):
         """Mixed mode, a tile holding an FP16 row: an fp16/bf16 wgmma loop over K on x and the FP16 weight (or the
@@ -67,10 +76,7 @@ if GLUON_ERROR is None:
         ready = _gluon.ready_barriers(STAGES)
         k_tiles = gl.cdiv(K, BKF)
         for s in gl.static_range(STAGES - 1):
-            live = s < k_tiles
-            mbarrier.expect(ready.index(s), TILE_BYTES, pred=live)
-            _tma_load(xf_desc, [off_m, s * BKF], ready.index(s), x_ring.index(s), pred=live)
-            _tma_load(wf_desc, [off_n, s * BKF], ready.index(s), f_ring.index(s * F), pred=live)
+            _load_step(xf_desc, wf_desc, x_ring, f_ring, ready, s, s * F, off_m, off_n, s, BKF, TILE_BYTES, s < k_tiles)
 
         mma_f: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0],
@@ -96,10 +102,8 @@ if GLUON_ERROR is None:
             acc, x_s, b_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, x_s, b_s))
             nk = ki + STAGES - 1
             nslot = nk % STAGES
-            live = nk < k_tiles
-            mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=live)
-            _tma_load(xf_desc, [off_m, nk * BKF], ready.index(nslot), x_ring.index(nslot), pred=live)
-            _tma_load(wf_desc, [off_n, nk * BKF], ready.index(nslot), f_ring.index(nslot * F), pred=live)
+            _load_step(xf_desc, wf_desc, x_ring, f_ring, ready, nslot, nslot * F, off_m, off_n, nk, BKF, TILE_BYTES,
+                       nk < k_tiles)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -165,10 +169,7 @@ if GLUON_ERROR is None:
 
         # prologue: fill slots 0 .. STAGES-2 (predicated off past the last K tile)
         for s in gl.static_range(STAGES - 1):
-            live = s < k_tiles
-            mbarrier.expect(ready.index(s), TILE_BYTES, pred=live)
-            _tma_load(a_desc, [off_m, s * BK], ready.index(s), a_ring.index(s), pred=live)
-            _tma_load(w_desc, [off_n, s * BK], ready.index(s), w_ring.index(s), pred=live)
+            _load_step(a_desc, w_desc, a_ring, w_ring, ready, s, s, off_m, off_n, s, BK, TILE_BYTES, s < k_tiles)
 
         acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
 
@@ -184,10 +185,8 @@ if GLUON_ERROR is None:
             # refill that freed slot with tile ki + STAGES - 1
             nk = ki + STAGES - 1
             nslot = nk % STAGES
-            live = nk < k_tiles
-            mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=live)
-            _tma_load(a_desc, [off_m, nk * BK], ready.index(nslot), a_ring.index(nslot), pred=live)
-            _tma_load(w_desc, [off_n, nk * BK], ready.index(nslot), w_ring.index(nslot), pred=live)
+            _load_step(a_desc, w_desc, a_ring, w_ring, ready, nslot, nslot, off_m, off_n, nk, BK, TILE_BYTES,
+                       nk < k_tiles)
 
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for s in gl.static_range(STAGES):
