@@ -521,9 +521,11 @@ def decode_w4_candidates():
 
 
 def decode_w8a8_candidates(M):
-    """W8A8 at M <= 64 for the graph-replay search: the GEMV (M <= 16; quantization fused or a separate launch)
-    and tl.dot tiles with small BLOCK_M (a separate quantization launch, or QUANT_ONCE: one launch)."""
+    """W8A8 at M <= 64 for the graph-replay search: the GEMV (M <= 16; quantization fused, a separate launch, or
+    a separate launch with the GEMV launched programmatically, PDL: it starts while the quantization runs) and
+    tl.dot tiles with small BLOCK_M (a separate quantization launch, or QUANT_ONCE: one launch)."""
     gemv = [dict(cfg, FUSE_QUANT=f) for f in (False, True) for cfg in w8a8_candidates(M) if cfg.get("BACKEND") == "gemv"]
+    gemv += [dict(cfg, PDL=True) for cfg in gemv if not cfg["FUSE_QUANT"]]
     if M <= 4:
         return gemv
     if M <= 16:  # narrow N tiles and deep K steps keep many weight bytes in flight per SM at small M
@@ -536,7 +538,8 @@ def decode_w8a8_candidates(M):
             (64, 64, 128, 1, 4, 4), (64, 64, 128, 4, 4, 4), (64, 128, 256, 4, 3, 4), (64, 64, 256, 1, 3, 4),
             (64, 128, 256, 1, 2, 4), (64, 32, 256, 1, 3, 4), (32, 64, 256, 1, 3, 4), (64, 64, 128, 2, 4, 4),
             (64, 256, 128, 1, 3, 8), (16, 64, 256, 1, 3, 4), (64, 32, 512, 1, 4, 4)]]
-    return gemv + [dict(d, FUSE_QUANT=False, QUANT_ONCE=q) for q in (False, True) for d in dots]
+    return gemv + [dict(d, FUSE_QUANT=False, QUANT_ONCE=q) for q in (False, True) for d in dots] + [
+        dict(d, FUSE_QUANT=False, QUANT_ONCE=False, PDL=True) for d in dots]
 
 
 def timed_search(what, cands, run, ref, timer, fails, tol=TOL):

@@ -197,7 +197,7 @@ def test_check_launch_catches_a_key_that_misses_an_argument(rec):
     lk = act_quant.act_quant_kernel
     x = torch.randn(4, 64).half()
     q, s = torch.empty(4, 64, dtype=torch.int8), torch.empty(4, 1)
-    const = dict(EPS_C=1e-8, QMAX=127.0, STATIC=False, BLOCK_K=64, ONE_PASS=True, num_warps=1)
+    const = dict(EPS_C=1e-8, QMAX=127.0, STATIC=False, BLOCK_K=64, ONE_PASS=True, TRIGGER=False, num_warps=1)
     _common.fast_launch(lk, (4,), (x, q, s, s, 64, 64, 64), const, "k", (x,))
     q2 = torch.empty(4 * 64 + 1, dtype=torch.int8)[1:].view(4, 64)  # unaligned, but not in key_args
     with pytest.raises(AssertionError, match="key_args miss"):

@@ -76,20 +76,45 @@ CHILD = textwrap.dedent(r'''
             90, num_warps=4, num_stages=1).asm)
     # the M=1 GEMVs' loads through a cp.async ring (LOAD_STAGES > 1; 1: plain loads, no ring)
     ring = {}
+    pdl = {}
     for ls in (1, 4):
         ptx = compiled(wna16.wna16_gemv_h2_kernel, w4_types,
                        dict(HAS_ZERO=False, HAS_BIAS=False, EVEN_U=True, SPLIT_K=4, BLOCK_N=64, UNROLL=2, AMAX_K=4096,
                             USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=ls, SLICE_PRESCALE=False),
                        90, num_warps=4, num_stages=1).asm["ptx"]
         ring[f"w4a16 gemv_h2 {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
-        ptx = compiled(w8a8.w8a8_gemv_kernel, {"a_ptr": "*i32", "w_ptr": "*i32", "bias_ptr": "*fp16", "c_ptr": "*fp16",
-                                               "part_ptr": "*i32", "lock_ptr": "*i32", "x_ptr": "*fp16",
-                                               "wf_ptr": "*i8", "rb_ptr": "*u8"},
-                       dict(HAS_BIAS=False, ROW_BITS=False, HAS_FP16_W=False, EVEN_K=True, SPLIT_K=4, BLOCK_M=1,
-                            BLOCK_N=32, BC=128, USE_DP4A=True, FUSE_QUANT=False, EPS_C=1e-8, AMAX_K=16,
-                            LOAD_STAGES=ls), 90, num_warps=4, num_stages=1).asm["ptx"]
-        ring[f"w8a8 gemv {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
+        # PDL (with the plain loads): the programmatically launched GEMV waits for the quantization's grid
+        for wait in ((False, True) if ls == 1 else (False,)):
+            ptx = compiled(w8a8.w8a8_gemv_kernel, {"a_ptr": "*i32", "w_ptr": "*i32", "bias_ptr": "*fp16",
+                                                   "c_ptr": "*fp16", "part_ptr": "*i32", "lock_ptr": "*i32",
+                                                   "x_ptr": "*fp16", "wf_ptr": "*i8", "rb_ptr": "*u8"},
+                           dict(HAS_BIAS=False, ROW_BITS=False, HAS_FP16_W=False, EVEN_K=True, SPLIT_K=4, BLOCK_M=1,
+                                BLOCK_N=32, BC=128, USE_DP4A=True, FUSE_QUANT=False, EPS_C=1e-8, AMAX_K=16,
+                                LOAD_STAGES=ls, PDL=wait), 90, num_warps=4, num_stages=1,
+                           launch_pdl=wait).asm["ptx"]
+            if wait:
+                pdl["w8a8 gemv wait"] = ptx.count("griddepcontrol.wait")
+            else:
+                ring[f"w8a8 gemv {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
+                pdl[f"w8a8 gemv no pdl {ls}"] = ptx.count("griddepcontrol")
+    # ... and the tl.dot kernel at a decode tile (16 rows, the quantization a separate launch)
+    dot_types = {"a_ptr": "*i8", "w_ptr": "*i8", "bias_ptr": "*fp16", "c_ptr": "*fp16", "x_ptr": "*fp16",
+                 "wf_ptr": "*i8", "sync_ptr": "*i32", "part_ptr": "*i32", "lock_ptr": "*i32"}
+    for wait in (False, True):
+        ptx = compiled(w8a8.w8a8_kernel, dot_types,
+                       dict(HAS_BIAS=False, ROW_BITS=False, HAS_FP16_W=False, BLOCK_KF=16, STAGES_F=1, TMA_F=False,
+                            FUSE_QUANT=False, QUANT_ONCE=False, CHUNK_K=16, CHUNK_M=1, OUT_INT32=False, EVEN_K=True,
+                            EPS_C=1e-8, SPLIT_K=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, PDL=wait),
+                       90, num_warps=4, num_stages=3, launch_pdl=wait).asm["ptx"]
+        pdl[f"w8a8 dot pdl={wait}"] = ptx.count("griddepcontrol.wait")
+    for trigger in (False, True):
+        const, _ = act_quant._consts(4096, True, 127, False, trigger)
+        c = {k: v for k, v in const.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+        ptx = compiled(act_quant.act_quant_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8"}, c, 90,
+                       num_warps=const["num_warps"]).asm["ptx"]
+        pdl[f"act_quant trigger={trigger}"] = ptx.count("griddepcontrol.launch_dependents")
     out["ring"] = ring
+    out["pdl"] = pdl
     out["shared"] = shared
     # W8A8 QUANT_ONCE: the first-arriving programs publish row maxima (atomic max, a CTA barrier, then one
     # thread's release add), then the quantized chunks (stores, a barrier, a release add); the others spin on an
@@ -101,7 +126,7 @@ CHILD = textwrap.dedent(r'''
         k = compiled(w8a8.w8a8_kernel, once_types,
                      dict(HAS_BIAS=True, ROW_BITS=False, HAS_FP16_W=False, BLOCK_KF=16, STAGES_F=1,
                           FUSE_QUANT=False, QUANT_ONCE=True, CHUNK_K=256, CHUNK_M=16, OUT_INT32=False, EVEN_K=True,
-                          EPS_C=1e-8, SPLIT_K=sk, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256, GROUP_M=1),
+                          EPS_C=1e-8, SPLIT_K=sk, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256, GROUP_M=1, PDL=False),
                      90, num_warps=4, num_stages=3)
         name = f"w8a8 quant_once 16x{bn}x256 split {sk} sm_90"
         out[name] = sorted(k.asm)
@@ -121,7 +146,7 @@ CHILD = textwrap.dedent(r'''
     # elements by x * rcp and one FMA correction (two fma.rn.f32 each); the fused W8A8 prologues' scales too
     quant = {}
     for K in (4096, 14336, 20000):
-        const, _ = act_quant._consts(K, True, 127, False)
+        const, _ = act_quant._consts(K, True, 127, False, False)
         c = {k: v for k, v in const.items() if k not in ("num_warps", "num_stages", "maxnreg")}
         ptx = compiled(act_quant.act_quant_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8"}, c, 90,
                        num_warps=const["num_warps"]).asm["ptx"]
@@ -154,6 +179,11 @@ def test_kernels_compile_for_sm80_and_sm90():
     once = built.pop("once")
     quant = built.pop("quant")
     ring = built.pop("ring")
+    pdl = built.pop("pdl")
+    # programmatic dependent launch: the GEMV's one wait for the quantization and the quantization's one trigger,
+    # each only where asked for
+    assert pdl == {"w8a8 gemv wait": 1, "w8a8 gemv no pdl 1": 0, "w8a8 gemv no pdl 4": 0, "w8a8 dot pdl=False": 0,
+                   "w8a8 dot pdl=True": 1, "act_quant trigger=False": 0, "act_quant trigger=True": 1}, pdl
     # LOAD_STAGES 1 keeps plain loads; 4 puts the loop's loads through cp.async (unaligned pointers here: the
     # compiler may pick 4- or 8-byte copies, but it must pick copies)
     assert ring["w4a16 gemv_h2 1"] == 0 and ring["w8a8 gemv 1"] == 0, ring

@@ -51,6 +51,20 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch here: a compiled kernel on an sm_90+ GPU may start while the launch before it
+    finishes (``launch_pdl``), waiting in :func:`grid_dep_wait` for that launch's results. Off in the interpreter
+    and before Hopper (the ``griddepcontrol`` instructions need sm_90)."""
+    if device.type != "cuda" or interpret_mode():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
@@ -578,6 +592,22 @@ def eager_cuda(x: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- shared kernel code
+
+
+@jit_helper
+def grid_dep_wait():
+    """Programmatic dependent launch: wait until the launch before this one has finished and its writes are
+    visible (a no-op in a launch that was not programmatic). sm_90+ only: call under a constexpr that
+    :func:`pdl_supported` set."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@jit_helper
+def grid_dep_launch_dependents():
+    """Programmatic dependent launch: let the next launch start now (its programs wait in :func:`grid_dep_wait`)
+    instead of when this one ends; a no-op when the next launch is not programmatic. sm_90+ only."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
 
 
 @jit_helper

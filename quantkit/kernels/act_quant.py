@@ -22,8 +22,8 @@ import functools
 
 import torch
 
-from ._common import (LazyKernel, eager_cuda, fast_launch, launch_consts, next_pow2, quantize_sym_rcp,
-                      round_half_away_ref, sym_scale, tl, use_triton)
+from ._common import (LazyKernel, eager_cuda, fast_launch, grid_dep_launch_dependents, launch_consts, next_pow2,
+                      quantize_sym_rcp, round_half_away_ref, sym_scale, tl, use_triton)
 
 EPS = 1e-12
 
@@ -62,7 +62,10 @@ def _act_quant_kernel(
     STATIC: tl.constexpr,  # per-tensor static scale read from st (no row max)
     BLOCK_K: tl.constexpr,
     ONE_PASS: tl.constexpr,
+    TRIGGER: tl.constexpr,  # the next launch is programmatic (PDL): let it start now, it waits for our results
 ):
+    if TRIGGER:
+        grid_dep_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
@@ -103,11 +106,14 @@ MAX_ONE_PASS = 16384
 
 
 def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int = 127,
-                           static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           static_scale: torch.Tensor | None = None,
+                           trigger_dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launch. x: (M, K) -> (q (M, K) int8, scale (M, 1) fp32) (into out_q/out_s if given).
 
     static_scale: a (1,) fp32 per-tensor scale to quantize with instead of each row's max (the
-    returned scale then repeats it per row, the layout ``w8a8_gemm_q`` reads)."""
+    returned scale then repeats it per row, the layout ``w8a8_gemm_q`` reads).  trigger_dependents: the
+    caller launches the consumer programmatically next (PDL, ``_common.pdl_supported`` must hold): it may start
+    as soon as this kernel does."""
     assert x.dim() == 2
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -117,21 +123,21 @@ def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int
     if M == 0:
         return q, s
     static = static_scale is not None
-    const, ckey = _consts(K, x.is_cuda, qmax, static)
+    const, ckey = _consts(K, x.is_cuda, qmax, static, trigger_dependents)
     fast_launch(act_quant_kernel, (M,), (x, q, s, static_scale if static else s, K, x.stride(0), q.stride(0)),
                 const, ckey)
     return q, s
 
 
 @functools.lru_cache(maxsize=1024)
-def _consts(K: int, cuda: bool, qmax: int, static: bool) -> tuple[dict, tuple]:
+def _consts(K: int, cuda: bool, qmax: int, static: bool, trigger: bool) -> tuple[dict, tuple]:
     """The launch's constexprs and options and their key (memoised twice: on these arguments, the cheapest key
     per call, and in launch_consts)."""
     one_pass = K <= MAX_ONE_PASS
     block = next_pow2(K) if one_pass else 4096
     num_warps = max(1, min(16, block // 1024)) if cuda else 1
     return launch_consts(EPS_C=EPS, QMAX=float(qmax), STATIC=static, BLOCK_K=block, ONE_PASS=one_pass,
-                         num_warps=num_warps)
+                         TRIGGER=trigger, num_warps=num_warps)
 
 
 def static_quant(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,9 +39,10 @@ from typing import Optional
 import torch
 
 from ._common import (HOPPER_SMEM_PER_BLOCK, ConfigCache, LazyKernel, cached_buffer, cdiv, eager_cuda, fast_launch, gemv_tile,
-                      gpu_key, grouped_tile, interpret_mode, jit_helper, launch_consts, load_k_tiles, next_pow2,
-                      quantize_sym, quantize_sym_rcp, remember, sm_count, spec_key, splitk_arrive, splitk_buffers,
-                      splitk_for, splitk_slot, splitk_sum, splitk_sum_rows, sym_scale, tl, use_triton)
+                      gpu_key, grid_dep_wait, grouped_tile, interpret_mode, jit_helper, launch_consts, load_k_tiles,
+                      next_pow2, pdl_supported, quantize_sym, quantize_sym_rcp, remember, sm_count, spec_key,
+                      splitk_arrive, splitk_buffers, splitk_for, splitk_slot, splitk_sum, splitk_sum_rows, sym_scale, tl,
+                      use_triton)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -313,6 +314,7 @@ def _w8a8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,  # launched programmatically after the quantization: wait for it before reading a, as
 ):
     """Tensor-core W8A8 GEMM: one (BLOCK_M, BLOCK_N) output tile over one K split (see module docstring).
 
@@ -356,6 +358,8 @@ def _w8a8_kernel(
         _wait_count(sync_ptr + 2, n_chunks)
     else:
         pid = tl.program_id(0)
+        if PDL:
+            grid_dep_wait()
     _mma_tile(pid, a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, c_ptr, part_ptr, lock_ptr, x_ptr, wf_ptr, rb_ptr,
               M, N, K, stride_am, stride_wn, stride_cm, stride_xm, stride_wfn,
               HAS_BIAS, ROW_BITS, HAS_FP16_W, BLOCK_KF, STAGES_F, TMA_F, FUSE_QUANT, QUANT_ONCE,
@@ -470,6 +474,7 @@ def _w8a8_gemv_kernel(
     EPS_C: tl.constexpr,
     AMAX_K: tl.constexpr,  # FUSE_QUANT: elements per step of the row-max prologue
     LOAD_STAGES: tl.constexpr,  # > 1: the INT8 loop's loads pipelined (cp.async into a ring of this many steps)
+    PDL: tl.constexpr,  # launched programmatically after the quantization: wait for it before reading a, as
 ):
     """GEMV-style W8A8 for M <= BLOCK_M <= 16 on activations quantized once per call.
 
@@ -515,6 +520,8 @@ def _w8a8_gemv_kernel(
         acc = tl.zeros((BLOCK_N, BC), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BC), dtype=tl.int32)
+    if PDL:  # everything above overlapped the quantization's launch; a and as are its output
+        grid_dep_wait()
     for it in tl.range(i_lo, i_hi_i8, num_stages=LOAD_STAGES):
         if EVEN_K:
             wd = tl.load(w_ptrs + it * BC)
@@ -635,9 +642,10 @@ _LAUNCH_PLANS: dict = {}
 
 
 def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=None, row_bits=None, w_fp16=None,
-            quant_once=False):
+            quant_once=False, pdl=False):
     """The tl.dot kernel. ``quant_once``: ``a`` is the int8 scratch the launch fills from ``x`` (``a_scale``
-    unused: the plan's row-maximum buffer takes its place)."""
+    unused: the plan's row-maximum buffer takes its place).  ``pdl``: launched programmatically (see
+    :func:`_wants_pdl`), right after the launch that wrote ``a`` and ``a_scale``."""
     M, K = a.shape
     N = w.shape[0]
     rbits = row_bits is not None
@@ -645,7 +653,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
     wf = w_fp16 if w_fp16 is not None else w
     tma_f = rbits and _fp16_loop_tma(cfg, xx, wf)
     pkey = (tuple(cfg.items()), M, N, K, a.device, bias is not None, rbits, w_fp16 is not None, fuse_quant,
-            out_int32, quant_once, tma_f, interpret_mode())
+            out_int32, quant_once, tma_f, interpret_mode(), pdl)
     grid, part, lock, sync, n_prod, amax, const, ckey = (
         _LAUNCH_PLANS.get(pkey) or remember(_LAUNCH_PLANS, pkey, _launch_plan(cfg, M, N, K, a.device, pkey[5:])))
     if quant_once:
@@ -664,7 +672,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
 
 def _launch_plan(cfg, M, N, K, device, flags):
     """What ``_launch`` derives from its config, shape and flags alone: grid, buffers, constexprs (memoised)."""
-    has_bias, rbits, has_fp16_w, fuse_quant, out_int32, quant_once, tma_f, interp = flags
+    has_bias, rbits, has_fp16_w, fuse_quant, out_int32, quant_once, tma_f, interp, pdl = flags
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     split_k = int(cfg.get("SPLIT_K", 1))
     part, lock = splitk_buffers(device, tiles, split_k, cfg["BLOCK_M"] * cfg["BLOCK_N"], 0)
@@ -681,8 +689,9 @@ def _launch_plan(cfg, M, N, K, device, flags):
                                 OUT_INT32=out_int32,
                                 EVEN_K=(K % cfg["BLOCK_K"] == 0), EPS_C=EPS, SPLIT_K=split_k,
                                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-                                num_stages=cfg["num_stages"], maxnreg=_mixed_maxnreg(cfg) if rbits else None)
+                                GROUP_M=cfg["GROUP_M"], PDL=pdl, num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"], maxnreg=_mixed_maxnreg(cfg) if rbits else None,
+                                **({"launch_pdl": True} if pdl else {}))
     programs = tiles * split_k
     return (programs,), part, lock, sync, n_prod, amax, const, (ckey, spec_key((M, N, K, n_prod)))
 
@@ -788,10 +797,11 @@ def _scratch(x: torch.Tensor):
         cached_buffer(x.device, torch.float32, M, tag="act_s")[:M]))
 
 
-def _quantize_into_scratch(x: torch.Tensor):
-    """Per-token quantization of x (M, K) into the activation scratch: (a_q (M, K) int8, a_scale (M,) fp32)."""
+def _quantize_into_scratch(x: torch.Tensor, trigger: bool = False):
+    """Per-token quantization of x (M, K) into the activation scratch: (a_q (M, K) int8, a_scale (M,) fp32).
+    ``trigger``: the consumer is launched programmatically next (PDL)."""
     views = _scratch(x)
-    per_token_quant_triton(x, out_q=views[0], out_s=views[1])
+    per_token_quant_triton(x, out_q=views[0], out_s=views[1], trigger_dependents=trigger)
     return views
 
 
@@ -864,7 +874,7 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     if fuse:  # one launch: the kernel quantizes x itself
         a_arg, a_s, stride_a = x, w_scale, x.stride(0)
     else:
-        a_q, a_s = _quantize_into_scratch(x)
+        a_q, a_s = _quantize_into_scratch(x, trigger=const["PDL"])
         a_arg, stride_a = a_q.view(torch.int32), K // 4
     wf = w_fp16 if w_fp16 is not None else w
     vary = (a_arg, a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale, out)
@@ -877,8 +887,10 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
 
 
 def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
-    """What ``_launch_gemv`` derives from its config, shape and flags alone (memoised)."""
+    """What ``_launch_gemv`` derives from its config, shape and flags alone (memoised); ``PDL``: the two-launch
+    form only (see :func:`_wants_pdl`)."""
     fuse = bool(cfg.get("FUSE_QUANT", False))
+    pdl = not fuse and _wants_pdl(cfg, device)
     bm = gemv_bm(M)
     tiles = cdiv(N, cfg["BLOCK_N"])
     split_k = int(cfg.get("SPLIT_K", 1))
@@ -890,8 +902,9 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
                                 BLOCK_N=cfg["BLOCK_N"], BC=bc, USE_DP4A=device.type == "cuda", FUSE_QUANT=fuse,
                                 EPS_C=EPS,
                                 AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
-                                LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)),
-                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), PDL=pdl,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                **({"launch_pdl": True} if pdl else {}))
     return (tiles * split_k,), part, lock, fuse, const, (ckey, spec_key((M, N, KW)))
 
 
@@ -940,8 +953,15 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
                        quant_once=True)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
-    a_q, a_s = _quantize_into_scratch(x)
-    return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16)
+    pdl = _wants_pdl(cfg, x.device)
+    a_q, a_s = _quantize_into_scratch(x, trigger=pdl)
+    return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16, pdl=pdl)
+
+
+def _wants_pdl(cfg: dict, device: torch.device) -> bool:
+    """``PDL`` (a config key, the two-launch forms on sm_90+): the GEMM is launched programmatically, so it starts
+    while the quantization runs instead of after it ends (the gap between two launches, in a CUDA graph too)."""
+    return bool(cfg.get("PDL", False)) and pdl_supported(device)
 
 
 def w8a8_gemm_q_triton(a_q, a_scale, w, w_scale, bias=None, out_dtype=torch.float16, config=None, out=None):

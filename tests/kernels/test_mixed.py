@@ -189,8 +189,8 @@ def test_mixed_rows_on_the_persistent_tma_kernel(dev, M, N, K, fp16_copy, patter
 
 def _plan_consts(cfg, row_bits, tma_f=False):
     """The constexprs and launch options of the tl.dot kernel's plan at M=256, N=K=4096 (FP16 copy when mixed)."""
-    # _launch_plan's flags: bias, row bits, FP16 copy, FUSE_QUANT, int32 out, QUANT_ONCE, TMA_F, interp
-    flags = (False, row_bits, row_bits, False, False, False, tma_f, False)
+    # _launch_plan's flags: bias, row bits, FP16 copy, FUSE_QUANT, int32 out, QUANT_ONCE, TMA_F, interp, PDL
+    flags = (False, row_bits, row_bits, False, False, False, tma_f, False, False)
     return w8a8._launch_plan(cfg, 256, 4096, 4096, torch.device("cpu"), flags)[6]
 
 

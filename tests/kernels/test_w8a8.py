@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from _kernel_util import poison, randw, rel_err
-from quantkit.kernels import w8a8
+from quantkit.kernels import _common, w8a8
 
 CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
 
@@ -273,10 +273,15 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
     one = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=dict(cfg, FUSE_QUANT=True),
                                   out=poison((M, N), torch.float16, dev))
     assert torch.equal(one, two)
+    # PDL: the GEMV launched programmatically after the quantization (sm_90+; elsewhere the flag is dropped)
     for c in (dict(cfg, LOAD_STAGES=3), dict(cfg, FUSE_QUANT=True, LOAD_STAGES=2),  # loads through a cp.async ring
-              dict(cfg, BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1), dict(cfg, FUSE_QUANT=True, BLOCK_N=1, BLOCK_K=512)):
+              dict(cfg, BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1), dict(cfg, FUSE_QUANT=True, BLOCK_N=1, BLOCK_K=512),
+              dict(cfg, PDL=True), dict(cfg, BLOCK_N=1, BLOCK_K=1024, SPLIT_K=1, PDL=True)):
         y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev))
         assert torch.equal(y, one), c
+        plan_pdl = w8a8._gemv_plan(c, M, N, K, x.device, True, False, False)[4]["PDL"]
+        assert plan_pdl == (bool(c.get("PDL")) and _common.pdl_supported(x.device)), c
+    assert not w8a8._gemv_plan(dict(cfg, PDL=True, FUSE_QUANT=True), M, N, K, x.device, True, False, False)[4]["PDL"]
     ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
     assert rel_err(one, ref) <= 2e-3
     assert rel_err(one, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.01, bias)) > 2e-3
@@ -284,13 +289,44 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
     wf = (torch.randn(N, K, generator=g) * 0.02).half().to(dev)
     rb = (torch.arange(M) % 2).to(torch.uint8).to(dev)
     mixed = [w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev),
-                                     row_bits=rb, w_fp16=wf) for c in (cfg, dict(cfg, FUSE_QUANT=True))]
-    assert torch.equal(mixed[0], mixed[1])
+                                     row_bits=rb, w_fp16=wf) for c in (cfg, dict(cfg, FUSE_QUANT=True),
+                                                                       dict(cfg, PDL=True))]
+    assert torch.equal(mixed[0], mixed[1]) and torch.equal(mixed[0], mixed[2])
     i8 = rb == 0
     assert torch.equal(mixed[1][i8], one[i8])  # INT8 rows bit-identical to the plain path
     if (~i8).any():
         fp = x[~i8].float() @ wf.float().t() + bias
         assert rel_err(mixed[1][~i8], fp) <= 2e-3
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_pdl_launch_gives_the_two_launch_result(dev, M):
+    """``PDL`` configs (the GEMM launched programmatically after the quantization, sm_90+; dropped elsewhere) give
+    the plain two-launch result bit for bit, the GEMV and the tl.dot kernel, eager and (GPU) in a CUDA graph
+    replayed on new input."""
+    N, K = 40, 128
+    g = torch.Generator().manual_seed(3 + M)
+    x = (torch.randn(M, K, generator=g) * 2).half().to(dev)
+    W = w8a8.prepack_w8a8(randw(g, (N, K), -127, 127, dev), (torch.rand(N, 1, generator=g) * 0.01 + 1e-3).to(dev))
+    bias = torch.randn(N, generator=g).half().to(dev)
+    for cfg in (dict(BACKEND="gemv", BLOCK_N=1, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=2),
+                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1)):
+        two = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=cfg, out=poison((M, N), torch.float16, dev))
+        assert rel_err(two, w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)) <= 2e-3
+        pdl = dict(cfg, PDL=True)
+        y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=pdl, out=poison((M, N), torch.float16, dev))
+        assert torch.equal(y, two), cfg
+        if dev.type == "cuda":
+            xs, out = x.clone(), torch.empty(M, N, dtype=torch.float16, device=dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                w8a8.w8a8_linear_triton(xs, W.w, W.scale, bias, config=pdl, out=out)
+            x2 = (torch.randn(M, K, generator=g) * 3).half().to(dev)
+            xs.copy_(x2)
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, w8a8.w8a8_linear_triton(x2, W.w, W.scale, bias, config=cfg)), cfg
 
 
 def test_fast_launch_reuses_and_respecializes(dev):
