@@ -180,8 +180,8 @@ def test_kernels_compile_for_sm80_and_sm90():
     quant = built.pop("quant")
     ring = built.pop("ring")
     pdl = built.pop("pdl")
-    # programmatic dependent launch: the GEMV's one wait for the quantization and the quantization's one trigger,
-    # each only where asked for
+    # programmatic dependent launch: the GEMV's and the tl.dot kernel's one wait for the quantization, and the
+    # quantization's one trigger, each only where asked for
     assert pdl == {"w8a8 gemv wait": 1, "w8a8 gemv no pdl 1": 0, "w8a8 gemv no pdl 4": 0, "w8a8 dot pdl=False": 0,
                    "w8a8 dot pdl=True": 1, "act_quant trigger=False": 0, "act_quant trigger=True": 1}, pdl
     # LOAD_STAGES 1 keeps plain loads; 4 puts the loop's loads through cp.async (unaligned pointers here: the
