@@ -820,15 +820,13 @@ def mixed_study(dev, gen, shapes, ms):
                 t_gr = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base, rb0, x, L.w16), rep=100)
                 # every row FP16 in the Gluon launch, on the copy and on the int8 weight, each checked before timing
                 ref_q = (x.float() @ L.q8.float().t()) * W.scale[None, :]
-                t_f = t_fq = float("nan")
-                if checked(lambda o: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, o, base, rb1, x, L.w16),
-                           r["fp16"], f"gluon all-fp16 copy {M} {N} {K}", fails) <= TOL:
-                    t_f = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base, rb1, x, L.w16),
-                                rep=100)
-                if checked(lambda o: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, o, base, rb1, x, None),
-                           ref_q, f"gluon all-fp16 int8 weight {M} {N} {K}", fails) <= TOL:
-                    t_fq = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base, rb1, x, None),
-                                 rep=100)
+                t_all = []
+                for wf, ref, what in ((L.w16, r["fp16"], "copy"), (None, ref_q, "int8 weight")):
+                    def all_fp16(o, wf=wf):
+                        return w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, o, base, rb1, x, wf)
+                    ok = checked(all_fp16, ref, f"gluon all-fp16 {what} {M} {N} {K}", fails) <= TOL
+                    t_all.append(bench(lambda: all_fp16(out), rep=100) if ok else float("nan"))
+                t_f, t_fq = t_all
                 g_w = bench_graph(lambda: run_w8a8(L, x, base, out))
                 g_m = bench_graph(lambda: run_mixed(L, x, base, rb0, mixed.CTRL_ROW_BITS, True, out))
                 parts.append(f"| {N} | {K} | {M} | {t_q:.1f} | {t_g:.1f} | {t_gr:.1f} | {t_f:.1f} | {t_fq:.1f} | "

@@ -42,10 +42,10 @@ budget that keeps the plain kernel's occupancy is in ``w8a8._mixed_maxnreg``).  
 runtime lays a batch out sample-contiguous with precision decided per 64-token group, so mixed
 tiles are the exception.  No extra launch (no argsort / gather / scatter); the mask overhead is
 measured in ``benchmarks/gemm.py``.  Where W8A8's config is the Gluon kernel (Hopper, large M) it does the same
-in its own launch when ``w_fp16`` is given: a tile holding an FP16 row runs an fp16/bf16 wgmma loop through the
-INT8 loop's shared ring (``w8a8_gluon``); without a copy the tl.dot kernel runs.  ``CTRL_FORCE_FP16`` without an
-FP16 copy still runs
-``_mixed_kernel`` below (all-FP16 mode, ``MIXED_CONFIGS``); with a copy it is cuBLAS.
+in its own launch: a tile holding an FP16 row runs an fp16/bf16 wgmma loop through the INT8 loop's shared ring,
+on ``w_fp16`` or on the int8 weight widened tile by tile (``w8a8_gluon``; it reads the tile's row bits after its
+INT8 loop).  ``CTRL_FORCE_FP16`` without an FP16 copy still runs ``_mixed_kernel`` below (all-FP16 mode,
+``MIXED_CONFIGS``); with a copy it is cuBLAS.
 """
 
 from typing import Optional

@@ -55,6 +55,11 @@ if GLUON_ERROR is None:
         _tma_load(b_desc, [off_n, kt * BK], ready.index(slot), b_ring.index(b_slot), pred=live)
 
     @gluon.jit
+    def _fp_rows(rb_ptr, rows, M):
+        """Mixed mode: which of ``rows`` are FP16 (row bit 0; rows past M are not)."""
+        return (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
+
+    @gluon.jit
     def _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n, M, N, K,
                    STAGES: gl.constexpr, WARPS: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_FP16_W: gl.constexpr):
         """Mixed mode, a tile holding an FP16 row: an fp16/bf16 wgmma loop over K on x and the FP16 weight (or the
@@ -114,7 +119,7 @@ if GLUON_ERROR is None:
             acc = acc * gl.load(ws_ptr + cols, mask=cols < N, other=0.0)[None, :]
         if HAS_BIAS:
             acc += gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
-        is_fp = (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
+        is_fp = _fp_rows(rb_ptr, rows, M)
         _store_rows(c_ptr, acc, rows, cols, is_fp, M, N)
 
     @gluon.jit
@@ -158,7 +163,7 @@ if GLUON_ERROR is None:
             # first TMA loads: +6.8% at 28672x4096, M = 2048, H100): a tile whose first row is FP16 may be all FP16,
             # and one that is skips the INT8 loop
             if (gl.load(rb_ptr + off_m).to(gl.int32) & 1) != 0:
-                all_fp = (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
+                all_fp = _fp_rows(rb_ptr, rows, M)
                 if gl.sum(all_fp.to(gl.int32), axis=0) >= gl.minimum(M - off_m, BM):
                     k_tiles = 0
 
@@ -204,7 +209,7 @@ if GLUON_ERROR is None:
             else:
                 out = acc.to(gl.float32) * a_sc[:, None] * w_sc[None, :]
             if ROW_BITS:  # mixed mode: the tile's row bits (bit 0 = FP16), read once the INT8 loop is done
-                is_fp = (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
+                is_fp = _fp_rows(rb_ptr, rows, M)
                 if gl.sum(is_fp.to(gl.int32), axis=0) > 0:
                     _store_rows(c_ptr, out, rows, cols, is_fp == 0, M, N)
                     _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n,
