@@ -111,15 +111,22 @@ def w8a8_candidates(M):
         return [c(64, 64, 128, 4, 4, G=1), c(64, 128, 128, 4, 4, G=1, SPLIT_K=2), c(64, 64, 128, 4, 4, G=1, SPLIT_K=4),
                 c(64, 128, 256, 4, 3, G=1, SPLIT_K=4)]
     if M <= 256:
+        # the Gluon kernel too (its mixed mode reads the row bits after the INT8 loop; the tl.dot kernel's costs
+        # 2.6-5.4% here, session 35); 64-row tiles fill more SMs at this M
+        gluon = [c(64, 128, 128, 4, 4, BACKEND="gluon"), c(64, 128, 128, 4, 5, BACKEND="gluon"),
+                 c(64, 128, 64, 4, 6, BACKEND="gluon"), c(128, 128, 128, 4, 4, BACKEND="gluon"),
+                 c(128, 128, 128, 8, 3, BACKEND="gluon")]
+        gluon += [dict(g, PDL=True) for g in gluon]  # launched while the quantization runs (weights loaded first)
         return [c(64, 128, 128, 4, 4), c(128, 128, 128, 8, 3), c(64, 256, 128, 8, 3), c(128, 128, 128, 8, 3, SPLIT_K=2),
-                c(64, 128, 128, 4, 4, SPLIT_K=2)]
+                c(64, 128, 128, 4, 4, SPLIT_K=2)] + gluon
     tma = [c(128, 256, 128, 8, 3, BACKEND="tma"), c(128, 128, 128, 8, 4, BACKEND="tma"),
            c(128, 256, 64, 8, 4, BACKEND="tma"), c(256, 128, 128, 8, 3, BACKEND="tma"),
            c(128, 128, 256, 8, 3, BACKEND="tma", G=16)]  # the persistent kernel (tensor descriptors, Hopper+)
-    # the Gluon kernel (INT8 wgmmas kept in flight; sm_90, plain W8A8 only; BLOCK_N 256 does not build in 3.6)
+    # the Gluon kernel (INT8 wgmmas kept in flight; sm_90; BLOCK_N 256 does not build in 3.6)
     gluon = [c(128, 128, 128, 4, 3, BACKEND="gluon"), c(128, 128, 128, 4, 4, BACKEND="gluon"),
              c(128, 128, 64, 4, 5, BACKEND="gluon"), c(256, 128, 128, 8, 3, BACKEND="gluon"),
              c(256, 128, 64, 8, 5, BACKEND="gluon")]
+    gluon += [dict(g, PDL=True) for g in gluon]
     return [c(128, 256, 128, 8, 3), c(128, 128, 128, 8, 4), c(256, 128, 128, 8, 3), c(128, 256, 64, 8, 4)] + tma + gluon
 
 

@@ -214,16 +214,23 @@ GLUON_CHILD = textwrap.dedent(r'''
         print(json.dumps({"skip": w8a8_gluon.GLUON_ERROR}))
         sys.exit(0)
     out = {}
-    for bm, bk, st, nw in ((128, 128, 3, 4), (128, 64, 5, 4), (256, 128, 3, 8), (256, 64, 5, 8)):
+    for bm, bk, st, nw in ((128, 128, 3, 4), (128, 64, 5, 4), (256, 128, 3, 8), (256, 64, 5, 8), (64, 128, 4, 4)):
         cfg = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, num_stages=st, num_warps=nw)
-        for dt, bias, rb, copy in ((torch.float16, True, False, False), (torch.bfloat16, False, False, False),
-                                   (torch.int32, False, False, False), (torch.float16, False, True, False),
-                                   (torch.bfloat16, True, True, True)):
-            k = w8a8_gluon.build_for_target(cfg, dt, bias, row_bits=rb, fp16_copy=copy)
+        for dt, bias, rb, copy, pdl in ((torch.float16, True, False, False, False),
+                                        (torch.bfloat16, False, False, False, False),
+                                        (torch.int32, False, False, False, False),
+                                        (torch.float16, False, True, False, False),
+                                        (torch.bfloat16, True, True, True, False),
+                                        (torch.float16, False, False, False, True),
+                                        (torch.bfloat16, True, True, True, True)):
+            k = w8a8_gluon.build_for_target(cfg, dt, bias, row_bits=rb, fp16_copy=copy, pdl=pdl)
             ptx = k.asm["ptx"]
-            out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias} row_bits={rb} copy={copy}"] = dict(
-                tile=f"{bm}x{bk}", mixed=rb, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
-                waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
+            tma = [m.start() for m in re.finditer(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx)]
+            gdc = [m.start() for m in re.finditer(r"griddepcontrol\.wait", ptx)]
+            out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias} row_bits={rb} copy={copy} pdl={pdl}"] = dict(
+                tile=f"{bm}x{bk}", mixed=rb, pdl=pdl, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
+                waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
+                gdc_waits=len(gdc), loads_before_gdc=sum(t < gdc[0] for t in tma) if gdc else 0)
     print(json.dumps(out))
 ''')
 
@@ -246,9 +253,10 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     """The Gluon W8A8 kernel builds for sm_90 at the tiles the tuner searches (fp16/bf16 out with and without
     bias, the raw int32 accumulator, mixed mode's row bits on the int8 weight and on an FP16 copy), fits the SM's shared
     memory (mixed mode at the plain kernel's CTAs per SM), and its K loop waits with one wgmma still in flight (wait_group 1) --
-    the reason it exists; only the final wait drains (wait_group 0)."""
+    the reason it exists; only the final wait drains (wait_group 0). Its programmatic launch's form (PDL) loads the
+    first weight tiles before it waits for the quantization."""
     built = _gluon_builds(GLUON_CHILD)
-    assert len(built) == 20
+    assert len(built) == 35
     plain_shared = {b["tile"]: b["shared"] for b in built.values() if not b["mixed"]}
     for what, b in built.items():
         assert b["cubin"], what
@@ -259,6 +267,10 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
         # loop reuses the INT8 ring, only the row-bit reduction's few bytes are added
         ctas = lambda nbytes: (228 * 1024) // (nbytes + 1024)  # noqa: E731
         assert ctas(b["shared"]) == ctas(plain_shared[b["tile"]]), (what, b["shared"], plain_shared[b["tile"]])
+        # PDL: one wait for the quantization, after the prologue's weight loads (STAGES - 1 of them), before any
+        # load of its output; none without PDL
+        stages = int(what.split(" s")[1].split()[0])
+        assert (b["gdc_waits"], b["loads_before_gdc"]) == ((1, stages - 1) if b["pdl"] else (0, 0)), (what, b)
 
 
 W4_GLUON_CHILD = textwrap.dedent(r'''

@@ -822,17 +822,18 @@ def _once_maxima(device, M: int) -> torch.Tensor:
     return cached_buffer(device, torch.float32, M, zero=True, tag="w8a8_once_amax")[:M]
 
 
-def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None, x=None, w_fp16=None) -> bool:
+def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None, x=None, w_fp16=None, pdl=False) -> bool:
     """The Gluon kernel (``BACKEND="gluon"``: INT8 wgmmas kept in flight, sm_90 only) on quantized activations,
     if it applies here; False: the caller runs the tl.dot kernel.  ``row_bits``: mixed mode, FP16 rows from ``x``
-    on ``w_fp16`` (or on ``w`` scaled per channel) in the same launch."""
+    on ``w_fp16`` (or on ``w`` scaled per channel) in the same launch.  ``pdl``: launched programmatically right
+    after the quantization (:func:`_wants_pdl`)."""
     from quantkit.kernels import w8a8_gluon
 
     if not w8a8_gluon.applies(a_q, w, out, cfg):
         return False
     if row_bits is not None and not w8a8_gluon.applies_mixed(x, w_fp16, out, cfg):
         return False
-    w8a8_gluon.launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits, x, w_fp16)
+    w8a8_gluon.launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits, x, w_fp16, pdl)
     return True
 
 
@@ -942,11 +943,12 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
         a_q, a_s = _quantize_into_scratch(x)
         return _launch_tma(a_q, a_s, w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
     if cfg.get("BACKEND") == "gluon":
-        a_q, a_s = _quantize_into_scratch(x)
-        if _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits, x, w_fp16):
+        pdl = _wants_pdl(cfg, x.device)
+        a_q, a_s = _quantize_into_scratch(x, trigger=pdl)
+        if _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits, x, w_fp16, pdl):
             return out
         return _launch(a_q, a_s, w, w_scale, bias, out, False, False, _mma_only(cfg, x, M, N, K), x, row_bits,
-                       w_fp16)
+                       w_fp16, pdl=pdl)
     cfg = _mma_only(cfg, x, M, N, K)
     if cfg.get("QUANT_ONCE", False):
         return _launch(_scratch(x)[0], None, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16,

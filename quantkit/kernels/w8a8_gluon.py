@@ -55,6 +55,12 @@ if GLUON_ERROR is None:
         _tma_load(b_desc, [off_n, kt * BK], ready.index(slot), b_ring.index(b_slot), pred=live)
 
     @gluon.jit
+    def _grid_dep_wait():
+        """``_common.grid_dep_wait`` in Gluon: wait for the launch before this programmatic one (PDL) to finish
+        and its writes to be visible."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _fp_rows(rb_ptr, rows, M):
         """Mixed mode: which of ``rows`` are FP16 (row bit 0; rows past M are not)."""
         return (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
@@ -142,7 +148,8 @@ if GLUON_ERROR is None:
     @gluon.jit
     def w8a8_gluon_kernel(a_desc, w_desc, c_desc, xf_desc, wf_desc, c_ptr, as_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K,
                           STAGES: gl.constexpr, WARPS: gl.constexpr, OUT_INT32: gl.constexpr,
-                          HAS_BIAS: gl.constexpr, ROW_BITS: gl.constexpr, HAS_FP16_W: gl.constexpr):
+                          HAS_BIAS: gl.constexpr, ROW_BITS: gl.constexpr, HAS_FP16_W: gl.constexpr,
+                          PDL: gl.constexpr):
         BM: gl.constexpr = c_desc.block_type.shape[0]
         BN: gl.constexpr = c_desc.block_type.shape[1]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -173,8 +180,18 @@ if GLUON_ERROR is None:
         ready = _gluon.ready_barriers(STAGES)
 
         # prologue: fill slots 0 .. STAGES-2 (predicated off past the last K tile)
-        for s in gl.static_range(STAGES - 1):
-            _load_step(a_desc, w_desc, a_ring, w_ring, ready, s, s, off_m, off_n, s, BK, TILE_BYTES, s < k_tiles)
+        if PDL:
+            # launched programmatically while the quantization runs: the weight tiles (and the row bits above: no
+            # launch in flight writes them) are read at once, the quantized activations once it has finished
+            for s in gl.static_range(STAGES - 1):
+                mbarrier.expect(ready.index(s), TILE_BYTES, pred=s < k_tiles)
+                _tma_load(w_desc, [off_n, s * BK], ready.index(s), w_ring.index(s), pred=s < k_tiles)
+            _grid_dep_wait()
+            for s in gl.static_range(STAGES - 1):
+                _tma_load(a_desc, [off_m, s * BK], ready.index(s), a_ring.index(s), pred=s < k_tiles)
+        else:
+            for s in gl.static_range(STAGES - 1):
+                _load_step(a_desc, w_desc, a_ring, w_ring, ready, s, s, off_m, off_n, s, BK, TILE_BYTES, s < k_tiles)
 
         acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
 
@@ -261,11 +278,14 @@ def descriptors(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict
 _LAUNCH = _gluon.DirectLaunch()
 
 
-def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None, w_fp16=None) -> torch.Tensor:
+def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None, w_fp16=None,
+           pdl: bool = False) -> torch.Tensor:
     """``out`` = the W8A8 GEMM of quantized activations a_q (M, K) int8 with a_scale (M,) fp32 and w (N, K) int8
     with w_scale (N,) fp32 (an int32 ``out`` receives the raw accumulator).  ``applies`` must hold.
     ``row_bits`` ((M,) uint8, mixed mode; :func:`applies_mixed` must hold too): rows with bit 0 set are computed
-    from ``x`` (the fp16 / bf16 activations a_q came from) on ``w_fp16``, or on w scaled per channel."""
+    from ``x`` (the fp16 / bf16 activations a_q came from) on ``w_fp16``, or on w scaled per channel.
+    ``pdl``: launched programmatically right after the launch that wrote a_q and a_scale (``_common.pdl_supported``
+    must hold): the weight loads start while it runs."""
     M, K = a_q.shape
     N = w.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -275,7 +295,7 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     ws = w_scale if w_scale is not None else out
     b = bias if bias is not None else scales
     consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, mixed,
-              w_fp16 is not None)
+              w_fp16 is not None, pdl)
     ptrs = (out, scales, ws, b, row_bits if mixed else scales, M, N, K)
     wf = (w_fp16 if w_fp16 is not None else w) if mixed else None
     tensors = (a_q, w, out, x, wf) if mixed else (a_q, w, out)
@@ -286,16 +306,17 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     a_d, w_d, c_d, xf_d, wf_d = descriptors(a_q, w, out, cfg, x if mixed else None, wf)
     k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, xf_d, wf_d, *ptrs, STAGES=consts[0], WARPS=consts[1],
                                 OUT_INT32=consts[2], HAS_BIAS=consts[3], ROW_BITS=consts[4], HAS_FP16_W=consts[5],
-                                num_warps=cfg["num_warps"])
+                                PDL=pdl, num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
     _LAUNCH.remember(key, k)
     return out
 
 
 def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False, cc: int = 90,
-                     row_bits: bool = False, fp16_copy: bool = False):
+                     row_bits: bool = False, fp16_copy: bool = False, pdl: bool = False):
     """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
     launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report.
-    ``row_bits``: mixed mode (x of ``out_dtype``), FP16 rows on an FP16 copy of the weight or on the int8 one."""
+    ``row_bits``: mixed mode (x of ``out_dtype``), FP16 rows on an FP16 copy of the weight or on the int8 one;
+    ``pdl``: the programmatic launch's form."""
     a = torch.empty(256, 256, dtype=torch.int8)
     w = torch.empty(256, 256, dtype=torch.int8)
     c = torch.empty(256, 256, dtype=out_dtype)
@@ -309,9 +330,9 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
            "c_ptr": {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32"}[out_dtype], "as_ptr": ptr,
            "ws_ptr": ptr, "bias_ptr": "*fp16" if has_bias else ptr, "rb_ptr": "*u8" if row_bits else ptr,
            "M": "i32", "N": "i32", "K": "i32", "STAGES": "constexpr", "WARPS": "constexpr", "OUT_INT32": "constexpr",
-           "HAS_BIAS": "constexpr", "ROW_BITS": "constexpr", "HAS_FP16_W": "constexpr"}
+           "HAS_BIAS": "constexpr", "ROW_BITS": "constexpr", "HAS_FP16_W": "constexpr", "PDL": "constexpr"}
     consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
-              "HAS_BIAS": has_bias, "ROW_BITS": row_bits, "HAS_FP16_W": row_bits and fp16_copy}
+              "HAS_BIAS": has_bias, "ROW_BITS": row_bits, "HAS_FP16_W": row_bits and fp16_copy, "PDL": pdl}
     if not row_bits:
         consts.update(xf_desc=None, wf_desc=None)
     return _gluon.compile_for_target(w8a8_gluon_kernel, sig, consts, cfg["num_warps"], cc)

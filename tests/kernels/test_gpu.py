@@ -140,13 +140,14 @@ def test_tma_kernel_plain_and_mixed_match_the_tensor_core_kernel(layer, M, cfg):
 GLUON_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3, BACKEND="gluon"),
                  dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5, BACKEND="gluon"),
                  dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, BACKEND="gluon"),
-                 dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=5, BACKEND="gluon")]
+                 dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=5, BACKEND="gluon"),
+                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, BACKEND="gluon")]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="Gluon's wgmma kernel is sm_90 only")
 @pytest.mark.parametrize("M", [2048, 1000, 77])
-@pytest.mark.parametrize("cfg", GLUON_CONFIGS, ids=["128x128x128", "128x128x64", "256x128x128", "256x128x64"])
+@pytest.mark.parametrize("cfg", GLUON_CONFIGS, ids=["128x128x128", "128x128x64", "256x128x128", "256x128x64", "64x128x128"])
 def test_gluon_kernel_matches_the_tensor_core_kernel(layer, M, cfg):
     """Plain W8A8 through the Gluon kernel equals the tl.dot kernel bit for bit (exact int32 accumulation, the
     same epilogue formula), with and without bias, fp16 and bf16; its int32 accumulator is exact. Mixed rows in
@@ -221,6 +222,34 @@ def test_gluon_cached_launch_and_graph_capture(layer, monkeypatch):
                 glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
                 assert torch.equal(glu, mma)
     _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), cfg, MMA_CONFIG)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="Gluon's wgmma kernel is sm_90 only")
+@pytest.mark.parametrize("M", [256, 77])
+@pytest.mark.parametrize("cfg", [GLUON_CONFIGS[0], GLUON_CONFIGS[4]], ids=["128x128x128", "64x128x128"])
+def test_gluon_pdl_launch_gives_the_two_launch_result(layer, M, cfg):
+    """``PDL`` on a Gluon config (the GEMM launched programmatically while the quantization runs, its weight tiles
+    loaded before it waits): bit for bit the plain launch's result, plain and mixed mode, each call on new
+    activations (a read of the quantized activations before the wait would see the previous call's), and in a
+    CUDA graph replayed on new input."""
+    if layer["N"] * layer["K"] > 6144 * 4096:
+        pytest.skip("keep the GPU test short")
+    N, K, W = layer["N"], layer["K"], layer["W8"]
+    pdl = dict(cfg, PDL=True)
+    rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
+    rb[M // 4: M // 4 + 20] = 1
+    for dtype in (torch.float16, torch.bfloat16):
+        wf = layer["w16"].to(dtype)
+        for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
+            for bits in (None, rb):
+                for scale in (1.0, 5.0, 0.2):
+                    x = torch.randn(M, K, device="cuda", dtype=dtype) * scale
+                    y = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=pdl, row_bits=bits, w_fp16=wf,
+                                                out=poison((M, N), dtype, "cuda"))
+                    ref = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, row_bits=bits, w_fp16=wf)
+                    assert torch.equal(y, ref), (dtype, b is not None, bits is not None, scale)
+    _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), pdl, cfg)
 
 
 def _graph_replays_match(W, x, cfg, ref_cfg, replays=3):
