@@ -561,6 +561,7 @@ def timed_search(what, cands, run, ref, timer, fails, tol=TOL):
         try:
             if checked(lambda o: run(cfg, o), ref, f"{what} {cfg}", fails, tol) <= tol:
                 res.append((timer(cfg), cfg))
+                log(f"timed {what}: {res[-1][0]:.2f} us {cfg}")
         except Exception as ex:
             log(f"skip {what} {cfg}: {type(ex).__name__}: {str(ex)[:200]}")
     res.sort(key=lambda t: t[0])

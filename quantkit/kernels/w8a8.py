@@ -21,8 +21,12 @@ Paths:
   registers after taking its rows' maxima over all of K: x re-read N/BLOCK_N times, and on an H100 the
   in-register quantization made the loop ~4x slower than the INT8 one; the CPU interpreter's path);
 * persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer);
-* the Gluon kernel of ``w8a8_gluon`` (``BACKEND="gluon"``, large M on sm_90): Triton's pipeliner waits for
+* the Gluon kernel of ``w8a8_gluon`` (``BACKEND="gluon"``, M >= 64 on sm_90): Triton's pipeliner waits for
   every INT8 wgmma, Gluon keeps one in flight (mixed mode too); elsewhere its configs run the tl.dot kernel.
+
+Where the quantization is a launch of its own (the GEMV, the tensor-core kernel, Gluon), a ``PDL`` config on sm_90+
+launches the GEMM programmatically: it starts while the quantization runs and waits for it only before reading
+its output (:func:`_wants_pdl`).
 
 Every Triton kernel here takes a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
 ``quantkit.kernels.mixed`` (pruned away when False).

@@ -18,6 +18,8 @@ step, twice the element width: no shared memory beyond the plain kernel's, so no
 FP16 rows; with no FP16 copy the loop widens each int8 weight tile in shared memory and scales per channel after
 it.  Where Gluon cannot run (``_gluon``: no Gluon, not sm_90, operands TMA cannot describe) ``applies`` /
 ``applies_mixed`` is false and the caller runs the ``tl.dot`` kernel (its mixed mode is one launch too).
+``PDL``: launched programmatically right after the quantization, the kernel loads its first weight tiles before
+it waits for that launch (``griddepcontrol.wait``) and its activations after.
 """
 
 from __future__ import annotations

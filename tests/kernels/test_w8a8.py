@@ -148,6 +148,10 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale)
     assert rel_err(y, ref) <= 1e-2 and rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.05)) > 1e-2
     assert torch.equal(y, w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(CFG, FUSE_QUANT=False)))
+    # its PDL twin (the shipped H200 form) too: the programmatic launch exists on sm_90+ only, the result is the same
+    y_pdl = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(glu, PDL=True),
+                                    out=poison((M, N), torch.float16, dev))
+    assert torch.equal(y_pdl, y)
     from quantkit.kernels.act_quant import per_token_quant_ref
 
     aq, asc = per_token_quant_ref(x)

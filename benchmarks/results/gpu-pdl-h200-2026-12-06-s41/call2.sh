@@ -1,0 +1,1 @@
+export PYTHONPATH=.; mkdir -p $OUT/c; timeout 170 python benchmarks/gemm.py --mixed-study --ms 256 --shapes 6144x4096,4096x4096,28672x4096,4096x14336 > $OUT/c/mixed256.log 2>&1  # after copying call 1's H200.json into the tree
