@@ -147,7 +147,8 @@ GLUON_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warp
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="Gluon's wgmma kernel is sm_90 only")
 @pytest.mark.parametrize("M", [2048, 1000, 77])
-@pytest.mark.parametrize("cfg", GLUON_CONFIGS, ids=["128x128x128", "128x128x64", "256x128x128", "256x128x64", "64x128x128"])
+@pytest.mark.parametrize("cfg", GLUON_CONFIGS,
+                         ids=["128x128x128", "128x128x64", "256x128x128", "256x128x64", "64x128x128"])
 def test_gluon_kernel_matches_the_tensor_core_kernel(layer, M, cfg):
     """Plain W8A8 through the Gluon kernel equals the tl.dot kernel bit for bit (exact int32 accumulation, the
     same epilogue formula), with and without bias, fp16 and bf16; its int32 accumulator is exact. Mixed rows in
