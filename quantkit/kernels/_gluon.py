@@ -60,6 +60,12 @@ if GLUON_ERROR is None:
         return method(dtype, shape, layout, _semantic=_semantic)
 
     @gluon.jit
+    def grid_dep_wait():
+        """``_common.grid_dep_wait`` for Gluon kernels: wait for the launch before this programmatic one (PDL) to
+        finish and its writes to be visible."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def ready_barriers(STAGES: gl.constexpr):
         """One "TMA landed" mbarrier per ring slot, initialised and fenced for the async proxy."""
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

@@ -318,7 +318,7 @@ def _w8a8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    PDL: tl.constexpr,  # launched programmatically after the quantization: wait for it before reading a, as
+    PDL: tl.constexpr,  # launched programmatically after the quantization: wait for it before reading a and as
 ):
     """Tensor-core W8A8 GEMM: one (BLOCK_M, BLOCK_N) output tile over one K split (see module docstring).
 
@@ -478,7 +478,7 @@ def _w8a8_gemv_kernel(
     EPS_C: tl.constexpr,
     AMAX_K: tl.constexpr,  # FUSE_QUANT: elements per step of the row-max prologue
     LOAD_STAGES: tl.constexpr,  # > 1: the INT8 loop's loads pipelined (cp.async into a ring of this many steps)
-    PDL: tl.constexpr,  # launched programmatically after the quantization: wait for it before reading a, as
+    PDL: tl.constexpr,  # launched programmatically after the quantization: wait for it before reading a and as
 ):
     """GEMV-style W8A8 for M <= BLOCK_M <= 16 on activations quantized once per call.
 

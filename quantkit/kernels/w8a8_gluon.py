@@ -57,12 +57,6 @@ if GLUON_ERROR is None:
         _tma_load(b_desc, [off_n, kt * BK], ready.index(slot), b_ring.index(b_slot), pred=live)
 
     @gluon.jit
-    def _grid_dep_wait():
-        """``_common.grid_dep_wait`` in Gluon: wait for the launch before this programmatic one (PDL) to finish
-        and its writes to be visible."""
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
     def _fp_rows(rb_ptr, rows, M):
         """Mixed mode: which of ``rows`` are FP16 (row bit 0; rows past M are not)."""
         return (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
@@ -188,7 +182,7 @@ if GLUON_ERROR is None:
             for s in gl.static_range(STAGES - 1):
                 mbarrier.expect(ready.index(s), TILE_BYTES, pred=s < k_tiles)
                 _tma_load(w_desc, [off_n, s * BK], ready.index(s), w_ring.index(s), pred=s < k_tiles)
-            _grid_dep_wait()
+            _gluon.grid_dep_wait()
             for s in gl.static_range(STAGES - 1):
                 _tma_load(a_desc, [off_m, s * BK], ready.index(s), a_ring.index(s), pred=s < k_tiles)
         else:
