@@ -46,8 +46,24 @@ manifest_like = st.fixed_dictionaries(
 )
 
 
+_SCRATCH: list[Path] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _scratch_root(tmp_path_factory):
+    """Hypothesis runs many examples per test, so tmp_path (one per test) can't hold them: each example gets
+    its own folder under this module's pytest temp dir, which pytest prunes (the last 3 runs are kept)."""
+    _SCRATCH.append(tmp_path_factory.mktemp("examples"))
+    yield
+    _SCRATCH.pop()
+
+
+def _scratch(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH[-1]))
+
+
 def _tmpfile(data: bytes, name: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="qk-fuzz-"))
+    d = _scratch("qk-fuzz-")
     p = d / name
     p.write_bytes(data)
     return p
@@ -281,7 +297,7 @@ def test_cli_random_option_values(fuzz_model, data):
         opts.setdefault("--group-size", "32")
     for k in chosen:
         opts[k] = str(data.draw(_OPTIONS[cmd][k]))
-    work = Path(tempfile.mkdtemp(prefix="qk-cli-"))
+    work = _scratch("qk-cli-")
     (work / "keep.txt").write_text("the user's")
     before = _snapshot(work)
     args = [cmd, "--model", str(fuzz_model)]
@@ -373,7 +389,7 @@ def test_checkpoint_dir_mutations(fuzz_ckpt, data):
     from quantkit.models.loading import load_model
     from tiny_models import run_cli
 
-    d = Path(tempfile.mkdtemp(prefix="qk-ck-")) / "q"
+    d = _scratch("qk-ck-") / "q"
     shutil.copytree(fuzz_ckpt, d)
     files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
     done = [_mutate(d, files, data) for _ in range(data.draw(st.integers(1, 3)))]
