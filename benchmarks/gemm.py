@@ -128,6 +128,14 @@ def w8a8_candidates(M):
              c(128, 128, 64, 4, 5, BACKEND="gluon"), c(256, 128, 128, 8, 3, BACKEND="gluon"),
              c(256, 128, 64, 8, 5, BACKEND="gluon")]
     gluon += [dict(g, PDL=True) for g in gluon]
+    # its persistent form: one program an SM (two for the 64-row tile) walking the tiles, the TMA ring running on
+    # across tile boundaries and each tile's store overlapping the next tile's loop
+    gluon += [c(128, 128, 128, 8, 4, BACKEND="gluon", PERSISTENT=True),
+              c(128, 128, 128, 4, 4, BACKEND="gluon", PERSISTENT=True),
+              c(128, 128, 64, 8, 6, BACKEND="gluon", PERSISTENT=True),
+              c(256, 128, 64, 8, 4, BACKEND="gluon", PERSISTENT=True),
+              c(256, 128, 128, 8, 3, BACKEND="gluon", PERSISTENT=True, G=16),
+              c(64, 128, 128, 4, 4, BACKEND="gluon", PERSISTENT=True, PROGS_PER_SM=2)]
     return [c(128, 256, 128, 8, 3), c(128, 128, 128, 8, 4), c(256, 128, 128, 8, 3), c(128, 256, 64, 8, 4)] + tma + gluon
 
 

@@ -231,6 +231,19 @@ GLUON_CHILD = textwrap.dedent(r'''
                 tile=f"{bm}x{bk}", mixed=rb, pdl=pdl, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
                 waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
                 gdc_waits=len(gdc), loads_before_gdc=sum(t < gdc[0] for t in tma) if gdc else 0)
+        for dt in (torch.float16, torch.int32):  # the persistent kernel (PERSISTENT), where its buffers fit
+            pc = dict(cfg, PERSISTENT=True)
+            if not w8a8_gluon.persistent(pc, out_bytes=dt.itemsize):
+                continue
+            k = w8a8_gluon.build_for_target(pc, dt, dt != torch.int32)
+            ptx = k.asm["ptx"]
+            # each wait for the previous tile's TMA store: is a CTA barrier next, before any shared store?
+            after = [re.search(r"bar\.sync|st\.shared", ptx[m.end():]).group(0)
+                     for m in re.finditer(r"cp\.async\.bulk\.wait_group\.read", ptx)]
+            out[f"{bm}x128x{bk} s{st} w{nw} {dt} persistent"] = dict(
+                tile=f"{bm}x{bk}", mixed=False, pdl=False, persistent=True, cubin=bool(k.asm.get("cubin")),
+                shared=k.metadata.shared, waits=sorted(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)),
+                stores=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)), after_store_wait=after)
     print(json.dumps(out))
 ''')
 
@@ -254,9 +267,20 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     bias, the raw int32 accumulator, mixed mode's row bits on the int8 weight and on an FP16 copy), fits the SM's shared
     memory (mixed mode at the plain kernel's CTAs per SM), and its K loop waits with one wgmma still in flight (wait_group 1) --
     the reason it exists; only the final wait drains (wait_group 0). Its programmatic launch's form (PDL) loads the
-    first weight tiles before it waits for the quantization."""
+    first weight tiles before it waits for the quantization. The persistent kernel builds too, with the same K loop
+    and a TMA store buffer reused safely."""
     built = _gluon_builds(GLUON_CHILD)
+    pers = {what: built.pop(what) for what in [w for w, b in built.items() if b.get("persistent")]}
     assert len(built) == 35
+    # the persistent kernel: fp16 out at every tile, int32 where ring + store buffer fit (not the 256-row tiles)
+    assert sorted(w.split(" s")[0] for w in pers if "int32" in w) == ["128x128x128", "128x128x64", "64x128x128"]
+    assert len(pers) == 8, sorted(pers)
+    for what, b in pers.items():
+        assert b["cubin"] and 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
+        # one wgmma in flight in the K loop, drained once a tile; one TMA store a tile, whose buffer is reused only
+        # after the store has read it (bulk wait) and every thread knows it (CTA barrier)
+        assert b["waits"] == ["0", "1"] and b["stores"] == 1, (what, b)
+        assert b["after_store_wait"] == ["bar.sync", "bar.sync"], (what, b)
     plain_shared = {b["tile"]: b["shared"] for b in built.values() if not b["mixed"]}
     for what, b in built.items():
         assert b["cubin"], what

@@ -22,7 +22,8 @@ Paths:
   in-register quantization made the loop ~4x slower than the INT8 one; the CPU interpreter's path);
 * persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer);
 * the Gluon kernel of ``w8a8_gluon`` (``BACKEND="gluon"``, M >= 64 on sm_90): Triton's pipeliner waits for
-  every INT8 wgmma, Gluon keeps one in flight (mixed mode too); elsewhere its configs run the tl.dot kernel.
+  every INT8 wgmma, Gluon keeps one in flight (mixed mode too), and with ``PERSISTENT`` a plain call walks the
+  tiles one program an SM; elsewhere its configs run the tl.dot kernel.
 
 Where the quantization is a launch of its own (the GEMV, the tensor-core kernel, Gluon), a ``PDL`` config on sm_90+
 launches the GEMM programmatically: it starts while the quantization runs and waits for it only before reading

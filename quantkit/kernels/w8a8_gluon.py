@@ -20,6 +20,9 @@ it.  Where Gluon cannot run (``_gluon``: no Gluon, not sm_90, operands TMA canno
 ``applies_mixed`` is false and the caller runs the ``tl.dot`` kernel (its mixed mode is one launch too).
 ``PDL``: launched programmatically right after the quantization, the kernel loads its first weight tiles before
 it waits for that launch (``griddepcontrol.wait``) and its activations after.
+``PERSISTENT`` (large M, plain calls): one program per SM walks the tiles in grouped order; its TMA ring runs on
+across tile boundaries and each tile's TMA store overlaps the next tile's K loop
+(``w8a8_gluon_persistent_kernel``).
 """
 
 from __future__ import annotations
@@ -142,6 +145,39 @@ if GLUON_ERROR is None:
         tma.store_wait(pendings=0)
 
     @gluon.jit
+    def _scaled(acc, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS: gl.constexpr):
+        """The int32 accumulator -> fp32 output: ``w8a8._int8_epilogue``'s formula (bias as an explicit fma), so
+        the outputs equal the tl.dot kernels' bit for bit."""
+        a_sc = gl.load(as_ptr + rows, mask=rows < M, other=0.0)
+        w_sc = gl.load(ws_ptr + cols, mask=cols < N, other=0.0)
+        if HAS_BIAS:
+            b = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+            return gl.fma(acc.to(gl.float32) * a_sc[:, None], w_sc[None, :], b[None, :])
+        return acc.to(gl.float32) * a_sc[:, None] * w_sc[None, :]
+
+    @gluon.jit
+    def _grouped(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
+        """Tile index -> (pid_m, pid_n) in GROUP_M-grouped order (``_common.grouped_tile``'s, which Gluon cannot
+        call: the tiles that share A rows run together, so A and W stay in L2)."""
+        in_group = GROUP_M * num_pid_n
+        first_m = tile // in_group * GROUP_M
+        group_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+        return first_m + (tile % in_group) % group_m, (tile % in_group) // group_m
+
+    @gluon.jit
+    def _load_program_step(a_desc, w_desc, a_ring, w_ring, ready, p, pid, n_progs, k_tiles, total, num_pid_m,
+                           num_pid_n, GROUP_M: gl.constexpr, STAGES: gl.constexpr, nbytes: gl.constexpr):
+        """Persistent kernel: step ``p`` of this program's walk (its tiles pid, pid + n_progs, ..., each k_tiles K
+        steps, ``total`` steps in all) into ring slot p % STAGES; predicated off past the last step."""
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        pid_m, pid_n = _grouped(pid + (p // k_tiles) * n_progs, num_pid_m, num_pid_n, GROUP_M)
+        slot = p % STAGES
+        _load_step(a_desc, w_desc, a_ring, w_ring, ready, slot, slot, pid_m * BM, pid_n * BN, p % k_tiles, BK,
+                   nbytes, p < total)
+
+    @gluon.jit
     def w8a8_gluon_kernel(a_desc, w_desc, c_desc, xf_desc, wf_desc, c_ptr, as_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K,
                           STAGES: gl.constexpr, WARPS: gl.constexpr, OUT_INT32: gl.constexpr,
                           HAS_BIAS: gl.constexpr, ROW_BITS: gl.constexpr, HAS_FP16_W: gl.constexpr,
@@ -213,14 +249,7 @@ if GLUON_ERROR is None:
         if OUT_INT32:
             _store_tile(c_desc, acc, off_m, off_n)
         else:
-            a_sc = gl.load(as_ptr + rows, mask=rows < M, other=0.0)
-            w_sc = gl.load(ws_ptr + cols, mask=cols < N, other=0.0)
-            # w8a8._int8_epilogue's formula, so the outputs equal the tl.dot kernels' bit for bit
-            if HAS_BIAS:
-                b = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
-                out = gl.fma(acc.to(gl.float32) * a_sc[:, None], w_sc[None, :], b[None, :])
-            else:
-                out = acc.to(gl.float32) * a_sc[:, None] * w_sc[None, :]
+            out = _scaled(acc, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS)
             if ROW_BITS:  # mixed mode: the tile's row bits (bit 0 = FP16), read once the INT8 loop is done
                 is_fp = _fp_rows(rb_ptr, rows, M)
                 if gl.sum(is_fp.to(gl.int32), axis=0) > 0:
@@ -231,6 +260,73 @@ if GLUON_ERROR is None:
                     _store_tile(c_desc, out, off_m, off_n)
             else:
                 _store_tile(c_desc, out, off_m, off_n)
+
+    @gluon.jit
+    def w8a8_gluon_persistent_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
+                                     STAGES: gl.constexpr, WARPS: gl.constexpr, OUT_INT32: gl.constexpr,
+                                     HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr):
+        """The plain kernel's GEMM with a persistent grid (``PERSISTENT`` in the config; plain W8A8 only): each
+        program walks the tiles pid, pid + programs, ... in grouped order, and its TMA ring runs on across tile
+        boundaries (the next tile's first STAGES - 1 K tiles load during this tile's last wgmmas and its
+        epilogue, instead of each CTA's prologue waiting for them), and a tile's output leaves through a TMA
+        store that is waited for only before the next tile's epilogue reuses its buffer."""
+        BM: gl.constexpr = c_desc.block_type.shape[0]
+        BN: gl.constexpr = c_desc.block_type.shape[1]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        TILE_BYTES: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
+
+        pid = gl.program_id(0)
+        n_progs = gl.num_programs(0)
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        k_tiles = gl.cdiv(K, BK)
+        my_tiles = gl.cdiv(num_pid_m * num_pid_n - pid, n_progs)  # the launch has at most one program a tile
+        total = my_tiles * k_tiles
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0],
+            warps_per_cta=_gluon.mma_warps(BM, WARPS),
+            instr_shape=[16, _mma_instr_n(BM, BN, WARPS), 32],
+        )
+
+        a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        ready = _gluon.ready_barriers(STAGES)
+        for s in gl.static_range(STAGES - 1):
+            _load_program_step(a_desc, w_desc, a_ring, w_ring, ready, s, pid, n_progs, k_tiles, total, num_pid_m,
+                               num_pid_n, GROUP_M, STAGES, TILE_BYTES)
+
+        step = 0  # this program's K steps consumed so far, over all its tiles: the ring's slot and phase
+        for t in range(my_tiles):
+            pid_m, pid_n = _grouped(pid + t * n_progs, num_pid_m, num_pid_n, GROUP_M)
+            acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
+            for ki in range(k_tiles):
+                slot = step % STAGES
+                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+                a_s = a_ring.index(slot)
+                w_s = w_ring.index(slot)
+                acc = warpgroup_mma(a_s, w_s.permute((1, 0)), acc, is_async=True)
+                acc, a_s, w_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, w_s))
+                # the slot wgmma step - 1 read is free: refill it with step + STAGES - 1 (maybe the next tile's)
+                _load_program_step(a_desc, w_desc, a_ring, w_ring, ready, step + STAGES - 1, pid, n_progs, k_tiles,
+                                   total, num_pid_m, num_pid_n, GROUP_M, STAGES, TILE_BYTES)
+                step += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+            if OUT_INT32:
+                out = acc
+            else:
+                rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
+                cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+                out = _scaled(acc, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS)
+            tma.store_wait(pendings=0)  # the previous tile's store has read c_smem (the issuing thread knows) ...
+            _gluon.cta_barrier()  # ... and every thread waits for it before overwriting the buffer
+            c_smem.store(out.to(c_desc.dtype))
+            fence_async_shared()
+            _tma_store(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+        tma.store_wait(pendings=0)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
 
 
 def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) -> bool:
@@ -272,6 +368,46 @@ def descriptors(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict
 
 
 _LAUNCH = _gluon.DirectLaunch()
+_LAUNCH_PERSISTENT = _gluon.DirectLaunch()
+
+
+def persistent(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:
+    """Whether a launch with ``cfg`` runs the persistent kernel: the config asks for it (``PERSISTENT``), the call
+    is plain W8A8 (mixed mode's FP16 loop reuses the ring, which the persistent kernel keeps loading across
+    tiles: a mixed call runs the plain kernel on the same tile), and the ring plus the output tile's store buffer
+    (``out_bytes`` an element) fit one CTA's shared memory (a 256 x 128 int32 tile after a 3-deep ring does not)."""
+    if not cfg.get("PERSISTENT", False) or mixed:
+        return False
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return cfg["num_stages"] * (bm + bn) * bk + bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
+
+
+def persistent_programs(M: int, N: int, cfg: dict, device) -> int:
+    """The persistent grid: one program per SM (``PROGS_PER_SM`` more where a tile's shared memory lets two
+    share an SM), never more programs than tiles."""
+    tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
+    return max(1, min(tiles, _common.sm_count(device) * cfg.get("PROGS_PER_SM", 1)))
+
+
+def _launch_persistent(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
+    M, K = a_q.shape
+    N = w.shape[0]
+    grid = (persistent_programs(M, N, cfg, a_q.device),)
+    scales = a_scale if a_scale is not None else out
+    ws = w_scale if w_scale is not None else out
+    b = bias if bias is not None else scales
+    consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, cfg.get("GROUP_M", 8))
+    ptrs = (scales, ws, b, M, N, K)
+    key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
+                   consts, _common.spec_key(ptrs))
+    if _LAUNCH_PERSISTENT.run(key, grid, (a_q, w, out), ptrs + consts):
+        return out
+    a_d, w_d, c_d, _, _ = descriptors(a_q, w, out, cfg)
+    k = w8a8_gluon_persistent_kernel[grid](a_d, w_d, c_d, *ptrs, STAGES=consts[0], WARPS=consts[1],
+                                           OUT_INT32=consts[2], HAS_BIAS=consts[3], GROUP_M=consts[4],
+                                           num_warps=cfg["num_warps"])
+    _LAUNCH_PERSISTENT.remember(key, k)
+    return out
 
 
 def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None, w_fp16=None,
@@ -281,12 +417,15 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     ``row_bits`` ((M,) uint8, mixed mode; :func:`applies_mixed` must hold too): rows with bit 0 set are computed
     from ``x`` (the fp16 / bf16 activations a_q came from) on ``w_fp16``, or on w scaled per channel.
     ``pdl``: launched programmatically right after the launch that wrote a_q and a_scale (``_common.pdl_supported``
-    must hold): the weight loads start while it runs."""
+    must hold): the weight loads start while it runs.  A ``PERSISTENT`` config runs the persistent kernel on a
+    plain call (:func:`persistent`; ``pdl`` is ignored there)."""
+    mixed = row_bits is not None
+    if persistent(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL form)
+        return _launch_persistent(a_q, a_scale, w, w_scale, bias, out, cfg)
     M, K = a_q.shape
     N = w.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = ((M + bm - 1) // bm, (N + bn - 1) // bn)
-    mixed = row_bits is not None
     scales = a_scale if a_scale is not None else out
     ws = w_scale if w_scale is not None else out
     b = bias if bias is not None else scales
@@ -312,7 +451,7 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
     """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
     launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report.
     ``row_bits``: mixed mode (x of ``out_dtype``), FP16 rows on an FP16 copy of the weight or on the int8 one;
-    ``pdl``: the programmatic launch's form."""
+    ``pdl``: the programmatic launch's form.  A ``PERSISTENT`` config of a plain call builds the persistent kernel."""
     a = torch.empty(256, 256, dtype=torch.int8)
     w = torch.empty(256, 256, dtype=torch.int8)
     c = torch.empty(256, 256, dtype=out_dtype)
@@ -320,15 +459,21 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
     wf = (torch.empty(256, 256, dtype=out_dtype) if fp16_copy else w) if row_bits else None
     a_d, w_d, c_d, xf_d, wf_d = descriptors(a, w, c, cfg, x, wf)
     ptr = "*fp32"
-    sig = {"a_desc": _gluon.mangle(a_d), "w_desc": _gluon.mangle(w_d), "c_desc": _gluon.mangle(c_d),
-           "xf_desc": _gluon.mangle(xf_d) if row_bits else "constexpr",
-           "wf_desc": _gluon.mangle(wf_d) if row_bits else "constexpr",
-           "c_ptr": {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32"}[out_dtype], "as_ptr": ptr,
-           "ws_ptr": ptr, "bias_ptr": "*fp16" if has_bias else ptr, "rb_ptr": "*u8" if row_bits else ptr,
-           "M": "i32", "N": "i32", "K": "i32", "STAGES": "constexpr", "WARPS": "constexpr", "OUT_INT32": "constexpr",
-           "HAS_BIAS": "constexpr", "ROW_BITS": "constexpr", "HAS_FP16_W": "constexpr", "PDL": "constexpr"}
+    types = {"a_desc": _gluon.mangle(a_d), "w_desc": _gluon.mangle(w_d), "c_desc": _gluon.mangle(c_d),
+             "xf_desc": _gluon.mangle(xf_d) if row_bits else "constexpr",
+             "wf_desc": _gluon.mangle(wf_d) if row_bits else "constexpr",
+             "c_ptr": {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32"}[out_dtype],
+             "as_ptr": ptr, "ws_ptr": ptr, "bias_ptr": "*fp16" if has_bias else ptr,
+             "rb_ptr": "*u8" if row_bits else ptr,
+             "M": "i32", "N": "i32", "K": "i32"}
     consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
-              "HAS_BIAS": has_bias, "ROW_BITS": row_bits, "HAS_FP16_W": row_bits and fp16_copy, "PDL": pdl}
-    if not row_bits:
+              "HAS_BIAS": has_bias, "ROW_BITS": row_bits, "HAS_FP16_W": row_bits and fp16_copy, "PDL": pdl,
+              "GROUP_M": cfg.get("GROUP_M", 8)}
+    pers = persistent(cfg, row_bits, c.element_size())
+    kernel = w8a8_gluon_persistent_kernel if pers else w8a8_gluon_kernel
+    names = kernel.arg_names
+    sig = {n: types.get(n, "constexpr") for n in names}  # in the kernel's parameter order
+    consts = {n: v for n, v in consts.items() if n in names}
+    if not row_bits and "xf_desc" in names:
         consts.update(xf_desc=None, wf_desc=None)
-    return _gluon.compile_for_target(w8a8_gluon_kernel, sig, consts, cfg["num_warps"], cc)
+    return _gluon.compile_for_target(kernel, sig, consts, cfg["num_warps"], cc)

@@ -253,6 +253,55 @@ def test_gluon_pdl_launch_gives_the_two_launch_result(layer, M, cfg):
     _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), pdl, cfg)
 
 
+PERSISTENT_CONFIGS = [dict(GLUON_CONFIGS[0], num_warps=8, num_stages=4, PERSISTENT=True),
+                      dict(GLUON_CONFIGS[3], num_stages=4, GROUP_M=4, PERSISTENT=True),
+                      dict(GLUON_CONFIGS[4], PERSISTENT=True, PROGS_PER_SM=2)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="Gluon's wgmma kernel is sm_90 only")
+@pytest.mark.parametrize("M", [2048, 1000, 77])
+@pytest.mark.parametrize("cfg", PERSISTENT_CONFIGS, ids=["128x128x128", "256x128x64", "64x128x128x2"])
+def test_gluon_persistent_kernel_matches_the_tensor_core_kernel(layer, M, cfg, monkeypatch):
+    """``PERSISTENT``: programs walking several tiles each, the TMA ring running on across tile boundaries (M =
+    2048: 3-16 tiles a program) and one output buffer reused by consecutive TMA stores, bit for bit the tl.dot
+    kernel (fp16 / bf16, with and without bias; partial tiles at M = 1000 and 77); the int32 accumulator exact;
+    the cached direct launch and a CUDA graph replayed on new input the same; a mixed call with this config runs
+    the plain Gluon kernel on the same tile (its result that kernel's)."""
+    from quantkit.kernels import w8a8_gluon
+
+    if layer["N"] * layer["K"] > 6144 * 4096 and layer["K"] != 14336:
+        pytest.skip("keep the GPU test short")
+    N, K, W = layer["N"], layer["K"], layer["W8"]
+    assert w8a8_gluon.persistent(cfg) and not w8a8_gluon.persistent(cfg, mixed=True)
+    progs = w8a8_gluon.persistent_programs(M, N, cfg, torch.device("cuda"))
+    tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
+    assert progs == min(tiles, torch.cuda.get_device_properties(0).multi_processor_count * cfg.get("PROGS_PER_SM", 1))
+    for dtype in (torch.float16, torch.bfloat16):
+        for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
+            for _ in range(2):  # the second call: the cached direct launch
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=MMA_CONFIG)
+                glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
+                assert torch.equal(glu, mma), (dtype, b is not None, (glu.float() - mma.float()).abs().max().item())
+    a_q, a_s = act_quant.per_token_quant_triton(x)
+    acc = w8a8_gluon.launch(a_q, None, W.w, None, None, poison((M, N), torch.int32, "cuda"), cfg)
+    assert torch.equal(acc.long(), (a_q.double() @ layer["q8"].double().t()).long())
+    plain = {k: v for k, v in cfg.items() if k not in ("PERSISTENT", "PROGS_PER_SM")}
+    rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
+    rb[M // 3: M // 3 + 20] = 1
+    wf = layer["w16"].to(x.dtype)
+    y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, row_bits=rb, w_fp16=wf,
+                                out=poison((M, N), x.dtype, "cuda"))
+    assert torch.equal(y, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=plain, row_bits=rb, w_fp16=wf))
+
+    def no_descriptors(*a, **k):
+        raise AssertionError("the cached launch built TMA descriptors")
+
+    monkeypatch.setattr(w8a8_gluon, "descriptors", no_descriptors)
+    _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), cfg, MMA_CONFIG)
+
+
 def _graph_replays_match(W, x, cfg, ref_cfg, replays=3):
     """The W8A8 call with `cfg`, captured in a CUDA graph and replayed on new data in `x`, equals a plain call
     with `ref_cfg` bit for bit after every replay."""

@@ -152,6 +152,12 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     y_pdl = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(glu, PDL=True),
                                     out=poison((M, N), torch.float16, dev))
     assert torch.equal(y_pdl, y)
+    # and its persistent twin (where Gluon runs, plain calls take the persistent kernel, mixed ones this one)
+    pers = dict(glu, PERSISTENT=True)
+    assert w8a8_gluon.persistent(pers) and not w8a8_gluon.persistent(pers, mixed=True)
+    assert not w8a8_gluon.persistent(glu)
+    y_pers = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=pers, out=poison((M, N), torch.float16, dev))
+    assert torch.equal(y_pers, y)
     from quantkit.kernels.act_quant import per_token_quant_ref
 
     aq, asc = per_token_quant_ref(x)
