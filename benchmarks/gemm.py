@@ -117,6 +117,9 @@ def w8a8_candidates(M):
         gluon = [c(64, 128, 128, 4, 4, BACKEND="gluon"), c(64, 128, 128, 4, 5, BACKEND="gluon"),
                  c(64, 128, 64, 4, 6, BACKEND="gluon"), c(128, 128, 128, 4, 4, BACKEND="gluon"),
                  c(128, 128, 128, 8, 3, BACKEND="gluon")]
+        # K splits, for shapes with few tiles (4096 x 14336: 64-128 tiles at this M on 132 SMs)
+        gluon += [c(64, 128, 128, 4, 4, BACKEND="gluon", SPLIT_K=2), c(128, 128, 128, 4, 4, BACKEND="gluon", SPLIT_K=2),
+                  c(64, 128, 64, 4, 6, BACKEND="gluon", SPLIT_K=2), c(64, 128, 128, 4, 4, BACKEND="gluon", SPLIT_K=3)]
         gluon += [dict(g, PDL=True) for g in gluon]  # launched while the quantization runs (weights loaded first)
         return [c(64, 128, 128, 4, 4), c(128, 128, 128, 8, 3), c(64, 256, 128, 8, 3), c(128, 128, 128, 8, 3, SPLIT_K=2),
                 c(64, 128, 128, 4, 4, SPLIT_K=2)] + gluon

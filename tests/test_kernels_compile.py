@@ -231,6 +231,20 @@ GLUON_CHILD = textwrap.dedent(r'''
                 tile=f"{bm}x{bk}", mixed=rb, pdl=pdl, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
                 waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
                 gdc_waits=len(gdc), loads_before_gdc=sum(t < gdc[0] for t in tma) if gdc else 0)
+        if bm != 256 and st != 5:  # a K split (SPLIT_K 2): plain, int32, mixed on the int8 weight, on a copy + PDL
+            for dt, bias, rb, copy, pdl in ((torch.float16, True, False, False, False),
+                                            (torch.int32, False, False, False, False),
+                                            (torch.float16, False, True, False, False),
+                                            (torch.bfloat16, True, True, True, True)):
+                k = w8a8_gluon.build_for_target(dict(cfg, SPLIT_K=2), dt, bias, row_bits=rb, fp16_copy=copy, pdl=pdl)
+                ptx = k.asm["ptx"]
+                tma = [m.start() for m in re.finditer(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx)]
+                gdc = [m.start() for m in re.finditer(r"griddepcontrol\.wait", ptx)]
+                out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias} row_bits={rb} copy={copy} pdl={pdl} sk2"] = dict(
+                    tile=f"{bm}x{bk}", mixed=rb, pdl=pdl, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
+                    waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
+                    gdc_waits=len(gdc), loads_before_gdc=sum(t < gdc[0] for t in tma) if gdc else 0,
+                    atomics=len(re.findall(r"atom\.global", ptx)))
         for dt in (torch.float16, torch.int32):  # the persistent kernel (PERSISTENT), where its buffers fit
             pc = dict(cfg, PERSISTENT=True)
             if not w8a8_gluon.persistent(pc, out_bytes=dt.itemsize):
@@ -267,11 +281,14 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     bias, the raw int32 accumulator, mixed mode's row bits on the int8 weight and on an FP16 copy), fits the SM's shared
     memory (mixed mode at the plain kernel's CTAs per SM), and its K loop waits with one wgmma still in flight (wait_group 1) --
     the reason it exists; only the final wait drains (wait_group 0). Its programmatic launch's form (PDL) loads the
-    first weight tiles before it waits for the quantization. The persistent kernel builds too, with the same K loop
-    and a TMA store buffer reused safely."""
+    first weight tiles before it waits for the quantization. With a K split (SPLIT_K) too. The persistent kernel
+    builds, with the same K loop and a TMA store buffer reused safely."""
     built = _gluon_builds(GLUON_CHILD)
     pers = {what: built.pop(what) for what in [w for w, b in built.items() if b.get("persistent")]}
-    assert len(built) == 35
+    sk = {what: b for what, b in built.items() if what.endswith(" sk2")}
+    assert len(built) == 35 + 8 and len(sk) == 8, sorted(sk)
+    # a K split: the counter taken and reset once a tile (one atomic add, one exchange), in mixed mode too
+    assert all(b["atomics"] == 2 for b in sk.values()), {w: b["atomics"] for w, b in sk.items()}
     # the persistent kernel: fp16 out at every tile, int32 where ring + store buffer fit (not the 256-row tiles)
     assert sorted(w.split(" s")[0] for w in pers if "int32" in w) == ["128x128x128", "128x128x64", "64x128x128"]
     assert len(pers) == 8, sorted(pers)

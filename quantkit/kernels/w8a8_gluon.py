@@ -20,6 +20,9 @@ it.  Where Gluon cannot run (``_gluon``: no Gluon, not sm_90, operands TMA canno
 ``applies_mixed`` is false and the caller runs the ``tl.dot`` kernel (its mixed mode is one launch too).
 ``PDL``: launched programmatically right after the quantization, the kernel loads its first weight tiles before
 it waits for that launch (``griddepcontrol.wait``) and its activations after.
+``SPLIT_K`` (few tiles, e.g. 4096 x 14336 at M = 256): the grid's third axis splits K; the splits' exact int32
+partials meet in a workspace and the last to arrive stores (outputs bit for bit the unsplit kernel's; mixed mode's
+FP16 rows sum fp32 partials).
 ``PERSISTENT`` (large M, plain calls): one program per SM walks the tiles in grouped order; its TMA ring runs on
 across tile boundaries and each tile's TMA store overlaps the next tile's K loop
 (``w8a8_gluon_persistent_kernel``).
@@ -50,6 +53,12 @@ if GLUON_ERROR is None:
                 return n
         raise ValueError("no int8 wgmma instruction N fits")
 
+    @gluon.constexpr_function
+    def _fp16_mma_layout(BM, BN, WARPS):
+        """The fp16/bf16 wgmma accumulator's layout (mixed mode's FP16 loop): k = 256 bits of 16-bit elements."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_gluon.mma_warps(BM, WARPS),
+                                         instr_shape=[16, _mma_instr_n(BM, BN, WARPS), 16])
+
     @gluon.jit
     def _load_step(a_desc, b_desc, a_ring, b_ring, ready, slot, b_slot, off_m, off_n, kt, BK: gl.constexpr,
                    nbytes: gl.constexpr, live):
@@ -65,12 +74,12 @@ if GLUON_ERROR is None:
         return (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
 
     @gluon.jit
-    def _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n, M, N, K,
-                   STAGES: gl.constexpr, WARPS: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_FP16_W: gl.constexpr):
-        """Mixed mode, a tile holding an FP16 row: an fp16/bf16 wgmma loop over K on x and the FP16 weight (or the
-        int8 weight, converted in shared memory and scaled per channel after the loop), through the INT8 loop's
-        ring (the same bytes: half the K step at twice the width); stores the tile's FP16 rows. Formula of the
-        tl.dot kernel's FP16 rows (``w8a8._store_fp16_rows``)."""
+    def _fp16_acc(a_ring, w_ring, xf_desc, wf_desc, ws_ptr, off_m, off_n, N, kf_lo, kf_hi, STAGES: gl.constexpr,
+                  WARPS: gl.constexpr, HAS_FP16_W: gl.constexpr):
+        """Mixed mode, a tile holding an FP16 row: an fp16/bf16 wgmma loop over the K tiles [kf_lo, kf_hi) (of the
+        FP16 step) on x and the FP16 weight (or the int8 weight, converted in shared memory and scaled per channel
+        after the loop), through the INT8 loop's ring (the same bytes: half the K step at twice the width).
+        Returns the fp32 accumulator and its rows and columns."""
         BM: gl.constexpr = xf_desc.block_type.shape[0]
         BKF: gl.constexpr = xf_desc.block_type.shape[1]
         BN: gl.constexpr = wf_desc.block_type.shape[0]
@@ -84,15 +93,12 @@ if GLUON_ERROR is None:
         # no FP16 copy: the int8 tile is widened in place (the slot holds it twice over at 16 bits)
         h_ring = _gluon.reinterpret(w_ring, DT, [STAGES, BN, BKF], xf_desc.layout)
         ready = _gluon.ready_barriers(STAGES)
-        k_tiles = gl.cdiv(K, BKF)
+        k_tiles = kf_hi - kf_lo
         for s in gl.static_range(STAGES - 1):
-            _load_step(xf_desc, wf_desc, x_ring, f_ring, ready, s, s * F, off_m, off_n, s, BKF, TILE_BYTES, s < k_tiles)
+            _load_step(xf_desc, wf_desc, x_ring, f_ring, ready, s, s * F, off_m, off_n, kf_lo + s, BKF, TILE_BYTES,
+                       s < k_tiles)
 
-        mma_f: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0],
-            warps_per_cta=_gluon.mma_warps(BM, WARPS),
-            instr_shape=[16, _mma_instr_n(BM, BN, WARPS), 16],  # k = 256 bits of 16-bit elements
-        )
+        mma_f: gl.constexpr = _fp16_mma_layout(BM, BN, WARPS)
         widen: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // BKF, BKF // 16], [WARPS, 1], [1, 0])
         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_f)
         for ki in range(k_tiles):
@@ -112,8 +118,8 @@ if GLUON_ERROR is None:
             acc, x_s, b_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, x_s, b_s))
             nk = ki + STAGES - 1
             nslot = nk % STAGES
-            _load_step(xf_desc, wf_desc, x_ring, f_ring, ready, nslot, nslot * F, off_m, off_n, nk, BKF, TILE_BYTES,
-                       nk < k_tiles)
+            _load_step(xf_desc, wf_desc, x_ring, f_ring, ready, nslot, nslot * F, off_m, off_n, kf_lo + nk, BKF,
+                       TILE_BYTES, nk < k_tiles)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -122,10 +128,64 @@ if GLUON_ERROR is None:
         cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_f))
         if not HAS_FP16_W:
             acc = acc * gl.load(ws_ptr + cols, mask=cols < N, other=0.0)[None, :]
+        return acc, rows, cols
+
+    @gluon.jit
+    def _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n, M, N, K,
+                   STAGES: gl.constexpr, WARPS: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_FP16_W: gl.constexpr):
+        """Mixed mode without a K split: ``_fp16_acc`` over all of K, then the tile's FP16 rows stored (the
+        tl.dot kernel's formula, ``w8a8._store_fp16_rows``)."""
+        acc, rows, cols = _fp16_acc(a_ring, w_ring, xf_desc, wf_desc, ws_ptr, off_m, off_n, N, 0,
+                                    gl.cdiv(K, xf_desc.block_type.shape[1]), STAGES, WARPS, HAS_FP16_W)
         if HAS_BIAS:
             acc += gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
+        _store_rows(c_ptr, acc, rows, cols, _fp_rows(rb_ptr, rows, M), M, N)
+
+    @gluon.jit
+    def _mixed_splitk(acc, rows, cols, a_ring, w_ring, xf_desc, wf_desc, c_ptr, as_ptr, ws_ptr, bias_ptr, rb_ptr,
+                      part_ptr, lock_ptr, tile, pid_k, off_m, off_n, M, N, kt_lo, kt_hi, K, BK: gl.constexpr,
+                      STAGES: gl.constexpr, WARPS: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_FP16_W: gl.constexpr,
+                      SPLIT_K: gl.constexpr):
+        """Mixed mode with a K split (``_common.splitk_sum_rows``' workspace protocol): this split parks its INT8
+        rows' exact int32 partial and, if the tile holds an FP16 row, runs the FP16 loop over its share of K and
+        parks its FP16 rows' fp32 partial (as bits) in the same slot; the split that arrives last sums each row set
+        over the splits and stores it (INT8 rows: the plain kernel's epilogue, so bit for bit its output)."""
+        BM: gl.constexpr = xf_desc.block_type.shape[0]
+        BN: gl.constexpr = wf_desc.block_type.shape[0]
+        BKF: gl.constexpr = xf_desc.block_type.shape[1]
+        ELEMS: gl.constexpr = BM * BN
+        mma_f: gl.constexpr = _fp16_mma_layout(BM, BN, WARPS)
+        slots = part_ptr + tile.to(gl.int64) * (SPLIT_K * ELEMS)
         is_fp = _fp_rows(rb_ptr, rows, M)
-        _store_rows(c_ptr, acc, rows, cols, is_fp, M, N)
+        n_fp = gl.sum(is_fp.to(gl.int32), axis=0)
+        offs = (rows - off_m)[:, None] * BN + (cols - off_n)[None, :]
+        i8 = (is_fp == 0)[:, None] & (offs >= 0)
+        gl.store(slots + pid_k * ELEMS + offs, acc, mask=i8)
+        # the FP16 accumulator's places (its own layout)
+        rows_f = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_f))
+        cols_f = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_f))
+        offs_f = (rows_f - off_m)[:, None] * BN + (cols_f - off_n)[None, :]
+        fp = _fp_rows(rb_ptr, rows_f, M)[:, None] & (offs_f >= 0)
+        if n_fp > 0:
+            R: gl.constexpr = BK // BKF  # FP16 K tiles per INT8 K tile
+            accf, _, _ = _fp16_acc(a_ring, w_ring, xf_desc, wf_desc, ws_ptr, off_m, off_n, N, kt_lo * R,
+                                   gl.minimum(kt_hi * R, gl.cdiv(K, BKF)), STAGES, WARPS, HAS_FP16_W)
+            gl.store(slots + pid_k * ELEMS + offs_f, accf.to(gl.int32, bitcast=True), mask=fp)
+        _gluon.cta_barrier()  # every thread's partial is written before the counter moves
+        if gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            tot = gl.zeros_like(acc)
+            for sk in gl.static_range(SPLIT_K):
+                tot += gl.load(slots + sk * ELEMS + offs, mask=i8, other=0)
+            out = _scaled(tot, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS)
+            _store_rows(c_ptr, out, rows, cols, is_fp == 0, M, N)
+            if n_fp > 0:
+                totf = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_f)
+                for sk in gl.static_range(SPLIT_K):
+                    totf += gl.load(slots + sk * ELEMS + offs_f, mask=fp, other=0).to(gl.float32, bitcast=True)
+                if HAS_BIAS:
+                    totf += gl.load(bias_ptr + cols_f, mask=cols_f < N, other=0.0).to(gl.float32)[None, :]
+                _store_rows(c_ptr, totf, rows_f, cols_f, _fp_rows(rb_ptr, rows_f, M), M, N)
+            gl.atomic_xchg(lock_ptr + tile, 0)
 
     @gluon.jit
     def _store_rows(c_ptr, value, rows, cols, row_mask, M, N):
@@ -178,10 +238,13 @@ if GLUON_ERROR is None:
                    nbytes, p < total)
 
     @gluon.jit
-    def w8a8_gluon_kernel(a_desc, w_desc, c_desc, xf_desc, wf_desc, c_ptr, as_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K,
+    def w8a8_gluon_kernel(a_desc, w_desc, c_desc, xf_desc, wf_desc, c_ptr, as_ptr, ws_ptr, bias_ptr, rb_ptr,
+                          part_ptr, lock_ptr, M, N, K,
                           STAGES: gl.constexpr, WARPS: gl.constexpr, OUT_INT32: gl.constexpr,
                           HAS_BIAS: gl.constexpr, ROW_BITS: gl.constexpr, HAS_FP16_W: gl.constexpr,
-                          PDL: gl.constexpr):
+                          PDL: gl.constexpr, SPLIT_K: gl.constexpr):
+        """Grid (M tiles, N tiles, SPLIT_K): each program computes one tile over its share of K; with SPLIT_K > 1 the
+        splits' exact int32 partials meet in ``part`` (counters ``lock``, zero) and the last to arrive stores."""
         BM: gl.constexpr = c_desc.block_type.shape[0]
         BN: gl.constexpr = c_desc.block_type.shape[1]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -189,7 +252,11 @@ if GLUON_ERROR is None:
 
         off_m = gl.program_id(0) * BM
         off_n = gl.program_id(1) * BN
-        k_tiles = gl.cdiv(K, BK)
+        # this split's K tiles: [kt_lo, kt_hi), k_tiles of them (the whole K without a split)
+        per_split = gl.cdiv(gl.cdiv(K, BK), SPLIT_K)
+        kt_lo = gl.program_id(2) * per_split
+        kt_hi = gl.minimum(gl.cdiv(K, BK), kt_lo + per_split)
+        k_tiles = gl.maximum(kt_hi - kt_lo, 0)
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0],
             warps_per_cta=_gluon.mma_warps(BM, WARPS),
@@ -217,13 +284,14 @@ if GLUON_ERROR is None:
             # launch in flight writes them) are read at once, the quantized activations once it has finished
             for s in gl.static_range(STAGES - 1):
                 mbarrier.expect(ready.index(s), TILE_BYTES, pred=s < k_tiles)
-                _tma_load(w_desc, [off_n, s * BK], ready.index(s), w_ring.index(s), pred=s < k_tiles)
+                _tma_load(w_desc, [off_n, (kt_lo + s) * BK], ready.index(s), w_ring.index(s), pred=s < k_tiles)
             _gluon.grid_dep_wait()
             for s in gl.static_range(STAGES - 1):
-                _tma_load(a_desc, [off_m, s * BK], ready.index(s), a_ring.index(s), pred=s < k_tiles)
+                _tma_load(a_desc, [off_m, (kt_lo + s) * BK], ready.index(s), a_ring.index(s), pred=s < k_tiles)
         else:
             for s in gl.static_range(STAGES - 1):
-                _load_step(a_desc, w_desc, a_ring, w_ring, ready, s, s, off_m, off_n, s, BK, TILE_BYTES, s < k_tiles)
+                _load_step(a_desc, w_desc, a_ring, w_ring, ready, s, s, off_m, off_n, kt_lo + s, BK, TILE_BYTES,
+                           s < k_tiles)
 
         acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
 
@@ -239,14 +307,29 @@ if GLUON_ERROR is None:
             # refill that freed slot with tile ki + STAGES - 1
             nk = ki + STAGES - 1
             nslot = nk % STAGES
-            _load_step(a_desc, w_desc, a_ring, w_ring, ready, nslot, nslot, off_m, off_n, nk, BK, TILE_BYTES,
+            _load_step(a_desc, w_desc, a_ring, w_ring, ready, nslot, nslot, off_m, off_n, kt_lo + nk, BK, TILE_BYTES,
                        nk < k_tiles)
 
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
 
-        if OUT_INT32:
+        if SPLIT_K > 1:
+            tile = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
+            if ROW_BITS:
+                _mixed_splitk(acc, rows, cols, a_ring, w_ring, xf_desc, wf_desc, c_ptr, as_ptr, ws_ptr, bias_ptr,
+                              rb_ptr, part_ptr, lock_ptr, tile, gl.program_id(2), off_m, off_n, M, N, kt_lo, kt_hi, K,
+                              BK, STAGES, WARPS, HAS_BIAS, HAS_FP16_W, SPLIT_K)
+            else:
+                offs = (rows - off_m)[:, None] * BN + (cols - off_n)[None, :]
+                acc, last = _gluon.splitk_sum(acc, part_ptr, lock_ptr, tile, gl.program_id(2), offs, SPLIT_K, BM * BN)
+                if last:
+                    if OUT_INT32:
+                        _store_rows(c_ptr, acc, rows, cols, rows >= 0, M, N)
+                    else:
+                        out = _scaled(acc, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS)
+                        _store_rows(c_ptr, out, rows, cols, rows >= 0, M, N)
+        elif OUT_INT32:
             _store_tile(c_desc, acc, off_m, off_n)
         else:
             out = _scaled(acc, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS)
@@ -374,9 +457,9 @@ _LAUNCH_PERSISTENT = _gluon.DirectLaunch()
 def persistent(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:
     """Whether a launch with ``cfg`` runs the persistent kernel: the config asks for it (``PERSISTENT``), the call
     is plain W8A8 (mixed mode's FP16 loop reuses the ring, which the persistent kernel keeps loading across
-    tiles: a mixed call runs the plain kernel on the same tile), and the ring plus the output tile's store buffer
+    tiles: a mixed call runs the plain kernel on the same tile) without a K split, and the ring plus the output tile's store buffer
     (``out_bytes`` an element) fit one CTA's shared memory (a 256 x 128 int32 tile after a 3-deep ring does not)."""
-    if not cfg.get("PERSISTENT", False) or mixed:
+    if not cfg.get("PERSISTENT", False) or mixed or int(cfg.get("SPLIT_K", 1)) > 1:
         return False
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     return cfg["num_stages"] * (bm + bn) * bk + bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
@@ -425,13 +508,15 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     M, K = a_q.shape
     N = w.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = ((M + bm - 1) // bm, (N + bn - 1) // bn)
+    split_k = int(cfg.get("SPLIT_K", 1))
+    grid = ((M + bm - 1) // bm, (N + bn - 1) // bn, split_k)
     scales = a_scale if a_scale is not None else out
     ws = w_scale if w_scale is not None else out
     b = bias if bias is not None else scales
+    part, lock = _common.splitk_buffers(a_q.device, grid[0] * grid[1], split_k, bm * bn, 0)
     consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, mixed,
-              w_fp16 is not None, pdl)
-    ptrs = (out, scales, ws, b, row_bits if mixed else scales, M, N, K)
+              w_fp16 is not None, pdl, split_k)
+    ptrs = (out, scales, ws, b, row_bits if mixed else scales, part, lock, M, N, K)
     wf = (w_fp16 if w_fp16 is not None else w) if mixed else None
     tensors = (a_q, w, out, x, wf) if mixed else (a_q, w, out)
     key = lambda: (_common.current_device(), bm, bn, cfg["BLOCK_K"], out.dtype, consts,  # noqa: E731
@@ -441,7 +526,8 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     a_d, w_d, c_d, xf_d, wf_d = descriptors(a_q, w, out, cfg, x if mixed else None, wf)
     k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, xf_d, wf_d, *ptrs, STAGES=consts[0], WARPS=consts[1],
                                 OUT_INT32=consts[2], HAS_BIAS=consts[3], ROW_BITS=consts[4], HAS_FP16_W=consts[5],
-                                PDL=pdl, num_warps=cfg["num_warps"], **({"launch_pdl": True} if pdl else {}))
+                                PDL=pdl, SPLIT_K=split_k, num_warps=cfg["num_warps"],
+                                **({"launch_pdl": True} if pdl else {}))
     _LAUNCH.remember(key, k)
     return out
 
@@ -464,11 +550,11 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
              "wf_desc": _gluon.mangle(wf_d) if row_bits else "constexpr",
              "c_ptr": {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32"}[out_dtype],
              "as_ptr": ptr, "ws_ptr": ptr, "bias_ptr": "*fp16" if has_bias else ptr,
-             "rb_ptr": "*u8" if row_bits else ptr,
+             "rb_ptr": "*u8" if row_bits else ptr, "part_ptr": "*i32", "lock_ptr": "*i32",
              "M": "i32", "N": "i32", "K": "i32"}
     consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
               "HAS_BIAS": has_bias, "ROW_BITS": row_bits, "HAS_FP16_W": row_bits and fp16_copy, "PDL": pdl,
-              "GROUP_M": cfg.get("GROUP_M", 8)}
+              "GROUP_M": cfg.get("GROUP_M", 8), "SPLIT_K": int(cfg.get("SPLIT_K", 1))}
     pers = persistent(cfg, row_bits, c.element_size())
     kernel = w8a8_gluon_persistent_kernel if pers else w8a8_gluon_kernel
     names = kernel.arg_names

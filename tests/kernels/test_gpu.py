@@ -141,18 +141,25 @@ GLUON_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warp
                  dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=5, BACKEND="gluon"),
                  dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, BACKEND="gluon"),
                  dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=5, BACKEND="gluon"),
-                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, BACKEND="gluon")]
+                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, BACKEND="gluon"),
+                 # K splits: 2, and 3 (uneven shares of 32 and 112 K tiles)
+                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, BACKEND="gluon",
+                      SPLIT_K=2),
+                 dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, BACKEND="gluon",
+                      SPLIT_K=3)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="Gluon's wgmma kernel is sm_90 only")
 @pytest.mark.parametrize("M", [2048, 1000, 77])
 @pytest.mark.parametrize("cfg", GLUON_CONFIGS,
-                         ids=["128x128x128", "128x128x64", "256x128x128", "256x128x64", "64x128x128"])
+                         ids=["128x128x128", "128x128x64", "256x128x128", "256x128x64", "64x128x128", "64x128x128-sk2",
+                              "128x128x128-sk3"])
 def test_gluon_kernel_matches_the_tensor_core_kernel(layer, M, cfg):
     """Plain W8A8 through the Gluon kernel equals the tl.dot kernel bit for bit (exact int32 accumulation, the
     same epilogue formula), with and without bias, fp16 and bf16; its int32 accumulator is exact. Mixed rows in
-    the same Gluon launch, on an FP16 copy and on the int8 weight, with and without bias."""
+    the same Gluon launch, on an FP16 copy and on the int8 weight, with and without bias. With a K split too (the
+    int32 partials summed exactly: the same bits; FP16 rows' fp32 partials summed by the last split)."""
     from quantkit.kernels import w8a8_gluon
 
     assert w8a8_gluon.GLUON_ERROR is None, w8a8_gluon.GLUON_ERROR
@@ -228,7 +235,8 @@ def test_gluon_cached_launch_and_graph_capture(layer, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="Gluon's wgmma kernel is sm_90 only")
 @pytest.mark.parametrize("M", [256, 77])
-@pytest.mark.parametrize("cfg", [GLUON_CONFIGS[0], GLUON_CONFIGS[4]], ids=["128x128x128", "64x128x128"])
+@pytest.mark.parametrize("cfg", [GLUON_CONFIGS[0], GLUON_CONFIGS[4], GLUON_CONFIGS[5]],
+                         ids=["128x128x128", "64x128x128", "64x128x128-sk2"])
 def test_gluon_pdl_launch_gives_the_two_launch_result(layer, M, cfg):
     """``PDL`` on a Gluon config (the GEMM launched programmatically while the quantization runs, its weight tiles
     loaded before it waits): bit for bit the plain launch's result, plain and mixed mode, each call on new

@@ -158,6 +158,10 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     assert not w8a8_gluon.persistent(glu)
     y_pers = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=pers, out=poison((M, N), torch.float16, dev))
     assert torch.equal(y_pers, y)
+    assert not w8a8_gluon.persistent(dict(pers, SPLIT_K=2))  # a K split runs the plain Gluon kernel
+    y_sk = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(glu, SPLIT_K=2),
+                                   out=poison((M, N), torch.float16, dev))
+    assert torch.equal(y_sk, y)
     from quantkit.kernels.act_quant import per_token_quant_ref
 
     aq, asc = per_token_quant_ref(x)
