@@ -457,8 +457,9 @@ _LAUNCH_PERSISTENT = _gluon.DirectLaunch()
 def persistent(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:
     """Whether a launch with ``cfg`` runs the persistent kernel: the config asks for it (``PERSISTENT``), the call
     is plain W8A8 (mixed mode's FP16 loop reuses the ring, which the persistent kernel keeps loading across
-    tiles: a mixed call runs the plain kernel on the same tile) without a K split, and the ring plus the output tile's store buffer
-    (``out_bytes`` an element) fit one CTA's shared memory (a 256 x 128 int32 tile after a 3-deep ring does not)."""
+    tiles: a mixed call runs the plain kernel on the same tile) without a K split, and the ring plus the output
+    tile's store buffer (``out_bytes`` an element) fit one CTA's shared memory (a 256 x 128 int32 tile after a
+    3-deep ring does not)."""
     if not cfg.get("PERSISTENT", False) or mixed or int(cfg.get("SPLIT_K", 1)) > 1:
         return False
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
