@@ -473,6 +473,8 @@ def main():
             if args.json:  # incremental, in case the run is cut short
                 with open(args.json, "w") as f:
                     json.dump(tuned, f, indent=1)
+            if args.write_configs:  # likewise (the files merge: rewriting an entry is harmless)
+                save_configs(tuned)
         del L
         torch.cuda.empty_cache()
 
@@ -746,6 +748,8 @@ def peer_study(dev, gen, shapes, ms, bw, args):
             if args.json:  # incremental, in case the run is cut short
                 with open(args.json, "w") as f:
                     json.dump({"tuned": tuned, "rows": rows}, f, indent=1, default=str)
+            if args.write_configs:  # likewise (a search cut at its time limit keeps the shapes it finished)
+                save_configs(_by_kind(tuned))
         del ours4, ours8, dense16, dense_bf, tg, g4, g8
         torch.cuda.empty_cache()
     md = peer_report(rows, bw, fails, gl)
@@ -758,12 +762,17 @@ def peer_study(dev, gen, shapes, ms, bw, args):
         with open(args.json, "w") as f:
             json.dump({"tuned": tuned, "rows": rows}, f, indent=1, default=str)
     if args.write_configs:
-        by_kind: dict = {}
-        for k, cfg in tuned.items():
-            kind, gpu_, m, n, kk = k.split("|")
-            by_kind.setdefault(kind, {})[f"{gpu_}|{m}|{n}|{kk}"] = cfg
-        save_configs(by_kind)
+        save_configs(_by_kind(tuned))
     return 1 if fails else 0
+
+
+def _by_kind(tuned: dict) -> dict:
+    """The decode search's {"kind|gpu|m|n|k": config} as ``save_configs`` takes it."""
+    by_kind: dict = {}
+    for k, cfg in tuned.items():
+        kind, gpu_, m, n, kk = k.split("|")
+        by_kind.setdefault(kind, {})[f"{gpu_}|{m}|{n}|{kk}"] = cfg
+    return by_kind
 
 
 def peer_report(rows, bw, fails, gl):

@@ -294,8 +294,10 @@ def write_tuned(gpu: str, kernel: str, entries: dict[tuple[int, int, int], dict]
             lines.append(f" {json.dumps(key)}: {json.dumps(val)}{end}")
     lines.append("}")
     os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # then renamed: a tuner killed mid-write leaves the old file whole
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -150,6 +150,7 @@ def test_tuned_configs_are_data(tmp_path):
     _common.write_tuned("G1", "w4a16", {(1, 64, 128): {"BACKEND": "gemv", "BLOCK_N": 32}}, directory=str(tmp_path))
     _common.write_tuned("G1", "w4a16", {(16, 64, 128): {"BACKEND": "mma"}}, directory=str(tmp_path))
     _common.write_tuned("G1", "w8a8", {(1, 64, 128): {"BLOCK_N": 16}}, directory=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["G1.json"]  # written aside, then renamed over
     t = _common.load_tuned("w4a16", directory=str(tmp_path))
     assert t == {("G1", 1, 64, 128): {"BACKEND": "gemv", "BLOCK_N": 32}, ("G1", 16, 64, 128): {"BACKEND": "mma"}}
     cache = _common.ConfigCache(wna16._default_config, table=t)
