@@ -214,37 +214,33 @@ GLUON_CHILD = textwrap.dedent(r'''
         print(json.dumps({"skip": w8a8_gluon.GLUON_ERROR}))
         sys.exit(0)
     out = {}
+    PLAIN_MIXED_PDL = ((torch.float16, True, False, False, False), (torch.bfloat16, False, False, False, False),
+                       (torch.int32, False, False, False, False), (torch.float16, False, True, False, False),
+                       (torch.bfloat16, True, True, True, False), (torch.float16, False, False, False, True),
+                       (torch.bfloat16, True, True, True, True))
+    # a K split (SPLIT_K 2): plain, int32, mixed on the int8 weight, mixed on a copy + PDL
+    SPLIT = (PLAIN_MIXED_PDL[0], PLAIN_MIXED_PDL[2], PLAIN_MIXED_PDL[3], PLAIN_MIXED_PDL[6])
+
+    def build(name, cfg, dt, bias, rb, copy, pdl):
+        k = w8a8_gluon.build_for_target(cfg, dt, bias, row_bits=rb, fp16_copy=copy, pdl=pdl)
+        ptx = k.asm["ptx"]
+        tma = [m.start() for m in re.finditer(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx)]
+        gdc = [m.start() for m in re.finditer(r"griddepcontrol\.wait", ptx)]
+        key = f"{name} {dt} bias={bias} row_bits={rb} copy={copy} pdl={pdl}" + (" sk2" if "SPLIT_K" in cfg else "")
+        out[key] = dict(
+            tile=name.split(" ")[0].replace("x128x", "x"), mixed=rb, pdl=pdl, cubin=bool(k.asm.get("cubin")),
+            shared=k.metadata.shared, waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
+            gdc_waits=len(gdc), loads_before_gdc=sum(t < gdc[0] for t in tma) if gdc else 0,
+            atomics=len(re.findall(r"atom\.global", ptx)))
+
     for bm, bk, st, nw in ((128, 128, 3, 4), (128, 64, 5, 4), (256, 128, 3, 8), (256, 64, 5, 8), (64, 128, 4, 4)):
         cfg = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, num_stages=st, num_warps=nw)
-        for dt, bias, rb, copy, pdl in ((torch.float16, True, False, False, False),
-                                        (torch.bfloat16, False, False, False, False),
-                                        (torch.int32, False, False, False, False),
-                                        (torch.float16, False, True, False, False),
-                                        (torch.bfloat16, True, True, True, False),
-                                        (torch.float16, False, False, False, True),
-                                        (torch.bfloat16, True, True, True, True)):
-            k = w8a8_gluon.build_for_target(cfg, dt, bias, row_bits=rb, fp16_copy=copy, pdl=pdl)
-            ptx = k.asm["ptx"]
-            tma = [m.start() for m in re.finditer(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx)]
-            gdc = [m.start() for m in re.finditer(r"griddepcontrol\.wait", ptx)]
-            out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias} row_bits={rb} copy={copy} pdl={pdl}"] = dict(
-                tile=f"{bm}x{bk}", mixed=rb, pdl=pdl, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
-                waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
-                gdc_waits=len(gdc), loads_before_gdc=sum(t < gdc[0] for t in tma) if gdc else 0)
-        if bm != 256 and st != 5:  # a K split (SPLIT_K 2): plain, int32, mixed on the int8 weight, on a copy + PDL
-            for dt, bias, rb, copy, pdl in ((torch.float16, True, False, False, False),
-                                            (torch.int32, False, False, False, False),
-                                            (torch.float16, False, True, False, False),
-                                            (torch.bfloat16, True, True, True, True)):
-                k = w8a8_gluon.build_for_target(dict(cfg, SPLIT_K=2), dt, bias, row_bits=rb, fp16_copy=copy, pdl=pdl)
-                ptx = k.asm["ptx"]
-                tma = [m.start() for m in re.finditer(r"cp\.async\.bulk\.tensor\.2d\.shared", ptx)]
-                gdc = [m.start() for m in re.finditer(r"griddepcontrol\.wait", ptx)]
-                out[f"{bm}x128x{bk} s{st} w{nw} {dt} bias={bias} row_bits={rb} copy={copy} pdl={pdl} sk2"] = dict(
-                    tile=f"{bm}x{bk}", mixed=rb, pdl=pdl, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
-                    waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
-                    gdc_waits=len(gdc), loads_before_gdc=sum(t < gdc[0] for t in tma) if gdc else 0,
-                    atomics=len(re.findall(r"atom\.global", ptx)))
+        name = f"{bm}x128x{bk} s{st} w{nw}"
+        for variant in PLAIN_MIXED_PDL:
+            build(name, cfg, *variant)
+        if bm != 256 and st != 5:
+            for variant in SPLIT:
+                build(name, dict(cfg, SPLIT_K=2), *variant)
         for dt in (torch.float16, torch.int32):  # the persistent kernel (PERSISTENT), where its buffers fit
             pc = dict(cfg, PERSISTENT=True)
             if not w8a8_gluon.persistent(pc, out_bytes=dt.itemsize):
@@ -254,7 +250,7 @@ GLUON_CHILD = textwrap.dedent(r'''
             # each wait for the previous tile's TMA store: is a CTA barrier next, before any shared store?
             after = [re.search(r"bar\.sync|st\.shared", ptx[m.end():]).group(0)
                      for m in re.finditer(r"cp\.async\.bulk\.wait_group\.read", ptx)]
-            out[f"{bm}x128x{bk} s{st} w{nw} {dt} persistent"] = dict(
+            out[f"{name} {dt} persistent"] = dict(
                 tile=f"{bm}x{bk}", mixed=False, pdl=False, persistent=True, cubin=bool(k.asm.get("cubin")),
                 shared=k.metadata.shared, waits=sorted(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)),
                 stores=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)), after_store_wait=after)

@@ -69,6 +69,19 @@ if GLUON_ERROR is None:
         _tma_load(b_desc, [off_n, kt * BK], ready.index(slot), b_ring.index(b_slot), pred=live)
 
     @gluon.jit
+    def _mma_step(acc, a_ring, w_ring, ready, i, STAGES: gl.constexpr):
+        """K step ``i`` of an INT8 ring: wait for its tiles, issue its wgmma (B = the W tile viewed as [BK, BN],
+        K-major as 8-bit wgmma requires) and keep it in flight, waiting for the previous one instead: on return
+        slot (i - 1) % STAGES, which that one read, is free to refill."""
+        slot = i % STAGES
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        a_s = a_ring.index(slot)
+        w_s = w_ring.index(slot)
+        acc = warpgroup_mma(a_s, w_s.permute((1, 0)), acc, is_async=True)
+        acc, a_s, w_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, w_s))
+        return acc
+
+    @gluon.jit
     def _fp_rows(rb_ptr, rows, M):
         """Mixed mode: which of ``rows`` are FP16 (row bit 0; rows past M are not)."""
         return (gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1) != 0
@@ -296,15 +309,8 @@ if GLUON_ERROR is None:
         acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
 
         for ki in range(k_tiles):
-            slot = ki % STAGES
-            mbarrier.wait(ready.index(slot), (ki // STAGES) & 1)
-            a_s = a_ring.index(slot)
-            w_s = w_ring.index(slot)
-            # B operand = the W tile viewed as [BK, BN], K-major as 8-bit wgmma requires
-            acc = warpgroup_mma(a_s, w_s.permute((1, 0)), acc, is_async=True)
-            # keep this wgmma in flight; the previous one (it read slot (ki - 1) % STAGES) is complete now
-            acc, a_s, w_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, w_s))
-            # refill that freed slot with tile ki + STAGES - 1
+            acc = _mma_step(acc, a_ring, w_ring, ready, ki, STAGES)
+            # refill the freed slot with tile ki + STAGES - 1
             nk = ki + STAGES - 1
             nslot = nk % STAGES
             _load_step(a_desc, w_desc, a_ring, w_ring, ready, nslot, nslot, off_m, off_n, kt_lo + nk, BK, TILE_BYTES,
@@ -384,12 +390,7 @@ if GLUON_ERROR is None:
             pid_m, pid_n = _grouped(pid + t * n_progs, num_pid_m, num_pid_n, GROUP_M)
             acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
             for ki in range(k_tiles):
-                slot = step % STAGES
-                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-                a_s = a_ring.index(slot)
-                w_s = w_ring.index(slot)
-                acc = warpgroup_mma(a_s, w_s.permute((1, 0)), acc, is_async=True)
-                acc, a_s, w_s = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_s, w_s))
+                acc = _mma_step(acc, a_ring, w_ring, ready, step, STAGES)
                 # the slot wgmma step - 1 read is free: refill it with step + STAGES - 1 (maybe the next tile's)
                 _load_program_step(a_desc, w_desc, a_ring, w_ring, ready, step + STAGES - 1, pid, n_progs, k_tiles,
                                    total, num_pid_m, num_pid_n, GROUP_M, STAGES, TILE_BYTES)
