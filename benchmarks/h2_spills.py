@@ -45,10 +45,14 @@ def build(cfg: dict, zero: bool = False):
     from quantkit.kernels import wna16
     from quantkit.kernels._common import build_for_target
 
+    packed = bool(cfg.get("PACKED_X", False))
     consts = dict(HAS_ZERO=zero, HAS_BIAS=False, EVEN_U=True, SPLIT_K=cfg["SPLIT_K"], BLOCK_N=cfg["BLOCK_N"],
                   UNROLL=cfg["UNROLL"], AMAX_K=4096, USE_ASM=True, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)),
-                  LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), SLICE_PRESCALE=bool(cfg.get("SLICE_PRESCALE", False)))
-    return build_for_target(wna16.wna16_gemv_h2_kernel.jitted(), TYPES, consts, 90, aligned=ALIGNED,
+                  LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)),
+                  SLICE_PRESCALE=bool(cfg.get("SLICE_PRESCALE", False)) and not packed, PACKED_X=packed,
+                  PDL=packed and bool(cfg.get("PDL", False)))
+    types = dict(TYPES, x_ptr="*i32") if packed else TYPES  # PACKED_X: x is the packed int32 pairs
+    return build_for_target(wna16.wna16_gemv_h2_kernel.jitted(), types, consts, 90, aligned=ALIGNED,
                             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
 
 
@@ -112,14 +116,19 @@ def main() -> None:
     from quantkit.kernels._common import load_tuned
 
     cuobjdump = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
-    print("\nHot loop of the shipped W4A16 M = 1 configs (sm_90a SASS; symmetric weights)\n")
-    print("| GPU | N x K | config | loop instructions | per weight | top classes |\n|---|---|---|---|---|---|")
+    print("\nHot loop of the shipped W4A16 M = 1 configs and their PACKED_X twins (x prescaled and packed by a launch "
+          "of its own; sm_90a SASS; symmetric weights; registers / spills from ptxas)\n")
+    print("| GPU | N x K | config | x | loop instructions | per weight | registers | top classes |\n"
+          "|---|---|---|---|---|---|---|---|")
     for (gpu, m, n, k_), cfg in sorted(load_tuned("w4a16").items()):
         if m == 1 and cfg.get("BACKEND") == "gemv_h2":
-            per_w, n_ins, top = loop_cost(cfg, cuobjdump)
             tile = (f"{cfg['BLOCK_N']}x{cfg['SPLIT_K']}x{cfg['UNROLL']} w{cfg['num_warps']}"
                     + (" PER_BLOCK" if cfg.get("PER_BLOCK") else "") + (" ring" if cfg.get("LOAD_STAGES", 1) > 1 else ""))
-            print(f"| {gpu} | {n} x {k_} | {tile} | {n_ins} | {per_w:.2f} | {top} |")
+            for c in (cfg, dict(cfg, PACKED_X=True)):
+                per_w, n_ins, top = loop_cost(c, cuobjdump)
+                regs = ptxas_usage(build(c).asm["ptx"], knobs.nvidia.ptxas.path)
+                print(f"| {gpu} | {n} x {k_} | {tile} | {'packed' if c.get('PACKED_X') else 'in-loop'} | {n_ins} | "
+                      f"{per_w:.2f} | {regs} | {top} |")
 
 
 if __name__ == "__main__":

@@ -67,20 +67,38 @@ CHILD = textwrap.dedent(r'''
             dict(BITS=4, PER=8, R=16, HAS_ZERO=True, HAS_BIAS=False, GS_SMALL=False, EVEN_K=True, SPLIT_K=1,
                  SWAP_AB=True, MAGIC16=0x6400, M16=1024.0, SCALE_W=True, BLOCK_M=bm, BLOCK_N=128, GROUP_M=8),
             90, num_warps=8, num_stages=3).asm)
+    pdl = {}
     # W4A16 M=1 half2 GEMV, its 2-D (PER_BLOCK) loop with the half2 asm (the interpreter runs an fp32 stand-in)
     for zero in (False, True):
         out[f"w4a16 gemv_h2 per_block zero={zero} sm_90"] = sorted(compiled(
             wna16.wna16_gemv_h2_kernel, w4_types,
             dict(HAS_ZERO=zero, HAS_BIAS=True, EVEN_U=False, SPLIT_K=4, BLOCK_N=64, UNROLL=8, AMAX_K=4096,
-                 USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=1, SLICE_PRESCALE=zero),  # (asym: slice prescale)
+                 USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=1, SLICE_PRESCALE=zero,  # (asym: slice prescale)
+                 PACKED_X=False, PDL=False),
             90, num_warps=4, num_stages=1).asm)
+    # ... on activations packed by a launch of its own (PACKED_X), launched programmatically after it (PDL): one
+    # wait for the packing, and no row-max prologue (no x load or reduction before it); the packing launch
+    # triggers its dependents
+    for per_block in (False, True):
+        for packed in (False, True):
+            ptx = compiled(wna16.wna16_gemv_h2_kernel, dict(w4_types, x_ptr="*i32") if packed else w4_types,
+                           dict(HAS_ZERO=True, HAS_BIAS=True, EVEN_U=False, SPLIT_K=2, BLOCK_N=64, UNROLL=4,
+                                AMAX_K=4096, USE_ASM=True, PER_BLOCK=per_block, LOAD_STAGES=1, SLICE_PRESCALE=False,
+                                PACKED_X=packed, PDL=packed), 90, num_warps=4, num_stages=1,
+                           launch_pdl=packed).asm["ptx"]
+            # (griddepcontrol waits, the row max's float max instructions)
+            pdl[f"w4a16 gemv_h2 packed={packed} per_block={per_block}"] = (
+                ptx.count("griddepcontrol.wait"), len(re.findall(r"\bmax(\.NaN)?\.f32", ptx)))
+    ptx = compiled(wna16.h2_pack_x_kernel, {"x_ptr": "*bf16", "xp_ptr": "*i32", "xsc_ptr": "*fp32"},
+                   dict(AMAX_K=4096, BLOCK_R=512, TRIGGER=True), 90, num_warps=4, num_stages=1).asm["ptx"]
+    pdl["w4a16 h2 pack"] = ptx.count("griddepcontrol.launch_dependents")
     # the M=1 GEMVs' loads through a cp.async ring (LOAD_STAGES > 1; 1: plain loads, no ring)
     ring = {}
-    pdl = {}
     for ls in (1, 4):
         ptx = compiled(wna16.wna16_gemv_h2_kernel, w4_types,
                        dict(HAS_ZERO=False, HAS_BIAS=False, EVEN_U=True, SPLIT_K=4, BLOCK_N=64, UNROLL=2, AMAX_K=4096,
-                            USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=ls, SLICE_PRESCALE=False),
+                            USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=ls, SLICE_PRESCALE=False, PACKED_X=False,
+                            PDL=False),
                        90, num_warps=4, num_stages=1).asm["ptx"]
         ring[f"w4a16 gemv_h2 {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
         # PDL (with the plain loads): the programmatically launched GEMV waits for the quantization's grid
@@ -182,8 +200,16 @@ def test_kernels_compile_for_sm80_and_sm90():
     pdl = built.pop("pdl")
     # programmatic dependent launch: the GEMV's and the tl.dot kernel's one wait for the quantization, and the
     # quantization's one trigger, each only where asked for
+    h2 = {k: pdl.pop(k) for k in [k for k in pdl if k.startswith("w4a16 gemv_h2")]}
     assert pdl == {"w8a8 gemv wait": 1, "w8a8 gemv no pdl 1": 0, "w8a8 gemv no pdl 4": 0, "w8a8 dot pdl=False": 0,
-                   "w8a8 dot pdl=True": 1, "act_quant trigger=False": 0, "act_quant trigger=True": 1}, pdl
+                   "w8a8 dot pdl=True": 1, "act_quant trigger=False": 0, "act_quant trigger=True": 1,
+                   "w4a16 h2 pack": 1}, pdl
+    # the h2 GEMV on packed activations (PACKED_X + PDL): one wait for the packing launch, and no row-max
+    # prologue (which the in-loop form has)
+    for per_block in (False, True):
+        assert h2[f"w4a16 gemv_h2 packed=True per_block={per_block}"] == [1, 0], h2
+        waits, fmax = h2[f"w4a16 gemv_h2 packed=False per_block={per_block}"]
+        assert waits == 0 and fmax > 0, h2
     # LOAD_STAGES 1 keeps plain loads; 4 puts the loop's loads through cp.async (unaligned pointers here: the
     # compiler may pick 4- or 8-byte copies, but it must pick copies)
     assert ring["w4a16 gemv_h2 1"] == 0 and ring["w8a8 gemv 1"] == 0, ring

@@ -27,6 +27,9 @@ Paths (``BACKEND`` in the config; configs come from a ConfigCache keyed by (M bu
 
 * ``gemv`` (M <= 8): one program per (BLOCK_N outputs, K split); elementwise FMA in fp32,
   one cross-thread reduction at the end; split-K partials reduced in-kernel by the last split.
+* ``gemv_h2`` (M = 1, 4-bit, group >= 128): the GEMV with half2 dequantization and products on activations
+  prescaled by a power of two; ``PACKED_X``: the prescale and the half2 pairs made once per call by a one-program
+  launch (``_h2_pack_x``) instead of in every program's loop, the GEMV launched after it (``PDL``: programmatically).
 * ``mma``: ``tl.dot`` with whole 128-K blocks per dot; ``SWAP_AB`` computes C^T = W x^T so
   the weight tile is the MMA's large operand (M = 16..64).  Group scales are applied to the
   (per 128-K block) partial sum when group_size >= 128, else to the dequantized weights
@@ -42,9 +45,9 @@ from typing import Optional
 
 import torch
 
-from ._common import (ConfigCache, LazyKernel, cdiv, const_key, eager_cuda, fast_launch, gemv_tile, gpu_key,
-                      grouped_tile, jit_helper, next_pow2, remember, spec_key, splitk_buffers, splitk_for, splitk_sum,
-                      tl, use_triton)
+from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
+                      gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile, jit_helper, next_pow2,
+                      pdl_supported, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
 
 __all__ = [
     "WNA16Weight",
@@ -347,23 +350,89 @@ def _h2_acts(x_ptr, kb, K, sc, R: tl.constexpr):
 
 
 @jit_helper
+def _h2_asm(wp, p0, p1, p2, p3, zc, HAS_ZERO: tl.constexpr):
+    """The half2 PTX on words ``wp`` and their activations as four half2 pairs (fields 0/4, 1/5, 2/6, 3/7)."""
+    if HAS_ZERO:
+        c0 = _half2(zc + 1024.0, zc + 1024.0)
+        c1 = _half2(zc * 16.0 + 1024.0, zc * 16.0 + 1024.0)
+        return tl.inline_asm_elementwise(H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@jit_helper
+def _unhalf2(p):
+    """``_half2``'s inverse: one int32 of two packed fp16 values -> (lo, hi) as fp32 (exact)."""
+    lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@jit_helper
+def _h2_packed_products(wp, xp_ptr, rows, n_rows, zc, HAS_ZERO: tl.constexpr, USE_ASM: tl.constexpr):
+    """``_h2_products`` on activations packed by ``_h2_pack_x_kernel``: word rows ``rows`` (shaped to broadcast
+    against ``wp``) read as their four half2 pairs (planes of ``n_rows`` int32), no prescale or packing here."""
+    live = rows < n_rows  # a block past K (an uneven last step) reads nothing
+    p0 = tl.load(xp_ptr + rows, mask=live, other=0)
+    p1 = tl.load(xp_ptr + n_rows + rows, mask=live, other=0)
+    p2 = tl.load(xp_ptr + 2 * n_rows + rows, mask=live, other=0)
+    p3 = tl.load(xp_ptr + 3 * n_rows + rows, mask=live, other=0)
+    if USE_ASM:
+        return _h2_asm(wp, p0, p1, p2, p3, zc, HAS_ZERO)
+    xs0, xs4 = _unhalf2(p0)
+    xs1, xs5 = _unhalf2(p1)
+    xs2, xs6 = _unhalf2(p2)
+    xs3, xs7 = _unhalf2(p3)
+    return _h2_products(wp, xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, zc, HAS_ZERO, False)
+
+
+@jit_helper
+def _h2_prescale(x_ptr, a_lo, a_hi, AMAX_K: tl.constexpr):
+    """The h2 GEMV's activation prescale over x[a_lo:a_hi]: (sc, 1 / sc), powers of two with sc = 2**(3 -
+    floor(log2 max|x|)), so |x * sc| < 16 (exponent bits: exact, no log2/exp2 approximation)."""
+    offs_a = tl.arange(0, AMAX_K)
+    amax_v = tl.zeros((AMAX_K,), dtype=tl.float32)
+    for k0 in range(a_lo, a_hi, AMAX_K):
+        xa = tl.load(x_ptr + k0 + offs_a, mask=(k0 + offs_a) < a_hi, other=0.0)
+        amax_v = tl.maximum(amax_v, tl.abs(xa.to(tl.float32)))
+    amax = tl.max(amax_v, axis=0)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(amax)) for a normal amax
+    sc_exp = tl.minimum(tl.maximum(127 + 3 - e, 1), 254)
+    return (sc_exp << 23).to(tl.float32, bitcast=True), ((254 - sc_exp) << 23).to(tl.float32, bitcast=True)
+
+
+def _h2_pack_x_kernel(x_ptr, xp_ptr, xsc_ptr, K, n_rows, AMAX_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                      TRIGGER: tl.constexpr):
+    """One program: x (K,) fp16/bf16 -> the h2 GEMV's activations, prescaled (``_h2_prescale`` over all of K),
+    rounded to fp16 and packed as the half2 asm reads them: word row i = block i // 16, row i % 16, its pairs
+    (fields 0/4, 1/5, 2/6, 3/7; odd fields divided by 16) in four planes of ``n_rows`` int32 (K padded to
+    whole 128-K blocks with zeros); ``xsc``: 1 / the prescale. Done once per call instead of in every program."""
+    if TRIGGER:
+        grid_dep_launch_dependents()
+    sc, inv_sc = _h2_prescale(x_ptr, 0, K, AMAX_K)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        kb = rows // 16 * 128 + rows % 16
+        xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, kb, K, sc, 16)
+        live = rows < n_rows
+        tl.store(xp_ptr + rows, _half2(xs0, xs4), mask=live)
+        tl.store(xp_ptr + n_rows + rows, _half2(xs1, xs5), mask=live)
+        tl.store(xp_ptr + 2 * n_rows + rows, _half2(xs2, xs6), mask=live)
+        tl.store(xp_ptr + 3 * n_rows + rows, _half2(xs3, xs7), mask=live)
+    tl.store(xsc_ptr, inv_sc)
+
+
+h2_pack_x_kernel = LazyKernel(_h2_pack_x_kernel)
+
+
+@jit_helper
 def _h2_products(wp, xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, zc, HAS_ZERO: tl.constexpr, USE_ASM: tl.constexpr):
     """Per word of ``wp``: its eight 4-bit fields times the activations ``xs0``-``xs7`` (from ``_h2_acts``, shaped to
     broadcast against ``wp``), in half2 asm (compiled) or the same arithmetic in fp32 (interpreter). ``zc``: each
     column's zero point + 8, broadcast likewise (read only with HAS_ZERO; else the offset is 8)."""
     if USE_ASM:
-        p0 = _half2(xs0, xs4)
-        p1 = _half2(xs1, xs5)
-        p2 = _half2(xs2, xs6)
-        p3 = _half2(xs3, xs7)
-        if HAS_ZERO:
-            c0 = _half2(zc + 1024.0, zc + 1024.0)
-            c1 = _half2(zc * 16.0 + 1024.0, zc * 16.0 + 1024.0)
-            part = tl.inline_asm_elementwise(H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            part = tl.inline_asm_elementwise(H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
-                                             dtype=tl.float32, is_pure=True, pack=1)
+        part = _h2_asm(wp, _half2(xs0, xs4), _half2(xs1, xs5), _half2(xs2, xs6), _half2(xs3, xs7), zc, HAS_ZERO)
     else:  # activations rounded to fp16 as the asm sees them; odd fields' x was prescaled by 1/16 (_h2_acts)
         if HAS_ZERO:
             off = zc
@@ -383,7 +452,7 @@ def _h2_products(wp, xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7, zc, HAS_ZERO: tl.co
 @jit_helper
 def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size, st_lo, st_hi,
                   sc, HAS_ZERO: tl.constexpr, EVEN_U: tl.constexpr, UNROLL: tl.constexpr, R: tl.constexpr,
-                  BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr, LOAD_STAGES: tl.constexpr):
+                  BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr, LOAD_STAGES: tl.constexpr, PACKED_X: tl.constexpr):
     """The h2 GEMV's main loop on (R, BLOCK_N) tiles (PER_BLOCK): the same words, activations and products as
     the 3-D loop, one 128-K block per unrolled iteration; returns the (R, BLOCK_N) fp32 sums."""
     w_rows = w_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -398,20 +467,24 @@ def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blo
             wp = tl.load(w_rows + blk * R * N, mask=live[None, :], other=0)
             g = tl.minimum(blk * 128 // group_size, n_groups - 1)
             s = tl.load(s_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32)
-            kb = blk * 128 + offs_r
-            xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, kb, K, sc, R)
             zc = 8.0
             if HAS_ZERO:
                 zc = (tl.load(z_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32) + 8.0)[None, :]
-            part = _h2_products(wp, xs0[:, None], xs1[:, None], xs2[:, None], xs3[:, None], xs4[:, None],
-                                xs5[:, None], xs6[:, None], xs7[:, None], zc, HAS_ZERO, USE_ASM)
+            if PACKED_X:
+                part = _h2_packed_products(wp, x_ptr, (blk * R + offs_r)[:, None], n_blocks * R, zc, HAS_ZERO,
+                                           USE_ASM)
+            else:
+                xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, blk * 128 + offs_r, K, sc, R)
+                part = _h2_products(wp, xs0[:, None], xs1[:, None], xs2[:, None], xs3[:, None], xs4[:, None],
+                                    xs5[:, None], xs6[:, None], xs7[:, None], zc, HAS_ZERO, USE_ASM)
             acc += part * s[None, :]
     return acc
 
 
 def _wna16_gemv_h2_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
-    # x: (1, K); the rest as the GEMV kernel. 4-bit, group size >= 128 (one scale per 128-K block and column)
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr, xsc_ptr,
+    # x: (1, K) (PACKED_X: the packed activations, xsc: 1 / their prescale); the rest as the GEMV kernel.
+    # 4-bit, group size >= 128 (one scale per 128-K block and column)
     N, K, n_groups, group_size,
     HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -424,6 +497,8 @@ def _wna16_gemv_h2_kernel(
     PER_BLOCK: tl.constexpr,  # 2-D (R, BLOCK_N) tiles, one 128-K block at a time (see below)
     LOAD_STAGES: tl.constexpr,  # > 1: the step loop's loads pipelined (cp.async into a ring of this many steps)
     SLICE_PRESCALE: tl.constexpr,  # the prescale from this split's K slice of x (else the whole row)
+    PACKED_X: tl.constexpr,  # x prescaled and packed once per call by _h2_pack_x_kernel (no prologue here)
+    PDL: tl.constexpr,  # PACKED_X, launched programmatically after the packing: wait for it before reading x
 ):
     """Decode (M = 1) W4A16 GEMV with half2 dequantization and products (``_H2_*``): about two
     instructions per weight instead of three to four, for the ALU-bound M=1 case.
@@ -450,26 +525,23 @@ def _wna16_gemv_h2_kernel(
 
     # power-of-two prescale from the max |x| over the row, or with SLICE_PRESCALE over this split's K slice only
     # (the scale comes out of each split's fp32 sum before the splits are added, so each may take its own; a
-    # shorter prologue on every program's critical path). Exponent bits: exact, no log2/exp2 approximation.
-    if SLICE_PRESCALE:
-        a_lo = st_lo * UNROLL * 128
-        a_hi = tl.minimum(st_hi * UNROLL * 128, K)
+    # shorter prologue on every program's critical path); PACKED_X: applied by the packing launch
+    if PACKED_X:
+        if PDL:  # everything above overlapped the packing launch; x and xsc are its output
+            grid_dep_wait()
+        sc = 1.0
+        inv_sc = tl.load(xsc_ptr)
     else:
-        a_lo = 0
-        a_hi = K
-    offs_a = tl.arange(0, AMAX_K)
-    amax_v = tl.zeros((AMAX_K,), dtype=tl.float32)
-    for k0 in range(a_lo, a_hi, AMAX_K):
-        xa = tl.load(x_ptr + k0 + offs_a, mask=(k0 + offs_a) < a_hi, other=0.0)
-        amax_v = tl.maximum(amax_v, tl.abs(xa.to(tl.float32)))
-    amax = tl.max(amax_v, axis=0)
-    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(amax)) for a normal amax
-    sc_exp = tl.minimum(tl.maximum(127 + 3 - e, 1), 254)
-    sc = (sc_exp << 23).to(tl.float32, bitcast=True)
-    inv_sc = ((254 - sc_exp) << 23).to(tl.float32, bitcast=True)  # 1 / sc, exactly
+        if SLICE_PRESCALE:
+            a_lo = st_lo * UNROLL * 128
+            a_hi = tl.minimum(st_hi * UNROLL * 128, K)
+        else:
+            a_lo = 0
+            a_hi = K
+        sc, inv_sc = _h2_prescale(x_ptr, a_lo, a_hi, AMAX_K)
     if PER_BLOCK:
         acc = _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blocks, n_groups, group_size,
-                            st_lo, st_hi, sc, HAS_ZERO, EVEN_U, UNROLL, R, BLOCK_N, USE_ASM, LOAD_STAGES)
+                            st_lo, st_hi, sc, HAS_ZERO, EVEN_U, UNROLL, R, BLOCK_N, USE_ASM, LOAD_STAGES, PACKED_X)
         acc = (tl.sum(acc, axis=0) * inv_sc)[None, :]
         _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile,
                    pid_k, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
@@ -490,14 +562,17 @@ def _wna16_gemv_h2_kernel(
         g = tl.minimum((blk0 + offs_u) * 128 // group_size, n_groups - 1)
         smask = umask[:, None] & nmask[None, :]
         s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32)
-        kb = blk0 * 128 + kx
-        xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, kb, K, sc, R)
         zc = 8.0
         if HAS_ZERO:
             zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + 8.0
             zc = zc[:, None, :]
-        part = _h2_products(wp, xs0[:, :, None], xs1[:, :, None], xs2[:, :, None], xs3[:, :, None], xs4[:, :, None],
-                            xs5[:, :, None], xs6[:, :, None], xs7[:, :, None], zc, HAS_ZERO, USE_ASM)
+        if PACKED_X:
+            part = _h2_packed_products(wp, x_ptr, (blk0 * R + rows)[:, :, None], n_blocks * R, zc, HAS_ZERO, USE_ASM)
+        else:
+            xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, blk0 * 128 + kx, K, sc, R)
+            part = _h2_products(wp, xs0[:, :, None], xs1[:, :, None], xs2[:, :, None], xs3[:, :, None],
+                                xs4[:, :, None], xs5[:, :, None], xs6[:, :, None], xs7[:, :, None], zc, HAS_ZERO,
+                                USE_ASM)
         acc += part * s[:, None, :]
     acc = (tl.sum(tl.sum(acc, axis=1), axis=0) * inv_sc)[None, :]
     _store_out(acc, c_ptr + offs_n[None, :], nmask[None, :], bias_ptr, offs_n, nmask, ws_ptr, lock_ptr, tile, pid_k,
@@ -674,15 +749,20 @@ def _gemv(BN, SK, w=8, s=2):
     return dict(BACKEND="gemv", BLOCK_N=BN, SPLIT_K=SK, num_warps=w, num_stages=s)
 
 
-def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False, load_stages=1, slice_prescale=False):
+def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False, load_stages=1, slice_prescale=False, packed_x=False, pdl=False):
     """M = 1, 4-bit, group >= 128: half2 dequant and products (other cases: ``_gemv`` with the same tiles).
     load_stages > 1: the step loop's loads go through a cp.async ring of that many steps (UNROLL blocks each);
-    slice_prescale: each split takes its x prescale from its own K slice."""
+    slice_prescale: each split takes its x prescale from its own K slice; packed_x: x prescaled and packed by a
+    launch of its own (``_h2_pack_x``), which pdl overlaps with the GEMV's launch (sm_90+)."""
     cfg = dict(BACKEND="gemv_h2", BLOCK_N=BN, SPLIT_K=SK, UNROLL=U, num_warps=w, num_stages=s)
     if load_stages > 1:
         cfg["LOAD_STAGES"] = load_stages
     if slice_prescale:
         cfg["SLICE_PRESCALE"] = True
+    if packed_x:
+        cfg["PACKED_X"] = True
+    if pdl:
+        cfg["PDL"] = True
     return dict(cfg, PER_BLOCK=True) if per_block else cfg
 
 
@@ -785,11 +865,14 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         u, sk = int(cfg["UNROLL"]), int(cfg.get("SPLIT_K", 1))
         slice_pre = bool(cfg.get("SLICE_PRESCALE", False))
         span = min(K, cdiv(cdiv(nb, u), sk) * u * PACK_K) if slice_pre else K  # x elements the prologue reads
+        packed = bool(cfg.get("PACKED_X", False))
+        pdl = packed and bool(cfg.get("PDL", False)) and pdl_supported(x.device)
         const = dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, EVEN_U=(nb % u == 0), SPLIT_K=sk,
                      BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, next_pow2(max(16, span))),
                      USE_ASM=x.is_cuda, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)),
-                     LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), SLICE_PRESCALE=slice_pre,
-                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                     LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), SLICE_PRESCALE=slice_pre and not packed,
+                     PACKED_X=packed, PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                     **({"launch_pdl": True} if pdl else {}))
         tiles = cdiv(N, cfg["BLOCK_N"])
         p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const,
              *splitk_buffers(x.device, tiles, const["SPLIT_K"], cfg["BLOCK_N"], 4),
@@ -844,12 +927,52 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     vary = (x, qw, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out)
     # ws and lock (cached buffers) and the shape arguments (in ckey) are left out of the specialization key
     if backend == "gemv_h2":
-        fast_launch(kern, grid, (*vary, ws, lock, N, K, n_groups, group_size), const, ckey, vary)
+        xsc = ws  # read only with PACKED_X
+        if const["PACKED_X"]:
+            xp, xsc = _h2_pack_x(x, K, trigger=const["PDL"])
+            vary = (xp, *vary[1:])
+        fast_launch(kern, grid, (*vary, ws, lock, xsc, N, K, n_groups, group_size), const, ckey, vary)
     else:
         strides = (x.stride(0), out.stride(0))
         fast_launch(kern, grid, (*vary, ws, lock, M, N, K, n_groups, group_size, *strides), const, ckey,
                     (*vary, *strides))
     return out
+
+
+def h2_pack_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_h2_pack_x_kernel``'s reference: x (K,) or (1, K) fp16/bf16 -> (packed (4 * n_rows,) int32, 1 / prescale
+    (1,) fp32), n_rows = 16 per 128-K block. sc = 2**(3 - floor(log2 max|x|)) (exponent clamped as the kernel's);
+    word row i's pairs: (x[k0], x[k0 + 64]), (x[k0 + 16] / 16, x[k0 + 80] / 16), (x[k0 + 32], x[k0 + 96]),
+    (x[k0 + 48] / 16, x[k0 + 112] / 16) times sc, rounded to fp16, k0 = i // 16 * 128 + i % 16 (lo half first)."""
+    xf = x.reshape(-1).float()
+    K = xf.numel()
+    nb = cdiv(K, PACK_K)
+    amax = xf.abs().max() if K else xf.new_zeros(())
+    e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127
+    sc_exp = torch.clamp(127 + 3 - e, 1, 254).to(torch.int32)
+    sc = (sc_exp << 23).view(torch.float32)
+    inv_sc = ((254 - sc_exp) << 23).view(torch.float32)
+    xs = torch.zeros(nb * PACK_K, device=x.device)
+    xs[:K] = xf * sc
+    fields = xs.view(nb, 8, 16)  # [block, field j, row r] = x[block * 128 + j * 16 + r]
+    fields = fields * torch.tensor([1.0, 1 / 16] * 4, device=x.device)[None, :, None]
+    bits = fields.half().view(torch.int16).to(torch.int32) & 0xFFFF  # (nb, 8, 16)
+    pairs = [bits[:, j] | (bits[:, j + 4] << 16) for j in range(4)]  # (nb, 16) each: fields j / j + 4
+    return torch.stack([pr.reshape(-1) for pr in pairs]).reshape(-1), inv_sc.reshape(1)
+
+
+def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False):
+    """``PACKED_X``: the h2 GEMV's activations prescaled and packed once for the call (``_h2_pack_x_kernel``, one
+    program) into this device's scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``trigger``: the
+    GEMV is launched programmatically next (PDL)."""
+    n_rows = cdiv(K, PACK_K) * 16
+    xp = cached_buffer(x.device, torch.int32, 4 * n_rows, tag="h2_xpack")
+    xsc = cached_buffer(x.device, torch.float32, 1, tag="h2_xscale")
+    const = dict(AMAX_K=min(4096, next_pow2(max(16, K))), BLOCK_R=min(512, next_pow2(n_rows)), TRIGGER=trigger,
+                 num_warps=4)
+    fast_launch(h2_pack_x_kernel, (1,), (x, xp, xsc, K, n_rows), const, (const_key(const), spec_key((K, n_rows))),
+                (x,))
+    return xp, xsc
 
 
 def _unpack_ref(qw, scales, zeros, bits, group_size, N, K):

@@ -196,9 +196,11 @@ def test_wna16_gemv_h2_decode(dev, N, K, gs, asym, unroll, split_k, bias, big):
     b = torch.randn(N, generator=torch.Generator().manual_seed(N)).to(dev) if bias else None
     W = wna16.prepack_wna16(q, s, z, 4)
     ref = wna16.wna16_gemm_ref(x, q, s, z, b)
-    for slice_prescale in (False, True):  # the prescale from the whole row, or from each split's K slice
+    # the prescale from the whole row, from each split's K slice, or applied by the packing launch (PACKED_X)
+    for slice_prescale, packed in ((False, False), (True, False), (False, True)):
         y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, b, 4, W.group_size, N, K,
-                                      config=wna16._gemv_h2(32, split_k, unroll, slice_prescale=slice_prescale),
+                                      config=wna16._gemv_h2(32, split_k, unroll, slice_prescale=slice_prescale,
+                                                            packed_x=packed),
                                       out=poison((1, N), torch.float16, dev))
         assert rel_err(y, ref) <= 1e-2
         assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z, b)) > 1e-2  # the tolerance can fail
@@ -229,10 +231,33 @@ def test_wna16_gemv_h2_per_block(dev, N, K, gs, unroll, split_k, asym):
 
     y = run(True)
     assert rel_err(y, run(False)) <= 2e-3
+    # x packed once by a launch of its own: the PER_BLOCK loop's products on the same fp16 pairs
+    yp = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,
+                                   config=wna16._gemv_h2(32, split_k, unroll, per_block=True, packed_x=True),
+                                   out=poison((1, N), torch.float16, dev))
+    assert rel_err(yp, y) <= 2e-3
     # loads through a cp.async ring (LOAD_STAGES) change where the words wait, not the arithmetic
     assert torch.equal(run(True, 3), y) and torch.equal(run(False, 2), run(False))
     assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
     assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z)) > 1e-2  # the tolerance can fail
+
+
+@pytest.mark.parametrize("K", [128, 300, 1000, 4096])
+def test_h2_pack_x_matches_its_reference(dev, K):
+    """PACKED_X's packing launch (one program: the row's prescale, then every word row's four half2 pairs in
+    planes) equals its torch reference bit for bit: fp16 and bf16, activations spanning 1e-3 to 3000 (the
+    prescale's range), a K tail (zero-padded to whole 128-K blocks), an all-zero row."""
+    g = torch.Generator().manual_seed(K)
+    n = wna16.cdiv(K, 128) * 64
+    for dtype in (torch.float16, torch.bfloat16):
+        for scale in (1.0, 3000.0, 1e-3, 0.0):
+            x = (torch.randn(1, K, generator=g) * scale).to(dtype).to(dev)
+            xp, xsc = wna16._h2_pack_x(x, K)
+            rp, rsc = wna16.h2_pack_x_ref(x)
+            assert torch.equal(xp[:n], rp) and torch.equal(xsc[:1], rsc), (dtype, scale)
+            if scale:
+                # not a constant: the pairs hold x in its order (x * 2 would pack the same: a power-of-two prescale)
+                assert rp.unique().numel() > n // 8 and not torch.equal(rp, wna16.h2_pack_x_ref(x.roll(1, -1))[0])
 
 
 def test_wna16_gemv_h2_falls_back(dev):
