@@ -266,10 +266,15 @@ if GLUON_ERROR is None:
         off_m = gl.program_id(0) * BM
         off_n = gl.program_id(1) * BN
         # this split's K tiles: [kt_lo, kt_hi), k_tiles of them (the whole K without a split)
-        per_split = gl.cdiv(gl.cdiv(K, BK), SPLIT_K)
-        kt_lo = gl.program_id(2) * per_split
-        kt_hi = gl.minimum(gl.cdiv(K, BK), kt_lo + per_split)
-        k_tiles = gl.maximum(kt_hi - kt_lo, 0)
+        if SPLIT_K > 1:
+            per_split = gl.cdiv(gl.cdiv(K, BK), SPLIT_K)
+            kt_lo = gl.program_id(2) * per_split
+            kt_hi = gl.minimum(gl.cdiv(K, BK), kt_lo + per_split)
+            k_tiles = gl.maximum(kt_hi - kt_lo, 0)
+        else:
+            kt_lo = 0
+            kt_hi = gl.cdiv(K, BK)
+            k_tiles = kt_hi
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0],
             warps_per_cta=_gluon.mma_warps(BM, WARPS),
