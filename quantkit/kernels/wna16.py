@@ -467,6 +467,8 @@ def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blo
             wp = tl.load(w_rows + blk * R * N, mask=live[None, :], other=0)
             g = tl.minimum(blk * 128 // group_size, n_groups - 1)
             s = tl.load(s_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32)
+            if not PACKED_X:
+                xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, blk * 128 + offs_r, K, sc, R)
             zc = 8.0
             if HAS_ZERO:
                 zc = (tl.load(z_ptr + g * N + offs_n, mask=live, other=0).to(tl.float32) + 8.0)[None, :]
@@ -474,7 +476,6 @@ def _h2_per_block(x_ptr, w_ptr, s_ptr, z_ptr, offs_r, offs_n, nmask, N, K, n_blo
                 part = _h2_packed_products(wp, x_ptr, (blk * R + offs_r)[:, None], n_blocks * R, zc, HAS_ZERO,
                                            USE_ASM)
             else:
-                xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, blk * 128 + offs_r, K, sc, R)
                 part = _h2_products(wp, xs0[:, None], xs1[:, None], xs2[:, None], xs3[:, None], xs4[:, None],
                                     xs5[:, None], xs6[:, None], xs7[:, None], zc, HAS_ZERO, USE_ASM)
             acc += part * s[None, :]
@@ -562,6 +563,8 @@ def _wna16_gemv_h2_kernel(
         g = tl.minimum((blk0 + offs_u) * 128 // group_size, n_groups - 1)
         smask = umask[:, None] & nmask[None, :]
         s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32)
+        if not PACKED_X:
+            xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, blk0 * 128 + kx, K, sc, R)
         zc = 8.0
         if HAS_ZERO:
             zc = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=smask, other=0).to(tl.float32) + 8.0
@@ -569,7 +572,6 @@ def _wna16_gemv_h2_kernel(
         if PACKED_X:
             part = _h2_packed_products(wp, x_ptr, (blk0 * R + rows)[:, :, None], n_blocks * R, zc, HAS_ZERO, USE_ASM)
         else:
-            xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, blk0 * 128 + kx, K, sc, R)
             part = _h2_products(wp, xs0[:, :, None], xs1[:, :, None], xs2[:, :, None], xs3[:, :, None],
                                 xs4[:, :, None], xs5[:, :, None], xs6[:, :, None], xs7[:, :, None], zc, HAS_ZERO,
                                 USE_ASM)
