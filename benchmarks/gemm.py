@@ -215,6 +215,14 @@ class Layer:
         self.wt8 = q8.t()  # (K, N) column-major view for torch._int_mm
 
 
+ROT_BYTES = 150e6  # graph timings rotate over weight copies totalling >= this (L2 is 60 MB): no L2-resident weights
+
+
+def rotations(nbytes: float, most: int = 16) -> int:
+    """How many copies of a weight of ``nbytes`` a graph timing rotates over: >= ROT_BYTES in all (2..most)."""
+    return max(2, min(most, math.ceil(ROT_BYTES / nbytes)))
+
+
 def weight_copies(L, kind):
     """Shallow copies of layer ``L``, each with its own copy of the ``kind`` weight ("w4a16", "w8a16", "w8a8"),
     totalling >= ROT_BYTES: ``--tune-rank graph`` replays a candidate over them, so no weight stays in L2."""
@@ -223,7 +231,7 @@ def weight_copies(L, kind):
         "w8a16": ("wi8", lambda: wna16.prepack_wna16(L.q8, L.s8, None, 8), L.N * L.K),
         "w8a8": ("w8", lambda: w8a8.prepack_w8a8(L.q8, L.s8), L.N * L.K)}[kind]
     out = [L]
-    for _ in range(max(2, min(16, math.ceil(ROT_BYTES / nbytes))) - 1):
+    for _ in range(rotations(nbytes) - 1):
         c_ = copy.copy(L)
         setattr(c_, attr, make())
         out.append(c_)
@@ -544,9 +552,6 @@ OVERHEAD = []
 
 # ----------------------------------------------------------------------------- peers (issue 19)
 
-ROT_BYTES = 150e6  # graph timings rotate over weight copies totalling >= this (L2 is 60 MB): no L2-resident weights
-
-
 def bench_graph_rot(fns, rep=20):
     """do_bench_cudagraph over a list of calls on distinct weight copies, per call (weights not L2-resident)."""
     return bench_graph(lambda: [f() for f in fns], rep=rep) / len(fns)
@@ -658,10 +663,10 @@ def peer_study(dev, gen, shapes, ms, bw, args):
         s8 = torch.rand((N, 1), device=dev, generator=gen) * 2e-3 + 5e-4
         w4_ref = wna16.dequant_ref(q4, s4.half().float(), None)  # our packed scales are fp16
         w8_dense = (q8.float() * s8).half()
-        rot = max(2, min(16, math.ceil(ROT_BYTES / (N * K / 2))))
+        rot = rotations(N * K / 2)
         ours4 = [wna16.prepack_wna16(q4, s4, None, 4) for _ in range(rot)]
-        ours8 = [w8a8.prepack_w8a8(q8, s8) for _ in range(max(2, min(16, math.ceil(ROT_BYTES / (N * K)))))]
-        dense16 = [w8_dense.clone() for _ in range(max(2, min(8, math.ceil(ROT_BYTES / (2 * N * K)))))]
+        ours8 = [w8a8.prepack_w8a8(q8, s8) for _ in range(rotations(N * K))]
+        dense16 = [w8_dense.clone() for _ in range(rotations(2 * N * K, most=8))]
         dense_bf = [w4_ref.to(bf) for _ in range(len(dense16))]
         try:
             x1 = torch.randn(1, K, device=dev, dtype=bf, generator=gen)

@@ -57,11 +57,19 @@ def pdl_supported(device: torch.device) -> bool:
     and before Hopper (the ``griddepcontrol`` instructions need sm_90)."""
     if device.type != "cuda" or interpret_mode():
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+def wants_pdl(cfg: dict, device: torch.device) -> bool:
+    """``PDL`` (a config key of the two-launch forms, sm_90+): the consumer is launched programmatically, so it
+    starts while the launch before it runs instead of after it ends (the gap between two launches, in a CUDA graph
+    too)."""
+    return bool(cfg.get("PDL", False)) and pdl_supported(device)
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple:
+def capability(index: int) -> tuple:
+    """CUDA device ``index``'s compute capability (cached: asked on every launch decision)."""
     return torch.cuda.get_device_capability(index)
 
 
@@ -596,12 +604,15 @@ def eager_cuda(x: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- shared kernel code
 
 
+GRID_DEP_WAIT_ASM = tl.constexpr("griddepcontrol.wait; // $0")  # also Gluon's (``_gluon.grid_dep_wait``)
+
+
 @jit_helper
 def grid_dep_wait():
     """Programmatic dependent launch: wait until the launch before this one has finished and its writes are
     visible (a no-op in a launch that was not programmatic). sm_90+ only: call under a constexpr that
     :func:`pdl_supported` set."""
-    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    tl.inline_asm_elementwise(GRID_DEP_WAIT_ASM, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @jit_helper

@@ -63,7 +63,7 @@ if GLUON_ERROR is None:
     def grid_dep_wait():
         """``_common.grid_dep_wait`` for Gluon kernels: wait for the launch before this programmatic one (PDL) to
         finish and its writes to be visible."""
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise(_common.GRID_DEP_WAIT_ASM, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def ready_barriers(STAGES: gl.constexpr):
@@ -94,9 +94,8 @@ if GLUON_ERROR is None:
 GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32", torch.int8: "int8"}
 
 
-@functools.lru_cache(maxsize=None)
 def is_sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
+    return _common.capability(index) == (9, 0)
 
 
 def available(t: torch.Tensor) -> bool:

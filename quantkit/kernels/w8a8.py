@@ -27,7 +27,7 @@ Paths:
 
 Where the quantization is a launch of its own (the GEMV, the tensor-core kernel, Gluon), a ``PDL`` config on sm_90+
 launches the GEMM programmatically: it starts while the quantization runs and waits for it only before reading
-its output (:func:`_wants_pdl`).
+its output (``_common.wants_pdl``).
 
 Every Triton kernel here takes a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
 ``quantkit.kernels.mixed`` (pruned away when False).
@@ -43,11 +43,11 @@ from typing import Optional
 
 import torch
 
-from ._common import (HOPPER_SMEM_PER_BLOCK, ConfigCache, LazyKernel, cached_buffer, cdiv, eager_cuda, fast_launch, gemv_tile,
-                      gpu_key, grid_dep_wait, grouped_tile, interpret_mode, jit_helper, launch_consts, load_k_tiles,
-                      next_pow2, pdl_supported, quantize_sym, quantize_sym_rcp, remember, sm_count, spec_key,
-                      splitk_arrive, splitk_buffers, splitk_for, splitk_slot, splitk_sum, splitk_sum_rows, sym_scale, tl,
-                      use_triton)
+from ._common import (HOPPER_SMEM_PER_BLOCK, ConfigCache, LazyKernel, cached_buffer, capability, cdiv, eager_cuda,
+                      fast_launch, gemv_tile, gpu_key, grid_dep_wait, grouped_tile, interpret_mode, jit_helper,
+                      launch_consts, load_k_tiles, next_pow2, quantize_sym, quantize_sym_rcp, remember, sm_count,
+                      spec_key, splitk_arrive, splitk_buffers, splitk_for, splitk_slot, splitk_sum, splitk_sum_rows,
+                      sym_scale, tl, use_triton, wants_pdl)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -650,7 +650,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
             quant_once=False, pdl=False):
     """The tl.dot kernel. ``quant_once``: ``a`` is the int8 scratch the launch fills from ``x`` (``a_scale``
     unused: the plan's row-maximum buffer takes its place).  ``pdl``: launched programmatically (see
-    :func:`_wants_pdl`), right after the launch that wrote ``a`` and ``a_scale``."""
+    ``_common.wants_pdl``), right after the launch that wrote ``a`` and ``a_scale``."""
     M, K = a.shape
     N = w.shape[0]
     rbits = row_bits is not None
@@ -751,9 +751,8 @@ def tma_applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, row_bits: O
     return interpret_mode() or (a.is_cuda and _has_tma(a.get_device()))
 
 
-@functools.lru_cache(maxsize=None)
 def _has_tma(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    return capability(index) >= (9, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -831,7 +830,7 @@ def _gluon_launch(a_q, a_scale, w, w_scale, bias, out, cfg, row_bits=None, x=Non
     """The Gluon kernel (``BACKEND="gluon"``: INT8 wgmmas kept in flight, sm_90 only) on quantized activations,
     if it applies here; False: the caller runs the tl.dot kernel.  ``row_bits``: mixed mode, FP16 rows from ``x``
     on ``w_fp16`` (or on ``w`` scaled per channel) in the same launch.  ``pdl``: launched programmatically right
-    after the quantization (:func:`_wants_pdl`)."""
+    after the quantization (``_common.wants_pdl``)."""
     from quantkit.kernels import w8a8_gluon
 
     if not w8a8_gluon.applies(a_q, w, out, cfg):
@@ -894,9 +893,9 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
 
 def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
     """What ``_launch_gemv`` derives from its config, shape and flags alone (memoised); ``PDL``: the two-launch
-    form only (see :func:`_wants_pdl`)."""
+    form only (see ``_common.wants_pdl``)."""
     fuse = bool(cfg.get("FUSE_QUANT", False))
-    pdl = not fuse and _wants_pdl(cfg, device)
+    pdl = not fuse and wants_pdl(cfg, device)
     bm = gemv_bm(M)
     tiles = cdiv(N, cfg["BLOCK_N"])
     split_k = int(cfg.get("SPLIT_K", 1))
@@ -948,7 +947,7 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
         a_q, a_s = _quantize_into_scratch(x)
         return _launch_tma(a_q, a_s, w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
     if cfg.get("BACKEND") == "gluon":
-        pdl = _wants_pdl(cfg, x.device)
+        pdl = wants_pdl(cfg, x.device)
         a_q, a_s = _quantize_into_scratch(x, trigger=pdl)
         if _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits, x, w_fp16, pdl):
             return out
@@ -960,15 +959,9 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
                        quant_once=True)
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
-    pdl = _wants_pdl(cfg, x.device)
+    pdl = wants_pdl(cfg, x.device)
     a_q, a_s = _quantize_into_scratch(x, trigger=pdl)
     return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16, pdl=pdl)
-
-
-def _wants_pdl(cfg: dict, device: torch.device) -> bool:
-    """``PDL`` (a config key, the two-launch forms on sm_90+): the GEMM is launched programmatically, so it starts
-    while the quantization runs instead of after it ends (the gap between two launches, in a CUDA graph too)."""
-    return bool(cfg.get("PDL", False)) and pdl_supported(device)
 
 
 def w8a8_gemm_q_triton(a_q, a_scale, w, w_scale, bias=None, out_dtype=torch.float16, config=None, out=None):

@@ -460,6 +460,13 @@ _LAUNCH = _gluon.DirectLaunch()
 _LAUNCH_PERSISTENT = _gluon.DirectLaunch()
 
 
+def _epilogue_args(a_scale, w_scale, bias, out):
+    """The epilogue's pointer arguments, a tensor standing in for each one absent (an int32 ``out`` needs no scale;
+    the kernels do not read a pointer their constexprs switch off)."""
+    scales = a_scale if a_scale is not None else out
+    return scales, w_scale if w_scale is not None else out, bias if bias is not None else scales
+
+
 def persistent(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:
     """Whether a launch with ``cfg`` runs the persistent kernel: the config asks for it (``PERSISTENT``), the call
     is plain W8A8 (mixed mode's FP16 loop reuses the ring, which the persistent kernel keeps loading across
@@ -483,9 +490,7 @@ def _launch_persistent(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.
     M, K = a_q.shape
     N = w.shape[0]
     grid = (persistent_programs(M, N, cfg, a_q.device),)
-    scales = a_scale if a_scale is not None else out
-    ws = w_scale if w_scale is not None else out
-    b = bias if bias is not None else scales
+    scales, ws, b = _epilogue_args(a_scale, w_scale, bias, out)
     consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, cfg.get("GROUP_M", 8))
     ptrs = (scales, ws, b, M, N, K)
     key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
@@ -517,9 +522,7 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     split_k = int(cfg.get("SPLIT_K", 1))
     grid = ((M + bm - 1) // bm, (N + bn - 1) // bn, split_k)
-    scales = a_scale if a_scale is not None else out
-    ws = w_scale if w_scale is not None else out
-    b = bias if bias is not None else scales
+    scales, ws, b = _epilogue_args(a_scale, w_scale, bias, out)
     part, lock = _common.splitk_buffers(a_q.device, grid[0] * grid[1], split_k, bm * bn, 0)
     consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, mixed,
               w_fp16 is not None, pdl, split_k)

@@ -40,6 +40,7 @@ Paths (``BACKEND`` in the config; configs come from a ConfigCache keyed by (M bu
   that TMA cannot describe, a tile over shared memory) the call takes the ``mma`` / ``dequant`` heuristic plan.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,7 +48,7 @@ import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
                       gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile, jit_helper, next_pow2,
-                      pdl_supported, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton)
+                      remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
 
 __all__ = [
     "WNA16Weight",
@@ -868,7 +869,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         slice_pre = bool(cfg.get("SLICE_PRESCALE", False))
         span = min(K, cdiv(cdiv(nb, u), sk) * u * PACK_K) if slice_pre else K  # x elements the prologue reads
         packed = bool(cfg.get("PACKED_X", False))
-        pdl = packed and bool(cfg.get("PDL", False)) and pdl_supported(x.device)
+        pdl = packed and wants_pdl(cfg, x.device)
         const = dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, EVEN_U=(nb % u == 0), SPLIT_K=sk,
                      BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, next_pow2(max(16, span))),
                      USE_ASM=x.is_cuda, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)),
@@ -967,14 +968,21 @@ def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False):
     """``PACKED_X``: the h2 GEMV's activations prescaled and packed once for the call (``_h2_pack_x_kernel``, one
     program) into this device's scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``trigger``: the
     GEMV is launched programmatically next (PDL)."""
-    n_rows = cdiv(K, PACK_K) * 16
+    n_rows, const, ckey = _h2_pack_plan(K, trigger)
     xp = cached_buffer(x.device, torch.int32, 4 * n_rows, tag="h2_xpack")
     xsc = cached_buffer(x.device, torch.float32, 1, tag="h2_xscale")
+    fast_launch(h2_pack_x_kernel, (1,), (x, xp, xsc, K, n_rows), const, ckey, (x,))
+    return xp, xsc
+
+
+@functools.lru_cache(maxsize=1024)
+def _h2_pack_plan(K: int, trigger: bool) -> tuple[int, dict, tuple]:
+    """What ``_h2_pack_x`` derives from K alone (memoised: it runs on every decode call): word rows, constexprs and
+    launch options, their key."""
+    n_rows = cdiv(K, PACK_K) * 16
     const = dict(AMAX_K=min(4096, next_pow2(max(16, K))), BLOCK_R=min(512, next_pow2(n_rows)), TRIGGER=trigger,
                  num_warps=4)
-    fast_launch(h2_pack_x_kernel, (1,), (x, xp, xsc, K, n_rows), const, (const_key(const), spec_key((K, n_rows))),
-                (x,))
-    return xp, xsc
+    return n_rows, const, (const_key(const), spec_key((K, n_rows)))
 
 
 def _unpack_ref(qw, scales, zeros, bits, group_size, N, K):
