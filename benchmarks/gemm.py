@@ -577,15 +577,20 @@ def decode_w4_candidates():
     # it; a few without PDL, to see what the overlap gives
     no_ring = [c_ for c_ in h2 if "LOAD_STAGES" not in c_]
     packed = [dict(c_, PACKED_X=True, PDL=True) for c_ in no_ring] + [dict(c_, PACKED_X=True) for c_ in no_ring[:4]]
+    # ... and asking L2 for their first steps' weights before they wait for the packing (PREFETCH)
+    packed += [dict(c_, PREFETCH=2) for c_ in packed if c_.get("PDL")]
     return [G(128, 8, w=4), G(64, 16), G(64, 8)] + h2 + slice_pre + packed
 
 
 def decode_w8a8_candidates(M):
     """W8A8 at M <= 64 for the graph-replay search: the GEMV (M <= 16; quantization fused, a separate launch, or
-    a separate launch with the GEMV launched programmatically, PDL: it starts while the quantization runs) and
-    tl.dot tiles with small BLOCK_M (a separate quantization launch, or QUANT_ONCE: one launch)."""
+    a separate launch with the GEMV launched programmatically, PDL: it starts while the quantization runs, and
+    PREFETCH: asks L2 for its first weights then) and tl.dot tiles with small BLOCK_M (a separate quantization
+    launch, or QUANT_ONCE: one launch)."""
     gemv = [dict(cfg, FUSE_QUANT=f) for f in (False, True) for cfg in w8a8_candidates(M) if cfg.get("BACKEND") == "gemv"]
     gemv += [dict(cfg, PDL=True) for cfg in gemv if not cfg["FUSE_QUANT"]]
+    # ... asking L2 for their first K steps' weights before they wait for the quantization (PREFETCH)
+    gemv += [dict(cfg, PREFETCH=2) for cfg in gemv if cfg.get("PDL")]
     if M <= 4:
         return gemv
     if M <= 16:  # narrow N tiles and deep K steps keep many weight bytes in flight per SM at small M

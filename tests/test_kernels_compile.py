@@ -31,6 +31,11 @@ CHILD = textwrap.dedent(r'''
     def build(lazy, types, consts, cc):
         return sorted(compiled(lazy, types, consts, cc).asm)
 
+    def _prefetches(ptx):
+        # (griddepcontrol waits, L2 prefetches, every prefetch before the first wait)
+        wait = ptx.find("griddepcontrol.wait")
+        return ptx.count("griddepcontrol.wait"), ptx.count("prefetch.global.L2"), ptx.rfind("prefetch.global.L2") < wait
+
     attn_types = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "kri_ptr": "*i16", "vri_ptr": "*i16",
                   "krp_ptr": "*i8", "vrp_ptr": "*i8", "len_ptr": "*i32", "sm_scale_log2": "fp32"}
     out = {}
@@ -74,18 +79,21 @@ CHILD = textwrap.dedent(r'''
             wna16.wna16_gemv_h2_kernel, w4_types,
             dict(HAS_ZERO=zero, HAS_BIAS=True, EVEN_U=False, SPLIT_K=4, BLOCK_N=64, UNROLL=8, AMAX_K=4096,
                  USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=1, SLICE_PRESCALE=zero,  # (asym: slice prescale)
-                 PACKED_X=False, PDL=False),
+                 PACKED_X=False, PDL=False, PREFETCH=0),
             90, num_warps=4, num_stages=1).asm)
     # ... on activations packed by a launch of its own (PACKED_X), launched programmatically after it (PDL): one
     # wait for the packing, and no row-max prologue (no x load or reduction before it); the packing launch
     # triggers its dependents
     for per_block in (False, True):
-        for packed in (False, True):
+        for packed, prefetch in ((False, 0), (True, 0), (True, 2)):
             ptx = compiled(wna16.wna16_gemv_h2_kernel, dict(w4_types, x_ptr="*i32") if packed else w4_types,
                            dict(HAS_ZERO=True, HAS_BIAS=True, EVEN_U=False, SPLIT_K=2, BLOCK_N=64, UNROLL=4,
                                 AMAX_K=4096, USE_ASM=True, PER_BLOCK=per_block, LOAD_STAGES=1, SLICE_PRESCALE=False,
-                                PACKED_X=packed, PDL=packed), 90, num_warps=4, num_stages=1,
+                                PACKED_X=packed, PDL=packed, PREFETCH=prefetch), 90, num_warps=4, num_stages=1,
                            launch_pdl=packed).asm["ptx"]
+            if prefetch:  # (L2 prefetches, all before the wait)
+                pdl[f"w4a16 gemv_h2 prefetch per_block={per_block}"] = _prefetches(ptx)
+                continue
             # (griddepcontrol waits, the row max's float max instructions)
             pdl[f"w4a16 gemv_h2 packed={packed} per_block={per_block}"] = (
                 ptx.count("griddepcontrol.wait"), len(re.findall(r"\bmax(\.NaN)?\.f32", ptx)))
@@ -98,19 +106,21 @@ CHILD = textwrap.dedent(r'''
         ptx = compiled(wna16.wna16_gemv_h2_kernel, w4_types,
                        dict(HAS_ZERO=False, HAS_BIAS=False, EVEN_U=True, SPLIT_K=4, BLOCK_N=64, UNROLL=2, AMAX_K=4096,
                             USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=ls, SLICE_PRESCALE=False, PACKED_X=False,
-                            PDL=False),
+                            PDL=False, PREFETCH=0),
                        90, num_warps=4, num_stages=1).asm["ptx"]
         ring[f"w4a16 gemv_h2 {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
         # PDL (with the plain loads): the programmatically launched GEMV waits for the quantization's grid
-        for wait in ((False, True) if ls == 1 else (False,)):
+        for wait, prefetch in (((False, 0), (True, 0), (True, 2)) if ls == 1 else ((False, 0),)):
             ptx = compiled(w8a8.w8a8_gemv_kernel, {"a_ptr": "*i32", "w_ptr": "*i32", "bias_ptr": "*fp16",
                                                    "c_ptr": "*fp16", "part_ptr": "*i32", "lock_ptr": "*i32",
                                                    "x_ptr": "*fp16", "wf_ptr": "*i8", "rb_ptr": "*u8"},
                            dict(HAS_BIAS=False, ROW_BITS=False, HAS_FP16_W=False, EVEN_K=True, SPLIT_K=4, BLOCK_M=1,
                                 BLOCK_N=32, BC=128, USE_DP4A=True, FUSE_QUANT=False, EPS_C=1e-8, AMAX_K=16,
-                                LOAD_STAGES=ls, PDL=wait), 90, num_warps=4, num_stages=1,
+                                LOAD_STAGES=ls, PDL=wait, PREFETCH=prefetch), 90, num_warps=4, num_stages=1,
                            launch_pdl=wait).asm["ptx"]
-            if wait:
+            if prefetch:
+                pdl["w8a8 gemv prefetch"] = _prefetches(ptx)
+            elif wait:
                 pdl["w8a8 gemv wait"] = ptx.count("griddepcontrol.wait")
             else:
                 ring[f"w8a8 gemv {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
@@ -201,6 +211,10 @@ def test_kernels_compile_for_sm80_and_sm90():
     # programmatic dependent launch: the GEMV's and the tl.dot kernel's one wait for the quantization, and the
     # quantization's one trigger, each only where asked for
     h2 = {k: pdl.pop(k) for k in [k for k in pdl if k.startswith("w4a16 gemv_h2")]}
+    # PREFETCH: L2 prefetches of the first weights, all issued before the one wait (JSON: lists)
+    for what in ("w8a8 gemv prefetch", *(f"w4a16 gemv_h2 prefetch per_block={pb}" for pb in (False, True))):
+        waits, prefetches, all_before = (h2 if what.startswith("w4a16") else pdl).pop(what)
+        assert waits == 1 and prefetches > 0 and all_before, (what, waits, prefetches, all_before)
     assert pdl == {"w8a8 gemv wait": 1, "w8a8 gemv no pdl 1": 0, "w8a8 gemv no pdl 4": 0, "w8a8 dot pdl=False": 0,
                    "w8a8 dot pdl=True": 1, "act_quant trigger=False": 0, "act_quant trigger=True": 1,
                    "w4a16 h2 pack": 1}, pdl

@@ -616,6 +616,26 @@ def grid_dep_wait():
 
 
 @jit_helper
+def l2_prefetch(ptrs, live):
+    """Ask L2 for the lines at `ptrs` where `live` (int32, nonzero) without waiting for them
+    (``prefetch.global.L2``): before a launch's :func:`grid_dep_wait`, a programmatic launch's first weight
+    tiles stream from memory while the launch before it still runs. One pointer a 128-byte line is enough."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [ptrs, live], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@jit_helper
+def l2_prefetch_rows(base_ptr, rows, row_hi, stride, lo, hi, SPAN: tl.constexpr, LINE: tl.constexpr):
+    """:func:`l2_prefetch` of the elements [lo, min(hi, lo + SPAN)) of each of `rows` < row_hi (row-major,
+    `stride` elements a row), one pointer every LINE elements (LINE elements = 128 bytes; SPAN and LINE powers
+    of two)."""
+    N_LINES: tl.constexpr = (SPAN + LINE - 1) // LINE
+    cols = lo + tl.arange(0, N_LINES) * LINE
+    live = (cols[None, :] < hi) & (rows[:, None] < row_hi)
+    l2_prefetch(base_ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], live.to(tl.int32))
+
+
+@jit_helper
 def grid_dep_launch_dependents():
     """Programmatic dependent launch: let the next launch start now (its programs wait in :func:`grid_dep_wait`)
     instead of when this one ends; a no-op when the next launch is not programmatic. sm_90+ only."""

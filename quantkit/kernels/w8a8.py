@@ -45,9 +45,9 @@ import torch
 
 from ._common import (HOPPER_SMEM_PER_BLOCK, ConfigCache, LazyKernel, cached_buffer, capability, cdiv, eager_cuda,
                       fast_launch, gemv_tile, gpu_key, grid_dep_wait, grouped_tile, interpret_mode, jit_helper,
-                      launch_consts, load_k_tiles, next_pow2, quantize_sym, quantize_sym_rcp, remember, sm_count,
-                      spec_key, splitk_arrive, splitk_buffers, splitk_for, splitk_slot, splitk_sum, splitk_sum_rows,
-                      sym_scale, tl, use_triton, wants_pdl)
+                      l2_prefetch_rows, launch_consts, load_k_tiles, next_pow2, quantize_sym, quantize_sym_rcp,
+                      remember, sm_count, spec_key, splitk_arrive, splitk_buffers, splitk_for, splitk_slot, splitk_sum,
+                      splitk_sum_rows, sym_scale, tl, use_triton, wants_pdl)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -480,6 +480,7 @@ def _w8a8_gemv_kernel(
     AMAX_K: tl.constexpr,  # FUSE_QUANT: elements per step of the row-max prologue
     LOAD_STAGES: tl.constexpr,  # > 1: the INT8 loop's loads pipelined (cp.async into a ring of this many steps)
     PDL: tl.constexpr,  # launched programmatically after the quantization: wait for it before reading a and as
+    PREFETCH: tl.constexpr,  # PDL: this many iterations' weight lines asked of L2 before the wait (0: none)
 ):
     """GEMV-style W8A8 for M <= BLOCK_M <= 16 on activations quantized once per call.
 
@@ -526,6 +527,9 @@ def _w8a8_gemv_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BC), dtype=tl.int32)
     if PDL:  # everything above overlapped the quantization's launch; a and as are its output
+        if PREFETCH > 0:  # the weights do not depend on it: start streaming the first ones now
+            l2_prefetch_rows(w_ptr, rn, N, stride_wn, i_lo * BC, tl.minimum(i_hi_i8 * BC, KW), PREFETCH * BC,
+                             32)
         grid_dep_wait()
     for it in tl.range(i_lo, i_hi_i8, num_stages=LOAD_STAGES):
         if EVEN_K:
@@ -908,6 +912,7 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
                                 EPS_C=EPS,
                                 AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
                                 LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), PDL=pdl,
+                                PREFETCH=int(cfg.get("PREFETCH", 0)) if pdl else 0,
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                                 **({"launch_pdl": True} if pdl else {}))
     return (tiles * split_k,), part, lock, fuse, const, (ckey, spec_key((M, N, KW)))

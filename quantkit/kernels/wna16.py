@@ -47,8 +47,8 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
-                      gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile, jit_helper, next_pow2,
-                      remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
+                      gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile, jit_helper, l2_prefetch_rows,
+                      next_pow2, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
 
 __all__ = [
     "WNA16Weight",
@@ -501,6 +501,7 @@ def _wna16_gemv_h2_kernel(
     SLICE_PRESCALE: tl.constexpr,  # the prescale from this split's K slice of x (else the whole row)
     PACKED_X: tl.constexpr,  # x prescaled and packed once per call by _h2_pack_x_kernel (no prologue here)
     PDL: tl.constexpr,  # PACKED_X, launched programmatically after the packing: wait for it before reading x
+    PREFETCH: tl.constexpr,  # PDL: this many steps' weight lines asked of L2 before the wait (0: none)
 ):
     """Decode (M = 1) W4A16 GEMV with half2 dequantization and products (``_H2_*``): about two
     instructions per weight instead of three to four, for the ALU-bound M=1 case.
@@ -530,6 +531,10 @@ def _wna16_gemv_h2_kernel(
     # shorter prologue on every program's critical path); PACKED_X: applied by the packing launch
     if PACKED_X:
         if PDL:  # everything above overlapped the packing launch; x and xsc are its output
+            if PREFETCH > 0:  # the weights do not depend on it: start streaming the first steps' now
+                k_rows = st_lo * UNROLL * R + tl.arange(0, PREFETCH * UNROLL * R)
+                l2_prefetch_rows(w_ptr, k_rows, tl.minimum(st_hi * UNROLL, n_blocks) * R, N, tile * BLOCK_N, N,
+                                 BLOCK_N, 32)
             grid_dep_wait()
         sc = 1.0
         inv_sc = tl.load(xsc_ptr)
@@ -874,7 +879,8 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
                      BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, next_pow2(max(16, span))),
                      USE_ASM=x.is_cuda, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)),
                      LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), SLICE_PRESCALE=slice_pre and not packed,
-                     PACKED_X=packed, PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                     PACKED_X=packed, PDL=pdl, PREFETCH=int(cfg.get("PREFETCH", 0)) if pdl else 0,
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                      **({"launch_pdl": True} if pdl else {}))
         tiles = cdiv(N, cfg["BLOCK_N"])
         p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const,

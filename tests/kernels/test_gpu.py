@@ -536,16 +536,16 @@ def test_wna16_gemv_h2_per_block(layer):
 
 def test_wna16_gemv_h2_packed_x_is_the_in_loop_result(layer):
     """PACKED_X (x prescaled and packed into half2 pairs by a launch of its own, the GEMV launched after it, with
-    PDL programmatically): the same fp16 pairs and products as the in-loop form, so bit for bit its output, 3-D
-    and PER_BLOCK tiles, symmetric and asymmetric, fp16 and bf16 activations with outliers; each call on new
-    activations (a read before the PDL wait would see the previous call's), and in a CUDA graph replayed on new
-    input."""
+    PDL programmatically, with PREFETCH asking L2 for its first weights before it waits): the same fp16 pairs and
+    products as the in-loop form, so bit for bit its output, 3-D and PER_BLOCK tiles, symmetric and asymmetric,
+    fp16 and bf16 activations with outliers; each call on new activations (a read before the PDL wait would see
+    the previous call's), and in a CUDA graph replayed on new input."""
     N, K = layer["N"], layer["K"]
     for W in (layer["Wi4"], layer["Wi4z"]):
         for bn, sk, u, w, pb in ((128, 2, 4, 4, False), (64, 4, 4, 4, False), (64, 2, 8, 4, True)):
             plain = wna16._gemv_h2(bn, sk, u, w, per_block=pb)
-            for pdl in (False, True):
-                packed = wna16._gemv_h2(bn, sk, u, w, per_block=pb, packed_x=True, pdl=pdl)
+            for pdl, prefetch in ((False, 0), (True, 0), (True, 2)):
+                packed = dict(wna16._gemv_h2(bn, sk, u, w, per_block=pb, packed_x=True, pdl=pdl), PREFETCH=prefetch)
                 for dtype in (torch.float16, torch.bfloat16):
                     for scale in (1.0, 40.0):
                         x = torch.randn(1, K, device="cuda", dtype=dtype) * scale
@@ -553,8 +553,8 @@ def test_wna16_gemv_h2_packed_x_is_the_in_loop_result(layer):
                         run = lambda cfg: wna16.wna16_linear_triton(  # noqa: E731
                             x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K, config=cfg,
                             out=poison((1, N), dtype, "cuda"))
-                        assert torch.equal(run(packed), run(plain)), (bn, sk, u, w, pb, pdl, dtype, scale)
-    cfg = wna16._gemv_h2(128, 2, 4, 4, packed_x=True, pdl=True)
+                        assert torch.equal(run(packed), run(plain)), (bn, sk, u, w, pb, pdl, prefetch, dtype, scale)
+    cfg = dict(wna16._gemv_h2(128, 2, 4, 4, packed_x=True, pdl=True), PREFETCH=2)
     W = layer["Wi4z"]
     x = torch.randn(1, K, device="cuda", dtype=torch.float16)
     out = torch.empty(1, N, device="cuda", dtype=torch.float16)

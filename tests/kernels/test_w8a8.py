@@ -290,7 +290,8 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
     # PDL: the GEMV launched programmatically after the quantization (sm_90+; elsewhere the flag is dropped)
     for c in (dict(cfg, LOAD_STAGES=3), dict(cfg, FUSE_QUANT=True, LOAD_STAGES=2),  # loads through a cp.async ring
               dict(cfg, BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1), dict(cfg, FUSE_QUANT=True, BLOCK_N=1, BLOCK_K=512),
-              dict(cfg, PDL=True), dict(cfg, BLOCK_N=1, BLOCK_K=1024, SPLIT_K=1, PDL=True)):
+              dict(cfg, PDL=True), dict(cfg, BLOCK_N=1, BLOCK_K=1024, SPLIT_K=1, PDL=True),
+              dict(cfg, PDL=True, PREFETCH=2), dict(cfg, BLOCK_N=1, BLOCK_K=1024, SPLIT_K=1, PDL=True, PREFETCH=4)):
         y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev))
         assert torch.equal(y, one), c
         plan_pdl = w8a8._gemv_plan(c, M, N, K, x.device, True, False, False)[4]["PDL"]
@@ -327,9 +328,10 @@ def test_pdl_launch_gives_the_two_launch_result(dev, M):
                 dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_K=1)):
         two = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=cfg, out=poison((M, N), torch.float16, dev))
         assert rel_err(two, w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)) <= 2e-3
-        pdl = dict(cfg, PDL=True)
-        y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=pdl, out=poison((M, N), torch.float16, dev))
-        assert torch.equal(y, two), cfg
+        pdl = dict(cfg, PDL=True, PREFETCH=2)  # (PREFETCH: the GEMV's first weights asked of L2 before the wait)
+        for c in (dict(cfg, PDL=True), pdl):
+            y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev))
+            assert torch.equal(y, two), c
         if dev.type == "cuda":
             xs, out = x.clone(), torch.empty(M, N, dtype=torch.float16, device=dev)
             graph = torch.cuda.CUDAGraph()
