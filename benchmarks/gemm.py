@@ -139,6 +139,12 @@ def w8a8_candidates(M):
               c(256, 128, 64, 8, 4, BACKEND="gluon", PERSISTENT=True),
               c(256, 128, 128, 8, 3, BACKEND="gluon", PERSISTENT=True, G=16),
               c(64, 128, 128, 4, 4, BACKEND="gluon", PERSISTENT=True, PROGS_PER_SM=2)]
+    # ... warp-specialized: a loader warp and two MMA warpgroups taking the program's tiles in turn (one tile's
+    # epilogue under the other's wgmmas)
+    gluon += [c(128, 128, 128, 4, 4, BACKEND="gluon", WARP_SPECIALIZE=True),
+              c(128, 128, 64, 4, 6, BACKEND="gluon", WARP_SPECIALIZE=True),
+              c(128, 128, 128, 4, 4, BACKEND="gluon", WARP_SPECIALIZE=True, G=16),
+              c(64, 128, 128, 4, 5, BACKEND="gluon", WARP_SPECIALIZE=True)]
     return [c(128, 256, 128, 8, 3), c(128, 128, 128, 8, 4), c(256, 128, 128, 8, 3), c(128, 256, 64, 8, 4)] + tma + gluon
 
 

@@ -42,9 +42,9 @@ run() {  # run <stage> <command...>: time-limited, log into $OUT, configs copied
 
 for stage in "$@"; do
   case $stage in
-    check)  # the forms built without a GPU first: persistent and split-K Gluon W8A8, the packed-x W4A16 GEMV, PREFETCH
+    check)  # the forms built without a GPU first: persistent and split-K Gluon W8A8, the packed-x W4A16 GEMV, PREFETCH, WARP_SPECIALIZE
       run check env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 8 -p no:cacheprovider tests/kernels/test_gpu.py \
-        tests/kernels/test_w8a8.py -k "gluon or persistent or packed or pdl or gemv_fused"
+        tests/kernels/test_w8a8.py -k "gluon or persistent or packed or pdl or gemv_fused or warp_spec"
       grep -E "^FAILED|^ERROR" "$OUT/check.log" | head -30 ;;
     check-all)  # every GPU kernel test (~250 s on an H100: give it STAGE_LIMIT=400)
       run check-all env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 8 -p no:cacheprovider \

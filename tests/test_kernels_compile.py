@@ -294,6 +294,22 @@ GLUON_CHILD = textwrap.dedent(r'''
                 tile=f"{bm}x{bk}", mixed=False, pdl=False, persistent=True, cubin=bool(k.asm.get("cubin")),
                 shared=k.metadata.shared, waits=sorted(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)),
                 stores=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)), after_store_wait=after)
+    # the warp-specialized kernel (WARP_SPECIALIZE): a loader warp and two MMA warpgroups
+    for bm, bk, st in ((128, 128, 4), (128, 64, 6), (64, 128, 5)):
+        wc = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, num_stages=st, num_warps=4, WARP_SPECIALIZE=True)
+        assert w8a8_gluon.warp_specialized(wc)
+        k = w8a8_gluon.build_for_target(wc, torch.float16, True)
+        ptx = k.asm["ptx"]
+        after = [re.search(r"bar\.sync|barrier\.sync|st\.shared", ptx[m.end():]).group(0)
+                 for m in re.finditer(r"cp\.async\.bulk\.wait_group\.read", ptx)]
+        out[f"{bm}x128x{bk} s{st} ws"] = dict(
+            ws=True, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared, warps=k.metadata.num_warps,
+            waits=sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))),
+            stores=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)),
+            loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
+            regs=sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)), key=int),
+            # barriers of a partition's own 128 threads (named), and of every thread (the partitions' hand-off)
+            named=sorted(set(re.findall(r"bar\.sync\s+(\d+),\s*128;", ptx))), after_store_wait=after)
     print(json.dumps(out))
 ''')
 
@@ -318,9 +334,22 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     memory (mixed mode at the plain kernel's CTAs per SM), and its K loop waits with one wgmma still in flight (wait_group 1) --
     the reason it exists; only the final wait drains (wait_group 0). Its programmatic launch's form (PDL) loads the
     first weight tiles before it waits for the quantization. With a K split (SPLIT_K) too. The persistent kernel
-    builds, with the same K loop and a TMA store buffer reused safely."""
+    builds, with the same K loop and a TMA store buffer reused safely, and so does its warp-specialized form."""
     built = _gluon_builds(GLUON_CHILD)
     pers = {what: built.pop(what) for what in [w for w, b in built.items() if b.get("persistent")]}
+    ws = {what: built.pop(what) for what in [w for w, b in built.items() if b.get("ws")]}
+    assert len(ws) == 3, sorted(ws)
+    for what, b in ws.items():
+        assert b["cubin"] and 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
+        # 12 warps (the default MMA warpgroup, the worker's, the loader's warp in a warpgroup of its own) with the
+        # register budget moved from the loader (40) to the MMA partitions (232 each)
+        assert b["warps"] == 12 and {"40", "232"} <= set(b["regs"]), (what, b)
+        # each MMA partition keeps a wgmma in flight and drains once a tile, and stores its tiles through TMA
+        # (two store sites), reusing its buffer only after its bulk wait and a barrier of its own warps
+        assert b["waits"] == ["0", "1"] and b["stores"] == 2 and b["loads"] == 2, (what, b)
+        # (the loop's waits and the final ones, two a partition: a barrier before any shared store)
+        assert len(b["named"]) >= 2 and len(b["after_store_wait"]) == 4, (what, b)
+        assert set(b["after_store_wait"]) <= {"bar.sync", "barrier.sync"}, (what, b)
     sk = {what: b for what, b in built.items() if what.endswith(" sk2")}
     assert len(built) == 35 + 8 and len(sk) == 8, sorted(sk)
     # a K split: the counter taken and reset once a tile (one atomic add, one exchange), in mixed mode too

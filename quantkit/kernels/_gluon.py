@@ -173,15 +173,16 @@ class DirectLaunch:
             self.compiled[key()] = k
 
 
-def compile_for_target(kernel, sig: dict, consts: dict, num_warps: int, cc: int = 90):
+def compile_for_target(kernel, sig: dict, consts: dict, num_warps: int, cc: int = 90, **options):
     """Compile Gluon ``kernel`` for sm_``cc`` without a GPU (Triton's Gluon pipeline, LLVM and ptxas): the CPU
-    suite's build checks and the probes.  sig: every parameter's type (constexprs as "constexpr")."""
+    suite's build checks and the probes.  sig: every parameter's type (constexprs as "constexpr"); options: more
+    compile options (``maxnreg``)."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     src = GluonASTSource(fn=kernel, signature=sig, constexprs=consts)
-    return triton_compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+    return triton_compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, **options})
 
 
 def mangle(desc) -> str:

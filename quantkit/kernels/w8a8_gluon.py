@@ -26,6 +26,9 @@ FP16 rows sum fp32 partials).
 ``PERSISTENT`` (large M, plain calls): one program per SM walks the tiles in grouped order; its TMA ring runs on
 across tile boundaries and each tile's TMA store overlaps the next tile's K loop
 (``w8a8_gluon_persistent_kernel``).
+``WARP_SPECIALIZE`` (large M, plain calls): the persistent walk split between a one-warp TMA loader and two MMA
+warpgroups that take the program's tiles in turn, so one tile's epilogue overlaps the next tile's wgmmas
+(``w8a8_gluon_ws_kernel``).
 """
 
 from __future__ import annotations
@@ -417,6 +420,112 @@ if GLUON_ERROR is None:
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
 
+    @gluon.jit
+    def _ws_walk(M, N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+        """A persistent program's walk: (its first tile, the programs' stride, tiles in M and N, K steps a tile,
+        its tile count); its tiles are pid, pid + n_progs, ... (at most one program a tile)."""
+        pid = gl.program_id(0)
+        n_progs = gl.num_programs(0)
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        return pid, n_progs, num_pid_m, num_pid_n, gl.cdiv(K, BK), gl.cdiv(num_pid_m * num_pid_n - pid, n_progs)
+
+    @gluon.jit
+    def _ws_loader(a_desc, w_desc, a_ring, w_ring, ready, empty, M, N, K, GROUP_M: gl.constexpr,
+                   STAGES: gl.constexpr):
+        """Warp-specialized kernel, the load partition (one warp): every K step of this program's tiles, in order,
+        into the ring, each slot once its last reader has released it (``empty``; a fresh barrier counts as
+        released: the first pass waits on the phase before it)."""
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        TILE_BYTES: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
+        pid, n_progs, num_pid_m, num_pid_n, k_tiles, my_tiles = _ws_walk(M, N, K, BM, BN, BK)
+        p = 0
+        for t in range(my_tiles):
+            pid_m, pid_n = _grouped(pid + t * n_progs, num_pid_m, num_pid_n, GROUP_M)
+            for ki in range(k_tiles):
+                slot = p % STAGES
+                mbarrier.wait(empty.index(slot), ((p // STAGES) & 1) ^ 1)
+                _load_step(a_desc, w_desc, a_ring, w_ring, ready, slot, slot, pid_m * BM, pid_n * BN, ki, BK,
+                           TILE_BYTES, p >= 0)
+                p += 1
+
+    @gluon.jit
+    def _ws_consumer(a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr, bias_ptr, M, N,
+                     K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, OUT_INT32: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, FIRST: gl.constexpr):
+        """Warp-specialized kernel, an MMA partition (one warpgroup): this program's tiles FIRST, FIRST + 2, ...
+        (the other MMA partition takes the rest, so one's epilogue runs while the other's wgmmas do), each K step's
+        wgmma kept in flight and the slot of the one before released as it retires; the tile's output through its
+        own store buffer (``c_bufs[FIRST]``) and a TMA store waited for only before that buffer is reused."""
+        BM: gl.constexpr = c_desc.block_type.shape[0]
+        BN: gl.constexpr = c_desc.block_type.shape[1]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=_gluon.mma_warps(BM, 4), instr_shape=[16, _mma_instr_n(BM, BN, 4), 32])
+        c_smem = c_bufs.index(FIRST)
+        pid, n_progs, num_pid_m, num_pid_n, k_tiles, my_tiles = _ws_walk(M, N, K, BM, BN, BK)
+        for t in range(FIRST, my_tiles, 2):
+            pid_m, pid_n = _grouped(pid + t * n_progs, num_pid_m, num_pid_n, GROUP_M)
+            p0 = t * k_tiles  # the ring step of this tile's first K tile (the loader's order)
+            acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
+            for ki in range(k_tiles):
+                acc = _mma_step(acc, a_ring, w_ring, ready, p0 + ki, STAGES)
+                # wgmma p0 + ki - 1 has retired: its slot goes back to the loader (one elected arrive)
+                mbarrier.arrive(empty.index((p0 + ki + STAGES - 1) % STAGES), count=1, pred=ki > 0)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index((p0 + k_tiles - 1) % STAGES), count=1, pred=k_tiles > 0)
+            if OUT_INT32:
+                out = acc
+            else:
+                rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
+                cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+                out = _scaled(acc, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS)
+            tma.store_wait(pendings=0)  # this partition's previous store has read its buffer ...
+            _gluon.cta_barrier()  # ... (a barrier of this partition's warps) before any of them overwrites it
+            c_smem.store(out.to(c_desc.dtype))
+            fence_async_shared()
+            _tma_store(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _ws_consumer_odd(a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr, bias_ptr, M,
+                         N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, OUT_INT32: gl.constexpr,
+                         HAS_BIAS: gl.constexpr):
+        _ws_consumer(a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr, bias_ptr, M, N,
+                     K, GROUP_M, STAGES, OUT_INT32, HAS_BIAS, 1)
+
+    @gluon.jit
+    def w8a8_gluon_ws_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
+                             STAGES: gl.constexpr, OUT_INT32: gl.constexpr, HAS_BIAS: gl.constexpr,
+                             GROUP_M: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr):
+        """The persistent kernel's GEMM, warp-specialized (``WARP_SPECIALIZE`` in the config; plain W8A8 only):
+        a one-warp load partition keeps the TMA ring full across this program's tiles, and two MMA partitions of
+        one warpgroup each (the default one and a worker) take its tiles in turn ("ping-pong"), so the int32 ->
+        fp16 epilogue and the TMA store of one tile run while the other partition's wgmmas do. Launched with
+        num_warps 4 (the default partition's; 12 warps in all) and ``maxnreg`` (:data:`WS_MAXNREG`): the worker
+        MMA partition and the loader run with MMA_REGS and LOAD_REGS registers a thread, the default partition
+        with what is left."""
+        BM: gl.constexpr = c_desc.block_type.shape[0]
+        BN: gl.constexpr = c_desc.block_type.shape[1]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BM, BN], c_desc.layout)
+        ready = _gluon.ready_barriers(STAGES)
+        empty = _gluon.ready_barriers(STAGES)
+        gl.warp_specialize([
+            (_ws_consumer, (a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr, bias_ptr, M,
+                            N, K, GROUP_M, STAGES, OUT_INT32, HAS_BIAS, 0)),
+            (_ws_consumer_odd, (a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr,
+                                bias_ptr, M, N, K, GROUP_M, STAGES, OUT_INT32, HAS_BIAS)),
+            (_ws_loader, (a_desc, w_desc, a_ring, w_ring, ready, empty, M, N, K, GROUP_M, STAGES)),
+        ], [4, 1], [MMA_REGS, LOAD_REGS])
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+            mbarrier.invalidate(empty.index(s))
+
 
 def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) -> bool:
     """Whether this kernel can run here: Gluon importable, an sm_90 GPU, int8 operands and an fp16 / bf16 /
@@ -479,6 +588,25 @@ def persistent(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:
     return cfg["num_stages"] * (bm + bn) * bk + bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
 
 
+# the warp-specialized kernel's register budget: maxnreg a thread over its 12 warps (3 warpgroups: 168 x 384 threads
+# fill the SM's 64K registers), shared by the worker MMA partition (WS_MMA_REGS), the loader (WS_LOAD_REGS) and the
+# default MMA partition (the rest: 168 * 3 - 232 - 40 = 232)
+WS_MAXNREG, WS_MMA_REGS, WS_LOAD_REGS = 168, 232, 40
+
+
+def warp_specialized(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:
+    """Whether a launch with ``cfg`` runs the warp-specialized kernel: the config asks for it (``WARP_SPECIALIZE``),
+    the call is plain W8A8 without a K split, each MMA partition's tile is one warpgroup's (num_warps 4, BLOCK_M 64
+    or 128, an int32 accumulator of at most 128 registers a thread: BLOCK_M x BLOCK_N <= 16384), and the ring plus
+    the two partitions' store buffers fit one CTA's shared memory."""
+    if not cfg.get("WARP_SPECIALIZE", False) or mixed or int(cfg.get("SPLIT_K", 1)) > 1:
+        return False
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if cfg["num_warps"] != 4 or bm not in (64, 128) or bm * bn > 16384:
+        return False
+    return cfg["num_stages"] * (bm + bn) * bk + 2 * bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
+
+
 def persistent_programs(M: int, N: int, cfg: dict, device) -> int:
     """The persistent grid: one program per SM (``PROGS_PER_SM`` more where a tile's shared memory lets two
     share an SM), never more programs than tiles."""
@@ -505,6 +633,29 @@ def _launch_persistent(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.
     return out
 
 
+_LAUNCH_WS = _gluon.DirectLaunch()
+
+
+def _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
+    M, K = a_q.shape
+    N = w.shape[0]
+    grid = (persistent_programs(M, N, dict(cfg, PROGS_PER_SM=1), a_q.device),)  # one program (12 warps) an SM
+    scales, ws, b = _epilogue_args(a_scale, w_scale, bias, out)
+    consts = (cfg["num_stages"], out.dtype == torch.int32, bias is not None, cfg.get("GROUP_M", 8), WS_MMA_REGS,
+              WS_LOAD_REGS)
+    ptrs = (scales, ws, b, M, N, K)
+    key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
+                   consts, _common.spec_key(ptrs))
+    if _LAUNCH_WS.run(key, grid, (a_q, w, out), ptrs + consts):
+        return out
+    a_d, w_d, c_d, _, _ = descriptors(a_q, w, out, cfg)
+    k = w8a8_gluon_ws_kernel[grid](a_d, w_d, c_d, *ptrs, STAGES=consts[0], OUT_INT32=consts[1], HAS_BIAS=consts[2],
+                                   GROUP_M=consts[3], MMA_REGS=consts[4], LOAD_REGS=consts[5], num_warps=4,
+                                   maxnreg=WS_MAXNREG)
+    _LAUNCH_WS.remember(key, k)
+    return out
+
+
 def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None, w_fp16=None,
            pdl: bool = False) -> torch.Tensor:
     """``out`` = the W8A8 GEMM of quantized activations a_q (M, K) int8 with a_scale (M,) fp32 and w (N, K) int8
@@ -513,8 +664,11 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     from ``x`` (the fp16 / bf16 activations a_q came from) on ``w_fp16``, or on w scaled per channel.
     ``pdl``: launched programmatically right after the launch that wrote a_q and a_scale (``_common.pdl_supported``
     must hold): the weight loads start while it runs.  A ``PERSISTENT`` config runs the persistent kernel on a
-    plain call (:func:`persistent`; ``pdl`` is ignored there)."""
+    plain call (:func:`persistent`; ``pdl`` is ignored there), a ``WARP_SPECIALIZE`` one the warp-specialized
+    kernel (:func:`warp_specialized`; likewise)."""
     mixed = row_bits is not None
+    if warp_specialized(cfg, mixed, out.element_size()):  # (launched after the quantization has finished, as ...)
+        return _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg)
     if persistent(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL form)
         return _launch_persistent(a_q, a_scale, w, w_scale, bias, out, cfg)
     M, K = a_q.shape
@@ -547,7 +701,8 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
     """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
     launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report.
     ``row_bits``: mixed mode (x of ``out_dtype``), FP16 rows on an FP16 copy of the weight or on the int8 one;
-    ``pdl``: the programmatic launch's form.  A ``PERSISTENT`` config of a plain call builds the persistent kernel."""
+    ``pdl``: the programmatic launch's form.  A ``PERSISTENT`` config of a plain call builds the persistent kernel,
+    a ``WARP_SPECIALIZE`` one the warp-specialized kernel."""
     a = torch.empty(256, 256, dtype=torch.int8)
     w = torch.empty(256, 256, dtype=torch.int8)
     c = torch.empty(256, 256, dtype=out_dtype)
@@ -564,12 +719,18 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
              "M": "i32", "N": "i32", "K": "i32"}
     consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
               "HAS_BIAS": has_bias, "ROW_BITS": row_bits, "HAS_FP16_W": row_bits and fp16_copy, "PDL": pdl,
-              "GROUP_M": cfg.get("GROUP_M", 8), "SPLIT_K": int(cfg.get("SPLIT_K", 1))}
-    pers = persistent(cfg, row_bits, c.element_size())
-    kernel = w8a8_gluon_persistent_kernel if pers else w8a8_gluon_kernel
+              "GROUP_M": cfg.get("GROUP_M", 8), "SPLIT_K": int(cfg.get("SPLIT_K", 1)), "MMA_REGS": WS_MMA_REGS,
+              "LOAD_REGS": WS_LOAD_REGS}
+    options = {}
+    if warp_specialized(cfg, row_bits, c.element_size()):
+        kernel, options = w8a8_gluon_ws_kernel, {"maxnreg": WS_MAXNREG}
+    elif persistent(cfg, row_bits, c.element_size()):
+        kernel = w8a8_gluon_persistent_kernel
+    else:
+        kernel = w8a8_gluon_kernel
     names = kernel.arg_names
     sig = {n: types.get(n, "constexpr") for n in names}  # in the kernel's parameter order
     consts = {n: v for n, v in consts.items() if n in names}
     if not row_bits and "xf_desc" in names:
         consts.update(xf_desc=None, wf_desc=None)
-    return _gluon.compile_for_target(kernel, sig, consts, cfg["num_warps"], cc)
+    return _gluon.compile_for_target(kernel, sig, consts, cfg["num_warps"], cc, **options)

@@ -159,6 +159,17 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     y_pers = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=pers, out=poison((M, N), torch.float16, dev))
     assert torch.equal(y_pers, y)
     assert not w8a8_gluon.persistent(dict(pers, SPLIT_K=2))  # a K split runs the plain Gluon kernel
+    # the warp-specialized twin likewise: one 4-warp MMA tile of at most 128 x 128, plain calls, no K split
+    ws = dict(glu, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_stages=4, WARP_SPECIALIZE=True)
+    assert w8a8_gluon.warp_specialized(ws) and not w8a8_gluon.warp_specialized(ws, mixed=True)
+    assert not w8a8_gluon.warp_specialized(dict(ws, SPLIT_K=2)) and not w8a8_gluon.warp_specialized(glu)
+    assert not w8a8_gluon.warp_specialized(dict(ws, num_warps=8)) and not w8a8_gluon.warp_specialized(
+        dict(ws, BLOCK_M=128, BLOCK_N=256)) and not w8a8_gluon.warp_specialized(dict(ws, num_stages=12))
+    assert w8a8_gluon.warp_specialized(ws, out_bytes=4) and not w8a8_gluon.warp_specialized(
+        dict(ws, BLOCK_M=128), out_bytes=4)  # two int32 128 x 128 store buffers and the ring do not fit
+    y_ws = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(glu, WARP_SPECIALIZE=True),
+                                   out=poison((M, N), torch.float16, dev))
+    assert torch.equal(y_ws, y)
     y_sk = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(glu, SPLIT_K=2),
                                    out=poison((M, N), torch.float16, dev))
     assert torch.equal(y_sk, y)
