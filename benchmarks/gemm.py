@@ -613,13 +613,18 @@ def decode_w8a8_candidates(M):
         dict(d, FUSE_QUANT=False, QUANT_ONCE=False, PDL=True) for d in dots]
 
 
+# config keys whose candidates a search leaves out (GEMM_SKIP_KEYS=WARP_SPECIALIZE,PERSISTENT: a form whose GPU check
+# failed, so that a hanging or wrong kernel does not eat a time-limited search)
+SKIP_KEYS = [k for k in os.environ.get("GEMM_SKIP_KEYS", "").split(",") if k]
+
+
 def timed_search(what, cands, run, ref, timer, fails, tol=TOL):
     """Every distinct config checked (``run(cfg, out)`` against ``ref``), the correct ones timed (``timer(cfg)``,
     us); a config that does not build or launch is skipped. [(us, config)] fastest first, the winner re-timed
     (no best-of-N selection bias)."""
     res, seen = [], []
     for cfg in cands:
-        if cfg in seen:
+        if cfg in seen or any(cfg.get(k) for k in SKIP_KEYS):
             continue
         seen.append(cfg)
         try:
