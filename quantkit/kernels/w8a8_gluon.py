@@ -452,13 +452,17 @@ if GLUON_ERROR is None:
                 p += 1
 
     @gluon.jit
-    def _ws_consumer(a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr, bias_ptr, M, N,
-                     K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, OUT_INT32: gl.constexpr,
+    def _ws_consumer(a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, turn, c_bufs, as_ptr, ws_ptr, bias_ptr,
+                     M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, OUT_INT32: gl.constexpr,
                      HAS_BIAS: gl.constexpr, FIRST: gl.constexpr):
         """Warp-specialized kernel, an MMA partition (one warpgroup): this program's tiles FIRST, FIRST + 2, ...
         (the other MMA partition takes the rest, so one's epilogue runs while the other's wgmmas do), each K step's
         wgmma kept in flight and the slot of the one before released as it retires; the tile's output through its
-        own store buffer (``c_bufs[FIRST]``) and a TMA store waited for only before that buffer is reused."""
+        own store buffer (``c_bufs[FIRST]``) and a TMA store waited for only before that buffer is reused.
+
+        The partitions' K loops take turns (``turn[FIRST]``: the other has issued its tile's last wgmma): a ring
+        slot's "landed" barrier tells phases apart by parity only, so a partition must not wait on a slot's use
+        while an earlier use of it (the other partition's tile) is still to land, or it would take that one's."""
         BM: gl.constexpr = c_desc.block_type.shape[0]
         BN: gl.constexpr = c_desc.block_type.shape[1]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -469,11 +473,15 @@ if GLUON_ERROR is None:
         for t in range(FIRST, my_tiles, 2):
             pid_m, pid_n = _grouped(pid + t * n_progs, num_pid_m, num_pid_n, GROUP_M)
             p0 = t * k_tiles  # the ring step of this tile's first K tile (the loader's order)
+            # this partition's turn: the other one's previous tile has all its K tiles landed (a fresh barrier's
+            # phase before the first counts as done: partition 0 starts at once)
+            mbarrier.wait(turn.index(FIRST), ((t // 2) & 1) ^ (1 - FIRST))
             acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
             for ki in range(k_tiles):
                 acc = _mma_step(acc, a_ring, w_ring, ready, p0 + ki, STAGES)
                 # wgmma p0 + ki - 1 has retired: its slot goes back to the loader (one elected arrive)
                 mbarrier.arrive(empty.index((p0 + ki + STAGES - 1) % STAGES), count=1, pred=ki > 0)
+            mbarrier.arrive(turn.index(1 - FIRST), count=1)  # the other partition's K loop may start
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index((p0 + k_tiles - 1) % STAGES), count=1, pred=k_tiles > 0)
             if OUT_INT32:
@@ -490,11 +498,11 @@ if GLUON_ERROR is None:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _ws_consumer_odd(a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr, bias_ptr, M,
-                         N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, OUT_INT32: gl.constexpr,
+    def _ws_consumer_odd(a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, turn, c_bufs, as_ptr, ws_ptr,
+                         bias_ptr, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, OUT_INT32: gl.constexpr,
                          HAS_BIAS: gl.constexpr):
-        _ws_consumer(a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr, bias_ptr, M, N,
-                     K, GROUP_M, STAGES, OUT_INT32, HAS_BIAS, 1)
+        _ws_consumer(a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, turn, c_bufs, as_ptr, ws_ptr, bias_ptr, M,
+                     N, K, GROUP_M, STAGES, OUT_INT32, HAS_BIAS, 1)
 
     @gluon.jit
     def w8a8_gluon_ws_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
@@ -515,16 +523,19 @@ if GLUON_ERROR is None:
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BM, BN], c_desc.layout)
         ready = _gluon.ready_barriers(STAGES)
         empty = _gluon.ready_barriers(STAGES)
+        turn = _gluon.ready_barriers(2)
         gl.warp_specialize([
-            (_ws_consumer, (a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr, bias_ptr, M,
-                            N, K, GROUP_M, STAGES, OUT_INT32, HAS_BIAS, 0)),
-            (_ws_consumer_odd, (a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, c_bufs, as_ptr, ws_ptr,
+            (_ws_consumer, (a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, turn, c_bufs, as_ptr, ws_ptr,
+                            bias_ptr, M, N, K, GROUP_M, STAGES, OUT_INT32, HAS_BIAS, 0)),
+            (_ws_consumer_odd, (a_desc, w_desc, c_desc, a_ring, w_ring, ready, empty, turn, c_bufs, as_ptr, ws_ptr,
                                 bias_ptr, M, N, K, GROUP_M, STAGES, OUT_INT32, HAS_BIAS)),
             (_ws_loader, (a_desc, w_desc, a_ring, w_ring, ready, empty, M, N, K, GROUP_M, STAGES)),
         ], [4, 1], [MMA_REGS, LOAD_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
             mbarrier.invalidate(empty.index(s))
+        for s in gl.static_range(2):
+            mbarrier.invalidate(turn.index(s))
 
 
 def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) -> bool:
