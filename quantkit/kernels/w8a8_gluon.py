@@ -232,6 +232,26 @@ if GLUON_ERROR is None:
         return acc.to(gl.float32) * a_sc[:, None] * w_sc[None, :]
 
     @gluon.jit
+    def _store_reused(acc, c_desc, c_smem, pid_m, pid_n, as_ptr, ws_ptr, bias_ptr, M, N, OUT_INT32: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, LAYOUT: gl.constexpr):
+        """A persistent program's tile (pid_m, pid_n) out of the int32 accumulator (``LAYOUT``: its layout): scaled
+        (raw with OUT_INT32) into ``c_smem`` once that buffer's previous TMA store has read it, then stored by TMA,
+        the store left in flight."""
+        BM: gl.constexpr = c_desc.block_type.shape[0]
+        BN: gl.constexpr = c_desc.block_type.shape[1]
+        if OUT_INT32:
+            out = acc
+        else:
+            rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, LAYOUT))
+            cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, LAYOUT))
+            out = _scaled(acc, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS)
+        tma.store_wait(pendings=0)  # the previous store has read c_smem (the issuing thread knows) ...
+        _gluon.cta_barrier()  # ... and every thread waits for it before overwriting the buffer
+        c_smem.store(out.to(c_desc.dtype))
+        fence_async_shared()
+        _tma_store(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+
+    @gluon.jit
     def _grouped(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
         """Tile index -> (pid_m, pid_n) in GROUP_M-grouped order (``_common.grouped_tile``'s, which Gluon cannot
         call: the tiles that share A rows run together, so A and W stay in L2)."""
@@ -404,18 +424,8 @@ if GLUON_ERROR is None:
                                    total, num_pid_m, num_pid_n, GROUP_M, STAGES, TILE_BYTES)
                 step += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-
-            if OUT_INT32:
-                out = acc
-            else:
-                rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
-                cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
-                out = _scaled(acc, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS)
-            tma.store_wait(pendings=0)  # the previous tile's store has read c_smem (the issuing thread knows) ...
-            _gluon.cta_barrier()  # ... and every thread waits for it before overwriting the buffer
-            c_smem.store(out.to(c_desc.dtype))
-            fence_async_shared()
-            _tma_store(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+            _store_reused(acc, c_desc, c_smem, pid_m, pid_n, as_ptr, ws_ptr, bias_ptr, M, N, OUT_INT32, HAS_BIAS,
+                          mma_layout)
         tma.store_wait(pendings=0)
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -484,17 +494,9 @@ if GLUON_ERROR is None:
             mbarrier.arrive(turn.index(1 - FIRST), count=1)  # the other partition's K loop may start
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index((p0 + k_tiles - 1) % STAGES), count=1, pred=k_tiles > 0)
-            if OUT_INT32:
-                out = acc
-            else:
-                rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
-                cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
-                out = _scaled(acc, rows, cols, as_ptr, ws_ptr, bias_ptr, M, N, HAS_BIAS)
-            tma.store_wait(pendings=0)  # this partition's previous store has read its buffer ...
-            _gluon.cta_barrier()  # ... (a barrier of this partition's warps) before any of them overwrites it
-            c_smem.store(out.to(c_desc.dtype))
-            fence_async_shared()
-            _tma_store(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+            # (in a partition the barrier before the buffer's reuse is one of its own warps)
+            _store_reused(acc, c_desc, c_smem, pid_m, pid_n, as_ptr, ws_ptr, bias_ptr, M, N, OUT_INT32, HAS_BIAS,
+                          mma_layout)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -625,45 +627,32 @@ def persistent_programs(M: int, N: int, cfg: dict, device) -> int:
     return max(1, min(tiles, _common.sm_count(device) * cfg.get("PROGS_PER_SM", 1)))
 
 
-def _launch_persistent(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
-    M, K = a_q.shape
-    N = w.shape[0]
-    grid = (persistent_programs(M, N, cfg, a_q.device),)
-    scales, ws, b = _epilogue_args(a_scale, w_scale, bias, out)
-    consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, cfg.get("GROUP_M", 8))
-    ptrs = (scales, ws, b, M, N, K)
-    key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
-                   consts, _common.spec_key(ptrs))
-    if _LAUNCH_PERSISTENT.run(key, grid, (a_q, w, out), ptrs + consts):
-        return out
-    a_d, w_d, c_d, _, _ = descriptors(a_q, w, out, cfg)
-    k = w8a8_gluon_persistent_kernel[grid](a_d, w_d, c_d, *ptrs, STAGES=consts[0], WARPS=consts[1],
-                                           OUT_INT32=consts[2], HAS_BIAS=consts[3], GROUP_M=consts[4],
-                                           num_warps=cfg["num_warps"])
-    _LAUNCH_PERSISTENT.remember(key, k)
-    return out
-
-
 _LAUNCH_WS = _gluon.DirectLaunch()
 
 
-def _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
+def _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg: dict, ws: bool) -> torch.Tensor:
+    """The persistent kernel, or with ``ws`` its warp-specialized form (one program of 12 warps an SM, launched
+    with ``WS_MAXNREG``)."""
     M, K = a_q.shape
     N = w.shape[0]
-    grid = (persistent_programs(M, N, dict(cfg, PROGS_PER_SM=1), a_q.device),)  # one program (12 warps) an SM
-    scales, ws, b = _epilogue_args(a_scale, w_scale, bias, out)
-    consts = (cfg["num_stages"], out.dtype == torch.int32, bias is not None, cfg.get("GROUP_M", 8), WS_MMA_REGS,
-              WS_LOAD_REGS)
-    ptrs = (scales, ws, b, M, N, K)
+    grid = (persistent_programs(M, N, dict(cfg, PROGS_PER_SM=1) if ws else cfg, a_q.device),)
+    scales, w_sc, b = _epilogue_args(a_scale, w_scale, bias, out)
+    if ws:
+        kernel, direct, options = w8a8_gluon_ws_kernel, _LAUNCH_WS, {"num_warps": 4, "maxnreg": WS_MAXNREG}
+    else:
+        kernel, direct, options = w8a8_gluon_persistent_kernel, _LAUNCH_PERSISTENT, {"num_warps": cfg["num_warps"]}
+    named = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out.dtype == torch.int32,
+             "HAS_BIAS": bias is not None, "GROUP_M": cfg.get("GROUP_M", 8), "MMA_REGS": WS_MMA_REGS,
+             "LOAD_REGS": WS_LOAD_REGS}
+    consts = tuple(named[n] for n in kernel.arg_names if n in named)  # in the kernel's parameter order
+    ptrs = (scales, w_sc, b, M, N, K)
     key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
                    consts, _common.spec_key(ptrs))
-    if _LAUNCH_WS.run(key, grid, (a_q, w, out), ptrs + consts):
+    if direct.run(key, grid, (a_q, w, out), ptrs + consts):
         return out
     a_d, w_d, c_d, _, _ = descriptors(a_q, w, out, cfg)
-    k = w8a8_gluon_ws_kernel[grid](a_d, w_d, c_d, *ptrs, STAGES=consts[0], OUT_INT32=consts[1], HAS_BIAS=consts[2],
-                                   GROUP_M=consts[3], MMA_REGS=consts[4], LOAD_REGS=consts[5], num_warps=4,
-                                   maxnreg=WS_MAXNREG)
-    _LAUNCH_WS.remember(key, k)
+    k = kernel[grid](a_d, w_d, c_d, *ptrs, **{n: named[n] for n in kernel.arg_names if n in named}, **options)
+    direct.remember(key, k)
     return out
 
 
@@ -678,10 +667,9 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     plain call (:func:`persistent`; ``pdl`` is ignored there), a ``WARP_SPECIALIZE`` one the warp-specialized
     kernel (:func:`warp_specialized`; likewise)."""
     mixed = row_bits is not None
-    if warp_specialized(cfg, mixed, out.element_size()):  # (launched after the quantization has finished, as ...)
-        return _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg)
-    if persistent(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL form)
-        return _launch_persistent(a_q, a_scale, w, w_scale, bias, out, cfg)
+    ws = warp_specialized(cfg, mixed, out.element_size())
+    if ws or persistent(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL)
+        return _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg, ws)
     M, K = a_q.shape
     N = w.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]

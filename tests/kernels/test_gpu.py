@@ -280,22 +280,34 @@ def test_gluon_persistent_kernel_matches_the_tensor_core_kernel(layer, M, cfg, m
 
     if layer["N"] * layer["K"] > 6144 * 4096 and layer["K"] != 14336:
         pytest.skip("keep the GPU test short")
-    N, K, W = layer["N"], layer["K"], layer["W8"]
+    N = layer["N"]
     assert w8a8_gluon.persistent(cfg) and not w8a8_gluon.persistent(cfg, mixed=True)
     progs = w8a8_gluon.persistent_programs(M, N, cfg, torch.device("cuda"))
     tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
     assert progs == min(tiles, torch.cuda.get_device_properties(0).multi_processor_count * cfg.get("PROGS_PER_SM", 1))
+    _walking_kernel_checks(layer, M, cfg, ("PERSISTENT", "PROGS_PER_SM"), True, monkeypatch)
+
+
+def _walking_kernel_checks(layer, M, cfg, keys, int32, monkeypatch):
+    """A persistent Gluon form (``cfg``; ``keys``: its config keys) bit for bit the tl.dot kernel (fp16 / bf16, with
+    and without bias, each twice: the second call is the cached direct launch); with ``int32`` the raw int32
+    accumulator exact; a mixed call runs the plain Gluon kernel on the same tile (its result that kernel's); the
+    cached launch builds no descriptor, and a CUDA graph replayed on new input is the tl.dot result."""
+    from quantkit.kernels import w8a8_gluon
+
+    N, K, W = layer["N"], layer["K"], layer["W8"]
     for dtype in (torch.float16, torch.bfloat16):
         for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
-            for _ in range(2):  # the second call: the cached direct launch
+            for _ in range(2):
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=MMA_CONFIG)
                 glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
                 assert torch.equal(glu, mma), (dtype, b is not None, (glu.float() - mma.float()).abs().max().item())
     a_q, a_s = act_quant.per_token_quant_triton(x)
-    acc = w8a8_gluon.launch(a_q, None, W.w, None, None, poison((M, N), torch.int32, "cuda"), cfg)
-    assert torch.equal(acc.long(), (a_q.double() @ layer["q8"].double().t()).long())
-    plain = {k: v for k, v in cfg.items() if k not in ("PERSISTENT", "PROGS_PER_SM")}
+    if int32:
+        acc = w8a8_gluon.launch(a_q, None, W.w, None, None, poison((M, N), torch.int32, "cuda"), cfg)
+        assert torch.equal(acc.long(), (a_q.double() @ layer["q8"].double().t()).long())
+    plain = {k: v for k, v in cfg.items() if k not in keys}
     rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
     rb[M // 3: M // 3 + 20] = 1
     wf = layer["w16"].to(x.dtype)
@@ -318,7 +330,7 @@ WS_CONFIGS = [dict(GLUON_CONFIGS[0], num_stages=4, WARP_SPECIALIZE=True),
                     reason="Gluon's wgmma kernel is sm_90 only")
 @pytest.mark.parametrize("M", [2048, 1000, 77])
 @pytest.mark.parametrize("cfg", WS_CONFIGS, ids=["128x128x128", "64x128x128"])
-def test_gluon_warp_specialized_kernel_matches_the_tensor_core_kernel(layer, M, cfg):
+def test_gluon_warp_specialized_kernel_matches_the_tensor_core_kernel(layer, M, cfg, monkeypatch):
     """``WARP_SPECIALIZE``: a loader warp filling the ring across a program's tiles and two MMA warpgroups taking
     them in turn (M = 2048: several tiles each; M = 77: programs with one tile, the second MMA partition idle),
     bit for bit the tl.dot kernel (fp16 / bf16, with and without bias); the int32 accumulator exact; the cached
@@ -327,27 +339,10 @@ def test_gluon_warp_specialized_kernel_matches_the_tensor_core_kernel(layer, M, 
 
     if layer["N"] * layer["K"] > 6144 * 4096 and layer["K"] != 14336:
         pytest.skip("keep the GPU test short")
-    N, K, W = layer["N"], layer["K"], layer["W8"]
     assert w8a8_gluon.warp_specialized(cfg) and not w8a8_gluon.warp_specialized(cfg, mixed=True)
-    for dtype in (torch.float16, torch.bfloat16):
-        for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
-            for _ in range(2):  # the second call: the cached direct launch
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=MMA_CONFIG)
-                glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
-                assert torch.equal(glu, mma), (dtype, b is not None, (glu.float() - mma.float()).abs().max().item())
-    a_q, a_s = act_quant.per_token_quant_triton(x)
-    if w8a8_gluon.warp_specialized(cfg, out_bytes=4):  # (int32 store buffers fit the 64-row tile only)
-        acc = w8a8_gluon.launch(a_q, None, W.w, None, None, poison((M, N), torch.int32, "cuda"), cfg)
-        assert torch.equal(acc.long(), (a_q.double() @ layer["q8"].double().t()).long())
-    rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
-    rb[M // 3: M // 3 + 20] = 1
-    wf = layer["w16"].to(x.dtype)
-    plain = {k: v for k, v in cfg.items() if k != "WARP_SPECIALIZE"}
-    y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, row_bits=rb, w_fp16=wf,
-                                out=poison((M, N), x.dtype, "cuda"))
-    assert torch.equal(y, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=plain, row_bits=rb, w_fp16=wf))
-    _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), cfg, MMA_CONFIG)
+    # (int32 store buffers fit the 64-row tile only)
+    _walking_kernel_checks(layer, M, cfg, ("WARP_SPECIALIZE",), w8a8_gluon.warp_specialized(cfg, out_bytes=4),
+                           monkeypatch)
 
 
 def _graph_replays_match(W, x, cfg, ref_cfg, replays=3):
