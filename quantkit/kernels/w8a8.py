@@ -23,11 +23,12 @@ Paths:
 * persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer);
 * the Gluon kernel of ``w8a8_gluon`` (``BACKEND="gluon"``, M >= 64 on sm_90): Triton's pipeliner waits for
   every INT8 wgmma, Gluon keeps one in flight (mixed mode too), and with ``PERSISTENT`` a plain call walks the
-  tiles one program an SM; elsewhere its configs run the tl.dot kernel.
+  tiles one program an SM (``WARP_SPECIALIZE``: a loader warp and two MMA warpgroups taking the tiles in turn);
+  elsewhere its configs run the tl.dot kernel.
 
 Where the quantization is a launch of its own (the GEMV, the tensor-core kernel, Gluon), a ``PDL`` config on sm_90+
 launches the GEMM programmatically: it starts while the quantization runs and waits for it only before reading
-its output (``_common.wants_pdl``).
+its output (``_common.wants_pdl``); the GEMV's ``PREFETCH`` asks L2 for its first weights before that wait.
 
 Every Triton kernel here takes a ``ROW_BITS`` constexpr for the mixed INT8/FP16 mode of
 ``quantkit.kernels.mixed`` (pruned away when False).
