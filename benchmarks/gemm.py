@@ -596,7 +596,8 @@ def decode_w8a8_candidates(M):
     gemv = [dict(cfg, FUSE_QUANT=f) for f in (False, True) for cfg in w8a8_candidates(M) if cfg.get("BACKEND") == "gemv"]
     gemv += [dict(cfg, PDL=True) for cfg in gemv if not cfg["FUSE_QUANT"]]
     # ... asking L2 for their first K steps' weights before they wait for the quantization (PREFETCH)
-    gemv += [dict(cfg, PREFETCH=2) for cfg in gemv if cfg.get("PDL")]
+    gemv += [dict(cfg, PREFETCH=2) for cfg in gemv if cfg.get("PDL")] + [
+        dict(cfg, PREFETCH=8) for cfg in gemv if cfg.get("PDL") and cfg["BLOCK_N"] <= 4]  # (few rows a program)
     if M <= 4:
         return gemv
     if M <= 16:  # narrow N tiles and deep K steps keep many weight bytes in flight per SM at small M

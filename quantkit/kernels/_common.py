@@ -67,6 +67,15 @@ def wants_pdl(cfg: dict, device: torch.device) -> bool:
     return bool(cfg.get("PDL", False)) and pdl_supported(device)
 
 
+def prefetch_steps(cfg: dict, pdl: bool) -> int:
+    """``PREFETCH`` (a config key of the PDL GEMVs): K steps of weights asked of L2 before the wait for the launch
+    before; 0 without PDL (nothing to overlap). A power of two (the prefetch's pointer tile is a Triton range)."""
+    steps = int(cfg.get("PREFETCH", 0)) if pdl else 0
+    if steps & (steps - 1):
+        raise ValueError(f"PREFETCH must be a power of two, got {steps}")
+    return steps
+
+
 @functools.lru_cache(maxsize=None)
 def capability(index: int) -> tuple:
     """CUDA device ``index``'s compute capability (cached: asked on every launch decision)."""

@@ -48,7 +48,8 @@ import torch
 
 from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
                       gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile, jit_helper, l2_prefetch_rows,
-                      next_pow2, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
+                      next_pow2, prefetch_steps, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl,
+                      use_triton, wants_pdl)
 
 __all__ = [
     "WNA16Weight",
@@ -879,7 +880,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
                      BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, next_pow2(max(16, span))),
                      USE_ASM=x.is_cuda, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)),
                      LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), SLICE_PRESCALE=slice_pre and not packed,
-                     PACKED_X=packed, PDL=pdl, PREFETCH=int(cfg.get("PREFETCH", 0)) if pdl else 0,
+                     PACKED_X=packed, PDL=pdl, PREFETCH=prefetch_steps(cfg, pdl),
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                      **({"launch_pdl": True} if pdl else {}))
         tiles = cdiv(N, cfg["BLOCK_N"])

@@ -308,6 +308,11 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
         plan_pdl = w8a8._gemv_plan(c, M, N, K, x.device, True, False, False)[4]["PDL"]
         assert plan_pdl == (bool(c.get("PDL")) and _common.pdl_supported(x.device)), c
     assert not w8a8._gemv_plan(dict(cfg, PDL=True, FUSE_QUANT=True), M, N, K, x.device, True, False, False)[4]["PDL"]
+    # PREFETCH: only with PDL (nothing to overlap otherwise), a power of two (the pointer tile is a Triton range)
+    assert _common.prefetch_steps(dict(cfg, PREFETCH=4), True) == 4
+    assert _common.prefetch_steps(dict(cfg, PREFETCH=4), False) == 0 == _common.prefetch_steps(cfg, True)
+    with pytest.raises(ValueError, match="power of two"):
+        _common.prefetch_steps(dict(cfg, PREFETCH=3), True)
     ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale, bias)
     assert rel_err(one, ref) <= 2e-3
     assert rel_err(one, w8a8.w8a8_gemm_ref(x, W.w, W.scale * 1.01, bias)) > 2e-3
