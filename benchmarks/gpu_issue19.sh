@@ -19,8 +19,8 @@ OUT=${OUT:-/tmp/gpu_issue19}
 mkdir -p "$OUT"
 LIMIT=${STAGE_LIMIT:-280}
 # the shapes where a target is missed first: a search cut at its limit keeps what it finished (--write-configs
-# writes after each shape)
-SHAPES=4096x4096,4096x14336,6144x4096,28672x4096
+# writes after each shape; SHAPES overrides)
+SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
 STAGES="check check-all w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
 for stage in "$@"; do
