@@ -131,16 +131,9 @@ def w8a8_candidates(M):
              c(128, 128, 64, 4, 5, BACKEND="gluon"), c(256, 128, 128, 8, 3, BACKEND="gluon"),
              c(256, 128, 64, 8, 5, BACKEND="gluon")]
     gluon += [dict(g, PDL=True) for g in gluon]
-    # its persistent form: one program an SM (two for the 64-row tile) walking the tiles, the TMA ring running on
-    # across tile boundaries and each tile's store overlapping the next tile's loop
-    gluon += [c(128, 128, 128, 8, 4, BACKEND="gluon", PERSISTENT=True),
-              c(128, 128, 128, 4, 4, BACKEND="gluon", PERSISTENT=True),
-              c(128, 128, 64, 8, 6, BACKEND="gluon", PERSISTENT=True),
-              c(256, 128, 64, 8, 4, BACKEND="gluon", PERSISTENT=True),
-              c(256, 128, 128, 8, 3, BACKEND="gluon", PERSISTENT=True, G=16),
-              c(64, 128, 128, 4, 4, BACKEND="gluon", PERSISTENT=True, PROGS_PER_SM=2)]
-    # ... warp-specialized: a loader warp and two MMA warpgroups taking the program's tiles in turn (one tile's
-    # epilogue under the other's wgmmas)
+    # its warp-specialized persistent form: a loader warp and two MMA warpgroups taking the program's tiles in turn
+    # (one tile's epilogue under the other's wgmmas). The plain persistent form (PERSISTENT) is not offered: slower
+    # than this kernel's two CTAs an SM at every M = 8192 shape on the H100 (BENCHMARKS.md, session 43)
     gluon += [c(128, 128, 128, 4, 4, BACKEND="gluon", WARP_SPECIALIZE=True),
               c(128, 128, 64, 4, 6, BACKEND="gluon", WARP_SPECIALIZE=True),
               c(128, 128, 128, 4, 4, BACKEND="gluon", WARP_SPECIALIZE=True, G=16),
