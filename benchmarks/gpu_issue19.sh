@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s, logs written straight into
-# $OUT so that a call cut at its limit still returns what it measured). Run from the repository root on the GPU
-# machine, the stages in the order of what matters most, as many per call as fit:
+# Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
+# on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   bash benchmarks/gpu_issue19.sh check w8a8-8192         # call 1
-#   bash benchmarks/gpu_issue19.sh w8a8-256 mixed-256      # call 2
-#   bash benchmarks/gpu_issue19.sh w4-decode w8-decode     # call 3 (GemLite: carry .dev/gemlite-0.6.0)
-#   bash benchmarks/gpu_issue19.sh w4-256 mixed-8192       # call 4
-#   bash benchmarks/gpu_issue19.sh w8a8-2048               # call 5
+#   bash benchmarks/gpu_issue19.sh w4-decode w8a8-2048             # next (session 43 ran check, w8a8-8192, w8-decode)
+#   bash benchmarks/gpu_issue19.sh w8a8-256 mixed-256 mixed-8192
+#   bash benchmarks/gpu_issue19.sh w4-256
+#   bash benchmarks/gpu_issue19.sh check                           # after kernel changes (GPU tests of the new forms)
 #
-# Each stage writes $OUT/<stage>.log (and .md tables where gemm.py writes them) and copies the config files it
-# changed to $OUT/configs-<stage>/ (the next call's tree is re-sent from this machine: copy them back into
-# quantkit/kernels/configs/ here before the next call, or the device's edits are lost). STAGE_LIMIT (seconds)
-# caps each stage (default 280).
+# (w4-decode, w8-decode: GemLite, carry .dev/gemlite-0.6.0.) Each stage logs into $WORK (default ~/issue19: the
+# machine keeps its home directory between back-to-back calls) as <stage>.log (and .md tables where gemm.py writes
+# them), with the config files as it left them in configs-<stage>/; after every stage all of $WORK is packed into
+# $OUT/issue19.tgz and stages.txt copied beside it: the device returns at most 8 files, and a call cut at its limit
+# still returns what its finished stages measured. The next call's tree is re-sent from the developer's machine:
+# copy the configs back into quantkit/kernels/configs/ there first, or the device's edits are lost. STAGE_LIMIT
+# (seconds) caps each stage (default 280), SHAPES overrides the shapes.
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/gpu_issue19}
-mkdir -p "$OUT"
+WORK=${WORK:-$HOME/issue19}
+mkdir -p "$OUT" "$WORK"
 LIMIT=${STAGE_LIMIT:-280}
 # the shapes where a target is missed first: a search cut at its limit keeps what it finished (--write-configs
 # writes after each shape; SHAPES overrides)
@@ -26,25 +28,28 @@ STAGES="check check-all w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-dec
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
-nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$WORK/device.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$WORK/device.txt"
 
-run() {  # run <stage> <command...>: time-limited, log into $OUT, configs copied after
+run() {  # run <stage> <command...>: time-limited, log into $WORK, configs copied after, $WORK packed into $OUT
     local stage=$1; shift
     local t0=$(date +%s)
-    echo "== $stage: $*" | tee -a "$OUT/stages.txt"
-    timeout "${RUN_LIMIT:-$LIMIT}" "$@" > "$OUT/$stage.log" 2>&1
+    echo "== $stage: $*" | tee -a "$WORK/stages.txt"
+    timeout "${RUN_LIMIT:-$LIMIT}" "$@" > "$WORK/$stage.log" 2>&1
     local rc=$?
-    mkdir -p "$OUT/configs-$stage" && cp quantkit/kernels/configs/*.json "$OUT/configs-$stage/"
-    echo "== $stage rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$OUT/stages.txt"
-    tail -3 "$OUT/$stage.log"
+    mkdir -p "$WORK/configs-$stage" && cp quantkit/kernels/configs/*.json "$WORK/configs-$stage/"
+    echo "== $stage rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$WORK/stages.txt"
+    tail -3 "$WORK/$stage.log"
+    pack
     return $rc
 }
+
+pack() { tar czf "$OUT/issue19.tgz" -C "$WORK" . && cp "$WORK/stages.txt" "$OUT/"; }
 
 # kernel forms whose GPU check failed this machine's session (check stages): later searches leave their configs
 # out (gemm.py's GEMM_SKIP_KEYS), so a wrong or hanging form cannot eat a time-limited search
 SKIP_FILE=$HOME/.gemm_skip_keys
-skip() { echo "$1" >> "$SKIP_FILE"; echo "== $1 configs left out of later searches" | tee -a "$OUT/stages.txt"; }
+skip() { echo "$1" >> "$SKIP_FILE"; echo "== $1 configs left out of later searches" | tee -a "$WORK/stages.txt"; }
 skip_keys() { [ -f "$SKIP_FILE" ] && sort -u "$SKIP_FILE" | paste -sd, -; }
 
 for stage in "$@"; do
@@ -54,22 +59,22 @@ for stage in "$@"; do
       # W4A16 GEMV, PREFETCH; the warp-specialized kernel apart, under its own limit (a hang there stops only it)
       run check env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 8 -p no:cacheprovider tests/kernels/test_gpu.py \
         tests/kernels/test_w8a8.py -k "(gluon or persistent or packed or pdl or gemv_fused) and not warp_spec"
-      grep -E "^FAILED|^ERROR" "$OUT/check.log" | head -30
-      grep -qE "^(FAILED|ERROR).*persistent" "$OUT/check.log" && skip PERSISTENT
+      grep -E "^FAILED|^ERROR" "$WORK/check.log" | head -30
+      grep -qE "^(FAILED|ERROR).*persistent" "$WORK/check.log" && skip PERSISTENT
       RUN_LIMIT=${WS_LIMIT:-150} run check-ws env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 4 \
         -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_w8a8.py -k "warp_spec" || skip WARP_SPECIALIZE
-      grep -E "^FAILED|^ERROR" "$OUT/check-ws.log" | head -10 ;;
+      grep -E "^FAILED|^ERROR" "$WORK/check-ws.log" | head -10 ;;
     check-all)  # every GPU kernel test (~250 s on an H100: give it STAGE_LIMIT=400)
       run check-all env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 8 -p no:cacheprovider \
         tests/kernels/test_gpu.py tests/kernels/test_w8a8.py tests/kernels/test_mixed.py tests/test_runtime_gpu.py
-      grep -E "^FAILED|^ERROR" "$OUT/check-all.log" | head -30 ;;
+      grep -E "^FAILED|^ERROR" "$WORK/check-all.log" | head -30 ;;
     w8a8-8192|w8a8-2048)  # W8A8 M >= 2048 >= 1.35x cuBLAS: the persistent Gluon candidates among the rest
       m=${stage#w8a8-}
       run "$stage" python benchmarks/gemm.py --tune --tune-spec "w8a8:$m" --ms "$m" --shapes $SHAPES \
-        --tune-rank graph --write-configs --md "$OUT/$stage.md" ;;
+        --tune-rank graph --write-configs --md "$WORK/$stage.md" ;;
     w8a8-256)  # M = 256 with Gluon K splits (4096 x 14336) and the PDL tiles, ranked by graph replay
       run w8a8-256 python benchmarks/gemm.py --tune --tune-spec "w8a8:256" --ms 256 --shapes $SHAPES \
-        --tune-rank graph --write-configs --md "$OUT/w8a8-256.md" ;;
+        --tune-rank graph --write-configs --md "$WORK/w8a8-256.md" ;;
     mixed-256)  # mixed mode with no FP16 row within 3% of W8A8, on the configs just written
       run mixed-256 python benchmarks/gemm.py --mixed-study --ms 256 --shapes $SHAPES ;;
     mixed-8192)
@@ -82,7 +87,7 @@ for stage in "$@"; do
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;
     w4-256)  # W4A16 M = 64-256 >= 0.9x cuBLAS: the Gluon W4 kernels
       run w4-256 python benchmarks/gemm.py --tune --tune-spec "w4a16:64,128,256" --ms 64,128,256 --shapes $SHAPES \
-        --tune-rank graph --write-configs --md "$OUT/w4-256.md" ;;
+        --tune-rank graph --write-configs --md "$WORK/w4-256.md" ;;
   esac
 done
-cat "$OUT/stages.txt"
+pack; cat "$WORK/stages.txt"
