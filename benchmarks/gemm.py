@@ -571,14 +571,19 @@ def decode_w4_candidates():
         (64, 4, 2, 4, 4), (64, 4, 2, 4, 6), (64, 8, 1, 4, 4), (64, 8, 2, 4, 3), (128, 4, 1, 4, 6), (128, 4, 2, 4, 4),
         (64, 2, 4, 4, 3), (64, 4, 4, 4, 3), (128, 2, 2, 4, 4), (32, 8, 2, 2, 4), (64, 16, 1, 4, 4), (64, 2, 2, 4, 8)]]
     slice_pre = [dict(c_, SLICE_PRESCALE=True) for c_ in h2 if "LOAD_STAGES" not in c_]
-    # x prescaled and packed once by a launch of its own (PACKED_X: 23-32% fewer hot-loop instructions at three of
-    # the four shipped H100 / H200 tiles, benchmarks/h2_spills.py --sass), the GEMV launched programmatically after
-    # it; a few without PDL, to see what the overlap gives
-    no_ring = [c_ for c_ in h2 if "LOAD_STAGES" not in c_]
-    packed = [dict(c_, PACKED_X=True, PDL=True) for c_ in no_ring] + [dict(c_, PACKED_X=True) for c_ in no_ring[:4]]
-    # ... and asking L2 for their first steps' weights before they wait for the packing (PREFETCH)
-    packed += [dict(c_, PREFETCH=2) for c_ in packed if c_.get("PDL")]
-    return [G(128, 8, w=4), G(64, 16), G(64, 8)] + h2 + slice_pre + packed
+    # x prescaled and packed once by a launch of its own (PACKED_X), the GEMV launched programmatically after it:
+    # 2-24% faster than the in-loop form on 12 of 15 3-D tiles on the H100 at 28672 x 4096, slower on 64 x * x 8 and
+    # 32 x 8 x 4 (left out; BENCHMARKS.md, session 43), and 23-32% fewer hot-loop instructions on PER_BLOCK tiles
+    # (benchmarks/h2_spills.py --sass). First in the list: a search cut at its limit (session 43's, after 82 of 123
+    # candidates) has then timed them.
+    losers = [(64, 4, 8), (64, 2, 8), (32, 8, 4)]
+    packed = [dict(c_, PACKED_X=True, PDL=True) for c_ in h2 if "LOAD_STAGES" not in c_ and (
+        c_.get("PER_BLOCK") or (c_["BLOCK_N"], c_["SPLIT_K"], c_["UNROLL"]) not in losers)]
+    packed.sort(key=lambda c_: not c_.get("PER_BLOCK"))
+    # ... the PER_BLOCK ones also asking L2 for their first steps' weights before they wait (PREFETCH: tied or lost
+    # on the W8A8 GEMV, so last)
+    prefetch = [dict(c_, PREFETCH=2) for c_ in packed if c_.get("PER_BLOCK")]
+    return packed + slice_pre + h2 + [G(128, 8, w=4), G(64, 16), G(64, 8)] + prefetch
 
 
 def decode_w8a8_candidates(M):
@@ -588,9 +593,9 @@ def decode_w8a8_candidates(M):
     launch, or QUANT_ONCE: one launch)."""
     gemv = [dict(cfg, FUSE_QUANT=f) for f in (False, True) for cfg in w8a8_candidates(M) if cfg.get("BACKEND") == "gemv"]
     gemv += [dict(cfg, PDL=True) for cfg in gemv if not cfg["FUSE_QUANT"]]
-    # ... asking L2 for their first K steps' weights before they wait for the quantization (PREFETCH)
-    gemv += [dict(cfg, PREFETCH=2) for cfg in gemv if cfg.get("PDL")] + [
-        dict(cfg, PREFETCH=8) for cfg in gemv if cfg.get("PDL") and cfg["BLOCK_N"] <= 4]  # (few rows a program)
+    # ... asking L2 for their first K steps' weights before they wait for the quantization (PREFETCH): on the H100
+    # (session 43) 2 and 8 steps tied or lost on every tile, so only the few-row tiles' 2-step twins stay offered
+    gemv += [dict(cfg, PREFETCH=2) for cfg in gemv if cfg.get("PDL") and cfg["BLOCK_N"] <= 4]
     if M <= 4:
         return gemv
     if M <= 16:  # narrow N tiles and deep K steps keep many weight bytes in flight per SM at small M
