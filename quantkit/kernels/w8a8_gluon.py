@@ -620,6 +620,20 @@ def warp_specialized(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool
     return cfg["num_stages"] * (bm + bn) * bk + 2 * bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
 
 
+def mixed_tile(cfg: dict) -> dict:
+    """The config a mixed call runs: a ``WARP_SPECIALIZE`` or ``PERSISTENT`` one (plain calls only) becomes the plain
+    kernel on the same tile, its ring as deep as the config's but no deeper than lets two CTAs share an SM (on the
+    H100 at 4096 x 4096, M = 8192, the 128 x 128 x 128 tile ran 265 us with 3 stages, two CTAs an SM, and 334 us with
+    the warp-specialized config's 4: BENCHMARKS.md, session 43)."""
+    if not (cfg.get("WARP_SPECIALIZE") or cfg.get("PERSISTENT")):
+        return cfg
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    two_ctas = (_common.HOPPER_SMEM_PER_BLOCK + 1024) // 2 - 1024  # one CTA's share of an SM
+    stages = min(cfg["num_stages"], max(2, (two_ctas - 1024) // ((bm + bn) * bk)))
+    plain = {k: v for k, v in cfg.items() if k not in ("WARP_SPECIALIZE", "PERSISTENT", "PROGS_PER_SM")}
+    return dict(plain, num_stages=stages)
+
+
 def persistent_programs(M: int, N: int, cfg: dict, device) -> int:
     """The persistent grid: one program per SM (``PROGS_PER_SM`` more where a tile's shared memory lets two
     share an SM), never more programs than tiles."""
@@ -667,6 +681,8 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     plain call (:func:`persistent`; ``pdl`` is ignored there), a ``WARP_SPECIALIZE`` one the warp-specialized
     kernel (:func:`warp_specialized`; likewise)."""
     mixed = row_bits is not None
+    if mixed:
+        cfg = mixed_tile(cfg)
     ws = warp_specialized(cfg, mixed, out.element_size())
     if ws or persistent(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL)
         return _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg, ws)

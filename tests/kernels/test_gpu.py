@@ -285,14 +285,15 @@ def test_gluon_persistent_kernel_matches_the_tensor_core_kernel(layer, M, cfg, m
     progs = w8a8_gluon.persistent_programs(M, N, cfg, torch.device("cuda"))
     tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
     assert progs == min(tiles, torch.cuda.get_device_properties(0).multi_processor_count * cfg.get("PROGS_PER_SM", 1))
-    _walking_kernel_checks(layer, M, cfg, ("PERSISTENT", "PROGS_PER_SM"), True, monkeypatch)
+    _walking_kernel_checks(layer, M, cfg, True, monkeypatch)
 
 
-def _walking_kernel_checks(layer, M, cfg, keys, int32, monkeypatch):
-    """A persistent Gluon form (``cfg``; ``keys``: its config keys) bit for bit the tl.dot kernel (fp16 / bf16, with
-    and without bias, each twice: the second call is the cached direct launch); with ``int32`` the raw int32
-    accumulator exact; a mixed call runs the plain Gluon kernel on the same tile (its result that kernel's); the
-    cached launch builds no descriptor, and a CUDA graph replayed on new input is the tl.dot result."""
+def _walking_kernel_checks(layer, M, cfg, int32, monkeypatch):
+    """A persistent Gluon form (``cfg``) bit for bit the tl.dot kernel (fp16 / bf16, with and without bias, each
+    twice: the second call is the cached direct launch); with ``int32`` the raw int32 accumulator exact; a mixed call
+    runs the plain Gluon kernel on the same tile (``w8a8_gluon.mixed_tile``: its result that kernel's, at the
+    config's own ring depth too); the cached launch builds no descriptor, and a CUDA graph replayed on new input is
+    the tl.dot result."""
     from quantkit.kernels import w8a8_gluon
 
     N, K, W = layer["N"], layer["K"], layer["W8"]
@@ -307,13 +308,15 @@ def _walking_kernel_checks(layer, M, cfg, keys, int32, monkeypatch):
     if int32:
         acc = w8a8_gluon.launch(a_q, None, W.w, None, None, poison((M, N), torch.int32, "cuda"), cfg)
         assert torch.equal(acc.long(), (a_q.double() @ layer["q8"].double().t()).long())
-    plain = {k: v for k, v in cfg.items() if k not in keys}
+    plain = w8a8_gluon.mixed_tile(cfg)
+    assert not (plain.get("WARP_SPECIALIZE") or plain.get("PERSISTENT")) and plain["BLOCK_M"] == cfg["BLOCK_M"]
     rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
     rb[M // 3: M // 3 + 20] = 1
     wf = layer["w16"].to(x.dtype)
     y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, row_bits=rb, w_fp16=wf,
                                 out=poison((M, N), x.dtype, "cuda"))
-    assert torch.equal(y, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=plain, row_bits=rb, w_fp16=wf))
+    for ref_cfg in (plain, dict(plain, num_stages=cfg["num_stages"])):
+        assert torch.equal(y, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=ref_cfg, row_bits=rb, w_fp16=wf))
 
     def no_descriptors(*a, **k):
         raise AssertionError("the cached launch built TMA descriptors")
@@ -341,8 +344,7 @@ def test_gluon_warp_specialized_kernel_matches_the_tensor_core_kernel(layer, M, 
         pytest.skip("keep the GPU test short")
     assert w8a8_gluon.warp_specialized(cfg) and not w8a8_gluon.warp_specialized(cfg, mixed=True)
     # (int32 store buffers fit the 64-row tile only)
-    _walking_kernel_checks(layer, M, cfg, ("WARP_SPECIALIZE",), w8a8_gluon.warp_specialized(cfg, out_bytes=4),
-                           monkeypatch)
+    _walking_kernel_checks(layer, M, cfg, w8a8_gluon.warp_specialized(cfg, out_bytes=4), monkeypatch)
 
 
 def _graph_replays_match(W, x, cfg, ref_cfg, replays=3):

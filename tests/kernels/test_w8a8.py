@@ -167,6 +167,11 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
         dict(ws, BLOCK_M=128, BLOCK_N=256)) and not w8a8_gluon.warp_specialized(dict(ws, num_stages=12))
     assert w8a8_gluon.warp_specialized(ws, out_bytes=4) and not w8a8_gluon.warp_specialized(
         dict(ws, BLOCK_M=128), out_bytes=4)  # two int32 128 x 128 store buffers and the ring do not fit
+    # a mixed call with it runs the plain kernel on its tile, at most as deep a ring as lets two CTAs share an SM
+    assert w8a8_gluon.mixed_tile(dict(ws, BLOCK_M=128)) == dict(glu, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128,
+                                                                num_stages=3)
+    assert w8a8_gluon.mixed_tile(ws) == dict(glu, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_stages=4)
+    assert w8a8_gluon.mixed_tile(glu) is glu and w8a8_gluon.mixed_tile(pers) == glu
     y_ws = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(glu, WARP_SPECIALIZE=True),
                                    out=poison((M, N), torch.float16, dev))
     assert torch.equal(y_ws, y)
