@@ -919,15 +919,30 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
     return (tiles * split_k,), part, lock, fuse, const, (ckey, spec_key((M, N, KW)))
 
 
-def _pick(x, M, N, K, config):
+def mixed_config(cfg: dict) -> dict:
+    """The config a mixed call (row bits) runs for W8A8 config ``cfg``: the entry's own ``MIXED`` config where it has
+    one (a W8A8 winner whose form has no mixed mode keeps the tile mixed calls ran before it), else the plain Gluon
+    kernel on a warp-specialized or persistent config's tile (``w8a8_gluon.mixed_tile``), else ``cfg``."""
+    if "MIXED" in cfg:
+        return dict(cfg["MIXED"])
+    from quantkit.kernels import w8a8_gluon
+
+    return w8a8_gluon.mixed_tile(cfg)
+
+
+def _for_call(cfg: dict, mixed: bool) -> dict:
+    return mixed_config(cfg) if mixed else {k: v for k, v in cfg.items() if k != "MIXED"}
+
+
+def _pick(x, M, N, K, config, mixed=False):
     if config is not None:
-        return dict(config)
+        return _for_call(dict(config), mixed)
     if not x.is_cuda:
         if M <= 4 and K % 4 == 0 and x.is_floating_point():
             return dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, num_warps=4, num_stages=1)
         return dict(_INTERP_CFG, FUSE_QUANT=M <= 16)
-    key = (x.get_device(), M, N, K)
-    return _CFG_CACHE.get(key) or remember(_CFG_CACHE, key, CONFIGS.get(M, N, K, gpu_key(x)))
+    key = (x.get_device(), M, N, K, mixed)
+    return _CFG_CACHE.get(key) or remember(_CFG_CACHE, key, _for_call(CONFIGS.get(M, N, K, gpu_key(x)), mixed))
 
 
 _CFG_CACHE: dict = {}
@@ -946,7 +961,7 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    cfg = _pick(x, M, N, K, config)
+    cfg = _pick(x, M, N, K, config, row_bits is not None)
     if cfg.get("BACKEND") == "gemv" and M <= GEMV_MAX_M and K % 4 == 0:
         return _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits, w_fp16)
     if cfg.get("BACKEND") == "tma" and tma_applies(x, w, out, row_bits, w_fp16):

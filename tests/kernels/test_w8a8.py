@@ -172,6 +172,16 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
                                                                 num_stages=3)
     assert w8a8_gluon.mixed_tile(ws) == dict(glu, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_stages=4)
     assert w8a8_gluon.mixed_tile(glu) is glu and w8a8_gluon.mixed_tile(pers) == glu
+    # an entry's own MIXED config wins for mixed calls, and plain calls never see the key
+    entry = dict(ws, MIXED=dict(glu, BLOCK_M=64))
+    assert w8a8.mixed_config(entry) == dict(glu, BLOCK_M=64) and w8a8.mixed_config(ws) == w8a8_gluon.mixed_tile(ws)
+    assert w8a8._pick(x, M, N, K, entry) == ws and w8a8._pick(x, M, N, K, entry, mixed=True) == dict(glu, BLOCK_M=64)
+    rb = (torch.arange(M) % 3 == 0).to(torch.uint8).to(dev)
+    wf = (torch.randn(N, K, generator=g) * 0.02).half().to(dev)
+    y_mix = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=entry, row_bits=rb, w_fp16=wf,
+                                    out=poison((M, N), torch.float16, dev))
+    assert torch.equal(y_mix, w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(glu, BLOCK_M=64),
+                                                      row_bits=rb, w_fp16=wf))
     y_ws = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(glu, WARP_SPECIALIZE=True),
                                    out=poison((M, N), torch.float16, dev))
     assert torch.equal(y_ws, y)
