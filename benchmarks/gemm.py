@@ -440,9 +440,13 @@ def main():
             # mixed: all-INT8 rows with the mask in use, and all-FP16 rows (FP16 copy, not forced)
             rb0 = torch.zeros(M, dtype=torch.uint8, device=dev)
             rb1 = torch.ones(M, dtype=torch.uint8, device=dev)
-            # mixed mode runs with W8A8's config (a Gluon one: FP16 rows in the Gluon launch too); the file's
-            # "mixed" entry (all-FP16 kernel) needs a non-Gluon config
-            cm = [c for c in (row["w8a8_cfg"], mixed_cfg) if c is not None]
+            # mixed mode runs with W8A8's config (a Gluon one: FP16 rows in the Gluon launch too; a warp-specialized
+            # one, which has no mixed mode: the plain kernel on its tile, w8a8.mixed_config); the file's "mixed"
+            # entry (all-FP16 kernel) needs a non-Gluon config. Where the W8A8 winner has no mixed mode, the fastest
+            # W8A8 config that has one is measured too: the faster of the two becomes the entry's MIXED config
+            walks = row["w8a8_cfg"] is not None and _walks(row["w8a8_cfg"])
+            own = [cfg_ for _, cfg_ in res if not _walks(cfg_)][:1] if walks else []
+            cm = [c for c in (row["w8a8_cfg"], mixed_cfg, *own) if c is not None]
             cm = [c for i, c in enumerate(cm) if c not in cm[:i]]
             resm = []
             for cfg in cm:
@@ -461,13 +465,20 @@ def main():
                     resm.append((t0_ / row["w8a8"] + t1_ / row["fp16"], t0_, t1_, cfg, tw_))
                 except Exception as ex:
                     log(f"skip mixed {cfg}: {type(ex).__name__}: {str(ex)[:200]}")
+            runs_mixed = row["w8a8_cfg"]  # the config whose mixed-mode times the table shows
+            if own and "w8a8" in kinds and key in tuned["w8a8"]:
+                choice = mixed_override(row["w8a8_cfg"], own[0], [(t[3], t[1]) for t in resm])
+                if choice is not None:
+                    tuned["w8a8"][key] = dict(tuned["w8a8"][key], MIXED=choice)
+                    runs_mixed = choice
+                    log(f"w8a8 M={M} N={N} K={K}: mixed calls run {choice}")
             resm.sort(key=lambda t: t[0])
             if resm:
                 plain_cfg = [t for t in resm if t[3].get("BACKEND") != "gluon"]
                 if "w8a8" in kinds and plain_cfg:  # mixed runs in the W8A8 kernels: its config follows W8A8's search
                     tuned["mixed"][key] = plain_cfg[0][3]
                 # the table: what a call without a config runs (W8A8's config), else the best measured
-                rt = next((t for t in resm if t[3] == row["w8a8_cfg"]), resm[0])
+                rt = next((t for t in resm if t[3] == runs_mixed), resm[0])
                 row["mix_i8"], row["mix_f16"], row["mix_cfg"] = rt[1], rt[2], rt[3]
                 row["w8a8_again"] = rt[4]
             else:
@@ -615,6 +626,22 @@ def decode_w8a8_candidates(M):
 # config keys whose candidates a search leaves out (GEMM_SKIP_KEYS=WARP_SPECIALIZE,PERSISTENT: a form whose GPU check
 # failed, so that a hanging or wrong kernel does not eat a time-limited search)
 SKIP_KEYS = [k for k in os.environ.get("GEMM_SKIP_KEYS", "").split(",") if k]
+
+
+def _walks(cfg: dict) -> bool:
+    """A W8A8 config of a form without a mixed mode (mixed calls run another: ``w8a8.mixed_config``)."""
+    return bool(cfg.get("WARP_SPECIALIZE") or cfg.get("PERSISTENT"))
+
+
+def mixed_override(winner: dict, own: dict, mixed_times: list) -> dict | None:
+    """The W8A8 winner has no mixed mode: ``own`` (the fastest W8A8 config that has one) as the entry's MIXED config
+    if its mixed calls with no FP16 row were faster than the winner's fallback (``mixed_times``: [(config, us)]);
+    else None (the fallback, ``w8a8.mixed_config``, stays)."""
+    t = {json.dumps(c, sort_keys=True): us for c, us in mixed_times}
+    t_win, t_own = (t.get(json.dumps(c, sort_keys=True)) for c in (winner, own))
+    if t_own is None or (t_win is not None and t_own >= t_win):
+        return None
+    return own
 
 
 def timed_search(what, cands, run, ref, timer, fails, tol=TOL):
