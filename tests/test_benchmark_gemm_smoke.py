@@ -23,15 +23,18 @@ def test_tune_ranked_by_graph_replay_runs_and_checks_every_candidate(tmp_path):
 
 
 def test_a_winner_without_a_mixed_mode_gets_the_faster_mixed_config():
-    """Where the W8A8 winner has no mixed mode (warp-specialized), the tuner writes the fastest W8A8 config that has
-    one as the entry's MIXED config only if its mixed calls were faster than the winner's fallback."""
+    """Where the W8A8 winner has no mixed mode (warp-specialized), the tuner writes the entry that ran mixed calls
+    (no FP16 row) fastest: the winner with MIXED_PASS, or with the fastest config that has a mixed mode as its MIXED
+    config; or leaves the winner (its fallback) where neither beat it."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import gemm
 
     ws = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, BACKEND="gluon", WARP_SPECIALIZE=True)
     tma = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3, BACKEND="tma")
+    two = dict(ws, MIXED_PASS=True)
     assert gemm._walks(ws) and not gemm._walks(tma)
-    assert gemm.mixed_override(ws, tma, [(ws, 1834.0), (tma, 1712.0)]) == tma
-    assert gemm.mixed_override(ws, tma, [(ws, 265.0), (tma, 266.4)]) is None
-    assert gemm.mixed_override(ws, tma, [(ws, 265.0)]) is None  # the other config failed its check
-    assert gemm.mixed_override(ws, tma, [(tma, 300.0)]) == tma
+    assert gemm.mixed_override(ws, tma, [(ws, 1834.0), (tma, 1712.0)]) == dict(ws, MIXED=tma)
+    assert gemm.mixed_override(ws, tma, [(ws, 1834.0), (tma, 1712.0), (two, 1530.0)]) == two
+    assert gemm.mixed_override(ws, tma, [(ws, 265.0), (tma, 266.4), (two, 265.0)]) is None  # a tie keeps the winner
+    assert gemm.mixed_override(ws, tma, [(ws, 265.0)]) is None  # the others failed their checks
+    assert gemm.mixed_override(ws, tma, [(tma, 300.0)]) == dict(ws, MIXED=tma)

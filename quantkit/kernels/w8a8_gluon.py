@@ -539,6 +539,26 @@ if GLUON_ERROR is None:
         for s in gl.static_range(2):
             mbarrier.invalidate(turn.index(s))
 
+    @gluon.jit
+    def w8a8_gluon_fp16_rows_kernel(a_desc, w_desc, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K,
+                                    STAGES: gl.constexpr, WARPS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                                    HAS_FP16_W: gl.constexpr):
+        """Mixed mode's second pass after the warp-specialized kernel (``MIXED_PASS``), which wrote every row as
+        INT8: grid (M tiles, N tiles); a tile holding an FP16 row recomputes and stores its FP16 rows with the plain
+        kernel's FP16 loop (``_fp16_rows``, so bit for bit the plain kernel's mixed result), any other tile only
+        reads its row bits."""
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        off_m = gl.program_id(0) * BM
+        off_n = gl.program_id(1) * BN
+        rows = off_m + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+        a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+        if gl.sum(_fp_rows(rb_ptr, rows, M).to(gl.int32), axis=0) > 0:
+            _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n, M, N, K,
+                       STAGES, WARPS, HAS_BIAS, HAS_FP16_W)
+
 
 def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) -> bool:
     """Whether this kernel can run here: Gluon importable, an sm_90 GPU, int8 operands and an fp16 / bf16 /
@@ -620,18 +640,30 @@ def warp_specialized(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool
     return cfg["num_stages"] * (bm + bn) * bk + 2 * bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
 
 
+def mixed_pass(cfg: dict, out_bytes: int = 2) -> bool:
+    """``MIXED_PASS`` on a warp-specialized config: a mixed call runs the warp-specialized kernel on every row (as
+    INT8), then a second launch recomputes only the tiles holding an FP16 row (``w8a8_gluon_fp16_rows_kernel``; the
+    other tiles read their row bits and stop). Opt-in: not yet measured on a GPU."""
+    return bool(cfg.get("MIXED_PASS")) and warp_specialized(cfg, False, out_bytes)
+
+
 def mixed_tile(cfg: dict) -> dict:
     """The config a mixed call runs: a ``WARP_SPECIALIZE`` or ``PERSISTENT`` one (plain calls only) becomes the plain
-    kernel on the same tile, its ring as deep as the config's but no deeper than lets two CTAs share an SM (on the
-    H100 at 4096 x 4096, M = 8192, the 128 x 128 x 128 tile ran 265 us with 3 stages, two CTAs an SM, and 334 us with
-    the warp-specialized config's 4: BENCHMARKS.md, session 43)."""
-    if not (cfg.get("WARP_SPECIALIZE") or cfg.get("PERSISTENT")):
+    kernel on the same tile (:func:`plain_tile`); a ``MIXED_PASS`` one stays (:func:`mixed_pass`)."""
+    if not (cfg.get("WARP_SPECIALIZE") or cfg.get("PERSISTENT")) or mixed_pass(cfg):
         return cfg
+    return plain_tile(cfg)
+
+
+def plain_tile(cfg: dict) -> dict:
+    """The plain kernel on a walking config's tile, its ring as deep as the config's but no deeper than lets two
+    CTAs share an SM (on the H100 at 4096 x 4096, M = 8192, the 128 x 128 x 128 tile ran 265 us with 3 stages, two
+    CTAs an SM, and 334 us with the warp-specialized config's 4: BENCHMARKS.md, session 43)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     two_ctas = (_common.HOPPER_SMEM_PER_BLOCK + 1024) // 2 - 1024  # one CTA's share of an SM
     stages = min(cfg["num_stages"], max(2, (two_ctas - 1024) // ((bm + bn) * bk)))
-    plain = {k: v for k, v in cfg.items() if k not in ("WARP_SPECIALIZE", "PERSISTENT", "PROGS_PER_SM")}
-    return dict(plain, num_stages=stages)
+    walk = ("WARP_SPECIALIZE", "PERSISTENT", "PROGS_PER_SM", "MIXED_PASS")
+    return dict({k: v for k, v in cfg.items() if k not in walk}, num_stages=stages)
 
 
 def persistent_programs(M: int, N: int, cfg: dict, device) -> int:
@@ -670,6 +702,28 @@ def _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg: dict, ws: bool) -> to
     return out
 
 
+_LAUNCH_FP16_ROWS = _gluon.DirectLaunch()
+
+
+def _launch_fp16_rows(a_q, w, w_scale, bias, out, cfg: dict, row_bits, x, w_fp16) -> torch.Tensor:
+    """``MIXED_PASS``'s second launch on ``cfg``'s tile (the plain kernel's, :func:`mixed_tile`)."""
+    M, K = a_q.shape
+    N = w.shape[0]
+    grid = ((M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], (N + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"])
+    wf = w_fp16 if w_fp16 is not None else w
+    consts = (cfg["num_stages"], cfg["num_warps"], bias is not None, w_fp16 is not None)
+    ptrs = (out, w_scale, bias if bias is not None else w_scale, row_bits, M, N, K)
+    key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
+                   consts, _common.spec_key(ptrs))
+    if _LAUNCH_FP16_ROWS.run(key, grid, (a_q, w, x, wf), ptrs + consts):
+        return out
+    a_d, w_d, _, xf_d, wf_d = descriptors(a_q, w, out, cfg, x, wf)
+    k = w8a8_gluon_fp16_rows_kernel[grid](a_d, w_d, xf_d, wf_d, *ptrs, STAGES=consts[0], WARPS=consts[1],
+                                          HAS_BIAS=consts[2], HAS_FP16_W=consts[3], num_warps=cfg["num_warps"])
+    _LAUNCH_FP16_ROWS.remember(key, k)
+    return out
+
+
 def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None, w_fp16=None,
            pdl: bool = False) -> torch.Tensor:
     """``out`` = the W8A8 GEMM of quantized activations a_q (M, K) int8 with a_scale (M,) fp32 and w (N, K) int8
@@ -681,8 +735,11 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     plain call (:func:`persistent`; ``pdl`` is ignored there), a ``WARP_SPECIALIZE`` one the warp-specialized
     kernel (:func:`warp_specialized`; likewise)."""
     mixed = row_bits is not None
-    if mixed:
-        cfg = mixed_tile(cfg)
+    if mixed and mixed_pass(cfg, out.element_size()):
+        _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg, True)  # every row as INT8, then the FP16 rows' tiles
+        return _launch_fp16_rows(a_q, w, w_scale, bias, out, plain_tile(cfg), row_bits, x, w_fp16)
+    if mixed and (cfg.get("WARP_SPECIALIZE") or cfg.get("PERSISTENT")):
+        cfg = plain_tile(cfg)
     ws = warp_specialized(cfg, mixed, out.element_size())
     if ws or persistent(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL)
         return _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg, ws)
@@ -712,12 +769,13 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
 
 
 def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False, cc: int = 90,
-                     row_bits: bool = False, fp16_copy: bool = False, pdl: bool = False):
+                     row_bits: bool = False, fp16_copy: bool = False, pdl: bool = False, fp16_pass: bool = False):
     """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
     launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report.
     ``row_bits``: mixed mode (x of ``out_dtype``), FP16 rows on an FP16 copy of the weight or on the int8 one;
     ``pdl``: the programmatic launch's form.  A ``PERSISTENT`` config of a plain call builds the persistent kernel,
-    a ``WARP_SPECIALIZE`` one the warp-specialized kernel."""
+    a ``WARP_SPECIALIZE`` one the warp-specialized kernel; ``fp16_pass`` (with ``row_bits``) ``MIXED_PASS``'s second
+    launch."""
     a = torch.empty(256, 256, dtype=torch.int8)
     w = torch.empty(256, 256, dtype=torch.int8)
     c = torch.empty(256, 256, dtype=out_dtype)
@@ -737,7 +795,9 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
               "GROUP_M": cfg.get("GROUP_M", 8), "SPLIT_K": int(cfg.get("SPLIT_K", 1)), "MMA_REGS": WS_MMA_REGS,
               "LOAD_REGS": WS_LOAD_REGS}
     options = {}
-    if warp_specialized(cfg, row_bits, c.element_size()):
+    if fp16_pass:
+        kernel = w8a8_gluon_fp16_rows_kernel
+    elif warp_specialized(cfg, row_bits, c.element_size()):
         kernel, options = w8a8_gluon_ws_kernel, {"maxnreg": WS_MAXNREG}
     elif persistent(cfg, row_bits, c.element_size()):
         kernel = w8a8_gluon_persistent_kernel

@@ -345,6 +345,23 @@ def test_gluon_warp_specialized_kernel_matches_the_tensor_core_kernel(layer, M, 
     assert w8a8_gluon.warp_specialized(cfg) and not w8a8_gluon.warp_specialized(cfg, mixed=True)
     # (int32 store buffers fit the 64-row tile only)
     _walking_kernel_checks(layer, M, cfg, w8a8_gluon.warp_specialized(cfg, out_bytes=4), monkeypatch)
+    # MIXED_PASS: every row by the warp-specialized kernel, then the FP16 rows' tiles again: bit for bit the plain
+    # kernel's mixed result (some FP16 rows, none, all; on the FP16 copy and on the int8 weight; with bias)
+    monkeypatch.undo()
+    N, K, W = layer["N"], layer["K"], layer["W8"]
+    mp = dict(cfg, MIXED_PASS=True)
+    assert w8a8_gluon.mixed_pass(mp) and w8a8_gluon.mixed_tile(mp) is mp and not w8a8_gluon.mixed_pass(cfg)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    b = torch.randn(N, device="cuda", dtype=torch.float16)
+    some = torch.zeros(M, dtype=torch.uint8, device="cuda")
+    some[M // 2: M // 2 + 3] = 1
+    for rb in (some, torch.zeros_like(some), torch.ones_like(some)):
+        for wf in (layer["w16"].half(), None):
+            y = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=mp, row_bits=rb, w_fp16=wf,
+                                        out=poison((M, N), torch.float16, "cuda"))
+            ref = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=w8a8_gluon.plain_tile(cfg), row_bits=rb,
+                                          w_fp16=wf)
+            assert torch.equal(y, ref), (int(rb.sum()), wf is not None)
 
 
 def _graph_replays_match(W, x, cfg, ref_cfg, replays=3):

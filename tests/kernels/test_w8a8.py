@@ -172,6 +172,11 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
                                                                 num_stages=3)
     assert w8a8_gluon.mixed_tile(ws) == dict(glu, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_stages=4)
     assert w8a8_gluon.mixed_tile(glu) is glu and w8a8_gluon.mixed_tile(pers) == glu
+    # MIXED_PASS (a warp-specialized config's mixed calls in two launches) keeps the config whole; elsewhere ignored
+    mp = dict(ws, MIXED_PASS=True)
+    assert w8a8_gluon.mixed_pass(mp) and w8a8_gluon.mixed_tile(mp) is mp
+    assert not w8a8_gluon.mixed_pass(dict(glu, MIXED_PASS=True))
+    assert w8a8_gluon.plain_tile(mp) == w8a8_gluon.mixed_tile(ws)
     # an entry's own MIXED config wins for mixed calls, and plain calls never see the key
     entry = dict(ws, MIXED=dict(glu, BLOCK_M=64))
     assert w8a8.mixed_config(entry) == dict(glu, BLOCK_M=64) and w8a8.mixed_config(ws) == w8a8_gluon.mixed_tile(ws)
