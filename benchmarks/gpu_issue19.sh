@@ -2,10 +2,11 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   bash benchmarks/gpu_issue19.sh w4-decode w8a8-2048             # next (session 43 ran check, w8a8-8192, w8-decode)
-#   bash benchmarks/gpu_issue19.sh w8a8-256 mixed-256 mixed-8192
+#   bash benchmarks/gpu_issue19.sh check w8a8-8192      # next: MIXED_PASS's GPU test (in check-ws), then M = 8192
+#                                                        # again (the tuner now weighs MIXED_PASS for mixed calls)
+#   bash benchmarks/gpu_issue19.sh w4-decode w8a8-2048   # (session 43 ran check, w8a8-8192, w8-decode on an H100)
+#   bash benchmarks/gpu_issue19.sh mixed-8192 w8a8-256 mixed-256
 #   bash benchmarks/gpu_issue19.sh w4-256
-#   bash benchmarks/gpu_issue19.sh check                           # after kernel changes (GPU tests of the new forms)
 #
 # (w4-decode, w8-decode: GemLite, carry .dev/gemlite-0.6.0.) Each stage logs into $WORK (default ~/issue19: the
 # machine keeps its home directory between back-to-back calls) as <stage>.log (and .md tables where gemm.py writes
