@@ -31,7 +31,7 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 
 import triton  # noqa: E402
 
-from quantkit.kernels import act_quant, mixed, w8a8, wna16  # noqa: E402
+from quantkit.kernels import act_quant, mixed, w8a8, w8a8_gluon, wna16  # noqa: E402
 from quantkit.kernels._common import gpu_key, m_bucket  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py)
@@ -444,8 +444,8 @@ def main():
             # one, which has no mixed mode: the plain kernel on its tile, w8a8.mixed_config); the file's "mixed"
             # entry (all-FP16 kernel) needs a non-Gluon config. Where the W8A8 winner has no mixed mode, the fastest
             # W8A8 config that has one is measured too: the faster of the two becomes the entry's MIXED config
-            walks = row["w8a8_cfg"] is not None and _walks(row["w8a8_cfg"])
-            own = [cfg_ for _, cfg_ in res if not _walks(cfg_)][:1] if walks else []
+            walks = row["w8a8_cfg"] is not None and w8a8_gluon.walks(row["w8a8_cfg"])
+            own = [cfg_ for _, cfg_ in res if not w8a8_gluon.walks(cfg_)][:1] if walks else []
             two = [dict(row["w8a8_cfg"], MIXED_PASS=True)] if walks and row["w8a8_cfg"].get("WARP_SPECIALIZE") else []
             cm = [c for c in (row["w8a8_cfg"], mixed_cfg, *own, *two) if c is not None]
             cm = [c for i, c in enumerate(cm) if c not in cm[:i]]
@@ -627,11 +627,6 @@ def decode_w8a8_candidates(M):
 # config keys whose candidates a search leaves out (GEMM_SKIP_KEYS=WARP_SPECIALIZE,PERSISTENT: a form whose GPU check
 # failed, so that a hanging or wrong kernel does not eat a time-limited search)
 SKIP_KEYS = [k for k in os.environ.get("GEMM_SKIP_KEYS", "").split(",") if k]
-
-
-def _walks(cfg: dict) -> bool:
-    """A W8A8 config of a form without a mixed mode (mixed calls run another: ``w8a8.mixed_config``)."""
-    return bool(cfg.get("WARP_SPECIALIZE") or cfg.get("PERSISTENT"))
 
 
 def mixed_override(winner: dict, own: dict, mixed_times: list) -> dict | None:

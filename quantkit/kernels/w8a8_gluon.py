@@ -640,6 +640,15 @@ def warp_specialized(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool
     return cfg["num_stages"] * (bm + bn) * bk + 2 * bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
 
 
+WALK_KEYS = ("WARP_SPECIALIZE", "PERSISTENT")  # config keys of the forms that walk the tiles (no mixed mode)
+
+
+def walks(cfg: dict) -> bool:
+    """A config of a form that walks the tiles one program an SM (persistent, warp-specialized): it has no mixed
+    mode, so a mixed call runs :func:`mixed_tile`'s config instead."""
+    return any(cfg.get(k) for k in WALK_KEYS)
+
+
 def mixed_pass(cfg: dict, out_bytes: int = 2) -> bool:
     """``MIXED_PASS`` on a warp-specialized config: a mixed call runs the warp-specialized kernel on every row (as
     INT8), then a second launch recomputes only the tiles holding an FP16 row (``w8a8_gluon_fp16_rows_kernel``; the
@@ -650,7 +659,7 @@ def mixed_pass(cfg: dict, out_bytes: int = 2) -> bool:
 def mixed_tile(cfg: dict) -> dict:
     """The config a mixed call runs: a ``WARP_SPECIALIZE`` or ``PERSISTENT`` one (plain calls only) becomes the plain
     kernel on the same tile (:func:`plain_tile`); a ``MIXED_PASS`` one stays (:func:`mixed_pass`)."""
-    if not (cfg.get("WARP_SPECIALIZE") or cfg.get("PERSISTENT")) or mixed_pass(cfg):
+    if not walks(cfg) or mixed_pass(cfg):
         return cfg
     return plain_tile(cfg)
 
@@ -662,7 +671,7 @@ def plain_tile(cfg: dict) -> dict:
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     two_ctas = (_common.HOPPER_SMEM_PER_BLOCK + 1024) // 2 - 1024  # one CTA's share of an SM
     stages = min(cfg["num_stages"], max(2, (two_ctas - 1024) // ((bm + bn) * bk)))
-    walk = ("WARP_SPECIALIZE", "PERSISTENT", "PROGS_PER_SM", "MIXED_PASS")
+    walk = (*WALK_KEYS, "PROGS_PER_SM", "MIXED_PASS")
     return dict({k: v for k, v in cfg.items() if k not in walk}, num_stages=stages)
 
 
@@ -674,6 +683,24 @@ def persistent_programs(M: int, N: int, cfg: dict, device) -> int:
 
 
 _LAUNCH_WS = _gluon.DirectLaunch()
+_LAUNCH_FP16_ROWS = _gluon.DirectLaunch()
+
+
+def _cached_launch(direct: _gluon.DirectLaunch, kernel, grid, cfg: dict, out, tensors: tuple, ptrs: tuple,
+                   named: dict, descs, options: dict, prefix: tuple = ()) -> torch.Tensor:
+    """``kernel`` on ``grid``: the compiled variant ``direct`` holds for this device, tile, output dtype, constexprs
+    (``named``, those the kernel takes, in its parameter order) and pointer specialisation, launched on descriptors
+    of ``tensors`` (``prefix``: stand-ins for descriptor parameters the call leaves out); else through the JIT on the
+    descriptors ``descs()`` builds, then remembered. ``ptrs``: the non-descriptor, non-constexpr arguments."""
+    names = [n for n in kernel.arg_names if n in named]
+    consts = tuple(named[n] for n in names)
+    key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
+                   consts, _common.spec_key(ptrs))
+    if direct.run(key, grid, tensors, prefix + ptrs + consts):
+        return out
+    k = kernel[grid](*descs(), *ptrs, **{n: named[n] for n in names}, **options)
+    direct.remember(key, k)
+    return out
 
 
 def _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg: dict, ws: bool) -> torch.Tensor:
@@ -682,7 +709,6 @@ def _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg: dict, ws: bool) -> to
     M, K = a_q.shape
     N = w.shape[0]
     grid = (persistent_programs(M, N, dict(cfg, PROGS_PER_SM=1) if ws else cfg, a_q.device),)
-    scales, w_sc, b = _epilogue_args(a_scale, w_scale, bias, out)
     if ws:
         kernel, direct, options = w8a8_gluon_ws_kernel, _LAUNCH_WS, {"num_warps": 4, "maxnreg": WS_MAXNREG}
     else:
@@ -690,38 +716,27 @@ def _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg: dict, ws: bool) -> to
     named = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out.dtype == torch.int32,
              "HAS_BIAS": bias is not None, "GROUP_M": cfg.get("GROUP_M", 8), "MMA_REGS": WS_MMA_REGS,
              "LOAD_REGS": WS_LOAD_REGS}
-    consts = tuple(named[n] for n in kernel.arg_names if n in named)  # in the kernel's parameter order
-    ptrs = (scales, w_sc, b, M, N, K)
-    key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
-                   consts, _common.spec_key(ptrs))
-    if direct.run(key, grid, (a_q, w, out), ptrs + consts):
-        return out
-    a_d, w_d, c_d, _, _ = descriptors(a_q, w, out, cfg)
-    k = kernel[grid](a_d, w_d, c_d, *ptrs, **{n: named[n] for n in kernel.arg_names if n in named}, **options)
-    direct.remember(key, k)
-    return out
-
-
-_LAUNCH_FP16_ROWS = _gluon.DirectLaunch()
+    return _cached_launch(direct, kernel, grid, cfg, out, (a_q, w, out),
+                          (*_epilogue_args(a_scale, w_scale, bias, out), M, N, K), named,
+                          lambda: descriptors(a_q, w, out, cfg)[:3], options)
 
 
 def _launch_fp16_rows(a_q, w, w_scale, bias, out, cfg: dict, row_bits, x, w_fp16) -> torch.Tensor:
-    """``MIXED_PASS``'s second launch on ``cfg``'s tile (the plain kernel's, :func:`mixed_tile`)."""
+    """``MIXED_PASS``'s second launch on ``cfg``'s tile (the plain kernel's, :func:`plain_tile`)."""
     M, K = a_q.shape
     N = w.shape[0]
     grid = ((M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], (N + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"])
     wf = w_fp16 if w_fp16 is not None else w
-    consts = (cfg["num_stages"], cfg["num_warps"], bias is not None, w_fp16 is not None)
-    ptrs = (out, w_scale, bias if bias is not None else w_scale, row_bits, M, N, K)
-    key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
-                   consts, _common.spec_key(ptrs))
-    if _LAUNCH_FP16_ROWS.run(key, grid, (a_q, w, x, wf), ptrs + consts):
-        return out
-    a_d, w_d, _, xf_d, wf_d = descriptors(a_q, w, out, cfg, x, wf)
-    k = w8a8_gluon_fp16_rows_kernel[grid](a_d, w_d, xf_d, wf_d, *ptrs, STAGES=consts[0], WARPS=consts[1],
-                                          HAS_BIAS=consts[2], HAS_FP16_W=consts[3], num_warps=cfg["num_warps"])
-    _LAUNCH_FP16_ROWS.remember(key, k)
-    return out
+    named = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "HAS_BIAS": bias is not None,
+             "HAS_FP16_W": w_fp16 is not None}
+
+    def descs():
+        a_d, w_d, _, xf_d, wf_d = descriptors(a_q, w, out, cfg, x, wf)
+        return a_d, w_d, xf_d, wf_d
+
+    return _cached_launch(_LAUNCH_FP16_ROWS, w8a8_gluon_fp16_rows_kernel, grid, cfg, out, (a_q, w, x, wf),
+                          (out, w_scale, bias if bias is not None else w_scale, row_bits, M, N, K), named, descs,
+                          {"num_warps": cfg["num_warps"]})
 
 
 def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None, w_fp16=None,
@@ -738,7 +753,7 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     if mixed and mixed_pass(cfg, out.element_size()):
         _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg, True)  # every row as INT8, then the FP16 rows' tiles
         return _launch_fp16_rows(a_q, w, w_scale, bias, out, plain_tile(cfg), row_bits, x, w_fp16)
-    if mixed and (cfg.get("WARP_SPECIALIZE") or cfg.get("PERSISTENT")):
+    if mixed and walks(cfg):
         cfg = plain_tile(cfg)
     ws = warp_specialized(cfg, mixed, out.element_size())
     if ws or persistent(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL)
@@ -748,24 +763,18 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     split_k = int(cfg.get("SPLIT_K", 1))
     grid = ((M + bm - 1) // bm, (N + bn - 1) // bn, split_k)
-    scales, ws, b = _epilogue_args(a_scale, w_scale, bias, out)
+    scales, w_sc, b = _epilogue_args(a_scale, w_scale, bias, out)
     part, lock = _common.splitk_buffers(a_q.device, grid[0] * grid[1], split_k, bm * bn, 0)
-    consts = (cfg["num_stages"], cfg["num_warps"], out.dtype == torch.int32, bias is not None, mixed,
-              w_fp16 is not None, pdl, split_k)
-    ptrs = (out, scales, ws, b, row_bits if mixed else scales, part, lock, M, N, K)
+    named = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out.dtype == torch.int32,
+             "HAS_BIAS": bias is not None, "ROW_BITS": mixed, "HAS_FP16_W": w_fp16 is not None, "PDL": pdl,
+             "SPLIT_K": split_k}
+    ptrs = (out, scales, w_sc, b, row_bits if mixed else scales, part, lock, M, N, K)
     wf = (w_fp16 if w_fp16 is not None else w) if mixed else None
-    tensors = (a_q, w, out, x, wf) if mixed else (a_q, w, out)
-    key = lambda: (_common.current_device(), bm, bn, cfg["BLOCK_K"], out.dtype, consts,  # noqa: E731
-                   _common.spec_key(ptrs))
-    if _LAUNCH.run(key, grid, tensors, ptrs + consts if mixed else (None, None) + ptrs + consts):
-        return out
-    a_d, w_d, c_d, xf_d, wf_d = descriptors(a_q, w, out, cfg, x if mixed else None, wf)
-    k = w8a8_gluon_kernel[grid](a_d, w_d, c_d, xf_d, wf_d, *ptrs, STAGES=consts[0], WARPS=consts[1],
-                                OUT_INT32=consts[2], HAS_BIAS=consts[3], ROW_BITS=consts[4], HAS_FP16_W=consts[5],
-                                PDL=pdl, SPLIT_K=split_k, num_warps=cfg["num_warps"],
-                                **({"launch_pdl": True} if pdl else {}))
-    _LAUNCH.remember(key, k)
-    return out
+    # a plain call's descriptor parameters for the FP16 loop are constexpr stand-ins (None)
+    tensors, prefix = ((a_q, w, out, x, wf), ()) if mixed else ((a_q, w, out), (None, None))
+    return _cached_launch(_LAUNCH, w8a8_gluon_kernel, grid, cfg, out, tensors, ptrs, named,
+                          lambda: descriptors(a_q, w, out, cfg, x if mixed else None, wf),
+                          {"num_warps": cfg["num_warps"], **({"launch_pdl": True} if pdl else {})}, prefix)
 
 
 def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False, cc: int = 90,

@@ -218,17 +218,8 @@ def test_gluon_cached_launch_and_graph_capture(layer, monkeypatch):
             w8a8.w8a8_linear_triton(torch.randn(M, K, device="cuda", dtype=dtype), W.w, W.scale, b, config=cfg)
     assert w8a8_gluon._LAUNCH.compiled and _common.fast_ready()
 
-    def no_descriptors(*a, **k):
-        raise AssertionError("the cached launch built TMA descriptors")
-
-    monkeypatch.setattr(w8a8_gluon, "descriptors", no_descriptors)
-    for dtype in (torch.float16, torch.bfloat16):
-        for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
-            for _ in range(2):
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=MMA_CONFIG)
-                glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
-                assert torch.equal(glu, mma)
+    _forbid_descriptors(monkeypatch)
+    _matches_tl_dot(W, M, N, K, cfg)
     _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), cfg, MMA_CONFIG)
 
 
@@ -297,13 +288,7 @@ def _walking_kernel_checks(layer, M, cfg, int32, monkeypatch):
     from quantkit.kernels import w8a8_gluon
 
     N, K, W = layer["N"], layer["K"], layer["W8"]
-    for dtype in (torch.float16, torch.bfloat16):
-        for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
-            for _ in range(2):
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=MMA_CONFIG)
-                glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
-                assert torch.equal(glu, mma), (dtype, b is not None, (glu.float() - mma.float()).abs().max().item())
+    x = _matches_tl_dot(W, M, N, K, cfg)
     a_q, a_s = act_quant.per_token_quant_triton(x)
     if int32:
         acc = w8a8_gluon.launch(a_q, None, W.w, None, None, poison((M, N), torch.int32, "cuda"), cfg)
@@ -318,11 +303,31 @@ def _walking_kernel_checks(layer, M, cfg, int32, monkeypatch):
     for ref_cfg in (plain, dict(plain, num_stages=cfg["num_stages"])):
         assert torch.equal(y, w8a8.w8a8_linear_triton(x, W.w, W.scale, config=ref_cfg, row_bits=rb, w_fp16=wf))
 
+    _forbid_descriptors(monkeypatch)
+    _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), cfg, MMA_CONFIG)
+
+
+def _matches_tl_dot(W, M, N, K, cfg):
+    """The W8A8 call with Gluon config ``cfg`` bit for bit the tl.dot kernel's (fp16 / bf16, with and without bias,
+    each twice: the second call takes the cached direct launch); returns the last activations."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for b in (None, torch.randn(N, device="cuda", dtype=dtype)):
+            for _ in range(2):
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                mma = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=MMA_CONFIG)
+                glu = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=cfg, out=poison((M, N), dtype, "cuda"))
+                assert torch.equal(glu, mma), (dtype, b is not None, (glu.float() - mma.float()).abs().max().item())
+    return x
+
+
+def _forbid_descriptors(monkeypatch):
+    """From here on a Gluon launch that builds TMA descriptors fails (a cached direct launch builds none)."""
+    from quantkit.kernels import w8a8_gluon
+
     def no_descriptors(*a, **k):
         raise AssertionError("the cached launch built TMA descriptors")
 
     monkeypatch.setattr(w8a8_gluon, "descriptors", no_descriptors)
-    _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), cfg, MMA_CONFIG)
 
 
 WS_CONFIGS = [dict(GLUON_CONFIGS[0], num_stages=4, WARP_SPECIALIZE=True),
