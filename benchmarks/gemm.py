@@ -625,8 +625,14 @@ def decode_w8a8_candidates(M):
 
 
 # config keys whose candidates a search leaves out (GEMM_SKIP_KEYS=WARP_SPECIALIZE,PERSISTENT: a form whose GPU check
-# failed, so that a hanging or wrong kernel does not eat a time-limited search)
+# failed, so that a hanging or wrong kernel does not eat a time-limited search; RS+WARP_SPECIALIZE: the configs with
+# both keys)
 SKIP_KEYS = [k for k in os.environ.get("GEMM_SKIP_KEYS", "").split(",") if k]
+
+
+def skipped(cfg: dict) -> bool:
+    """A candidate of a form ``SKIP_KEYS`` leaves out."""
+    return any(all(cfg.get(part) for part in key.split("+")) for key in SKIP_KEYS)
 
 
 def mixed_override(winner: dict, own: dict, mixed_times: list) -> dict | None:
@@ -651,7 +657,7 @@ def timed_search(what, cands, run, ref, timer, fails, tol=TOL):
     (no best-of-N selection bias)."""
     res, seen = [], []
     for cfg in cands:
-        if cfg in seen or any(cfg.get(k) for k in SKIP_KEYS):
+        if cfg in seen or skipped(cfg):
             continue
         seen.append(cfg)
         try:

@@ -14,7 +14,7 @@
 # $OUT/issue19.tgz and stages.txt copied beside it: the device returns at most 8 files, and a call cut at its limit
 # still returns what its finished stages measured. The next call's tree is re-sent from the developer's machine:
 # copy the configs back into quantkit/kernels/configs/ there first, or the device's edits are lost. STAGE_LIMIT
-# (seconds) caps each stage (default 280), SHAPES overrides the shapes.
+# (seconds) caps each stage (default 280), SHAPES overrides the shapes (W4_MS the w4-256 stage's Ms).
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/gpu_issue19}
@@ -25,7 +25,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="check check-all w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
+STAGES="check check-ws check-all w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -53,6 +53,16 @@ SKIP_FILE=$HOME/.gemm_skip_keys
 skip() { echo "$1" >> "$SKIP_FILE"; echo "== $1 configs left out of later searches" | tee -a "$WORK/stages.txt"; }
 skip_keys() { [ -f "$SKIP_FILE" ] && sort -u "$SKIP_FILE" | paste -sd, -; }
 
+check_ws() {  # the warp-specialized kernels (W8A8's, W4A16's register-operand one): a failed or hanging one's
+  # configs are left out of later searches (W4A16's alone where only its tests failed)
+  RUN_LIMIT=${WS_LIMIT:-180} run check-ws env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 4 \
+    -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_w8a8.py -k "warp_spec"
+  local rc=$?
+  grep -E "^FAILED|^ERROR" "$WORK/check-ws.log" | head -10
+  if grep -E "^(FAILED|ERROR)" "$WORK/check-ws.log" | grep -qv w4a16; then skip WARP_SPECIALIZE
+  elif [ $rc -ne 0 ]; then skip RS+WARP_SPECIALIZE; fi
+}
+
 for stage in "$@"; do
   export GEMM_SKIP_KEYS=$(skip_keys)
   case $stage in
@@ -62,9 +72,9 @@ for stage in "$@"; do
         tests/kernels/test_w8a8.py -k "(gluon or persistent or packed or pdl or gemv_fused) and not warp_spec"
       grep -E "^FAILED|^ERROR" "$WORK/check.log" | head -30
       grep -qE "^(FAILED|ERROR).*persistent" "$WORK/check.log" && skip PERSISTENT
-      RUN_LIMIT=${WS_LIMIT:-150} run check-ws env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 4 \
-        -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_w8a8.py -k "warp_spec" || skip WARP_SPECIALIZE
-      grep -E "^FAILED|^ERROR" "$WORK/check-ws.log" | head -10 ;;
+      check_ws ;;
+    check-ws)  # the warp-specialized kernel's tests alone (MIXED_PASS among them)
+      check_ws ;;
     check-all)  # every GPU kernel test (~250 s on an H100: give it STAGE_LIMIT=400)
       run check-all env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 8 -p no:cacheprovider \
         tests/kernels/test_gpu.py tests/kernels/test_w8a8.py tests/kernels/test_mixed.py tests/test_runtime_gpu.py
@@ -87,7 +97,8 @@ for stage in "$@"; do
       run w8-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w8a8 --ms 1,16 \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;
     w4-256)  # W4A16 M = 64-256 >= 0.9x cuBLAS: the Gluon W4 kernels
-      run w4-256 python benchmarks/gemm.py --tune --tune-spec "w4a16:64,128,256" --ms 64,128,256 --shapes $SHAPES \
+      W4_MS=${W4_MS:-64,128,256}
+      run w4-256 python benchmarks/gemm.py --tune --tune-spec "w4a16:$W4_MS" --ms "$W4_MS" --shapes $SHAPES \
         --tune-rank graph --write-configs --md "$WORK/w4-256.md" ;;
   esac
 done

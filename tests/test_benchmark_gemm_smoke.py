@@ -37,3 +37,14 @@ def test_a_winner_without_a_mixed_mode_gets_the_faster_mixed_config():
     assert gemm.mixed_override(ws, tma, [(ws, 265.0), (tma, 266.4), (two, 265.0)]) is None  # a tie keeps the winner
     assert gemm.mixed_override(ws, tma, [(ws, 265.0)]) is None  # the others failed their checks
     assert gemm.mixed_override(ws, tma, [(tma, 300.0)]) == dict(ws, MIXED=tma)
+
+def test_skip_keys_leave_out_the_configs_of_a_failed_form(monkeypatch):
+    """GEMM_SKIP_KEYS names config keys (a form whose GPU check failed); "A+B" names the configs with both."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gemm
+
+    monkeypatch.setattr(gemm, "SKIP_KEYS", ["RS+WARP_SPECIALIZE", "PERSISTENT"])
+    assert gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True)) and gemm.skipped(dict(PERSISTENT=True))
+    assert not gemm.skipped(dict(WARP_SPECIALIZE=True)) and not gemm.skipped(dict(RS=True))
+    monkeypatch.setattr(gemm, "SKIP_KEYS", [])
+    assert not gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True))

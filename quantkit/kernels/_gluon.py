@@ -68,11 +68,17 @@ if GLUON_ERROR is None:
     @gluon.jit
     def ready_barriers(STAGES: gl.constexpr):
         """One "TMA landed" mbarrier per ring slot, initialised and fenced for the async proxy."""
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        return counted_barriers(STAGES, 1)
+
+    @gluon.jit
+    def counted_barriers(STAGES: gl.constexpr, COUNT: gl.constexpr):
+        """One mbarrier per ring slot whose phase completes after COUNT arrivals (a slot "empty" barrier that
+        several partitions release), initialised and fenced for the async proxy."""
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(bars.index(s), count=COUNT)
         fence_async_shared()
-        return ready
+        return bars
 
     @gluon.jit
     def splitk_sum(acc, ws_ptr, lock_ptr, tile, pid_k, offs, SPLIT_K: gl.constexpr, ELEMS: gl.constexpr):
@@ -90,6 +96,12 @@ if GLUON_ERROR is None:
             gl.atomic_xchg(lock_ptr + tile, 0)
         return acc, last
 
+
+# the warp-specialized kernels' register budget (two one-warpgroup MMA partitions and a one-warp loader, launched
+# with num_warps 4): maxnreg a thread over their 12 warps (3 warpgroups: 168 x 384 threads fill the SM's 64K
+# registers), shared by the worker MMA partition (WS_MMA_REGS), the loader (WS_LOAD_REGS) and the default MMA
+# partition (the rest: 168 * 3 - 232 - 40 = 232)
+WS_MAXNREG, WS_MMA_REGS, WS_LOAD_REGS = 168, 232, 40
 
 GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32", torch.int8: "int8"}
 

@@ -621,10 +621,7 @@ def persistent(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:
     return cfg["num_stages"] * (bm + bn) * bk + bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
 
 
-# the warp-specialized kernel's register budget: maxnreg a thread over its 12 warps (3 warpgroups: 168 x 384 threads
-# fill the SM's 64K registers), shared by the worker MMA partition (WS_MMA_REGS), the loader (WS_LOAD_REGS) and the
-# default MMA partition (the rest: 168 * 3 - 232 - 40 = 232)
-WS_MAXNREG, WS_MMA_REGS, WS_LOAD_REGS = 168, 232, 40
+WS_MAXNREG, WS_MMA_REGS, WS_LOAD_REGS = _gluon.WS_MAXNREG, _gluon.WS_MMA_REGS, _gluon.WS_LOAD_REGS
 
 
 def warp_specialized(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:

@@ -864,11 +864,11 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     elif backend == "gluon":  # (wna16_gluon.Plan or None, split-K buffers), the heuristic plan as the fallback
         from quantkit.kernels import wna16_gluon
 
-        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        tiles, tile_elems = wna16_gluon.splitk_tiles(cfg, M, N, bits, gs_small)
         fallback = _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, _default_config(M, N, K))
         gplan = wna16_gluon.plan(cfg, M, N, K, x.dtype, bits, has_zero, has_bias, gs_small)
         p = ("gluon", fallback, None, gplan,
-             *splitk_buffers(x.device, tiles, int(cfg.get("SPLIT_K", 1)), cfg["BLOCK_M"] * cfg["BLOCK_N"], 4), None)
+             *splitk_buffers(x.device, tiles, int(cfg.get("SPLIT_K", 1)), tile_elems, 4), None)
     elif backend == "gemv_h2":
         nb = cdiv(K, PACK_K)
         u, sk = int(cfg["UNROLL"]), int(cfg.get("SPLIT_K", 1))

@@ -173,14 +173,18 @@ if GLUON_ERROR is None:
         return acc
 
     @gluon.jit
-    def _finish(acc, m, n, offs, M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS: gl.constexpr,
+    def _grid_tile():
+        """The split-K counter of this program's output tile (grid axes 0 and 1; the K split is axis 2)."""
+        return gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
+
+    @gluon.jit
+    def _finish(acc, m, n, offs, tile, M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS: gl.constexpr,
                 SPLIT_K: gl.constexpr):
-        """Both kernels' epilogue: the tile's output rows ``m`` and columns ``n`` (index tensors broadcasting to
-        acc's shape, in either orientation), ``offs`` the split-K workspace places; the K splits summed (the grid's
-        tile (0, 1), split 2), bias added, the tile stored."""
+        """The kernels' epilogue: the tile's output rows ``m`` and columns ``n`` (index tensors broadcasting to
+        acc's shape, in either orientation), ``offs`` the split-K workspace places, ``tile`` its counter; the K
+        splits summed (split 2), bias added, the tile stored."""
         c_mask = (m < M) & (n < N)
         if SPLIT_K > 1:
-            tile = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
             acc, last = _gluon.splitk_sum(acc, ws_ptr, lock_ptr, tile, gl.program_id(2), offs, SPLIT_K,
                                           acc.shape[0] * acc.shape[1])
             c_mask = c_mask & last
@@ -291,7 +295,7 @@ if GLUON_ERROR is None:
         rows_t = gl.arange(0, BM, layout=gl.SliceLayout(1, ML))
         cols_t = gl.arange(0, BN, layout=gl.SliceLayout(0, ML))
         _finish(acc, (off_m + rows_t)[:, None], (off_n + cols_t)[None, :], rows_t[:, None] * BN + cols_t[None, :],
-                M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K)
+                _grid_tile(), M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K)
 
 
     @gluon.constexpr_function
@@ -346,6 +350,74 @@ if GLUON_ERROR is None:
                                   dtype=f0.dtype, is_pure=False, pack=8)
 
     @gluon.jit
+    def _rs_words(w_ring, slot, AL: gl.constexpr, COL0: gl.constexpr, BNC: gl.constexpr):
+        """Ring slot ``slot``'s packed words of weight rows COL0 .. COL0 + BNC - 1 of the box, in the A fragments'
+        layout (``AL``; the whole box where BNC is its width)."""
+        w = w_ring.index(slot)
+        if BNC != w.shape[1]:
+            w = w.slice(COL0, BNC, dim=1)
+        return w.permute((1, 0)).load(AL)
+
+    @gluon.jit
+    def _rs_loop(x_desc, w_desc, x_ring, w_ring, ready, empty, s_ptr, z_ptr, N, n_groups, group_size, b_lo, nb,
+                 off_m, off_n, HAS_ZERO: gl.constexpr, STAGES: gl.constexpr, M16: gl.constexpr, WARPS: gl.constexpr,
+                 COL0: gl.constexpr, BNC: gl.constexpr, RELEASE: gl.constexpr):
+        """The register-operand K loop over this split's ``nb`` blocks from ``b_lo``: C^T's (BNC, BM) tile of the
+        box's weight rows COL0 .. COL0 + BNC - 1 (output columns off_n + COL0 ...), complete on return.  Each
+        block's slot, once its wgmmas have completed and its words been read, is refilled with the block STAGES
+        on (the plain kernel), or with RELEASE handed back to the load partition (one arrive on ``empty``)."""
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        BKX: gl.constexpr = x_desc.block_type.shape[1]
+        XB: gl.constexpr = BLOCK_K // BKX
+        OFFSET: gl.constexpr = 8
+        dt: gl.constexpr = x_desc.dtype
+        ML: gl.constexpr = _mma_layout(BNC, BM, WARPS)  # C^T: the weight rows are the wgmma's M
+        AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ML, k_width=2)
+
+        rows = (off_n + COL0 + gl.arange(0, BNC, layout=gl.SliceLayout(1, AL)))[:, None]  # weight rows
+        rmask = rows < N
+        sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo, group_size, n_groups, N, rows, rmask, HAS_ZERO, OFFSET,
+                                         M16, dt)
+        # block 0's fragments before the loop; in the loop block ki + 1's are unpacked while block ki's wgmmas run
+        mbarrier.wait(ready.index(0), 0, pred=nb > 0)
+        f0, f1, f2, f3, f4, f5, f6, f7 = _frags(_rs_words(w_ring, 0, AL, COL0, BNC), sc_next, zc_next, dt)
+        sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo + 1, group_size, n_groups, N, rows, rmask, HAS_ZERO,
+                                         OFFSET, M16, dt)
+        rows16 = rows + gl.zeros((BNC, 16), gl.int32, layout=AL)
+        acc = gl.zeros((BNC, BM), dtype=gl.float32, layout=ML)
+        for ki in range(nb):
+            slot = ki % STAGES
+            a = _rs_mmas(f0, f1, f2, f3, f4, f5, f6, f7, x_ring, slot * XB, acc)
+            nslot = (ki + 1) % STAGES
+            mbarrier.wait(ready.index(nslot), ((ki + 1) // STAGES) & 1, pred=ki + 1 < nb)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _frags(_rs_words(w_ring, nslot, AL, COL0, BNC), sc_next, zc_next, dt)
+            sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo + ki + 2, group_size, n_groups, N, rows, rmask,
+                                             HAS_ZERO, OFFSET, M16, dt)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(a, ))
+            _hold(f0, f1, f2, f3, f4, f5, f6, f7, rows16)
+            if RELEASE:  # block ki's wgmmas are complete, its words read: the slot goes back to the loader
+                mbarrier.arrive(empty.index(slot), count=1)
+            else:
+                nk = ki + STAGES  # into block ki's slot
+                _load_block(x_desc, w_desc, x_ring, w_ring, ready, slot, b_lo + nk, nk < nb, off_m, off_n)
+            f0, f1, f2, f3, f4, f5, f6, f7 = g0, g1, g2, g3, g4, g5, g6, g7
+        return acc
+
+    @gluon.jit
+    def _rs_finish(acc, off_m, off_n, tile, M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+                   HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, WARPS: gl.constexpr):
+        """The register-operand epilogue: C^T's (BNC, BM) tile (output columns off_n ..., rows off_m ...) through
+        ``_finish`` in 16-byte-store layout."""
+        BNC: gl.constexpr = acc.shape[0]
+        BM: gl.constexpr = acc.shape[1]
+        SL: gl.constexpr = _store_layout_t(BNC, BM, WARPS)
+        acc = gl.convert_layout(acc, SL)
+        rows_t = gl.arange(0, BNC, layout=gl.SliceLayout(1, SL))  # C^T: the tile's rows are output columns
+        cols_t = gl.arange(0, BM, layout=gl.SliceLayout(0, SL))
+        _finish(acc, (off_m + cols_t)[None, :], (off_n + rows_t)[:, None], rows_t[:, None] + cols_t[None, :] * BNC,
+                tile, M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K)
+
+    @gluon.jit
     def wna16_gluon_rs_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
                               M, N, K, n_groups, group_size, stride_cm,
                               HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
@@ -359,59 +431,88 @@ if GLUON_ERROR is None:
         for all eight K-chunks.  No dequantized tile goes through shared memory (no store, fence or barrier
         before the wgmma); x^T is the shared B operand (x's [BM, 64] TMA boxes, K-major).
 
-        Software-pipelined by one block: block ki's eight wgmmas are issued, then block ki + 1's fragments are
-        unpacked into other registers while they run, then the wait.  Two things keep ptxas (Triton 3.6, sm_90a)
-        from serializing the wgmmas (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after every HGMMA, as the first form of
-        this kernel had): the accumulator is a plain tensor between iterations (waited for inside the loop; an
-        async accumulator carried across the back edge drew ptxas's C7515 "wgmma serialized: non wgmma
-        instructions defining accumulator registers ... pipeline stage"), and ``_hold`` keeps block ki's
+        Software-pipelined by one block (``_rs_loop``): block ki's eight wgmmas are issued, then block ki + 1's
+        fragments are unpacked into other registers while they run, then the wait.  Two things keep ptxas (Triton
+        3.6, sm_90a) from serializing the wgmmas (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after every HGMMA, as the
+        first form of this kernel had): the accumulator is a plain tensor between iterations (waited for inside
+        the loop; an async accumulator carried across the back edge drew ptxas's C7515 "wgmma serialized: non
+        wgmma instructions defining accumulator registers ... pipeline stage"), and ``_hold`` keeps block ki's
         fragments live until after the wait (else ptxas gives block ki + 1's the same registers and waits for
         the wgmmas before unpacking)."""
-        BM: gl.constexpr = x_desc.block_type.shape[0]
-        BKX: gl.constexpr = x_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
-        XB: gl.constexpr = BLOCK_K // BKX
-        OFFSET: gl.constexpr = 8
-        dt: gl.constexpr = x_desc.dtype
-        ML: gl.constexpr = _mma_layout(BN, BM, WARPS)  # C^T: the weight rows are the wgmma's M
-        AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ML, k_width=2)
-
-        off_m = gl.program_id(0) * BM
+        off_m = gl.program_id(0) * x_desc.block_type.shape[0]
         off_n = gl.program_id(1) * BN
         b_lo, nb = _k_split(K, SPLIT_K)
         x_ring, w_ring, ready = _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES, STAGES)
+        acc = _rs_loop(x_desc, w_desc, x_ring, w_ring, ready, ready, s_ptr, z_ptr, N, n_groups, group_size, b_lo, nb,
+                       off_m, off_n, HAS_ZERO, STAGES, M16, WARPS, 0, BN, False)
+        acc = _drain(warpgroup_mma_init(acc), ready, STAGES)  # (acc already complete)
+        _rs_finish(acc, off_m, off_n, _grid_tile(), M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS,
+                   SPLIT_K, WARPS)
 
-        rows = (off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, AL)))[:, None]  # weight rows (output columns)
-        rmask = rows < N
-        sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo, group_size, n_groups, N, rows, rmask, HAS_ZERO, OFFSET,
-                                         M16, dt)
-        # block 0's fragments before the loop; in the loop block ki + 1's are unpacked while block ki's wgmmas run
-        mbarrier.wait(ready.index(0), 0, pred=nb > 0)
-        f0, f1, f2, f3, f4, f5, f6, f7 = _frags(w_ring.index(0).permute((1, 0)).load(AL), sc_next, zc_next, dt)
-        sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo + 1, group_size, n_groups, N, rows, rmask, HAS_ZERO,
-                                         OFFSET, M16, dt)
-        rows16 = rows + gl.zeros((BN, 16), gl.int32, layout=AL)
-        acc = gl.zeros((BN, BM), dtype=gl.float32, layout=ML)
+    @gluon.jit
+    def _rs_ws_loader(x_desc, w_desc, x_ring, w_ring, ready, empty, K, SPLIT_K: gl.constexpr, STAGES: gl.constexpr):
+        """Warp-specialized register-operand kernel, the load partition (one warp): this split's blocks in order
+        into the ring, each slot once both MMA partitions have released its last use (``empty``, two arrivals; a
+        fresh barrier counts as released: the first pass waits on the phase before it)."""
+        off_m = gl.program_id(0) * x_desc.block_type.shape[0]
+        off_n = gl.program_id(1) * w_desc.block_type.shape[1]
+        b_lo, nb = _k_split(K, SPLIT_K)
         for ki in range(nb):
             slot = ki % STAGES
-            a = _rs_mmas(f0, f1, f2, f3, f4, f5, f6, f7, x_ring, slot * XB, acc)
-            nslot = (ki + 1) % STAGES
-            mbarrier.wait(ready.index(nslot), ((ki + 1) // STAGES) & 1, pred=ki + 1 < nb)
-            g0, g1, g2, g3, g4, g5, g6, g7 = _frags(w_ring.index(nslot).permute((1, 0)).load(AL), sc_next, zc_next,
-                                                    dt)
-            sc_next, zc_next = _block_scales(s_ptr, z_ptr, b_lo + ki + 2, group_size, n_groups, N, rows, rmask,
-                                             HAS_ZERO, OFFSET, M16, dt)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(a, ))
-            _hold(f0, f1, f2, f3, f4, f5, f6, f7, rows16)
-            nk = ki + STAGES  # into block ki's slot: its wgmmas are complete, its words read
-            _load_block(x_desc, w_desc, x_ring, w_ring, ready, slot, b_lo + nk, nk < nb, off_m, off_n)
-            f0, f1, f2, f3, f4, f5, f6, f7 = g0, g1, g2, g3, g4, g5, g6, g7
-        SL: gl.constexpr = _store_layout_t(BN, BM, WARPS)
-        acc = gl.convert_layout(_drain(warpgroup_mma_init(acc), ready, STAGES), SL)  # (acc already complete)
-        rows_t = gl.arange(0, BN, layout=gl.SliceLayout(1, SL))  # C^T: the tile's rows are output columns
-        cols_t = gl.arange(0, BM, layout=gl.SliceLayout(0, SL))
-        _finish(acc, (off_m + cols_t)[None, :], (off_n + rows_t)[:, None], rows_t[:, None] + cols_t[None, :] * BN,
-                M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr, HAS_BIAS, SPLIT_K)
+            mbarrier.wait(empty.index(slot), ((ki // STAGES) & 1) ^ 1)
+            _load_block(x_desc, w_desc, x_ring, w_ring, ready, slot, b_lo + ki, ki >= 0, off_m, off_n)
+
+    @gluon.jit
+    def _rs_ws_mma(x_desc, w_desc, x_ring, w_ring, ready, empty, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+                   M, N, K, n_groups, group_size, stride_cm, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+                   SPLIT_K: gl.constexpr, STAGES: gl.constexpr, M16: gl.constexpr, HALF: gl.constexpr):
+        """Warp-specialized register-operand kernel, an MMA partition (one warpgroup): weight rows HALF of the
+        box's two halves, on every block of the split (both partitions read the same x boxes), its own output
+        tile and split-K counter (tile 2 * grid column + HALF)."""
+        BNC: gl.constexpr = w_desc.block_type.shape[1] // 2
+        off_m = gl.program_id(0) * x_desc.block_type.shape[0]
+        off_n = gl.program_id(1) * w_desc.block_type.shape[1]
+        b_lo, nb = _k_split(K, SPLIT_K)
+        acc = _rs_loop(x_desc, w_desc, x_ring, w_ring, ready, empty, s_ptr, z_ptr, N, n_groups, group_size, b_lo, nb,
+                       off_m, off_n, HAS_ZERO, STAGES, M16, 4, HALF * BNC, BNC, True)
+        tile = (gl.program_id(1) * 2 + HALF) * gl.num_programs(0) + gl.program_id(0)
+        _rs_finish(acc, off_m, off_n + HALF * BNC, tile, M, N, stride_cm, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+                   HAS_BIAS, SPLIT_K, 4)
+
+    @gluon.jit
+    def _rs_ws_mma_odd(x_desc, w_desc, x_ring, w_ring, ready, empty, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+                       M, N, K, n_groups, group_size, stride_cm, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+                       SPLIT_K: gl.constexpr, STAGES: gl.constexpr, M16: gl.constexpr):
+        _rs_ws_mma(x_desc, w_desc, x_ring, w_ring, ready, empty, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr, M,
+                   N, K, n_groups, group_size, stride_cm, HAS_ZERO, HAS_BIAS, SPLIT_K, STAGES, M16, 1)
+
+    @gluon.jit
+    def wna16_gluon_rs_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+                                 M, N, K, n_groups, group_size, stride_cm,
+                                 HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+                                 STAGES: gl.constexpr, M16: gl.constexpr, MMA_REGS: gl.constexpr,
+                                 LOAD_REGS: gl.constexpr):
+        """The register-operand kernel, warp-specialized (``WARP_SPECIALIZE`` with ``RS``): a one-warp load
+        partition keeps the TMA ring full, and two MMA partitions of one warpgroup each (the default one and a
+        worker) take one half of the box's weight rows each, so neither waits on a CTA barrier or a refill: each
+        hands a slot back as it is done with it, on its own schedule, and the other's wgmmas and unpacking run
+        meanwhile.  Launched with num_warps 4 and ``maxnreg`` (``_gluon.WS_MAXNREG``); BLOCK_N is the CTA's
+        columns (each partition's tile is BLOCK_N / 2 x BLOCK_M)."""
+        x_ring, w_ring, ready = _rings(x_desc, w_desc, 0, 0, 0, 0, STAGES, 0)
+        empty = _gluon.counted_barriers(STAGES, 2)
+        gl.warp_specialize([
+            (_rs_ws_mma, (x_desc, w_desc, x_ring, w_ring, ready, empty, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr,
+                          lock_ptr, M, N, K, n_groups, group_size, stride_cm, HAS_ZERO, HAS_BIAS, SPLIT_K, STAGES,
+                          M16, 0)),
+            (_rs_ws_mma_odd, (x_desc, w_desc, x_ring, w_ring, ready, empty, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr,
+                              lock_ptr, M, N, K, n_groups, group_size, stride_cm, HAS_ZERO, HAS_BIAS, SPLIT_K,
+                              STAGES, M16)),
+            (_rs_ws_loader, (x_desc, w_desc, x_ring, w_ring, ready, empty, K, SPLIT_K, STAGES)),
+        ], [4, 1], [MMA_REGS, LOAD_REGS])
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+            mbarrier.invalidate(empty.index(s))
 
 
 def runs_on(x: torch.Tensor, qw: torch.Tensor) -> bool:
@@ -452,10 +553,37 @@ def _rs(cfg: dict, bits: int, gs_small: bool) -> bool:
     return bool(cfg.get("RS", False)) and bits == 4 and not gs_small
 
 
+WS_BLOCK_N = 128  # the warp-specialized kernel's box: two MMA partitions of one 64-row wgmma tile each
+# shared memory the warp-specialized kernel takes beyond its rings and barriers, an upper bound: its partitions'
+# epilogue layout conversion (32 KB, which the plain kernels put in the dead ring), plus 16-byte alignment of the
+# barriers (Triton 3.6, sm_90a: 8 to 16 bytes at the tiles the tuner tries)
+WS_SCRATCH = 32768 + 64
+
+
+def warp_specialized(cfg: dict, bits: int = 4, gs_small: bool = False) -> bool:
+    """The warp-specialized register-operand kernel (``WARP_SPECIALIZE`` on an ``_rs`` config): BLOCK_N
+    :data:`WS_BLOCK_N` (each MMA partition's 64 weight rows: its accumulator BLOCK_M / 2 registers a thread, its two
+    blocks' fragments 64 more, within ``_gluon.WS_MMA_REGS``), num_warps 4 (a partition's)."""
+    return (bool(cfg.get("WARP_SPECIALIZE", False)) and _rs(cfg, bits, gs_small) and cfg["BLOCK_N"] == WS_BLOCK_N
+            and cfg["num_warps"] == 4)
+
+
+def splitk_tiles(cfg: dict, M: int, N: int, bits: int = 4, gs_small: bool = False) -> tuple[int, int]:
+    """(output tiles with a split-K counter, elements a tile) for ``_common.splitk_buffers``: the grid's tiles, or
+    the warp-specialized kernel's partitions' (two a CTA, half its columns each)."""
+    tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
+    if warp_specialized(cfg, bits, gs_small):
+        return 2 * tiles, cfg["BLOCK_M"] * cfg["BLOCK_N"] // 2
+    return tiles, cfg["BLOCK_M"] * cfg["BLOCK_N"]
+
+
 def _consts(cfg: dict, dtype, bits: int, has_zero: bool, has_bias: bool, gs_small: bool) -> dict:
-    """The kernel's constexprs (``_rs`` picks which kernel), in parameter order."""
+    """The kernel's constexprs (``_rs`` and ``warp_specialized`` pick which kernel), in parameter order."""
     m16 = 1024.0 if dtype == torch.float16 else 128.0
     sk, st, nw = int(cfg.get("SPLIT_K", 1)), cfg["num_stages"], cfg["num_warps"]
+    if warp_specialized(cfg, bits, gs_small):
+        return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT_K=sk, STAGES=st, M16=m16,
+                    MMA_REGS=_gluon.WS_MMA_REGS, LOAD_REGS=_gluon.WS_LOAD_REGS)
     if _rs(cfg, bits, gs_small):
         return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT_K=sk, STAGES=st, WARPS=nw, M16=m16)
     return dict(BITS=bits, HAS_ZERO=has_zero, HAS_BIAS=has_bias, GS_SMALL=gs_small, SPLIT_K=sk, STAGES=st, WARPS=nw,
@@ -463,18 +591,27 @@ def _consts(cfg: dict, dtype, bits: int, has_zero: bool, has_bias: bool, gs_smal
 
 
 def _kernel(consts: dict):
-    """The kernel ``_consts`` were made for (only the shared-operand kernel takes BITS)."""
+    """The kernel ``_consts`` were made for (only the shared-operand kernel takes BITS, only the warp-specialized
+    one MMA_REGS)."""
+    if "MMA_REGS" in consts:
+        return wna16_gluon_rs_ws_kernel
     return wna16_gluon_kernel if "BITS" in consts else wna16_gluon_rs_kernel
+
+
+def _options(consts: dict, num_warps: int) -> dict:
+    """Launch / compile options: the warp-specialized kernel's register cap."""
+    return {"num_warps": num_warps, **({"maxnreg": _gluon.WS_MAXNREG} if "MMA_REGS" in consts else {})}
 
 
 class Plan:
     """A launch of one shape, tile and dtype, fixed once (``plan``): the kernel, its constexprs, the grid and the
     shape-independent part of the direct-launch key; ``launch`` adds the call's tensors."""
 
-    __slots__ = ("consts", "cv", "grid", "bm", "bn", "bits", "num_warps", "static_key")
+    __slots__ = ("consts", "cv", "grid", "bm", "bn", "bits", "options", "static_key")
 
     def __init__(self, cfg: dict, M: int, N: int, dtype, bits: int, consts: dict):
-        self.consts, self.cv, self.bits, self.num_warps = consts, tuple(consts.values()), bits, cfg["num_warps"]
+        self.consts, self.cv, self.bits = consts, tuple(consts.values()), bits
+        self.options = _options(consts, cfg["num_warps"])
         self.bm, self.bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         self.grid = ((M + self.bm - 1) // self.bm, (N + self.bn - 1) // self.bn, consts["SPLIT_K"])
         self.static_key = (self.bm, self.bn, dtype, self.cv)
@@ -490,7 +627,7 @@ class Plan:
         if _LAUNCH.run(key, self.grid, (x, qw), (*args, *self.cv)):
             return out
         x_d, w_d = _descriptors(x, qw, self.bm, self.bn, self.bits)
-        k = _kernel(self.consts)[self.grid](x_d, w_d, *args, **self.consts, num_warps=self.num_warps)
+        k = _kernel(self.consts)[self.grid](x_d, w_d, *args, **self.consts, **self.options)
         _LAUNCH.remember(key, k)
         return out
 
@@ -508,11 +645,17 @@ def build_for_target(cfg: dict, dtype=torch.float16, bits: int = 4, has_zero: bo
            "group_size": "i32", "stride_cm": "i32"}
     consts = _consts(cfg, dtype, bits, has_zero, has_bias, gs_small)
     sig.update({k: "constexpr" for k in consts})
-    return _gluon.compile_for_target(_kernel(consts), sig, consts, cfg["num_warps"], cc)
+    options = _options(consts, cfg["num_warps"])
+    return _gluon.compile_for_target(_kernel(consts), sig, consts, options.pop("num_warps"), cc, **options)
 
 
 def config(bm: int, bn: int, split_k: int = 1, warps: int = 8, stages: int = 3) -> dict:
     return dict(BACKEND="gluon", BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+
+
+def ws_config(bm: int, split_k: int, stages: int) -> dict:
+    """A warp-specialized register-operand config (:func:`warp_specialized`): BLOCK_N :data:`WS_BLOCK_N`."""
+    return dict(config(bm, WS_BLOCK_N, split_k, 4, stages), RS=True, WARP_SPECIALIZE=True)
 
 
 def _register_operand(cfgs: list[dict]) -> list[dict]:
@@ -524,8 +667,9 @@ def _register_operand(cfgs: list[dict]) -> list[dict]:
 def candidates(M: int) -> list[dict]:
     """The configs ``benchmarks/gemm.py --tune`` tries for M rows (4-bit: each fits Hopper's shared memory, see
     ``shared_bytes``; the 2-stage 64 x 128 and 128 x 64 tiles fit two CTAs an SM); from M = 128 each tile of
-    BLOCK_N <= 128 also with the register-operand kernel (``RS``), plus a few RS-only tiles."""
-    c = config
+    BLOCK_N <= 128 also with the register-operand kernel (``RS``), plus a few RS-only tiles and the warp-specialized
+    ones (``ws_config``: one CTA an SM, so its ring is deep)."""
+    c, w = config, ws_config
     if M <= 64:
         return [c(64, 128, 1, 4, 4), c(64, 128, 2, 4, 4), c(64, 128, 4, 4, 4), c(64, 256, 1, 8, 3), c(64, 256, 2, 8, 3),
                 c(64, 64, 4, 4, 4), c(64, 128, 2, 4, 2), c(64, 128, 4, 4, 2)]
@@ -533,16 +677,19 @@ def candidates(M: int) -> list[dict]:
         shared = [c(128, 128, 1), c(128, 128, 2), c(128, 128, 4), c(128, 256, 1, 8, 2), c(128, 64, 2, 4, 4),
                   c(64, 128, 2, 4, 4), c(128, 64, 2, 4, 2), c(128, 64, 4, 4, 2), c(64, 128, 2, 4, 2),
                   c(64, 128, 4, 4, 2)]
-        return shared + _register_operand(shared + [c(128, 128, 2, 8, 2), c(128, 128, 4, 8, 2)])
+        return shared + _register_operand(shared + [c(128, 128, 2, 8, 2), c(128, 128, 4, 8, 2)]) + [
+            w(128, 1, 4), w(128, 2, 4), w(128, 4, 4), w(64, 2, 4)]
     if M <= 256:
         shared = [c(128, 128, 1), c(128, 128, 2), c(128, 128, 4), c(256, 128, 1, 8, 2), c(256, 128, 2, 8, 2),
                   c(128, 256, 1, 8, 2), c(128, 64, 1, 4, 2), c(128, 64, 2, 4, 2)]
         return shared + _register_operand(shared + [c(64, 128, 2, 4, 4), c(256, 128, 4, 8, 2), c(128, 64, 4, 4, 2),
-                                                    c(128, 128, 2, 8, 2), c(256, 128, 1, 8, 3), c(256, 128, 4, 8, 3)])
+                                                    c(128, 128, 2, 8, 2), c(256, 128, 1, 8, 3), c(256, 128, 4, 8, 3)]) + [
+            w(128, 1, 4), w(128, 2, 4), w(128, 4, 4), w(256, 1, 2), w(256, 2, 2)]
     shared = [c(128, 128, 1, 8, 4), c(128, 256, 1, 8, 2), c(256, 128, 1, 8, 2), c(256, 64, 1, 8, 2),
               c(128, 64, 1, 4, 2)]
     return shared + _register_operand([c(256, 128, 1, 8, 2), c(256, 128, 2, 8, 2), c(128, 128, 1, 8, 3),
-                                       c(128, 64, 1, 4, 2), c(128, 64, 2, 4, 2), c(128, 64, 1, 4, 4)])
+                                       c(128, 64, 1, 4, 2), c(128, 64, 2, 4, 2), c(128, 64, 1, 4, 4)]) + [
+        w(128, 1, 4), w(256, 1, 2)]
 
 
 def shared_bytes(cfg: dict, bits: int = 4, gs_small: bool = False) -> int:
@@ -551,4 +698,6 @@ def shared_bytes(cfg: dict, bits: int = 4, gs_small: bool = False) -> int:
     [128, BN] tiles."""
     st, bm, bn = cfg["num_stages"], cfg["BLOCK_M"], cfg["BLOCK_N"]
     rings = st * (bm * PACK_K * 2 + PACK_K * bits // 32 * bn * 4 + 8)
+    if warp_specialized(cfg, bits, gs_small):  # + the "empty" barriers, the epilogue's layout-conversion scratch
+        return rings + st * 8 + WS_SCRATCH
     return rings if _rs(cfg, bits, gs_small) else rings + 2 * PACK_K * bn * 2

@@ -480,6 +480,54 @@ def test_gluon_w4a16_cached_launch_and_graph_capture(monkeypatch):
         assert torch.equal(out, run(x))
 
 
+@SM90_ONLY
+@pytest.mark.parametrize("M", [37, 128, 300])
+@pytest.mark.parametrize("bm,split_k,stages", [(128, 1, 4), (128, 3, 4), (64, 2, 4), (256, 2, 2)],
+                         ids=["128-sk1", "128-sk3", "64-sk2", "256-sk2"])
+def test_gluon_w4a16_warp_specialized_is_the_register_operand_result(layer, M, bm, split_k, stages, monkeypatch):
+    """The warp-specialized register-operand kernel (a loader warp, two MMA warpgroups of 64 weight rows each) gives
+    bit for bit the 8-warp register-operand kernel's result on the same tile (the same wgmmas on the same rows, the
+    same split-K sums), with and without zero points and bias, fp16 and bf16, split-K counters reset (a second
+    call is equal); then directly launched (no descriptors built) and in CUDA-graph replay."""
+    from quantkit.kernels import wna16_gluon
+
+    if layer["N"] * layer["K"] > 6144 * 4096:
+        pytest.skip("keep the GPU test short")
+    N, K = layer["N"], layer["K"]
+    ws = wna16_gluon.ws_config(bm, split_k, stages)
+    rs = dict(wna16_gluon.config(bm, wna16_gluon.WS_BLOCK_N, split_k, 8, 2), RS=True)
+    assert wna16_gluon.warp_specialized(ws) and not wna16_gluon.warp_specialized(rs)
+    for name, W, q_, z_ in [("w4", layer["Wi4"], layer["q4"], None), ("w4z", layer["Wi4z"], layer["q4"], layer["z4"])]:
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            for b in (None, torch.randn(N, device="cuda", dtype=dtype) * 0.1):
+                run = lambda cfg, out=None: wna16.wna16_linear_triton(  # noqa: E731
+                    x, W.qw, W.scales, W.zeros, b, 4, W.group_size, N, K, config=cfg, out=out)
+                y = run(ws, poison((M, N), dtype, "cuda"))
+                assert torch.equal(y, run(rs)), (name, dtype, b is not None)
+                assert torch.equal(run(ws), y), (name, dtype)
+                assert rel_err(y, wna16.wna16_gemm_ref(x, q_, W.scales.t().float(), z_, b)) <= 5e-3
+    W = layer["Wi4"]
+    run = lambda x, out=None: wna16.wna16_linear_triton(  # noqa: E731
+        x, W.qw, W.scales, None, None, 4, W.group_size, N, K, config=ws, out=out)
+
+    def no_descriptors(*a, **k):
+        raise AssertionError("the cached launch built TMA descriptors")
+
+    monkeypatch.setattr(wna16_gluon, "_descriptors", no_descriptors)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    out = poison((M, N), torch.float16, "cuda")
+    run(x, out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(x, out)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, run(x))
+
+
 ONCE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=3),
                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SPLIT_K=4, num_warps=4, num_stages=4),
                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=2)]

@@ -292,3 +292,25 @@ def test_wna16_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
                                   out=poison((M, N), torch.float16, dev))
     assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
     assert rel_err(y, wna16.wna16_gemm_ref(x, q, s * 1.05, z)) > 1e-2
+
+def test_wna16_gluon_warp_specialized_configs():
+    """Which configs run the warp-specialized register-operand kernel (4-bit, group >= 128, the 128-column box of
+    two 64-row partitions, num_warps 4), the split-K buffers it needs (two counters a CTA, half the elements each:
+    the same workspace), and its shared memory (the ring, two barriers a slot, the epilogue's scratch)."""
+    from quantkit.kernels import wna16_gluon as wg
+
+    ws = wg.ws_config(128, 2, 4)
+    assert ws["BLOCK_N"] == wg.WS_BLOCK_N == 128 and ws["RS"] and ws["WARP_SPECIALIZE"]
+    assert wg.warp_specialized(ws) and not wg.warp_specialized(ws, bits=8)
+    assert not wg.warp_specialized(ws, gs_small=True)  # small groups take the shared-operand kernel
+    assert not wg.warp_specialized(dict(ws, RS=False)) and not wg.warp_specialized(dict(ws, num_warps=8))
+    assert not wg.warp_specialized(dict(ws, BLOCK_N=64)) and not wg.warp_specialized(dict(ws, WARP_SPECIALIZE=False))
+    assert wg.splitk_tiles(ws, 300, 4100) == (2 * 3 * 33, 128 * 64)
+    assert wg.splitk_tiles(dict(ws, WARP_SPECIALIZE=False), 300, 4100) == (3 * 33, 128 * 128)
+    rs = dict(ws, WARP_SPECIALIZE=False)
+    assert wg.shared_bytes(ws) == wg.shared_bytes(rs) + 4 * 8 + wg.WS_SCRATCH
+    assert wg.shared_bytes(rs) == 4 * (128 * 128 * 2 + 16 * 128 * 4 + 8)
+    for m in (128, 256, 512):  # every warp-specialized candidate fits one CTA's shared memory
+        cands = [c for c in wg.candidates(m) if wg.warp_specialized(c)]
+        assert cands and all(wg.shared_bytes(c) <= 232448 for c in cands), m
+    assert not any(wg.warp_specialized(c) for c in wg.candidates(64))
