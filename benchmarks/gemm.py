@@ -630,9 +630,18 @@ def decode_w8a8_candidates(M):
 SKIP_KEYS = [k for k in os.environ.get("GEMM_SKIP_KEYS", "").split(",") if k]
 
 
+# GEMM_ONLY_KEYS=RS: a search of only the configs with one of these keys (the same "A+B" form), to measure a new form
+# against its siblings inside a short device call
+ONLY_KEYS = [k for k in os.environ.get("GEMM_ONLY_KEYS", "").split(",") if k]
+
+
+def _has(cfg: dict, keys: list) -> bool:
+    return any(all(cfg.get(part) for part in key.split("+")) for key in keys)
+
+
 def skipped(cfg: dict) -> bool:
-    """A candidate of a form ``SKIP_KEYS`` leaves out."""
-    return any(all(cfg.get(part) for part in key.split("+")) for key in SKIP_KEYS)
+    """A candidate of a form ``SKIP_KEYS`` leaves out, or (``ONLY_KEYS``) of none of the forms searched."""
+    return _has(cfg, SKIP_KEYS) or bool(ONLY_KEYS) and not _has(cfg, ONLY_KEYS)
 
 
 def mixed_override(winner: dict, own: dict, mixed_times: list) -> dict | None:

@@ -48,3 +48,5 @@ def test_skip_keys_leave_out_the_configs_of_a_failed_form(monkeypatch):
     assert not gemm.skipped(dict(WARP_SPECIALIZE=True)) and not gemm.skipped(dict(RS=True))
     monkeypatch.setattr(gemm, "SKIP_KEYS", [])
     assert not gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True))
+    monkeypatch.setattr(gemm, "ONLY_KEYS", ["RS"])  # GEMM_ONLY_KEYS: only the configs of these forms
+    assert not gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True)) and gemm.skipped(dict(BACKEND="gluon"))
