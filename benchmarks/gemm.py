@@ -132,8 +132,8 @@ def w8a8_candidates(M):
              c(256, 128, 64, 8, 5, BACKEND="gluon")]
     gluon += [dict(g, PDL=True) for g in gluon]
     # its warp-specialized persistent form: a loader warp and two MMA warpgroups taking the program's tiles in turn
-    # (one tile's epilogue under the other's wgmmas). The plain persistent form (PERSISTENT) is not offered: slower
-    # than this kernel's two CTAs an SM at every M = 8192 shape on the H100 (BENCHMARKS.md, session 43)
+    # (one tile's epilogue under the other's wgmmas). (A plain persistent form was slower than this kernel's two
+    # CTAs an SM at every M = 8192 shape on the H100, BENCHMARKS.md session 43, and was removed in session 44)
     gluon += [c(128, 128, 128, 4, 4, BACKEND="gluon", WARP_SPECIALIZE=True),
               c(128, 128, 64, 4, 6, BACKEND="gluon", WARP_SPECIALIZE=True),
               c(128, 128, 128, 4, 4, BACKEND="gluon", WARP_SPECIALIZE=True, G=16),
@@ -624,7 +624,7 @@ def decode_w8a8_candidates(M):
         dict(d, FUSE_QUANT=False, QUANT_ONCE=False, PDL=True) for d in dots]
 
 
-# config keys whose candidates a search leaves out (GEMM_SKIP_KEYS=WARP_SPECIALIZE,PERSISTENT: a form whose GPU check
+# config keys whose candidates a search leaves out (GEMM_SKIP_KEYS=WARP_SPECIALIZE,PACKED_X: a form whose GPU check
 # failed, so that a hanging or wrong kernel does not eat a time-limited search; RS+WARP_SPECIALIZE: the configs with
 # both keys)
 SKIP_KEYS = [k for k in os.environ.get("GEMM_SKIP_KEYS", "").split(",") if k]

@@ -43,8 +43,8 @@ def test_skip_keys_leave_out_the_configs_of_a_failed_form(monkeypatch):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import gemm
 
-    monkeypatch.setattr(gemm, "SKIP_KEYS", ["RS+WARP_SPECIALIZE", "PERSISTENT"])
-    assert gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True)) and gemm.skipped(dict(PERSISTENT=True))
+    monkeypatch.setattr(gemm, "SKIP_KEYS", ["RS+WARP_SPECIALIZE", "PACKED_X"])
+    assert gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True)) and gemm.skipped(dict(PACKED_X=True))
     assert not gemm.skipped(dict(WARP_SPECIALIZE=True)) and not gemm.skipped(dict(RS=True))
     monkeypatch.setattr(gemm, "SKIP_KEYS", [])
     assert not gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True))

@@ -281,19 +281,6 @@ GLUON_CHILD = textwrap.dedent(r'''
         if bm != 256 and st != 5:
             for variant in SPLIT:
                 build(name, dict(cfg, SPLIT_K=2), *variant)
-        for dt in (torch.float16, torch.int32):  # the persistent kernel (PERSISTENT), where its buffers fit
-            pc = dict(cfg, PERSISTENT=True)
-            if not w8a8_gluon.persistent(pc, out_bytes=dt.itemsize):
-                continue
-            k = w8a8_gluon.build_for_target(pc, dt, dt != torch.int32)
-            ptx = k.asm["ptx"]
-            # each wait for the previous tile's TMA store: is a CTA barrier next, before any shared store?
-            after = [re.search(r"bar\.sync|st\.shared", ptx[m.end():]).group(0)
-                     for m in re.finditer(r"cp\.async\.bulk\.wait_group\.read", ptx)]
-            out[f"{name} {dt} persistent"] = dict(
-                tile=f"{bm}x{bk}", mixed=False, pdl=False, persistent=True, cubin=bool(k.asm.get("cubin")),
-                shared=k.metadata.shared, waits=sorted(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)),
-                stores=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)), after_store_wait=after)
     # the warp-specialized kernel (WARP_SPECIALIZE): a loader warp and two MMA warpgroups
     for bm, bk, st in ((128, 128, 4), (128, 64, 6), (64, 128, 5)):
         wc = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, num_stages=st, num_warps=4, WARP_SPECIALIZE=True)
@@ -344,10 +331,9 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     bias, the raw int32 accumulator, mixed mode's row bits on the int8 weight and on an FP16 copy), fits the SM's shared
     memory (mixed mode at the plain kernel's CTAs per SM), and its K loop waits with one wgmma still in flight (wait_group 1) --
     the reason it exists; only the final wait drains (wait_group 0). Its programmatic launch's form (PDL) loads the
-    first weight tiles before it waits for the quantization. With a K split (SPLIT_K) too. The persistent kernel
-    builds, with the same K loop and a TMA store buffer reused safely, and so does its warp-specialized form."""
+    first weight tiles before it waits for the quantization. With a K split (SPLIT_K) too. The warp-specialized
+    kernel builds, with the same K loop and TMA store buffers reused safely."""
     built = _gluon_builds(GLUON_CHILD)
-    pers = {what: built.pop(what) for what in [w for w, b in built.items() if b.get("persistent")]}
     ws = {what: built.pop(what) for what in [w for w, b in built.items() if b.get("ws")]}
     passes = {what: built.pop(what) for what in [w for w, b in built.items() if b.get("fp16_pass")]}
     assert len(passes) == 2, sorted(passes)
@@ -371,15 +357,6 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     assert len(built) == 35 + 8 and len(sk) == 8, sorted(sk)
     # a K split: the counter taken and reset once a tile (one atomic add, one exchange), in mixed mode too
     assert all(b["atomics"] == 2 for b in sk.values()), {w: b["atomics"] for w, b in sk.items()}
-    # the persistent kernel: fp16 out at every tile, int32 where ring + store buffer fit (not the 256-row tiles)
-    assert sorted(w.split(" s")[0] for w in pers if "int32" in w) == ["128x128x128", "128x128x64", "64x128x128"]
-    assert len(pers) == 8, sorted(pers)
-    for what, b in pers.items():
-        assert b["cubin"] and 0 < b["shared"] <= SM90_MAX_SHARED, (what, b["shared"])
-        # one wgmma in flight in the K loop, drained once a tile; one TMA store a tile, whose buffer is reused only
-        # after the store has read it (bulk wait) and every thread knows it (CTA barrier)
-        assert b["waits"] == ["0", "1"] and b["stores"] == 1, (what, b)
-        assert b["after_store_wait"] == ["bar.sync", "bar.sync"], (what, b)
     plain_shared = {b["tile"]: b["shared"] for b in built.values() if not b["mixed"]}
     for what, b in built.items():
         assert b["cubin"], what

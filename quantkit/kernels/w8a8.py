@@ -22,8 +22,8 @@ Paths:
   in-register quantization made the loop ~4x slower than the INT8 one; the CPU interpreter's path);
 * persistent tensor cores with TMA descriptors (``BACKEND="tma"``, large M on Hopper or newer);
 * the Gluon kernel of ``w8a8_gluon`` (``BACKEND="gluon"``, M >= 64 on sm_90): Triton's pipeliner waits for
-  every INT8 wgmma, Gluon keeps one in flight (mixed mode too), and with ``PERSISTENT`` a plain call walks the
-  tiles one program an SM (``WARP_SPECIALIZE``: a loader warp and two MMA warpgroups taking the tiles in turn);
+  every INT8 wgmma, Gluon keeps one in flight (mixed mode too), and with ``WARP_SPECIALIZE`` a plain call walks
+  the tiles one program an SM (a loader warp and two MMA warpgroups taking the tiles in turn);
   elsewhere its configs run the tl.dot kernel.
 
 Where the quantization is a launch of its own (the GEMV, the tensor-core kernel, Gluon), a ``PDL`` config on sm_90+
@@ -922,7 +922,7 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
 def mixed_config(cfg: dict) -> dict:
     """The config a mixed call (row bits) runs for W8A8 config ``cfg``: the entry's own ``MIXED`` config where it has
     one (a W8A8 winner whose form has no mixed mode keeps the tile mixed calls ran before it), else the plain Gluon
-    kernel on a warp-specialized or persistent config's tile (``w8a8_gluon.mixed_tile``), else ``cfg``."""
+    kernel on a warp-specialized config's tile (``w8a8_gluon.mixed_tile``), else ``cfg``."""
     if "MIXED" in cfg:
         return dict(cfg["MIXED"])
     from quantkit.kernels import w8a8_gluon

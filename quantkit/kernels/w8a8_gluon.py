@@ -23,12 +23,10 @@ it waits for that launch (``griddepcontrol.wait``) and its activations after.
 ``SPLIT_K`` (few tiles, e.g. 4096 x 14336 at M = 256): the grid's third axis splits K; the splits' exact int32
 partials meet in a workspace and the last to arrive stores (outputs bit for bit the unsplit kernel's; mixed mode's
 FP16 rows sum fp32 partials).
-``PERSISTENT`` (large M, plain calls): one program per SM walks the tiles in grouped order; its TMA ring runs on
-across tile boundaries and each tile's TMA store overlaps the next tile's K loop
-(``w8a8_gluon_persistent_kernel``).
-``WARP_SPECIALIZE`` (large M, plain calls): the persistent walk split between a one-warp TMA loader and two MMA
-warpgroups that take the program's tiles in turn, so one tile's epilogue overlaps the next tile's wgmmas
-(``w8a8_gluon_ws_kernel``).
+``WARP_SPECIALIZE`` (large M, plain calls): one program per SM walks the tiles in grouped order, split between a
+one-warp TMA loader and two MMA warpgroups that take the program's tiles in turn, so one tile's epilogue overlaps
+the next tile's wgmmas (``w8a8_gluon_ws_kernel``).  (Session 42's persistent kernel without warp specialization
+was slower than the plain grid at every H100 shape and was removed in session 44.)
 """
 
 from __future__ import annotations
@@ -234,7 +232,7 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _store_reused(acc, c_desc, c_smem, pid_m, pid_n, as_ptr, ws_ptr, bias_ptr, M, N, OUT_INT32: gl.constexpr,
                       HAS_BIAS: gl.constexpr, LAYOUT: gl.constexpr):
-        """A persistent program's tile (pid_m, pid_n) out of the int32 accumulator (``LAYOUT``: its layout): scaled
+        """A walking program's tile (pid_m, pid_n) out of the int32 accumulator (``LAYOUT``: its layout): scaled
         (raw with OUT_INT32) into ``c_smem`` once that buffer's previous TMA store has read it, then stored by TMA,
         the store left in flight."""
         BM: gl.constexpr = c_desc.block_type.shape[0]
@@ -259,19 +257,6 @@ if GLUON_ERROR is None:
         first_m = tile // in_group * GROUP_M
         group_m = gl.minimum(num_pid_m - first_m, GROUP_M)
         return first_m + (tile % in_group) % group_m, (tile % in_group) // group_m
-
-    @gluon.jit
-    def _load_program_step(a_desc, w_desc, a_ring, w_ring, ready, p, pid, n_progs, k_tiles, total, num_pid_m,
-                           num_pid_n, GROUP_M: gl.constexpr, STAGES: gl.constexpr, nbytes: gl.constexpr):
-        """Persistent kernel: step ``p`` of this program's walk (its tiles pid, pid + n_progs, ..., each k_tiles K
-        steps, ``total`` steps in all) into ring slot p % STAGES; predicated off past the last step."""
-        BM: gl.constexpr = a_desc.block_type.shape[0]
-        BN: gl.constexpr = w_desc.block_type.shape[0]
-        BK: gl.constexpr = a_desc.block_type.shape[1]
-        pid_m, pid_n = _grouped(pid + (p // k_tiles) * n_progs, num_pid_m, num_pid_n, GROUP_M)
-        slot = p % STAGES
-        _load_step(a_desc, w_desc, a_ring, w_ring, ready, slot, slot, pid_m * BM, pid_n * BN, p % k_tiles, BK,
-                   nbytes, p < total)
 
     @gluon.jit
     def w8a8_gluon_kernel(a_desc, w_desc, c_desc, xf_desc, wf_desc, c_ptr, as_ptr, ws_ptr, bias_ptr, rb_ptr,
@@ -379,60 +364,8 @@ if GLUON_ERROR is None:
                 _store_tile(c_desc, out, off_m, off_n)
 
     @gluon.jit
-    def w8a8_gluon_persistent_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
-                                     STAGES: gl.constexpr, WARPS: gl.constexpr, OUT_INT32: gl.constexpr,
-                                     HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr):
-        """The plain kernel's GEMM with a persistent grid (``PERSISTENT`` in the config; plain W8A8 only): each
-        program walks the tiles pid, pid + programs, ... in grouped order, and its TMA ring runs on across tile
-        boundaries (the next tile's first STAGES - 1 K tiles load during this tile's last wgmmas and its
-        epilogue, instead of each CTA's prologue waiting for them), and a tile's output leaves through a TMA
-        store that is waited for only before the next tile's epilogue reuses its buffer."""
-        BM: gl.constexpr = c_desc.block_type.shape[0]
-        BN: gl.constexpr = c_desc.block_type.shape[1]
-        BK: gl.constexpr = a_desc.block_type.shape[1]
-        TILE_BYTES: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
-
-        pid = gl.program_id(0)
-        n_progs = gl.num_programs(0)
-        num_pid_m = gl.cdiv(M, BM)
-        num_pid_n = gl.cdiv(N, BN)
-        k_tiles = gl.cdiv(K, BK)
-        my_tiles = gl.cdiv(num_pid_m * num_pid_n - pid, n_progs)  # the launch has at most one program a tile
-        total = my_tiles * k_tiles
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0],
-            warps_per_cta=_gluon.mma_warps(BM, WARPS),
-            instr_shape=[16, _mma_instr_n(BM, BN, WARPS), 32],
-        )
-
-        a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-        ready = _gluon.ready_barriers(STAGES)
-        for s in gl.static_range(STAGES - 1):
-            _load_program_step(a_desc, w_desc, a_ring, w_ring, ready, s, pid, n_progs, k_tiles, total, num_pid_m,
-                               num_pid_n, GROUP_M, STAGES, TILE_BYTES)
-
-        step = 0  # this program's K steps consumed so far, over all its tiles: the ring's slot and phase
-        for t in range(my_tiles):
-            pid_m, pid_n = _grouped(pid + t * n_progs, num_pid_m, num_pid_n, GROUP_M)
-            acc = gl.zeros((BM, BN), dtype=gl.int32, layout=mma_layout)
-            for ki in range(k_tiles):
-                acc = _mma_step(acc, a_ring, w_ring, ready, step, STAGES)
-                # the slot wgmma step - 1 read is free: refill it with step + STAGES - 1 (maybe the next tile's)
-                _load_program_step(a_desc, w_desc, a_ring, w_ring, ready, step + STAGES - 1, pid, n_progs, k_tiles,
-                                   total, num_pid_m, num_pid_n, GROUP_M, STAGES, TILE_BYTES)
-                step += 1
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            _store_reused(acc, c_desc, c_smem, pid_m, pid_n, as_ptr, ws_ptr, bias_ptr, M, N, OUT_INT32, HAS_BIAS,
-                          mma_layout)
-        tma.store_wait(pendings=0)
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(s))
-
-    @gluon.jit
     def _ws_walk(M, N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
-        """A persistent program's walk: (its first tile, the programs' stride, tiles in M and N, K steps a tile,
+        """A walking program's tiles: (its first tile, the programs' stride, tiles in M and N, K steps a tile,
         its tile count); its tiles are pid, pid + n_progs, ... (at most one program a tile)."""
         pid = gl.program_id(0)
         n_progs = gl.num_programs(0)
@@ -510,8 +443,8 @@ if GLUON_ERROR is None:
     def w8a8_gluon_ws_kernel(a_desc, w_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
                              STAGES: gl.constexpr, OUT_INT32: gl.constexpr, HAS_BIAS: gl.constexpr,
                              GROUP_M: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr):
-        """The persistent kernel's GEMM, warp-specialized (``WARP_SPECIALIZE`` in the config; plain W8A8 only):
-        a one-warp load partition keeps the TMA ring full across this program's tiles, and two MMA partitions of
+        """The GEMM on a persistent grid, warp-specialized (``WARP_SPECIALIZE`` in the config; plain W8A8 only):
+        one program an SM walks the tiles in grouped order (``_ws_walk``); a one-warp load partition keeps the TMA ring full across this program's tiles, and two MMA partitions of
         one warpgroup each (the default one and a worker) take its tiles in turn ("ping-pong"), so the int32 ->
         fp16 epilogue and the TMA store of one tile run while the other partition's wgmmas do. Launched with
         num_warps 4 (the default partition's; 12 warps in all) and ``maxnreg`` (:data:`WS_MAXNREG`): the worker
@@ -599,7 +532,6 @@ def descriptors(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict
 
 
 _LAUNCH = _gluon.DirectLaunch()
-_LAUNCH_PERSISTENT = _gluon.DirectLaunch()
 
 
 def _epilogue_args(a_scale, w_scale, bias, out):
@@ -607,18 +539,6 @@ def _epilogue_args(a_scale, w_scale, bias, out):
     the kernels do not read a pointer their constexprs switch off)."""
     scales = a_scale if a_scale is not None else out
     return scales, w_scale if w_scale is not None else out, bias if bias is not None else scales
-
-
-def persistent(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:
-    """Whether a launch with ``cfg`` runs the persistent kernel: the config asks for it (``PERSISTENT``), the call
-    is plain W8A8 (mixed mode's FP16 loop reuses the ring, which the persistent kernel keeps loading across
-    tiles: a mixed call runs the plain kernel on the same tile) without a K split, and the ring plus the output
-    tile's store buffer (``out_bytes`` an element) fit one CTA's shared memory (a 256 x 128 int32 tile after a
-    3-deep ring does not)."""
-    if not cfg.get("PERSISTENT", False) or mixed or int(cfg.get("SPLIT_K", 1)) > 1:
-        return False
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    return cfg["num_stages"] * (bm + bn) * bk + bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
 
 
 WS_MAXNREG, WS_MMA_REGS, WS_LOAD_REGS = _gluon.WS_MAXNREG, _gluon.WS_MMA_REGS, _gluon.WS_LOAD_REGS
@@ -637,13 +557,10 @@ def warp_specialized(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool
     return cfg["num_stages"] * (bm + bn) * bk + 2 * bm * bn * out_bytes + 1024 <= _common.HOPPER_SMEM_PER_BLOCK
 
 
-WALK_KEYS = ("WARP_SPECIALIZE", "PERSISTENT")  # config keys of the forms that walk the tiles (no mixed mode)
-
-
 def walks(cfg: dict) -> bool:
-    """A config of a form that walks the tiles one program an SM (persistent, warp-specialized): it has no mixed
-    mode, so a mixed call runs :func:`mixed_tile`'s config instead."""
-    return any(cfg.get(k) for k in WALK_KEYS)
+    """A config of the form that walks the tiles one program an SM (``WARP_SPECIALIZE``): it has no mixed mode, so
+    a mixed call runs :func:`mixed_tile`'s config instead."""
+    return bool(cfg.get("WARP_SPECIALIZE"))
 
 
 def mixed_pass(cfg: dict, out_bytes: int = 2) -> bool:
@@ -654,8 +571,8 @@ def mixed_pass(cfg: dict, out_bytes: int = 2) -> bool:
 
 
 def mixed_tile(cfg: dict) -> dict:
-    """The config a mixed call runs: a ``WARP_SPECIALIZE`` or ``PERSISTENT`` one (plain calls only) becomes the plain
-    kernel on the same tile (:func:`plain_tile`); a ``MIXED_PASS`` one stays (:func:`mixed_pass`)."""
+    """The config a mixed call runs: a ``WARP_SPECIALIZE`` one (plain calls only) becomes the plain kernel on the same
+    tile (:func:`plain_tile`); a ``MIXED_PASS`` one stays (:func:`mixed_pass`)."""
     if not walks(cfg) or mixed_pass(cfg):
         return cfg
     return plain_tile(cfg)
@@ -668,15 +585,13 @@ def plain_tile(cfg: dict) -> dict:
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     two_ctas = (_common.HOPPER_SMEM_PER_BLOCK + 1024) // 2 - 1024  # one CTA's share of an SM
     stages = min(cfg["num_stages"], max(2, (two_ctas - 1024) // ((bm + bn) * bk)))
-    walk = (*WALK_KEYS, "PROGS_PER_SM", "MIXED_PASS")
-    return dict({k: v for k, v in cfg.items() if k not in walk}, num_stages=stages)
+    return dict({k: v for k, v in cfg.items() if k not in ("WARP_SPECIALIZE", "MIXED_PASS")}, num_stages=stages)
 
 
-def persistent_programs(M: int, N: int, cfg: dict, device) -> int:
-    """The persistent grid: one program per SM (``PROGS_PER_SM`` more where a tile's shared memory lets two
-    share an SM), never more programs than tiles."""
+def walk_programs(M: int, N: int, cfg: dict, device) -> int:
+    """The warp-specialized kernel's grid: one program per SM, never more programs than tiles."""
     tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
-    return max(1, min(tiles, _common.sm_count(device) * cfg.get("PROGS_PER_SM", 1)))
+    return max(1, min(tiles, _common.sm_count(device)))
 
 
 _LAUNCH_WS = _gluon.DirectLaunch()
@@ -700,22 +615,15 @@ def _cached_launch(direct: _gluon.DirectLaunch, kernel, grid, cfg: dict, out, te
     return out
 
 
-def _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg: dict, ws: bool) -> torch.Tensor:
-    """The persistent kernel, or with ``ws`` its warp-specialized form (one program of 12 warps an SM, launched
-    with ``WS_MAXNREG``)."""
+def _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
+    """The warp-specialized kernel (one program of 12 warps an SM, launched with ``WS_MAXNREG``)."""
     M, K = a_q.shape
     N = w.shape[0]
-    grid = (persistent_programs(M, N, dict(cfg, PROGS_PER_SM=1) if ws else cfg, a_q.device),)
-    if ws:
-        kernel, direct, options = w8a8_gluon_ws_kernel, _LAUNCH_WS, {"num_warps": 4, "maxnreg": WS_MAXNREG}
-    else:
-        kernel, direct, options = w8a8_gluon_persistent_kernel, _LAUNCH_PERSISTENT, {"num_warps": cfg["num_warps"]}
-    named = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out.dtype == torch.int32,
-             "HAS_BIAS": bias is not None, "GROUP_M": cfg.get("GROUP_M", 8), "MMA_REGS": WS_MMA_REGS,
-             "LOAD_REGS": WS_LOAD_REGS}
-    return _cached_launch(direct, kernel, grid, cfg, out, (a_q, w, out),
-                          (*_epilogue_args(a_scale, w_scale, bias, out), M, N, K), named,
-                          lambda: descriptors(a_q, w, out, cfg)[:3], options)
+    named = {"STAGES": cfg["num_stages"], "OUT_INT32": out.dtype == torch.int32, "HAS_BIAS": bias is not None,
+             "GROUP_M": cfg.get("GROUP_M", 8), "MMA_REGS": WS_MMA_REGS, "LOAD_REGS": WS_LOAD_REGS}
+    return _cached_launch(_LAUNCH_WS, w8a8_gluon_ws_kernel, (walk_programs(M, N, cfg, a_q.device),), cfg, out,
+                          (a_q, w, out), (*_epilogue_args(a_scale, w_scale, bias, out), M, N, K), named,
+                          lambda: descriptors(a_q, w, out, cfg)[:3], {"num_warps": 4, "maxnreg": WS_MAXNREG})
 
 
 def _launch_fp16_rows(a_q, w, w_scale, bias, out, cfg: dict, row_bits, x, w_fp16) -> torch.Tensor:
@@ -743,18 +651,16 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     ``row_bits`` ((M,) uint8, mixed mode; :func:`applies_mixed` must hold too): rows with bit 0 set are computed
     from ``x`` (the fp16 / bf16 activations a_q came from) on ``w_fp16``, or on w scaled per channel.
     ``pdl``: launched programmatically right after the launch that wrote a_q and a_scale (``_common.pdl_supported``
-    must hold): the weight loads start while it runs.  A ``PERSISTENT`` config runs the persistent kernel on a
-    plain call (:func:`persistent`; ``pdl`` is ignored there), a ``WARP_SPECIALIZE`` one the warp-specialized
-    kernel (:func:`warp_specialized`; likewise)."""
+    must hold): the weight loads start while it runs.  A ``WARP_SPECIALIZE`` config runs the warp-specialized
+    kernel on a plain call (:func:`warp_specialized`; ``pdl`` is ignored there)."""
     mixed = row_bits is not None
     if mixed and mixed_pass(cfg, out.element_size()):
-        _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg, True)  # every row as INT8, then the FP16 rows' tiles
+        _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg)  # every row as INT8, then the FP16 rows' tiles
         return _launch_fp16_rows(a_q, w, w_scale, bias, out, plain_tile(cfg), row_bits, x, w_fp16)
     if mixed and walks(cfg):
         cfg = plain_tile(cfg)
-    ws = warp_specialized(cfg, mixed, out.element_size())
-    if ws or persistent(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL)
-        return _launch_walk(a_q, a_scale, w, w_scale, bias, out, cfg, ws)
+    if warp_specialized(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL)
+        return _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg)
     M, K = a_q.shape
     N = w.shape[0]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -779,9 +685,8 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
     """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
     launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report.
     ``row_bits``: mixed mode (x of ``out_dtype``), FP16 rows on an FP16 copy of the weight or on the int8 one;
-    ``pdl``: the programmatic launch's form.  A ``PERSISTENT`` config of a plain call builds the persistent kernel,
-    a ``WARP_SPECIALIZE`` one the warp-specialized kernel; ``fp16_pass`` (with ``row_bits``) ``MIXED_PASS``'s second
-    launch."""
+    ``pdl``: the programmatic launch's form.  A ``WARP_SPECIALIZE`` config of a plain call builds the
+    warp-specialized kernel; ``fp16_pass`` (with ``row_bits``) ``MIXED_PASS``'s second launch."""
     a = torch.empty(256, 256, dtype=torch.int8)
     w = torch.empty(256, 256, dtype=torch.int8)
     c = torch.empty(256, 256, dtype=out_dtype)
@@ -805,8 +710,6 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
         kernel = w8a8_gluon_fp16_rows_kernel
     elif warp_specialized(cfg, row_bits, c.element_size()):
         kernel, options = w8a8_gluon_ws_kernel, {"maxnreg": WS_MAXNREG}
-    elif persistent(cfg, row_bits, c.element_size()):
-        kernel = w8a8_gluon_persistent_kernel
     else:
         kernel = w8a8_gluon_kernel
     names = kernel.arg_names

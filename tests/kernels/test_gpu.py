@@ -252,35 +252,8 @@ def test_gluon_pdl_launch_gives_the_two_launch_result(layer, M, cfg):
     _graph_replays_match(W, torch.randn(M, K, device="cuda", dtype=torch.float16), pdl, cfg)
 
 
-PERSISTENT_CONFIGS = [dict(GLUON_CONFIGS[0], num_warps=8, num_stages=4, PERSISTENT=True),
-                      dict(GLUON_CONFIGS[3], num_stages=4, GROUP_M=4, PERSISTENT=True),
-                      dict(GLUON_CONFIGS[4], PERSISTENT=True, PROGS_PER_SM=2)]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="Gluon's wgmma kernel is sm_90 only")
-@pytest.mark.parametrize("M", [2048, 1000, 77])
-@pytest.mark.parametrize("cfg", PERSISTENT_CONFIGS, ids=["128x128x128", "256x128x64", "64x128x128x2"])
-def test_gluon_persistent_kernel_matches_the_tensor_core_kernel(layer, M, cfg, monkeypatch):
-    """``PERSISTENT``: programs walking several tiles each, the TMA ring running on across tile boundaries (M =
-    2048: 3-16 tiles a program) and one output buffer reused by consecutive TMA stores, bit for bit the tl.dot
-    kernel (fp16 / bf16, with and without bias; partial tiles at M = 1000 and 77); the int32 accumulator exact;
-    the cached direct launch and a CUDA graph replayed on new input the same; a mixed call with this config runs
-    the plain Gluon kernel on the same tile (its result that kernel's)."""
-    from quantkit.kernels import w8a8_gluon
-
-    if layer["N"] * layer["K"] > 6144 * 4096 and layer["K"] != 14336:
-        pytest.skip("keep the GPU test short")
-    N = layer["N"]
-    assert w8a8_gluon.persistent(cfg) and not w8a8_gluon.persistent(cfg, mixed=True)
-    progs = w8a8_gluon.persistent_programs(M, N, cfg, torch.device("cuda"))
-    tiles = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
-    assert progs == min(tiles, torch.cuda.get_device_properties(0).multi_processor_count * cfg.get("PROGS_PER_SM", 1))
-    _walking_kernel_checks(layer, M, cfg, True, monkeypatch)
-
-
 def _walking_kernel_checks(layer, M, cfg, int32, monkeypatch):
-    """A persistent Gluon form (``cfg``) bit for bit the tl.dot kernel (fp16 / bf16, with and without bias, each
+    """The warp-specialized Gluon form (``cfg``) bit for bit the tl.dot kernel (fp16 / bf16, with and without bias, each
     twice: the second call is the cached direct launch); with ``int32`` the raw int32 accumulator exact; a mixed call
     runs the plain Gluon kernel on the same tile (``w8a8_gluon.mixed_tile``: its result that kernel's, at the
     config's own ring depth too); the cached launch builds no descriptor, and a CUDA graph replayed on new input is
@@ -294,7 +267,7 @@ def _walking_kernel_checks(layer, M, cfg, int32, monkeypatch):
         acc = w8a8_gluon.launch(a_q, None, W.w, None, None, poison((M, N), torch.int32, "cuda"), cfg)
         assert torch.equal(acc.long(), (a_q.double() @ layer["q8"].double().t()).long())
     plain = w8a8_gluon.mixed_tile(cfg)
-    assert not (plain.get("WARP_SPECIALIZE") or plain.get("PERSISTENT")) and plain["BLOCK_M"] == cfg["BLOCK_M"]
+    assert not plain.get("WARP_SPECIALIZE") and plain["BLOCK_M"] == cfg["BLOCK_M"]
     rb = torch.zeros(M, dtype=torch.uint8, device="cuda")
     rb[M // 3: M // 3 + 20] = 1
     wf = layer["w16"].to(x.dtype)
@@ -348,6 +321,9 @@ def test_gluon_warp_specialized_kernel_matches_the_tensor_core_kernel(layer, M, 
     if layer["N"] * layer["K"] > 6144 * 4096 and layer["K"] != 14336:
         pytest.skip("keep the GPU test short")
     assert w8a8_gluon.warp_specialized(cfg) and not w8a8_gluon.warp_specialized(cfg, mixed=True)
+    tiles = -(-M // cfg["BLOCK_M"]) * -(-layer["N"] // cfg["BLOCK_N"])  # one program an SM, at most one a tile
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert w8a8_gluon.walk_programs(M, layer["N"], cfg, torch.device("cuda")) == min(tiles, sms)
     # (int32 store buffers fit the 64-row tile only)
     _walking_kernel_checks(layer, M, cfg, w8a8_gluon.warp_specialized(cfg, out_bytes=4), monkeypatch)
     # MIXED_PASS: every row by the warp-specialized kernel, then the FP16 rows' tiles again: bit for bit the plain

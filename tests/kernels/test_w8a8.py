@@ -152,14 +152,8 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     y_pdl = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=dict(glu, PDL=True),
                                     out=poison((M, N), torch.float16, dev))
     assert torch.equal(y_pdl, y)
-    # and its persistent twin (where Gluon runs, plain calls take the persistent kernel, mixed ones this one)
-    pers = dict(glu, PERSISTENT=True)
-    assert w8a8_gluon.persistent(pers) and not w8a8_gluon.persistent(pers, mixed=True)
-    assert not w8a8_gluon.persistent(glu)
-    y_pers = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=pers, out=poison((M, N), torch.float16, dev))
-    assert torch.equal(y_pers, y)
-    assert not w8a8_gluon.persistent(dict(pers, SPLIT_K=2))  # a K split runs the plain Gluon kernel
-    # the warp-specialized twin likewise: one 4-warp MMA tile of at most 128 x 128, plain calls, no K split
+    # its warp-specialized twin (where Gluon runs, plain calls take that kernel, mixed ones this one): one 4-warp MMA
+    # tile of at most 128 x 128, plain calls, no K split
     ws = dict(glu, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_stages=4, WARP_SPECIALIZE=True)
     assert w8a8_gluon.warp_specialized(ws) and not w8a8_gluon.warp_specialized(ws, mixed=True)
     assert not w8a8_gluon.warp_specialized(dict(ws, SPLIT_K=2)) and not w8a8_gluon.warp_specialized(glu)
@@ -167,11 +161,13 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
         dict(ws, BLOCK_M=128, BLOCK_N=256)) and not w8a8_gluon.warp_specialized(dict(ws, num_stages=12))
     assert w8a8_gluon.warp_specialized(ws, out_bytes=4) and not w8a8_gluon.warp_specialized(
         dict(ws, BLOCK_M=128), out_bytes=4)  # two int32 128 x 128 store buffers and the ring do not fit
+    y_ws = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=ws, out=poison((M, N), torch.float16, dev))
+    assert torch.equal(y_ws, y)
     # a mixed call with it runs the plain kernel on its tile, at most as deep a ring as lets two CTAs share an SM
     assert w8a8_gluon.mixed_tile(dict(ws, BLOCK_M=128)) == dict(glu, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128,
                                                                 num_stages=3)
     assert w8a8_gluon.mixed_tile(ws) == dict(glu, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_stages=4)
-    assert w8a8_gluon.mixed_tile(glu) is glu and w8a8_gluon.mixed_tile(pers) == glu
+    assert w8a8_gluon.mixed_tile(glu) is glu
     # MIXED_PASS (a warp-specialized config's mixed calls in two launches) keeps the config whole; elsewhere ignored
     mp = dict(ws, MIXED_PASS=True)
     assert w8a8_gluon.mixed_pass(mp) and w8a8_gluon.mixed_tile(mp) is mp
