@@ -437,6 +437,14 @@ def test_gluon_w4a16_cached_launch_and_graph_capture(monkeypatch):
         x, W.qw, W.scales, None, None, 4, 128, N, K, config=cfg, out=out)
     first = run(torch.randn(M, K, device="cuda", dtype=torch.float16))
     assert wna16_gluon._LAUNCH.compiled and _common.fast_ready() and first.isfinite().all()
+    x, out = _w4_direct_launch_and_graph(run, M, N, K, monkeypatch)
+    assert rel_err(run(x), wna16.wna16_gemm_ref(x, q, W.scales.t().float(), None)) <= 5e-3
+
+
+def _w4_direct_launch_and_graph(run, M, N, K, monkeypatch):
+    """``run(x, out)`` (a Gluon W4A16 call, launched once before) launched directly, no TMA descriptor built; a
+    CUDA graph of it replayed on new input equals a plain call. Returns the last input and output."""
+    from quantkit.kernels import wna16_gluon
 
     def no_descriptors(*a, **k):
         raise AssertionError("the cached launch built TMA descriptors")
@@ -445,7 +453,7 @@ def test_gluon_w4a16_cached_launch_and_graph_capture(monkeypatch):
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     out = poison((M, N), torch.float16, "cuda")
     run(x, out)
-    assert rel_err(out, wna16.wna16_gemm_ref(x, q, W.scales.t().float(), None)) <= 5e-3
+    assert torch.equal(out, run(x))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run(x, out)
@@ -454,6 +462,7 @@ def test_gluon_w4a16_cached_launch_and_graph_capture(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, run(x))
+    return x, out
 
 
 @SM90_ONLY
@@ -486,22 +495,8 @@ def test_gluon_w4a16_warp_specialized_is_the_register_operand_result(layer, M, b
     W = layer["Wi4"]
     run = lambda x, out=None: wna16.wna16_linear_triton(  # noqa: E731
         x, W.qw, W.scales, None, None, 4, W.group_size, N, K, config=ws, out=out)
-
-    def no_descriptors(*a, **k):
-        raise AssertionError("the cached launch built TMA descriptors")
-
-    monkeypatch.setattr(wna16_gluon, "_descriptors", no_descriptors)
-    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-    out = poison((M, N), torch.float16, "cuda")
-    run(x, out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run(x, out)
-    for _ in range(3):
-        x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, run(x))
+    run(torch.randn(M, K, device="cuda", dtype=torch.float16))
+    _w4_direct_launch_and_graph(run, M, N, K, monkeypatch)
 
 
 ONCE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=3),
