@@ -2,11 +2,14 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   bash benchmarks/gpu_issue19.sh check w8a8-8192      # next: MIXED_PASS's GPU test (in check-ws), then M = 8192
-#                                                        # again (the tuner now weighs MIXED_PASS for mixed calls)
-#   bash benchmarks/gpu_issue19.sh w4-decode w8a8-2048   # (session 43 ran check, w8a8-8192, w8-decode on an H100)
-#   bash benchmarks/gpu_issue19.sh mixed-8192 w8a8-256 mixed-256
-#   bash benchmarks/gpu_issue19.sh w4-256
+#   WS_LIMIT=150 STAGE_LIMIT=160 SHAPES=4096x4096,6144x4096 W4_MS=128,256 GEMM_ONLY_KEYS=RS \
+#     bash benchmarks/gpu_issue19.sh check-ws w4-256     # next: the warp-specialized kernels' GPU tests (W8A8's
+#                                                        # MIXED_PASS, session 44's W4A16 RS form), then W4A16 M = 256
+#                                                        # on the two shapes short of 0.9x cuBLAS, RS tiles only
+#   STAGE_LIMIT=110 bash benchmarks/gpu_issue19.sh w8a8-8192 mixed-8192   # (the tuner weighs MIXED_PASS)
+#   bash benchmarks/gpu_issue19.sh w4-decode w8a8-2048
+#   bash benchmarks/gpu_issue19.sh w8a8-256 mixed-256
+#   bash benchmarks/gpu_issue19.sh w4-256                # all four shapes, every form
 #
 # (w4-decode, w8-decode: GemLite, carry .dev/gemlite-0.6.0.) Each stage logs into $WORK (default ~/issue19: the
 # machine keeps its home directory between back-to-back calls) as <stage>.log (and .md tables where gemm.py writes
