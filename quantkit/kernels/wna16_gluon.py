@@ -17,6 +17,9 @@ weight once per CTA:
   as the wgmma's register operand, read from shared memory straight into its fragment layout (no dequantized
   tile in shared memory, no fence or barrier before the wgmma); the next block is unpacked while this block's
   wgmmas run.
+* ``wna16_gluon_rs_ws_kernel`` (``RS`` and ``WARP_SPECIALIZE``; BLOCK_N 128): the same loop, warp-specialized: a
+  one-warp loader fills the ring and two MMA warpgroups take 64 weight rows each, handing each slot back through
+  an "empty" mbarrier instead of refilling it themselves.
 
 The next block's scales are loaded one iteration ahead, after the wgmmas are issued (a ``fence_async_shared``
 before would wait for them).  K splits (grid axis 2) reduce in-kernel as the ``tl.dot`` kernels do: each split
