@@ -446,7 +446,7 @@ def main():
             # W8A8 config that has one is measured too: the faster of the two becomes the entry's MIXED config
             walks = row["w8a8_cfg"] is not None and w8a8_gluon.walks(row["w8a8_cfg"])
             own = [cfg_ for _, cfg_ in res if not w8a8_gluon.walks(cfg_)][:1] if walks else []
-            two = [dict(row["w8a8_cfg"], MIXED_PASS=True)] if walks and row["w8a8_cfg"].get("WARP_SPECIALIZE") else []
+            two = [dict(row["w8a8_cfg"], MIXED_PASS=True)] if walks else []
             cm = [c for c in (row["w8a8_cfg"], mixed_cfg, *own, *two) if c is not None]
             cm = [c for i, c in enumerate(cm) if c not in cm[:i]]
             resm = []
@@ -649,11 +649,11 @@ def mixed_override(winner: dict, own: dict, mixed_times: list) -> dict | None:
     (``mixed_times``: [(config, us)]): the winner with ``MIXED_PASS`` (two launches: the winner on every row, then
     the FP16 rows' tiles) or with ``own`` (the fastest W8A8 config that has a mixed mode) as its MIXED config,
     whichever ran faster than the winner's fallback (``w8a8.mixed_config``); None: the fallback stays."""
-    t = {json.dumps(c, sort_keys=True): us for c, us in mixed_times}
-    options = [(winner, winner), (dict(winner, MIXED_PASS=True), dict(winner, MIXED_PASS=True)),
-               (own, dict(winner, MIXED=own))]
-    timed = [(t[json.dumps(c, sort_keys=True)], i, entry) for i, (c, entry) in enumerate(options)
-             if json.dumps(c, sort_keys=True) in t]
+    key = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
+    t = {key(c): us for c, us in mixed_times}
+    two = dict(winner, MIXED_PASS=True)
+    options = [(key(winner), winner), (key(two), two), (key(own), dict(winner, MIXED=own))]
+    timed = [(t[k], i, entry) for i, (k, entry) in enumerate(options) if k in t]
     if not timed:
         return None
     _, i, entry = min(timed, key=lambda e: (e[0], e[1]))

@@ -102,6 +102,7 @@ if GLUON_ERROR is None:
 # registers), shared by the worker MMA partition (WS_MMA_REGS), the loader (WS_LOAD_REGS) and the default MMA
 # partition (the rest: 168 * 3 - 232 - 40 = 232)
 WS_MAXNREG, WS_MMA_REGS, WS_LOAD_REGS = 168, 232, 40
+WS_LAUNCH = {"num_warps": 4, "maxnreg": WS_MAXNREG}  # their launch options (num_warps: the default partition)
 
 GL_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int32: "int32", torch.int8: "int8"}
 

@@ -447,7 +447,7 @@ if GLUON_ERROR is None:
         one program an SM walks the tiles in grouped order (``_ws_walk``); a one-warp load partition keeps the TMA ring full across this program's tiles, and two MMA partitions of
         one warpgroup each (the default one and a worker) take its tiles in turn ("ping-pong"), so the int32 ->
         fp16 epilogue and the TMA store of one tile run while the other partition's wgmmas do. Launched with
-        num_warps 4 (the default partition's; 12 warps in all) and ``maxnreg`` (:data:`WS_MAXNREG`): the worker
+        num_warps 4 (the default partition's; 12 warps in all) and ``maxnreg`` (``_gluon.WS_LAUNCH``): the worker
         MMA partition and the loader run with MMA_REGS and LOAD_REGS registers a thread, the default partition
         with what is left."""
         BM: gl.constexpr = c_desc.block_type.shape[0]
@@ -541,7 +541,6 @@ def _epilogue_args(a_scale, w_scale, bias, out):
     return scales, w_scale if w_scale is not None else out, bias if bias is not None else scales
 
 
-WS_MAXNREG, WS_MMA_REGS, WS_LOAD_REGS = _gluon.WS_MAXNREG, _gluon.WS_MMA_REGS, _gluon.WS_LOAD_REGS
 
 
 def warp_specialized(cfg: dict, mixed: bool = False, out_bytes: int = 2) -> bool:
@@ -616,14 +615,15 @@ def _cached_launch(direct: _gluon.DirectLaunch, kernel, grid, cfg: dict, out, te
 
 
 def _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
-    """The warp-specialized kernel (one program of 12 warps an SM, launched with ``WS_MAXNREG``)."""
+    """The warp-specialized kernel (one program of 12 warps an SM, launched with ``_gluon.WS_LAUNCH``)."""
     M, K = a_q.shape
     N = w.shape[0]
     named = {"STAGES": cfg["num_stages"], "OUT_INT32": out.dtype == torch.int32, "HAS_BIAS": bias is not None,
-             "GROUP_M": cfg.get("GROUP_M", 8), "MMA_REGS": WS_MMA_REGS, "LOAD_REGS": WS_LOAD_REGS}
+             "GROUP_M": cfg.get("GROUP_M", 8), "MMA_REGS": _gluon.WS_MMA_REGS,
+             "LOAD_REGS": _gluon.WS_LOAD_REGS}
     return _cached_launch(_LAUNCH_WS, w8a8_gluon_ws_kernel, (walk_programs(M, N, cfg, a_q.device),), cfg, out,
                           (a_q, w, out), (*_epilogue_args(a_scale, w_scale, bias, out), M, N, K), named,
-                          lambda: descriptors(a_q, w, out, cfg)[:3], {"num_warps": 4, "maxnreg": WS_MAXNREG})
+                          lambda: descriptors(a_q, w, out, cfg)[:3], dict(_gluon.WS_LAUNCH))
 
 
 def _launch_fp16_rows(a_q, w, w_scale, bias, out, cfg: dict, row_bits, x, w_fp16) -> torch.Tensor:
@@ -703,13 +703,13 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
              "M": "i32", "N": "i32", "K": "i32"}
     consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
               "HAS_BIAS": has_bias, "ROW_BITS": row_bits, "HAS_FP16_W": row_bits and fp16_copy, "PDL": pdl,
-              "GROUP_M": cfg.get("GROUP_M", 8), "SPLIT_K": int(cfg.get("SPLIT_K", 1)), "MMA_REGS": WS_MMA_REGS,
-              "LOAD_REGS": WS_LOAD_REGS}
+              "GROUP_M": cfg.get("GROUP_M", 8), "SPLIT_K": int(cfg.get("SPLIT_K", 1)),
+              "MMA_REGS": _gluon.WS_MMA_REGS, "LOAD_REGS": _gluon.WS_LOAD_REGS}
     options = {}
     if fp16_pass:
         kernel = w8a8_gluon_fp16_rows_kernel
     elif warp_specialized(cfg, row_bits, c.element_size()):
-        kernel, options = w8a8_gluon_ws_kernel, {"maxnreg": WS_MAXNREG}
+        kernel, options = w8a8_gluon_ws_kernel, {"maxnreg": _gluon.WS_MAXNREG}
     else:
         kernel = w8a8_gluon_kernel
     names = kernel.arg_names

@@ -155,14 +155,19 @@ if GLUON_ERROR is None:
         tma_load(w_desc, [blk * w_desc.block_type.shape[0], off_n], bar, w_ring.index(slot), pred=live)
 
     @gluon.jit
-    def _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES: gl.constexpr, LOADED: gl.constexpr):
-        """The x and word rings and their barriers, this split's first ``LOADED`` blocks requested."""
+    def _ring_buffers(x_desc, w_desc, STAGES: gl.constexpr):
+        """The x and word rings and their "landed" barriers."""
         x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES * (BLOCK_K // x_desc.block_type.shape[1]),
                                                           x_desc.block_type.shape[0], x_desc.block_type.shape[1]],
                                            x_desc.layout)
         w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, w_desc.block_type.shape[0],
                                                           w_desc.block_type.shape[1]], w_desc.layout)
-        ready = _gluon.ready_barriers(STAGES)
+        return x_ring, w_ring, _gluon.ready_barriers(STAGES)
+
+    @gluon.jit
+    def _rings(x_desc, w_desc, b_lo, nb, off_m, off_n, STAGES: gl.constexpr, LOADED: gl.constexpr):
+        """The rings (``_ring_buffers``), this split's first ``LOADED`` blocks requested."""
+        x_ring, w_ring, ready = _ring_buffers(x_desc, w_desc, STAGES)
         for s in gl.static_range(LOADED):
             _load_block(x_desc, w_desc, x_ring, w_ring, ready, s, b_lo + s, s < nb, off_m, off_n)
         return x_ring, w_ring, ready
@@ -502,7 +507,7 @@ if GLUON_ERROR is None:
         hands a slot back as it is done with it, on its own schedule, and the other's wgmmas and unpacking run
         meanwhile.  Launched with num_warps 4 and ``maxnreg`` (``_gluon.WS_MAXNREG``); BLOCK_N is the CTA's
         columns (each partition's tile is BLOCK_N / 2 x BLOCK_M)."""
-        x_ring, w_ring, ready = _rings(x_desc, w_desc, 0, 0, 0, 0, STAGES, 0)
+        x_ring, w_ring, ready = _ring_buffers(x_desc, w_desc, STAGES)
         empty = _gluon.counted_barriers(STAGES, 2)
         gl.warp_specialize([
             (_rs_ws_mma, (x_desc, w_desc, x_ring, w_ring, ready, empty, s_ptr, z_ptr, bias_ptr, c_ptr, ws_ptr,
@@ -603,7 +608,7 @@ def _kernel(consts: dict):
 
 def _options(consts: dict, num_warps: int) -> dict:
     """Launch / compile options: the warp-specialized kernel's register cap."""
-    return {"num_warps": num_warps, **({"maxnreg": _gluon.WS_MAXNREG} if "MMA_REGS" in consts else {})}
+    return dict(_gluon.WS_LAUNCH) if "MMA_REGS" in consts else {"num_warps": num_warps}
 
 
 class Plan:
