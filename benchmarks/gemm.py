@@ -393,14 +393,18 @@ def main():
                 log(f"int_mm failed: {str(ex)[:100]}")
                 row["int_mm"] = float("nan")
 
-            def best(kind, cands, runner, ref, key, searched):
+            def best(kind, cands, runner, ref, key, searched, shipped):
+                """The searched kind's candidates and the config in use (``shipped``, which a winner must beat),
+                timed; else only the config in use."""
+                if searched:
+                    cands = [shipped] + cands
                 out = torch.empty(M, N, device=dev, dtype=torch.float16)
                 fn = lambda cfg, o: runner(L, x, cfg, o)  # noqa: E731
                 timer = lambda cfg: bench(lambda: fn(cfg, out))  # noqa: E731
                 if searched and args.tune_rank == "graph":
                     Ls = weight_copies(L, kind)
                     timer = lambda cfg: bench_graph_rot([lambda Lc=Lc: runner(Lc, x, cfg, out) for Lc in Ls])  # noqa
-                res = timed_search(f"{kind} M={M} N={N} K={K}", cands, fn, ref, timer, fails)
+                res = timed_search(f"{kind} M={M} N={N} K={K}", cands, fn, ref, timer, fails, shipped=shipped)
                 if res and searched:  # only searched points are written back (--write-configs)
                     tuned[kind][key] = res[0][1]
                     if args.tune_rank == "graph":  # the table's eager column: the winner re-timed eagerly (the
@@ -415,16 +419,18 @@ def main():
             if args.tune and args.tune_spec:
                 kinds = {k_ for k_, ms_ in (t_.split(":") for t_ in args.tune_spec.split(";"))
                          if M in [int(v) for v in ms_.split(",")]}
-            c4 = wna16_candidates(M) if "w4a16" in kinds else [wna16.CONFIGS.get(M, N, K, gpu)]
-            c8 = wna16_candidates(M) if "w8a16" in kinds else [wna16.CONFIGS_W8.get(M, N, K, gpu)]
-            ca = w8a8_candidates(M) if "w8a8" in kinds else [w8a8.CONFIGS.get(M, N, K, gpu)]
-            res = best("w4a16", c4, run_w4, r["w4"], key, "w4a16" in kinds)
+            s4, s8, sa = (wna16.CONFIGS.get(M, N, K, gpu), wna16.CONFIGS_W8.get(M, N, K, gpu),
+                          w8a8.CONFIGS.get(M, N, K, gpu))
+            c4 = wna16_candidates(M) if "w4a16" in kinds else [s4]
+            c8 = wna16_candidates(M) if "w8a16" in kinds else [s8]
+            ca = w8a8_candidates(M) if "w8a8" in kinds else [sa]
+            res = best("w4a16", c4, run_w4, r["w4"], key, "w4a16" in kinds, s4)
             row["w4"] = res[0][0] if res else float("nan")
             row["w4_cfg"] = res[0][1] if res else None
-            res = best("w8a16", c8, run_w8, r["w8"], key, "w8a16" in kinds)
+            res = best("w8a16", c8, run_w8, r["w8"], key, "w8a16" in kinds, s8)
             row["w8"] = res[0][0] if res else float("nan")
             row["w8_cfg"] = res[0][1] if res else None
-            res = best("w8a8", ca, run_w8a8, r["w8a8"], key, "w8a8" in kinds)
+            res = best("w8a8", ca, run_w8a8, r["w8a8"], key, "w8a8" in kinds, sa)
             row["w8a8"] = res[0][0] if res else float("nan")
             row["w8a8_cfg"] = res[0][1] if res else None
             # mixed rows run in the tl.dot kernels only: the fastest W8A8 config that is not Gluon's
@@ -595,7 +601,14 @@ def decode_w4_candidates():
     # ... the PER_BLOCK ones also asking L2 for their first steps' weights before they wait (PREFETCH: tied or lost
     # on the W8A8 GEMV, so last)
     prefetch = [dict(c_, PREFETCH=2) for c_ in packed if c_.get("PER_BLOCK")]
-    return packed + slice_pre + h2 + [G(128, 8, w=4), G(64, 16), G(64, 8)] + prefetch
+    from quantkit.kernels import wna16_gluon
+
+    # the TMA-fed GEMV (wna16_gluon: a loader warp streams every operand through a ring of 128-K blocks, the other
+    # warps multiply; with PDL), first: the newest form, aimed at the copy-floor target
+    ring = [wna16_gluon.gemv_config(bn, sk, w, r) for bn, sk, w, r in [
+        (128, 1, 4, 8), (128, 2, 4, 8), (128, 4, 4, 8), (128, 2, 4, 12), (128, 8, 4, 6), (256, 1, 4, 6),
+        (256, 2, 4, 6), (256, 4, 4, 6), (256, 1, 8, 6), (256, 2, 8, 6), (256, 4, 8, 4), (256, 8, 4, 4)]]
+    return ring + packed + slice_pre + h2 + [G(128, 8, w=4), G(64, 16), G(64, 8)] + prefetch
 
 
 def decode_w8a8_candidates(M):
@@ -639,9 +652,10 @@ def _has(cfg: dict, keys: list) -> bool:
     return any(all(cfg.get(part) for part in key.split("+")) for key in keys)
 
 
-def skipped(cfg: dict) -> bool:
-    """A candidate of a form ``SKIP_KEYS`` leaves out, or (``ONLY_KEYS``) of none of the forms searched."""
-    return _has(cfg, SKIP_KEYS) or bool(ONLY_KEYS) and not _has(cfg, ONLY_KEYS)
+def skipped(cfg: dict, shipped: bool = False) -> bool:
+    """A candidate of a form ``SKIP_KEYS`` leaves out, or (``ONLY_KEYS``) of none of the forms searched, unless it is
+    the ``shipped`` config (the one calls run now: a search of one form must beat it to replace it)."""
+    return _has(cfg, SKIP_KEYS) or bool(ONLY_KEYS) and not shipped and not _has(cfg, ONLY_KEYS)
 
 
 def mixed_override(winner: dict, own: dict, mixed_times: list) -> dict | None:
@@ -660,13 +674,13 @@ def mixed_override(winner: dict, own: dict, mixed_times: list) -> dict | None:
     return None if i == 0 else entry
 
 
-def timed_search(what, cands, run, ref, timer, fails, tol=TOL):
+def timed_search(what, cands, run, ref, timer, fails, tol=TOL, shipped=None):
     """Every distinct config checked (``run(cfg, out)`` against ``ref``), the correct ones timed (``timer(cfg)``,
-    us); a config that does not build or launch is skipped. [(us, config)] fastest first, the winner re-timed
-    (no best-of-N selection bias)."""
+    us); a config that does not build or launch is skipped (``skipped``; ``shipped``: the config in use, timed
+    whatever ``ONLY_KEYS`` says). [(us, config)] fastest first, the winner re-timed (no best-of-N selection bias)."""
     res, seen = [], []
     for cfg in cands:
-        if cfg in seen or skipped(cfg):
+        if cfg in seen or skipped(cfg, shipped is not None and cfg == shipped):
             continue
         seen.append(cfg)
         try:
@@ -681,11 +695,12 @@ def timed_search(what, cands, run, ref, timer, fails, tol=TOL):
     return res
 
 
-def graph_search(what, cands, run, copies, ref, tol, fails):
-    """``timed_search`` by CUDA-graph replay over rotated weight copies (what a decode loop pays); ``run(W, cfg,
-    out)`` calls the kernel on copy W."""
-    res = timed_search(what, cands, lambda cfg, o: run(copies[0], cfg, o), ref,
-                       lambda cfg: bench_graph_rot([lambda W=W: run(W, cfg, None) for W in copies]), fails, tol)
+def graph_search(what, shipped, cands, run, copies, ref, tol, fails):
+    """``timed_search`` by CUDA-graph replay over rotated weight copies (what a decode loop pays) of the config in
+    use (``shipped``) and ``cands``; ``run(W, cfg, out)`` calls the kernel on copy W."""
+    res = timed_search(what, [shipped] + cands, lambda cfg, o: run(copies[0], cfg, o), ref,
+                       lambda cfg: bench_graph_rot([lambda W=W: run(W, cfg, None) for W in copies]), fails, tol,
+                       shipped)
     log(f"{what} search ({len(res)} of {len(cands)} timed): " + "; ".join(f"{t:.1f} {c_}" for t, c_ in res))
     return res
 
@@ -762,7 +777,7 @@ def peer_study(dev, gen, shapes, ms, bw, args):
             kinds = args.tune_decode_kinds.split(",")
             if M <= 64 and args.tune_decode and "w4a16" in kinds:  # ranked by graph replay: the decode loop's cost
                 cands4 = decode_w4_candidates() if M == 1 else wna16_candidates(M)
-                res = graph_search(f"w4a16 N={N} K={K} M={M}", [cfg4] + cands4,
+                res = graph_search(f"w4a16 N={N} K={K} M={M}", cfg4, cands4,
                                    lambda W, cfg, o: w4_ours(W, cfg, ob if o is None else o), ours4, ref4, TOL, fails)
                 if res:  # what the winner ran (a GEMV config beyond its M range runs another kernel)
                     cfg4 = tuned[f"w4a16|{gpu}|{m_bucket(M)}|{N}|{K}"] = wna16.effective_config(res[0][1], M, 4,
@@ -771,7 +786,7 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                 def w8_ours(W, cfg, o):
                     return w8a8.w8a8_linear_triton(xh, W.w, W.scale, config=cfg, out=oh if o is None else o)
 
-                res = graph_search(f"w8a8 N={N} K={K} M={M}", [cfg8] + decode_w8a8_candidates(M), w8_ours, ours8,
+                res = graph_search(f"w8a8 N={N} K={K} M={M}", cfg8, decode_w8a8_candidates(M), w8_ours, ours8,
                                    ref8, 2 * TOL, fails)
                 if res:
                     cfg8 = tuned[f"w8a8|{gpu}|{m_bucket(M)}|{N}|{K}"] = res[0][1]

@@ -2,8 +2,11 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
+#   STAGE_LIMIT=150 SHAPES=28672x4096,4096x14336 W4_DECODE_MS=1 GEMM_ONLY_KEYS=TMA_RING \
+#     bash benchmarks/gpu_issue19.sh check-gemv w4-decode   # next: session 45's TMA-fed W4A16 GEMV, its GPU test
+#                                                        # and a decode search of its tiles against tinygemm
 #   WS_LIMIT=150 STAGE_LIMIT=160 SHAPES=4096x4096,6144x4096 W4_MS=128,256 GEMM_ONLY_KEYS=RS \
-#     bash benchmarks/gpu_issue19.sh check-ws w4-256     # next: the warp-specialized kernels' GPU tests (W8A8's
+#     bash benchmarks/gpu_issue19.sh check-ws w4-256     # then: the warp-specialized kernels' GPU tests (W8A8's
 #                                                        # MIXED_PASS, session 44's W4A16 RS form), then W4A16 M = 256
 #                                                        # on the two shapes short of 0.9x cuBLAS, RS tiles only
 #   STAGE_LIMIT=110 bash benchmarks/gpu_issue19.sh w8a8-8192 mixed-8192   # (the tuner weighs MIXED_PASS)
@@ -28,7 +31,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="check check-ws check-all w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
+STAGES="check check-ws check-gemv check-all w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -77,6 +80,12 @@ for stage in "$@"; do
       check_ws ;;
     check-ws)  # the warp-specialized kernel's tests alone (MIXED_PASS among them)
       check_ws ;;
+    check-gemv)  # the TMA-fed W4A16 GEMV (TMA_RING): a failure leaves its configs out of later searches
+      RUN_LIMIT=${GEMV_LIMIT:-150} run check-gemv env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 4 \
+        -p no:cacheprovider tests/kernels/test_gpu.py -k "gemv_is_the_h2"
+      rc=$?
+      grep -E "^FAILED|^ERROR" "$WORK/check-gemv.log" | head -10
+      [ $rc -ne 0 ] && skip TMA_RING ;;
     check-all)  # every GPU kernel test (~250 s on an H100: give it STAGE_LIMIT=400)
       run check-all env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 8 -p no:cacheprovider \
         tests/kernels/test_gpu.py tests/kernels/test_w8a8.py tests/kernels/test_mixed.py tests/test_runtime_gpu.py
@@ -92,8 +101,8 @@ for stage in "$@"; do
       run mixed-256 python benchmarks/gemm.py --mixed-study --ms 256 --shapes $SHAPES ;;
     mixed-8192)
       run mixed-8192 python benchmarks/gemm.py --mixed-study --ms 8192 --shapes $SHAPES ;;
-    w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (H200's W4 decode configs predate SLICE_PRESCALE)
-      run w4-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w4a16 --ms 1,16 \
+    w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (W4_DECODE_MS: the Ms)
+      run w4-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w4a16 --ms "${W4_DECODE_MS:-1,16}" \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;
     w8-decode)  # W8A8 M = 1 / 16 against GemLite (PDL twins)
       run w8-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w8a8 --ms 1,16 \

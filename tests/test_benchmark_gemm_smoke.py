@@ -50,3 +50,7 @@ def test_skip_keys_leave_out_the_configs_of_a_failed_form(monkeypatch):
     assert not gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True))
     monkeypatch.setattr(gemm, "ONLY_KEYS", ["RS"])  # GEMM_ONLY_KEYS: only the configs of these forms
     assert not gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True)) and gemm.skipped(dict(BACKEND="gluon"))
+    # ...but the config calls run now is timed too: a one-form search must beat it to replace it
+    assert not gemm.skipped(dict(BACKEND="gluon"), shipped=True)
+    monkeypatch.setattr(gemm, "SKIP_KEYS", ["PACKED_X"])
+    assert gemm.skipped(dict(PACKED_X=True), shipped=True)  # a failed form is left out even where shipped

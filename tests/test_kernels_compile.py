@@ -460,3 +460,74 @@ def test_gluon_w4a16_builds_for_sm90_with_the_mmas_in_flight():
             assert b["sass"]["hmul_in_flight"] >= 32, (what, b["sass"])
     assert sum(b["rs"] for b in built.values()) >= 8
     assert sum(b["sass"] is not None for b in built.values()) >= 8 or all(b["sass"] is None for b in built.values())
+
+
+W4_GEMV_CHILD = textwrap.dedent(r'''
+    import json, os, re, subprocess, sys, tempfile, torch
+    from quantkit.kernels import wna16_gluon as wg
+    if wg.GLUON_ERROR is not None:
+        print(json.dumps({"skip": wg.GLUON_ERROR}))
+        sys.exit(0)
+
+    def mul_loop(cubin):
+        """The multiplying partition's K loop in the SASS (the shortest backward branch over >= 32 HFMA2s): its
+        opcodes; None without cuobjdump."""
+        from triton import knobs
+        try:
+            tool = knobs.nvidia.cuobjdump.path
+        except Exception:
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            f = os.path.join(d, "k.cubin")
+            open(f, "wb").write(cubin)
+            sass = subprocess.run([tool, "-sass", f], capture_output=True, text=True).stdout
+        ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)]
+        best = None
+        for a, t in re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", sass):
+            a, t = int(a, 16), int(t, 16)
+            body = [op for ad, op in ins if t <= ad <= a]
+            if t < a and sum(o.startswith("HFMA2") for o in body) >= 32 and (best is None or len(body) < len(best)):
+                best = body
+        return best
+
+    out = {}
+    for (bn, sk, w, ring), v in [((128, 1, 4, 8), dict()), ((128, 2, 4, 12), dict(has_zero=True, has_bias=True)),
+                                 ((256, 2, 4, 6), dict(has_zero=True, dtype=torch.bfloat16, pdl=False)),
+                                 ((256, 4, 8, 6), dict()), ((256, 1, 4, 12), dict(has_zero=True))]:
+        cfg = wg.gemv_config(bn, sk, w, ring)
+        k = wg.build_gemv_for_target(cfg, **v)
+        ptx = k.asm["ptx"]
+        body = mul_loop(k.asm["cubin"])
+        out[f"{cfg} {v}"] = dict(
+            cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared, planned=wg.gemv_shared_bytes(cfg, "has_zero" in v),
+            warps=k.metadata.num_warps, cols=bn // (32 * w), pdl=v.get("pdl", True),
+            maxnreg=sorted(set(re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx))),
+            gdc_waits=ptx.count("griddepcontrol.wait"), tma=ptx.count("cp.async.bulk.tensor"),
+            loop=None if body is None else dict(n=len(body), tma=sum(o.startswith("UTMALDG") for o in body),
+                                                bars=sum(o.startswith("BAR") for o in body),
+                                                lds=sum(o.startswith("LDS") for o in body)))
+    print(json.dumps(out))
+''')
+
+
+def test_gluon_w4a16_gemv_builds_for_sm90_with_the_loads_off_the_multipliers():
+    """The TMA-fed decode GEMV builds for sm_90 (one and two columns a thread, one and two multiplying warpgroups,
+    zero points, bias, bf16, with and without PDL) within the shared memory the host's fit check counts, as a
+    one-warp loader plus the multiplying warps with the registers moved to them (``setmaxnreg``); in the SASS the
+    multipliers' K loop issues no TMA and takes one or two barriers of their own warps (the slot's release) and at
+    most 2.9 instructions a weight, about the register-loading h2 GEMV's 2.5."""
+    built = _gluon_builds(W4_GEMV_CHILD)
+    assert len(built) == 5
+    for what, b in built.items():
+        assert b["cubin"], what
+        # an upper bound: the warp specialization's own few bytes (wna16_gluon.GEMV_SCRATCH)
+        assert b["planned"] - 256 <= b["shared"] <= b["planned"] <= SM90_MAX_SHARED, (what, b)
+        assert b["warps"] in (8, 12) and ["dec", "24"] in b["maxnreg"] and ["inc", "40"] in b["maxnreg"], (what, b)
+        # PDL: the loader waits for the packing before x's loads (ptxas may copy that wait into the path where the
+        # split has no block), the multipliers before reading its scale; no wait without PDL
+        assert (b["gdc_waits"] >= 2) if b["pdl"] else (b["gdc_waits"] == 0), (what, b)
+        if b["loop"] is not None:
+            # (Triton 3.6 adds a partition barrier before the wait for the slot)
+            assert b["loop"]["tma"] == 0 and 1 <= b["loop"]["bars"] <= 2, (what, b["loop"])
+            assert b["loop"]["lds"] >= 16, (what, b["loop"])  # 16 x planes' LDS.128 (+ words, scales)
+            assert b["loop"]["n"] <= 2.9 * 128 * b["cols"], (what, b["loop"])

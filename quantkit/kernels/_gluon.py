@@ -121,14 +121,15 @@ def aligned16(*ts: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def nvmma_layout(rows: int, cols: int, dtype: str):
-    """Gluon's default (largest swizzle) shared layout of a [rows, cols] tile of ``dtype`` (a ``GL_DTYPES`` name)."""
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], getattr(gl, dtype))
+def nvmma_layout(block: tuple, dtype: str):
+    """Gluon's default (largest swizzle) shared layout of a ``block`` tile (1-D or 2-D) of ``dtype`` (a
+    ``GL_DTYPES`` name)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), getattr(gl, dtype))
 
 
 def descriptor(t: torch.Tensor, block: list[int]):
     """Host TMA descriptor of ``t`` in [block] tiles (the default shared layout)."""
-    return TensorDescriptor.from_tensor(t, block, nvmma_layout(*block, GL_DTYPES[t.dtype]))
+    return TensorDescriptor.from_tensor(t, block, nvmma_layout(tuple(block), GL_DTYPES[t.dtype]))
 
 
 class HostDesc:

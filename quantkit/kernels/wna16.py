@@ -35,6 +35,8 @@ Paths (``BACKEND`` in the config; configs come from a ConfigCache keyed by (M bu
   (per 128-K block) partial sum when group_size >= 128, else to the dequantized weights
   (``SCALE_W``: to the weights at any group size, so the MMAs chain and overlap the dequant).
 * ``dequant``: one Triton dequantization to x.dtype + cuBLAS (``torch.mm``), for large M.
+* ``gemv_h2`` with ``TMA_RING`` (sm_90, ``wna16_gluon.wna16_gluon_gemv_kernel``): the same products on packed x,
+  every operand streamed through a TMA ring by a loader warp; elsewhere the ``gemv_h2`` kernel on the same tile.
 * ``gluon`` (sm_90, ``wna16_gluon``): TMA-fed, each weight dequantized once per CTA, into shared memory or (``RS``,
   4-bit, group >= 128) straight into the wgmma's register operand; where it cannot run (no Gluon, another GPU, x
   that TMA cannot describe, a tile over shared memory) the call takes the ``mma`` / ``dequant`` heuristic plan.
@@ -869,6 +871,15 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         gplan = wna16_gluon.plan(cfg, M, N, K, x.dtype, bits, has_zero, has_bias, gs_small)
         p = ("gluon", fallback, None, gplan,
              *splitk_buffers(x.device, tiles, int(cfg.get("SPLIT_K", 1)), tile_elems, 4), None)
+    elif backend == "gemv_h2" and cfg.get("TMA_RING") and x.is_cuda:
+        # (wna16_gluon.GemvPlan or None, split-K buffers), the h2 GEMV on the same tile as the fallback
+        from quantkit.kernels import wna16_gluon
+
+        fallback = _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias,
+                         {k: v for k, v in cfg.items() if k != "TMA_RING"})
+        gplan = wna16_gluon.gemv_plan(cfg, N, x.dtype, has_zero, has_bias, wants_pdl(cfg, x.device))
+        tiles, sk = cdiv(N, cfg["BLOCK_N"]), int(cfg.get("SPLIT_K", 1))
+        p = ("gemv_tma", fallback, None, gplan, *splitk_buffers(x.device, tiles, sk, cfg["BLOCK_N"], 4), None)
     elif backend == "gemv_h2":
         nb = cdiv(K, PACK_K)
         u, sk = int(cfg["UNROLL"]), int(cfg.get("SPLIT_K", 1))
@@ -929,6 +940,11 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
         if const is not None and const.runs_on(x, qw):
             return const.launch(x, qw, scales, zeros, bias, out, ws, lock, group_size, N, K)
         backend, kern, grid, const, ws, lock, ckey = kern  # the heuristic plan
+    elif backend == "gemv_tma":  # the TMA-fed GEMV's plan (wna16_gluon.GemvPlan), or the h2 GEMV's on its tile
+        if const is not None and const.runs_on(x, qw, scales, zeros):
+            xp, xsc = _h2_pack_x(x, K, trigger=const.pdl)
+            return const.launch(xp, xsc, qw, scales, zeros, bias, out, ws, lock, group_size, N, K)
+        backend, kern, grid, const, ws, lock, ckey = kern
     if backend == "dequant":
         wt = wna16_dequant(qw, scales, zeros, bits, group_size, N, K, x.dtype)
         if bias is not None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.kernels import _common, _gluon
+from quantkit.kernels.wna16 import H2_ASM_SYM, H2_ASM_ZERO
 from quantkit.kernels._gluon import GLUON_ERROR, fence_async_shared, gl, gluon, mbarrier, tma_load, \
     warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait
 
@@ -522,6 +523,153 @@ if GLUON_ERROR is None:
             mbarrier.invalidate(ready.index(s))
             mbarrier.invalidate(empty.index(s))
 
+    # ------------------------------------------------------------------ decode GEMV (M = 1) through a TMA ring
+
+    @gluon.constexpr_function
+    def _gemv_layout(BN, num_warps):
+        """[16, BN] word tile of the GEMV: a thread holds all 16 word rows of BN / (32 num_warps) consecutive
+        columns (its sums stay in the thread until the end), the warps side by side along N."""
+        return gl.BlockedLayout([16, BN // (32 * num_warps)], [1, 32], [1, num_warps], [1, 0])
+
+    @gluon.jit
+    def _gemv_half2(v):
+        """fp32 tensor ``v`` -> its fp16 value in both halves of an int32 (``wna16._half2(v, v)``)."""
+        h = v.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return h | (h << 16)
+
+    @gluon.jit
+    def _gemv_load(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, slot, blk, off_n, N, n_rows,
+                   n_groups, group_size, HAS_ZERO: gl.constexpr, WEIGHTS: gl.constexpr, X: gl.constexpr):
+        """TMA of 128-K block ``blk`` into ring slot ``slot``: with WEIGHTS its [16, BN] words, its group's BN
+        scales (and zero points) and the expected bytes of the whole slot; with X its activations' four half2
+        planes (16 int32 each)."""
+        bar = ready.index(slot)
+        if WEIGHTS:
+            ZB: gl.constexpr = z_desc.block_type.nbytes if HAS_ZERO else 0
+            NBYTES: gl.constexpr = w_desc.block_type.nbytes + s_desc.block_type.nbytes + ZB + 4 * x_desc.block_type.nbytes
+            mbarrier.expect(bar, NBYTES)
+            tma_load(w_desc, [blk * 16, off_n], bar, w_ring.index(slot))
+            g = gl.minimum(blk * BLOCK_K // group_size, n_groups - 1)
+            tma_load(s_desc, [g * N + off_n], bar, s_ring.index(slot))
+            if HAS_ZERO:
+                tma_load(z_desc, [g * N + off_n], bar, z_ring.index(slot))
+        if X:
+            for j in gl.static_range(4):
+                tma_load(x_desc, [j * n_rows + blk * 16], bar, x_ring.index(slot * 4 + j))
+
+    @gluon.jit
+    def _gemv_loader(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, N, K, n_rows,
+                     n_groups, group_size, HAS_ZERO: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                     PDL: gl.constexpr):
+        """The GEMV's load partition (one warp): this split's blocks in order into the ring, each slot once the
+        multiplying warps have released its last use (``empty``; a fresh barrier counts as released).  The first
+        STAGES blocks' weights are asked for before x's (with PDL, before the wait for the packing launch)."""
+        off_n = gl.program_id(0) * w_desc.block_type.shape[1]
+        b_lo, nb = _k_split(K, SPLIT_K)
+        n0 = gl.minimum(nb, STAGES)
+        for ki in range(n0):
+            _gemv_load(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, ki, b_lo + ki, off_n, N,
+                       n_rows, n_groups, group_size, HAS_ZERO, True, False)
+        if PDL:
+            _gluon.grid_dep_wait()
+        for ki in range(n0):
+            _gemv_load(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, ki, b_lo + ki, off_n, N,
+                       n_rows, n_groups, group_size, HAS_ZERO, False, True)
+        for ki in range(STAGES, nb):
+            slot = ki % STAGES
+            mbarrier.wait(empty.index(slot), ((ki // STAGES) & 1) ^ 1)
+            _gemv_load(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, slot, b_lo + ki, off_n,
+                       N, n_rows, n_groups, group_size, HAS_ZERO, True, True)
+
+    @gluon.jit
+    def _gemv_mul(w_ring, s_ring, z_ring, x_ring, ready, empty, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr, N, K,
+                  HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                  WARPS: gl.constexpr, PDL: gl.constexpr):
+        """The GEMV's multiplying partition (the default one, WARPS warps): each block's slot read into
+        registers and handed back, then its products (``H2_ASM_*``) summed into a thread's columns; the epilogue."""
+        BN: gl.constexpr = w_ring.shape[2]
+        WL: gl.constexpr = _gemv_layout(BN, WARPS)
+        CL: gl.constexpr = gl.SliceLayout(0, WL)  # [BN] per-column values
+        XL: gl.constexpr = gl.SliceLayout(1, WL)  # [16] per-word-row values (every thread holds all 16)
+        b_lo, nb = _k_split(K, SPLIT_K)
+        acc = gl.zeros((16, BN), dtype=gl.float32, layout=WL)
+        for ki in range(nb):
+            slot = ki % STAGES
+            mbarrier.wait(ready.index(slot), (ki // STAGES) & 1)
+            wp = w_ring.index(slot).load(WL)
+            p0 = x_ring.index(slot * 4).load(XL)[:, None]
+            p1 = x_ring.index(slot * 4 + 1).load(XL)[:, None]
+            p2 = x_ring.index(slot * 4 + 2).load(XL)[:, None]
+            p3 = x_ring.index(slot * 4 + 3).load(XL)[:, None]
+            sc = s_ring.index(slot).load(CL).to(gl.float32)[None, :]
+            if HAS_ZERO:
+                zc = z_ring.index(slot).load(CL).to(gl.float32) + 8.0
+            mbarrier.arrive(empty.index(slot), count=1)  # in registers: the loader may refill the slot
+            if HAS_ZERO:
+                c0 = _gemv_half2(zc + 1024.0)[None, :]
+                c1 = _gemv_half2(zc * 16.0 + 1024.0)[None, :]
+                part = gl.inline_asm_elementwise(H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
+                                                 dtype=gl.float32, is_pure=True, pack=1)
+            else:
+                part = gl.inline_asm_elementwise(H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
+                                                 dtype=gl.float32, is_pure=True, pack=1)
+            acc += part * sc
+        if PDL:  # (long since finished: the packed x has landed) before 1 / prescale is read
+            _gluon.grid_dep_wait()
+        tot = gl.sum(acc, axis=0) * gl.load(xsc_ptr)
+        offs = gl.arange(0, BN, layout=CL)
+        cols = gl.program_id(0) * BN + offs
+        cmask = cols < N
+        if SPLIT_K > 1:
+            tot, last = _gluon.splitk_sum(tot, ws_ptr, lock_ptr, gl.program_id(0), gl.program_id(2), offs, SPLIT_K,
+                                          BN)
+            cmask = cmask & last
+        if HAS_BIAS:
+            tot += gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+        gl.store(c_ptr + cols, tot.to(c_ptr.dtype.element_ty), mask=cmask)
+
+    @gluon.jit
+    def wna16_gluon_gemv_kernel(w_desc, s_desc, z_desc, x_desc, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+                                N, K, n_rows, n_groups, group_size,
+                                HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+                                STAGES: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr,
+                                LOAD_REGS: gl.constexpr):
+        """Decode (M = 1) 4-bit GEMV, group >= 128, on x packed by ``wna16._h2_pack_x`` (half2 pairs, prescaled):
+        the half2 products of ``wna16``'s h2 GEMV (``H2_ASM_*``: one word's eight products, two fp16 partials,
+        their fp32 sum), with every operand streamed through a TMA ring of STAGES 128-K blocks (the words'
+        [16, BN] box, the group's scales and zero points, x's 4 x 16 pairs) instead of loaded into registers.
+
+        Why: the register-loading GEMVs (ours, tinygemm) move 4-bit weights at the same speed on an H100 and an
+        H200 (BENCHMARKS.md, issue 19: 31.6 against 32.8 us at 28672 x 4096, 55-64% of the H100's copy floor, 41-
+        44% of the H200's), so the bytes a thread keeps in flight hold them back, not memory.  Here a CTA's ring
+        keeps STAGES blocks in flight whatever the registers, and the warps only unpack and multiply.
+
+        Warp-specialized (``gl.warp_specialize``): a one-warp load partition (``_gemv_loader``) issues the TMAs
+        (Triton puts a CTA barrier before each TMA issue: kept off the multiplying warps) and WARPS warps multiply
+        (``_gemv_mul``), handing each slot back through an "empty" mbarrier as soon as it is in their registers.
+        Grid (N tiles, 1, SPLIT_K): each program runs its K split's blocks over BN columns; a thread keeps its
+        columns' [16, BN / (32 WARPS)] fp32 sums (the h2 PER_BLOCK loop's order: ``acc += part * s`` a block at a
+        time, the 16 rows summed at the end).  ``PDL``: launched programmatically after the packing, the loader
+        asks for the first STAGES blocks' weights before it waits for the packed x."""
+        BN: gl.constexpr = w_desc.block_type.shape[1]
+        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 16, BN], w_desc.layout)
+        s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BN], s_desc.layout)
+        if HAS_ZERO:
+            z_ring = gl.allocate_shared_memory(z_desc.dtype, [STAGES, BN], z_desc.layout)
+        else:  # never loaded
+            z_ring = s_ring
+        x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES * 4, 16], x_desc.layout)
+        ready = _gluon.ready_barriers(STAGES)
+        empty = _gluon.counted_barriers(STAGES, 1)
+        gl.warp_specialize([
+            (_gemv_mul, (w_ring, s_ring, z_ring, x_ring, ready, empty, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr, N,
+                         K, HAS_ZERO, HAS_BIAS, SPLIT_K, STAGES, WARPS, PDL)),
+            (_gemv_loader, (w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, N, K,
+                            n_rows, n_groups, group_size, HAS_ZERO, SPLIT_K, STAGES, PDL)),
+        ], [1], [LOAD_REGS])
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+            mbarrier.invalidate(empty.index(s))
 
 def runs_on(x: torch.Tensor, qw: torch.Tensor) -> bool:
     """The per-call half of ``applies``: Gluon on an sm_90 GPU, x contiguous, x and the words 16-byte aligned."""
@@ -709,3 +857,139 @@ def shared_bytes(cfg: dict, bits: int = 4, gs_small: bool = False) -> int:
     if warp_specialized(cfg, bits, gs_small):  # + the "empty" barriers, the epilogue's layout-conversion scratch
         return rings + st * 8 + WS_SCRATCH
     return rings if _rs(cfg, bits, gs_small) else rings + 2 * PACK_K * bn * 2
+
+
+# ----------------------------------------------------------------------------- decode GEMV (M = 1), TMA-fed
+
+GEMV_ROWS = 16  # word rows of one 128-K block (4-bit: 8 fields a word)
+_X_PLANES = 4  # the packed activations' half2 planes (``wna16._h2_pack_x``)
+
+
+def gemv_config(bn: int, split_k: int, warps: int, ring: int, pdl: bool = True) -> dict:
+    """A TMA-fed decode GEMV config (``TMA_RING``: the ring's depth in 128-K blocks): an ``h2`` GEMV config of
+    ``wna16`` (PER_BLOCK, UNROLL 1, PACKED_X), which is what runs it where this kernel cannot (no Gluon, another
+    GPU), with the same tile and split."""
+    from quantkit.kernels import wna16
+
+    return dict(wna16._gemv_h2(bn, split_k, 1, warps, per_block=True, packed_x=True, pdl=pdl), TMA_RING=ring)
+
+
+def gemv_ring(cfg: dict) -> int:
+    """The TMA ring's depth a config asks for (``TMA_RING``; 0: not this kernel)."""
+    return int(cfg.get("TMA_RING", 0))
+
+
+GEMV_LOAD_REGS = 40  # registers a thread of the load partition's warpgroup (setmaxnreg: the rest go to the multipliers)
+
+
+def gemv_maxnreg(cfg: dict) -> int:
+    """The launch's register cap a thread (``maxnreg``), over the multiplying warpgroups and the loader's: with
+    ``setmaxnreg`` the multipliers get 2 x this - GEMV_LOAD_REGS (one multiplying warpgroup), so 80 -> 120 (three
+    CTAs an SM) ... ``MAXNREG`` in the config overrides the default: 80 for one column a thread, 128 for two."""
+    return int(cfg.get("MAXNREG", 80 if cfg["BLOCK_N"] == 32 * cfg["num_warps"] else 128))
+
+
+# shared memory the GEMV takes beyond its ring and barriers, an upper bound: the warp specialization's own (Triton
+# 3.6 / 3.9, sm_90a: 132 to 164 bytes at the tiles the tuner tries, barrier alignment included)
+GEMV_SCRATCH = 256
+
+
+def gemv_shared_bytes(cfg: dict, has_zero: bool) -> int:
+    """Shared memory of the GEMV, an upper bound: each ring slot's words (16 x BN int32), scales (BN fp16), zero
+    points (BN int8), packed x (4 x 16 int32) and its two barriers ("landed", "empty"), plus GEMV_SCRATCH."""
+    bn = cfg["BLOCK_N"]
+    slot = GEMV_ROWS * bn * 4 + bn * 2 + (bn if has_zero else 0) + _X_PLANES * GEMV_ROWS * 4 + 16
+    return gemv_ring(cfg) * slot + GEMV_SCRATCH
+
+
+def gemv_fits(cfg: dict, has_zero: bool = True) -> bool:
+    """The tile the kernel's layout takes (BLOCK_N = 32 x num_warps x 1 or 2 columns a thread, BLOCK_N <= 256, the
+    TMA box's limit; num_warps a multiple of 4, as warp specialization wants), its ring within an SM's shared
+    memory."""
+    bn, w = cfg["BLOCK_N"], cfg["num_warps"]
+    return (gemv_ring(cfg) > 0 and w % 4 == 0 and bn % (32 * w) == 0 and bn // (32 * w) in (1, 2) and bn <= 256
+            and gemv_shared_bytes(cfg, has_zero) <= _common.HOPPER_SMEM_PER_BLOCK)
+
+
+def gemv_runs_on(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros) -> bool:
+    """The per-call half of ``gemv_plan``: Gluon on an sm_90 GPU, the words, scales and zero points 16-byte aligned,
+    the scales and zero points contiguous (the kernel reads them as one flat row each)."""
+    zs = (scales,) if zeros is None else (scales, zeros)
+    return _gluon.available(x) and _gluon.aligned16(qw, *zs) and all(t.is_contiguous() for t in zs)
+
+
+def _gemv_descriptors(xp, qw, scales, zeros, bn):
+    s = scales.view(-1)
+    return (_gluon.descriptor(qw, [GEMV_ROWS, bn]), _gluon.descriptor(s, [bn]),
+            _gluon.descriptor(zeros.view(-1) if zeros is not None else s, [bn]), _gluon.descriptor(xp, [GEMV_ROWS]))
+
+
+_GEMV_LAUNCH = _gluon.DirectLaunch()
+
+
+class GemvPlan:
+    """A launch of the TMA-fed GEMV at one shape, fixed once (``gemv_plan``); ``launch`` adds the call's tensors."""
+
+    __slots__ = ("consts", "cv", "grid", "bn", "options", "pdl", "static_key")
+
+    def __init__(self, cfg: dict, N: int, consts: dict, pdl: bool):
+        self.consts, self.cv, self.pdl, self.bn = consts, tuple(consts.values()), pdl, cfg["BLOCK_N"]
+        self.options = {"num_warps": cfg["num_warps"], "maxnreg": gemv_maxnreg(cfg),
+                        **({"launch_pdl": True} if pdl else {})}
+        self.grid = ((N + self.bn - 1) // self.bn, 1, consts["SPLIT_K"])
+        self.static_key = (self.bn, self.cv, pdl, self.options["maxnreg"])
+
+    runs_on = staticmethod(gemv_runs_on)
+
+    def launch(self, xp, xsc, qw, scales, zeros, bias, out, ws, lock, group_size, N, K) -> torch.Tensor:
+        """``out`` (1, N) = x @ W^T (+ bias) for the packed weight, x given as its packed pairs ``xp`` and 1 / their
+        prescale ``xsc`` (``wna16._h2_pack_x``, launched just before: with ``pdl`` its launch must trigger this
+        one); ``runs_on`` must hold.  ws, lock: the split-K workspace and counters."""
+        args = (xsc, bias if bias is not None else scales, out, ws, lock, N, K, xp.shape[0] // _X_PLANES,
+                scales.shape[0], group_size)
+        key = lambda: (_common.current_device(), self.static_key, out.dtype, scales.dtype,  # noqa: E731
+                       None if zeros is None else zeros.dtype, _common.spec_key(args))
+        tensors = (qw, scales.view(-1), (zeros if zeros is not None else scales).view(-1), xp)
+        if _GEMV_LAUNCH.run(key, self.grid, tensors, (*args, *self.cv)):
+            return out
+        descs = _gemv_descriptors(xp, qw, scales, zeros, self.bn)
+        k = wna16_gluon_gemv_kernel[self.grid](*descs, *args, **self.consts, **self.options)
+        _GEMV_LAUNCH.remember(key, k)
+        return out
+
+
+def _gemv_consts(cfg: dict, has_zero: bool, has_bias: bool, pdl: bool) -> dict:
+    return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT_K=int(cfg.get("SPLIT_K", 1)), STAGES=gemv_ring(cfg),
+                WARPS=cfg["num_warps"], PDL=pdl, LOAD_REGS=GEMV_LOAD_REGS)
+
+
+def gemv_plan(cfg: dict, N: int, dtype, has_zero: bool, has_bias: bool, pdl: bool) -> GemvPlan | None:
+    """The per-shape half of whether the TMA-fed GEMV runs ``cfg`` (M = 1, 4-bit, group >= 128: the caller's
+    ``h2`` conditions): None where it cannot (no Gluon, activations other than fp16 / bf16, N not a multiple of 4:
+    the words' rows must be 16-byte multiples for TMA, a tile ``gemv_fits`` refuses)."""
+    if GLUON_ERROR is not None or dtype not in (torch.float16, torch.bfloat16) or N % 4:
+        return None
+    if not gemv_fits(cfg, has_zero):
+        return None
+    return GemvPlan(cfg, N, _gemv_consts(cfg, has_zero, has_bias, pdl), pdl)
+
+
+def build_gemv_for_target(cfg: dict, dtype=torch.float16, has_zero: bool = False, has_bias: bool = False,
+                          pdl: bool = True, cc: int = 90):
+    """Compile the TMA-fed GEMV for sm_``cc`` without a GPU (descriptors from CPU tensors, as a launch mangles
+    them)."""
+    K, N = 512, 512
+    qw = torch.empty(K // 8, N, dtype=torch.int32)
+    scales = torch.empty(K // 128, N, dtype=torch.float16)
+    zeros = torch.empty(K // 128, N, dtype=torch.int8) if has_zero else None
+    xp = torch.empty(_X_PLANES * K // 8, dtype=torch.int32)
+    w_d, s_d, z_d, x_d = _gemv_descriptors(xp, qw, scales, zeros, cfg["BLOCK_N"])
+    t = "*fp16" if dtype == torch.float16 else "*bf16"
+    sig = {"w_desc": _gluon.mangle(w_d), "s_desc": _gluon.mangle(s_d), "z_desc": _gluon.mangle(z_d),
+           "x_desc": _gluon.mangle(x_d), "xsc_ptr": "*fp32", "bias_ptr": t if has_bias else "*fp16", "c_ptr": t,
+           "ws_ptr": "*fp32", "lock_ptr": "*i32", "N": "i32", "K": "i32", "n_rows": "i32", "n_groups": "i32",
+           "group_size": "i32"}
+    consts = _gemv_consts(cfg, has_zero, has_bias, pdl)
+    sig.update({k: "constexpr" for k in consts})
+    return _gluon.compile_for_target(wna16_gluon_gemv_kernel, sig, consts, cfg["num_warps"], cc,
+                                     maxnreg=gemv_maxnreg(cfg))

@@ -499,6 +499,68 @@ def test_gluon_w4a16_warp_specialized_is_the_register_operand_result(layer, M, b
     _w4_direct_launch_and_graph(run, M, N, K, monkeypatch)
 
 
+GEMV_TILES = [(128, 1, 4, 8), (128, 2, 4, 4), (256, 4, 4, 6), (256, 8, 8, 6)]  # BLOCK_N, SPLIT_K, warps, ring
+
+
+@SM90_ONLY
+@pytest.mark.parametrize("bn,split_k,warps,ring", GEMV_TILES, ids=lambda v: str(v))
+def test_gluon_w4a16_gemv_is_the_h2_gemv_result(layer, bn, split_k, warps, ring, monkeypatch):
+    """The TMA-fed decode GEMV (``TMA_RING``: a loader warp streams the words, scales, zero points and packed x
+    through the ring, the other warps multiply) computes the h2 GEMV's half2 products on the same packed x and sums
+    them in its PER_BLOCK order, so it matches that kernel on the same tile and split (symmetric and asymmetric,
+    with and without PDL, activations with an outlier so the prescale is in play, K tails and splits with no
+    block: N1000_K1152 at split 8); a second call is equal (split-K counters reset); bf16 with bias; then launched
+    directly (no descriptors built) and in CUDA-graph replay on new input."""
+    from quantkit.kernels import wna16_gluon
+
+    N, K = layer["N"], layer["K"]
+    for W, z in ((layer["Wi4"], None), (layer["Wi4z"], layer["z4"])):
+        for pdl in (False, True):
+            cfg = wna16_gluon.gemv_config(bn, split_k, warps, ring, pdl=pdl)
+            h2 = {k: v for k, v in cfg.items() if k != "TMA_RING"}
+            assert wna16_gluon.gemv_plan(cfg, N, torch.float16, z is not None, False, pdl) is not None
+            x = torch.randn(1, K, device="cuda", dtype=torch.float16) * 3.0
+            x[0, K // 3] = 3000.0
+            run = lambda c: wna16.wna16_linear_triton(  # noqa: E731
+                x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K, config=c, out=poison((1, N), x.dtype, "cuda"))
+            assert wna16_gluon.gemv_runs_on(x, W.qw, W.scales, W.zeros)  # (else the call runs the h2 kernel)
+            y = run(cfg)
+            assert rel_err(y, run(h2)) <= 1e-3, (pdl, z is None)
+            assert rel_err(y, wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], z)) <= 1e-2, (pdl, z is None)
+            assert torch.equal(run(cfg), y), (pdl, z is None)
+    W = layer["Wi4z"]
+    cfg = wna16_gluon.gemv_config(bn, split_k, warps, ring)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    run = lambda c: wna16.wna16_linear_triton(  # noqa: E731
+        x, W.qw, W.scales, W.zeros, b, 4, W.group_size, N, K, config=c, out=poison((1, N), x.dtype, "cuda"))
+    y = run(cfg)
+    assert rel_err(y, run({k: v for k, v in cfg.items() if k != "TMA_RING"})) <= 1e-3
+    assert rel_err(y, wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], layer["z4"], b)) <= 1e-2
+
+    def no_descriptors(*a, **k):
+        raise AssertionError("the cached launch built TMA descriptors")
+
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    out = poison((1, N), torch.float16, "cuda")
+    call = lambda: wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,  # noqa: E731
+                                             config=cfg, out=out)
+    call()  # (launched above with these argument types: a cached launch from here on)
+    monkeypatch.setattr(wna16_gluon, "_gemv_descriptors", no_descriptors)
+    ref = out.clone()
+    assert torch.equal(call(), ref)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(3):
+        x.copy_(torch.randn(1, K, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        y = out.clone()
+        assert torch.equal(call(), y)
+        assert rel_err(y, wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], layer["z4"])) <= 1e-2
+
+
 ONCE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=3),
                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SPLIT_K=4, num_warps=4, num_stages=4),
                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=2)]
