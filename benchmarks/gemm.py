@@ -601,11 +601,9 @@ def decode_w4_candidates():
     # ... the PER_BLOCK ones also asking L2 for their first steps' weights before they wait (PREFETCH: tied or lost
     # on the W8A8 GEMV, so last)
     prefetch = [dict(c_, PREFETCH=2) for c_ in packed if c_.get("PER_BLOCK")]
-    from quantkit.kernels import wna16_gluon
-
     # the TMA-fed GEMV (wna16_gluon: a loader warp streams every operand through a ring of 128-K blocks, the other
     # warps multiply; with PDL), first: the newest form, aimed at the copy-floor target
-    ring = [wna16_gluon.gemv_config(bn, sk, w, r) for bn, sk, w, r in [
+    ring = [wna16._gemv_tma(bn, sk, w, r) for bn, sk, w, r in [
         (128, 1, 4, 8), (128, 2, 4, 8), (128, 4, 4, 8), (128, 2, 4, 12), (128, 8, 4, 6), (256, 1, 4, 6),
         (256, 2, 4, 6), (256, 4, 4, 6), (256, 1, 8, 6), (256, 2, 8, 6), (256, 4, 8, 4), (256, 8, 4, 4)]]
     return ring + packed + slice_pre + h2 + [G(128, 8, w=4), G(64, 16), G(64, 8)] + prefetch

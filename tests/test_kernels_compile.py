@@ -464,7 +464,7 @@ def test_gluon_w4a16_builds_for_sm90_with_the_mmas_in_flight():
 
 W4_GEMV_CHILD = textwrap.dedent(r'''
     import json, os, re, subprocess, sys, tempfile, torch
-    from quantkit.kernels import wna16_gluon as wg
+    from quantkit.kernels import wna16, wna16_gluon as wg
     if wg.GLUON_ERROR is not None:
         print(json.dumps({"skip": wg.GLUON_ERROR}))
         sys.exit(0)
@@ -494,7 +494,7 @@ W4_GEMV_CHILD = textwrap.dedent(r'''
     for (bn, sk, w, ring), v in [((128, 1, 4, 8), dict()), ((128, 2, 4, 12), dict(has_zero=True, has_bias=True)),
                                  ((256, 2, 4, 6), dict(has_zero=True, dtype=torch.bfloat16, pdl=False)),
                                  ((256, 4, 8, 6), dict()), ((256, 1, 4, 12), dict(has_zero=True))]:
-        cfg = wg.gemv_config(bn, sk, w, ring)
+        cfg = wna16._gemv_tma(bn, sk, w, ring)
         k = wg.build_gemv_for_target(cfg, **v)
         ptx = k.asm["ptx"]
         body = mul_loop(k.asm["cubin"])

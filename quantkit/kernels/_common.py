@@ -790,3 +790,35 @@ def load_k_tiles(a_ptrs, b_ptrs, offs_k, k0, k_bound, EVEN_K: tl.constexpr):
         a = tl.load(a_ptrs, mask=(offs_k[None, :] + k0) < k_bound, other=0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] + k0) < k_bound, other=0)
     return a, b
+
+
+# one packed int32 word (8 nibbles: fields j at bits 4j, offset binary) and the 8 matching activations as four
+# half2 pairs -> the fp32 sum of the 8 products. Two nibbles per LOP3 become fp16 magic numbers 1024 + u
+# (fields 0/4, 2/6) or 1024 + 16u (fields 1/5, 3/7, whose activations come pre-divided by 16); one HSUB2 per
+# pair removes 1024 + offset (+ zero) exactly, and HFMA2s multiply-accumulate a pair per instruction.
+_H2_HEAD = """{
+.reg .b32 t0, t1, t2, t3, wh, acc;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 wh, $1, 8;
+lop3.b32 t2, wh, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, wh, 0x00F000F0, 0x64006400, 0xEA;
+"""
+_H2_TAIL = """sub.f16x2 t0, t0, c0;
+sub.f16x2 t1, t1, c1;
+sub.f16x2 t2, t2, c0;
+sub.f16x2 t3, t3, c1;
+mul.rn.f16x2 acc, t0, $2;
+fma.rn.f16x2 acc, t1, $3, acc;
+fma.rn.f16x2 acc, t2, $4, acc;
+fma.rn.f16x2 acc, t3, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}"""
+H2_ASM_SYM = tl.constexpr(_H2_HEAD + ".reg .b32 c0, c1;\nmov.b32 c0, 0x64086408;\nmov.b32 c1, 0x64806480;\n"
+                          + _H2_TAIL)
+H2_ASM_ZERO = tl.constexpr(_H2_HEAD + ".reg .b32 c0, c1;\nmov.b32 c0, $6;\nmov.b32 c1, $7;\n" + _H2_TAIL)

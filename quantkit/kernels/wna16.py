@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from ._common import (ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
+from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
                       gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile, jit_helper, l2_prefetch_rows,
                       next_pow2, prefetch_steps, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl,
                       use_triton, wants_pdl)
@@ -290,36 +290,6 @@ def _wna16_gemv_kernel(
 wna16_gemv_kernel = LazyKernel(_wna16_gemv_kernel)
 
 
-# one packed int32 word (8 nibbles: fields j at bits 4j, offset binary) and the 8 matching activations as four
-# half2 pairs -> the fp32 sum of the 8 products. Two nibbles per LOP3 become fp16 magic numbers 1024 + u
-# (fields 0/4, 2/6) or 1024 + 16u (fields 1/5, 3/7, whose activations come pre-divided by 16); one HSUB2 per
-# pair removes 1024 + offset (+ zero) exactly, and HFMA2s multiply-accumulate a pair per instruction.
-_H2_HEAD = """{
-.reg .b32 t0, t1, t2, t3, wh, acc;
-.reg .f16 lo, hi;
-.reg .f32 flo, fhi;
-lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
-shr.u32 wh, $1, 8;
-lop3.b32 t2, wh, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 t3, wh, 0x00F000F0, 0x64006400, 0xEA;
-"""
-_H2_TAIL = """sub.f16x2 t0, t0, c0;
-sub.f16x2 t1, t1, c1;
-sub.f16x2 t2, t2, c0;
-sub.f16x2 t3, t3, c1;
-mul.rn.f16x2 acc, t0, $2;
-fma.rn.f16x2 acc, t1, $3, acc;
-fma.rn.f16x2 acc, t2, $4, acc;
-fma.rn.f16x2 acc, t3, $5, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}"""
-H2_ASM_SYM = tl.constexpr(_H2_HEAD + ".reg .b32 c0, c1;\nmov.b32 c0, 0x64086408;\nmov.b32 c1, 0x64806480;\n"
-                          + _H2_TAIL)
-H2_ASM_ZERO = tl.constexpr(_H2_HEAD + ".reg .b32 c0, c1;\nmov.b32 c0, $6;\nmov.b32 c1, $7;\n" + _H2_TAIL)
 
 
 @jit_helper
@@ -506,7 +476,7 @@ def _wna16_gemv_h2_kernel(
     PDL: tl.constexpr,  # PACKED_X, launched programmatically after the packing: wait for it before reading x
     PREFETCH: tl.constexpr,  # PDL: this many steps' weight lines asked of L2 before the wait (0: none)
 ):
-    """Decode (M = 1) W4A16 GEMV with half2 dequantization and products (``_H2_*``): about two
+    """Decode (M = 1) W4A16 GEMV with half2 dequantization and products (``_common.H2_ASM_*``): about two
     instructions per weight instead of three to four, for the ALU-bound M=1 case.
 
     x is first scaled by a power of two, 2**(3 - floor(log2 max|x|)), so |x * sc| < 16 and a partial
@@ -775,6 +745,13 @@ def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False, load_stages=1, slice_prescale
     if pdl:
         cfg["PDL"] = True
     return dict(cfg, PER_BLOCK=True) if per_block else cfg
+
+
+def _gemv_tma(BN, SK, w, ring, pdl=True):
+    """The TMA-fed decode GEMV (``wna16_gluon.wna16_gluon_gemv_kernel``; ``TMA_RING``: its ring's depth in 128-K
+    blocks) on a packed-x PER_BLOCK h2 tile (UNROLL 1), which is what runs the config where that kernel cannot (no
+    Gluon, another GPU)."""
+    return dict(_gemv_h2(BN, SK, 1, w, per_block=True, packed_x=True, pdl=pdl), TMA_RING=ring)
 
 
 def _mma(BM, BN, SK=1, swap=False, G=8, w=4, s=3, scale_w=False):

@@ -37,7 +37,6 @@ from __future__ import annotations
 import torch
 
 from quantkit.kernels import _common, _gluon
-from quantkit.kernels.wna16 import H2_ASM_SYM, H2_ASM_ZERO
 from quantkit.kernels._gluon import GLUON_ERROR, fence_async_shared, gl, gluon, mbarrier, tma_load, \
     warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait
 
@@ -586,7 +585,7 @@ if GLUON_ERROR is None:
                   HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
                   WARPS: gl.constexpr, PDL: gl.constexpr):
         """The GEMV's multiplying partition (the default one, WARPS warps): each block's slot read into
-        registers and handed back, then its products (``H2_ASM_*``) summed into a thread's columns; the epilogue."""
+        registers and handed back, then its products (``_common.H2_ASM_*``) summed into a thread's columns; the epilogue."""
         BN: gl.constexpr = w_ring.shape[2]
         WL: gl.constexpr = _gemv_layout(BN, WARPS)
         CL: gl.constexpr = gl.SliceLayout(0, WL)  # [BN] per-column values
@@ -608,10 +607,10 @@ if GLUON_ERROR is None:
             if HAS_ZERO:
                 c0 = _gemv_half2(zc + 1024.0)[None, :]
                 c1 = _gemv_half2(zc * 16.0 + 1024.0)[None, :]
-                part = gl.inline_asm_elementwise(H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
+                part = gl.inline_asm_elementwise(_common.H2_ASM_ZERO, "=f,r,r,r,r,r,r,r", [wp, p0, p1, p2, p3, c0, c1],
                                                  dtype=gl.float32, is_pure=True, pack=1)
             else:
-                part = gl.inline_asm_elementwise(H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
+                part = gl.inline_asm_elementwise(_common.H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
                                                  dtype=gl.float32, is_pure=True, pack=1)
             acc += part * sc
         if PDL:  # (long since finished: the packed x has landed) before 1 / prescale is read
@@ -635,7 +634,7 @@ if GLUON_ERROR is None:
                                 STAGES: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr,
                                 LOAD_REGS: gl.constexpr):
         """Decode (M = 1) 4-bit GEMV, group >= 128, on x packed by ``wna16._h2_pack_x`` (half2 pairs, prescaled):
-        the half2 products of ``wna16``'s h2 GEMV (``H2_ASM_*``: one word's eight products, two fp16 partials,
+        the half2 products of ``wna16``'s h2 GEMV (``_common.H2_ASM_*``: one word's eight products, two fp16 partials,
         their fp32 sum), with every operand streamed through a TMA ring of STAGES 128-K blocks (the words'
         [16, BN] box, the group's scales and zero points, x's 4 x 16 pairs) instead of loaded into registers.
 
@@ -863,15 +862,6 @@ def shared_bytes(cfg: dict, bits: int = 4, gs_small: bool = False) -> int:
 
 GEMV_ROWS = 16  # word rows of one 128-K block (4-bit: 8 fields a word)
 _X_PLANES = 4  # the packed activations' half2 planes (``wna16._h2_pack_x``)
-
-
-def gemv_config(bn: int, split_k: int, warps: int, ring: int, pdl: bool = True) -> dict:
-    """A TMA-fed decode GEMV config (``TMA_RING``: the ring's depth in 128-K blocks): an ``h2`` GEMV config of
-    ``wna16`` (PER_BLOCK, UNROLL 1, PACKED_X), which is what runs it where this kernel cannot (no Gluon, another
-    GPU), with the same tile and split."""
-    from quantkit.kernels import wna16
-
-    return dict(wna16._gemv_h2(bn, split_k, 1, warps, per_block=True, packed_x=True, pdl=pdl), TMA_RING=ring)
 
 
 def gemv_ring(cfg: dict) -> int:

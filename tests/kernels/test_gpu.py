@@ -516,7 +516,7 @@ def test_gluon_w4a16_gemv_is_the_h2_gemv_result(layer, bn, split_k, warps, ring,
     N, K = layer["N"], layer["K"]
     for W, z in ((layer["Wi4"], None), (layer["Wi4z"], layer["z4"])):
         for pdl in (False, True):
-            cfg = wna16_gluon.gemv_config(bn, split_k, warps, ring, pdl=pdl)
+            cfg = wna16._gemv_tma(bn, split_k, warps, ring, pdl=pdl)
             h2 = {k: v for k, v in cfg.items() if k != "TMA_RING"}
             assert wna16_gluon.gemv_plan(cfg, N, torch.float16, z is not None, False, pdl) is not None
             x = torch.randn(1, K, device="cuda", dtype=torch.float16) * 3.0
@@ -529,7 +529,7 @@ def test_gluon_w4a16_gemv_is_the_h2_gemv_result(layer, bn, split_k, warps, ring,
             assert rel_err(y, wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], z)) <= 1e-2, (pdl, z is None)
             assert torch.equal(run(cfg), y), (pdl, z is None)
     W = layer["Wi4z"]
-    cfg = wna16_gluon.gemv_config(bn, split_k, warps, ring)
+    cfg = wna16._gemv_tma(bn, split_k, warps, ring)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
     run = lambda c: wna16.wna16_linear_triton(  # noqa: E731

@@ -243,7 +243,7 @@ def test_wna16_gemv_h2_per_block(dev, N, K, gs, unroll, split_k, asym):
 
 
 def test_tma_gemv_config_off_hopper_is_the_h2_gemv(dev):
-    """A TMA-fed GEMV config (``wna16_gluon.gemv_config``: the h2 GEMV's PER_BLOCK packed-x tile plus ``TMA_RING``)
+    """A TMA-fed GEMV config (``wna16._gemv_tma``: the h2 GEMV's PER_BLOCK packed-x tile plus ``TMA_RING``)
     where its Gluon kernel cannot run (no sm_90 GPU here) runs the h2 GEMV on that tile, bit for bit; the host's
     rules refuse what the kernel's layout or an SM's shared memory cannot take (its GPU test: test_gpu.py)."""
     from quantkit.kernels import wna16_gluon as wg
@@ -252,7 +252,7 @@ def test_tma_gemv_config_off_hopper_is_the_h2_gemv(dev):
     q, s, z = _make(dev, 77, N, K, 4, 128, True)
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(5)).half().to(dev)
     W = wna16.prepack_wna16(q, s, z, 4)
-    cfg = wg.gemv_config(128, 2, 4, 8, pdl=False)
+    cfg = wna16._gemv_tma(128, 2, 4, 8, pdl=False)
     assert cfg["TMA_RING"] == 8 and cfg["PACKED_X"] and cfg["PER_BLOCK"] and cfg["UNROLL"] == 1
     run = lambda c: wna16.wna16_linear_triton(  # noqa: E731
         x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K, config=c, out=poison((1, N), torch.float16, dev))
@@ -261,10 +261,10 @@ def test_tma_gemv_config_off_hopper_is_the_h2_gemv(dev):
     assert rel_err(y, wna16.wna16_gemm_ref(x, q, s, z)) <= 1e-2
     assert not wg.gemv_runs_on(x, W.qw, W.scales, W.zeros)
     # one or two columns a thread over whole warpgroups, BLOCK_N <= 256 (one TMA box), the ring within an SM
-    assert wg.gemv_fits(cfg) and wg.gemv_fits(wg.gemv_config(256, 1, 4, 6)) and wg.gemv_fits(wg.gemv_config(256, 1, 8, 6))
-    assert not wg.gemv_fits(wg.gemv_config(64, 1, 2, 8))  # two warps: not a warpgroup
-    assert not wg.gemv_fits(wg.gemv_config(128, 1, 8, 8))  # fewer columns than threads
-    assert not wg.gemv_fits(wg.gemv_config(256, 1, 4, 14))  # 14 slots of 17 KB: over 227 KB
+    assert wg.gemv_fits(cfg) and wg.gemv_fits(wna16._gemv_tma(256, 1, 4, 6)) and wg.gemv_fits(wna16._gemv_tma(256, 1, 8, 6))
+    assert not wg.gemv_fits(wna16._gemv_tma(64, 1, 2, 8))  # two warps: not a warpgroup
+    assert not wg.gemv_fits(wna16._gemv_tma(128, 1, 8, 8))  # fewer columns than threads
+    assert not wg.gemv_fits(wna16._gemv_tma(256, 1, 4, 14))  # 14 slots of 17 KB: over 227 KB
     assert not wg.gemv_fits(dict(cfg, TMA_RING=0))
     assert wg.gemv_shared_bytes(cfg, True) == 8 * (16 * 128 * 4 + 128 * 2 + 128 + 4 * 16 * 4 + 16) + wg.GEMV_SCRATCH
     if wg.GLUON_ERROR is None:
