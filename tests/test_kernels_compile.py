@@ -373,6 +373,22 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
         assert (b["gdc_waits"], b["loads_before_gdc"]) == ((1, stages - 1) if b["pdl"] else (0, 0)), (what, b)
 
 
+# the Gluon children's SASS reader: a cubin's disassembly (cuobjdump -sass), None where this Triton has no cuobjdump
+SASS_TEXT = textwrap.dedent(r'''
+    def sass_text(cubin):
+        import os, subprocess, tempfile
+        from triton import knobs
+        try:
+            tool = knobs.nvidia.cuobjdump.path
+        except Exception:
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            f = os.path.join(d, "k.cubin")
+            open(f, "wb").write(cubin)
+            return subprocess.run([tool, "-sass", f], capture_output=True, text=True).stdout
+''')
+
+
 W4_GLUON_CHILD = textwrap.dedent(r'''
     import json, re, sys, torch
     from quantkit.kernels import wna16_gluon
@@ -396,16 +412,9 @@ W4_GLUON_CHILD = textwrap.dedent(r'''
         """The register-operand kernel's SASS in the loop: every wgmma wait (WARPGROUP.DEPBAR), and the fp16
         multiplications (HMUL2) between the last HGMMA and the wait after it (the next block's unpacking, in
         flight with the wgmmas); None without cuobjdump."""
-        import os, subprocess, tempfile
-        from triton import knobs
-        try:
-            tool = knobs.nvidia.cuobjdump.path
-        except Exception:
+        sass = sass_text(cubin)
+        if sass is None:
             return None
-        with tempfile.TemporaryDirectory() as d:
-            f = os.path.join(d, "k.cubin")
-            open(f, "wb").write(cubin)
-            sass = subprocess.run([tool, "-sass", f], capture_output=True, text=True).stdout
         ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
         hg = [i for i, o in enumerate(ops) if o.startswith("HGMMA")]
         if not hg:
@@ -438,7 +447,7 @@ def test_gluon_w4a16_builds_for_sm90_with_the_mmas_in_flight():
     and every shipped one (plus, on one tile of each, zero points with bias, bf16, 8-bit, small groups: the last
     two run the shared-operand kernel), take the shared memory the host's fit check counts, and wait for their
     wgmmas where their designs say (below)."""
-    built = _gluon_builds(W4_GLUON_CHILD)
+    built = _gluon_builds(SASS_TEXT + W4_GLUON_CHILD)
     assert len(built) >= 16
     for what, b in built.items():
         assert b["cubin"], what
@@ -463,7 +472,7 @@ def test_gluon_w4a16_builds_for_sm90_with_the_mmas_in_flight():
 
 
 W4_GEMV_CHILD = textwrap.dedent(r'''
-    import json, os, re, subprocess, sys, tempfile, torch
+    import json, re, sys, torch
     from quantkit.kernels import wna16, wna16_gluon as wg
     if wg.GLUON_ERROR is not None:
         print(json.dumps({"skip": wg.GLUON_ERROR}))
@@ -472,15 +481,9 @@ W4_GEMV_CHILD = textwrap.dedent(r'''
     def mul_loop(cubin):
         """The multiplying partition's K loop in the SASS (the shortest backward branch over >= 32 HFMA2s): its
         opcodes; None without cuobjdump."""
-        from triton import knobs
-        try:
-            tool = knobs.nvidia.cuobjdump.path
-        except Exception:
+        sass = sass_text(cubin)
+        if sass is None:
             return None
-        with tempfile.TemporaryDirectory() as d:
-            f = os.path.join(d, "k.cubin")
-            open(f, "wb").write(cubin)
-            sass = subprocess.run([tool, "-sass", f], capture_output=True, text=True).stdout
         ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)]
         best = None
         for a, t in re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", sass):
@@ -516,7 +519,7 @@ def test_gluon_w4a16_gemv_builds_for_sm90_with_the_loads_off_the_multipliers():
     one-warp loader plus the multiplying warps with the registers moved to them (``setmaxnreg``); in the SASS the
     multipliers' K loop issues no TMA and takes one or two barriers of their own warps (the slot's release) and at
     most 2.9 instructions a weight, about the register-loading h2 GEMV's 2.5."""
-    built = _gluon_builds(W4_GEMV_CHILD)
+    built = _gluon_builds(SASS_TEXT + W4_GEMV_CHILD)
     assert len(built) == 5
     for what, b in built.items():
         assert b["cubin"], what

@@ -549,16 +549,25 @@ def test_gluon_w4a16_gemv_is_the_h2_gemv_result(layer, bn, split_k, warps, ring,
     monkeypatch.setattr(wna16_gluon, "_gemv_descriptors", no_descriptors)
     ref = out.clone()
     assert torch.equal(call(), ref)
+
+    def replayed(y):
+        assert torch.equal(call(), y)
+        assert rel_err(y, wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], layer["z4"])) <= 1e-2
+
+    _graph_replays(call, x, out, replayed)
+
+
+def _graph_replays(call, x, out, expect):
+    """``call()`` (compiled before; it writes ``out``) captured in a CUDA graph and replayed three times on new
+    values of its input ``x``: ``expect`` checks a copy of ``out`` after each replay."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
     for _ in range(3):
-        x.copy_(torch.randn(1, K, device="cuda", dtype=torch.float16))
+        x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype))
         graph.replay()
         torch.cuda.synchronize()
-        y = out.clone()
-        assert torch.equal(call(), y)
-        assert rel_err(y, wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], layer["z4"])) <= 1e-2
+        expect(out.clone())
 
 
 ONCE_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=3),
@@ -701,16 +710,12 @@ def test_wna16_gemv_h2_packed_x_is_the_in_loop_result(layer):
     call = lambda: wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,  # noqa: E731
                                              config=cfg, out=out)
     call()  # compiled before the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    for _ in range(3):
-        x.copy_(torch.randn(1, K, device="cuda", dtype=torch.float16))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,
-                                        config=wna16._gemv_h2(128, 2, 4, 4))
-        assert torch.equal(out, ref)
+
+    def replayed(y):  # the in-loop GEMV's result on the new input
+        assert torch.equal(y, wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,
+                                                        config=wna16._gemv_h2(128, 2, 4, 4)))
+
+    _graph_replays(call, x, out, replayed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
