@@ -537,6 +537,11 @@ if GLUON_ERROR is None:
         return h | (h << 16)
 
     @gluon.jit
+    def _x_entry(slot, j):
+        """The x ring entry of plane j of ring slot ``slot`` (entries of 64 bytes, every other one used)."""
+        return (slot * 4 + j) * 2
+
+    @gluon.jit
     def _gemv_load(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, slot, blk, off_n, N, n_rows,
                    n_groups, group_size, HAS_ZERO: gl.constexpr, WEIGHTS: gl.constexpr, X: gl.constexpr):
         """TMA of 128-K block ``blk`` into ring slot ``slot``: with WEIGHTS its [16, BN] words, its group's BN
@@ -554,7 +559,7 @@ if GLUON_ERROR is None:
                 tma_load(z_desc, [g * N + off_n], bar, z_ring.index(slot))
         if X:
             for j in gl.static_range(4):
-                tma_load(x_desc, [j * n_rows + blk * 16], bar, x_ring.index(slot * 4 + j))
+                tma_load(x_desc, [j * n_rows + blk * 16], bar, x_ring.index(_x_entry(slot, j)))
 
     @gluon.jit
     def _gemv_loader(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, N, K, n_rows,
@@ -596,10 +601,10 @@ if GLUON_ERROR is None:
             slot = ki % STAGES
             mbarrier.wait(ready.index(slot), (ki // STAGES) & 1)
             wp = w_ring.index(slot).load(WL)
-            p0 = x_ring.index(slot * 4).load(XL)[:, None]
-            p1 = x_ring.index(slot * 4 + 1).load(XL)[:, None]
-            p2 = x_ring.index(slot * 4 + 2).load(XL)[:, None]
-            p3 = x_ring.index(slot * 4 + 3).load(XL)[:, None]
+            p0 = x_ring.index(_x_entry(slot, 0)).load(XL)[:, None]
+            p1 = x_ring.index(_x_entry(slot, 1)).load(XL)[:, None]
+            p2 = x_ring.index(_x_entry(slot, 2)).load(XL)[:, None]
+            p3 = x_ring.index(_x_entry(slot, 3)).load(XL)[:, None]
             sc = s_ring.index(slot).load(CL).to(gl.float32)[None, :]
             if HAS_ZERO:
                 zc = z_ring.index(slot).load(CL).to(gl.float32) + 8.0
@@ -657,7 +662,8 @@ if GLUON_ERROR is None:
             z_ring = gl.allocate_shared_memory(z_desc.dtype, [STAGES, BN], z_desc.layout)
         else:  # never loaded
             z_ring = s_ring
-        x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES * 4, 16], x_desc.layout)
+        # x's planes in every other 64-byte entry: a TMA destination must be 128-byte aligned
+        x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES * 8, 16], x_desc.layout)
         ready = _gluon.ready_barriers(STAGES)
         empty = _gluon.counted_barriers(STAGES, 1)
         gl.warp_specialize([
@@ -886,9 +892,9 @@ GEMV_SCRATCH = 256
 
 def gemv_shared_bytes(cfg: dict, has_zero: bool) -> int:
     """Shared memory of the GEMV, an upper bound: each ring slot's words (16 x BN int32), scales (BN fp16), zero
-    points (BN int8), packed x (4 x 16 int32) and its two barriers ("landed", "empty"), plus GEMV_SCRATCH."""
+    points (BN int8), packed x (4 x 16 int32, each in 128 bytes) and its two barriers ("landed", "empty"), plus GEMV_SCRATCH."""
     bn = cfg["BLOCK_N"]
-    slot = GEMV_ROWS * bn * 4 + bn * 2 + (bn if has_zero else 0) + _X_PLANES * GEMV_ROWS * 4 + 16
+    slot = GEMV_ROWS * bn * 4 + bn * 2 + (bn if has_zero else 0) + 2 * _X_PLANES * GEMV_ROWS * 4 + 16
     return gemv_ring(cfg) * slot + GEMV_SCRATCH
 
 

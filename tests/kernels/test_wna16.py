@@ -266,7 +266,7 @@ def test_tma_gemv_config_off_hopper_is_the_h2_gemv(dev):
     assert not wg.gemv_fits(wna16._gemv_tma(128, 1, 8, 8))  # fewer columns than threads
     assert not wg.gemv_fits(wna16._gemv_tma(256, 1, 4, 14))  # 14 slots of 17 KB: over 227 KB
     assert not wg.gemv_fits(dict(cfg, TMA_RING=0))
-    assert wg.gemv_shared_bytes(cfg, True) == 8 * (16 * 128 * 4 + 128 * 2 + 128 + 4 * 16 * 4 + 16) + wg.GEMV_SCRATCH
+    assert wg.gemv_shared_bytes(cfg, True) == 8 * (16 * 128 * 4 + 128 * 2 + 128 + 4 * 128 + 16) + wg.GEMV_SCRATCH
     if wg.GLUON_ERROR is None:
         assert wg.gemv_plan(cfg, N, torch.float16, True, False, False) is not None
         assert wg.gemv_plan(cfg, 42, torch.float16, True, False, False) is None  # word rows not 16-byte multiples
