@@ -941,7 +941,8 @@ class GemvPlan:
         """``out`` (1, N) = x @ W^T (+ bias) for the packed weight, x given as its packed pairs ``xp`` and 1 / their
         prescale ``xsc`` (``wna16._h2_pack_x``, launched just before: with ``pdl`` its launch must trigger this
         one); ``runs_on`` must hold.  ws, lock: the split-K workspace and counters."""
-        args = (xsc, bias if bias is not None else scales, out, ws, lock, N, K, xp.shape[0] // _X_PLANES,
+        # n_rows from K, not from xp: the packing's cached buffer may be longer than its 4 planes
+        args = (xsc, bias if bias is not None else scales, out, ws, lock, N, K, -(-K // PACK_K) * GEMV_ROWS,
                 scales.shape[0], group_size)
         key = lambda: (_common.current_device(), self.static_key, out.dtype, scales.dtype,  # noqa: E731
                        None if zeros is None else zeros.dtype, _common.spec_key(args))
