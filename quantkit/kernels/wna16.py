@@ -48,10 +48,10 @@ from typing import Optional
 
 import torch
 
-from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda, fast_launch, gemv_tile,
-                      gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile, jit_helper, l2_prefetch_rows,
-                      next_pow2, prefetch_steps, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl,
-                      use_triton, wants_pdl)
+from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda,
+                      fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
+                      jit_helper, l2_prefetch_rows, next_pow2, prefetch_steps, remember, spec_key, splitk_buffers,
+                      splitk_for, splitk_sum, tl, use_triton, wants_pdl)
 
 __all__ = [
     "WNA16Weight",

@@ -550,7 +550,8 @@ if GLUON_ERROR is None:
         bar = ready.index(slot)
         if WEIGHTS:
             ZB: gl.constexpr = z_desc.block_type.nbytes if HAS_ZERO else 0
-            NBYTES: gl.constexpr = w_desc.block_type.nbytes + s_desc.block_type.nbytes + ZB + 4 * x_desc.block_type.nbytes
+            XB: gl.constexpr = 4 * x_desc.block_type.nbytes
+            NBYTES: gl.constexpr = w_desc.block_type.nbytes + s_desc.block_type.nbytes + ZB + XB
             mbarrier.expect(bar, NBYTES)
             tma_load(w_desc, [blk * 16, off_n], bar, w_ring.index(slot))
             g = gl.minimum(blk * BLOCK_K // group_size, n_groups - 1)
@@ -590,7 +591,8 @@ if GLUON_ERROR is None:
                   HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
                   WARPS: gl.constexpr, PDL: gl.constexpr):
         """The GEMV's multiplying partition (the default one, WARPS warps): each block's slot read into
-        registers and handed back, then its products (``_common.H2_ASM_*``) summed into a thread's columns; the epilogue."""
+        registers and handed back, then its products (``_common.H2_ASM_*``) summed into a thread's columns; then
+        the epilogue."""
         BN: gl.constexpr = w_ring.shape[2]
         WL: gl.constexpr = _gemv_layout(BN, WARPS)
         CL: gl.constexpr = gl.SliceLayout(0, WL)  # [BN] per-column values
@@ -892,7 +894,8 @@ GEMV_SCRATCH = 256
 
 def gemv_shared_bytes(cfg: dict, has_zero: bool) -> int:
     """Shared memory of the GEMV, an upper bound: each ring slot's words (16 x BN int32), scales (BN fp16), zero
-    points (BN int8), packed x (4 x 16 int32, each in 128 bytes) and its two barriers ("landed", "empty"), plus GEMV_SCRATCH."""
+    points (BN int8), packed x (4 x 16 int32, each in 128 bytes) and its two barriers ("landed", "empty"), plus
+    GEMV_SCRATCH."""
     bn = cfg["BLOCK_N"]
     slot = GEMV_ROWS * bn * 4 + bn * 2 + (bn if has_zero else 0) + 2 * _X_PLANES * GEMV_ROWS * 4 + 16
     return gemv_ring(cfg) * slot + GEMV_SCRATCH
