@@ -181,6 +181,12 @@ class DirectLaunch:
             self.compiled = None
             return False
 
+    def launch(self, key, grid, tensors: tuple, args: tuple, jit) -> None:
+        """:meth:`run`, else ``jit()`` (the kernel launched through the JIT, on descriptors it builds; it returns
+        the compiled kernel), which is then remembered under ``key()``."""
+        if not self.run(key, grid, tensors, args):
+            self.remember(key, jit())
+
     def remember(self, key, k) -> None:
         """After a JIT launch returned compiled kernel ``k``: cache it under ``key()``."""
         if self.compiled is not None and k is not None and _common.bind_driver(k):

@@ -607,10 +607,8 @@ def _cached_launch(direct: _gluon.DirectLaunch, kernel, grid, cfg: dict, out, te
     consts = tuple(named[n] for n in names)
     key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
                    consts, _common.spec_key(ptrs))
-    if direct.run(key, grid, tensors, prefix + ptrs + consts):
-        return out
-    k = kernel[grid](*descs(), *ptrs, **{n: named[n] for n in names}, **options)
-    direct.remember(key, k)
+    direct.launch(key, grid, tensors, prefix + ptrs + consts,
+                  lambda: kernel[grid](*descs(), *ptrs, **{n: named[n] for n in names}, **options))
     return out
 
 

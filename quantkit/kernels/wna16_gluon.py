@@ -787,11 +787,8 @@ class Plan:
         args = (scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, lock,
                 x.shape[0], N, K, scales.shape[0], group_size, out.stride(0))
         key = lambda: (_common.current_device(), self.static_key, out.dtype, _common.spec_key(args))  # noqa: E731
-        if _LAUNCH.run(key, self.grid, (x, qw), (*args, *self.cv)):
-            return out
-        x_d, w_d = _descriptors(x, qw, self.bm, self.bn, self.bits)
-        k = _kernel(self.consts)[self.grid](x_d, w_d, *args, **self.consts, **self.options)
-        _LAUNCH.remember(key, k)
+        _LAUNCH.launch(key, self.grid, (x, qw), (*args, *self.cv), lambda: _kernel(self.consts)[self.grid](
+            *_descriptors(x, qw, self.bm, self.bn, self.bits), *args, **self.consts, **self.options))
         return out
 
 
@@ -950,11 +947,8 @@ class GemvPlan:
         key = lambda: (_common.current_device(), self.static_key, out.dtype, scales.dtype,  # noqa: E731
                        None if zeros is None else zeros.dtype, _common.spec_key(args))
         tensors = (qw, scales.view(-1), (zeros if zeros is not None else scales).view(-1), xp)
-        if _GEMV_LAUNCH.run(key, self.grid, tensors, (*args, *self.cv)):
-            return out
-        descs = _gemv_descriptors(xp, qw, scales, zeros, self.bn)
-        k = wna16_gluon_gemv_kernel[self.grid](*descs, *args, **self.consts, **self.options)
-        _GEMV_LAUNCH.remember(key, k)
+        _GEMV_LAUNCH.launch(key, self.grid, tensors, (*args, *self.cv), lambda: wna16_gluon_gemv_kernel[self.grid](
+            *_gemv_descriptors(xp, qw, scales, zeros, self.bn), *args, **self.consts, **self.options))
         return out
 
 

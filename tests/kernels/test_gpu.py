@@ -293,14 +293,16 @@ def _matches_tl_dot(W, M, N, K, cfg):
     return x
 
 
-def _forbid_descriptors(monkeypatch):
-    """From here on a Gluon launch that builds TMA descriptors fails (a cached direct launch builds none)."""
-    from quantkit.kernels import w8a8_gluon
+def _forbid_descriptors(monkeypatch, module=None, builder="descriptors"):
+    """From here on a Gluon launch that builds TMA descriptors (``module.builder``, default
+    ``w8a8_gluon.descriptors``) fails (a cached direct launch builds none)."""
+    if module is None:
+        from quantkit.kernels import w8a8_gluon as module
 
     def no_descriptors(*a, **k):
         raise AssertionError("the cached launch built TMA descriptors")
 
-    monkeypatch.setattr(w8a8_gluon, "descriptors", no_descriptors)
+    monkeypatch.setattr(module, builder, no_descriptors)
 
 
 WS_CONFIGS = [dict(GLUON_CONFIGS[0], num_stages=4, WARP_SPECIALIZE=True),
@@ -446,22 +448,16 @@ def _w4_direct_launch_and_graph(run, M, N, K, monkeypatch):
     CUDA graph of it replayed on new input equals a plain call. Returns the last input and output."""
     from quantkit.kernels import wna16_gluon
 
-    def no_descriptors(*a, **k):
-        raise AssertionError("the cached launch built TMA descriptors")
-
-    monkeypatch.setattr(wna16_gluon, "_descriptors", no_descriptors)
+    _forbid_descriptors(monkeypatch, wna16_gluon, "_descriptors")
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     out = poison((M, N), torch.float16, "cuda")
     run(x, out)
     assert torch.equal(out, run(x))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run(x, out)
-    for _ in range(3):
-        x.copy_(torch.randn(x.shape, device="cuda", dtype=x.dtype))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, run(x))
+
+    def replayed(y):
+        assert torch.equal(y, run(x))
+
+    _graph_replays(lambda: run(x, out), x, out, replayed)
     return x, out
 
 
@@ -538,15 +534,12 @@ def test_gluon_w4a16_gemv_is_the_h2_gemv_result(layer, bn, split_k, warps, ring,
     assert rel_err(y, run({k: v for k, v in cfg.items() if k != "TMA_RING"})) <= 1e-3
     assert rel_err(y, wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], layer["z4"], b)) <= 1e-2
 
-    def no_descriptors(*a, **k):
-        raise AssertionError("the cached launch built TMA descriptors")
-
     x = torch.randn(1, K, device="cuda", dtype=torch.float16)
     out = poison((1, N), torch.float16, "cuda")
     call = lambda: wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K,  # noqa: E731
                                              config=cfg, out=out)
     call()  # (launched above with these argument types: a cached launch from here on)
-    monkeypatch.setattr(wna16_gluon, "_gemv_descriptors", no_descriptors)
+    _forbid_descriptors(monkeypatch, wna16_gluon, "_gemv_descriptors")
     ref = out.clone()
     assert torch.equal(call(), ref)
 
