@@ -563,13 +563,14 @@ if GLUON_ERROR is None:
                 tma_load(x_desc, [j * n_rows + blk * 16], bar, x_ring.index(_x_entry(slot, j)))
 
     @gluon.jit
-    def _gemv_loader(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, N, K, n_rows,
-                     n_groups, group_size, HAS_ZERO: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+    def _gemv_loader(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, N, K, n_groups,
+                     group_size, HAS_ZERO: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
                      PDL: gl.constexpr):
         """The GEMV's load partition (one warp): this split's blocks in order into the ring, each slot once the
         multiplying warps have released its last use (``empty``; a fresh barrier counts as released).  The first
         STAGES blocks' weights are asked for before x's (with PDL, before the wait for the packing launch)."""
         off_n = gl.program_id(0) * w_desc.block_type.shape[1]
+        n_rows = gl.cdiv(K, BLOCK_K) * 16  # x's plane length (wna16._h2_pack_x), from K: its buffer may be longer
         b_lo, nb = _k_split(K, SPLIT_K)
         n0 = gl.minimum(nb, STAGES)
         for ki in range(n0):
@@ -636,7 +637,7 @@ if GLUON_ERROR is None:
 
     @gluon.jit
     def wna16_gluon_gemv_kernel(w_desc, s_desc, z_desc, x_desc, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
-                                N, K, n_rows, n_groups, group_size,
+                                N, K, n_groups, group_size,
                                 HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
                                 STAGES: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr,
                                 LOAD_REGS: gl.constexpr):
@@ -672,7 +673,7 @@ if GLUON_ERROR is None:
             (_gemv_mul, (w_ring, s_ring, z_ring, x_ring, ready, empty, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr, N,
                          K, HAS_ZERO, HAS_BIAS, SPLIT_K, STAGES, WARPS, PDL)),
             (_gemv_loader, (w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, N, K,
-                            n_rows, n_groups, group_size, HAS_ZERO, SPLIT_K, STAGES, PDL)),
+                            n_groups, group_size, HAS_ZERO, SPLIT_K, STAGES, PDL)),
         ], [1], [LOAD_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -941,9 +942,7 @@ class GemvPlan:
         """``out`` (1, N) = x @ W^T (+ bias) for the packed weight, x given as its packed pairs ``xp`` and 1 / their
         prescale ``xsc`` (``wna16._h2_pack_x``, launched just before: with ``pdl`` its launch must trigger this
         one); ``runs_on`` must hold.  ws, lock: the split-K workspace and counters."""
-        # n_rows from K, not from xp: the packing's cached buffer may be longer than its 4 planes
-        args = (xsc, bias if bias is not None else scales, out, ws, lock, N, K, -(-K // PACK_K) * GEMV_ROWS,
-                scales.shape[0], group_size)
+        args = (xsc, bias if bias is not None else scales, out, ws, lock, N, K, scales.shape[0], group_size)
         key = lambda: (_common.current_device(), self.static_key, out.dtype, scales.dtype,  # noqa: E731
                        None if zeros is None else zeros.dtype, _common.spec_key(args))
         tensors = (qw, scales.view(-1), (zeros if zeros is not None else scales).view(-1), xp)
@@ -981,7 +980,7 @@ def build_gemv_for_target(cfg: dict, dtype=torch.float16, has_zero: bool = False
     t = "*fp16" if dtype == torch.float16 else "*bf16"
     sig = {"w_desc": _gluon.mangle(w_d), "s_desc": _gluon.mangle(s_d), "z_desc": _gluon.mangle(z_d),
            "x_desc": _gluon.mangle(x_d), "xsc_ptr": "*fp32", "bias_ptr": t if has_bias else "*fp16", "c_ptr": t,
-           "ws_ptr": "*fp32", "lock_ptr": "*i32", "N": "i32", "K": "i32", "n_rows": "i32", "n_groups": "i32",
+           "ws_ptr": "*fp32", "lock_ptr": "*i32", "N": "i32", "K": "i32", "n_groups": "i32",
            "group_size": "i32"}
     consts = _gemv_consts(cfg, has_zero, has_bias, pdl)
     sig.update({k: "constexpr" for k in consts})

@@ -269,22 +269,23 @@ def test_tma_gemv_config_off_hopper_is_the_h2_gemv(dev):
     assert wg.gemv_shared_bytes(cfg, True) == 8 * (16 * 128 * 4 + 128 * 2 + 128 + 4 * 128 + 16) + wg.GEMV_SCRATCH
     if wg.GLUON_ERROR is None:
         assert wg.gemv_plan(cfg, N, torch.float16, True, False, False) is not None
-        _gemv_launch_reads_the_planes_at_k_rows(wg, cfg)
+        _gemv_launch_gives_the_true_k(wg, cfg)
         assert wg.gemv_plan(cfg, 42, torch.float16, True, False, False) is None  # word rows not 16-byte multiples
         assert wg.gemv_plan(cfg, N, torch.float32, True, False, False) is None
 
 
-def _gemv_launch_reads_the_planes_at_k_rows(wg, cfg):
-    """The TMA-fed GEMV's launch (its arguments, captured instead of launched) gives the kernel the packed planes'
-    stride from K: the packing's grow-only cached buffer is longer than its four planes (at least 4096 int32), and
-    a stride read off the buffer put planes 1-3 in the wrong place (session 45's H100 run: wrong results)."""
+def _gemv_launch_gives_the_true_k(wg, cfg):
+    """The TMA-fed GEMV's launch (its arguments, captured instead of launched) gives the kernel the true K, from
+    which it places the packed planes (16 rows a 128-K block), and no stride of its own: the packing's grow-only
+    cached buffer is longer than its four planes (at least 4096 int32), and a stride read off the buffer put planes
+    1-3 in the wrong place (session 45's H100 run: wrong results)."""
     seen = {}
 
     class Capture:
         def __getitem__(self, grid):
             return lambda *args, **consts: seen.update(grid=grid, args=args, consts=consts)
 
-    N, K = 256, 1408  # 11 blocks: 176 word rows a plane
+    N, K = 256, 1408  # 11 blocks: 176 word rows a plane, the buffer 4096
     plan = wg.gemv_plan(cfg, N, torch.float16, False, False, False)
     xp = torch.zeros(4096, dtype=torch.int32)
     with pytest.MonkeyPatch.context() as mp:
@@ -292,9 +293,10 @@ def _gemv_launch_reads_the_planes_at_k_rows(wg, cfg):
         mp.setattr(wg, "wna16_gluon_gemv_kernel", Capture())
         plan.launch(xp, torch.ones(1), torch.zeros(K // 8, N, dtype=torch.int32), torch.ones(K // 128, N).half(),
                     None, None, torch.empty(1, N).half(), torch.empty(4), torch.zeros(4, dtype=torch.int32), 128, N, K)
-    names = ["xsc", "bias", "out", "ws", "lock", "N", "K", "n_rows", "n_groups", "group_size"]
+    names = ["xsc", "bias", "out", "ws", "lock", "N", "K", "n_groups", "group_size"]
+    assert len(seen["args"]) == 4 + len(names)
     got = dict(zip(names, seen["args"][4:]))
-    assert (got["N"], got["K"], got["n_rows"], got["n_groups"]) == (N, K, 176, 11)
+    assert (got["N"], got["K"], got["n_groups"], got["group_size"]) == (N, K, 11, 128)
     assert seen["grid"] == (2, 1, cfg["SPLIT_K"])
 
 
