@@ -5,8 +5,9 @@
 #   STAGE_LIMIT=150 SHAPES=28672x4096,4096x14336 W4_DECODE_MS=1 GEMM_ONLY_KEYS=TMA_RING \
 #     bash benchmarks/gpu_issue19.sh check-gemv w4-decode   # next: session 45's TMA-fed W4A16 GEMV, its GPU test
 #                                                        # (failed twice on an H100; both launch bugs fixed since,
-#                                                        # not re-run) and a decode search of its tiles against
-#                                                        # tinygemm (about 40 s on an H100: the next line fits too)
+#                                                        # not re-run: session 46 got no machine) and a decode
+#                                                        # search of its tiles against tinygemm (about 40 s on an
+#                                                        # H100: the next line fits too)
 #   WS_LIMIT=150 STAGE_LIMIT=160 SHAPES=4096x4096,6144x4096 W4_MS=128,256 GEMM_ONLY_KEYS=RS \
 #     bash benchmarks/gpu_issue19.sh check-ws w4-256     # then: the warp-specialized kernels' GPU tests (W8A8's
 #                                                        # MIXED_PASS, session 44's W4A16 RS form), then W4A16 M = 256
