@@ -395,9 +395,7 @@ def main():
 
             def best(kind, cands, runner, ref, key, searched, shipped):
                 """The searched kind's candidates and the config in use (``shipped``, which a winner must beat),
-                timed; else only the config in use."""
-                if searched:
-                    cands = [shipped] + cands
+                timed; else only the config in use (``cands`` is [shipped])."""
                 out = torch.empty(M, N, device=dev, dtype=torch.float16)
                 fn = lambda cfg, o: runner(L, x, cfg, o)  # noqa: E731
                 timer = lambda cfg: bench(lambda: fn(cfg, out))  # noqa: E731
@@ -675,9 +673,10 @@ def mixed_override(winner: dict, own: dict, mixed_times: list) -> dict | None:
 def timed_search(what, cands, run, ref, timer, fails, tol=TOL, shipped=None):
     """Every distinct config checked (``run(cfg, out)`` against ``ref``), the correct ones timed (``timer(cfg)``,
     us); a config that does not build or launch is skipped (``skipped``; ``shipped``: the config in use, timed
-    whatever ``ONLY_KEYS`` says). [(us, config)] fastest first, the winner re-timed (no best-of-N selection bias)."""
+    first whatever ``ONLY_KEYS`` says). [(us, config)] fastest first, the winner re-timed (no best-of-N selection
+    bias)."""
     res, seen = [], []
-    for cfg in cands:
+    for cfg in ([] if shipped is None else [shipped]) + list(cands):
         if cfg in seen or skipped(cfg, shipped is not None and cfg == shipped):
             continue
         seen.append(cfg)
@@ -696,7 +695,7 @@ def timed_search(what, cands, run, ref, timer, fails, tol=TOL, shipped=None):
 def graph_search(what, shipped, cands, run, copies, ref, tol, fails):
     """``timed_search`` by CUDA-graph replay over rotated weight copies (what a decode loop pays) of the config in
     use (``shipped``) and ``cands``; ``run(W, cfg, out)`` calls the kernel on copy W."""
-    res = timed_search(what, [shipped] + cands, lambda cfg, o: run(copies[0], cfg, o), ref,
+    res = timed_search(what, cands, lambda cfg, o: run(copies[0], cfg, o), ref,
                        lambda cfg: bench_graph_rot([lambda W=W: run(W, cfg, None) for W in copies]), fails, tol,
                        shipped)
     log(f"{what} search ({len(res)} of {len(cands)} timed): " + "; ".join(f"{t:.1f} {c_}" for t, c_ in res))

@@ -525,10 +525,10 @@ if GLUON_ERROR is None:
     # ------------------------------------------------------------------ decode GEMV (M = 1) through a TMA ring
 
     @gluon.constexpr_function
-    def _gemv_layout(BN, num_warps):
-        """[16, BN] word tile of the GEMV: a thread holds all 16 word rows of BN / (32 num_warps) consecutive
+    def _gemv_layout(ROWS, BN, num_warps):
+        """[ROWS, BN] word tile of the GEMV: a thread holds all ROWS word rows of BN / (32 num_warps) consecutive
         columns (its sums stay in the thread until the end), the warps side by side along N."""
-        return gl.BlockedLayout([16, BN // (32 * num_warps)], [1, 32], [1, num_warps], [1, 0])
+        return gl.BlockedLayout([ROWS, BN // (32 * num_warps)], [1, 32], [1, num_warps], [1, 0])
 
     @gluon.jit
     def _gemv_half2(v):
@@ -544,23 +544,24 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _gemv_load(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, slot, blk, off_n, N, n_rows,
                    n_groups, group_size, HAS_ZERO: gl.constexpr, WEIGHTS: gl.constexpr, X: gl.constexpr):
-        """TMA of 128-K block ``blk`` into ring slot ``slot``: with WEIGHTS its [16, BN] words, its group's BN
+        """TMA of 128-K block ``blk`` into ring slot ``slot``: with WEIGHTS its [ROWS, BN] words, its group's BN
         scales (and zero points) and the expected bytes of the whole slot; with X its activations' four half2
-        planes (16 int32 each)."""
+        planes (ROWS int32 each: the boxes' rows, ``GEMV_ROWS``)."""
+        ROWS: gl.constexpr = w_desc.block_type.shape[0]
         bar = ready.index(slot)
         if WEIGHTS:
             ZB: gl.constexpr = z_desc.block_type.nbytes if HAS_ZERO else 0
             XB: gl.constexpr = 4 * x_desc.block_type.nbytes
             NBYTES: gl.constexpr = w_desc.block_type.nbytes + s_desc.block_type.nbytes + ZB + XB
             mbarrier.expect(bar, NBYTES)
-            tma_load(w_desc, [blk * 16, off_n], bar, w_ring.index(slot))
+            tma_load(w_desc, [blk * ROWS, off_n], bar, w_ring.index(slot))
             g = gl.minimum(blk * BLOCK_K // group_size, n_groups - 1)
             tma_load(s_desc, [g * N + off_n], bar, s_ring.index(slot))
             if HAS_ZERO:
                 tma_load(z_desc, [g * N + off_n], bar, z_ring.index(slot))
         if X:
             for j in gl.static_range(4):
-                tma_load(x_desc, [j * n_rows + blk * 16], bar, x_ring.index(_x_entry(slot, j)))
+                tma_load(x_desc, [j * n_rows + blk * ROWS], bar, x_ring.index(_x_entry(slot, j)))
 
     @gluon.jit
     def _gemv_loader(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, N, K, n_groups,
@@ -570,7 +571,8 @@ if GLUON_ERROR is None:
         multiplying warps have released its last use (``empty``; a fresh barrier counts as released).  The first
         STAGES blocks' weights are asked for before x's (with PDL, before the wait for the packing launch)."""
         off_n = gl.program_id(0) * w_desc.block_type.shape[1]
-        n_rows = gl.cdiv(K, BLOCK_K) * 16  # x's plane length (wna16._h2_pack_x), from K: its buffer may be longer
+        # x's plane length (wna16._h2_pack_x), from K: its buffer may be longer
+        n_rows = gl.cdiv(K, BLOCK_K) * x_desc.block_type.shape[0]
         b_lo, nb = _k_split(K, SPLIT_K)
         n0 = gl.minimum(nb, STAGES)
         for ki in range(n0):
@@ -594,12 +596,13 @@ if GLUON_ERROR is None:
         """The GEMV's multiplying partition (the default one, WARPS warps): each block's slot read into
         registers and handed back, then its products (``_common.H2_ASM_*``) summed into a thread's columns; then
         the epilogue."""
+        ROWS: gl.constexpr = w_ring.shape[1]
         BN: gl.constexpr = w_ring.shape[2]
-        WL: gl.constexpr = _gemv_layout(BN, WARPS)
+        WL: gl.constexpr = _gemv_layout(ROWS, BN, WARPS)
         CL: gl.constexpr = gl.SliceLayout(0, WL)  # [BN] per-column values
-        XL: gl.constexpr = gl.SliceLayout(1, WL)  # [16] per-word-row values (every thread holds all 16)
+        XL: gl.constexpr = gl.SliceLayout(1, WL)  # [ROWS] per-word-row values (every thread holds them all)
         b_lo, nb = _k_split(K, SPLIT_K)
-        acc = gl.zeros((16, BN), dtype=gl.float32, layout=WL)
+        acc = gl.zeros((ROWS, BN), dtype=gl.float32, layout=WL)
         for ki in range(nb):
             slot = ki % STAGES
             mbarrier.wait(ready.index(slot), (ki // STAGES) & 1)
@@ -658,15 +661,16 @@ if GLUON_ERROR is None:
         columns' [16, BN / (32 WARPS)] fp32 sums (the h2 PER_BLOCK loop's order: ``acc += part * s`` a block at a
         time, the 16 rows summed at the end).  ``PDL``: launched programmatically after the packing, the loader
         asks for the first STAGES blocks' weights before it waits for the packed x."""
+        ROWS: gl.constexpr = w_desc.block_type.shape[0]  # (GEMV_ROWS: a 128-K block's words, x's pairs a plane)
         BN: gl.constexpr = w_desc.block_type.shape[1]
-        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, 16, BN], w_desc.layout)
+        w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, ROWS, BN], w_desc.layout)
         s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BN], s_desc.layout)
         if HAS_ZERO:
             z_ring = gl.allocate_shared_memory(z_desc.dtype, [STAGES, BN], z_desc.layout)
         else:  # never loaded
             z_ring = s_ring
         # x's planes in every other 64-byte entry: a TMA destination must be 128-byte aligned
-        x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES * 8, 16], x_desc.layout)
+        x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES * 8, ROWS], x_desc.layout)
         ready = _gluon.ready_barriers(STAGES)
         empty = _gluon.counted_barriers(STAGES, 1)
         gl.warp_specialize([
@@ -915,10 +919,18 @@ def gemv_runs_on(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros)
     return _gluon.available(x) and _gluon.aligned16(qw, *zs) and all(t.is_contiguous() for t in zs)
 
 
-def _gemv_descriptors(xp, qw, scales, zeros, bn):
+def _gemv_tensors(xp, qw, scales, zeros) -> tuple:
+    """What the GEMV's four descriptors describe: the words, the scales and the zero points as flat rows (without
+    zero points the scales again, never loaded), the packed x."""
     s = scales.view(-1)
-    return (_gluon.descriptor(qw, [GEMV_ROWS, bn]), _gluon.descriptor(s, [bn]),
-            _gluon.descriptor(zeros.view(-1) if zeros is not None else s, [bn]), _gluon.descriptor(xp, [GEMV_ROWS]))
+    return qw, s, (zeros.view(-1) if zeros is not None else s), xp
+
+
+def _gemv_descriptors(tensors: tuple, bn: int):
+    """``_gemv_tensors``' descriptors, in the kernel's boxes."""
+    qw, s, z, xp = tensors
+    return (_gluon.descriptor(qw, [GEMV_ROWS, bn]), _gluon.descriptor(s, [bn]), _gluon.descriptor(z, [bn]),
+            _gluon.descriptor(xp, [GEMV_ROWS]))
 
 
 _GEMV_LAUNCH = _gluon.DirectLaunch()
@@ -945,9 +957,9 @@ class GemvPlan:
         args = (xsc, bias if bias is not None else scales, out, ws, lock, N, K, scales.shape[0], group_size)
         key = lambda: (_common.current_device(), self.static_key, out.dtype, scales.dtype,  # noqa: E731
                        None if zeros is None else zeros.dtype, _common.spec_key(args))
-        tensors = (qw, scales.view(-1), (zeros if zeros is not None else scales).view(-1), xp)
+        tensors = _gemv_tensors(xp, qw, scales, zeros)
         _GEMV_LAUNCH.launch(key, self.grid, tensors, (*args, *self.cv), lambda: wna16_gluon_gemv_kernel[self.grid](
-            *_gemv_descriptors(xp, qw, scales, zeros, self.bn), *args, **self.consts, **self.options))
+            *_gemv_descriptors(tensors, self.bn), *args, **self.consts, **self.options))
         return out
 
 
@@ -976,7 +988,7 @@ def build_gemv_for_target(cfg: dict, dtype=torch.float16, has_zero: bool = False
     scales = torch.empty(K // 128, N, dtype=torch.float16)
     zeros = torch.empty(K // 128, N, dtype=torch.int8) if has_zero else None
     xp = torch.empty(_X_PLANES * K // 8, dtype=torch.int32)
-    w_d, s_d, z_d, x_d = _gemv_descriptors(xp, qw, scales, zeros, cfg["BLOCK_N"])
+    w_d, s_d, z_d, x_d = _gemv_descriptors(_gemv_tensors(xp, qw, scales, zeros), cfg["BLOCK_N"])
     t = "*fp16" if dtype == torch.float16 else "*bf16"
     sig = {"w_desc": _gluon.mangle(w_d), "s_desc": _gluon.mangle(s_d), "z_desc": _gluon.mangle(z_d),
            "x_desc": _gluon.mangle(x_d), "xsc_ptr": "*fp32", "bias_ptr": t if has_bias else "*fp16", "c_ptr": t,
