@@ -64,7 +64,7 @@ skip_keys() { [ -f "$SKIP_FILE" ] && sort -u "$SKIP_FILE" | paste -sd, -; }
 
 check_ws() {  # the warp-specialized kernels (W8A8's, W4A16's register-operand one): a failed or hanging one's
   # configs are left out of later searches (W4A16's alone where only its tests failed)
-  RUN_LIMIT=${WS_LIMIT:-180} run check-ws env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 4 \
+  RUN_LIMIT=${WS_LIMIT:-180} run check-ws env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n "${CHECK_WORKERS:-4}" \
     -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_w8a8.py -k "warp_spec"
   local rc=$?
   grep -E "^FAILED|^ERROR" "$WORK/check-ws.log" | head -10
@@ -84,7 +84,7 @@ for stage in "$@"; do
     check-ws)  # the warp-specialized kernel's tests alone (MIXED_PASS among them)
       check_ws ;;
     check-gemv)  # the TMA-fed W4A16 GEMV (TMA_RING): a failure leaves its configs out of later searches
-      RUN_LIMIT=${GEMV_LIMIT:-150} run check-gemv env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 4 \
+      RUN_LIMIT=${GEMV_LIMIT:-150} run check-gemv env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n "${CHECK_WORKERS:-4}" \
         -p no:cacheprovider tests/kernels/test_gpu.py -k "gemv_is_the_h2"
       rc=$?
       grep -E "^FAILED|^ERROR" "$WORK/check-gemv.log" | head -10

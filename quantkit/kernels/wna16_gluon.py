@@ -914,9 +914,18 @@ def gemv_fits(cfg: dict, has_zero: bool = True) -> bool:
 
 def gemv_runs_on(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros) -> bool:
     """The per-call half of ``gemv_plan``: Gluon on an sm_90 GPU, the words, scales and zero points 16-byte aligned,
-    the scales and zero points contiguous (the kernel reads them as one flat row each)."""
+    the scales and zero points contiguous (the kernel reads them as one flat row each), the scales 16-bit (the
+    row alignment ``gemv_plan`` checks assumes 2 bytes)."""
     zs = (scales,) if zeros is None else (scales, zeros)
-    return _gluon.available(x) and _gluon.aligned16(qw, *zs) and all(t.is_contiguous() for t in zs)
+    return (_gluon.available(x) and scales.element_size() == 2 and _gluon.aligned16(qw, *zs)
+            and all(t.is_contiguous() for t in zs))
+
+
+def gemv_rows_aligned(N: int, has_zero: bool) -> bool:
+    """Every row the GEMV's TMA boxes start at is a 16-byte multiple: the words' rows (N int32) and each group's
+    scales (N 16-bit) and zero points (N int8) in their flat rows.  A box starting off a 16-byte boundary is an
+    illegal instruction on an H100 (session 47: N = 1000 with zero points, group g's at byte 1000 g)."""
+    return N % 8 == 0 and (not has_zero or N % 16 == 0)
 
 
 def _gemv_tensors(xp, qw, scales, zeros) -> tuple:
@@ -970,9 +979,9 @@ def _gemv_consts(cfg: dict, has_zero: bool, has_bias: bool, pdl: bool) -> dict:
 
 def gemv_plan(cfg: dict, N: int, dtype, has_zero: bool, has_bias: bool, pdl: bool) -> GemvPlan | None:
     """The per-shape half of whether the TMA-fed GEMV runs ``cfg`` (M = 1, 4-bit, group >= 128: the caller's
-    ``h2`` conditions): None where it cannot (no Gluon, activations other than fp16 / bf16, N not a multiple of 4:
-    the words' rows must be 16-byte multiples for TMA, a tile ``gemv_fits`` refuses)."""
-    if GLUON_ERROR is not None or dtype not in (torch.float16, torch.bfloat16) or N % 4:
+    ``h2`` conditions): None where it cannot (no Gluon, activations other than fp16 / bf16, rows the TMA boxes
+    cannot start at (``gemv_rows_aligned``), a tile ``gemv_fits`` refuses)."""
+    if GLUON_ERROR is not None or dtype not in (torch.float16, torch.bfloat16) or not gemv_rows_aligned(N, has_zero):
         return None
     if not gemv_fits(cfg, has_zero):
         return None

@@ -268,9 +268,14 @@ def test_tma_gemv_config_off_hopper_is_the_h2_gemv(dev):
     assert not wg.gemv_fits(dict(cfg, TMA_RING=0))
     assert wg.gemv_shared_bytes(cfg, True) == 8 * (16 * 128 * 4 + 128 * 2 + 128 + 4 * 128 + 16) + wg.GEMV_SCRATCH
     if wg.GLUON_ERROR is None:
-        assert wg.gemv_plan(cfg, N, torch.float16, True, False, False) is not None
+        assert wg.gemv_plan(cfg, 1008, torch.float16, True, False, False) is not None
         _gemv_launch_gives_the_true_k(wg, cfg)
         assert wg.gemv_plan(cfg, 42, torch.float16, True, False, False) is None  # word rows not 16-byte multiples
+        # every group's flat row of scales (2 N bytes) and zero points (N bytes) must start on 16 bytes: a TMA box
+        # off a 16-byte boundary is an illegal instruction (H100, N = 1000 with zero points)
+        assert wg.gemv_plan(cfg, 1000, torch.float16, False, False, False) is not None
+        assert wg.gemv_plan(cfg, 1000, torch.float16, True, False, False) is None
+        assert wg.gemv_plan(cfg, 1004, torch.float16, False, False, False) is None
         assert wg.gemv_plan(cfg, N, torch.float32, True, False, False) is None
 
 
