@@ -32,7 +32,7 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 import triton  # noqa: E402
 
 from quantkit.kernels import act_quant, mixed, w8a8, w8a8_gluon, wna16  # noqa: E402
-from quantkit.kernels._common import gpu_key, m_bucket  # noqa: E402
+from quantkit.kernels._common import cdiv, gpu_key, m_bucket, splitk_buffers  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py)
 
@@ -322,6 +322,8 @@ def main():
                     help="with --tune: rank the candidates by eager do_bench (default) or by CUDA-graph replay over "
                          "rotated weight copies (device time alone: where the host issues slower than the GPU runs, "
                          "eager times measure the host); the tables still report eager and graph times")
+    ap.add_argument("--decode-parts", action="store_true",
+                    help="only: W4A16 M = 1 by part (packing, TMA-fed GEMV, whole call; graph replay)")
     ap.add_argument("--mixed-study", action="store_true",
                     help="only: mixed-mode variants (BLOCK_KF, STAGES_F, TMA_F, MAXNREG) vs plain W8A8 / cuBLAS")
     args = ap.parse_args()
@@ -348,6 +350,8 @@ def main():
 
     if args.peers:
         return peer_study(dev, gen, shapes, ms, bw, args)
+    if args.decode_parts:
+        return decode_parts(dev, gen, shapes if args.shapes else [(28672, 4096), (4096, 14336)], bw)
     if args.mixed_study:
         return mixed_study(dev, gen, shapes if args.shapes else [(28672, 4096), (4096, 4096)], ms if args.ms else
                            [64, 256, 2048])
@@ -890,13 +894,75 @@ def peer_report(rows, bw, fails, gl):
     for r in rows:
         if r["M"] != 1:
             continue
-        b = r["N"] * r["K"] / 2 + r["N"] * (r["K"] // 128) * 2 + 2 * r["K"] + 2 * r["N"]
+        b = w4_decode_bytes(r["N"], r["K"])
         fl = b / bw * 1e6
         q = r.get("w4|quantkit|graph", float("nan"))
         t = r.get("w4|tinygemm|graph", float("nan"))
         L.append(f"| {r['N']} | {r['K']} | {b / 1e6:.1f} | {fl:.1f} | {q:.1f} ({100 * fl / q:.0f}%) | "
                  f"{t:.1f} ({100 * fl / t:.0f}%) |")
     return "\n".join(L)
+
+
+def w4_decode_bytes(N: int, K: int) -> int:
+    """The bytes a W4A16 M = 1 call must move at least (its copy floor's): packed weight, fp16 scales (group 128),
+    x and out."""
+    return N * K // 2 + N * (K // 128) * 2 + 2 * K + 2 * N
+
+
+# TMA-fed GEMV tiles the decode study takes apart beside the shipped config: (BLOCK_N, SPLIT_K, warps, ring)
+DECODE_PART_TILES = [(256, 1, 4, 6), (128, 4, 4, 8), (128, 8, 4, 6), (256, 4, 8, 4)]
+
+
+def decode_parts(dev, gen, shapes, bw):
+    """Where a W4A16 M = 1 call's time goes, in CUDA-graph replay over rotated weight copies (no weight in L2):
+    the packing launch alone (``wna16._h2_pack_x``), the TMA-fed GEMV alone on x packed beforehand, and the whole
+    call with and without PDL, for the shipped config and the TMA-fed tiles of DECODE_PART_TILES; each checked
+    against the reference first, the copy floor beside them."""
+    from quantkit.kernels import wna16_gluon
+
+    gpu = gpu_key(torch.empty(1, device=dev))
+    fails = []
+    lines = ["| N | K | config | floor us | pack alone us | GEMV alone us | call, PDL us (% of floor) | "
+             "call, no PDL us |", "|---|---|---|---|---|---|---|---|"]
+    for N, K in shapes:
+        L = Layer(N, K, dev, gen)
+        copies = weight_copies(L, "w4a16")
+        x = torch.randn(1, K, device=dev, dtype=torch.float16, generator=gen)
+        ref = refs(L, x)["w4"]
+        floor = w4_decode_bytes(N, K) / bw * 1e6
+        out = torch.empty(1, N, device=dev, dtype=torch.float16)
+        shipped = wna16.CONFIGS.get(1, N, K, gpu)
+        cfgs = [("shipped", shipped)] + [(f"TMA {t}", wna16._gemv_tma(*t)) for t in DECODE_PART_TILES
+                                         if wna16._gemv_tma(*t) != shipped]
+        t_pack = bench_graph(lambda: wna16._h2_pack_x(x, K))
+        for name, cfg in cfgs:
+            if checked(lambda o: run_w4(L, x, cfg, o), ref, f"w4a16 M=1 N={N} K={K} {cfg}", fails) > TOL:
+                continue
+            no_pdl = {k: v for k, v in cfg.items() if k != "PDL"}
+            t_call = bench_graph_rot([lambda c_=c_: run_w4(c_, x, cfg, out) for c_ in copies])
+            t_nopdl = bench_graph_rot([lambda c_=c_: run_w4(c_, x, no_pdl, out) for c_ in copies])
+            t_gemv = float("nan")
+            plan = wna16_gluon.gemv_plan(no_pdl, N, x.dtype, False, False, False) if cfg.get("TMA_RING") else None
+            if plan is not None and plan.runs_on(x, L.wi4.qw, L.wi4.scales, None):
+                xp, xsc = wna16._h2_pack_x(x, K)
+                sk, bn = int(cfg.get("SPLIT_K", 1)), cfg["BLOCK_N"]
+                ws, lock = splitk_buffers(dev, cdiv(N, bn), sk, bn, 4)
+
+                def gemv(c_, o):
+                    W = c_.wi4
+                    return plan.launch(xp, xsc, W.qw, W.scales, None, None, o, ws, lock, W.group_size, N, K)
+                if checked(lambda o: gemv(L, o), ref, f"GEMV alone N={N} K={K} {cfg}", fails) <= TOL:
+                    t_gemv = bench_graph_rot([lambda c_=c_: gemv(c_, out) for c_ in copies])
+            lines.append(f"| {N} | {K} | {name} | {floor:.1f} | {t_pack:.1f} | {t_gemv:.1f} | {t_call:.1f} "
+                         f"({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} |")
+            log(lines[-1] + f" {cfg}")
+        del L, copies
+    log("")
+    log("W4A16 M = 1 by part (CUDA-graph replay, us; `pack alone`: the x packing launch, `GEMV alone`: the TMA-fed "
+        "GEMV on x packed beforehand; floor: the bytes moved at the copy bandwidth):\n")
+    log("\n".join(lines))
+    log(f"failures: {len(fails)}")
+    return 1 if fails else 0
 
 
 def mixed_study(dev, gen, shapes, ms):

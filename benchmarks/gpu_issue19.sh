@@ -2,20 +2,19 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   STAGE_LIMIT=150 SHAPES=28672x4096,4096x14336 W4_DECODE_MS=1 GEMM_ONLY_KEYS=TMA_RING \
-#     bash benchmarks/gpu_issue19.sh check-gemv w4-decode   # next: session 45's TMA-fed W4A16 GEMV, its GPU test
-#                                                        # (failed twice on an H100; both launch bugs fixed since,
-#                                                        # not re-run: session 46 got no machine) and a decode
-#                                                        # search of its tiles against tinygemm (about 40 s on an
-#                                                        # H100: the next line fits too)
-#   WS_LIMIT=150 STAGE_LIMIT=160 SHAPES=4096x4096,6144x4096 W4_MS=128,256 GEMM_ONLY_KEYS=RS \
-#     bash benchmarks/gpu_issue19.sh check-ws w4-256     # then: the warp-specialized kernels' GPU tests (W8A8's
-#                                                        # MIXED_PASS, session 44's W4A16 RS form), then W4A16 M = 256
-#                                                        # on the two shapes short of 0.9x cuBLAS, RS tiles only
-#   STAGE_LIMIT=110 bash benchmarks/gpu_issue19.sh w8a8-8192 mixed-8192   # (the tuner weighs MIXED_PASS)
-#   bash benchmarks/gpu_issue19.sh w4-decode w8a8-2048
-#   bash benchmarks/gpu_issue19.sh w8a8-256 mixed-256
-#   bash benchmarks/gpu_issue19.sh w4-256                # all four shapes, every form
+#   STAGE_LIMIT=150 bash benchmarks/gpu_issue19.sh w4-decode-parts check-all   # next: where the W4A16 M = 1 call's
+#                                                        # time goes at 28672x4096 / 4096x14336 (packing alone, the
+#                                                        # TMA-fed GEMV alone, the call with and without PDL: what
+#                                                        # keeps 4096x14336 at 55% of the copy floor), then every
+#                                                        # GPU kernel test on session 47's shipped configs (give
+#                                                        # check-all STAGE_LIMIT=300 if it runs alone)
+#   bash benchmarks/gpu_issue19.sh w8-decode w8a8-2048  # W8A8 M <= 16 against GemLite (2-3% behind on the two
+#                                                        # large shapes at M = 1), then M = 2048
+#   bash benchmarks/gpu_issue19.sh w4-256                # all four shapes, every form (session 47 searched RS
+#                                                        # tiles only, on 4096x4096 and 6144x4096)
+#   STAGE_LIMIT=110 SHAPES=4096x14336 bash benchmarks/gpu_issue19.sh w8a8-8192 mixed-8192   # the fourth shape
+#   On an H200 (H200.json), the session-47 sequence: CHECK_WORKERS=8 check-gemv w4-decode (GEMM_ONLY_KEYS=TMA_RING),
+#   check-ws w4-256 (GEMM_ONLY_KEYS=RS), w8a8-8192 mixed-8192, w8a8-256 mixed-256.
 #
 # (w4-decode, w8-decode: GemLite, carry .dev/gemlite-0.6.0.) Each stage logs into $WORK (default ~/issue19: the
 # machine keeps its home directory between back-to-back calls) as <stage>.log (and .md tables where gemm.py writes
@@ -34,7 +33,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="check check-ws check-gemv check-all w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
+STAGES="check check-ws check-gemv check-all w4-decode-parts w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -104,6 +103,8 @@ for stage in "$@"; do
       run mixed-256 python benchmarks/gemm.py --mixed-study --ms 256 --shapes $SHAPES ;;
     mixed-8192)
       run mixed-8192 python benchmarks/gemm.py --mixed-study --ms 8192 --shapes $SHAPES ;;
+    w4-decode-parts)  # W4A16 M = 1 by part (28672x4096 and 4096x14336; SHAPES_PARTS overrides)
+      run w4-decode-parts python benchmarks/gemm.py --decode-parts --shapes "${SHAPES_PARTS:-28672x4096,4096x14336}" ;;
     w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (W4_DECODE_MS: the Ms)
       run w4-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w4a16 --ms "${W4_DECODE_MS:-1,16}" \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;

@@ -54,3 +54,22 @@ def test_skip_keys_leave_out_the_configs_of_a_failed_form(monkeypatch):
     assert not gemm.skipped(dict(BACKEND="gluon"), shipped=True)
     monkeypatch.setattr(gemm, "SKIP_KEYS", ["PACKED_X"])
     assert gemm.skipped(dict(PACKED_X=True), shipped=True)  # a failed form is left out even where shipped
+
+
+def test_decode_parts_times_the_packing_and_each_call_checked():
+    """``--decode-parts``: W4A16 M = 1 taken apart (the packing launch alone, the TMA-fed GEMV alone where it runs,
+    the whole call with and without PDL) for the shipped config and each TMA-fed tile, every call checked against
+    the reference before it is timed; on the CPU the GEMV alone cannot run (no sm_90) and reads nan."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gemm.py"), "--smoke", "--decode-parts",
+                        "--shapes", "512x256"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = [r for r in p.stdout.splitlines() if r.startswith("| 512 | 256 |") and "{" not in r]
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gemm
+
+    assert len(rows) == 1 + len(gemm.DECODE_PART_TILES)  # the shipped config (no TMA tile here) and each tile
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[4]) > 0 and cells[5] == "nan" and float(cells[6].split()[0]) > 0 and float(cells[7]) > 0
+    assert "failures: 0" in p.stdout
+    assert gemm.w4_decode_bytes(4096, 14336) == 4096 * 14336 // 2 + 4096 * 112 * 2 + 2 * 14336 + 2 * 4096
