@@ -922,7 +922,7 @@ def decode_parts(dev, gen, shapes, bw):
 
     gpu = gpu_key(torch.empty(1, device=dev))
     fails = []
-    lines = ["| N | K | config | floor us | pack alone us | GEMV alone us | call, PDL us (% of floor) | "
+    lines = ["| N | K | config | floor us | pack alone us (one program) | GEMV alone us | call, PDL us (% of floor) | "
              "call, no PDL us |", "|---|---|---|---|---|---|---|---|"]
     for N, K in shapes:
         L = Layer(N, K, dev, gen)
@@ -934,7 +934,8 @@ def decode_parts(dev, gen, shapes, bw):
         shipped = wna16.CONFIGS.get(1, N, K, gpu)
         cfgs = [("shipped", shipped)] + [(f"TMA {t}", wna16._gemv_tma(*t)) for t in DECODE_PART_TILES
                                          if wna16._gemv_tma(*t) != shipped]
-        t_pack = bench_graph(lambda: wna16._h2_pack_x(x, K))
+        # the packing as calls launch it (a program per 512 word rows) and as one program doing every chunk
+        t_pack, t_pack1 = (bench_graph(lambda p=p: wna16._h2_pack_x(x, K, programs=p)) for p in (None, 1))
         for name, cfg in cfgs:
             if checked(lambda o: run_w4(L, x, cfg, o), ref, f"w4a16 M=1 N={N} K={K} {cfg}", fails) > TOL:
                 continue
@@ -953,8 +954,8 @@ def decode_parts(dev, gen, shapes, bw):
                     return plan.launch(xp, xsc, W.qw, W.scales, None, None, o, ws, lock, W.group_size, N, K)
                 if checked(lambda o: gemv(L, o), ref, f"GEMV alone N={N} K={K} {cfg}", fails) <= TOL:
                     t_gemv = bench_graph_rot([lambda c_=c_: gemv(c_, out) for c_ in copies])
-            lines.append(f"| {N} | {K} | {name} | {floor:.1f} | {t_pack:.1f} | {t_gemv:.1f} | {t_call:.1f} "
-                         f"({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} |")
+            lines.append(f"| {N} | {K} | {name} | {floor:.1f} | {t_pack:.1f} ({t_pack1:.1f}) | {t_gemv:.1f} | "
+                         f"{t_call:.1f} ({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} |")
             log(lines[-1] + f" {cfg}")
         del L, copies
     log("")

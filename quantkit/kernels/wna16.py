@@ -378,14 +378,16 @@ def _h2_prescale(x_ptr, a_lo, a_hi, AMAX_K: tl.constexpr):
 
 def _h2_pack_x_kernel(x_ptr, xp_ptr, xsc_ptr, K, n_rows, AMAX_K: tl.constexpr, BLOCK_R: tl.constexpr,
                       TRIGGER: tl.constexpr):
-    """One program: x (K,) fp16/bf16 -> the h2 GEMV's activations, prescaled (``_h2_prescale`` over all of K),
-    rounded to fp16 and packed as the half2 asm reads them: word row i = block i // 16, row i % 16, its pairs
-    (fields 0/4, 1/5, 2/6, 3/7; odd fields divided by 16) in four planes of ``n_rows`` int32 (K padded to
-    whole 128-K blocks with zeros); ``xsc``: 1 / the prescale. Done once per call instead of in every program."""
+    """x (K,) fp16/bf16 -> the h2 GEMV's activations, prescaled (``_h2_prescale`` over all of K), rounded to fp16
+    and packed as the half2 asm reads them: word row i = block i // 16, row i % 16, its pairs (fields 0/4, 1/5,
+    2/6, 3/7; odd fields divided by 16) in four planes of ``n_rows`` int32 (K padded to whole 128-K blocks with
+    zeros); ``xsc``: 1 / the prescale. Done once per call instead of in every program.  Each program of the grid
+    (one or more) takes its own BLOCK_R-row chunks, after the whole row's prescale: the GEMV waits for all of it,
+    so a long K's chunks run side by side instead of one after another."""
     if TRIGGER:
         grid_dep_launch_dependents()
     sc, inv_sc = _h2_prescale(x_ptr, 0, K, AMAX_K)
-    for r0 in range(0, n_rows, BLOCK_R):
+    for r0 in range(tl.program_id(0) * BLOCK_R, n_rows, BLOCK_R * tl.num_programs(0)):
         rows = r0 + tl.arange(0, BLOCK_R)
         kb = rows // 16 * 128 + rows % 16
         xs0, xs1, xs2, xs3, xs4, xs5, xs6, xs7 = _h2_acts(x_ptr, kb, K, sc, 16)
@@ -394,7 +396,8 @@ def _h2_pack_x_kernel(x_ptr, xp_ptr, xsc_ptr, K, n_rows, AMAX_K: tl.constexpr, B
         tl.store(xp_ptr + n_rows + rows, _half2(xs1, xs5), mask=live)
         tl.store(xp_ptr + 2 * n_rows + rows, _half2(xs2, xs6), mask=live)
         tl.store(xp_ptr + 3 * n_rows + rows, _half2(xs3, xs7), mask=live)
-    tl.store(xsc_ptr, inv_sc)
+    if tl.program_id(0) == 0:
+        tl.store(xsc_ptr, inv_sc)
 
 
 h2_pack_x_kernel = LazyKernel(_h2_pack_x_kernel)
@@ -964,25 +967,27 @@ def h2_pack_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([pr.reshape(-1) for pr in pairs]).reshape(-1), inv_sc.reshape(1)
 
 
-def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False):
-    """``PACKED_X``: the h2 GEMV's activations prescaled and packed once for the call (``_h2_pack_x_kernel``, one
-    program) into this device's scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``trigger``: the
-    GEMV is launched programmatically next (PDL)."""
-    n_rows, const, ckey = _h2_pack_plan(K, trigger)
+def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False, programs: int | None = None):
+    """``PACKED_X``: the h2 GEMV's activations prescaled and packed once for the call (``_h2_pack_x_kernel``, a
+    program per 512 word rows unless ``programs`` says otherwise: the decode benchmark compares) into this device's
+    scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``trigger``: the GEMV is launched
+    programmatically next (PDL)."""
+    n_rows, grid, const, ckey = _h2_pack_plan(K, trigger)
     xp = cached_buffer(x.device, torch.int32, 4 * n_rows, tag="h2_xpack")
     xsc = cached_buffer(x.device, torch.float32, 1, tag="h2_xscale")
-    fast_launch(h2_pack_x_kernel, (1,), (x, xp, xsc, K, n_rows), const, ckey, (x,))
+    fast_launch(h2_pack_x_kernel, grid if programs is None else (programs,), (x, xp, xsc, K, n_rows), const, ckey,
+                (x,))
     return xp, xsc
 
 
 @functools.lru_cache(maxsize=1024)
-def _h2_pack_plan(K: int, trigger: bool) -> tuple[int, dict, tuple]:
-    """What ``_h2_pack_x`` derives from K alone (memoised: it runs on every decode call): word rows, constexprs and
-    launch options, their key."""
+def _h2_pack_plan(K: int, trigger: bool) -> tuple[int, tuple, dict, tuple]:
+    """What ``_h2_pack_x`` derives from K alone (memoised: it runs on every decode call): word rows, grid,
+    constexprs and launch options, their key."""
     n_rows = cdiv(K, PACK_K) * 16
     const = dict(AMAX_K=min(4096, next_pow2(max(16, K))), BLOCK_R=min(512, next_pow2(n_rows)), TRIGGER=trigger,
                  num_warps=4)
-    return n_rows, const, (const_key(const), spec_key((K, n_rows)))
+    return n_rows, (cdiv(n_rows, const["BLOCK_R"]),), const, (const_key(const), spec_key((K, n_rows)))
 
 
 def _unpack_ref(qw, scales, zeros, bits, group_size, N, K):

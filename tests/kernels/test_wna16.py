@@ -305,19 +305,23 @@ def _gemv_launch_gives_the_true_k(wg, cfg):
     assert seen["grid"] == (2, 1, cfg["SPLIT_K"])
 
 
-@pytest.mark.parametrize("K", [128, 300, 1000, 4096])
+@pytest.mark.parametrize("K", [128, 300, 1000, 4096, 9000])
 def test_h2_pack_x_matches_its_reference(dev, K):
-    """PACKED_X's packing launch (one program: the row's prescale, then every word row's four half2 pairs in
-    planes) equals its torch reference bit for bit: fp16 and bf16, activations spanning 1e-3 to 3000 (the
-    prescale's range), a K tail (zero-padded to whole 128-K blocks), an all-zero row."""
+    """PACKED_X's packing launch (each program: the row's prescale, then its 512-row chunks' four half2 pairs in
+    planes; 9000: three programs, the last chunk short) equals its torch reference bit for bit, and so does one
+    program doing every chunk: fp16 and bf16, activations spanning 1e-3 to 3000 (the prescale's range), a K tail
+    (zero-padded to whole 128-K blocks), an all-zero row."""
     g = torch.Generator().manual_seed(K)
     n = wna16.cdiv(K, 128) * 64
+    assert wna16._h2_pack_plan(K, False)[1] == (wna16.cdiv(n // 4, 512),)
     for dtype in (torch.float16, torch.bfloat16):
         for scale in (1.0, 3000.0, 1e-3, 0.0):
             x = (torch.randn(1, K, generator=g) * scale).to(dtype).to(dev)
-            xp, xsc = wna16._h2_pack_x(x, K)
             rp, rsc = wna16.h2_pack_x_ref(x)
-            assert torch.equal(xp[:n], rp) and torch.equal(xsc[:1], rsc), (dtype, scale)
+            for programs in (None, 1):
+                xp, xsc = wna16._h2_pack_x(x, K, programs=programs)
+                assert torch.equal(xp[:n], rp) and torch.equal(xsc[:1], rsc), (dtype, scale, programs)
+                xp.fill_(-1), xsc.fill_(-1.0)  # (the scratch is shared: the next launch must write all of it)
             if scale:
                 # not a constant: the pairs hold x in its order (x * 2 would pack the same: a power-of-two prescale)
                 assert rp.unique().numel() > n // 8 and not torch.equal(rp, wna16.h2_pack_x_ref(x.roll(1, -1))[0])
