@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_issue19.sh w8-decode w8a8-2048  # W8A8 M <= 16 against GemLite (2-3% behind on the two
 #                                                        # large shapes at M = 1), then M = 2048
 #   bash benchmarks/gpu_issue19.sh w4-256                # all four shapes, every form (session 47 searched RS
-#                                                        # tiles only, on 4096x4096 and 6144x4096)
+#                                                        # tiles only, on 4096x4096 and 6144x4096, then added three
+#                                                        # 64-row warp-specialized tiles for 4096x4096's 0.87x)
 #   STAGE_LIMIT=110 SHAPES=4096x14336 bash benchmarks/gpu_issue19.sh w8a8-8192 mixed-8192   # the fourth shape
 #   On an H200 (H200.json), the session-47 sequence: CHECK_WORKERS=8 check-gemv w4-decode (GEMM_ONLY_KEYS=TMA_RING),
 #   check-ws w4-256 (GEMM_ONLY_KEYS=RS), w8a8-8192 mixed-8192, w8a8-256 mixed-256.
