@@ -3,7 +3,7 @@
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
 #   STAGE_LIMIT=150 bash benchmarks/gpu_issue19.sh w4-decode-parts check-all   # next: where the W4A16 M = 1 call's
-#                                                        # time goes at 28672x4096 / 4096x14336 (packing alone, the
+#                                                        # time goes at 28672x4096 / 4096x14336 / 4096x4096 (packing, the
 #                                                        # TMA-fed GEMV alone, the call with and without PDL: what
 #                                                        # keeps 4096x14336 at 55% of the copy floor), then every
 #                                                        # GPU kernel test on session 47's shipped configs (give
@@ -104,8 +104,8 @@ for stage in "$@"; do
       run mixed-256 python benchmarks/gemm.py --mixed-study --ms 256 --shapes $SHAPES ;;
     mixed-8192)
       run mixed-8192 python benchmarks/gemm.py --mixed-study --ms 8192 --shapes $SHAPES ;;
-    w4-decode-parts)  # W4A16 M = 1 by part (28672x4096 and 4096x14336; SHAPES_PARTS overrides)
-      run w4-decode-parts python benchmarks/gemm.py --decode-parts --shapes "${SHAPES_PARTS:-28672x4096,4096x14336}" ;;
+    w4-decode-parts)  # W4A16 M = 1 by part (28672x4096, 4096x14336, 4096x4096; SHAPES_PARTS overrides)
+      run w4-decode-parts python benchmarks/gemm.py --decode-parts --shapes "${SHAPES_PARTS:-28672x4096,4096x14336,4096x4096}" ;;
     w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (W4_DECODE_MS: the Ms)
       run w4-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w4a16 --ms "${W4_DECODE_MS:-1,16}" \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;
