@@ -934,8 +934,14 @@ def decode_parts(dev, gen, shapes, bw):
         shipped = wna16.CONFIGS.get(1, N, K, gpu)
         cfgs = [("shipped", shipped)] + [(f"TMA {t}", wna16._gemv_tma(*t)) for t in DECODE_PART_TILES
                                          if wna16._gemv_tma(*t) != shipped]
-        # the packing as calls launch it (a program per 512 word rows) and as one program doing every chunk
-        t_pack, t_pack1 = (bench_graph(lambda p=p: wna16._h2_pack_x(x, K, programs=p)) for p in (None, 1))
+        # the packing as calls launch it and as one 4-warp program walking the row in 4096 steps and every chunk
+        # (the launch before session 47)
+        t_pack = bench_graph(lambda: wna16._h2_pack_x(x, K))
+        n_rows, _, const, _ = wna16._h2_pack_plan(K, False)
+        xp1 = torch.empty(4 * n_rows, device=dev, dtype=torch.int32)
+        xsc1 = torch.empty(1, device=dev, dtype=torch.float32)
+        one = dict(const, AMAX_K=min(4096, const["AMAX_K"]), num_warps=4)
+        t_pack1 = bench_graph(lambda: wna16.h2_pack_x_kernel[(1,)](x, xp1, xsc1, K, n_rows, **one))
         for name, cfg in cfgs:
             if checked(lambda o: run_w4(L, x, cfg, o), ref, f"w4a16 M=1 N={N} K={K} {cfg}", fails) > TOL:
                 continue

@@ -967,26 +967,27 @@ def h2_pack_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([pr.reshape(-1) for pr in pairs]).reshape(-1), inv_sc.reshape(1)
 
 
-def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False, programs: int | None = None):
-    """``PACKED_X``: the h2 GEMV's activations prescaled and packed once for the call (``_h2_pack_x_kernel``, a
-    program per 512 word rows unless ``programs`` says otherwise: the decode benchmark compares) into this device's
-    scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``trigger``: the GEMV is launched
+def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False):
+    """``PACKED_X``: the h2 GEMV's activations prescaled and packed once for the call (``_h2_pack_x_kernel``) into
+    this device's scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``trigger``: the GEMV is launched
     programmatically next (PDL)."""
     n_rows, grid, const, ckey = _h2_pack_plan(K, trigger)
     xp = cached_buffer(x.device, torch.int32, 4 * n_rows, tag="h2_xpack")
     xsc = cached_buffer(x.device, torch.float32, 1, tag="h2_xscale")
-    fast_launch(h2_pack_x_kernel, grid if programs is None else (programs,), (x, xp, xsc, K, n_rows), const, ckey,
-                (x,))
+    fast_launch(h2_pack_x_kernel, grid, (x, xp, xsc, K, n_rows), const, ckey, (x,))
     return xp, xsc
 
 
 @functools.lru_cache(maxsize=1024)
 def _h2_pack_plan(K: int, trigger: bool) -> tuple[int, tuple, dict, tuple]:
     """What ``_h2_pack_x`` derives from K alone (memoised: it runs on every decode call): word rows, grid,
-    constexprs and launch options, their key."""
+    constexprs and launch options, their key.  The GEMV waits for all of the packing, so past K = 4096 it takes
+    the row's absolute maximum in one pass of up to 16384 (eight warps: 170 registers, no spill on sm_90) and a
+    program per 512 word rows, instead of one program's loops of dependent loads (4096 and 512 a step)."""
     n_rows = cdiv(K, PACK_K) * 16
-    const = dict(AMAX_K=min(4096, next_pow2(max(16, K))), BLOCK_R=min(512, next_pow2(n_rows)), TRIGGER=trigger,
-                 num_warps=4)
+    wide = K > 4096
+    const = dict(AMAX_K=min(16384 if wide else 4096, next_pow2(max(16, K))), BLOCK_R=min(512, next_pow2(n_rows)),
+                 TRIGGER=trigger, num_warps=8 if wide else 4)
     return n_rows, (cdiv(n_rows, const["BLOCK_R"]),), const, (const_key(const), spec_key((K, n_rows)))
 
 

@@ -313,15 +313,20 @@ def test_h2_pack_x_matches_its_reference(dev, K):
     (zero-padded to whole 128-K blocks), an all-zero row."""
     g = torch.Generator().manual_seed(K)
     n = wna16.cdiv(K, 128) * 64
-    assert wna16._h2_pack_plan(K, False)[1] == (wna16.cdiv(n // 4, 512),)
+    n_rows, grid, const, _ = wna16._h2_pack_plan(K, False)
+    assert n_rows == n // 4 and grid == (wna16.cdiv(n_rows, 512),)
+    one = dict(const, AMAX_K=min(4096, const["AMAX_K"]), num_warps=4)
     for dtype in (torch.float16, torch.bfloat16):
         for scale in (1.0, 3000.0, 1e-3, 0.0):
             x = (torch.randn(1, K, generator=g) * scale).to(dtype).to(dev)
             rp, rsc = wna16.h2_pack_x_ref(x)
-            for programs in (None, 1):
-                xp, xsc = wna16._h2_pack_x(x, K, programs=programs)
-                assert torch.equal(xp[:n], rp) and torch.equal(xsc[:1], rsc), (dtype, scale, programs)
-                xp.fill_(-1), xsc.fill_(-1.0)  # (the scratch is shared: the next launch must write all of it)
+            xp, xsc = wna16._h2_pack_x(x, K)
+            assert torch.equal(xp[:n], rp) and torch.equal(xsc[:1], rsc), (dtype, scale)
+            xp.fill_(-1), xsc.fill_(-1.0)  # (the scratch is shared: the next launch must write all of it)
+            # one program walking every chunk and the row in 4096 steps (the launch before session 47) agrees
+            xp1, xsc1 = torch.full_like(xp[:n], -1), torch.full_like(xsc[:1], -1.0)
+            wna16.h2_pack_x_kernel[(1,)](x, xp1, xsc1, K, n_rows, **one)
+            assert torch.equal(xp1, rp) and torch.equal(xsc1, rsc), (dtype, scale)
             if scale:
                 # not a constant: the pairs hold x in its order (x * 2 would pack the same: a power-of-two prescale)
                 assert rp.unique().numel() > n // 8 and not torch.equal(rp, wna16.h2_pack_x_ref(x.roll(1, -1))[0])
