@@ -924,9 +924,10 @@ def gemv_runs_on(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros)
 
 
 def gemv_rows_aligned(N: int, has_zero: bool) -> bool:
-    """Every row the GEMV's TMA boxes start at is a 16-byte multiple: the words' rows (N int32) and each group's
-    scales (N 16-bit) and zero points (N int8) in their flat rows.  A box starting off a 16-byte boundary is an
-    illegal instruction on an H100 (session 47: N = 1000 with zero points, group g's at byte 1000 g)."""
+    """Whether every row the GEMV's TMA boxes start in begins on a 16-byte boundary: the words' rows (N int32),
+    each group's scales (N 16-bit) and zero points (N int8) in their flat rows.  A box starting off a 16-byte
+    boundary is an illegal instruction on an H100 (session 47: N = 1000 with zero points, group g's at byte
+    1000 g)."""
     return N % 8 == 0 and (not has_zero or N % 16 == 0)
 
 
