@@ -454,7 +454,7 @@ def main():
             # W8A8 config that has one is measured too: the faster of the two becomes the entry's MIXED config
             walks = row["w8a8_cfg"] is not None and w8a8_gluon.walks(row["w8a8_cfg"])
             own = [cfg_ for _, cfg_ in res if not w8a8_gluon.walks(cfg_)][:1] if walks else []
-            two = [dict(row["w8a8_cfg"], MIXED_PASS=True)] if walks else []
+            two = [dict(row["w8a8_cfg"], MIXED_PASS=p) for p in (True, "walk")] if walks else []
             cm = [c for c in (row["w8a8_cfg"], mixed_cfg, *own, *two) if c is not None]
             cm = [c for i, c in enumerate(cm) if c not in cm[:i]]
             resm = []
@@ -661,12 +661,13 @@ def skipped(cfg: dict, shipped: bool = False) -> bool:
 def mixed_override(winner: dict, own: dict, mixed_times: list) -> dict | None:
     """The W8A8 winner has no mixed mode: the entry to write for it from the mixed calls measured with no FP16 row
     (``mixed_times``: [(config, us)]): the winner with ``MIXED_PASS`` (two launches: the winner on every row, then
-    the FP16 rows' tiles) or with ``own`` (the fastest W8A8 config that has a mixed mode) as its MIXED config,
-    whichever ran faster than the winner's fallback (``w8a8.mixed_config``); None: the fallback stays."""
+    the FP16 rows' tiles, a program a tile or, ``"walk"``, one an SM) or with ``own`` (the fastest W8A8 config
+    that has a mixed mode) as its MIXED config, whichever ran fastest if faster than the winner's fallback
+    (``w8a8.mixed_config``); None: the fallback stays."""
     key = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
     t = {key(c): us for c, us in mixed_times}
-    two = dict(winner, MIXED_PASS=True)
-    options = [(key(winner), winner), (key(two), two), (key(own), dict(winner, MIXED=own))]
+    two, walk = dict(winner, MIXED_PASS=True), dict(winner, MIXED_PASS="walk")
+    options = [(key(winner), winner), (key(two), two), (key(walk), walk), (key(own), dict(winner, MIXED=own))]
     timed = [(t[k], i, entry) for i, (k, entry) in enumerate(options) if k in t]
     if not timed:
         return None

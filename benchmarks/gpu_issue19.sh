@@ -8,6 +8,11 @@
 #                                                        # keeps 4096x14336 at 55% of the copy floor), then every
 #                                                        # GPU kernel test on session 47's shipped configs (give
 #                                                        # check-all STAGE_LIMIT=300 if it runs alone)
+#   CHECK_WORKERS=8 WS_LIMIT=200 STAGE_LIMIT=110 bash benchmarks/gpu_issue19.sh check-ws w8a8-8192 mixed-8192
+#                                                        # MIXED_PASS "walk" (built in session 47 after the runs:
+#                                                        # the second pass one program an SM instead of one a tile,
+#                                                        # whose empty programs cost +2.4% at M = 8192): its GPU test,
+#                                                        # then the search that weighs it against MIXED_PASS true
 #   bash benchmarks/gpu_issue19.sh w8-decode w8a8-2048  # W8A8 M <= 16 against GemLite (2-3% behind on the two
 #                                                        # large shapes at M = 1), then M = 2048
 #   bash benchmarks/gpu_issue19.sh w4-256                # all four shapes, every form (session 47 searched RS

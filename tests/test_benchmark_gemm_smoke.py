@@ -33,6 +33,9 @@ def test_a_winner_without_a_mixed_mode_gets_the_faster_mixed_config():
     tma = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3, BACKEND="tma")
     two = dict(ws, MIXED_PASS=True)
     assert gemm.mixed_override(ws, tma, [(ws, 1834.0), (tma, 1712.0)]) == dict(ws, MIXED=tma)
+    walk = dict(ws, MIXED_PASS="walk")  # the second pass walking the tiles one program an SM
+    assert gemm.mixed_override(ws, tma, [(ws, 1834.0), (two, 1530.0), (walk, 1470.0)]) == walk
+    assert gemm.mixed_override(ws, tma, [(ws, 1834.0), (two, 1470.0), (walk, 1530.0)]) == two
     assert gemm.mixed_override(ws, tma, [(ws, 1834.0), (tma, 1712.0), (two, 1530.0)]) == two
     assert gemm.mixed_override(ws, tma, [(ws, 265.0), (tma, 266.4), (two, 265.0)]) is None  # a tie keeps the winner
     assert gemm.mixed_override(ws, tma, [(ws, 265.0)]) is None  # the others failed their checks

@@ -297,13 +297,15 @@ GLUON_CHILD = textwrap.dedent(r'''
             regs=sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)), key=int),
             # barriers of a partition's own 128 threads (named), and of every thread (the partitions' hand-off)
             named=sorted(set(re.findall(r"bar\.sync\s+(\d+),\s*128;", ptx))), after_store_wait=after)
-    # MIXED_PASS's second launch (the FP16 rows' tiles after the warp-specialized kernel), on the plain tile
-    for copy in (False, True):
+    # MIXED_PASS's second launch (the FP16 rows' tiles after the warp-specialized kernel), on the plain tile: a
+    # program a tile, or one an SM walking the tiles
+    for copy, walk in ((False, False), (True, False), (False, True), (True, True)):
         pt = w8a8_gluon.plain_tile(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_stages=4, num_warps=4,
-                                        WARP_SPECIALIZE=True, MIXED_PASS=True))
-        k = w8a8_gluon.build_for_target(pt, torch.bfloat16, True, row_bits=True, fp16_copy=copy, fp16_pass=True)
+                                        WARP_SPECIALIZE=True, MIXED_PASS="walk" if walk else True))
+        k = w8a8_gluon.build_for_target(pt, torch.bfloat16, True, row_bits=True, fp16_copy=copy, fp16_pass=True,
+                                        walk=walk)
         ptx = k.asm["ptx"]
-        out[f"fp16 pass copy={copy}"] = dict(
+        out[f"fp16 pass copy={copy} walk={walk}"] = dict(
             fp16_pass=True, cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared, stages=pt["num_stages"],
             waits=sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))),
             int8_mmas=len(re.findall(r"wgmma\.mma_async[^;]*\.s8", ptx)),
@@ -336,7 +338,7 @@ def test_gluon_w8a8_builds_for_sm90_with_a_wgmma_in_flight():
     built = _gluon_builds(GLUON_CHILD)
     ws = {what: built.pop(what) for what in [w for w, b in built.items() if b.get("ws")]}
     passes = {what: built.pop(what) for what in [w for w, b in built.items() if b.get("fp16_pass")]}
-    assert len(passes) == 2, sorted(passes)
+    assert len(passes) == 4, sorted(passes)
     for what, b in passes.items():
         # the FP16 loop alone (bf16 wgmmas, one in flight, no INT8 wgmma), on a ring that lets two CTAs share an SM
         assert b["cubin"] and b["stages"] == 3 and 0 < b["shared"] <= (228 * 1024) // 2 - 1024, (what, b)

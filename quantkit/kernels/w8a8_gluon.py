@@ -473,24 +473,61 @@ if GLUON_ERROR is None:
             mbarrier.invalidate(turn.index(s))
 
     @gluon.jit
+    def _fp16_rows_walk(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K,
+                        STAGES: gl.constexpr, WARPS: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_FP16_W: gl.constexpr,
+                        CHUNK: gl.constexpr):
+        """The walking form of the second pass: this program's tiles (t = program, program + programs, ..., N tiles
+        fastest) whose M tile holds an FP16 row, through ``_fp16_rows``.  Which M tiles do is read CHUNK tiles at a
+        time (their row bits in one load, a chunk without an FP16 row skipped whole), so with no FP16 row a
+        program reads the row bits once per CHUNK tiles and stops."""
+        BM: gl.constexpr = xf_desc.block_type.shape[0]
+        BN: gl.constexpr = wf_desc.block_type.shape[0]
+        BITS: gl.constexpr = gl.BlockedLayout([1, 16], [32 * 16 // BM, BM // 16], [WARPS, 1], [1, 0])
+        tile_i = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, BITS))
+        row_i = gl.arange(0, BM, layout=gl.SliceLayout(0, BITS))
+        m_tiles = gl.cdiv(M, BM)
+        n_tiles = gl.cdiv(N, BN)
+        pid = gl.program_id(0)
+        P = gl.num_programs(0)
+        for c0 in range(0, m_tiles, CHUNK):
+            rows = (c0 + tile_i)[:, None] * BM + row_i[None, :]
+            has_fp = gl.max(gl.load(rb_ptr + rows, mask=rows < M, other=0).to(gl.int32) & 1, axis=1)  # [CHUNK]
+            if gl.sum(has_fp, axis=0) > 0:
+                t_lo = c0 * n_tiles
+                t_hi = gl.minimum(c0 + CHUNK, m_tiles) * n_tiles
+                for t in range(t_lo + (pid + P - t_lo % P) % P, t_hi, P):
+                    m = t // n_tiles
+                    if gl.sum(gl.where(tile_i == m - c0, has_fp, 0), axis=0) > 0:
+                        # every warp is done with the ring (the last tile's wgmmas) before TMA refills it
+                        _gluon.cta_barrier()
+                        _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, m * BM,
+                                   (t - m * n_tiles) * BN, M, N, K, STAGES, WARPS, HAS_BIAS, HAS_FP16_W)
+
+    @gluon.jit
     def w8a8_gluon_fp16_rows_kernel(a_desc, w_desc, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K,
                                     STAGES: gl.constexpr, WARPS: gl.constexpr, HAS_BIAS: gl.constexpr,
-                                    HAS_FP16_W: gl.constexpr):
+                                    HAS_FP16_W: gl.constexpr, WALK: gl.constexpr, CHUNK: gl.constexpr):
         """Mixed mode's second pass after the warp-specialized kernel (``MIXED_PASS``), which wrote every row as
-        INT8: grid (M tiles, N tiles); a tile holding an FP16 row recomputes and stores its FP16 rows with the plain
-        kernel's FP16 loop (``_fp16_rows``, so bit for bit the plain kernel's mixed result), any other tile only
-        reads its row bits."""
+        INT8: a tile holding an FP16 row recomputes and stores its FP16 rows with the plain kernel's FP16 loop
+        (``_fp16_rows``, so bit for bit the plain kernel's mixed result).  Grid (M tiles, N tiles), every other
+        tile reading its row bits and stopping; or with WALK (``MIXED_PASS: "walk"``) one program an SM walking
+        the tiles (``_fp16_rows_walk``): with no FP16 row the first form still launches every tile's program (a
+        wave costs about 1-2 us on an H100, 54 waves at M = 8192 on 28672 x 4096), the second one wave."""
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = w_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        off_m = gl.program_id(0) * BM
-        off_n = gl.program_id(1) * BN
-        rows = off_m + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
         a_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
         w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
-        if gl.sum(_fp_rows(rb_ptr, rows, M).to(gl.int32), axis=0) > 0:
-            _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n, M, N, K,
-                       STAGES, WARPS, HAS_BIAS, HAS_FP16_W)
+        if WALK:
+            _fp16_rows_walk(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, M, N, K, STAGES,
+                            WARPS, HAS_BIAS, HAS_FP16_W, CHUNK)
+        else:
+            off_m = gl.program_id(0) * BM
+            off_n = gl.program_id(1) * BN
+            rows = off_m + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+            if gl.sum(_fp_rows(rb_ptr, rows, M).to(gl.int32), axis=0) > 0:
+                _fp16_rows(a_ring, w_ring, xf_desc, wf_desc, c_ptr, ws_ptr, bias_ptr, rb_ptr, off_m, off_n, M, N,
+                           K, STAGES, WARPS, HAS_BIAS, HAS_FP16_W)
 
 
 def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) -> bool:
@@ -564,9 +601,19 @@ def walks(cfg: dict) -> bool:
 
 def mixed_pass(cfg: dict, out_bytes: int = 2) -> bool:
     """``MIXED_PASS`` on a warp-specialized config: a mixed call runs the warp-specialized kernel on every row (as
-    INT8), then a second launch recomputes only the tiles holding an FP16 row (``w8a8_gluon_fp16_rows_kernel``; the
-    other tiles read their row bits and stop). Opt-in: not yet measured on a GPU."""
+    INT8), then a second launch recomputes only the tiles holding an FP16 row (``w8a8_gluon_fp16_rows_kernel``:
+    with ``True`` a program a tile, the others reading their row bits and stopping; with ``"walk"`` one program
+    an SM walking the tiles, :func:`walks_fp16_rows`)."""
     return bool(cfg.get("MIXED_PASS")) and warp_specialized(cfg, False, out_bytes)
+
+
+FP16_WALK_CHUNK = 64  # M tiles whose row bits the walking second pass reads at once (a test makes it small)
+
+
+def walks_fp16_rows(cfg: dict) -> bool:
+    """``MIXED_PASS: "walk"``: the second pass walks the tiles one program an SM (with no FP16 row: one wave of
+    programs instead of one a tile)."""
+    return cfg.get("MIXED_PASS") == "walk"
 
 
 def mixed_tile(cfg: dict) -> dict:
@@ -624,14 +671,18 @@ def _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg: dict) -> torch.Tensor:
                           lambda: descriptors(a_q, w, out, cfg)[:3], dict(_gluon.WS_LAUNCH))
 
 
-def _launch_fp16_rows(a_q, w, w_scale, bias, out, cfg: dict, row_bits, x, w_fp16) -> torch.Tensor:
-    """``MIXED_PASS``'s second launch on ``cfg``'s tile (the plain kernel's, :func:`plain_tile`)."""
+def _launch_fp16_rows(a_q, w, w_scale, bias, out, cfg: dict, row_bits, x, w_fp16, walk: bool) -> torch.Tensor:
+    """``MIXED_PASS``'s second launch on ``cfg``'s tile (the plain kernel's, :func:`plain_tile`): a program a tile,
+    or with ``walk`` one an SM (:func:`walks_fp16_rows`)."""
     M, K = a_q.shape
     N = w.shape[0]
-    grid = ((M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], (N + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"])
+    if walk:
+        grid = (walk_programs(M, N, cfg, a_q.device),)
+    else:
+        grid = ((M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"], (N + cfg["BLOCK_N"] - 1) // cfg["BLOCK_N"])
     wf = w_fp16 if w_fp16 is not None else w
     named = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "HAS_BIAS": bias is not None,
-             "HAS_FP16_W": w_fp16 is not None}
+             "HAS_FP16_W": w_fp16 is not None, "WALK": walk, "CHUNK": FP16_WALK_CHUNK}
 
     def descs():
         a_d, w_d, _, xf_d, wf_d = descriptors(a_q, w, out, cfg, x, wf)
@@ -654,7 +705,8 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     mixed = row_bits is not None
     if mixed and mixed_pass(cfg, out.element_size()):
         _launch_ws(a_q, a_scale, w, w_scale, bias, out, cfg)  # every row as INT8, then the FP16 rows' tiles
-        return _launch_fp16_rows(a_q, w, w_scale, bias, out, plain_tile(cfg), row_bits, x, w_fp16)
+        return _launch_fp16_rows(a_q, w, w_scale, bias, out, plain_tile(cfg), row_bits, x, w_fp16,
+                                 walks_fp16_rows(cfg))
     if mixed and walks(cfg):
         cfg = plain_tile(cfg)
     if warp_specialized(cfg, mixed, out.element_size()):  # launched after the quantization has finished (no PDL)
@@ -679,12 +731,14 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
 
 
 def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False, cc: int = 90,
-                     row_bits: bool = False, fp16_copy: bool = False, pdl: bool = False, fp16_pass: bool = False):
+                     row_bits: bool = False, fp16_copy: bool = False, pdl: bool = False, fp16_pass: bool = False,
+                     walk: bool = False):
     """Compile the kernel for sm_``cc`` without a GPU (the descriptor signatures mangled from CPU tensors as a
     launch would; Triton's Gluon pipeline, LLVM and ptxas): the CPU suite's build check and the probe's report.
     ``row_bits``: mixed mode (x of ``out_dtype``), FP16 rows on an FP16 copy of the weight or on the int8 one;
     ``pdl``: the programmatic launch's form.  A ``WARP_SPECIALIZE`` config of a plain call builds the
-    warp-specialized kernel; ``fp16_pass`` (with ``row_bits``) ``MIXED_PASS``'s second launch."""
+    warp-specialized kernel; ``fp16_pass`` (with ``row_bits``) ``MIXED_PASS``'s second launch (``walk``: its
+    walking form)."""
     a = torch.empty(256, 256, dtype=torch.int8)
     w = torch.empty(256, 256, dtype=torch.int8)
     c = torch.empty(256, 256, dtype=out_dtype)
@@ -702,7 +756,8 @@ def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False,
     consts = {"STAGES": cfg["num_stages"], "WARPS": cfg["num_warps"], "OUT_INT32": out_dtype == torch.int32,
               "HAS_BIAS": has_bias, "ROW_BITS": row_bits, "HAS_FP16_W": row_bits and fp16_copy, "PDL": pdl,
               "GROUP_M": cfg.get("GROUP_M", 8), "SPLIT_K": int(cfg.get("SPLIT_K", 1)),
-              "MMA_REGS": _gluon.WS_MMA_REGS, "LOAD_REGS": _gluon.WS_LOAD_REGS}
+              "MMA_REGS": _gluon.WS_MMA_REGS, "LOAD_REGS": _gluon.WS_LOAD_REGS, "WALK": walk,
+              "CHUNK": FP16_WALK_CHUNK}
     options = {}
     if fp16_pass:
         kernel = w8a8_gluon_fp16_rows_kernel

@@ -329,22 +329,28 @@ def test_gluon_warp_specialized_kernel_matches_the_tensor_core_kernel(layer, M, 
     # (int32 store buffers fit the 64-row tile only)
     _walking_kernel_checks(layer, M, cfg, w8a8_gluon.warp_specialized(cfg, out_bytes=4), monkeypatch)
     # MIXED_PASS: every row by the warp-specialized kernel, then the FP16 rows' tiles again: bit for bit the plain
-    # kernel's mixed result (some FP16 rows, none, all; on the FP16 copy and on the int8 weight; with bias)
+    # kernel's mixed result (FP16 rows in one M tile, spread over several, none, all; on the FP16 copy and on the
+    # int8 weight; with bias); a program a tile, or one an SM walking the tiles ("walk"; its row bits read 64 M
+    # tiles at once, and 2 at once so that several chunks, some without an FP16 row, are walked)
     monkeypatch.undo()
     N, K, W = layer["N"], layer["K"], layer["W8"]
-    mp = dict(cfg, MIXED_PASS=True)
-    assert w8a8_gluon.mixed_pass(mp) and w8a8_gluon.mixed_tile(mp) is mp and not w8a8_gluon.mixed_pass(cfg)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     b = torch.randn(N, device="cuda", dtype=torch.float16)
     some = torch.zeros(M, dtype=torch.uint8, device="cuda")
     some[M // 2: M // 2 + 3] = 1
-    for rb in (some, torch.zeros_like(some), torch.ones_like(some)):
-        for wf in (layer["w16"].half(), None):
-            y = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=mp, row_bits=rb, w_fp16=wf,
-                                        out=poison((M, N), torch.float16, "cuda"))
-            ref = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=w8a8_gluon.plain_tile(cfg), row_bits=rb,
-                                          w_fp16=wf)
-            assert torch.equal(y, ref), (int(rb.sum()), wf is not None)
+    spread = (torch.arange(M, device="cuda") % 97 == 5).to(torch.uint8)
+    for form, chunk in ((True, 64), ("walk", 64), ("walk", 2)):
+        monkeypatch.setattr(w8a8_gluon, "FP16_WALK_CHUNK", chunk)
+        mp = dict(cfg, MIXED_PASS=form)
+        assert w8a8_gluon.mixed_pass(mp) and w8a8_gluon.mixed_tile(mp) is mp and not w8a8_gluon.mixed_pass(cfg)
+        assert w8a8_gluon.walks_fp16_rows(mp) == (form == "walk")
+        for rb in (some, spread, torch.zeros_like(some), torch.ones_like(some)):
+            for wf in (layer["w16"].half(), None):
+                y = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=mp, row_bits=rb, w_fp16=wf,
+                                            out=poison((M, N), torch.float16, "cuda"))
+                ref = w8a8.w8a8_linear_triton(x, W.w, W.scale, b, config=w8a8_gluon.plain_tile(cfg), row_bits=rb,
+                                              w_fp16=wf)
+                assert torch.equal(y, ref), (form, chunk, int(rb.sum()), wf is not None)
 
 
 def _graph_replays_match(W, x, cfg, ref_cfg, replays=3):

@@ -173,6 +173,10 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     assert w8a8_gluon.mixed_pass(mp) and w8a8_gluon.mixed_tile(mp) is mp
     assert not w8a8_gluon.mixed_pass(dict(glu, MIXED_PASS=True))
     assert w8a8_gluon.plain_tile(mp) == w8a8_gluon.mixed_tile(ws)
+    # ... "walk": the same two launches, the second one walking the tiles one program an SM
+    walk = dict(ws, MIXED_PASS="walk")
+    assert w8a8_gluon.mixed_pass(walk) and w8a8_gluon.walks_fp16_rows(walk) and not w8a8_gluon.walks_fp16_rows(mp)
+    assert w8a8_gluon.plain_tile(walk) == w8a8_gluon.mixed_tile(ws)
     # an entry's own MIXED config wins for mixed calls, and plain calls never see the key
     entry = dict(ws, MIXED=dict(glu, BLOCK_M=64))
     assert w8a8.mixed_config(entry) == dict(glu, BLOCK_M=64) and w8a8.mixed_config(ws) == w8a8_gluon.mixed_tile(ws)
