@@ -32,7 +32,7 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 import triton  # noqa: E402
 
 from quantkit.kernels import act_quant, mixed, w8a8, w8a8_gluon, wna16  # noqa: E402
-from quantkit.kernels._common import cdiv, gpu_key, m_bucket, splitk_buffers  # noqa: E402
+from quantkit.kernels._common import gpu_key, m_bucket  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py)
 
@@ -919,8 +919,6 @@ def decode_parts(dev, gen, shapes, bw):
     the packing launch alone (``wna16._h2_pack_x``), the TMA-fed GEMV alone on x packed beforehand, and the whole
     call with and without PDL, for the shipped config and the TMA-fed tiles of DECODE_PART_TILES; each checked
     against the reference first, the copy floor beside them."""
-    from quantkit.kernels import wna16_gluon
-
     gpu = gpu_key(torch.empty(1, device=dev))
     fails = []
     lines = ["| N | K | config | floor us | pack alone us (one program) | GEMV alone us | call, PDL us (% of floor) | "
@@ -950,11 +948,12 @@ def decode_parts(dev, gen, shapes, bw):
             t_call = bench_graph_rot([lambda c_=c_: run_w4(c_, x, cfg, out) for c_ in copies])
             t_nopdl = bench_graph_rot([lambda c_=c_: run_w4(c_, x, no_pdl, out) for c_ in copies])
             t_gemv = float("nan")
-            plan = wna16_gluon.gemv_plan(no_pdl, N, x.dtype, False, False, False) if cfg.get("TMA_RING") else None
-            if plan is not None and plan.runs_on(x, L.wi4.qw, L.wi4.scales, None):
+            # the call's own launch plan (wna16._plan: the TMA-fed GEMV's, its split-K buffers) on the no-PDL config
+            W0 = L.wi4
+            backend, _, _, plan, ws, lock, _ = wna16._plan(x, 1, N, K, 4, W0.group_size, W0.scales.shape[0], False,
+                                                           False, no_pdl)
+            if backend == "gemv_tma" and plan is not None and plan.runs_on(x, W0.qw, W0.scales, None):
                 xp, xsc = wna16._h2_pack_x(x, K)
-                sk, bn = int(cfg.get("SPLIT_K", 1)), cfg["BLOCK_N"]
-                ws, lock = splitk_buffers(dev, cdiv(N, bn), sk, bn, 4)
 
                 def gemv(c_, o):
                     W = c_.wi4
