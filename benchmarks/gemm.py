@@ -324,6 +324,9 @@ def main():
                          "eager times measure the host); the tables still report eager and graph times")
     ap.add_argument("--decode-parts", action="store_true",
                     help="only: W4A16 M = 1 by part (packing, TMA-fed GEMV, whole call; graph replay)")
+    ap.add_argument("--decode-fit", action="store_true",
+                    help="only: W4A16 M = 1 time against bytes moved for tinygemm and our GEMVs (graph replay), each "
+                         "kernel's fixed cost and streaming rate fitted (--shapes overrides DECODE_FIT_POINTS)")
     ap.add_argument("--mixed-study", action="store_true",
                     help="only: mixed-mode variants (BLOCK_KF, STAGES_F, TMA_F, MAXNREG) vs plain W8A8 / cuBLAS")
     args = ap.parse_args()
@@ -352,6 +355,8 @@ def main():
         return peer_study(dev, gen, shapes, ms, bw, args)
     if args.decode_parts:
         return decode_parts(dev, gen, shapes if args.shapes else [(28672, 4096), (4096, 14336)], bw)
+    if args.decode_fit:
+        return decode_fit(dev, gen, shapes if args.shapes else DECODE_FIT_POINTS, bw)
     if args.mixed_study:
         return mixed_study(dev, gen, shapes if args.shapes else [(28672, 4096), (4096, 4096)], ms if args.ms else
                            [64, 256, 2048])
@@ -968,6 +973,82 @@ def decode_parts(dev, gen, shapes, bw):
     log("W4A16 M = 1 by part (CUDA-graph replay, us; `pack alone`: the x packing launch, `GEMV alone`: the TMA-fed "
         "GEMV on x packed beforehand; floor: the bytes moved at the copy bandwidth):\n")
     log("\n".join(lines))
+    log(f"failures: {len(fails)}")
+    return 1 if fails else 0
+
+
+# (N, K) points of the decode fit: 2-60 MB of packed weight, 4096 columns with K growing and K = 4096 with the
+# columns growing (the shapes the M = 1 targets name among them)
+DECODE_FIT_POINTS = [(4096, 2048), (4096, 4096), (4096, 8192), (4096, 14336), (2048, 4096), (8192, 4096),
+                     (16384, 4096), (28672, 4096)]
+# the fixed configs the fit follows across the points beside tinygemm and each point's shipped config: the TMA-fed
+# GEMV's tiles shipped at 4096x14336 and 28672x4096 and a 4-way split one, and the half2 GEMV shipped at 4096x4096
+DECODE_FIT_CONFIGS = [("TMA (128, 8, 4, 6)", wna16._gemv_tma(128, 8, 4, 6)),
+                      ("TMA (128, 4, 4, 8)", wna16._gemv_tma(128, 4, 4, 8)),
+                      ("TMA (256, 1, 4, 6)", wna16._gemv_tma(256, 1, 4, 6)),
+                      ("h2 (64, 4, 8, 4) slice", dict(wna16._gemv_h2(64, 4, 8, 4), SLICE_PRESCALE=True))]
+
+
+def line_fit(xs, ys):
+    """Least-squares line y = a + b x: (a, b, the largest |residual|)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x_ - mx) ** 2 for x_ in xs)
+    b = sum((x_ - mx) * (y_ - my) for x_, y_ in zip(xs, ys)) / sxx if sxx else 0.0
+    a = my - b * mx
+    return a, b, max(abs(a + b * x_ - y_) for x_, y_ in zip(xs, ys))
+
+
+def decode_fit(dev, gen, points, bw):
+    """W4A16 M = 1 (bf16 x) in CUDA-graph replay over rotated weight copies, against the bytes each call must move
+    (``w4_decode_bytes``), for tinygemm, each point's shipped config and the fixed configs of DECODE_FIT_CONFIGS,
+    each checked against the reference first; then each kernel's least-squares line t = t0 + bytes / BW over the
+    points. t0 is what a call costs beyond streaming its bytes (launch, prologue, the first loads' latency, a K
+    split's reduction, the tail), BW the rate it streams at: which of the two keeps a kernel behind tinygemm on the
+    small shapes and under the copy floor on the large ones."""
+    gpu = gpu_key(torch.empty(1, device=dev))
+    fails, times = [], {}
+    names = ["tinygemm", "shipped"] + [n for n, _ in DECODE_FIT_CONFIGS]
+    one = torch.zeros(1, device=dev)
+    t_empty = bench_graph(lambda: one.add_(1))
+    lines = ["| N | K | MB | floor us | " + " | ".join(f"{n} us" for n in names) + " |",
+             "|---" * (4 + len(names)) + "|"]
+    for N, K in points:
+        L = Layer(N, K, dev, gen)
+        copies = weight_copies(L, "w4a16")
+        x = torch.randn(1, K, device=dev, dtype=torch.float16, generator=gen).to(torch.bfloat16)
+        ref = x.float() @ wna16.dequant_ref(L.q4, L.wi4.scales.t().float(), None).t()
+        out = torch.empty(1, N, device=dev, dtype=torch.bfloat16)
+        nbytes = w4_decode_bytes(N, K)
+        row = {}
+        try:
+            tg = peers.tinygemm_layers(L.q4, L.wi4.scales.t().float(), len(copies), x, ref, rel, TOL)
+            row["tinygemm"] = bench_graph_rot([lambda t=t: peers.tinygemm_run(x, t[0], t[1]) for t in tg])
+        except Exception as e:  # a blank column, not a crash
+            log(f"tinygemm unavailable at N={N} K={K}: {type(e).__name__}: {str(e)[:160]}")
+        for name, cfg in [("shipped", wna16.CONFIGS.get(1, N, K, gpu))] + DECODE_FIT_CONFIGS:
+            if checked(lambda o: run_w4(L, x, cfg, o), ref, f"w4a16 M=1 N={N} K={K} {cfg}", fails) > TOL:
+                continue
+            row[name] = bench_graph_rot([lambda c_=c_: run_w4(c_, x, cfg, out) for c_ in copies])
+        for n_, t in row.items():
+            times.setdefault(n_, []).append((nbytes, t))
+        lines.append(f"| {N} | {K} | {nbytes / 1e6:.1f} | {nbytes / bw * 1e6:.1f} | " + " | ".join(
+            f"{row[n]:.1f}" if n in row else "" for n in names) + " |")
+        log(lines[-1])
+        del L, copies
+    fit = ["| kernel | t0 us | BW TB/s | largest residual us | points |", "|---|---|---|---|---|"]
+    for n in names:
+        pts = times.get(n, [])
+        if len(pts) < 2:
+            continue
+        a, b, r = line_fit([p_[0] for p_ in pts], [p_[1] for p_ in pts])
+        fit.append(f"| {n} | {a:.2f} | {1e-6 / b if b > 0 else float('nan'):.2f} | {r:.2f} | {len(pts)} |")
+    log("")
+    log("W4A16 M = 1 against the bytes moved (bf16 x, CUDA-graph replay over rotated weights, us; floor: the bytes at "
+        f"the copy bandwidth; an empty graph launch, `one.add_(1)`, measures {t_empty:.2f} us):\n")
+    log("\n".join(lines))
+    log("\nEach kernel's line t = t0 + bytes / BW over the points (least squares):\n")
+    log("\n".join(fit))
     log(f"failures: {len(fails)}")
     return 1 if fails else 0
 

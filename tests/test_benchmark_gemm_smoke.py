@@ -78,3 +78,28 @@ def test_decode_parts_times_the_packing_and_each_call_checked():
         assert cells[5] == "nan" and float(cells[6].split()[0]) > 0 and float(cells[7]) > 0
     assert "failures: 0" in p.stdout
     assert gemm.w4_decode_bytes(4096, 14336) == 4096 * 14336 // 2 + 4096 * 112 * 2 + 2 * 14336 + 2 * 4096
+
+
+def test_decode_fit_times_each_kernel_and_fits_its_line():
+    """``--decode-fit``: W4A16 M = 1 at several sizes for tinygemm (a blank column where it cannot run: the CPU),
+    each point's shipped config and the fixed configs, every call checked first; then each kernel's line
+    t = t0 + bytes / BW. The line fit itself is checked on exact points."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gemm.py"), "--smoke", "--decode-fit",
+                        "--shapes", "256x128,256x256"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gemm
+
+    points = [r for r in p.stdout.splitlines() if r.startswith("| 256 | ") and "{" not in r]
+    assert len(points) == 2 * 2  # each point logged as measured, then in the table
+    for r in points:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells[4] == ""  # tinygemm: no CPU kernel
+        assert all(float(c) > 0 for c in cells[5:]) and len(cells) == 5 + 1 + len(gemm.DECODE_FIT_CONFIGS)
+    fits = [r for r in p.stdout.splitlines() if r.startswith("| shipped |") or r.startswith("| TMA (")]
+    assert len(fits) == 1 + 3 and "failures: 0" in p.stdout
+    # 3 us and 2 TB/s (0.5e-6 us a byte): the table's BW column is 1e-6 / slope
+    a, b, r = gemm.line_fit([10e6, 20e6, 40e6], [3.0 + 5.0, 3.0 + 10.0, 3.0 + 20.0])
+    assert abs(a - 3.0) < 1e-9 and abs(1e-6 / b - 2.0) < 1e-9 and r < 1e-9
+    a, b, r = gemm.line_fit([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert abs(b - 0.5) < 1e-12 and abs(a - 1.0) < 1e-12 and abs(r - 1.0) < 1e-12  # (2, 3) is 1 off
