@@ -31,7 +31,7 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 
 import triton  # noqa: E402
 
-from quantkit.kernels import act_quant, mixed, w8a8, w8a8_gluon, wna16  # noqa: E402
+from quantkit.kernels import act_quant, mixed, w8a8, w8a8_gluon, wna16, wna16_gluon  # noqa: E402
 from quantkit.kernels._common import gpu_key, m_bucket  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py)
@@ -145,8 +145,6 @@ def wna16_candidates(M):
     """The tl.dot kernels' configs, then (M > 16) the Gluon kernel's (``wna16_gluon.candidates``; sm_90 only, the
     tl.dot kernel's plan runs elsewhere)."""
     if M > 16:
-        from quantkit.kernels import wna16_gluon
-
         return _wna16_dot_candidates(M) + wna16_gluon.candidates(M)
     return _wna16_dot_candidates(M)
 
@@ -327,6 +325,9 @@ def main():
     ap.add_argument("--decode-fit", action="store_true",
                     help="only: W4A16 M = 1 time against bytes moved for tinygemm and our GEMVs (graph replay), each "
                          "kernel's fixed cost and streaming rate fitted (--shapes overrides DECODE_FIT_POINTS)")
+    ap.add_argument("--decode-timeline", action="store_true",
+                    help="only: the TMA-fed W4A16 GEMV at M = 1 from the inside (its timestamped build: launch gaps, "
+                         "start spread, first-slot latency, loop, epilogue; sm_90)")
     ap.add_argument("--mixed-study", action="store_true",
                     help="only: mixed-mode variants (BLOCK_KF, STAGES_F, TMA_F, MAXNREG) vs plain W8A8 / cuBLAS")
     args = ap.parse_args()
@@ -355,6 +356,8 @@ def main():
         return peer_study(dev, gen, shapes, ms, bw, args)
     if args.decode_parts:
         return decode_parts(dev, gen, shapes if args.shapes else [(28672, 4096), (4096, 14336)], bw)
+    if args.decode_timeline:
+        return decode_timeline(dev, gen, shapes if args.shapes else [(4096, 4096), (4096, 14336), (28672, 4096)])
     if args.decode_fit:
         return decode_fit(dev, gen, shapes if args.shapes else DECODE_FIT_POINTS, bw)
     if args.mixed_study:
@@ -1049,6 +1052,107 @@ def decode_fit(dev, gen, points, bw):
     log("\n".join(lines))
     log("\nEach kernel's line t = t0 + bytes / BW over the points (least squares):\n")
     log("\n".join(fit))
+    log(f"failures: {len(fails)}")
+    return 1 if fails else 0
+
+
+def timeline_summary(tl, f_ghz=None) -> dict:
+    """One replay's timestamps of a graph of launches (``tl``: (launches, programs, TIMELINE_SLOTS) int64, in
+    ``wna16_gluon.TIMELINE_FIELDS``' order) -> us: the time per launch (first program's start to the next launch's),
+    the kernel's span (first start to last end), the gap from a launch's last end to the next launch's first start,
+    how far apart its programs start and end (last end - median end), and inside a program (medians; clock64 at the
+    SM clock the two timers give, or ``f_ghz``): the loader's start to the first slot landed, the multipliers'
+    start to it, the loop and the epilogue. Programs with no block (an empty K split) count for the spans only."""
+    import statistics as st
+
+    F = {n: i for i, n in enumerate(wna16_gluon.TIMELINE_FIELDS)}
+    t = tl.to(torch.float64)
+    start, end = t[:, :, F["start_ns"]], t[:, :, F["end_ns"]]
+    s0, e1 = start.min(1).values, end.max(1).values
+    n = t.shape[0]
+    cyc = t[:, :, F["end"]] - t[:, :, F["start"]]
+    ns = end - start
+    ghz = f_ghz if f_ghz else (cyc.sum() / ns.sum()).item()
+    live = t[:, :, F["first"]] > 0
+    med = lambda a: st.median(a[live].tolist()) / ghz / 1e3 if live.any() else float("nan")  # noqa: E731
+    return dict(
+        per_launch=((s0[-1] - s0[0]) / (n - 1)).item() / 1e3 if n > 1 else float("nan"),
+        span=st.median((e1 - s0).tolist()) / 1e3,
+        gap=st.median((s0[1:] - e1[:-1]).tolist()) / 1e3 if n > 1 else float("nan"),
+        start_spread=st.median((start.max(1).values - s0).tolist()) / 1e3,
+        end_tail=st.median((e1 - end.quantile(0.5, dim=1)).tolist()) / 1e3,
+        load_to_first=med(t[:, :, F["first"]] - t[:, :, F["load_start"]]),
+        mul_to_first=med(t[:, :, F["first"]] - t[:, :, F["start"]]),
+        loop=med(t[:, :, F["loop_end"]] - t[:, :, F["first"]]),
+        epilogue=med(t[:, :, F["end"]] - t[:, :, F["loop_end"]]),
+        ghz=ghz)
+
+
+def decode_timeline(dev, gen, shapes):
+    """The TMA-fed W4A16 GEMV at M = 1 from the inside: its TIMELINE build (``wna16_gluon``: every program writes
+    clock64 / globaltimer stamps) on x packed beforehand, no PDL, replayed in a CUDA graph over rotated weight
+    copies as the timings are, for the shipped config where it is this kernel's and the tiles of
+    DECODE_PART_TILES; each checked against the reference first, the plain build's graph time beside it (what the
+    stamps cost). Where the ~6 us a call costs beyond streaming its bytes goes (BENCHMARKS.md, session 48): the
+    launches' gaps, the programs' start spread and tail, the first slot's latency, the loop, the epilogue."""
+    gpu = gpu_key(torch.empty(1, device=dev))
+    if not (dev.type == "cuda" and wna16_gluon.GLUON_ERROR is None
+            and torch.cuda.get_device_capability(dev)[0] == 9):
+        log("--decode-timeline: the TMA-fed GEMV needs an sm_90 GPU with Gluon; nothing timed")
+        return 0
+    fails = []
+    cols = ["GEMV alone us (stamped)", "per launch us", "span us", "gap us", "start spread us", "end tail us",
+            "loader start -> first slot us", "multipliers' start -> first slot us", "loop us", "epilogue us", "SM GHz"]
+    lines = ["| N | K | config | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
+    for N, K in shapes:
+        L = Layer(N, K, dev, gen)
+        copies = weight_copies(L, "w4a16")
+        x = torch.randn(1, K, device=dev, dtype=torch.float16, generator=gen)
+        ref = refs(L, x)["w4"]
+        out = torch.empty(1, N, device=dev, dtype=torch.float16)
+        shipped = wna16.CONFIGS.get(1, N, K, gpu)
+        tiles = ([("shipped", shipped)] if wna16_gluon.gemv_ring(shipped) else []) + [
+            (f"TMA {t_}", wna16._gemv_tma(*t_)) for t_ in DECODE_PART_TILES if wna16._gemv_tma(*t_) != shipped]
+        xp, xsc = wna16._h2_pack_x(x, K)
+        W0 = L.wi4
+        for name, cfg in tiles:
+            cfg = {k: v for k, v in cfg.items() if k != "PDL"}
+            _, _, _, _, ws, lock, _ = wna16._plan(x, 1, N, K, 4, W0.group_size, W0.scales.shape[0], False, False, cfg)
+            plans = {tl_: wna16_gluon.gemv_plan(cfg, N, x.dtype, False, False, False, timeline=tl_)
+                     for tl_ in (False, True)}
+            if plans[True] is None or not plans[True].runs_on(x, W0.qw, W0.scales, None):
+                log(f"N={N} K={K} {name}: the TMA-fed GEMV does not run this tile here")
+                continue
+            n_prog = plans[True].grid[0] * plans[True].grid[2]
+            stamps = torch.zeros(len(copies), n_prog, len(wna16_gluon.TIMELINE_FIELDS), dtype=torch.int64,
+                                 device=dev)
+
+            def gemv(c_, o, tl_=None):
+                W = c_.wi4
+                return plans[tl_ is not None].launch(xp, xsc, W.qw, W.scales, None, None, o, ws, lock, W.group_size,
+                                                     N, K, timeline=tl_)
+            if checked(lambda o: gemv(L, o, stamps[0]), ref, f"GEMV (stamped) N={N} K={K} {cfg}", fails) > TOL:
+                continue
+            t_plain = bench_graph_rot([lambda c_=c_: gemv(c_, out) for c_ in copies])
+            t_stamped = bench_graph_rot([lambda c_=c_, i=i: gemv(c_, out, stamps[i]) for i, c_ in enumerate(copies)])
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for i, c_ in enumerate(copies):
+                    gemv(c_, out, stamps[i])
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+            sm = timeline_summary(stamps.cpu())
+            lines.append(f"| {N} | {K} | {name} | {t_plain:.1f} ({t_stamped:.1f}) | " + " | ".join(
+                f"{sm[k]:.2f}" for k in ("per_launch", "span", "gap", "start_spread", "end_tail", "load_to_first",
+                                          "mul_to_first", "loop", "epilogue", "ghz")) + " |")
+            log(lines[-1] + f" {cfg}")
+        del L, copies
+    log("")
+    log("The TMA-fed GEMV at M = 1 from the inside (x packed beforehand, no PDL, CUDA-graph replay over rotated "
+        "weights; `GEMV alone`: the plain build's time a call (the stamped build's); the rest from the stamped "
+        "build's last replay, medians over launches and programs):\n")
+    log("\n".join(lines))
     log(f"failures: {len(fails)}")
     return 1 if fails else 0
 

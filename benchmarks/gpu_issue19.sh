@@ -39,7 +39,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="check check-ws check-gemv check-all w4-decode-parts w4-decode-fit w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
+STAGES="check check-ws check-gemv check-all w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -113,6 +113,8 @@ for stage in "$@"; do
       run w4-decode-parts python benchmarks/gemm.py --decode-parts --shapes "${SHAPES_PARTS:-28672x4096,4096x14336,4096x4096}" ;;
     w4-decode-fit)  # W4A16 M = 1 time against bytes (8 sizes, 2-60 MB): each kernel's fixed cost and rate
       run w4-decode-fit python benchmarks/gemm.py --decode-fit ;;
+    w4-decode-timeline)  # the TMA-fed GEMV's timestamped build: launch gaps, start spread, first slot, loop, epilogue
+      run w4-decode-timeline python benchmarks/gemm.py --decode-timeline ;;
     w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (W4_DECODE_MS: the Ms)
       run w4-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w4a16 --ms "${W4_DECODE_MS:-1,16}" \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;

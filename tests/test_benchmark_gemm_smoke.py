@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -103,3 +105,36 @@ def test_decode_fit_times_each_kernel_and_fits_its_line():
     assert abs(a - 3.0) < 1e-9 and abs(1e-6 / b - 2.0) < 1e-9 and r < 1e-9
     a, b, r = gemm.line_fit([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
     assert abs(b - 0.5) < 1e-12 and abs(a - 1.0) < 1e-12 and abs(r - 1.0) < 1e-12  # (2, 3) is 1 off
+
+
+def test_decode_timeline_summary_reads_the_stamps():
+    """``--decode-timeline``: off sm_90 it says so and times nothing; ``timeline_summary`` turns a replay's stamps
+    (two launches of two programs, one an empty K split) into the spans, gaps and in-program times."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gemm.py"), "--smoke", "--decode-timeline"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0 and "needs an sm_90 GPU with Gluon; nothing timed" in p.stdout, p.stdout + p.stderr
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+
+    import gemm
+    from quantkit.kernels import wna16_gluon
+
+    F = {n: i for i, n in enumerate(wna16_gluon.TIMELINE_FIELDS)}
+
+    def prog(start_ns, end_ns, load_start, first, loop_end, clk0=1000):
+        row = [0] * len(F)  # clock64 at 2 cycles a ns from clk0 at start_ns
+        row[F["start_ns"]], row[F["end_ns"]] = start_ns, end_ns
+        row[F["start"]], row[F["end"]] = clk0, clk0 + 2 * (end_ns - start_ns)
+        row[F["load_start"]], row[F["first"]], row[F["loop_end"]] = load_start, first, loop_end
+        return row
+
+    tl = torch.tensor([[prog(0, 5000, 900, 3000, 9000), prog(400, 4000, 1300, 0, 0, clk0=1400)],
+                       [prog(7000, 12000, 900, 3000, 9000), prog(7200, 11000, 1300, 0, 0, clk0=1400)]])
+    s = gemm.timeline_summary(tl)
+    want = dict(ghz=2.0, per_launch=7.0, span=5.0, gap=2.0,  # the gap: 7000 - 5000 ns
+                start_spread=(0.4 + 0.2) / 2,  # the median of the two launches' spreads
+                end_tail=(0.5 + 0.5) / 2,  # last end - median end
+                # in-program times from the live programs only (the empty split has no first slot): 2 cycles a ns
+                load_to_first=(3000 - 900) / 2 / 1e3, mul_to_first=(3000 - 1000) / 2 / 1e3,
+                loop=(9000 - 3000) / 2 / 1e3, epilogue=(1000 + 10000 - 9000) / 2 / 1e3)
+    assert s == pytest.approx(want, rel=1e-12)

@@ -498,7 +498,8 @@ W4_GEMV_CHILD = textwrap.dedent(r'''
     out = {}
     for (bn, sk, w, ring), v in [((128, 1, 4, 8), dict()), ((128, 2, 4, 12), dict(has_zero=True, has_bias=True)),
                                  ((256, 2, 4, 6), dict(has_zero=True, dtype=torch.bfloat16, pdl=False)),
-                                 ((256, 4, 8, 6), dict()), ((256, 1, 4, 12), dict(has_zero=True))]:
+                                 ((256, 4, 8, 6), dict()), ((256, 1, 4, 12), dict(has_zero=True)),
+                                 ((128, 8, 4, 6), dict(timeline=True))]:
         cfg = wna16._gemv_tma(bn, sk, w, ring)
         k = wg.build_gemv_for_target(cfg, **v)
         ptx = k.asm["ptx"]
@@ -508,6 +509,7 @@ W4_GEMV_CHILD = textwrap.dedent(r'''
             warps=k.metadata.num_warps, cols=bn // (32 * w), pdl=v.get("pdl", True),
             maxnreg=sorted(set(re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx))),
             gdc_waits=ptx.count("griddepcontrol.wait"), tma=ptx.count("cp.async.bulk.tensor"),
+            timers=[ptx.count("%globaltimer"), ptx.count("%clock64")], timeline=v.get("timeline", False),
             loop=None if body is None else dict(n=len(body), tma=sum(o.startswith("UTMALDG") for o in body),
                                                 bars=sum(o.startswith("BAR") for o in body),
                                                 lds=sum(o.startswith("LDS") for o in body)))
@@ -518,13 +520,17 @@ W4_GEMV_CHILD = textwrap.dedent(r'''
 def test_gluon_w4a16_gemv_builds_for_sm90_with_the_loads_off_the_multipliers():
     """The TMA-fed decode GEMV builds for sm_90 (one and two columns a thread, one and two multiplying warpgroups,
     zero points, bias, bf16, with and without PDL) within the shared memory the host's fit check counts, as a
-    one-warp loader plus the multiplying warps with the registers moved to them (``setmaxnreg``); in the SASS the
+    one-warp loader plus the multiplying warps with the registers moved to them (``setmaxnreg``), and with the
+    TIMELINE diagnostic's timestamps; in the SASS the
     multipliers' K loop issues no TMA and takes one or two barriers of their own warps (the slot's release) and at
     most 2.9 instructions a weight, about the register-loading h2 GEMV's 2.5."""
     built = _gluon_builds(SASS_TEXT + W4_GEMV_CHILD)
-    assert len(built) == 5
+    assert len(built) == 6
     for what, b in built.items():
         assert b["cubin"], what
+        # the TIMELINE diagnostic build (gemm.py --decode-timeline) reads globaltimer at the multipliers' start and
+        # end and clock64 six times; the others read no timer
+        assert b["timers"] == ([2, 6] if b["timeline"] else [0, 0]), (what, b["timers"])
         # an upper bound: the warp specialization's own few bytes (wna16_gluon.GEMV_SCRATCH)
         assert b["planned"] - 256 <= b["shared"] <= b["planned"] <= SM90_MAX_SHARED, (what, b)
         assert b["warps"] in (8, 12) and ["dec", "24"] in b["maxnreg"] and ["inc", "40"] in b["maxnreg"], (what, b)

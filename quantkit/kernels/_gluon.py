@@ -66,6 +66,17 @@ if GLUON_ERROR is None:
         gl.inline_asm_elementwise(_common.GRID_DEP_WAIT_ASM, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def clock():
+        """This SM's cycle counter (``%clock64``): durations inside a CTA (the SMs' counters are not aligned)."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+    @gluon.jit
+    def global_ns():
+        """The GPU's nanosecond timer (``%globaltimer``): one clock for every SM, coarser than ``clock``."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                         pack=1)
+
+    @gluon.jit
     def ready_barriers(STAGES: gl.constexpr):
         """One "TMA landed" mbarrier per ring slot, initialised and fenced for the async proxy."""
         return counted_barriers(STAGES, 1)

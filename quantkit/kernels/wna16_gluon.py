@@ -43,6 +43,13 @@ from quantkit.kernels._gluon import GLUON_ERROR, fence_async_shared, gl, gluon, 
 PACK_K = 128  # wna16.PACK_K: one scale row per 128-K block when group_size >= 128
 BLOCK_K = gl.constexpr(PACK_K) if GLUON_ERROR is None else PACK_K
 
+# the TMA-fed GEMV's TIMELINE entries a program (int64, in this order): clock64 cycles at the multiplying
+# partition's start, when its first slot has landed, at its loop's end and at its end; globaltimer nanoseconds at
+# its start and end; clock64 cycles at the loader's start and after its last TMA
+TIMELINE_FIELDS = ("start", "first", "loop_end", "end", "start_ns", "end_ns", "load_start", "load_end")
+(TL_START, TL_FIRST, TL_LOOP_END, TL_END, TL_START_NS, TL_END_NS, TL_LOAD_START, TL_LOAD_END, TIMELINE_SLOTS) = (
+    gl.constexpr(i) if GLUON_ERROR is None else i for i in range(len(TIMELINE_FIELDS) + 1))
+
 
 # 16-bit magic number pair (M16 + u in each half), subtraction and multiplication of 16-bit pairs, per x.dtype
 _PAIR_OPS = {"f16": (0x64006400, "sub.f16x2", "mul.rn.f16x2"), "bf16": (0x43004300, "sub.rn.bf16x2", "mul.rn.bf16x2")}
@@ -564,12 +571,15 @@ if GLUON_ERROR is None:
                 tma_load(x_desc, [j * n_rows + blk * ROWS], bar, x_ring.index(_x_entry(slot, j)))
 
     @gluon.jit
-    def _gemv_loader(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, N, K, n_groups,
-                     group_size, HAS_ZERO: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                     PDL: gl.constexpr):
+    def _gemv_loader(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, tl_ptr, N, K,
+                     n_groups, group_size, HAS_ZERO: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                     PDL: gl.constexpr, TIMELINE: gl.constexpr):
         """The GEMV's load partition (one warp): this split's blocks in order into the ring, each slot once the
         multiplying warps have released its last use (``empty``; a fresh barrier counts as released).  The first
         STAGES blocks' weights are asked for before x's (with PDL, before the wait for the packing launch)."""
+        if TIMELINE:
+            tl_at = _timeline_row(tl_ptr)
+            gl.store(tl_at + TL_LOAD_START, _gluon.clock())
         off_n = gl.program_id(0) * w_desc.block_type.shape[1]
         # x's plane length (wna16._h2_pack_x), from K: its buffer may be longer
         n_rows = gl.cdiv(K, BLOCK_K) * x_desc.block_type.shape[0]
@@ -588,14 +598,20 @@ if GLUON_ERROR is None:
             mbarrier.wait(empty.index(slot), ((ki // STAGES) & 1) ^ 1)
             _gemv_load(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, slot, b_lo + ki, off_n,
                        N, n_rows, n_groups, group_size, HAS_ZERO, True, True)
+        if TIMELINE:
+            gl.store(tl_at + TL_LOAD_END, _gluon.clock())
 
     @gluon.jit
-    def _gemv_mul(w_ring, s_ring, z_ring, x_ring, ready, empty, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr, N, K,
-                  HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                  WARPS: gl.constexpr, PDL: gl.constexpr):
+    def _gemv_mul(w_ring, s_ring, z_ring, x_ring, ready, empty, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr, tl_ptr, N,
+                  K, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                  WARPS: gl.constexpr, PDL: gl.constexpr, TIMELINE: gl.constexpr):
         """The GEMV's multiplying partition (the default one, WARPS warps): each block's slot read into
         registers and handed back, then its products (``_common.H2_ASM_*``) summed into a thread's columns; then
         the epilogue."""
+        if TIMELINE:
+            tl_at = _timeline_row(tl_ptr)
+            gl.store(tl_at + TL_START_NS, _gluon.global_ns())
+            gl.store(tl_at + TL_START, _gluon.clock())
         ROWS: gl.constexpr = w_ring.shape[1]
         BN: gl.constexpr = w_ring.shape[2]
         WL: gl.constexpr = _gemv_layout(ROWS, BN, WARPS)
@@ -606,6 +622,9 @@ if GLUON_ERROR is None:
         for ki in range(nb):
             slot = ki % STAGES
             mbarrier.wait(ready.index(slot), (ki // STAGES) & 1)
+            if TIMELINE:
+                if ki == 0:
+                    gl.store(tl_at + TL_FIRST, _gluon.clock())
             wp = w_ring.index(slot).load(WL)
             p0 = x_ring.index(_x_entry(slot, 0)).load(XL)[:, None]
             p1 = x_ring.index(_x_entry(slot, 1)).load(XL)[:, None]
@@ -624,6 +643,8 @@ if GLUON_ERROR is None:
                 part = gl.inline_asm_elementwise(_common.H2_ASM_SYM, "=f,r,r,r,r,r", [wp, p0, p1, p2, p3],
                                                  dtype=gl.float32, is_pure=True, pack=1)
             acc += part * sc
+        if TIMELINE:
+            gl.store(tl_at + TL_LOOP_END, _gluon.clock())
         if PDL:  # (long since finished: the packed x has landed) before 1 / prescale is read
             _gluon.grid_dep_wait()
         tot = gl.sum(acc, axis=0) * gl.load(xsc_ptr)
@@ -637,13 +658,21 @@ if GLUON_ERROR is None:
         if HAS_BIAS:
             tot += gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
         gl.store(c_ptr + cols, tot.to(c_ptr.dtype.element_ty), mask=cmask)
+        if TIMELINE:
+            gl.store(tl_at + TL_END, _gluon.clock())
+            gl.store(tl_at + TL_END_NS, _gluon.global_ns())
 
     @gluon.jit
-    def wna16_gluon_gemv_kernel(w_desc, s_desc, z_desc, x_desc, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+    def _timeline_row(tl_ptr):
+        """This program's TIMELINE_SLOTS entries of the timeline buffer (grid axis 0 fastest)."""
+        return tl_ptr + (gl.program_id(2) * gl.num_programs(0) + gl.program_id(0)) * TIMELINE_SLOTS
+
+    @gluon.jit
+    def wna16_gluon_gemv_kernel(w_desc, s_desc, z_desc, x_desc, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr, tl_ptr,
                                 N, K, n_groups, group_size,
                                 HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
                                 STAGES: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr,
-                                LOAD_REGS: gl.constexpr):
+                                LOAD_REGS: gl.constexpr, TIMELINE: gl.constexpr):
         """Decode (M = 1) 4-bit GEMV, group >= 128, on x packed by ``wna16._h2_pack_x`` (half2 pairs, prescaled):
         the half2 products of ``wna16``'s h2 GEMV (``_common.H2_ASM_*``: one word's eight products, two fp16 partials,
         their fp32 sum), with every operand streamed through a TMA ring of STAGES 128-K blocks (the words'
@@ -660,7 +689,9 @@ if GLUON_ERROR is None:
         Grid (N tiles, 1, SPLIT_K): each program runs its K split's blocks over BN columns; a thread keeps its
         columns' [16, BN / (32 WARPS)] fp32 sums (the h2 PER_BLOCK loop's order: ``acc += part * s`` a block at a
         time, the 16 rows summed at the end).  ``PDL``: launched programmatically after the packing, the loader
-        asks for the first STAGES blocks' weights before it waits for the packed x."""
+        asks for the first STAGES blocks' weights before it waits for the packed x.  ``TIMELINE`` (a diagnostic,
+        ``gemm.py --decode-timeline``): each program writes its timestamps into ``tl_ptr`` (``TL_*``: clock64
+        cycles, and globaltimer nanoseconds at the multiplying partition's start and end)."""
         ROWS: gl.constexpr = w_desc.block_type.shape[0]  # (GEMV_ROWS: a 128-K block's words, x's pairs a plane)
         BN: gl.constexpr = w_desc.block_type.shape[1]
         w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, ROWS, BN], w_desc.layout)
@@ -674,10 +705,10 @@ if GLUON_ERROR is None:
         ready = _gluon.ready_barriers(STAGES)
         empty = _gluon.counted_barriers(STAGES, 1)
         gl.warp_specialize([
-            (_gemv_mul, (w_ring, s_ring, z_ring, x_ring, ready, empty, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr, N,
-                         K, HAS_ZERO, HAS_BIAS, SPLIT_K, STAGES, WARPS, PDL)),
-            (_gemv_loader, (w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, N, K,
-                            n_groups, group_size, HAS_ZERO, SPLIT_K, STAGES, PDL)),
+            (_gemv_mul, (w_ring, s_ring, z_ring, x_ring, ready, empty, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
+                         tl_ptr, N, K, HAS_ZERO, HAS_BIAS, SPLIT_K, STAGES, WARPS, PDL, TIMELINE)),
+            (_gemv_loader, (w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, tl_ptr, N,
+                            K, n_groups, group_size, HAS_ZERO, SPLIT_K, STAGES, PDL, TIMELINE)),
         ], [1], [LOAD_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -962,11 +993,13 @@ class GemvPlan:
 
     runs_on = staticmethod(gemv_runs_on)
 
-    def launch(self, xp, xsc, qw, scales, zeros, bias, out, ws, lock, group_size, N, K) -> torch.Tensor:
+    def launch(self, xp, xsc, qw, scales, zeros, bias, out, ws, lock, group_size, N, K, timeline=None) -> torch.Tensor:
         """``out`` (1, N) = x @ W^T (+ bias) for the packed weight, x given as its packed pairs ``xp`` and 1 / their
         prescale ``xsc`` (``wna16._h2_pack_x``, launched just before: with ``pdl`` its launch must trigger this
-        one); ``runs_on`` must hold.  ws, lock: the split-K workspace and counters."""
-        args = (xsc, bias if bias is not None else scales, out, ws, lock, N, K, scales.shape[0], group_size)
+        one); ``runs_on`` must hold.  ws, lock: the split-K workspace and counters; timeline: an int64 buffer of
+        ``TIMELINE_SLOTS`` entries a program where the plan was made with ``timeline``."""
+        args = (xsc, bias if bias is not None else scales, out, ws, lock, lock if timeline is None else timeline, N,
+                K, scales.shape[0], group_size)
         key = lambda: (_common.current_device(), self.static_key, out.dtype, scales.dtype,  # noqa: E731
                        None if zeros is None else zeros.dtype, _common.spec_key(args))
         tensors = _gemv_tensors(xp, qw, scales, zeros)
@@ -975,24 +1008,26 @@ class GemvPlan:
         return out
 
 
-def _gemv_consts(cfg: dict, has_zero: bool, has_bias: bool, pdl: bool) -> dict:
+def _gemv_consts(cfg: dict, has_zero: bool, has_bias: bool, pdl: bool, timeline: bool = False) -> dict:
     return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT_K=int(cfg.get("SPLIT_K", 1)), STAGES=gemv_ring(cfg),
-                WARPS=cfg["num_warps"], PDL=pdl, LOAD_REGS=GEMV_LOAD_REGS)
+                WARPS=cfg["num_warps"], PDL=pdl, LOAD_REGS=GEMV_LOAD_REGS, TIMELINE=timeline)
 
 
-def gemv_plan(cfg: dict, N: int, dtype, has_zero: bool, has_bias: bool, pdl: bool) -> GemvPlan | None:
+def gemv_plan(cfg: dict, N: int, dtype, has_zero: bool, has_bias: bool, pdl: bool,
+              timeline: bool = False) -> GemvPlan | None:
     """The per-shape half of whether the TMA-fed GEMV runs ``cfg`` (M = 1, 4-bit, group >= 128: the caller's
     ``h2`` conditions): None where it cannot (no Gluon, activations other than fp16 / bf16, rows the TMA boxes
-    cannot start at (``gemv_rows_aligned``), a tile ``gemv_fits`` refuses)."""
+    cannot start at (``gemv_rows_aligned``), a tile ``gemv_fits`` refuses).  ``timeline``: the diagnostic
+    build whose launches write each program's timestamps (``GemvPlan.launch``'s ``timeline``)."""
     if GLUON_ERROR is not None or dtype not in (torch.float16, torch.bfloat16) or not gemv_rows_aligned(N, has_zero):
         return None
     if not gemv_fits(cfg, has_zero):
         return None
-    return GemvPlan(cfg, N, _gemv_consts(cfg, has_zero, has_bias, pdl), pdl)
+    return GemvPlan(cfg, N, _gemv_consts(cfg, has_zero, has_bias, pdl, timeline), pdl)
 
 
 def build_gemv_for_target(cfg: dict, dtype=torch.float16, has_zero: bool = False, has_bias: bool = False,
-                          pdl: bool = True, cc: int = 90):
+                          pdl: bool = True, cc: int = 90, timeline: bool = False):
     """Compile the TMA-fed GEMV for sm_``cc`` without a GPU (descriptors from CPU tensors, as a launch mangles
     them)."""
     K, N = 512, 512
@@ -1004,9 +1039,9 @@ def build_gemv_for_target(cfg: dict, dtype=torch.float16, has_zero: bool = False
     t = "*fp16" if dtype == torch.float16 else "*bf16"
     sig = {"w_desc": _gluon.mangle(w_d), "s_desc": _gluon.mangle(s_d), "z_desc": _gluon.mangle(z_d),
            "x_desc": _gluon.mangle(x_d), "xsc_ptr": "*fp32", "bias_ptr": t if has_bias else "*fp16", "c_ptr": t,
-           "ws_ptr": "*fp32", "lock_ptr": "*i32", "N": "i32", "K": "i32", "n_groups": "i32",
-           "group_size": "i32"}
-    consts = _gemv_consts(cfg, has_zero, has_bias, pdl)
+           "ws_ptr": "*fp32", "lock_ptr": "*i32", "tl_ptr": "*i64" if timeline else "*i32", "N": "i32", "K": "i32",
+           "n_groups": "i32", "group_size": "i32"}
+    consts = _gemv_consts(cfg, has_zero, has_bias, pdl, timeline)
     sig.update({k: "constexpr" for k in consts})
     return _gluon.compile_for_target(wna16_gluon_gemv_kernel, sig, consts, cfg["num_warps"], cc,
                                      maxnreg=gemv_maxnreg(cfg))
