@@ -616,7 +616,11 @@ def decode_w4_candidates():
     ring = [wna16._gemv_tma(bn, sk, w, r) for bn, sk, w, r in [
         (128, 1, 4, 8), (128, 2, 4, 8), (128, 4, 4, 8), (128, 2, 4, 12), (128, 8, 4, 6), (256, 1, 4, 6),
         (256, 2, 4, 6), (256, 4, 4, 6), (256, 1, 8, 6), (256, 2, 8, 6), (256, 4, 8, 4), (256, 8, 4, 4)]]
-    return ring + packed + slice_pre + h2 + [G(128, 8, w=4), G(64, 16), G(64, 8)] + prefetch
+    # ... the tiles shipped or close, with PDL_CHAIN: each GEMV lets the next call's packing start at once (timed
+    # back to back, the next call overlaps this one's tail; --decode-parts also times them behind a torch op)
+    chain = [wna16._gemv_tma(bn, sk, w, r, chain=True) for bn, sk, w, r in [
+        (128, 8, 4, 6), (128, 4, 4, 8), (256, 1, 4, 6), (256, 8, 4, 4)]]
+    return ring + chain + packed + slice_pre + h2 + [G(128, 8, w=4), G(64, 16), G(64, 8)] + prefetch
 
 
 def decode_w8a8_candidates(M):
@@ -929,8 +933,11 @@ def decode_parts(dev, gen, shapes, bw):
     against the reference first, the copy floor beside them."""
     gpu = gpu_key(torch.empty(1, device=dev))
     fails = []
+    spacer = torch.zeros(1, device=dev)
+    t_empty = bench_graph(lambda: spacer.add_(1))  # what the torch op between calls costs alone, taken off
     lines = ["| N | K | config | floor us | pack alone us (one program) | GEMV alone us | call, PDL us (% of floor) | "
-             "call, no PDL us |", "|---|---|---|---|---|---|---|---|"]
+             "call, no PDL us | call, PDL_CHAIN us (% of floor) | after a torch op: PDL / PDL_CHAIN us |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for N, K in shapes:
         L = Layer(N, K, dev, gen)
         copies = weight_copies(L, "w4a16")
@@ -952,9 +959,19 @@ def decode_parts(dev, gen, shapes, bw):
         for name, cfg in cfgs:
             if checked(lambda o: run_w4(L, x, cfg, o), ref, f"w4a16 M=1 N={N} K={K} {cfg}", fails) > TOL:
                 continue
-            no_pdl = {k: v for k, v in cfg.items() if k != "PDL"}
+            no_pdl = {k: v for k, v in cfg.items() if k not in ("PDL", "PDL_CHAIN")}
             t_call = bench_graph_rot([lambda c_=c_: run_w4(c_, x, cfg, out) for c_ in copies])
             t_nopdl = bench_graph_rot([lambda c_=c_: run_w4(c_, x, no_pdl, out) for c_ in copies])
+            # PDL_CHAIN (the TMA-fed GEMV): back to back, each call's GEMV lets the next call's packing start; and
+            # each call after a one-element torch op, a launch that does not let it (the case of a decode loop's
+            # norms and activations: what is left of the overlap there)
+            chain = dict(cfg, PDL_CHAIN=True)
+            t_chain = t_after = float("nan")
+            if cfg.get("TMA_RING") and checked(lambda o: run_w4(L, x, chain, o), ref, f"chain N={N} K={K} {cfg}",
+                                               fails) <= TOL:
+                t_chain = bench_graph_rot([lambda c_=c_: run_w4(c_, x, chain, out) for c_ in copies])
+                t_after = tuple(bench_graph_rot([lambda c_=c_, f=f: (spacer.add_(1), run_w4(c_, x, f, out))
+                                                 for c_ in copies]) - t_empty for f in (cfg, chain))
             t_gemv = float("nan")
             # the call's own launch plan (wna16._plan: the TMA-fed GEMV's, its split-K buffers) on the no-PDL config
             W0 = L.wi4
@@ -968,13 +985,16 @@ def decode_parts(dev, gen, shapes, bw):
                     return plan.launch(xp, xsc, W.qw, W.scales, None, None, o, ws, lock, W.group_size, N, K)
                 if checked(lambda o: gemv(L, o), ref, f"GEMV alone N={N} K={K} {cfg}", fails) <= TOL:
                     t_gemv = bench_graph_rot([lambda c_=c_: gemv(c_, out) for c_ in copies])
+            after = f"{t_after[0]:.1f} / {t_after[1]:.1f}" if isinstance(t_after, tuple) else "nan"
             lines.append(f"| {N} | {K} | {name} | {floor:.1f} | {t_pack:.1f} ({t_pack1:.1f}) | {t_gemv:.1f} | "
-                         f"{t_call:.1f} ({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} |")
+                         f"{t_call:.1f} ({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} | "
+                         f"{t_chain:.1f} ({100 * floor / t_chain:.0f}%) | {after} |")
             log(lines[-1] + f" {cfg}")
         del L, copies
     log("")
     log("W4A16 M = 1 by part (CUDA-graph replay, us; `pack alone`: the x packing launch, `GEMV alone`: the TMA-fed "
-        "GEMV on x packed beforehand; floor: the bytes moved at the copy bandwidth):\n")
+        "GEMV on x packed beforehand; floor: the bytes moved at the copy bandwidth; `after a torch op`: each call "
+        f"behind a one-element torch op, whose own {t_empty:.2f} us is taken off):\n")
     log("\n".join(lines))
     log(f"failures: {len(fails)}")
     return 1 if fails else 0

@@ -88,12 +88,14 @@ for stage in "$@"; do
       check_ws ;;
     check-ws)  # the warp-specialized kernel's tests alone (MIXED_PASS among them)
       check_ws ;;
-    check-gemv)  # the TMA-fed W4A16 GEMV (TMA_RING): a failure leaves its configs out of later searches
+    check-gemv)  # the TMA-fed W4A16 GEMV (TMA_RING) and its PDL_CHAIN: a failure leaves its configs out of later
+      # searches (PDL_CHAIN's alone where only the chain's tests failed)
       RUN_LIMIT=${GEMV_LIMIT:-150} run check-gemv env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n "${CHECK_WORKERS:-4}" \
-        -p no:cacheprovider tests/kernels/test_gpu.py -k "gemv_is_the_h2"
+        -p no:cacheprovider tests/kernels/test_gpu.py -k "gemv_is_the_h2 or gemv_pdl_chain"
       rc=$?
       grep -E "^FAILED|^ERROR" "$WORK/check-gemv.log" | head -10
-      [ $rc -ne 0 ] && skip TMA_RING ;;
+      if grep -E "^(FAILED|ERROR)" "$WORK/check-gemv.log" | grep -qv pdl_chain; then skip TMA_RING
+      elif [ $rc -ne 0 ]; then skip PDL_CHAIN; fi ;;
     check-all)  # every GPU kernel test (~250 s on an H100: give it STAGE_LIMIT=400)
       run check-all env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 8 -p no:cacheprovider \
         tests/kernels/test_gpu.py tests/kernels/test_w8a8.py tests/kernels/test_mixed.py tests/test_runtime_gpu.py

@@ -499,12 +499,13 @@ W4_GEMV_CHILD = textwrap.dedent(r'''
     for (bn, sk, w, ring), v in [((128, 1, 4, 8), dict()), ((128, 2, 4, 12), dict(has_zero=True, has_bias=True)),
                                  ((256, 2, 4, 6), dict(has_zero=True, dtype=torch.bfloat16, pdl=False)),
                                  ((256, 4, 8, 6), dict()), ((256, 1, 4, 12), dict(has_zero=True)),
-                                 ((128, 8, 4, 6), dict(timeline=True))]:
-        cfg = wna16._gemv_tma(bn, sk, w, ring)
+                                 ((128, 8, 4, 6), dict(timeline=True)), ((128, 8, 4, 6), dict(chain=True))]:
+        cfg = wna16._gemv_tma(bn, sk, w, ring, chain=v.pop("chain", False))
         k = wg.build_gemv_for_target(cfg, **v)
         ptx = k.asm["ptx"]
         body = mul_loop(k.asm["cubin"])
         out[f"{cfg} {v}"] = dict(
+            chain=cfg.get("PDL_CHAIN", False), triggers=ptx.count("griddepcontrol.launch_dependents"),
             cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared, planned=wg.gemv_shared_bytes(cfg, "has_zero" in v),
             warps=k.metadata.num_warps, cols=bn // (32 * w), pdl=v.get("pdl", True),
             maxnreg=sorted(set(re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx))),
@@ -521,13 +522,15 @@ def test_gluon_w4a16_gemv_builds_for_sm90_with_the_loads_off_the_multipliers():
     """The TMA-fed decode GEMV builds for sm_90 (one and two columns a thread, one and two multiplying warpgroups,
     zero points, bias, bf16, with and without PDL) within the shared memory the host's fit check counts, as a
     one-warp loader plus the multiplying warps with the registers moved to them (``setmaxnreg``), and with the
-    TIMELINE diagnostic's timestamps; in the SASS the
+    TIMELINE diagnostic's timestamps, and with PDL_CHAIN's trigger; in the SASS the
     multipliers' K loop issues no TMA and takes one or two barriers of their own warps (the slot's release) and at
     most 2.9 instructions a weight, about the register-loading h2 GEMV's 2.5."""
     built = _gluon_builds(SASS_TEXT + W4_GEMV_CHILD)
-    assert len(built) == 6
+    assert len(built) == 7
     for what, b in built.items():
         assert b["cubin"], what
+        # PDL_CHAIN: the loader lets the next launch start (one trigger); no trigger otherwise
+        assert b["triggers"] == (1 if b["chain"] else 0), (what, b["triggers"])
         # the TIMELINE diagnostic build (gemm.py --decode-timeline) reads globaltimer at the multipliers' start and
         # end and clock64 six times; the others read no timer
         assert b["timers"] == ([2, 6] if b["timeline"] else [0, 0]), (what, b["timers"])

@@ -66,6 +66,13 @@ if GLUON_ERROR is None:
         gl.inline_asm_elementwise(_common.GRID_DEP_WAIT_ASM, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def grid_dep_launch_dependents():
+        """``_common.grid_dep_launch_dependents`` for Gluon kernels: let the next launch, if programmatic, start now
+        (once every CTA of this one has said so or ended) instead of when this one ends."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
     def clock():
         """This SM's cycle counter (``%clock64``): durations inside a CTA (the SMs' counters are not aligned)."""
         return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)

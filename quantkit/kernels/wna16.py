@@ -377,15 +377,18 @@ def _h2_prescale(x_ptr, a_lo, a_hi, AMAX_K: tl.constexpr):
 
 
 def _h2_pack_x_kernel(x_ptr, xp_ptr, xsc_ptr, K, n_rows, AMAX_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                      TRIGGER: tl.constexpr):
+                      TRIGGER: tl.constexpr, WAIT: tl.constexpr):
     """x (K,) fp16/bf16 -> the h2 GEMV's activations, prescaled (``_h2_prescale`` over all of K), rounded to fp16
     and packed as the half2 asm reads them: word row i = block i // 16, row i % 16, its pairs (fields 0/4, 1/5,
     2/6, 3/7; odd fields divided by 16) in four planes of ``n_rows`` int32 (K padded to whole 128-K blocks with
     zeros); ``xsc``: 1 / the prescale. Done once per call instead of in every program.  Each program of the grid
     (one or more) takes its own BLOCK_R-row chunks, after the whole row's prescale: the GEMV waits for all of it,
-    so a long K's chunks run side by side instead of one after another."""
+    so a long K's chunks run side by side instead of one after another.  TRIGGER: the GEMV (PDL) may launch now;
+    WAIT: this launch is programmatic too (``PDL_CHAIN``), so x is read only once the launch before has ended."""
     if TRIGGER:
         grid_dep_launch_dependents()
+    if WAIT:
+        grid_dep_wait()
     sc, inv_sc = _h2_prescale(x_ptr, 0, K, AMAX_K)
     for r0 in range(tl.program_id(0) * BLOCK_R, n_rows, BLOCK_R * tl.num_programs(0)):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -750,11 +753,12 @@ def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False, load_stages=1, slice_prescale
     return dict(cfg, PER_BLOCK=True) if per_block else cfg
 
 
-def _gemv_tma(BN, SK, w, ring, pdl=True):
+def _gemv_tma(BN, SK, w, ring, pdl=True, chain=False):
     """The TMA-fed decode GEMV (``wna16_gluon.wna16_gluon_gemv_kernel``; ``TMA_RING``: its ring's depth in 128-K
     blocks) on a packed-x PER_BLOCK h2 tile (UNROLL 1), which is what runs the config where that kernel cannot (no
-    Gluon, another GPU)."""
-    return dict(_gemv_h2(BN, SK, 1, w, per_block=True, packed_x=True, pdl=pdl), TMA_RING=ring)
+    Gluon, another GPU). ``chain``: ``PDL_CHAIN`` (``wna16_gluon.gemv_chains``)."""
+    cfg = dict(_gemv_h2(BN, SK, 1, w, per_block=True, packed_x=True, pdl=pdl), TMA_RING=ring)
+    return dict(cfg, PDL_CHAIN=True) if chain else cfg
 
 
 def _mma(BM, BN, SK=1, swap=False, G=8, w=4, s=3, scale_w=False):
@@ -922,7 +926,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
         backend, kern, grid, const, ws, lock, ckey = kern  # the heuristic plan
     elif backend == "gemv_tma":  # the TMA-fed GEMV's plan (wna16_gluon.GemvPlan), or the h2 GEMV's on its tile
         if const is not None and const.runs_on(x, qw, scales, zeros):
-            xp, xsc = _h2_pack_x(x, K, trigger=const.pdl)
+            xp, xsc = _h2_pack_x(x, K, trigger=const.pdl, wait=const.chain)
             return const.launch(xp, xsc, qw, scales, zeros, bias, out, ws, lock, group_size, N, K)
         backend, kern, grid, const, ws, lock, ckey = kern
     if backend == "dequant":
@@ -967,11 +971,11 @@ def h2_pack_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([pr.reshape(-1) for pr in pairs]).reshape(-1), inv_sc.reshape(1)
 
 
-def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False):
+def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False, wait: bool = False):
     """``PACKED_X``: the h2 GEMV's activations prescaled and packed once for the call (``_h2_pack_x_kernel``) into
     this device's scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``trigger``: the GEMV is launched
-    programmatically next (PDL)."""
-    n_rows, grid, const, ckey = _h2_pack_plan(K, trigger)
+    programmatically next (PDL); ``wait``: this launch is programmatic itself (``PDL_CHAIN``)."""
+    n_rows, grid, const, ckey = _h2_pack_plan(K, trigger, wait)
     xp = cached_buffer(x.device, torch.int32, 4 * n_rows, tag="h2_xpack")
     xsc = cached_buffer(x.device, torch.float32, 1, tag="h2_xscale")
     fast_launch(h2_pack_x_kernel, grid, (x, xp, xsc, K, n_rows), const, ckey, (x,))
@@ -979,7 +983,7 @@ def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False):
 
 
 @functools.lru_cache(maxsize=1024)
-def _h2_pack_plan(K: int, trigger: bool) -> tuple[int, tuple, dict, tuple]:
+def _h2_pack_plan(K: int, trigger: bool, wait: bool = False) -> tuple[int, tuple, dict, tuple]:
     """What ``_h2_pack_x`` derives from K alone (memoised: it runs on every decode call): word rows, grid,
     constexprs and launch options, their key.  The GEMV waits for all of the packing, so past K = 4096 it takes
     the row's absolute maximum in one pass of up to 16384 (eight warps: 170 registers, no spill on sm_90) and a
@@ -987,7 +991,7 @@ def _h2_pack_plan(K: int, trigger: bool) -> tuple[int, tuple, dict, tuple]:
     n_rows = cdiv(K, PACK_K) * 16
     wide = K > 4096
     const = dict(AMAX_K=min(16384 if wide else 4096, next_pow2(max(16, K))), BLOCK_R=min(512, next_pow2(n_rows)),
-                 TRIGGER=trigger, num_warps=8 if wide else 4)
+                 TRIGGER=trigger, WAIT=wait, num_warps=8 if wide else 4, **({"launch_pdl": True} if wait else {}))
     return n_rows, (cdiv(n_rows, const["BLOCK_R"]),), const, (const_key(const), spec_key((K, n_rows)))
 
 

@@ -573,13 +573,16 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _gemv_loader(w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, tl_ptr, N, K,
                      n_groups, group_size, HAS_ZERO: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                     PDL: gl.constexpr, TIMELINE: gl.constexpr):
+                     PDL: gl.constexpr, CHAIN: gl.constexpr, TIMELINE: gl.constexpr):
         """The GEMV's load partition (one warp): this split's blocks in order into the ring, each slot once the
         multiplying warps have released its last use (``empty``; a fresh barrier counts as released).  The first
-        STAGES blocks' weights are asked for before x's (with PDL, before the wait for the packing launch)."""
+        STAGES blocks' weights are asked for before x's (with PDL, before the wait for the packing launch).  CHAIN:
+        the next launch (the next call's packing, launched programmatically) may start now."""
         if TIMELINE:
             tl_at = _timeline_row(tl_ptr)
             gl.store(tl_at + TL_LOAD_START, _gluon.clock())
+        if CHAIN:
+            _gluon.grid_dep_launch_dependents()
         off_n = gl.program_id(0) * w_desc.block_type.shape[1]
         # x's plane length (wna16._h2_pack_x), from K: its buffer may be longer
         n_rows = gl.cdiv(K, BLOCK_K) * x_desc.block_type.shape[0]
@@ -672,7 +675,7 @@ if GLUON_ERROR is None:
                                 N, K, n_groups, group_size,
                                 HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
                                 STAGES: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr,
-                                LOAD_REGS: gl.constexpr, TIMELINE: gl.constexpr):
+                                LOAD_REGS: gl.constexpr, CHAIN: gl.constexpr, TIMELINE: gl.constexpr):
         """Decode (M = 1) 4-bit GEMV, group >= 128, on x packed by ``wna16._h2_pack_x`` (half2 pairs, prescaled):
         the half2 products of ``wna16``'s h2 GEMV (``_common.H2_ASM_*``: one word's eight products, two fp16 partials,
         their fp32 sum), with every operand streamed through a TMA ring of STAGES 128-K blocks (the words'
@@ -689,7 +692,10 @@ if GLUON_ERROR is None:
         Grid (N tiles, 1, SPLIT_K): each program runs its K split's blocks over BN columns; a thread keeps its
         columns' [16, BN / (32 WARPS)] fp32 sums (the h2 PER_BLOCK loop's order: ``acc += part * s`` a block at a
         time, the 16 rows summed at the end).  ``PDL``: launched programmatically after the packing, the loader
-        asks for the first STAGES blocks' weights before it waits for the packed x.  ``TIMELINE`` (a diagnostic,
+        asks for the first STAGES blocks' weights before it waits for the packed x.  ``CHAIN`` (``PDL_CHAIN``): the
+        loader lets the next launch start at once, so the next call's packing, launched programmatically too
+        (``wna16._h2_pack_x``'s ``wait``), waits on the GPU for this call instead of starting after it ends, and the
+        next GEMV, launched behind the packing, asks for its first weights while this one still streams.  ``TIMELINE`` (a diagnostic,
         ``gemm.py --decode-timeline``): each program writes its timestamps into ``tl_ptr`` (``TL_*``: clock64
         cycles, and globaltimer nanoseconds at the multiplying partition's start and end)."""
         ROWS: gl.constexpr = w_desc.block_type.shape[0]  # (GEMV_ROWS: a 128-K block's words, x's pairs a plane)
@@ -708,7 +714,7 @@ if GLUON_ERROR is None:
             (_gemv_mul, (w_ring, s_ring, z_ring, x_ring, ready, empty, xsc_ptr, bias_ptr, c_ptr, ws_ptr, lock_ptr,
                          tl_ptr, N, K, HAS_ZERO, HAS_BIAS, SPLIT_K, STAGES, WARPS, PDL, TIMELINE)),
             (_gemv_loader, (w_desc, s_desc, z_desc, x_desc, w_ring, s_ring, z_ring, x_ring, ready, empty, tl_ptr, N,
-                            K, n_groups, group_size, HAS_ZERO, SPLIT_K, STAGES, PDL, TIMELINE)),
+                            K, n_groups, group_size, HAS_ZERO, SPLIT_K, STAGES, PDL, CHAIN, TIMELINE)),
         ], [1], [LOAD_REGS])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
@@ -982,10 +988,11 @@ _GEMV_LAUNCH = _gluon.DirectLaunch()
 class GemvPlan:
     """A launch of the TMA-fed GEMV at one shape, fixed once (``gemv_plan``); ``launch`` adds the call's tensors."""
 
-    __slots__ = ("consts", "cv", "grid", "bn", "options", "pdl", "static_key")
+    __slots__ = ("consts", "cv", "grid", "bn", "options", "pdl", "chain", "static_key")
 
     def __init__(self, cfg: dict, N: int, consts: dict, pdl: bool):
         self.consts, self.cv, self.pdl, self.bn = consts, tuple(consts.values()), pdl, cfg["BLOCK_N"]
+        self.chain = consts["CHAIN"]  # the call's packing is launched programmatically too (``_h2_pack_x``'s wait)
         self.options = {"num_warps": cfg["num_warps"], "maxnreg": gemv_maxnreg(cfg),
                         **({"launch_pdl": True} if pdl else {})}
         self.grid = ((N + self.bn - 1) // self.bn, 1, consts["SPLIT_K"])
@@ -1008,9 +1015,16 @@ class GemvPlan:
         return out
 
 
+def gemv_chains(cfg: dict, pdl: bool) -> bool:
+    """``PDL_CHAIN`` (a TMA-fed GEMV config key, with PDL): the GEMV lets the next launch start at once and the
+    call's packing is launched programmatically, waiting for the launch before it on the GPU."""
+    return pdl and bool(cfg.get("PDL_CHAIN", False))
+
+
 def _gemv_consts(cfg: dict, has_zero: bool, has_bias: bool, pdl: bool, timeline: bool = False) -> dict:
     return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT_K=int(cfg.get("SPLIT_K", 1)), STAGES=gemv_ring(cfg),
-                WARPS=cfg["num_warps"], PDL=pdl, LOAD_REGS=GEMV_LOAD_REGS, TIMELINE=timeline)
+                WARPS=cfg["num_warps"], PDL=pdl, LOAD_REGS=GEMV_LOAD_REGS, CHAIN=gemv_chains(cfg, pdl),
+                TIMELINE=timeline)
 
 
 def gemv_plan(cfg: dict, N: int, dtype, has_zero: bool, has_bias: bool, pdl: bool,

@@ -517,8 +517,8 @@ def test_gluon_w4a16_gemv_is_the_h2_gemv_result(layer, bn, split_k, warps, ring,
 
     N, K = layer["N"], layer["K"]
     for W, z in ((layer["Wi4"], None), (layer["Wi4z"], layer["z4"])):
-        for pdl in (False, True):
-            cfg = wna16._gemv_tma(bn, split_k, warps, ring, pdl=pdl)
+        for pdl, chain in ((False, False), (True, False), (True, True)):
+            cfg = wna16._gemv_tma(bn, split_k, warps, ring, pdl=pdl, chain=chain)
             h2 = {k: v for k, v in cfg.items() if k != "TMA_RING"}
             # (N1000 with zero points: group rows at 1000-byte steps, no TMA box can start there: the h2 GEMV runs)
             tma = wna16_gluon.gemv_rows_aligned(N, z is not None)
@@ -556,6 +556,50 @@ def test_gluon_w4a16_gemv_is_the_h2_gemv_result(layer, bn, split_k, warps, ring,
         assert rel_err(y, wna16.wna16_gemm_ref(x, layer["q4"], layer["s4"], layer["z4"])) <= 1e-2
 
     _graph_replays(call, x, out, replayed)
+
+
+@SM90_ONLY
+@pytest.mark.parametrize("bn,split_k,warps,ring", [(128, 8, 4, 6), (256, 1, 4, 6)], ids=lambda v: str(v))
+def test_gluon_w4a16_gemv_pdl_chain_reads_the_previous_calls_output(bn, split_k, warps, ring):
+    """``PDL_CHAIN``: each GEMV lets the next launch start at once, the next call's packing (launched
+    programmatically) waits on the GPU for it, and the next GEMV asks for its weights before the packing ends. A
+    chain of calls, each one's input the previous one's output (N = K, split-K buffers shared), eager and replayed
+    from a CUDA graph with every output poisoned before the replay, is bit for bit the chain of plain PDL calls: a
+    packing that read its input too early, or a GEMV that reused the split-K buffers too early, would not be."""
+    from quantkit.kernels import wna16_gluon
+
+    N = K = 2048
+    q = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
+    s_ = torch.rand((N, K // 128), device="cuda") * 0.002 + 0.004  # ~1 / (sqrt(K) std(q)): |y| stays near |x|
+    W = wna16.prepack_wna16(q, s_, None, 4)
+    plain, chain = (wna16._gemv_tma(bn, split_k, warps, ring, chain=c) for c in (False, True))
+    assert wna16_gluon.gemv_chains(chain, True) and not wna16_gluon.gemv_chains(plain, True)
+    x0 = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    steps = 6
+    ys = [poison((1, N), torch.float16, "cuda") for _ in range(steps)]
+
+    def run(cfg):
+        x = x0
+        for y in ys:
+            x = wna16.wna16_linear_triton(x, W.qw, W.scales, None, None, 4, W.group_size, N, K, config=cfg, out=y)
+        return [y.clone() for y in ys]
+
+    want = run(plain)
+    assert all(torch.isfinite(y).all() for y in want) and rel_err(want[0], wna16.wna16_gemm_ref(
+        x0, q, s_.half().float(), None)) <= 1e-2
+    for y in ys:
+        y.fill_(float("nan"))
+    got = run(chain)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(chain)
+    for _ in range(3):
+        for y in ys:
+            y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, w) for y, w in zip(ys, want))
 
 
 def _graph_replays(call, x, out, expect):

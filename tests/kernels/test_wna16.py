@@ -298,11 +298,13 @@ def _gemv_launch_gives_the_true_k(wg, cfg):
         mp.setattr(wg, "wna16_gluon_gemv_kernel", Capture())
         plan.launch(xp, torch.ones(1), torch.zeros(K // 8, N, dtype=torch.int32), torch.ones(K // 128, N).half(),
                     None, None, torch.empty(1, N).half(), torch.empty(4), torch.zeros(4, dtype=torch.int32), 128, N, K)
-    names = ["xsc", "bias", "out", "ws", "lock", "N", "K", "n_groups", "group_size"]
+    names = ["xsc", "bias", "out", "ws", "lock", "tl", "N", "K", "n_groups", "group_size"]
     assert len(seen["args"]) == 4 + len(names)
     got = dict(zip(names, seen["args"][4:]))
     assert (got["N"], got["K"], got["n_groups"], got["group_size"]) == (N, K, 11, 128)
     assert seen["grid"] == (2, 1, cfg["SPLIT_K"])
+    # no timeline: the diagnostic's buffer argument is the counters (never written: TIMELINE is off), no chain
+    assert got["tl"] is got["lock"] and not seen["consts"]["TIMELINE"] and not seen["consts"]["CHAIN"]
 
 
 @pytest.mark.parametrize("K", [128, 300, 1000, 4096, 9000])
