@@ -633,6 +633,10 @@ def decode_w8a8_candidates(M):
     # ... asking L2 for their first K steps' weights before they wait for the quantization (PREFETCH): on the H100
     # (session 43) 2 and 8 steps tied or lost on every tile, so only the few-row tiles' 2-step twins stay offered
     gemv += [dict(cfg, PREFETCH=2) for cfg in gemv if cfg.get("PDL") and cfg["BLOCK_N"] <= 4]
+    # ... and with PDL_CHAIN: the GEMV lets the next call's quantization launch at once (it waits on the GPU), so
+    # back to back the next call's launches overlap this one's tail
+    gemv += [dict(cfg, PDL_CHAIN=True) for cfg in gemv if cfg.get("PDL") and cfg["BLOCK_N"] <= 4
+             and not cfg.get("PREFETCH")]
     if M <= 4:
         return gemv
     if M <= 16:  # narrow N tiles and deep K steps keep many weight bytes in flight per SM at small M
@@ -938,6 +942,8 @@ def decode_parts(dev, gen, shapes, bw):
     lines = ["| N | K | config | floor us | pack alone us (one program) | GEMV alone us | call, PDL us (% of floor) | "
              "call, no PDL us | call, PDL_CHAIN us (% of floor) | after a torch op: PDL / PDL_CHAIN us |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines8 = ["| N | K | W8A8 shipped us | PDL_CHAIN us | after a torch op: shipped / PDL_CHAIN us |",
+              "|---|---|---|---|---|"]
     for N, K in shapes:
         L = Layer(N, K, dev, gen)
         copies = weight_copies(L, "w4a16")
@@ -990,8 +996,30 @@ def decode_parts(dev, gen, shapes, bw):
                          f"{t_call:.1f} ({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} | "
                          f"{t_chain:.1f} ({100 * floor / t_chain:.0f}%) | {after} |")
             log(lines[-1] + f" {cfg}")
+        # W8A8 M = 1: the shipped GEMV (quantization, then the GEMV with PDL) and its PDL_CHAIN twin, back to back
+        # and behind a torch op
+        cfg8 = w8a8.CONFIGS.get(1, N, K, gpu)
+        if cfg8.get("BACKEND") == "gemv" and not cfg8.get("FUSE_QUANT"):
+            copies8 = weight_copies(L, "w8a8")
+            ref8 = refs(L, x)["w8a8"]
+            row = []
+            for c8 in (cfg8, dict(cfg8, PDL=True, PDL_CHAIN=True)):
+                if checked(lambda o: run_w8a8(L, x, c8, o), ref8, f"w8a8 M=1 N={N} K={K} {c8}", fails, 2 * TOL) \
+                        > 2 * TOL:
+                    row += [float("nan")] * 2
+                    continue
+                row.append(bench_graph_rot([lambda c_=c_: run_w8a8(c_, x, c8, out) for c_ in copies8]))
+                row.append(bench_graph_rot([lambda c_=c_: (spacer.add_(1), run_w8a8(c_, x, c8, out))
+                                            for c_ in copies8]) - t_empty)
+            lines8.append(f"| {N} | {K} | {row[0]:.1f} | {row[2]:.1f} | {row[1]:.1f} / {row[3]:.1f} |")
+            log(lines8[-1] + f" {cfg8}")
+            del copies8
         del L, copies
     log("")
+    if len(lines8) > 2:
+        log("W8A8 M = 1, the shipped GEMV and its PDL_CHAIN twin (CUDA-graph replay, us; `after a torch op`: each call "
+            "behind a one-element torch op, its own time taken off):\n")
+        log("\n".join(lines8) + "\n")
     log("W4A16 M = 1 by part (CUDA-graph replay, us; `pack alone`: the x packing launch, `GEMV alone`: the TMA-fed "
         "GEMV on x packed beforehand; floor: the bytes moved at the copy bandwidth; `after a torch op`: each call "
         f"behind a one-element torch op, whose own {t_empty:.2f} us is taken off):\n")

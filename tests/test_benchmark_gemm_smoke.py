@@ -68,7 +68,7 @@ def test_decode_parts_times_the_packing_and_each_call_checked():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gemm.py"), "--smoke", "--decode-parts",
                         "--shapes", "512x256"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    rows = [r for r in p.stdout.splitlines() if r.startswith("| 512 | 256 |") and "{" not in r]
+    rows = [r for r in p.stdout.splitlines() if r.startswith("| 512 | 256 |") and "{" not in r and r.count("|") > 6]
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import gemm
 
@@ -82,6 +82,9 @@ def test_decode_parts_times_the_packing_and_each_call_checked():
         tma = cells[2].startswith("TMA")
         assert (float(cells[8].split()[0]) > 0) if tma else cells[8].startswith("nan"), cells
         assert (all(float(v) > 0 for v in cells[9].split(" / "))) if tma else cells[9] == "nan", cells
+    # W8A8 M = 1: the shipped GEMV and its PDL_CHAIN twin, back to back and behind a torch op, each checked
+    w8 = [r for r in p.stdout.splitlines() if r.startswith("| 512 | 256 |") and "{" not in r and r.count("|") == 6]
+    assert len(w8) == 1 and all(float(v) > 0 for v in w8[0].strip("|").replace("/", "|").split("|")[2:]), w8
     assert "failures: 0" in p.stdout
     assert gemm.w4_decode_bytes(4096, 14336) == 4096 * 14336 // 2 + 4096 * 112 * 2 + 2 * 14336 + 2 * 4096
 

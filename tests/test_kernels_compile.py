@@ -97,9 +97,12 @@ CHILD = textwrap.dedent(r'''
             # (griddepcontrol waits, the row max's float max instructions)
             pdl[f"w4a16 gemv_h2 packed={packed} per_block={per_block}"] = (
                 ptx.count("griddepcontrol.wait"), len(re.findall(r"\bmax(\.NaN)?\.f32", ptx)))
-    ptx = compiled(wna16.h2_pack_x_kernel, {"x_ptr": "*bf16", "xp_ptr": "*i32", "xsc_ptr": "*fp32"},
-                   dict(AMAX_K=4096, BLOCK_R=512, TRIGGER=True), 90, num_warps=4, num_stages=1).asm["ptx"]
-    pdl["w4a16 h2 pack"] = ptx.count("griddepcontrol.launch_dependents")
+    for wait in (False, True):  # (PDL_CHAIN: the packing is a programmatic launch itself, waiting first)
+        ptx = compiled(wna16.h2_pack_x_kernel, {"x_ptr": "*bf16", "xp_ptr": "*i32", "xsc_ptr": "*fp32"},
+                       dict(AMAX_K=4096, BLOCK_R=512, TRIGGER=True, WAIT=wait), 90, num_warps=4, num_stages=1,
+                       launch_pdl=wait).asm["ptx"]
+        pdl[f"w4a16 h2 pack wait={wait}"] = [ptx.count("griddepcontrol.launch_dependents"),
+                                              ptx.count("griddepcontrol.wait")]
     # the M=1 GEMVs' loads through a cp.async ring (LOAD_STAGES > 1; 1: plain loads, no ring)
     ring = {}
     for ls in (1, 4):
@@ -110,15 +113,19 @@ CHILD = textwrap.dedent(r'''
                        90, num_warps=4, num_stages=1).asm["ptx"]
         ring[f"w4a16 gemv_h2 {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
         # PDL (with the plain loads): the programmatically launched GEMV waits for the quantization's grid
-        for wait, prefetch in (((False, 0), (True, 0), (True, 2)) if ls == 1 else ((False, 0),)):
+        for wait, prefetch, chain in (((False, 0, False), (True, 0, False), (True, 2, False), (True, 0, True))
+                                      if ls == 1 else ((False, 0, False),)):
             ptx = compiled(w8a8.w8a8_gemv_kernel, {"a_ptr": "*i32", "w_ptr": "*i32", "bias_ptr": "*fp16",
                                                    "c_ptr": "*fp16", "part_ptr": "*i32", "lock_ptr": "*i32",
                                                    "x_ptr": "*fp16", "wf_ptr": "*i8", "rb_ptr": "*u8"},
                            dict(HAS_BIAS=False, ROW_BITS=False, HAS_FP16_W=False, EVEN_K=True, SPLIT_K=4, BLOCK_M=1,
                                 BLOCK_N=32, BC=128, USE_DP4A=True, FUSE_QUANT=False, EPS_C=1e-8, AMAX_K=16,
-                                LOAD_STAGES=ls, PDL=wait, PREFETCH=prefetch), 90, num_warps=4, num_stages=1,
-                           launch_pdl=wait).asm["ptx"]
-            if prefetch:
+                                LOAD_STAGES=ls, PDL=wait, PREFETCH=prefetch, CHAIN=chain), 90, num_warps=4,
+                           num_stages=1, launch_pdl=wait).asm["ptx"]
+            if chain:  # PDL_CHAIN: the next call's quantization may launch at once (and this one's wait stays)
+                pdl["w8a8 gemv chain"] = [ptx.count("griddepcontrol.launch_dependents"),
+                                          ptx.count("griddepcontrol.wait")]
+            elif prefetch:
                 pdl["w8a8 gemv prefetch"] = _prefetches(ptx)
             elif wait:
                 pdl["w8a8 gemv wait"] = ptx.count("griddepcontrol.wait")
@@ -135,12 +142,13 @@ CHILD = textwrap.dedent(r'''
                             EPS_C=1e-8, SPLIT_K=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, PDL=wait),
                        90, num_warps=4, num_stages=3, launch_pdl=wait).asm["ptx"]
         pdl[f"w8a8 dot pdl={wait}"] = ptx.count("griddepcontrol.wait")
-    for trigger in (False, True):
-        const, _ = act_quant._consts(4096, True, 127, False, trigger)
-        c = {k: v for k, v in const.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+    for trigger, wait in ((False, False), (True, False), (True, True)):
+        const, _ = act_quant._consts(4096, True, 127, False, trigger, wait)
+        c = {k: v for k, v in const.items() if k not in ("num_warps", "num_stages", "maxnreg", "launch_pdl")}
         ptx = compiled(act_quant.act_quant_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8"}, c, 90,
-                       num_warps=const["num_warps"]).asm["ptx"]
-        pdl[f"act_quant trigger={trigger}"] = ptx.count("griddepcontrol.launch_dependents")
+                       num_warps=const["num_warps"], launch_pdl=const.get("launch_pdl", False)).asm["ptx"]
+        pdl[f"act_quant trigger={trigger} wait={wait}"] = [ptx.count("griddepcontrol.launch_dependents"),
+                                                           ptx.count("griddepcontrol.wait")]
     out["ring"] = ring
     out["pdl"] = pdl
     out["shared"] = shared
@@ -215,9 +223,12 @@ def test_kernels_compile_for_sm80_and_sm90():
     for what in ("w8a8 gemv prefetch", *(f"w4a16 gemv_h2 prefetch per_block={pb}" for pb in (False, True))):
         waits, prefetches, all_before = (h2 if what.startswith("w4a16") else pdl).pop(what)
         assert waits == 1 and prefetches > 0 and all_before, (what, waits, prefetches, all_before)
+    # PDL_CHAIN: the GEMV also lets the next launch start, and the next call's quantization / packing, launched
+    # programmatically, waits once before it reads x or writes the scratch the GEMV reads ([triggers, waits])
     assert pdl == {"w8a8 gemv wait": 1, "w8a8 gemv no pdl 1": 0, "w8a8 gemv no pdl 4": 0, "w8a8 dot pdl=False": 0,
-                   "w8a8 dot pdl=True": 1, "act_quant trigger=False": 0, "act_quant trigger=True": 1,
-                   "w4a16 h2 pack": 1}, pdl
+                   "w8a8 dot pdl=True": 1, "w8a8 gemv chain": [1, 1], "act_quant trigger=False wait=False": [0, 0],
+                   "act_quant trigger=True wait=False": [1, 0], "act_quant trigger=True wait=True": [1, 1],
+                   "w4a16 h2 pack wait=False": [1, 0], "w4a16 h2 pack wait=True": [1, 1]}, pdl
     # the h2 GEMV on packed activations (PACKED_X + PDL): one wait for the packing launch, and no row-max
     # prologue (which the in-loop form has)
     for per_block in (False, True):

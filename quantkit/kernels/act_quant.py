@@ -22,8 +22,8 @@ import functools
 
 import torch
 
-from ._common import (LazyKernel, eager_cuda, fast_launch, grid_dep_launch_dependents, launch_consts, next_pow2,
-                      quantize_sym_rcp, round_half_away_ref, sym_scale, tl, use_triton)
+from ._common import (LazyKernel, eager_cuda, fast_launch, grid_dep_launch_dependents, grid_dep_wait, launch_consts,
+                      next_pow2, quantize_sym_rcp, round_half_away_ref, sym_scale, tl, use_triton)
 
 EPS = 1e-12
 
@@ -63,9 +63,12 @@ def _act_quant_kernel(
     BLOCK_K: tl.constexpr,
     ONE_PASS: tl.constexpr,
     TRIGGER: tl.constexpr,  # the next launch is programmatic (PDL): let it start now, it waits for our results
+    WAIT: tl.constexpr,  # this launch is programmatic (PDL_CHAIN): the launch before may still run, wait for it
 ):
     if TRIGGER:
         grid_dep_launch_dependents()
+    if WAIT:  # before x is read and before q / s, which the launch before may still read, are written
+        grid_dep_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
@@ -107,13 +110,14 @@ MAX_ONE_PASS = 16384
 
 def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int = 127,
                            static_scale: torch.Tensor | None = None,
-                           trigger_dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           trigger_dependents: bool = False, wait_prior: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launch. x: (M, K) -> (q (M, K) int8, scale (M, 1) fp32) (into out_q/out_s if given).
 
     static_scale: a (1,) fp32 per-tensor scale to quantize with instead of each row's max (the
     returned scale then repeats it per row, the layout ``w8a8_gemm_q`` reads).  trigger_dependents: the
     caller launches the consumer programmatically next (PDL, ``_common.pdl_supported`` must hold): it may start
-    as soon as this kernel does."""
+    as soon as this kernel does.  wait_prior: this launch is programmatic itself (the launch before let it start
+    early): it waits on the GPU for that launch before reading x or writing its outputs."""
     assert x.dim() == 2
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -123,21 +127,21 @@ def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int
     if M == 0:
         return q, s
     static = static_scale is not None
-    const, ckey = _consts(K, x.is_cuda, qmax, static, trigger_dependents)
+    const, ckey = _consts(K, x.is_cuda, qmax, static, trigger_dependents, wait_prior)
     fast_launch(act_quant_kernel, (M,), (x, q, s, static_scale if static else s, K, x.stride(0), q.stride(0)),
                 const, ckey)
     return q, s
 
 
 @functools.lru_cache(maxsize=1024)
-def _consts(K: int, cuda: bool, qmax: int, static: bool, trigger: bool) -> tuple[dict, tuple]:
+def _consts(K: int, cuda: bool, qmax: int, static: bool, trigger: bool, wait: bool = False) -> tuple[dict, tuple]:
     """The launch's constexprs and options and their key (memoised twice: on these arguments, the cheapest key
     per call, and in launch_consts)."""
     one_pass = K <= MAX_ONE_PASS
     block = next_pow2(K) if one_pass else 4096
     num_warps = max(1, min(16, block // 1024)) if cuda else 1
     return launch_consts(EPS_C=EPS, QMAX=float(qmax), STATIC=static, BLOCK_K=block, ONE_PASS=one_pass,
-                         TRIGGER=trigger, num_warps=num_warps)
+                         TRIGGER=trigger, WAIT=wait, num_warps=num_warps, **({"launch_pdl": True} if wait else {}))
 
 
 def static_quant(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:

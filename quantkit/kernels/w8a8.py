@@ -45,8 +45,9 @@ from typing import Optional
 import torch
 
 from ._common import (ConfigCache, HOPPER_SMEM_PER_BLOCK, LazyKernel, cached_buffer, capability, cdiv, eager_cuda,
-                      fast_launch, gemv_tile, gpu_key, grid_dep_wait, grouped_tile, interpret_mode, jit_helper,
-                      l2_prefetch_rows, launch_consts, load_k_tiles, next_pow2, prefetch_steps, quantize_sym,
+                      fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
+                      interpret_mode, jit_helper, l2_prefetch_rows, launch_consts, load_k_tiles, next_pow2,
+                      prefetch_steps, quantize_sym,
                       quantize_sym_rcp, remember, sm_count, spec_key, splitk_arrive, splitk_buffers, splitk_for,
                       splitk_slot, splitk_sum, splitk_sum_rows, sym_scale, tl, use_triton, wants_pdl)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
@@ -482,6 +483,7 @@ def _w8a8_gemv_kernel(
     LOAD_STAGES: tl.constexpr,  # > 1: the INT8 loop's loads pipelined (cp.async into a ring of this many steps)
     PDL: tl.constexpr,  # launched programmatically after the quantization: wait for it before reading a and as
     PREFETCH: tl.constexpr,  # PDL: this many iterations' weight lines asked of L2 before the wait (0: none)
+    CHAIN: tl.constexpr,  # PDL_CHAIN: the next launch (the next call's quantization, programmatic) may start now
 ):
     """GEMV-style W8A8 for M <= BLOCK_M <= 16 on activations quantized once per call.
 
@@ -492,6 +494,8 @@ def _w8a8_gemv_kernel(
     FUSE_QUANT (one launch): every program takes the absmax of its rows over all of K, then
     quantizes its K slice as it goes (the act_quant math, so the integers are the same) and packs
     4 of them into a word; x is re-read from L2 by each N tile, which pays for small M only."""
+    if CHAIN:
+        grid_dep_launch_dependents()
     tile, pid_k, offs_n, _ = gemv_tile(N, BLOCK_N)
     rn = offs_n % N
     offs_m = tl.arange(0, BLOCK_M)
@@ -806,11 +810,12 @@ def _scratch(x: torch.Tensor):
         cached_buffer(x.device, torch.float32, M, tag="act_s")[:M]))
 
 
-def _quantize_into_scratch(x: torch.Tensor, trigger: bool = False):
+def _quantize_into_scratch(x: torch.Tensor, trigger: bool = False, wait: bool = False):
     """Per-token quantization of x (M, K) into the activation scratch: (a_q (M, K) int8, a_scale (M,) fp32).
-    ``trigger``: the consumer is launched programmatically next (PDL)."""
+    ``trigger``: the consumer is launched programmatically next (PDL); ``wait``: this launch is programmatic
+    itself (``PDL_CHAIN``: the GEMV before it, which reads the same scratch, let it start)."""
     views = _scratch(x)
-    per_token_quant_triton(x, out_q=views[0], out_s=views[1], trigger_dependents=trigger)
+    per_token_quant_triton(x, out_q=views[0], out_s=views[1], trigger_dependents=trigger, wait_prior=wait)
     return views
 
 
@@ -884,7 +889,7 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     if fuse:  # one launch: the kernel quantizes x itself
         a_arg, a_s, stride_a = x, w_scale, x.stride(0)
     else:
-        a_q, a_s = _quantize_into_scratch(x, trigger=const["PDL"])
+        a_q, a_s = _quantize_into_scratch(x, trigger=const["PDL"], wait=const["CHAIN"])
         a_arg, stride_a = a_q.view(torch.int32), K // 4
     wf = w_fp16 if w_fp16 is not None else w
     vary = (a_arg, a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale, out)
@@ -913,7 +918,7 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
                                 EPS_C=EPS,
                                 AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
                                 LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), PDL=pdl,
-                                PREFETCH=prefetch_steps(cfg, pdl),
+                                PREFETCH=prefetch_steps(cfg, pdl), CHAIN=pdl and bool(cfg.get("PDL_CHAIN", False)),
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                                 **({"launch_pdl": True} if pdl else {}))
     return (tiles * split_k,), part, lock, fuse, const, (ckey, spec_key((M, N, KW)))

@@ -322,11 +322,14 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
     for c in (dict(cfg, LOAD_STAGES=3), dict(cfg, FUSE_QUANT=True, LOAD_STAGES=2),  # loads through a cp.async ring
               dict(cfg, BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1), dict(cfg, FUSE_QUANT=True, BLOCK_N=1, BLOCK_K=512),
               dict(cfg, PDL=True), dict(cfg, BLOCK_N=1, BLOCK_K=1024, SPLIT_K=1, PDL=True),
-              dict(cfg, PDL=True, PREFETCH=2), dict(cfg, BLOCK_N=1, BLOCK_K=1024, SPLIT_K=1, PDL=True, PREFETCH=4)):
+              dict(cfg, PDL=True, PREFETCH=2), dict(cfg, BLOCK_N=1, BLOCK_K=1024, SPLIT_K=1, PDL=True, PREFETCH=4),
+              dict(cfg, PDL=True, PDL_CHAIN=True), dict(cfg, BLOCK_N=1, BLOCK_K=1024, SPLIT_K=1, PDL=True,
+                                                        PDL_CHAIN=True)):  # (the chain: see the GPU test below)
         y = w8a8.w8a8_linear_triton(x, W.w, W.scale, bias, config=c, out=poison((M, N), torch.float16, dev))
         assert torch.equal(y, one), c
-        plan_pdl = w8a8._gemv_plan(c, M, N, K, x.device, True, False, False)[4]["PDL"]
-        assert plan_pdl == (bool(c.get("PDL")) and _common.pdl_supported(x.device)), c
+        const = w8a8._gemv_plan(c, M, N, K, x.device, True, False, False)[4]
+        assert const["PDL"] == (bool(c.get("PDL")) and _common.pdl_supported(x.device)), c
+        assert const["CHAIN"] == (const["PDL"] and bool(c.get("PDL_CHAIN"))), c
     assert not w8a8._gemv_plan(dict(cfg, PDL=True, FUSE_QUANT=True), M, N, K, x.device, True, False, False)[4]["PDL"]
     # PREFETCH: only with PDL (nothing to overlap otherwise), a power of two (the pointer tile is a Triton range)
     assert _common.prefetch_steps(dict(cfg, PREFETCH=4), True) == 4
@@ -418,3 +421,47 @@ def test_cached_buffers_outlive_their_replacement():
     assert new.numel() >= 2 * 5000 and not new.any()
     assert ref().numel() <= new.numel() // 2
     assert _common.cached_buffer(dev, torch.int32, 7000, zero=True, tag="test_grow") is new  # fits: no growth
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch: sm_90+")
+@pytest.mark.parametrize("bn,bk,split_k", [(1, 1024, 1), (4, 512, 1), (128, 128, 8)])
+def test_w8a8_gemv_pdl_chain_reads_the_previous_calls_output(bn, bk, split_k):
+    """``PDL_CHAIN``: the GEMV lets the next launch start at once, and the next call's quantization, launched
+    programmatically, waits on the GPU for it before reading x or rewriting the scratch the GEMV reads. A chain of
+    calls, each one's input the previous one's output (N = K; the activation scratch and split-K buffers shared),
+    eager and replayed from a CUDA graph with every output poisoned before the replay, is bit for bit the chain of
+    plain PDL calls: a quantization that started too early would read a stale input or overwrite the scratch under
+    the GEMV still reading it."""
+    N = K = 2048
+    g = torch.Generator().manual_seed(5)
+    q = randw(g, (N, K), -127, 127, "cuda")
+    s = (torch.rand(N, 1, generator=g) * 1e-4 + 2.5e-4).to("cuda")  # ~1 / (sqrt(K) std(q)): |y| stays near |x|
+    W = w8a8.prepack_w8a8(q, s)
+    plain = dict(BACKEND="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, num_warps=4, num_stages=2, PDL=True)
+    chain = dict(plain, PDL_CHAIN=True)
+    assert w8a8._gemv_plan(chain, 1, N, K, torch.device("cuda"), False, False, False)[4]["CHAIN"]
+    x0 = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    ys = [poison((1, N), torch.float16, "cuda") for _ in range(6)]
+
+    def run(cfg):
+        x = x0
+        for y in ys:
+            x = w8a8.w8a8_linear_triton(x, W.w, W.scale, None, config=cfg, out=y)
+        return [y.clone() for y in ys]
+
+    want = run(plain)
+    assert all(torch.isfinite(y).all() for y in want)
+    assert rel_err(want[0], w8a8.w8a8_gemm_ref(x0, W.w, W.scale)) <= 2e-3
+    for y in ys:
+        y.fill_(float("nan"))
+    assert all(torch.equal(a, b) for a, b in zip(run(chain), want))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(chain)
+    for _ in range(3):
+        for y in ys:
+            y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, w) for y, w in zip(ys, want))
