@@ -2,25 +2,23 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   STAGE_LIMIT=150 bash benchmarks/gpu_issue19.sh w4-decode-parts check-all   # next: where the W4A16 M = 1 call's
-#                                                        # time goes at 28672x4096 / 4096x14336 / 4096x4096 (packing, the
-#                                                        # TMA-fed GEMV alone, the call with and without PDL: what
-#                                                        # keeps 4096x14336 at 55% of the copy floor), then every
-#                                                        # GPU kernel test on session 47's shipped configs (give
-#                                                        # check-all STAGE_LIMIT=300 if it runs alone)
-#   CHECK_WORKERS=8 WS_LIMIT=200 STAGE_LIMIT=110 bash benchmarks/gpu_issue19.sh check-ws w8a8-8192 mixed-8192
-#                                                        # MIXED_PASS "walk" (built in session 47 after the runs:
-#                                                        # the second pass one program an SM instead of one a tile,
-#                                                        # whose empty programs cost +2.4% at M = 8192): its GPU test,
-#                                                        # then the search that weighs it against MIXED_PASS true
-#   bash benchmarks/gpu_issue19.sh w8-decode w8a8-2048  # W8A8 M <= 16 against GemLite (2-3% behind on the two
-#                                                        # large shapes at M = 1), then M = 2048
-#   bash benchmarks/gpu_issue19.sh w4-256                # all four shapes, every form (session 47 searched RS
-#                                                        # tiles only, on 4096x4096 and 6144x4096, then added three
-#                                                        # 64-row warp-specialized tiles for 4096x4096's 0.87x)
-#   STAGE_LIMIT=110 SHAPES=4096x14336 bash benchmarks/gpu_issue19.sh w8a8-8192 mixed-8192   # the fourth shape
-#   On an H200 (H200.json), the session-47 sequence: CHECK_WORKERS=8 check-gemv w4-decode (GEMM_ONLY_KEYS=TMA_RING),
-#   check-ws w4-256 (GEMM_ONLY_KEYS=RS), w8a8-8192 mixed-8192, w8a8-256 mixed-256.
+#   CHECK_WORKERS=8 STAGE_LIMIT=120 bash benchmarks/gpu_issue19.sh check-gemv check-chain w4-decode-parts \
+#       w4-decode-timeline w4-decode-fit          # next (session 48 built them after its runs): PDL_CHAIN's GPU
+#                                                  # tests (W4A16's TMA-fed GEMV and W8A8's GEMV, each a chain of
+#                                                  # calls fed by each other's outputs), then where the W4A16 M = 1
+#                                                  # call's ~6 us of fixed cost goes: by part with PDL_CHAIN back
+#                                                  # to back and behind a torch op (W8A8 M = 1 too), the GEMV's
+#                                                  # timestamped build, time against bytes for 8 sizes (tinygemm's
+#                                                  # line beside ours)
+#   bash benchmarks/gpu_issue19.sh w4-decode w8-decode   # if PDL_CHAIN helped: the M = 1 / 16 searches with its
+#                                                  # twins (carry .dev/gemlite-0.6.0; give w4-decode 300 s on a
+#                                                  # cold machine: session 48's was cut after 82 candidates)
+#   STAGE_LIMIT=400 CHECK_WORKERS=14 bash benchmarks/gpu_issue19.sh check-all   # a complete GPU pass (session
+#                                                  # 48's two runs were cut at 85% and 98%, none failed)
+#   then `gemm.py --peers --ms 1,16,256 --gemlite .dev/gemlite-0.6.0` on the configs as shipped (the status table)
+#   On an H200 (H200.json, last searched in session 41: none of the TMA-fed GEMV, warp-specialized RS or
+#   MIXED_PASS there): CHECK_WORKERS=8 check-gemv check-ws, w4-decode (GEMM_ONLY_KEYS=TMA_RING), w4-256
+#   (GEMM_ONLY_KEYS=RS), w8a8-8192 mixed-8192, w8a8-256 mixed-256.
 #
 # (w4-decode, w8-decode: GemLite, carry .dev/gemlite-0.6.0.) Each stage logs into $WORK (default ~/issue19: the
 # machine keeps its home directory between back-to-back calls) as <stage>.log (and .md tables where gemm.py writes
@@ -39,7 +37,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="check check-ws check-gemv check-all w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
+STAGES="check check-ws check-gemv check-chain check-all w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -96,6 +94,13 @@ for stage in "$@"; do
       grep -E "^FAILED|^ERROR" "$WORK/check-gemv.log" | head -10
       if grep -E "^(FAILED|ERROR)" "$WORK/check-gemv.log" | grep -qv pdl_chain; then skip TMA_RING
       elif [ $rc -ne 0 ]; then skip PDL_CHAIN; fi ;;
+    check-chain)  # PDL_CHAIN: W8A8's GEMV (a failure leaves its chain configs out of later searches; W4A16's is in
+      # check-gemv)
+      RUN_LIMIT=${GEMV_LIMIT:-150} run check-chain env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n "${CHECK_WORKERS:-4}" \
+        -p no:cacheprovider tests/kernels/test_w8a8.py -k "pdl_chain or gemv_fused_quant"
+      rc=$?
+      grep -E "^FAILED|^ERROR" "$WORK/check-chain.log" | head -10
+      [ $rc -ne 0 ] && skip PDL_CHAIN ;;
     check-all)  # every GPU kernel test (~250 s on an H100: give it STAGE_LIMIT=400)
       run check-all env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 8 -p no:cacheprovider \
         tests/kernels/test_gpu.py tests/kernels/test_w8a8.py tests/kernels/test_mixed.py tests/test_runtime_gpu.py
