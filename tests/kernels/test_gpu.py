@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _kernel_util import poison, randw, rel_err
+from _kernel_util import chained_calls_match, poison, randw, rel_err
 from quantkit.kernels import act_quant, mixed, w8a8, wna16
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -575,31 +575,10 @@ def test_gluon_w4a16_gemv_pdl_chain_reads_the_previous_calls_output(bn, split_k,
     plain, chain = (wna16._gemv_tma(bn, split_k, warps, ring, chain=c) for c in (False, True))
     assert wna16_gluon.gemv_chains(chain, True) and not wna16_gluon.gemv_chains(plain, True)
     x0 = torch.randn(1, K, device="cuda", dtype=torch.float16)
-    steps = 6
-    ys = [poison((1, N), torch.float16, "cuda") for _ in range(steps)]
-
-    def run(cfg):
-        x = x0
-        for y in ys:
-            x = wna16.wna16_linear_triton(x, W.qw, W.scales, None, None, 4, W.group_size, N, K, config=cfg, out=y)
-        return [y.clone() for y in ys]
-
-    want = run(plain)
-    assert all(torch.isfinite(y).all() for y in want) and rel_err(want[0], wna16.wna16_gemm_ref(
-        x0, q, s_.half().float(), None)) <= 1e-2
-    for y in ys:
-        y.fill_(float("nan"))
-    got = run(chain)
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run(chain)
-    for _ in range(3):
-        for y in ys:
-            y.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(y, w) for y, w in zip(ys, want))
+    call = lambda x, cfg, y: wna16.wna16_linear_triton(  # noqa: E731
+        x, W.qw, W.scales, None, None, 4, W.group_size, N, K, config=cfg, out=y)
+    want = chained_calls_match(call, x0, plain, chain)
+    assert rel_err(want[0], wna16.wna16_gemm_ref(x0, q, s_.half().float(), None)) <= 1e-2
 
 
 def _graph_replays(call, x, out, expect):
