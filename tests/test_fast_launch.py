@@ -105,6 +105,13 @@ def _cases():
             wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K, config=cfg)
         return call
 
+    def pdl_on(call):  # the launch as on an sm_90 GPU: PDL (and PDL_CHAIN) configs keep their flags
+        def run(seed, off):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(_common, "pdl_supported", lambda device: True)
+                call(seed, off)
+        return run
+
     def rope(seed, off):
         B, S, Hq, Hkv, D, T = 2, 3, 4, 2, 32, 8
         qkv = xs(seed, B * S, (Hq + 2 * Hkv) * D, off).reshape(B, S, -1)
@@ -135,6 +142,8 @@ def _cases():
         ("w8a8 gemv", w8a8_call(dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1))),
         ("w8a8 gemv fused", w8a8_call(dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, FUSE_QUANT=True,
                                            num_warps=4, num_stages=1))),
+        ("w8a8 gemv PDL_CHAIN", pdl_on(w8a8_call(dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4,
+                                                      num_stages=1, PDL=True, PDL_CHAIN=True)))),
         ("w8a8 gemm_q", lambda seed, off: w8a8.w8a8_gemm_q_triton(
             torch.randint(-127, 128, (5 * 64 + off,), dtype=torch.int8)[off:].view(5, 64), torch.rand(5, 1),
             *w8(seed, 48, 64), config=tl_dot)),
@@ -143,6 +152,8 @@ def _cases():
         ("wna16 mma", wna16_call(dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, num_warps=4, num_stages=2))),
         ("wna16 gemv_h2", wna16_call(dict(BACKEND="gemv_h2", BLOCK_N=32, UNROLL=1, SPLIT_K=2, num_warps=4,
                                           num_stages=1))),
+        ("wna16 gemv_h2 packed PDL", pdl_on(wna16_call(dict(BACKEND="gemv_h2", BLOCK_N=32, UNROLL=1, SPLIT_K=2,
+                                                            num_warps=4, num_stages=1, PACKED_X=True, PDL=True)))),
         ("add_rmsnorm", lambda seed, off: fused.add_rmsnorm(xs(seed, 4, 96, off), xs(seed + 1, 4, 96, 0),
                                                             torch.rand(96).half(), 1e-5)),
         ("silu_mul", lambda seed, off: fused.silu_mul(xs(seed, 3, 2 * 80, off), 80)),
@@ -197,7 +208,8 @@ def test_check_launch_catches_a_key_that_misses_an_argument(rec):
     lk = act_quant.act_quant_kernel
     x = torch.randn(4, 64).half()
     q, s = torch.empty(4, 64, dtype=torch.int8), torch.empty(4, 1)
-    const = dict(EPS_C=1e-8, QMAX=127.0, STATIC=False, BLOCK_K=64, ONE_PASS=True, TRIGGER=False, num_warps=1)
+    const = dict(EPS_C=1e-8, QMAX=127.0, STATIC=False, BLOCK_K=64, ONE_PASS=True, TRIGGER=False, WAIT=False,
+                 num_warps=1)
     _common.fast_launch(lk, (4,), (x, q, s, s, 64, 64, 64), const, "k", (x,))
     q2 = torch.empty(4 * 64 + 1, dtype=torch.int8)[1:].view(4, 64)  # unaligned, but not in key_args
     with pytest.raises(AssertionError, match="key_args miss"):
