@@ -64,7 +64,8 @@ def test_skip_keys_leave_out_the_configs_of_a_failed_form(monkeypatch):
 def test_decode_parts_times_the_packing_and_each_call_checked():
     """``--decode-parts``: W4A16 M = 1 taken apart (the packing launch alone, the TMA-fed GEMV alone where it runs,
     the whole call with and without PDL, with PDL_CHAIN back to back and behind a torch op) for the shipped config
-    and each TMA-fed tile, every call checked against the reference before it is timed; on the CPU the GEMV alone cannot run (no sm_90) and reads nan."""
+    and each TMA-fed tile, every call checked against the reference before it is timed; on the CPU the GEMV alone
+    cannot run (no sm_90) and reads nan."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gemm.py"), "--smoke", "--decode-parts",
                         "--shapes", "512x256"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

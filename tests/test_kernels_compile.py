@@ -517,7 +517,8 @@ W4_GEMV_CHILD = textwrap.dedent(r'''
         body = mul_loop(k.asm["cubin"])
         out[f"{cfg} {v}"] = dict(
             chain=cfg.get("PDL_CHAIN", False), triggers=ptx.count("griddepcontrol.launch_dependents"),
-            cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared, planned=wg.gemv_shared_bytes(cfg, "has_zero" in v),
+            cubin=bool(k.asm.get("cubin")), shared=k.metadata.shared,
+            planned=wg.gemv_shared_bytes(cfg, "has_zero" in v),
             warps=k.metadata.num_warps, cols=bn // (32 * w), pdl=v.get("pdl", True),
             maxnreg=sorted(set(re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx))),
             gdc_waits=ptx.count("griddepcontrol.wait"), tma=ptx.count("cp.async.bulk.tensor"),

@@ -110,7 +110,8 @@ MAX_ONE_PASS = 16384
 
 def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int = 127,
                            static_scale: torch.Tensor | None = None,
-                           trigger_dependents: bool = False, wait_prior: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           trigger_dependents: bool = False,
+                           wait_prior: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launch. x: (M, K) -> (q (M, K) int8, scale (M, 1) fp32) (into out_q/out_s if given).
 
     static_scale: a (1,) fp32 per-tensor scale to quantize with instead of each row's max (the

@@ -47,9 +47,9 @@ import torch
 from ._common import (ConfigCache, HOPPER_SMEM_PER_BLOCK, LazyKernel, cached_buffer, capability, cdiv, eager_cuda,
                       fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
                       interpret_mode, jit_helper, l2_prefetch_rows, launch_consts, load_k_tiles, next_pow2,
-                      prefetch_steps, quantize_sym,
-                      quantize_sym_rcp, remember, sm_count, spec_key, splitk_arrive, splitk_buffers, splitk_for,
-                      splitk_slot, splitk_sum, splitk_sum_rows, sym_scale, tl, use_triton, wants_pdl)
+                      prefetch_steps, quantize_sym, quantize_sym_rcp, remember, sm_count, spec_key, splitk_arrive,
+                      splitk_buffers, splitk_for, splitk_slot, splitk_sum, splitk_sum_rows, sym_scale, tl, use_triton,
+                      wants_pdl)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 

@@ -695,9 +695,9 @@ if GLUON_ERROR is None:
         asks for the first STAGES blocks' weights before it waits for the packed x.  ``CHAIN`` (``PDL_CHAIN``): the
         loader lets the next launch start at once, so the next call's packing, launched programmatically too
         (``wna16._h2_pack_x``'s ``wait``), waits on the GPU for this call instead of starting after it ends, and the
-        next GEMV, launched behind the packing, asks for its first weights while this one still streams.  ``TIMELINE`` (a diagnostic,
-        ``gemm.py --decode-timeline``): each program writes its timestamps into ``tl_ptr`` (``TL_*``: clock64
-        cycles, and globaltimer nanoseconds at the multiplying partition's start and end)."""
+        next GEMV, launched behind the packing, asks for its first weights while this one still streams.
+        ``TIMELINE`` (a diagnostic, ``gemm.py --decode-timeline``): each program writes its timestamps into
+        ``tl_ptr`` (``TL_*``: clock64 cycles, and globaltimer nanoseconds at the multiplying partition's start and end)."""
         ROWS: gl.constexpr = w_desc.block_type.shape[0]  # (GEMV_ROWS: a 128-K block's words, x's pairs a plane)
         BN: gl.constexpr = w_desc.block_type.shape[1]
         w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, ROWS, BN], w_desc.layout)
