@@ -926,6 +926,33 @@ def w4_decode_bytes(N: int, K: int) -> int:
     return N * K // 2 + N * (K // 128) * 2 + 2 * K + 2 * N
 
 
+def tma_gemv_alone(L, x, cfg, timeline=False):
+    """The TMA-fed GEMV of ``cfg``'s tile alone at M = 1, on x packed beforehand and without PDL, with the split-K
+    buffers of the call's own launch plan (``wna16._plan``): ``gemv(layer, out, stamps=None)`` on a copy of layer
+    ``L``, or None where the kernel does not run here. ``timeline``: its timestamped build (``stamps``: an int64
+    buffer of ``wna16_gluon.TIMELINE_SLOTS`` entries a program)."""
+    N, K, W0 = L.N, L.K, L.wi4
+    cfg = {k: v for k, v in cfg.items() if k not in ("PDL", "PDL_CHAIN")}
+    backend, _, _, _, ws, lock, _ = wna16._plan(x, 1, N, K, 4, W0.group_size, W0.scales.shape[0], False, False, cfg)
+    plan = (wna16_gluon.gemv_plan(cfg, N, x.dtype, False, False, False, timeline=timeline)
+            if backend == "gemv_tma" else None)
+    if plan is None or not plan.runs_on(x, W0.qw, W0.scales, None):
+        return None
+    xp, xsc = wna16._h2_pack_x(x, K)
+
+    def gemv(c_, o, stamps=None):
+        W = c_.wi4
+        return plan.launch(xp, xsc, W.qw, W.scales, None, None, o, ws, lock, W.group_size, N, K, timeline=stamps)
+    gemv.grid = plan.grid
+    return gemv
+
+
+def graph_behind_op(calls, op, t_op):
+    """``bench_graph_rot`` of each call behind ``op`` (a launch that lets no programmatic launch start early, as a
+    decode loop's norms and activations), ``op``'s own time ``t_op`` taken off."""
+    return bench_graph_rot([lambda f=f: (op(), f()) for f in calls]) - t_op
+
+
 # TMA-fed GEMV tiles the decode study takes apart beside the shipped config: (BLOCK_N, SPLIT_K, warps, ring)
 DECODE_PART_TILES = [(256, 1, 4, 6), (128, 4, 4, 8), (128, 8, 4, 6), (256, 4, 8, 4)]
 
@@ -938,7 +965,8 @@ def decode_parts(dev, gen, shapes, bw):
     gpu = gpu_key(torch.empty(1, device=dev))
     fails = []
     spacer = torch.zeros(1, device=dev)
-    t_empty = bench_graph(lambda: spacer.add_(1))  # what the torch op between calls costs alone, taken off
+    op = lambda: spacer.add_(1)  # noqa: E731  (the torch op between calls)
+    t_op = bench_graph(op)
     lines = ["| N | K | config | floor us | pack alone us (one program) | GEMV alone us | call, PDL us (% of floor) | "
              "call, no PDL us | call, PDL_CHAIN us (% of floor) | after a torch op: PDL / PDL_CHAIN us |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -976,21 +1004,12 @@ def decode_parts(dev, gen, shapes, bw):
             if cfg.get("TMA_RING") and checked(lambda o: run_w4(L, x, chain, o), ref, f"chain N={N} K={K} {cfg}",
                                                fails) <= TOL:
                 t_chain = bench_graph_rot([lambda c_=c_: run_w4(c_, x, chain, out) for c_ in copies])
-                t_after = tuple(bench_graph_rot([lambda c_=c_, f=f: (spacer.add_(1), run_w4(c_, x, f, out))
-                                                 for c_ in copies]) - t_empty for f in (cfg, chain))
+                t_after = tuple(graph_behind_op([lambda c_=c_: run_w4(c_, x, f, out) for c_ in copies], op, t_op)
+                                for f in (cfg, chain))
             t_gemv = float("nan")
-            # the call's own launch plan (wna16._plan: the TMA-fed GEMV's, its split-K buffers) on the no-PDL config
-            W0 = L.wi4
-            backend, _, _, plan, ws, lock, _ = wna16._plan(x, 1, N, K, 4, W0.group_size, W0.scales.shape[0], False,
-                                                           False, no_pdl)
-            if backend == "gemv_tma" and plan is not None and plan.runs_on(x, W0.qw, W0.scales, None):
-                xp, xsc = wna16._h2_pack_x(x, K)
-
-                def gemv(c_, o):
-                    W = c_.wi4
-                    return plan.launch(xp, xsc, W.qw, W.scales, None, None, o, ws, lock, W.group_size, N, K)
-                if checked(lambda o: gemv(L, o), ref, f"GEMV alone N={N} K={K} {cfg}", fails) <= TOL:
-                    t_gemv = bench_graph_rot([lambda c_=c_: gemv(c_, out) for c_ in copies])
+            gemv = tma_gemv_alone(L, x, cfg)
+            if gemv is not None and checked(lambda o: gemv(L, o), ref, f"GEMV alone N={N} K={K} {cfg}", fails) <= TOL:
+                t_gemv = bench_graph_rot([lambda c_=c_: gemv(c_, out) for c_ in copies])
             after = f"{t_after[0]:.1f} / {t_after[1]:.1f}" if isinstance(t_after, tuple) else "nan"
             lines.append(f"| {N} | {K} | {name} | {floor:.1f} | {t_pack:.1f} ({t_pack1:.1f}) | {t_gemv:.1f} | "
                          f"{t_call:.1f} ({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} | "
@@ -1009,8 +1028,7 @@ def decode_parts(dev, gen, shapes, bw):
                     row += [float("nan")] * 2
                     continue
                 row.append(bench_graph_rot([lambda c_=c_: run_w8a8(c_, x, c8, out) for c_ in copies8]))
-                row.append(bench_graph_rot([lambda c_=c_: (spacer.add_(1), run_w8a8(c_, x, c8, out))
-                                            for c_ in copies8]) - t_empty)
+                row.append(graph_behind_op([lambda c_=c_: run_w8a8(c_, x, c8, out) for c_ in copies8], op, t_op))
             lines8.append(f"| {N} | {K} | {row[0]:.1f} | {row[2]:.1f} | {row[1]:.1f} / {row[3]:.1f} |")
             log(lines8[-1] + f" {cfg8}")
             del copies8
@@ -1022,7 +1040,7 @@ def decode_parts(dev, gen, shapes, bw):
         log("\n".join(lines8) + "\n")
     log("W4A16 M = 1 by part (CUDA-graph replay, us; `pack alone`: the x packing launch, `GEMV alone`: the TMA-fed "
         "GEMV on x packed beforehand; floor: the bytes moved at the copy bandwidth; `after a torch op`: each call "
-        f"behind a one-element torch op, whose own {t_empty:.2f} us is taken off):\n")
+        f"behind a one-element torch op, whose own {t_op:.2f} us is taken off):\n")
     log("\n".join(lines))
     log(f"failures: {len(fails)}")
     return 1 if fails else 0
@@ -1161,32 +1179,23 @@ def decode_timeline(dev, gen, shapes):
         shipped = wna16.CONFIGS.get(1, N, K, gpu)
         tiles = ([("shipped", shipped)] if wna16_gluon.gemv_ring(shipped) else []) + [
             (f"TMA {t_}", wna16._gemv_tma(*t_)) for t_ in DECODE_PART_TILES if wna16._gemv_tma(*t_) != shipped]
-        xp, xsc = wna16._h2_pack_x(x, K)
-        W0 = L.wi4
         for name, cfg in tiles:
-            cfg = {k: v for k, v in cfg.items() if k != "PDL"}
-            _, _, _, _, ws, lock, _ = wna16._plan(x, 1, N, K, 4, W0.group_size, W0.scales.shape[0], False, False, cfg)
-            plans = {tl_: wna16_gluon.gemv_plan(cfg, N, x.dtype, False, False, False, timeline=tl_)
-                     for tl_ in (False, True)}
-            if plans[True] is None or not plans[True].runs_on(x, W0.qw, W0.scales, None):
+            plain, stamped = (tma_gemv_alone(L, x, cfg, timeline=t_) for t_ in (False, True))
+            if stamped is None:
                 log(f"N={N} K={K} {name}: the TMA-fed GEMV does not run this tile here")
                 continue
-            n_prog = plans[True].grid[0] * plans[True].grid[2]
+            n_prog = stamped.grid[0] * stamped.grid[2]
             stamps = torch.zeros(len(copies), n_prog, len(wna16_gluon.TIMELINE_FIELDS), dtype=torch.int64,
                                  device=dev)
-
-            def gemv(c_, o, tl_=None):
-                W = c_.wi4
-                return plans[tl_ is not None].launch(xp, xsc, W.qw, W.scales, None, None, o, ws, lock, W.group_size,
-                                                     N, K, timeline=tl_)
-            if checked(lambda o: gemv(L, o, stamps[0]), ref, f"GEMV (stamped) N={N} K={K} {cfg}", fails) > TOL:
+            if checked(lambda o: stamped(L, o, stamps[0]), ref, f"GEMV (stamped) N={N} K={K} {cfg}", fails) > TOL:
                 continue
-            t_plain = bench_graph_rot([lambda c_=c_: gemv(c_, out) for c_ in copies])
-            t_stamped = bench_graph_rot([lambda c_=c_, i=i: gemv(c_, out, stamps[i]) for i, c_ in enumerate(copies)])
+            t_plain = bench_graph_rot([lambda c_=c_: plain(c_, out) for c_ in copies])
+            t_stamped = bench_graph_rot([lambda c_=c_, i=i: stamped(c_, out, stamps[i])
+                                         for i, c_ in enumerate(copies)])
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 for i, c_ in enumerate(copies):
-                    gemv(c_, out, stamps[i])
+                    stamped(c_, out, stamps[i])
             for _ in range(3):
                 g.replay()
             torch.cuda.synchronize()

@@ -67,6 +67,18 @@ def wants_pdl(cfg: dict, device: torch.device) -> bool:
     return bool(cfg.get("PDL", False)) and pdl_supported(device)
 
 
+def pdl_chains(cfg: dict, pdl: bool) -> bool:
+    """``PDL_CHAIN`` (a config key of the W8A8 GEMV and the TMA-fed W4A16 GEMV, with PDL): the GEMV lets the next
+    launch start at once, and the call's own first launch (the quantization or the packing) is programmatic too,
+    waiting on the GPU for the launch before it."""
+    return pdl and bool(cfg.get("PDL_CHAIN", False))
+
+
+def pdl_option(on: bool) -> dict:
+    """The launch option of a programmatic launch (``launch_pdl``), or none."""
+    return {"launch_pdl": True} if on else {}
+
+
 def prefetch_steps(cfg: dict, pdl: bool) -> int:
     """``PREFETCH`` (a config key of the PDL GEMVs): K steps of weights asked of L2 before the wait for the launch
     before; 0 without PDL (nothing to overlap). A power of two (the prefetch's pointer tile is a Triton range)."""
@@ -614,6 +626,8 @@ def eager_cuda(x: torch.Tensor) -> bool:
 
 
 GRID_DEP_WAIT_ASM = tl.constexpr("griddepcontrol.wait; // $0")  # also Gluon's (``_gluon.grid_dep_wait``)
+# ... and its trigger (also ``_gluon.grid_dep_launch_dependents``)
+GRID_DEP_LAUNCH_ASM = tl.constexpr("griddepcontrol.launch_dependents; // $0")
 
 
 @jit_helper
@@ -648,8 +662,7 @@ def l2_prefetch_rows(base_ptr, rows, row_hi, stride, lo, hi, SPAN: tl.constexpr,
 def grid_dep_launch_dependents():
     """Programmatic dependent launch: let the next launch start now (its programs wait in :func:`grid_dep_wait`)
     instead of when this one ends; a no-op when the next launch is not programmatic. sm_90+ only."""
-    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
-                              pack=1)
+    tl.inline_asm_elementwise(GRID_DEP_LAUNCH_ASM, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @jit_helper

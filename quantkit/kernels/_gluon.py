@@ -69,8 +69,7 @@ if GLUON_ERROR is None:
     def grid_dep_launch_dependents():
         """``_common.grid_dep_launch_dependents`` for Gluon kernels: let the next launch, if programmatic, start now
         (once every CTA of this one has said so or ended) instead of when this one ends."""
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+        gl.inline_asm_elementwise(_common.GRID_DEP_LAUNCH_ASM, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def clock():

@@ -23,7 +23,7 @@ import functools
 import torch
 
 from ._common import (LazyKernel, eager_cuda, fast_launch, grid_dep_launch_dependents, grid_dep_wait, launch_consts,
-                      next_pow2, quantize_sym_rcp, round_half_away_ref, sym_scale, tl, use_triton)
+                      next_pow2, pdl_option, quantize_sym_rcp, round_half_away_ref, sym_scale, tl, use_triton)
 
 EPS = 1e-12
 
@@ -142,7 +142,7 @@ def _consts(K: int, cuda: bool, qmax: int, static: bool, trigger: bool, wait: bo
     block = next_pow2(K) if one_pass else 4096
     num_warps = max(1, min(16, block // 1024)) if cuda else 1
     return launch_consts(EPS_C=EPS, QMAX=float(qmax), STATIC=static, BLOCK_K=block, ONE_PASS=one_pass,
-                         TRIGGER=trigger, WAIT=wait, num_warps=num_warps, **({"launch_pdl": True} if wait else {}))
+                         TRIGGER=trigger, WAIT=wait, num_warps=num_warps, **pdl_option(wait))
 
 
 def static_quant(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:

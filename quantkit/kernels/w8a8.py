@@ -47,7 +47,7 @@ import torch
 from ._common import (ConfigCache, HOPPER_SMEM_PER_BLOCK, LazyKernel, cached_buffer, capability, cdiv, eager_cuda,
                       fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
                       interpret_mode, jit_helper, l2_prefetch_rows, launch_consts, load_k_tiles, next_pow2,
-                      prefetch_steps, quantize_sym, quantize_sym_rcp, remember, sm_count, spec_key, splitk_arrive,
+                      pdl_chains, pdl_option, prefetch_steps, quantize_sym, quantize_sym_rcp, remember, sm_count, spec_key, splitk_arrive,
                       splitk_buffers, splitk_for, splitk_slot, splitk_sum, splitk_sum_rows, sym_scale, tl, use_triton,
                       wants_pdl)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
@@ -705,7 +705,7 @@ def _launch_plan(cfg, M, N, K, device, flags):
                                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                                 GROUP_M=cfg["GROUP_M"], PDL=pdl, num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"], maxnreg=_mixed_maxnreg(cfg) if rbits else None,
-                                **({"launch_pdl": True} if pdl else {}))
+                                **pdl_option(pdl))
     programs = tiles * split_k
     return (programs,), part, lock, sync, n_prod, amax, const, (ckey, spec_key((M, N, K, n_prod)))
 
@@ -918,9 +918,9 @@ def _gemv_plan(cfg, M, N, K, device, has_bias, rbits, has_fp16_w):
                                 EPS_C=EPS,
                                 AMAX_K=min(next_pow2(K), max(16, 4096 // bm)) if fuse else 16,
                                 LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), PDL=pdl,
-                                PREFETCH=prefetch_steps(cfg, pdl), CHAIN=pdl and bool(cfg.get("PDL_CHAIN", False)),
+                                PREFETCH=prefetch_steps(cfg, pdl), CHAIN=pdl_chains(cfg, pdl),
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                                **({"launch_pdl": True} if pdl else {}))
+                                **pdl_option(pdl))
     return (tiles * split_k,), part, lock, fuse, const, (ckey, spec_key((M, N, KW)))
 
 

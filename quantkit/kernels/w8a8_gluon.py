@@ -727,7 +727,7 @@ def launch(a_q, a_scale, w, w_scale, bias, out, cfg: dict, row_bits=None, x=None
     tensors, prefix = ((a_q, w, out, x, wf), ()) if mixed else ((a_q, w, out), (None, None))
     return _cached_launch(_LAUNCH, w8a8_gluon_kernel, grid, cfg, out, tensors, ptrs, named,
                           lambda: descriptors(a_q, w, out, cfg, x if mixed else None, wf),
-                          {"num_warps": cfg["num_warps"], **({"launch_pdl": True} if pdl else {})}, prefix)
+                          {"num_warps": cfg["num_warps"], **_common.pdl_option(pdl)}, prefix)
 
 
 def build_for_target(cfg: dict, out_dtype=torch.float16, has_bias: bool = False, cc: int = 90,

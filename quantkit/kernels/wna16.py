@@ -50,8 +50,8 @@ import torch
 
 from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda,
                       fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
-                      jit_helper, l2_prefetch_rows, next_pow2, prefetch_steps, remember, spec_key, splitk_buffers,
-                      splitk_for, splitk_sum, tl, use_triton, wants_pdl)
+                      jit_helper, l2_prefetch_rows, next_pow2, pdl_option, prefetch_steps, remember, spec_key,
+                      splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
 
 __all__ = [
     "WNA16Weight",
@@ -756,7 +756,7 @@ def _gemv_h2(BN, SK, U, w=4, s=1, per_block=False, load_stages=1, slice_prescale
 def _gemv_tma(BN, SK, w, ring, pdl=True, chain=False):
     """The TMA-fed decode GEMV (``wna16_gluon.wna16_gluon_gemv_kernel``; ``TMA_RING``: its ring's depth in 128-K
     blocks) on a packed-x PER_BLOCK h2 tile (UNROLL 1), which is what runs the config where that kernel cannot (no
-    Gluon, another GPU). ``chain``: ``PDL_CHAIN`` (``wna16_gluon.gemv_chains``)."""
+    Gluon, another GPU). ``chain``: ``PDL_CHAIN`` (``_common.pdl_chains``)."""
     cfg = dict(_gemv_h2(BN, SK, 1, w, per_block=True, packed_x=True, pdl=pdl), TMA_RING=ring)
     return dict(cfg, PDL_CHAIN=True) if chain else cfg
 
@@ -877,7 +877,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
                      LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), SLICE_PRESCALE=slice_pre and not packed,
                      PACKED_X=packed, PDL=pdl, PREFETCH=prefetch_steps(cfg, pdl),
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                     **({"launch_pdl": True} if pdl else {}))
+                     **pdl_option(pdl))
         tiles = cdiv(N, cfg["BLOCK_N"])
         p = (backend, wna16_gemv_h2_kernel, (tiles * const["SPLIT_K"],), const,
              *splitk_buffers(x.device, tiles, const["SPLIT_K"], cfg["BLOCK_N"], 4),
@@ -991,7 +991,7 @@ def _h2_pack_plan(K: int, trigger: bool, wait: bool = False) -> tuple[int, tuple
     n_rows = cdiv(K, PACK_K) * 16
     wide = K > 4096
     const = dict(AMAX_K=min(16384 if wide else 4096, next_pow2(max(16, K))), BLOCK_R=min(512, next_pow2(n_rows)),
-                 TRIGGER=trigger, WAIT=wait, num_warps=8 if wide else 4, **({"launch_pdl": True} if wait else {}))
+                 TRIGGER=trigger, WAIT=wait, num_warps=8 if wide else 4, **pdl_option(wait))
     return n_rows, (cdiv(n_rows, const["BLOCK_R"]),), const, (const_key(const), spec_key((K, n_rows)))
 
 

@@ -994,7 +994,7 @@ class GemvPlan:
         self.consts, self.cv, self.pdl, self.bn = consts, tuple(consts.values()), pdl, cfg["BLOCK_N"]
         self.chain = consts["CHAIN"]  # the call's packing is launched programmatically too (``_h2_pack_x``'s wait)
         self.options = {"num_warps": cfg["num_warps"], "maxnreg": gemv_maxnreg(cfg),
-                        **({"launch_pdl": True} if pdl else {})}
+                        **_common.pdl_option(pdl)}
         self.grid = ((N + self.bn - 1) // self.bn, 1, consts["SPLIT_K"])
         self.static_key = (self.bn, self.cv, pdl, self.options["maxnreg"])
 
@@ -1015,15 +1015,9 @@ class GemvPlan:
         return out
 
 
-def gemv_chains(cfg: dict, pdl: bool) -> bool:
-    """``PDL_CHAIN`` (a TMA-fed GEMV config key, with PDL): the GEMV lets the next launch start at once and the
-    call's packing is launched programmatically, waiting for the launch before it on the GPU."""
-    return pdl and bool(cfg.get("PDL_CHAIN", False))
-
-
 def _gemv_consts(cfg: dict, has_zero: bool, has_bias: bool, pdl: bool, timeline: bool = False) -> dict:
     return dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, SPLIT_K=int(cfg.get("SPLIT_K", 1)), STAGES=gemv_ring(cfg),
-                WARPS=cfg["num_warps"], PDL=pdl, LOAD_REGS=GEMV_LOAD_REGS, CHAIN=gemv_chains(cfg, pdl),
+                WARPS=cfg["num_warps"], PDL=pdl, LOAD_REGS=GEMV_LOAD_REGS, CHAIN=_common.pdl_chains(cfg, pdl),
                 TIMELINE=timeline)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from _kernel_util import chained_calls_match, poison, randw, rel_err
-from quantkit.kernels import act_quant, mixed, w8a8, wna16
+from quantkit.kernels import _common, act_quant, mixed, w8a8, wna16
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -207,7 +207,7 @@ def test_gluon_cached_launch_and_graph_capture(layer, monkeypatch):
     """After the first launch the Gluon kernel is launched directly (no descriptors built, no JIT binding): new
     inputs and outputs each call, bias on and off, fp16 and bf16, bit for bit the tl.dot kernel's result; the
     same call captured in a CUDA graph and replayed on new input data too."""
-    from quantkit.kernels import _common, w8a8_gluon
+    from quantkit.kernels import w8a8_gluon
 
     if layer["N"] * layer["K"] > 6144 * 4096:
         pytest.skip("keep the GPU test short")
@@ -387,7 +387,7 @@ def test_gluon_w4a16_matches_the_reference(layer, M, cfg):
     """W4A16 (symmetric, zero points; fp16 and bf16) and W8A16 through the Gluon kernels (RS: the register-operand
     one for 4-bit; 8-bit runs the shared-operand one) against the reference, with and without bias, split-K sums
     (uneven splits too) that reset their counters (a second call is equal)."""
-    from quantkit.kernels import _common, wna16_gluon
+    from quantkit.kernels import wna16_gluon
 
     if layer["N"] * layer["K"] > 6144 * 4096:
         pytest.skip("keep the GPU test short")
@@ -434,7 +434,7 @@ def test_gluon_w4a16_group_sizes_and_k_tail(gs):
 def test_gluon_w4a16_cached_launch_and_graph_capture(monkeypatch):
     """After the first launch the Gluon W4A16 kernel is launched directly (no TMA descriptors built); a call
     captured in a CUDA graph and replayed on new input data equals a plain call."""
-    from quantkit.kernels import _common, wna16_gluon
+    from quantkit.kernels import wna16_gluon
 
     g = torch.Generator().manual_seed(5)
     N, K, M = 1024, 2048, 128
@@ -566,14 +566,12 @@ def test_gluon_w4a16_gemv_pdl_chain_reads_the_previous_calls_output(bn, split_k,
     chain of calls, each one's input the previous one's output (N = K, split-K buffers shared), eager and replayed
     from a CUDA graph with every output poisoned before the replay, is bit for bit the chain of plain PDL calls: a
     packing that read its input too early, or a GEMV that reused the split-K buffers too early, would not be."""
-    from quantkit.kernels import wna16_gluon
-
     N = K = 2048
     q = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
     s_ = torch.rand((N, K // 128), device="cuda") * 0.002 + 0.004  # ~1 / (sqrt(K) std(q)): |y| stays near |x|
     W = wna16.prepack_wna16(q, s_, None, 4)
     plain, chain = (wna16._gemv_tma(bn, split_k, warps, ring, chain=c) for c in (False, True))
-    assert wna16_gluon.gemv_chains(chain, True) and not wna16_gluon.gemv_chains(plain, True)
+    assert _common.pdl_chains(chain, True) and not _common.pdl_chains(plain, True)
     x0 = torch.randn(1, K, device="cuda", dtype=torch.float16)
     call = lambda x, cfg, y: wna16.wna16_linear_triton(  # noqa: E731
         x, W.qw, W.scales, None, None, 4, W.group_size, N, K, config=cfg, out=y)
