@@ -37,7 +37,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="check check-ws check-gemv check-chain check-all w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
+STAGES="check check-ws check-gemv check-chain check-all runtime-chain w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -122,6 +122,12 @@ for stage in "$@"; do
       run w4-decode-fit python benchmarks/gemm.py --decode-fit ;;
     w4-decode-timeline)  # the TMA-fed GEMV's timestamped build: launch gaps, start spread, first slot, loop, epilogue
       run w4-decode-timeline python benchmarks/gemm.py --decode-timeline ;;
+    runtime-chain)  # the runtime's PDL chain (kernels._common.CHAIN_PDL): its GPU tests (bit for bit against plain
+      # launches, graph against eager), then decode speed with it on and off in one process (RT_LAYERS of Llama-3-8B)
+      RUN_LIMIT=${RT_LIMIT:-300} run runtime-chain bash -c "python -m pytest -q -rf -p no:cacheprovider \
+        tests/test_runtime_gpu.py -k 'pdl_chain or graph_replay' && python benchmarks/runtime.py --chain-ab \
+        --skip hf,monitor,mixed,att --layers ${RT_LAYERS:-16} --gen-len 128 --json $WORK/runtime-chain.json \
+        --md $WORK/runtime-chain.md" ;;
     w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (W4_DECODE_MS: the Ms)
       run w4-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w4a16 --ms "${W4_DECODE_MS:-1,16}" \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;

@@ -197,6 +197,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: bf16,hf,w4,w8,monitor,mixed,att")
     ap.add_argument("--tune", action="store_true", help="first tune the decode GEMM configs at --batch-big and the "
                     "decode-attention launch settings (kept in-process and reported)")
+    ap.add_argument("--chain-ab", action="store_true", help="also time the BF16 runtime, W4A16 and W8A8C8 rows with "
+                    "the runtime's programmatic launch chain off (kernels._common.CHAIN_PDL), in the same process")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -243,9 +245,23 @@ def main(argv=None) -> None:
             rows.append(r)
             _log("row", json.dumps(r))
 
+    def bench_ab(rt, name, role, bs):
+        # the row as shipped, then (--chain-ab) again with the runtime's PDL chain off: graphs recaptured
+        bench(rt, name, role, bs)
+        if args.chain_ab:
+            from quantkit.kernels import _common
+
+            was, _common.CHAIN_PDL = _common.CHAIN_PDL, False
+            rt._graphs.clear()
+            try:
+                bench(rt, f"{name}, no PDL chain", f"{role}-no-chain", bs)
+            finally:
+                _common.CHAIN_PDL = was
+                rt._graphs.clear()
+
     if "bf16" not in skip:
         rt = runtime.from_float(random_model(args.shape, device=dev, **over), device=dev)
-        bench(rt, "BF16 runtime", "runtime-float", batches)
+        bench_ab(rt, "BF16 runtime", "runtime-float", batches)
         del rt
         rb.free()
     if "hf" not in skip:
@@ -260,12 +276,12 @@ def main(argv=None) -> None:
         rb.free()
     if "w4" not in skip:
         rt = api.runtime_for_shape(args.shape, PRESETS["W4A16"], device=dev, layers=args.layers)
-        bench(rt, "W4A16 g128", "quantized", batches)
+        bench_ab(rt, "W4A16 g128", "quantized", batches)
         del rt
         rb.free()
     if "w8" not in skip:
         rt = api.runtime_for_shape(args.shape, PRESETS["W8A8C8"], device=dev, layers=args.layers)
-        bench(rt, "W8A8C8", "quantized", batches)
+        bench_ab(rt, "W8A8C8", "quantized", batches)
         if "monitor" not in skip:
             layers = default_monitor_layers(rt)
             ids = torch.randint(0, rt.vocab, (8, 256), generator=torch.Generator().manual_seed(1))
@@ -320,6 +336,12 @@ def markdown(result) -> str:
             out.append(f"\nHBM roofline, {r['name']} batch 1: {r['bytes_per_step'] / 1e9:.3f} GB per step / "
                        f"{result['copy_bw'] / 1e12:.2f} TB/s = {r['roofline_ms']:.3f} ms; measured "
                        f"{r['ms_per_step']:.3f} ms = **{r['roofline_ms'] / r['ms_per_step']:.0%} of the roofline**")
+    for r in rows:  # --chain-ab: the same row with the PDL chain on (as shipped) and off
+        if r["role"].endswith("-no-chain"):
+            on = find(r["role"][:-len("-no-chain")], r["batch"], r["name"].replace(", no PDL chain", ""))
+            if on:
+                out.append(f"\nPDL chain, {on['name']} batch {r['batch']}: {on['ms_per_step']:.3f} ms/step on, "
+                           f"{r['ms_per_step']:.3f} off: **{r['ms_per_step'] / on['ms_per_step']:.3f}x** faster on")
     att = result.get("attention") or {}
     if att:
         bf = att.get("bf16 (ours)", {}).get("us")

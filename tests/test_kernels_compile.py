@@ -21,7 +21,7 @@ from quantkit.kernels._common import HOPPER_SMEM_PER_BLOCK as SM90_MAX_SHARED  #
 
 CHILD = textwrap.dedent(r'''
     import json, re, sys
-    from quantkit.kernels import act_quant, attention, hadamard, w8a8, wna16
+    from quantkit.kernels import act_quant, attention, fused, hadamard, w8a8, wna16
     from quantkit.kernels._common import build_for_target, load_tuned
 
     def compiled(lazy, types, consts, cc, **options):
@@ -41,7 +41,7 @@ CHILD = textwrap.dedent(r'''
     out = {}
     for scales, res, window, cap in json.loads(sys.argv[1]):
         consts = dict(GROUP=4, GP=16, D=64, BLOCK_N=32, SCALES=scales, RES_BITS=res,
-                      RW=32 if res == 4 else 64, WINDOW=window, SOFTCAP=cap)
+                      RW=32 if res == 4 else 64, WINDOW=window, SOFTCAP=cap, PDL=False)
         for cc in (80, 90):
             out[f"attention scales={scales} res={res} window={window} softcap={cap} sm_{cc}"] = build(
                 attention.decode_attn_kernel, attn_types, consts, cc)
@@ -149,6 +149,26 @@ CHILD = textwrap.dedent(r'''
                        num_warps=const["num_warps"], launch_pdl=const.get("launch_pdl", False)).asm["ptx"]
         pdl[f"act_quant trigger={trigger} wait={wait}"] = [ptx.count("griddepcontrol.launch_dependents"),
                                                            ptx.count("griddepcontrol.wait")]
+    # the runtime's own launches in its programmatic chain (PDL): one trigger and one wait each, none without
+    chain = {}
+    runtime = (
+        (fused.add_rmsnorm_kernel, {"x_ptr": "*bf16", "d_ptr": "*bf16", "w_ptr": "*bf16", "xo_ptr": "*bf16",
+                                    "h_ptr": "*bf16", "eps": "fp32"}, dict(HAS_D=True, BLOCK=4096)),
+        (fused.silu_mul_kernel, {"gu_ptr": "*bf16", "o_ptr": "*bf16"}, dict(BLOCK=1024)),
+        (fused.rope_store_kernel, {"qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64",
+                                   "q_ptr": "*bf16", "k_ptr": "*i8", "v_ptr": "*i8", "ks_ptr": "*fp32",
+                                   "vs_ptr": "*fp32"}, dict(D=128, MODE=1, QMAX=127.0)),
+        (attention.decode_attn_kernel, attn_types, dict(GROUP=4, GP=16, D=64, BLOCK_N=32, SCALES=2, RES_BITS=0,
+                                                        RW=64, WINDOW=False, SOFTCAP=0.0)),
+        (attention.decode_merge_kernel, {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16"},
+         dict(GROUP=4, GP=16, D=128)),
+    )
+    for lazy, types, consts in runtime:
+        for on in (False, True):
+            ptx = compiled(lazy, types, dict(consts, PDL=on), 90, num_warps=4, launch_pdl=on).asm["ptx"]
+            chain[f"{lazy.__name__} pdl={on}"] = [ptx.count("griddepcontrol.launch_dependents"),
+                                                  ptx.count("griddepcontrol.wait")]
+    out["chain"] = chain
     out["ring"] = ring
     out["pdl"] = pdl
     out["shared"] = shared
@@ -216,6 +236,8 @@ def test_kernels_compile_for_sm80_and_sm90():
     quant = built.pop("quant")
     ring = built.pop("ring")
     pdl = built.pop("pdl")
+    chain = built.pop("chain")
+    assert len(chain) == 10 and all(v == ([1, 1] if k.endswith("pdl=True") else [0, 0]) for k, v in chain.items()), chain
     # programmatic dependent launch: the GEMV's and the tl.dot kernel's one wait for the quantization, and the
     # quantization's one trigger, each only where asked for
     h2 = {k: pdl.pop(k) for k in [k for k in pdl if k.startswith("w4a16 gemv_h2")]}

@@ -69,6 +69,35 @@ def test_graph_replay_equals_eager_and_switch_keeps_other_samples(tmp_path, tiny
     assert torch.equal(forced[0], plain[0]) and not torch.equal(forced[1], plain[1])
 
 
+@pytest.mark.parametrize("key", ["w4-g32-asym", "w8a8c8-token"])
+def test_pdl_chain_changes_no_bit(tmp_path, tiny_tokenizer, key, monkeypatch):
+    """The runtime's programmatic launch chain (``_common.CHAIN_PDL``, on by default on sm_90+: each fused launch
+    lets the next start and waits for the one before) against plain launches: every decode step's logits equal
+    bit for bit, eager and in CUDA graphs (a launch that read its input before its wait would differ)."""
+    from quantkit.kernels import _common
+
+    if not _common.pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    rt = runtime.load(_checkpoint(tmp_path, tiny_tokenizer, key), device="cuda", dtype=torch.float16)
+    prompts = [IDS[0, :20].tolist(), IDS[1, :33].tolist()]
+    steps = {}
+    for on in (True, False):
+        monkeypatch.setattr(_common, "CHAIN_PDL", on)
+        rt._graphs.clear()
+        for graphs in (False, True):
+            rt.use_graphs = graphs
+            tok = rt.prefill(prompts, extra=8).argmax(-1)
+            pos = torch.tensor([20, 33], device="cuda")
+            out = []
+            for i in range(6):
+                out.append(rt.decode_step(tok, pos + i).float().clone())
+                tok = out[-1].argmax(-1)
+            steps[on, graphs] = torch.stack(out)
+    assert rt._graphs and torch.isfinite(steps[False, False]).all()
+    for graphs in (False, True):
+        assert torch.equal(steps[True, graphs], steps[False, graphs]), (key, graphs)
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gemma2"])
 def test_moe_and_softcap_graph_replay_equals_eager(tmp_path, tiny_tokenizer, arch):
     """A mixture-of-experts model through the CUDA-graph decode (the static all-experts dispatch, no host

@@ -79,6 +79,18 @@ def pdl_option(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
+# The runtime's own launches (``kernels.fused``, decode attention) join programmatic chains on sm_90+: each is
+# launched with PDL, lets the next launch start at once and waits for the launch before it (:func:`pdl_enter`),
+# so the launches of a decode step start while the one before runs instead of after it. QUANTKIT_CHAIN_PDL=0, or
+# CHAIN_PDL = False here (benchmarks/runtime.py's A/B row), turns it off.
+CHAIN_PDL = os.environ.get("QUANTKIT_CHAIN_PDL", "1").lower() not in ("0", "false", "off", "no")
+
+
+def chain_pdl(device: torch.device) -> bool:
+    """Whether a runtime launch on ``device`` joins the programmatic chain (:data:`CHAIN_PDL` on this GPU)."""
+    return CHAIN_PDL and pdl_supported(device)
+
+
 def prefetch_steps(cfg: dict, pdl: bool) -> int:
     """``PREFETCH`` (a config key of the PDL GEMVs): K steps of weights asked of L2 before the wait for the launch
     before; 0 without PDL (nothing to overlap). A power of two (the prefetch's pointer tile is a Triton range)."""
@@ -663,6 +675,17 @@ def grid_dep_launch_dependents():
     """Programmatic dependent launch: let the next launch start now (its programs wait in :func:`grid_dep_wait`)
     instead of when this one ends; a no-op when the next launch is not programmatic. sm_90+ only."""
     tl.inline_asm_elementwise(GRID_DEP_LAUNCH_ASM, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@jit_helper
+def pdl_enter(TRIGGER: tl.constexpr, WAIT: tl.constexpr):
+    """A launch's first step in a programmatic chain: TRIGGER lets the next launch (if programmatic) start now, it
+    waits for our results in its own :func:`grid_dep_wait`; WAIT (this launch is programmatic) waits for the launch
+    before, before anything it wrote is read or anything it may still read is overwritten."""
+    if TRIGGER:
+        grid_dep_launch_dependents()
+    if WAIT:
+        grid_dep_wait()
 
 
 @jit_helper

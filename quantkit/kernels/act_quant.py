@@ -22,8 +22,8 @@ import functools
 
 import torch
 
-from ._common import (LazyKernel, eager_cuda, fast_launch, grid_dep_launch_dependents, grid_dep_wait, launch_consts,
-                      next_pow2, pdl_option, quantize_sym_rcp, round_half_away_ref, sym_scale, tl, use_triton)
+from ._common import (LazyKernel, eager_cuda, fast_launch, launch_consts, next_pow2, pdl_enter, pdl_option,
+                      quantize_sym_rcp, round_half_away_ref, sym_scale, tl, use_triton)
 
 EPS = 1e-12
 
@@ -65,10 +65,7 @@ def _act_quant_kernel(
     TRIGGER: tl.constexpr,  # the next launch is programmatic (PDL): let it start now, it waits for our results
     WAIT: tl.constexpr,  # this launch is programmatic (PDL_CHAIN): the launch before may still run, wait for it
 ):
-    if TRIGGER:
-        grid_dep_launch_dependents()
-    if WAIT:  # before x is read and before q / s, which the launch before may still read, are written
-        grid_dep_wait()
+    pdl_enter(TRIGGER, WAIT)  # before x is read and before q / s, which the launch before may still read, are written
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm

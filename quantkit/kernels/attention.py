@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LazyKernel, cdiv, fast_launch, jit_helper, next_pow2, tl, use_triton
+from ._common import LazyKernel, cdiv, chain_pdl, fast_launch, jit_helper, next_pow2, pdl_enter, pdl_option, tl, use_triton
 
 __all__ = ["Residuals", "decode_attention", "decode_attention_ref", "dequantize_cache_ref", "pack_nibbles",
            "unpack_nibbles"]
@@ -149,7 +149,9 @@ def _decode_attn_kernel(
     RW: tl.constexpr,  # bytes per residual row: D // 2 (4-bit) or D (8-bit)
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,  # 0.0: off; else scores -> tanh(s / SOFTCAP) * SOFTCAP (Gemma 2)
+    PDL: tl.constexpr,  # the runtime's programmatic chain (``_common.chain_pdl``)
 ):
+    pdl_enter(PDL, PDL)
     # The integer tiles go to the MMA as they are (int8 -> fp16/bf16 is exact): the scales act on
     # vectors, never on a (BLOCK_N, D) tile. Per-channel K scales fold into q once; per-token K scales
     # scale the score columns; per-token V scales scale p's columns; per-channel V scales scale the
@@ -240,7 +242,9 @@ def _decode_merge_kernel(
     GROUP: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL, PDL)
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
@@ -327,9 +331,11 @@ def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Re
     kr = k_res if k_res is not None else None
     vr = v_res if v_res is not None else None
     qc = q if q.stride(-1) == 1 else q.contiguous()
+    pdl = chain_pdl(dev)
     const = dict(GROUP=group, GP=gp, D=D, BLOCK_N=block_n, SCALES=scales, RES_BITS=res_bits,
                  RW=D // 2 if res_bits == 4 else D, WINDOW=window is not None, SOFTCAP=float(softcap or 0.0),
-                 num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+                 PDL=pdl, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+                 **pdl_option(pdl))
     fast_launch(decode_attn_kernel, (B * Hkv, nsplit),
                 (qc, k, v, k_scale if scales else dummy, v_scale if scales else dummy,
                  kr.idx if kr else dummy, kr.pool if kr else dummy, kr.scale if kr else dummy,
@@ -338,5 +344,5 @@ def decode_attention(q, k, v, seq_lens, *, k_scale=None, v_scale=None, k_res: Re
                  Hkv, T, kr.pool.shape[2] if kr else 1, int(window or 0), sm * 1.4426950408889634,
                  qc.stride(0), qc.stride(1), split, nsplit), const, tuple(const.values()))
     fast_launch(decode_merge_kernel, (B * Hkv,), (m_ws, l_ws, acc_ws, out, Hkv, nsplit, out.stride(0), out.stride(1)),
-                dict(GROUP=group, GP=gp, D=D, num_warps=4), (group, gp, D))
+                dict(GROUP=group, GP=gp, D=D, PDL=pdl, num_warps=4, **pdl_option(pdl)), (group, gp, D, pdl))
     return out

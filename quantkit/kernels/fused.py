@@ -9,14 +9,16 @@
   the KV cache at their positions: float, or INT8 with per-token scales (computed here) or static
   per-channel scales, quantized as ``quantkit.quant.kv`` does. One program per (token, head).
 
-Each has a torch reference (``*_ref``) that is the spec; CPU tensors run it (the kernels' dispatch rule).
+Each has a torch reference (``*_ref``) that is the spec; CPU tensors run it (the kernels' dispatch rule). On sm_90+
+each launch joins the runtime's programmatic chain (``_common.chain_pdl``; the ``PDL`` constexpr): it lets the next
+launch start at once and waits for the launch before it before it reads anything.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import LazyKernel, cdiv, fast_launch, next_pow2, quantize_sym, tl, use_triton
+from ._common import LazyKernel, cdiv, chain_pdl, fast_launch, next_pow2, pdl_enter, pdl_option, quantize_sym, tl, use_triton
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_ref", "silu_mul", "silu_mul_ref", "rope_store", "rope_store_ref"]
 
@@ -34,7 +36,9 @@ def add_rmsnorm_ref(x, delta, weight, eps):
     return x, weight * h
 
 
-def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, h_ptr, N, eps, HAS_D: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, h_ptr, N, eps, HAS_D: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+    pdl_enter(PDL, PDL)
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -65,9 +69,9 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
         d2 = delta.reshape(-1, N).contiguous()
     else:
         xo, d2 = x2, x2
-    has_d, block, warps = delta is not None, next_pow2(N), 4 if N <= 4096 else 8
+    has_d, block, warps, pdl = delta is not None, next_pow2(N), 4 if N <= 4096 else 8, chain_pdl(x.device)
     fast_launch(add_rmsnorm_kernel, (rows,), (x2, d2, weight, xo, h, N, float(eps)),
-                dict(HAS_D=has_d, BLOCK=block, num_warps=warps), (has_d, block, warps))
+                dict(HAS_D=has_d, BLOCK=block, PDL=pdl, num_warps=warps, **pdl_option(pdl)), (has_d, block, warps, pdl))
     return xo.view(x.shape), h.view(x.shape)
 
 
@@ -79,7 +83,8 @@ def silu_mul_ref(gu, inter):
     return torch.nn.functional.silu(g) * u
 
 
-def _silu_mul_kernel(gu_ptr, o_ptr, I, stride, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, o_ptr, I, stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL, PDL)
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < I
@@ -103,9 +108,9 @@ def silu_mul(gu: torch.Tensor, inter: int) -> torch.Tensor:
         g2 = g2.contiguous()
     rows = g2.shape[0]
     out = torch.empty((rows, inter), dtype=gu.dtype, device=gu.device)
-    BLOCK = 1024
+    BLOCK, pdl = 1024, chain_pdl(gu.device)
     fast_launch(silu_mul_kernel, (rows, cdiv(inter, BLOCK)), (g2, out, inter, g2.stride(0)),
-                dict(BLOCK=BLOCK, num_warps=4), (BLOCK, 4))
+                dict(BLOCK=BLOCK, PDL=pdl, num_warps=4, **pdl_option(pdl)), (BLOCK, 4, pdl))
     return out.view(*lead, inter)
 
 
@@ -161,7 +166,9 @@ def _rope_store_kernel(
     D: tl.constexpr,
     MODE: tl.constexpr,  # 0 float cache, 1 int8 per-token, 2 int8 per-channel
     QMAX: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL, PDL)
     r = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     b = r // S
@@ -225,8 +232,10 @@ def rope_store(qkv, cos, sin, pos, Hq, Hkv, D, k_cache, v_cache, k_scale=None, v
     T = k_cache.shape[2]
     dummy = c2
     qmax = float((1 << (bits - 1)) - 1)
+    pdl = chain_pdl(qkv.device)
     fast_launch(rope_store_kernel, (B * S, Hq + Hkv),
                 (q2, c2, s2, p2, q, k_cache, v_cache, k_scale if mode else dummy, v_scale if mode else dummy,
-                 S, T, Hq, Hkv, q2.stride(0)), dict(D=D, MODE=mode, QMAX=qmax, num_warps=1), (D, mode, qmax))
+                 S, T, Hq, Hkv, q2.stride(0)), dict(D=D, MODE=mode, QMAX=qmax, PDL=pdl, num_warps=1, **pdl_option(pdl)),
+                (D, mode, qmax, pdl))
     return q
 

@@ -49,8 +49,8 @@ from typing import Optional
 import torch
 
 from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda,
-                      fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
-                      jit_helper, l2_prefetch_rows, next_pow2, pdl_option, prefetch_steps, remember, spec_key,
+                      fast_launch, gemv_tile, gpu_key, grid_dep_wait, grouped_tile, jit_helper, l2_prefetch_rows,
+                      next_pow2, pdl_enter, pdl_option, prefetch_steps, remember, spec_key,
                       splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
 
 __all__ = [
@@ -385,10 +385,7 @@ def _h2_pack_x_kernel(x_ptr, xp_ptr, xsc_ptr, K, n_rows, AMAX_K: tl.constexpr, B
     (one or more) takes its own BLOCK_R-row chunks, after the whole row's prescale: the GEMV waits for all of it,
     so a long K's chunks run side by side instead of one after another.  TRIGGER: the GEMV (PDL) may launch now;
     WAIT: this launch is programmatic too (``PDL_CHAIN``), so x is read only once the launch before has ended."""
-    if TRIGGER:
-        grid_dep_launch_dependents()
-    if WAIT:
-        grid_dep_wait()
+    pdl_enter(TRIGGER, WAIT)
     sc, inv_sc = _h2_prescale(x_ptr, 0, K, AMAX_K)
     for r0 in range(tl.program_id(0) * BLOCK_R, n_rows, BLOCK_R * tl.num_programs(0)):
         rows = r0 + tl.arange(0, BLOCK_R)
