@@ -620,7 +620,14 @@ def decode_w4_candidates():
     # back to back, the next call overlaps this one's tail; --decode-parts also times them behind a torch op)
     chain = [wna16._gemv_tma(bn, sk, w, r, chain=True) for bn, sk, w, r in [
         (128, 8, 4, 6), (128, 4, 4, 8), (256, 1, 4, 6), (256, 8, 4, 4)]]
-    return ring + chain + packed + slice_pre + h2 + [G(128, 8, w=4), G(64, 16), G(64, 8)] + prefetch
+    # ... and the one-launch half2 GEMV (x read in place: the form shipped at 4096 x 4096 and 6144 x 4096, where
+    # tinygemm's smaller fixed cost wins) launched programmatically, its first weights asked of L2 before it waits
+    # for the launch before (PDL, PREFETCH), and with PDL_CHAIN (it lets the next launch start at once)
+    in_place = [dict(H(bn, sk, u, w, per_block=pb), SLICE_PRESCALE=True) for bn, sk, u, w, pb in [
+        (64, 4, 8, 4, True), (64, 4, 4, 4, True), (64, 8, 2, 4, True), (128, 4, 4, 8, True), (64, 4, 8, 4, False),
+        (64, 4, 4, 4, False)]]
+    in_place = [dict(c_, PDL=True, **twin) for twin in ({"PDL_CHAIN": True}, {"PREFETCH": 2}) for c_ in in_place]
+    return ring + chain + in_place + packed + slice_pre + h2 + [G(128, 8, w=4), G(64, 16), G(64, 8)] + prefetch
 
 
 def decode_w8a8_candidates(M):
@@ -982,6 +989,9 @@ def decode_parts(dev, gen, shapes, bw):
         shipped = wna16.CONFIGS.get(1, N, K, gpu)
         cfgs = [("shipped", shipped)] + [(f"TMA {t}", wna16._gemv_tma(*t)) for t in DECODE_PART_TILES
                                          if wna16._gemv_tma(*t) != shipped]
+        in_place = shipped.get("BACKEND") == "gemv_h2" and not shipped.get("PACKED_X")
+        if in_place and not shipped.get("PDL"):  # the one-launch half2 GEMV, also launched programmatically
+            cfgs.insert(1, ("shipped + PDL, PREFETCH 2", dict(shipped, PDL=True, PREFETCH=2)))
         # the packing as calls launch it and as one 4-warp program walking the row in 4096 steps and every chunk
         # (the launch before session 47)
         t_pack = bench_graph(lambda: wna16._h2_pack_x(x, K))
@@ -996,13 +1006,13 @@ def decode_parts(dev, gen, shapes, bw):
             no_pdl = {k: v for k, v in cfg.items() if k not in ("PDL", "PDL_CHAIN")}
             t_call = bench_graph_rot([lambda c_=c_: run_w4(c_, x, cfg, out) for c_ in copies])
             t_nopdl = bench_graph_rot([lambda c_=c_: run_w4(c_, x, no_pdl, out) for c_ in copies])
-            # PDL_CHAIN (the TMA-fed GEMV): back to back, each call's GEMV lets the next call's packing start; and
-            # each call after a one-element torch op, a launch that does not let it (the case of a decode loop's
-            # norms and activations: what is left of the overlap there)
-            chain = dict(cfg, PDL_CHAIN=True)
+            # PDL_CHAIN (the TMA-fed GEMV, the one-launch half2 GEMV): back to back, each call's GEMV lets the next
+            # call's packing (or GEMV) start; and each call after a one-element torch op, a launch that does not let
+            # it (a decode loop's launches that do not trigger: what is left of the overlap there)
+            chain = dict(cfg, PDL=True, PDL_CHAIN=True)
             t_chain = t_after = float("nan")
-            if cfg.get("TMA_RING") and checked(lambda o: run_w4(L, x, chain, o), ref, f"chain N={N} K={K} {cfg}",
-                                               fails) <= TOL:
+            if (cfg.get("TMA_RING") or cfg.get("BACKEND") == "gemv_h2" and not cfg.get("PACKED_X")) and checked(
+                    lambda o: run_w4(L, x, chain, o), ref, f"chain N={N} K={K} {cfg}", fails) <= TOL:
                 t_chain = bench_graph_rot([lambda c_=c_: run_w4(c_, x, chain, out) for c_ in copies])
                 t_after = tuple(graph_behind_op([lambda c_=c_: run_w4(c_, x, f, out) for c_ in copies], op, t_op)
                                 for f in (cfg, chain))

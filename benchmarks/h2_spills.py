@@ -50,7 +50,8 @@ def build(cfg: dict, zero: bool = False):
                   UNROLL=cfg["UNROLL"], AMAX_K=4096, USE_ASM=True, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)),
                   LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)),
                   SLICE_PRESCALE=bool(cfg.get("SLICE_PRESCALE", False)) and not packed, PACKED_X=packed,
-                  PDL=packed and bool(cfg.get("PDL", False)), PREFETCH=int(cfg.get("PREFETCH", 0)) if packed else 0)
+                  PDL=bool(cfg.get("PDL", False)), PREFETCH=int(cfg.get("PREFETCH", 0)) if cfg.get("PDL") else 0,
+                  CHAIN=bool(cfg.get("PDL") and cfg.get("PDL_CHAIN")))
     types = dict(TYPES, x_ptr="*i32") if packed else TYPES  # PACKED_X: x is the packed int32 pairs
     return build_for_target(wna16.wna16_gemv_h2_kernel.jitted(), types, consts, 90, aligned=ALIGNED,
                             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))

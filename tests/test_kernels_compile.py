@@ -79,7 +79,7 @@ CHILD = textwrap.dedent(r'''
             wna16.wna16_gemv_h2_kernel, w4_types,
             dict(HAS_ZERO=zero, HAS_BIAS=True, EVEN_U=False, SPLIT_K=4, BLOCK_N=64, UNROLL=8, AMAX_K=4096,
                  USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=1, SLICE_PRESCALE=zero,  # (asym: slice prescale)
-                 PACKED_X=False, PDL=False, PREFETCH=0),
+                 PACKED_X=False, PDL=False, PREFETCH=0, CHAIN=False),
             90, num_warps=4, num_stages=1).asm)
     # ... on activations packed by a launch of its own (PACKED_X), launched programmatically after it (PDL): one
     # wait for the packing, and no row-max prologue (no x load or reduction before it); the packing launch
@@ -89,14 +89,28 @@ CHILD = textwrap.dedent(r'''
             ptx = compiled(wna16.wna16_gemv_h2_kernel, dict(w4_types, x_ptr="*i32") if packed else w4_types,
                            dict(HAS_ZERO=True, HAS_BIAS=True, EVEN_U=False, SPLIT_K=2, BLOCK_N=64, UNROLL=4,
                                 AMAX_K=4096, USE_ASM=True, PER_BLOCK=per_block, LOAD_STAGES=1, SLICE_PRESCALE=False,
-                                PACKED_X=packed, PDL=packed, PREFETCH=prefetch), 90, num_warps=4, num_stages=1,
-                           launch_pdl=packed).asm["ptx"]
+                                PACKED_X=packed, PDL=packed, PREFETCH=prefetch, CHAIN=False), 90, num_warps=4,
+                           num_stages=1, launch_pdl=packed).asm["ptx"]
             if prefetch:  # (L2 prefetches, all before the wait)
                 pdl[f"w4a16 gemv_h2 prefetch per_block={per_block}"] = _prefetches(ptx)
                 continue
             # (griddepcontrol waits, the row max's float max instructions)
             pdl[f"w4a16 gemv_h2 packed={packed} per_block={per_block}"] = (
                 ptx.count("griddepcontrol.wait"), len(re.findall(r"\bmax(\.NaN)?\.f32", ptx)))
+    # ... in one launch (x read in place), launched programmatically after whatever ran before: its weights asked
+    # of L2, then the wait, then the row max; PDL_CHAIN also lets the next launch start ([triggers, waits, prefetch
+    # lines, every prefetch before the wait, the wait before the first float max])
+    for chain in (False, True):
+        ptx = compiled(wna16.wna16_gemv_h2_kernel, w4_types,
+                       dict(HAS_ZERO=False, HAS_BIAS=False, EVEN_U=True, SPLIT_K=4, BLOCK_N=64, UNROLL=8, AMAX_K=4096,
+                            USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=1, SLICE_PRESCALE=True, PACKED_X=False, PDL=True,
+                            PREFETCH=2, CHAIN=chain), 90, num_warps=4, num_stages=1, launch_pdl=True).asm["ptx"]
+        wait = ptx.find("griddepcontrol.wait")
+        fmax = re.search(r"\bmax(\.NaN)?\.f32", ptx)
+        pdl[f"w4a16 gemv_h2 in place pdl chain={chain}"] = [
+            ptx.count("griddepcontrol.launch_dependents"), ptx.count("griddepcontrol.wait"),
+            ptx.count("prefetch.global.L2") > 0, ptx.rfind("prefetch.global.L2") < wait,
+            bool(fmax) and wait < fmax.start()]
     for wait in (False, True):  # (PDL_CHAIN: the packing is a programmatic launch itself, waiting first)
         ptx = compiled(wna16.h2_pack_x_kernel, {"x_ptr": "*bf16", "xp_ptr": "*i32", "xsc_ptr": "*fp32"},
                        dict(AMAX_K=4096, BLOCK_R=512, TRIGGER=True, WAIT=wait), 90, num_warps=4, num_stages=1,
@@ -109,7 +123,7 @@ CHILD = textwrap.dedent(r'''
         ptx = compiled(wna16.wna16_gemv_h2_kernel, w4_types,
                        dict(HAS_ZERO=False, HAS_BIAS=False, EVEN_U=True, SPLIT_K=4, BLOCK_N=64, UNROLL=2, AMAX_K=4096,
                             USE_ASM=True, PER_BLOCK=True, LOAD_STAGES=ls, SLICE_PRESCALE=False, PACKED_X=False,
-                            PDL=False, PREFETCH=0),
+                            PDL=False, PREFETCH=0, CHAIN=False),
                        90, num_warps=4, num_stages=1).asm["ptx"]
         ring[f"w4a16 gemv_h2 {ls}"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
         # PDL (with the plain loads): the programmatically launched GEMV waits for the quantization's grid
@@ -240,6 +254,8 @@ def test_kernels_compile_for_sm80_and_sm90():
     assert len(chain) == 10 and all(v == ([1, 1] if k.endswith("pdl=True") else [0, 0]) for k, v in chain.items()), chain
     # programmatic dependent launch: the GEMV's and the tl.dot kernel's one wait for the quantization, and the
     # quantization's one trigger, each only where asked for
+    for chain in (False, True):
+        assert pdl.pop(f"w4a16 gemv_h2 in place pdl chain={chain}") == [int(chain), 1, True, True, True], chain
     h2 = {k: pdl.pop(k) for k in [k for k in pdl if k.startswith("w4a16 gemv_h2")]}
     # PREFETCH: L2 prefetches of the first weights, all issued before the one wait (JSON: lists)
     for what in ("w8a8 gemv prefetch", *(f"w4a16 gemv_h2 prefetch per_block={pb}" for pb in (False, True))):

@@ -49,9 +49,9 @@ from typing import Optional
 import torch
 
 from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda,
-                      fast_launch, gemv_tile, gpu_key, grid_dep_wait, grouped_tile, jit_helper, l2_prefetch_rows,
-                      next_pow2, pdl_enter, pdl_option, prefetch_steps, remember, spec_key,
-                      splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
+                      fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
+                      jit_helper, l2_prefetch_rows, next_pow2, pdl_chains, pdl_enter, pdl_option, prefetch_steps,
+                      remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
 
 __all__ = [
     "WNA16Weight",
@@ -476,8 +476,10 @@ def _wna16_gemv_h2_kernel(
     LOAD_STAGES: tl.constexpr,  # > 1: the step loop's loads pipelined (cp.async into a ring of this many steps)
     SLICE_PRESCALE: tl.constexpr,  # the prescale from this split's K slice of x (else the whole row)
     PACKED_X: tl.constexpr,  # x prescaled and packed once per call by _h2_pack_x_kernel (no prologue here)
-    PDL: tl.constexpr,  # PACKED_X, launched programmatically after the packing: wait for it before reading x
+    PDL: tl.constexpr,  # launched programmatically (after the packing launch with PACKED_X, else after whatever
+    # ran before): wait for the launch before it before reading x
     PREFETCH: tl.constexpr,  # PDL: this many steps' weight lines asked of L2 before the wait (0: none)
+    CHAIN: tl.constexpr,  # PDL_CHAIN: let the next launch start now (it waits for our results in its own wait)
 ):
     """Decode (M = 1) W4A16 GEMV with half2 dequantization and products (``_common.H2_ASM_*``): about two
     instructions per weight instead of three to four, for the ALU-bound M=1 case.
@@ -493,6 +495,8 @@ def _wna16_gemv_h2_kernel(
     shipped tiles: 167-255 registers per thread); a 2-D tile holds one block's 128 (76-168: more programs per
     SM to hide the loads' latency; benchmarks/h2_spills.py)."""
     R: tl.constexpr = 16
+    if CHAIN:
+        grid_dep_launch_dependents()
     tile, pid_k, offs_n, nmask = gemv_tile(N, BLOCK_N)
     offs_r = tl.arange(0, R)
 
@@ -505,13 +509,13 @@ def _wna16_gemv_h2_kernel(
     # power-of-two prescale from the max |x| over the row, or with SLICE_PRESCALE over this split's K slice only
     # (the scale comes out of each split's fp32 sum before the splits are added, so each may take its own; a
     # shorter prologue on every program's critical path); PACKED_X: applied by the packing launch
+    if PDL:  # everything above overlapped the launch before (the packing with PACKED_X); x (and xsc) are its output
+        if PREFETCH > 0:  # the weights do not depend on it: start streaming the first steps' now
+            k_rows = st_lo * UNROLL * R + tl.arange(0, PREFETCH * UNROLL * R)
+            l2_prefetch_rows(w_ptr, k_rows, tl.minimum(st_hi * UNROLL, n_blocks) * R, N, tile * BLOCK_N, N,
+                             BLOCK_N, 32)
+        grid_dep_wait()
     if PACKED_X:
-        if PDL:  # everything above overlapped the packing launch; x and xsc are its output
-            if PREFETCH > 0:  # the weights do not depend on it: start streaming the first steps' now
-                k_rows = st_lo * UNROLL * R + tl.arange(0, PREFETCH * UNROLL * R)
-                l2_prefetch_rows(w_ptr, k_rows, tl.minimum(st_hi * UNROLL, n_blocks) * R, N, tile * BLOCK_N, N,
-                                 BLOCK_N, 32)
-            grid_dep_wait()
         sc = 1.0
         inv_sc = tl.load(xsc_ptr)
     else:
@@ -867,12 +871,12 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
         slice_pre = bool(cfg.get("SLICE_PRESCALE", False))
         span = min(K, cdiv(cdiv(nb, u), sk) * u * PACK_K) if slice_pre else K  # x elements the prologue reads
         packed = bool(cfg.get("PACKED_X", False))
-        pdl = packed and wants_pdl(cfg, x.device)
+        pdl = wants_pdl(cfg, x.device)  # without PACKED_X: after whatever launch came before (a chain's trigger)
         const = dict(HAS_ZERO=has_zero, HAS_BIAS=has_bias, EVEN_U=(nb % u == 0), SPLIT_K=sk,
                      BLOCK_N=cfg["BLOCK_N"], UNROLL=u, AMAX_K=min(4096, next_pow2(max(16, span))),
                      USE_ASM=x.is_cuda, PER_BLOCK=bool(cfg.get("PER_BLOCK", False)),
                      LOAD_STAGES=int(cfg.get("LOAD_STAGES", 1)), SLICE_PRESCALE=slice_pre and not packed,
-                     PACKED_X=packed, PDL=pdl, PREFETCH=prefetch_steps(cfg, pdl),
+                     PACKED_X=packed, PDL=pdl, PREFETCH=prefetch_steps(cfg, pdl), CHAIN=pdl_chains(cfg, pdl),
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                      **pdl_option(pdl))
         tiles = cdiv(N, cfg["BLOCK_N"])
@@ -936,7 +940,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     if backend == "gemv_h2":
         xsc = ws  # read only with PACKED_X
         if const["PACKED_X"]:
-            xp, xsc = _h2_pack_x(x, K, trigger=const["PDL"])
+            xp, xsc = _h2_pack_x(x, K, trigger=const["PDL"], wait=const["CHAIN"])
             vary = (xp, *vary[1:])
         fast_launch(kern, grid, (*vary, ws, lock, xsc, N, K, n_groups, group_size), const, ckey, vary)
     else:

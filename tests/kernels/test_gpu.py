@@ -579,6 +579,26 @@ def test_gluon_w4a16_gemv_pdl_chain_reads_the_previous_calls_output(bn, split_k,
     assert rel_err(want[0], wna16.wna16_gemm_ref(x0, q, s_.half().float(), None)) <= 1e-2
 
 
+@SM90_ONLY
+@pytest.mark.parametrize("per_block,unroll,split_k,slice_pre", [(True, 8, 4, True), (False, 4, 4, False)],
+                         ids=["per_block-slice", "3d"])
+def test_h2_gemv_pdl_chain_in_place_reads_the_previous_calls_output(per_block, unroll, split_k, slice_pre):
+    """The one-launch half2 GEMV (x read in place, no packing launch) launched programmatically (``PDL``: weights
+    asked of L2, then the wait, then x) and with ``PDL_CHAIN`` (it lets the next call's GEMV start at once): chains of
+    calls fed by each other's outputs, eager and from a CUDA graph, bit for bit the plain one-launch GEMV's."""
+    N = K = 2048
+    q = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
+    s_ = torch.rand((N, K // 128), device="cuda") * 0.002 + 0.004
+    W = wna16.prepack_wna16(q, s_, None, 4)
+    plain = wna16._gemv_h2(64, split_k, unroll, 4, per_block=per_block, slice_prescale=slice_pre)
+    x0 = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    call = lambda x, cfg, y: wna16.wna16_linear_triton(  # noqa: E731
+        x, W.qw, W.scales, None, None, 4, W.group_size, N, K, config=cfg, out=y)
+    for twin in (dict(plain, PDL=True, PREFETCH=2), dict(plain, PDL=True, PDL_CHAIN=True)):
+        want = chained_calls_match(call, x0, plain, twin)
+    assert rel_err(want[0], wna16.wna16_gemm_ref(x0, q, s_.half().float(), None)) <= 1e-2
+
+
 def _graph_replays(call, x, out, expect):
     """``call()`` (compiled before; it writes ``out``) captured in a CUDA graph and replayed three times on new
     values of its input ``x``: ``expect`` checks a copy of ``out`` after each replay."""
