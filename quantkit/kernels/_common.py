@@ -91,6 +91,14 @@ def chain_pdl(device: torch.device) -> bool:
     return CHAIN_PDL and pdl_supported(device)
 
 
+def first_waits(chain: bool, pdl: bool) -> bool:
+    """Whether a two-launch GEMM's first launch (the activations' quantization or packing, whose consumer is
+    launched with PDL when ``pdl``) is programmatic itself and waits on the GPU for the launch before it: with
+    ``PDL_CHAIN`` (``chain``: the GEMV before it let it start), or inside the runtime's chain (:data:`CHAIN_PDL`),
+    where the launch before it lets it start early. Read per call, so toggling CHAIN_PDL needs no new plans."""
+    return chain or (pdl and CHAIN_PDL)
+
+
 def prefetch_steps(cfg: dict, pdl: bool) -> int:
     """``PREFETCH`` (a config key of the PDL GEMVs): K steps of weights asked of L2 before the wait for the launch
     before; 0 without PDL (nothing to overlap). A power of two (the prefetch's pointer tile is a Triton range)."""

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import LazyKernel, cdiv, chain_pdl, fast_launch, jit_helper, next_pow2, pdl_enter, pdl_option, tl, use_triton
+from ._common import (LazyKernel, cdiv, chain_pdl, fast_launch, jit_helper, next_pow2, pdl_enter, pdl_option, tl,
+                      use_triton)
 
 __all__ = ["Residuals", "decode_attention", "decode_attention_ref", "dequantize_cache_ref", "pack_nibbles",
            "unpack_nibbles"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LazyKernel, cdiv, chain_pdl, fast_launch, next_pow2, pdl_enter, pdl_option, quantize_sym, tl, use_triton
+from ._common import (LazyKernel, cdiv, chain_pdl, fast_launch, next_pow2, pdl_enter, pdl_option, quantize_sym, tl,
+                      use_triton)
 
 __all__ = ["add_rmsnorm", "add_rmsnorm_ref", "silu_mul", "silu_mul_ref", "rope_store", "rope_store_ref"]
 

@@ -44,6 +44,7 @@ from typing import Optional
 
 import torch
 
+from . import _common
 from ._common import (ConfigCache, HOPPER_SMEM_PER_BLOCK, LazyKernel, cached_buffer, capability, cdiv, eager_cuda,
                       fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
                       interpret_mode, jit_helper, l2_prefetch_rows, launch_consts, load_k_tiles, next_pow2,
@@ -889,7 +890,8 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     if fuse:  # one launch: the kernel quantizes x itself
         a_arg, a_s, stride_a = x, w_scale, x.stride(0)
     else:
-        a_q, a_s = _quantize_into_scratch(x, trigger=const["PDL"], wait=const["CHAIN"])
+        wait = _common.first_waits(const["CHAIN"], const["PDL"])
+        a_q, a_s = _quantize_into_scratch(x, trigger=const["PDL"], wait=wait)
         a_arg, stride_a = a_q.view(torch.int32), K // 4
     wf = w_fp16 if w_fp16 is not None else w
     vary = (a_arg, a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale, out)
@@ -974,7 +976,7 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
         return _launch_tma(a_q, a_s, w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
     if cfg.get("BACKEND") == "gluon":
         pdl = wants_pdl(cfg, x.device)
-        a_q, a_s = _quantize_into_scratch(x, trigger=pdl)
+        a_q, a_s = _quantize_into_scratch(x, trigger=pdl, wait=_common.first_waits(False, pdl))
         if _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits, x, w_fp16, pdl):
             return out
         return _launch(a_q, a_s, w, w_scale, bias, out, False, False, _mma_only(cfg, x, M, N, K), x, row_bits,
@@ -986,7 +988,7 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
     pdl = wants_pdl(cfg, x.device)
-    a_q, a_s = _quantize_into_scratch(x, trigger=pdl)
+    a_q, a_s = _quantize_into_scratch(x, trigger=pdl, wait=_common.first_waits(False, pdl))
     return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16, pdl=pdl)
 
 

@@ -48,6 +48,7 @@ from typing import Optional
 
 import torch
 
+from . import _common
 from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda,
                       fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
                       jit_helper, l2_prefetch_rows, next_pow2, pdl_chains, pdl_enter, pdl_option, prefetch_steps,
@@ -927,7 +928,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
         backend, kern, grid, const, ws, lock, ckey = kern  # the heuristic plan
     elif backend == "gemv_tma":  # the TMA-fed GEMV's plan (wna16_gluon.GemvPlan), or the h2 GEMV's on its tile
         if const is not None and const.runs_on(x, qw, scales, zeros):
-            xp, xsc = _h2_pack_x(x, K, trigger=const.pdl, wait=const.chain)
+            xp, xsc = _h2_pack_x(x, K, trigger=const.pdl, wait=_common.first_waits(const.chain, const.pdl))
             return const.launch(xp, xsc, qw, scales, zeros, bias, out, ws, lock, group_size, N, K)
         backend, kern, grid, const, ws, lock, ckey = kern
     if backend == "dequant":
@@ -940,7 +941,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     if backend == "gemv_h2":
         xsc = ws  # read only with PACKED_X
         if const["PACKED_X"]:
-            xp, xsc = _h2_pack_x(x, K, trigger=const["PDL"], wait=const["CHAIN"])
+            xp, xsc = _h2_pack_x(x, K, trigger=const["PDL"], wait=_common.first_waits(const["CHAIN"], const["PDL"]))
             vary = (xp, *vary[1:])
         fast_launch(kern, grid, (*vary, ws, lock, xsc, N, K, n_groups, group_size), const, ckey, vary)
     else:
