@@ -246,18 +246,22 @@ def main(argv=None) -> None:
             _log("row", json.dumps(r))
 
     def bench_ab(rt, name, role, bs):
-        # the row as shipped, then (--chain-ab) again with the runtime's PDL chain off: graphs recaptured
-        bench(rt, name, role, bs)
-        if args.chain_ab:
-            from quantkit.kernels import _common
+        # the row as configured; with --chain-ab, with the runtime's PDL chain on, then again with it off (graphs
+        # recaptured each time)
+        if not args.chain_ab:
+            bench(rt, name, role, bs)
+            return
+        from quantkit.kernels import _common
 
-            was, _common.CHAIN_PDL = _common.CHAIN_PDL, False
-            rt._graphs.clear()
-            try:
-                bench(rt, f"{name}, no PDL chain", f"{role}-no-chain", bs)
-            finally:
-                _common.CHAIN_PDL = was
+        was = _common.CHAIN_PDL
+        try:
+            for on, label, r in ((True, name, role), (False, f"{name}, no PDL chain", f"{role}-no-chain")):
+                _common.CHAIN_PDL = on
                 rt._graphs.clear()
+                bench(rt, label, r, bs)
+        finally:
+            _common.CHAIN_PDL = was
+            rt._graphs.clear()
 
     if "bf16" not in skip:
         rt = runtime.from_float(random_model(args.shape, device=dev, **over), device=dev)
