@@ -9,9 +9,9 @@
   the KV cache at their positions: float, or INT8 with per-token scales (computed here) or static
   per-channel scales, quantized as ``quantkit.quant.kv`` does. One program per (token, head).
 
-Each has a torch reference (``*_ref``) that is the spec; CPU tensors run it (the kernels' dispatch rule). On sm_90+
-each launch joins the runtime's programmatic chain (``_common.chain_pdl``; the ``PDL`` constexpr): it lets the next
-launch start at once and waits for the launch before it before it reads anything.
+Each has a torch reference (``*_ref``) that is the spec; CPU tensors run it (the kernels' dispatch rule). With the
+runtime's programmatic chain on (``_common.chain_pdl``: QUANTKIT_CHAIN_PDL=1, sm_90+; the ``PDL`` constexpr) each
+launch lets the next launch start at once and waits for the launch before it before it reads anything.
 """
 
 from __future__ import annotations
