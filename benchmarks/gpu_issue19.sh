@@ -126,7 +126,7 @@ for stage in "$@"; do
       # launches, graph against eager), then decode speed with it on and off in one process (RT_LAYERS of Llama-3-8B)
       RUN_LIMIT=${RT_LIMIT:-300} run runtime-chain bash -c "python -m pytest -q -rf -p no:cacheprovider \
         tests/test_runtime_gpu.py -k 'pdl_chain or graph_replay' && python benchmarks/runtime.py --chain-ab \
-        --skip hf,monitor,mixed,att --layers ${RT_LAYERS:-16} --gen-len 128 --json $WORK/runtime-chain.json \
+        --skip hf,monitor,mixed,att --layers ${RT_LAYERS:-16} --gen-len ${RT_GEN:-64} --json $WORK/runtime-chain.json \
         --md $WORK/runtime-chain.md" ;;
     w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (W4_DECODE_MS: the Ms)
       run w4-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w4a16 --ms "${W4_DECODE_MS:-1,16}" \
