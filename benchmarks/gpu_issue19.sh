@@ -2,14 +2,17 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   CHECK_WORKERS=8 STAGE_LIMIT=120 bash benchmarks/gpu_issue19.sh check-gemv check-chain w4-decode-parts \
-#       w4-decode-timeline w4-decode-fit          # next (session 48 built them after its runs): PDL_CHAIN's GPU
-#                                                  # tests (W4A16's TMA-fed GEMV and W8A8's GEMV, each a chain of
-#                                                  # calls fed by each other's outputs), then where the W4A16 M = 1
-#                                                  # call's ~6 us of fixed cost goes: by part with PDL_CHAIN back
-#                                                  # to back and behind a torch op (W8A8 M = 1 too), the GEMV's
-#                                                  # timestamped build, time against bytes for 8 sizes (tinygemm's
-#                                                  # line beside ours)
+#   CHECK_WORKERS=8 STAGE_LIMIT=60 GEMV_LIMIT=90 RT_LIMIT=200 SHAPES_PARTS=4096x4096,6144x4096,4096x14336,28672x4096 \
+#     bash benchmarks/gpu_issue19.sh check-gemv check-chain runtime-chain w4-decode-parts w4-decode-timeline \
+#       w4-decode-fit                              # next (sessions 48-49 built them; no GPU came in session 49):
+#                                                  # PDL_CHAIN's GPU tests (the TMA-fed and the one-launch W4A16
+#                                                  # GEMVs, W8A8's GEMV: chains of calls fed by each other's
+#                                                  # outputs), the runtime's PDL chain (its test, then decode speed
+#                                                  # on and off: if it passes and pays, turn QUANTKIT_CHAIN_PDL on by
+#                                                  # default), then where the W4A16 M = 1 call's ~6 us of fixed cost
+#                                                  # goes: by part with the PDL / PDL_CHAIN twins, back to back and
+#                                                  # behind a torch op (W8A8 M = 1 too), the GEMV's timestamped
+#                                                  # build, time against bytes for 8 sizes (tinygemm's line beside)
 #   bash benchmarks/gpu_issue19.sh w4-decode w8-decode   # if PDL_CHAIN helped: the M = 1 / 16 searches with its
 #                                                  # twins (carry .dev/gemlite-0.6.0; give w4-decode 300 s on a
 #                                                  # cold machine: session 48's was cut after 82 candidates)
