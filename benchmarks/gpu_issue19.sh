@@ -105,7 +105,7 @@ for stage in "$@"; do
       grep -E "^FAILED|^ERROR" "$WORK/check-chain.log" | head -10
       [ $rc -ne 0 ] && skip PDL_CHAIN ;;
     check-all)  # every GPU kernel test (~250 s on an H100: give it STAGE_LIMIT=400)
-      run check-all env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n 8 -p no:cacheprovider \
+      run check-all env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n "${CHECK_WORKERS:-8}" -p no:cacheprovider \
         tests/kernels/test_gpu.py tests/kernels/test_w8a8.py tests/kernels/test_mixed.py tests/test_runtime_gpu.py
       grep -E "^FAILED|^ERROR" "$WORK/check-all.log" | head -30 ;;
     w8a8-8192|w8a8-2048)  # W8A8 M >= 2048 >= 1.35x cuBLAS: the warp-specialized Gluon candidates among the rest

@@ -71,7 +71,7 @@ def test_graph_replay_equals_eager_and_switch_keeps_other_samples(tmp_path, tiny
 
 @pytest.mark.parametrize("key", ["w4-g32-asym", "w8a8c8-token"])
 def test_pdl_chain_changes_no_bit(tmp_path, tiny_tokenizer, key, monkeypatch):
-    """The runtime's programmatic launch chain (``_common.CHAIN_PDL``, QUANTKIT_CHAIN_PDL=1, sm_90+: each fused launch
+    """The runtime's programmatic launch chain (``_common.CHAIN_PDL``, on by default on sm_90+: each fused launch
     lets the next start and waits for the one before) against plain launches: every decode step's logits equal
     bit for bit, eager and in CUDA graphs (a launch that read its input before its wait would differ)."""
     from quantkit.kernels import _common

@@ -10,7 +10,7 @@
   per-channel scales, quantized as ``quantkit.quant.kv`` does. One program per (token, head).
 
 Each has a torch reference (``*_ref``) that is the spec; CPU tensors run it (the kernels' dispatch rule). With the
-runtime's programmatic chain on (``_common.chain_pdl``: QUANTKIT_CHAIN_PDL=1, sm_90+; the ``PDL`` constexpr) each
+runtime's programmatic chain on (``_common.chain_pdl``: sm_90+, unless QUANTKIT_CHAIN_PDL=0; the ``PDL`` constexpr) each
 launch lets the next launch start at once and waits for the launch before it before it reads anything.
 """
 
