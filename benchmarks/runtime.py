@@ -257,11 +257,11 @@ def main(argv=None) -> None:
         try:
             for on, label, r in ((True, name, role), (False, f"{name}, no PDL chain", f"{role}-no-chain")):
                 _common.CHAIN_PDL = on
-                rt._graphs.clear()
+                rt.drop_graphs()
                 bench(rt, label, r, bs)
         finally:
             _common.CHAIN_PDL = was
-            rt._graphs.clear()
+            rt.drop_graphs()
 
     if "bf16" not in skip:
         rt = runtime.from_float(random_model(args.shape, device=dev, **over), device=dev)

@@ -254,8 +254,8 @@ def test_kernels_compile_for_sm80_and_sm90():
     assert len(chain) == 10 and all(v == ([1, 1] if k.endswith("pdl=True") else [0, 0]) for k, v in chain.items()), chain
     # programmatic dependent launch: the GEMV's and the tl.dot kernel's one wait for the quantization, and the
     # quantization's one trigger, each only where asked for
-    for chain in (False, True):
-        assert pdl.pop(f"w4a16 gemv_h2 in place pdl chain={chain}") == [int(chain), 1, True, True, True], chain
+    for ch in (False, True):  # the one-launch GEMV with PDL: [triggers, waits, prefetches, their order, wait order]
+        assert pdl.pop(f"w4a16 gemv_h2 in place pdl chain={ch}") == [int(ch), 1, True, True, True], ch
     h2 = {k: pdl.pop(k) for k in [k for k in pdl if k.startswith("w4a16 gemv_h2")]}
     # PREFETCH: L2 prefetches of the first weights, all issued before the one wait (JSON: lists)
     for what in ("w8a8 gemv prefetch", *(f"w4a16 gemv_h2 prefetch per_block={pb}" for pb in (False, True))):

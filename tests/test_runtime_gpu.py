@@ -83,7 +83,7 @@ def test_pdl_chain_changes_no_bit(tmp_path, tiny_tokenizer, key, monkeypatch):
     steps = {}
     for on in (True, False):
         monkeypatch.setattr(_common, "CHAIN_PDL", on)
-        rt._graphs.clear()
+        rt.drop_graphs()
         for graphs in (False, True):
             rt.use_graphs = graphs
             tok = rt.prefill(prompts, extra=8).argmax(-1)

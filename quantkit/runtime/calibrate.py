@@ -110,7 +110,7 @@ def monitor_histograms(rt, windows: torch.Tensor, layers: list[str], *, bins: in
         for u in units:
             u.force_fp16 = saved[id(u)]
         rt.monitor, rt._mon_index = mon_saved, index_saved
-        rt._graphs.clear()
+        rt.drop_graphs()
     return {n: (rec.counts[i].float().cpu(), rec.ranges[i], rec.skewness(i)) for i, n in enumerate(layers)}
 
 

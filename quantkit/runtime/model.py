@@ -348,7 +348,7 @@ class RuntimeModel:
                                 "shorten the prompt or --max-new-tokens")
         c = self._cache
         if c is None or c.batch < batch or c.max_len < max_len:
-            self._graphs.clear()
+            self.drop_graphs()
             self._cache = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -642,12 +642,17 @@ class RuntimeModel:
             index.setdefault(id(unit), []).append((mi, start, size))
         self.monitor, self.monitor_hists, self.monitor_layers = mon, hists, list(layers)
         self._mon_index = index
-        self._graphs.clear()
+        self.drop_graphs()
         return mon
 
     def disable_monitor(self) -> None:
         self.monitor = None
         self._mon_index = {}
+        self.drop_graphs()
+
+    def drop_graphs(self) -> None:
+        """Forget the captured decode graphs: the next decode step captures again. For whatever changes which
+        launches a step makes once captured (the monitor, forced precision, ``kernels._common.CHAIN_PDL``)."""
         self._graphs.clear()
 
     _mon_index: dict = {}
