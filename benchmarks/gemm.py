@@ -31,8 +31,8 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 
 import triton  # noqa: E402
 
-from quantkit.kernels import act_quant, mixed, w8a8, w8a8_gluon, wna16, wna16_gluon  # noqa: E402
-from quantkit.kernels._common import gpu_key, m_bucket  # noqa: E402
+from quantkit.kernels import act_quant, fused, mixed, w8a8, w8a8_gluon, wna16, wna16_gluon  # noqa: E402
+from quantkit.kernels._common import chain_pdl, gpu_key, m_bucket  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py)
 
@@ -974,9 +974,15 @@ def decode_parts(dev, gen, shapes, bw):
     spacer = torch.zeros(1, device=dev)
     op = lambda: spacer.add_(1)  # noqa: E731  (the torch op between calls)
     t_op = bench_graph(op)
+    # ... and the runtime's own add + RMSNorm at hidden 4096, which with the runtime's PDL chain (kernels._common
+    # .CHAIN_PDL) lets the next launch start at once: what precedes a decode GEMV in the runtime
+    hid = torch.randn(1, 4096, device=dev, dtype=torch.float16, generator=gen)
+    norm_w = torch.ones(4096, device=dev, dtype=torch.float16)
+    norm = lambda: fused.add_rmsnorm(hid, None, norm_w, 1e-5)  # noqa: E731
+    t_norm = bench_graph(norm)
     lines = ["| N | K | config | floor us | pack alone us (one program) | GEMV alone us | call, PDL us (% of floor) | "
-             "call, no PDL us | call, PDL_CHAIN us (% of floor) | after a torch op: PDL / PDL_CHAIN us |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "call, no PDL us | call, PDL_CHAIN us (% of floor) | after a torch op: PDL / PDL_CHAIN us | "
+             "after the runtime's norm: PDL / PDL_CHAIN us |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines8 = ["| N | K | W8A8 shipped us | PDL_CHAIN us | after a torch op: shipped / PDL_CHAIN us |",
               "|---|---|---|---|---|"]
     for N, K in shapes:
@@ -1010,20 +1016,23 @@ def decode_parts(dev, gen, shapes, bw):
             # call's packing (or GEMV) start; and each call after a one-element torch op, a launch that does not let
             # it (a decode loop's launches that do not trigger: what is left of the overlap there)
             chain = dict(cfg, PDL=True, PDL_CHAIN=True)
-            t_chain = t_after = float("nan")
+            t_chain = t_after = t_norm_after = float("nan")
             if (cfg.get("TMA_RING") or cfg.get("BACKEND") == "gemv_h2" and not cfg.get("PACKED_X")) and checked(
                     lambda o: run_w4(L, x, chain, o), ref, f"chain N={N} K={K} {cfg}", fails) <= TOL:
                 t_chain = bench_graph_rot([lambda c_=c_: run_w4(c_, x, chain, out) for c_ in copies])
                 t_after = tuple(graph_behind_op([lambda c_=c_: run_w4(c_, x, f, out) for c_ in copies], op, t_op)
                                 for f in (cfg, chain))
+                t_norm_after = tuple(graph_behind_op([lambda c_=c_: run_w4(c_, x, f, out) for c_ in copies], norm,
+                                                     t_norm) for f in (cfg, chain))
             t_gemv = float("nan")
             gemv = tma_gemv_alone(L, x, cfg)
             if gemv is not None and checked(lambda o: gemv(L, o), ref, f"GEMV alone N={N} K={K} {cfg}", fails) <= TOL:
                 t_gemv = bench_graph_rot([lambda c_=c_: gemv(c_, out) for c_ in copies])
-            after = f"{t_after[0]:.1f} / {t_after[1]:.1f}" if isinstance(t_after, tuple) else "nan"
+            after, after_norm = (f"{t[0]:.1f} / {t[1]:.1f}" if isinstance(t, tuple) else "nan"
+                                 for t in (t_after, t_norm_after))
             lines.append(f"| {N} | {K} | {name} | {floor:.1f} | {t_pack:.1f} ({t_pack1:.1f}) | {t_gemv:.1f} | "
                          f"{t_call:.1f} ({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} | "
-                         f"{t_chain:.1f} ({100 * floor / t_chain:.0f}%) | {after} |")
+                         f"{t_chain:.1f} ({100 * floor / t_chain:.0f}%) | {after} | {after_norm} |")
             log(lines[-1] + f" {cfg}")
         # W8A8 M = 1: the shipped GEMV (quantization, then the GEMV with PDL) and its PDL_CHAIN twin, back to back
         # and behind a torch op
@@ -1050,7 +1059,9 @@ def decode_parts(dev, gen, shapes, bw):
         log("\n".join(lines8) + "\n")
     log("W4A16 M = 1 by part (CUDA-graph replay, us; `pack alone`: the x packing launch, `GEMV alone`: the TMA-fed "
         "GEMV on x packed beforehand; floor: the bytes moved at the copy bandwidth; `after a torch op`: each call "
-        f"behind a one-element torch op, whose own {t_op:.2f} us is taken off):\n")
+        f"behind a one-element torch op, whose own {t_op:.2f} us is taken off; `after the runtime's norm`: behind "
+        f"the runtime's add + RMSNorm launch (PDL chain {'on' if chain_pdl(torch.device(dev)) else 'off'}), "
+        f"its own {t_norm:.2f} us taken off):\n")
     log("\n".join(lines))
     log(f"failures: {len(fails)}")
     return 1 if fails else 0

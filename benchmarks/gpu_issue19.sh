@@ -2,22 +2,22 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   CHECK_WORKERS=8 STAGE_LIMIT=60 GEMV_LIMIT=90 RT_LIMIT=200 SHAPES_PARTS=4096x4096,6144x4096,4096x14336,28672x4096 \
-#     bash benchmarks/gpu_issue19.sh check-gemv check-chain runtime-chain w4-decode-parts w4-decode-timeline \
-#       w4-decode-fit                              # next (sessions 48-49 built them; no GPU came in session 49):
-#                                                  # PDL_CHAIN's GPU tests (the TMA-fed and the one-launch W4A16
-#                                                  # GEMVs, W8A8's GEMV: chains of calls fed by each other's
-#                                                  # outputs), the runtime's PDL chain (its test, then decode speed
-#                                                  # on and off: if it passes and pays, turn QUANTKIT_CHAIN_PDL on by
-#                                                  # default), then where the W4A16 M = 1 call's ~6 us of fixed cost
-#                                                  # goes: by part with the PDL / PDL_CHAIN twins, back to back and
-#                                                  # behind a torch op (W8A8 M = 1 too), the GEMV's timestamped
-#                                                  # build, time against bytes for 8 sizes (tinygemm's line beside)
-#   bash benchmarks/gpu_issue19.sh w4-decode w8-decode   # if PDL_CHAIN helped: the M = 1 / 16 searches with its
+#   SHAPES_PARTS=4096x4096,6144x4096,4096x14336,28672x4096 bash benchmarks/gpu_issue19.sh w4-decode-parts
+#                                                  # next (session 49 ran the chains' tests, the runtime chain's
+#                                                  # A/B, decode-parts, -timeline and -fit on an H100): the PDL /
+#                                                  # PDL_CHAIN twins behind the runtime's own add + RMSNorm (the
+#                                                  # new last column), the context a decode GEMV runs in. Back to
+#                                                  # back the chain won 4096x4096 and 6144x4096 and lost 28672x4096,
+#                                                  # behind a torch op it lost: adopt a twin only where this column
+#                                                  # agrees (the searches below rank back to back)
+#   CHECK_WORKERS=8 ... check-gemv check-chain runtime-chain w4-decode-timeline w4-decode-fit   # session 49's call
+#                                                  # 1 (all passed; RT_LIMIT=200, STAGE_LIMIT=60)
+#   bash benchmarks/gpu_issue19.sh w4-decode w8-decode   # the M = 1 / 16 searches with the PDL / PDL_CHAIN
 #                                                  # twins (carry .dev/gemlite-0.6.0; give w4-decode 300 s on a
 #                                                  # cold machine: session 48's was cut after 82 candidates)
-#   STAGE_LIMIT=400 CHECK_WORKERS=14 bash benchmarks/gpu_issue19.sh check-all   # a complete GPU pass (session
-#                                                  # 48's two runs were cut at 85% and 98%, none failed)
+#   STAGE_LIMIT=500 CHECK_WORKERS=14 bash benchmarks/gpu_issue19.sh check-all   # a complete GPU pass (session
+#                                                  # 48's two runs were cut at 85% and 98%, session 49's, 8 workers,
+#                                                  # at 70% after 365 s; none failed)
 #   then `gemm.py --peers --ms 1,16,256 --gemlite .dev/gemlite-0.6.0` on the configs as shipped (the status table)
 #   On an H200 (H200.json, last searched in session 41: none of the TMA-fed GEMV, warp-specialized RS or
 #   MIXED_PASS there): CHECK_WORKERS=8 check-gemv check-ws, w4-decode (GEMM_ONLY_KEYS=TMA_RING), w4-256
