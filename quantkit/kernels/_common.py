@@ -88,8 +88,17 @@ CHAIN_PDL = os.environ.get("QUANTKIT_CHAIN_PDL", "1").lower() not in ("0", "fals
 
 
 def chain_pdl(device: torch.device) -> bool:
-    """Whether a runtime launch on ``device`` joins the programmatic chain (:data:`CHAIN_PDL` on this GPU)."""
-    return CHAIN_PDL and pdl_supported(device)
+    """Whether a runtime launch on ``device`` joins the programmatic chain (:data:`CHAIN_PDL` on this GPU). Asked
+    on every fused launch, so whether the device supports it is kept per device."""
+    if not CHAIN_PDL:
+        return False
+    here = _PDL_HERE.get(device)
+    if here is None:
+        here = _PDL_HERE[device] = pdl_supported(device)
+    return here
+
+
+_PDL_HERE: dict = {}  # device -> pdl_supported(device)
 
 
 def first_waits(chain: bool, pdl: bool) -> bool:

@@ -811,12 +811,14 @@ def _scratch(x: torch.Tensor):
         cached_buffer(x.device, torch.float32, M, tag="act_s")[:M]))
 
 
-def _quantize_into_scratch(x: torch.Tensor, trigger: bool = False, wait: bool = False):
+def _quantize_into_scratch(x: torch.Tensor, pdl: bool = False, chain: bool = False):
     """Per-token quantization of x (M, K) into the activation scratch: (a_q (M, K) int8, a_scale (M,) fp32).
-    ``trigger``: the consumer is launched programmatically next (PDL); ``wait``: this launch is programmatic
-    itself (``PDL_CHAIN``: the GEMV before it, which reads the same scratch, let it start)."""
+    ``pdl``: the consumer is launched programmatically next, so this launch triggers it, and is programmatic
+    itself where ``_common.first_waits`` says (``chain``: the config's ``PDL_CHAIN``; the GEMV before it reads the
+    same scratch)."""
     views = _scratch(x)
-    per_token_quant_triton(x, out_q=views[0], out_s=views[1], trigger_dependents=trigger, wait_prior=wait)
+    per_token_quant_triton(x, out_q=views[0], out_s=views[1], trigger_dependents=pdl,
+                           wait_prior=_common.first_waits(chain, pdl))
     return views
 
 
@@ -890,8 +892,7 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     if fuse:  # one launch: the kernel quantizes x itself
         a_arg, a_s, stride_a = x, w_scale, x.stride(0)
     else:
-        wait = _common.first_waits(const["CHAIN"], const["PDL"])
-        a_q, a_s = _quantize_into_scratch(x, trigger=const["PDL"], wait=wait)
+        a_q, a_s = _quantize_into_scratch(x, const["PDL"], const["CHAIN"])
         a_arg, stride_a = a_q.view(torch.int32), K // 4
     wf = w_fp16 if w_fp16 is not None else w
     vary = (a_arg, a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale, out)
@@ -976,7 +977,7 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
         return _launch_tma(a_q, a_s, w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
     if cfg.get("BACKEND") == "gluon":
         pdl = wants_pdl(cfg, x.device)
-        a_q, a_s = _quantize_into_scratch(x, trigger=pdl, wait=_common.first_waits(False, pdl))
+        a_q, a_s = _quantize_into_scratch(x, pdl)
         if _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits, x, w_fp16, pdl):
             return out
         return _launch(a_q, a_s, w, w_scale, bias, out, False, False, _mma_only(cfg, x, M, N, K), x, row_bits,
@@ -988,7 +989,7 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
     pdl = wants_pdl(cfg, x.device)
-    a_q, a_s = _quantize_into_scratch(x, trigger=pdl, wait=_common.first_waits(False, pdl))
+    a_q, a_s = _quantize_into_scratch(x, pdl)
     return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16, pdl=pdl)
 
 

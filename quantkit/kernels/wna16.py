@@ -928,7 +928,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
         backend, kern, grid, const, ws, lock, ckey = kern  # the heuristic plan
     elif backend == "gemv_tma":  # the TMA-fed GEMV's plan (wna16_gluon.GemvPlan), or the h2 GEMV's on its tile
         if const is not None and const.runs_on(x, qw, scales, zeros):
-            xp, xsc = _h2_pack_x(x, K, trigger=const.pdl, wait=_common.first_waits(const.chain, const.pdl))
+            xp, xsc = _h2_pack_x(x, K, const.pdl, const.chain)
             return const.launch(xp, xsc, qw, scales, zeros, bias, out, ws, lock, group_size, N, K)
         backend, kern, grid, const, ws, lock, ckey = kern
     if backend == "dequant":
@@ -941,7 +941,7 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     if backend == "gemv_h2":
         xsc = ws  # read only with PACKED_X
         if const["PACKED_X"]:
-            xp, xsc = _h2_pack_x(x, K, trigger=const["PDL"], wait=_common.first_waits(const["CHAIN"], const["PDL"]))
+            xp, xsc = _h2_pack_x(x, K, const["PDL"], const["CHAIN"])
             vary = (xp, *vary[1:])
         fast_launch(kern, grid, (*vary, ws, lock, xsc, N, K, n_groups, group_size), const, ckey, vary)
     else:
@@ -973,11 +973,12 @@ def h2_pack_x_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([pr.reshape(-1) for pr in pairs]).reshape(-1), inv_sc.reshape(1)
 
 
-def _h2_pack_x(x: torch.Tensor, K: int, trigger: bool = False, wait: bool = False):
+def _h2_pack_x(x: torch.Tensor, K: int, pdl: bool = False, chain: bool = False):
     """``PACKED_X``: the h2 GEMV's activations prescaled and packed once for the call (``_h2_pack_x_kernel``) into
-    this device's scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``trigger``: the GEMV is launched
-    programmatically next (PDL); ``wait``: this launch is programmatic itself (``PDL_CHAIN``)."""
-    n_rows, grid, const, ckey = _h2_pack_plan(K, trigger, wait)
+    this device's scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``pdl``: the GEMV is launched
+    programmatically next, so this launch triggers it, and is programmatic itself where ``_common.first_waits``
+    says (``chain``: the config's ``PDL_CHAIN``)."""
+    n_rows, grid, const, ckey = _h2_pack_plan(K, pdl, _common.first_waits(chain, pdl))
     xp = cached_buffer(x.device, torch.int32, 4 * n_rows, tag="h2_xpack")
     xsc = cached_buffer(x.device, torch.float32, 1, tag="h2_xscale")
     fast_launch(h2_pack_x_kernel, grid, (x, xp, xsc, K, n_rows), const, ckey, (x,))

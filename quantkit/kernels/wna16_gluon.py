@@ -694,7 +694,7 @@ if GLUON_ERROR is None:
         time, the 16 rows summed at the end).  ``PDL``: launched programmatically after the packing, the loader
         asks for the first STAGES blocks' weights before it waits for the packed x.  ``CHAIN`` (``PDL_CHAIN``): the
         loader lets the next launch start at once, so the next call's packing, launched programmatically too
-        (``wna16._h2_pack_x``'s ``wait``), waits on the GPU for this call instead of starting after it ends, and the
+        (``wna16._h2_pack_x``'s ``chain``), waits on the GPU for this call instead of starting after it ends, and the
         next GEMV, launched behind the packing, asks for its first weights while this one still streams.
         ``TIMELINE`` (a diagnostic, ``gemm.py --decode-timeline``): each program writes its timestamps into
         ``tl_ptr`` (``TL_*``: clock64 cycles, and globaltimer nanoseconds at the multiplying partition's start and end)."""
@@ -992,7 +992,7 @@ class GemvPlan:
 
     def __init__(self, cfg: dict, N: int, consts: dict, pdl: bool):
         self.consts, self.cv, self.pdl, self.bn = consts, tuple(consts.values()), pdl, cfg["BLOCK_N"]
-        self.chain = consts["CHAIN"]  # the call's packing is launched programmatically too (``_h2_pack_x``'s wait)
+        self.chain = consts["CHAIN"]  # the call's packing is launched programmatically too (``_h2_pack_x``'s chain)
         self.options = {"num_warps": cfg["num_warps"], "maxnreg": gemv_maxnreg(cfg),
                         **_common.pdl_option(pdl)}
         self.grid = ((N + self.bn - 1) // self.bn, 1, consts["SPLIT_K"])
