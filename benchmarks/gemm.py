@@ -1020,10 +1020,9 @@ def decode_parts(dev, gen, shapes, bw):
             if (cfg.get("TMA_RING") or cfg.get("BACKEND") == "gemv_h2" and not cfg.get("PACKED_X")) and checked(
                     lambda o: run_w4(L, x, chain, o), ref, f"chain N={N} K={K} {cfg}", fails) <= TOL:
                 t_chain = bench_graph_rot([lambda c_=c_: run_w4(c_, x, chain, out) for c_ in copies])
-                t_after = tuple(graph_behind_op([lambda c_=c_: run_w4(c_, x, f, out) for c_ in copies], op, t_op)
-                                for f in (cfg, chain))
-                t_norm_after = tuple(graph_behind_op([lambda c_=c_: run_w4(c_, x, f, out) for c_ in copies], norm,
-                                                     t_norm) for f in (cfg, chain))
+                t_after, t_norm_after = (  # (config, chain) behind each of the two launches
+                    tuple(graph_behind_op([lambda c_=c_: run_w4(c_, x, f, out) for c_ in copies], before, t_before)
+                          for f in (cfg, chain)) for before, t_before in ((op, t_op), (norm, t_norm)))
             t_gemv = float("nan")
             gemv = tma_gemv_alone(L, x, cfg)
             if gemv is not None and checked(lambda o: gemv(L, o), ref, f"GEMV alone N={N} K={K} {cfg}", fails) <= TOL:
