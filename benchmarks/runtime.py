@@ -233,32 +233,45 @@ def main(argv=None) -> None:
     copy_bw = rb.measure_copy_bandwidth(dev)
     _log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
 
+    def measure(rt, name, role, b):
+        t0 = time.perf_counter()
+        r = rb.bench_runtime(rt, name, batch=b, prompt_len=args.prompt_len, gen_len=args.gen_len).to_dict()
+        r.update(role=role, wall_s=time.perf_counter() - t0)
+        if b == 1 and role in ("quantized", "runtime-float"):
+            ctx = args.prompt_len + args.gen_len / 2
+            nbytes = rb.decode_bytes_per_token(rt, ctx)
+            r.update(bytes_per_step=nbytes, roofline_ms=1e3 * nbytes / copy_bw)
+        return r
+
+    def record(r):
+        rows.append(r)
+        _log("row", json.dumps(r))
+
     def bench(rt, name, role, bs):
         for b in bs:
-            t0 = time.perf_counter()
-            r = rb.bench_runtime(rt, name, batch=b, prompt_len=args.prompt_len, gen_len=args.gen_len).to_dict()
-            r.update(role=role, wall_s=time.perf_counter() - t0)
-            if b == 1 and role in ("quantized", "runtime-float"):
-                ctx = args.prompt_len + args.gen_len / 2
-                nbytes = rb.decode_bytes_per_token(rt, ctx)
-                r.update(bytes_per_step=nbytes, roofline_ms=1e3 * nbytes / copy_bw)
-            rows.append(r)
-            _log("row", json.dumps(r))
+            record(measure(rt, name, role, b))
 
     def bench_ab(rt, name, role, bs):
-        # the row as configured; with --chain-ab, with the runtime's PDL chain on, then again with it off (graphs
-        # recaptured each time)
+        # the row as configured; with --chain-ab, per batch the runtime's PDL chain on, off, off, on (graphs
+        # recaptured at each switch), each side's two runs pooled: an order effect (clocks, the cache grown for a
+        # bigger batch, the allocator) weighs on both sides alike instead of on the side that runs second
         if not args.chain_ab:
             bench(rt, name, role, bs)
             return
         from quantkit.kernels import _common
 
         was = _common.CHAIN_PDL
+        sides = {True: (name, role), False: (f"{name}, no PDL chain", f"{role}-no-chain")}
         try:
-            for on, label, r in ((True, name, role), (False, f"{name}, no PDL chain", f"{role}-no-chain")):
-                _common.CHAIN_PDL = on
-                rt.drop_graphs()
-                bench(rt, label, r, bs)
+            for b in bs:
+                runs = {True: [], False: []}
+                for on in (True, False, False, True):
+                    if on != _common.CHAIN_PDL:
+                        _common.CHAIN_PDL = on
+                        rt.drop_graphs()
+                    runs[on].append(measure(rt, *sides[on], b))
+                for on in (True, False):
+                    record(pool_runs(runs[on]))
         finally:
             _common.CHAIN_PDL = was
             rt.drop_graphs()
@@ -317,6 +330,22 @@ def main(argv=None) -> None:
     print(md)
 
 
+def pool_runs(runs: list[dict]) -> dict:
+    """Repeated runs of one row as one: times and steps summed (so the rates and ms/step are the pooled means),
+    peak memory the largest, each run's ms/step kept in ``runs_ms_per_step`` (their spread is the noise)."""
+    r = dict(runs[0])
+    for k in ("prefill_s", "decode_s", "decode_steps", "wall_s"):
+        r[k] = sum(x[k] for x in runs)
+    peaks = [x["peak_gib"] for x in runs if x.get("peak_gib") is not None]
+    r["peak_gib"] = max(peaks) if peaks else None
+    prefill_tokens = r["batch"] * r["prompt_len"] * len(runs)
+    r.update(prefill_tok_s=prefill_tokens / r["prefill_s"] if r["prefill_s"] else 0.0,
+             decode_tok_s=r["batch"] * r["decode_steps"] / r["decode_s"] if r["decode_s"] else 0.0,
+             ms_per_step=1e3 * r["decode_s"] / r["decode_steps"] if r["decode_steps"] else 0.0,
+             runs_ms_per_step=[x["ms_per_step"] for x in runs])
+    return r
+
+
 def markdown(result) -> str:
     rows = result["rows"]
 
@@ -344,8 +373,11 @@ def markdown(result) -> str:
         if r["role"].endswith("-no-chain"):
             on = find(r["role"][:-len("-no-chain")], r["batch"], r["name"].replace(", no PDL chain", ""))
             if on:
+                spread = "".join(f" ({side}: {', '.join(f'{v:.3f}' for v in x['runs_ms_per_step'])})"
+                                 for side, x in (("on", on), ("off", r)) if "runs_ms_per_step" in x)
                 out.append(f"\nPDL chain, {on['name']} batch {r['batch']}: {on['ms_per_step']:.3f} ms/step on, "
-                           f"{r['ms_per_step']:.3f} off: **{r['ms_per_step'] / on['ms_per_step']:.3f}x** faster on")
+                           f"{r['ms_per_step']:.3f} off: **{r['ms_per_step'] / on['ms_per_step']:.3f}x** faster on"
+                           f"; runs in order on, off, off, on{spread}")
     att = result.get("attention") or {}
     if att:
         bf = att.get("bf16 (ours)", {}).get("us")
