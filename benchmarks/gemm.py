@@ -33,7 +33,7 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 import triton  # noqa: E402
 
 from quantkit.kernels import act_quant, fused, mixed, w8a8, w8a8_gluon, wna16, wna16_gluon  # noqa: E402
-from quantkit.kernels._common import chain_pdl, gpu_key, m_bucket  # noqa: E402
+from quantkit.kernels._common import CHAINED, chain_pdl, gpu_key, m_bucket, write_tuned  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py)
 
@@ -367,7 +367,8 @@ def main():
     if args.peers:
         return peer_study(dev, gen, shapes, ms, bw, args)
     if args.decode_parts:
-        return decode_parts(dev, gen, shapes if args.shapes else [(28672, 4096), (4096, 14336)], bw)
+        return decode_parts(dev, gen, shapes if args.shapes else [(28672, 4096), (4096, 14336)], bw,
+                            args.write_configs)
     if args.decode_timeline:
         return decode_timeline(dev, gen, shapes if args.shapes else [(4096, 4096), (4096, 14336), (28672, 4096)])
     if args.decode_fit:
@@ -744,8 +745,6 @@ def graph_search(what, shipped, cands, run, copies, ref, tol, fails):
 
 def save_configs(tuned):
     """{kind: {"gpu|m|n|k": config}} -> quantkit/kernels/configs/<gpu>.json (merged)."""
-    from quantkit.kernels._common import write_tuned
-
     for kind, entries in tuned.items():
         per_gpu: dict = {}
         for key, cfg in entries.items():
@@ -976,11 +975,12 @@ def graph_behind_op(calls, op, t_op):
 DECODE_PART_TILES = [(256, 1, 4, 6), (128, 4, 4, 8), (128, 8, 4, 6), (256, 4, 8, 4)]
 
 
-def decode_parts(dev, gen, shapes, bw):
+def decode_parts(dev, gen, shapes, bw, write=False):
     """Where a W4A16 M = 1 call's time goes, in CUDA-graph replay over rotated weight copies (no weight in L2):
     the packing launch alone (``wna16._h2_pack_x``), the TMA-fed GEMV alone on x packed beforehand, and the whole
     call with and without PDL, for the shipped config and the TMA-fed tiles of DECODE_PART_TILES; each checked
-    against the reference first, the copy floor beside them."""
+    against the reference first, the copy floor beside them. Behind the runtime's own norm it also picks each
+    shape's ``CHAINED`` config (``chained_choice``), written into the GPU's config file with ``write``."""
     gpu = gpu_key(torch.empty(1, device=dev))
     fails = []
     spacer = torch.zeros(1, device=dev)
@@ -997,6 +997,7 @@ def decode_parts(dev, gen, shapes, bw):
              "after the runtime's norm: PDL / PDL_CHAIN us |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines8 = ["| N | K | W8A8 shipped us | PDL_CHAIN us | after a torch op: shipped / PDL_CHAIN us |",
               "|---|---|---|---|---|"]
+    chosen = {}  # (1, N, K) -> the entry with its CHAINED choice
     for N, K in shapes:
         L = Layer(N, K, dev, gen)
         copies = weight_copies(L, "w4a16")
@@ -1018,6 +1019,7 @@ def decode_parts(dev, gen, shapes, bw):
         xsc1 = torch.empty(1, device=dev, dtype=torch.float32)
         one = dict(const, AMAX_K=min(4096, const["AMAX_K"]), num_warps=4)
         t_pack1 = bench_graph(lambda: wna16.h2_pack_x_kernel[(1,)](x, xp1, xsc1, K, n_rows, **one))
+        behind_norm = []  # (us behind the runtime's norm, config): the CHAINED choice's candidates
         for name, cfg in cfgs:
             if checked(lambda o: run_w4(L, x, cfg, o), ref, f"w4a16 M=1 N={N} K={K} {cfg}", fails) > TOL:
                 continue
@@ -1039,12 +1041,17 @@ def decode_parts(dev, gen, shapes, bw):
             gemv = tma_gemv_alone(L, x, cfg)
             if gemv is not None and checked(lambda o: gemv(L, o), ref, f"GEMV alone N={N} K={K} {cfg}", fails) <= TOL:
                 t_gemv = bench_graph_rot([lambda c_=c_: gemv(c_, out) for c_ in copies])
+            if isinstance(t_norm_after, tuple):
+                behind_norm += [(t_norm_after[0], cfg), (t_norm_after[1], chain)]
             after, after_norm = (f"{t[0]:.1f} / {t[1]:.1f}" if isinstance(t, tuple) else "nan"
                                  for t in (t_after, t_norm_after))
             lines.append(f"| {N} | {K} | {name} | {floor:.1f} | {t_pack:.1f} ({t_pack1:.1f}) | {t_gemv:.1f} | "
                          f"{t_call:.1f} ({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} | "
                          f"{t_chain:.1f} ({100 * floor / t_chain:.0f}%) | {after} | {after_norm} |")
             log(lines[-1] + f" {cfg}")
+        entry, why = chained_choice(shipped, behind_norm)
+        log(f"CHAINED N={N} K={K}: {why}")
+        chosen[(1, N, K)] = entry
         # W8A8 M = 1: the shipped GEMV (quantization, then the GEMV with PDL) and its PDL_CHAIN twin, back to back
         # and behind a torch op
         cfg8 = w8a8.CONFIGS.get(1, N, K, gpu)
@@ -1074,8 +1081,29 @@ def decode_parts(dev, gen, shapes, bw):
         f"the runtime's add + RMSNorm launch (PDL chain {'on' if chain_pdl(torch.device(dev)) else 'off'}), "
         f"its own {t_norm:.2f} us taken off):\n")
     log("\n".join(lines))
+    if write and not fails:
+        entries = {k: e for k, e in chosen.items() if e is not None}
+        log(f"configs: {len(entries)} w4a16 entries (their CHAINED choice) -> {write_tuned(gpu, 'w4a16', entries)}")
     log(f"failures: {len(fails)}")
     return 1 if fails else 0
+
+
+def chained_choice(shipped: dict, behind_norm: list, margin: float = 0.03):
+    """``shipped`` (an M = 1 entry) with its ``CHAINED`` config decided behind the runtime's own norm, the launch
+    before a decode GEMV in the runtime (``behind_norm``: [(us, config)], the PDL and PDL_CHAIN variants of each
+    config among them): the fastest there where it beats the plain entry by more than ``margin``, else none
+    (``CHAINED: None``, which drops a stale one from the file). (entry, or None where the plain entry was not
+    timed there; a line saying why.)"""
+    strip = lambda c: {k: v for k, v in c.items() if k != CHAINED}  # noqa: E731
+    plain = strip(shipped)
+    timed = [(t, strip(c)) for t, c in behind_norm if t == t]  # (nan: not timed)
+    base = next((t for t, c in timed if c == plain), None)
+    if base is None:
+        return None, "the plain entry was not timed behind the norm: entry unchanged"
+    t_best, best = min(timed, key=lambda r: r[0])
+    if best != plain and t_best < (1 - margin) * base:
+        return dict(plain, CHAINED=best), f"{t_best:.1f} us against the plain entry's {base:.1f}: {best}"
+    return dict(plain, CHAINED=None), f"none (the fastest {t_best:.1f} us, the plain entry {base:.1f})"
 
 
 # (N, K) points of the decode fit: 2-60 MB of packed weight, 4096 columns with K growing and K = 4096 with the

@@ -92,7 +92,8 @@ for stage in "$@"; do
     check-gemv)  # the TMA-fed W4A16 GEMV (TMA_RING) and its PDL_CHAIN: a failure leaves its configs out of later
       # searches (PDL_CHAIN's alone where only the chain's tests failed)
       RUN_LIMIT=${GEMV_LIMIT:-150} run check-gemv env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n "${CHECK_WORKERS:-4}" \
-        -p no:cacheprovider tests/kernels/test_gpu.py -k "gemv_is_the_h2 or gemv_pdl_chain"
+        -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_wna16.py \
+        -k "gemv_is_the_h2 or gemv_pdl_chain or chained_config"
       rc=$?
       grep -E "^FAILED|^ERROR" "$WORK/check-gemv.log" | head -10
       if grep -E "^(FAILED|ERROR)" "$WORK/check-gemv.log" | grep -qv pdl_chain; then skip TMA_RING
@@ -128,7 +129,7 @@ for stage in "$@"; do
     runtime-chain)  # the runtime's PDL chain (kernels._common.CHAIN_PDL): its GPU tests (bit for bit against plain
       # launches, graph against eager), then decode speed with it on and off in one process (RT_LAYERS of Llama-3-8B)
       RUN_LIMIT=${RT_LIMIT:-300} run runtime-chain bash -c "python -m pytest -q -rf -p no:cacheprovider \
-        tests/test_runtime_gpu.py -k 'pdl_chain or graph_replay' && python benchmarks/runtime.py --chain-ab \
+        tests/test_runtime_gpu.py -k 'pdl_chain or chained or graph_replay' && python benchmarks/runtime.py --chain-ab \
         --skip hf,monitor,mixed,att --layers ${RT_LAYERS:-16} --gen-len ${RT_GEN:-64} --json $WORK/runtime-chain.json \
         --md $WORK/runtime-chain.md" ;;
     w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (W4_DECODE_MS: the Ms)

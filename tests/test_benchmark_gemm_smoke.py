@@ -10,6 +10,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _gemm():
+    """benchmarks/gemm.py as a module (its helpers, no run)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gemm
+
+    return gemm
+
+
 def test_tune_ranked_by_graph_replay_runs_and_checks_every_candidate(tmp_path):
     """``--tune --tune-rank graph`` on W8A8 at M = 16: every candidate checked against the reference, the search
     ranked by replay over weight copies, the winner re-timed eagerly for the table, the tuned config written."""
@@ -28,8 +36,7 @@ def test_a_winner_without_a_mixed_mode_gets_the_faster_mixed_config():
     """Where the W8A8 winner has no mixed mode (warp-specialized), the tuner writes the entry that ran mixed calls
     (no FP16 row) fastest: the winner with MIXED_PASS, or with the fastest config that has a mixed mode as its MIXED
     config; or leaves the winner (its fallback) where neither beat it."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gemm
+    gemm = _gemm()
 
     ws = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, BACKEND="gluon", WARP_SPECIALIZE=True)
     tma = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3, BACKEND="tma")
@@ -45,8 +52,7 @@ def test_a_winner_without_a_mixed_mode_gets_the_faster_mixed_config():
 
 def test_skip_keys_leave_out_the_configs_of_a_failed_form(monkeypatch):
     """GEMM_SKIP_KEYS names config keys (a form whose GPU check failed); "A+B" names the configs with both."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gemm
+    gemm = _gemm()
 
     monkeypatch.setattr(gemm, "SKIP_KEYS", ["RS+WARP_SPECIALIZE", "PACKED_X"])
     assert gemm.skipped(dict(RS=True, WARP_SPECIALIZE=True)) and gemm.skipped(dict(PACKED_X=True))
@@ -70,8 +76,7 @@ def test_decode_parts_times_the_packing_and_each_call_checked():
                         "--shapes", "512x256"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = [r for r in p.stdout.splitlines() if r.startswith("| 512 | 256 |") and "{" not in r and r.count("|") > 6]
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gemm
+    gemm = _gemm()
 
     assert len(rows) == 1 + len(gemm.DECODE_PART_TILES)  # the shipped config (no TMA tile here) and each tile
     for r in rows:
@@ -90,6 +95,7 @@ def test_decode_parts_times_the_packing_and_each_call_checked():
     w8 = [r for r in p.stdout.splitlines() if r.startswith("| 512 | 256 |") and "{" not in r and r.count("|") == 6]
     assert len(w8) == 1 and all(float(v) > 0 for v in w8[0].strip("|").replace("/", "|").split("|")[2:]), w8
     assert "failures: 0" in p.stdout
+    assert "CHAINED N=512 K=256: " in p.stdout  # the shape's CHAINED choice, said (written with --write-configs)
     assert gemm.w4_decode_bytes(4096, 14336) == 4096 * 14336 // 2 + 4096 * 112 * 2 + 2 * 14336 + 2 * 4096
 
 
@@ -100,8 +106,7 @@ def test_decode_fit_times_each_kernel_and_fits_its_line():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gemm.py"), "--smoke", "--decode-fit",
                         "--shapes", "256x128,256x256"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gemm
+    gemm = _gemm()
 
     points = [r for r in p.stdout.splitlines() if r.startswith("| 256 | ") and "{" not in r]
     assert len(points) == 2 * 2  # each point logged as measured, then in the table
@@ -149,3 +154,19 @@ def test_decode_timeline_summary_reads_the_stamps():
                 load_to_first=(3000 - 900) / 2 / 1e3, mul_to_first=(3000 - 1000) / 2 / 1e3,
                 loop=(9000 - 3000) / 2 / 1e3, epilogue=(1000 + 10000 - 9000) / 2 / 1e3)
     assert s == pytest.approx(want, rel=1e-12)
+
+
+def test_decode_parts_chained_choice():
+    """``--decode-parts`` decides an M = 1 entry's CHAINED config behind the runtime's norm: the fastest config there
+    where it beats the plain entry by more than 3%, else none (None, which drops a stale one); nothing where the
+    plain entry was not timed there. A shipped CHAINED is never compared as if it were the plain entry."""
+    gemm = _gemm()
+    plain = dict(BACKEND="gemv_h2", BLOCK_N=64, SPLIT_K=4, UNROLL=8, num_warps=4, num_stages=1)
+    twin = dict(plain, PDL=True, PREFETCH=2, PDL_CHAIN=True)
+    shipped = dict(plain, CHAINED=dict(plain, BLOCK_N=32))
+    entry, _ = gemm.chained_choice(shipped, [(9.7, shipped), (7.8, dict(shipped, PDL=True, PDL_CHAIN=True)),
+                                             (7.0, dict(twin, CHAINED=shipped["CHAINED"]))])
+    assert entry == dict(plain, CHAINED=twin)
+    entry, _ = gemm.chained_choice(shipped, [(9.7, shipped), (9.5, twin), (float("nan"), dict(plain, BLOCK_N=16))])
+    assert entry == dict(plain, CHAINED=None)  # 2% faster: inside the margin
+    assert gemm.chained_choice(shipped, [(7.0, twin)])[0] is None

@@ -322,3 +322,24 @@ def test_monitor_statistics_and_skew_rule():
     fired = mon.check([0, 1], {0: 63, 1: 63})
     assert fired == [1]
     assert [(s.layer, s.statistic) for s in mon.switches] == [("a", "skew")]  # "b" (heavy-tailed calibration) ignored
+
+
+def test_the_runtimes_gemms_run_inside_its_chain(tmp_path, tiny_tokenizer, monkeypatch):
+    """Every quantized linear of a prefill and a decode step runs inside ``kernels._common.runtime_chain()`` (where
+    a config's CHAINED entry applies), and nothing outside the runtime's forward pass does."""
+    from quantkit.kernels import _common
+    from quantkit.runtime.linear import QuantLinear
+
+    rt = runtime.load(_checkpoint(tmp_path, tiny_tokenizer, "w4-g32-asym"), device="cpu")
+    seen = []
+    plain = QuantLinear._quantized
+
+    def spy(self, x):
+        seen.append(_common._in_runtime_chain)
+        return plain(self, x)
+
+    monkeypatch.setattr(QuantLinear, "_quantized", spy)
+    tok = rt.prefill([IDS[0, :9].tolist()], extra=2).argmax(-1)
+    rt.decode_step(tok, torch.tensor([9]))
+    assert len(seen) >= 2 * 4 and all(seen)  # a tiny model's block has at least four quantized linears
+    assert _common._in_runtime_chain is False

@@ -79,6 +79,13 @@ def test_pdl_chain_changes_no_bit(tmp_path, tiny_tokenizer, key, monkeypatch):
     if not _common.pdl_supported(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs sm_90+")
     rt = runtime.load(_checkpoint(tmp_path, tiny_tokenizer, key), device="cuda", dtype=torch.float16)
+    _assert_chain_changes_no_bit(rt, monkeypatch, key)
+
+
+def _assert_chain_changes_no_bit(rt, monkeypatch, what):
+    """Six greedy decode steps' logits with the runtime's chain on equal them with it off, eager and in graphs."""
+    from quantkit.kernels import _common
+
     prompts = [IDS[0, :20].tolist(), IDS[1, :33].tolist()]
     steps = {}
     for on in (True, False):
@@ -95,7 +102,28 @@ def test_pdl_chain_changes_no_bit(tmp_path, tiny_tokenizer, key, monkeypatch):
             steps[on, graphs] = torch.stack(out)
     assert rt._graphs and torch.isfinite(steps[False, False]).all()
     for graphs in (False, True):
-        assert torch.equal(steps[True, graphs], steps[False, graphs]), (key, graphs)
+        assert torch.equal(steps[True, graphs], steps[False, graphs]), (what, graphs)
+
+
+def test_chained_configs_change_no_bit(monkeypatch):
+    """W4A16 entries whose CHAINED config (the in-place half2 GEMV launched with PDL, PREFETCH and PDL_CHAIN) runs
+    inside the runtime's chain, as the H100 file ships at 4096x4096 and 6144x4096: the decode steps' logits equal the
+    chain-off run's (the plain entries) bit for bit, eager and in graphs, and the chained plans are what ran."""
+    from quantkit import api
+    from quantkit.kernels import _common, wna16
+    from quantkit.recipe import PRESETS
+
+    if not _common.pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    plain = dict(wna16._gemv_h2(32, 2, 1), SLICE_PRESCALE=True)
+    entry = dict(plain, CHAINED=dict(plain, PDL=True, PREFETCH=2, PDL_CHAIN=True))
+    tuned = wna16.CONFIGS.get
+    monkeypatch.setattr(wna16.CONFIGS, "get", lambda M, N, K, gpu: dict(entry) if M == 1 else tuned(M, N, K, gpu))
+    monkeypatch.setattr(wna16, "_PLANS", {})
+    rt = api.runtime_for_shape("tiny", PRESETS["W4A16"], device="cuda")
+    _assert_chain_changes_no_bit(rt, monkeypatch, "chained W4A16")
+    ran = {key[-1] for key, p in wna16._PLANS.items() if p[0] == "gemv_h2" and p[3]["CHAIN"]}
+    assert ran == {True}  # the PDL_CHAIN launches: inside the chain only
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gemma2"])

@@ -49,7 +49,8 @@ from typing import Optional
 import torch
 
 from . import _common
-from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, const_key, eager_cuda,
+from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, chained_config, const_key,
+                      eager_cuda, in_runtime_chain,
                       fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
                       jit_helper, l2_prefetch_rows, next_pow2, pdl_chains, pdl_enter, pdl_option, prefetch_steps,
                       remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
@@ -828,12 +829,18 @@ def effective_config(cfg: dict, M: int, bits: int = 4, gs_small: bool = False, d
     return cfg
 
 
+def _config_key(cfg: dict) -> tuple:
+    """A config as a plan-cache key (a nested config, ``CHAINED``, as its own sorted items)."""
+    return tuple(sorted((k, _config_key(v) if isinstance(v, dict) else v) for k, v in cfg.items()))
+
+
 def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     """Launch plan (backend, kernel, grid, constexprs, split-K workspace and counters, the launch key: constexprs
     and the classes of the shape arguments), cached per shape/dtype/device and config (as ``w8a8``'s: the tuner's
     timed calls pass a config and should not pay for building the plan every call)."""
+    chained = in_runtime_chain(x.device)  # the entry's CHAINED config inside the runtime's chain
     key = (x.get_device(), x.dtype, M, N, K, bits, group_size, n_groups, has_zero, has_bias,
-           None if config is None else tuple(sorted(config.items())))
+           None if config is None else _config_key(config), chained)
     p = _PLANS.get(key)
     if p is not None:
         return p
@@ -844,6 +851,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
             cfg = _interp_config(M, N, K)
     else:
         cfg = dict(config)
+    cfg = chained_config(cfg, chained)
     gs_small = n_groups > 1 and group_size < PACK_K
     cfg = effective_config(cfg, M, bits, gs_small, x.dtype)
     backend = cfg.get("BACKEND", "mma")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import UsageError
+from quantkit.kernels._common import runtime_chain
 from quantkit.kernels.fused import add_rmsnorm, rope, silu_mul, split_heads
 from quantkit.kernels.hadamard import hadamard_transform
 from quantkit.kernels.mixed import TOKEN_GROUP
@@ -386,6 +387,7 @@ class RuntimeModel:
 
     # ------------------------------------------------------------------ the decoder program
 
+    @runtime_chain()  # the GEMMs run between the runtime's chained launches: their CHAINED configs apply
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, *, decode: bool, length: int | None = None,
                  seq_lens: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                  last: torch.Tensor | None = None) -> torch.Tensor:

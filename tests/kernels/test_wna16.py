@@ -388,3 +388,54 @@ def test_wna16_gluon_warp_specialized_configs():
         cands = [c for c in wg.candidates(m) if wg.warp_specialized(c)]
         assert cands and all(wg.shared_bytes(c) <= 232448 for c in cands), m
     assert not any(wg.warp_specialized(c) for c in wg.candidates(64))
+
+
+def test_chained_config_runs_inside_the_runtime_chain(dev, monkeypatch):
+    """A config entry's ``CHAINED`` config is what a call runs inside the runtime's chain (``runtime_chain()`` with
+    the chain on), the plain config elsewhere (outside, after the context ends, with the chain off); both give the
+    reference's result. On sm_90+ the chained one is a real PDL / PDL_CHAIN launch; elsewhere the chain's gate is
+    forced open so the selection alone is checked (the interpreter launches nothing programmatically)."""
+    from quantkit.kernels import _common
+
+    N, K = 64, 512
+    q, s, z = _make(dev, 77, N, K, 4, 128, True)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(78)).half().to(dev)
+    W = wna16.prepack_wna16(q, s, z, 4)
+    ref = wna16.wna16_gemm_ref(x, q, s, z, None)
+    chained = dict(wna16._gemv_h2(16, 4, 1), PDL=True, PREFETCH=2, PDL_CHAIN=True)
+    cfg = dict(wna16._gemv_h2(32, 2, 2), CHAINED=chained)
+    if not _common.pdl_supported(x.device):
+        monkeypatch.setitem(_common._PDL_HERE, x.device, True)
+    monkeypatch.setattr(_common, "CHAIN_PDL", True)
+
+    def run():
+        y = wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K, config=cfg,
+                                      out=poison((1, N), torch.float16, dev))
+        const = wna16._plan(x, 1, N, K, 4, W.group_size, W.scales.shape[0], True, False, cfg)[3]
+        assert rel_err(y, ref) <= 1e-2
+        return const["BLOCK_N"], const["SPLIT_K"]
+
+    assert run() == (32, 2)
+    with _common.runtime_chain():
+        with _common.runtime_chain():
+            pass
+        assert run() == (16, 4)  # still inside after a nested context ended
+    assert run() == (32, 2)
+    monkeypatch.setattr(_common, "CHAIN_PDL", False)
+    with _common.runtime_chain():
+        assert run() == (32, 2)
+
+
+def test_a_search_keeps_the_entrys_chained_config(tmp_path):
+    """``write_tuned``: a re-search's entry (ranked on plain calls) keeps the entry's CHAINED config, which its own
+    measurement in the runtime's chain decides; an entry written with one replaces it."""
+    from quantkit.kernels._common import load_tuned, write_tuned
+
+    plain, twin = wna16._gemv_h2(64, 4, 8), dict(wna16._gemv_h2(64, 4, 8), PDL=True, PDL_CHAIN=True)
+    write_tuned("G", "w4a16", {(1, 4096, 4096): dict(plain, CHAINED=twin)}, str(tmp_path))
+    write_tuned("G", "w4a16", {(1, 4096, 4096): wna16._gemv_h2(32, 8, 4), (16, 4096, 4096): plain}, str(tmp_path))
+    table = load_tuned("w4a16", str(tmp_path))
+    assert table[("G", 1, 4096, 4096)] == dict(wna16._gemv_h2(32, 8, 4), CHAINED=twin)
+    assert "CHAINED" not in table[("G", 16, 4096, 4096)]
+    write_tuned("G", "w4a16", {(1, 4096, 4096): dict(plain, CHAINED=plain)}, str(tmp_path))
+    assert load_tuned("w4a16", str(tmp_path))[("G", 1, 4096, 4096)]["CHAINED"] == plain
