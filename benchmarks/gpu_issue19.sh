@@ -121,7 +121,9 @@ for stage in "$@"; do
     mixed-8192)
       run mixed-8192 python benchmarks/gemm.py --mixed-study --ms 8192 --shapes $SHAPES ;;
     w4-decode-parts)  # W4A16 M = 1 by part (28672x4096, 4096x14336, 4096x4096; SHAPES_PARTS overrides)
-      run w4-decode-parts python benchmarks/gemm.py --decode-parts --shapes "${SHAPES_PARTS:-28672x4096,4096x14336,4096x4096}" ;;
+      # (PARTS_WRITE=1: each shape's CHAINED choice, behind the runtime's norm, written into the config file)
+      run w4-decode-parts python benchmarks/gemm.py --decode-parts --shapes "${SHAPES_PARTS:-28672x4096,4096x14336,4096x4096}" \
+        ${PARTS_WRITE:+--write-configs} ;;
     w4-decode-fit)  # W4A16 M = 1 time against bytes (8 sizes, 2-60 MB): each kernel's fixed cost and rate
       run w4-decode-fit python benchmarks/gemm.py --decode-fit ;;
     w4-decode-timeline)  # the TMA-fed GEMV's timestamped build: launch gaps, start spread, first slot, loop, epilogue
