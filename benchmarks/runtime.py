@@ -252,28 +252,31 @@ def main(argv=None) -> None:
             record(measure(rt, name, role, b))
 
     def bench_ab(rt, name, role, bs):
-        # the row as configured; with --chain-ab, per batch the runtime's PDL chain on, off, off, on (graphs
-        # recaptured at each switch), each side's two runs pooled: an order effect (clocks, the cache grown for a
-        # bigger batch, the allocator) weighs on both sides alike instead of on the side that runs second
+        # the row as configured; with --chain-ab, per batch the runtime's PDL chain on, on with the plain config
+        # entries (no CHAINED ones), off, and back (a b c c b a; graphs recaptured at each switch), each side's
+        # two runs pooled: an order effect (clocks, the cache grown for a bigger batch, the allocator) weighs on
+        # every side alike instead of on the side that runs later
         if not args.chain_ab:
             bench(rt, name, role, bs)
             return
         from quantkit.kernels import _common
 
-        was = _common.CHAIN_PDL
-        sides = {True: (name, role), False: (f"{name}, no PDL chain", f"{role}-no-chain")}
+        was = _common.CHAIN_PDL, _common.CHAINED_CONFIGS
+        sides = {(True, True): (name, role), (True, False): (f"{name}, no CHAINED configs", f"{role}-plain-configs"),
+                 (False, True): (f"{name}, no PDL chain", f"{role}-no-chain")}
+        order = list(sides) + list(sides)[::-1]
         try:
             for b in bs:
-                runs = {True: [], False: []}
-                for on in (True, False, False, True):
-                    if on != _common.CHAIN_PDL:
-                        _common.CHAIN_PDL = on
+                runs = {side: [] for side in sides}
+                for side in order:
+                    if side != (_common.CHAIN_PDL, _common.CHAINED_CONFIGS):
+                        _common.CHAIN_PDL, _common.CHAINED_CONFIGS = side
                         rt.drop_graphs()
-                    runs[on].append(measure(rt, *sides[on], b))
-                for on in (True, False):
-                    record(pool_runs(runs[on]))
+                    runs[side].append(measure(rt, *sides[side], b))
+                for side in sides:
+                    record(pool_runs(runs[side]))
         finally:
-            _common.CHAIN_PDL = was
+            _common.CHAIN_PDL, _common.CHAINED_CONFIGS = was
             rt.drop_graphs()
 
     if "bf16" not in skip:
@@ -369,15 +372,18 @@ def markdown(result) -> str:
             out.append(f"\nHBM roofline, {r['name']} batch 1: {r['bytes_per_step'] / 1e9:.3f} GB per step / "
                        f"{result['copy_bw'] / 1e12:.2f} TB/s = {r['roofline_ms']:.3f} ms; measured "
                        f"{r['ms_per_step']:.3f} ms = **{r['roofline_ms'] / r['ms_per_step']:.0%} of the roofline**")
-    for r in rows:  # --chain-ab: the same row with the PDL chain on (as shipped) and off
-        if r["role"].endswith("-no-chain"):
-            on = find(r["role"][:-len("-no-chain")], r["batch"], r["name"].replace(", no PDL chain", ""))
+    for r in rows:  # --chain-ab: the same row with the PDL chain on (as shipped), on with the plain configs, off
+        for suffix, label, what in (("-no-chain", ", no PDL chain", "PDL chain"),
+                                    ("-plain-configs", ", no CHAINED configs", "CHAINED configs")):
+            if not r["role"].endswith(suffix):
+                continue
+            on = find(r["role"][:-len(suffix)], r["batch"], r["name"].replace(label, ""))
             if on:
                 spread = "".join(f" ({side}: {', '.join(f'{v:.3f}' for v in x['runs_ms_per_step'])})"
                                  for side, x in (("on", on), ("off", r)) if "runs_ms_per_step" in x)
-                out.append(f"\nPDL chain, {on['name']} batch {r['batch']}: {on['ms_per_step']:.3f} ms/step on, "
+                out.append(f"\n{what}, {on['name']} batch {r['batch']}: {on['ms_per_step']:.3f} ms/step on, "
                            f"{r['ms_per_step']:.3f} off: **{r['ms_per_step'] / on['ms_per_step']:.3f}x** faster on"
-                           f"; runs in order on, off, off, on{spread}")
+                           f"; each side's two runs (in the order a b c c b a){spread}")
     att = result.get("attention") or {}
     if att:
         bf = att.get("bf16 (ours)", {}).get("us")

@@ -111,6 +111,9 @@ _PDL_HERE: dict = {}  # device -> pdl_supported(device)
 # both contexts and writes it.
 CHAINED = "CHAINED"
 _in_runtime_chain = False  # inside runtime_chain()
+# QUANTKIT_CHAINED_CONFIGS=0, or CHAINED_CONFIGS = False here, runs the plain entries inside the chain too
+# (benchmarks/runtime.py --chain-ab times both)
+CHAINED_CONFIGS = os.environ.get("QUANTKIT_CHAINED_CONFIGS", "1").lower() not in ("0", "false", "off", "no")
 
 
 @contextlib.contextmanager
@@ -128,7 +131,7 @@ def runtime_chain():
 
 def in_runtime_chain(device: torch.device) -> bool:
     """Whether a GEMM called now on ``device`` runs inside the runtime's programmatic chain."""
-    return _in_runtime_chain and chain_pdl(device)
+    return _in_runtime_chain and CHAINED_CONFIGS and chain_pdl(device)
 
 
 def chained_config(cfg: dict, chained: bool) -> dict:
