@@ -33,7 +33,8 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 import triton  # noqa: E402
 
 from quantkit.kernels import act_quant, fused, mixed, w8a8, w8a8_gluon, wna16, wna16_gluon  # noqa: E402
-from quantkit.kernels._common import CHAINED, chain_pdl, gpu_key, m_bucket, write_tuned  # noqa: E402
+from quantkit.kernels._common import (CHAINED, chain_pdl, gpu_key, m_bucket, runtime_chain,  # noqa: E402
+                                      write_tuned)
 
 import peers  # noqa: E402  (benchmarks/peers.py)
 
@@ -965,6 +966,15 @@ def tma_gemv_alone(L, x, cfg, timeline=False):
     return gemv
 
 
+def in_decode_step(fn):
+    """``fn`` called as a runtime decode step calls it: inside ``kernels._common.runtime_chain`` (its launches chain
+    where the runtime's would; explicit configs run as given)."""
+    def call():
+        with runtime_chain():
+            return fn()
+    return call
+
+
 def graph_behind_op(calls, op, t_op):
     """``bench_graph_rot`` of each call behind ``op`` (a launch that lets no programmatic launch start early, as a
     decode loop's norms and activations), ``op``'s own time ``t_op`` taken off."""
@@ -990,7 +1000,7 @@ def decode_parts(dev, gen, shapes, bw, write=False):
     # .CHAIN_PDL) lets the next launch start at once: what precedes a decode GEMV in the runtime
     hid = torch.randn(1, 4096, device=dev, dtype=torch.float16, generator=gen)
     norm_w = torch.ones(4096, device=dev, dtype=torch.float16)
-    norm = lambda: fused.add_rmsnorm(hid, None, norm_w, 1e-5)  # noqa: E731
+    norm = in_decode_step(lambda: fused.add_rmsnorm(hid, None, norm_w, 1e-5))
     t_norm = bench_graph(norm)
     lines = ["| N | K | config | floor us | pack alone us (one program) | GEMV alone us | call, PDL us (% of floor) | "
              "call, no PDL us | call, PDL_CHAIN us (% of floor) | after a torch op: PDL / PDL_CHAIN us | "
@@ -1005,7 +1015,7 @@ def decode_parts(dev, gen, shapes, bw, write=False):
         ref = refs(L, x)["w4"]
         floor = w4_decode_bytes(N, K) / bw * 1e6
         out = torch.empty(1, N, device=dev, dtype=torch.float16)
-        shipped = wna16.CONFIGS.get(1, N, K, gpu)
+        shipped = {k: v for k, v in wna16.CONFIGS.get(1, N, K, gpu).items() if k != CHAINED}  # the plain entry
         cfgs = [("shipped", shipped)] + [(f"TMA {t}", wna16._gemv_tma(*t)) for t in DECODE_PART_TILES
                                          if wna16._gemv_tma(*t) != shipped]
         in_place = shipped.get("BACKEND") == "gemv_h2" and not shipped.get("PACKED_X")
@@ -1034,9 +1044,11 @@ def decode_parts(dev, gen, shapes, bw, write=False):
             if (cfg.get("TMA_RING") or cfg.get("BACKEND") == "gemv_h2" and not cfg.get("PACKED_X")) and checked(
                     lambda o: run_w4(L, x, chain, o), ref, f"chain N={N} K={K} {cfg}", fails) <= TOL:
                 t_chain = bench_graph_rot([lambda c_=c_: run_w4(c_, x, chain, out) for c_ in copies])
-                t_after, t_norm_after = (  # (config, chain) behind each of the two launches
-                    tuple(graph_behind_op([lambda c_=c_: run_w4(c_, x, f, out) for c_ in copies], before, t_before)
-                          for f in (cfg, chain)) for before, t_before in ((op, t_op), (norm, t_norm)))
+                t_after, t_norm_after = (  # (config, chain) behind each of the two launches (the norm's and the
+                    # call's launches in the runtime's decode chain, as in a decode step)
+                    tuple(graph_behind_op([wrap(lambda c_=c_: run_w4(c_, x, f, out)) for c_ in copies], before,
+                                          t_before) for f in (cfg, chain))
+                    for before, t_before, wrap in ((op, t_op, lambda fn: fn), (norm, t_norm, in_decode_step)))
             t_gemv = float("nan")
             gemv = tma_gemv_alone(L, x, cfg)
             if gemv is not None and checked(lambda o: gemv(L, o), ref, f"GEMV alone N={N} K={K} {cfg}", fails) <= TOL:
@@ -1081,7 +1093,8 @@ def decode_parts(dev, gen, shapes, bw, write=False):
     log("W4A16 M = 1 by part (CUDA-graph replay, us; `pack alone`: the x packing launch, `GEMV alone`: the TMA-fed "
         "GEMV on x packed beforehand; floor: the bytes moved at the copy bandwidth; `after a torch op`: each call "
         f"behind a one-element torch op, whose own {t_op:.2f} us is taken off; `after the runtime's norm`: behind "
-        f"the runtime's add + RMSNorm launch (PDL chain {'on' if chain_pdl(torch.device(dev)) else 'off'}), "
+        f"the runtime's add + RMSNorm launch, both in a decode step's chain "
+        f"({'on' if in_decode_step(lambda: chain_pdl(torch.device(dev)))() else 'off'}), "
         f"its own {t_norm:.2f} us taken off):\n")
     log("\n".join(lines))
     if write and not fails:

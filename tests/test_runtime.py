@@ -324,9 +324,9 @@ def test_monitor_statistics_and_skew_rule():
     assert [(s.layer, s.statistic) for s in mon.switches] == [("a", "skew")]  # "b" (heavy-tailed calibration) ignored
 
 
-def test_the_runtimes_gemms_run_inside_its_chain(tmp_path, tiny_tokenizer, monkeypatch):
-    """Every quantized linear of a prefill and a decode step runs inside ``kernels._common.runtime_chain()`` (where
-    a config's CHAINED entry applies), and nothing outside the runtime's forward pass does."""
+def test_decode_steps_run_inside_the_runtimes_chain(tmp_path, tiny_tokenizer, monkeypatch):
+    """Every quantized linear of a decode step runs inside ``kernels._common.runtime_chain()`` (its launches chain,
+    a config's CHAINED entry applies), none of a prefill's, and nothing after the step."""
     from quantkit.kernels import _common
     from quantkit.runtime.linear import QuantLinear
 
@@ -340,6 +340,8 @@ def test_the_runtimes_gemms_run_inside_its_chain(tmp_path, tiny_tokenizer, monke
 
     monkeypatch.setattr(QuantLinear, "_quantized", spy)
     tok = rt.prefill([IDS[0, :9].tolist()], extra=2).argmax(-1)
+    n_prefill = len(seen)
     rt.decode_step(tok, torch.tensor([9]))
-    assert len(seen) >= 2 * 4 and all(seen)  # a tiny model's block has at least four quantized linears
+    assert n_prefill >= 4 and len(seen) == 2 * n_prefill  # a tiny block has at least four quantized linears
+    assert not any(seen[:n_prefill]) and all(seen[n_prefill:])
     assert _common._in_runtime_chain is False

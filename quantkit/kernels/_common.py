@@ -80,18 +80,35 @@ def pdl_option(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
-# The runtime's own launches (``kernels.fused``, decode attention) join programmatic chains on sm_90+: each is
-# launched with PDL, lets the next launch start at once and waits for the launch before it (:func:`pdl_enter`),
-# so the launches of a decode step start while the one before runs instead of after it (H100, session 49: batch-1
-# decode 3.3% faster in W4A16, 2.9% in W8A8C8, batch 32 unchanged; bit for bit the plain launches' logits).
-# QUANTKIT_CHAIN_PDL=0, or CHAIN_PDL = False here (benchmarks/runtime.py --chain-ab times both), turns it off.
+# The runtime's decode steps chain their launches programmatically on sm_90+: its own launches (``kernels.fused``,
+# decode attention) are launched with PDL, let the next launch start at once and wait for the launch before it
+# (:func:`pdl_enter`), so a step's launches start while the one before runs instead of after it (H100, session 49:
+# batch-1 decode 3.3% faster in W4A16, 2.9% in W8A8C8, batch 32 unchanged; bit for bit the plain launches' logits).
+# Decode steps only (:func:`runtime_chain`): a prefill's launches are long, so the gaps are nothing to them, and
+# chained the next launches' programs sit on the SMs while they run (session 50: W8A8C8 prefill of 512 tokens 20%
+# slower with the chain). QUANTKIT_CHAIN_PDL=0, or CHAIN_PDL = False here, turns it off (benchmarks/runtime.py
+# --chain-ab times both).
 CHAIN_PDL = os.environ.get("QUANTKIT_CHAIN_PDL", "1").lower() not in ("0", "false", "off", "no")
+_in_runtime_chain = False  # inside runtime_chain()
+
+
+@contextlib.contextmanager
+def runtime_chain():
+    """Context: a decode step of the runtime (its forward pass, eager or being captured into a graph), whose
+    launches chain where :func:`chain_pdl` says. Nests."""
+    global _in_runtime_chain
+    was, _in_runtime_chain = _in_runtime_chain, True
+    try:
+        yield
+    finally:
+        _in_runtime_chain = was
 
 
 def chain_pdl(device: torch.device) -> bool:
-    """Whether a runtime launch on ``device`` joins the programmatic chain (:data:`CHAIN_PDL` on this GPU). Asked
-    on every fused launch, so whether the device supports it is kept per device."""
-    if not CHAIN_PDL:
+    """Whether a launch on ``device`` joins the runtime's programmatic chain: inside :func:`runtime_chain`, with
+    :data:`CHAIN_PDL` on, on sm_90+. Asked on every fused launch, so whether the device supports it is kept per
+    device."""
+    if not (CHAIN_PDL and _in_runtime_chain):
         return False
     here = _PDL_HERE.get(device)
     if here is None:
@@ -102,36 +119,21 @@ def chain_pdl(device: torch.device) -> bool:
 _PDL_HERE: dict = {}  # device -> pdl_supported(device)
 
 
-# A config entry may carry a ``CHAINED`` config: the one its GEMM runs inside the runtime's chain (a decode step's
-# launches, between :func:`runtime_chain`'s brackets, with :func:`chain_pdl` on). There every launch before a GEMM
-# lets it start early and every launch after it waits on the GPU, so a GEMV that is itself launched with PDL and
-# lets the next launch start (``PDL_CHAIN``) overlaps both neighbours; behind a plain launch (a user's eager call,
-# a torch op) the same config only costs (H100, session 50, 4096 x 4096 M = 1: 7.0 us against the plain entry's
-# 9.7 behind the runtime's norm, 9.3 against 8.7 behind a torch op). ``benchmarks/gemm.py --decode-parts`` times
-# both contexts and writes it.
+# A config entry may carry a ``CHAINED`` config: the one its GEMM runs inside the runtime's chain
+# (:func:`chain_pdl`). There the launch before a GEMM lets it start early, so a GEMV launched with PDL starts its
+# weights' loads while that launch runs; behind a plain launch (a user's eager call, a torch op) the same config
+# only costs (H100, session 50, 4096 x 4096 M = 1, the in-place half2 GEMV with PDL and PREFETCH 2: 8.0 us against
+# the plain entry's 9.6 behind the runtime's norm, 9.3 against 8.6 behind a torch op). ``benchmarks/gemm.py
+# --decode-parts`` times both and writes it; the runtime's A/B (``benchmarks/runtime.py --chain-ab``) has the
+# last word (PDL_CHAIN twins, which let the next launch start too, won behind the norm and lost in the runtime).
 CHAINED = "CHAINED"
-_in_runtime_chain = False  # inside runtime_chain()
 # QUANTKIT_CHAINED_CONFIGS=0, or CHAINED_CONFIGS = False here, runs the plain entries inside the chain too
-# (benchmarks/runtime.py --chain-ab times both)
 CHAINED_CONFIGS = os.environ.get("QUANTKIT_CHAINED_CONFIGS", "1").lower() not in ("0", "false", "off", "no")
 
 
-@contextlib.contextmanager
-def runtime_chain():
-    """Context: the GEMMs called inside run between the runtime's chained launches (their configs' ``CHAINED``
-    entries apply where :func:`chain_pdl` is on). Entered by the runtime around its forward passes and graph
-    captures; nests."""
-    global _in_runtime_chain
-    was, _in_runtime_chain = _in_runtime_chain, True
-    try:
-        yield
-    finally:
-        _in_runtime_chain = was
-
-
 def in_runtime_chain(device: torch.device) -> bool:
-    """Whether a GEMM called now on ``device`` runs inside the runtime's programmatic chain."""
-    return _in_runtime_chain and CHAINED_CONFIGS and chain_pdl(device)
+    """Whether a GEMM called now on ``device`` runs its entry's ``CHAINED`` config."""
+    return CHAINED_CONFIGS and chain_pdl(device)
 
 
 def chained_config(cfg: dict, chained: bool) -> dict:
@@ -146,9 +148,10 @@ def chained_config(cfg: dict, chained: bool) -> dict:
 def first_waits(chain: bool, pdl: bool) -> bool:
     """Whether a two-launch GEMM's first launch (the activations' quantization or packing, whose consumer is
     launched with PDL when ``pdl``) is programmatic itself and waits on the GPU for the launch before it: with
-    ``PDL_CHAIN`` (``chain``: the GEMV before it let it start), or inside the runtime's chain (:data:`CHAIN_PDL`),
-    where the launch before it lets it start early. Read per call, so toggling CHAIN_PDL needs no new plans."""
-    return chain or (pdl and CHAIN_PDL)
+    ``PDL_CHAIN`` (``chain``: the GEMV before it let it start), or inside the runtime's chain (:data:`CHAIN_PDL`
+    in a :func:`runtime_chain`), where the launch before it lets it start early. Read per call, so toggling the
+    chain needs no new plans."""
+    return chain or (pdl and CHAIN_PDL and _in_runtime_chain)
 
 
 def prefetch_steps(cfg: dict, pdl: bool) -> int:

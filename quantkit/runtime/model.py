@@ -387,7 +387,6 @@ class RuntimeModel:
 
     # ------------------------------------------------------------------ the decoder program
 
-    @runtime_chain()  # the GEMMs run between the runtime's chained launches: their CHAINED configs apply
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, *, decode: bool, length: int | None = None,
                  seq_lens: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                  last: torch.Tensor | None = None) -> torch.Tensor:
@@ -727,8 +726,9 @@ class RuntimeModel:
         return out
 
     def _decode_eager(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self._forward(tok.view(-1, 1), pos.view(-1, 1), decode=True,
-                             seq_lens=(pos + 1).to(torch.int32), last=torch.zeros_like(pos))
+        with runtime_chain():  # a decode step's launches chain (kernels._common.chain_pdl), a prefill's do not
+            return self._forward(tok.view(-1, 1), pos.view(-1, 1), decode=True,
+                                 seq_lens=(pos + 1).to(torch.int32), last=torch.zeros_like(pos))
 
     @torch.no_grad()
     def decode_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
