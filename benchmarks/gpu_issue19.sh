@@ -2,22 +2,18 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   SHAPES_PARTS=4096x4096,6144x4096,4096x14336,28672x4096 bash benchmarks/gpu_issue19.sh w4-decode-parts
-#                                                  # next (session 49 ran the chains' tests, the runtime chain's
-#                                                  # A/B, decode-parts, -timeline and -fit on an H100): the PDL /
-#                                                  # PDL_CHAIN twins behind the runtime's own add + RMSNorm (the
-#                                                  # new last column), the context a decode GEMV runs in. Back to
-#                                                  # back the chain won 4096x4096 and 6144x4096 and lost 28672x4096,
-#                                                  # behind a torch op it lost: adopt a twin only where this column
-#                                                  # agrees (the searches below rank back to back)
-#   CHECK_WORKERS=8 ... check-gemv check-chain runtime-chain w4-decode-timeline w4-decode-fit   # session 49's call
-#                                                  # 1 (all passed; RT_LIMIT=200, STAGE_LIMIT=60)
-#   bash benchmarks/gpu_issue19.sh w4-decode w8-decode   # the M = 1 / 16 searches with the PDL / PDL_CHAIN
-#                                                  # twins (carry .dev/gemlite-0.6.0; give w4-decode 300 s on a
-#                                                  # cold machine: session 48's was cut after 82 candidates)
-#   STAGE_LIMIT=500 CHECK_WORKERS=14 bash benchmarks/gpu_issue19.sh check-all   # a complete GPU pass (session
-#                                                  # 48's two runs were cut at 85% and 98%, session 49's, 8 workers,
-#                                                  # at 70% after 365 s; none failed)
+#   STAGE_LIMIT=300 SHAPES=4096x14336,6144x4096,28672x4096 bash benchmarks/gpu_issue19.sh w4-decode
+#                                                  # next: session 50's W4A16 M = 1 / 16 search finished 4096x4096
+#                                                  # only (carry .dev/gemlite-0.6.0; `echo PDL_CHAIN >>
+#                                                  # ~/.gemm_skip_keys` first: those twins rank back to back and
+#                                                  # lose in the runtime)
+#   STAGE_LIMIT=120 bash benchmarks/gpu_issue19.sh mixed-8192 mixed-256   # mixed with no FP16 row against W8A8,
+#                                                  # now timed interleaved (bench_paired): the within-3% target
+#   STAGE_LIMIT=500 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all   # session 50 reached ~97% in 330 s
+#                                                  # (860 passed, 0 failed): give it 450 s for a complete pass
+#   RT_LIMIT=200 bash benchmarks/gpu_issue19.sh runtime-chain   # after any config change: the runtime's A/B (chain
+#                                                  # on / on with plain entries / off) has the last word on CHAINED
+#                                                  # configs; PARTS_WRITE=1 ... w4-decode-parts proposes them
 #   then `gemm.py --peers --ms 1,16,256 --gemlite .dev/gemlite-0.6.0` on the configs as shipped (the status table)
 #   On an H200 (H200.json, last searched in session 41: none of the TMA-fed GEMV, warp-specialized RS or
 #   MIXED_PASS there): CHECK_WORKERS=8 check-gemv check-ws, w4-decode (GEMM_ONLY_KEYS=TMA_RING), w4-256
