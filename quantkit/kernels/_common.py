@@ -82,8 +82,8 @@ def pdl_option(on: bool) -> dict:
 
 # The runtime's decode steps chain their launches programmatically on sm_90+: its own launches (``kernels.fused``,
 # decode attention) are launched with PDL, let the next launch start at once and wait for the launch before it
-# (:func:`pdl_enter`), so a step's launches start while the one before runs instead of after it (H100, session 49:
-# batch-1 decode 3.3% faster in W4A16, 2.9% in W8A8C8, batch 32 unchanged; bit for bit the plain launches' logits).
+# (:func:`pdl_enter`), so a step's launches start while the one before runs instead of after it (H100, session 50:
+# batch-1 decode 4.1% faster in W4A16, 3.4% in W8A8C8; batch 32 within 1%; bit for bit the plain launches' logits).
 # Decode steps only (:func:`runtime_chain`): a prefill's launches are long, so the gaps are nothing to them, and
 # chained the next launches' programs sit on the SMs while they run (session 50: W8A8C8 prefill of 512 tokens 20%
 # slower with the chain). QUANTKIT_CHAIN_PDL=0, or CHAIN_PDL = False here, turns it off (benchmarks/runtime.py
@@ -131,7 +131,7 @@ CHAINED = "CHAINED"
 CHAINED_CONFIGS = os.environ.get("QUANTKIT_CHAINED_CONFIGS", "1").lower() not in ("0", "false", "off", "no")
 
 
-def in_runtime_chain(device: torch.device) -> bool:
+def use_chained_configs(device: torch.device) -> bool:
     """Whether a GEMM called now on ``device`` runs its entry's ``CHAINED`` config."""
     return CHAINED_CONFIGS and chain_pdl(device)
 

@@ -45,12 +45,12 @@ from typing import Optional
 import torch
 
 from . import _common
-from ._common import (ConfigCache, HOPPER_SMEM_PER_BLOCK, LazyKernel, cached_buffer, capability, cdiv,
-                      chained_config, eager_cuda, fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
-                      in_runtime_chain, interpret_mode, jit_helper, l2_prefetch_rows, launch_consts, load_k_tiles, next_pow2,
-                      pdl_chains, pdl_option, prefetch_steps, quantize_sym, quantize_sym_rcp, remember, sm_count, spec_key, splitk_arrive,
-                      splitk_buffers, splitk_for, splitk_slot, splitk_sum, splitk_sum_rows, sym_scale, tl, use_triton,
-                      wants_pdl)
+from ._common import (ConfigCache, HOPPER_SMEM_PER_BLOCK, LazyKernel, cached_buffer, capability, cdiv, chained_config,
+                      eager_cuda, fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait,
+                      grouped_tile, interpret_mode, jit_helper, l2_prefetch_rows, launch_consts, load_k_tiles,
+                      next_pow2, pdl_chains, pdl_option, prefetch_steps, quantize_sym, quantize_sym_rcp, remember,
+                      sm_count, spec_key, splitk_arrive, splitk_buffers, splitk_for, splitk_slot, splitk_sum,
+                      splitk_sum_rows, sym_scale, tl, use_chained_configs, use_triton, wants_pdl)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
 
@@ -944,7 +944,7 @@ def _for_call(cfg: dict, mixed: bool, chained: bool = False) -> dict:
 
 
 def _pick(x, M, N, K, config, mixed=False):
-    chained = in_runtime_chain(x.device)
+    chained = use_chained_configs(x.device)
     if config is not None:
         return _for_call(dict(config), mixed, chained)
     if not x.is_cuda:

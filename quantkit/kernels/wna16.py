@@ -49,11 +49,11 @@ from typing import Optional
 import torch
 
 from . import _common
-from ._common import (H2_ASM_SYM, H2_ASM_ZERO, ConfigCache, LazyKernel, cached_buffer, cdiv, chained_config, const_key,
-                      eager_cuda, in_runtime_chain,
-                      fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait, grouped_tile,
-                      jit_helper, l2_prefetch_rows, next_pow2, pdl_chains, pdl_enter, pdl_option, prefetch_steps,
-                      remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_triton, wants_pdl)
+from ._common import (ConfigCache, H2_ASM_SYM, H2_ASM_ZERO, LazyKernel, cached_buffer, cdiv, chained_config, const_key,
+                      eager_cuda, fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait,
+                      grouped_tile, jit_helper, l2_prefetch_rows, next_pow2, pdl_chains, pdl_enter, pdl_option,
+                      prefetch_steps, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl,
+                      use_chained_configs, use_triton, wants_pdl)
 
 __all__ = [
     "WNA16Weight",
@@ -838,7 +838,7 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
     """Launch plan (backend, kernel, grid, constexprs, split-K workspace and counters, the launch key: constexprs
     and the classes of the shape arguments), cached per shape/dtype/device and config (as ``w8a8``'s: the tuner's
     timed calls pass a config and should not pay for building the plan every call)."""
-    chained = in_runtime_chain(x.device)  # the entry's CHAINED config inside the runtime's chain
+    chained = use_chained_configs(x.device)  # the entry's CHAINED config inside the runtime's chain
     key = (x.get_device(), x.dtype, M, N, K, bits, group_size, n_groups, has_zero, has_bias,
            None if config is None else _config_key(config), chained)
     p = _PLANS.get(key)
