@@ -20,6 +20,9 @@ Then decode attention alone (--att-context keys, Llama-3-8B heads: 32 query / 8 
 batch --att-batch: the runtime's kernel on an INT8 cache (per-token scales; per-channel scales) and on
 a BF16 cache, next to torch SDPA on BF16 (a CUDA graph of each, median of `do_bench_cudagraph`).
 
+--chain-ab (sm_90+): the BF16 runtime, W4A16 and W8A8C8 rows with the runtime's decode-step PDL chain on, on with
+the plain config entries (no CHAINED ones) and off, per batch in the order a b c c b a, each side's two runs pooled.
+
 HBM roofline of W4A16 batch-1 decode: bytes one step must read (packed linears with scales, lm_head,
 the KV cache at the mean context) over the measured device-to-device copy bandwidth (bytes read +
 written); the table gives the measured step time against that floor.
