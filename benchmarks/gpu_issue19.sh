@@ -11,9 +11,11 @@
 #                                                  # now timed interleaved (bench_paired): the within-3% target
 #   STAGE_LIMIT=500 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all   # session 50 reached ~97% in 330 s
 #                                                  # (860 passed, 0 failed): give it 450 s for a complete pass
-#   RT_LIMIT=200 bash benchmarks/gpu_issue19.sh runtime-chain   # after any config change: the runtime's A/B (chain
-#                                                  # on / on with plain entries / off) has the last word on CHAINED
-#                                                  # configs; PARTS_WRITE=1 ... w4-decode-parts proposes them
+#   RT_TUNE=1 RT_LIMIT=260 bash benchmarks/gpu_issue19.sh runtime-chain   # the W4A16 M = 1 CHAINED choices by
+#                                                  # the runtime's own step time (runtime.py --tune-chained, built in
+#                                                  # session 50, not yet run on a GPU), written, then the A/B (chain
+#                                                  # on / on with plain entries / off) on them; without RT_TUNE the
+#                                                  # A/B alone, after any config change
 #   then `gemm.py --peers --ms 1,16,256 --gemlite .dev/gemlite-0.6.0` on the configs as shipped (the status table)
 #   On an H200 (H200.json, last searched in session 41: none of the TMA-fed GEMV, warp-specialized RS or
 #   MIXED_PASS there): CHECK_WORKERS=8 check-gemv check-ws, w4-decode (GEMM_ONLY_KEYS=TMA_RING), w4-256
@@ -129,6 +131,7 @@ for stage in "$@"; do
       RUN_LIMIT=${RT_LIMIT:-300} run runtime-chain bash -c "python -m pytest -q -rf -p no:cacheprovider \
         tests/test_runtime_gpu.py -k 'pdl_chain or chained or graph_replay' && python benchmarks/runtime.py --chain-ab \
         --skip hf,monitor,mixed,att --layers ${RT_LAYERS:-16} --gen-len ${RT_GEN:-64} --json $WORK/runtime-chain.json \
+        ${RT_TUNE:+--tune-chained --write-configs} \
         --md $WORK/runtime-chain.md" ;;
     w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (W4_DECODE_MS: the Ms)
       run w4-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w4a16 --ms "${W4_DECODE_MS:-1,16}" \

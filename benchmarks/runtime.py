@@ -91,6 +91,79 @@ def _attention_bench(device, B, T, warm=25, rep=200):
 GEMM_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # fused qkv, o, fused gate/up, down
 
 
+def chained_candidates(plain: dict) -> list:
+    """The CHAINED configs a W4A16 M = 1 entry may carry, tried in the runtime: none, and the entry's one-launch
+    half2 GEMV launched programmatically (PDL, with and without PREFETCH 2). Not PDL_CHAIN twins: they let the next
+    launches in early, and in the runtime those sat on the SMs while the GEMV streamed (session 50: W4A16 batch 1
+    1.848 against 1.740 ms a step with the chain off). An entry already launched programmatically has none."""
+    if plain.get("BACKEND") != "gemv_h2" or plain.get("PDL") or plain.get("PACKED_X"):
+        return [None]
+    return [None, dict(plain, PDL=True), dict(plain, PDL=True, PREFETCH=2)]
+
+
+def choose_chained(entries: dict, install, time_step, rounds: int = 2, margin: float = 0.003) -> dict:
+    """Each M = 1 entry's CHAINED config chosen by the runtime's own decode step, one shape at a time (the others
+    as already chosen): ``entries`` {(N, K): the plain entry}; ``install(N, K, chained)`` puts that choice in
+    place; ``time_step()`` -> ms a step. Each candidate is timed ``rounds`` times, in the order a b c, c b a, ...;
+    a candidate replaces none only where its mean beats none's by more than ``margin``. -> {(N, K): (choice or
+    None, {candidate index: [ms, ...]})}."""
+    chosen = {}
+    for (N, K), plain in entries.items():
+        cands = chained_candidates(plain)
+        times: dict = {i: [] for i in range(len(cands))}
+        if len(cands) > 1:
+            for r in range(rounds):
+                for i in (range(len(cands)) if r % 2 == 0 else reversed(range(len(cands)))):
+                    install(N, K, cands[i])
+                    times[i].append(time_step())
+        mean = {i: sum(t) / len(t) for i, t in times.items() if t}
+        best = min(mean, key=mean.get) if mean else 0
+        if best and mean[best] > (1 - margin) * mean[0]:
+            best = 0
+        install(N, K, cands[best])
+        chosen[(N, K)] = (cands[best], times)
+    return chosen
+
+
+def tune_chained(rt, time_step, rounds: int = 2) -> dict:
+    """``choose_chained`` on the W4A16 M = 1 entries a decode step of ``rt`` runs (on this GPU's config file),
+    timing the step by ``time_step``; the winners stay in the in-process table. -> {(1, N, K): the entry with
+    its CHAINED choice (None: none)}, for ``write_tuned``."""
+    from quantkit.kernels import wna16
+    from quantkit.kernels._common import CHAINED, gpu_key
+
+    gpu = gpu_key(torch.empty(1, device=rt.device))
+    asked = []  # the (M, N, K) whose tuned W4A16 entries one eager decode step asks for
+    table_get = wna16.CONFIGS.get
+    rt.use_graphs, graphs = False, rt.use_graphs
+    try:
+        wna16.CONFIGS.get = lambda M, N, K, g: asked.append((M, N, K)) or table_get(M, N, K, g)
+        wna16._PLANS.clear()
+        rt.generate([[1, 2, 3]], max_new_tokens=2, sync_every_step=False)
+    finally:
+        del wna16.CONFIGS.get  # the class's method again
+        rt.use_graphs = graphs
+    shapes = sorted({(N, K) for M, N, K in asked if M == 1})
+    entries = {}
+    for N, K in shapes:
+        cfg = wna16.CONFIGS.table.get((gpu, 1, N, K))
+        if cfg is not None:
+            entries[(N, K)] = {k: v for k, v in cfg.items() if k != CHAINED}
+
+    def install(N, K, chained):
+        wna16.CONFIGS.set(1, N, K, gpu, dict(entries[(N, K)], **({CHAINED: chained} if chained else {})))
+        wna16._PLANS.clear()
+        rt.drop_graphs()
+
+    out = {}
+    for (N, K), (choice, times) in choose_chained(entries, install, time_step, rounds).items():
+        _log(f"chained {N}x{K}: " + "; ".join(f"{c if c else 'none'}: {', '.join(f'{v:.3f}' for v in times[i])} ms"
+                                              for i, c in enumerate(chained_candidates(entries[(N, K)])) if times[i])
+             + f" -> {choice if choice else 'none'}")
+        out[(1, N, K)] = dict(entries[(N, K)], **{CHAINED: choice})
+    return out
+
+
 def tune_decode_gemms(M: int, device="cuda") -> dict:
     """For batch-M decode, time the tuned configs of the neighbouring M buckets (and the heuristic) for the
     W8A8 and W4A16 kernels on the Llama-3-8B shapes (CUDA graphs), keep the fastest in the in-process
@@ -202,6 +275,11 @@ def main(argv=None) -> None:
                     "decode-attention launch settings (kept in-process and reported)")
     ap.add_argument("--chain-ab", action="store_true", help="also time the BF16 runtime, W4A16 and W8A8C8 rows with "
                     "the runtime's programmatic launch chain off (kernels._common.CHAIN_PDL), in the same process")
+    ap.add_argument("--tune-chained", action="store_true", help="first choose the W4A16 M = 1 entries' CHAINED "
+                    "configs (the config run inside a decode step's chain) by this runtime's batch-1 step time "
+                    "(choose_chained); the rows then run the choice")
+    ap.add_argument("--write-configs", action="store_true", help="with --tune-chained: write the choices into "
+                    "quantkit/kernels/configs/<gpu>.json")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -299,6 +377,15 @@ def main(argv=None) -> None:
         rb.free()
     if "w4" not in skip:
         rt = api.runtime_for_shape(args.shape, PRESETS["W4A16"], device=dev, layers=args.layers)
+        if args.tune_chained and dev.startswith("cuda"):
+            from quantkit.kernels._common import gpu_key, write_tuned
+
+            chosen = tune_chained(rt, lambda: measure(rt, "W4A16 g128 (tuning)", "tuning", 1)["ms_per_step"])
+            tuned["chained"] = {f"{n}x{k}": e["CHAINED"] for (_, n, k), e in chosen.items()}
+            _log("tuned", json.dumps(tuned["chained"]))
+            if args.write_configs:
+                _log(f"configs: {len(chosen)} w4a16 entries (their CHAINED choice) -> "
+                     f"{write_tuned(gpu_key(torch.empty(1, device=dev)), 'w4a16', chosen)}")
         bench_ab(rt, "W4A16 g128", "quantized", batches)
         del rt
         rb.free()
