@@ -1106,8 +1106,8 @@ def decode_parts(dev, gen, shapes, bw, write=False):
 
 def chained_choice(shipped: dict, behind_norm: list, margin: float = 0.03):
     """``shipped`` (an M = 1 entry) with its ``CHAINED`` config decided behind the runtime's own norm, the launch
-    before a decode GEMV in the runtime (``behind_norm``: [(us, config)], the PDL and PDL_CHAIN variants of each
-    config among them): the fastest there where it beats the plain entry by more than ``margin``, else none
+    before a decode GEMV in the runtime (``behind_norm``: [(us, config)]; the caller leaves PDL_CHAIN twins out):
+    the fastest there where it beats the plain entry by more than ``margin``, else none
     (``CHAINED: None``, which drops a stale one from the file). (entry, or None where the plain entry was not
     timed there; a line saying why.)"""
     strip = lambda c: {k: v for k, v in c.items() if k != CHAINED}  # noqa: E731

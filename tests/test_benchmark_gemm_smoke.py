@@ -162,11 +162,11 @@ def test_decode_parts_chained_choice():
     plain entry was not timed there. A shipped CHAINED is never compared as if it were the plain entry."""
     gemm = _gemm()
     plain = dict(BACKEND="gemv_h2", BLOCK_N=64, SPLIT_K=4, UNROLL=8, num_warps=4, num_stages=1)
-    twin = dict(plain, PDL=True, PREFETCH=2, PDL_CHAIN=True)
+    twin = dict(plain, PDL=True, PREFETCH=2)
     shipped = dict(plain, CHAINED=dict(plain, BLOCK_N=32))
-    entry, _ = gemm.chained_choice(shipped, [(9.7, shipped), (7.8, dict(shipped, PDL=True, PDL_CHAIN=True)),
-                                             (7.0, dict(twin, CHAINED=shipped["CHAINED"]))])
+    entry, _ = gemm.chained_choice(shipped, [(9.6, shipped), (8.4, dict(shipped, PDL=True)),
+                                             (8.0, dict(twin, CHAINED=shipped["CHAINED"]))])
     assert entry == dict(plain, CHAINED=twin)
-    entry, _ = gemm.chained_choice(shipped, [(9.7, shipped), (9.5, twin), (float("nan"), dict(plain, BLOCK_N=16))])
+    entry, _ = gemm.chained_choice(shipped, [(9.6, shipped), (9.4, twin), (float("nan"), dict(plain, BLOCK_N=16))])
     assert entry == dict(plain, CHAINED=None)  # 2% faster: inside the margin
     assert gemm.chained_choice(shipped, [(7.0, twin)])[0] is None
