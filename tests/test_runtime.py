@@ -345,3 +345,17 @@ def test_decode_steps_run_inside_the_runtimes_chain(tmp_path, tiny_tokenizer, mo
     assert n_prefill >= 4 and len(seen) == 2 * n_prefill  # a tiny block has at least four quantized linears
     assert not any(seen[:n_prefill]) and all(seen[n_prefill:])
     assert _common._in_runtime_chain is False
+
+
+def test_bench_runtime_prefill_is_the_median_of_several():
+    """``bench_runtime``'s prefill time: the median of the generate's prefill and ``prefill_reps`` more prefills of
+    the same prompts (one pass is a single, noisy sample), each kept in the row."""
+    import statistics
+
+    from quantkit.runtime import bench as rb
+
+    rt = api.runtime_for_shape("tiny", PRESETS["W4A16"], device="cpu", layers=1)
+    row = rb.bench_runtime(rt, "tiny", batch=2, prompt_len=8, gen_len=3, prefill_reps=2)
+    runs = row.extra["prefill_s_runs"]
+    assert len(runs) == 3 and all(t > 0 for t in runs)
+    assert row.prefill_s == statistics.median(runs) and row.decode_steps == 2
