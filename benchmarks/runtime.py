@@ -125,12 +125,12 @@ def choose_chained(entries: dict, install, time_step, rounds: int = 2, margin: f
     return chosen
 
 
-def tune_chained(rt, time_step, rounds: int = 2) -> dict:
+def tune_chained(rt, time_step, rounds: int = 2, write: bool = False) -> dict:
     """``choose_chained`` on the W4A16 M = 1 entries a decode step of ``rt`` runs (on this GPU's config file),
-    timing the step by ``time_step``; the winners stay in the in-process table. -> {(1, N, K): the entry with
-    its CHAINED choice (None: none)}, for ``write_tuned``."""
+    timing the step by ``time_step``; the winners stay in the in-process table, and with ``write`` go into the
+    GPU's config file. -> {(1, N, K): the entry with its CHAINED choice (None: none)}."""
     from quantkit.kernels import wna16
-    from quantkit.kernels._common import CHAINED, gpu_key
+    from quantkit.kernels._common import CHAINED, gpu_key, write_tuned
 
     gpu = gpu_key(torch.empty(1, device=rt.device))
     asked = []  # the (M, N, K) whose tuned W4A16 entries one eager decode step asks for
@@ -161,6 +161,8 @@ def tune_chained(rt, time_step, rounds: int = 2) -> dict:
                                               for i, c in enumerate(chained_candidates(entries[(N, K)])) if times[i])
              + f" -> {choice if choice else 'none'}")
         out[(1, N, K)] = dict(entries[(N, K)], **{CHAINED: choice})
+    if write:
+        _log(f"configs: {len(out)} w4a16 entries (their CHAINED choice) -> {write_tuned(gpu, 'w4a16', out)}")
     return out
 
 
@@ -378,14 +380,10 @@ def main(argv=None) -> None:
     if "w4" not in skip:
         rt = api.runtime_for_shape(args.shape, PRESETS["W4A16"], device=dev, layers=args.layers)
         if args.tune_chained and dev.startswith("cuda"):
-            from quantkit.kernels._common import gpu_key, write_tuned
-
-            chosen = tune_chained(rt, lambda: measure(rt, "W4A16 g128 (tuning)", "tuning", 1)["ms_per_step"])
+            chosen = tune_chained(rt, lambda: measure(rt, "W4A16 g128 (tuning)", "tuning", 1)["ms_per_step"],
+                                  write=args.write_configs)
             tuned["chained"] = {f"{n}x{k}": e["CHAINED"] for (_, n, k), e in chosen.items()}
             _log("tuned", json.dumps(tuned["chained"]))
-            if args.write_configs:
-                _log(f"configs: {len(chosen)} w4a16 entries (their CHAINED choice) -> "
-                     f"{write_tuned(gpu_key(torch.empty(1, device=dev)), 'w4a16', chosen)}")
         bench_ab(rt, "W4A16 g128", "quantized", batches)
         del rt
         rb.free()
@@ -424,19 +422,21 @@ def main(argv=None) -> None:
 
 
 def pool_runs(runs: list[dict]) -> dict:
-    """Repeated runs of one row as one: times and steps summed (so the rates and ms/step are the pooled means),
-    peak memory the largest, each run's ms/step kept in ``runs_ms_per_step`` (their spread is the noise)."""
-    r = dict(runs[0])
-    for k in ("prefill_s", "decode_s", "decode_steps", "wall_s"):
-        r[k] = sum(x[k] for x in runs)
+    """Repeated runs of one row as one (``bench_runtime``'s rows as dicts): decode time and steps summed (so its
+    rate and ms/step are the pooled means), the mean prefill time, the largest peak memory; each run's ms/step
+    kept in ``runs_ms_per_step`` (their spread is the noise). The rates come from ``BenchRow``, as every row's."""
+    from dataclasses import fields
+
+    from quantkit.runtime.bench import BenchRow
+
+    row = BenchRow(**{f.name: runs[0][f.name] for f in fields(BenchRow)})
+    row.prefill_s = sum(x["prefill_s"] for x in runs) / len(runs)
+    row.decode_s = sum(x["decode_s"] for x in runs)
+    row.decode_steps = sum(x["decode_steps"] for x in runs)
     peaks = [x["peak_gib"] for x in runs if x.get("peak_gib") is not None]
-    r["peak_gib"] = max(peaks) if peaks else None
-    prefill_tokens = r["batch"] * r["prompt_len"] * len(runs)
-    r.update(prefill_tok_s=prefill_tokens / r["prefill_s"] if r["prefill_s"] else 0.0,
-             decode_tok_s=r["batch"] * r["decode_steps"] / r["decode_s"] if r["decode_s"] else 0.0,
-             ms_per_step=1e3 * r["decode_s"] / r["decode_steps"] if r["decode_steps"] else 0.0,
-             runs_ms_per_step=[x["ms_per_step"] for x in runs])
-    return r
+    row.peak_gib = max(peaks) if peaks else None
+    return dict(runs[0], **row.to_dict(), wall_s=sum(x["wall_s"] for x in runs),
+                runs_ms_per_step=[x["ms_per_step"] for x in runs])
 
 
 def markdown(result) -> str:

@@ -7,15 +7,13 @@ import sys
 
 import pytest
 
+from tiny_models import benchmark_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _gemm():
-    """benchmarks/gemm.py as a module (its helpers, no run)."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gemm
-
-    return gemm
+    return benchmark_script("gemm")
 
 
 def test_tune_ranked_by_graph_replay_runs_and_checks_every_candidate(tmp_path):

@@ -5,14 +5,13 @@ import os
 import subprocess
 import sys
 
+from tiny_models import benchmark_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _runtime_bench():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import runtime
-
-    return runtime
+    return benchmark_script("runtime")
 
 
 IN_PLACE = dict(BACKEND="gemv_h2", BLOCK_N=64, SPLIT_K=4, UNROLL=8, num_warps=4, num_stages=1, SLICE_PRESCALE=True)

@@ -126,3 +126,15 @@ def sigint_default() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` imported as a module (its helpers; nothing runs)."""
+    import importlib
+    import os
+    import sys
+
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+    return importlib.import_module(name)

@@ -47,9 +47,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment variable: a flag on by default is off only when set to 0 / false / off / no, one off
+    by default is on only when set to 1 / true / on / yes."""
+    value = os.environ.get(name, "1" if default else "0").lower()
+    return value not in ("0", "false", "off", "no") if default else value in ("1", "true", "on", "yes")
+
+
 def interpret_mode() -> bool:
     """True when ``TRITON_INTERPRET`` is set to a true value."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return env_flag("TRITON_INTERPRET", False)
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -88,7 +95,7 @@ def pdl_option(on: bool) -> dict:
 # chained the next launches' programs sit on the SMs while they run (session 50: W8A8C8 prefill of 512 tokens 20%
 # slower with the chain). QUANTKIT_CHAIN_PDL=0, or CHAIN_PDL = False here, turns it off (benchmarks/runtime.py
 # --chain-ab times both).
-CHAIN_PDL = os.environ.get("QUANTKIT_CHAIN_PDL", "1").lower() not in ("0", "false", "off", "no")
+CHAIN_PDL = env_flag("QUANTKIT_CHAIN_PDL", True)
 _in_runtime_chain = False  # inside runtime_chain()
 
 
@@ -128,7 +135,7 @@ _PDL_HERE: dict = {}  # device -> pdl_supported(device)
 # last word (PDL_CHAIN twins, which let the next launch start too, won behind the norm and lost in the runtime).
 CHAINED = "CHAINED"
 # QUANTKIT_CHAINED_CONFIGS=0, or CHAINED_CONFIGS = False here, runs the plain entries inside the chain too
-CHAINED_CONFIGS = os.environ.get("QUANTKIT_CHAINED_CONFIGS", "1").lower() not in ("0", "false", "off", "no")
+CHAINED_CONFIGS = env_flag("QUANTKIT_CHAINED_CONFIGS", True)
 
 
 def use_chained_configs(device: torch.device) -> bool:
@@ -530,7 +537,7 @@ def splitk_for(programs: int, n_iters: int, target: int = 528, max_split: int = 
 # interpreter, or QUANTKIT_FAST_LAUNCH=0 takes the ordinary path.
 
 _FAST: dict = {}
-_FAST_ON = os.environ.get("QUANTKIT_FAST_LAUNCH", "1").lower() not in ("0", "false", "off", "no")
+_FAST_ON = env_flag("QUANTKIT_FAST_LAUNCH", True)
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _driver = None
 _knobs = None
@@ -613,7 +620,7 @@ def bind_driver(k) -> bool:
 
 # QUANTKIT_CHECK_LAUNCH=1: every cached launch re-derives the full specialization key and compares it with the
 # one its kernel was compiled for (the check of the ``key_args`` contracts below; the GPU tests turn it on).
-CHECK_LAUNCH = os.environ.get("QUANTKIT_CHECK_LAUNCH", "0").lower() in ("1", "true", "on", "yes")
+CHECK_LAUNCH = env_flag("QUANTKIT_CHECK_LAUNCH", False)
 
 
 def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey, key_args: tuple | None = None) -> None:
