@@ -72,15 +72,30 @@ def bench_graph(fn, rep=20):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
 
 
-def bench_paired(fa, fb, timer=bench, rounds=6, **kw):
-    """(a us, b us) for a comparison within a few percent: ``rounds`` short timings of each, in the order a b b a
-    a b ..., each side's median. One long run of a and then one of b carries whatever drifts between them (clocks,
-    heat, a neighbour) into their ratio; interleaved, the drift weighs on both sides alike."""
-    ta, tb = [], []
+def bench_rounds(fns: dict, timer=bench, rounds=4, errors: dict | None = None, **kw) -> dict:
+    """{name: us} for comparisons within a few percent: ``rounds`` short timings of every call in turn, the order
+    reversed each round (a b c, c b a, ...), each call's median. One long run of a and then one of b carries whatever
+    drifts between them (clocks, heat, a neighbour) into their ratio; interleaved, the drift weighs on all alike.
+    ``errors``: where a call's timing raises, its exception goes there and the call drops out (else it propagates)."""
+    times: dict = {k: [] for k in fns}
+    order = list(fns)
     for i in range(rounds):
-        for f, t in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
-            t.append(timer(f, **kw))
-    return st.median(ta), st.median(tb)
+        for k in order if i % 2 == 0 else order[::-1]:
+            if errors is not None and k in errors:
+                continue
+            try:
+                times[k].append(timer(fns[k], **kw))
+            except Exception as ex:
+                if errors is None:
+                    raise
+                errors[k] = ex
+    return {k: st.median(v) for k, v in times.items() if v and not (errors and k in errors)}
+
+
+def bench_paired(fa, fb, timer=bench, rounds=6, **kw):
+    """(a us, b us): ``bench_rounds`` of two calls (a b, b a, a b ...)."""
+    t = bench_rounds({"a": fa, "b": fb}, timer, rounds, **kw)
+    return t["a"], t["b"]
 
 
 def rel(a, b):
@@ -849,6 +864,7 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                 cases8["GemLite"] = (lambda o: o.copy_(g8[0](xh)), [lambda g=g: g(xh) for g in g8])
             for fmt, cases, ref, odt, tol in (("w4", cases4, ref4, bf, TOL), ("w8a8", cases8, ref8, torch.float16,
                                                                              2 * TOL)):
+                timed = {}  # the calls that passed their check (and ran once), timed together below
                 for name, (chk, calls) in cases.items():
                     key = f"{fmt}|{name}"
                     try:
@@ -860,10 +876,19 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                                 fails.append(f"{key} M={M} N={N} K={K}: rel err {e:.3g}")
                                 log(f"FAIL {key} M={M} N={N} K={K}: rel err {e:.3g}")
                                 continue
-                        row[key + "|eager"] = bench(calls[0])
-                        row[key + "|graph"] = bench_graph_rot(calls) if M <= 64 else float("nan")
+                        bench(calls[0], warmup=2, rep=2)  # compiles, or raises here rather than mid-round
+                        timed[key] = calls
                     except Exception as ex:
                         log(f"skip {key} M={M} N={N} K={K}: {type(ex).__name__}: {str(ex)[:200]}")
+                # the ratios decide targets a few percent wide: every kernel of the format interleaved, round by round
+                errors: dict = {}
+                for key, t in bench_rounds({k: c[0] for k, c in timed.items()}, bench, errors=errors, rep=10).items():
+                    row[key + "|eager"] = t
+                if M <= 64:
+                    for key, t in bench_rounds(timed, bench_graph_rot, errors=errors, rep=5).items():
+                        row[key + "|graph"] = t
+                for key, ex in errors.items():
+                    log(f"skip {key} M={M} N={N} K={K}: {type(ex).__name__}: {str(ex)[:200]}")
             rows.append(row)
             log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
             if args.json:  # incremental, in case the run is cut short
@@ -903,7 +928,8 @@ def peer_report(rows, bw, fails, gl):
          f"{bw / 1e12:.2f} TB/s.",
          f"Correctness: {'every timed kernel checked against the reference' if not fails else f'{len(fails)} FAILURES'}.",
          "eager = do_bench median (L2 flushed), graph = CUDA-graph replay over rotated weight copies (none L2-resident),"
-         " M <= 64 only; us. `best` = fastest peer; `x` = best peer time / quantkit time (>= 1: quantkit wins).", ""]
+         " M <= 64 only; us; the kernels of a format timed interleaved (4 rounds, the order reversed each round, "
+         "medians). `best` = fastest peer; `x` = best peer time / quantkit time (>= 1: quantkit wins).", ""]
     for fmt, names, title in (("w4", ["cuBLAS bf16", "quantkit", "tinygemm", "GemLite"], "W4A16 (bf16, g128)"),
                               ("w8a8", ["cuBLAS fp16", "quantkit", "int_mm+quant", "GemLite"], "W8A8 (fp16)")):
         for mode in ("eager", "graph"):

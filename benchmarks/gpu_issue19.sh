@@ -2,27 +2,29 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   STAGE_LIMIT=300 SHAPES=4096x14336,6144x4096,28672x4096 bash benchmarks/gpu_issue19.sh w4-decode
-#                                                  # next: session 50's W4A16 M = 1 / 16 search finished 4096x4096
-#                                                  # only (carry .dev/gemlite-0.6.0; `echo PDL_CHAIN >>
-#                                                  # ~/.gemm_skip_keys` first: those twins rank back to back and
+#   STAGE_LIMIT=300 SHAPES=6144x4096,28672x4096 bash benchmarks/gpu_issue19.sh w4-decode
+#                                                  # next: sessions 50-51 searched W4A16 M = 1 / 16 at 4096x4096 and
+#                                                  # 4096x14336 (no change; carry .dev/gemlite-0.6.0; `echo PDL_CHAIN
+#                                                  # >> ~/.gemm_skip_keys` first: those twins rank back to back and
 #                                                  # lose in the runtime)
-#   STAGE_LIMIT=120 bash benchmarks/gpu_issue19.sh mixed-8192 mixed-256   # mixed with no FP16 row against W8A8,
-#                                                  # now timed interleaved (bench_paired): the within-3% target
-#   STAGE_LIMIT=500 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all   # session 50 reached ~97% in 330 s
-#                                                  # (860 passed, 0 failed): give it 450 s for a complete pass, or
-#                                                  # run its halves check-all-gpu / check-all-rest in two calls
+#   STAGE_LIMIT=60 bash benchmarks/gpu_issue19.sh mixed-8192 mixed-256   # mixed with no FP16 row against W8A8,
+#                                                  # timed interleaved (bench_paired): within 3% at M = 8192 in
+#                                                  # session 51's first such run; repeat it
+#   STAGE_LIMIT=200 bash benchmarks/gpu_issue19.sh peers   # the status table on the configs as shipped, the kernels
+#                                                  # of a format timed interleaved (bench_rounds; PEER_MS: the Ms)
+#   STAGE_LIMIT=250 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all-rest check-all-gpu   # the complete GPU
+#                                                  # pass in two halves (session 50: check-all reached ~97% in 330 s,
+#                                                  # 860 passed, 0 failed)
 #   RT_TUNE=1 RT_LIMIT=260 bash benchmarks/gpu_issue19.sh runtime-chain   # the W4A16 M = 1 CHAINED choices by
 #                                                  # the runtime's own step time (runtime.py --tune-chained, built in
 #                                                  # session 50, not yet run on a GPU), written, then the A/B (chain
 #                                                  # on / on with plain entries / off) on them; without RT_TUNE the
 #                                                  # A/B alone, after any config change
-#   then `gemm.py --peers --ms 1,16,256 --gemlite .dev/gemlite-0.6.0` on the configs as shipped (the status table)
 #   On an H200 (H200.json, last searched in session 41: none of the TMA-fed GEMV, warp-specialized RS or
 #   MIXED_PASS there): CHECK_WORKERS=8 check-gemv check-ws, w4-decode (GEMM_ONLY_KEYS=TMA_RING), w4-256
 #   (GEMM_ONLY_KEYS=RS), w8a8-8192 mixed-8192, w8a8-256 mixed-256.
 #
-# (w4-decode, w8-decode: GemLite, carry .dev/gemlite-0.6.0.) Each stage logs into $WORK (default ~/issue19: the
+# (w4-decode, w8-decode, peers: GemLite, carry .dev/gemlite-0.6.0.) Each stage logs into $WORK (default ~/issue19: the
 # machine keeps its home directory between back-to-back calls) as <stage>.log (and .md tables where gemm.py writes
 # them), with the config files as it left them in configs-<stage>/; after every stage all of $WORK is packed into
 # $OUT/issue19.tgz and stages.txt copied beside it: the device returns at most 8 files, and a call cut at its limit
@@ -39,7 +41,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="check check-ws check-gemv check-chain check-all check-all-gpu check-all-rest runtime-chain w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256"
+STAGES="check check-ws check-gemv check-chain check-all check-all-gpu check-all-rest runtime-chain w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256 peers"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -145,6 +147,10 @@ for stage in "$@"; do
     w8-decode)  # W8A8 M = 1 / 16 against GemLite (PDL twins)
       run w8-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w8a8 --ms 1,16 \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;
+    peers)  # the status table: every kernel against every peer on the configs as shipped, no search, the kernels
+      # of a format timed interleaved (PEER_MS: the Ms)
+      run peers python benchmarks/gemm.py --peers --ms "${PEER_MS:-1,16,64,256,2048}" --shapes $SHAPES \
+        --gemlite "$GEMLITE" --md "$WORK/peers.md" --json "$WORK/peers.json" ;;
     w4-256)  # W4A16 M = 64-256 >= 0.9x cuBLAS: the Gluon W4 kernels
       W4_MS=${W4_MS:-64,128,256}
       run w4-256 python benchmarks/gemm.py --tune --tune-spec "w4a16:$W4_MS" --ms "$W4_MS" --shapes $SHAPES \

@@ -168,3 +168,31 @@ def test_decode_parts_chained_choice():
     entry, _ = gemm.chained_choice(shipped, [(9.6, shipped), (9.4, twin), (float("nan"), dict(plain, BLOCK_N=16))])
     assert entry == dict(plain, CHAINED=None)  # 2% faster: inside the margin
     assert gemm.chained_choice(shipped, [(7.0, twin)])[0] is None
+
+
+def test_bench_rounds_interleaves_reverses_and_drops_a_failing_call():
+    """The peer tables and the mixed study time their kernels in rounds, the order reversed each round, each call's
+    median; a call whose timing raises drops out (reported) where ``errors`` is given, else the error propagates."""
+    gemm = _gemm()
+    seen = []
+
+    def timer(fn, rep):
+        seen.append(fn())
+        return {"a": [3.0, 1.0, 2.0, 9.0], "b": [5.0, 5.0, 4.0, 6.0], "c": [7.0]}[seen[-1]][
+            sum(s == seen[-1] for s in seen) - 1]
+
+    fns = {"a": lambda: "a", "b": lambda: "b", "c": lambda: "c"}
+    assert gemm.bench_rounds({"a": fns["a"], "b": fns["b"]}, timer, rounds=4, rep=1) == {"a": 2.5, "b": 5.0}
+    assert seen == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+    def flaky(fn, rep):
+        if fn() == "b":
+            raise RuntimeError("capture failed")
+        return 1.0
+
+    errors: dict = {}
+    assert gemm.bench_rounds(fns, flaky, rounds=3, errors=errors, rep=1) == {"a": 1.0, "c": 1.0}
+    assert list(errors) == ["b"] and "capture failed" in str(errors["b"])
+    with pytest.raises(RuntimeError):
+        gemm.bench_rounds(fns, flaky, rounds=1, rep=1)
+    assert gemm.bench_paired(fns["a"], fns["c"], timer=lambda fn, rep: {"a": 2.0, "c": 4.0}[fn()], rep=1) == (2.0, 4.0)
