@@ -72,6 +72,22 @@ def bench_graph(fn, rep=20):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
 
 
+def host_time(fn, calls: int = 100) -> float:
+    """Host us a call: the wall time of ``calls`` back-to-back calls, taken before the final synchronize (the
+    launches only queue the work). Where it exceeds do_bench's L2 flush plus the call's GPU time, the eager
+    timing waits on the host."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = (time.perf_counter() - t0) / calls * 1e6
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return t
+
+
 def bench_rounds(fns: dict, timer=bench, rounds=4, errors: dict | None = None, **kw) -> dict:
     """{name: us} for comparisons within a few percent: ``rounds`` short timings of every call in turn, the order
     reversed each round (a b c, c b a, ...), each call's median. One long run of a and then one of b carries whatever
@@ -604,6 +620,7 @@ def overhead_study(dev, gen):
 
 
 OVERHEAD = []
+HOST_MAX_M = 256  # the peers table's host-time column: the Ms where eager calls can wait on the host
 
 
 # ----------------------------------------------------------------------------- peers (issue 19)
@@ -889,6 +906,10 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                         row[key + "|graph"] = t
                 for key, ex in errors.items():
                     log(f"skip {key} M={M} N={N} K={K}: {type(ex).__name__}: {str(ex)[:200]}")
+                if M <= HOST_MAX_M:  # what the eager column may be waiting on
+                    for key, calls in timed.items():
+                        if key not in errors:
+                            row[key + "|host"] = host_time(calls[0])
             rows.append(row)
             log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
             if args.json:  # incremental, in case the run is cut short
@@ -948,6 +969,20 @@ def peer_report(rows, bw, fails, gl):
                 L.append(f"| {r['N']} | {r['K']} | {r['M']} | " + " | ".join(
                     f"{v[n]:.1f}" if v[n] == v[n] else "" for n in names) + tail)
             L.append("")
+    L.append(f"Host us a call (M <= {HOST_MAX_M}; `host_time`: 100 back-to-back calls timed before the synchronize). "
+             "Where it exceeds the eager time, that eager time waits on the host:")
+    L.append("")
+    for fmt, names in (("w4", ["cuBLAS bf16", "quantkit", "tinygemm", "GemLite"]),
+                       ("w8a8", ["cuBLAS fp16", "quantkit", "int_mm+quant", "GemLite"])):
+        L.append("| format | N | K | M | " + " | ".join(names) + " |")
+        L.append("|---|---|---|---|" + "---|" * len(names))
+        for r in rows:
+            if r["M"] > HOST_MAX_M:
+                continue
+            v = [r.get(f"{fmt}|{n}|host", float("nan")) for n in names]
+            L.append(f"| {fmt} | {r['N']} | {r['K']} | {r['M']} | " + " | ".join(f"{t:.1f}" if t == t else "" for t in v)
+                     + " |")
+        L.append("")
     # roofline at M=1, W4 (graph)
     L.append("W4A16 M=1 against the copy-bandwidth floor (bytes: packed weight + fp16 scales + x + out):")
     L.append("")

@@ -196,3 +196,23 @@ def test_bench_rounds_interleaves_reverses_and_drops_a_failing_call():
     with pytest.raises(RuntimeError):
         gemm.bench_rounds(fns, flaky, rounds=1, rep=1)
     assert gemm.bench_paired(fns["a"], fns["c"], timer=lambda fn, rep: {"a": 2.0, "c": 4.0}[fn()], rep=1) == (2.0, 4.0)
+
+
+def test_peer_report_adds_the_host_time_table(monkeypatch):
+    """The peers table reports each kernel's host time a call at M <= HOST_MAX_M beside the eager and graph
+    tables: the number that says whether an eager time waited on the host."""
+    gemm = _gemm()
+    n = []
+    assert gemm.host_time(lambda: n.append(1), calls=7) >= 0 and len(n) == 8  # one call before the timed ones
+
+    monkeypatch.setattr(gemm.torch.cuda, "get_device_name", lambda *a: "FAKE GPU")
+    rows = [dict(N=64, K=128, M=m, **{"w4|quantkit|eager": 5.0, "w4|quantkit|graph": 3.0, "w4|tinygemm|eager": 6.0,
+                                       "w4|quantkit|host": 41.5 + m, "w4|tinygemm|host": 12.25,
+                                       "w8a8|quantkit|host": 50.0})
+            for m in (1, gemm.HOST_MAX_M * 2)]
+    md = gemm.peer_report(rows, 3e12, [], None)
+    host = md[md.index("Host us a call"):]
+    assert "| w4 | 64 | 128 | 1 |  | 42.5 | 12.2 |  |" in host
+    assert "| w8a8 | 64 | 128 | 1 |  | 50.0 |  |  |" in host
+    assert f"| {gemm.HOST_MAX_M * 2} |" not in host  # beyond HOST_MAX_M: no host row
+    assert "| 64 | 128 | 1 |  | 5.0 | 6.0 |  | tinygemm | 1.20 |" in md  # the eager table as before
