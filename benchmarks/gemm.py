@@ -970,7 +970,7 @@ def peer_report(rows, bw, fails, gl):
                     f"{v[n]:.1f}" if v[n] == v[n] else "" for n in names) + tail)
             L.append("")
     L.append(f"Host us a call (M <= {HOST_MAX_M}; `host_time`: 100 back-to-back calls timed before the synchronize). "
-             "Where it exceeds the eager time, that eager time waits on the host:")
+             "Where it is longer than do_bench's L2 flush plus the call's GPU work, the eager time waits on the host:")
     L.append("")
     for fmt, names in (("w4", ["cuBLAS bf16", "quantkit", "tinygemm", "GemLite"]),
                        ("w8a8", ["cuBLAS fp16", "quantkit", "int_mm+quant", "GemLite"])):

@@ -8,10 +8,12 @@
 #                                                  # >> ~/.gemm_skip_keys` first: those twins rank back to back and
 #                                                  # lose in the runtime)
 #   STAGE_LIMIT=60 bash benchmarks/gpu_issue19.sh mixed-8192 mixed-256   # mixed with no FP16 row against W8A8,
-#                                                  # timed interleaved (bench_paired): within 3% at M = 8192 in
-#                                                  # session 51's first such run; repeat it
+#                                                  # timed interleaved (bench_paired): within 1.7% at M = 8192
+#                                                  # in both of session 51's runs; M = 256 eager swings (host)
 #   STAGE_LIMIT=200 bash benchmarks/gpu_issue19.sh peers   # the status table on the configs as shipped, the kernels
-#                                                  # of a format timed interleaved (bench_rounds; PEER_MS: the Ms)
+#                                                  # of a format timed interleaved (bench_rounds; PEER_MS: the Ms),
+#                                                  # with the host-time table (new in session 51, not yet run):
+#                                                  # does our eager W4A16 M = 1 at 4096x14336 wait on the host?
 #   STAGE_LIMIT=250 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all-rest check-all-gpu   # the complete GPU
 #                                                  # pass in two halves (session 50: check-all reached ~97% in 330 s,
 #                                                  # 860 passed, 0 failed)

@@ -207,12 +207,12 @@ def test_peer_report_adds_the_host_time_table(monkeypatch):
 
     monkeypatch.setattr(gemm.torch.cuda, "get_device_name", lambda *a: "FAKE GPU")
     rows = [dict(N=64, K=128, M=m, **{"w4|quantkit|eager": 5.0, "w4|quantkit|graph": 3.0, "w4|tinygemm|eager": 6.0,
-                                       "w4|quantkit|host": 41.5 + m, "w4|tinygemm|host": 12.25,
+                                       "w4|quantkit|host": 41.5 + m, "w4|tinygemm|host": 12.31,
                                        "w8a8|quantkit|host": 50.0})
             for m in (1, gemm.HOST_MAX_M * 2)]
     md = gemm.peer_report(rows, 3e12, [], None)
     host = md[md.index("Host us a call"):]
-    assert "| w4 | 64 | 128 | 1 |  | 42.5 | 12.2 |  |" in host
+    assert "| w4 | 64 | 128 | 1 |  | 42.5 | 12.3 |  |" in host
     assert "| w8a8 | 64 | 128 | 1 |  | 50.0 |  |  |" in host
     assert f"| {gemm.HOST_MAX_M * 2} |" not in host  # beyond HOST_MAX_M: no host row
     assert "| 64 | 128 | 1 |  | 5.0 | 6.0 |  | tinygemm | 1.20 |" in md  # the eager table as before
