@@ -88,6 +88,31 @@ def host_time(fn, calls: int = 100) -> float:
     return t
 
 
+def host_profile(fn, calls: int = 200, top: int = 12) -> str:
+    """cProfile of ``calls`` back-to-back calls of fn: the ``top`` functions by their own time, as text (us a call
+    each). Profiling slows Python, so the shares matter, not the absolute times (``host_time`` has those)."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # (file, line, name): (cc, nc, tt, ct, ..)
+    total = sum(v[2] for v in stats.stats.values())
+    out = [f"  total {total / calls * 1e6:.1f} us a call (profiled)"]
+    for (file, line, name), (_, nc, tt, ct, _) in rows:
+        out.append(f"  {tt / calls * 1e6:7.2f} us own, {ct / calls * 1e6:7.2f} cumulative, {nc / calls:5.1f} calls: "
+                   f"{name} ({os.path.basename(file)}:{line})")
+    return "\n".join(out)
+
+
 def bench_rounds(fns: dict, timer=bench, rounds=4, errors: dict | None = None, **kw) -> dict:
     """{name: us} for comparisons within a few percent: ``rounds`` short timings of every call in turn, the order
     reversed each round (a b c, c b a, ...), each call's median. One long run of a and then one of b carries whatever
@@ -356,6 +381,9 @@ def main():
     ap.add_argument("--peers", action="store_true",
                     help="only: quantkit vs the peer kernels (cuBLAS, tinygemm, GemLite), eager and CUDA-graph")
     ap.add_argument("--gemlite", default=None, help="with --peers: directory holding GemLite's source package")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="with --peers: where our calls' host time goes (cProfile of 200 calls at each M <= 256, "
+                         "the functions taking the most time of their own)")
     ap.add_argument("--tune-decode", action="store_true",
                     help="with --peers: search the W4A16 and W8A8 configs at M <= 64 (ranked by CUDA-graph "
                          "replay over rotated weights; --write-configs keeps the winners)")
@@ -910,6 +938,9 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                     for key, calls in timed.items():
                         if key not in errors:
                             row[key + "|host"] = host_time(calls[0])
+                    ours = f"{fmt}|quantkit"
+                    if args.host_profile and ours in timed and ours not in errors:
+                        log(f"host profile {ours} M={M} N={N} K={K}:\n{host_profile(timed[ours][0])}")
             rows.append(row)
             log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
             if args.json:  # incremental, in case the run is cut short

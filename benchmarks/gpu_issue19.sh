@@ -12,8 +12,9 @@
 #                                                  # in both of session 51's runs; M = 256 eager swings (host)
 #   STAGE_LIMIT=200 bash benchmarks/gpu_issue19.sh peers   # the status table on the configs as shipped, the kernels
 #                                                  # of a format timed interleaved (bench_rounds; PEER_MS: the Ms),
-#                                                  # with the host-time table (new in session 51, not yet run):
-#                                                  # does our eager W4A16 M = 1 at 4096x14336 wait on the host?
+#                                                  # with the host-time table and our calls' host profiles (new in
+#                                                  # session 51, not yet run): does our eager W4A16 M = 1 at
+#                                                  # 4096x14336 wait on the host, and on what?
 #   STAGE_LIMIT=250 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all-rest check-all-gpu   # the complete GPU
 #                                                  # pass in two halves (session 50: check-all reached ~97% in 330 s,
 #                                                  # 860 passed, 0 failed)
@@ -150,8 +151,8 @@ for stage in "$@"; do
       run w8-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w8a8 --ms 1,16 \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;
     peers)  # the status table: every kernel against every peer on the configs as shipped, no search, the kernels
-      # of a format timed interleaved (PEER_MS: the Ms)
-      run peers python benchmarks/gemm.py --peers --ms "${PEER_MS:-1,16,64,256,2048}" --shapes $SHAPES \
+      # of a format timed interleaved, host times and our calls' host profiles at M <= 256 (PEER_MS: the Ms)
+      run peers python benchmarks/gemm.py --peers --host-profile --ms "${PEER_MS:-1,16,64,256,2048}" --shapes $SHAPES \
         --gemlite "$GEMLITE" --md "$WORK/peers.md" --json "$WORK/peers.json" ;;
     w4-256)  # W4A16 M = 64-256 >= 0.9x cuBLAS: the Gluon W4 kernels
       W4_MS=${W4_MS:-64,128,256}

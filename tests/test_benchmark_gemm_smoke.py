@@ -216,3 +216,23 @@ def test_peer_report_adds_the_host_time_table(monkeypatch):
     assert "| w8a8 | 64 | 128 | 1 |  | 50.0 |  |  |" in host
     assert f"| {gemm.HOST_MAX_M * 2} |" not in host  # beyond HOST_MAX_M: no host row
     assert "| 64 | 128 | 1 |  | 5.0 | 6.0 |  | tinygemm | 1.20 |" in md  # the eager table as before
+
+
+def test_host_profile_names_where_the_host_time_goes():
+    """``--host-profile``: the functions of a call that take the most host time of their own, per call."""
+    gemm = _gemm()
+
+    def slow_part():  # the time in its own Python loop (a builtin's time would be the builtin's)
+        t = 0
+        for i in range(2000):
+            t += i
+        return t
+
+    def call():
+        return slow_part() + len(str(3))
+
+    text = gemm.host_profile(call, calls=50, top=3)
+    lines = text.splitlines()
+    assert lines[0].startswith("  total ") and len(lines) == 4
+    assert "slow_part (test_benchmark_gemm_smoke.py:" in lines[1]  # the heaviest function of its own first
+    assert " 1.0 calls: " in lines[1]
