@@ -72,19 +72,22 @@ def bench_graph(fn, rep=20):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def host_time(fn, calls: int = 100) -> float:
     """Host us a call: the wall time of ``calls`` back-to-back calls, taken before the final synchronize (the
     launches only queue the work). Where it exceeds do_bench's L2 flush plus the call's GPU time, the eager
     timing waits on the host."""
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     t = (time.perf_counter() - t0) / calls * 1e6
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync()
     return t
 
 
@@ -101,8 +104,7 @@ def host_profile(fn, calls: int = 200, top: int = 12) -> str:
     for _ in range(calls):
         fn()
     prof.disable()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync()
     stats = pstats.Stats(prof, stream=io.StringIO())
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # (file, line, name): (cc, nc, tt, ct, ..)
     total = sum(v[2] for v in stats.stats.values())
@@ -973,6 +975,11 @@ def _by_kind(tuned: dict) -> dict:
     return by_kind
 
 
+# the peers tables' formats: (row key prefix, the kernels' columns in order, title)
+PEER_COLUMNS = (("w4", ["cuBLAS bf16", "quantkit", "tinygemm", "GemLite"], "W4A16 (bf16, g128)"),
+                ("w8a8", ["cuBLAS fp16", "quantkit", "int_mm+quant", "GemLite"], "W8A8 (fp16)"))
+
+
 def peer_report(rows, bw, fails, gl):
     L = [f"Device: **{torch.cuda.get_device_name()}**; torch {torch.__version__}, triton {triton.__version__}, "
          f"GemLite {gl.__version__ if gl else 'absent'}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} UTC; "
@@ -982,8 +989,7 @@ def peer_report(rows, bw, fails, gl):
          "eager = do_bench median (L2 flushed), graph = CUDA-graph replay over rotated weight copies (none L2-resident),"
          " M <= 64 only; us; the kernels of a format timed interleaved (4 rounds, the order reversed each round, "
          "medians). `best` = fastest peer; `x` = best peer time / quantkit time (>= 1: quantkit wins).", ""]
-    for fmt, names, title in (("w4", ["cuBLAS bf16", "quantkit", "tinygemm", "GemLite"], "W4A16 (bf16, g128)"),
-                              ("w8a8", ["cuBLAS fp16", "quantkit", "int_mm+quant", "GemLite"], "W8A8 (fp16)")):
+    for fmt, names, title in PEER_COLUMNS:
         for mode in ("eager", "graph"):
             L.append(f"**{title}, {mode}**")
             L.append("")
@@ -1003,8 +1009,7 @@ def peer_report(rows, bw, fails, gl):
     L.append(f"Host us a call (M <= {HOST_MAX_M}; `host_time`: 100 back-to-back calls timed before the synchronize). "
              "Where it is longer than do_bench's L2 flush plus the call's GPU work, the eager time waits on the host:")
     L.append("")
-    for fmt, names in (("w4", ["cuBLAS bf16", "quantkit", "tinygemm", "GemLite"]),
-                       ("w8a8", ["cuBLAS fp16", "quantkit", "int_mm+quant", "GemLite"])):
+    for fmt, names, _ in PEER_COLUMNS:
         L.append("| format | N | K | M | " + " | ".join(names) + " |")
         L.append("|---|---|---|---|" + "---|" * len(names))
         for r in rows:

@@ -86,22 +86,22 @@ def bench_runtime(rt, name: str, *, batch: int, prompt_len: int, gen_len: int, s
     peak = _peak(rt.device)
     mon = rt.monitor
     fallback_rate = rt.stats.fallback_rate if mon else None
-    prefill = [res["prefill_s"]] + [_prefill_s(rt, prompts, gen_len) for _ in range(prefill_reps)]
+    prefill = [res["prefill_s"]] + [_seconds(rt.device, lambda: rt.prefill(prompts, extra=gen_len))
+                                    for _ in range(prefill_reps)]
     return BenchRow(name, batch, prompt_len, gen_len, statistics.median(prefill), res["decode_s"],
                     res["decode_steps"], peak, rt.weight_bytes(), rt._cache.nbytes(), fallback_rate=fallback_rate,
                     switches=len(res["fallback"]) if mon else None,
                     extra={"device": str(rt.device), "prefill_s_runs": prefill})
 
 
-def _prefill_s(rt, prompts: list[list[int]], extra: int) -> float:
-    """Seconds of one ``rt.prefill`` of ``prompts`` (the GPU synchronized around it)."""
-    sync = rt.device.type == "cuda"
-    if sync:
-        torch.cuda.synchronize()
+def _seconds(dev, fn) -> float:
+    """Wall seconds of ``fn()``, the GPU (where ``dev`` is one) synchronized before and after."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    rt.prefill(prompts, extra=extra)
-    if sync:
-        torch.cuda.synchronize()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     return time.perf_counter() - t0
 
 
@@ -113,17 +113,10 @@ def bench_transformers(model, name: str, *, batch: int, prompt_len: int, gen_len
     att = torch.ones_like(ids)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
     model.generate(ids, attention_mask=att, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    model.generate(ids, attention_mask=att, max_new_tokens=1, min_new_tokens=1, **kw)
-    sync()
-    t_pre = time.perf_counter() - t0
+    t_pre = _seconds(dev, lambda: model.generate(ids, attention_mask=att, max_new_tokens=1, min_new_tokens=1, **kw))
     _peak_reset(dev)
-    t0 = time.perf_counter()
-    model.generate(ids, attention_mask=att, max_new_tokens=gen_len, min_new_tokens=gen_len, **kw)
-    sync()
-    t_all = time.perf_counter() - t0
+    t_all = _seconds(dev, lambda: model.generate(ids, attention_mask=att, max_new_tokens=gen_len,
+                                                 min_new_tokens=gen_len, **kw))
     peak = _peak(dev)
     kv = 2 * model.config.num_hidden_layers * batch * (prompt_len + gen_len) * \
         getattr(model.config, "num_key_value_heads", model.config.num_attention_heads) * \
