@@ -115,6 +115,27 @@ def host_profile(fn, calls: int = 200, top: int = 12) -> str:
     return "\n".join(out)
 
 
+def tma_memo_ab(fn) -> str:
+    """Our call with the host TMA descriptor memo (``_gluon.set_tma_memo``) on and off: host us a call and eager us
+    (interleaved), as text.  Where no Gluon kernel runs, both sides are the same call."""
+    from quantkit.kernels import _gluon
+
+    def memo(on):
+        def call():
+            prev = _gluon.set_tma_memo(on)
+            try:
+                fn()
+            finally:
+                _gluon.set_tma_memo(prev)
+        return call
+
+    calls = {"on": memo(True), "off": memo(False)}
+    host = {k: host_time(c) for k, c in calls.items()}
+    eager = bench_rounds(calls, bench, rep=10)
+    return (f"host {host['on']:.1f} / {host['off']:.1f} us, eager {eager['on']:.2f} / {eager['off']:.2f} us "
+            "(memo on / off)")
+
+
 def bench_rounds(fns: dict, timer=bench, rounds=4, errors: dict | None = None, **kw) -> dict:
     """{name: us} for comparisons within a few percent: ``rounds`` short timings of every call in turn, the order
     reversed each round (a b c, c b a, ...), each call's median. One long run of a and then one of b carries whatever
@@ -943,6 +964,7 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                     ours = f"{fmt}|quantkit"
                     if args.host_profile and ours in timed and ours not in errors:
                         log(f"host profile {ours} M={M} N={N} K={K}:\n{host_profile(timed[ours][0])}")
+                        log(f"TMA memo A/B {ours} M={M} N={N} K={K}: {tma_memo_ab(timed[ours][0])}")
             rows.append(row)
             log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
             if args.json:  # incremental, in case the run is cut short

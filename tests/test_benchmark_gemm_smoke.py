@@ -236,3 +236,16 @@ def test_host_profile_names_where_the_host_time_goes():
     assert lines[0].startswith("  total ") and len(lines) == 4
     assert "slow_part (test_benchmark_gemm_smoke.py:" in lines[1]  # the heaviest function of its own first
     assert " 1.0 calls: " in lines[1]
+
+
+def test_tma_memo_ab_times_the_call_with_the_memo_on_and_off(monkeypatch):
+    """``--host-profile``'s memo A/B: each side runs the call with the memo set as its name says, and puts it back."""
+    gemm = _gemm()
+    from quantkit.kernels import _gluon
+
+    seen = []
+    monkeypatch.setattr(gemm, "bench", lambda fn, **kw: (fn(), 2.0 if seen[-1] else 3.0)[1])
+    prev = _gluon.TMA_MEMO
+    text = gemm.tma_memo_ab(lambda: seen.append(_gluon.TMA_MEMO))
+    assert set(seen) == {True, False} and _gluon.TMA_MEMO is prev
+    assert text.endswith("eager 2.00 / 3.00 us (memo on / off)") and text.startswith("host ")

@@ -172,6 +172,65 @@ class HostDesc:
         return self.ptr
 
 
+# Triton 3.6's launcher (the GPU image's) encodes every host TMA descriptor again on each launch
+# (``make_tensordesc_arg``: Python, then the driver's cuTensorMapEncodeTiled), though a decode step's descriptors name
+# the same weights and scratch buffers every time.  The memo below keys the encoded result by every value the
+# encoding reads (base address, shape, strides, padding, and the kernel's box / swizzle / dtype metadata), so a hit
+# is exactly what a fresh encoding would return: it cannot go stale, only miss.  QUANTKIT_TMA_MEMO=0 turns it off
+# (``set_tma_memo``: the benchmarks' A/B).
+TMA_MEMO = _common.env_flag("QUANTKIT_TMA_MEMO", True)
+_TMA_MEMO: dict = {}
+_META_KEYS: dict = {}  # id(metadata dict) -> (the dict, its values as a key); holding the dict keeps its id its own
+
+
+def set_tma_memo(on: bool) -> bool:
+    """Turn the descriptor memo on or off; returns the previous setting."""
+    global TMA_MEMO
+    prev, TMA_MEMO = TMA_MEMO, on
+    return prev
+
+
+def _meta_key(meta: dict) -> tuple:
+    ent = _META_KEYS.get(id(meta))
+    if ent is None or ent[0] is not meta:
+        ent = _common.remember(_META_KEYS, id(meta), (meta, tuple(sorted((k, repr(v)) for k, v in meta.items()))))
+    return ent[1]
+
+
+def memo_tensordesc_arg(encode):
+    """``encode`` (Triton's ``make_tensordesc_arg(arg, metadata)``) with its results memoised by value."""
+
+    def make_tensordesc_arg(arg, metadata):
+        if not TMA_MEMO or metadata is None:  # None: no encoding, the descriptor is passed as pointer + sizes
+            return encode(arg, metadata)
+        key = (arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), arg.padding, _meta_key(metadata))
+        hit = _TMA_MEMO.get(key)
+        return hit if hit is not None else _common.remember(_TMA_MEMO, key, encode(arg, metadata))
+
+    make_tensordesc_arg.memo_of = encode
+    return make_tensordesc_arg
+
+
+def install_tma_memo() -> bool:
+    """Put the memo in front of Triton's ``make_tensordesc_arg`` (once).  Only where that function is the
+    ``(arg, metadata)`` one of Triton 3.6, whose inputs the memo's key is known to cover (later ones read more of
+    ``arg``: tf32 rounding, im2col strides) and whose launchers look it up at each call; False elsewhere."""
+    import inspect
+
+    try:
+        from triton.backends.nvidia import driver
+
+        fn = driver.make_tensordesc_arg
+        if getattr(fn, "memo_of", None) is not None:
+            return True
+        if list(inspect.signature(fn).parameters) != ["arg", "metadata"]:
+            return False
+    except Exception:
+        return False
+    driver.make_tensordesc_arg = memo_tensordesc_arg(fn)
+    return True
+
+
 class DirectLaunch:
     """A Gluon kernel's compiled variants, launched directly once seen.  Gluon's JIT path (argument binding,
     descriptor type mangling, cache lookup) costs ~50 us of host time per call on an H100 host (BENCHMARKS.md);
@@ -202,6 +261,7 @@ class DirectLaunch:
         """:meth:`run`, else ``jit()`` (the kernel launched through the JIT, on descriptors it builds; it returns
         the compiled kernel), which is then remembered under ``key()``."""
         if not self.run(key, grid, tensors, args):
+            install_tma_memo()
             self.remember(key, jit())
 
     def remember(self, key, k) -> None:
