@@ -116,7 +116,8 @@ def host_profile(fn, calls: int = 200, top: int = 12) -> str:
 
 
 def tma_memo_ab(fn) -> str:
-    """Our call with the host TMA descriptor memo (``_gluon.set_tma_memo``) on and off: host us a call and eager us
+    """Our call with the host TMA descriptor memo (``_gluon.set_tma_memo``) on (the Gluon kernels launched through
+    ``RawLaunch``) and off (Triton's launcher, encoding every descriptor each call): host us a call and eager us
     (interleaved), as text.  Where no Gluon kernel runs, both sides are the same call."""
     from quantkit.kernels import _gluon
 

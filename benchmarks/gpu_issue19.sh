@@ -14,10 +14,12 @@
 #                                                  # of a format timed interleaved (bench_rounds; PEER_MS: the Ms),
 #                                                  # with the host-time table and our calls' host profiles (new in
 #                                                  # session 51, not yet run): does our eager W4A16 M = 1 at
-#                                                  # 4096x14336 wait on the host, and on what?
-#   STAGE_LIMIT=250 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all-rest check-all-gpu   # the complete GPU
-#                                                  # pass in two halves (session 50: check-all reached ~97% in 330 s,
-#                                                  # 860 passed, 0 failed)
+#                                                  # 4096x14336 wait on the host, and on what? With each profile
+#                                                  # the TMA descriptor memo's on/off A/B (session 52)
+#   STAGE_LIMIT=250 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all-rest   # session 52: test_gpu.py
+#                                                  # passed whole (530 passed, 111 skipped, 194 s); this half stopped
+#                                                  # twice at 339 of 342 with 0 failed: which three never finish?
+#                                                  # (-v and faulthandler now name them)
 #   RT_TUNE=1 RT_LIMIT=260 bash benchmarks/gpu_issue19.sh runtime-chain   # the W4A16 M = 1 CHAINED choices by
 #                                                  # the runtime's own step time (runtime.py --tune-chained, built in
 #                                                  # session 50, not yet run on a GPU), written, then the A/B (chain
@@ -115,9 +117,19 @@ for stage in "$@"; do
       files="tests/kernels/test_gpu.py tests/kernels/test_w8a8.py tests/kernels/test_mixed.py tests/test_runtime_gpu.py"
       [ "$stage" = check-all-gpu ] && files=tests/kernels/test_gpu.py
       [ "$stage" = check-all-rest ] && files="tests/kernels/test_w8a8.py tests/kernels/test_mixed.py tests/test_runtime_gpu.py"
-      run "$stage" env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf -n "${CHECK_WORKERS:-8}" -p no:cacheprovider \
-        --durations=15 $files
-      grep -E "^FAILED|^ERROR" "$WORK/$stage.log" | head -30 ;;
+      # -v names each finished test: a stage cut at its limit lists the ones that never finished (session 52:
+      # check-all-rest stopped twice at 339 of 342, the same three running on; pytest's faulthandler dumps where
+      # a test still runs after CHECK_TEST_LIMIT s)
+      run "$stage" env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -v -rf -n "${CHECK_WORKERS:-8}" -p no:cacheprovider \
+        -o faulthandler_timeout="${CHECK_TEST_LIMIT:-120}" --durations=15 $files
+      rc=$?
+      grep -E "^FAILED|^ERROR" "$WORK/$stage.log" | head -30
+      if [ $rc -eq 124 ]; then
+        python -m pytest --collect-only -q -p no:cacheprovider $files 2>/dev/null | grep "::" | sort > "$WORK/$stage.collected"
+        grep -oE "(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) tests/[^ ]+" "$WORK/$stage.log" | awk '{print $2}' | sort -u \
+          > "$WORK/$stage.finished"
+        comm -23 "$WORK/$stage.collected" "$WORK/$stage.finished" | tee "$WORK/$stage.unfinished" | head -20
+      fi ;;
     w8a8-8192|w8a8-2048)  # W8A8 M >= 2048 >= 1.35x cuBLAS: the warp-specialized Gluon candidates among the rest
       m=${stage#w8a8-}
       run "$stage" python benchmarks/gemm.py --tune --tune-spec "w8a8:$m" --ms "$m" --shapes $SHAPES \

@@ -172,19 +172,21 @@ class HostDesc:
         return self.ptr
 
 
-# Triton 3.6's launcher (the GPU image's) encodes every host TMA descriptor again on each launch
-# (``make_tensordesc_arg``: Python, then the driver's cuTensorMapEncodeTiled), though a decode step's descriptors name
-# the same weights and scratch buffers every time.  The memo below keys the encoded result by every value the
-# encoding reads (base address, shape, strides, padding, and the kernel's box / swizzle / dtype metadata), so a hit
-# is exactly what a fresh encoding would return: it cannot go stale, only miss.  QUANTKIT_TMA_MEMO=0 turns it off
-# (``set_tma_memo``: the benchmarks' A/B).
+# Triton 3.6's launcher (the GPU image's) wraps its C launch in Python that encodes every host TMA descriptor again
+# on each call (``make_tensordesc_arg``: Python, then the driver's cuTensorMapEncodeTiled), though a decode step's
+# descriptors name the same weights and scratch buffers every time.  One memo holds the encoded descriptors, keyed by
+# every value the encoding reads (box / swizzle / dtype metadata, base address, shape, strides, padding), so a hit is
+# exactly what a fresh encoding would return: it cannot go stale, only miss.  Two paths use it: ``RawLaunch`` (a
+# cached kernel's C launch called directly, the descriptors expanded from the memo) and, for the JIT's own launches,
+# Triton's ``make_tensordesc_arg`` with the memo put in front (``install_tma_memo``).  QUANTKIT_TMA_MEMO=0 turns
+# both off (``set_tma_memo``: the benchmarks' A/B); H100 host times: BENCHMARKS.md, session 52.
 TMA_MEMO = _common.env_flag("QUANTKIT_TMA_MEMO", True)
 _TMA_MEMO: dict = {}
 _META_KEYS: dict = {}  # id(metadata dict) -> (the dict, its values as a key); holding the dict keeps its id its own
 
 
 def set_tma_memo(on: bool) -> bool:
-    """Turn the descriptor memo on or off; returns the previous setting."""
+    """Turn the descriptor memo (and with it ``RawLaunch``) on or off; returns the previous setting."""
     global TMA_MEMO
     prev, TMA_MEMO = TMA_MEMO, on
     return prev
@@ -197,48 +199,123 @@ def _meta_key(meta: dict) -> tuple:
     return ent[1]
 
 
+def _encoded(encode, arg, metadata, mkey, ptr: int, shape: tuple, strides: tuple):
+    key = (mkey, ptr, shape, strides, arg.padding)
+    hit = _TMA_MEMO.get(key)
+    return hit if hit is not None else _common.remember(_TMA_MEMO, key, encode(arg, metadata))
+
+
 def memo_tensordesc_arg(encode):
     """``encode`` (Triton's ``make_tensordesc_arg(arg, metadata)``) with its results memoised by value."""
 
     def make_tensordesc_arg(arg, metadata):
         if not TMA_MEMO or metadata is None:  # None: no encoding, the descriptor is passed as pointer + sizes
             return encode(arg, metadata)
-        key = (arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), arg.padding, _meta_key(metadata))
-        hit = _TMA_MEMO.get(key)
-        return hit if hit is not None else _common.remember(_TMA_MEMO, key, encode(arg, metadata))
+        return _encoded(encode, arg, metadata, _meta_key(metadata), arg.base.data_ptr(), tuple(arg.shape),
+                        tuple(arg.strides))
 
     make_tensordesc_arg.memo_of = encode
     return make_tensordesc_arg
 
 
-def install_tma_memo() -> bool:
-    """Put the memo in front of Triton's ``make_tensordesc_arg`` (once).  Only where that function is the
-    ``(arg, metadata)`` one of Triton 3.6, whose inputs the memo's key is known to cover (later ones read more of
-    ``arg``: tf32 rounding, im2col strides) and whose launchers look it up at each call; False elsewhere."""
+def _triton_encoding():
+    """Triton's own ``make_tensordesc_arg`` where it is the ``(arg, metadata)`` one of Triton 3.6, whose inputs the
+    memo's key is known to cover (later ones read more of ``arg``: tf32 rounding, im2col strides) and whose
+    launchers look it up at each call; else None."""
     import inspect
 
     try:
         from triton.backends.nvidia import driver
 
         fn = driver.make_tensordesc_arg
-        if getattr(fn, "memo_of", None) is not None:
-            return True
-        if list(inspect.signature(fn).parameters) != ["arg", "metadata"]:
-            return False
+        fn = getattr(fn, "memo_of", fn)
+        return fn if list(inspect.signature(fn).parameters) == ["arg", "metadata"] else None
     except Exception:
+        return None
+
+
+def install_tma_memo() -> bool:
+    """Put the memo in front of Triton's ``make_tensordesc_arg`` (once); False where ``_triton_encoding`` is
+    None."""
+    fn = _triton_encoding()
+    if fn is None:
         return False
-    driver.make_tensordesc_arg = memo_tensordesc_arg(fn)
+    from triton.backends.nvidia import driver
+
+    if getattr(driver.make_tensordesc_arg, "memo_of", None) is None:
+        driver.make_tensordesc_arg = memo_tensordesc_arg(fn)
     return True
+
+
+# the C launch's leading arguments (Triton 3.6's ``_BASE_ARGS_FORMAT``): grid x, y, z, stream, function,
+# cooperative grid, PDL, global and profile scratch, packed metadata, launch metadata, enter and exit hooks; then the
+# kernel's arguments, each descriptor expanded
+_BASE_ARGS_FORMAT = "iiiKKppOOOOOO"
+_LAUNCH_FREEVARS = ("launcher", "tensordesc_indices", "tensordesc_meta")
+
+
+class RawLaunch:
+    """A compiled Gluon kernel's C launch, called with its leading descriptor arguments expanded from the memo:
+    what Triton 3.6's ``CudaLauncher.__call__`` and its descriptor wrapper do, less their per-call Python (the
+    wrapper's argument walk, an encoding per descriptor, the scratch checks).  ``of`` builds one only where the
+    launcher is that wrapper around a C launch, every descriptor is encoded (has metadata) and leads the kernel's
+    parameters, and the kernel needs no scratch memory; anything else keeps the ordinary path."""
+
+    __slots__ = ("c_launch", "head", "descs", "encode")
+
+    def __init__(self, c_launch, head: tuple, descs: tuple, encode):
+        self.c_launch, self.head, self.descs, self.encode = c_launch, head, descs, encode
+
+    @classmethod
+    def of(cls, k, n_desc: int) -> "RawLaunch | None":
+        encode = _triton_encoding()
+        if encode is None or not TMA_MEMO:
+            return None
+        try:
+            from triton.backends.nvidia import driver
+
+            if getattr(driver, "_BASE_ARGS_FORMAT", None) != _BASE_ARGS_FORMAT:
+                return None
+            launcher = k.run
+            wrapper = launcher.launch
+            cells = dict(zip(wrapper.__code__.co_freevars, (c.cell_contents for c in wrapper.__closure__ or ())))
+            if any(n not in cells for n in _LAUNCH_FREEVARS):
+                return None
+            metas = cells["tensordesc_meta"]
+            if (sorted(cells["tensordesc_indices"]) != list(range(n_desc)) or metas is None or len(metas) != n_desc
+                    or any(m is None for m in metas) or launcher.global_scratch_size or launcher.profile_scratch_size
+                    or getattr(launcher, "num_ctas", 1) != 1):
+                return None
+            head = (k.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None, k.packed_metadata,
+                    None, None, None)
+            return cls(cells["launcher"], head, tuple((m, _meta_key(m)) for m in metas), encode)
+        except Exception:  # another Triton's internals
+            return None
+
+    def expand(self, tensors: tuple) -> list:
+        """The descriptor arguments of ``tensors`` as the C launch takes them (each: its encoding, shape, strides)."""
+        out = []
+        for (meta, mkey), t in zip(self.descs, tensors):
+            ptr, shape, strides = t.data_ptr(), tuple(t.shape), t.stride()
+            hit = _TMA_MEMO.get((mkey, ptr, shape, strides, HostDesc.padding))
+            out += hit if hit is not None else _encoded(self.encode, HostDesc(t), meta, mkey, ptr, shape, strides)
+        return out
+
+    def __call__(self, grid, tensors: tuple, args: tuple) -> None:
+        dev = _common.current_device()
+        self.c_launch(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                      _common._driver.get_current_stream(dev), *self.head, *self.expand(tensors), *args)
 
 
 class DirectLaunch:
     """A Gluon kernel's compiled variants, launched directly once seen.  Gluon's JIT path (argument binding,
     descriptor type mangling, cache lookup) costs ~50 us of host time per call on an H100 host (BENCHMARKS.md);
-    a cached kernel goes through ``_common.run_compiled`` with ``HostDesc``s.  After one failed direct launch
-    (a Triton whose launcher wants more than ``HostDesc`` has) the JIT path is used from then on."""
+    a cached kernel goes through its ``RawLaunch`` where it has one (and the memo is on), else through
+    ``_common.run_compiled`` with ``HostDesc``s.  After one failed direct launch (a Triton whose launcher wants
+    more than these give) the JIT path is used from then on."""
 
     def __init__(self):
-        self.compiled: dict | None = {}
+        self.compiled: dict | None = {}  # key -> (compiled kernel, its RawLaunch or None)
 
     def run(self, key, grid, tensors: tuple, args: tuple) -> bool:
         """Launch the variant cached under ``key()`` (a callable: the key names the current device, known once
@@ -247,11 +324,15 @@ class DirectLaunch:
         calls :meth:`remember`)."""
         if self.compiled is None or not _common.fast_ready():
             return False
-        k = self.compiled.get(key())
-        if k is None:
+        ent = self.compiled.get(key())
+        if ent is None:
             return False
+        k, raw = ent
         try:
-            _common.run_compiled(k, grid, (*[HostDesc(t) for t in tensors], *args))
+            if raw is not None and TMA_MEMO:
+                raw(grid, tensors, args)
+            else:
+                _common.run_compiled(k, grid, (*[HostDesc(t) for t in tensors], *args))
             return True
         except Exception:
             self.compiled = None
@@ -259,15 +340,16 @@ class DirectLaunch:
 
     def launch(self, key, grid, tensors: tuple, args: tuple, jit) -> None:
         """:meth:`run`, else ``jit()`` (the kernel launched through the JIT, on descriptors it builds; it returns
-        the compiled kernel), which is then remembered under ``key()``."""
+        the compiled kernel), which is then remembered under ``key()`` with ``len(tensors)`` descriptors."""
         if not self.run(key, grid, tensors, args):
             install_tma_memo()
-            self.remember(key, jit())
+            self.remember(key, jit(), len(tensors))
 
-    def remember(self, key, k) -> None:
-        """After a JIT launch returned compiled kernel ``k``: cache it under ``key()``."""
+    def remember(self, key, k, n_desc: int) -> None:
+        """After a JIT launch returned compiled kernel ``k`` (its first ``n_desc`` parameters descriptors): cache it
+        under ``key()``."""
         if self.compiled is not None and k is not None and _common.bind_driver(k):
-            self.compiled[key()] = k
+            self.compiled[key()] = (k, RawLaunch.of(k, n_desc))
 
 
 def compile_for_target(kernel, sig: dict, consts: dict, num_warps: int, cc: int = 90, **options):
