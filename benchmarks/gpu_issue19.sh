@@ -2,24 +2,25 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
+#   STAGE_LIMIT=300 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all-gpu check-all-rest
+#                                                  # next: _gluon.RawLaunch (session 52, CPU-tested only) launches
+#                                                  # every cached Gluon kernel: test_gpu.py whole (session 52: 530
+#                                                  # passed, 194 s on a warm compile cache, ~300 s cold), then the
+#                                                  # rest, which stopped twice at 339 of 342 with 0 failed: -v and
+#                                                  # faulthandler now name the three that never finish
+#   STAGE_LIMIT=200 PEER_MS=1,16,256,2048 bash benchmarks/gpu_issue19.sh peers   # the status table on the configs
+#                                                  # as shipped (bench_rounds), the host-time table, our calls' host
+#                                                  # profiles and the memo's on/off A/B, which now switches RawLaunch
+#                                                  # too: does it cut the 88.9 / 100.8 us of host time of W4A16
+#                                                  # M = 1 at 4096x14336 / 28672x4096? (carry .dev/gemlite-0.6.0)
 #   STAGE_LIMIT=300 SHAPES=6144x4096,28672x4096 bash benchmarks/gpu_issue19.sh w4-decode
-#                                                  # next: sessions 50-51 searched W4A16 M = 1 / 16 at 4096x4096 and
+#                                                  # sessions 50-51 searched W4A16 M = 1 / 16 at 4096x4096 and
 #                                                  # 4096x14336 (no change; carry .dev/gemlite-0.6.0; `echo PDL_CHAIN
 #                                                  # >> ~/.gemm_skip_keys` first: those twins rank back to back and
 #                                                  # lose in the runtime)
 #   STAGE_LIMIT=60 bash benchmarks/gpu_issue19.sh mixed-8192 mixed-256   # mixed with no FP16 row against W8A8,
 #                                                  # timed interleaved (bench_paired): within 1.7% at M = 8192
 #                                                  # in both of session 51's runs; M = 256 eager swings (host)
-#   STAGE_LIMIT=200 bash benchmarks/gpu_issue19.sh peers   # the status table on the configs as shipped, the kernels
-#                                                  # of a format timed interleaved (bench_rounds; PEER_MS: the Ms),
-#                                                  # with the host-time table and our calls' host profiles (new in
-#                                                  # session 51, not yet run): does our eager W4A16 M = 1 at
-#                                                  # 4096x14336 wait on the host, and on what? With each profile
-#                                                  # the TMA descriptor memo's on/off A/B (session 52)
-#   STAGE_LIMIT=250 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all-rest   # session 52: test_gpu.py
-#                                                  # passed whole (530 passed, 111 skipped, 194 s); this half stopped
-#                                                  # twice at 339 of 342 with 0 failed: which three never finish?
-#                                                  # (-v and faulthandler now name them)
 #   RT_TUNE=1 RT_LIMIT=260 bash benchmarks/gpu_issue19.sh runtime-chain   # the W4A16 M = 1 CHAINED choices by
 #                                                  # the runtime's own step time (runtime.py --tune-chained, built in
 #                                                  # session 50, not yet run on a GPU), written, then the A/B (chain

@@ -587,6 +587,11 @@ def current_device() -> int:
     return _driver.get_current_device()
 
 
+def current_stream() -> int:
+    """The current stream of Triton's current device (where a direct launch goes)."""
+    return _driver.get_current_stream(_driver.get_current_device())
+
+
 def fast_ready() -> bool:
     """A cached compiled kernel may be launched directly now: enabled, compiled mode, Triton's driver bound
     (after the first ordinary launch) and no launch hook installed."""

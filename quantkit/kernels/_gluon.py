@@ -186,7 +186,8 @@ _META_KEYS: dict = {}  # id(metadata dict) -> (the dict, its values as a key); h
 
 
 def set_tma_memo(on: bool) -> bool:
-    """Turn the descriptor memo (and with it ``RawLaunch``) on or off; returns the previous setting."""
+    """Turn the descriptor memo (and with it ``RawLaunch``, which reads it) on or off; returns the previous
+    setting."""
     global TMA_MEMO
     prev, TMA_MEMO = TMA_MEMO, on
     return prev
@@ -269,7 +270,7 @@ class RawLaunch:
     @classmethod
     def of(cls, k, n_desc: int) -> "RawLaunch | None":
         encode = _triton_encoding()
-        if encode is None or not TMA_MEMO:
+        if encode is None:
             return None
         try:
             from triton.backends.nvidia import driver
@@ -302,9 +303,8 @@ class RawLaunch:
         return out
 
     def __call__(self, grid, tensors: tuple, args: tuple) -> None:
-        dev = _common.current_device()
         self.c_launch(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                      _common._driver.get_current_stream(dev), *self.head, *self.expand(tensors), *args)
+                      _common.current_stream(), *self.head, *self.expand(tensors), *args)
 
 
 class DirectLaunch:

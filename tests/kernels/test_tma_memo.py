@@ -211,9 +211,6 @@ def test_raw_launch_only_where_it_knows_the_launcher(wrap, driver_stub, monkeypa
     other = compiled(FakeLauncher(wrap))
     other.run.launch = lambda *a: None  # not the wrapper it knows
     assert _gluon.RawLaunch.of(other, 2) is None
-    _gluon.set_tma_memo(False)
-    assert _gluon.RawLaunch.of(k, 2) is None
-    _gluon.set_tma_memo(True)
     assert _gluon.RawLaunch.of(k, 2) is not None
     from triton.backends.nvidia import driver
 
