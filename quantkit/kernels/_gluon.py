@@ -200,8 +200,9 @@ def _meta_key(meta: dict) -> tuple:
     return ent[1]
 
 
-def _encoded(encode, arg, metadata, mkey, ptr: int, shape: tuple, strides: tuple):
-    key = (mkey, ptr, shape, strides, arg.padding)
+def _encoded(key: tuple, encode, arg, metadata):
+    """The memo's entry for ``key`` = (metadata's key, base address, shape, strides, padding), encoding ``arg``
+    with ``metadata`` on a miss."""
     hit = _TMA_MEMO.get(key)
     return hit if hit is not None else _common.remember(_TMA_MEMO, key, encode(arg, metadata))
 
@@ -212,8 +213,8 @@ def memo_tensordesc_arg(encode):
     def make_tensordesc_arg(arg, metadata):
         if not TMA_MEMO or metadata is None:  # None: no encoding, the descriptor is passed as pointer + sizes
             return encode(arg, metadata)
-        return _encoded(encode, arg, metadata, _meta_key(metadata), arg.base.data_ptr(), tuple(arg.shape),
-                        tuple(arg.strides))
+        key = (_meta_key(metadata), arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), arg.padding)
+        return _encoded(key, encode, arg, metadata)
 
     make_tensordesc_arg.memo_of = encode
     return make_tensordesc_arg
@@ -238,13 +239,17 @@ def _triton_encoding():
 def install_tma_memo() -> bool:
     """Put the memo in front of Triton's ``make_tensordesc_arg`` (once); False where ``_triton_encoding`` is
     None."""
+    try:
+        from triton.backends.nvidia import driver
+
+        if getattr(driver.make_tensordesc_arg, "memo_of", None) is not None:  # installed
+            return True
+    except Exception:
+        return False
     fn = _triton_encoding()
     if fn is None:
         return False
-    from triton.backends.nvidia import driver
-
-    if getattr(driver.make_tensordesc_arg, "memo_of", None) is None:
-        driver.make_tensordesc_arg = memo_tensordesc_arg(fn)
+    driver.make_tensordesc_arg = memo_tensordesc_arg(fn)
     return True
 
 
@@ -297,9 +302,9 @@ class RawLaunch:
         """The descriptor arguments of ``tensors`` as the C launch takes them (each: its encoding, shape, strides)."""
         out = []
         for (meta, mkey), t in zip(self.descs, tensors):
-            ptr, shape, strides = t.data_ptr(), tuple(t.shape), t.stride()
-            hit = _TMA_MEMO.get((mkey, ptr, shape, strides, HostDesc.padding))
-            out += hit if hit is not None else _encoded(self.encode, HostDesc(t), meta, mkey, ptr, shape, strides)
+            key = (mkey, t.data_ptr(), tuple(t.shape), t.stride(), HostDesc.padding)
+            hit = _TMA_MEMO.get(key)  # a hit builds no HostDesc
+            out += hit if hit is not None else _encoded(key, self.encode, HostDesc(t), meta)
         return out
 
     def __call__(self, grid, tensors: tuple, args: tuple) -> None:
@@ -342,7 +347,8 @@ class DirectLaunch:
         """:meth:`run`, else ``jit()`` (the kernel launched through the JIT, on descriptors it builds; it returns
         the compiled kernel), which is then remembered under ``key()`` with ``len(tensors)`` descriptors."""
         if not self.run(key, grid, tensors, args):
-            install_tma_memo()
+            if self.compiled is not None:  # a variant's first launch (after a failed direct launch: every launch)
+                install_tma_memo()
             self.remember(key, jit(), len(tensors))
 
     def remember(self, key, k, n_desc: int) -> None:
