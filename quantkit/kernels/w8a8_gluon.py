@@ -533,8 +533,9 @@ if GLUON_ERROR is None:
 def applies(a_q: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: dict) -> bool:
     """Whether this kernel can run here: Gluon importable, an sm_90 GPU, int8 operands and an fp16 / bf16 /
     int32 output that TMA descriptors can describe (contiguous, 16-byte row strides and base addresses), and a tile
-    of whole 64-row wgmmas (a config written for the tl.dot kernel, e.g. BLOCK_M 16, runs there instead)."""
-    if not _gluon.available(a_q) or cfg["BLOCK_M"] % 64:
+    of whole 64-row wgmmas and a ring of at least ``_gluon.MIN_STAGES`` slots (a config written for the tl.dot
+    kernel, e.g. BLOCK_M 16 or num_stages 1, runs there instead)."""
+    if not _gluon.available(a_q) or cfg["BLOCK_M"] % 64 or not _gluon.ring_ok(cfg):
         return False
     if a_q.dtype != torch.int8 or w.dtype != torch.int8 or out.dtype not in _gluon.GL_DTYPES:
         return False

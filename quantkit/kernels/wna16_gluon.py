@@ -730,8 +730,9 @@ def plan(cfg: dict, M: int, N: int, K: int, dtype, bits: int, has_zero: bool, ha
     """The per-shape half of ``applies`` and what a launch needs (``wna16`` keeps it in its cached launch plan):
     None where the kernel cannot run at this shape whatever x is: fp16 (or bf16 with 4-bit) activations whose
     rows TMA can describe (16-byte rows), N a multiple of 4 (16-byte word rows), the buffers of the kernel ``cfg``
-    picks (groups < 128 take the shared-operand one) within an SM's shared memory."""
-    if GLUON_ERROR is not None or dtype not in (torch.float16, torch.bfloat16):
+    picks (groups < 128 take the shared-operand one) within an SM's shared memory, a ring of at least
+    ``_gluon.MIN_STAGES`` slots."""
+    if GLUON_ERROR is not None or dtype not in (torch.float16, torch.bfloat16) or not _gluon.ring_ok(cfg):
         return None
     if bits not in (4, 8) or (bits == 8 and dtype != torch.float16):
         return None

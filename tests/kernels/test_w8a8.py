@@ -134,7 +134,7 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     """A ``BACKEND="gluon"`` config where the Gluon kernel does not apply (no sm_90 GPU: the interpreter, CPU;
     a tile of no whole 64-row wgmma; mixed rows anywhere) runs the tl.dot kernel: bit for bit its output, plain and
     on quantized activations."""
-    from quantkit.kernels import w8a8_gluon
+    from quantkit.kernels import _gluon, w8a8_gluon
 
     g = torch.Generator().manual_seed(9)
     M, N, K = 24, 40, 64
@@ -179,6 +179,11 @@ def test_w8a8_gluon_config_runs_the_tensor_core_kernel_where_gluon_cannot(dev):
     assert w8a8_gluon.plain_tile(walk) == w8a8_gluon.mixed_tile(ws)
     # an entry's own MIXED config wins for mixed calls, and plain calls never see the key
     entry = dict(ws, MIXED=dict(glu, BLOCK_M=64))
+    # (a one-slot ring is no Gluon config: that MIXED tile, num_stages 1, runs the tl.dot kernel; the Gluon kernel
+    # would wait on a K tile it never loaded, which hung this test on an H100 in sessions 52-53)
+    o64 = poison((M, N), torch.float16, dev)
+    assert not w8a8_gluon.applies(a_q, W.w, o64, dict(glu, BLOCK_M=64))
+    assert w8a8_gluon.applies(a_q, W.w, o64, dict(glu, BLOCK_M=64, num_stages=2)) == _gluon.available(a_q)
     assert w8a8.mixed_config(entry) == dict(glu, BLOCK_M=64) and w8a8.mixed_config(ws) == w8a8_gluon.mixed_tile(ws)
     assert w8a8._pick(x, M, N, K, entry) == ws and w8a8._pick(x, M, N, K, entry, mixed=True) == dict(glu, BLOCK_M=64)
     rb = (torch.arange(M) % 3 == 0).to(torch.uint8).to(dev)

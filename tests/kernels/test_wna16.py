@@ -439,3 +439,40 @@ def test_a_search_keeps_the_entrys_chained_config(tmp_path):
     assert "CHAINED" not in table[("G", 16, 4096, 4096)]
     write_tuned("G", "w4a16", {(1, 4096, 4096): dict(plain, CHAINED=plain)}, str(tmp_path))
     assert load_tuned("w4a16", str(tmp_path))[("G", 1, 4096, 4096)]["CHAINED"] == plain
+
+
+def test_gluon_kernels_refuse_a_one_slot_ring():
+    """The Gluon GEMMs prefetch STAGES - 1 K tiles before their loops: a one-slot ring would wait on a load never
+    issued (a GPU hang), so ``plan`` (and W8A8's ``applies``) refuse num_stages 1, the tl.dot kernel runs it, and no
+    config the tuner tries or the GPU files ship asks for one."""
+    from quantkit.kernels import _gluon, wna16_gluon
+
+    if wna16_gluon.GLUON_ERROR is not None:
+        pytest.skip(f"Gluon not importable: {wna16_gluon.GLUON_ERROR}")
+    cfg = wna16_gluon.config(64, 128, 2, 4, 2)
+    assert wna16_gluon.plan(cfg, 16, 4096, 4096, torch.float16, 4, False, False, False) is not None
+    assert wna16_gluon.plan(dict(cfg, num_stages=1), 16, 4096, 4096, torch.float16, 4, False, False, False) is None
+    rs = dict(cfg, RS=True)
+    assert wna16_gluon.plan(dict(rs, num_stages=1), 256, 4096, 4096, torch.float16, 4, False, False, False) is None
+    for m in (16, 128, 256, 2048):
+        assert all(_gluon.ring_ok(c) for c in wna16_gluon.candidates(m))
+    import json
+    import pathlib
+
+    from quantkit.kernels import _common
+
+    paths = sorted(pathlib.Path(_common.CONFIG_DIR).glob("*.json"))
+    assert {p.name for p in paths} >= {"H100.json", "H200.json"}
+    for path in paths:
+        gluon = [c for c in _iter_dicts(json.loads(path.read_text())) if c.get("BACKEND") == "gluon"]
+        assert gluon and all(_gluon.ring_ok(c) for c in gluon), path
+
+
+def _iter_dicts(o):
+    if isinstance(o, dict):
+        yield o
+        for v in o.values():
+            yield from _iter_dicts(v)
+    elif isinstance(o, list):
+        for v in o:
+            yield from _iter_dicts(v)
