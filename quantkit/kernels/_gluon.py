@@ -122,9 +122,8 @@ WS_MAXNREG, WS_MMA_REGS, WS_LOAD_REGS = 168, 232, 40
 WS_LAUNCH = {"num_warps": 4, "maxnreg": WS_MAXNREG}  # their launch options (num_warps: the default partition)
 
 # the shallowest ring the Gluon GEMMs run: each prefetches STAGES - 1 K tiles before its loop and keeps one wgmma in
-# flight while it refills the slot the previous one read, so a one-slot ring waits on a load it never issued (a
-# config written for the tl.dot kernel, num_stages 1, hung a GPU test in sessions 52-53: it runs that kernel
-# instead)
+# flight while it refills the slot the previous one read, so a one-slot ring waits on a load it never issued (a GPU
+# hang): a config written for the tl.dot kernel with num_stages 1 runs that kernel instead
 MIN_STAGES = 2
 
 

@@ -1,3 +1,6 @@
+import json
+import pathlib
+
 import pytest
 import torch
 
@@ -445,7 +448,7 @@ def test_gluon_kernels_refuse_a_one_slot_ring():
     """The Gluon GEMMs prefetch STAGES - 1 K tiles before their loops: a one-slot ring would wait on a load never
     issued (a GPU hang), so ``plan`` (and W8A8's ``applies``) refuse num_stages 1, the tl.dot kernel runs it, and no
     config the tuner tries or the GPU files ship asks for one."""
-    from quantkit.kernels import _gluon, wna16_gluon
+    from quantkit.kernels import _common, _gluon, wna16_gluon
 
     if wna16_gluon.GLUON_ERROR is not None:
         pytest.skip(f"Gluon not importable: {wna16_gluon.GLUON_ERROR}")
@@ -456,11 +459,6 @@ def test_gluon_kernels_refuse_a_one_slot_ring():
     assert wna16_gluon.plan(dict(rs, num_stages=1), 256, 4096, 4096, torch.float16, 4, False, False, False) is None
     for m in (16, 128, 256, 2048):
         assert all(_gluon.ring_ok(c) for c in wna16_gluon.candidates(m))
-    import json
-    import pathlib
-
-    from quantkit.kernels import _common
-
     paths = sorted(pathlib.Path(_common.CONFIG_DIR).glob("*.json"))
     assert {p.name for p in paths} >= {"H100.json", "H200.json"}
     for path in paths:
