@@ -249,3 +249,21 @@ def test_tma_memo_ab_times_the_call_with_the_memo_on_and_off(monkeypatch):
     text = gemm.tma_memo_ab(lambda: seen.append(_gluon.TMA_MEMO))
     assert set(seen) == {True, False} and _gluon.TMA_MEMO is prev
     assert text.endswith("eager 2.00 / 3.00 us (memo on / off)") and text.startswith("host ")
+
+
+def test_peer_report_shows_an_inexact_peer_marked_and_unranked(monkeypatch):
+    """A peer whose output missed our tolerance (GemLite's W4 GEMV, sessions 48-53) is timed and shown with ``*``
+    in the eager, graph and host tables, but the best peer and the ratio come from the peers that passed."""
+    gemm = _gemm()
+    monkeypatch.setattr(gemm.torch.cuda, "get_device_name", lambda *a: "FAKE GPU")
+    row = dict(N=64, K=128, M=1, **{"w4|quantkit|eager": 5.0, "w4|tinygemm|eager": 6.0, "w4|GemLite|eager": 4.0,
+                                     "w4|quantkit|graph": 3.0, "w4|tinygemm|graph": 3.3, "w4|GemLite|graph": 2.0,
+                                     "w4|GemLite|inexact": True, "w4|GemLite|host": 99.04})
+    md = gemm.peer_report([row], 3e12, [], None)
+    assert "| 64 | 128 | 1 |  | 5.0 | 6.0 | 4.0* | tinygemm | 1.20 |" in md
+    assert "| 64 | 128 | 1 |  | 3.0 | 3.3 | 2.0* | tinygemm | 1.10 |" in md
+    assert "| w4 | 64 | 128 | 1 |  |  |  | 99.0* |" in md
+    assert "`*` = a peer whose output missed our relative-error tolerance" in md
+    # the same row with GemLite exact: it is the best peer
+    del row["w4|GemLite|inexact"]
+    assert "| 64 | 128 | 1 |  | 5.0 | 6.0 | 4.0 | GemLite | 0.80 |" in gemm.peer_report([row], 3e12, [], None)
