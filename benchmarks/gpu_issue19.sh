@@ -2,16 +2,15 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
+#   STAGE_LIMIT=200 PEER_MS=1,16,256,2048 bash benchmarks/gpu_issue19.sh peers   # next: the status table on the
+#                                                  # configs as shipped (bench_rounds), the host-time table, our calls'
+#                                                  # host profiles and the memo / RawLaunch on-off A/B (session 53:
+#                                                  # 8-20 us less host time on 9 of 10 Gluon calls); the shipped entry
+#                                                  # timed with config=None, as the runtime calls it; GemLite's inexact
+#                                                  # W4 GEMV timed and marked (carry .dev/gemlite-0.6.0)
 #   STAGE_LIMIT=280 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all-rest check-all-gpu
-#                                                  # next: the one-slot-ring fix (session 53, CPU-tested only; the
-#                                                  # hang that kept check-all-rest at 339 of 342 in sessions 52-53),
-#                                                  # so the rest should finish whole; test_gpu.py: 639 of 641 in 275 s
-#                                                  # on a cold compile cache, whole in 194 s warm (session 52)
-#   STAGE_LIMIT=200 PEER_MS=1,16,256,2048 bash benchmarks/gpu_issue19.sh peers   # the status table on the configs
-#                                                  # as shipped (bench_rounds), the host-time table, our calls' host
-#                                                  # profiles and the memo / RawLaunch on-off A/B (session 53: 8-20 us
-#                                                  # less host time on Gluon calls); the shipped entry now timed with
-#                                                  # config=None, as the runtime calls it (carry .dev/gemlite-0.6.0)
+#                                                  # after a change to the kernels or their launch (session 53
+#                                                  # completed the pass on an H100: 868 passed, 0 failed)
 #   STAGE_LIMIT=300 SHAPES=6144x4096,28672x4096 bash benchmarks/gpu_issue19.sh w4-decode
 #                                                  # sessions 50-51 searched W4A16 M = 1 / 16 at 4096x4096 and
 #                                                  # 4096x14336 (no change; carry .dev/gemlite-0.6.0; `echo PDL_CHAIN
