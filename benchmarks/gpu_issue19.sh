@@ -2,26 +2,27 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   STAGE_LIMIT=200 PEER_MS=1,16,256,2048 bash benchmarks/gpu_issue19.sh peers   # next: the status table on the
+#   STAGE_LIMIT=200 PEER_MS=1,16,256,2048 bash benchmarks/gpu_issue19.sh peers   # the status table on the
 #                                                  # configs as shipped (bench_rounds), the host-time table, our calls'
-#                                                  # host profiles and the memo / RawLaunch on-off A/B (session 53:
-#                                                  # 8-20 us less host time on 9 of 10 Gluon calls); the shipped entry
-#                                                  # timed with config=None, as the runtime calls it; GemLite's inexact
-#                                                  # W4 GEMV timed and marked (carry .dev/gemlite-0.6.0)
+#                                                  # host profiles and the memo / RawLaunch on-off A/B; the shipped
+#                                                  # entry timed with config=None, as the runtime calls it; GemLite's
+#                                                  # inexact W4 GEMV timed and marked (carry .dev/gemlite-0.6.0).
+#                                                  # Session 54 ran it on an H100; next on an H200 (the list below)
 #   STAGE_LIMIT=280 CHECK_WORKERS=15 bash benchmarks/gpu_issue19.sh check-all-rest check-all-gpu
 #                                                  # after a change to the kernels or their launch (session 53
 #                                                  # completed the pass on an H100: 868 passed, 0 failed)
-#   STAGE_LIMIT=300 SHAPES=6144x4096,28672x4096 bash benchmarks/gpu_issue19.sh w4-decode
-#                                                  # sessions 50-51 searched W4A16 M = 1 / 16 at 4096x4096 and
-#                                                  # 4096x14336 (no change; carry .dev/gemlite-0.6.0; `echo PDL_CHAIN
-#                                                  # >> ~/.gemm_skip_keys` first: those twins rank back to back and
-#                                                  # lose in the runtime)
+#   STAGE_LIMIT=300 SHAPES=28672x4096 bash benchmarks/gpu_issue19.sh w4-decode
+#                                                  # sessions 50-54 searched W4A16 M = 1 / 16 at 4096x4096,
+#                                                  # 4096x14336 and 6144x4096 (no change; one shape takes 85 s on a
+#                                                  # warm compile cache, over 300 s on a cold one; carry
+#                                                  # .dev/gemlite-0.6.0; `echo PDL_CHAIN >> ~/.gemm_skip_keys`
+#                                                  # first: those twins rank back to back and lose in the runtime)
 #   STAGE_LIMIT=60 bash benchmarks/gpu_issue19.sh mixed-8192 mixed-256   # mixed with no FP16 row against W8A8,
 #                                                  # timed interleaved (bench_paired): within 1.7% at M = 8192
 #                                                  # in both of session 51's runs; M = 256 eager swings (host)
 #   RT_TUNE=1 RT_LIMIT=260 bash benchmarks/gpu_issue19.sh runtime-chain   # the W4A16 M = 1 CHAINED choices by
-#                                                  # the runtime's own step time (runtime.py --tune-chained, built in
-#                                                  # session 50, not yet run on a GPU), written, then the A/B (chain
+#                                                  # the runtime's own step time (runtime.py --tune-chained; session
+#                                                  # 54, H100: 6144x4096 now PDL), written, then the A/B (chain
 #                                                  # on / on with plain entries / off) on them; without RT_TUNE the
 #                                                  # A/B alone, after any config change
 #   On an H200 (H200.json, last searched in session 41: none of the TMA-fed GEMV, warp-specialized RS or
