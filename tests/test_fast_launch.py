@@ -226,3 +226,22 @@ def test_spec_key_matches_arg_class():
         for b in vals:
             same_class = _common.arg_class(a) == _common.arg_class(b) and type(a) is type(b)
             assert (_common.spec_key((a,)) == _common.spec_key((b,))) == same_class, (a, b)
+
+
+def test_interpret_mode_follows_the_environment(monkeypatch):
+    """``interpret_mode`` reads os.environ's own store (a launch asks it several times): it still follows every
+    change made through os.environ, including setting, changing and removing the variable, and a replaced
+    os.environ."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _common.interpret_mode() is False
+    for value, want in [("1", True), ("0", False), ("yes", True), ("off", False), ("TRUE", True)]:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert _common.interpret_mode() is want, value
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert _common.interpret_mode() is False
+    import os
+
+    monkeypatch.setattr(os, "environ", {"TRITON_INTERPRET": "1"})  # not CPython's _Environ: the plain read
+    assert _common.interpret_mode() is True
+    os.environ["TRITON_INTERPRET"] = "0"
+    assert _common.interpret_mode() is False

@@ -108,14 +108,16 @@ MAX_ONE_PASS = 16384
 def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int = 127,
                            static_scale: torch.Tensor | None = None,
                            trigger_dependents: bool = False,
-                           wait_prior: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           wait_prior: bool = False, into_scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launch. x: (M, K) -> (q (M, K) int8, scale (M, 1) fp32) (into out_q/out_s if given).
 
     static_scale: a (1,) fp32 per-tensor scale to quantize with instead of each row's max (the
     returned scale then repeats it per row, the layout ``w8a8_gemm_q`` reads).  trigger_dependents: the
     caller launches the consumer programmatically next (PDL, ``_common.pdl_supported`` must hold): it may start
     as soon as this kernel does.  wait_prior: this launch is programmatic itself (the launch before let it start
-    early): it waits on the GPU for that launch before reading x or writing its outputs."""
+    early): it waits on the GPU for that launch before reading x or writing its outputs.  into_scratch: out_q and
+    out_s are a caller's cached buffers (``_common.cached_buffer``: 16-byte aligned, contiguous, one dtype each), so
+    the launch's specialization key leaves them out (less host time a call)."""
     assert x.dim() == 2
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -126,8 +128,10 @@ def per_token_quant_triton(x: torch.Tensor, out_q=None, out_s=None, *, qmax: int
         return q, s
     static = static_scale is not None
     const, ckey = _consts(K, x.is_cuda, qmax, static, trigger_dependents, wait_prior)
-    fast_launch(act_quant_kernel, (M,), (x, q, s, static_scale if static else s, K, x.stride(0), q.stride(0)),
-                const, ckey)
+    args = (x, q, s, static_scale if static else s, K, x.stride(0), q.stride(0))
+    # a cached q's stride is K; a static scale is the caller's own tensor, so it stays in the key
+    fast_launch(act_quant_kernel, (M,), args, const, ckey,
+                ((x, K, x.stride(0)) + ((static_scale,) if static else ())) if into_scratch else None)
     return q, s
 
 

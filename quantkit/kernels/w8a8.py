@@ -802,23 +802,27 @@ def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg, x=None, row_bits=None,
 
 def _scratch(x: torch.Tensor):
     """This device's cached activation scratch for x (M, K) (no allocation per call once warm; reuse is ordered
-    by the stream, see ``cached_buffer``): (a_q (M, K) int8, a_scale (M,) fp32) views."""
+    by the stream, see ``cached_buffer``): (a_q (M, K) int8, a_scale (M,) fp32, a_q as int32 words (the GEMV's
+    view; K % 4 == 0 only, else None)) views."""
     M, K = x.shape
     key = (x.device, M, K)
     # memoised: slicing and viewing cost more host time than the launch's own wrapper
-    return _SCRATCH_VIEWS.get(key) or remember(_SCRATCH_VIEWS, key, (
-        cached_buffer(x.device, torch.int8, M * K, tag="act_q")[: M * K].view(M, K),
-        cached_buffer(x.device, torch.float32, M, tag="act_s")[:M]))
+    return _SCRATCH_VIEWS.get(key) or remember(_SCRATCH_VIEWS, key, _scratch_views(x.device, M, K))
+
+
+def _scratch_views(device, M: int, K: int) -> tuple:
+    a_q = cached_buffer(device, torch.int8, M * K, tag="act_q")[: M * K].view(M, K)
+    return a_q, cached_buffer(device, torch.float32, M, tag="act_s")[:M], a_q.view(torch.int32) if K % 4 == 0 else None
 
 
 def _quantize_into_scratch(x: torch.Tensor, pdl: bool = False, chain: bool = False):
-    """Per-token quantization of x (M, K) into the activation scratch: (a_q (M, K) int8, a_scale (M,) fp32).
-    ``pdl``: the consumer is launched programmatically next, so this launch triggers it, and is programmatic
-    itself where ``_common.first_waits`` says (``chain``: the config's ``PDL_CHAIN``; the GEMV before it reads the
-    same scratch)."""
+    """Per-token quantization of x (M, K) into the activation scratch: :func:`_scratch`'s views. ``pdl``: the
+    consumer is launched programmatically next, so this launch triggers it, and is programmatic itself where
+    ``_common.first_waits`` says (``chain``: the config's ``PDL_CHAIN``; the GEMV before it reads the same
+    scratch)."""
     views = _scratch(x)
     per_token_quant_triton(x, out_q=views[0], out_s=views[1], trigger_dependents=pdl,
-                           wait_prior=_common.first_waits(chain, pdl))
+                           wait_prior=_common.first_waits(chain, pdl), into_scratch=True)
     return views
 
 
@@ -892,15 +896,17 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     if fuse:  # one launch: the kernel quantizes x itself
         a_arg, a_s, stride_a = x, w_scale, x.stride(0)
     else:
-        a_q, a_s = _quantize_into_scratch(x, const["PDL"], const["CHAIN"])
-        a_arg, stride_a = a_q.view(torch.int32), K // 4
+        _, a_s, a_arg = _quantize_into_scratch(x, const["PDL"], const["CHAIN"])
+        stride_a = K // 4
     wf = w_fp16 if w_fp16 is not None else w
-    vary = (a_arg, a_s, w.view(torch.int32), w_scale, bias if bias is not None else w_scale, out)
+    vary = (w.view(torch.int32), w_scale, bias if bias is not None else w_scale, out)
     tail = (x, wf, row_bits if rbits else w_scale)
-    strides = (stride_a, out.stride(0), x.stride(0), wf.stride(0))
-    # as in _launch: part, lock (cached buffers) and M, N, K // 4 (in ckey) left out of the specialization key
-    fast_launch(w8a8_gemv_kernel, grid, (*vary, part, lock, *tail, M, N, K // 4, stride_a, K // 4, *strides[1:]),
-                const, ckey, (*vary, *tail, *strides))
+    strides = (out.stride(0), x.stride(0), wf.stride(0))
+    # as in _launch: part, lock (cached buffers) and M, N, K // 4 (in ckey) left out of the specialization key, and
+    # so are a_arg, a_s and stride_a: with FUSE_QUANT (in ckey) x, w_scale and x's stride (in the key already),
+    # without it the activation scratch (cached buffers, 16-byte aligned, one dtype each) and K // 4
+    fast_launch(w8a8_gemv_kernel, grid, (a_arg, a_s, *vary, part, lock, *tail, M, N, K // 4, stride_a, K // 4,
+                                         *strides), const, ckey, (*vary, *tail, *strides))
     return out
 
 
@@ -976,11 +982,11 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
     if cfg.get("BACKEND") == "gemv" and M <= GEMV_MAX_M and K % 4 == 0:
         return _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits, w_fp16)
     if cfg.get("BACKEND") == "tma" and tma_applies(x, w, out, row_bits, w_fp16):
-        a_q, a_s = _quantize_into_scratch(x)
+        a_q, a_s, _ = _quantize_into_scratch(x)
         return _launch_tma(a_q, a_s, w, w_scale, bias, out, cfg, x, row_bits, w_fp16)
     if cfg.get("BACKEND") == "gluon":
         pdl = wants_pdl(cfg, x.device)
-        a_q, a_s = _quantize_into_scratch(x, pdl)
+        a_q, a_s, _ = _quantize_into_scratch(x, pdl)
         if _gluon_launch(a_q, a_s, w, w_scale, bias, out, cfg, row_bits, x, w_fp16, pdl):
             return out
         return _launch(a_q, a_s, w, w_scale, bias, out, False, False, _mma_only(cfg, x, M, N, K), x, row_bits,
@@ -992,7 +998,7 @@ def w8a8_linear_triton(x, w, w_scale, bias=None, config: Optional[dict] = None, 
     if cfg.get("FUSE_QUANT", False):
         return _launch(x, None, w, w_scale, bias, out, True, False, cfg, x, row_bits, w_fp16)
     pdl = wants_pdl(cfg, x.device)
-    a_q, a_s = _quantize_into_scratch(x, pdl)
+    a_q, a_s, _ = _quantize_into_scratch(x, pdl)
     return _launch(a_q, a_s, w, w_scale, bias, out, False, False, cfg, x, row_bits, w_fp16, pdl=pdl)
 
 
