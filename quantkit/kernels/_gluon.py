@@ -357,7 +357,8 @@ class DirectLaunch:
         """:meth:`run`, else ``jit()`` (the kernel launched through the JIT, on descriptors it builds; it returns
         the compiled kernel), which is then remembered under ``key()`` with ``len(tensors)`` descriptors."""
         if not self.run(key, grid, tensors, args):
-            if self.compiled is not None:  # a variant's first launch (after a failed direct launch: every launch)
+            if self.compiled is not None:  # a variant's first launch; once direct launches are off, every launch
+                # takes this path and the memo is already in place (installed on an earlier first launch)
                 install_tma_memo()
             self.remember(key, jit(), len(tensors))
 
