@@ -33,8 +33,8 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 import triton  # noqa: E402
 
 from quantkit.kernels import act_quant, fused, mixed, w8a8, w8a8_gluon, wna16, wna16_gluon  # noqa: E402
-from quantkit.kernels._common import (CHAINED, chain_pdl, gpu_key, m_bucket, runtime_chain,  # noqa: E402
-                                      write_tuned)
+from quantkit.kernels._common import (CHAINED, EAGER, chain_pdl, gpu_key, m_bucket, plain_config,  # noqa: E402
+                                      runtime_chain, write_tuned)
 
 import peers  # noqa: E402  (benchmarks/peers.py)
 
@@ -54,6 +54,7 @@ def log(*a):
 
 
 SMOKE = False
+DEVICE_NAME = "cpu (interpreter smoke run)"  # the tables' device under --smoke
 
 
 def bench(fn, warmup=10, rep=40):
@@ -412,6 +413,11 @@ def main():
                     help="with --peers: search the W4A16 and W8A8 configs at M <= 64 (ranked by CUDA-graph "
                          "replay over rotated weights; --write-configs keeps the winners)")
     ap.add_argument("--tune-decode-kinds", default="w4a16,w8a8", help="with --tune-decode: which formats")
+    ap.add_argument("--tune-eager", action="store_true",
+                    help="with --peers: each W4A16 M = 1 and W8A8 M <= 16 entry whose plain config takes two "
+                         "launches gets an EAGER config, the one-launch form that calls outside a CUDA graph run, "
+                         "where one beats it by eager calls by more than 5%% (--write-configs keeps them; "
+                         "--tune-decode-kinds picks the formats)")
     ap.add_argument("--tune-rank", choices=("eager", "graph"), default="eager",
                     help="with --tune: rank the candidates by eager do_bench (default) or by CUDA-graph replay over "
                          "rotated weight copies (device time alone: where the host issues slower than the GPU runs, "
@@ -438,7 +444,7 @@ def main():
     if SMOKE:
         ODD_SHAPES, CHECK_MS = [(40, 256)], [1, 17]
     gpu = gpu_key(torch.empty(1, device=dev))
-    name = torch.cuda.get_device_name() if not SMOKE else "cpu (interpreter smoke run)"
+    name = torch.cuda.get_device_name() if not SMOKE else DEVICE_NAME
     log(f"# device: {name} | torch {torch.__version__} | triton {triton.__version__} | "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     bw, r16, ri8 = ceilings(dev) if not SMOKE else (1e12, 1e14, 2e14)
@@ -828,6 +834,51 @@ def graph_search(what, shipped, cands, run, copies, ref, tol, fails):
     return res
 
 
+def launches(kind: str, cfg: dict) -> int:
+    """How many launches a call of plain config ``cfg`` takes (``kind``: w4a16, w8a8): W4A16's packed-x and
+    TMA-fed GEMVs launch the activations' packing first, W8A8 its quantization unless fused (FUSE_QUANT) or done by
+    the GEMM's own programs (QUANT_ONCE); the dequantize-then-cuBLAS path is two launches too."""
+    if kind == "w4a16":
+        return 2 if cfg.get("PACKED_X") or cfg.get("TMA_RING") or cfg.get("BACKEND") == "dequant" else 1
+    return 1 if cfg.get("FUSE_QUANT") or cfg.get("QUANT_ONCE") else 2
+
+
+def eager_candidates(kind: str, M: int) -> list:
+    """The one-launch configs an EAGER search times (``--tune-eager``; few: on a cold compile cache each costs ~2 s
+    of device time): W4A16 M = 1 the half2 GEMV reading x in place with each split's own prescale (the form shipped
+    at 4096 x 4096 and 6144 x 4096) on the tiles the graph searches ranked near the top, no PDL twins (behind a
+    plain launch they only cost), and the general GEMV; W8A8 M <= 16 the fused GEMVs (no load rings: they tied or
+    lost in the graph searches) and the tl.dot tiles with QUANT_ONCE."""
+    if kind == "w4a16":
+        H = wna16._gemv_h2
+        return [dict(H(bn, sk, u, w, per_block=pb), SLICE_PRESCALE=True) for bn, sk, u, w, pb in [
+            (64, 4, 8, 4, True), (64, 4, 4, 4, True), (64, 8, 2, 4, True), (128, 4, 4, 8, True), (128, 2, 4, 4, True),
+            (128, 4, 2, 4, True), (256, 4, 2, 8, True), (64, 2, 8, 4, True), (64, 4, 8, 4, False),
+            (128, 4, 4, 8, False), (128, 1, 8, 4, False)]] + [wna16._gemv(128, 8, w=4)]
+    return [c_ for c_ in decode_w8a8_candidates(M) if launches(kind, c_) == 1 and not c_.get("LOAD_STAGES")]
+
+
+def eager_search(what, kind, shipped, run, ref, tol, fails, M, margin=0.05):
+    """An entry's ``EAGER`` config (``sub_choice``): where its plain config takes two launches, the one-launch
+    candidates (``eager_candidates``) and the plain entry checked and timed by eager calls (do_bench, L2 flushed:
+    what a call outside a CUDA graph pays, host included), then the three fastest and the plain entry re-timed in
+    interleaved rounds. ``run(cfg, out)`` calls the kernel. (entry or None where nothing is searched or decided; a
+    line saying why.)"""
+    plain = plain_config(shipped)
+    if launches(kind, plain) == 1:
+        return None, f"the plain entry takes one launch: not searched ({plain})"
+    cands = eager_candidates(kind, M) + ([shipped[EAGER]] if shipped.get(EAGER) else [])
+    res = timed_search(f"{what} eager", cands, run, ref, lambda cfg: bench(lambda: run(cfg, None)), fails, tol,
+                       shipped=plain)
+    top = [c_ for _, c_ in res[:3]] + ([] if any(c_ == plain for _, c_ in res[:3]) else [plain])
+    errors: dict = {}
+    t = bench_rounds({json.dumps(c_, sort_keys=True): (lambda c_=c_: run(c_, None)) for c_ in top}, bench,
+                     errors=errors, rep=20)
+    timed = [(t[k], json.loads(k)) for k in t]
+    log(f"{what} eager rounds: " + "; ".join(f"{us:.1f} {c_}" for us, c_ in sorted(timed, key=lambda r: r[0])))
+    return sub_choice(EAGER, shipped, timed, margin)
+
+
 def save_configs(tuned):
     """{kind: {"gpu|m|n|k": config}} -> quantkit/kernels/configs/<gpu>.json (merged)."""
     for kind, entries in tuned.items():
@@ -912,6 +963,21 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                                    ref8, 2 * TOL, fails)
                 if res:
                     cfg8 = tuned[f"w8a8|{gpu}|{m_bucket(M)}|{N}|{K}"] = res[0][1]
+            if args.tune_eager and M == 1 and "w4a16" in kinds:  # the EAGER configs (after any graph search)
+                entry, why = eager_search(f"w4a16 N={N} K={K} M={M}", "w4a16", cfg4,
+                                          lambda cfg, o: w4_ours(ours4[0], cfg, ob if o is None else o), ref4, TOL,
+                                          fails, M)
+                log(f"EAGER w4a16 N={N} K={K} M={M}: {why}")
+                if entry is not None:
+                    cfg4 = tuned[f"w4a16|{gpu}|{m_bucket(M)}|{N}|{K}"] = entry
+            if args.tune_eager and M <= 16 and "w8a8" in kinds:
+                entry, why = eager_search(f"w8a8 N={N} K={K} M={M}", "w8a8", cfg8,
+                                          lambda cfg, o: w8a8.w8a8_linear_triton(xh, ours8[0].w, ours8[0].scale,
+                                                                                 config=cfg, out=oh if o is None else o),
+                                          ref8, 2 * TOL, fails, M)
+                log(f"EAGER w8a8 N={N} K={K} M={M}: {why}")
+                if entry is not None:
+                    cfg8 = tuned[f"w8a8|{gpu}|{m_bucket(M)}|{N}|{K}"] = entry
             row["w4_cfg"] = cfg4
             row["w8a8_cfg"] = cfg8
             # the runtime's linears pass no config: the shipped entry, looked up once and cached under a constant
@@ -1013,7 +1079,7 @@ PEER_COLUMNS = (("w4", ["cuBLAS bf16", "quantkit", "tinygemm", "GemLite"], "W4A1
 
 
 def peer_report(rows, bw, fails, gl):
-    L = [f"Device: **{torch.cuda.get_device_name()}**; torch {torch.__version__}, triton {triton.__version__}, "
+    L = [f"Device: **{DEVICE_NAME if SMOKE else torch.cuda.get_device_name()}**; torch {torch.__version__}, triton {triton.__version__}, "
          f"GemLite {gl.__version__ if gl else 'absent'}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} UTC; "
          f"command: `PYTHONPATH=. python benchmarks/gemm.py {' '.join(sys.argv[1:])}`; copy bandwidth "
          f"{bw / 1e12:.2f} TB/s.",
@@ -1129,7 +1195,7 @@ def decode_parts(dev, gen, shapes, bw, write=False):
     the packing launch alone (``wna16._h2_pack_x``), the TMA-fed GEMV alone on x packed beforehand, and the whole
     call with and without PDL, for the shipped config and the TMA-fed tiles of DECODE_PART_TILES; each checked
     against the reference first, the copy floor beside them. Behind the runtime's own norm it also picks each
-    shape's ``CHAINED`` config (``chained_choice``), written into the GPU's config file with ``write``."""
+    shape's ``CHAINED`` config (``sub_choice``), written into the GPU's config file with ``write``."""
     gpu = gpu_key(torch.empty(1, device=dev))
     fails = []
     spacer = torch.zeros(1, device=dev)
@@ -1154,7 +1220,7 @@ def decode_parts(dev, gen, shapes, bw, write=False):
         ref = refs(L, x)["w4"]
         floor = w4_decode_bytes(N, K) / bw * 1e6
         out = torch.empty(1, N, device=dev, dtype=torch.float16)
-        shipped = {k: v for k, v in wna16.CONFIGS.get(1, N, K, gpu).items() if k != CHAINED}  # the plain entry
+        shipped = plain_config(wna16.CONFIGS.get(1, N, K, gpu))  # the plain entry
         cfgs = [("shipped", shipped)] + [(f"TMA {t}", wna16._gemv_tma(*t)) for t in DECODE_PART_TILES
                                          if wna16._gemv_tma(*t) != shipped]
         in_place = shipped.get("BACKEND") == "gemv_h2" and not shipped.get("PACKED_X")
@@ -1203,7 +1269,7 @@ def decode_parts(dev, gen, shapes, bw, write=False):
                          f"{t_call:.1f} ({100 * floor / t_call:.0f}%) | {t_nopdl:.1f} | "
                          f"{t_chain:.1f} ({100 * floor / t_chain:.0f}%) | {after} | {after_norm} |")
             log(lines[-1] + f" {cfg}")
-        entry, why = chained_choice(shipped, behind_norm)
+        entry, why = sub_choice(CHAINED, shipped, behind_norm)
         log(f"CHAINED N={N} K={K}: {why}")
         chosen[(1, N, K)] = entry
         # W8A8 M = 1: the shipped GEMV (quantization, then the GEMV with PDL) and its PDL_CHAIN twin, back to back
@@ -1243,22 +1309,21 @@ def decode_parts(dev, gen, shapes, bw, write=False):
     return 1 if fails else 0
 
 
-def chained_choice(shipped: dict, behind_norm: list, margin: float = 0.03):
-    """``shipped`` (an M = 1 entry) with its ``CHAINED`` config decided behind the runtime's own norm, the launch
-    before a decode GEMV in the runtime (``behind_norm``: [(us, config)]; the caller leaves PDL_CHAIN twins out):
-    the fastest there where it beats the plain entry by more than ``margin``, else none
-    (``CHAINED: None``, which drops a stale one from the file). (entry, or None where the plain entry was not
-    timed there; a line saying why.)"""
-    strip = lambda c: {k: v for k, v in c.items() if k != CHAINED}  # noqa: E731
-    plain = strip(shipped)
-    timed = [(t, strip(c)) for t, c in behind_norm if t == t]  # (nan: not timed)
+def sub_choice(sub: str, shipped: dict, timed: list, margin: float = 0.03):
+    """``shipped`` (an entry) with its ``sub`` config (``CHAINED``, ``EAGER``) decided by the calls of that kind
+    (``timed``: [(us, config)]: behind the runtime's norm, the launch before a decode GEMV in the runtime, for
+    CHAINED, where the caller leaves PDL_CHAIN twins out; eager calls for EAGER): the fastest there where it beats
+    the plain entry by more than ``margin``, else none (``sub: None``, which drops a stale one from the file).
+    (entry, or None where the plain entry was not timed there; a line saying why.)"""
+    plain = plain_config(shipped)
+    timed = [(t, plain_config(c)) for t, c in timed if t == t]  # (nan: not timed)
     base = next((t for t, c in timed if c == plain), None)
     if base is None:
-        return None, "the plain entry was not timed behind the norm: entry unchanged"
+        return None, "the plain entry was not timed there: entry unchanged"
     t_best, best = min(timed, key=lambda r: r[0])
     if best != plain and t_best < (1 - margin) * base:
-        return dict(plain, CHAINED=best), f"{t_best:.1f} us against the plain entry's {base:.1f}: {best}"
-    return dict(plain, CHAINED=None), f"none (the fastest {t_best:.1f} us, the plain entry {base:.1f})"
+        return dict(plain, **{sub: best}), f"{t_best:.1f} us against the plain entry's {base:.1f}: {best}"
+    return dict(plain, **{sub: None}), f"none (the fastest {t_best:.1f} us, the plain entry {base:.1f})"
 
 
 # (N, K) points of the decode fit: 2-60 MB of packed weight, 4096 columns with K growing and K = 4096 with the

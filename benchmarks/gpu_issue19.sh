@@ -46,7 +46,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="check check-ws check-gemv check-chain check-all check-all-gpu check-all-rest runtime-chain w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256 peers"
+STAGES="eager check-eager check check-ws check-gemv check-chain check-all check-all-gpu check-all-rest runtime-chain w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256 peers"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -93,6 +93,12 @@ for stage in "$@"; do
         tests/kernels/test_w8a8.py -k "(gluon or packed or pdl or gemv_fused) and not warp_spec"
       grep -E "^FAILED|^ERROR" "$WORK/check.log" | head -30
       check_ws ;;
+    check-eager)  # the EAGER configs (a real capture against eager calls) and the GEMV / small-M launches whose
+      # specialization keys session 54 shrank (QUANTKIT_CHECK_LAUNCH=1 checks every cached launch's key)
+      RUN_LIMIT=${EAGER_CHECK_LIMIT:-150} run check-eager env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf \
+        -n "${CHECK_WORKERS:-8}" -p no:cacheprovider tests/kernels/test_w8a8.py tests/kernels/test_wna16.py \
+        tests/test_fast_launch.py -k "eager_config or gemv or pdl or quant_once or fast_launch or interpret_mode"
+      grep -E "^FAILED|^ERROR" "$WORK/check-eager.log" | head -20 ;;
     check-ws)  # the warp-specialized kernel's tests alone (MIXED_PASS among them)
       check_ws ;;
     check-gemv)  # the TMA-fed W4A16 GEMV (TMA_RING) and its PDL_CHAIN: a failure leaves its configs out of later
@@ -162,6 +168,11 @@ for stage in "$@"; do
     w8-decode)  # W8A8 M = 1 / 16 against GemLite (PDL twins)
       run w8-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w8a8 --ms 1,16 \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;
+    eager)  # the EAGER configs: W4A16 M = 1 and W8A8 M <= 16 entries taking two launches get the one-launch form
+      # that calls outside a CUDA graph run where it wins there by > 5% (EAGER_MS: the Ms; the table after it times
+      # every peer at those Ms on the entries as written)
+      run eager python benchmarks/gemm.py --peers --tune-eager --ms "${EAGER_MS:-1,16}" --shapes $SHAPES \
+        --gemlite "$GEMLITE" --write-configs --md "$WORK/eager.md" --json "$WORK/eager.json" ;;
     peers)  # the status table: every kernel against every peer on the configs as shipped, no search, the kernels
       # of a format timed interleaved, host times and our calls' host profiles at M <= 256 (PEER_MS: the Ms)
       run peers python benchmarks/gemm.py --peers --host-profile --ms "${PEER_MS:-1,16,64,256,2048}" --shapes $SHAPES \

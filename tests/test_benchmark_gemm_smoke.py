@@ -162,12 +162,12 @@ def test_decode_parts_chained_choice():
     plain = dict(BACKEND="gemv_h2", BLOCK_N=64, SPLIT_K=4, UNROLL=8, num_warps=4, num_stages=1)
     twin = dict(plain, PDL=True, PREFETCH=2)
     shipped = dict(plain, CHAINED=dict(plain, BLOCK_N=32))
-    entry, _ = gemm.chained_choice(shipped, [(9.6, shipped), (8.4, dict(shipped, PDL=True)),
+    entry, _ = gemm.sub_choice("CHAINED", shipped, [(9.6, shipped), (8.4, dict(shipped, PDL=True)),
                                              (8.0, dict(twin, CHAINED=shipped["CHAINED"]))])
     assert entry == dict(plain, CHAINED=twin)
-    entry, _ = gemm.chained_choice(shipped, [(9.6, shipped), (9.4, twin), (float("nan"), dict(plain, BLOCK_N=16))])
+    entry, _ = gemm.sub_choice("CHAINED", shipped, [(9.6, shipped), (9.4, twin), (float("nan"), dict(plain, BLOCK_N=16))])
     assert entry == dict(plain, CHAINED=None)  # 2% faster: inside the margin
-    assert gemm.chained_choice(shipped, [(7.0, twin)])[0] is None
+    assert gemm.sub_choice("CHAINED", shipped, [(7.0, twin)])[0] is None
 
 
 def test_bench_rounds_interleaves_reverses_and_drops_a_failing_call():
@@ -267,3 +267,43 @@ def test_peer_report_shows_an_inexact_peer_marked_and_unranked(monkeypatch):
     # the same row with GemLite exact: it is the best peer
     del row["w4|GemLite|inexact"]
     assert "| 64 | 128 | 1 |  | 5.0 | 6.0 | 4.0 | GemLite | 0.80 |" in gemm.peer_report([row], 3e12, [], None)
+
+
+def test_tune_eager_gives_a_two_launch_entry_its_one_launch_form(tmp_path):
+    """``--peers --tune-eager``: a W8A8 M = 16 entry whose plain config takes two launches (the interpreter's) gets
+    the one-launch candidates checked and timed by eager calls, the fastest re-timed against it, and its EAGER
+    choice said and kept; the table then times the entry as calls run it."""
+    out = tmp_path / "eager.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gemm.py"), "--smoke", "--peers",
+                        "--tune-eager", "--tune-decode-kinds", "w8a8", "--ms", "16", "--shapes", "64x256",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert "EAGER w8a8 N=64 K=256 M=16: " in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "w8a8 N=64 K=256 M=16 eager rounds: " in p.stdout
+    import json
+
+    tuned = json.loads(out.read_text())["tuned"]
+    (key, entry), = [(k, v) for k, v in tuned.items() if k.startswith("w8a8|")]
+    assert key.endswith("|16|64|256") and "EAGER" in entry  # (None: no one-launch form won in the interpreter)
+    assert entry["EAGER"] is None or _gemm().launches("w8a8", entry["EAGER"]) == 1
+
+
+def test_eager_search_candidates_take_one_launch_and_the_choice_needs_a_margin():
+    """The EAGER candidates are one-launch forms; ``sub_choice`` keeps the fastest only where it beats the plain
+    entry by the margin (5% for EAGER) and never compares a shipped sub-config as if it were the plain entry."""
+    gemm = _gemm()
+    assert gemm.launches("w4a16", dict(BACKEND="gemv_h2", PACKED_X=True)) == 2
+    assert gemm.launches("w4a16", dict(BACKEND="gemv_h2", TMA_RING=6)) == 2
+    assert gemm.launches("w4a16", dict(BACKEND="gemv_h2")) == 1
+    assert gemm.launches("w8a8", dict(BACKEND="gemv", FUSE_QUANT=False)) == 2
+    assert gemm.launches("w8a8", dict(BLOCK_M=16, QUANT_ONCE=True)) == 1
+    for kind, M in (("w4a16", 1), ("w8a8", 1), ("w8a8", 16)):
+        cands = gemm.eager_candidates(kind, M)
+        assert len(cands) >= 10 and all(gemm.launches(kind, c) == 1 for c in cands), kind
+    plain = dict(BACKEND="gemv", BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=2, FUSE_QUANT=False, PDL=True)
+    fused = dict(plain, FUSE_QUANT=True, PDL=False)
+    shipped = dict(plain, EAGER=dict(fused, BLOCK_N=8))
+    entry, _ = gemm.sub_choice("EAGER", shipped, [(24.7, plain), (11.0, fused), (12.0, shipped["EAGER"])], 0.05)
+    assert entry == dict(plain, EAGER=fused)
+    entry, _ = gemm.sub_choice("EAGER", shipped, [(24.7, plain), (23.9, fused)], 0.05)
+    assert entry == dict(plain, EAGER=None)  # 3% faster: inside the margin
+    assert gemm.sub_choice("EAGER", shipped, [(11.0, fused)], 0.05)[0] is None

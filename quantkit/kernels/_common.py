@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -163,13 +163,36 @@ def use_chained_configs(device: torch.device) -> bool:
     return CHAINED_CONFIGS and chain_pdl(device)
 
 
-def chained_config(cfg: dict, chained: bool) -> dict:
-    """The config a call runs: ``cfg``'s ``CHAINED`` config inside the runtime's chain (``chained``), else ``cfg``
-    without it."""
-    sub = cfg.get(CHAINED)
-    if sub is None:
-        return cfg
-    return dict(sub) if chained else {k: v for k, v in cfg.items() if k != CHAINED}
+# ... and an ``EAGER`` config: the one it runs outside a CUDA-graph capture (a user's eager call, a decode loop
+# without graphs). There the host's work for each launch lies between the GPU's kernels, so one launch (the
+# activations quantized or packed inside the GEMM) can beat two that replay faster from a graph (H100, session 54:
+# W8A8 M = 1 took 45-74 us of host time a call in two launches, cuBLAS 20-23 us in one).
+# ``benchmarks/gemm.py --tune-eager`` times the one-launch forms by eager calls and writes the winner where it beats
+# the plain entry there. Inside the runtime's chain an entry's CHAINED config wins over its EAGER one.
+EAGER = "EAGER"
+SUB_CONFIGS = (CHAINED, EAGER)
+
+
+def plain_config(cfg: dict) -> dict:
+    """``cfg`` without its sub-configs (what a call runs under a CUDA-graph capture outside the runtime's chain)."""
+    return {k: v for k, v in cfg.items() if k not in SUB_CONFIGS}
+
+
+def call_configs(cfg: dict, chained: bool) -> tuple[dict, Optional[dict]]:
+    """The configs a call of entry ``cfg`` runs: (under a CUDA-graph capture, outside one; None: the same). Inside
+    the runtime's chain (``chained``) its ``CHAINED`` config where it has one, else the plain entry and its
+    ``EAGER`` config."""
+    if CHAINED not in cfg and EAGER not in cfg:
+        return cfg, None
+    if chained and cfg.get(CHAINED):
+        return dict(cfg[CHAINED]), None
+    eager = cfg.get(EAGER)
+    return plain_config(cfg), (dict(eager) if eager else None)
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether a launch for ``x`` now is recorded into a CUDA graph (asked only of entries with an EAGER config)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def first_waits(chain: bool, pdl: bool) -> bool:
@@ -414,12 +437,13 @@ def write_tuned(gpu: str, kernel: str, entries: dict[tuple[int, int, int], dict]
     cur = {(int(e["m"]), int(e["n"]), int(e["k"])): e["config"] for e in data.get(kernel, [])}
     for key, cfg in entries.items():
         mnk, cfg = tuple(int(v) for v in key), dict(cfg)
-        kept = cur.get(mnk, {}).get(CHAINED)
-        if CHAINED not in cfg:  # a search ranks plain calls: the entry's CHAINED config was measured in the
-            if kept is not None:  # runtime's chain (gemm.py --decode-parts), which decides it
-                cfg[CHAINED] = kept
-        elif cfg[CHAINED] is None:  # measured there: none is faster than the plain entry
-            del cfg[CHAINED]
+        for sub in SUB_CONFIGS:  # a search ranks one kind of call: the entry's CHAINED config was measured in the
+            kept = cur.get(mnk, {}).get(sub)  # runtime's chain (gemm.py --decode-parts), its EAGER one by eager
+            if sub not in cfg:  # calls (gemm.py --tune-eager), and those searches decide them
+                if kept is not None:
+                    cfg[sub] = kept
+            elif cfg[sub] is None:  # measured there: none is faster than the plain entry
+                del cfg[sub]
         cur[mnk] = cfg
     data[kernel] = [{"m": m, "n": n, "k": k, "config": cur[(m, n, k)]} for (m, n, k) in sorted(cur)]
     lines = ["{"]

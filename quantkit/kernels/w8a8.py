@@ -45,11 +45,11 @@ from typing import Optional
 import torch
 
 from . import _common
-from ._common import (ConfigCache, HOPPER_SMEM_PER_BLOCK, LazyKernel, cached_buffer, capability, cdiv, chained_config,
-                      eager_cuda, fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait,
-                      grouped_tile, interpret_mode, jit_helper, l2_prefetch_rows, launch_consts, load_k_tiles,
-                      next_pow2, pdl_chains, pdl_option, prefetch_steps, quantize_sym, quantize_sym_rcp, remember,
-                      sm_count, spec_key, splitk_arrive, splitk_buffers, splitk_for, splitk_slot, splitk_sum,
+from ._common import (ConfigCache, HOPPER_SMEM_PER_BLOCK, LazyKernel, cached_buffer, call_configs, capability,
+                      capturing, cdiv, eager_cuda, fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents,
+                      grid_dep_wait, grouped_tile, interpret_mode, jit_helper, l2_prefetch_rows, launch_consts,
+                      load_k_tiles, next_pow2, pdl_chains, pdl_option, prefetch_steps, quantize_sym, quantize_sym_rcp,
+                      remember, sm_count, spec_key, splitk_arrive, splitk_buffers, splitk_for, splitk_slot, splitk_sum,
                       splitk_sum_rows, sym_scale, tl, use_chained_configs, use_triton, wants_pdl)
 from .act_quant import EPS, per_token_quant_ref, per_token_quant_triton
 
@@ -944,22 +944,30 @@ def mixed_config(cfg: dict) -> dict:
     return w8a8_gluon.mixed_tile(cfg)
 
 
-def _for_call(cfg: dict, mixed: bool, chained: bool = False) -> dict:
-    cfg = chained_config(cfg, chained)
-    return mixed_config(cfg) if mixed else {k: v for k, v in cfg.items() if k != "MIXED"}
+def _for_call(cfg: dict, mixed: bool, chained: bool = False) -> tuple[dict, Optional[dict]]:
+    """The configs a call of entry ``cfg`` runs (``_common.call_configs``: under a CUDA-graph capture, outside one
+    or None): a mixed call runs the plain entry's mixed config anywhere (its EAGER config is ranked on plain
+    calls)."""
+    cfg, eager = call_configs(cfg, chained)
+    if mixed:
+        return mixed_config(cfg), None
+    strip = lambda c: {k: v for k, v in c.items() if k != "MIXED"}  # noqa: E731
+    return strip(cfg), None if eager is None else strip(eager)
 
 
 def _pick(x, M, N, K, config, mixed=False):
     chained = use_chained_configs(x.device)
     if config is not None:
-        return _for_call(dict(config), mixed, chained)
-    if not x.is_cuda:
+        cfg, eager = _for_call(dict(config), mixed, chained)
+    elif not x.is_cuda:
         if M <= 4 and K % 4 == 0 and x.is_floating_point():
             return dict(BACKEND="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, num_warps=4, num_stages=1)
         return dict(_INTERP_CFG, FUSE_QUANT=M <= 16)
-    key = (x.get_device(), M, N, K, mixed, chained)
-    return _CFG_CACHE.get(key) or remember(_CFG_CACHE, key, _for_call(CONFIGS.get(M, N, K, gpu_key(x)), mixed,
-                                                                      chained))
+    else:
+        key = (x.get_device(), M, N, K, mixed, chained)
+        cfg, eager = _CFG_CACHE.get(key) or remember(_CFG_CACHE, key, _for_call(CONFIGS.get(M, N, K, gpu_key(x)),
+                                                                                mixed, chained))
+    return cfg if eager is None or capturing(x) else eager
 
 
 _CFG_CACHE: dict = {}

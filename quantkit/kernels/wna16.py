@@ -49,11 +49,11 @@ from typing import Optional
 import torch
 
 from . import _common
-from ._common import (CHAINED, ConfigCache, H2_ASM_SYM, H2_ASM_ZERO, LazyKernel, cached_buffer, cdiv, chained_config,
-                      const_key, eager_cuda, fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents, grid_dep_wait,
-                      grouped_tile, jit_helper, l2_prefetch_rows, next_pow2, pdl_chains, pdl_enter, pdl_option,
-                      prefetch_steps, remember, spec_key, splitk_buffers, splitk_for, splitk_sum, tl,
-                      use_chained_configs, use_triton, wants_pdl)
+from ._common import (CHAINED, EAGER, ConfigCache, H2_ASM_SYM, H2_ASM_ZERO, LazyKernel, cached_buffer, call_configs,
+                      capturing, cdiv, const_key, eager_cuda, fast_launch, gemv_tile, gpu_key,
+                      grid_dep_launch_dependents, grid_dep_wait, grouped_tile, jit_helper, l2_prefetch_rows, next_pow2,
+                      pdl_chains, pdl_enter, pdl_option, prefetch_steps, remember, spec_key, splitk_buffers, splitk_for,
+                      splitk_sum, tl, use_chained_configs, use_triton, wants_pdl)
 
 __all__ = [
     "WNA16Weight",
@@ -830,9 +830,9 @@ def effective_config(cfg: dict, M: int, bits: int = 4, gs_small: bool = False, d
 
 
 def _config_key(cfg: dict) -> tuple:
-    """A config as a plan-cache key (a nested ``CHAINED`` config as its own sorted items; the tuner's timed calls
-    pass flat configs and pay only the sort)."""
-    if CHAINED not in cfg:
+    """A config as a plan-cache key (a nested ``CHAINED`` or ``EAGER`` config as its own sorted items; the tuner's
+    timed calls pass flat configs and pay only the sort)."""
+    if CHAINED not in cfg and EAGER not in cfg:
         return tuple(sorted(cfg.items()))
     return tuple(sorted((k, _config_key(v) if isinstance(v, dict) else v) for k, v in cfg.items()))
 
@@ -854,7 +854,10 @@ def _plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, config):
             cfg = _interp_config(M, N, K)
     else:
         cfg = dict(config)
-    cfg = chained_config(cfg, chained)
+    cfg, eager = call_configs(cfg, chained)
+    if eager is not None:  # a plan for each: the call picks (wna16_linear_triton)
+        p = (EAGER, *(_plan(x, M, N, K, bits, group_size, n_groups, has_zero, has_bias, c) for c in (cfg, eager)))
+        return remember(_PLANS, key, p)
     gs_small = n_groups > 1 and group_size < PACK_K
     cfg = effective_config(cfg, M, bits, gs_small, x.dtype)
     backend = cfg.get("BACKEND", "mma")
@@ -931,8 +934,10 @@ def wna16_linear_triton(x, qw, scales, zeros, bias, bits, group_size, N, K, conf
     if M == 0:
         return out
     n_groups = scales.shape[0]
-    backend, kern, grid, const, ws, lock, ckey = _plan(
-        x, M, N, K, bits, group_size, n_groups, zeros is not None, bias is not None, config)
+    p = _plan(x, M, N, K, bits, group_size, n_groups, zeros is not None, bias is not None, config)
+    if p[0] == EAGER:  # the entry's EAGER config outside a CUDA-graph capture, its plain one inside
+        p = p[1] if capturing(x) else p[2]
+    backend, kern, grid, const, ws, lock, ckey = p
     if backend == "gluon":  # const: the Gluon kernel's per-shape plan (None where it cannot run at this shape)
         if const is not None and const.runs_on(x, qw):
             return const.launch(x, qw, scales, zeros, bias, out, ws, lock, group_size, N, K)

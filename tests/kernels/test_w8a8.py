@@ -358,6 +358,49 @@ def test_w8a8_gemv_fused_quant(dev, M, N, K, split_k, bk):
         assert rel_err(mixed[1][~i8], fp) <= 2e-3
 
 
+@pytest.mark.parametrize("M", [1, 16])
+def test_eager_config_runs_outside_a_graph_capture(dev, monkeypatch, M):
+    """An entry's ``EAGER`` config (here the one-launch fused GEMV, or QUANT_ONCE's tl.dot tile) is what a call runs
+    outside a CUDA-graph capture, the plain two-launch config under one (a real capture replayed on new input on a
+    GPU; the capture test forced on the CPU) and in a mixed call; each gives the reference's result."""
+    N, K = 48, 256
+    g = torch.Generator().manual_seed(5 + M)
+    x = (torch.randn(M, K, generator=g) * 2).half().to(dev)
+    W = w8a8.prepack_w8a8(randw(g, (N, K), -127, 127, dev), (torch.rand(N, 1, generator=g) * 0.01 + 1e-3).to(dev))
+    gemv = dict(BACKEND="gemv", BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1)
+    eager = (dict(gemv, FUSE_QUANT=True) if M == 1 else
+             dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=1, QUANT_ONCE=True))
+    cfg = dict(gemv, EAGER=eager)
+    quantized = []
+    q_launch = w8a8._quantize_into_scratch
+    monkeypatch.setattr(w8a8, "_quantize_into_scratch", lambda *a, **k: quantized.append(1) or q_launch(*a, **k))
+    ref = w8a8.w8a8_gemm_ref(x, W.w, W.scale)
+    y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=poison((M, N), torch.float16, dev))
+    assert not quantized and rel_err(y, ref) <= 2e-3  # one launch
+    assert w8a8._pick(x, M, N, K, cfg) == eager
+    if dev.type == "cuda":
+        xs, out = x.clone(), poison((M, N), torch.float16, dev)
+        w8a8.w8a8_linear_triton(xs, W.w, W.scale, config=gemv, out=out)  # compiled and its buffers made first
+        quantized.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            w8a8.w8a8_linear_triton(xs, W.w, W.scale, config=cfg, out=out)
+        x2 = (torch.randn(M, K, generator=g) * 3).half().to(dev)
+        xs.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        y, ref = out, w8a8.w8a8_gemm_ref(x2, W.w, W.scale)
+    else:
+        monkeypatch.setattr(w8a8, "capturing", lambda t: True)
+        y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=poison((M, N), torch.float16, dev))
+    assert quantized == [1] and rel_err(y, ref) <= 2e-3  # the plain entry: quantization, then the GEMV
+    monkeypatch.setattr(w8a8, "capturing", lambda t: False)
+    rb = torch.zeros(M, dtype=torch.uint8, device=dev)
+    assert w8a8._pick(x, M, N, K, cfg, mixed=True) == w8a8.mixed_config(gemv)  # mixed calls: the plain entry's
+    y = w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=poison((M, N), torch.float16, dev), row_bits=rb)
+    assert len(quantized) == 2 and rel_err(y, w8a8.w8a8_gemm_ref(x, W.w, W.scale)) <= 2e-3
+
+
 @pytest.mark.parametrize("M", [1, 5])
 def test_pdl_launch_gives_the_two_launch_result(dev, M):
     """``PDL`` configs (the GEMM launched programmatically after the quantization, sm_90+; dropped elsewhere) give

@@ -429,19 +429,91 @@ def test_chained_config_runs_inside_the_runtime_chain(dev, monkeypatch):
         assert run() == (32, 2)
 
 
-def test_a_search_keeps_the_entrys_chained_config(tmp_path):
-    """``write_tuned``: a re-search's entry (ranked on plain calls) keeps the entry's CHAINED config, which its own
-    measurement in the runtime's chain decides; an entry written with one replaces it."""
+def test_eager_config_runs_outside_a_graph_capture(dev, monkeypatch):
+    """A config entry's ``EAGER`` config is what a call runs outside a CUDA-graph capture, its plain config under
+    one (on a GPU a real capture, replayed; on the CPU the capture test is forced); inside the runtime's chain a
+    CHAINED config wins over it. Each gives the reference's result."""
+    from quantkit.kernels import _common
+
+    N, K = 64, 512
+    q, s, z = _make(dev, 79, N, K, 4, 128, True)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(80)).half().to(dev)
+    W = wna16.prepack_wna16(q, s, z, 4)
+    ref = wna16.wna16_gemm_ref(x, q, s, z, None)
+    plain = dict(wna16._gemv_h2(32, 2, 2), PACKED_X=True)  # two launches: x packed first
+    eager, chained = wna16._gemv_h2(16, 4, 1), wna16._gemv_h2(64, 1, 4)
+    cfg = dict(plain, EAGER=eager)
+    ran = []
+    launch = wna16.fast_launch
+    monkeypatch.setattr(wna16, "fast_launch", lambda kern, grid, args, const, *a: (
+        ran.append((const.get("BLOCK_N"), const.get("SPLIT_K"), const.get("PACKED_X"))),
+        launch(kern, grid, args, const, *a))[1])
+
+    def call(out):
+        return wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K, config=cfg,
+                                         out=out)
+
+    y = call(poison((1, N), torch.float16, dev))
+    assert ran[-1] == (16, 4, False) and rel_err(y, ref) <= 1e-2  # one launch: the EAGER config
+    ran.clear()
+    if dev.type == "cuda":
+        out = poison((1, N), torch.float16, dev)
+        wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, 4, W.group_size, N, K, config=plain,
+                                  out=out)  # compiled and its buffers made first
+        ran.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call(out)
+        graph.replay()
+        torch.cuda.synchronize()
+        y = out
+    else:
+        monkeypatch.setattr(wna16, "capturing", lambda t: True)
+        y = call(poison((1, N), torch.float16, dev))
+    assert ran[-1] == (32, 2, True) and rel_err(y, ref) <= 1e-2  # the plain entry's packing and GEMV
+    assert len(ran) == 2 and ran[0][:2] == (None, None)  # (the packing launch has no tile)
+    cfg = dict(cfg, CHAINED=chained)
+    if not _common.pdl_supported(x.device):
+        monkeypatch.setitem(_common._PDL_HERE, x.device, True)
+    monkeypatch.setattr(_common, "CHAIN_PDL", True)
+    monkeypatch.setattr(wna16, "capturing", lambda t: False)
+    with _common.runtime_chain():
+        y = call(poison((1, N), torch.float16, dev))
+    assert ran[-1] == (64, 1, False) and rel_err(y, ref) <= 1e-2
+
+
+def test_call_configs_pick_by_where_the_call_runs():
+    """``call_configs``: (under a capture, outside one or None) for entries with and without sub-configs."""
+    from quantkit.kernels._common import call_configs, plain_config
+
+    a, b, c = dict(BLOCK_N=32), dict(BLOCK_N=16), dict(BLOCK_N=64)
+    assert call_configs(a, False) == (a, None) and call_configs(a, True) == (a, None)
+    assert call_configs(dict(a, EAGER=b), False) == (a, b)
+    assert call_configs(dict(a, EAGER=b), True) == (a, b)  # no CHAINED config: the chain runs the plain pair
+    assert call_configs(dict(a, EAGER=b, CHAINED=c), True) == (c, None)
+    assert call_configs(dict(a, EAGER=b, CHAINED=c), False) == (a, b)
+    assert call_configs(dict(a, CHAINED=c), False) == (a, None)
+    assert plain_config(dict(a, EAGER=b, CHAINED=c)) == a
+
+
+@pytest.mark.parametrize("sub", ["CHAINED", "EAGER"])
+def test_a_search_keeps_the_entrys_sub_configs(tmp_path, sub):
+    """``write_tuned``: a re-search's entry (ranked on one kind of call) keeps the entry's CHAINED and EAGER
+    configs, which their own measurements decide (in the runtime's chain, by eager calls); an entry written with
+    one replaces it, and one written with None drops it."""
     from quantkit.kernels._common import load_tuned, write_tuned
 
+    other = "EAGER" if sub == "CHAINED" else "CHAINED"
     plain, twin = wna16._gemv_h2(64, 4, 8), dict(wna16._gemv_h2(64, 4, 8), PDL=True, PDL_CHAIN=True)
-    write_tuned("G", "w4a16", {(1, 4096, 4096): dict(plain, CHAINED=twin)}, str(tmp_path))
+    write_tuned("G", "w4a16", {(1, 4096, 4096): dict(plain, **{sub: twin, other: plain})}, str(tmp_path))
     write_tuned("G", "w4a16", {(1, 4096, 4096): wna16._gemv_h2(32, 8, 4), (16, 4096, 4096): plain}, str(tmp_path))
     table = load_tuned("w4a16", str(tmp_path))
-    assert table[("G", 1, 4096, 4096)] == dict(wna16._gemv_h2(32, 8, 4), CHAINED=twin)
-    assert "CHAINED" not in table[("G", 16, 4096, 4096)]
-    write_tuned("G", "w4a16", {(1, 4096, 4096): dict(plain, CHAINED=plain)}, str(tmp_path))
-    assert load_tuned("w4a16", str(tmp_path))[("G", 1, 4096, 4096)]["CHAINED"] == plain
+    assert table[("G", 1, 4096, 4096)] == dict(wna16._gemv_h2(32, 8, 4), **{sub: twin, other: plain})
+    assert sub not in table[("G", 16, 4096, 4096)]
+    write_tuned("G", "w4a16", {(1, 4096, 4096): dict(plain, **{sub: plain})}, str(tmp_path))
+    assert load_tuned("w4a16", str(tmp_path))[("G", 1, 4096, 4096)][sub] == plain
+    write_tuned("G", "w4a16", {(1, 4096, 4096): dict(plain, **{sub: None})}, str(tmp_path))
+    assert load_tuned("w4a16", str(tmp_path))[("G", 1, 4096, 4096)] == dict(plain, **{other: plain})
 
 
 def test_gluon_kernels_refuse_a_one_slot_ring():
