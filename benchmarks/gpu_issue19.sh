@@ -169,8 +169,8 @@ for stage in "$@"; do
       run w8-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w8a8 --ms 1,16 \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;
     eager)  # the EAGER configs: W4A16 M = 1 and W8A8 M <= 16 entries taking two launches get the one-launch form
-      # that calls outside a CUDA graph run where it wins there by > 5% (EAGER_MS: the Ms; the table after it times
-      # every peer at those Ms on the entries as written)
+      # that calls outside a CUDA graph run where it costs > 5% less there (the larger of eager and host time;
+      # EAGER_MS: the Ms; the table after it times every peer at those Ms on the entries as written)
       run eager python benchmarks/gemm.py --peers --tune-eager --ms "${EAGER_MS:-1,16}" --shapes $SHAPES \
         --gemlite "$GEMLITE" --write-configs --md "$WORK/eager.md" --json "$WORK/eager.json" ;;
     peers)  # the status table: every kernel against every peer on the configs as shipped, no search, the kernels

@@ -167,8 +167,9 @@ def use_chained_configs(device: torch.device) -> bool:
 # without graphs). There the host's work for each launch lies between the GPU's kernels, so one launch (the
 # activations quantized or packed inside the GEMM) can beat two that replay faster from a graph (H100, session 54:
 # W8A8 M = 1 took 45-74 us of host time a call in two launches, cuBLAS 20-23 us in one).
-# ``benchmarks/gemm.py --tune-eager`` times the one-launch forms by eager calls and writes the winner where it beats
-# the plain entry there. Inside the runtime's chain an entry's CHAINED config wins over its EAGER one.
+# ``benchmarks/gemm.py --tune-eager`` ranks the one-launch forms by what such a call costs (the larger of its eager
+# and host time) and writes the winner where it beats the plain entry there. Inside the runtime's chain an entry's
+# CHAINED config wins over its EAGER one.
 EAGER = "EAGER"
 SUB_CONFIGS = (CHAINED, EAGER)
 
