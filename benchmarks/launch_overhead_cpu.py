@@ -51,6 +51,7 @@ def main() -> None:
     gemv = dict(BACKEND="gemv", BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, num_warps=8, num_stages=2)
     W4 = wna16.prepack_wna16(torch.randint(-8, 8, (N, K), dtype=torch.int8), torch.rand(N, K // 128).half(), None, 4)
     h2 = dict(BACKEND="gemv_h2", BLOCK_N=32, UNROLL=2, SPLIT_K=4, num_warps=4, num_stages=2)
+    packed = dict(h2, PER_BLOCK=True, UNROLL=1, PACKED_X=True, PDL=True)
     x1 = x[:1].contiguous()
     w16, rb = torch.randn(N, K).half(), torch.zeros(M, dtype=torch.uint8)
     one = torch.ones(1)
@@ -85,6 +86,8 @@ def main() -> None:
             x1, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb[:1], None, config=gemv, out=out[:1])),
         ("wna16_linear_triton M=1, gemv_h2 (W4 g128), explicit config", lambda: wna16.wna16_linear_triton(
             x1, W4.qw, W4.scales, None, None, 4, 128, N, K, config=h2, out=out[:1])),
+        ("wna16_linear_triton M=1, gemv_h2 on packed x (PACKED_X: two launches)", lambda: wna16.wna16_linear_triton(
+            x1, W4.qw, W4.scales, None, None, 4, 128, N, K, config=packed, out=out[:1])),
         ("wna16_linear_triton M=1, planned config (what the runtime calls)", lambda: wna16.wna16_linear_triton(
             x1, W4.qw, W4.scales, None, None, 4, 128, N, K, out=out[:1])),
         ("add_rmsnorm (residual add + RMSNorm)", lambda: fused.add_rmsnorm(h, d, nw, 1e-5)),
