@@ -2,6 +2,11 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
+#   STAGE_LIMIT=380 bash benchmarks/gpu_issue19.sh eager   # the EAGER configs by what a call outside a graph
+#                                                  # costs (the larger of eager and host time), then the table at
+#                                                  # M = 1, 16 on the entries written (carry .dev/gemlite-0.6.0;
+#                                                  # session 55 ran it only at 4096x14336 and 28672x4096, ranked by
+#                                                  # eager time alone, kept every plain entry, 111 s for those two)
 #   STAGE_LIMIT=200 PEER_MS=1,16,256,2048 bash benchmarks/gpu_issue19.sh peers   # the status table on the
 #                                                  # configs as shipped (bench_rounds), the host-time table, our calls'
 #                                                  # host profiles and the memo / RawLaunch on-off A/B; the shipped
