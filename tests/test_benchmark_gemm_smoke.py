@@ -307,3 +307,14 @@ def test_eager_search_candidates_take_one_launch_and_the_choice_needs_a_margin()
     entry, _ = gemm.sub_choice("EAGER", shipped, [(24.7, plain), (23.9, fused)], 0.05)
     assert entry == dict(plain, EAGER=None)  # 3% faster: inside the margin
     assert gemm.sub_choice("EAGER", shipped, [(11.0, fused)], 0.05)[0] is None
+
+
+def test_eager_cost_is_the_longer_of_eager_and_host_time(monkeypatch):
+    """An EAGER search ranks by what a call outside a graph costs back to back: its host time where that is longer
+    than do_bench's eager time (which an L2 flush can partly hide), else the eager time."""
+    gemm = _gemm()
+    monkeypatch.setattr(gemm, "bench", lambda fn, **kw: 25.7)
+    monkeypatch.setattr(gemm, "host_time", lambda fn, calls=100: 79.5)
+    assert gemm.eager_cost(lambda: None) == 79.5
+    monkeypatch.setattr(gemm, "host_time", lambda fn, calls=100: 13.0)
+    assert gemm.eager_cost(lambda: None) == 25.7
