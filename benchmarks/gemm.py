@@ -978,10 +978,11 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                 if entry is not None:
                     cfg4 = tuned[f"w4a16|{gpu}|{m_bucket(M)}|{N}|{K}"] = entry
             if args.tune_eager and M <= 16 and "w8a8" in kinds:
-                entry, why = eager_search(f"w8a8 N={N} K={K} M={M}", "w8a8", cfg8,
-                                          lambda cfg, o: w8a8.w8a8_linear_triton(xh, ours8[0].w, ours8[0].scale,
-                                                                                 config=cfg, out=oh if o is None else o),
-                                          ref8, 2 * TOL, fails, M)
+                def w8_eager(cfg, o):
+                    return w8a8.w8a8_linear_triton(xh, ours8[0].w, ours8[0].scale, config=cfg,
+                                                   out=oh if o is None else o)
+
+                entry, why = eager_search(f"w8a8 N={N} K={K} M={M}", "w8a8", cfg8, w8_eager, ref8, 2 * TOL, fails, M)
                 log(f"EAGER w8a8 N={N} K={K} M={M}: {why}")
                 if entry is not None:
                     cfg8 = tuned[f"w8a8|{gpu}|{m_bucket(M)}|{N}|{K}"] = entry
@@ -1086,7 +1087,8 @@ PEER_COLUMNS = (("w4", ["cuBLAS bf16", "quantkit", "tinygemm", "GemLite"], "W4A1
 
 
 def peer_report(rows, bw, fails, gl):
-    L = [f"Device: **{DEVICE_NAME if SMOKE else torch.cuda.get_device_name()}**; torch {torch.__version__}, triton {triton.__version__}, "
+    name = DEVICE_NAME if SMOKE else torch.cuda.get_device_name()
+    L = [f"Device: **{name}**; torch {torch.__version__}, triton {triton.__version__}, "
          f"GemLite {gl.__version__ if gl else 'absent'}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} UTC; "
          f"command: `PYTHONPATH=. python benchmarks/gemm.py {' '.join(sys.argv[1:])}`; copy bandwidth "
          f"{bw / 1e12:.2f} TB/s.",
