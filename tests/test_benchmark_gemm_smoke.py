@@ -163,9 +163,10 @@ def test_decode_parts_chained_choice():
     twin = dict(plain, PDL=True, PREFETCH=2)
     shipped = dict(plain, CHAINED=dict(plain, BLOCK_N=32))
     entry, _ = gemm.sub_choice("CHAINED", shipped, [(9.6, shipped), (8.4, dict(shipped, PDL=True)),
-                                             (8.0, dict(twin, CHAINED=shipped["CHAINED"]))])
+                                                    (8.0, dict(twin, CHAINED=shipped["CHAINED"]))])
     assert entry == dict(plain, CHAINED=twin)
-    entry, _ = gemm.sub_choice("CHAINED", shipped, [(9.6, shipped), (9.4, twin), (float("nan"), dict(plain, BLOCK_N=16))])
+    entry, _ = gemm.sub_choice("CHAINED", shipped,
+                               [(9.6, shipped), (9.4, twin), (float("nan"), dict(plain, BLOCK_N=16))])
     assert entry == dict(plain, CHAINED=None)  # 2% faster: inside the margin
     assert gemm.sub_choice("CHAINED", shipped, [(7.0, twin)])[0] is None
 

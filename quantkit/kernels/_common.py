@@ -179,11 +179,15 @@ def plain_config(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in SUB_CONFIGS}
 
 
+def has_sub_configs(cfg: dict) -> bool:
+    return any(sub in cfg for sub in SUB_CONFIGS)
+
+
 def call_configs(cfg: dict, chained: bool) -> tuple[dict, Optional[dict]]:
     """The configs a call of entry ``cfg`` runs: (under a CUDA-graph capture, outside one; None: the same). Inside
     the runtime's chain (``chained``) its ``CHAINED`` config where it has one, else the plain entry and its
     ``EAGER`` config."""
-    if CHAINED not in cfg and EAGER not in cfg:
+    if not has_sub_configs(cfg):
         return cfg, None
     if chained and cfg.get(CHAINED):
         return dict(cfg[CHAINED]), None

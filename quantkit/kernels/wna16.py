@@ -49,11 +49,11 @@ from typing import Optional
 import torch
 
 from . import _common
-from ._common import (CHAINED, EAGER, ConfigCache, H2_ASM_SYM, H2_ASM_ZERO, LazyKernel, cached_buffer, call_configs,
+from ._common import (EAGER, ConfigCache, H2_ASM_SYM, H2_ASM_ZERO, LazyKernel, cached_buffer, call_configs,
                       capturing, cdiv, const_key, eager_cuda, fast_launch, gemv_tile, gpu_key,
-                      grid_dep_launch_dependents, grid_dep_wait, grouped_tile, jit_helper, l2_prefetch_rows, next_pow2,
-                      pdl_chains, pdl_enter, pdl_option, prefetch_steps, remember, spec_key, splitk_buffers, splitk_for,
-                      splitk_sum, tl, use_chained_configs, use_triton, wants_pdl)
+                      grid_dep_launch_dependents, grid_dep_wait, grouped_tile, has_sub_configs, jit_helper,
+                      l2_prefetch_rows, next_pow2, pdl_chains, pdl_enter, pdl_option, prefetch_steps, remember,
+                      spec_key, splitk_buffers, splitk_for, splitk_sum, tl, use_chained_configs, use_triton, wants_pdl)
 
 __all__ = [
     "WNA16Weight",
@@ -830,9 +830,9 @@ def effective_config(cfg: dict, M: int, bits: int = 4, gs_small: bool = False, d
 
 
 def _config_key(cfg: dict) -> tuple:
-    """A config as a plan-cache key (a nested ``CHAINED`` or ``EAGER`` config as its own sorted items; the tuner's
-    timed calls pass flat configs and pay only the sort)."""
-    if CHAINED not in cfg and EAGER not in cfg:
+    """A config as a plan-cache key (its sub-configs, ``_common.SUB_CONFIGS``, as their own sorted items; the
+    tuner's timed calls pass flat configs and pay only the sort)."""
+    if not has_sub_configs(cfg):
         return tuple(sorted(cfg.items()))
     return tuple(sorted((k, _config_key(v) if isinstance(v, dict) else v) for k, v in cfg.items()))
 
