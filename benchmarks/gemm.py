@@ -116,26 +116,41 @@ def host_profile(fn, calls: int = 200, top: int = 12) -> str:
     return "\n".join(out)
 
 
-def tma_memo_ab(fn) -> str:
-    """Our call with the host TMA descriptor memo (``_gluon.set_tma_memo``) on (the Gluon kernels launched through
-    ``RawLaunch``) and off (Triton's launcher, encoding every descriptor each call): host us a call and eager us
-    (interleaved), as text.  Where no Gluon kernel runs, both sides are the same call."""
-    from quantkit.kernels import _gluon
+def switch_ab(fn, switch, name: str) -> str:
+    """Our call with a host-side switch (``switch(on) -> previous``) on and off: host us a call and eager us
+    (interleaved), as text."""
 
-    def memo(on):
+    def turned(on):
         def call():
-            prev = _gluon.set_tma_memo(on)
+            prev = switch(on)
             try:
                 fn()
             finally:
-                _gluon.set_tma_memo(prev)
+                switch(prev)
         return call
 
-    calls = {"on": memo(True), "off": memo(False)}
+    calls = {"on": turned(True), "off": turned(False)}
     host = {k: host_time(c) for k, c in calls.items()}
     eager = bench_rounds(calls, bench, rep=10)
     return (f"host {host['on']:.1f} / {host['off']:.1f} us, eager {eager['on']:.2f} / {eager['off']:.2f} us "
-            "(memo on / off)")
+            f"({name} on / off)")
+
+
+def tma_memo_ab(fn) -> str:
+    """The host TMA descriptor memo (``_gluon.set_tma_memo``) on (the Gluon kernels launched through ``RawLaunch``)
+    and off (Triton's launcher, encoding every descriptor each call).  Where no Gluon kernel runs, both sides are
+    the same call."""
+    from quantkit.kernels import _gluon
+
+    return switch_ab(fn, _gluon.set_tma_memo, "memo")
+
+
+def lean_launch_ab(fn) -> str:
+    """The lean launch (``_common.set_lean_launch``: each cached kernel's C launch called below Triton's launcher,
+    tensors passed as addresses) on and off."""
+    from quantkit.kernels import _common
+
+    return switch_ab(fn, _common.set_lean_launch, "lean launch")
 
 
 def bench_rounds(fns: dict, timer=bench, rounds=4, errors: dict | None = None, **kw) -> dict:
@@ -1049,6 +1064,7 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                     if args.host_profile and ours in timed and ours not in errors:
                         log(f"host profile {ours} M={M} N={N} K={K}:\n{host_profile(timed[ours][0])}")
                         log(f"TMA memo A/B {ours} M={M} N={N} K={K}: {tma_memo_ab(timed[ours][0])}")
+                        log(f"lean launch A/B {ours} M={M} N={N} K={K}: {lean_launch_ab(timed[ours][0])}")
             rows.append(row)
             log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
             if args.json:  # incremental, in case the run is cut short

@@ -1,9 +1,12 @@
-"""Python host cost of quantkit's own launch wrappers, with Triton's launcher replaced by a no-op (CPU, no GPU).
+"""Python host cost of quantkit's own launch wrappers, with Triton's C launch replaced by a no-op (CPU, no GPU).
 
 On a GPU the eager small-M W8A8 call is bound by host time (BENCHMARKS.md: the tl.dot GEMM launch alone 29.7 us
 against 17.3 for ``F.linear`` on an H100's host). This splits that cost: what runs before Triton's launcher
 (config dicts, ``_consts``, the specialization key over every argument, buffer lookups) is timed here on CPU
-tensors, every compiled-kernel lookup answered by a stub, so the numbers are the wrappers' alone.
+tensors, every compiled-kernel lookup answered by a stub, so the numbers are the wrappers' alone, with Triton 3.6's
+``CudaLauncher.__call__`` (replicated: its Python) in front of the stub where the lean launch is off.  What the C
+launch does per tensor argument (``data_ptr()``, then cuPointerGetAttribute, which the lean launch's addresses skip)
+and torch's ``current_device`` are not in these times: they need a GPU (``gemm.py --host-profile``'s A/B).
 
     PYTHONPATH=. python benchmarks/launch_overhead_cpu.py
 """
@@ -26,19 +29,49 @@ def per_call_us(f, n: int = 20000) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+class Launcher36:
+    """Triton 3.6's ``CudaLauncher.__call__`` (what ``run_compiled`` calls): the scratch checks, then the C launch."""
+
+    def __init__(self, c_launch):
+        self.launch, self.num_ctas = c_launch, 1
+        self.global_scratch_size = self.profile_scratch_size = 0
+        self.global_scratch_align = self.profile_scratch_align = 1
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        def allocate_scratch(size, align, allocator):
+            if size > 0:
+                return allocator(gridX * gridY * gridZ * self.num_ctas * size, align, stream)
+            return None
+
+        global_scratch = allocate_scratch(self.global_scratch_size, self.global_scratch_align, None)
+        profile_scratch = allocate_scratch(self.profile_scratch_size, self.profile_scratch_align, None)
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl,
+                    global_scratch, profile_scratch, *args)
+
+
 def main() -> None:
     from quantkit.kernels import _common, act_quant, attention, fused, mixed, w8a8, wna16
 
-    class AnyHit(dict):  # every lookup finds a "compiled kernel" whose launcher does nothing
-        def get(self, key, default=None):
-            return stub, (), None
+    c_launch = "".format  # a C function that takes any arguments and does nothing with them: the C launch
+    stub = types.SimpleNamespace(run=Launcher36(c_launch), function=None, packed_metadata=None)
+    lean = (c_launch, (None, False, True, None, None, None, None, None, None))
 
-    stub = types.SimpleNamespace(run=lambda *a: None, function=None, packed_metadata=None)
+    switch = getattr(_common, "set_lean_launch", lambda on: on)  # (an older tree, for a before/after: no lean)
+    hit = (stub, (), None, lean) if hasattr(_common, "set_lean_launch") else (stub, (), None)
+
+    class AnyHit(dict):  # every lookup finds a "compiled kernel" whose C launch does nothing
+        def get(self, key, default=None):
+            return hit
+
     _common._FAST = AnyHit()
     _common._FAST_ON = True
     _common.CHECK_LAUNCH = False
     _common._driver = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 0)
     _common._knobs = types.SimpleNamespace(runtime=types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None))
+    T = torch.Tensor
+    # these CPU tensors stand for CUDA ones: every tensor argument converted, at the cost of the real check
+    _common.pointer_args = lambda args: [a.data_ptr() if type(a) is T and not a.is_cuda else a for a in args]
     os.environ.pop("TRITON_INTERPRET", None)  # compiled mode, its environment reads included in the times
     fused.use_triton = attention.use_triton = lambda *t: True
 
@@ -66,6 +99,34 @@ def main() -> None:
     q = torch.randn(1, 32, 128).half()
     lens = torch.tensor([640], dtype=torch.int32)
     gu = torch.randn(1, 28672).half()
+    # W4A16 M = 1 at 4096x14336 as shipped (H100.json): x packed, then the TMA-fed Gluon GEMV through its RawLaunch
+    # (its runs_on check, which needs a CUDA x, left out)
+    from quantkit.kernels import _gluon, wna16_gluon
+
+    N4, K4 = 4096, 14336
+    Wt = wna16.prepack_wna16(torch.randint(-8, 8, (N4, K4), dtype=torch.int8), torch.rand(N4, K4 // 128).half(),
+                             None, 4)
+    tma_cfg = dict(BACKEND="gemv_h2", BLOCK_N=128, SPLIT_K=8, UNROLL=1, num_warps=4, num_stages=1, PACKED_X=True,
+                   PDL=True, PER_BLOCK=True, TMA_RING=6)
+    gplan = wna16_gluon.gemv_plan(tma_cfg, N4, torch.float16, False, False, True)
+    gws, glock = _common.splitk_buffers(torch.device("cpu"), N4 // 128, 8, 128, 4)
+    metas = [{"swizzle": 0, "elem_size": e, "elem_type": 1, "block_size": b, "fp4_padded": False}
+             for e, b in [(4, [16, 128]), (2, [128]), (2, [128]), (4, [16])]]
+    raw = _gluon.RawLaunch(c_launch, lean[1], tuple((m, _gluon._meta_key(m)) for m in metas),
+                           lambda arg, meta: [object(), *arg.shape, *arg.strides])
+
+    class RawHit(dict):
+        def get(self, key, default=None):
+            return stub, raw
+
+    wna16_gluon._GEMV_LAUNCH.compiled = RawHit()
+    x4 = torch.randn(1, K4).half()
+    out4 = torch.empty(1, N4, dtype=torch.half)
+
+    def tma_gemv():
+        xp, xsc = wna16._h2_pack_x(x4, K4, gplan.pdl, gplan.chain)
+        gplan.launch(xp, xsc, Wt.qw, Wt.scales, None, None, out4, gws, glock, 128, N4, K4)
+
     rows = [
         ("a 1-element add_ (torch, for scale)", lambda: one.add_(1)),
         ("arg_class over 20 arguments (the old specialization key)",
@@ -90,6 +151,7 @@ def main() -> None:
             x1, W4.qw, W4.scales, None, None, 4, 128, N, K, config=packed, out=out[:1])),
         ("wna16_linear_triton M=1, planned config (what the runtime calls)", lambda: wna16.wna16_linear_triton(
             x1, W4.qw, W4.scales, None, None, 4, 128, N, K, out=out[:1])),
+        ("W4A16 M=1 4096x14336: x packed, then the TMA-fed GEMV (Gluon, RawLaunch)", tma_gemv),
         ("add_rmsnorm (residual add + RMSNorm)", lambda: fused.add_rmsnorm(h, d, nw, 1e-5)),
         ("silu_mul", lambda: fused.silu_mul(gu, 14336)),
         ("rope_store (RoPE + INT8 KV store, per-channel)", lambda: fused.rope_store(
@@ -97,11 +159,16 @@ def main() -> None:
         ("decode_attention (attention + merge: two launches)", lambda: attention.decode_attention(
             q, kc, vc, lens, k_scale=ks, v_scale=vs, split=128)),
     ]
-    print("Host time of quantkit's launch wrappers, us per call, Triton's launcher stubbed out (CPU)")
-    print("| call | us |")
-    print("|---|---|")
+    print("Host time of quantkit's launch wrappers, us per call, Triton's C launch stubbed out (CPU); lean launch "
+          "(the C launch called below Triton 3.6's launcher, tensors passed as addresses) on / off")
+    print("| call | lean on | lean off |")
+    print("|---|---|---|")
     for name, f in rows:
-        print(f"| {name} | {per_call_us(f):.2f} |")
+        on = per_call_us(f)
+        switch(False)
+        off = per_call_us(f)
+        switch(True)
+        print(f"| {name} | {on:.2f} | {off:.2f} |")
 
 
 if __name__ == "__main__":

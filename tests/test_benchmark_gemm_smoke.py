@@ -239,17 +239,21 @@ def test_host_profile_names_where_the_host_time_goes():
     assert " 1.0 calls: " in lines[1]
 
 
-def test_tma_memo_ab_times_the_call_with_the_memo_on_and_off(monkeypatch):
-    """``--host-profile``'s memo A/B: each side runs the call with the memo set as its name says, and puts it back."""
+@pytest.mark.parametrize("which", ["memo", "lean launch"])
+def test_switch_ab_times_the_call_with_the_switch_on_and_off(monkeypatch, which):
+    """``--host-profile``'s A/Bs (the TMA memo, the lean launch): each side runs the call with the switch set as its
+    name says, and puts it back."""
     gemm = _gemm()
-    from quantkit.kernels import _gluon
+    from quantkit.kernels import _common, _gluon
 
+    mod, flag, ab = ((_gluon, "TMA_MEMO", gemm.tma_memo_ab) if which == "memo" else
+                     (_common, "LEAN_LAUNCH", gemm.lean_launch_ab))
     seen = []
     monkeypatch.setattr(gemm, "bench", lambda fn, **kw: (fn(), 2.0 if seen[-1] else 3.0)[1])
-    prev = _gluon.TMA_MEMO
-    text = gemm.tma_memo_ab(lambda: seen.append(_gluon.TMA_MEMO))
-    assert set(seen) == {True, False} and _gluon.TMA_MEMO is prev
-    assert text.endswith("eager 2.00 / 3.00 us (memo on / off)") and text.startswith("host ")
+    prev = getattr(mod, flag)
+    text = ab(lambda: seen.append(getattr(mod, flag)))
+    assert set(seen) == {True, False} and getattr(mod, flag) is prev
+    assert text.endswith(f"eager 2.00 / 3.00 us ({which} on / off)") and text.startswith("host ")
 
 
 def test_peer_report_shows_an_inexact_peer_marked_and_unranked(monkeypatch):

@@ -245,3 +245,162 @@ def test_interpret_mode_follows_the_environment(monkeypatch):
     assert _common.interpret_mode() is True
     os.environ["TRITON_INTERPRET"] = "0"
     assert _common.interpret_mode() is False
+
+
+# ------------------------------------------------------------------ the lean launch: the C launch below the launcher
+
+class CLaunch:
+    """Stands in for Triton's compiled C launch (a callable with no Python code object): records its arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+def _triton_36_launcher():
+    """The installed Triton's ``CudaLauncher`` where it is 3.6's (``PYTHONPATH=.dev/tri36``, the GPU image)."""
+    try:
+        from triton.backends.nvidia import driver
+
+        return driver.CudaLauncher if getattr(driver, "_BASE_ARGS_FORMAT", None) == _common.BASE_ARGS_FORMAT else None
+    except Exception:
+        return None
+
+
+TRITON_36_LAUNCHER = _triton_36_launcher()  # read before any test patches the driver module
+
+
+def launcher_36(scratch: int = 0):
+    """Triton 3.6's ``CudaLauncher`` around a ``CLaunch``: the installed Triton's own class where it is 3.6's, else a
+    replica of its ``__call__``."""
+    if TRITON_36_LAUNCHER is not None:
+        lr = object.__new__(TRITON_36_LAUNCHER)
+    else:
+        class Replica:
+            def __call__(self, gx, gy, gz, stream, function, *args):
+                assert not self.global_scratch_size and not self.profile_scratch_size
+                self.launch(gx, gy, gz, stream, function, self.launch_cooperative_grid, self.launch_pdl, None, None,
+                            *args)
+
+        lr = Replica()
+    lr.launch, lr.num_ctas = CLaunch(), 1
+    lr.global_scratch_size, lr.global_scratch_align, lr.profile_scratch_size, lr.profile_scratch_align = scratch, 1, 0, 1
+    lr.launch_cooperative_grid, lr.launch_pdl = False, True
+    return lr
+
+
+@pytest.fixture
+def lean(rec, monkeypatch):
+    """``rec`` whose compiled kernels launch through a Triton 3.6 ``CudaLauncher`` (``launcher_36``); every tensor a
+    launch passes counts as a CUDA tensor, so the lean launch passes addresses."""
+    driver = pytest.importorskip("triton.backends.nvidia.driver")
+    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", _common.BASE_ARGS_FORMAT, raising=False)
+    ordinary = rec.getitem
+
+    def getitem(lk, grid):
+        launch = ordinary(lk, grid)
+
+        def run(*args, **consts):
+            k = launch(*args, **consts)
+            return types.SimpleNamespace(function=k.function, packed_metadata=(4, 1, 0), run=launcher_36())
+
+        return run
+
+    monkeypatch.setattr(_common.LazyKernel, "__getitem__", lambda lk, grid: getitem(lk, grid))
+    real = _common.pointer_args
+
+    def as_cuda(args):  # the launch's tensors as CUDA tensors for ``pointer_args`` alone (the wrappers stay on CPU)
+        rec.converted.append(tuple(args))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+            return real(args)
+
+    rec.converted = []  # the arguments each lean launch converted, in launch order
+    monkeypatch.setattr(_common, "pointer_args", as_cuda)
+    prev = _common.set_lean_launch(True)
+    yield rec
+    _common.set_lean_launch(prev)
+
+
+def _c_calls():
+    """Every C launch's arguments, in launch order."""
+    return sorted((c for k in _common._FAST.values() for c in k[0].run.launch.calls), key=lambda c: c[-1])
+
+
+@pytest.mark.parametrize("case", range(len(_cases())), ids=[c[0] for c in _cases()])
+def test_lean_launch_passes_what_the_launcher_passes(lean, case):
+    """A cached launch's C launch gets, through the lean launch, what it gets through Triton's launcher, every
+    tensor as its address; with the lean launch off it goes through the launcher again."""
+    name, call = _cases()[case]
+    order = [0]
+
+    def numbered(*args):  # each C launch's arguments, the launch's number last (its order across kernels)
+        order[0] += 1
+        return (*args, order[0])
+
+    call(1, 0)  # ordinary launches: each kernel's launcher cached with it
+    assert _FAST_lean_entries() and not _c_calls() and not lean.converted
+    for ent in _common._FAST.values():
+        c = ent[0].run.launch
+        c.__class__ = type("Numbered", (CLaunch,), {"__call__": lambda self, *a: self.calls.append(numbered(*a))})
+    call(2, 0)
+    got, converted = _c_calls(), list(lean.converted)
+    assert len(got) == len(converted) >= 1, name  # every launch went through its C launch, converted
+    for ent in _common._FAST.values():
+        ent[0].run.launch.calls.clear()
+    _common.set_lean_launch(False)
+    call(2, 0)  # fresh inputs of the same kinds through Triton's launcher (``run_compiled``)
+    want = _c_calls()
+    assert len(want) == len(got) and len(lean.converted) == len(converted), name  # nothing converted now
+    for g, w, args in zip(got, want, converted):
+        assert len(g) == len(w) and g[:13] == w[:13], name  # grid, stream, function, options, metadata, hooks
+        for i, (a, b) in enumerate(zip(g[13:-1], w[13:-1])):
+            if isinstance(b, torch.Tensor):  # the address of the tensor the lean launch was given there
+                t = args[i]
+                assert type(a) is int and a == t.data_ptr(), (name, i)
+                assert (t.dtype, t.shape, t.stride()) == (b.dtype, b.shape, b.stride()), (name, i)
+            else:
+                assert a == b and type(a) is type(b), (name, i, a, b)
+
+
+def _FAST_lean_entries() -> bool:
+    return bool(_common._FAST) and all(ent[3] is not None for ent in _common._FAST.values())
+
+
+def test_lean_launch_only_below_the_launcher_it_knows(monkeypatch):
+    driver = pytest.importorskip("triton.backends.nvidia.driver")
+    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", _common.BASE_ARGS_FORMAT, raising=False)
+    k = types.SimpleNamespace(function=7, packed_metadata=(4, 1, 0), run=launcher_36())
+    c, head = _common.c_launch_of(k)
+    assert c is k.run.launch and head == (7, False, True, None, None, (4, 1, 0), None, None, None)
+    assert _common.c_launch_of(types.SimpleNamespace(function=7, packed_metadata=(4, 1, 0),
+                                                     run=launcher_36(scratch=64))) is None  # scratch per launch
+    wrapped = types.SimpleNamespace(function=7, packed_metadata=(4, 1, 0), run=launcher_36())
+    wrapped.run.launch = lambda *a: None  # a Python wrapper around the C launch (host TMA descriptors)
+    assert _common.c_launch_of(wrapped) is None
+    assert _common.c_launch_of(types.SimpleNamespace(function=7, packed_metadata=None, run=lambda *a: None)) is None
+    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", "iiiKKppOOOOO", raising=False)  # another C launch's arguments
+    assert _common.c_launch_of(k) is None
+
+
+def test_pointer_args_only_for_cuda_tensors(monkeypatch):
+    t, u = torch.randn(8), torch.randn(8)[2:]
+    args = (t, 5, None, 1.5, u, True)
+    assert _common.pointer_args(args) == list(args)  # CPU tensors stay: Triton's launcher rejects them itself
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda s: True))
+    got = _common.pointer_args(args)
+    assert got == [t.data_ptr(), 5, None, 1.5, u.data_ptr(), True] and type(got[0]) is int
+
+
+def test_bound_driver_reads_the_device_without_torchs_lazy_init_check():
+    got = _common._bound_driver(types.SimpleNamespace(get_current_device=torch.cuda.current_device,
+                                                      get_current_stream=max))
+    if hasattr(torch._C, "_cuda_getDevice"):
+        assert got.get_current_device is torch._C._cuda_getDevice
+    else:
+        assert got.get_current_device is torch.cuda.current_device
+    assert got.get_current_stream is max
+    other = _common._bound_driver(types.SimpleNamespace(get_current_device=min, get_current_stream=max))
+    assert other.get_current_device is min  # another driver's getter is kept

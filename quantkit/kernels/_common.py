@@ -588,8 +588,21 @@ def splitk_for(programs: int, n_iters: int, target: int = 528, max_split: int = 
 _FAST: dict = {}
 _FAST_ON = env_flag("QUANTKIT_FAST_LAUNCH", True)
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-_driver = None
+_driver = None  # (get_current_device, get_current_stream) as ``bind_driver`` binds them
 _knobs = None
+
+# The lean launch: a cached kernel's C launch called below Triton 3.6's ``CudaLauncher`` (``c_launch_of``), which
+# skips that launcher's Python ``__call__`` (a frame and two scratch checks a launch), with every CUDA tensor
+# argument passed as its address (``pointer_args``).  For an int the C launch takes the value as the pointer; for a
+# tensor it calls ``data_ptr()`` and then cuPointerGetAttribute, a driver call per tensor argument (about 0.3 us each
+# on a fast host: pytorch#180507; a W8A8 call at small M passes 14 tensors).  QUANTKIT_LEAN_LAUNCH=0 (or
+# ``set_lean_launch``) turns it off: the benchmarks' A/B (``gemm.py --host-profile``).
+LEAN_LAUNCH = env_flag("QUANTKIT_LEAN_LAUNCH", True)
+
+# the C launch's leading arguments (Triton 3.6's ``_BASE_ARGS_FORMAT``): grid x, y, z, stream, function,
+# cooperative grid, PDL, global and profile scratch, packed metadata, launch metadata, enter and exit hooks; then the
+# kernel's arguments (each host TMA descriptor expanded)
+BASE_ARGS_FORMAT = "iiiKKppOOOOOO"
 
 
 FAST_STATS = [0, 0]  # [cached launches, ordinary launches] (diagnostics)
@@ -641,6 +654,47 @@ def current_stream() -> int:
     return _driver.get_current_stream(_driver.get_current_device())
 
 
+def set_lean_launch(on: bool) -> bool:
+    """Turn the lean launch (``LEAN_LAUNCH``) on or off; returns the previous setting."""
+    global LEAN_LAUNCH
+    prev, LEAN_LAUNCH = LEAN_LAUNCH, on
+    return prev
+
+
+def pointer_args(args) -> list:
+    """``args`` with every CUDA tensor replaced by its address, for a C launch (``LEAN_LAUNCH``).  Any other tensor
+    stays, so Triton's launcher still rejects it with its own error."""
+    return [a.data_ptr() if type(a) is _Tensor and a.is_cuda else a for a in args]
+
+
+def c_launch_head(k) -> tuple | None:
+    """Compiled kernel ``k``'s C-launch arguments after the stream (function, cooperative grid, PDL, no scratch,
+    packed metadata, no launch metadata, no hooks) where its launcher is Triton 3.6's ``CudaLauncher`` (the C
+    launch's arguments as 3.6 lays them out), on one CTA per program and with no scratch memory, which that
+    launcher's ``__call__`` would allocate per launch; else None."""
+    try:
+        from triton.backends.nvidia import driver
+
+        launcher = k.run
+        if (getattr(driver, "_BASE_ARGS_FORMAT", None) != BASE_ARGS_FORMAT or launcher.global_scratch_size
+                or launcher.profile_scratch_size or getattr(launcher, "num_ctas", 1) != 1):
+            return None
+        return (k.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None, k.packed_metadata,
+                None, None, None)
+    except Exception:  # another Triton's internals
+        return None
+
+
+def c_launch_of(k) -> tuple | None:
+    """(C launch, ``c_launch_head``) of compiled kernel ``k`` where its launcher calls the C launch as it is (no
+    host TMA descriptor, so no Python wrapper around it: ``_gluon.RawLaunch`` handles those); else None."""
+    head = c_launch_head(k)
+    if head is None:
+        return None
+    launch = k.run.launch
+    return None if hasattr(launch, "__code__") else (launch, head)  # a Python function: a wrapper
+
+
 def fast_ready() -> bool:
     """A cached compiled kernel may be launched directly now: enabled, compiled mode, Triton's driver bound
     (after the first ordinary launch) and no launch hook installed."""
@@ -656,6 +710,18 @@ def run_compiled(k, grid, args: tuple, dev: int | None = None) -> None:
           _driver.get_current_stream(dev), k.function, k.packed_metadata, None, None, None, *args)
 
 
+def _bound_driver(driver):
+    """Triton's driver's current device and stream getters, the device one as torch's C call where it is
+    ``torch.cuda.current_device`` (whose Python ``_lazy_init`` check, on every launch, has nothing left to do once a
+    kernel ran: 1.2 us own of a 3.7 us call on an H100 host, session 54's host profile)."""
+    import types
+
+    get_device = driver.get_current_device
+    if get_device is torch.cuda.current_device and hasattr(torch._C, "_cuda_getDevice"):
+        get_device = torch._C._cuda_getDevice
+    return types.SimpleNamespace(get_current_device=get_device, get_current_stream=driver.get_current_stream)
+
+
 def bind_driver(k) -> bool:
     """After an ordinary launch returned compiled kernel ``k``: remember Triton's driver and knobs (what
     :func:`run_compiled` needs); False when ``k`` lacks the internals a direct launch uses."""
@@ -666,7 +732,7 @@ def bind_driver(k) -> bool:
 
         _knobs = knobs
         if _driver is None:
-            _driver = triton.runtime.driver.active
+            _driver = _bound_driver(triton.runtime.driver.active)
         return hasattr(k, "packed_metadata") and hasattr(k, "function")
     except Exception:  # unknown triton internals: keep the ordinary path
         return False
@@ -694,10 +760,14 @@ def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey, key_arg
     ent = _FAST.get(key)
     if ent is not None and _no_hooks():
         FAST_STATS[0] += 1
-        k, tail, full = ent
+        k, tail, full, lean = ent
         if CHECK_LAUNCH:
             _check_cached(lk, args, consts, tail, full)
-        run_compiled(k, grid, (*args, *tail), dev)
+        if lean is not None and LEAN_LAUNCH:
+            lean[0](grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                    _driver.get_current_stream(dev), *lean[1], *pointer_args(args), *tail)
+        else:
+            run_compiled(k, grid, (*args, *tail), dev)
         return
     FAST_STATS[1] += 1
     k = lk[grid](*args, **consts)
@@ -709,7 +779,8 @@ def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey, key_arg
         return
     key = (key[0], _driver.get_current_device()) + key[2:]
     names = lk.param_names()
-    _FAST[key] = (k, tuple(consts[n] for n in names[len(args):]), spec_key(args))  # constexprs in parameter order
+    # constexprs in parameter order
+    _FAST[key] = (k, tuple(consts[n] for n in names[len(args):]), spec_key(args), c_launch_of(k))
 
 
 def _check_cached(lk, args: tuple, consts: dict, tail: tuple, full: tuple) -> None:

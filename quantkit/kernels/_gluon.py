@@ -263,10 +263,7 @@ def install_tma_memo() -> bool:
     return True
 
 
-# the C launch's leading arguments (Triton 3.6's ``_BASE_ARGS_FORMAT``): grid x, y, z, stream, function,
-# cooperative grid, PDL, global and profile scratch, packed metadata, launch metadata, enter and exit hooks; then the
-# kernel's arguments, each descriptor expanded
-_BASE_ARGS_FORMAT = "iiiKKppOOOOOO"
+# the names Triton 3.6's descriptor wrapper closes over: the C launch, which parameters are descriptors, their metadata
 _LAUNCH_FREEVARS = ("launcher", "tensordesc_indices", "tensordesc_meta")
 
 
@@ -285,25 +282,18 @@ class RawLaunch:
     @classmethod
     def of(cls, k, n_desc: int) -> "RawLaunch | None":
         encode = _triton_encoding()
-        if encode is None:
+        head = _common.c_launch_head(k)
+        if encode is None or head is None:
             return None
         try:
-            from triton.backends.nvidia import driver
-
-            if getattr(driver, "_BASE_ARGS_FORMAT", None) != _BASE_ARGS_FORMAT:
-                return None
-            launcher = k.run
-            wrapper = launcher.launch
+            wrapper = k.run.launch
             cells = dict(zip(wrapper.__code__.co_freevars, (c.cell_contents for c in wrapper.__closure__ or ())))
             if any(n not in cells for n in _LAUNCH_FREEVARS):
                 return None
             metas = cells["tensordesc_meta"]
             if (sorted(cells["tensordesc_indices"]) != list(range(n_desc)) or metas is None or len(metas) != n_desc
-                    or any(m is None for m in metas) or launcher.global_scratch_size or launcher.profile_scratch_size
-                    or getattr(launcher, "num_ctas", 1) != 1):
+                    or any(m is None for m in metas)):
                 return None
-            head = (k.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None, k.packed_metadata,
-                    None, None, None)
             return cls(cells["launcher"], head, tuple((m, _meta_key(m)) for m in metas), encode)
         except Exception:  # another Triton's internals
             return None
@@ -319,7 +309,8 @@ class RawLaunch:
 
     def __call__(self, grid, tensors: tuple, args: tuple) -> None:
         self.c_launch(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                      _common.current_stream(), *self.head, *self.expand(tensors), *args)
+                      _common.current_stream(), *self.head, *self.expand(tensors),
+                      *(_common.pointer_args(args) if _common.LEAN_LAUNCH else args))
 
 
 class DirectLaunch:

@@ -667,7 +667,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, fuse_quant, out_int32, cfg, x=Non
     xx = x if x is not None else a
     wf = w_fp16 if w_fp16 is not None else w
     tma_f = rbits and _fp16_loop_tma(cfg, xx, wf)
-    pkey = (tuple(cfg.items()), M, N, K, a.device, bias is not None, rbits, w_fp16 is not None, fuse_quant,
+    pkey = (tuple(cfg.items()), M, N, K, a.get_device(), bias is not None, rbits, w_fp16 is not None, fuse_quant,
             out_int32, quant_once, tma_f, interpret_mode(), pdl)
     grid, part, lock, sync, n_prod, amax, const, ckey = (
         _LAUNCH_PLANS.get(pkey) or remember(_LAUNCH_PLANS, pkey, _launch_plan(cfg, M, N, K, a.device, pkey[5:])))
@@ -805,7 +805,7 @@ def _scratch(x: torch.Tensor):
     by the stream, see ``cached_buffer``): (a_q (M, K) int8, a_scale (M,) fp32, a_q as int32 words (the GEMV's
     view; K % 4 == 0 only, else None)) views."""
     M, K = x.shape
-    key = (x.device, M, K)
+    key = (x.get_device(), M, K)  # an int: a torch.device costs more to make and hash
     # memoised: slicing and viewing cost more host time than the launch's own wrapper
     return _SCRATCH_VIEWS.get(key) or remember(_SCRATCH_VIEWS, key, _scratch_views(x.device, M, K))
 
@@ -890,7 +890,7 @@ def _launch_gemv(x, w, w_scale, bias, out, cfg, row_bits=None, w_fp16=None):
     M, K = x.shape
     N = w.shape[0]
     rbits = row_bits is not None
-    pkey = ("gemv", tuple(cfg.items()), M, N, K, x.device, bias is not None, rbits, w_fp16 is not None)
+    pkey = ("gemv", tuple(cfg.items()), M, N, K, x.get_device(), bias is not None, rbits, w_fp16 is not None)
     grid, part, lock, fuse, const, ckey = (
         _LAUNCH_PLANS.get(pkey) or remember(_LAUNCH_PLANS, pkey, _gemv_plan(cfg, M, N, K, x.device, *pkey[6:])))
     if fuse:  # one launch: the kernel quantizes x itself

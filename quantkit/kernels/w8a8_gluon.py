@@ -645,13 +645,18 @@ _LAUNCH_WS = _gluon.DirectLaunch()
 _LAUNCH_FP16_ROWS = _gluon.DirectLaunch()
 
 
+_PARAM_NAMES: dict = {}  # (kernel, the constexprs a launch names) -> those the kernel takes, in parameter order
+
+
 def _cached_launch(direct: _gluon.DirectLaunch, kernel, grid, cfg: dict, out, tensors: tuple, ptrs: tuple,
                    named: dict, descs, options: dict, prefix: tuple = ()) -> torch.Tensor:
     """``kernel`` on ``grid``: the compiled variant ``direct`` holds for this device, tile, output dtype, constexprs
     (``named``, those the kernel takes, in its parameter order) and pointer specialisation, launched on descriptors
     of ``tensors`` (``prefix``: stand-ins for descriptor parameters the call leaves out); else through the JIT on the
     descriptors ``descs()`` builds, then remembered. ``ptrs``: the non-descriptor, non-constexpr arguments."""
-    names = [n for n in kernel.arg_names if n in named]
+    nkey = (kernel, tuple(named))
+    names = _PARAM_NAMES.get(nkey) or _common.remember(_PARAM_NAMES, nkey, tuple(n for n in kernel.arg_names
+                                                                                 if n in named))
     consts = tuple(named[n] for n in names)
     key = lambda: (_common.current_device(), cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], out.dtype,  # noqa: E731
                    consts, _common.spec_key(ptrs))

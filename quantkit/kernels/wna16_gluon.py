@@ -829,7 +829,9 @@ class Plan:
         must hold.  ws, lock: the split-K workspace and counters (``_common.splitk_buffers``)."""
         args = (scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, lock,
                 x.shape[0], N, K, scales.shape[0], group_size, out.stride(0))
-        key = lambda: (_common.current_device(), self.static_key, out.dtype, _common.spec_key(args))  # noqa: E731
+        # ws and lock (cached buffers: 16-byte aligned, one dtype each) left out of the specialization key
+        key = lambda: (_common.current_device(), self.static_key, out.dtype,  # noqa: E731
+                       _common.spec_key(args[:4] + args[6:]))
         _LAUNCH.launch(key, self.grid, (x, qw), (*args, *self.cv), lambda: _kernel(self.consts)[self.grid](
             *_descriptors(x, qw, self.bm, self.bn, self.bits), *args, **self.consts, **self.options))
         return out
@@ -1008,8 +1010,9 @@ class GemvPlan:
         ``TIMELINE_SLOTS`` entries a program where the plan was made with ``timeline``."""
         args = (xsc, bias if bias is not None else scales, out, ws, lock, lock if timeline is None else timeline, N,
                 K, scales.shape[0], group_size)
+        # xsc, ws and lock (cached buffers: 16-byte aligned, one dtype each) left out of the specialization key
         key = lambda: (_common.current_device(), self.static_key, out.dtype, scales.dtype,  # noqa: E731
-                       None if zeros is None else zeros.dtype, _common.spec_key(args))
+                       None if zeros is None else zeros.dtype, _common.spec_key(args[1:3] + args[5:]))
         tensors = _gemv_tensors(xp, qw, scales, zeros)
         _GEMV_LAUNCH.launch(key, self.grid, tensors, (*args, *self.cv), lambda: wna16_gluon_gemv_kernel[self.grid](
             *_gemv_descriptors(tensors, self.bn), *args, **self.consts, **self.options))

@@ -159,7 +159,7 @@ def wrap(request, monkeypatch):
         monkeypatch.setattr(_gluon, "_triton_encoding", lambda: enc)
         return w
     driver = pytest.importorskip("triton.backends.nvidia.driver")
-    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", _gluon._BASE_ARGS_FORMAT, raising=False)  # 3.6's C launch
+    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", _gluon._common.BASE_ARGS_FORMAT, raising=False)  # 3.6's C launch
     return wrap_like_triton_36
 
 
@@ -182,22 +182,34 @@ def compiled(launcher):
     return types.SimpleNamespace(run=launcher, function=4242, packed_metadata=(4, 1, 1))
 
 
-def test_raw_launch_passes_what_the_wrapper_passes(wrap, driver_stub):
+@pytest.mark.parametrize("lean", [False, True])
+def test_raw_launch_passes_what_the_wrapper_passes(wrap, driver_stub, monkeypatch, lean):
     """The C launch gets the same arguments from ``RawLaunch`` as from Triton's launcher on ``HostDesc``s (the
-    cached path before it), on the first call (memo misses) and the next (hits), and for new tensors."""
+    cached path before it), on the first call (memo misses) and the next (hits), and for new tensors; with the lean
+    launch (``_common.LEAN_LAUNCH``) a CUDA tensor argument as its address."""
     launcher = FakeLauncher(wrap)
     k = compiled(launcher)
     raw = _gluon.RawLaunch.of(k, 2)
     assert raw is not None
+    monkeypatch.setattr(_gluon._common, "LEAN_LAUNCH", lean)
+    real = _gluon._common.pointer_args
+
+    def as_cuda(a):  # the arguments as CUDA tensors for ``pointer_args`` alone
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+            return real(a)
+
+    monkeypatch.setattr(_gluon._common, "pointer_args", as_cuda)
     w, x = torch.randn(128, 256, dtype=torch.float16), torch.randn(64, 256, dtype=torch.float16)
     args = (torch.randn(3), 17, 5, True)
     for tensors, grid in [((w, x), (8,)), ((w, x), (8, 2)), ((w[:64], x[1:]), (3, 1, 2))]:
         raw(grid, tensors, args)
         g = (*grid, 1, 1)[:3]
         launcher(*g, 777, k.function, k.packed_metadata, None, None, None,
-                 *[_gluon.HostDesc(t) for t in tensors], *args)
+                 *[_gluon.HostDesc(t) for t in tensors], *(as_cuda(args) if lean else args))
         got, want = launcher.calls[-2], launcher.calls[-1]
         assert len(got) == len(want) and all(a is b or a == b for a, b in zip(got, want))
+        assert (type(got[-4]) is int) is lean and got[-3:] == (17, 5, True)
         assert got[BASE] == ("map", tensors[0].data_ptr(), (64, 128)) and got[BASE + 5] == (
             "map", tensors[1].data_ptr(), (32, 128))
     assert len(_gluon._TMA_MEMO) == 4  # two descriptors of two tensor pairs: the repeat call hit
@@ -216,7 +228,7 @@ def test_raw_launch_only_where_it_knows_the_launcher(wrap, driver_stub, monkeypa
 
     monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", "iiiKKppOOOOO", raising=False)  # another C launch's arguments
     assert _gluon.RawLaunch.of(k, 2) is None
-    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", _gluon._BASE_ARGS_FORMAT, raising=False)
+    monkeypatch.setattr(driver, "_BASE_ARGS_FORMAT", _gluon._common.BASE_ARGS_FORMAT, raising=False)
     monkeypatch.setattr(_gluon, "_triton_encoding", lambda: None)  # another Triton's encoding
     assert _gluon.RawLaunch.of(k, 2) is None
 
