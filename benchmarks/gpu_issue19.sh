@@ -2,6 +2,10 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
+#   STAGE_LIMIT=200 PEER_MS=1,16,256 bash benchmarks/gpu_issue19.sh check-lean peers   # session 56's lean
+#                                                  # launch (built on the CPU, never on a GPU): its GPU tests, then
+#                                                  # the table with --host-profile's new lean-launch on / off A/B
+#                                                  # (host and eager us per call) beside the memo's
 #   STAGE_LIMIT=380 bash benchmarks/gpu_issue19.sh eager   # the EAGER configs by what a call outside a graph
 #                                                  # costs (the larger of eager and host time), then the table at
 #                                                  # M = 1, 16 on the entries written (carry .dev/gemlite-0.6.0;
@@ -51,7 +55,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="eager check-eager check check-ws check-gemv check-chain check-all check-all-gpu check-all-rest runtime-chain w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256 peers"
+STAGES="eager check-lean check-eager check check-ws check-gemv check-chain check-all check-all-gpu check-all-rest runtime-chain w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256 peers"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -104,6 +108,13 @@ for stage in "$@"; do
         -n "${CHECK_WORKERS:-8}" -p no:cacheprovider tests/kernels/test_w8a8.py tests/kernels/test_wna16.py \
         tests/test_fast_launch.py -k "eager_config or gemv or pdl or quant_once or fast_launch or interpret_mode"
       grep -E "^FAILED|^ERROR" "$WORK/check-eager.log" | head -20 ;;
+    check-lean)  # the lean launch (session 56: each cached kernel's C launch called below Triton's launcher, tensors
+      # as addresses): its GPU tests, lean against the launcher bit for bit on every shape at M = 1, 16, 256, the
+      # public fast path, the descriptor memo's and the fast launch's tests on this Triton (QUANTKIT_CHECK_LAUNCH=1)
+      RUN_LIMIT=${LEAN_CHECK_LIMIT:-150} run check-lean env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf \
+        -n "${CHECK_WORKERS:-8}" -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_tma_memo.py \
+        tests/test_fast_launch.py -k "lean or public_fast_path or raw_launch or direct_launch or cached_launch"
+      grep -E "^FAILED|^ERROR" "$WORK/check-lean.log" | head -20 ;;
     check-ws)  # the warp-specialized kernel's tests alone (MIXED_PASS among them)
       check_ws ;;
     check-gemv)  # the TMA-fed W4A16 GEMV (TMA_RING) and its PDL_CHAIN: a failure leaves its configs out of later

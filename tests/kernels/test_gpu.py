@@ -760,6 +760,45 @@ def test_wna16_gemv_h2_packed_x_is_the_in_loop_result(layer):
     _graph_replays(call, x, out, replayed)
 
 
+@pytest.mark.parametrize("M", [1, 16, 256])
+def test_lean_launch_matches_the_launcher(layer, M):
+    """Every shipped kernel at this shape and M gives the same bits with the lean launch (each cached kernel's C
+    launch called directly, CUDA tensors passed as addresses: ``_common.LEAN_LAUNCH``) as through Triton's launcher,
+    and on Triton 3.6 the cached launches do take it."""
+    N, K, W8 = layer["N"], layer["K"], layer["W8"]
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    rb = (torch.rand(M, device="cuda") < 0.5).to(torch.uint8)
+    calls = [lambda W=W: wna16.wna16_linear_triton(x, W.qw, W.scales, W.zeros, None, W.bits, W.group_size, N, K)
+             for W in (layer["Wi4"], layer["Wi4z"], layer["Wi8"])]
+    calls += [lambda: w8a8.w8a8_linear_triton(x, W8.w, W8.scale),
+              lambda: mixed.mixed_linear_triton(x, W8.w, W8.scale, layer["w16"], mixed.CTRL_ROW_BITS, rb)]
+    prev = _common.set_lean_launch(True)
+    try:
+        for call in calls:
+            call()  # compiled, cached
+            lean = [call() for _ in range(2)]
+            _common.set_lean_launch(False)
+            plain = call()
+            _common.set_lean_launch(True)
+            assert all(torch.equal(y, plain) for y in lean)
+    finally:
+        _common.set_lean_launch(prev)
+    from triton.backends.nvidia import driver
+
+    if getattr(driver, "_BASE_ARGS_FORMAT", None) == _common.BASE_ARGS_FORMAT:
+        assert any(ent[3] is not None for ent in _common._FAST.values())
+
+
+def test_lean_launch_still_rejects_a_cpu_tensor():
+    """A CPU tensor in a cached launch stays a tensor under the lean launch, so Triton's launcher names it."""
+    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    s = torch.empty(4, 1, device="cuda")
+    act_quant.per_token_quant_triton(x, out_q=torch.empty(4, 256, dtype=torch.int8, device="cuda"), out_s=s)
+    with pytest.raises(ValueError, match="cpu tensor"):
+        act_quant.per_token_quant_triton(x, out_q=torch.empty(4, 256, dtype=torch.int8), out_s=s)
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_public_fast_path_matches_custom_op(layer, dtype):
     """The eager fast path (no custom-op dispatch, cached launches) == the custom op, bitwise."""
