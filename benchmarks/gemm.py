@@ -32,7 +32,7 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 
 import triton  # noqa: E402
 
-from quantkit.kernels import act_quant, fused, mixed, w8a8, w8a8_gluon, wna16, wna16_gluon  # noqa: E402
+from quantkit.kernels import _replay, act_quant, fused, mixed, w8a8, w8a8_gluon, wna16, wna16_gluon  # noqa: E402
 from quantkit.kernels._common import (CHAINED, EAGER, chain_pdl, gpu_key, m_bucket, plain_config,  # noqa: E402
                                       runtime_chain, write_tuned)
 
@@ -151,6 +151,11 @@ def lean_launch_ab(fn) -> str:
     from quantkit.kernels import _common
 
     return switch_ab(fn, _common.set_lean_launch, "lean launch")
+
+
+def replay_ab(fn) -> str:
+    """Replays (``_replay.set_replay``: a kind of call's recorded C launches sent again) on and off."""
+    return switch_ab(fn, _replay.set_replay, "replay")
 
 
 def bench_rounds(fns: dict, timer=bench, rounds=4, errors: dict | None = None, **kw) -> dict:
@@ -1008,9 +1013,25 @@ def peer_study(dev, gen, shapes, ms, bw, args):
             # does not pay), so the shipped entry is timed as the runtime calls it and only a searched one passed
             run4 = None if cfg4 == shipped4 else cfg4
             run8 = None if cfg8 == shipped8 else cfg8
+            # and, as the runtime's public ops call it, through the replay of its kind of call (``_replay``: the
+            # launches a first call made, sent again with x's and out's addresses); a searched config is not
+            sites4 = [_replay.Site((W.qw, W.scales)) for W in ours4]
+            sites8 = [_replay.Site((W.w, W.scale)) for W in ours8]
+
+            def w4_call(i, o):
+                if run4 is not None:
+                    return w4_ours(ours4[i], run4, o)
+                return _replay.call(sites4[i], xb, o, lambda: w4_ours(ours4[i], None, o))
+
+            def w8_call(i, o):
+                W = ours8[i]
+                if run8 is not None:
+                    return w8a8.w8a8_linear_triton(xh, W.w, W.scale, config=run8, out=o)
+                return _replay.call(sites8[i], xh, o, lambda: w8a8.w8a8_linear_triton(xh, W.w, W.scale, out=o))
+
             cases4 = {"cuBLAS bf16": (lambda o: torch.matmul(xb, dense_bf[0].t(), out=o),
                                       [lambda W=W: torch.matmul(xb, W.t(), out=ob) for W in dense_bf]),
-                "quantkit": (lambda o: w4_ours(ours4[0], run4, o), [lambda W=W: w4_ours(W, run4) for W in ours4])}
+                      "quantkit": (lambda o: w4_call(0, o), [lambda i=i: w4_call(i, ob) for i in range(len(ours4))])}
             if tg is not None:
                 cases4["tinygemm"] = (lambda o: peers.tinygemm_run(xb, *tg[0], out=o),
                                       [lambda t=t: peers.tinygemm_run(xb, *t) for t in tg])
@@ -1018,9 +1039,7 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                 cases4["GemLite"] = (lambda o: o.copy_(g4[0](xb)), [lambda g=g: g(xb) for g in g4])
             cases8 = {"cuBLAS fp16": (lambda o: torch.matmul(xh, dense16[0].t(), out=o),
                                       [lambda W=W: torch.matmul(xh, W.t(), out=oh) for W in dense16]),
-                      "quantkit": (lambda o: w8a8.w8a8_linear_triton(xh, ours8[0].w, ours8[0].scale, config=run8, out=o),
-                                   [lambda W=W: w8a8.w8a8_linear_triton(xh, W.w, W.scale, config=run8, out=oh)
-                                    for W in ours8])}
+                      "quantkit": (lambda o: w8_call(0, o), [lambda i=i: w8_call(i, oh) for i in range(len(ours8))])}
             xp = xh if M > 16 else torch.cat([xh, xh.new_ones(32 - M, K)], 0)
             cases8["int_mm+quant"] = (None, [lambda W=W: torch._int_mm(act_quant.per_token_quant_triton(xp)[0],
                                                                        W.w.t()) for W in ours8])
@@ -1065,6 +1084,7 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                         log(f"host profile {ours} M={M} N={N} K={K}:\n{host_profile(timed[ours][0])}")
                         log(f"TMA memo A/B {ours} M={M} N={N} K={K}: {tma_memo_ab(timed[ours][0])}")
                         log(f"lean launch A/B {ours} M={M} N={N} K={K}: {lean_launch_ab(timed[ours][0])}")
+                        log(f"replay A/B {ours} M={M} N={N} K={K}: {replay_ab(timed[ours][0])}")
             rows.append(row)
             log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
             if args.json:  # incremental, in case the run is cut short

@@ -2,10 +2,13 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   STAGE_LIMIT=200 PEER_MS=1,16,256 bash benchmarks/gpu_issue19.sh check-lean peers   # session 56's lean
-#                                                  # launch (built on the CPU, never on a GPU): its GPU tests, then
-#                                                  # the table with --host-profile's new lean-launch on / off A/B
-#                                                  # (host and eager us per call) beside the memo's
+#   STAGE_LIMIT=200 PEER_MS=1,16,256 bash benchmarks/gpu_issue19.sh check-lean peers   # session 56's replays
+#                                                  # and lean launch (built on the CPU, never on a GPU): their GPU
+#                                                  # tests, then the table (our shipped entries now timed through
+#                                                  # their replays) with --host-profile's replay and lean-launch
+#                                                  # on / off A/Bs (host and eager us per call) beside the memo's;
+#                                                  # if check-lean fails, QUANTKIT_REPLAY=0 / QUANTKIT_LEAN_LAUNCH=0
+#                                                  # before the table (carry .dev/gemlite-0.6.0)
 #   STAGE_LIMIT=380 bash benchmarks/gpu_issue19.sh eager   # the EAGER configs by what a call outside a graph
 #                                                  # costs (the larger of eager and host time), then the table at
 #                                                  # M = 1, 16 on the entries written (carry .dev/gemlite-0.6.0;
@@ -108,12 +111,16 @@ for stage in "$@"; do
         -n "${CHECK_WORKERS:-8}" -p no:cacheprovider tests/kernels/test_w8a8.py tests/kernels/test_wna16.py \
         tests/test_fast_launch.py -k "eager_config or gemv or pdl or quant_once or fast_launch or interpret_mode"
       grep -E "^FAILED|^ERROR" "$WORK/check-eager.log" | head -20 ;;
-    check-lean)  # the lean launch (session 56: each cached kernel's C launch called below Triton's launcher, tensors
-      # as addresses): its GPU tests, lean against the launcher bit for bit on every shape at M = 1, 16, 256, the
-      # public fast path, the descriptor memo's and the fast launch's tests on this Triton (QUANTKIT_CHECK_LAUNCH=1)
-      RUN_LIMIT=${LEAN_CHECK_LIMIT:-150} run check-lean env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf \
-        -n "${CHECK_WORKERS:-8}" -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_tma_memo.py \
-        tests/test_fast_launch.py -k "lean or public_fast_path or raw_launch or direct_launch or cached_launch"
+    check-lean)  # session 56's lean launch (each cached kernel's C launch called below Triton's launcher, tensors as
+      # addresses) and replays (a kind of call's recorded C launches sent again): their GPU tests, bit for bit
+      # against the wrapper on every shape at M = 1, 16, 256, eager and in CUDA graphs; the public fast path; the
+      # descriptor memo's, the fast launch's and the replays' CPU tests on this Triton. Replays are off under
+      # QUANTKIT_CHECK_LAUNCH, so the lean tests run with it and the replay tests without
+      RUN_LIMIT=${LEAN_CHECK_LIMIT:-150} run check-lean bash -c "env QUANTKIT_CHECK_LAUNCH=1 python -m pytest -q -rf \
+        -n ${CHECK_WORKERS:-8} -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_tma_memo.py \
+        tests/test_fast_launch.py -k 'lean or public_fast_path or raw_launch or direct_launch or cached_launch' && \
+        python -m pytest -q -rf -n ${CHECK_WORKERS:-8} -p no:cacheprovider tests/kernels/test_gpu.py \
+        tests/test_replay.py -k 'replay'"
       grep -E "^FAILED|^ERROR" "$WORK/check-lean.log" | head -20 ;;
     check-ws)  # the warp-specialized kernel's tests alone (MIXED_PASS among them)
       check_ws ;;

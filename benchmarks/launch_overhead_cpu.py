@@ -125,7 +125,7 @@ def main() -> None:
 
     def tma_gemv():
         xp, xsc = wna16._h2_pack_x(x4, K4, gplan.pdl, gplan.chain)
-        gplan.launch(xp, xsc, Wt.qw, Wt.scales, None, None, out4, gws, glock, 128, N4, K4)
+        return gplan.launch(xp, xsc, Wt.qw, Wt.scales, None, None, out4, gws, glock, 128, N4, K4)
 
     rows = [
         ("a 1-element add_ (torch, for scale)", lambda: one.add_(1)),
@@ -169,6 +169,41 @@ def main() -> None:
         off = per_call_us(f)
         switch(True)
         print(f"| {name} | {on:.2f} | {off:.2f} |")
+    try:
+        from quantkit.kernels import _replay
+    except ImportError:  # an older tree
+        return
+    # the same calls replayed (``_replay``: the first calls of a kind recorded, later ones sending the recorded C
+    # launches with x's and out's addresses put in), against the wrapper itself (lean launch on)
+    _replay._on_gpu = lambda t: True  # these CPU tensors stand for CUDA ones
+    wna16.eager_cuda = w8a8.eager_cuda = lambda x: True
+    out1 = out[:1]
+    replayed = [
+        ("w8a8_linear_triton M=16, two launches", (W.w, W.scale), x, out,
+         lambda: w8a8.w8a8_linear_triton(x, W.w, W.scale, config=cfg, out=out)),
+        ("w8a8_linear_triton M=1, dp4a GEMV (two launches)", (W.w, W.scale), x1, out1,
+         lambda: w8a8.w8a8_linear_triton(x1, W.w, W.scale, config=gemv, out=out1)),
+        ("wna16_linear_triton M=1, gemv_h2 on packed x (PACKED_X: two launches)", (W4.qw, W4.scales), x1, out1,
+         lambda: wna16.wna16_linear_triton(x1, W4.qw, W4.scales, None, None, 4, 128, N, K, config=packed, out=out1)),
+        ("wna16_linear_triton M=1, planned config", (W4.qw, W4.scales), x1, out1,
+         lambda: wna16.wna16_linear_triton(x1, W4.qw, W4.scales, None, None, 4, 128, N, K, out=out1)),
+        ("W4A16 M=1 4096x14336: x packed, then the TMA-fed GEMV (Gluon, RawLaunch)", (Wt.qw, Wt.scales), x4, out4,
+         tma_gemv),
+    ]
+    print()
+    print("Replayed (us per call; the wrapper alone beside it, lean launch on)")
+    print("| call | replayed | wrapper |")
+    print("|---|---|---|")
+    for name, stable, xx, oo, f in replayed:
+        site = _replay.Site(stable)
+        for _ in range(3):
+            _replay.call(site, xx, oo, f)
+        assert site.replays, f"{name}: not replayed"
+        print(f"| {name} | {per_call_us(lambda: _replay.call(site, xx, oo, f)):.2f} | {per_call_us(f):.2f} |")
+    print(f"| wna16_linear (the public op, planned config, its output allocated), M=1 | "
+          f"{per_call_us(lambda: wna16.wna16_linear(x1, W4)):.2f} | - |")
+    print(f"| torch.empty of that output alone | "
+          f"{per_call_us(lambda: torch.empty((1, N), dtype=x1.dtype, device=x1.device)):.2f} | - |")
 
 
 if __name__ == "__main__":

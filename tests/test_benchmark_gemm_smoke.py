@@ -239,15 +239,18 @@ def test_host_profile_names_where_the_host_time_goes():
     assert " 1.0 calls: " in lines[1]
 
 
-@pytest.mark.parametrize("which", ["memo", "lean launch"])
+@pytest.mark.parametrize("which", ["memo", "lean launch", "replay"])
 def test_switch_ab_times_the_call_with_the_switch_on_and_off(monkeypatch, which):
-    """``--host-profile``'s A/Bs (the TMA memo, the lean launch): each side runs the call with the switch set as its
+    """``--host-profile``'s A/Bs (the TMA memo, the lean launch, replays): each side runs the call with the switch set as its
     name says, and puts it back."""
     gemm = _gemm()
     from quantkit.kernels import _common, _gluon
 
-    mod, flag, ab = ((_gluon, "TMA_MEMO", gemm.tma_memo_ab) if which == "memo" else
-                     (_common, "LEAN_LAUNCH", gemm.lean_launch_ab))
+    from quantkit.kernels import _replay
+
+    mod, flag, ab = {"memo": (_gluon, "TMA_MEMO", gemm.tma_memo_ab),
+                     "lean launch": (_common, "LEAN_LAUNCH", gemm.lean_launch_ab),
+                     "replay": (_replay, "ON", gemm.replay_ab)}[which]
     seen = []
     monkeypatch.setattr(gemm, "bench", lambda fn, **kw: (fn(), 2.0 if seen[-1] else 3.0)[1])
     prev = getattr(mod, flag)

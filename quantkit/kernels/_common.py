@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 from typing import Any, Callable, Optional
 
 import torch
@@ -519,6 +520,7 @@ class ConfigCache:
     def set(self, M: int, N: int, K: int, gpu: str, cfg: dict) -> None:
         self.table[(gpu, m_bucket(M), N, K)] = dict(cfg)
         self._near.clear()
+        bump_generation()
 
 
 def round_half_away_ref(y: torch.Tensor) -> torch.Tensor:
@@ -599,6 +601,27 @@ _knobs = None
 # ``set_lean_launch``) turns it off: the benchmarks' A/B (``gemm.py --host-profile``).
 LEAN_LAUNCH = env_flag("QUANTKIT_LEAN_LAUNCH", True)
 
+# Recording for a replay (``_replay``): while ``_RECORDING`` holds (thread id, list), each lean launch of that thread
+# appends what it launched (``record``) and any other launch None: a replay cannot repeat a launch it cannot see.
+_RECORDING = None
+
+# Bumped by every switch a replay's launches depend on beyond the call's own key (``set_lean_launch``, the TMA
+# memo's, a ``ConfigCache.set``): replays recorded before it are not replayed after it.
+GENERATION = 0
+
+
+def record(entry) -> None:
+    """Append ``entry`` (a lean launch's parts, or None) to this thread's recording, if one is on."""
+    rec = _RECORDING
+    if rec is not None and rec[0] == threading.get_ident():
+        rec[1].append(entry)
+
+
+def bump_generation() -> None:
+    global GENERATION
+    GENERATION += 1
+
+
 # the C launch's leading arguments (Triton 3.6's ``_BASE_ARGS_FORMAT``): grid x, y, z, stream, function,
 # cooperative grid, PDL, global and profile scratch, packed metadata, launch metadata, enter and exit hooks; then the
 # kernel's arguments (each host TMA descriptor expanded)
@@ -658,6 +681,7 @@ def set_lean_launch(on: bool) -> bool:
     """Turn the lean launch (``LEAN_LAUNCH``) on or off; returns the previous setting."""
     global LEAN_LAUNCH
     prev, LEAN_LAUNCH = LEAN_LAUNCH, on
+    bump_generation()
     return prev
 
 
@@ -753,6 +777,8 @@ def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey, key_arg
     out the caller's own cached buffers (always 16-byte aligned, of one dtype): fewer arguments,
     less host time per call."""
     if not _FAST_ON or interpret_mode():
+        if _RECORDING is not None:
+            record(None)
         lk[grid](*args, **consts)
         return
     dev = _driver.get_current_device() if _driver is not None else None
@@ -764,12 +790,18 @@ def fast_launch(lk: "LazyKernel", grid, args: tuple, consts: dict, ckey, key_arg
         if CHECK_LAUNCH:
             _check_cached(lk, args, consts, tail, full)
         if lean is not None and LEAN_LAUNCH:
+            if _RECORDING is not None:
+                record(("plain", lean[0], grid, lean[1], args, tail))
             lean[0](grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                     _driver.get_current_stream(dev), *lean[1], *pointer_args(args), *tail)
         else:
+            if _RECORDING is not None:
+                record(None)
             run_compiled(k, grid, (*args, *tail), dev)
         return
     FAST_STATS[1] += 1
+    if _RECORDING is not None:
+        record(None)
     k = lk[grid](*args, **consts)
     if k is None:
         return

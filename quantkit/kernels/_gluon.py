@@ -200,6 +200,7 @@ def set_tma_memo(on: bool) -> bool:
     setting."""
     global TMA_MEMO
     prev, TMA_MEMO = TMA_MEMO, on
+    _common.bump_generation()
     return prev
 
 
@@ -308,6 +309,8 @@ class RawLaunch:
         return out
 
     def __call__(self, grid, tensors: tuple, args: tuple) -> None:
+        if _common._RECORDING is not None:
+            _common.record(("raw", self, grid, tensors, args))
         self.c_launch(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                       _common.current_stream(), *self.head, *self.expand(tensors),
                       *(_common.pointer_args(args) if _common.LEAN_LAUNCH else args))
@@ -338,6 +341,7 @@ class DirectLaunch:
             if raw is not None and TMA_MEMO:
                 raw(grid, tensors, args)
             else:
+                _common.record(None)
                 _common.run_compiled(k, grid, (*[HostDesc(t) for t in tensors], *args))
             return True
         except Exception:
@@ -348,6 +352,7 @@ class DirectLaunch:
         """:meth:`run`, else ``jit()`` (the kernel launched through the JIT, on descriptors it builds; it returns
         the compiled kernel), which is then remembered under ``key()`` with ``len(tensors)`` descriptors."""
         if not self.run(key, grid, tensors, args):
+            _common.record(None)
             if self.compiled is not None:  # a variant's first launch; once direct launches are off, every launch
                 # takes this path and the memo is already in place (installed on an earlier first launch)
                 install_tma_memo()

@@ -44,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from . import _common
+from . import _common, _replay
 from ._common import (ConfigCache, HOPPER_SMEM_PER_BLOCK, LazyKernel, cached_buffer, call_configs, capability,
                       capturing, cdiv, eager_cuda, fast_launch, gemv_tile, gpu_key, grid_dep_launch_dependents,
                       grid_dep_wait, grouped_tile, interpret_mode, jit_helper, l2_prefetch_rows, launch_consts,
@@ -789,6 +789,7 @@ def _launch_tma(a_q, a_scale, w, w_scale, bias, out, cfg, x=None, row_bits=None,
     progs = min(tiles, slots)
     rbits = row_bits is not None
     wf = w_fp16 if w_fp16 is not None else w
+    _common.record(None)  # launched through the JIT: a replay cannot repeat it
     w8a8_tma_kernel[(progs,)](
         a_q, w, a_scale, w_scale, bias if bias is not None else w_scale, out,
         x if rbits else a_q, wf, row_bits if rbits else w_scale, M, N, K, progs,
@@ -1073,8 +1074,11 @@ def _(a_q, a_scale, w, w_scale, bias, out_dtype):
 
 def w8a8_linear(x: torch.Tensor, weight: W8A8Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W8A8 linear (quantizes x per token). x: (..., K) fp16/bf16 -> (..., N) x.dtype."""
-    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch
-        return w8a8_linear_triton(x, weight.w, weight.scale, bias)
+    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch, and the call's launches replayed
+        # where this kind of call was recorded for this weight (``_replay``)
+        out = torch.empty((x.shape[0], weight.N), dtype=x.dtype, device=x.device)
+        return _replay.call(_replay.site_of(weight, weight.w, weight.scale, bias), x, out,
+                            lambda: w8a8_linear_triton(x, weight.w, weight.scale, bias, out=out))
     lead = x.shape[:-1]
     out = _w8a8_linear_op(x.reshape(-1, x.shape[-1]), weight.w, weight.scale, bias)
     return out.reshape(*lead, weight.N)

@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from . import _common
+from . import _common, _replay
 from ._common import (EAGER, ConfigCache, H2_ASM_SYM, H2_ASM_ZERO, LazyKernel, cached_buffer, call_configs,
                       capturing, cdiv, const_key, eager_cuda, fast_launch, gemv_tile, gpu_key,
                       grid_dep_launch_dependents, grid_dep_wait, grouped_tile, has_sub_configs, jit_helper,
@@ -1059,9 +1059,12 @@ def _(x, qw, scales, zeros, bias, bits, group_size, N, K):
 
 def wna16_linear(x: torch.Tensor, weight: WNA16Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W4A16/W8A16 linear. x: (..., K) fp16/bf16 -> (..., N) x.dtype."""
-    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch (~30 us of host time)
-        return wna16_linear_triton(x, weight.qw, weight.scales, weight.zeros, bias, weight.bits, weight.group_size,
-                                   weight.N, weight.K)
+    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch (~30 us of host time), and the
+        # call's launches replayed where this kind of call was recorded for this weight (``_replay``)
+        out = torch.empty((x.shape[0], weight.N), dtype=x.dtype, device=x.device)
+        return _replay.call(_replay.site_of(weight, weight.qw, weight.scales, weight.zeros, bias), x, out,
+                            lambda: wna16_linear_triton(x, weight.qw, weight.scales, weight.zeros, bias, weight.bits,
+                                                        weight.group_size, weight.N, weight.K, out=out))
     lead = x.shape[:-1]
     out = _wna16_linear_op(
         x.reshape(-1, x.shape[-1]), weight.qw, weight.scales, weight.zeros, bias,

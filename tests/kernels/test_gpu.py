@@ -789,6 +789,45 @@ def test_lean_launch_matches_the_launcher(layer, M):
         assert any(ent[3] is not None for ent in _common._FAST.values())
 
 
+@pytest.mark.parametrize("M", [1, 16, 256])
+def test_replayed_calls_match_the_wrapper(layer, M, monkeypatch):
+    """The public ops' replays (``_replay``: a call's recorded C launches sent again, x's and out's addresses put
+    in) give the wrapper's bits on new inputs, eager and captured into a CUDA graph; the decode Ms are replayed."""
+    from quantkit.kernels import _replay
+
+    monkeypatch.setattr(_common, "CHECK_LAUNCH", False)  # (which turns replays off)
+    N, K = layer["N"], layer["K"]
+    ops = [(W, lambda x, W=W: wna16.wna16_linear(x, W)) for W in (layer["Wi4"], layer["Wi4z"], layer["Wi8"])]
+    ops.append((layer["W8"], lambda x: w8a8.w8a8_linear(x, layer["W8"])))
+    prev = _replay.set_replay(True)
+    try:
+        for W, op in ops:
+            for _ in range(3):  # compiled, recorded, replayed
+                op(torch.randn(M, K, device="cuda", dtype=torch.float16))
+            for _ in range(2):
+                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                y = op(x)
+                _replay.set_replay(False)
+                assert torch.equal(y, op(x)), (M, N, K)
+                _replay.set_replay(True)
+            if M <= 16:
+                assert any(site.replays for ref, site in _replay._SITES.values() if ref() is W), (M, N, K)
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            op(x)
+            for _ in range(3):  # the capture's own kind of call: recorded in one capture, replayed in the next
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = op(x)
+                x.copy_(torch.randn(M, K, device="cuda", dtype=torch.float16))
+                graph.replay()
+                torch.cuda.synchronize()
+                _replay.set_replay(False)
+                assert torch.equal(out, op(x)), (M, N, K)
+                _replay.set_replay(True)
+    finally:
+        _replay.set_replay(prev)
+
+
 def test_lean_launch_still_rejects_a_cpu_tensor():
     """A CPU tensor in a cached launch stays a tensor under the lean launch, so Triton's launcher names it."""
     x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
