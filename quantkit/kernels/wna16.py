@@ -994,20 +994,20 @@ def _h2_pack_x(x: torch.Tensor, K: int, pdl: bool = False, chain: bool = False):
     this device's scratch: (packed (4 * n_rows,) int32, 1 / prescale (1,) fp32). ``pdl``: the GEMV is launched
     programmatically next, so this launch triggers it, and is programmatic itself where ``_common.first_waits``
     says (``chain``: the config's ``PDL_CHAIN``)."""
-    key = (x.get_device(), K, pdl, chain)
-    n_rows, grid, const, ckey, xp, xsc = _PACKS.get(key) or remember(_PACKS, key, _h2_pack_buffers(x.device, K, pdl,
-                                                                                                  chain))
+    key = (x.get_device(), K, pdl, _common.first_waits(chain, pdl))  # (the chain's state read per call)
+    n_rows, grid, const, ckey, xp, xsc = _PACKS.get(key) or remember(_PACKS, key, _h2_pack_buffers(x.device, *key[1:]))
     fast_launch(h2_pack_x_kernel, grid, (x, xp, xsc, K, n_rows), const, ckey, (x,))
     return xp, xsc
 
 
-# (device, K, pdl, chain) -> ``_h2_pack_plan`` and the packed x's buffers: a decode step packs x for every linear.
-# A buffer a larger request replaced later stays valid (``_common._RETIRED``), so a memoised one can be used on.
+# (device, K, trigger, wait) -> ``_h2_pack_plan`` and the packed x's buffers: a decode step packs x for every
+# linear.  A buffer a larger request replaced later stays valid (``_common._RETIRED``), so a memoised one can be used
+# on.
 _PACKS: dict = {}
 
 
-def _h2_pack_buffers(device, K: int, pdl: bool, chain: bool) -> tuple:
-    n_rows, grid, const, ckey = _h2_pack_plan(K, pdl, _common.first_waits(chain, pdl))
+def _h2_pack_buffers(device, K: int, trigger: bool, wait: bool) -> tuple:
+    n_rows, grid, const, ckey = _h2_pack_plan(K, trigger, wait)
     return (n_rows, grid, const, ckey, cached_buffer(device, torch.int32, 4 * n_rows, tag="h2_xpack"),
             cached_buffer(device, torch.float32, 1, tag="h2_xscale"))
 

@@ -551,3 +551,23 @@ def _iter_dicts(o):
     elif isinstance(o, list):
         for v in o:
             yield from _iter_dicts(v)
+
+
+def test_x_packing_waits_inside_the_runtime_chain_only(monkeypatch):
+    """The packing launch of a PDL GEMV waits on the GPU for the launch before it only inside the runtime's chain (or
+    with PDL_CHAIN): the chain's state is read per call, though the packing's plan and buffers are memoised."""
+    from quantkit.kernels import _common
+
+    seen = []
+    monkeypatch.setattr(wna16, "fast_launch", lambda kern, grid, args, const, *a: seen.append(const["WAIT"]))
+    monkeypatch.setattr(_common, "CHAIN_PDL", True)
+    x = torch.randn(1, 512).half()
+    for inside in (False, True, False, True):
+        if inside:
+            with _common.runtime_chain():
+                wna16._h2_pack_x(x, 512, pdl=True)
+        else:
+            wna16._h2_pack_x(x, 512, pdl=True)
+    wna16._h2_pack_x(x, 512, pdl=False)
+    wna16._h2_pack_x(x, 512, pdl=True, chain=True)
+    assert seen == [False, True, False, True, False, True]
