@@ -6,7 +6,9 @@ against 17.3 for ``F.linear`` on an H100's host). This splits that cost: what ru
 tensors, every compiled-kernel lookup answered by a stub, so the numbers are the wrappers' alone, with Triton 3.6's
 ``CudaLauncher.__call__`` (replicated: its Python) in front of the stub where the lean launch is off.  What the C
 launch does per tensor argument (``data_ptr()``, then cuPointerGetAttribute, which the lean launch's addresses skip)
-and torch's ``current_device`` are not in these times: they need a GPU (``gemm.py --host-profile``'s A/B).
+and torch's ``current_device`` are not in these times: they need a GPU (``gemm.py --host-profile``'s A/B).  A second
+table times the same calls replayed (``kernels/_replay.py``: a kind of call's recorded C launches sent again with
+x's and out's addresses) against the wrapper.
 
     PYTHONPATH=. python benchmarks/launch_overhead_cpu.py
 """
