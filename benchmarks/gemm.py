@@ -1537,6 +1537,18 @@ def decode_timeline(dev, gen, shapes):
     return 1 if fails else 0
 
 
+def replayed_pair(L, x, plain_cfg, mixed_cfg, rb, out) -> tuple[float, float]:
+    """Eager us of plain W8A8 and of mixed with row bits ``rb``, each through a replay of its call (a site of its
+    own: the configs are the calls' own, not the sites'), timed interleaved."""
+    plain, mix = _replay.Site((L.w8.w, L.w8.scale)), _replay.Site((L.w8.w, L.w8.scale, L.w16))
+    fa = lambda: _replay.call(plain, x, out, lambda: run_w8a8(L, x, plain_cfg, out))  # noqa: E731
+    fb = lambda: _replay.call(mix, x, out, lambda: run_mixed(L, x, mixed_cfg, rb, mixed.CTRL_ROW_BITS, True, out),  # noqa: E731
+                              (rb,), mixed.CTRL_ROW_BITS)
+    for _ in range(3):  # run, recorded, replayed
+        fa(), fb()
+    return bench_paired(fa, fb, rep=30)
+
+
 def mixed_study(dev, gen, shapes, ms):
     """Mixed mode inside the W8A8 tensor-core kernel: the FP16 loop's K step, pipeline depth, loads (TMA_F) and the
     register cap (MAXNREG) vs the mask overhead and all-FP16 speed; where W8A8's config is Gluon's (whose FP16 loop
@@ -1545,6 +1557,7 @@ def mixed_study(dev, gen, shapes, ms):
     fails = []
     lines = ["| N | K | M | W8A8 cfg | FP16 us | W8A8 us | variant | mixed-i8 us (d us) | mixed-f16 us (x cuBLAS) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    replays = []  # the default variant's pair again, each call through its replay
     parts = ["| N | K | M | quantize | Gluon | Gluon, row bits, no FP16 row | every row FP16 (copy) | every row FP16 "
              "(int8 weight) | graph: W8A8 | graph: mixed-i8 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (N, K) in shapes:
@@ -1582,6 +1595,11 @@ def mixed_study(dev, gen, shapes, ms):
                 except Exception as ex:
                     log(f"skip {name}: {type(ex).__name__}: {str(ex)[:160]}")
                     continue
+                if name == "default" and M <= _replay.MAX_M:  # the same pair as the runtime's public ops call them
+                    tw_r, t0_r = replayed_pair(L, x, base, cfg, rb0, out)
+                    replays.append(f"| {N} | {K} | {M} | {tw:.1f} | {t0:.1f} ({t0 - tw:+.1f}) | {tw_r:.1f} | "
+                                   f"{t0_r:.1f} ({t0_r - tw_r:+.1f}) |")
+                    log(replays[-1])
                 cs = (f"{base['BLOCK_M']}x{base['BLOCK_N']}x{bk} w{base['num_warps']} s{ns} sk{base.get('SPLIT_K', 1)}"
                       f"{' ' + base['BACKEND'] if base.get('BACKEND') else ''}")
                 lines.append(f"| {N} | {K} | {M} | {cs} | {t16:.1f} | {tw:.1f} | {name} | {t0:.1f} ({t0 - tw:+.1f}) | "
@@ -1616,6 +1634,11 @@ def mixed_study(dev, gen, shapes, ms):
     if len(parts) > 2:
         log("\nmixed-i8 where W8A8 is Gluon's, by part (eager us, no FP16 row; graph: CUDA-graph replay):\n")
         log("\n".join(parts))
+    if replays:
+        log("\nmixed with no FP16 row against W8A8, eager us: the wrappers, then each through its replay "
+            "(``_replay``, as the public ops call them; timed interleaved):\n")
+        log("| N | K | M | W8A8 | mixed-i8 | W8A8 replayed | mixed-i8 replayed |\n|---|---|---|---|---|---|---|")
+        log("\n".join(replays))
     log(f"failures: {len(fails)}")
     return 1 if fails else 0
 

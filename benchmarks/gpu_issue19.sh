@@ -31,7 +31,9 @@
 #                                                  # first: those twins rank back to back and lose in the runtime)
 #   STAGE_LIMIT=60 bash benchmarks/gpu_issue19.sh mixed-8192 mixed-256   # mixed with no FP16 row against W8A8,
 #                                                  # timed interleaved (bench_paired): within 1.7% at M = 8192
-#                                                  # in both of session 51's runs; M = 256 eager swings (host)
+#                                                  # in both of session 51's runs; M = 256 eager swings (host):
+#                                                  # since session 56 the pair is also timed through replays (the
+#                                                  # log's last table), the form the runtime's calls take
 #   RT_TUNE=1 RT_LIMIT=260 bash benchmarks/gpu_issue19.sh runtime-chain   # the W4A16 M = 1 CHAINED choices by
 #                                                  # the runtime's own step time (runtime.py --tune-chained; session
 #                                                  # 54, H100: 6144x4096 now PDL), written, then the A/B (chain

@@ -326,3 +326,23 @@ def test_eager_cost_is_the_longer_of_eager_and_host_time(monkeypatch):
     assert gemm.eager_cost(lambda: None) == 79.5
     monkeypatch.setattr(gemm, "host_time", lambda fn, calls=100: 13.0)
     assert gemm.eager_cost(lambda: None) == 25.7
+
+
+def test_mixed_study_times_the_replayed_pair(monkeypatch):
+    """``--mixed-study``'s replayed pair: plain W8A8 and mixed each through a replay of its own call, warmed up (run,
+    recorded, replayed), then timed interleaved."""
+    import types
+
+    import torch
+
+    gemm = _gemm()
+    ran = []
+    monkeypatch.setattr(gemm, "run_w8a8", lambda L, x, cfg, out=None: ran.append(("w8a8", cfg)) or out)
+    monkeypatch.setattr(gemm, "run_mixed", lambda L, x, cfg, rb, ctrl, with_fp16=True, out=None: (
+        ran.append(("mixed", cfg)) or out))
+    monkeypatch.setattr(gemm, "bench_paired", lambda fa, fb, **kw: (fa(), fb(), 1.0, 2.0)[2:])
+    L = types.SimpleNamespace(w8=types.SimpleNamespace(w=torch.zeros(4, 8), scale=torch.ones(4)),
+                              w16=torch.zeros(4, 8))
+    x, out, rb = torch.zeros(2, 8), torch.zeros(2, 4), torch.zeros(2, dtype=torch.uint8)
+    assert gemm.replayed_pair(L, x, "plain", "mixed", rb, out) == (1.0, 2.0)
+    assert ran == [("w8a8", "plain"), ("mixed", "mixed")] * 4

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import test_fast_launch as fl
-from quantkit.kernels import _common, _replay, w8a8, wna16
+from quantkit.kernels import _common, _replay, mixed, w8a8, wna16
 
 rec, lean = fl.rec, fl.lean  # test_fast_launch's fixtures
 
@@ -92,6 +92,12 @@ def sites():
         ("w8a8 gemv", W8, (W8.w, W8.scale), 1, w8a8_call(GEMV8)),
         ("w8a8 gemv fused", W8, (W8.w, W8.scale), 1, w8a8_call(dict(GEMV8, SPLIT_K=1, FUSE_QUANT=True))),
     ]
+
+
+def mixed_call(W, w16, cfg):
+    """A mixed call (row bits: a third tensor of its own per call) as the public op makes it."""
+    return lambda x, out, rb: mixed.mixed_linear_triton(x, W.w, W.scale, w16, mixed.CTRL_ROW_BITS, rb, config=cfg,
+                                                        out=out)
 
 
 IDS = [s[0] for s in sites()]
@@ -202,18 +208,20 @@ def test_sites_follow_their_weights_tensors():
     import weakref
 
     W = w8()
-    a = _replay.site_of(W, W.w, W.scale, None)
-    assert _replay.site_of(W, W.w, W.scale, None) is a and not hasattr(W, "_replay_site")  # beside W, not on it
-    b = _replay.site_of(W, W.w, W.scale, torch.zeros(48))  # another bias
-    assert b is not a and _replay.site_of(W, W.w, W.scale, None) is not b
+    a = _replay.site_of(W, "w8a8_linear", W.w, W.scale, None)
+    assert _replay.site_of(W, "w8a8_linear", W.w, W.scale, None) is a and not hasattr(W, "_replay_site")  # beside W
+    m = _replay.site_of(W, "mixed_linear", W.w, W.scale, None, None)  # another op on the same weight: its own site
+    assert m is not a and _replay.site_of(W, "w8a8_linear", W.w, W.scale, None) is a
+    b = _replay.site_of(W, "w8a8_linear", W.w, W.scale, torch.zeros(48))  # another bias
+    assert b is not a and _replay.site_of(W, "w8a8_linear", W.w, W.scale, None) is not b
     W.scale = W.scale.clone()  # the weight's tensors replaced: a new site
-    c = _replay.site_of(W, W.w, W.scale, None)
-    assert c.stable[1] is W.scale and _replay.site_of(W, W.w, W.scale, None) is c
+    c = _replay.site_of(W, "w8a8_linear", W.w, W.scale, None)
+    assert c.stable[1] is W.scale and _replay.site_of(W, "w8a8_linear", W.w, W.scale, None) is c
     scale = weakref.ref(W.scale)
     n = len(_replay._SITES)
     del W, c
     gc.collect()
-    assert len(_replay._SITES) == n - 1 and scale() is None  # dropped with its weight: nothing kept alive
+    assert len(_replay._SITES) == n - 2 and scale() is None  # dropped with its weight: nothing kept alive
 
 
 def test_the_public_ops_go_through_the_replay(rp, monkeypatch):
@@ -225,8 +233,8 @@ def test_the_public_ops_go_through_the_replay(rp, monkeypatch):
     for i in range(3):
         wna16.wna16_linear(xs(i, 1, 256), W4)
         w8a8.w8a8_linear(xs(i, 5, 64), W8)
-    assert len(_replay.site_of(W4, W4.qw, W4.scales, W4.zeros, None).replays) == 1
-    assert len(_replay.site_of(W8, W8.w, W8.scale, None).replays) == 1
+    assert len(_replay.site_of(W4, "wna16_linear", W4.qw, W4.scales, W4.zeros, None).replays) == 1
+    assert len(_replay.site_of(W8, "w8a8_linear", W8.w, W8.scale, None).replays) == 1
 
 
 class FakeRaw:
@@ -262,15 +270,16 @@ def test_a_gluon_launch_replays_with_its_descriptors(dynamic, monkeypatch):
 
     x0, out0 = xs(1, 4, 32), torch.empty(4, 64).half()
     tensors, args, _ = launch(x0, out0)
-    rp = _replay.Replay.of([("raw", raw, (5,), tensors, args)], site, x0, out0)
+    rp = _replay.Replay.of([("raw", raw, (5,), tensors, args)], site, (x0, out0))
     assert rp is not None
     monkeypatch.setattr(_common, "current_stream", lambda: 99)
     for seed in (2, 3):
         x, out = xs(seed, 4, 32), torch.empty(4, 64).half()
-        rp.run(x, out)
+        rp.run((x, out))
         assert list(c.calls[-1]) == launch(x, out)[2]
     view = x0[1:]  # a descriptor of a view of x: its offset is not x's
-    assert _replay.Replay.of([("raw", raw, (5,), (view, W), args)], site, x0, out0) is None
+    assert _replay.Replay.of([("raw", raw, (5,), (view, W), args)], site, (x0, out0)) is None
+    assert _replay.Replay.of([("raw", raw, (5,), tensors, args)], site, (x0, x0[:2])) is None  # out in x's storage
 
 
 def test_one_recording_at_a_time(rp):
@@ -289,3 +298,44 @@ def test_one_recording_at_a_time(rp):
         assert not site.replays and _common._RECORDING is None
     run(9)  # (the calls above tried nothing: this one may still record)
     assert len(site.replays) == 1
+
+
+@pytest.mark.parametrize("cfg", [TL_DOT, GEMV8], ids=["tl.dot", "gemv"])
+def test_a_mixed_call_replays_with_its_row_bits(numbered, cfg):
+    """Mixed calls: the row bits are the call's own too (their address put in per call, their layout in the kind),
+    and the control word is in the kind."""
+    W, w16 = w8(), torch.randn(48, 64).half()
+    M = 5 if cfg is TL_DOT else 1
+    call = mixed_call(W, w16, cfg)
+    site = _replay.Site((W.w, W.scale, w16))
+
+    def run(seed, rb, tag=mixed.CTRL_ROW_BITS):
+        x, out = xs(seed, M, 64), torch.empty(M, 48, dtype=torch.float16)
+        return x, out, _replay.call(site, x, out, lambda: call(x, out, rb), (rb,), tag)
+
+    for i in range(3):
+        run(i, (torch.arange(M) % 2).to(torch.uint8))
+    assert len(site.replays) == 1
+    c_calls()
+    rb = (torch.arange(M) % 2 == 0).to(torch.uint8)  # new row bits, new x and out
+    x, out, y = run(7, rb)
+    replayed = c_calls()
+    assert y is out and replayed
+    _replay.set_replay(False)
+    call(x, out, rb)
+    _replay.set_replay(True)
+    assert replayed == c_calls()
+    assert not site.seen
+    run(8, rb, tag=mixed.CTRL_ROW_BITS | 1 << 40)  # another control word: another kind, seen once (not replayed)
+    assert len(site.replays) == 1 and list(site.seen.values()) == [1]
+    run(9, torch.ones(M + 1, dtype=torch.uint8)[1:])  # row bits one byte off alignment: another kind too
+    assert len(site.seen) == 2
+
+
+def test_the_mixed_public_op_goes_through_the_replay(rp, monkeypatch):
+    monkeypatch.setattr(mixed, "eager_cuda", lambda x: True)
+    monkeypatch.setattr(w8a8, "_pick", lambda x, M, N, K, config, mixed=False: dict(TL_DOT))
+    W, w16 = w8(), torch.randn(48, 64).half()
+    for i in range(3):
+        mixed.mixed_linear(xs(i, 5, 64), W, w16, mixed.CTRL_ROW_BITS, torch.ones(5, dtype=torch.uint8))
+    assert len(_replay.site_of(W, "mixed_linear", W.w, W.scale, w16, None).replays) == 1

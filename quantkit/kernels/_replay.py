@@ -79,14 +79,14 @@ class Site:
         self.seen: dict = {}  # kind -> its calls not replayed (the first runs the wrapper, later ones record)
 
 
-_SITES: dict = {}  # id(owner) -> (a weak reference to it, its Site): dropped with the owner
+_SITES: dict = {}  # (id(owner), op) -> (a weak reference to the owner, its Site): dropped with the owner
 
 
-def site_of(owner, *stable) -> Site:
-    """``owner``'s site (a weight object's) for these tensors, made anew where they are not the objects it was made
-    for (a weight whose tensors were replaced, another bias).  Kept beside the owner, not on it, and only while it
-    lives."""
-    key = id(owner)
+def site_of(owner, op: str, *stable) -> Site:
+    """``owner``'s site (a weight object's) for public op ``op`` and these tensors, made anew where they are not the
+    objects it was made for (a weight whose tensors were replaced, another bias).  One per op, so a weight that two
+    ops call (plain W8A8 and mixed) keeps both.  Kept beside the owner, not on it, and only while it lives."""
+    key = (id(owner), op)
     ent = _SITES.get(key)
     if ent is not None and ent[0]() is owner and ent[1].ids == tuple(map(id, stable)):
         return ent[1]
@@ -103,16 +103,23 @@ def site_of(owner, *stable) -> Site:
     return site
 
 
-def call(site: Site, x: torch.Tensor, out: torch.Tensor, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``fn()`` (the wrapper, writing ``out`` from ``x``), or its replay for this kind of call."""
+def _kind_of(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
+
+
+def call(site: Site, x: torch.Tensor, out: torch.Tensor, fn: Callable[[], torch.Tensor], more: tuple = (),
+         tag=None) -> torch.Tensor:
+    """``fn()`` (the wrapper, writing ``out`` from ``x`` and the other per-call tensors ``more``, None for one
+    absent), or its replay for this kind of call; ``tag``: whatever else of the call picks its launches (a mixed
+    call's control word)."""
     if not ON or x.shape[0] > MAX_M or _common.CHECK_LAUNCH or not _on_gpu(x) or not _common.fast_ready():
         return fn()
     kind = (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, out.shape, out.stride(), out.dtype, out.data_ptr() & 15,
             _common.current_device(), _stream_capturing(), _common._in_runtime_chain, _common.CHAIN_PDL,
-            _common.CHAINED_CONFIGS, _common.GENERATION)
+            _common.CHAINED_CONFIGS, _common.GENERATION, tag, *map(_kind_of, more))
     rp = site.replays.get(kind)
     if rp is not None:
-        rp.run(x, out)
+        rp.run((x, out, *more))
         return out
     n = site.seen.get(kind, 0)
     if n > MAX_TRIES:
@@ -125,7 +132,7 @@ def call(site: Site, x: torch.Tensor, out: torch.Tensor, fn: Callable[[], torch.
     if not _RECORDING_LOCK.acquire(blocking=False):  # another thread is recording: one recording at a time
         return fn()
     try:
-        y, rp = _record(site, x, out, fn)
+        y, rp = _record(site, (x, out, *more), fn)
     finally:
         _RECORDING_LOCK.release()
     site.seen[kind] = n + 1
@@ -164,9 +171,9 @@ class _Watch(TorchDispatchMode):
 _RECORDING_LOCK = threading.Lock()
 
 
-def _record(site: Site, x, out, fn) -> tuple[torch.Tensor, Optional["Replay"]]:
+def _record(site: Site, tensors: tuple, fn) -> tuple[torch.Tensor, Optional["Replay"]]:
     """Run ``fn`` with its launches recorded (holding ``_RECORDING_LOCK``): (its result, the replay, or None where
-    it cannot be one)."""
+    it cannot be one).  ``tensors``: the call's own (x, out, then the others, None for one absent)."""
     rec: list = []
     _common._RECORDING = (threading.get_ident(), rec)
     try:
@@ -174,56 +181,66 @@ def _record(site: Site, x, out, fn) -> tuple[torch.Tensor, Optional["Replay"]]:
             y = fn()
     finally:
         _common._RECORDING = None
-    if watch.computed or y is not out or not rec or any(r is None for r in rec):
+    if watch.computed or y is not tensors[1] or not rec or any(r is None for r in rec):
         return y, None
-    return y, Replay.of(rec, site, x, out)
-
-
-_X, _OUT = "x", "out"  # a tensor's place in x's or out's storage
+    return y, Replay.of(rec, site, tensors)
 
 
 class _Addresses:
-    """Where a recorded call's tensors lie: x's storage, out's, or a constant one (the bound weights', the cached
-    buffers')."""
+    """Where a recorded call's tensors lie: in one of the call's own tensors' storages (x's, out's, ...), or in a
+    constant one (the bound weights', the cached buffers')."""
 
-    def __init__(self, site: Site, x, out):
-        self.x, self.out = x, out
-        self.xs, self.os = x.untyped_storage().data_ptr(), out.untyped_storage().data_ptr()
+    def __init__(self, site: Site, tensors: tuple):
+        self.tensors = tensors
+        self.own = [None if t is None else t.untyped_storage().data_ptr() for t in tensors]
         self.const = {t.untyped_storage().data_ptr() for t in site.stable}
         self.const.update(b.untyped_storage().data_ptr() for b in (*_common._BUFS.values(), *_common._RETIRED))
 
+    def distinct(self) -> bool:
+        """No two of the call's own tensors share a storage (their offsets would tie a replay to one layout), and
+        none is a constant's."""
+        own = [s for s in self.own if s is not None]
+        return len(set(own)) == len(own) and not self.const.intersection(own)
+
     def of(self, t: torch.Tensor):
-        """(_X or _OUT, offset from its data pointer) for a tensor in x's or out's storage, its address for a
-        constant one, else None."""
+        """(which of the call's tensors, offset from its data pointer) for a tensor in the storage of one of them,
+        its address for a constant one, else None."""
         if not _on_gpu(t):
             return None
         s = t.untyped_storage().data_ptr()
-        if s == self.xs:
-            return (_X, t.data_ptr() - self.x.data_ptr())
-        if s == self.os:
-            return (_OUT, t.data_ptr() - self.out.data_ptr())
+        if s in self.own:
+            i = self.own.index(s)
+            return (i, t.data_ptr() - self.tensors[i].data_ptr())
         return t.data_ptr() if s in self.const else None
+
+    def place(self, t: torch.Tensor):
+        """A Gluon descriptor's tensor: the index of the call's own tensor it is, itself where it is a constant's,
+        else None (a view of one of the call's tensors: its descriptor would need its offset)."""
+        for i, own in enumerate(self.tensors):
+            if t is own:
+                return i
+        return t if isinstance(self.of(t), int) else None
 
 
 class _Launch:
-    """One recorded C launch: its full argument list (the stream's slot and x's and out's addresses filled per
-    call: ``slots``, (index, _X or _OUT, offset)), and, for a Gluon launch on a descriptor of x or out, the
-    descriptors to encode again per call (``descs``: its RawLaunch and tensors, x's and out's places _X and _OUT),
-    spliced in at ``at``."""
+    """One recorded C launch: its full argument list (the stream's slot and the call's own tensors' addresses
+    filled per call: ``slots``, (index, which tensor, offset)), and, for a Gluon launch on a descriptor of one of
+    them, the descriptors to encode again per call (``descs``: its RawLaunch and tensors, the call's own as their
+    index), spliced in at ``at``."""
 
     __slots__ = ("c", "args", "slots", "descs", "at")
 
     def __init__(self, c, args: list, slots: tuple, descs=None, at: int = 0):
         self.c, self.args, self.slots, self.descs, self.at = c, args, slots, descs, at
 
-    def __call__(self, stream: int, xp: int, op: int, x, out) -> None:
+    def __call__(self, stream: int, ptrs: list, tensors: tuple) -> None:
         a = self.args.copy()
         a[3] = stream
         if self.descs is not None:
-            raw, tensors = self.descs
-            a[self.at:self.at] = raw.expand(tuple(x if t is _X else out if t is _OUT else t for t in tensors))
+            raw, places = self.descs
+            a[self.at:self.at] = raw.expand(tuple(tensors[p] if type(p) is int else p for p in places))
         for i, which, off in self.slots:
-            a[i] = (op if which is _OUT else xp) + off
+            a[i] = ptrs[which] + off
         self.c(*a)
 
 
@@ -236,9 +253,9 @@ class Replay:
         self.launches = launches
 
     @classmethod
-    def of(cls, rec: list, site: Site, x, out) -> Optional["Replay"]:
-        where = _Addresses(site, x, out)
-        if where.xs == where.os:  # x and out in one storage: their offsets would tie this replay to one layout
+    def of(cls, rec: list, site: Site, tensors: tuple) -> Optional["Replay"]:
+        where = _Addresses(site, tensors)
+        if not where.distinct():
             return None
         launches = []
         for r in rec:
@@ -248,11 +265,12 @@ class Replay:
             launches.append(launch)
         return cls(launches)
 
-    def run(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def run(self, tensors: tuple) -> None:
+        """Send the launches for the call's own tensors (x, out, then the others, as recorded)."""
         stream = _common.current_stream()
-        xp, op = x.data_ptr(), out.data_ptr()
+        ptrs = [None if t is None else t.data_ptr() for t in tensors]
         for launch in self.launches:
-            launch(stream, xp, op, x, out)
+            launch(stream, ptrs, tensors)
 
 
 def _grid3(grid) -> list:
@@ -260,8 +278,8 @@ def _grid3(grid) -> list:
 
 
 def _resolve(args, where: _Addresses, base: int):
-    """(the arguments with each tensor's address, the slots of x's and out's) or None where a tensor is neither
-    theirs nor a constant; ``base``: the first argument's index in the C launch."""
+    """(the arguments with each tensor's address, the slots of the call's own tensors) or None where a tensor is
+    neither theirs nor a constant; ``base``: the first argument's index in the C launch."""
     resolved, slots = [], []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
@@ -285,19 +303,14 @@ def _launch_of(r: tuple, where: _Addresses) -> Optional[_Launch]:
             return None
         return _Launch(c, [*_grid3(grid), None, *head, *got[0], *tail], got[1])
     _, raw, grid, tensors, args = r  # a Gluon kernel's RawLaunch
-    places = []
-    for t in tensors:
-        if t is where.x or t is where.out:
-            places.append(_X if t is where.x else _OUT)
-        elif isinstance(where.of(t), int):
-            places.append(t)
-        else:  # a view of x or out, or a tensor of no known storage
-            return None
+    places = [where.place(t) for t in tensors]
+    if any(p is None for p in places):
+        return None
     at = head_len + len(raw.head)
     expanded = raw.expand(tuple(tensors))  # (its length is the same for any tensors of these ranks)
     got = _resolve(args, where, at + len(expanded))
     if got is None:
         return None
-    if all(isinstance(t, torch.Tensor) for t in places):  # every descriptor constant: encoded once
+    if all(isinstance(p, torch.Tensor) for p in places):  # every descriptor constant: encoded once
         return _Launch(raw.c_launch, [*_grid3(grid), None, *raw.head, *expanded, *got[0]], got[1])
     return _Launch(raw.c_launch, [*_grid3(grid), None, *raw.head, *got[0]], got[1], (raw, tuple(places)), at)

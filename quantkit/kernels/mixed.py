@@ -52,6 +52,7 @@ from typing import Optional
 
 import torch
 
+from . import _replay
 from ._common import (ConfigCache, LazyKernel, cdiv, eager_cuda, fast_launch, gpu_key, grouped_tile, load_k_tiles, tl,
                       use_triton)
 from .w8a8 import W8A8Weight, _INTERP_CFG, w8a8_gemm_ref, w8a8_linear_triton
@@ -245,6 +246,10 @@ def mixed_linear(
     _check_control(control)
     if (control & CTRL_ROW_BITS) and not (control & CTRL_FORCE_FP16) and row_bits is None:
         raise ValueError("CTRL_ROW_BITS set but row_bits is None")
-    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch
-        return mixed_linear_triton(x, weight.w, weight.scale, w_fp16, int(control), row_bits, bias)
+    if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch, and the call's launches replayed
+        # where this kind of call (its control word and row bits' layout too) was recorded for this weight
+        out = torch.empty((x.shape[0], weight.N), dtype=x.dtype, device=x.device)
+        site = _replay.site_of(weight, "mixed_linear", weight.w, weight.scale, w_fp16, bias)
+        return _replay.call(site, x, out, lambda: mixed_linear_triton(
+            x, weight.w, weight.scale, w_fp16, int(control), row_bits, bias, out=out), (row_bits,), int(control))
     return _mixed_linear_op(x, weight.w, weight.scale, w_fp16, int(control), row_bits, bias)

@@ -1062,9 +1062,10 @@ def wna16_linear(x: torch.Tensor, weight: WNA16Weight, bias: Optional[torch.Tens
     if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch (~30 us of host time), and the
         # call's launches replayed where this kind of call was recorded for this weight (``_replay``)
         out = torch.empty((x.shape[0], weight.N), dtype=x.dtype, device=x.device)
-        return _replay.call(_replay.site_of(weight, weight.qw, weight.scales, weight.zeros, bias), x, out,
-                            lambda: wna16_linear_triton(x, weight.qw, weight.scales, weight.zeros, bias, weight.bits,
-                                                        weight.group_size, weight.N, weight.K, out=out))
+        site = _replay.site_of(weight, "wna16_linear", weight.qw, weight.scales, weight.zeros, bias)
+        return _replay.call(site, x, out, lambda: wna16_linear_triton(
+            x, weight.qw, weight.scales, weight.zeros, bias, weight.bits, weight.group_size, weight.N, weight.K,
+            out=out))
     lead = x.shape[:-1]
     out = _wna16_linear_op(
         x.reshape(-1, x.shape[-1]), weight.qw, weight.scales, weight.zeros, bias,
