@@ -116,10 +116,12 @@ def call(site: Site, x: torch.Tensor, out: torch.Tensor, fn: Callable[[], torch.
         return fn()
     kind = (x.shape, x.stride(), x.dtype, x.data_ptr() & 15, out.shape, out.stride(), out.dtype, out.data_ptr() & 15,
             _common.current_device(), _stream_capturing(), _common._in_runtime_chain, _common.CHAIN_PDL,
-            _common.CHAINED_CONFIGS, _common.GENERATION, tag, *map(_kind_of, more))
+            _common.CHAINED_CONFIGS, _common.GENERATION, tag)
+    if more:
+        kind += tuple(map(_kind_of, more))
     rp = site.replays.get(kind)
     if rp is not None:
-        rp.run((x, out, *more))
+        rp.run((x, out, *more) if more else (x, out))
         return out
     n = site.seen.get(kind, 0)
     if n > MAX_TRIES:
@@ -268,7 +270,8 @@ class Replay:
     def run(self, tensors: tuple) -> None:
         """Send the launches for the call's own tensors (x, out, then the others, as recorded)."""
         stream = _common.current_stream()
-        ptrs = [None if t is None else t.data_ptr() for t in tensors]
+        ptrs = [t.data_ptr() for t in tensors] if len(tensors) == 2 else [
+            None if t is None else t.data_ptr() for t in tensors]
         for launch in self.launches:
             launch(stream, ptrs, tensors)
 
