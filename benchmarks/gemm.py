@@ -1608,7 +1608,7 @@ def mixed_study(dev, gen, shapes, ms):
             if base.get("BACKEND") == "gluon":  # where mixed mode's time goes (one Gluon launch after the quantization)
                 from quantkit.kernels import w8a8_gluon
 
-                a_q, a_s = w8a8._quantize_into_scratch(x)
+                a_q, a_s, _ = w8a8._quantize_into_scratch(x)
                 W = L.w8
                 t_q = bench(lambda: w8a8._quantize_into_scratch(x), rep=100)
                 t_g = bench(lambda: w8a8_gluon.launch(a_q, a_s, W.w, W.scale, None, out, base), rep=100)
