@@ -282,6 +282,8 @@ def main(argv=None) -> None:
                     "(choose_chained); the rows then run the choice")
     ap.add_argument("--write-configs", action="store_true", help="with --tune-chained: write the choices into "
                     "quantkit/kernels/configs/<gpu>.json")
+    ap.add_argument("--eager-replay-ab", action="store_true", help="also time the W4A16 and W8A8C8 rows at batch 1 "
+                    "without CUDA graphs (each step's launches from the host), the public ops' replays on and off")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
@@ -362,6 +364,28 @@ def main(argv=None) -> None:
             _common.CHAIN_PDL, _common.CHAINED_CONFIGS = was
             rt.drop_graphs()
 
+    def eager_replay_ab(rt, name, role):
+        """--eager-replay-ab: batch 1 with CUDA graphs off, the linears' replays (``kernels._replay``) on and off
+        (a b b a, each side's two runs pooled)."""
+        if not args.eager_replay_ab:
+            return
+        from quantkit.kernels import _replay
+
+        graphs, rt.use_graphs = rt.use_graphs, False
+        prev = _replay.ON
+        try:
+            runs = {True: [], False: []}
+            for on in (True, False, False, True):
+                _replay.set_replay(on)
+                runs[on].append(measure(rt, f"{name}, eager, replays {'on' if on else 'off'}",
+                                        f"{role}-eager{'' if on else '-no-replay'}", 1))
+            for on in (True, False):
+                record(pool_runs(runs[on]))
+        finally:
+            _replay.set_replay(prev)
+            rt.use_graphs = graphs
+            rt.drop_graphs()
+
     if "bf16" not in skip:
         rt = runtime.from_float(random_model(args.shape, device=dev, **over), device=dev)
         bench_ab(rt, "BF16 runtime", "runtime-float", batches)
@@ -385,11 +409,13 @@ def main(argv=None) -> None:
             tuned["chained"] = {f"{n}x{k}": e["CHAINED"] for (_, n, k), e in chosen.items()}
             _log("tuned", json.dumps(tuned["chained"]))
         bench_ab(rt, "W4A16 g128", "quantized", batches)
+        eager_replay_ab(rt, "W4A16 g128", "quantized")
         del rt
         rb.free()
     if "w8" not in skip:
         rt = api.runtime_for_shape(args.shape, PRESETS["W8A8C8"], device=dev, layers=args.layers)
         bench_ab(rt, "W8A8C8", "quantized", batches)
+        eager_replay_ab(rt, "W8A8C8", "quantized")
         if "monitor" not in skip:
             layers = default_monitor_layers(rt)
             ids = torch.randint(0, rt.vocab, (8, 256), generator=torch.Generator().manual_seed(1))
@@ -474,6 +500,16 @@ def markdown(result) -> str:
                 out.append(f"\n{what}, {on['name']} batch {r['batch']}: {on['ms_per_step']:.3f} ms/step on, "
                            f"{r['ms_per_step']:.3f} off: **{r['ms_per_step'] / on['ms_per_step']:.3f}x** faster on"
                            f"; each side's two runs (in the order a b c c b a){spread}")
+    for r in rows:  # --eager-replay-ab: batch 1 without CUDA graphs, replays on and off
+        if r["role"].endswith("-eager-no-replay"):
+            on = find(r["role"][:-len("-no-replay")], r["batch"], r["name"].replace("replays off", "replays on"))
+            if on:
+                spread = "".join(f" ({side}: {', '.join(f'{v:.3f}' for v in x['runs_ms_per_step'])})"
+                                 for side, x in (("on", on), ("off", r)) if "runs_ms_per_step" in x)
+                out.append(f"\nReplays, {on['name'].replace(', replays on', '')} batch {r['batch']}: "
+                           f"{on['ms_per_step']:.3f} ms/step on, {r['ms_per_step']:.3f} off: "
+                           f"**{r['ms_per_step'] / on['ms_per_step']:.3f}x** faster on; each side's two runs (a b b a)"
+                           f"{spread}")
     att = result.get("attention") or {}
     if att:
         bf = att.get("bf16 (ours)", {}).get("us")

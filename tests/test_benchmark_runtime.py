@@ -107,3 +107,18 @@ def test_tune_chained_finds_the_steps_entries_and_leaves_its_choice_in_place(mon
                    (1, 4096, 14336): dict(TMA, CHAINED=None)}
     assert wna16.CONFIGS.table[("cpu", 1, 4096, 4096)]["CHAINED"] == dict(IN_PLACE, PDL=True, PREFETCH=2)
     assert rt.use_graphs is True and rt.drops >= 6 and "get" not in vars(wna16.CONFIGS)
+
+
+def test_eager_replay_ab_times_both_sides_interleaved():
+    """``--eager-replay-ab`` on the CPU (tiny shape, torch references: nothing replays there, so the two sides are
+    the same calls): batch 1 without graphs, replays on and off, each side's two runs pooled, the line printed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "runtime.py"), "--device", "cpu", "--shape",
+                        "tiny", "--prompt-len", "16", "--gen-len", "4", "--batch-big", "2", "--skip",
+                        "hf,monitor,mixed,att,bf16", "--eager-replay-ab"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    for name in ("W4A16 g128", "W8A8C8"):
+        line = next(ln for ln in p.stdout.splitlines() if ln.startswith(f"Replays, {name}, eager batch 1:"))
+        on, off = (part.split(")")[0].split(", ") for part in line.split("(on: ")[1].split("(off: "))
+        assert len(on) == 2 and len(off) == 2 and all(float(v) > 0 for v in on + off), line
