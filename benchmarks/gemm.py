@@ -136,6 +136,21 @@ def switch_ab(fn, switch, name: str) -> str:
             f"({name} on / off)")
 
 
+def without_replays(ab):
+    """``ab`` with replays off: its switch bumps ``_common.GENERATION``, so with them on every call would be a new
+    kind of call, recorded anew (session 56's first run mixed that bookkeeping into these A/Bs)."""
+
+    def run(fn) -> str:
+        prev = _replay.set_replay(False)
+        try:
+            return ab(fn)
+        finally:
+            _replay.set_replay(prev)
+
+    return run
+
+
+@without_replays
 def tma_memo_ab(fn) -> str:
     """The host TMA descriptor memo (``_gluon.set_tma_memo``) on (the Gluon kernels launched through ``RawLaunch``)
     and off (Triton's launcher, encoding every descriptor each call).  Where no Gluon kernel runs, both sides are
@@ -145,6 +160,7 @@ def tma_memo_ab(fn) -> str:
     return switch_ab(fn, _gluon.set_tma_memo, "memo")
 
 
+@without_replays
 def lean_launch_ab(fn) -> str:
     """The lean launch (``_common.set_lean_launch``: each cached kernel's C launch called below Triton's launcher,
     tensors passed as addresses) on and off."""

@@ -257,6 +257,10 @@ def test_switch_ab_times_the_call_with_the_switch_on_and_off(monkeypatch, which)
     text = ab(lambda: seen.append(getattr(mod, flag)))
     assert set(seen) == {True, False} and getattr(mod, flag) is prev
     assert text.endswith(f"eager 2.00 / 3.00 us ({which} on / off)") and text.startswith("host ")
+    if which != "replay":  # the other switches' A/Bs run with replays off (their switches start new kinds of call)
+        replays = []
+        ab(lambda: replays.append(_replay.ON))
+        assert set(replays) == {False} and _replay.ON
 
 
 def test_peer_report_shows_an_inexact_peer_marked_and_unranked(monkeypatch):
