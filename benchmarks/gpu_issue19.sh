@@ -2,13 +2,15 @@
 # Issue 19's GPU measurements as stages, for the device tool (one call: at most 600 s). Run from the repository root
 # on the GPU machine, the stages in the order of what matters most, as many per call as fit:
 #
-#   STAGE_LIMIT=200 PEER_MS=1,16,256 bash benchmarks/gpu_issue19.sh check-lean peers   # session 56's replays
-#                                                  # and lean launch (built on the CPU, never on a GPU): their GPU
-#                                                  # tests, then the table (our shipped entries now timed through
-#                                                  # their replays) with --host-profile's replay and lean-launch
-#                                                  # on / off A/Bs (host and eager us per call) beside the memo's;
-#                                                  # if check-lean fails, QUANTKIT_REPLAY=0 / QUANTKIT_LEAN_LAUNCH=0
-#                                                  # before the table (carry .dev/gemlite-0.6.0)
+#   RT_LIMIT=300 bash benchmarks/gpu_issue19.sh runtime-eager   # the runtime's decode without graphs, replays
+#                                                  # on / off (session 56 built it; its call was refused)
+#   STAGE_LIMIT=200 PEER_MS=1,16,256 bash benchmarks/gpu_issue19.sh check-lean peers   # session 56 ran it twice on
+#                                                  # an H100 (every test passed; W8A8 eager at M <= 16 now ahead
+#                                                  # of every peer): after a launch-path change, and for the clean
+#                                                  # lean-launch A/B (the A/Bs now run with replays off); carry
+#                                                  # .dev/gemlite-0.6.0
+#   (eager: its candidates are timed through the wrapper with a config passed, not through replays as the shipped
+#   entry now is: make the search time them through replays before trusting its choices)
 #   STAGE_LIMIT=380 bash benchmarks/gpu_issue19.sh eager   # the EAGER configs by what a call outside a graph
 #                                                  # costs (the larger of eager and host time), then the table at
 #                                                  # M = 1, 16 on the entries written (carry .dev/gemlite-0.6.0;
@@ -60,7 +62,7 @@ LIMIT=${STAGE_LIMIT:-280}
 # writes after each shape; SHAPES overrides)
 SHAPES=${SHAPES:-4096x4096,4096x14336,6144x4096,28672x4096}
 GEMLITE=${GEMLITE:-.dev/gemlite-0.6.0}
-STAGES="eager check-lean check-eager check check-ws check-gemv check-chain check-all check-all-gpu check-all-rest runtime-chain w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256 peers"
+STAGES="eager check-lean runtime-eager check-eager check check-ws check-gemv check-chain check-all check-all-gpu check-all-rest runtime-chain w4-decode-parts w4-decode-fit w4-decode-timeline w8a8-8192 w8a8-2048 w8a8-256 mixed-256 mixed-8192 w4-decode w8-decode w4-256 peers"
 for stage in "$@"; do
   [[ " $STAGES " == *" $stage "* ]] || { echo "unknown stage: $stage (stages: $STAGES)" >&2; exit 2; }
 done
@@ -187,6 +189,11 @@ for stage in "$@"; do
         --skip hf,monitor,mixed,att --layers ${RT_LAYERS:-16} --gen-len ${RT_GEN:-64} --json $WORK/runtime-chain.json \
         ${RT_TUNE:+--tune-chained --write-configs} \
         --md $WORK/runtime-chain.md" ;;
+    runtime-eager)  # the runtime's decode without CUDA graphs (each step's launches from the host), the linears'
+      # replays on and off (a b b a), W4A16 and W8A8C8 at batch 1, after the usual rows (RT_LAYERS of Llama-3-8B)
+      RUN_LIMIT=${RT_LIMIT:-300} run runtime-eager python benchmarks/runtime.py --eager-replay-ab \
+        --skip hf,monitor,mixed,att,bf16 --layers ${RT_LAYERS:-16} --gen-len ${RT_GEN:-48} \
+        --json $WORK/runtime-eager.json --md $WORK/runtime-eager.md ;;
     w4-decode)  # W4A16 M = 1 / 16 against tinygemm and GemLite (W4_DECODE_MS: the Ms)
       run w4-decode python benchmarks/gemm.py --peers --tune-decode --tune-decode-kinds w4a16 --ms "${W4_DECODE_MS:-1,16}" \
         --shapes $SHAPES --gemlite "$GEMLITE" --write-configs ;;
