@@ -902,6 +902,20 @@ def eager_cost(fn, **kw) -> float:
     return max(bench(fn, **kw), host_time(fn, calls=2 if SMOKE else 100))
 
 
+def replayed_run(run, x, default_out, stable):
+    """``run(cfg, out)`` through a replay of its call, one site per config (``_replay``: what a shipped entry costs
+    as the runtime's public ops call it), for searches that rank by an eager call's cost; ``out`` None: ``default_out``."""
+    sites: dict = {}
+
+    def call(cfg, o):
+        out = default_out if o is None else o
+        key = json.dumps(cfg, sort_keys=True)
+        site = sites.get(key) or sites.setdefault(key, _replay.Site(stable))
+        return _replay.call(site, x, out, lambda: run(cfg, out))
+
+    return call
+
+
 def eager_search(what, kind, shipped, run, ref, tol, fails, M, margin=0.05):
     """An entry's ``EAGER`` config (``sub_choice``): where its plain config takes two launches, the one-launch
     candidates (``eager_candidates``) and the plain entry checked and ranked by ``eager_cost`` (what a call outside
@@ -1007,9 +1021,9 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                 if res:
                     cfg8 = tuned[f"w8a8|{gpu}|{m_bucket(M)}|{N}|{K}"] = res[0][1]
             if args.tune_eager and M == 1 and "w4a16" in kinds:  # the EAGER configs (after any graph search)
-                entry, why = eager_search(f"w4a16 N={N} K={K} M={M}", "w4a16", cfg4,
-                                          lambda cfg, o: w4_ours(ours4[0], cfg, ob if o is None else o), ref4, TOL,
-                                          fails, M)
+                entry, why = eager_search(f"w4a16 N={N} K={K} M={M}", "w4a16", cfg4, replayed_run(
+                    lambda cfg, o: w4_ours(ours4[0], cfg, o), xb, ob, (ours4[0].qw, ours4[0].scales)), ref4, TOL,
+                    fails, M)
                 log(f"EAGER w4a16 N={N} K={K} M={M}: {why}")
                 if entry is not None:
                     cfg4 = tuned[f"w4a16|{gpu}|{m_bucket(M)}|{N}|{K}"] = entry
@@ -1018,7 +1032,8 @@ def peer_study(dev, gen, shapes, ms, bw, args):
                     return w8a8.w8a8_linear_triton(xh, ours8[0].w, ours8[0].scale, config=cfg,
                                                    out=oh if o is None else o)
 
-                entry, why = eager_search(f"w8a8 N={N} K={K} M={M}", "w8a8", cfg8, w8_eager, ref8, 2 * TOL, fails, M)
+                entry, why = eager_search(f"w8a8 N={N} K={K} M={M}", "w8a8", cfg8, replayed_run(
+                    w8_eager, xh, oh, (ours8[0].w, ours8[0].scale)), ref8, 2 * TOL, fails, M)
                 log(f"EAGER w8a8 N={N} K={K} M={M}: {why}")
                 if entry is not None:
                     cfg8 = tuned[f"w8a8|{gpu}|{m_bucket(M)}|{N}|{K}"] = entry

@@ -9,8 +9,8 @@
 #                                                  # of every peer): after a launch-path change, and for the clean
 #                                                  # lean-launch A/B (the A/Bs now run with replays off); carry
 #                                                  # .dev/gemlite-0.6.0
-#   (eager: its candidates are timed through the wrapper with a config passed, not through replays as the shipped
-#   entry now is: make the search time them through replays before trusting its choices)
+#   (eager: since session 56 its candidates and the plain entry are timed through replays, as the shipped entry
+#   is in the table; not yet run that way)
 #   STAGE_LIMIT=380 bash benchmarks/gpu_issue19.sh eager   # the EAGER configs by what a call outside a graph
 #                                                  # costs (the larger of eager and host time), then the table at
 #                                                  # M = 1, 16 on the entries written (carry .dev/gemlite-0.6.0;

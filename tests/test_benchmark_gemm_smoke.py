@@ -350,3 +350,20 @@ def test_mixed_study_times_the_replayed_pair(monkeypatch):
     x, out, rb = torch.zeros(2, 8), torch.zeros(2, 4), torch.zeros(2, dtype=torch.uint8)
     assert gemm.replayed_pair(L, x, "plain", "mixed", rb, out) == (1.0, 2.0)
     assert ran == [("w8a8", "plain"), ("mixed", "mixed")] * 4
+
+
+def test_replayed_run_times_each_config_through_its_own_replay(monkeypatch):
+    """The EAGER search's calls go through replays (as the shipped entry in the table): one site per config, the
+    default output where the search passes none."""
+    import torch
+
+    gemm = _gemm()
+    seen = []
+    monkeypatch.setattr(gemm._replay, "call", lambda site, x, out, fn: seen.append((site, out)) or fn())
+    ran = []
+    x, default = torch.zeros(1, 8), torch.zeros(1, 4)
+    call = gemm.replayed_run(lambda cfg, o: ran.append((cfg["A"], o)) or o, x, default, (torch.zeros(4, 8),))
+    other = torch.zeros(1, 4)
+    assert call({"A": 1}, None) is default and call({"A": 2}, other) is other and call({"A": 1}, None) is default
+    assert [a for a, _ in ran] == [1, 2, 1] and ran[1][1] is other
+    assert seen[0][0] is seen[2][0] and seen[0][0] is not seen[1][0]  # a site per config, kept
