@@ -311,7 +311,7 @@ class RawLaunch:
     def __call__(self, grid, tensors: tuple, args: tuple) -> None:
         if _common._RECORDING is not None:
             _common.record(("raw", self, grid, tensors, args))
-        self.c_launch(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+        self.c_launch(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,  # (grid3, inline)
                       _common.current_stream(), *self.head, *self.expand(tensors),
                       *(_common.pointer_args(args) if _common.LEAN_LAUNCH else args))
 

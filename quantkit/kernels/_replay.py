@@ -103,6 +103,14 @@ def site_of(owner, op: str, *stable) -> Site:
     return site
 
 
+def linear(owner, op: str, stable: tuple, x: torch.Tensor, n_out: int, fn: Callable[[torch.Tensor], torch.Tensor],
+           more: tuple = (), tag=None) -> torch.Tensor:
+    """A public op's eager call: its output (x's rows, ``n_out`` columns, x's dtype) allocated, then ``fn(out)``
+    (the wrapper) or its replay, at ``owner``'s site for ``op`` (``site_of``) with weights ``stable``."""
+    out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+    return call(site_of(owner, op, *stable), x, out, lambda: fn(out), more, tag)
+
+
 def _kind_of(t: Optional[torch.Tensor]):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
 
@@ -276,10 +284,6 @@ class Replay:
             launch(stream, ptrs, tensors)
 
 
-def _grid3(grid) -> list:
-    return [grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1]
-
-
 def _resolve(args, where: _Addresses, base: int):
     """(the arguments with each tensor's address, the slots of the call's own tensors) or None where a tensor is
     neither theirs nor a constant; ``base``: the first argument's index in the C launch."""
@@ -304,7 +308,7 @@ def _launch_of(r: tuple, where: _Addresses) -> Optional[_Launch]:
         got = _resolve(args, where, head_len + len(head))
         if got is None:
             return None
-        return _Launch(c, [*_grid3(grid), None, *head, *got[0], *tail], got[1])
+        return _Launch(c, [*_common.grid3(grid), None, *head, *got[0], *tail], got[1])
     _, raw, grid, tensors, args = r  # a Gluon kernel's RawLaunch
     places = [where.place(t) for t in tensors]
     if any(p is None for p in places):
@@ -315,5 +319,5 @@ def _launch_of(r: tuple, where: _Addresses) -> Optional[_Launch]:
     if got is None:
         return None
     if all(isinstance(p, torch.Tensor) for p in places):  # every descriptor constant: encoded once
-        return _Launch(raw.c_launch, [*_grid3(grid), None, *raw.head, *expanded, *got[0]], got[1])
-    return _Launch(raw.c_launch, [*_grid3(grid), None, *raw.head, *got[0]], got[1], (raw, tuple(places)), at)
+        return _Launch(raw.c_launch, [*_common.grid3(grid), None, *raw.head, *expanded, *got[0]], got[1])
+    return _Launch(raw.c_launch, [*_common.grid3(grid), None, *raw.head, *got[0]], got[1], (raw, tuple(places)), at)

@@ -248,8 +248,7 @@ def mixed_linear(
         raise ValueError("CTRL_ROW_BITS set but row_bits is None")
     if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch, and the call's launches replayed
         # where this kind of call (its control word and row bits' layout too) was recorded for this weight
-        out = torch.empty((x.shape[0], weight.N), dtype=x.dtype, device=x.device)
-        site = _replay.site_of(weight, "mixed_linear", weight.w, weight.scale, w_fp16, bias)
-        return _replay.call(site, x, out, lambda: mixed_linear_triton(
-            x, weight.w, weight.scale, w_fp16, int(control), row_bits, bias, out=out), (row_bits,), int(control))
+        return _replay.linear(weight, "mixed_linear", (weight.w, weight.scale, w_fp16, bias), x, weight.N,
+                              lambda out: mixed_linear_triton(x, weight.w, weight.scale, w_fp16, int(control),
+                                                              row_bits, bias, out=out), (row_bits,), int(control))
     return _mixed_linear_op(x, weight.w, weight.scale, w_fp16, int(control), row_bits, bias)

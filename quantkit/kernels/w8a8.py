@@ -1076,9 +1076,8 @@ def w8a8_linear(x: torch.Tensor, weight: W8A8Weight, bias: Optional[torch.Tensor
     """W8A8 linear (quantizes x per token). x: (..., K) fp16/bf16 -> (..., N) x.dtype."""
     if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch, and the call's launches replayed
         # where this kind of call was recorded for this weight (``_replay``)
-        out = torch.empty((x.shape[0], weight.N), dtype=x.dtype, device=x.device)
-        return _replay.call(_replay.site_of(weight, "w8a8_linear", weight.w, weight.scale, bias), x, out,
-                            lambda: w8a8_linear_triton(x, weight.w, weight.scale, bias, out=out))
+        return _replay.linear(weight, "w8a8_linear", (weight.w, weight.scale, bias), x, weight.N,
+                              lambda out: w8a8_linear_triton(x, weight.w, weight.scale, bias, out=out))
     lead = x.shape[:-1]
     out = _w8a8_linear_op(x.reshape(-1, x.shape[-1]), weight.w, weight.scale, bias)
     return out.reshape(*lead, weight.N)

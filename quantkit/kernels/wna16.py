@@ -42,7 +42,6 @@ Paths (``BACKEND`` in the config; configs come from a ConfigCache keyed by (M bu
   that TMA cannot describe, a tile over shared memory) the call takes the ``mma`` / ``dequant`` heuristic plan.
 """
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -1012,9 +1011,8 @@ def _h2_pack_buffers(device, K: int, trigger: bool, wait: bool) -> tuple:
             cached_buffer(device, torch.float32, 1, tag="h2_xscale"))
 
 
-@functools.lru_cache(maxsize=1024)
 def _h2_pack_plan(K: int, trigger: bool, wait: bool = False) -> tuple[int, tuple, dict, tuple]:
-    """What ``_h2_pack_x`` derives from K alone (memoised: it runs on every decode call): word rows, grid,
+    """What ``_h2_pack_x`` derives from K alone (memoised with its buffers in ``_PACKS``): word rows, grid,
     constexprs and launch options, their key.  The GEMV waits for all of the packing, so past K = 4096 it takes
     the row's absolute maximum in one pass of up to 16384 (eight warps: 170 registers, no spill on sm_90) and a
     program per 512 word rows, instead of one program's loops of dependent loads (4096 and 512 a step)."""
@@ -1061,11 +1059,10 @@ def wna16_linear(x: torch.Tensor, weight: WNA16Weight, bias: Optional[torch.Tens
     """W4A16/W8A16 linear. x: (..., K) fp16/bf16 -> (..., N) x.dtype."""
     if x.dim() == 2 and eager_cuda(x):  # eager fast path: no custom-op dispatch (~30 us of host time), and the
         # call's launches replayed where this kind of call was recorded for this weight (``_replay``)
-        out = torch.empty((x.shape[0], weight.N), dtype=x.dtype, device=x.device)
-        site = _replay.site_of(weight, "wna16_linear", weight.qw, weight.scales, weight.zeros, bias)
-        return _replay.call(site, x, out, lambda: wna16_linear_triton(
-            x, weight.qw, weight.scales, weight.zeros, bias, weight.bits, weight.group_size, weight.N, weight.K,
-            out=out))
+        return _replay.linear(weight, "wna16_linear", (weight.qw, weight.scales, weight.zeros, bias), x, weight.N,
+                              lambda out: wna16_linear_triton(x, weight.qw, weight.scales, weight.zeros, bias,
+                                                              weight.bits, weight.group_size, weight.N, weight.K,
+                                                              out=out))
     lead = x.shape[:-1]
     out = _wna16_linear_op(
         x.reshape(-1, x.shape[-1]), weight.qw, weight.scales, weight.zeros, bias,
